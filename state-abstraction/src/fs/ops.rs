@@ -1,0 +1,323 @@
+//! The file service's operations and replies: what travels (bincode-encoded) inside a BFT
+//! request and reply. NFSv3-shaped, with what a FUSE client needs on top (xattrs, no-replace
+//! rename, readdirplus).
+//!
+//! Everything here is canonical: no maps, no floats, no backend-specific numbers.
+
+use serde::{Deserialize, Serialize};
+
+/// Abstract file handle: the object's slot in the abstract array and the slot's generation.
+/// A stale generation or a free slot answers [`FsError::Stale`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Handle {
+    pub index: u64,
+    pub generation: u64,
+}
+
+impl Handle {
+    /// The root directory: slot 0, generation 1.
+    pub const ROOT: Handle = Handle { index: 0, generation: 1 };
+}
+
+/// Who is asking. Permission checks are made by the service from these, never by the backend,
+/// so every replica reaches the same answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
+}
+
+impl Caller {
+    pub fn root() -> Self {
+        Caller { uid: 0, gid: 0, groups: Vec::new() }
+    }
+}
+
+/// A time as seconds and nanoseconds since the Unix epoch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Timespec {
+    pub secs: i64,
+    pub nsecs: u32,
+}
+
+impl Timespec {
+    pub fn from_nanos(ns: u64) -> Self {
+        Timespec { secs: (ns / 1_000_000_000) as i64, nsecs: (ns % 1_000_000_000) as u32 }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum FileType {
+    Regular,
+    Directory,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDevice,
+    BlockDevice,
+}
+
+/// Canonical attributes. `fileid` is the abstract index, timestamps are agreed values,
+/// `blocks` is derived from `size` (512-byte units), `fsid` is constant.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attr {
+    pub kind: FileType,
+    /// Permission bits including setuid/setgid/sticky (mode & 0o7777).
+    pub mode: u32,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub blocks: u64,
+    pub rdev: u64,
+    pub fsid: u64,
+    pub fileid: u64,
+    pub generation: u64,
+    pub atime: Timespec,
+    pub mtime: Timespec,
+    pub ctime: Timespec,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SetTime {
+    /// The agreed time of the request ("touch" without an explicit time).
+    Now,
+    At(Timespec),
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetAttrs {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CreateHow {
+    /// Open an existing file (truncating nothing) or create it.
+    Unchecked,
+    /// Fail with `Exist` if the name exists (O_EXCL).
+    Guarded,
+    /// Exclusive create with a verifier: a retransmission with the same verifier succeeds.
+    Exclusive { verifier: u64 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeKind {
+    Fifo,
+    Socket,
+    CharDevice { rdev: u64 },
+    BlockDevice { rdev: u64 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum XattrSet {
+    /// Create or replace.
+    Either,
+    /// XATTR_CREATE: fail with `Exist` if present.
+    Create,
+    /// XATTR_REPLACE: fail with `NoData` if absent.
+    Replace,
+}
+
+/// Access bits for [`FsOp::Access`] (as in access(2)).
+pub const ACCESS_READ: u32 = 4;
+pub const ACCESS_WRITE: u32 = 2;
+pub const ACCESS_EXECUTE: u32 = 1;
+
+/// Names are raw bytes: a name is validated by the service (no `/`, no NUL, not `.` or `..`,
+/// 1..=255 bytes), never by the client.
+pub type Name = Vec<u8>;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FsOp {
+    GetAttr { h: Handle },
+    SetAttr { h: Handle, set: SetAttrs },
+    Lookup { dir: Handle, name: Name },
+    /// Answers the subset of `mask` (ACCESS_* bits) the caller is granted.
+    Access { h: Handle, mask: u32 },
+    ReadLink { h: Handle },
+    Read { h: Handle, offset: u64, count: u32 },
+    Write { h: Handle, offset: u64, data: Vec<u8> },
+    Create { dir: Handle, name: Name, mode: u32, how: CreateHow },
+    Mkdir { dir: Handle, name: Name, mode: u32 },
+    Symlink { dir: Handle, name: Name, target: Vec<u8> },
+    Mknod { dir: Handle, name: Name, mode: u32, kind: NodeKind },
+    Remove { dir: Handle, name: Name },
+    Rmdir { dir: Handle, name: Name },
+    Rename { from_dir: Handle, from_name: Name, to_dir: Handle, to_name: Name, no_replace: bool },
+    Link { h: Handle, dir: Handle, name: Name },
+    /// Entries after position `cookie` (0 = from the start) in byte-wise name order, `.` and
+    /// `..` excluded; at most `count` entries. `plus` adds attributes and handles.
+    ReadDir { dir: Handle, cookie: u64, count: u32, plus: bool },
+    StatFs { h: Handle },
+    /// fsync/commit: every reply is already durable in the replicated sense; this exists so
+    /// the replica can make its own copy durable too.
+    Commit { h: Handle },
+    GetXattr { h: Handle, name: Name },
+    SetXattr { h: Handle, name: Name, value: Vec<u8>, how: XattrSet },
+    ListXattr { h: Handle },
+    RemoveXattr { h: Handle, name: Name },
+}
+
+impl FsOp {
+    /// Operations that never change the state and may use the read-only path.
+    pub fn is_read_only(&self) -> bool {
+        matches!(
+            self,
+            FsOp::GetAttr { .. }
+                | FsOp::Lookup { .. }
+                | FsOp::Access { .. }
+                | FsOp::ReadLink { .. }
+                | FsOp::Read { .. }
+                | FsOp::ReadDir { .. }
+                | FsOp::StatFs { .. }
+                | FsOp::GetXattr { .. }
+                | FsOp::ListXattr { .. }
+        )
+    }
+}
+
+/// One request to the file service: the caller's identity and the operation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsRequest {
+    pub caller: Caller,
+    pub op: FsOp,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    pub name: Name,
+    /// Position of this entry; pass it back as `cookie` to continue after it.
+    pub cookie: u64,
+    pub handle: Handle,
+    pub kind: FileType,
+    /// Present for readdirplus.
+    pub attr: Option<Attr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namemax: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FsReply {
+    Attr(Attr),
+    /// Lookup, create, mkdir, symlink, mknod, link: the object's handle and attributes.
+    Entry { handle: Handle, attr: Attr },
+    Access { granted: u32 },
+    ReadLink { target: Vec<u8> },
+    Read { data: Vec<u8>, eof: bool },
+    Write { count: u32, attr: Attr },
+    /// Remove, rmdir, rename, commit, setxattr, removexattr.
+    Done,
+    ReadDir { entries: Vec<DirEntry>, eof: bool },
+    StatFs(StatFs),
+    Xattr { value: Vec<u8> },
+    XattrList { names: Vec<Name> },
+}
+
+/// The one canonical error table (NFS status style). Backend errnos are mapped into this in
+/// one place; the FUSE adapter maps it to errno in one place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, thiserror::Error)]
+pub enum FsError {
+    #[error("operation not permitted")]
+    Perm,
+    #[error("no such file or directory")]
+    NoEnt,
+    #[error("I/O error")]
+    Io,
+    #[error("permission denied")]
+    Access,
+    #[error("file exists")]
+    Exist,
+    #[error("cross-device link")]
+    XDev,
+    #[error("not a directory")]
+    NotDir,
+    #[error("is a directory")]
+    IsDir,
+    #[error("invalid argument")]
+    Inval,
+    #[error("file too large")]
+    FBig,
+    #[error("no space left on device")]
+    NoSpc,
+    #[error("too many links")]
+    MLink,
+    #[error("file name too long")]
+    NameTooLong,
+    #[error("directory not empty")]
+    NotEmpty,
+    #[error("stale file handle")]
+    Stale,
+    #[error("operation not supported")]
+    NotSupp,
+    #[error("no such attribute")]
+    NoData,
+    #[error("result too large")]
+    Range,
+    #[error("too many levels of symbolic links")]
+    Loop,
+    #[error("malformed request")]
+    BadRequest,
+}
+
+impl FsError {
+    /// The errno a POSIX program should see.
+    pub fn errno(self) -> i32 {
+        match self {
+            FsError::Perm => libc::EPERM,
+            FsError::NoEnt => libc::ENOENT,
+            FsError::Io => libc::EIO,
+            FsError::Access => libc::EACCES,
+            FsError::Exist => libc::EEXIST,
+            FsError::XDev => libc::EXDEV,
+            FsError::NotDir => libc::ENOTDIR,
+            FsError::IsDir => libc::EISDIR,
+            FsError::Inval => libc::EINVAL,
+            FsError::FBig => libc::EFBIG,
+            FsError::NoSpc => libc::ENOSPC,
+            FsError::MLink => libc::EMLINK,
+            FsError::NameTooLong => libc::ENAMETOOLONG,
+            FsError::NotEmpty => libc::ENOTEMPTY,
+            FsError::Stale => libc::ESTALE,
+            FsError::NotSupp => libc::EOPNOTSUPP,
+            FsError::NoData => libc::ENODATA,
+            FsError::Range => libc::ERANGE,
+            FsError::Loop => libc::ELOOP,
+            FsError::BadRequest => libc::EINVAL,
+        }
+    }
+}
+
+pub type FsResult = Result<FsReply, FsError>;
+
+fn config() -> impl bincode::config::Config {
+    // Bounded so that a hostile length prefix cannot make the decoder allocate without limit.
+    bincode::config::standard().with_limit::<{ 16 * 1024 * 1024 }>()
+}
+
+pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // Encoding our own plain-data types into a Vec cannot fail.
+    bincode::serde::encode_to_vec(v, config()).unwrap_or_default()
+}
+
+pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Option<T> {
+    match bincode::serde::decode_from_slice(bytes, config()) {
+        Ok((v, used)) if used == bytes.len() => Some(v),
+        _ => None,
+    }
+}

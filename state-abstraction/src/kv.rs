@@ -1,0 +1,1 @@
+//! Tiny key-value service for the simulator.

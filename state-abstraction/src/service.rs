@@ -1,0 +1,96 @@
+//! The service interface (BASE upcalls) that the replica calls.
+//!
+//! The replica is generic over a [`Service`], so the simulator runs the real protocol over the
+//! small [`crate::kv::KvService`] and the daemon runs it over the file service. Every method must
+//! be deterministic: the same calls in the same order give the same bytes on every replica.
+
+use crate::digest::Digest;
+use serde::{Deserialize, Serialize};
+
+/// Sequence number of an ordered batch; checkpoints are named by the sequence number they follow.
+pub type SeqNo = u64;
+
+/// An authenticated client principal, as the replica's authenticator established it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ClientId(pub u64);
+
+/// The abstract value of one object: a list of pieces.
+///
+/// Piece 0 is the object's header (type, generation, parent, attributes, directory entries or
+/// link target); for a regular file, pieces 1.. are its data chunks. Splitting lets a write
+/// re-hash only the chunks it touched and lets state transfer fetch only the chunks that differ.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AbstractObject {
+    pub pieces: Vec<Vec<u8>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("no checkpoint at sequence number {0}")]
+    NoCheckpoint(SeqNo),
+    #[error("object {0} is out of range")]
+    BadIndex(u64),
+    #[error("malformed abstract object {index}: {why}")]
+    BadObject { index: u64, why: String },
+    /// The concrete store failed (disk full, I/O error). The replica must stop: it then behaves
+    /// as a crashed replica, which the protocol tolerates.
+    #[error("storage failure: {0}")]
+    Storage(#[from] std::io::Error),
+}
+
+/// BASE's upcalls. The replica calls these in the agreed order only.
+pub trait Service {
+    /// Runs one operation. `nondet` is the value the primary proposed and the backups checked
+    /// (for the file service: the agreed time). `client` is the authenticated caller.
+    /// `read_only` requests run without ordering and must not change the state.
+    fn execute(&mut self, op: &[u8], client: ClientId, nondet: &[u8], read_only: bool) -> Vec<u8>;
+
+    /// Whether `op` may be answered on the unordered read-only path.
+    fn is_read_only(&self, op: &[u8]) -> bool;
+
+    /// On the primary: the nondeterministic value for the next batch. `now_ns` is the
+    /// primary's clock, passed in because the core has none.
+    fn propose_nondet(&self, now_ns: u64) -> Vec<u8>;
+
+    /// On a backup: whether a proposed value is acceptable (for time: not before the last
+    /// agreed value, and within a skew bound of `now_ns`).
+    fn check_nondet(&self, nondet: &[u8], now_ns: u64) -> bool;
+
+    /// Number of abstract object slots (free ones included).
+    fn object_count(&self) -> u64;
+
+    /// The abstraction function: the current abstract value of object `index`.
+    fn get_obj(&self, index: u64) -> Result<AbstractObject, ServiceError>;
+
+    /// The inverse abstraction function: installs abstract values into the concrete state.
+    /// Objects may arrive in any order; the service orders the work itself (parents first).
+    /// After `put_objs` of every object of some state S, the root digest is S's.
+    fn put_objs(&mut self, objs: Vec<(u64, AbstractObject)>) -> Result<(), ServiceError>;
+
+    /// Takes a checkpoint after batch `seq` and returns the partition-tree root digest.
+    fn checkpoint(&mut self, seq: SeqNo) -> Result<Digest, ServiceError>;
+
+    /// Restores the exact state of checkpoint `seq` (later checkpoints are dropped).
+    fn rollback_to(&mut self, seq: SeqNo) -> Result<(), ServiceError>;
+
+    /// Drops every checkpoint older than `seq` (it became stable).
+    fn discard_before(&mut self, seq: SeqNo);
+
+    /// Objects modified since checkpoint `seq` (sorted, deduplicated).
+    fn modified_since(&self, seq: SeqNo) -> Result<Vec<u64>, ServiceError>;
+
+    /// State transfer, serving side: the partition-tree node `(level, index)` as of checkpoint
+    /// `seq`: the digests of its children (for the leaf level: of its objects). `None` if the
+    /// checkpoint is not kept or the node does not exist.
+    fn partition_node(&self, seq: SeqNo, level: u32, index: u64) -> Option<Vec<Digest>>;
+
+    /// State transfer, serving side: object `index` as it was at checkpoint `seq`.
+    fn get_obj_at(&self, seq: SeqNo, index: u64) -> Option<AbstractObject>;
+
+    /// State transfer, serving side: the digests of the pieces of object `index` at checkpoint
+    /// `seq`, so that a fetcher can ask only for the pieces (file chunks) it lacks.
+    fn piece_digests_at(&self, seq: SeqNo, index: u64) -> Option<Vec<Digest>>;
+
+    /// State transfer, serving side: one piece of object `index` at checkpoint `seq`.
+    fn get_piece_at(&self, seq: SeqNo, index: u64, piece: u32) -> Option<Vec<u8>>;
+}
