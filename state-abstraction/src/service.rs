@@ -76,6 +76,11 @@ pub trait Service {
     /// Drops every checkpoint older than `seq` (it became stable).
     fn discard_before(&mut self, seq: SeqNo);
 
+    /// The checkpoints this service holds, oldest first, with their root digests. After the
+    /// service is reopened over its data directory (a restart), its state is that of the newest
+    /// of these, and the replica replays its log from there.
+    fn checkpoints(&self) -> Vec<(SeqNo, Digest)>;
+
     /// Objects modified since checkpoint `seq` (sorted, deduplicated).
     fn modified_since(&self, seq: SeqNo) -> Result<Vec<u64>, ServiceError>;
 
