@@ -1,1 +1,137 @@
-fn main() {}
+//! The `bftfs` command.
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+use fs_client::options::{MountOptions, OPTIONS_HELP};
+use fs_client::up::UpArgs;
+use fs_client::{mounting, up};
+use std::path::PathBuf;
+
+/// bftfs: a Byzantine-fault-tolerant network file system.
+///
+/// `bftfs up DIR` mounts a file system at DIR, served by a cluster started on this machine;
+/// `bftfs down DIR` stops it. State persists across down/up of the same mount point.
+/// Logs go to stderr; choose their level with RUST_LOG (e.g. RUST_LOG=debug).
+#[derive(Parser, Debug)]
+#[command(name = "bftfs", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Start a local cluster (3f+1 replicas on 127.0.0.1) and mount it at MOUNTPOINT.
+    ///
+    /// Prints where the data lives and how to stop. Without --detach it stays in the
+    /// foreground, and Ctrl-C unmounts and stops cleanly. --f 0 serves the mount from one
+    /// in-process file service, with no replication.
+    Up {
+        /// An empty directory to mount on.
+        mountpoint: PathBuf,
+        /// Number of Byzantine faults to tolerate: the cluster has 3f+1 replicas.
+        #[arg(long, default_value_t = 1)]
+        f: u32,
+        /// Where the cluster keeps its state [default: a directory named after the mount point
+        /// under $XDG_DATA_HOME/bftfs or ~/.local/share/bftfs].
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+        /// Run in the background; return once the mount answers.
+        #[arg(long)]
+        detach: bool,
+        #[arg(short = 'o', value_name = "OPTIONS", help = OPTIONS_HELP)]
+        options: Vec<String>,
+        /// Internal: the background process started by --detach.
+        #[arg(long, hide = true)]
+        foreground_child: bool,
+    },
+    /// Unmount MOUNTPOINT and stop the cluster that `bftfs up` started for it.
+    Down {
+        mountpoint: PathBuf,
+    },
+    /// Mount a cluster described by CONFIG (for clusters spread over machines).
+    Mount {
+        /// Cluster config written by `bftfs keygen`.
+        config: PathBuf,
+        /// An empty directory to mount on.
+        mountpoint: PathBuf,
+        #[arg(short = 'o', value_name = "OPTIONS", help = OPTIONS_HELP)]
+        options: Vec<String>,
+        /// Run in the background; return once the mount answers.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Unmount MOUNTPOINT (as root with umount2; otherwise with fusermount3 -u).
+    Umount {
+        mountpoint: PathBuf,
+        /// Detach now even if busy, and finish when the last user leaves. Also recovers a
+        /// mount whose client died ("Transport endpoint is not connected").
+        #[arg(long, short = 'l')]
+        lazy: bool,
+    },
+    /// Show the cluster behind MOUNTPOINT (or CONFIG): each replica's role, address, pid,
+    /// view, last executed sequence number, checkpoint, lag and health.
+    #[command(group(clap::ArgGroup::new("target").required(true).args(["mountpoint", "config"])))]
+    Status {
+        mountpoint: Option<PathBuf>,
+        #[arg(long, value_name = "CONFIG")]
+        config: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Generate keys and a cluster config (per-replica key files, mode 0600).
+    Keygen,
+}
+
+fn parse_options(raw: &[String]) -> Result<MountOptions> {
+    match MountOptions::parse_all(raw) {
+        Ok(o) => Ok(o),
+        Err(e) => bail!("{e}"),
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Cmd::Up { mountpoint, f, data_dir, detach, options, foreground_child } => up::up(UpArgs {
+            mountpoint,
+            f,
+            data_dir,
+            detach,
+            options: parse_options(&options)?,
+            foreground_child,
+        }),
+        Cmd::Down { mountpoint } => up::down(&mountpoint),
+        Cmd::Mount { options, .. } => {
+            parse_options(&options)?;
+            bail!("`bftfs mount` (clusters on other machines) is not built yet; use `bftfs up --f 0 MOUNTPOINT` for a local mount")
+        }
+        Cmd::Umount { mountpoint, lazy } => {
+            let mnt = mounting::mount_path(&mountpoint)?;
+            mounting::unmount(&mnt, lazy)?;
+            println!("bftfs: unmounted {}", mnt.display());
+            Ok(())
+        }
+        Cmd::Status { mountpoint, config, json } => match (mountpoint, config) {
+            (Some(m), _) => up::status(&m, json),
+            (None, Some(_)) => bail!("`bftfs status --config` is not built yet (no cluster configs exist yet)"),
+            (None, None) => bail!("give a mount point or --config CONFIG"),
+        },
+        Cmd::Keygen => bail!("`bftfs keygen` is not built yet"),
+    }
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("bftfs: {e:#}");
+        std::process::exit(1);
+    }
+}

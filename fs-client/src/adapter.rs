@@ -1,0 +1,1090 @@
+//! The FUSE adapter: kernel requests in, file-service requests out.
+//!
+//! Each FUSE request becomes one or more [`FsOp`]s sent through an [`FsTransport`], with the
+//! caller's identity (uid, gid, supplementary groups) attached, so that the service (and so
+//! every replica) makes the permission decisions: the mount does not use
+//! `default_permissions`. Node ids are mapped to handles by [`InodeTable`]; every error reaches
+//! the kernel through [`errno`], the one place errors become errno values.
+//!
+//! The adapter keeps no file state of its own besides open directory streams: reads and writes
+//! go straight to the service (no write-back), and the kernel caches attributes and entries for
+//! the TTLs given in [`MountOptions`].
+
+use crate::inodes::InodeTable;
+use crate::options::MountOptions;
+use crate::transport::{FsTransport, TransportError};
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use state_abstraction::fs::{
+    Attr, Caller, CreateHow, DirEntry, FileType, FsError, FsOp, FsReply, FsRequest, Handle,
+    NodeKind, SetAttrs, SetTime, Timespec, XattrSet, ACCESS_EXECUTE, ACCESS_READ, ACCESS_WRITE,
+};
+use std::collections::{HashMap, VecDeque};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tracing::{debug, error, trace, warn};
+
+/// Largest read or write the service accepts in one request. Larger kernel requests are split.
+pub const IO_MAX: u32 = 1 << 20;
+
+/// `st_blksize` reported to programs. stdio and many tools size their buffers by it; every
+/// write() is a round trip to the cluster, so a large value means fewer, larger requests.
+const BLKSIZE: u32 = 128 * 1024;
+
+/// Entries asked of the service per readdir round trip. The kernel's buffer takes about a
+/// hundred plain entries or a few dozen readdirplus ones; the rest wait in the stream's buffer
+/// for the next kernel call, so a large directory costs a few round trips, not one per page.
+const READDIR_BATCH: u32 = 512;
+
+/// How often at most a transport failure is logged (the rest are counted).
+const TRANSPORT_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Why a FUSE request failed. Mapped to errno by [`errno`] only.
+#[derive(Debug)]
+pub enum Failure {
+    /// The service answered with an error.
+    Service(FsError),
+    /// The service could not be reached.
+    Transport(TransportError),
+    /// The kernel named a node id we do not (or no longer) know.
+    UnknownNode(u64),
+    /// The service answered with a reply of the wrong kind: a bug or a misbehaving service.
+    UnexpectedReply(&'static str),
+    /// The request itself is something we refuse (e.g. RENAME_EXCHANGE, mknod of a directory).
+    Invalid(&'static str),
+    /// A feature this file system does not have.
+    Unsupported(&'static str),
+    /// The caller's buffer is too small (xattr protocol).
+    BufferTooSmall,
+}
+
+/// The one mapping from failures to errno.
+pub fn errno(f: &Failure) -> Errno {
+    match f {
+        Failure::Service(e) => Errno::from_i32(e.errno()),
+        Failure::Transport(_) => Errno::EIO,
+        Failure::UnknownNode(_) => Errno::ESTALE,
+        Failure::UnexpectedReply(_) => Errno::EIO,
+        Failure::Invalid(_) => Errno::EINVAL,
+        Failure::Unsupported(_) => Errno::EOPNOTSUPP,
+        Failure::BufferTooSmall => Errno::ERANGE,
+    }
+}
+
+/// The reply types' common `error` method, so failures go through one helper.
+trait ErrorReply {
+    fn send_error(self, e: Errno);
+}
+
+macro_rules! error_reply {
+    ($($t:ty),*) => {$(
+        impl ErrorReply for $t {
+            fn send_error(self, e: Errno) {
+                self.error(e)
+            }
+        }
+    )*};
+}
+error_reply!(
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr
+);
+
+/// Logs transport failures at most every [`TRANSPORT_LOG_EVERY`], so that a dead cluster gives
+/// one clear line instead of one per request.
+#[derive(Default)]
+struct TransportLog {
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl TransportLog {
+    fn failed(&self, op: &str, e: &TransportError) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let due = s.0.is_none_or(|t| t.elapsed() >= TRANSPORT_LOG_EVERY);
+        if due {
+            let suppressed = s.1;
+            *s = (Some(Instant::now()), 0);
+            error!(
+                "{e}: answering EIO to {op}{}",
+                if suppressed > 0 {
+                    format!(" ({suppressed} earlier failures not logged)")
+                } else {
+                    String::new()
+                }
+            );
+        } else {
+            s.1 += 1;
+        }
+    }
+}
+
+/// An open directory: entries fetched from the service but not yet given to the kernel.
+#[derive(Default)]
+struct DirStream {
+    /// Service cookie after which `buffered` starts.
+    after: u64,
+    buffered: VecDeque<DirEntry>,
+    /// The service said there is nothing after `buffered`.
+    eof: bool,
+    /// Whether `buffered` carries attributes (fetched for readdirplus).
+    plus: bool,
+    /// Nothing fetched yet.
+    empty: bool,
+}
+
+/// FUSE readdir offsets: 1 is after ".", 2 after "..", and an entry with service cookie `c`
+/// has offset `c + 2`. The kernel passes back the offset of the last entry it consumed.
+const DOT_OFFSET: u64 = 1;
+const DOTDOT_OFFSET: u64 = 2;
+
+fn cookie_of_offset(offset: u64) -> u64 {
+    offset.saturating_sub(DOTDOT_OFFSET)
+}
+
+fn offset_of_cookie(cookie: u64) -> u64 {
+    cookie.saturating_add(DOTDOT_OFFSET)
+}
+
+/// The bftfs FUSE file system.
+pub struct BftFs {
+    transport: Arc<dyn FsTransport>,
+    inodes: InodeTable,
+    opts: MountOptions,
+    dirs: Mutex<HashMap<u64, Arc<Mutex<DirStream>>>>,
+    next_fh: AtomicU64,
+    transport_log: TransportLog,
+}
+
+/// Supplementary groups of `pid`, from the `Groups:` line of /proc/PID/status. Empty when the
+/// process is gone or the request came from the kernel itself (pid 0).
+pub fn groups_of(pid: u32) -> Vec<u32> {
+    if pid == 0 {
+        return Vec::new();
+    }
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return Vec::new();
+    };
+    parse_groups(&status)
+}
+
+fn parse_groups(status: &str) -> Vec<u32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|rest| rest.split_whitespace().filter_map(|g| g.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+fn caller_of(req: &Request) -> Caller {
+    Caller { uid: req.uid(), gid: req.gid(), groups: groups_of(req.pid()) }
+}
+
+fn name_bytes(name: &OsStr) -> Vec<u8> {
+    name.as_bytes().to_vec()
+}
+
+fn system_time(t: Timespec) -> SystemTime {
+    let nanos = Duration::from_nanos(u64::from(t.nsecs.min(999_999_999)));
+    if t.secs >= 0 {
+        UNIX_EPOCH + Duration::from_secs(t.secs as u64) + nanos
+    } else {
+        UNIX_EPOCH
+            .checked_sub(Duration::from_secs(t.secs.unsigned_abs()))
+            .and_then(|b| b.checked_add(nanos))
+            .unwrap_or(UNIX_EPOCH)
+    }
+}
+
+fn timespec(t: SystemTime) -> Timespec {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Timespec { secs: d.as_secs() as i64, nsecs: d.subsec_nanos() },
+        Err(before) => {
+            // Before the epoch: seconds round down, nanoseconds count forward from there.
+            let d = before.duration();
+            let mut secs = -(d.as_secs() as i64);
+            let mut nsecs = 0;
+            if d.subsec_nanos() > 0 {
+                secs -= 1;
+                nsecs = 1_000_000_000 - d.subsec_nanos();
+            }
+            Timespec { secs, nsecs }
+        }
+    }
+}
+
+fn set_time(t: TimeOrNow) -> SetTime {
+    match t {
+        TimeOrNow::Now => SetTime::Now,
+        TimeOrNow::SpecificTime(t) => SetTime::At(timespec(t)),
+    }
+}
+
+fn fuse_kind(k: FileType) -> fuser::FileType {
+    match k {
+        FileType::Regular => fuser::FileType::RegularFile,
+        FileType::Directory => fuser::FileType::Directory,
+        FileType::Symlink => fuser::FileType::Symlink,
+        FileType::Fifo => fuser::FileType::NamedPipe,
+        FileType::Socket => fuser::FileType::Socket,
+        FileType::CharDevice => fuser::FileType::CharDevice,
+        FileType::BlockDevice => fuser::FileType::BlockDevice,
+    }
+}
+
+/// Kernel attributes for the object the kernel knows as `nodeid`. `st_ino` is the node id
+/// (fuser uses one for both), not the abstract `fileid`.
+pub fn file_attr(nodeid: u64, a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(nodeid),
+        size: a.size,
+        blocks: a.blocks,
+        atime: system_time(a.atime),
+        mtime: system_time(a.mtime),
+        ctime: system_time(a.ctime),
+        crtime: UNIX_EPOCH,
+        kind: fuse_kind(a.kind),
+        perm: (a.mode & 0o7777) as u16,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        // The kernel's rdev field is 32 bits; the service keeps the full value.
+        rdev: a.rdev as u32,
+        blksize: BLKSIZE,
+        flags: 0,
+    }
+}
+
+/// Attributes for "." and ".." in readdirplus, which the kernel ignores (it never links those
+/// names), but the wire format needs some.
+fn placeholder_dir_attr(nodeid: u64) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(nodeid),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: fuser::FileType::Directory,
+        perm: 0o755,
+        nlink: 2,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: BLKSIZE,
+        flags: 0,
+    }
+}
+
+fn access_mask_of_open(flags: OpenFlags) -> u32 {
+    match flags.acc_mode() {
+        OpenAccMode::O_RDONLY => ACCESS_READ,
+        OpenAccMode::O_WRONLY => ACCESS_WRITE,
+        OpenAccMode::O_RDWR => ACCESS_READ | ACCESS_WRITE,
+    }
+}
+
+impl BftFs {
+    pub fn new(transport: Arc<dyn FsTransport>, opts: MountOptions) -> Self {
+        BftFs {
+            transport,
+            inodes: InodeTable::new(),
+            opts,
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            transport_log: TransportLog::default(),
+        }
+    }
+
+    fn handle(&self, nodeid: INodeNo) -> Result<Handle, Failure> {
+        self.inodes.handle(nodeid.0).ok_or(Failure::UnknownNode(nodeid.0))
+    }
+
+    fn call_as(&self, caller: Caller, op: FsOp) -> Result<FsReply, Failure> {
+        trace!(?op, uid = caller.uid, "request");
+        match self.transport.call(FsRequest { caller, op }) {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(e)) => Err(Failure::Service(e)),
+            Err(e) => Err(Failure::Transport(e)),
+        }
+    }
+
+    fn call(&self, req: &Request, op: FsOp) -> Result<FsReply, Failure> {
+        self.call_as(caller_of(req), op)
+    }
+
+    fn fail<R: ErrorReply>(&self, op: &'static str, reply: R, f: Failure) {
+        match &f {
+            Failure::Transport(e) => self.transport_log.failed(op, e),
+            Failure::UnexpectedReply(what) => {
+                error!("{op}: the service answered with the wrong kind of reply ({what})")
+            }
+            Failure::UnknownNode(n) => warn!("{op}: unknown node id {n}"),
+            other => debug!("{op}: {other:?}"),
+        }
+        reply.send_error(errno(&f));
+    }
+
+    fn entry_of(reply: FsReply, op: &'static str) -> Result<(Handle, Attr), Failure> {
+        match reply {
+            FsReply::Entry { handle, attr } => Ok((handle, attr)),
+            _ => Err(Failure::UnexpectedReply(op)),
+        }
+    }
+
+    fn attr_of(reply: FsReply, op: &'static str) -> Result<Attr, Failure> {
+        match reply {
+            FsReply::Attr(a) => Ok(a),
+            _ => Err(Failure::UnexpectedReply(op)),
+        }
+    }
+
+    fn done_of(reply: FsReply, op: &'static str) -> Result<(), Failure> {
+        match reply {
+            FsReply::Done => Ok(()),
+            _ => Err(Failure::UnexpectedReply(op)),
+        }
+    }
+
+    fn send_entry(&self, reply: ReplyEntry, handle: Handle, attr: &Attr) {
+        // Counted before the reply leaves, so a forget can never overtake it.
+        let nodeid = self.inodes.remember(handle);
+        reply.entry_with_ttls(
+            &self.opts.attr_timeout,
+            &self.opts.entry_timeout,
+            &file_attr(nodeid, attr),
+            Generation(handle.generation),
+        );
+    }
+
+    fn entry_op(&self, req: &Request, op: FsOp, name: &'static str, reply: ReplyEntry) {
+        match self.call(req, op).and_then(|r| Self::entry_of(r, name)) {
+            Ok((handle, attr)) => self.send_entry(reply, handle, &attr),
+            Err(f) => self.fail(name, reply, f),
+        }
+    }
+
+    fn empty_op(&self, req: &Request, op: FsOp, name: &'static str, reply: ReplyEmpty) {
+        match self.call(req, op).and_then(|r| Self::done_of(r, name)) {
+            Ok(()) => reply.ok(),
+            Err(f) => self.fail(name, reply, f),
+        }
+    }
+
+    /// Checks `mask` (ACCESS_* bits) for the caller; EACCES if not all granted.
+    fn check_access(&self, req: &Request, h: Handle, mask: u32) -> Result<(), Failure> {
+        match self.call(req, FsOp::Access { h, mask })? {
+            FsReply::Access { granted } if granted & mask == mask => Ok(()),
+            FsReply::Access { .. } => Err(Failure::Service(FsError::Access)),
+            _ => Err(Failure::UnexpectedReply("access")),
+        }
+    }
+
+    fn read_impl(&self, req: &Request, h: Handle, offset: u64, size: u32) -> Result<Vec<u8>, Failure> {
+        let caller = caller_of(req);
+        let mut out = Vec::with_capacity(size as usize);
+        // A read must return everything asked for unless it hits the end of the file: the
+        // kernel fills a short answer with zeros.
+        while out.len() < size as usize {
+            let count = (size - out.len() as u32).min(IO_MAX);
+            let at = offset.saturating_add(out.len() as u64);
+            match self.call_as(caller.clone(), FsOp::Read { h, offset: at, count })? {
+                FsReply::Read { data, eof } => {
+                    let got = data.len();
+                    if got > count as usize {
+                        return Err(Failure::UnexpectedReply("read: more data than asked for"));
+                    }
+                    out.extend_from_slice(&data);
+                    if eof || got == 0 {
+                        break;
+                    }
+                }
+                _ => return Err(Failure::UnexpectedReply("read")),
+            }
+        }
+        Ok(out)
+    }
+
+    fn write_impl(&self, req: &Request, h: Handle, offset: u64, data: &[u8]) -> Result<u32, Failure> {
+        let caller = caller_of(req);
+        let mut done = 0usize;
+        while done < data.len() {
+            let end = (done + IO_MAX as usize).min(data.len());
+            let at = offset.saturating_add(done as u64);
+            let op = FsOp::Write { h, offset: at, data: data[done..end].to_vec() };
+            match self.call_as(caller.clone(), op)? {
+                FsReply::Write { count, .. } => {
+                    if count == 0 || count as usize > end - done {
+                        // No progress (or nonsense): stop rather than loop forever.
+                        if done == 0 {
+                            return Err(Failure::UnexpectedReply("write: no progress"));
+                        }
+                        break;
+                    }
+                    done += count as usize;
+                }
+                _ => return Err(Failure::UnexpectedReply("write")),
+            }
+        }
+        Ok(done as u32)
+    }
+
+    fn setattr_impl(&self, req: &Request, h: Handle, set: SetAttrs) -> Result<Attr, Failure> {
+        let op = if set == SetAttrs::default() { FsOp::GetAttr { h } } else { FsOp::SetAttr { h, set } };
+        Self::attr_of(self.call(req, op)?, "setattr")
+    }
+
+    fn dir_stream(&self, fh: FileHandle) -> Arc<Mutex<DirStream>> {
+        let mut dirs = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
+        dirs.entry(fh.0)
+            .or_insert_with(|| Arc::new(Mutex::new(DirStream { empty: true, ..Default::default() })))
+            .clone()
+    }
+
+    /// Makes sure `stream` holds the entries after `cookie` (fetching if needed) and returns
+    /// whether any remain.
+    fn fill(&self, caller: &Caller, h: Handle, stream: &mut DirStream, cookie: u64, plus: bool) -> Result<(), Failure> {
+        let usable = !stream.empty && stream.after == cookie && (stream.plus || !plus);
+        if usable && (!stream.buffered.is_empty() || stream.eof) {
+            return Ok(());
+        }
+        let op = FsOp::ReadDir { dir: h, cookie, count: READDIR_BATCH, plus };
+        match self.call_as(caller.clone(), op)? {
+            FsReply::ReadDir { entries, eof } => {
+                if plus && entries.iter().any(|e| e.attr.is_none()) {
+                    return Err(Failure::UnexpectedReply("readdirplus without attributes"));
+                }
+                *stream = DirStream { after: cookie, buffered: entries.into(), eof, plus, empty: false };
+                Ok(())
+            }
+            _ => Err(Failure::UnexpectedReply("readdir")),
+        }
+    }
+}
+
+impl Filesystem for BftFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        if let Err(nearest) = config.set_max_write(IO_MAX) {
+            let _ = config.set_max_write(nearest);
+        }
+        // Each is optional: an older kernel simply does without.
+        for cap in [
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            // Symlink targets never change (a new target is a new object), so the kernel may
+            // keep them.
+            InitFlags::FUSE_CACHE_SYMLINKS,
+        ] {
+            if config.add_capabilities(cap).is_err() {
+                debug!("kernel lacks {cap:?}");
+            }
+        }
+        debug!("FUSE session initialised");
+        Ok(())
+    }
+
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let dir = match self.handle(parent) {
+            Ok(h) => h,
+            Err(f) => return self.fail("lookup", reply, f),
+        };
+        self.entry_op(req, FsOp::Lookup { dir, name: name_bytes(name) }, "lookup", reply)
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.inodes.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let r = self
+            .handle(ino)
+            .and_then(|h| self.call(req, FsOp::GetAttr { h }))
+            .and_then(|r| Self::attr_of(r, "getattr"));
+        match r {
+            Ok(a) => reply.attr(&self.opts.attr_timeout, &file_attr(ino.0, &a)),
+            Err(f) => self.fail("getattr", reply, f),
+        }
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        // ctime is the service's to set (the agreed time of the change), never the client's.
+        let set = SetAttrs {
+            mode: mode.map(|m| m & 0o7777),
+            uid,
+            gid,
+            size,
+            atime: atime.map(set_time),
+            mtime: mtime.map(set_time),
+        };
+        match self.handle(ino).and_then(|h| self.setattr_impl(req, h, set)) {
+            Ok(a) => reply.attr(&self.opts.attr_timeout, &file_attr(ino.0, &a)),
+            Err(f) => self.fail("setattr", reply, f),
+        }
+    }
+
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        let r = self.handle(ino).and_then(|h| self.call(req, FsOp::ReadLink { h }));
+        match r {
+            Ok(FsReply::ReadLink { target }) => reply.data(&target),
+            Ok(_) => self.fail("readlink", reply, Failure::UnexpectedReply("readlink")),
+            Err(f) => self.fail("readlink", reply, f),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let dir = match self.handle(parent) {
+            Ok(h) => h,
+            Err(f) => return self.fail("mknod", reply, f),
+        };
+        let name = name_bytes(name);
+        // The kernel has already applied the umask (we do not ask for FUSE_DONT_MASK).
+        let perm = mode & 0o7777;
+        let rdev = u64::from(rdev);
+        let op = match mode & libc::S_IFMT {
+            libc::S_IFREG => FsOp::Create { dir, name, mode: perm, how: CreateHow::Guarded },
+            libc::S_IFIFO => FsOp::Mknod { dir, name, mode: perm, kind: NodeKind::Fifo },
+            libc::S_IFSOCK => FsOp::Mknod { dir, name, mode: perm, kind: NodeKind::Socket },
+            libc::S_IFCHR => FsOp::Mknod { dir, name, mode: perm, kind: NodeKind::CharDevice { rdev } },
+            libc::S_IFBLK => FsOp::Mknod { dir, name, mode: perm, kind: NodeKind::BlockDevice { rdev } },
+            _ => return self.fail("mknod", reply, Failure::Invalid("mknod of this file type")),
+        };
+        self.entry_op(req, op, "mknod", reply)
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
+        let dir = match self.handle(parent) {
+            Ok(h) => h,
+            Err(f) => return self.fail("mkdir", reply, f),
+        };
+        self.entry_op(req, FsOp::Mkdir { dir, name: name_bytes(name), mode: mode & 0o7777 }, "mkdir", reply)
+    }
+
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.handle(parent) {
+            Ok(dir) => self.empty_op(req, FsOp::Remove { dir, name: name_bytes(name) }, "unlink", reply),
+            Err(f) => self.fail("unlink", reply, f),
+        }
+    }
+
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.handle(parent) {
+            Ok(dir) => self.empty_op(req, FsOp::Rmdir { dir, name: name_bytes(name) }, "rmdir", reply),
+            Err(f) => self.fail("rmdir", reply, f),
+        }
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let dir = match self.handle(parent) {
+            Ok(h) => h,
+            Err(f) => return self.fail("symlink", reply, f),
+        };
+        let op = FsOp::Symlink {
+            dir,
+            name: name_bytes(link_name),
+            target: target.as_os_str().as_bytes().to_vec(),
+        };
+        self.entry_op(req, op, "symlink", reply)
+    }
+
+    fn rename(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+            return self.fail("rename", reply, Failure::Invalid("RENAME_EXCHANGE is not supported"));
+        }
+        if flags.contains(RenameFlags::RENAME_WHITEOUT) {
+            return self.fail("rename", reply, Failure::Invalid("RENAME_WHITEOUT is not supported"));
+        }
+        let (from_dir, to_dir) = match (self.handle(parent), self.handle(newparent)) {
+            (Ok(a), Ok(b)) => (a, b),
+            (Err(f), _) | (_, Err(f)) => return self.fail("rename", reply, f),
+        };
+        let op = FsOp::Rename {
+            from_dir,
+            from_name: name_bytes(name),
+            to_dir,
+            to_name: name_bytes(newname),
+            no_replace: flags.contains(RenameFlags::RENAME_NOREPLACE),
+        };
+        self.empty_op(req, op, "rename", reply)
+    }
+
+    fn link(&self, req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        let (h, dir) = match (self.handle(ino), self.handle(newparent)) {
+            (Ok(a), Ok(b)) => (a, b),
+            (Err(f), _) | (_, Err(f)) => return self.fail("link", reply, f),
+        };
+        self.entry_op(req, FsOp::Link { h, dir, name: name_bytes(newname) }, "link", reply)
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        // Without default_permissions the kernel checks nothing at open; the service does, so
+        // that open(2) fails where POSIX says it must rather than at the first read or write.
+        // Root passes read/write checks anyway, which saves a round trip on every open.
+        let r = self.handle(ino).and_then(|h| {
+            if req.uid() == 0 {
+                Ok(())
+            } else {
+                self.check_access(req, h, access_mask_of_open(flags))
+            }
+        });
+        match r {
+            // No FOPEN_KEEP_CACHE: the kernel drops cached pages at open, which gives
+            // close-to-open consistency between clients, as NFS does.
+            Ok(()) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Err(f) => self.fail("open", reply, f),
+        }
+    }
+
+    fn read(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.handle(ino).and_then(|h| self.read_impl(req, h, offset, size)) {
+            Ok(data) => reply.data(&data),
+            Err(f) => self.fail("read", reply, f),
+        }
+    }
+
+    fn write(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.handle(ino).and_then(|h| self.write_impl(req, h, offset, data)) {
+            Ok(n) => reply.written(n),
+            Err(f) => self.fail("write", reply, f),
+        }
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        // Writes are sent synchronously: nothing is buffered here.
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn fsync(&self, req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        match self.handle(ino) {
+            Ok(h) => self.empty_op(req, FsOp::Commit { h }, "fsync", reply),
+            Err(f) => self.fail("fsync", reply, f),
+        }
+    }
+
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let r = self.handle(ino).and_then(|h| {
+            if req.uid() == 0 {
+                Ok(())
+            } else {
+                self.check_access(req, h, ACCESS_READ)
+            }
+        });
+        match r {
+            Ok(()) => {
+                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                let stream = DirStream { empty: true, ..Default::default() };
+                self.dirs
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(fh, Arc::new(Mutex::new(stream)));
+                reply.opened(FileHandle(fh), FopenFlags::empty())
+            }
+            Err(f) => self.fail("opendir", reply, f),
+        }
+    }
+
+    fn readdir(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let h = match self.handle(ino) {
+            Ok(h) => h,
+            Err(f) => return self.fail("readdir", reply, f),
+        };
+        if offset < DOT_OFFSET && reply.add(ino, DOT_OFFSET, fuser::FileType::Directory, ".") {
+            return reply.ok();
+        }
+        if offset < DOTDOT_OFFSET && reply.add(ino, DOTDOT_OFFSET, fuser::FileType::Directory, "..") {
+            return reply.ok();
+        }
+        let caller = caller_of(req);
+        let stream = self.dir_stream(fh);
+        let mut stream = stream.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cookie = cookie_of_offset(offset);
+        loop {
+            if let Err(f) = self.fill(&caller, h, &mut stream, cookie, false) {
+                return self.fail("readdir", reply, f);
+            }
+            let Some(e) = stream.buffered.front() else { break };
+            let ino = INodeNo(self.inodes.display_ino(e.handle));
+            if reply.add(ino, offset_of_cookie(e.cookie), fuse_kind(e.kind), OsStr::from_bytes(&e.name)) {
+                break;
+            }
+            cookie = e.cookie;
+            stream.after = cookie;
+            stream.buffered.pop_front();
+        }
+        reply.ok()
+    }
+
+    fn readdirplus(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let h = match self.handle(ino) {
+            Ok(h) => h,
+            Err(f) => return self.fail("readdirplus", reply, f),
+        };
+        // "." and ".." are never linked by the kernel and count no lookup.
+        let ttl = self.opts.entry_timeout;
+        let dot = placeholder_dir_attr(ino.0);
+        if offset < DOT_OFFSET && reply.add(ino, DOT_OFFSET, ".", &ttl, &dot, Generation(0)) {
+            return reply.ok();
+        }
+        if offset < DOTDOT_OFFSET && reply.add(ino, DOTDOT_OFFSET, "..", &ttl, &dot, Generation(0)) {
+            return reply.ok();
+        }
+        let caller = caller_of(req);
+        let stream = self.dir_stream(fh);
+        let mut stream = stream.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cookie = cookie_of_offset(offset);
+        loop {
+            if let Err(f) = self.fill(&caller, h, &mut stream, cookie, true) {
+                return self.fail("readdirplus", reply, f);
+            }
+            let Some(e) = stream.buffered.front() else { break };
+            let Some(attr) = &e.attr else {
+                return self.fail("readdirplus", reply, Failure::UnexpectedReply("readdirplus without attributes"));
+            };
+            // Count the lookup first; give it back if the entry does not fit after all.
+            let nodeid = self.inodes.remember(e.handle);
+            let full = reply.add(
+                INodeNo(nodeid),
+                offset_of_cookie(e.cookie),
+                OsStr::from_bytes(&e.name),
+                &ttl,
+                &file_attr(nodeid, attr),
+                Generation(e.handle.generation),
+            );
+            if full {
+                self.inodes.forget(nodeid, 1);
+                break;
+            }
+            cookie = e.cookie;
+            stream.after = cookie;
+            stream.buffered.pop_front();
+        }
+        reply.ok()
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.dirs.lock().unwrap_or_else(|p| p.into_inner()).remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(&self, req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        match self.handle(ino) {
+            Ok(h) => self.empty_op(req, FsOp::Commit { h }, "fsyncdir", reply),
+            Err(f) => self.fail("fsyncdir", reply, f),
+        }
+    }
+
+    fn statfs(&self, req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        // statfs may name any node; the root always exists.
+        let h = self.handle(ino).unwrap_or(Handle::ROOT);
+        match self.call(req, FsOp::StatFs { h }) {
+            Ok(FsReply::StatFs(s)) => {
+                reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namemax, s.bsize)
+            }
+            Ok(_) => self.fail("statfs", reply, Failure::UnexpectedReply("statfs")),
+            Err(f) => self.fail("statfs", reply, f),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        position: u32,
+        reply: ReplyEmpty,
+    ) {
+        if position != 0 {
+            return self.fail("setxattr", reply, Failure::Unsupported("xattr position (macOS only)"));
+        }
+        let how = match flags & (libc::XATTR_CREATE | libc::XATTR_REPLACE) {
+            0 => XattrSet::Either,
+            libc::XATTR_CREATE => XattrSet::Create,
+            libc::XATTR_REPLACE => XattrSet::Replace,
+            _ => return self.fail("setxattr", reply, Failure::Invalid("XATTR_CREATE with XATTR_REPLACE")),
+        };
+        match self.handle(ino) {
+            Ok(h) => {
+                let op = FsOp::SetXattr { h, name: name_bytes(name), value: value.to_vec(), how };
+                self.empty_op(req, op, "setxattr", reply)
+            }
+            Err(f) => self.fail("setxattr", reply, f),
+        }
+    }
+
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let r = self.handle(ino).and_then(|h| self.call(req, FsOp::GetXattr { h, name: name_bytes(name) }));
+        match r {
+            Ok(FsReply::Xattr { value }) => reply_xattr(reply, size, &value, self),
+            Ok(_) => self.fail("getxattr", reply, Failure::UnexpectedReply("getxattr")),
+            Err(f) => self.fail("getxattr", reply, f),
+        }
+    }
+
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let r = self.handle(ino).and_then(|h| self.call(req, FsOp::ListXattr { h }));
+        match r {
+            Ok(FsReply::XattrList { names }) => {
+                // The kernel's format: each name followed by a NUL.
+                let mut buf = Vec::with_capacity(names.iter().map(|n| n.len() + 1).sum());
+                for n in &names {
+                    buf.extend_from_slice(n);
+                    buf.push(0);
+                }
+                reply_xattr(reply, size, &buf, self)
+            }
+            Ok(_) => self.fail("listxattr", reply, Failure::UnexpectedReply("listxattr")),
+            Err(f) => self.fail("listxattr", reply, f),
+        }
+    }
+
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.handle(ino) {
+            Ok(h) => self.empty_op(req, FsOp::RemoveXattr { h, name: name_bytes(name) }, "removexattr", reply),
+            Err(f) => self.fail("removexattr", reply, f),
+        }
+    }
+
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let h = match self.handle(ino) {
+            Ok(h) => h,
+            Err(f) => return self.fail("access", reply, f),
+        };
+        let mut want = 0;
+        if mask.contains(AccessFlags::R_OK) {
+            want |= ACCESS_READ;
+        }
+        if mask.contains(AccessFlags::W_OK) {
+            want |= ACCESS_WRITE;
+        }
+        if mask.contains(AccessFlags::X_OK) {
+            want |= ACCESS_EXECUTE;
+        }
+        let r = if want == 0 {
+            // F_OK: existence only.
+            self.call(req, FsOp::GetAttr { h }).map(|_| ())
+        } else {
+            self.check_access(req, h, want)
+        };
+        match r {
+            Ok(()) => reply.ok(),
+            Err(f) => self.fail("access", reply, f),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let dir = match self.handle(parent) {
+            Ok(h) => h,
+            Err(f) => return self.fail("create", reply, f),
+        };
+        let how = if flags & libc::O_EXCL != 0 { CreateHow::Guarded } else { CreateHow::Unchecked };
+        let op = FsOp::Create { dir, name: name_bytes(name), mode: mode & 0o7777, how };
+        let r = self.call(req, op).and_then(|r| Self::entry_of(r, "create")).and_then(|(h, attr)| {
+            // The kernel calls create only for a name it believes absent; if another client
+            // made it meanwhile, Unchecked opened the existing file, and O_TRUNC still applies.
+            if flags & libc::O_TRUNC != 0 && attr.size > 0 {
+                let set = SetAttrs { size: Some(0), ..Default::default() };
+                Ok((h, self.setattr_impl(req, h, set)?))
+            } else {
+                Ok((h, attr))
+            }
+        });
+        match r {
+            Ok((handle, attr)) => {
+                let nodeid = self.inodes.remember(handle);
+                reply.created(
+                    &self.opts.attr_timeout,
+                    &file_attr(nodeid, &attr),
+                    Generation(handle.generation),
+                    FileHandle(0),
+                    FopenFlags::empty(),
+                )
+            }
+            Err(f) => self.fail("create", reply, f),
+        }
+    }
+}
+
+/// The xattr size protocol: size 0 asks for the length; a buffer too small is ERANGE.
+fn reply_xattr(reply: ReplyXattr, size: u32, value: &[u8], fs: &BftFs) {
+    let Ok(len) = u32::try_from(value.len()) else {
+        return fs.fail("xattr", reply, Failure::BufferTooSmall);
+    };
+    if size == 0 {
+        reply.size(len)
+    } else if len > size {
+        fs.fail("xattr", reply, Failure::BufferTooSmall)
+    } else {
+        reply.data(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_line_parsing() {
+        let status = "Name:\tbash\nUid:\t1000\t1000\t1000\t1000\nGroups:\t4 24 27 1000 \nVmPeak:\t1 kB\n";
+        assert_eq!(parse_groups(status), vec![4, 24, 27, 1000]);
+        assert_eq!(parse_groups("Groups:\t\n"), Vec::<u32>::new());
+        assert_eq!(parse_groups("Name:\tx\n"), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn own_groups_are_readable() {
+        // The test process exists, so its status file must parse (possibly to no groups).
+        let _ = groups_of(std::process::id());
+        assert!(groups_of(0).is_empty());
+    }
+
+    #[test]
+    fn time_conversions_round_trip() {
+        for t in [
+            Timespec { secs: 0, nsecs: 0 },
+            Timespec { secs: 1_700_000_000, nsecs: 123_456_789 },
+            Timespec { secs: -1, nsecs: 500_000_000 },
+            Timespec { secs: -86_400, nsecs: 0 },
+        ] {
+            assert_eq!(timespec(system_time(t)), t, "{t:?}");
+        }
+    }
+
+    #[test]
+    fn readdir_offsets() {
+        assert_eq!(cookie_of_offset(0), 0);
+        assert_eq!(cookie_of_offset(DOT_OFFSET), 0);
+        assert_eq!(cookie_of_offset(DOTDOT_OFFSET), 0);
+        assert_eq!(cookie_of_offset(offset_of_cookie(7)), 7);
+        assert!(offset_of_cookie(1) > DOTDOT_OFFSET);
+    }
+
+    #[test]
+    fn errno_mapping() {
+        assert_eq!(errno(&Failure::Service(FsError::NameTooLong)), Errno::ENAMETOOLONG);
+        assert_eq!(errno(&Failure::Service(FsError::NotEmpty)), Errno::ENOTEMPTY);
+        assert_eq!(errno(&Failure::Transport(TransportError::Timeout(Duration::from_secs(1)))), Errno::EIO);
+        assert_eq!(errno(&Failure::Invalid("x")), Errno::EINVAL);
+        assert_eq!(errno(&Failure::BufferTooSmall), Errno::ERANGE);
+        assert_eq!(errno(&Failure::UnknownNode(5)), Errno::ESTALE);
+    }
+
+    #[test]
+    fn attr_conversion_uses_node_id_and_permission_bits() {
+        let a = Attr {
+            kind: FileType::Regular,
+            mode: 0o104755,
+            nlink: 2,
+            uid: 1,
+            gid: 2,
+            size: 10,
+            blocks: 1,
+            rdev: 0,
+            fsid: 0,
+            fileid: 41,
+            generation: 3,
+            atime: Timespec::default(),
+            mtime: Timespec { secs: 5, nsecs: 6 },
+            ctime: Timespec::default(),
+        };
+        let f = file_attr(42, &a);
+        assert_eq!(f.ino, INodeNo(42));
+        assert_eq!(f.perm, 0o4755);
+        assert_eq!(f.kind, fuser::FileType::RegularFile);
+        assert_eq!(f.mtime, UNIX_EPOCH + Duration::new(5, 6));
+    }
+
+    #[test]
+    fn open_modes() {
+        assert_eq!(access_mask_of_open(OpenFlags(libc::O_RDONLY)), ACCESS_READ);
+        assert_eq!(access_mask_of_open(OpenFlags(libc::O_WRONLY)), ACCESS_WRITE);
+        assert_eq!(access_mask_of_open(OpenFlags(libc::O_RDWR)), ACCESS_READ | ACCESS_WRITE);
+    }
+}

@@ -1,0 +1,15 @@
+//! The `bftfs` client: a FUSE adapter over the file service, and the commands that mount it.
+//!
+//! - [`transport`]: the [`transport::FsTransport`] trait, how the adapter reaches the service;
+//! - [`adapter`]: the FUSE file system (fuser), node ids ⇄ handles, the errno mapping;
+//! - [`inodes`]: the node id table;
+//! - [`options`]: `-o` mount options;
+//! - [`mounting`]: mount checks, serving a mount until it is unmounted, unmounting;
+//! - [`up`]: `bftfs up`/`down`/`status` for a cluster started on this machine.
+
+pub mod adapter;
+pub mod inodes;
+pub mod mounting;
+pub mod options;
+pub mod transport;
+pub mod up;

@@ -1,0 +1,555 @@
+//! `bftfs up` / `down` / `status` for a cluster started on this machine.
+//!
+//! `up` checks its inputs (mount point, data directory), then serves the mount: with `--f 0`
+//! from one in-process file service (no replication), with `--f N ≥ 1` from 3N+1 local replica
+//! processes ([`up_replicated`], not built yet). With `--detach` it re-executes itself in the
+//! background with the hidden `--foreground-child` flag and returns once the mount answers.
+//! The serving process records itself in a pid file named after the mount point, which is how
+//! `down` and `status` find it.
+//!
+//! Data directory layout (per mount point unless `--data-dir` is given):
+//! - `BFTFS_CLUSTER`: which cluster this directory belongs to (id and f);
+//! - `service/`: the file service's directory (f = 0);
+//! - `lock`: held (flock) by the serving process;
+//! - `up.log`: the log of a detached `up`.
+
+use crate::mounting::{self, check_can_mount, check_mount_point, mount_path, mounted_fstype, FS_TYPE};
+use crate::options::MountOptions;
+use crate::transport::FsTransport;
+use anyhow::{anyhow, bail, Context, Result};
+use sha2::{Digest, Sha256};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::io::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{info, warn};
+
+const MARKER: &str = "BFTFS_CLUSTER";
+const SERVICE_DIR: &str = "service";
+const LOCK_FILE: &str = "lock";
+const LOG_FILE: &str = "up.log";
+
+/// How long `up --detach` waits for the mount to answer.
+const DETACH_WAIT: Duration = Duration::from_secs(60);
+/// How long `down` waits for the serving process to stop after SIGTERM.
+const STOP_WAIT: Duration = Duration::from_secs(20);
+
+/// What `bftfs up` was asked to do.
+#[derive(Clone, Debug)]
+pub struct UpArgs {
+    pub mountpoint: PathBuf,
+    pub f: u32,
+    pub data_dir: Option<PathBuf>,
+    pub detach: bool,
+    pub options: MountOptions,
+    /// Set on the re-executed background process of `--detach`.
+    pub foreground_child: bool,
+}
+
+/// `$XDG_DATA_HOME/bftfs`, else `~/.local/share/bftfs`.
+pub fn base_dir() -> Result<PathBuf> {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
+        return Ok(PathBuf::from(x).join("bftfs"));
+    }
+    match std::env::var_os("HOME").filter(|x| !x.is_empty()) {
+        Some(h) => Ok(PathBuf::from(h).join(".local/share/bftfs")),
+        None => bail!("neither XDG_DATA_HOME nor HOME is set; pass --data-dir"),
+    }
+}
+
+/// A short, stable name for a mount point: its last component (for people) and a hash of the
+/// whole path (for uniqueness).
+fn mount_key(mnt: &Path) -> String {
+    let digest = Sha256::digest(mnt.as_os_str().as_bytes());
+    let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let name: String = mnt
+        .file_name()
+        .map(|n| n.to_string_lossy().chars().take(40).map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect())
+        .unwrap_or_else(|| "root".to_string());
+    format!("{name}-{hex}")
+}
+
+pub fn default_data_dir(mnt: &Path) -> Result<PathBuf> {
+    Ok(base_dir()?.join(mount_key(mnt)))
+}
+
+fn pid_file(mnt: &Path) -> Result<PathBuf> {
+    Ok(base_dir()?.join("run").join(format!("{}.pid", mount_key(mnt))))
+}
+
+/// What the serving process records about itself.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PidInfo {
+    pub pid: u32,
+    pub mountpoint: PathBuf,
+    pub data_dir: PathBuf,
+    pub f: u32,
+}
+
+impl PidInfo {
+    fn render(&self) -> String {
+        format!(
+            "pid={}\nmountpoint={}\ndata_dir={}\nf={}\n",
+            self.pid,
+            self.mountpoint.display(),
+            self.data_dir.display(),
+            self.f
+        )
+    }
+
+    fn parse(text: &str) -> Option<PidInfo> {
+        let get = |k: &str| text.lines().find_map(|l| l.strip_prefix(k)?.strip_prefix('='));
+        Some(PidInfo {
+            pid: get("pid")?.parse().ok()?,
+            mountpoint: PathBuf::from(get("mountpoint")?),
+            data_dir: PathBuf::from(get("data_dir")?),
+            f: get("f")?.parse().ok()?,
+        })
+    }
+}
+
+fn read_pid_info(mnt: &Path) -> Result<Option<PidInfo>> {
+    let path = pid_file(mnt)?;
+    match std::fs::read_to_string(&path) {
+        Ok(t) => Ok(PidInfo::parse(&t)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(anyhow!("cannot read {}: {e}", path.display())),
+    }
+}
+
+fn write_pid_info(info: &PidInfo) -> Result<()> {
+    let path = pid_file(&info.mountpoint)?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    // Written whole, then renamed, so `down` never reads half a file.
+    let tmp = path.with_extension("pid.tmp");
+    std::fs::write(&tmp, info.render()).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// Removes the pid file if it still names `pid` (a later `up` may have replaced it).
+fn remove_pid_info(mnt: &Path, pid: u32) {
+    if let (Ok(path), Ok(Some(info))) = (pid_file(mnt), read_pid_info(mnt)) {
+        if info.pid == pid {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Whether `pid` is a running (not zombie) process.
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name, which may itself hold spaces.
+        Ok(stat) => match stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next()) {
+            Some(state) => state != "Z" && state != "X",
+            None => false,
+        },
+        Err(_) => false,
+    }
+}
+
+/// Whether `pid` is a bftfs process (so a recycled pid is never signalled).
+fn is_bftfs(pid: u32) -> bool {
+    let exe_is_bftfs = std::fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().starts_with("bftfs")))
+        .unwrap_or(false);
+    let argv0_is_bftfs = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .ok()
+        .and_then(|c| c.split(|&b| b == 0).next().map(|a| a.ends_with(b"bftfs")))
+        .unwrap_or(false);
+    exe_is_bftfs || argv0_is_bftfs
+}
+
+fn random_id() -> Result<String> {
+    let mut bytes = [0u8; 16];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("cannot read /dev/urandom")?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The identity written in a data directory's marker file.
+#[derive(Clone, Debug, PartialEq)]
+struct Marker {
+    cluster_id: String,
+    f: u32,
+}
+
+impl Marker {
+    fn render(&self) -> String {
+        format!(
+            "# bftfs data directory, written by `bftfs up`; do not edit\nformat=1\ncluster_id={}\nf={}\n",
+            self.cluster_id, self.f
+        )
+    }
+
+    fn parse(text: &str) -> Option<Marker> {
+        let get = |k: &str| text.lines().find_map(|l| l.strip_prefix(k)?.strip_prefix('='));
+        if get("format")? != "1" {
+            return None;
+        }
+        Some(Marker { cluster_id: get("cluster_id")?.to_string(), f: get("f")?.parse().ok()? })
+    }
+}
+
+/// Makes `dir` this cluster's data directory, or refuses with one sentence: it belongs to a
+/// cluster with another f, or it is a non-empty directory that is not a bftfs one.
+fn claim_data_dir(dir: &Path, f: u32) -> Result<Marker> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create data directory {}", dir.display()))?;
+    let marker_path = dir.join(MARKER);
+    match std::fs::read_to_string(&marker_path) {
+        Ok(text) => {
+            let Some(m) = Marker::parse(&text) else {
+                bail!("data directory {} has an unreadable {MARKER} file; it belongs to another cluster or another bftfs version", dir.display());
+            };
+            if m.f != f {
+                bail!(
+                    "data directory {} belongs to another cluster (f={}, id {}); use --f {} or another --data-dir",
+                    dir.display(),
+                    m.f,
+                    m.cluster_id,
+                    m.f
+                );
+            }
+            Ok(m)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let not_empty = std::fs::read_dir(dir)
+                .with_context(|| format!("cannot read data directory {}", dir.display()))?
+                .next()
+                .is_some();
+            if not_empty {
+                bail!("data directory {} is not empty and is not a bftfs data directory (no {MARKER} file)", dir.display());
+            }
+            let m = Marker { cluster_id: random_id()?, f };
+            std::fs::write(&marker_path, m.render())
+                .with_context(|| format!("cannot write {}", marker_path.display()))?;
+            Ok(m)
+        }
+        Err(e) => bail!("cannot read {}: {e}", marker_path.display()),
+    }
+}
+
+/// Takes the data directory's lock for the life of the returned file.
+fn lock_data_dir(dir: &Path) -> Result<File> {
+    let path = dir.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: a valid open descriptor; flock has no memory effects.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        bail!("data directory {} is in use by another running bftfs process", dir.display());
+    }
+    Ok(file)
+}
+
+/// Opens the unreplicated file service in `dir` behind a local transport.
+fn open_local_transport(dir: &Path) -> Result<Arc<dyn FsTransport>> {
+    let _ = dir;
+    bail!("the file service (state_abstraction::fs::FileService) is not built yet")
+}
+
+pub fn up(args: UpArgs) -> Result<()> {
+    let mnt = mount_path(&args.mountpoint)?;
+    if mnt.as_os_str().as_bytes().contains(&b'\n') {
+        bail!("mount point paths with a newline are not supported");
+    }
+    if args.f >= 1 {
+        return up_replicated(&mnt, &args);
+    }
+    check_can_mount()?;
+    if let Some(info) = read_pid_info(&mnt)? {
+        if alive(info.pid) && is_bftfs(info.pid) {
+            bail!("bftfs up is already serving {} (pid {}); run `bftfs down {0}` first", mnt.display(), info.pid);
+        }
+    }
+    check_mount_point(&mnt)?;
+    let data_dir = match &args.data_dir {
+        Some(d) => d.clone(),
+        None => default_data_dir(&mnt)?,
+    };
+    claim_data_dir(&data_dir, args.f)?;
+    let data_dir = data_dir.canonicalize().with_context(|| format!("cannot resolve {}", data_dir.display()))?;
+    if args.detach && !args.foreground_child {
+        // Tell the user now about a busy data directory rather than through the child's log.
+        drop(lock_data_dir(&data_dir)?);
+        return spawn_detached(&mnt, &data_dir, &args);
+    }
+    serve_unreplicated(&mnt, &data_dir, &args)
+}
+
+/// `up --f N` with N ≥ 1: start 3N+1 `bftfs-replica` processes on 127.0.0.1 and mount them
+/// through the replicated transport.
+fn up_replicated(mnt: &Path, args: &UpArgs) -> Result<()> {
+    // Plugs in here: write a cluster config and keys into the data directory (one
+    // `replica-<i>/` per replica), start the replicas, then `mounting::serve` with the
+    // replicated FsTransport, as `serve_unreplicated` does with the local one.
+    let _ = mnt;
+    bail!(
+        "replicated clusters (--f {}) are not built yet; use `bftfs up --f 0` for an unreplicated mount",
+        args.f
+    )
+}
+
+fn serve_unreplicated(mnt: &Path, data_dir: &Path, args: &UpArgs) -> Result<()> {
+    let _lock = lock_data_dir(data_dir)?;
+    let transport = open_local_transport(&data_dir.join(SERVICE_DIR))?;
+    let info = PidInfo { pid: std::process::id(), mountpoint: mnt.to_path_buf(), data_dir: data_dir.to_path_buf(), f: 0 };
+    let quiet = args.foreground_child;
+    let result = mounting::serve(mnt, transport, &args.options, "bftfs-local", || {
+        write_pid_info(&info)?;
+        if !quiet {
+            print_started(mnt, data_dir, false);
+        }
+        Ok(())
+    });
+    remove_pid_info(mnt, info.pid);
+    result
+}
+
+fn print_started(mnt: &Path, data_dir: &Path, detached: bool) {
+    println!("bftfs: {} is mounted (unreplicated: --f 0, one local file service)", mnt.display());
+    println!("  data:  {}", data_dir.display());
+    if detached {
+        println!("  log:   {}", data_dir.join(LOG_FILE).display());
+        println!("  stop:  bftfs down {}", mnt.display());
+    } else {
+        println!("  stop:  Ctrl-C here, or `bftfs down {}`", mnt.display());
+    }
+    let _ = std::io::stdout().flush();
+}
+
+/// The last non-empty lines of a log file, for an error message.
+fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let tail: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    tail[tail.len().saturating_sub(lines)..].join("\n")
+}
+
+fn spawn_detached(mnt: &Path, data_dir: &Path, args: &UpArgs) -> Result<()> {
+    let exe = std::env::current_exe().context("cannot find the bftfs executable")?;
+    let log_path = data_dir.join(LOG_FILE);
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open {}", log_path.display()))?;
+    let log_err = log.try_clone().context("cannot duplicate the log file")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("up")
+        .arg(mnt)
+        .arg("--f")
+        .arg(args.f.to_string())
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("-o")
+        .arg(args.options.to_arg())
+        .arg("--foreground-child")
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err);
+    // SAFETY: setsid is async-signal-safe; it detaches the child from our terminal and
+    // process group so that a Ctrl-C meant for the shell does not stop the mount.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("cannot start the background bftfs process")?;
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let tail = log_tail(&log_path, 3);
+            bail!("bftfs up failed ({status}): {}", if tail.is_empty() { "no output".into() } else { tail });
+        }
+        let pid_ok = read_pid_info(mnt)?.is_some_and(|i| i.pid == child.id());
+        if pid_ok && mounted_fstype(mnt).as_deref() == Some(FS_TYPE) && std::fs::metadata(mnt).is_ok() {
+            print_started(mnt, data_dir, true);
+            return Ok(());
+        }
+        if started.elapsed() > DETACH_WAIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = mounting::unmount(mnt, true);
+            bail!("the mount at {} did not answer within {DETACH_WAIT:?}; see {}", mnt.display(), log_path.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn signal(pid: u32, sig: libc::c_int) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    // SAFETY: kill has no memory effects.
+    unsafe { libc::kill(pid, sig) == 0 }
+}
+
+fn wait_gone(pid: u32, limit: Duration) -> bool {
+    let started = Instant::now();
+    while alive(pid) {
+        if started.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+pub fn down(mountpoint: &Path) -> Result<()> {
+    let mnt = mount_path(mountpoint)?;
+    let info = read_pid_info(&mnt)?;
+    let mounted = mounted_fstype(&mnt).as_deref() == Some(FS_TYPE);
+    match &info {
+        Some(i) if alive(i.pid) && is_bftfs(i.pid) => {
+            // The serving process unmounts itself on SIGTERM and exits when the kernel ends
+            // the session.
+            signal(i.pid, libc::SIGTERM);
+            if !wait_gone(i.pid, STOP_WAIT) {
+                warn!("bftfs (pid {}) did not stop within {STOP_WAIT:?}; killing it", i.pid);
+                signal(i.pid, libc::SIGKILL);
+                wait_gone(i.pid, Duration::from_secs(5));
+            }
+        }
+        Some(_) | None if !mounted => {
+            if let (Some(_), Ok(p)) = (&info, pid_file(&mnt)) {
+                let _ = std::fs::remove_file(p);
+            }
+            bail!("nothing started by `bftfs up` is mounted at {}", mnt.display());
+        }
+        _ => info!("no running bftfs process is recorded for {}; unmounting it", mnt.display()),
+    }
+    if mounted_fstype(&mnt).as_deref() == Some(FS_TYPE) {
+        mounting::unmount(&mnt, true)?;
+    }
+    if let Ok(p) = pid_file(&mnt) {
+        let _ = std::fs::remove_file(p);
+    }
+    match info {
+        Some(i) => println!("bftfs: stopped {}; data kept in {}", mnt.display(), i.data_dir.display()),
+        None => println!("bftfs: unmounted {}", mnt.display()),
+    }
+    Ok(())
+}
+
+pub fn status(mountpoint: &Path, json: bool) -> Result<()> {
+    let mnt = mount_path(mountpoint)?;
+    let info = read_pid_info(&mnt)?;
+    let mounted = mounted_fstype(&mnt).as_deref() == Some(FS_TYPE);
+    let Some(info) = info else {
+        if mounted {
+            bail!("{} is a bftfs mount not started by `bftfs up` on this machine; use `bftfs status --config CONFIG`", mnt.display());
+        }
+        bail!("nothing started by `bftfs up` is mounted at {}", mnt.display());
+    };
+    let running = alive(info.pid) && is_bftfs(info.pid);
+    let health = match (running, mounted) {
+        (true, true) => "ok",
+        (true, false) => "starting or stopping",
+        (false, true) => "dead (mount left behind; run `bftfs umount --lazy`)",
+        (false, false) => "stopped",
+    };
+    if json {
+        println!(
+            "{{\"mountpoint\":{},\"mounted\":{mounted},\"f\":{},\"data_dir\":{},\"client\":{{\"pid\":{},\"running\":{running}}},\"health\":{},\"replicas\":[]}}",
+            json_string(&info.mountpoint.to_string_lossy()),
+            info.f,
+            json_string(&info.data_dir.to_string_lossy()),
+            info.pid,
+            json_string(health),
+        );
+    } else {
+        println!("mount point: {} ({})", info.mountpoint.display(), if mounted { "mounted" } else { "not mounted" });
+        println!("cluster:     f={} (unreplicated: one in-process file service, no replicas)", info.f);
+        println!("data:        {}", info.data_dir.display());
+        println!("client:      pid {} ({})", info.pid, if running { "running" } else { "not running" });
+        println!("health:      {health}");
+    }
+    Ok(())
+}
+
+/// A JSON string literal (the few fields we print need no JSON library).
+fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pid_info_round_trip() {
+        let i = PidInfo { pid: 42, mountpoint: "/mnt/a b".into(), data_dir: "/d".into(), f: 0 };
+        assert_eq!(PidInfo::parse(&i.render()), Some(i));
+        assert_eq!(PidInfo::parse("garbage"), None);
+    }
+
+    #[test]
+    fn mount_keys_are_stable_and_distinct() {
+        let a = mount_key(Path::new("/mnt/data"));
+        assert_eq!(a, mount_key(Path::new("/mnt/data")));
+        assert!(a.starts_with("data-"));
+        assert_ne!(a, mount_key(Path::new("/srv/data")));
+        assert!(mount_key(Path::new("/")).starts_with("root-"));
+        assert!(mount_key(Path::new("/x/we ird*")).starts_with("we_ird_-"));
+    }
+
+    #[test]
+    fn data_dir_identity() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path().join("data");
+        let m = claim_data_dir(&d, 0).expect("fresh");
+        assert_eq!(claim_data_dir(&d, 0).expect("same cluster"), m);
+        let e = claim_data_dir(&d, 1).expect_err("other f");
+        assert!(e.to_string().contains("belongs to another cluster"), "{e}");
+        let other = dir.path().join("other");
+        std::fs::create_dir(&other).expect("mkdir");
+        std::fs::write(other.join("x"), b"").expect("write");
+        let e = claim_data_dir(&other, 0).expect_err("foreign dir");
+        assert!(e.to_string().contains("not a bftfs data directory"), "{e}");
+    }
+
+    #[test]
+    fn data_dir_lock_is_exclusive() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let _held = lock_data_dir(dir.path()).expect("first");
+        let e = lock_data_dir(dir.path()).expect_err("second");
+        assert!(e.to_string().contains("in use"), "{e}");
+    }
+
+    #[test]
+    fn liveness() {
+        assert!(alive(std::process::id()));
+        assert!(!alive(u32::MAX - 1));
+    }
+
+    #[test]
+    fn json_strings() {
+        assert_eq!(json_string("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000a\"");
+    }
+}

@@ -1,0 +1,159 @@
+//! Shared harness for the real-mount tests: FUSE availability, and a guard that mounts with
+//! `bftfs up --f 0 --detach` and always cleans up (down, then lazy unmount and kill).
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+pub const BFTFS: &str = env!("CARGO_BIN_EXE_bftfs");
+
+/// Whether real FUSE mounts can run here. Without them a test prints why and returns early;
+/// with BFTFS_REQUIRE_FUSE=1 (CI) that is a failure instead.
+pub fn fuse_available(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let dev = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse").is_ok();
+    let why = match (root, dev) {
+        (true, true) => return true,
+        (false, _) => "not running as root",
+        (true, false) => "/dev/fuse cannot be opened",
+    };
+    if std::env::var("BFTFS_REQUIRE_FUSE").as_deref() == Ok("1") {
+        panic!("{test}: FUSE is required (BFTFS_REQUIRE_FUSE=1) but {why}");
+    }
+    eprintln!("SKIPPED {test}: {why}; real-mount tests need root and /dev/fuse");
+    false
+}
+
+pub fn bftfs(args: &[&std::ffi::OsStr], xdg: &Path) -> Output {
+    Command::new(BFTFS)
+        .args(args)
+        .env("XDG_DATA_HOME", xdg)
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .output()
+        .expect("run bftfs")
+}
+
+pub fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// A mount made by `bftfs up --f 0 --detach`, undone on drop even if the test panicked.
+pub struct Mounted {
+    pub mnt: PathBuf,
+    /// $XDG_DATA_HOME for every bftfs command of this mount (pid files, default data dirs).
+    pub xdg: PathBuf,
+    pub data_dir: Option<PathBuf>,
+    pub up_output: String,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Mounted {
+    /// Mounts at a fresh directory under a fresh temporary directory.
+    pub fn new() -> Mounted {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mnt = tmp.path().join("mnt");
+        std::fs::create_dir(&mnt).expect("mkdir mnt");
+        let xdg = tmp.path().join("xdg");
+        let mut m = Mounted::at(&mnt, &xdg, None, &[]).expect("bftfs up");
+        m._tmp = Some(tmp);
+        m
+    }
+
+    /// Runs `bftfs up --f 0 --detach` at `mnt`; the caller keeps the directories alive.
+    pub fn at(mnt: &Path, xdg: &Path, data_dir: Option<&Path>, extra: &[&str]) -> Result<Mounted, String> {
+        let mut args: Vec<&std::ffi::OsStr> =
+            vec!["up".as_ref(), mnt.as_os_str(), "--f".as_ref(), "0".as_ref(), "--detach".as_ref()];
+        if let Some(d) = data_dir {
+            args.push("--data-dir".as_ref());
+            args.push(d.as_os_str());
+        }
+        args.extend(extra.iter().map(|s| std::ffi::OsStr::new(*s)));
+        let started = Instant::now();
+        let out = bftfs(&args, xdg);
+        let up_output = text(&out);
+        if !out.status.success() {
+            return Err(up_output);
+        }
+        eprintln!("mounted {} in {:?}", mnt.display(), started.elapsed());
+        Ok(Mounted {
+            mnt: mnt.to_path_buf(),
+            xdg: xdg.to_path_buf(),
+            data_dir: data_dir.map(Path::to_path_buf),
+            up_output,
+            _tmp: None,
+        })
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    /// `bftfs down`, checked.
+    pub fn down(mut self) {
+        let out = bftfs(&["down".as_ref(), self.mnt.as_os_str()], &self.xdg);
+        assert!(out.status.success(), "bftfs down failed: {}", text(&out));
+        assert!(!is_mounted(&self.mnt), "still mounted after down");
+        self.mnt = PathBuf::new();
+    }
+
+    fn pid(&self) -> Option<i32> {
+        let run = self.xdg.join("bftfs/run");
+        for e in std::fs::read_dir(run).ok()?.flatten() {
+            let t = std::fs::read_to_string(e.path()).ok()?;
+            let mp = t.lines().find_map(|l| l.strip_prefix("mountpoint="))?;
+            if Path::new(mp) == self.mnt.canonicalize().unwrap_or_else(|_| self.mnt.clone()) || mp == self.mnt.to_string_lossy() {
+                return t.lines().find_map(|l| l.strip_prefix("pid="))?.parse().ok();
+            }
+        }
+        None
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if self.mnt.as_os_str().is_empty() {
+            return;
+        }
+        let pid = self.pid();
+        let out = bftfs(&["down".as_ref(), self.mnt.as_os_str()], &self.xdg);
+        if !out.status.success() || is_mounted(&self.mnt) {
+            eprintln!("cleanup: bftfs down failed ({}); unmounting lazily", text(&out).trim());
+            let c = std::ffi::CString::new(self.mnt.to_string_lossy().as_bytes()).expect("path");
+            // SAFETY: valid C string.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            if let Some(pid) = pid {
+                // SAFETY: plain kill.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+pub fn is_mounted(mnt: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let want = mnt.canonicalize().unwrap_or_else(|_| mnt.to_path_buf());
+    info.lines().any(|l| {
+        l.split(' ').nth(4).is_some_and(|p| Path::new(p) == want) && l.contains(" - fuse.bftfs ")
+    })
+}
+
+pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// Runs a shell command, panicking with its output if it fails.
+pub fn sh(cmd: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().expect("run sh");
+    assert!(out.status.success(), "`{cmd}` failed: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
