@@ -219,6 +219,25 @@ impl PartitionTree {
         }
     }
 
+    /// The object digests, in index order (for saving a tree; rebuild with [`Self::set`]).
+    pub fn leaves(&self) -> &[Digest] {
+        &self.leaves
+    }
+
+    /// Like [`Self::node`] for a shared tree: `None` also when the tree has changes not yet
+    /// folded in (call [`Self::root`] first), so a stale answer is never given.
+    pub fn node_clean(&self, level: u32, index: u64) -> Option<Vec<Digest>> {
+        if level >= LEVELS || !self.dirty.is_empty() {
+            return None;
+        }
+        let c = self.children_of(level, index);
+        if c.is_empty() {
+            None
+        } else {
+            Some(c)
+        }
+    }
+
     /// Recomputes a node digest from claimed children, so a fetcher can check a child list it
     /// received against the parent digest it already trusts.
     pub fn verify_node(level: u32, index: u64, children: &[Digest], expected: &Digest) -> bool {

@@ -1,6 +1,618 @@
 //! The file service: NFS-like operations over abstract objects, implemented by a conformance
 //! wrapper over a real local directory.
+//!
+//! In: [`FsRequest`]s (through [`FileService::apply`] or the [`Service`] upcalls) with the agreed
+//! time. Out: canonical [`FsResult`]s and an abstract state (an array of objects, see
+//! [`object`]) that is byte-identical on every backend.
+//!
+//! Layout of a replica's data directory:
+//! - `tree/`: the concrete mirror tree (real directories, files and symlinks under the names
+//!   clients chose; device nodes, fifos and sockets are empty placeholder files). It is a btrfs
+//!   subvolume when the data directory is on btrfs.
+//! - `table`: the wrapper's table (every object's header and piece digests, and the kept
+//!   checkpoint records), replaced atomically at every checkpoint and on [`FileService::flush`].
+//! - `cow/<seq>/<index>`: copy-on-write saves of file data modified after checkpoint `seq`
+//!   (reflinked where the file system supports it); `snapshots/<seq>` and
+//!   `snapshots/<seq>.table` on btrfs instead.
+//!
+//! After [`FileService::open`] on an existing directory, the state is that of the newest kept
+//! checkpoint if there is one (a later flushed state is rolled back to it, because the replica
+//! replays its log from that checkpoint); without checkpoints it is the last flushed state.
 
+pub mod backend;
+mod checkpoint;
+mod exec;
+mod install;
+pub mod object;
 pub mod ops;
 
 pub use ops::*;
+
+use crate::digest::{object_digest, piece_digest, Digest, PartitionTree};
+use crate::service::{AbstractObject, ClientId, SeqNo, Service, ServiceError};
+use checkpoint::Checkpoints;
+use object::{chunk_count, Header, Obj, Slot, CHUNK_SIZE};
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+
+/// Largest clock skew a backup accepts between the primary's proposed time and its own clock.
+pub const TIME_SKEW_MAX_NS: u64 = 5 * 60 * 1_000_000_000;
+
+/// Open descriptors for directories and files, so that a request costs one `*at` call rather
+/// than a walk from the root. Bounded; trimmed only between requests so that a descriptor
+/// handed out during a request stays open until it ends.
+#[derive(Default)]
+struct FdCache {
+    dirs: HashMap<u64, OwnedFd>,
+    files: HashMap<u64, OwnedFd>,
+}
+
+const DIR_FDS_MAX: usize = 1024;
+const FILE_FDS_MAX: usize = 512;
+
+impl FdCache {
+    fn trim(&mut self) {
+        // Which descriptors are dropped never affects results, only speed.
+        if self.dirs.len() > DIR_FDS_MAX {
+            self.dirs.clear();
+        }
+        if self.files.len() > FILE_FDS_MAX {
+            self.files.clear();
+        }
+    }
+    fn forget(&mut self, index: u64) {
+        self.dirs.remove(&index);
+        self.files.remove(&index);
+    }
+}
+
+/// The file service over one replica's data directory. See the module documentation.
+pub struct FileService {
+    data_dir: PathBuf,
+    /// `data_dir` itself.
+    meta_fd: OwnedFd,
+    /// `data_dir/tree`, the concrete root directory (abstract index 0).
+    root_fd: OwnedFd,
+    slots: Vec<Slot>,
+    /// Free slots; allocation takes the lowest.
+    free: BTreeSet<u64>,
+    tree: PartitionTree,
+    /// Objects whose digests must be recomputed before the root is next asked for.
+    dirty: BTreeSet<u64>,
+    /// The newest agreed time (ns since the epoch).
+    last_time: u64,
+    fds: RefCell<FdCache>,
+    ckpt: Checkpoints,
+    /// Whether the state changed since the table was last saved (then `data_dir/dirty` exists).
+    unsaved: bool,
+    /// Live objects named by no directory (only between partial `put_objs` calls); their
+    /// nodes wait in `data_dir/orphans/<index>`.
+    orphans: BTreeSet<u64>,
+    /// Set while a partial `put_objs` left directory entries and objects out of step;
+    /// requests are refused until it is cleared.
+    inconsistent: bool,
+}
+
+impl std::fmt::Debug for FileService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileService").field("data_dir", &self.data_dir).field("objects", &self.slots.len()).finish()
+    }
+}
+
+/// Canonical validation of a name: the error it gets, if any.
+pub fn name_error(name: &[u8]) -> Option<FsError> {
+    if name.len() > object::NAME_MAX {
+        Some(FsError::NameTooLong)
+    } else if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
+        Some(FsError::Inval)
+    } else {
+        None
+    }
+}
+
+fn storage(e: io::Error) -> ServiceError {
+    ServiceError::Storage(e)
+}
+
+impl FileService {
+    /// Creates (if empty or missing) or reopens a replica's data directory.
+    pub fn open(data_dir: &Path) -> Result<FileService, ServiceError> {
+        std::fs::create_dir_all(data_dir)?;
+        let meta_fd = backend::open_path(data_dir, libc::O_RDONLY | libc::O_DIRECTORY)?;
+        let fresh = !data_dir.join("table").exists();
+        if fresh {
+            // A leftover tree from a run that never saved its table is discarded.
+            backend::remove_tree_at(meta_fd.as_raw_fd(), b"tree").map_err(storage)?;
+            for d in [&b"cow"[..], b"stage", b"snapshots"] {
+                remove_any_at(meta_fd.as_raw_fd(), d)?;
+            }
+            // On btrfs the tree is a subvolume, so checkpoints can be snapshots.
+            if backend::btrfs_subvol_create(meta_fd.as_raw_fd(), b"tree").is_err() {
+                backend::mkdirat(meta_fd.as_raw_fd(), b"tree")?;
+            }
+        }
+        let root_fd = backend::open_dir_at(meta_fd.as_raw_fd(), b"tree")?;
+        let snapshot_mode = backend::is_btrfs_subvolume(root_fd.as_raw_fd());
+        let mut svc = FileService {
+            data_dir: data_dir.to_path_buf(),
+            meta_fd,
+            root_fd,
+            slots: Vec::new(),
+            free: BTreeSet::new(),
+            tree: PartitionTree::new(),
+            dirty: BTreeSet::new(),
+            last_time: 0,
+            fds: RefCell::new(FdCache::default()),
+            ckpt: Checkpoints::new(snapshot_mode),
+            unsaved: false,
+            orphans: BTreeSet::new(),
+            inconsistent: false,
+        };
+        if fresh {
+            svc.init_root();
+            svc.save_table()?;
+        } else {
+            svc.load()?;
+        }
+        Ok(svc)
+    }
+
+    fn init_root(&mut self) {
+        let t = Timespec::default();
+        let root = Obj {
+            generation: 1,
+            parent: 0,
+            kind: FileType::Directory,
+            mode: 0o755,
+            nlink: 2,
+            uid: 0,
+            gid: 0,
+            size: object::DIR_SIZE,
+            rdev: 0,
+            atime: t,
+            mtime: t,
+            ctime: t,
+            verifier: None,
+            xattrs: Default::default(),
+            entries: Default::default(),
+            target: Vec::new(),
+            links: Default::default(),
+            pieces: vec![Digest::default()],
+            dirty_chunks: Default::default(),
+        };
+        self.slots = vec![Slot::Live(Box::new(root))];
+        self.dirty.insert(0);
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Whether checkpoints are btrfs snapshots (otherwise copy-on-write saves).
+    pub fn uses_snapshots(&self) -> bool {
+        self.ckpt.snapshot_mode
+    }
+
+    /// Runs one request with the agreed time `now_ns`: the direct, unreplicated entry point.
+    /// Same semantics as [`Service::execute`] with `ops::encode(req)` and `encode(&now_ns)`.
+    pub fn apply(&mut self, req: &FsRequest, now_ns: u64) -> FsResult {
+        self.fds.get_mut().trim();
+        if self.inconsistent {
+            // Only reachable in the middle of a state transfer.
+            return Err(FsError::Io);
+        }
+        if now_ns > self.last_time {
+            self.last_time = now_ns;
+        }
+        self.exec(req, Timespec::from_nanos(now_ns))
+    }
+
+    /// The root digest of the current state (recomputes the digests of changed objects).
+    pub fn root_digest(&mut self) -> Result<Digest, ServiceError> {
+        self.refresh_digests()?;
+        Ok(self.tree.root())
+    }
+
+    /// Saves the table (and syncs the tree) so that a reopen without checkpoints finds this
+    /// state. Also done on drop.
+    pub fn flush(&mut self) -> Result<(), ServiceError> {
+        self.save_table()
+    }
+
+    // ----- table helpers -----
+
+    /// The live object a handle names, or `Stale`.
+    fn obj(&self, h: Handle) -> Result<&Obj, FsError> {
+        match self.slots.get(h.index as usize) {
+            Some(Slot::Live(o)) if o.generation == h.generation => Ok(o),
+            _ => Err(FsError::Stale),
+        }
+    }
+
+    /// A live object by index. Only called on indices the table itself references.
+    fn live(&self, i: u64) -> &Obj {
+        match self.slots.get(i as usize) {
+            Some(Slot::Live(o)) => o,
+            _ => panic!("table invariant broken: object {i} referenced but not live"),
+        }
+    }
+
+    fn live_mut(&mut self, i: u64) -> &mut Obj {
+        match self.slots.get_mut(i as usize) {
+            Some(Slot::Live(o)) => o,
+            _ => panic!("table invariant broken: object {i} referenced but not live"),
+        }
+    }
+
+    fn handle_of(&self, i: u64) -> Handle {
+        Handle { index: i, generation: self.slots[i as usize].generation() }
+    }
+
+    /// Called before object `i` changes: saves its checkpoint value once and marks its
+    /// digest stale.
+    fn touch(&mut self, i: u64) -> Result<(), FsError> {
+        self.mark_unsaved()?;
+        if self.ckpt.needs_save(i) {
+            let (header, pieces) = self.header_and_pieces(i);
+            let size = match &self.slots[i as usize] {
+                Slot::Live(o) if o.kind == FileType::Regular => o.size,
+                _ => 0,
+            };
+            self.ckpt.save_header(i, header, pieces, size);
+        }
+        self.dirty.insert(i);
+        Ok(())
+    }
+
+    fn mark_unsaved(&mut self) -> Result<(), FsError> {
+        if !self.unsaved {
+            match backend::create_file_at(self.meta_fd.as_raw_fd(), b"dirty") {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(backend::fs_error(&e)),
+            }
+            self.unsaved = true;
+        }
+        Ok(())
+    }
+
+    /// Saves the data of file `i` in `range` (as of the newest checkpoint) before it changes.
+    fn touch_data(&mut self, i: u64, start: u64, end: u64) -> Result<(), FsError> {
+        self.touch(i)?;
+        if self.ckpt.needs_data_save(i, start, end) {
+            let fd = self.file_fd(i).map_err(|e| backend::fs_error(&e))?;
+            self.ckpt.save_data(&self.meta_fd, i, fd, start, end).map_err(|e| backend::fs_error(&e))?;
+        }
+        Ok(())
+    }
+
+    /// The encoded header and the (clean, since the object is unchanged since the checkpoint)
+    /// piece digests of object `i`.
+    fn header_and_pieces(&self, i: u64) -> (Vec<u8>, Vec<Digest>) {
+        match &self.slots[i as usize] {
+            Slot::Free { generation } => {
+                let bytes = Header::Free { generation: *generation, next_free: self.next_free(i) }.encode();
+                let d = piece_digest(i, 0, &bytes);
+                (bytes, vec![d])
+            }
+            Slot::Live(o) => (o.header().encode(), o.pieces.clone()),
+        }
+    }
+
+    fn next_free(&self, i: u64) -> Option<u64> {
+        self.free.range(i + 1..).next().copied()
+    }
+
+    fn header_of(&self, i: u64) -> Header {
+        match &self.slots[i as usize] {
+            Slot::Free { generation } => Header::Free { generation: *generation, next_free: self.next_free(i) },
+            Slot::Live(o) => o.header(),
+        }
+    }
+
+    /// Takes the lowest free slot (or a new one) for `obj`.
+    fn alloc(&mut self, mut obj: Obj) -> Result<u64, FsError> {
+        let i = match self.free.iter().next().copied() {
+            Some(i) => {
+                self.touch(i)?;
+                self.free.remove(&i);
+                obj.generation = self.slots[i as usize].generation() + 1;
+                i
+            }
+            None => {
+                self.mark_unsaved()?;
+                let i = self.slots.len() as u64;
+                self.slots.push(Slot::Free { generation: 0 });
+                obj.generation = 1;
+                i
+            }
+        };
+        obj.pieces = vec![Digest::default(); 1 + obj.chunks() as usize];
+        self.slots[i as usize] = Slot::Live(Box::new(obj));
+        self.dirty.insert(i);
+        Ok(i)
+    }
+
+    /// Returns slot `i` to the free list (its concrete node is already gone).
+    fn release(&mut self, i: u64) -> Result<(), FsError> {
+        self.touch(i)?;
+        if let Some(&pred) = self.free.range(..i).next_back() {
+            self.touch(pred)?;
+        }
+        let generation = self.slots[i as usize].generation();
+        self.slots[i as usize] = Slot::Free { generation };
+        self.free.insert(i);
+        self.fds.get_mut().forget(i);
+        Ok(())
+    }
+
+    // ----- concrete side -----
+
+    /// An open descriptor of directory `i`, opening the path down from the nearest cached
+    /// ancestor.
+    fn dir_fd(&self, i: u64) -> io::Result<RawFd> {
+        if i == 0 {
+            return Ok(self.root_fd.as_raw_fd());
+        }
+        let mut cache = self.fds.borrow_mut();
+        if let Some(fd) = cache.dirs.get(&i) {
+            return Ok(fd.as_raw_fd());
+        }
+        let mut chain = Vec::new();
+        let mut cur = i;
+        let base = loop {
+            if cur == 0 {
+                break self.root_fd.as_raw_fd();
+            }
+            if let Some(fd) = cache.dirs.get(&cur) {
+                break fd.as_raw_fd();
+            }
+            let o = self.slots.get(cur as usize).and_then(Slot::live).ok_or_else(|| io::Error::other("dangling dir"))?;
+            let (parent, name) = o.links.iter().next().ok_or_else(|| io::Error::other("unlinked dir"))?;
+            chain.push((cur, name.clone()));
+            cur = *parent;
+            if chain.len() > self.slots.len() {
+                return Err(io::Error::other("directory cycle in table"));
+            }
+        };
+        let mut fd = base;
+        for (idx, name) in chain.into_iter().rev() {
+            let new = backend::open_dir_at(fd, &name)?;
+            fd = new.as_raw_fd();
+            cache.dirs.insert(idx, new);
+        }
+        Ok(fd)
+    }
+
+    /// Where object `i` is named: its first link's directory descriptor and name.
+    fn location(&self, i: u64) -> io::Result<(RawFd, Vec<u8>)> {
+        let o = self.slots.get(i as usize).and_then(Slot::live).ok_or_else(|| io::Error::other("dangling object"))?;
+        let (d, name) = o.links.iter().next().ok_or_else(|| io::Error::other("unlinked object"))?;
+        Ok((self.dir_fd(*d)?, name.clone()))
+    }
+
+    /// An open read-write descriptor of regular file `i`.
+    fn file_fd(&self, i: u64) -> io::Result<RawFd> {
+        if let Some(fd) = self.fds.borrow().files.get(&i) {
+            return Ok(fd.as_raw_fd());
+        }
+        let (dfd, name) = self.location(i)?;
+        let fd = backend::open_file_at(dfd, &name)?;
+        let raw = fd.as_raw_fd();
+        self.fds.borrow_mut().files.insert(i, fd);
+        Ok(raw)
+    }
+
+    fn cache_file_fd(&self, i: u64, fd: OwnedFd) {
+        self.fds.borrow_mut().files.insert(i, fd);
+    }
+
+    // ----- digests -----
+
+    /// Recomputes the digests of every changed object and updates the partition tree.
+    fn refresh_digests(&mut self) -> Result<(), ServiceError> {
+        let dirty = std::mem::take(&mut self.dirty);
+        let mut buf = Vec::new();
+        for &i in &dirty {
+            if let Err(e) = self.refresh_object(i, &mut buf) {
+                // Keep the rest pending so a retry recomputes them.
+                self.dirty.extend(dirty.range(i..).copied());
+                return Err(storage(e));
+            }
+        }
+        Ok(())
+    }
+
+    fn refresh_object(&mut self, i: u64, buf: &mut Vec<u8>) -> io::Result<()> {
+        let header = self.header_of(i).encode();
+        let h0 = piece_digest(i, 0, &header);
+        let d = match &self.slots[i as usize] {
+            Slot::Free { .. } => object_digest(i, &[h0]),
+            Slot::Live(o) => {
+                let want = 1 + o.chunks() as usize;
+                let size = o.size;
+                let mut dirty_chunks = std::mem::take(&mut self.live_mut(i).dirty_chunks);
+                let mut pieces = std::mem::take(&mut self.live_mut(i).pieces);
+                if pieces.len() != want {
+                    // New chunks (growth) must be hashed; old ones past the end go away.
+                    for p in pieces.len().max(1)..want {
+                        dirty_chunks.insert(p as u32);
+                    }
+                    pieces.resize(want, Digest::default());
+                }
+                pieces[0] = h0;
+                let mut result = Ok(());
+                for &p in dirty_chunks.range(1..want as u32) {
+                    let start = (p as u64 - 1) * CHUNK_SIZE;
+                    let len = CHUNK_SIZE.min(size - start) as usize;
+                    buf.resize(len, 0);
+                    match self.file_fd(i).and_then(|fd| backend::pread_full(fd, buf, start)) {
+                        Ok(n) if n == len => pieces[p as usize] = piece_digest(i, p, buf),
+                        Ok(_) => {
+                            result = Err(io::Error::other(format!("object {i}: backend file shorter than its size")));
+                            break;
+                        }
+                        Err(e) => {
+                            result = Err(e);
+                            break;
+                        }
+                    }
+                }
+                let d = object_digest(i, &pieces);
+                let o = self.live_mut(i);
+                o.pieces = pieces;
+                if result.is_err() {
+                    o.dirty_chunks = dirty_chunks;
+                }
+                result?;
+                d
+            }
+        };
+        self.tree.set(i, d);
+        Ok(())
+    }
+
+    /// Marks the chunks of file `i` covering bytes `start..end` stale.
+    fn dirty_range(&mut self, i: u64, start: u64, end: u64) {
+        if end <= start {
+            return;
+        }
+        let first = start / CHUNK_SIZE;
+        let last = (end - 1) / CHUNK_SIZE;
+        let o = self.live_mut(i);
+        for c in first..=last {
+            o.dirty_chunks.insert(c as u32 + 1);
+        }
+    }
+
+    /// The current abstract value of object `i`.
+    fn current_obj(&self, i: u64) -> Result<AbstractObject, ServiceError> {
+        let slot = self.slots.get(i as usize).ok_or(ServiceError::BadIndex(i))?;
+        let mut pieces = vec![self.header_of(i).encode()];
+        if let Slot::Live(o) = slot {
+            let n = o.chunks();
+            if n > 0 {
+                let fd = self.file_fd(i).map_err(storage)?;
+                for c in 0..n {
+                    let start = c * CHUNK_SIZE;
+                    let len = CHUNK_SIZE.min(o.size - start) as usize;
+                    let mut buf = vec![0; len];
+                    let got = backend::pread_full(fd, &mut buf, start).map_err(storage)?;
+                    if got != len {
+                        return Err(storage(io::Error::other(format!("object {i}: backend file shorter than its size"))));
+                    }
+                    pieces.push(buf);
+                }
+            }
+        }
+        Ok(AbstractObject { pieces })
+    }
+
+    fn propose(&self, now_ns: u64) -> u64 {
+        now_ns.max(self.last_time.saturating_add(1))
+    }
+}
+
+/// Removes a directory tree or a btrfs subvolume tree under the data directory.
+fn remove_any_at(dir: RawFd, name: &[u8]) -> Result<(), ServiceError> {
+    checkpoint::remove_snapshots_in(dir, name);
+    backend::remove_tree_at(dir, name).map_err(storage)
+}
+
+impl Drop for FileService {
+    fn drop(&mut self) {
+        if self.unsaved {
+            if let Err(e) = self.save_table() {
+                tracing::warn!(error = %e, "file service: could not save the table on drop");
+            }
+        }
+    }
+}
+
+impl Service for FileService {
+    fn execute(&mut self, op: &[u8], _client: ClientId, nondet: &[u8], read_only: bool) -> Vec<u8> {
+        let result = match ops::decode::<FsRequest>(op) {
+            None => Err(FsError::BadRequest),
+            Some(req) if read_only && !req.op.is_read_only() => Err(FsError::BadRequest),
+            Some(req) => {
+                let now = if read_only && nondet.is_empty() { Some(self.last_time) } else { ops::decode::<u64>(nondet) };
+                match now {
+                    Some(now) => self.apply(&req, now),
+                    None => Err(FsError::BadRequest),
+                }
+            }
+        };
+        ops::encode(&result)
+    }
+
+    fn is_read_only(&self, op: &[u8]) -> bool {
+        ops::decode::<FsRequest>(op).is_some_and(|r| r.op.is_read_only())
+    }
+
+    fn propose_nondet(&self, now_ns: u64) -> Vec<u8> {
+        ops::encode(&self.propose(now_ns))
+    }
+
+    fn check_nondet(&self, nondet: &[u8], now_ns: u64) -> bool {
+        match ops::decode::<u64>(nondet) {
+            Some(t) => t > self.last_time && t.abs_diff(now_ns) <= TIME_SKEW_MAX_NS,
+            None => false,
+        }
+    }
+
+    fn object_count(&self) -> u64 {
+        self.slots.len() as u64
+    }
+
+    fn get_obj(&self, index: u64) -> Result<AbstractObject, ServiceError> {
+        self.current_obj(index)
+    }
+
+    fn put_objs(&mut self, objs: Vec<(u64, AbstractObject)>) -> Result<(), ServiceError> {
+        self.put_objects(objs)
+    }
+
+    fn checkpoint(&mut self, seq: SeqNo) -> Result<Digest, ServiceError> {
+        self.take_checkpoint(seq)
+    }
+
+    fn rollback_to(&mut self, seq: SeqNo) -> Result<(), ServiceError> {
+        self.rollback(seq)
+    }
+
+    fn discard_before(&mut self, seq: SeqNo) {
+        self.discard(seq)
+    }
+
+    fn checkpoints(&self) -> Vec<(SeqNo, Digest)> {
+        self.ckpt.list()
+    }
+
+    fn modified_since(&self, seq: SeqNo) -> Result<Vec<u64>, ServiceError> {
+        self.ckpt.modified_since(seq, self.slots.len() as u64).ok_or(ServiceError::NoCheckpoint(seq))
+    }
+
+    fn partition_node(&self, seq: SeqNo, level: u32, index: u64) -> Option<Vec<Digest>> {
+        self.ckpt.record(seq)?.tree.node_clean(level, index)
+    }
+
+    fn get_obj_at(&self, seq: SeqNo, index: u64) -> Option<AbstractObject> {
+        self.obj_at(seq, index).ok().flatten()
+    }
+
+    fn piece_digests_at(&self, seq: SeqNo, index: u64) -> Option<Vec<Digest>> {
+        self.pieces_at(seq, index)
+    }
+
+    fn get_piece_at(&self, seq: SeqNo, index: u64, piece: u32) -> Option<Vec<u8>> {
+        self.piece_at(seq, index, piece).ok().flatten()
+    }
+}
+
+/// Number of chunks a file of `size` bytes has (re-exported for tests and benchmarks).
+pub fn chunks_for(size: u64) -> u64 {
+    chunk_count(size)
+}

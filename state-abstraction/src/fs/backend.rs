@@ -1,0 +1,368 @@
+//! The concrete side of the conformance wrapper: thin, checked wrappers over the `*at` system
+//! calls, relative to directory file descriptors, never following a symbolic link.
+//!
+//! Nothing in here interprets a path: every call names one component inside a directory fd
+//! that the wrapper already holds, so no name can reach outside the data directory.
+
+use super::ops::FsError;
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+/// The one place where a backend error becomes a canonical error.
+///
+/// The wrapper decides every POSIX-visible outcome (existence, types, permissions, limits) from
+/// its own table before it touches the backend, so a backend error here means the local store
+/// failed, not that the request was wrong: only resource exhaustion is reported as such, and
+/// everything else is an I/O error.
+pub fn fs_error(e: &io::Error) -> FsError {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => FsError::NoSpc,
+        Some(libc::EFBIG) => FsError::FBig,
+        _ => FsError::Io,
+    }
+}
+
+pub fn cname(name: &[u8]) -> io::Result<CString> {
+    CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn check_size(ret: isize) -> io::Result<usize> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+/// Retries a call interrupted by a signal.
+fn retry<T>(mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    loop {
+        match f() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
+}
+
+pub fn open_path(path: &std::path::Path, flags: libc::c_int) -> io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = cname(path.as_os_str().as_bytes())?;
+    retry(|| {
+        // SAFETY: `c` is a valid NUL-terminated string; the returned fd is owned by us.
+        let fd = check(unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC, 0o600) })?;
+        // SAFETY: `fd` was just returned by open and is not owned elsewhere.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    })
+}
+
+pub fn openat(dir: RawFd, name: &[u8], flags: libc::c_int, mode: u32) -> io::Result<OwnedFd> {
+    let c = cname(name)?;
+    retry(|| {
+        // SAFETY: valid C string and flags; the fd returned is owned by the caller.
+        let fd = check(unsafe {
+            libc::openat(dir, c.as_ptr(), flags | libc::O_CLOEXEC | libc::O_NOFOLLOW, mode as libc::c_uint)
+        })?;
+        // SAFETY: `fd` was just returned by openat and is not owned elsewhere.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    })
+}
+
+pub fn open_dir_at(dir: RawFd, name: &[u8]) -> io::Result<OwnedFd> {
+    openat(dir, name, libc::O_RDONLY | libc::O_DIRECTORY, 0)
+}
+
+pub fn open_file_at(dir: RawFd, name: &[u8]) -> io::Result<OwnedFd> {
+    openat(dir, name, libc::O_RDWR, 0)
+}
+
+/// Creates a new regular file (fails if the name exists) and returns it open for reading and
+/// writing.
+pub fn create_file_at(dir: RawFd, name: &[u8]) -> io::Result<OwnedFd> {
+    openat(dir, name, libc::O_RDWR | libc::O_CREAT | libc::O_EXCL, 0o600)
+}
+
+pub fn mkdirat(dir: RawFd, name: &[u8]) -> io::Result<()> {
+    let c = cname(name)?;
+    // SAFETY: valid C string.
+    check(unsafe { libc::mkdirat(dir, c.as_ptr(), 0o700) }).map(drop)
+}
+
+pub fn symlinkat(target: &[u8], dir: RawFd, name: &[u8]) -> io::Result<()> {
+    let t = cname(target)?;
+    let c = cname(name)?;
+    // SAFETY: valid C strings.
+    check(unsafe { libc::symlinkat(t.as_ptr(), dir, c.as_ptr()) }).map(drop)
+}
+
+pub fn unlinkat(dir: RawFd, name: &[u8], is_dir: bool) -> io::Result<()> {
+    let c = cname(name)?;
+    let flags = if is_dir { libc::AT_REMOVEDIR } else { 0 };
+    // SAFETY: valid C string.
+    check(unsafe { libc::unlinkat(dir, c.as_ptr(), flags) }).map(drop)
+}
+
+/// `renameat2`; `no_replace` makes an existing target an error (EEXIST) instead of replacing it.
+pub fn renameat(from_dir: RawFd, from: &[u8], to_dir: RawFd, to: &[u8], no_replace: bool) -> io::Result<()> {
+    let f = cname(from)?;
+    let t = cname(to)?;
+    let flags = if no_replace { libc::RENAME_NOREPLACE } else { 0 };
+    // SAFETY: valid C strings; renameat2 is a plain system call.
+    check(unsafe {
+        libc::syscall(libc::SYS_renameat2, from_dir, f.as_ptr(), to_dir, t.as_ptr(), flags as libc::c_uint) as libc::c_int
+    })
+    .map(drop)
+}
+
+pub fn linkat(from_dir: RawFd, from: &[u8], to_dir: RawFd, to: &[u8]) -> io::Result<()> {
+    let f = cname(from)?;
+    let t = cname(to)?;
+    // SAFETY: valid C strings; flags 0 means a symlink is linked, not followed.
+    check(unsafe { libc::linkat(from_dir, f.as_ptr(), to_dir, t.as_ptr(), 0) }).map(drop)
+}
+
+pub fn fstatat(dir: RawFd, name: &[u8]) -> io::Result<libc::stat> {
+    let c = cname(name)?;
+    // SAFETY: `st` is plain data that fstatat fills in.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and a valid out pointer.
+    check(unsafe { libc::fstatat(dir, c.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) })?;
+    Ok(st)
+}
+
+pub fn fstat(fd: RawFd) -> io::Result<libc::stat> {
+    // SAFETY: `st` is plain data that fstat fills in.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid out pointer.
+    check(unsafe { libc::fstat(fd, &mut st) })?;
+    Ok(st)
+}
+
+pub fn ftruncate(fd: RawFd, size: u64) -> io::Result<()> {
+    retry(|| {
+        // SAFETY: plain system call.
+        check(unsafe { libc::ftruncate(fd, size as libc::off_t) }).map(drop)
+    })
+}
+
+pub fn fsync(fd: RawFd) -> io::Result<()> {
+    retry(|| {
+        // SAFETY: plain system call.
+        check(unsafe { libc::fsync(fd) }).map(drop)
+    })
+}
+
+pub fn syncfs(fd: RawFd) -> io::Result<()> {
+    // SAFETY: plain system call.
+    check(unsafe { libc::syncfs(fd) }).map(drop)
+}
+
+/// Reads up to `buf.len()` bytes at `offset`, stopping early only at end of file.
+pub fn pread_full(fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = retry(|| {
+            // SAFETY: the pointer and length describe the unfilled tail of `buf`.
+            check_size(unsafe {
+                libc::pread(
+                    fd,
+                    buf[done..].as_mut_ptr().cast(),
+                    buf.len() - done,
+                    (offset + done as u64) as libc::off_t,
+                )
+            })
+        })?;
+        if n == 0 {
+            break;
+        }
+        done += n;
+    }
+    Ok(done)
+}
+
+pub fn pwrite_full(fd: RawFd, buf: &[u8], offset: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = retry(|| {
+            // SAFETY: the pointer and length describe the unwritten tail of `buf`.
+            check_size(unsafe {
+                libc::pwrite(fd, buf[done..].as_ptr().cast(), buf.len() - done, (offset + done as u64) as libc::off_t)
+            })
+        })?;
+        if n == 0 {
+            return Err(io::Error::from(io::ErrorKind::WriteZero));
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// `FICLONE`: makes `dst` share `src`'s extents (btrfs, xfs). Fails with EOPNOTSUPP/EXDEV/EINVAL
+/// where the file system cannot.
+pub fn reflink(src: RawFd, dst: RawFd) -> io::Result<()> {
+    const FICLONE: libc::c_ulong = 0x4004_9409;
+    // SAFETY: FICLONE takes the source fd as its argument.
+    check(unsafe { libc::ioctl(dst, FICLONE as _, src) }).map(drop)
+}
+
+/// Names in a directory (without `.` and `..`), in the backend's order. Used only for repair
+/// and cleanup, never to answer a request.
+pub fn list_dir(dir: RawFd) -> io::Result<Vec<Vec<u8>>> {
+    // fdopendir takes ownership of the fd it is given, so give it a duplicate.
+    // SAFETY: plain system call.
+    let dup = check(unsafe { libc::fcntl(dir, libc::F_DUPFD_CLOEXEC, 0) })?;
+    // SAFETY: `dup` is a directory fd we own; on success the DIR owns it.
+    let d = unsafe { libc::fdopendir(dup) };
+    if d.is_null() {
+        let e = io::Error::last_os_error();
+        // SAFETY: fdopendir failed, so we still own `dup`.
+        unsafe { libc::close(dup) };
+        return Err(e);
+    }
+    // SAFETY: rewind so listing starts at the beginning even if the fd was read before.
+    unsafe { libc::rewinddir(d) };
+    let mut names = Vec::new();
+    loop {
+        // SAFETY: `d` is a valid DIR stream.
+        let ent = unsafe { libc::readdir64(d) };
+        if ent.is_null() {
+            break;
+        }
+        // SAFETY: readdir returned a valid entry whose d_name is NUL-terminated.
+        let name = unsafe { std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()) }.to_bytes().to_vec();
+        if name != b"." && name != b".." {
+            names.push(name);
+        }
+    }
+    // SAFETY: `d` is valid and closed once.
+    unsafe { libc::closedir(d) };
+    Ok(names)
+}
+
+/// Removes `name` in `dir`, recursively if it is a directory. A missing name is not an error.
+pub fn remove_tree_at(dir: RawFd, name: &[u8]) -> io::Result<()> {
+    let st = match fstatat(dir, name) {
+        Ok(st) => st,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+        let sub = open_dir_at(dir, name)?;
+        for child in list_dir(sub.as_raw_fd())? {
+            remove_tree_at(sub.as_raw_fd(), &child)?;
+        }
+        unlinkat(dir, name, true)
+    } else {
+        unlinkat(dir, name, false)
+    }
+}
+
+pub fn is_dir_mode(mode: libc::mode_t) -> bool {
+    mode & libc::S_IFMT == libc::S_IFDIR
+}
+
+/// Whether a file descriptor's directory is the root of a btrfs subvolume (inode 256 on a
+/// file system with btrfs's magic number).
+pub fn is_btrfs_subvolume(fd: RawFd) -> bool {
+    const BTRFS_SUPER_MAGIC: i64 = 0x9123_683E;
+    // SAFETY: `sfs` is plain data that fstatfs fills in.
+    let mut sfs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid out pointer.
+    if unsafe { libc::fstatfs(fd, &mut sfs) } != 0 {
+        return false;
+    }
+    if sfs.f_type as i64 != BTRFS_SUPER_MAGIC {
+        return false;
+    }
+    matches!(fstat(fd), Ok(st) if st.st_ino == 256)
+}
+
+const BTRFS_IOCTL_MAGIC: u64 = 0x94;
+const BTRFS_SUBVOL_NAME_MAX: usize = 4039;
+const BTRFS_SUBVOL_RDONLY: u64 = 1 << 1;
+
+#[repr(C)]
+struct BtrfsVolArgsV2 {
+    fd: i64,
+    transid: u64,
+    flags: u64,
+    unused: [u64; 4],
+    name: [u8; BTRFS_SUBVOL_NAME_MAX + 1],
+}
+
+#[repr(C)]
+struct BtrfsVolArgs {
+    fd: i64,
+    name: [u8; 4088],
+}
+
+const fn iow(nr: u64, size: usize) -> libc::c_ulong {
+    // _IOW(type, nr, size) on Linux: direction write (1) in bits 30..31.
+    ((1u64 << 30) | ((size as u64) << 16) | (BTRFS_IOCTL_MAGIC << 8) | nr) as libc::c_ulong
+}
+
+/// Creates a snapshot of subvolume `src` named `name` inside directory `dst_dir`.
+pub fn btrfs_snapshot(src: RawFd, dst_dir: RawFd, name: &[u8], read_only: bool) -> io::Result<()> {
+    if name.len() > BTRFS_SUBVOL_NAME_MAX || name.contains(&0) || name.contains(&b'/') {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let mut args = Box::new(BtrfsVolArgsV2 {
+        fd: src as i64,
+        transid: 0,
+        flags: if read_only { BTRFS_SUBVOL_RDONLY } else { 0 },
+        unused: [0; 4],
+        name: [0; BTRFS_SUBVOL_NAME_MAX + 1],
+    });
+    args.name[..name.len()].copy_from_slice(name);
+    let req = iow(23, std::mem::size_of::<BtrfsVolArgsV2>());
+    // SAFETY: BTRFS_IOC_SNAP_CREATE_V2 reads a btrfs_ioctl_vol_args_v2, which `args` is.
+    check(unsafe { libc::ioctl(dst_dir, req as _, &mut *args as *mut BtrfsVolArgsV2) }).map(drop)
+}
+
+/// Creates an empty subvolume `name` inside `dst_dir`.
+pub fn btrfs_subvol_create(dst_dir: RawFd, name: &[u8]) -> io::Result<()> {
+    if name.len() >= 4088 || name.contains(&0) || name.contains(&b'/') {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let mut args = Box::new(BtrfsVolArgs { fd: 0, name: [0; 4088] });
+    args.name[..name.len()].copy_from_slice(name);
+    let req = iow(14, std::mem::size_of::<BtrfsVolArgs>());
+    // SAFETY: BTRFS_IOC_SUBVOL_CREATE reads a btrfs_ioctl_vol_args, which `args` is.
+    check(unsafe { libc::ioctl(dst_dir, req as _, &mut *args as *mut BtrfsVolArgs) }).map(drop)
+}
+
+/// Deletes subvolume `name` inside `dir` (it must be empty of nested subvolumes).
+pub fn btrfs_subvol_delete(dir: RawFd, name: &[u8]) -> io::Result<()> {
+    if name.len() >= 4088 || name.contains(&0) || name.contains(&b'/') {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let mut args = Box::new(BtrfsVolArgs { fd: 0, name: [0; 4088] });
+    args.name[..name.len()].copy_from_slice(name);
+    let req = iow(15, std::mem::size_of::<BtrfsVolArgs>());
+    // SAFETY: BTRFS_IOC_SNAP_DESTROY reads a btrfs_ioctl_vol_args, which `args` is.
+    check(unsafe { libc::ioctl(dir, req as _, &mut *args as *mut BtrfsVolArgs) }).map(drop)
+}
+
+/// Clears the read-only flag of a subvolume so it can be deleted without mount options.
+pub fn btrfs_set_writable(fd: RawFd) -> io::Result<()> {
+    let mut flags: u64 = 0;
+    let get = ((2u64 << 30) | (8u64 << 16) | (BTRFS_IOCTL_MAGIC << 8) | 25) as libc::c_ulong;
+    // SAFETY: BTRFS_IOC_SUBVOL_GETFLAGS writes one u64.
+    check(unsafe { libc::ioctl(fd, get as _, &mut flags as *mut u64) })?;
+    flags &= !BTRFS_SUBVOL_RDONLY;
+    let set = iow(26, 8);
+    // SAFETY: BTRFS_IOC_SUBVOL_SETFLAGS reads one u64.
+    check(unsafe { libc::ioctl(fd, set as _, &flags as *const u64) }).map(drop)
+}
+
+pub fn raw(fd: &OwnedFd) -> RawFd {
+    fd.as_raw_fd()
+}

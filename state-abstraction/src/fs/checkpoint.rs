@@ -1,0 +1,703 @@
+//! Checkpoints: copy-on-write records of old abstract values, btrfs snapshots, the saved
+//! table, rollback and the state-transfer serving side.
+//!
+//! Record `c` holds the value at checkpoint `c` of every object first modified after `c` and
+//! before the next checkpoint: its header and piece digests always (in memory, persisted with
+//! the table), and for files the data chunks that were about to change, saved under
+//! `cow/<c>/<index>` (a reflink of the whole file where the file system supports it). On a
+//! btrfs subvolume the data comes from the read-only snapshot `snapshots/<c>` instead.
+//!
+//! The value of object `i` at checkpoint `c`: the first record `r >= c` that saved `i` has its
+//! header; chunk `k` comes from the first record `r' >= r` that saved that chunk, else from the
+//! live file (a file is saved whole before it is freed, so the live file is then the same
+//! object).
+
+use super::backend;
+use super::install::Target;
+use super::object::{chunk_count, Header, LiveHeader, Slot, CHUNK_SIZE};
+use super::ops::FileType;
+use super::{storage, FileService};
+use crate::digest::{object_digest, piece_digest, Digest, PartitionTree};
+use crate::service::{AbstractObject, SeqNo, ServiceError};
+use serde::{Deserialize, Serialize};
+use std::cell::Cell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(super) enum SavedData {
+    /// Not a file, or data kept in a snapshot.
+    Nothing,
+    /// The whole file as of the checkpoint (reflinked or fully copied).
+    Whole,
+    /// These chunks (0-based) were copied at their offsets.
+    Chunks(BTreeSet<u64>),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(super) struct SavedObj {
+    pub header: Vec<u8>,
+    pub pieces: Vec<Digest>,
+    /// File size at the checkpoint (0 for non-files).
+    pub size: u64,
+    pub data: SavedData,
+}
+
+#[derive(Clone, Debug)]
+pub(super) struct Record {
+    pub seq: SeqNo,
+    pub root: Digest,
+    pub count: u64,
+    pub tree: PartitionTree,
+    pub saved: BTreeMap<u64, SavedObj>,
+}
+
+pub(super) struct Checkpoints {
+    pub snapshot_mode: bool,
+    /// Oldest first.
+    pub records: Vec<Record>,
+    /// Whether FICLONE works here (unknown until tried).
+    reflink: Cell<Option<bool>>,
+    /// Records discarded in memory whose files go once the table no longer lists them.
+    pub doomed: Vec<SeqNo>,
+}
+
+fn seq_name(seq: SeqNo) -> Vec<u8> {
+    seq.to_string().into_bytes()
+}
+
+fn ensure_dir(dir: RawFd, name: &[u8]) -> io::Result<OwnedFd> {
+    match backend::mkdirat(dir, name) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+        Err(e) => return Err(e),
+    }
+    backend::open_dir_at(dir, name)
+}
+
+/// Deletes every btrfs subvolume directly inside `dir/name` (snapshots), so the plain
+/// recursive removal that follows can succeed. Errors are ignored: the directory may not be
+/// on btrfs or may not exist.
+pub(super) fn remove_snapshots_in(dir: RawFd, name: &[u8]) {
+    if let Ok(d) = backend::open_dir_at(dir, name) {
+        if let Ok(names) = backend::list_dir(d.as_raw_fd()) {
+            for n in names {
+                if let Ok(sub) = backend::open_dir_at(d.as_raw_fd(), &n) {
+                    if backend::is_btrfs_subvolume(sub.as_raw_fd()) {
+                        let _ = backend::btrfs_set_writable(sub.as_raw_fd());
+                        drop(sub);
+                        let _ = backend::btrfs_subvol_delete(d.as_raw_fd(), &n);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Checkpoints {
+    pub fn new(snapshot_mode: bool) -> Self {
+        Checkpoints { snapshot_mode, records: Vec::new(), reflink: Cell::new(None), doomed: Vec::new() }
+    }
+
+    pub fn list(&self) -> Vec<(SeqNo, Digest)> {
+        self.records.iter().map(|r| (r.seq, r.root)).collect()
+    }
+
+    pub fn record(&self, seq: SeqNo) -> Option<&Record> {
+        self.records.iter().find(|r| r.seq == seq)
+    }
+
+    fn position(&self, seq: SeqNo) -> Option<usize> {
+        self.records.iter().position(|r| r.seq == seq)
+    }
+
+    pub fn needs_save(&self, i: u64) -> bool {
+        match self.records.last() {
+            Some(r) => i < r.count && !r.saved.contains_key(&i),
+            None => false,
+        }
+    }
+
+    pub fn save_header(&mut self, i: u64, header: Vec<u8>, pieces: Vec<Digest>, size: u64) {
+        let data = if size == 0 || self.snapshot_mode { SavedData::Nothing } else { SavedData::Chunks(BTreeSet::new()) };
+        if let Some(r) = self.records.last_mut() {
+            r.saved.insert(i, SavedObj { header, pieces, size, data });
+        }
+    }
+
+    /// Chunks of `i` in `start..end` that still need saving in the newest record.
+    fn unsaved_chunks(&self, i: u64, start: u64, end: u64) -> Vec<u64> {
+        let Some(r) = self.records.last() else { return Vec::new() };
+        let Some(s) = r.saved.get(&i) else { return Vec::new() };
+        let end = end.min(s.size);
+        if end <= start {
+            return Vec::new();
+        }
+        match &s.data {
+            SavedData::Chunks(have) => (start / CHUNK_SIZE..=(end - 1) / CHUNK_SIZE).filter(|c| !have.contains(c)).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    pub fn needs_data_save(&self, i: u64, start: u64, end: u64) -> bool {
+        !self.unsaved_chunks(i, start, end).is_empty()
+    }
+
+    /// Saves the chunks of file `i` (open as `fd`) covering `start..end` into the newest
+    /// record's copy-on-write file.
+    pub fn save_data(&mut self, meta: &OwnedFd, i: u64, fd: RawFd, start: u64, end: u64) -> io::Result<()> {
+        let chunks = self.unsaved_chunks(i, start, end);
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        let Some(r) = self.records.last_mut() else { return Ok(()) };
+        let cow = ensure_dir(meta.as_raw_fd(), b"cow")?;
+        let dir = ensure_dir(cow.as_raw_fd(), &seq_name(r.seq))?;
+        let Some(s) = r.saved.get_mut(&i) else { return Ok(()) };
+        let whole = matches!(&s.data, SavedData::Chunks(have) if have.is_empty());
+        let name = seq_name(i);
+        // The first save of an epoch truncates any leftover from a rolled-back future.
+        let out = if whole {
+            backend::openat(dir.as_raw_fd(), &name, libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC, 0o600)?
+        } else {
+            backend::openat(dir.as_raw_fd(), &name, libc::O_RDWR | libc::O_CREAT, 0o600)?
+        };
+        if whole && self.reflink.get() != Some(false) {
+            match backend::reflink(fd, out.as_raw_fd()) {
+                Ok(()) => {
+                    self.reflink.set(Some(true));
+                    s.data = SavedData::Whole;
+                    return Ok(());
+                }
+                Err(_) => self.reflink.set(Some(false)),
+            }
+        }
+        let mut buf = vec![0u8; CHUNK_SIZE as usize];
+        for c in chunks {
+            let off = c * CHUNK_SIZE;
+            let len = CHUNK_SIZE.min(s.size - off) as usize;
+            let n = backend::pread_full(fd, &mut buf[..len], off)?;
+            if n != len {
+                return Err(io::Error::other(format!("object {i}: file shorter than at the checkpoint")));
+            }
+            backend::pwrite_full(out.as_raw_fd(), &buf[..len], off)?;
+            if let SavedData::Chunks(have) = &mut s.data {
+                have.insert(c);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn modified_since(&self, seq: SeqNo, current_count: u64) -> Option<Vec<u64>> {
+        let pos = self.position(seq)?;
+        let mut set: BTreeSet<u64> = BTreeSet::new();
+        for r in &self.records[pos..] {
+            set.extend(r.saved.keys().copied());
+        }
+        let count = self.records[pos].count;
+        set.extend(count..current_count.max(count));
+        // Slots that existed at `seq` but not now (after a rollback) count as modified too.
+        Some(set.into_iter().collect())
+    }
+
+    /// The first saved value of `i` in records from `seq` on: (record position, value).
+    fn saved_from(&self, seq: SeqNo, i: u64) -> Option<(usize, &SavedObj)> {
+        let pos = self.position(seq)?;
+        self.records[pos..].iter().enumerate().find_map(|(k, r)| r.saved.get(&i).map(|s| (pos + k, s)))
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct TableFile {
+    version: u32,
+    last_time: u64,
+    slots: Vec<(Vec<u8>, Vec<Digest>)>,
+    records: Vec<RecordFile>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct RecordFile {
+    seq: SeqNo,
+    root: Digest,
+    count: u64,
+    leaves: Vec<Digest>,
+    saved: Vec<(u64, SavedObj)>,
+}
+
+const TABLE_VERSION: u32 = 1;
+
+fn table_config() -> impl bincode::config::Config {
+    // The table is our own local file, not peer input; it may be large.
+    bincode::config::standard()
+}
+
+impl FileService {
+    /// Writes the table atomically (after syncing the tree, so the table never claims data the
+    /// disk does not have).
+    pub(super) fn save_table(&mut self) -> Result<(), ServiceError> {
+        self.refresh_digests()?;
+        let slots = (0..self.slots.len() as u64)
+            .map(|i| {
+                let pieces = match &self.slots[i as usize] {
+                    Slot::Live(o) => o.pieces.clone(),
+                    Slot::Free { .. } => Vec::new(),
+                };
+                (self.header_of(i).encode(), pieces)
+            })
+            .collect();
+        let records = self
+            .ckpt
+            .records
+            .iter()
+            .map(|r| RecordFile {
+                seq: r.seq,
+                root: r.root,
+                count: r.count,
+                leaves: r.tree.leaves().to_vec(),
+                saved: r.saved.iter().map(|(k, v)| (*k, v.clone())).collect(),
+            })
+            .collect();
+        let file = TableFile { version: TABLE_VERSION, last_time: self.last_time, slots, records };
+        let bytes = bincode::serde::encode_to_vec(&file, table_config())
+            .map_err(|e| storage(io::Error::other(format!("encoding the table: {e}"))))?;
+        backend::syncfs(self.root_fd.as_raw_fd()).map_err(storage)?;
+        let meta = self.meta_fd.as_raw_fd();
+        let tmp = backend::openat(meta, b"table.tmp", libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC, 0o600)?;
+        backend::pwrite_full(tmp.as_raw_fd(), &bytes, 0)?;
+        backend::fsync(tmp.as_raw_fd())?;
+        drop(tmp);
+        backend::renameat(meta, b"table.tmp", meta, b"table", false)?;
+        backend::fsync(meta)?;
+        match backend::unlinkat(meta, b"dirty", false) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(storage(e)),
+        }
+        self.unsaved = false;
+        for seq in std::mem::take(&mut self.ckpt.doomed) {
+            self.remove_record_files(seq);
+        }
+        Ok(())
+    }
+
+    fn remove_record_files(&self, seq: SeqNo) {
+        let meta = self.meta_fd.as_raw_fd();
+        if let Ok(cow) = backend::open_dir_at(meta, b"cow") {
+            let _ = backend::remove_tree_at(cow.as_raw_fd(), &seq_name(seq));
+        }
+        if let Ok(snaps) = backend::open_dir_at(meta, b"snapshots") {
+            if let Ok(s) = backend::open_dir_at(snaps.as_raw_fd(), &seq_name(seq)) {
+                let _ = backend::btrfs_set_writable(s.as_raw_fd());
+            }
+            let _ = backend::btrfs_subvol_delete(snaps.as_raw_fd(), &seq_name(seq));
+            let _ = backend::remove_tree_at(snaps.as_raw_fd(), &seq_name(seq));
+        }
+    }
+
+    /// Loads the table written by [`Self::save_table`], repairs the tree after an unclean
+    /// shutdown, and returns to the newest checkpoint if the saved state is later.
+    pub(super) fn load(&mut self) -> Result<(), ServiceError> {
+        let bytes = std::fs::read(self.data_dir.join("table"))?;
+        let bad = |why: String| storage(io::Error::other(format!("table: {why}")));
+        let (file, _): (TableFile, usize) =
+            bincode::serde::decode_from_slice(&bytes, table_config()).map_err(|e| bad(e.to_string()))?;
+        if file.version != TABLE_VERSION {
+            return Err(bad(format!("version {} not supported", file.version)));
+        }
+        self.last_time = file.last_time;
+        self.slots.clear();
+        self.free.clear();
+        self.tree = PartitionTree::new();
+        for (i, (hb, pieces)) in file.slots.into_iter().enumerate() {
+            let i = i as u64;
+            let header: Header = super::ops::decode(&hb).ok_or_else(|| bad(format!("object {i} does not decode")))?;
+            match header {
+                Header::Free { generation, .. } => {
+                    self.slots.push(Slot::Free { generation });
+                    self.free.insert(i);
+                    self.tree.set(i, object_digest(i, &[piece_digest(i, 0, &hb)]));
+                }
+                Header::Live(l) => {
+                    let mut o = l.into_obj();
+                    if pieces.len() != 1 + o.chunks() as usize {
+                        return Err(bad(format!("object {i} has the wrong number of pieces")));
+                    }
+                    self.tree.set(i, object_digest(i, &pieces));
+                    o.pieces = pieces;
+                    self.slots.push(Slot::Live(Box::new(o)));
+                }
+            }
+        }
+        self.relink_all();
+        for r in file.records {
+            let mut tree = PartitionTree::new();
+            for (i, d) in r.leaves.into_iter().enumerate() {
+                tree.set(i as u64, d);
+            }
+            tree.root();
+            self.ckpt.records.push(Record {
+                seq: r.seq,
+                root: r.root,
+                count: r.count,
+                tree,
+                saved: r.saved.into_iter().collect(),
+            });
+        }
+        let crashed = self.data_dir.join("dirty").exists();
+        if crashed {
+            self.unsaved = true;
+            self.recover_after_crash()?;
+        }
+        if let Some(newest) = self.ckpt.records.last() {
+            let seq = newest.seq;
+            if !newest.saved.is_empty() || newest.count != self.slots.len() as u64 || crashed {
+                self.rollback(seq)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Recomputes every object's concrete links from the directory entries.
+    pub(super) fn relink_all(&mut self) {
+        let mut links: BTreeMap<u64, BTreeSet<(u64, Vec<u8>)>> = BTreeMap::new();
+        for (d, s) in self.slots.iter().enumerate() {
+            if let Some(o) = s.live() {
+                for (name, &j) in &o.entries {
+                    links.entry(j).or_default().insert((d as u64, name.clone()));
+                }
+            }
+        }
+        for (j, s) in self.slots.iter_mut().enumerate() {
+            if let Some(o) = s.live_mut() {
+                o.links = links.remove(&(j as u64)).unwrap_or_default();
+            }
+        }
+    }
+
+    /// After an unclean shutdown the tree is ahead of the table. On btrfs the tree is replaced
+    /// by the newest snapshot (exact). Otherwise the tree is reconciled with the table by name
+    /// and all file data is rehashed: data changed after the last save then shows up as a
+    /// digest mismatch that state transfer repairs.
+    fn recover_after_crash(&mut self) -> Result<(), ServiceError> {
+        let meta = self.meta_fd.as_raw_fd();
+        if self.ckpt.snapshot_mode {
+            if let Some(newest) = self.ckpt.records.last() {
+                let seq = newest.seq;
+                // The table holds a later state plus, in the newest record, the values at the
+                // checkpoint of what changed since: put those back, then take the snapshot's tree.
+                let saved: Vec<(u64, SavedObj)> = newest.saved.iter().map(|(k, v)| (*k, v.clone())).collect();
+                let count = newest.count;
+                for (i, s) in saved {
+                    let h: Header = super::ops::decode(&s.header).ok_or_else(|| storage(io::Error::other("saved header")))?;
+                    let slot = match h {
+                        Header::Free { generation, .. } => Slot::Free { generation },
+                        Header::Live(l) => {
+                            let mut o = l.into_obj();
+                            o.pieces = s.pieces.clone();
+                            Slot::Live(Box::new(o))
+                        }
+                    };
+                    self.slots[i as usize] = slot;
+                }
+                self.slots.truncate(count as usize);
+                self.free = (0..count).filter(|&i| self.slots[i as usize].live().is_none()).collect();
+                if let Some(r) = self.ckpt.records.last_mut() {
+                    r.saved.clear();
+                }
+                self.tree = self.ckpt.records.last().map(|r| r.tree.clone()).unwrap_or_default();
+                self.relink_all();
+                self.fds.get_mut().dirs.clear();
+                self.fds.get_mut().files.clear();
+                let snaps = backend::open_dir_at(meta, b"snapshots")?;
+                let _ = backend::btrfs_subvol_delete(meta, b"tree");
+                backend::remove_tree_at(meta, b"tree").map_err(storage)?;
+                let snap = backend::open_dir_at(snaps.as_raw_fd(), &seq_name(seq))?;
+                backend::btrfs_snapshot(snap.as_raw_fd(), meta, b"tree", false)?;
+                self.root_fd = backend::open_dir_at(meta, b"tree")?;
+                return Ok(());
+            }
+        }
+        self.reconcile_tree()
+    }
+
+    /// Makes the concrete tree match the table by name and type, then marks all data stale.
+    fn reconcile_tree(&mut self) -> Result<(), ServiceError> {
+        self.fds.get_mut().dirs.clear();
+        self.fds.get_mut().files.clear();
+        let mut first_seen: BTreeMap<u64, (u64, Vec<u8>)> = BTreeMap::new();
+        let mut queue = vec![0u64];
+        while let Some(d) = queue.pop() {
+            let dfd = self.dir_fd(d).map_err(storage)?;
+            let entries: Vec<(Vec<u8>, u64)> = self.live(d).entries.iter().map(|(k, v)| (k.clone(), *v)).collect();
+            let wanted: BTreeMap<Vec<u8>, u64> = entries.iter().cloned().collect();
+            for name in backend::list_dir(dfd).map_err(storage)? {
+                let keep = match wanted.get(&name) {
+                    Some(&j) => {
+                        let o = self.live(j);
+                        match backend::fstatat(dfd, &name) {
+                            Ok(st) => {
+                                let t = st.st_mode & libc::S_IFMT;
+                                match o.kind {
+                                    FileType::Directory => t == libc::S_IFDIR,
+                                    FileType::Symlink => t == libc::S_IFLNK,
+                                    _ => t == libc::S_IFREG,
+                                }
+                            }
+                            Err(_) => false,
+                        }
+                    }
+                    None => false,
+                };
+                if !keep {
+                    backend::remove_tree_at(dfd, &name).map_err(storage)?;
+                }
+            }
+            for (name, j) in entries {
+                let kind = self.live(j).kind;
+                let exists = backend::fstatat(dfd, &name).is_ok();
+                match kind {
+                    FileType::Directory => {
+                        if !exists {
+                            backend::mkdirat(dfd, &name)?;
+                        }
+                        queue.push(j);
+                    }
+                    FileType::Symlink => {
+                        if !exists {
+                            backend::symlinkat(&self.live(j).target.clone(), dfd, &name)?;
+                        }
+                    }
+                    _ => {
+                        if let Some((fd0, n0)) = first_seen.get(&j).cloned() {
+                            // Later links of one file must be the same inode as the first.
+                            let a = backend::fstatat(self.dir_fd(fd0).map_err(storage)?, &n0)?;
+                            let b = backend::fstatat(dfd, &name).ok();
+                            if b.map(|b| b.st_ino) != Some(a.st_ino) {
+                                let _ = backend::unlinkat(dfd, &name, false);
+                                backend::linkat(self.dir_fd(fd0).map_err(storage)?, &n0, dfd, &name)?;
+                            }
+                        } else {
+                            if !exists {
+                                drop(backend::create_file_at(dfd, &name)?);
+                            }
+                            first_seen.insert(j, (d, name.clone()));
+                            if kind == FileType::Regular {
+                                let size = self.live(j).size;
+                                let f = backend::open_file_at(dfd, &name)?;
+                                backend::ftruncate(f.as_raw_fd(), size)?;
+                                let o = self.live_mut(j);
+                                o.dirty_chunks = (1..=chunk_count(size) as u32).collect();
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.dirty.extend(0..self.slots.len() as u64);
+        self.refresh_digests()
+    }
+
+    pub(super) fn take_checkpoint(&mut self, seq: SeqNo) -> Result<Digest, ServiceError> {
+        if let Some(last) = self.ckpt.records.last() {
+            if seq <= last.seq {
+                return Err(storage(io::Error::other(format!(
+                    "checkpoint {seq} is not after the newest checkpoint {}",
+                    last.seq
+                ))));
+            }
+        }
+        self.refresh_digests()?;
+        let root = self.tree.root();
+        if self.ckpt.snapshot_mode {
+            let snaps = ensure_dir(self.meta_fd.as_raw_fd(), b"snapshots")?;
+            let name = seq_name(seq);
+            let _ = backend::btrfs_subvol_delete(snaps.as_raw_fd(), &name);
+            backend::btrfs_snapshot(self.root_fd.as_raw_fd(), snaps.as_raw_fd(), &name, true)?;
+        }
+        // A leftover copy-on-write directory for this number (from a rolled-back future) is stale.
+        if let Ok(cow) = backend::open_dir_at(self.meta_fd.as_raw_fd(), b"cow") {
+            backend::remove_tree_at(cow.as_raw_fd(), &seq_name(seq)).map_err(storage)?;
+        }
+        self.ckpt.records.push(Record {
+            seq,
+            root,
+            count: self.slots.len() as u64,
+            tree: self.tree.clone(),
+            saved: BTreeMap::new(),
+        });
+        self.save_table()?;
+        Ok(root)
+    }
+
+    pub(super) fn discard(&mut self, seq: SeqNo) {
+        let keep_from = self.ckpt.records.iter().position(|r| r.seq >= seq).unwrap_or(self.ckpt.records.len());
+        let gone: Vec<SeqNo> = self.ckpt.records.drain(..keep_from).map(|r| r.seq).collect();
+        self.ckpt.doomed.extend(gone);
+    }
+
+    pub(super) fn rollback(&mut self, seq: SeqNo) -> Result<(), ServiceError> {
+        let pos = self.ckpt.position(seq).ok_or(ServiceError::NoCheckpoint(seq))?;
+        let count = self.ckpt.records[pos].count;
+        let modified = self.ckpt.modified_since(seq, self.slots.len() as u64).ok_or(ServiceError::NoCheckpoint(seq))?;
+        let mut items = BTreeMap::new();
+        for i in modified {
+            if i < count {
+                let t = self.target_at(seq, i)?.ok_or(ServiceError::NoCheckpoint(seq))?;
+                items.insert(i, Some(t));
+            } else if i < self.slots.len() as u64 {
+                items.insert(i, None);
+            }
+        }
+        self.install(items, false)?;
+        self.slots.truncate(count as usize);
+        self.free.retain(|&i| i < count);
+        self.dirty.retain(|&i| i < count);
+        let dropped: Vec<SeqNo> = self.ckpt.records.drain(pos + 1..).map(|r| r.seq).collect();
+        let rec = &mut self.ckpt.records[pos];
+        rec.saved.clear();
+        self.tree = rec.tree.clone();
+        for s in dropped.into_iter().chain([seq]) {
+            if let Ok(cow) = backend::open_dir_at(self.meta_fd.as_raw_fd(), b"cow") {
+                backend::remove_tree_at(cow.as_raw_fd(), &seq_name(s)).map_err(storage)?;
+            }
+            if s != seq {
+                self.ckpt.doomed.push(s);
+            }
+        }
+        self.refresh_digests()?;
+        self.mark_unsaved().map_err(|e| storage(io::Error::other(e.to_string())))?;
+        Ok(())
+    }
+
+    /// The header of object `i` at checkpoint `seq`.
+    fn header_at(&self, seq: SeqNo, i: u64) -> Result<Option<Header>, ServiceError> {
+        let rec = self.ckpt.record(seq).ok_or(ServiceError::NoCheckpoint(seq))?;
+        if i >= rec.count {
+            return Ok(None);
+        }
+        if let Some((_, s)) = self.ckpt.saved_from(seq, i) {
+            return Ok(super::ops::decode(&s.header));
+        }
+        if i as usize >= self.slots.len() {
+            return Ok(None);
+        }
+        Ok(Some(self.header_of(i)))
+    }
+
+    pub(super) fn pieces_at(&self, seq: SeqNo, i: u64) -> Option<Vec<Digest>> {
+        let rec = self.ckpt.record(seq)?;
+        if i >= rec.count {
+            return None;
+        }
+        if let Some((_, s)) = self.ckpt.saved_from(seq, i) {
+            return Some(s.pieces.clone());
+        }
+        match self.slots.get(i as usize)? {
+            Slot::Live(o) if o.dirty_chunks.is_empty() && !self.dirty.contains(&i) => Some(o.pieces.clone()),
+            Slot::Live(_) => None,
+            Slot::Free { .. } => Some(vec![piece_digest(i, 0, &self.header_of(i).encode())]),
+        }
+    }
+
+    /// One piece of object `i` at checkpoint `seq`.
+    pub(super) fn piece_at(&self, seq: SeqNo, i: u64, piece: u32) -> Result<Option<Vec<u8>>, ServiceError> {
+        let Some(header) = self.header_at(seq, i)? else { return Ok(None) };
+        if piece == 0 {
+            return Ok(Some(header.encode()));
+        }
+        let Header::Live(l) = &header else { return Ok(None) };
+        let chunk = piece as u64 - 1;
+        if l.kind != FileType::Regular || chunk >= chunk_count(l.size) {
+            return Ok(None);
+        }
+        let start = chunk * CHUNK_SIZE;
+        let len = CHUNK_SIZE.min(l.size - start) as usize;
+        let mut buf = vec![0u8; len];
+        let fd = self.chunk_source(seq, i, chunk)?;
+        let raw = match &fd {
+            Some(f) => f.as_raw_fd(),
+            None => self.file_fd(i).map_err(storage)?,
+        };
+        let n = backend::pread_full(raw, &mut buf, start).map_err(storage)?;
+        if n != len {
+            return Err(storage(io::Error::other(format!("object {i} chunk {chunk}: source too short"))));
+        }
+        Ok(Some(buf))
+    }
+
+    /// Where chunk `chunk` of `i` as of `seq` lives: an opened saved copy, or `None` for the
+    /// live file.
+    fn chunk_source(&self, seq: SeqNo, i: u64, chunk: u64) -> Result<Option<OwnedFd>, ServiceError> {
+        if self.ckpt.snapshot_mode {
+            return self.snapshot_file(seq, i).map(Some);
+        }
+        let pos = self.ckpt.position(seq).ok_or(ServiceError::NoCheckpoint(seq))?;
+        for r in &self.ckpt.records[pos..] {
+            if let Some(s) = r.saved.get(&i) {
+                let has = match &s.data {
+                    SavedData::Whole => true,
+                    SavedData::Chunks(c) => c.contains(&chunk),
+                    SavedData::Nothing => false,
+                };
+                if has {
+                    let cow = backend::open_dir_at(self.meta_fd.as_raw_fd(), b"cow").map_err(storage)?;
+                    let dir = backend::open_dir_at(cow.as_raw_fd(), &seq_name(r.seq)).map_err(storage)?;
+                    return Ok(Some(backend::openat(dir.as_raw_fd(), &seq_name(i), libc::O_RDONLY, 0).map_err(storage)?));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Opens file `i` inside the snapshot of checkpoint `seq`, following the names the
+    /// directory headers had then.
+    fn snapshot_file(&self, seq: SeqNo, i: u64) -> Result<OwnedFd, ServiceError> {
+        let broken = || storage(io::Error::other(format!("object {i} has no path at checkpoint {seq}")));
+        let mut names = Vec::new();
+        let mut cur = i;
+        while cur != 0 {
+            let Some(Header::Live(h)) = self.header_at(seq, cur)? else { return Err(broken()) };
+            let Some(Header::Live(p)) = self.header_at(seq, h.parent)? else { return Err(broken()) };
+            let name = p.entries.iter().find(|(_, j)| *j == cur).map(|(n, _)| n.clone()).ok_or_else(broken)?;
+            names.push(name);
+            cur = h.parent;
+            if names.len() > self.slots.len() + 1 {
+                return Err(broken());
+            }
+        }
+        let snaps = backend::open_dir_at(self.meta_fd.as_raw_fd(), b"snapshots").map_err(storage)?;
+        let mut fd = backend::open_dir_at(snaps.as_raw_fd(), &seq_name(seq)).map_err(storage)?;
+        let last = names.len().saturating_sub(1);
+        for (k, name) in names.iter().rev().enumerate() {
+            fd = if k == last {
+                backend::openat(fd.as_raw_fd(), name, libc::O_RDONLY, 0).map_err(storage)?
+            } else {
+                backend::open_dir_at(fd.as_raw_fd(), name).map_err(storage)?
+            };
+        }
+        Ok(fd)
+    }
+
+    /// The whole value of `i` at `seq`, decoded for installing.
+    pub(super) fn target_at(&self, seq: SeqNo, i: u64) -> Result<Option<Target>, ServiceError> {
+        let Some(header) = self.header_at(seq, i)? else { return Ok(None) };
+        let mut chunks = Vec::new();
+        if let Header::Live(LiveHeader { kind: FileType::Regular, size, .. }) = &header {
+            for c in 0..chunk_count(*size) {
+                match self.piece_at(seq, i, c as u32 + 1)? {
+                    Some(b) => chunks.push(b),
+                    None => return Ok(None),
+                }
+            }
+        }
+        Ok(Some(Target { header, chunks }))
+    }
+
+    pub(super) fn obj_at(&self, seq: SeqNo, i: u64) -> Result<Option<AbstractObject>, ServiceError> {
+        let Some(t) = self.target_at(seq, i)? else { return Ok(None) };
+        let mut pieces = vec![t.header.encode()];
+        pieces.extend(t.chunks);
+        Ok(Some(AbstractObject { pieces }))
+    }
+}

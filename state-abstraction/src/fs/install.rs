@@ -1,0 +1,405 @@
+//! The inverse abstraction function: installing abstract objects into the concrete tree
+//! (`put_objs`, and rollback, which installs old values).
+//!
+//! The objects may come in any order and in several calls (state transfer), so the state
+//! between calls can be inconsistent: a directory may name an object that has not arrived, or
+//! a live object may be named by no directory yet. Such objects wait in `orphans/`; requests
+//! are refused with `Io` until the state is consistent again.
+//!
+//! Steps: decide every object's new set of names (from all directories' entries in the new
+//! table); move every object whose node is replaced or whose names change into `stage/`
+//! (directory descriptors opened beforehand keep everything below them reachable); swap the
+//! table entries; create or rewrite the nodes of installed objects in `stage/`; move them to
+//! their names; delete what is left in `stage/`.
+
+use super::backend;
+use super::object::{chunk_count, Header, Obj, Slot, CHUNK_SIZE};
+use super::ops::{FileType, FsError};
+use super::{storage, FileService};
+use crate::digest::{piece_digest, Digest};
+use crate::service::{AbstractObject, ServiceError};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::os::fd::AsRawFd;
+
+/// A decoded abstract value to install.
+pub(super) struct Target {
+    pub header: Header,
+    pub chunks: Vec<Vec<u8>>,
+}
+
+/// Largest object index accepted from a peer (the partition tree addresses 2^32).
+const INDEX_MAX: u64 = 1 << 32;
+
+#[derive(PartialEq, Clone, Copy)]
+enum NodeClass {
+    Dir,
+    Symlink,
+    FileLike,
+}
+
+fn class(kind: FileType) -> NodeClass {
+    match kind {
+        FileType::Directory => NodeClass::Dir,
+        FileType::Symlink => NodeClass::Symlink,
+        _ => NodeClass::FileLike,
+    }
+}
+
+fn fs_err(e: FsError) -> ServiceError {
+    storage(io::Error::other(format!("file service: {e}")))
+}
+
+fn index_name(i: u64) -> Vec<u8> {
+    i.to_string().into_bytes()
+}
+
+impl FileService {
+    pub(super) fn put_objects(&mut self, objs: Vec<(u64, AbstractObject)>) -> Result<(), ServiceError> {
+        let mut items = BTreeMap::new();
+        for (i, o) in objs {
+            if i >= INDEX_MAX {
+                return Err(ServiceError::BadIndex(i));
+            }
+            let bad = |why: &str| ServiceError::BadObject { index: i, why: why.to_string() };
+            let first = o.pieces.first().ok_or_else(|| bad("no header piece"))?;
+            let header = Header::decode_canonical(first).map_err(|why| bad(&why))?;
+            let chunks: Vec<Vec<u8>> = o.pieces[1..].to_vec();
+            match &header {
+                Header::Free { .. } => {
+                    if i == 0 {
+                        return Err(bad("the root cannot be free"));
+                    }
+                    if !chunks.is_empty() {
+                        return Err(bad("data on a free slot"));
+                    }
+                }
+                Header::Live(l) => {
+                    if i == 0 && l.kind != FileType::Directory {
+                        return Err(bad("the root must be a directory"));
+                    }
+                    if l.kind == FileType::Regular {
+                        let n = chunk_count(l.size);
+                        if chunks.len() as u64 != n {
+                            return Err(bad("wrong number of chunks"));
+                        }
+                        for (k, c) in chunks.iter().enumerate() {
+                            let want = CHUNK_SIZE.min(l.size - k as u64 * CHUNK_SIZE);
+                            if c.len() as u64 != want {
+                                return Err(bad("wrong chunk length"));
+                            }
+                        }
+                    } else if !chunks.is_empty() {
+                        return Err(bad("data on a non-file"));
+                    }
+                }
+            }
+            items.insert(i, Some(Target { header, chunks }));
+        }
+        self.install(items, true)
+    }
+
+    /// Installs `items` (`None`: the slot is to disappear, only used by rollback before it
+    /// truncates the table). With `cow`, old values are saved for the newest checkpoint first.
+    pub(super) fn install(&mut self, items: BTreeMap<u64, Option<Target>>, cow: bool) -> Result<(), ServiceError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        self.fds.get_mut().trim();
+        self.mark_unsaved().map_err(fs_err)?;
+        let old_len = self.slots.len() as u64;
+        let new_len = items.iter().filter(|(_, t)| t.is_some()).map(|(i, _)| i + 1).max().unwrap_or(0).max(old_len);
+
+        let mut new_free = self.free.clone();
+        for (&i, t) in &items {
+            match t {
+                Some(Target { header: Header::Free { .. }, .. }) if i < new_len => {
+                    new_free.insert(i);
+                }
+                _ => {
+                    new_free.remove(&i);
+                }
+            }
+        }
+        for i in old_len..new_len {
+            if !items.contains_key(&i) {
+                new_free.insert(i);
+            }
+        }
+
+        if cow {
+            let neighbours: Vec<u64> = self
+                .free
+                .iter()
+                .copied()
+                .filter(|i| {
+                    !items.contains_key(i)
+                        && new_free.contains(i)
+                        && self.free.range(i + 1..).next() != new_free.range(i + 1..).next()
+                })
+                .collect();
+            for i in neighbours {
+                self.touch(i).map_err(fs_err)?;
+            }
+            for &i in items.keys() {
+                if i >= old_len {
+                    continue;
+                }
+                let is_file = matches!(&self.slots[i as usize], Slot::Live(o) if o.kind == FileType::Regular);
+                if is_file {
+                    self.touch_data(i, 0, u64::MAX).map_err(fs_err)?;
+                } else {
+                    self.touch(i).map_err(fs_err)?;
+                }
+            }
+        }
+
+        // The new objects, and every object's new names.
+        let mut new_objs: BTreeMap<u64, Obj> = BTreeMap::new();
+        for (&i, t) in &items {
+            if let Some(Target { header: Header::Live(l), .. }) = t {
+                new_objs.insert(i, l.clone().into_obj());
+            }
+        }
+        let live_new = |j: u64, slots: &Vec<Slot>| -> bool {
+            match items.get(&j) {
+                Some(Some(Target { header: Header::Live(_), .. })) => true,
+                Some(_) => false,
+                None => (j as usize) < slots.len() && slots[j as usize].live().is_some(),
+            }
+        };
+        let mut desired: BTreeMap<u64, BTreeSet<(u64, Vec<u8>)>> = BTreeMap::new();
+        let mut inconsistent = false;
+        for d in 0..new_len {
+            let entries = match new_objs.get(&d) {
+                Some(o) => &o.entries,
+                None if items.contains_key(&d) => continue,
+                None => match self.slots.get(d as usize).and_then(Slot::live) {
+                    Some(o) => &o.entries,
+                    None => continue,
+                },
+            };
+            for (name, &j) in entries {
+                if j == 0 || j >= new_len || !live_new(j, &self.slots) {
+                    inconsistent = true;
+                    continue;
+                }
+                desired.entry(j).or_default().insert((d, name.clone()));
+            }
+        }
+        let old_links = |j: u64, slots: &Vec<Slot>| -> BTreeSet<(u64, Vec<u8>)> {
+            slots.get(j as usize).and_then(Slot::live).map(|o| o.links.clone()).unwrap_or_default()
+        };
+
+        // Which nodes move to the stage, which only gain or lose names.
+        let empty = BTreeSet::new();
+        let mut staged: BTreeSet<u64> = BTreeSet::new();
+        let mut relinked: BTreeSet<u64> = BTreeSet::new();
+        for j in 1..old_len {
+            let Some(o) = self.slots[j as usize].live() else { continue };
+            let has_node = !o.links.is_empty() || self.orphans.contains(&j);
+            if !has_node {
+                continue;
+            }
+            let want = desired.get(&j).unwrap_or(&empty);
+            if items.contains_key(&j) {
+                staged.insert(j);
+            } else if *want != o.links {
+                if o.kind == FileType::Directory || want.is_disjoint(&o.links) {
+                    staged.insert(j);
+                } else {
+                    relinked.insert(j);
+                }
+            }
+        }
+        // Open every directory whose descriptor must survive the moves.
+        for &j in staged.iter().chain(relinked.iter()) {
+            for (d, _) in old_links(j, &self.slots) {
+                self.dir_fd(d).map_err(storage)?;
+            }
+            if self.slots[j as usize].live().is_some_and(|o| o.kind == FileType::Directory) && j != 0 {
+                self.dir_fd(j).map_err(storage)?;
+            }
+        }
+        for &j in items.keys() {
+            if j != 0 && (j as usize) < self.slots.len() && self.slots[j as usize].live().is_some_and(|o| o.kind == FileType::Directory) {
+                self.dir_fd(j).map_err(storage)?;
+            }
+        }
+
+        let meta = self.meta_fd.as_raw_fd();
+        backend::remove_tree_at(meta, b"stage").map_err(storage)?;
+        backend::mkdirat(meta, b"stage")?;
+        let stage = backend::open_dir_at(meta, b"stage")?;
+        let orphans = match backend::mkdirat(meta, b"orphans") {
+            Ok(()) => backend::open_dir_at(meta, b"orphans")?,
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => backend::open_dir_at(meta, b"orphans")?,
+            Err(e) => return Err(storage(e)),
+        };
+        let sfd = stage.as_raw_fd();
+        for &j in &staged {
+            let links = old_links(j, &self.slots);
+            let mut it = links.iter();
+            if let Some((d, name)) = it.next() {
+                backend::renameat(self.dir_fd(*d).map_err(storage)?, name, sfd, &index_name(j), false)?;
+                for (d2, n2) in it {
+                    backend::unlinkat(self.dir_fd(*d2).map_err(storage)?, n2, false)?;
+                }
+            } else if self.orphans.remove(&j) {
+                backend::renameat(orphans.as_raw_fd(), &index_name(j), sfd, &index_name(j), false)?;
+            }
+        }
+        // For files that keep some names: drop the lost ones now, add the new ones at the end
+        // from a kept one.
+        let mut relink_plan: Vec<((u64, Vec<u8>), Vec<(u64, Vec<u8>)>)> = Vec::new();
+        for &j in &relinked {
+            let want = desired.get(&j).unwrap_or(&empty);
+            let old = old_links(j, &self.slots);
+            for (d, name) in old.difference(want) {
+                backend::unlinkat(self.dir_fd(*d).map_err(storage)?, name, false)?;
+            }
+            if let Some(kept) = old.intersection(want).next() {
+                relink_plan.push((kept.clone(), want.difference(&old).cloned().collect()));
+            }
+        }
+
+        // What the old nodes were, to decide whether a staged node can be reused.
+        struct OldNode {
+            class: NodeClass,
+            target: Vec<u8>,
+            clean: Vec<Option<Digest>>,
+        }
+        let mut old_nodes: BTreeMap<u64, OldNode> = BTreeMap::new();
+        for &j in items.keys() {
+            if let Some(o) = self.slots.get(j as usize).and_then(Slot::live) {
+                let clean = o
+                    .pieces
+                    .iter()
+                    .enumerate()
+                    .map(|(p, d)| (p > 0 && !o.dirty_chunks.contains(&(p as u32))).then_some(*d))
+                    .collect();
+                old_nodes.insert(j, OldNode { class: class(o.kind), target: o.target.clone(), clean });
+            }
+            let fds = self.fds.get_mut();
+            fds.files.remove(&j);
+            if !staged.contains(&j) {
+                fds.dirs.remove(&j);
+            }
+        }
+
+        // Swap the table.
+        while (self.slots.len() as u64) < new_len {
+            self.slots.push(Slot::Free { generation: 0 });
+        }
+        for (&i, t) in &items {
+            if i >= new_len {
+                continue;
+            }
+            self.slots[i as usize] = match t {
+                None => Slot::Free { generation: 0 },
+                Some(Target { header: Header::Free { generation, .. }, .. }) => Slot::Free { generation: *generation },
+                Some(Target { header: Header::Live(_), .. }) => match new_objs.remove(&i) {
+                    Some(o) => Slot::Live(Box::new(o)),
+                    None => Slot::Free { generation: 0 },
+                },
+            };
+            self.dirty.insert(i);
+        }
+        self.free = new_free;
+        for (j, s) in self.slots.iter_mut().enumerate() {
+            if let Some(o) = s.live_mut() {
+                o.links = desired.remove(&(j as u64)).unwrap_or_default();
+            }
+        }
+
+        // Create or rewrite the installed objects' nodes in the stage.
+        for (&i, t) in &items {
+            let Some(Target { header: Header::Live(l), chunks }) = t else { continue };
+            let name = index_name(i);
+            let old = old_nodes.get(&i);
+            let reuse = i == 0
+                || (staged.contains(&i)
+                    && old.is_some_and(|o| {
+                        o.class == class(l.kind) && (o.class != NodeClass::Symlink || o.target == l.target)
+                    }));
+            if i != 0 {
+                if !reuse {
+                    self.fds.get_mut().dirs.remove(&i);
+                    backend::remove_tree_at(sfd, &name).map_err(storage)?;
+                    match class(l.kind) {
+                        NodeClass::Dir => backend::mkdirat(sfd, &name)?,
+                        NodeClass::Symlink => backend::symlinkat(&l.target, sfd, &name)?,
+                        NodeClass::FileLike => drop(backend::create_file_at(sfd, &name)?),
+                    }
+                }
+                if l.kind == FileType::Directory {
+                    let fd = backend::open_dir_at(sfd, &name)?;
+                    self.fds.get_mut().dirs.insert(i, fd);
+                }
+            }
+            let mut pieces = vec![Digest::default(); 1 + chunks.len()];
+            if l.kind == FileType::Regular {
+                let f = backend::open_file_at(sfd, &name)?;
+                backend::ftruncate(f.as_raw_fd(), l.size)?;
+                for (k, c) in chunks.iter().enumerate() {
+                    let d = piece_digest(i, k as u32 + 1, c);
+                    let same = reuse && old.and_then(|o| o.clean.get(k + 1).copied().flatten()) == Some(d);
+                    if !same {
+                        backend::pwrite_full(f.as_raw_fd(), c, k as u64 * CHUNK_SIZE)?;
+                    }
+                    pieces[k + 1] = d;
+                }
+                self.fds.get_mut().files.insert(i, f);
+            }
+            let o = self.live_mut(i);
+            o.pieces = pieces;
+            o.dirty_chunks.clear();
+        }
+
+        // Put every staged or new node under its names (or among the orphans).
+        let mut to_attach: BTreeSet<u64> = staged.clone();
+        to_attach.extend(items.iter().filter(|(_, t)| matches!(t, Some(Target { header: Header::Live(_), .. }))).map(|(i, _)| *i));
+        to_attach.remove(&0);
+        let mut junk = 0u64;
+        for &j in &to_attach {
+            let Some(o) = self.slots.get(j as usize).and_then(Slot::live) else { continue };
+            let links: Vec<(u64, Vec<u8>)> = o.links.iter().cloned().collect();
+            let name = index_name(j);
+            let Some((d, n)) = links.first() else {
+                backend::renameat(sfd, &name, orphans.as_raw_fd(), &name, false)?;
+                self.orphans.insert(j);
+                continue;
+            };
+            let dfd = self.dir_fd(*d).map_err(storage)?;
+            if let Err(e) = backend::renameat(sfd, &name, dfd, n, true) {
+                if e.raw_os_error() != Some(libc::EEXIST) {
+                    return Err(storage(e));
+                }
+                // Something not in the table holds the name: set it aside.
+                junk += 1;
+                backend::renameat(dfd, n, sfd, format!("junk-{junk}").as_bytes(), false)?;
+                backend::renameat(sfd, &name, dfd, n, true)?;
+            }
+            for (d2, n2) in &links[1..] {
+                backend::linkat(dfd, n, self.dir_fd(*d2).map_err(storage)?, n2)?;
+            }
+        }
+        for ((sd, sn), additions) in relink_plan {
+            let sdfd = self.dir_fd(sd).map_err(storage)?;
+            for (d, n) in additions {
+                backend::linkat(sdfd, &sn, self.dir_fd(d).map_err(storage)?, &n)?;
+            }
+        }
+        drop(stage);
+        backend::remove_tree_at(meta, b"stage").map_err(storage)?;
+
+        self.orphans.retain(|&j| (j as usize) < self.slots.len() && self.slots[j as usize].live().is_some_and(|o| o.links.is_empty()));
+        for (j, s) in self.slots.iter().enumerate() {
+            if j != 0 && s.live().is_some_and(|o| o.links.is_empty()) {
+                inconsistent = true;
+            }
+        }
+        self.inconsistent = inconsistent;
+        Ok(())
+    }
+}

@@ -1,0 +1,253 @@
+//! Abstract objects of the file service: the in-memory table entry for each slot and its
+//! canonical encoding (piece 0 of the abstract object).
+
+use super::ops::{Attr, FileType, Name, Timespec};
+use crate::digest::Digest;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// File data is split into chunks of this size; each chunk is one piece of the object.
+pub const CHUNK_SIZE: u64 = 64 * 1024;
+/// Canonical block size reported in attributes and statfs.
+pub const BLOCK_SIZE: u64 = 4096;
+/// Constant file-system id in every attribute.
+pub const FSID: u64 = 0x6266_7466_7331; // "bftfs1"
+/// A directory's canonical size.
+pub const DIR_SIZE: u64 = 4096;
+/// Largest file: bounds the piece list of one object (131072 chunks) and the digest work a
+/// single extending truncate can cause.
+pub const MAX_FILE_SIZE: u64 = 8 << 30;
+/// Largest read count and write size.
+pub const MAX_IO: u64 = 1 << 20;
+pub const NAME_MAX: usize = 255;
+/// Longest symlink target (PATH_MAX without the NUL).
+pub const TARGET_MAX: usize = 4095;
+pub const XATTR_NAME_MAX: usize = 255;
+pub const XATTR_VALUE_MAX: usize = 64 * 1024;
+/// Bound on all xattrs of one object together, so one header stays small.
+pub const XATTR_TOTAL_MAX: usize = 256 * 1024;
+pub const LINK_MAX: u32 = 65_000;
+/// Largest directory: bounds the size of one header.
+pub const DIR_ENTRIES_MAX: usize = 1 << 20;
+/// Canonical statfs numbers: capacity never depends on the backend's free space.
+pub const STATFS_BLOCKS: u64 = 1 << 30;
+pub const STATFS_FILES: u64 = 1 << 32;
+
+/// One live object in the wrapper's table.
+#[derive(Clone, Debug)]
+pub struct Obj {
+    pub generation: u64,
+    pub parent: u64,
+    pub kind: FileType,
+    pub mode: u32,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub rdev: u64,
+    pub atime: Timespec,
+    pub mtime: Timespec,
+    pub ctime: Timespec,
+    /// Exclusive-create verifier, kept until the first setattr.
+    pub verifier: Option<u64>,
+    pub xattrs: BTreeMap<Name, Vec<u8>>,
+    /// Directory entries (name → index), in byte-wise name order by construction.
+    pub entries: BTreeMap<Name, u64>,
+    /// Symlink target.
+    pub target: Vec<u8>,
+    /// Concrete side only (not abstract): the (directory, name) pairs naming this object in the
+    /// mirror tree. Derived from directory entries.
+    pub links: BTreeSet<(u64, Name)>,
+    /// Piece digests (0 = header, 1.. = chunks); entries may be stale while the object is in
+    /// the service's dirty set.
+    pub pieces: Vec<Digest>,
+    /// Chunks (1-based piece numbers) whose digests are stale.
+    pub dirty_chunks: BTreeSet<u32>,
+}
+
+#[derive(Clone, Debug)]
+pub enum Slot {
+    Free { generation: u64 },
+    Live(Box<Obj>),
+}
+
+impl Slot {
+    pub fn generation(&self) -> u64 {
+        match self {
+            Slot::Free { generation } => *generation,
+            Slot::Live(o) => o.generation,
+        }
+    }
+    pub fn live(&self) -> Option<&Obj> {
+        match self {
+            Slot::Live(o) => Some(o),
+            Slot::Free { .. } => None,
+        }
+    }
+    pub fn live_mut(&mut self) -> Option<&mut Obj> {
+        match self {
+            Slot::Live(o) => Some(o),
+            Slot::Free { .. } => None,
+        }
+    }
+}
+
+pub fn chunk_count(size: u64) -> u64 {
+    size.div_ceil(CHUNK_SIZE)
+}
+
+/// Blocks (512-byte units) for a size: whole canonical blocks.
+pub fn blocks_for(size: u64) -> u64 {
+    size.div_ceil(BLOCK_SIZE) * (BLOCK_SIZE / 512)
+}
+
+impl Obj {
+    pub fn attr(&self, index: u64) -> Attr {
+        Attr {
+            kind: self.kind,
+            mode: self.mode & 0o7777,
+            nlink: self.nlink,
+            uid: self.uid,
+            gid: self.gid,
+            size: self.size,
+            blocks: if self.kind == FileType::Regular || self.kind == FileType::Directory {
+                blocks_for(self.size)
+            } else {
+                0
+            },
+            rdev: self.rdev,
+            fsid: FSID,
+            fileid: index,
+            generation: self.generation,
+            atime: self.atime,
+            mtime: self.mtime,
+            ctime: self.ctime,
+        }
+    }
+
+    /// Number of data chunks (pieces after the header).
+    pub fn chunks(&self) -> u64 {
+        if self.kind == FileType::Regular {
+            chunk_count(self.size)
+        } else {
+            0
+        }
+    }
+
+    pub fn header(&self) -> Header {
+        Header::Live(LiveHeader {
+            generation: self.generation,
+            parent: self.parent,
+            kind: self.kind,
+            mode: self.mode,
+            nlink: self.nlink,
+            uid: self.uid,
+            gid: self.gid,
+            size: self.size,
+            rdev: self.rdev,
+            atime: self.atime,
+            mtime: self.mtime,
+            ctime: self.ctime,
+            verifier: self.verifier,
+            xattrs: self.xattrs.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            entries: self.entries.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            target: self.target.clone(),
+        })
+    }
+}
+
+/// Piece 0 of every abstract object. Maps are flattened into sorted vectors so the encoding is
+/// canonical; a decoded header is accepted only if it re-encodes to the same bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Header {
+    /// A free slot, with the next free slot (the free list is kept in index order, so
+    /// allocation always takes the lowest free slot).
+    Free { generation: u64, next_free: Option<u64> },
+    Live(LiveHeader),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveHeader {
+    pub generation: u64,
+    pub parent: u64,
+    pub kind: FileType,
+    pub mode: u32,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub rdev: u64,
+    pub atime: Timespec,
+    pub mtime: Timespec,
+    pub ctime: Timespec,
+    pub verifier: Option<u64>,
+    pub xattrs: Vec<(Name, Vec<u8>)>,
+    pub entries: Vec<(Name, u64)>,
+    pub target: Vec<u8>,
+}
+
+impl Header {
+    pub fn encode(&self) -> Vec<u8> {
+        super::ops::encode(self)
+    }
+
+    /// Decodes and checks a header received from elsewhere (state transfer, rollback).
+    pub fn decode_canonical(bytes: &[u8]) -> Result<Header, String> {
+        let h: Header = super::ops::decode(bytes).ok_or("header does not decode")?;
+        if h.encode() != bytes {
+            return Err("header is not canonically encoded".into());
+        }
+        if let Header::Live(l) = &h {
+            if l.entries.windows(2).any(|w| w[0].0 >= w[1].0) {
+                return Err("directory entries not in strict name order".into());
+            }
+            if l.xattrs.windows(2).any(|w| w[0].0 >= w[1].0) {
+                return Err("xattrs not in strict name order".into());
+            }
+            if l.kind != FileType::Directory && !l.entries.is_empty() {
+                return Err("entries on a non-directory".into());
+            }
+            if l.kind != FileType::Symlink && !l.target.is_empty() {
+                return Err("target on a non-symlink".into());
+            }
+            if l.kind == FileType::Regular && l.size > MAX_FILE_SIZE {
+                return Err("file too large".into());
+            }
+            if l.entries.len() > DIR_ENTRIES_MAX {
+                return Err("directory too large".into());
+            }
+            for (name, _) in &l.entries {
+                if super::name_error(name).is_some() {
+                    return Err("bad entry name".into());
+                }
+            }
+        }
+        Ok(h)
+    }
+}
+
+impl LiveHeader {
+    pub fn into_obj(self) -> Obj {
+        Obj {
+            generation: self.generation,
+            parent: self.parent,
+            kind: self.kind,
+            mode: self.mode,
+            nlink: self.nlink,
+            uid: self.uid,
+            gid: self.gid,
+            size: self.size,
+            rdev: self.rdev,
+            atime: self.atime,
+            mtime: self.mtime,
+            ctime: self.ctime,
+            verifier: self.verifier,
+            xattrs: self.xattrs.into_iter().collect(),
+            entries: self.entries.into_iter().collect(),
+            target: self.target,
+            links: BTreeSet::new(),
+            pieces: Vec::new(),
+            dirty_chunks: BTreeSet::new(),
+        }
+    }
+}
