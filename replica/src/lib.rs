@@ -1,0 +1,16 @@
+//! bftfs replication.
+//!
+//! - [`wire`]: typed messages, frames with size limits, MAC and signature authenticators; the
+//!   only way to obtain an [`wire::Authenticated`] message.
+//! - [`config`]: cluster configuration, key generation, secrets files (JSON).
+//! - [`core`]: the replica's sans-IO protocol state machine (PBFT ordering, checkpoints, view
+//!   change, catch-up, state transfer) and its driver contract.
+//! - [`client`]: the client half of the protocol, also sans-IO.
+//! - [`sim`]: the deterministic simulator (tests, or the `sim` feature).
+
+pub mod client;
+pub mod config;
+pub mod core;
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;
+pub mod wire;

@@ -1,0 +1,1620 @@
+//! The replica's protocol core: a sans-IO state machine (PBFT ordering with checkpoints, the
+//! evidence-ranked view change of PROTOCOLS §2.8–2.9, catch-up and state transfer).
+//!
+//! No I/O, no clock, no randomness, no `HashMap` iteration: the same events in the same order
+//! give the same actions, which is what lets the simulator replay a run from its seed.
+//!
+//! # Driver contract
+//!
+//! **Construction.** [`Replica::new`] for a replica with an empty write-ahead log (WAL);
+//! [`Replica::restore`] after a restart, with every WAL record that was durable, in order.
+//! The service must be reopened over its data directory first: its state is then that of the
+//! newest checkpoint it reports ([`state_abstraction::Service::checkpoints`]); the core rolls it
+//! back further if its WAL lacks that checkpoint's record, and catches up from peers (missing
+//! committed batches, or state transfer) from there.
+//!
+//! **Events.** Call [`Replica::step`] with
+//! - [`Event::Message`]: a frame that [`crate::wire::Authenticator::open`] accepted (from a
+//!   replica or a client). Frames that fail are never given to the core; count and drop them.
+//! - [`Event::Tick`]: once per [`crate::config::ProtocolConfig::tick_ns`] of real time, with the
+//!   driver's wall clock in `now_ns` (used only for the agreed time a primary proposes and
+//!   backups check). All timeouts in the core count ticks.
+//!
+//! **Actions**, appended to the caller's vector, must be performed **in order**:
+//! - [`Action::Persist`]: append the record to the WAL. It must be durable (fsync'ed) before
+//!   any later action of the list (or of a later step) is performed. A driver may group
+//!   consecutive records into one write and one fsync, but must not send anything that follows
+//!   a record before that fsync returns. A [`WalRecord::Snapshot`] supersedes every earlier
+//!   record: once it is durable the driver may delete the records before it.
+//! - [`Action::Send`] / [`Action::Broadcast`] (to every other replica) /
+//!   [`Action::SendClient`]: seal with [`crate::wire::Authenticator::seal`] and send. Best
+//!   effort: the core retransmits what matters, so a full queue may drop a message.
+//! - [`Action::Notify`]: information for logs, metrics and tests; no effect needed.
+//! - [`Action::Halt`]: the service failed (storage error). Stop the replica; it behaves as a
+//!   crashed replica and may be restarted from durable state.
+//!
+//! **Execution.** Committed batches run synchronously inside `step` through
+//! [`execution::Executor`], the single interface to the service (so that execution can move
+//! to another process for the ZZ profile without the ordering code changing).
+
+pub mod execution;
+pub mod safety;
+pub mod state_transfer;
+pub mod view_change;
+
+use crate::config::{ClusterConfig, ReplicaSecrets};
+use crate::wire::{
+    AgreementMessage, Authenticated, Batch, Checkpoint, CheckpointCertificate, ClientMessage, Commit,
+    CommitCertificate, Digest, Evidence, Message, NewView, PrePrepare, Prepare, PreparedCertificate, Principal,
+    Proposal, ReplicaId, Reply, Request, SeqNo, Signed, Signer, StateTransferMessage, Timestamp, View, ViewChange,
+    ViewChangeMessage,
+};
+use execution::{Executor, Lookup, ReplyTable};
+use safety::SafetyRules;
+use serde::{Deserialize, Serialize};
+use state_abstraction::{ClientId, Service, ServiceError};
+use state_transfer::{Transfer, TransferStep};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+use view_change::{Genesis, NewViewPlan};
+
+/// Batches whose commit certificates one `FetchCommitted` answer carries at most.
+const FETCH_BATCHES_MAX: u64 = 16;
+
+/// An input to the core.
+#[derive(Debug)]
+pub enum Event {
+    Message(Authenticated<Message>),
+    Tick { now_ns: u64 },
+}
+
+/// An output of the core; see the module doc for the order and durability rules.
+#[derive(Clone, Debug)]
+pub enum Action {
+    Persist(WalRecord),
+    Send { to: ReplicaId, message: Message },
+    /// To every replica but this one.
+    Broadcast { message: Message },
+    SendClient { to: ClientId, message: Message },
+    Notify(Notification),
+    Halt { reason: String },
+}
+
+/// Things worth logging or checking; the driver need not act on them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Notification {
+    Executed { seq: SeqNo, batch_digest: Digest, requests: usize },
+    CheckpointTaken { seq: SeqNo, service_root: Digest, replies_digest: Digest },
+    CheckpointStable { seq: SeqNo, service_root: Digest, replies_digest: Digest },
+    ViewEntered { view: View, active: bool },
+    StateTransferred { seq: SeqNo, bytes: u64 },
+    Misbehaviour { from: Principal, what: &'static str },
+}
+
+/// A checkpoint this replica took, with its reply cache (needed to roll back to it, to serve
+/// it, and to restart from it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnCheckpoint {
+    pub seq: SeqNo,
+    pub service_root: Digest,
+    pub replies: Vec<u8>,
+    pub replies_digest: Digest,
+}
+
+/// Everything a replica must remember across a crash (see [`safety`] rule 3).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DurableState {
+    pub genesis: Genesis,
+    pub view: View,
+    pub view_active: bool,
+    pub stable: CheckpointCertificate,
+    pub checkpoints: Vec<OwnCheckpoint>,
+    pub accepted: Vec<Proposal>,
+    pub prepared: Vec<PreparedCertificate>,
+}
+
+/// One WAL record. Encode with [`crate::wire::encode`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WalRecord {
+    /// Supersedes all earlier records.
+    Snapshot(Box<DurableState>),
+    /// About to send a view change for `view`.
+    EnteredView { view: View },
+    /// Installed the new view `view` (normal operation in it).
+    InstalledView { view: View },
+    /// Accepted (backup) or proposed (primary) this proposal in its view.
+    Accepted(Box<Proposal>),
+    /// Prepared: about to send a commit.
+    Prepared(Box<PreparedCertificate>),
+    /// Took a checkpoint (service checkpoint `seq` plus this reply cache).
+    CheckpointTaken { seq: SeqNo, service_root: Digest, replies: Vec<u8> },
+    /// A checkpoint became stable.
+    Stable(Box<CheckpointCertificate>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error("service: {0}")]
+    Service(#[from] ServiceError),
+    #[error("configuration: {0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("durable state is inconsistent: {0}")]
+    Inconsistent(String),
+}
+
+/// Counters for metrics and tests.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Metrics {
+    pub executed_batches: u64,
+    pub executed_requests: u64,
+    pub read_only_requests: u64,
+    pub view_changes_started: u64,
+    pub new_views_installed: u64,
+    pub checkpoints_stable: u64,
+    pub state_transfers: u64,
+    pub state_transfer_bytes: u64,
+    pub fetched_batches: u64,
+    pub misbehaviour: u64,
+    pub requests_dropped: u64,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Slot {
+    /// The proposal accepted for this sequence number (in its pre-prepare's view).
+    proposal: Option<Proposal>,
+    /// Latest prepare and commit from each replica (the one of the highest view).
+    prepares: BTreeMap<ReplicaId, Signed<Prepare>>,
+    commits: BTreeMap<ReplicaId, Signed<Commit>>,
+    /// A commit was sent for `proposal` in its view.
+    sent_commit: bool,
+    committed: bool,
+    /// The highest-view prepared certificate this replica holds (view-change evidence).
+    certificate: Option<PreparedCertificate>,
+}
+
+/// A PBFT replica over service `S`. See the module doc for how to drive it.
+pub struct Replica<S: Service> {
+    config: Arc<ClusterConfig>,
+    id: ReplicaId,
+    signer: Signer,
+    exec: Executor<S>,
+    safety: SafetyRules,
+    genesis: Genesis,
+
+    view: View,
+    view_active: bool,
+    /// The new-view message that installed the current view, relayed to replicas that missed it.
+    new_view_message: Option<Signed<NewView>>,
+    log: BTreeMap<SeqNo, Slot>,
+    stable: CheckpointCertificate,
+    last_executed: SeqNo,
+    /// Primary: the next sequence number to assign.
+    next_seq: SeqNo,
+    own_checkpoints: BTreeMap<SeqNo, OwnCheckpoint>,
+    checkpoint_votes: BTreeMap<SeqNo, BTreeMap<ReplicaId, Signed<Checkpoint>>>,
+
+    /// Primary: requests waiting for a batch, oldest first.
+    pending: VecDeque<Signed<Request>>,
+    pending_keys: BTreeSet<(ClientId, Timestamp)>,
+    /// Primary: requests proposed in this view and not executed yet.
+    proposed: BTreeSet<(ClientId, Timestamp)>,
+    /// Backup: requests a client sent us directly (so it timed out at the primary), with the
+    /// tick they arrived; if one is not executed within the view-change timeout, the primary
+    /// is suspected.
+    waiting: BTreeMap<(ClientId, Timestamp), (Signed<Request>, u64)>,
+
+    /// The newest view change from each replica.
+    view_changes: BTreeMap<ReplicaId, Signed<ViewChange>>,
+    view_change_timeout_ticks: u64,
+    view_change_deadline: Option<u64>,
+
+    ticks: u64,
+    now_ns: u64,
+    last_progress_tick: u64,
+    last_fetch_tick: u64,
+    last_view_query_tick: Option<u64>,
+    fetch_rotation: u32,
+    /// Highest sequence number any replica was seen working on.
+    highest_seen: SeqNo,
+    /// A stable certificate above our execution point (we must catch up to it).
+    stable_ahead: Option<CheckpointCertificate>,
+    transfer: Option<Transfer>,
+
+    initial_snapshot: bool,
+    halted: bool,
+    metrics: Metrics,
+}
+
+fn empty_replies_digest(window: u64) -> (Vec<u8>, Digest) {
+    let bytes = ReplyTable::new(window).encode();
+    let digest = ReplyTable::digest_of_encoding(&bytes);
+    (bytes, digest)
+}
+
+impl<S: Service> Replica<S> {
+    /// A replica with an empty WAL over a fresh service.
+    pub fn new(config: Arc<ClusterConfig>, secrets: &ReplicaSecrets, service: S) -> Result<Self, CoreError> {
+        Self::restore(config, secrets, service, Vec::new())
+    }
+
+    /// A replica restarted from its durable state: the service reopened over its data, and
+    /// every durable WAL record in order (see the module doc).
+    pub fn restore(
+        config: Arc<ClusterConfig>,
+        secrets: &ReplicaSecrets,
+        service: S,
+        wal: Vec<WalRecord>,
+    ) -> Result<Self, CoreError> {
+        config.validate()?;
+        let window = config.protocol.client_window;
+        let mut exec = Executor::new(service, window);
+        let (empty_replies, empty_digest) = empty_replies_digest(window);
+
+        // Replay the WAL into one durable state.
+        let mut state: Option<DurableState> = None;
+        let mut safety = SafetyRules::new(View(0), SeqNo(0));
+        let mut entered: Vec<(View, bool)> = Vec::new();
+        let mut accepted: BTreeMap<SeqNo, Proposal> = BTreeMap::new();
+        let mut prepared: BTreeMap<SeqNo, PreparedCertificate> = BTreeMap::new();
+        let mut checkpoints: BTreeMap<SeqNo, OwnCheckpoint> = BTreeMap::new();
+        let mut stable: Option<CheckpointCertificate> = None;
+        for record in &wal {
+            safety.note_persisted(record);
+            match record {
+                WalRecord::Snapshot(s) => {
+                    entered = vec![(s.view, s.view_active)];
+                    accepted = s.accepted.iter().map(|p| (p.pre_prepare.body.seq, p.clone())).collect();
+                    prepared = s.prepared.iter().map(|c| (c.proposal.pre_prepare.body.seq, c.clone())).collect();
+                    checkpoints = s.checkpoints.iter().map(|c| (c.seq, c.clone())).collect();
+                    stable = Some(s.stable.clone());
+                    state = Some((**s).clone());
+                }
+                WalRecord::EnteredView { view } => entered.push((*view, false)),
+                WalRecord::InstalledView { view } => entered.push((*view, true)),
+                WalRecord::Accepted(p) => {
+                    let seq = p.pre_prepare.body.seq;
+                    if accepted.get(&seq).is_none_or(|old| old.pre_prepare.body.view <= p.pre_prepare.body.view) {
+                        accepted.insert(seq, (**p).clone());
+                    }
+                }
+                WalRecord::Prepared(c) => {
+                    let seq = c.proposal.pre_prepare.body.seq;
+                    let view = c.proposal.pre_prepare.body.view;
+                    if prepared.get(&seq).is_none_or(|old| old.proposal.pre_prepare.body.view <= view) {
+                        prepared.insert(seq, (**c).clone());
+                    }
+                }
+                WalRecord::CheckpointTaken { seq, service_root, replies } => {
+                    checkpoints.insert(
+                        *seq,
+                        OwnCheckpoint {
+                            seq: *seq,
+                            service_root: *service_root,
+                            replies: replies.clone(),
+                            replies_digest: ReplyTable::digest_of_encoding(replies),
+                        },
+                    );
+                }
+                WalRecord::Stable(c) => {
+                    if stable.as_ref().is_none_or(|s| s.seq < c.seq) {
+                        stable = Some((**c).clone());
+                    }
+                }
+            }
+        }
+
+        // The genesis checkpoint.
+        let genesis = match &state {
+            Some(s) => s.genesis,
+            None => {
+                let held = exec.service().checkpoints();
+                let root = match held.first() {
+                    Some((0, root)) => {
+                        if held.len() > 1 {
+                            exec.service_mut().rollback_to(0)?;
+                        }
+                        *root
+                    }
+                    Some((seq, _)) => {
+                        return Err(CoreError::Inconsistent(format!(
+                            "the service holds checkpoint {seq} but the WAL is empty"
+                        )))
+                    }
+                    None => exec.service_mut().checkpoint(0)?,
+                };
+                checkpoints.insert(
+                    SeqNo(0),
+                    OwnCheckpoint {
+                        seq: SeqNo(0),
+                        service_root: root,
+                        replies: empty_replies.clone(),
+                        replies_digest: empty_digest,
+                    },
+                );
+                Genesis { service_root: root, replies_digest: empty_digest }
+            }
+        };
+        let stable = stable.unwrap_or(CheckpointCertificate {
+            seq: SeqNo(0),
+            service_root: genesis.service_root,
+            replies_digest: genesis.replies_digest,
+            checkpoints: Vec::new(),
+        });
+
+        // The newest checkpoint both the service and the WAL hold is where execution resumes.
+        let held: BTreeMap<u64, Digest> = exec.service().checkpoints().into_iter().collect();
+        let resume = checkpoints
+            .values()
+            .rev()
+            .find(|c| held.get(&c.seq.0) == Some(&c.service_root))
+            .cloned()
+            .ok_or_else(|| CoreError::Inconsistent("no checkpoint held by both the service and the WAL".into()))?;
+        if held.keys().next_back().copied() != Some(resume.seq.0) {
+            exec.service_mut().rollback_to(resume.seq.0)?;
+        }
+        let replies = ReplyTable::decode(&resume.replies, window)
+            .map_err(|e| CoreError::Inconsistent(format!("reply cache: {e}")))?;
+        exec.set_replies(replies);
+        checkpoints.retain(|seq, _| *seq <= resume.seq && *seq >= stable.seq.min(resume.seq));
+
+        let (view, view_active) = entered.iter().copied().max_by_key(|(v, active)| (*v, *active)).unwrap_or((View(0), true));
+        safety.check_enter_view(view, true).map_err(|e| CoreError::Inconsistent(e.to_string()))?;
+        safety.reset_executed(resume.seq);
+
+        let low = stable.seq;
+        let mut log: BTreeMap<SeqNo, Slot> = BTreeMap::new();
+        let mut highest_seen = resume.seq;
+        for (seq, proposal) in accepted.range(low.next()..) {
+            let b = &proposal.pre_prepare.body;
+            // Re-record the vote (rule 1 survives the restart).
+            let _ = safety.check_vote(b.view, *seq, b.batch_digest);
+            highest_seen = highest_seen.max(*seq);
+            log.entry(*seq).or_default().proposal = Some(proposal.clone());
+        }
+        for (seq, cert) in prepared.range(low.next()..) {
+            let slot = log.entry(*seq).or_default();
+            let same_view = slot.proposal.as_ref().map(|p| p.pre_prepare.body.view)
+                == Some(cert.proposal.pre_prepare.body.view);
+            slot.sent_commit = same_view;
+            slot.certificate = Some(cert.clone());
+        }
+        let n = config.n();
+        let next_seq = log
+            .iter()
+            .filter(|(_, s)| s.proposal.as_ref().is_some_and(|p| p.pre_prepare.body.view == view))
+            .map(|(seq, _)| *seq)
+            .max()
+            .unwrap_or(low.max(resume.seq))
+            .next();
+        let stable_ahead = (stable.seq > resume.seq).then(|| stable.clone());
+        let vc_timeout = config.protocol.view_change_timeout_ticks;
+        let replica = Replica {
+            id: secrets.id,
+            signer: Signer::from_secret(&secrets.signing_key.0),
+            exec,
+            safety,
+            genesis,
+            view,
+            view_active,
+            new_view_message: None,
+            log,
+            stable,
+            last_executed: resume.seq,
+            next_seq,
+            own_checkpoints: checkpoints,
+            checkpoint_votes: BTreeMap::new(),
+            pending: VecDeque::new(),
+            pending_keys: BTreeSet::new(),
+            proposed: BTreeSet::new(),
+            waiting: BTreeMap::new(),
+            view_changes: BTreeMap::new(),
+            view_change_timeout_ticks: vc_timeout,
+            view_change_deadline: (!view_active).then_some(vc_timeout),
+            ticks: 0,
+            now_ns: 0,
+            last_progress_tick: 0,
+            last_fetch_tick: 0,
+            last_view_query_tick: None,
+            fetch_rotation: secrets.id.0,
+            highest_seen,
+            stable_ahead,
+            transfer: None,
+            initial_snapshot: true,
+            halted: false,
+            metrics: Metrics::default(),
+            config,
+        };
+        debug_assert!(replica.id.0 < n as u32);
+        Ok(replica)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Accessors
+
+    pub fn id(&self) -> ReplicaId {
+        self.id
+    }
+    pub fn view(&self) -> View {
+        self.view
+    }
+    /// False while a view change is under way.
+    pub fn is_view_active(&self) -> bool {
+        self.view_active
+    }
+    pub fn is_primary(&self) -> bool {
+        self.view.primary(self.config.n()) == self.id
+    }
+    pub fn last_executed(&self) -> SeqNo {
+        self.last_executed
+    }
+    pub fn stable_checkpoint(&self) -> &CheckpointCertificate {
+        &self.stable
+    }
+    pub fn is_transferring_state(&self) -> bool {
+        self.transfer.is_some()
+    }
+    pub fn is_halted(&self) -> bool {
+        self.halted
+    }
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+    pub fn service(&self) -> &S {
+        self.exec.service()
+    }
+    /// Gives the service back (the simulator reopens it to model a crash).
+    pub fn into_service(self) -> S {
+        self.exec.into_service()
+    }
+    pub fn durable_state(&self) -> DurableState {
+        DurableState {
+            genesis: self.genesis,
+            view: self.view,
+            view_active: self.view_active,
+            stable: self.stable.clone(),
+            checkpoints: self.own_checkpoints.values().cloned().collect(),
+            accepted: self.log.values().filter_map(|s| s.proposal.clone()).collect(),
+            prepared: self.log.values().filter_map(|s| s.certificate.clone()).collect(),
+        }
+    }
+
+    fn n(&self) -> usize {
+        self.config.n()
+    }
+    fn f(&self) -> usize {
+        self.config.f as usize
+    }
+    fn quorum(&self) -> usize {
+        self.config.quorum()
+    }
+    fn primary(&self) -> ReplicaId {
+        self.view.primary(self.n())
+    }
+    fn high_water(&self) -> SeqNo {
+        SeqNo(self.stable.seq.0 + self.config.protocol.log_window)
+    }
+    fn in_window(&self, seq: SeqNo) -> bool {
+        seq > self.stable.seq && seq <= self.high_water()
+    }
+
+    fn misbehaved(&mut self, from: Principal, what: &'static str, actions: &mut Vec<Action>) {
+        self.metrics.misbehaviour += 1;
+        tracing::warn!(replica = self.id.0, ?from, what, "peer misbehaved; ignored");
+        actions.push(Action::Notify(Notification::Misbehaviour { from, what }));
+    }
+
+    fn halt(&mut self, reason: String, actions: &mut Vec<Action>) {
+        tracing::error!(replica = self.id.0, %reason, "halting");
+        self.halted = true;
+        actions.push(Action::Halt { reason });
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // The step function
+
+    /// Handles one event, appending the resulting actions (see the module doc).
+    pub fn step(&mut self, event: Event, actions: &mut Vec<Action>) {
+        if self.halted {
+            return;
+        }
+        let start = actions.len();
+        if self.initial_snapshot {
+            self.initial_snapshot = false;
+            actions.push(Action::Persist(WalRecord::Snapshot(Box::new(self.durable_state()))));
+        }
+        match event {
+            Event::Tick { now_ns } => self.on_tick(now_ns, actions),
+            Event::Message(m) => {
+                let (sender, message) = m.into_parts();
+                self.on_message(sender, message, actions);
+            }
+        }
+        if let Err(problem) = self.check_invariants(&actions[start..]) {
+            panic!("replica {} broke an invariant: {problem}", self.id.0);
+        }
+    }
+
+    fn check_invariants(&mut self, actions: &[Action]) -> Result<(), String> {
+        self.safety.check_actions(self.id, actions)?;
+        if self.halted {
+            return Ok(());
+        }
+        if self.view != self.safety.highest_view() {
+            return Err(format!("view {:?} differs from the safety view {:?}", self.view, self.safety.highest_view()));
+        }
+        if cfg!(debug_assertions) {
+            if let (Some(first), Some(last)) = (self.log.keys().next(), self.log.keys().next_back()) {
+                if !self.in_window(*first) || !self.in_window(*last) {
+                    return Err(format!("log {first:?}..{last:?} outside the window above {:?}", self.stable.seq));
+                }
+            }
+            if self.last_executed < self.stable.seq && self.stable_ahead.is_none() && self.transfer.is_none() {
+                return Err("executed below the stable checkpoint with no transfer pending".into());
+            }
+            let limit = self.config.protocol.pending_requests_max;
+            if self.pending.len() > limit || self.waiting.len() > limit {
+                return Err("request queues over their bound".into());
+            }
+            if self.view_active && self.is_primary() && self.next_seq <= self.stable.seq {
+                return Err("primary's next sequence number is below the stable checkpoint".into());
+            }
+            for (seq, slot) in &self.log {
+                if let Some(p) = &slot.proposal {
+                    if p.pre_prepare.body.seq != *seq {
+                        return Err(format!("slot {seq:?} holds a proposal for {:?}", p.pre_prepare.body.seq));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_message(&mut self, sender: Principal, message: Message, actions: &mut Vec<Action>) {
+        let from = match (sender, &message) {
+            (_, Message::Client(ClientMessage::Request(r))) => {
+                let r = r.clone();
+                return self.on_request(sender, r, actions);
+            }
+            (_, Message::Client(ClientMessage::Reply(_))) => return,
+            (Principal::Replica(r), _) if r != self.id && (r.0 as usize) < self.n() => r,
+            _ => return,
+        };
+        match message {
+            Message::Agreement(m) => match m {
+                AgreementMessage::PrePrepare(p) => self.on_pre_prepare(from, p, actions),
+                AgreementMessage::Prepare(p) => self.on_prepare(from, p, actions),
+                AgreementMessage::Commit(c) => self.on_commit(from, c, actions),
+                AgreementMessage::Checkpoint(c) => self.on_checkpoint(from, c, actions),
+                AgreementMessage::FetchCommitted { from: first, to } => self.on_fetch_committed(from, first, to, actions),
+                AgreementMessage::Committed(cert) => self.on_committed(from, *cert, actions),
+            },
+            Message::ViewChange(m) => match m {
+                ViewChangeMessage::ViewChange(vc) => self.on_view_change(from, vc, actions),
+                ViewChangeMessage::NewView(nv) => self.on_new_view(from, nv, actions),
+                ViewChangeMessage::QueryNewView { view } => self.on_query_new_view(from, view, actions),
+            },
+            Message::StateTransfer(m) => self.on_state_transfer(from, m, actions),
+            Message::Client(_) => {}
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Requests and proposing
+
+    fn reply(&self, request: &Request, result: Vec<u8>, read_only: bool) -> Action {
+        Action::SendClient {
+            to: request.client,
+            message: Message::Client(ClientMessage::Reply(Reply {
+                view: self.view,
+                client: request.client,
+                timestamp: request.timestamp,
+                replica: self.id,
+                read_only,
+                result,
+            })),
+        }
+    }
+
+    pub fn on_request(&mut self, sender: Principal, request: Signed<Request>, actions: &mut Vec<Action>) {
+        let body = &request.body;
+        if body.operation.len() > self.config.protocol.operation_bytes_max {
+            self.metrics.requests_dropped += 1;
+            return self.misbehaved(sender, "oversized operation", actions);
+        }
+        if body.read_only {
+            // Unordered path: answer from the current (committed) state, or stay silent and
+            // let the client fall back to the ordered path.
+            if self.exec.is_read_only(&body.operation) && self.transfer.is_none() && self.stable_ahead.is_none() {
+                self.metrics.read_only_requests += 1;
+                let result = self.exec.execute_read_only(&request);
+                actions.push(self.reply(body, result, true));
+            }
+            return;
+        }
+        let key = (body.client, body.timestamp);
+        match self.exec.lookup(body.client, body.timestamp) {
+            Lookup::Cached(result) => {
+                let result = result.to_vec();
+                actions.push(self.reply(body, result, false));
+                return;
+            }
+            Lookup::Stale => {
+                self.metrics.requests_dropped += 1;
+                return;
+            }
+            Lookup::New => {}
+        }
+        let limit = self.config.protocol.pending_requests_max;
+        if self.view_active && self.is_primary() {
+            if self.pending_keys.contains(&key) || self.proposed.contains(&key) {
+                return;
+            }
+            let per_client = self.pending_keys.range((body.client, Timestamp(0))..=(body.client, Timestamp(u64::MAX))).count();
+            if self.pending.len() >= limit || per_client as u64 >= self.config.protocol.client_window {
+                self.metrics.requests_dropped += 1;
+                return;
+            }
+            self.pending_keys.insert(key);
+            self.pending.push_back(request);
+            self.try_propose(actions);
+        } else {
+            // The client timed out at the primary: relay the request and watch the primary.
+            if !self.waiting.contains_key(&key) {
+                if self.waiting.len() >= limit {
+                    self.metrics.requests_dropped += 1;
+                    return;
+                }
+                self.waiting.insert(key, (request.clone(), self.ticks));
+            }
+            if self.view_active && matches!(sender, Principal::Client(_)) {
+                actions.push(Action::Send {
+                    to: self.primary(),
+                    message: Message::Client(ClientMessage::Request(request)),
+                });
+            }
+        }
+    }
+
+    /// Primary: cuts batches from the queue while the window and the pipeline allow.
+    fn try_propose(&mut self, actions: &mut Vec<Action>) {
+        if !self.view_active || !self.is_primary() || self.transfer.is_some() {
+            return;
+        }
+        let p = &self.config.protocol;
+        let (batch_max, bytes_max, pipeline) = (p.batch_requests_max, p.batch_bytes_max, p.pipeline_batches_max);
+        while !self.pending.is_empty()
+            && self.next_seq <= self.high_water()
+            && self.next_seq.0.saturating_sub(self.last_executed.0) <= pipeline
+        {
+            let mut batch = Batch::default();
+            let mut bytes = 0usize;
+            while let Some(front) = self.pending.front() {
+                let size = front.body.operation.len();
+                if batch.requests.len() >= batch_max || (!batch.requests.is_empty() && bytes + size > bytes_max) {
+                    break;
+                }
+                let Some(request) = self.pending.pop_front() else { break };
+                let key = (request.body.client, request.body.timestamp);
+                self.pending_keys.remove(&key);
+                if self.exec.lookup(key.0, key.1) != Lookup::New || self.proposed.contains(&key) {
+                    continue;
+                }
+                bytes += size;
+                self.proposed.insert(key);
+                batch.requests.push(request);
+            }
+            if batch.requests.is_empty() {
+                continue;
+            }
+            let seq = self.next_seq;
+            let nondet = self.exec.propose_nondet(self.now_ns);
+            let pre_prepare = self.signer.sign(PrePrepare {
+                view: self.view,
+                seq,
+                batch_digest: batch.digest(),
+                nondet,
+                primary: self.id,
+            });
+            if let Err(e) = self.safety.check_vote(self.view, seq, pre_prepare.body.batch_digest) {
+                panic!("primary {} would equivocate: {e}", self.id.0);
+            }
+            let proposal = Proposal { pre_prepare, batch };
+            self.next_seq = seq.next();
+            self.highest_seen = self.highest_seen.max(seq);
+            actions.push(Action::Persist(WalRecord::Accepted(Box::new(proposal.clone()))));
+            actions.push(Action::Broadcast { message: Message::Agreement(AgreementMessage::PrePrepare(proposal.clone())) });
+            let slot = self.log.entry(seq).or_default();
+            slot.proposal = Some(proposal);
+            slot.sent_commit = false;
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Normal case
+
+    fn note_view_ahead(&mut self, from: ReplicaId, view: View, actions: &mut Vec<Action>) {
+        // Traffic from a view we never entered: we missed its new view (e.g. while down).
+        let due = self.last_view_query_tick.is_none_or(|t| self.ticks >= t + self.config.protocol.retransmit_ticks);
+        if view > self.view && due {
+            self.last_view_query_tick = Some(self.ticks);
+            actions.push(Action::Send { to: from, message: Message::ViewChange(ViewChangeMessage::QueryNewView { view }) });
+        }
+    }
+
+    pub fn on_pre_prepare(&mut self, from: ReplicaId, proposal: Proposal, actions: &mut Vec<Action>) {
+        let b = proposal.pre_prepare.body.clone();
+        self.highest_seen = self.highest_seen.max(b.seq.min(self.high_water()));
+        if b.view > self.view {
+            return self.note_view_ahead(from, b.view, actions);
+        }
+        if b.view < self.view || !self.view_active || self.is_primary() {
+            return;
+        }
+        if from != self.primary() || b.primary != self.primary() {
+            return self.misbehaved(Principal::Replica(from), "pre-prepare from a backup", actions);
+        }
+        if !self.in_window(b.seq) || b.seq <= self.last_executed {
+            return;
+        }
+        let p = &self.config.protocol;
+        if proposal.batch.requests.len() > p.batch_requests_max || proposal.batch.operation_bytes() > p.batch_bytes_max {
+            return self.misbehaved(Principal::Replica(from), "oversized batch", actions);
+        }
+        if let Some(existing) = self.safety.voted(b.view, b.seq) {
+            if existing != b.batch_digest {
+                // Rule 1: the primary equivocated; keep our first vote.
+                return self.misbehaved(Principal::Replica(from), "equivocating pre-prepare", actions);
+            }
+            return; // duplicate
+        }
+        if let Some(slot) = self.log.get(&b.seq) {
+            if slot.committed {
+                return;
+            }
+        }
+        if !proposal.batch.requests.is_empty() && !self.exec.check_nondet(&b.nondet, self.now_ns) {
+            return self.misbehaved(Principal::Replica(from), "unacceptable nondeterministic value", actions);
+        }
+        if proposal.batch.requests.iter().any(|r| r.body.operation.len() > p.operation_bytes_max) {
+            return self.misbehaved(Principal::Replica(from), "oversized operation in batch", actions);
+        }
+        if let Err(e) = self.safety.check_vote(b.view, b.seq, b.batch_digest) {
+            tracing::warn!(replica = self.id.0, %e, "refused");
+            return;
+        }
+        self.accept_and_prepare(proposal, actions);
+        self.try_prepared(b.seq, actions);
+    }
+
+    /// Backup: records an accepted proposal durably, then sends its prepare (rule 3).
+    fn accept_and_prepare(&mut self, proposal: Proposal, actions: &mut Vec<Action>) {
+        let b = proposal.pre_prepare.body.clone();
+        actions.push(Action::Persist(WalRecord::Accepted(Box::new(proposal.clone()))));
+        let slot = self.log.entry(b.seq).or_default();
+        slot.proposal = Some(proposal);
+        slot.sent_commit = false;
+        if b.primary != self.id {
+            let prepare =
+                self.signer.sign(Prepare { view: b.view, seq: b.seq, batch_digest: b.batch_digest, replica: self.id });
+            slot.prepares.insert(self.id, prepare.clone());
+            actions.push(Action::Broadcast { message: Message::Agreement(AgreementMessage::Prepare(prepare)) });
+        }
+    }
+
+    pub fn on_prepare(&mut self, from: ReplicaId, prepare: Signed<Prepare>, actions: &mut Vec<Action>) {
+        let b = prepare.body.clone();
+        if b.view > self.view {
+            self.note_view_ahead(from, b.view, actions);
+        }
+        if b.view < self.view || !self.in_window(b.seq) {
+            return;
+        }
+        self.highest_seen = self.highest_seen.max(b.seq);
+        let slot = self.log.entry(b.seq).or_default();
+        match slot.prepares.get(&from) {
+            Some(old) if old.body.view > b.view => return,
+            Some(old) if old.body.view == b.view => {
+                if old.body.batch_digest != b.batch_digest {
+                    return self.misbehaved(Principal::Replica(from), "conflicting prepares", actions);
+                }
+                return;
+            }
+            _ => {}
+        }
+        slot.prepares.insert(from, prepare);
+        self.try_prepared(b.seq, actions);
+    }
+
+    pub fn on_commit(&mut self, from: ReplicaId, commit: Signed<Commit>, actions: &mut Vec<Action>) {
+        let b = commit.body.clone();
+        if b.view > self.view {
+            self.note_view_ahead(from, b.view, actions);
+        }
+        if b.view < self.view && b.seq <= self.last_executed {
+            return;
+        }
+        if !self.in_window(b.seq) {
+            if b.seq > self.high_water() {
+                self.highest_seen = self.highest_seen.max(b.seq);
+            }
+            return;
+        }
+        self.highest_seen = self.highest_seen.max(b.seq);
+        let slot = self.log.entry(b.seq).or_default();
+        match slot.commits.get(&from) {
+            Some(old) if old.body.view > b.view => return,
+            Some(old) if old.body.view == b.view => {
+                if old.body.batch_digest != b.batch_digest {
+                    return self.misbehaved(Principal::Replica(from), "conflicting commits", actions);
+                }
+                return;
+            }
+            _ => {}
+        }
+        slot.commits.insert(from, commit);
+        self.try_committed(b.seq, actions);
+    }
+
+    fn try_prepared(&mut self, seq: SeqNo, actions: &mut Vec<Action>) {
+        let needed = 2 * self.f();
+        let (view, active, me) = (self.view, self.view_active, self.id);
+        let Some(slot) = self.log.get_mut(&seq) else { return };
+        let Some(proposal) = &slot.proposal else { return };
+        let b = &proposal.pre_prepare.body;
+        if !active || b.view != view || slot.sent_commit {
+            return;
+        }
+        let prepares: Vec<Signed<Prepare>> = slot
+            .prepares
+            .values()
+            .filter(|p| p.body.view == b.view && p.body.batch_digest == b.batch_digest && p.body.replica != b.primary)
+            .take(needed)
+            .cloned()
+            .collect();
+        if prepares.len() < needed {
+            return;
+        }
+        // Rule 4: the commit goes out with a prepared certificate in hand, persisted first.
+        let certificate = PreparedCertificate { proposal: proposal.clone(), prepares };
+        let commit = self.signer.sign(Commit { view: b.view, seq, batch_digest: b.batch_digest, replica: me });
+        actions.push(Action::Persist(WalRecord::Prepared(Box::new(certificate.clone()))));
+        actions.push(Action::Broadcast { message: Message::Agreement(AgreementMessage::Commit(commit.clone())) });
+        slot.certificate = Some(certificate);
+        slot.sent_commit = true;
+        slot.commits.insert(me, commit);
+        self.try_committed(seq, actions);
+    }
+
+    fn try_committed(&mut self, seq: SeqNo, actions: &mut Vec<Action>) {
+        let quorum = self.quorum();
+        let Some(slot) = self.log.get_mut(&seq) else { return };
+        let Some(proposal) = &slot.proposal else { return };
+        if !slot.sent_commit || slot.committed {
+            return;
+        }
+        let b = &proposal.pre_prepare.body;
+        let matching =
+            slot.commits.values().filter(|c| c.body.view == b.view && c.body.batch_digest == b.batch_digest).count();
+        if matching >= quorum {
+            slot.committed = true;
+            self.execute_ready(actions);
+        }
+    }
+
+    /// Executes committed batches in order (rule 5), replying to clients and checkpointing.
+    fn execute_ready(&mut self, actions: &mut Vec<Action>) {
+        // While transferring, or below our stable checkpoint after a restart, the state is
+        // not the one the log continues from.
+        if self.transfer.is_some() || self.last_executed < self.stable.seq {
+            return;
+        }
+        loop {
+            let seq = self.last_executed.next();
+            let Some(slot) = self.log.get(&seq) else { break };
+            if !slot.committed {
+                break;
+            }
+            let Some(proposal) = slot.proposal.clone() else { break };
+            if let Err(e) = self.safety.check_execute(seq) {
+                panic!("replica {}: {e}", self.id.0);
+            }
+            let results = self.exec.execute_batch(&proposal.batch, &proposal.pre_prepare.body.nondet);
+            self.last_executed = seq;
+            self.last_progress_tick = self.ticks;
+            self.view_change_timeout_ticks = self.config.protocol.view_change_timeout_ticks;
+            for request in &proposal.batch.requests {
+                let key = (request.body.client, request.body.timestamp);
+                self.proposed.remove(&key);
+                self.waiting.remove(&key);
+            }
+            for r in results {
+                actions.push(Action::SendClient {
+                    to: r.client,
+                    message: Message::Client(ClientMessage::Reply(Reply {
+                        view: self.view,
+                        client: r.client,
+                        timestamp: r.timestamp,
+                        replica: self.id,
+                        read_only: false,
+                        result: r.result,
+                    })),
+                });
+            }
+            self.metrics.executed_batches += 1;
+            self.metrics.executed_requests += proposal.batch.requests.len() as u64;
+            actions.push(Action::Notify(Notification::Executed {
+                seq,
+                batch_digest: proposal.pre_prepare.body.batch_digest,
+                requests: proposal.batch.requests.len(),
+            }));
+            if seq.0 % self.config.protocol.checkpoint_interval == 0 {
+                self.take_checkpoint(seq, actions);
+                if self.halted {
+                    return;
+                }
+            }
+        }
+        self.try_propose(actions);
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Checkpoints
+
+    fn take_checkpoint(&mut self, seq: SeqNo, actions: &mut Vec<Action>) {
+        let cp = match self.exec.checkpoint(seq.0) {
+            Ok(cp) => cp,
+            Err(e) => return self.halt(format!("checkpoint {}: {e}", seq.0), actions),
+        };
+        actions.push(Action::Persist(WalRecord::CheckpointTaken {
+            seq,
+            service_root: cp.service_root,
+            replies: cp.replies.clone(),
+        }));
+        let signed = self.signer.sign(Checkpoint {
+            seq,
+            service_root: cp.service_root,
+            replies_digest: cp.replies_digest,
+            replica: self.id,
+        });
+        actions.push(Action::Broadcast { message: Message::Agreement(AgreementMessage::Checkpoint(signed.clone())) });
+        actions.push(Action::Notify(Notification::CheckpointTaken {
+            seq,
+            service_root: cp.service_root,
+            replies_digest: cp.replies_digest,
+        }));
+        self.own_checkpoints.insert(
+            seq,
+            OwnCheckpoint { seq, service_root: cp.service_root, replies: cp.replies, replies_digest: cp.replies_digest },
+        );
+        self.checkpoint_votes.entry(seq).or_default().insert(self.id, signed);
+        self.try_stable(seq, actions);
+    }
+
+    pub fn on_checkpoint(&mut self, from: ReplicaId, checkpoint: Signed<Checkpoint>, actions: &mut Vec<Action>) {
+        let seq = checkpoint.body.seq;
+        if seq <= self.stable.seq {
+            return;
+        }
+        if seq.0 % self.config.protocol.checkpoint_interval != 0 {
+            return self.misbehaved(Principal::Replica(from), "checkpoint off the interval", actions);
+        }
+        self.highest_seen = self.highest_seen.max(seq);
+        // Votes are kept for two windows ahead: enough to notice we are behind; further ahead,
+        // catching up goes through FetchCommitted, answered with a stable certificate.
+        if seq.0 > self.stable.seq.0 + 2 * self.config.protocol.log_window {
+            return;
+        }
+        self.checkpoint_votes.entry(seq).or_default().insert(from, checkpoint);
+        self.try_stable(seq, actions);
+    }
+
+    fn try_stable(&mut self, seq: SeqNo, actions: &mut Vec<Action>) {
+        let quorum = self.quorum();
+        let Some(votes) = self.checkpoint_votes.get(&seq) else { return };
+        let mut groups: BTreeMap<(Digest, Digest), Vec<Signed<Checkpoint>>> = BTreeMap::new();
+        for v in votes.values() {
+            groups.entry((v.body.service_root, v.body.replies_digest)).or_default().push(v.clone());
+        }
+        let Some(((service_root, replies_digest), mut checkpoints)) =
+            groups.into_iter().find(|(_, list)| list.len() >= quorum)
+        else {
+            return;
+        };
+        checkpoints.truncate(quorum);
+        let cert = CheckpointCertificate { seq, service_root, replies_digest, checkpoints };
+        self.adopt_stable(cert, actions);
+    }
+
+    /// A valid stable certificate: make it ours if we hold that state, else catch up to it.
+    fn adopt_stable(&mut self, cert: CheckpointCertificate, actions: &mut Vec<Action>) {
+        if cert.seq <= self.stable.seq {
+            return;
+        }
+        match self.own_checkpoints.get(&cert.seq) {
+            Some(own) if own.service_root == cert.service_root && own.replies_digest == cert.replies_digest => {
+                self.make_stable(cert, actions)
+            }
+            Some(_) => {
+                // 2f+1 replicas (so at least f+1 correct) agree on a state we did not reach:
+                // our state is corrupt. Replace it.
+                tracing::error!(replica = self.id.0, seq = cert.seq.0, "own checkpoint differs from the certified one");
+                self.own_checkpoints.remove(&cert.seq);
+                self.stable_ahead = Some(cert.clone());
+                self.begin_transfer(cert, actions);
+            }
+            None => {
+                if self.stable_ahead.as_ref().is_none_or(|c| c.seq < cert.seq) {
+                    self.stable_ahead = Some(cert);
+                }
+            }
+        }
+    }
+
+    fn make_stable(&mut self, cert: CheckpointCertificate, actions: &mut Vec<Action>) {
+        let seq = cert.seq;
+        if seq <= self.stable.seq {
+            return;
+        }
+        self.stable = cert;
+        self.log = self.log.split_off(&seq.next());
+        self.checkpoint_votes = self.checkpoint_votes.split_off(&seq.next());
+        self.own_checkpoints = self.own_checkpoints.split_off(&seq);
+        self.exec.discard_before(seq.0);
+        self.safety.forget_before(seq);
+        if self.stable_ahead.as_ref().is_some_and(|c| c.seq <= seq) {
+            self.stable_ahead = None;
+        }
+        if self.next_seq <= seq {
+            self.next_seq = seq.next();
+        }
+        self.metrics.checkpoints_stable += 1;
+        actions.push(Action::Persist(WalRecord::Snapshot(Box::new(self.durable_state()))));
+        actions.push(Action::Notify(Notification::CheckpointStable {
+            seq,
+            service_root: self.stable.service_root,
+            replies_digest: self.stable.replies_digest,
+        }));
+        self.try_propose(actions);
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Catching up: committed batches from peers
+
+    pub fn on_fetch_committed(&mut self, from: ReplicaId, first: SeqNo, last: SeqNo, actions: &mut Vec<Action>) {
+        if first <= self.stable.seq && self.stable.seq > SeqNo(0) {
+            actions.push(Action::Send {
+                to: from,
+                message: Message::StateTransfer(StateTransferMessage::ReplyStable(self.stable.clone())),
+            });
+        }
+        let start = first.max(self.stable.seq.next());
+        let end = last.min(SeqNo(start.0 + FETCH_BATCHES_MAX - 1)).min(self.last_executed);
+        let quorum = self.quorum();
+        for (_, slot) in self.log.range(start..=end) {
+            if !slot.committed {
+                continue;
+            }
+            let Some(proposal) = &slot.proposal else { continue };
+            let b = &proposal.pre_prepare.body;
+            let commits: Vec<Signed<Commit>> = slot
+                .commits
+                .values()
+                .filter(|c| c.body.view == b.view && c.body.batch_digest == b.batch_digest)
+                .take(quorum)
+                .cloned()
+                .collect();
+            if commits.len() == quorum {
+                let cert = CommitCertificate { proposal: proposal.clone(), commits };
+                actions.push(Action::Send { to: from, message: Message::Agreement(AgreementMessage::Committed(Box::new(cert))) });
+            }
+        }
+    }
+
+    pub fn on_committed(&mut self, from: ReplicaId, cert: CommitCertificate, actions: &mut Vec<Action>) {
+        let b = cert.proposal.pre_prepare.body.clone();
+        if b.seq <= self.last_executed || !self.in_window(b.seq) {
+            return;
+        }
+        if b.primary != b.view.primary(self.n()) {
+            return self.misbehaved(Principal::Replica(from), "commit certificate for a non-primary's proposal", actions);
+        }
+        let mut signers = BTreeSet::new();
+        for c in &cert.commits {
+            if c.body.view != b.view || c.body.seq != b.seq || c.body.batch_digest != b.batch_digest {
+                return self.misbehaved(Principal::Replica(from), "commit certificate does not match", actions);
+            }
+            signers.insert(c.body.replica);
+        }
+        if signers.len() < self.quorum() || signers.iter().any(|r| r.0 as usize >= self.n()) {
+            return self.misbehaved(Principal::Replica(from), "commit certificate too small", actions);
+        }
+        let slot = self.log.entry(b.seq).or_default();
+        if slot.committed {
+            return;
+        }
+        slot.proposal = Some(cert.proposal);
+        slot.commits = cert.commits.into_iter().map(|c| (c.body.replica, c)).collect();
+        slot.sent_commit = true;
+        slot.committed = true;
+        self.metrics.fetched_batches += 1;
+        self.execute_ready(actions);
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Timers
+
+    fn on_tick(&mut self, now_ns: u64, actions: &mut Vec<Action>) {
+        self.ticks += 1;
+        self.now_ns = self.now_ns.max(now_ns);
+        let p = self.config.protocol.clone();
+
+        if let Some(transfer) = self.transfer.as_mut() {
+            let mut steps = Vec::new();
+            transfer.on_tick(self.ticks, p.retransmit_ticks, &mut steps);
+            self.apply_transfer_steps(steps, actions);
+        }
+
+        // View-change timers.
+        if self.view_active {
+            let oldest = self.waiting.values().map(|(_, t)| *t).min();
+            if let Some(t) = oldest {
+                if self.ticks >= t + self.view_change_timeout_ticks {
+                    self.on_view_change_timeout(actions);
+                }
+            }
+        } else if self.view_change_deadline.is_some_and(|d| self.ticks >= d) {
+            self.on_view_change_timeout(actions);
+        }
+
+        if self.ticks % p.retransmit_ticks == 0 {
+            self.retransmit(actions);
+        }
+
+        // Catching up.
+        if self.transfer.is_none() {
+            let stalled = self.ticks >= self.last_progress_tick + p.catch_up_ticks;
+            if let Some(cert) = self.stable_ahead.clone() {
+                if cert.seq > self.last_executed && (stalled || self.last_executed < self.stable.seq) {
+                    self.begin_transfer(cert, actions);
+                }
+            }
+            if self.transfer.is_none()
+                && self.highest_seen > self.last_executed
+                && stalled
+                && self.ticks >= self.last_fetch_tick + p.catch_up_ticks
+            {
+                self.last_fetch_tick = self.ticks;
+                let to = self.next_peer();
+                actions.push(Action::Send {
+                    to,
+                    message: Message::Agreement(AgreementMessage::FetchCommitted {
+                        from: self.last_executed.next(),
+                        to: self.highest_seen,
+                    }),
+                });
+            }
+        }
+        self.try_propose(actions);
+    }
+
+    fn next_peer(&mut self) -> ReplicaId {
+        let n = self.n() as u32;
+        self.fetch_rotation = (self.fetch_rotation + 1) % n;
+        if self.fetch_rotation == self.id.0 {
+            self.fetch_rotation = (self.fetch_rotation + 1) % n;
+        }
+        ReplicaId(self.fetch_rotation)
+    }
+
+    /// Resends this replica's part of whatever is not committed yet (messages get lost).
+    fn retransmit(&mut self, actions: &mut Vec<Action>) {
+        if !self.view_active {
+            if let Some(vc) = self.view_changes.get(&self.id) {
+                if vc.body.new_view == self.view {
+                    actions.push(Action::Broadcast { message: Message::ViewChange(ViewChangeMessage::ViewChange(vc.clone())) });
+                }
+            }
+            return;
+        }
+        let primary = self.is_primary();
+        for (_, slot) in self.log.range(self.last_executed.next()..) {
+            let Some(p) = &slot.proposal else { continue };
+            if p.pre_prepare.body.view != self.view || slot.committed {
+                continue;
+            }
+            if primary {
+                actions.push(Action::Broadcast { message: Message::Agreement(AgreementMessage::PrePrepare(p.clone())) });
+            } else if let Some(prepare) = slot.prepares.get(&self.id) {
+                actions.push(Action::Broadcast { message: Message::Agreement(AgreementMessage::Prepare(prepare.clone())) });
+            }
+            if slot.sent_commit {
+                if let Some(commit) = slot.commits.get(&self.id) {
+                    actions.push(Action::Broadcast { message: Message::Agreement(AgreementMessage::Commit(commit.clone())) });
+                }
+            }
+        }
+        // Our newest checkpoint vote, while it is not stable.
+        if let Some((_, votes)) = self.checkpoint_votes.iter().next_back() {
+            if let Some(mine) = votes.get(&self.id) {
+                actions.push(Action::Broadcast { message: Message::Agreement(AgreementMessage::Checkpoint(mine.clone())) });
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // View change
+
+    /// The primary of the current view (or the view change to it) took too long.
+    pub fn on_view_change_timeout(&mut self, actions: &mut Vec<Action>) {
+        let next = self.view.next();
+        self.start_view_change(next, actions);
+    }
+
+    fn start_view_change(&mut self, new_view: View, actions: &mut Vec<Action>) {
+        if self.safety.check_enter_view(new_view, false).is_err() {
+            return;
+        }
+        self.view = new_view;
+        self.view_active = false;
+        self.new_view_message = None;
+        self.proposed.clear();
+        let evidence: Vec<Evidence> = self
+            .log
+            .values()
+            .filter_map(|slot| slot.certificate.clone())
+            .map(Evidence::Prepared)
+            .collect();
+        let vc = self.signer.sign(ViewChange { new_view, replica: self.id, stable: self.stable.clone(), evidence });
+        actions.push(Action::Persist(WalRecord::EnteredView { view: new_view }));
+        actions.push(Action::Broadcast { message: Message::ViewChange(ViewChangeMessage::ViewChange(vc.clone())) });
+        self.view_changes.insert(self.id, vc);
+        self.view_change_deadline = Some(self.ticks + self.view_change_timeout_ticks);
+        // Back off: each consecutive view change waits twice as long for its new view.
+        self.view_change_timeout_ticks =
+            (self.view_change_timeout_ticks * 2).min(self.config.protocol.view_change_timeout_ticks_max);
+        self.metrics.view_changes_started += 1;
+        tracing::info!(replica = self.id.0, view = new_view.0, "view change");
+        actions.push(Action::Notify(Notification::ViewEntered { view: new_view, active: false }));
+        self.maybe_send_new_view(actions);
+    }
+
+    pub fn on_view_change(&mut self, from: ReplicaId, vc: Signed<ViewChange>, actions: &mut Vec<Action>) {
+        if !view_change::valid_view_change(&self.config, &self.genesis, &vc.body) {
+            return self.misbehaved(Principal::Replica(from), "malformed view change", actions);
+        }
+        let target = vc.body.new_view;
+        if target < self.view || (target == self.view && self.view_active) {
+            // It is behind: hand it the new view that installed ours.
+            if let Some(nv) = &self.new_view_message {
+                actions.push(Action::Send { to: from, message: Message::ViewChange(ViewChangeMessage::NewView(nv.clone())) });
+            }
+            return;
+        }
+        if self.view_changes.get(&from).is_some_and(|old| old.body.new_view >= target) {
+            return;
+        }
+        self.view_changes.insert(from, vc);
+        // f+1 replicas want a higher view: at least one correct one timed out, so join the
+        // smallest of those views rather than wait for our own timer.
+        let mut higher: Vec<View> = self
+            .view_changes
+            .values()
+            .filter(|v| v.body.replica != self.id && v.body.new_view > self.view)
+            .map(|v| v.body.new_view)
+            .collect();
+        if higher.len() > self.f() {
+            higher.sort();
+            self.start_view_change(higher[0], actions);
+        }
+        self.maybe_send_new_view(actions);
+    }
+
+    fn maybe_send_new_view(&mut self, actions: &mut Vec<Action>) {
+        if self.view_active || self.primary() != self.id {
+            return;
+        }
+        let mut chosen: Vec<Signed<ViewChange>> = Vec::new();
+        if let Some(mine) = self.view_changes.get(&self.id) {
+            if mine.body.new_view == self.view {
+                chosen.push(mine.clone());
+            }
+        }
+        for (r, vc) in &self.view_changes {
+            if *r != self.id && vc.body.new_view == self.view && chosen.len() < self.quorum() {
+                chosen.push(vc.clone());
+            }
+        }
+        if chosen.len() < self.quorum() || chosen.first().map(|v| v.body.replica) != Some(self.id) {
+            return;
+        }
+        let plan = view_change::plan_new_view(&chosen);
+        let pre_prepares: Vec<Signed<PrePrepare>> = plan
+            .slots
+            .iter()
+            .map(|(seq, p)| {
+                let (batch_digest, nondet) = NewViewPlan::slot_content(p);
+                self.signer.sign(PrePrepare { view: self.view, seq: *seq, batch_digest, nondet, primary: self.id })
+            })
+            .collect();
+        let nv = self.signer.sign(NewView { view: self.view, primary: self.id, view_changes: chosen, pre_prepares });
+        if let Err(e) = self.safety.check_enter_view(self.view, true) {
+            panic!("replica {}: {e}", self.id.0);
+        }
+        self.install_new_view(nv.clone(), plan, actions);
+        actions.push(Action::Broadcast { message: Message::ViewChange(ViewChangeMessage::NewView(nv)) });
+    }
+
+    pub fn on_new_view(&mut self, from: ReplicaId, nv: Signed<NewView>, actions: &mut Vec<Action>) {
+        let v = nv.body.view;
+        if v < self.view || (v == self.view && self.view_active) {
+            return;
+        }
+        if nv.body.primary != v.primary(self.n()) {
+            return self.misbehaved(Principal::Replica(from), "new view from a non-primary", actions);
+        }
+        if !view_change::valid_quorum(&self.config, &self.genesis, v, &nv.body.view_changes) {
+            return self.misbehaved(Principal::Replica(from), "new view without a valid quorum", actions);
+        }
+        // Rule 6: recompute and compare.
+        let plan = view_change::plan_new_view(&nv.body.view_changes);
+        let matches = plan.slots.len() == nv.body.pre_prepares.len()
+            && plan.slots.iter().zip(&nv.body.pre_prepares).all(|((seq, p), pp)| {
+                let (batch_digest, nondet) = NewViewPlan::slot_content(p);
+                pp.body == PrePrepare { view: v, seq: *seq, batch_digest, nondet, primary: nv.body.primary }
+            });
+        if !matches {
+            return self.misbehaved(Principal::Replica(from), "new view does not match its view changes", actions);
+        }
+        if self.safety.check_enter_view(v, v == self.view).is_err() {
+            return;
+        }
+        self.view = v;
+        self.install_new_view(nv, plan, actions);
+    }
+
+    fn install_new_view(&mut self, nv: Signed<NewView>, plan: NewViewPlan, actions: &mut Vec<Action>) {
+        let view = nv.body.view;
+        self.view = view;
+        self.view_active = true;
+        self.view_change_deadline = None;
+        self.view_changes.retain(|_, v| v.body.new_view > view);
+        self.proposed.clear();
+        actions.push(Action::Persist(WalRecord::InstalledView { view }));
+
+        if plan.stable.seq > self.stable.seq {
+            if plan.stable.seq > self.last_executed {
+                self.stable_ahead = Some(plan.stable.clone());
+            } else {
+                self.adopt_stable(plan.stable.clone(), actions);
+            }
+        }
+        let primary = view.primary(self.n()) == self.id;
+        let mut max_seq = plan.stable.seq.max(self.stable.seq);
+        for ((seq, chosen), pre_prepare) in plan.slots.iter().zip(nv.body.pre_prepares.iter()) {
+            max_seq = max_seq.max(*seq);
+            if !self.in_window(*seq) {
+                continue;
+            }
+            let proposal = Proposal { pre_prepare: pre_prepare.clone(), batch: NewViewPlan::batch(chosen) };
+            let digest = proposal.pre_prepare.body.batch_digest;
+            if let Some(slot) = self.log.get(seq) {
+                if slot.committed {
+                    let old = slot.proposal.as_ref().map(|p| p.pre_prepare.body.batch_digest);
+                    assert_eq!(old, Some(digest), "replica {}: new view {view:?} changes committed {seq:?}", self.id.0);
+                }
+            }
+            if let Err(e) = self.safety.check_vote(view, *seq, digest) {
+                panic!("replica {}: {e}", self.id.0);
+            }
+            let committed = self.log.get(seq).is_some_and(|s| s.committed);
+            self.accept_and_prepare(proposal, actions);
+            if committed {
+                if let Some(slot) = self.log.get_mut(seq) {
+                    slot.committed = true;
+                }
+            }
+        }
+        // Proposals of old views above the plan are void.
+        for (_, slot) in self.log.range_mut(max_seq.next()..) {
+            if !slot.committed {
+                slot.proposal = None;
+                slot.sent_commit = false;
+            }
+        }
+        self.next_seq = max_seq.max(self.last_executed).next();
+        // Give the new primary the requests clients were waiting on.
+        let ticks = self.ticks;
+        let waiting: Vec<Signed<Request>> = self.waiting.values_mut().map(|(r, t)| {
+            *t = ticks;
+            r.clone()
+        }).collect();
+        if primary {
+            let waiting_keys: Vec<_> = self.waiting.keys().copied().collect();
+            for (key, request) in waiting_keys.into_iter().zip(waiting) {
+                if self.pending_keys.insert(key) {
+                    self.pending.push_back(request);
+                }
+            }
+            self.waiting.clear();
+        } else {
+            for request in waiting {
+                actions.push(Action::Send { to: view.primary(self.n()), message: Message::Client(ClientMessage::Request(request)) });
+            }
+            self.pending.clear();
+            self.pending_keys.clear();
+        }
+        self.new_view_message = Some(nv);
+        self.metrics.new_views_installed += 1;
+        tracing::info!(replica = self.id.0, view = view.0, "new view installed");
+        actions.push(Action::Notify(Notification::ViewEntered { view, active: true }));
+        let seqs: Vec<SeqNo> = self.log.keys().copied().collect();
+        for seq in seqs {
+            self.try_prepared(seq, actions);
+        }
+        self.execute_ready(actions);
+        self.try_propose(actions);
+    }
+
+    fn on_query_new_view(&mut self, from: ReplicaId, view: View, actions: &mut Vec<Action>) {
+        if let Some(nv) = &self.new_view_message {
+            if nv.body.view >= view {
+                actions.push(Action::Send { to: from, message: Message::ViewChange(ViewChangeMessage::NewView(nv.clone())) });
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // State transfer
+
+    fn begin_transfer(&mut self, cert: CheckpointCertificate, actions: &mut Vec<Action>) {
+        if cert.seq <= self.last_executed && self.last_executed >= self.stable.seq {
+            return;
+        }
+        if self.transfer.as_ref().is_some_and(|t| t.target.seq >= cert.seq) {
+            return;
+        }
+        // Diff against our newest checkpoint: roll the service back to it.
+        let Some(base) = self.own_checkpoints.values().next_back().cloned() else {
+            return self.halt("no own checkpoint to transfer state against".into(), actions);
+        };
+        let replies = match ReplyTable::decode(&base.replies, self.config.protocol.client_window) {
+            Ok(r) => r,
+            Err(e) => return self.halt(format!("own reply cache: {e}"), actions),
+        };
+        if let Err(e) = self.exec.rollback_to(base.seq.0, replies) {
+            return self.halt(format!("rollback to {}: {e}", base.seq.0), actions);
+        }
+        self.last_executed = base.seq;
+        self.safety.reset_executed(base.seq);
+        let mut peers: Vec<ReplicaId> = cert.checkpoints.iter().map(|c| c.body.replica).collect();
+        for r in self.config.replica_ids() {
+            if !peers.contains(&r) {
+                peers.push(r);
+            }
+        }
+        tracing::info!(replica = self.id.0, target = cert.seq.0, base = base.seq.0, "state transfer");
+        self.metrics.state_transfers += 1;
+        let mut steps = Vec::new();
+        let transfer = Transfer::start(cert, base.seq, self.id, peers, self.config.weak_quorum(), self.ticks, &mut steps);
+        self.transfer = Some(transfer);
+        self.apply_transfer_steps(steps, actions);
+    }
+
+    fn apply_transfer_steps(&mut self, steps: Vec<TransferStep>, actions: &mut Vec<Action>) {
+        for step in steps {
+            match step {
+                TransferStep::Send(to, m) => actions.push(Action::Send { to, message: Message::StateTransfer(m) }),
+                TransferStep::Misbehaved(from, what) => self.misbehaved(Principal::Replica(from), what, actions),
+            }
+        }
+    }
+
+    fn on_state_transfer(&mut self, from: ReplicaId, message: StateTransferMessage, actions: &mut Vec<Action>) {
+        use StateTransferMessage as M;
+        let service = self.exec.service();
+        let reply = match &message {
+            M::QueryStable => Some(M::ReplyStable(self.stable.clone())),
+            M::GetNode { seq, level, index } => service.partition_node(seq.0, *level, *index).map(|children| M::Node {
+                seq: *seq,
+                level: *level,
+                index: *index,
+                object_count: service.object_count(),
+                children,
+            }),
+            M::GetPieceDigests { seq, index } => {
+                service.piece_digests_at(seq.0, *index).map(|digests| M::PieceDigests { seq: *seq, index: *index, digests })
+            }
+            M::GetPiece { seq, index, piece } => service
+                .get_piece_at(seq.0, *index, *piece)
+                .map(|bytes| M::Piece { seq: *seq, index: *index, piece: *piece, bytes }),
+            M::GetReplies { seq } => {
+                self.own_checkpoints.get(seq).map(|c| M::Replies { seq: *seq, table: c.replies.clone() })
+            }
+            _ => None,
+        };
+        if let Some(reply) = reply {
+            return actions.push(Action::Send { to: from, message: Message::StateTransfer(reply) });
+        }
+        match message {
+            M::ReplyStable(cert) => {
+                if !view_change::valid_checkpoint_certificate(&self.config, &self.genesis, &cert) {
+                    return self.misbehaved(Principal::Replica(from), "invalid stable certificate", actions);
+                }
+                if cert.seq > self.last_executed {
+                    self.stable_ahead = Some(cert.clone());
+                    self.begin_transfer(cert, actions);
+                } else {
+                    self.adopt_stable(cert, actions);
+                }
+            }
+            M::Node { .. } | M::PieceDigests { .. } | M::Piece { .. } | M::Replies { .. } => {
+                let Some(mut transfer) = self.transfer.take() else { return };
+                let mut steps = Vec::new();
+                let finished = transfer.on_message(self.exec.service(), from, message, self.ticks, &mut steps);
+                self.metrics.state_transfer_bytes = self.metrics.state_transfer_bytes.max(transfer.bytes_fetched);
+                let target = transfer.target.clone();
+                let base = transfer.base;
+                self.transfer = Some(transfer);
+                self.apply_transfer_steps(steps, actions);
+                if let Some(finished) = finished {
+                    self.transfer = None;
+                    self.finish_transfer(target, base, finished, actions);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn finish_transfer(
+        &mut self,
+        target: CheckpointCertificate,
+        base: SeqNo,
+        finished: state_transfer::Finished,
+        actions: &mut Vec<Action>,
+    ) {
+        let window = self.config.protocol.client_window;
+        let retry = |this: &mut Self, why: &str, actions: &mut Vec<Action>| {
+            tracing::warn!(replica = this.id.0, why, "state transfer failed; retrying");
+            let base_replies = this.own_checkpoints.get(&base).map(|c| c.replies.clone()).unwrap_or_default();
+            let replies = ReplyTable::decode(&base_replies, window).unwrap_or_else(|_| ReplyTable::new(window));
+            if let Err(e) = this.exec.rollback_to(base.0, replies) {
+                this.halt(format!("rollback to {}: {e}", base.0), actions);
+            }
+            this.stable_ahead = Some(target.clone());
+        };
+        let replies = match ReplyTable::decode(&finished.replies, window) {
+            Ok(r) => r,
+            Err(_) => return retry(self, "reply cache does not decode", actions),
+        };
+        if let Err(e) = self.exec.service_mut().put_objs(finished.objects) {
+            return retry(self, &e.to_string(), actions);
+        }
+        self.exec.set_replies(replies);
+        let cp = match self.exec.checkpoint(target.seq.0) {
+            Ok(cp) => cp,
+            Err(e) => return self.halt(format!("checkpoint after state transfer: {e}"), actions),
+        };
+        if cp.service_root != target.service_root || cp.replies_digest != target.replies_digest {
+            return retry(self, "installed state does not match the certified digest", actions);
+        }
+        actions.push(Action::Persist(WalRecord::CheckpointTaken {
+            seq: target.seq,
+            service_root: cp.service_root,
+            replies: cp.replies.clone(),
+        }));
+        self.own_checkpoints.insert(
+            target.seq,
+            OwnCheckpoint { seq: target.seq, service_root: cp.service_root, replies: cp.replies, replies_digest: cp.replies_digest },
+        );
+        self.last_executed = target.seq;
+        self.safety.reset_executed(target.seq);
+        self.last_progress_tick = self.ticks;
+        let bytes = self.metrics.state_transfer_bytes;
+        self.make_stable(target.clone(), actions);
+        if self.stable_ahead.as_ref().is_some_and(|c| c.seq <= target.seq) {
+            self.stable_ahead = None;
+        }
+        actions.push(Action::Notify(Notification::StateTransferred { seq: target.seq, bytes }));
+        self.execute_ready(actions);
+    }
+}
