@@ -26,6 +26,7 @@ const W: u32 = 2;
 const X: u32 = 1;
 
 fn io_err(e: io::Error) -> FsError {
+    tracing::warn!(error = %e, "file service: backend failure");
     fs_error(&e)
 }
 

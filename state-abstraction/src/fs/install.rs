@@ -295,6 +295,9 @@ impl FileService {
             if i >= new_len {
                 continue;
             }
+            if !matches!(t, Some(Target { header: Header::Live(_), .. })) {
+                self.fds.get_mut().forget(i);
+            }
             self.slots[i as usize] = match t {
                 None => Slot::Free { generation: 0 },
                 Some(Target { header: Header::Free { generation, .. }, .. }) => Slot::Free { generation: *generation },

@@ -331,6 +331,7 @@ impl FileService {
             }
         };
         obj.pieces = vec![Digest::default(); 1 + obj.chunks() as usize];
+        self.fds.get_mut().forget(i);
         self.slots[i as usize] = Slot::Live(Box::new(obj));
         self.dirty.insert(i);
         Ok(i)

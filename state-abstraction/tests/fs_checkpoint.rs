@@ -1,0 +1,162 @@
+//! Checkpoints, rollback, state transfer (get_obj/put_objs) and restart on one backend.
+
+mod common;
+use common::*;
+use state_abstraction::fs::*;
+use state_abstraction::Service;
+
+const ROOT: Handle = Handle::ROOT;
+
+/// A little of everything, so the objects cover every kind and both data pieces and holes.
+fn populate(fs: &mut Fs, tag: u8) {
+    let d = fs.mkdir(ROOT, &format!("dir{tag}"));
+    let f = fs.create(d, "file");
+    fs.write(f, 0, &vec![tag; 150_000]);
+    fs.write(f, 300_000, b"tail");
+    let g = fs.create(ROOT, &format!("g{tag}"));
+    fs.write(g, 0, b"small");
+    fs.entry(FsOp::Link { h: g, dir: d, name: b"hard".to_vec() });
+    fs.entry(FsOp::Symlink { dir: d, name: b"sym".to_vec(), target: b"../g".to_vec() });
+    fs.entry(FsOp::Mknod { dir: d, name: b"fifo".to_vec(), mode: 0o644, kind: NodeKind::Fifo });
+    fs.entry(FsOp::Mknod { dir: d, name: b"dev".to_vec(), mode: 0o600, kind: NodeKind::CharDevice { rdev: 0x0501 } });
+    fs.run(FsOp::SetXattr { h: f, name: b"user.k".to_vec(), value: vec![tag; 10], how: XattrSet::Create }).expect("xattr");
+}
+
+fn mutate(fs: &mut Fs) {
+    let d = match fs.lookup(ROOT, "dir1") {
+        Ok(FsReply::Entry { handle, .. }) => handle,
+        other => panic!("{other:?}"),
+    };
+    let f = match fs.lookup(d, "file") {
+        Ok(FsReply::Entry { handle, .. }) => handle,
+        other => panic!("{other:?}"),
+    };
+    fs.write(f, 70_000, b"changed in the middle");
+    fs.run(FsOp::SetAttr { h: f, set: SetAttrs { size: Some(1000), ..Default::default() } }).expect("truncate");
+    fs.run(FsOp::Remove { dir: ROOT, name: b"g1".to_vec() }).expect("remove");
+    fs.run(FsOp::Rename { from_dir: d, from_name: b"sym".to_vec(), to_dir: ROOT, to_name: b"moved".to_vec(), no_replace: false })
+        .expect("rename");
+    let n = fs.mkdir(d, "new");
+    let x = fs.create(n, "x");
+    fs.write(x, 0, b"x");
+    fs.run(FsOp::Rmdir { dir: ROOT, name: b"dir2".to_vec() }).expect_err("not empty");
+    fs.run(FsOp::Remove { dir: d, name: b"hard".to_vec() }).expect("remove hard link");
+    fs.run(FsOp::Rename { from_dir: ROOT, from_name: b"dir2".to_vec(), to_dir: n, to_name: b"d2".to_vec(), no_replace: false })
+        .expect("move dir");
+}
+
+fn all_objects(svc: &FileService) -> Vec<(u64, state_abstraction::AbstractObject)> {
+    (0..svc.object_count()).map(|i| (i, svc.get_obj(i).expect("get_obj"))).collect()
+}
+
+fn checkpoint_rollback_on(dir: &std::path::Path) {
+    let mut fs = Fs::open(dir);
+    populate(&mut fs, 1);
+    populate(&mut fs, 2);
+    let d10 = fs.svc.checkpoint(10).expect("checkpoint");
+    assert_eq!(d10, fs.digest());
+    let objs10 = all_objects(&fs.svc);
+    let t10 = fs.now;
+    mutate(&mut fs);
+    let d_mut = fs.digest();
+    assert_ne!(d_mut, d10);
+    assert!(!fs.svc.modified_since(10).expect("modified").is_empty());
+    // The checkpoint is still served as it was.
+    for (i, o) in &objs10 {
+        assert_eq!(fs.svc.get_obj_at(10, *i).as_ref(), Some(o), "object {i} at checkpoint 10");
+        let digests = fs.svc.piece_digests_at(10, *i).expect("piece digests");
+        assert_eq!(digests.len(), o.pieces.len());
+        for (p, bytes) in o.pieces.iter().enumerate() {
+            assert_eq!(digests[p], state_abstraction::digest::piece_digest(*i, p as u32, bytes));
+            assert_eq!(fs.svc.get_piece_at(10, *i, p as u32).as_ref(), Some(bytes));
+        }
+    }
+    let d20 = fs.svc.checkpoint(20).expect("checkpoint 20");
+    assert_eq!(d20, d_mut);
+    populate(&mut fs, 3);
+    fs.svc.rollback_to(10).expect("rollback");
+    assert_eq!(fs.digest(), d10);
+    assert_eq!(all_objects(&fs.svc), objs10);
+    assert_eq!(fs.svc.checkpoints(), vec![(10, d10)]);
+    // Behaviour after rollback: the same operations at the same times give the same state.
+    fs.now = t10;
+    mutate(&mut fs);
+    assert_eq!(fs.digest(), d_mut);
+}
+
+#[test]
+fn checkpoint_and_rollback_root_fs() {
+    let dir = temp_dir();
+    checkpoint_rollback_on(dir.path());
+}
+
+#[test]
+fn checkpoint_and_rollback_tmpfs() {
+    let Some(dir) = shm_dir() else {
+        eprintln!("no /dev/shm: skipped");
+        return;
+    };
+    checkpoint_rollback_on(dir.path());
+}
+
+#[test]
+fn put_objs_into_fresh_service_reproduces_state() {
+    let a = temp_dir();
+    let b = temp_dir();
+    let mut fs = Fs::open(a.path());
+    populate(&mut fs, 1);
+    populate(&mut fs, 2);
+    mutate(&mut fs);
+    let want = fs.digest();
+    let mut objs = all_objects(&fs.svc);
+    objs.reverse();
+    let mut other = Fs::open(b.path());
+    other.now = fs.now;
+    other.svc.put_objs(objs).expect("put_objs");
+    assert_eq!(other.digest(), want);
+    assert_eq!(all_objects(&other.svc), all_objects(&fs.svc));
+    // Same behaviour afterwards.
+    for t in [&mut fs, &mut other] {
+        populate(t, 7);
+    }
+    assert_eq!(other.digest(), fs.digest());
+    assert_eq!(std::fs::read(b.path().join("tree/dir1/file")).expect("concrete file").len(), 1000);
+}
+
+#[test]
+fn put_objs_over_existing_state() {
+    let a = temp_dir();
+    let b = temp_dir();
+    let mut fs = Fs::open(a.path());
+    populate(&mut fs, 1);
+    populate(&mut fs, 2);
+    mutate(&mut fs);
+    let mut other = Fs::open(b.path());
+    populate(&mut other, 2);
+    populate(&mut other, 5);
+    other.svc.put_objs(all_objects(&fs.svc)).expect("put_objs");
+    assert_eq!(other.digest(), fs.digest());
+}
+
+#[test]
+fn table_survives_reopen() {
+    let dir = temp_dir();
+    let (want, now) = {
+        let mut fs = Fs::open(dir.path());
+        populate(&mut fs, 1);
+        fs.svc.flush().expect("flush");
+        (fs.digest(), fs.now)
+    };
+    let mut fs = Fs::open(dir.path());
+    fs.now = now;
+    assert_eq!(fs.digest(), want);
+    // Reopen with a checkpoint and later unsaved changes: back to the checkpoint.
+    let cp = fs.svc.checkpoint(5).expect("checkpoint");
+    populate(&mut fs, 2);
+    drop(fs);
+    let mut fs = Fs::open(dir.path());
+    assert_eq!(fs.svc.checkpoints(), vec![(5, cp)]);
+    assert_eq!(fs.digest(), cp);
+    assert_eq!(fs.lookup(ROOT, "dir2"), Err(FsError::NoEnt));
+    populate(&mut fs, 2);
+}
