@@ -83,7 +83,8 @@ pub enum Action {
 /// Things worth logging or checking; the driver need not act on them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Notification {
-    Executed { seq: SeqNo, batch_digest: Digest, requests: usize },
+    /// A batch ran; `requests` in batch order (duplicates were answered from the cache).
+    Executed { seq: SeqNo, batch_digest: Digest, requests: Vec<(ClientId, Timestamp)> },
     CheckpointTaken { seq: SeqNo, service_root: Digest, replies_digest: Digest },
     CheckpointStable { seq: SeqNo, service_root: Digest, replies_digest: Digest },
     ViewEntered { view: View, active: bool },
@@ -945,7 +946,7 @@ impl<S: Service> Replica<S> {
             actions.push(Action::Notify(Notification::Executed {
                 seq,
                 batch_digest: proposal.pre_prepare.body.batch_digest,
-                requests: proposal.batch.requests.len(),
+                requests: proposal.batch.requests.iter().map(|r| (r.body.client, r.body.timestamp)).collect(),
             }));
             if seq.0 % self.config.protocol.checkpoint_interval == 0 {
                 self.take_checkpoint(seq, actions);
@@ -1088,7 +1089,10 @@ impl<S: Service> Replica<S> {
             });
         }
         let start = first.max(self.stable.seq.next());
-        let end = last.min(SeqNo(start.0 + FETCH_BATCHES_MAX - 1)).min(self.last_executed);
+        let end = last.min(SeqNo(start.0.saturating_add(FETCH_BATCHES_MAX - 1))).min(self.last_executed);
+        if start > end {
+            return;
+        }
         let quorum = self.quorum();
         for (_, slot) in self.log.range(start..=end) {
             if !slot.committed {
@@ -1151,7 +1155,14 @@ impl<S: Service> Replica<S> {
         if let Some(transfer) = self.transfer.as_mut() {
             let mut steps = Vec::new();
             transfer.on_tick(self.ticks, p.retransmit_ticks, &mut steps);
+            let target = transfer.target.seq;
             self.apply_transfer_steps(steps, actions);
+            // Peers discard checkpoints once newer ones are stable: chase the newest.
+            if let Some(newer) = self.stable_ahead.clone().filter(|c| c.seq > target) {
+                self.begin_transfer(newer, actions);
+            } else if self.ticks % (4 * p.retransmit_ticks) == 0 {
+                actions.push(Action::Broadcast { message: Message::StateTransfer(StateTransferMessage::QueryStable) });
+            }
         }
 
         // View-change timers.

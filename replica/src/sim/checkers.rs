@@ -1,0 +1,217 @@
+//! Checkers of simulated runs.
+//!
+//! In: notifications from correct replicas (as they happen) and the clients' history of
+//! invocations and completions. Out: the first violation, as text.
+//!
+//! - **Agreement**: no two correct replicas execute different batches at one sequence
+//!   number, and the executed sequence has no holes.
+//! - **Checkpoints**: every correct replica's checkpoint at a sequence number has the same
+//!   service root and reply-cache digest.
+//! - **Linearizability** (over the key-value service): the agreed order (batches by sequence
+//!   number, requests in batch order, each request at its first execution) is replayed on a
+//!   model map; every ordered result must equal the model's; an operation that completed
+//!   before another was invoked must come first in the agreed order (real time); a read
+//!   answered on the read-only path must return a value its key had at some point of the
+//!   agreed order inside the read's real-time window. Ticks are ordered: within one tick,
+//!   deliveries (completions) come before invocations.
+
+use crate::client::RequestId;
+use crate::core::Notification;
+use crate::wire::{Digest, SeqNo, Timestamp};
+use state_abstraction::kv::{KvOp, KvReply};
+use state_abstraction::ClientId;
+use std::collections::BTreeMap;
+
+#[derive(Clone, Debug)]
+pub struct HistoryEntry {
+    pub client: ClientId,
+    pub id: RequestId,
+    pub op: KvOp,
+    pub invoked: u64,
+    pub completed: Option<u64>,
+    pub result: Option<Vec<u8>>,
+    pub read_only_path: bool,
+}
+
+pub struct Checker {
+    byzantine: Option<u32>,
+    executed: BTreeMap<SeqNo, (Digest, Vec<(ClientId, Timestamp)>, u32)>,
+    checkpoints: BTreeMap<SeqNo, (Digest, Digest, u32)>,
+    history: Vec<HistoryEntry>,
+}
+
+impl Checker {
+    pub fn new(byzantine: Option<u32>) -> Self {
+        Checker { byzantine, executed: BTreeMap::new(), checkpoints: BTreeMap::new(), history: Vec::new() }
+    }
+
+    pub fn observe(&mut self, replica: u32, n: &Notification) -> Result<(), String> {
+        if self.byzantine == Some(replica) {
+            return Ok(());
+        }
+        match n {
+            Notification::Executed { seq, batch_digest, requests } => match self.executed.get(seq) {
+                Some((d, _, who)) if d != batch_digest => Err(format!(
+                    "agreement: replica {replica} executed {batch_digest:?} at {seq:?}, replica {who} executed {d:?}"
+                )),
+                Some(_) => Ok(()),
+                None => {
+                    self.executed.insert(*seq, (*batch_digest, requests.clone(), replica));
+                    Ok(())
+                }
+            },
+            Notification::CheckpointTaken { seq, service_root, replies_digest }
+            | Notification::CheckpointStable { seq, service_root, replies_digest } => match self.checkpoints.get(seq) {
+                Some((root, replies, who)) if root != service_root || replies != replies_digest => Err(format!(
+                    "checkpoint {seq:?}: replica {replica} has {service_root:?}/{replies_digest:?}, replica {who} has {root:?}/{replies:?}"
+                )),
+                Some(_) => Ok(()),
+                None => {
+                    self.checkpoints.insert(*seq, (*service_root, *replies_digest, replica));
+                    Ok(())
+                }
+            },
+            _ => Ok(()),
+        }
+    }
+
+    pub fn invoke(&mut self, entry: HistoryEntry) -> usize {
+        self.history.push(entry);
+        self.history.len() - 1
+    }
+
+    pub fn complete(&mut self, h: usize, tick: u64, result: Vec<u8>, read_only: bool) -> Result<(), String> {
+        let Some(entry) = self.history.get_mut(h) else { return Err(format!("unknown history entry {h}")) };
+        if entry.completed.is_some() {
+            return Err(format!("request {:?} of {:?} completed twice", entry.id, entry.client));
+        }
+        entry.completed = Some(tick);
+        entry.result = Some(result);
+        entry.read_only_path = read_only;
+        Ok(())
+    }
+
+    pub fn completed(&self) -> u64 {
+        self.history.iter().filter(|e| e.completed.is_some()).count() as u64
+    }
+
+    pub fn read_only_completed(&self) -> u64 {
+        self.history.iter().filter(|e| e.read_only_path).count() as u64
+    }
+
+    pub fn check_history(&self) -> Result<(), String> {
+        // The agreed order, without holes.
+        let mut expected_seq = SeqNo(1);
+        let mut order: Vec<(ClientId, Timestamp)> = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for (seq, (_, requests, _)) in &self.executed {
+            if *seq != expected_seq {
+                return Err(format!("agreement: no correct replica reported executing {expected_seq:?}"));
+            }
+            expected_seq = seq.next();
+            for key in requests {
+                if seen.insert(*key) {
+                    order.push(*key);
+                }
+            }
+        }
+        let by_request: BTreeMap<(ClientId, u64), usize> =
+            self.history.iter().enumerate().map(|(i, e)| ((e.client, e.id.0), i)).collect();
+        // Replay on a model; remember each request's position and each key's value history.
+        let mut model: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        let mut position: BTreeMap<usize, usize> = BTreeMap::new();
+        // values[key] = [(position after which the value holds, value)]
+        let mut timeline: BTreeMap<Vec<u8>, Vec<(usize, Option<Vec<u8>>)>> = BTreeMap::new();
+        for (pos, (client, timestamp)) in order.iter().enumerate() {
+            let Some(&h) = by_request.get(&(*client, timestamp.0)) else {
+                return Err(format!("executed request {client:?}/{timestamp:?} that no client sent"));
+            };
+            let entry = &self.history[h];
+            position.insert(h, pos);
+            let key = entry.op.key().to_vec();
+            let expected = match &entry.op {
+                KvOp::Put { key, value } => KvReply::Value(model.insert(key.clone(), value.clone())),
+                KvOp::Get { key } => KvReply::Value(model.get(key).cloned()),
+                KvOp::Append { key, value } => {
+                    let v = model.entry(key.clone()).or_default();
+                    v.extend_from_slice(value);
+                    KvReply::Value(Some(v.clone()))
+                }
+                KvOp::Delete { key } => KvReply::Value(model.remove(key)),
+            };
+            timeline.entry(key.clone()).or_default().push((pos + 1, model.get(&key).cloned()));
+            if let (Some(result), false) = (&entry.result, entry.read_only_path) {
+                if *result != expected.encode() {
+                    return Err(format!(
+                        "linearizability: {:?} request {:?} ({:?}) returned {:?}, the agreed order gives {:?}",
+                        entry.client,
+                        entry.id,
+                        entry.op,
+                        KvReply::decode(result),
+                        expected
+                    ));
+                }
+            }
+        }
+        // Every ordered completion was executed by a correct replica.
+        for (h, e) in self.history.iter().enumerate() {
+            if e.completed.is_some() && !e.read_only_path && !position.contains_key(&h) {
+                return Err(format!("request {:?} of {:?} completed but no correct replica executed it", e.id, e.client));
+            }
+        }
+        // Real-time order among ordered operations.
+        let ordered: Vec<(usize, usize)> = position.iter().map(|(h, p)| (*h, *p)).collect();
+        for &(a, pa) in &ordered {
+            let Some(done) = self.history[a].completed else { continue };
+            if self.history[a].read_only_path {
+                continue;
+            }
+            for &(b, pb) in &ordered {
+                if done <= self.history[b].invoked && pa >= pb {
+                    return Err(format!(
+                        "real time: {:?}/{:?} completed at {done} before {:?}/{:?} was invoked at {}, but is ordered after it",
+                        self.history[a].client, self.history[a].id, self.history[b].client, self.history[b].id, self.history[b].invoked
+                    ));
+                }
+            }
+        }
+        // Read-only results.
+        for (r, e) in self.history.iter().enumerate() {
+            if !e.read_only_path {
+                continue;
+            }
+            let (Some(done), Some(result)) = (e.completed, &e.result) else { continue };
+            let low = ordered
+                .iter()
+                .filter(|(a, _)| self.history[*a].completed.is_some_and(|c| c <= e.invoked) && !self.history[*a].read_only_path)
+                .map(|(_, p)| p + 1)
+                .max()
+                .unwrap_or(0);
+            let high = ordered
+                .iter()
+                .filter(|(b, _)| self.history[*b].invoked >= done && *b != r)
+                .map(|(_, p)| *p)
+                .min()
+                .unwrap_or(order.len());
+            let key = e.op.key().to_vec();
+            let changes = timeline.get(&key).cloned().unwrap_or_default();
+            // The key's value after `state` operations of the agreed order.
+            let value_at = |state: usize| -> Option<Vec<u8>> {
+                changes.iter().rev().find(|(p, _)| *p <= state).and_then(|(_, v)| v.clone())
+            };
+            let mut candidates: Vec<usize> = vec![low];
+            candidates.extend(changes.iter().map(|(p, _)| *p).filter(|p| *p >= low && *p <= high));
+            let ok = candidates.iter().any(|s| KvReply::Value(value_at(*s)).encode() == *result);
+            if !ok {
+                return Err(format!(
+                    "linearizability: read-only {:?}/{:?} ({:?}) returned {:?}, not a value of the key between states {low} and {high}",
+                    e.client,
+                    e.id,
+                    e.op,
+                    KvReply::decode(result)
+                ));
+            }
+        }
+        Ok(())
+    }
+}

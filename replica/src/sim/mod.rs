@@ -1,0 +1,967 @@
+//! Deterministic simulator: the real replica core, client and wire format over a simulated
+//! network, driven by one `u64` seed.
+//!
+//! In: a [`Scenario`] (usually [`Scenario::random`] from a seed). Out: a [`Report`], or a
+//! [`Failure`] naming the checker that fired.
+//!
+//! The seed drives a small PRNG ([`Rng`], splitmix64) that decides everything: keys, workload,
+//! message delays (reordering), loss, duplication, partitions, crashes and restarts (with WAL
+//! records of the interrupted step possibly lost: only what was persisted before the crash
+//! point survives), and the Byzantine replica's behaviour (equivocation, corrupted MACs and
+//! signatures, forged statements, wrong replies, wrong checkpoint digests, replays, silence,
+//! floods of garbage, oversized and unauthenticated frames). Every frame goes through
+//! [`crate::wire::Authenticator`] sealing and opening, exactly as on a real network.
+//!
+//! A run has a safety phase with faults, then a liveness phase in which the network heals,
+//! crashed replicas restart, and every client request must complete. Checkers
+//! ([`checkers`]): correct replicas never execute different batches at one sequence number;
+//! client results are linearizable over the key-value service (ordered results equal a
+//! sequential replay of the agreed order, which respects real time; read-only results are a
+//! state the key had within the read's real-time window); checkpoint digests are identical at
+//! correct replicas; views never go back; after the faults stop, every request completes.
+//!
+//! # Running seeds
+//!
+//! `cargo test -p replica` runs 1,000 seeds (four tests of 250). Any number of seeds, and the
+//! replay of one:
+//!
+//! ```text
+//! SIM_SEEDS=0..20000 cargo test -p replica --lib sim::tests::replay -- --ignored --nocapture
+//! SIM_SEED=1234      cargo test -p replica --lib sim::tests::replay -- --ignored --nocapture
+//! ```
+//!
+//! A failing seed prints the second command with its number; the run is byte-for-byte the same.
+
+pub mod checkers;
+#[cfg(test)]
+mod tests;
+
+use crate::client::{Client, ClientAction, Completion, RequestId};
+use crate::config::{generate, ClusterConfig, ClusterKeys, ProtocolConfig};
+use crate::core::{Action, Event, Notification, Replica, WalRecord};
+use crate::wire::{
+    AgreementMessage, Authenticator, Batch, Checkpoint, ClientMessage, Commit, Message, PrePrepare, Prepare,
+    Principal, Proposal, ReplicaId, SeqNo, Signer, StateTransferMessage, View, ViewChangeMessage,
+    FRAME_BYTES_MAX, FRAME_HEADER_BYTES,
+};
+use checkers::{Checker, HistoryEntry};
+use state_abstraction::kv::{KvOp, KvService};
+use state_abstraction::ClientId;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// splitmix64: small, fast, and good enough to drive a simulation.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next_u64() % n
+        }
+    }
+    pub fn range(&mut self, low: u64, high_inclusive: u64) -> u64 {
+        low + self.below(high_inclusive - low + 1)
+    }
+    pub fn chance(&mut self, per_mille: u64) -> bool {
+        self.below(1000) < per_mille
+    }
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+/// What the Byzantine replica does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Behaviour {
+    /// Sends nothing at all.
+    Silent,
+    /// As primary, sends different (validly signed) pre-prepares to different backups.
+    Equivocate,
+    /// Flips bits in its frames (MACs, signatures, encodings break).
+    CorruptAuth,
+    /// Sends prepares/commits claiming to be another replica, or signed with the wrong key.
+    ForgeSignatures,
+    /// Answers clients with wrong results.
+    WrongReplies,
+    /// Signs checkpoints with wrong digests.
+    WrongCheckpoints,
+    /// Resends old frames it sent before.
+    Replay,
+    /// Floods peers with garbage, oversized and useless frames.
+    Flood,
+    /// A little of everything, chosen per message.
+    Mixed,
+}
+
+const BEHAVIOURS: [Behaviour; 9] = [
+    Behaviour::Silent,
+    Behaviour::Equivocate,
+    Behaviour::CorruptAuth,
+    Behaviour::ForgeSignatures,
+    Behaviour::WrongReplies,
+    Behaviour::WrongCheckpoints,
+    Behaviour::Replay,
+    Behaviour::Flood,
+    Behaviour::Mixed,
+];
+
+/// A crash of replica `replica` at tick `at` and its restart at `restart`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CrashPlan {
+    pub replica: u32,
+    pub at: u64,
+    pub restart: u64,
+}
+
+/// A replica cut off from everyone between two ticks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PartitionPlan {
+    pub replica: u32,
+    pub from: u64,
+    pub until: u64,
+}
+
+/// Everything a run does, derived from the seed by [`Scenario::random`] (or set by a test).
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    pub seed: u64,
+    pub clients: u64,
+    pub ops_per_client: u64,
+    /// Requests each client keeps in flight at most.
+    pub client_parallelism: u64,
+    pub read_only_per_mille: u64,
+    pub loss_per_mille: u64,
+    pub duplicate_per_mille: u64,
+    pub delay_max_ticks: u64,
+    pub byzantine: Option<(u32, Behaviour)>,
+    pub crashes: Vec<CrashPlan>,
+    pub partitions: Vec<PartitionPlan>,
+    /// When faults stop (the liveness phase starts).
+    pub fault_end_tick: u64,
+    /// Every request must have completed by then.
+    pub max_ticks: u64,
+    pub protocol: ProtocolConfig,
+}
+
+/// The protocol parameters of simulated clusters: tiny windows so that checkpoints, the
+/// high-water mark and log truncation are exercised in short runs.
+pub fn sim_protocol() -> ProtocolConfig {
+    ProtocolConfig {
+        checkpoint_interval: 4,
+        log_window: 8,
+        batch_requests_max: 4,
+        pipeline_batches_max: 2,
+        batch_bytes_max: 1 << 16,
+        operation_bytes_max: 1 << 12,
+        pending_requests_max: 64,
+        client_window: 4,
+        view_change_timeout_ticks: 80,
+        view_change_timeout_ticks_max: 1280,
+        retransmit_ticks: 25,
+        catch_up_ticks: 50,
+        client_retransmit_ticks: 60,
+        client_retransmit_ticks_max: 480,
+        tick_ns: 1_000_000,
+    }
+}
+
+impl Scenario {
+    /// A quiet run: no faults.
+    pub fn calm(seed: u64) -> Self {
+        Scenario {
+            seed,
+            clients: 3,
+            ops_per_client: 8,
+            client_parallelism: 2,
+            read_only_per_mille: 150,
+            loss_per_mille: 0,
+            duplicate_per_mille: 0,
+            delay_max_ticks: 3,
+            byzantine: None,
+            crashes: Vec::new(),
+            partitions: Vec::new(),
+            fault_end_tick: 0,
+            max_ticks: 6000,
+            protocol: sim_protocol(),
+        }
+    }
+
+    /// Faults chosen by the seed.
+    pub fn random(seed: u64) -> Self {
+        let mut rng = Rng::new(seed ^ 0x5EED_5CE7_A710);
+        let mut s = Scenario::calm(seed);
+        s.clients = rng.range(2, 4);
+        s.ops_per_client = rng.range(4, 10);
+        s.client_parallelism = rng.range(1, 3);
+        s.read_only_per_mille = rng.below(300);
+        s.fault_end_tick = rng.range(300, 1500);
+        s.delay_max_ticks = rng.range(1, 12);
+        if rng.chance(700) {
+            s.loss_per_mille = rng.below(150);
+        }
+        if rng.chance(400) {
+            s.duplicate_per_mille = rng.below(100);
+        }
+        let byzantine = rng.chance(600);
+        if byzantine {
+            // The primary of view 0 is replica 0: make it the Byzantine one often.
+            let who = if rng.chance(500) { 0 } else { rng.below(4) as u32 };
+            let behaviour = BEHAVIOURS[rng.below(BEHAVIOURS.len() as u64) as usize];
+            s.byzantine = Some((who, behaviour));
+        }
+        // Crashes of correct replicas (one at a time), with restarts.
+        let crashes = rng.below(3);
+        let mut t = rng.range(20, 200);
+        for _ in 0..crashes {
+            let mut replica = rng.below(4) as u32;
+            if s.byzantine.is_some_and(|(b, _)| b == replica) {
+                replica = (replica + 1) % 4;
+            }
+            let restart = t + rng.range(30, 500);
+            if restart >= s.fault_end_tick {
+                break;
+            }
+            s.crashes.push(CrashPlan { replica, at: t, restart });
+            t = restart + rng.range(10, 200);
+        }
+        if rng.chance(300) {
+            let replica = rng.below(4) as u32;
+            let from = rng.below(s.fault_end_tick);
+            let until = (from + rng.range(50, 600)).min(s.fault_end_tick);
+            s.partitions.push(PartitionPlan { replica, from, until });
+        }
+        s.max_ticks = s.fault_end_tick + 6000;
+        s
+    }
+}
+
+/// What a successful run reports.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub ticks: u64,
+    pub completed: u64,
+    pub read_only_completed: u64,
+    pub view_changes: u64,
+    pub state_transfers: u64,
+    pub fetched_batches: u64,
+    pub rejected_frames: u64,
+    pub misbehaviour_noticed: u64,
+    pub highest_executed: u64,
+    pub max_view: u64,
+}
+
+/// A checker fired (or the run did not finish).
+#[derive(Clone, Debug)]
+pub struct Failure {
+    pub seed: u64,
+    pub tick: u64,
+    pub what: String,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "seed {} failed at tick {}: {}\n  replay: SIM_SEED={} cargo test -p replica --lib sim::tests::replay -- --ignored --nocapture",
+            self.seed, self.tick, self.what, self.seed
+        )
+    }
+}
+
+enum ReplicaState {
+    Up(Box<Replica<KvService>>),
+    Down(Box<KvService>),
+    Gone,
+}
+
+struct ReplicaNode {
+    state: ReplicaState,
+    auth: Authenticator,
+    /// The durable WAL: records persisted by completed actions.
+    wal: Vec<WalRecord>,
+    byzantine: Option<Behaviour>,
+    /// Highest view this replica ever signed something for (must survive restarts).
+    max_view_spoken: View,
+    last_view: View,
+    restarts: u64,
+}
+
+struct PlannedOp {
+    op: KvOp,
+    read_only: bool,
+}
+
+struct ClientNode {
+    client: Client,
+    auth: Authenticator,
+    plan: Vec<PlannedOp>,
+    next: usize,
+    /// Request id → history index.
+    in_flight: BTreeMap<RequestId, usize>,
+    next_invoke_tick: u64,
+}
+
+/// One simulation run.
+pub struct Sim {
+    scenario: Scenario,
+    rng: Rng,
+    keys: ClusterKeys,
+    config: Arc<ClusterConfig>,
+    tick: u64,
+    /// (delivery tick, sequence) → (receiver, frame body).
+    queue: BTreeMap<(u64, u64), (Principal, Vec<u8>)>,
+    counter: u64,
+    replicas: Vec<ReplicaNode>,
+    clients: Vec<ClientNode>,
+    checker: Checker,
+    /// Frames the Byzantine replica sent, for replays.
+    replay_pool: Vec<(Principal, Vec<u8>)>,
+    byzantine_signer: Option<Signer>,
+    /// Reports of misbehaviour noticed by correct replicas.
+    misbehaviour_noticed: u64,
+}
+
+impl Sim {
+    pub fn new(scenario: Scenario) -> Self {
+        let mut rng = Rng::new(scenario.seed);
+        let clients: Vec<ClientId> = (0..scenario.clients).map(|i| ClientId(100 + i)).collect();
+        let addresses = (0..4).map(|i| format!("sim:{i}")).collect();
+        let mut key_rng = Rng::new(scenario.seed ^ 0x6B65_7973);
+        let keys = match generate(1, addresses, &clients, scenario.protocol.clone(), &mut |b| key_rng.fill(b)) {
+            Ok(k) => k,
+            Err(e) => panic!("simulator keygen: {e}"),
+        };
+        let config = Arc::new(keys.config.clone());
+        let mut replicas = Vec::new();
+        for secrets in &keys.replicas {
+            let replica = match Replica::new(config.clone(), secrets, KvService::new()) {
+                Ok(r) => r,
+                Err(e) => panic!("replica: {e}"),
+            };
+            let byzantine = scenario.byzantine.filter(|(b, _)| *b == secrets.id.0).map(|(_, behaviour)| behaviour);
+            replicas.push(ReplicaNode {
+                state: ReplicaState::Up(Box::new(replica)),
+                auth: Authenticator::for_replica(&config, secrets),
+                wal: Vec::new(),
+                byzantine,
+                max_view_spoken: View(0),
+                last_view: View(0),
+                restarts: 0,
+            });
+        }
+        let byzantine_signer =
+            scenario.byzantine.map(|(b, _)| Signer::from_secret(&keys.replicas[b as usize].signing_key.0));
+        let mut client_nodes = Vec::new();
+        for (i, secrets) in keys.clients.iter().enumerate() {
+            let mut plan = Vec::new();
+            for k in 0..scenario.ops_per_client {
+                let key = format!("k{}", rng.below(3)).into_bytes();
+                let value = format!("c{i}.{k};").into_bytes();
+                let (op, read_only) = match rng.below(10) {
+                    0..=2 => (KvOp::Put { key, value }, false),
+                    3..=5 => (KvOp::Append { key, value }, false),
+                    6 => (KvOp::Delete { key }, false),
+                    _ => (KvOp::Get { key }, rng.chance(scenario.read_only_per_mille.saturating_mul(3).min(1000))),
+                };
+                plan.push(PlannedOp { op, read_only });
+            }
+            client_nodes.push(ClientNode {
+                client: Client::new(config.clone(), secrets, 1),
+                auth: Authenticator::for_client(&config, secrets),
+                plan,
+                next: 0,
+                in_flight: BTreeMap::new(),
+                next_invoke_tick: rng.below(20),
+            });
+        }
+        let byzantine = scenario.byzantine.map(|(b, _)| b);
+        Sim {
+            checker: Checker::new(byzantine),
+            scenario,
+            rng,
+            keys,
+            config,
+            tick: 0,
+            queue: BTreeMap::new(),
+            counter: 0,
+            replicas,
+            clients: client_nodes,
+            replay_pool: Vec::new(),
+            byzantine_signer,
+            misbehaviour_noticed: 0,
+        }
+    }
+
+    fn faulty_phase(&self) -> bool {
+        self.tick < self.scenario.fault_end_tick
+    }
+
+    fn fail(&self, what: String) -> Failure {
+        Failure { seed: self.scenario.seed, tick: self.tick, what }
+    }
+
+    fn partitioned(&self, a: Principal, b: Principal) -> bool {
+        if !self.faulty_phase() {
+            return false;
+        }
+        self.scenario.partitions.iter().any(|p| {
+            let cut = Principal::Replica(ReplicaId(p.replica));
+            self.tick >= p.from && self.tick < p.until && (a == cut) != (b == cut)
+        })
+    }
+
+    /// Puts a frame on the network (with loss, duplication and delay in the faulty phase).
+    fn transmit(&mut self, from: Principal, to: Principal, frame: Vec<u8>) {
+        if frame.len() < FRAME_HEADER_BYTES {
+            return;
+        }
+        let body = frame[FRAME_HEADER_BYTES..].to_vec();
+        if self.partitioned(from, to) {
+            return;
+        }
+        let faulty = self.faulty_phase();
+        if faulty && self.rng.chance(self.scenario.loss_per_mille) {
+            return;
+        }
+        let copies = if faulty && self.rng.chance(self.scenario.duplicate_per_mille) { 2 } else { 1 };
+        for _ in 0..copies {
+            let delay_max = if faulty { self.scenario.delay_max_ticks } else { self.scenario.delay_max_ticks.min(3) };
+            let at = self.tick + self.rng.range(1, delay_max.max(1));
+            self.counter += 1;
+            self.queue.insert((at, self.counter), (to, body.clone()));
+        }
+    }
+
+    fn send_sealed(&mut self, from_replica: usize, to: Vec<Principal>, message: &Message) {
+        let from = Principal::Replica(ReplicaId(from_replica as u32));
+        let frame = match self.replicas[from_replica].auth.seal(message, &to) {
+            Ok(f) => f,
+            Err(e) => panic!("seal: {e}"),
+        };
+        for receiver in to {
+            self.transmit(from, receiver, frame.clone());
+        }
+    }
+
+    fn other_replicas(&self, me: usize) -> Vec<Principal> {
+        (0..4).filter(|r| *r != me).map(|r| Principal::Replica(ReplicaId(r as u32))).collect()
+    }
+
+    /// Performs a correct replica's actions (up to `cut` of them, if it crashes mid-step).
+    fn perform(&mut self, r: usize, actions: Vec<Action>) -> Result<(), Failure> {
+        for action in actions {
+            match action {
+                Action::Persist(record) => {
+                    if matches!(record, WalRecord::Snapshot(_)) {
+                        self.replicas[r].wal.clear();
+                    }
+                    self.replicas[r].wal.push(record);
+                }
+                Action::Send { to, message } => {
+                    self.note_spoken(r, &message);
+                    self.send_sealed(r, vec![Principal::Replica(to)], &message);
+                }
+                Action::Broadcast { message } => {
+                    self.note_spoken(r, &message);
+                    let to = self.other_replicas(r);
+                    self.send_sealed(r, to, &message);
+                }
+                Action::SendClient { to, message } => self.send_sealed(r, vec![Principal::Client(to)], &message),
+                Action::Notify(n) => {
+                    if let Notification::Misbehaviour { .. } = n {
+                        self.misbehaviour_noticed += 1;
+                    }
+                    self.checker.observe(r as u32, &n).map_err(|e| self.fail(e))?;
+                }
+                Action::Halt { reason } => return Err(self.fail(format!("replica {r} halted: {reason}"))),
+            }
+        }
+        Ok(())
+    }
+
+    fn note_spoken(&mut self, r: usize, message: &Message) {
+        let me = ReplicaId(r as u32);
+        let view = match message {
+            Message::Agreement(AgreementMessage::PrePrepare(p)) if p.pre_prepare.body.primary == me => {
+                Some(p.pre_prepare.body.view)
+            }
+            Message::Agreement(AgreementMessage::Prepare(p)) if p.body.replica == me => Some(p.body.view),
+            Message::Agreement(AgreementMessage::Commit(c)) if c.body.replica == me => Some(c.body.view),
+            Message::ViewChange(ViewChangeMessage::ViewChange(v)) if v.body.replica == me => Some(v.body.new_view),
+            Message::ViewChange(ViewChangeMessage::NewView(v)) if v.body.primary == me => Some(v.body.view),
+            _ => None,
+        };
+        if let Some(v) = view {
+            let node = &mut self.replicas[r];
+            node.max_view_spoken = node.max_view_spoken.max(v);
+        }
+    }
+
+    /// Runs one event at replica `r`.
+    fn step_replica(&mut self, r: usize, event: Event) -> Result<(), Failure> {
+        let ReplicaState::Up(replica) = &mut self.replicas[r].state else { return Ok(()) };
+        let mut actions = Vec::new();
+        replica.step(event, &mut actions);
+        let view = replica.view();
+        if self.replicas[r].byzantine.is_some() {
+            return self.perform_byzantine(r, actions);
+        }
+        if view < self.replicas[r].last_view {
+            return Err(self.fail(format!("replica {r}: view went back from {:?} to {view:?}", self.replicas[r].last_view)));
+        }
+        self.replicas[r].last_view = view;
+        self.perform(r, actions)
+    }
+
+    fn crash(&mut self, r: usize, cut_actions: Option<Vec<Action>>) -> Result<(), Failure> {
+        if let Some(actions) = cut_actions {
+            // The step was interrupted: only a prefix of its actions happened.
+            let keep = self.rng.below(actions.len() as u64 + 1) as usize;
+            // What the replica executed in memory before dying still counts for agreement.
+            for action in &actions[keep..] {
+                if let Action::Notify(n) = action {
+                    self.checker.observe(r as u32, n).map_err(|e| self.fail(e))?;
+                }
+            }
+            let prefix: Vec<Action> = actions.into_iter().take(keep).collect();
+            self.perform(r, prefix)?;
+        }
+        let state = std::mem::replace(&mut self.replicas[r].state, ReplicaState::Gone);
+        self.replicas[r].state = match state {
+            ReplicaState::Up(replica) => {
+                let mut service = replica.into_service();
+                service.reopen();
+                ReplicaState::Down(Box::new(service))
+            }
+            other => other,
+        };
+        Ok(())
+    }
+
+    fn restart(&mut self, r: usize) -> Result<(), Failure> {
+        let state = std::mem::replace(&mut self.replicas[r].state, ReplicaState::Gone);
+        let ReplicaState::Down(service) = state else {
+            self.replicas[r].state = state;
+            return Ok(());
+        };
+        let wal = self.replicas[r].wal.clone();
+        let replica = Replica::restore(self.config.clone(), &self.keys.replicas[r], *service, wal)
+            .map_err(|e| self.fail(format!("replica {r} cannot restart: {e}")))?;
+        if replica.view() < self.replicas[r].max_view_spoken {
+            return Err(self.fail(format!(
+                "replica {r} restarted in view {:?} below {:?} it had spoken in",
+                replica.view(),
+                self.replicas[r].max_view_spoken
+            )));
+        }
+        let node = &mut self.replicas[r];
+        node.last_view = replica.view();
+        node.restarts += 1;
+        node.state = ReplicaState::Up(Box::new(replica));
+        Ok(())
+    }
+
+    fn deliver(&mut self, to: Principal, body: Vec<u8>) -> Result<(), Failure> {
+        match to {
+            Principal::Replica(r) => {
+                let r = r.0 as usize;
+                if !matches!(self.replicas[r].state, ReplicaState::Up(_)) {
+                    return Ok(());
+                }
+                let Ok(message) = self.replicas[r].auth.open(&body) else { return Ok(()) };
+                self.step_replica(r, Event::Message(message))
+            }
+            Principal::Client(c) => {
+                let index = (c.0 - 100) as usize;
+                let Some(node) = self.clients.get_mut(index) else { return Ok(()) };
+                let Ok(message) = node.auth.open(&body) else { return Ok(()) };
+                let mut actions = Vec::new();
+                let mut completed = Vec::new();
+                node.client.on_message(message, &mut actions, &mut completed);
+                self.client_actions(index, actions);
+                for c in completed {
+                    self.complete(index, c)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn client_actions(&mut self, index: usize, actions: Vec<ClientAction>) {
+        let from = Principal::Client(self.clients[index].client.id());
+        for action in actions {
+            let (to, message) = match action {
+                ClientAction::Send { to, message } => (vec![Principal::Replica(to)], message),
+                ClientAction::Broadcast { message } => {
+                    ((0..4).map(|r| Principal::Replica(ReplicaId(r))).collect(), message)
+                }
+            };
+            let frame = match self.clients[index].auth.seal(&message, &to) {
+                Ok(f) => f,
+                Err(e) => panic!("seal: {e}"),
+            };
+            for receiver in to {
+                self.transmit(from, receiver, frame.clone());
+            }
+        }
+    }
+
+    fn complete(&mut self, index: usize, c: Completion) -> Result<(), Failure> {
+        let node = &mut self.clients[index];
+        let Some(h) = node.in_flight.remove(&c.id) else {
+            return Err(self.fail(format!("client {index} completed unknown request {:?}", c.id)));
+        };
+        self.checker.complete(h, self.tick, c.result, c.read_only).map_err(|e| self.fail(e))
+    }
+
+    fn client_tick(&mut self, index: usize) {
+        let tick = self.tick;
+        let mut actions = Vec::new();
+        let node = &mut self.clients[index];
+        node.client.on_tick(&mut actions);
+        if node.next < node.plan.len()
+            && tick >= node.next_invoke_tick
+            && (node.in_flight.len() as u64) < self.scenario.client_parallelism
+            && node.client.can_invoke()
+        {
+            let planned = &node.plan[node.next];
+            match node.client.invoke(planned.op.encode(), planned.read_only, &mut actions) {
+                Ok(id) => {
+                    let h = self.checker.invoke(HistoryEntry {
+                        client: node.client.id(),
+                        id,
+                        op: planned.op.clone(),
+                        invoked: tick,
+                        completed: None,
+                        result: None,
+                        read_only_path: false,
+                    });
+                    node.in_flight.insert(id, h);
+                    node.next += 1;
+                    node.next_invoke_tick = tick + self.rng.below(30);
+                }
+                Err(e) => panic!("client {index}: {e}"),
+            }
+        }
+        self.client_actions(index, actions);
+    }
+
+    fn all_done(&self) -> bool {
+        self.clients.iter().all(|c| c.next == c.plan.len() && c.in_flight.is_empty())
+    }
+
+    /// Runs the scenario to the end and checks everything.
+    pub fn run(mut self) -> Result<Report, Failure> {
+        while self.tick < self.scenario.max_ticks {
+            // Faults scheduled for this tick.
+            let crashes = self.scenario.crashes.clone();
+            for plan in &crashes {
+                let r = plan.replica as usize;
+                if plan.at == self.tick && matches!(self.replicas[r].state, ReplicaState::Up(_)) {
+                    // Crash in the middle of a tick step: some of its actions are lost.
+                    let mut actions = Vec::new();
+                    if let ReplicaState::Up(replica) = &mut self.replicas[r].state {
+                        replica.step(Event::Tick { now_ns: self.tick * 1_000_000 }, &mut actions);
+                    }
+                    self.crash(r, Some(actions))?;
+                }
+                if (plan.restart == self.tick || (self.tick == self.scenario.fault_end_tick && plan.restart > self.tick))
+                    && matches!(self.replicas[r].state, ReplicaState::Down(_))
+                {
+                    self.restart(r)?;
+                }
+            }
+            if self.tick == self.scenario.fault_end_tick {
+                for r in 0..4 {
+                    self.restart(r)?;
+                }
+            }
+
+            // Deliveries due now.
+            while let Some(entry) = self.queue.first_entry() {
+                if entry.key().0 > self.tick {
+                    break;
+                }
+                let (to, body) = entry.remove();
+                self.deliver(to, body)?;
+            }
+
+            // Ticks.
+            for r in 0..4 {
+                self.step_replica(r, Event::Tick { now_ns: self.tick * 1_000_000 })?;
+                if self.replicas[r].byzantine.is_some() {
+                    self.byzantine_extra(r);
+                }
+            }
+            for c in 0..self.clients.len() {
+                self.client_tick(c);
+            }
+
+            if self.tick >= self.scenario.fault_end_tick && self.all_done() {
+                break;
+            }
+            self.tick += 1;
+        }
+        if !self.all_done() {
+            let pending: Vec<String> = self
+                .clients
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.next < c.plan.len() || !c.in_flight.is_empty())
+                .map(|(i, c)| format!("client {i}: {} of {} invoked, {} in flight", c.next, c.plan.len(), c.in_flight.len()))
+                .collect();
+            let states: Vec<String> = self
+                .replicas
+                .iter()
+                .enumerate()
+                .map(|(i, n)| match &n.state {
+                    ReplicaState::Up(r) => format!(
+                        "r{i}: view {} active {} executed {} stable {} transferring {}",
+                        r.view().0,
+                        r.is_view_active(),
+                        r.last_executed().0,
+                        r.stable_checkpoint().seq.0,
+                        r.is_transferring_state()
+                    ),
+                    _ => format!("r{i}: down"),
+                })
+                .collect();
+            return Err(self.fail(format!(
+                "liveness: requests incomplete after the faults stopped ({}; {})",
+                pending.join(", "),
+                states.join("; ")
+            )));
+        }
+        self.checker.check_history().map_err(|e| self.fail(e))?;
+        self.report()
+    }
+
+    fn report(&self) -> Result<Report, Failure> {
+        let mut report = Report { ticks: self.tick, ..Default::default() };
+        for (i, node) in self.replicas.iter().enumerate() {
+            report.rejected_frames += node.auth.counters.rejected();
+            if node.byzantine.is_some() {
+                continue;
+            }
+            if let ReplicaState::Up(r) = &node.state {
+                let m = r.metrics();
+                report.view_changes = report.view_changes.max(m.view_changes_started);
+                report.state_transfers += m.state_transfers;
+                report.fetched_batches += m.fetched_batches;
+                report.highest_executed = report.highest_executed.max(r.last_executed().0);
+                report.max_view = report.max_view.max(r.view().0);
+                let _ = i;
+            }
+        }
+        for c in &self.clients {
+            report.rejected_frames += c.auth.counters.rejected();
+        }
+        report.completed = self.checker.completed();
+        report.read_only_completed = self.checker.read_only_completed();
+        report.misbehaviour_noticed = self.misbehaviour_noticed;
+        Ok(report)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // The Byzantine replica
+
+    fn pick(&mut self, behaviour: Behaviour) -> Behaviour {
+        if behaviour == Behaviour::Mixed {
+            BEHAVIOURS[self.rng.below(BEHAVIOURS.len() as u64 - 1) as usize]
+        } else {
+            behaviour
+        }
+    }
+
+    fn byzantine_send(&mut self, r: usize, to: Vec<Principal>, message: &Message, behaviour: Behaviour) {
+        let from = Principal::Replica(ReplicaId(r as u32));
+        let Ok(frame) = self.replicas[r].auth.seal(message, &to) else { return };
+        for receiver in to {
+            let mut frame = frame.clone();
+            if behaviour == Behaviour::CorruptAuth && self.rng.chance(500) {
+                let i = FRAME_HEADER_BYTES + self.rng.below((frame.len() - FRAME_HEADER_BYTES) as u64) as usize;
+                frame[i] ^= 1 << self.rng.below(8);
+            }
+            if self.replay_pool.len() < 512 {
+                self.replay_pool.push((receiver, frame.clone()));
+            } else {
+                let i = self.rng.below(512) as usize;
+                self.replay_pool[i] = (receiver, frame.clone());
+            }
+            self.transmit(from, receiver, frame);
+        }
+    }
+
+    fn perform_byzantine(&mut self, r: usize, actions: Vec<Action>) -> Result<(), Failure> {
+        let Some(base) = self.replicas[r].byzantine else { return Ok(()) };
+        let me = ReplicaId(r as u32);
+        for action in actions {
+            let behaviour = self.pick(base);
+            let (to, message) = match action {
+                Action::Persist(record) => {
+                    if matches!(record, WalRecord::Snapshot(_)) {
+                        self.replicas[r].wal.clear();
+                    }
+                    self.replicas[r].wal.push(record);
+                    continue;
+                }
+                Action::Send { to, message } => (vec![Principal::Replica(to)], message),
+                Action::Broadcast { message } => (self.other_replicas(r), message),
+                Action::SendClient { to, message } => (vec![Principal::Client(to)], message),
+                Action::Notify(_) | Action::Halt { .. } => continue,
+            };
+            if behaviour == Behaviour::Silent {
+                continue;
+            }
+            let Some(signer) = self.byzantine_signer.clone() else { continue };
+            match (&message, behaviour) {
+                (Message::Agreement(AgreementMessage::PrePrepare(p)), Behaviour::Equivocate) if to.len() > 1 => {
+                    // A different, validly signed batch for every other backup.
+                    for (k, receiver) in to.iter().enumerate() {
+                        let mut proposal = p.clone();
+                        if k % 2 == 1 {
+                            proposal = self.alternative_proposal(&signer, p, k as u64);
+                        }
+                        let m = Message::Agreement(AgreementMessage::PrePrepare(proposal));
+                        self.byzantine_send(r, vec![*receiver], &m, behaviour);
+                    }
+                }
+                (Message::Agreement(AgreementMessage::Prepare(p)), Behaviour::ForgeSignatures) => {
+                    // Claim to be another replica (signature by our key: refused), or vote for
+                    // a digest nobody proposed.
+                    let mut body = p.body.clone();
+                    if self.rng.chance(500) {
+                        body.replica = ReplicaId((me.0 + 1) % 4);
+                    } else {
+                        body.batch_digest.0[0] ^= 0xff;
+                    }
+                    let m = Message::Agreement(AgreementMessage::Prepare(signer.sign::<Prepare>(body)));
+                    self.byzantine_send(r, to, &m, behaviour);
+                }
+                (Message::Agreement(AgreementMessage::Commit(c)), Behaviour::ForgeSignatures) => {
+                    let mut body = c.body.clone();
+                    body.replica = ReplicaId((me.0 + 2) % 4);
+                    let m = Message::Agreement(AgreementMessage::Commit(signer.sign::<Commit>(body)));
+                    self.byzantine_send(r, to, &m, behaviour);
+                }
+                (Message::Client(ClientMessage::Reply(reply)), Behaviour::WrongReplies) => {
+                    let mut reply = reply.clone();
+                    reply.result = b"wrong".to_vec();
+                    let m = Message::Client(ClientMessage::Reply(reply));
+                    self.byzantine_send(r, to, &m, behaviour);
+                }
+                (Message::Agreement(AgreementMessage::Checkpoint(c)), Behaviour::WrongCheckpoints) => {
+                    let mut body = c.body.clone();
+                    body.service_root.0[1] ^= 0x5a;
+                    let m = Message::Agreement(AgreementMessage::Checkpoint(signer.sign::<Checkpoint>(body)));
+                    self.byzantine_send(r, to, &m, behaviour);
+                }
+                (Message::StateTransfer(StateTransferMessage::Piece { seq, index, piece, bytes }), Behaviour::WrongCheckpoints) => {
+                    let mut bytes = bytes.clone();
+                    bytes.push(0);
+                    let m = Message::StateTransfer(StateTransferMessage::Piece { seq: *seq, index: *index, piece: *piece, bytes });
+                    self.byzantine_send(r, to, &m, behaviour);
+                }
+                _ => self.byzantine_send(r, to, &message, behaviour),
+            }
+        }
+        Ok(())
+    }
+
+    fn alternative_proposal(&mut self, signer: &Signer, p: &Proposal, k: u64) -> Proposal {
+        let mut batch: Batch = p.batch.clone();
+        batch.requests.reverse();
+        if batch.requests.len() < 2 || k > 1 {
+            batch.requests.pop();
+        }
+        let body = PrePrepare { batch_digest: batch.digest(), ..p.pre_prepare.body.clone() };
+        Proposal { pre_prepare: signer.sign(body), batch }
+    }
+
+    /// Unsolicited traffic from the Byzantine replica each tick.
+    fn byzantine_extra(&mut self, r: usize) {
+        let Some(base) = self.replicas[r].byzantine else { return };
+        let behaviour = self.pick(base);
+        let from = Principal::Replica(ReplicaId(r as u32));
+        match behaviour {
+            Behaviour::Replay if !self.replay_pool.is_empty() && self.rng.chance(300) => {
+                let i = self.rng.below(self.replay_pool.len() as u64) as usize;
+                let (to, frame) = self.replay_pool[i].clone();
+                self.transmit(from, to, frame);
+            }
+            Behaviour::Flood if self.rng.chance(500) => {
+                let victim = Principal::Replica(ReplicaId(((r as u64 + 1 + self.rng.below(3)) % 4) as u32));
+                match self.rng.below(5) {
+                    0 => {
+                        // Garbage bytes.
+                        let mut junk = vec![0u8; self.rng.range(1, 300) as usize];
+                        self.rng.fill(&mut junk);
+                        let mut frame = (junk.len() as u32).to_be_bytes().to_vec();
+                        frame.extend_from_slice(&junk);
+                        self.transmit(from, victim, frame);
+                    }
+                    1 => {
+                        // A frame claiming to be larger than the limit: its header alone is
+                        // refused (the body is never read).
+                        let mut frame = ((FRAME_BYTES_MAX as u32) + 1).to_be_bytes().to_vec();
+                        frame.extend_from_slice(&[0u8; 16]);
+                        if crate::wire::frame_length([frame[0], frame[1], frame[2], frame[3]]).is_ok() {
+                            panic!("oversized frame accepted");
+                        }
+                        self.replicas[r].auth.counters.oversized.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    2 => {
+                        let m = Message::Agreement(AgreementMessage::FetchCommitted { from: SeqNo(0), to: SeqNo(u64::MAX) });
+                        if let Ok(frame) = self.replicas[r].auth.seal(&m, &[victim]) {
+                            self.transmit(from, victim, frame);
+                        }
+                    }
+                    3 => {
+                        let m = Message::StateTransfer(StateTransferMessage::GetNode { seq: SeqNo(0), level: 0, index: 0 });
+                        if let Ok(frame) = self.replicas[r].auth.seal(&m, &[victim]) {
+                            self.transmit(from, victim, frame);
+                        }
+                    }
+                    _ => {
+                        // A view change for a far view: alone (not f+1) it must not move anyone.
+                        let m = Message::ViewChange(ViewChangeMessage::QueryNewView { view: View(u64::MAX) });
+                        if let Ok(frame) = self.replicas[r].auth.seal(&m, &[victim]) {
+                            self.transmit(from, victim, frame);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// For tests: the replicas' metrics.
+    pub fn replica(&self, r: usize) -> Option<&Replica<KvService>> {
+        match &self.replicas[r].state {
+            ReplicaState::Up(replica) => Some(replica),
+            _ => None,
+        }
+    }
+}
+
+/// Runs one seed's random scenario.
+pub fn run_seed(seed: u64) -> Result<Report, Failure> {
+    Sim::new(Scenario::random(seed)).run()
+}
