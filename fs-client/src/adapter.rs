@@ -16,14 +16,14 @@ use crate::transport::{FsTransport, TransportError};
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, Filesystem, FopenFlags, Generation, INodeNo,
     InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
-    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use state_abstraction::fs::{
     Attr, Caller, CreateHow, DirEntry, FileType, FsError, FsOp, FsReply, FsRequest, Handle,
     NodeKind, SetAttrs, SetTime, Timespec, XattrSet, ACCESS_EXECUTE, ACCESS_READ, ACCESS_WRITE,
 };
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -39,10 +39,8 @@ pub const IO_MAX: u32 = 1 << 20;
 /// write() is a round trip to the cluster, so a large value means fewer, larger requests.
 const BLKSIZE: u32 = 128 * 1024;
 
-/// Entries asked of the service per readdir round trip. The kernel's buffer takes about a
-/// hundred plain entries or a few dozen readdirplus ones; the rest wait in the stream's buffer
-/// for the next kernel call, so a large directory costs a few round trips, not one per page.
-const READDIR_BATCH: u32 = 512;
+/// Entries asked of the service per round trip while taking a directory snapshot.
+const READDIR_BATCH: u32 = 1024;
 
 /// How often at most a transport failure is logged (the rest are counted).
 const TRANSPORT_LOG_EVERY: Duration = Duration::from_secs(10);
@@ -94,8 +92,17 @@ macro_rules! error_reply {
     )*};
 }
 error_reply!(
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr
+    ReplyAttr,
+    ReplyCreate,
+    ReplyData,
+    ReplyDirectory,
+    ReplyDirectoryPlus,
+    ReplyEmpty,
+    ReplyEntry,
+    ReplyOpen,
+    ReplyStatfs,
+    ReplyWrite,
+    ReplyXattr
 );
 
 /// Logs transport failures at most every [`TRANSPORT_LOG_EVERY`], so that a dead cluster gives
@@ -126,18 +133,16 @@ impl TransportLog {
     }
 }
 
-/// An open directory: entries fetched from the service but not yet given to the kernel.
+/// An open directory: a snapshot of its entries, taken at the first readdir (and again at
+/// rewinddir). The service's cookies are positions, so continuing a listing by cookie while
+/// another program deletes entries would skip some; a snapshot never skips an entry that
+/// existed throughout, which is what POSIX asks of readdir.
 #[derive(Default)]
 struct DirStream {
-    /// Service cookie after which `buffered` starts.
-    after: u64,
-    buffered: VecDeque<DirEntry>,
-    /// The service said there is nothing after `buffered`.
-    eof: bool,
-    /// Whether `buffered` carries attributes (fetched for readdirplus).
+    entries: Vec<DirEntry>,
+    /// The snapshot carries attributes (taken for readdirplus).
     plus: bool,
-    /// Nothing fetched yet.
-    empty: bool,
+    loaded: bool,
 }
 
 /// FUSE readdir offsets: 1 is after ".", 2 after "..", and an entry with service cookie `c`
@@ -161,7 +166,17 @@ pub struct BftFs {
     dirs: Mutex<HashMap<u64, Arc<Mutex<DirStream>>>>,
     next_fh: AtomicU64,
     transport_log: TransportLog,
+    /// Node ids known (since the instant) to have no `security.capability` attribute.
+    no_caps: Mutex<HashMap<u64, Instant>>,
 }
+
+/// The kernel asks for this attribute before every write(2) to a FUSE file (to know whether
+/// the write must drop file capabilities): one extra round trip to the cluster per write.
+/// Its absence is cached like other attributes, for the attribute TTL.
+const CAPS_XATTR: &[u8] = b"security.capability";
+
+/// Bound on the absence cache; it is emptied when full (it only saves round trips).
+const NO_CAPS_MAX: usize = 1 << 16;
 
 /// Supplementary groups of `pid`, from the `Groups:` line of /proc/PID/status. Empty when the
 /// process is gone or the request came from the kernel itself (pid 0).
@@ -179,12 +194,48 @@ fn parse_groups(status: &str) -> Vec<u32> {
     status
         .lines()
         .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|rest| rest.split_whitespace().filter_map(|g| g.parse().ok()).collect())
+        .map(|rest| {
+            rest.split_whitespace()
+                .filter_map(|g| g.parse().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
+/// The operation's name, for logs (the operation itself may carry a megabyte of data).
+fn op_name(op: &FsOp) -> &'static str {
+    match op {
+        FsOp::GetAttr { .. } => "getattr",
+        FsOp::SetAttr { .. } => "setattr",
+        FsOp::Lookup { .. } => "lookup",
+        FsOp::Access { .. } => "access",
+        FsOp::ReadLink { .. } => "readlink",
+        FsOp::Read { .. } => "read",
+        FsOp::Write { .. } => "write",
+        FsOp::Create { .. } => "create",
+        FsOp::Mkdir { .. } => "mkdir",
+        FsOp::Symlink { .. } => "symlink",
+        FsOp::Mknod { .. } => "mknod",
+        FsOp::Remove { .. } => "remove",
+        FsOp::Rmdir { .. } => "rmdir",
+        FsOp::Rename { .. } => "rename",
+        FsOp::Link { .. } => "link",
+        FsOp::ReadDir { .. } => "readdir",
+        FsOp::StatFs { .. } => "statfs",
+        FsOp::Commit { .. } => "commit",
+        FsOp::GetXattr { .. } => "getxattr",
+        FsOp::SetXattr { .. } => "setxattr",
+        FsOp::ListXattr { .. } => "listxattr",
+        FsOp::RemoveXattr { .. } => "removexattr",
+    }
+}
+
 fn caller_of(req: &Request) -> Caller {
-    Caller { uid: req.uid(), gid: req.gid(), groups: groups_of(req.pid()) }
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+        groups: groups_of(req.pid()),
+    }
 }
 
 fn name_bytes(name: &OsStr) -> Vec<u8> {
@@ -205,7 +256,10 @@ fn system_time(t: Timespec) -> SystemTime {
 
 fn timespec(t: SystemTime) -> Timespec {
     match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => Timespec { secs: d.as_secs() as i64, nsecs: d.subsec_nanos() },
+        Ok(d) => Timespec {
+            secs: d.as_secs() as i64,
+            nsecs: d.subsec_nanos(),
+        },
         Err(before) => {
             // Before the epoch: seconds round down, nanoseconds count forward from there.
             let d = before.duration();
@@ -301,15 +355,37 @@ impl BftFs {
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             transport_log: TransportLog::default(),
+            no_caps: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn caps_known_absent(&self, nodeid: u64) -> bool {
+        let cache = self.no_caps.lock().unwrap_or_else(|p| p.into_inner());
+        cache
+            .get(&nodeid)
+            .is_some_and(|t| t.elapsed() < self.opts.attr_timeout)
+    }
+
+    fn set_caps_absent(&self, nodeid: u64, absent: bool) {
+        let mut cache = self.no_caps.lock().unwrap_or_else(|p| p.into_inner());
+        if absent {
+            if cache.len() >= NO_CAPS_MAX {
+                cache.clear();
+            }
+            cache.insert(nodeid, Instant::now());
+        } else {
+            cache.remove(&nodeid);
         }
     }
 
     fn handle(&self, nodeid: INodeNo) -> Result<Handle, Failure> {
-        self.inodes.handle(nodeid.0).ok_or(Failure::UnknownNode(nodeid.0))
+        self.inodes
+            .handle(nodeid.0)
+            .ok_or(Failure::UnknownNode(nodeid.0))
     }
 
     fn call_as(&self, caller: Caller, op: FsOp) -> Result<FsReply, Failure> {
-        trace!(?op, uid = caller.uid, "request");
+        trace!(op = op_name(&op), uid = caller.uid, "request");
         match self.transport.call(FsRequest { caller, op }) {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(e)) => Err(Failure::Service(e)),
@@ -388,7 +464,13 @@ impl BftFs {
         }
     }
 
-    fn read_impl(&self, req: &Request, h: Handle, offset: u64, size: u32) -> Result<Vec<u8>, Failure> {
+    fn read_impl(
+        &self,
+        req: &Request,
+        h: Handle,
+        offset: u64,
+        size: u32,
+    ) -> Result<Vec<u8>, Failure> {
         let caller = caller_of(req);
         let mut out = Vec::with_capacity(size as usize);
         // A read must return everything asked for unless it hits the end of the file: the
@@ -396,7 +478,14 @@ impl BftFs {
         while out.len() < size as usize {
             let count = (size - out.len() as u32).min(IO_MAX);
             let at = offset.saturating_add(out.len() as u64);
-            match self.call_as(caller.clone(), FsOp::Read { h, offset: at, count })? {
+            match self.call_as(
+                caller.clone(),
+                FsOp::Read {
+                    h,
+                    offset: at,
+                    count,
+                },
+            )? {
                 FsReply::Read { data, eof } => {
                     let got = data.len();
                     if got > count as usize {
@@ -413,13 +502,23 @@ impl BftFs {
         Ok(out)
     }
 
-    fn write_impl(&self, req: &Request, h: Handle, offset: u64, data: &[u8]) -> Result<u32, Failure> {
+    fn write_impl(
+        &self,
+        req: &Request,
+        h: Handle,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<u32, Failure> {
         let caller = caller_of(req);
         let mut done = 0usize;
         while done < data.len() {
             let end = (done + IO_MAX as usize).min(data.len());
             let at = offset.saturating_add(done as u64);
-            let op = FsOp::Write { h, offset: at, data: data[done..end].to_vec() };
+            let op = FsOp::Write {
+                h,
+                offset: at,
+                data: data[done..end].to_vec(),
+            };
             match self.call_as(caller.clone(), op)? {
                 FsReply::Write { count, .. } => {
                     if count == 0 || count as usize > end - done {
@@ -438,36 +537,76 @@ impl BftFs {
     }
 
     fn setattr_impl(&self, req: &Request, h: Handle, set: SetAttrs) -> Result<Attr, Failure> {
-        let op = if set == SetAttrs::default() { FsOp::GetAttr { h } } else { FsOp::SetAttr { h, set } };
+        let op = if set == SetAttrs::default() {
+            FsOp::GetAttr { h }
+        } else {
+            FsOp::SetAttr { h, set }
+        };
         Self::attr_of(self.call(req, op)?, "setattr")
     }
 
     fn dir_stream(&self, fh: FileHandle) -> Arc<Mutex<DirStream>> {
         let mut dirs = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
         dirs.entry(fh.0)
-            .or_insert_with(|| Arc::new(Mutex::new(DirStream { empty: true, ..Default::default() })))
+            .or_insert_with(|| Arc::new(Mutex::new(DirStream::default())))
             .clone()
     }
 
-    /// Makes sure `stream` holds the entries after `cookie` (fetching if needed) and returns
-    /// whether any remain.
-    fn fill(&self, caller: &Caller, h: Handle, stream: &mut DirStream, cookie: u64, plus: bool) -> Result<(), Failure> {
-        let usable = !stream.empty && stream.after == cookie && (stream.plus || !plus);
-        if usable && (!stream.buffered.is_empty() || stream.eof) {
+    /// Takes a fresh snapshot of directory `h` into `stream` unless the one it holds serves
+    /// a continuation from `offset`.
+    fn load(
+        &self,
+        caller: &Caller,
+        h: Handle,
+        stream: &mut DirStream,
+        offset: u64,
+        plus: bool,
+    ) -> Result<(), Failure> {
+        if stream.loaded && offset != 0 && (stream.plus || !plus) {
             return Ok(());
         }
-        let op = FsOp::ReadDir { dir: h, cookie, count: READDIR_BATCH, plus };
-        match self.call_as(caller.clone(), op)? {
-            FsReply::ReadDir { entries, eof } => {
-                if plus && entries.iter().any(|e| e.attr.is_none()) {
-                    return Err(Failure::UnexpectedReply("readdirplus without attributes"));
-                }
-                *stream = DirStream { after: cookie, buffered: entries.into(), eof, plus, empty: false };
-                Ok(())
+        let mut entries: Vec<DirEntry> = Vec::new();
+        let mut cookie = 0;
+        loop {
+            let op = FsOp::ReadDir {
+                dir: h,
+                cookie,
+                count: READDIR_BATCH,
+                plus,
+            };
+            let (batch, eof) = match self.call_as(caller.clone(), op)? {
+                FsReply::ReadDir { entries, eof } => (entries, eof),
+                _ => return Err(Failure::UnexpectedReply("readdir")),
+            };
+            if plus && batch.iter().any(|e| e.attr.is_none()) {
+                return Err(Failure::UnexpectedReply("readdirplus without attributes"));
             }
-            _ => Err(Failure::UnexpectedReply("readdir")),
+            // Cookies must grow, or the listing would never end.
+            let Some(last) = batch.last().map(|e| e.cookie) else {
+                break;
+            };
+            if last <= cookie || batch.windows(2).any(|w| w[0].cookie >= w[1].cookie) {
+                return Err(Failure::UnexpectedReply("readdir cookies do not increase"));
+            }
+            cookie = last;
+            entries.extend(batch);
+            if eof {
+                break;
+            }
         }
+        *stream = DirStream {
+            entries,
+            plus,
+            loaded: true,
+        };
+        Ok(())
     }
+}
+
+/// Index of the first snapshot entry after FUSE offset `offset`.
+fn first_after(entries: &[DirEntry], offset: u64) -> usize {
+    let cookie = cookie_of_offset(offset);
+    entries.partition_point(|e| e.cookie <= cookie)
 }
 
 impl Filesystem for BftFs {
@@ -497,11 +636,22 @@ impl Filesystem for BftFs {
             Ok(h) => h,
             Err(f) => return self.fail("lookup", reply, f),
         };
-        self.entry_op(req, FsOp::Lookup { dir, name: name_bytes(name) }, "lookup", reply)
+        self.entry_op(
+            req,
+            FsOp::Lookup {
+                dir,
+                name: name_bytes(name),
+            },
+            "lookup",
+            reply,
+        )
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
         self.inodes.forget(ino.0, nlookup);
+        if self.inodes.handle(ino.0).is_none() {
+            self.set_caps_absent(ino.0, false);
+        }
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -542,14 +692,19 @@ impl Filesystem for BftFs {
             atime: atime.map(set_time),
             mtime: mtime.map(set_time),
         };
-        match self.handle(ino).and_then(|h| self.setattr_impl(req, h, set)) {
+        match self
+            .handle(ino)
+            .and_then(|h| self.setattr_impl(req, h, set))
+        {
             Ok(a) => reply.attr(&self.opts.attr_timeout, &file_attr(ino.0, &a)),
             Err(f) => self.fail("setattr", reply, f),
         }
     }
 
     fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
-        let r = self.handle(ino).and_then(|h| self.call(req, FsOp::ReadLink { h }));
+        let r = self
+            .handle(ino)
+            .and_then(|h| self.call(req, FsOp::ReadLink { h }));
         match r {
             Ok(FsReply::ReadLink { target }) => reply.data(&target),
             Ok(_) => self.fail("readlink", reply, Failure::UnexpectedReply("readlink")),
@@ -576,39 +731,104 @@ impl Filesystem for BftFs {
         let perm = mode & 0o7777;
         let rdev = u64::from(rdev);
         let op = match mode & libc::S_IFMT {
-            libc::S_IFREG => FsOp::Create { dir, name, mode: perm, how: CreateHow::Guarded },
-            libc::S_IFIFO => FsOp::Mknod { dir, name, mode: perm, kind: NodeKind::Fifo },
-            libc::S_IFSOCK => FsOp::Mknod { dir, name, mode: perm, kind: NodeKind::Socket },
-            libc::S_IFCHR => FsOp::Mknod { dir, name, mode: perm, kind: NodeKind::CharDevice { rdev } },
-            libc::S_IFBLK => FsOp::Mknod { dir, name, mode: perm, kind: NodeKind::BlockDevice { rdev } },
+            libc::S_IFREG => FsOp::Create {
+                dir,
+                name,
+                mode: perm,
+                how: CreateHow::Guarded,
+            },
+            libc::S_IFIFO => FsOp::Mknod {
+                dir,
+                name,
+                mode: perm,
+                kind: NodeKind::Fifo,
+            },
+            libc::S_IFSOCK => FsOp::Mknod {
+                dir,
+                name,
+                mode: perm,
+                kind: NodeKind::Socket,
+            },
+            libc::S_IFCHR => FsOp::Mknod {
+                dir,
+                name,
+                mode: perm,
+                kind: NodeKind::CharDevice { rdev },
+            },
+            libc::S_IFBLK => FsOp::Mknod {
+                dir,
+                name,
+                mode: perm,
+                kind: NodeKind::BlockDevice { rdev },
+            },
             _ => return self.fail("mknod", reply, Failure::Invalid("mknod of this file type")),
         };
         self.entry_op(req, op, "mknod", reply)
     }
 
-    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
         let dir = match self.handle(parent) {
             Ok(h) => h,
             Err(f) => return self.fail("mkdir", reply, f),
         };
-        self.entry_op(req, FsOp::Mkdir { dir, name: name_bytes(name), mode: mode & 0o7777 }, "mkdir", reply)
+        self.entry_op(
+            req,
+            FsOp::Mkdir {
+                dir,
+                name: name_bytes(name),
+                mode: mode & 0o7777,
+            },
+            "mkdir",
+            reply,
+        )
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         match self.handle(parent) {
-            Ok(dir) => self.empty_op(req, FsOp::Remove { dir, name: name_bytes(name) }, "unlink", reply),
+            Ok(dir) => self.empty_op(
+                req,
+                FsOp::Remove {
+                    dir,
+                    name: name_bytes(name),
+                },
+                "unlink",
+                reply,
+            ),
             Err(f) => self.fail("unlink", reply, f),
         }
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         match self.handle(parent) {
-            Ok(dir) => self.empty_op(req, FsOp::Rmdir { dir, name: name_bytes(name) }, "rmdir", reply),
+            Ok(dir) => self.empty_op(
+                req,
+                FsOp::Rmdir {
+                    dir,
+                    name: name_bytes(name),
+                },
+                "rmdir",
+                reply,
+            ),
             Err(f) => self.fail("rmdir", reply, f),
         }
     }
 
-    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
         let dir = match self.handle(parent) {
             Ok(h) => h,
             Err(f) => return self.fail("symlink", reply, f),
@@ -632,10 +852,18 @@ impl Filesystem for BftFs {
         reply: ReplyEmpty,
     ) {
         if flags.contains(RenameFlags::RENAME_EXCHANGE) {
-            return self.fail("rename", reply, Failure::Invalid("RENAME_EXCHANGE is not supported"));
+            return self.fail(
+                "rename",
+                reply,
+                Failure::Invalid("RENAME_EXCHANGE is not supported"),
+            );
         }
         if flags.contains(RenameFlags::RENAME_WHITEOUT) {
-            return self.fail("rename", reply, Failure::Invalid("RENAME_WHITEOUT is not supported"));
+            return self.fail(
+                "rename",
+                reply,
+                Failure::Invalid("RENAME_WHITEOUT is not supported"),
+            );
         }
         let (from_dir, to_dir) = match (self.handle(parent), self.handle(newparent)) {
             (Ok(a), Ok(b)) => (a, b),
@@ -651,12 +879,28 @@ impl Filesystem for BftFs {
         self.empty_op(req, op, "rename", reply)
     }
 
-    fn link(&self, req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+    fn link(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
         let (h, dir) = match (self.handle(ino), self.handle(newparent)) {
             (Ok(a), Ok(b)) => (a, b),
             (Err(f), _) | (_, Err(f)) => return self.fail("link", reply, f),
         };
-        self.entry_op(req, FsOp::Link { h, dir, name: name_bytes(newname) }, "link", reply)
+        self.entry_op(
+            req,
+            FsOp::Link {
+                h,
+                dir,
+                name: name_bytes(newname),
+            },
+            "link",
+            reply,
+        )
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -689,7 +933,10 @@ impl Filesystem for BftFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.handle(ino).and_then(|h| self.read_impl(req, h, offset, size)) {
+        match self
+            .handle(ino)
+            .and_then(|h| self.read_impl(req, h, offset, size))
+        {
             Ok(data) => reply.data(&data),
             Err(f) => self.fail("read", reply, f),
         }
@@ -707,13 +954,23 @@ impl Filesystem for BftFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.handle(ino).and_then(|h| self.write_impl(req, h, offset, data)) {
+        match self
+            .handle(ino)
+            .and_then(|h| self.write_impl(req, h, offset, data))
+        {
             Ok(n) => reply.written(n),
             Err(f) => self.fail("write", reply, f),
         }
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         // Writes are sent synchronously: nothing is buffered here.
         reply.ok();
     }
@@ -731,7 +988,14 @@ impl Filesystem for BftFs {
         reply.ok();
     }
 
-    fn fsync(&self, req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         match self.handle(ino) {
             Ok(h) => self.empty_op(req, FsOp::Commit { h }, "fsync", reply),
             Err(f) => self.fail("fsync", reply, f),
@@ -749,7 +1013,7 @@ impl Filesystem for BftFs {
         match r {
             Ok(()) => {
                 let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-                let stream = DirStream { empty: true, ..Default::default() };
+                let stream = DirStream::default();
                 self.dirs
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -760,7 +1024,14 @@ impl Filesystem for BftFs {
         }
     }
 
-    fn readdir(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         let h = match self.handle(ino) {
             Ok(h) => h,
             Err(f) => return self.fail("readdir", reply, f),
@@ -768,30 +1039,37 @@ impl Filesystem for BftFs {
         if offset < DOT_OFFSET && reply.add(ino, DOT_OFFSET, fuser::FileType::Directory, ".") {
             return reply.ok();
         }
-        if offset < DOTDOT_OFFSET && reply.add(ino, DOTDOT_OFFSET, fuser::FileType::Directory, "..") {
+        if offset < DOTDOT_OFFSET && reply.add(ino, DOTDOT_OFFSET, fuser::FileType::Directory, "..")
+        {
             return reply.ok();
         }
-        let caller = caller_of(req);
         let stream = self.dir_stream(fh);
         let mut stream = stream.lock().unwrap_or_else(|p| p.into_inner());
-        let mut cookie = cookie_of_offset(offset);
-        loop {
-            if let Err(f) = self.fill(&caller, h, &mut stream, cookie, false) {
-                return self.fail("readdir", reply, f);
-            }
-            let Some(e) = stream.buffered.front() else { break };
+        if let Err(f) = self.load(&caller_of(req), h, &mut stream, offset, false) {
+            return self.fail("readdir", reply, f);
+        }
+        for e in &stream.entries[first_after(&stream.entries, offset)..] {
             let ino = INodeNo(self.inodes.display_ino(e.handle));
-            if reply.add(ino, offset_of_cookie(e.cookie), fuse_kind(e.kind), OsStr::from_bytes(&e.name)) {
+            if reply.add(
+                ino,
+                offset_of_cookie(e.cookie),
+                fuse_kind(e.kind),
+                OsStr::from_bytes(&e.name),
+            ) {
                 break;
             }
-            cookie = e.cookie;
-            stream.after = cookie;
-            stream.buffered.pop_front();
         }
         reply.ok()
     }
 
-    fn readdirplus(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+    fn readdirplus(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
         let h = match self.handle(ino) {
             Ok(h) => h,
             Err(f) => return self.fail("readdirplus", reply, f),
@@ -802,20 +1080,22 @@ impl Filesystem for BftFs {
         if offset < DOT_OFFSET && reply.add(ino, DOT_OFFSET, ".", &ttl, &dot, Generation(0)) {
             return reply.ok();
         }
-        if offset < DOTDOT_OFFSET && reply.add(ino, DOTDOT_OFFSET, "..", &ttl, &dot, Generation(0)) {
+        if offset < DOTDOT_OFFSET && reply.add(ino, DOTDOT_OFFSET, "..", &ttl, &dot, Generation(0))
+        {
             return reply.ok();
         }
-        let caller = caller_of(req);
         let stream = self.dir_stream(fh);
         let mut stream = stream.lock().unwrap_or_else(|p| p.into_inner());
-        let mut cookie = cookie_of_offset(offset);
-        loop {
-            if let Err(f) = self.fill(&caller, h, &mut stream, cookie, true) {
-                return self.fail("readdirplus", reply, f);
-            }
-            let Some(e) = stream.buffered.front() else { break };
+        if let Err(f) = self.load(&caller_of(req), h, &mut stream, offset, true) {
+            return self.fail("readdirplus", reply, f);
+        }
+        for e in &stream.entries[first_after(&stream.entries, offset)..] {
             let Some(attr) = &e.attr else {
-                return self.fail("readdirplus", reply, Failure::UnexpectedReply("readdirplus without attributes"));
+                return self.fail(
+                    "readdirplus",
+                    reply,
+                    Failure::UnexpectedReply("readdirplus without attributes"),
+                );
             };
             // Count the lookup first; give it back if the entry does not fit after all.
             let nodeid = self.inodes.remember(e.handle);
@@ -831,19 +1111,33 @@ impl Filesystem for BftFs {
                 self.inodes.forget(nodeid, 1);
                 break;
             }
-            cookie = e.cookie;
-            stream.after = cookie;
-            stream.buffered.pop_front();
         }
         reply.ok()
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
-        self.dirs.lock().unwrap_or_else(|p| p.into_inner()).remove(&fh.0);
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.dirs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&fh.0);
         reply.ok();
     }
 
-    fn fsyncdir(&self, req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         match self.handle(ino) {
             Ok(h) => self.empty_op(req, FsOp::Commit { h }, "fsyncdir", reply),
             Err(f) => self.fail("fsyncdir", reply, f),
@@ -854,9 +1148,9 @@ impl Filesystem for BftFs {
         // statfs may name any node; the root always exists.
         let h = self.handle(ino).unwrap_or(Handle::ROOT);
         match self.call(req, FsOp::StatFs { h }) {
-            Ok(FsReply::StatFs(s)) => {
-                reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namemax, s.bsize)
-            }
+            Ok(FsReply::StatFs(s)) => reply.statfs(
+                s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namemax, s.bsize,
+            ),
             Ok(_) => self.fail("statfs", reply, Failure::UnexpectedReply("statfs")),
             Err(f) => self.fail("statfs", reply, f),
         }
@@ -873,17 +1167,35 @@ impl Filesystem for BftFs {
         reply: ReplyEmpty,
     ) {
         if position != 0 {
-            return self.fail("setxattr", reply, Failure::Unsupported("xattr position (macOS only)"));
+            return self.fail(
+                "setxattr",
+                reply,
+                Failure::Unsupported("xattr position (macOS only)"),
+            );
         }
         let how = match flags & (libc::XATTR_CREATE | libc::XATTR_REPLACE) {
             0 => XattrSet::Either,
             libc::XATTR_CREATE => XattrSet::Create,
             libc::XATTR_REPLACE => XattrSet::Replace,
-            _ => return self.fail("setxattr", reply, Failure::Invalid("XATTR_CREATE with XATTR_REPLACE")),
+            _ => {
+                return self.fail(
+                    "setxattr",
+                    reply,
+                    Failure::Invalid("XATTR_CREATE with XATTR_REPLACE"),
+                )
+            }
         };
+        if name.as_bytes() == CAPS_XATTR {
+            self.set_caps_absent(ino.0, false);
+        }
         match self.handle(ino) {
             Ok(h) => {
-                let op = FsOp::SetXattr { h, name: name_bytes(name), value: value.to_vec(), how };
+                let op = FsOp::SetXattr {
+                    h,
+                    name: name_bytes(name),
+                    value: value.to_vec(),
+                    how,
+                };
                 self.empty_op(req, op, "setxattr", reply)
             }
             Err(f) => self.fail("setxattr", reply, f),
@@ -891,16 +1203,35 @@ impl Filesystem for BftFs {
     }
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let r = self.handle(ino).and_then(|h| self.call(req, FsOp::GetXattr { h, name: name_bytes(name) }));
+        let caps = name.as_bytes() == CAPS_XATTR;
+        if caps && self.caps_known_absent(ino.0) {
+            return self.fail("getxattr", reply, Failure::Service(FsError::NoData));
+        }
+        let r = self.handle(ino).and_then(|h| {
+            self.call(
+                req,
+                FsOp::GetXattr {
+                    h,
+                    name: name_bytes(name),
+                },
+            )
+        });
         match r {
             Ok(FsReply::Xattr { value }) => reply_xattr(reply, size, &value, self),
             Ok(_) => self.fail("getxattr", reply, Failure::UnexpectedReply("getxattr")),
-            Err(f) => self.fail("getxattr", reply, f),
+            Err(f) => {
+                if caps && matches!(f, Failure::Service(FsError::NoData)) {
+                    self.set_caps_absent(ino.0, true);
+                }
+                self.fail("getxattr", reply, f)
+            }
         }
     }
 
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let r = self.handle(ino).and_then(|h| self.call(req, FsOp::ListXattr { h }));
+        let r = self
+            .handle(ino)
+            .and_then(|h| self.call(req, FsOp::ListXattr { h }));
         match r {
             Ok(FsReply::XattrList { names }) => {
                 // The kernel's format: each name followed by a NUL.
@@ -917,8 +1248,19 @@ impl Filesystem for BftFs {
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if name.as_bytes() == CAPS_XATTR {
+            self.set_caps_absent(ino.0, false);
+        }
         match self.handle(ino) {
-            Ok(h) => self.empty_op(req, FsOp::RemoveXattr { h, name: name_bytes(name) }, "removexattr", reply),
+            Ok(h) => self.empty_op(
+                req,
+                FsOp::RemoveXattr {
+                    h,
+                    name: name_bytes(name),
+                },
+                "removexattr",
+                reply,
+            ),
             Err(f) => self.fail("removexattr", reply, f),
         }
     }
@@ -964,18 +1306,33 @@ impl Filesystem for BftFs {
             Ok(h) => h,
             Err(f) => return self.fail("create", reply, f),
         };
-        let how = if flags & libc::O_EXCL != 0 { CreateHow::Guarded } else { CreateHow::Unchecked };
-        let op = FsOp::Create { dir, name: name_bytes(name), mode: mode & 0o7777, how };
-        let r = self.call(req, op).and_then(|r| Self::entry_of(r, "create")).and_then(|(h, attr)| {
-            // The kernel calls create only for a name it believes absent; if another client
-            // made it meanwhile, Unchecked opened the existing file, and O_TRUNC still applies.
-            if flags & libc::O_TRUNC != 0 && attr.size > 0 {
-                let set = SetAttrs { size: Some(0), ..Default::default() };
-                Ok((h, self.setattr_impl(req, h, set)?))
-            } else {
-                Ok((h, attr))
-            }
-        });
+        let how = if flags & libc::O_EXCL != 0 {
+            CreateHow::Guarded
+        } else {
+            CreateHow::Unchecked
+        };
+        let op = FsOp::Create {
+            dir,
+            name: name_bytes(name),
+            mode: mode & 0o7777,
+            how,
+        };
+        let r = self
+            .call(req, op)
+            .and_then(|r| Self::entry_of(r, "create"))
+            .and_then(|(h, attr)| {
+                // The kernel calls create only for a name it believes absent; if another client
+                // made it meanwhile, Unchecked opened the existing file, and O_TRUNC still applies.
+                if flags & libc::O_TRUNC != 0 && attr.size > 0 {
+                    let set = SetAttrs {
+                        size: Some(0),
+                        ..Default::default()
+                    };
+                    Ok((h, self.setattr_impl(req, h, set)?))
+                } else {
+                    Ok((h, attr))
+                }
+            });
         match r {
             Ok((handle, attr)) => {
                 let nodeid = self.inodes.remember(handle);
@@ -1012,7 +1369,8 @@ mod tests {
 
     #[test]
     fn groups_line_parsing() {
-        let status = "Name:\tbash\nUid:\t1000\t1000\t1000\t1000\nGroups:\t4 24 27 1000 \nVmPeak:\t1 kB\n";
+        let status =
+            "Name:\tbash\nUid:\t1000\t1000\t1000\t1000\nGroups:\t4 24 27 1000 \nVmPeak:\t1 kB\n";
         assert_eq!(parse_groups(status), vec![4, 24, 27, 1000]);
         assert_eq!(parse_groups("Groups:\t\n"), Vec::<u32>::new());
         assert_eq!(parse_groups("Name:\tx\n"), Vec::<u32>::new());
@@ -1029,9 +1387,18 @@ mod tests {
     fn time_conversions_round_trip() {
         for t in [
             Timespec { secs: 0, nsecs: 0 },
-            Timespec { secs: 1_700_000_000, nsecs: 123_456_789 },
-            Timespec { secs: -1, nsecs: 500_000_000 },
-            Timespec { secs: -86_400, nsecs: 0 },
+            Timespec {
+                secs: 1_700_000_000,
+                nsecs: 123_456_789,
+            },
+            Timespec {
+                secs: -1,
+                nsecs: 500_000_000,
+            },
+            Timespec {
+                secs: -86_400,
+                nsecs: 0,
+            },
         ] {
             assert_eq!(timespec(system_time(t)), t, "{t:?}");
         }
@@ -1047,10 +1414,41 @@ mod tests {
     }
 
     #[test]
+    fn snapshot_positions() {
+        let e = |cookie: u64| DirEntry {
+            name: vec![b'a'],
+            cookie,
+            handle: Handle {
+                index: cookie,
+                generation: 1,
+            },
+            kind: FileType::Regular,
+            attr: None,
+        };
+        let entries = vec![e(1), e(2), e(3)];
+        assert_eq!(first_after(&entries, 0), 0);
+        assert_eq!(first_after(&entries, DOTDOT_OFFSET), 0);
+        assert_eq!(first_after(&entries, offset_of_cookie(1)), 1);
+        assert_eq!(first_after(&entries, offset_of_cookie(3)), 3);
+        assert_eq!(first_after(&entries, offset_of_cookie(99)), 3);
+    }
+
+    #[test]
     fn errno_mapping() {
-        assert_eq!(errno(&Failure::Service(FsError::NameTooLong)), Errno::ENAMETOOLONG);
-        assert_eq!(errno(&Failure::Service(FsError::NotEmpty)), Errno::ENOTEMPTY);
-        assert_eq!(errno(&Failure::Transport(TransportError::Timeout(Duration::from_secs(1)))), Errno::EIO);
+        assert_eq!(
+            errno(&Failure::Service(FsError::NameTooLong)),
+            Errno::ENAMETOOLONG
+        );
+        assert_eq!(
+            errno(&Failure::Service(FsError::NotEmpty)),
+            Errno::ENOTEMPTY
+        );
+        assert_eq!(
+            errno(&Failure::Transport(TransportError::Timeout(
+                Duration::from_secs(1)
+            ))),
+            Errno::EIO
+        );
         assert_eq!(errno(&Failure::Invalid("x")), Errno::EINVAL);
         assert_eq!(errno(&Failure::BufferTooSmall), Errno::ERANGE);
         assert_eq!(errno(&Failure::UnknownNode(5)), Errno::ESTALE);
@@ -1085,6 +1483,9 @@ mod tests {
     fn open_modes() {
         assert_eq!(access_mask_of_open(OpenFlags(libc::O_RDONLY)), ACCESS_READ);
         assert_eq!(access_mask_of_open(OpenFlags(libc::O_WRONLY)), ACCESS_WRITE);
-        assert_eq!(access_mask_of_open(OpenFlags(libc::O_RDWR)), ACCESS_READ | ACCESS_WRITE);
+        assert_eq!(
+            access_mask_of_open(OpenFlags(libc::O_RDWR)),
+            ACCESS_READ | ACCESS_WRITE
+        );
     }
 }

@@ -52,9 +52,21 @@ impl InodeTable {
         let mut by_nodeid = HashMap::new();
         let mut by_handle = HashMap::new();
         // The root is never forgotten: its lookup count is irrelevant.
-        by_nodeid.insert(ROOT_NODEID, Node { handle: Handle::ROOT, lookups: 1 });
+        by_nodeid.insert(
+            ROOT_NODEID,
+            Node {
+                handle: Handle::ROOT,
+                lookups: 1,
+            },
+        );
         by_handle.insert(Handle::ROOT, ROOT_NODEID);
-        InodeTable { inner: Mutex::new(Inner { by_nodeid, by_handle, next_spill: SPILL_BASE }) }
+        InodeTable {
+            inner: Mutex::new(Inner {
+                by_nodeid,
+                by_handle,
+                next_spill: SPILL_BASE,
+            }),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {

@@ -3,12 +3,14 @@
 //! - [`transport`]: the [`transport::FsTransport`] trait, how the adapter reaches the service;
 //! - [`adapter`]: the FUSE file system (fuser), node ids ⇄ handles, the errno mapping;
 //! - [`inodes`]: the node id table;
+//! - [`local`]: the unreplicated transport (one in-process file service, `up --f 0`);
 //! - [`options`]: `-o` mount options;
 //! - [`mounting`]: mount checks, serving a mount until it is unmounted, unmounting;
 //! - [`up`]: `bftfs up`/`down`/`status` for a cluster started on this machine.
 
 pub mod adapter;
 pub mod inodes;
+pub mod local;
 pub mod mounting;
 pub mod options;
 pub mod transport;

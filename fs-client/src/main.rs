@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use fs_client::options::{MountOptions, OPTIONS_HELP};
 use fs_client::up::UpArgs;
 use fs_client::{mounting, up};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 /// bftfs: a Byzantine-fault-tolerant network file system.
@@ -46,9 +47,7 @@ enum Cmd {
         foreground_child: bool,
     },
     /// Unmount MOUNTPOINT and stop the cluster that `bftfs up` started for it.
-    Down {
-        mountpoint: PathBuf,
-    },
+    Down { mountpoint: PathBuf },
     /// Mount a cluster described by CONFIG (for clusters spread over machines).
     Mount {
         /// Cluster config written by `bftfs keygen`.
@@ -93,7 +92,14 @@ fn parse_options(raw: &[String]) -> Result<MountOptions> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Cmd::Up { mountpoint, f, data_dir, detach, options, foreground_child } => up::up(UpArgs {
+        Cmd::Up {
+            mountpoint,
+            f,
+            data_dir,
+            detach,
+            options,
+            foreground_child,
+        } => up::up(UpArgs {
             mountpoint,
             f,
             data_dir,
@@ -112,9 +118,15 @@ fn run(cli: Cli) -> Result<()> {
             println!("bftfs: unmounted {}", mnt.display());
             Ok(())
         }
-        Cmd::Status { mountpoint, config, json } => match (mountpoint, config) {
+        Cmd::Status {
+            mountpoint,
+            config,
+            json,
+        } => match (mountpoint, config) {
             (Some(m), _) => up::status(&m, json),
-            (None, Some(_)) => bail!("`bftfs status --config` is not built yet (no cluster configs exist yet)"),
+            (None, Some(_)) => {
+                bail!("`bftfs status --config` is not built yet (no cluster configs exist yet)")
+            }
             (None, None) => bail!("give a mount point or --config CONFIG"),
         },
         Cmd::Keygen => bail!("`bftfs keygen` is not built yet"),
@@ -128,6 +140,7 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {

@@ -28,9 +28,16 @@ pub fn is_root() -> bool {
 /// Finds an executable in PATH.
 pub fn which(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join(program)).find(|p| {
-        std::fs::metadata(p).map(|m| m.is_file() && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0).unwrap_or(false)
-    })
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| {
+            std::fs::metadata(p)
+                .map(|m| {
+                    m.is_file()
+                        && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0
+                })
+                .unwrap_or(false)
+        })
 }
 
 /// The absolute, symlink-free path of a mount point, even when the mount point itself cannot
@@ -39,7 +46,11 @@ pub fn mount_path(p: &Path) -> Result<PathBuf> {
     if let Ok(c) = p.canonicalize() {
         return Ok(c);
     }
-    let abs = if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir()?.join(p) };
+    let abs = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(p)
+    };
     // Lexical clean-up so that "x/." or "x/" still have a file name.
     let mut clean = PathBuf::new();
     for c in abs.components() {
@@ -66,7 +77,10 @@ fn unescape_mountinfo(field: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -109,7 +123,10 @@ pub fn check_mount_point(mnt: &Path) -> Result<()> {
                 mnt.display()
             );
         }
-        bail!("{} is already a mount point ({fstype}); choose an empty directory", mnt.display());
+        bail!(
+            "{} is already a mount point ({fstype}); choose an empty directory",
+            mnt.display()
+        );
     }
     let meta = match std::fs::metadata(mnt) {
         Ok(m) => m,
@@ -125,9 +142,13 @@ pub fn check_mount_point(mnt: &Path) -> Result<()> {
     if !meta.is_dir() {
         bail!("mount point {} is not a directory", mnt.display());
     }
-    let mut entries = std::fs::read_dir(mnt).with_context(|| format!("cannot read mount point {}", mnt.display()))?;
+    let mut entries = std::fs::read_dir(mnt)
+        .with_context(|| format!("cannot read mount point {}", mnt.display()))?;
     if entries.next().is_some() {
-        bail!("mount point {} is not empty; mount on an empty directory", mnt.display());
+        bail!(
+            "mount point {} is not empty; mount on an empty directory",
+            mnt.display()
+        );
     }
     Ok(())
 }
@@ -147,7 +168,8 @@ pub fn check_can_mount() -> Result<()> {
 /// `fusermount3 -u [-z]`.
 pub fn unmount(mnt: &Path, lazy: bool) -> Result<()> {
     if is_root() {
-        let c = CString::new(mnt.as_os_str().as_bytes()).map_err(|_| anyhow!("mount point path contains a NUL byte"))?;
+        let c = CString::new(mnt.as_os_str().as_bytes())
+            .map_err(|_| anyhow!("mount point path contains a NUL byte"))?;
         let flags = if lazy { libc::MNT_DETACH } else { 0 };
         // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
         let rc = unsafe { libc::umount2(c.as_ptr(), flags) };
@@ -173,10 +195,18 @@ pub fn unmount(mnt: &Path, lazy: bool) -> Result<()> {
     if lazy {
         cmd.arg("-z");
     }
-    let out = cmd.arg(mnt).output().with_context(|| format!("cannot run {}", fusermount.display()))?;
+    let out = cmd
+        .arg(mnt)
+        .output()
+        .with_context(|| format!("cannot run {}", fusermount.display()))?;
     if !out.status.success() {
         let msg = String::from_utf8_lossy(&out.stderr);
-        bail!("{} -u {} failed: {}", fusermount.display(), mnt.display(), msg.trim());
+        bail!(
+            "{} -u {} failed: {}",
+            fusermount.display(),
+            mnt.display(),
+            msg.trim()
+        );
     }
     Ok(())
 }
@@ -197,7 +227,7 @@ fn unmount_for_stop(mnt: &Path) {
 
 /// Blocks SIGINT/SIGTERM/SIGHUP in this thread (and so in every thread started after), so that
 /// only the thread that waits for them sees them.
-fn block_stop_signals() -> libc::sigset_t {
+pub fn block_stop_signals() -> libc::sigset_t {
     // SAFETY: the set is initialised by sigemptyset before use; pthread_sigmask only changes
     // this thread's mask.
     unsafe {
@@ -226,14 +256,20 @@ pub fn serve(
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName(fsname.to_string()),
-        MountOption::Subtype(FS_SUBTYPE.to_string()),
+        // As a kernel option rather than MountOption::Subtype, which fuser hands only to
+        // fusermount: this way the type reads `fuse.bftfs` whichever way the mount is made.
+        MountOption::CUSTOM(format!("subtype={FS_SUBTYPE}")),
     ];
     if opts.read_only {
         config.mount_options.push(MountOption::RO);
     }
     // The service checks permissions for every caller, so other users may come in; that needs
     // root (or user_allow_other in /etc/fuse.conf), hence the default only for root.
-    config.acl = if opts.allow_other.unwrap_or_else(is_root) { SessionACL::All } else { SessionACL::Owner };
+    config.acl = if opts.allow_other.unwrap_or_else(is_root) {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
     config.n_threads = Some(opts.threads);
     // One /dev/fuse descriptor per thread: no contention on a single queue.
     config.clone_fd = true;
@@ -260,7 +296,9 @@ pub fn serve(
         unmount_for_stop(mnt);
         return Err(e);
     }
-    session.run().with_context(|| format!("FUSE session at {} failed", mnt.display()))?;
+    session
+        .run()
+        .with_context(|| format!("FUSE session at {} failed", mnt.display()))?;
     info!("{} is unmounted; stopping", mnt.display());
     Ok(())
 }
@@ -299,7 +337,10 @@ mod tests {
     fn mount_path_of_missing_leaf() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = mount_path(&dir.path().join("missing/")).expect("parent exists");
-        assert_eq!(p, dir.path().canonicalize().expect("exists").join("missing"));
+        assert_eq!(
+            p,
+            dir.path().canonicalize().expect("exists").join("missing")
+        );
     }
 
     #[test]

@@ -46,7 +46,9 @@ fn parse_seconds(name: &str, value: &str) -> Result<Duration, String> {
         .parse()
         .map_err(|_| format!("option {name}={value}: expected a number of seconds"))?;
     if !secs.is_finite() || !(0.0..=86_400.0).contains(&secs) {
-        return Err(format!("option {name}={value}: must be between 0 and 86400 seconds"));
+        return Err(format!(
+            "option {name}={value}: must be between 0 and 86400 seconds"
+        ));
     }
     Ok(Duration::from_secs_f64(secs))
 }
@@ -133,14 +135,21 @@ mod tests {
     #[test]
     fn round_trip_through_arg() {
         let mut o = MountOptions::default();
-        o.apply("attr_timeout=0.25,threads=2,allow_other").expect("valid");
+        o.apply("attr_timeout=0.25,threads=2,allow_other")
+            .expect("valid");
         let back = MountOptions::parse_all(&[o.to_arg()]).expect("valid");
         assert_eq!(back, o);
     }
 
     #[test]
     fn bad_options_are_one_sentence() {
-        for bad in ["attr_timeout=abc", "attr_timeout=-1", "threads=0", "frobnicate", "ro=1"] {
+        for bad in [
+            "attr_timeout=abc",
+            "attr_timeout=-1",
+            "threads=0",
+            "frobnicate",
+            "ro=1",
+        ] {
             let e = MountOptions::parse_all(&[bad.to_string()]).expect_err(bad);
             assert!(!e.contains('\n'), "{e}");
         }

@@ -13,7 +13,10 @@
 //! - `lock`: held (flock) by the serving process;
 //! - `up.log`: the log of a detached `up`.
 
-use crate::mounting::{self, check_can_mount, check_mount_point, mount_path, mounted_fstype, FS_TYPE};
+use crate::local::LocalTransport;
+use crate::mounting::{
+    self, check_can_mount, check_mount_point, mount_path, mounted_fstype, FS_TYPE,
+};
 use crate::options::MountOptions;
 use crate::transport::FsTransport;
 use anyhow::{anyhow, bail, Context, Result};
@@ -25,6 +28,7 @@ use std::os::unix::io::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
@@ -36,6 +40,8 @@ const LOG_FILE: &str = "up.log";
 
 /// How long `up --detach` waits for the mount to answer.
 const DETACH_WAIT: Duration = Duration::from_secs(60);
+/// How often the unreplicated service saves its state while serving.
+const FLUSH_EVERY: Duration = Duration::from_secs(5);
 /// How long `down` waits for the serving process to stop after SIGTERM.
 const STOP_WAIT: Duration = Duration::from_secs(20);
 
@@ -69,7 +75,19 @@ fn mount_key(mnt: &Path) -> String {
     let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
     let name: String = mnt
         .file_name()
-        .map(|n| n.to_string_lossy().chars().take(40).map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect())
+        .map(|n| {
+            n.to_string_lossy()
+                .chars()
+                .take(40)
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect()
+        })
         .unwrap_or_else(|| "root".to_string());
     format!("{name}-{hex}")
 }
@@ -79,7 +97,9 @@ pub fn default_data_dir(mnt: &Path) -> Result<PathBuf> {
 }
 
 fn pid_file(mnt: &Path) -> Result<PathBuf> {
-    Ok(base_dir()?.join("run").join(format!("{}.pid", mount_key(mnt))))
+    Ok(base_dir()?
+        .join("run")
+        .join(format!("{}.pid", mount_key(mnt))))
 }
 
 /// What the serving process records about itself.
@@ -103,7 +123,10 @@ impl PidInfo {
     }
 
     fn parse(text: &str) -> Option<PidInfo> {
-        let get = |k: &str| text.lines().find_map(|l| l.strip_prefix(k)?.strip_prefix('='));
+        let get = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(k)?.strip_prefix('='))
+        };
         Some(PidInfo {
             pid: get("pid")?.parse().ok()?,
             mountpoint: PathBuf::from(get("mountpoint")?),
@@ -129,7 +152,8 @@ fn write_pid_info(info: &PidInfo) -> Result<()> {
     }
     // Written whole, then renamed, so `down` never reads half a file.
     let tmp = path.with_extension("pid.tmp");
-    std::fs::write(&tmp, info.render()).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::write(&tmp, info.render())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
@@ -147,7 +171,10 @@ fn remove_pid_info(mnt: &Path, pid: u32) {
 fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the parenthesised command name, which may itself hold spaces.
-        Ok(stat) => match stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next()) {
+        Ok(stat) => match stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next())
+        {
             Some(state) => state != "Z" && state != "X",
             None => false,
         },
@@ -159,7 +186,10 @@ fn alive(pid: u32) -> bool {
 fn is_bftfs(pid: u32) -> bool {
     let exe_is_bftfs = std::fs::read_link(format!("/proc/{pid}/exe"))
         .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().starts_with("bftfs")))
+        .and_then(|p| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().starts_with("bftfs"))
+        })
         .unwrap_or(false);
     let argv0_is_bftfs = std::fs::read(format!("/proc/{pid}/cmdline"))
         .ok()
@@ -192,18 +222,25 @@ impl Marker {
     }
 
     fn parse(text: &str) -> Option<Marker> {
-        let get = |k: &str| text.lines().find_map(|l| l.strip_prefix(k)?.strip_prefix('='));
+        let get = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(k)?.strip_prefix('='))
+        };
         if get("format")? != "1" {
             return None;
         }
-        Some(Marker { cluster_id: get("cluster_id")?.to_string(), f: get("f")?.parse().ok()? })
+        Some(Marker {
+            cluster_id: get("cluster_id")?.to_string(),
+            f: get("f")?.parse().ok()?,
+        })
     }
 }
 
 /// Makes `dir` this cluster's data directory, or refuses with one sentence: it belongs to a
 /// cluster with another f, or it is a non-empty directory that is not a bftfs one.
 fn claim_data_dir(dir: &Path, f: u32) -> Result<Marker> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create data directory {}", dir.display()))?;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create data directory {}", dir.display()))?;
     let marker_path = dir.join(MARKER);
     match std::fs::read_to_string(&marker_path) {
         Ok(text) => {
@@ -229,7 +266,10 @@ fn claim_data_dir(dir: &Path, f: u32) -> Result<Marker> {
             if not_empty {
                 bail!("data directory {} is not empty and is not a bftfs data directory (no {MARKER} file)", dir.display());
             }
-            let m = Marker { cluster_id: random_id()?, f };
+            let m = Marker {
+                cluster_id: random_id()?,
+                f,
+            };
             std::fs::write(&marker_path, m.render())
                 .with_context(|| format!("cannot write {}", marker_path.display()))?;
             Ok(m)
@@ -251,15 +291,12 @@ fn lock_data_dir(dir: &Path) -> Result<File> {
     // SAFETY: a valid open descriptor; flock has no memory effects.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc != 0 {
-        bail!("data directory {} is in use by another running bftfs process", dir.display());
+        bail!(
+            "data directory {} is in use by another running bftfs process",
+            dir.display()
+        );
     }
     Ok(file)
-}
-
-/// Opens the unreplicated file service in `dir` behind a local transport.
-fn open_local_transport(dir: &Path) -> Result<Arc<dyn FsTransport>> {
-    let _ = dir;
-    bail!("the file service (state_abstraction::fs::FileService) is not built yet")
 }
 
 pub fn up(args: UpArgs) -> Result<()> {
@@ -273,7 +310,11 @@ pub fn up(args: UpArgs) -> Result<()> {
     check_can_mount()?;
     if let Some(info) = read_pid_info(&mnt)? {
         if alive(info.pid) && is_bftfs(info.pid) {
-            bail!("bftfs up is already serving {} (pid {}); run `bftfs down {0}` first", mnt.display(), info.pid);
+            bail!(
+                "bftfs up is already serving {} (pid {}); run `bftfs down {0}` first",
+                mnt.display(),
+                info.pid
+            );
         }
     }
     check_mount_point(&mnt)?;
@@ -282,7 +323,9 @@ pub fn up(args: UpArgs) -> Result<()> {
         None => default_data_dir(&mnt)?,
     };
     claim_data_dir(&data_dir, args.f)?;
-    let data_dir = data_dir.canonicalize().with_context(|| format!("cannot resolve {}", data_dir.display()))?;
+    let data_dir = data_dir
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", data_dir.display()))?;
     if args.detach && !args.foreground_child {
         // Tell the user now about a busy data directory rather than through the child's log.
         drop(lock_data_dir(&data_dir)?);
@@ -305,9 +348,33 @@ fn up_replicated(mnt: &Path, args: &UpArgs) -> Result<()> {
 }
 
 fn serve_unreplicated(mnt: &Path, data_dir: &Path, args: &UpArgs) -> Result<()> {
+    // Before any thread starts, so that only the serving loop's signal thread sees them.
+    mounting::block_stop_signals();
     let _lock = lock_data_dir(data_dir)?;
-    let transport = open_local_transport(&data_dir.join(SERVICE_DIR))?;
-    let info = PidInfo { pid: std::process::id(), mountpoint: mnt.to_path_buf(), data_dir: data_dir.to_path_buf(), f: 0 };
+    let local = Arc::new(LocalTransport::open(&data_dir.join(SERVICE_DIR))?);
+    // The service saves its table on flush; doing it periodically bounds what a crash of this
+    // process (kill -9, power loss) can lose.
+    let (stop_flusher, stopped) = mpsc::channel::<()>();
+    let flusher = {
+        let local = local.clone();
+        std::thread::Builder::new()
+            .name("bftfs-flush".into())
+            .spawn(move || {
+                while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(FLUSH_EVERY) {
+                    if let Err(e) = local.flush() {
+                        warn!("saving the file service state failed: {e:#}");
+                    }
+                }
+            })
+            .context("cannot start the flush thread")?
+    };
+    let transport: Arc<dyn FsTransport> = local.clone();
+    let info = PidInfo {
+        pid: std::process::id(),
+        mountpoint: mnt.to_path_buf(),
+        data_dir: data_dir.to_path_buf(),
+        f: 0,
+    };
     let quiet = args.foreground_child;
     let result = mounting::serve(mnt, transport, &args.options, "bftfs-local", || {
         write_pid_info(&info)?;
@@ -316,12 +383,18 @@ fn serve_unreplicated(mnt: &Path, data_dir: &Path, args: &UpArgs) -> Result<()> 
         }
         Ok(())
     });
+    drop(stop_flusher);
+    let _ = flusher.join();
+    let flushed = local.flush().context("cannot save the file service state");
     remove_pid_info(mnt, info.pid);
-    result
+    result.and(flushed)
 }
 
 fn print_started(mnt: &Path, data_dir: &Path, detached: bool) {
-    println!("bftfs: {} is mounted (unreplicated: --f 0, one local file service)", mnt.display());
+    println!(
+        "bftfs: {} is mounted (unreplicated: --f 0, one local file service)",
+        mnt.display()
+    );
     println!("  data:  {}", data_dir.display());
     if detached {
         println!("  log:   {}", data_dir.join(LOG_FILE).display());
@@ -371,15 +444,27 @@ fn spawn_detached(mnt: &Path, data_dir: &Path, args: &UpArgs) -> Result<()> {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().context("cannot start the background bftfs process")?;
+    let mut child = cmd
+        .spawn()
+        .context("cannot start the background bftfs process")?;
     let started = Instant::now();
     loop {
         if let Some(status) = child.try_wait()? {
             let tail = log_tail(&log_path, 3);
-            bail!("bftfs up failed ({status}): {}", if tail.is_empty() { "no output".into() } else { tail });
+            bail!(
+                "bftfs up failed ({status}): {}",
+                if tail.is_empty() {
+                    "no output".into()
+                } else {
+                    tail
+                }
+            );
         }
         let pid_ok = read_pid_info(mnt)?.is_some_and(|i| i.pid == child.id());
-        if pid_ok && mounted_fstype(mnt).as_deref() == Some(FS_TYPE) && std::fs::metadata(mnt).is_ok() {
+        if pid_ok
+            && mounted_fstype(mnt).as_deref() == Some(FS_TYPE)
+            && std::fs::metadata(mnt).is_ok()
+        {
             print_started(mnt, data_dir, true);
             return Ok(());
         }
@@ -387,14 +472,20 @@ fn spawn_detached(mnt: &Path, data_dir: &Path, args: &UpArgs) -> Result<()> {
             let _ = child.kill();
             let _ = child.wait();
             let _ = mounting::unmount(mnt, true);
-            bail!("the mount at {} did not answer within {DETACH_WAIT:?}; see {}", mnt.display(), log_path.display());
+            bail!(
+                "the mount at {} did not answer within {DETACH_WAIT:?}; see {}",
+                mnt.display(),
+                log_path.display()
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 fn signal(pid: u32, sig: libc::c_int) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
     // SAFETY: kill has no memory effects.
     unsafe { libc::kill(pid, sig) == 0 }
 }
@@ -420,7 +511,10 @@ pub fn down(mountpoint: &Path) -> Result<()> {
             // the session.
             signal(i.pid, libc::SIGTERM);
             if !wait_gone(i.pid, STOP_WAIT) {
-                warn!("bftfs (pid {}) did not stop within {STOP_WAIT:?}; killing it", i.pid);
+                warn!(
+                    "bftfs (pid {}) did not stop within {STOP_WAIT:?}; killing it",
+                    i.pid
+                );
                 signal(i.pid, libc::SIGKILL);
                 wait_gone(i.pid, Duration::from_secs(5));
             }
@@ -429,9 +523,15 @@ pub fn down(mountpoint: &Path) -> Result<()> {
             if let (Some(_), Ok(p)) = (&info, pid_file(&mnt)) {
                 let _ = std::fs::remove_file(p);
             }
-            bail!("nothing started by `bftfs up` is mounted at {}", mnt.display());
+            bail!(
+                "nothing started by `bftfs up` is mounted at {}",
+                mnt.display()
+            );
         }
-        _ => info!("no running bftfs process is recorded for {}; unmounting it", mnt.display()),
+        _ => info!(
+            "no running bftfs process is recorded for {}; unmounting it",
+            mnt.display()
+        ),
     }
     if mounted_fstype(&mnt).as_deref() == Some(FS_TYPE) {
         mounting::unmount(&mnt, true)?;
@@ -440,7 +540,11 @@ pub fn down(mountpoint: &Path) -> Result<()> {
         let _ = std::fs::remove_file(p);
     }
     match info {
-        Some(i) => println!("bftfs: stopped {}; data kept in {}", mnt.display(), i.data_dir.display()),
+        Some(i) => println!(
+            "bftfs: stopped {}; data kept in {}",
+            mnt.display(),
+            i.data_dir.display()
+        ),
         None => println!("bftfs: unmounted {}", mnt.display()),
     }
     Ok(())
@@ -454,7 +558,10 @@ pub fn status(mountpoint: &Path, json: bool) -> Result<()> {
         if mounted {
             bail!("{} is a bftfs mount not started by `bftfs up` on this machine; use `bftfs status --config CONFIG`", mnt.display());
         }
-        bail!("nothing started by `bftfs up` is mounted at {}", mnt.display());
+        bail!(
+            "nothing started by `bftfs up` is mounted at {}",
+            mnt.display()
+        );
     };
     let running = alive(info.pid) && is_bftfs(info.pid);
     let health = match (running, mounted) {
@@ -473,10 +580,21 @@ pub fn status(mountpoint: &Path, json: bool) -> Result<()> {
             json_string(health),
         );
     } else {
-        println!("mount point: {} ({})", info.mountpoint.display(), if mounted { "mounted" } else { "not mounted" });
-        println!("cluster:     f={} (unreplicated: one in-process file service, no replicas)", info.f);
+        println!(
+            "mount point: {} ({})",
+            info.mountpoint.display(),
+            if mounted { "mounted" } else { "not mounted" }
+        );
+        println!(
+            "cluster:     f={} (unreplicated: one in-process file service, no replicas)",
+            info.f
+        );
         println!("data:        {}", info.data_dir.display());
-        println!("client:      pid {} ({})", info.pid, if running { "running" } else { "not running" });
+        println!(
+            "client:      pid {} ({})",
+            info.pid,
+            if running { "running" } else { "not running" }
+        );
         println!("health:      {health}");
     }
     Ok(())
@@ -504,7 +622,12 @@ mod tests {
 
     #[test]
     fn pid_info_round_trip() {
-        let i = PidInfo { pid: 42, mountpoint: "/mnt/a b".into(), data_dir: "/d".into(), f: 0 };
+        let i = PidInfo {
+            pid: 42,
+            mountpoint: "/mnt/a b".into(),
+            data_dir: "/d".into(),
+            f: 0,
+        };
         assert_eq!(PidInfo::parse(&i.render()), Some(i));
         assert_eq!(PidInfo::parse("garbage"), None);
     }

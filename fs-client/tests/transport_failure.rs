@@ -42,9 +42,14 @@ fn unreachable_cluster_gives_eio() {
     rx.recv_timeout(Duration::from_secs(20)).expect("mounted");
     let e = std::fs::metadata(mnt.join("x")).expect_err("lookup must fail");
     assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
-    let e = std::fs::read_dir(&mnt).and_then(|mut d| d.next().transpose()).expect_err("readdir must fail");
+    let e = std::fs::read_dir(&mnt)
+        .and_then(|mut d| d.next().transpose())
+        .expect_err("readdir must fail");
     assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
     assert!(transport.0.load(Ordering::Relaxed) >= 2);
     mounting::unmount(&mnt, false).expect("unmount");
-    server.join().expect("server thread").expect("serve ends cleanly");
+    server
+        .join()
+        .expect("server thread")
+        .expect("serve ends cleanly");
 }

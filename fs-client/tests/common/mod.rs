@@ -14,7 +14,11 @@ pub const BFTFS: &str = env!("CARGO_BIN_EXE_bftfs");
 pub fn fuse_available(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    let dev = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse").is_ok();
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .is_ok();
     let why = match (root, dev) {
         (true, true) => return true,
         (false, _) => "not running as root",
@@ -31,13 +35,20 @@ pub fn bftfs(args: &[&std::ffi::OsStr], xdg: &Path) -> Output {
     Command::new(BFTFS)
         .args(args)
         .env("XDG_DATA_HOME", xdg)
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .output()
         .expect("run bftfs")
 }
 
 pub fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 /// A mount made by `bftfs up --f 0 --detach`, undone on drop even if the test panicked.
@@ -63,9 +74,19 @@ impl Mounted {
     }
 
     /// Runs `bftfs up --f 0 --detach` at `mnt`; the caller keeps the directories alive.
-    pub fn at(mnt: &Path, xdg: &Path, data_dir: Option<&Path>, extra: &[&str]) -> Result<Mounted, String> {
-        let mut args: Vec<&std::ffi::OsStr> =
-            vec!["up".as_ref(), mnt.as_os_str(), "--f".as_ref(), "0".as_ref(), "--detach".as_ref()];
+    pub fn at(
+        mnt: &Path,
+        xdg: &Path,
+        data_dir: Option<&Path>,
+        extra: &[&str],
+    ) -> Result<Mounted, String> {
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "up".as_ref(),
+            mnt.as_os_str(),
+            "--f".as_ref(),
+            "0".as_ref(),
+            "--detach".as_ref(),
+        ];
         if let Some(d) = data_dir {
             args.push("--data-dir".as_ref());
             args.push(d.as_os_str());
@@ -99,12 +120,15 @@ impl Mounted {
         self.mnt = PathBuf::new();
     }
 
-    fn pid(&self) -> Option<i32> {
+    /// The pid of the background process serving this mount.
+    pub fn server_pid(&self) -> Option<i32> {
         let run = self.xdg.join("bftfs/run");
         for e in std::fs::read_dir(run).ok()?.flatten() {
             let t = std::fs::read_to_string(e.path()).ok()?;
             let mp = t.lines().find_map(|l| l.strip_prefix("mountpoint="))?;
-            if Path::new(mp) == self.mnt.canonicalize().unwrap_or_else(|_| self.mnt.clone()) || mp == self.mnt.to_string_lossy() {
+            if Path::new(mp) == self.mnt.canonicalize().unwrap_or_else(|_| self.mnt.clone())
+                || mp == self.mnt.to_string_lossy()
+            {
                 return t.lines().find_map(|l| l.strip_prefix("pid="))?.parse().ok();
             }
         }
@@ -117,10 +141,13 @@ impl Drop for Mounted {
         if self.mnt.as_os_str().is_empty() {
             return;
         }
-        let pid = self.pid();
+        let pid = self.server_pid();
         let out = bftfs(&["down".as_ref(), self.mnt.as_os_str()], &self.xdg);
         if !out.status.success() || is_mounted(&self.mnt) {
-            eprintln!("cleanup: bftfs down failed ({}); unmounting lazily", text(&out).trim());
+            eprintln!(
+                "cleanup: bftfs down failed ({}); unmounting lazily",
+                text(&out).trim()
+            );
             let c = std::ffi::CString::new(self.mnt.to_string_lossy().as_bytes()).expect("path");
             // SAFETY: valid C string.
             unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
@@ -153,7 +180,11 @@ pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 
 /// Runs a shell command, panicking with its output if it fails.
 pub fn sh(cmd: &str) -> String {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().expect("run sh");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .expect("run sh");
     assert!(out.status.success(), "`{cmd}` failed: {}", text(&out));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -1,0 +1,770 @@
+//! Real mounts: `bftfs up --f 0 --detach` into temporary directories, real programs and
+//! syscalls against them, `bftfs down` at the end. They need root and /dev/fuse; without them
+//! they skip with a message (a failure when BFTFS_REQUIRE_FUSE=1).
+
+mod common;
+
+use common::{bftfs, fuse_available, is_mounted, sh, text, Mounted};
+use sha2::{Digest, Sha256};
+use std::ffi::CString;
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+fn c(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).expect("no NUL in test paths")
+}
+
+fn errno_of<T>(r: std::io::Result<T>) -> i32 {
+    match r {
+        Ok(_) => 0,
+        Err(e) => e.raw_os_error().unwrap_or(-1),
+    }
+}
+
+fn last_errno(rc: libc::c_int) -> i32 {
+    if rc >= 0 {
+        0
+    } else {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+    }
+}
+
+/// A deterministic pseudo-random stream (xorshift), so file contents vary without a dependency.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(n + 8);
+        while v.len() < n {
+            v.extend_from_slice(&self.next().to_le_bytes());
+        }
+        v.truncate(n);
+        v
+    }
+}
+
+/// One line per object of a tree: what a faithful copy must reproduce.
+fn describe(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let dir = root.join(&rel);
+        for e in fs::read_dir(&dir).expect("read_dir") {
+            let e = e.expect("entry");
+            let rel = rel.join(e.file_name());
+            let p = root.join(&rel);
+            let m = fs::symlink_metadata(&p).expect("lstat");
+            let mode = m.permissions().mode() & 0o7777;
+            let line = if m.is_dir() {
+                stack.push(rel.clone());
+                format!("d {} {mode:o}", rel.display())
+            } else if m.file_type().is_symlink() {
+                format!(
+                    "l {} -> {}",
+                    rel.display(),
+                    fs::read_link(&p).expect("readlink").display()
+                )
+            } else {
+                let data = fs::read(&p).expect("read");
+                let sum: String = Sha256::digest(&data)
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                format!(
+                    "f {} {mode:o} {} {} {sum}",
+                    rel.display(),
+                    m.len(),
+                    m.mtime()
+                )
+            };
+            out.push(line);
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn tarball_of_thousands_of_files() {
+    if !fuse_available("tarball_of_thousands_of_files") {
+        return;
+    }
+    let m = Mounted::new();
+    let work = tempfile::tempdir().expect("tempdir");
+    let src = work.path().join("src");
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let sizes = [
+        0usize, 1, 17, 511, 4095, 4096, 4097, 20_000, 65_536, 65_537, 200_000,
+    ];
+    let mut n = 0;
+    for d in 0..30 {
+        let dir = src.join(format!("pkg{d:02}/sub{}", d % 4));
+        fs::create_dir_all(&dir).expect("mkdir");
+        for f in 0..100 {
+            let size = sizes[(rng.next() % sizes.len() as u64) as usize];
+            fs::write(dir.join(format!("file{f:03}.dat")), rng.bytes(size)).expect("write");
+            n += 1;
+        }
+        std::os::unix::fs::symlink(
+            format!("sub{}/file000.dat", d % 4),
+            src.join(format!("pkg{d:02}/link")),
+        )
+        .expect("symlink");
+    }
+    // A few files larger than the service's 1 MiB request limit.
+    for i in 0..3 {
+        fs::write(
+            src.join(format!("big{i}.bin")),
+            rng.bytes(2 * 1024 * 1024 + 12345 * i),
+        )
+        .expect("write big");
+        n += 1;
+    }
+    assert!(n >= 3000);
+    let tarball = work.path().join("src.tar");
+    sh(&format!(
+        "tar cf {} -C {} .",
+        tarball.display(),
+        src.display()
+    ));
+
+    let t = Instant::now();
+    sh(&format!(
+        "tar xf {} -C {}",
+        tarball.display(),
+        m.mnt.display()
+    ));
+    eprintln!("tar x of {n} files into the mount: {:?}", t.elapsed());
+    let t = Instant::now();
+    assert_eq!(
+        describe(&m.mnt),
+        describe(&src),
+        "the unpacked tree differs from the original"
+    );
+    eprintln!("compared every file: {:?}", t.elapsed());
+    m.down();
+}
+
+#[test]
+fn build_like_directory_work() {
+    if !fuse_available("build_like_directory_work") {
+        return;
+    }
+    let m = Mounted::new();
+    let p = |r: &str| m.path(r);
+
+    // Many small files in one directory, then a full readdir of it.
+    fs::create_dir_all(p("obj/deep/er")).expect("mkdir -p");
+    for i in 0..2500 {
+        fs::write(p(&format!("obj/f{i:05}.o")), format!("object {i}")).expect("create");
+    }
+    let mut names: Vec<String> = fs::read_dir(p("obj"))
+        .expect("readdir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 2501, "2500 files and one directory");
+    assert_eq!(names[0], "deep");
+    assert_eq!(names[2500], "f02499.o");
+    let ls = sh(&format!("ls -la {} | wc -l", p("obj").display()));
+    assert_eq!(ls.trim(), "2504", "total line, ., .., deep and 2500 files");
+    // readdir while deleting: nothing may be skipped.
+    let mut removed = 0;
+    for e in fs::read_dir(p("obj")).expect("readdir") {
+        let e = e.expect("entry");
+        if e.file_type().expect("type").is_file() {
+            fs::remove_file(e.path()).expect("unlink during readdir");
+            removed += 1;
+        }
+    }
+    assert_eq!(removed, 2500);
+    assert_eq!(fs::read_dir(p("obj")).expect("readdir").count(), 1);
+
+    // Renames: plain, over an existing target, across directories, of a directory.
+    fs::write(p("a.tmp"), b"new contents").expect("write");
+    fs::write(p("a"), b"old").expect("write");
+    fs::rename(p("a.tmp"), p("a")).expect("rename over existing");
+    assert_eq!(fs::read(p("a")).expect("read"), b"new contents");
+    assert_eq!(errno_of(fs::metadata(p("a.tmp"))), libc::ENOENT);
+    fs::rename(p("a"), p("obj/deep/a")).expect("rename across directories");
+    fs::rename(p("obj/deep"), p("moved")).expect("rename a directory");
+    assert_eq!(fs::read(p("moved/a")).expect("read"), b"new contents");
+    assert!(p("moved/er").is_dir());
+    assert_eq!(
+        errno_of(fs::rename(p("moved"), p("moved/er/inside"))),
+        libc::EINVAL
+    );
+    // RENAME_NOREPLACE onto an existing name.
+    fs::write(p("b"), b"b").expect("write");
+    // SAFETY: valid C strings; renameat2 is a plain syscall.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            c(&p("b")).as_ptr(),
+            libc::AT_FDCWD,
+            c(&p("moved/a")).as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    assert_eq!(last_errno(rc), libc::EEXIST);
+    // SAFETY: as above.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            c(&p("b")).as_ptr(),
+            libc::AT_FDCWD,
+            c(&p("b2")).as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    assert_eq!(last_errno(rc), 0);
+    // SAFETY: as above.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            c(&p("b2")).as_ptr(),
+            libc::AT_FDCWD,
+            c(&p("moved/a")).as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    assert!(
+        matches!(last_errno(rc), libc::EINVAL | libc::EOPNOTSUPP),
+        "RENAME_EXCHANGE is refused"
+    );
+
+    // Hard links and their counts.
+    fs::hard_link(p("moved/a"), p("hard")).expect("link");
+    let (ma, mh) = (
+        fs::metadata(p("moved/a")).expect("stat"),
+        fs::metadata(p("hard")).expect("stat"),
+    );
+    assert_eq!((ma.nlink(), mh.nlink()), (2, 2));
+    assert_eq!(ma.ino(), mh.ino());
+    fs::remove_file(p("moved/a")).expect("unlink one name");
+    assert_eq!(fs::metadata(p("hard")).expect("stat").nlink(), 1);
+    assert_eq!(fs::read(p("hard")).expect("read"), b"new contents");
+    assert_eq!(errno_of(fs::hard_link(p("hard"), p("b2"))), libc::EEXIST);
+
+    // Symlinks.
+    std::os::unix::fs::symlink("moved/er", p("sym")).expect("symlink");
+    std::os::unix::fs::symlink("nowhere/at/all", p("dangling")).expect("symlink");
+    assert_eq!(
+        fs::read_link(p("sym")).expect("readlink"),
+        Path::new("moved/er")
+    );
+    assert!(p("sym").is_dir(), "symlink to a directory resolves");
+    fs::write(p("sym/through"), b"x").expect("write through symlink");
+    assert!(p("moved/er/through").is_file());
+    assert!(fs::symlink_metadata(p("dangling"))
+        .expect("lstat")
+        .file_type()
+        .is_symlink());
+    assert_eq!(errno_of(fs::metadata(p("dangling"))), libc::ENOENT);
+
+    // Deletes.
+    assert_eq!(errno_of(fs::remove_dir(p("moved"))), libc::ENOTEMPTY);
+    fs::remove_file(p("moved/er/through")).expect("unlink");
+    fs::remove_dir(p("moved/er")).expect("rmdir");
+    assert_eq!(errno_of(fs::remove_dir(p("hard"))), libc::ENOTDIR);
+
+    // mkfifo.
+    // SAFETY: valid C string.
+    assert_eq!(
+        unsafe { libc::mkfifo(c(&p("fifo")).as_ptr(), 0o644) },
+        0,
+        "mkfifo: {}",
+        std::io::Error::last_os_error()
+    );
+    assert!(fs::symlink_metadata(p("fifo"))
+        .expect("lstat")
+        .file_type()
+        .is_fifo());
+
+    // chmod, chown, truncate, utimens.
+    fs::set_permissions(p("hard"), fs::Permissions::from_mode(0o640)).expect("chmod");
+    assert_eq!(
+        fs::metadata(p("hard")).expect("stat").mode() & 0o7777,
+        0o640
+    );
+    std::os::unix::fs::chown(p("hard"), Some(1234), Some(5678)).expect("chown");
+    let st = fs::metadata(p("hard")).expect("stat");
+    assert_eq!((st.uid(), st.gid()), (1234, 5678));
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(p("hard"))
+        .expect("open");
+    f.set_len(3).expect("truncate down");
+    f.set_len(100_000).expect("extend");
+    drop(f);
+    let data = fs::read(p("hard")).expect("read");
+    assert_eq!(data.len(), 100_000);
+    assert_eq!(&data[..3], b"new");
+    assert!(data[3..].iter().all(|&b| b == 0));
+    let times = [
+        libc::timespec {
+            tv_sec: 1_000_000_000,
+            tv_nsec: 123_456_789,
+        },
+        libc::timespec {
+            tv_sec: 1_100_000_000,
+            tv_nsec: 5,
+        },
+    ];
+    // SAFETY: valid C string and a two-element array.
+    let rc = unsafe { libc::utimensat(libc::AT_FDCWD, c(&p("hard")).as_ptr(), times.as_ptr(), 0) };
+    assert_eq!(last_errno(rc), 0);
+    let st = fs::metadata(p("hard")).expect("stat");
+    assert_eq!(
+        (st.atime(), st.atime_nsec(), st.mtime(), st.mtime_nsec()),
+        (1_000_000_000, 123_456_789, 1_100_000_000, 5)
+    );
+    let now = [
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+    ];
+    // SAFETY: as above.
+    let rc = unsafe { libc::utimensat(libc::AT_FDCWD, c(&p("hard")).as_ptr(), now.as_ptr(), 0) };
+    assert_eq!(last_errno(rc), 0);
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    let st = fs::metadata(p("hard")).expect("stat");
+    assert!(
+        (st.mtime() - wall).abs() <= 5,
+        "UTIME_NOW sets the current time: {} vs {wall}",
+        st.mtime()
+    );
+
+    // Extended attributes, with the size-0 probe.
+    let path = c(&p("hard"));
+    let name = CString::new("user.colour").expect("name");
+    // SAFETY: valid pointers and lengths throughout this block.
+    unsafe {
+        assert_eq!(
+            libc::setxattr(path.as_ptr(), name.as_ptr(), b"blue!".as_ptr().cast(), 5, 0),
+            0
+        );
+        assert_eq!(
+            libc::getxattr(path.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0),
+            5,
+            "size probe"
+        );
+        let mut small = [0u8; 2];
+        assert_eq!(
+            libc::getxattr(path.as_ptr(), name.as_ptr(), small.as_mut_ptr().cast(), 2),
+            -1
+        );
+        assert_eq!(last_errno(-1), libc::ERANGE);
+        let mut buf = [0u8; 64];
+        assert_eq!(
+            libc::getxattr(path.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), 64),
+            5
+        );
+        assert_eq!(&buf[..5], b"blue!");
+        assert_eq!(
+            libc::setxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                b"x".as_ptr().cast(),
+                1,
+                libc::XATTR_CREATE
+            ),
+            -1
+        );
+        assert_eq!(last_errno(-1), libc::EEXIST);
+        let other = CString::new("user.other").expect("name");
+        assert_eq!(
+            libc::setxattr(
+                path.as_ptr(),
+                other.as_ptr(),
+                b"x".as_ptr().cast(),
+                1,
+                libc::XATTR_REPLACE
+            ),
+            -1
+        );
+        assert_eq!(last_errno(-1), libc::ENODATA);
+        assert_eq!(
+            libc::setxattr(
+                path.as_ptr(),
+                other.as_ptr(),
+                b"".as_ptr().cast(),
+                0,
+                libc::XATTR_CREATE
+            ),
+            0
+        );
+        let len = libc::listxattr(path.as_ptr(), std::ptr::null_mut(), 0);
+        assert_eq!(len as usize, "user.colour\0user.other\0".len());
+        let mut list = vec![0u8; len as usize];
+        assert_eq!(
+            libc::listxattr(path.as_ptr(), list.as_mut_ptr().cast(), list.len()),
+            len
+        );
+        let mut names: Vec<&[u8]> = list.split(|&b| b == 0).filter(|s| !s.is_empty()).collect();
+        names.sort();
+        assert_eq!(names, vec![&b"user.colour"[..], b"user.other"]);
+        assert_eq!(libc::removexattr(path.as_ptr(), name.as_ptr()), 0);
+        assert_eq!(
+            libc::getxattr(path.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0),
+            -1
+        );
+        assert_eq!(last_errno(-1), libc::ENODATA);
+    }
+    let got = sh(&format!(
+        "setfattr -n user.tool -v hi {0} && getfattr --only-values -n user.tool {0}",
+        p("hard").display()
+    ));
+    assert_eq!(got, "hi");
+
+    // Large I/O across the 1 MiB request limit, at odd offsets.
+    let mut rng = Rng(7);
+    let big = rng.bytes(3 * 1024 * 1024 + 777);
+    fs::write(p("big"), &big).expect("write big");
+    let mut f = fs::File::open(p("big")).expect("open");
+    let mut part = vec![0u8; 1_500_000];
+    f.seek(SeekFrom::Start(1_000_001)).expect("seek");
+    f.read_exact(&mut part).expect("read across chunks");
+    assert_eq!(&part[..], &big[1_000_001..2_500_001]);
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(p("big"))
+        .expect("open append");
+    f.write_all(b"tail").expect("append");
+    f.sync_all().expect("fsync");
+    drop(f);
+    assert_eq!(
+        fs::metadata(p("big")).expect("stat").len(),
+        big.len() as u64 + 4
+    );
+
+    // Names the service rejects.
+    let long = "x".repeat(256);
+    assert_eq!(errno_of(fs::write(p(&long), b"")), libc::ENAMETOOLONG);
+    assert_eq!(errno_of(fs::create_dir(p(&long))), libc::ENAMETOOLONG);
+    fs::write(p(&"y".repeat(255)), b"ok").expect("a 255-byte name is fine");
+    assert_eq!(errno_of(fs::create_dir(p("hard"))), libc::EEXIST);
+    assert_eq!(
+        errno_of(
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(p("hard"))
+        ),
+        libc::EEXIST
+    );
+
+    // statfs.
+    // SAFETY: zeroed statvfs is a valid out-buffer.
+    let mut sv: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out-pointer.
+    assert_eq!(unsafe { libc::statvfs(c(&m.mnt).as_ptr(), &mut sv) }, 0);
+    assert_eq!(sv.f_namemax, 255);
+    assert!(sv.f_blocks > 0);
+
+    // Another user: the service decides, from the caller the adapter passes through.
+    if Path::new("/usr/bin/setpriv").exists() {
+        fs::set_permissions(&m.mnt, fs::Permissions::from_mode(0o755)).expect("chmod root");
+        fs::write(p("rootonly"), b"secret").expect("write");
+        fs::set_permissions(p("rootonly"), fs::Permissions::from_mode(0o600)).expect("chmod");
+        let as_nobody = |cmd: &str| {
+            Command::new("setpriv")
+                .args([
+                    "--reuid=65534",
+                    "--regid=65534",
+                    "--clear-groups",
+                    "sh",
+                    "-c",
+                    cmd,
+                ])
+                .output()
+                .expect("setpriv")
+        };
+        let out = as_nobody(&format!("cat {}", p("rootonly").display()));
+        assert!(
+            !out.status.success(),
+            "nobody must not read a 0600 root file"
+        );
+        assert!(text(&out).contains("Permission denied"), "{}", text(&out));
+        let out = as_nobody(&format!("touch {}", p("nobody-file").display()));
+        assert!(
+            !out.status.success(),
+            "nobody must not create in a 0755 root directory"
+        );
+        fs::create_dir(p("pub")).expect("mkdir");
+        fs::set_permissions(p("pub"), fs::Permissions::from_mode(0o1777)).expect("chmod");
+        let out = as_nobody(&format!(
+            "echo hi > {0}/mine && cat {0}/mine",
+            p("pub").display()
+        ));
+        assert!(out.status.success(), "{}", text(&out));
+        assert_eq!(fs::metadata(p("pub/mine")).expect("stat").uid(), 65534);
+    }
+
+    // Concurrent writers from several threads (several FUSE threads serve them).
+    std::thread::scope(|s| {
+        for t in 0..6 {
+            let dir = p(&format!("par{t}"));
+            s.spawn(move || {
+                fs::create_dir(&dir).expect("mkdir");
+                for i in 0..100 {
+                    fs::write(dir.join(format!("{i}")), format!("{t}:{i}")).expect("write");
+                }
+            });
+        }
+    });
+    for t in 0..6 {
+        for i in 0..100 {
+            assert_eq!(
+                fs::read_to_string(p(&format!("par{t}/{i}"))).expect("read"),
+                format!("{t}:{i}")
+            );
+        }
+    }
+    m.down();
+}
+
+#[test]
+fn postmark_to_completion() {
+    if !fuse_available("postmark_to_completion") {
+        return;
+    }
+    if !Path::new("/usr/bin/postmark").exists() {
+        panic!("postmark is not installed (Debian package postmark)");
+    }
+    let m = Mounted::new();
+    fs::create_dir(m.path("pm")).expect("mkdir");
+    let t = Instant::now();
+    let mut child = Command::new("/usr/bin/postmark")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start postmark");
+    let script = format!(
+        "set location {}\nset number 500\nset transactions 2000\nrun\nquit\n",
+        m.path("pm").display()
+    );
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(script.as_bytes())
+        .expect("feed postmark");
+    let out = child.wait_with_output().expect("postmark");
+    let report = text(&out);
+    assert!(out.status.success(), "postmark failed: {report}");
+    assert!(
+        report.contains("Deleting files...Done") && report.contains("Time:"),
+        "postmark did not finish: {report}"
+    );
+    assert_eq!(
+        fs::read_dir(m.path("pm")).expect("readdir").count(),
+        0,
+        "postmark removes its files"
+    );
+    eprintln!("postmark (500 files, 2000 transactions): {:?}", t.elapsed());
+    m.down();
+}
+
+#[test]
+fn state_persists_across_down_and_up() {
+    if !fuse_available("state_persists_across_down_and_up") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mnt = tmp.path().join("mnt");
+    let xdg = tmp.path().join("xdg");
+    fs::create_dir(&mnt).expect("mkdir");
+    let m = Mounted::at(&mnt, &xdg, None, &[]).expect("first up");
+    assert!(
+        m.up_output.contains("data:"),
+        "up says where the data lives: {}",
+        m.up_output
+    );
+    assert!(
+        m.up_output.contains("bftfs down"),
+        "up says how to stop: {}",
+        m.up_output
+    );
+    fs::create_dir_all(m.path("etc/conf.d")).expect("mkdir");
+    fs::write(m.path("etc/conf.d/a.conf"), b"persist me").expect("write");
+    std::os::unix::fs::symlink("conf.d/a.conf", m.path("etc/link")).expect("symlink");
+    fs::hard_link(m.path("etc/conf.d/a.conf"), m.path("etc/hard")).expect("link");
+    fs::set_permissions(
+        m.path("etc/conf.d/a.conf"),
+        fs::Permissions::from_mode(0o600),
+    )
+    .expect("chmod");
+    let before = describe(&mnt);
+    m.down();
+    assert_eq!(
+        fs::read_dir(&mnt).expect("readdir").count(),
+        0,
+        "nothing left behind in the mount point"
+    );
+
+    let m = Mounted::at(&mnt, &xdg, None, &[]).expect("second up");
+    assert_eq!(describe(&mnt), before);
+    assert_eq!(fs::metadata(m.path("etc/hard")).expect("stat").nlink(), 2);
+    m.down();
+}
+
+#[test]
+fn recovers_from_a_killed_client() {
+    if !fuse_available("recovers_from_a_killed_client") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mnt = tmp.path().join("mnt");
+    let xdg = tmp.path().join("xdg");
+    fs::create_dir(&mnt).expect("mkdir");
+    let run = |args: &[&std::ffi::OsStr]| {
+        let out = bftfs(args, &xdg);
+        (out.status.success(), text(&out))
+    };
+    let kill_server = |m: &Mounted| {
+        let pid = m.server_pid().expect("pid file");
+        // SAFETY: plain kill of the server this test started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        assert!(common::wait_until(
+            std::time::Duration::from_secs(10),
+            || { errno_of(fs::metadata(&m.mnt)) == libc::ENOTCONN }
+        ));
+    };
+    let m = Mounted::at(&mnt, &xdg, None, &[]).expect("up");
+    let mut f = fs::File::create(m.path("synced")).expect("create");
+    f.write_all(b"durable").expect("write");
+    f.sync_all().expect("fsync");
+    drop(f);
+    kill_server(&m);
+    // The dead mount is reported, and `umount --lazy` clears it.
+    let (ok, msg) = run(&[
+        "up".as_ref(),
+        mnt.as_os_str(),
+        "--f".as_ref(),
+        "0".as_ref(),
+        "--detach".as_ref(),
+    ]);
+    assert!(!ok && msg.contains("already mounted"), "{msg}");
+    let (ok, msg) = run(&["umount".as_ref(), mnt.as_os_str(), "--lazy".as_ref()]);
+    assert!(ok, "umount --lazy: {msg}");
+    std::mem::forget(m);
+    let m = Mounted::at(&mnt, &xdg, None, &[]).expect("up after a crash");
+    assert_eq!(
+        fs::read(m.path("synced")).expect("fsynced data survives"),
+        b"durable"
+    );
+    // `down` also cleans up after a dead client.
+    kill_server(&m);
+    let (ok, msg) = run(&["down".as_ref(), mnt.as_os_str()]);
+    assert!(ok, "down after a crash: {msg}");
+    assert!(!is_mounted(&mnt));
+    std::mem::forget(m);
+}
+
+#[test]
+fn bad_input_one_sentence_each() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let xdg = tmp.path().join("xdg");
+    let run = |args: &[&str]| {
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|s| std::ffi::OsStr::new(*s)).collect();
+        let out = bftfs(&args, &xdg);
+        (out.status.success(), text(&out))
+    };
+    let root = tmp.path().to_str().expect("utf-8 temp path");
+    let fuse = fuse_available("bad_input_one_sentence_each (mounting parts)");
+
+    let (ok, msg) = run(&["up", &format!("{root}/missing"), "--f", "0"]);
+    if fuse {
+        assert!(!ok && msg.contains("does not exist"), "{msg}");
+    }
+    fs::create_dir(tmp.path().join("full")).expect("mkdir");
+    fs::write(tmp.path().join("full/x"), b"").expect("write");
+    let (ok, msg) = run(&["up", &format!("{root}/full"), "--f", "0"]);
+    if fuse {
+        assert!(!ok && msg.contains("not empty"), "{msg}");
+    }
+    fs::create_dir(tmp.path().join("mnt")).expect("mkdir");
+    let (ok, msg) = run(&["up", &format!("{root}/mnt"), "--f", "1"]);
+    assert!(
+        !ok && msg.contains("not built yet"),
+        "f >= 1 must say so, not fall back: {msg}"
+    );
+    let (ok, msg) = run(&["up", &format!("{root}/mnt"), "--f", "0", "-o", "frobnicate"]);
+    assert!(!ok && msg.contains("unknown mount option"), "{msg}");
+    let (ok, msg) = run(&["down", &format!("{root}/mnt")]);
+    assert!(
+        !ok && msg.contains("nothing started by `bftfs up`"),
+        "{msg}"
+    );
+    let (ok, msg) = run(&["umount", &format!("{root}/mnt")]);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        assert!(!ok && msg.contains("not a mount point"), "{msg}");
+    } else {
+        assert!(!ok, "{msg}");
+    }
+    for (ok, msg) in [
+        run(&["keygen"]),
+        run(&["status", "--config", "x"]),
+        run(&["mount", "cfg", &format!("{root}/mnt")]),
+    ] {
+        assert!(!ok && msg.contains("not built yet"), "{msg}");
+    }
+    let (ok, msg) = run(&["--help"]);
+    assert!(
+        ok && msg.contains("up") && msg.contains("down") && msg.contains("umount"),
+        "{msg}"
+    );
+
+    if !fuse {
+        return;
+    }
+    // A data directory that belongs to another cluster.
+    let other = tmp.path().join("other-cluster");
+    fs::create_dir(&other).expect("mkdir");
+    fs::write(
+        other.join("BFTFS_CLUSTER"),
+        "format=1\ncluster_id=abc\nf=1\n",
+    )
+    .expect("marker");
+    let (ok, msg) = run(&[
+        "up",
+        &format!("{root}/mnt"),
+        "--f",
+        "0",
+        "--data-dir",
+        other.to_str().expect("utf-8"),
+    ]);
+    assert!(!ok && msg.contains("belongs to another cluster"), "{msg}");
+    // Already mounted; status while mounted; then a clean down.
+    let m = Mounted::at(&tmp.path().join("mnt"), &xdg, None, &[]).expect("up");
+    let (ok, msg) = run(&["up", &format!("{root}/mnt"), "--f", "0", "--detach"]);
+    assert!(!ok && (msg.contains("already")), "{msg}");
+    let (ok, msg) = run(&["status", &format!("{root}/mnt"), "--json"]);
+    assert!(
+        ok && msg.contains("\"mounted\":true") && msg.contains("\"health\":\"ok\""),
+        "{msg}"
+    );
+    assert!(is_mounted(&m.mnt));
+    m.down();
+}
