@@ -425,6 +425,21 @@ impl<S: Service> Replica<S> {
             metrics: Metrics::default(),
             config,
         };
+        let mut replica = replica;
+        if !replica.view_active {
+            // Restarted during a view change: speak again for the view we had entered (the
+            // same statement, so no new record is needed) and wait for 2f+1 to arm the timer.
+            replica.view_change_deadline = None;
+            let evidence: Vec<Evidence> =
+                replica.log.values().filter_map(|slot| slot.certificate.clone()).map(Evidence::Prepared).collect();
+            let vc = replica.signer.sign(ViewChange {
+                new_view: replica.view,
+                replica: replica.id,
+                stable: replica.stable.clone(),
+                evidence,
+            });
+            replica.view_changes.insert(replica.id, vc);
+        }
         debug_assert!(replica.id.0 < n as u32);
         Ok(replica)
     }
@@ -1279,7 +1294,10 @@ impl<S: Service> Replica<S> {
         actions.push(Action::Persist(WalRecord::EnteredView { view: new_view }));
         actions.push(Action::Broadcast { message: Message::ViewChange(ViewChangeMessage::ViewChange(vc.clone())) });
         self.view_changes.insert(self.id, vc);
-        self.view_change_deadline = Some(self.ticks + self.view_change_timeout_ticks);
+        // The timer for the new view starts only once 2f+1 replicas want it (PBFT): a replica
+        // alone ahead must not keep climbing views the others can never catch up with.
+        self.view_change_deadline = None;
+        self.arm_view_change_timer();
         // Back off: each consecutive view change waits twice as long for its new view.
         self.view_change_timeout_ticks =
             (self.view_change_timeout_ticks * 2).min(self.config.protocol.view_change_timeout_ticks_max);
@@ -1305,6 +1323,7 @@ impl<S: Service> Replica<S> {
             return;
         }
         self.view_changes.insert(from, vc);
+        self.arm_view_change_timer();
         // f+1 replicas want a higher view: at least one correct one timed out, so join the
         // smallest of those views rather than wait for our own timer.
         let mut higher: Vec<View> = self
@@ -1318,6 +1337,16 @@ impl<S: Service> Replica<S> {
             self.start_view_change(higher[0], actions);
         }
         self.maybe_send_new_view(actions);
+    }
+
+    fn arm_view_change_timer(&mut self) {
+        if self.view_active || self.view_change_deadline.is_some() {
+            return;
+        }
+        let support = self.view_changes.values().filter(|v| v.body.new_view == self.view).count();
+        if support >= self.quorum() {
+            self.view_change_deadline = Some(self.ticks + self.view_change_timeout_ticks);
+        }
     }
 
     fn maybe_send_new_view(&mut self, actions: &mut Vec<Action>) {

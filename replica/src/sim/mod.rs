@@ -336,6 +336,8 @@ pub struct Sim {
     byzantine_signer: Option<Signer>,
     /// Reports of misbehaviour noticed by correct replicas.
     misbehaviour_noticed: u64,
+    /// `SIM_TRACE=1`: print every notification.
+    trace: bool,
 }
 
 impl Sim {
@@ -406,6 +408,7 @@ impl Sim {
             replay_pool: Vec::new(),
             byzantine_signer,
             misbehaviour_noticed: 0,
+            trace: std::env::var("SIM_TRACE").is_ok_and(|v| v == "1"),
         }
     }
 
@@ -485,6 +488,9 @@ impl Sim {
                 }
                 Action::SendClient { to, message } => self.send_sealed(r, vec![Principal::Client(to)], &message),
                 Action::Notify(n) => {
+                    if self.trace {
+                        eprintln!("[{}] r{r}: {n:?}", self.tick);
+                    }
                     if let Notification::Misbehaviour { .. } = n {
                         self.misbehaviour_noticed += 1;
                     }
