@@ -21,14 +21,14 @@ fn create_write_read_lookup_remove() {
     assert_eq!(h, f);
     assert_eq!(fs.lookup(ROOT, "nope"), Err(FsError::NoEnt));
     // The data is really in the concrete tree.
-    assert_eq!(std::fs::read(dir.path().join("tree/a.txt")).expect("concrete"), b"hello world");
+    assert_eq!(std::fs::read(dir.path().join("tree/root/a.txt")).expect("concrete"), b"hello world");
     assert_eq!(fs.run(FsOp::Remove { dir: ROOT, name: b"a.txt".to_vec() }), Ok(FsReply::Done));
     assert_eq!(fs.run(FsOp::GetAttr { h: f }), Err(FsError::Stale));
     // The slot is reused with a new generation; the old handle stays stale.
     let g = fs.create(ROOT, "b");
     assert_eq!(g, Handle { index: 1, generation: 2 });
     assert_eq!(fs.run(FsOp::GetAttr { h: f }), Err(FsError::Stale));
-    assert!(!dir.path().join("tree/a.txt").exists());
+    assert!(!dir.path().join("tree/root/a.txt").exists());
 }
 
 #[test]
@@ -45,7 +45,7 @@ fn directories_rename_and_nlink() {
     assert_eq!(fs.attr(a).nlink, 2);
     assert_eq!(fs.attr(b).nlink, 3);
     assert_eq!(fs.names(b), vec!["d"]);
-    assert!(dir.path().join("tree/b/d").is_dir());
+    assert!(dir.path().join("tree/root/b/d").is_dir());
     // Into its own subtree.
     let r = fs.run(FsOp::Rename { from_dir: ROOT, from_name: b"b".to_vec(), to_dir: c, to_name: b"x".to_vec(), no_replace: false });
     assert_eq!(r, Err(FsError::Inval));
@@ -97,7 +97,7 @@ fn symlinks_links_and_readdir_pages() {
     assert_eq!(seen, vec!["f", "g", "l", "m1", "m2", "m3", "zz"]);
     fs.run(FsOp::Remove { dir: ROOT, name: b"f".to_vec() }).expect("remove");
     assert_eq!(fs.attr(f).nlink, 1);
-    assert!(dir.path().join("tree/g").exists());
+    assert!(dir.path().join("tree/root/g").exists());
 }
 
 #[test]

@@ -120,7 +120,7 @@ fn put_objs_into_fresh_service_reproduces_state() {
         populate(t, 7);
     }
     assert_eq!(other.digest(), fs.digest());
-    assert_eq!(std::fs::read(b.path().join("tree/dir1/file")).expect("concrete file").len(), 1000);
+    assert_eq!(std::fs::read(b.path().join("tree/root/dir1/file")).expect("concrete file").len(), 1000);
 }
 
 #[test]

@@ -410,11 +410,11 @@ impl FileService {
                 self.fds.get_mut().dirs.clear();
                 self.fds.get_mut().files.clear();
                 let snaps = backend::open_dir_at(meta, b"snapshots")?;
-                let _ = backend::btrfs_subvol_delete(meta, b"tree");
-                backend::remove_tree_at(meta, b"tree").map_err(storage)?;
+                super::remove_any_at(meta, b"tree")?;
                 let snap = backend::open_dir_at(snaps.as_raw_fd(), &seq_name(seq))?;
                 backend::btrfs_snapshot(snap.as_raw_fd(), meta, b"tree", false)?;
-                self.root_fd = backend::open_dir_at(meta, b"tree")?;
+                self.tree_fd = backend::open_dir_at(meta, b"tree")?;
+                self.root_fd = backend::open_dir_at(self.tree_fd.as_raw_fd(), b"root")?;
                 return Ok(());
             }
         }
@@ -513,7 +513,7 @@ impl FileService {
             let snaps = ensure_dir(self.meta_fd.as_raw_fd(), b"snapshots")?;
             let name = seq_name(seq);
             let _ = backend::btrfs_subvol_delete(snaps.as_raw_fd(), &name);
-            backend::btrfs_snapshot(self.root_fd.as_raw_fd(), snaps.as_raw_fd(), &name, true)?;
+            backend::btrfs_snapshot(self.tree_fd.as_raw_fd(), snaps.as_raw_fd(), &name, true)?;
         }
         // A leftover copy-on-write directory for this number (from a rolled-back future) is stale.
         if let Ok(cow) = backend::open_dir_at(self.meta_fd.as_raw_fd(), b"cow") {
@@ -667,7 +667,8 @@ impl FileService {
             }
         }
         let snaps = backend::open_dir_at(self.meta_fd.as_raw_fd(), b"snapshots").map_err(storage)?;
-        let mut fd = backend::open_dir_at(snaps.as_raw_fd(), &seq_name(seq)).map_err(storage)?;
+        let snap = backend::open_dir_at(snaps.as_raw_fd(), &seq_name(seq)).map_err(storage)?;
+        let mut fd = backend::open_dir_at(snap.as_raw_fd(), b"root").map_err(storage)?;
         let last = names.len().saturating_sub(1);
         for (k, name) in names.iter().rev().enumerate() {
             fd = if k == last {

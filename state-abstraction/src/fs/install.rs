@@ -227,7 +227,7 @@ impl FileService {
             }
         }
 
-        let meta = self.meta_fd.as_raw_fd();
+        let meta = self.tree_fd.as_raw_fd();
         backend::remove_tree_at(meta, b"stage").map_err(storage)?;
         backend::mkdirat(meta, b"stage")?;
         let stage = backend::open_dir_at(meta, b"stage")?;

@@ -6,9 +6,10 @@
 //! [`object`]) that is byte-identical on every backend.
 //!
 //! Layout of a replica's data directory:
-//! - `tree/`: the concrete mirror tree (real directories, files and symlinks under the names
-//!   clients chose; device nodes, fifos and sockets are empty placeholder files). It is a btrfs
-//!   subvolume when the data directory is on btrfs.
+//! - `tree/root/`: the concrete mirror tree (real directories, files and symlinks under the
+//!   names clients chose; device nodes, fifos and sockets are empty placeholder files).
+//!   `tree/` is a btrfs subvolume when the data directory is on btrfs; `tree/stage/` and
+//!   `tree/orphans/` are work areas of `put_objs`.
 //! - `table`: the wrapper's table (every object's header and piece digests, and the kept
 //!   checkpoint records), replaced atomically at every checkpoint and on [`FileService::flush`].
 //! - `cow/<seq>/<index>`: copy-on-write saves of file data modified after checkpoint `seq`
@@ -74,7 +75,10 @@ pub struct FileService {
     data_dir: PathBuf,
     /// `data_dir` itself.
     meta_fd: OwnedFd,
-    /// `data_dir/tree`, the concrete root directory (abstract index 0).
+    /// `data_dir/tree`: a btrfs subvolume where possible, holding `root/` and the work areas
+    /// `stage/` and `orphans/` (inside it so that moves between them never cross a subvolume).
+    tree_fd: OwnedFd,
+    /// `data_dir/tree/root`, the concrete root directory (abstract index 0).
     root_fd: OwnedFd,
     slots: Vec<Slot>,
     /// Free slots; allocation takes the lowest.
@@ -125,20 +129,23 @@ impl FileService {
         let fresh = !data_dir.join("table").exists();
         if fresh {
             // A leftover tree from a run that never saved its table is discarded.
-            backend::remove_tree_at(meta_fd.as_raw_fd(), b"tree").map_err(storage)?;
-            for d in [&b"cow"[..], b"stage", b"snapshots"] {
+            for d in [&b"tree"[..], b"cow", b"snapshots"] {
                 remove_any_at(meta_fd.as_raw_fd(), d)?;
             }
             // On btrfs the tree is a subvolume, so checkpoints can be snapshots.
             if backend::btrfs_subvol_create(meta_fd.as_raw_fd(), b"tree").is_err() {
                 backend::mkdirat(meta_fd.as_raw_fd(), b"tree")?;
             }
+            let tree = backend::open_dir_at(meta_fd.as_raw_fd(), b"tree")?;
+            backend::mkdirat(tree.as_raw_fd(), b"root")?;
         }
-        let root_fd = backend::open_dir_at(meta_fd.as_raw_fd(), b"tree")?;
-        let snapshot_mode = backend::is_btrfs_subvolume(root_fd.as_raw_fd());
+        let tree_fd = backend::open_dir_at(meta_fd.as_raw_fd(), b"tree")?;
+        let root_fd = backend::open_dir_at(tree_fd.as_raw_fd(), b"root")?;
+        let snapshot_mode = backend::is_btrfs_subvolume(tree_fd.as_raw_fd());
         let mut svc = FileService {
             data_dir: data_dir.to_path_buf(),
             meta_fd,
+            tree_fd,
             root_fd,
             slots: Vec::new(),
             free: BTreeSet::new(),
@@ -517,9 +524,18 @@ impl FileService {
     }
 }
 
-/// Removes a directory tree or a btrfs subvolume tree under the data directory.
+/// Removes a directory tree, or a btrfs subvolume and the snapshots inside it, under the data
+/// directory.
 fn remove_any_at(dir: RawFd, name: &[u8]) -> Result<(), ServiceError> {
     checkpoint::remove_snapshots_in(dir, name);
+    if let Ok(fd) = backend::open_dir_at(dir, name) {
+        if backend::is_btrfs_subvolume(fd.as_raw_fd()) {
+            drop(fd);
+            if backend::btrfs_subvol_delete(dir, name).is_ok() {
+                return Ok(());
+            }
+        }
+    }
     backend::remove_tree_at(dir, name).map_err(storage)
 }
 

@@ -97,3 +97,65 @@ pub fn shm_dir() -> Option<tempfile::TempDir> {
     }
     tempfile::Builder::new().prefix("bftfs-fs-").tempdir_in(p).ok()
 }
+
+/// A btrfs file system on a loop device, mounted for the life of the value.
+pub struct BtrfsMount {
+    base: tempfile::TempDir,
+    mnt: PathBuf,
+}
+
+impl BtrfsMount {
+    pub fn path(&self) -> &Path {
+        &self.mnt
+    }
+
+    /// A fresh directory on the btrfs mount.
+    pub fn dir(&self, name: &str) -> PathBuf {
+        let p = self.mnt.join(name);
+        std::fs::create_dir_all(&p).expect("dir on btrfs");
+        p
+    }
+}
+
+impl Drop for BtrfsMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.mnt).status();
+        let _ = self.base.path();
+    }
+}
+
+/// Mounts a fresh btrfs loopback image. `None` (with a message) when that is impossible here,
+/// unless `BFTFS_REQUIRE_BTRFS=1`, which makes it a failure.
+pub fn btrfs_mount() -> Option<BtrfsMount> {
+    let required = std::env::var("BFTFS_REQUIRE_BTRFS").is_ok_and(|v| v == "1");
+    match try_btrfs_mount() {
+        Ok(m) => Some(m),
+        Err(why) => {
+            if required {
+                panic!("btrfs required (BFTFS_REQUIRE_BTRFS=1) but unavailable: {why}");
+            }
+            eprintln!("btrfs unavailable, skipping the btrfs backend: {why}");
+            None
+        }
+    }
+}
+
+fn try_btrfs_mount() -> Result<BtrfsMount, String> {
+    use std::process::Command;
+    let base = tempfile::Builder::new().prefix("bftfs-btrfs-").tempdir_in("/var/tmp").map_err(|e| e.to_string())?;
+    let img = base.path().join("img");
+    let mnt = base.path().join("mnt");
+    std::fs::create_dir(&mnt).map_err(|e| e.to_string())?;
+    let run = |cmd: &mut Command| -> Result<(), String> {
+        let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr).trim()))
+        }
+    };
+    run(Command::new("truncate").arg("-s").arg("512M").arg(&img))?;
+    run(Command::new("mkfs.btrfs").arg("-q").arg(&img))?;
+    run(Command::new("mount").arg("-o").arg("loop").arg(&img).arg(&mnt))?;
+    Ok(BtrfsMount { base, mnt })
+}
