@@ -211,20 +211,6 @@ pub fn unmount(mnt: &Path, lazy: bool) -> Result<()> {
     Ok(())
 }
 
-/// Unmounts on behalf of a stop request: a plain unmount, and if the mount is busy, a lazy one
-/// (the kernel then detaches it at once and ends the session when the last user leaves).
-fn unmount_for_stop(mnt: &Path) {
-    match unmount(mnt, false) {
-        Ok(()) => info!("unmounted {}", mnt.display()),
-        Err(e) => {
-            warn!("{e:#}; detaching it lazily instead");
-            if let Err(e) = unmount(mnt, true) {
-                warn!("lazy unmount of {} failed too: {e:#}", mnt.display());
-            }
-        }
-    }
-}
-
 /// Blocks SIGINT/SIGTERM/SIGHUP in this thread (and so in every thread started after), so that
 /// only the thread that waits for them sees them.
 pub fn block_stop_signals() -> libc::sigset_t {
@@ -275,9 +261,12 @@ pub fn serve(
     config.clone_fd = true;
 
     let fs = BftFs::new(transport, opts.clone());
-    let session = Session::new(fs, mnt, &config).map_err(|e| mount_error(mnt, e))?;
+    let mut session = Session::new(fs, mnt, &config).map_err(|e| mount_error(mnt, e))?;
     info!("mounted {} ({} FUSE threads)", mnt.display(), opts.threads);
 
+    // Unmounting through the session's own handle keeps fuser from trying a second unmount
+    // when the session ends.
+    let mut unmounter = session.unmount_callable();
     let stop_path = mnt.to_path_buf();
     std::thread::Builder::new()
         .name("bftfs-signals".into())
@@ -285,15 +274,25 @@ pub fn serve(
             let mut sig: libc::c_int = 0;
             // SAFETY: `signals` is a valid set and `sig` a valid out-pointer.
             let rc = unsafe { libc::sigwait(&signals, &mut sig) };
-            if rc == 0 {
-                info!("signal {sig}: unmounting {}", stop_path.display());
-                unmount_for_stop(&stop_path);
+            if rc != 0 {
+                return;
+            }
+            info!("signal {sig}: unmounting {}", stop_path.display());
+            match unmounter.unmount() {
+                Ok(()) => info!("unmounted {}", stop_path.display()),
+                Err(e) => {
+                    warn!("cannot unmount {}: {e}; detaching it lazily (the session ends when the last user leaves)", stop_path.display());
+                    if let Err(e) = unmount(&stop_path, true) {
+                        warn!("lazy unmount of {} failed too: {e:#}", stop_path.display());
+                    }
+                }
             }
         })
         .context("cannot start the signal thread")?;
 
     if let Err(e) = on_mounted() {
-        unmount_for_stop(mnt);
+        // Dropping the session unmounts.
+        drop(session);
         return Err(e);
     }
     session
@@ -304,7 +303,17 @@ pub fn serve(
 }
 
 fn mount_error(mnt: &Path, e: std::io::Error) -> anyhow::Error {
+    let dev_fuse_usable = {
+        let c = CString::new("/dev/fuse").unwrap_or_default();
+        // SAFETY: a valid C string; access(2) only reads it.
+        unsafe { libc::access(c.as_ptr(), libc::R_OK | libc::W_OK) == 0 }
+    };
     match e.raw_os_error() {
+        // fuser opens /dev/fuse itself before it would fall back to fusermount3.
+        Some(libc::EPERM) | Some(libc::EACCES) if !dev_fuse_usable => anyhow!(
+            "cannot mount {}: /dev/fuse is not readable and writable by this user (it usually has mode 0666); run as root or fix its permissions",
+            mnt.display()
+        ),
         Some(libc::EPERM) | Some(libc::EACCES) => anyhow!(
             "not allowed to mount at {}: {e} (run as root, or install fusermount3 and own the mount point)",
             mnt.display()

@@ -21,6 +21,7 @@ use crate::options::MountOptions;
 use crate::transport::FsTransport;
 use anyhow::{anyhow, bail, Context, Result};
 use sha2::{Digest, Sha256};
+use state_abstraction::fs::{Caller, FsOp, FsReply, FsRequest, Handle, SetAttrs};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -368,6 +369,7 @@ fn serve_unreplicated(mnt: &Path, data_dir: &Path, args: &UpArgs) -> Result<()> 
             })
             .context("cannot start the flush thread")?
     };
+    give_new_root_to_caller(&local)?;
     let transport: Arc<dyn FsTransport> = local.clone();
     let info = PidInfo {
         pid: std::process::id(),
@@ -388,6 +390,51 @@ fn serve_unreplicated(mnt: &Path, data_dir: &Path, args: &UpArgs) -> Result<()> 
     let flushed = local.flush().context("cannot save the file service state");
     remove_pid_info(mnt, info.pid);
     result.and(flushed)
+}
+
+/// A new file system's root belongs to root (uid 0). When an ordinary user runs `up`, that
+/// would give them a mount they cannot write to; so while the root directory is still empty
+/// and root's, it is handed to the user who mounts it.
+fn give_new_root_to_caller(local: &LocalTransport) -> Result<()> {
+    // SAFETY: geteuid/getegid have no preconditions and cannot fail.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    if uid == 0 {
+        return Ok(());
+    }
+    let call = |op: FsOp| {
+        local
+            .call(FsRequest {
+                caller: Caller::root(),
+                op,
+            })
+            .map_err(|e| anyhow!("{e}"))?
+            .map_err(|e| anyhow!("cannot set up the root directory: {e}"))
+    };
+    let FsReply::Attr(attr) = call(FsOp::GetAttr { h: Handle::ROOT })? else {
+        bail!("the file service answered getattr of the root with something else");
+    };
+    let empty = match call(FsOp::ReadDir {
+        dir: Handle::ROOT,
+        cookie: 0,
+        count: 1,
+        plus: false,
+    })? {
+        FsReply::ReadDir { entries, .. } => entries.is_empty(),
+        _ => false,
+    };
+    if attr.uid == 0 && empty {
+        let set = SetAttrs {
+            uid: Some(uid),
+            gid: Some(gid),
+            ..Default::default()
+        };
+        call(FsOp::SetAttr {
+            h: Handle::ROOT,
+            set,
+        })?;
+        info!("the new file system's root directory belongs to uid {uid}, gid {gid}");
+    }
+    Ok(())
 }
 
 fn print_started(mnt: &Path, data_dir: &Path, detached: bool) {

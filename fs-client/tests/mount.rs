@@ -629,6 +629,44 @@ fn state_persists_across_down_and_up() {
 }
 
 #[test]
+fn foreground_up_stops_cleanly_on_ctrl_c() {
+    if !fuse_available("foreground_up_stops_cleanly_on_ctrl_c") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir(&mnt).expect("mkdir");
+    let mut child = Command::new(common::BFTFS)
+        .args(["up".as_ref(), mnt.as_os_str(), "--f".as_ref(), "0".as_ref()])
+        .env("XDG_DATA_HOME", tmp.path().join("xdg"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start bftfs up");
+    let mounted = common::wait_until(std::time::Duration::from_secs(20), || is_mounted(&mnt));
+    if !mounted {
+        let _ = child.kill();
+        panic!("bftfs up did not mount");
+    }
+    fs::write(mnt.join("f"), b"x").expect("write");
+    let pid = libc::pid_t::try_from(child.id()).expect("pid");
+    // SAFETY: plain kill of our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    let out = child.wait_with_output().expect("wait");
+    assert!(
+        out.status.success(),
+        "exit status after Ctrl-C: {}",
+        out.status
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Ctrl-C"),
+        "tells how to stop"
+    );
+    assert!(!is_mounted(&mnt), "unmounted after Ctrl-C");
+    assert_eq!(fs::read_dir(&mnt).expect("readdir").count(), 0);
+}
+
+#[test]
 fn recovers_from_a_killed_client() {
     if !fuse_available("recovers_from_a_killed_client") {
         return;
