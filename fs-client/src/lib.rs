@@ -6,10 +6,12 @@
 //! - [`local`]: the unreplicated transport (one in-process file service, `up --f 0`);
 //! - [`options`]: `-o` mount options;
 //! - [`mounting`]: mount checks, serving a mount until it is unmounted, unmounting;
+//! - [`keygen`]: `bftfs keygen`, a cluster config and secrets files;
 //! - [`up`]: `bftfs up`/`down`/`status` for a cluster started on this machine.
 
 pub mod adapter;
 pub mod inodes;
+pub mod keygen;
 pub mod local;
 pub mod mounting;
 pub mod options;

@@ -4,7 +4,7 @@ use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use fs_client::options::{MountOptions, OPTIONS_HELP};
 use fs_client::up::UpArgs;
-use fs_client::{mounting, up};
+use fs_client::{keygen, mounting, up};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
@@ -79,8 +79,31 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Generate keys and a cluster config (per-replica key files, mode 0600).
-    Keygen,
+    /// Generate keys and a cluster config for replicas on other machines.
+    ///
+    /// Writes DIR/cluster.json (public: addresses and public keys, for every node and client)
+    /// and one secrets file per replica (replica-<i>.json) and per client identity
+    /// (client-<id>.json), mode 0600. Copy cluster.json and a replica's own secrets file to
+    /// each replica machine, and cluster.json and one client file to each client. Never
+    /// overwrites existing keys.
+    Keygen {
+        /// Directory to write into (created with mode 0700 if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Number of Byzantine faults to tolerate: the cluster has 3f+1 replicas.
+        #[arg(long, default_value_t = 1)]
+        f: u32,
+        /// A replica's address, HOST:PORT; give it 3f+1 times, replica 0 first
+        /// [default: 127.0.0.1 with ports from --base-port].
+        #[arg(long = "replica", value_name = "HOST:PORT")]
+        replicas: Vec<String>,
+        /// First port of the default addresses.
+        #[arg(long, default_value_t = 7000)]
+        base_port: u16,
+        /// Number of client identities to make (each mounted client needs its own).
+        #[arg(long, default_value_t = 1)]
+        clients: u32,
+    },
 }
 
 fn parse_options(raw: &[String]) -> Result<MountOptions> {
@@ -129,7 +152,36 @@ fn run(cli: Cli) -> Result<()> {
             }
             (None, None) => bail!("give a mount point or --config CONFIG"),
         },
-        Cmd::Keygen => bail!("`bftfs keygen` is not built yet"),
+        Cmd::Keygen {
+            out,
+            f,
+            replicas,
+            base_port,
+            clients,
+        } => {
+            let addresses = if replicas.is_empty() {
+                keygen::default_addresses(f, "127.0.0.1", base_port)?
+            } else {
+                replicas
+            };
+            let files = keygen::write_cluster(&out, f, addresses, clients)?;
+            println!(
+                "bftfs: keys for a cluster of {} replicas (f={f}) in {}",
+                files.replicas.len(),
+                out.display()
+            );
+            println!(
+                "  config:   {} (public; every replica and client needs it)",
+                files.config.display()
+            );
+            for (i, p) in files.replicas.iter().enumerate() {
+                println!("  replica {i}: {} (secret)", p.display());
+            }
+            for (id, p) in &files.clients {
+                println!("  client {}: {} (secret)", id.0, p.display());
+            }
+            Ok(())
+        }
     }
 }
 

@@ -720,6 +720,56 @@ fn recovers_from_a_killed_client() {
 }
 
 #[test]
+fn keygen_writes_a_cluster_config_and_private_keys() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out_dir = tmp.path().join("keys");
+    let args: Vec<&std::ffi::OsStr> = vec![
+        "keygen".as_ref(),
+        "--out".as_ref(),
+        out_dir.as_os_str(),
+        "--clients".as_ref(),
+        "2".as_ref(),
+    ];
+    let out = bftfs(&args, tmp.path());
+    assert!(out.status.success(), "{}", text(&out));
+    for name in [
+        "cluster.json",
+        "replica-0.json",
+        "replica-3.json",
+        "client-1.json",
+        "client-2.json",
+    ] {
+        let meta = fs::metadata(out_dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let want = if name == "cluster.json" { 0o644 } else { 0o600 };
+        assert_eq!(meta.permissions().mode() & 0o777, want, "{name}");
+    }
+    assert!(fs::read_to_string(out_dir.join("cluster.json"))
+        .expect("read")
+        .contains("127.0.0.1:7003"));
+    let again = bftfs(&args, tmp.path());
+    assert!(
+        !again.status.success() && text(&again).contains("never overwrites"),
+        "{}",
+        text(&again)
+    );
+    let bad = bftfs(
+        &[
+            "keygen".as_ref(),
+            "--out".as_ref(),
+            tmp.path().join("k2").as_os_str(),
+            "--replica".as_ref(),
+            "h:1".as_ref(),
+        ],
+        tmp.path(),
+    );
+    assert!(
+        !bad.status.success() && text(&bad).contains("4 replicas"),
+        "{}",
+        text(&bad)
+    );
+}
+
+#[test]
 fn bad_input_one_sentence_each() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let xdg = tmp.path().join("xdg");
@@ -762,7 +812,6 @@ fn bad_input_one_sentence_each() {
         assert!(!ok, "{msg}");
     }
     for (ok, msg) in [
-        run(&["keygen"]),
         run(&["status", "--config", "x"]),
         run(&["mount", "cfg", &format!("{root}/mnt")]),
     ] {
