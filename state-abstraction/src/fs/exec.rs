@@ -401,12 +401,12 @@ impl FileService {
             }
         }
         if let Some(uid) = set.uid {
-            if !root && !(c.uid == o.uid && uid == o.uid) {
+            if !(root || c.uid == o.uid && uid == o.uid) {
                 return Err(FsError::Perm);
             }
         }
         if let Some(gid) = set.gid {
-            if !root && !(c.uid == o.uid && (gid == o.gid || in_group(c, gid))) {
+            if !(root || c.uid == o.uid && (gid == o.gid || in_group(c, gid))) {
                 return Err(FsError::Perm);
             }
         }
@@ -434,9 +434,15 @@ impl FileService {
             if size > old_size {
                 // The old last chunk grows and new chunks of zeros appear.
                 self.dirty_range(i, old_size.saturating_sub(1), size);
-            } else if size < old_size && size % CHUNK_SIZE != 0 {
+            } else if size < old_size {
                 // The chunk holding the new end shrinks; chunks past it vanish.
-                self.dirty_range(i, size - 1, size);
+                let o = self.live_mut(i);
+                let keep = 1 + chunk_count(size) as usize;
+                o.pieces.truncate(keep);
+                o.dirty_chunks.retain(|&p| (p as usize) < keep);
+                if size % CHUNK_SIZE != 0 {
+                    self.dirty_range(i, size - 1, size);
+                }
             }
         } else {
             self.touch(i)?;

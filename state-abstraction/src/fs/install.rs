@@ -28,6 +28,9 @@ pub(super) struct Target {
     pub chunks: Vec<Vec<u8>>,
 }
 
+/// A concrete name: (directory index, name).
+type Link = (u64, Vec<u8>);
+
 /// Largest object index accepted from a peer (the partition tree addresses 2^32).
 const INDEX_MAX: u64 = 1 << 32;
 
@@ -251,7 +254,7 @@ impl FileService {
         }
         // For files that keep some names: drop the lost ones now, add the new ones at the end
         // from a kept one.
-        let mut relink_plan: Vec<((u64, Vec<u8>), Vec<(u64, Vec<u8>)>)> = Vec::new();
+        let mut relink_plan: Vec<(Link, Vec<Link>)> = Vec::new();
         for &j in &relinked {
             let want = desired.get(&j).unwrap_or(&empty);
             let old = old_links(j, &self.slots);
@@ -272,11 +275,12 @@ impl FileService {
         let mut old_nodes: BTreeMap<u64, OldNode> = BTreeMap::new();
         for &j in items.keys() {
             if let Some(o) = self.slots.get(j as usize).and_then(Slot::live) {
+                let chunks = o.chunks() as usize;
                 let clean = o
                     .pieces
                     .iter()
                     .enumerate()
-                    .map(|(p, d)| (p > 0 && !o.dirty_chunks.contains(&(p as u32))).then_some(*d))
+                    .map(|(p, d)| (p > 0 && p <= chunks && !o.dirty_chunks.contains(&(p as u32))).then_some(*d))
                     .collect();
                 old_nodes.insert(j, OldNode { class: class(o.kind), target: o.target.clone(), clean });
             }
