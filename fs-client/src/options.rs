@@ -8,13 +8,18 @@ use std::time::Duration;
 /// shows up quickly.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(1);
 
+/// How long a request may wait for the cluster. Long enough to ride out a view change, short
+/// enough that a dead cluster shows up as EIO rather than as programs hanging forever.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// FUSE worker threads. Each blocks on one request to the service; with the replicated
 /// transport a request waits a network round trip, so more threads than cores pay off.
 pub const DEFAULT_THREADS: usize = 8;
 
 /// Help text for `-o`, shown by `--help`.
 pub const OPTIONS_HELP: &str = "Mount options, comma-separated: attr_timeout=SECONDS (default 1), \
-entry_timeout=SECONDS (default 1), threads=N (FUSE worker threads, default 8), \
+entry_timeout=SECONDS (default 1), timeout=SECONDS (a request the cluster does not answer in \
+time fails with EIO; default 30), threads=N (FUSE worker threads, default 8), \
 allow_other (let other users in; default when run as root), ro";
 
 #[derive(Clone, Debug, PartialEq)]
@@ -23,6 +28,9 @@ pub struct MountOptions {
     pub attr_timeout: Duration,
     /// TTL of name → inode entries the kernel caches.
     pub entry_timeout: Duration,
+    /// How long a request may wait for the cluster before the adapter answers EIO. Applied by
+    /// transports that can wait (the replicated one); the local service never waits.
+    pub request_timeout: Duration,
     pub threads: usize,
     /// `None`: decide by who we are (allow_other when root).
     pub allow_other: Option<bool>,
@@ -34,6 +42,7 @@ impl Default for MountOptions {
         MountOptions {
             attr_timeout: DEFAULT_TTL,
             entry_timeout: DEFAULT_TTL,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
             threads: DEFAULT_THREADS,
             allow_other: None,
             read_only: false,
@@ -64,11 +73,7 @@ impl MountOptions {
             match (name, value) {
                 ("attr_timeout", Some(v)) => self.attr_timeout = parse_seconds(name, v)?,
                 ("entry_timeout", Some(v)) => self.entry_timeout = parse_seconds(name, v)?,
-                ("timeout", Some(v)) => {
-                    let d = parse_seconds(name, v)?;
-                    self.attr_timeout = d;
-                    self.entry_timeout = d;
-                }
+                ("timeout", Some(v)) => self.request_timeout = parse_seconds(name, v)?,
                 ("threads", Some(v)) => {
                     self.threads = match v.parse::<usize>() {
                         Ok(n) if (1..=256).contains(&n) => n,
@@ -102,6 +107,7 @@ impl MountOptions {
         let mut parts = vec![
             format!("attr_timeout={}", self.attr_timeout.as_secs_f64()),
             format!("entry_timeout={}", self.entry_timeout.as_secs_f64()),
+            format!("timeout={}", self.request_timeout.as_secs_f64()),
             format!("threads={}", self.threads),
         ];
         if self.allow_other == Some(true) {
@@ -125,9 +131,13 @@ mod tests {
         assert_eq!(o.attr_timeout, Duration::from_millis(500));
         assert_eq!(o.entry_timeout, Duration::from_secs(2));
         assert_eq!(o.threads, DEFAULT_THREADS);
-        let o = MountOptions::parse_all(&["timeout=0".to_string(), "threads=3,ro".to_string()])
-            .expect("valid");
+        let o = MountOptions::parse_all(&[
+            "attr_timeout=0,timeout=5".to_string(),
+            "threads=3,ro".to_string(),
+        ])
+        .expect("valid");
         assert_eq!(o.attr_timeout, Duration::ZERO);
+        assert_eq!(o.request_timeout, Duration::from_secs(5));
         assert_eq!(o.threads, 3);
         assert!(o.read_only);
     }
@@ -135,7 +145,7 @@ mod tests {
     #[test]
     fn round_trip_through_arg() {
         let mut o = MountOptions::default();
-        o.apply("attr_timeout=0.25,threads=2,allow_other")
+        o.apply("attr_timeout=0.25,timeout=7.5,threads=2,allow_other")
             .expect("valid");
         let back = MountOptions::parse_all(&[o.to_arg()]).expect("valid");
         assert_eq!(back, o);
