@@ -11,6 +11,7 @@
 //! the TTLs given in [`MountOptions`].
 
 use crate::inodes::InodeTable;
+use crate::open_files::{Hidden, OpenFiles};
 use crate::options::MountOptions;
 use crate::transport::{FsTransport, TransportError};
 use fuser::{
@@ -168,6 +169,8 @@ pub struct BftFs {
     transport_log: TransportLog,
     /// Node ids known (since the instant) to have no `security.capability` attribute.
     no_caps: Mutex<HashMap<u64, Instant>>,
+    /// Files open in the kernel, kept alive when unlinked (see [`crate::open_files`]).
+    open_files: OpenFiles,
 }
 
 /// The kernel asks for this attribute before every write(2) to a FUSE file (to know whether
@@ -356,6 +359,83 @@ impl BftFs {
             next_fh: AtomicU64::new(1),
             transport_log: TransportLog::default(),
             no_caps: Mutex::new(HashMap::new()),
+            open_files: OpenFiles::default(),
+        }
+    }
+
+    /// If `dir/name` is a file some descriptor still has open, and removing the name would
+    /// free it, moves it to a hidden name instead and returns that name; the last release
+    /// removes it. `None`: nothing to keep alive, remove (or replace) the name as usual.
+    fn hide_if_open(
+        &self,
+        caller: &Caller,
+        dir: Handle,
+        name: &[u8],
+    ) -> Result<Option<Vec<u8>>, Failure> {
+        if self.open_files.none_open() {
+            return Ok(None);
+        }
+        let lookup = FsOp::Lookup {
+            dir,
+            name: name.to_vec(),
+        };
+        let (handle, attr) = match self.call_as(caller.clone(), lookup) {
+            Ok(r) => Self::entry_of(r, "lookup")?,
+            // The remove itself will report the error.
+            Err(Failure::Service(_)) => return Ok(None),
+            Err(f) => return Err(f),
+        };
+        if attr.kind == FileType::Directory || attr.nlink > 1 {
+            return Ok(None);
+        }
+        let Some(nodeid) = self
+            .inodes
+            .find(handle)
+            .filter(|&n| self.open_files.is_open(n))
+        else {
+            return Ok(None);
+        };
+        for _ in 0..5 {
+            let hidden = self.open_files.hidden_name();
+            let op = FsOp::Rename {
+                from_dir: dir,
+                from_name: name.to_vec(),
+                to_dir: dir,
+                to_name: hidden.clone(),
+                no_replace: true,
+            };
+            match self.call_as(caller.clone(), op) {
+                Ok(r) => Self::done_of(r, "rename")?,
+                Err(Failure::Service(FsError::Exist)) => continue,
+                Err(f) => return Err(f),
+            }
+            debug!(
+                "{} is open: kept as {}",
+                String::from_utf8_lossy(name),
+                String::from_utf8_lossy(&hidden)
+            );
+            let record = Hidden {
+                dir,
+                name: hidden.clone(),
+                caller: caller.clone(),
+            };
+            if !self.open_files.hide(nodeid, record.clone()) {
+                // Closed while we renamed it: nothing to keep alive after all.
+                self.remove_hidden(record);
+            }
+            return Ok(Some(hidden));
+        }
+        Ok(None)
+    }
+
+    fn remove_hidden(&self, h: Hidden) {
+        let shown = String::from_utf8_lossy(&h.name).into_owned();
+        let op = FsOp::Remove {
+            dir: h.dir,
+            name: h.name,
+        };
+        if let Err(f) = self.call_as(h.caller, op) {
+            warn!("cannot remove {shown}, an unlinked file closed just now: {f:?}");
         }
     }
 
@@ -792,16 +872,21 @@ impl Filesystem for BftFs {
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.handle(parent) {
-            Ok(dir) => self.empty_op(
-                req,
-                FsOp::Remove {
-                    dir,
-                    name: name_bytes(name),
-                },
-                "unlink",
-                reply,
-            ),
+        let dir = match self.handle(parent) {
+            Ok(h) => h,
+            Err(f) => return self.fail("unlink", reply, f),
+        };
+        let caller = caller_of(req);
+        let name = name_bytes(name);
+        match self.hide_if_open(&caller, dir, &name) {
+            Ok(Some(_)) => reply.ok(),
+            Ok(None) => {
+                let r = self.call_as(caller, FsOp::Remove { dir, name });
+                match r.and_then(|r| Self::done_of(r, "unlink")) {
+                    Ok(()) => reply.ok(),
+                    Err(f) => self.fail("unlink", reply, f),
+                }
+            }
             Err(f) => self.fail("unlink", reply, f),
         }
     }
@@ -869,14 +954,48 @@ impl Filesystem for BftFs {
             (Ok(a), Ok(b)) => (a, b),
             (Err(f), _) | (_, Err(f)) => return self.fail("rename", reply, f),
         };
+        let caller = caller_of(req);
+        let (from_name, to_name) = (name_bytes(name), name_bytes(newname));
+        let no_replace = flags.contains(RenameFlags::RENAME_NOREPLACE);
+        // Renaming over an open file would free it: keep it alive under a hidden name first.
+        let same = from_dir == to_dir && from_name == to_name;
+        let hidden = if no_replace || same {
+            None
+        } else {
+            match self.hide_if_open(&caller, to_dir, &to_name) {
+                Ok(h) => h,
+                Err(f) => return self.fail("rename", reply, f),
+            }
+        };
         let op = FsOp::Rename {
             from_dir,
-            from_name: name_bytes(name),
+            from_name,
             to_dir,
-            to_name: name_bytes(newname),
-            no_replace: flags.contains(RenameFlags::RENAME_NOREPLACE),
+            to_name: to_name.clone(),
+            no_replace,
         };
-        self.empty_op(req, op, "rename", reply)
+        match self
+            .call_as(caller.clone(), op)
+            .and_then(|r| Self::done_of(r, "rename"))
+        {
+            Ok(()) => reply.ok(),
+            Err(f) => {
+                if let Some(hidden) = hidden {
+                    // Put the target back where it was.
+                    let undo = FsOp::Rename {
+                        from_dir: to_dir,
+                        from_name: hidden,
+                        to_dir,
+                        to_name,
+                        no_replace: true,
+                    };
+                    if let Err(e) = self.call_as(caller, undo) {
+                        warn!("rename failed and its hidden target could not be restored: {e:?}");
+                    }
+                }
+                self.fail("rename", reply, f)
+            }
+        }
     }
 
     fn link(
@@ -917,7 +1036,10 @@ impl Filesystem for BftFs {
         match r {
             // No FOPEN_KEEP_CACHE: the kernel drops cached pages at open, which gives
             // close-to-open consistency between clients, as NFS does.
-            Ok(()) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Ok(()) => {
+                self.open_files.opened(ino.0);
+                reply.opened(FileHandle(0), FopenFlags::empty())
+            }
             Err(f) => self.fail("open", reply, f),
         }
     }
@@ -978,14 +1100,19 @@ impl Filesystem for BftFs {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        // Errors of release reach no one (close(2) has returned already): answer at once.
+        let hidden = self.open_files.released(ino.0);
         reply.ok();
+        if let Some(h) = hidden {
+            self.remove_hidden(h);
+        }
     }
 
     fn fsync(
@@ -1336,6 +1463,7 @@ impl Filesystem for BftFs {
         match r {
             Ok((handle, attr)) => {
                 let nodeid = self.inodes.remember(handle);
+                self.open_files.opened(nodeid);
                 reply.created(
                     &self.opts.attr_timeout,
                     &file_attr(nodeid, &attr),

@@ -123,6 +123,11 @@ impl InodeTable {
         }
     }
 
+    /// The node id the kernel holds for `handle`, if any (no lookup is counted).
+    pub fn find(&self, handle: Handle) -> Option<u64> {
+        self.lock().by_handle.get(&handle).copied()
+    }
+
     /// The inode number to show for `handle` in a plain readdir (no lookup is counted there).
     pub fn display_ino(&self, handle: Handle) -> u64 {
         match self.lock().by_handle.get(&handle) {

@@ -5,6 +5,7 @@
 //! - [`inodes`]: the node id table;
 //! - [`local`]: the unreplicated transport (one in-process file service, `up --f 0`);
 //! - [`options`]: `-o` mount options;
+//! - [`open_files`]: open files kept alive across unlink (hidden names, as NFS does);
 //! - [`mounting`]: mount checks, serving a mount until it is unmounted, unmounting;
 //! - [`keygen`]: `bftfs keygen`, a cluster config and secrets files;
 //! - [`up`]: `bftfs up`/`down`/`status` for a cluster started on this machine.
@@ -14,6 +15,7 @@ pub mod inodes;
 pub mod keygen;
 pub mod local;
 pub mod mounting;
+pub mod open_files;
 pub mod options;
 pub mod transport;
 pub mod up;

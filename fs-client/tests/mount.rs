@@ -272,6 +272,48 @@ fn build_like_directory_work() {
         .is_symlink());
     assert_eq!(errno_of(fs::metadata(p("dangling"))), libc::ENOENT);
 
+    // An open file outlives its name (unlink, or rename over it), as POSIX asks.
+    fs::write(p("doomed"), b"still here").expect("write");
+    let mut reader = fs::File::open(p("doomed")).expect("open");
+    let mut writer = fs::OpenOptions::new()
+        .append(true)
+        .open(p("doomed"))
+        .expect("open");
+    fs::remove_file(p("doomed")).expect("unlink an open file");
+    assert_eq!(errno_of(fs::metadata(p("doomed"))), libc::ENOENT);
+    writer.write_all(b", and more").expect("write after unlink");
+    let mut got = String::new();
+    reader.read_to_string(&mut got).expect("read after unlink");
+    assert_eq!(got, "still here, and more");
+    fs::write(p("target"), b"old version").expect("write");
+    let mut old_reader = fs::File::open(p("target")).expect("open");
+    fs::write(p("target.new"), b"new version").expect("write");
+    fs::rename(p("target.new"), p("target")).expect("rename over an open file");
+    let mut got = String::new();
+    old_reader
+        .read_to_string(&mut got)
+        .expect("read the replaced file");
+    assert_eq!(got, "old version");
+    assert_eq!(fs::read(p("target")).expect("read"), b"new version");
+    let hidden = || {
+        fs::read_dir(&m.mnt)
+            .expect("readdir")
+            .filter(|e| {
+                e.as_ref()
+                    .expect("entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(".bftfs-hidden-")
+            })
+            .count()
+    };
+    assert_eq!(hidden(), 2, "kept under hidden names while open");
+    drop((reader, writer, old_reader));
+    assert!(
+        common::wait_until(std::time::Duration::from_secs(5), || hidden() == 0),
+        "removed at the last close"
+    );
+
     // Deletes.
     assert_eq!(errno_of(fs::remove_dir(p("moved"))), libc::ENOTEMPTY);
     fs::remove_file(p("moved/er/through")).expect("unlink");
