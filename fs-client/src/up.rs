@@ -338,14 +338,27 @@ pub fn up(args: UpArgs) -> Result<()> {
 /// `up --f N` with N ≥ 1: start 3N+1 `bftfs-replica` processes on 127.0.0.1 and mount them
 /// through the replicated transport.
 fn up_replicated(mnt: &Path, args: &UpArgs) -> Result<()> {
-    // Plugs in here: write a cluster config and keys into the data directory (one
-    // `replica-<i>/` per replica), start the replicas, then `mounting::serve` with the
-    // replicated FsTransport, as `serve_unreplicated` does with the local one.
+    // Plugs in here. Once built, `up` runs its checks, claims the data directory and handles
+    // --detach for every f (move the early call to this function in `up` below those steps),
+    // and this function then: writes keys with `crate::keygen::write_cluster` into the data
+    // directory (free ports on 127.0.0.1), starts the replicas (`replica-<i>/` each), builds
+    // the replicated FsTransport, and ends in `serve_cluster`, as `serve_unreplicated` does.
+    // Until then it refuses, before anything is written: a data directory marked f=N for a
+    // cluster that never ran would then refuse `--f 0`.
     let _ = mnt;
     bail!(
         "replicated clusters (--f {}) are not built yet; use `bftfs up --f 0` for an unreplicated mount",
         args.f
     )
+}
+
+/// What is serving the mount, for people.
+fn describe(f: u32) -> String {
+    if f == 0 {
+        "unreplicated: --f 0, one local file service".to_string()
+    } else {
+        format!("f={f}: {} replicas on 127.0.0.1", 3 * f + 1)
+    }
 }
 
 fn serve_unreplicated(mnt: &Path, data_dir: &Path, args: &UpArgs) -> Result<()> {
@@ -369,33 +382,45 @@ fn serve_unreplicated(mnt: &Path, data_dir: &Path, args: &UpArgs) -> Result<()> 
             })
             .context("cannot start the flush thread")?
     };
-    give_new_root_to_caller(&local)?;
-    let transport: Arc<dyn FsTransport> = local.clone();
+    let result = serve_cluster(mnt, data_dir, args, local.clone(), "bftfs-local");
+    drop(stop_flusher);
+    let _ = flusher.join();
+    let flushed = local.flush().context("cannot save the file service state");
+    result.and(flushed)
+}
+
+/// Serves a mount over `transport` until it is unmounted, recorded in the pid file that
+/// `down` and `status` read. Every kind of `up` ends here.
+fn serve_cluster(
+    mnt: &Path,
+    data_dir: &Path,
+    args: &UpArgs,
+    transport: Arc<dyn FsTransport>,
+    fsname: &str,
+) -> Result<()> {
+    give_new_root_to_caller(transport.as_ref())?;
     let info = PidInfo {
         pid: std::process::id(),
         mountpoint: mnt.to_path_buf(),
         data_dir: data_dir.to_path_buf(),
-        f: 0,
+        f: args.f,
     };
     let quiet = args.foreground_child;
-    let result = mounting::serve(mnt, transport, &args.options, "bftfs-local", || {
+    let result = mounting::serve(mnt, transport, &args.options, fsname, || {
         write_pid_info(&info)?;
         if !quiet {
-            print_started(mnt, data_dir, false);
+            print_started(mnt, data_dir, args.f, false);
         }
         Ok(())
     });
-    drop(stop_flusher);
-    let _ = flusher.join();
-    let flushed = local.flush().context("cannot save the file service state");
     remove_pid_info(mnt, info.pid);
-    result.and(flushed)
+    result
 }
 
 /// A new file system's root belongs to root (uid 0). When an ordinary user runs `up`, that
 /// would give them a mount they cannot write to; so while the root directory is still empty
 /// and root's, it is handed to the user who mounts it.
-fn give_new_root_to_caller(local: &LocalTransport) -> Result<()> {
+fn give_new_root_to_caller(local: &dyn FsTransport) -> Result<()> {
     // SAFETY: geteuid/getegid have no preconditions and cannot fail.
     let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
     if uid == 0 {
@@ -437,11 +462,8 @@ fn give_new_root_to_caller(local: &LocalTransport) -> Result<()> {
     Ok(())
 }
 
-fn print_started(mnt: &Path, data_dir: &Path, detached: bool) {
-    println!(
-        "bftfs: {} is mounted (unreplicated: --f 0, one local file service)",
-        mnt.display()
-    );
+fn print_started(mnt: &Path, data_dir: &Path, f: u32, detached: bool) {
+    println!("bftfs: {} is mounted ({})", mnt.display(), describe(f));
     println!("  data:  {}", data_dir.display());
     if detached {
         println!("  log:   {}", data_dir.join(LOG_FILE).display());
@@ -512,7 +534,7 @@ fn spawn_detached(mnt: &Path, data_dir: &Path, args: &UpArgs) -> Result<()> {
             && mounted_fstype(mnt).as_deref() == Some(FS_TYPE)
             && std::fs::metadata(mnt).is_ok()
         {
-            print_started(mnt, data_dir, true);
+            print_started(mnt, data_dir, args.f, true);
             return Ok(());
         }
         if started.elapsed() > DETACH_WAIT {
@@ -632,10 +654,7 @@ pub fn status(mountpoint: &Path, json: bool) -> Result<()> {
             info.mountpoint.display(),
             if mounted { "mounted" } else { "not mounted" }
         );
-        println!(
-            "cluster:     f={} (unreplicated: one in-process file service, no replicas)",
-            info.f
-        );
+        println!("cluster:     {}", describe(info.f));
         println!("data:        {}", info.data_dir.display());
         println!(
             "client:      pid {} ({})",
