@@ -369,6 +369,11 @@ pub struct Reply {
 pub enum ClientMessage {
     Request(Signed<Request>),
     Reply(Reply),
+    /// Sent by a client when it connects to a replica, so the replica's driver knows the
+    /// connection to send this client's replies on before any request arrives there (an
+    /// ordered request goes to the primary only, but every replica replies). The core
+    /// ignores it.
+    Hello,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -424,6 +429,7 @@ impl Message {
         match self {
             Message::Client(ClientMessage::Request(_)) => "request",
             Message::Client(ClientMessage::Reply(_)) => "reply",
+            Message::Client(ClientMessage::Hello) => "hello",
             Message::Agreement(AgreementMessage::PrePrepare(_)) => "pre_prepare",
             Message::Agreement(AgreementMessage::Prepare(_)) => "prepare",
             Message::Agreement(AgreementMessage::Commit(_)) => "commit",
@@ -770,6 +776,12 @@ impl Authenticator {
             Message::Client(ClientMessage::Reply(reply)) => {
                 if sender != Principal::Replica(reply.replica) {
                     return forbid("reply");
+                }
+                Ok(())
+            }
+            Message::Client(ClientMessage::Hello) => {
+                if from_replica {
+                    return forbid("hello");
                 }
                 Ok(())
             }

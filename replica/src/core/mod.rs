@@ -40,6 +40,8 @@
 pub mod execution;
 pub mod safety;
 pub mod state_transfer;
+#[cfg(test)]
+mod tests;
 pub mod view_change;
 
 use crate::config::{ClusterConfig, ReplicaSecrets};
@@ -171,6 +173,9 @@ struct Slot {
     committed: bool,
     /// The highest-view prepared certificate this replica holds (view-change evidence).
     certificate: Option<PreparedCertificate>,
+    /// Proof that the batch committed (kept apart from `proposal` and `commits`, which a
+    /// later view replaces), served to replicas that missed it.
+    commit_certificate: Option<Box<CommitCertificate>>,
 }
 
 /// A PBFT replica over service `S`. See the module doc for how to drive it.
@@ -492,6 +497,40 @@ impl<S: Service> Replica<S> {
             accepted: self.log.values().filter_map(|s| s.proposal.clone()).collect(),
             prepared: self.log.values().filter_map(|s| s.certificate.clone()).collect(),
         }
+    }
+
+    /// One line about the protocol state, for failure reports.
+    pub fn debug_summary(&self) -> String {
+        let slots: Vec<String> = self
+            .log
+            .iter()
+            .map(|(seq, s)| {
+                let view = s.proposal.as_ref().map(|p| p.pre_prepare.body.view.0 as i64).unwrap_or(-1);
+                format!(
+                    "{}:v{view}{}{}p{}c{}",
+                    seq.0,
+                    if s.sent_commit { "S" } else { "" },
+                    if s.committed { "C" } else { "" },
+                    s.prepares.len(),
+                    s.commits.len()
+                )
+            })
+            .collect();
+        format!(
+            "view {} active {} primary {} executed {} next {} stable {} ahead {:?} seen {} transfer {:?} pending {} waiting {} slots [{}]",
+            self.view.0,
+            self.view_active,
+            self.is_primary(),
+            self.last_executed.0,
+            self.next_seq.0,
+            self.stable.seq.0,
+            self.stable_ahead.as_ref().map(|c| c.seq.0),
+            self.highest_seen.0,
+            self.transfer.as_ref().map(|t| t.target.seq.0),
+            self.pending.len(),
+            self.waiting.len(),
+            slots.join(" ")
+        )
     }
 
     fn n(&self) -> usize {
@@ -909,10 +948,16 @@ impl<S: Service> Replica<S> {
             return;
         }
         let b = &proposal.pre_prepare.body;
-        let matching =
-            slot.commits.values().filter(|c| c.body.view == b.view && c.body.batch_digest == b.batch_digest).count();
-        if matching >= quorum {
+        let matching: Vec<Signed<Commit>> = slot
+            .commits
+            .values()
+            .filter(|c| c.body.view == b.view && c.body.batch_digest == b.batch_digest)
+            .take(quorum)
+            .cloned()
+            .collect();
+        if matching.len() >= quorum {
             slot.committed = true;
+            slot.commit_certificate = Some(Box::new(CommitCertificate { proposal: proposal.clone(), commits: matching }));
             self.execute_ready(actions);
         }
     }
@@ -1066,6 +1111,24 @@ impl<S: Service> Replica<S> {
         }
     }
 
+    /// Adopts a certified checkpoint above our execution point as the window's base, before
+    /// we have its state (execution waits for the state transfer this starts).
+    fn jump_stable(&mut self, cert: CheckpointCertificate, actions: &mut Vec<Action>) {
+        let seq = cert.seq;
+        if seq <= self.stable.seq || seq <= self.last_executed {
+            return;
+        }
+        self.stable = cert.clone();
+        self.log = self.log.split_off(&seq.next());
+        self.checkpoint_votes = self.checkpoint_votes.split_off(&seq.next());
+        self.safety.forget_before(seq);
+        self.stable_ahead = Some(cert);
+        if self.next_seq <= seq {
+            self.next_seq = seq.next();
+        }
+        actions.push(Action::Persist(WalRecord::Snapshot(Box::new(self.durable_state()))));
+    }
+
     fn make_stable(&mut self, cert: CheckpointCertificate, actions: &mut Vec<Action>) {
         let seq = cert.seq;
         if seq <= self.stable.seq {
@@ -1108,23 +1171,9 @@ impl<S: Service> Replica<S> {
         if start > end {
             return;
         }
-        let quorum = self.quorum();
         for (_, slot) in self.log.range(start..=end) {
-            if !slot.committed {
-                continue;
-            }
-            let Some(proposal) = &slot.proposal else { continue };
-            let b = &proposal.pre_prepare.body;
-            let commits: Vec<Signed<Commit>> = slot
-                .commits
-                .values()
-                .filter(|c| c.body.view == b.view && c.body.batch_digest == b.batch_digest)
-                .take(quorum)
-                .cloned()
-                .collect();
-            if commits.len() == quorum {
-                let cert = CommitCertificate { proposal: proposal.clone(), commits };
-                actions.push(Action::Send { to: from, message: Message::Agreement(AgreementMessage::Committed(Box::new(cert))) });
+            if let Some(cert) = &slot.commit_certificate {
+                actions.push(Action::Send { to: from, message: Message::Agreement(AgreementMessage::Committed(cert.clone())) });
             }
         }
     }
@@ -1151,10 +1200,10 @@ impl<S: Service> Replica<S> {
         if slot.committed {
             return;
         }
-        slot.proposal = Some(cert.proposal);
-        slot.commits = cert.commits.into_iter().map(|c| (c.body.replica, c)).collect();
+        slot.proposal = Some(cert.proposal.clone());
         slot.sent_commit = true;
         slot.committed = true;
+        slot.commit_certificate = Some(Box::new(cert));
         self.metrics.fetched_batches += 1;
         self.execute_ready(actions);
     }
@@ -1423,7 +1472,9 @@ impl<S: Service> Replica<S> {
 
         if plan.stable.seq > self.stable.seq {
             if plan.stable.seq > self.last_executed {
-                self.stable_ahead = Some(plan.stable.clone());
+                // The new view starts above our state: move our window there now (so we take
+                // part in the new view's slots) and fetch the state behind it.
+                self.jump_stable(plan.stable.clone(), actions);
             } else {
                 self.adopt_stable(plan.stable.clone(), actions);
             }
@@ -1650,6 +1701,12 @@ impl<S: Service> Replica<S> {
         self.safety.reset_executed(target.seq);
         self.last_progress_tick = self.ticks;
         let bytes = self.metrics.state_transfer_bytes;
+        if target.seq == self.stable.seq {
+            // We had jumped to it already: now that we hold its state, drop what is older.
+            self.own_checkpoints = self.own_checkpoints.split_off(&target.seq);
+            self.exec.discard_before(target.seq.0);
+            actions.push(Action::Persist(WalRecord::Snapshot(Box::new(self.durable_state()))));
+        }
         self.make_stable(target.clone(), actions);
         if self.stable_ahead.as_ref().is_some_and(|c| c.seq <= target.seq) {
             self.stable_ahead = None;

@@ -478,6 +478,9 @@ impl Sim {
                     self.replicas[r].wal.push(record);
                 }
                 Action::Send { to, message } => {
+                    if self.trace {
+                        eprintln!("[{}] r{r} -> r{}: {}", self.tick, to.0, message.kind());
+                    }
                     self.note_spoken(r, &message);
                     self.send_sealed(r, vec![Principal::Replica(to)], &message);
                 }
@@ -738,14 +741,7 @@ impl Sim {
                 .iter()
                 .enumerate()
                 .map(|(i, n)| match &n.state {
-                    ReplicaState::Up(r) => format!(
-                        "r{i}: view {} active {} executed {} stable {} transferring {}",
-                        r.view().0,
-                        r.is_view_active(),
-                        r.last_executed().0,
-                        r.stable_checkpoint().seq.0,
-                        r.is_transferring_state()
-                    ),
+                    ReplicaState::Up(r) => format!("r{i}: {}", r.debug_summary()),
                     _ => format!("r{i}: down"),
                 })
                 .collect();

@@ -1,0 +1,227 @@
+//! Unit tests of the core: given this state and this input, exactly these actions.
+
+use super::*;
+use crate::config::{generate, ClusterKeys};
+use crate::sim::{sim_protocol, Rng};
+use crate::wire::{Authenticator, FRAME_HEADER_BYTES};
+use state_abstraction::kv::{KvOp, KvService};
+
+struct Harness {
+    keys: ClusterKeys,
+    config: Arc<ClusterConfig>,
+    replicas: Vec<Replica<KvService>>,
+    auth: BTreeMap<Principal, Authenticator>,
+}
+
+impl Harness {
+    fn new() -> Self {
+        let mut rng = Rng::new(42);
+        let addresses = (0..4).map(|i| format!("test:{i}")).collect();
+        let keys = generate(1, addresses, &[ClientId(100)], sim_protocol(), &mut |b| rng.fill(b)).expect("keys");
+        let config = Arc::new(keys.config.clone());
+        let replicas = keys
+            .replicas
+            .iter()
+            .map(|s| Replica::new(config.clone(), s, KvService::new()).expect("replica"))
+            .collect();
+        let mut auth = BTreeMap::new();
+        for s in &keys.replicas {
+            auth.insert(Principal::Replica(s.id), Authenticator::for_replica(&config, s));
+        }
+        for s in &keys.clients {
+            auth.insert(Principal::Client(s.id), Authenticator::for_client(&config, s));
+        }
+        let mut h = Harness { keys, config, replicas, auth };
+        // Drain the initial snapshot of every replica.
+        for r in 0..4 {
+            h.tick(r, 1_000);
+        }
+        h
+    }
+
+    /// Seals `message` from `from` for replica `to`, opens it there, and steps it.
+    fn deliver(&mut self, from: Principal, to: usize, message: &Message) -> Vec<Action> {
+        let receiver = Principal::Replica(ReplicaId(to as u32));
+        let frame = self.auth[&from].seal(message, &[receiver]).expect("seal");
+        let opened = self.auth[&receiver].open(&frame[FRAME_HEADER_BYTES..]).expect("open");
+        let mut actions = Vec::new();
+        self.replicas[to].step(Event::Message(opened), &mut actions);
+        actions
+    }
+
+    fn tick(&mut self, to: usize, now_ns: u64) -> Vec<Action> {
+        let mut actions = Vec::new();
+        self.replicas[to].step(Event::Tick { now_ns }, &mut actions);
+        actions
+    }
+
+    fn request(&self, timestamp: u64, op: KvOp) -> Signed<Request> {
+        let signer = Signer::from_secret(&self.keys.clients[0].signing_key.0);
+        signer.sign(Request { client: ClientId(100), timestamp: Timestamp(timestamp), operation: op.encode(), read_only: false })
+    }
+
+    fn replica_signer(&self, r: usize) -> Signer {
+        Signer::from_secret(&self.keys.replicas[r].signing_key.0)
+    }
+}
+
+const CLIENT: Principal = Principal::Client(ClientId(100));
+
+fn put(key: &str, value: &str) -> KvOp {
+    KvOp::Put { key: key.into(), value: value.into() }
+}
+
+fn request_message(r: &Signed<Request>) -> Message {
+    Message::Client(ClientMessage::Request(r.clone()))
+}
+
+#[test]
+fn primary_proposes_a_request_after_persisting_it() {
+    let mut h = Harness::new();
+    let request = h.request(1, put("a", "1"));
+    let actions = h.deliver(CLIENT, 0, &request_message(&request));
+    assert_eq!(actions.len(), 2, "{actions:?}");
+    let Action::Persist(WalRecord::Accepted(proposal)) = &actions[0] else { panic!("{:?}", actions[0]) };
+    assert_eq!(proposal.pre_prepare.body.view, View(0));
+    assert_eq!(proposal.pre_prepare.body.seq, SeqNo(1));
+    assert_eq!(proposal.batch.requests, vec![request]);
+    assert_eq!(proposal.pre_prepare.body.nondet, 1_000u64.to_le_bytes().to_vec());
+    let Action::Broadcast { message: Message::Agreement(AgreementMessage::PrePrepare(sent)) } = &actions[1] else {
+        panic!("{:?}", actions[1])
+    };
+    assert_eq!(sent, &**proposal);
+}
+
+#[test]
+fn backup_prepares_then_commits_then_executes() {
+    let mut h = Harness::new();
+    let request = h.request(1, put("a", "1"));
+    let primary_actions = h.deliver(CLIENT, 0, &request_message(&request));
+    let Action::Broadcast { message: pre_prepare } = &primary_actions[1] else { panic!() };
+
+    // Backup 1 accepts: persist, then prepare.
+    let actions = h.deliver(Principal::Replica(ReplicaId(0)), 1, pre_prepare);
+    assert_eq!(actions.len(), 2, "{actions:?}");
+    assert!(matches!(&actions[0], Action::Persist(WalRecord::Accepted(_))));
+    let Action::Broadcast { message: Message::Agreement(AgreementMessage::Prepare(p1)) } = &actions[1] else {
+        panic!("{:?}", actions[1])
+    };
+    assert_eq!((p1.body.view, p1.body.seq, p1.body.replica), (View(0), SeqNo(1), ReplicaId(1)));
+
+    // One more prepare (2f = 2 with its own): prepared — persist the certificate, then commit.
+    let p2 = h.replica_signer(2).sign(Prepare { replica: ReplicaId(2), ..p1.body.clone() });
+    let actions = h.deliver(Principal::Replica(ReplicaId(2)), 1, &Message::Agreement(AgreementMessage::Prepare(p2)));
+    assert_eq!(actions.len(), 2, "{actions:?}");
+    let Action::Persist(WalRecord::Prepared(cert)) = &actions[0] else { panic!("{:?}", actions[0]) };
+    assert_eq!(cert.prepares.len(), 2);
+    let Action::Broadcast { message: Message::Agreement(AgreementMessage::Commit(c1)) } = &actions[1] else {
+        panic!("{:?}", actions[1])
+    };
+    assert_eq!(c1.body.replica, ReplicaId(1));
+
+    // Two more commits (2f+1 = 3 with its own): execute, reply, notify.
+    let c0 = h.replica_signer(0).sign(Commit { replica: ReplicaId(0), ..c1.body.clone() });
+    let actions = h.deliver(Principal::Replica(ReplicaId(0)), 1, &Message::Agreement(AgreementMessage::Commit(c0)));
+    assert!(actions.is_empty(), "{actions:?}");
+    let c2 = h.replica_signer(2).sign(Commit { replica: ReplicaId(2), ..c1.body.clone() });
+    let actions = h.deliver(Principal::Replica(ReplicaId(2)), 1, &Message::Agreement(AgreementMessage::Commit(c2)));
+    assert_eq!(actions.len(), 2, "{actions:?}");
+    let Action::SendClient { to, message: Message::Client(ClientMessage::Reply(reply)) } = &actions[0] else {
+        panic!("{:?}", actions[0])
+    };
+    assert_eq!(*to, ClientId(100));
+    assert_eq!((reply.timestamp, reply.read_only, reply.replica), (Timestamp(1), false, ReplicaId(1)));
+    assert_eq!(reply.result, state_abstraction::kv::KvReply::Value(None).encode());
+    assert!(matches!(&actions[1], Action::Notify(Notification::Executed { seq: SeqNo(1), .. })));
+    assert_eq!(h.replicas[1].last_executed(), SeqNo(1));
+
+    // The client retransmits the request: answered from the cache, not executed again.
+    let actions = h.deliver(CLIENT, 1, &request_message(&request));
+    assert_eq!(actions.len(), 1, "{actions:?}");
+    let Action::SendClient { message: Message::Client(ClientMessage::Reply(again)), .. } = &actions[0] else {
+        panic!("{:?}", actions[0])
+    };
+    assert_eq!(again, reply);
+    assert_eq!(h.replicas[1].metrics().executed_requests, 1);
+}
+
+#[test]
+fn equivocating_pre_prepare_is_refused() {
+    let mut h = Harness::new();
+    let first = h.request(1, put("a", "1"));
+    let primary_actions = h.deliver(CLIENT, 0, &request_message(&first));
+    let Action::Broadcast { message: pre_prepare } = &primary_actions[1] else { panic!() };
+    h.deliver(Principal::Replica(ReplicaId(0)), 2, pre_prepare);
+    // A second, validly signed proposal for the same view and sequence number.
+    let other = h.request(2, put("a", "2"));
+    let batch = Batch { requests: vec![other] };
+    let body = PrePrepare { view: View(0), seq: SeqNo(1), batch_digest: batch.digest(), nondet: 1_000u64.to_le_bytes().to_vec(), primary: ReplicaId(0) };
+    let proposal = Proposal { pre_prepare: h.replica_signer(0).sign(body), batch };
+    let actions = h.deliver(Principal::Replica(ReplicaId(0)), 2, &Message::Agreement(AgreementMessage::PrePrepare(proposal)));
+    assert_eq!(actions.len(), 1, "{actions:?}");
+    assert!(matches!(&actions[0], Action::Notify(Notification::Misbehaviour { what: "equivocating pre-prepare", .. })));
+    assert_eq!(h.replicas[2].metrics().misbehaviour, 1);
+}
+
+#[test]
+fn pre_prepare_with_a_time_far_ahead_is_refused() {
+    let mut h = Harness::new();
+    let batch = Batch { requests: vec![h.request(1, put("a", "1"))] };
+    let far = (1_000 + state_abstraction::kv::MAX_CLOCK_SKEW_NS * 2).to_le_bytes().to_vec();
+    let body = PrePrepare { view: View(0), seq: SeqNo(1), batch_digest: batch.digest(), nondet: far, primary: ReplicaId(0) };
+    let proposal = Proposal { pre_prepare: h.replica_signer(0).sign(body), batch };
+    let actions = h.deliver(Principal::Replica(ReplicaId(0)), 1, &Message::Agreement(AgreementMessage::PrePrepare(proposal)));
+    assert_eq!(actions.len(), 1, "{actions:?}");
+    assert!(matches!(&actions[0], Action::Notify(Notification::Misbehaviour { .. })));
+}
+
+#[test]
+fn backup_relays_a_retransmitted_request_and_suspects_the_primary() {
+    let mut h = Harness::new();
+    let request = h.request(1, put("a", "1"));
+    let actions = h.deliver(CLIENT, 1, &request_message(&request));
+    assert_eq!(actions.len(), 1, "{actions:?}");
+    assert!(matches!(&actions[0], Action::Send { to: ReplicaId(0), message: Message::Client(_) }));
+    // Nothing executes: after the view-change timeout, backup 1 asks for view 1 (persisting
+    // first), and its timer for view 1 waits for 2f+1 view changes.
+    let timeout = h.config.protocol.view_change_timeout_ticks;
+    let mut all = Vec::new();
+    for t in 0..=timeout {
+        all.extend(h.tick(1, 2_000 + t));
+    }
+    let position = all
+        .iter()
+        .position(|a| matches!(a, Action::Broadcast { message: Message::ViewChange(ViewChangeMessage::ViewChange(_)) }))
+        .expect("a view change");
+    assert!(matches!(&all[position - 1], Action::Persist(WalRecord::EnteredView { view: View(1) })));
+    assert_eq!(h.replicas[1].view(), View(1));
+    assert!(!h.replicas[1].is_view_active());
+}
+
+#[test]
+fn restart_restores_votes_and_view() {
+    let mut h = Harness::new();
+    let request = h.request(1, put("a", "1"));
+    let primary_actions = h.deliver(CLIENT, 0, &request_message(&request));
+    let Action::Broadcast { message: pre_prepare } = &primary_actions[1] else { panic!() };
+    let actions = h.deliver(Principal::Replica(ReplicaId(0)), 1, pre_prepare);
+    let wal: Vec<WalRecord> = actions
+        .iter()
+        .filter_map(|a| if let Action::Persist(r) = a { Some(r.clone()) } else { None })
+        .collect();
+    let service = std::mem::replace(&mut h.replicas[1], Replica::new(h.config.clone(), &h.keys.replicas[1], KvService::new()).expect("r"))
+        .into_service();
+    let mut restarted = Replica::restore(h.config.clone(), &h.keys.replicas[1], service, wal).expect("restore");
+    // The same proposal again is a duplicate; a different one at (0, 1) is refused (rule 1).
+    let mut actions = Vec::new();
+    let batch = Batch { requests: vec![h.request(2, put("b", "2"))] };
+    let body = PrePrepare { view: View(0), seq: SeqNo(1), batch_digest: batch.digest(), nondet: 1_000u64.to_le_bytes().to_vec(), primary: ReplicaId(0) };
+    let proposal = Proposal { pre_prepare: h.replica_signer(0).sign(body), batch };
+    let frame = h.auth[&Principal::Replica(ReplicaId(0))]
+        .seal(&Message::Agreement(AgreementMessage::PrePrepare(proposal)), &[Principal::Replica(ReplicaId(1))])
+        .expect("seal");
+    let opened = h.auth[&Principal::Replica(ReplicaId(1))].open(&frame[FRAME_HEADER_BYTES..]).expect("open");
+    restarted.step(Event::Message(opened), &mut actions);
+    assert!(actions.iter().any(|a| matches!(a, Action::Notify(Notification::Misbehaviour { what: "equivocating pre-prepare", .. }))), "{actions:?}");
+    assert!(!actions.iter().any(|a| matches!(a, Action::Broadcast { .. })));
+}
