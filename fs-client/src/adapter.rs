@@ -15,10 +15,11 @@ use crate::open_files::{Hidden, OpenFiles};
 use crate::options::MountOptions;
 use crate::transport::{FsTransport, TransportError};
 use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, Filesystem, FopenFlags, Generation, INodeNo,
-    InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyBmap, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyIoctl, ReplyLock, ReplyLseek, ReplyOpen, ReplyPoll, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use state_abstraction::fs::{
     Attr, Caller, CreateHow, DirEntry, FileType, FsError, FsOp, FsReply, FsRequest, Handle,
@@ -63,6 +64,10 @@ pub enum Failure {
     Unsupported(&'static str),
     /// The caller's buffer is too small (xattr protocol).
     BufferTooSmall,
+    /// An operation the kernel does locally or generically when the file system says it
+    /// lacks it (ENOSYS, which the kernel remembers): byte-range locks, lseek of holes,
+    /// fallocate, copy_file_range, ioctl, poll, bmap.
+    LeftToKernel,
 }
 
 /// The one mapping from failures to errno.
@@ -75,6 +80,7 @@ pub fn errno(f: &Failure) -> Errno {
         Failure::Invalid(_) => Errno::EINVAL,
         Failure::Unsupported(_) => Errno::EOPNOTSUPP,
         Failure::BufferTooSmall => Errno::ERANGE,
+        Failure::LeftToKernel => Errno::ENOSYS,
     }
 }
 
@@ -94,13 +100,18 @@ macro_rules! error_reply {
 }
 error_reply!(
     ReplyAttr,
+    ReplyBmap,
     ReplyCreate,
     ReplyData,
     ReplyDirectory,
     ReplyDirectoryPlus,
     ReplyEmpty,
     ReplyEntry,
+    ReplyIoctl,
+    ReplyLock,
+    ReplyLseek,
     ReplyOpen,
+    ReplyPoll,
     ReplyStatfs,
     ReplyWrite,
     ReplyXattr
@@ -1417,6 +1428,113 @@ impl Filesystem for BftFs {
             Ok(()) => reply.ok(),
             Err(f) => self.fail("access", reply, f),
         }
+    }
+
+    // The operations below are answered ENOSYS on purpose, and without fuser's "not
+    // implemented" warning: the kernel then does them itself for good (locks are kept
+    // locally, lseek and copy_file_range use the generic code, posix_fallocate writes zeros).
+
+    fn getlk(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        _start: u64,
+        _end: u64,
+        _typ: i32,
+        _pid: u32,
+        reply: ReplyLock,
+    ) {
+        self.fail("getlk", reply, Failure::LeftToKernel)
+    }
+
+    fn setlk(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        _start: u64,
+        _end: u64,
+        _typ: i32,
+        _pid: u32,
+        _sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.fail("setlk", reply, Failure::LeftToKernel)
+    }
+
+    fn bmap(&self, _req: &Request, _ino: INodeNo, _blocksize: u32, _idx: u64, reply: ReplyBmap) {
+        self.fail("bmap", reply, Failure::LeftToKernel)
+    }
+
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        self.fail("ioctl", reply, Failure::LeftToKernel)
+    }
+
+    fn poll(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _ph: fuser::PollNotifier,
+        _events: fuser::PollEvents,
+        _flags: fuser::PollFlags,
+        reply: ReplyPoll,
+    ) {
+        self.fail("poll", reply, Failure::LeftToKernel)
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _length: u64,
+        _mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        self.fail("fallocate", reply, Failure::LeftToKernel)
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: i64,
+        _whence: i32,
+        reply: ReplyLseek,
+    ) {
+        self.fail("lseek", reply, Failure::LeftToKernel)
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        _fh_in: FileHandle,
+        _offset_in: u64,
+        _ino_out: INodeNo,
+        _fh_out: FileHandle,
+        _offset_out: u64,
+        _len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        self.fail("copy_file_range", reply, Failure::LeftToKernel)
     }
 
     fn create(

@@ -498,6 +498,27 @@ fn build_like_directory_work() {
         big.len() as u64 + 4
     );
 
+    // What the kernel does itself once told ENOSYS: copy_file_range and SEEK_DATA (cp),
+    // posix_fallocate (written as zeros), and locks (kept locally).
+    sh(&format!(
+        "cp {0} {0}.copy && cmp {0} {0}.copy",
+        p("big").display()
+    ));
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p("big.copy"))
+        .expect("open");
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid descriptor for the calls below.
+    unsafe {
+        assert_eq!(libc::posix_fallocate(f.as_raw_fd(), 0, 5_000_000), 0);
+        assert_eq!(libc::flock(f.as_raw_fd(), libc::LOCK_EX), 0);
+        assert_eq!(libc::lseek(f.as_raw_fd(), 0, libc::SEEK_DATA), 0);
+    }
+    assert_eq!(f.metadata().expect("fstat").len(), 5_000_000);
+    drop(f);
+
     // Names the service rejects.
     let long = "x".repeat(256);
     assert_eq!(errno_of(fs::write(p(&long), b"")), libc::ENAMETOOLONG);
