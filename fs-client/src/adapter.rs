@@ -6,9 +6,11 @@
 //! `default_permissions`. Node ids are mapped to handles by [`InodeTable`]; every error reaches
 //! the kernel through [`errno`], the one place errors become errno values.
 //!
-//! The adapter keeps no file state of its own besides open directory streams: reads and writes
-//! go straight to the service (no write-back), and the kernel caches attributes and entries for
-//! the TTLs given in [`MountOptions`].
+//! Reads and writes go straight to the service (no write-back); the kernel caches attributes
+//! and entries for the TTLs given in [`MountOptions`]. The adapter's own state is small: the
+//! node id table, a snapshot per open directory, the open-file counts that keep unlinked open
+//! files alive ([`crate::open_files`]), and a short-lived cache of files known to have no
+//! `security.capability` attribute (the kernel asks before every write).
 
 use crate::inodes::InodeTable;
 use crate::open_files::{Hidden, OpenFiles};
