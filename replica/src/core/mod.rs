@@ -517,9 +517,12 @@ impl<S: Service> Replica<S> {
             })
             .collect();
         format!(
-            "view {} active {} primary {} executed {} next {} stable {} ahead {:?} seen {} transfer {:?} pending {} waiting {} slots [{}]",
+            "view {} active {} deadline {:?}/{} vcs {:?} primary {} executed {} next {} stable {} ahead {:?} seen {} transfer {:?} pending {} waiting {} slots [{}]",
             self.view.0,
             self.view_active,
+            self.view_change_deadline,
+            self.ticks,
+            self.view_changes.values().map(|v| (v.body.replica.0, v.body.new_view.0)).collect::<Vec<_>>(),
             self.is_primary(),
             self.last_executed.0,
             self.next_seq.0,
@@ -1392,7 +1395,9 @@ impl<S: Service> Replica<S> {
         if self.view_active || self.view_change_deadline.is_some() {
             return;
         }
-        let support = self.view_changes.values().filter(|v| v.body.new_view == self.view).count();
+        // Replicas that asked for this view or a later one have all given up on the views
+        // below it.
+        let support = self.view_changes.values().filter(|v| v.body.new_view >= self.view).count();
         if support >= self.quorum() {
             self.view_change_deadline = Some(self.ticks + self.view_change_timeout_ticks);
         }
