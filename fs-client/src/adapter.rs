@@ -478,8 +478,18 @@ impl BftFs {
     }
 
     fn call_as(&self, caller: Caller, op: FsOp) -> Result<FsReply, Failure> {
-        trace!(op = op_name(&op), uid = caller.uid, "request");
-        match self.transport.call(FsRequest { caller, op }) {
+        // One span per service request, so the transport's own logs (retransmissions, view
+        // changes) show which operation they belong to.
+        let span = tracing::debug_span!("request", op = op_name(&op), uid = caller.uid);
+        let _entered = span.enter();
+        let started = Instant::now();
+        let result = self.transport.call(FsRequest { caller, op });
+        trace!(
+            elapsed_us = started.elapsed().as_micros() as u64,
+            ok = matches!(result, Ok(Ok(_))),
+            "done"
+        );
+        match result {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(e)) => Err(Failure::Service(e)),
             Err(e) => Err(Failure::Transport(e)),
