@@ -579,6 +579,8 @@ impl<S: Service> Replica<S> {
         if self.initial_snapshot {
             self.initial_snapshot = false;
             actions.push(Action::Persist(WalRecord::Snapshot(Box::new(self.durable_state()))));
+            // After a restart the others may be far ahead: ask where they are.
+            actions.push(Action::Broadcast { message: Message::StateTransfer(StateTransferMessage::QueryStable) });
         }
         match event {
             Event::Tick { now_ns } => self.on_tick(now_ns, actions),
@@ -1717,6 +1719,16 @@ impl<S: Service> Replica<S> {
             self.stable_ahead = None;
         }
         actions.push(Action::Notify(Notification::StateTransferred { seq: target.seq, bytes }));
+        // Batches committed after that checkpoint: ask one peer once (later traffic tells us
+        // about the rest).
+        let to = self.next_peer();
+        actions.push(Action::Send {
+            to,
+            message: Message::Agreement(AgreementMessage::FetchCommitted {
+                from: target.seq.next(),
+                to: SeqNo(target.seq.0 + self.config.protocol.log_window),
+            }),
+        });
         self.execute_ready(actions);
     }
 }

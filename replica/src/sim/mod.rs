@@ -157,6 +157,8 @@ pub struct Scenario {
     pub fault_end_tick: u64,
     /// Every request must have completed by then.
     pub max_ticks: u64,
+    /// Ticks to keep running after every request completed (to let laggards catch up).
+    pub drain_ticks: u64,
     pub protocol: ProtocolConfig,
 }
 
@@ -199,6 +201,7 @@ impl Scenario {
             partitions: Vec::new(),
             fault_end_tick: 0,
             max_ticks: 6000,
+            drain_ticks: 0,
             protocol: sim_protocol(),
         }
     }
@@ -677,7 +680,8 @@ impl Sim {
     }
 
     /// Runs the scenario to the end and checks everything.
-    pub fn run(mut self) -> Result<Report, Failure> {
+    pub fn run(&mut self) -> Result<Report, Failure> {
+        let mut drained = 0;
         while self.tick < self.scenario.max_ticks {
             // Faults scheduled for this tick.
             let crashes = self.scenario.crashes.clone();
@@ -724,7 +728,10 @@ impl Sim {
             }
 
             if self.tick >= self.scenario.fault_end_tick && self.all_done() {
-                break;
+                if drained >= self.scenario.drain_ticks {
+                    break;
+                }
+                drained += 1;
             }
             self.tick += 1;
         }
@@ -838,7 +845,7 @@ impl Sim {
                     // A different, validly signed batch for every other backup.
                     for (k, receiver) in to.iter().enumerate() {
                         let mut proposal = p.clone();
-                        if k % 2 == 1 {
+                        if k > 0 {
                             proposal = self.alternative_proposal(&signer, p, k as u64);
                         }
                         let m = Message::Agreement(AgreementMessage::PrePrepare(proposal));
@@ -887,11 +894,15 @@ impl Sim {
         Ok(())
     }
 
+    /// A validly signed proposal for the same view and sequence number with a different batch
+    /// (variant `k` differs from variants of other `k`).
     fn alternative_proposal(&mut self, signer: &Signer, p: &Proposal, k: u64) -> Proposal {
         let mut batch: Batch = p.batch.clone();
-        batch.requests.reverse();
-        if batch.requests.len() < 2 || k > 1 {
+        if k % 2 == 1 {
             batch.requests.pop();
+        } else if let Some(first) = batch.requests.first().cloned() {
+            // The same request twice: executing it must still happen once.
+            batch.requests.push(first);
         }
         let body = PrePrepare { batch_digest: batch.digest(), ..p.pre_prepare.body.clone() };
         Proposal { pre_prepare: signer.sign(body), batch }
@@ -966,4 +977,25 @@ impl Sim {
 /// Runs one seed's random scenario.
 pub fn run_seed(seed: u64) -> Result<Report, Failure> {
     Sim::new(Scenario::random(seed)).run()
+}
+
+impl Sim {
+    /// Delivers a raw frame body to a replica, as if it came off the network.
+    pub fn inject(&mut self, replica: u32, body: Vec<u8>) -> Result<(), Failure> {
+        self.deliver(Principal::Replica(ReplicaId(replica)), body)
+    }
+
+    /// The frame counters of a replica's authenticator.
+    pub fn counters(&self, replica: u32) -> &crate::wire::WireCounters {
+        &self.replicas[replica as usize].auth.counters
+    }
+
+    /// The cluster's keys (to craft frames in tests).
+    pub fn keys(&self) -> &ClusterKeys {
+        &self.keys
+    }
+
+    pub fn client_retransmissions(&self) -> u64 {
+        self.clients.iter().map(|c| c.client.retransmissions).sum()
+    }
 }

@@ -1,6 +1,7 @@
 //! Seeded simulation runs and named scenarios (see the module doc of [`super`]).
 
 use super::*;
+use crate::wire::{ClientMessage, SeqNo, StateTransferMessage, View, FRAME_BYTES_MAX, FRAME_HEADER_BYTES};
 
 fn run_range(seeds: std::ops::Range<u64>) {
     let started = std::time::Instant::now();
@@ -92,4 +93,135 @@ fn replay() {
     } else {
         run_range(seeds);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Named scenarios (STYLE.md, layer 2)
+
+fn run_scenario(scenario: Scenario) -> (Sim, Report) {
+    let mut sim = Sim::new(scenario);
+    match sim.run() {
+        Ok(report) => (sim, report),
+        Err(f) => panic!("{f}"),
+    }
+}
+
+#[test]
+fn equivocating_primary_forces_a_view_change_and_nothing_is_lost() {
+    let mut s = Scenario::calm(11);
+    s.byzantine = Some((0, Behaviour::Equivocate));
+    s.read_only_per_mille = 0;
+    let (sim, report) = run_scenario(s);
+    assert!(report.view_changes >= 1, "{report:?}");
+    assert!(report.max_view >= 1);
+    assert_eq!(report.completed, 3 * 8);
+    for r in 1..4 {
+        let replica = sim.replica(r).expect("up");
+        assert_ne!(replica.view().primary(4), ReplicaId(0), "replica {r} still follows the equivocator");
+    }
+}
+
+#[test]
+fn silent_primary_is_replaced_by_a_view_change() {
+    let mut s = Scenario::calm(12);
+    s.byzantine = Some((0, Behaviour::Silent));
+    let (sim, report) = run_scenario(s);
+    assert!(report.view_changes >= 1, "{report:?}");
+    assert_eq!(report.completed, 3 * 8);
+    let views: Vec<View> = (1..4).map(|r| sim.replica(r).expect("up").view()).collect();
+    assert!(views.iter().all(|v| *v >= View(1)), "{views:?}");
+}
+
+#[test]
+fn restarted_replica_catches_up_by_state_transfer() {
+    let mut s = Scenario::calm(13);
+    s.ops_per_client = 16;
+    s.clients = 3;
+    s.read_only_per_mille = 0;
+    // Replica 3 is down while the others move several checkpoints ahead (the window is 8
+    // batches), so fetching committed batches cannot bring it back: only state transfer can.
+    s.crashes = vec![CrashPlan { replica: 3, at: 5, restart: 700 }];
+    s.fault_end_tick = 800;
+    s.drain_ticks = 400;
+    let (sim, report) = run_scenario(s);
+    let r3 = sim.replica(3).expect("up");
+    let r1 = sim.replica(1).expect("up");
+    assert!(r3.metrics().state_transfers >= 1, "{}", r3.debug_summary());
+    assert!(r3.stable_checkpoint().seq >= SeqNo(8), "{}", r3.debug_summary());
+    assert_eq!(r3.last_executed(), r1.last_executed(), "{} / {}", r3.debug_summary(), r1.debug_summary());
+    assert_eq!(report.completed, 3 * 16);
+}
+
+#[test]
+fn retransmitted_requests_are_answered_but_not_executed_twice() {
+    let mut s = Scenario::calm(14);
+    s.loss_per_mille = 300;
+    s.duplicate_per_mille = 300;
+    s.delay_max_ticks = 20;
+    s.fault_end_tick = 1500;
+    s.ops_per_client = 10;
+    s.read_only_per_mille = 0;
+    let (sim, report) = run_scenario(s);
+    // Lost replies made clients retransmit; the linearizability checker (appends return the
+    // whole value) would fail if any retransmission had run again.
+    assert!(sim.client_retransmissions() > 0);
+    assert_eq!(report.completed, 3 * 10);
+}
+
+#[test]
+fn oversized_garbled_and_unauthenticated_frames_are_dropped_and_counted() {
+    use crate::wire::{frame_length, Authenticator, FrameReader, WireCounters, WireError};
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut sim = Sim::new(Scenario::calm(15));
+    let keys = sim.keys().clone();
+    let config = keys.config.clone();
+    let client = Authenticator::for_client(&config, &keys.clients[0]);
+    let replica2 = Authenticator::for_replica(&config, &keys.replicas[2]);
+    let to1 = [Principal::Replica(ReplicaId(1))];
+    let query = Message::StateTransfer(StateTransferMessage::QueryStable);
+
+    // Oversized: refused from the header alone.
+    let mut reader = FrameReader::new();
+    reader.push(&((FRAME_BYTES_MAX as u32) + 1).to_be_bytes());
+    let error = reader.next_frame().expect_err("oversized");
+    assert!(matches!(error, WireError::FrameTooLarge { .. }));
+    assert!(frame_length(((FRAME_BYTES_MAX as u32) + 1).to_be_bytes()).is_err());
+    let driver_counters = WireCounters::default();
+    driver_counters.count(&error);
+    assert_eq!(driver_counters.oversized.load(Relaxed), 1);
+
+    // Garbled bytes.
+    sim.inject(1, vec![0xff; 40]).expect("no failure");
+    // A frame for another replica (no tag for replica 1).
+    let frame = replica2.seal(&query, &[Principal::Replica(ReplicaId(3))]).expect("seal");
+    sim.inject(1, frame[FRAME_HEADER_BYTES..].to_vec()).expect("no failure");
+    // A flipped bit in the MAC.
+    let mut frame = replica2.seal(&query, &to1).expect("seal");
+    let at = frame.len() - 40;
+    frame[at] ^= 1;
+    sim.inject(1, frame[FRAME_HEADER_BYTES..].to_vec()).expect("no failure");
+    // A client may not send replica traffic.
+    let frame = client.seal(&query, &to1).expect("seal");
+    sim.inject(1, frame[FRAME_HEADER_BYTES..].to_vec()).expect("no failure");
+    // A request whose signature is broken.
+    let signer = Signer::from_secret(&keys.clients[0].signing_key.0);
+    let mut request = signer.sign(crate::wire::Request {
+        client: keys.clients[0].id,
+        timestamp: crate::wire::Timestamp(7),
+        operation: vec![1],
+        read_only: false,
+    });
+    request.body.timestamp = crate::wire::Timestamp(8);
+    let frame = client.seal(&Message::Client(ClientMessage::Request(request)), &to1).expect("seal");
+    sim.inject(1, frame[FRAME_HEADER_BYTES..].to_vec()).expect("no failure");
+
+    let c = sim.counters(1);
+    assert_eq!(c.garbled.load(Relaxed), 1);
+    assert_eq!(c.unauthenticated.load(Relaxed), 2);
+    assert_eq!(c.forbidden.load(Relaxed), 1);
+    assert_eq!(c.bad_signature.load(Relaxed), 1);
+    assert_eq!(c.accepted.load(Relaxed), 0);
+    // And the cluster is none the worse for it.
+    let report = sim.run().unwrap_or_else(|f| panic!("{f}"));
+    assert_eq!(report.completed, 3 * 8);
 }
