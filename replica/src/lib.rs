@@ -6,11 +6,14 @@
 //! - [`core`]: the replica's sans-IO protocol state machine (PBFT ordering, checkpoints, view
 //!   change, catch-up, state transfer) and its driver contract.
 //! - [`client`]: the client half of the protocol, also sans-IO.
+//! - [`driver`]: the tokio driver: TCP links, write-ahead log, timers, status; runs the core
+//!   (the `bftfs-replica` daemon) and the client (`ClientHandle`).
 //! - [`sim`]: the deterministic simulator (tests, or the `sim` feature).
 
 pub mod client;
 pub mod config;
 pub mod core;
+pub mod driver;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
 pub mod wire;

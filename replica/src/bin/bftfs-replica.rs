@@ -1,0 +1,128 @@
+//! `bftfs-replica`: runs one replica of the bftfs file service.
+//!
+//! It reads the cluster config (public: addresses and public keys) and this replica's secrets
+//! file (its signing key and pairwise MAC keys), opens or creates its data directory, restores
+//! itself from the newest checkpoint and its write-ahead log, and serves until SIGINT/SIGTERM.
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use replica::driver::{node, status::ReplicaStatus};
+use replica::config::{ClusterConfig, ReplicaSecrets};
+use state_abstraction::fs::FileService;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "bftfs-replica",
+    about = "Run one replica of a bftfs cluster",
+    long_about = "Runs one replica of a bftfs cluster: it orders file operations with the other \
+                  replicas (PBFT), executes them on the file service kept in --data-dir, and \
+                  answers clients. Keys and the cluster config come from `bftfs keygen`; \
+                  `bftfs up` starts a whole local cluster for you."
+)]
+struct Args {
+    /// Cluster config (JSON, from `bftfs keygen`): every replica's address and public key.
+    #[arg(long)]
+    config: PathBuf,
+    /// This replica's secrets file (JSON, mode 0600, from `bftfs keygen`); it names the replica.
+    #[arg(long)]
+    secrets: PathBuf,
+    /// Directory for this replica's files, checkpoints and write-ahead log (created if missing).
+    #[arg(long)]
+    data_dir: PathBuf,
+}
+
+fn read_text(path: &Path, what: &str) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("cannot read the {what} {}", path.display()))
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Args::parse()) {
+        eprintln!("bftfs-replica: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let config = ClusterConfig::from_json(&read_text(&args.config, "cluster config")?)
+        .with_context(|| format!("{} is not a valid cluster config", args.config.display()))?;
+    let secrets = ReplicaSecrets::from_json(&read_text(&args.secrets, "secrets file")?)
+        .with_context(|| format!("{} is not a valid replica secrets file", args.secrets.display()))?;
+    let id = secrets.id;
+    let Some(me) = config.replicas.get(id.0 as usize).cloned() else {
+        bail!("the secrets file is for replica {}, but the cluster config has only {} replicas", id.0, config.n());
+    };
+    // The public key in the config must be ours, or every message we sign would be refused.
+    let public = ed25519_dalek::SigningKey::from_bytes(&secrets.signing_key.0).verifying_key().to_bytes();
+    if public != me.public_key.0 {
+        bail!("the secrets file does not match replica {} in the cluster config (different keys)", id.0);
+    }
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create the data directory {}", args.data_dir.display()))?;
+    let listener = node::bind(&config, id)?;
+
+    let service = FileService::open(&args.data_dir.join("fs"))
+        .with_context(|| format!("cannot open the file service in {}", args.data_dir.display()))?;
+    let config = Arc::new(config);
+    let (replica, wal) = node::restore_replica(config.clone(), &secrets, service, &args.data_dir.join("wal"))?;
+    tracing::info!(
+        replica = id.0,
+        address = %me.address,
+        last_executed = replica.last_executed().0,
+        view = replica.view().0,
+        data_dir = %args.data_dir.display(),
+        "replica started"
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        let stop = stop.clone();
+        // A plain flag set from the handler; the core loop checks it between steps.
+        let _ = signal_flag(signal, stop);
+    }
+    let status = Arc::new(Mutex::new(ReplicaStatus::new(id.0)));
+    let status_file = args.data_dir.join("status.json");
+    {
+        let status = status.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(s) = status.lock() {
+                    let tmp = status_file.with_extension("tmp");
+                    if std::fs::write(&tmp, s.to_json()).is_ok() {
+                        let _ = std::fs::rename(&tmp, &status_file);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        });
+    }
+    node::run(config, secrets, replica, wal, listener, status, stop)?;
+    tracing::info!(replica = id.0, "replica stopped");
+    Ok(())
+}
+
+static STOP_FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+
+extern "C" fn on_signal(_: libc::c_int) {
+    if let Some(f) = STOP_FLAG.get() {
+        f.store(true, Ordering::Relaxed);
+    }
+}
+
+fn signal_flag(signal: libc::c_int, stop: Arc<AtomicBool>) -> std::io::Result<()> {
+    let _ = STOP_FLAG.set(stop);
+    // SAFETY: the handler only performs an atomic store, which is async-signal-safe.
+    let previous = unsafe { libc::signal(signal, on_signal as *const () as libc::sighandler_t) };
+    if previous == libc::SIG_ERR {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

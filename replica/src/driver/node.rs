@@ -1,0 +1,398 @@
+//! Runs one replica's protocol core over TCP, a write-ahead log and a clock.
+//!
+//! Threads: a tokio runtime owns the sockets (accepting peers and clients, outbound links to
+//! every other replica) and authenticates every frame before it is queued for the core; one
+//! ordinary thread owns the core (and through it the service, whose calls block on disk) and
+//! the WAL. The core thread steps the core on each message and on each tick, then performs
+//! the actions in order: WAL records are appended, and fsync'ed before the first later action
+//! that sends anything, so no message that depends on a record leaves before the record is
+//! durable.
+
+use super::net::{self, Backoff};
+use super::status::{ReplicaStatus, STATUS_PROBE};
+use super::wal::Wal;
+use crate::config::{ClusterConfig, ReplicaSecrets};
+use crate::core::{Action, Event, Notification, Replica, WalRecord};
+use crate::wire::{self, Authenticated, Authenticator, ClientMessage, Message, Principal, ReplicaId};
+use state_abstraction::{ClientId, Service};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+/// Messages waiting for the core. Bounded: when the core falls behind, new messages are
+/// dropped (and counted) at the socket instead of piling up in memory.
+const CORE_QUEUE: usize = 16 * 1024;
+/// Frames waiting to go to one peer or client.
+const LINK_QUEUE: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("cannot listen on {address}: {source} (is another replica or program using this port?)")]
+    Listen { address: String, source: std::io::Error },
+    #[error("replica {0} is not in the cluster config")]
+    NotInConfig(u32),
+    #[error("write-ahead log {path}: {source}")]
+    Wal { path: String, source: std::io::Error },
+    #[error("write-ahead log record {index} does not decode; the log is damaged")]
+    WalRecord { index: usize },
+    #[error("protocol core: {0}")]
+    Core(String),
+    #[error("the replica halted: {0}")]
+    Halted(String),
+}
+
+/// Counters the driver keeps itself (the core's are in `Replica::metrics`).
+#[derive(Default)]
+pub struct DriverCounters {
+    pub dropped_core_queue_full: AtomicU64,
+    pub dropped_client_unknown: AtomicU64,
+    pub wal_syncs: AtomicU64,
+}
+
+enum Input {
+    Message(Authenticated<Message>),
+}
+
+type ClientLinks = Arc<Mutex<BTreeMap<ClientId, mpsc::Sender<Vec<u8>>>>>;
+
+/// Loads the WAL at `wal_path` and restores a replica from it over `service`.
+pub fn restore_replica<S: Service>(
+    config: Arc<ClusterConfig>,
+    secrets: &ReplicaSecrets,
+    service: S,
+    wal_path: &Path,
+) -> Result<(Replica<S>, Wal), NodeError> {
+    let (wal, records) = Wal::open(wal_path).map_err(|source| NodeError::Wal { path: wal_path.display().to_string(), source })?;
+    let mut decoded = Vec::with_capacity(records.len());
+    for (index, r) in records.iter().enumerate() {
+        decoded.push(wire::decode::<WalRecord>(r).map_err(|_| NodeError::WalRecord { index })?);
+    }
+    tracing::info!(records = decoded.len(), "restoring from the write-ahead log");
+    let replica = Replica::restore(config, secrets, service, decoded).map_err(|e| NodeError::Core(e.to_string()))?;
+    Ok((replica, wal))
+}
+
+/// Binds the replica's listening socket (separately, so a port in use is reported before
+/// anything else starts).
+pub fn bind(config: &ClusterConfig, id: ReplicaId) -> Result<std::net::TcpListener, NodeError> {
+    let info = config.replicas.get(id.0 as usize).ok_or(NodeError::NotInConfig(id.0))?;
+    let listener = std::net::TcpListener::bind(&info.address)
+        .map_err(|source| NodeError::Listen { address: info.address.clone(), source })?;
+    listener.set_nonblocking(true).map_err(|source| NodeError::Listen { address: info.address.clone(), source })?;
+    Ok(listener)
+}
+
+/// Runs the replica until it halts or `stop` is set. Blocks the calling thread.
+pub fn run<S: Service + Send + 'static>(
+    config: Arc<ClusterConfig>,
+    secrets: ReplicaSecrets,
+    replica: Replica<S>,
+    wal: Wal,
+    listener: std::net::TcpListener,
+    status: Arc<Mutex<ReplicaStatus>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<(), NodeError> {
+    let auth = Arc::new(Authenticator::for_replica(&config, &secrets));
+    let counters = Arc::new(DriverCounters::default());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("bftfs-net")
+        .build()
+        .map_err(|e| NodeError::Core(format!("cannot start the runtime: {e}")))?;
+    let (core_tx, core_rx) = std_mpsc::sync_channel::<Input>(CORE_QUEUE);
+    let clients: ClientLinks = Arc::new(Mutex::new(BTreeMap::new()));
+
+    // Outbound links to every other replica.
+    let me = secrets.id;
+    let peers: BTreeMap<ReplicaId, mpsc::Sender<Vec<u8>>> = runtime.block_on(async {
+        config
+            .replicas
+            .iter()
+            .filter(|r| r.id != me)
+            .map(|r| (r.id, net::spawn_link(r.address.clone(), LINK_QUEUE, Backoff::default(), None, None)))
+            .collect()
+    });
+
+    {
+        let auth = auth.clone();
+        let clients = clients.clone();
+        let status = status.clone();
+        let counters = counters.clone();
+        runtime.spawn(async move {
+            let listener = match TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot use the listening socket");
+                    return;
+                }
+            };
+            loop {
+                match listener.accept().await {
+                    Ok((stream, peer)) => {
+                        tokio::spawn(serve_connection(
+                            stream,
+                            peer,
+                            auth.clone(),
+                            core_tx.clone(),
+                            clients.clone(),
+                            status.clone(),
+                            counters.clone(),
+                        ));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        });
+    }
+
+    let result = core_loop(&config, replica, wal, core_rx, &auth, &peers, &clients, &status, &counters, &stop);
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    result
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    auth: Arc<Authenticator>,
+    core_tx: std_mpsc::SyncSender<Input>,
+    clients: ClientLinks,
+    status: Arc<Mutex<ReplicaStatus>>,
+    counters: Arc<DriverCounters>,
+) {
+    let _ = stream.set_nodelay(true);
+    let (mut rd, mut wr) = stream.into_split();
+    // Replies to a client go back over the connection its requests came in on.
+    let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(LINK_QUEUE);
+    let writer = tokio::spawn(async move {
+        let _ = net::write_frames(&mut wr, &mut out_rx).await;
+    });
+    let mut registered: Option<ClientId> = None;
+    let mut rejected = 0u64;
+    loop {
+        let body = match net::read_frame(&mut rd).await {
+            Ok(b) => b,
+            Err(e) => {
+                if e.kind() == std::io::ErrorKind::InvalidData {
+                    tracing::warn!(%peer, error = %e, "closing a connection that sent a bad frame");
+                }
+                break;
+            }
+        };
+        if body == STATUS_PROBE {
+            let report = match status.lock() {
+                Ok(s) => s.to_json(),
+                Err(_) => break,
+            };
+            if let Ok(frame) = wire::frame(report.as_bytes()) {
+                let _ = out_tx.send(frame).await;
+            }
+            continue;
+        }
+        let message = match auth.open(&body) {
+            Ok(m) => m,
+            Err(e) => {
+                rejected += 1;
+                // One line for the first few, then rarely: a flood must not become a log flood.
+                if rejected <= 3 || rejected % 1000 == 0 {
+                    tracing::warn!(%peer, error = %e, kind = e.kind(), rejected, "dropped a frame that did not authenticate");
+                }
+                continue;
+            }
+        };
+        if let Principal::Client(c) = message.sender() {
+            // Every authenticated frame (re)claims the client's reply route, so a replayed
+            // hello on another connection cannot keep the replies away from the client.
+            if let Ok(mut map) = clients.lock() {
+                if !map.get(&c).is_some_and(|tx| tx.same_channel(&out_tx)) {
+                    map.insert(c, out_tx.clone());
+                }
+            }
+            registered = Some(c);
+            if matches!(message.message(), Message::Client(ClientMessage::Hello)) {
+                continue;
+            }
+        }
+        if core_tx.try_send(Input::Message(message)).is_err() {
+            counters.dropped_core_queue_full.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    if let Some(c) = registered {
+        if let Ok(mut map) = clients.lock() {
+            if map.get(&c).is_some_and(|tx| tx.same_channel(&out_tx)) {
+                map.remove(&c);
+            }
+        }
+    }
+    drop(out_tx);
+    let _ = writer.await;
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn core_loop<S: Service>(
+    config: &ClusterConfig,
+    mut replica: Replica<S>,
+    mut wal: Wal,
+    core_rx: std_mpsc::Receiver<Input>,
+    auth: &Authenticator,
+    peers: &BTreeMap<ReplicaId, mpsc::Sender<Vec<u8>>>,
+    clients: &ClientLinks,
+    status: &Mutex<ReplicaStatus>,
+    counters: &DriverCounters,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<(), NodeError> {
+    let tick = Duration::from_nanos(config.protocol.tick_ns.max(1_000_000));
+    let mut next_tick = Instant::now() + tick;
+    let mut actions = Vec::new();
+    let all_replicas: Vec<Principal> = config.replica_ids().filter(|r| *r != replica.id()).map(Principal::Replica).collect();
+    let mut last_status = Instant::now() - Duration::from_secs(1);
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let wait = next_tick.saturating_duration_since(Instant::now());
+        match core_rx.recv_timeout(wait) {
+            Ok(Input::Message(m)) => replica.step(Event::Message(m), &mut actions),
+            Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std_mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+        }
+        // Take what else is already queued, so that one fsync covers many records.
+        for _ in 0..256 {
+            match core_rx.try_recv() {
+                Ok(Input::Message(m)) => replica.step(Event::Message(m), &mut actions),
+                Err(_) => break,
+            }
+        }
+        let now = Instant::now();
+        if now >= next_tick {
+            replica.step(Event::Tick { now_ns: now_ns() }, &mut actions);
+            next_tick += tick;
+            if next_tick < now {
+                // We fell far behind (a long execution); do not fire a burst of ticks.
+                next_tick = now + tick;
+            }
+        }
+        perform(&mut actions, &mut wal, auth, &all_replicas, peers, clients, counters)?;
+        if now.duration_since(last_status) >= Duration::from_millis(200) {
+            last_status = now;
+            if let Ok(mut s) = status.lock() {
+                s.update(&replica, auth, counters);
+            }
+        }
+    }
+}
+
+fn perform(
+    actions: &mut Vec<Action>,
+    wal: &mut Wal,
+    auth: &Authenticator,
+    all_replicas: &[Principal],
+    peers: &BTreeMap<ReplicaId, mpsc::Sender<Vec<u8>>>,
+    clients: &ClientLinks,
+    counters: &DriverCounters,
+) -> Result<(), NodeError> {
+    let wal_error = |source| NodeError::Wal { path: "log".into(), source };
+    for action in actions.drain(..) {
+        let (message, to) = match action {
+            Action::Persist(record) => {
+                let bytes = wire::encode(&record).map_err(|e| NodeError::Core(e.to_string()))?;
+                if matches!(record, WalRecord::Snapshot(_)) {
+                    // A snapshot supersedes every earlier record: start the log afresh.
+                    wal.rewrite(&[bytes]).map_err(wal_error)?;
+                    counters.wal_syncs.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    wal.append(&bytes).map_err(wal_error)?;
+                }
+                continue;
+            }
+            Action::Notify(n) => {
+                log_notification(&n);
+                continue;
+            }
+            Action::Halt { reason } => return Err(NodeError::Halted(reason)),
+            Action::Send { to, message } => (message, Target::Replica(to)),
+            Action::Broadcast { message } => (message, Target::AllReplicas),
+            Action::SendClient { to, message } => (message, Target::Client(to)),
+        };
+        // What is sent may depend on records appended before it: make them durable first.
+        if wal.has_pending() {
+            wal.sync().map_err(wal_error)?;
+            counters.wal_syncs.fetch_add(1, Ordering::Relaxed);
+        }
+        match to {
+            Target::Replica(r) => {
+                let Some(link) = peers.get(&r) else { continue };
+                match auth.seal(&message, &[Principal::Replica(r)]) {
+                    Ok(frame) => {
+                        let _ = link.try_send(frame);
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot seal a message"),
+                }
+            }
+            Target::AllReplicas => match auth.seal(&message, all_replicas) {
+                // Hashed once, one MAC per receiver, the same frame to everyone.
+                Ok(frame) => {
+                    for link in peers.values() {
+                        let _ = link.try_send(frame.clone());
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "cannot seal a message"),
+            },
+            Target::Client(c) => {
+                let link = clients.lock().ok().and_then(|m| m.get(&c).cloned());
+                let Some(link) = link else {
+                    // Not connected now; the client retransmits and gets the cached reply.
+                    counters.dropped_client_unknown.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                match auth.seal(&message, &[Principal::Client(c)]) {
+                    Ok(frame) => {
+                        let _ = link.try_send(frame);
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot seal a message"),
+                }
+            }
+        }
+    }
+    if wal.has_pending() {
+        wal.sync().map_err(wal_error)?;
+        counters.wal_syncs.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+enum Target {
+    Replica(ReplicaId),
+    AllReplicas,
+    Client(ClientId),
+}
+
+fn log_notification(n: &Notification) {
+    match n {
+        Notification::Executed { .. } => {}
+        Notification::CheckpointTaken { seq, service_root, .. } => {
+            tracing::debug!(seq = seq.0, root = ?service_root, "checkpoint taken")
+        }
+        Notification::CheckpointStable { seq, service_root, .. } => {
+            tracing::info!(seq = seq.0, root = ?service_root, "checkpoint stable")
+        }
+        Notification::ViewEntered { view, active } => tracing::info!(view = view.0, active, "view change"),
+        Notification::StateTransferred { seq, bytes } => {
+            tracing::info!(seq = seq.0, bytes, "state transfer finished")
+        }
+        Notification::Misbehaviour { from, what } => tracing::warn!(?from, what, "misbehaviour detected"),
+    }
+}
