@@ -67,6 +67,18 @@ pub trait Service {
     /// After `put_objs` of every object of some state S, the root digest is S's.
     fn put_objs(&mut self, objs: Vec<(u64, AbstractObject)>) -> Result<(), ServiceError>;
 
+    /// State transfer: after `put_objs`, makes the object count `count` (the count the
+    /// certified root covers), for a fetcher that held more slots than the state it fetched:
+    /// slots from `count` on are dropped (missing ones below it become free). Services with a
+    /// fixed number of objects keep this default.
+    fn set_object_count(&mut self, count: u64) -> Result<(), ServiceError> {
+        if count == self.object_count() {
+            Ok(())
+        } else {
+            Err(ServiceError::BadIndex(count))
+        }
+    }
+
     /// Takes a checkpoint after batch `seq` and returns the partition-tree root digest.
     fn checkpoint(&mut self, seq: SeqNo) -> Result<Digest, ServiceError>;
 

@@ -102,6 +102,34 @@ impl FileService {
         self.install(items, true)
     }
 
+    /// Makes the object count `count`: higher slots go (their nodes are removed), missing
+    /// ones are added as free slots.
+    pub(super) fn resize(&mut self, count: u64) -> Result<(), ServiceError> {
+        if count == 0 || count > INDEX_MAX {
+            return Err(ServiceError::BadIndex(count));
+        }
+        let len = self.slots.len() as u64;
+        if count > len {
+            let items = (len..count)
+                .map(|i| (i, Some(Target { header: Header::Free { generation: 0, next_free: None }, chunks: Vec::new() })))
+                .collect();
+            return self.install(items, true);
+        }
+        if count < len {
+            self.install((count..len).map(|i| (i, None)).collect(), true)?;
+            self.slots.truncate(count as usize);
+            self.free.retain(|&i| i < count);
+            self.dirty.retain(|&i| i < count);
+            self.orphans.retain(|&i| i < count);
+            self.tree.truncate(count);
+            // The last remaining free slot's successor changed.
+            if let Some(&last) = self.free.iter().next_back() {
+                self.dirty.insert(last);
+            }
+        }
+        Ok(())
+    }
+
     /// Installs `items` (`None`: the slot is to disappear, only used by rollback before it
     /// truncates the table). With `cow`, old values are saved for the newest checkpoint first.
     pub(super) fn install(&mut self, items: BTreeMap<u64, Option<Target>>, cow: bool) -> Result<(), ServiceError> {
@@ -370,7 +398,15 @@ impl FileService {
         let mut junk = 0u64;
         for &j in &to_attach {
             let Some(o) = self.slots.get(j as usize).and_then(Slot::live) else { continue };
-            let links: Vec<(u64, Vec<u8>)> = o.links.iter().cloned().collect();
+            let is_dir = o.kind == FileType::Directory;
+            let mut links: Vec<(u64, Vec<u8>)> = o.links.iter().cloned().collect();
+            if is_dir && links.len() > 1 {
+                // Only between batches: a directory has one name; it gets the others' turn
+                // when the batch that settles it arrives.
+                links.truncate(1);
+                inconsistent = true;
+                self.live_mut(j).links = links.iter().cloned().collect();
+            }
             let name = index_name(j);
             let Some((d, n)) = links.first() else {
                 backend::renameat(sfd, &name, orphans.as_raw_fd(), &name, false)?;
@@ -379,13 +415,24 @@ impl FileService {
             };
             let dfd = self.dir_fd(*d).map_err(storage)?;
             if let Err(e) = backend::renameat(sfd, &name, dfd, n, true) {
-                if e.raw_os_error() != Some(libc::EEXIST) {
-                    return Err(storage(e));
+                match e.raw_os_error() {
+                    Some(libc::EEXIST) => {
+                        // Something not in the table holds the name: set it aside.
+                        junk += 1;
+                        backend::renameat(dfd, n, sfd, format!("junk-{junk}").as_bytes(), false)?;
+                        backend::renameat(sfd, &name, dfd, n, true)?;
+                    }
+                    Some(libc::EINVAL) | Some(libc::ELOOP) if is_dir => {
+                        // Between batches directories can name each other in a cycle; the
+                        // directory waits among the orphans.
+                        backend::renameat(sfd, &name, orphans.as_raw_fd(), &name, false)?;
+                        self.orphans.insert(j);
+                        self.live_mut(j).links.clear();
+                        inconsistent = true;
+                        continue;
+                    }
+                    _ => return Err(storage(e)),
                 }
-                // Something not in the table holds the name: set it aside.
-                junk += 1;
-                backend::renameat(dfd, n, sfd, format!("junk-{junk}").as_bytes(), false)?;
-                backend::renameat(sfd, &name, dfd, n, true)?;
             }
             for (d2, n2) in &links[1..] {
                 backend::linkat(dfd, n, self.dir_fd(*d2).map_err(storage)?, n2)?;

@@ -51,8 +51,25 @@ struct FdCache {
     files: HashMap<u64, OwnedFd>,
 }
 
-const DIR_FDS_MAX: usize = 1024;
-const FILE_FDS_MAX: usize = 512;
+const DIR_FDS_MAX: usize = 4096;
+const FILE_FDS_MAX: usize = 4096;
+
+/// Raises the soft limit on open files to the hard limit (capped), since the descriptor
+/// caches above hold up to 8192 descriptors.
+fn raise_fd_limit() {
+    // SAFETY: `lim` is plain data filled in by getrlimit.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: valid out pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    let want = lim.rlim_max.min(65_536);
+    if lim.rlim_cur < want {
+        lim.rlim_cur = want;
+        // SAFETY: valid pointer; failure only leaves the old limit.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    }
+}
 
 impl FdCache {
     fn trim(&mut self) {
@@ -124,6 +141,7 @@ fn storage(e: io::Error) -> ServiceError {
 impl FileService {
     /// Creates (if empty or missing) or reopens a replica's data directory.
     pub fn open(data_dir: &Path) -> Result<FileService, ServiceError> {
+        raise_fd_limit();
         std::fs::create_dir_all(data_dir)?;
         let meta_fd = backend::open_path(data_dir, libc::O_RDONLY | libc::O_DIRECTORY)?;
         let fresh = !data_dir.join("table").exists();
@@ -206,11 +224,11 @@ impl FileService {
     /// Runs one request with the agreed time `now_ns`: the direct, unreplicated entry point.
     /// Same semantics as [`Service::execute`] with `ops::encode(req)` and `encode(&now_ns)`.
     pub fn apply(&mut self, req: &FsRequest, now_ns: u64) -> FsResult {
-        self.fds.get_mut().trim();
         if self.inconsistent {
             // Only reachable in the middle of a state transfer.
             return Err(FsError::Io);
         }
+        self.fds.get_mut().trim();
         if now_ns > self.last_time {
             self.last_time = now_ns;
         }
@@ -379,7 +397,16 @@ impl FileService {
                 break fd.as_raw_fd();
             }
             let o = self.slots.get(cur as usize).and_then(Slot::live).ok_or_else(|| io::Error::other("dangling dir"))?;
-            let (parent, name) = o.links.iter().next().ok_or_else(|| io::Error::other("unlinked dir"))?;
+            let Some((parent, name)) = o.links.iter().next() else {
+                if !self.orphans.contains(&cur) {
+                    return Err(io::Error::other("unlinked dir"));
+                }
+                let orphans = backend::open_dir_at(self.tree_fd.as_raw_fd(), b"orphans")?;
+                let fd = backend::open_dir_at(orphans.as_raw_fd(), cur.to_string().as_bytes())?;
+                let raw = fd.as_raw_fd();
+                cache.dirs.insert(cur, fd);
+                break raw;
+            };
             chain.push((cur, name.clone()));
             cur = *parent;
             if chain.len() > self.slots.len() {
@@ -590,6 +617,10 @@ impl Service for FileService {
 
     fn put_objs(&mut self, objs: Vec<(u64, AbstractObject)>) -> Result<(), ServiceError> {
         self.put_objects(objs)
+    }
+
+    fn set_object_count(&mut self, count: u64) -> Result<(), ServiceError> {
+        self.resize(count)
     }
 
     fn checkpoint(&mut self, seq: SeqNo) -> Result<Digest, ServiceError> {
