@@ -232,7 +232,7 @@ impl Transfer {
             }
             StateTransferMessage::Node { seq, level, index, children, .. } if seq == self.seq() => {
                 let want = Want::Node { level, index };
-                let Some(o) = self.outstanding.get(&want) else { return None };
+                let o = self.outstanding.get(&want)?;
                 if !PartitionTree::verify_node(level, index, &children, &o.expected) {
                     self.reject(from, want, "partition node does not match its parent", tick, out);
                     return None;
@@ -243,7 +243,7 @@ impl Transfer {
             }
             StateTransferMessage::PieceDigests { seq, index, digests } if seq == self.seq() => {
                 let want = Want::PieceDigests { index };
-                let Some(o) = self.outstanding.get(&want) else { return None };
+                let o = self.outstanding.get(&want)?;
                 if object_digest(index, &digests) != o.expected {
                     self.reject(from, want, "piece digests do not match the object digest", tick, out);
                     return None;
@@ -265,7 +265,7 @@ impl Transfer {
             }
             StateTransferMessage::Piece { seq, index, piece, bytes } if seq == self.seq() => {
                 let want = Want::Piece { index, piece };
-                let Some(o) = self.outstanding.get(&want) else { return None };
+                let o = self.outstanding.get(&want)?;
                 if piece_digest(index, piece, &bytes) != o.expected {
                     self.reject(from, want, "piece does not match its digest", tick, out);
                     return None;
