@@ -222,6 +222,9 @@ pub struct Replica<S: Service> {
     fetch_rotation: u32,
     /// Highest sequence number any replica was seen working on.
     highest_seen: SeqNo,
+    /// Read-only requests are not answered before this batch is executed: the highest one
+    /// restored from the WAL, which may have committed before the restart.
+    read_only_barrier: SeqNo,
     /// A stable certificate above our execution point (we must catch up to it).
     stable_ahead: Option<CheckpointCertificate>,
     transfer: Option<Transfer>,
@@ -423,6 +426,7 @@ impl<S: Service> Replica<S> {
             last_view_query_tick: None,
             fetch_rotation: secrets.id.0,
             highest_seen,
+            read_only_barrier: highest_seen,
             stable_ahead,
             transfer: None,
             initial_snapshot: true,
@@ -431,6 +435,34 @@ impl<S: Service> Replica<S> {
             config,
         };
         let mut replica = replica;
+        // Votes are not logged, only what they vouch for. Re-sign this replica's own prepares
+        // and commits for the slots it restored (Ed25519 is deterministic, so these are the
+        // very statements it made before), so that retransmission can finish batches that
+        // were in flight when every replica went down at once; otherwise nobody holds the
+        // commits for them any more and they would wait for a view change that never comes.
+        if replica.view_active {
+            let (me, view) = (replica.id, replica.view);
+            for (seq, slot) in replica.log.iter_mut() {
+                let Some(p) = &slot.proposal else { continue };
+                let b = &p.pre_prepare.body;
+                if b.view != view {
+                    continue;
+                }
+                if b.primary != me {
+                    let prepare = replica.signer.sign(Prepare { view, seq: *seq, batch_digest: b.batch_digest, replica: me });
+                    slot.prepares.insert(me, prepare);
+                }
+                if slot.sent_commit {
+                    if let Some(cert) = &slot.certificate {
+                        for pr in &cert.prepares {
+                            slot.prepares.entry(pr.body.replica).or_insert_with(|| pr.clone());
+                        }
+                    }
+                    let commit = replica.signer.sign(Commit { view, seq: *seq, batch_digest: b.batch_digest, replica: me });
+                    slot.commits.insert(me, commit);
+                }
+            }
+        }
         if !replica.view_active {
             // Restarted during a view change: speak again for the view we had entered (the
             // same statement, so no new record is needed) and wait for 2f+1 to arm the timer.
@@ -684,7 +716,11 @@ impl<S: Service> Replica<S> {
         if body.read_only {
             // Unordered path: answer from the current (committed) state, or stay silent and
             // let the client fall back to the ordered path.
-            if self.exec.is_read_only(&body.operation) && self.transfer.is_none() && self.stable_ahead.is_none() {
+            // A replica that knows of batches it has not executed yet (restarted, or behind)
+            // must not answer from its older state: after every replica restarts at once, 2f+1
+            // of them could otherwise agree on a read that misses committed writes.
+            let behind = self.last_executed < self.read_only_barrier;
+            if self.exec.is_read_only(&body.operation) && self.transfer.is_none() && self.stable_ahead.is_none() && !behind {
                 self.metrics.read_only_requests += 1;
                 let result = self.exec.execute_read_only(&request);
                 actions.push(self.reply(body, result, true));

@@ -173,3 +173,136 @@ pub fn plan_new_view(view_changes: &[Signed<ViewChange>]) -> NewViewPlan {
     }
     NewViewPlan { stable, slots }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{generate, ProtocolConfig};
+    use crate::wire::{Checkpoint, PrePrepare, Prepare, Request, Signature, Timestamp};
+    use state_abstraction::ClientId;
+
+    fn unsigned<T>(body: T) -> Signed<T> {
+        Signed { body, signature: Signature::from_bytes(&[0; 64]) }
+    }
+
+    fn config() -> ClusterConfig {
+        let mut x = 1u8;
+        let addresses = (0..4).map(|i| format!("a{i}")).collect();
+        generate(1, addresses, &[], ProtocolConfig { checkpoint_interval: 4, log_window: 8, ..Default::default() }, &mut |b| {
+            for byte in b.iter_mut() {
+                x = x.wrapping_add(7);
+                *byte = x;
+            }
+        })
+        .expect("keys")
+        .config
+    }
+
+    const GENESIS: Genesis = Genesis { service_root: Digest([1; 32]), replies_digest: Digest([2; 32]) };
+
+    fn genesis_cert() -> CheckpointCertificate {
+        CheckpointCertificate {
+            seq: SeqNo(0),
+            service_root: GENESIS.service_root,
+            replies_digest: GENESIS.replies_digest,
+            checkpoints: vec![],
+        }
+    }
+
+    fn stable_cert(seq: u64) -> CheckpointCertificate {
+        let root = Digest([seq as u8; 32]);
+        let checkpoints = (0..3)
+            .map(|r| unsigned(Checkpoint { seq: SeqNo(seq), service_root: root, replies_digest: root, replica: ReplicaId(r) }))
+            .collect();
+        CheckpointCertificate { seq: SeqNo(seq), service_root: root, replies_digest: root, checkpoints }
+    }
+
+    fn prepared(view: u64, seq: u64, tag: u8) -> Evidence {
+        let request = unsigned(Request { client: ClientId(1), timestamp: Timestamp(tag as u64), operation: vec![tag], read_only: false });
+        let batch = Batch { requests: vec![request] };
+        let digest = batch.digest();
+        let primary = View(view).primary(4);
+        let pre_prepare = unsigned(PrePrepare { view: View(view), seq: SeqNo(seq), batch_digest: digest, nondet: vec![], primary });
+        let prepares = (0..4u32)
+            .map(ReplicaId)
+            .filter(|r| *r != primary)
+            .take(2)
+            .map(|r| unsigned(Prepare { view: View(view), seq: SeqNo(seq), batch_digest: digest, replica: r }))
+            .collect();
+        Evidence::Prepared(PreparedCertificate { proposal: Proposal { pre_prepare, batch }, prepares })
+    }
+
+    fn vc(new_view: u64, replica: u32, stable: CheckpointCertificate, evidence: Vec<Evidence>) -> Signed<ViewChange> {
+        unsigned(ViewChange { new_view: View(new_view), replica: ReplicaId(replica), stable, evidence })
+    }
+
+    fn digest_of(e: &Evidence) -> Digest {
+        e.proposal().pre_prepare.body.batch_digest
+    }
+
+    #[test]
+    fn highest_view_wins_not_highest_sequence() {
+        // The §2.6 shape: an old-view certificate for slot 1 next to a newer-view one. The
+        // newer view wins slot 1 even though the old-view reporter also reports a longer log.
+        let old_a = prepared(1, 1, 0xa);
+        let old_a2 = prepared(1, 2, 0xc);
+        let new_b = prepared(2, 1, 0xb);
+        let vcs = vec![
+            vc(3, 0, genesis_cert(), vec![old_a.clone(), old_a2.clone()]),
+            vc(3, 2, genesis_cert(), vec![new_b.clone()]),
+            vc(3, 3, genesis_cert(), vec![]),
+        ];
+        let config = config();
+        assert!(valid_quorum(&config, &GENESIS, View(3), &vcs));
+        let plan = plan_new_view(&vcs);
+        assert_eq!(plan.slots.len(), 2);
+        assert_eq!(NewViewPlan::slot_content(&plan.slots[0].1).0, digest_of(&new_b));
+        assert_eq!(NewViewPlan::slot_content(&plan.slots[1].1).0, digest_of(&old_a2));
+    }
+
+    #[test]
+    fn gaps_become_null_batches_and_old_evidence_is_ignored() {
+        let vcs = vec![
+            vc(1, 0, stable_cert(4), vec![prepared(0, 7, 1)]),
+            vc(1, 1, genesis_cert(), vec![prepared(0, 3, 2)]),
+            vc(1, 2, genesis_cert(), vec![]),
+        ];
+        assert!(valid_quorum(&config(), &GENESIS, View(1), &vcs));
+        let plan = plan_new_view(&vcs);
+        assert_eq!(plan.stable.seq, SeqNo(4));
+        let seqs: Vec<u64> = plan.slots.iter().map(|(s, _)| s.0).collect();
+        assert_eq!(seqs, vec![5, 6, 7]);
+        assert!(plan.slots[0].1.is_none() && plan.slots[1].1.is_none() && plan.slots[2].1.is_some());
+        assert_eq!(NewViewPlan::slot_content(&None).0, Batch::default().digest());
+    }
+
+    #[test]
+    fn malformed_view_changes_are_refused() {
+        let config = config();
+        // Evidence from the view being entered (or later).
+        assert!(!valid_view_change(&config, &GENESIS, &vc(1, 0, genesis_cert(), vec![prepared(1, 1, 1)]).body));
+        // Out of order.
+        assert!(!valid_view_change(
+            &config,
+            &GENESIS,
+            &vc(2, 0, genesis_cert(), vec![prepared(0, 2, 1), prepared(0, 1, 1)]).body
+        ));
+        // Beyond the window above the stable checkpoint.
+        assert!(!valid_view_change(&config, &GENESIS, &vc(2, 0, genesis_cert(), vec![prepared(0, 9, 1)]).body));
+        // A genesis certificate with the wrong digest.
+        let mut bad = genesis_cert();
+        bad.service_root = Digest([9; 32]);
+        assert!(!valid_view_change(&config, &GENESIS, &vc(2, 0, bad, vec![]).body));
+        // A checkpoint certificate with a repeated signer.
+        let mut short = stable_cert(4);
+        short.checkpoints[2] = short.checkpoints[0].clone();
+        assert!(!valid_checkpoint_certificate(&config, &GENESIS, &short));
+        // A prepared certificate with the primary's prepare counted.
+        let Evidence::Prepared(mut cert) = prepared(0, 1, 1);
+        cert.prepares[0].body.replica = ReplicaId(0);
+        assert!(!valid_prepared_certificate(&config, &cert));
+        // Two view changes from one replica do not make a quorum.
+        let vcs = vec![vc(1, 0, genesis_cert(), vec![]), vc(1, 0, genesis_cert(), vec![]), vc(1, 2, genesis_cert(), vec![])];
+        assert!(!valid_quorum(&config, &GENESIS, View(1), &vcs));
+    }
+}
