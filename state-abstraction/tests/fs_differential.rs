@@ -284,6 +284,9 @@ enum TOp {
     Old(usize),
     Checkpoint,
     Rollback,
+    /// State transfer of the checkpoint's objects (served by backend 0) into every backend
+    /// with `put_objs`, while the checkpoints stay held.
+    Transfer,
 }
 
 /// Mostly short paths, so that most of them exist.
@@ -340,6 +343,7 @@ fn top() -> impl Strategy<Value = TOp> {
         2 => any::<usize>().prop_map(TOp::Old),
         1 => Just(TOp::Checkpoint),
         1 => Just(TOp::Rollback),
+        1 => Just(TOp::Transfer),
     ]
 }
 
@@ -467,6 +471,30 @@ impl Harness {
                 }
                 assert_eq!(self.check_digests(), d, "digest after rollback to {seq}");
                 ROLLBACKS.fetch_add(1, Ordering::Relaxed);
+                self.model = model;
+                return;
+            }
+            TOp::Transfer => {
+                let Some((seq, d, model, _)) = self.checkpoint.clone() else { return };
+                let src = &self.services[0];
+                let mut objs = Vec::new();
+                let mut i = 0;
+                while let Some(o) = src.get_obj_at(seq, i) {
+                    assert_eq!(
+                        src.piece_digests_at(seq, i).expect("piece digests").len(),
+                        o.pieces.len(),
+                        "object {i} at {seq}"
+                    );
+                    objs.push((i, o));
+                    i += 1;
+                }
+                let count = i;
+                objs.reverse();
+                for s in self.services.iter_mut() {
+                    s.put_objs(objs.clone()).expect("put_objs");
+                    s.set_object_count(count).expect("set_object_count");
+                }
+                assert_eq!(self.check_digests(), d, "digest after installing checkpoint {seq}");
                 self.model = model;
                 return;
             }
@@ -1059,7 +1087,7 @@ fn run_case(btrfs: Option<&BtrfsMount>, ops: &[(usize, TOp)]) {
     h.services.push(fresh);
     h.dirs.push(fresh_dir.path().join("replica"));
     // (Checkpoints are left out here: the fresh copy has none to roll back to.)
-    for (k, op) in ops.iter().filter(|(_, op)| !matches!(op, TOp::Checkpoint | TOp::Rollback)).take(20) {
+    for (k, op) in ops.iter().filter(|(_, op)| !matches!(op, TOp::Checkpoint | TOp::Rollback | TOp::Transfer)).take(20) {
         h.step(*k, op);
     }
     let last = h.check_digests();

@@ -51,6 +51,9 @@ pub(super) struct Record {
     pub count: u64,
     pub tree: PartitionTree,
     pub saved: BTreeMap<u64, SavedObj>,
+    /// The newest agreed time when the checkpoint was taken: restored by a rollback so that
+    /// every replica checks the next proposed time against the same value.
+    pub last_time: u64,
 }
 
 pub(super) struct Checkpoints {
@@ -223,9 +226,10 @@ struct RecordFile {
     count: u64,
     leaves: Vec<Digest>,
     saved: Vec<(u64, SavedObj)>,
+    last_time: u64,
 }
 
-const TABLE_VERSION: u32 = 1;
+const TABLE_VERSION: u32 = 2;
 
 fn table_config() -> impl bincode::config::Config {
     // The table is our own local file, not peer input; it may be large.
@@ -256,6 +260,7 @@ impl FileService {
                 count: r.count,
                 leaves: r.tree.leaves().to_vec(),
                 saved: r.saved.iter().map(|(k, v)| (*k, v.clone())).collect(),
+                last_time: r.last_time,
             })
             .collect();
         let file = TableFile { version: TABLE_VERSION, last_time: self.last_time, slots, records };
@@ -342,6 +347,7 @@ impl FileService {
                 count: r.count,
                 tree,
                 saved: r.saved.into_iter().collect(),
+                last_time: r.last_time,
             });
         }
         let crashed = self.data_dir.join("dirty").exists();
@@ -525,6 +531,7 @@ impl FileService {
             count: self.slots.len() as u64,
             tree: self.tree.clone(),
             saved: BTreeMap::new(),
+            last_time: self.last_time,
         });
         self.save_table()?;
         Ok(root)
@@ -557,6 +564,7 @@ impl FileService {
         let rec = &mut self.ckpt.records[pos];
         rec.saved.clear();
         self.tree = rec.tree.clone();
+        self.last_time = rec.last_time;
         for s in dropped.into_iter().chain([seq]) {
             if let Ok(cow) = backend::open_dir_at(self.meta_fd.as_raw_fd(), b"cow") {
                 backend::remove_tree_at(cow.as_raw_fd(), &seq_name(s)).map_err(storage)?;

@@ -345,7 +345,7 @@ impl FileService {
         d.mtime = now;
         d.ctime = now;
         if kind == FileType::Directory {
-            d.nlink += 1;
+            d.nlink = d.nlink.saturating_add(1);
         }
         Ok(FsReply::Entry { handle: self.handle_of(i), attr: self.live(i).attr(i) })
     }
@@ -597,7 +597,7 @@ impl FileService {
     fn unlink_entry(&mut self, d: u64, name: &[u8], i: u64, now: Timespec) -> Result<(), FsError> {
         self.live_mut(d).entries.remove(name);
         if self.live(i).kind == FileType::Directory {
-            self.live_mut(d).nlink -= 1;
+            self.live_mut(d).nlink = self.live(d).nlink.saturating_sub(1);
             return self.release(i);
         }
         let o = self.live_mut(i);
@@ -721,8 +721,9 @@ impl FileService {
         s.ctime = now;
         s.parent = if src_is_dir { to_dir.index } else { s.links.iter().next().map(|l| l.0).unwrap_or(to_dir.index) };
         if src_is_dir {
-            self.live_mut(from_dir.index).nlink -= 1;
-            self.live_mut(to_dir.index).nlink += 1;
+            let (f, t) = (from_dir.index, to_dir.index);
+            self.live_mut(f).nlink = self.live(f).nlink.saturating_sub(1);
+            self.live_mut(t).nlink = self.live(t).nlink.saturating_add(1);
         }
         for d in [from_dir.index, to_dir.index] {
             let d = self.live_mut(d);
@@ -754,7 +755,7 @@ impl FileService {
         d.ctime = now;
         let o = self.live_mut(h.index);
         o.links.insert((dir.index, name.to_vec()));
-        o.nlink += 1;
+        o.nlink = o.nlink.saturating_add(1);
         o.ctime = now;
         o.parent = o.links.iter().next().map(|l| l.0).unwrap_or(dir.index);
         Ok(FsReply::Entry { handle: h, attr: o.attr(h.index) })

@@ -224,12 +224,18 @@ impl FileService {
     /// Runs one request with the agreed time `now_ns`: the direct, unreplicated entry point.
     /// Same semantics as [`Service::execute`] with `ops::encode(req)` and `encode(&now_ns)`.
     pub fn apply(&mut self, req: &FsRequest, now_ns: u64) -> FsResult {
+        self.apply_inner(req, now_ns, true)
+    }
+
+    /// `ordered`: the time is an agreed value and becomes the newest agreed time. Read-only
+    /// requests run unordered with each replica's own notion of time, so they must not move it.
+    fn apply_inner(&mut self, req: &FsRequest, now_ns: u64, ordered: bool) -> FsResult {
         if self.inconsistent {
             // Only reachable in the middle of a state transfer.
             return Err(FsError::Io);
         }
         self.fds.get_mut().trim();
-        if now_ns > self.last_time {
+        if ordered && now_ns > self.last_time {
             self.last_time = now_ns;
         }
         self.exec(req, Timespec::from_nanos(now_ns))
@@ -584,7 +590,7 @@ impl Service for FileService {
             Some(req) => {
                 let now = if read_only && nondet.is_empty() { Some(self.last_time) } else { ops::decode::<u64>(nondet) };
                 match now {
-                    Some(now) => self.apply(&req, now),
+                    Some(now) => self.apply_inner(&req, now, !read_only),
                     None => Err(FsError::BadRequest),
                 }
             }
