@@ -114,6 +114,10 @@ pub struct DurableState {
     pub checkpoints: Vec<OwnCheckpoint>,
     pub accepted: Vec<Proposal>,
     pub prepared: Vec<PreparedCertificate>,
+    /// The new-view message that installed `view`, kept so a restarted replica can still hand
+    /// it to replicas that missed it.
+    #[serde(default)]
+    pub new_view: Option<Signed<NewView>>,
 }
 
 /// One WAL record. Encode with [`crate::wire::encode`].
@@ -125,6 +129,8 @@ pub enum WalRecord {
     EnteredView { view: View },
     /// Installed the new view `view` (normal operation in it).
     InstalledView { view: View },
+    /// The new-view message just installed (kept to relay after a restart).
+    NewViewMessage(Box<Signed<NewView>>),
     /// Accepted (backup) or proposed (primary) this proposal in its view.
     Accepted(Box<Proposal>),
     /// Prepared: about to send a commit.
@@ -267,6 +273,7 @@ impl<S: Service> Replica<S> {
         let mut prepared: BTreeMap<SeqNo, PreparedCertificate> = BTreeMap::new();
         let mut checkpoints: BTreeMap<SeqNo, OwnCheckpoint> = BTreeMap::new();
         let mut stable: Option<CheckpointCertificate> = None;
+        let mut new_view_message: Option<Signed<NewView>> = None;
         for record in &wal {
             safety.note_persisted(record);
             match record {
@@ -276,7 +283,13 @@ impl<S: Service> Replica<S> {
                     prepared = s.prepared.iter().map(|c| (c.proposal.pre_prepare.body.seq, c.clone())).collect();
                     checkpoints = s.checkpoints.iter().map(|c| (c.seq, c.clone())).collect();
                     stable = Some(s.stable.clone());
+                    new_view_message = s.new_view.clone();
                     state = Some((**s).clone());
+                }
+                WalRecord::NewViewMessage(nv) => {
+                    if new_view_message.as_ref().is_none_or(|old| old.body.view <= nv.body.view) {
+                        new_view_message = Some((**nv).clone());
+                    }
                 }
                 WalRecord::EnteredView { view } => entered.push((*view, false)),
                 WalRecord::InstalledView { view } => entered.push((*view, true)),
@@ -405,7 +418,7 @@ impl<S: Service> Replica<S> {
             genesis,
             view,
             view_active,
-            new_view_message: None,
+            new_view_message: new_view_message.filter(|nv| nv.body.view == view && view_active),
             log,
             stable,
             last_executed: resume.seq,
@@ -528,6 +541,7 @@ impl<S: Service> Replica<S> {
             checkpoints: self.own_checkpoints.values().cloned().collect(),
             accepted: self.log.values().filter_map(|s| s.proposal.clone()).collect(),
             prepared: self.log.values().filter_map(|s| s.certificate.clone()).collect(),
+            new_view: self.new_view_message.clone(),
         }
     }
 
@@ -1512,6 +1526,7 @@ impl<S: Service> Replica<S> {
         self.view_changes.retain(|_, v| v.body.new_view > view);
         self.proposed.clear();
         actions.push(Action::Persist(WalRecord::InstalledView { view }));
+        actions.push(Action::Persist(WalRecord::NewViewMessage(Box::new(nv.clone()))));
 
         if plan.stable.seq > self.stable.seq {
             if plan.stable.seq > self.last_executed {

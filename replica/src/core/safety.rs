@@ -162,7 +162,7 @@ impl SafetyRules {
                     self.persisted.insert(Said::Checkpoint(c.seq));
                 }
             }
-            WalRecord::Stable(_) => {}
+            WalRecord::Stable(_) | WalRecord::NewViewMessage(_) => {}
         }
     }
 

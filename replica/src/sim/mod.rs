@@ -212,12 +212,12 @@ impl Scenario {
         let mut s = Scenario::calm(seed);
         s.clients = rng.range(2, 4);
         s.ops_per_client = rng.range(4, 10);
-        s.client_parallelism = rng.range(1, 3);
+        s.client_parallelism = rng.range(1, 4);
         s.read_only_per_mille = rng.below(300);
         s.fault_end_tick = rng.range(300, 1500);
-        s.delay_max_ticks = rng.range(1, 12);
+        s.delay_max_ticks = if rng.chance(200) { rng.range(12, 40) } else { rng.range(1, 12) };
         if rng.chance(700) {
-            s.loss_per_mille = rng.below(150);
+            s.loss_per_mille = if rng.chance(200) { rng.range(150, 350) } else { rng.below(150) };
         }
         if rng.chance(400) {
             s.duplicate_per_mille = rng.below(100);
@@ -244,7 +244,21 @@ impl Scenario {
             s.crashes.push(CrashPlan { replica, at: t, restart });
             t = restart + rng.range(10, 200);
         }
-        if rng.chance(300) {
+        // Sometimes two replicas are down at once: more than f, so no progress, but safety
+        // must hold and both must come back from their durable state.
+        if rng.chance(250) {
+            let first = rng.below(4) as u32;
+            let mut second = (first + 1 + rng.below(3) as u32) % 4;
+            if s.byzantine.is_some_and(|(b, _)| b == second) {
+                second = (second + 1) % 4;
+            }
+            if second != first && !s.byzantine.is_some_and(|(b, _)| b == first || b == second) {
+                let at = rng.range(10, s.fault_end_tick / 2);
+                s.crashes.push(CrashPlan { replica: first, at, restart: at + rng.range(20, 300) });
+                s.crashes.push(CrashPlan { replica: second, at: at + rng.below(20), restart: at + rng.range(20, 300) });
+            }
+        }
+        for _ in 0..rng.below(3) {
             let replica = rng.below(4) as u32;
             let from = rng.below(s.fault_end_tick);
             let until = (from + rng.range(50, 600)).min(s.fault_end_tick);
@@ -304,6 +318,8 @@ struct ReplicaNode {
     max_view_spoken: View,
     last_view: View,
     restarts: u64,
+    /// Crash during the next step.
+    crash_pending: bool,
 }
 
 struct PlannedOp {
@@ -369,6 +385,7 @@ impl Sim {
                 max_view_spoken: View(0),
                 last_view: View(0),
                 restarts: 0,
+                crash_pending: false,
             });
         }
         let byzantine_signer =
@@ -532,6 +549,10 @@ impl Sim {
         let mut actions = Vec::new();
         replica.step(event, &mut actions);
         let view = replica.view();
+        if self.replicas[r].crash_pending {
+            self.replicas[r].crash_pending = false;
+            return self.crash(r, Some(actions));
+        }
         if self.replicas[r].byzantine.is_some() {
             return self.perform_byzantine(r, actions);
         }
@@ -688,12 +709,9 @@ impl Sim {
             for plan in &crashes {
                 let r = plan.replica as usize;
                 if plan.at == self.tick && matches!(self.replicas[r].state, ReplicaState::Up(_)) {
-                    // Crash in the middle of a tick step: some of its actions are lost.
-                    let mut actions = Vec::new();
-                    if let ReplicaState::Up(replica) = &mut self.replicas[r].state {
-                        replica.step(Event::Tick { now_ns: self.tick * 1_000_000 }, &mut actions);
-                    }
-                    self.crash(r, Some(actions))?;
+                    // It crashes in the middle of its next step: some of that step's actions
+                    // (WAL records, sends) are lost.
+                    self.replicas[r].crash_pending = true;
                 }
                 if (plan.restart == self.tick || (self.tick == self.scenario.fault_end_tick && plan.restart > self.tick))
                     && matches!(self.replicas[r].state, ReplicaState::Down(_))
