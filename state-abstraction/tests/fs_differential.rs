@@ -287,6 +287,8 @@ enum TOp {
     /// State transfer of the checkpoint's objects (served by backend 0) into every backend
     /// with `put_objs`, while the checkpoints stay held.
     Transfer,
+    /// Every backend crashes (nothing saved) and is reopened: back to the checkpoint.
+    Crash,
 }
 
 /// Mostly short paths, so that most of them exist.
@@ -344,6 +346,7 @@ fn top() -> impl Strategy<Value = TOp> {
         1 => Just(TOp::Checkpoint),
         1 => Just(TOp::Rollback),
         1 => Just(TOp::Transfer),
+        1 => Just(TOp::Crash),
     ]
 }
 
@@ -495,6 +498,24 @@ impl Harness {
                     s.set_object_count(count).expect("set_object_count");
                 }
                 assert_eq!(self.check_digests(), d, "digest after installing checkpoint {seq}");
+                self.model = model;
+                return;
+            }
+            TOp::Crash => {
+                let Some((seq, d, model, _)) = self.checkpoint.clone() else { return };
+                let services = std::mem::take(&mut self.services);
+                for s in services {
+                    s.simulate_crash();
+                }
+                self.services = self
+                    .dirs
+                    .iter()
+                    .map(|p| FileService::open(p).unwrap_or_else(|e| panic!("reopen {p:?} after crash: {e}")))
+                    .collect();
+                for s in &self.services {
+                    assert_eq!(s.checkpoints().last().map(|c| c.0), Some(seq));
+                }
+                assert_eq!(self.check_digests(), d, "digest after crash recovery to {seq}");
                 self.model = model;
                 return;
             }
@@ -1087,7 +1108,7 @@ fn run_case(btrfs: Option<&BtrfsMount>, ops: &[(usize, TOp)]) {
     h.services.push(fresh);
     h.dirs.push(fresh_dir.path().join("replica"));
     // (Checkpoints are left out here: the fresh copy has none to roll back to.)
-    for (k, op) in ops.iter().filter(|(_, op)| !matches!(op, TOp::Checkpoint | TOp::Rollback | TOp::Transfer)).take(20) {
+    for (k, op) in ops.iter().filter(|(_, op)| !matches!(op, TOp::Checkpoint | TOp::Rollback | TOp::Transfer | TOp::Crash)).take(20) {
         h.step(*k, op);
     }
     let last = h.check_digests();

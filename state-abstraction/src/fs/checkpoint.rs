@@ -215,8 +215,17 @@ impl Checkpoints {
 struct TableFile {
     version: u32,
     last_time: u64,
-    slots: Vec<(Vec<u8>, Vec<Digest>)>,
+    /// Header, piece digests and concrete inode number of every slot.
+    slots: Vec<(Vec<u8>, Vec<Digest>, u64)>,
     records: Vec<RecordFile>,
+}
+
+/// The journal: what the newest checkpoint record gained since the table was saved, appended
+/// before the change it protects, so that a crashed replica can still roll back exactly.
+/// Written without fsync: it covers a crash of the process, not of the machine.
+#[derive(Serialize, Deserialize)]
+enum JournalEntry {
+    Saved { seq: SeqNo, index: u64, saved: SavedObj },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -243,11 +252,11 @@ impl FileService {
         self.refresh_digests()?;
         let slots = (0..self.slots.len() as u64)
             .map(|i| {
-                let pieces = match &self.slots[i as usize] {
-                    Slot::Live(o) => o.pieces.clone(),
-                    Slot::Free { .. } => Vec::new(),
+                let (pieces, ino) = match &self.slots[i as usize] {
+                    Slot::Live(o) => (o.pieces.clone(), o.ino),
+                    Slot::Free { .. } => (Vec::new(), 0),
                 };
-                (self.header_of(i).encode(), pieces)
+                (self.header_of(i).encode(), pieces, ino)
             })
             .collect();
         let records = self
@@ -274,6 +283,12 @@ impl FileService {
         drop(tmp);
         backend::renameat(meta, b"table.tmp", meta, b"table", false)?;
         backend::fsync(meta)?;
+        self.journal = None;
+        match backend::unlinkat(meta, b"journal", false) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(storage(e)),
+        }
         match backend::unlinkat(meta, b"dirty", false) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
@@ -314,7 +329,7 @@ impl FileService {
         self.slots.clear();
         self.free.clear();
         self.tree = PartitionTree::new();
-        for (i, (hb, pieces)) in file.slots.into_iter().enumerate() {
+        for (i, (hb, pieces, ino)) in file.slots.into_iter().enumerate() {
             let i = i as u64;
             let header: Header = super::ops::decode(&hb).ok_or_else(|| bad(format!("object {i} does not decode")))?;
             match header {
@@ -330,6 +345,7 @@ impl FileService {
                     }
                     self.tree.set(i, object_digest(i, &pieces));
                     o.pieces = pieces;
+                    o.ino = ino;
                     self.slots.push(Slot::Live(Box::new(o)));
                 }
             }
@@ -353,12 +369,210 @@ impl FileService {
         let crashed = self.data_dir.join("dirty").exists();
         if crashed {
             self.unsaved = true;
+            self.replay_journal()?;
             self.recover_after_crash()?;
         }
         if let Some(newest) = self.ckpt.records.last() {
-            let seq = newest.seq;
+            let (seq, root) = (newest.seq, newest.root);
             if !newest.saved.is_empty() || newest.count != self.slots.len() as u64 || crashed {
                 self.rollback(seq)?;
+            }
+            if crashed && !self.ckpt.snapshot_mode {
+                self.remove_strays()?;
+                let now = self.tree.root();
+                if now != root {
+                    tracing::error!(%seq, "file service: state after crash recovery does not match checkpoint {seq}; state transfer must repair it");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends the newest record's saved value of `i` to the journal.
+    pub(super) fn journal_saved(&mut self, i: u64) -> Result<(), super::ops::FsError> {
+        let Some(r) = self.ckpt.records.last() else { return Ok(()) };
+        let Some(saved) = r.saved.get(&i) else { return Ok(()) };
+        let entry = JournalEntry::Saved { seq: r.seq, index: i, saved: saved.clone() };
+        let payload = bincode::serde::encode_to_vec(&entry, table_config())
+            .map_err(|_| super::ops::FsError::Io)?;
+        let mut buf = (payload.len() as u32).to_le_bytes().to_vec();
+        buf.extend_from_slice(&payload);
+        if self.journal.is_none() {
+            let fd = backend::openat(
+                self.meta_fd.as_raw_fd(),
+                b"journal",
+                libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT,
+                0o600,
+            )
+            .map_err(|e| backend::fs_error(&e))?;
+            self.journal = Some(fd);
+        }
+        if let Some(fd) = &self.journal {
+            // With O_APPEND the offset is ignored: one write appends the whole entry.
+            backend::pwrite_full(fd.as_raw_fd(), &buf, 0).map_err(|e| backend::fs_error(&e))?;
+        }
+        Ok(())
+    }
+
+    /// Folds the journal into the checkpoint records (a later entry for an object replaces an
+    /// earlier one: it carries more saved chunks). A torn last entry is ignored.
+    fn replay_journal(&mut self) -> Result<(), ServiceError> {
+        let bytes = match std::fs::read(self.data_dir.join("journal")) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(storage(e)),
+        };
+        let mut at = 0usize;
+        while at + 4 <= bytes.len() {
+            let len = u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]) as usize;
+            let Some(payload) = bytes.get(at + 4..at + 4 + len) else { break };
+            at += 4 + len;
+            let Ok((JournalEntry::Saved { seq, index, saved }, _)) =
+                bincode::serde::decode_from_slice::<JournalEntry, _>(payload, table_config())
+            else {
+                break;
+            };
+            if let Some(r) = self.ckpt.records.iter_mut().find(|r| r.seq == seq) {
+                r.saved.insert(index, saved);
+            }
+        }
+        Ok(())
+    }
+
+    /// After an unclean shutdown without snapshots: finds every node of the tree by its inode
+    /// number, so the table's idea of where objects are matches the tree again; unknown nodes
+    /// (made after the table was saved) are set aside. The rollback that follows then restores
+    /// the checkpoint exactly.
+    fn locate_by_inode(&mut self) -> Result<(), ServiceError> {
+        self.fds.get_mut().dirs.clear();
+        self.fds.get_mut().files.clear();
+        let by_ino: BTreeMap<u64, u64> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.live().filter(|o| o.ino != 0 && i != 0).map(|o| (o.ino, i as u64)))
+            .collect();
+        for s in self.slots.iter_mut() {
+            if let Some(o) = s.live_mut() {
+                o.links.clear();
+            }
+        }
+        self.orphans.clear();
+        let tree = self.tree_fd.as_raw_fd();
+        backend::mkdirat(tree, b"orphans").or_else(|e| if e.raw_os_error() == Some(libc::EEXIST) { Ok(()) } else { Err(e) })?;
+        let orphans = backend::open_dir_at(tree, b"orphans")?;
+        // Nodes in the work areas move to orphans/<index> (known) or go (unknown).
+        for area in [&b"stage"[..], b"orphans"] {
+            let Ok(dir) = backend::open_dir_at(tree, area) else { continue };
+            for name in backend::list_dir(dir.as_raw_fd())? {
+                let st = backend::fstatat(dir.as_raw_fd(), &name)?;
+                match by_ino.get(&st.st_ino) {
+                    Some(&j) if self.kind_matches(j, st.st_mode) && !self.orphans.contains(&j) => {
+                        let target = j.to_string().into_bytes();
+                        if area != b"orphans" || name != target {
+                            backend::remove_tree_at(orphans.as_raw_fd(), &target).map_err(storage)?;
+                            backend::renameat(dir.as_raw_fd(), &name, orphans.as_raw_fd(), &target, false)?;
+                        }
+                        self.orphans.insert(j);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        // Walk the tree from the root; unknown directories are searched too (a known object
+        // may have been moved into one), and known objects found inside them are rescued.
+        let mut queue: Vec<(Option<u64>, OwnedFd)> = vec![(Some(0), backend::open_dir_at(tree, b"root")?)];
+        for &j in &self.orphans {
+            if self.slots[j as usize].live().is_some_and(|o| o.kind == FileType::Directory) {
+                queue.push((Some(j), backend::open_dir_at(orphans.as_raw_fd(), j.to_string().as_bytes())?));
+            }
+        }
+        let mut unknown_dirs: Vec<(OwnedFd, Vec<u8>)> = Vec::new();
+        while let Some((d, dfd)) = queue.pop() {
+            for name in backend::list_dir(dfd.as_raw_fd())? {
+                let st = backend::fstatat(dfd.as_raw_fd(), &name)?;
+                let is_dir = backend::is_dir_mode(st.st_mode);
+                let known = by_ino.get(&st.st_ino).copied().filter(|&j| self.kind_matches(j, st.st_mode));
+                match (known, d) {
+                    (Some(j), Some(d)) if !self.orphans.contains(&j) => {
+                        if let Some(o) = self.slots[j as usize].live_mut() {
+                            o.links.insert((d, name.clone()));
+                        }
+                        if is_dir {
+                            queue.push((Some(j), backend::open_dir_at(dfd.as_raw_fd(), &name)?));
+                        }
+                    }
+                    (Some(j), None) if !self.orphans.contains(&j) && self.slots[j as usize].live().is_none_or(|o| o.links.is_empty()) => {
+                        let target = j.to_string().into_bytes();
+                        backend::remove_tree_at(orphans.as_raw_fd(), &target).map_err(storage)?;
+                        backend::renameat(dfd.as_raw_fd(), &name, orphans.as_raw_fd(), &target, false)?;
+                        self.orphans.insert(j);
+                        if is_dir {
+                            queue.push((Some(j), backend::open_dir_at(orphans.as_raw_fd(), &target)?));
+                        }
+                    }
+                    _ => {
+                        if is_dir {
+                            queue.push((None, backend::open_dir_at(dfd.as_raw_fd(), &name)?));
+                        }
+                        if d.is_some() {
+                            // A second descriptor of the parent, kept until the removal.
+                            let parent = backend::openat(dfd.as_raw_fd(), b".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+                            unknown_dirs.push((parent, name.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        // Stray nodes go after the walk, once everything known inside them is safe.
+        for (parent, name) in unknown_dirs.into_iter().rev() {
+            backend::remove_tree_at(parent.as_raw_fd(), &name).map_err(storage)?;
+        }
+        // Whatever changed since the checkpoint is rewritten in full by the rollback: its
+        // recorded chunk digests may not describe what is on disk now.
+        let pos = self.ckpt.records.len().saturating_sub(1);
+        let modified: BTreeSet<u64> = self.ckpt.records[pos..].iter().flat_map(|r| r.saved.keys().copied()).collect();
+        for i in modified {
+            if let Some(o) = self.slots.get_mut(i as usize).and_then(Slot::live_mut) {
+                o.dirty_chunks = (1..=o.chunks() as u32).collect();
+            }
+        }
+        self.inconsistent = false;
+        Ok(())
+    }
+
+    fn kind_matches(&self, j: u64, mode: libc::mode_t) -> bool {
+        let t = mode & libc::S_IFMT;
+        match self.slots.get(j as usize).and_then(Slot::live).map(|o| o.kind) {
+            Some(FileType::Directory) => t == libc::S_IFDIR,
+            Some(FileType::Symlink) => t == libc::S_IFLNK,
+            Some(_) => t == libc::S_IFREG,
+            None => false,
+        }
+    }
+
+    /// Removes names in the tree that no directory entry accounts for, and orphans that are
+    /// not (after crash recovery).
+    fn remove_strays(&mut self) -> Result<(), ServiceError> {
+        for d in 0..self.slots.len() as u64 {
+            let Some(o) = self.slots[d as usize].live() else { continue };
+            if o.kind != FileType::Directory {
+                continue;
+            }
+            let wanted: BTreeSet<Vec<u8>> = o.entries.keys().cloned().collect();
+            let dfd = self.dir_fd(d).map_err(storage)?;
+            for name in backend::list_dir(dfd).map_err(storage)? {
+                if !wanted.contains(&name) {
+                    backend::remove_tree_at(dfd, &name).map_err(storage)?;
+                }
+            }
+        }
+        if let Ok(orphans) = backend::open_dir_at(self.tree_fd.as_raw_fd(), b"orphans") {
+            for name in backend::list_dir(orphans.as_raw_fd()).map_err(storage)? {
+                let keep = std::str::from_utf8(&name).ok().and_then(|n| n.parse::<u64>().ok()).is_some_and(|j| self.orphans.contains(&j));
+                if !keep {
+                    backend::remove_tree_at(orphans.as_raw_fd(), &name).map_err(storage)?;
+                }
             }
         }
         Ok(())
@@ -423,6 +637,9 @@ impl FileService {
                 self.root_fd = backend::open_dir_at(self.tree_fd.as_raw_fd(), b"root")?;
                 return Ok(());
             }
+        }
+        if !self.ckpt.records.is_empty() {
+            return self.locate_by_inode();
         }
         self.reconcile_tree()
     }
@@ -573,9 +790,9 @@ impl FileService {
                 self.ckpt.doomed.push(s);
             }
         }
-        self.refresh_digests()?;
-        self.mark_unsaved().map_err(|e| storage(io::Error::other(e.to_string())))?;
-        Ok(())
+        // Persist at once: the saved table and the journal describe the abandoned future
+        // (saves whose copy-on-write files are now gone), which a crash must not bring back.
+        self.save_table()
     }
 
     /// The header of object `i` at checkpoint `seq`.

@@ -248,12 +248,15 @@ impl FileService {
             for (d, _) in old_links(j, &self.slots) {
                 self.dir_fd(d).map_err(storage)?;
             }
-            if self.slots[j as usize].live().is_some_and(|o| o.kind == FileType::Directory) && j != 0 {
+            if j != 0 && self.slots[j as usize].live().is_some_and(|o| o.kind == FileType::Directory) {
                 self.dir_fd(j).map_err(storage)?;
             }
         }
         for &j in items.keys() {
-            if j != 0 && (j as usize) < self.slots.len() && self.slots[j as usize].live().is_some_and(|o| o.kind == FileType::Directory) {
+            let has_dir_node = self.slots.get(j as usize).and_then(Slot::live).is_some_and(|o| {
+                o.kind == FileType::Directory && (!o.links.is_empty() || self.orphans.contains(&j))
+            });
+            if j != 0 && has_dir_node {
                 self.dir_fd(j).map_err(storage)?;
             }
         }
@@ -372,6 +375,11 @@ impl FileService {
                     self.fds.get_mut().dirs.insert(i, fd);
                 }
             }
+            let ino = if i == 0 {
+                backend::fstat(self.root_fd.as_raw_fd())?.st_ino
+            } else {
+                backend::fstatat(sfd, &name)?.st_ino
+            };
             let mut pieces = vec![Digest::default(); 1 + chunks.len()];
             if l.kind == FileType::Regular {
                 let f = backend::open_file_at(sfd, &name)?;
@@ -389,6 +397,7 @@ impl FileService {
             let o = self.live_mut(i);
             o.pieces = pieces;
             o.dirty_chunks.clear();
+            o.ino = ino;
         }
 
         // Put every staged or new node under its names (or among the orphans).

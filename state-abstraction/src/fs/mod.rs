@@ -115,6 +115,9 @@ pub struct FileService {
     /// Set while a partial `put_objs` left directory entries and objects out of step;
     /// requests are refused until it is cleared.
     inconsistent: bool,
+    /// `data_dir/journal`, open for appending while the newest checkpoint record has entries
+    /// the saved table does not.
+    journal: Option<OwnedFd>,
 }
 
 impl std::fmt::Debug for FileService {
@@ -175,6 +178,7 @@ impl FileService {
             unsaved: false,
             orphans: BTreeSet::new(),
             inconsistent: false,
+            journal: None,
         };
         if fresh {
             svc.init_root();
@@ -207,6 +211,7 @@ impl FileService {
             links: Default::default(),
             pieces: vec![Digest::default()],
             dirty_chunks: Default::default(),
+            ino: backend::fstat(self.root_fd.as_raw_fd()).map(|st| st.st_ino).unwrap_or(0),
         };
         self.slots = vec![Slot::Live(Box::new(root))];
         self.dirty.insert(0);
@@ -245,6 +250,13 @@ impl FileService {
     pub fn root_digest(&mut self) -> Result<Digest, ServiceError> {
         self.refresh_digests()?;
         Ok(self.tree.root())
+    }
+
+    /// Drops the service the way a crash would: nothing is saved, descriptors are closed.
+    /// For tests of recovery.
+    #[doc(hidden)]
+    pub fn simulate_crash(mut self) {
+        self.unsaved = false;
     }
 
     /// Saves the table (and syncs the tree) so that a reopen without checkpoints finds this
@@ -293,6 +305,7 @@ impl FileService {
                 _ => 0,
             };
             self.ckpt.save_header(i, header, pieces, size);
+            self.journal_saved(i)?;
         }
         self.dirty.insert(i);
         Ok(())
@@ -316,6 +329,7 @@ impl FileService {
         if self.ckpt.needs_data_save(i, start, end) {
             let fd = self.file_fd(i).map_err(|e| backend::fs_error(&e))?;
             self.ckpt.save_data(&self.meta_fd, i, fd, start, end).map_err(|e| backend::fs_error(&e))?;
+            self.journal_saved(i)?;
         }
         Ok(())
     }

@@ -63,6 +63,8 @@ pub struct Obj {
     pub pieces: Vec<Digest>,
     /// Chunks (1-based piece numbers) whose digests are stale.
     pub dirty_chunks: BTreeSet<u32>,
+    /// Concrete inode number (not abstract): finds the node again after an unclean shutdown.
+    pub ino: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -248,6 +250,7 @@ impl LiveHeader {
             links: BTreeSet::new(),
             pieces: Vec::new(),
             dirty_chunks: BTreeSet::new(),
+            ino: 0,
         }
     }
 }
