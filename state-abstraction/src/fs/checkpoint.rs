@@ -596,9 +596,9 @@ impl FileService {
     }
 
     /// After an unclean shutdown the tree is ahead of the table. On btrfs the tree is replaced
-    /// by the newest snapshot (exact). Otherwise the tree is reconciled with the table by name
-    /// and all file data is rehashed: data changed after the last save then shows up as a
-    /// digest mismatch that state transfer repairs.
+    /// by the newest snapshot (exact). Otherwise, with a checkpoint, nodes are found by inode
+    /// number and the rollback in `load` restores the checkpoint (exact); without one, the
+    /// tree is reconciled with the table by name and file data rehashed.
     fn recover_after_crash(&mut self) -> Result<(), ServiceError> {
         let meta = self.meta_fd.as_raw_fd();
         if self.ckpt.snapshot_mode {

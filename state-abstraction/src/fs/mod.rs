@@ -16,9 +16,22 @@
 //!   (reflinked where the file system supports it); `snapshots/<seq>` and
 //!   `snapshots/<seq>.table` on btrfs instead.
 //!
-//! After [`FileService::open`] on an existing directory, the state is that of the newest kept
-//! checkpoint if there is one (a later flushed state is rolled back to it, because the replica
-//! replays its log from that checkpoint); without checkpoints it is the last flushed state.
+//! - `journal`: the copy-on-write saves made since the table was last written (an undo log,
+//!   appended before each change it protects, not fsync'ed: it covers a process crash);
+//!   `dirty` exists while the tree is ahead of the saved table.
+//!
+//! After [`FileService::open`] on an existing directory:
+//! - if a checkpoint is kept, the state is exactly that of the newest one, whether the last
+//!   run ended cleanly (a later flushed state is rolled back to it) or crashed (on btrfs the
+//!   tree comes back from the snapshot; otherwise the journal completes the checkpoint record,
+//!   nodes are found again by inode number, and the rollback restores the checkpoint), because
+//!   the replica replays its log from that checkpoint;
+//! - without checkpoints, it is the last flushed (or dropped) state; after a crash the tree is
+//!   reconciled with that table by name and data that changed since is kept as found (its
+//!   digest then differs: exactness needs a checkpoint).
+//!
+//! A process that wants crash-exact restarts without replicas (the unreplicated mode) takes a
+//! checkpoint instead of a flush, discards the older ones, and logs the requests after it.
 
 pub mod backend;
 mod checkpoint;
