@@ -1738,6 +1738,10 @@ impl<S: Service> Replica<S> {
         if let Err(e) = self.exec.service_mut().put_objs(finished.objects) {
             return retry(self, &e.to_string(), actions);
         }
+        // The certified state may have fewer object slots than ours.
+        if let Err(e) = self.exec.service_mut().set_object_count(finished.object_count) {
+            return retry(self, &e.to_string(), actions);
+        }
         self.exec.set_replies(replies);
         let cp = match self.exec.checkpoint(target.seq.0) {
             Ok(cp) => cp,
