@@ -1,5 +1,6 @@
 //! The `bftfs` client: a FUSE adapter over the file service, and the commands that mount it.
 //!
+//! - [`cluster`]: the replicated transport, the local cluster `up` starts, `status` probes;
 //! - [`transport`]: the [`transport::FsTransport`] trait, how the adapter reaches the service;
 //! - [`adapter`]: the FUSE file system (fuser), node ids ⇄ handles, the errno mapping;
 //! - [`inodes`]: the node id table;
@@ -11,6 +12,7 @@
 //! - [`up`]: `bftfs up`/`down`/`status` for a cluster started on this machine.
 
 pub mod adapter;
+pub mod cluster;
 pub mod inodes;
 pub mod keygen;
 pub mod local;

@@ -59,6 +59,13 @@ enum Cmd {
         /// Run in the background; return once the mount answers.
         #[arg(long)]
         detach: bool,
+        /// This client's secrets file [default: the first client-<id>.json next to CONFIG
+        /// that no other mount is using].
+        #[arg(long, value_name = "FILE")]
+        client: Option<PathBuf>,
+        /// Internal: the background process started by --detach.
+        #[arg(long, hide = true)]
+        foreground_child: bool,
     },
     /// Unmount MOUNTPOINT (as root with umount2; otherwise with fusermount3 -u).
     Umount {
@@ -131,10 +138,21 @@ fn run(cli: Cli) -> Result<()> {
             foreground_child,
         }),
         Cmd::Down { mountpoint } => up::down(&mountpoint),
-        Cmd::Mount { options, .. } => {
-            parse_options(&options)?;
-            bail!("`bftfs mount` (clusters on other machines) is not built yet; use `bftfs up --f 0 MOUNTPOINT` for a local mount")
-        }
+        Cmd::Mount {
+            config,
+            mountpoint,
+            options,
+            detach,
+            client,
+            foreground_child,
+        } => up::mount(
+            &config,
+            &mountpoint,
+            parse_options(&options)?,
+            client.as_deref(),
+            detach,
+            foreground_child,
+        ),
         Cmd::Umount { mountpoint, lazy } => {
             let mnt = mounting::mount_path(&mountpoint)?;
             mounting::unmount(&mnt, lazy)?;
@@ -147,9 +165,7 @@ fn run(cli: Cli) -> Result<()> {
             json,
         } => match (mountpoint, config) {
             (Some(m), _) => up::status(&m, json),
-            (None, Some(_)) => {
-                bail!("`bftfs status --config` is not built yet (no cluster configs exist yet)")
-            }
+            (None, Some(c)) => up::status_of_config(&c, json),
             (None, None) => bail!("give a mount point or --config CONFIG"),
         },
         Cmd::Keygen {

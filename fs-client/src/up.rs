@@ -13,6 +13,7 @@
 //! - `lock`: held (flock) by the serving process;
 //! - `up.log`: the log of a detached `up`.
 
+use crate::cluster;
 use crate::local::LocalTransport;
 use crate::mounting::{
     self, check_can_mount, check_mount_point, mount_path, mounted_fstype, FS_TYPE,
@@ -305,9 +306,6 @@ pub fn up(args: UpArgs) -> Result<()> {
     if mnt.as_os_str().as_bytes().contains(&b'\n') {
         bail!("mount point paths with a newline are not supported");
     }
-    if args.f >= 1 {
-        return up_replicated(&mnt, &args);
-    }
     check_can_mount()?;
     if let Some(info) = read_pid_info(&mnt)? {
         if alive(info.pid) && is_bftfs(info.pid) {
@@ -332,24 +330,141 @@ pub fn up(args: UpArgs) -> Result<()> {
         drop(lock_data_dir(&data_dir)?);
         return spawn_detached(&mnt, &data_dir, &args);
     }
-    serve_unreplicated(&mnt, &data_dir, &args)
+    if args.f == 0 {
+        serve_unreplicated(&mnt, &data_dir, &args)
+    } else {
+        serve_replicated(&mnt, &data_dir, &args)
+    }
 }
 
-/// `up --f N` with N ≥ 1: start 3N+1 `bftfs-replica` processes on 127.0.0.1 and mount them
-/// through the replicated transport.
-fn up_replicated(mnt: &Path, args: &UpArgs) -> Result<()> {
-    // Plugs in here. Once built, `up` runs its checks, claims the data directory and handles
-    // --detach for every f (move the early call to this function in `up` below those steps),
-    // and this function then: writes keys with `crate::keygen::write_cluster` into the data
-    // directory (free ports on 127.0.0.1), starts the replicas (`replica-<i>/` each), builds
-    // the replicated FsTransport, and ends in `serve_cluster`, as `serve_unreplicated` does.
-    // Until then it refuses, before anything is written: a data directory marked f=N for a
-    // cluster that never ran would then refuse `--f 0`.
-    let _ = mnt;
-    bail!(
-        "replicated clusters (--f {}) are not built yet; use `bftfs up --f 0` for an unreplicated mount",
-        args.f
-    )
+/// `up --f N` with N ≥ 1: start 3N+1 `bftfs-replica` processes on 127.0.0.1 (restarted if
+/// they die) and mount them through the replicated transport.
+fn serve_replicated(mnt: &Path, data_dir: &Path, args: &UpArgs) -> Result<()> {
+    mounting::block_stop_signals();
+    let _lock = lock_data_dir(data_dir)?;
+    let config_path = cluster::prepare_local_cluster(data_dir, args.f)?;
+    let mut replicas = cluster::LocalCluster::start(data_dir, &config_path)?;
+    let result = (|| {
+        let config = cluster::read_config(&config_path)?;
+        let (secrets, _client_lock) = cluster::claim_client(&config_path, None)?;
+        let transport = Arc::new(cluster::ReplicatedTransport::start(
+            config,
+            secrets,
+            args.options.request_timeout,
+        )?);
+        wait_until_answering(transport.as_ref(), data_dir)?;
+        serve_cluster(mnt, data_dir, args, transport, "bftfs")
+    })();
+    replicas.stop();
+    result
+}
+
+/// Waits until the cluster answers a request, so that a cluster that cannot work (a replica
+/// that cannot bind, keys that do not match) is reported instead of a mount that hangs.
+fn wait_until_answering(transport: &dyn FsTransport, data_dir: &Path) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        let answer = transport.call(FsRequest {
+            caller: Caller::root(),
+            op: FsOp::GetAttr { h: Handle::ROOT },
+        });
+        match answer {
+            Ok(_) => return Ok(()),
+            Err(e) if started.elapsed() > DETACH_WAIT => bail!(
+                "the cluster did not answer within {DETACH_WAIT:?} ({e}); see the replica logs in {}",
+                data_dir.display()
+            ),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// `bftfs mount CONFIG MOUNTPOINT`: mount a cluster that runs elsewhere (or was started by
+/// another `bftfs up`), with a client identity of its own.
+pub fn mount(
+    config_path: &Path,
+    mountpoint: &Path,
+    options: MountOptions,
+    client: Option<&Path>,
+    detach: bool,
+    foreground_child: bool,
+) -> Result<()> {
+    let mnt = mount_path(mountpoint)?;
+    check_can_mount()?;
+    check_mount_point(&mnt)?;
+    let config = cluster::read_config(config_path)?;
+    if detach && !foreground_child {
+        let exe = std::env::current_exe().context("cannot find the bftfs executable")?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("mount")
+            .arg(config_path)
+            .arg(&mnt)
+            .arg("-o")
+            .arg(options.to_arg())
+            .arg("--foreground-child")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(c) = client {
+            cmd.arg("--client").arg(c);
+        }
+        // SAFETY: setsid is async-signal-safe (see spawn_detached).
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().context("cannot start the background bftfs process")?;
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait()? {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                bail!("bftfs mount failed ({status}): {}", err.trim());
+            }
+            if mounted_fstype(&mnt).as_deref() == Some(FS_TYPE) && std::fs::metadata(&mnt).is_ok() {
+                println!("bftfs: {} is mounted (cluster {}, pid {})", mnt.display(), config_path.display(), child.id());
+                println!("  stop:  bftfs umount {}", mnt.display());
+                return Ok(());
+            }
+            if started.elapsed() > DETACH_WAIT {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("the mount at {} did not answer within {DETACH_WAIT:?}", mnt.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    mounting::block_stop_signals();
+    let (secrets, _client_lock) = cluster::claim_client(config_path, client)?;
+    let transport = Arc::new(cluster::ReplicatedTransport::start(config, secrets, options.request_timeout)?);
+    wait_until_answering(transport.as_ref(), config_path.parent().unwrap_or(Path::new(".")))?;
+    mounting::serve(&mnt, transport, &options, "bftfs", || {
+        if !foreground_child {
+            println!("bftfs: {} is mounted (cluster {})", mnt.display(), config_path.display());
+            println!("  stop:  Ctrl-C here, or `bftfs umount {}`", mnt.display());
+            let _ = std::io::stdout().flush();
+        }
+        Ok(())
+    })
+}
+
+/// `bftfs status --config CONFIG`.
+pub fn status_of_config(config_path: &Path, json: bool) -> Result<()> {
+    let config = cluster::read_config(config_path)?;
+    let reports = cluster::probe_cluster(&config);
+    if json {
+        println!("{{\"config\":{},\"f\":{},\"replicas\":{}}}", json_string(&config_path.to_string_lossy()), config.f, cluster::reports_json(&reports));
+    } else {
+        println!("cluster:     {} (f={}, {} replicas)", config_path.display(), config.f, config.n());
+        cluster::print_reports(&reports);
+    }
+    Ok(())
 }
 
 /// What is serving the mount, for people.
@@ -639,14 +754,21 @@ pub fn status(mountpoint: &Path, json: bool) -> Result<()> {
         (false, true) => "dead (mount left behind; run `bftfs umount --lazy`)",
         (false, false) => "stopped",
     };
+    let reports = if info.f >= 1 {
+        let config_path = info.data_dir.join(cluster::CLUSTER_DIR).join(crate::keygen::CONFIG_FILE);
+        cluster::probe_cluster(&cluster::read_config(&config_path)?)
+    } else {
+        Vec::new()
+    };
     if json {
         println!(
-            "{{\"mountpoint\":{},\"mounted\":{mounted},\"f\":{},\"data_dir\":{},\"client\":{{\"pid\":{},\"running\":{running}}},\"health\":{},\"replicas\":[]}}",
+            "{{\"mountpoint\":{},\"mounted\":{mounted},\"f\":{},\"data_dir\":{},\"client\":{{\"pid\":{},\"running\":{running}}},\"health\":{},\"replicas\":{}}}",
             json_string(&info.mountpoint.to_string_lossy()),
             info.f,
             json_string(&info.data_dir.to_string_lossy()),
             info.pid,
             json_string(health),
+            cluster::reports_json(&reports),
         );
     } else {
         println!(
@@ -662,6 +784,9 @@ pub fn status(mountpoint: &Path, json: bool) -> Result<()> {
             if running { "running" } else { "not running" }
         );
         println!("health:      {health}");
+        if !reports.is_empty() {
+            cluster::print_reports(&reports);
+        }
     }
     Ok(())
 }

@@ -860,11 +860,6 @@ fn bad_input_one_sentence_each() {
         assert!(!ok && msg.contains("not empty"), "{msg}");
     }
     fs::create_dir(tmp.path().join("mnt")).expect("mkdir");
-    let (ok, msg) = run(&["up", &format!("{root}/mnt"), "--f", "1"]);
-    assert!(
-        !ok && msg.contains("not built yet"),
-        "f >= 1 must say so, not fall back: {msg}"
-    );
     let (ok, msg) = run(&["up", &format!("{root}/mnt"), "--f", "0", "-o", "frobnicate"]);
     assert!(!ok && msg.contains("unknown mount option"), "{msg}");
     let (ok, msg) = run(&["down", &format!("{root}/mnt")]);
@@ -883,8 +878,11 @@ fn bad_input_one_sentence_each() {
         run(&["status", "--config", "x"]),
         run(&["mount", "cfg", &format!("{root}/mnt")]),
     ] {
-        assert!(!ok && msg.contains("not built yet"), "{msg}");
+        assert!(!ok && msg.contains("cannot read the cluster config"), "{msg}");
     }
+    fs::write(tmp.path().join("bad.json"), b"{\"f\": 1}").expect("write");
+    let (ok, msg) = run(&["status", "--config", &format!("{root}/bad.json")]);
+    assert!(!ok && msg.contains("is not a valid cluster config"), "{msg}");
     let (ok, msg) = run(&["--help"]);
     assert!(
         ok && msg.contains("up") && msg.contains("down") && msg.contains("umount"),

@@ -1,5 +1,8 @@
 //! Shared harness for the real-mount tests: FUSE availability, and a guard that mounts with
-//! `bftfs up --f 0 --detach` and always cleans up (down, then lazy unmount and kill).
+//! `bftfs up --detach` and always cleans up (down, then lazy unmount and kill).
+//!
+//! Mounts are replicated (f=1: four `bftfs-replica` processes) unless `BFTFS_TEST_F` says
+//! otherwise (`BFTFS_TEST_F=0` runs the same tests over the unreplicated service).
 
 #![allow(dead_code)]
 
@@ -73,18 +76,19 @@ impl Mounted {
         m
     }
 
-    /// Runs `bftfs up --f 0 --detach` at `mnt`; the caller keeps the directories alive.
+    /// Runs `bftfs up --detach` at `mnt`; the caller keeps the directories alive.
     pub fn at(
         mnt: &Path,
         xdg: &Path,
         data_dir: Option<&Path>,
         extra: &[&str],
     ) -> Result<Mounted, String> {
+        let f = test_f();
         let mut args: Vec<&std::ffi::OsStr> = vec![
             "up".as_ref(),
             mnt.as_os_str(),
             "--f".as_ref(),
-            "0".as_ref(),
+            f.as_ref(),
             "--detach".as_ref(),
         ];
         if let Some(d) = data_dir {
@@ -157,6 +161,11 @@ impl Drop for Mounted {
             }
         }
     }
+}
+
+/// The f the tests mount with (see the module doc).
+pub fn test_f() -> String {
+    std::env::var("BFTFS_TEST_F").unwrap_or_else(|_| "1".into())
 }
 
 pub fn is_mounted(mnt: &Path) -> bool {

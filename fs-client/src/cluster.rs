@@ -1,0 +1,446 @@
+//! The replicated side of `bftfs`: the transport over the BFT client protocol, the local
+//! cluster that `bftfs up` starts (3f+1 `bftfs-replica` processes, restarted if they die), the
+//! choice of a client identity, and the per-replica status report.
+//!
+//! Files of a local cluster, under its data directory:
+//! - `cluster/`: `cluster.json` and the secrets files from `bftfs keygen`;
+//! - `replica-<i>/`: replica i's data directory; `replica-<i>.log` its log.
+
+use crate::keygen;
+use crate::transport::{FsTransport, TransportError};
+use anyhow::{bail, Context, Result};
+use replica::config::{ClientSecrets, ClusterConfig};
+use replica::driver::client::{CallError, ClientHandle};
+use replica::driver::status::{probe, ReplicaStatus};
+use state_abstraction::fs::{decode, encode, FsRequest, FsResult};
+use std::fs::{File, OpenOptions};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tracing::{info, warn};
+
+pub const CLUSTER_DIR: &str = "cluster";
+/// Client identities made for a local cluster: the mount of `up` and a few more mounts of the
+/// same cluster (`bftfs mount DATA/cluster/cluster.json DIR`) or benchmarks.
+const LOCAL_CLIENTS: u32 = 8;
+
+/// [`FsTransport`] over the BFT client protocol.
+pub struct ReplicatedTransport {
+    client: ClientHandle,
+    timeout: Duration,
+    /// Set after a timeout so that an outage is logged once, not once per request.
+    failing: AtomicBool,
+}
+
+impl ReplicatedTransport {
+    pub fn start(config: ClusterConfig, secrets: ClientSecrets, timeout: Duration) -> Result<Self> {
+        let client = ClientHandle::start(config, secrets).context("cannot start the BFT client")?;
+        Ok(ReplicatedTransport { client, timeout, failing: AtomicBool::new(false) })
+    }
+}
+
+impl FsTransport for ReplicatedTransport {
+    fn call(&self, req: FsRequest) -> Result<FsResult, TransportError> {
+        let read_only = req.op.is_read_only();
+        match self.client.call(encode(&req), read_only, self.timeout) {
+            Ok(bytes) => {
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    info!("the cluster answers again");
+                }
+                decode::<FsResult>(&bytes).ok_or_else(|| TransportError::Malformed(format!("{} bytes", bytes.len())))
+            }
+            Err(CallError::Timeout(t)) => {
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    warn!("the cluster did not answer within {t:?}; operations fail with EIO until it does");
+                }
+                Err(TransportError::Timeout(t))
+            }
+            Err(e) => Err(TransportError::Unreachable(e.to_string())),
+        }
+    }
+}
+
+pub fn read_config(path: &Path) -> Result<ClusterConfig> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the cluster config {}", path.display()))?;
+    ClusterConfig::from_json(&text).with_context(|| format!("{} is not a valid cluster config", path.display()))
+}
+
+/// Claims an unused client identity among the `client-<id>.json` files next to `config_path`
+/// (or the one given), holding a lock on it for as long as the returned file lives: two mounts
+/// sharing one identity would confuse the replicas' per-client reply caches.
+pub fn claim_client(config_path: &Path, explicit: Option<&Path>) -> Result<(ClientSecrets, File)> {
+    let candidates: Vec<PathBuf> = match explicit {
+        Some(p) => vec![p.to_path_buf()],
+        None => {
+            let dir = config_path.parent().unwrap_or(Path::new("."));
+            let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+                .with_context(|| format!("cannot list {}", dir.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("client-") && n.ends_with(".json"))
+                })
+                .collect();
+            found.sort();
+            found
+        }
+    };
+    if candidates.is_empty() {
+        bail!(
+            "no client secrets file (client-<id>.json) next to {}; pass --client FILE",
+            config_path.display()
+        );
+    }
+    for path in &candidates {
+        let lock_path = path.with_extension("lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("cannot open {}", lock_path.display()))?;
+        // SAFETY: a valid descriptor; flock has no memory effects.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            continue;
+        }
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let secrets = ClientSecrets::from_json(&text).with_context(|| format!("{} is not a client secrets file", path.display()))?;
+        return Ok((secrets, lock));
+    }
+    bail!(
+        "every client identity next to {} is in use by another mount; make more with `bftfs keygen --clients N`",
+        config_path.display()
+    )
+}
+
+/// Where the `bftfs-replica` program is: next to this `bftfs`, else on PATH.
+fn replica_program() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("BFTFS_REPLICA_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(dir) = exe.parent() {
+            let p = dir.join("bftfs-replica");
+            if p.is_file() {
+                return Ok(p);
+            }
+            // `cargo test` runs bftfs from target/<profile>/, the replica binary sits there too.
+            if let Some(p) = dir.parent().map(|d| d.join("bftfs-replica")).filter(|p| p.is_file()) {
+                return Ok(p);
+            }
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let p = dir.join("bftfs-replica");
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+    }
+    bail!("cannot find the bftfs-replica program next to bftfs or on PATH; build it with `cargo build --release`")
+}
+
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free port on 127.0.0.1")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn port_free(address: &str) -> bool {
+    std::net::TcpListener::bind(address).is_ok()
+}
+
+/// Makes the keys of a new local cluster, or reuses the existing ones; replica addresses whose
+/// port another program took since are moved to free ports (the config is public and not
+/// signed, so only the addresses change, never the keys).
+pub fn prepare_local_cluster(data_dir: &Path, f: u32) -> Result<PathBuf> {
+    let dir = data_dir.join(CLUSTER_DIR);
+    let config_path = dir.join(keygen::CONFIG_FILE);
+    if !config_path.exists() {
+        let addresses = (0..3 * f + 1).map(|_| free_port().map(|p| format!("127.0.0.1:{p}"))).collect::<Result<Vec<_>>>()?;
+        keygen::write_cluster(&dir, f, addresses, LOCAL_CLIENTS)?;
+        return Ok(config_path);
+    }
+    let mut config = read_config(&config_path)?;
+    if config.f != f {
+        bail!(
+            "the data directory {} holds a cluster with f={}, not f={f}; use --f {} or another --data-dir",
+            data_dir.display(),
+            config.f,
+            config.f
+        );
+    }
+    let mut changed = false;
+    for r in &mut config.replicas {
+        if !port_free(&r.address) {
+            let new = format!("127.0.0.1:{}", free_port()?);
+            info!("port of replica {} ({}) is in use; moving it to {new}", r.id.0, r.address);
+            r.address = new;
+            changed = true;
+        }
+    }
+    if changed {
+        let tmp = config_path.with_extension("tmp");
+        std::fs::write(&tmp, config.to_json()?).with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, &config_path).with_context(|| format!("cannot update {}", config_path.display()))?;
+    }
+    Ok(config_path)
+}
+
+struct Member {
+    child: Option<Child>,
+    restarts: u32,
+}
+
+/// 3f+1 `bftfs-replica` processes on this machine. A replica that dies is restarted (after a
+/// pause) until the cluster is stopped; it recovers from its own checkpoint and log and catches
+/// up from the others.
+pub struct LocalCluster {
+    program: PathBuf,
+    config_path: PathBuf,
+    data_dir: PathBuf,
+    members: Arc<Mutex<Vec<Member>>>,
+    stop: Arc<AtomicBool>,
+    supervisor: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LocalCluster {
+    pub fn start(data_dir: &Path, config_path: &Path) -> Result<LocalCluster> {
+        let config = read_config(config_path)?;
+        let program = replica_program()?;
+        let mut cluster = LocalCluster {
+            program,
+            config_path: config_path.to_path_buf(),
+            data_dir: data_dir.to_path_buf(),
+            members: Arc::new(Mutex::new(Vec::new())),
+            stop: Arc::new(AtomicBool::new(false)),
+            supervisor: None,
+        };
+        let mut members = Vec::new();
+        for i in 0..config.n() {
+            members.push(Member { child: Some(cluster.spawn(i)?), restarts: 0 });
+        }
+        *cluster.members.lock().map_err(|_| anyhow::anyhow!("poisoned"))? = members;
+        // Fail fast on a replica that cannot start at all (bad keys, port in use).
+        std::thread::sleep(Duration::from_millis(300));
+        let mut failed = None;
+        if let Ok(mut members) = cluster.members.lock() {
+            for (i, m) in members.iter_mut().enumerate() {
+                if let Some(Ok(Some(status))) = m.child.as_mut().map(|c| c.try_wait()) {
+                    let log = data_dir.join(format!("replica-{i}.log"));
+                    let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                    let last = tail.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output").to_string();
+                    failed = Some(format!("replica {i} could not start ({status}): {last}"));
+                    break;
+                }
+            }
+        }
+        if let Some(why) = failed {
+            cluster.stop();
+            bail!("{why}");
+        }
+        cluster.supervisor = Some(cluster.spawn_supervisor());
+        Ok(cluster)
+    }
+
+    fn spawn(&self, i: usize) -> Result<Child> {
+        spawn_replica(&self.program, &self.config_path, &self.data_dir, i)
+    }
+
+    fn spawn_supervisor(&self) -> std::thread::JoinHandle<()> {
+        let members = self.members.clone();
+        let stop = self.stop.clone();
+        let (program, config_path, data_dir) = (self.program.clone(), self.config_path.clone(), self.data_dir.clone());
+        std::thread::spawn(move || {
+            let mut dead_since: Vec<Option<Instant>> = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(200));
+                let Ok(mut members) = members.lock() else { return };
+                dead_since.resize(members.len(), None);
+                for (i, m) in members.iter_mut().enumerate() {
+                    let exited = match m.child.as_mut().map(|c| c.try_wait()) {
+                        Some(Ok(Some(status))) => Some(status.to_string()),
+                        Some(Ok(None)) => None,
+                        Some(Err(e)) => Some(e.to_string()),
+                        None => Some("not running".into()),
+                    };
+                    let Some(why) = exited else { continue };
+                    let since = *dead_since[i].get_or_insert_with(|| {
+                        warn!("replica {i} exited ({why}); restarting it");
+                        Instant::now()
+                    });
+                    // A pause, growing with repeated failures, so a replica that cannot start
+                    // does not spin.
+                    let pause = Duration::from_millis(500 * u64::from(m.restarts.min(10) + 1));
+                    if since.elapsed() < pause || stop.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    match spawn_replica(&program, &config_path, &data_dir, i) {
+                        Ok(c) => {
+                            m.child = Some(c);
+                            m.restarts += 1;
+                            dead_since[i] = None;
+                            info!("replica {i} restarted");
+                        }
+                        Err(e) => warn!("cannot restart replica {i}: {e:#}"),
+                    }
+                }
+            }
+        })
+    }
+
+    /// Process ids of the replicas (None where one is not running).
+    pub fn pids(&self) -> Vec<Option<u32>> {
+        self.members.lock().map(|m| m.iter().map(|m| m.child.as_ref().map(|c| c.id())).collect()).unwrap_or_default()
+    }
+
+    /// Stops every replica (SIGTERM, then SIGKILL after a grace period).
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(s) = self.supervisor.take() {
+            let _ = s.join();
+        }
+        let Ok(mut members) = self.members.lock() else { return };
+        for m in members.iter_mut() {
+            if let Some(c) = &m.child {
+                // SAFETY: kill has no memory effects.
+                unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+            }
+        }
+        let started = Instant::now();
+        for m in members.iter_mut() {
+            if let Some(mut c) = m.child.take() {
+                while matches!(c.try_wait(), Ok(None)) && started.elapsed() < Duration::from_secs(5) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn spawn_replica(program: &Path, config_path: &Path, data_dir: &Path, i: usize) -> Result<Child> {
+    let secrets = config_path.parent().unwrap_or(Path::new(".")).join(format!("replica-{i}.json"));
+    let log_path = data_dir.join(format!("replica-{i}.log"));
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open {}", log_path.display()))?;
+    let log_err = log.try_clone()?;
+    Command::new(program)
+        .arg("--config")
+        .arg(config_path)
+        .arg("--secrets")
+        .arg(&secrets)
+        .arg("--data-dir")
+        .arg(data_dir.join(format!("replica-{i}")))
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        .spawn()
+        .with_context(|| format!("cannot start {}", program.display()))
+}
+
+/// One replica as `bftfs status` shows it.
+#[derive(Clone, Debug)]
+pub struct ReplicaReport {
+    pub id: u32,
+    pub address: String,
+    pub status: Option<ReplicaStatus>,
+    pub lag: Option<u64>,
+    pub health: &'static str,
+}
+
+/// Asks every replica of `config` for its status.
+pub fn probe_cluster(config: &ClusterConfig) -> Vec<ReplicaReport> {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(_) => return Vec::new(),
+    };
+    let statuses: Vec<Option<ReplicaStatus>> = runtime.block_on(async {
+        let probes = config.replicas.iter().map(|r| probe(&r.address, Duration::from_secs(2)));
+        let mut out = Vec::new();
+        for p in probes {
+            out.push(p.await.ok());
+        }
+        out
+    });
+    let best = statuses.iter().flatten().map(|s| s.last_executed).max().unwrap_or(0);
+    // The view most replicas are in: a replica in another view is changing views or lagging.
+    let mut views: Vec<u64> = statuses.iter().flatten().filter(|s| s.view_active).map(|s| s.view).collect();
+    views.sort_unstable();
+    let common_view = views.get(views.len() / 2).copied();
+    config
+        .replicas
+        .iter()
+        .zip(statuses)
+        .map(|(r, status)| {
+            let lag = status.as_ref().map(|s| best.saturating_sub(s.last_executed));
+            let health = match &status {
+                None => "down",
+                Some(s) if s.transferring_state => "catching up (state transfer)",
+                Some(s) if !s.view_active => "changing view",
+                Some(s) if common_view.is_some_and(|v| v != s.view) => "in another view",
+                // A few batches behind is normal in flight; more is lag.
+                Some(_) if lag.unwrap_or(0) > 64 => "lagging",
+                Some(_) => "ok",
+            };
+            ReplicaReport { id: r.id.0, address: r.address.clone(), status, lag, health }
+        })
+        .collect()
+}
+
+pub fn print_reports(reports: &[ReplicaReport]) {
+    println!(
+        "{:<8} {:<22} {:>8} {:<8} {:>6} {:>10} {:>10} {:>6} {:>9}  health",
+        "replica", "address", "pid", "role", "view", "executed", "stable cp", "lag", "rejected"
+    );
+    for r in reports {
+        match &r.status {
+            Some(s) => println!(
+                "{:<8} {:<22} {:>8} {:<8} {:>6} {:>10} {:>10} {:>6} {:>9}  {}",
+                r.id,
+                r.address,
+                s.pid,
+                if s.primary { "primary" } else { "backup" },
+                s.view,
+                s.last_executed,
+                s.stable_checkpoint,
+                r.lag.unwrap_or(0),
+                s.frames_rejected,
+                r.health
+            ),
+            None => println!("{:<8} {:<22} {:>8} {:<8} {:>6} {:>10} {:>10} {:>6} {:>9}  {}", r.id, r.address, "-", "-", "-", "-", "-", "-", "-", r.health),
+        }
+    }
+}
+
+pub fn reports_json(reports: &[ReplicaReport]) -> String {
+    let items: Vec<String> = reports
+        .iter()
+        .map(|r| {
+            let status = r.status.as_ref().map(|s| s.to_json()).unwrap_or_else(|| "null".into());
+            format!(
+                "{{\"id\":{},\"address\":\"{}\",\"health\":\"{}\",\"lag\":{},\"status\":{}}}",
+                r.id,
+                r.address.replace('"', ""),
+                r.health,
+                r.lag.map(|l| l.to_string()).unwrap_or_else(|| "null".into()),
+                status
+            )
+        })
+        .collect();
+    format!("[{}]", items.join(","))
+}
