@@ -250,6 +250,7 @@ impl FileService {
     /// disk does not have).
     pub(super) fn save_table(&mut self) -> Result<(), ServiceError> {
         self.refresh_digests()?;
+        self.fill_inodes();
         let slots = (0..self.slots.len() as u64)
             .map(|i| {
                 let (pieces, ino) = match &self.slots[i as usize] {
@@ -299,6 +300,26 @@ impl FileService {
             self.remove_record_files(seq);
         }
         Ok(())
+    }
+
+    /// Records the inode number of every object created since the last save (crash recovery
+    /// finds nodes by it). An object whose node cannot be reached keeps 0 and is treated as
+    /// missing by recovery.
+    fn fill_inodes(&mut self) {
+        let missing: Vec<u64> = (1..self.slots.len() as u64)
+            .filter(|&i| self.slots[i as usize].live().is_some_and(|o| o.ino == 0))
+            .collect();
+        for i in missing {
+            let st = if self.orphans.contains(&i) {
+                backend::open_dir_at(self.tree_fd.as_raw_fd(), b"orphans")
+                    .and_then(|d| backend::fstatat(d.as_raw_fd(), i.to_string().as_bytes()))
+            } else {
+                self.location(i).and_then(|(dfd, name)| backend::fstatat(dfd, &name))
+            };
+            if let (Ok(st), Some(o)) = (st, self.slots[i as usize].live_mut()) {
+                o.ino = st.st_ino;
+            }
+        }
     }
 
     fn remove_record_files(&self, seq: SeqNo) {

@@ -303,14 +303,6 @@ impl FileService {
         verifier: Option<u64>,
         now: Timespec,
     ) -> FsResult {
-        let dfd = self.dir_fd(dir.index).map_err(io_err)?;
-        let ino = match backend::fstatat(dfd, name) {
-            Ok(st) => st.st_ino,
-            Err(e) => {
-                let _ = backend::unlinkat(dfd, name, kind == FileType::Directory);
-                return Err(io_err(e));
-            }
-        };
         let d = self.live(dir.index);
         let setgid_dir = d.mode & S_ISGID != 0;
         let gid = if setgid_dir { d.gid } else { c.gid };
@@ -345,7 +337,8 @@ impl FileService {
             links: BTreeSet::from([(dir.index, name.to_vec())]),
             pieces: Vec::new(),
             dirty_chunks: BTreeSet::new(),
-            ino,
+            // Looked up when the table is next saved, off the request path.
+            ino: 0,
         };
         self.touch(dir.index)?;
         let i = self.alloc(obj)?;

@@ -375,11 +375,7 @@ impl FileService {
                     self.fds.get_mut().dirs.insert(i, fd);
                 }
             }
-            let ino = if i == 0 {
-                backend::fstat(self.root_fd.as_raw_fd())?.st_ino
-            } else {
-                backend::fstatat(sfd, &name)?.st_ino
-            };
+            let ino = if i == 0 { backend::fstat(self.root_fd.as_raw_fd())?.st_ino } else { 0 };
             let mut pieces = vec![Digest::default(); 1 + chunks.len()];
             if l.kind == FileType::Regular {
                 let f = backend::open_file_at(sfd, &name)?;
