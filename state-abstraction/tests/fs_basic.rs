@@ -134,11 +134,17 @@ fn execute_round_trip_and_nondet() {
     let r: FsResult = decode(&reply).expect("reply decodes");
     let FsReply::Entry { attr, .. } = r.expect("mkdir") else { panic!() };
     assert_eq!(attr.mtime, Timespec { secs: 5, nsecs: 0 });
-    // Time only moves forward.
-    assert!(!svc.check_nondet(&t, 5_000_000_000));
+    // A pipelined batch may carry the same (or an older) proposal; it is accepted, and time
+    // still only moves forward because execution clamps it.
+    assert!(svc.check_nondet(&t, 5_000_000_000));
     let t2: u64 = decode(&svc.propose_nondet(1)).expect("u64");
     assert_eq!(t2, 5_000_000_001);
     assert!(!svc.check_nondet(&encode(&(t2 + 10 * 60 * 1_000_000_000)), t2));
+    let older = encode(&4_000_000_000u64);
+    let req2 = FsRequest { caller: Caller::root(), op: FsOp::Mkdir { dir: ROOT, name: b"e".to_vec(), mode: 0o700 } };
+    let r2: FsResult = decode(&svc.execute(&encode(&req2), ClientId(1), &older, false)).expect("reply decodes");
+    let FsReply::Entry { attr, .. } = r2.expect("mkdir") else { panic!() };
+    assert_eq!(attr.mtime, Timespec { secs: 5, nsecs: 0 }, "an older agreed time is clamped to the newest");
     let bad = svc.execute(b"\xff\xff\xff", ClientId(1), &t, false);
     assert_eq!(decode::<FsResult>(&bad), Some(Err(FsError::BadRequest)));
 }

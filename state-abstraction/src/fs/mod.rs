@@ -253,7 +253,11 @@ impl FileService {
             return Err(FsError::Io);
         }
         self.fds.get_mut().trim();
-        if ordered && now_ns > self.last_time {
+        // The agreed value is only a proposal for the time: what a request sees is never
+        // earlier than what earlier requests saw, computed the same way on every replica
+        // because they execute the same sequence.
+        let now_ns = if ordered { now_ns.max(self.last_time) } else { now_ns };
+        if ordered {
             self.last_time = now_ns;
         }
         self.exec(req, Timespec::from_nanos(now_ns))
@@ -635,7 +639,12 @@ impl Service for FileService {
 
     fn check_nondet(&self, nondet: &[u8], now_ns: u64) -> bool {
         match ops::decode::<u64>(nondet) {
-            Some(t) => t > self.last_time && t.abs_diff(now_ns) <= TIME_SKEW_MAX_NS,
+            // Only the skew is checked, not monotonicity against this replica's executed
+            // state: batches are proposed before earlier ones execute (pipelining, or a new
+            // primary after a view change), so a value below `last_time` is normal here, and
+            // execution clamps it (`apply_inner`). A strict check made backups refuse
+            // pipelined batches and change views under load.
+            Some(t) => t.abs_diff(now_ns) <= TIME_SKEW_MAX_NS,
             None => false,
         }
     }
@@ -696,4 +705,52 @@ impl Service for FileService {
 /// Number of chunks a file of `size` bytes has (re-exported for tests and benchmarks).
 pub fn chunks_for(size: u64) -> u64 {
     chunk_count(size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_validated_canonically() {
+        assert_eq!(name_error(b"ok"), None);
+        assert_eq!(name_error(&[0xff; 255]), None);
+        assert_eq!(name_error(&[b'a'; 256]), Some(FsError::NameTooLong));
+        for bad in [&b""[..], b".", b"..", b"a/b", b"a\0"] {
+            assert_eq!(name_error(bad), Some(FsError::Inval), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn unordered_reads_do_not_move_the_agreed_time() {
+        let dir = std::env::temp_dir().join(format!("bftfs-unit-{}", std::process::id()));
+        let mut svc = FileService::open(&dir).expect("open");
+        let mkdir = |name: &str| {
+            let op = FsOp::Mkdir { dir: Handle::ROOT, name: name.as_bytes().to_vec(), mode: 0o755 };
+            encode(&FsRequest { caller: Caller::root(), op })
+        };
+        let mtime = |reply: Vec<u8>| match decode::<FsResult>(&reply) {
+            Some(Ok(FsReply::Entry { attr, .. })) => attr.mtime,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(mtime(svc.execute(&mkdir("a"), ClientId(0), &encode(&1_000u64), false)), Timespec::from_nanos(1_000));
+        let read = encode(&FsRequest { caller: Caller::root(), op: FsOp::GetAttr { h: Handle::ROOT } });
+        svc.execute(&read, ClientId(0), &encode(&5_000_000u64), true);
+        assert_eq!(
+            mtime(svc.execute(&mkdir("b"), ClientId(0), &encode(&2_000u64), false)),
+            Timespec::from_nanos(2_000),
+            "a read-only request moved the agreed time"
+        );
+        // A proposal below the newest agreed time is clamped, identically everywhere.
+        assert_eq!(mtime(svc.execute(&mkdir("c"), ClientId(0), &encode(&1_500u64), false)), Timespec::from_nanos(2_000));
+        // Backups check only the skew against their own clock.
+        assert!(svc.check_nondet(&encode(&1_000u64), 2_000));
+        assert!(!svc.check_nondet(&encode(&(TIME_SKEW_MAX_NS + 3_000)), 2_000));
+        assert!(!svc.check_nondet(b"junk", 2_000));
+        // A mutating request on the read-only path is refused.
+        let r: Option<FsResult> = decode(&svc.execute(&mkdir("d"), ClientId(0), &[], true));
+        assert_eq!(r, Some(Err(FsError::BadRequest)));
+        drop(svc);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
