@@ -254,3 +254,57 @@ impl LiveHeader {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn live(entries: Vec<(Name, u64)>) -> Header {
+        Header::Live(LiveHeader {
+            generation: 1,
+            parent: 0,
+            kind: FileType::Directory,
+            mode: 0o755,
+            nlink: 2,
+            uid: 0,
+            gid: 0,
+            size: DIR_SIZE,
+            rdev: 0,
+            atime: Timespec::default(),
+            mtime: Timespec::default(),
+            ctime: Timespec::default(),
+            verifier: None,
+            xattrs: Vec::new(),
+            entries,
+            target: Vec::new(),
+        })
+    }
+
+    #[test]
+    fn canonical_headers_round_trip_and_others_are_refused() {
+        let good = live(vec![(b"a".to_vec(), 1), (b"b".to_vec(), 2)]);
+        let bytes = good.encode();
+        assert_eq!(Header::decode_canonical(&bytes), Ok(good));
+        let unsorted = live(vec![(b"b".to_vec(), 1), (b"a".to_vec(), 2)]).encode();
+        assert!(Header::decode_canonical(&unsorted).is_err());
+        let duplicate = live(vec![(b"a".to_vec(), 1), (b"a".to_vec(), 2)]).encode();
+        assert!(Header::decode_canonical(&duplicate).is_err());
+        let bad_name = live(vec![(b"a/b".to_vec(), 1)]).encode();
+        assert!(Header::decode_canonical(&bad_name).is_err());
+        let mut trailing = bytes.clone();
+        trailing.push(0);
+        assert!(Header::decode_canonical(&trailing).is_err());
+        assert!(Header::decode_canonical(&[]).is_err());
+    }
+
+    #[test]
+    fn sizes_to_chunks_and_blocks() {
+        assert_eq!(chunk_count(0), 0);
+        assert_eq!(chunk_count(1), 1);
+        assert_eq!(chunk_count(CHUNK_SIZE), 1);
+        assert_eq!(chunk_count(CHUNK_SIZE + 1), 2);
+        assert_eq!(blocks_for(0), 0);
+        assert_eq!(blocks_for(1), 8);
+        assert_eq!(blocks_for(4097), 16);
+    }
+}
