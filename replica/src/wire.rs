@@ -624,6 +624,34 @@ pub struct Authenticator {
     mac_keys: BTreeMap<Principal, [u8; 32]>,
     public_keys: BTreeMap<Principal, ed25519_dalek::VerifyingKey>,
     pub counters: Arc<WireCounters>,
+    /// Signatures already verified (retransmissions and certificates repeat them a lot).
+    verified: std::sync::Mutex<VerifiedCache>,
+}
+
+/// A bounded set of (statement digest, signature) pairs known to be valid, evicted oldest
+/// first.
+#[derive(Default)]
+struct VerifiedCache {
+    set: std::collections::BTreeSet<(Digest, [u8; 64])>,
+    order: std::collections::VecDeque<(Digest, [u8; 64])>,
+}
+
+const VERIFIED_CACHE_ENTRIES: usize = 8192;
+
+impl VerifiedCache {
+    fn contains(&self, key: &(Digest, [u8; 64])) -> bool {
+        self.set.contains(key)
+    }
+    fn insert(&mut self, key: (Digest, [u8; 64])) {
+        if self.set.insert(key) {
+            self.order.push_back(key);
+            if self.order.len() > VERIFIED_CACHE_ENTRIES {
+                if let Some(old) = self.order.pop_front() {
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
 }
 
 impl Authenticator {
@@ -639,7 +667,13 @@ impl Authenticator {
                 public_keys.insert(Principal::Client(c.id), k);
             }
         }
-        Authenticator { me, mac_keys, public_keys, counters: Arc::new(WireCounters::default()) }
+        Authenticator {
+            me,
+            mac_keys,
+            public_keys,
+            counters: Arc::new(WireCounters::default()),
+            verified: std::sync::Mutex::new(VerifiedCache::default()),
+        }
     }
 
     pub fn for_replica(config: &ClusterConfig, secrets: &ReplicaSecrets) -> Self {
@@ -719,9 +753,20 @@ impl Authenticator {
         use ed25519_dalek::Verifier as _;
         let signer = signed.body.signer();
         let key = self.public_keys.get(&signer).ok_or(WireError::UnknownPrincipal(signer))?;
+        // The digest covers the signer (every statement names it), so a cached pair can only
+        // stand for the same signer's signature.
         let digest = statement_digest(&signed.body);
-        let signature = ed25519_dalek::Signature::from_bytes(&signed.signature.to_bytes());
-        key.verify(&digest.0, &signature).map_err(|_| WireError::BadSignature(what))
+        let bytes = signed.signature.to_bytes();
+        let cache_key = (digest, bytes);
+        if self.verified.lock().is_ok_and(|cache| cache.contains(&cache_key)) {
+            return Ok(());
+        }
+        let signature = ed25519_dalek::Signature::from_bytes(&bytes);
+        key.verify(&digest.0, &signature).map_err(|_| WireError::BadSignature(what))?;
+        if let Ok(mut cache) = self.verified.lock() {
+            cache.insert(cache_key);
+        }
+        Ok(())
     }
 
     fn verify_proposal(&self, proposal: &Proposal) -> Result<(), WireError> {

@@ -26,6 +26,9 @@
 //!   consecutive records into one write and one fsync, but must not send anything that follows
 //!   a record before that fsync returns. A [`WalRecord::Snapshot`] supersedes every earlier
 //!   record: once it is durable the driver may delete the records before it.
+//!   **Before calling `step` again, every record of the earlier steps must be durable**: at
+//!   the start of a step the core may discard service checkpoints that only those records
+//!   make unnecessary for a restart.
 //! - [`Action::Send`] / [`Action::Broadcast`] (to every other replica) /
 //!   [`Action::SendClient`]: seal with [`crate::wire::Authenticator::seal`] and send. Best
 //!   effort: the core retransmits what matters, so a full queue may drop a message.
@@ -236,6 +239,8 @@ pub struct Replica<S: Service> {
     transfer: Option<Transfer>,
 
     initial_snapshot: bool,
+    /// See [`Replica::defer_discard`].
+    discard_pending: Option<SeqNo>,
     halted: bool,
     metrics: Metrics,
 }
@@ -443,6 +448,7 @@ impl<S: Service> Replica<S> {
             stable_ahead,
             transfer: None,
             initial_snapshot: true,
+            discard_pending: None,
             halted: false,
             metrics: Metrics::default(),
             config,
@@ -622,6 +628,11 @@ impl<S: Service> Replica<S> {
             return;
         }
         let start = actions.len();
+        if let Some(seq) = self.discard_pending.take() {
+            // Never below what a state transfer in progress diffs against.
+            let keep = self.transfer.as_ref().map_or(seq, |t| t.base.min(seq));
+            self.exec.discard_before(keep.0);
+        }
         if self.initial_snapshot {
             self.initial_snapshot = false;
             actions.push(Action::Persist(WalRecord::Snapshot(Box::new(self.durable_state()))));
@@ -785,6 +796,15 @@ impl<S: Service> Replica<S> {
         }
     }
 
+    fn skip_committed_seqs(&mut self) {
+        if self.next_seq <= self.last_executed {
+            self.next_seq = self.last_executed.next();
+        }
+        while self.log.get(&self.next_seq).is_some_and(|s| s.committed) {
+            self.next_seq = self.next_seq.next();
+        }
+    }
+
     /// Primary: cuts batches from the queue while the window and the pipeline allow.
     fn try_propose(&mut self, actions: &mut Vec<Action>) {
         if !self.view_active || !self.is_primary() || self.transfer.is_some() {
@@ -792,6 +812,10 @@ impl<S: Service> Replica<S> {
         }
         let p = &self.config.protocol;
         let (batch_max, bytes_max, pipeline) = (p.batch_requests_max, p.batch_bytes_max, p.pipeline_batches_max);
+        // Sequence numbers this replica learnt were committed (executed, or proven by a commit
+        // certificate) are never proposed again; that happens to a primary of a view the
+        // others already left.
+        self.skip_committed_seqs();
         while !self.pending.is_empty()
             && self.next_seq <= self.high_water()
             && self.next_seq.0.saturating_sub(self.last_executed.0) <= pipeline
@@ -830,10 +854,12 @@ impl<S: Service> Replica<S> {
             }
             let proposal = Proposal { pre_prepare, batch };
             self.next_seq = seq.next();
+            self.skip_committed_seqs();
             self.highest_seen = self.highest_seen.max(seq);
             actions.push(Action::Persist(WalRecord::Accepted(Box::new(proposal.clone()))));
             actions.push(Action::Broadcast { message: Message::Agreement(AgreementMessage::PrePrepare(proposal.clone())) });
             let slot = self.log.entry(seq).or_default();
+            assert!(!slot.committed, "replica {}: proposing into committed {seq:?}", self.id.0);
             slot.proposal = Some(proposal);
             slot.sent_commit = false;
         }
@@ -1184,6 +1210,13 @@ impl<S: Service> Replica<S> {
         actions.push(Action::Persist(WalRecord::Snapshot(Box::new(self.durable_state()))));
     }
 
+    /// Service checkpoints below `seq` go only at the start of the next step: by then the
+    /// driver has made this step's records (the snapshot naming the newer checkpoint) durable,
+    /// so a crash never leaves the service without a checkpoint the WAL knows.
+    fn defer_discard(&mut self, seq: SeqNo) {
+        self.discard_pending = Some(self.discard_pending.map_or(seq, |s| s.max(seq)));
+    }
+
     fn make_stable(&mut self, cert: CheckpointCertificate, actions: &mut Vec<Action>) {
         let seq = cert.seq;
         if seq <= self.stable.seq {
@@ -1193,7 +1226,7 @@ impl<S: Service> Replica<S> {
         self.log = self.log.split_off(&seq.next());
         self.checkpoint_votes = self.checkpoint_votes.split_off(&seq.next());
         self.own_checkpoints = self.own_checkpoints.split_off(&seq);
-        self.exec.discard_before(seq.0);
+        self.defer_discard(seq);
         self.safety.forget_before(seq);
         if self.stable_ahead.as_ref().is_some_and(|c| c.seq <= seq) {
             self.stable_ahead = None;
@@ -1549,7 +1582,21 @@ impl<S: Service> Replica<S> {
             if let Some(slot) = self.log.get(seq) {
                 if slot.committed {
                     let old = slot.proposal.as_ref().map(|p| p.pre_prepare.body.batch_digest);
-                    assert_eq!(old, Some(digest), "replica {}: new view {view:?} changes committed {seq:?}", self.id.0);
+                    assert_eq!(
+                        old,
+                        Some(digest),
+                        "replica {}: new view {view:?} changes committed {seq:?}; view changes: {:?}",
+                        self.id.0,
+                        nv.body
+                            .view_changes
+                            .iter()
+                            .map(|v| (
+                                v.body.replica.0,
+                                v.body.stable.seq.0,
+                                v.body.evidence.iter().map(|e| (e.seq().0, e.view().0, e.proposal().pre_prepare.body.batch_digest)).collect::<Vec<_>>()
+                            ))
+                            .collect::<Vec<_>>()
+                    );
                 }
             }
             if let Err(e) = self.safety.check_vote(view, *seq, digest) {
@@ -1766,7 +1813,7 @@ impl<S: Service> Replica<S> {
         if target.seq == self.stable.seq {
             // We had jumped to it already: now that we hold its state, drop what is older.
             self.own_checkpoints = self.own_checkpoints.split_off(&target.seq);
-            self.exec.discard_before(target.seq.0);
+            self.defer_discard(target.seq);
             actions.push(Action::Persist(WalRecord::Snapshot(Box::new(self.durable_state()))));
         }
         self.make_stable(target.clone(), actions);
