@@ -106,11 +106,15 @@ pub enum Behaviour {
     Replay,
     /// Floods peers with garbage, oversized and useless frames.
     Flood,
+    /// As a new primary, sends new views whose pre-prepares differ from what its view
+    /// changes determine (a slot dropped, replaced or invented).
+    LyingNewView,
     /// A little of everything, chosen per message.
     Mixed,
 }
 
-const BEHAVIOURS: [Behaviour; 9] = [
+const BEHAVIOURS: [Behaviour; 10] = [
+    Behaviour::LyingNewView,
     Behaviour::Silent,
     Behaviour::Equivocate,
     Behaviour::CorruptAuth,
@@ -859,6 +863,28 @@ impl Sim {
             }
             let Some(signer) = self.byzantine_signer.clone() else { continue };
             match (&message, behaviour) {
+                (Message::ViewChange(ViewChangeMessage::NewView(nv)), Behaviour::LyingNewView) => {
+                    let mut body = nv.body.clone();
+                    match body.pre_prepares.last_mut() {
+                        Some(last) => {
+                            let mut pp = last.body.clone();
+                            pp.batch_digest.0[0] ^= 0x33;
+                            *last = signer.sign(pp);
+                        }
+                        None => {
+                            let seq = body.view_changes.iter().map(|v| v.body.stable.seq).max().unwrap_or_default().next();
+                            body.pre_prepares.push(signer.sign(PrePrepare {
+                                view: body.view,
+                                seq,
+                                batch_digest: Batch::default().digest(),
+                                nondet: Vec::new(),
+                                primary: me,
+                            }));
+                        }
+                    }
+                    let m = Message::ViewChange(ViewChangeMessage::NewView(signer.sign(body)));
+                    self.byzantine_send(r, to, &m, behaviour);
+                }
                 (Message::Agreement(AgreementMessage::PrePrepare(p)), Behaviour::Equivocate) if to.len() > 1 => {
                     // A different, validly signed batch for every other backup.
                     for (k, receiver) in to.iter().enumerate() {

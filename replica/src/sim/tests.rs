@@ -225,3 +225,22 @@ fn oversized_garbled_and_unauthenticated_frames_are_dropped_and_counted() {
     let report = sim.run().unwrap_or_else(|f| panic!("{f}"));
     assert_eq!(report.completed, 3 * 8);
 }
+
+#[test]
+fn lying_new_primary_is_refused_and_replaced() {
+    let mut s = Scenario::calm(16);
+    // Replica 1 is the primary of view 1 and lies in its new view; the primary of view 0
+    // crashes so that view 1 is needed.
+    s.byzantine = Some((1, Behaviour::LyingNewView));
+    s.crashes = vec![CrashPlan { replica: 0, at: 60, restart: 900 }];
+    s.fault_end_tick = 1000;
+    s.ops_per_client = 10;
+    let (sim, report) = run_scenario(s);
+    assert!(report.misbehaviour_noticed > 0, "{report:?}");
+    assert!(report.max_view >= 2, "{report:?}");
+    assert_eq!(report.completed, 3 * 10);
+    for r in [0, 2, 3] {
+        let replica = sim.replica(r).expect("up");
+        assert_ne!(replica.view().primary(4), ReplicaId(1), "replica {r} follows the liar");
+    }
+}
