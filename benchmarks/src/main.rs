@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod micro;
 mod wrapper;
 
 #[derive(Parser)]
@@ -17,10 +18,14 @@ enum Command {
     /// Cost of the file service's conformance wrapper per operation against the raw system
     /// calls it makes, and the cost of digest upkeep on 4 KiB writes.
     Wrapper(wrapper::Args),
+    /// Protocol micro-benchmark: null-operation throughput and latency with n=4 (f=1) against
+    /// the same service unreplicated (n=1) over loopback TCP, rounds interleaved.
+    Micro(micro::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Wrapper(args) => wrapper::run(args),
+        Command::Micro(args) => micro::run(args),
     }
 }

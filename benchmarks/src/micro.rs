@@ -1,0 +1,601 @@
+//! `bftfs-bench micro`: the protocol micro-benchmark (null operations).
+//!
+//! In: how long to measure, how many client identities and concurrent callers per client, how
+//! many rounds, the request payload. Out: ops/s and latency (p50, p99) of a null operation on
+//! the key-value service replicated with n=4 (f=1) against the same service unreplicated
+//! (n=1), measured in one run with the configurations interleaved round by round; the median
+//! of the rounds, the ratio n=4 / n=1, and where the CPU time goes.
+//!
+//! The null operation: `KvService` has no no-op, so it is a `Get` of a missing key sent as an
+//! ordered (not read-only) request; the key is `--payload` bytes long, so the payload travels
+//! in the request. Execution is a hash and a map lookup: what is measured is ordering.
+//! `--read-only` also measures the same `Get` on the read-only (unordered) path.
+//!
+//! n=1: `ClusterConfig::validate` accepts f=0, but the core does not order anything with
+//! f=0: `Replica::try_propose` records the primary's own proposal without calling
+//! `try_prepared`, which is otherwise only reached when a pre-prepare or prepare arrives from
+//! another replica, and with n=1 none ever does; the first request times out
+//! (`--f0-driver` shows it). So the baseline is [`StandIn`]: one server speaking the
+//! replicas' client protocol (the same `ClientHandle`, framing, MACs and signed requests)
+//! that executes each request as soon as it has authenticated it.
+//!
+//! Every round starts fresh: new keys, new ports on 127.0.0.1, a new temporary data directory
+//! (one write-ahead log per replica), replicas on threads in this process (`node::run`),
+//! `--clients` [`ClientHandle`]s each called by `--callers` threads, so that many requests are
+//! in flight and the primary batches. Once every client has had one answer, the callers run
+//! `--warmup` seconds unmeasured, then `--seconds` measured; only calls that complete inside
+//! the measured window count. Around the window the replicas' status counters (batches,
+//! requests, WAL fsyncs, frames) and the CPU time of every thread of this process (grouped by
+//! thread name) are read, to show where the time goes.
+
+use anyhow::{bail, Context, Result};
+use replica::config::{generate_with_os_random, ClientSecrets, ClusterConfig, ProtocolConfig};
+use replica::driver::client::ClientHandle;
+use replica::driver::node;
+use replica::driver::status::ReplicaStatus;
+use replica::wire::{self, Authenticator, ClientMessage, Message, Principal, Reply, ReplicaId, View};
+use state_abstraction::kv::{KvOp, KvReply, KvService};
+use state_abstraction::{ClientId, Service};
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Measured seconds per round (after the warm-up).
+    #[arg(long, default_value_t = 4.0)]
+    seconds: f64,
+    /// Unmeasured seconds per round before the measurement (batches and pipelines fill up).
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Client identities (one `ClientHandle` each).
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    /// Concurrent callers (threads) per client. A client has at most `client_window` (64)
+    /// requests in flight; more callers wait in its queue. The default 8 x 32 = 256 requests
+    /// in flight fill `batch_requests_max` (64) x `pipeline_batches_max` (4) at the primary.
+    #[arg(long, default_value_t = 32)]
+    callers: usize,
+    /// Rounds per configuration; configurations alternate within each round.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Override `ProtocolConfig::batch_requests_max` (default: the protocol default).
+    #[arg(long)]
+    batch_max: Option<usize>,
+    /// Override `ProtocolConfig::pipeline_batches_max` (default: the protocol default).
+    #[arg(long)]
+    pipeline: Option<u64>,
+    /// Bytes of payload in each request (the length of the missing key that is read).
+    #[arg(long, default_value_t = 0)]
+    payload: usize,
+    /// Also measure the read-only path (the same `Get`, sent read-only: no ordering).
+    #[arg(long)]
+    read_only: bool,
+    /// Where the replicas' write-ahead logs go (a temporary directory is made inside).
+    #[arg(long, default_value = "/var/tmp")]
+    dir: PathBuf,
+    /// Measure n=1 through the replica driver and core with f=0 instead of the stand-in
+    /// unreplicated server (the core does not order anything with f=0 today: this fails).
+    #[arg(long)]
+    f0_driver: bool,
+}
+
+/// How the service is run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    /// n=4, f=1: four replicas through the tokio driver.
+    Replicated,
+    /// n=1, f=0 through the same driver and core. The core does not make progress with f=0
+    /// today (see the module doc), so this is only run on request (`--f0-driver`).
+    F0Driver,
+    /// The stand-in unreplicated server (see [`StandIn`]).
+    Unreplicated,
+}
+
+/// One configuration measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Setup {
+    kind: Kind,
+    read_only: bool,
+}
+
+impl Setup {
+    fn f(&self) -> u32 {
+        match self.kind {
+            Kind::Replicated => 1,
+            Kind::F0Driver | Kind::Unreplicated => 0,
+        }
+    }
+    fn label(&self) -> String {
+        let base = match self.kind {
+            Kind::Replicated => "n=4 (f=1)",
+            Kind::F0Driver => "n=1 (f=0) driver",
+            Kind::Unreplicated => "n=1 unreplicated",
+        };
+        format!("{base}{}", if self.read_only { " read-only" } else { "" })
+    }
+}
+
+/// What one round of one configuration measured.
+#[derive(Clone, Debug, Default)]
+struct Round {
+    ops: u64,
+    ops_per_second: f64,
+    p50_us: f64,
+    p99_us: f64,
+    errors: u64,
+    /// Deltas over the measured window, from the primary's (replica 0's) status.
+    batches: u64,
+    requests: u64,
+    primary_wal_syncs: u64,
+    primary_frames: u64,
+    wal_syncs_all: u64,
+    dropped: u64,
+    /// CPU seconds per thread group during the window.
+    cpu: BTreeMap<String, f64>,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if args.clients == 0 || args.callers == 0 || args.rounds == 0 || args.seconds <= 0.0 {
+        bail!("--clients, --callers, --rounds and --seconds must be positive");
+    }
+    std::fs::create_dir_all(&args.dir).with_context(|| format!("cannot create {}", args.dir.display()))?;
+    let baseline = if args.f0_driver { Kind::F0Driver } else { Kind::Unreplicated };
+    let mut setups = vec![Setup { kind: Kind::Replicated, read_only: false }, Setup { kind: baseline, read_only: false }];
+    if args.read_only {
+        setups.push(Setup { kind: Kind::Replicated, read_only: true });
+        setups.push(Setup { kind: baseline, read_only: true });
+    }
+    eprintln!(
+        "micro: {} clients x {} callers, payload {} B, {} rounds x ({:.1} s warm-up + {:.1} s measured) per configuration, WAL in {}",
+        args.clients,
+        args.callers,
+        args.payload,
+        args.rounds,
+        args.warmup,
+        args.seconds,
+        args.dir.display()
+    );
+    let mut results: BTreeMap<Setup, Vec<Round>> = BTreeMap::new();
+    for round in 0..args.rounds {
+        for setup in &setups {
+            let r = measure(*setup, &args).with_context(|| format!("round {} of {}", round + 1, setup.label()))?;
+            eprintln!(
+                "round {:>2} {:<22} {:>8.0} ops/s  p50 {:>7.0} µs  p99 {:>7.0} µs  batch {:>5.1} req  fsync/batch {:.2}{}",
+                round + 1,
+                setup.label(),
+                r.ops_per_second,
+                r.p50_us,
+                r.p99_us,
+                ratio(r.requests, r.batches),
+                ratio(r.primary_wal_syncs, r.batches),
+                if r.errors > 0 { format!("  ({} calls failed)", r.errors) } else { String::new() }
+            );
+            results.entry(*setup).or_default().push(r);
+        }
+    }
+    report(&args, &setups, &results);
+    Ok(())
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        a as f64 / b as f64
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(|a, b| a.total_cmp(b));
+    let m = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[m]
+    } else {
+        (values[m - 1] + values[m]) / 2.0
+    }
+}
+
+fn report(args: &Args, setups: &[Setup], results: &BTreeMap<Setup, Vec<Round>>) {
+    let med = |s: &Setup, f: &dyn Fn(&Round) -> f64| median(results.get(s).map(|v| v.iter().map(f).collect()).unwrap_or_default());
+    println!();
+    println!(
+        "Null operation, {} clients x {} callers, payload {} B, median of {} rounds ({:.1} s measured each), interleaved.",
+        args.clients, args.callers, args.payload, args.rounds, args.seconds
+    );
+    println!();
+    let p = protocol(args);
+    println!(
+        "Protocol: batch_requests_max {}, pipeline_batches_max {}, client_window {}; WAL in {}.",
+        p.batch_requests_max,
+        p.pipeline_batches_max,
+        p.client_window,
+        args.dir.display()
+    );
+    println!();
+    println!("| configuration | ops/s (median) | ops/s (min–max) | p50 µs | p99 µs | requests per batch | WAL fsyncs per batch (primary) | WAL fsyncs per batch (all replicas) | frames in per request (primary) | failed calls | dropped (overload) |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for s in setups {
+        let rounds = results.get(s).cloned().unwrap_or_default();
+        let min = rounds.iter().map(|r| r.ops_per_second).fold(f64::INFINITY, f64::min);
+        let max = rounds.iter().map(|r| r.ops_per_second).fold(0.0, f64::max);
+        let dash = |v: f64, digits: usize| if s.kind == Kind::Unreplicated { "–".to_string() } else { format!("{v:.digits$}") };
+        println!(
+            "| {} | {:.0} | {:.0}–{:.0} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} |",
+            s.label(),
+            med(s, &|r| r.ops_per_second),
+            min,
+            max,
+            med(s, &|r| r.p50_us),
+            med(s, &|r| r.p99_us),
+            dash(med(s, &|r| ratio(r.requests, r.batches)), 1),
+            dash(med(s, &|r| ratio(r.primary_wal_syncs, r.batches)), 2),
+            dash(med(s, &|r| ratio(r.wal_syncs_all, r.batches)), 2),
+            dash(med(s, &|r| ratio(r.primary_frames, r.requests)), 2),
+            rounds.iter().map(|r| r.errors).sum::<u64>(),
+            rounds.iter().map(|r| r.dropped).sum::<u64>(),
+        );
+    }
+    println!();
+    for read_only in [false, true] {
+        let four = Setup { kind: Kind::Replicated, read_only };
+        let Some(one) = setups.iter().copied().find(|s| s.kind != Kind::Replicated && s.read_only == read_only) else { continue };
+        if !results.contains_key(&four) {
+            continue;
+        }
+        let a = med(&four, &|r| r.ops_per_second);
+        let b = med(&one, &|r| r.ops_per_second);
+        // The ratio per round too: rounds are adjacent in time, so it is less noisy.
+        let per_round: Vec<f64> = results[&four]
+            .iter()
+            .zip(results.get(&one).cloned().unwrap_or_default())
+            .map(|(x, y)| if y.ops_per_second > 0.0 { x.ops_per_second / y.ops_per_second } else { 0.0 })
+            .collect();
+        let lo = per_round.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = per_round.iter().copied().fold(0.0, f64::max);
+        println!(
+            "throughput n=4 / n=1{}: {:.2} (ratio of medians); per round median {:.2}, min–max {:.2}–{:.2}",
+            if read_only { " (read-only)" } else { "" },
+            if b > 0.0 { a / b } else { 0.0 },
+            median(per_round.clone()),
+            lo,
+            hi
+        );
+    }
+    println!();
+    println!("CPU seconds per measured second, by thread group (median of rounds; 2.0 = both cores busy):");
+    println!();
+    let groups: Vec<String> = {
+        let mut g: Vec<String> = results.values().flatten().flat_map(|r| r.cpu.keys().cloned()).collect();
+        g.sort();
+        g.dedup();
+        g
+    };
+    print!("| configuration |");
+    for g in &groups {
+        print!(" {g} |");
+    }
+    println!(" total | CPU ms per 1000 ops |");
+    print!("|---|");
+    for _ in &groups {
+        print!("---:|");
+    }
+    println!("---:|---:|");
+    for s in setups {
+        print!("| {} |", s.label());
+        for g in &groups {
+            print!(" {:.2} |", med(s, &|r| r.cpu.get(g).copied().unwrap_or(0.0) / args.seconds));
+        }
+        let total = med(s, &|r| r.cpu.values().sum::<f64>() / args.seconds);
+        let per_op = med(s, &|r| if r.ops > 0 { r.cpu.values().sum::<f64>() * 1e6 / r.ops as f64 } else { 0.0 });
+        println!(" {total:.2} | {per_op:.0} |");
+    }
+}
+
+/// Replicas running on threads of this process.
+struct Cluster {
+    config: ClusterConfig,
+    clients: Vec<ClientSecrets>,
+    statuses: Vec<Arc<Mutex<ReplicaStatus>>>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<Result<(), node::NodeError>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn start(setup: Setup, clients: usize, dir: &std::path::Path, protocol: &ProtocolConfig) -> Result<Cluster> {
+        let f = setup.f();
+        let n = 3 * f as usize + 1;
+        let dir = tempfile::Builder::new().prefix("bftfs-micro").tempdir_in(dir).context("temporary directory")?;
+        // Listen first (port 0), so the addresses in the config are ours with no race.
+        let mut listeners = Vec::new();
+        for _ in 0..n {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").context("cannot listen on 127.0.0.1")?;
+            l.set_nonblocking(true)?;
+            listeners.push(l);
+        }
+        let addresses = listeners.iter().map(|l| l.local_addr().map(|a| a.to_string())).collect::<std::io::Result<Vec<_>>>()?;
+        let client_ids: Vec<ClientId> = (1..=clients as u64).map(ClientId).collect();
+        let keys = generate_with_os_random(f, addresses, &client_ids, protocol.clone()).context("keygen")?;
+        let config = Arc::new(keys.config.clone());
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut statuses = Vec::new();
+        let mut threads = Vec::new();
+        for (secrets, listener) in keys.replicas.into_iter().zip(listeners) {
+            let id = secrets.id.0;
+            if setup.kind == Kind::Unreplicated {
+                let auth = Authenticator::for_replica(&config, &secrets);
+                let stop = stop.clone();
+                threads.push(std::thread::Builder::new().name("norep-accept".into()).spawn(move || {
+                    StandIn::accept_loop(listener, auth, stop);
+                    Ok(())
+                })?);
+                continue;
+            }
+            let (replica, wal) =
+                node::restore_replica(config.clone(), &secrets, KvService::new(), &dir.path().join(format!("wal-{id}")))?;
+            let status = Arc::new(Mutex::new(ReplicaStatus::new(id)));
+            statuses.push(status.clone());
+            let (config, stop) = (config.clone(), stop.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("replica-core-{id}"))
+                    .spawn(move || node::run(config, secrets, replica, wal, listener, status, stop))?,
+            );
+        }
+        Ok(Cluster { config: keys.config, clients: keys.clients, statuses, stop, threads, _dir: dir })
+    }
+
+    fn status(&self) -> Vec<ReplicaStatus> {
+        self.statuses.iter().map(|s| s.lock().map(|s| s.clone()).unwrap_or_default()).collect()
+    }
+
+    fn shut_down(self) -> Result<()> {
+        self.stop.store(true, Ordering::Relaxed);
+        for (i, t) in self.threads.into_iter().enumerate() {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => bail!("replica {i} stopped with an error: {e}"),
+                Err(_) => bail!("replica {i} panicked"),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn measure(setup: Setup, args: &Args) -> Result<Round> {
+    let cluster = Cluster::start(setup, args.clients, &args.dir, &protocol(args))?;
+    let handles: Vec<Arc<ClientHandle>> = cluster
+        .clients
+        .iter()
+        .map(|s| ClientHandle::start(cluster.config.clone(), s.clone()).map(Arc::new))
+        .collect::<std::io::Result<_>>()
+        .context("cannot start a client")?;
+    let operation = KvOp::Get { key: vec![0xA5; args.payload] }.encode();
+    let timeout = Duration::from_secs(10);
+    // Every client gets one answer before the clock starts (connections are up).
+    for h in &handles {
+        let reply = h.call(operation.clone(), setup.read_only, timeout).context("the cluster does not answer")?;
+        if KvReply::decode(&reply) != Some(KvReply::Value(None)) {
+            bail!("unexpected reply to the null operation: {reply:?}");
+        }
+    }
+    let start = Instant::now() + Duration::from_secs_f64(args.warmup);
+    let end = start + Duration::from_secs_f64(args.seconds);
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut callers = Vec::new();
+    for (c, h) in handles.iter().enumerate() {
+        for k in 0..args.callers {
+            let (h, operation, errors) = (h.clone(), operation.clone(), errors.clone());
+            let read_only = setup.read_only;
+            callers.push(std::thread::Builder::new().name(format!("caller-{c}-{k}")).spawn(move || {
+                let mut latencies_ns: Vec<u64> = Vec::with_capacity(1 << 14);
+                loop {
+                    let t0 = Instant::now();
+                    if t0 >= end {
+                        break;
+                    }
+                    let ok = h.call(operation.clone(), read_only, timeout).is_ok();
+                    let t1 = Instant::now();
+                    if !ok {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    } else if t1 >= start && t1 < end {
+                        latencies_ns.push((t1 - t0).as_nanos() as u64);
+                    }
+                }
+                latencies_ns
+            })?);
+        }
+    }
+    sleep_until(start);
+    let (status_before, cpu_before) = (cluster.status(), thread_cpu());
+    sleep_until(end);
+    let (status_after, cpu_after) = (cluster.status(), thread_cpu());
+    let mut latencies: Vec<u64> = Vec::new();
+    for t in callers {
+        latencies.extend(t.join().map_err(|_| anyhow::anyhow!("a caller panicked"))?);
+    }
+    drop(handles);
+    cluster.shut_down()?;
+
+    latencies.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if latencies.is_empty() {
+            return 0.0;
+        }
+        let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
+        latencies[i] as f64 / 1000.0
+    };
+    let delta = |f: &dyn Fn(&ReplicaStatus) -> u64, i: usize| match (status_before.get(i), status_after.get(i)) {
+        (Some(b), Some(a)) => f(a).saturating_sub(f(b)),
+        _ => 0,
+    };
+    let mut cpu = BTreeMap::new();
+    for (tid, (group, seconds)) in &cpu_after {
+        let before = cpu_before.get(tid).map(|(_, s)| *s).unwrap_or(0.0);
+        *cpu.entry(group.clone()).or_insert(0.0) += seconds - before;
+    }
+    Ok(Round {
+        ops: latencies.len() as u64,
+        ops_per_second: latencies.len() as f64 / args.seconds,
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+        errors: errors.load(Ordering::Relaxed),
+        batches: delta(&|s| s.last_executed, 0),
+        requests: delta(&|s| s.executed_requests, 0),
+        primary_wal_syncs: delta(&|s| s.wal_syncs, 0),
+        primary_frames: delta(&|s| s.frames_accepted, 0),
+        wal_syncs_all: (0..status_after.len()).map(|i| delta(&|s| s.wal_syncs, i)).sum(),
+        dropped: (0..status_after.len()).map(|i| delta(&|s| s.dropped_overload, i)).sum(),
+        cpu,
+    })
+}
+
+fn protocol(args: &Args) -> ProtocolConfig {
+    let mut p = ProtocolConfig::default();
+    if let Some(b) = args.batch_max {
+        p.batch_requests_max = b;
+    }
+    if let Some(d) = args.pipeline {
+        p.pipeline_batches_max = d;
+    }
+    p
+}
+
+fn sleep_until(t: Instant) {
+    let now = Instant::now();
+    if t > now {
+        std::thread::sleep(t - now);
+    }
+}
+
+/// CPU seconds (user + system) of every live thread of this process, by thread id, with the
+/// thread's group: its name without trailing numbers (`caller-3-7` and `norep-conn-2` group
+/// as `caller` and `norep-conn`), except that each replica's core thread is its own group.
+fn thread_cpu() -> BTreeMap<u64, (String, f64)> {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let mut out = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return out };
+    for task in tasks.flatten() {
+        let Some(tid) = task.file_name().to_str().and_then(|s| s.parse::<u64>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
+        // "tid (comm) state ppid ... utime stime": comm may hold spaces, so split at the last ')'.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        let name = &stat[open + 1..close];
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        // After the comm, field 0 is the state; utime and stime are fields 11 and 12.
+        let (Some(user), Some(system)) = (fields.get(11).and_then(|v| v.parse::<f64>().ok()), fields.get(12).and_then(|v| v.parse::<f64>().ok())) else {
+            continue;
+        };
+        let group = if name.starts_with("replica-core") {
+            name.to_string()
+        } else {
+            name.trim_end_matches(|c: char| c.is_ascii_digit() || c == '-').to_string()
+        };
+        let group = if group.is_empty() { "main".to_string() } else { group };
+        out.insert(tid, (group, (user + system) / ticks));
+    }
+    out
+}
+
+/// The unreplicated baseline: the same `KvService` behind one server that speaks the replicas'
+/// client protocol (so the same [`ClientHandle`], framing, MACs and request signatures are
+/// used), but executes each request as soon as it has authenticated it and answers at once:
+/// no agreement, no other replica, no write-ahead log (the service is in memory either way).
+/// One thread per connection (one connection per client); frames already received are
+/// handled together and their replies go out in one write. No reply cache: the null
+/// operation is idempotent and nothing is retransmitted on loopback at these rates.
+struct StandIn;
+
+impl StandIn {
+    fn accept_loop(listener: std::net::TcpListener, auth: Authenticator, stop: Arc<AtomicBool>) {
+        let auth = Arc::new(auth);
+        let service = Arc::new(Mutex::new(KvService::new()));
+        let mut connections = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    let (auth, service, stop) = (auth.clone(), service.clone(), stop.clone());
+                    let name = format!("norep-conn-{}", connections.len());
+                    if let Ok(t) = std::thread::Builder::new().name(name).spawn(move || Self::serve(stream, &auth, &service, &stop)) {
+                        connections.push(t);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        for t in connections {
+            let _ = t.join();
+        }
+    }
+
+    fn serve(mut stream: std::net::TcpStream, auth: &Authenticator, service: &Mutex<KvService>, stop: &AtomicBool) {
+        // The listener is non-blocking; the connection blocks, with a timeout to see `stop`.
+        if stream.set_nonblocking(false).is_err() || stream.set_read_timeout(Some(Duration::from_millis(50))).is_err() {
+            return;
+        }
+        let _ = stream.set_nodelay(true);
+        let mut input: Vec<u8> = Vec::new();
+        let mut chunk = vec![0u8; 256 * 1024];
+        let mut output: Vec<u8> = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            match stream.read(&mut chunk) {
+                Ok(0) => return,
+                Ok(k) => input.extend_from_slice(&chunk[..k]),
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) => continue,
+                Err(_) => return,
+            }
+            let mut at = 0;
+            while input.len() - at >= wire::FRAME_HEADER_BYTES {
+                let mut header = [0u8; wire::FRAME_HEADER_BYTES];
+                header.copy_from_slice(&input[at..at + wire::FRAME_HEADER_BYTES]);
+                let Ok(len) = wire::frame_length(header) else { return };
+                if input.len() - at - wire::FRAME_HEADER_BYTES < len {
+                    break;
+                }
+                let body = &input[at + wire::FRAME_HEADER_BYTES..at + wire::FRAME_HEADER_BYTES + len];
+                at += wire::FRAME_HEADER_BYTES + len;
+                if let Some(frame) = Self::handle(body, auth, service) {
+                    output.extend_from_slice(&frame);
+                }
+            }
+            input.drain(..at);
+            if !output.is_empty() {
+                if stream.write_all(&output).is_err() {
+                    return;
+                }
+                output.clear();
+            }
+        }
+    }
+
+    /// One frame in, the sealed reply frame out (nothing for a hello or a bad frame).
+    fn handle(body: &[u8], auth: &Authenticator, service: &Mutex<KvService>) -> Option<Vec<u8>> {
+        let (sender, message) = auth.open(body).ok()?.into_parts();
+        let Message::Client(ClientMessage::Request(request)) = message else { return None };
+        let Principal::Client(client) = sender else { return None };
+        if request.body.client != client {
+            return None;
+        }
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+        let result = service.lock().ok()?.execute(&request.body.operation, client, &now.to_le_bytes(), request.body.read_only);
+        let reply = Reply {
+            view: View(0),
+            client,
+            timestamp: request.body.timestamp,
+            replica: ReplicaId(0),
+            read_only: request.body.read_only,
+            result,
+        };
+        auth.seal(&Message::Client(ClientMessage::Reply(reply)), &[Principal::Client(client)]).ok()
+    }
+}
