@@ -37,6 +37,9 @@ struct Outstanding {
     sent_tick: u64,
 }
 
+/// An object being assembled: its piece digests and the pieces received so far.
+type Assembling = (Vec<Digest>, Vec<Option<Vec<u8>>>);
+
 #[derive(Debug)]
 pub struct Transfer {
     pub target: CheckpointCertificate,
@@ -56,7 +59,7 @@ pub struct Transfer {
     count_path: Option<(u32, u64, Digest)>,
     outstanding: BTreeMap<Want, Outstanding>,
     /// Objects being assembled: remote piece digests and pieces received so far.
-    assembling: BTreeMap<u64, (Vec<Digest>, Vec<Option<Vec<u8>>>)>,
+    assembling: BTreeMap<u64, Assembling>,
     ready: Vec<(u64, AbstractObject)>,
     replies: Option<Vec<u8>>,
     pub bytes_fetched: u64,

@@ -33,9 +33,14 @@ pub struct HistoryEntry {
     pub read_only_path: bool,
 }
 
+/// What one sequence number executed: batch digest, requests, and who reported it first.
+type ExecutedBatch = (Digest, Vec<(ClientId, Timestamp)>, u32);
+/// A key's values along the agreed order: (state index from which it holds, value).
+type Timeline = Vec<(usize, Option<Vec<u8>>)>;
+
 pub struct Checker {
     byzantine: Option<u32>,
-    executed: BTreeMap<SeqNo, (Digest, Vec<(ClientId, Timestamp)>, u32)>,
+    executed: BTreeMap<SeqNo, ExecutedBatch>,
     checkpoints: BTreeMap<SeqNo, (Digest, Digest, u32)>,
     history: Vec<HistoryEntry>,
 }
@@ -121,7 +126,7 @@ impl Checker {
         let mut model: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
         let mut position: BTreeMap<usize, usize> = BTreeMap::new();
         // values[key] = [(position after which the value holds, value)]
-        let mut timeline: BTreeMap<Vec<u8>, Vec<(usize, Option<Vec<u8>>)>> = BTreeMap::new();
+        let mut timeline: BTreeMap<Vec<u8>, Timeline> = BTreeMap::new();
         for (pos, (client, timestamp)) in order.iter().enumerate() {
             let Some(&h) = by_request.get(&(*client, timestamp.0)) else {
                 return Err(format!("executed request {client:?}/{timestamp:?} that no client sent"));
