@@ -339,7 +339,20 @@ fn spawn_replica(program: &Path, config_path: &Path, data_dir: &Path, i: usize) 
         .open(&log_path)
         .with_context(|| format!("cannot open {}", log_path.display()))?;
     let log_err = log.try_clone()?;
-    Command::new(program)
+    let mut cmd = Command::new(program);
+    // SAFETY: prctl is async-signal-safe. A replica must not outlive the `bftfs` that started
+    // it (e.g. killed with SIGKILL): an orphan would keep its port and its data directory, and
+    // the next `up` would find both taken.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
         .arg("--config")
         .arg(config_path)
         .arg("--secrets")

@@ -66,6 +66,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create the data directory {}", args.data_dir.display()))?;
+    let _lock = lock_data_dir(&args.data_dir)?;
     let listener = node::bind(&config, id)?;
 
     let service = FileService::open(&args.data_dir.join("fs"))
@@ -107,6 +108,34 @@ fn run(args: Args) -> anyhow::Result<()> {
     node::run(config, secrets, replica, wal, listener, status, stop)?;
     tracing::info!(replica = id.0, "replica stopped");
     Ok(())
+}
+
+/// Two replicas over one data directory would corrupt it: the second one refuses to start.
+fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    use std::os::unix::io::AsRawFd;
+    let path = dir.join("lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: a valid descriptor; flock has no memory effects.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        bail!(
+            "the data directory {} is in use by another running replica (pid {})",
+            dir.display(),
+            holder.trim()
+        );
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    write!(file, "{}", std::process::id())?;
+    Ok(file)
 }
 
 static STOP_FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
