@@ -310,6 +310,7 @@ impl FileService {
             .filter(|&i| self.slots[i as usize].live().is_some_and(|o| o.ino == 0))
             .collect();
         for i in missing {
+            self.fds.get_mut().trim();
             let st = if self.orphans.contains(&i) {
                 backend::open_dir_at(self.tree_fd.as_raw_fd(), b"orphans")
                     .and_then(|d| backend::fstatat(d.as_raw_fd(), i.to_string().as_bytes()))
@@ -502,52 +503,68 @@ impl FileService {
         }
         // Walk the tree from the root; unknown directories are searched too (a known object
         // may have been moved into one), and known objects found inside them are rescued.
-        let mut queue: Vec<(Option<u64>, OwnedFd)> = vec![(Some(0), backend::open_dir_at(tree, b"root")?)];
+        // Pending directories are kept as paths, not descriptors, so a wide tree cannot run
+        // out of descriptors.
+        type Path = Vec<Vec<u8>>;
+        let open_path = |p: &Path| -> io::Result<OwnedFd> {
+            let mut fd = backend::open_dir_at(tree, &p[0])?;
+            for name in &p[1..] {
+                fd = backend::open_dir_at(fd.as_raw_fd(), name)?;
+            }
+            Ok(fd)
+        };
+        let mut queue: Vec<(Option<u64>, Path)> = vec![(Some(0), vec![b"root".to_vec()])];
         for &j in &self.orphans {
             if self.slots[j as usize].live().is_some_and(|o| o.kind == FileType::Directory) {
-                queue.push((Some(j), backend::open_dir_at(orphans.as_raw_fd(), j.to_string().as_bytes())?));
+                queue.push((Some(j), vec![b"orphans".to_vec(), j.to_string().into_bytes()]));
             }
         }
-        let mut unknown_dirs: Vec<(OwnedFd, Vec<u8>)> = Vec::new();
-        while let Some((d, dfd)) = queue.pop() {
+        let mut strays: Vec<(Path, Vec<u8>)> = Vec::new();
+        while let Some((d, path)) = queue.pop() {
+            let dfd = open_path(&path)?;
             for name in backend::list_dir(dfd.as_raw_fd())? {
                 let st = backend::fstatat(dfd.as_raw_fd(), &name)?;
                 let is_dir = backend::is_dir_mode(st.st_mode);
                 let known = by_ino.get(&st.st_ino).copied().filter(|&j| self.kind_matches(j, st.st_mode));
+                let mut child = path.clone();
+                child.push(name.clone());
                 match (known, d) {
                     (Some(j), Some(d)) if !self.orphans.contains(&j) => {
                         if let Some(o) = self.slots[j as usize].live_mut() {
                             o.links.insert((d, name.clone()));
                         }
                         if is_dir {
-                            queue.push((Some(j), backend::open_dir_at(dfd.as_raw_fd(), &name)?));
+                            queue.push((Some(j), child));
                         }
                     }
-                    (Some(j), None) if !self.orphans.contains(&j) && self.slots[j as usize].live().is_none_or(|o| o.links.is_empty()) => {
+                    (Some(j), None)
+                        if !self.orphans.contains(&j)
+                            && self.slots[j as usize].live().is_none_or(|o| o.links.is_empty()) =>
+                    {
                         let target = j.to_string().into_bytes();
                         backend::remove_tree_at(orphans.as_raw_fd(), &target).map_err(storage)?;
                         backend::renameat(dfd.as_raw_fd(), &name, orphans.as_raw_fd(), &target, false)?;
                         self.orphans.insert(j);
                         if is_dir {
-                            queue.push((Some(j), backend::open_dir_at(orphans.as_raw_fd(), &target)?));
+                            queue.push((Some(j), vec![b"orphans".to_vec(), target]));
                         }
                     }
                     _ => {
                         if is_dir {
-                            queue.push((None, backend::open_dir_at(dfd.as_raw_fd(), &name)?));
+                            queue.push((None, child));
                         }
                         if d.is_some() {
-                            // A second descriptor of the parent, kept until the removal.
-                            let parent = backend::openat(dfd.as_raw_fd(), b".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
-                            unknown_dirs.push((parent, name.clone()));
+                            strays.push((path.clone(), name.clone()));
                         }
                     }
                 }
             }
         }
-        // Stray nodes go after the walk, once everything known inside them is safe.
-        for (parent, name) in unknown_dirs.into_iter().rev() {
-            backend::remove_tree_at(parent.as_raw_fd(), &name).map_err(storage)?;
+        // Stray nodes go after the walk, once everything known inside them is safe. A stray's
+        // parent is a known directory, which the walk did not move.
+        for (parent, name) in strays.into_iter().rev() {
+            let pfd = open_path(&parent)?;
+            backend::remove_tree_at(pfd.as_raw_fd(), &name).map_err(storage)?;
         }
         // Whatever changed since the checkpoint is rewritten in full by the rollback: its
         // recorded chunk digests may not describe what is on disk now.
@@ -576,6 +593,7 @@ impl FileService {
     /// not (after crash recovery).
     fn remove_strays(&mut self) -> Result<(), ServiceError> {
         for d in 0..self.slots.len() as u64 {
+            self.fds.get_mut().trim();
             let Some(o) = self.slots[d as usize].live() else { continue };
             if o.kind != FileType::Directory {
                 continue;
@@ -672,6 +690,7 @@ impl FileService {
         let mut first_seen: BTreeMap<u64, (u64, Vec<u8>)> = BTreeMap::new();
         let mut queue = vec![0u64];
         while let Some(d) = queue.pop() {
+            self.fds.get_mut().trim();
             let dfd = self.dir_fd(d).map_err(storage)?;
             let entries: Vec<(Vec<u8>, u64)> = self.live(d).entries.iter().map(|(k, v)| (k.clone(), *v)).collect();
             let wanted: BTreeMap<Vec<u8>, u64> = entries.iter().cloned().collect();

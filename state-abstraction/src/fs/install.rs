@@ -243,24 +243,8 @@ impl FileService {
                 }
             }
         }
-        // Open every directory whose descriptor must survive the moves.
-        for &j in staged.iter().chain(relinked.iter()) {
-            for (d, _) in old_links(j, &self.slots) {
-                self.dir_fd(d).map_err(storage)?;
-            }
-            if j != 0 && self.slots[j as usize].live().is_some_and(|o| o.kind == FileType::Directory) {
-                self.dir_fd(j).map_err(storage)?;
-            }
-        }
-        for &j in items.keys() {
-            let has_dir_node = self.slots.get(j as usize).and_then(Slot::live).is_some_and(|o| {
-                o.kind == FileType::Directory && (!o.links.is_empty() || self.orphans.contains(&j))
-            });
-            if j != 0 && has_dir_node {
-                self.dir_fd(j).map_err(storage)?;
-            }
-        }
-
+        // From here on, a node moved to the stage is found there (`self.staged`), so the
+        // descriptor caches may be trimmed between steps.
         let meta = self.tree_fd.as_raw_fd();
         backend::remove_tree_at(meta, b"stage").map_err(storage)?;
         backend::mkdirat(meta, b"stage")?;
@@ -272,6 +256,7 @@ impl FileService {
         };
         let sfd = stage.as_raw_fd();
         for &j in &staged {
+            self.fds.get_mut().trim();
             let links = old_links(j, &self.slots);
             let mut it = links.iter();
             if let Some((d, name)) = it.next() {
@@ -279,14 +264,17 @@ impl FileService {
                 for (d2, n2) in it {
                     backend::unlinkat(self.dir_fd(*d2).map_err(storage)?, n2, false)?;
                 }
+                self.staged.insert(j);
             } else if self.orphans.remove(&j) {
                 backend::renameat(orphans.as_raw_fd(), &index_name(j), sfd, &index_name(j), false)?;
+                self.staged.insert(j);
             }
         }
         // For files that keep some names: drop the lost ones now, add the new ones at the end
         // from a kept one.
         let mut relink_plan: Vec<(Link, Vec<Link>)> = Vec::new();
         for &j in &relinked {
+            self.fds.get_mut().trim();
             let want = desired.get(&j).unwrap_or(&empty);
             let old = old_links(j, &self.slots);
             for (d, name) in old.difference(want) {
@@ -353,6 +341,7 @@ impl FileService {
         // Create or rewrite the installed objects' nodes in the stage.
         for (&i, t) in &items {
             let Some(Target { header: Header::Live(l), chunks }) = t else { continue };
+            self.fds.get_mut().trim();
             let name = index_name(i);
             let old = old_nodes.get(&i);
             let reuse = i == 0
@@ -370,10 +359,7 @@ impl FileService {
                         NodeClass::FileLike => drop(backend::create_file_at(sfd, &name)?),
                     }
                 }
-                if l.kind == FileType::Directory {
-                    let fd = backend::open_dir_at(sfd, &name)?;
-                    self.fds.get_mut().dirs.insert(i, fd);
-                }
+                self.staged.insert(i);
             }
             let ino = if i == 0 { backend::fstat(self.root_fd.as_raw_fd())?.st_ino } else { 0 };
             let mut pieces = vec![Digest::default(); 1 + chunks.len()];
@@ -388,7 +374,6 @@ impl FileService {
                     }
                     pieces[k + 1] = d;
                 }
-                self.fds.get_mut().files.insert(i, f);
             }
             let o = self.live_mut(i);
             o.pieces = pieces;
@@ -402,6 +387,7 @@ impl FileService {
         to_attach.remove(&0);
         let mut junk = 0u64;
         for &j in &to_attach {
+            self.fds.get_mut().trim();
             let Some(o) = self.slots.get(j as usize).and_then(Slot::live) else { continue };
             let is_dir = o.kind == FileType::Directory;
             let mut links: Vec<(u64, Vec<u8>)> = o.links.iter().cloned().collect();
@@ -415,6 +401,7 @@ impl FileService {
             let name = index_name(j);
             let Some((d, n)) = links.first() else {
                 backend::renameat(sfd, &name, orphans.as_raw_fd(), &name, false)?;
+                self.staged.remove(&j);
                 self.orphans.insert(j);
                 continue;
             };
@@ -431,6 +418,7 @@ impl FileService {
                         // Between batches directories can name each other in a cycle; the
                         // directory waits among the orphans.
                         backend::renameat(sfd, &name, orphans.as_raw_fd(), &name, false)?;
+                        self.staged.remove(&j);
                         self.orphans.insert(j);
                         self.live_mut(j).links.clear();
                         inconsistent = true;
@@ -439,6 +427,7 @@ impl FileService {
                     _ => return Err(storage(e)),
                 }
             }
+            self.staged.remove(&j);
             for (d2, n2) in &links[1..] {
                 backend::linkat(dfd, n, self.dir_fd(*d2).map_err(storage)?, n2)?;
             }
@@ -450,6 +439,10 @@ impl FileService {
             }
         }
         drop(stage);
+        // What is left (freed objects, set-aside names) goes; cached descriptors of it too.
+        for j in std::mem::take(&mut self.staged) {
+            self.fds.get_mut().forget(j);
+        }
         backend::remove_tree_at(meta, b"stage").map_err(storage)?;
 
         self.orphans.retain(|&j| (j as usize) < self.slots.len() && self.slots[j as usize].live().is_some_and(|o| o.links.is_empty()));

@@ -58,39 +58,47 @@ pub const TIME_SKEW_MAX_NS: u64 = 5 * 60 * 1_000_000_000;
 /// Open descriptors for directories and files, so that a request costs one `*at` call rather
 /// than a walk from the root. Bounded; trimmed only between requests so that a descriptor
 /// handed out during a request stays open until it ends.
-#[derive(Default)]
 struct FdCache {
     dirs: HashMap<u64, OwnedFd>,
     files: HashMap<u64, OwnedFd>,
+    /// Per-cache bound: a quarter of the open-file limit, at most 4096.
+    max: usize,
 }
 
-const DIR_FDS_MAX: usize = 4096;
-const FILE_FDS_MAX: usize = 4096;
+impl Default for FdCache {
+    fn default() -> Self {
+        FdCache { dirs: HashMap::new(), files: HashMap::new(), max: 64 }
+    }
+}
 
-/// Raises the soft limit on open files to the hard limit (capped), since the descriptor
-/// caches above hold up to 8192 descriptors.
-fn raise_fd_limit() {
+/// Raises the soft limit on open files to the hard limit (capped at 65536) and returns the
+/// bound for each descriptor cache: a quarter of the limit, at most 4096.
+fn raise_fd_limit() -> usize {
     // SAFETY: `lim` is plain data filled in by getrlimit.
     let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
     // SAFETY: valid out pointer.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return;
+        return 64;
     }
     let want = lim.rlim_max.min(65_536);
     if lim.rlim_cur < want {
-        lim.rlim_cur = want;
+        let mut raised = lim;
+        raised.rlim_cur = want;
         // SAFETY: valid pointer; failure only leaves the old limit.
-        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim = raised;
+        }
     }
+    ((lim.rlim_cur / 4) as usize).clamp(16, 4096)
 }
 
 impl FdCache {
     fn trim(&mut self) {
         // Which descriptors are dropped never affects results, only speed.
-        if self.dirs.len() > DIR_FDS_MAX {
+        if self.dirs.len() > self.max {
             self.dirs.clear();
         }
-        if self.files.len() > FILE_FDS_MAX {
+        if self.files.len() > self.max {
             self.files.clear();
         }
     }
@@ -131,6 +139,8 @@ pub struct FileService {
     /// `data_dir/journal`, open for appending while the newest checkpoint record has entries
     /// the saved table does not.
     journal: Option<OwnedFd>,
+    /// Objects whose nodes sit in `tree/stage/<index>` (only during `put_objs`).
+    staged: BTreeSet<u64>,
 }
 
 impl std::fmt::Debug for FileService {
@@ -157,7 +167,7 @@ fn storage(e: io::Error) -> ServiceError {
 impl FileService {
     /// Creates (if empty or missing) or reopens a replica's data directory.
     pub fn open(data_dir: &Path) -> Result<FileService, ServiceError> {
-        raise_fd_limit();
+        let fd_cache_max = raise_fd_limit();
         std::fs::create_dir_all(data_dir)?;
         let meta_fd = backend::open_path(data_dir, libc::O_RDONLY | libc::O_DIRECTORY)?;
         let fresh = !data_dir.join("table").exists();
@@ -186,12 +196,13 @@ impl FileService {
             tree: PartitionTree::new(),
             dirty: BTreeSet::new(),
             last_time: 0,
-            fds: RefCell::new(FdCache::default()),
+            fds: RefCell::new(FdCache { max: fd_cache_max, ..FdCache::default() }),
             ckpt: Checkpoints::new(snapshot_mode),
             unsaved: false,
             orphans: BTreeSet::new(),
             inconsistent: false,
             journal: None,
+            staged: BTreeSet::new(),
         };
         if fresh {
             svc.init_root();
@@ -433,6 +444,14 @@ impl FileService {
             if let Some(fd) = cache.dirs.get(&cur) {
                 break fd.as_raw_fd();
             }
+            if self.staged.contains(&cur) {
+                // In the middle of put_objs: the node waits in the stage.
+                let stage = backend::open_dir_at(self.tree_fd.as_raw_fd(), b"stage")?;
+                let fd = backend::open_dir_at(stage.as_raw_fd(), cur.to_string().as_bytes())?;
+                let raw = fd.as_raw_fd();
+                cache.dirs.insert(cur, fd);
+                break raw;
+            }
             let o = self.slots.get(cur as usize).and_then(Slot::live).ok_or_else(|| io::Error::other("dangling dir"))?;
             let Some((parent, name)) = o.links.iter().next() else {
                 if !self.orphans.contains(&cur) {
@@ -489,6 +508,9 @@ impl FileService {
         let dirty = std::mem::take(&mut self.dirty);
         let mut buf = Vec::new();
         for &i in &dirty {
+            // Long loops trim the descriptor caches as they go (each descriptor is used
+            // within one iteration), so a large state never runs out of descriptors.
+            self.fds.get_mut().trim();
             if let Err(e) = self.refresh_object(i, &mut buf) {
                 // Keep the rest pending so a retry recomputes them.
                 self.dirty.extend(dirty.range(i..).copied());
