@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 
 mod micro;
+mod replay;
 mod wrapper;
 
 #[derive(Parser)]
@@ -21,11 +22,15 @@ enum Command {
     /// Protocol micro-benchmark: null-operation throughput and latency with n=4 (f=1) against
     /// the same service unreplicated (n=1) over loopback TCP, rounds interleaved.
     Micro(micro::Args),
+    /// Replay an NFSv3 trace (Ellard's nfsdump text format; plain, .zst or .gz) against one or
+    /// more mounted directories: ops/s, latency per procedure, agreement with the trace.
+    Replay(replay::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Wrapper(args) => wrapper::run(args),
         Command::Micro(args) => micro::run(args),
+        Command::Replay(args) => replay::run(args),
     }
 }
