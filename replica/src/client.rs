@@ -5,8 +5,12 @@
 //! [`Completion`]s.
 //!
 //! - An ordered request goes to the primary of the client's current view; it completes on
-//!   f+1 matching replies from distinct replicas (at least one correct replica executed it
-//!   in the committed order, and all correct replicas execute the same order).
+//!   2f+1 matching replies from distinct replicas. (f+1 would prove the result — one correct
+//!   replica executed it in the committed order — but the read-only path needs more: with
+//!   only f+1, a completed write may be executed at a single correct replica, and a later
+//!   read could collect 2f+1 matching stale answers from f lagging correct replicas and f
+//!   Byzantine ones. With 2f+1, at least f+1 correct replicas executed every completed
+//!   request, so any 2f+1 matching read-only answers include one of them.)
 //! - On a timeout it is retransmitted to every replica (backups relay it to the primary and
 //!   start suspecting it); the timeout doubles up to a cap.
 //! - A read-only request goes to every replica and completes on 2f+1 matching read-only
@@ -171,7 +175,8 @@ impl Client {
             return;
         }
         entry.replies.insert(reply.replica, (reply.view, reply.result));
-        let needed = if entry.request.body.read_only { quorum } else { f + 1 };
+        // See the module doc for why ordered requests also need 2f+1.
+        let needed = quorum;
         let mut tally: BTreeMap<&Vec<u8>, usize> = BTreeMap::new();
         for (_, result) in entry.replies.values() {
             *tally.entry(result).or_default() += 1;

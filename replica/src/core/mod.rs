@@ -787,6 +787,12 @@ impl<S: Service> Replica<S> {
                 }
                 self.waiting.insert(key, (request.clone(), self.ticks));
             }
+            if matches!(sender, Principal::Client(_)) {
+                // A client retransmitting to everyone may mean the others ordered it and we
+                // missed that (we may even sit alone in a later view): look for committed
+                // batches we lack once the catch-up timeout passes.
+                self.highest_seen = self.highest_seen.max(self.last_executed.next());
+            }
             if self.view_active && matches!(sender, Principal::Client(_)) {
                 actions.push(Action::Send {
                     to: self.primary(),
