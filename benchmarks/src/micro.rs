@@ -53,11 +53,12 @@ pub struct Args {
     #[arg(long, default_value_t = 1.0)]
     warmup: f64,
     /// Client identities (one `ClientHandle` each).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 16)]
     clients: usize,
     /// Concurrent callers (threads) per client. A client has at most `client_window` (64)
-    /// requests in flight; more callers wait in its queue. The default 8 x 32 = 256 requests
-    /// in flight fill `batch_requests_max` (64) x `pipeline_batches_max` (4) at the primary.
+    /// requests in flight; more callers wait in its queue. The default 16 x 32 = 512 requests
+    /// in flight keep `pipeline_batches_max` (4) full batches of `batch_requests_max` (64)
+    /// going at the primary with as many waiting (8 x 32 left batches at about 43).
     #[arg(long, default_value_t = 32)]
     callers: usize,
     /// Rounds per configuration; configurations alternate within each round.
@@ -72,12 +73,15 @@ pub struct Args {
     /// Bytes of payload in each request (the length of the missing key that is read).
     #[arg(long, default_value_t = 0)]
     payload: usize,
-    /// Also measure the read-only path (the same `Get`, sent read-only: no ordering).
+    /// Also measure the read-only path (the same `Get`, sent read-only: no ordering; the client
+    /// waits for 2f+1 matching replies).
     #[arg(long)]
     read_only: bool,
-    /// Where the replicas' write-ahead logs go (a temporary directory is made inside).
+    /// Where the replicas' write-ahead logs go (a temporary directory is made inside). Give it
+    /// more than once to measure n=4 once per directory in the same run (e.g. a disk and a
+    /// tmpfs, where fsync is free); the unreplicated server keeps no log.
     #[arg(long, default_value = "/var/tmp")]
-    dir: PathBuf,
+    dir: Vec<PathBuf>,
     /// Measure n=1 through the replica driver and core with f=0 instead of the stand-in
     /// unreplicated server (the core does not order anything with f=0 today: this fails).
     #[arg(long)]
@@ -101,6 +105,8 @@ enum Kind {
 struct Setup {
     kind: Kind,
     read_only: bool,
+    /// Index into `--dir` of the replicas' log directory.
+    dir: usize,
 }
 
 impl Setup {
@@ -110,13 +116,14 @@ impl Setup {
             Kind::F0Driver | Kind::Unreplicated => 0,
         }
     }
-    fn label(&self) -> String {
+    fn label(&self, args: &Args) -> String {
         let base = match self.kind {
             Kind::Replicated => "n=4 (f=1)",
             Kind::F0Driver => "n=1 (f=0) driver",
             Kind::Unreplicated => "n=1 unreplicated",
         };
-        format!("{base}{}", if self.read_only { " read-only" } else { "" })
+        let dir = if self.kind == Kind::Unreplicated { String::new() } else { format!(", WAL {}", args.dir[self.dir].display()) };
+        format!("{base}{}{dir}", if self.read_only { " read-only" } else { "" })
     }
 }
 
@@ -136,43 +143,57 @@ struct Round {
     wal_syncs_all: u64,
     dropped: u64,
     /// CPU seconds per thread group during the window.
-    cpu: BTreeMap<String, f64>,
+    cpu: BTreeMap<&'static str, f64>,
+    /// Until every client had its first answer; from the end of the window until all stopped.
+    setup_seconds: f64,
+    teardown_seconds: f64,
 }
 
 pub fn run(args: Args) -> Result<()> {
     if args.clients == 0 || args.callers == 0 || args.rounds == 0 || args.seconds <= 0.0 {
         bail!("--clients, --callers, --rounds and --seconds must be positive");
     }
-    std::fs::create_dir_all(&args.dir).with_context(|| format!("cannot create {}", args.dir.display()))?;
+    for d in &args.dir {
+        std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+    }
     let baseline = if args.f0_driver { Kind::F0Driver } else { Kind::Unreplicated };
-    let mut setups = vec![Setup { kind: Kind::Replicated, read_only: false }, Setup { kind: baseline, read_only: false }];
-    if args.read_only {
-        setups.push(Setup { kind: Kind::Replicated, read_only: true });
-        setups.push(Setup { kind: baseline, read_only: true });
+    let mut setups = Vec::new();
+    for read_only in [false, true] {
+        if read_only && !args.read_only {
+            continue;
+        }
+        // The read-only path writes no log: one directory is enough.
+        let dirs = if read_only { 1 } else { args.dir.len() };
+        for dir in 0..dirs {
+            setups.push(Setup { kind: Kind::Replicated, read_only, dir });
+        }
+        setups.push(Setup { kind: baseline, read_only, dir: 0 });
     }
     eprintln!(
-        "micro: {} clients x {} callers, payload {} B, {} rounds x ({:.1} s warm-up + {:.1} s measured) per configuration, WAL in {}",
+        "micro: {} clients x {} callers, payload {} B, {} rounds x ({:.1} s warm-up + {:.1} s measured) per configuration, WAL in {:?}",
         args.clients,
         args.callers,
         args.payload,
         args.rounds,
         args.warmup,
         args.seconds,
-        args.dir.display()
+        args.dir
     );
     let mut results: BTreeMap<Setup, Vec<Round>> = BTreeMap::new();
     for round in 0..args.rounds {
         for setup in &setups {
-            let r = measure(*setup, &args).with_context(|| format!("round {} of {}", round + 1, setup.label()))?;
+            let r = measure(*setup, &args).with_context(|| format!("round {} of {}", round + 1, setup.label(&args)))?;
             eprintln!(
-                "round {:>2} {:<22} {:>8.0} ops/s  p50 {:>7.0} µs  p99 {:>7.0} µs  batch {:>5.1} req  fsync/batch {:.2}{}",
+                "round {:>2} {:<36} {:>8.0} ops/s  p50 {:>7.0} µs  p99 {:>7.0} µs  batch {:>5.1} req  fsync/batch {:.2}  (setup {:.1} s, teardown {:.1} s){}",
                 round + 1,
-                setup.label(),
+                setup.label(&args),
                 r.ops_per_second,
                 r.p50_us,
                 r.p99_us,
                 ratio(r.requests, r.batches),
                 ratio(r.primary_wal_syncs, r.batches),
+                r.setup_seconds,
+                r.teardown_seconds,
                 if r.errors > 0 { format!("  ({} calls failed)", r.errors) } else { String::new() }
             );
             results.entry(*setup).or_default().push(r);
@@ -213,11 +234,8 @@ fn report(args: &Args, setups: &[Setup], results: &BTreeMap<Setup, Vec<Round>>) 
     println!();
     let p = protocol(args);
     println!(
-        "Protocol: batch_requests_max {}, pipeline_batches_max {}, client_window {}; WAL in {}.",
-        p.batch_requests_max,
-        p.pipeline_batches_max,
-        p.client_window,
-        args.dir.display()
+        "Protocol: batch_requests_max {}, pipeline_batches_max {}, client_window {}.",
+        p.batch_requests_max, p.pipeline_batches_max, p.client_window
     );
     println!();
     println!("| configuration | ops/s (median) | ops/s (min–max) | p50 µs | p99 µs | requests per batch | WAL fsyncs per batch (primary) | WAL fsyncs per batch (all replicas) | frames in per request (primary) | failed calls | dropped (overload) |");
@@ -229,7 +247,7 @@ fn report(args: &Args, setups: &[Setup], results: &BTreeMap<Setup, Vec<Round>>) 
         let dash = |v: f64, digits: usize| if s.kind == Kind::Unreplicated { "–".to_string() } else { format!("{v:.digits$}") };
         println!(
             "| {} | {:.0} | {:.0}–{:.0} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} |",
-            s.label(),
+            s.label(args),
             med(s, &|r| r.ops_per_second),
             min,
             max,
@@ -244,12 +262,8 @@ fn report(args: &Args, setups: &[Setup], results: &BTreeMap<Setup, Vec<Round>>) 
         );
     }
     println!();
-    for read_only in [false, true] {
-        let four = Setup { kind: Kind::Replicated, read_only };
-        let Some(one) = setups.iter().copied().find(|s| s.kind != Kind::Replicated && s.read_only == read_only) else { continue };
-        if !results.contains_key(&four) {
-            continue;
-        }
+    for &four in setups.iter().filter(|s| s.kind == Kind::Replicated) {
+        let Some(one) = setups.iter().copied().find(|s| s.kind != Kind::Replicated && s.read_only == four.read_only) else { continue };
         let a = med(&four, &|r| r.ops_per_second);
         let b = med(&one, &|r| r.ops_per_second);
         // The ratio per round too: rounds are adjacent in time, so it is less noisy.
@@ -261,8 +275,9 @@ fn report(args: &Args, setups: &[Setup], results: &BTreeMap<Setup, Vec<Round>>) 
         let lo = per_round.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = per_round.iter().copied().fold(0.0, f64::max);
         println!(
-            "throughput n=4 / n=1{}: {:.2} (ratio of medians); per round median {:.2}, min–max {:.2}–{:.2}",
-            if read_only { " (read-only)" } else { "" },
+            "throughput [{}] / [{}]: {:.2} (ratio of medians); per round median {:.2}, min–max {:.2}–{:.2}",
+            four.label(args),
+            one.label(args),
             if b > 0.0 { a / b } else { 0.0 },
             median(per_round.clone()),
             lo,
@@ -270,32 +285,25 @@ fn report(args: &Args, setups: &[Setup], results: &BTreeMap<Setup, Vec<Round>>) 
         );
     }
     println!();
-    println!("CPU seconds per measured second, by thread group (median of rounds; 2.0 = both cores busy):");
+    println!("CPU per operation (µs of CPU time per completed operation, median of rounds), by thread group, and the cores used:");
     println!();
-    let groups: Vec<String> = {
-        let mut g: Vec<String> = results.values().flatten().flat_map(|r| r.cpu.keys().cloned()).collect();
-        g.sort();
-        g.dedup();
-        g
-    };
-    print!("| configuration |");
-    for g in &groups {
-        print!(" {g} |");
-    }
-    println!(" total | CPU ms per 1000 ops |");
-    print!("|---|");
-    for _ in &groups {
-        print!("---:|");
-    }
-    println!("---:|---:|");
+    println!("| configuration | clients | replica 0 (primary) | replica 1 | replica 2 | replica 3 | unreplicated server | other | total | cores used (of 2) |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    const GROUPS: [&str; 7] = ["clients", "replica-0", "replica-1", "replica-2", "replica-3", "server", "other"];
     for s in setups {
-        print!("| {} |", s.label());
-        for g in &groups {
-            print!(" {:.2} |", med(s, &|r| r.cpu.get(g).copied().unwrap_or(0.0) / args.seconds));
+        let per_op = |g: &'static str| med(s, &move |r: &Round| if r.ops > 0 { r.cpu.get(g).copied().unwrap_or(0.0) * 1e6 / r.ops as f64 } else { 0.0 });
+        print!("| {} |", s.label(args));
+        for g in GROUPS {
+            let v = per_op(g);
+            if v == 0.0 {
+                print!(" – |");
+            } else {
+                print!(" {v:.0} |");
+            }
         }
-        let total = med(s, &|r| r.cpu.values().sum::<f64>() / args.seconds);
-        let per_op = med(s, &|r| if r.ops > 0 { r.cpu.values().sum::<f64>() * 1e6 / r.ops as f64 } else { 0.0 });
-        println!(" {total:.2} | {per_op:.0} |");
+        let total = med(s, &|r| if r.ops > 0 { r.cpu.values().sum::<f64>() * 1e6 / r.ops as f64 } else { 0.0 });
+        let cores = med(s, &|r| r.cpu.values().sum::<f64>() / args.seconds);
+        println!(" {total:.0} | {cores:.2} |");
     }
 }
 
@@ -306,6 +314,9 @@ struct Cluster {
     statuses: Vec<Arc<Mutex<ReplicaStatus>>>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<Result<(), node::NodeError>>>,
+    /// Thread ids of each replica's runtime threads (named `bftfs-net` by the driver, whichever
+    /// replica they belong to), found by starting the replicas one at a time.
+    net_threads: BTreeMap<u64, u32>,
     _dir: tempfile::TempDir,
 }
 
@@ -328,6 +339,7 @@ impl Cluster {
         let stop = Arc::new(AtomicBool::new(false));
         let mut statuses = Vec::new();
         let mut threads = Vec::new();
+        let mut net_threads = BTreeMap::new();
         for (secrets, listener) in keys.replicas.into_iter().zip(listeners) {
             let id = secrets.id.0;
             if setup.kind == Kind::Unreplicated {
@@ -344,13 +356,28 @@ impl Cluster {
             let status = Arc::new(Mutex::new(ReplicaStatus::new(id)));
             statuses.push(status.clone());
             let (config, stop) = (config.clone(), stop.clone());
+            let before: Vec<u64> = thread_cpu().keys().copied().collect();
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("replica-core-{id}"))
                     .spawn(move || node::run(config, secrets, replica, wal, listener, status, stop))?,
             );
+            // The driver builds its runtime (two workers) first thing; wait for them.
+            let deadline = Instant::now() + Duration::from_secs(2);
+            loop {
+                let new: Vec<u64> = thread_cpu()
+                    .into_iter()
+                    .filter(|(tid, (name, _))| name == "bftfs-net" && !before.contains(tid))
+                    .map(|(tid, _)| tid)
+                    .collect();
+                if new.len() >= 2 || Instant::now() > deadline {
+                    net_threads.extend(new.into_iter().map(|t| (t, id)));
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
         }
-        Ok(Cluster { config: keys.config, clients: keys.clients, statuses, stop, threads, _dir: dir })
+        Ok(Cluster { config: keys.config, clients: keys.clients, statuses, stop, threads, net_threads, _dir: dir })
     }
 
     fn status(&self) -> Vec<ReplicaStatus> {
@@ -371,7 +398,8 @@ impl Cluster {
 }
 
 fn measure(setup: Setup, args: &Args) -> Result<Round> {
-    let cluster = Cluster::start(setup, args.clients, &args.dir, &protocol(args))?;
+    let started = Instant::now();
+    let cluster = Cluster::start(setup, args.clients, &args.dir[setup.dir], &protocol(args))?;
     let handles: Vec<Arc<ClientHandle>> = cluster
         .clients
         .iter()
@@ -380,13 +408,23 @@ fn measure(setup: Setup, args: &Args) -> Result<Round> {
         .context("cannot start a client")?;
     let operation = KvOp::Get { key: vec![0xA5; args.payload] }.encode();
     let timeout = Duration::from_secs(10);
-    // Every client gets one answer before the clock starts (connections are up).
-    for h in &handles {
-        let reply = h.call(operation.clone(), setup.read_only, timeout).context("the cluster does not answer")?;
+    // Every client gets one answer before the clock starts (connections are up). In parallel:
+    // a reply that beats the client's hello to a backup is lost, and the client then waits a
+    // retransmission timeout (1 s) before it asks again.
+    let ready: Vec<JoinHandle<Result<Vec<u8>, replica::driver::client::CallError>>> = handles
+        .iter()
+        .map(|h| {
+            let (h, operation, read_only) = (h.clone(), operation.clone(), setup.read_only);
+            std::thread::spawn(move || h.call(operation, read_only, timeout))
+        })
+        .collect();
+    for t in ready {
+        let reply = t.join().map_err(|_| anyhow::anyhow!("a caller panicked"))?.context("the cluster does not answer")?;
         if KvReply::decode(&reply) != Some(KvReply::Value(None)) {
             bail!("unexpected reply to the null operation: {reply:?}");
         }
     }
+    let setup_seconds = started.elapsed().as_secs_f64();
     let start = Instant::now() + Duration::from_secs_f64(args.warmup);
     let end = start + Duration::from_secs_f64(args.seconds);
     let errors = Arc::new(AtomicU64::new(0));
@@ -423,7 +461,9 @@ fn measure(setup: Setup, args: &Args) -> Result<Round> {
         latencies.extend(t.join().map_err(|_| anyhow::anyhow!("a caller panicked"))?);
     }
     drop(handles);
+    let net_threads = cluster.net_threads.clone();
     cluster.shut_down()?;
+    let teardown_seconds = end.elapsed().as_secs_f64();
 
     latencies.sort_unstable();
     let pct = |p: f64| -> f64 {
@@ -437,10 +477,19 @@ fn measure(setup: Setup, args: &Args) -> Result<Round> {
         (Some(b), Some(a)) => f(a).saturating_sub(f(b)),
         _ => 0,
     };
-    let mut cpu = BTreeMap::new();
-    for (tid, (group, seconds)) in &cpu_after {
+    let mut cpu: BTreeMap<&'static str, f64> = BTreeMap::new();
+    for (tid, (name, seconds)) in &cpu_after {
         let before = cpu_before.get(tid).map(|(_, s)| *s).unwrap_or(0.0);
-        *cpu.entry(group.clone()).or_insert(0.0) += seconds - before;
+        let group = match (name.as_str(), net_threads.get(tid)) {
+            (_, Some(0)) | ("replica-core-0", _) => "replica-0",
+            (_, Some(1)) | ("replica-core-1", _) => "replica-1",
+            (_, Some(2)) | ("replica-core-2", _) => "replica-2",
+            (_, Some(3)) | ("replica-core-3", _) => "replica-3",
+            (n, _) if n.starts_with("bftfs-client") || n.starts_with("caller") => "clients",
+            (n, _) if n.starts_with("norep") => "server",
+            _ => "other",
+        };
+        *cpu.entry(group).or_insert(0.0) += seconds - before;
     }
     Ok(Round {
         ops: latencies.len() as u64,
@@ -455,6 +504,8 @@ fn measure(setup: Setup, args: &Args) -> Result<Round> {
         wal_syncs_all: (0..status_after.len()).map(|i| delta(&|s| s.wal_syncs, i)).sum(),
         dropped: (0..status_after.len()).map(|i| delta(&|s| s.dropped_overload, i)).sum(),
         cpu,
+        setup_seconds,
+        teardown_seconds,
     })
 }
 
@@ -477,8 +528,7 @@ fn sleep_until(t: Instant) {
 }
 
 /// CPU seconds (user + system) of every live thread of this process, by thread id, with the
-/// thread's group: its name without trailing numbers (`caller-3-7` and `norep-conn-2` group
-/// as `caller` and `norep-conn`), except that each replica's core thread is its own group.
+/// thread's name.
 fn thread_cpu() -> BTreeMap<u64, (String, f64)> {
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
@@ -495,13 +545,7 @@ fn thread_cpu() -> BTreeMap<u64, (String, f64)> {
         let (Some(user), Some(system)) = (fields.get(11).and_then(|v| v.parse::<f64>().ok()), fields.get(12).and_then(|v| v.parse::<f64>().ok())) else {
             continue;
         };
-        let group = if name.starts_with("replica-core") {
-            name.to_string()
-        } else {
-            name.trim_end_matches(|c: char| c.is_ascii_digit() || c == '-').to_string()
-        };
-        let group = if group.is_empty() { "main".to_string() } else { group };
-        out.insert(tid, (group, (user + system) / ticks));
+        out.insert(tid, (name.to_string(), (user + system) / ticks));
     }
     out
 }
