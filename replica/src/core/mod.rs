@@ -182,6 +182,9 @@ struct Slot {
     committed: bool,
     /// The highest-view prepared certificate this replica holds (view-change evidence).
     certificate: Option<PreparedCertificate>,
+    /// When `proposal` was accepted (ticks): a proposal that does not commit within the
+    /// view-change timeout makes the replica suspect the primary.
+    accepted_tick: u64,
     /// Proof that the batch committed (kept apart from `proposal` and `commits`, which a
     /// later view replaces), served to replicas that missed it.
     commit_certificate: Option<Box<CommitCertificate>>,
@@ -398,11 +401,28 @@ impl<S: Service> Replica<S> {
             highest_seen = highest_seen.max(*seq);
             log.entry(*seq).or_default().proposal = Some(proposal.clone());
         }
+        // Our own prepares and commits are re-signed from what was persisted (the same
+        // statements, so rule 3 still holds) so that retransmission can resend them.
+        let signer = Signer::from_secret(&secrets.signing_key.0);
+        for (_, slot) in log.iter_mut() {
+            if let Some(p) = &slot.proposal {
+                let b = &p.pre_prepare.body;
+                if b.primary != secrets.id {
+                    let prepare = signer.sign(Prepare { view: b.view, seq: b.seq, batch_digest: b.batch_digest, replica: secrets.id });
+                    slot.prepares.insert(secrets.id, prepare);
+                }
+            }
+        }
         for (seq, cert) in prepared.range(low.next()..) {
             let slot = log.entry(*seq).or_default();
             let same_view = slot.proposal.as_ref().map(|p| p.pre_prepare.body.view)
                 == Some(cert.proposal.pre_prepare.body.view);
             slot.sent_commit = same_view;
+            if same_view {
+                let b = &cert.proposal.pre_prepare.body;
+                let commit = signer.sign(Commit { view: b.view, seq: b.seq, batch_digest: b.batch_digest, replica: secrets.id });
+                slot.commits.insert(secrets.id, commit);
+            }
             slot.certificate = Some(cert.clone());
         }
         let n = config.n();
@@ -864,10 +884,12 @@ impl<S: Service> Replica<S> {
             self.highest_seen = self.highest_seen.max(seq);
             actions.push(Action::Persist(WalRecord::Accepted(Box::new(proposal.clone()))));
             actions.push(Action::Broadcast { message: Message::Agreement(AgreementMessage::PrePrepare(proposal.clone())) });
+            let ticks = self.ticks;
             let slot = self.log.entry(seq).or_default();
             assert!(!slot.committed, "replica {}: proposing into committed {seq:?}", self.id.0);
             slot.proposal = Some(proposal);
             slot.sent_commit = false;
+            slot.accepted_tick = ticks;
         }
     }
 
@@ -932,9 +954,11 @@ impl<S: Service> Replica<S> {
     fn accept_and_prepare(&mut self, proposal: Proposal, actions: &mut Vec<Action>) {
         let b = proposal.pre_prepare.body.clone();
         actions.push(Action::Persist(WalRecord::Accepted(Box::new(proposal.clone()))));
+        let ticks = self.ticks;
         let slot = self.log.entry(b.seq).or_default();
         slot.proposal = Some(proposal);
         slot.sent_commit = false;
+        slot.accepted_tick = ticks;
         if b.primary != self.id {
             let prepare =
                 self.signer.sign(Prepare { view: b.view, seq: b.seq, batch_digest: b.batch_digest, replica: self.id });
@@ -1325,7 +1349,17 @@ impl<S: Service> Replica<S> {
 
         // View-change timers.
         if self.view_active {
-            let oldest = self.waiting.values().map(|(_, t)| *t).min();
+            // Requests clients are waiting on, and proposals of this view not committed: the
+            // primary owes progress on both (the primary watches its own proposals too, so a
+            // view whose quorum fell apart is left even when no backup notices).
+            let view = self.view;
+            let oldest_proposal = self
+                .log
+                .range(self.last_executed.next()..)
+                .filter(|(_, s)| !s.committed && s.proposal.as_ref().is_some_and(|p| p.pre_prepare.body.view == view))
+                .map(|(_, s)| s.accepted_tick)
+                .min();
+            let oldest = self.waiting.values().map(|(_, t)| *t).chain(oldest_proposal).min();
             if let Some(t) = oldest {
                 if self.ticks >= t + self.view_change_timeout_ticks {
                     self.on_view_change_timeout(actions);
@@ -1386,6 +1420,15 @@ impl<S: Service> Replica<S> {
             return;
         }
         let primary = self.is_primary();
+        // Our commits for batches we executed (after a restart, from our checkpoint) without
+        // knowing they committed everywhere: others may still need them.
+        for (_, slot) in self.log.range(..=self.last_executed) {
+            if slot.sent_commit && !slot.committed {
+                if let Some(commit) = slot.commits.get(&self.id) {
+                    actions.push(Action::Broadcast { message: Message::Agreement(AgreementMessage::Commit(commit.clone())) });
+                }
+            }
+        }
         for (_, slot) in self.log.range(self.last_executed.next()..) {
             let Some(p) = &slot.proposal else { continue };
             if p.pre_prepare.body.view != self.view || slot.committed {
