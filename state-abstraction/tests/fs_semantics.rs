@@ -359,7 +359,7 @@ fn crash_then_reopen(dir: &std::path::Path, data_changes: bool) {
             .expect("rename");
     }
     // A crash: nothing is saved on the way down.
-    std::mem::forget(fs);
+    fs.svc.simulate_crash();
     let mut fs = Fs::open(dir);
     assert_eq!(fs.svc.checkpoints(), vec![(1, cp)]);
     assert_eq!(fs.digest(), cp);
@@ -409,7 +409,7 @@ fn unclean_shutdown_after_a_flush_and_many_changes() {
     fs.run(FsOp::Rename { from_dir: ROOT, from_name: name("d2"), to_dir: x, to_name: name("inside"), no_replace: false })
         .expect("move dir into a new dir");
     fs.create(ROOT, "reuses-a-slot");
-    std::mem::forget(fs);
+    fs.svc.simulate_crash();
     let mut fs = Fs::open(dir.path());
     assert_eq!(fs.digest(), cp);
     let now: Vec<_> = (0..fs.svc.object_count()).map(|i| fs.svc.get_obj(i).expect("get")).collect();

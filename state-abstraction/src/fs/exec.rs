@@ -644,6 +644,7 @@ impl FileService {
         if src_is_dir {
             // Moving a directory under itself would cut it off from the root.
             let mut cur = to_dir.index;
+            let mut steps = 0;
             loop {
                 if cur == src {
                     return Err(FsError::Inval);
@@ -652,6 +653,11 @@ impl FileService {
                     break;
                 }
                 cur = self.live(cur).parent;
+                steps += 1;
+                if steps > self.slots.len() {
+                    // Parents always lead to the root in a consistent table.
+                    return Err(FsError::Io);
+                }
             }
         }
         if target == Some(src) {

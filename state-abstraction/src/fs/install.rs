@@ -447,8 +447,17 @@ impl FileService {
 
         self.orphans.retain(|&j| (j as usize) < self.slots.len() && self.slots[j as usize].live().is_some_and(|o| o.links.is_empty()));
         for (j, s) in self.slots.iter().enumerate() {
-            if j != 0 && s.live().is_some_and(|o| o.links.is_empty()) {
-                inconsistent = true;
+            let Some(o) = s.live() else { continue };
+            if j == 0 {
+                // The root is its own parent.
+                inconsistent |= o.parent != 0;
+                continue;
+            }
+            // Every object is named, and its parent is the directory of its first name (the
+            // rule the operations keep), so ".." and subtree checks can trust it.
+            match o.links.iter().next() {
+                Some((d, _)) => inconsistent |= o.parent != *d,
+                None => inconsistent = true,
             }
         }
         self.inconsistent = inconsistent;
