@@ -4,7 +4,9 @@
 use clap::{Parser, Subcommand};
 
 mod micro;
+mod postmark;
 mod replay;
+mod report;
 mod wrapper;
 
 #[derive(Parser)]
@@ -25,6 +27,10 @@ enum Command {
     /// Replay an NFSv3 trace (Ellard's nfsdump text format; plain, .zst or .gz) against one or
     /// more mounted directories: ops/s, latency per procedure, agreement with the trace.
     Replay(replay::Args),
+    /// PostMark (Debian's postmark) against bftfs (f=1), bftfs --f 0, tmpfs, a local directory,
+    /// bindfs and GlusterFS in one session, rounds interleaved: transactions/s, files
+    /// created/s, total time, ratios to a baseline; CSV, JSON and a PNG chart in --out.
+    Postmark(postmark::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -32,5 +38,6 @@ fn main() -> anyhow::Result<()> {
         Command::Wrapper(args) => wrapper::run(args),
         Command::Micro(args) => micro::run(args),
         Command::Replay(args) => replay::run(args),
+        Command::Postmark(args) => postmark::run(args),
     }
 }
