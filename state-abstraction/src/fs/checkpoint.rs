@@ -220,6 +220,15 @@ struct TableFile {
     records: Vec<RecordFile>,
 }
 
+/// [`TableFile`] as written, borrowing the headers and digests (same encoding).
+#[derive(Serialize)]
+struct TableFileRef<'a> {
+    version: u32,
+    last_time: u64,
+    slots: Vec<(&'a [u8], &'a [Digest], u64)>,
+    records: Vec<RecordFile>,
+}
+
 /// The journal: what the newest checkpoint record gained since the table was saved, appended
 /// before the change it protects, so that a crashed replica can still roll back exactly.
 /// Written without fsync: it covers a crash of the process, not of the machine.
@@ -251,13 +260,14 @@ impl FileService {
     pub(super) fn save_table(&mut self) -> Result<(), ServiceError> {
         self.refresh_digests()?;
         self.fill_inodes();
-        let slots = (0..self.slots.len() as u64)
-            .map(|i| {
-                let (pieces, ino) = match &self.slots[i as usize] {
-                    Slot::Live(o) => (o.pieces.clone(), o.ino),
-                    Slot::Free { .. } => (Vec::new(), 0),
-                };
-                (self.header_of(i).encode(), pieces, ino)
+        // Every digest is fresh now, so every cached header is too.
+        let slots = self
+            .slots
+            .iter()
+            .zip(&self.encoded)
+            .map(|(slot, header)| match slot {
+                Slot::Live(o) => (header.as_slice(), o.pieces.as_slice(), o.ino),
+                Slot::Free { .. } => (header.as_slice(), &[][..], 0),
             })
             .collect();
         let records = self
@@ -273,7 +283,7 @@ impl FileService {
                 last_time: r.last_time,
             })
             .collect();
-        let file = TableFile { version: TABLE_VERSION, last_time: self.last_time, slots, records };
+        let file = TableFileRef { version: TABLE_VERSION, last_time: self.last_time, slots, records };
         let bytes = bincode::serde::encode_to_vec(&file, table_config())
             .map_err(|e| storage(io::Error::other(format!("encoding the table: {e}"))))?;
         backend::syncfs(self.root_fd.as_raw_fd()).map_err(storage)?;
@@ -351,6 +361,7 @@ impl FileService {
         self.slots.clear();
         self.free.clear();
         self.tree = PartitionTree::new();
+        self.encoded.clear();
         for (i, (hb, pieces, ino)) in file.slots.into_iter().enumerate() {
             let i = i as u64;
             let header: Header = super::ops::decode(&hb).ok_or_else(|| bad(format!("object {i} does not decode")))?;
@@ -365,12 +376,17 @@ impl FileService {
                     if pieces.len() != 1 + o.chunks() as usize {
                         return Err(bad(format!("object {i} has the wrong number of pieces")));
                     }
+                    // The saved header must be the one the saved digests describe.
+                    if pieces[0] != piece_digest(i, 0, &hb) {
+                        return Err(bad(format!("object {i}: header does not match its digest")));
+                    }
                     self.tree.set(i, object_digest(i, &pieces));
                     o.pieces = pieces;
                     o.ino = ino;
                     self.slots.push(Slot::Live(Box::new(o)));
                 }
             }
+            self.encoded.push(hb);
         }
         self.relink_all();
         for r in file.records {
@@ -658,8 +674,10 @@ impl FileService {
                         }
                     };
                     self.slots[i as usize] = slot;
+                    self.encoded[i as usize] = s.header.clone();
                 }
                 self.slots.truncate(count as usize);
+                self.encoded.truncate(count as usize);
                 self.free = (0..count).filter(|&i| self.slots[i as usize].live().is_none()).collect();
                 if let Some(r) = self.ckpt.records.last_mut() {
                     r.saved.clear();
@@ -815,6 +833,7 @@ impl FileService {
         }
         self.install(items, false)?;
         self.slots.truncate(count as usize);
+        self.encoded.truncate(count as usize);
         self.free.retain(|&i| i < count);
         self.dirty.retain(|&i| i < count);
         let dropped: Vec<SeqNo> = self.ckpt.records.drain(pos + 1..).map(|r| r.seq).collect();

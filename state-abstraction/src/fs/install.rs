@@ -118,6 +118,7 @@ impl FileService {
         if count < len {
             self.install((count..len).map(|i| (i, None)).collect(), true)?;
             self.slots.truncate(count as usize);
+            self.encoded.truncate(count as usize);
             self.free.retain(|&i| i < count);
             self.dirty.retain(|&i| i < count);
             self.orphans.retain(|&i| i < count);

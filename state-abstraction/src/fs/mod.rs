@@ -141,6 +141,9 @@ pub struct FileService {
     journal: Option<OwnedFd>,
     /// Objects whose nodes sit in `tree/stage/<index>` (only during `put_objs`).
     staged: BTreeSet<u64>,
+    /// Each slot's encoded header as of its last digest refresh (valid for slots not in
+    /// `dirty`), so saving the table does not encode every object again.
+    encoded: Vec<Vec<u8>>,
 }
 
 impl std::fmt::Debug for FileService {
@@ -203,6 +206,7 @@ impl FileService {
             inconsistent: false,
             journal: None,
             staged: BTreeSet::new(),
+            encoded: Vec::new(),
         };
         if fresh {
             svc.init_root();
@@ -506,6 +510,7 @@ impl FileService {
     /// Recomputes the digests of every changed object and updates the partition tree.
     fn refresh_digests(&mut self) -> Result<(), ServiceError> {
         let dirty = std::mem::take(&mut self.dirty);
+        self.encoded.resize(self.slots.len(), Vec::new());
         let mut buf = Vec::new();
         for &i in &dirty {
             // Long loops trim the descriptor caches as they go (each descriptor is used
@@ -566,6 +571,7 @@ impl FileService {
             }
         };
         self.tree.set(i, d);
+        self.encoded[i as usize] = header;
         Ok(())
     }
 
