@@ -890,6 +890,9 @@ impl<S: Service> Replica<S> {
             slot.proposal = Some(proposal);
             slot.sent_commit = false;
             slot.accepted_tick = ticks;
+            // With f=0 (one replica) no prepare will ever arrive to trigger this, and 0
+            // prepares already make a prepared certificate; with f>0 it returns at once.
+            self.try_prepared(seq, actions);
         }
     }
 
