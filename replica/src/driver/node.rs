@@ -269,12 +269,21 @@ fn core_loop<S: Service>(
             Err(std_mpsc::RecvTimeoutError::Timeout) => {}
             Err(std_mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
         }
-        // Take what else is already queued, so that one fsync covers many records.
+        // Take what else is already queued, so that its sends go out together. The core
+        // requires every record of a step to be durable before the next step (it may discard
+        // service checkpoints that only those records make unnecessary), so a step that
+        // produced a record is performed, fsync included, before the next one.
         for _ in 0..256 {
+            if actions.iter().any(|a| matches!(a, Action::Persist(_))) {
+                perform(&mut actions, &mut wal, auth, &all_replicas, peers, clients, counters)?;
+            }
             match core_rx.try_recv() {
                 Ok(Input::Message(m)) => replica.step(Event::Message(m), &mut actions),
                 Err(_) => break,
             }
+        }
+        if actions.iter().any(|a| matches!(a, Action::Persist(_))) {
+            perform(&mut actions, &mut wal, auth, &all_replicas, peers, clients, counters)?;
         }
         let now = Instant::now();
         if now >= next_tick {
