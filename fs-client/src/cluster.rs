@@ -158,6 +158,7 @@ fn port_free(address: &str) -> bool {
 /// port another program took since are moved to free ports (the config is public and not
 /// signed, so only the addresses change, never the keys).
 pub fn prepare_local_cluster(data_dir: &Path, f: u32) -> Result<PathBuf> {
+    wait_for_previous_replicas(data_dir, 3 * f as usize + 1)?;
     let dir = data_dir.join(CLUSTER_DIR);
     let config_path = dir.join(keygen::CONFIG_FILE);
     if !config_path.exists() {
@@ -189,6 +190,35 @@ pub fn prepare_local_cluster(data_dir: &Path, f: u32) -> Result<PathBuf> {
         std::fs::rename(&tmp, &config_path).with_context(|| format!("cannot update {}", config_path.display()))?;
     }
     Ok(config_path)
+}
+
+/// Replicas of a previous `up` whose `bftfs` was killed get SIGTERM when it dies, but may
+/// take a moment to finish; they hold their data directory's lock (and port) until they exit.
+/// Waits for them rather than failing on a lock or moving ports for nothing.
+fn wait_for_previous_replicas(data_dir: &Path, n: usize) -> Result<()> {
+    let started = Instant::now();
+    for i in 0..n {
+        let path = data_dir.join(format!("replica-{i}")).join("lock");
+        let Ok(file) = OpenOptions::new().read(true).write(true).open(&path) else { continue };
+        loop {
+            // SAFETY: a valid descriptor; flock has no memory effects.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                // SAFETY: as above; the lock is released at once, the replica takes it.
+                unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(15) {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                bail!(
+                    "replica {i} of {} is still running (pid {}); stop it first (`bftfs down`)",
+                    data_dir.display(),
+                    holder.trim()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok(())
 }
 
 struct Member {
@@ -346,6 +376,13 @@ fn spawn_replica(program: &Path, config_path: &Path, data_dir: &Path, i: usize) 
     unsafe {
         use std::os::unix::process::CommandExt;
         cmd.pre_exec(|| {
+            // The serving process blocks SIGINT/SIGTERM to handle them on one thread; a blocked
+            // mask is inherited across exec, and a replica must hear SIGTERM.
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            if libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong, 0, 0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }

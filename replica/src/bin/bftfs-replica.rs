@@ -83,6 +83,16 @@ fn run(args: Args) -> anyhow::Result<()> {
     );
 
     let stop = Arc::new(AtomicBool::new(false));
+    // A parent that blocked these signals passes the mask on through exec; unblock them, or
+    // SIGTERM (from `bftfs down`, or when the parent dies) would never arrive.
+    // SAFETY: plain signal-mask calls on a zeroed, initialised set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
     for signal in [libc::SIGINT, libc::SIGTERM] {
         let stop = stop.clone();
         // A plain flag set from the handler; the core loop checks it between steps.
