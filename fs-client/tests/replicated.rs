@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 fn status_json(m: &Mounted) -> String {
@@ -168,6 +168,5 @@ fn kill_9_of_a_replica_during_a_workload() {
     assert!(caught_up, "killed replicas did not come back and catch up: {}", status_json(&m));
     let listing: Vec<String> = fs::read_dir(&dir).expect("readdir").map(|e| e.expect("entry").file_name().to_string_lossy().into_owned()).collect();
     assert_eq!(listing.len(), files, "{listing:?}");
-    let _ = Path::new("");
     m.down();
 }

@@ -6,7 +6,7 @@ use replica::driver::status;
 use replica::config::{generate_with_os_random, ClusterConfig, ProtocolConfig};
 use state_abstraction::fs::{decode, encode, Caller, CreateHow, FsOp, FsReply, FsRequest, FsResult, Handle};
 use state_abstraction::ClientId;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
@@ -18,7 +18,7 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> Cluster {
-        let dir = tempfile::Builder::new().prefix("bftfs-proc").keep(std::env::var_os("KEEP").is_some()).tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new().prefix("bftfs-proc").disable_cleanup(std::env::var_os("KEEP").is_some()).tempdir().expect("tempdir");
         eprintln!("cluster dir: {}", dir.path().display());
         let addresses: Vec<String> = (0..4)
             .map(|_| {
@@ -197,7 +197,6 @@ fn four_processes_serve_a_client_while_one_is_killed_and_restarted() {
         }
         other => panic!("readdir: {other:?}"),
     }
-    let _ = Path::new("");
 }
 
 #[test]
