@@ -341,39 +341,28 @@ fn perform(
             wal.sync().map_err(wal_error)?;
             counters.wal_syncs.fetch_add(1, Ordering::Relaxed);
         }
-        match to {
-            Target::Replica(r) => {
-                let Some(link) = peers.get(&r) else { continue };
-                match auth.seal(&message, &[Principal::Replica(r)]) {
-                    Ok(frame) => {
-                        let _ = link.try_send(frame);
-                    }
-                    Err(e) => tracing::error!(error = %e, "cannot seal a message"),
-                }
-            }
-            Target::AllReplicas => match auth.seal(&message, all_replicas) {
-                // Hashed once, one MAC per receiver, the same frame to everyone.
-                Ok(frame) => {
-                    for link in peers.values() {
-                        let _ = link.try_send(frame.clone());
-                    }
-                }
-                Err(e) => tracing::error!(error = %e, "cannot seal a message"),
-            },
+        // One seal per message: hashed once, one MAC per receiver, the same frame to each link.
+        let (receivers, links): (Vec<Principal>, Vec<mpsc::Sender<Vec<u8>>>) = match to {
+            Target::Replica(r) => (vec![Principal::Replica(r)], peers.get(&r).cloned().into_iter().collect()),
+            Target::AllReplicas => (all_replicas.to_vec(), peers.values().cloned().collect()),
             Target::Client(c) => {
                 let link = clients.lock().ok().and_then(|m| m.get(&c).cloned());
-                let Some(link) = link else {
+                if link.is_none() {
                     // Not connected now; the client retransmits and gets the cached reply.
                     counters.dropped_client_unknown.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                };
-                match auth.seal(&message, &[Principal::Client(c)]) {
-                    Ok(frame) => {
-                        let _ = link.try_send(frame);
-                    }
-                    Err(e) => tracing::error!(error = %e, "cannot seal a message"),
                 }
+                (vec![Principal::Client(c)], link.into_iter().collect())
             }
+        };
+        let Some((last, rest)) = links.split_last() else { continue };
+        match auth.seal(&message, &receivers) {
+            Ok(frame) => {
+                for link in rest {
+                    let _ = link.try_send(frame.clone());
+                }
+                let _ = last.try_send(frame);
+            }
+            Err(e) => tracing::error!(error = %e, "cannot seal a message"),
         }
     }
     if wal.has_pending() {
