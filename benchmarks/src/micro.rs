@@ -1,23 +1,29 @@
-//! `bftfs-bench micro`: the protocol micro-benchmark (null operations).
+//! `bftfs-bench micro`: the protocol micro-benchmarks (null operation, 4 KiB read, 4 KiB write).
 //!
-//! In: how long to measure, how many client identities and concurrent callers per client, how
-//! many rounds, the request payload. Out: ops/s and latency (p50, p99) of a null operation on
-//! the key-value service replicated with n=4 (f=1) against the same service unreplicated
-//! (n=1), measured in one run with the configurations interleaved round by round; the median
-//! of the rounds, the ratio n=4 / n=1, and where the CPU time goes.
+//! In: the workloads, how long to measure, how many client identities and concurrent callers
+//! per client, how many rounds, the request payload. Out: ops/s and latency (p50, p99) of each
+//! workload replicated with n=4 (f=1) against the same service unreplicated (n=1), measured in
+//! one run with the configurations interleaved round by round; the median of the rounds, the
+//! ratio n=4 / n=1, and where the CPU time goes.
 //!
-//! The null operation: `KvService` has no no-op, so it is a `Get` of a missing key sent as an
-//! ordered (not read-only) request; the key is `--payload` bytes long, so the payload travels
-//! in the request. Execution is a hash and a map lookup: what is measured is ordering.
-//! `--read-only` also measures the same `Get` on the read-only (unordered) path.
+//! Workloads (`--workload`, default all three):
+//! - `null`: `KvService` has no no-op, so it is a `Get` of a missing key sent as an ordered
+//!   (not read-only) request; the key is `--payload` bytes long, so the payload travels in the
+//!   request. Execution is a hash and a map lookup: what is measured is ordering.
+//!   `--read-only` also measures the same `Get` on the read-only (unordered) path.
+//! - `write4k`: the file service (`FileService` over a real directory per replica, the service
+//!   a mount uses): each caller overwrites 4 KiB blocks of its own 64 KiB file, ordered. This
+//!   adds the request's 4 KiB to every message that carries the batch, the `pwrite` and the
+//!   piece digest upkeep at each replica.
+//! - `read4k`: the file service; each caller reads 4 KiB blocks of one shared 256 KiB file on
+//!   the read-only path, as the mount's `read` does (2f+1 matching replies, no ordering).
 //!
-//! n=1: `ClusterConfig::validate` accepts f=0, but the core does not order anything with
-//! f=0: `Replica::try_propose` records the primary's own proposal without calling
-//! `try_prepared`, which is otherwise only reached when a pre-prepare or prepare arrives from
-//! another replica, and with n=1 none ever does; the first request times out
-//! (`--f0-driver` shows it). So the baseline is [`StandIn`]: one server speaking the
-//! replicas' client protocol (the same `ClientHandle`, framing, MACs and signed requests)
-//! that executes each request as soon as it has authenticated it.
+//! n=1: the baseline is [`StandIn`]: one server speaking the replicas' client protocol (the
+//! same `ClientHandle`, framing, MACs and signed requests) that executes each request as soon
+//! as it has authenticated it: what a client library costs with no replication at all.
+//! `--f0-driver` measures n=1 through the replica driver and core instead (f=0: the primary
+//! commits its own proposals, with its write-ahead log), which adds the core's batching and
+//! the log's fsyncs to the baseline.
 //!
 //! Every round starts fresh: new keys, new ports on 127.0.0.1, a new temporary data directory
 //! (one write-ahead log per replica), replicas on threads in this process (`node::run`),
@@ -34,6 +40,7 @@ use replica::driver::client::ClientHandle;
 use replica::driver::node;
 use replica::driver::status::ReplicaStatus;
 use replica::wire::{self, Authenticator, ClientMessage, Message, Principal, Reply, ReplicaId, View};
+use state_abstraction::fs::{decode, encode, Caller, CreateHow, FileService, FsError, FsOp, FsReply, FsRequest, Handle};
 use state_abstraction::kv::{KvOp, KvReply, KvService};
 use state_abstraction::{ClientId, Service};
 use std::collections::BTreeMap;
@@ -82,11 +89,134 @@ pub struct Args {
     /// tmpfs, where fsync is free); the unreplicated server keeps no log.
     #[arg(long, default_value = "/var/tmp")]
     dir: Vec<PathBuf>,
-    /// Measure n=1 through the replica driver and core with f=0 instead of the stand-in
-    /// unreplicated server (the core does not order anything with f=0 today: this fails).
+    /// Measure n=1 through the replica driver and core with f=0 (its own write-ahead log)
+    /// instead of the stand-in unreplicated server.
     #[arg(long)]
     f0_driver: bool,
+    /// Workloads to measure (comma-separated or repeated).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Workload::Null, Workload::Read4k, Workload::Write4k])]
+    workload: Vec<Workload>,
 }
+
+/// What each call does (see the module doc).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Workload {
+    Null,
+    Read4k,
+    Write4k,
+}
+
+impl Workload {
+    fn label(self) -> &'static str {
+        match self {
+            Workload::Null => "null op",
+            Workload::Read4k => "4 KiB read",
+            Workload::Write4k => "4 KiB write",
+        }
+    }
+    fn file_service(self) -> bool {
+        self != Workload::Null
+    }
+}
+
+/// A prepared workload: what caller `caller` sends on its `i`-th call, and what a correct
+/// answer looks like. Replies are checked on every call, so a wrong answer counts as a failed
+/// call rather than as throughput.
+struct Prepared {
+    workload: Workload,
+    callers_per_client: usize,
+    null_op: Vec<u8>,
+    /// Write4k: each caller's own file. Read4k: the one shared file.
+    files: Vec<Handle>,
+}
+
+impl Workload {
+    /// Creates the files the workload uses (ordered calls, before anything is measured).
+    fn prepare(setup: Setup, payload: usize, handles: &[Arc<ClientHandle>], callers: usize, timeout: Duration) -> Result<Prepared> {
+        let null_op = KvOp::Get { key: vec![0xA5; payload] }.encode();
+        let mut prepared = Prepared { workload: setup.workload, callers_per_client: callers, null_op, files: Vec::new() };
+        fn fs_call(h: &ClientHandle, op: FsOp, timeout: Duration) -> Result<FsReply> {
+            let reply = h.call(fs_request(op), false, timeout).context("the cluster does not answer")?;
+            decode::<Result<FsReply, FsError>>(&reply).context("undecodable file service reply")?.map_err(|e| anyhow::anyhow!("{e}"))
+        }
+        fn create(h: &ClientHandle, name: String, timeout: Duration) -> Result<Handle> {
+            let op = FsOp::Create { dir: Handle::ROOT, name: name.into_bytes(), mode: 0o644, how: CreateHow::Unchecked };
+            match fs_call(h, op, timeout)? {
+                FsReply::Entry { handle, .. } => Ok(handle),
+                other => bail!("create answered {other:?}"),
+            }
+        }
+        match setup.workload {
+            Workload::Null => {}
+            Workload::Read4k => {
+                let h = &handles[0];
+                let file = create(h, "shared".into(), timeout)?;
+                for b in 0..READ_FILE_BLOCKS {
+                    fs_call(h, FsOp::Write { h: file, offset: b * BLOCK as u64, data: block(b) }, timeout)?;
+                }
+                prepared.files.push(file);
+            }
+            Workload::Write4k => {
+                // One client thread each: creates are ordered calls, so run them concurrently.
+                let made: Vec<JoinHandle<Result<Vec<Handle>>>> = handles
+                    .iter()
+                    .enumerate()
+                    .map(|(c, h)| {
+                        let h = h.clone();
+                        std::thread::spawn(move || {
+                            (0..callers).map(|k| create(&h, format!("w-{c}-{k}"), timeout)).collect::<Result<Vec<Handle>>>()
+                        })
+                    })
+                    .collect();
+                for t in made {
+                    prepared.files.extend(t.join().map_err(|_| anyhow::anyhow!("a set-up thread panicked"))??);
+                }
+            }
+        }
+        Ok(prepared)
+    }
+}
+
+impl Prepared {
+    fn call(&self, caller: usize, i: u64) -> (Vec<u8>, bool) {
+        match self.workload {
+            Workload::Null => (self.null_op.clone(), false),
+            Workload::Read4k => {
+                let b = (caller as u64 + i) % READ_FILE_BLOCKS;
+                (fs_request(FsOp::Read { h: self.files[0], offset: b * BLOCK as u64, count: BLOCK as u32 }), true)
+            }
+            Workload::Write4k => {
+                let b = i % WRITE_FILE_BLOCKS;
+                (fs_request(FsOp::Write { h: self.files[caller], offset: b * BLOCK as u64, data: block(i) }), false)
+            }
+        }
+    }
+
+    fn check(&self, reply: &[u8]) -> bool {
+        match self.workload {
+            Workload::Null => KvReply::decode(reply) == Some(KvReply::Value(None)),
+            Workload::Read4k => matches!(decode::<Result<FsReply, FsError>>(reply), Some(Ok(FsReply::Read { data, .. })) if data.len() == BLOCK),
+            Workload::Write4k => {
+                matches!(decode::<Result<FsReply, FsError>>(reply), Some(Ok(FsReply::Write { count, .. })) if count as usize == BLOCK)
+            }
+        }
+    }
+}
+
+fn fs_request(op: FsOp) -> Vec<u8> {
+    encode(&FsRequest { caller: Caller::root(), op })
+}
+
+/// A 4 KiB block whose bytes depend on `seed` (so overwrites change the data).
+fn block(seed: u64) -> Vec<u8> {
+    (0..BLOCK).map(|j| (seed as usize).wrapping_mul(31).wrapping_add(j) as u8).collect()
+}
+
+/// Block size of the read and write workloads.
+const BLOCK: usize = 4096;
+/// Blocks in each writer's file and in the shared file the readers read.
+const WRITE_FILE_BLOCKS: u64 = 16;
+const READ_FILE_BLOCKS: u64 = 64;
 
 /// How the service is run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -103,6 +233,7 @@ enum Kind {
 /// One configuration measured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Setup {
+    workload: Workload,
     kind: Kind,
     read_only: bool,
     /// Index into `--dir` of the replicas' log directory.
@@ -122,8 +253,13 @@ impl Setup {
             Kind::F0Driver => "n=1 (f=0) driver",
             Kind::Unreplicated => "n=1 unreplicated",
         };
-        let dir = if self.kind == Kind::Unreplicated { String::new() } else { format!(", WAL {}", args.dir[self.dir].display()) };
-        format!("{base}{}{dir}", if self.read_only { " read-only" } else { "" })
+        let dir = if self.kind == Kind::Unreplicated || args.dir.len() < 2 {
+            String::new()
+        } else {
+            format!(", WAL {}", args.dir[self.dir].display())
+        };
+        let path = if self.read_only { " read-only" } else { "" };
+        format!("{}: {base}{path}{dir}", self.workload.label())
     }
 }
 
@@ -157,20 +293,32 @@ pub fn run(args: Args) -> Result<()> {
         std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
     }
     let baseline = if args.f0_driver { Kind::F0Driver } else { Kind::Unreplicated };
+    let mut workloads = args.workload.clone();
+    workloads.sort();
+    workloads.dedup();
     let mut setups = Vec::new();
-    for read_only in [false, true] {
-        if read_only && !args.read_only {
-            continue;
+    for &workload in &workloads {
+        for read_only in [false, true] {
+            let wanted = match workload {
+                Workload::Null => !read_only || args.read_only,
+                // The mount reads on the read-only path; that is the one worth measuring.
+                Workload::Read4k => read_only,
+                Workload::Write4k => !read_only,
+            };
+            if !wanted {
+                continue;
+            }
+            // The read-only path writes no log: one directory is enough.
+            let dirs = if read_only { 1 } else { args.dir.len() };
+            for dir in 0..dirs {
+                setups.push(Setup { workload, kind: Kind::Replicated, read_only, dir });
+            }
+            setups.push(Setup { workload, kind: baseline, read_only, dir: 0 });
         }
-        // The read-only path writes no log: one directory is enough.
-        let dirs = if read_only { 1 } else { args.dir.len() };
-        for dir in 0..dirs {
-            setups.push(Setup { kind: Kind::Replicated, read_only, dir });
-        }
-        setups.push(Setup { kind: baseline, read_only, dir: 0 });
     }
     eprintln!(
-        "micro: {} clients x {} callers, payload {} B, {} rounds x ({:.1} s warm-up + {:.1} s measured) per configuration, WAL in {:?}",
+        "micro: {:?}, {} clients x {} callers, payload {} B, {} rounds x ({:.1} s warm-up + {:.1} s measured) per configuration, WAL in {:?}",
+        workloads,
         args.clients,
         args.callers,
         args.payload,
@@ -184,7 +332,7 @@ pub fn run(args: Args) -> Result<()> {
         for setup in &setups {
             let r = measure(*setup, &args).with_context(|| format!("round {} of {}", round + 1, setup.label(&args)))?;
             eprintln!(
-                "round {:>2} {:<36} {:>8.0} ops/s  p50 {:>7.0} µs  p99 {:>7.0} µs  batch {:>5.1} req  fsync/batch {:.2}  (setup {:.1} s, teardown {:.1} s){}",
+                "round {:>2} {:<44} {:>8.0} ops/s  p50 {:>7.0} µs  p99 {:>7.0} µs  batch {:>5.1} req  fsync/batch {:.2}  (setup {:.1} s, teardown {:.1} s){}",
                 round + 1,
                 setup.label(&args),
                 r.ops_per_second,
@@ -228,7 +376,7 @@ fn report(args: &Args, setups: &[Setup], results: &BTreeMap<Setup, Vec<Round>>) 
     let med = |s: &Setup, f: &dyn Fn(&Round) -> f64| median(results.get(s).map(|v| v.iter().map(f).collect()).unwrap_or_default());
     println!();
     println!(
-        "Null operation, {} clients x {} callers, payload {} B, median of {} rounds ({:.1} s measured each), interleaved.",
+        "{} clients x {} callers, null-op payload {} B, median of {} rounds ({:.1} s measured each), interleaved.",
         args.clients, args.callers, args.payload, args.rounds, args.seconds
     );
     println!();
@@ -263,7 +411,11 @@ fn report(args: &Args, setups: &[Setup], results: &BTreeMap<Setup, Vec<Round>>) 
     }
     println!();
     for &four in setups.iter().filter(|s| s.kind == Kind::Replicated) {
-        let Some(one) = setups.iter().copied().find(|s| s.kind != Kind::Replicated && s.read_only == four.read_only) else { continue };
+        let Some(one) =
+            setups.iter().copied().find(|s| s.kind != Kind::Replicated && s.read_only == four.read_only && s.workload == four.workload)
+        else {
+            continue;
+        };
         let a = med(&four, &|r| r.ops_per_second);
         let b = med(&one, &|r| r.ops_per_second);
         // The ratio per round too: rounds are adjacent in time, so it is less noisy.
@@ -313,11 +465,30 @@ struct Cluster {
     clients: Vec<ClientSecrets>,
     statuses: Vec<Arc<Mutex<ReplicaStatus>>>,
     stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<Result<(), node::NodeError>>>,
+    threads: Vec<ReplicaThread>,
     /// Thread ids of each replica's runtime threads (named `bftfs-net` by the driver, whichever
     /// replica they belong to), found by starting the replicas one at a time.
     net_threads: BTreeMap<u64, u32>,
     _dir: tempfile::TempDir,
+}
+
+type ReplicaThread = JoinHandle<Result<(), node::NodeError>>;
+
+/// Restores a replica of `service` from its log and runs it on a thread named after it.
+fn spawn_replica<S: Service + Send + 'static>(
+    config: Arc<ClusterConfig>,
+    secrets: replica::config::ReplicaSecrets,
+    service: S,
+    wal: &std::path::Path,
+    listener: std::net::TcpListener,
+    status: Arc<Mutex<ReplicaStatus>>,
+    stop: Arc<AtomicBool>,
+) -> Result<ReplicaThread> {
+    let (replica, wal) = node::restore_replica(config.clone(), &secrets, service, wal)?;
+    let id = secrets.id.0;
+    Ok(std::thread::Builder::new()
+        .name(format!("replica-core-{id}"))
+        .spawn(move || node::run(config, secrets, replica, wal, listener, status, stop))?)
 }
 
 impl Cluster {
@@ -342,26 +513,30 @@ impl Cluster {
         let mut net_threads = BTreeMap::new();
         for (secrets, listener) in keys.replicas.into_iter().zip(listeners) {
             let id = secrets.id.0;
+            // Each replica's file service gets a directory of its own, as on separate machines.
+            let fs_dir = dir.path().join(format!("fs-{id}"));
+            let open_fs = || FileService::open(&fs_dir).with_context(|| format!("cannot open a file service in {}", fs_dir.display()));
             if setup.kind == Kind::Unreplicated {
+                let service: Box<dyn Service + Send> =
+                    if setup.workload.file_service() { Box::new(open_fs()?) } else { Box::new(KvService::new()) };
                 let auth = Authenticator::for_replica(&config, &secrets);
                 let stop = stop.clone();
                 threads.push(std::thread::Builder::new().name("norep-accept".into()).spawn(move || {
-                    StandIn::accept_loop(listener, auth, stop);
+                    StandIn::accept_loop(listener, auth, service, stop);
                     Ok(())
                 })?);
                 continue;
             }
-            let (replica, wal) =
-                node::restore_replica(config.clone(), &secrets, KvService::new(), &dir.path().join(format!("wal-{id}")))?;
             let status = Arc::new(Mutex::new(ReplicaStatus::new(id)));
             statuses.push(status.clone());
-            let (config, stop) = (config.clone(), stop.clone());
+            let wal = dir.path().join(format!("wal-{id}"));
             let before: Vec<u64> = thread_cpu().keys().copied().collect();
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("replica-core-{id}"))
-                    .spawn(move || node::run(config, secrets, replica, wal, listener, status, stop))?,
-            );
+            let thread = if setup.workload.file_service() {
+                spawn_replica(config.clone(), secrets, open_fs()?, &wal, listener, status, stop.clone())?
+            } else {
+                spawn_replica(config.clone(), secrets, KvService::new(), &wal, listener, status, stop.clone())?
+            };
+            threads.push(thread);
             // The driver builds its runtime (two workers) first thing; wait for them.
             let deadline = Instant::now() + Duration::from_secs(2);
             loop {
@@ -406,41 +581,47 @@ fn measure(setup: Setup, args: &Args) -> Result<Round> {
         .map(|s| ClientHandle::start(cluster.config.clone(), s.clone()).map(Arc::new))
         .collect::<std::io::Result<_>>()
         .context("cannot start a client")?;
-    let operation = KvOp::Get { key: vec![0xA5; args.payload] }.encode();
     let timeout = Duration::from_secs(10);
+    let callers_total = args.clients * args.callers;
+    let workload = Arc::new(Workload::prepare(setup, args.payload, &handles, args.callers, timeout)?);
     // Every client gets one answer before the clock starts (connections are up). In parallel:
     // a reply that beats the client's hello to a backup is lost, and the client then waits a
     // retransmission timeout (1 s) before it asks again.
-    let ready: Vec<JoinHandle<Result<Vec<u8>, replica::driver::client::CallError>>> = handles
+    let ready: Vec<JoinHandle<Result<bool>>> = handles
         .iter()
-        .map(|h| {
-            let (h, operation, read_only) = (h.clone(), operation.clone(), setup.read_only);
-            std::thread::spawn(move || h.call(operation, read_only, timeout))
+        .enumerate()
+        .map(|(c, h)| {
+            let (h, workload) = (h.clone(), workload.clone());
+            std::thread::spawn(move || {
+                let (operation, read_only) = workload.call(c * workload.callers_per_client, 0);
+                let reply = h.call(operation, read_only, timeout).context("the cluster does not answer")?;
+                Ok(workload.check(&reply))
+            })
         })
         .collect();
     for t in ready {
-        let reply = t.join().map_err(|_| anyhow::anyhow!("a caller panicked"))?.context("the cluster does not answer")?;
-        if KvReply::decode(&reply) != Some(KvReply::Value(None)) {
-            bail!("unexpected reply to the null operation: {reply:?}");
+        if !t.join().map_err(|_| anyhow::anyhow!("a caller panicked"))?? {
+            bail!("unexpected reply to the first {} call", setup.workload.label());
         }
     }
     let setup_seconds = started.elapsed().as_secs_f64();
     let start = Instant::now() + Duration::from_secs_f64(args.warmup);
     let end = start + Duration::from_secs_f64(args.seconds);
     let errors = Arc::new(AtomicU64::new(0));
-    let mut callers = Vec::new();
+    let mut callers = Vec::with_capacity(callers_total);
     for (c, h) in handles.iter().enumerate() {
         for k in 0..args.callers {
-            let (h, operation, errors) = (h.clone(), operation.clone(), errors.clone());
-            let read_only = setup.read_only;
+            let (h, workload, errors) = (h.clone(), workload.clone(), errors.clone());
+            let caller = c * args.callers + k;
             callers.push(std::thread::Builder::new().name(format!("caller-{c}-{k}")).spawn(move || {
                 let mut latencies_ns: Vec<u64> = Vec::with_capacity(1 << 14);
-                loop {
+                for i in 1.. {
                     let t0 = Instant::now();
                     if t0 >= end {
                         break;
                     }
-                    let ok = h.call(operation.clone(), read_only, timeout).is_ok();
+                    let (operation, read_only) = workload.call(caller, i);
+                    let ok = h.call(operation, read_only, timeout).is_ok_and(|reply| workload.check(&reply));
                     let t1 = Instant::now();
                     if !ok {
                         errors.fetch_add(1, Ordering::Relaxed);
@@ -560,9 +741,9 @@ fn thread_cpu() -> BTreeMap<u64, (String, f64)> {
 struct StandIn;
 
 impl StandIn {
-    fn accept_loop(listener: std::net::TcpListener, auth: Authenticator, stop: Arc<AtomicBool>) {
+    fn accept_loop(listener: std::net::TcpListener, auth: Authenticator, service: Box<dyn Service + Send>, stop: Arc<AtomicBool>) {
         let auth = Arc::new(auth);
-        let service = Arc::new(Mutex::new(KvService::new()));
+        let service = Arc::new(Mutex::new(service));
         let mut connections = Vec::new();
         while !stop.load(Ordering::Relaxed) {
             match listener.accept() {
@@ -582,7 +763,7 @@ impl StandIn {
         }
     }
 
-    fn serve(mut stream: std::net::TcpStream, auth: &Authenticator, service: &Mutex<KvService>, stop: &AtomicBool) {
+    fn serve(mut stream: std::net::TcpStream, auth: &Authenticator, service: &Mutex<Box<dyn Service + Send>>, stop: &AtomicBool) {
         // The listener is non-blocking; the connection blocks, with a timeout to see `stop`.
         if stream.set_nonblocking(false).is_err() || stream.set_read_timeout(Some(Duration::from_millis(50))).is_err() {
             return;
@@ -623,7 +804,7 @@ impl StandIn {
     }
 
     /// One frame in, the sealed reply frame out (nothing for a hello or a bad frame).
-    fn handle(body: &[u8], auth: &Authenticator, service: &Mutex<KvService>) -> Option<Vec<u8>> {
+    fn handle(body: &[u8], auth: &Authenticator, service: &Mutex<Box<dyn Service + Send>>) -> Option<Vec<u8>> {
         let (sender, message) = auth.open(body).ok()?.into_parts();
         let Message::Client(ClientMessage::Request(request)) = message else { return None };
         let Principal::Client(client) = sender else { return None };
@@ -631,7 +812,10 @@ impl StandIn {
             return None;
         }
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
-        let result = service.lock().ok()?.execute(&request.body.operation, client, &now.to_le_bytes(), request.body.read_only);
+        let mut service = service.lock().ok()?;
+        // The service's own encoding of the agreed time, as a primary would propose it.
+        let nondet = if request.body.read_only { Vec::new() } else { service.propose_nondet(now) };
+        let result = service.execute(&request.body.operation, client, &nondet, request.body.read_only);
         let reply = Reply {
             view: View(0),
             client,
