@@ -359,17 +359,8 @@ fn ratio(a: u64, b: u64) -> f64 {
     }
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    if values.is_empty() {
-        return 0.0;
-    }
-    values.sort_by(|a, b| a.total_cmp(b));
-    let m = values.len() / 2;
-    if values.len() % 2 == 1 {
-        values[m]
-    } else {
-        (values[m - 1] + values[m]) / 2.0
-    }
+fn median(values: Vec<f64>) -> f64 {
+    crate::report::median(&values)
 }
 
 fn report(args: &Args, setups: &[Setup], results: &BTreeMap<Setup, Vec<Round>>) {

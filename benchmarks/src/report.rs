@@ -12,7 +12,19 @@ pub fn median_min_max(values: &[f64]) -> Option<(f64, f64, f64)> {
     }
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
-    Some((sorted[sorted.len() / 2], sorted[0], sorted[sorted.len() - 1]))
+    Some((median(&sorted), sorted[0], sorted[sorted.len() - 1]))
+}
+
+/// The median (the mean of the two middle values for an even count; 0 for none).
+pub fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let m = sorted.len() / 2;
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[m],
+        _ => (sorted[m - 1] + sorted[m]) / 2.0,
+    }
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` for now.
@@ -146,6 +158,8 @@ mod tests {
     fn medians_and_ranges() {
         assert_eq!(median_min_max(&[3.0, 1.0, 2.0]), Some((2.0, 1.0, 3.0)));
         assert_eq!(median_min_max(&[]), None);
+        assert_eq!(median_min_max(&[50.0, 57.0]), Some((53.5, 50.0, 57.0)));
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
         assert_eq!(csv_field("a,b"), "\"a,b\"");
         assert_eq!(utc_now().len(), 20);
     }

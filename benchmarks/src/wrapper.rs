@@ -51,9 +51,8 @@ impl Wrapped {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+fn median(v: Vec<f64>) -> f64 {
+    crate::report::median(&v)
 }
 
 fn name(prefix: &str, i: usize) -> Vec<u8> {
