@@ -296,7 +296,7 @@ fn select_slot<'a>(f: usize, reports: &[Vec<&'a Evidence>], tally: FastTally) ->
             // f or fewer reports: faulty replicas alone can make them.
             continue;
         }
-        g.by_reporter.sort_by(|a, b| b.1.cmp(&a.1));
+        g.by_reporter.sort_by_key(|entry| std::cmp::Reverse(entry.1));
         // At least f+1 view changes report it at this view or above, so at least one correct
         // replica accepted it at this view or above.
         let view = g.by_reporter[f].1;
