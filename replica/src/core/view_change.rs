@@ -363,7 +363,7 @@ pub(crate) fn plan_new_view_published(config: &ClusterConfig, view_changes: &[Si
                 counted
                     .into_iter()
                     .filter(|(_, count, _)| *count > f)
-                    .max_by(|a, b| (a.1, std::cmp::Reverse(content_bytes(a.2))).cmp(&(b.1, std::cmp::Reverse(content_bytes(b.2)))))
+                    .max_by_key(|(_, count, p)| (*count, std::cmp::Reverse(content_bytes(p))))
                     .map(|(_, _, p)| p)
             }
         };
@@ -679,7 +679,8 @@ mod tests {
     #[test]
     fn evidence_layout_is_checked() {
         let config = config();
-        let ok = |evidence: Vec<Evidence>| valid_view_change(&config, &GENESIS, &vc(4, 0, genesis_cert(), evidence).body);
+        let ok =
+            |evidence: Vec<Evidence>| valid_view_change(&config, &GENESIS, &vc(4, 0, genesis_cert(), evidence).body);
         // Strong, then fast of a higher view, per slot; slots increasing.
         assert!(ok(vec![prepared(1, 1, 1), accepted(2, 1, 2), accepted(3, 2, 3)]));
         assert!(ok(vec![accepted(3, 1, 1), prepared(1, 2, 2), accepted(2, 2, 2)]));

@@ -17,12 +17,21 @@
 use super::*;
 use crate::config::{generate, ClusterKeys, ProtocolConfig};
 use crate::wire::{
-    frame_length, Authenticator, Message, PrePrepare, Prepare, Principal, Request, Signer, Timestamp, ViewChangeMessage,
-    FRAME_HEADER_BYTES,
+    frame_length, Authenticator, Message, PrePrepare, Prepare, Principal, Request, Signer, Timestamp,
+    ViewChangeMessage, FRAME_HEADER_BYTES,
 };
 use state_abstraction::ClientId;
 
 const GENESIS: Genesis = Genesis { service_root: Digest([5; 32]), replies_digest: Digest([6; 32]) };
+
+fn genesis_stable() -> CheckpointCertificate {
+    CheckpointCertificate {
+        seq: SeqNo(0),
+        service_root: GENESIS.service_root,
+        replies_digest: GENESIS.replies_digest,
+        checkpoints: Vec::new(),
+    }
+}
 
 const R1: ReplicaId = ReplicaId(1);
 const R2: ReplicaId = ReplicaId(2);
@@ -83,12 +92,7 @@ impl Cluster {
     /// `replica`'s signed view change, broadcast over a real sealed frame and opened (MAC and
     /// every signature checked) by every other replica.
     fn view_change(&self, replica: ReplicaId, new_view: View, evidence: Vec<Evidence>) -> Signed<ViewChange> {
-        let stable = CheckpointCertificate {
-            seq: SeqNo(0),
-            service_root: GENESIS.service_root,
-            replies_digest: GENESIS.replies_digest,
-            checkpoints: Vec::new(),
-        };
+        let stable = genesis_stable();
         let vc = self.signer(replica).sign(ViewChange { new_view, replica, stable, evidence });
         let others: Vec<ReplicaId> = self.keys.config.replica_ids().filter(|r| *r != replica).collect();
         let to: Vec<Principal> = others.iter().map(|r| Principal::Replica(*r)).collect();
@@ -172,4 +176,42 @@ fn abraham_counterexample_published_rule_loses_b_ours_keeps_it() {
     let plan = plan_new_view(config, &to_view_3);
     assert_eq!(slot_one(&plan), Some(b_digest), "our rule keeps the completed b");
     assert_eq!(plan.slots[0].1.as_ref(), Some(&b), "and re-issues b's own proposal");
+}
+
+/// The faulty replica cannot manufacture fast evidence: a pre-prepare it signs for a view it
+/// is not primary of is refused by the verifier (wrong key for the named primary) or by
+/// [`valid_view_change`] (the named primary is not that view's).
+#[test]
+fn forged_fast_evidence_is_refused() {
+    let cluster = Cluster::new();
+    let config = &cluster.keys.config;
+    let genuine = cluster.propose(View(2), b"x", 9);
+    // r1 re-signs r2's view-2 pre-prepare with its own key, still naming r2.
+    let mut forged = genuine.clone();
+    forged.pre_prepare = Signed {
+        body: genuine.pre_prepare.body.clone(),
+        signature: cluster.signer(R1).sign(genuine.pre_prepare.body.clone()).signature,
+    };
+    let vc = cluster.signer(R1).sign(ViewChange {
+        new_view: View(3),
+        replica: R1,
+        stable: genesis_stable(),
+        evidence: vec![Evidence::Accepted(forged)],
+    });
+    let sender = Authenticator::for_replica(config, &cluster.keys.replicas[R1.0 as usize]);
+    let receiver = Authenticator::for_replica(config, &cluster.keys.replicas[R3.0 as usize]);
+    let message = Message::ViewChange(ViewChangeMessage::ViewChange(vc));
+    let sealed = sender.seal(&message, &[Principal::Replica(R3)]).expect("seal");
+    assert!(matches!(receiver.open(&sealed[FRAME_HEADER_BYTES..]), Err(crate::wire::WireError::BadSignature(_))));
+    // r1 signs, as itself, a view-2 pre-prepare: its signature is genuine, but r1 is not the
+    // primary of view 2.
+    let mut own = genuine;
+    own.pre_prepare = cluster.signer(R1).sign(PrePrepare { primary: R1, ..own.pre_prepare.body.clone() });
+    let vc = ViewChange {
+        new_view: View(3),
+        replica: R1,
+        stable: genesis_stable(),
+        evidence: vec![Evidence::Accepted(own)],
+    };
+    assert!(!valid_view_change(config, &GENESIS, &vc));
 }

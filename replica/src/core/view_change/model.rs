@@ -196,7 +196,8 @@ impl Concrete {
             }
         };
         let addresses = (0..N).map(|i| format!("m{i}")).collect();
-        let keys = generate(F as u32, addresses, &[ClientId(1)], ProtocolConfig::default(), &mut random).expect("keygen");
+        let keys =
+            generate(F as u32, addresses, &[ClientId(1)], ProtocolConfig::default(), &mut random).expect("keygen");
         let signers: Vec<Signer> = keys.replicas.iter().map(|s| Signer::from_secret(&s.signing_key.0)).collect();
         let client = Signer::from_secret(&keys.clients[0].signing_key.0);
         let batches: Vec<Batch> = (0..VALUES)
@@ -234,7 +235,14 @@ impl Concrete {
                     let proposal = Proposal { pre_prepare, batch: batches[value as usize].clone() };
                     let prepares = backups
                         .iter()
-                        .map(|r| signers[r.0 as usize].sign(Prepare { view: View(view as u64), seq, batch_digest, replica: *r }))
+                        .map(|r| {
+                            signers[r.0 as usize].sign(Prepare {
+                                view: View(view as u64),
+                                seq,
+                                batch_digest,
+                                replica: *r,
+                            })
+                        })
                         .collect();
                     certificates
                         .insert((view, slot, value), PreparedCertificate { proposal: proposal.clone(), prepares });
@@ -374,7 +382,14 @@ impl Search {
     fn new(rule: Rule, bounds: Bounds) -> Self {
         assert!(bounds.faulty < N && (1..MAX_VIEWS).contains(&bounds.views));
         assert!((1..MAX_SLOTS).contains(&bounds.slots));
-        Search { rule, bounds, concrete: Concrete::new(), memo: HashMap::new(), steps: Vec::new(), stats: Stats::default() }
+        Search {
+            rule,
+            bounds,
+            concrete: Concrete::new(),
+            memo: HashMap::new(),
+            steps: Vec::new(),
+            stats: Stats::default(),
+        }
     }
 
     fn faulty(&self) -> usize {
@@ -405,7 +420,9 @@ impl Search {
             let allowed: Vec<Option<u8>> = match planned {
                 Planned::Value(x) => vec![None, Some(x)],
                 Planned::Free => vec![None, Some(NULL), Some(A), Some(B)],
-                Planned::OneOf(mask) => std::iter::once(None).chain((0..VALUES).filter(|x| mask & 1 << x != 0).map(Some)).collect(),
+                Planned::OneOf(mask) => {
+                    std::iter::once(None).chain((0..VALUES).filter(|x| mask & 1 << x != 0).map(Some)).collect()
+                }
             };
             let per_replica: Vec<Vec<Option<u8>>> = self.correct().map(|_| allowed.clone()).collect();
             for choice in product(&per_replica) {
@@ -698,7 +715,10 @@ pub(super) fn random_schedules(rule: Rule, bounds: Bounds, walks: usize, seed: u
                 let outcomes = search.run_slot(slot, view, *planned);
                 let (s, conflict) = outcomes[pick(outcomes.len())];
                 if conflict {
-                    return Some(format!("seed {seed} walk {walk}: two values completed at one slot\n{}", search.describe(step, None)));
+                    return Some(format!(
+                        "seed {seed} walk {walk}: two values completed at one slot\n{}",
+                        search.describe(step, None)
+                    ));
                 }
                 next.push(s);
             }
@@ -713,7 +733,10 @@ pub(super) fn random_schedules(rule: Rule, bounds: Bounds, walks: usize, seed: u
                 let p = search.plan(view + 1, &quorum);
                 if violated(&world, &p) {
                     let text = search.describe(step, Some((view, &world, &quorum, &p)));
-                    return Some(format!("seed {seed} walk {walk}: the plan for view {} drops a completed value\n{text}", view + 1));
+                    return Some(format!(
+                        "seed {seed} walk {walk}: the plan for view {} drops a completed value\n{text}",
+                        view + 1
+                    ));
                 }
                 plans.push(p);
             }
