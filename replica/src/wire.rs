@@ -319,34 +319,37 @@ pub struct CheckpointCertificate {
     pub checkpoints: Vec<Signed<Checkpoint>>,
 }
 
-/// Evidence about one sequence number carried by a view change. Ranked by view first
-/// (PROTOCOLS §2.9); strong beats fast within a view. Only the PBFT prepared certificate
-/// exists today; Zyzzyva's fast evidence (an accepted order-req, counted only when f+1 view
-/// changes report it identically) is the variant to add next to it.
+/// Evidence about one sequence number carried by a view change (PROTOCOLS §2.8). Ranked by
+/// view first (§2.9); strong beats fast within a view. A view change carries, per sequence
+/// number, at most one strong item and, after it, at most one fast item of a strictly higher
+/// view (see `core::view_change::valid_view_change`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Evidence {
+    /// Strong: PBFT's prepared certificate (2f+1 replicas stand behind it).
     Prepared(PreparedCertificate),
+    /// Fast: a pre-prepare signed by that view's primary (with its batch) that the reporting
+    /// replica accepted inside an installed view. One report proves nothing (its sender may be
+    /// faulty); the new view counts it only when f+1 view changes report the same proposal.
+    Accepted(Proposal),
 }
 
 impl Evidence {
     pub fn view(&self) -> View {
-        match self {
-            Evidence::Prepared(c) => c.proposal.pre_prepare.body.view,
-        }
+        self.proposal().pre_prepare.body.view
     }
     pub fn seq(&self) -> SeqNo {
-        match self {
-            Evidence::Prepared(c) => c.proposal.pre_prepare.body.seq,
-        }
+        self.proposal().pre_prepare.body.seq
     }
     pub fn is_strong(&self) -> bool {
         match self {
             Evidence::Prepared(_) => true,
+            Evidence::Accepted(_) => false,
         }
     }
     pub fn proposal(&self) -> &Proposal {
         match self {
             Evidence::Prepared(c) => &c.proposal,
+            Evidence::Accepted(p) => p,
         }
     }
 }
@@ -798,6 +801,7 @@ impl Authenticator {
                         self.verify(p, "prepare")?;
                     }
                 }
+                Evidence::Accepted(proposal) => self.verify_proposal(proposal)?,
             }
         }
         Ok(())

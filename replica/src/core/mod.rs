@@ -1558,7 +1558,7 @@ impl<S: Service> Replica<S> {
         if chosen.len() < self.quorum() || chosen.first().map(|v| v.body.replica) != Some(self.id) {
             return;
         }
-        let plan = view_change::plan_new_view(&chosen);
+        let plan = view_change::plan_new_view(&self.config, &chosen);
         let pre_prepares: Vec<Signed<PrePrepare>> = plan
             .slots
             .iter()
@@ -1587,7 +1587,7 @@ impl<S: Service> Replica<S> {
             return self.misbehaved(Principal::Replica(from), "new view without a valid quorum", actions);
         }
         // Rule 6: recompute and compare.
-        let plan = view_change::plan_new_view(&nv.body.view_changes);
+        let plan = view_change::plan_new_view(&self.config, &nv.body.view_changes);
         let matches = plan.slots.len() == nv.body.pre_prepares.len()
             && plan.slots.iter().zip(&nv.body.pre_prepares).all(|((seq, p), pp)| {
                 let (batch_digest, nondet) = NewViewPlan::slot_content(p);
