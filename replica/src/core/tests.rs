@@ -1,7 +1,7 @@
 //! Unit tests of the core: given this state and this input, exactly these actions.
 
 use super::*;
-use crate::config::{generate, ClusterKeys};
+use crate::config::{generate, ClusterKeys, ProtocolConfig};
 use crate::sim::{sim_protocol, Rng};
 use crate::wire::{Authenticator, FRAME_HEADER_BYTES};
 use state_abstraction::kv::{KvOp, KvService};
@@ -14,10 +14,16 @@ struct Harness {
 }
 
 impl Harness {
+    /// Replicas on the commit path only (fast path off).
     fn new() -> Self {
+        Self::with_fast_path(false)
+    }
+
+    fn with_fast_path(fast_path: bool) -> Self {
         let mut rng = Rng::new(42);
         let addresses = (0..4).map(|i| format!("test:{i}")).collect();
-        let keys = generate(1, addresses, &[ClientId(100)], sim_protocol(), &mut |b| rng.fill(b)).expect("keys");
+        let protocol = ProtocolConfig { fast_path, ..sim_protocol() };
+        let keys = generate(1, addresses, &[ClientId(100)], protocol, &mut |b| rng.fill(b)).expect("keys");
         let config = Arc::new(keys.config.clone());
         let replicas = keys
             .replicas
@@ -155,7 +161,7 @@ fn equivocating_pre_prepare_is_refused() {
     // A second, validly signed proposal for the same view and sequence number.
     let other = h.request(2, put("a", "2"));
     let batch = Batch { requests: vec![other] };
-    let body = PrePrepare { view: View(0), seq: SeqNo(1), batch_digest: batch.digest(), nondet: 1_000u64.to_le_bytes().to_vec(), primary: ReplicaId(0) };
+    let body = PrePrepare { view: View(0), seq: SeqNo(1), batch_digest: batch.digest(), nondet: 1_000u64.to_le_bytes().to_vec(), primary: ReplicaId(0), history: Digest::default() };
     let proposal = Proposal { pre_prepare: h.replica_signer(0).sign(body), batch };
     let actions = h.deliver(Principal::Replica(ReplicaId(0)), 2, &Message::Agreement(AgreementMessage::PrePrepare(proposal)));
     assert_eq!(actions.len(), 1, "{actions:?}");
@@ -168,7 +174,7 @@ fn pre_prepare_with_a_time_far_ahead_is_refused() {
     let mut h = Harness::new();
     let batch = Batch { requests: vec![h.request(1, put("a", "1"))] };
     let far = (1_000 + state_abstraction::kv::MAX_CLOCK_SKEW_NS * 2).to_le_bytes().to_vec();
-    let body = PrePrepare { view: View(0), seq: SeqNo(1), batch_digest: batch.digest(), nondet: far, primary: ReplicaId(0) };
+    let body = PrePrepare { view: View(0), seq: SeqNo(1), batch_digest: batch.digest(), nondet: far, primary: ReplicaId(0), history: Digest::default() };
     let proposal = Proposal { pre_prepare: h.replica_signer(0).sign(body), batch };
     let actions = h.deliver(Principal::Replica(ReplicaId(0)), 1, &Message::Agreement(AgreementMessage::PrePrepare(proposal)));
     assert_eq!(actions.len(), 1, "{actions:?}");
@@ -215,7 +221,7 @@ fn restart_restores_votes_and_view() {
     // The same proposal again is a duplicate; a different one at (0, 1) is refused (rule 1).
     let mut actions = Vec::new();
     let batch = Batch { requests: vec![h.request(2, put("b", "2"))] };
-    let body = PrePrepare { view: View(0), seq: SeqNo(1), batch_digest: batch.digest(), nondet: 1_000u64.to_le_bytes().to_vec(), primary: ReplicaId(0) };
+    let body = PrePrepare { view: View(0), seq: SeqNo(1), batch_digest: batch.digest(), nondet: 1_000u64.to_le_bytes().to_vec(), primary: ReplicaId(0), history: Digest::default() };
     let proposal = Proposal { pre_prepare: h.replica_signer(0).sign(body), batch };
     let frame = h.auth[&Principal::Replica(ReplicaId(0))]
         .seal(&Message::Agreement(AgreementMessage::PrePrepare(proposal)), &[Principal::Replica(ReplicaId(1))])

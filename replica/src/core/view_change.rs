@@ -83,6 +83,7 @@ pub fn valid_view_change(config: &ClusterConfig, genesis: &Genesis, vc: &ViewCha
         previous = seq;
         let ok = match e {
             Evidence::Prepared(cert) => valid_prepared_certificate(config, cert),
+            Evidence::Accepted(p) => p.pre_prepare.body.primary == p.pre_prepare.body.view.primary(config.n()),
         };
         if !ok {
             return false;
@@ -222,7 +223,7 @@ mod tests {
         let batch = Batch { requests: vec![request] };
         let digest = batch.digest();
         let primary = View(view).primary(4);
-        let pre_prepare = unsigned(PrePrepare { view: View(view), seq: SeqNo(seq), batch_digest: digest, nondet: vec![], primary });
+        let pre_prepare = unsigned(PrePrepare { view: View(view), seq: SeqNo(seq), batch_digest: digest, nondet: vec![], primary, history: Digest::default() });
         let prepares = (0..4u32)
             .map(ReplicaId)
             .filter(|r| *r != primary)
@@ -298,7 +299,7 @@ mod tests {
         short.checkpoints[2] = short.checkpoints[0].clone();
         assert!(!valid_checkpoint_certificate(&config, &GENESIS, &short));
         // A prepared certificate with the primary's prepare counted.
-        let Evidence::Prepared(mut cert) = prepared(0, 1, 1);
+        let Evidence::Prepared(mut cert) = prepared(0, 1, 1) else { unreachable!() };
         cert.prepares[0].body.replica = ReplicaId(0);
         assert!(!valid_prepared_certificate(&config, &cert));
         // Two view changes from one replica do not make a quorum.

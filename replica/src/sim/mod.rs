@@ -185,6 +185,7 @@ pub fn sim_protocol() -> ProtocolConfig {
         client_retransmit_ticks: 60,
         client_retransmit_ticks_max: 480,
         tick_ns: 1_000_000,
+        fast_path: true,
     }
 }
 
@@ -702,6 +703,7 @@ impl Sim {
 
     fn all_done(&self) -> bool {
         self.clients.iter().all(|c| c.next == c.plan.len() && c.in_flight.is_empty())
+            && self.checker.completions_awaiting_commit() == 0
     }
 
     /// Runs the scenario to the end and checks everything.
@@ -775,8 +777,9 @@ impl Sim {
                 })
                 .collect();
             return Err(self.fail(format!(
-                "liveness: requests incomplete after the faults stopped ({}; {})",
+                "liveness: requests incomplete after the faults stopped ({}; {} completed awaiting commit; {})",
                 pending.join(", "),
+                self.checker.completions_awaiting_commit(),
                 states.join("; ")
             )));
         }
@@ -879,6 +882,7 @@ impl Sim {
                                 batch_digest: Batch::default().digest(),
                                 nondet: Vec::new(),
                                 primary: me,
+                                history: Default::default(),
                             }));
                         }
                     }
