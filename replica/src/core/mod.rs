@@ -984,7 +984,7 @@ impl<S: Service> Replica<S> {
     }
 
     /// The history of this view's proposal at `seq` (the anchor at the view's checkpoint).
-    fn proposed_history(&self, seq: SeqNo) -> Option<Digest> {
+    pub fn proposed_history(&self, seq: SeqNo) -> Option<Digest> {
         if let Some((anchor_seq, anchor)) = self.view_anchor {
             if seq == anchor_seq {
                 return Some(anchor);

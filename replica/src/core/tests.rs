@@ -234,3 +234,197 @@ fn restart_restores_votes_and_view() {
         "{actions:?}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Fast path (speculative execution)
+
+fn append(key: &str, value: &str) -> KvOp {
+    KvOp::Append { key: key.into(), value: value.into() }
+}
+
+fn value(bytes: &str) -> Vec<u8> {
+    state_abstraction::kv::KvReply::Value(Some(bytes.into())).encode()
+}
+
+fn spec_responses(actions: &[Action]) -> Vec<&SpecResponse> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::SendClient { message: Message::Client(ClientMessage::SpecResponse(s)), .. } => Some(&**s),
+            _ => None,
+        })
+        .collect()
+}
+
+fn committed_replies(actions: &[Action]) -> Vec<&Reply> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::SendClient { message: Message::Client(ClientMessage::Reply(r)), .. } => Some(r),
+            _ => None,
+        })
+        .collect()
+}
+
+impl Harness {
+    fn read_only(&mut self, timestamp: u64, key: &str, to: usize) -> Vec<Action> {
+        let signer = Signer::from_secret(&self.keys.clients[0].signing_key.0);
+        let op = KvOp::Get { key: key.into() }.encode();
+        let request = signer.sign(Request { client: ClientId(100), timestamp: Timestamp(timestamp), operation: op, read_only: true });
+        self.deliver(CLIENT, to, &request_message(&request))
+    }
+
+    /// Prepares and commits `proposal` at backup `to` with votes from the other backups.
+    fn commit_at(&mut self, to: usize, proposal: &Proposal) -> Vec<Action> {
+        let b = &proposal.pre_prepare.body;
+        let mut all = Vec::new();
+        for r in [1usize, 2, 3].into_iter().filter(|r| *r != to) {
+            let p = self.replica_signer(r).sign(Prepare { view: b.view, seq: b.seq, batch_digest: b.batch_digest, replica: ReplicaId(r as u32) });
+            all.extend(self.deliver(Principal::Replica(ReplicaId(r as u32)), to, &Message::Agreement(AgreementMessage::Prepare(p))));
+        }
+        for r in [0usize, 1, 2, 3].into_iter().filter(|r| *r != to) {
+            let c = self.replica_signer(r).sign(Commit { view: b.view, seq: b.seq, batch_digest: b.batch_digest, replica: ReplicaId(r as u32) });
+            all.extend(self.deliver(Principal::Replica(ReplicaId(r as u32)), to, &Message::Agreement(AgreementMessage::Commit(c))));
+        }
+        all
+    }
+}
+
+#[test]
+fn backup_runs_a_pre_prepare_speculatively_and_confirms_it_on_commit() {
+    let mut h = Harness::with_fast_path(true);
+    let request = h.request(1, append("a", "1"));
+    let primary_actions = h.deliver(CLIENT, 0, &request_message(&request));
+    // The primary persists, broadcasts and runs its own proposal at once.
+    let Action::Broadcast { message: Message::Agreement(AgreementMessage::PrePrepare(proposal)) } = &primary_actions[1] else {
+        panic!("{primary_actions:?}")
+    };
+    let proposal = proposal.clone();
+    assert_eq!(spec_responses(&primary_actions).len(), 1);
+
+    // Backup: persist, prepare, then the speculative reply carrying the primary's order.
+    let message = Message::Agreement(AgreementMessage::PrePrepare(proposal.clone()));
+    let actions = h.deliver(Principal::Replica(ReplicaId(0)), 1, &message);
+    assert!(matches!(&actions[0], Action::Persist(WalRecord::Accepted(_))), "{actions:?}");
+    assert!(matches!(&actions[1], Action::Broadcast { message: Message::Agreement(AgreementMessage::Prepare(_)) }));
+    let specs = spec_responses(&actions);
+    assert_eq!(specs.len(), 1, "{actions:?}");
+    assert_eq!(specs[0].order, proposal.pre_prepare);
+    assert_eq!((specs[0].reply.timestamp, specs[0].reply.result.clone()), (Timestamp(1), value("1")));
+    assert!(committed_replies(&actions).is_empty());
+    assert!(actions.iter().any(|a| matches!(a, Action::Notify(Notification::Speculated { seq: SeqNo(1), .. }))));
+    assert!(!actions.iter().any(|a| matches!(a, Action::Notify(Notification::Executed { .. }))));
+    assert_eq!(h.replicas[1].last_executed(), SeqNo(0));
+
+    // Reads are not answered from speculative state.
+    assert!(h.read_only(50, "a", 1).is_empty());
+    // A retransmission gets the speculative reply again, not a committed one.
+    let again = h.deliver(CLIENT, 1, &request_message(&request));
+    assert_eq!(spec_responses(&again).len(), 1, "{again:?}");
+    assert!(committed_replies(&again).is_empty());
+
+    // Commit: the committed reply carries the speculative result; nothing runs twice.
+    let actions = h.commit_at(1, &proposal);
+    let replies = committed_replies(&actions);
+    assert_eq!(replies.len(), 1, "{actions:?}");
+    assert_eq!(replies[0].result, value("1"));
+    assert!(actions.iter().any(|a| matches!(a, Action::Notify(Notification::Executed { seq: SeqNo(1), .. }))));
+    assert_eq!(h.replicas[1].last_executed(), SeqNo(1));
+    let read = h.read_only(51, "a", 1);
+    assert_eq!(committed_replies(&read).iter().map(|r| r.result.clone()).collect::<Vec<_>>(), vec![value("1")]);
+}
+
+#[test]
+fn pre_prepare_whose_history_does_not_chain_is_not_run_speculatively() {
+    let mut h = Harness::with_fast_path(true);
+    let batch = Batch { requests: vec![h.request(1, append("a", "1"))] };
+    let body = PrePrepare {
+        view: View(0),
+        seq: SeqNo(1),
+        batch_digest: batch.digest(),
+        nondet: 1_000u64.to_le_bytes().to_vec(),
+        primary: ReplicaId(0),
+        history: Digest([9; 32]),
+    };
+    let proposal = Proposal { pre_prepare: h.replica_signer(0).sign(body), batch };
+    let actions = h.deliver(Principal::Replica(ReplicaId(0)), 1, &Message::Agreement(AgreementMessage::PrePrepare(proposal.clone())));
+    // Accepted and prepared (PBFT ignores histories), but not run.
+    assert_eq!(actions.len(), 2, "{actions:?}");
+    assert!(spec_responses(&actions).is_empty());
+    // It still commits and runs on the commit path.
+    let actions = h.commit_at(1, &proposal);
+    assert_eq!(committed_replies(&actions).len(), 1, "{actions:?}");
+}
+
+#[test]
+fn speculation_is_rolled_back_when_another_batch_commits_at_its_sequence_number() {
+    let mut h = Harness::with_fast_path(true);
+    let mine = h.request(1, append("a", "mine"));
+    let primary_actions = h.deliver(CLIENT, 0, &request_message(&mine));
+    let Action::Broadcast { message } = &primary_actions[1] else { panic!() };
+    let actions = h.deliver(Principal::Replica(ReplicaId(0)), 1, message);
+    assert_eq!(spec_responses(&actions).len(), 1);
+
+    // The primary equivocated: the others committed another batch at (0, 1).
+    let theirs = h.request(2, append("a", "theirs"));
+    let batch = Batch { requests: vec![theirs] };
+    let anchor = history_anchor(&h.replicas[1].stable_checkpoint().clone());
+    let nondet = 1_000u64.to_le_bytes().to_vec();
+    let body = PrePrepare {
+        view: View(0),
+        seq: SeqNo(1),
+        batch_digest: batch.digest(),
+        history: chain_history(&anchor, SeqNo(1), &batch.digest(), &nondet),
+        nondet,
+        primary: ReplicaId(0),
+    };
+    let other = Proposal { pre_prepare: h.replica_signer(0).sign(body), batch };
+    let commits = [0u32, 2, 3]
+        .iter()
+        .map(|r| {
+            let b = &other.pre_prepare.body;
+            h.replica_signer(*r as usize).sign(Commit { view: b.view, seq: b.seq, batch_digest: b.batch_digest, replica: ReplicaId(*r) })
+        })
+        .collect();
+    let cert = CommitCertificate { proposal: other.clone(), commits };
+    let actions = h.deliver(Principal::Replica(ReplicaId(2)), 1, &Message::Agreement(AgreementMessage::Committed(Box::new(cert))));
+    let rolled = actions.iter().position(|a| matches!(a, Action::Notify(Notification::RolledBack { to: SeqNo(0), from: SeqNo(1) })));
+    let executed = actions.iter().position(
+        |a| matches!(a, Action::Notify(Notification::Executed { seq: SeqNo(1), batch_digest, .. }) if *batch_digest == other.pre_prepare.body.batch_digest),
+    );
+    assert!(rolled.is_some() && executed > rolled, "{actions:?}");
+    // The committed reply is the re-executed one; the undone append left no trace.
+    let replies = committed_replies(&actions);
+    assert_eq!(replies.iter().map(|r| (r.timestamp, r.result.clone())).collect::<Vec<_>>(), vec![(Timestamp(2), value("theirs"))]);
+    let read = h.read_only(50, "a", 1);
+    assert_eq!(committed_replies(&read)[0].result, value("theirs"));
+    // Exactly-once survives the rollback: the undone request is new again.
+    let again = h.deliver(CLIENT, 1, &request_message(&mine));
+    assert!(spec_responses(&again).is_empty() && committed_replies(&again).is_empty(), "{again:?}");
+    assert_eq!(h.replicas[1].metrics().rollbacks, 1);
+}
+
+#[test]
+fn proof_of_misbehaviour_starts_a_view_change() {
+    let mut h = Harness::with_fast_path(true);
+    let make = |h: &Harness, history: u8| {
+        h.replica_signer(0).sign(PrePrepare {
+            view: View(0),
+            seq: SeqNo(1),
+            batch_digest: Batch::default().digest(),
+            nondet: vec![],
+            primary: ReplicaId(0),
+            history: Digest([history; 32]),
+        })
+    };
+    // Two identical orders prove nothing.
+    let same = Pom { first: make(&h, 1), second: make(&h, 1) };
+    let actions = h.deliver(CLIENT, 2, &Message::Client(ClientMessage::Pom(Box::new(same))));
+    assert!(matches!(&actions[..], [Action::Notify(Notification::Misbehaviour { .. })]), "{actions:?}");
+    assert_eq!(h.replicas[2].view(), View(0));
+    let pom = Pom { first: make(&h, 1), second: make(&h, 2) };
+    let actions = h.deliver(CLIENT, 2, &Message::Client(ClientMessage::Pom(Box::new(pom))));
+    assert!(actions.iter().any(|a| matches!(a, Action::Persist(WalRecord::EnteredView { view: View(1) }))), "{actions:?}");
+    assert_eq!(h.replicas[2].view(), View(1));
+    assert_eq!(h.replicas[2].metrics().poms, 1);
+}
