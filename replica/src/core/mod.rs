@@ -757,6 +757,25 @@ impl<S: Service> Replica<S> {
                         return Err(format!("slot {seq:?} holds a proposal for {:?}", p.pre_prepare.body.seq));
                     }
                 }
+                let speculative = *seq > self.last_executed && *seq <= self.spec_executed;
+                if slot.executed.is_some() != speculative {
+                    return Err(format!(
+                        "slot {seq:?} speculation record {} outside ({:?}, {:?}]",
+                        slot.executed.is_some(),
+                        self.last_executed,
+                        self.spec_executed
+                    ));
+                }
+            }
+            if self.spec_executed < self.last_executed {
+                return Err("service state behind the committed prefix".into());
+            }
+            let interval = self.config.protocol.checkpoint_interval;
+            if (self.last_executed.0 + 1..self.spec_executed.0).any(|s| s % interval == 0) {
+                return Err(format!("speculation ran past an uncommitted checkpoint ({:?}..{:?})", self.last_executed, self.spec_executed));
+            }
+            if self.spec_executed > self.last_executed && !self.config.protocol.fast_path {
+                return Err("speculation with the fast path off".into());
             }
         }
         Ok(())
