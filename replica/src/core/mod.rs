@@ -1,5 +1,6 @@
-//! The replica's protocol core: a sans-IO state machine (PBFT ordering with checkpoints, the
-//! evidence-ranked view change of PROTOCOLS §2.8–2.9, catch-up and state transfer).
+//! The replica's protocol core: a sans-IO state machine (PBFT ordering with checkpoints,
+//! Zyzzyva's speculative fast path with rollback, the evidence-ranked view change of PROTOCOLS
+//! §2.8–2.9, catch-up and state transfer).
 //!
 //! No I/O, no clock, no randomness, no `HashMap` iteration: the same events in the same order
 //! give the same actions, which is what lets the simulator replay a run from its seed.
@@ -36,9 +37,13 @@
 //! - [`Action::Halt`]: the service failed (storage error). Stop the replica; it behaves as a
 //!   crashed replica and may be restarted from durable state.
 //!
-//! **Execution.** Committed batches run synchronously inside `step` through
-//! [`execution::Executor`], the single interface to the service (so that execution can move
-//! to another process for the ZZ profile without the ordering code changing).
+//! **Execution.** Batches run synchronously inside `step` through [`execution::Executor`], the
+//! single interface to the service (so that execution can move to another process for the ZZ
+//! profile without the ordering code changing): committed ones, and with
+//! [`crate::config::ProtocolConfig::fast_path`] the accepted ones of the installed view before
+//! they commit. Speculative runs are undone with [`state_abstraction::Service::rollback_to`] to
+//! the newest checkpoint (always a committed sequence number), so a service must keep its
+//! checkpoints from the stable one on until told to discard them.
 
 pub mod execution;
 pub mod safety;

@@ -428,3 +428,55 @@ fn proof_of_misbehaviour_starts_a_view_change() {
     assert_eq!(h.replicas[2].view(), View(1));
     assert_eq!(h.replicas[2].metrics().poms, 1);
 }
+
+#[test]
+fn hole_below_a_buffered_pre_prepare_is_filled_from_the_primary_then_anyone() {
+    let mut h = Harness::with_fast_path(true);
+    let first = h.deliver(CLIENT, 0, &request_message(&h.request(1, append("a", "1"))));
+    let second = h.deliver(CLIENT, 0, &request_message(&h.request(2, append("a", "2"))));
+    let proposal = |actions: &[Action]| {
+        actions
+            .iter()
+            .find_map(|a| match a {
+                Action::Broadcast { message: Message::Agreement(AgreementMessage::PrePrepare(p)) } => Some(p.clone()),
+                _ => None,
+            })
+            .expect("a pre-prepare")
+    };
+    let (p1, p2) = (proposal(&first), proposal(&second));
+    assert_eq!((p1.pre_prepare.body.seq, p2.pre_prepare.body.seq), (SeqNo(1), SeqNo(2)));
+
+    // Backup 1 gets only the second: accepted, but it cannot run before the first.
+    let actions = h.deliver(Principal::Replica(ReplicaId(0)), 1, &Message::Agreement(AgreementMessage::PrePrepare(p2.clone())));
+    assert!(spec_responses(&actions).is_empty(), "{actions:?}");
+    let wait = h.config.protocol.retransmit_ticks;
+    let fill_holes = |actions: &[Action]| -> Vec<Option<ReplicaId>> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send { to, message: Message::Agreement(AgreementMessage::FillHole { from: SeqNo(1), to: SeqNo(1), .. }) } => Some(Some(*to)),
+                Action::Broadcast { message: Message::Agreement(AgreementMessage::FillHole { from: SeqNo(1), to: SeqNo(1), .. }) } => Some(None),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut asked = Vec::new();
+    for t in 0..=2 * wait {
+        asked.extend(fill_holes(&h.tick(1, 2_000 + t)));
+    }
+    // First the primary, then everyone.
+    assert_eq!(asked.first(), Some(&Some(ReplicaId(0))), "{asked:?}");
+    assert_eq!(asked.last(), Some(&None), "{asked:?}");
+
+    // Replica 2 holds the first proposal and relays it (the primary's signature is what counts).
+    h.deliver(Principal::Replica(ReplicaId(0)), 2, &Message::Agreement(AgreementMessage::PrePrepare(p1.clone())));
+    let answer = h.deliver(Principal::Replica(ReplicaId(1)), 2, &Message::Agreement(AgreementMessage::FillHole { view: View(0), from: SeqNo(1), to: SeqNo(1) }));
+    let Some(Action::Send { to: ReplicaId(1), message: filled @ Message::Agreement(AgreementMessage::Filled(_)) }) = answer.first() else {
+        panic!("{answer:?}")
+    };
+    let actions = h.deliver(Principal::Replica(ReplicaId(2)), 1, filled);
+    // Both now run, in order.
+    let ran: Vec<SeqNo> = spec_responses(&actions).iter().map(|s| s.order.body.seq).collect();
+    assert_eq!(ran, vec![SeqNo(1), SeqNo(2)], "{actions:?}");
+    assert_eq!(spec_responses(&actions)[1].reply.result, value("12"));
+}
