@@ -328,3 +328,117 @@ impl Client {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{generate, ClusterKeys, ProtocolConfig};
+    use crate::wire::{Authenticator, Digest, Reply, FRAME_HEADER_BYTES};
+
+    struct Setup {
+        keys: ClusterKeys,
+        client: Client,
+        auth: Authenticator,
+    }
+
+    fn setup() -> Setup {
+        let mut x = 3u8;
+        let addresses = (0..4).map(|i| format!("t:{i}")).collect();
+        let keys = generate(1, addresses, &[ClientId(7)], ProtocolConfig::default(), &mut |b| {
+            for byte in b.iter_mut() {
+                x = x.wrapping_mul(31).wrapping_add(11);
+                *byte = x;
+            }
+        })
+        .expect("keys");
+        let config = Arc::new(keys.config.clone());
+        let client = Client::new(config.clone(), &keys.clients[0], 1);
+        let auth = Authenticator::for_client(&config, &keys.clients[0]);
+        Setup { keys, client, auth }
+    }
+
+    impl Setup {
+        fn order(&self, history: u8) -> Signed<PrePrepare> {
+            Signer::from_secret(&self.keys.replicas[0].signing_key.0).sign(PrePrepare {
+                view: View(0),
+                seq: SeqNo(1),
+                batch_digest: Digest::default(),
+                nondet: vec![],
+                primary: ReplicaId(0),
+                history: Digest([history; 32]),
+            })
+        }
+
+        fn deliver(&mut self, from: u32, message: Message) -> (Vec<ClientAction>, Vec<Completion>) {
+            let replica = &self.keys.replicas[from as usize];
+            let sealed = Authenticator::for_replica(&self.keys.config, replica)
+                .seal(&message, &[Principal::Client(ClientId(7))])
+                .expect("seal");
+            let opened = self.auth.open(&sealed[FRAME_HEADER_BYTES..]).expect("open");
+            let (mut actions, mut completed) = (Vec::new(), Vec::new());
+            self.client.on_message(opened, &mut actions, &mut completed);
+            (actions, completed)
+        }
+
+        fn reply(from: u32, result: &[u8]) -> Reply {
+            Reply { view: View(0), client: ClientId(7), timestamp: Timestamp(1), replica: ReplicaId(from), read_only: false, result: result.to_vec() }
+        }
+
+        fn spec(&mut self, from: u32, history: u8, result: &[u8]) -> (Vec<ClientAction>, Vec<Completion>) {
+            let order = self.order(history);
+            let m = Message::Client(ClientMessage::SpecResponse(Box::new(SpecResponse { reply: Self::reply(from, result), order })));
+            self.deliver(from, m)
+        }
+
+        fn committed(&mut self, from: u32, result: &[u8]) -> (Vec<ClientAction>, Vec<Completion>) {
+            self.deliver(from, Message::Client(ClientMessage::Reply(Self::reply(from, result))))
+        }
+    }
+
+    #[test]
+    fn completes_on_all_3f_plus_1_matching_speculative_replies() {
+        let mut s = setup();
+        s.client.invoke(b"op".to_vec(), false, &mut Vec::new()).expect("invoke");
+        for r in 0..3 {
+            assert!(s.spec(r, 1, b"ok").1.is_empty(), "2f+1 speculative replies are not enough");
+        }
+        let (_, done) = s.spec(3, 1, b"ok");
+        assert_eq!(done, vec![Completion { id: RequestId(1), result: b"ok".to_vec(), read_only: false }]);
+        assert_eq!(s.client.fast_completions, 1);
+    }
+
+    #[test]
+    fn mismatched_speculation_waits_for_2f_plus_1_committed_replies() {
+        let mut s = setup();
+        s.client.invoke(b"op".to_vec(), false, &mut Vec::new()).expect("invoke");
+        for r in 0..3 {
+            assert!(s.spec(r, 1, b"ok").1.is_empty());
+        }
+        // A lying replica: 3f+1 replies, but not 3f+1 matching ones.
+        assert!(s.spec(3, 1, b"wrong").1.is_empty());
+        assert!(s.committed(0, b"ok").1.is_empty());
+        assert!(s.committed(3, b"wrong").1.is_empty());
+        assert!(s.committed(1, b"ok").1.is_empty());
+        let (_, done) = s.committed(2, b"ok");
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].result, b"ok".to_vec());
+        assert_eq!(s.client.fast_completions, 0);
+    }
+
+    #[test]
+    fn two_orders_for_one_slot_are_sent_to_every_replica_once() {
+        let mut s = setup();
+        s.client.invoke(b"op".to_vec(), false, &mut Vec::new()).expect("invoke");
+        assert!(s.spec(1, 1, b"ok").0.is_empty());
+        let (actions, done) = s.spec(2, 2, b"ok");
+        assert!(done.is_empty());
+        let [ClientAction::Broadcast { message: Message::Client(ClientMessage::Pom(pom)) }] = &actions[..] else {
+            panic!("{actions:?}")
+        };
+        assert!(pom.convicts(4));
+        assert_eq!((pom.first.body.history, pom.second.body.history), (Digest([1; 32]), Digest([2; 32])));
+        // Only once per (view, seq).
+        assert!(s.spec(3, 3, b"ok").0.is_empty());
+        assert_eq!(s.client.poms_sent, 1);
+    }
+}
