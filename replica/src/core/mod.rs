@@ -247,6 +247,8 @@ pub struct Replica<S: Service> {
     spec_keys: BTreeMap<(ClientId, Timestamp), SeqNo>,
     /// The hole below buffered proposals being filled: (first missing, tick asked, asked all).
     fill_hole: Option<(SeqNo, u64, bool)>,
+    /// Read-only requests waiting for the state to be fully committed (bounded).
+    deferred_reads: VecDeque<Signed<Request>>,
     /// Primary: the next sequence number to assign.
     next_seq: SeqNo,
     own_checkpoints: BTreeMap<SeqNo, OwnCheckpoint>,
@@ -509,6 +511,7 @@ impl<S: Service> Replica<S> {
             view_anchor,
             spec_keys: BTreeMap::new(),
             fill_hole: None,
+            deferred_reads: VecDeque::new(),
             next_seq,
             own_checkpoints: checkpoints,
             checkpoint_votes: BTreeMap::new(),
@@ -750,7 +753,7 @@ impl<S: Service> Replica<S> {
                 return Err("executed below the stable checkpoint with no transfer pending".into());
             }
             let limit = self.config.protocol.pending_requests_max;
-            if self.pending.len() > limit || self.waiting.len() > limit {
+            if self.pending.len() > limit || self.waiting.len() > limit || self.deferred_reads.len() > limit {
                 return Err("request queues over their bound".into());
             }
             if self.view_active && self.is_primary() && self.next_seq <= self.stable.seq {
@@ -854,12 +857,22 @@ impl<S: Service> Replica<S> {
             // answers reads only from a fully committed state, never one a view change may undo,
             // and never from a state behind a write it already reported (a write completed on
             // 3f+1 speculative replies is thus seen by every correct replica that answers).
-            let behind = self.last_executed < self.read_only_barrier || self.spec_executed > self.last_executed;
-            if self.exec.is_read_only(&body.operation) && self.transfer.is_none() && self.stable_ahead.is_none() && !behind {
-                self.metrics.read_only_requests += 1;
-                let result = self.exec.execute_read_only(&request);
-                actions.push(self.reply(body, result, true));
+            if !self.exec.is_read_only(&body.operation) || self.transfer.is_some() || self.stable_ahead.is_some() {
+                return;
             }
+            if self.reads_behind() {
+                // Usually just the commit of what ran speculatively, a round trip away: answer
+                // then rather than make the client wait out its timeout and order the read.
+                if self.deferred_reads.len() >= self.config.protocol.pending_requests_max {
+                    self.deferred_reads.pop_front();
+                    self.metrics.requests_dropped += 1;
+                }
+                self.deferred_reads.push_back(request);
+                return;
+            }
+            self.metrics.read_only_requests += 1;
+            let result = self.exec.execute_read_only(&request);
+            actions.push(self.reply(body, result, true));
             return;
         }
         let key = (body.client, body.timestamp);
@@ -1374,8 +1387,25 @@ impl<S: Service> Replica<S> {
             };
             self.commit_executed(seq, &proposal, results, actions);
         }
+        self.answer_deferred_reads(actions);
         self.speculate(actions);
         self.try_propose(actions);
+    }
+
+    /// See `on_request`: the state may not answer reads yet.
+    fn reads_behind(&self) -> bool {
+        self.last_executed < self.read_only_barrier || self.spec_executed > self.last_executed
+    }
+
+    fn answer_deferred_reads(&mut self, actions: &mut Vec<Action>) {
+        if self.deferred_reads.is_empty() || self.reads_behind() || self.transfer.is_some() || self.stable_ahead.is_some() {
+            return;
+        }
+        while let Some(request) = self.deferred_reads.pop_front() {
+            self.metrics.read_only_requests += 1;
+            let result = self.exec.execute_read_only(&request);
+            actions.push(self.reply(&request.body, result, true));
+        }
     }
 
     /// The slot after `last_executed` committed and has run: reply, notify, checkpoint.
@@ -1427,6 +1457,11 @@ impl<S: Service> Replica<S> {
             return;
         }
         if self.last_executed < self.stable.seq {
+            return;
+        }
+        // Reads wait for a fully committed state: running more batches now would keep them
+        // waiting for as long as writes keep coming.
+        if !self.deferred_reads.is_empty() {
             return;
         }
         loop {

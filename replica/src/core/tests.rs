@@ -323,9 +323,10 @@ fn backup_runs_a_pre_prepare_speculatively_and_confirms_it_on_commit() {
     assert_eq!(spec_responses(&again).len(), 1, "{again:?}");
     assert!(committed_replies(&again).is_empty());
 
-    // Commit: the committed reply carries the speculative result; nothing runs twice.
+    // Commit: the committed reply carries the speculative result; nothing runs twice. (The
+    // waiting read is answered too.)
     let actions = h.commit_at(1, &proposal);
-    let replies = committed_replies(&actions);
+    let replies: Vec<_> = committed_replies(&actions).into_iter().filter(|r| !r.read_only).collect();
     assert_eq!(replies.len(), 1, "{actions:?}");
     assert_eq!(replies[0].result, value("1"));
     assert!(actions.iter().any(|a| matches!(a, Action::Notify(Notification::Executed { seq: SeqNo(1), .. }))));
@@ -479,4 +480,20 @@ fn hole_below_a_buffered_pre_prepare_is_filled_from_the_primary_then_anyone() {
     let ran: Vec<SeqNo> = spec_responses(&actions).iter().map(|s| s.order.body.seq).collect();
     assert_eq!(ran, vec![SeqNo(1), SeqNo(2)], "{actions:?}");
     assert_eq!(spec_responses(&actions)[1].reply.result, value("12"));
+}
+
+#[test]
+fn read_during_speculation_is_answered_once_the_state_is_committed() {
+    let mut h = Harness::with_fast_path(true);
+    let first = h.deliver(CLIENT, 0, &request_message(&h.request(1, append("a", "1"))));
+    let Action::Broadcast { message: Message::Agreement(AgreementMessage::PrePrepare(p1)) } = &first[1] else { panic!() };
+    let p1 = p1.clone();
+    h.deliver(Principal::Replica(ReplicaId(0)), 1, &Message::Agreement(AgreementMessage::PrePrepare(p1.clone())));
+    // The read waits (no answer from speculative state)...
+    assert!(h.read_only(50, "a", 1).is_empty());
+    // ...and is answered, with the write, as soon as it commits.
+    let actions = h.commit_at(1, &p1);
+    let read: Vec<_> = committed_replies(&actions).into_iter().filter(|r| r.read_only).collect();
+    assert_eq!(read.len(), 1, "{actions:?}");
+    assert_eq!((read[0].timestamp, read[0].result.clone()), (Timestamp(50), value("1")));
 }
