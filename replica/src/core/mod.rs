@@ -1055,13 +1055,23 @@ impl<S: Service> Replica<S> {
 
     /// The view-change evidence for every slot above the stable checkpoint: the prepared
     /// certificate, or on the fast path the accepted proposal when it is of a higher view than
-    /// any certificate held (PROTOCOLS §2.9).
+    /// any certificate held (PROTOCOLS §2.9) and differs from it in content.
+    ///
+    /// A proposal a new view re-issued with the content of our certificate adds nothing but a
+    /// view, and only counts when f+1 report it; the certificate counts alone. Reporting the
+    /// proposal instead would let a batch that committed under the certificate vanish when we
+    /// are the only replica of the next quorum that prepared it. (The fast path never runs
+    /// such a proposal speculatively, see `speculate`, so no fast completion rests on it.)
     fn evidence(&self) -> Vec<Evidence> {
         let fast = self.config.protocol.fast_path;
         self.log
             .values()
             .filter_map(|slot| match (&slot.certificate, &slot.proposal) {
-                (Some(c), Some(p)) if fast && p.pre_prepare.body.view > c.proposal.pre_prepare.body.view => {
+                (Some(c), Some(p))
+                    if fast
+                        && p.pre_prepare.body.view > c.proposal.pre_prepare.body.view
+                        && !same_content(&p.pre_prepare.body, &c.proposal.pre_prepare.body) =>
+                {
                     Some(Evidence::Accepted(p.clone()))
                 }
                 (Some(c), _) => Some(Evidence::Prepared(c.clone())),
@@ -1479,6 +1489,14 @@ impl<S: Service> Replica<S> {
                 return;
             }
             if b.history != chain_history(&previous, seq, &b.batch_digest, &b.nondet) {
+                return;
+            }
+            // Our view-change evidence for this slot is an older certificate of the same
+            // content (see `evidence`), which may rank below a conflicting proposal a later
+            // view saw: a fast completion must not rest on it, so this one waits for its commit.
+            if slot.certificate.as_ref().is_some_and(|c| {
+                c.proposal.pre_prepare.body.view < b.view && same_content(&c.proposal.pre_prepare.body, b)
+            }) {
                 return;
             }
             let results = self.exec.execute_batch(&proposal.batch, &b.nondet);
