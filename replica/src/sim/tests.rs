@@ -328,3 +328,13 @@ fn wrong_speculative_replies_never_complete_a_request() {
     assert_eq!(report.fast_completions, 0, "{report:?}");
     assert!(report.speculated_batches > 0, "{report:?}");
 }
+
+#[test]
+fn committed_batch_survives_when_its_only_preparer_in_the_quorum_accepted_a_re_issue() {
+    // Seed 3786 once lost a committed batch: the one replica of the deciding quorum holding its
+    // prepared certificate had accepted the next view's re-issue of the same batch and
+    // reported only that (a lone fast report, not counted). It must report the certificate.
+    if let Err(f) = run_seed(3786) {
+        panic!("{f}");
+    }
+}
