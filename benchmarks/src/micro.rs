@@ -77,6 +77,10 @@ pub struct Args {
     /// Override `ProtocolConfig::pipeline_batches_max` (default: the protocol default).
     #[arg(long)]
     pipeline: Option<u64>,
+    /// Order on the commit path only (`ProtocolConfig::fast_path` off), to compare with the
+    /// default speculative fast path.
+    #[arg(long)]
+    no_fast_path: bool,
     /// Bytes of payload in each request (the length of the missing key that is read).
     #[arg(long, default_value_t = 0)]
     payload: usize,
@@ -373,8 +377,8 @@ fn report(args: &Args, setups: &[Setup], results: &BTreeMap<Setup, Vec<Round>>) 
     println!();
     let p = protocol(args);
     println!(
-        "Protocol: batch_requests_max {}, pipeline_batches_max {}, client_window {}.",
-        p.batch_requests_max, p.pipeline_batches_max, p.client_window
+        "Protocol: batch_requests_max {}, pipeline_batches_max {}, client_window {}, fast path {}.",
+        p.batch_requests_max, p.pipeline_batches_max, p.client_window, if p.fast_path { "on" } else { "off" }
     );
     println!();
     println!("| configuration | ops/s (median) | ops/s (min–max) | p50 µs | p99 µs | requests per batch | WAL fsyncs per batch (primary) | WAL fsyncs per batch (all replicas) | frames in per request (primary) | failed calls | dropped (overload) |");
@@ -689,6 +693,7 @@ fn protocol(args: &Args) -> ProtocolConfig {
     if let Some(d) = args.pipeline {
         p.pipeline_batches_max = d;
     }
+    p.fast_path = !args.no_fast_path;
     p
 }
 

@@ -155,16 +155,18 @@ fn port_free(address: &str) -> bool {
 }
 
 /// Makes the keys of a new local cluster, or reuses the existing ones; replica addresses whose
-/// port another program took since are moved to free ports (the config is public and not
-/// signed, so only the addresses change, never the keys).
-pub fn prepare_local_cluster(data_dir: &Path, f: u32) -> Result<PathBuf> {
+/// port another program took since are moved to free ports, and the fast-path setting of this
+/// `up` is applied (the config is public and not signed, so only those change, never the keys).
+pub fn prepare_local_cluster(data_dir: &Path, f: u32, fast_path: bool) -> Result<PathBuf> {
     wait_for_previous_replicas(data_dir, 3 * f as usize + 1)?;
     let dir = data_dir.join(CLUSTER_DIR);
     let config_path = dir.join(keygen::CONFIG_FILE);
     if !config_path.exists() {
         let addresses = (0..3 * f + 1).map(|_| free_port().map(|p| format!("127.0.0.1:{p}"))).collect::<Result<Vec<_>>>()?;
         keygen::write_cluster(&dir, f, addresses, LOCAL_CLIENTS)?;
-        return Ok(config_path);
+        if fast_path {
+            return Ok(config_path);
+        }
     }
     let mut config = read_config(&config_path)?;
     if config.f != f {
@@ -175,7 +177,10 @@ pub fn prepare_local_cluster(data_dir: &Path, f: u32) -> Result<PathBuf> {
             config.f
         );
     }
-    let mut changed = false;
+    // Like the addresses, the protocol parameters are public and unsigned: every replica and
+    // the client read them from this file at start.
+    let mut changed = config.protocol.fast_path != fast_path;
+    config.protocol.fast_path = fast_path;
     for r in &mut config.replicas {
         if !port_free(&r.address) {
             let new = format!("127.0.0.1:{}", free_port()?);

@@ -40,6 +40,10 @@ enum Cmd {
         /// Run in the background; return once the mount answers.
         #[arg(long)]
         detach: bool,
+        /// Order on the commit path only (no speculative execution; batches run once
+        /// committed). Stored in the cluster config, so it holds until the next `up`.
+        #[arg(long)]
+        no_fast_path: bool,
         #[arg(short = 'o', value_name = "OPTIONS", help = OPTIONS_HELP)]
         options: Vec<String>,
         /// Internal: the background process started by --detach.
@@ -127,6 +131,7 @@ fn run(cli: Cli) -> Result<()> {
             f,
             data_dir,
             detach,
+            no_fast_path,
             options,
             foreground_child,
         } => up::up(UpArgs {
@@ -134,6 +139,7 @@ fn run(cli: Cli) -> Result<()> {
             f,
             data_dir,
             detach,
+            fast_path: !no_fast_path,
             options: parse_options(&options)?,
             foreground_child,
         }),

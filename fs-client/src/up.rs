@@ -54,6 +54,8 @@ pub struct UpArgs {
     pub f: u32,
     pub data_dir: Option<PathBuf>,
     pub detach: bool,
+    /// Zyzzyva's speculative fast path (false: `--no-fast-path`, commit path only).
+    pub fast_path: bool,
     pub options: MountOptions,
     /// Set on the re-executed background process of `--detach`.
     pub foreground_child: bool,
@@ -342,7 +344,7 @@ pub fn up(args: UpArgs) -> Result<()> {
 fn serve_replicated(mnt: &Path, data_dir: &Path, args: &UpArgs) -> Result<()> {
     mounting::block_stop_signals();
     let _lock = lock_data_dir(data_dir)?;
-    let config_path = cluster::prepare_local_cluster(data_dir, args.f)?;
+    let config_path = cluster::prepare_local_cluster(data_dir, args.f, args.fast_path)?;
     let mut replicas = cluster::LocalCluster::start(data_dir, &config_path)?;
     let result = (|| {
         let config = cluster::read_config(&config_path)?;
@@ -615,6 +617,7 @@ fn spawn_detached(mnt: &Path, data_dir: &Path, args: &UpArgs) -> Result<()> {
         .arg("-o")
         .arg(args.options.to_arg())
         .arg("--foreground-child")
+        .args((!args.fast_path).then_some("--no-fast-path"))
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err);

@@ -61,6 +61,16 @@ pub struct ProtocolConfig {
     pub client_retransmit_ticks_max: u64,
     /// Nominal duration of one tick for real drivers.
     pub tick_ns: u64,
+    /// Zyzzyva's speculative fast path (PROTOCOLS §6.1): replicas execute a batch as soon as
+    /// they accept its pre-prepare and clients complete on 3f+1 matching speculative replies;
+    /// PBFT's commit keeps running behind it. Off: batches execute only once committed.
+    /// Config files written before the field existed get the fast path.
+    #[serde(default = "fast_path_default")]
+    pub fast_path: bool,
+}
+
+fn fast_path_default() -> bool {
+    true
 }
 
 impl Default for ProtocolConfig {
@@ -81,6 +91,7 @@ impl Default for ProtocolConfig {
             client_retransmit_ticks: 100,
             client_retransmit_ticks_max: 1600,
             tick_ns: 10_000_000,
+            fast_path: fast_path_default(),
         }
     }
 }

@@ -159,7 +159,8 @@ pub struct Request {
     pub read_only: bool,
 }
 
-/// ⟨PRE-PREPARE, v, n, d, ND⟩ signed by the primary of `view`; the batch travels beside it.
+/// ⟨PRE-PREPARE, v, n, d, ND, h_n⟩ signed by the primary of `view`; the batch travels beside
+/// it. It doubles as Zyzzyva's ORDER-REQ (PROTOCOLS §6.1).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PrePrepare {
     pub view: View,
@@ -168,6 +169,34 @@ pub struct PrePrepare {
     /// The primary's proposed nondeterministic value (empty for a null batch).
     pub nondet: Vec<u8>,
     pub primary: ReplicaId,
+    /// h_n = [`chain_history`]`(h_{n-1}, this)`, anchored at the view's starting checkpoint
+    /// ([`history_anchor`]). Equal histories at one sequence number mean equal batches (and
+    /// agreed values) at every slot since that checkpoint, which is what lets a client trust
+    /// 3f+1 matching speculative replies. PBFT prepare/commit vote on `batch_digest` only: the
+    /// history matters for speculation, never for what commits.
+    pub history: Digest,
+}
+
+/// The history value a view's chain starts from: its new view's stable checkpoint (genesis for
+/// view 0). The view is left out so that a new view re-issuing the same batches from the same
+/// checkpoint reproduces the same histories.
+pub fn history_anchor(stable: &CheckpointCertificate) -> Digest {
+    let mut h = Hasher::new("bftfs.history.anchor");
+    h.u64(stable.seq.0);
+    h.digest(&stable.service_root);
+    h.digest(&stable.replies_digest);
+    h.finish()
+}
+
+/// h_n = H(h_{n-1} ‖ n ‖ batch digest ‖ H(ND)): the agreed value is part of what executes, so it
+/// is part of the history too.
+pub fn chain_history(previous: &Digest, seq: SeqNo, batch_digest: &Digest, nondet: &[u8]) -> Digest {
+    let mut h = Hasher::new("bftfs.history");
+    h.digest(previous);
+    h.u64(seq.0);
+    h.digest(batch_digest);
+    h.bytes(nondet);
+    h.finish()
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -354,7 +383,9 @@ impl Evidence {
     }
 }
 
-/// A reply to a client; MAC'd only.
+/// A reply to a client; MAC'd only. Sent for a batch that committed (`read_only` false) or
+/// from committed state on the read-only path (`read_only` true); a speculative result travels
+/// as a [`SpecResponse`] instead.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reply {
     pub view: View,
@@ -365,6 +396,32 @@ pub struct Reply {
     pub result: Vec<u8>,
 }
 
+/// ⟨SPEC-RESPONSE⟩: the result of executing a batch before it committed, with the primary's
+/// signed order (view, seq, history). A client completes on 3f+1 of these that agree on the
+/// whole order body and the result; two validly signed orders for one (view, seq) that differ
+/// are a proof of misbehaviour ([`Pom`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpecResponse {
+    pub reply: Reply,
+    pub order: Signed<PrePrepare>,
+}
+
+/// ⟨POM, OR1, OR2⟩: two pre-prepares signed by one primary for one (view, seq) that differ.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pom {
+    pub first: Signed<PrePrepare>,
+    pub second: Signed<PrePrepare>,
+}
+
+impl Pom {
+    /// Whether the two orders convict the primary of their view (signatures are the
+    /// verifier's job).
+    pub fn convicts(&self, n: usize) -> bool {
+        let (a, b) = (&self.first.body, &self.second.body);
+        a.view == b.view && a.seq == b.seq && a != b && a.primary == a.view.primary(n) && b.primary == a.primary
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Messages: one enum per protocol
 
@@ -372,6 +429,9 @@ pub struct Reply {
 pub enum ClientMessage {
     Request(Signed<Request>),
     Reply(Reply),
+    SpecResponse(Box<SpecResponse>),
+    /// From a client that saw the primary equivocate, to every replica.
+    Pom(Box<Pom>),
     /// Sent by a client when it connects to a replica, so the replica's driver knows the
     /// connection to send this client's replies on before any request arrives there (an
     /// ordered request goes to the primary only, but every replica replies). The core
@@ -389,6 +449,11 @@ pub enum AgreementMessage {
     FetchCommitted { from: SeqNo, to: SeqNo },
     /// Answer to `FetchCommitted`.
     Committed(Box<CommitCertificate>),
+    /// Asks for the current view's proposals `from..=to` (a hole below proposals this
+    /// replica holds): first the primary, then everyone.
+    FillHole { view: View, from: SeqNo, to: SeqNo },
+    /// Answer to `FillHole`: a proposal signed by its view's primary, relayed by anyone.
+    Filled(Box<Proposal>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -433,6 +498,10 @@ impl Message {
             Message::Client(ClientMessage::Request(_)) => "request",
             Message::Client(ClientMessage::Reply(_)) => "reply",
             Message::Client(ClientMessage::Hello) => "hello",
+            Message::Client(ClientMessage::SpecResponse(_)) => "spec_response",
+            Message::Client(ClientMessage::Pom(_)) => "pom",
+            Message::Agreement(AgreementMessage::FillHole { .. }) => "fill_hole",
+            Message::Agreement(AgreementMessage::Filled(_)) => "filled",
             Message::Agreement(AgreementMessage::PrePrepare(_)) => "pre_prepare",
             Message::Agreement(AgreementMessage::Prepare(_)) => "prepare",
             Message::Agreement(AgreementMessage::Commit(_)) => "commit",
@@ -834,6 +903,16 @@ impl Authenticator {
                 }
                 Ok(())
             }
+            Message::Client(ClientMessage::SpecResponse(spec)) => {
+                if sender != Principal::Replica(spec.reply.replica) {
+                    return forbid("spec_response");
+                }
+                self.verify(&spec.order, "pre_prepare")
+            }
+            Message::Client(ClientMessage::Pom(pom)) => {
+                self.verify(&pom.first, "pre_prepare")?;
+                self.verify(&pom.second, "pre_prepare")
+            }
             _ if !from_replica => forbid(message.kind()),
             Message::Agreement(m) => match m {
                 AgreementMessage::PrePrepare(p) => {
@@ -860,7 +939,8 @@ impl Authenticator {
                     }
                     self.verify(c, "checkpoint")
                 }
-                AgreementMessage::FetchCommitted { .. } => Ok(()),
+                AgreementMessage::FetchCommitted { .. } | AgreementMessage::FillHole { .. } => Ok(()),
+                AgreementMessage::Filled(p) => self.verify_proposal(p),
                 AgreementMessage::Committed(cert) => {
                     self.verify_proposal(&cert.proposal)?;
                     for c in &cert.commits {
@@ -978,6 +1058,7 @@ mod tests {
             batch_digest: Batch::default().digest(),
             nondet: vec![],
             primary: ReplicaId(0),
+            history: Digest::default(),
         });
         let m = Message::Agreement(AgreementMessage::PrePrepare(Proposal { pre_prepare: pp, batch }));
         let sealed = a0.seal(&m, &[Principal::Replica(ReplicaId(1))]).expect("seal");

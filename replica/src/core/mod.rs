@@ -1,5 +1,6 @@
-//! The replica's protocol core: a sans-IO state machine (PBFT ordering with checkpoints, the
-//! evidence-ranked view change of PROTOCOLS §2.8–2.9, catch-up and state transfer).
+//! The replica's protocol core: a sans-IO state machine (PBFT ordering with checkpoints,
+//! Zyzzyva's speculative fast path with rollback, the evidence-ranked view change of PROTOCOLS
+//! §2.8–2.9, catch-up and state transfer).
 //!
 //! No I/O, no clock, no randomness, no `HashMap` iteration: the same events in the same order
 //! give the same actions, which is what lets the simulator replay a run from its seed.
@@ -36,12 +37,17 @@
 //! - [`Action::Halt`]: the service failed (storage error). Stop the replica; it behaves as a
 //!   crashed replica and may be restarted from durable state.
 //!
-//! **Execution.** Committed batches run synchronously inside `step` through
-//! [`execution::Executor`], the single interface to the service (so that execution can move
-//! to another process for the ZZ profile without the ordering code changing).
+//! **Execution.** Batches run synchronously inside `step` through [`execution::Executor`], the
+//! single interface to the service (so that execution can move to another process for the ZZ
+//! profile without the ordering code changing): committed ones, and with
+//! [`crate::config::ProtocolConfig::fast_path`] the accepted ones of the installed view before
+//! they commit. Speculative runs are undone with [`state_abstraction::Service::rollback_to`] to
+//! the newest checkpoint (always a committed sequence number), so a service must keep its
+//! checkpoints from the stable one on until told to discard them.
 
 pub mod execution;
 pub mod safety;
+pub mod speculation;
 pub mod state_transfer;
 #[cfg(test)]
 mod tests;
@@ -49,12 +55,12 @@ pub mod view_change;
 
 use crate::config::{ClusterConfig, ReplicaSecrets};
 use crate::wire::{
-    AgreementMessage, Authenticated, Batch, Checkpoint, CheckpointCertificate, ClientMessage, Commit,
-    CommitCertificate, Digest, Evidence, Message, NewView, PrePrepare, Prepare, PreparedCertificate, Principal,
-    Proposal, ReplicaId, Reply, Request, SeqNo, Signed, Signer, StateTransferMessage, Timestamp, View, ViewChange,
-    ViewChangeMessage,
+    chain_history, history_anchor, AgreementMessage, Authenticated, Batch, Checkpoint, CheckpointCertificate,
+    ClientMessage, Commit, CommitCertificate, Digest, Evidence, Message, NewView, Pom, PrePrepare, Prepare,
+    PreparedCertificate, Principal, Proposal, ReplicaId, Reply, Request, SeqNo, Signed, Signer, SpecResponse,
+    StateTransferMessage, Timestamp, View, ViewChange, ViewChangeMessage,
 };
-use execution::{Executor, Lookup, ReplyTable};
+use execution::{ExecutedRequest, Executor, Lookup, ReplyTable};
 use safety::SafetyRules;
 use serde::{Deserialize, Serialize};
 use state_abstraction::{ClientId, Service, ServiceError};
@@ -88,7 +94,12 @@ pub enum Action {
 /// Things worth logging or checking; the driver need not act on them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Notification {
-    /// A batch ran; `requests` in batch order (duplicates were answered from the cache).
+    /// A batch ran ahead of its commit (fast path); it may still be rolled back.
+    Speculated { seq: SeqNo, batch_digest: Digest },
+    /// Speculative execution above `to` was undone (the service is back at checkpoint `to`).
+    RolledBack { to: SeqNo, from: SeqNo },
+    /// A committed batch ran (or, on the fast path, a batch that ran speculatively committed);
+    /// `requests` in batch order (duplicates were answered from the cache).
     Executed { seq: SeqNo, batch_digest: Digest, requests: Vec<(ClientId, Timestamp)> },
     CheckpointTaken { seq: SeqNo, service_root: Digest, replies_digest: Digest },
     CheckpointStable { seq: SeqNo, service_root: Digest, replies_digest: Digest },
@@ -168,6 +179,10 @@ pub struct Metrics {
     pub fetched_batches: u64,
     pub misbehaviour: u64,
     pub requests_dropped: u64,
+    pub speculated_batches: u64,
+    pub rollbacks: u64,
+    pub poms: u64,
+    pub fill_holes: u64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -188,6 +203,19 @@ struct Slot {
     /// Proof that the batch committed (kept apart from `proposal` and `commits`, which a
     /// later view replaces), served to replicas that missed it.
     commit_certificate: Option<Box<CommitCertificate>>,
+    /// What ran here speculatively (only above `last_executed`): the order it ran under and its
+    /// results, resent as committed replies once the slot commits with the same content.
+    executed: Option<Speculation>,
+}
+
+#[derive(Clone, Debug)]
+struct Speculation {
+    order: Signed<PrePrepare>,
+    results: Vec<ExecutedRequest>,
+}
+
+fn same_content(a: &PrePrepare, b: &PrePrepare) -> bool {
+    a.batch_digest == b.batch_digest && a.nondet == b.nondet
 }
 
 /// A PBFT replica over service `S`. See the module doc for how to drive it.
@@ -205,7 +233,22 @@ pub struct Replica<S: Service> {
     new_view_message: Option<Signed<NewView>>,
     log: BTreeMap<SeqNo, Slot>,
     stable: CheckpointCertificate,
+    /// The committed prefix that has run: every slot up to here committed and executed.
     last_executed: SeqNo,
+    /// Where the service state is: `last_executed` plus the batches run speculatively after it
+    /// (fast path). Never past an uncommitted checkpoint boundary, so checkpoints are always
+    /// taken on committed state (PROTOCOLS §2.4 [D]).
+    spec_executed: SeqNo,
+    /// The current view's history anchor: its starting checkpoint and [`history_anchor`] of it
+    /// (unknown after a restart into a view whose new-view message was not kept).
+    view_anchor: Option<(SeqNo, Digest)>,
+    /// Requests whose cached reply comes from a speculative execution, with its slot: a
+    /// retransmission gets that reply as speculative, never as committed.
+    spec_keys: BTreeMap<(ClientId, Timestamp), SeqNo>,
+    /// The hole below buffered proposals being filled: (first missing, tick asked, asked all).
+    fill_hole: Option<(SeqNo, u64, bool)>,
+    /// Read-only requests waiting for the state to be fully committed (bounded).
+    deferred_reads: VecDeque<Signed<Request>>,
     /// Primary: the next sequence number to assign.
     next_seq: SeqNo,
     own_checkpoints: BTreeMap<SeqNo, OwnCheckpoint>,
@@ -435,6 +478,23 @@ impl<S: Service> Replica<S> {
             .next();
         let stable_ahead = (stable.seq > resume.seq).then(|| stable.clone());
         let vc_timeout = config.protocol.view_change_timeout_ticks;
+        let new_view_message = new_view_message.filter(|nv| nv.body.view == view && view_active);
+        let view_anchor = match &new_view_message {
+            _ if view == View(0) => {
+                let genesis_cert = CheckpointCertificate {
+                    seq: SeqNo(0),
+                    service_root: genesis.service_root,
+                    replies_digest: genesis.replies_digest,
+                    checkpoints: Vec::new(),
+                };
+                Some((SeqNo(0), history_anchor(&genesis_cert)))
+            }
+            Some(nv) => {
+                let plan = view_change::plan_new_view(&config, &nv.body.view_changes);
+                Some((plan.stable.seq, history_anchor(&plan.stable)))
+            }
+            None => None,
+        };
         let replica = Replica {
             id: secrets.id,
             signer: Signer::from_secret(&secrets.signing_key.0),
@@ -443,10 +503,15 @@ impl<S: Service> Replica<S> {
             genesis,
             view,
             view_active,
-            new_view_message: new_view_message.filter(|nv| nv.body.view == view && view_active),
+            new_view_message,
             log,
             stable,
             last_executed: resume.seq,
+            spec_executed: resume.seq,
+            view_anchor,
+            spec_keys: BTreeMap::new(),
+            fill_hole: None,
+            deferred_reads: VecDeque::new(),
             next_seq,
             own_checkpoints: checkpoints,
             checkpoint_votes: BTreeMap::new(),
@@ -506,8 +571,7 @@ impl<S: Service> Replica<S> {
             // Restarted during a view change: speak again for the view we had entered (the
             // same statement, so no new record is needed) and wait for 2f+1 to arm the timer.
             replica.view_change_deadline = None;
-            let evidence: Vec<Evidence> =
-                replica.log.values().filter_map(|slot| slot.certificate.clone()).map(Evidence::Prepared).collect();
+            let evidence = replica.evidence();
             let vc = replica.signer.sign(ViewChange {
                 new_view: replica.view,
                 replica: replica.id,
@@ -689,7 +753,7 @@ impl<S: Service> Replica<S> {
                 return Err("executed below the stable checkpoint with no transfer pending".into());
             }
             let limit = self.config.protocol.pending_requests_max;
-            if self.pending.len() > limit || self.waiting.len() > limit {
+            if self.pending.len() > limit || self.waiting.len() > limit || self.deferred_reads.len() > limit {
                 return Err("request queues over their bound".into());
             }
             if self.view_active && self.is_primary() && self.next_seq <= self.stable.seq {
@@ -701,6 +765,25 @@ impl<S: Service> Replica<S> {
                         return Err(format!("slot {seq:?} holds a proposal for {:?}", p.pre_prepare.body.seq));
                     }
                 }
+                let speculative = *seq > self.last_executed && *seq <= self.spec_executed;
+                if slot.executed.is_some() != speculative {
+                    return Err(format!(
+                        "slot {seq:?} speculation record {} outside ({:?}, {:?}]",
+                        slot.executed.is_some(),
+                        self.last_executed,
+                        self.spec_executed
+                    ));
+                }
+            }
+            if self.spec_executed < self.last_executed {
+                return Err("service state behind the committed prefix".into());
+            }
+            let interval = self.config.protocol.checkpoint_interval;
+            if (self.last_executed.0 + 1..self.spec_executed.0).any(|s| s % interval == 0) {
+                return Err(format!("speculation ran past an uncommitted checkpoint ({:?}..{:?})", self.last_executed, self.spec_executed));
+            }
+            if self.spec_executed > self.last_executed && !self.config.protocol.fast_path {
+                return Err("speculation with the fast path off".into());
             }
         }
         Ok(())
@@ -712,7 +795,11 @@ impl<S: Service> Replica<S> {
                 let r = r.clone();
                 return self.on_request(sender, r, actions);
             }
-            (_, Message::Client(ClientMessage::Reply(_))) => return,
+            (_, Message::Client(ClientMessage::Pom(pom))) => {
+                let pom = (**pom).clone();
+                return self.on_pom(sender, pom, actions);
+            }
+            (_, Message::Client(_)) => return,
             (Principal::Replica(r), _) if r != self.id && (r.0 as usize) < self.n() => r,
             _ => return,
         };
@@ -724,6 +811,8 @@ impl<S: Service> Replica<S> {
                 AgreementMessage::Checkpoint(c) => self.on_checkpoint(from, c, actions),
                 AgreementMessage::FetchCommitted { from: first, to } => self.on_fetch_committed(from, first, to, actions),
                 AgreementMessage::Committed(cert) => self.on_committed(from, *cert, actions),
+                AgreementMessage::FillHole { view, from: first, to } => self.on_fill_hole(from, view, first, to, actions),
+                AgreementMessage::Filled(p) => self.on_filled(from, *p, actions),
             },
             Message::ViewChange(m) => match m {
                 ViewChangeMessage::ViewChange(vc) => self.on_view_change(from, vc, actions),
@@ -764,19 +853,52 @@ impl<S: Service> Replica<S> {
             // A replica that knows of batches it has not executed yet (restarted, or behind)
             // must not answer from its older state: after every replica restarts at once, 2f+1
             // of them could otherwise agree on a read that misses committed writes.
-            let behind = self.last_executed < self.read_only_barrier;
-            if self.exec.is_read_only(&body.operation) && self.transfer.is_none() && self.stable_ahead.is_none() && !behind {
-                self.metrics.read_only_requests += 1;
-                let result = self.exec.execute_read_only(&request);
-                actions.push(self.reply(body, result, true));
+            // On the fast path the barrier also covers everything run speculatively: a replica
+            // answers reads only from a fully committed state, never one a view change may undo,
+            // and never from a state behind a write it already reported (a write completed on
+            // 3f+1 speculative replies is thus seen by every correct replica that answers).
+            if !self.exec.is_read_only(&body.operation) || self.transfer.is_some() || self.stable_ahead.is_some() {
+                return;
             }
+            if self.reads_behind() {
+                // Usually just the commit of what ran speculatively, a round trip away: answer
+                // then rather than make the client wait out its timeout and order the read.
+                if self.deferred_reads.len() >= self.config.protocol.pending_requests_max {
+                    self.deferred_reads.pop_front();
+                    self.metrics.requests_dropped += 1;
+                }
+                self.deferred_reads.push_back(request);
+                return;
+            }
+            self.metrics.read_only_requests += 1;
+            let result = self.exec.execute_read_only(&request);
+            actions.push(self.reply(body, result, true));
             return;
         }
         let key = (body.client, body.timestamp);
         match self.exec.lookup(body.client, body.timestamp) {
             Lookup::Cached(result) => {
                 let result = result.to_vec();
-                actions.push(self.reply(body, result, false));
+                // A result that only ran speculatively goes out as such, with its order.
+                let order = self.spec_keys.get(&key).and_then(|seq| self.log.get(seq)).and_then(|s| s.executed.as_ref());
+                match order {
+                    Some(spec) => {
+                        let reply = Reply {
+                            view: self.view,
+                            client: body.client,
+                            timestamp: body.timestamp,
+                            replica: self.id,
+                            read_only: false,
+                            result,
+                        };
+                        let message = SpecResponse { reply, order: spec.order.clone() };
+                        actions.push(Action::SendClient {
+                            to: body.client,
+                            message: Message::Client(ClientMessage::SpecResponse(Box::new(message))),
+                        });
+                    }
+                    None => actions.push(self.reply(body, result, false)),
+                }
                 return;
             }
             Lookup::Stale => {
@@ -868,13 +990,14 @@ impl<S: Service> Replica<S> {
             }
             let seq = self.next_seq;
             let nondet = self.exec.propose_nondet(self.now_ns);
-            let pre_prepare = self.signer.sign(PrePrepare {
-                view: self.view,
-                seq,
-                batch_digest: batch.digest(),
-                nondet,
-                primary: self.id,
-            });
+            let batch_digest = batch.digest();
+            // Without our own chain below `seq` (a restart, or a committed slot skipped) the
+            // history is a placeholder no backup accepts speculatively: those batches take
+            // the commit path, which never looks at histories.
+            let previous = self.proposed_history(SeqNo(seq.0 - 1)).unwrap_or_default();
+            let history = chain_history(&previous, seq, &batch_digest, &nondet);
+            let pre_prepare =
+                self.signer.sign(PrePrepare { view: self.view, seq, batch_digest, nondet, primary: self.id, history });
             if let Err(e) = self.safety.check_vote(self.view, seq, pre_prepare.body.batch_digest) {
                 panic!("primary {} would equivocate: {e}", self.id.0);
             }
@@ -894,6 +1017,68 @@ impl<S: Service> Replica<S> {
             // prepares already make a prepared certificate; with f>0 it returns at once.
             self.try_prepared(seq, actions);
         }
+        self.speculate(actions);
+    }
+
+    /// The history of this view's proposal at `seq` (the anchor at the view's checkpoint).
+    pub fn proposed_history(&self, seq: SeqNo) -> Option<Digest> {
+        if let Some((anchor_seq, anchor)) = self.view_anchor {
+            if seq == anchor_seq {
+                return Some(anchor);
+            }
+            if seq < anchor_seq {
+                return None;
+            }
+        } else {
+            return None;
+        }
+        let p = self.log.get(&seq)?.proposal.as_ref()?;
+        (p.pre_prepare.body.view == self.view).then_some(p.pre_prepare.body.history)
+    }
+
+    /// The history of the state the service is in, if this view's chain reaches it: the
+    /// proposal of this view at `spec_executed`, provided what ran there is that proposal's
+    /// content (committed content is the same everywhere, so its history may be adopted).
+    fn executed_history(&self) -> Option<Digest> {
+        let seq = self.spec_executed;
+        let history = self.proposed_history(seq)?;
+        if seq > self.last_executed {
+            let slot = self.log.get(&seq)?;
+            let ran = &slot.executed.as_ref()?.order.body;
+            let p = &slot.proposal.as_ref()?.pre_prepare.body;
+            if !same_content(ran, p) {
+                return None;
+            }
+        }
+        Some(history)
+    }
+
+    /// The view-change evidence for every slot above the stable checkpoint, in the format of
+    /// `view_change` (PROTOCOLS §2.9): the prepared certificate, then, on the fast path, the
+    /// proposal accepted in a higher view than any certificate held.
+    ///
+    /// The certificate is reported even when a later proposal was accepted: reporting only
+    /// the proposal would let a batch that committed under the certificate vanish when we are
+    /// the only replica of the next quorum that prepared it (seed 3786). A higher-view
+    /// proposal with the certificate's content adds only a view; it is reported too, and
+    /// `plan_new_view` counts a content at the highest view each reporter gives it.
+    fn evidence(&self) -> Vec<Evidence> {
+        let fast = self.config.protocol.fast_path;
+        let mut evidence = Vec::new();
+        for slot in self.log.values() {
+            match (&slot.certificate, &slot.proposal) {
+                (Some(c), Some(p)) => {
+                    evidence.push(Evidence::Prepared(c.clone()));
+                    if fast && p.pre_prepare.body.view > c.proposal.pre_prepare.body.view {
+                        evidence.push(Evidence::Accepted(p.clone()));
+                    }
+                }
+                (Some(c), None) => evidence.push(Evidence::Prepared(c.clone())),
+                (None, Some(p)) if fast => evidence.push(Evidence::Accepted(p.clone())),
+                (None, _) => {}
+            }
+        }
+        evidence
     }
 
     // -----------------------------------------------------------------------------------------
@@ -909,6 +1094,15 @@ impl<S: Service> Replica<S> {
     }
 
     pub fn on_pre_prepare(&mut self, from: ReplicaId, proposal: Proposal, actions: &mut Vec<Action>) {
+        if from != self.primary() && proposal.pre_prepare.body.view == self.view {
+            return self.misbehaved(Principal::Replica(from), "pre-prepare from a backup", actions);
+        }
+        self.accept_pre_prepare(from, proposal, actions);
+    }
+
+    /// A pre-prepare straight from the primary, or relayed by anyone to fill a hole (the
+    /// primary's signature is what counts).
+    fn accept_pre_prepare(&mut self, from: ReplicaId, proposal: Proposal, actions: &mut Vec<Action>) {
         let b = proposal.pre_prepare.body.clone();
         self.highest_seen = self.highest_seen.max(b.seq.min(self.high_water()));
         if b.view > self.view {
@@ -917,7 +1111,7 @@ impl<S: Service> Replica<S> {
         if b.view < self.view || !self.view_active || self.is_primary() {
             return;
         }
-        if from != self.primary() || b.primary != self.primary() {
+        if b.primary != self.primary() {
             return self.misbehaved(Principal::Replica(from), "pre-prepare from a backup", actions);
         }
         if !self.in_window(b.seq) || b.seq <= self.last_executed {
@@ -951,6 +1145,99 @@ impl<S: Service> Replica<S> {
         }
         self.accept_and_prepare(proposal, actions);
         self.try_prepared(b.seq, actions);
+        self.speculate(actions);
+        self.note_hole();
+    }
+
+    /// Fast path: a proposal of this view waits above a missing one. Start filling the hole
+    /// (the tick handler asks the primary, then everyone; the view-change timer on
+    /// uncommitted proposals suspects the primary after that).
+    fn note_hole(&mut self) {
+        if !self.config.protocol.fast_path || !self.view_active || self.is_primary() {
+            self.fill_hole = None;
+            return;
+        }
+        let next = self.spec_executed.next();
+        let missing = !self.log.get(&next).is_some_and(|s| s.proposal.as_ref().is_some_and(|p| p.pre_prepare.body.view == self.view));
+        let above = self
+            .log
+            .range(next.next()..)
+            .any(|(_, s)| s.proposal.as_ref().is_some_and(|p| p.pre_prepare.body.view == self.view));
+        if !(missing && above) {
+            self.fill_hole = None;
+        } else if self.fill_hole.is_none_or(|(first, _, _)| first != next) {
+            self.fill_hole = Some((next, self.ticks, false));
+        }
+    }
+
+    fn hole_range(&self) -> Option<(SeqNo, SeqNo)> {
+        let (first, _, _) = self.fill_hole?;
+        let last = self
+            .log
+            .range(first..)
+            .filter(|(_, s)| s.proposal.as_ref().is_some_and(|p| p.pre_prepare.body.view == self.view))
+            .map(|(seq, _)| *seq)
+            .next()?;
+        (last > first).then(|| (first, SeqNo(last.0 - 1)))
+    }
+
+    fn fill_hole_tick(&mut self, actions: &mut Vec<Action>) {
+        let Some((first, asked, asked_all)) = self.fill_hole else { return };
+        let wait = self.config.protocol.retransmit_ticks;
+        if self.ticks < asked + wait {
+            return;
+        }
+        let Some((from, to)) = self.hole_range() else {
+            self.fill_hole = None;
+            return;
+        };
+        let message = Message::Agreement(AgreementMessage::FillHole { view: self.view, from, to });
+        self.metrics.fill_holes += 1;
+        if asked_all || self.ticks >= asked + 2 * wait {
+            actions.push(Action::Broadcast { message });
+        } else {
+            actions.push(Action::Send { to: self.primary(), message });
+        }
+        self.fill_hole = Some((first, asked, self.ticks >= asked + 2 * wait));
+    }
+
+    fn on_fill_hole(&mut self, from: ReplicaId, view: View, first: SeqNo, last: SeqNo, actions: &mut Vec<Action>) {
+        if view != self.view || !self.view_active {
+            return;
+        }
+        let end = last.min(SeqNo(first.0.saturating_add(FETCH_BATCHES_MAX - 1)));
+        if first > end {
+            return;
+        }
+        for (_, slot) in self.log.range(first..=end) {
+            if let Some(p) = &slot.proposal {
+                if p.pre_prepare.body.view == view {
+                    actions.push(Action::Send { to: from, message: Message::Agreement(AgreementMessage::Filled(Box::new(p.clone()))) });
+                }
+            }
+        }
+    }
+
+    fn on_filled(&mut self, from: ReplicaId, proposal: Proposal, actions: &mut Vec<Action>) {
+        if !self.config.protocol.fast_path {
+            return;
+        }
+        self.accept_pre_prepare(from, proposal, actions);
+    }
+
+    /// Two orders the primary of one view signed for one sequence number that differ: the
+    /// primary is faulty. Leave its view (PROTOCOLS §2.3, 4d).
+    fn on_pom(&mut self, sender: Principal, pom: Pom, actions: &mut Vec<Action>) {
+        if !pom.convicts(self.n()) {
+            return self.misbehaved(sender, "proof of misbehaviour that proves nothing", actions);
+        }
+        if pom.first.body.view != self.view || !self.view_active {
+            return;
+        }
+        self.metrics.poms += 1;
+        tracing::warn!(replica = self.id.0, view = self.view.0, seq = pom.first.body.seq.0, "primary equivocated");
+        self.misbehaved(Principal::Replica(pom.first.body.primary), "equivocating primary (proof of misbehaviour)", actions);
+        self.on_view_change_timeout(actions);
     }
 
     /// Backup: records an accepted proposal durably, then sends its prepare (rule 3).
@@ -1076,7 +1363,8 @@ impl<S: Service> Replica<S> {
         }
     }
 
-    /// Executes committed batches in order (rule 5), replying to clients and checkpointing.
+    /// Executes committed batches in order (rule 5), replying to clients and checkpointing;
+    /// on the fast path, runs accepted batches of this view ahead of their commit.
     fn execute_ready(&mut self, actions: &mut Vec<Action>) {
         // While transferring, or below our stable checkpoint after a restart, the state is
         // not the one the log continues from.
@@ -1084,52 +1372,189 @@ impl<S: Service> Replica<S> {
             return;
         }
         loop {
+            if self.halted {
+                return;
+            }
             let seq = self.last_executed.next();
-            let Some(slot) = self.log.get(&seq) else { break };
+            let Some(slot) = self.log.get_mut(&seq) else { break };
             if !slot.committed {
                 break;
             }
             let Some(proposal) = slot.proposal.clone() else { break };
-            if let Err(e) = self.safety.check_execute(seq) {
-                panic!("replica {}: {e}", self.id.0);
-            }
-            let results = self.exec.execute_batch(&proposal.batch, &proposal.pre_prepare.body.nondet);
-            self.last_executed = seq;
-            self.last_progress_tick = self.ticks;
-            self.view_change_timeout_ticks = self.config.protocol.view_change_timeout_ticks;
-            for request in &proposal.batch.requests {
-                let key = (request.body.client, request.body.timestamp);
-                self.proposed.remove(&key);
-                self.waiting.remove(&key);
-            }
-            for r in results {
-                actions.push(Action::SendClient {
-                    to: r.client,
-                    message: Message::Client(ClientMessage::Reply(Reply {
-                        view: self.view,
-                        client: r.client,
-                        timestamp: r.timestamp,
-                        replica: self.id,
-                        read_only: false,
-                        result: r.result,
-                    })),
-                });
-            }
-            self.metrics.executed_batches += 1;
-            self.metrics.executed_requests += proposal.batch.requests.len() as u64;
-            actions.push(Action::Notify(Notification::Executed {
-                seq,
-                batch_digest: proposal.pre_prepare.body.batch_digest,
-                requests: proposal.batch.requests.iter().map(|r| (r.body.client, r.body.timestamp)).collect(),
-            }));
-            if seq.0 % self.config.protocol.checkpoint_interval == 0 {
-                self.take_checkpoint(seq, actions);
-                if self.halted {
-                    return;
+            let results = if seq <= self.spec_executed {
+                // It already ran speculatively: keep that run if it ran this very content.
+                match slot.executed.take() {
+                    Some(spec) if same_content(&spec.order.body, &proposal.pre_prepare.body) => spec.results,
+                    _ => {
+                        self.roll_back_speculation(actions);
+                        continue;
+                    }
                 }
+            } else {
+                let results = self.exec.execute_batch(&proposal.batch, &proposal.pre_prepare.body.nondet);
+                self.spec_executed = seq;
+                results
+            };
+            self.commit_executed(seq, &proposal, results, actions);
+        }
+        self.answer_deferred_reads(actions);
+        self.speculate(actions);
+        self.try_propose(actions);
+    }
+
+    /// See `on_request`: the state may not answer reads yet.
+    fn reads_behind(&self) -> bool {
+        self.last_executed < self.read_only_barrier || self.spec_executed > self.last_executed
+    }
+
+    fn answer_deferred_reads(&mut self, actions: &mut Vec<Action>) {
+        if self.deferred_reads.is_empty() || self.reads_behind() || self.transfer.is_some() || self.stable_ahead.is_some() {
+            return;
+        }
+        while let Some(request) = self.deferred_reads.pop_front() {
+            self.metrics.read_only_requests += 1;
+            let result = self.exec.execute_read_only(&request);
+            actions.push(self.reply(&request.body, result, true));
+        }
+    }
+
+    /// The slot after `last_executed` committed and has run: reply, notify, checkpoint.
+    fn commit_executed(&mut self, seq: SeqNo, proposal: &Proposal, results: Vec<ExecutedRequest>, actions: &mut Vec<Action>) {
+        if let Err(e) = self.safety.check_execute(seq) {
+            panic!("replica {}: {e}", self.id.0);
+        }
+        self.last_executed = seq;
+        self.last_progress_tick = self.ticks;
+        self.view_change_timeout_ticks = self.config.protocol.view_change_timeout_ticks;
+        for request in &proposal.batch.requests {
+            let key = (request.body.client, request.body.timestamp);
+            self.proposed.remove(&key);
+            self.waiting.remove(&key);
+            if self.spec_keys.get(&key) == Some(&seq) {
+                self.spec_keys.remove(&key);
             }
         }
-        self.try_propose(actions);
+        for r in results {
+            actions.push(Action::SendClient {
+                to: r.client,
+                message: Message::Client(ClientMessage::Reply(Reply {
+                    view: self.view,
+                    client: r.client,
+                    timestamp: r.timestamp,
+                    replica: self.id,
+                    read_only: false,
+                    result: r.result,
+                })),
+            });
+        }
+        self.metrics.executed_batches += 1;
+        self.metrics.executed_requests += proposal.batch.requests.len() as u64;
+        actions.push(Action::Notify(Notification::Executed {
+            seq,
+            batch_digest: proposal.pre_prepare.body.batch_digest,
+            requests: proposal.batch.requests.iter().map(|r| (r.body.client, r.body.timestamp)).collect(),
+        }));
+        if seq.0 % self.config.protocol.checkpoint_interval == 0 {
+            assert_eq!(self.spec_executed, seq, "replica {}: speculation ran past checkpoint {seq:?}", self.id.0);
+            self.take_checkpoint(seq, actions);
+        }
+    }
+
+    /// Fast path: runs this view's accepted proposals in sequence, each only if its history
+    /// chains onto the state's, and sends speculative replies.
+    fn speculate(&mut self, actions: &mut Vec<Action>) {
+        if !self.config.protocol.fast_path || !self.view_active || self.transfer.is_some() || self.halted {
+            return;
+        }
+        if self.last_executed < self.stable.seq {
+            return;
+        }
+        // Reads wait for a fully committed state: running more batches now would keep them
+        // waiting for as long as writes keep coming.
+        if !self.deferred_reads.is_empty() {
+            return;
+        }
+        loop {
+            // Checkpoints are taken on committed state only: wait at a boundary until it commits.
+            let boundary = self.spec_executed.0 % self.config.protocol.checkpoint_interval == 0;
+            if boundary && self.spec_executed > self.last_executed {
+                return;
+            }
+            let seq = self.spec_executed.next();
+            let Some(previous) = self.executed_history() else { return };
+            let Some(slot) = self.log.get(&seq) else { return };
+            let Some(proposal) = slot.proposal.clone() else { return };
+            let b = &proposal.pre_prepare.body;
+            if b.view != self.view || slot.committed && seq == self.last_executed.next() {
+                return;
+            }
+            if b.history != chain_history(&previous, seq, &b.batch_digest, &b.nondet) {
+                return;
+            }
+            // Our view-change evidence for this slot is an older certificate of the same
+            // content (see `evidence`), which may rank below a conflicting proposal a later
+            // view saw: a fast completion must not rest on it, so this one waits for its commit.
+            if slot.certificate.as_ref().is_some_and(|c| {
+                c.proposal.pre_prepare.body.view < b.view && same_content(&c.proposal.pre_prepare.body, b)
+            }) {
+                return;
+            }
+            let results = self.exec.execute_batch(&proposal.batch, &b.nondet);
+            self.spec_executed = seq;
+            self.read_only_barrier = self.read_only_barrier.max(seq);
+            for r in &results {
+                self.spec_keys.insert((r.client, r.timestamp), seq);
+                let reply = Reply {
+                    view: self.view,
+                    client: r.client,
+                    timestamp: r.timestamp,
+                    replica: self.id,
+                    read_only: false,
+                    result: r.result.clone(),
+                };
+                let message = SpecResponse { reply, order: proposal.pre_prepare.clone() };
+                actions.push(Action::SendClient {
+                    to: r.client,
+                    message: Message::Client(ClientMessage::SpecResponse(Box::new(message))),
+                });
+            }
+            self.metrics.speculated_batches += 1;
+            actions.push(Action::Notify(Notification::Speculated { seq, batch_digest: b.batch_digest }));
+            if let Some(slot) = self.log.get_mut(&seq) {
+                slot.executed = Some(Speculation { order: proposal.pre_prepare.clone(), results });
+            }
+        }
+    }
+
+    /// Undoes every speculative execution: the service (and its reply cache) goes back to the
+    /// newest checkpoint at or below `last_executed` (always committed state), and the committed
+    /// batches after it run again.
+    fn roll_back_speculation(&mut self, actions: &mut Vec<Action>) {
+        let Some(base) = self.own_checkpoints.range(..=self.last_executed).next_back().map(|(_, c)| c.clone()) else {
+            return self.halt("no checkpoint to roll speculation back to".into(), actions);
+        };
+        let replies = match ReplyTable::decode(&base.replies, self.config.protocol.client_window) {
+            Ok(r) => r,
+            Err(e) => return self.halt(format!("own reply cache: {e}"), actions),
+        };
+        if let Err(e) = self.exec.rollback_to(base.seq.0, replies) {
+            return self.halt(format!("rollback to {}: {e}", base.seq.0), actions);
+        }
+        tracing::info!(replica = self.id.0, to = base.seq.0, from = self.spec_executed.0, "speculation rolled back");
+        actions.push(Action::Notify(Notification::RolledBack { to: base.seq, from: self.spec_executed }));
+        self.metrics.rollbacks += 1;
+        self.set_service_position(base.seq);
+    }
+
+    /// The service now holds exactly the committed state at `seq`.
+    fn set_service_position(&mut self, seq: SeqNo) {
+        self.last_executed = seq;
+        self.spec_executed = seq;
+        self.safety.reset_executed(seq);
+        self.spec_keys.clear();
+        for slot in self.log.values_mut() {
+            slot.executed = None;
+        }
     }
 
     // -----------------------------------------------------------------------------------------
@@ -1375,6 +1800,10 @@ impl<S: Service> Replica<S> {
         if self.ticks % p.retransmit_ticks == 0 {
             self.retransmit(actions);
         }
+        if self.view_active {
+            self.note_hole();
+            self.fill_hole_tick(actions);
+        }
 
         // Catching up.
         if self.transfer.is_none() {
@@ -1473,12 +1902,7 @@ impl<S: Service> Replica<S> {
         self.view_active = false;
         self.new_view_message = None;
         self.proposed.clear();
-        let evidence: Vec<Evidence> = self
-            .log
-            .values()
-            .filter_map(|slot| slot.certificate.clone())
-            .map(Evidence::Prepared)
-            .collect();
+        let evidence = self.evidence();
         let vc = self.signer.sign(ViewChange { new_view, replica: self.id, stable: self.stable.clone(), evidence });
         actions.push(Action::Persist(WalRecord::EnteredView { view: new_view }));
         actions.push(Action::Broadcast { message: Message::ViewChange(ViewChangeMessage::ViewChange(vc.clone())) });
@@ -1559,14 +1983,8 @@ impl<S: Service> Replica<S> {
             return;
         }
         let plan = view_change::plan_new_view(&self.config, &chosen);
-        let pre_prepares: Vec<Signed<PrePrepare>> = plan
-            .slots
-            .iter()
-            .map(|(seq, p)| {
-                let (batch_digest, nondet) = NewViewPlan::slot_content(p);
-                self.signer.sign(PrePrepare { view: self.view, seq: *seq, batch_digest, nondet, primary: self.id })
-            })
-            .collect();
+        let pre_prepares: Vec<Signed<PrePrepare>> =
+            speculation::reissue(self.view, self.id, &plan).into_iter().map(|pp| self.signer.sign(pp)).collect();
         let nv = self.signer.sign(NewView { view: self.view, primary: self.id, view_changes: chosen, pre_prepares });
         if let Err(e) = self.safety.check_enter_view(self.view, true) {
             panic!("replica {}: {e}", self.id.0);
@@ -1588,11 +2006,9 @@ impl<S: Service> Replica<S> {
         }
         // Rule 6: recompute and compare.
         let plan = view_change::plan_new_view(&self.config, &nv.body.view_changes);
-        let matches = plan.slots.len() == nv.body.pre_prepares.len()
-            && plan.slots.iter().zip(&nv.body.pre_prepares).all(|((seq, p), pp)| {
-                let (batch_digest, nondet) = NewViewPlan::slot_content(p);
-                pp.body == PrePrepare { view: v, seq: *seq, batch_digest, nondet, primary: nv.body.primary }
-            });
+        let expected = speculation::reissue(v, nv.body.primary, &plan);
+        let matches = expected.len() == nv.body.pre_prepares.len()
+            && expected.iter().zip(&nv.body.pre_prepares).all(|(e, pp)| pp.body == *e);
         if !matches {
             return self.misbehaved(Principal::Replica(from), "new view does not match its view changes", actions);
         }
@@ -1622,6 +2038,22 @@ impl<S: Service> Replica<S> {
                 self.adopt_stable(plan.stable.clone(), actions);
             }
         }
+        // Speculation that the new view does not repeat exactly is undone (PROTOCOLS §6.2:
+        // rollback plus re-execution): the first speculatively run slot whose content differs
+        // from the plan's, or that the plan leaves out, sends the service back to its newest
+        // checkpoint (committed state); the loop at the end re-runs the plan from there.
+        let speculated = self.spec_executed > self.last_executed;
+        let conflict = speculated && self.log.range(self.last_executed.next()..=self.spec_executed).any(|(seq, slot)| {
+            let planned = plan.slots.iter().find(|(s, _)| s == seq).map(|(_, p)| NewViewPlan::slot_content(p));
+            match (&slot.executed, planned) {
+                (Some(spec), Some((digest, nondet))) => spec.order.body.batch_digest != digest || spec.order.body.nondet != nondet,
+                _ => true,
+            }
+        }) || (self.spec_executed > self.last_executed && plan.stable.seq > self.last_executed);
+        if conflict && self.spec_executed > self.last_executed {
+            self.roll_back_speculation(actions);
+        }
+        self.view_anchor = Some((plan.stable.seq, history_anchor(&plan.stable)));
         let primary = view.primary(self.n()) == self.id;
         let mut max_seq = plan.stable.seq.max(self.stable.seq);
         for ((seq, chosen), pre_prepare) in plan.slots.iter().zip(nv.body.pre_prepares.iter()) {
@@ -1732,8 +2164,7 @@ impl<S: Service> Replica<S> {
         if let Err(e) = self.exec.rollback_to(base.seq.0, replies) {
             return self.halt(format!("rollback to {}: {e}", base.seq.0), actions);
         }
-        self.last_executed = base.seq;
-        self.safety.reset_executed(base.seq);
+        self.set_service_position(base.seq);
         let mut peers: Vec<ReplicaId> = cert.checkpoints.iter().map(|c| c.body.replica).collect();
         for r in self.config.replica_ids() {
             if !peers.contains(&r) {
@@ -1858,8 +2289,7 @@ impl<S: Service> Replica<S> {
             target.seq,
             OwnCheckpoint { seq: target.seq, service_root: cp.service_root, replies: cp.replies, replies_digest: cp.replies_digest },
         );
-        self.last_executed = target.seq;
-        self.safety.reset_executed(target.seq);
+        self.set_service_position(target.seq);
         self.last_progress_tick = self.ticks;
         let bytes = self.metrics.state_transfer_bytes;
         if target.seq == self.stable.seq {

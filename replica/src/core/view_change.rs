@@ -24,9 +24,9 @@
 //! # Selection, slot by slot above the chosen checkpoint
 //!
 //! - **Strong candidates**: every prepared certificate for the slot, at its own view.
-//! - **Fast candidates**: items are grouped by *content* — the pre-prepare body with its view
-//!   and primary cleared ([`proposal_content`]), so the batch digest, the nondeterministic
-//!   input and any history digest must all be equal. For each content, take per view change
+//! - **Fast candidates**: items are grouped by *content* — the pre-prepare body with its view,
+//!   primary and history cleared ([`proposal_content`]), so the sequence number, the batch
+//!   digest and the nondeterministic input must all be equal. For each content, take per view change
 //!   the highest view at which it reports that content (strong or fast item); a content
 //!   reported by at least f+1 distinct view changes is a candidate at the (f+1)-th highest of
 //!   those views: the highest view v such that f+1 view changes report it at v or above.
@@ -191,11 +191,15 @@ pub fn valid_quorum(config: &ClusterConfig, genesis: &Genesis, view: View, view_
     senders.len() == config.quorum()
 }
 
-/// What a proposal says, whoever proposed it in whichever view: its pre-prepare with view and
-/// primary cleared. A re-issued proposal has the same content as the original. Built by
-/// struct update so that any field added to [`PrePrepare`] (a history digest) is compared too.
+/// What a proposal says, whoever proposed it in whichever view: its pre-prepare with view,
+/// primary and history cleared (sequence number, batch digest and agreed value remain). A
+/// re-issued proposal has the same content as the original.
 pub fn proposal_content(proposal: &Proposal) -> PrePrepare {
-    PrePrepare { view: View(0), primary: ReplicaId(0), ..proposal.pre_prepare.body.clone() }
+    // The history digest is cleared too: a new view re-issues a batch with a history chained
+    // from its own starting checkpoint, so correct replicas that accepted one batch in two
+    // views report two histories for it. What runs (batch and agreed value) is the content;
+    // the history only matters for a client comparing speculative replies.
+    PrePrepare { view: View(0), primary: ReplicaId(0), history: Digest::default(), ..proposal.pre_prepare.body.clone() }
 }
 
 /// How fast evidence is grouped. Only [`FastTally::Content`] is the protocol; the other is the
@@ -425,7 +429,7 @@ mod tests {
         let batch = Batch { requests: vec![request] };
         let digest = batch.digest();
         let primary = View(view).primary(4);
-        let pre_prepare = unsigned(PrePrepare { view: View(view), seq: SeqNo(seq), batch_digest: digest, nondet: vec![], primary });
+        let pre_prepare = unsigned(PrePrepare { view: View(view), seq: SeqNo(seq), batch_digest: digest, nondet: vec![], primary, history: Digest::default() });
         let prepares = (0..4u32)
             .map(ReplicaId)
             .filter(|r| *r != primary)

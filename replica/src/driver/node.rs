@@ -380,7 +380,8 @@ enum Target {
 
 fn log_notification(n: &Notification) {
     match n {
-        Notification::Executed { .. } => {}
+        Notification::Executed { .. } | Notification::Speculated { .. } => {}
+        Notification::RolledBack { to, from } => tracing::info!(to = to.0, from = from.0, "speculation rolled back"),
         Notification::CheckpointTaken { seq, service_root, .. } => {
             tracing::debug!(seq = seq.0, root = ?service_root, "checkpoint taken")
         }

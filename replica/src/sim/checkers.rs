@@ -96,6 +96,17 @@ impl Checker {
         Ok(())
     }
 
+    /// Ordered completions that no correct replica has executed in committed order yet (a
+    /// fast-path completion precedes its commit; the run goes on until it commits).
+    pub fn completions_awaiting_commit(&self) -> usize {
+        let committed: std::collections::BTreeSet<(ClientId, Timestamp)> =
+            self.executed.values().flat_map(|(_, requests, _)| requests.iter().copied()).collect();
+        self.history
+            .iter()
+            .filter(|e| e.completed.is_some() && !e.read_only_path && !committed.contains(&(e.client, Timestamp(e.id.0))))
+            .count()
+    }
+
     pub fn completed(&self) -> u64 {
         self.history.iter().filter(|e| e.completed.is_some()).count() as u64
     }

@@ -98,8 +98,12 @@ pub enum Behaviour {
     CorruptAuth,
     /// Sends prepares/commits claiming to be another replica, or signed with the wrong key.
     ForgeSignatures,
-    /// Answers clients with wrong results.
+    /// Answers clients with wrong results (committed and speculative replies alike; as the
+    /// primary it also re-signs the order inside its speculative replies with another history).
     WrongReplies,
+    /// As primary, sends every backup the same batch under a different history (fast-path
+    /// equivocation that PBFT's digest vote cannot see; clients catch it with a POM).
+    ForkHistory,
     /// Signs checkpoints with wrong digests.
     WrongCheckpoints,
     /// Resends old frames it sent before.
@@ -113,7 +117,8 @@ pub enum Behaviour {
     Mixed,
 }
 
-const BEHAVIOURS: [Behaviour; 10] = [
+const BEHAVIOURS: [Behaviour; 11] = [
+    Behaviour::ForkHistory,
     Behaviour::LyingNewView,
     Behaviour::Silent,
     Behaviour::Equivocate,
@@ -185,6 +190,7 @@ pub fn sim_protocol() -> ProtocolConfig {
         client_retransmit_ticks: 60,
         client_retransmit_ticks_max: 480,
         tick_ns: 1_000_000,
+        fast_path: true,
     }
 }
 
@@ -269,6 +275,8 @@ impl Scenario {
             s.partitions.push(PartitionPlan { replica, from, until });
         }
         s.max_ticks = s.fault_end_tick + 6000;
+        // One seed in five keeps the commit path alone (what `fast_path: false` deploys).
+        s.protocol.fast_path = seed % 5 != 4;
         s
     }
 }
@@ -286,6 +294,12 @@ pub struct Report {
     pub misbehaviour_noticed: u64,
     pub highest_executed: u64,
     pub max_view: u64,
+    /// Completions on 3f+1 speculative replies.
+    pub fast_completions: u64,
+    pub speculated_batches: u64,
+    pub rollbacks: u64,
+    pub poms_sent: u64,
+    pub poms_received: u64,
 }
 
 /// A checker fired (or the run did not finish).
@@ -359,6 +373,9 @@ pub struct Sim {
     byzantine_signer: Option<Signer>,
     /// Reports of misbehaviour noticed by correct replicas.
     misbehaviour_noticed: u64,
+    /// The history an equivocating primary sent each backup per (backup, view, seq), so its
+    /// alternative proposals chain correctly and run speculatively there.
+    forks: BTreeMap<(u32, u64, u64), crate::wire::Digest>,
     /// `SIM_TRACE=1`: print every notification.
     trace: bool,
 }
@@ -432,6 +449,7 @@ impl Sim {
             replay_pool: Vec::new(),
             byzantine_signer,
             misbehaviour_noticed: 0,
+            forks: BTreeMap::new(),
             trace: std::env::var("SIM_TRACE").is_ok_and(|v| v == "1"),
         }
     }
@@ -702,6 +720,7 @@ impl Sim {
 
     fn all_done(&self) -> bool {
         self.clients.iter().all(|c| c.next == c.plan.len() && c.in_flight.is_empty())
+            && self.checker.completions_awaiting_commit() == 0
     }
 
     /// Runs the scenario to the end and checks everything.
@@ -775,8 +794,9 @@ impl Sim {
                 })
                 .collect();
             return Err(self.fail(format!(
-                "liveness: requests incomplete after the faults stopped ({}; {})",
+                "liveness: requests incomplete after the faults stopped ({}; {} completed awaiting commit; {})",
                 pending.join(", "),
+                self.checker.completions_awaiting_commit(),
                 states.join("; ")
             )));
         }
@@ -797,12 +817,17 @@ impl Sim {
                 report.state_transfers += m.state_transfers;
                 report.fetched_batches += m.fetched_batches;
                 report.highest_executed = report.highest_executed.max(r.last_executed().0);
+                report.speculated_batches += m.speculated_batches;
+                report.rollbacks += m.rollbacks;
+                report.poms_received += m.poms;
                 report.max_view = report.max_view.max(r.view().0);
                 let _ = i;
             }
         }
         for c in &self.clients {
             report.rejected_frames += c.auth.counters.rejected();
+            report.fast_completions += c.client.fast_completions;
+            report.poms_sent += c.client.poms_sent;
         }
         report.completed = self.checker.completed();
         report.read_only_completed = self.checker.read_only_completed();
@@ -879,6 +904,7 @@ impl Sim {
                                 batch_digest: Batch::default().digest(),
                                 nondet: Vec::new(),
                                 primary: me,
+                                history: Default::default(),
                             }));
                         }
                     }
@@ -886,12 +912,24 @@ impl Sim {
                     self.byzantine_send(r, to, &m, behaviour);
                 }
                 (Message::Agreement(AgreementMessage::PrePrepare(p)), Behaviour::Equivocate) if to.len() > 1 => {
-                    // A different, validly signed batch for every other backup.
+                    // A different, validly signed batch for every other backup, each chained onto
+                    // what that backup was sent before, so that it runs speculatively.
+                    let b = &p.pre_prepare.body;
+                    let own_previous = match &self.replicas[r].state {
+                        ReplicaState::Up(core) => core.proposed_history(SeqNo(b.seq.0 - 1)),
+                        _ => None,
+                    };
                     for (k, receiver) in to.iter().enumerate() {
+                        let Principal::Replica(rid) = receiver else { continue };
+                        let previous = self.forks.get(&(rid.0, b.view.0, b.seq.0 - 1)).copied().or(own_previous).unwrap_or_default();
                         let mut proposal = p.clone();
                         if k > 0 {
-                            proposal = self.alternative_proposal(&signer, p, k as u64);
+                            proposal = self.alternative_proposal(&signer, p, k as u64, &previous);
                         }
+                        if self.forks.len() > 4096 {
+                            self.forks.clear();
+                        }
+                        self.forks.insert((rid.0, b.view.0, b.seq.0), proposal.pre_prepare.body.history);
                         let m = Message::Agreement(AgreementMessage::PrePrepare(proposal));
                         self.byzantine_send(r, vec![*receiver], &m, behaviour);
                     }
@@ -920,6 +958,27 @@ impl Sim {
                     let m = Message::Client(ClientMessage::Reply(reply));
                     self.byzantine_send(r, to, &m, behaviour);
                 }
+                (Message::Client(ClientMessage::SpecResponse(spec)), Behaviour::WrongReplies) => {
+                    let mut spec = spec.clone();
+                    if spec.order.body.primary == me && self.rng.chance(500) {
+                        let mut order = spec.order.body.clone();
+                        order.history.0[0] ^= 0x77;
+                        spec.order = signer.sign(order);
+                    } else {
+                        spec.reply.result = b"wrong".to_vec();
+                    }
+                    let m = Message::Client(ClientMessage::SpecResponse(spec));
+                    self.byzantine_send(r, to, &m, behaviour);
+                }
+                (Message::Agreement(AgreementMessage::PrePrepare(p)), Behaviour::ForkHistory) if to.len() > 1 => {
+                    for (k, receiver) in to.iter().enumerate() {
+                        let mut body = p.pre_prepare.body.clone();
+                        body.history.0[1] ^= k as u8;
+                        let proposal = Proposal { pre_prepare: signer.sign(body), batch: p.batch.clone() };
+                        let m = Message::Agreement(AgreementMessage::PrePrepare(proposal));
+                        self.byzantine_send(r, vec![*receiver], &m, behaviour);
+                    }
+                }
                 (Message::Agreement(AgreementMessage::Checkpoint(c)), Behaviour::WrongCheckpoints) => {
                     let mut body = c.body.clone();
                     body.service_root.0[1] ^= 0x5a;
@@ -940,7 +999,7 @@ impl Sim {
 
     /// A validly signed proposal for the same view and sequence number with a different batch
     /// (variant `k` differs from variants of other `k`).
-    fn alternative_proposal(&mut self, signer: &Signer, p: &Proposal, k: u64) -> Proposal {
+    fn alternative_proposal(&mut self, signer: &Signer, p: &Proposal, k: u64, previous: &crate::wire::Digest) -> Proposal {
         let mut batch: Batch = p.batch.clone();
         if k % 2 == 1 {
             batch.requests.pop();
@@ -948,7 +1007,9 @@ impl Sim {
             // The same request twice: executing it must still happen once.
             batch.requests.push(first);
         }
-        let body = PrePrepare { batch_digest: batch.digest(), ..p.pre_prepare.body.clone() };
+        let b = &p.pre_prepare.body;
+        let history = crate::wire::chain_history(previous, b.seq, &batch.digest(), &b.nondet);
+        let body = PrePrepare { batch_digest: batch.digest(), history, ..b.clone() };
         Proposal { pre_prepare: signer.sign(body), batch }
     }
 

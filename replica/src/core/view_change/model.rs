@@ -235,6 +235,9 @@ impl Concrete {
                         batch_digest,
                         nondet: Vec::new(),
                         primary,
+                        // Histories differ from view to view here on purpose (a new view chains
+                        // from its own checkpoint): grouping by content must not depend on them.
+                        history: Digest([view as u8; 32]),
                     });
                     let proposal = Proposal { pre_prepare, batch: batches[value as usize].clone() };
                     let prepares = backups
