@@ -658,8 +658,9 @@ fn violated(world: &World, plan: &Plan) -> bool {
 /// reports and the per-slot choice — is per slot. So with `higher_slot`, the search over
 /// `slots` tracked slots, in which each view change may independently choose its quorum and
 /// may or may not see a candidate above them, includes every behaviour those slots can have
-/// in a log of any length: checking slot 1 this way checks slot 1 of a 2-slot (or longer)
-/// log. The premise is asserted on every quorum the search meets (see [`Search::plan`]). A
+/// in a log of any length. The choice at a slot does not depend on its sequence number
+/// either, so one slot checked this way stands for every slot of a 2-slot (or longer) log:
+/// the lower one (a candidate may sit above it) and the upper one (none does). The premise is asserted on every quorum the search meets (see [`Search::plan`]). A
 /// joint search over two slots (`slots: 2`) is available too, but its state space is the
 /// square of one slot's, so it runs only for few views in `model_check_exhaustive`; CI runs
 /// seeded random schedules over two slots jointly instead ([`random_schedules`]).
