@@ -59,6 +59,22 @@ fn status_text(m: &Mounted) -> String {
     text(&bftfs(&["status".as_ref(), m.mnt.as_os_str()], &m.xdg))
 }
 
+/// The last lines about views and restarts from every replica's log, for a failure message.
+fn view_history(m: &Mounted) -> String {
+    let data = data_dir_of(m);
+    let mut out = String::new();
+    for i in 0..4 {
+        let log = std::fs::read_to_string(data.join(format!("replica-{i}.log"))).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains("view") || l.contains("start") || l.contains("WARN") || l.contains("ERROR")).collect();
+        out.push_str(&format!("--- replica {i} ---\n"));
+        for l in &lines[lines.len().saturating_sub(25)..] {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 fn data_dir_of(m: &Mounted) -> PathBuf {
     let out = bftfs(&["status".as_ref(), m.mnt.as_os_str(), "--json".as_ref()], &m.xdg);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json");
@@ -148,7 +164,7 @@ fn workload_and_postmark_survive_replicas_killed_every_few_seconds() {
             reps = replicas(&m);
             healthy(&reps)
         });
-        assert!(ok, "the cluster did not recover from the last kill: {}", status_text(&m));
+        assert!(ok, "the cluster did not recover from the last kill: {}\n{}", status_text(&m), view_history(&m));
         let victim = if kill_primary {
             reps.iter().find(|r| r.primary)
         } else {
@@ -189,7 +205,7 @@ fn workload_and_postmark_survive_replicas_killed_every_few_seconds() {
         }
         agree
     });
-    assert!(same, "replicas disagree at the end: {last:?}\n{}", status_text(&m));
+    assert!(same, "replicas disagree at the end: {last:?}\n{}\n{}", status_text(&m), view_history(&m));
     eprintln!("final state of every replica: executed {:?}, checkpoint {:?}, view {:?}", last[0].executed, last[0].checkpoint, last[0].view);
     m.down();
 }
@@ -201,10 +217,13 @@ fn power_loss(m: Mounted) {
     let pids: Vec<i32> = reps.iter().filter_map(|r| r.pid).collect();
     assert_eq!(pids.len(), 4, "four replicas before the power loss: {reps:?}");
     let server = m.server_pid().expect("server pid");
-    kill9(server);
+    // Replicas first: a replica whose parent dies gets SIGTERM (PR_SET_PDEATHSIG) and would
+    // shut down cleanly; the supervisor waits 500 ms before restarting a dead replica, so the
+    // server dies before it can.
     for &p in &pids {
         kill9(p);
     }
+    kill9(server);
     let gone = wait_until(Duration::from_secs(20), || {
         // SAFETY: signal 0 only checks existence.
         pids.iter().chain([&server]).all(|&p| unsafe { libc::kill(p, 0) } != 0 || is_zombie(p))
