@@ -7,75 +7,18 @@
 //! Addresses never enter the protocol, so each replica gets its own copy of the cluster config
 //! in which the other replicas' addresses are its proxies to them.
 
+mod proxy;
+
+use proxy::Proxy;
 use replica::config::{generate_with_os_random, ClusterConfig, ProtocolConfig};
 use replica::driver::client::ClientHandle;
 use replica::driver::status;
 use state_abstraction::fs::{decode, encode, Caller, CreateHow, FsOp, FsReply, FsRequest, FsResult, Handle};
 use state_abstraction::ClientId;
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::process::{Child, Command};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-
-/// A TCP forwarder to `target`. While `cut`, new connections are closed at once and the
-/// current ones have been shut down: the far side sees a dead peer, as with a pulled cable
-/// that it notices.
-struct Proxy {
-    address: String,
-    cut: Arc<AtomicBool>,
-    open: Arc<Mutex<Vec<TcpStream>>>,
-}
-
-impl Proxy {
-    fn start(target: String) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
-        let address = listener.local_addr().expect("addr").to_string();
-        let cut = Arc::new(AtomicBool::new(false));
-        let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let (c, o) = (cut.clone(), open.clone());
-        std::thread::spawn(move || {
-            for inbound in listener.incoming() {
-                let Ok(inbound) = inbound else { continue };
-                if c.load(Ordering::SeqCst) {
-                    continue; // dropped: closed at once
-                }
-                let Ok(outbound) = TcpStream::connect(&target) else { continue };
-                let _ = inbound.set_nodelay(true);
-                let _ = outbound.set_nodelay(true);
-                {
-                    let mut open = o.lock().unwrap_or_else(|p| p.into_inner());
-                    open.retain(|s| s.peer_addr().is_ok());
-                    for s in [&inbound, &outbound] {
-                        if let Ok(s) = s.try_clone() {
-                            open.push(s);
-                        }
-                    }
-                }
-                for (mut from, mut to) in [(inbound.try_clone(), outbound.try_clone()), (outbound.try_clone(), inbound.try_clone())]
-                    .into_iter()
-                    .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
-                {
-                    std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
-                        let _ = to.shutdown(Shutdown::Both);
-                        let _ = from.shutdown(Shutdown::Both);
-                    });
-                }
-            }
-        });
-        Proxy { address, cut, open }
-    }
-
-    fn set_cut(&self, cut: bool) {
-        self.cut.store(cut, Ordering::SeqCst);
-        if cut {
-            for s in self.open.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
-                let _ = s.shutdown(Shutdown::Both);
-            }
-        }
-    }
-}
 
 struct Cluster {
     dir: tempfile::TempDir,
