@@ -90,6 +90,10 @@ struct Figures {
     state_transfers: u64,
     /// Times the cluster was not whole again within two minutes of a fault.
     slow_recoveries: u32,
+    /// Seconds from the end of each fault (restart or reconnection) until the cluster was
+    /// whole again: median and maximum.
+    recovery_seconds_median: f64,
+    recovery_seconds_max: f64,
     final_executed: Vec<u64>,
     final_checkpoint: Vec<u64>,
     replicas_agree: bool,
@@ -308,7 +312,16 @@ pub fn run(args: Args) -> Result<()> {
     let mut faults = Faults::default();
     let mut slow_recoveries = 0;
     let mut kind = 0usize;
+    let mut recoveries: Vec<f64> = Vec::new();
+    let mut fault_ended: Option<Instant> = None;
     while start.elapsed() < run_for {
+        if let Some(t) = fault_ended.take() {
+            // How long the cluster takes to be whole again after a fault ends.
+            while !whole(&cluster.statuses()) && t.elapsed() < Duration::from_secs(120) {
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            recoveries.push(t.elapsed().as_secs_f64());
+        }
         std::thread::sleep(Duration::from_secs_f64(args.fault_every));
         let wait = Instant::now();
         let mut all = cluster.statuses();
@@ -354,6 +367,7 @@ pub fn run(args: Args) -> Result<()> {
                 cluster.isolate(victim, false);
             }
         }
+        fault_ended = Some(Instant::now());
         kind += 1;
     }
     stop.store(true, Ordering::Relaxed);
@@ -379,6 +393,7 @@ pub fn run(args: Args) -> Result<()> {
         all = cluster.statuses();
     }
     let replicas_agree = agree(&all);
+    recoveries.sort_by(f64::total_cmp);
     let c: &Counts = &w.counts;
     let figures = Figures {
         minutes: start.elapsed().as_secs_f64() / 60.0,
@@ -400,6 +415,8 @@ pub fn run(args: Args) -> Result<()> {
         view_changes_started: all.iter().flatten().map(|s| s.view_changes).sum(),
         state_transfers: all.iter().flatten().map(|s| s.state_transfers).sum(),
         slow_recoveries,
+        recovery_seconds_median: recoveries.get(recoveries.len() / 2).copied().unwrap_or(0.0),
+        recovery_seconds_max: recoveries.last().copied().unwrap_or(0.0),
         final_executed: all.iter().map(|s| s.as_ref().map_or(0, |s| s.last_executed)).collect(),
         final_checkpoint: all.iter().map(|s| s.as_ref().map_or(0, |s| s.stable_checkpoint)).collect(),
         replicas_agree,
