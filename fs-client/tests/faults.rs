@@ -260,6 +260,11 @@ fn total_power_loss_keeps_every_returned_write() {
     if !fuse_available(name) {
         return;
     }
+    if test_f() == "0" {
+        // Without replicas a returned call is not yet durable (see README).
+        eprintln!("SKIPPED {name}: BFTFS_TEST_F=0 has no replicas");
+        return;
+    }
     let tmp = tempfile::tempdir().expect("tempdir");
     let (mnt, xdg, data) = (tmp.path().join("mnt"), tmp.path().join("xdg"), tmp.path().join("data"));
     std::fs::create_dir(&mnt).expect("mkdir");
