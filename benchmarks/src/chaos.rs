@@ -426,11 +426,13 @@ pub fn run(args: Args) -> Result<()> {
     std::fs::write(&args.out, &json).with_context(|| format!("writing {}", args.out.display()))?;
     bftfs(&bftfs_bin, &xdg, &["umount".as_ref(), mnt.as_os_str()])?;
     drop(cluster);
-    let ok = figures.errors == 0
-        && figures.mismatches == 0
-        && figures.postmark_failures.is_empty()
-        && figures.slow_recoveries == 0
-        && replicas_agree;
+    // A slow recovery is reported, not a failure: the cluster kept answering (with one
+    // replica out) and the next fault simply waited. Wrong or lost data, failed calls or
+    // replicas that never converge are failures.
+    if figures.slow_recoveries > 0 {
+        println!("warning: {} time(s) the cluster was not whole 2 min after a fault (see the lines above)", figures.slow_recoveries);
+    }
+    let ok = figures.errors == 0 && figures.mismatches == 0 && figures.postmark_failures.is_empty() && replicas_agree;
     if !ok {
         // Keep the logs of a failed run.
         let kept = tmp.keep();
