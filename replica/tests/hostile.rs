@@ -697,6 +697,8 @@ fn a_slow_loris_does_not_stop_the_replica() {
     // connection, not the replica.
     let cluster = Cluster::start("bftfs-loris");
     let client = cluster.client();
+    // The cluster is up (listening) once it has answered.
+    create(&client, Handle::ROOT, "before-idle");
     let target = cluster.config.replicas[0].address.clone();
     let mut idle: Vec<TcpStream> = Vec::new();
     for _ in 0..32 {
