@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod chaos;
 mod micro;
 mod postmark;
 mod replay;
@@ -31,6 +32,9 @@ enum Command {
     /// bindfs and GlusterFS in one session, rounds interleaved: transactions/s, files
     /// created/s, total time, ratios to a baseline; CSV, JSON and a PNG chart in --out.
     Postmark(postmark::Args),
+    /// Fault run: a verifying workload and PostMark on a mounted f=1 cluster while replicas
+    /// (the primary too) are killed and cut off in turn; figures in --out.
+    Chaos(chaos::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,5 +43,6 @@ fn main() -> anyhow::Result<()> {
         Command::Micro(args) => micro::run(args),
         Command::Replay(args) => replay::run(args),
         Command::Postmark(args) => postmark::run(args),
+        Command::Chaos(args) => chaos::run(args),
     }
 }

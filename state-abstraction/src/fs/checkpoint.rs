@@ -71,10 +71,19 @@ fn seq_name(seq: SeqNo) -> Vec<u8> {
 }
 
 fn ensure_dir(dir: RawFd, name: &[u8]) -> io::Result<OwnedFd> {
-    match backend::mkdirat(dir, name) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+    ensure_dir_durable(dir, name, false)
+}
+
+/// Like [`ensure_dir`]; with `durable`, a directory it had to make is fsync'ed into its
+/// parent, so that what is later written inside it (and fsync'ed) survives a power loss.
+fn ensure_dir_durable(dir: RawFd, name: &[u8], durable: bool) -> io::Result<OwnedFd> {
+    let made = match backend::mkdirat(dir, name) {
+        Ok(()) => true,
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => false,
         Err(e) => return Err(e),
+    };
+    if made && durable {
+        backend::fsync(dir)?;
     }
     backend::open_dir_at(dir, name)
 }
@@ -155,8 +164,10 @@ impl Checkpoints {
             return Ok(());
         }
         let Some(r) = self.records.last_mut() else { return Ok(()) };
-        let cow = ensure_dir(meta.as_raw_fd(), b"cow")?;
-        let dir = ensure_dir(cow.as_raw_fd(), &seq_name(r.seq))?;
+        // The saved chunks are the undo data of a change that follows at once: they (and the
+        // directories naming them) must be on disk before the change can be, see `journal_saved`.
+        let cow = ensure_dir_durable(meta.as_raw_fd(), b"cow", true)?;
+        let dir = ensure_dir_durable(cow.as_raw_fd(), &seq_name(r.seq), true)?;
         let Some(s) = r.saved.get_mut(&i) else { return Ok(()) };
         let whole = matches!(&s.data, SavedData::Chunks(have) if have.is_empty());
         let name = seq_name(i);
@@ -171,6 +182,8 @@ impl Checkpoints {
                 Ok(()) => {
                     self.reflink.set(Some(true));
                     s.data = SavedData::Whole;
+                    backend::fsync(out.as_raw_fd())?;
+                    backend::fsync(dir.as_raw_fd())?;
                     return Ok(());
                 }
                 Err(_) => self.reflink.set(Some(false)),
@@ -188,6 +201,11 @@ impl Checkpoints {
             if let SavedData::Chunks(have) = &mut s.data {
                 have.insert(c);
             }
+        }
+        backend::fsync(out.as_raw_fd())?;
+        if whole {
+            // The file was just created (or truncated): its name must be durable too.
+            backend::fsync(dir.as_raw_fd())?;
         }
         Ok(())
     }
@@ -231,7 +249,8 @@ struct TableFileRef<'a> {
 
 /// The journal: what the newest checkpoint record gained since the table was saved, appended
 /// before the change it protects, so that a crashed replica can still roll back exactly.
-/// Written without fsync: it covers a crash of the process, not of the machine.
+/// Each entry is fsync'ed before the change it protects is made (see `journal_saved`), so it
+/// covers a crash of the machine (power loss), not only of the process.
 #[derive(Serialize, Deserialize)]
 enum JournalEntry {
     Saved { seq: SeqNo, index: u64, saved: SavedObj },
@@ -435,6 +454,7 @@ impl FileService {
             .map_err(|_| super::ops::FsError::Io)?;
         let mut buf = (payload.len() as u32).to_le_bytes().to_vec();
         buf.extend_from_slice(&payload);
+        let io = |e: io::Error| backend::fs_error(&e);
         if self.journal.is_none() {
             let fd = backend::openat(
                 self.meta_fd.as_raw_fd(),
@@ -442,12 +462,21 @@ impl FileService {
                 libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT,
                 0o600,
             )
-            .map_err(|e| backend::fs_error(&e))?;
+            .map_err(io)?;
+            // The journal's name must be durable before any entry in it can matter.
+            backend::fsync(self.meta_fd.as_raw_fd()).map_err(io)?;
             self.journal = Some(fd);
         }
         if let Some(fd) = &self.journal {
             // With O_APPEND the offset is ignored: one write appends the whole entry.
-            backend::pwrite_full(fd.as_raw_fd(), &buf, 0).map_err(|e| backend::fs_error(&e))?;
+            backend::pwrite_full(fd.as_raw_fd(), &buf, 0).map_err(io)?;
+            // Why an fsync per entry: the change this entry undoes is made next, and the
+            // kernel may write that change back to disk at any moment, before the journal's
+            // page. Without the entry on disk, a power loss could leave a tree that no longer
+            // holds the checkpoint's value and nothing to restore it from; the replica would
+            // then replay its log over a wrong state. The cost is one fsync per object first
+            // changed after a checkpoint (not per write), and none for objects created after it.
+            backend::fsync(fd.as_raw_fd()).map_err(io)?;
         }
         Ok(())
     }

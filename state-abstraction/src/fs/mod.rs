@@ -16,9 +16,10 @@
 //!   (reflinked where the file system supports it); `snapshots/<seq>` and
 //!   `snapshots/<seq>.table` on btrfs instead.
 //!
-//! - `journal`: the copy-on-write saves made since the table was last written (an undo log,
-//!   appended before each change it protects, not fsync'ed: it covers a process crash);
-//!   `dirty` exists while the tree is ahead of the saved table.
+//! - `journal`: the copy-on-write saves made since the table was last written (an undo log;
+//!   each entry, and the saved chunks it names, is fsync'ed before the change it protects is
+//!   made, so it covers a power loss as well as a process crash); `dirty` exists while the
+//!   tree is ahead of the saved table (also made durable before the first change).
 //!
 //! After [`FileService::open`] on an existing directory:
 //! - if a checkpoint is kept, the state is exactly that of the newest one, whether the last
@@ -350,6 +351,9 @@ impl FileService {
                 Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
                 Err(e) => return Err(backend::fs_error(&e)),
             }
+            // Without the marker on disk, a reopen after a power loss would trust the saved
+            // table and skip crash recovery over a tree that moved on. Once per table save.
+            backend::fsync(self.meta_fd.as_raw_fd()).map_err(|e| backend::fs_error(&e))?;
             self.unsaved = true;
         }
         Ok(())
