@@ -3,6 +3,7 @@
 //! on, so it needs no authentication), and the daemon also writes it to its data directory.
 
 use super::node::DriverCounters;
+use super::peers::{PeerReport, PeerWatch};
 use crate::core::Replica;
 use crate::wire::Authenticator;
 use serde::{Deserialize, Serialize};
@@ -14,7 +15,9 @@ use tokio::io::AsyncWriteExt;
 /// The body of a status probe frame.
 pub const STATUS_PROBE: &[u8] = b"bftfs-status-probe-v1";
 
+/// Fields added later default when a status from an older replica is read.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
 pub struct ReplicaStatus {
     pub id: u32,
     pub pid: u32,
@@ -33,6 +36,34 @@ pub struct ReplicaStatus {
     pub frames_rejected: u64,
     pub dropped_overload: u64,
     pub wal_syncs: u64,
+    /// View changes this replica completed (new views installed).
+    pub new_views: u64,
+    /// Frames whose MAC or signatures did not verify (a subset of `frames_rejected`).
+    pub auth_failures: u64,
+    /// Messages the core refused as invalid, from any peer.
+    pub invalid_messages: u64,
+    /// Bytes of state sent to replicas catching up (`state_transfer_bytes` is what this
+    /// replica fetched).
+    pub state_transfer_bytes_served: u64,
+    /// The highest sequence number seen from any peer, and how far execution is behind it.
+    pub highest_seen: u64,
+    pub lag: u64,
+    /// Digest (hex) of the stable checkpoint's service state.
+    pub stable_root: String,
+    /// The newest checkpoint this replica took, and its service root (hex): equal on
+    /// replicas whose state agrees.
+    pub last_checkpoint: u64,
+    pub last_checkpoint_root: String,
+    /// What this replica observes about each other replica.
+    pub peers: Vec<PeerReport>,
+    /// A replica started with `--byzantine MODE` says so (tests and demos; a really
+    /// Byzantine replica would not, which is why `bftfs status` names suspects from what the
+    /// others observe).
+    pub declared_byzantine: Option<String>,
+}
+
+fn hex(d: &state_abstraction::Digest) -> String {
+    d.0.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl ReplicaStatus {
@@ -40,7 +71,13 @@ impl ReplicaStatus {
         ReplicaStatus { id, pid: std::process::id(), ..Default::default() }
     }
 
-    pub fn update<S: Service>(&mut self, replica: &Replica<S>, auth: &Authenticator, counters: &DriverCounters) {
+    pub fn update<S: Service>(
+        &mut self,
+        replica: &Replica<S>,
+        auth: &Authenticator,
+        counters: &DriverCounters,
+        watch: &PeerWatch,
+    ) {
         let m = replica.metrics();
         self.view = replica.view().0;
         self.view_active = replica.is_view_active();
@@ -57,6 +94,19 @@ impl ReplicaStatus {
         self.frames_rejected = auth.counters.rejected();
         self.dropped_overload = counters.dropped_core_queue_full.load(Ordering::Relaxed) + m.requests_dropped;
         self.wal_syncs = counters.wal_syncs.load(Ordering::Relaxed);
+        self.new_views = m.new_views_installed;
+        let wire = &auth.counters;
+        self.auth_failures = wire.unauthenticated.load(Ordering::Relaxed) + wire.bad_signature.load(Ordering::Relaxed);
+        self.state_transfer_bytes_served = counters.state_transfer_bytes_served.load(Ordering::Relaxed);
+        self.highest_seen = watch.highest_seq().max(self.last_executed);
+        self.lag = self.highest_seen - self.last_executed;
+        self.stable_root = hex(&replica.stable_checkpoint().service_root);
+        if let Ok(Some((seq, root))) = counters.last_checkpoint.lock().map(|c| *c) {
+            self.last_checkpoint = seq;
+            self.last_checkpoint_root = hex(&root);
+        }
+        self.peers = watch.reports();
+        self.invalid_messages = self.peers.iter().map(|p| p.invalid).sum();
     }
 
     pub fn to_json(&self) -> String {
