@@ -42,6 +42,11 @@ enum Cmd {
         detach: bool,
         #[arg(short = 'o', value_name = "OPTIONS", help = OPTIONS_HELP)]
         options: Vec<String>,
+        /// Make replica ID misbehave on purpose, for fault tests (repeatable): MODE is mute,
+        /// slow[:MS], lie, equivocate, bad-auth[:PERCENT], wrong-checkpoint or
+        /// corrupt-state[:SECONDS[:TIMES]]. Needs a build with `--features byzantine`.
+        #[arg(long = "byzantine", value_name = "ID:MODE")]
+        byzantine: Vec<String>,
         /// Internal: the background process started by --detach.
         #[arg(long, hide = true)]
         foreground_child: bool,
@@ -128,8 +133,10 @@ fn run(cli: Cli) -> Result<()> {
             data_dir,
             detach,
             options,
+            byzantine,
             foreground_child,
         } => up::up(UpArgs {
+            byzantine: up::parse_byzantine(&byzantine, f)?,
             mountpoint,
             f,
             data_dir,

@@ -3,6 +3,7 @@
 
 #[cfg(feature = "byzantine")]
 pub mod byzantine;
+pub mod audit;
 pub mod client;
 pub mod net;
 pub mod node;
@@ -12,3 +13,17 @@ pub mod wal;
 
 /// Whether this build can run Byzantine replicas on purpose (cargo feature `byzantine`).
 pub const BYZANTINE_AVAILABLE: bool = cfg!(feature = "byzantine");
+
+/// Checks a `--byzantine` mode: Ok in builds with the feature if it parses, else why not.
+pub fn check_byzantine_mode(text: &str) -> Result<(), String> {
+    #[cfg(feature = "byzantine")]
+    {
+        text.parse::<byzantine::Mode>().map(|_| ())
+    }
+    #[cfg(not(feature = "byzantine"))]
+    {
+        Err(format!(
+            "--byzantine {text}: this build has no Byzantine modes; rebuild with `cargo build --features byzantine`"
+        ))
+    }
+}

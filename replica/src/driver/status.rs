@@ -125,3 +125,84 @@ pub async fn probe(address: &str, timeout: Duration) -> std::io::Result<ReplicaS
     };
     tokio::time::timeout(timeout, work).await.map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer"))?
 }
+
+/// What one client (a mount) observed about the replicas, written by the mount process into
+/// the cluster directory for `bftfs status` (only clients see the replies replicas send).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct ClientReport {
+    pub client: u64,
+    pub pid: u32,
+    /// Wall-clock time of the report, in milliseconds since the Unix epoch.
+    pub updated_unix_ms: u64,
+    pub replicas: Vec<ClientView>,
+}
+
+/// One replica as a client saw it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct ClientView {
+    pub id: u32,
+    /// Ordered replies that disagreed with the result the client accepted.
+    pub disagreeing_replies: u64,
+    /// Ordered replies compared with an accepted result.
+    pub compared_replies: u64,
+    /// Replies that did not authenticate.
+    pub auth_failures: u64,
+}
+
+/// File name prefix of client reports in a cluster directory.
+pub const CLIENT_REPORT_PREFIX: &str = "observed-by-client-";
+
+impl ClientReport {
+    pub fn from_observations(client: u64, o: &super::client::ReplicaObservations) -> ClientReport {
+        let mut ids: Vec<u32> = o.compared_replies.keys().chain(o.auth_failures.keys()).chain(o.disagreeing_replies.keys()).copied().collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let get = |m: &std::collections::BTreeMap<u32, u64>, id: u32| m.get(&id).copied().unwrap_or(0);
+        ClientReport {
+            client,
+            pid: std::process::id(),
+            updated_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            replicas: ids
+                .into_iter()
+                .map(|id| ClientView {
+                    id,
+                    disagreeing_replies: get(&o.disagreeing_replies, id),
+                    compared_replies: get(&o.compared_replies, id),
+                    auth_failures: get(&o.auth_failures, id),
+                })
+                .collect(),
+        }
+    }
+
+    /// Writes the report atomically as `dir/observed-by-client-<id>.json`.
+    pub fn write_to(&self, dir: &std::path::Path) -> std::io::Result<()> {
+        let path = dir.join(format!("{CLIENT_REPORT_PREFIX}{}.json", self.client));
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_string(self).unwrap_or_default())?;
+        std::fs::rename(&tmp, &path)
+    }
+
+    /// Every client report in `dir` (unreadable ones are skipped).
+    pub fn read_all(dir: &std::path::Path) -> Vec<ClientReport> {
+        let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+        let mut out: Vec<ClientReport> = entries
+            .flatten()
+            .filter(|e| {
+                e.file_name().to_str().is_some_and(|n| n.starts_with(CLIENT_REPORT_PREFIX) && n.ends_with(".json"))
+            })
+            .filter_map(|e| std::fs::read(e.path()).ok())
+            .filter_map(|b| serde_json::from_slice(&b).ok())
+            .collect();
+        out.sort_by_key(|r| r.client);
+        out
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
