@@ -603,6 +603,7 @@ pub fn suspects(config: &ClusterConfig, reports: &[ReplicaReport], clients: &[Cl
         tally("invalid messages", &|p| p.invalid);
         tally("proofs of equivocation (conflicting signed proposals)", &|p| p.equivocations);
         tally("checkpoints disagreeing with the stable certificate", &|p| p.checkpoint_mismatches);
+        tally("votes for another batch than the primary proposed (it or the primary equivocates)", &|p| p.conflicting_votes);
         let silent: Vec<u64> = views
             .iter()
             .filter_map(|(_, p, others)| {

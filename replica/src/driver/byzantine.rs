@@ -40,7 +40,8 @@ pub enum Mode {
     /// Wrong results in its replies to clients.
     Lie,
     /// As primary, sends a different (validly signed) proposal to every other backup: the
-    /// requests of the batch reversed, or the only request dropped.
+    /// requests of the batch reversed, or the only request dropped. As a backup, votes
+    /// (prepares and commits, validly signed) for a different batch to every other replica.
     Equivocate,
     /// Breaks the MAC or a signature of `percent` percent of the frames it sends.
     BadAuth { percent: u8 },
@@ -207,6 +208,20 @@ impl Byzantine {
                 {
                     self.equivocate(proposal, destinations, auth)
                 }
+                Message::Agreement(AgreementMessage::Prepare(p)) if p.body.replica == self.me => {
+                    let seq = p.body.seq.0;
+                    let mut forked = p.body.clone();
+                    forked.batch_digest = other_digest(&forked.batch_digest);
+                    let forked = Message::Agreement(AgreementMessage::Prepare(self.signer.sign(forked)));
+                    self.split(seq, Message::Agreement(AgreementMessage::Prepare(p)), forked, destinations, auth)
+                }
+                Message::Agreement(AgreementMessage::Commit(c)) if c.body.replica == self.me => {
+                    let seq = c.body.seq.0;
+                    let mut forked = c.body.clone();
+                    forked.batch_digest = other_digest(&forked.batch_digest);
+                    let forked = Message::Agreement(AgreementMessage::Commit(self.signer.sign(forked)));
+                    self.split(seq, Message::Agreement(AgreementMessage::Commit(c)), forked, destinations, auth)
+                }
                 other => deliver(&other, &destinations, auth),
             },
             Mode::BadAuth { percent } => {
@@ -254,19 +269,31 @@ impl Byzantine {
         let mut body = proposal.pre_prepare.body.clone();
         body.batch_digest = batch.digest();
         let other = Proposal { pre_prepare: self.signer.sign(body), batch };
-        let (mut honest, mut forked) = (Vec::new(), Vec::new());
+        self.split(
+            seq,
+            Message::Agreement(AgreementMessage::PrePrepare(proposal)),
+            Message::Agreement(AgreementMessage::PrePrepare(other)),
+            destinations,
+            auth,
+        );
+    }
+
+    /// `honest` to every other destination, `forked` to the rest; which half gets which
+    /// alternates with the sequence number, and a retransmission goes the same way.
+    fn split(&mut self, seq: u64, honest: Message, forked: Message, destinations: Vec<Destination>, auth: &Authenticator) {
+        let (mut to_honest, mut to_forked) = (Vec::new(), Vec::new());
         for (i, d) in destinations.into_iter().enumerate() {
             if (i as u64 + seq) % 2 == 1 {
-                forked.push(d);
+                to_forked.push(d);
             } else {
-                honest.push(d);
+                to_honest.push(d);
             }
         }
-        if !forked.is_empty() {
+        if !to_forked.is_empty() {
             self.count();
         }
-        deliver(&Message::Agreement(AgreementMessage::PrePrepare(proposal)), &honest, auth);
-        deliver(&Message::Agreement(AgreementMessage::PrePrepare(other)), &forked, auth);
+        deliver(&honest, &to_honest, auth);
+        deliver(&forked, &to_forked, auth);
     }
 
     fn count(&mut self) {
@@ -310,6 +337,12 @@ fn lie_about(result: &mut Vec<u8>) {
         Some(b) => *b ^= 0x01,
         None => result.push(1),
     }
+}
+
+fn other_digest(d: &state_abstraction::Digest) -> state_abstraction::Digest {
+    let mut h = Hasher::new("bftfs.byzantine.other_batch");
+    h.digest(d);
+    h.finish()
 }
 
 fn wrong_checkpoint(mut body: Checkpoint) -> Checkpoint {

@@ -41,6 +41,9 @@ pub struct PeerReport {
     pub checkpoint_mismatches: u64,
     /// Pairs of conflicting pre-prepares it signed (proof of equivocation).
     pub equivocations: u64,
+    /// Its prepares and commits for another batch than the one the primary proposed to us in
+    /// that view (it equivocates, or the primary does).
+    pub conflicting_votes: u64,
     /// Milliseconds since its last authenticated frame; None if it never sent one.
     pub last_message_ms_ago: Option<u64>,
     /// Moving average of how late its commits and checkpoints arrive after the first one for
@@ -68,6 +71,10 @@ struct Inner {
     stable: BTreeMap<u64, (Digest, Digest)>,
     /// The batch digest each primary signed per (view, sequence number).
     proposals: BTreeMap<(u64, u64), (u32, Digest)>,
+    /// The pre-prepare the primary sent us per (view, sequence number).
+    direct: BTreeMap<(u64, u64), Digest>,
+    /// Votes (prepares and commits) per (view, sequence number): (peer, kind) → digest.
+    votes: BTreeMap<(u64, u64), BTreeMap<(u32, u8), Digest>>,
 }
 
 /// See the module doc. Shared by the socket tasks and the core thread.
@@ -108,14 +115,32 @@ impl PeerWatch {
             peer.last_message = Some(now);
             match message {
                 Message::Agreement(AgreementMessage::PrePrepare(p)) => {
-                    inner.highest_seq = inner.highest_seq.max(p.pre_prepare.body.seq.0);
+                    let b = &p.pre_prepare.body;
+                    inner.highest_seq = inner.highest_seq.max(b.seq.0);
                     note_proposal(inner, &p.pre_prepare);
+                    if b.primary == from {
+                        let slot = (b.view.0, b.seq.0);
+                        inner.direct.insert(slot, b.batch_digest);
+                        trim(&mut inner.direct);
+                        let votes = inner.votes.get(&slot).cloned().unwrap_or_default();
+                        for ((peer, _), digest) in votes {
+                            if digest != b.batch_digest {
+                                if let Some(p) = inner.peers.get_mut(&peer) {
+                                    p.report.conflicting_votes += 1;
+                                }
+                            }
+                        }
+                    }
                 }
-                Message::Agreement(AgreementMessage::Prepare(p)) => inner.highest_seq = inner.highest_seq.max(p.body.seq.0),
+                Message::Agreement(AgreementMessage::Prepare(p)) => {
+                    inner.highest_seq = inner.highest_seq.max(p.body.seq.0);
+                    note_vote(inner, from.0, 0, (p.body.view.0, p.body.seq.0), p.body.batch_digest);
+                }
                 Message::Agreement(AgreementMessage::Committed(cert)) => note_proposal(inner, &cert.proposal.pre_prepare),
                 Message::Agreement(AgreementMessage::Commit(c)) => {
                     inner.highest_seq = inner.highest_seq.max(c.body.seq.0);
                     note_arrival(inner, from.0, (c.body.seq.0, 0), now);
+                    note_vote(inner, from.0, 1, (c.body.view.0, c.body.seq.0), c.body.batch_digest);
                 }
                 Message::Agreement(AgreementMessage::Checkpoint(c)) => {
                     let seq = c.body.seq.0;
@@ -232,6 +257,21 @@ fn note_arrival(inner: &mut Inner, from: u32, key: (u64, u8), now: Instant) {
             None => sample,
             Some(avg) => (avg * 7 + sample) / 8,
         });
+    }
+}
+
+fn note_vote(inner: &mut Inner, from: u32, kind: u8, slot: (u64, u64), digest: Digest) {
+    let votes = inner.votes.entry(slot).or_default();
+    // Only a peer's first vote of a kind per slot counts (retransmissions repeat it).
+    if votes.contains_key(&(from, kind)) {
+        return;
+    }
+    votes.insert((from, kind), digest);
+    trim(&mut inner.votes);
+    if inner.direct.get(&slot).is_some_and(|d| *d != digest) {
+        if let Some(p) = inner.peers.get_mut(&from) {
+            p.report.conflicting_votes += 1;
+        }
     }
 }
 
