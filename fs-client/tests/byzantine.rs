@@ -383,3 +383,60 @@ fn byzantine_flag_is_checked() {
         assert!(text(&out).contains(why), "--byzantine {arg}: {}", text(&out));
     }
 }
+
+fn data_dir_of(m: &Mounted) -> PathBuf {
+    PathBuf::from(status_json(m)["data_dir"].as_str().expect("data_dir in status"))
+}
+
+fn count_in_log(m: &Mounted, replica: u32, needle: &str) -> usize {
+    let log = fs::read_to_string(data_dir_of(m).join(format!("replica-{replica}.log"))).unwrap_or_default();
+    log.lines().filter(|l| l.contains(needle)).count()
+}
+
+#[test]
+fn corrupt_state_is_found_and_repaired() {
+    let test = "corrupt_state_is_found_and_repaired";
+    // Two flipped bytes, two seconds apart, in replica 2's stored files.
+    let Some((m, _tmp)) = run(test, Some("2:corrupt-state:2:2"), 0, None) else { return };
+    let mnt = m.mnt.clone();
+    let mut model = snapshot(&mnt);
+    let started = Instant::now();
+    // Keep checkpoints coming until the damage was done, found and repaired.
+    let mut last = serde_json::Value::Null;
+    let repaired = wait_until(Duration::from_secs(90), || {
+        push_checkpoints(&mnt, &mut model, 70);
+        last = status_json(&m);
+        let done = count_in_log(&m, 2, "corrupted a stored file on purpose");
+        let found = count_in_log(&m, 2, "does not match its digest");
+        let transfers = replica_status(&last, 2)["state_transfers"].as_u64().unwrap_or(0);
+        done >= 2 && found >= 1 && transfers >= 1 && !replica_status(&last, 2)["transferring_state"].as_bool().unwrap_or(true)
+    });
+    assert!(
+        repaired,
+        "{test}: corruption not found and repaired: {} corruptions done, {} found:\n{last:#}",
+        count_in_log(&m, 2, "corrupted a stored file on purpose"),
+        count_in_log(&m, 2, "does not match its digest")
+    );
+    eprintln!("{test}: found and repaired after {:?}", started.elapsed());
+    // After the repair its checkpoints agree with the others' again.
+    let agree = wait_until(Duration::from_secs(60), || {
+        push_checkpoints(&mnt, &mut model, 70);
+        last = status_json(&m);
+        let cps: Vec<(u64, String)> = (0..4)
+            .map(|i| {
+                let s = replica_status(&last, i);
+                (s["last_checkpoint"].as_u64().unwrap_or(0), s["last_checkpoint_root"].as_str().unwrap_or("").to_string())
+            })
+            .collect();
+        cps.iter().all(|c| c == &cps[0]) && cps[0].0 > 0
+    });
+    assert!(agree, "{test}: checkpoints of replica 2 do not agree with the others after the repair:\n{last:#}");
+    let suspects = suspicions(&last, 2);
+    assert!(
+        suspects.iter().any(|w| w.contains("checkpoints disagreeing with the stable certificate")),
+        "{test}: status does not show replica 2's wrong checkpoint: {suspects:?}"
+    );
+    eprintln!("{test}: status says replica 2: {suspects:?}");
+    compare(test, &snapshot(&mnt), &model);
+    m.down();
+}
