@@ -27,3 +27,17 @@ pub fn check_byzantine_mode(text: &str) -> Result<(), String> {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn byzantine_modes_only_with_the_feature() {
+        let checked = super::check_byzantine_mode("lie");
+        if super::BYZANTINE_AVAILABLE {
+            assert_eq!(checked, Ok(()));
+            assert!(super::check_byzantine_mode("loud").is_err());
+        } else {
+            assert!(checked.is_err_and(|e| e.contains("--features byzantine")));
+        }
+    }
+}
