@@ -579,6 +579,13 @@ const LATE_MS: u64 = 100;
 /// (hence "seen by K peers").
 pub fn suspects(config: &ClusterConfig, reports: &[ReplicaReport], clients: &[ClientReport]) -> Vec<Suspect> {
     let quorum_of_witnesses = config.f as usize + 1;
+    // Views whose primary someone holds proof of equivocation against: conflicting votes in
+    // them are the primary's doing, not the voters'.
+    let tainted: std::collections::BTreeSet<u64> = reports
+        .iter()
+        .filter_map(|r| r.status.as_ref())
+        .flat_map(|s| s.peers.iter().flat_map(|p| p.equivocation_views.iter().copied()))
+        .collect();
     let mut out = Vec::new();
     for target in config.replicas.iter().map(|r| r.id.0) {
         let mut why = Vec::new();
@@ -603,7 +610,9 @@ pub fn suspects(config: &ClusterConfig, reports: &[ReplicaReport], clients: &[Cl
         tally("invalid messages", &|p| p.invalid);
         tally("proofs of equivocation (conflicting signed proposals)", &|p| p.equivocations);
         tally("checkpoints disagreeing with the stable certificate", &|p| p.checkpoint_mismatches);
-        tally("votes for another batch than the primary proposed (it or the primary equivocates)", &|p| p.conflicting_votes);
+        tally("votes for another batch than the primary proposed (it or the primary equivocates)", &|p| {
+            p.conflicting_votes_by_view.iter().filter(|(v, _)| !tainted.contains(v)).map(|(_, n)| n).sum()
+        });
         let silent: Vec<u64> = views
             .iter()
             .filter_map(|(_, p, others)| {

@@ -343,6 +343,12 @@ fn equivocating_backup() {
 fn equivocating_primary() {
     let Some((m, _tmp)) =
         run("equivocating_primary", Some("0:equivocate"), 0, Some((0, "proofs of equivocation"))) else { return };
+    // The backups that voted for what the primary sent them are not blamed for it.
+    let status = status_json(&m);
+    for backup in 1..4 {
+        let blamed = suspicions(&status, backup);
+        assert!(!blamed.iter().any(|w| w.contains("votes for another batch")), "backup {backup} blamed: {blamed:?}");
+    }
     m.down();
 }
 

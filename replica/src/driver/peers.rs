@@ -44,6 +44,11 @@ pub struct PeerReport {
     /// Its prepares and commits for another batch than the one the primary proposed to us in
     /// that view (it equivocates, or the primary does).
     pub conflicting_votes: u64,
+    /// `conflicting_votes` by view, for the most recent views: (view, count). Votes in a
+    /// view whose primary is proven to equivocate are the primary's doing.
+    pub conflicting_votes_by_view: Vec<(u64, u64)>,
+    /// Views in which it was proven to equivocate as primary (the most recent ones).
+    pub equivocation_views: Vec<u64>,
     /// Milliseconds since its last authenticated frame; None if it never sent one.
     pub last_message_ms_ago: Option<u64>,
     /// Moving average of how late its commits and checkpoints arrive after the first one for
@@ -81,6 +86,22 @@ struct Inner {
 pub struct PeerWatch {
     me: u32,
     inner: Mutex<Inner>,
+}
+
+/// Views remembered per peer in the by-view lists.
+const VIEWS_REMEMBERED: usize = 16;
+
+fn count_in_view(list: &mut Vec<(u64, u64)>, view: u64) {
+    match list.iter_mut().find(|(v, _)| *v == view) {
+        Some((_, n)) => *n += 1,
+        None => {
+            list.push((view, 1));
+            list.sort_unstable();
+            if list.len() > VIEWS_REMEMBERED {
+                list.remove(0);
+            }
+        }
+    }
 }
 
 fn trim<K: Ord + Clone, V>(map: &mut BTreeMap<K, V>) {
@@ -127,6 +148,7 @@ impl PeerWatch {
                             if digest != b.batch_digest {
                                 if let Some(p) = inner.peers.get_mut(&peer) {
                                     p.report.conflicting_votes += 1;
+                                    count_in_view(&mut p.report.conflicting_votes_by_view, b.view.0);
                                 }
                             }
                         }
@@ -271,6 +293,7 @@ fn note_vote(inner: &mut Inner, from: u32, kind: u8, slot: (u64, u64), digest: D
     if inner.direct.get(&slot).is_some_and(|d| *d != digest) {
         if let Some(p) = inner.peers.get_mut(&from) {
             p.report.conflicting_votes += 1;
+            count_in_view(&mut p.report.conflicting_votes_by_view, slot.0);
         }
     }
 }
@@ -283,6 +306,12 @@ fn note_proposal(inner: &mut Inner, pre_prepare: &Signed<PrePrepare>) {
         Some((signer, digest)) if *signer == primary.0 && digest != batch_digest => {
             if let Some(p) = inner.peers.get_mut(&primary.0) {
                 p.report.equivocations += 1;
+                if !p.report.equivocation_views.contains(&view.0) {
+                    p.report.equivocation_views.push(view.0);
+                    if p.report.equivocation_views.len() > VIEWS_REMEMBERED {
+                        p.report.equivocation_views.remove(0);
+                    }
+                }
             }
             // Count a slot once.
             inner.proposals.insert((view.0, seq.0), (primary.0, *batch_digest));
