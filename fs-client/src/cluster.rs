@@ -292,7 +292,13 @@ pub struct LocalCluster {
 }
 
 impl LocalCluster {
-    pub fn start(data_dir: &Path, config_path: &Path, byzantine: &[(u32, String)]) -> Result<LocalCluster> {
+    pub fn start(data_dir: &Path, config_path: &Path) -> Result<LocalCluster> {
+        Self::start_with_byzantine(data_dir, config_path, &[])
+    }
+
+    /// [`LocalCluster::start`] with replicas that misbehave on purpose: (id, mode as
+    /// `bftfs-replica --byzantine` takes it), kept across restarts.
+    pub fn start_with_byzantine(data_dir: &Path, config_path: &Path, byzantine: &[(u32, String)]) -> Result<LocalCluster> {
         let config = read_config(config_path)?;
         let program = replica_program()?;
         for (id, mode) in byzantine {

@@ -370,7 +370,7 @@ fn serve_replicated(mnt: &Path, data_dir: &Path, args: &UpArgs) -> Result<()> {
     mounting::block_stop_signals();
     let _lock = lock_data_dir(data_dir)?;
     let config_path = cluster::prepare_local_cluster(data_dir, args.f)?;
-    let mut replicas = cluster::LocalCluster::start(data_dir, &config_path, &args.byzantine)?;
+    let mut replicas = cluster::LocalCluster::start_with_byzantine(data_dir, &config_path, &args.byzantine)?;
     let result = (|| {
         let config = cluster::read_config(&config_path)?;
         let (secrets, _client_lock) = cluster::claim_client(&config_path, None)?;

@@ -38,6 +38,9 @@ struct Args {
     /// with the cargo feature `byzantine`.
     #[arg(long, value_name = "MODE")]
     byzantine: Option<String>,
+    /// Serve the replica's metrics in the Prometheus text format at HOST:PORT (plain HTTP).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_addr: Option<String>,
 }
 
 fn read_text(path: &Path, what: &str) -> anyhow::Result<String> {
@@ -107,6 +110,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     let mut initial = ReplicaStatus::new(id.0);
     initial.declared_byzantine = args.byzantine.clone();
     let status = Arc::new(Mutex::new(initial));
+    if let Some(address) = &args.metrics_addr {
+        serve_metrics(address, status.clone())?;
+    }
     #[cfg(feature = "byzantine")]
     if let Some(replica::driver::byzantine::Mode::CorruptState { every_ms, times }) = options.byzantine {
         corrupt_state(args.data_dir.join("fs").join("tree").join("root"), id.0, every_ms, times, stop.clone());
@@ -217,5 +223,27 @@ fn signal_flag(signal: libc::c_int, stop: Arc<AtomicBool>) -> std::io::Result<()
     if previous == libc::SIG_ERR {
         return Err(std::io::Error::last_os_error());
     }
+    Ok(())
+}
+
+/// `--metrics-addr`: answers every connection with the status in the Prometheus text format
+/// (one plain HTTP/1.0 response; nothing is read beyond the request).
+fn serve_metrics(address: &str, status: Arc<Mutex<ReplicaStatus>>) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind(address).with_context(|| format!("--metrics-addr {address}: cannot listen"))?;
+    std::thread::Builder::new().name("bftfs-metrics".into()).spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+            let mut request = [0u8; 1024];
+            let _ = stream.read(&mut request);
+            let body = status.lock().map(|s| s.to_prometheus()).unwrap_or_default();
+            let _ = write!(
+                stream,
+                "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    })?;
     Ok(())
 }

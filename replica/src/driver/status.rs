@@ -206,3 +206,74 @@ impl ClientReport {
         serde_json::to_string(self).unwrap_or_default()
     }
 }
+
+impl ReplicaStatus {
+    /// The status in the Prometheus text exposition format (for `--metrics-addr`).
+    pub fn to_prometheus(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let replica = self.id;
+        let mut gauge = |name: &str, help: &str, kind: &str, value: u64| {
+            let _ = writeln!(out, "# HELP bftfs_{name} {help}\n# TYPE bftfs_{name} {kind}\nbftfs_{name}{{replica=\"{replica}\"}} {value}");
+        };
+        gauge("view", "Current view.", "gauge", self.view);
+        gauge("primary", "1 if this replica is the primary of its view.", "gauge", u64::from(self.primary));
+        gauge("last_executed", "Last executed sequence number.", "gauge", self.last_executed);
+        gauge("stable_checkpoint", "Sequence number of the stable checkpoint.", "gauge", self.stable_checkpoint);
+        gauge("lag", "Sequence numbers executed behind the highest seen from a peer.", "gauge", self.lag);
+        gauge("executed_requests_total", "Requests executed.", "counter", self.executed_requests);
+        gauge("view_changes_total", "View changes started.", "counter", self.view_changes);
+        gauge("new_views_total", "New views installed.", "counter", self.new_views);
+        gauge("state_transfers_total", "State transfers started.", "counter", self.state_transfers);
+        gauge("state_transfer_fetched_bytes_total", "Bytes of state fetched from peers.", "counter", self.state_transfer_bytes);
+        gauge("state_transfer_served_bytes_total", "Bytes of state sent to peers.", "counter", self.state_transfer_bytes_served);
+        gauge("auth_failures_total", "Frames whose MAC or signatures did not verify.", "counter", self.auth_failures);
+        gauge("frames_rejected_total", "Frames refused for any reason.", "counter", self.frames_rejected);
+        gauge("invalid_messages_total", "Messages refused as invalid by the protocol core.", "counter", self.invalid_messages);
+        gauge("wal_syncs_total", "Write-ahead log fsyncs.", "counter", self.wal_syncs);
+        let per_peer: [(&str, &str, fn(&PeerReport) -> Option<u64>); 7] = [
+            ("peer_auth_failures_total", "Frames claiming to be from the peer that did not authenticate.", |p| Some(p.auth_failures)),
+            ("peer_invalid_messages_total", "Messages from the peer refused as invalid.", |p| Some(p.invalid)),
+            ("peer_checkpoint_mismatches_total", "Checkpoints of the peer that disagree with the stable certificate.", |p| Some(p.checkpoint_mismatches)),
+            ("peer_equivocations_total", "Proofs that the peer signed conflicting proposals.", |p| Some(p.equivocations)),
+            ("peer_conflicting_votes_total", "Votes of the peer for another batch than the primary proposed.", |p| Some(p.conflicting_votes)),
+            ("peer_last_message_age_ms", "Milliseconds since the peer's last authenticated frame.", |p| p.last_message_ms_ago),
+            ("peer_lateness_ms", "Average lateness of the peer's commits and checkpoints.", |p| p.lateness_ms),
+        ];
+        for (name, help, get) in per_peer {
+            let kind = if name.ends_with("_total") { "counter" } else { "gauge" };
+            let _ = writeln!(out, "# HELP bftfs_{name} {help}\n# TYPE bftfs_{name} {kind}");
+            for p in &self.peers {
+                if let Some(v) = get(p) {
+                    let _ = writeln!(out, "bftfs_{name}{{replica=\"{replica}\",peer=\"{}\"}} {v}", p.id);
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_has_every_peer() {
+        let mut s = ReplicaStatus::new(2);
+        s.auth_failures = 5;
+        s.peers = vec![
+            PeerReport { id: 0, auth_failures: 3, last_message_ms_ago: Some(12), ..Default::default() },
+            PeerReport { id: 1, ..Default::default() },
+        ];
+        let text = s.to_prometheus();
+        assert!(text.contains("bftfs_auth_failures_total{replica=\"2\"} 5"), "{text}");
+        assert!(text.contains("bftfs_peer_auth_failures_total{replica=\"2\",peer=\"0\"} 3"), "{text}");
+        assert!(text.contains("bftfs_peer_last_message_age_ms{replica=\"2\",peer=\"0\"} 12"), "{text}");
+        assert!(!text.contains("bftfs_peer_last_message_age_ms{replica=\"2\",peer=\"1\"}"), "{text}");
+        // Every sample line is `name{labels} value`.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (_, value) = line.rsplit_once(' ').expect("value");
+            assert!(value.parse::<u64>().is_ok(), "{line}");
+        }
+    }
+}
