@@ -206,6 +206,7 @@ pub fn run_with<S: Service + Send + 'static>(
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,

@@ -231,7 +231,8 @@ impl ReplicaStatus {
         gauge("frames_rejected_total", "Frames refused for any reason.", "counter", self.frames_rejected);
         gauge("invalid_messages_total", "Messages refused as invalid by the protocol core.", "counter", self.invalid_messages);
         gauge("wal_syncs_total", "Write-ahead log fsyncs.", "counter", self.wal_syncs);
-        let per_peer: [(&str, &str, fn(&PeerReport) -> Option<u64>); 7] = [
+        type PeerFigure = (&'static str, &'static str, fn(&PeerReport) -> Option<u64>);
+        let per_peer: [PeerFigure; 7] = [
             ("peer_auth_failures_total", "Frames claiming to be from the peer that did not authenticate.", |p| Some(p.auth_failures)),
             ("peer_invalid_messages_total", "Messages from the peer refused as invalid.", |p| Some(p.invalid)),
             ("peer_checkpoint_mismatches_total", "Checkpoints of the peer that disagree with the stable certificate.", |p| Some(p.checkpoint_mismatches)),
