@@ -169,7 +169,10 @@ fn workload(mnt: &Path) -> Tree {
 /// cross at least one checkpoint (every 64 batches) after the workload.
 fn push_checkpoints(mnt: &Path, model: &mut Tree, count: usize) {
     let path = mnt.join("pulse");
-    fs::write(&path, b"pulse").expect("write pulse");
+    // Written once: rewriting it would also heal a corrupted copy behind the scrub's back.
+    if !path.exists() {
+        fs::write(&path, b"pulse").expect("write pulse");
+    }
     for k in 0..count {
         let m = if k % 2 == 0 { 0o600 } else { 0o644 };
         fs::set_permissions(&path, fs::Permissions::from_mode(m)).expect("chmod pulse");

@@ -17,29 +17,58 @@ use super::{backend, FileService, FileType};
 use crate::digest::piece_digest;
 use std::collections::BTreeSet;
 
-/// Objects re-hashed per checkpoint beyond the modified ones.
+/// Objects looked at per checkpoint in the rotating share.
 const SCRUB_OBJECTS: u64 = 256;
-/// Bytes read per checkpoint for the rotating share.
-const SCRUB_BYTES: u64 = 32 << 20;
+/// Bytes read per checkpoint, modified objects first: a checkpoint costs at most this much
+/// reading and hashing however large the state (one object larger than it is still scrubbed
+/// when its turn comes, alone, so everything is covered eventually).
+const SCRUB_BYTES: u64 = 8 << 20;
 
 impl FileService {
     /// Re-hashes from disk the modified objects and the next share of the others (see the
     /// module doc). Returns the objects found damaged; their stale chunks are marked dirty.
     pub(super) fn scrub(&mut self) -> BTreeSet<u64> {
         let count = self.slots.len() as u64;
-        let mut candidates: BTreeSet<u64> = self.dirty.iter().copied().filter(|i| *i < count).collect();
+        let regular_size = |svc: &FileService, i: u64| match svc.slots.get(i as usize) {
+            Some(Slot::Live(o)) if o.kind == FileType::Regular => Some(o.size),
+            _ => None,
+        };
+        let mut candidates = BTreeSet::new();
         let mut budget_bytes = SCRUB_BYTES;
-        let mut taken = 0;
-        while taken < SCRUB_OBJECTS.min(count) && budget_bytes > 0 {
+        let limit = SCRUB_OBJECTS.min(count);
+        let mut looked = 0;
+        // One regular file of the rotation whatever its size, so every object gets its turn.
+        while looked < limit {
             let i = self.scrub_next % count.max(1);
             self.scrub_next = i + 1;
-            taken += 1;
-            if let Some(Slot::Live(o)) = self.slots.get(i as usize) {
-                if o.kind == FileType::Regular {
-                    budget_bytes = budget_bytes.saturating_sub(o.size);
-                    candidates.insert(i);
+            looked += 1;
+            if let Some(size) = regular_size(self, i) {
+                budget_bytes = budget_bytes.saturating_sub(size);
+                candidates.insert(i);
+                break;
+            }
+        }
+        // Then the modified objects, then more of the rotation, within the budget.
+        for &m in self.dirty.iter().filter(|m| **m < count) {
+            if let Some(size) = regular_size(self, m) {
+                if size <= budget_bytes {
+                    budget_bytes -= size;
+                    candidates.insert(m);
                 }
             }
+        }
+        while looked < limit {
+            let i = self.scrub_next % count.max(1);
+            match regular_size(self, i) {
+                Some(size) if size > budget_bytes => break,
+                Some(size) => {
+                    budget_bytes -= size;
+                    candidates.insert(i);
+                }
+                None => {}
+            }
+            self.scrub_next = i + 1;
+            looked += 1;
         }
         let mut damaged = BTreeSet::new();
         let mut buf = Vec::new();
