@@ -11,8 +11,9 @@ use crate::transport::{FsTransport, TransportError};
 use anyhow::{bail, Context, Result};
 use replica::config::{ClientSecrets, ClusterConfig};
 use replica::driver::client::{CallError, ClientHandle};
-use replica::driver::status::{probe, ReplicaStatus};
+use replica::driver::status::{probe, ClientReport, ReplicaStatus};
 use state_abstraction::fs::{decode, encode, FsRequest, FsResult};
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -30,6 +31,7 @@ const LOCAL_CLIENTS: u32 = 8;
 /// [`FsTransport`] over the BFT client protocol.
 pub struct ReplicatedTransport {
     client: ClientHandle,
+    client_id: u64,
     timeout: Duration,
     /// Set after a timeout so that an outage is logged once, not once per request.
     failing: AtomicBool,
@@ -37,8 +39,57 @@ pub struct ReplicatedTransport {
 
 impl ReplicatedTransport {
     pub fn start(config: ClusterConfig, secrets: ClientSecrets, timeout: Duration) -> Result<Self> {
+        let client_id = secrets.id.0;
         let client = ClientHandle::start(config, secrets).context("cannot start the BFT client")?;
-        Ok(ReplicatedTransport { client, timeout, failing: AtomicBool::new(false) })
+        Ok(ReplicatedTransport { client, client_id, timeout, failing: AtomicBool::new(false) })
+    }
+}
+
+/// The thread that keeps a client's observations of the replicas on disk; stops on drop.
+pub struct ObservationReporter {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for ObservationReporter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// How often a mount rewrites what it observed about the replicas.
+const REPORT_EVERY: Duration = Duration::from_millis(500);
+
+impl ReplicatedTransport {
+    /// Writes this client's observations of the replicas (replies that disagreed with the
+    /// accepted result, replies that did not authenticate) into `dir` every half second, for
+    /// `bftfs status`: only a client can see a replica that lies in its replies.
+    pub fn report_observations(self: &Arc<Self>, dir: &Path) -> ObservationReporter {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (me, stop2, dir) = (self.clone(), stop.clone(), dir.to_path_buf());
+        let client = self.client_id;
+        let thread = std::thread::Builder::new()
+            .name("bftfs-observe".into())
+            .spawn(move || {
+                let mut last = None;
+                while !stop2.load(Ordering::Relaxed) {
+                    let o = me.client.observations();
+                    if last.as_ref() != Some(&o) {
+                        if let Err(e) = ClientReport::from_observations(client, &o).write_to(&dir) {
+                            // A read-only cluster directory (another user's mount): status
+                            // then lacks the client's view, nothing else.
+                            tracing::debug!(error = %e, "cannot write the client's observations");
+                        }
+                        last = Some(o);
+                    }
+                    std::thread::sleep(REPORT_EVERY);
+                }
+            })
+            .ok();
+        ObservationReporter { stop, thread }
     }
 }
 
@@ -236,6 +287,8 @@ struct Member {
 /// up from the others.
 pub struct LocalCluster {
     program: PathBuf,
+    /// Replicas started with `--byzantine MODE` (by id), restarts included.
+    byzantine: Arc<BTreeMap<usize, String>>,
     config_path: PathBuf,
     data_dir: PathBuf,
     members: Arc<Mutex<Vec<Member>>>,
@@ -245,9 +298,19 @@ pub struct LocalCluster {
 
 impl LocalCluster {
     pub fn start(data_dir: &Path, config_path: &Path) -> Result<LocalCluster> {
+        Self::start_with_byzantine(data_dir, config_path, &[])
+    }
+
+    /// [`LocalCluster::start`] with replicas that misbehave on purpose: (id, mode as
+    /// `bftfs-replica --byzantine` takes it), kept across restarts.
+    pub fn start_with_byzantine(data_dir: &Path, config_path: &Path, byzantine: &[(u32, String)]) -> Result<LocalCluster> {
         let config = read_config(config_path)?;
         let program = replica_program()?;
+        for (id, mode) in byzantine {
+            warn!("replica {id} misbehaves on purpose: --byzantine {mode}");
+        }
         let mut cluster = LocalCluster {
+            byzantine: Arc::new(byzantine.iter().map(|(i, m)| (*i as usize, m.clone())).collect()),
             program,
             config_path: config_path.to_path_buf(),
             data_dir: data_dir.to_path_buf(),
@@ -283,13 +346,14 @@ impl LocalCluster {
     }
 
     fn spawn(&self, i: usize) -> Result<Child> {
-        spawn_replica(&self.program, &self.config_path, &self.data_dir, i)
+        spawn_replica(&self.program, &self.config_path, &self.data_dir, i, self.byzantine.get(&i).map(String::as_str))
     }
 
     fn spawn_supervisor(&self) -> std::thread::JoinHandle<()> {
         let members = self.members.clone();
         let stop = self.stop.clone();
         let (program, config_path, data_dir) = (self.program.clone(), self.config_path.clone(), self.data_dir.clone());
+        let byzantine = self.byzantine.clone();
         std::thread::spawn(move || {
             let mut dead_since: Vec<Option<Instant>> = Vec::new();
             while !stop.load(Ordering::Relaxed) {
@@ -314,7 +378,7 @@ impl LocalCluster {
                     if since.elapsed() < pause || stop.load(Ordering::Relaxed) {
                         continue;
                     }
-                    match spawn_replica(&program, &config_path, &data_dir, i) {
+                    match spawn_replica(&program, &config_path, &data_dir, i, byzantine.get(&i).map(String::as_str)) {
                         Ok(c) => {
                             m.child = Some(c);
                             m.restarts += 1;
@@ -365,7 +429,7 @@ impl Drop for LocalCluster {
     }
 }
 
-fn spawn_replica(program: &Path, config_path: &Path, data_dir: &Path, i: usize) -> Result<Child> {
+fn spawn_replica(program: &Path, config_path: &Path, data_dir: &Path, i: usize, byzantine: Option<&str>) -> Result<Child> {
     let secrets = config_path.parent().unwrap_or(Path::new(".")).join(format!("replica-{i}.json"));
     let log_path = data_dir.join(format!("replica-{i}.log"));
     let log = OpenOptions::new()
@@ -393,6 +457,9 @@ fn spawn_replica(program: &Path, config_path: &Path, data_dir: &Path, i: usize) 
             }
             Ok(())
         });
+    }
+    if let Some(mode) = byzantine {
+        cmd.arg("--byzantine").arg(mode);
     }
     cmd
         .arg("--config")
@@ -459,13 +526,13 @@ pub fn probe_cluster(config: &ClusterConfig) -> Vec<ReplicaReport> {
 
 pub fn print_reports(reports: &[ReplicaReport]) {
     println!(
-        "{:<8} {:<22} {:>8} {:<8} {:>6} {:>10} {:>10} {:>6} {:>9}  health",
-        "replica", "address", "pid", "role", "view", "executed", "stable cp", "lag", "rejected"
+        "{:<8} {:<22} {:>8} {:<8} {:>6} {:>10} {:>10} {:>6} {:>9} {:>6}  health",
+        "replica", "address", "pid", "role", "view", "executed", "stable cp", "lag", "rejected", "xfers"
     );
     for r in reports {
         match &r.status {
             Some(s) => println!(
-                "{:<8} {:<22} {:>8} {:<8} {:>6} {:>10} {:>10} {:>6} {:>9}  {}",
+                "{:<8} {:<22} {:>8} {:<8} {:>6} {:>10} {:>10} {:>6} {:>9} {:>6}  {}",
                 r.id,
                 r.address,
                 s.pid,
@@ -475,9 +542,13 @@ pub fn print_reports(reports: &[ReplicaReport]) {
                 s.stable_checkpoint,
                 r.lag.unwrap_or(0),
                 s.frames_rejected,
+                s.state_transfers,
                 r.health
             ),
-            None => println!("{:<8} {:<22} {:>8} {:<8} {:>6} {:>10} {:>10} {:>6} {:>9}  {}", r.id, r.address, "-", "-", "-", "-", "-", "-", "-", r.health),
+            None => println!(
+                "{:<8} {:<22} {:>8} {:<8} {:>6} {:>10} {:>10} {:>6} {:>9} {:>6}  {}",
+                r.id, r.address, "-", "-", "-", "-", "-", "-", "-", "-", r.health
+            ),
         }
     }
 }
@@ -498,4 +569,150 @@ pub fn reports_json(reports: &[ReplicaReport]) -> String {
         })
         .collect();
     format!("[{}]", items.join(","))
+}
+
+/// A replica that others report as misbehaving or silent, with why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Suspect {
+    pub id: u32,
+    pub why: Vec<String>,
+}
+
+/// A peer silent this much longer than the liveliest other peer is reported.
+const SILENCE_MS: u64 = 3000;
+/// Messages arriving this late on average (and several times later than the others') are
+/// reported.
+const LATE_MS: u64 = 100;
+
+/// Names the replicas that the other replicas (and the clients) report as misbehaving or
+/// silent. Observations about a replica come only from others: a Byzantine replica's word
+/// about itself counts for nothing, and its word about others is one voice among several
+/// (hence "seen by K peers").
+pub fn suspects(config: &ClusterConfig, reports: &[ReplicaReport], clients: &[ClientReport]) -> Vec<Suspect> {
+    let quorum_of_witnesses = config.f as usize + 1;
+    // Views whose primary someone holds proof of equivocation against: conflicting votes in
+    // them are the primary's doing, not the voters'.
+    let tainted: std::collections::BTreeSet<u64> = reports
+        .iter()
+        .filter_map(|r| r.status.as_ref())
+        .flat_map(|s| s.peers.iter().flat_map(|p| p.equivocation_views.iter().copied()))
+        .collect();
+    let mut out = Vec::new();
+    for target in config.replicas.iter().map(|r| r.id.0) {
+        let mut why = Vec::new();
+        // (observer, its report about target, its reports about everyone else)
+        let views: Vec<(u32, &replica::driver::peers::PeerReport, Vec<&replica::driver::peers::PeerReport>)> = reports
+            .iter()
+            .filter(|r| r.id != target)
+            .filter_map(|r| {
+                let s = r.status.as_ref()?;
+                let about = s.peers.iter().find(|p| p.id == target)?;
+                Some((r.id, about, s.peers.iter().filter(|p| p.id != target).collect()))
+            })
+            .collect();
+        let mut tally = |what: &str, count: &dyn Fn(&replica::driver::peers::PeerReport) -> u64| {
+            let total: u64 = views.iter().map(|(_, p, _)| count(p)).sum();
+            let witnesses = views.iter().filter(|(_, p, _)| count(p) > 0).count();
+            if total > 0 {
+                why.push(format!("{total} {what} seen by {witnesses} peer{}", if witnesses == 1 { "" } else { "s" }));
+            }
+        };
+        tally("bad authenticators", &|p| p.auth_failures);
+        tally("invalid messages", &|p| p.invalid);
+        tally("proofs of equivocation (conflicting signed proposals)", &|p| p.equivocations);
+        tally("checkpoints disagreeing with the stable certificate", &|p| p.checkpoint_mismatches);
+        tally("votes for another batch than the primary proposed (it or the primary equivocates)", &|p| {
+            p.conflicting_votes_by_view.iter().filter(|(v, _)| !tainted.contains(v)).map(|(_, n)| n).sum()
+        });
+        let silent: Vec<u64> = views
+            .iter()
+            .filter_map(|(_, p, others)| {
+                let liveliest = others.iter().filter_map(|o| o.last_message_ms_ago).min()?;
+                match p.last_message_ms_ago {
+                    None => Some(u64::MAX),
+                    Some(age) if age >= liveliest + SILENCE_MS => Some(age),
+                    _ => None,
+                }
+            })
+            .collect();
+        if silent.len() >= quorum_of_witnesses {
+            let shortest = silent.iter().min().copied().unwrap_or(u64::MAX);
+            let since = if shortest == u64::MAX { "never heard from".to_string() } else { format!("silent for {} s", shortest / 1000) };
+            why.push(format!("{since} while the others talk, seen by {} peers", silent.len()));
+        }
+        let late: Vec<u64> = views
+            .iter()
+            .filter_map(|(_, p, others)| {
+                let mine = p.lateness_ms?;
+                let theirs = others.iter().filter_map(|o| o.lateness_ms).max().unwrap_or(0);
+                (mine >= LATE_MS && mine >= 3 * theirs.max(1)).then_some(mine)
+            })
+            .collect();
+        if late.len() >= quorum_of_witnesses {
+            let mut sorted = late.clone();
+            sorted.sort_unstable();
+            why.push(format!(
+                "its messages arrive about {} ms after the others', seen by {} peers",
+                sorted[sorted.len() / 2],
+                late.len()
+            ));
+        }
+        for c in clients {
+            if let Some(v) = c.replicas.iter().find(|v| v.id == target) {
+                if v.disagreeing_replies > 0 {
+                    why.push(format!(
+                        "{} of {} replies to client {} disagreed with the agreed result",
+                        v.disagreeing_replies, v.compared_replies, c.client
+                    ));
+                }
+                if v.auth_failures > 0 {
+                    why.push(format!("{} replies to client {} did not authenticate", v.auth_failures, c.client));
+                }
+            }
+        }
+        if !why.is_empty() {
+            out.push(Suspect { id: target, why });
+        }
+    }
+    out
+}
+
+pub fn print_suspects(suspects: &[Suspect]) {
+    if suspects.is_empty() {
+        println!("suspects:    none");
+        return;
+    }
+    for (i, s) in suspects.iter().enumerate() {
+        let label = if i == 0 { "suspects:" } else { "" };
+        println!("{label:<12} replica {}: {}", s.id, s.why.join("; "));
+    }
+}
+
+fn json_text(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+pub fn suspects_json(suspects: &[Suspect]) -> String {
+    let items: Vec<String> = suspects
+        .iter()
+        .map(|s| {
+            let why: Vec<String> = s.why.iter().map(|w| json_text(w)).collect();
+            format!("{{\"id\":{},\"why\":[{}]}}", s.id, why.join(","))
+        })
+        .collect();
+    format!("[{}]", items.join(","))
+}
+
+pub fn clients_json(clients: &[ClientReport]) -> String {
+    format!("[{}]", clients.iter().map(|c| c.to_json()).collect::<Vec<_>>().join(","))
 }

@@ -46,6 +46,11 @@ enum Cmd {
         no_fast_path: bool,
         #[arg(short = 'o', value_name = "OPTIONS", help = OPTIONS_HELP)]
         options: Vec<String>,
+        /// Make replica ID misbehave on purpose, for fault tests (repeatable): MODE is mute,
+        /// slow[:MS], lie, equivocate, bad-auth[:PERCENT], wrong-checkpoint or
+        /// corrupt-state[:SECONDS[:TIMES]]. Needs a build with `--features byzantine`.
+        #[arg(long = "byzantine", value_name = "ID:MODE")]
+        byzantine: Vec<String>,
         /// Internal: the background process started by --detach.
         #[arg(long, hide = true)]
         foreground_child: bool,
@@ -133,8 +138,10 @@ fn run(cli: Cli) -> Result<()> {
             detach,
             no_fast_path,
             options,
+            byzantine,
             foreground_child,
         } => up::up(UpArgs {
+            byzantine: up::parse_byzantine(&byzantine, f)?,
             mountpoint,
             f,
             data_dir,

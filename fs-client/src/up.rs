@@ -20,6 +20,7 @@ use crate::mounting::{
 };
 use crate::options::MountOptions;
 use crate::transport::FsTransport;
+use replica::driver::status::ClientReport;
 use anyhow::{anyhow, bail, Context, Result};
 use sha2::{Digest, Sha256};
 use state_abstraction::fs::{Caller, FsOp, FsReply, FsRequest, Handle, SetAttrs};
@@ -57,8 +58,34 @@ pub struct UpArgs {
     /// Zyzzyva's speculative fast path (false: `--no-fast-path`, commit path only).
     pub fast_path: bool,
     pub options: MountOptions,
+    /// Replicas that misbehave on purpose: (replica id, mode as `bftfs-replica --byzantine`
+    /// takes it).
+    pub byzantine: Vec<(u32, String)>,
     /// Set on the re-executed background process of `--detach`.
     pub foreground_child: bool,
+}
+
+/// Parses `--byzantine ID:MODE` arguments for a cluster of 3f+1 replicas.
+pub fn parse_byzantine(raw: &[String], f: u32) -> Result<Vec<(u32, String)>> {
+    let mut out: Vec<(u32, String)> = Vec::new();
+    for text in raw {
+        let Some((id, mode)) = text.split_once(':') else {
+            bail!("--byzantine {text}: expected ID:MODE, e.g. 2:lie");
+        };
+        let id: u32 = id.parse().map_err(|_| anyhow!("--byzantine {text}: `{id}` is not a replica number"))?;
+        if f == 0 || id >= 3 * f + 1 {
+            bail!("--byzantine {text}: there is no replica {id} (the cluster has {} replicas)", 3 * f + 1);
+        }
+        if out.iter().any(|(i, _)| *i == id) {
+            bail!("--byzantine: replica {id} is given two modes");
+        }
+        replica::driver::check_byzantine_mode(mode).map_err(|e| anyhow!("{e}"))?;
+        out.push((id, mode.to_string()));
+    }
+    if out.len() > f as usize {
+        warn!("{} Byzantine replicas is more than f={f}: the cluster may stop or go wrong", out.len());
+    }
+    Ok(out)
 }
 
 /// `$XDG_DATA_HOME/bftfs`, else `~/.local/share/bftfs`.
@@ -345,7 +372,7 @@ fn serve_replicated(mnt: &Path, data_dir: &Path, args: &UpArgs) -> Result<()> {
     mounting::block_stop_signals();
     let _lock = lock_data_dir(data_dir)?;
     let config_path = cluster::prepare_local_cluster(data_dir, args.f, args.fast_path)?;
-    let mut replicas = cluster::LocalCluster::start(data_dir, &config_path)?;
+    let mut replicas = cluster::LocalCluster::start_with_byzantine(data_dir, &config_path, &args.byzantine)?;
     let result = (|| {
         let config = cluster::read_config(&config_path)?;
         let (secrets, _client_lock) = cluster::claim_client(&config_path, None)?;
@@ -354,6 +381,7 @@ fn serve_replicated(mnt: &Path, data_dir: &Path, args: &UpArgs) -> Result<()> {
             secrets,
             args.options.request_timeout,
         )?);
+        let _reporter = transport.report_observations(config_path.parent().unwrap_or(Path::new(".")));
         wait_until_answering(transport.as_ref(), data_dir)?;
         serve_cluster(mnt, data_dir, args, transport, "bftfs")
     })();
@@ -445,6 +473,7 @@ pub fn mount(
     mounting::block_stop_signals();
     let (secrets, _client_lock) = cluster::claim_client(config_path, client)?;
     let transport = Arc::new(cluster::ReplicatedTransport::start(config, secrets, options.request_timeout)?);
+    let _reporter = transport.report_observations(config_path.parent().unwrap_or(Path::new(".")));
     wait_until_answering(transport.as_ref(), config_path.parent().unwrap_or(Path::new(".")))?;
     mounting::serve(&mnt, transport, &options, "bftfs", || {
         if !foreground_child {
@@ -460,11 +489,21 @@ pub fn mount(
 pub fn status_of_config(config_path: &Path, json: bool) -> Result<()> {
     let config = cluster::read_config(config_path)?;
     let reports = cluster::probe_cluster(&config);
+    let clients = ClientReport::read_all(config_path.parent().unwrap_or(Path::new(".")));
+    let suspects = cluster::suspects(&config, &reports, &clients);
     if json {
-        println!("{{\"config\":{},\"f\":{},\"replicas\":{}}}", json_string(&config_path.to_string_lossy()), config.f, cluster::reports_json(&reports));
+        println!(
+            "{{\"config\":{},\"f\":{},\"replicas\":{},\"clients\":{},\"suspects\":{}}}",
+            json_string(&config_path.to_string_lossy()),
+            config.f,
+            cluster::reports_json(&reports),
+            cluster::clients_json(&clients),
+            cluster::suspects_json(&suspects)
+        );
     } else {
         println!("cluster:     {} (f={}, {} replicas)", config_path.display(), config.f, config.n());
         cluster::print_reports(&reports);
+        cluster::print_suspects(&suspects);
     }
     Ok(())
 }
@@ -621,6 +660,9 @@ fn spawn_detached(mnt: &Path, data_dir: &Path, args: &UpArgs) -> Result<()> {
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err);
+    for (id, mode) in &args.byzantine {
+        cmd.arg("--byzantine").arg(format!("{id}:{mode}"));
+    }
     // SAFETY: setsid is async-signal-safe; it detaches the child from our terminal and
     // process group so that a Ctrl-C meant for the shell does not stop the mount.
     unsafe {
@@ -757,21 +799,26 @@ pub fn status(mountpoint: &Path, json: bool) -> Result<()> {
         (false, true) => "dead (mount left behind; run `bftfs umount --lazy`)",
         (false, false) => "stopped",
     };
-    let reports = if info.f >= 1 {
-        let config_path = info.data_dir.join(cluster::CLUSTER_DIR).join(crate::keygen::CONFIG_FILE);
-        cluster::probe_cluster(&cluster::read_config(&config_path)?)
+    let cluster_dir = info.data_dir.join(cluster::CLUSTER_DIR);
+    let (reports, suspects) = if info.f >= 1 {
+        let config = cluster::read_config(&cluster_dir.join(crate::keygen::CONFIG_FILE))?;
+        let reports = cluster::probe_cluster(&config);
+        let suspects = cluster::suspects(&config, &reports, &ClientReport::read_all(&cluster_dir));
+        (reports, suspects)
     } else {
-        Vec::new()
+        (Vec::new(), Vec::new())
     };
     if json {
         println!(
-            "{{\"mountpoint\":{},\"mounted\":{mounted},\"f\":{},\"data_dir\":{},\"client\":{{\"pid\":{},\"running\":{running}}},\"health\":{},\"replicas\":{}}}",
+            "{{\"mountpoint\":{},\"mounted\":{mounted},\"f\":{},\"data_dir\":{},\"client\":{{\"pid\":{},\"running\":{running}}},\"health\":{},\"replicas\":{},\"clients\":{},\"suspects\":{}}}",
             json_string(&info.mountpoint.to_string_lossy()),
             info.f,
             json_string(&info.data_dir.to_string_lossy()),
             info.pid,
             json_string(health),
             cluster::reports_json(&reports),
+            cluster::clients_json(&ClientReport::read_all(&cluster_dir)),
+            cluster::suspects_json(&suspects),
         );
     } else {
         println!(
@@ -789,6 +836,7 @@ pub fn status(mountpoint: &Path, json: bool) -> Result<()> {
         println!("health:      {health}");
         if !reports.is_empty() {
             cluster::print_reports(&reports);
+            cluster::print_suspects(&suspects);
         }
     }
     Ok(())

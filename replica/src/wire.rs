@@ -615,6 +615,12 @@ struct FrameBody {
     message: Vec<u8>,
 }
 
+/// The sender a frame body claims, read without authenticating it: only for counting
+/// failed frames per peer, never for trusting anything (a forger can claim anyone).
+pub fn claimed_sender(body: &[u8]) -> Option<Principal> {
+    decode::<FrameBody>(body).ok().map(|f| f.sender)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Authentication
 

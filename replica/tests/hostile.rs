@@ -89,7 +89,7 @@ fn sample_messages(keys: &ClusterKeys) -> Vec<Message> {
     let request = c1.sign(Request { client: ClientId(1), timestamp: Timestamp(5), operation: b"op".to_vec(), read_only: false });
     let r0 = Signer::from_secret(&keys.replicas[0].signing_key.0);
     let batch = replica::wire::Batch { requests: vec![request.clone()] };
-    let pre = r0.sign(PrePrepare { view: View(0), seq: SeqNo(1), batch_digest: batch.digest(), nondet: 7u64.to_le_bytes().to_vec(), primary: ReplicaId(0) });
+    let pre = r0.sign(PrePrepare { view: View(0), seq: SeqNo(1), batch_digest: batch.digest(), nondet: 7u64.to_le_bytes().to_vec(), primary: ReplicaId(0), history: d });
     vec![
         Message::Agreement(AgreementMessage::Prepare(r1.sign(Prepare { view: View(0), seq: SeqNo(1), batch_digest: d, replica: ReplicaId(1) }))),
         Message::Agreement(AgreementMessage::Commit(r1.sign(Commit { view: View(0), seq: SeqNo(1), batch_digest: d, replica: ReplicaId(1) }))),

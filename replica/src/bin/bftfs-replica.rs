@@ -33,6 +33,14 @@ struct Args {
     /// Directory for this replica's files, checkpoints and write-ahead log (created if missing).
     #[arg(long)]
     data_dir: PathBuf,
+    /// Misbehave on purpose, for fault tests: mute | slow[:MS] | lie | equivocate |
+    /// bad-auth[:PERCENT] | wrong-checkpoint | corrupt-state[:SECONDS[:TIMES]]. Only in builds
+    /// with the cargo feature `byzantine`.
+    #[arg(long, value_name = "MODE")]
+    byzantine: Option<String>,
+    /// Serve the replica's metrics in the Prometheus text format at HOST:PORT (plain HTTP).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_addr: Option<String>,
 }
 
 fn read_text(path: &Path, what: &str) -> anyhow::Result<String> {
@@ -51,6 +59,7 @@ fn main() {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    let options = run_options(args.byzantine.as_deref())?;
     let config = ClusterConfig::from_json(&read_text(&args.config, "cluster config")?)
         .with_context(|| format!("{} is not a valid cluster config", args.config.display()))?;
     let secrets = ReplicaSecrets::from_json(&read_text(&args.secrets, "secrets file")?)
@@ -98,7 +107,16 @@ fn run(args: Args) -> anyhow::Result<()> {
         // A plain flag set from the handler; the core loop checks it between steps.
         let _ = signal_flag(signal, stop);
     }
-    let status = Arc::new(Mutex::new(ReplicaStatus::new(id.0)));
+    let mut initial = ReplicaStatus::new(id.0);
+    initial.declared_byzantine = args.byzantine.clone();
+    let status = Arc::new(Mutex::new(initial));
+    if let Some(address) = &args.metrics_addr {
+        serve_metrics(address, status.clone())?;
+    }
+    #[cfg(feature = "byzantine")]
+    if let Some(replica::driver::byzantine::Mode::CorruptState { every_ms, times }) = options.byzantine {
+        corrupt_state(args.data_dir.join("fs").join("tree").join("root"), id.0, every_ms, times, stop.clone());
+    }
     let status_file = args.data_dir.join("status.json");
     {
         let status = status.clone();
@@ -115,9 +133,51 @@ fn run(args: Args) -> anyhow::Result<()> {
             }
         });
     }
-    node::run(config, secrets, replica, wal, listener, status, stop)?;
+    node::run_with(config, secrets, replica, wal, listener, status, stop, options)?;
     tracing::info!(replica = id.0, "replica stopped");
     Ok(())
+}
+
+#[cfg(feature = "byzantine")]
+fn run_options(byzantine: Option<&str>) -> anyhow::Result<node::RunOptions> {
+    let byzantine = match byzantine {
+        None => None,
+        Some(text) => Some(text.parse::<replica::driver::byzantine::Mode>().map_err(|e| anyhow::anyhow!("--byzantine: {e}"))?),
+    };
+    Ok(node::RunOptions { byzantine })
+}
+
+#[cfg(not(feature = "byzantine"))]
+fn run_options(byzantine: Option<&str>) -> anyhow::Result<node::RunOptions> {
+    if let Some(mode) = byzantine {
+        bail!(
+            "--byzantine {mode}: this bftfs-replica was built without Byzantine modes; \
+             rebuild with `cargo build --features byzantine`"
+        );
+    }
+    Ok(node::RunOptions::default())
+}
+
+/// `corrupt-state`: damages a stored file every `every_ms`, `times` times, behind the file
+/// service's back (the service and the protocol core know nothing of it).
+#[cfg(feature = "byzantine")]
+fn corrupt_state(tree_root: PathBuf, id: u32, every_ms: u64, times: u32, stop: Arc<AtomicBool>) {
+    use replica::driver::byzantine::{corrupt_one_file, Rng};
+    std::thread::spawn(move || {
+        let mut rng = Rng::new(0xC0_22 ^ u64::from(id));
+        let mut done = 0;
+        while done < times && !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(every_ms));
+            match corrupt_one_file(&tree_root, &mut rng) {
+                Ok(Some(path)) => {
+                    done += 1;
+                    tracing::warn!(replica = id, file = %path.display(), done, "corrupted a stored file on purpose");
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(replica = id, error = %e, "could not corrupt a file"),
+            }
+        }
+    });
 }
 
 /// Two replicas over one data directory would corrupt it: the second one refuses to start.
@@ -163,5 +223,27 @@ fn signal_flag(signal: libc::c_int, stop: Arc<AtomicBool>) -> std::io::Result<()
     if previous == libc::SIG_ERR {
         return Err(std::io::Error::last_os_error());
     }
+    Ok(())
+}
+
+/// `--metrics-addr`: answers every connection with the status in the Prometheus text format
+/// (one plain HTTP/1.0 response; nothing is read beyond the request).
+fn serve_metrics(address: &str, status: Arc<Mutex<ReplicaStatus>>) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind(address).with_context(|| format!("--metrics-addr {address}: cannot listen"))?;
+    std::thread::Builder::new().name("bftfs-metrics".into()).spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+            let mut request = [0u8; 1024];
+            let _ = stream.read(&mut request);
+            let body = status.lock().map(|s| s.to_prometheus()).unwrap_or_default();
+            let _ = write!(
+                stream,
+                "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    })?;
     Ok(())
 }

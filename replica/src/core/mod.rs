@@ -1640,7 +1640,8 @@ impl<S: Service> Replica<S> {
                 tracing::error!(replica = self.id.0, seq = cert.seq.0, "own checkpoint differs from the certified one");
                 self.own_checkpoints.remove(&cert.seq);
                 self.stable_ahead = Some(cert.clone());
-                self.begin_transfer(cert, actions);
+                // We executed past it, so begin_transfer would see nothing to catch up on.
+                self.start_transfer(cert, actions);
             }
             None => {
                 if self.stable_ahead.as_ref().is_none_or(|c| c.seq < cert.seq) {
@@ -2150,11 +2151,17 @@ impl<S: Service> Replica<S> {
         if cert.seq <= self.last_executed && self.last_executed >= self.stable.seq {
             return;
         }
+        self.start_transfer(cert, actions)
+    }
+
+    /// Starts a state transfer to `cert` whatever we executed (also when our own state at
+    /// `cert` turned out corrupt).
+    fn start_transfer(&mut self, cert: CheckpointCertificate, actions: &mut Vec<Action>) {
         if self.transfer.as_ref().is_some_and(|t| t.target.seq >= cert.seq) {
             return;
         }
-        // Diff against our newest checkpoint: roll the service back to it.
-        let Some(base) = self.own_checkpoints.values().next_back().cloned() else {
+        // Diff against our newest checkpoint below the target: roll the service back to it.
+        let Some(base) = self.own_checkpoints.range(..cert.seq).next_back().map(|(_, c)| c.clone()) else {
             return self.halt("no own checkpoint to transfer state against".into(), actions);
         };
         let replies = match ReplyTable::decode(&base.replies, self.config.protocol.client_window) {

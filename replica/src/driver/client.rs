@@ -4,13 +4,14 @@
 //! Requests beyond the protocol's in-flight window wait in a bounded queue; a call that gets
 //! no completed result within its timeout fails with [`CallError::Timeout`] instead of hanging.
 
+use super::audit::ReplyAudit;
 use super::net::{self, Backoff};
 use crate::client::{Client, ClientAction, Completion, RequestId};
 use crate::config::{ClientSecrets, ClusterConfig};
 use crate::wire::{Authenticator, ClientMessage, Message, Principal, ReplicaId};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::mpsc as std_mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 
@@ -38,6 +39,18 @@ pub struct ClientHandle {
     submit: mpsc::Sender<Submit>,
     runtime: Option<tokio::runtime::Runtime>,
     operation_bytes_max: usize,
+    observed: Arc<Mutex<ReplicaObservations>>,
+}
+
+/// What this client observed about each replica (for `bftfs status`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReplicaObservations {
+    /// Ordered replies that disagreed with the result the client accepted, per replica.
+    pub disagreeing_replies: BTreeMap<u32, u64>,
+    /// Ordered replies compared with an accepted result, per replica.
+    pub compared_replies: BTreeMap<u32, u64>,
+    /// Frames that did not authenticate, per replica they claim to come from.
+    pub auth_failures: BTreeMap<u32, u64>,
 }
 
 impl ClientHandle {
@@ -51,8 +64,14 @@ impl ClientHandle {
             .build()?;
         let (submit_tx, submit_rx) = mpsc::channel(SUBMIT_QUEUE);
         let operation_bytes_max = config.protocol.operation_bytes_max;
-        runtime.spawn(client_task(config, secrets, submit_rx));
-        Ok(ClientHandle { submit: submit_tx, runtime: Some(runtime), operation_bytes_max })
+        let observed = Arc::new(Mutex::new(ReplicaObservations::default()));
+        runtime.spawn(client_task(config, secrets, submit_rx, observed.clone()));
+        Ok(ClientHandle { submit: submit_tx, runtime: Some(runtime), operation_bytes_max, observed })
+    }
+
+    /// What this client observed about the replicas so far.
+    pub fn observations(&self) -> ReplicaObservations {
+        self.observed.lock().map(|o| o.clone()).unwrap_or_default()
     }
 
     /// Invokes `operation` and waits for its result (f+1 matching committed replies, or 2f+1
@@ -95,7 +114,12 @@ fn wall_clock_ns() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
 }
 
-async fn client_task(config: ClusterConfig, secrets: ClientSecrets, mut submit_rx: mpsc::Receiver<Submit>) {
+async fn client_task(
+    config: ClusterConfig,
+    secrets: ClientSecrets,
+    mut submit_rx: mpsc::Receiver<Submit>,
+    observed: Arc<Mutex<ReplicaObservations>>,
+) {
     let auth = Authenticator::for_client(&config, &secrets);
     let tick = Duration::from_nanos(config.protocol.tick_ns.max(1_000_000));
     let (inbound_tx, mut inbound_rx) = mpsc::channel::<Vec<u8>>(LINK_QUEUE);
@@ -115,9 +139,12 @@ async fn client_task(config: ClusterConfig, secrets: ClientSecrets, mut submit_r
     let mut pending: BTreeMap<RequestId, std_mpsc::SyncSender<Result<Vec<u8>, CallError>>> = BTreeMap::new();
     let mut actions = Vec::new();
     let mut completed: Vec<Completion> = Vec::new();
+    let mut audit = ReplyAudit::default();
+    let mut rejected = 0u64;
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let mut audited = false;
         tokio::select! {
             s = submit_rx.recv(), if waiting.len() < SUBMIT_QUEUE => match s {
                 Some(s) => waiting.push_back(s),
@@ -125,8 +152,28 @@ async fn client_task(config: ClusterConfig, secrets: ClientSecrets, mut submit_r
             },
             Some(frame) = inbound_rx.recv() => {
                 match auth.open(&frame) {
-                    Ok(m) => client.on_message(m, &mut actions, &mut completed),
-                    Err(e) => tracing::warn!(error = %e, "dropped a reply that did not authenticate"),
+                    Ok(m) => {
+                        if let Message::Client(ClientMessage::Reply(r)) = m.message() {
+                            if !r.read_only {
+                                audit.on_reply(r.replica.0, r.timestamp.0, &r.result);
+                                audited = true;
+                            }
+                        }
+                        client.on_message(m, &mut actions, &mut completed)
+                    }
+                    Err(e) => {
+                        rejected += 1;
+                        if let Some(Principal::Replica(r)) = crate::wire::claimed_sender(&frame) {
+                            if let Ok(mut o) = observed.lock() {
+                                *o.auth_failures.entry(r.0).or_default() += 1;
+                            }
+                        }
+                        // The first few, then rarely: a replica that breaks every MAC must not
+                        // flood the log.
+                        if rejected <= 3 || rejected % 1000 == 0 {
+                            tracing::warn!(error = %e, rejected, "dropped a reply that did not authenticate");
+                        }
+                    }
                 }
             }
             _ = ticker.tick() => client.on_tick(&mut actions),
@@ -145,8 +192,18 @@ async fn client_task(config: ClusterConfig, secrets: ClientSecrets, mut submit_r
             }
         }
         for c in completed.drain(..) {
+            if !c.read_only {
+                audit.on_complete(c.id.0, &c.result);
+                audited = true;
+            }
             if let Some(done) = pending.remove(&c.id) {
                 let _ = done.try_send(Ok(c.result));
+            }
+        }
+        if audited {
+            if let Ok(mut o) = observed.lock() {
+                o.disagreeing_replies.clone_from(audit.disagreed());
+                o.compared_replies.clone_from(audit.compared());
             }
         }
         for action in actions.drain(..) {

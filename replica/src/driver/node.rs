@@ -9,11 +9,12 @@
 //! durable.
 
 use super::net::{self, Backoff};
+use super::peers::PeerWatch;
 use super::status::{ReplicaStatus, STATUS_PROBE};
 use super::wal::Wal;
 use crate::config::{ClusterConfig, ReplicaSecrets};
 use crate::core::{Action, Event, Notification, Replica, WalRecord};
-use crate::wire::{self, Authenticated, Authenticator, ClientMessage, Message, Principal, ReplicaId};
+use crate::wire::{self, Authenticated, Authenticator, ClientMessage, Message, Principal, ReplicaId, StateTransferMessage};
 use state_abstraction::{ClientId, Service};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -21,6 +22,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
+use state_abstraction::Digest;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -53,7 +55,26 @@ pub struct DriverCounters {
     pub dropped_core_queue_full: AtomicU64,
     pub dropped_client_unknown: AtomicU64,
     pub wal_syncs: AtomicU64,
+    /// Bytes of state (pieces, tree nodes, reply caches) sent to replicas catching up.
+    pub state_transfer_bytes_served: AtomicU64,
+    /// The newest checkpoint this replica took: sequence number and service root.
+    pub last_checkpoint: Mutex<Option<(u64, Digest)>>,
 }
+
+/// Extras of [`run_with`] beyond what every replica needs.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Misbehave on purpose (fault tests; see [`super::byzantine`]).
+    #[cfg(feature = "byzantine")]
+    pub byzantine: Option<super::byzantine::Mode>,
+}
+
+/// What sits on the seal-and-send path: nothing in normal builds, the tampering layer of a
+/// Byzantine replica in builds with the `byzantine` feature.
+#[cfg(feature = "byzantine")]
+type Tamper = Option<super::byzantine::Byzantine>;
+#[cfg(not(feature = "byzantine"))]
+type Tamper = ();
 
 enum Input {
     Message(Authenticated<Message>),
@@ -98,8 +119,30 @@ pub fn run<S: Service + Send + 'static>(
     status: Arc<Mutex<ReplicaStatus>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<(), NodeError> {
+    run_with(config, secrets, replica, wal, listener, status, stop, RunOptions::default())
+}
+
+/// [`run`] with [`RunOptions`].
+#[allow(clippy::too_many_arguments)]
+pub fn run_with<S: Service + Send + 'static>(
+    config: Arc<ClusterConfig>,
+    secrets: ReplicaSecrets,
+    replica: Replica<S>,
+    wal: Wal,
+    listener: std::net::TcpListener,
+    status: Arc<Mutex<ReplicaStatus>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    options: RunOptions,
+) -> Result<(), NodeError> {
     let auth = Arc::new(Authenticator::for_replica(&config, &secrets));
     let counters = Arc::new(DriverCounters::default());
+    let watch = Arc::new(PeerWatch::new(secrets.id, config.n()));
+    #[cfg(feature = "byzantine")]
+    let mut tamper: Tamper = options.byzantine.map(|mode| super::byzantine::Byzantine::new(mode, &secrets));
+    #[cfg(not(feature = "byzantine"))]
+    let mut tamper: Tamper = {
+        let RunOptions {} = options;
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -125,6 +168,7 @@ pub fn run<S: Service + Send + 'static>(
         let clients = clients.clone();
         let status = status.clone();
         let counters = counters.clone();
+        let watch = watch.clone();
         runtime.spawn(async move {
             let listener = match TcpListener::from_std(listener) {
                 Ok(l) => l,
@@ -144,6 +188,7 @@ pub fn run<S: Service + Send + 'static>(
                             clients.clone(),
                             status.clone(),
                             counters.clone(),
+                            watch.clone(),
                         ));
                     }
                     Err(e) => {
@@ -155,11 +200,13 @@ pub fn run<S: Service + Send + 'static>(
         });
     }
 
-    let result = core_loop(&config, replica, wal, core_rx, &auth, &peers, &clients, &status, &counters, &stop);
+    let links = Links { auth: &auth, peers: &peers, clients: &clients, counters: &counters, watch: &watch };
+    let result = core_loop(&config, replica, wal, core_rx, &links, &mut tamper, &status, &stop);
     runtime.shutdown_timeout(Duration::from_millis(200));
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
@@ -168,6 +215,7 @@ async fn serve_connection(
     clients: ClientLinks,
     status: Arc<Mutex<ReplicaStatus>>,
     counters: Arc<DriverCounters>,
+    watch: Arc<PeerWatch>,
 ) {
     let _ = stream.set_nodelay(true);
     let (mut rd, mut wr) = stream.into_split();
@@ -201,6 +249,7 @@ async fn serve_connection(
         let message = match auth.open(&body) {
             Ok(m) => m,
             Err(e) => {
+                watch.on_rejected(wire::claimed_sender(&body));
                 rejected += 1;
                 // One line for the first few, then rarely: a flood must not become a log flood.
                 if rejected <= 3 || rejected % 1000 == 0 {
@@ -209,6 +258,7 @@ async fn serve_connection(
                 continue;
             }
         };
+        watch.on_accepted(message.sender(), message.message());
         if let Principal::Client(c) = message.sender() {
             // Every authenticated frame (re)claims the client's reply route, so a replayed
             // hello on another connection cannot keep the replies away from the client.
@@ -241,17 +291,25 @@ fn now_ns() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
+/// Where the core's messages go, and what watches them.
+#[derive(Clone, Copy)]
+struct Links<'a> {
+    auth: &'a Authenticator,
+    peers: &'a BTreeMap<ReplicaId, mpsc::Sender<Vec<u8>>>,
+    clients: &'a ClientLinks,
+    counters: &'a DriverCounters,
+    watch: &'a PeerWatch,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn core_loop<S: Service>(
     config: &ClusterConfig,
     mut replica: Replica<S>,
     mut wal: Wal,
     core_rx: std_mpsc::Receiver<Input>,
-    auth: &Authenticator,
-    peers: &BTreeMap<ReplicaId, mpsc::Sender<Vec<u8>>>,
-    clients: &ClientLinks,
+    links: &Links<'_>,
+    tamper: &mut Tamper,
     status: &Mutex<ReplicaStatus>,
-    counters: &DriverCounters,
     stop: &std::sync::atomic::AtomicBool,
 ) -> Result<(), NodeError> {
     let tick = Duration::from_nanos(config.protocol.tick_ns.max(1_000_000));
@@ -275,7 +333,7 @@ fn core_loop<S: Service>(
         // produced a record is performed, fsync included, before the next one.
         for _ in 0..256 {
             if actions.iter().any(|a| matches!(a, Action::Persist(_))) {
-                perform(&mut actions, &mut wal, auth, &all_replicas, peers, clients, counters)?;
+                perform(&mut actions, &mut wal, &all_replicas, links, tamper)?;
             }
             match core_rx.try_recv() {
                 Ok(Input::Message(m)) => replica.step(Event::Message(m), &mut actions),
@@ -283,7 +341,7 @@ fn core_loop<S: Service>(
             }
         }
         if actions.iter().any(|a| matches!(a, Action::Persist(_))) {
-            perform(&mut actions, &mut wal, auth, &all_replicas, peers, clients, counters)?;
+            perform(&mut actions, &mut wal, &all_replicas, links, tamper)?;
         }
         let now = Instant::now();
         if now >= next_tick {
@@ -294,11 +352,11 @@ fn core_loop<S: Service>(
                 next_tick = now + tick;
             }
         }
-        perform(&mut actions, &mut wal, auth, &all_replicas, peers, clients, counters)?;
+        perform(&mut actions, &mut wal, &all_replicas, links, tamper)?;
         if now.duration_since(last_status) >= Duration::from_millis(200) {
             last_status = now;
             if let Ok(mut s) = status.lock() {
-                s.update(&replica, auth, counters);
+                s.update(&replica, links.auth, links.counters, links.watch);
             }
         }
     }
@@ -307,12 +365,11 @@ fn core_loop<S: Service>(
 fn perform(
     actions: &mut Vec<Action>,
     wal: &mut Wal,
-    auth: &Authenticator,
     all_replicas: &[Principal],
-    peers: &BTreeMap<ReplicaId, mpsc::Sender<Vec<u8>>>,
-    clients: &ClientLinks,
-    counters: &DriverCounters,
+    links: &Links<'_>,
+    #[allow(unused_variables)] tamper: &mut Tamper,
 ) -> Result<(), NodeError> {
+    let Links { auth, peers, clients, counters, watch } = *links;
     let wal_error = |source| NodeError::Wal { path: "log".into(), source };
     for action in actions.drain(..) {
         let (message, to) = match action {
@@ -329,6 +386,18 @@ fn perform(
             }
             Action::Notify(n) => {
                 log_notification(&n);
+                match &n {
+                    Notification::Misbehaviour { from, .. } => watch.on_misbehaviour(*from),
+                    Notification::CheckpointStable { seq, service_root, replies_digest } => {
+                        watch.on_stable(seq.0, *service_root, *replies_digest)
+                    }
+                    Notification::CheckpointTaken { seq, service_root, .. } => {
+                        if let Ok(mut last) = counters.last_checkpoint.lock() {
+                            *last = Some((seq.0, *service_root));
+                        }
+                    }
+                    _ => {}
+                }
                 continue;
             }
             Action::Halt { reason } => return Err(NodeError::Halted(reason)),
@@ -354,6 +423,15 @@ fn perform(
                 (vec![Principal::Client(c)], link.into_iter().collect())
             }
         };
+        if let Message::StateTransfer(m) = &message {
+            counters.state_transfer_bytes_served.fetch_add(state_bytes(m), Ordering::Relaxed);
+        }
+        // The one place where a Byzantine replica's tampering layer sees what goes out.
+        #[cfg(feature = "byzantine")]
+        if let Some(byzantine) = tamper.as_mut() {
+            byzantine.send(message, receivers.into_iter().zip(links).collect(), auth);
+            continue;
+        }
         let Some((last, rest)) = links.split_last() else { continue };
         match auth.seal(&message, &receivers) {
             Ok(frame) => {
@@ -370,6 +448,17 @@ fn perform(
         counters.wal_syncs.fetch_add(1, Ordering::Relaxed);
     }
     Ok(())
+}
+
+/// Bytes of state a state-transfer answer carries.
+fn state_bytes(m: &StateTransferMessage) -> u64 {
+    match m {
+        StateTransferMessage::Piece { bytes, .. } => bytes.len() as u64,
+        StateTransferMessage::Replies { table, .. } => table.len() as u64,
+        StateTransferMessage::Node { children, .. } => 32 * children.len() as u64,
+        StateTransferMessage::PieceDigests { digests, .. } => 32 * digests.len() as u64,
+        _ => 0,
+    }
 }
 
 enum Target {

@@ -3,6 +3,7 @@
 //! on, so it needs no authentication), and the daemon also writes it to its data directory.
 
 use super::node::DriverCounters;
+use super::peers::{PeerReport, PeerWatch};
 use crate::core::Replica;
 use crate::wire::Authenticator;
 use serde::{Deserialize, Serialize};
@@ -14,7 +15,9 @@ use tokio::io::AsyncWriteExt;
 /// The body of a status probe frame.
 pub const STATUS_PROBE: &[u8] = b"bftfs-status-probe-v1";
 
+/// Fields added later default when a status from an older replica is read.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
 pub struct ReplicaStatus {
     pub id: u32,
     pub pid: u32,
@@ -33,6 +36,34 @@ pub struct ReplicaStatus {
     pub frames_rejected: u64,
     pub dropped_overload: u64,
     pub wal_syncs: u64,
+    /// View changes this replica completed (new views installed).
+    pub new_views: u64,
+    /// Frames whose MAC or signatures did not verify (a subset of `frames_rejected`).
+    pub auth_failures: u64,
+    /// Messages the core refused as invalid, from any peer.
+    pub invalid_messages: u64,
+    /// Bytes of state sent to replicas catching up (`state_transfer_bytes` is what this
+    /// replica fetched).
+    pub state_transfer_bytes_served: u64,
+    /// The highest sequence number seen from any peer, and how far execution is behind it.
+    pub highest_seen: u64,
+    pub lag: u64,
+    /// Digest (hex) of the stable checkpoint's service state.
+    pub stable_root: String,
+    /// The newest checkpoint this replica took, and its service root (hex): equal on
+    /// replicas whose state agrees.
+    pub last_checkpoint: u64,
+    pub last_checkpoint_root: String,
+    /// What this replica observes about each other replica.
+    pub peers: Vec<PeerReport>,
+    /// A replica started with `--byzantine MODE` says so (tests and demos; a really
+    /// Byzantine replica would not, which is why `bftfs status` names suspects from what the
+    /// others observe).
+    pub declared_byzantine: Option<String>,
+}
+
+fn hex(d: &state_abstraction::Digest) -> String {
+    d.0.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl ReplicaStatus {
@@ -40,7 +71,13 @@ impl ReplicaStatus {
         ReplicaStatus { id, pid: std::process::id(), ..Default::default() }
     }
 
-    pub fn update<S: Service>(&mut self, replica: &Replica<S>, auth: &Authenticator, counters: &DriverCounters) {
+    pub fn update<S: Service>(
+        &mut self,
+        replica: &Replica<S>,
+        auth: &Authenticator,
+        counters: &DriverCounters,
+        watch: &PeerWatch,
+    ) {
         let m = replica.metrics();
         self.view = replica.view().0;
         self.view_active = replica.is_view_active();
@@ -57,6 +94,19 @@ impl ReplicaStatus {
         self.frames_rejected = auth.counters.rejected();
         self.dropped_overload = counters.dropped_core_queue_full.load(Ordering::Relaxed) + m.requests_dropped;
         self.wal_syncs = counters.wal_syncs.load(Ordering::Relaxed);
+        self.new_views = m.new_views_installed;
+        let wire = &auth.counters;
+        self.auth_failures = wire.unauthenticated.load(Ordering::Relaxed) + wire.bad_signature.load(Ordering::Relaxed);
+        self.state_transfer_bytes_served = counters.state_transfer_bytes_served.load(Ordering::Relaxed);
+        self.highest_seen = watch.highest_seq().max(self.last_executed);
+        self.lag = self.highest_seen - self.last_executed;
+        self.stable_root = hex(&replica.stable_checkpoint().service_root);
+        if let Ok(Some((seq, root))) = counters.last_checkpoint.lock().map(|c| *c) {
+            self.last_checkpoint = seq;
+            self.last_checkpoint_root = hex(&root);
+        }
+        self.peers = watch.reports();
+        self.invalid_messages = self.peers.iter().map(|p| p.invalid).sum();
     }
 
     pub fn to_json(&self) -> String {
@@ -74,4 +124,157 @@ pub async fn probe(address: &str, timeout: Duration) -> std::io::Result<ReplicaS
         serde_json::from_slice::<ReplicaStatus>(&body).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
     };
     tokio::time::timeout(timeout, work).await.map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer"))?
+}
+
+/// What one client (a mount) observed about the replicas, written by the mount process into
+/// the cluster directory for `bftfs status` (only clients see the replies replicas send).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct ClientReport {
+    pub client: u64,
+    pub pid: u32,
+    /// Wall-clock time of the report, in milliseconds since the Unix epoch.
+    pub updated_unix_ms: u64,
+    pub replicas: Vec<ClientView>,
+}
+
+/// One replica as a client saw it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct ClientView {
+    pub id: u32,
+    /// Ordered replies that disagreed with the result the client accepted.
+    pub disagreeing_replies: u64,
+    /// Ordered replies compared with an accepted result.
+    pub compared_replies: u64,
+    /// Replies that did not authenticate.
+    pub auth_failures: u64,
+}
+
+/// File name prefix of client reports in a cluster directory.
+pub const CLIENT_REPORT_PREFIX: &str = "observed-by-client-";
+
+impl ClientReport {
+    pub fn from_observations(client: u64, o: &super::client::ReplicaObservations) -> ClientReport {
+        let mut ids: Vec<u32> = o.compared_replies.keys().chain(o.auth_failures.keys()).chain(o.disagreeing_replies.keys()).copied().collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let get = |m: &std::collections::BTreeMap<u32, u64>, id: u32| m.get(&id).copied().unwrap_or(0);
+        ClientReport {
+            client,
+            pid: std::process::id(),
+            updated_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            replicas: ids
+                .into_iter()
+                .map(|id| ClientView {
+                    id,
+                    disagreeing_replies: get(&o.disagreeing_replies, id),
+                    compared_replies: get(&o.compared_replies, id),
+                    auth_failures: get(&o.auth_failures, id),
+                })
+                .collect(),
+        }
+    }
+
+    /// Writes the report atomically as `dir/observed-by-client-<id>.json`.
+    pub fn write_to(&self, dir: &std::path::Path) -> std::io::Result<()> {
+        let path = dir.join(format!("{CLIENT_REPORT_PREFIX}{}.json", self.client));
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_string(self).unwrap_or_default())?;
+        std::fs::rename(&tmp, &path)
+    }
+
+    /// Every client report in `dir` (unreadable ones are skipped).
+    pub fn read_all(dir: &std::path::Path) -> Vec<ClientReport> {
+        let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+        let mut out: Vec<ClientReport> = entries
+            .flatten()
+            .filter(|e| {
+                e.file_name().to_str().is_some_and(|n| n.starts_with(CLIENT_REPORT_PREFIX) && n.ends_with(".json"))
+            })
+            .filter_map(|e| std::fs::read(e.path()).ok())
+            .filter_map(|b| serde_json::from_slice(&b).ok())
+            .collect();
+        out.sort_by_key(|r| r.client);
+        out
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+impl ReplicaStatus {
+    /// The status in the Prometheus text exposition format (for `--metrics-addr`).
+    pub fn to_prometheus(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let replica = self.id;
+        let mut gauge = |name: &str, help: &str, kind: &str, value: u64| {
+            let _ = writeln!(out, "# HELP bftfs_{name} {help}\n# TYPE bftfs_{name} {kind}\nbftfs_{name}{{replica=\"{replica}\"}} {value}");
+        };
+        gauge("view", "Current view.", "gauge", self.view);
+        gauge("primary", "1 if this replica is the primary of its view.", "gauge", u64::from(self.primary));
+        gauge("last_executed", "Last executed sequence number.", "gauge", self.last_executed);
+        gauge("stable_checkpoint", "Sequence number of the stable checkpoint.", "gauge", self.stable_checkpoint);
+        gauge("lag", "Sequence numbers executed behind the highest seen from a peer.", "gauge", self.lag);
+        gauge("executed_requests_total", "Requests executed.", "counter", self.executed_requests);
+        gauge("view_changes_total", "View changes started.", "counter", self.view_changes);
+        gauge("new_views_total", "New views installed.", "counter", self.new_views);
+        gauge("state_transfers_total", "State transfers started.", "counter", self.state_transfers);
+        gauge("state_transfer_fetched_bytes_total", "Bytes of state fetched from peers.", "counter", self.state_transfer_bytes);
+        gauge("state_transfer_served_bytes_total", "Bytes of state sent to peers.", "counter", self.state_transfer_bytes_served);
+        gauge("auth_failures_total", "Frames whose MAC or signatures did not verify.", "counter", self.auth_failures);
+        gauge("frames_rejected_total", "Frames refused for any reason.", "counter", self.frames_rejected);
+        gauge("invalid_messages_total", "Messages refused as invalid by the protocol core.", "counter", self.invalid_messages);
+        gauge("wal_syncs_total", "Write-ahead log fsyncs.", "counter", self.wal_syncs);
+        type PeerFigure = (&'static str, &'static str, fn(&PeerReport) -> Option<u64>);
+        let per_peer: [PeerFigure; 7] = [
+            ("peer_auth_failures_total", "Frames claiming to be from the peer that did not authenticate.", |p| Some(p.auth_failures)),
+            ("peer_invalid_messages_total", "Messages from the peer refused as invalid.", |p| Some(p.invalid)),
+            ("peer_checkpoint_mismatches_total", "Checkpoints of the peer that disagree with the stable certificate.", |p| Some(p.checkpoint_mismatches)),
+            ("peer_equivocations_total", "Proofs that the peer signed conflicting proposals.", |p| Some(p.equivocations)),
+            ("peer_conflicting_votes_total", "Votes of the peer for another batch than the primary proposed.", |p| Some(p.conflicting_votes)),
+            ("peer_last_message_age_ms", "Milliseconds since the peer's last authenticated frame.", |p| p.last_message_ms_ago),
+            ("peer_lateness_ms", "Average lateness of the peer's commits and checkpoints.", |p| p.lateness_ms),
+        ];
+        for (name, help, get) in per_peer {
+            let kind = if name.ends_with("_total") { "counter" } else { "gauge" };
+            let _ = writeln!(out, "# HELP bftfs_{name} {help}\n# TYPE bftfs_{name} {kind}");
+            for p in &self.peers {
+                if let Some(v) = get(p) {
+                    let _ = writeln!(out, "bftfs_{name}{{replica=\"{replica}\",peer=\"{}\"}} {v}", p.id);
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_has_every_peer() {
+        let mut s = ReplicaStatus::new(2);
+        s.auth_failures = 5;
+        s.peers = vec![
+            PeerReport { id: 0, auth_failures: 3, last_message_ms_ago: Some(12), ..Default::default() },
+            PeerReport { id: 1, ..Default::default() },
+        ];
+        let text = s.to_prometheus();
+        assert!(text.contains("bftfs_auth_failures_total{replica=\"2\"} 5"), "{text}");
+        assert!(text.contains("bftfs_peer_auth_failures_total{replica=\"2\",peer=\"0\"} 3"), "{text}");
+        assert!(text.contains("bftfs_peer_last_message_age_ms{replica=\"2\",peer=\"0\"} 12"), "{text}");
+        assert!(!text.contains("bftfs_peer_last_message_age_ms{replica=\"2\",peer=\"1\"}"), "{text}");
+        // Every sample line is `name{labels} value`.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (_, value) = line.rsplit_once(' ').expect("value");
+            assert!(value.parse::<u64>().is_ok(), "{line}");
+        }
+    }
 }

@@ -817,7 +817,9 @@ impl FileService {
                 ))));
             }
         }
+        let damaged = self.scrub();
         self.refresh_digests()?;
+        self.mark_damaged_in_checkpoints(&damaged);
         let root = self.tree.root();
         if self.ckpt.snapshot_mode {
             let snaps = ensure_dir(self.meta_fd.as_raw_fd(), b"snapshots")?;

@@ -38,6 +38,7 @@ pub mod backend;
 mod checkpoint;
 mod exec;
 mod install;
+mod scrub;
 pub mod object;
 pub mod ops;
 
@@ -145,6 +146,9 @@ pub struct FileService {
     /// Each slot's encoded header as of its last digest refresh (valid for slots not in
     /// `dirty`), so saving the table does not encode every object again.
     encoded: Vec<Vec<u8>>,
+    /// Where the next checkpoint's scrub continues (see [`scrub`]).
+    scrub_next: u64,
+    corruptions_found: u64,
 }
 
 impl std::fmt::Debug for FileService {
@@ -208,6 +212,8 @@ impl FileService {
             journal: None,
             staged: BTreeSet::new(),
             encoded: Vec::new(),
+            scrub_next: 0,
+            corruptions_found: 0,
         };
         if fresh {
             svc.init_root();

@@ -1,0 +1,554 @@
+//! A Byzantine replica on purpose, for fault tests with real processes (cargo feature
+//! `byzantine`; release builds leave it out).
+//!
+//! A Byzantine replica here is a correct core plus this tampering layer, which sits on the
+//! driver's single seal-and-send path: in goes every message the correct core wants to send
+//! (with its receivers and their links), out goes what the mode makes of it. The layer holds
+//! the replica's own signing key, so what it alters still carries a valid signature unless the
+//! mode is to break authentication. The core never knows; nothing here reaches the
+//! simulator, which has Byzantine behaviours of its own.
+//!
+//! `corrupt-state` is the one mode that does not touch messages: [`corrupt_one_file`] flips
+//! a byte of a stored file behind the file service's back (a bad disk), and the replica must
+//! notice at its next checkpoint and repair itself by state transfer.
+//!
+//! Randomness comes from a small generator seeded with the replica id, so a mode does the
+//! same thing on every run given the same traffic.
+
+use crate::config::ReplicaSecrets;
+use crate::wire::{
+    AgreementMessage, Authenticator, Batch, Checkpoint, ClientMessage, Message, Principal, Proposal, ReplicaId, Signature,
+    Signed, Signer, ViewChangeMessage,
+};
+use state_abstraction::digest::Hasher;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Frames a slow replica holds back at most; beyond it they are dropped (a slow link that
+/// also loses messages, which the protocol tolerates).
+const DELAY_QUEUE: usize = 64 * 1024;
+
+/// How a replica misbehaves. Parsed from `MODE[:PARAMETER]` (see [`Mode::from_str`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Receives and executes, never sends anything.
+    Mute,
+    /// Sends everything `delay_ms` late.
+    Slow { delay_ms: u64 },
+    /// Wrong results in its replies to clients.
+    Lie,
+    /// As primary, sends a different (validly signed) proposal to every other backup: the
+    /// requests of the batch reversed, or the only request dropped. As a backup, votes
+    /// (prepares and commits, validly signed) for a different batch to every other replica.
+    Equivocate,
+    /// Breaks the MAC or a signature of `percent` percent of the frames it sends.
+    BadAuth { percent: u8 },
+    /// Signs checkpoints with a wrong state digest.
+    WrongCheckpoint,
+    /// Flips a byte of one of its stored files every `every_ms`, `times` times in all.
+    CorruptState { every_ms: u64, times: u32 },
+}
+
+pub const MODES_HELP: &str = "mute | slow[:MS] | lie | equivocate | bad-auth[:PERCENT] | wrong-checkpoint | corrupt-state[:SECONDS[:TIMES]]";
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Mode, String> {
+        let mut parts = text.split(':');
+        let name = parts.next().unwrap_or_default();
+        let params: Vec<&str> = parts.collect();
+        let number = |i: usize, default: u64, what: &str| -> Result<u64, String> {
+            match params.get(i) {
+                None => Ok(default),
+                Some(p) => p.parse::<u64>().map_err(|_| format!("{what} in `{text}` must be a whole number, not `{p}`")),
+            }
+        };
+        let no_params = |mode: Mode| if params.is_empty() { Ok(mode) } else { Err(format!("`{name}` takes no parameter")) };
+        match name {
+            "mute" => no_params(Mode::Mute),
+            "slow" => {
+                let delay_ms = number(0, 500, "the delay (milliseconds)")?;
+                if !(1..=60_000).contains(&delay_ms) {
+                    return Err("the delay of `slow` must be 1..=60000 milliseconds".into());
+                }
+                Ok(Mode::Slow { delay_ms })
+            }
+            "lie" => no_params(Mode::Lie),
+            "equivocate" => no_params(Mode::Equivocate),
+            "bad-auth" => {
+                let percent = number(0, 100, "the percentage")?;
+                if !(1..=100).contains(&percent) {
+                    return Err("the percentage of `bad-auth` must be 1..=100".into());
+                }
+                Ok(Mode::BadAuth { percent: percent as u8 })
+            }
+            "wrong-checkpoint" => no_params(Mode::WrongCheckpoint),
+            "corrupt-state" => {
+                let seconds = number(0, 3, "the period (seconds)")?;
+                let times = number(1, 3, "the number of corruptions")?;
+                if seconds == 0 || times == 0 || times > 1_000_000 {
+                    return Err("`corrupt-state` needs a period ≥ 1 s and 1..=1000000 corruptions".into());
+                }
+                Ok(Mode::CorruptState { every_ms: seconds * 1000, times: times as u32 })
+            }
+            _ => Err(format!("unknown Byzantine mode `{name}`; modes: {MODES_HELP}")),
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Mode::Mute => write!(f, "mute"),
+            Mode::Slow { delay_ms } => write!(f, "slow:{delay_ms}"),
+            Mode::Lie => write!(f, "lie"),
+            Mode::Equivocate => write!(f, "equivocate"),
+            Mode::BadAuth { percent } => write!(f, "bad-auth:{percent}"),
+            Mode::WrongCheckpoint => write!(f, "wrong-checkpoint"),
+            Mode::CorruptState { every_ms, times } => write!(f, "corrupt-state:{}:{times}", every_ms / 1000),
+        }
+    }
+}
+
+/// A receiver of a message and the link that reaches it.
+pub type Destination = (Principal, mpsc::Sender<Vec<u8>>);
+
+/// xorshift64*: enough to choose which frames to break; not for anything secret.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+}
+
+struct Delayed {
+    due: Instant,
+    frame: Vec<u8>,
+    links: Vec<mpsc::Sender<Vec<u8>>>,
+}
+
+/// The tampering layer of one replica. See the module doc.
+pub struct Byzantine {
+    mode: Mode,
+    me: ReplicaId,
+    signer: Signer,
+    rng: Rng,
+    /// Slow mode: frames wait here for the delay thread.
+    delay_line: Option<std_mpsc::SyncSender<Delayed>>,
+    /// Messages this layer altered, withheld or broke (logged now and then).
+    pub tampered: u64,
+}
+
+impl Byzantine {
+    pub fn new(mode: Mode, secrets: &ReplicaSecrets) -> Byzantine {
+        let delay_line = match mode {
+            Mode::Slow { .. } => Some(spawn_delay_line()),
+            _ => None,
+        };
+        tracing::warn!(replica = secrets.id.0, %mode, "this replica is Byzantine on purpose");
+        Byzantine {
+            mode,
+            me: secrets.id,
+            signer: Signer::from_secret(&secrets.signing_key.0),
+            rng: Rng::new(0xB1A5 ^ u64::from(secrets.id.0)),
+            delay_line,
+            tampered: 0,
+        }
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Sends what the mode makes of `message` (which the correct core wants to go to
+    /// `destinations`), sealing it with `auth`.
+    pub fn send(&mut self, message: Message, destinations: Vec<Destination>, auth: &Authenticator) {
+        if destinations.is_empty() {
+            return;
+        }
+        match self.mode {
+            Mode::Mute => self.count(),
+            Mode::Slow { delay_ms } => {
+                let Some(frame) = seal(&message, &destinations, auth) else { return };
+                let links = destinations.into_iter().map(|(_, l)| l).collect();
+                let item = Delayed { due: Instant::now() + Duration::from_millis(delay_ms), frame, links };
+                if let Some(line) = &self.delay_line {
+                    // Full means the replica sends faster than the delay drains: drop.
+                    let _ = line.try_send(item);
+                }
+                self.count();
+            }
+            Mode::Lie => {
+                let message = match message {
+                    Message::Client(ClientMessage::Reply(mut reply)) => {
+                        lie_about(&mut reply.result);
+                        self.count();
+                        Message::Client(ClientMessage::Reply(reply))
+                    }
+                    other => other,
+                };
+                deliver(&message, &destinations, auth);
+            }
+            Mode::Equivocate => match message {
+                Message::Agreement(AgreementMessage::PrePrepare(proposal))
+                    if proposal.pre_prepare.body.primary == self.me && destinations.len() >= 2 =>
+                {
+                    self.equivocate(proposal, destinations, auth)
+                }
+                Message::Agreement(AgreementMessage::Prepare(p)) if p.body.replica == self.me => {
+                    let seq = p.body.seq.0;
+                    let mut forked = p.body.clone();
+                    forked.batch_digest = other_digest(&forked.batch_digest);
+                    let forked = Message::Agreement(AgreementMessage::Prepare(self.signer.sign(forked)));
+                    self.split(seq, Message::Agreement(AgreementMessage::Prepare(p)), forked, destinations, auth)
+                }
+                Message::Agreement(AgreementMessage::Commit(c)) if c.body.replica == self.me => {
+                    let seq = c.body.seq.0;
+                    let mut forked = c.body.clone();
+                    forked.batch_digest = other_digest(&forked.batch_digest);
+                    let forked = Message::Agreement(AgreementMessage::Commit(self.signer.sign(forked)));
+                    self.split(seq, Message::Agreement(AgreementMessage::Commit(c)), forked, destinations, auth)
+                }
+                other => deliver(&other, &destinations, auth),
+            },
+            Mode::BadAuth { percent } => {
+                if self.rng.below(100) >= u64::from(percent) {
+                    return deliver(&message, &destinations, auth);
+                }
+                self.count();
+                // Alternate: a broken signature inside a correctly MAC'd frame (the receiver
+                // knows who sent it), or a broken MAC (it knows only who the frame claims).
+                let mut message = message;
+                if self.rng.below(2) == 0 && break_a_signature(&mut message) {
+                    return deliver(&message, &destinations, auth);
+                }
+                let Some(mut frame) = seal(&message, &destinations, auth) else { return };
+                // The frame ends with the message bytes, which every tag covers.
+                if let Some(last) = frame.last_mut() {
+                    *last ^= 0x5A;
+                }
+                send_frame(frame, &destinations);
+            }
+            Mode::WrongCheckpoint => {
+                let message = match message {
+                    Message::Agreement(AgreementMessage::Checkpoint(cp)) if cp.body.replica == self.me => {
+                        self.count();
+                        Message::Agreement(AgreementMessage::Checkpoint(self.signer.sign(wrong_checkpoint(cp.body))))
+                    }
+                    other => other,
+                };
+                deliver(&message, &destinations, auth);
+            }
+            Mode::CorruptState { .. } => deliver(&message, &destinations, auth),
+        }
+    }
+
+    /// Every other backup (alternating with the sequence number which half) gets a
+    /// different batch under the same view and sequence number, signed with our key.
+    fn equivocate(&mut self, proposal: Proposal, destinations: Vec<Destination>, auth: &Authenticator) {
+        let seq = proposal.pre_prepare.body.seq.0;
+        let mut batch = proposal.batch.clone();
+        if batch.requests.len() >= 2 {
+            batch.requests.reverse();
+        } else {
+            batch = Batch::default();
+        }
+        let mut body = proposal.pre_prepare.body.clone();
+        body.batch_digest = batch.digest();
+        let other = Proposal { pre_prepare: self.signer.sign(body), batch };
+        self.split(
+            seq,
+            Message::Agreement(AgreementMessage::PrePrepare(proposal)),
+            Message::Agreement(AgreementMessage::PrePrepare(other)),
+            destinations,
+            auth,
+        );
+    }
+
+    /// `honest` to every other destination, `forked` to the rest; which half gets which
+    /// alternates with the sequence number, and a retransmission goes the same way.
+    fn split(&mut self, seq: u64, honest: Message, forked: Message, destinations: Vec<Destination>, auth: &Authenticator) {
+        let (mut to_honest, mut to_forked) = (Vec::new(), Vec::new());
+        for (i, d) in destinations.into_iter().enumerate() {
+            if (i as u64 + seq) % 2 == 1 {
+                to_forked.push(d);
+            } else {
+                to_honest.push(d);
+            }
+        }
+        if !to_forked.is_empty() {
+            self.count();
+        }
+        deliver(&honest, &to_honest, auth);
+        deliver(&forked, &to_forked, auth);
+    }
+
+    fn count(&mut self) {
+        self.tampered += 1;
+        if self.tampered <= 3 || self.tampered % 500 == 0 {
+            tracing::warn!(replica = self.me.0, mode = %self.mode, tampered = self.tampered, "misbehaving on purpose");
+        }
+    }
+}
+
+fn seal(message: &Message, destinations: &[Destination], auth: &Authenticator) -> Option<Vec<u8>> {
+    let receivers: Vec<Principal> = destinations.iter().map(|(p, _)| *p).collect();
+    match auth.seal(message, &receivers) {
+        Ok(frame) => Some(frame),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot seal a message");
+            None
+        }
+    }
+}
+
+fn send_frame(frame: Vec<u8>, destinations: &[Destination]) {
+    for (_, link) in destinations {
+        let _ = link.try_send(frame.clone());
+    }
+}
+
+fn deliver(message: &Message, destinations: &[Destination], auth: &Authenticator) {
+    if destinations.is_empty() {
+        return;
+    }
+    if let Some(frame) = seal(message, destinations, auth) {
+        send_frame(frame, destinations);
+    }
+}
+
+/// A different result of the same length: the last byte changed, so a careless client that
+/// trusted one reply would get a plausible wrong answer (a size, a byte of data).
+fn lie_about(result: &mut Vec<u8>) {
+    match result.last_mut() {
+        Some(b) => *b ^= 0x01,
+        None => result.push(1),
+    }
+}
+
+fn other_digest(d: &state_abstraction::Digest) -> state_abstraction::Digest {
+    let mut h = Hasher::new("bftfs.byzantine.other_batch");
+    h.digest(d);
+    h.finish()
+}
+
+fn wrong_checkpoint(mut body: Checkpoint) -> Checkpoint {
+    let mut h = Hasher::new("bftfs.byzantine.wrong_checkpoint");
+    h.digest(&body.service_root);
+    body.service_root = h.finish();
+    body
+}
+
+fn flip_signature(signature: &mut Signature) {
+    let mut bytes = signature.to_bytes();
+    bytes[7] ^= 0x80;
+    *signature = Signature::from_bytes(&bytes);
+}
+
+fn flip<T>(signed: &mut Signed<T>) {
+    flip_signature(&mut signed.signature);
+}
+
+/// Breaks the sender's own signature in `message`, if it carries one; false if it does not.
+fn break_a_signature(message: &mut Message) -> bool {
+    match message {
+        Message::Agreement(AgreementMessage::PrePrepare(p)) => flip(&mut p.pre_prepare),
+        Message::Agreement(AgreementMessage::Prepare(p)) => flip(p),
+        Message::Agreement(AgreementMessage::Commit(c)) => flip(c),
+        Message::Agreement(AgreementMessage::Checkpoint(c)) => flip(c),
+        Message::ViewChange(ViewChangeMessage::ViewChange(v)) => flip(v),
+        Message::ViewChange(ViewChangeMessage::NewView(v)) => flip(v),
+        _ => return false,
+    }
+    true
+}
+
+/// The thread behind `slow`: holds each frame until it is due. Every frame waits the same
+/// delay, so they leave in the order they were sent.
+fn spawn_delay_line() -> std_mpsc::SyncSender<Delayed> {
+    let (tx, rx) = std_mpsc::sync_channel::<Delayed>(DELAY_QUEUE);
+    let _ = std::thread::Builder::new().name("bftfs-slow".into()).spawn(move || {
+        while let Ok(item) = rx.recv() {
+            let now = Instant::now();
+            if item.due > now {
+                std::thread::sleep(item.due - now);
+            }
+            for link in &item.links {
+                let _ = link.try_send(item.frame.clone());
+            }
+        }
+    });
+    tx
+}
+
+/// `corrupt-state`: flips one byte in the middle of a non-empty regular file of the file
+/// service's mirror tree under `tree_root` (chosen with `rng`), as a failing disk would,
+/// without telling the service. Returns the file it damaged.
+pub fn corrupt_one_file(tree_root: &Path, rng: &mut Rng) -> std::io::Result<Option<PathBuf>> {
+    use std::os::unix::fs::FileExt;
+    let mut files = Vec::new();
+    let mut dirs = vec![tree_root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for e in entries.flatten() {
+            let Ok(kind) = e.file_type() else { continue };
+            if kind.is_dir() {
+                dirs.push(e.path());
+            } else if kind.is_file() && e.metadata().is_ok_and(|m| m.len() > 0) {
+                files.push(e.path());
+            }
+            if files.len() > 100_000 {
+                break;
+            }
+        }
+    }
+    // Sorted so that the same tree and seed pick the same file.
+    files.sort();
+    if files.is_empty() {
+        return Ok(None);
+    }
+    let path = files.swap_remove(rng.below(files.len() as u64) as usize);
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(&path)?;
+    let len = file.metadata()?.len();
+    let at = rng.below(len);
+    let mut byte = [0u8; 1];
+    file.read_exact_at(&mut byte, at)?;
+    byte[0] ^= 0xFF;
+    file.write_all_at(&byte, at)?;
+    file.sync_data()?;
+    Ok(Some(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ClusterConfig;
+    use crate::wire::{Prepare, SeqNo, View};
+
+    #[test]
+    fn modes_parse_and_print() {
+        for (text, mode) in [
+            ("mute", Mode::Mute),
+            ("slow", Mode::Slow { delay_ms: 500 }),
+            ("slow:1500", Mode::Slow { delay_ms: 1500 }),
+            ("lie", Mode::Lie),
+            ("equivocate", Mode::Equivocate),
+            ("bad-auth", Mode::BadAuth { percent: 100 }),
+            ("bad-auth:30", Mode::BadAuth { percent: 30 }),
+            ("wrong-checkpoint", Mode::WrongCheckpoint),
+            ("corrupt-state", Mode::CorruptState { every_ms: 3000, times: 3 }),
+            ("corrupt-state:5:1", Mode::CorruptState { every_ms: 5000, times: 1 }),
+        ] {
+            assert_eq!(text.parse::<Mode>(), Ok(mode), "{text}");
+            assert_eq!(mode.to_string().parse::<Mode>(), Ok(mode));
+        }
+        for bad in ["", "loud", "mute:1", "slow:0", "slow:x", "bad-auth:0", "bad-auth:101", "corrupt-state:0"] {
+            assert!(bad.parse::<Mode>().is_err(), "{bad} parsed");
+        }
+    }
+
+    fn cluster() -> (ClusterConfig, Vec<ReplicaSecrets>) {
+        let mut seed = 7u8;
+        let keys = crate::config::generate(
+            1,
+            (0..4).map(|i| format!("127.0.0.1:{}", 9000 + i)).collect(),
+            &[state_abstraction::ClientId(1)],
+            crate::config::ProtocolConfig::default(),
+            &mut |buf: &mut [u8]| {
+                for b in buf.iter_mut() {
+                    seed = seed.wrapping_mul(31).wrapping_add(17);
+                    *b = seed;
+                }
+            },
+        )
+        .expect("config");
+        (keys.config, keys.replicas)
+    }
+
+    /// What each receiver gets when replica 0 sends `message` in `mode`: the opened message,
+    /// or the kind of error.
+    fn outcome(mode: Mode, message: Message) -> Vec<Result<Message, &'static str>> {
+        let (config, secrets) = cluster();
+        let sender = Authenticator::for_replica(&config, &secrets[0]);
+        let mut byz = Byzantine::new(mode, &secrets[0]);
+        let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        let _guard = runtime.enter();
+        let mut receivers = Vec::new();
+        let mut destinations = Vec::new();
+        for s in &secrets[1..] {
+            let (tx, rx) = mpsc::channel(16);
+            destinations.push((Principal::Replica(s.id), tx));
+            receivers.push((Authenticator::for_replica(&config, s), rx));
+        }
+        byz.send(message, destinations, &sender);
+        receivers
+            .into_iter()
+            .flat_map(|(auth, mut rx)| {
+                let mut got = Vec::new();
+                while let Ok(frame) = rx.try_recv() {
+                    got.push(auth.open(&frame[4..]).map(|m| m.message().clone()).map_err(|e| e.kind()));
+                }
+                got
+            })
+            .collect()
+    }
+
+    fn prepare() -> Message {
+        let (_, secrets) = cluster();
+        let signer = Signer::from_secret(&secrets[0].signing_key.0);
+        Message::Agreement(AgreementMessage::Prepare(signer.sign(Prepare {
+            view: View(0),
+            seq: SeqNo(1),
+            batch_digest: state_abstraction::Digest([3; 32]),
+            replica: ReplicaId(0),
+        })))
+    }
+
+    #[test]
+    fn mute_sends_nothing_and_bad_auth_breaks_everything() {
+        assert!(outcome(Mode::Mute, prepare()).is_empty());
+        for _ in 0..4 {
+            let got = outcome(Mode::BadAuth { percent: 100 }, prepare());
+            assert_eq!(got.len(), 3);
+            assert!(got.iter().all(|r| matches!(r, Err("unauthenticated" | "bad_signature"))), "{got:?}");
+        }
+        let got = outcome(Mode::Lie, prepare());
+        assert!(got.iter().all(|r| r.as_ref().ok() == Some(&prepare())), "lie leaves agreement alone");
+    }
+
+    #[test]
+    fn wrong_checkpoint_is_validly_signed_but_wrong() {
+        let (_, secrets) = cluster();
+        let signer = Signer::from_secret(&secrets[0].signing_key.0);
+        let body = Checkpoint {
+            seq: SeqNo(64),
+            service_root: state_abstraction::Digest([1; 32]),
+            replies_digest: state_abstraction::Digest([2; 32]),
+            replica: ReplicaId(0),
+        };
+        let got = outcome(Mode::WrongCheckpoint, Message::Agreement(AgreementMessage::Checkpoint(signer.sign(body.clone()))));
+        assert_eq!(got.len(), 3);
+        for r in got {
+            match r {
+                Ok(Message::Agreement(AgreementMessage::Checkpoint(c))) => {
+                    assert_ne!(c.body.service_root, body.service_root);
+                    assert_eq!(c.body.seq, body.seq);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+}
