@@ -95,6 +95,10 @@ impl Mounted {
             args.push("--data-dir".as_ref());
             args.push(d.as_os_str());
         }
+        // BFTFS_TEST_FAST_PATH=0 runs every real-mount test on the commit path only.
+        if std::env::var("BFTFS_TEST_FAST_PATH").as_deref() == Ok("0") && f != "0" {
+            args.push("--no-fast-path".as_ref());
+        }
         args.extend(extra.iter().map(|s| std::ffi::OsStr::new(*s)));
         let started = Instant::now();
         let out = bftfs(&args, xdg);

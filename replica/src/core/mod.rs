@@ -268,6 +268,10 @@ pub struct Replica<S: Service> {
     view_changes: BTreeMap<ReplicaId, Signed<ViewChange>>,
     view_change_timeout_ticks: u64,
     view_change_deadline: Option<u64>,
+    /// The last tick at which this replica was catching up (transferring state, or knowing
+    /// of a stable checkpoint above what it executed). Requests waiting since before then
+    /// waited on our lag, not on the primary.
+    caught_up_tick: u64,
 
     ticks: u64,
     now_ns: u64,
@@ -522,6 +526,7 @@ impl<S: Service> Replica<S> {
             view_changes: BTreeMap::new(),
             view_change_timeout_ticks: vc_timeout,
             view_change_deadline: (!view_active).then_some(vc_timeout),
+            caught_up_tick: 0,
             ticks: 0,
             now_ns: 0,
             last_progress_tick: 0,
@@ -1789,8 +1794,15 @@ impl<S: Service> Replica<S> {
                 .map(|(_, s)| s.accepted_tick)
                 .min();
             let oldest = self.waiting.values().map(|(_, t)| *t).chain(oldest_proposal).min();
+            // A replica that is catching up does not suspect the primary: the group made
+            // progress without it (a stable certificate above what it executed proves it), and
+            // a view change started alone would leave it outside agreement until the others
+            // change view too. Its clock starts once it has caught up.
+            if self.transfer.is_some() || self.stable_ahead.is_some() {
+                self.caught_up_tick = self.ticks;
+            }
             if let Some(t) = oldest {
-                if self.ticks >= t + self.view_change_timeout_ticks {
+                if self.ticks >= t.max(self.caught_up_tick) + self.view_change_timeout_ticks {
                     self.on_view_change_timeout(actions);
                 }
             }
