@@ -716,3 +716,100 @@ pub fn suspects_json(suspects: &[Suspect]) -> String {
 pub fn clients_json(clients: &[ClientReport]) -> String {
     format!("[{}]", clients.iter().map(|c| c.to_json()).collect::<Vec<_>>().join(","))
 }
+
+#[cfg(test)]
+mod suspect_tests {
+    use super::*;
+    use replica::driver::peers::PeerReport;
+    use replica::driver::status::ClientView;
+
+    fn config() -> ClusterConfig {
+        let mut seed = 3u8;
+        replica::config::generate(
+            1,
+            (0..4).map(|i| format!("127.0.0.1:{}", 9100 + i)).collect(),
+            &[],
+            replica::config::ProtocolConfig::default(),
+            &mut |buf: &mut [u8]| {
+                for b in buf.iter_mut() {
+                    seed = seed.wrapping_mul(37).wrapping_add(11);
+                    *b = seed;
+                }
+            },
+        )
+        .expect("config")
+        .config
+    }
+
+    /// Four replicas that heard from each other 10 ms ago; `about(observer, peer)` adjusts.
+    fn reports(about: impl Fn(u32, &mut PeerReport)) -> Vec<ReplicaReport> {
+        (0..4u32)
+            .map(|me| {
+                let peers = (0..4u32)
+                    .filter(|p| *p != me)
+                    .map(|id| {
+                        let mut p = PeerReport { id, last_message_ms_ago: Some(10), lateness_ms: Some(2), ..Default::default() };
+                        about(me, &mut p);
+                        p
+                    })
+                    .collect();
+                let status = ReplicaStatus { id: me, peers, ..Default::default() };
+                ReplicaReport { id: me, address: String::new(), status: Some(status), lag: Some(0), health: "ok" }
+            })
+            .collect()
+    }
+
+    fn named(s: &[Suspect]) -> Vec<(u32, String)> {
+        s.iter().map(|s| (s.id, s.why.join("; "))).collect()
+    }
+
+    #[test]
+    fn names_replicas_from_what_the_others_report() {
+        let config = config();
+        assert!(suspects(&config, &reports(|_, _| {}), &[]).is_empty(), "a quiet healthy cluster has no suspects");
+
+        let s = suspects(&config, &reports(|_, p| if p.id == 2 { p.auth_failures = 10 }), &[]);
+        assert_eq!(named(&s), vec![(2, "30 bad authenticators seen by 3 peers".to_string())]);
+
+        let s = suspects(&config, &reports(|_, p| if p.id == 2 { p.last_message_ms_ago = None }), &[]);
+        assert_eq!(s.len(), 1);
+        assert!(s[0].id == 2 && s[0].why[0].contains("never heard from"), "{s:?}");
+
+        // Late according to one observer only: not enough witnesses (f+1 = 2).
+        let s = suspects(&config, &reports(|me, p| if p.id == 2 && me == 0 { p.lateness_ms = Some(500) }), &[]);
+        assert!(s.is_empty(), "{s:?}");
+        let s = suspects(&config, &reports(|me, p| if p.id == 2 && me != 3 { p.lateness_ms = Some(500) }), &[]);
+        assert!(s.len() == 1 && s[0].why[0].contains("500 ms after the others'"), "{s:?}");
+
+        // Votes in a view whose primary someone proved to equivocate are the primary's doing.
+        let s = suspects(
+            &config,
+            &reports(|me, p| {
+                if p.id == 0 && me == 2 {
+                    p.equivocations = 1;
+                    p.equivocation_views = vec![0];
+                }
+                if p.id == 1 {
+                    p.conflicting_votes = 5;
+                    p.conflicting_votes_by_view = vec![(0, 5)];
+                }
+                if p.id == 3 {
+                    p.conflicting_votes = 4;
+                    p.conflicting_votes_by_view = vec![(1, 4)];
+                }
+            }),
+            &[],
+        );
+        let ids: Vec<u32> = s.iter().map(|s| s.id).collect();
+        assert_eq!(ids, vec![0, 3], "{s:?}");
+
+        // Only clients see lies.
+        let client = ClientReport {
+            client: 1,
+            replicas: vec![ClientView { id: 1, disagreeing_replies: 7, compared_replies: 9, auth_failures: 0 }],
+            ..Default::default()
+        };
+        let s = suspects(&config, &reports(|_, _| {}), &[client]);
+        assert_eq!(named(&s), vec![(1, "7 of 9 replies to client 1 disagreed with the agreed result".to_string())]);
+    }
+}

@@ -264,14 +264,25 @@ fn run(test: &str, byzantine: Option<&str>, push: usize, suspect: Option<(u64, &
         eprintln!("SKIPPED {test}: needs f=1 (BFTFS_TEST_F={})", test_f());
         return None;
     }
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let (mnt, xdg) = (tmp.path().join("mnt"), tmp.path().join("xdg"));
-    fs::create_dir(&mnt).expect("mkdir mnt");
     let mut extra = vec!["-o", "attr_timeout=0,entry_timeout=0"];
     if let Some(b) = byzantine {
         extra.extend(["--byzantine", b]);
     }
-    let m = Mounted::at(&mnt, &xdg, None, &extra).unwrap_or_else(|e| panic!("{test}: bftfs up: {e}"));
+    // `up` picks free ports for its replicas before they bind them; with many clusters
+    // starting at once, another process can take one in between (an outgoing connection's
+    // ephemeral port). That is a failure to start, not what these tests are about: retry.
+    let mut attempt = 0;
+    let (m, tmp, mnt) = loop {
+        attempt += 1;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (mnt, xdg) = (tmp.path().join("mnt"), tmp.path().join("xdg"));
+        fs::create_dir(&mnt).expect("mkdir mnt");
+        match Mounted::at(&mnt, &xdg, None, &extra) {
+            Ok(m) => break (m, tmp, mnt),
+            Err(e) if attempt < 3 => eprintln!("{test}: bftfs up failed (attempt {attempt}), retrying: {e}"),
+            Err(e) => panic!("{test}: bftfs up: {e}"),
+        }
+    };
     let started = Instant::now();
     let mut model = workload(&mnt);
     push_checkpoints(&mnt, &mut model, push);

@@ -319,3 +319,68 @@ fn note_proposal(inner: &mut Inner, pre_prepare: &Signed<PrePrepare>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{Batch, Checkpoint, CommitCertificate, Prepare, Proposal, SeqNo, Signer, View};
+
+    fn signer(id: u8) -> Signer {
+        Signer::from_secret(&[id + 1; 32])
+    }
+
+    fn proposal(batch_digest: Digest) -> Proposal {
+        let body = PrePrepare { view: View(0), seq: SeqNo(1), batch_digest, nondet: Vec::new(), primary: ReplicaId(0) };
+        Proposal { pre_prepare: signer(0).sign(body), batch: Batch::default() }
+    }
+
+    fn report(w: &PeerWatch, id: u32) -> PeerReport {
+        w.reports().into_iter().find(|r| r.id == id).expect("peer")
+    }
+
+    #[test]
+    fn counts_each_kind_of_misbehaviour_against_the_right_peer() {
+        let w = PeerWatch::new(ReplicaId(1), 4);
+        let (a, b) = (Digest([1; 32]), Digest([2; 32]));
+        // The primary proposes A to us; replica 2 votes for B in the same slot.
+        w.on_accepted(Principal::Replica(ReplicaId(0)), &Message::Agreement(AgreementMessage::PrePrepare(proposal(a))));
+        let prepare = |digest| Prepare { view: View(0), seq: SeqNo(1), batch_digest: digest, replica: ReplicaId(2) };
+        w.on_accepted(Principal::Replica(ReplicaId(2)), &Message::Agreement(AgreementMessage::Prepare(signer(2).sign(prepare(b)))));
+        w.on_accepted(Principal::Replica(ReplicaId(3)), &Message::Agreement(AgreementMessage::Prepare(signer(3).sign(Prepare { replica: ReplicaId(3), ..prepare(a) }))));
+        assert_eq!(report(&w, 2).conflicting_votes, 1);
+        assert_eq!(report(&w, 3).conflicting_votes, 0);
+        assert_eq!(report(&w, 0).equivocations, 0);
+        // A commit certificate shows the primary signed B for the same slot: proof.
+        let cert = CommitCertificate { proposal: proposal(b), commits: Vec::new() };
+        w.on_accepted(Principal::Replica(ReplicaId(3)), &Message::Agreement(AgreementMessage::Committed(Box::new(cert))));
+        assert_eq!(report(&w, 0).equivocations, 1);
+        assert_eq!(report(&w, 0).equivocation_views, vec![0]);
+        assert_eq!(report(&w, 3).equivocations, 0);
+        // Checkpoints: replica 3 disagrees with the stable certificate, before and after it.
+        let checkpoint = |replica: u32, root: Digest, seq: u64| {
+            Message::Agreement(AgreementMessage::Checkpoint(signer(replica as u8).sign(Checkpoint {
+                seq: SeqNo(seq),
+                service_root: root,
+                replies_digest: Digest([9; 32]),
+                replica: ReplicaId(replica),
+            })))
+        };
+        w.on_accepted(Principal::Replica(ReplicaId(0)), &checkpoint(0, a, 64));
+        w.on_accepted(Principal::Replica(ReplicaId(3)), &checkpoint(3, b, 64));
+        w.on_stable(64, a, Digest([9; 32]));
+        w.on_accepted(Principal::Replica(ReplicaId(2)), &checkpoint(2, a, 64));
+        w.on_accepted(Principal::Replica(ReplicaId(3)), &checkpoint(3, b, 128));
+        w.on_stable(128, a, Digest([9; 32]));
+        assert_eq!(report(&w, 3).checkpoint_mismatches, 2);
+        assert_eq!(report(&w, 0).checkpoint_mismatches + report(&w, 2).checkpoint_mismatches, 0);
+        // Frames that fail authentication and invalid messages.
+        w.on_rejected(Some(Principal::Replica(ReplicaId(2))));
+        w.on_rejected(None);
+        w.on_misbehaviour(Principal::Replica(ReplicaId(3)));
+        assert_eq!(report(&w, 2).auth_failures, 1);
+        assert_eq!(report(&w, 3).invalid, 1);
+        assert!(report(&w, 0).last_message_ms_ago.is_some());
+        assert_eq!(w.highest_seq(), 128);
+        assert!(w.reports().iter().all(|r| r.id != 1), "no report about ourselves");
+    }
+}
