@@ -316,3 +316,85 @@ fn total_power_loss_keeps_every_returned_write() {
     }
     m.down();
 }
+
+/// Runs `cmd` with `sh -c` as uid/gid 1000; returns (success, output).
+fn sh_as_user(cmd: &str) -> (bool, String) {
+    use std::os::unix::process::CommandExt;
+    let out = Command::new("sh").arg("-c").arg(cmd).uid(1000).gid(1000).output().expect("run sh as uid 1000");
+    (out.status.success(), text(&out))
+}
+
+#[test]
+fn hostile_names_and_forbidden_calls_through_the_mount() {
+    let name = "hostile_names_and_forbidden_calls_through_the_mount";
+    if !fuse_available(name) {
+        return;
+    }
+    if test_f() == "0" {
+        eprintln!("SKIPPED {name}: BFTFS_TEST_F=0 has no replicas");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // uid 1000 must be able to reach the mount point.
+    std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    let (mnt, xdg) = (tmp.path().join("mnt"), tmp.path().join("xdg"));
+    std::fs::create_dir(&mnt).expect("mkdir");
+    let m = Mounted::at(&mnt, &xdg, None, &["-o", "attr_timeout=0,entry_timeout=0"]).expect("up");
+    let data = data_dir_of(&m);
+    let top_before: Vec<_> = std::fs::read_dir(&data).expect("data dir").map(|e| e.expect("e").file_name()).collect();
+
+    // Names the kernel passes on: odd but legal, stored as plain names inside the tree.
+    let odd = ["...", "..a", "a\\..\\b", "-rf", " ", "\u{202e}evil", &"n".repeat(255)];
+    for n in odd {
+        std::fs::write(mnt.join(n), n.as_bytes()).unwrap_or_else(|e| panic!("{n:?}: {e}"));
+    }
+    let e = std::fs::write(mnt.join("n".repeat(256)), b"x").expect_err("a 256-byte name");
+    assert_eq!(e.raw_os_error(), Some(libc::ENAMETOOLONG));
+    // A symlink climbing out is stored, not followed by the replicas.
+    std::os::unix::fs::symlink("../../../../../../../../etc/passwd", mnt.join("up")).expect("symlink");
+    assert_eq!(std::fs::read_link(mnt.join("up")).expect("readlink").to_string_lossy(), "../../../../../../../../etc/passwd");
+
+    // uid 1000 against a root-owned 0644 file and 0755 directory.
+    std::fs::write(mnt.join("root-file"), b"root's data").expect("write");
+    std::fs::create_dir(mnt.join("root-dir")).expect("mkdir");
+    let f = mnt.join("root-file").display().to_string();
+    let d = mnt.join("root-dir").display().to_string();
+    let denied = [
+        (format!("echo user >> '{f}'"), "Permission denied"),
+        (format!("chmod 777 '{f}'"), "Operation not permitted"),
+        (format!("chown 1000 '{f}'"), "Operation not permitted"),
+        (format!("truncate -s 0 '{f}'"), "Permission denied"),
+        (format!("touch '{d}/intruder'"), "Permission denied"),
+        (format!("rm -f '{f}'"), "Permission denied"),
+        (format!("mv '{f}' '{d}/moved'"), "Permission denied"),
+    ];
+    for (cmd, want) in &denied {
+        let (ok, out) = sh_as_user(cmd);
+        assert!(!ok && out.contains(want), "as uid 1000, `{cmd}`: want {want:?}, got ok={ok} {out:?}");
+    }
+    let (ok, out) = sh_as_user(&format!("cat '{f}'"));
+    assert!(ok && out.contains("root's data"), "others may read a 0644 file: {out}");
+    // Let the idle replicas hear of the last batches, then compare what every replica stored.
+    std::fs::write(mnt.join("last"), b"x").expect("write");
+    let mut reps = Vec::new();
+    let same = wait_until(Duration::from_secs(60), || {
+        reps = replicas(&m);
+        reps.len() == 4 && reps.iter().all(|r| r.executed.is_some() && r.executed == reps[0].executed)
+    });
+    assert!(same, "replicas disagree: {reps:?}");
+    for i in 0..4 {
+        let root = data.join(format!("replica-{i}/fs/tree/root"));
+        assert_eq!(std::fs::read(root.join("root-file")).expect("replica copy"), b"root's data", "replica {i}");
+        assert!(!root.join("root-dir/intruder").exists() && !root.join("root-dir/moved").exists(), "replica {i}");
+        for n in odd {
+            assert_eq!(std::fs::read(root.join(n)).unwrap_or_else(|e| panic!("replica {i}, {n:?}: {e}")), n.as_bytes());
+        }
+        assert!(std::fs::symlink_metadata(root.join("up")).expect("link").file_type().is_symlink());
+    }
+    let mut top_after: Vec<_> = std::fs::read_dir(&data).expect("data dir").map(|e| e.expect("e").file_name()).collect();
+    let mut top_before = top_before;
+    top_before.sort();
+    top_after.sort();
+    assert_eq!(top_after, top_before, "nothing new next to the replicas' directories");
+    m.down();
+}

@@ -663,19 +663,18 @@ fn hostile_names_never_reach_outside_the_data_directory() {
     let _ = run(&mut svc, FsOp::Create { dir, name: b"escape".to_vec(), mode: 0o644, how: CreateHow::Unchecked });
     let _ = run(&mut svc, FsOp::Write { h: link, offset: 0, data: b"overwritten".to_vec() });
     let _ = run(&mut svc, FsOp::SetAttr { h: link, set: SetAttrs { size: Some(0), ..SetAttrs::default() } });
-    let dotdot = match run(&mut svc, FsOp::Symlink { dir, name: b"up".to_vec(), target: b"../../../../outside".to_vec() }) {
-        Ok(FsReply::Entry { .. }) => (),
+    // A symlink whose target climbs out, then used as if it were a directory.
+    match run(&mut svc, FsOp::Symlink { dir, name: b"up".to_vec(), target: b"../../../../outside".to_vec() }) {
+        Ok(FsReply::Entry { .. }) => {}
         other => panic!("{other:?}"),
-    };
-    let _ = dotdot;
+    }
     let _ = run(&mut svc, FsOp::Create { dir, name: b"up".to_vec(), mode: 0o644, how: CreateHow::Unchecked });
-    let _ = run(&mut svc, FsOp::Lookup { dir, name: b"up".to_vec() }).map(|r| match r {
-        FsReply::Entry { handle, .. } => {
-            let _ = run(&mut svc, FsOp::Create { dir: handle, name: b"victim".to_vec(), mode: 0o644, how: CreateHow::Unchecked });
-            let _ = run(&mut svc, FsOp::Remove { dir: handle, name: b"victim".to_vec() });
-        }
-        _ => {}
-    });
+    if let Ok(FsReply::Entry { handle, .. }) = run(&mut svc, FsOp::Lookup { dir, name: b"up".to_vec() }) {
+        let r = run(&mut svc, FsOp::Create { dir: handle, name: b"victim".to_vec(), mode: 0o644, how: CreateHow::Unchecked });
+        assert!(r.is_err(), "a symlink served as a directory: {r:?}");
+        let r = run(&mut svc, FsOp::Remove { dir: handle, name: b"victim".to_vec() });
+        assert!(r.is_err(), "a symlink served as a directory: {r:?}");
+    }
     svc.flush().expect("flush");
     drop(svc);
     assert_eq!(snapshot(&outside), before, "something outside the data directory changed");
