@@ -330,7 +330,7 @@ mod tests {
     }
 
     fn proposal(batch_digest: Digest) -> Proposal {
-        let body = PrePrepare { view: View(0), seq: SeqNo(1), batch_digest, nondet: Vec::new(), primary: ReplicaId(0) };
+        let body = PrePrepare { view: View(0), seq: SeqNo(1), batch_digest, nondet: Vec::new(), primary: ReplicaId(0), history: Digest::default() };
         Proposal { pre_prepare: signer(0).sign(body), batch: Batch::default() }
     }
 
