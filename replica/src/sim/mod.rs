@@ -300,6 +300,8 @@ pub struct Report {
     pub rollbacks: u64,
     pub poms_sent: u64,
     pub poms_received: u64,
+    /// Read-only requests the clients had to send again on the ordered path.
+    pub read_only_fallbacks: u64,
 }
 
 /// A checker fired (or the run did not finish).
@@ -827,6 +829,7 @@ impl Sim {
         for c in &self.clients {
             report.rejected_frames += c.auth.counters.rejected();
             report.fast_completions += c.client.fast_completions;
+            report.read_only_fallbacks += c.client.read_only_fallbacks;
             report.poms_sent += c.client.poms_sent;
         }
         report.completed = self.checker.completed();
