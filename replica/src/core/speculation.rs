@@ -51,7 +51,7 @@ pub fn plan(view_changes: &[Signed<ViewChange>], f: usize) -> NewViewPlan {
         if reports.len() <= f {
             continue;
         }
-        reports.sort_by(|a, b| b.0.cmp(&a.0));
+        reports.sort_by_key(|r| std::cmp::Reverse(r.0));
         let rank = reports[f].0;
         let proposal = reports[0].1;
         let better = match fast.get(&seq) {
