@@ -991,7 +991,7 @@ impl<S: Service> Replica<S> {
             }
             let seq = self.next_seq;
             let nondet = self.exec.propose_nondet(self.now_ns);
-            let batch_digest = batch.digest();
+            let batch_digest = batch.ordered_digest(&nondet);
             // Without our own chain below `seq` (a restart, or a committed slot skipped) the
             // history is a placeholder no backup accepts speculatively: those batches take
             // the commit path, which never looks at histories.
