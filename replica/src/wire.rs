@@ -309,6 +309,19 @@ impl Batch {
         }
         h.finish()
     }
+    /// What a pre-prepare's `batch_digest` signs: the batch and the agreed value it runs with.
+    /// Prepares and commits vote on this digest, so a primary cannot get one batch committed
+    /// with different agreed values (different times) at different replicas. A null batch
+    /// (no agreed value) keeps the plain batch digest.
+    pub fn ordered_digest(&self, nondet: &[u8]) -> Digest {
+        if nondet.is_empty() {
+            return self.digest();
+        }
+        let mut h = Hasher::new("bftfs.ordered_batch");
+        h.digest(&self.digest());
+        h.bytes(nondet);
+        h.finish()
+    }
     /// Bytes of operations carried (what batch limits count).
     pub fn operation_bytes(&self) -> usize {
         self.requests.iter().map(|r| r.body.operation.len()).sum()
@@ -849,7 +862,7 @@ impl Authenticator {
 
     fn verify_proposal(&self, proposal: &Proposal) -> Result<(), WireError> {
         self.verify(&proposal.pre_prepare, "pre_prepare")?;
-        if proposal.batch.digest() != proposal.pre_prepare.body.batch_digest {
+        if proposal.batch.ordered_digest(&proposal.pre_prepare.body.nondet) != proposal.pre_prepare.body.batch_digest {
             return Err(WireError::BadBatchDigest);
         }
         for r in &proposal.batch.requests {

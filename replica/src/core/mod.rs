@@ -872,6 +872,7 @@ impl<S: Service> Replica<S> {
                     self.deferred_reads.pop_front();
                     self.metrics.requests_dropped += 1;
                 }
+                tracing::debug!(replica = self.id.0, last = self.last_executed.0, spec = self.spec_executed.0, barrier = self.read_only_barrier.0, "read held");
                 self.deferred_reads.push_back(request);
                 return;
             }
@@ -995,7 +996,7 @@ impl<S: Service> Replica<S> {
             }
             let seq = self.next_seq;
             let nondet = self.exec.propose_nondet(self.now_ns);
-            let batch_digest = batch.digest();
+            let batch_digest = batch.ordered_digest(&nondet);
             // Without our own chain below `seq` (a restart, or a committed slot skipped) the
             // history is a placeholder no backup accepts speculatively: those batches take
             // the commit path, which never looks at histories.
@@ -1416,6 +1417,7 @@ impl<S: Service> Replica<S> {
         if self.deferred_reads.is_empty() || self.reads_behind() || self.transfer.is_some() || self.stable_ahead.is_some() {
             return;
         }
+        tracing::debug!(replica = self.id.0, reads = self.deferred_reads.len(), last = self.last_executed.0, "held reads answered");
         while let Some(request) = self.deferred_reads.pop_front() {
             self.metrics.read_only_requests += 1;
             let result = self.exec.execute_read_only(&request);
@@ -1429,6 +1431,7 @@ impl<S: Service> Replica<S> {
             panic!("replica {}: {e}", self.id.0);
         }
         self.last_executed = seq;
+        tracing::debug!(replica = self.id.0, seq = seq.0, spec = self.spec_executed.0, "committed");
         self.last_progress_tick = self.ticks;
         self.view_change_timeout_ticks = self.config.protocol.view_change_timeout_ticks;
         for request in &proposal.batch.requests {
@@ -1524,6 +1527,7 @@ impl<S: Service> Replica<S> {
                 });
             }
             self.metrics.speculated_batches += 1;
+            tracing::debug!(replica = self.id.0, seq = seq.0, "speculated");
             actions.push(Action::Notify(Notification::Speculated { seq, batch_digest: b.batch_digest }));
             if let Some(slot) = self.log.get_mut(&seq) {
                 slot.executed = Some(Speculation { order: proposal.pre_prepare.clone(), results });

@@ -161,7 +161,7 @@ fn equivocating_pre_prepare_is_refused() {
     // A second, validly signed proposal for the same view and sequence number.
     let other = h.request(2, put("a", "2"));
     let batch = Batch { requests: vec![other] };
-    let body = PrePrepare { view: View(0), seq: SeqNo(1), batch_digest: batch.digest(), nondet: 1_000u64.to_le_bytes().to_vec(), primary: ReplicaId(0), history: Digest::default() };
+    let body = PrePrepare { view: View(0), seq: SeqNo(1), batch_digest: batch.ordered_digest(&1_000u64.to_le_bytes()), nondet: 1_000u64.to_le_bytes().to_vec(), primary: ReplicaId(0), history: Digest::default() };
     let proposal = Proposal { pre_prepare: h.replica_signer(0).sign(body), batch };
     let actions = h.deliver(Principal::Replica(ReplicaId(0)), 2, &Message::Agreement(AgreementMessage::PrePrepare(proposal)));
     assert_eq!(actions.len(), 1, "{actions:?}");
@@ -174,7 +174,7 @@ fn pre_prepare_with_a_time_far_ahead_is_refused() {
     let mut h = Harness::new();
     let batch = Batch { requests: vec![h.request(1, put("a", "1"))] };
     let far = (1_000 + state_abstraction::kv::MAX_CLOCK_SKEW_NS * 2).to_le_bytes().to_vec();
-    let body = PrePrepare { view: View(0), seq: SeqNo(1), batch_digest: batch.digest(), nondet: far, primary: ReplicaId(0), history: Digest::default() };
+    let body = PrePrepare { view: View(0), seq: SeqNo(1), batch_digest: batch.ordered_digest(&far), nondet: far.clone(), primary: ReplicaId(0), history: Digest::default() };
     let proposal = Proposal { pre_prepare: h.replica_signer(0).sign(body), batch };
     let actions = h.deliver(Principal::Replica(ReplicaId(0)), 1, &Message::Agreement(AgreementMessage::PrePrepare(proposal)));
     assert_eq!(actions.len(), 1, "{actions:?}");
@@ -221,7 +221,7 @@ fn restart_restores_votes_and_view() {
     // The same proposal again is a duplicate; a different one at (0, 1) is refused (rule 1).
     let mut actions = Vec::new();
     let batch = Batch { requests: vec![h.request(2, put("b", "2"))] };
-    let body = PrePrepare { view: View(0), seq: SeqNo(1), batch_digest: batch.digest(), nondet: 1_000u64.to_le_bytes().to_vec(), primary: ReplicaId(0), history: Digest::default() };
+    let body = PrePrepare { view: View(0), seq: SeqNo(1), batch_digest: batch.ordered_digest(&1_000u64.to_le_bytes()), nondet: 1_000u64.to_le_bytes().to_vec(), primary: ReplicaId(0), history: Digest::default() };
     let proposal = Proposal { pre_prepare: h.replica_signer(0).sign(body), batch };
     let frame = h.auth[&Principal::Replica(ReplicaId(0))]
         .seal(&Message::Agreement(AgreementMessage::PrePrepare(proposal)), &[Principal::Replica(ReplicaId(1))])
@@ -342,7 +342,7 @@ fn pre_prepare_whose_history_does_not_chain_is_not_run_speculatively() {
     let body = PrePrepare {
         view: View(0),
         seq: SeqNo(1),
-        batch_digest: batch.digest(),
+        batch_digest: batch.ordered_digest(&1_000u64.to_le_bytes()),
         nondet: 1_000u64.to_le_bytes().to_vec(),
         primary: ReplicaId(0),
         history: Digest([9; 32]),
@@ -374,8 +374,8 @@ fn speculation_is_rolled_back_when_another_batch_commits_at_its_sequence_number(
     let body = PrePrepare {
         view: View(0),
         seq: SeqNo(1),
-        batch_digest: batch.digest(),
-        history: chain_history(&anchor, SeqNo(1), &batch.digest(), &nondet),
+        batch_digest: batch.ordered_digest(&nondet),
+        history: chain_history(&anchor, SeqNo(1), &batch.ordered_digest(&nondet), &nondet),
         nondet,
         primary: ReplicaId(0),
     };

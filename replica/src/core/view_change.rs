@@ -100,7 +100,7 @@ pub fn valid_checkpoint_certificate(config: &ClusterConfig, genesis: &Genesis, c
 /// and carrying the batch its pre-prepare names.
 pub fn valid_proposal(config: &ClusterConfig, proposal: &Proposal) -> bool {
     let pp = &proposal.pre_prepare.body;
-    pp.primary == pp.view.primary(config.n()) && proposal.batch.digest() == pp.batch_digest
+    pp.primary == pp.view.primary(config.n()) && proposal.batch.ordered_digest(&pp.nondet) == pp.batch_digest
 }
 
 pub fn valid_prepared_certificate(config: &ClusterConfig, cert: &PreparedCertificate) -> bool {

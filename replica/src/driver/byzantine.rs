@@ -267,7 +267,10 @@ impl Byzantine {
             batch = Batch::default();
         }
         let mut body = proposal.pre_prepare.body.clone();
-        body.batch_digest = batch.digest();
+        // Validly signed and well formed (the digest binds the agreed value), so only the
+        // comparison with what the others got exposes it. The history is left as it was: the
+        // previous link is not known here, and a backup that finds it unchained still votes.
+        body.batch_digest = batch.ordered_digest(&body.nondet);
         let other = Proposal { pre_prepare: self.signer.sign(body), batch };
         self.split(
             seq,

@@ -300,6 +300,8 @@ pub struct Report {
     pub rollbacks: u64,
     pub poms_sent: u64,
     pub poms_received: u64,
+    /// Read-only requests the clients had to send again on the ordered path.
+    pub read_only_fallbacks: u64,
 }
 
 /// A checker fired (or the run did not finish).
@@ -827,6 +829,7 @@ impl Sim {
         for c in &self.clients {
             report.rejected_frames += c.auth.counters.rejected();
             report.fast_completions += c.client.fast_completions;
+            report.read_only_fallbacks += c.client.read_only_fallbacks;
             report.poms_sent += c.client.poms_sent;
         }
         report.completed = self.checker.completed();
@@ -1001,15 +1004,20 @@ impl Sim {
     /// (variant `k` differs from variants of other `k`).
     fn alternative_proposal(&mut self, signer: &Signer, p: &Proposal, k: u64, previous: &crate::wire::Digest) -> Proposal {
         let mut batch: Batch = p.batch.clone();
-        if k % 2 == 1 {
+        let mut nondet = p.pre_prepare.body.nondet.clone();
+        if k % 2 == 0 && nondet.len() == 8 && self.rng.chance(500) {
+            // The same batch at another agreed time: it must not commit at both.
+            nondet[0] = nondet[0].wrapping_add(1);
+        } else if k % 2 == 1 {
             batch.requests.pop();
         } else if let Some(first) = batch.requests.first().cloned() {
             // The same request twice: executing it must still happen once.
             batch.requests.push(first);
         }
         let b = &p.pre_prepare.body;
-        let history = crate::wire::chain_history(previous, b.seq, &batch.digest(), &b.nondet);
-        let body = PrePrepare { batch_digest: batch.digest(), history, ..b.clone() };
+        let digest = batch.ordered_digest(&nondet);
+        let history = crate::wire::chain_history(previous, b.seq, &digest, &nondet);
+        let body = PrePrepare { batch_digest: digest, history, nondet, ..b.clone() };
         Proposal { pre_prepare: signer.sign(body), batch }
     }
 

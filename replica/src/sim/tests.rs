@@ -338,3 +338,14 @@ fn committed_batch_survives_when_its_only_preparer_in_the_quorum_accepted_a_re_i
         panic!("{f}");
     }
 }
+
+#[test]
+fn reads_after_fast_writes_are_answered_on_the_read_only_path() {
+    // Replicas hold reads while their state is speculative and answer them once it commits,
+    // so in a calm run no read has to wait out a client timeout and go through ordering.
+    let mut s = Scenario::calm(21);
+    s.read_only_per_mille = 1000;
+    let (_, report) = run_scenario(s);
+    assert!(report.read_only_completed > 0 && report.fast_completions > 0, "{report:?}");
+    assert_eq!(report.read_only_fallbacks, 0, "{report:?}");
+}

@@ -76,9 +76,9 @@ impl Cluster {
         let primary = view.primary(self.keys.config.n());
         let nondet = timestamp.to_be_bytes().to_vec();
         // Slot 1 chains from the genesis checkpoint's anchor in every view.
-        let history = crate::wire::chain_history(&Digest::default(), SeqNo(1), &batch.digest(), &nondet);
-        let pre_prepare =
-            self.signer(primary).sign(PrePrepare { view, seq: SeqNo(1), batch_digest: batch.digest(), nondet, primary, history });
+        let batch_digest = batch.ordered_digest(&nondet);
+        let history = crate::wire::chain_history(&Digest::default(), SeqNo(1), &batch_digest, &nondet);
+        let pre_prepare = self.signer(primary).sign(PrePrepare { view, seq: SeqNo(1), batch_digest, nondet, primary, history });
         Proposal { pre_prepare, batch }
     }
 
