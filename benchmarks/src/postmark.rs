@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const ALL_TARGETS: &str = "bftfs,bftfs-n1,tmpfs,localdir,bindfs,glusterfs";
+const ALL_TARGETS: &str = "bftfs,bftfs-commit,bftfs-n1,tmpfs,localdir,bindfs,glusterfs";
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
@@ -29,7 +29,8 @@ pub struct Args {
     /// file of PostMark `set` commands (its `set location`, `run` and `quit` are ignored).
     #[arg(long, default_value = "std")]
     pub config: String,
-    /// Comma-separated targets: bftfs, bftfs-n1, tmpfs, localdir, bindfs, glusterfs.
+    /// Comma-separated targets: bftfs, bftfs-commit (f=1 without the fast path), bftfs-n1,
+    /// tmpfs, localdir, bindfs, glusterfs.
     #[arg(long, default_value = ALL_TARGETS)]
     pub targets: String,
     /// Rounds; each runs PostMark once on every target.
@@ -207,7 +208,7 @@ fn scratch(work_dir: &Path, tag: &str) -> Result<PathBuf> {
 fn set_up(name: &str, args: &Args) -> Result<Setup> {
     let is_root = unsafe { libc::geteuid() } == 0;
     match name {
-        "bftfs" | "bftfs-n1" => {
+        "bftfs" | "bftfs-commit" | "bftfs-n1" => {
             let bftfs = match find_bftfs() {
                 Ok(b) => b,
                 Err(e) => return Ok(Setup::Skipped(format!("{e:#}"))),
@@ -223,21 +224,19 @@ fn set_up(name: &str, args: &Args) -> Result<Setup> {
                 description: String::new(),
             };
             std::fs::create_dir(&target.dir)?;
-            let f = if name == "bftfs" { "1" } else { "0" };
-            run_checked(
-                Command::new(&bftfs)
-                    .arg("up")
-                    .arg(&target.dir)
-                    .args(["--f", f, "--detach", "--data-dir"])
-                    .arg(base.join("data")),
-                &format!("bftfs up --f {f}"),
-            )?;
+            let f = if name == "bftfs-n1" { "0" } else { "1" };
+            let mut up = Command::new(&bftfs);
+            up.arg("up").arg(&target.dir).args(["--f", f, "--detach", "--data-dir"]).arg(base.join("data"));
+            if name == "bftfs-commit" {
+                up.arg("--no-fast-path");
+            }
+            run_checked(&mut up, &format!("bftfs up --f {f}"))?;
             target.teardown.push(Teardown::BftfsDown { bftfs: bftfs.clone(), mountpoint: target.dir.clone() });
             wait_mounted(&target.dir)?;
-            target.description = if f == "1" {
-                "bftfs, f=1: 4 bftfs-replica processes on 127.0.0.1 (data on the root fs)".into()
-            } else {
-                "bftfs --f 0: one in-process file service, no replication".into()
+            target.description = match name {
+                "bftfs" => "bftfs, f=1: 4 bftfs-replica processes on 127.0.0.1 (data on the root fs), fast path".into(),
+                "bftfs-commit" => "bftfs --no-fast-path, f=1: the same, commit path only".into(),
+                _ => "bftfs --f 0: one in-process file service, no replication".into(),
             };
             Ok(Setup::Ready(target))
         }
