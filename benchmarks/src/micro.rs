@@ -77,10 +77,11 @@ pub struct Args {
     /// Override `ProtocolConfig::pipeline_batches_max` (default: the protocol default).
     #[arg(long)]
     pipeline: Option<u64>,
-    /// Order on the commit path only (`ProtocolConfig::fast_path` off), to compare with the
-    /// default speculative fast path.
-    #[arg(long)]
-    no_fast_path: bool,
+    /// Ordering paths to measure n=4 with (comma-separated): `fast` (Zyzzyva's speculative
+    /// fast path, the default of `bftfs up`) and `commit` (`ProtocolConfig::fast_path` off:
+    /// PBFT's three phases before any reply).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [OrderPath::Fast, OrderPath::Commit])]
+    path: Vec<OrderPath>,
     /// Bytes of payload in each request (the length of the missing key that is read).
     #[arg(long, default_value_t = 0)]
     payload: usize,
@@ -100,6 +101,12 @@ pub struct Args {
     /// Workloads to measure (comma-separated or repeated).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Workload::Null, Workload::Read4k, Workload::Write4k])]
     workload: Vec<Workload>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum OrderPath {
+    Fast,
+    Commit,
 }
 
 /// What each call does (see the module doc).
@@ -239,6 +246,8 @@ enum Kind {
 struct Setup {
     workload: Workload,
     kind: Kind,
+    /// n=4 only: with the fast path (else the commit path).
+    fast_path: bool,
     read_only: bool,
     /// Index into `--dir` of the replicas' log directory.
     dir: usize,
@@ -253,7 +262,8 @@ impl Setup {
     }
     fn label(&self, args: &Args) -> String {
         let base = match self.kind {
-            Kind::Replicated => "n=4 (f=1)",
+            Kind::Replicated if self.fast_path => "n=4 (f=1) fast path",
+            Kind::Replicated => "n=4 (f=1) commit path",
             Kind::F0Driver => "n=1 (f=0) driver",
             Kind::Unreplicated => "n=1 unreplicated",
         };
@@ -315,9 +325,14 @@ pub fn run(args: Args) -> Result<()> {
             // The read-only path writes no log: one directory is enough.
             let dirs = if read_only { 1 } else { args.dir.len() };
             for dir in 0..dirs {
-                setups.push(Setup { workload, kind: Kind::Replicated, read_only, dir });
+                let mut paths = args.path.clone();
+                paths.sort();
+                paths.dedup();
+                for path in paths {
+                    setups.push(Setup { workload, kind: Kind::Replicated, fast_path: path == OrderPath::Fast, read_only, dir });
+                }
             }
-            setups.push(Setup { workload, kind: baseline, read_only, dir: 0 });
+            setups.push(Setup { workload, kind: baseline, fast_path: false, read_only, dir: 0 });
         }
     }
     eprintln!(
@@ -375,10 +390,10 @@ fn report(args: &Args, setups: &[Setup], results: &BTreeMap<Setup, Vec<Round>>) 
         args.clients, args.callers, args.payload, args.rounds, args.seconds
     );
     println!();
-    let p = protocol(args);
+    let p = protocol(args, true);
     println!(
-        "Protocol: batch_requests_max {}, pipeline_batches_max {}, client_window {}, fast path {}.",
-        p.batch_requests_max, p.pipeline_batches_max, p.client_window, if p.fast_path { "on" } else { "off" }
+        "Protocol: batch_requests_max {}, pipeline_batches_max {}, client_window {}.",
+        p.batch_requests_max, p.pipeline_batches_max, p.client_window
     );
     println!();
     println!("| configuration | ops/s (median) | ops/s (min–max) | p50 µs | p99 µs | requests per batch | WAL fsyncs per batch (primary) | WAL fsyncs per batch (all replicas) | frames in per request (primary) | failed calls | dropped (overload) |");
@@ -429,6 +444,22 @@ fn report(args: &Args, setups: &[Setup], results: &BTreeMap<Setup, Vec<Round>>) 
             median(per_round.clone()),
             lo,
             hi
+        );
+    }
+    // The fast path's aim (issue 7): median latency at most 0.75x the commit path's.
+    for &fast in setups.iter().filter(|s| s.kind == Kind::Replicated && s.fast_path) {
+        let commit = setups.iter().copied().find(|s| {
+            s.kind == Kind::Replicated && !s.fast_path && s.workload == fast.workload && s.read_only == fast.read_only && s.dir == fast.dir
+        });
+        let Some(commit) = commit else { continue };
+        let (a, b) = (med(&fast, &|r| r.p50_us), med(&commit, &|r| r.p50_us));
+        let (x, y) = (med(&fast, &|r| r.ops_per_second), med(&commit, &|r| r.ops_per_second));
+        println!(
+            "[{}] vs [{}]: p50 latency {:.2}x, throughput {:.2}x",
+            fast.label(args),
+            commit.label(args),
+            if b > 0.0 { a / b } else { 0.0 },
+            if y > 0.0 { x / y } else { 0.0 }
         );
     }
     println!();
@@ -569,7 +600,7 @@ impl Cluster {
 
 fn measure(setup: Setup, args: &Args) -> Result<Round> {
     let started = Instant::now();
-    let cluster = Cluster::start(setup, args.clients, &args.dir[setup.dir], &protocol(args))?;
+    let cluster = Cluster::start(setup, args.clients, &args.dir[setup.dir], &protocol(args, setup.fast_path))?;
     let handles: Vec<Arc<ClientHandle>> = cluster
         .clients
         .iter()
@@ -685,7 +716,7 @@ fn measure(setup: Setup, args: &Args) -> Result<Round> {
     })
 }
 
-fn protocol(args: &Args) -> ProtocolConfig {
+fn protocol(args: &Args, fast_path: bool) -> ProtocolConfig {
     let mut p = ProtocolConfig::default();
     if let Some(b) = args.batch_max {
         p.batch_requests_max = b;
@@ -693,7 +724,7 @@ fn protocol(args: &Args) -> ProtocolConfig {
     if let Some(d) = args.pipeline {
         p.pipeline_batches_max = d;
     }
-    p.fast_path = !args.no_fast_path;
+    p.fast_path = fast_path;
     p
 }
 
