@@ -82,6 +82,11 @@ pub struct Args {
     /// PBFT's three phases before any reply).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [OrderPath::Fast, OrderPath::Commit])]
     path: Vec<OrderPath>,
+    /// Also measure n=4 on the fast path with one backup (replica 3) never started: the fast
+    /// path needs all 3f+1, so every request falls back to the commit path after the client's
+    /// wait for the missing reply.
+    #[arg(long)]
+    crashed: bool,
     /// Bytes of payload in each request (the length of the missing key that is read).
     #[arg(long, default_value_t = 0)]
     payload: usize,
@@ -248,6 +253,8 @@ struct Setup {
     kind: Kind,
     /// n=4 only: with the fast path (else the commit path).
     fast_path: bool,
+    /// n=4 only: replica 3 is down for the whole round.
+    crashed: bool,
     read_only: bool,
     /// Index into `--dir` of the replicas' log directory.
     dir: usize,
@@ -262,6 +269,7 @@ impl Setup {
     }
     fn label(&self, args: &Args) -> String {
         let base = match self.kind {
+            Kind::Replicated if self.crashed => "n=4 (f=1) fast path, replica 3 down",
             Kind::Replicated if self.fast_path => "n=4 (f=1) fast path",
             Kind::Replicated => "n=4 (f=1) commit path",
             Kind::F0Driver => "n=1 (f=0) driver",
@@ -329,10 +337,13 @@ pub fn run(args: Args) -> Result<()> {
                 paths.sort();
                 paths.dedup();
                 for path in paths {
-                    setups.push(Setup { workload, kind: Kind::Replicated, fast_path: path == OrderPath::Fast, read_only, dir });
+                    setups.push(Setup { workload, kind: Kind::Replicated, fast_path: path == OrderPath::Fast, crashed: false, read_only, dir });
+                }
+                if args.crashed {
+                    setups.push(Setup { workload, kind: Kind::Replicated, fast_path: true, crashed: true, read_only, dir });
                 }
             }
-            setups.push(Setup { workload, kind: baseline, fast_path: false, read_only, dir: 0 });
+            setups.push(Setup { workload, kind: baseline, fast_path: false, crashed: false, read_only, dir: 0 });
         }
     }
     eprintln!(
@@ -447,9 +458,15 @@ fn report(args: &Args, setups: &[Setup], results: &BTreeMap<Setup, Vec<Round>>) 
         );
     }
     // The fast path's aim (issue 7): median latency at most 0.75x the commit path's.
+    // With a replica down, the aim is latency at most 2x the fault-free commit path's.
     for &fast in setups.iter().filter(|s| s.kind == Kind::Replicated && s.fast_path) {
         let commit = setups.iter().copied().find(|s| {
-            s.kind == Kind::Replicated && !s.fast_path && s.workload == fast.workload && s.read_only == fast.read_only && s.dir == fast.dir
+            s.kind == Kind::Replicated
+                && !s.fast_path
+                && !s.crashed
+                && s.workload == fast.workload
+                && s.read_only == fast.read_only
+                && s.dir == fast.dir
         });
         let Some(commit) = commit else { continue };
         let (a, b) = (med(&fast, &|r| r.p50_us), med(&commit, &|r| r.p50_us));
@@ -539,6 +556,11 @@ impl Cluster {
         let mut net_threads = BTreeMap::new();
         for (secrets, listener) in keys.replicas.into_iter().zip(listeners) {
             let id = secrets.id.0;
+            if setup.crashed && id == 3 {
+                // Its port stays bound (the listener is dropped here, so connections are
+                // refused, as to a crashed process).
+                continue;
+            }
             // Each replica's file service gets a directory of its own, as on separate machines.
             let fs_dir = dir.path().join(format!("fs-{id}"));
             let open_fs = || FileService::open(&fs_dir).with_context(|| format!("cannot open a file service in {}", fs_dir.display()));
