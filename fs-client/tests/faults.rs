@@ -309,14 +309,14 @@ fn total_power_loss_keeps_every_returned_write() {
             let copy = data.with_file_name(format!("data-round{round}"));
             let _ = Command::new("cp").arg("-a").arg(&data).arg(&copy).status();
             let dump = data.with_file_name(format!("model-round{round}"));
-            std::fs::create_dir_all(dump.join("model")).unwrap();
-            std::fs::create_dir_all(dump.join("pending")).unwrap();
+            std::fs::create_dir_all(dump.join("model")).expect("mkdir model dump");
+            std::fs::create_dir_all(dump.join("pending")).expect("mkdir pending dump");
             for (k, v) in &w.model {
-                std::fs::write(dump.join("model").join(k), v).unwrap();
+                std::fs::write(dump.join("model").join(k), v).expect("dump model");
             }
             for (k, v) in &w.pending {
                 if let Some(v) = v {
-                    std::fs::write(dump.join("pending").join(k), v).unwrap();
+                    std::fs::write(dump.join("pending").join(k), v).expect("dump pending");
                 }
             }
         }

@@ -556,22 +556,22 @@ mod tests {
     fn after_a_crash_only_the_interrupted_write_may_be_torn() {
         let dir = std::env::temp_dir().join(format!("bftfs-workload-test-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
-        let mut w = Workload::new(&dir, 4, 1).unwrap();
+        let mut w = Workload::new(&dir, 4, 1).expect("workload");
         let before = data(5000, 1);
         let new = data(9000, 2);
         w.model.insert("f000".into(), before.clone());
         w.model.insert("f001".into(), data(100, 3));
         w.pending = vec![("f000".into(), Some(with_prefix(&before, 3000, &new, new.len())))];
         w.pending_write = Some(PendingWrite { name: "f000".into(), before: before.clone(), offset: 3000, data: new.clone() });
-        fs::write(dir.join("f001"), data(100, 3)).unwrap();
+        fs::write(dir.join("f001"), data(100, 3)).expect("write");
 
         // The first piece (up to the page boundary) of the interrupted write: accepted.
-        fs::write(dir.join("f000"), with_prefix(&before, 3000, &new, 4096 - 3000)).unwrap();
+        fs::write(dir.join("f000"), with_prefix(&before, 3000, &new, 4096 - 3000)).expect("write");
         assert!(w.check_after_crash().is_ok());
         // A returned write lost from another file: still a failure.
-        fs::write(dir.join("f001"), data(50, 3)).unwrap();
+        fs::write(dir.join("f001"), data(50, 3)).expect("write");
         assert!(w.check_after_crash().is_err());
-        fs::write(dir.join("f001"), data(100, 3)).unwrap();
+        fs::write(dir.join("f001"), data(100, 3)).expect("write");
         // A write that returned a short count: the model has the reported bytes and the rest
         // of the write is pending (its piece may have run although its reply was lost).
         w.model.insert("f000".into(), with_prefix(&before, 3000, &new, 4096 - 3000));
@@ -582,16 +582,16 @@ mod tests {
             offset: 4096,
             data: new[4096 - 3000..].to_vec(),
         });
-        fs::write(dir.join("f000"), with_prefix(&before, 3000, &new, new.len())).unwrap();
+        fs::write(dir.join("f000"), with_prefix(&before, 3000, &new, new.len())).expect("write");
         assert!(w.check_after_crash().is_ok());
-        fs::write(dir.join("f000"), with_prefix(&before, 3000, &new, 5000)).unwrap();
+        fs::write(dir.join("f000"), with_prefix(&before, 3000, &new, 5000)).expect("write");
         assert!(w.check_after_crash().is_ok());
         // ... but never less than what it reported.
-        fs::write(dir.join("f000"), &before).unwrap();
+        fs::write(dir.join("f000"), &before).expect("write");
         assert!(w.check_after_crash().is_err());
         // Without a write in progress, a partly changed file is a failure.
         w.pending_write = None;
-        fs::write(dir.join("f000"), with_prefix(&before, 3000, &new, 5000)).unwrap();
+        fs::write(dir.join("f000"), with_prefix(&before, 3000, &new, 5000)).expect("write");
         assert!(w.check_after_crash().is_err());
         let _ = fs::remove_dir_all(&dir);
     }
