@@ -3,7 +3,10 @@
 //! and PostMark run, and a total power loss (every replica and the client killed at once in
 //! the middle of a workload) followed by `bftfs up` on the same data.
 //!
-//! `FAULTS_SECONDS` (default 60) sets how long the kill/restart test runs.
+//! `FAULTS_SECONDS` (default 60) sets how long the kill/restart test runs. With `BFTFS_KEEP`
+//! set, the power-loss test keeps its directory (printed) and, per round, a copy of the data
+//! as the power loss left it (`data-roundN`) and the workload's model and interrupted call
+//! (`model-roundN`), to compare with the replicas' trees after a failure.
 
 mod common;
 #[path = "common/workload.rs"]
@@ -267,6 +270,10 @@ fn total_power_loss_keeps_every_returned_write() {
     }
     let tmp = tempfile::tempdir().expect("tempdir");
     let (mnt, xdg, data) = (tmp.path().join("mnt"), tmp.path().join("xdg"), tmp.path().join("data"));
+    eprintln!("power-loss test directory: {}", tmp.path().display());
+    if std::env::var("BFTFS_KEEP").is_ok() {
+        std::mem::forget(tmp);
+    }
     std::fs::create_dir(&mnt).expect("mkdir");
     let mut m = Mounted::at(&mnt, &xdg, Some(&data), &[]).expect("up");
     assert_eq!(data_dir_of(&m), data);
@@ -297,6 +304,22 @@ fn total_power_loss_keeps_every_returned_write() {
         assert_eq!(w.counts.mismatches, 0, "{:?}", w.problems);
         assert!(w.counts.writes > 10, "the workload made progress before the power loss: {:?}", w.counts);
 
+        if std::env::var("BFTFS_KEEP").is_ok() {
+            // Diagnostics: the data as the power loss left it, and what the workload expects.
+            let copy = data.with_file_name(format!("data-round{round}"));
+            let _ = Command::new("cp").arg("-a").arg(&data).arg(&copy).status();
+            let dump = data.with_file_name(format!("model-round{round}"));
+            std::fs::create_dir_all(dump.join("model")).expect("mkdir model dump");
+            std::fs::create_dir_all(dump.join("pending")).expect("mkdir pending dump");
+            for (k, v) in &w.model {
+                std::fs::write(dump.join("model").join(k), v).expect("dump model");
+            }
+            for (k, v) in &w.pending {
+                if let Some(v) = v {
+                    std::fs::write(dump.join("pending").join(k), v).expect("dump pending");
+                }
+            }
+        }
         let started = Instant::now();
         m = Mounted::at(&mnt, &xdg, Some(&data), &[]).expect("up after the power loss");
         eprintln!("round {round}: up again in {:?}", started.elapsed());
