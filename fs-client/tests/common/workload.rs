@@ -396,8 +396,13 @@ impl Workload {
     /// Checks that the directory holds exactly the model's names.
     pub fn verify_listing(&mut self) -> Result<(), String> {
         self.counts.ops += 1;
-        let names: Vec<String> = match fs::read_dir(&self.dir) {
-            Ok(entries) => entries.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect(),
+        // An entry that fails to read is an error, not a missing name: a listing cut short
+        // by the mount going away must not count as a mismatch.
+        let listed = fs::read_dir(&self.dir).and_then(|entries| {
+            entries.map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned())).collect::<std::io::Result<Vec<String>>>()
+        });
+        let names: Vec<String> = match listed {
+            Ok(names) => names,
             Err(e) => {
                 self.counts.errors += 1;
                 let msg = format!("readdir: {e}");
