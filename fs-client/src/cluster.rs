@@ -688,25 +688,11 @@ pub fn print_suspects(suspects: &[Suspect]) {
     }
 }
 
-fn json_text(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
 pub fn suspects_json(suspects: &[Suspect]) -> String {
     let items: Vec<String> = suspects
         .iter()
         .map(|s| {
-            let why: Vec<String> = s.why.iter().map(|w| json_text(w)).collect();
+            let why: Vec<String> = s.why.iter().map(|w| crate::up::json_string(w)).collect();
             format!("{{\"id\":{},\"why\":[{}]}}", s.id, why.join(","))
         })
         .collect();

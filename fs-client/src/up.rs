@@ -843,7 +843,7 @@ pub fn status(mountpoint: &Path, json: bool) -> Result<()> {
 }
 
 /// A JSON string literal (the few fields we print need no JSON library).
-fn json_string(s: &str) -> String {
+pub(crate) fn json_string(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     out.push('"');
     for c in s.chars() {
