@@ -11,12 +11,12 @@
 //! mismatches, view changes, PostMark rounds, and whether the replicas ended in the same
 //! state. The exit status is non-zero if anything was wrong.
 
-#[path = "../../fs-client/tests/common/workload.rs"]
-#[allow(dead_code, clippy::all)]
-mod workload;
 #[path = "../../replica/tests/proxy/mod.rs"]
 #[allow(dead_code, clippy::all)]
 mod proxy;
+#[path = "../../fs-client/tests/common/workload.rs"]
+#[allow(dead_code, clippy::all)]
+mod workload;
 
 use anyhow::{bail, Context, Result};
 use proxy::Proxy;
@@ -103,7 +103,8 @@ struct Figures {
 fn probe(address: &str) -> Option<ReplicaStatus> {
     let mut s = TcpStream::connect_timeout(&address.parse().ok()?, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
-    s.write_all(&replica::wire::frame(STATUS_PROBE).ok()?).ok()?;
+    s.write_all(&replica::wire::frame(STATUS_PROBE).ok()?)
+        .ok()?;
     let mut header = [0u8; 4];
     s.read_exact(&mut header).ok()?;
     let len = replica::wire::frame_length(header).ok()?;
@@ -116,7 +117,10 @@ fn sibling(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let p = exe.parent().context("no parent")?.join(name);
     if !p.is_file() {
-        bail!("{} not found next to bftfs-bench (build the workspace: cargo build --release)", p.display());
+        bail!(
+            "{} not found next to bftfs-bench (build the workspace: cargo build --release)",
+            p.display()
+        );
     }
     Ok(p)
 }
@@ -133,11 +137,21 @@ struct Cluster {
 impl Cluster {
     fn start(work: &Path) -> Result<Cluster> {
         let real: Vec<String> = (0..4)
-            .map(|_| Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string()))
+            .map(|_| {
+                Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+                    .local_addr()?
+                    .to_string())
+            })
             .collect::<Result<_>>()?;
-        let keys = generate_with_os_random(1, real.clone(), &[ClientId(1)], ProtocolConfig::default())?;
-        let links: Vec<Vec<Option<Proxy>>> =
-            (0..4).map(|i| (0..4).map(|j| (i != j).then(|| Proxy::start(real[j].clone()))).collect()).collect();
+        let keys =
+            generate_with_os_random(1, real.clone(), &[ClientId(1)], ProtocolConfig::default())?;
+        let links: Vec<Vec<Option<Proxy>>> = (0..4)
+            .map(|i| {
+                (0..4)
+                    .map(|j| (i != j).then(|| Proxy::start(real[j].clone())))
+                    .collect()
+            })
+            .collect();
         let client_links: Vec<Proxy> = (0..4).map(|j| Proxy::start(real[j].clone())).collect();
         for (i, secrets) in keys.replicas.iter().enumerate() {
             // Addresses never enter the protocol: each replica reaches the others through its
@@ -159,7 +173,14 @@ impl Cluster {
         }
         std::fs::write(client_dir.join("cluster.json"), config.to_json()?)?;
         std::fs::write(client_dir.join("client-1.json"), keys.clients[0].to_json()?)?;
-        let mut c = Cluster { work: work.to_path_buf(), replica_bin: sibling("bftfs-replica")?, real, links, client_links, children: Vec::new() };
+        let mut c = Cluster {
+            work: work.to_path_buf(),
+            replica_bin: sibling("bftfs-replica")?,
+            real,
+            links,
+            client_links,
+            children: Vec::new(),
+        };
         for i in 0..4 {
             let child = c.spawn(i)?;
             c.children.push(Some(child));
@@ -168,7 +189,10 @@ impl Cluster {
     }
 
     fn spawn(&self, i: usize) -> Result<Child> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.work.join(format!("replica-{i}.log")))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.work.join(format!("replica-{i}.log")))?;
         Ok(Command::new(&self.replica_bin)
             .arg("--config")
             .arg(self.work.join(format!("cluster-{i}.json")))
@@ -176,7 +200,10 @@ impl Cluster {
             .arg(self.work.join(format!("replica-{i}.json")))
             .arg("--data-dir")
             .arg(self.work.join(format!("data-{i}")))
-            .env("RUST_LOG", std::env::var("REPLICA_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("REPLICA_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -219,14 +246,33 @@ impl Drop for Cluster {
 /// Four replicas answer, exactly one primary in an active view, no one more than a few
 /// batches behind.
 fn whole(all: &[Option<ReplicaStatus>]) -> bool {
-    let best = all.iter().flatten().map(|s| s.last_executed).max().unwrap_or(0);
-    all.iter().all(|s| s.as_ref().is_some_and(|s| s.last_executed + 16 >= best && !s.transferring_state))
-        && all.iter().flatten().filter(|s| s.primary && s.view_active).count() == 1
+    let best = all
+        .iter()
+        .flatten()
+        .map(|s| s.last_executed)
+        .max()
+        .unwrap_or(0);
+    all.iter().all(|s| {
+        s.as_ref()
+            .is_some_and(|s| s.last_executed + 16 >= best && !s.transferring_state)
+    }) && all
+        .iter()
+        .flatten()
+        .filter(|s| s.primary && s.view_active)
+        .count()
+        == 1
 }
 
 fn bftfs(bin: &Path, xdg: &Path, args: &[&std::ffi::OsStr]) -> Result<String> {
-    let out = Command::new(bin).args(args).env("XDG_DATA_HOME", xdg).output()?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(bin)
+        .args(args)
+        .env("XDG_DATA_HOME", xdg)
+        .output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     if !out.status.success() {
         bail!("bftfs {:?} failed: {text}", args);
     }
@@ -237,7 +283,11 @@ fn postmark_rounds(dir: PathBuf, stop: Arc<AtomicBool>) -> (u32, Vec<String>) {
     let (mut rounds, mut failures) = (0u32, Vec::new());
     while !stop.load(Ordering::Relaxed) {
         let _ = std::fs::create_dir_all(&dir);
-        let child = Command::new("postmark").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
+        let child = Command::new("postmark")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn();
         let mut child = match child {
             Ok(c) => c,
             Err(e) => {
@@ -255,11 +305,16 @@ fn postmark_rounds(dir: PathBuf, stop: Arc<AtomicBool>) -> (u32, Vec<String>) {
         }
         match child.wait_with_output() {
             Ok(out) => {
-                let report = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+                let report = String::from_utf8_lossy(&out.stdout).into_owned()
+                    + &String::from_utf8_lossy(&out.stderr);
                 if out.status.success() && report.contains("Deleting files...Done") {
                     rounds += 1;
                 } else {
-                    failures.push(format!("round {}: {}", rounds + 1, report.lines().rev().take(4).collect::<Vec<_>>().join(" | ")));
+                    failures.push(format!(
+                        "round {}: {}",
+                        rounds + 1,
+                        report.lines().rev().take(4).collect::<Vec<_>>().join(" | ")
+                    ));
                     // Start the next round from an empty directory.
                     let _ = std::fs::remove_dir_all(&dir);
                 }
@@ -272,18 +327,32 @@ fn postmark_rounds(dir: PathBuf, stop: Arc<AtomicBool>) -> (u32, Vec<String>) {
 
 pub fn run(args: Args) -> Result<()> {
     let bftfs_bin = sibling("bftfs")?;
-    let tmp = tempfile::Builder::new().prefix("bftfs-chaos").tempdir_in(&args.dir)?;
+    let tmp = tempfile::Builder::new()
+        .prefix("bftfs-chaos")
+        .tempdir_in(&args.dir)?;
     let work = tmp.path().to_path_buf();
     let (mnt, xdg) = (work.join("mnt"), work.join("xdg"));
     std::fs::create_dir_all(&mnt)?;
     println!("chaos: working directory {}", work.display());
     let mut cluster = Cluster::start(&work)?;
     let config = work.join("client/cluster.json");
-    bftfs(&bftfs_bin, &xdg, &["mount".as_ref(), config.as_os_str(), mnt.as_os_str(), "--detach".as_ref()])?;
+    bftfs(
+        &bftfs_bin,
+        &xdg,
+        &[
+            "mount".as_ref(),
+            config.as_os_str(),
+            mnt.as_os_str(),
+            "--detach".as_ref(),
+        ],
+    )?;
     struct Unmount(PathBuf, PathBuf, PathBuf);
     impl Drop for Unmount {
         fn drop(&mut self) {
-            let _ = Command::new(&self.0).args(["umount".as_ref(), self.1.as_os_str(), "--lazy".as_ref()]).env("XDG_DATA_HOME", &self.2).output();
+            let _ = Command::new(&self.0)
+                .args(["umount".as_ref(), self.1.as_os_str(), "--lazy".as_ref()])
+                .env("XDG_DATA_HOME", &self.2)
+                .output();
         }
     }
     let _unmount = Unmount(bftfs_bin.clone(), mnt.clone(), xdg.clone());
@@ -328,7 +397,10 @@ pub fn run(args: Args) -> Result<()> {
         while !whole(&all) {
             if wait.elapsed() > Duration::from_secs(120) {
                 slow_recoveries += 1;
-                println!("{:>7.1}s: the cluster is not whole 2 min after the last fault: {all:?}", start.elapsed().as_secs_f64());
+                println!(
+                    "{:>7.1}s: the cluster is not whole 2 min after the last fault: {all:?}",
+                    start.elapsed().as_secs_f64()
+                );
                 break;
             }
             std::thread::sleep(Duration::from_millis(250));
@@ -337,14 +409,26 @@ pub fn run(args: Args) -> Result<()> {
         if !whole(&all) {
             continue;
         }
-        let primary = all.iter().flatten().find(|s| s.primary).map(|s| s.id as usize).unwrap_or(0);
+        let primary = all
+            .iter()
+            .flatten()
+            .find(|s| s.primary)
+            .map(|s| s.id as usize)
+            .unwrap_or(0);
         let backup = (primary + 1 + (kind / 4) % 3) % 4;
         let t = start.elapsed().as_secs_f64();
         match kind % 4 {
             0 | 1 => {
                 let victim = if kind % 4 == 0 { backup } else { primary };
                 cluster.kill(victim);
-                println!("{t:>7.1}s: SIGKILL replica {victim} ({})", if victim == primary { "primary" } else { "backup" });
+                println!(
+                    "{t:>7.1}s: SIGKILL replica {victim} ({})",
+                    if victim == primary {
+                        "primary"
+                    } else {
+                        "backup"
+                    }
+                );
                 if victim == primary {
                     faults.kill_primary += 1;
                 } else {
@@ -357,7 +441,15 @@ pub fn run(args: Args) -> Result<()> {
             _ => {
                 let victim = if kind % 4 == 2 { backup } else { primary };
                 cluster.isolate(victim, true);
-                println!("{t:>7.1}s: cut off replica {victim} ({}) for {}s", if victim == primary { "primary" } else { "backup" }, args.cut_seconds);
+                println!(
+                    "{t:>7.1}s: cut off replica {victim} ({}) for {}s",
+                    if victim == primary {
+                        "primary"
+                    } else {
+                        "backup"
+                    },
+                    args.cut_seconds
+                );
                 if victim == primary {
                     faults.cut_primary += 1;
                 } else {
@@ -371,8 +463,12 @@ pub fn run(args: Args) -> Result<()> {
         kind += 1;
     }
     stop.store(true, Ordering::Relaxed);
-    let w = worker.join().map_err(|_| anyhow::anyhow!("the workload thread panicked"))??;
-    let (postmark_rounds, postmark_failures) = postmark.map(|h| h.join().unwrap_or_default()).unwrap_or_default();
+    let w = worker
+        .join()
+        .map_err(|_| anyhow::anyhow!("the workload thread panicked"))??;
+    let (postmark_rounds, postmark_failures) = postmark
+        .map(|h| h.join().unwrap_or_default())
+        .unwrap_or_default();
 
     // The replicas must end in the same state; a little traffic lets one that missed the last
     // batches hear of them.
@@ -381,7 +477,9 @@ pub fn run(args: Args) -> Result<()> {
     let agree = |all: &[Option<ReplicaStatus>]| {
         all.iter().all(|s| {
             s.as_ref().is_some_and(|s| {
-                all[0].as_ref().is_some_and(|f| f.last_executed == s.last_executed && f.stable_checkpoint == s.stable_checkpoint)
+                all[0].as_ref().is_some_and(|f| {
+                    f.last_executed == s.last_executed && f.stable_checkpoint == s.stable_checkpoint
+                })
             })
         })
     };
@@ -417,8 +515,14 @@ pub fn run(args: Args) -> Result<()> {
         slow_recoveries,
         recovery_seconds_median: recoveries.get(recoveries.len() / 2).copied().unwrap_or(0.0),
         recovery_seconds_max: recoveries.last().copied().unwrap_or(0.0),
-        final_executed: all.iter().map(|s| s.as_ref().map_or(0, |s| s.last_executed)).collect(),
-        final_checkpoint: all.iter().map(|s| s.as_ref().map_or(0, |s| s.stable_checkpoint)).collect(),
+        final_executed: all
+            .iter()
+            .map(|s| s.as_ref().map_or(0, |s| s.last_executed))
+            .collect(),
+        final_checkpoint: all
+            .iter()
+            .map(|s| s.as_ref().map_or(0, |s| s.stable_checkpoint))
+            .collect(),
         replicas_agree,
     };
     let json = serde_json::to_string_pretty(&figures)?;
@@ -432,7 +536,10 @@ pub fn run(args: Args) -> Result<()> {
     if figures.slow_recoveries > 0 {
         println!("warning: {} time(s) the cluster was not whole 2 min after a fault (see the lines above)", figures.slow_recoveries);
     }
-    let ok = figures.errors == 0 && figures.mismatches == 0 && figures.postmark_failures.is_empty() && replicas_agree;
+    let ok = figures.errors == 0
+        && figures.mismatches == 0
+        && figures.postmark_failures.is_empty()
+        && replicas_agree;
     if !ok {
         // Keep the logs of a failed run.
         let kept = tmp.keep();

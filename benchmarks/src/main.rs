@@ -11,7 +11,10 @@ mod report;
 mod wrapper;
 
 #[derive(Parser)]
-#[command(name = "bftfs-bench", about = "Benchmarks for bftfs (ratios against baselines, measured in one run)")]
+#[command(
+    name = "bftfs-bench",
+    about = "Benchmarks for bftfs (ratios against baselines, measured in one run)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -39,8 +39,12 @@ use replica::config::{generate_with_os_random, ClientSecrets, ClusterConfig, Pro
 use replica::driver::client::ClientHandle;
 use replica::driver::node;
 use replica::driver::status::ReplicaStatus;
-use replica::wire::{self, Authenticator, ClientMessage, Message, Principal, Reply, ReplicaId, View};
-use state_abstraction::fs::{decode, encode, Caller, CreateHow, FileService, FsError, FsOp, FsReply, FsRequest, Handle};
+use replica::wire::{
+    self, Authenticator, ClientMessage, Message, Principal, ReplicaId, Reply, View,
+};
+use state_abstraction::fs::{
+    decode, encode, Caller, CreateHow, FileService, FsError, FsOp, FsReply, FsRequest, Handle,
+};
 use state_abstraction::kv::{KvOp, KvReply, KvService};
 use state_abstraction::{ClientId, Service};
 use std::collections::BTreeMap;
@@ -148,15 +152,38 @@ struct Prepared {
 
 impl Workload {
     /// Creates the files the workload uses (ordered calls, before anything is measured).
-    fn prepare(setup: Setup, payload: usize, handles: &[Arc<ClientHandle>], callers: usize, timeout: Duration) -> Result<Prepared> {
-        let null_op = KvOp::Get { key: vec![0xA5; payload] }.encode();
-        let mut prepared = Prepared { workload: setup.workload, callers_per_client: callers, null_op, files: Vec::new() };
+    fn prepare(
+        setup: Setup,
+        payload: usize,
+        handles: &[Arc<ClientHandle>],
+        callers: usize,
+        timeout: Duration,
+    ) -> Result<Prepared> {
+        let null_op = KvOp::Get {
+            key: vec![0xA5; payload],
+        }
+        .encode();
+        let mut prepared = Prepared {
+            workload: setup.workload,
+            callers_per_client: callers,
+            null_op,
+            files: Vec::new(),
+        };
         fn fs_call(h: &ClientHandle, op: FsOp, timeout: Duration) -> Result<FsReply> {
-            let reply = h.call(fs_request(op), false, timeout).context("the cluster does not answer")?;
-            decode::<Result<FsReply, FsError>>(&reply).context("undecodable file service reply")?.map_err(|e| anyhow::anyhow!("{e}"))
+            let reply = h
+                .call(fs_request(op), false, timeout)
+                .context("the cluster does not answer")?;
+            decode::<Result<FsReply, FsError>>(&reply)
+                .context("undecodable file service reply")?
+                .map_err(|e| anyhow::anyhow!("{e}"))
         }
         fn create(h: &ClientHandle, name: String, timeout: Duration) -> Result<Handle> {
-            let op = FsOp::Create { dir: Handle::ROOT, name: name.into_bytes(), mode: 0o644, how: CreateHow::Unchecked };
+            let op = FsOp::Create {
+                dir: Handle::ROOT,
+                name: name.into_bytes(),
+                mode: 0o644,
+                how: CreateHow::Unchecked,
+            };
             match fs_call(h, op, timeout)? {
                 FsReply::Entry { handle, .. } => Ok(handle),
                 other => bail!("create answered {other:?}"),
@@ -168,7 +195,15 @@ impl Workload {
                 let h = &handles[0];
                 let file = create(h, "shared".into(), timeout)?;
                 for b in 0..READ_FILE_BLOCKS {
-                    fs_call(h, FsOp::Write { h: file, offset: b * BLOCK as u64, data: block(b) }, timeout)?;
+                    fs_call(
+                        h,
+                        FsOp::Write {
+                            h: file,
+                            offset: b * BLOCK as u64,
+                            data: block(b),
+                        },
+                        timeout,
+                    )?;
                 }
                 prepared.files.push(file);
             }
@@ -180,12 +215,17 @@ impl Workload {
                     .map(|(c, h)| {
                         let h = h.clone();
                         std::thread::spawn(move || {
-                            (0..callers).map(|k| create(&h, format!("w-{c}-{k}"), timeout)).collect::<Result<Vec<Handle>>>()
+                            (0..callers)
+                                .map(|k| create(&h, format!("w-{c}-{k}"), timeout))
+                                .collect::<Result<Vec<Handle>>>()
                         })
                     })
                     .collect();
                 for t in made {
-                    prepared.files.extend(t.join().map_err(|_| anyhow::anyhow!("a set-up thread panicked"))??);
+                    prepared.files.extend(
+                        t.join()
+                            .map_err(|_| anyhow::anyhow!("a set-up thread panicked"))??,
+                    );
                 }
             }
         }
@@ -199,11 +239,25 @@ impl Prepared {
             Workload::Null => (self.null_op.clone(), false),
             Workload::Read4k => {
                 let b = (caller as u64 + i) % READ_FILE_BLOCKS;
-                (fs_request(FsOp::Read { h: self.files[0], offset: b * BLOCK as u64, count: BLOCK as u32 }), true)
+                (
+                    fs_request(FsOp::Read {
+                        h: self.files[0],
+                        offset: b * BLOCK as u64,
+                        count: BLOCK as u32,
+                    }),
+                    true,
+                )
             }
             Workload::Write4k => {
                 let b = i % WRITE_FILE_BLOCKS;
-                (fs_request(FsOp::Write { h: self.files[caller], offset: b * BLOCK as u64, data: block(i) }), false)
+                (
+                    fs_request(FsOp::Write {
+                        h: self.files[caller],
+                        offset: b * BLOCK as u64,
+                        data: block(i),
+                    }),
+                    false,
+                )
             }
         }
     }
@@ -211,7 +265,9 @@ impl Prepared {
     fn check(&self, reply: &[u8]) -> bool {
         match self.workload {
             Workload::Null => KvReply::decode(reply) == Some(KvReply::Value(None)),
-            Workload::Read4k => matches!(decode::<Result<FsReply, FsError>>(reply), Some(Ok(FsReply::Read { data, .. })) if data.len() == BLOCK),
+            Workload::Read4k => {
+                matches!(decode::<Result<FsReply, FsError>>(reply), Some(Ok(FsReply::Read { data, .. })) if data.len() == BLOCK)
+            }
             Workload::Write4k => {
                 matches!(decode::<Result<FsReply, FsError>>(reply), Some(Ok(FsReply::Write { count, .. })) if count as usize == BLOCK)
             }
@@ -220,12 +276,17 @@ impl Prepared {
 }
 
 fn fs_request(op: FsOp) -> Vec<u8> {
-    encode(&FsRequest { caller: Caller::root(), op })
+    encode(&FsRequest {
+        caller: Caller::root(),
+        op,
+    })
 }
 
 /// A 4 KiB block whose bytes depend on `seed` (so overwrites change the data).
 fn block(seed: u64) -> Vec<u8> {
-    (0..BLOCK).map(|j| (seed as usize).wrapping_mul(31).wrapping_add(j) as u8).collect()
+    (0..BLOCK)
+        .map(|j| (seed as usize).wrapping_mul(31).wrapping_add(j) as u8)
+        .collect()
 }
 
 /// Block size of the read and write workloads.
@@ -314,7 +375,11 @@ pub fn run(args: Args) -> Result<()> {
     for d in &args.dir {
         std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
     }
-    let baseline = if args.f0_driver { Kind::F0Driver } else { Kind::Unreplicated };
+    let baseline = if args.f0_driver {
+        Kind::F0Driver
+    } else {
+        Kind::Unreplicated
+    };
     let mut workloads = args.workload.clone();
     workloads.sort();
     workloads.dedup();
@@ -337,13 +402,34 @@ pub fn run(args: Args) -> Result<()> {
                 paths.sort();
                 paths.dedup();
                 for path in paths {
-                    setups.push(Setup { workload, kind: Kind::Replicated, fast_path: path == OrderPath::Fast, crashed: false, read_only, dir });
+                    setups.push(Setup {
+                        workload,
+                        kind: Kind::Replicated,
+                        fast_path: path == OrderPath::Fast,
+                        crashed: false,
+                        read_only,
+                        dir,
+                    });
                 }
                 if args.crashed {
-                    setups.push(Setup { workload, kind: Kind::Replicated, fast_path: true, crashed: true, read_only, dir });
+                    setups.push(Setup {
+                        workload,
+                        kind: Kind::Replicated,
+                        fast_path: true,
+                        crashed: true,
+                        read_only,
+                        dir,
+                    });
                 }
             }
-            setups.push(Setup { workload, kind: baseline, fast_path: false, crashed: false, read_only, dir: 0 });
+            setups.push(Setup {
+                workload,
+                kind: baseline,
+                fast_path: false,
+                crashed: false,
+                read_only,
+                dir: 0,
+            });
         }
     }
     eprintln!(
@@ -360,7 +446,8 @@ pub fn run(args: Args) -> Result<()> {
     let mut results: BTreeMap<Setup, Vec<Round>> = BTreeMap::new();
     for round in 0..args.rounds {
         for setup in &setups {
-            let r = measure(*setup, &args).with_context(|| format!("round {} of {}", round + 1, setup.label(&args)))?;
+            let r = measure(*setup, &args)
+                .with_context(|| format!("round {} of {}", round + 1, setup.label(&args)))?;
             eprintln!(
                 "round {:>2} {:<44} {:>8.0} ops/s  p50 {:>7.0} µs  p99 {:>7.0} µs  batch {:>5.1} req  fsync/batch {:.2}  (setup {:.1} s, teardown {:.1} s){}",
                 round + 1,
@@ -394,7 +481,14 @@ fn median(values: Vec<f64>) -> f64 {
 }
 
 fn report(args: &Args, setups: &[Setup], results: &BTreeMap<Setup, Vec<Round>>) {
-    let med = |s: &Setup, f: &dyn Fn(&Round) -> f64| median(results.get(s).map(|v| v.iter().map(f).collect()).unwrap_or_default());
+    let med = |s: &Setup, f: &dyn Fn(&Round) -> f64| {
+        median(
+            results
+                .get(s)
+                .map(|v| v.iter().map(f).collect())
+                .unwrap_or_default(),
+        )
+    };
     println!();
     println!(
         "{} clients x {} callers, null-op payload {} B, median of {} rounds ({:.1} s measured each), interleaved.",
@@ -411,9 +505,18 @@ fn report(args: &Args, setups: &[Setup], results: &BTreeMap<Setup, Vec<Round>>) 
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for s in setups {
         let rounds = results.get(s).cloned().unwrap_or_default();
-        let min = rounds.iter().map(|r| r.ops_per_second).fold(f64::INFINITY, f64::min);
+        let min = rounds
+            .iter()
+            .map(|r| r.ops_per_second)
+            .fold(f64::INFINITY, f64::min);
         let max = rounds.iter().map(|r| r.ops_per_second).fold(0.0, f64::max);
-        let dash = |v: f64, digits: usize| if s.kind == Kind::Unreplicated { "–".to_string() } else { format!("{v:.digits$}") };
+        let dash = |v: f64, digits: usize| {
+            if s.kind == Kind::Unreplicated {
+                "–".to_string()
+            } else {
+                format!("{v:.digits$}")
+            }
+        };
         println!(
             "| {} | {:.0} | {:.0}–{:.0} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} |",
             s.label(args),
@@ -432,9 +535,11 @@ fn report(args: &Args, setups: &[Setup], results: &BTreeMap<Setup, Vec<Round>>) 
     }
     println!();
     for &four in setups.iter().filter(|s| s.kind == Kind::Replicated) {
-        let Some(one) =
-            setups.iter().copied().find(|s| s.kind != Kind::Replicated && s.read_only == four.read_only && s.workload == four.workload)
-        else {
+        let Some(one) = setups.iter().copied().find(|s| {
+            s.kind != Kind::Replicated
+                && s.read_only == four.read_only
+                && s.workload == four.workload
+        }) else {
             continue;
         };
         let a = med(&four, &|r| r.ops_per_second);
@@ -443,7 +548,13 @@ fn report(args: &Args, setups: &[Setup], results: &BTreeMap<Setup, Vec<Round>>) 
         let per_round: Vec<f64> = results[&four]
             .iter()
             .zip(results.get(&one).cloned().unwrap_or_default())
-            .map(|(x, y)| if y.ops_per_second > 0.0 { x.ops_per_second / y.ops_per_second } else { 0.0 })
+            .map(|(x, y)| {
+                if y.ops_per_second > 0.0 {
+                    x.ops_per_second / y.ops_per_second
+                } else {
+                    0.0
+                }
+            })
             .collect();
         let lo = per_round.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = per_round.iter().copied().fold(0.0, f64::max);
@@ -459,7 +570,10 @@ fn report(args: &Args, setups: &[Setup], results: &BTreeMap<Setup, Vec<Round>>) 
     }
     // The fast path's aim (issue 7): median latency at most 0.75x the commit path's.
     // With a replica down, the aim is latency at most 2x the fault-free commit path's.
-    for &fast in setups.iter().filter(|s| s.kind == Kind::Replicated && s.fast_path) {
+    for &fast in setups
+        .iter()
+        .filter(|s| s.kind == Kind::Replicated && s.fast_path)
+    {
         let commit = setups.iter().copied().find(|s| {
             s.kind == Kind::Replicated
                 && !s.fast_path
@@ -470,7 +584,10 @@ fn report(args: &Args, setups: &[Setup], results: &BTreeMap<Setup, Vec<Round>>) 
         });
         let Some(commit) = commit else { continue };
         let (a, b) = (med(&fast, &|r| r.p50_us), med(&commit, &|r| r.p50_us));
-        let (x, y) = (med(&fast, &|r| r.ops_per_second), med(&commit, &|r| r.ops_per_second));
+        let (x, y) = (
+            med(&fast, &|r| r.ops_per_second),
+            med(&commit, &|r| r.ops_per_second),
+        );
         println!(
             "[{}] vs [{}]: p50 latency {:.2}x, throughput {:.2}x",
             fast.label(args),
@@ -484,9 +601,25 @@ fn report(args: &Args, setups: &[Setup], results: &BTreeMap<Setup, Vec<Round>>) 
     println!();
     println!("| configuration | clients | replica 0 (primary) | replica 1 | replica 2 | replica 3 | unreplicated server | other | total | cores used (of 2) |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    const GROUPS: [&str; 7] = ["clients", "replica-0", "replica-1", "replica-2", "replica-3", "server", "other"];
+    const GROUPS: [&str; 7] = [
+        "clients",
+        "replica-0",
+        "replica-1",
+        "replica-2",
+        "replica-3",
+        "server",
+        "other",
+    ];
     for s in setups {
-        let per_op = |g: &'static str| med(s, &move |r: &Round| if r.ops > 0 { r.cpu.get(g).copied().unwrap_or(0.0) * 1e6 / r.ops as f64 } else { 0.0 });
+        let per_op = |g: &'static str| {
+            med(s, &move |r: &Round| {
+                if r.ops > 0 {
+                    r.cpu.get(g).copied().unwrap_or(0.0) * 1e6 / r.ops as f64
+                } else {
+                    0.0
+                }
+            })
+        };
         print!("| {} |", s.label(args));
         for g in GROUPS {
             let v = per_op(g);
@@ -496,7 +629,13 @@ fn report(args: &Args, setups: &[Setup], results: &BTreeMap<Setup, Vec<Round>>) 
                 print!(" {v:.0} |");
             }
         }
-        let total = med(s, &|r| if r.ops > 0 { r.cpu.values().sum::<f64>() * 1e6 / r.ops as f64 } else { 0.0 });
+        let total = med(s, &|r| {
+            if r.ops > 0 {
+                r.cpu.values().sum::<f64>() * 1e6 / r.ops as f64
+            } else {
+                0.0
+            }
+        });
         let cores = med(s, &|r| r.cpu.values().sum::<f64>() / args.seconds);
         println!(" {total:.0} | {cores:.2} |");
     }
@@ -535,20 +674,33 @@ fn spawn_replica<S: Service + Send + 'static>(
 }
 
 impl Cluster {
-    fn start(setup: Setup, clients: usize, dir: &std::path::Path, protocol: &ProtocolConfig) -> Result<Cluster> {
+    fn start(
+        setup: Setup,
+        clients: usize,
+        dir: &std::path::Path,
+        protocol: &ProtocolConfig,
+    ) -> Result<Cluster> {
         let f = setup.f();
         let n = 3 * f as usize + 1;
-        let dir = tempfile::Builder::new().prefix("bftfs-micro").tempdir_in(dir).context("temporary directory")?;
+        let dir = tempfile::Builder::new()
+            .prefix("bftfs-micro")
+            .tempdir_in(dir)
+            .context("temporary directory")?;
         // Listen first (port 0), so the addresses in the config are ours with no race.
         let mut listeners = Vec::new();
         for _ in 0..n {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").context("cannot listen on 127.0.0.1")?;
+            let l =
+                std::net::TcpListener::bind("127.0.0.1:0").context("cannot listen on 127.0.0.1")?;
             l.set_nonblocking(true)?;
             listeners.push(l);
         }
-        let addresses = listeners.iter().map(|l| l.local_addr().map(|a| a.to_string())).collect::<std::io::Result<Vec<_>>>()?;
+        let addresses = listeners
+            .iter()
+            .map(|l| l.local_addr().map(|a| a.to_string()))
+            .collect::<std::io::Result<Vec<_>>>()?;
         let client_ids: Vec<ClientId> = (1..=clients as u64).map(ClientId).collect();
-        let keys = generate_with_os_random(f, addresses, &client_ids, protocol.clone()).context("keygen")?;
+        let keys = generate_with_os_random(f, addresses, &client_ids, protocol.clone())
+            .context("keygen")?;
         let config = Arc::new(keys.config.clone());
         let stop = Arc::new(AtomicBool::new(false));
         let mut statuses = Vec::new();
@@ -563,16 +715,26 @@ impl Cluster {
             }
             // Each replica's file service gets a directory of its own, as on separate machines.
             let fs_dir = dir.path().join(format!("fs-{id}"));
-            let open_fs = || FileService::open(&fs_dir).with_context(|| format!("cannot open a file service in {}", fs_dir.display()));
+            let open_fs = || {
+                FileService::open(&fs_dir)
+                    .with_context(|| format!("cannot open a file service in {}", fs_dir.display()))
+            };
             if setup.kind == Kind::Unreplicated {
-                let service: Box<dyn Service + Send> =
-                    if setup.workload.file_service() { Box::new(open_fs()?) } else { Box::new(KvService::new()) };
+                let service: Box<dyn Service + Send> = if setup.workload.file_service() {
+                    Box::new(open_fs()?)
+                } else {
+                    Box::new(KvService::new())
+                };
                 let auth = Authenticator::for_replica(&config, &secrets);
                 let stop = stop.clone();
-                threads.push(std::thread::Builder::new().name("norep-accept".into()).spawn(move || {
-                    StandIn::accept_loop(listener, auth, service, stop);
-                    Ok(())
-                })?);
+                threads.push(
+                    std::thread::Builder::new()
+                        .name("norep-accept".into())
+                        .spawn(move || {
+                            StandIn::accept_loop(listener, auth, service, stop);
+                            Ok(())
+                        })?,
+                );
                 continue;
             }
             let status = Arc::new(Mutex::new(ReplicaStatus::new(id)));
@@ -580,9 +742,25 @@ impl Cluster {
             let wal = dir.path().join(format!("wal-{id}"));
             let before: Vec<u64> = thread_cpu().keys().copied().collect();
             let thread = if setup.workload.file_service() {
-                spawn_replica(config.clone(), secrets, open_fs()?, &wal, listener, status, stop.clone())?
+                spawn_replica(
+                    config.clone(),
+                    secrets,
+                    open_fs()?,
+                    &wal,
+                    listener,
+                    status,
+                    stop.clone(),
+                )?
             } else {
-                spawn_replica(config.clone(), secrets, KvService::new(), &wal, listener, status, stop.clone())?
+                spawn_replica(
+                    config.clone(),
+                    secrets,
+                    KvService::new(),
+                    &wal,
+                    listener,
+                    status,
+                    stop.clone(),
+                )?
             };
             threads.push(thread);
             // The driver builds its runtime (two workers) first thing; wait for them.
@@ -600,11 +778,22 @@ impl Cluster {
                 std::thread::sleep(Duration::from_millis(2));
             }
         }
-        Ok(Cluster { config: keys.config, clients: keys.clients, statuses, stop, threads, net_threads, _dir: dir })
+        Ok(Cluster {
+            config: keys.config,
+            clients: keys.clients,
+            statuses,
+            stop,
+            threads,
+            net_threads,
+            _dir: dir,
+        })
     }
 
     fn status(&self) -> Vec<ReplicaStatus> {
-        self.statuses.iter().map(|s| s.lock().map(|s| s.clone()).unwrap_or_default()).collect()
+        self.statuses
+            .iter()
+            .map(|s| s.lock().map(|s| s.clone()).unwrap_or_default())
+            .collect()
     }
 
     fn shut_down(self) -> Result<()> {
@@ -622,7 +811,12 @@ impl Cluster {
 
 fn measure(setup: Setup, args: &Args) -> Result<Round> {
     let started = Instant::now();
-    let cluster = Cluster::start(setup, args.clients, &args.dir[setup.dir], &protocol(args, setup.fast_path))?;
+    let cluster = Cluster::start(
+        setup,
+        args.clients,
+        &args.dir[setup.dir],
+        &protocol(args, setup.fast_path),
+    )?;
     let handles: Vec<Arc<ClientHandle>> = cluster
         .clients
         .iter()
@@ -631,7 +825,13 @@ fn measure(setup: Setup, args: &Args) -> Result<Round> {
         .context("cannot start a client")?;
     let timeout = Duration::from_secs(10);
     let callers_total = args.clients * args.callers;
-    let workload = Arc::new(Workload::prepare(setup, args.payload, &handles, args.callers, timeout)?);
+    let workload = Arc::new(Workload::prepare(
+        setup,
+        args.payload,
+        &handles,
+        args.callers,
+        timeout,
+    )?);
     // Every client gets one answer before the clock starts (connections are up). In parallel:
     // a reply that beats the client's hello to a backup is lost, and the client then waits a
     // retransmission timeout (1 s) before it asks again.
@@ -642,14 +842,22 @@ fn measure(setup: Setup, args: &Args) -> Result<Round> {
             let (h, workload) = (h.clone(), workload.clone());
             std::thread::spawn(move || {
                 let (operation, read_only) = workload.call(c * workload.callers_per_client, 0);
-                let reply = h.call(operation, read_only, timeout).context("the cluster does not answer")?;
+                let reply = h
+                    .call(operation, read_only, timeout)
+                    .context("the cluster does not answer")?;
                 Ok(workload.check(&reply))
             })
         })
         .collect();
     for t in ready {
-        if !t.join().map_err(|_| anyhow::anyhow!("a caller panicked"))?? {
-            bail!("unexpected reply to the first {} call", setup.workload.label());
+        if !t
+            .join()
+            .map_err(|_| anyhow::anyhow!("a caller panicked"))??
+        {
+            bail!(
+                "unexpected reply to the first {} call",
+                setup.workload.label()
+            );
         }
     }
     let setup_seconds = started.elapsed().as_secs_f64();
@@ -661,24 +869,30 @@ fn measure(setup: Setup, args: &Args) -> Result<Round> {
         for k in 0..args.callers {
             let (h, workload, errors) = (h.clone(), workload.clone(), errors.clone());
             let caller = c * args.callers + k;
-            callers.push(std::thread::Builder::new().name(format!("caller-{c}-{k}")).spawn(move || {
-                let mut latencies_ns: Vec<u64> = Vec::with_capacity(1 << 14);
-                for i in 1.. {
-                    let t0 = Instant::now();
-                    if t0 >= end {
-                        break;
-                    }
-                    let (operation, read_only) = workload.call(caller, i);
-                    let ok = h.call(operation, read_only, timeout).is_ok_and(|reply| workload.check(&reply));
-                    let t1 = Instant::now();
-                    if !ok {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                    } else if t1 >= start && t1 < end {
-                        latencies_ns.push((t1 - t0).as_nanos() as u64);
-                    }
-                }
-                latencies_ns
-            })?);
+            callers.push(
+                std::thread::Builder::new()
+                    .name(format!("caller-{c}-{k}"))
+                    .spawn(move || {
+                        let mut latencies_ns: Vec<u64> = Vec::with_capacity(1 << 14);
+                        for i in 1.. {
+                            let t0 = Instant::now();
+                            if t0 >= end {
+                                break;
+                            }
+                            let (operation, read_only) = workload.call(caller, i);
+                            let ok = h
+                                .call(operation, read_only, timeout)
+                                .is_ok_and(|reply| workload.check(&reply));
+                            let t1 = Instant::now();
+                            if !ok {
+                                errors.fetch_add(1, Ordering::Relaxed);
+                            } else if t1 >= start && t1 < end {
+                                latencies_ns.push((t1 - t0).as_nanos() as u64);
+                            }
+                        }
+                        latencies_ns
+                    })?,
+            );
         }
     }
     sleep_until(start);
@@ -702,7 +916,10 @@ fn measure(setup: Setup, args: &Args) -> Result<Round> {
         let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
         latencies[i] as f64 / 1000.0
     };
-    let delta = |f: &dyn Fn(&ReplicaStatus) -> u64, i: usize| match (status_before.get(i), status_after.get(i)) {
+    let delta = |f: &dyn Fn(&ReplicaStatus) -> u64, i: usize| match (
+        status_before.get(i),
+        status_after.get(i),
+    ) {
         (Some(b), Some(a)) => f(a).saturating_sub(f(b)),
         _ => 0,
     };
@@ -730,8 +947,12 @@ fn measure(setup: Setup, args: &Args) -> Result<Round> {
         requests: delta(&|s| s.executed_requests, 0),
         primary_wal_syncs: delta(&|s| s.wal_syncs, 0),
         primary_frames: delta(&|s| s.frames_accepted, 0),
-        wal_syncs_all: (0..status_after.len()).map(|i| delta(&|s| s.wal_syncs, i)).sum(),
-        dropped: (0..status_after.len()).map(|i| delta(&|s| s.dropped_overload, i)).sum(),
+        wal_syncs_all: (0..status_after.len())
+            .map(|i| delta(&|s| s.wal_syncs, i))
+            .sum(),
+        dropped: (0..status_after.len())
+            .map(|i| delta(&|s| s.dropped_overload, i))
+            .sum(),
         cpu,
         setup_seconds,
         teardown_seconds,
@@ -763,16 +984,31 @@ fn thread_cpu() -> BTreeMap<u64, (String, f64)> {
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let mut out = BTreeMap::new();
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return out };
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
     for task in tasks.flatten() {
-        let Some(tid) = task.file_name().to_str().and_then(|s| s.parse::<u64>().ok()) else { continue };
-        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
+        let Some(tid) = task
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
         // "tid (comm) state ppid ... utime stime": comm may hold spaces, so split at the last ')'.
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
         let name = &stat[open + 1..close];
         let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
         // After the comm, field 0 is the state; utime and stime are fields 11 and 12.
-        let (Some(user), Some(system)) = (fields.get(11).and_then(|v| v.parse::<f64>().ok()), fields.get(12).and_then(|v| v.parse::<f64>().ok())) else {
+        let (Some(user), Some(system)) = (
+            fields.get(11).and_then(|v| v.parse::<f64>().ok()),
+            fields.get(12).and_then(|v| v.parse::<f64>().ok()),
+        ) else {
             continue;
         };
         out.insert(tid, (name.to_string(), (user + system) / ticks));
@@ -790,7 +1026,12 @@ fn thread_cpu() -> BTreeMap<u64, (String, f64)> {
 struct StandIn;
 
 impl StandIn {
-    fn accept_loop(listener: std::net::TcpListener, auth: Authenticator, service: Box<dyn Service + Send>, stop: Arc<AtomicBool>) {
+    fn accept_loop(
+        listener: std::net::TcpListener,
+        auth: Authenticator,
+        service: Box<dyn Service + Send>,
+        stop: Arc<AtomicBool>,
+    ) {
         let auth = Arc::new(auth);
         let service = Arc::new(Mutex::new(service));
         let mut connections = Vec::new();
@@ -799,11 +1040,16 @@ impl StandIn {
                 Ok((stream, _)) => {
                     let (auth, service, stop) = (auth.clone(), service.clone(), stop.clone());
                     let name = format!("norep-conn-{}", connections.len());
-                    if let Ok(t) = std::thread::Builder::new().name(name).spawn(move || Self::serve(stream, &auth, &service, &stop)) {
+                    if let Ok(t) = std::thread::Builder::new()
+                        .name(name)
+                        .spawn(move || Self::serve(stream, &auth, &service, &stop))
+                    {
                         connections.push(t);
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
                 Err(_) => std::thread::sleep(Duration::from_millis(5)),
             }
         }
@@ -812,9 +1058,18 @@ impl StandIn {
         }
     }
 
-    fn serve(mut stream: std::net::TcpStream, auth: &Authenticator, service: &Mutex<Box<dyn Service + Send>>, stop: &AtomicBool) {
+    fn serve(
+        mut stream: std::net::TcpStream,
+        auth: &Authenticator,
+        service: &Mutex<Box<dyn Service + Send>>,
+        stop: &AtomicBool,
+    ) {
         // The listener is non-blocking; the connection blocks, with a timeout to see `stop`.
-        if stream.set_nonblocking(false).is_err() || stream.set_read_timeout(Some(Duration::from_millis(50))).is_err() {
+        if stream.set_nonblocking(false).is_err()
+            || stream
+                .set_read_timeout(Some(Duration::from_millis(50)))
+                .is_err()
+        {
             return;
         }
         let _ = stream.set_nodelay(true);
@@ -825,18 +1080,30 @@ impl StandIn {
             match stream.read(&mut chunk) {
                 Ok(0) => return,
                 Ok(k) => input.extend_from_slice(&chunk[..k]),
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    continue
+                }
                 Err(_) => return,
             }
             let mut at = 0;
             while input.len() - at >= wire::FRAME_HEADER_BYTES {
                 let mut header = [0u8; wire::FRAME_HEADER_BYTES];
                 header.copy_from_slice(&input[at..at + wire::FRAME_HEADER_BYTES]);
-                let Ok(len) = wire::frame_length(header) else { return };
+                let Ok(len) = wire::frame_length(header) else {
+                    return;
+                };
                 if input.len() - at - wire::FRAME_HEADER_BYTES < len {
                     break;
                 }
-                let body = &input[at + wire::FRAME_HEADER_BYTES..at + wire::FRAME_HEADER_BYTES + len];
+                let body =
+                    &input[at + wire::FRAME_HEADER_BYTES..at + wire::FRAME_HEADER_BYTES + len];
                 at += wire::FRAME_HEADER_BYTES + len;
                 if let Some(frame) = Self::handle(body, auth, service) {
                     output.extend_from_slice(&frame);
@@ -853,18 +1120,38 @@ impl StandIn {
     }
 
     /// One frame in, the sealed reply frame out (nothing for a hello or a bad frame).
-    fn handle(body: &[u8], auth: &Authenticator, service: &Mutex<Box<dyn Service + Send>>) -> Option<Vec<u8>> {
+    fn handle(
+        body: &[u8],
+        auth: &Authenticator,
+        service: &Mutex<Box<dyn Service + Send>>,
+    ) -> Option<Vec<u8>> {
         let (sender, message) = auth.open(body).ok()?.into_parts();
-        let Message::Client(ClientMessage::Request(request)) = message else { return None };
-        let Principal::Client(client) = sender else { return None };
+        let Message::Client(ClientMessage::Request(request)) = message else {
+            return None;
+        };
+        let Principal::Client(client) = sender else {
+            return None;
+        };
         if request.body.client != client {
             return None;
         }
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
         let mut service = service.lock().ok()?;
         // The service's own encoding of the agreed time, as a primary would propose it.
-        let nondet = if request.body.read_only { Vec::new() } else { service.propose_nondet(now) };
-        let result = service.execute(&request.body.operation, client, &nondet, request.body.read_only);
+        let nondet = if request.body.read_only {
+            Vec::new()
+        } else {
+            service.propose_nondet(now)
+        };
+        let result = service.execute(
+            &request.body.operation,
+            client,
+            &nondet,
+            request.body.read_only,
+        );
         let reply = Reply {
             view: View(0),
             client,
@@ -873,6 +1160,10 @@ impl StandIn {
             read_only: request.body.read_only,
             result,
         };
-        auth.seal(&Message::Client(ClientMessage::Reply(reply)), &[Principal::Client(client)]).ok()
+        auth.seal(
+            &Message::Client(ClientMessage::Reply(reply)),
+            &[Principal::Client(client)],
+        )
+        .ok()
     }
 }

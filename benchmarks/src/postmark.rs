@@ -81,23 +81,39 @@ fn config_of(name: &str) -> Result<Config> {
         "std" => Ok(standard(2000, 10_000)),
         "paper" => Ok(standard(5000, 20_000)),
         path => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("--config {path}: not std, paper or a readable file"))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--config {path}: not std, paper or a readable file"))?;
             // PostMark's defaults, overridden by the file.
             let (mut files, mut transactions) = (500, 500);
             let mut commands = Vec::new();
-            for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+            for line in text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            {
                 let words: Vec<&str> = line.split_whitespace().collect();
                 match words.as_slice() {
                     ["set", "location", ..] | ["run"] | ["quit"] => continue,
-                    ["set", "number", n] => files = n.parse().with_context(|| format!("bad line {line:?}"))?,
-                    ["set", "transactions", n] => transactions = n.parse().with_context(|| format!("bad line {line:?}"))?,
+                    ["set", "number", n] => {
+                        files = n.parse().with_context(|| format!("bad line {line:?}"))?
+                    }
+                    ["set", "transactions", n] => {
+                        transactions = n.parse().with_context(|| format!("bad line {line:?}"))?
+                    }
                     ["set", ..] => {}
                     _ => bail!("--config {path}: only `set` commands are allowed, found {line:?}"),
                 }
                 commands.push(line.to_string());
             }
-            let name = Path::new(path).file_stem().map_or("custom".into(), |s| s.to_string_lossy().into_owned());
-            Ok(Config { name, commands, files, transactions })
+            let name = Path::new(path)
+                .file_stem()
+                .map_or("custom".into(), |s| s.to_string_lossy().into_owned());
+            Ok(Config {
+                name,
+                commands,
+                files,
+                transactions,
+            })
         }
     }
 }
@@ -115,10 +131,15 @@ struct Target {
 }
 
 enum Teardown {
-    BftfsDown { bftfs: PathBuf, mountpoint: PathBuf },
+    BftfsDown {
+        bftfs: PathBuf,
+        mountpoint: PathBuf,
+    },
     Umount(PathBuf),
     RemoveDir(PathBuf),
-    Gluster { volume: String },
+    Gluster {
+        volume: String,
+    },
     /// glusterd started by the tool: stopped by the pid it wrote.
     KillGlusterd(PathBuf),
 }
@@ -127,21 +148,33 @@ impl Drop for Target {
     fn drop(&mut self) {
         for step in self.teardown.iter().rev() {
             let result = match step {
-                Teardown::BftfsDown { bftfs, mountpoint } => {
-                    Command::new(bftfs).arg("down").arg(mountpoint).stdout(Stdio::null()).status().map(|s| s.success())
-                }
-                Teardown::Umount(dir) => Command::new("umount").arg(dir).status().map(|s| s.success()),
+                Teardown::BftfsDown { bftfs, mountpoint } => Command::new(bftfs)
+                    .arg("down")
+                    .arg(mountpoint)
+                    .stdout(Stdio::null())
+                    .status()
+                    .map(|s| s.success()),
+                Teardown::Umount(dir) => Command::new("umount")
+                    .arg(dir)
+                    .status()
+                    .map(|s| s.success()),
                 Teardown::RemoveDir(dir) => {
                     let _ = std::fs::remove_dir_all(dir);
                     Ok(true)
                 }
                 Teardown::Gluster { volume } => {
-                    let stop = Command::new("gluster").args(["--mode=script", "volume", "stop", volume, "force"]).status();
-                    let delete = Command::new("gluster").args(["--mode=script", "volume", "delete", volume]).status();
+                    let stop = Command::new("gluster")
+                        .args(["--mode=script", "volume", "stop", volume, "force"])
+                        .status();
+                    let delete = Command::new("gluster")
+                        .args(["--mode=script", "volume", "delete", volume])
+                        .status();
                     stop.and(delete).map(|s| s.success())
                 }
                 Teardown::KillGlusterd(pid_file) => {
-                    let pid = std::fs::read_to_string(pid_file).ok().and_then(|s| s.trim().parse::<i32>().ok());
+                    let pid = std::fs::read_to_string(pid_file)
+                        .ok()
+                        .and_then(|s| s.trim().parse::<i32>().ok());
                     if let Some(pid) = pid.filter(|p| *p > 0) {
                         unsafe { libc::kill(pid, libc::SIGTERM) };
                     }
@@ -149,7 +182,11 @@ impl Drop for Target {
                 }
             };
             if !matches!(result, Ok(true)) {
-                eprintln!("warning: teardown of {} did not complete cleanly ({:?})", self.name, result.err());
+                eprintln!(
+                    "warning: teardown of {} did not complete cleanly ({:?})",
+                    self.name,
+                    result.err()
+                );
             }
         }
     }
@@ -162,12 +199,16 @@ enum Setup {
 
 fn which(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join(program)).find(|p| p.is_file())
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
 }
 
 /// `bftfs` next to this executable, else on PATH.
 fn find_bftfs() -> Result<PathBuf> {
-    let beside = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("bftfs")));
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("bftfs")));
     if let Some(p) = beside.filter(|p| p.is_file()) {
         return Ok(p);
     }
@@ -178,7 +219,9 @@ fn find_bftfs() -> Result<PathBuf> {
 }
 
 fn run_checked(command: &mut Command, what: &str) -> Result<()> {
-    let output = command.output().with_context(|| format!("running {what}"))?;
+    let output = command
+        .output()
+        .with_context(|| format!("running {what}"))?;
     if !output.status.success() {
         bail!(
             "{what} failed ({}): {}{}",
@@ -191,9 +234,15 @@ fn run_checked(command: &mut Command, what: &str) -> Result<()> {
 }
 
 fn is_mountpoint(dir: &Path) -> bool {
-    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else { return false };
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return false;
+    };
     let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-    mounts.lines().any(|l| l.split_whitespace().nth(1).is_some_and(|m| Path::new(m) == dir))
+    mounts.lines().any(|l| {
+        l.split_whitespace()
+            .nth(1)
+            .is_some_and(|m| Path::new(m) == dir)
+    })
 }
 
 fn scratch(work_dir: &Path, tag: &str) -> Result<PathBuf> {
@@ -214,7 +263,9 @@ fn set_up(name: &str, args: &Args) -> Result<Setup> {
                 Err(e) => return Ok(Setup::Skipped(format!("{e:#}"))),
             };
             if !Path::new("/dev/fuse").exists() {
-                return Ok(Setup::Skipped("/dev/fuse is missing (FUSE unavailable)".into()));
+                return Ok(Setup::Skipped(
+                    "/dev/fuse is missing (FUSE unavailable)".into(),
+                ));
             }
             let base = scratch(&args.work_dir, name)?;
             let mut target = Target {
@@ -226,12 +277,18 @@ fn set_up(name: &str, args: &Args) -> Result<Setup> {
             std::fs::create_dir(&target.dir)?;
             let f = if name == "bftfs-n1" { "0" } else { "1" };
             let mut up = Command::new(&bftfs);
-            up.arg("up").arg(&target.dir).args(["--f", f, "--detach", "--data-dir"]).arg(base.join("data"));
+            up.arg("up")
+                .arg(&target.dir)
+                .args(["--f", f, "--detach", "--data-dir"])
+                .arg(base.join("data"));
             if name == "bftfs-commit" {
                 up.arg("--no-fast-path");
             }
             run_checked(&mut up, &format!("bftfs up --f {f}"))?;
-            target.teardown.push(Teardown::BftfsDown { bftfs: bftfs.clone(), mountpoint: target.dir.clone() });
+            target.teardown.push(Teardown::BftfsDown {
+                bftfs: bftfs.clone(),
+                mountpoint: target.dir.clone(),
+            });
             wait_mounted(&target.dir)?;
             target.description = match name {
                 "bftfs" => "bftfs, f=1: 4 bftfs-replica processes on 127.0.0.1 (data on the root fs), fast path".into(),
@@ -242,15 +299,26 @@ fn set_up(name: &str, args: &Args) -> Result<Setup> {
         }
         "tmpfs" => {
             let base = scratch(&args.work_dir, name)?;
-            let mut target =
-                Target { name: name.into(), dir: base.clone(), teardown: vec![Teardown::RemoveDir(base.clone())], description: String::new() };
+            let mut target = Target {
+                name: name.into(),
+                dir: base.clone(),
+                teardown: vec![Teardown::RemoveDir(base.clone())],
+                description: String::new(),
+            };
             let mounted = is_root
-                && Command::new("mount").args(["-t", "tmpfs", "-o", "size=4g", "tmpfs"]).arg(&base).status().is_ok_and(|s| s.success());
+                && Command::new("mount")
+                    .args(["-t", "tmpfs", "-o", "size=4g", "tmpfs"])
+                    .arg(&base)
+                    .status()
+                    .is_ok_and(|s| s.success());
             if mounted {
                 target.teardown.push(Teardown::Umount(base.clone()));
                 target.description = "tmpfs mounted by the tool".into();
             } else {
-                let shm = tempfile::Builder::new().prefix("bftfs-bench-tmpfs-").tempdir_in("/dev/shm")?.keep();
+                let shm = tempfile::Builder::new()
+                    .prefix("bftfs-bench-tmpfs-")
+                    .tempdir_in("/dev/shm")?
+                    .keep();
                 target.teardown.push(Teardown::RemoveDir(shm.clone()));
                 target.dir = shm;
                 target.description = "a directory in /dev/shm (tmpfs)".into();
@@ -263,19 +331,28 @@ fn set_up(name: &str, args: &Args) -> Result<Setup> {
                 name: name.into(),
                 dir: base.clone(),
                 teardown: vec![Teardown::RemoveDir(base)],
-                description: format!("a directory in {} (root file system)", args.work_dir.display()),
+                description: format!(
+                    "a directory in {} (root file system)",
+                    args.work_dir.display()
+                ),
             }))
         }
         "bindfs" => {
             let Some(bindfs) = which("bindfs") else {
-                return Ok(Setup::Skipped("bindfs is not installed: apt-get install -y bindfs".into()));
+                return Ok(Setup::Skipped(
+                    "bindfs is not installed: apt-get install -y bindfs".into(),
+                ));
             };
             let base = scratch(&args.work_dir, name)?;
             let (backing, mnt) = (base.join("backing"), base.join("mnt"));
             std::fs::create_dir(&backing)?;
             std::fs::create_dir(&mnt)?;
-            let mut target =
-                Target { name: name.into(), dir: mnt.clone(), teardown: vec![Teardown::RemoveDir(base)], description: String::new() };
+            let mut target = Target {
+                name: name.into(),
+                dir: mnt.clone(),
+                teardown: vec![Teardown::RemoveDir(base)],
+                description: String::new(),
+            };
             run_checked(Command::new(bindfs).arg(&backing).arg(&mnt), "bindfs")?;
             target.teardown.push(Teardown::Umount(mnt.clone()));
             wait_mounted(&mnt)?;
@@ -289,7 +366,9 @@ fn set_up(name: &str, args: &Args) -> Result<Setup> {
                 ));
             }
             if !is_root {
-                return Ok(Setup::Skipped("glusterfs needs root to run glusterd and mount".into()));
+                return Ok(Setup::Skipped(
+                    "glusterfs needs root to run glusterd and mount".into(),
+                ));
             }
             set_up_gluster(args).map(Setup::Ready)
         }
@@ -308,10 +387,16 @@ fn set_up_gluster(args: &Args) -> Result<Target> {
         description: "GlusterFS replica 3, three bricks on 127.0.0.2, FUSE client".into(),
     };
     std::fs::create_dir(&target.dir)?;
-    let running = Command::new("pgrep").args(["-x", "glusterd"]).status().is_ok_and(|s| s.success());
+    let running = Command::new("pgrep")
+        .args(["-x", "glusterd"])
+        .status()
+        .is_ok_and(|s| s.success());
     if !running {
         let pid_file = base.join("glusterd.pid");
-        run_checked(Command::new("glusterd").arg(format!("--pid-file={}", pid_file.display())), "glusterd")?;
+        run_checked(
+            Command::new("glusterd").arg(format!("--pid-file={}", pid_file.display())),
+            "glusterd",
+        )?;
         target.teardown.push(Teardown::KillGlusterd(pid_file));
         std::thread::sleep(Duration::from_secs(2));
     }
@@ -325,10 +410,17 @@ fn set_up_gluster(args: &Args) -> Result<Target> {
     }
     create.arg("force");
     run_checked(&mut create, "gluster volume create")?;
-    target.teardown.push(Teardown::Gluster { volume: volume.clone() });
-    run_checked(Command::new("gluster").args(["--mode=script", "volume", "start", &volume]), "gluster volume start")?;
+    target.teardown.push(Teardown::Gluster {
+        volume: volume.clone(),
+    });
     run_checked(
-        Command::new("mount").args(["-t", "glusterfs", &format!("127.0.0.2:/{volume}")]).arg(&target.dir),
+        Command::new("gluster").args(["--mode=script", "volume", "start", &volume]),
+        "gluster volume start",
+    )?;
+    run_checked(
+        Command::new("mount")
+            .args(["-t", "glusterfs", &format!("127.0.0.2:/{volume}")])
+            .arg(&target.dir),
         "mount -t glusterfs",
     )?;
     target.teardown.push(Teardown::Umount(target.dir.clone()));
@@ -363,7 +455,11 @@ struct Measurement {
 }
 
 /// Runs PostMark in `dir`, timing its phases from its unbuffered output.
-fn run_postmark(config: &Config, dir: &Path, on_phase: &dyn Fn(&str)) -> Result<(f64, f64, f64, f64, Option<u64>)> {
+fn run_postmark(
+    config: &Config,
+    dir: &Path,
+    on_phase: &dyn Fn(&str),
+) -> Result<(f64, f64, f64, f64, Option<u64>)> {
     let stdbuf = which("stdbuf");
     let mut command = match &stdbuf {
         Some(s) => {
@@ -392,7 +488,12 @@ fn run_postmark(config: &Config, dir: &Path, on_phase: &dyn Fn(&str)) -> Result<
     let mut stdout = child.stdout.take().context("postmark stdout")?;
     let mut text = String::new();
     let mut buf = [0u8; 4096];
-    let markers = ["Creating files", "Performing transactions", "Deleting files", "Time:"];
+    let markers = [
+        "Creating files",
+        "Performing transactions",
+        "Deleting files",
+        "Time:",
+    ];
     let mut at: [Option<f64>; 4] = [None; 4];
     loop {
         let n = stdout.read(&mut buf)?;
@@ -415,7 +516,12 @@ fn run_postmark(config: &Config, dir: &Path, on_phase: &dyn Fn(&str)) -> Result<
         let _ = e.read_to_string(&mut stderr);
     }
     if !status.success() || at[3].is_none() || text.contains("Error") {
-        bail!("postmark failed in {} ({status}): {}{}", dir.display(), text.trim(), stderr.trim());
+        bail!(
+            "postmark failed in {} ({status}): {}{}",
+            dir.display(),
+            text.trim(),
+            stderr.trim()
+        );
     }
     let reported = text
         .lines()
@@ -434,7 +540,8 @@ fn run_postmark(config: &Config, dir: &Path, on_phase: &dyn Fn(&str)) -> Result<
 
 /// Redraws the chart of an earlier run from its JSON.
 fn replot(json_path: &Path) -> Result<()> {
-    let text = std::fs::read_to_string(json_path).with_context(|| format!("reading {}", json_path.display()))?;
+    let text = std::fs::read_to_string(json_path)
+        .with_context(|| format!("reading {}", json_path.display()))?;
     let v: serde_json::Value = serde_json::from_str(&text).context("parsing the JSON")?;
     let number = |x: &serde_json::Value| x.as_f64().unwrap_or(f64::NAN);
     let bars: Vec<Bar> = v["summary"]
@@ -468,11 +575,17 @@ pub fn run(args: Args) -> Result<()> {
     if which("postmark").is_none() {
         bail!("postmark is not installed: apt-get install -y postmark");
     }
-    let names: Vec<String> = args.targets.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+    let names: Vec<String> = args
+        .targets
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
     if names.is_empty() {
         bail!("--targets is empty");
     }
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
 
     // Targets are dropped (torn down) when this function returns, also on error.
     let mut targets: Vec<Target> = Vec::new();
@@ -520,10 +633,13 @@ pub fn run(args: Args) -> Result<()> {
                         files_created_per_second: config.files as f64 / create,
                         postmark_reported_seconds: reported,
                     };
-                    say(&bar, format!(
-                        "{label}: {:.0} transactions/s, {:.0} files created/s, {:.1} s total",
-                        m.transactions_per_second, m.files_created_per_second, m.total_seconds
-                    ));
+                    say(
+                        &bar,
+                        format!(
+                            "{label}: {:.0} transactions/s, {:.0} files created/s, {:.1} s total",
+                            m.transactions_per_second, m.files_created_per_second, m.total_seconds
+                        ),
+                    );
                     measurements.push(m);
                 }
                 Err(e) => {
@@ -541,11 +657,27 @@ pub fn run(args: Args) -> Result<()> {
     let baseline = args
         .baseline
         .clone()
-        .or_else(|| ["tmpfs", "localdir"].iter().find(|b| measured.contains(b)).map(|s| s.to_string()))
+        .or_else(|| {
+            ["tmpfs", "localdir"]
+                .iter()
+                .find(|b| measured.contains(b))
+                .map(|s| s.to_string())
+        })
         .unwrap_or_else(|| measured[0].to_string());
     let summary = summarize(&targets, &measurements, &baseline);
-    print_summary(&args, &config, &targets, &summary, &skipped, &failures, &baseline);
-    write_files(&args, &config, &targets, &measurements, &summary, &skipped, &failures, &baseline)?;
+    print_summary(
+        &args, &config, &targets, &summary, &skipped, &failures, &baseline,
+    );
+    write_files(
+        &args,
+        &config,
+        &targets,
+        &measurements,
+        &summary,
+        &skipped,
+        &failures,
+        &baseline,
+    )?;
     drop(targets);
     if !failures.is_empty() {
         bail!("{} PostMark run(s) failed", failures.len());
@@ -574,20 +706,30 @@ struct Summary {
 
 fn summarize(targets: &[Target], measurements: &[Measurement], baseline: &str) -> Vec<Summary> {
     let of = |name: &str, f: fn(&Measurement) -> f64| -> Vec<f64> {
-        measurements.iter().filter(|m| m.target == name).map(f).collect()
+        measurements
+            .iter()
+            .filter(|m| m.target == name)
+            .map(f)
+            .collect()
     };
     let nan3 = (f64::NAN, f64::NAN, f64::NAN);
-    let base_tps = median_min_max(&of(baseline, |m: &Measurement| m.transactions_per_second)).map_or(f64::NAN, |t| t.0);
+    let base_tps = median_min_max(&of(baseline, |m: &Measurement| m.transactions_per_second))
+        .map_or(f64::NAN, |t| t.0);
     targets
         .iter()
         .map(|t| {
-            let tps = median_min_max(&of(&t.name, |m: &Measurement| m.transactions_per_second)).unwrap_or(nan3);
+            let tps = median_min_max(&of(&t.name, |m: &Measurement| m.transactions_per_second))
+                .unwrap_or(nan3);
             Summary {
                 target: t.name.clone(),
                 runs: of(&t.name, |m: &Measurement| m.total_seconds).len(),
                 transactions_per_second: tps,
-                files_created_per_second: median_min_max(&of(&t.name, |m: &Measurement| m.files_created_per_second)).unwrap_or(nan3),
-                total_seconds: median_min_max(&of(&t.name, |m: &Measurement| m.total_seconds)).unwrap_or(nan3),
+                files_created_per_second: median_min_max(&of(&t.name, |m: &Measurement| {
+                    m.files_created_per_second
+                }))
+                .unwrap_or(nan3),
+                total_seconds: median_min_max(&of(&t.name, |m: &Measurement| m.total_seconds))
+                    .unwrap_or(nan3),
                 ratio_to_baseline: tps.0 / base_tps,
             }
         })
@@ -611,10 +753,25 @@ fn print_summary(
     println!("| target | runs | transactions/s | files created/s | total s | tx/s vs {baseline} |");
     println!("|---|---:|---:|---:|---:|---:|");
     for s in summary {
-        let (t, c, total) = (s.transactions_per_second, s.files_created_per_second, s.total_seconds);
+        let (t, c, total) = (
+            s.transactions_per_second,
+            s.files_created_per_second,
+            s.total_seconds,
+        );
         println!(
             "| {} | {} | {:.0} [{:.0}–{:.0}] | {:.0} [{:.0}–{:.0}] | {:.1} [{:.1}–{:.1}] | {:.3} |",
-            s.target, s.runs, t.0, t.1, t.2, c.0, c.1, c.2, total.0, total.1, total.2, s.ratio_to_baseline
+            s.target,
+            s.runs,
+            t.0,
+            t.1,
+            t.2,
+            c.0,
+            c.1,
+            c.2,
+            total.0,
+            total.1,
+            total.2,
+            s.ratio_to_baseline
         );
     }
     for (name, why) in skipped {
@@ -656,7 +813,8 @@ fn write_files(
             m.delete_seconds,
             m.transactions_per_second,
             m.files_created_per_second,
-            m.postmark_reported_seconds.map_or(String::new(), |s| s.to_string())
+            m.postmark_reported_seconds
+                .map_or(String::new(), |s| s.to_string())
         ));
     }
     std::fs::write(&csv_path, csv).with_context(|| format!("writing {}", csv_path.display()))?;
@@ -672,7 +830,8 @@ fn write_files(
         "summary": summary,
         "measurements": measurements,
     });
-    std::fs::write(&json_path, serde_json::to_string_pretty(&json)?).with_context(|| format!("writing {}", json_path.display()))?;
+    std::fs::write(&json_path, serde_json::to_string_pretty(&json)?)
+        .with_context(|| format!("writing {}", json_path.display()))?;
     let png_path = stem.with_extension("png");
     let bars: Vec<Bar> = summary
         .iter()
@@ -684,10 +843,22 @@ fn write_files(
             max: s.transactions_per_second.2,
         })
         .collect();
-    let title = format!("PostMark {}: transactions/s (median, min-max of {} rounds)", config.name, args.runs);
+    let title = format!(
+        "PostMark {}: transactions/s (median, min-max of {} rounds)",
+        config.name, args.runs
+    );
     match report::bar_chart_png(&png_path, &title, "transactions/s", &bars) {
-        Ok(()) => println!("wrote {}, {}, {}", csv_path.display(), json_path.display(), png_path.display()),
-        Err(e) => println!("wrote {}, {}; no chart: {e:#}", csv_path.display(), json_path.display()),
+        Ok(()) => println!(
+            "wrote {}, {}, {}",
+            csv_path.display(),
+            json_path.display(),
+            png_path.display()
+        ),
+        Err(e) => println!(
+            "wrote {}, {}; no chart: {e:#}",
+            csv_path.display(),
+            json_path.display()
+        ),
     }
     Ok(())
 }

@@ -115,7 +115,11 @@ pub struct Record<'a> {
 impl<'a> Record<'a> {
     /// The value of the `nth` (0-based) occurrence of `key`.
     pub fn field_nth(&self, key: &str, nth: usize) -> Option<&'a str> {
-        self.fields.iter().filter(|(k, _)| *k == key).nth(nth).map(|(_, v)| *v)
+        self.fields
+            .iter()
+            .filter(|(k, _)| *k == key)
+            .nth(nth)
+            .map(|(_, v)| *v)
     }
     pub fn field(&self, key: &str) -> Option<&'a str> {
         self.field_nth(key, 0)
@@ -188,9 +192,12 @@ pub fn decode_quoted(s: &str) -> Result<Vec<u8>, String> {
     while i < bytes.len() {
         match bytes[i] {
             b'%' => {
-                let hex = bytes.get(i + 1..i + 3).ok_or_else(|| format!("truncated %XX escape in {s:?}"))?;
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .ok_or_else(|| format!("truncated %XX escape in {s:?}"))?;
                 let hex = std::str::from_utf8(hex).map_err(|_| format!("bad escape in {s:?}"))?;
-                let byte = u8::from_str_radix(hex, 16).map_err(|_| format!("bad %XX escape in {s:?}"))?;
+                let byte =
+                    u8::from_str_radix(hex, 16).map_err(|_| format!("bad %XX escape in {s:?}"))?;
                 out.push(byte);
                 i += 3;
             }
@@ -225,7 +232,9 @@ pub fn parse_line(line: &str) -> Result<Record<'_>, String> {
     let time_us = parse_time_us(tokens[0])?;
     let (src, dst) = (tokens[1], tokens[2]);
     for host in [src, dst] {
-        let ok = host.split_once('.').is_some_and(|(a, p)| parse_hex(a).is_ok() && parse_hex(p).is_ok());
+        let ok = host
+            .split_once('.')
+            .is_some_and(|(a, p)| parse_hex(a).is_ok() && parse_hex(p).is_ok());
         if !ok {
             return Err(format!("bad host {host:?}"));
         }
@@ -237,10 +246,15 @@ pub fn parse_line(line: &str) -> Result<Record<'_>, String> {
     if dir.len() != 2 || !matches!(dir[0], b'C' | b'R') || !dir[1].is_ascii_digit() {
         return Err(format!("bad direction {:?}", tokens[4]));
     }
-    let direction = if dir[0] == b'C' { Direction::Call } else { Direction::Reply };
+    let direction = if dir[0] == b'C' {
+        Direction::Call
+    } else {
+        Direction::Reply
+    };
     let version = dir[1] - b'0';
     let xid = u32::from_str_radix(tokens[5], 16).map_err(|_| format!("bad xid {:?}", tokens[5]))?;
-    let procedure = u32::from_str_radix(tokens[6], 16).map_err(|_| format!("bad procedure {:?}", tokens[6]))?;
+    let procedure =
+        u32::from_str_radix(tokens[6], 16).map_err(|_| format!("bad procedure {:?}", tokens[6]))?;
     let name = tokens[7];
     let mut i = 8;
     let mut status = None;
@@ -280,14 +294,27 @@ pub fn parse_line(line: &str) -> Result<Record<'_>, String> {
             tail_seen = true;
             break;
         }
-        let value = tokens.get(i + 1).ok_or_else(|| format!("key {token:?} without a value"))?;
+        let value = tokens
+            .get(i + 1)
+            .ok_or_else(|| format!("key {token:?} without a value"))?;
         fields.push((token, *value));
         i += 2;
     }
     if !tail_seen {
         return Err("missing tail (con = N len = N)".into());
     }
-    Ok(Record { time_us, src, dst, version, direction, xid, procedure, name, status, fields })
+    Ok(Record {
+        time_us,
+        src,
+        dst,
+        version,
+        direction,
+        xid,
+        procedure,
+        name,
+        status,
+        fields,
+    })
 }
 
 fn expect_tail(tokens: &[&str], keys: &[&str]) -> Result<(), String> {
@@ -295,7 +322,10 @@ fn expect_tail(tokens: &[&str], keys: &[&str]) -> Result<(), String> {
         return Err(format!("bad tail: {:?}", tokens.join(" ")));
     }
     for (chunk, key) in tokens.chunks(3).zip(keys) {
-        if chunk[0] != *key || chunk[1] != "=" || chunk[2].parse::<u64>().is_err() && parse_hex(chunk[2]).is_err() {
+        if chunk[0] != *key
+            || chunk[1] != "="
+            || chunk[2].parse::<u64>().is_err() && parse_hex(chunk[2]).is_err()
+        {
             return Err(format!("bad tail: {:?}", tokens.join(" ")));
         }
     }
@@ -313,9 +343,15 @@ pub fn open_trace(path: &Path) -> Result<(Box<dyn BufRead>, u64)> {
     let n = read_up_to(&mut file, &mut magic)?;
     let file = File::open(path)?;
     let reader: Box<dyn BufRead> = if n == 4 && magic == [0x28, 0xb5, 0x2f, 0xfd] {
-        Box::new(BufReader::with_capacity(1 << 16, zstd::stream::read::Decoder::new(file)?))
+        Box::new(BufReader::with_capacity(
+            1 << 16,
+            zstd::stream::read::Decoder::new(file)?,
+        ))
     } else if n >= 2 && magic[..2] == [0x1f, 0x8b] {
-        Box::new(BufReader::with_capacity(1 << 16, flate2::read::MultiGzDecoder::new(BufReader::new(file))))
+        Box::new(BufReader::with_capacity(
+            1 << 16,
+            flate2::read::MultiGzDecoder::new(BufReader::new(file)),
+        ))
     } else {
         Box::new(BufReader::with_capacity(1 << 16, file))
     };
@@ -337,10 +373,17 @@ fn read_up_to(file: &mut File, buf: &mut [u8]) -> Result<usize> {
 /// What the pairing stream hands out.
 enum Event<'a> {
     /// A call and its reply, at the reply's position in the trace.
-    Pair { call_line: u64, call: Record<'a>, reply: Record<'a> },
+    Pair {
+        call_line: u64,
+        call: Record<'a>,
+        reply: Record<'a>,
+    },
     /// A line that is not an NFSv3 call/reply we can use, with the reason.
     Unmapped(&'static str),
-    Malformed { line: u64, reason: String },
+    Malformed {
+        line: u64,
+        reason: String,
+    },
 }
 
 /// Pairs calls with replies by (client, xid), holding at most `PENDING_CALLS_MAX` calls.
@@ -352,7 +395,11 @@ struct Pairer {
 
 impl Pairer {
     fn new() -> Self {
-        Pairer { pending: HashMap::new(), order: VecDeque::new(), evicted: 0 }
+        Pairer {
+            pending: HashMap::new(),
+            order: VecDeque::new(),
+            evicted: 0,
+        }
     }
 
     /// Feeds one line; calls `f` with the resulting event, if any.
@@ -362,7 +409,12 @@ impl Pairer {
         }
         let record = match parse_line(line) {
             Ok(r) => r,
-            Err(reason) => return f(Event::Malformed { line: line_no, reason }),
+            Err(reason) => {
+                return f(Event::Malformed {
+                    line: line_no,
+                    reason,
+                })
+            }
         };
         if record.version != 3 {
             return f(Event::Unmapped("not NFSv3"));
@@ -370,13 +422,21 @@ impl Pairer {
         match record.direction {
             Direction::Call => {
                 let key = (record.src.to_string(), record.xid);
-                if self.pending.insert(key.clone(), (line_no, line.to_string())).is_some() {
-                    f(Event::Unmapped("call retransmitted or xid reused before its reply"));
+                if self
+                    .pending
+                    .insert(key.clone(), (line_no, line.to_string()))
+                    .is_some()
+                {
+                    f(Event::Unmapped(
+                        "call retransmitted or xid reused before its reply",
+                    ));
                 } else {
                     self.order.push_back(key);
                 }
                 while self.pending.len() > PENDING_CALLS_MAX {
-                    let Some(old) = self.order.pop_front() else { break };
+                    let Some(old) = self.order.pop_front() else {
+                        break;
+                    };
                     if self.pending.remove(&old).is_some() {
                         self.evicted += 1;
                         f(Event::Unmapped("call without reply"));
@@ -394,12 +454,21 @@ impl Pairer {
                 };
                 let call = match parse_line(&call_text) {
                     Ok(c) => c,
-                    Err(reason) => return f(Event::Malformed { line: call_line, reason }),
+                    Err(reason) => {
+                        return f(Event::Malformed {
+                            line: call_line,
+                            reason,
+                        })
+                    }
                 };
                 if call.procedure != record.procedure || call.name != record.name {
                     return f(Event::Unmapped("reply procedure differs from its call's"));
                 }
-                f(Event::Pair { call_line, call, reply: record });
+                f(Event::Pair {
+                    call_line,
+                    call,
+                    reply: record,
+                });
             }
         }
     }
@@ -414,14 +483,20 @@ impl Pairer {
 }
 
 /// Reads the trace line by line and feeds the pairer. Returns the number of lines.
-fn stream_trace(path: &Path, progress: Option<&indicatif::ProgressBar>, f: &mut dyn FnMut(Event<'_>)) -> Result<u64> {
+fn stream_trace(
+    path: &Path,
+    progress: Option<&indicatif::ProgressBar>,
+    f: &mut dyn FnMut(Event<'_>),
+) -> Result<u64> {
     let (mut reader, _) = open_trace(path)?;
     let mut pairer = Pairer::new();
     let mut buf = Vec::with_capacity(1024);
     let mut line_no = 0u64;
     loop {
         buf.clear();
-        let n = reader.read_until(b'\n', &mut buf).with_context(|| format!("reading {}", path.display()))?;
+        let n = reader
+            .read_until(b'\n', &mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
         if n == 0 {
             break;
         }
@@ -433,7 +508,10 @@ fn stream_trace(path: &Path, progress: Option<&indicatif::ProgressBar>, f: &mut 
         }
         match std::str::from_utf8(&buf) {
             Ok(line) => pairer.feed(line_no, line.trim_end_matches(['\n', '\r']), f),
-            Err(_) => f(Event::Malformed { line: line_no, reason: "not UTF-8".into() }),
+            Err(_) => f(Event::Malformed {
+                line: line_no,
+                reason: "not UTF-8".into(),
+            }),
         }
     }
     pairer.finish(f);
@@ -476,8 +554,28 @@ impl Proc {
     pub fn from_number(n: u32) -> Option<Proc> {
         use Proc::*;
         const ALL: [Proc; 22] = [
-            Null, Getattr, Setattr, Lookup, Access, Readlink, Read, Write, Create, Mkdir, Symlink, Mknod, Remove, Rmdir,
-            Rename, Link, Readdir, Readdirplus, Fsstat, Fsinfo, Pathconf, Commit,
+            Null,
+            Getattr,
+            Setattr,
+            Lookup,
+            Access,
+            Readlink,
+            Read,
+            Write,
+            Create,
+            Mkdir,
+            Symlink,
+            Mknod,
+            Remove,
+            Rmdir,
+            Rename,
+            Link,
+            Readdir,
+            Readdirplus,
+            Fsstat,
+            Fsinfo,
+            Pathconf,
+            Commit,
         ];
         ALL.get(n as usize).copied()
     }
@@ -544,7 +642,10 @@ enum Loc {
     Root,
     /// Never seen in a lookup: `.replay-orphans/fh-<handle>`.
     Orphan,
-    Entry { parent: HandleId, name: Box<[u8]> },
+    Entry {
+        parent: HandleId,
+        name: Box<[u8]>,
+    },
 }
 
 /// An object the trace uses before creating it.
@@ -590,14 +691,20 @@ struct Plan {
 }
 
 fn call_handles<'a>(call: &Record<'a>) -> Vec<(&'static str, &'a str)> {
-    ["fh", "fh2"].into_iter().filter_map(|k| call.field(k).map(|v| (k, v))).collect()
+    ["fh", "fh2"]
+        .into_iter()
+        .filter_map(|k| call.field(k).map(|v| (k, v)))
+        .collect()
 }
 
 /// Kind an object must have, from how a call uses it (when no attributes say).
 fn kind_from_use(proc: Proc, key: &str) -> Kind {
     use Proc::*;
     match (proc, key) {
-        (Lookup | Create | Mkdir | Symlink | Mknod | Remove | Rmdir | Readdir | Readdirplus, "fh") => Kind::Dir,
+        (
+            Lookup | Create | Mkdir | Symlink | Mknod | Remove | Rmdir | Readdir | Readdirplus,
+            "fh",
+        ) => Kind::Dir,
         (Rename, _) | (Link, "fh2") => Kind::Dir,
         (Readlink, _) => Kind::Symlink,
         _ => Kind::File,
@@ -626,10 +733,15 @@ fn first_pass(path: &Path, progress: Option<&indicatif::ProgressBar>) -> Result<
             }
             Event::Unmapped(_) => return,
         };
-        let Some(proc) = Proc::from_number(call.procedure) else { return };
+        let Some(proc) = Proc::from_number(call.procedure) else {
+            return;
+        };
         let ok = reply.status == Some(Status::Ok);
         let attributes = reply.attributes();
-        let intern = |h: &str, handles: &mut Handles, initial: &mut Vec<Option<Initial>>, known: &mut Vec<bool>| {
+        let intern = |h: &str,
+                      handles: &mut Handles,
+                      initial: &mut Vec<Option<Initial>>,
+                      known: &mut Vec<bool>| {
             let id = handles.intern(h);
             if initial.len() <= id as usize {
                 initial.resize(id as usize + 1, None);
@@ -647,7 +759,11 @@ fn first_pass(path: &Path, progress: Option<&indicatif::ProgressBar>) -> Result<
                 }
                 initial[id as usize] = Some(Initial {
                     loc: if is_root { Loc::Root } else { Loc::Orphan },
-                    kind: if is_root { Kind::Dir } else { kind_from_use(proc, key) },
+                    kind: if is_root {
+                        Kind::Dir
+                    } else {
+                        kind_from_use(proc, key)
+                    },
                     mode: None,
                     size: 0,
                     symlink_target: None,
@@ -658,8 +774,17 @@ fn first_pass(path: &Path, progress: Option<&indicatif::ProgressBar>) -> Result<
             if let Some(init) = initial[id as usize].as_mut() {
                 if key == "fh" && !init.attributes_known && ok {
                     let object_attributes = match proc {
-                        Proc::Getattr | Proc::Setattr | Proc::Access | Proc::Readlink | Proc::Read | Proc::Write
-                        | Proc::Commit | Proc::Fsstat | Proc::Fsinfo | Proc::Pathconf | Proc::Readdir
+                        Proc::Getattr
+                        | Proc::Setattr
+                        | Proc::Access
+                        | Proc::Readlink
+                        | Proc::Read
+                        | Proc::Write
+                        | Proc::Commit
+                        | Proc::Fsstat
+                        | Proc::Fsinfo
+                        | Proc::Pathconf
+                        | Proc::Readdir
                         | Proc::Readdirplus => attributes.first().copied(),
                         _ => None,
                     };
@@ -682,9 +807,14 @@ fn first_pass(path: &Path, progress: Option<&indicatif::ProgressBar>) -> Result<
         let name = call.quoted("name").ok().flatten();
         match proc {
             Proc::Lookup if ok => {
-                let (Some(dir), Some(name), Some(h)) = (dir, name, reply.field("fh")) else { return };
+                let (Some(dir), Some(name), Some(h)) = (dir, name, reply.field("fh")) else {
+                    return;
+                };
                 let id = intern(h, &mut handles, &mut initial, &mut known);
-                let entry = Loc::Entry { parent: dir, name: name.clone().into() };
+                let entry = Loc::Entry {
+                    parent: dir,
+                    name: name.clone().into(),
+                };
                 let a = attributes.first().copied().unwrap_or_default();
                 let dir_pre_existing = initial.get(dir as usize).is_some_and(Option::is_some);
                 if !known[id as usize] {
@@ -717,14 +847,24 @@ fn first_pass(path: &Path, progress: Option<&indicatif::ProgressBar>) -> Result<
                 }
             }
             Proc::Remove | Proc::Rmdir | Proc::Rename if ok => {
-                let (Some(dir), Some(name)) = (dir, name) else { return };
+                let (Some(dir), Some(name)) = (dir, name) else {
+                    return;
+                };
                 let key = (dir, name);
-                if !names_exist.remove(&key) && initial.get(dir as usize).is_some_and(Option::is_some) {
-                    let kind = if proc == Proc::Rmdir { Kind::Dir } else { Kind::File };
+                if !names_exist.remove(&key)
+                    && initial.get(dir as usize).is_some_and(Option::is_some)
+                {
+                    let kind = if proc == Proc::Rmdir {
+                        Kind::Dir
+                    } else {
+                        Kind::File
+                    };
                     name_only.push((key.0, key.1, kind));
                 }
                 if proc == Proc::Rename {
-                    if let (Some(to_dir), Ok(Some(to_name))) = (call.field("fh2"), call.quoted("name2")) {
+                    if let (Some(to_dir), Ok(Some(to_name))) =
+                        (call.field("fh2"), call.quoted("name2"))
+                    {
                         let to_dir = handles.intern(to_dir);
                         names_exist.insert((to_dir, to_name));
                     }
@@ -740,7 +880,15 @@ fn first_pass(path: &Path, progress: Option<&indicatif::ProgressBar>) -> Result<
         }
     };
     let lines = stream_trace(path, progress, &mut on_event)?;
-    Ok(Plan { handles, initial, name_only, root, lines, malformed, malformed_listed })
+    Ok(Plan {
+        handles,
+        initial,
+        name_only,
+        root,
+        lines,
+        malformed,
+        malformed_listed,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -781,7 +929,8 @@ fn status_text(code: u32) -> String {
 }
 
 fn cpath(path: &Path) -> std::io::Result<CString> {
-    CString::new(path.as_os_str().as_bytes()).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
 }
 
 fn check(rc: libc::c_int) -> std::io::Result<()> {
@@ -794,10 +943,16 @@ fn check(rc: libc::c_int) -> std::io::Result<()> {
 
 fn utime_of(value: &str) -> Result<libc::timespec, String> {
     if value == "SERVER" {
-        return Ok(libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW });
+        return Ok(libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        });
     }
     let us = parse_time_us(value)?;
-    Ok(libc::timespec { tv_sec: (us / 1_000_000) as libc::time_t, tv_nsec: ((us % 1_000_000) * 1000) as _ })
+    Ok(libc::timespec {
+        tv_sec: (us / 1_000_000) as libc::time_t,
+        tv_nsec: ((us % 1_000_000) * 1000) as _,
+    })
 }
 
 /// One directory being replayed into.
@@ -838,7 +993,12 @@ impl RunStats {
 }
 
 impl Target {
-    fn path_of(&self, root_handle: Option<HandleId>, handles: &Handles, id: HandleId) -> Option<PathBuf> {
+    fn path_of(
+        &self,
+        root_handle: Option<HandleId>,
+        handles: &Handles,
+        id: HandleId,
+    ) -> Option<PathBuf> {
         let mut parts: Vec<&[u8]> = Vec::new();
         let mut current = id;
         let base = loop {
@@ -850,7 +1010,10 @@ impl Target {
                 Loc::Root => break self.root.clone(),
                 Loc::Orphan => {
                     let _ = root_handle;
-                    break self.root.join(ORPHANS_DIR).join(format!("fh-{}", handles.names[current as usize]));
+                    break self
+                        .root
+                        .join(ORPHANS_DIR)
+                        .join(format!("fh-{}", handles.names[current as usize]));
                 }
                 Loc::Entry { parent, name } => {
                     parts.push(&name[..]);
@@ -877,10 +1040,18 @@ impl Target {
             if self.open.len() >= OPEN_FILES_MAX {
                 self.open.clear();
             }
-            let file = match OpenOptions::new().read(true).write(true).custom_flags(libc::O_NOFOLLOW).open(path) {
+            let file = match OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(path)
+            {
                 Ok(f) => f,
                 Err(e) if e.raw_os_error() == Some(libc::EISDIR) => return Err(e),
-                Err(_) => OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path)?,
+                Err(_) => OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(path)?,
             };
             self.open.insert(id, file);
         }
@@ -901,13 +1072,20 @@ impl Target {
 
     fn bind_name(&mut self, dir: HandleId, name: &[u8], id: HandleId) {
         self.names.insert((dir, name.into()), id);
-        self.set_loc(id, Loc::Entry { parent: dir, name: name.into() });
+        self.set_loc(
+            id,
+            Loc::Entry {
+                parent: dir,
+                name: name.into(),
+            },
+        );
     }
 }
 
 /// Builds the initial tree under `target.root` and the namespace that goes with it.
 fn make_initial_tree(plan: &Plan, target: &mut Target) -> Result<()> {
-    std::fs::create_dir(&target.root).with_context(|| format!("creating {}", target.root.display()))?;
+    std::fs::create_dir(&target.root)
+        .with_context(|| format!("creating {}", target.root.display()))?;
     target.loc = vec![Loc::Unknown; plan.handles.names.len()];
     let mut has_orphans = false;
     for (id, init) in plan.initial.iter().enumerate() {
@@ -937,7 +1115,9 @@ fn make_initial_tree(plan: &Plan, target: &mut Target) -> Result<()> {
                     std::fs::create_dir(target.root.join(ORPHANS_DIR))?;
                     has_orphans = true;
                 }
-                let path = target.path_of(plan.root, &plan.handles, id as HandleId).context("orphan path")?;
+                let path = target
+                    .path_of(plan.root, &plan.handles, id as HandleId)
+                    .context("orphan path")?;
                 order.push((path.components().count(), id as HandleId, path));
             }
         }
@@ -946,15 +1126,25 @@ fn make_initial_tree(plan: &Plan, target: &mut Target) -> Result<()> {
     let chunk = vec![0x5au8; 1 << 20];
     let mut modes = Vec::new();
     for (_, id, path) in &order {
-        let Some(init) = &plan.initial[*id as usize] else { continue };
-        create_object(&path, init.kind, init.size, init.symlink_target.as_deref(), &chunk)
-            .with_context(|| format!("creating initial object {}", path.display()))?;
+        let Some(init) = &plan.initial[*id as usize] else {
+            continue;
+        };
+        create_object(
+            &path,
+            init.kind,
+            init.size,
+            init.symlink_target.as_deref(),
+            &chunk,
+        )
+        .with_context(|| format!("creating initial object {}", path.display()))?;
         if let (Some(mode), false) = (init.mode, init.kind == Kind::Symlink) {
             modes.push((path.clone(), mode & 0o7777));
         }
     }
     for (dir, name, kind) in &plan.name_only {
-        let Some(dir_path) = target.path_of(plan.root, &plan.handles, *dir) else { continue };
+        let Some(dir_path) = target.path_of(plan.root, &plan.handles, *dir) else {
+            continue;
+        };
         let path = dir_path.join(OsStr::from_bytes(name));
         if std::fs::symlink_metadata(&path).is_err() {
             // Best effort: the directory may itself be a file in a trace we cannot follow.
@@ -968,12 +1158,19 @@ fn make_initial_tree(plan: &Plan, target: &mut Target) -> Result<()> {
     Ok(())
 }
 
-fn create_object(path: &Path, kind: Kind, size: u64, target: Option<&[u8]>, chunk: &[u8]) -> std::io::Result<()> {
+fn create_object(
+    path: &Path,
+    kind: Kind,
+    size: u64,
+    target: Option<&[u8]>,
+    chunk: &[u8],
+) -> std::io::Result<()> {
     match kind {
         Kind::Dir => std::fs::create_dir(path),
-        Kind::Symlink => {
-            std::os::unix::fs::symlink(OsStr::from_bytes(target.unwrap_or(b"replay-placeholder-target")), path)
-        }
+        Kind::Symlink => std::os::unix::fs::symlink(
+            OsStr::from_bytes(target.unwrap_or(b"replay-placeholder-target")),
+            path,
+        ),
         Kind::Fifo => check(unsafe { libc::mkfifo(cpath(path)?.as_ptr(), 0o644) }),
         Kind::File | Kind::Other => {
             let mut file = OpenOptions::new().write(true).create_new(true).open(path)?;
@@ -1001,8 +1198,12 @@ impl<'p> Replay<'p> {
     }
 
     fn path(&self, call: &Record<'_>, key: &str) -> Result<(HandleId, PathBuf), Unmappable> {
-        let handle = call.field(key).ok_or(Unmappable("call without a file handle"))?;
-        let id = self.id(handle).ok_or(Unmappable("handle not in the first pass"))?;
+        let handle = call
+            .field(key)
+            .ok_or(Unmappable("call without a file handle"))?;
+        let id = self
+            .id(handle)
+            .ok_or(Unmappable("handle not in the first pass"))?;
         let path = self
             .target
             .path_of(self.plan.root, &self.plan.handles, id)
@@ -1010,9 +1211,17 @@ impl<'p> Replay<'p> {
         Ok((id, path))
     }
 
-    fn named(&self, call: &Record<'_>, dir_key: &str, name_key: &str) -> Result<(HandleId, Vec<u8>, PathBuf), Unmappable> {
+    fn named(
+        &self,
+        call: &Record<'_>,
+        dir_key: &str,
+        name_key: &str,
+    ) -> Result<(HandleId, Vec<u8>, PathBuf), Unmappable> {
         let (dir, dir_path) = self.path(call, dir_key)?;
-        let name = call.quoted(name_key).map_err(|_| Unmappable("bad name"))?.ok_or(Unmappable("missing name"))?;
+        let name = call
+            .quoted(name_key)
+            .map_err(|_| Unmappable("bad name"))?
+            .ok_or(Unmappable("missing name"))?;
         let path = dir_path.join(OsStr::from_bytes(&name));
         Ok((dir, name, path))
     }
@@ -1024,8 +1233,14 @@ impl<'p> Replay<'p> {
         }
     }
 
-    fn replay_pair(&mut self, call: &Record<'_>, reply: &Record<'_>, call_line: u64) -> Result<(), Unmappable> {
-        let proc = Proc::from_number(call.procedure).ok_or(Unmappable("unknown procedure number"))?;
+    fn replay_pair(
+        &mut self,
+        call: &Record<'_>,
+        reply: &Record<'_>,
+        call_line: u64,
+    ) -> Result<(), Unmappable> {
+        let proc =
+            Proc::from_number(call.procedure).ok_or(Unmappable("unknown procedure number"))?;
         let expected = match &reply.status {
             Some(Status::Ok) => 0,
             Some(Status::Error(code)) => *code,
@@ -1035,13 +1250,19 @@ impl<'p> Replay<'p> {
         if proc == Proc::Null {
             return Err(Unmappable("null procedure (nothing to replay)"));
         }
-        if matches!(proc, Proc::Readdir | Proc::Readdirplus) && call.field("cookie").is_some_and(|c| c != "0") {
-            return Err(Unmappable("readdir continuation (served by the first listing)"));
+        if matches!(proc, Proc::Readdir | Proc::Readdirplus)
+            && call.field("cookie").is_some_and(|c| c != "0")
+        {
+            return Err(Unmappable(
+                "readdir continuation (served by the first listing)",
+            ));
         }
         // Pace by the call's time.
         if let Some((speed, start, first)) = &mut self.pace {
             let first_us = *first.get_or_insert(call.time_us);
-            let due = Duration::from_secs_f64(call.time_us.saturating_sub(first_us) as f64 / 1e6 / *speed);
+            let due = Duration::from_secs_f64(
+                call.time_us.saturating_sub(first_us) as f64 / 1e6 / *speed,
+            );
             let elapsed = start.elapsed();
             if due > elapsed {
                 std::thread::sleep(due - elapsed);
@@ -1058,15 +1279,24 @@ impl<'p> Replay<'p> {
         self.stats
             .latency_ns
             .entry(proc)
-            .or_insert_with(|| Histogram::new_with_bounds(1, 600_000_000_000, 3).expect("valid histogram bounds"))
+            .or_insert_with(|| {
+                Histogram::new_with_bounds(1, 600_000_000_000, 3).expect("valid histogram bounds")
+            })
             .saturating_record(elapsed_ns.max(1));
         if got == expected {
             self.stats.agreed += 1;
         } else {
-            let key = format!("{} trace {} replay {}", proc.label(), status_text(expected), status_text(got));
+            let key = format!(
+                "{} trace {} replay {}",
+                proc.label(),
+                status_text(expected),
+                status_text(got)
+            );
             *self.stats.disagreements.entry(key.clone()).or_default() += 1;
             if self.stats.disagreement_examples.len() < 10 {
-                self.stats.disagreement_examples.push(format!("line {call_line}: {key}"));
+                self.stats
+                    .disagreement_examples
+                    .push(format!("line {call_line}: {key}"));
             }
         }
         if expected == 0 {
@@ -1081,7 +1311,9 @@ impl<'p> Replay<'p> {
         let name = call.quoted("name").ok().flatten();
         match proc {
             Proc::Lookup | Proc::Create | Proc::Mkdir | Proc::Symlink | Proc::Mknod => {
-                let (Some(dir), Some(name)) = (dir, name) else { return };
+                let (Some(dir), Some(name)) = (dir, name) else {
+                    return;
+                };
                 match reply.field("fh").and_then(|h| self.id(h)) {
                     Some(id) if id != dir => {
                         if proc != Proc::Lookup {
@@ -1098,10 +1330,14 @@ impl<'p> Replay<'p> {
                 }
             }
             Proc::Rename => {
-                let (Some(dir), Some(name)) = (dir, name) else { return };
+                let (Some(dir), Some(name)) = (dir, name) else {
+                    return;
+                };
                 let to_dir = call.field("fh2").and_then(|h| self.id(h));
                 let to_name = call.quoted("name2").ok().flatten();
-                let (Some(to_dir), Some(to_name)) = (to_dir, to_name) else { return };
+                let (Some(to_dir), Some(to_name)) = (to_dir, to_name) else {
+                    return;
+                };
                 if dir == to_dir && name == to_name {
                     return;
                 }
@@ -1118,7 +1354,11 @@ impl<'p> Replay<'p> {
                     // Keep the object's primary name; the new name resolves to it as well.
                     self.target.names.insert((to_dir, name.into()), file);
                     if self.target.loc.get(file as usize) == Some(&Loc::Unknown) {
-                        self.target.bind_name(to_dir, &call.quoted("name").ok().flatten().unwrap_or_default(), file);
+                        self.target.bind_name(
+                            to_dir,
+                            &call.quoted("name").ok().flatten().unwrap_or_default(),
+                            file,
+                        );
                     }
                 }
             }
@@ -1126,7 +1366,11 @@ impl<'p> Replay<'p> {
         }
     }
 
-    fn execute(&mut self, proc: Proc, call: &Record<'_>) -> Result<std::io::Result<()>, Unmappable> {
+    fn execute(
+        &mut self,
+        proc: Proc,
+        call: &Record<'_>,
+    ) -> Result<std::io::Result<()>, Unmappable> {
         use Proc::*;
         let bad = |_| Unmappable("bad number in a field");
         Ok(match proc {
@@ -1149,7 +1393,11 @@ impl<'p> Replay<'p> {
                 let count = call.hex("count").map_err(bad)?.unwrap_or(0).min(1 << 24) as usize;
                 let mut buffer = std::mem::take(&mut self.target.read_buffer);
                 buffer.resize(count, 0);
-                let result = self.target.file(id, &path).and_then(|f| f.read_at(&mut buffer, offset)).map(|_| ());
+                let result = self
+                    .target
+                    .file(id, &path)
+                    .and_then(|f| f.read_at(&mut buffer, offset))
+                    .map(|_| ());
                 self.target.read_buffer = buffer;
                 result
             }
@@ -1199,7 +1447,10 @@ impl<'p> Replay<'p> {
             }
             Symlink => {
                 let (_, _, path) = self.named(call, "fh", "name")?;
-                let target = call.quoted("sdata").map_err(|_| Unmappable("bad symlink target"))?.unwrap_or_default();
+                let target = call
+                    .quoted("sdata")
+                    .map_err(|_| Unmappable("bad symlink target"))?
+                    .unwrap_or_default();
                 std::os::unix::fs::symlink(OsStr::from_bytes(&target), path)
             }
             Mknod => {
@@ -1214,7 +1465,11 @@ impl<'p> Replay<'p> {
                 };
                 let major = call.hex("rdev").map_err(bad)?.unwrap_or(0) as libc::c_uint;
                 let minor = call.hex("rdev2").map_err(bad)?.unwrap_or(0) as libc::c_uint;
-                cpath(&path).and_then(|p| check(unsafe { libc::mknod(p.as_ptr(), kind | mode, libc::makedev(major, minor)) }))
+                cpath(&path).and_then(|p| {
+                    check(unsafe {
+                        libc::mknod(p.as_ptr(), kind | mode, libc::makedev(major, minor))
+                    })
+                })
             }
             Remove => {
                 let (dir, name, path) = self.named(call, "fh", "name")?;
@@ -1266,14 +1521,27 @@ impl<'p> Replay<'p> {
         })
     }
 
-    fn setattr(&mut self, id: HandleId, call: &Record<'_>, path: &Path) -> Result<std::io::Result<()>, Unmappable> {
+    fn setattr(
+        &mut self,
+        id: HandleId,
+        call: &Record<'_>,
+        path: &Path,
+    ) -> Result<std::io::Result<()>, Unmappable> {
         let bad = |_| Unmappable("bad number in a field");
         let mode = call.hex("mode").map_err(bad)?;
         let uid = call.hex("uid").map_err(bad)?;
         let gid = call.hex("gid").map_err(bad)?;
         let size = call.hex("size").map_err(bad)?;
-        let atime = call.field("atime").map(utime_of).transpose().map_err(|_| Unmappable("bad time"))?;
-        let mtime = call.field("mtime").map(utime_of).transpose().map_err(|_| Unmappable("bad time"))?;
+        let atime = call
+            .field("atime")
+            .map(utime_of)
+            .transpose()
+            .map_err(|_| Unmappable("bad time"))?;
+        let mtime = call
+            .field("mtime")
+            .map(utime_of)
+            .transpose()
+            .map_err(|_| Unmappable("bad time"))?;
         let run = || -> std::io::Result<()> {
             let c = cpath(path)?;
             if let Some(size) = size {
@@ -1288,10 +1556,18 @@ impl<'p> Replay<'p> {
                 check(unsafe { libc::lchown(c.as_ptr(), u, g) })?;
             }
             if atime.is_some() || mtime.is_some() {
-                let omit = libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT };
+                let omit = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: libc::UTIME_OMIT,
+                };
                 let times = [atime.unwrap_or(omit), mtime.unwrap_or(omit)];
                 check(unsafe {
-                    libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW)
+                    libc::utimensat(
+                        libc::AT_FDCWD,
+                        c.as_ptr(),
+                        times.as_ptr(),
+                        libc::AT_SYMLINK_NOFOLLOW,
+                    )
                 })?;
             }
             Ok(())
@@ -1302,7 +1578,13 @@ impl<'p> Replay<'p> {
 }
 
 /// Replays the trace once into a fresh directory under `mount`.
-fn replay_once(args: &Args, plan: &Plan, mount: &Path, run: usize, serial: usize) -> Result<RunStats> {
+fn replay_once(
+    args: &Args,
+    plan: &Plan,
+    mount: &Path,
+    run: usize,
+    serial: usize,
+) -> Result<RunStats> {
     let root = mount.join(format!("bftfs-replay-{}-{}", std::process::id(), serial));
     let mut target = Target {
         root: root.clone(),
@@ -1323,13 +1605,25 @@ fn replay_once(args: &Args, plan: &Plan, mount: &Path, run: usize, serial: usize
     let mut replay = Replay {
         plan,
         target,
-        stats: RunStats { mount: mount.to_path_buf(), run, setup_seconds, ..RunStats::default() },
+        stats: RunStats {
+            mount: mount.to_path_buf(),
+            run,
+            setup_seconds,
+            ..RunStats::default()
+        },
         pace,
     };
-    let bar = progress_bar(plan.lines, &format!("replay {} (run {})", mount.display(), run + 1));
+    let bar = progress_bar(
+        plan.lines,
+        &format!("replay {} (run {})", mount.display(), run + 1),
+    );
     let started = Instant::now();
     let mut on_event = |event: Event<'_>| match event {
-        Event::Pair { call_line, call, reply } => replay.on_pair(&call, &reply, call_line),
+        Event::Pair {
+            call_line,
+            call,
+            reply,
+        } => replay.on_pair(&call, &reply, call_line),
         Event::Unmapped(reason) => *replay.stats.unmapped.entry(reason).or_default() += 1,
         Event::Malformed { .. } => *replay.stats.unmapped.entry("malformed line").or_default() += 1,
     };
@@ -1351,7 +1645,10 @@ fn remove_tree(root: &Path) {
             for entry in entries.flatten() {
                 if entry.file_type().is_ok_and(|t| t.is_dir()) {
                     let p = entry.path();
-                    let _ = std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755));
+                    let _ = std::fs::set_permissions(
+                        &p,
+                        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+                    );
                     open_up(&p);
                 }
             }
@@ -1386,7 +1683,12 @@ pub fn run(args: Args) -> Result<()> {
     let plan = first_pass(&args.trace, Some(&scan))?;
     scan.finish_and_clear();
     let pre_existing = plan.initial.iter().flatten().count();
-    let orphans = plan.initial.iter().flatten().filter(|i| i.loc == Loc::Orphan).count();
+    let orphans = plan
+        .initial
+        .iter()
+        .flatten()
+        .filter(|i| i.loc == Loc::Orphan)
+        .count();
     println!(
         "trace {}: {} lines, {} handles; initial tree: {} objects ({} at placeholder paths), {} names known only from removes/renames",
         args.trace.display(),
@@ -1398,7 +1700,11 @@ pub fn run(args: Args) -> Result<()> {
     );
     if plan.malformed > 0 {
         println!("malformed lines: {} (first: {})", plan.malformed, {
-            let listed: Vec<String> = plan.malformed_listed.iter().map(|(l, r)| format!("line {l}: {r}")).collect();
+            let listed: Vec<String> = plan
+                .malformed_listed
+                .iter()
+                .map(|(l, r)| format!("line {l}: {r}"))
+                .collect();
             listed.join("; ")
         });
     }
@@ -1415,14 +1721,21 @@ pub fn run(args: Args) -> Result<()> {
     }
     print_report(&args, &plan, &all);
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&to_json(&args, &plan, &all))?)
-            .with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(
+            path,
+            serde_json::to_string_pretty(&to_json(&args, &plan, &all))?,
+        )
+        .with_context(|| format!("writing {}", path.display()))?;
         println!("wrote {}", path.display());
     }
     if let Some(min) = args.min_agreement {
         for s in &all {
             if s.agreement() < min {
-                bail!("agreement {:.4} on {} is below --min-agreement {min}", s.agreement(), s.mount.display());
+                bail!(
+                    "agreement {:.4} on {} is below --min-agreement {min}",
+                    s.agreement(),
+                    s.mount.display()
+                );
             }
         }
     }
@@ -1455,11 +1768,21 @@ fn print_report(args: &Args, plan: &Plan, all: &[RunStats]) {
         println!();
         let mut first = None;
         for mount in &args.mount {
-            let mut rates: Vec<f64> = all.iter().filter(|s| &s.mount == mount).map(RunStats::ops_per_second).collect();
+            let mut rates: Vec<f64> = all
+                .iter()
+                .filter(|s| &s.mount == mount)
+                .map(RunStats::ops_per_second)
+                .collect();
             rates.sort_by(f64::total_cmp);
             let median = rates.get(rates.len() / 2).copied().unwrap_or(0.0);
             let base = *first.get_or_insert(median);
-            println!("{}: median {:.0} ops/s, {:.3}x of {}", mount.display(), median, median / base, args.mount[0].display());
+            println!(
+                "{}: median {:.0} ops/s, {:.3}x of {}",
+                mount.display(),
+                median,
+                median / base,
+                args.mount[0].display()
+            );
         }
     }
     for s in all {
@@ -1496,7 +1819,10 @@ fn print_report(args: &Args, plan: &Plan, all: &[RunStats]) {
     }
     if plan.malformed > 0 {
         println!();
-        println!("{} malformed lines were counted and skipped (see above)", plan.malformed);
+        println!(
+            "{} malformed lines were counted and skipped (see above)",
+            plan.malformed
+        );
     }
 }
 
@@ -1551,9 +1877,18 @@ mod tests {
 
     #[test]
     fn quoted_names_decode_escapes() {
-        assert_eq!(decode_quoted("\"meeting%20notes%20(final).txt\"").unwrap(), b"meeting notes (final).txt");
-        assert_eq!(decode_quoted("\"say%20%22hi%22.txt\"").unwrap(), b"say \"hi\".txt");
-        assert_eq!(decode_quoted("\"100%25-caf%c3%a9.txt\"").unwrap(), "100%-café.txt".as_bytes());
+        assert_eq!(
+            decode_quoted("\"meeting%20notes%20(final).txt\"").unwrap(),
+            b"meeting notes (final).txt"
+        );
+        assert_eq!(
+            decode_quoted("\"say%20%22hi%22.txt\"").unwrap(),
+            b"say \"hi\".txt"
+        );
+        assert_eq!(
+            decode_quoted("\"100%25-caf%c3%a9.txt\"").unwrap(),
+            "100%-café.txt".as_bytes()
+        );
         assert_eq!(decode_quoted("\"\"").unwrap(), b"");
         assert!(decode_quoted("\"bad%2\"").is_err());
         assert!(decode_quoted("\"bad%zz\"").is_err());
@@ -1585,8 +1920,22 @@ mod tests {
         assert_eq!(r.field_nth("nlink", 2), None);
         let a = r.attributes();
         assert_eq!(a.len(), 2);
-        assert_eq!(a[0], Attributes { ftype: 2, mode: 0x1ed, size: 0x1000 });
-        assert_eq!(a[1], Attributes { ftype: 2, mode: 0x1a4, size: 0x20 });
+        assert_eq!(
+            a[0],
+            Attributes {
+                ftype: 2,
+                mode: 0x1ed,
+                size: 0x1000
+            }
+        );
+        assert_eq!(
+            a[1],
+            Attributes {
+                ftype: 2,
+                mode: 0x1a4,
+                size: 0x20
+            }
+        );
     }
 
     #[test]
@@ -1601,7 +1950,10 @@ mod tests {
         let reply = "1795240543.238345 7f000001.0801 7f000001.02d1 T R3 56f5d2a9 d rmdir 42 pre-size 1000 ftype 2 mode 1ed status=42 pl = 0 con = 144 len = 144";
         assert_eq!(parse_line(reply).unwrap().status, Some(Status::Error(0x42)));
         let denied = "1.5 7f000001.0801 7f000001.02d1 U R3 1 1 getattr DENIED status=1 pl = 0 con = 24 len = 24";
-        assert_eq!(parse_line(denied).unwrap().status, Some(Status::Rejected("DENIED".into())));
+        assert_eq!(
+            parse_line(denied).unwrap().status,
+            Some(Status::Rejected("DENIED".into()))
+        );
     }
 
     #[test]
@@ -1648,14 +2000,24 @@ mod tests {
         let mut seen = Vec::new();
         for (i, line) in lines.iter().enumerate() {
             pairer.feed(i as u64 + 1, line, &mut |e| match e {
-                Event::Pair { call, reply, call_line } => {
-                    seen.push(format!("{} {} {:?}", call_line, call.field("fh").unwrap_or(""), reply.status))
-                }
+                Event::Pair {
+                    call,
+                    reply,
+                    call_line,
+                } => seen.push(format!(
+                    "{} {} {:?}",
+                    call_line,
+                    call.field("fh").unwrap_or(""),
+                    reply.status
+                )),
                 Event::Unmapped(r) => seen.push(r.to_string()),
                 Event::Malformed { line, .. } => seen.push(format!("malformed {line}")),
             });
         }
-        assert_eq!(seen, vec!["2 bb Some(Error(2))", "1 aa Some(Ok)", "reply without call"]);
+        assert_eq!(
+            seen,
+            vec!["2 bb Some(Error(2))", "1 aa Some(Ok)", "reply without call"]
+        );
     }
 
     #[test]

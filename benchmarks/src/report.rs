@@ -38,7 +38,8 @@ pub fn utc_now() -> String {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let day_of_era = z.rem_euclid(146_097);
-    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
     let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
     let mp = (5 * day_of_year + 2) / 153;
     let day = day_of_year - (153 * mp + 2) / 5 + 1;
@@ -75,7 +76,12 @@ fn register_font_once() -> Result<()> {
             let bytes = FONT_PATHS
                 .iter()
                 .find_map(|p| std::fs::read(p).ok())
-                .ok_or_else(|| format!("no font for chart text (looked for {}; Debian: fonts-dejavu-core)", FONT_PATHS.join(", ")))?;
+                .ok_or_else(|| {
+                    format!(
+                        "no font for chart text (looked for {}; Debian: fonts-dejavu-core)",
+                        FONT_PATHS.join(", ")
+                    )
+                })?;
             let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
             plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, bytes)
                 .map_err(|_| "font could not be loaded".to_string())
@@ -100,8 +106,18 @@ pub fn bar_chart_png(path: &Path, title: &str, y_label: &str, bars: &[Bar]) -> R
         return Ok(());
     }
     // Log scale: the targets differ by orders of magnitude.
-    let y_max = bars.iter().map(|b| b.max.max(b.median)).fold(0.0f64, f64::max).max(1e-6) * 3.0;
-    let y_min = bars.iter().map(|b| b.min.min(b.median)).fold(f64::INFINITY, f64::min).max(1e-6) / 3.0;
+    let y_max = bars
+        .iter()
+        .map(|b| b.max.max(b.median))
+        .fold(0.0f64, f64::max)
+        .max(1e-6)
+        * 3.0;
+    let y_min = bars
+        .iter()
+        .map(|b| b.min.min(b.median))
+        .fold(f64::INFINITY, f64::min)
+        .max(1e-6)
+        / 3.0;
     let root = BitMapBackend::new(path, (200 + 130 * bars.len() as u32, 520)).into_drawing_area();
     let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("chart: {e}");
     root.fill(&WHITE).map_err(|e| err(&e))?;
@@ -111,7 +127,10 @@ pub fn bar_chart_png(path: &Path, title: &str, y_label: &str, bars: &[Bar]) -> R
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(80)
-        .build_cartesian_2d((0..bars.len() - 1).into_segmented(), (y_min..y_max).log_scale())
+        .build_cartesian_2d(
+            (0..bars.len() - 1).into_segmented(),
+            (y_min..y_max).log_scale(),
+        )
         .map_err(|e| err(&e))?;
     chart
         .configure_mesh()
@@ -119,7 +138,9 @@ pub fn bar_chart_png(path: &Path, title: &str, y_label: &str, bars: &[Bar]) -> R
         .y_desc(format!("{y_label} (log scale)"))
         .x_labels(bars.len())
         .x_label_formatter(&|v| match v {
-            SegmentValue::CenterOf(i) | SegmentValue::Exact(i) => labels.get(*i).cloned().unwrap_or_default(),
+            SegmentValue::CenterOf(i) | SegmentValue::Exact(i) => {
+                labels.get(*i).cloned().unwrap_or_default()
+            }
             SegmentValue::Last => String::new(),
         })
         .y_label_formatter(&|v| format!("{v:.0}"))
@@ -129,7 +150,10 @@ pub fn bar_chart_png(path: &Path, title: &str, y_label: &str, bars: &[Bar]) -> R
     chart
         .draw_series(bars.iter().enumerate().map(|(i, b)| {
             let mut bar = Rectangle::new(
-                [(SegmentValue::Exact(i), y_min), (SegmentValue::Exact(i + 1), b.median.max(y_min))],
+                [
+                    (SegmentValue::Exact(i), y_min),
+                    (SegmentValue::Exact(i + 1), b.median.max(y_min)),
+                ],
                 RGBColor(70, 110, 180).filled(),
             );
             bar.set_margin(0, 0, 18, 18);
@@ -138,15 +162,27 @@ pub fn bar_chart_png(path: &Path, title: &str, y_label: &str, bars: &[Bar]) -> R
         .map_err(|e| err(&e))?;
     chart
         .draw_series(bars.iter().enumerate().map(|(i, b)| {
-            ErrorBar::new_vertical(SegmentValue::CenterOf(i), b.min, b.median, b.max, BLACK.stroke_width(2), 12)
+            ErrorBar::new_vertical(
+                SegmentValue::CenterOf(i),
+                b.min,
+                b.median,
+                b.max,
+                BLACK.stroke_width(2),
+                12,
+            )
         }))
         .map_err(|e| err(&e))?;
     chart
         .draw_series(bars.iter().enumerate().map(|(i, b)| {
-            Text::new(format!("{:.0}", b.median), (SegmentValue::CenterOf(i), b.max.max(b.median) * 1.25), ("sans-serif", 14))
+            Text::new(
+                format!("{:.0}", b.median),
+                (SegmentValue::CenterOf(i), b.max.max(b.median) * 1.25),
+                ("sans-serif", 14),
+            )
         }))
         .map_err(|e| err(&e))?;
-    root.present().with_context(|| format!("writing {}", path.display()))?;
+    root.present()
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 

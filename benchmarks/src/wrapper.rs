@@ -40,8 +40,13 @@ struct Wrapped {
 impl Wrapped {
     fn run(&mut self, op: FsOp) -> Result<FsReply> {
         self.now += 1000;
-        let req = FsRequest { caller: self.caller.clone(), op };
-        self.svc.apply(&req, self.now).map_err(|e| anyhow::anyhow!("{e}"))
+        let req = FsRequest {
+            caller: self.caller.clone(),
+            op,
+        };
+        self.svc
+            .apply(&req, self.now)
+            .map_err(|e| anyhow::anyhow!("{e}"))
     }
     fn handle(&mut self, op: FsOp) -> Result<Handle> {
         match self.run(op)? {
@@ -75,11 +80,21 @@ struct Row {
 
 /// One round of every operation on both sides, interleaved (the side that goes first
 /// alternates by round).
-fn round(w: &mut Wrapped, raw_dir: &OwnedFd, n: usize, round_no: usize, rows: &mut [Row]) -> Result<()> {
+fn round(
+    w: &mut Wrapped,
+    raw_dir: &OwnedFd,
+    n: usize,
+    round_no: usize,
+    rows: &mut [Row],
+) -> Result<()> {
     let rd = raw_dir.as_raw_fd();
     let sub = format!("r{round_no}");
     // Each round works in fresh directories on both sides.
-    let wd = w.handle(FsOp::Mkdir { dir: ROOT, name: sub.clone().into_bytes(), mode: 0o755 })?;
+    let wd = w.handle(FsOp::Mkdir {
+        dir: ROOT,
+        name: sub.clone().into_bytes(),
+        mode: 0o755,
+    })?;
     sys::mkdirat(rd, sub.as_bytes())?;
     let rdir = sys::open_dir_at(rd, sub.as_bytes())?;
     let r = rdir.as_raw_fd();
@@ -89,9 +104,9 @@ fn round(w: &mut Wrapped, raw_dir: &OwnedFd, n: usize, round_no: usize, rows: &m
     let first_wrapper = round_no % 2 == 0;
 
     let measure = |row: usize,
-                       rows: &mut [Row],
-                       wf: &mut dyn FnMut() -> Result<()>,
-                       rf: &mut dyn FnMut() -> Result<()>|
+                   rows: &mut [Row],
+                   wf: &mut dyn FnMut() -> Result<()>,
+                   rf: &mut dyn FnMut() -> Result<()>|
      -> Result<()> {
         let (a, b) = if first_wrapper {
             let a = time_us(n, &mut *wf)?;
@@ -111,7 +126,12 @@ fn round(w: &mut Wrapped, raw_dir: &OwnedFd, n: usize, round_no: usize, rows: &m
         rows,
         &mut || {
             for i in 0..n {
-                wfiles.push(w.handle(FsOp::Create { dir: wd, name: name("f", i), mode: 0o644, how: CreateHow::Guarded })?);
+                wfiles.push(w.handle(FsOp::Create {
+                    dir: wd,
+                    name: name("f", i),
+                    mode: 0o644,
+                    how: CreateHow::Guarded,
+                })?);
             }
             Ok(())
         },
@@ -128,7 +148,10 @@ fn round(w: &mut Wrapped, raw_dir: &OwnedFd, n: usize, round_no: usize, rows: &m
         rows,
         &mut || {
             for i in 0..n {
-                w.run(FsOp::Lookup { dir: wd, name: name("f", i) })?;
+                w.run(FsOp::Lookup {
+                    dir: wd,
+                    name: name("f", i),
+                })?;
             }
             Ok(())
         },
@@ -162,7 +185,13 @@ fn round(w: &mut Wrapped, raw_dir: &OwnedFd, n: usize, round_no: usize, rows: &m
         rows,
         &mut || {
             for h in &wfiles {
-                w.run(FsOp::SetAttr { h: *h, set: SetAttrs { mode: Some(0o600), ..Default::default() } })?;
+                w.run(FsOp::SetAttr {
+                    h: *h,
+                    set: SetAttrs {
+                        mode: Some(0o600),
+                        ..Default::default()
+                    },
+                })?;
             }
             Ok(())
         },
@@ -182,7 +211,11 @@ fn round(w: &mut Wrapped, raw_dir: &OwnedFd, n: usize, round_no: usize, rows: &m
         rows,
         &mut || {
             for h in &wfiles {
-                w.run(FsOp::Write { h: *h, offset: 0, data: page.clone() })?;
+                w.run(FsOp::Write {
+                    h: *h,
+                    offset: 0,
+                    data: page.clone(),
+                })?;
             }
             Ok(())
         },
@@ -200,7 +233,11 @@ fn round(w: &mut Wrapped, raw_dir: &OwnedFd, n: usize, round_no: usize, rows: &m
         rows,
         &mut || {
             for h in &wfiles {
-                w.run(FsOp::Read { h: *h, offset: 0, count: 4096 })?;
+                w.run(FsOp::Read {
+                    h: *h,
+                    offset: 0,
+                    count: 4096,
+                })?;
             }
             Ok(())
         },
@@ -218,7 +255,13 @@ fn round(w: &mut Wrapped, raw_dir: &OwnedFd, n: usize, round_no: usize, rows: &m
         rows,
         &mut || {
             for i in 0..n {
-                w.run(FsOp::Rename { from_dir: wd, from_name: name("f", i), to_dir: wd, to_name: name("g", i), no_replace: false })?;
+                w.run(FsOp::Rename {
+                    from_dir: wd,
+                    from_name: name("f", i),
+                    to_dir: wd,
+                    to_name: name("g", i),
+                    no_replace: false,
+                })?;
             }
             Ok(())
         },
@@ -235,7 +278,10 @@ fn round(w: &mut Wrapped, raw_dir: &OwnedFd, n: usize, round_no: usize, rows: &m
         rows,
         &mut || {
             for i in 0..n {
-                w.run(FsOp::Remove { dir: wd, name: name("g", i) })?;
+                w.run(FsOp::Remove {
+                    dir: wd,
+                    name: name("g", i),
+                })?;
             }
             Ok(())
         },
@@ -255,7 +301,11 @@ fn round(w: &mut Wrapped, raw_dir: &OwnedFd, n: usize, round_no: usize, rows: &m
         rows,
         &mut || {
             for i in 0..n {
-                w.run(FsOp::Mkdir { dir: wd, name: name("d", i), mode: 0o755 })?;
+                w.run(FsOp::Mkdir {
+                    dir: wd,
+                    name: name("d", i),
+                    mode: 0o755,
+                })?;
             }
             Ok(())
         },
@@ -272,7 +322,12 @@ fn round(w: &mut Wrapped, raw_dir: &OwnedFd, n: usize, round_no: usize, rows: &m
         rows,
         &mut || {
             for i in 0..n {
-                w.run(FsOp::ReadDir { dir: wd, cookie: (i % 10) as u64 * 100, count: 100, plus: false })?;
+                w.run(FsOp::ReadDir {
+                    dir: wd,
+                    cookie: (i % 10) as u64 * 100,
+                    count: 100,
+                    plus: false,
+                })?;
             }
             Ok(())
         },
@@ -296,10 +351,16 @@ fn round(w: &mut Wrapped, raw_dir: &OwnedFd, n: usize, round_no: usize, rows: &m
     )?;
     // Clean up untimed.
     for i in 0..n {
-        w.run(FsOp::Rmdir { dir: wd, name: name("d", i) })?;
+        w.run(FsOp::Rmdir {
+            dir: wd,
+            name: name("d", i),
+        })?;
         sys::unlinkat(r, &name("d", i), true)?;
     }
-    w.run(FsOp::Rmdir { dir: ROOT, name: sub.clone().into_bytes() })?;
+    w.run(FsOp::Rmdir {
+        dir: ROOT,
+        name: sub.clone().into_bytes(),
+    })?;
     drop(rdir);
     sys::unlinkat(rd, sub.as_bytes(), true)?;
     Ok(())
@@ -308,12 +369,27 @@ fn round(w: &mut Wrapped, raw_dir: &OwnedFd, n: usize, round_no: usize, rows: &m
 /// Digest upkeep on 4 KiB writes: `writes` writes (sequential or random offsets in a file of
 /// `file_bytes`) followed by bringing the root digest up to date, against the same writes
 /// with the digest work left out. Returns (µs per write without, µs per write with).
-fn digest_upkeep(w: &mut Wrapped, file_bytes: u64, writes: usize, random: bool, round_no: usize) -> Result<(f64, f64)> {
-    let f = w.handle(FsOp::Create { dir: ROOT, name: format!("big{round_no}").into_bytes(), mode: 0o644, how: CreateHow::Guarded })?;
+fn digest_upkeep(
+    w: &mut Wrapped,
+    file_bytes: u64,
+    writes: usize,
+    random: bool,
+    round_no: usize,
+) -> Result<(f64, f64)> {
+    let f = w.handle(FsOp::Create {
+        dir: ROOT,
+        name: format!("big{round_no}").into_bytes(),
+        mode: 0o644,
+        how: CreateHow::Guarded,
+    })?;
     // Fill the file (untimed) so every chunk has data and a digest.
     let mib = vec![1u8; 1 << 20];
     for off in (0..file_bytes).step_by(1 << 20) {
-        w.run(FsOp::Write { h: f, offset: off, data: mib.clone() })?;
+        w.run(FsOp::Write {
+            h: f,
+            offset: off,
+            data: mib.clone(),
+        })?;
     }
     w.svc.root_digest()?;
     let pages = file_bytes / 4096;
@@ -334,7 +410,11 @@ fn digest_upkeep(w: &mut Wrapped, file_bytes: u64, writes: usize, random: bool, 
     let pass = |w: &mut Wrapped, digest: bool| -> Result<f64> {
         let t = Instant::now();
         for &off in &offsets {
-            w.run(FsOp::Write { h: f, offset: off, data: page.clone() })?;
+            w.run(FsOp::Write {
+                h: f,
+                offset: off,
+                data: page.clone(),
+            })?;
         }
         if digest {
             w.svc.root_digest()?;
@@ -353,7 +433,10 @@ fn digest_upkeep(w: &mut Wrapped, file_bytes: u64, writes: usize, random: bool, 
         w.svc.root_digest()?;
         (a, b)
     };
-    w.run(FsOp::Remove { dir: ROOT, name: format!("big{round_no}").into_bytes() })?;
+    w.run(FsOp::Remove {
+        dir: ROOT,
+        name: format!("big{round_no}").into_bytes(),
+    })?;
     Ok((without, with))
 }
 
@@ -363,40 +446,123 @@ pub fn run(args: Args) -> Result<()> {
             println!("skipping {}: not a directory", base.display());
             continue;
         }
-        let tmp = tempfile::Builder::new().prefix("bftfs-bench-").tempdir_in(base).with_context(|| format!("temp dir in {}", base.display()))?;
+        let tmp = tempfile::Builder::new()
+            .prefix("bftfs-bench-")
+            .tempdir_in(base)
+            .with_context(|| format!("temp dir in {}", base.display()))?;
         let fstype = fs_type(base);
-        println!("\n== backend: {} ({fstype}), {} ops per batch, median of {} rounds ==", base.display(), args.ops, args.rounds);
+        println!(
+            "\n== backend: {} ({fstype}), {} ops per batch, median of {} rounds ==",
+            base.display(),
+            args.ops,
+            args.rounds
+        );
         let svc = FileService::open(&tmp.path().join("replica"))?;
-        let mut w = Wrapped { svc, now: 1_700_000_000_000_000_000, caller: Caller::root() };
+        let mut w = Wrapped {
+            svc,
+            now: 1_700_000_000_000_000_000,
+            caller: Caller::root(),
+        };
         std::fs::create_dir(tmp.path().join("raw"))?;
         let raw_dir = sys::open_path(&tmp.path().join("raw"), libc::O_RDONLY | libc::O_DIRECTORY)?;
         let mut rows = vec![
-            Row { op: "create", baseline: "openat(O_CREAT|O_EXCL)", wrapper: vec![], raw: vec![] },
-            Row { op: "lookup", baseline: "fstatat", wrapper: vec![], raw: vec![] },
-            Row { op: "getattr", baseline: "fstat", wrapper: vec![], raw: vec![] },
-            Row { op: "setattr (chmod)", baseline: "fchmod", wrapper: vec![], raw: vec![] },
-            Row { op: "write 4 KiB", baseline: "pwrite", wrapper: vec![], raw: vec![] },
-            Row { op: "read 4 KiB", baseline: "pread", wrapper: vec![], raw: vec![] },
-            Row { op: "rename", baseline: "renameat", wrapper: vec![], raw: vec![] },
-            Row { op: "remove", baseline: "unlinkat+close", wrapper: vec![], raw: vec![] },
-            Row { op: "mkdir", baseline: "mkdirat", wrapper: vec![], raw: vec![] },
-            Row { op: "readdir (100 names)", baseline: "lseek+getdents64 (3200 B)", wrapper: vec![], raw: vec![] },
+            Row {
+                op: "create",
+                baseline: "openat(O_CREAT|O_EXCL)",
+                wrapper: vec![],
+                raw: vec![],
+            },
+            Row {
+                op: "lookup",
+                baseline: "fstatat",
+                wrapper: vec![],
+                raw: vec![],
+            },
+            Row {
+                op: "getattr",
+                baseline: "fstat",
+                wrapper: vec![],
+                raw: vec![],
+            },
+            Row {
+                op: "setattr (chmod)",
+                baseline: "fchmod",
+                wrapper: vec![],
+                raw: vec![],
+            },
+            Row {
+                op: "write 4 KiB",
+                baseline: "pwrite",
+                wrapper: vec![],
+                raw: vec![],
+            },
+            Row {
+                op: "read 4 KiB",
+                baseline: "pread",
+                wrapper: vec![],
+                raw: vec![],
+            },
+            Row {
+                op: "rename",
+                baseline: "renameat",
+                wrapper: vec![],
+                raw: vec![],
+            },
+            Row {
+                op: "remove",
+                baseline: "unlinkat+close",
+                wrapper: vec![],
+                raw: vec![],
+            },
+            Row {
+                op: "mkdir",
+                baseline: "mkdirat",
+                wrapper: vec![],
+                raw: vec![],
+            },
+            Row {
+                op: "readdir (100 names)",
+                baseline: "lseek+getdents64 (3200 B)",
+                wrapper: vec![],
+                raw: vec![],
+            },
         ];
         // One warm-up round, not counted.
-        let mut warm: Vec<Row> = rows.iter().map(|r| Row { op: r.op, baseline: r.baseline, wrapper: vec![], raw: vec![] }).collect();
+        let mut warm: Vec<Row> = rows
+            .iter()
+            .map(|r| Row {
+                op: r.op,
+                baseline: r.baseline,
+                wrapper: vec![],
+                raw: vec![],
+            })
+            .collect();
         round(&mut w, &raw_dir, args.ops, 1000, &mut warm)?;
         for k in 0..args.rounds {
             round(&mut w, &raw_dir, args.ops, k, &mut rows)?;
         }
-        println!("{:<22} {:>12} {:>12} {:>8}   raw baseline", "operation", "wrapper µs", "raw µs", "ratio");
+        println!(
+            "{:<22} {:>12} {:>12} {:>8}   raw baseline",
+            "operation", "wrapper µs", "raw µs", "ratio"
+        );
         for r in &rows {
             let (a, b) = (median(r.wrapper.clone()), median(r.raw.clone()));
-            println!("{:<22} {:>12.2} {:>12.2} {:>7.2}x   {}", r.op, a, b, a / b, r.baseline);
+            println!(
+                "{:<22} {:>12.2} {:>12.2} {:>7.2}x   {}",
+                r.op,
+                a,
+                b,
+                a / b,
+                r.baseline
+            );
         }
 
         let file_bytes = args.file_mib << 20;
         println!("\ndigest upkeep on 4 KiB writes ({} MiB file, 64 KiB chunks, digests folded in once after the batch):", args.file_mib);
-        println!("{:<34} {:>14} {:>14} {:>9}", "pattern", "writes µs/op", "+digest µs/op", "overhead");
+        println!(
+            "{:<34} {:>14} {:>14} {:>9}",
+            "pattern", "writes µs/op", "+digest µs/op", "overhead"
+        );
         for (label, random, writes) in [
             ("sequential, 4096 writes", false, 4096usize),
             ("random, 4096 writes", true, 4096usize),
@@ -410,35 +576,67 @@ pub fn run(args: Args) -> Result<()> {
                 with.push(b);
             }
             let (a, b) = (median(without), median(with));
-            println!("{:<34} {:>14.2} {:>14.2} {:>8.0}%", label, a, b, (b / a - 1.0) * 100.0);
+            println!(
+                "{:<34} {:>14.2} {:>14.2} {:>8.0}%",
+                label,
+                a,
+                b,
+                (b / a - 1.0) * 100.0
+            );
         }
         // The worst case: the root digest brought up to date after every single write.
         let mut per_write = Vec::new();
         let mut plain = Vec::new();
         for k in 0..args.rounds {
-            let f = w.handle(FsOp::Create { dir: ROOT, name: format!("each{k}").into_bytes(), mode: 0o644, how: CreateHow::Guarded })?;
-            w.run(FsOp::Write { h: f, offset: 0, data: vec![1u8; 1 << 20] })?;
+            let f = w.handle(FsOp::Create {
+                dir: ROOT,
+                name: format!("each{k}").into_bytes(),
+                mode: 0o644,
+                how: CreateHow::Guarded,
+            })?;
+            w.run(FsOp::Write {
+                h: f,
+                offset: 0,
+                data: vec![1u8; 1 << 20],
+            })?;
             w.svc.root_digest()?;
             let page = vec![3u8; 4096];
             let n = 1000;
             plain.push(time_us(n, || {
                 for i in 0..n {
-                    w.run(FsOp::Write { h: f, offset: (i as u64 % 256) * 4096, data: page.clone() })?;
+                    w.run(FsOp::Write {
+                        h: f,
+                        offset: (i as u64 % 256) * 4096,
+                        data: page.clone(),
+                    })?;
                 }
                 Ok(())
             })?);
             w.svc.root_digest()?;
             per_write.push(time_us(n, || {
                 for i in 0..n {
-                    w.run(FsOp::Write { h: f, offset: (i as u64 % 256) * 4096, data: page.clone() })?;
+                    w.run(FsOp::Write {
+                        h: f,
+                        offset: (i as u64 % 256) * 4096,
+                        data: page.clone(),
+                    })?;
                     w.svc.root_digest()?;
                 }
                 Ok(())
             })?);
-            w.run(FsOp::Remove { dir: ROOT, name: format!("each{k}").into_bytes() })?;
+            w.run(FsOp::Remove {
+                dir: ROOT,
+                name: format!("each{k}").into_bytes(),
+            })?;
         }
         let (a, b) = (median(plain), median(per_write));
-        println!("{:<34} {:>14.2} {:>14.2} {:>8.0}%", "digest after every write", a, b, (b / a - 1.0) * 100.0);
+        println!(
+            "{:<34} {:>14.2} {:>14.2} {:>8.0}%",
+            "digest after every write",
+            a,
+            b,
+            (b / a - 1.0) * 100.0
+        );
     }
     Ok(())
 }

@@ -25,16 +25,26 @@ fn replay_json(trace: &Path, extra: &[&str]) -> serde_json::Value {
         .output()
         .expect("run bftfs-bench");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "replay failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let value: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("parse json");
+    assert!(
+        out.status.success(),
+        "replay failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let value: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("parse json");
     // The replay directory is removed afterwards: only out.json is left.
-    let left: Vec<_> = std::fs::read_dir(mount.path()).expect("list").flatten().map(|e| e.file_name()).collect();
+    let left: Vec<_> = std::fs::read_dir(mount.path())
+        .expect("list")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
     assert_eq!(left.len(), 1, "left behind: {left:?}\n{stdout}");
     value
 }
 
 fn sample_trace() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/traces/sample-small.nfsdump.zst");
+    let p =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/traces/sample-small.nfsdump.zst");
     p.exists().then_some(p)
 }
 
@@ -50,7 +60,10 @@ fn sample_trace_replays_into_a_temp_dir_and_agrees_with_the_trace() {
     assert_eq!(v["malformed"], 0);
     let replayed = run["replayed"].as_u64().expect("replayed");
     let agreement = run["agreement"].as_f64().expect("agreement");
-    eprintln!("sample trace: {replayed} replayed, agreement {agreement:.5}, unmapped {}", run["unmapped"]);
+    eprintln!(
+        "sample trace: {replayed} replayed, agreement {agreement:.5}, unmapped {}",
+        run["unmapped"]
+    );
     // 18,577 calls less the one NULL (nothing to replay).
     assert_eq!(replayed, 18_576, "{run}");
     // Measured: 18,576 of 18,576 agree on ext4 and tmpfs as root.
@@ -102,7 +115,10 @@ fn initial_tree_is_reconstructed_and_malformed_lines_are_counted() {
     ];
     let dir = tempfile::tempdir().expect("temp dir");
     let trace = dir.path().join("small.nfsdump.gz");
-    let mut gz = flate2::write::GzEncoder::new(std::fs::File::create(&trace).expect("create"), flate2::Compression::fast());
+    let mut gz = flate2::write::GzEncoder::new(
+        std::fs::File::create(&trace).expect("create"),
+        flate2::Compression::fast(),
+    );
     for line in &lines {
         writeln!(gz, "{line}").expect("write");
     }

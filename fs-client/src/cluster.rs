@@ -41,7 +41,12 @@ impl ReplicatedTransport {
     pub fn start(config: ClusterConfig, secrets: ClientSecrets, timeout: Duration) -> Result<Self> {
         let client_id = secrets.id.0;
         let client = ClientHandle::start(config, secrets).context("cannot start the BFT client")?;
-        Ok(ReplicatedTransport { client, client_id, timeout, failing: AtomicBool::new(false) })
+        Ok(ReplicatedTransport {
+            client,
+            client_id,
+            timeout,
+            failing: AtomicBool::new(false),
+        })
     }
 }
 
@@ -101,7 +106,8 @@ impl FsTransport for ReplicatedTransport {
                 if self.failing.swap(false, Ordering::Relaxed) {
                     info!("the cluster answers again");
                 }
-                decode::<FsResult>(&bytes).ok_or_else(|| TransportError::Malformed(format!("{} bytes", bytes.len())))
+                decode::<FsResult>(&bytes)
+                    .ok_or_else(|| TransportError::Malformed(format!("{} bytes", bytes.len())))
             }
             Err(CallError::Timeout(t)) => {
                 if !self.failing.swap(true, Ordering::Relaxed) {
@@ -115,8 +121,10 @@ impl FsTransport for ReplicatedTransport {
 }
 
 pub fn read_config(path: &Path) -> Result<ClusterConfig> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the cluster config {}", path.display()))?;
-    ClusterConfig::from_json(&text).with_context(|| format!("{} is not a valid cluster config", path.display()))
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the cluster config {}", path.display()))?;
+    ClusterConfig::from_json(&text)
+        .with_context(|| format!("{} is not a valid cluster config", path.display()))
 }
 
 /// Claims an unused client identity among the `client-<id>.json` files next to `config_path`
@@ -158,8 +166,10 @@ pub fn claim_client(config_path: &Path, explicit: Option<&Path>) -> Result<(Clie
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             continue;
         }
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let secrets = ClientSecrets::from_json(&text).with_context(|| format!("{} is not a client secrets file", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let secrets = ClientSecrets::from_json(&text)
+            .with_context(|| format!("{} is not a client secrets file", path.display()))?;
         return Ok((secrets, lock));
     }
     bail!(
@@ -180,7 +190,11 @@ fn replica_program() -> Result<PathBuf> {
                 return Ok(p);
             }
             // `cargo test` runs bftfs from target/<profile>/, the replica binary sits there too.
-            if let Some(p) = dir.parent().map(|d| d.join("bftfs-replica")).filter(|p| p.is_file()) {
+            if let Some(p) = dir
+                .parent()
+                .map(|d| d.join("bftfs-replica"))
+                .filter(|p| p.is_file())
+            {
                 return Ok(p);
             }
         }
@@ -197,7 +211,8 @@ fn replica_program() -> Result<PathBuf> {
 }
 
 fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free port on 127.0.0.1")?;
+    let l = std::net::TcpListener::bind("127.0.0.1:0")
+        .context("cannot find a free port on 127.0.0.1")?;
     Ok(l.local_addr()?.port())
 }
 
@@ -213,7 +228,9 @@ pub fn prepare_local_cluster(data_dir: &Path, f: u32, fast_path: bool) -> Result
     let dir = data_dir.join(CLUSTER_DIR);
     let config_path = dir.join(keygen::CONFIG_FILE);
     if !config_path.exists() {
-        let addresses = (0..3 * f + 1).map(|_| free_port().map(|p| format!("127.0.0.1:{p}"))).collect::<Result<Vec<_>>>()?;
+        let addresses = (0..3 * f + 1)
+            .map(|_| free_port().map(|p| format!("127.0.0.1:{p}")))
+            .collect::<Result<Vec<_>>>()?;
         keygen::write_cluster(&dir, f, addresses, LOCAL_CLIENTS)?;
         if fast_path {
             return Ok(config_path);
@@ -235,15 +252,20 @@ pub fn prepare_local_cluster(data_dir: &Path, f: u32, fast_path: bool) -> Result
     for r in &mut config.replicas {
         if !port_free(&r.address) {
             let new = format!("127.0.0.1:{}", free_port()?);
-            info!("port of replica {} ({}) is in use; moving it to {new}", r.id.0, r.address);
+            info!(
+                "port of replica {} ({}) is in use; moving it to {new}",
+                r.id.0, r.address
+            );
             r.address = new;
             changed = true;
         }
     }
     if changed {
         let tmp = config_path.with_extension("tmp");
-        std::fs::write(&tmp, config.to_json()?).with_context(|| format!("cannot write {}", tmp.display()))?;
-        std::fs::rename(&tmp, &config_path).with_context(|| format!("cannot update {}", config_path.display()))?;
+        std::fs::write(&tmp, config.to_json()?)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, &config_path)
+            .with_context(|| format!("cannot update {}", config_path.display()))?;
     }
     Ok(config_path)
 }
@@ -255,7 +277,9 @@ fn wait_for_previous_replicas(data_dir: &Path, n: usize) -> Result<()> {
     let started = Instant::now();
     for i in 0..n {
         let path = data_dir.join(format!("replica-{i}")).join("lock");
-        let Ok(file) = OpenOptions::new().read(true).write(true).open(&path) else { continue };
+        let Ok(file) = OpenOptions::new().read(true).write(true).open(&path) else {
+            continue;
+        };
         loop {
             // SAFETY: a valid descriptor; flock has no memory effects.
             if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
@@ -303,14 +327,23 @@ impl LocalCluster {
 
     /// [`LocalCluster::start`] with replicas that misbehave on purpose: (id, mode as
     /// `bftfs-replica --byzantine` takes it), kept across restarts.
-    pub fn start_with_byzantine(data_dir: &Path, config_path: &Path, byzantine: &[(u32, String)]) -> Result<LocalCluster> {
+    pub fn start_with_byzantine(
+        data_dir: &Path,
+        config_path: &Path,
+        byzantine: &[(u32, String)],
+    ) -> Result<LocalCluster> {
         let config = read_config(config_path)?;
         let program = replica_program()?;
         for (id, mode) in byzantine {
             warn!("replica {id} misbehaves on purpose: --byzantine {mode}");
         }
         let mut cluster = LocalCluster {
-            byzantine: Arc::new(byzantine.iter().map(|(i, m)| (*i as usize, m.clone())).collect()),
+            byzantine: Arc::new(
+                byzantine
+                    .iter()
+                    .map(|(i, m)| (*i as usize, m.clone()))
+                    .collect(),
+            ),
             program,
             config_path: config_path.to_path_buf(),
             data_dir: data_dir.to_path_buf(),
@@ -320,9 +353,15 @@ impl LocalCluster {
         };
         let mut members = Vec::new();
         for i in 0..config.n() {
-            members.push(Member { child: Some(cluster.spawn(i)?), restarts: 0 });
+            members.push(Member {
+                child: Some(cluster.spawn(i)?),
+                restarts: 0,
+            });
         }
-        *cluster.members.lock().map_err(|_| anyhow::anyhow!("poisoned"))? = members;
+        *cluster
+            .members
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))? = members;
         // Fail fast on a replica that cannot start at all (bad keys, port in use).
         std::thread::sleep(Duration::from_millis(300));
         let mut failed = None;
@@ -331,7 +370,12 @@ impl LocalCluster {
                 if let Some(Ok(Some(status))) = m.child.as_mut().map(|c| c.try_wait()) {
                     let log = data_dir.join(format!("replica-{i}.log"));
                     let tail = std::fs::read_to_string(&log).unwrap_or_default();
-                    let last = tail.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output").to_string();
+                    let last = tail
+                        .lines()
+                        .rev()
+                        .find(|l| !l.trim().is_empty())
+                        .unwrap_or("no output")
+                        .to_string();
                     failed = Some(format!("replica {i} could not start ({status}): {last}"));
                     break;
                 }
@@ -346,19 +390,31 @@ impl LocalCluster {
     }
 
     fn spawn(&self, i: usize) -> Result<Child> {
-        spawn_replica(&self.program, &self.config_path, &self.data_dir, i, self.byzantine.get(&i).map(String::as_str))
+        spawn_replica(
+            &self.program,
+            &self.config_path,
+            &self.data_dir,
+            i,
+            self.byzantine.get(&i).map(String::as_str),
+        )
     }
 
     fn spawn_supervisor(&self) -> std::thread::JoinHandle<()> {
         let members = self.members.clone();
         let stop = self.stop.clone();
-        let (program, config_path, data_dir) = (self.program.clone(), self.config_path.clone(), self.data_dir.clone());
+        let (program, config_path, data_dir) = (
+            self.program.clone(),
+            self.config_path.clone(),
+            self.data_dir.clone(),
+        );
         let byzantine = self.byzantine.clone();
         std::thread::spawn(move || {
             let mut dead_since: Vec<Option<Instant>> = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(200));
-                let Ok(mut members) = members.lock() else { return };
+                let Ok(mut members) = members.lock() else {
+                    return;
+                };
                 dead_since.resize(members.len(), None);
                 for (i, m) in members.iter_mut().enumerate() {
                     let exited = match m.child.as_mut().map(|c| c.try_wait()) {
@@ -378,7 +434,13 @@ impl LocalCluster {
                     if since.elapsed() < pause || stop.load(Ordering::Relaxed) {
                         continue;
                     }
-                    match spawn_replica(&program, &config_path, &data_dir, i, byzantine.get(&i).map(String::as_str)) {
+                    match spawn_replica(
+                        &program,
+                        &config_path,
+                        &data_dir,
+                        i,
+                        byzantine.get(&i).map(String::as_str),
+                    ) {
                         Ok(c) => {
                             m.child = Some(c);
                             m.restarts += 1;
@@ -394,7 +456,10 @@ impl LocalCluster {
 
     /// Process ids of the replicas (None where one is not running).
     pub fn pids(&self) -> Vec<Option<u32>> {
-        self.members.lock().map(|m| m.iter().map(|m| m.child.as_ref().map(|c| c.id())).collect()).unwrap_or_default()
+        self.members
+            .lock()
+            .map(|m| m.iter().map(|m| m.child.as_ref().map(|c| c.id())).collect())
+            .unwrap_or_default()
     }
 
     /// Stops every replica (SIGTERM, then SIGKILL after a grace period).
@@ -403,7 +468,9 @@ impl LocalCluster {
         if let Some(s) = self.supervisor.take() {
             let _ = s.join();
         }
-        let Ok(mut members) = self.members.lock() else { return };
+        let Ok(mut members) = self.members.lock() else {
+            return;
+        };
         for m in members.iter_mut() {
             if let Some(c) = &m.child {
                 // SAFETY: kill has no memory effects.
@@ -413,7 +480,8 @@ impl LocalCluster {
         let started = Instant::now();
         for m in members.iter_mut() {
             if let Some(mut c) = m.child.take() {
-                while matches!(c.try_wait(), Ok(None)) && started.elapsed() < Duration::from_secs(5) {
+                while matches!(c.try_wait(), Ok(None)) && started.elapsed() < Duration::from_secs(5)
+                {
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 let _ = c.kill();
@@ -429,8 +497,17 @@ impl Drop for LocalCluster {
     }
 }
 
-fn spawn_replica(program: &Path, config_path: &Path, data_dir: &Path, i: usize, byzantine: Option<&str>) -> Result<Child> {
-    let secrets = config_path.parent().unwrap_or(Path::new(".")).join(format!("replica-{i}.json"));
+fn spawn_replica(
+    program: &Path,
+    config_path: &Path,
+    data_dir: &Path,
+    i: usize,
+    byzantine: Option<&str>,
+) -> Result<Child> {
+    let secrets = config_path
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join(format!("replica-{i}.json"));
     let log_path = data_dir.join(format!("replica-{i}.log"));
     let log = OpenOptions::new()
         .create(true)
@@ -452,7 +529,14 @@ fn spawn_replica(program: &Path, config_path: &Path, data_dir: &Path, i: usize, 
             if libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong, 0, 0, 0) != 0 {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGTERM as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -461,8 +545,7 @@ fn spawn_replica(program: &Path, config_path: &Path, data_dir: &Path, i: usize, 
     if let Some(mode) = byzantine {
         cmd.arg("--byzantine").arg(mode);
     }
-    cmd
-        .arg("--config")
+    cmd.arg("--config")
         .arg(config_path)
         .arg("--secrets")
         .arg(&secrets)
@@ -487,21 +570,37 @@ pub struct ReplicaReport {
 
 /// Asks every replica of `config` for its status.
 pub fn probe_cluster(config: &ClusterConfig) -> Vec<ReplicaReport> {
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(_) => return Vec::new(),
     };
     let statuses: Vec<Option<ReplicaStatus>> = runtime.block_on(async {
-        let probes = config.replicas.iter().map(|r| probe(&r.address, Duration::from_secs(2)));
+        let probes = config
+            .replicas
+            .iter()
+            .map(|r| probe(&r.address, Duration::from_secs(2)));
         let mut out = Vec::new();
         for p in probes {
             out.push(p.await.ok());
         }
         out
     });
-    let best = statuses.iter().flatten().map(|s| s.last_executed).max().unwrap_or(0);
+    let best = statuses
+        .iter()
+        .flatten()
+        .map(|s| s.last_executed)
+        .max()
+        .unwrap_or(0);
     // The view most replicas are in: a replica in another view is changing views or lagging.
-    let mut views: Vec<u64> = statuses.iter().flatten().filter(|s| s.view_active).map(|s| s.view).collect();
+    let mut views: Vec<u64> = statuses
+        .iter()
+        .flatten()
+        .filter(|s| s.view_active)
+        .map(|s| s.view)
+        .collect();
     views.sort_unstable();
     let common_view = views.get(views.len() / 2).copied();
     config
@@ -509,7 +608,9 @@ pub fn probe_cluster(config: &ClusterConfig) -> Vec<ReplicaReport> {
         .iter()
         .zip(statuses)
         .map(|(r, status)| {
-            let lag = status.as_ref().map(|s| best.saturating_sub(s.last_executed));
+            let lag = status
+                .as_ref()
+                .map(|s| best.saturating_sub(s.last_executed));
             let health = match &status {
                 None => "down",
                 Some(s) if s.transferring_state => "catching up (state transfer)",
@@ -519,7 +620,13 @@ pub fn probe_cluster(config: &ClusterConfig) -> Vec<ReplicaReport> {
                 Some(_) if lag.unwrap_or(0) > 64 => "lagging",
                 Some(_) => "ok",
             };
-            ReplicaReport { id: r.id.0, address: r.address.clone(), status, lag, health }
+            ReplicaReport {
+                id: r.id.0,
+                address: r.address.clone(),
+                status,
+                lag,
+                health,
+            }
         })
         .collect()
 }
@@ -527,7 +634,16 @@ pub fn probe_cluster(config: &ClusterConfig) -> Vec<ReplicaReport> {
 pub fn print_reports(reports: &[ReplicaReport]) {
     println!(
         "{:<8} {:<22} {:>8} {:<8} {:>6} {:>10} {:>10} {:>6} {:>9} {:>6}  health",
-        "replica", "address", "pid", "role", "view", "executed", "stable cp", "lag", "rejected", "xfers"
+        "replica",
+        "address",
+        "pid",
+        "role",
+        "view",
+        "executed",
+        "stable cp",
+        "lag",
+        "rejected",
+        "xfers"
     );
     for r in reports {
         match &r.status {
@@ -557,13 +673,19 @@ pub fn reports_json(reports: &[ReplicaReport]) -> String {
     let items: Vec<String> = reports
         .iter()
         .map(|r| {
-            let status = r.status.as_ref().map(|s| s.to_json()).unwrap_or_else(|| "null".into());
+            let status = r
+                .status
+                .as_ref()
+                .map(|s| s.to_json())
+                .unwrap_or_else(|| "null".into());
             format!(
                 "{{\"id\":{},\"address\":\"{}\",\"health\":\"{}\",\"lag\":{},\"status\":{}}}",
                 r.id,
                 r.address.replace('"', ""),
                 r.health,
-                r.lag.map(|l| l.to_string()).unwrap_or_else(|| "null".into()),
+                r.lag
+                    .map(|l| l.to_string())
+                    .unwrap_or_else(|| "null".into()),
                 status
             )
         })
@@ -588,42 +710,74 @@ const LATE_MS: u64 = 100;
 /// silent. Observations about a replica come only from others: a Byzantine replica's word
 /// about itself counts for nothing, and its word about others is one voice among several
 /// (hence "seen by K peers").
-pub fn suspects(config: &ClusterConfig, reports: &[ReplicaReport], clients: &[ClientReport]) -> Vec<Suspect> {
+pub fn suspects(
+    config: &ClusterConfig,
+    reports: &[ReplicaReport],
+    clients: &[ClientReport],
+) -> Vec<Suspect> {
     let quorum_of_witnesses = config.f as usize + 1;
     // Views whose primary someone holds proof of equivocation against: conflicting votes in
     // them are the primary's doing, not the voters'.
     let tainted: std::collections::BTreeSet<u64> = reports
         .iter()
         .filter_map(|r| r.status.as_ref())
-        .flat_map(|s| s.peers.iter().flat_map(|p| p.equivocation_views.iter().copied()))
+        .flat_map(|s| {
+            s.peers
+                .iter()
+                .flat_map(|p| p.equivocation_views.iter().copied())
+        })
         .collect();
     let mut out = Vec::new();
     for target in config.replicas.iter().map(|r| r.id.0) {
         let mut why = Vec::new();
         // (observer, its report about target, its reports about everyone else)
-        let views: Vec<(u32, &replica::driver::peers::PeerReport, Vec<&replica::driver::peers::PeerReport>)> = reports
+        let views: Vec<(
+            u32,
+            &replica::driver::peers::PeerReport,
+            Vec<&replica::driver::peers::PeerReport>,
+        )> = reports
             .iter()
             .filter(|r| r.id != target)
             .filter_map(|r| {
                 let s = r.status.as_ref()?;
                 let about = s.peers.iter().find(|p| p.id == target)?;
-                Some((r.id, about, s.peers.iter().filter(|p| p.id != target).collect()))
+                Some((
+                    r.id,
+                    about,
+                    s.peers.iter().filter(|p| p.id != target).collect(),
+                ))
             })
             .collect();
         let mut tally = |what: &str, count: &dyn Fn(&replica::driver::peers::PeerReport) -> u64| {
             let total: u64 = views.iter().map(|(_, p, _)| count(p)).sum();
             let witnesses = views.iter().filter(|(_, p, _)| count(p) > 0).count();
             if total > 0 {
-                why.push(format!("{total} {what} seen by {witnesses} peer{}", if witnesses == 1 { "" } else { "s" }));
+                why.push(format!(
+                    "{total} {what} seen by {witnesses} peer{}",
+                    if witnesses == 1 { "" } else { "s" }
+                ));
             }
         };
         tally("bad authenticators", &|p| p.auth_failures);
         tally("invalid messages", &|p| p.invalid);
-        tally("proofs of equivocation (conflicting signed proposals)", &|p| p.equivocations);
-        tally("checkpoints disagreeing with the stable certificate", &|p| p.checkpoint_mismatches);
-        tally("votes for another batch than the primary proposed (it or the primary equivocates)", &|p| {
-            p.conflicting_votes_by_view.iter().filter(|(v, _)| !tainted.contains(v)).map(|(_, n)| n).sum()
-        });
+        tally(
+            "proofs of equivocation (conflicting signed proposals)",
+            &|p| p.equivocations,
+        );
+        tally(
+            "checkpoints disagreeing with the stable certificate",
+            &|p| p.checkpoint_mismatches,
+        );
+        tally(
+            "votes for another batch than the primary proposed (it or the primary equivocates)",
+            &|p| {
+                p.conflicting_votes_by_view
+                    .iter()
+                    .filter(|(v, _)| !tainted.contains(v))
+                    .map(|(_, n)| n)
+                    .sum()
+            },
+        );
         let silent: Vec<u64> = views
             .iter()
             .filter_map(|(_, p, others)| {
@@ -637,14 +791,25 @@ pub fn suspects(config: &ClusterConfig, reports: &[ReplicaReport], clients: &[Cl
             .collect();
         if silent.len() >= quorum_of_witnesses {
             let shortest = silent.iter().min().copied().unwrap_or(u64::MAX);
-            let since = if shortest == u64::MAX { "never heard from".to_string() } else { format!("silent for {} s", shortest / 1000) };
-            why.push(format!("{since} while the others talk, seen by {} peers", silent.len()));
+            let since = if shortest == u64::MAX {
+                "never heard from".to_string()
+            } else {
+                format!("silent for {} s", shortest / 1000)
+            };
+            why.push(format!(
+                "{since} while the others talk, seen by {} peers",
+                silent.len()
+            ));
         }
         let late: Vec<u64> = views
             .iter()
             .filter_map(|(_, p, others)| {
                 let mine = p.lateness_ms?;
-                let theirs = others.iter().filter_map(|o| o.lateness_ms).max().unwrap_or(0);
+                let theirs = others
+                    .iter()
+                    .filter_map(|o| o.lateness_ms)
+                    .max()
+                    .unwrap_or(0);
                 (mine >= LATE_MS && mine >= 3 * theirs.max(1)).then_some(mine)
             })
             .collect();
@@ -666,7 +831,10 @@ pub fn suspects(config: &ClusterConfig, reports: &[ReplicaReport], clients: &[Cl
                     ));
                 }
                 if v.auth_failures > 0 {
-                    why.push(format!("{} replies to client {} did not authenticate", v.auth_failures, c.client));
+                    why.push(format!(
+                        "{} replies to client {} did not authenticate",
+                        v.auth_failures, c.client
+                    ));
                 }
             }
         }
@@ -700,7 +868,14 @@ pub fn suspects_json(suspects: &[Suspect]) -> String {
 }
 
 pub fn clients_json(clients: &[ClientReport]) -> String {
-    format!("[{}]", clients.iter().map(|c| c.to_json()).collect::<Vec<_>>().join(","))
+    format!(
+        "[{}]",
+        clients
+            .iter()
+            .map(|c| c.to_json())
+            .collect::<Vec<_>>()
+            .join(",")
+    )
 }
 
 #[cfg(test)]
@@ -734,13 +909,28 @@ mod suspect_tests {
                 let peers = (0..4u32)
                     .filter(|p| *p != me)
                     .map(|id| {
-                        let mut p = PeerReport { id, last_message_ms_ago: Some(10), lateness_ms: Some(2), ..Default::default() };
+                        let mut p = PeerReport {
+                            id,
+                            last_message_ms_ago: Some(10),
+                            lateness_ms: Some(2),
+                            ..Default::default()
+                        };
                         about(me, &mut p);
                         p
                     })
                     .collect();
-                let status = ReplicaStatus { id: me, peers, ..Default::default() };
-                ReplicaReport { id: me, address: String::new(), status: Some(status), lag: Some(0), health: "ok" }
+                let status = ReplicaStatus {
+                    id: me,
+                    peers,
+                    ..Default::default()
+                };
+                ReplicaReport {
+                    id: me,
+                    address: String::new(),
+                    status: Some(status),
+                    lag: Some(0),
+                    health: "ok",
+                }
             })
             .collect()
     }
@@ -752,20 +942,64 @@ mod suspect_tests {
     #[test]
     fn names_replicas_from_what_the_others_report() {
         let config = config();
-        assert!(suspects(&config, &reports(|_, _| {}), &[]).is_empty(), "a quiet healthy cluster has no suspects");
+        assert!(
+            suspects(&config, &reports(|_, _| {}), &[]).is_empty(),
+            "a quiet healthy cluster has no suspects"
+        );
 
-        let s = suspects(&config, &reports(|_, p| if p.id == 2 { p.auth_failures = 10 }), &[]);
-        assert_eq!(named(&s), vec![(2, "30 bad authenticators seen by 3 peers".to_string())]);
+        let s = suspects(
+            &config,
+            &reports(|_, p| {
+                if p.id == 2 {
+                    p.auth_failures = 10
+                }
+            }),
+            &[],
+        );
+        assert_eq!(
+            named(&s),
+            vec![(2, "30 bad authenticators seen by 3 peers".to_string())]
+        );
 
-        let s = suspects(&config, &reports(|_, p| if p.id == 2 { p.last_message_ms_ago = None }), &[]);
+        let s = suspects(
+            &config,
+            &reports(|_, p| {
+                if p.id == 2 {
+                    p.last_message_ms_ago = None
+                }
+            }),
+            &[],
+        );
         assert_eq!(s.len(), 1);
-        assert!(s[0].id == 2 && s[0].why[0].contains("never heard from"), "{s:?}");
+        assert!(
+            s[0].id == 2 && s[0].why[0].contains("never heard from"),
+            "{s:?}"
+        );
 
         // Late according to one observer only: not enough witnesses (f+1 = 2).
-        let s = suspects(&config, &reports(|me, p| if p.id == 2 && me == 0 { p.lateness_ms = Some(500) }), &[]);
+        let s = suspects(
+            &config,
+            &reports(|me, p| {
+                if p.id == 2 && me == 0 {
+                    p.lateness_ms = Some(500)
+                }
+            }),
+            &[],
+        );
         assert!(s.is_empty(), "{s:?}");
-        let s = suspects(&config, &reports(|me, p| if p.id == 2 && me != 3 { p.lateness_ms = Some(500) }), &[]);
-        assert!(s.len() == 1 && s[0].why[0].contains("500 ms after the others'"), "{s:?}");
+        let s = suspects(
+            &config,
+            &reports(|me, p| {
+                if p.id == 2 && me != 3 {
+                    p.lateness_ms = Some(500)
+                }
+            }),
+            &[],
+        );
+        assert!(
+            s.len() == 1 && s[0].why[0].contains("500 ms after the others'"),
+            "{s:?}"
+        );
 
         // Votes in a view whose primary someone proved to equivocate are the primary's doing.
         let s = suspects(
@@ -792,10 +1026,21 @@ mod suspect_tests {
         // Only clients see lies.
         let client = ClientReport {
             client: 1,
-            replicas: vec![ClientView { id: 1, disagreeing_replies: 7, compared_replies: 9, auth_failures: 0 }],
+            replicas: vec![ClientView {
+                id: 1,
+                disagreeing_replies: 7,
+                compared_replies: 9,
+                auth_failures: 0,
+            }],
             ..Default::default()
         };
         let s = suspects(&config, &reports(|_, _| {}), &[client]);
-        assert_eq!(named(&s), vec![(1, "7 of 9 replies to client 1 disagreed with the agreed result".to_string())]);
+        assert_eq!(
+            named(&s),
+            vec![(
+                1,
+                "7 of 9 replies to client 1 disagreed with the agreed result".to_string()
+            )]
+        );
     }
 }

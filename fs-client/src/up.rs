@@ -20,8 +20,8 @@ use crate::mounting::{
 };
 use crate::options::MountOptions;
 use crate::transport::FsTransport;
-use replica::driver::status::ClientReport;
 use anyhow::{anyhow, bail, Context, Result};
+use replica::driver::status::ClientReport;
 use sha2::{Digest, Sha256};
 use state_abstraction::fs::{Caller, FsOp, FsReply, FsRequest, Handle, SetAttrs};
 use std::fs::{File, OpenOptions};
@@ -72,9 +72,14 @@ pub fn parse_byzantine(raw: &[String], f: u32) -> Result<Vec<(u32, String)>> {
         let Some((id, mode)) = text.split_once(':') else {
             bail!("--byzantine {text}: expected ID:MODE, e.g. 2:lie");
         };
-        let id: u32 = id.parse().map_err(|_| anyhow!("--byzantine {text}: `{id}` is not a replica number"))?;
+        let id: u32 = id
+            .parse()
+            .map_err(|_| anyhow!("--byzantine {text}: `{id}` is not a replica number"))?;
         if f == 0 || id >= 3 * f + 1 {
-            bail!("--byzantine {text}: there is no replica {id} (the cluster has {} replicas)", 3 * f + 1);
+            bail!(
+                "--byzantine {text}: there is no replica {id} (the cluster has {} replicas)",
+                3 * f + 1
+            );
         }
         if out.iter().any(|(i, _)| *i == id) {
             bail!("--byzantine: replica {id} is given two modes");
@@ -83,7 +88,10 @@ pub fn parse_byzantine(raw: &[String], f: u32) -> Result<Vec<(u32, String)>> {
         out.push((id, mode.to_string()));
     }
     if out.len() > f as usize {
-        warn!("{} Byzantine replicas is more than f={f}: the cluster may stop or go wrong", out.len());
+        warn!(
+            "{} Byzantine replicas is more than f={f}: the cluster may stop or go wrong",
+            out.len()
+        );
     }
     Ok(out)
 }
@@ -372,7 +380,8 @@ fn serve_replicated(mnt: &Path, data_dir: &Path, args: &UpArgs) -> Result<()> {
     mounting::block_stop_signals();
     let _lock = lock_data_dir(data_dir)?;
     let config_path = cluster::prepare_local_cluster(data_dir, args.f, args.fast_path)?;
-    let mut replicas = cluster::LocalCluster::start_with_byzantine(data_dir, &config_path, &args.byzantine)?;
+    let mut replicas =
+        cluster::LocalCluster::start_with_byzantine(data_dir, &config_path, &args.byzantine)?;
     let result = (|| {
         let config = cluster::read_config(&config_path)?;
         let (secrets, _client_lock) = cluster::claim_client(&config_path, None)?;
@@ -381,7 +390,8 @@ fn serve_replicated(mnt: &Path, data_dir: &Path, args: &UpArgs) -> Result<()> {
             secrets,
             args.options.request_timeout,
         )?);
-        let _reporter = transport.report_observations(config_path.parent().unwrap_or(Path::new(".")));
+        let _reporter =
+            transport.report_observations(config_path.parent().unwrap_or(Path::new(".")));
         wait_until_answering(transport.as_ref(), data_dir)?;
         serve_cluster(mnt, data_dir, args, transport, "bftfs")
     })();
@@ -447,7 +457,9 @@ pub fn mount(
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().context("cannot start the background bftfs process")?;
+        let mut child = cmd
+            .spawn()
+            .context("cannot start the background bftfs process")?;
         let started = Instant::now();
         loop {
             if let Some(status) = child.try_wait()? {
@@ -458,26 +470,45 @@ pub fn mount(
                 bail!("bftfs mount failed ({status}): {}", err.trim());
             }
             if mounted_fstype(&mnt).as_deref() == Some(FS_TYPE) && std::fs::metadata(&mnt).is_ok() {
-                println!("bftfs: {} is mounted (cluster {}, pid {})", mnt.display(), config_path.display(), child.id());
+                println!(
+                    "bftfs: {} is mounted (cluster {}, pid {})",
+                    mnt.display(),
+                    config_path.display(),
+                    child.id()
+                );
                 println!("  stop:  bftfs umount {}", mnt.display());
                 return Ok(());
             }
             if started.elapsed() > DETACH_WAIT {
                 let _ = child.kill();
                 let _ = child.wait();
-                bail!("the mount at {} did not answer within {DETACH_WAIT:?}", mnt.display());
+                bail!(
+                    "the mount at {} did not answer within {DETACH_WAIT:?}",
+                    mnt.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
     mounting::block_stop_signals();
     let (secrets, _client_lock) = cluster::claim_client(config_path, client)?;
-    let transport = Arc::new(cluster::ReplicatedTransport::start(config, secrets, options.request_timeout)?);
+    let transport = Arc::new(cluster::ReplicatedTransport::start(
+        config,
+        secrets,
+        options.request_timeout,
+    )?);
     let _reporter = transport.report_observations(config_path.parent().unwrap_or(Path::new(".")));
-    wait_until_answering(transport.as_ref(), config_path.parent().unwrap_or(Path::new(".")))?;
+    wait_until_answering(
+        transport.as_ref(),
+        config_path.parent().unwrap_or(Path::new(".")),
+    )?;
     mounting::serve(&mnt, transport, &options, "bftfs", || {
         if !foreground_child {
-            println!("bftfs: {} is mounted (cluster {})", mnt.display(), config_path.display());
+            println!(
+                "bftfs: {} is mounted (cluster {})",
+                mnt.display(),
+                config_path.display()
+            );
             println!("  stop:  Ctrl-C here, or `bftfs umount {}`", mnt.display());
             let _ = std::io::stdout().flush();
         }
@@ -501,7 +532,12 @@ pub fn status_of_config(config_path: &Path, json: bool) -> Result<()> {
             cluster::suspects_json(&suspects)
         );
     } else {
-        println!("cluster:     {} (f={}, {} replicas)", config_path.display(), config.f, config.n());
+        println!(
+            "cluster:     {} (f={}, {} replicas)",
+            config_path.display(),
+            config.f,
+            config.n()
+        );
         cluster::print_reports(&reports);
         cluster::print_suspects(&suspects);
     }

@@ -36,18 +36,25 @@ enum Node {
 type Tree = BTreeMap<String, Node>;
 
 fn rounds() -> usize {
-    std::env::var("BFTFS_BYZ_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(3)
+    std::env::var("BFTFS_BYZ_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3)
 }
 
 /// Deterministic bytes for file `i` of worker `w` in round `r`.
 fn content(w: usize, i: usize, r: usize, salt: usize) -> Vec<u8> {
     let line = format!("w{w} f{i} r{r} s{salt} ");
-    line.repeat(1 + (w * 31 + i * 7 + r * 13 + salt) % 700).into_bytes()
+    line.repeat(1 + (w * 31 + i * 7 + r * 13 + salt) % 700)
+        .into_bytes()
 }
 
 fn read_all(path: &Path) -> Vec<u8> {
     let mut got = Vec::new();
-    fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display())).read_to_end(&mut got).expect("read");
+    fs::File::open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+        .read_to_end(&mut got)
+        .expect("read");
     got
 }
 
@@ -61,7 +68,9 @@ fn worker(mnt: &Path, w: usize, rounds: usize) -> Tree {
     model.insert(base.clone(), Node::Dir { mode: 0o755 });
     model.insert(format!("{base}/sub"), Node::Dir { mode: 0o755 });
     // Where file i lives now (relative to the mount).
-    let mut place: Vec<String> = (0..FILES_PER_WORKER).map(|i| format!("{base}/f{i}")).collect();
+    let mut place: Vec<String> = (0..FILES_PER_WORKER)
+        .map(|i| format!("{base}/f{i}"))
+        .collect();
     for r in 0..rounds {
         for (i, place) in place.iter_mut().enumerate() {
             let path = mnt.join(&*place);
@@ -69,7 +78,11 @@ fn worker(mnt: &Path, w: usize, rounds: usize) -> Tree {
                 Some(Node::File { data, mode }) => Some((data.clone(), *mode)),
                 _ => None,
             };
-            let op = if current.is_none() { 0 } else { (r * 5 + i + w) % 6 };
+            let op = if current.is_none() {
+                0
+            } else {
+                (r * 5 + i + w) % 6
+            };
             let (data, mode) = current.clone().unwrap_or((Vec::new(), 0o644));
             let (new_data, new_mode) = match op {
                 0 => {
@@ -82,7 +95,10 @@ fn worker(mnt: &Path, w: usize, rounds: usize) -> Tree {
                     let patch = content(w, i, r, 1);
                     let patch = &patch[..patch.len().min(300)];
                     let at = data.len() / 3;
-                    let mut f = fs::OpenOptions::new().write(true).open(&path).expect("open rw");
+                    let mut f = fs::OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .expect("open rw");
                     f.seek(SeekFrom::Start(at as u64)).expect("seek");
                     f.write_all(patch).expect("pwrite");
                     let mut d = data.clone();
@@ -94,8 +110,17 @@ fn worker(mnt: &Path, w: usize, rounds: usize) -> Tree {
                 }
                 2 => {
                     // Truncate: shorter on even rounds, longer (a hole of zeros) on odd ones.
-                    let len = if r % 2 == 0 { data.len() / 2 } else { data.len() + 4097 };
-                    fs::OpenOptions::new().write(true).open(&path).expect("open").set_len(len as u64).expect("truncate");
+                    let len = if r % 2 == 0 {
+                        data.len() / 2
+                    } else {
+                        data.len() + 4097
+                    };
+                    fs::OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .expect("open")
+                        .set_len(len as u64)
+                        .expect("truncate");
                     let mut d = data.clone();
                     d.resize(len, 0);
                     (d, mode)
@@ -115,16 +140,31 @@ fn worker(mnt: &Path, w: usize, rounds: usize) -> Tree {
                 }
                 _ => {
                     let extra = content(w, i, r, 5);
-                    fs::OpenOptions::new().append(true).open(&path).expect("open append").write_all(&extra).expect("append");
+                    fs::OpenOptions::new()
+                        .append(true)
+                        .open(&path)
+                        .expect("open append")
+                        .write_all(&extra)
+                        .expect("append");
                     let mut d = data.clone();
                     d.extend_from_slice(&extra);
                     (d, mode)
                 }
             };
-            model.insert(place.clone(), Node::File { mode: new_mode, data: new_data });
+            model.insert(
+                place.clone(),
+                Node::File {
+                    mode: new_mode,
+                    data: new_data,
+                },
+            );
             // Every few operations a file moves between the worker's directory and sub/.
             if (r + i) % 4 == 3 {
-                let to = if place.contains("/sub/") { format!("{base}/f{i}") } else { format!("{base}/sub/f{i}") };
+                let to = if place.contains("/sub/") {
+                    format!("{base}/f{i}")
+                } else {
+                    format!("{base}/sub/f{i}")
+                };
                 fs::rename(mnt.join(&*place), mnt.join(&to)).expect("rename");
                 let node = model.remove(&*place).expect("model");
                 model.insert(to.clone(), node);
@@ -136,15 +176,26 @@ fn worker(mnt: &Path, w: usize, rounds: usize) -> Tree {
             match node {
                 Node::File { data, .. } => {
                     let got = read_all(&mnt.join(rel));
-                    assert!(got == *data, "{rel} after round {r}: {} bytes, want {}", got.len(), data.len());
+                    assert!(
+                        got == *data,
+                        "{rel} after round {r}: {} bytes, want {}",
+                        got.len(),
+                        data.len()
+                    );
                 }
                 Node::Dir { .. } => {
-                    let mut names: Vec<String> =
-                        fs::read_dir(mnt.join(rel)).expect("readdir").map(|e| e.expect("entry").file_name().to_string_lossy().into_owned()).collect();
+                    let mut names: Vec<String> = fs::read_dir(mnt.join(rel))
+                        .expect("readdir")
+                        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                        .collect();
                     names.sort();
                     let mut want: Vec<String> = model
                         .keys()
-                        .filter_map(|k| k.strip_prefix(&format!("{rel}/")).filter(|rest| !rest.contains('/')).map(str::to_string))
+                        .filter_map(|k| {
+                            k.strip_prefix(&format!("{rel}/"))
+                                .filter(|rest| !rest.contains('/'))
+                                .map(str::to_string)
+                        })
                         .collect();
                     want.sort();
                     assert_eq!(names, want, "listing of {rel} after round {r}");
@@ -159,8 +210,13 @@ fn worker(mnt: &Path, w: usize, rounds: usize) -> Tree {
 fn workload(mnt: &Path) -> Tree {
     let rounds = rounds();
     let models: Vec<Tree> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..WORKERS).map(|w| s.spawn(move || worker(mnt, w, rounds))).collect();
-        handles.into_iter().map(|h| h.join().expect("worker panicked")).collect()
+        let handles: Vec<_> = (0..WORKERS)
+            .map(|w| s.spawn(move || worker(mnt, w, rounds)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("worker panicked"))
+            .collect()
     });
     models.into_iter().flatten().collect()
 }
@@ -179,7 +235,13 @@ fn push_checkpoints(mnt: &Path, model: &mut Tree, count: usize) {
     }
     let mode = if count % 2 == 1 { 0o600 } else { 0o644 };
     let mode = if count == 0 { 0o644 } else { mode };
-    model.insert("pulse".into(), Node::File { mode, data: b"pulse".to_vec() });
+    model.insert(
+        "pulse".into(),
+        Node::File {
+            mode,
+            data: b"pulse".to_vec(),
+        },
+    );
 }
 
 /// What the mount holds now.
@@ -198,7 +260,11 @@ fn snapshot(mnt: &Path) -> Tree {
                 stack.push(child);
             } else {
                 let data = read_all(&mnt.join(&child));
-                assert_eq!(data.len() as u64, meta.len(), "{key}: size and content length differ");
+                assert_eq!(
+                    data.len() as u64,
+                    meta.len(),
+                    "{key}: size and content length differ"
+                );
                 tree.insert(key, Node::File { mode, data });
             }
         }
@@ -209,7 +275,10 @@ fn snapshot(mnt: &Path) -> Tree {
 fn compare(label: &str, got: &Tree, want: &Tree) {
     let only_got: Vec<&String> = got.keys().filter(|k| !want.contains_key(*k)).collect();
     let only_want: Vec<&String> = want.keys().filter(|k| !got.contains_key(*k)).collect();
-    assert!(only_got.is_empty() && only_want.is_empty(), "{label}: extra {only_got:?}, missing {only_want:?}");
+    assert!(
+        only_got.is_empty() && only_want.is_empty(),
+        "{label}: extra {only_got:?}, missing {only_want:?}"
+    );
     for (k, w) in want {
         let g = &got[k];
         if g != w {
@@ -223,9 +292,13 @@ fn compare(label: &str, got: &Tree, want: &Tree) {
 }
 
 fn status_json(m: &Mounted) -> serde_json::Value {
-    let out = bftfs(&["status".as_ref(), m.mnt.as_os_str(), "--json".as_ref()], &m.xdg);
+    let out = bftfs(
+        &["status".as_ref(), m.mnt.as_os_str(), "--json".as_ref()],
+        &m.xdg,
+    );
     assert!(out.status.success(), "status failed: {}", text(&out));
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("status --json: {e}: {}", text(&out)))
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("status --json: {e}: {}", text(&out)))
 }
 
 fn status_text(m: &Mounted) -> String {
@@ -241,7 +314,13 @@ fn suspicions(status: &serde_json::Value, id: u64) -> Vec<String> {
         .into_iter()
         .flatten()
         .filter(|s| s["id"].as_u64() == Some(id))
-        .flat_map(|s| s["why"].as_array().into_iter().flatten().filter_map(|w| w.as_str().map(str::to_string)))
+        .flat_map(|s| {
+            s["why"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|w| w.as_str().map(str::to_string))
+        })
         .collect()
 }
 
@@ -256,7 +335,12 @@ fn replica_status(status: &serde_json::Value, id: u64) -> serde_json::Value {
 /// Mounts a fresh cluster with `byzantine` (e.g. "2:lie"), runs the workload, checks the tree
 /// against the model, then waits until `bftfs status` names `suspect` for a reason containing
 /// `because`. Returns the mount for further checks.
-fn run(test: &str, byzantine: Option<&str>, push: usize, suspect: Option<(u64, &str)>) -> Option<(Mounted, tempfile::TempDir)> {
+fn run(
+    test: &str,
+    byzantine: Option<&str>,
+    push: usize,
+    suspect: Option<(u64, &str)>,
+) -> Option<(Mounted, tempfile::TempDir)> {
     if !fuse_available(test) {
         return None;
     }
@@ -279,7 +363,9 @@ fn run(test: &str, byzantine: Option<&str>, push: usize, suspect: Option<(u64, &
         fs::create_dir(&mnt).expect("mkdir mnt");
         match Mounted::at(&mnt, &xdg, None, &extra) {
             Ok(m) => break (m, tmp, mnt),
-            Err(e) if attempt < 3 => eprintln!("{test}: bftfs up failed (attempt {attempt}), retrying: {e}"),
+            Err(e) if attempt < 3 => {
+                eprintln!("{test}: bftfs up failed (attempt {attempt}), retrying: {e}")
+            }
             Err(e) => panic!("{test}: bftfs up: {e}"),
         }
     };
@@ -295,18 +381,37 @@ fn run(test: &str, byzantine: Option<&str>, push: usize, suspect: Option<(u64, &
             last = status_json(&m);
             suspicions(&last, id).iter().any(|w| w.contains(because))
         });
-        assert!(named, "{test}: status does not name replica {id} for `{because}`:\n{}\n{last:#}", status_text(&m));
+        assert!(
+            named,
+            "{test}: status does not name replica {id} for `{because}`:\n{}\n{last:#}",
+            status_text(&m)
+        );
         let shown = status_text(&m);
-        assert!(shown.contains(&format!("replica {id}: ")), "{test}: no suspects line for replica {id}:\n{shown}");
-        eprintln!("{test}: status says:\n{}", shown.lines().filter(|l| l.starts_with("suspects") || l.starts_with("    ")).collect::<Vec<_>>().join("\n"));
+        assert!(
+            shown.contains(&format!("replica {id}: ")),
+            "{test}: no suspects line for replica {id}:\n{shown}"
+        );
+        eprintln!(
+            "{test}: status says:\n{}",
+            shown
+                .lines()
+                .filter(|l| l.starts_with("suspects") || l.starts_with("    "))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
     }
-    eprintln!("{test}: workload {worked:?}, named in status after {:?}", suspected.elapsed());
+    eprintln!(
+        "{test}: workload {worked:?}, named in status after {:?}",
+        suspected.elapsed()
+    );
     Some((m, tmp))
 }
 
 #[test]
 fn fault_free_run_matches_the_model() {
-    let Some((m, _tmp)) = run("fault_free_run_matches_the_model", None, 70, None) else { return };
+    let Some((m, _tmp)) = run("fault_free_run_matches_the_model", None, 70, None) else {
+        return;
+    };
     let status = status_json(&m);
     assert!(
         status["suspects"].as_array().is_some_and(|s| s.is_empty()),
@@ -317,64 +422,132 @@ fn fault_free_run_matches_the_model() {
 
 #[test]
 fn mute_backup() {
-    let Some((m, _tmp)) = run("mute_backup", Some("2:mute"), 0, Some((2, "never heard from"))) else { return };
+    let Some((m, _tmp)) = run(
+        "mute_backup",
+        Some("2:mute"),
+        0,
+        Some((2, "never heard from")),
+    ) else {
+        return;
+    };
     m.down();
 }
 
 #[test]
 fn mute_primary() {
-    let Some((m, _tmp)) = run("mute_primary", Some("0:mute"), 0, Some((0, "never heard from"))) else { return };
+    let Some((m, _tmp)) = run(
+        "mute_primary",
+        Some("0:mute"),
+        0,
+        Some((0, "never heard from")),
+    ) else {
+        return;
+    };
     let status = status_json(&m);
-    assert!(replica_status(&status, 1)["view"].as_u64().unwrap_or(0) >= 1, "no view change away from a mute primary: {status:#}");
+    assert!(
+        replica_status(&status, 1)["view"].as_u64().unwrap_or(0) >= 1,
+        "no view change away from a mute primary: {status:#}"
+    );
     m.down();
 }
 
 #[test]
 fn slow_backup() {
-    let Some((m, _tmp)) = run("slow_backup", Some("2:slow:400"), 0, Some((2, "after the others'"))) else { return };
+    let Some((m, _tmp)) = run(
+        "slow_backup",
+        Some("2:slow:400"),
+        0,
+        Some((2, "after the others'")),
+    ) else {
+        return;
+    };
     m.down();
 }
 
 #[test]
 fn slow_primary() {
-    let Some((m, _tmp)) = run("slow_primary", Some("0:slow:200"), 0, Some((0, "after the others'"))) else { return };
+    let Some((m, _tmp)) = run(
+        "slow_primary",
+        Some("0:slow:200"),
+        0,
+        Some((0, "after the others'")),
+    ) else {
+        return;
+    };
     m.down();
 }
 
 #[test]
 fn lying_backup() {
-    let Some((m, _tmp)) = run("lying_backup", Some("2:lie"), 0, Some((2, "disagreed with the agreed result"))) else { return };
+    let Some((m, _tmp)) = run(
+        "lying_backup",
+        Some("2:lie"),
+        0,
+        Some((2, "disagreed with the agreed result")),
+    ) else {
+        return;
+    };
     m.down();
 }
 
 #[test]
 fn equivocating_backup() {
-    let Some((m, _tmp)) = run("equivocating_backup", Some("2:equivocate"), 0, Some((2, "votes for another batch"))) else { return };
+    let Some((m, _tmp)) = run(
+        "equivocating_backup",
+        Some("2:equivocate"),
+        0,
+        Some((2, "votes for another batch")),
+    ) else {
+        return;
+    };
     m.down();
 }
 
 #[test]
 fn equivocating_primary() {
-    let Some((m, _tmp)) =
-        run("equivocating_primary", Some("0:equivocate"), 0, Some((0, "proofs of equivocation"))) else { return };
+    let Some((m, _tmp)) = run(
+        "equivocating_primary",
+        Some("0:equivocate"),
+        0,
+        Some((0, "proofs of equivocation")),
+    ) else {
+        return;
+    };
     // The backups that voted for what the primary sent them are not blamed for it.
     let status = status_json(&m);
     for backup in 1..4 {
         let blamed = suspicions(&status, backup);
-        assert!(!blamed.iter().any(|w| w.contains("votes for another batch")), "backup {backup} blamed: {blamed:?}");
+        assert!(
+            !blamed.iter().any(|w| w.contains("votes for another batch")),
+            "backup {backup} blamed: {blamed:?}"
+        );
     }
     m.down();
 }
 
 #[test]
 fn bad_auth_backup() {
-    let Some((m, _tmp)) = run("bad_auth_backup", Some("2:bad-auth"), 0, Some((2, "bad authenticators"))) else { return };
+    let Some((m, _tmp)) = run(
+        "bad_auth_backup",
+        Some("2:bad-auth"),
+        0,
+        Some((2, "bad authenticators")),
+    ) else {
+        return;
+    };
     m.down();
 }
 
 #[test]
 fn bad_auth_primary() {
-    let Some((m, _tmp)) = run("bad_auth_primary", Some("0:bad-auth"), 0, Some((0, "bad authenticators"))) else { return };
+    let Some((m, _tmp)) = run(
+        "bad_auth_primary",
+        Some("0:bad-auth"),
+        0,
+        Some((0, "bad authenticators")),
+    ) else {
+        return;
+    };
     m.down();
 }
 
@@ -397,19 +570,40 @@ fn byzantine_flag_is_checked() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let mnt = tmp.path().join("mnt");
     fs::create_dir(&mnt).expect("mkdir");
-    for (arg, why) in [("9:lie", "no replica 9"), ("2:loud", "unknown Byzantine mode"), ("lie", "ID:MODE")] {
-        let out = bftfs(&["up".as_ref(), mnt.as_os_str(), "--byzantine".as_ref(), arg.as_ref()], &tmp.path().join("xdg"));
+    for (arg, why) in [
+        ("9:lie", "no replica 9"),
+        ("2:loud", "unknown Byzantine mode"),
+        ("lie", "ID:MODE"),
+    ] {
+        let out = bftfs(
+            &[
+                "up".as_ref(),
+                mnt.as_os_str(),
+                "--byzantine".as_ref(),
+                arg.as_ref(),
+            ],
+            &tmp.path().join("xdg"),
+        );
         assert!(!out.status.success(), "--byzantine {arg} accepted");
-        assert!(text(&out).contains(why), "--byzantine {arg}: {}", text(&out));
+        assert!(
+            text(&out).contains(why),
+            "--byzantine {arg}: {}",
+            text(&out)
+        );
     }
 }
 
 fn data_dir_of(m: &Mounted) -> PathBuf {
-    PathBuf::from(status_json(m)["data_dir"].as_str().expect("data_dir in status"))
+    PathBuf::from(
+        status_json(m)["data_dir"]
+            .as_str()
+            .expect("data_dir in status"),
+    )
 }
 
 fn count_in_log(m: &Mounted, replica: u32, needle: &str) -> usize {
-    let log = fs::read_to_string(data_dir_of(m).join(format!("replica-{replica}.log"))).unwrap_or_default();
+    let log = fs::read_to_string(data_dir_of(m).join(format!("replica-{replica}.log")))
+        .unwrap_or_default();
     log.lines().filter(|l| l.contains(needle)).count()
 }
 
@@ -417,7 +611,9 @@ fn count_in_log(m: &Mounted, replica: u32, needle: &str) -> usize {
 fn corrupt_state_is_found_and_repaired() {
     let test = "corrupt_state_is_found_and_repaired";
     // Two flipped bytes, two seconds apart, in replica 2's stored files.
-    let Some((m, _tmp)) = run(test, Some("2:corrupt-state:2:2"), 0, None) else { return };
+    let Some((m, _tmp)) = run(test, Some("2:corrupt-state:2:2"), 0, None) else {
+        return;
+    };
     let mnt = m.mnt.clone();
     let mut model = snapshot(&mnt);
     let started = Instant::now();
@@ -428,8 +624,15 @@ fn corrupt_state_is_found_and_repaired() {
         last = status_json(&m);
         let done = count_in_log(&m, 2, "corrupted a stored file on purpose");
         let found = count_in_log(&m, 2, "does not match its digest");
-        let transfers = replica_status(&last, 2)["state_transfers"].as_u64().unwrap_or(0);
-        done >= 2 && found >= 1 && transfers >= 1 && !replica_status(&last, 2)["transferring_state"].as_bool().unwrap_or(true)
+        let transfers = replica_status(&last, 2)["state_transfers"]
+            .as_u64()
+            .unwrap_or(0);
+        done >= 2
+            && found >= 1
+            && transfers >= 1
+            && !replica_status(&last, 2)["transferring_state"]
+                .as_bool()
+                .unwrap_or(true)
     });
     assert!(
         repaired,
@@ -445,15 +648,23 @@ fn corrupt_state_is_found_and_repaired() {
         let cps: Vec<(u64, String)> = (0..4)
             .map(|i| {
                 let s = replica_status(&last, i);
-                (s["last_checkpoint"].as_u64().unwrap_or(0), s["last_checkpoint_root"].as_str().unwrap_or("").to_string())
+                (
+                    s["last_checkpoint"].as_u64().unwrap_or(0),
+                    s["last_checkpoint_root"].as_str().unwrap_or("").to_string(),
+                )
             })
             .collect();
         cps.iter().all(|c| c == &cps[0]) && cps[0].0 > 0
     });
-    assert!(agree, "{test}: checkpoints of replica 2 do not agree with the others after the repair:\n{last:#}");
+    assert!(
+        agree,
+        "{test}: checkpoints of replica 2 do not agree with the others after the repair:\n{last:#}"
+    );
     let suspects = suspicions(&last, 2);
     assert!(
-        suspects.iter().any(|w| w.contains("checkpoints disagreeing with the stable certificate")),
+        suspects
+            .iter()
+            .any(|w| w.contains("checkpoints disagreeing with the stable certificate")),
         "{test}: status does not show replica 2's wrong checkpoint: {suspects:?}"
     );
     eprintln!("{test}: status says replica 2: {suspects:?}");

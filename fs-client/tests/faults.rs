@@ -33,7 +33,10 @@ struct Rep {
 
 /// `bftfs status --json`, per replica (a replica that does not answer has no pid/executed).
 fn replicas(m: &Mounted) -> Vec<Rep> {
-    let out = bftfs(&["status".as_ref(), m.mnt.as_os_str(), "--json".as_ref()], &m.xdg);
+    let out = bftfs(
+        &["status".as_ref(), m.mnt.as_os_str(), "--json".as_ref()],
+        &m.xdg,
+    );
     let v: serde_json::Value = match serde_json::from_slice(&out.stdout) {
         Ok(v) => v,
         Err(_) => return Vec::new(),
@@ -67,8 +70,17 @@ fn view_history(m: &Mounted) -> String {
     let data = data_dir_of(m);
     let mut out = String::new();
     for i in 0..4 {
-        let log = std::fs::read_to_string(data.join(format!("replica-{i}.log"))).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().filter(|l| l.contains("view") || l.contains("start") || l.contains("WARN") || l.contains("ERROR")).collect();
+        let log =
+            std::fs::read_to_string(data.join(format!("replica-{i}.log"))).unwrap_or_default();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| {
+                l.contains("view")
+                    || l.contains("start")
+                    || l.contains("WARN")
+                    || l.contains("ERROR")
+            })
+            .collect();
         out.push_str(&format!("--- replica {i} ---\n"));
         for l in &lines[lines.len().saturating_sub(25)..] {
             out.push_str(l);
@@ -79,7 +91,10 @@ fn view_history(m: &Mounted) -> String {
 }
 
 fn data_dir_of(m: &Mounted) -> PathBuf {
-    let out = bftfs(&["status".as_ref(), m.mnt.as_os_str(), "--json".as_ref()], &m.xdg);
+    let out = bftfs(
+        &["status".as_ref(), m.mnt.as_os_str(), "--json".as_ref()],
+        &m.xdg,
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json");
     PathBuf::from(v["data_dir"].as_str().expect("data_dir in status"))
 }
@@ -88,7 +103,9 @@ fn data_dir_of(m: &Mounted) -> PathBuf {
 fn healthy(reps: &[Rep]) -> bool {
     let best = reps.iter().filter_map(|r| r.executed).max().unwrap_or(0);
     reps.len() == 4
-        && reps.iter().all(|r| r.pid.is_some() && r.executed.is_some_and(|e| e + 16 >= best))
+        && reps
+            .iter()
+            .all(|r| r.pid.is_some() && r.executed.is_some_and(|e| e + 16 >= best))
         && reps.iter().filter(|r| r.primary).count() == 1
 }
 
@@ -102,23 +119,38 @@ fn postmark_rounds(dir: PathBuf, stop: Arc<AtomicBool>) -> (u32, Vec<String>) {
     let (mut rounds, mut failures) = (0, Vec::new());
     while !stop.load(Ordering::Relaxed) {
         let _ = std::fs::create_dir_all(&dir);
-        let mut child = match Command::new("/usr/bin/postmark").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn() {
+        let mut child = match Command::new("/usr/bin/postmark")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+        {
             Ok(c) => c,
             Err(e) => {
                 failures.push(format!("cannot start postmark: {e}"));
                 break;
             }
         };
-        let script = format!("set location {}\nset number 150\nset transactions 400\nset seed {}\nrun\nquit\n", dir.display(), 42 + rounds);
+        let script = format!(
+            "set location {}\nset number 150\nset transactions 400\nset seed {}\nrun\nquit\n",
+            dir.display(),
+            42 + rounds
+        );
         if let Some(mut s) = child.stdin.take() {
             let _ = s.write_all(script.as_bytes());
         }
         let out = child.wait_with_output().expect("postmark");
         let report = text(&out);
-        if out.status.success() && report.contains("Deleting files...Done") && report.contains("Time:") {
+        if out.status.success()
+            && report.contains("Deleting files...Done")
+            && report.contains("Time:")
+        {
             rounds += 1;
         } else {
-            failures.push(format!("postmark round {rounds}: {}", report.lines().rev().take(6).collect::<Vec<_>>().join(" | ")));
+            failures.push(format!(
+                "postmark round {rounds}: {}",
+                report.lines().rev().take(6).collect::<Vec<_>>().join(" | ")
+            ));
             break;
         }
     }
@@ -135,7 +167,10 @@ fn workload_and_postmark_survive_replicas_killed_every_few_seconds() {
         eprintln!("SKIPPED {name}: BFTFS_TEST_F=0 has no replicas");
         return;
     }
-    let seconds: u64 = std::env::var("FAULTS_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
+    let seconds: u64 = std::env::var("FAULTS_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
     let m = Mounted::new();
     let stop = Arc::new(AtomicBool::new(false));
     let dir = m.path("verify");
@@ -167,7 +202,12 @@ fn workload_and_postmark_survive_replicas_killed_every_few_seconds() {
             reps = replicas(&m);
             healthy(&reps)
         });
-        assert!(ok, "the cluster did not recover from the last kill: {}\n{}", status_text(&m), view_history(&m));
+        assert!(
+            ok,
+            "the cluster did not recover from the last kill: {}\n{}",
+            status_text(&m),
+            view_history(&m)
+        );
         let victim = if kill_primary {
             reps.iter().find(|r| r.primary)
         } else {
@@ -176,13 +216,20 @@ fn workload_and_postmark_survive_replicas_killed_every_few_seconds() {
         };
         let victim = victim.expect("a victim").clone();
         kill9(victim.pid.expect("pid"));
-        eprintln!("{:>5.1}s: killed replica {} ({})", start.elapsed().as_secs_f64(), victim.id, if victim.primary { "primary" } else { "backup" });
+        eprintln!(
+            "{:>5.1}s: killed replica {} ({})",
+            start.elapsed().as_secs_f64(),
+            victim.id,
+            if victim.primary { "primary" } else { "backup" }
+        );
         kills.push((victim.id, victim.primary));
         kill_primary = !kill_primary;
     }
     stop.store(true, Ordering::Relaxed);
     let w = worker.join().expect("workload thread");
-    let (pm_rounds, pm_failures) = postmark.map(|h| h.join().expect("postmark thread")).unwrap_or_default();
+    let (pm_rounds, pm_failures) = postmark
+        .map(|h| h.join().expect("postmark thread"))
+        .unwrap_or_default();
     eprintln!(
         "{} kills ({} of the primary) in {:?}; workload {:?}; postmark rounds {pm_rounds}",
         kills.len(),
@@ -190,9 +237,21 @@ fn workload_and_postmark_survive_replicas_killed_every_few_seconds() {
         start.elapsed(),
         w.counts
     );
-    assert!(kills.iter().any(|k| k.1) && kills.iter().any(|k| !k.1), "both a primary and a backup were killed: {kills:?}");
-    assert_eq!((w.counts.errors, w.counts.mismatches), (0, 0), "errors and mismatches: {:?}", w.problems);
-    assert!(w.counts.writes > 50 && w.counts.reads > 50, "the workload made progress: {:?}", w.counts);
+    assert!(
+        kills.iter().any(|k| k.1) && kills.iter().any(|k| !k.1),
+        "both a primary and a backup were killed: {kills:?}"
+    );
+    assert_eq!(
+        (w.counts.errors, w.counts.mismatches),
+        (0, 0),
+        "errors and mismatches: {:?}",
+        w.problems
+    );
+    assert!(
+        w.counts.writes > 50 && w.counts.reads > 50,
+        "the workload made progress: {:?}",
+        w.counts
+    );
     assert!(pm_failures.is_empty(), "postmark: {pm_failures:?}");
 
     // Every replica ends in the same state: same executed sequence number and checkpoint.
@@ -200,7 +259,12 @@ fn workload_and_postmark_survive_replicas_killed_every_few_seconds() {
     let same = wait_until(Duration::from_secs(90), || {
         last = replicas(&m);
         let agree = last.len() == 4
-            && last.iter().all(|r| r.executed.is_some() && r.executed == last[0].executed && r.checkpoint == last[0].checkpoint && r.view == last[0].view);
+            && last.iter().all(|r| {
+                r.executed.is_some()
+                    && r.executed == last[0].executed
+                    && r.checkpoint == last[0].checkpoint
+                    && r.view == last[0].view
+            });
         if !agree {
             // Idle replicas that missed the last batches learn of them from the next one.
             let _ = std::fs::write(m.path("nudge"), b"x");
@@ -208,8 +272,16 @@ fn workload_and_postmark_survive_replicas_killed_every_few_seconds() {
         }
         agree
     });
-    assert!(same, "replicas disagree at the end: {last:?}\n{}\n{}", status_text(&m), view_history(&m));
-    eprintln!("final state of every replica: executed {:?}, checkpoint {:?}, view {:?}", last[0].executed, last[0].checkpoint, last[0].view);
+    assert!(
+        same,
+        "replicas disagree at the end: {last:?}\n{}\n{}",
+        status_text(&m),
+        view_history(&m)
+    );
+    eprintln!(
+        "final state of every replica: executed {:?}, checkpoint {:?}, view {:?}",
+        last[0].executed, last[0].checkpoint, last[0].view
+    );
     m.down();
 }
 
@@ -218,7 +290,11 @@ fn workload_and_postmark_survive_replicas_killed_every_few_seconds() {
 fn power_loss(m: Mounted) {
     let reps = replicas(&m);
     let pids: Vec<i32> = reps.iter().filter_map(|r| r.pid).collect();
-    assert_eq!(pids.len(), 4, "four replicas before the power loss: {reps:?}");
+    assert_eq!(
+        pids.len(),
+        4,
+        "four replicas before the power loss: {reps:?}"
+    );
     let server = m.server_pid().expect("server pid");
     // Replicas first: a replica whose parent dies gets SIGTERM (PR_SET_PDEATHSIG) and would
     // shut down cleanly; the supervisor waits 500 ms before restarting a dead replica, so the
@@ -229,16 +305,27 @@ fn power_loss(m: Mounted) {
     kill9(server);
     let gone = wait_until(Duration::from_secs(20), || {
         // SAFETY: signal 0 only checks existence.
-        pids.iter().chain([&server]).all(|&p| unsafe { libc::kill(p, 0) } != 0 || is_zombie(p))
+        pids.iter()
+            .chain([&server])
+            .all(|&p| unsafe { libc::kill(p, 0) } != 0 || is_zombie(p))
     });
     assert!(gone, "processes survived SIGKILL");
-    let out = bftfs(&["umount".as_ref(), m.mnt.as_os_str(), "--lazy".as_ref()], &m.xdg);
+    let out = bftfs(
+        &["umount".as_ref(), m.mnt.as_os_str(), "--lazy".as_ref()],
+        &m.xdg,
+    );
     assert!(out.status.success(), "umount --lazy: {}", text(&out));
     std::mem::forget(m);
 }
 
 fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| s.rsplit(')').next().is_some_and(|t| t.trim_start().starts_with('Z'))).unwrap_or(true)
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|t| t.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
 }
 
 /// Reads every file and lists every directory under `root`; returns the number of entries.
@@ -251,7 +338,8 @@ fn walk(root: &Path) -> usize {
         if t.is_dir() {
             n += walk(&e.path());
         } else if t.is_file() {
-            std::fs::read(e.path()).unwrap_or_else(|err| panic!("read {}: {err}", e.path().display()));
+            std::fs::read(e.path())
+                .unwrap_or_else(|err| panic!("read {}: {err}", e.path().display()));
         }
     }
     n
@@ -269,7 +357,11 @@ fn total_power_loss_keeps_every_returned_write() {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (mnt, xdg, data) = (tmp.path().join("mnt"), tmp.path().join("xdg"), tmp.path().join("data"));
+    let (mnt, xdg, data) = (
+        tmp.path().join("mnt"),
+        tmp.path().join("xdg"),
+        tmp.path().join("data"),
+    );
     eprintln!("power-loss test directory: {}", tmp.path().display());
     if std::env::var("BFTFS_KEEP").is_ok() {
         std::mem::forget(tmp);
@@ -300,9 +392,16 @@ fn total_power_loss_keeps_every_returned_write() {
         power_loss(m);
         stop.store(true, Ordering::Relaxed);
         let w = worker.join().expect("workload thread");
-        eprintln!("round {round}: power loss after {:?}; interrupted: {:?}", w.counts, w.problems);
+        eprintln!(
+            "round {round}: power loss after {:?}; interrupted: {:?}",
+            w.counts, w.problems
+        );
         assert_eq!(w.counts.mismatches, 0, "{:?}", w.problems);
-        assert!(w.counts.writes > 10, "the workload made progress before the power loss: {:?}", w.counts);
+        assert!(
+            w.counts.writes > 10,
+            "the workload made progress before the power loss: {:?}",
+            w.counts
+        );
 
         if std::env::var("BFTFS_KEEP").is_ok() {
             // Diagnostics: the data as the power loss left it, and what the workload expects.
@@ -324,16 +423,25 @@ fn total_power_loss_keeps_every_returned_write() {
         m = Mounted::at(&mnt, &xdg, Some(&data), &[]).expect("up after the power loss");
         eprintln!("round {round}: up again in {:?}", started.elapsed());
         match w.check_after_crash() {
-            Ok(how) => eprintln!("round {round}: every returned call is there; the directory is {how}"),
-            Err(e) => panic!("round {round}: after the power loss: {e}\n{}", status_text(&m)),
+            Ok(how) => {
+                eprintln!("round {round}: every returned call is there; the directory is {how}")
+            }
+            Err(e) => panic!(
+                "round {round}: after the power loss: {e}\n{}",
+                status_text(&m)
+            ),
         }
-        assert_eq!(std::fs::read(mnt.join("static/a/b/synced")).expect("read"), b"fsynced before everything");
+        assert_eq!(
+            std::fs::read(mnt.join("static/a/b/synced")).expect("read"),
+            b"fsynced before everything"
+        );
         let entries = walk(&mnt);
         assert!(entries >= 4, "tree walk found {entries} entries");
         // The file system goes on working on top of the recovered state.
         let mut w = Workload::new(&dir, 16, seed ^ 0xabc).expect("workload after restart");
         for _ in 0..100 {
-            w.step().unwrap_or_else(|e| panic!("after the restart: {e}"));
+            w.step()
+                .unwrap_or_else(|e| panic!("after the restart: {e}"));
         }
         seed = seed.wrapping_mul(31).wrapping_add(7);
     }
@@ -343,7 +451,13 @@ fn total_power_loss_keeps_every_returned_write() {
 /// Runs `cmd` with `sh -c` as uid/gid 1000; returns (success, output).
 fn sh_as_user(cmd: &str) -> (bool, String) {
     use std::os::unix::process::CommandExt;
-    let out = Command::new("sh").arg("-c").arg(cmd).uid(1000).gid(1000).output().expect("run sh as uid 1000");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .uid(1000)
+        .gid(1000)
+        .output()
+        .expect("run sh as uid 1000");
     (out.status.success(), text(&out))
 }
 
@@ -359,23 +473,44 @@ fn hostile_names_and_forbidden_calls_through_the_mount() {
     }
     let tmp = tempfile::tempdir().expect("tempdir");
     // uid 1000 must be able to reach the mount point.
-    std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
     let (mnt, xdg) = (tmp.path().join("mnt"), tmp.path().join("xdg"));
     std::fs::create_dir(&mnt).expect("mkdir");
     let m = Mounted::at(&mnt, &xdg, None, &["-o", "attr_timeout=0,entry_timeout=0"]).expect("up");
     let data = data_dir_of(&m);
-    let top_before: Vec<_> = std::fs::read_dir(&data).expect("data dir").map(|e| e.expect("e").file_name()).collect();
+    let top_before: Vec<_> = std::fs::read_dir(&data)
+        .expect("data dir")
+        .map(|e| e.expect("e").file_name())
+        .collect();
 
     // Names the kernel passes on: odd but legal, stored as plain names inside the tree.
-    let odd = ["...", "..a", "a\\..\\b", "-rf", " ", "\u{202e}evil", &"n".repeat(255)];
+    let odd = [
+        "...",
+        "..a",
+        "a\\..\\b",
+        "-rf",
+        " ",
+        "\u{202e}evil",
+        &"n".repeat(255),
+    ];
     for n in odd {
         std::fs::write(mnt.join(n), n.as_bytes()).unwrap_or_else(|e| panic!("{n:?}: {e}"));
     }
     let e = std::fs::write(mnt.join("n".repeat(256)), b"x").expect_err("a 256-byte name");
     assert_eq!(e.raw_os_error(), Some(libc::ENAMETOOLONG));
     // A symlink climbing out is stored, not followed by the replicas.
-    std::os::unix::fs::symlink("../../../../../../../../etc/passwd", mnt.join("up")).expect("symlink");
-    assert_eq!(std::fs::read_link(mnt.join("up")).expect("readlink").to_string_lossy(), "../../../../../../../../etc/passwd");
+    std::os::unix::fs::symlink("../../../../../../../../etc/passwd", mnt.join("up"))
+        .expect("symlink");
+    assert_eq!(
+        std::fs::read_link(mnt.join("up"))
+            .expect("readlink")
+            .to_string_lossy(),
+        "../../../../../../../../etc/passwd"
+    );
 
     // uid 1000 against a root-owned 0644 file and 0755 directory.
     std::fs::write(mnt.join("root-file"), b"root's data").expect("write");
@@ -393,31 +528,59 @@ fn hostile_names_and_forbidden_calls_through_the_mount() {
     ];
     for (cmd, want) in &denied {
         let (ok, out) = sh_as_user(cmd);
-        assert!(!ok && out.contains(want), "as uid 1000, `{cmd}`: want {want:?}, got ok={ok} {out:?}");
+        assert!(
+            !ok && out.contains(want),
+            "as uid 1000, `{cmd}`: want {want:?}, got ok={ok} {out:?}"
+        );
     }
     let (ok, out) = sh_as_user(&format!("cat '{f}'"));
-    assert!(ok && out.contains("root's data"), "others may read a 0644 file: {out}");
+    assert!(
+        ok && out.contains("root's data"),
+        "others may read a 0644 file: {out}"
+    );
     // Let the idle replicas hear of the last batches, then compare what every replica stored.
     std::fs::write(mnt.join("last"), b"x").expect("write");
     let mut reps = Vec::new();
     let same = wait_until(Duration::from_secs(60), || {
         reps = replicas(&m);
-        reps.len() == 4 && reps.iter().all(|r| r.executed.is_some() && r.executed == reps[0].executed)
+        reps.len() == 4
+            && reps
+                .iter()
+                .all(|r| r.executed.is_some() && r.executed == reps[0].executed)
     });
     assert!(same, "replicas disagree: {reps:?}");
     for i in 0..4 {
         let root = data.join(format!("replica-{i}/fs/tree/root"));
-        assert_eq!(std::fs::read(root.join("root-file")).expect("replica copy"), b"root's data", "replica {i}");
-        assert!(!root.join("root-dir/intruder").exists() && !root.join("root-dir/moved").exists(), "replica {i}");
+        assert_eq!(
+            std::fs::read(root.join("root-file")).expect("replica copy"),
+            b"root's data",
+            "replica {i}"
+        );
+        assert!(
+            !root.join("root-dir/intruder").exists() && !root.join("root-dir/moved").exists(),
+            "replica {i}"
+        );
         for n in odd {
-            assert_eq!(std::fs::read(root.join(n)).unwrap_or_else(|e| panic!("replica {i}, {n:?}: {e}")), n.as_bytes());
+            assert_eq!(
+                std::fs::read(root.join(n)).unwrap_or_else(|e| panic!("replica {i}, {n:?}: {e}")),
+                n.as_bytes()
+            );
         }
-        assert!(std::fs::symlink_metadata(root.join("up")).expect("link").file_type().is_symlink());
+        assert!(std::fs::symlink_metadata(root.join("up"))
+            .expect("link")
+            .file_type()
+            .is_symlink());
     }
-    let mut top_after: Vec<_> = std::fs::read_dir(&data).expect("data dir").map(|e| e.expect("e").file_name()).collect();
+    let mut top_after: Vec<_> = std::fs::read_dir(&data)
+        .expect("data dir")
+        .map(|e| e.expect("e").file_name())
+        .collect();
     let mut top_before = top_before;
     top_before.sort();
     top_after.sort();
-    assert_eq!(top_after, top_before, "nothing new next to the replicas' directories");
+    assert_eq!(
+        top_after, top_before,
+        "nothing new next to the replicas' directories"
+    );
     m.down();
 }

@@ -878,11 +878,17 @@ fn bad_input_one_sentence_each() {
         run(&["status", "--config", "x"]),
         run(&["mount", "cfg", &format!("{root}/mnt")]),
     ] {
-        assert!(!ok && msg.contains("cannot read the cluster config"), "{msg}");
+        assert!(
+            !ok && msg.contains("cannot read the cluster config"),
+            "{msg}"
+        );
     }
     fs::write(tmp.path().join("bad.json"), b"{\"f\": 1}").expect("write");
     let (ok, msg) = run(&["status", "--config", &format!("{root}/bad.json")]);
-    assert!(!ok && msg.contains("is not a valid cluster config"), "{msg}");
+    assert!(
+        !ok && msg.contains("is not a valid cluster config"),
+        "{msg}"
+    );
     let (ok, msg) = run(&["--help"]);
     assert!(
         ok && msg.contains("up") && msg.contains("down") && msg.contains("umount"),

@@ -10,14 +10,18 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 fn status_json(m: &Mounted) -> String {
-    let out = bftfs(&["status".as_ref(), m.mnt.as_os_str(), "--json".as_ref()], &m.xdg);
+    let out = bftfs(
+        &["status".as_ref(), m.mnt.as_os_str(), "--json".as_ref()],
+        &m.xdg,
+    );
     assert!(out.status.success(), "status failed: {}", text(&out));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The per-replica objects of `bftfs status --json`, as (id, pid, last_executed, health).
 fn replicas(json: &str) -> Vec<(u32, Option<u32>, Option<u64>, String)> {
-    let v: serde_json::Value = serde_json::from_str(json).unwrap_or_else(|e| panic!("status --json: {e}: {json}"));
+    let v: serde_json::Value =
+        serde_json::from_str(json).unwrap_or_else(|e| panic!("status --json: {e}: {json}"));
     v["replicas"]
         .as_array()
         .map(|a| {
@@ -50,10 +54,15 @@ fn two_mounts_of_one_cluster_see_each_others_changes() {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (mnt1, mnt2, xdg) = (tmp.path().join("one"), tmp.path().join("two"), tmp.path().join("xdg"));
+    let (mnt1, mnt2, xdg) = (
+        tmp.path().join("one"),
+        tmp.path().join("two"),
+        tmp.path().join("xdg"),
+    );
     fs::create_dir(&mnt1).expect("mkdir");
     fs::create_dir(&mnt2).expect("mkdir");
-    let first = Mounted::at(&mnt1, &xdg, None, &["-o", "attr_timeout=0,entry_timeout=0"]).expect("up");
+    let first =
+        Mounted::at(&mnt1, &xdg, None, &["-o", "attr_timeout=0,entry_timeout=0"]).expect("up");
     let config = data_dir_of(&first).join("cluster/cluster.json");
     let out = bftfs(
         &[
@@ -70,29 +79,49 @@ fn two_mounts_of_one_cluster_see_each_others_changes() {
     struct Unmount(PathBuf, PathBuf);
     impl Drop for Unmount {
         fn drop(&mut self) {
-            let _ = bftfs(&["umount".as_ref(), self.0.as_os_str(), "--lazy".as_ref()], &self.1);
+            let _ = bftfs(
+                &["umount".as_ref(), self.0.as_os_str(), "--lazy".as_ref()],
+                &self.1,
+            );
         }
     }
     let _second = Unmount(mnt2.clone(), xdg.clone());
 
-    fs::write(mnt1.join("from-one.txt"), b"written through the first mount").expect("write 1");
-    assert_eq!(fs::read(mnt2.join("from-one.txt")).expect("read 2"), b"written through the first mount");
+    fs::write(
+        mnt1.join("from-one.txt"),
+        b"written through the first mount",
+    )
+    .expect("write 1");
+    assert_eq!(
+        fs::read(mnt2.join("from-one.txt")).expect("read 2"),
+        b"written through the first mount"
+    );
     fs::create_dir(mnt2.join("dir-two")).expect("mkdir 2");
     fs::write(mnt2.join("dir-two/x"), b"second").expect("write 2");
     assert_eq!(fs::read(mnt1.join("dir-two/x")).expect("read 1"), b"second");
     fs::rename(mnt1.join("from-one.txt"), mnt1.join("dir-two/moved.txt")).expect("rename 1");
     assert!(!mnt2.join("from-one.txt").exists());
-    assert_eq!(fs::read(mnt2.join("dir-two/moved.txt")).expect("read moved"), b"written through the first mount");
+    assert_eq!(
+        fs::read(mnt2.join("dir-two/moved.txt")).expect("read moved"),
+        b"written through the first mount"
+    );
     // Appends from both sides land in one file, in order.
     for i in 0..20 {
         let m = if i % 2 == 0 { &mnt1 } else { &mnt2 };
-        let mut f = fs::OpenOptions::new().create(true).append(true).open(m.join("shared.log")).expect("open");
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(m.join("shared.log"))
+            .expect("open");
         writeln!(f, "line {i}").expect("append");
     }
     let text1 = fs::read_to_string(mnt1.join("shared.log")).expect("read");
     let want: String = (0..20).map(|i| format!("line {i}\n")).collect();
     assert_eq!(text1, want);
-    assert_eq!(fs::read_to_string(mnt2.join("shared.log")).expect("read"), want);
+    assert_eq!(
+        fs::read_to_string(mnt2.join("shared.log")).expect("read"),
+        want
+    );
 
     let out = bftfs(&["umount".as_ref(), mnt2.as_os_str()], &xdg);
     assert!(out.status.success(), "umount: {}", text(&out));
@@ -101,7 +130,9 @@ fn two_mounts_of_one_cluster_see_each_others_changes() {
 
 /// Content of file `i` after `round` overwrites.
 fn content(i: usize, round: usize) -> Vec<u8> {
-    format!("file {i} round {round} ").repeat(1 + (i * 7 + round) % 300).into_bytes()
+    format!("file {i} round {round} ")
+        .repeat(1 + (i * 7 + round) % 300)
+        .into_bytes()
 }
 
 #[test]
@@ -126,7 +157,11 @@ fn kill_9_of_a_replica_during_a_workload() {
             // Kill a replica (the primary the second time) with SIGKILL; `up` restarts it.
             let reps = replicas(&status_json(&m));
             let victim = if round == 3 { 2 } else { 0 };
-            let pid = reps.iter().find(|r| r.0 == victim).and_then(|r| r.1).expect("victim pid");
+            let pid = reps
+                .iter()
+                .find(|r| r.0 == victim)
+                .and_then(|r| r.1)
+                .expect("victim pid");
             // SAFETY: plain kill of a child of the bftfs process.
             assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
             victims.push((victim, pid));
@@ -137,7 +172,12 @@ fn kill_9_of_a_replica_during_a_workload() {
                 0 => fs::write(path(i), &data).expect("write"),
                 1 => {
                     // Overwrite in place, then truncate to size.
-                    let mut f = fs::OpenOptions::new().create(true).write(true).truncate(false).open(path(i)).expect("open");
+                    let mut f = fs::OpenOptions::new()
+                        .create(true)
+                        .write(true)
+                        .truncate(false)
+                        .open(path(i))
+                        .expect("open");
                     f.seek(SeekFrom::Start(0)).expect("seek");
                     f.write_all(&data).expect("write");
                     f.set_len(data.len() as u64).expect("truncate");
@@ -152,8 +192,16 @@ fn kill_9_of_a_replica_during_a_workload() {
         }
         for (i, want) in model.iter().enumerate() {
             let mut got = Vec::new();
-            fs::File::open(path(i)).expect("open").read_to_end(&mut got).expect("read");
-            assert!(got == *want, "file {i} after round {round}: {} bytes, want {}", got.len(), want.len());
+            fs::File::open(path(i))
+                .expect("open")
+                .read_to_end(&mut got)
+                .expect("read");
+            assert!(
+                got == *want,
+                "file {i} after round {round}: {} bytes, want {}",
+                got.len(),
+                want.len()
+            );
         }
     }
     eprintln!("workload with two replicas killed: {:?}", start.elapsed());
@@ -162,11 +210,20 @@ fn kill_9_of_a_replica_during_a_workload() {
         let reps = replicas(&status_json(&m));
         let best = reps.iter().filter_map(|r| r.2).max().unwrap_or(0);
         victims.iter().all(|(id, old_pid)| {
-            reps.iter().any(|r| r.0 == *id && r.1.is_some_and(|p| p != *old_pid) && r.2 == Some(best) && r.3 == "ok")
+            reps.iter().any(|r| {
+                r.0 == *id && r.1.is_some_and(|p| p != *old_pid) && r.2 == Some(best) && r.3 == "ok"
+            })
         })
     });
-    assert!(caught_up, "killed replicas did not come back and catch up: {}", status_json(&m));
-    let listing: Vec<String> = fs::read_dir(&dir).expect("readdir").map(|e| e.expect("entry").file_name().to_string_lossy().into_owned()).collect();
+    assert!(
+        caught_up,
+        "killed replicas did not come back and catch up: {}",
+        status_json(&m)
+    );
+    let listing: Vec<String> = fs::read_dir(&dir)
+        .expect("readdir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
     assert_eq!(listing.len(), files, "{listing:?}");
     m.down();
 }

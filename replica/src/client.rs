@@ -31,8 +31,8 @@
 
 use crate::config::{ClientSecrets, ClusterConfig};
 use crate::wire::{
-    Authenticated, ClientMessage, Message, Pom, PrePrepare, Principal, ReplicaId, Request, SeqNo, Signed,
-    Signer, SpecResponse, Timestamp, View,
+    Authenticated, ClientMessage, Message, Pom, PrePrepare, Principal, ReplicaId, Request, SeqNo,
+    Signed, Signer, SpecResponse, Timestamp, View,
 };
 use state_abstraction::ClientId;
 use std::collections::BTreeMap;
@@ -45,9 +45,14 @@ pub struct RequestId(pub u64);
 /// What the driver must send (seal with the client's authenticator first).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ClientAction {
-    Send { to: ReplicaId, message: Message },
+    Send {
+        to: ReplicaId,
+        message: Message,
+    },
     /// To every replica.
-    Broadcast { message: Message },
+    Broadcast {
+        message: Message,
+    },
 }
 
 /// A finished request.
@@ -137,7 +142,12 @@ impl Client {
     /// Whether [`Client::invoke`] would accept another request now.
     pub fn can_invoke(&self) -> bool {
         let window = self.config.protocol.client_window;
-        let oldest = self.in_flight.keys().next().map(|t| t.0).unwrap_or(self.next_timestamp);
+        let oldest = self
+            .in_flight
+            .keys()
+            .next()
+            .map(|t| t.0)
+            .unwrap_or(self.next_timestamp);
         (self.in_flight.len() as u64) < window && self.next_timestamp < oldest + window
     }
 
@@ -157,7 +167,12 @@ impl Client {
         }
         let timestamp = Timestamp(self.next_timestamp);
         self.next_timestamp += 1;
-        let request = self.signer.sign(Request { client: self.id, timestamp, operation, read_only });
+        let request = self.signer.sign(Request {
+            client: self.id,
+            timestamp,
+            operation,
+            read_only,
+        });
         self.send_first(&request, actions);
         self.in_flight.insert(
             timestamp,
@@ -177,7 +192,10 @@ impl Client {
         if request.body.read_only {
             actions.push(ClientAction::Broadcast { message });
         } else {
-            actions.push(ClientAction::Send { to: self.view.primary(self.config.n()), message });
+            actions.push(ClientAction::Send {
+                to: self.view.primary(self.config.n()),
+                message,
+            });
         }
     }
 
@@ -200,19 +218,30 @@ impl Client {
         if sender != Principal::Replica(reply.replica) || reply.client != self.id {
             return;
         }
-        let (f, quorum, n) = (self.config.f as usize, self.config.quorum(), self.config.n());
-        let Some(entry) = self.in_flight.get_mut(&reply.timestamp) else { return };
+        let (f, quorum, n) = (
+            self.config.f as usize,
+            self.config.quorum(),
+            self.config.n(),
+        );
+        let Some(entry) = self.in_flight.get_mut(&reply.timestamp) else {
+            return;
+        };
         if reply.read_only != entry.request.body.read_only {
             return;
         }
-        entry.replies.insert(reply.replica, (reply.view, reply.result));
+        entry
+            .replies
+            .insert(reply.replica, (reply.view, reply.result));
         // See the module doc for why ordered requests also need 2f+1.
         let needed = quorum;
         let mut tally: BTreeMap<&Vec<u8>, usize> = BTreeMap::new();
         for (_, result) in entry.replies.values() {
             *tally.entry(result).or_default() += 1;
         }
-        let best = tally.iter().max_by_key(|(_, c)| **c).map(|(r, c)| ((*r).clone(), *c));
+        let best = tally
+            .iter()
+            .max_by_key(|(_, c)| **c)
+            .map(|(r, c)| ((*r).clone(), *c));
         let Some((result, count)) = best else { return };
         if count >= needed {
             // The highest view that f+1 replicas report is at most a correct replica's view.
@@ -223,7 +252,11 @@ impl Client {
             }
             let read_only = entry.request.body.read_only;
             self.in_flight.remove(&reply.timestamp);
-            completed.push(Completion { id: RequestId(reply.timestamp.0), result, read_only });
+            completed.push(Completion {
+                id: RequestId(reply.timestamp.0),
+                result,
+                read_only,
+            });
             return;
         }
         // Read-only: if the replies so far already make 2f+1 matching impossible, go ordered.
@@ -241,7 +274,8 @@ impl Client {
     ) {
         let SpecResponse { reply, order } = spec;
         let n = self.config.n();
-        if sender != Principal::Replica(reply.replica) || reply.client != self.id || reply.read_only {
+        if sender != Principal::Replica(reply.replica) || reply.client != self.id || reply.read_only
+        {
             return;
         }
         // The verifier checked the signature; only the view's primary may order.
@@ -249,18 +283,33 @@ impl Client {
             return;
         }
         self.check_equivocation(&order, actions);
-        let Some(entry) = self.in_flight.get_mut(&reply.timestamp) else { return };
+        let Some(entry) = self.in_flight.get_mut(&reply.timestamp) else {
+            return;
+        };
         if entry.request.body.read_only {
             return;
         }
-        entry.speculative.insert(reply.replica, (order.body, reply.result));
-        let Some((order, result)) = entry.speculative.values().next().cloned() else { return };
+        entry
+            .speculative
+            .insert(reply.replica, (order.body, reply.result));
+        let Some((order, result)) = entry.speculative.values().next().cloned() else {
+            return;
+        };
         // All 3f+1 must match: every replica ran the same history and got the same result.
-        if entry.speculative.len() == n && entry.speculative.values().all(|(o, r)| *o == order && *r == result) {
+        if entry.speculative.len() == n
+            && entry
+                .speculative
+                .values()
+                .all(|(o, r)| *o == order && *r == result)
+        {
             self.view = self.view.max(order.view);
             self.in_flight.remove(&reply.timestamp);
             self.fast_completions += 1;
-            completed.push(Completion { id: RequestId(reply.timestamp.0), result, read_only: false });
+            completed.push(Completion {
+                id: RequestId(reply.timestamp.0),
+                result,
+                read_only: false,
+            });
         }
     }
 
@@ -270,8 +319,13 @@ impl Client {
             Some(seen) if seen.body != order.body => {
                 if self.reported.insert(key, ()).is_none() {
                     self.poms_sent += 1;
-                    let pom = Pom { first: seen.clone(), second: order.clone() };
-                    actions.push(ClientAction::Broadcast { message: Message::Client(ClientMessage::Pom(Box::new(pom))) });
+                    let pom = Pom {
+                        first: seen.clone(),
+                        second: order.clone(),
+                    };
+                    actions.push(ClientAction::Broadcast {
+                        message: Message::Client(ClientMessage::Pom(Box::new(pom))),
+                    });
                     while self.reported.len() > ORDERS_KEPT {
                         self.reported.pop_first();
                     }
@@ -288,7 +342,9 @@ impl Client {
     }
 
     fn fall_back(&mut self, timestamp: Timestamp, actions: &mut Vec<ClientAction>) {
-        let Some(entry) = self.in_flight.get_mut(&timestamp) else { return };
+        let Some(entry) = self.in_flight.get_mut(&timestamp) else {
+            return;
+        };
         self.read_only_fallbacks += 1;
         let mut body = entry.request.body.clone();
         body.read_only = false;
@@ -298,7 +354,10 @@ impl Client {
         entry.sent_tick = self.ticks;
         entry.timeout_ticks = self.config.protocol.client_retransmit_ticks;
         let message = Message::Client(ClientMessage::Request(entry.request.clone()));
-        actions.push(ClientAction::Send { to: self.view.primary(self.config.n()), message });
+        actions.push(ClientAction::Send {
+            to: self.view.primary(self.config.n()),
+            message,
+        });
     }
 
     /// Advances time by one tick; retransmits what timed out.
@@ -312,7 +371,10 @@ impl Client {
             .map(|(t, _)| *t)
             .collect();
         for timestamp in due {
-            let read_only = self.in_flight.get(&timestamp).is_some_and(|e| e.request.body.read_only);
+            let read_only = self
+                .in_flight
+                .get(&timestamp)
+                .is_some_and(|e| e.request.body.read_only);
             if read_only {
                 self.fall_back(timestamp, actions);
                 continue;
@@ -344,12 +406,18 @@ mod tests {
     fn setup() -> Setup {
         let mut x = 3u8;
         let addresses = (0..4).map(|i| format!("t:{i}")).collect();
-        let keys = generate(1, addresses, &[ClientId(7)], ProtocolConfig::default(), &mut |b| {
-            for byte in b.iter_mut() {
-                x = x.wrapping_mul(31).wrapping_add(11);
-                *byte = x;
-            }
-        })
+        let keys = generate(
+            1,
+            addresses,
+            &[ClientId(7)],
+            ProtocolConfig::default(),
+            &mut |b| {
+                for byte in b.iter_mut() {
+                    x = x.wrapping_mul(31).wrapping_add(11);
+                    *byte = x;
+                }
+            },
+        )
         .expect("keys");
         let config = Arc::new(keys.config.clone());
         let client = Client::new(config.clone(), &keys.clients[0], 1);
@@ -381,36 +449,68 @@ mod tests {
         }
 
         fn reply(from: u32, result: &[u8]) -> Reply {
-            Reply { view: View(0), client: ClientId(7), timestamp: Timestamp(1), replica: ReplicaId(from), read_only: false, result: result.to_vec() }
+            Reply {
+                view: View(0),
+                client: ClientId(7),
+                timestamp: Timestamp(1),
+                replica: ReplicaId(from),
+                read_only: false,
+                result: result.to_vec(),
+            }
         }
 
-        fn spec(&mut self, from: u32, history: u8, result: &[u8]) -> (Vec<ClientAction>, Vec<Completion>) {
+        fn spec(
+            &mut self,
+            from: u32,
+            history: u8,
+            result: &[u8],
+        ) -> (Vec<ClientAction>, Vec<Completion>) {
             let order = self.order(history);
-            let m = Message::Client(ClientMessage::SpecResponse(Box::new(SpecResponse { reply: Self::reply(from, result), order })));
+            let m = Message::Client(ClientMessage::SpecResponse(Box::new(SpecResponse {
+                reply: Self::reply(from, result),
+                order,
+            })));
             self.deliver(from, m)
         }
 
         fn committed(&mut self, from: u32, result: &[u8]) -> (Vec<ClientAction>, Vec<Completion>) {
-            self.deliver(from, Message::Client(ClientMessage::Reply(Self::reply(from, result))))
+            self.deliver(
+                from,
+                Message::Client(ClientMessage::Reply(Self::reply(from, result))),
+            )
         }
     }
 
     #[test]
     fn completes_on_all_3f_plus_1_matching_speculative_replies() {
         let mut s = setup();
-        s.client.invoke(b"op".to_vec(), false, &mut Vec::new()).expect("invoke");
+        s.client
+            .invoke(b"op".to_vec(), false, &mut Vec::new())
+            .expect("invoke");
         for r in 0..3 {
-            assert!(s.spec(r, 1, b"ok").1.is_empty(), "2f+1 speculative replies are not enough");
+            assert!(
+                s.spec(r, 1, b"ok").1.is_empty(),
+                "2f+1 speculative replies are not enough"
+            );
         }
         let (_, done) = s.spec(3, 1, b"ok");
-        assert_eq!(done, vec![Completion { id: RequestId(1), result: b"ok".to_vec(), read_only: false }]);
+        assert_eq!(
+            done,
+            vec![Completion {
+                id: RequestId(1),
+                result: b"ok".to_vec(),
+                read_only: false
+            }]
+        );
         assert_eq!(s.client.fast_completions, 1);
     }
 
     #[test]
     fn mismatched_speculation_waits_for_2f_plus_1_committed_replies() {
         let mut s = setup();
-        s.client.invoke(b"op".to_vec(), false, &mut Vec::new()).expect("invoke");
+        s.client
+            .invoke(b"op".to_vec(), false, &mut Vec::new())
+            .expect("invoke");
         for r in 0..3 {
             assert!(s.spec(r, 1, b"ok").1.is_empty());
         }
@@ -428,15 +528,23 @@ mod tests {
     #[test]
     fn two_orders_for_one_slot_are_sent_to_every_replica_once() {
         let mut s = setup();
-        s.client.invoke(b"op".to_vec(), false, &mut Vec::new()).expect("invoke");
+        s.client
+            .invoke(b"op".to_vec(), false, &mut Vec::new())
+            .expect("invoke");
         assert!(s.spec(1, 1, b"ok").0.is_empty());
         let (actions, done) = s.spec(2, 2, b"ok");
         assert!(done.is_empty());
-        let [ClientAction::Broadcast { message: Message::Client(ClientMessage::Pom(pom)) }] = &actions[..] else {
+        let [ClientAction::Broadcast {
+            message: Message::Client(ClientMessage::Pom(pom)),
+        }] = &actions[..]
+        else {
             panic!("{actions:?}")
         };
         assert!(pom.convicts(4));
-        assert_eq!((pom.first.body.history, pom.second.body.history), (Digest([1; 32]), Digest([2; 32])));
+        assert_eq!(
+            (pom.first.body.history, pom.second.body.history),
+            (Digest([1; 32]), Digest([2; 32]))
+        );
         // Only once per (view, seq).
         assert!(s.spec(3, 3, b"ok").0.is_empty());
         assert_eq!(s.client.poms_sent, 1);

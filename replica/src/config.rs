@@ -101,16 +101,26 @@ impl ProtocolConfig {
         if self.checkpoint_interval == 0 {
             return Err(ConfigError::BadParameter("checkpoint_interval"));
         }
-        if self.log_window < 2 * self.checkpoint_interval || self.log_window % self.checkpoint_interval != 0 {
+        if self.log_window < 2 * self.checkpoint_interval
+            || self.log_window % self.checkpoint_interval != 0
+        {
             return Err(ConfigError::BadParameter("log_window"));
         }
-        if self.batch_requests_max == 0 || self.batch_bytes_max == 0 || self.pipeline_batches_max == 0 {
+        if self.batch_requests_max == 0
+            || self.batch_bytes_max == 0
+            || self.pipeline_batches_max == 0
+        {
             return Err(ConfigError::BadParameter("batch limits"));
         }
         if self.client_window == 0 || self.pending_requests_max == 0 {
-            return Err(ConfigError::BadParameter("client_window / pending_requests_max"));
+            return Err(ConfigError::BadParameter(
+                "client_window / pending_requests_max",
+            ));
         }
-        if self.view_change_timeout_ticks == 0 || self.retransmit_ticks == 0 || self.client_retransmit_ticks == 0 {
+        if self.view_change_timeout_ticks == 0
+            || self.retransmit_ticks == 0
+            || self.client_retransmit_ticks == 0
+        {
             return Err(ConfigError::BadParameter("timeouts"));
         }
         Ok(())
@@ -195,7 +205,11 @@ impl ClusterConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let need = 3 * self.f as usize + 1;
         if self.replicas.len() != need {
-            return Err(ConfigError::WrongReplicaCount { f: self.f, need, got: self.replicas.len() });
+            return Err(ConfigError::WrongReplicaCount {
+                f: self.f,
+                need,
+                got: self.replicas.len(),
+            });
         }
         for (i, r) in self.replicas.iter().enumerate() {
             if r.id.0 as usize != i {
@@ -280,7 +294,11 @@ pub fn generate(
 ) -> Result<ClusterKeys, ConfigError> {
     let n = 3 * f as usize + 1;
     if addresses.len() != n {
-        return Err(ConfigError::WrongReplicaCount { f, need: n, got: addresses.len() });
+        return Err(ConfigError::WrongReplicaCount {
+            f,
+            need: n,
+            got: addresses.len(),
+        });
     }
     let mut key = || {
         let mut bytes = [0u8; 32];
@@ -304,18 +322,31 @@ pub fn generate(
         let k = if a <= b { (a, b) } else { (b, a) };
         pair_keys.get(&k).cloned().unwrap_or(KeyBytes([0; 32]))
     };
-    let public = |k: &KeyBytes| KeyBytes(ed25519_dalek::SigningKey::from_bytes(&k.0).verifying_key().to_bytes());
+    let public = |k: &KeyBytes| {
+        KeyBytes(
+            ed25519_dalek::SigningKey::from_bytes(&k.0)
+                .verifying_key()
+                .to_bytes(),
+        )
+    };
     let config = ClusterConfig {
         f,
         replicas: replica_ids
             .iter()
             .zip(addresses)
-            .map(|(id, address)| ReplicaInfo { id: *id, address, public_key: public(&replica_signing[id.0 as usize]) })
+            .map(|(id, address)| ReplicaInfo {
+                id: *id,
+                address,
+                public_key: public(&replica_signing[id.0 as usize]),
+            })
             .collect(),
         clients: clients
             .iter()
             .zip(&client_signing)
-            .map(|(id, k)| ClientInfo { id: *id, public_key: public(k) })
+            .map(|(id, k)| ClientInfo {
+                id: *id,
+                public_key: public(k),
+            })
             .collect(),
         protocol,
     };
@@ -326,10 +357,23 @@ pub fn generate(
             let mut mac_keys: Vec<(Principal, KeyBytes)> = replica_ids
                 .iter()
                 .filter(|other| *other != id)
-                .map(|other| (Principal::Replica(*other), pair(me, Principal::Replica(*other))))
+                .map(|other| {
+                    (
+                        Principal::Replica(*other),
+                        pair(me, Principal::Replica(*other)),
+                    )
+                })
                 .collect();
-            mac_keys.extend(clients.iter().map(|c| (Principal::Client(*c), pair(me, Principal::Client(*c)))));
-            ReplicaSecrets { id: *id, signing_key: replica_signing[id.0 as usize].clone(), mac_keys }
+            mac_keys.extend(
+                clients
+                    .iter()
+                    .map(|c| (Principal::Client(*c), pair(me, Principal::Client(*c)))),
+            );
+            ReplicaSecrets {
+                id: *id,
+                signing_key: replica_signing[id.0 as usize].clone(),
+                mac_keys,
+            }
         })
         .collect();
     let client_secrets = clients
@@ -338,11 +382,18 @@ pub fn generate(
         .map(|(c, signing_key)| ClientSecrets {
             id: *c,
             signing_key,
-            mac_keys: replica_ids.iter().map(|r| (*r, pair(Principal::Replica(*r), Principal::Client(*c)))).collect(),
+            mac_keys: replica_ids
+                .iter()
+                .map(|r| (*r, pair(Principal::Replica(*r), Principal::Client(*c))))
+                .collect(),
         })
         .collect();
     config.validate()?;
-    Ok(ClusterKeys { config, replicas, clients: client_secrets })
+    Ok(ClusterKeys {
+        config,
+        replicas,
+        clients: client_secrets,
+    })
 }
 
 /// [`generate`] with the operating system's random generator.
@@ -379,16 +430,38 @@ mod tests {
             }
         };
         let addresses = (0..4).map(|i| format!("127.0.0.1:{}", 7000 + i)).collect();
-        let keys = generate(1, addresses, &[ClientId(7), ClientId(9)], ProtocolConfig::default(), &mut random)
-            .expect("keygen");
+        let keys = generate(
+            1,
+            addresses,
+            &[ClientId(7), ClientId(9)],
+            ProtocolConfig::default(),
+            &mut random,
+        )
+        .expect("keygen");
         let json = keys.config.to_json().expect("json");
         assert_eq!(ClusterConfig::from_json(&json).expect("parse"), keys.config);
-        let secrets = ReplicaSecrets::from_json(&keys.replicas[1].to_json().expect("json")).expect("parse");
+        let secrets =
+            ReplicaSecrets::from_json(&keys.replicas[1].to_json().expect("json")).expect("parse");
         assert_eq!(secrets.mac_keys.len(), 3 + 2);
         // Replica 1 and client 9 hold the same pairwise key.
-        let r = secrets.mac_keys.iter().find(|(p, _)| *p == Principal::Client(ClientId(9))).expect("key");
-        let c = keys.clients[1].mac_keys.iter().find(|(p, _)| *p == ReplicaId(1)).expect("key");
+        let r = secrets
+            .mac_keys
+            .iter()
+            .find(|(p, _)| *p == Principal::Client(ClientId(9)))
+            .expect("key");
+        let c = keys.clients[1]
+            .mac_keys
+            .iter()
+            .find(|(p, _)| *p == ReplicaId(1))
+            .expect("key");
         assert_eq!(r.1, c.1);
-        assert!(generate(1, vec!["a".into()], &[], ProtocolConfig::default(), &mut |_| {}).is_err());
+        assert!(generate(
+            1,
+            vec!["a".into()],
+            &[],
+            ProtocolConfig::default(),
+            &mut |_| {}
+        )
+        .is_err());
     }
 }

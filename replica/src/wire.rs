@@ -36,14 +36,20 @@ pub const FRAME_HEADER_BYTES: usize = 4;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ReplicaId(pub u32);
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct View(pub u64);
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct SeqNo(pub u64);
 
 /// A client's request number: unique per client and increasing.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Timestamp(pub u64);
 
 impl View {
@@ -129,8 +135,8 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
     if bytes.len() > FRAME_BYTES_MAX {
         return Err(WireError::FrameTooLarge { bytes: bytes.len() });
     }
-    let (value, used) =
-        bincode::serde::decode_from_slice(bytes, codec()).map_err(|e| WireError::Decode(e.to_string()))?;
+    let (value, used) = bincode::serde::decode_from_slice(bytes, codec())
+        .map_err(|e| WireError::Decode(e.to_string()))?;
     if used != bytes.len() {
         return Err(WireError::Decode("trailing bytes".into()));
     }
@@ -190,7 +196,12 @@ pub fn history_anchor(stable: &CheckpointCertificate) -> Digest {
 
 /// h_n = H(h_{n-1} ‖ n ‖ batch digest ‖ H(ND)): the agreed value is part of what executes, so it
 /// is part of the history too.
-pub fn chain_history(previous: &Digest, seq: SeqNo, batch_digest: &Digest, nondet: &[u8]) -> Digest {
+pub fn chain_history(
+    previous: &Digest,
+    seq: SeqNo,
+    batch_digest: &Digest,
+    nondet: &[u8],
+) -> Digest {
     let mut h = Hasher::new("bftfs.history");
     h.digest(previous);
     h.u64(seq.0);
@@ -431,7 +442,11 @@ impl Pom {
     /// verifier's job).
     pub fn convicts(&self, n: usize) -> bool {
         let (a, b) = (&self.first.body, &self.second.body);
-        a.view == b.view && a.seq == b.seq && a != b && a.primary == a.view.primary(n) && b.primary == a.primary
+        a.view == b.view
+            && a.seq == b.seq
+            && a != b
+            && a.primary == a.view.primary(n)
+            && b.primary == a.primary
     }
 }
 
@@ -459,12 +474,19 @@ pub enum AgreementMessage {
     Commit(Signed<Commit>),
     Checkpoint(Signed<Checkpoint>),
     /// Asks for commit certificates of sequence numbers `from..=to` (a replica that fell behind).
-    FetchCommitted { from: SeqNo, to: SeqNo },
+    FetchCommitted {
+        from: SeqNo,
+        to: SeqNo,
+    },
     /// Answer to `FetchCommitted`.
     Committed(Box<CommitCertificate>),
     /// Asks for the current view's proposals `from..=to` (a hole below proposals this
     /// replica holds): first the primary, then everyone.
-    FillHole { view: View, from: SeqNo, to: SeqNo },
+    FillHole {
+        view: View,
+        from: SeqNo,
+        to: SeqNo,
+    },
     /// Answer to `FillHole`: a proposal signed by its view's primary, relayed by anyone.
     Filled(Box<Proposal>),
 }
@@ -475,7 +497,9 @@ pub enum ViewChangeMessage {
     NewView(Signed<NewView>),
     /// Asks for the new-view message that installed the sender's current view (sent by a
     /// replica that sees traffic from a view it never entered).
-    QueryNewView { view: View },
+    QueryNewView {
+        view: View,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -484,16 +508,47 @@ pub enum StateTransferMessage {
     QueryStable,
     ReplyStable(CheckpointCertificate),
     /// Asks for partition-tree node `(level, index)` at checkpoint `seq`.
-    GetNode { seq: SeqNo, level: u32, index: u64 },
+    GetNode {
+        seq: SeqNo,
+        level: u32,
+        index: u64,
+    },
     /// `object_count` is meaningful at the root only (it enters the root digest).
-    Node { seq: SeqNo, level: u32, index: u64, object_count: u64, children: Vec<Digest> },
-    GetPieceDigests { seq: SeqNo, index: u64 },
-    PieceDigests { seq: SeqNo, index: u64, digests: Vec<Digest> },
-    GetPiece { seq: SeqNo, index: u64, piece: u32 },
-    Piece { seq: SeqNo, index: u64, piece: u32, bytes: Vec<u8> },
+    Node {
+        seq: SeqNo,
+        level: u32,
+        index: u64,
+        object_count: u64,
+        children: Vec<Digest>,
+    },
+    GetPieceDigests {
+        seq: SeqNo,
+        index: u64,
+    },
+    PieceDigests {
+        seq: SeqNo,
+        index: u64,
+        digests: Vec<Digest>,
+    },
+    GetPiece {
+        seq: SeqNo,
+        index: u64,
+        piece: u32,
+    },
+    Piece {
+        seq: SeqNo,
+        index: u64,
+        piece: u32,
+        bytes: Vec<u8>,
+    },
     /// Asks for the reply cache as of checkpoint `seq`.
-    GetReplies { seq: SeqNo },
-    Replies { seq: SeqNo, table: Vec<u8> },
+    GetReplies {
+        seq: SeqNo,
+    },
+    Replies {
+        seq: SeqNo,
+        table: Vec<u8>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -561,7 +616,9 @@ impl WireError {
             WireError::FrameTooLarge { .. } => "oversized",
             WireError::Decode(_) => "garbled",
             WireError::Encode(_) => "encode",
-            WireError::UnknownPrincipal(_) | WireError::NoTag | WireError::BadMac(_) => "unauthenticated",
+            WireError::UnknownPrincipal(_) | WireError::NoTag | WireError::BadMac(_) => {
+                "unauthenticated"
+            }
             WireError::BadSignature(_) | WireError::BadBatchDigest => "bad_signature",
             WireError::ForbiddenSender(..) => "forbidden",
         }
@@ -609,7 +666,12 @@ impl FrameReader {
         if self.buffer.len() < FRAME_HEADER_BYTES {
             return Ok(None);
         }
-        let header = [self.buffer[0], self.buffer[1], self.buffer[2], self.buffer[3]];
+        let header = [
+            self.buffer[0],
+            self.buffer[1],
+            self.buffer[2],
+            self.buffer[3],
+        ];
         let len = frame_length(header)?;
         if self.buffer.len() < FRAME_HEADER_BYTES + len {
             return Ok(None);
@@ -665,7 +727,9 @@ pub struct Signer {
 
 impl Signer {
     pub fn from_secret(bytes: &[u8; 32]) -> Self {
-        Signer { key: ed25519_dalek::SigningKey::from_bytes(bytes) }
+        Signer {
+            key: ed25519_dalek::SigningKey::from_bytes(bytes),
+        }
     }
     pub fn sign<T: Statement>(&self, body: T) -> Signed<T> {
         use ed25519_dalek::Signer as _;
@@ -691,7 +755,9 @@ impl WireCounters {
         let counter = match error {
             WireError::FrameTooLarge { .. } => &self.oversized,
             WireError::Decode(_) | WireError::Encode(_) => &self.garbled,
-            WireError::UnknownPrincipal(_) | WireError::NoTag | WireError::BadMac(_) => &self.unauthenticated,
+            WireError::UnknownPrincipal(_) | WireError::NoTag | WireError::BadMac(_) => {
+                &self.unauthenticated
+            }
             WireError::BadSignature(_) | WireError::BadBatchDigest => &self.bad_signature,
             WireError::ForbiddenSender(..) => &self.forbidden,
         };
@@ -746,7 +812,11 @@ impl VerifiedCache {
 }
 
 impl Authenticator {
-    fn with_keys(me: Principal, config: &ClusterConfig, mac_keys: BTreeMap<Principal, [u8; 32]>) -> Self {
+    fn with_keys(
+        me: Principal,
+        config: &ClusterConfig,
+        mac_keys: BTreeMap<Principal, [u8; 32]>,
+    ) -> Self {
         let mut public_keys = BTreeMap::new();
         for r in &config.replicas {
             if let Ok(k) = ed25519_dalek::VerifyingKey::from_bytes(&r.public_key.0) {
@@ -773,7 +843,11 @@ impl Authenticator {
     }
 
     pub fn for_client(config: &ClusterConfig, secrets: &ClientSecrets) -> Self {
-        let keys = secrets.mac_keys.iter().map(|(r, k)| (Principal::Replica(*r), k.0)).collect();
+        let keys = secrets
+            .mac_keys
+            .iter()
+            .map(|(r, k)| (Principal::Replica(*r), k.0))
+            .collect();
         Self::with_keys(Principal::Client(secrets.id), config, keys)
     }
 
@@ -781,7 +855,13 @@ impl Authenticator {
         self.me
     }
 
-    fn tag(&self, key: &[u8; 32], sender: Principal, receiver: Principal, digest: &Digest) -> [u8; 32] {
+    fn tag(
+        &self,
+        key: &[u8; 32],
+        sender: Principal,
+        receiver: Principal,
+        digest: &Digest,
+    ) -> [u8; 32] {
         let mut mac = match HmacSha256::new_from_slice(key) {
             Ok(m) => m,
             // HMAC accepts keys of any length; this arm is unreachable.
@@ -805,10 +885,17 @@ impl Authenticator {
         let digest = Self::message_digest(&bytes);
         let mut tags = Vec::with_capacity(to.len());
         for receiver in to {
-            let key = self.mac_keys.get(receiver).ok_or(WireError::UnknownPrincipal(*receiver))?;
+            let key = self
+                .mac_keys
+                .get(receiver)
+                .ok_or(WireError::UnknownPrincipal(*receiver))?;
             tags.push((*receiver, self.tag(key, self.me, *receiver, &digest)));
         }
-        frame(&encode(&FrameBody { sender: self.me, tags, message: bytes })?)
+        frame(&encode(&FrameBody {
+            sender: self.me,
+            tags,
+            message: bytes,
+        })?)
     }
 
     /// Verifies a frame body (without its length prefix) and everything signed inside it.
@@ -826,34 +913,62 @@ impl Authenticator {
 
     fn open_uncounted(&self, body: &[u8]) -> Result<Authenticated<Message>, WireError> {
         let frame: FrameBody = decode(body)?;
-        let key = self.mac_keys.get(&frame.sender).ok_or(WireError::UnknownPrincipal(frame.sender))?;
-        let tag = frame.tags.iter().find(|(p, _)| *p == self.me).map(|(_, t)| *t).ok_or(WireError::NoTag)?;
+        let key = self
+            .mac_keys
+            .get(&frame.sender)
+            .ok_or(WireError::UnknownPrincipal(frame.sender))?;
+        let tag = frame
+            .tags
+            .iter()
+            .find(|(p, _)| *p == self.me)
+            .map(|(_, t)| *t)
+            .ok_or(WireError::NoTag)?;
         let digest = Self::message_digest(&frame.message);
         let expected = self.tag(key, frame.sender, self.me, &digest);
         // Constant-time comparison through the hmac crate is not needed for a 32-byte tag
         // checked once per frame, but it costs nothing to avoid an early exit.
-        if expected.iter().zip(tag.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) != 0 {
+        if expected
+            .iter()
+            .zip(tag.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            != 0
+        {
             return Err(WireError::BadMac(frame.sender));
         }
         let message: Message = decode(&frame.message)?;
         self.check_message(frame.sender, &message)?;
-        Ok(Authenticated { sender: frame.sender, message })
+        Ok(Authenticated {
+            sender: frame.sender,
+            message,
+        })
     }
 
-    fn verify<T: Statement>(&self, signed: &Signed<T>, what: &'static str) -> Result<(), WireError> {
+    fn verify<T: Statement>(
+        &self,
+        signed: &Signed<T>,
+        what: &'static str,
+    ) -> Result<(), WireError> {
         use ed25519_dalek::Verifier as _;
         let signer = signed.body.signer();
-        let key = self.public_keys.get(&signer).ok_or(WireError::UnknownPrincipal(signer))?;
+        let key = self
+            .public_keys
+            .get(&signer)
+            .ok_or(WireError::UnknownPrincipal(signer))?;
         // The digest covers the signer (every statement names it), so a cached pair can only
         // stand for the same signer's signature.
         let digest = statement_digest(&signed.body);
         let bytes = signed.signature.to_bytes();
         let cache_key = (digest, bytes);
-        if self.verified.lock().is_ok_and(|cache| cache.contains(&cache_key)) {
+        if self
+            .verified
+            .lock()
+            .is_ok_and(|cache| cache.contains(&cache_key))
+        {
             return Ok(());
         }
         let signature = ed25519_dalek::Signature::from_bytes(&bytes);
-        key.verify(&digest.0, &signature).map_err(|_| WireError::BadSignature(what))?;
+        key.verify(&digest.0, &signature)
+            .map_err(|_| WireError::BadSignature(what))?;
         if let Ok(mut cache) = self.verified.lock() {
             cache.insert(cache_key);
         }
@@ -862,7 +977,11 @@ impl Authenticator {
 
     fn verify_proposal(&self, proposal: &Proposal) -> Result<(), WireError> {
         self.verify(&proposal.pre_prepare, "pre_prepare")?;
-        if proposal.batch.ordered_digest(&proposal.pre_prepare.body.nondet) != proposal.pre_prepare.body.batch_digest {
+        if proposal
+            .batch
+            .ordered_digest(&proposal.pre_prepare.body.nondet)
+            != proposal.pre_prepare.body.batch_digest
+        {
             return Err(WireError::BadBatchDigest);
         }
         for r in &proposal.batch.requests {
@@ -958,7 +1077,9 @@ impl Authenticator {
                     }
                     self.verify(c, "checkpoint")
                 }
-                AgreementMessage::FetchCommitted { .. } | AgreementMessage::FillHole { .. } => Ok(()),
+                AgreementMessage::FetchCommitted { .. } | AgreementMessage::FillHole { .. } => {
+                    Ok(())
+                }
                 AgreementMessage::Filled(p) => self.verify_proposal(p),
                 AgreementMessage::Committed(cert) => {
                     self.verify_proposal(&cert.proposal)?;
@@ -988,7 +1109,9 @@ impl Authenticator {
                 }
                 ViewChangeMessage::QueryNewView { .. } => Ok(()),
             },
-            Message::StateTransfer(StateTransferMessage::ReplyStable(cert)) => self.verify_checkpoint_certificate(cert),
+            Message::StateTransfer(StateTransferMessage::ReplyStable(cert)) => {
+                self.verify_checkpoint_certificate(cert)
+            }
             Message::StateTransfer(_) => Ok(()),
         }
     }
@@ -1003,12 +1126,21 @@ mod tests {
         let mut x = 7u64;
         let mut random = |buf: &mut [u8]| {
             for b in buf.iter_mut() {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 *b = (x >> 33) as u8;
             }
         };
         let addresses = (0..4).map(|i| format!("127.0.0.1:{}", 7000 + i)).collect();
-        generate(1, addresses, &[ClientId(1)], ProtocolConfig::default(), &mut random).expect("keygen")
+        generate(
+            1,
+            addresses,
+            &[ClientId(1)],
+            ProtocolConfig::default(),
+            &mut random,
+        )
+        .expect("keygen")
     }
 
     fn strip(frame: Vec<u8>) -> Vec<u8> {
@@ -1022,29 +1154,48 @@ mod tests {
         let a1 = Authenticator::for_replica(&keys.config, &keys.replicas[1]);
         let a2 = Authenticator::for_replica(&keys.config, &keys.replicas[2]);
         let signer = Signer::from_secret(&keys.replicas[0].signing_key.0);
-        let prepare =
-            signer.sign(Prepare { view: View(1), seq: SeqNo(2), batch_digest: Digest::default(), replica: ReplicaId(0) });
+        let prepare = signer.sign(Prepare {
+            view: View(1),
+            seq: SeqNo(2),
+            batch_digest: Digest::default(),
+            replica: ReplicaId(0),
+        });
         let message = Message::Agreement(AgreementMessage::Prepare(prepare.clone()));
-        let sealed = a0.seal(&message, &[Principal::Replica(ReplicaId(1))]).expect("seal");
+        let sealed = a0
+            .seal(&message, &[Principal::Replica(ReplicaId(1))])
+            .expect("seal");
         let opened = a1.open(&strip(sealed.clone())).expect("open");
         assert_eq!(opened.sender(), Principal::Replica(ReplicaId(0)));
         assert_eq!(opened.message(), &message);
         // Not addressed to replica 2.
-        assert!(matches!(a2.open(&strip(sealed.clone())), Err(WireError::NoTag)));
+        assert!(matches!(
+            a2.open(&strip(sealed.clone())),
+            Err(WireError::NoTag)
+        ));
         // A flipped bit anywhere is refused.
         let mut bad = strip(sealed);
         let last = bad.len() - 1;
         bad[last] ^= 1;
         assert!(a1.open(&bad).is_err());
         // A prepare signed by replica 0 but sent by replica 2 is refused.
-        let forged = a2.seal(&message, &[Principal::Replica(ReplicaId(1))]).expect("seal");
-        assert!(matches!(a1.open(&strip(forged)), Err(WireError::ForbiddenSender(..))));
+        let forged = a2
+            .seal(&message, &[Principal::Replica(ReplicaId(1))])
+            .expect("seal");
+        assert!(matches!(
+            a1.open(&strip(forged)),
+            Err(WireError::ForbiddenSender(..))
+        ));
         // A corrupted signature is refused.
         let mut corrupt = prepare;
         corrupt.signature.0[0] ^= 1;
         let m = Message::Agreement(AgreementMessage::Prepare(corrupt));
-        let sealed = a0.seal(&m, &[Principal::Replica(ReplicaId(1))]).expect("seal");
-        assert!(matches!(a1.open(&strip(sealed)), Err(WireError::BadSignature(_))));
+        let sealed = a0
+            .seal(&m, &[Principal::Replica(ReplicaId(1))])
+            .expect("seal");
+        assert!(matches!(
+            a1.open(&strip(sealed)),
+            Err(WireError::BadSignature(_))
+        ));
         assert_eq!(a1.counters.rejected(), 3);
         assert_eq!(a2.counters.rejected(), 1);
     }
@@ -1053,7 +1204,10 @@ mod tests {
     fn frames_refuse_oversize_before_body() {
         let mut reader = FrameReader::new();
         reader.push(&((FRAME_BYTES_MAX as u32) + 1).to_be_bytes());
-        assert!(matches!(reader.next_frame(), Err(WireError::FrameTooLarge { .. })));
+        assert!(matches!(
+            reader.next_frame(),
+            Err(WireError::FrameTooLarge { .. })
+        ));
         let mut reader = FrameReader::new();
         let f = frame(b"hello").expect("frame");
         reader.push(&f[..6]);
@@ -1069,8 +1223,15 @@ mod tests {
         let a1 = Authenticator::for_replica(&keys.config, &keys.replicas[1]);
         let client = Signer::from_secret(&keys.clients[0].signing_key.0);
         let primary = Signer::from_secret(&keys.replicas[0].signing_key.0);
-        let request = client.sign(Request { client: ClientId(1), timestamp: Timestamp(1), operation: vec![1], read_only: false });
-        let batch = Batch { requests: vec![request] };
+        let request = client.sign(Request {
+            client: ClientId(1),
+            timestamp: Timestamp(1),
+            operation: vec![1],
+            read_only: false,
+        });
+        let batch = Batch {
+            requests: vec![request],
+        };
         let pp = primary.sign(PrePrepare {
             view: View(0),
             seq: SeqNo(1),
@@ -1079,8 +1240,16 @@ mod tests {
             primary: ReplicaId(0),
             history: Digest::default(),
         });
-        let m = Message::Agreement(AgreementMessage::PrePrepare(Proposal { pre_prepare: pp, batch }));
-        let sealed = a0.seal(&m, &[Principal::Replica(ReplicaId(1))]).expect("seal");
-        assert!(matches!(a1.open(&strip(sealed)), Err(WireError::BadBatchDigest)));
+        let m = Message::Agreement(AgreementMessage::PrePrepare(Proposal {
+            pre_prepare: pp,
+            batch,
+        }));
+        let sealed = a0
+            .seal(&m, &[Principal::Replica(ReplicaId(1))])
+            .expect("seal");
+        assert!(matches!(
+            a1.open(&strip(sealed)),
+            Err(WireError::BadBatchDigest)
+        ));
     }
 }

@@ -13,7 +13,9 @@ use proxy::Proxy;
 use replica::config::{generate_with_os_random, ClusterConfig, ProtocolConfig};
 use replica::driver::client::ClientHandle;
 use replica::driver::status;
-use state_abstraction::fs::{decode, encode, Caller, CreateHow, FsOp, FsReply, FsRequest, FsResult, Handle};
+use state_abstraction::fs::{
+    decode, encode, Caller, CreateHow, FsOp, FsReply, FsRequest, FsResult, Handle,
+};
 use state_abstraction::ClientId;
 use std::net::TcpListener;
 use std::process::{Child, Command};
@@ -35,16 +37,36 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> Cluster {
-        let dir = tempfile::Builder::new().prefix("bftfs-partition").disable_cleanup(std::env::var_os("KEEP").is_some()).tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("bftfs-partition")
+            .disable_cleanup(std::env::var_os("KEEP").is_some())
+            .tempdir()
+            .expect("tempdir");
         let real: Vec<String> = (0..4)
-            .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").to_string())
+            .map(|_| {
+                TcpListener::bind("127.0.0.1:0")
+                    .expect("bind")
+                    .local_addr()
+                    .expect("addr")
+                    .to_string()
+            })
             .collect();
         // Short checkpoint interval and log window, so a short cut already forces a state
         // transfer rather than a replay of the missed batches.
-        let protocol = ProtocolConfig { checkpoint_interval: 8, log_window: 32, ..ProtocolConfig::default() };
-        let keys = generate_with_os_random(1, real.clone(), &[ClientId(1)], protocol).expect("keygen");
-        let links: Vec<Vec<Option<Proxy>>> =
-            (0..4).map(|i| (0..4).map(|j| (i != j).then(|| Proxy::start(real[j].clone()))).collect()).collect();
+        let protocol = ProtocolConfig {
+            checkpoint_interval: 8,
+            log_window: 32,
+            ..ProtocolConfig::default()
+        };
+        let keys =
+            generate_with_os_random(1, real.clone(), &[ClientId(1)], protocol).expect("keygen");
+        let links: Vec<Vec<Option<Proxy>>> = (0..4)
+            .map(|i| {
+                (0..4)
+                    .map(|j| (i != j).then(|| Proxy::start(real[j].clone())))
+                    .collect()
+            })
+            .collect();
         let client_links: Vec<Proxy> = (0..4).map(|j| Proxy::start(real[j].clone())).collect();
         let d = dir.path();
         for (i, secrets) in keys.replicas.iter().enumerate() {
@@ -54,8 +76,16 @@ impl Cluster {
                     r.address = p.address.clone();
                 }
             }
-            std::fs::write(d.join(format!("cluster-{i}.json")), config.to_json().expect("json")).expect("write");
-            std::fs::write(d.join(format!("replica-{i}.json")), secrets.to_json().expect("json")).expect("write");
+            std::fs::write(
+                d.join(format!("cluster-{i}.json")),
+                config.to_json().expect("json"),
+            )
+            .expect("write");
+            std::fs::write(
+                d.join(format!("replica-{i}.json")),
+                secrets.to_json().expect("json"),
+            )
+            .expect("write");
         }
         let mut client_config = keys.config.clone();
         for (j, r) in client_config.replicas.iter_mut().enumerate() {
@@ -71,13 +101,24 @@ impl Cluster {
                     .arg(d.join(format!("replica-{i}.json")))
                     .arg("--data-dir")
                     .arg(d.join(format!("data-{i}")))
-                    .env("RUST_LOG", std::env::var("REPLICA_LOG").unwrap_or("info".into()))
+                    .env(
+                        "RUST_LOG",
+                        std::env::var("REPLICA_LOG").unwrap_or("info".into()),
+                    )
                     .stderr(log)
                     .spawn()
                     .expect("spawn bftfs-replica")
             })
             .collect();
-        Cluster { dir, real, links, client_links, client_config, client_secrets: keys.clients[0].clone(), children }
+        Cluster {
+            dir,
+            real,
+            links,
+            client_links,
+            client_config,
+            client_secrets: keys.clients[0].clone(),
+            children,
+        }
     }
 
     /// Cuts replica `k` off from every other replica and from the client (or heals it).
@@ -95,12 +136,17 @@ impl Cluster {
     }
 
     fn client(&self) -> ClientHandle {
-        ClientHandle::start(self.client_config.clone(), self.client_secrets.clone()).expect("client")
+        ClientHandle::start(self.client_config.clone(), self.client_secrets.clone())
+            .expect("client")
     }
 
     fn status(&self, i: usize) -> Option<status::ReplicaStatus> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
-        rt.block_on(status::probe(&self.real[i], Duration::from_secs(2))).ok()
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
+        rt.block_on(status::probe(&self.real[i], Duration::from_secs(2)))
+            .ok()
     }
 
     fn statuses(&self) -> Vec<Option<status::ReplicaStatus>> {
@@ -110,9 +156,13 @@ impl Cluster {
     fn logs(&self) -> String {
         let mut out = String::new();
         for i in 0..4 {
-            let text = std::fs::read_to_string(self.dir.path().join(format!("replica-{i}.log"))).unwrap_or_default();
+            let text = std::fs::read_to_string(self.dir.path().join(format!("replica-{i}.log")))
+                .unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
-            out.push_str(&format!("--- replica {i} ---\n{}\n", lines[lines.len().saturating_sub(12)..].join("\n")));
+            out.push_str(&format!(
+                "--- replica {i} ---\n{}\n",
+                lines[lines.len().saturating_sub(12)..].join("\n")
+            ));
         }
         out
     }
@@ -129,25 +179,50 @@ impl Drop for Cluster {
 
 fn call(client: &ClientHandle, op: FsOp) -> FsResult {
     let read_only = op.is_read_only();
-    let bytes = client.call(encode(&FsRequest { caller: Caller::root(), op }), read_only, Duration::from_secs(60)).expect("the cluster answers");
+    let bytes = client
+        .call(
+            encode(&FsRequest {
+                caller: Caller::root(),
+                op,
+            }),
+            read_only,
+            Duration::from_secs(60),
+        )
+        .expect("the cluster answers");
     decode::<FsResult>(&bytes).expect("reply decodes")
 }
 
 fn write_files(client: &ClientHandle, dir: Handle, prefix: &str, n: usize) {
     for i in 0..n {
-        let h = match call(client, FsOp::Create { dir, name: format!("{prefix}{i}").into_bytes(), mode: 0o644, how: CreateHow::Guarded }) {
+        let h = match call(
+            client,
+            FsOp::Create {
+                dir,
+                name: format!("{prefix}{i}").into_bytes(),
+                mode: 0o644,
+                how: CreateHow::Guarded,
+            },
+        ) {
             Ok(FsReply::Entry { handle, .. }) => handle,
             other => panic!("create {prefix}{i}: {other:?}"),
         };
         let data = format!("{prefix} {i} ").repeat(i % 40 + 1).into_bytes();
-        assert!(matches!(call(client, FsOp::Write { h, offset: 0, data }), Ok(FsReply::Write { .. })));
+        assert!(matches!(
+            call(client, FsOp::Write { h, offset: 0, data }),
+            Ok(FsReply::Write { .. })
+        ));
     }
 }
 
 /// Waits until all four replicas report the same executed sequence number and stable
 /// checkpoint, writing a file now and then so that a replica that missed the last batches
 /// hears of newer ones.
-fn wait_converged(cluster: &Cluster, client: &ClientHandle, dir: Handle, limit: Duration) -> Vec<status::ReplicaStatus> {
+fn wait_converged(
+    cluster: &Cluster,
+    client: &ClientHandle,
+    dir: Handle,
+    limit: Duration,
+) -> Vec<status::ReplicaStatus> {
     static NUDGES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let start = Instant::now();
     loop {
@@ -155,16 +230,27 @@ fn wait_converged(cluster: &Cluster, client: &ClientHandle, dir: Handle, limit: 
         let agreed = all.iter().all(|s| {
             s.as_ref().is_some_and(|s| {
                 let first = all[0].as_ref().expect("replica 0");
-                s.last_executed == first.last_executed && s.stable_checkpoint == first.stable_checkpoint && s.view_active
+                s.last_executed == first.last_executed
+                    && s.stable_checkpoint == first.stable_checkpoint
+                    && s.view_active
             })
         });
         if agreed {
             return all.into_iter().flatten().collect();
         }
-        assert!(start.elapsed() < limit, "replicas did not converge: {all:?}\n{}", cluster.logs());
+        assert!(
+            start.elapsed() < limit,
+            "replicas did not converge: {all:?}\n{}",
+            cluster.logs()
+        );
         std::thread::sleep(Duration::from_millis(500));
         if start.elapsed() > Duration::from_secs(3) {
-            write_files(client, dir, &format!("nudge{}-", NUDGES.fetch_add(1, Ordering::Relaxed)), 1);
+            write_files(
+                client,
+                dir,
+                &format!("nudge{}-", NUDGES.fetch_add(1, Ordering::Relaxed)),
+                1,
+            );
         }
     }
 }
@@ -173,7 +259,14 @@ fn wait_converged(cluster: &Cluster, client: &ClientHandle, dir: Handle, limit: 
 fn a_replica_cut_off_and_reconnected_catches_up_backup_then_primary() {
     let cluster = Cluster::start();
     let client = cluster.client();
-    let dir = match call(&client, FsOp::Mkdir { dir: Handle::ROOT, name: b"work".to_vec(), mode: 0o755 }) {
+    let dir = match call(
+        &client,
+        FsOp::Mkdir {
+            dir: Handle::ROOT,
+            name: b"work".to_vec(),
+            mode: 0o755,
+        },
+    ) {
         Ok(FsReply::Entry { handle, .. }) => handle,
         other => panic!("mkdir: {other:?}\n{}", cluster.logs()),
     };
@@ -192,10 +285,22 @@ fn a_replica_cut_off_and_reconnected_catches_up_backup_then_primary() {
         // needs a state transfer.
         write_files(&client, dir, &format!("r{round}-"), 40);
         let during = cluster.statuses();
-        let cut_off = during[k].as_ref().expect("the cut-off replica still answers its own status").last_executed;
-        let others = during.iter().enumerate().filter(|(i, _)| *i != k).filter_map(|(_, s)| s.as_ref().map(|s| s.last_executed)).max().unwrap_or(0);
+        let cut_off = during[k]
+            .as_ref()
+            .expect("the cut-off replica still answers its own status")
+            .last_executed;
+        let others = during
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != k)
+            .filter_map(|(_, s)| s.as_ref().map(|s| s.last_executed))
+            .max()
+            .unwrap_or(0);
         eprintln!("round {round}: replica {k} (primary: {pick_primary}) cut off for {:?}: it executed {before} -> {cut_off}, the others {others}", t.elapsed());
-        assert!(cut_off + 32 < others, "replica {k} was not behind while cut off: {during:?}");
+        assert!(
+            cut_off + 32 < others,
+            "replica {k} was not behind while cut off: {during:?}"
+        );
 
         cluster.isolate(k, false);
         let t = Instant::now();
@@ -211,8 +316,18 @@ fn a_replica_cut_off_and_reconnected_catches_up_backup_then_primary() {
         assert!(all[k].last_executed > others, "{all:?}");
     }
     // Every file is there, read through the cluster.
-    match call(&client, FsOp::ReadDir { dir, cookie: 0, count: 1000, plus: false }) {
-        Ok(FsReply::ReadDir { entries, .. }) => assert!(entries.len() >= 90, "{} entries", entries.len()),
+    match call(
+        &client,
+        FsOp::ReadDir {
+            dir,
+            cookie: 0,
+            count: 1000,
+            plus: false,
+        },
+    ) {
+        Ok(FsReply::ReadDir { entries, .. }) => {
+            assert!(entries.len() >= 90, "{} entries", entries.len())
+        }
         other => panic!("readdir: {other:?}"),
     }
 }

@@ -95,7 +95,11 @@ pub struct PartitionTree {
 
 impl PartitionTree {
     pub fn new() -> Self {
-        PartitionTree { leaves: Vec::new(), nodes: vec![BTreeMap::new(); LEVELS as usize], dirty: BTreeSet::new() }
+        PartitionTree {
+            leaves: Vec::new(),
+            nodes: vec![BTreeMap::new(); LEVELS as usize],
+            dirty: BTreeSet::new(),
+        }
     }
 
     pub fn len(&self) -> u64 {
@@ -188,7 +192,11 @@ impl PartitionTree {
         } else {
             let child_level = (level + 1) as usize;
             let first = node * FANOUT;
-            let count = self.len().div_ceil(Self::span(level + 1)).saturating_sub(first).min(FANOUT);
+            let count = self
+                .len()
+                .div_ceil(Self::span(level + 1))
+                .saturating_sub(first)
+                .min(FANOUT);
             (first..first + count)
                 .map(|c| self.nodes[child_level].get(&c).copied().unwrap_or_default())
                 .collect()

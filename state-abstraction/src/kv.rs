@@ -58,7 +58,10 @@ impl KvOp {
     }
     pub fn key(&self) -> &[u8] {
         match self {
-            KvOp::Put { key, .. } | KvOp::Get { key } | KvOp::Append { key, .. } | KvOp::Delete { key } => key,
+            KvOp::Put { key, .. }
+            | KvOp::Get { key }
+            | KvOp::Append { key, .. }
+            | KvOp::Delete { key } => key,
         }
     }
 }
@@ -78,7 +81,9 @@ pub fn bucket_of(key: &[u8]) -> u64 {
     let mut h = Hasher::new("bftfs.kv.bucket");
     h.bytes(key);
     let d = h.finish();
-    u64::from_le_bytes([d.0[0], d.0[1], d.0[2], d.0[3], d.0[4], d.0[5], d.0[6], d.0[7]]) % BUCKETS
+    u64::from_le_bytes([
+        d.0[0], d.0[1], d.0[2], d.0[3], d.0[4], d.0[5], d.0[6], d.0[7],
+    ]) % BUCKETS
 }
 
 type Bucket = BTreeMap<Vec<u8>, Vec<u8>>;
@@ -114,8 +119,12 @@ impl Default for KvService {
 }
 
 fn digest_of(index: u64, obj: &AbstractObject) -> Digest {
-    let pieces: Vec<Digest> =
-        obj.pieces.iter().enumerate().map(|(p, bytes)| piece_digest(index, p as u32, bytes)).collect();
+    let pieces: Vec<Digest> = obj
+        .pieces
+        .iter()
+        .enumerate()
+        .map(|(p, bytes)| piece_digest(index, p as u32, bytes))
+        .collect();
     object_digest(index, &pieces)
 }
 
@@ -162,25 +171,36 @@ impl KvService {
 
     fn abstract_of(&self, index: u64) -> AbstractObject {
         if index == META_OBJECT {
-            return AbstractObject { pieces: vec![self.last_time.to_le_bytes().to_vec()] };
+            return AbstractObject {
+                pieces: vec![self.last_time.to_le_bytes().to_vec()],
+            };
         }
         let entries: Vec<(&Vec<u8>, &Vec<u8>)> = self.buckets[index as usize].iter().collect();
         let bytes = bincode::serde::encode_to_vec(&entries, config()).unwrap_or_default();
-        AbstractObject { pieces: vec![bytes] }
+        AbstractObject {
+            pieces: vec![bytes],
+        }
     }
 
     fn install(&mut self, index: u64, obj: &AbstractObject) -> Result<(), ServiceError> {
-        let bad = |why: &str| ServiceError::BadObject { index, why: why.to_string() };
+        let bad = |why: &str| ServiceError::BadObject {
+            index,
+            why: why.to_string(),
+        };
         if obj.pieces.len() != 1 {
             return Err(bad("expected one piece"));
         }
         let piece = &obj.pieces[0];
         if index == META_OBJECT {
-            let bytes: [u8; 8] = piece.as_slice().try_into().map_err(|_| bad("meta object is not 8 bytes"))?;
+            let bytes: [u8; 8] = piece
+                .as_slice()
+                .try_into()
+                .map_err(|_| bad("meta object is not 8 bytes"))?;
             self.last_time = u64::from_le_bytes(bytes);
         } else if index < BUCKETS {
             let (entries, used): (Vec<(Vec<u8>, Vec<u8>)>, usize) =
-                bincode::serde::decode_from_slice(piece, config()).map_err(|e| bad(&e.to_string()))?;
+                bincode::serde::decode_from_slice(piece, config())
+                    .map_err(|e| bad(&e.to_string()))?;
             if used != piece.len() {
                 return Err(bad("trailing bytes"));
             }
@@ -309,12 +329,23 @@ impl Service for KvService {
             for (index, obj) in objects {
                 self.base.insert(index, obj);
             }
-            self.checkpoints.insert(seq, Checkpoint { objects: BTreeMap::new(), tree: self.tree.clone(), root });
+            self.checkpoints.insert(
+                seq,
+                Checkpoint {
+                    objects: BTreeMap::new(),
+                    tree: self.tree.clone(),
+                    root,
+                },
+            );
         } else {
             // Retaking a checkpoint at the same number (after a rollback to it) adds what changed
             // since to its delta.
             let tree = self.tree.clone();
-            let cp = self.checkpoints.entry(seq).or_insert_with(|| Checkpoint { objects: BTreeMap::new(), tree: tree.clone(), root });
+            let cp = self.checkpoints.entry(seq).or_insert_with(|| Checkpoint {
+                objects: BTreeMap::new(),
+                tree: tree.clone(),
+                root,
+            });
             cp.objects.extend(objects);
             cp.tree = tree;
             cp.root = root;
@@ -327,7 +358,9 @@ impl Service for KvService {
             return Err(ServiceError::NoCheckpoint(seq));
         }
         for index in 0..=META_OBJECT {
-            let obj = self.object_at(seq, index).ok_or(ServiceError::NoCheckpoint(seq))?;
+            let obj = self
+                .object_at(seq, index)
+                .ok_or(ServiceError::NoCheckpoint(seq))?;
             self.install(index, &obj)?;
         }
         self.dirty.clear();
@@ -354,7 +387,10 @@ impl Service for KvService {
     }
 
     fn checkpoints(&self) -> Vec<(SeqNo, Digest)> {
-        self.checkpoints.iter().map(|(s, cp)| (*s, cp.root)).collect()
+        self.checkpoints
+            .iter()
+            .map(|(s, cp)| (*s, cp.root))
+            .collect()
     }
 
     fn modified_since(&self, seq: SeqNo) -> Result<Vec<u64>, ServiceError> {
@@ -379,11 +415,20 @@ impl Service for KvService {
 
     fn piece_digests_at(&self, seq: SeqNo, index: u64) -> Option<Vec<Digest>> {
         let obj = self.object_at(seq, index)?;
-        Some(obj.pieces.iter().enumerate().map(|(p, bytes)| piece_digest(index, p as u32, bytes)).collect())
+        Some(
+            obj.pieces
+                .iter()
+                .enumerate()
+                .map(|(p, bytes)| piece_digest(index, p as u32, bytes))
+                .collect(),
+        )
     }
 
     fn get_piece_at(&self, seq: SeqNo, index: u64, piece: u32) -> Option<Vec<u8>> {
-        self.object_at(seq, index)?.pieces.get(piece as usize).cloned()
+        self.object_at(seq, index)?
+            .pieces
+            .get(piece as usize)
+            .cloned()
     }
 }
 
@@ -392,7 +437,11 @@ mod tests {
     use super::*;
 
     fn put(s: &mut KvService, k: &str, v: &str, t: u64) -> KvReply {
-        let op = KvOp::Put { key: k.into(), value: v.into() }.encode();
+        let op = KvOp::Put {
+            key: k.into(),
+            value: v.into(),
+        }
+        .encode();
         KvReply::decode(&s.execute(&op, ClientId(1), &t.to_le_bytes(), false)).expect("reply")
     }
 
@@ -400,17 +449,36 @@ mod tests {
     fn put_get_append_delete() {
         let mut s = KvService::new();
         assert_eq!(put(&mut s, "a", "1", 5), KvReply::Value(None));
-        assert_eq!(put(&mut s, "a", "2", 6), KvReply::Value(Some(b"1".to_vec())));
-        let op = KvOp::Append { key: b"a".to_vec(), value: b"3".to_vec() }.encode();
-        assert_eq!(KvReply::decode(&s.execute(&op, ClientId(1), &[], false)), Some(KvReply::Value(Some(b"23".to_vec()))));
+        assert_eq!(
+            put(&mut s, "a", "2", 6),
+            KvReply::Value(Some(b"1".to_vec()))
+        );
+        let op = KvOp::Append {
+            key: b"a".to_vec(),
+            value: b"3".to_vec(),
+        }
+        .encode();
+        assert_eq!(
+            KvReply::decode(&s.execute(&op, ClientId(1), &[], false)),
+            Some(KvReply::Value(Some(b"23".to_vec())))
+        );
         let get = KvOp::Get { key: b"a".to_vec() }.encode();
         assert!(s.is_read_only(&get));
-        assert_eq!(KvReply::decode(&s.execute(&get, ClientId(1), &[], true)), Some(KvReply::Value(Some(b"23".to_vec()))));
+        assert_eq!(
+            KvReply::decode(&s.execute(&get, ClientId(1), &[], true)),
+            Some(KvReply::Value(Some(b"23".to_vec())))
+        );
         let del = KvOp::Delete { key: b"a".to_vec() }.encode();
-        assert_eq!(KvReply::decode(&s.execute(&del, ClientId(1), &[], false)), Some(KvReply::Value(Some(b"23".to_vec()))));
+        assert_eq!(
+            KvReply::decode(&s.execute(&del, ClientId(1), &[], false)),
+            Some(KvReply::Value(Some(b"23".to_vec())))
+        );
         assert_eq!(s.value(b"a"), None);
         assert_eq!(s.last_time(), 6);
-        assert_eq!(KvReply::decode(&s.execute(b"junk", ClientId(1), &[], false)), Some(KvReply::Malformed));
+        assert_eq!(
+            KvReply::decode(&s.execute(b"junk", ClientId(1), &[], false)),
+            Some(KvReply::Malformed)
+        );
     }
 
     #[test]
@@ -465,14 +533,18 @@ mod tests {
             let pd = a.piece_digests_at(5, i).expect("digests");
             let mine = b.piece_digests_at(0, i).expect("digests");
             if pd != mine {
-                let pieces = (0..pd.len() as u32).map(|p| a.get_piece_at(5, i, p).expect("piece")).collect();
+                let pieces = (0..pd.len() as u32)
+                    .map(|p| a.get_piece_at(5, i, p).expect("piece"))
+                    .collect();
                 objs.push((i, AbstractObject { pieces }));
             }
         }
         b.put_objs(objs).expect("put");
         assert_eq!(b.checkpoint(5).expect("cp"), root);
         assert_eq!(b.partition_node(5, 3, 0), a.partition_node(5, 3, 0));
-        let bad = AbstractObject { pieces: vec![vec![1, 2, 3]] };
+        let bad = AbstractObject {
+            pieces: vec![vec![1, 2, 3]],
+        };
         assert!(b.put_objs(vec![(1, bad)]).is_err());
     }
 

@@ -11,22 +11,49 @@ fn create_write_read_lookup_remove() {
     let dir = temp_dir();
     let mut fs = Fs::open(dir.path());
     let f = fs.create(ROOT, "a.txt");
-    assert_eq!(f, Handle { index: 1, generation: 1 });
+    assert_eq!(
+        f,
+        Handle {
+            index: 1,
+            generation: 1
+        }
+    );
     fs.write(f, 0, b"hello world");
     assert_eq!(fs.read(f, 6, 100), b"world");
     let a = fs.attr(f);
-    assert_eq!((a.size, a.fileid, a.nlink, a.kind), (11, 1, 1, FileType::Regular));
+    assert_eq!(
+        (a.size, a.fileid, a.nlink, a.kind),
+        (11, 1, 1, FileType::Regular)
+    );
     assert_eq!(a.blocks, 8);
-    let (h, _) = fs.entry(FsOp::Lookup { dir: ROOT, name: b"a.txt".to_vec() });
+    let (h, _) = fs.entry(FsOp::Lookup {
+        dir: ROOT,
+        name: b"a.txt".to_vec(),
+    });
     assert_eq!(h, f);
     assert_eq!(fs.lookup(ROOT, "nope"), Err(FsError::NoEnt));
     // The data is really in the concrete tree.
-    assert_eq!(std::fs::read(dir.path().join("tree/root/a.txt")).expect("concrete"), b"hello world");
-    assert_eq!(fs.run(FsOp::Remove { dir: ROOT, name: b"a.txt".to_vec() }), Ok(FsReply::Done));
+    assert_eq!(
+        std::fs::read(dir.path().join("tree/root/a.txt")).expect("concrete"),
+        b"hello world"
+    );
+    assert_eq!(
+        fs.run(FsOp::Remove {
+            dir: ROOT,
+            name: b"a.txt".to_vec()
+        }),
+        Ok(FsReply::Done)
+    );
     assert_eq!(fs.run(FsOp::GetAttr { h: f }), Err(FsError::Stale));
     // The slot is reused with a new generation; the old handle stays stale.
     let g = fs.create(ROOT, "b");
-    assert_eq!(g, Handle { index: 1, generation: 2 });
+    assert_eq!(
+        g,
+        Handle {
+            index: 1,
+            generation: 2
+        }
+    );
     assert_eq!(fs.run(FsOp::GetAttr { h: f }), Err(FsError::Stale));
     assert!(!dir.path().join("tree/root/a.txt").exists());
 }
@@ -40,21 +67,51 @@ fn directories_rename_and_nlink() {
     let c = fs.mkdir(a, "c");
     assert_eq!(fs.attr(ROOT).nlink, 4);
     assert_eq!(fs.attr(a).nlink, 3);
-    let r = fs.run(FsOp::Rename { from_dir: a, from_name: b"c".to_vec(), to_dir: b, to_name: b"d".to_vec(), no_replace: false });
+    let r = fs.run(FsOp::Rename {
+        from_dir: a,
+        from_name: b"c".to_vec(),
+        to_dir: b,
+        to_name: b"d".to_vec(),
+        no_replace: false,
+    });
     assert_eq!(r, Ok(FsReply::Done));
     assert_eq!(fs.attr(a).nlink, 2);
     assert_eq!(fs.attr(b).nlink, 3);
     assert_eq!(fs.names(b), vec!["d"]);
     assert!(dir.path().join("tree/root/b/d").is_dir());
     // Into its own subtree.
-    let r = fs.run(FsOp::Rename { from_dir: ROOT, from_name: b"b".to_vec(), to_dir: c, to_name: b"x".to_vec(), no_replace: false });
+    let r = fs.run(FsOp::Rename {
+        from_dir: ROOT,
+        from_name: b"b".to_vec(),
+        to_dir: c,
+        to_name: b"x".to_vec(),
+        no_replace: false,
+    });
     assert_eq!(r, Err(FsError::Inval));
-    assert_eq!(fs.run(FsOp::Rmdir { dir: ROOT, name: b"b".to_vec() }), Err(FsError::NotEmpty));
-    assert_eq!(fs.run(FsOp::Rmdir { dir: b, name: b"d".to_vec() }), Ok(FsReply::Done));
+    assert_eq!(
+        fs.run(FsOp::Rmdir {
+            dir: ROOT,
+            name: b"b".to_vec()
+        }),
+        Err(FsError::NotEmpty)
+    );
+    assert_eq!(
+        fs.run(FsOp::Rmdir {
+            dir: b,
+            name: b"d".to_vec()
+        }),
+        Ok(FsReply::Done)
+    );
     assert_eq!(fs.attr(b).nlink, 2);
     assert_eq!(fs.attr(ROOT).nlink, 4);
     // Rename a directory over an empty directory.
-    let r = fs.run(FsOp::Rename { from_dir: ROOT, from_name: b"a".to_vec(), to_dir: ROOT, to_name: b"b".to_vec(), no_replace: false });
+    let r = fs.run(FsOp::Rename {
+        from_dir: ROOT,
+        from_name: b"a".to_vec(),
+        to_dir: ROOT,
+        to_name: b"b".to_vec(),
+        no_replace: false,
+    });
     assert_eq!(r, Ok(FsReply::Done));
     assert_eq!(fs.attr(ROOT).nlink, 3);
     assert_eq!(fs.run(FsOp::GetAttr { h: b }), Err(FsError::Stale));
@@ -65,14 +122,34 @@ fn directories_rename_and_nlink() {
 fn symlinks_links_and_readdir_pages() {
     let dir = temp_dir();
     let mut fs = Fs::open(dir.path());
-    let (s, sa) = fs.entry(FsOp::Symlink { dir: ROOT, name: b"l".to_vec(), target: b"/etc/passwd".to_vec() });
+    let (s, sa) = fs.entry(FsOp::Symlink {
+        dir: ROOT,
+        name: b"l".to_vec(),
+        target: b"/etc/passwd".to_vec(),
+    });
     assert_eq!(sa.size, 11);
-    assert_eq!(fs.run(FsOp::ReadLink { h: s }), Ok(FsReply::ReadLink { target: b"/etc/passwd".to_vec() }));
+    assert_eq!(
+        fs.run(FsOp::ReadLink { h: s }),
+        Ok(FsReply::ReadLink {
+            target: b"/etc/passwd".to_vec()
+        })
+    );
     let f = fs.create(ROOT, "f");
-    let (h, attr) = fs.entry(FsOp::Link { h: f, dir: ROOT, name: b"g".to_vec() });
+    let (h, attr) = fs.entry(FsOp::Link {
+        h: f,
+        dir: ROOT,
+        name: b"g".to_vec(),
+    });
     assert_eq!((h, attr.nlink), (f, 2));
     let d = fs.mkdir(ROOT, "zz");
-    assert_eq!(fs.run(FsOp::Link { h: d, dir: ROOT, name: b"d2".to_vec() }), Err(FsError::Perm));
+    assert_eq!(
+        fs.run(FsOp::Link {
+            h: d,
+            dir: ROOT,
+            name: b"d2".to_vec()
+        }),
+        Err(FsError::Perm)
+    );
     for n in ["m3", "m1", "m2"] {
         fs.create(ROOT, n);
     }
@@ -80,7 +157,12 @@ fn symlinks_links_and_readdir_pages() {
     let mut seen = Vec::new();
     let mut cookie = 0;
     loop {
-        match fs.run(FsOp::ReadDir { dir: ROOT, cookie, count: 3, plus: true }) {
+        match fs.run(FsOp::ReadDir {
+            dir: ROOT,
+            cookie,
+            count: 3,
+            plus: true,
+        }) {
             Ok(FsReply::ReadDir { entries, eof }) => {
                 for e in &entries {
                     assert!(e.attr.is_some());
@@ -95,7 +177,11 @@ fn symlinks_links_and_readdir_pages() {
         }
     }
     assert_eq!(seen, vec!["f", "g", "l", "m1", "m2", "m3", "zz"]);
-    fs.run(FsOp::Remove { dir: ROOT, name: b"f".to_vec() }).expect("remove");
+    fs.run(FsOp::Remove {
+        dir: ROOT,
+        name: b"f".to_vec(),
+    })
+    .expect("remove");
     assert_eq!(fs.attr(f).nlink, 1);
     assert!(dir.path().join("tree/root/g").exists());
 }
@@ -108,16 +194,25 @@ fn setattr_truncate_extend_and_statfs() {
     fs.write(f, 100_000, b"xyz");
     assert_eq!(fs.attr(f).size, 100_003);
     assert_eq!(fs.read(f, 99_999, 10), b"\0xyz");
-    let set = SetAttrs { size: Some(10), mode: Some(0o600), ..Default::default() };
+    let set = SetAttrs {
+        size: Some(10),
+        mode: Some(0o600),
+        ..Default::default()
+    };
     match fs.run(FsOp::SetAttr { h: f, set }) {
         Ok(FsReply::Attr(a)) => assert_eq!((a.size, a.mode), (10, 0o600)),
         other => panic!("{other:?}"),
     }
-    let set = SetAttrs { size: Some(70_000), ..Default::default() };
+    let set = SetAttrs {
+        size: Some(70_000),
+        ..Default::default()
+    };
     fs.run(FsOp::SetAttr { h: f, set }).expect("extend");
     assert_eq!(fs.read(f, 0, 20), vec![0u8; 20]);
     match fs.run(FsOp::StatFs { h: ROOT }) {
-        Ok(FsReply::StatFs(s)) => assert_eq!((s.bsize, s.namemax, s.files - s.ffree), (4096, 255, 2)),
+        Ok(FsReply::StatFs(s)) => {
+            assert_eq!((s.bsize, s.namemax, s.files - s.ffree), (4096, 255, 2))
+        }
         other => panic!("{other:?}"),
     }
 }
@@ -127,12 +222,21 @@ fn execute_round_trip_and_nondet() {
     use state_abstraction::{ClientId, Service};
     let dir = temp_dir();
     let mut svc = FileService::open(dir.path()).expect("open");
-    let req = FsRequest { caller: Caller::root(), op: FsOp::Mkdir { dir: ROOT, name: b"d".to_vec(), mode: 0o700 } };
+    let req = FsRequest {
+        caller: Caller::root(),
+        op: FsOp::Mkdir {
+            dir: ROOT,
+            name: b"d".to_vec(),
+            mode: 0o700,
+        },
+    };
     let t = svc.propose_nondet(5_000_000_000);
     assert!(svc.check_nondet(&t, 5_000_000_000));
     let reply = svc.execute(&encode(&req), ClientId(1), &t, false);
     let r: FsResult = decode(&reply).expect("reply decodes");
-    let FsReply::Entry { attr, .. } = r.expect("mkdir") else { panic!() };
+    let FsReply::Entry { attr, .. } = r.expect("mkdir") else {
+        panic!()
+    };
     assert_eq!(attr.mtime, Timespec { secs: 5, nsecs: 0 });
     // A pipelined batch may carry the same (or an older) proposal; it is accepted, and time
     // still only moves forward because execution clamps it.
@@ -141,10 +245,24 @@ fn execute_round_trip_and_nondet() {
     assert_eq!(t2, 5_000_000_001);
     assert!(!svc.check_nondet(&encode(&(t2 + 10 * 60 * 1_000_000_000)), t2));
     let older = encode(&4_000_000_000u64);
-    let req2 = FsRequest { caller: Caller::root(), op: FsOp::Mkdir { dir: ROOT, name: b"e".to_vec(), mode: 0o700 } };
-    let r2: FsResult = decode(&svc.execute(&encode(&req2), ClientId(1), &older, false)).expect("reply decodes");
-    let FsReply::Entry { attr, .. } = r2.expect("mkdir") else { panic!() };
-    assert_eq!(attr.mtime, Timespec { secs: 5, nsecs: 0 }, "an older agreed time is clamped to the newest");
+    let req2 = FsRequest {
+        caller: Caller::root(),
+        op: FsOp::Mkdir {
+            dir: ROOT,
+            name: b"e".to_vec(),
+            mode: 0o700,
+        },
+    };
+    let r2: FsResult =
+        decode(&svc.execute(&encode(&req2), ClientId(1), &older, false)).expect("reply decodes");
+    let FsReply::Entry { attr, .. } = r2.expect("mkdir") else {
+        panic!()
+    };
+    assert_eq!(
+        attr.mtime,
+        Timespec { secs: 5, nsecs: 0 },
+        "an older agreed time is clamped to the newest"
+    );
     let bad = svc.execute(b"\xff\xff\xff", ClientId(1), &t, false);
     assert_eq!(decode::<FsResult>(&bad), Some(Err(FsError::BadRequest)));
 }

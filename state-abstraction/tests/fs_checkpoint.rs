@@ -15,11 +15,35 @@ fn populate(fs: &mut Fs, tag: u8) {
     fs.write(f, 300_000, b"tail");
     let g = fs.create(ROOT, &format!("g{tag}"));
     fs.write(g, 0, b"small");
-    fs.entry(FsOp::Link { h: g, dir: d, name: b"hard".to_vec() });
-    fs.entry(FsOp::Symlink { dir: d, name: b"sym".to_vec(), target: b"../g".to_vec() });
-    fs.entry(FsOp::Mknod { dir: d, name: b"fifo".to_vec(), mode: 0o644, kind: NodeKind::Fifo });
-    fs.entry(FsOp::Mknod { dir: d, name: b"dev".to_vec(), mode: 0o600, kind: NodeKind::CharDevice { rdev: 0x0501 } });
-    fs.run(FsOp::SetXattr { h: f, name: b"user.k".to_vec(), value: vec![tag; 10], how: XattrSet::Create }).expect("xattr");
+    fs.entry(FsOp::Link {
+        h: g,
+        dir: d,
+        name: b"hard".to_vec(),
+    });
+    fs.entry(FsOp::Symlink {
+        dir: d,
+        name: b"sym".to_vec(),
+        target: b"../g".to_vec(),
+    });
+    fs.entry(FsOp::Mknod {
+        dir: d,
+        name: b"fifo".to_vec(),
+        mode: 0o644,
+        kind: NodeKind::Fifo,
+    });
+    fs.entry(FsOp::Mknod {
+        dir: d,
+        name: b"dev".to_vec(),
+        mode: 0o600,
+        kind: NodeKind::CharDevice { rdev: 0x0501 },
+    });
+    fs.run(FsOp::SetXattr {
+        h: f,
+        name: b"user.k".to_vec(),
+        value: vec![tag; 10],
+        how: XattrSet::Create,
+    })
+    .expect("xattr");
 }
 
 fn mutate(fs: &mut Fs) {
@@ -32,21 +56,54 @@ fn mutate(fs: &mut Fs) {
         other => panic!("{other:?}"),
     };
     fs.write(f, 70_000, b"changed in the middle");
-    fs.run(FsOp::SetAttr { h: f, set: SetAttrs { size: Some(1000), ..Default::default() } }).expect("truncate");
-    fs.run(FsOp::Remove { dir: ROOT, name: b"g1".to_vec() }).expect("remove");
-    fs.run(FsOp::Rename { from_dir: d, from_name: b"sym".to_vec(), to_dir: ROOT, to_name: b"moved".to_vec(), no_replace: false })
-        .expect("rename");
+    fs.run(FsOp::SetAttr {
+        h: f,
+        set: SetAttrs {
+            size: Some(1000),
+            ..Default::default()
+        },
+    })
+    .expect("truncate");
+    fs.run(FsOp::Remove {
+        dir: ROOT,
+        name: b"g1".to_vec(),
+    })
+    .expect("remove");
+    fs.run(FsOp::Rename {
+        from_dir: d,
+        from_name: b"sym".to_vec(),
+        to_dir: ROOT,
+        to_name: b"moved".to_vec(),
+        no_replace: false,
+    })
+    .expect("rename");
     let n = fs.mkdir(d, "new");
     let x = fs.create(n, "x");
     fs.write(x, 0, b"x");
-    fs.run(FsOp::Rmdir { dir: ROOT, name: b"dir2".to_vec() }).expect_err("not empty");
-    fs.run(FsOp::Remove { dir: d, name: b"hard".to_vec() }).expect("remove hard link");
-    fs.run(FsOp::Rename { from_dir: ROOT, from_name: b"dir2".to_vec(), to_dir: n, to_name: b"d2".to_vec(), no_replace: false })
-        .expect("move dir");
+    fs.run(FsOp::Rmdir {
+        dir: ROOT,
+        name: b"dir2".to_vec(),
+    })
+    .expect_err("not empty");
+    fs.run(FsOp::Remove {
+        dir: d,
+        name: b"hard".to_vec(),
+    })
+    .expect("remove hard link");
+    fs.run(FsOp::Rename {
+        from_dir: ROOT,
+        from_name: b"dir2".to_vec(),
+        to_dir: n,
+        to_name: b"d2".to_vec(),
+        no_replace: false,
+    })
+    .expect("move dir");
 }
 
 fn all_objects(svc: &FileService) -> Vec<(u64, state_abstraction::AbstractObject)> {
-    (0..svc.object_count()).map(|i| (i, svc.get_obj(i).expect("get_obj"))).collect()
+    (0..svc.object_count())
+        .map(|i| (i, svc.get_obj(i).expect("get_obj")))
+        .collect()
 }
 
 fn checkpoint_rollback_on(dir: &std::path::Path) {
@@ -63,11 +120,18 @@ fn checkpoint_rollback_on(dir: &std::path::Path) {
     assert!(!fs.svc.modified_since(10).expect("modified").is_empty());
     // The checkpoint is still served as it was.
     for (i, o) in &objs10 {
-        assert_eq!(fs.svc.get_obj_at(10, *i).as_ref(), Some(o), "object {i} at checkpoint 10");
+        assert_eq!(
+            fs.svc.get_obj_at(10, *i).as_ref(),
+            Some(o),
+            "object {i} at checkpoint 10"
+        );
         let digests = fs.svc.piece_digests_at(10, *i).expect("piece digests");
         assert_eq!(digests.len(), o.pieces.len());
         for (p, bytes) in o.pieces.iter().enumerate() {
-            assert_eq!(digests[p], state_abstraction::digest::piece_digest(*i, p as u32, bytes));
+            assert_eq!(
+                digests[p],
+                state_abstraction::digest::piece_digest(*i, p as u32, bytes)
+            );
             assert_eq!(fs.svc.get_piece_at(10, *i, p as u32).as_ref(), Some(bytes));
         }
     }
@@ -120,7 +184,12 @@ fn put_objs_into_fresh_service_reproduces_state() {
         populate(t, 7);
     }
     assert_eq!(other.digest(), fs.digest());
-    assert_eq!(std::fs::read(b.path().join("tree/root/dir1/file")).expect("concrete file").len(), 1000);
+    assert_eq!(
+        std::fs::read(b.path().join("tree/root/dir1/file"))
+            .expect("concrete file")
+            .len(),
+        1000
+    );
 }
 
 #[test]
@@ -177,7 +246,10 @@ fn put_objs_in_batches_and_serving_side() {
     assert_eq!(leaves.len() as u64, count);
     for (i, d) in leaves.iter().enumerate() {
         let pieces = fs.svc.piece_digests_at(3, i as u64).expect("pieces");
-        assert_eq!(*d, state_abstraction::digest::object_digest(i as u64, &pieces));
+        assert_eq!(
+            *d,
+            state_abstraction::digest::object_digest(i as u64, &pieces)
+        );
     }
     assert!(!top.is_empty());
     assert_eq!(fs.svc.partition_node(99, 0, 0), None);
@@ -208,7 +280,10 @@ fn put_objs_rejects_malformed_objects() {
     let mut obj = fs.svc.get_obj(2).expect("get");
     obj.pieces[0].push(0);
     let bad = vec![(2, obj)];
-    assert!(matches!(fs.svc.put_objs(bad), Err(state_abstraction::ServiceError::BadObject { index: 2, .. })));
+    assert!(matches!(
+        fs.svc.put_objs(bad),
+        Err(state_abstraction::ServiceError::BadObject { index: 2, .. })
+    ));
     let empty = vec![(3, state_abstraction::AbstractObject { pieces: Vec::new() })];
     assert!(fs.svc.put_objs(empty).is_err());
     let mut file = fs.svc.get_obj(2).expect("get");

@@ -15,8 +15,11 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 const NAMES: [&str; 4] = ["a", "b", "c", "d"];
-const MODES: [u32; 12] = [0o755, 0o700, 0o777, 0o1777, 0o2775, 0o644, 0o600, 0o000, 0o4755, 0o2755, 0o711, 0o333];
-const CALLERS: [(u32, u32, &[u32]); 3] = [(0, 0, &[]), (1000, 1000, &[1002]), (1001, 1001, &[1000])];
+const MODES: [u32; 12] = [
+    0o755, 0o700, 0o777, 0o1777, 0o2775, 0o644, 0o600, 0o000, 0o4755, 0o2755, 0o711, 0o333,
+];
+const CALLERS: [(u32, u32, &[u32]); 3] =
+    [(0, 0, &[]), (1000, 1000, &[1002]), (1001, 1001, &[1000])];
 const UIDS: [u32; 3] = [0, 1000, 1001];
 const GIDS: [u32; 4] = [0, 1000, 1001, 1002];
 const MAX_IO: u64 = 1 << 20;
@@ -77,7 +80,9 @@ fn summarize(r: &FsResult) -> Out {
         Ok(FsReply::Read { data, .. }) => Out::Data(data.clone()),
         Ok(FsReply::Write { count, .. }) => Out::Count(*count),
         Ok(FsReply::Done) => Out::Done,
-        Ok(FsReply::ReadDir { entries, .. }) => Out::Names(entries.iter().map(|e| e.name.clone()).collect()),
+        Ok(FsReply::ReadDir { entries, .. }) => {
+            Out::Names(entries.iter().map(|e| e.name.clone()).collect())
+        }
         Ok(FsReply::StatFs(_)) => Out::Done,
         Ok(FsReply::Xattr { value }) => Out::Bytes(value.clone()),
         Ok(FsReply::XattrList { names }) => Out::Names(names.clone()),
@@ -138,7 +143,10 @@ impl Model {
             parent: 0,
             verifier: None,
         };
-        Model { nodes: BTreeMap::from([(0, root)]), next: 1 }
+        Model {
+            nodes: BTreeMap::from([(0, root)]),
+            next: 1,
+        }
     }
 
     fn n(&self, i: usize) -> &MNode {
@@ -205,7 +213,11 @@ impl Model {
         let mut mode = mode;
         if kind == FileType::Directory && sgid_dir {
             mode |= 0o2000;
-        } else if kind != FileType::Directory && mode & 0o2000 != 0 && c.uid != 0 && !in_group(c, gid) {
+        } else if kind != FileType::Directory
+            && mode & 0o2000 != 0
+            && c.uid != 0
+            && !in_group(c, gid)
+        {
             mode &= !0o2000;
         }
         let i = self.next;
@@ -233,7 +245,13 @@ impl Model {
     }
 
     fn drop_link(&mut self, d: usize, name: &[u8]) {
-        let i = self.nodes.get_mut(&d).expect("dir").entries.remove(name).expect("entry");
+        let i = self
+            .nodes
+            .get_mut(&d)
+            .expect("dir")
+            .entries
+            .remove(name)
+            .expect("entry");
         let n = self.nodes.get_mut(&i).expect("node");
         if n.kind == FileType::Directory {
             self.nodes.remove(&i);
@@ -293,13 +311,15 @@ enum TOp {
 
 /// Mostly short paths, so that most of them exist.
 fn path(max: usize) -> impl Strategy<Value = P> {
-    let len = prop_oneof![4 => Just(0usize), 5 => Just(1usize), 2 => Just(2usize), 1 => Just(3usize)];
+    let len =
+        prop_oneof![4 => Just(0usize), 5 => Just(1usize), 2 => Just(2usize), 1 => Just(3usize)];
     len.prop_flat_map(move |n| prop::collection::vec(0u8..4, n.min(max)))
 }
 
 /// Paths that name a file more often than the root.
 fn fpath() -> impl Strategy<Value = P> {
-    let len = prop_oneof![1 => Just(0usize), 6 => Just(1usize), 3 => Just(2usize), 1 => Just(3usize)];
+    let len =
+        prop_oneof![1 => Just(0usize), 6 => Just(1usize), 3 => Just(2usize), 1 => Just(3usize)];
     len.prop_flat_map(|n| prop::collection::vec(0u8..4, n))
 }
 
@@ -384,7 +404,10 @@ impl Harness {
     /// Runs one request on every backend; all replies must be byte-identical.
     fn run(&mut self, caller: &Caller, op: FsOp) -> FsResult {
         self.now += 1_000_000;
-        let req = FsRequest { caller: caller.clone(), op };
+        let req = FsRequest {
+            caller: caller.clone(),
+            op,
+        };
         let mut first: Option<(Vec<u8>, FsResult)> = None;
         for (k, s) in self.services.iter_mut().enumerate() {
             let r = s.apply(&req, self.now);
@@ -402,14 +425,20 @@ impl Harness {
         let (_, r) = first.expect("at least one backend");
         match &r {
             Ok(FsReply::Entry { handle, .. }) => self.seen.push(*handle),
-            Ok(FsReply::ReadDir { entries, .. }) => self.seen.extend(entries.iter().map(|e| e.handle)),
+            Ok(FsReply::ReadDir { entries, .. }) => {
+                self.seen.extend(entries.iter().map(|e| e.handle))
+            }
             _ => {}
         }
         r
     }
 
     fn check_digests(&mut self) -> state_abstraction::Digest {
-        let digests: Vec<_> = self.services.iter_mut().map(|s| s.root_digest().expect("digest")).collect();
+        let digests: Vec<_> = self
+            .services
+            .iter_mut()
+            .map(|s| s.root_digest().expect("digest"))
+            .collect();
         for (k, d) in digests.iter().enumerate() {
             assert_eq!(*d, digests[0], "digest of backend {k} ({:?})", self.dirs[k]);
         }
@@ -422,7 +451,13 @@ impl Harness {
         let mut h = Handle::ROOT;
         let mut got = Ok(());
         for &k in p {
-            match self.run(c, FsOp::Lookup { dir: h, name: NAMES[k as usize].as_bytes().to_vec() }) {
+            match self.run(
+                c,
+                FsOp::Lookup {
+                    dir: h,
+                    name: NAMES[k as usize].as_bytes().to_vec(),
+                },
+            ) {
                 Ok(FsReply::Entry { handle, .. }) => h = handle,
                 Err(e) => {
                     got = Err(e);
@@ -443,7 +478,11 @@ impl Harness {
 
     fn step(&mut self, caller_k: usize, op: &TOp) {
         let (uid, gid, groups) = CALLERS[caller_k];
-        let c = Caller { uid, gid, groups: groups.to_vec() };
+        let c = Caller {
+            uid,
+            gid,
+            groups: groups.to_vec(),
+        };
         macro_rules! resolve {
             ($p:expr) => {
                 match self.resolve(&c, $p) {
@@ -456,7 +495,11 @@ impl Harness {
             TOp::Checkpoint => {
                 self.seq += 1;
                 let seq = self.seq;
-                let ds: Vec<_> = self.services.iter_mut().map(|s| s.checkpoint(seq).expect("checkpoint")).collect();
+                let ds: Vec<_> = self
+                    .services
+                    .iter_mut()
+                    .map(|s| s.checkpoint(seq).expect("checkpoint"))
+                    .collect();
                 assert!(ds.iter().all(|d| *d == ds[0]));
                 assert_eq!(ds[0], self.check_digests());
                 if let Some((old, ..)) = self.checkpoint.take() {
@@ -468,7 +511,9 @@ impl Harness {
                 return;
             }
             TOp::Rollback => {
-                let Some((seq, d, model, _)) = self.checkpoint.clone() else { return };
+                let Some((seq, d, model, _)) = self.checkpoint.clone() else {
+                    return;
+                };
                 for s in self.services.iter_mut() {
                     s.rollback_to(seq).expect("rollback");
                 }
@@ -478,7 +523,9 @@ impl Harness {
                 return;
             }
             TOp::Transfer => {
-                let Some((seq, d, model, _)) = self.checkpoint.clone() else { return };
+                let Some((seq, d, model, _)) = self.checkpoint.clone() else {
+                    return;
+                };
                 let src = &self.services[0];
                 let mut objs = Vec::new();
                 let mut i = 0;
@@ -497,12 +544,18 @@ impl Harness {
                     s.put_objs(objs.clone()).expect("put_objs");
                     s.set_object_count(count).expect("set_object_count");
                 }
-                assert_eq!(self.check_digests(), d, "digest after installing checkpoint {seq}");
+                assert_eq!(
+                    self.check_digests(),
+                    d,
+                    "digest after installing checkpoint {seq}"
+                );
                 self.model = model;
                 return;
             }
             TOp::Crash => {
-                let Some((seq, d, model, _)) = self.checkpoint.clone() else { return };
+                let Some((seq, d, model, _)) = self.checkpoint.clone() else {
+                    return;
+                };
                 let services = std::mem::take(&mut self.services);
                 for s in services {
                     s.simulate_crash();
@@ -510,12 +563,19 @@ impl Harness {
                 self.services = self
                     .dirs
                     .iter()
-                    .map(|p| FileService::open(p).unwrap_or_else(|e| panic!("reopen {p:?} after crash: {e}")))
+                    .map(|p| {
+                        FileService::open(p)
+                            .unwrap_or_else(|e| panic!("reopen {p:?} after crash: {e}"))
+                    })
                     .collect();
                 for s in &self.services {
                     assert_eq!(s.checkpoints().last().map(|c| c.0), Some(seq));
                 }
-                assert_eq!(self.check_digests(), d, "digest after crash recovery to {seq}");
+                assert_eq!(
+                    self.check_digests(),
+                    d,
+                    "digest after crash recovery to {seq}"
+                );
                 self.model = model;
                 return;
             }
@@ -527,9 +587,30 @@ impl Harness {
                 // Only compared across backends (the model has no handles), and read-only so
                 // the model stays in step.
                 let _ = self.run(&c, FsOp::GetAttr { h });
-                let _ = self.run(&c, FsOp::Read { h, offset: 1, count: 10 });
-                let _ = self.run(&c, FsOp::ReadDir { dir: h, cookie: 0, count: 10, plus: true });
-                let _ = self.run(&c, FsOp::Lookup { dir: h, name: b"a".to_vec() });
+                let _ = self.run(
+                    &c,
+                    FsOp::Read {
+                        h,
+                        offset: 1,
+                        count: 10,
+                    },
+                );
+                let _ = self.run(
+                    &c,
+                    FsOp::ReadDir {
+                        dir: h,
+                        cookie: 0,
+                        count: 10,
+                        plus: true,
+                    },
+                );
+                let _ = self.run(
+                    &c,
+                    FsOp::Lookup {
+                        dir: h,
+                        name: b"a".to_vec(),
+                    },
+                );
                 return;
             }
             TOp::Create(p, n, m, how) => {
@@ -541,7 +622,15 @@ impl Harness {
                     1 => CreateHow::Guarded,
                     _ => CreateHow::Exclusive { verifier: 7 },
                 };
-                let got = self.run(&c, FsOp::Create { dir: h, name: name.clone(), mode, how });
+                let got = self.run(
+                    &c,
+                    FsOp::Create {
+                        dir: h,
+                        name: name.clone(),
+                        mode,
+                        how,
+                    },
+                );
                 let md = &mut self.model;
                 let want = (|| -> R<Out> {
                     let dn = md.n(d);
@@ -559,9 +648,15 @@ impl Harness {
                         let ok = match how {
                             CreateHow::Guarded => false,
                             CreateHow::Unchecked => o.kind == FileType::Regular,
-                            CreateHow::Exclusive { verifier } => o.kind == FileType::Regular && o.verifier == Some(verifier),
+                            CreateHow::Exclusive { verifier } => {
+                                o.kind == FileType::Regular && o.verifier == Some(verifier)
+                            }
                         };
-                        return if ok { Ok(md.attr(i)) } else { Err(FsError::Exist) };
+                        return if ok {
+                            Ok(md.attr(i))
+                        } else {
+                            Err(FsError::Exist)
+                        };
                     }
                     md.new_entry(d, &name, &c)?;
                     let i = md.add(d, &name, &c, FileType::Regular, mode);
@@ -576,7 +671,14 @@ impl Harness {
                 let (h, d) = resolve!(p);
                 let name = name_bytes(*n);
                 let mode = MODES[*m as usize];
-                let got = self.run(&c, FsOp::Mkdir { dir: h, name: name.clone(), mode });
+                let got = self.run(
+                    &c,
+                    FsOp::Mkdir {
+                        dir: h,
+                        name: name.clone(),
+                        mode,
+                    },
+                );
                 let md = &mut self.model;
                 let want = md.new_entry(d, &name, &c).map(|()| {
                     let i = md.add(d, &name, &c, FileType::Directory, mode & 0o1777);
@@ -587,8 +689,19 @@ impl Harness {
             TOp::Symlink(p, n, empty) => {
                 let (h, d) = resolve!(p);
                 let name = name_bytes(*n);
-                let target = if *empty { Vec::new() } else { b"../some/where".to_vec() };
-                let got = self.run(&c, FsOp::Symlink { dir: h, name: name.clone(), target: target.clone() });
+                let target = if *empty {
+                    Vec::new()
+                } else {
+                    b"../some/where".to_vec()
+                };
+                let got = self.run(
+                    &c,
+                    FsOp::Symlink {
+                        dir: h,
+                        name: name.clone(),
+                        target: target.clone(),
+                    },
+                );
                 let md = &mut self.model;
                 let want = md.new_entry(d, &name, &c).and_then(|()| {
                     if target.is_empty() {
@@ -607,9 +720,20 @@ impl Harness {
                     0 => (NodeKind::Fifo, FileType::Fifo),
                     1 => (NodeKind::Socket, FileType::Socket),
                     2 => (NodeKind::CharDevice { rdev: 0x0103 }, FileType::CharDevice),
-                    _ => (NodeKind::BlockDevice { rdev: 0x0801 }, FileType::BlockDevice),
+                    _ => (
+                        NodeKind::BlockDevice { rdev: 0x0801 },
+                        FileType::BlockDevice,
+                    ),
                 };
-                let got = self.run(&c, FsOp::Mknod { dir: h, name: name.clone(), mode: 0o644, kind });
+                let got = self.run(
+                    &c,
+                    FsOp::Mknod {
+                        dir: h,
+                        name: name.clone(),
+                        mode: 0o644,
+                        kind,
+                    },
+                );
                 let md = &mut self.model;
                 let want = md.new_entry(d, &name, &c).and_then(|()| {
                     if *k >= 2 && c.uid != 0 {
@@ -623,7 +747,14 @@ impl Harness {
             TOp::Write(p, off, len, b) => {
                 let (h, f) = resolve!(p);
                 let data = vec![*b; *len];
-                let got = self.run(&c, FsOp::Write { h, offset: *off, data: data.clone() });
+                let got = self.run(
+                    &c,
+                    FsOp::Write {
+                        h,
+                        offset: *off,
+                        data: data.clone(),
+                    },
+                );
                 let md = &mut self.model;
                 let want = (|| -> R<Out> {
                     let n = md.n(f);
@@ -653,11 +784,20 @@ impl Harness {
             }
             TOp::Read(p, off, count) => {
                 let (h, f) = resolve!(p);
-                let got = self.run(&c, FsOp::Read { h, offset: *off, count: *count });
+                let got = self.run(
+                    &c,
+                    FsOp::Read {
+                        h,
+                        offset: *off,
+                        count: *count,
+                    },
+                );
                 let n = self.model.n(f);
                 let want = match n.kind {
                     FileType::Regular if *count as u64 > MAX_IO => Out::Err(FsError::Inval),
-                    FileType::Regular if !(c.uid == n.uid || may(n, &c, 4)) => Out::Err(FsError::Access),
+                    FileType::Regular if !(c.uid == n.uid || may(n, &c, 4)) => {
+                        Out::Err(FsError::Access)
+                    }
                     FileType::Regular => {
                         let s = (*off as usize).min(n.data.len());
                         let e = (s + *count as usize).min(n.data.len());
@@ -670,12 +810,23 @@ impl Harness {
             }
             TOp::Truncate(p, size) => {
                 let (h, f) = resolve!(p);
-                let got = self.run(&c, FsOp::SetAttr { h, set: SetAttrs { size: Some(*size), ..Default::default() } });
+                let got = self.run(
+                    &c,
+                    FsOp::SetAttr {
+                        h,
+                        set: SetAttrs {
+                            size: Some(*size),
+                            ..Default::default()
+                        },
+                    },
+                );
                 let md = &mut self.model;
                 let n = md.n(f);
                 let want = match n.kind {
                     FileType::Directory => Out::Err(FsError::IsDir),
-                    FileType::Regular if !(c.uid == n.uid || may(n, &c, 2)) => Out::Err(FsError::Access),
+                    FileType::Regular if !(c.uid == n.uid || may(n, &c, 2)) => {
+                        Out::Err(FsError::Access)
+                    }
                     FileType::Regular => {
                         let n = md.nodes.get_mut(&f).expect("node");
                         n.data.resize(*size as usize, 0);
@@ -692,7 +843,16 @@ impl Harness {
             TOp::Chmod(p, m) => {
                 let (h, f) = resolve!(p);
                 let mode = MODES[*m as usize];
-                let got = self.run(&c, FsOp::SetAttr { h, set: SetAttrs { mode: Some(mode), ..Default::default() } });
+                let got = self.run(
+                    &c,
+                    FsOp::SetAttr {
+                        h,
+                        set: SetAttrs {
+                            mode: Some(mode),
+                            ..Default::default()
+                        },
+                    },
+                );
                 let md = &mut self.model;
                 let n = md.n(f);
                 let want = if c.uid != 0 && c.uid != n.uid {
@@ -714,12 +874,23 @@ impl Harness {
                 let (h, f) = resolve!(p);
                 let uid = u.map(|k| UIDS[k as usize]);
                 let gid = g.map(|k| GIDS[k as usize]);
-                let got = self.run(&c, FsOp::SetAttr { h, set: SetAttrs { uid, gid, ..Default::default() } });
+                let got = self.run(
+                    &c,
+                    FsOp::SetAttr {
+                        h,
+                        set: SetAttrs {
+                            uid,
+                            gid,
+                            ..Default::default()
+                        },
+                    },
+                );
                 let md = &mut self.model;
                 let n = md.n(f);
                 let root = c.uid == 0;
                 let uid_denied = uid.is_some_and(|u| !(root || c.uid == n.uid && u == n.uid));
-                let gid_denied = gid.is_some_and(|g| !(root || c.uid == n.uid && (g == n.gid || in_group(&c, g))));
+                let gid_denied = gid
+                    .is_some_and(|g| !(root || c.uid == n.uid && (g == n.gid || in_group(&c, g))));
                 let want = if uid_denied || gid_denied {
                     Out::Err(FsError::Perm)
                 } else {
@@ -743,9 +914,21 @@ impl Harness {
                 let (h, d) = resolve!(p);
                 let name = name_bytes(*n);
                 let got = if rmdir {
-                    self.run(&c, FsOp::Rmdir { dir: h, name: name.clone() })
+                    self.run(
+                        &c,
+                        FsOp::Rmdir {
+                            dir: h,
+                            name: name.clone(),
+                        },
+                    )
                 } else {
-                    self.run(&c, FsOp::Remove { dir: h, name: name.clone() })
+                    self.run(
+                        &c,
+                        FsOp::Remove {
+                            dir: h,
+                            name: name.clone(),
+                        },
+                    )
                 };
                 let md = &mut self.model;
                 let want = (|| -> R<Out> {
@@ -777,7 +960,13 @@ impl Harness {
                 let (from, to) = (name_bytes(*n), name_bytes(*m));
                 let got = self.run(
                     &c,
-                    FsOp::Rename { from_dir: ha, from_name: from.clone(), to_dir: hb, to_name: to.clone(), no_replace: *no_replace },
+                    FsOp::Rename {
+                        from_dir: ha,
+                        from_name: from.clone(),
+                        to_dir: hb,
+                        to_name: to.clone(),
+                        no_replace: *no_replace,
+                    },
                 );
                 let md = &mut self.model;
                 let want = (|| -> R<Out> {
@@ -847,7 +1036,11 @@ impl Harness {
                         md.drop_link(db, &to);
                     }
                     md.nodes.get_mut(&da).expect("dir").entries.remove(&from);
-                    md.nodes.get_mut(&db).expect("dir").entries.insert(to.clone(), s);
+                    md.nodes
+                        .get_mut(&db)
+                        .expect("dir")
+                        .entries
+                        .insert(to.clone(), s);
                     if s_dir {
                         md.nodes.get_mut(&da).expect("dir").nlink -= 1;
                         md.nodes.get_mut(&db).expect("dir").nlink += 1;
@@ -861,7 +1054,14 @@ impl Harness {
                 let (hf, f) = resolve!(fp);
                 let (hd, d) = resolve!(dp);
                 let name = name_bytes(*n);
-                let got = self.run(&c, FsOp::Link { h: hf, dir: hd, name: name.clone() });
+                let got = self.run(
+                    &c,
+                    FsOp::Link {
+                        h: hf,
+                        dir: hd,
+                        name: name.clone(),
+                    },
+                );
                 let md = &mut self.model;
                 let want = (|| -> R<Out> {
                     if md.n(d).kind != FileType::Directory {
@@ -871,7 +1071,11 @@ impl Harness {
                         return Err(FsError::Perm);
                     }
                     md.new_entry(d, &name, &c)?;
-                    md.nodes.get_mut(&d).expect("dir").entries.insert(name.clone(), f);
+                    md.nodes
+                        .get_mut(&d)
+                        .expect("dir")
+                        .entries
+                        .insert(name.clone(), f);
                     md.nodes.get_mut(&f).expect("node").nlink += 1;
                     Ok(md.attr(f))
                 })();
@@ -879,14 +1083,29 @@ impl Harness {
             }
             TOp::ReadDir(p, cookie, count) => {
                 let (h, d) = resolve!(p);
-                let got = self.run(&c, FsOp::ReadDir { dir: h, cookie: *cookie, count: *count, plus: cookie % 2 == 0 });
+                let got = self.run(
+                    &c,
+                    FsOp::ReadDir {
+                        dir: h,
+                        cookie: *cookie,
+                        count: *count,
+                        plus: cookie % 2 == 0,
+                    },
+                );
                 let n = self.model.n(d);
                 let want = if n.kind != FileType::Directory {
                     Out::Err(FsError::NotDir)
                 } else if !may(n, &c, 4) {
                     Out::Err(FsError::Access)
                 } else {
-                    Out::Names(n.entries.keys().skip(*cookie as usize).take(*count as usize).cloned().collect())
+                    Out::Names(
+                        n.entries
+                            .keys()
+                            .skip(*cookie as usize)
+                            .take(*count as usize)
+                            .cloned()
+                            .collect(),
+                    )
                 };
                 (got, want)
             }
@@ -894,7 +1113,13 @@ impl Harness {
                 let (h, d) = resolve!(p);
                 let name = name_bytes(*n);
                 let special = name == b"." || name == b"..";
-                let got = self.run(&c, FsOp::Lookup { dir: h, name: name.clone() });
+                let got = self.run(
+                    &c,
+                    FsOp::Lookup {
+                        dir: h,
+                        name: name.clone(),
+                    },
+                );
                 let md = &self.model;
                 let want = if special {
                     let dn = md.n(d);
@@ -908,7 +1133,9 @@ impl Harness {
                         md.attr(dn.parent)
                     }
                 } else {
-                    md.lookup(d, &name, &c).map(|i| md.attr(i)).unwrap_or_else(Out::Err)
+                    md.lookup(d, &name, &c)
+                        .map(|i| md.attr(i))
+                        .unwrap_or_else(Out::Err)
                 };
                 (got, want)
             }
@@ -920,14 +1147,21 @@ impl Harness {
                 let (h, f) = resolve!(p);
                 let got = self.run(&c, FsOp::Access { h, mask: *mask });
                 let n = self.model.n(f);
-                let granted = [4, 2, 1].into_iter().filter(|b| mask & b != 0 && may(n, &c, *b)).fold(0, |a, b| a | b);
+                let granted = [4, 2, 1]
+                    .into_iter()
+                    .filter(|b| mask & b != 0 && may(n, &c, *b))
+                    .fold(0, |a, b| a | b);
                 (got, Out::Granted(granted))
             }
             TOp::ReadLink(p) => {
                 let (h, f) = resolve!(p);
                 let got = self.run(&c, FsOp::ReadLink { h });
                 let n = self.model.n(f);
-                let want = if n.kind == FileType::Symlink { Out::Bytes(n.target.clone()) } else { Out::Err(FsError::Inval) };
+                let want = if n.kind == FileType::Symlink {
+                    Out::Bytes(n.target.clone())
+                } else {
+                    Out::Err(FsError::Inval)
+                };
                 (got, want)
             }
             TOp::SetXattr(p, k, _, _) | TOp::RemoveXattr(p, k) => {
@@ -942,9 +1176,23 @@ impl Harness {
                     _ => XattrSet::Replace,
                 };
                 let got = if remove {
-                    self.run(&c, FsOp::RemoveXattr { h, name: name.clone() })
+                    self.run(
+                        &c,
+                        FsOp::RemoveXattr {
+                            h,
+                            name: name.clone(),
+                        },
+                    )
                 } else {
-                    self.run(&c, FsOp::SetXattr { h, name: name.clone(), value: value.clone(), how })
+                    self.run(
+                        &c,
+                        FsOp::SetXattr {
+                            h,
+                            name: name.clone(),
+                            value: value.clone(),
+                            how,
+                        },
+                    )
                 };
                 let md = &mut self.model;
                 let want = (|| -> R<Out> {
@@ -988,7 +1236,13 @@ impl Harness {
             TOp::GetXattr(p, k) => {
                 let (h, f) = resolve!(p);
                 let name = xattr_name(*k);
-                let got = self.run(&c, FsOp::GetXattr { h, name: name.clone() });
+                let got = self.run(
+                    &c,
+                    FsOp::GetXattr {
+                        h,
+                        name: name.clone(),
+                    },
+                );
                 let n = self.model.n(f);
                 let want = if name.len() > 255 {
                     Out::Err(FsError::Range)
@@ -998,13 +1252,19 @@ impl Harness {
                     } else if !may(n, &c, 4) {
                         Out::Err(FsError::Access)
                     } else {
-                        n.xattrs.get(&name).map(|v| Out::Bytes(v.clone())).unwrap_or(Out::Err(FsError::NoData))
+                        n.xattrs
+                            .get(&name)
+                            .map(|v| Out::Bytes(v.clone()))
+                            .unwrap_or(Out::Err(FsError::NoData))
                     }
                 } else if name.starts_with(b"trusted.") {
                     if c.uid != 0 {
                         Out::Err(FsError::Perm)
                     } else {
-                        n.xattrs.get(&name).map(|v| Out::Bytes(v.clone())).unwrap_or(Out::Err(FsError::NoData))
+                        n.xattrs
+                            .get(&name)
+                            .map(|v| Out::Bytes(v.clone()))
+                            .unwrap_or(Out::Err(FsError::NoData))
                     }
                 } else {
                     Out::Err(FsError::NotSupp)
@@ -1015,15 +1275,28 @@ impl Harness {
                 let (h, f) = resolve!(p);
                 let got = self.run(&c, FsOp::ListXattr { h });
                 let n = self.model.n(f);
-                let names = n.xattrs.keys().filter(|k| c.uid == 0 || k.starts_with(b"user.")).cloned().collect();
+                let names = n
+                    .xattrs
+                    .keys()
+                    .filter(|k| c.uid == 0 || k.starts_with(b"user."))
+                    .cloned()
+                    .collect();
                 (got, Out::Names(names))
             }
         };
-        assert_eq!(summarize(&got), want, "model disagrees on {op:?} as {c:?}: service {got:?}");
+        assert_eq!(
+            summarize(&got),
+            want,
+            "model disagrees on {op:?} as {c:?}: service {got:?}"
+        );
         if got.is_ok() { &STEPS_OK } else { &STEPS_ERR }.fetch_add(1, Ordering::Relaxed);
         if std::env::var_os("BFTFS_DIFF_STATS").is_some() {
             let kind = format!("{op:?}");
-            eprintln!("STAT {} {:?}", kind.split('(').next().unwrap_or(""), got.as_ref().err());
+            eprintln!(
+                "STAT {} {:?}",
+                kind.split('(').next().unwrap_or(""),
+                got.as_ref().err()
+            );
         }
     }
 }
@@ -1055,8 +1328,19 @@ fn run_case(btrfs: Option<&BtrfsMount>, ops: &[(usize, TOp)]) {
     if let Some(b) = btrfs {
         dirs.push(b.dir(&format!("case{case}")));
     }
-    let services = dirs.iter().map(|d| FileService::open(d).expect("open")).collect();
-    let mut h = Harness { services, dirs, model: Model::new(), now: 1_700_000_000_000_000_000, seen: Vec::new(), checkpoint: None, seq: 0 };
+    let services = dirs
+        .iter()
+        .map(|d| FileService::open(d).expect("open"))
+        .collect();
+    let mut h = Harness {
+        services,
+        dirs,
+        model: Model::new(),
+        now: 1_700_000_000_000_000_000,
+        seen: Vec::new(),
+        checkpoint: None,
+        seq: 0,
+    };
     // Let everyone create at the top, so the users' sequences get somewhere.
     h.step(0, &TOp::Chmod(Vec::new(), 2));
     for (n, (k, op)) in ops.iter().enumerate() {
@@ -1072,7 +1356,10 @@ fn run_case(btrfs: Option<&BtrfsMount>, ops: &[(usize, TOp)]) {
     let want = h.check_digests();
     let fresh_dir = temp_dir();
     let mut fresh = FileService::open(&fresh_dir.path().join("replica")).expect("open fresh");
-    let objs = (0..h.services[0].object_count()).rev().map(|i| (i, h.services[0].get_obj(i).expect("get_obj"))).collect();
+    let objs = (0..h.services[0].object_count())
+        .rev()
+        .map(|i| (i, h.services[0].get_obj(i).expect("get_obj")))
+        .collect();
     fresh.put_objs(objs).expect("put_objs");
     assert_eq!(fresh.root_digest().expect("digest"), want);
     // The same in three interleaved batches, over a service that already holds another
@@ -1080,8 +1367,20 @@ fn run_case(btrfs: Option<&BtrfsMount>, ops: &[(usize, TOp)]) {
     let split_dir = temp_dir();
     let mut split = FileService::open(&split_dir.path().join("replica")).expect("open split");
     for name in ["a", "b", "c", "d", "e", "f"] {
-        let op = FsOp::Mkdir { dir: Handle::ROOT, name: name.as_bytes().to_vec(), mode: 0o700 };
-        split.apply(&FsRequest { caller: Caller::root(), op }, 1).expect("mkdir");
+        let op = FsOp::Mkdir {
+            dir: Handle::ROOT,
+            name: name.as_bytes().to_vec(),
+            mode: 0o700,
+        };
+        split
+            .apply(
+                &FsRequest {
+                    caller: Caller::root(),
+                    op,
+                },
+                1,
+            )
+            .expect("mkdir");
     }
     for part in [1u64, 0, 2] {
         let objs = (0..h.services[0].object_count())
@@ -1090,7 +1389,9 @@ fn run_case(btrfs: Option<&BtrfsMount>, ops: &[(usize, TOp)]) {
             .collect();
         split.put_objs(objs).expect("put_objs batch");
     }
-    split.set_object_count(h.services[0].object_count()).expect("set_object_count");
+    split
+        .set_object_count(h.services[0].object_count())
+        .expect("set_object_count");
     if split.root_digest().expect("digest") != want {
         let n = h.services[0].object_count().max(split.object_count());
         for i in 0..n {
@@ -1099,16 +1400,34 @@ fn run_case(btrfs: Option<&BtrfsMount>, ops: &[(usize, TOp)]) {
             if a != b {
                 let ha = a.as_ref().map(|o| o.pieces[0].clone());
                 let hb = b.as_ref().map(|o| o.pieces[0].clone());
-                eprintln!("object {i} differs: header equal {}, pieces {:?} vs {:?}", ha == hb, a.map(|o| o.pieces.iter().map(|p| p.len()).collect::<Vec<_>>()), b.map(|o| o.pieces.iter().map(|p| p.len()).collect::<Vec<_>>()));
+                eprintln!(
+                    "object {i} differs: header equal {}, pieces {:?} vs {:?}",
+                    ha == hb,
+                    a.map(|o| o.pieces.iter().map(|p| p.len()).collect::<Vec<_>>()),
+                    b.map(|o| o.pieces.iter().map(|p| p.len()).collect::<Vec<_>>())
+                );
             }
         }
-        eprintln!("counts {} {}", h.services[0].object_count(), split.object_count());
+        eprintln!(
+            "counts {} {}",
+            h.services[0].object_count(),
+            split.object_count()
+        );
         panic!("batched put_objs");
     }
     h.services.push(fresh);
     h.dirs.push(fresh_dir.path().join("replica"));
     // (Checkpoints are left out here: the fresh copy has none to roll back to.)
-    for (k, op) in ops.iter().filter(|(_, op)| !matches!(op, TOp::Checkpoint | TOp::Rollback | TOp::Transfer | TOp::Crash)).take(20) {
+    for (k, op) in ops
+        .iter()
+        .filter(|(_, op)| {
+            !matches!(
+                op,
+                TOp::Checkpoint | TOp::Rollback | TOp::Transfer | TOp::Crash
+            )
+        })
+        .take(20)
+    {
         h.step(*k, op);
     }
     let last = h.check_digests();
@@ -1123,25 +1442,48 @@ fn run_case(btrfs: Option<&BtrfsMount>, ops: &[(usize, TOp)]) {
     for (k, d) in dirs.iter().enumerate() {
         let mut s = FileService::open(d).expect("reopen");
         let want = if k + 1 == dirs.len() { last } else { expect };
-        assert_eq!(s.root_digest().expect("digest"), want, "after reopening {d:?}");
+        assert_eq!(
+            s.root_digest().expect("digest"),
+            want,
+            "after reopening {d:?}"
+        );
     }
 }
 
 fn ops() -> impl Strategy<Value = Vec<(usize, TOp)>> {
-    prop::collection::vec((prop_oneof![3 => Just(0usize), 2 => Just(1usize), 2 => Just(2usize)], top()), 80..160)
+    prop::collection::vec(
+        (
+            prop_oneof![3 => Just(0usize), 2 => Just(1usize), 2 => Just(2usize)],
+            top(),
+        ),
+        80..160,
+    )
 }
 
 #[test]
 fn backends_and_model_agree() {
     let btrfs = btrfs_mount();
-    let cases = std::env::var("BFTFS_DIFF_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(32);
+    let cases = std::env::var("BFTFS_DIFF_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32);
     // A fixed seed, so a failure replays with the same command; BFTFS_DIFF_SEED explores others.
-    let seed: u64 = std::env::var("BFTFS_DIFF_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let seed: u64 = std::env::var("BFTFS_DIFF_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
     eprintln!("differential test: seed {seed} (replay: BFTFS_DIFF_SEED={seed} cargo test -p state-abstraction --test fs_differential)");
     let mut seed_bytes = [0u8; 32];
     seed_bytes[..8].copy_from_slice(&seed.to_le_bytes());
-    let rng = proptest::test_runner::TestRng::from_seed(proptest::test_runner::RngAlgorithm::ChaCha, &seed_bytes);
-    let config = proptest::test_runner::Config { cases, failure_persistence: None, ..Default::default() };
+    let rng = proptest::test_runner::TestRng::from_seed(
+        proptest::test_runner::RngAlgorithm::ChaCha,
+        &seed_bytes,
+    );
+    let config = proptest::test_runner::Config {
+        cases,
+        failure_persistence: None,
+        ..Default::default()
+    };
     let mut runner = proptest::test_runner::TestRunner::new_with_rng(config, rng);
     let result = runner.run(&ops(), |ops| {
         run_case(btrfs.as_ref(), &ops);
@@ -1151,9 +1493,17 @@ fn backends_and_model_agree() {
         panic!("{e}");
     }
     let n = OPS_RUN.load(Ordering::Relaxed);
-    let (ok, err, rb) = (STEPS_OK.load(Ordering::Relaxed), STEPS_ERR.load(Ordering::Relaxed), ROLLBACKS.load(Ordering::Relaxed));
+    let (ok, err, rb) = (
+        STEPS_OK.load(Ordering::Relaxed),
+        STEPS_ERR.load(Ordering::Relaxed),
+        ROLLBACKS.load(Ordering::Relaxed),
+    );
     eprintln!("differential test: {n} backend operations; model-checked steps {ok} ok, {err} errors; {rb} rollbacks");
-    assert!(ok * 4 >= ok + err, "too few steps succeed ({ok} of {}): the generator is off", ok + err);
+    assert!(
+        ok * 4 >= ok + err,
+        "too few steps succeed ({ok} of {}): the generator is off",
+        ok + err
+    );
     assert!(rb > 0, "no rollback was exercised");
     let backends = 2 + btrfs.is_some() as u64;
     if backends == 3 {

@@ -28,7 +28,11 @@ fn twenty_thousand_objects() {
     }
     let t = std::time::Instant::now();
     fs.svc.flush().expect("flush");
-    eprintln!("first flush of {} objects: {:?}", fs.svc.object_count(), t.elapsed());
+    eprintln!(
+        "first flush of {} objects: {:?}",
+        fs.svc.object_count(),
+        t.elapsed()
+    );
     let x = fs.create(Handle::ROOT, "one-more");
     fs.write(x, 0, b"x");
     let t = std::time::Instant::now();
@@ -37,14 +41,29 @@ fn twenty_thousand_objects() {
     let cp = fs.svc.checkpoint(1).expect("checkpoint");
     // Touch everything after the checkpoint, then crash.
     for d in 0..40 {
-        let (h, _) = fs.entry(FsOp::Lookup { dir: Handle::ROOT, name: format!("d{d}").into_bytes() });
-        fs.run(FsOp::Rename { from_dir: h, from_name: b"f0".to_vec(), to_dir: Handle::ROOT, to_name: format!("moved{d}").into_bytes(), no_replace: false })
-            .expect("rename");
-        fs.run(FsOp::Rmdir { dir: h, name: b"s0".to_vec() }).expect("rmdir");
+        let (h, _) = fs.entry(FsOp::Lookup {
+            dir: Handle::ROOT,
+            name: format!("d{d}").into_bytes(),
+        });
+        fs.run(FsOp::Rename {
+            from_dir: h,
+            from_name: b"f0".to_vec(),
+            to_dir: Handle::ROOT,
+            to_name: format!("moved{d}").into_bytes(),
+            no_replace: false,
+        })
+        .expect("rename");
+        fs.run(FsOp::Rmdir {
+            dir: h,
+            name: b"s0".to_vec(),
+        })
+        .expect("rmdir");
     }
     let fresh = scratch();
     let mut other = Fs::open(fresh.path());
-    let objs = (0..fs.svc.object_count()).map(|i| (i, fs.svc.get_obj(i).expect("get"))).collect();
+    let objs = (0..fs.svc.object_count())
+        .map(|i| (i, fs.svc.get_obj(i).expect("get")))
+        .collect();
     let t = std::time::Instant::now();
     other.svc.put_objs(objs).expect("put_objs");
     eprintln!("put_objs: {:?}", t.elapsed());

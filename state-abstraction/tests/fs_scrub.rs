@@ -11,7 +11,11 @@ const ROOT: Handle = Handle::ROOT;
 
 fn flip_byte(path: &std::path::Path, at: u64) {
     use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).expect("open backend file");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open backend file");
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, at).expect("read");
     b[0] ^= 0xFF;
@@ -42,7 +46,10 @@ fn damaged_data_changes_the_next_checkpoint_and_the_kept_ones() {
     // The kept checkpoint shares the damaged bytes: its tree changed too, so a transfer that
     // diffs against it fetches the object.
     let root_leaves_2 = fs.svc.partition_node(2, 0, 0);
-    assert_ne!(root_leaves_2, node1, "kept checkpoint still claims the old digest");
+    assert_ne!(
+        root_leaves_2, node1,
+        "kept checkpoint still claims the old digest"
+    );
     // Only the damaged chunk differs in the piece digests.
     let big = match fs.lookup(d, "big") {
         Ok(FsReply::Entry { handle, .. }) => handle.index,
@@ -55,11 +62,19 @@ fn damaged_data_changes_the_next_checkpoint_and_the_kept_ones() {
     fresh.write(f2, 0, &vec![7u8; 200_000]);
     let g2 = fresh.create(ROOT, "small");
     fresh.write(g2, 0, b"hello");
-    assert_eq!(fresh.svc.checkpoint(3).expect("fresh checkpoint"), root1, "same operations, same digest");
+    assert_eq!(
+        fresh.svc.checkpoint(3).expect("fresh checkpoint"),
+        root1,
+        "same operations, same digest"
+    );
     let good = fresh.svc.piece_digests_at(3, big).expect("good pieces");
     let bad = fs.svc.piece_digests_at(3, big).expect("bad pieces");
     let differing: Vec<usize> = (0..good.len()).filter(|p| good[*p] != bad[*p]).collect();
-    assert_eq!(differing, vec![3], "piece 3 (bytes 131072..196608) holds the flipped byte");
+    assert_eq!(
+        differing,
+        vec![3],
+        "piece 3 (bytes 131072..196608) holds the flipped byte"
+    );
     // Repair: install the good object; the next checkpoint agrees again.
     let obj = fresh.svc.get_obj(big).expect("good object");
     fs.svc.put_objs(vec![(big, obj)]).expect("put_objs");

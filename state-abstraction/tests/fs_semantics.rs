@@ -13,11 +13,24 @@ fn name(s: &str) -> Vec<u8> {
 }
 
 fn chmod(fs: &mut Fs, h: Handle, mode: u32) -> FsResult {
-    fs.run(FsOp::SetAttr { h, set: SetAttrs { mode: Some(mode), ..Default::default() } })
+    fs.run(FsOp::SetAttr {
+        h,
+        set: SetAttrs {
+            mode: Some(mode),
+            ..Default::default()
+        },
+    })
 }
 
 fn chown(fs: &mut Fs, h: Handle, uid: Option<u32>, gid: Option<u32>) -> FsResult {
-    fs.run(FsOp::SetAttr { h, set: SetAttrs { uid, gid, ..Default::default() } })
+    fs.run(FsOp::SetAttr {
+        h,
+        set: SetAttrs {
+            uid,
+            gid,
+            ..Default::default()
+        },
+    })
 }
 
 #[test]
@@ -26,9 +39,21 @@ fn permission_denials_are_exact() {
     let mut fs = Fs::open(dir.path());
     // Root's directory is 0755: others may look but not create.
     fs.as_user(1000, 1000, &[]);
-    let r = fs.run(FsOp::Create { dir: ROOT, name: name("x"), mode: 0o644, how: CreateHow::Guarded });
+    let r = fs.run(FsOp::Create {
+        dir: ROOT,
+        name: name("x"),
+        mode: 0o644,
+        how: CreateHow::Guarded,
+    });
     assert_eq!(r, Err(FsError::Access));
-    assert_eq!(fs.run(FsOp::Mkdir { dir: ROOT, name: name("x"), mode: 0o755 }), Err(FsError::Access));
+    assert_eq!(
+        fs.run(FsOp::Mkdir {
+            dir: ROOT,
+            name: name("x"),
+            mode: 0o755
+        }),
+        Err(FsError::Access)
+    );
     fs.as_user(0, 0, &[]);
     let home = fs.mkdir(ROOT, "home");
     chown(&mut fs, home, Some(1000), Some(1000)).expect("chown by root");
@@ -36,7 +61,15 @@ fn permission_denials_are_exact() {
     // Another user cannot search it: lookups and creates inside are refused.
     fs.as_user(1001, 1001, &[]);
     assert_eq!(fs.lookup(home, "f"), Err(FsError::Access));
-    assert_eq!(fs.run(FsOp::ReadDir { dir: home, cookie: 0, count: 10, plus: false }), Err(FsError::Access));
+    assert_eq!(
+        fs.run(FsOp::ReadDir {
+            dir: home,
+            cookie: 0,
+            count: 10,
+            plus: false
+        }),
+        Err(FsError::Access)
+    );
     // The owner works in it; a 0600 file is private.
     fs.as_user(1000, 1000, &[2000]);
     let f = fs.create(home, "f");
@@ -44,20 +77,49 @@ fn permission_denials_are_exact() {
     chmod(&mut fs, f, 0o600).expect("owner chmod");
     chmod(&mut fs, home, 0o755).expect("owner chmod dir");
     fs.as_user(1001, 1001, &[]);
-    assert_eq!(fs.run(FsOp::Read { h: f, offset: 0, count: 10 }), Err(FsError::Access));
-    assert_eq!(fs.run(FsOp::Write { h: f, offset: 0, data: b"x".to_vec() }), Err(FsError::Access));
+    assert_eq!(
+        fs.run(FsOp::Read {
+            h: f,
+            offset: 0,
+            count: 10
+        }),
+        Err(FsError::Access)
+    );
+    assert_eq!(
+        fs.run(FsOp::Write {
+            h: f,
+            offset: 0,
+            data: b"x".to_vec()
+        }),
+        Err(FsError::Access)
+    );
     assert_eq!(chmod(&mut fs, f, 0o666), Err(FsError::Perm));
     assert_eq!(chown(&mut fs, f, Some(1001), None), Err(FsError::Perm));
-    assert_eq!(fs.run(FsOp::Remove { dir: home, name: name("f") }), Err(FsError::Access));
-    assert_eq!(fs.run(FsOp::Access { h: f, mask: 7 }), Ok(FsReply::Access { granted: 0 }));
+    assert_eq!(
+        fs.run(FsOp::Remove {
+            dir: home,
+            name: name("f")
+        }),
+        Err(FsError::Access)
+    );
+    assert_eq!(
+        fs.run(FsOp::Access { h: f, mask: 7 }),
+        Ok(FsReply::Access { granted: 0 })
+    );
     // The owner keeps access to its data even at mode 0 (an open descriptor outlives chmod).
     fs.as_user(1000, 1000, &[2000]);
     chmod(&mut fs, f, 0o000).expect("chmod 0");
     assert_eq!(fs.read(f, 0, 10), b"secret");
-    assert_eq!(fs.run(FsOp::Access { h: f, mask: 7 }), Ok(FsReply::Access { granted: 0 }));
+    assert_eq!(
+        fs.run(FsOp::Access { h: f, mask: 7 }),
+        Ok(FsReply::Access { granted: 0 })
+    );
     // chown: only root gives away; the owner may change the group to one it is in.
     assert_eq!(chown(&mut fs, f, Some(1001), None), Err(FsError::Perm));
-    assert!(chown(&mut fs, f, Some(1000), None).is_ok(), "chown to oneself is allowed");
+    assert!(
+        chown(&mut fs, f, Some(1000), None).is_ok(),
+        "chown to oneself is allowed"
+    );
     assert_eq!(chown(&mut fs, f, None, Some(3000)), Err(FsError::Perm));
     match chown(&mut fs, f, None, Some(2000)) {
         Ok(FsReply::Attr(a)) => assert_eq!(a.gid, 2000),
@@ -65,16 +127,28 @@ fn permission_denials_are_exact() {
     }
     // Root bypasses permission bits, but executing needs some x bit.
     fs.as_user(0, 0, &[]);
-    assert_eq!(fs.run(FsOp::Access { h: f, mask: 7 }), Ok(FsReply::Access { granted: 6 }));
+    assert_eq!(
+        fs.run(FsOp::Access { h: f, mask: 7 }),
+        Ok(FsReply::Access { granted: 6 })
+    );
     chmod(&mut fs, f, 0o010).expect("chmod");
-    assert_eq!(fs.run(FsOp::Access { h: f, mask: 7 }), Ok(FsReply::Access { granted: 7 }));
+    assert_eq!(
+        fs.run(FsOp::Access { h: f, mask: 7 }),
+        Ok(FsReply::Access { granted: 7 })
+    );
     // Group bits apply to supplementary groups; owner bits win over group bits.
     chmod(&mut fs, f, 0o040).expect("chmod");
     fs.as_user(1002, 1002, &[2000]);
-    assert_eq!(fs.run(FsOp::Access { h: f, mask: 4 }), Ok(FsReply::Access { granted: 4 }));
+    assert_eq!(
+        fs.run(FsOp::Access { h: f, mask: 4 }),
+        Ok(FsReply::Access { granted: 4 })
+    );
     chown(&mut fs, f, None, None).expect("empty setattr needs nothing");
     fs.as_user(1000, 1000, &[2000]);
-    assert_eq!(fs.run(FsOp::Access { h: f, mask: 4 }), Ok(FsReply::Access { granted: 0 }));
+    assert_eq!(
+        fs.run(FsOp::Access { h: f, mask: 4 }),
+        Ok(FsReply::Access { granted: 0 })
+    );
 }
 
 #[test]
@@ -92,7 +166,11 @@ fn setuid_is_cleared_by_unprivileged_writes_and_chown() {
     chmod(&mut fs, f, 0o6755).expect("owner sets the bits again");
     fs.as_user(0, 0, &[]);
     chown(&mut fs, f, None, Some(0)).expect("chgrp");
-    assert_eq!(fs.attr(f).mode, 0o0755, "chown of an executable clears setuid and setgid");
+    assert_eq!(
+        fs.attr(f).mode,
+        0o0755,
+        "chown of an executable clears setuid and setgid"
+    );
     // A non-member cannot set setgid: it is dropped silently.
     fs.as_user(1000, 1000, &[]);
     match chmod(&mut fs, f, 0o2755) {
@@ -111,19 +189,55 @@ fn sticky_directories() {
     let mine = fs.create(tmp, "mine");
     fs.as_user(1001, 1001, &[]);
     fs.create(tmp, "theirs");
-    assert_eq!(fs.run(FsOp::Remove { dir: tmp, name: name("mine") }), Err(FsError::Perm));
-    let r = fs.run(FsOp::Rename { from_dir: tmp, from_name: name("mine"), to_dir: tmp, to_name: name("x"), no_replace: false });
+    assert_eq!(
+        fs.run(FsOp::Remove {
+            dir: tmp,
+            name: name("mine")
+        }),
+        Err(FsError::Perm)
+    );
+    let r = fs.run(FsOp::Rename {
+        from_dir: tmp,
+        from_name: name("mine"),
+        to_dir: tmp,
+        to_name: name("x"),
+        no_replace: false,
+    });
     assert_eq!(r, Err(FsError::Perm));
     // Replacing someone else's file by rename is refused too.
-    let r = fs.run(FsOp::Rename { from_dir: tmp, from_name: name("theirs"), to_dir: tmp, to_name: name("mine"), no_replace: false });
+    let r = fs.run(FsOp::Rename {
+        from_dir: tmp,
+        from_name: name("theirs"),
+        to_dir: tmp,
+        to_name: name("mine"),
+        no_replace: false,
+    });
     assert_eq!(r, Err(FsError::Perm));
     // Own files may go.
-    let r = fs.run(FsOp::Rename { from_dir: tmp, from_name: name("theirs"), to_dir: tmp, to_name: name("t2"), no_replace: false });
+    let r = fs.run(FsOp::Rename {
+        from_dir: tmp,
+        from_name: name("theirs"),
+        to_dir: tmp,
+        to_name: name("t2"),
+        no_replace: false,
+    });
     assert_eq!(r, Ok(FsReply::Done));
-    assert_eq!(fs.run(FsOp::Remove { dir: tmp, name: name("t2") }), Ok(FsReply::Done));
+    assert_eq!(
+        fs.run(FsOp::Remove {
+            dir: tmp,
+            name: name("t2")
+        }),
+        Ok(FsReply::Done)
+    );
     // The directory's owner (root here) may remove anything.
     fs.as_user(0, 0, &[]);
-    assert_eq!(fs.run(FsOp::Remove { dir: tmp, name: name("mine") }), Ok(FsReply::Done));
+    assert_eq!(
+        fs.run(FsOp::Remove {
+            dir: tmp,
+            name: name("mine")
+        }),
+        Ok(FsReply::Done)
+    );
     assert_eq!(fs.run(FsOp::GetAttr { h: mine }), Err(FsError::Stale));
 }
 
@@ -135,20 +249,47 @@ fn setgid_directories_pass_on_their_group() {
     chown(&mut fs, proj, None, Some(500)).expect("chgrp");
     chmod(&mut fs, proj, 0o2777).expect("chmod");
     fs.as_user(1000, 1000, &[]);
-    let (_, fa) = fs.entry(FsOp::Create { dir: proj, name: name("f"), mode: 0o2644, how: CreateHow::Guarded });
+    let (_, fa) = fs.entry(FsOp::Create {
+        dir: proj,
+        name: name("f"),
+        mode: 0o2644,
+        how: CreateHow::Guarded,
+    });
     assert_eq!(fa.gid, 500);
-    assert_eq!(fa.mode, 0o644, "setgid on a file of a group the creator is not in is dropped");
-    let (sub, da) = fs.entry(FsOp::Mkdir { dir: proj, name: name("sub"), mode: 0o755 });
+    assert_eq!(
+        fa.mode, 0o644,
+        "setgid on a file of a group the creator is not in is dropped"
+    );
+    let (sub, da) = fs.entry(FsOp::Mkdir {
+        dir: proj,
+        name: name("sub"),
+        mode: 0o755,
+    });
     assert_eq!((da.gid, da.mode), (500, 0o2755));
-    let (_, ga) = fs.entry(FsOp::Create { dir: sub, name: name("g"), mode: 0o644, how: CreateHow::Guarded });
+    let (_, ga) = fs.entry(FsOp::Create {
+        dir: sub,
+        name: name("g"),
+        mode: 0o644,
+        how: CreateHow::Guarded,
+    });
     assert_eq!(ga.gid, 500);
     // Without setgid the creator's group is used.
-    let (_, ha) = fs.entry(FsOp::Create { dir: proj, name: name("h"), mode: 0o644, how: CreateHow::Guarded });
+    let (_, ha) = fs.entry(FsOp::Create {
+        dir: proj,
+        name: name("h"),
+        mode: 0o644,
+        how: CreateHow::Guarded,
+    });
     assert_eq!(ha.gid, 500);
     fs.as_user(0, 0, &[]);
     chmod(&mut fs, proj, 0o777).expect("chmod");
     fs.as_user(1000, 1000, &[]);
-    let (_, ia) = fs.entry(FsOp::Create { dir: proj, name: name("i"), mode: 0o644, how: CreateHow::Guarded });
+    let (_, ia) = fs.entry(FsOp::Create {
+        dir: proj,
+        name: name("i"),
+        mode: 0o644,
+        how: CreateHow::Guarded,
+    });
     assert_eq!(ia.gid, 1000);
 }
 
@@ -158,16 +299,70 @@ fn stale_handles() {
     let mut fs = Fs::open(dir.path());
     let d = fs.mkdir(ROOT, "d");
     let f = fs.create(d, "f");
-    fs.run(FsOp::Remove { dir: d, name: name("f") }).expect("remove");
-    assert_eq!(fs.run(FsOp::Read { h: f, offset: 0, count: 1 }), Err(FsError::Stale));
+    fs.run(FsOp::Remove {
+        dir: d,
+        name: name("f"),
+    })
+    .expect("remove");
+    assert_eq!(
+        fs.run(FsOp::Read {
+            h: f,
+            offset: 0,
+            count: 1
+        }),
+        Err(FsError::Stale)
+    );
     let g = fs.create(d, "g");
-    assert_eq!((g.index, g.generation), (f.index, f.generation + 1), "lowest free slot, next generation");
-    assert_eq!(fs.run(FsOp::Write { h: f, offset: 0, data: b"x".to_vec() }), Err(FsError::Stale));
-    fs.run(FsOp::Remove { dir: d, name: name("g") }).expect("remove");
-    fs.run(FsOp::Rmdir { dir: ROOT, name: name("d") }).expect("rmdir");
-    assert_eq!(fs.run(FsOp::Create { dir: d, name: name("x"), mode: 0o644, how: CreateHow::Guarded }), Err(FsError::Stale));
-    assert_eq!(fs.run(FsOp::GetAttr { h: Handle { index: 99, generation: 1 } }), Err(FsError::Stale));
-    assert_eq!(fs.run(FsOp::GetAttr { h: Handle { index: 0, generation: 2 } }), Err(FsError::Stale));
+    assert_eq!(
+        (g.index, g.generation),
+        (f.index, f.generation + 1),
+        "lowest free slot, next generation"
+    );
+    assert_eq!(
+        fs.run(FsOp::Write {
+            h: f,
+            offset: 0,
+            data: b"x".to_vec()
+        }),
+        Err(FsError::Stale)
+    );
+    fs.run(FsOp::Remove {
+        dir: d,
+        name: name("g"),
+    })
+    .expect("remove");
+    fs.run(FsOp::Rmdir {
+        dir: ROOT,
+        name: name("d"),
+    })
+    .expect("rmdir");
+    assert_eq!(
+        fs.run(FsOp::Create {
+            dir: d,
+            name: name("x"),
+            mode: 0o644,
+            how: CreateHow::Guarded
+        }),
+        Err(FsError::Stale)
+    );
+    assert_eq!(
+        fs.run(FsOp::GetAttr {
+            h: Handle {
+                index: 99,
+                generation: 1
+            }
+        }),
+        Err(FsError::Stale)
+    );
+    assert_eq!(
+        fs.run(FsOp::GetAttr {
+            h: Handle {
+                index: 0,
+                generation: 2
+            }
+        }),
+        Err(FsError::Stale)
+    );
 }
 
 #[test]
@@ -183,17 +378,48 @@ fn bad_names_get_canonical_errors() {
         (vec![b'x'; 256], FsError::NameTooLong),
     ];
     for (n, e) in &cases {
-        let r = fs.run(FsOp::Create { dir: ROOT, name: n.clone(), mode: 0o644, how: CreateHow::Guarded });
+        let r = fs.run(FsOp::Create {
+            dir: ROOT,
+            name: n.clone(),
+            mode: 0o644,
+            how: CreateHow::Guarded,
+        });
         assert_eq!(r, Err(*e), "create {n:?}");
-        assert_eq!(fs.run(FsOp::Mkdir { dir: ROOT, name: n.clone(), mode: 0o755 }), Err(*e), "mkdir {n:?}");
-        assert_eq!(fs.run(FsOp::Remove { dir: ROOT, name: n.clone() }), Err(*e), "remove {n:?}");
-        let r = fs.run(FsOp::Rename { from_dir: ROOT, from_name: name("nope"), to_dir: ROOT, to_name: n.clone(), no_replace: false });
+        assert_eq!(
+            fs.run(FsOp::Mkdir {
+                dir: ROOT,
+                name: n.clone(),
+                mode: 0o755
+            }),
+            Err(*e),
+            "mkdir {n:?}"
+        );
+        assert_eq!(
+            fs.run(FsOp::Remove {
+                dir: ROOT,
+                name: n.clone()
+            }),
+            Err(*e),
+            "remove {n:?}"
+        );
+        let r = fs.run(FsOp::Rename {
+            from_dir: ROOT,
+            from_name: name("nope"),
+            to_dir: ROOT,
+            to_name: n.clone(),
+            no_replace: false,
+        });
         assert_eq!(r, Err(*e), "rename to {n:?}");
     }
     // The longest name and arbitrary bytes are fine, and nothing escapes the tree.
     fs.create(ROOT, &"y".repeat(255));
     let odd = vec![0xff, 0xfe, b'\n', b' '];
-    fs.entry(FsOp::Create { dir: ROOT, name: odd.clone(), mode: 0o644, how: CreateHow::Guarded });
+    fs.entry(FsOp::Create {
+        dir: ROOT,
+        name: odd.clone(),
+        mode: 0o644,
+        how: CreateHow::Guarded,
+    });
     assert_eq!(fs.names(ROOT).len(), 2);
     // "." and ".." are answered by lookup, never created.
     let d = fs.mkdir(ROOT, "d");
@@ -206,17 +432,62 @@ fn symlinks_are_never_followed() {
     let dir = temp_dir();
     let outside = temp_dir();
     let mut fs = Fs::open(dir.path());
-    let target = outside.path().join("victim").into_os_string().into_encoded_bytes();
-    fs.entry(FsOp::Symlink { dir: ROOT, name: name("evil"), target });
-    let r = fs.run(FsOp::Create { dir: ROOT, name: name("evil"), mode: 0o644, how: CreateHow::Unchecked });
+    let target = outside
+        .path()
+        .join("victim")
+        .into_os_string()
+        .into_encoded_bytes();
+    fs.entry(FsOp::Symlink {
+        dir: ROOT,
+        name: name("evil"),
+        target,
+    });
+    let r = fs.run(FsOp::Create {
+        dir: ROOT,
+        name: name("evil"),
+        mode: 0o644,
+        how: CreateHow::Unchecked,
+    });
     assert_eq!(r, Err(FsError::Exist));
-    let (l, _) = fs.entry(FsOp::Lookup { dir: ROOT, name: name("evil") });
-    assert_eq!(fs.run(FsOp::Write { h: l, offset: 0, data: b"x".to_vec() }), Err(FsError::Inval));
-    assert_eq!(fs.run(FsOp::Create { dir: l, name: name("x"), mode: 0o644, how: CreateHow::Guarded }), Err(FsError::NotDir));
+    let (l, _) = fs.entry(FsOp::Lookup {
+        dir: ROOT,
+        name: name("evil"),
+    });
+    assert_eq!(
+        fs.run(FsOp::Write {
+            h: l,
+            offset: 0,
+            data: b"x".to_vec()
+        }),
+        Err(FsError::Inval)
+    );
+    assert_eq!(
+        fs.run(FsOp::Create {
+            dir: l,
+            name: name("x"),
+            mode: 0o644,
+            how: CreateHow::Guarded
+        }),
+        Err(FsError::NotDir)
+    );
     assert!(!outside.path().join("victim").exists());
     // Symlink target limits.
-    assert_eq!(fs.run(FsOp::Symlink { dir: ROOT, name: name("e"), target: Vec::new() }), Err(FsError::NoEnt));
-    assert_eq!(fs.run(FsOp::Symlink { dir: ROOT, name: name("e"), target: vec![b'a'; 4096] }), Err(FsError::NameTooLong));
+    assert_eq!(
+        fs.run(FsOp::Symlink {
+            dir: ROOT,
+            name: name("e"),
+            target: Vec::new()
+        }),
+        Err(FsError::NoEnt)
+    );
+    assert_eq!(
+        fs.run(FsOp::Symlink {
+            dir: ROOT,
+            name: name("e"),
+            target: vec![b'a'; 4096]
+        }),
+        Err(FsError::NameTooLong)
+    );
 }
 
 #[test]
@@ -225,27 +496,98 @@ fn limits() {
     let mut fs = Fs::open(dir.path());
     let f = fs.create(ROOT, "f");
     let mib = 1 << 20;
-    assert_eq!(fs.run(FsOp::Read { h: f, offset: 0, count: mib + 1 }), Err(FsError::Inval));
-    assert_eq!(fs.run(FsOp::Write { h: f, offset: 0, data: vec![0; mib as usize + 1] }), Err(FsError::Inval));
+    assert_eq!(
+        fs.run(FsOp::Read {
+            h: f,
+            offset: 0,
+            count: mib + 1
+        }),
+        Err(FsError::Inval)
+    );
+    assert_eq!(
+        fs.run(FsOp::Write {
+            h: f,
+            offset: 0,
+            data: vec![0; mib as usize + 1]
+        }),
+        Err(FsError::Inval)
+    );
     fs.write(f, 0, &vec![1; mib as usize]);
     let max = 8u64 << 30;
-    assert_eq!(fs.run(FsOp::Write { h: f, offset: max, data: b"x".to_vec() }), Err(FsError::FBig));
-    assert_eq!(fs.run(FsOp::Write { h: f, offset: u64::MAX, data: b"x".to_vec() }), Err(FsError::FBig));
-    let set = SetAttrs { size: Some(max + 1), ..Default::default() };
+    assert_eq!(
+        fs.run(FsOp::Write {
+            h: f,
+            offset: max,
+            data: b"x".to_vec()
+        }),
+        Err(FsError::FBig)
+    );
+    assert_eq!(
+        fs.run(FsOp::Write {
+            h: f,
+            offset: u64::MAX,
+            data: b"x".to_vec()
+        }),
+        Err(FsError::FBig)
+    );
+    let set = SetAttrs {
+        size: Some(max + 1),
+        ..Default::default()
+    };
     assert_eq!(fs.run(FsOp::SetAttr { h: f, set }), Err(FsError::FBig));
     let d = fs.mkdir(ROOT, "d");
-    assert_eq!(fs.run(FsOp::Write { h: d, offset: 0, data: b"x".to_vec() }), Err(FsError::IsDir));
-    assert_eq!(fs.run(FsOp::Read { h: d, offset: 0, count: 1 }), Err(FsError::IsDir));
+    assert_eq!(
+        fs.run(FsOp::Write {
+            h: d,
+            offset: 0,
+            data: b"x".to_vec()
+        }),
+        Err(FsError::IsDir)
+    );
+    assert_eq!(
+        fs.run(FsOp::Read {
+            h: d,
+            offset: 0,
+            count: 1
+        }),
+        Err(FsError::IsDir)
+    );
     assert_eq!(fs.run(FsOp::ReadLink { h: f }), Err(FsError::Inval));
-    assert_eq!(fs.run(FsOp::Remove { dir: ROOT, name: name("d") }), Err(FsError::IsDir));
-    assert_eq!(fs.run(FsOp::Rmdir { dir: ROOT, name: name("f") }), Err(FsError::NotDir));
-    assert_eq!(fs.run(FsOp::Lookup { dir: f, name: name("x") }), Err(FsError::NotDir));
+    assert_eq!(
+        fs.run(FsOp::Remove {
+            dir: ROOT,
+            name: name("d")
+        }),
+        Err(FsError::IsDir)
+    );
+    assert_eq!(
+        fs.run(FsOp::Rmdir {
+            dir: ROOT,
+            name: name("f")
+        }),
+        Err(FsError::NotDir)
+    );
+    assert_eq!(
+        fs.run(FsOp::Lookup {
+            dir: f,
+            name: name("x")
+        }),
+        Err(FsError::NotDir)
+    );
     // Reading at and past the end.
-    match fs.run(FsOp::Read { h: f, offset: mib as u64 - 2, count: 10 }) {
+    match fs.run(FsOp::Read {
+        h: f,
+        offset: mib as u64 - 2,
+        count: 10,
+    }) {
         Ok(FsReply::Read { data, eof }) => assert_eq!((data.len(), eof), (2, true)),
         other => panic!("{other:?}"),
     }
-    match fs.run(FsOp::Read { h: f, offset: 1 << 40, count: 10 }) {
+    match fs.run(FsOp::Read {
+        h: f,
+        offset: 1 << 40,
+        count: 10,
+    }) {
         Ok(FsReply::Read { data, eof }) => assert_eq!((data.len(), eof), (0, true)),
         other => panic!("{other:?}"),
     }
@@ -256,19 +598,56 @@ fn create_modes_and_rename_rules() {
     let dir = temp_dir();
     let mut fs = Fs::open(dir.path());
     let how = |v| CreateHow::Exclusive { verifier: v };
-    let (f, _) = fs.entry(FsOp::Create { dir: ROOT, name: name("f"), mode: 0o644, how: how(42) });
+    let (f, _) = fs.entry(FsOp::Create {
+        dir: ROOT,
+        name: name("f"),
+        mode: 0o644,
+        how: how(42),
+    });
     // A retransmitted exclusive create succeeds; another verifier does not.
-    let (g, _) = fs.entry(FsOp::Create { dir: ROOT, name: name("f"), mode: 0o644, how: how(42) });
+    let (g, _) = fs.entry(FsOp::Create {
+        dir: ROOT,
+        name: name("f"),
+        mode: 0o644,
+        how: how(42),
+    });
     assert_eq!(f, g);
-    assert_eq!(fs.run(FsOp::Create { dir: ROOT, name: name("f"), mode: 0o644, how: how(43) }), Err(FsError::Exist));
-    assert_eq!(fs.run(FsOp::Create { dir: ROOT, name: name("f"), mode: 0o644, how: CreateHow::Guarded }), Err(FsError::Exist));
-    let (u, _) = fs.entry(FsOp::Create { dir: ROOT, name: name("f"), mode: 0o600, how: CreateHow::Unchecked });
+    assert_eq!(
+        fs.run(FsOp::Create {
+            dir: ROOT,
+            name: name("f"),
+            mode: 0o644,
+            how: how(43)
+        }),
+        Err(FsError::Exist)
+    );
+    assert_eq!(
+        fs.run(FsOp::Create {
+            dir: ROOT,
+            name: name("f"),
+            mode: 0o644,
+            how: CreateHow::Guarded
+        }),
+        Err(FsError::Exist)
+    );
+    let (u, _) = fs.entry(FsOp::Create {
+        dir: ROOT,
+        name: name("f"),
+        mode: 0o600,
+        how: CreateHow::Unchecked,
+    });
     assert_eq!(u, f);
     fs.mkdir(ROOT, "d");
     let e = fs.mkdir(ROOT, "e");
     fs.create(e, "inside");
     let rn = |fs: &mut Fs, a: &str, b: &str, no_replace: bool| {
-        fs.run(FsOp::Rename { from_dir: ROOT, from_name: name(a), to_dir: ROOT, to_name: name(b), no_replace })
+        fs.run(FsOp::Rename {
+            from_dir: ROOT,
+            from_name: name(a),
+            to_dir: ROOT,
+            to_name: name(b),
+            no_replace,
+        })
     };
     assert_eq!(rn(&mut fs, "f", "d", false), Err(FsError::IsDir));
     assert_eq!(rn(&mut fs, "d", "f", false), Err(FsError::NotDir));
@@ -281,7 +660,11 @@ fn create_modes_and_rename_rules() {
     assert_eq!(rn(&mut fs, "f", "g", false), Ok(FsReply::Done));
     assert_eq!(fs.names(ROOT), vec!["d", "e", "g"]);
     // Renaming one hard link onto another of the same file does nothing.
-    fs.entry(FsOp::Link { h: f, dir: ROOT, name: name("h") });
+    fs.entry(FsOp::Link {
+        h: f,
+        dir: ROOT,
+        name: name("h"),
+    });
     assert_eq!(rn(&mut fs, "g", "h", false), Ok(FsReply::Done));
     assert_eq!(fs.names(ROOT), vec!["d", "e", "g", "h"]);
     assert_eq!(fs.attr(f).nlink, 2);
@@ -292,29 +675,108 @@ fn xattrs() {
     let dir = temp_dir();
     let mut fs = Fs::open(dir.path());
     let f = fs.create(ROOT, "f");
-    let set = |fs: &mut Fs, n: &str, v: &[u8], how| fs.run(FsOp::SetXattr { h: f, name: name(n), value: v.to_vec(), how });
-    assert_eq!(set(&mut fs, "user.a", b"1", XattrSet::Replace), Err(FsError::NoData));
-    assert_eq!(set(&mut fs, "user.a", b"1", XattrSet::Create), Ok(FsReply::Done));
-    assert_eq!(set(&mut fs, "user.a", b"2", XattrSet::Create), Err(FsError::Exist));
-    assert_eq!(set(&mut fs, "user.a", b"3", XattrSet::Replace), Ok(FsReply::Done));
-    assert_eq!(set(&mut fs, "user.b", &[7; 65536], XattrSet::Either), Ok(FsReply::Done));
-    assert_eq!(set(&mut fs, "user.c", &[7; 65537], XattrSet::Either), Err(FsError::Range));
-    assert_eq!(set(&mut fs, &"u".repeat(256), b"", XattrSet::Either), Err(FsError::Range));
+    let set = |fs: &mut Fs, n: &str, v: &[u8], how| {
+        fs.run(FsOp::SetXattr {
+            h: f,
+            name: name(n),
+            value: v.to_vec(),
+            how,
+        })
+    };
+    assert_eq!(
+        set(&mut fs, "user.a", b"1", XattrSet::Replace),
+        Err(FsError::NoData)
+    );
+    assert_eq!(
+        set(&mut fs, "user.a", b"1", XattrSet::Create),
+        Ok(FsReply::Done)
+    );
+    assert_eq!(
+        set(&mut fs, "user.a", b"2", XattrSet::Create),
+        Err(FsError::Exist)
+    );
+    assert_eq!(
+        set(&mut fs, "user.a", b"3", XattrSet::Replace),
+        Ok(FsReply::Done)
+    );
+    assert_eq!(
+        set(&mut fs, "user.b", &[7; 65536], XattrSet::Either),
+        Ok(FsReply::Done)
+    );
+    assert_eq!(
+        set(&mut fs, "user.c", &[7; 65537], XattrSet::Either),
+        Err(FsError::Range)
+    );
+    assert_eq!(
+        set(&mut fs, &"u".repeat(256), b"", XattrSet::Either),
+        Err(FsError::Range)
+    );
     assert_eq!(set(&mut fs, "", b"", XattrSet::Either), Err(FsError::Inval));
-    assert_eq!(set(&mut fs, "system.posix_acl_access", b"", XattrSet::Either), Err(FsError::NotSupp));
-    assert_eq!(set(&mut fs, "trusted.t", b"t", XattrSet::Either), Ok(FsReply::Done));
-    assert_eq!(fs.run(FsOp::GetXattr { h: f, name: name("user.a") }), Ok(FsReply::Xattr { value: b"3".to_vec() }));
+    assert_eq!(
+        set(&mut fs, "system.posix_acl_access", b"", XattrSet::Either),
+        Err(FsError::NotSupp)
+    );
+    assert_eq!(
+        set(&mut fs, "trusted.t", b"t", XattrSet::Either),
+        Ok(FsReply::Done)
+    );
+    assert_eq!(
+        fs.run(FsOp::GetXattr {
+            h: f,
+            name: name("user.a")
+        }),
+        Ok(FsReply::Xattr {
+            value: b"3".to_vec()
+        })
+    );
     let list = fs.run(FsOp::ListXattr { h: f });
-    assert_eq!(list, Ok(FsReply::XattrList { names: vec![name("trusted.t"), name("user.a"), name("user.b")] }));
+    assert_eq!(
+        list,
+        Ok(FsReply::XattrList {
+            names: vec![name("trusted.t"), name("user.a"), name("user.b")]
+        })
+    );
     fs.as_user(1000, 1000, &[]);
     let list = fs.run(FsOp::ListXattr { h: f });
-    assert_eq!(list, Ok(FsReply::XattrList { names: vec![name("user.a"), name("user.b")] }));
-    assert_eq!(fs.run(FsOp::GetXattr { h: f, name: name("trusted.t") }), Err(FsError::Perm));
-    assert_eq!(set(&mut fs, "user.a", b"x", XattrSet::Either), Err(FsError::Access));
+    assert_eq!(
+        list,
+        Ok(FsReply::XattrList {
+            names: vec![name("user.a"), name("user.b")]
+        })
+    );
+    assert_eq!(
+        fs.run(FsOp::GetXattr {
+            h: f,
+            name: name("trusted.t")
+        }),
+        Err(FsError::Perm)
+    );
+    assert_eq!(
+        set(&mut fs, "user.a", b"x", XattrSet::Either),
+        Err(FsError::Access)
+    );
     fs.as_user(0, 0, &[]);
-    assert_eq!(fs.run(FsOp::RemoveXattr { h: f, name: name("user.a") }), Ok(FsReply::Done));
-    assert_eq!(fs.run(FsOp::RemoveXattr { h: f, name: name("user.a") }), Err(FsError::NoData));
-    assert_eq!(fs.run(FsOp::GetXattr { h: f, name: name("user.a") }), Err(FsError::NoData));
+    assert_eq!(
+        fs.run(FsOp::RemoveXattr {
+            h: f,
+            name: name("user.a")
+        }),
+        Ok(FsReply::Done)
+    );
+    assert_eq!(
+        fs.run(FsOp::RemoveXattr {
+            h: f,
+            name: name("user.a")
+        }),
+        Err(FsError::NoData)
+    );
+    assert_eq!(
+        fs.run(FsOp::GetXattr {
+            h: f,
+            name: name("user.a")
+        }),
+        Err(FsError::NoData)
+    );
 }
 
 #[test]
@@ -324,24 +786,50 @@ fn timestamps_are_the_agreed_time() {
     fs.now = 10_000_000_000;
     let f = fs.create(ROOT, "f");
     let created = fs.attr(f);
-    assert_eq!(created.mtime, Timespec { secs: 10, nsecs: 1000 });
+    assert_eq!(
+        created.mtime,
+        Timespec {
+            secs: 10,
+            nsecs: 1000
+        }
+    );
     assert_eq!(created.ctime, created.mtime);
     fs.read(f, 0, 1);
     assert_eq!(fs.attr(f).atime, created.atime, "no atime on reads");
     fs.write(f, 0, b"x");
     let written = fs.attr(f);
-    assert_eq!(written.mtime, Timespec { secs: 10, nsecs: 5000 });
+    assert_eq!(
+        written.mtime,
+        Timespec {
+            secs: 10,
+            nsecs: 5000
+        }
+    );
     let at = Timespec { secs: 1, nsecs: 5 };
-    let set = SetAttrs { atime: Some(SetTime::At(at)), mtime: Some(SetTime::Now), ..Default::default() };
+    let set = SetAttrs {
+        atime: Some(SetTime::At(at)),
+        mtime: Some(SetTime::Now),
+        ..Default::default()
+    };
     match fs.run(FsOp::SetAttr { h: f, set }) {
         Ok(FsReply::Attr(a)) => {
             assert_eq!(a.atime, at);
-            assert_eq!(a.mtime, Timespec { secs: 10, nsecs: 7000 });
+            assert_eq!(
+                a.mtime,
+                Timespec {
+                    secs: 10,
+                    nsecs: 7000
+                }
+            );
             assert_eq!(a.ctime, a.mtime);
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(fs.attr(ROOT).mtime, created.mtime, "the directory changed when f was created");
+    assert_eq!(
+        fs.attr(ROOT).mtime,
+        created.mtime,
+        "the directory changed when f was created"
+    );
 }
 
 fn crash_then_reopen(dir: &std::path::Path, data_changes: bool) {
@@ -355,8 +843,14 @@ fn crash_then_reopen(dir: &std::path::Path, data_changes: bool) {
     fs.mkdir(d, "sub");
     if data_changes {
         fs.write(f, 70_000, b"overwritten");
-        fs.run(FsOp::Rename { from_dir: d, from_name: name("f"), to_dir: ROOT, to_name: name("moved"), no_replace: false })
-            .expect("rename");
+        fs.run(FsOp::Rename {
+            from_dir: d,
+            from_name: name("f"),
+            to_dir: ROOT,
+            to_name: name("moved"),
+            no_replace: false,
+        })
+        .expect("rename");
     }
     // A crash: nothing is saved on the way down.
     fs.svc.simulate_crash();
@@ -387,38 +881,93 @@ fn unclean_shutdown_after_a_flush_and_many_changes() {
     fs.write(f, 0, &vec![1; 300_000]);
     let g = fs.create(ROOT, "g");
     fs.write(g, 0, b"gg");
-    fs.entry(FsOp::Link { h: g, dir: e, name: name("g2") });
-    fs.entry(FsOp::Symlink { dir: d, name: name("s"), target: b"e/f".to_vec() });
+    fs.entry(FsOp::Link {
+        h: g,
+        dir: e,
+        name: name("g2"),
+    });
+    fs.entry(FsOp::Symlink {
+        dir: d,
+        name: name("s"),
+        target: b"e/f".to_vec(),
+    });
     let cp = fs.svc.checkpoint(4).expect("checkpoint");
-    let objs: Vec<_> = (0..fs.svc.object_count()).map(|i| fs.svc.get_obj(i).expect("get")).collect();
+    let objs: Vec<_> = (0..fs.svc.object_count())
+        .map(|i| fs.svc.get_obj(i).expect("get"))
+        .collect();
     // Changes before a flush (saved in the table)...
     fs.write(f, 100_000, b"before the flush");
-    fs.run(FsOp::Rename { from_dir: ROOT, from_name: name("d"), to_dir: ROOT, to_name: name("d2"), no_replace: false })
-        .expect("rename");
+    fs.run(FsOp::Rename {
+        from_dir: ROOT,
+        from_name: name("d"),
+        to_dir: ROOT,
+        to_name: name("d2"),
+        no_replace: false,
+    })
+    .expect("rename");
     let h = fs.create(ROOT, "h");
     fs.write(h, 0, b"made after the checkpoint");
     fs.svc.flush().expect("flush");
     // ...and after it (only in the journal), then a crash.
     fs.write(f, 200_000, b"after the flush");
-    fs.run(FsOp::SetAttr { h: f, set: SetAttrs { size: Some(5), ..Default::default() } }).expect("truncate");
-    fs.run(FsOp::Rename { from_dir: e, from_name: name("f"), to_dir: ROOT, to_name: name("f-moved"), no_replace: false })
-        .expect("move");
-    fs.run(FsOp::Remove { dir: ROOT, name: name("g") }).expect("remove");
-    fs.run(FsOp::Remove { dir: e, name: name("g2") }).expect("remove last link");
+    fs.run(FsOp::SetAttr {
+        h: f,
+        set: SetAttrs {
+            size: Some(5),
+            ..Default::default()
+        },
+    })
+    .expect("truncate");
+    fs.run(FsOp::Rename {
+        from_dir: e,
+        from_name: name("f"),
+        to_dir: ROOT,
+        to_name: name("f-moved"),
+        no_replace: false,
+    })
+    .expect("move");
+    fs.run(FsOp::Remove {
+        dir: ROOT,
+        name: name("g"),
+    })
+    .expect("remove");
+    fs.run(FsOp::Remove {
+        dir: e,
+        name: name("g2"),
+    })
+    .expect("remove last link");
     let x = fs.mkdir(ROOT, "x");
-    fs.run(FsOp::Rename { from_dir: ROOT, from_name: name("d2"), to_dir: x, to_name: name("inside"), no_replace: false })
-        .expect("move dir into a new dir");
+    fs.run(FsOp::Rename {
+        from_dir: ROOT,
+        from_name: name("d2"),
+        to_dir: x,
+        to_name: name("inside"),
+        no_replace: false,
+    })
+    .expect("move dir into a new dir");
     fs.create(ROOT, "reuses-a-slot");
     fs.svc.simulate_crash();
     let mut fs = Fs::open(dir.path());
     assert_eq!(fs.digest(), cp);
-    let now: Vec<_> = (0..fs.svc.object_count()).map(|i| fs.svc.get_obj(i).expect("get")).collect();
+    let now: Vec<_> = (0..fs.svc.object_count())
+        .map(|i| fs.svc.get_obj(i).expect("get"))
+        .collect();
     assert_eq!(now, objs);
     assert_eq!(fs.names(ROOT), vec!["d", "g"]);
     assert!(dir.path().join("tree/root/d/e/g2").exists());
-    assert_eq!(std::fs::read(dir.path().join("tree/root/d/e/f")).expect("f").len(), 300_000);
+    assert_eq!(
+        std::fs::read(dir.path().join("tree/root/d/e/f"))
+            .expect("f")
+            .len(),
+        300_000
+    );
     assert!(!dir.path().join("tree/root/x").exists());
-    assert_eq!(std::fs::read_dir(dir.path().join("tree/orphans")).map(|d| d.count()).unwrap_or(0), 0);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("tree/orphans"))
+            .map(|d| d.count())
+            .unwrap_or(0),
+        0
+    );
     fs.create(ROOT, "h");
 }
 
@@ -441,13 +990,37 @@ fn checkpoint_rollback_and_transfer_on_btrfs() {
     let f = fs.create(d, "f");
     fs.write(f, 0, &vec![9; 300_000]);
     let cp = fs.svc.checkpoint(7).expect("checkpoint");
-    let before: Vec<_> = (0..fs.svc.object_count()).map(|i| fs.svc.get_obj(i).expect("get")).collect();
+    let before: Vec<_> = (0..fs.svc.object_count())
+        .map(|i| fs.svc.get_obj(i).expect("get"))
+        .collect();
     fs.write(f, 100_000, b"later");
-    fs.run(FsOp::SetAttr { h: f, set: SetAttrs { size: Some(10), ..Default::default() } }).expect("truncate");
-    fs.run(FsOp::Rename { from_dir: d, from_name: name("f"), to_dir: ROOT, to_name: name("g"), no_replace: false }).expect("mv");
-    fs.run(FsOp::Rmdir { dir: ROOT, name: name("d") }).expect("rmdir");
+    fs.run(FsOp::SetAttr {
+        h: f,
+        set: SetAttrs {
+            size: Some(10),
+            ..Default::default()
+        },
+    })
+    .expect("truncate");
+    fs.run(FsOp::Rename {
+        from_dir: d,
+        from_name: name("f"),
+        to_dir: ROOT,
+        to_name: name("g"),
+        no_replace: false,
+    })
+    .expect("mv");
+    fs.run(FsOp::Rmdir {
+        dir: ROOT,
+        name: name("d"),
+    })
+    .expect("rmdir");
     for (i, o) in before.iter().enumerate() {
-        assert_eq!(fs.svc.get_obj_at(7, i as u64).as_ref(), Some(o), "object {i} served from the snapshot");
+        assert_eq!(
+            fs.svc.get_obj_at(7, i as u64).as_ref(),
+            Some(o),
+            "object {i} served from the snapshot"
+        );
     }
     fs.svc.rollback_to(7).expect("rollback");
     assert_eq!(fs.digest(), cp);
@@ -455,7 +1028,9 @@ fn checkpoint_rollback_and_transfer_on_btrfs() {
     // Transfer into a fresh service on the same btrfs.
     let b = m.dir("b");
     let mut other = Fs::open(&b);
-    let objs = (0..fs.svc.object_count()).map(|i| (i, fs.svc.get_obj(i).expect("get"))).collect();
+    let objs = (0..fs.svc.object_count())
+        .map(|i| (i, fs.svc.get_obj(i).expect("get")))
+        .collect();
     other.svc.put_objs(objs).expect("put");
     assert_eq!(other.digest(), cp);
 }

@@ -73,17 +73,24 @@ pub fn with_prefix(before: &[u8], offset: usize, data: &[u8], k: usize) -> Vec<u
 /// Whether `found` is `before` with a prefix of 1 to `data.len() - 1` bytes of the write of
 /// `data` at `offset` applied (the two ends are the model and the whole write).
 pub fn is_torn_write(found: &[u8], before: &[u8], offset: usize, data: &[u8]) -> bool {
-    let torn = |k: usize| k > 0 && k < data.len() && found == with_prefix(before, offset, data, k).as_slice();
+    let torn = |k: usize| {
+        k > 0 && k < data.len() && found == with_prefix(before, offset, data, k).as_slice()
+    };
     if found.len() > before.len() {
         // The file grew: the size says how far the write got.
         return found.len().checked_sub(offset).is_some_and(torn);
     }
-    if found.len() != before.len() || offset >= before.len() || found[..offset] != before[..offset] {
+    if found.len() != before.len() || offset >= before.len() || found[..offset] != before[..offset]
+    {
         return false;
     }
     // Within the old size: k must cover every byte that differs from `before` and may not
     // pass the first byte that differs from `data`.
-    let agree = found[offset..].iter().zip(data).take_while(|(a, b)| a == b).count();
+    let agree = found[offset..]
+        .iter()
+        .zip(data)
+        .take_while(|(a, b)| a == b)
+        .count();
     let last_change = match found.iter().zip(before).rposition(|(a, b)| a != b) {
         Some(i) => i,
         None => return false,
@@ -201,21 +208,43 @@ impl Workload {
     /// (see the module doc), typically because the mount went away while it was in flight:
     /// that piece may still have been executed, so the rest of the write stays pending, as a
     /// write of its own that a crash may have left whole, in part or not at all.
-    fn write_call(&mut self, name: &str, file: &File, offset: usize, data: &[u8]) -> Result<usize, String> {
+    fn write_call(
+        &mut self,
+        name: &str,
+        file: &File,
+        offset: usize,
+        data: &[u8],
+    ) -> Result<usize, String> {
         let before = self.model.get(name).cloned().unwrap_or_default();
-        self.pending = vec![(name.to_string(), Some(with_prefix(&before, offset, data, data.len())))];
-        self.pending_write = Some(PendingWrite { name: name.to_string(), before, offset, data: data.to_vec() });
+        self.pending = vec![(
+            name.to_string(),
+            Some(with_prefix(&before, offset, data, data.len())),
+        )];
+        self.pending_write = Some(PendingWrite {
+            name: name.to_string(),
+            before,
+            offset,
+            data: data.to_vec(),
+        });
         self.counts.ops += 1;
         self.counts.writes += 1;
         self.counts.bytes_written += data.len() as u64;
         match file.write_at(data, offset as u64) {
             Ok(n) => {
-                let before = self.pending_write.take().map(|w| w.before).unwrap_or_default();
+                let before = self
+                    .pending_write
+                    .take()
+                    .map(|w| w.before)
+                    .unwrap_or_default();
                 let reported = with_prefix(&before, offset, data, n);
                 self.model.insert(name.to_string(), reported.clone());
                 if n < data.len() {
-                    self.pending_write =
-                        Some(PendingWrite { name: name.to_string(), before: reported, offset: offset + n, data: data[n..].to_vec() });
+                    self.pending_write = Some(PendingWrite {
+                        name: name.to_string(),
+                        before: reported,
+                        offset: offset + n,
+                        data: data[n..].to_vec(),
+                    });
                 } else {
                     self.pending.clear();
                 }
@@ -286,15 +315,21 @@ impl Workload {
                 self.counts.renames += 1;
                 let value = self.model.get(&name).cloned();
                 let (from_path, to_path) = (self.path(&name), self.path(&to));
-                self.change(&format!("rename {name} {to}"), vec![(name.clone(), None), (to.clone(), value)], |_| {
-                    fs::rename(&from_path, &to_path)
-                })?;
+                self.change(
+                    &format!("rename {name} {to}"),
+                    vec![(name.clone(), None), (to.clone(), value)],
+                    |_| fs::rename(&from_path, &to_path),
+                )?;
                 vec![name.clone(), to]
             }
         } else if roll < 70 {
             self.counts.removes += 1;
             let p = self.path(&name);
-            self.change(&format!("remove {name}"), vec![(name.clone(), None)], |_| fs::remove_file(&p))?;
+            self.change(
+                &format!("remove {name}"),
+                vec![(name.clone(), None)],
+                |_| fs::remove_file(&p),
+            )?;
             vec![name.clone()]
         } else {
             vec![name.clone()]
@@ -318,9 +353,17 @@ impl Workload {
         } as usize;
         let data = self.bytes(size);
         let via_tmp = self.below(3) == 0;
-        let target = if via_tmp { format!("{name}.tmp") } else { name.to_string() };
+        let target = if via_tmp {
+            format!("{name}.tmp")
+        } else {
+            name.to_string()
+        };
         let p = self.path(&target);
-        let file = self.change(&format!("create {target}"), vec![(target.clone(), Some(Vec::new()))], |_| File::create(&p))?;
+        let file = self.change(
+            &format!("create {target}"),
+            vec![(target.clone(), Some(Vec::new()))],
+            |_| File::create(&p),
+        )?;
         let mut done = 0;
         while done < data.len() {
             let end = (done + WRITE_BYTES_MAX).min(data.len());
@@ -345,9 +388,11 @@ impl Workload {
         if via_tmp {
             self.counts.renames += 1;
             let (from, to) = (self.path(&target), self.path(name));
-            self.change(&format!("rename {target} {name}"), vec![(target.clone(), None), (name.to_string(), Some(data))], |_| {
-                fs::rename(&from, &to)
-            })?;
+            self.change(
+                &format!("rename {target} {name}"),
+                vec![(target.clone(), None), (name.to_string(), Some(data))],
+                |_| fs::rename(&from, &to),
+            )?;
         }
         Ok(vec![name.to_string(), target])
     }
@@ -359,7 +404,9 @@ impl Workload {
         let len = 1 + self.below(WRITE_BYTES_MAX as u64) as usize;
         let data = self.bytes(len);
         let p = self.path(name);
-        let file = self.change(&format!("open {name}"), vec![], |_| OpenOptions::new().write(true).open(&p))?;
+        let file = self.change(&format!("open {name}"), vec![], |_| {
+            OpenOptions::new().write(true).open(&p)
+        })?;
         let n = self.write_call(name, &file, offset, &data)?;
         if n != len {
             // The model holds the n bytes reported and the rest stays pending. Unless the mount
@@ -381,11 +428,15 @@ impl Workload {
         let size = self.below(after.len() as u64 + 16384) as usize;
         after.resize(size, 0);
         let p = self.path(name);
-        let file = self.change(&format!("open {name}"), vec![], |_| OpenOptions::new().write(true).open(&p))?;
-        self.counts.truncates += 1;
-        self.change(&format!("truncate {name} to {size}"), vec![(name.to_string(), Some(after))], |_| {
-            file.set_len(size as u64)
+        let file = self.change(&format!("open {name}"), vec![], |_| {
+            OpenOptions::new().write(true).open(&p)
         })?;
+        self.counts.truncates += 1;
+        self.change(
+            &format!("truncate {name} to {size}"),
+            vec![(name.to_string(), Some(after))],
+            |_| file.set_len(size as u64),
+        )?;
         if fsync {
             self.counts.fsyncs += 1;
             self.change(&format!("fsync {name}"), vec![], |_| file.sync_all())?;
@@ -399,7 +450,9 @@ impl Workload {
         // An entry that fails to read is an error, not a missing name: a listing cut short
         // by the mount going away must not count as a mismatch.
         let listed = fs::read_dir(&self.dir).and_then(|entries| {
-            entries.map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned())).collect::<std::io::Result<Vec<String>>>()
+            entries
+                .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+                .collect::<std::io::Result<Vec<String>>>()
         });
         let names: Vec<String> = match listed {
             Ok(names) => names,
@@ -453,7 +506,9 @@ impl Workload {
     /// After a crash and restart: the directory must be the model, or the model with the
     /// interrupted call applied. Returns a description of the first difference.
     pub fn check_after_crash(&self) -> Result<&'static str, String> {
-        let found = self.read_dir_state().map_err(|e| format!("reading the directory back: {e}"))?;
+        let found = self
+            .read_dir_state()
+            .map_err(|e| format!("reading the directory back: {e}"))?;
         if found == self.model {
             return Ok("as before the interrupted call");
         }
@@ -468,13 +523,26 @@ impl Workload {
             return Ok("with the interrupted call applied");
         }
         if let Some(w) = &self.pending_write {
-            let others_as_model = found.iter().filter(|(k, _)| **k != w.name).eq(self.model.iter().filter(|(k, _)| **k != w.name));
-            if others_as_model && found.get(&w.name).is_some_and(|f| is_torn_write(f, &w.before, w.offset, &w.data)) {
-                return Ok("with a prefix of the interrupted write applied (the kernel sent it in pieces)");
+            let others_as_model = found
+                .iter()
+                .filter(|(k, _)| **k != w.name)
+                .eq(self.model.iter().filter(|(k, _)| **k != w.name));
+            if others_as_model
+                && found
+                    .get(&w.name)
+                    .is_some_and(|f| is_torn_write(f, &w.before, w.offset, &w.data))
+            {
+                return Ok(
+                    "with a prefix of the interrupted write applied (the kernel sent it in pieces)",
+                );
             }
         }
         let mut diffs = Vec::new();
-        for name in found.keys().chain(self.model.keys()).collect::<std::collections::BTreeSet<_>>() {
+        for name in found
+            .keys()
+            .chain(self.model.keys())
+            .collect::<std::collections::BTreeSet<_>>()
+        {
             let (f, m, a) = (found.get(name), self.model.get(name), applied.get(name));
             if f != m && f != a {
                 diffs.push(format!(
@@ -486,7 +554,11 @@ impl Workload {
                 ));
             }
         }
-        Err(format!("pending {:?}: {}", self.pending.iter().map(|p| &p.0).collect::<Vec<_>>(), diffs.join("; ")))
+        Err(format!(
+            "pending {:?}: {}",
+            self.pending.iter().map(|p| &p.0).collect::<Vec<_>>(),
+            diffs.join("; ")
+        ))
     }
 }
 
@@ -520,7 +592,9 @@ mod tests {
     use super::*;
 
     fn data(n: usize, seed: u8) -> Vec<u8> {
-        (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1).collect()
+        (0..n)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
+            .collect()
     }
 
     #[test]
@@ -540,7 +614,12 @@ mod tests {
         assert!(is_torn_write(&past, &before, 5000, &w));
         // Neither end counts as torn: those are the model and the whole write.
         assert!(!is_torn_write(&before, &before, 1822, &w));
-        assert!(!is_torn_write(&with_prefix(&before, 1822, &w, w.len()), &before, 1822, &w));
+        assert!(!is_torn_write(
+            &with_prefix(&before, 1822, &w, w.len()),
+            &before,
+            1822,
+            &w
+        ));
         // A later piece without the earlier one is not a prefix.
         let mut suffix_only = before.clone();
         suffix_only.resize(15134, 0);
@@ -566,12 +645,24 @@ mod tests {
         let new = data(9000, 2);
         w.model.insert("f000".into(), before.clone());
         w.model.insert("f001".into(), data(100, 3));
-        w.pending = vec![("f000".into(), Some(with_prefix(&before, 3000, &new, new.len())))];
-        w.pending_write = Some(PendingWrite { name: "f000".into(), before: before.clone(), offset: 3000, data: new.clone() });
+        w.pending = vec![(
+            "f000".into(),
+            Some(with_prefix(&before, 3000, &new, new.len())),
+        )];
+        w.pending_write = Some(PendingWrite {
+            name: "f000".into(),
+            before: before.clone(),
+            offset: 3000,
+            data: new.clone(),
+        });
         fs::write(dir.join("f001"), data(100, 3)).expect("write");
 
         // The first piece (up to the page boundary) of the interrupted write: accepted.
-        fs::write(dir.join("f000"), with_prefix(&before, 3000, &new, 4096 - 3000)).expect("write");
+        fs::write(
+            dir.join("f000"),
+            with_prefix(&before, 3000, &new, 4096 - 3000),
+        )
+        .expect("write");
         assert!(w.check_after_crash().is_ok());
         // A returned write lost from another file: still a failure.
         fs::write(dir.join("f001"), data(50, 3)).expect("write");
@@ -579,15 +670,23 @@ mod tests {
         fs::write(dir.join("f001"), data(100, 3)).expect("write");
         // A write that returned a short count: the model has the reported bytes and the rest
         // of the write is pending (its piece may have run although its reply was lost).
-        w.model.insert("f000".into(), with_prefix(&before, 3000, &new, 4096 - 3000));
-        w.pending = vec![("f000".into(), Some(with_prefix(&before, 3000, &new, new.len())))];
+        w.model
+            .insert("f000".into(), with_prefix(&before, 3000, &new, 4096 - 3000));
+        w.pending = vec![(
+            "f000".into(),
+            Some(with_prefix(&before, 3000, &new, new.len())),
+        )];
         w.pending_write = Some(PendingWrite {
             name: "f000".into(),
             before: with_prefix(&before, 3000, &new, 4096 - 3000),
             offset: 4096,
             data: new[4096 - 3000..].to_vec(),
         });
-        fs::write(dir.join("f000"), with_prefix(&before, 3000, &new, new.len())).expect("write");
+        fs::write(
+            dir.join("f000"),
+            with_prefix(&before, 3000, &new, new.len()),
+        )
+        .expect("write");
         assert!(w.check_after_crash().is_ok());
         fs::write(dir.join("f000"), with_prefix(&before, 3000, &new, 5000)).expect("write");
         assert!(w.check_after_crash().is_ok());

@@ -6,8 +6,8 @@
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use replica::driver::{node, status::ReplicaStatus};
 use replica::config::{ClusterConfig, ReplicaSecrets};
+use replica::driver::{node, status::ReplicaStatus};
 use state_abstraction::fs::FileService;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,12 +44,15 @@ struct Args {
 }
 
 fn read_text(path: &Path, what: &str) -> anyhow::Result<String> {
-    std::fs::read_to_string(path).with_context(|| format!("cannot read the {what} {}", path.display()))
+    std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the {what} {}", path.display()))
 }
 
 fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     if let Err(e) = run(Args::parse()) {
@@ -63,25 +66,52 @@ fn run(args: Args) -> anyhow::Result<()> {
     let config = ClusterConfig::from_json(&read_text(&args.config, "cluster config")?)
         .with_context(|| format!("{} is not a valid cluster config", args.config.display()))?;
     let secrets = ReplicaSecrets::from_json(&read_text(&args.secrets, "secrets file")?)
-        .with_context(|| format!("{} is not a valid replica secrets file", args.secrets.display()))?;
+        .with_context(|| {
+            format!(
+                "{} is not a valid replica secrets file",
+                args.secrets.display()
+            )
+        })?;
     let id = secrets.id;
     let Some(me) = config.replicas.get(id.0 as usize).cloned() else {
-        bail!("the secrets file is for replica {}, but the cluster config has only {} replicas", id.0, config.n());
+        bail!(
+            "the secrets file is for replica {}, but the cluster config has only {} replicas",
+            id.0,
+            config.n()
+        );
     };
     // The public key in the config must be ours, or every message we sign would be refused.
-    let public = ed25519_dalek::SigningKey::from_bytes(&secrets.signing_key.0).verifying_key().to_bytes();
+    let public = ed25519_dalek::SigningKey::from_bytes(&secrets.signing_key.0)
+        .verifying_key()
+        .to_bytes();
     if public != me.public_key.0 {
-        bail!("the secrets file does not match replica {} in the cluster config (different keys)", id.0);
+        bail!(
+            "the secrets file does not match replica {} in the cluster config (different keys)",
+            id.0
+        );
     }
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("cannot create the data directory {}", args.data_dir.display()))?;
+    std::fs::create_dir_all(&args.data_dir).with_context(|| {
+        format!(
+            "cannot create the data directory {}",
+            args.data_dir.display()
+        )
+    })?;
     let _lock = lock_data_dir(&args.data_dir)?;
     let listener = node::bind(&config, id)?;
 
-    let service = FileService::open(&args.data_dir.join("fs"))
-        .with_context(|| format!("cannot open the file service in {}", args.data_dir.display()))?;
+    let service = FileService::open(&args.data_dir.join("fs")).with_context(|| {
+        format!(
+            "cannot open the file service in {}",
+            args.data_dir.display()
+        )
+    })?;
     let config = Arc::new(config);
-    let (replica, wal) = node::restore_replica(config.clone(), &secrets, service, &args.data_dir.join("wal"))?;
+    let (replica, wal) = node::restore_replica(
+        config.clone(),
+        &secrets,
+        service,
+        &args.data_dir.join("wal"),
+    )?;
     tracing::info!(
         replica = id.0,
         address = %me.address,
@@ -114,8 +144,16 @@ fn run(args: Args) -> anyhow::Result<()> {
         serve_metrics(address, status.clone())?;
     }
     #[cfg(feature = "byzantine")]
-    if let Some(replica::driver::byzantine::Mode::CorruptState { every_ms, times }) = options.byzantine {
-        corrupt_state(args.data_dir.join("fs").join("tree").join("root"), id.0, every_ms, times, stop.clone());
+    if let Some(replica::driver::byzantine::Mode::CorruptState { every_ms, times }) =
+        options.byzantine
+    {
+        corrupt_state(
+            args.data_dir.join("fs").join("tree").join("root"),
+            id.0,
+            every_ms,
+            times,
+            stop.clone(),
+        );
     }
     let status_file = args.data_dir.join("status.json");
     {
@@ -133,7 +171,9 @@ fn run(args: Args) -> anyhow::Result<()> {
             }
         });
     }
-    node::run_with(config, secrets, replica, wal, listener, status, stop, options)?;
+    node::run_with(
+        config, secrets, replica, wal, listener, status, stop, options,
+    )?;
     tracing::info!(replica = id.0, "replica stopped");
     Ok(())
 }
@@ -142,7 +182,10 @@ fn run(args: Args) -> anyhow::Result<()> {
 fn run_options(byzantine: Option<&str>) -> anyhow::Result<node::RunOptions> {
     let byzantine = match byzantine {
         None => None,
-        Some(text) => Some(text.parse::<replica::driver::byzantine::Mode>().map_err(|e| anyhow::anyhow!("--byzantine: {e}"))?),
+        Some(text) => Some(
+            text.parse::<replica::driver::byzantine::Mode>()
+                .map_err(|e| anyhow::anyhow!("--byzantine: {e}"))?,
+        ),
     };
     Ok(node::RunOptions { byzantine })
 }
@@ -230,7 +273,8 @@ fn signal_flag(signal: libc::c_int, stop: Arc<AtomicBool>) -> std::io::Result<()
 /// (one plain HTTP/1.0 response; nothing is read beyond the request).
 fn serve_metrics(address: &str, status: Arc<Mutex<ReplicaStatus>>) -> anyhow::Result<()> {
     use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind(address).with_context(|| format!("--metrics-addr {address}: cannot listen"))?;
+    let listener = std::net::TcpListener::bind(address)
+        .with_context(|| format!("--metrics-addr {address}: cannot listen"))?;
     std::thread::Builder::new().name("bftfs-metrics".into()).spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { continue };

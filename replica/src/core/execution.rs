@@ -42,7 +42,10 @@ type EncodedTable = Vec<(ClientId, Vec<(Timestamp, Vec<u8>)>)>;
 
 impl ReplyTable {
     pub fn new(window: u64) -> Self {
-        ReplyTable { clients: BTreeMap::new(), window }
+        ReplyTable {
+            clients: BTreeMap::new(),
+            window,
+        }
     }
 
     pub fn lookup(&self, client: ClientId, timestamp: Timestamp) -> Lookup<'_> {
@@ -53,7 +56,9 @@ impl ReplyTable {
             return Lookup::Cached(reply);
         }
         match replies.keys().next() {
-            Some(oldest) if replies.len() as u64 >= self.window && timestamp < *oldest => Lookup::Stale,
+            Some(oldest) if replies.len() as u64 >= self.window && timestamp < *oldest => {
+                Lookup::Stale
+            }
             _ => Lookup::New,
         }
     }
@@ -81,7 +86,9 @@ impl ReplyTable {
         let mut out = ReplyTable::new(window);
         for (client, replies) in table {
             if replies.len() as u64 > window {
-                return Err(WireError::Decode("reply table wider than the client window".into()));
+                return Err(WireError::Decode(
+                    "reply table wider than the client window".into(),
+                ));
             }
             out.clients.insert(client, replies.into_iter().collect());
         }
@@ -119,7 +126,10 @@ pub struct Executor<S> {
 
 impl<S: Service> Executor<S> {
     pub fn new(service: S, client_window: u64) -> Self {
-        Executor { service, replies: ReplyTable::new(client_window) }
+        Executor {
+            service,
+            replies: ReplyTable::new(client_window),
+        }
     }
 
     pub fn service(&self) -> &S {
@@ -155,16 +165,27 @@ impl<S: Service> Executor<S> {
     pub fn execute_batch(&mut self, batch: &Batch, nondet: &[u8]) -> Vec<ExecutedRequest> {
         let mut out = Vec::with_capacity(batch.requests.len());
         for request in &batch.requests {
-            let Request { client, timestamp, operation, .. } = &request.body;
+            let Request {
+                client,
+                timestamp,
+                operation,
+                ..
+            } = &request.body;
             match self.replies.lookup(*client, *timestamp) {
-                Lookup::Cached(reply) => {
-                    out.push(ExecutedRequest { client: *client, timestamp: *timestamp, result: reply.to_vec() })
-                }
+                Lookup::Cached(reply) => out.push(ExecutedRequest {
+                    client: *client,
+                    timestamp: *timestamp,
+                    result: reply.to_vec(),
+                }),
                 Lookup::Stale => {}
                 Lookup::New => {
                     let result = self.service.execute(operation, *client, nondet, false);
                     self.replies.record(*client, *timestamp, result.clone());
-                    out.push(ExecutedRequest { client: *client, timestamp: *timestamp, result });
+                    out.push(ExecutedRequest {
+                        client: *client,
+                        timestamp: *timestamp,
+                        result,
+                    });
                 }
             }
         }
@@ -173,14 +194,19 @@ impl<S: Service> Executor<S> {
 
     /// Executes a read-only request against the current state (no ordering, no caching).
     pub fn execute_read_only(&mut self, request: &Signed<Request>) -> Vec<u8> {
-        self.service.execute(&request.body.operation, request.body.client, &[], true)
+        self.service
+            .execute(&request.body.operation, request.body.client, &[], true)
     }
 
     pub fn checkpoint(&mut self, seq: u64) -> Result<ExecutorCheckpoint, ServiceError> {
         let service_root = self.service.checkpoint(seq)?;
         let replies = self.replies.encode();
         let replies_digest = ReplyTable::digest_of_encoding(&replies);
-        Ok(ExecutorCheckpoint { service_root, replies, replies_digest })
+        Ok(ExecutorCheckpoint {
+            service_root,
+            replies,
+            replies_digest,
+        })
     }
 
     pub fn rollback_to(&mut self, seq: u64, replies: ReplyTable) -> Result<(), ServiceError> {

@@ -55,10 +55,11 @@ pub mod view_change;
 
 use crate::config::{ClusterConfig, ReplicaSecrets};
 use crate::wire::{
-    chain_history, history_anchor, AgreementMessage, Authenticated, Batch, Checkpoint, CheckpointCertificate,
-    ClientMessage, Commit, CommitCertificate, Digest, Evidence, Message, NewView, Pom, PrePrepare, Prepare,
-    PreparedCertificate, Principal, Proposal, ReplicaId, Reply, Request, SeqNo, Signed, Signer, SpecResponse,
-    StateTransferMessage, Timestamp, View, ViewChange, ViewChangeMessage,
+    chain_history, history_anchor, AgreementMessage, Authenticated, Batch, Checkpoint,
+    CheckpointCertificate, ClientMessage, Commit, CommitCertificate, Digest, Evidence, Message,
+    NewView, Pom, PrePrepare, Prepare, PreparedCertificate, Principal, Proposal, ReplicaId, Reply,
+    Request, SeqNo, Signed, Signer, SpecResponse, StateTransferMessage, Timestamp, View,
+    ViewChange, ViewChangeMessage,
 };
 use execution::{ExecutedRequest, Executor, Lookup, ReplyTable};
 use safety::SafetyRules;
@@ -83,29 +84,66 @@ pub enum Event {
 #[derive(Clone, Debug)]
 pub enum Action {
     Persist(WalRecord),
-    Send { to: ReplicaId, message: Message },
+    Send {
+        to: ReplicaId,
+        message: Message,
+    },
     /// To every replica but this one.
-    Broadcast { message: Message },
-    SendClient { to: ClientId, message: Message },
+    Broadcast {
+        message: Message,
+    },
+    SendClient {
+        to: ClientId,
+        message: Message,
+    },
     Notify(Notification),
-    Halt { reason: String },
+    Halt {
+        reason: String,
+    },
 }
 
 /// Things worth logging or checking; the driver need not act on them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Notification {
     /// A batch ran ahead of its commit (fast path); it may still be rolled back.
-    Speculated { seq: SeqNo, batch_digest: Digest },
+    Speculated {
+        seq: SeqNo,
+        batch_digest: Digest,
+    },
     /// Speculative execution above `to` was undone (the service is back at checkpoint `to`).
-    RolledBack { to: SeqNo, from: SeqNo },
+    RolledBack {
+        to: SeqNo,
+        from: SeqNo,
+    },
     /// A committed batch ran (or, on the fast path, a batch that ran speculatively committed);
     /// `requests` in batch order (duplicates were answered from the cache).
-    Executed { seq: SeqNo, batch_digest: Digest, requests: Vec<(ClientId, Timestamp)> },
-    CheckpointTaken { seq: SeqNo, service_root: Digest, replies_digest: Digest },
-    CheckpointStable { seq: SeqNo, service_root: Digest, replies_digest: Digest },
-    ViewEntered { view: View, active: bool },
-    StateTransferred { seq: SeqNo, bytes: u64 },
-    Misbehaviour { from: Principal, what: &'static str },
+    Executed {
+        seq: SeqNo,
+        batch_digest: Digest,
+        requests: Vec<(ClientId, Timestamp)>,
+    },
+    CheckpointTaken {
+        seq: SeqNo,
+        service_root: Digest,
+        replies_digest: Digest,
+    },
+    CheckpointStable {
+        seq: SeqNo,
+        service_root: Digest,
+        replies_digest: Digest,
+    },
+    ViewEntered {
+        view: View,
+        active: bool,
+    },
+    StateTransferred {
+        seq: SeqNo,
+        bytes: u64,
+    },
+    Misbehaviour {
+        from: Principal,
+        what: &'static str,
+    },
 }
 
 /// A checkpoint this replica took, with its reply cache (needed to roll back to it, to serve
@@ -150,7 +188,11 @@ pub enum WalRecord {
     /// Prepared: about to send a commit.
     Prepared(Box<PreparedCertificate>),
     /// Took a checkpoint (service checkpoint `seq` plus this reply cache).
-    CheckpointTaken { seq: SeqNo, service_root: Digest, replies: Vec<u8> },
+    CheckpointTaken {
+        seq: SeqNo,
+        service_root: Digest,
+        replies: Vec<u8>,
+    },
     /// A checkpoint became stable.
     Stable(Box<CheckpointCertificate>),
 }
@@ -303,7 +345,11 @@ fn empty_replies_digest(window: u64) -> (Vec<u8>, Digest) {
 
 impl<S: Service> Replica<S> {
     /// A replica with an empty WAL over a fresh service.
-    pub fn new(config: Arc<ClusterConfig>, secrets: &ReplicaSecrets, service: S) -> Result<Self, CoreError> {
+    pub fn new(
+        config: Arc<ClusterConfig>,
+        secrets: &ReplicaSecrets,
+        service: S,
+    ) -> Result<Self, CoreError> {
         Self::restore(config, secrets, service, Vec::new())
     }
 
@@ -334,15 +380,26 @@ impl<S: Service> Replica<S> {
             match record {
                 WalRecord::Snapshot(s) => {
                     entered = vec![(s.view, s.view_active)];
-                    accepted = s.accepted.iter().map(|p| (p.pre_prepare.body.seq, p.clone())).collect();
-                    prepared = s.prepared.iter().map(|c| (c.proposal.pre_prepare.body.seq, c.clone())).collect();
+                    accepted = s
+                        .accepted
+                        .iter()
+                        .map(|p| (p.pre_prepare.body.seq, p.clone()))
+                        .collect();
+                    prepared = s
+                        .prepared
+                        .iter()
+                        .map(|c| (c.proposal.pre_prepare.body.seq, c.clone()))
+                        .collect();
                     checkpoints = s.checkpoints.iter().map(|c| (c.seq, c.clone())).collect();
                     stable = Some(s.stable.clone());
                     new_view_message = s.new_view.clone();
                     state = Some((**s).clone());
                 }
                 WalRecord::NewViewMessage(nv) => {
-                    if new_view_message.as_ref().is_none_or(|old| old.body.view <= nv.body.view) {
+                    if new_view_message
+                        .as_ref()
+                        .is_none_or(|old| old.body.view <= nv.body.view)
+                    {
                         new_view_message = Some((**nv).clone());
                     }
                 }
@@ -350,18 +407,28 @@ impl<S: Service> Replica<S> {
                 WalRecord::InstalledView { view } => entered.push((*view, true)),
                 WalRecord::Accepted(p) => {
                     let seq = p.pre_prepare.body.seq;
-                    if accepted.get(&seq).is_none_or(|old| old.pre_prepare.body.view <= p.pre_prepare.body.view) {
+                    if accepted
+                        .get(&seq)
+                        .is_none_or(|old| old.pre_prepare.body.view <= p.pre_prepare.body.view)
+                    {
                         accepted.insert(seq, (**p).clone());
                     }
                 }
                 WalRecord::Prepared(c) => {
                     let seq = c.proposal.pre_prepare.body.seq;
                     let view = c.proposal.pre_prepare.body.view;
-                    if prepared.get(&seq).is_none_or(|old| old.proposal.pre_prepare.body.view <= view) {
+                    if prepared
+                        .get(&seq)
+                        .is_none_or(|old| old.proposal.pre_prepare.body.view <= view)
+                    {
                         prepared.insert(seq, (**c).clone());
                     }
                 }
-                WalRecord::CheckpointTaken { seq, service_root, replies } => {
+                WalRecord::CheckpointTaken {
+                    seq,
+                    service_root,
+                    replies,
+                } => {
                     checkpoints.insert(
                         *seq,
                         OwnCheckpoint {
@@ -408,7 +475,10 @@ impl<S: Service> Replica<S> {
                         replies_digest: empty_digest,
                     },
                 );
-                Genesis { service_root: root, replies_digest: empty_digest }
+                Genesis {
+                    service_root: root,
+                    replies_digest: empty_digest,
+                }
             }
         };
         let stable = stable.unwrap_or(CheckpointCertificate {
@@ -425,7 +495,9 @@ impl<S: Service> Replica<S> {
             .rev()
             .find(|c| held.get(&c.seq.0) == Some(&c.service_root))
             .cloned()
-            .ok_or_else(|| CoreError::Inconsistent("no checkpoint held by both the service and the WAL".into()))?;
+            .ok_or_else(|| {
+                CoreError::Inconsistent("no checkpoint held by both the service and the WAL".into())
+            })?;
         if held.keys().next_back().copied() != Some(resume.seq.0) {
             exec.service_mut().rollback_to(resume.seq.0)?;
         }
@@ -434,8 +506,14 @@ impl<S: Service> Replica<S> {
         exec.set_replies(replies);
         checkpoints.retain(|seq, _| *seq <= resume.seq && *seq >= stable.seq.min(resume.seq));
 
-        let (view, view_active) = entered.iter().copied().max_by_key(|(v, active)| (*v, *active)).unwrap_or((View(0), true));
-        safety.check_enter_view(view, true).map_err(|e| CoreError::Inconsistent(e.to_string()))?;
+        let (view, view_active) = entered
+            .iter()
+            .copied()
+            .max_by_key(|(v, active)| (*v, *active))
+            .unwrap_or((View(0), true));
+        safety
+            .check_enter_view(view, true)
+            .map_err(|e| CoreError::Inconsistent(e.to_string()))?;
         safety.reset_executed(resume.seq);
 
         let low = stable.seq;
@@ -455,7 +533,12 @@ impl<S: Service> Replica<S> {
             if let Some(p) = &slot.proposal {
                 let b = &p.pre_prepare.body;
                 if b.primary != secrets.id {
-                    let prepare = signer.sign(Prepare { view: b.view, seq: b.seq, batch_digest: b.batch_digest, replica: secrets.id });
+                    let prepare = signer.sign(Prepare {
+                        view: b.view,
+                        seq: b.seq,
+                        batch_digest: b.batch_digest,
+                        replica: secrets.id,
+                    });
                     slot.prepares.insert(secrets.id, prepare);
                 }
             }
@@ -467,7 +550,12 @@ impl<S: Service> Replica<S> {
             slot.sent_commit = same_view;
             if same_view {
                 let b = &cert.proposal.pre_prepare.body;
-                let commit = signer.sign(Commit { view: b.view, seq: b.seq, batch_digest: b.batch_digest, replica: secrets.id });
+                let commit = signer.sign(Commit {
+                    view: b.view,
+                    seq: b.seq,
+                    batch_digest: b.batch_digest,
+                    replica: secrets.id,
+                });
                 slot.commits.insert(secrets.id, commit);
             }
             slot.certificate = Some(cert.clone());
@@ -475,7 +563,11 @@ impl<S: Service> Replica<S> {
         let n = config.n();
         let next_seq = log
             .iter()
-            .filter(|(_, s)| s.proposal.as_ref().is_some_and(|p| p.pre_prepare.body.view == view))
+            .filter(|(_, s)| {
+                s.proposal
+                    .as_ref()
+                    .is_some_and(|p| p.pre_prepare.body.view == view)
+            })
             .map(|(seq, _)| *seq)
             .max()
             .unwrap_or(low.max(resume.seq))
@@ -558,16 +650,28 @@ impl<S: Service> Replica<S> {
                     continue;
                 }
                 if b.primary != me {
-                    let prepare = replica.signer.sign(Prepare { view, seq: *seq, batch_digest: b.batch_digest, replica: me });
+                    let prepare = replica.signer.sign(Prepare {
+                        view,
+                        seq: *seq,
+                        batch_digest: b.batch_digest,
+                        replica: me,
+                    });
                     slot.prepares.insert(me, prepare);
                 }
                 if slot.sent_commit {
                     if let Some(cert) = &slot.certificate {
                         for pr in &cert.prepares {
-                            slot.prepares.entry(pr.body.replica).or_insert_with(|| pr.clone());
+                            slot.prepares
+                                .entry(pr.body.replica)
+                                .or_insert_with(|| pr.clone());
                         }
                     }
-                    let commit = replica.signer.sign(Commit { view, seq: *seq, batch_digest: b.batch_digest, replica: me });
+                    let commit = replica.signer.sign(Commit {
+                        view,
+                        seq: *seq,
+                        batch_digest: b.batch_digest,
+                        replica: me,
+                    });
                     slot.commits.insert(me, commit);
                 }
             }
@@ -634,8 +738,16 @@ impl<S: Service> Replica<S> {
             view_active: self.view_active,
             stable: self.stable.clone(),
             checkpoints: self.own_checkpoints.values().cloned().collect(),
-            accepted: self.log.values().filter_map(|s| s.proposal.clone()).collect(),
-            prepared: self.log.values().filter_map(|s| s.certificate.clone()).collect(),
+            accepted: self
+                .log
+                .values()
+                .filter_map(|s| s.proposal.clone())
+                .collect(),
+            prepared: self
+                .log
+                .values()
+                .filter_map(|s| s.certificate.clone())
+                .collect(),
             new_view: self.new_view_message.clone(),
         }
     }
@@ -646,7 +758,11 @@ impl<S: Service> Replica<S> {
             .log
             .iter()
             .map(|(seq, s)| {
-                let view = s.proposal.as_ref().map(|p| p.pre_prepare.body.view.0 as i64).unwrap_or(-1);
+                let view = s
+                    .proposal
+                    .as_ref()
+                    .map(|p| p.pre_prepare.body.view.0 as i64)
+                    .unwrap_or(-1);
                 format!(
                     "{}:v{view}{}{}p{}c{}",
                     seq.0,
@@ -724,9 +840,13 @@ impl<S: Service> Replica<S> {
         }
         if self.initial_snapshot {
             self.initial_snapshot = false;
-            actions.push(Action::Persist(WalRecord::Snapshot(Box::new(self.durable_state()))));
+            actions.push(Action::Persist(WalRecord::Snapshot(Box::new(
+                self.durable_state(),
+            ))));
             // After a restart the others may be far ahead: ask where they are.
-            actions.push(Action::Broadcast { message: Message::StateTransfer(StateTransferMessage::QueryStable) });
+            actions.push(Action::Broadcast {
+                message: Message::StateTransfer(StateTransferMessage::QueryStable),
+            });
         }
         match event {
             Event::Tick { now_ns } => self.on_tick(now_ns, actions),
@@ -746,19 +866,33 @@ impl<S: Service> Replica<S> {
             return Ok(());
         }
         if self.view != self.safety.highest_view() {
-            return Err(format!("view {:?} differs from the safety view {:?}", self.view, self.safety.highest_view()));
+            return Err(format!(
+                "view {:?} differs from the safety view {:?}",
+                self.view,
+                self.safety.highest_view()
+            ));
         }
         if cfg!(debug_assertions) {
-            if let (Some(first), Some(last)) = (self.log.keys().next(), self.log.keys().next_back()) {
+            if let (Some(first), Some(last)) = (self.log.keys().next(), self.log.keys().next_back())
+            {
                 if !self.in_window(*first) || !self.in_window(*last) {
-                    return Err(format!("log {first:?}..{last:?} outside the window above {:?}", self.stable.seq));
+                    return Err(format!(
+                        "log {first:?}..{last:?} outside the window above {:?}",
+                        self.stable.seq
+                    ));
                 }
             }
-            if self.last_executed < self.stable.seq && self.stable_ahead.is_none() && self.transfer.is_none() {
+            if self.last_executed < self.stable.seq
+                && self.stable_ahead.is_none()
+                && self.transfer.is_none()
+            {
                 return Err("executed below the stable checkpoint with no transfer pending".into());
             }
             let limit = self.config.protocol.pending_requests_max;
-            if self.pending.len() > limit || self.waiting.len() > limit || self.deferred_reads.len() > limit {
+            if self.pending.len() > limit
+                || self.waiting.len() > limit
+                || self.deferred_reads.len() > limit
+            {
                 return Err("request queues over their bound".into());
             }
             if self.view_active && self.is_primary() && self.next_seq <= self.stable.seq {
@@ -767,7 +901,10 @@ impl<S: Service> Replica<S> {
             for (seq, slot) in &self.log {
                 if let Some(p) = &slot.proposal {
                     if p.pre_prepare.body.seq != *seq {
-                        return Err(format!("slot {seq:?} holds a proposal for {:?}", p.pre_prepare.body.seq));
+                        return Err(format!(
+                            "slot {seq:?} holds a proposal for {:?}",
+                            p.pre_prepare.body.seq
+                        ));
                     }
                 }
                 let speculative = *seq > self.last_executed && *seq <= self.spec_executed;
@@ -785,7 +922,10 @@ impl<S: Service> Replica<S> {
             }
             let interval = self.config.protocol.checkpoint_interval;
             if (self.last_executed.0 + 1..self.spec_executed.0).any(|s| s % interval == 0) {
-                return Err(format!("speculation ran past an uncommitted checkpoint ({:?}..{:?})", self.last_executed, self.spec_executed));
+                return Err(format!(
+                    "speculation ran past an uncommitted checkpoint ({:?}..{:?})",
+                    self.last_executed, self.spec_executed
+                ));
             }
             if self.spec_executed > self.last_executed && !self.config.protocol.fast_path {
                 return Err("speculation with the fast path off".into());
@@ -814,15 +954,23 @@ impl<S: Service> Replica<S> {
                 AgreementMessage::Prepare(p) => self.on_prepare(from, p, actions),
                 AgreementMessage::Commit(c) => self.on_commit(from, c, actions),
                 AgreementMessage::Checkpoint(c) => self.on_checkpoint(from, c, actions),
-                AgreementMessage::FetchCommitted { from: first, to } => self.on_fetch_committed(from, first, to, actions),
+                AgreementMessage::FetchCommitted { from: first, to } => {
+                    self.on_fetch_committed(from, first, to, actions)
+                }
                 AgreementMessage::Committed(cert) => self.on_committed(from, *cert, actions),
-                AgreementMessage::FillHole { view, from: first, to } => self.on_fill_hole(from, view, first, to, actions),
+                AgreementMessage::FillHole {
+                    view,
+                    from: first,
+                    to,
+                } => self.on_fill_hole(from, view, first, to, actions),
                 AgreementMessage::Filled(p) => self.on_filled(from, *p, actions),
             },
             Message::ViewChange(m) => match m {
                 ViewChangeMessage::ViewChange(vc) => self.on_view_change(from, vc, actions),
                 ViewChangeMessage::NewView(nv) => self.on_new_view(from, nv, actions),
-                ViewChangeMessage::QueryNewView { view } => self.on_query_new_view(from, view, actions),
+                ViewChangeMessage::QueryNewView { view } => {
+                    self.on_query_new_view(from, view, actions)
+                }
             },
             Message::StateTransfer(m) => self.on_state_transfer(from, m, actions),
             Message::Client(_) => {}
@@ -846,7 +994,12 @@ impl<S: Service> Replica<S> {
         }
     }
 
-    pub fn on_request(&mut self, sender: Principal, request: Signed<Request>, actions: &mut Vec<Action>) {
+    pub fn on_request(
+        &mut self,
+        sender: Principal,
+        request: Signed<Request>,
+        actions: &mut Vec<Action>,
+    ) {
         let body = &request.body;
         if body.operation.len() > self.config.protocol.operation_bytes_max {
             self.metrics.requests_dropped += 1;
@@ -862,7 +1015,10 @@ impl<S: Service> Replica<S> {
             // answers reads only from a fully committed state, never one a view change may undo,
             // and never from a state behind a write it already reported (a write completed on
             // 3f+1 speculative replies is thus seen by every correct replica that answers).
-            if !self.exec.is_read_only(&body.operation) || self.transfer.is_some() || self.stable_ahead.is_some() {
+            if !self.exec.is_read_only(&body.operation)
+                || self.transfer.is_some()
+                || self.stable_ahead.is_some()
+            {
                 return;
             }
             if self.reads_behind() {
@@ -872,7 +1028,13 @@ impl<S: Service> Replica<S> {
                     self.deferred_reads.pop_front();
                     self.metrics.requests_dropped += 1;
                 }
-                tracing::debug!(replica = self.id.0, last = self.last_executed.0, spec = self.spec_executed.0, barrier = self.read_only_barrier.0, "read held");
+                tracing::debug!(
+                    replica = self.id.0,
+                    last = self.last_executed.0,
+                    spec = self.spec_executed.0,
+                    barrier = self.read_only_barrier.0,
+                    "read held"
+                );
                 self.deferred_reads.push_back(request);
                 return;
             }
@@ -886,7 +1048,11 @@ impl<S: Service> Replica<S> {
             Lookup::Cached(result) => {
                 let result = result.to_vec();
                 // A result that only ran speculatively goes out as such, with its order.
-                let order = self.spec_keys.get(&key).and_then(|seq| self.log.get(seq)).and_then(|s| s.executed.as_ref());
+                let order = self
+                    .spec_keys
+                    .get(&key)
+                    .and_then(|seq| self.log.get(seq))
+                    .and_then(|s| s.executed.as_ref());
                 match order {
                     Some(spec) => {
                         let reply = Reply {
@@ -897,10 +1063,15 @@ impl<S: Service> Replica<S> {
                             read_only: false,
                             result,
                         };
-                        let message = SpecResponse { reply, order: spec.order.clone() };
+                        let message = SpecResponse {
+                            reply,
+                            order: spec.order.clone(),
+                        };
                         actions.push(Action::SendClient {
                             to: body.client,
-                            message: Message::Client(ClientMessage::SpecResponse(Box::new(message))),
+                            message: Message::Client(ClientMessage::SpecResponse(Box::new(
+                                message,
+                            ))),
                         });
                     }
                     None => actions.push(self.reply(body, result, false)),
@@ -918,8 +1089,13 @@ impl<S: Service> Replica<S> {
             if self.pending_keys.contains(&key) || self.proposed.contains(&key) {
                 return;
             }
-            let per_client = self.pending_keys.range((body.client, Timestamp(0))..=(body.client, Timestamp(u64::MAX))).count();
-            if self.pending.len() >= limit || per_client as u64 >= self.config.protocol.client_window {
+            let per_client = self
+                .pending_keys
+                .range((body.client, Timestamp(0))..=(body.client, Timestamp(u64::MAX)))
+                .count();
+            if self.pending.len() >= limit
+                || per_client as u64 >= self.config.protocol.client_window
+            {
                 self.metrics.requests_dropped += 1;
                 return;
             }
@@ -965,7 +1141,11 @@ impl<S: Service> Replica<S> {
             return;
         }
         let p = &self.config.protocol;
-        let (batch_max, bytes_max, pipeline) = (p.batch_requests_max, p.batch_bytes_max, p.pipeline_batches_max);
+        let (batch_max, bytes_max, pipeline) = (
+            p.batch_requests_max,
+            p.batch_bytes_max,
+            p.pipeline_batches_max,
+        );
         // Sequence numbers this replica learnt were committed (executed, or proven by a commit
         // certificate) are never proposed again; that happens to a primary of a view the
         // others already left.
@@ -978,10 +1158,14 @@ impl<S: Service> Replica<S> {
             let mut bytes = 0usize;
             while let Some(front) = self.pending.front() {
                 let size = front.body.operation.len();
-                if batch.requests.len() >= batch_max || (!batch.requests.is_empty() && bytes + size > bytes_max) {
+                if batch.requests.len() >= batch_max
+                    || (!batch.requests.is_empty() && bytes + size > bytes_max)
+                {
                     break;
                 }
-                let Some(request) = self.pending.pop_front() else { break };
+                let Some(request) = self.pending.pop_front() else {
+                    break;
+                };
                 let key = (request.body.client, request.body.timestamp);
                 self.pending_keys.remove(&key);
                 if self.exec.lookup(key.0, key.1) != Lookup::New || self.proposed.contains(&key) {
@@ -1002,20 +1186,37 @@ impl<S: Service> Replica<S> {
             // the commit path, which never looks at histories.
             let previous = self.proposed_history(SeqNo(seq.0 - 1)).unwrap_or_default();
             let history = chain_history(&previous, seq, &batch_digest, &nondet);
-            let pre_prepare =
-                self.signer.sign(PrePrepare { view: self.view, seq, batch_digest, nondet, primary: self.id, history });
-            if let Err(e) = self.safety.check_vote(self.view, seq, pre_prepare.body.batch_digest) {
+            let pre_prepare = self.signer.sign(PrePrepare {
+                view: self.view,
+                seq,
+                batch_digest,
+                nondet,
+                primary: self.id,
+                history,
+            });
+            if let Err(e) = self
+                .safety
+                .check_vote(self.view, seq, pre_prepare.body.batch_digest)
+            {
                 panic!("primary {} would equivocate: {e}", self.id.0);
             }
             let proposal = Proposal { pre_prepare, batch };
             self.next_seq = seq.next();
             self.skip_committed_seqs();
             self.highest_seen = self.highest_seen.max(seq);
-            actions.push(Action::Persist(WalRecord::Accepted(Box::new(proposal.clone()))));
-            actions.push(Action::Broadcast { message: Message::Agreement(AgreementMessage::PrePrepare(proposal.clone())) });
+            actions.push(Action::Persist(WalRecord::Accepted(Box::new(
+                proposal.clone(),
+            ))));
+            actions.push(Action::Broadcast {
+                message: Message::Agreement(AgreementMessage::PrePrepare(proposal.clone())),
+            });
             let ticks = self.ticks;
             let slot = self.log.entry(seq).or_default();
-            assert!(!slot.committed, "replica {}: proposing into committed {seq:?}", self.id.0);
+            assert!(
+                !slot.committed,
+                "replica {}: proposing into committed {seq:?}",
+                self.id.0
+            );
             slot.proposal = Some(proposal);
             slot.sent_commit = false;
             slot.accepted_tick = ticks;
@@ -1092,23 +1293,42 @@ impl<S: Service> Replica<S> {
 
     fn note_view_ahead(&mut self, from: ReplicaId, view: View, actions: &mut Vec<Action>) {
         // Traffic from a view we never entered: we missed its new view (e.g. while down).
-        let due = self.last_view_query_tick.is_none_or(|t| self.ticks >= t + self.config.protocol.retransmit_ticks);
+        let due = self
+            .last_view_query_tick
+            .is_none_or(|t| self.ticks >= t + self.config.protocol.retransmit_ticks);
         if view > self.view && due {
             self.last_view_query_tick = Some(self.ticks);
-            actions.push(Action::Send { to: from, message: Message::ViewChange(ViewChangeMessage::QueryNewView { view }) });
+            actions.push(Action::Send {
+                to: from,
+                message: Message::ViewChange(ViewChangeMessage::QueryNewView { view }),
+            });
         }
     }
 
-    pub fn on_pre_prepare(&mut self, from: ReplicaId, proposal: Proposal, actions: &mut Vec<Action>) {
+    pub fn on_pre_prepare(
+        &mut self,
+        from: ReplicaId,
+        proposal: Proposal,
+        actions: &mut Vec<Action>,
+    ) {
         if from != self.primary() && proposal.pre_prepare.body.view == self.view {
-            return self.misbehaved(Principal::Replica(from), "pre-prepare from a backup", actions);
+            return self.misbehaved(
+                Principal::Replica(from),
+                "pre-prepare from a backup",
+                actions,
+            );
         }
         self.accept_pre_prepare(from, proposal, actions);
     }
 
     /// A pre-prepare straight from the primary, or relayed by anyone to fill a hole (the
     /// primary's signature is what counts).
-    fn accept_pre_prepare(&mut self, from: ReplicaId, proposal: Proposal, actions: &mut Vec<Action>) {
+    fn accept_pre_prepare(
+        &mut self,
+        from: ReplicaId,
+        proposal: Proposal,
+        actions: &mut Vec<Action>,
+    ) {
         let b = proposal.pre_prepare.body.clone();
         self.highest_seen = self.highest_seen.max(b.seq.min(self.high_water()));
         if b.view > self.view {
@@ -1118,19 +1338,29 @@ impl<S: Service> Replica<S> {
             return;
         }
         if b.primary != self.primary() {
-            return self.misbehaved(Principal::Replica(from), "pre-prepare from a backup", actions);
+            return self.misbehaved(
+                Principal::Replica(from),
+                "pre-prepare from a backup",
+                actions,
+            );
         }
         if !self.in_window(b.seq) || b.seq <= self.last_executed {
             return;
         }
         let p = &self.config.protocol;
-        if proposal.batch.requests.len() > p.batch_requests_max || proposal.batch.operation_bytes() > p.batch_bytes_max {
+        if proposal.batch.requests.len() > p.batch_requests_max
+            || proposal.batch.operation_bytes() > p.batch_bytes_max
+        {
             return self.misbehaved(Principal::Replica(from), "oversized batch", actions);
         }
         if let Some(existing) = self.safety.voted(b.view, b.seq) {
             if existing != b.batch_digest {
                 // Rule 1: the primary equivocated; keep our first vote.
-                return self.misbehaved(Principal::Replica(from), "equivocating pre-prepare", actions);
+                return self.misbehaved(
+                    Principal::Replica(from),
+                    "equivocating pre-prepare",
+                    actions,
+                );
             }
             return; // duplicate
         }
@@ -1140,10 +1370,23 @@ impl<S: Service> Replica<S> {
             }
         }
         if !proposal.batch.requests.is_empty() && !self.exec.check_nondet(&b.nondet, self.now_ns) {
-            return self.misbehaved(Principal::Replica(from), "unacceptable nondeterministic value", actions);
+            return self.misbehaved(
+                Principal::Replica(from),
+                "unacceptable nondeterministic value",
+                actions,
+            );
         }
-        if proposal.batch.requests.iter().any(|r| r.body.operation.len() > p.operation_bytes_max) {
-            return self.misbehaved(Principal::Replica(from), "oversized operation in batch", actions);
+        if proposal
+            .batch
+            .requests
+            .iter()
+            .any(|r| r.body.operation.len() > p.operation_bytes_max)
+        {
+            return self.misbehaved(
+                Principal::Replica(from),
+                "oversized operation in batch",
+                actions,
+            );
         }
         if let Err(e) = self.safety.check_vote(b.view, b.seq, b.batch_digest) {
             tracing::warn!(replica = self.id.0, %e, "refused");
@@ -1164,11 +1407,16 @@ impl<S: Service> Replica<S> {
             return;
         }
         let next = self.spec_executed.next();
-        let missing = !self.log.get(&next).is_some_and(|s| s.proposal.as_ref().is_some_and(|p| p.pre_prepare.body.view == self.view));
-        let above = self
-            .log
-            .range(next.next()..)
-            .any(|(_, s)| s.proposal.as_ref().is_some_and(|p| p.pre_prepare.body.view == self.view));
+        let missing = !self.log.get(&next).is_some_and(|s| {
+            s.proposal
+                .as_ref()
+                .is_some_and(|p| p.pre_prepare.body.view == self.view)
+        });
+        let above = self.log.range(next.next()..).any(|(_, s)| {
+            s.proposal
+                .as_ref()
+                .is_some_and(|p| p.pre_prepare.body.view == self.view)
+        });
         if !(missing && above) {
             self.fill_hole = None;
         } else if self.fill_hole.is_none_or(|(first, _, _)| first != next) {
@@ -1181,14 +1429,20 @@ impl<S: Service> Replica<S> {
         let last = self
             .log
             .range(first..)
-            .filter(|(_, s)| s.proposal.as_ref().is_some_and(|p| p.pre_prepare.body.view == self.view))
+            .filter(|(_, s)| {
+                s.proposal
+                    .as_ref()
+                    .is_some_and(|p| p.pre_prepare.body.view == self.view)
+            })
             .map(|(seq, _)| *seq)
             .next()?;
         (last > first).then(|| (first, SeqNo(last.0 - 1)))
     }
 
     fn fill_hole_tick(&mut self, actions: &mut Vec<Action>) {
-        let Some((first, asked, asked_all)) = self.fill_hole else { return };
+        let Some((first, asked, asked_all)) = self.fill_hole else {
+            return;
+        };
         let wait = self.config.protocol.retransmit_ticks;
         if self.ticks < asked + wait {
             return;
@@ -1197,17 +1451,31 @@ impl<S: Service> Replica<S> {
             self.fill_hole = None;
             return;
         };
-        let message = Message::Agreement(AgreementMessage::FillHole { view: self.view, from, to });
+        let message = Message::Agreement(AgreementMessage::FillHole {
+            view: self.view,
+            from,
+            to,
+        });
         self.metrics.fill_holes += 1;
         if asked_all || self.ticks >= asked + 2 * wait {
             actions.push(Action::Broadcast { message });
         } else {
-            actions.push(Action::Send { to: self.primary(), message });
+            actions.push(Action::Send {
+                to: self.primary(),
+                message,
+            });
         }
         self.fill_hole = Some((first, asked, self.ticks >= asked + 2 * wait));
     }
 
-    fn on_fill_hole(&mut self, from: ReplicaId, view: View, first: SeqNo, last: SeqNo, actions: &mut Vec<Action>) {
+    fn on_fill_hole(
+        &mut self,
+        from: ReplicaId,
+        view: View,
+        first: SeqNo,
+        last: SeqNo,
+        actions: &mut Vec<Action>,
+    ) {
         if view != self.view || !self.view_active {
             return;
         }
@@ -1218,7 +1486,10 @@ impl<S: Service> Replica<S> {
         for (_, slot) in self.log.range(first..=end) {
             if let Some(p) = &slot.proposal {
                 if p.pre_prepare.body.view == view {
-                    actions.push(Action::Send { to: from, message: Message::Agreement(AgreementMessage::Filled(Box::new(p.clone()))) });
+                    actions.push(Action::Send {
+                        to: from,
+                        message: Message::Agreement(AgreementMessage::Filled(Box::new(p.clone()))),
+                    });
                 }
             }
         }
@@ -1241,29 +1512,51 @@ impl<S: Service> Replica<S> {
             return;
         }
         self.metrics.poms += 1;
-        tracing::warn!(replica = self.id.0, view = self.view.0, seq = pom.first.body.seq.0, "primary equivocated");
-        self.misbehaved(Principal::Replica(pom.first.body.primary), "equivocating primary (proof of misbehaviour)", actions);
+        tracing::warn!(
+            replica = self.id.0,
+            view = self.view.0,
+            seq = pom.first.body.seq.0,
+            "primary equivocated"
+        );
+        self.misbehaved(
+            Principal::Replica(pom.first.body.primary),
+            "equivocating primary (proof of misbehaviour)",
+            actions,
+        );
         self.on_view_change_timeout(actions);
     }
 
     /// Backup: records an accepted proposal durably, then sends its prepare (rule 3).
     fn accept_and_prepare(&mut self, proposal: Proposal, actions: &mut Vec<Action>) {
         let b = proposal.pre_prepare.body.clone();
-        actions.push(Action::Persist(WalRecord::Accepted(Box::new(proposal.clone()))));
+        actions.push(Action::Persist(WalRecord::Accepted(Box::new(
+            proposal.clone(),
+        ))));
         let ticks = self.ticks;
         let slot = self.log.entry(b.seq).or_default();
         slot.proposal = Some(proposal);
         slot.sent_commit = false;
         slot.accepted_tick = ticks;
         if b.primary != self.id {
-            let prepare =
-                self.signer.sign(Prepare { view: b.view, seq: b.seq, batch_digest: b.batch_digest, replica: self.id });
+            let prepare = self.signer.sign(Prepare {
+                view: b.view,
+                seq: b.seq,
+                batch_digest: b.batch_digest,
+                replica: self.id,
+            });
             slot.prepares.insert(self.id, prepare.clone());
-            actions.push(Action::Broadcast { message: Message::Agreement(AgreementMessage::Prepare(prepare)) });
+            actions.push(Action::Broadcast {
+                message: Message::Agreement(AgreementMessage::Prepare(prepare)),
+            });
         }
     }
 
-    pub fn on_prepare(&mut self, from: ReplicaId, prepare: Signed<Prepare>, actions: &mut Vec<Action>) {
+    pub fn on_prepare(
+        &mut self,
+        from: ReplicaId,
+        prepare: Signed<Prepare>,
+        actions: &mut Vec<Action>,
+    ) {
         let b = prepare.body.clone();
         if b.view > self.view {
             self.note_view_ahead(from, b.view, actions);
@@ -1277,7 +1570,11 @@ impl<S: Service> Replica<S> {
             Some(old) if old.body.view > b.view => return,
             Some(old) if old.body.view == b.view => {
                 if old.body.batch_digest != b.batch_digest {
-                    return self.misbehaved(Principal::Replica(from), "conflicting prepares", actions);
+                    return self.misbehaved(
+                        Principal::Replica(from),
+                        "conflicting prepares",
+                        actions,
+                    );
                 }
                 return;
             }
@@ -1287,7 +1584,12 @@ impl<S: Service> Replica<S> {
         self.try_prepared(b.seq, actions);
     }
 
-    pub fn on_commit(&mut self, from: ReplicaId, commit: Signed<Commit>, actions: &mut Vec<Action>) {
+    pub fn on_commit(
+        &mut self,
+        from: ReplicaId,
+        commit: Signed<Commit>,
+        actions: &mut Vec<Action>,
+    ) {
         let b = commit.body.clone();
         if b.view > self.view {
             self.note_view_ahead(from, b.view, actions);
@@ -1307,7 +1609,11 @@ impl<S: Service> Replica<S> {
             Some(old) if old.body.view > b.view => return,
             Some(old) if old.body.view == b.view => {
                 if old.body.batch_digest != b.batch_digest {
-                    return self.misbehaved(Principal::Replica(from), "conflicting commits", actions);
+                    return self.misbehaved(
+                        Principal::Replica(from),
+                        "conflicting commits",
+                        actions,
+                    );
                 }
                 return;
             }
@@ -1320,8 +1626,12 @@ impl<S: Service> Replica<S> {
     fn try_prepared(&mut self, seq: SeqNo, actions: &mut Vec<Action>) {
         let needed = 2 * self.f();
         let (view, active, me) = (self.view, self.view_active, self.id);
-        let Some(slot) = self.log.get_mut(&seq) else { return };
-        let Some(proposal) = &slot.proposal else { return };
+        let Some(slot) = self.log.get_mut(&seq) else {
+            return;
+        };
+        let Some(proposal) = &slot.proposal else {
+            return;
+        };
         let b = &proposal.pre_prepare.body;
         if !active || b.view != view || slot.sent_commit {
             return;
@@ -1329,7 +1639,11 @@ impl<S: Service> Replica<S> {
         let prepares: Vec<Signed<Prepare>> = slot
             .prepares
             .values()
-            .filter(|p| p.body.view == b.view && p.body.batch_digest == b.batch_digest && p.body.replica != b.primary)
+            .filter(|p| {
+                p.body.view == b.view
+                    && p.body.batch_digest == b.batch_digest
+                    && p.body.replica != b.primary
+            })
             .take(needed)
             .cloned()
             .collect();
@@ -1337,10 +1651,22 @@ impl<S: Service> Replica<S> {
             return;
         }
         // Rule 4: the commit goes out with a prepared certificate in hand, persisted first.
-        let certificate = PreparedCertificate { proposal: proposal.clone(), prepares };
-        let commit = self.signer.sign(Commit { view: b.view, seq, batch_digest: b.batch_digest, replica: me });
-        actions.push(Action::Persist(WalRecord::Prepared(Box::new(certificate.clone()))));
-        actions.push(Action::Broadcast { message: Message::Agreement(AgreementMessage::Commit(commit.clone())) });
+        let certificate = PreparedCertificate {
+            proposal: proposal.clone(),
+            prepares,
+        };
+        let commit = self.signer.sign(Commit {
+            view: b.view,
+            seq,
+            batch_digest: b.batch_digest,
+            replica: me,
+        });
+        actions.push(Action::Persist(WalRecord::Prepared(Box::new(
+            certificate.clone(),
+        ))));
+        actions.push(Action::Broadcast {
+            message: Message::Agreement(AgreementMessage::Commit(commit.clone())),
+        });
         slot.certificate = Some(certificate);
         slot.sent_commit = true;
         slot.commits.insert(me, commit);
@@ -1349,8 +1675,12 @@ impl<S: Service> Replica<S> {
 
     fn try_committed(&mut self, seq: SeqNo, actions: &mut Vec<Action>) {
         let quorum = self.quorum();
-        let Some(slot) = self.log.get_mut(&seq) else { return };
-        let Some(proposal) = &slot.proposal else { return };
+        let Some(slot) = self.log.get_mut(&seq) else {
+            return;
+        };
+        let Some(proposal) = &slot.proposal else {
+            return;
+        };
         if !slot.sent_commit || slot.committed {
             return;
         }
@@ -1364,7 +1694,10 @@ impl<S: Service> Replica<S> {
             .collect();
         if matching.len() >= quorum {
             slot.committed = true;
-            slot.commit_certificate = Some(Box::new(CommitCertificate { proposal: proposal.clone(), commits: matching }));
+            slot.commit_certificate = Some(Box::new(CommitCertificate {
+                proposal: proposal.clone(),
+                commits: matching,
+            }));
             self.execute_ready(actions);
         }
     }
@@ -1382,22 +1715,30 @@ impl<S: Service> Replica<S> {
                 return;
             }
             let seq = self.last_executed.next();
-            let Some(slot) = self.log.get_mut(&seq) else { break };
+            let Some(slot) = self.log.get_mut(&seq) else {
+                break;
+            };
             if !slot.committed {
                 break;
             }
-            let Some(proposal) = slot.proposal.clone() else { break };
+            let Some(proposal) = slot.proposal.clone() else {
+                break;
+            };
             let results = if seq <= self.spec_executed {
                 // It already ran speculatively: keep that run if it ran this very content.
                 match slot.executed.take() {
-                    Some(spec) if same_content(&spec.order.body, &proposal.pre_prepare.body) => spec.results,
+                    Some(spec) if same_content(&spec.order.body, &proposal.pre_prepare.body) => {
+                        spec.results
+                    }
                     _ => {
                         self.roll_back_speculation(actions);
                         continue;
                     }
                 }
             } else {
-                let results = self.exec.execute_batch(&proposal.batch, &proposal.pre_prepare.body.nondet);
+                let results = self
+                    .exec
+                    .execute_batch(&proposal.batch, &proposal.pre_prepare.body.nondet);
                 self.spec_executed = seq;
                 results
             };
@@ -1414,10 +1755,19 @@ impl<S: Service> Replica<S> {
     }
 
     fn answer_deferred_reads(&mut self, actions: &mut Vec<Action>) {
-        if self.deferred_reads.is_empty() || self.reads_behind() || self.transfer.is_some() || self.stable_ahead.is_some() {
+        if self.deferred_reads.is_empty()
+            || self.reads_behind()
+            || self.transfer.is_some()
+            || self.stable_ahead.is_some()
+        {
             return;
         }
-        tracing::debug!(replica = self.id.0, reads = self.deferred_reads.len(), last = self.last_executed.0, "held reads answered");
+        tracing::debug!(
+            replica = self.id.0,
+            reads = self.deferred_reads.len(),
+            last = self.last_executed.0,
+            "held reads answered"
+        );
         while let Some(request) = self.deferred_reads.pop_front() {
             self.metrics.read_only_requests += 1;
             let result = self.exec.execute_read_only(&request);
@@ -1426,12 +1776,23 @@ impl<S: Service> Replica<S> {
     }
 
     /// The slot after `last_executed` committed and has run: reply, notify, checkpoint.
-    fn commit_executed(&mut self, seq: SeqNo, proposal: &Proposal, results: Vec<ExecutedRequest>, actions: &mut Vec<Action>) {
+    fn commit_executed(
+        &mut self,
+        seq: SeqNo,
+        proposal: &Proposal,
+        results: Vec<ExecutedRequest>,
+        actions: &mut Vec<Action>,
+    ) {
         if let Err(e) = self.safety.check_execute(seq) {
             panic!("replica {}: {e}", self.id.0);
         }
         self.last_executed = seq;
-        tracing::debug!(replica = self.id.0, seq = seq.0, spec = self.spec_executed.0, "committed");
+        tracing::debug!(
+            replica = self.id.0,
+            seq = seq.0,
+            spec = self.spec_executed.0,
+            "committed"
+        );
         self.last_progress_tick = self.ticks;
         self.view_change_timeout_ticks = self.config.protocol.view_change_timeout_ticks;
         for request in &proposal.batch.requests {
@@ -1460,10 +1821,19 @@ impl<S: Service> Replica<S> {
         actions.push(Action::Notify(Notification::Executed {
             seq,
             batch_digest: proposal.pre_prepare.body.batch_digest,
-            requests: proposal.batch.requests.iter().map(|r| (r.body.client, r.body.timestamp)).collect(),
+            requests: proposal
+                .batch
+                .requests
+                .iter()
+                .map(|r| (r.body.client, r.body.timestamp))
+                .collect(),
         }));
         if seq.0 % self.config.protocol.checkpoint_interval == 0 {
-            assert_eq!(self.spec_executed, seq, "replica {}: speculation ran past checkpoint {seq:?}", self.id.0);
+            assert_eq!(
+                self.spec_executed, seq,
+                "replica {}: speculation ran past checkpoint {seq:?}",
+                self.id.0
+            );
             self.take_checkpoint(seq, actions);
         }
     }
@@ -1471,7 +1841,11 @@ impl<S: Service> Replica<S> {
     /// Fast path: runs this view's accepted proposals in sequence, each only if its history
     /// chains onto the state's, and sends speculative replies.
     fn speculate(&mut self, actions: &mut Vec<Action>) {
-        if !self.config.protocol.fast_path || !self.view_active || self.transfer.is_some() || self.halted {
+        if !self.config.protocol.fast_path
+            || !self.view_active
+            || self.transfer.is_some()
+            || self.halted
+        {
             return;
         }
         if self.last_executed < self.stable.seq {
@@ -1489,9 +1863,15 @@ impl<S: Service> Replica<S> {
                 return;
             }
             let seq = self.spec_executed.next();
-            let Some(previous) = self.executed_history() else { return };
-            let Some(slot) = self.log.get(&seq) else { return };
-            let Some(proposal) = slot.proposal.clone() else { return };
+            let Some(previous) = self.executed_history() else {
+                return;
+            };
+            let Some(slot) = self.log.get(&seq) else {
+                return;
+            };
+            let Some(proposal) = slot.proposal.clone() else {
+                return;
+            };
             let b = &proposal.pre_prepare.body;
             if b.view != self.view || slot.committed && seq == self.last_executed.next() {
                 return;
@@ -1503,7 +1883,8 @@ impl<S: Service> Replica<S> {
             // content (see `evidence`), which may rank below a conflicting proposal a later
             // view saw: a fast completion must not rest on it, so this one waits for its commit.
             if slot.certificate.as_ref().is_some_and(|c| {
-                c.proposal.pre_prepare.body.view < b.view && same_content(&c.proposal.pre_prepare.body, b)
+                c.proposal.pre_prepare.body.view < b.view
+                    && same_content(&c.proposal.pre_prepare.body, b)
             }) {
                 return;
             }
@@ -1520,7 +1901,10 @@ impl<S: Service> Replica<S> {
                     read_only: false,
                     result: r.result.clone(),
                 };
-                let message = SpecResponse { reply, order: proposal.pre_prepare.clone() };
+                let message = SpecResponse {
+                    reply,
+                    order: proposal.pre_prepare.clone(),
+                };
                 actions.push(Action::SendClient {
                     to: r.client,
                     message: Message::Client(ClientMessage::SpecResponse(Box::new(message))),
@@ -1528,9 +1912,15 @@ impl<S: Service> Replica<S> {
             }
             self.metrics.speculated_batches += 1;
             tracing::debug!(replica = self.id.0, seq = seq.0, "speculated");
-            actions.push(Action::Notify(Notification::Speculated { seq, batch_digest: b.batch_digest }));
+            actions.push(Action::Notify(Notification::Speculated {
+                seq,
+                batch_digest: b.batch_digest,
+            }));
             if let Some(slot) = self.log.get_mut(&seq) {
-                slot.executed = Some(Speculation { order: proposal.pre_prepare.clone(), results });
+                slot.executed = Some(Speculation {
+                    order: proposal.pre_prepare.clone(),
+                    results,
+                });
             }
         }
     }
@@ -1539,7 +1929,12 @@ impl<S: Service> Replica<S> {
     /// newest checkpoint at or below `last_executed` (always committed state), and the committed
     /// batches after it run again.
     fn roll_back_speculation(&mut self, actions: &mut Vec<Action>) {
-        let Some(base) = self.own_checkpoints.range(..=self.last_executed).next_back().map(|(_, c)| c.clone()) else {
+        let Some(base) = self
+            .own_checkpoints
+            .range(..=self.last_executed)
+            .next_back()
+            .map(|(_, c)| c.clone())
+        else {
             return self.halt("no checkpoint to roll speculation back to".into(), actions);
         };
         let replies = match ReplyTable::decode(&base.replies, self.config.protocol.client_window) {
@@ -1549,8 +1944,16 @@ impl<S: Service> Replica<S> {
         if let Err(e) = self.exec.rollback_to(base.seq.0, replies) {
             return self.halt(format!("rollback to {}: {e}", base.seq.0), actions);
         }
-        tracing::info!(replica = self.id.0, to = base.seq.0, from = self.spec_executed.0, "speculation rolled back");
-        actions.push(Action::Notify(Notification::RolledBack { to: base.seq, from: self.spec_executed }));
+        tracing::info!(
+            replica = self.id.0,
+            to = base.seq.0,
+            from = self.spec_executed.0,
+            "speculation rolled back"
+        );
+        actions.push(Action::Notify(Notification::RolledBack {
+            to: base.seq,
+            from: self.spec_executed,
+        }));
         self.metrics.rollbacks += 1;
         self.set_service_position(base.seq);
     }
@@ -1585,7 +1988,9 @@ impl<S: Service> Replica<S> {
             replies_digest: cp.replies_digest,
             replica: self.id,
         });
-        actions.push(Action::Broadcast { message: Message::Agreement(AgreementMessage::Checkpoint(signed.clone())) });
+        actions.push(Action::Broadcast {
+            message: Message::Agreement(AgreementMessage::Checkpoint(signed.clone())),
+        });
         actions.push(Action::Notify(Notification::CheckpointTaken {
             seq,
             service_root: cp.service_root,
@@ -1593,19 +1998,36 @@ impl<S: Service> Replica<S> {
         }));
         self.own_checkpoints.insert(
             seq,
-            OwnCheckpoint { seq, service_root: cp.service_root, replies: cp.replies, replies_digest: cp.replies_digest },
+            OwnCheckpoint {
+                seq,
+                service_root: cp.service_root,
+                replies: cp.replies,
+                replies_digest: cp.replies_digest,
+            },
         );
-        self.checkpoint_votes.entry(seq).or_default().insert(self.id, signed);
+        self.checkpoint_votes
+            .entry(seq)
+            .or_default()
+            .insert(self.id, signed);
         self.try_stable(seq, actions);
     }
 
-    pub fn on_checkpoint(&mut self, from: ReplicaId, checkpoint: Signed<Checkpoint>, actions: &mut Vec<Action>) {
+    pub fn on_checkpoint(
+        &mut self,
+        from: ReplicaId,
+        checkpoint: Signed<Checkpoint>,
+        actions: &mut Vec<Action>,
+    ) {
         let seq = checkpoint.body.seq;
         if seq <= self.stable.seq {
             return;
         }
         if seq.0 % self.config.protocol.checkpoint_interval != 0 {
-            return self.misbehaved(Principal::Replica(from), "checkpoint off the interval", actions);
+            return self.misbehaved(
+                Principal::Replica(from),
+                "checkpoint off the interval",
+                actions,
+            );
         }
         self.highest_seen = self.highest_seen.max(seq);
         // Votes are kept for two windows ahead: enough to notice we are behind; further ahead,
@@ -1613,16 +2035,24 @@ impl<S: Service> Replica<S> {
         if seq.0 > self.stable.seq.0 + 2 * self.config.protocol.log_window {
             return;
         }
-        self.checkpoint_votes.entry(seq).or_default().insert(from, checkpoint);
+        self.checkpoint_votes
+            .entry(seq)
+            .or_default()
+            .insert(from, checkpoint);
         self.try_stable(seq, actions);
     }
 
     fn try_stable(&mut self, seq: SeqNo, actions: &mut Vec<Action>) {
         let quorum = self.quorum();
-        let Some(votes) = self.checkpoint_votes.get(&seq) else { return };
+        let Some(votes) = self.checkpoint_votes.get(&seq) else {
+            return;
+        };
         let mut groups: BTreeMap<(Digest, Digest), Vec<Signed<Checkpoint>>> = BTreeMap::new();
         for v in votes.values() {
-            groups.entry((v.body.service_root, v.body.replies_digest)).or_default().push(v.clone());
+            groups
+                .entry((v.body.service_root, v.body.replies_digest))
+                .or_default()
+                .push(v.clone());
         }
         let Some(((service_root, replies_digest), mut checkpoints)) =
             groups.into_iter().find(|(_, list)| list.len() >= quorum)
@@ -1630,7 +2060,12 @@ impl<S: Service> Replica<S> {
             return;
         };
         checkpoints.truncate(quorum);
-        let cert = CheckpointCertificate { seq, service_root, replies_digest, checkpoints };
+        let cert = CheckpointCertificate {
+            seq,
+            service_root,
+            replies_digest,
+            checkpoints,
+        };
         self.adopt_stable(cert, actions);
     }
 
@@ -1640,13 +2075,20 @@ impl<S: Service> Replica<S> {
             return;
         }
         match self.own_checkpoints.get(&cert.seq) {
-            Some(own) if own.service_root == cert.service_root && own.replies_digest == cert.replies_digest => {
+            Some(own)
+                if own.service_root == cert.service_root
+                    && own.replies_digest == cert.replies_digest =>
+            {
                 self.make_stable(cert, actions)
             }
             Some(_) => {
                 // 2f+1 replicas (so at least f+1 correct) agree on a state we did not reach:
                 // our state is corrupt. Replace it.
-                tracing::error!(replica = self.id.0, seq = cert.seq.0, "own checkpoint differs from the certified one");
+                tracing::error!(
+                    replica = self.id.0,
+                    seq = cert.seq.0,
+                    "own checkpoint differs from the certified one"
+                );
                 self.own_checkpoints.remove(&cert.seq);
                 self.stable_ahead = Some(cert.clone());
                 // We executed past it, so begin_transfer would see nothing to catch up on.
@@ -1675,7 +2117,9 @@ impl<S: Service> Replica<S> {
         if self.next_seq <= seq {
             self.next_seq = seq.next();
         }
-        actions.push(Action::Persist(WalRecord::Snapshot(Box::new(self.durable_state()))));
+        actions.push(Action::Persist(WalRecord::Snapshot(Box::new(
+            self.durable_state(),
+        ))));
     }
 
     /// Service checkpoints below `seq` go only at the start of the next step: by then the
@@ -1703,7 +2147,9 @@ impl<S: Service> Replica<S> {
             self.next_seq = seq.next();
         }
         self.metrics.checkpoints_stable += 1;
-        actions.push(Action::Persist(WalRecord::Snapshot(Box::new(self.durable_state()))));
+        actions.push(Action::Persist(WalRecord::Snapshot(Box::new(
+            self.durable_state(),
+        ))));
         actions.push(Action::Notify(Notification::CheckpointStable {
             seq,
             service_root: self.stable.service_root,
@@ -1715,42 +2161,73 @@ impl<S: Service> Replica<S> {
     // -----------------------------------------------------------------------------------------
     // Catching up: committed batches from peers
 
-    pub fn on_fetch_committed(&mut self, from: ReplicaId, first: SeqNo, last: SeqNo, actions: &mut Vec<Action>) {
+    pub fn on_fetch_committed(
+        &mut self,
+        from: ReplicaId,
+        first: SeqNo,
+        last: SeqNo,
+        actions: &mut Vec<Action>,
+    ) {
         if first <= self.stable.seq && self.stable.seq > SeqNo(0) {
             actions.push(Action::Send {
                 to: from,
-                message: Message::StateTransfer(StateTransferMessage::ReplyStable(self.stable.clone())),
+                message: Message::StateTransfer(StateTransferMessage::ReplyStable(
+                    self.stable.clone(),
+                )),
             });
         }
         let start = first.max(self.stable.seq.next());
-        let end = last.min(SeqNo(start.0.saturating_add(FETCH_BATCHES_MAX - 1))).min(self.last_executed);
+        let end = last
+            .min(SeqNo(start.0.saturating_add(FETCH_BATCHES_MAX - 1)))
+            .min(self.last_executed);
         if start > end {
             return;
         }
         for (_, slot) in self.log.range(start..=end) {
             if let Some(cert) = &slot.commit_certificate {
-                actions.push(Action::Send { to: from, message: Message::Agreement(AgreementMessage::Committed(cert.clone())) });
+                actions.push(Action::Send {
+                    to: from,
+                    message: Message::Agreement(AgreementMessage::Committed(cert.clone())),
+                });
             }
         }
     }
 
-    pub fn on_committed(&mut self, from: ReplicaId, cert: CommitCertificate, actions: &mut Vec<Action>) {
+    pub fn on_committed(
+        &mut self,
+        from: ReplicaId,
+        cert: CommitCertificate,
+        actions: &mut Vec<Action>,
+    ) {
         let b = cert.proposal.pre_prepare.body.clone();
         if b.seq <= self.last_executed || !self.in_window(b.seq) {
             return;
         }
         if b.primary != b.view.primary(self.n()) {
-            return self.misbehaved(Principal::Replica(from), "commit certificate for a non-primary's proposal", actions);
+            return self.misbehaved(
+                Principal::Replica(from),
+                "commit certificate for a non-primary's proposal",
+                actions,
+            );
         }
         let mut signers = BTreeSet::new();
         for c in &cert.commits {
-            if c.body.view != b.view || c.body.seq != b.seq || c.body.batch_digest != b.batch_digest {
-                return self.misbehaved(Principal::Replica(from), "commit certificate does not match", actions);
+            if c.body.view != b.view || c.body.seq != b.seq || c.body.batch_digest != b.batch_digest
+            {
+                return self.misbehaved(
+                    Principal::Replica(from),
+                    "commit certificate does not match",
+                    actions,
+                );
             }
             signers.insert(c.body.replica);
         }
         if signers.len() < self.quorum() || signers.iter().any(|r| r.0 as usize >= self.n()) {
-            return self.misbehaved(Principal::Replica(from), "commit certificate too small", actions);
+            return self.misbehaved(
+                Principal::Replica(from),
+                "commit certificate too small",
+                actions,
+            );
         }
         let slot = self.log.entry(b.seq).or_default();
         if slot.committed {
@@ -1781,7 +2258,9 @@ impl<S: Service> Replica<S> {
             if let Some(newer) = self.stable_ahead.clone().filter(|c| c.seq > target) {
                 self.begin_transfer(newer, actions);
             } else if self.ticks % (4 * p.retransmit_ticks) == 0 {
-                actions.push(Action::Broadcast { message: Message::StateTransfer(StateTransferMessage::QueryStable) });
+                actions.push(Action::Broadcast {
+                    message: Message::StateTransfer(StateTransferMessage::QueryStable),
+                });
             }
         }
 
@@ -1794,10 +2273,20 @@ impl<S: Service> Replica<S> {
             let oldest_proposal = self
                 .log
                 .range(self.last_executed.next()..)
-                .filter(|(_, s)| !s.committed && s.proposal.as_ref().is_some_and(|p| p.pre_prepare.body.view == view))
+                .filter(|(_, s)| {
+                    !s.committed
+                        && s.proposal
+                            .as_ref()
+                            .is_some_and(|p| p.pre_prepare.body.view == view)
+                })
                 .map(|(_, s)| s.accepted_tick)
                 .min();
-            let oldest = self.waiting.values().map(|(_, t)| *t).chain(oldest_proposal).min();
+            let oldest = self
+                .waiting
+                .values()
+                .map(|(_, t)| *t)
+                .chain(oldest_proposal)
+                .min();
             // A replica that is catching up does not suspect the primary: the group made
             // progress without it (a stable certificate above what it executed proves it), and
             // a view change started alone would leave it outside agreement until the others
@@ -1826,7 +2315,9 @@ impl<S: Service> Replica<S> {
         if self.transfer.is_none() {
             let stalled = self.ticks >= self.last_progress_tick + p.catch_up_ticks;
             if let Some(cert) = self.stable_ahead.clone() {
-                if cert.seq > self.last_executed && (stalled || self.last_executed < self.stable.seq) {
+                if cert.seq > self.last_executed
+                    && (stalled || self.last_executed < self.stable.seq)
+                {
                     self.begin_transfer(cert, actions);
                 }
             }
@@ -1863,7 +2354,9 @@ impl<S: Service> Replica<S> {
         if !self.view_active {
             if let Some(vc) = self.view_changes.get(&self.id) {
                 if vc.body.new_view == self.view {
-                    actions.push(Action::Broadcast { message: Message::ViewChange(ViewChangeMessage::ViewChange(vc.clone())) });
+                    actions.push(Action::Broadcast {
+                        message: Message::ViewChange(ViewChangeMessage::ViewChange(vc.clone())),
+                    });
                 }
             }
             return;
@@ -1874,7 +2367,9 @@ impl<S: Service> Replica<S> {
         for (_, slot) in self.log.range(..=self.last_executed) {
             if slot.sent_commit && !slot.committed {
                 if let Some(commit) = slot.commits.get(&self.id) {
-                    actions.push(Action::Broadcast { message: Message::Agreement(AgreementMessage::Commit(commit.clone())) });
+                    actions.push(Action::Broadcast {
+                        message: Message::Agreement(AgreementMessage::Commit(commit.clone())),
+                    });
                 }
             }
         }
@@ -1884,20 +2379,28 @@ impl<S: Service> Replica<S> {
                 continue;
             }
             if primary {
-                actions.push(Action::Broadcast { message: Message::Agreement(AgreementMessage::PrePrepare(p.clone())) });
+                actions.push(Action::Broadcast {
+                    message: Message::Agreement(AgreementMessage::PrePrepare(p.clone())),
+                });
             } else if let Some(prepare) = slot.prepares.get(&self.id) {
-                actions.push(Action::Broadcast { message: Message::Agreement(AgreementMessage::Prepare(prepare.clone())) });
+                actions.push(Action::Broadcast {
+                    message: Message::Agreement(AgreementMessage::Prepare(prepare.clone())),
+                });
             }
             if slot.sent_commit {
                 if let Some(commit) = slot.commits.get(&self.id) {
-                    actions.push(Action::Broadcast { message: Message::Agreement(AgreementMessage::Commit(commit.clone())) });
+                    actions.push(Action::Broadcast {
+                        message: Message::Agreement(AgreementMessage::Commit(commit.clone())),
+                    });
                 }
             }
         }
         // Our newest checkpoint vote, while it is not stable.
         if let Some((_, votes)) = self.checkpoint_votes.iter().next_back() {
             if let Some(mine) = votes.get(&self.id) {
-                actions.push(Action::Broadcast { message: Message::Agreement(AgreementMessage::Checkpoint(mine.clone())) });
+                actions.push(Action::Broadcast {
+                    message: Message::Agreement(AgreementMessage::Checkpoint(mine.clone())),
+                });
             }
         }
     }
@@ -1920,24 +2423,39 @@ impl<S: Service> Replica<S> {
         self.new_view_message = None;
         self.proposed.clear();
         let evidence = self.evidence();
-        let vc = self.signer.sign(ViewChange { new_view, replica: self.id, stable: self.stable.clone(), evidence });
+        let vc = self.signer.sign(ViewChange {
+            new_view,
+            replica: self.id,
+            stable: self.stable.clone(),
+            evidence,
+        });
         actions.push(Action::Persist(WalRecord::EnteredView { view: new_view }));
-        actions.push(Action::Broadcast { message: Message::ViewChange(ViewChangeMessage::ViewChange(vc.clone())) });
+        actions.push(Action::Broadcast {
+            message: Message::ViewChange(ViewChangeMessage::ViewChange(vc.clone())),
+        });
         self.view_changes.insert(self.id, vc);
         // The timer for the new view starts only once 2f+1 replicas want it (PBFT): a replica
         // alone ahead must not keep climbing views the others can never catch up with.
         self.view_change_deadline = None;
         self.arm_view_change_timer();
         // Back off: each consecutive view change waits twice as long for its new view.
-        self.view_change_timeout_ticks =
-            (self.view_change_timeout_ticks * 2).min(self.config.protocol.view_change_timeout_ticks_max);
+        self.view_change_timeout_ticks = (self.view_change_timeout_ticks * 2)
+            .min(self.config.protocol.view_change_timeout_ticks_max);
         self.metrics.view_changes_started += 1;
         tracing::info!(replica = self.id.0, view = new_view.0, "view change");
-        actions.push(Action::Notify(Notification::ViewEntered { view: new_view, active: false }));
+        actions.push(Action::Notify(Notification::ViewEntered {
+            view: new_view,
+            active: false,
+        }));
         self.maybe_send_new_view(actions);
     }
 
-    pub fn on_view_change(&mut self, from: ReplicaId, vc: Signed<ViewChange>, actions: &mut Vec<Action>) {
+    pub fn on_view_change(
+        &mut self,
+        from: ReplicaId,
+        vc: Signed<ViewChange>,
+        actions: &mut Vec<Action>,
+    ) {
         if !view_change::valid_view_change(&self.config, &self.genesis, &vc.body) {
             return self.misbehaved(Principal::Replica(from), "malformed view change", actions);
         }
@@ -1945,11 +2463,18 @@ impl<S: Service> Replica<S> {
         if target < self.view || (target == self.view && self.view_active) {
             // It is behind: hand it the new view that installed ours.
             if let Some(nv) = &self.new_view_message {
-                actions.push(Action::Send { to: from, message: Message::ViewChange(ViewChangeMessage::NewView(nv.clone())) });
+                actions.push(Action::Send {
+                    to: from,
+                    message: Message::ViewChange(ViewChangeMessage::NewView(nv.clone())),
+                });
             }
             return;
         }
-        if self.view_changes.get(&from).is_some_and(|old| old.body.new_view >= target) {
+        if self
+            .view_changes
+            .get(&from)
+            .is_some_and(|old| old.body.new_view >= target)
+        {
             return;
         }
         self.view_changes.insert(from, vc);
@@ -1975,7 +2500,11 @@ impl<S: Service> Replica<S> {
         }
         // Replicas that asked for this view or a later one have all given up on the views
         // below it.
-        let support = self.view_changes.values().filter(|v| v.body.new_view >= self.view).count();
+        let support = self
+            .view_changes
+            .values()
+            .filter(|v| v.body.new_view >= self.view)
+            .count();
         if support >= self.quorum() {
             self.view_change_deadline = Some(self.ticks + self.view_change_timeout_ticks);
         }
@@ -2000,14 +2529,23 @@ impl<S: Service> Replica<S> {
             return;
         }
         let plan = view_change::plan_new_view(&self.config, &chosen);
-        let pre_prepares: Vec<Signed<PrePrepare>> =
-            speculation::reissue(self.view, self.id, &plan).into_iter().map(|pp| self.signer.sign(pp)).collect();
-        let nv = self.signer.sign(NewView { view: self.view, primary: self.id, view_changes: chosen, pre_prepares });
+        let pre_prepares: Vec<Signed<PrePrepare>> = speculation::reissue(self.view, self.id, &plan)
+            .into_iter()
+            .map(|pp| self.signer.sign(pp))
+            .collect();
+        let nv = self.signer.sign(NewView {
+            view: self.view,
+            primary: self.id,
+            view_changes: chosen,
+            pre_prepares,
+        });
         if let Err(e) = self.safety.check_enter_view(self.view, true) {
             panic!("replica {}: {e}", self.id.0);
         }
         self.install_new_view(nv.clone(), plan, actions);
-        actions.push(Action::Broadcast { message: Message::ViewChange(ViewChangeMessage::NewView(nv)) });
+        actions.push(Action::Broadcast {
+            message: Message::ViewChange(ViewChangeMessage::NewView(nv)),
+        });
     }
 
     pub fn on_new_view(&mut self, from: ReplicaId, nv: Signed<NewView>, actions: &mut Vec<Action>) {
@@ -2016,18 +2554,33 @@ impl<S: Service> Replica<S> {
             return;
         }
         if nv.body.primary != v.primary(self.n()) {
-            return self.misbehaved(Principal::Replica(from), "new view from a non-primary", actions);
+            return self.misbehaved(
+                Principal::Replica(from),
+                "new view from a non-primary",
+                actions,
+            );
         }
         if !view_change::valid_quorum(&self.config, &self.genesis, v, &nv.body.view_changes) {
-            return self.misbehaved(Principal::Replica(from), "new view without a valid quorum", actions);
+            return self.misbehaved(
+                Principal::Replica(from),
+                "new view without a valid quorum",
+                actions,
+            );
         }
         // Rule 6: recompute and compare.
         let plan = view_change::plan_new_view(&self.config, &nv.body.view_changes);
         let expected = speculation::reissue(v, nv.body.primary, &plan);
         let matches = expected.len() == nv.body.pre_prepares.len()
-            && expected.iter().zip(&nv.body.pre_prepares).all(|(e, pp)| pp.body == *e);
+            && expected
+                .iter()
+                .zip(&nv.body.pre_prepares)
+                .all(|(e, pp)| pp.body == *e);
         if !matches {
-            return self.misbehaved(Principal::Replica(from), "new view does not match its view changes", actions);
+            return self.misbehaved(
+                Principal::Replica(from),
+                "new view does not match its view changes",
+                actions,
+            );
         }
         if self.safety.check_enter_view(v, v == self.view).is_err() {
             return;
@@ -2036,7 +2589,12 @@ impl<S: Service> Replica<S> {
         self.install_new_view(nv, plan, actions);
     }
 
-    fn install_new_view(&mut self, nv: Signed<NewView>, plan: NewViewPlan, actions: &mut Vec<Action>) {
+    fn install_new_view(
+        &mut self,
+        nv: Signed<NewView>,
+        plan: NewViewPlan,
+        actions: &mut Vec<Action>,
+    ) {
         let view = nv.body.view;
         self.view = view;
         self.view_active = true;
@@ -2044,7 +2602,9 @@ impl<S: Service> Replica<S> {
         self.view_changes.retain(|_, v| v.body.new_view > view);
         self.proposed.clear();
         actions.push(Action::Persist(WalRecord::InstalledView { view }));
-        actions.push(Action::Persist(WalRecord::NewViewMessage(Box::new(nv.clone()))));
+        actions.push(Action::Persist(WalRecord::NewViewMessage(Box::new(
+            nv.clone(),
+        ))));
 
         if plan.stable.seq > self.stable.seq {
             if plan.stable.seq > self.last_executed {
@@ -2060,13 +2620,25 @@ impl<S: Service> Replica<S> {
         // from the plan's, or that the plan leaves out, sends the service back to its newest
         // checkpoint (committed state); the loop at the end re-runs the plan from there.
         let speculated = self.spec_executed > self.last_executed;
-        let conflict = speculated && self.log.range(self.last_executed.next()..=self.spec_executed).any(|(seq, slot)| {
-            let planned = plan.slots.iter().find(|(s, _)| s == seq).map(|(_, p)| NewViewPlan::slot_content(p));
-            match (&slot.executed, planned) {
-                (Some(spec), Some((digest, nondet))) => spec.order.body.batch_digest != digest || spec.order.body.nondet != nondet,
-                _ => true,
-            }
-        }) || (self.spec_executed > self.last_executed && plan.stable.seq > self.last_executed);
+        let conflict = speculated
+            && self
+                .log
+                .range(self.last_executed.next()..=self.spec_executed)
+                .any(|(seq, slot)| {
+                    let planned = plan
+                        .slots
+                        .iter()
+                        .find(|(s, _)| s == seq)
+                        .map(|(_, p)| NewViewPlan::slot_content(p));
+                    match (&slot.executed, planned) {
+                        (Some(spec), Some((digest, nondet))) => {
+                            spec.order.body.batch_digest != digest
+                                || spec.order.body.nondet != nondet
+                        }
+                        _ => true,
+                    }
+                })
+            || (self.spec_executed > self.last_executed && plan.stable.seq > self.last_executed);
         if conflict && self.spec_executed > self.last_executed {
             self.roll_back_speculation(actions);
         }
@@ -2078,11 +2650,17 @@ impl<S: Service> Replica<S> {
             if !self.in_window(*seq) {
                 continue;
             }
-            let proposal = Proposal { pre_prepare: pre_prepare.clone(), batch: NewViewPlan::batch(chosen) };
+            let proposal = Proposal {
+                pre_prepare: pre_prepare.clone(),
+                batch: NewViewPlan::batch(chosen),
+            };
             let digest = proposal.pre_prepare.body.batch_digest;
             if let Some(slot) = self.log.get(seq) {
                 if slot.committed {
-                    let old = slot.proposal.as_ref().map(|p| p.pre_prepare.body.batch_digest);
+                    let old = slot
+                        .proposal
+                        .as_ref()
+                        .map(|p| p.pre_prepare.body.batch_digest);
                     assert_eq!(
                         old,
                         Some(digest),
@@ -2121,10 +2699,14 @@ impl<S: Service> Replica<S> {
         self.next_seq = max_seq.max(self.last_executed).next();
         // Give the new primary the requests clients were waiting on.
         let ticks = self.ticks;
-        let waiting: Vec<Signed<Request>> = self.waiting.values_mut().map(|(r, t)| {
-            *t = ticks;
-            r.clone()
-        }).collect();
+        let waiting: Vec<Signed<Request>> = self
+            .waiting
+            .values_mut()
+            .map(|(r, t)| {
+                *t = ticks;
+                r.clone()
+            })
+            .collect();
         if primary {
             let waiting_keys: Vec<_> = self.waiting.keys().copied().collect();
             for (key, request) in waiting_keys.into_iter().zip(waiting) {
@@ -2135,7 +2717,10 @@ impl<S: Service> Replica<S> {
             self.waiting.clear();
         } else {
             for request in waiting {
-                actions.push(Action::Send { to: view.primary(self.n()), message: Message::Client(ClientMessage::Request(request)) });
+                actions.push(Action::Send {
+                    to: view.primary(self.n()),
+                    message: Message::Client(ClientMessage::Request(request)),
+                });
             }
             self.pending.clear();
             self.pending_keys.clear();
@@ -2143,7 +2728,10 @@ impl<S: Service> Replica<S> {
         self.new_view_message = Some(nv);
         self.metrics.new_views_installed += 1;
         tracing::info!(replica = self.id.0, view = view.0, "new view installed");
-        actions.push(Action::Notify(Notification::ViewEntered { view, active: true }));
+        actions.push(Action::Notify(Notification::ViewEntered {
+            view,
+            active: true,
+        }));
         let seqs: Vec<SeqNo> = self.log.keys().copied().collect();
         for seq in seqs {
             self.try_prepared(seq, actions);
@@ -2155,7 +2743,10 @@ impl<S: Service> Replica<S> {
     fn on_query_new_view(&mut self, from: ReplicaId, view: View, actions: &mut Vec<Action>) {
         if let Some(nv) = &self.new_view_message {
             if nv.body.view >= view {
-                actions.push(Action::Send { to: from, message: Message::ViewChange(ViewChangeMessage::NewView(nv.clone())) });
+                actions.push(Action::Send {
+                    to: from,
+                    message: Message::ViewChange(ViewChangeMessage::NewView(nv.clone())),
+                });
             }
         }
     }
@@ -2173,12 +2764,24 @@ impl<S: Service> Replica<S> {
     /// Starts a state transfer to `cert` whatever we executed (also when our own state at
     /// `cert` turned out corrupt).
     fn start_transfer(&mut self, cert: CheckpointCertificate, actions: &mut Vec<Action>) {
-        if self.transfer.as_ref().is_some_and(|t| t.target.seq >= cert.seq) {
+        if self
+            .transfer
+            .as_ref()
+            .is_some_and(|t| t.target.seq >= cert.seq)
+        {
             return;
         }
         // Diff against our newest checkpoint below the target: roll the service back to it.
-        let Some(base) = self.own_checkpoints.range(..cert.seq).next_back().map(|(_, c)| c.clone()) else {
-            return self.halt("no own checkpoint to transfer state against".into(), actions);
+        let Some(base) = self
+            .own_checkpoints
+            .range(..cert.seq)
+            .next_back()
+            .map(|(_, c)| c.clone())
+        else {
+            return self.halt(
+                "no own checkpoint to transfer state against".into(),
+                actions,
+            );
         };
         let replies = match ReplyTable::decode(&base.replies, self.config.protocol.client_window) {
             Ok(r) => r,
@@ -2194,10 +2797,23 @@ impl<S: Service> Replica<S> {
                 peers.push(r);
             }
         }
-        tracing::info!(replica = self.id.0, target = cert.seq.0, base = base.seq.0, "state transfer");
+        tracing::info!(
+            replica = self.id.0,
+            target = cert.seq.0,
+            base = base.seq.0,
+            "state transfer"
+        );
         self.metrics.state_transfers += 1;
         let mut steps = Vec::new();
-        let transfer = Transfer::start(cert, base.seq, self.id, peers, self.config.weak_quorum(), self.ticks, &mut steps);
+        let transfer = Transfer::start(
+            cert,
+            base.seq,
+            self.id,
+            peers,
+            self.config.weak_quorum(),
+            self.ticks,
+            &mut steps,
+        );
         self.transfer = Some(transfer);
         self.apply_transfer_steps(steps, actions);
     }
@@ -2205,42 +2821,74 @@ impl<S: Service> Replica<S> {
     fn apply_transfer_steps(&mut self, steps: Vec<TransferStep>, actions: &mut Vec<Action>) {
         for step in steps {
             match step {
-                TransferStep::Send(to, m) => actions.push(Action::Send { to, message: Message::StateTransfer(m) }),
-                TransferStep::Misbehaved(from, what) => self.misbehaved(Principal::Replica(from), what, actions),
+                TransferStep::Send(to, m) => actions.push(Action::Send {
+                    to,
+                    message: Message::StateTransfer(m),
+                }),
+                TransferStep::Misbehaved(from, what) => {
+                    self.misbehaved(Principal::Replica(from), what, actions)
+                }
             }
         }
     }
 
-    fn on_state_transfer(&mut self, from: ReplicaId, message: StateTransferMessage, actions: &mut Vec<Action>) {
+    fn on_state_transfer(
+        &mut self,
+        from: ReplicaId,
+        message: StateTransferMessage,
+        actions: &mut Vec<Action>,
+    ) {
         use StateTransferMessage as M;
         let service = self.exec.service();
-        let reply = match &message {
-            M::QueryStable => Some(M::ReplyStable(self.stable.clone())),
-            M::GetNode { seq, level, index } => service.partition_node(seq.0, *level, *index).map(|children| M::Node {
-                seq: *seq,
-                level: *level,
-                index: *index,
-                object_count: service.object_count(),
-                children,
-            }),
-            M::GetPieceDigests { seq, index } => {
-                service.piece_digests_at(seq.0, *index).map(|digests| M::PieceDigests { seq: *seq, index: *index, digests })
-            }
-            M::GetPiece { seq, index, piece } => service
-                .get_piece_at(seq.0, *index, *piece)
-                .map(|bytes| M::Piece { seq: *seq, index: *index, piece: *piece, bytes }),
-            M::GetReplies { seq } => {
-                self.own_checkpoints.get(seq).map(|c| M::Replies { seq: *seq, table: c.replies.clone() })
-            }
-            _ => None,
-        };
+        let reply =
+            match &message {
+                M::QueryStable => Some(M::ReplyStable(self.stable.clone())),
+                M::GetNode { seq, level, index } => service
+                    .partition_node(seq.0, *level, *index)
+                    .map(|children| M::Node {
+                        seq: *seq,
+                        level: *level,
+                        index: *index,
+                        object_count: service.object_count(),
+                        children,
+                    }),
+                M::GetPieceDigests { seq, index } => {
+                    service
+                        .piece_digests_at(seq.0, *index)
+                        .map(|digests| M::PieceDigests {
+                            seq: *seq,
+                            index: *index,
+                            digests,
+                        })
+                }
+                M::GetPiece { seq, index, piece } => service
+                    .get_piece_at(seq.0, *index, *piece)
+                    .map(|bytes| M::Piece {
+                        seq: *seq,
+                        index: *index,
+                        piece: *piece,
+                        bytes,
+                    }),
+                M::GetReplies { seq } => self.own_checkpoints.get(seq).map(|c| M::Replies {
+                    seq: *seq,
+                    table: c.replies.clone(),
+                }),
+                _ => None,
+            };
         if let Some(reply) = reply {
-            return actions.push(Action::Send { to: from, message: Message::StateTransfer(reply) });
+            return actions.push(Action::Send {
+                to: from,
+                message: Message::StateTransfer(reply),
+            });
         }
         match message {
             M::ReplyStable(cert) => {
                 if !view_change::valid_checkpoint_certificate(&self.config, &self.genesis, &cert) {
-                    return self.misbehaved(Principal::Replica(from), "invalid stable certificate", actions);
+                    return self.misbehaved(
+                        Principal::Replica(from),
+                        "invalid stable certificate",
+                        actions,
+                    );
                 }
                 if cert.seq > self.last_executed {
                     self.stable_ahead = Some(cert.clone());
@@ -2250,10 +2898,16 @@ impl<S: Service> Replica<S> {
                 }
             }
             M::Node { .. } | M::PieceDigests { .. } | M::Piece { .. } | M::Replies { .. } => {
-                let Some(mut transfer) = self.transfer.take() else { return };
+                let Some(mut transfer) = self.transfer.take() else {
+                    return;
+                };
                 let mut steps = Vec::new();
-                let finished = transfer.on_message(self.exec.service(), from, message, self.ticks, &mut steps);
-                self.metrics.state_transfer_bytes = self.metrics.state_transfer_bytes.max(transfer.bytes_fetched);
+                let finished =
+                    transfer.on_message(self.exec.service(), from, message, self.ticks, &mut steps);
+                self.metrics.state_transfer_bytes = self
+                    .metrics
+                    .state_transfer_bytes
+                    .max(transfer.bytes_fetched);
                 let target = transfer.target.clone();
                 let base = transfer.base;
                 self.transfer = Some(transfer);
@@ -2277,8 +2931,13 @@ impl<S: Service> Replica<S> {
         let window = self.config.protocol.client_window;
         let retry = |this: &mut Self, why: &str, actions: &mut Vec<Action>| {
             tracing::warn!(replica = this.id.0, why, "state transfer failed; retrying");
-            let base_replies = this.own_checkpoints.get(&base).map(|c| c.replies.clone()).unwrap_or_default();
-            let replies = ReplyTable::decode(&base_replies, window).unwrap_or_else(|_| ReplyTable::new(window));
+            let base_replies = this
+                .own_checkpoints
+                .get(&base)
+                .map(|c| c.replies.clone())
+                .unwrap_or_default();
+            let replies = ReplyTable::decode(&base_replies, window)
+                .unwrap_or_else(|_| ReplyTable::new(window));
             if let Err(e) = this.exec.rollback_to(base.0, replies) {
                 this.halt(format!("rollback to {}: {e}", base.0), actions);
             }
@@ -2292,7 +2951,11 @@ impl<S: Service> Replica<S> {
             return retry(self, &e.to_string(), actions);
         }
         // The certified state may have fewer object slots than ours.
-        if let Err(e) = self.exec.service_mut().set_object_count(finished.object_count) {
+        if let Err(e) = self
+            .exec
+            .service_mut()
+            .set_object_count(finished.object_count)
+        {
             return retry(self, &e.to_string(), actions);
         }
         self.exec.set_replies(replies);
@@ -2301,7 +2964,11 @@ impl<S: Service> Replica<S> {
             Err(e) => return self.halt(format!("checkpoint after state transfer: {e}"), actions),
         };
         if cp.service_root != target.service_root || cp.replies_digest != target.replies_digest {
-            return retry(self, "installed state does not match the certified digest", actions);
+            return retry(
+                self,
+                "installed state does not match the certified digest",
+                actions,
+            );
         }
         actions.push(Action::Persist(WalRecord::CheckpointTaken {
             seq: target.seq,
@@ -2310,7 +2977,12 @@ impl<S: Service> Replica<S> {
         }));
         self.own_checkpoints.insert(
             target.seq,
-            OwnCheckpoint { seq: target.seq, service_root: cp.service_root, replies: cp.replies, replies_digest: cp.replies_digest },
+            OwnCheckpoint {
+                seq: target.seq,
+                service_root: cp.service_root,
+                replies: cp.replies,
+                replies_digest: cp.replies_digest,
+            },
         );
         self.set_service_position(target.seq);
         self.last_progress_tick = self.ticks;
@@ -2319,13 +2991,22 @@ impl<S: Service> Replica<S> {
             // We had jumped to it already: now that we hold its state, drop what is older.
             self.own_checkpoints = self.own_checkpoints.split_off(&target.seq);
             self.defer_discard(target.seq);
-            actions.push(Action::Persist(WalRecord::Snapshot(Box::new(self.durable_state()))));
+            actions.push(Action::Persist(WalRecord::Snapshot(Box::new(
+                self.durable_state(),
+            ))));
         }
         self.make_stable(target.clone(), actions);
-        if self.stable_ahead.as_ref().is_some_and(|c| c.seq <= target.seq) {
+        if self
+            .stable_ahead
+            .as_ref()
+            .is_some_and(|c| c.seq <= target.seq)
+        {
             self.stable_ahead = None;
         }
-        actions.push(Action::Notify(Notification::StateTransferred { seq: target.seq, bytes }));
+        actions.push(Action::Notify(Notification::StateTransferred {
+            seq: target.seq,
+            bytes,
+        }));
         // Batches committed after that checkpoint: ask one peer once (later traffic tells us
         // about the rest).
         let to = self.next_peer();

@@ -29,8 +29,15 @@ use std::collections::{BTreeMap, BTreeSet};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SafetyViolation {
-    #[error("rule 1: already voted for {existing:?} at view {view:?} seq {seq:?}, not {proposed:?}")]
-    ConflictingProposal { view: View, seq: SeqNo, existing: Digest, proposed: Digest },
+    #[error(
+        "rule 1: already voted for {existing:?} at view {view:?} seq {seq:?}, not {proposed:?}"
+    )]
+    ConflictingProposal {
+        view: View,
+        seq: SeqNo,
+        existing: Digest,
+        proposed: Digest,
+    },
     #[error("rule 2: view {requested:?} is not above {current:?}")]
     ViewRegression { current: View, requested: View },
     #[error("rule 5: executing {seq:?} after {last:?}")]
@@ -60,7 +67,11 @@ pub struct SafetyRules {
 
 impl SafetyRules {
     pub fn new(view: View, last_executed: SeqNo) -> Self {
-        SafetyRules { highest_view: view, last_executed, ..Default::default() }
+        SafetyRules {
+            highest_view: view,
+            last_executed,
+            ..Default::default()
+        }
     }
 
     pub fn highest_view(&self) -> View {
@@ -69,12 +80,20 @@ impl SafetyRules {
 
     /// Rule 1: records a vote, or refuses a conflicting one. Voting twice for the same digest
     /// is fine (retransmission, restart).
-    pub fn check_vote(&mut self, view: View, seq: SeqNo, digest: Digest) -> Result<(), SafetyViolation> {
+    pub fn check_vote(
+        &mut self,
+        view: View,
+        seq: SeqNo,
+        digest: Digest,
+    ) -> Result<(), SafetyViolation> {
         let per_view = self.votes.entry(seq).or_default();
         match per_view.get(&view) {
-            Some(existing) if *existing != digest => {
-                Err(SafetyViolation::ConflictingProposal { view, seq, existing: *existing, proposed: digest })
-            }
+            Some(existing) if *existing != digest => Err(SafetyViolation::ConflictingProposal {
+                view,
+                seq,
+                existing: *existing,
+                proposed: digest,
+            }),
             _ => {
                 per_view.insert(view, digest);
                 Ok(())
@@ -87,19 +106,29 @@ impl SafetyRules {
     }
 
     /// Rule 2: `installing` re-enters the current view to install its new view.
-    pub fn check_enter_view(&mut self, view: View, installing: bool) -> Result<(), SafetyViolation> {
+    pub fn check_enter_view(
+        &mut self,
+        view: View,
+        installing: bool,
+    ) -> Result<(), SafetyViolation> {
         if view > self.highest_view || (installing && view == self.highest_view) {
             self.highest_view = view;
             Ok(())
         } else {
-            Err(SafetyViolation::ViewRegression { current: self.highest_view, requested: view })
+            Err(SafetyViolation::ViewRegression {
+                current: self.highest_view,
+                requested: view,
+            })
         }
     }
 
     /// Rule 5.
     pub fn check_execute(&mut self, seq: SeqNo) -> Result<(), SafetyViolation> {
         if seq != self.last_executed.next() {
-            return Err(SafetyViolation::OutOfOrderExecution { last: self.last_executed, seq });
+            return Err(SafetyViolation::OutOfOrderExecution {
+                last: self.last_executed,
+                seq,
+            });
         }
         self.last_executed = seq;
         Ok(())
@@ -118,8 +147,12 @@ impl SafetyRules {
             Said::EnteredView(_) | Said::InstalledView(_) => true,
         });
         // Keep only the newest few view records: older views are never spoken in again.
-        let views: Vec<Said> =
-            self.persisted.iter().filter(|s| matches!(s, Said::EnteredView(_) | Said::InstalledView(_))).copied().collect();
+        let views: Vec<Said> = self
+            .persisted
+            .iter()
+            .filter(|s| matches!(s, Said::EnteredView(_) | Said::InstalledView(_)))
+            .copied()
+            .collect();
         if views.len() > 4 {
             for s in &views[..views.len() - 4] {
                 self.persisted.remove(s);
@@ -132,11 +165,13 @@ impl SafetyRules {
         match record {
             WalRecord::Accepted(p) => {
                 let b = &p.pre_prepare.body;
-                self.persisted.insert(Said::Proposal(b.view, b.seq, b.batch_digest));
+                self.persisted
+                    .insert(Said::Proposal(b.view, b.seq, b.batch_digest));
             }
             WalRecord::Prepared(c) => {
                 let b = &c.proposal.pre_prepare.body;
-                self.persisted.insert(Said::Prepared(b.view, b.seq, b.batch_digest));
+                self.persisted
+                    .insert(Said::Prepared(b.view, b.seq, b.batch_digest));
             }
             WalRecord::EnteredView { view } => {
                 self.persisted.insert(Said::EnteredView(*view));
@@ -179,7 +214,9 @@ impl SafetyRules {
                 _ => continue,
             };
             let needed = match message {
-                Message::Agreement(AgreementMessage::PrePrepare(p)) if p.pre_prepare.body.primary == me => {
+                Message::Agreement(AgreementMessage::PrePrepare(p))
+                    if p.pre_prepare.body.primary == me =>
+                {
                     let b = &p.pre_prepare.body;
                     Some(Said::Proposal(b.view, b.seq, b.batch_digest))
                 }
@@ -204,7 +241,11 @@ impl SafetyRules {
                 // Messages below the stable checkpoint are never sent, so pruning cannot hide
                 // a missing record.
                 if !self.persisted.contains(&needed) {
-                    return Err(format!("rule 3: {} sent before {:?} was persisted", message.kind(), needed));
+                    return Err(format!(
+                        "rule 3: {} sent before {:?} was persisted",
+                        message.kind(),
+                        needed
+                    ));
                 }
             }
         }

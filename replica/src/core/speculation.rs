@@ -16,7 +16,14 @@ pub fn reissue(view: View, primary: ReplicaId, plan: &NewViewPlan) -> Vec<PrePre
         .map(|(seq, chosen)| {
             let (batch_digest, nondet) = NewViewPlan::slot_content(chosen);
             history = chain_history(&history, *seq, &batch_digest, &nondet);
-            PrePrepare { view, seq: *seq, batch_digest, nondet, primary, history }
+            PrePrepare {
+                view,
+                seq: *seq,
+                batch_digest,
+                nondet,
+                primary,
+                history,
+            }
         })
         .collect()
 }
@@ -36,13 +43,31 @@ mod tests {
             primary: ReplicaId(1),
             history: Digest([tag; 32]),
         };
-        Proposal { pre_prepare: Signed { body, signature: Signature::from_bytes(&[0; 64]) }, batch }
+        Proposal {
+            pre_prepare: Signed {
+                body,
+                signature: Signature::from_bytes(&[0; 64]),
+            },
+            batch,
+        }
     }
 
     #[test]
     fn reissued_histories_chain_from_the_stable_checkpoint() {
-        let stable = CheckpointCertificate { seq: SeqNo(0), service_root: Digest::default(), replies_digest: Digest::default(), checkpoints: vec![] };
-        let p = NewViewPlan { stable, slots: vec![(SeqNo(1), Some(proposal(1, 7))), (SeqNo(2), None), (SeqNo(3), Some(proposal(3, 9)))] };
+        let stable = CheckpointCertificate {
+            seq: SeqNo(0),
+            service_root: Digest::default(),
+            replies_digest: Digest::default(),
+            checkpoints: vec![],
+        };
+        let p = NewViewPlan {
+            stable,
+            slots: vec![
+                (SeqNo(1), Some(proposal(1, 7))),
+                (SeqNo(2), None),
+                (SeqNo(3), Some(proposal(3, 9))),
+            ],
+        };
         let issued = reissue(View(2), ReplicaId(2), &p);
         assert_eq!(issued.len(), 3);
         let mut h = history_anchor(&p.stable);
@@ -54,6 +79,11 @@ mod tests {
         // The reported history does not carry over: it is recomputed from the checkpoint.
         assert_ne!(issued[0].history, Digest([7; 32]));
         // The same content from the same checkpoint gives the same history in any view.
-        assert_eq!(reissue(View(3), ReplicaId(3), &p).last().map(|pp| pp.history), Some(h));
+        assert_eq!(
+            reissue(View(3), ReplicaId(3), &p)
+                .last()
+                .map(|pp| pp.history),
+            Some(h)
+        );
     }
 }

@@ -126,7 +126,14 @@ impl Transfer {
 
     fn ask_root(&self, out: &mut Vec<TransferStep>) {
         for p in &self.peers {
-            out.push(TransferStep::Send(*p, StateTransferMessage::GetNode { seq: self.seq(), level: 0, index: 0 }));
+            out.push(TransferStep::Send(
+                *p,
+                StateTransferMessage::GetNode {
+                    seq: self.seq(),
+                    level: 0,
+                    index: 0,
+                },
+            ));
         }
     }
 
@@ -147,7 +154,14 @@ impl Transfer {
         self.rotation = (self.rotation + 1) % self.peers.len();
         let peer = self.rotation;
         out.push(TransferStep::Send(self.peers[peer], self.request_for(want)));
-        self.outstanding.insert(want, Outstanding { expected, peer, sent_tick: tick });
+        self.outstanding.insert(
+            want,
+            Outstanding {
+                expected,
+                peer,
+                sent_tick: tick,
+            },
+        );
     }
 
     /// Sends again, to the next peer, whatever has waited longer than `timeout_ticks`.
@@ -163,7 +177,10 @@ impl Transfer {
             if tick.saturating_sub(o.sent_tick) >= timeout_ticks {
                 o.peer = (o.peer + 1) % n;
                 o.sent_tick = tick;
-                out.push(TransferStep::Send(self.peers[o.peer], Self::request_static(self.target.seq, *want)));
+                out.push(TransferStep::Send(
+                    self.peers[o.peer],
+                    Self::request_static(self.target.seq, *want),
+                ));
             }
         }
     }
@@ -178,7 +195,14 @@ impl Transfer {
     }
 
     /// A failed answer: count it and ask the next peer at once.
-    fn reject(&mut self, from: ReplicaId, want: Want, what: &'static str, tick: u64, out: &mut Vec<TransferStep>) {
+    fn reject(
+        &mut self,
+        from: ReplicaId,
+        want: Want,
+        what: &'static str,
+        tick: u64,
+        out: &mut Vec<TransferStep>,
+    ) {
         self.rejected_answers += 1;
         out.push(TransferStep::Misbehaved(from, what));
         if let Some(o) = self.outstanding.get_mut(&want) {
@@ -186,7 +210,10 @@ impl Transfer {
             o.peer = (o.peer + 1) % n;
             o.sent_tick = tick;
             if let Some(p) = self.peers.get(o.peer) {
-                out.push(TransferStep::Send(*p, Self::request_static(self.target.seq, want)));
+                out.push(TransferStep::Send(
+                    *p,
+                    Self::request_static(self.target.seq, want),
+                ));
             }
         }
     }
@@ -201,7 +228,9 @@ impl Transfer {
         tick: u64,
         out: &mut Vec<TransferStep>,
     ) {
-        let local = service.partition_node(self.base.0, level, index).unwrap_or_default();
+        let local = service
+            .partition_node(self.base.0, level, index)
+            .unwrap_or_default();
         let fanout = state_abstraction::digest::FANOUT;
         for (i, child) in children.iter().enumerate() {
             if local.get(i) == Some(child) {
@@ -209,7 +238,15 @@ impl Transfer {
             }
             let child_index = index * fanout + i as u64;
             if level + 1 < LEVELS {
-                self.want(Want::Node { level: level + 1, index: child_index }, *child, tick, out);
+                self.want(
+                    Want::Node {
+                        level: level + 1,
+                        index: child_index,
+                    },
+                    *child,
+                    tick,
+                    out,
+                );
             } else {
                 self.want(Want::PieceDigests { index: child_index }, *child, tick, out);
             }
@@ -229,7 +266,13 @@ impl Transfer {
             return None;
         }
         match message {
-            StateTransferMessage::Node { seq, level: 0, index: 0, object_count, children } if seq == self.seq() => {
+            StateTransferMessage::Node {
+                seq,
+                level: 0,
+                index: 0,
+                object_count,
+                children,
+            } if seq == self.seq() => {
                 if self.root_done {
                     return None;
                 }
@@ -241,50 +284,93 @@ impl Transfer {
                 for v in self.root_votes.values() {
                     *tally.entry(v).or_default() += 1;
                 }
-                let agreed = tally.into_iter().find(|(_, count)| *count >= self.weak_quorum).map(|(v, _)| v.clone());
+                let agreed = tally
+                    .into_iter()
+                    .find(|(_, count)| *count >= self.weak_quorum)
+                    .map(|(v, _)| v.clone());
                 if let Some(children) = agreed {
                     self.root_done = true;
                     self.descend(service, 0, 0, &children, tick, out);
                     self.follow_count_path(service, 0, 0, &children);
                 }
             }
-            StateTransferMessage::Node { seq, level, index, children, .. } if seq == self.seq() => {
+            StateTransferMessage::Node {
+                seq,
+                level,
+                index,
+                children,
+                ..
+            } if seq == self.seq() => {
                 let want = Want::Node { level, index };
                 let o = self.outstanding.get(&want)?;
                 if !PartitionTree::verify_node(level, index, &children, &o.expected) {
-                    self.reject(from, want, "partition node does not match its parent", tick, out);
+                    self.reject(
+                        from,
+                        want,
+                        "partition node does not match its parent",
+                        tick,
+                        out,
+                    );
                     return None;
                 }
                 self.outstanding.remove(&want);
                 self.bytes_fetched += 32 * children.len() as u64;
                 self.descend(service, level, index, &children, tick, out);
-                if self.count_path.is_some_and(|(l, i, _)| l == level && i == index) {
+                if self
+                    .count_path
+                    .is_some_and(|(l, i, _)| l == level && i == index)
+                {
                     self.follow_count_path(service, level, index, &children);
                 }
             }
-            StateTransferMessage::PieceDigests { seq, index, digests } if seq == self.seq() => {
+            StateTransferMessage::PieceDigests {
+                seq,
+                index,
+                digests,
+            } if seq == self.seq() => {
                 let want = Want::PieceDigests { index };
                 let o = self.outstanding.get(&want)?;
                 if object_digest(index, &digests) != o.expected {
-                    self.reject(from, want, "piece digests do not match the object digest", tick, out);
+                    self.reject(
+                        from,
+                        want,
+                        "piece digests do not match the object digest",
+                        tick,
+                        out,
+                    );
                     return None;
                 }
                 self.outstanding.remove(&want);
                 self.bytes_fetched += 32 * digests.len() as u64;
-                let local = service.piece_digests_at(self.base.0, index).unwrap_or_default();
+                let local = service
+                    .piece_digests_at(self.base.0, index)
+                    .unwrap_or_default();
                 let mut pieces: Vec<Option<Vec<u8>>> = vec![None; digests.len()];
                 for (p, d) in digests.iter().enumerate() {
                     if local.get(p) == Some(d) {
                         pieces[p] = service.get_piece_at(self.base.0, index, p as u32);
                     }
                     if pieces[p].is_none() {
-                        self.want(Want::Piece { index, piece: p as u32 }, *d, tick, out);
+                        self.want(
+                            Want::Piece {
+                                index,
+                                piece: p as u32,
+                            },
+                            *d,
+                            tick,
+                            out,
+                        );
                     }
                 }
                 self.assembling.insert(index, (digests, pieces));
                 self.try_assemble(index);
             }
-            StateTransferMessage::Piece { seq, index, piece, bytes } if seq == self.seq() => {
+            StateTransferMessage::Piece {
+                seq,
+                index,
+                piece,
+                bytes,
+            } if seq == self.seq() => {
                 let want = Want::Piece { index, piece };
                 let o = self.outstanding.get(&want)?;
                 if piece_digest(index, piece, &bytes) != o.expected {
@@ -305,7 +391,13 @@ impl Transfer {
                     return None;
                 }
                 if ReplyTable::digest_of_encoding(&table) != self.target.replies_digest {
-                    self.reject(from, Want::Replies, "reply cache does not match the certificate", tick, out);
+                    self.reject(
+                        from,
+                        Want::Replies,
+                        "reply cache does not match the certificate",
+                        tick,
+                        out,
+                    );
                     return None;
                 }
                 self.outstanding.remove(&Want::Replies);
@@ -320,7 +412,13 @@ impl Transfer {
     /// Walks the rightmost path below `(level, index)`, whose verified children are given,
     /// as far as possible: through our own base tree where it has the same digest, else it
     /// stops and waits for the node to arrive (it differs, so `descend` asked for it).
-    fn follow_count_path<S: Service>(&mut self, service: &S, mut level: u32, mut index: u64, children: &[Digest]) {
+    fn follow_count_path<S: Service>(
+        &mut self,
+        service: &S,
+        mut level: u32,
+        mut index: u64,
+        children: &[Digest],
+    ) {
         let fanout = state_abstraction::digest::FANOUT;
         let mut children = children.to_vec();
         loop {
@@ -336,10 +434,13 @@ impl Transfer {
                 self.count_path = None;
                 return;
             }
-            let local_parent = service.partition_node(self.base.0, level, index).unwrap_or_default();
+            let local_parent = service
+                .partition_node(self.base.0, level, index)
+                .unwrap_or_default();
             if local_parent.get(children.len() - 1) == Some(&last) {
                 // Same digest: our own subtree is identical, shape included.
-                let Some(local) = service.partition_node(self.base.0, level + 1, child_index) else {
+                let Some(local) = service.partition_node(self.base.0, level + 1, child_index)
+                else {
                     self.count_path = Some((level + 1, child_index, last));
                     return;
                 };
@@ -354,10 +455,18 @@ impl Transfer {
     }
 
     fn try_assemble(&mut self, index: u64) {
-        let complete = self.assembling.get(&index).is_some_and(|(_, pieces)| pieces.iter().all(Option::is_some));
+        let complete = self
+            .assembling
+            .get(&index)
+            .is_some_and(|(_, pieces)| pieces.iter().all(Option::is_some));
         if complete {
             if let Some((_, pieces)) = self.assembling.remove(&index) {
-                self.ready.push((index, AbstractObject { pieces: pieces.into_iter().flatten().collect() }));
+                self.ready.push((
+                    index,
+                    AbstractObject {
+                        pieces: pieces.into_iter().flatten().collect(),
+                    },
+                ));
             }
         }
     }
@@ -368,7 +477,11 @@ impl Transfer {
         }
         let object_count = self.object_count?;
         let replies = self.replies.clone()?;
-        Some(Finished { objects: std::mem::take(&mut self.ready), replies, object_count })
+        Some(Finished {
+            objects: std::mem::take(&mut self.ready),
+            replies,
+            object_count,
+        })
     }
 }
 
@@ -379,7 +492,12 @@ mod tests {
     use state_abstraction::ClientId;
 
     /// The serving side, as the core answers; replica 3 lies about everything.
-    fn serve(server: &KvService, to: ReplicaId, message: &StateTransferMessage, replies: &[u8]) -> Option<StateTransferMessage> {
+    fn serve(
+        server: &KvService,
+        to: ReplicaId,
+        message: &StateTransferMessage,
+        replies: &[u8],
+    ) -> Option<StateTransferMessage> {
         use StateTransferMessage as M;
         let liar = to == ReplicaId(3);
         Some(match message {
@@ -388,19 +506,35 @@ mod tests {
                 if liar {
                     children[0].0[0] ^= 1;
                 }
-                M::Node { seq: *seq, level: *level, index: *index, object_count: 999, children }
+                M::Node {
+                    seq: *seq,
+                    level: *level,
+                    index: *index,
+                    object_count: 999,
+                    children,
+                }
             }
-            M::GetPieceDigests { seq, index } => {
-                M::PieceDigests { seq: *seq, index: *index, digests: server.piece_digests_at(seq.0, *index)? }
-            }
+            M::GetPieceDigests { seq, index } => M::PieceDigests {
+                seq: *seq,
+                index: *index,
+                digests: server.piece_digests_at(seq.0, *index)?,
+            },
             M::GetPiece { seq, index, piece } => {
                 let mut bytes = server.get_piece_at(seq.0, *index, *piece)?;
                 if liar {
                     bytes.push(1);
                 }
-                M::Piece { seq: *seq, index: *index, piece: *piece, bytes }
+                M::Piece {
+                    seq: *seq,
+                    index: *index,
+                    piece: *piece,
+                    bytes,
+                }
             }
-            M::GetReplies { seq } => M::Replies { seq: *seq, table: if liar { vec![1] } else { replies.to_vec() } },
+            M::GetReplies { seq } => M::Replies {
+                seq: *seq,
+                table: if liar { vec![1] } else { replies.to_vec() },
+            },
             _ => return None,
         })
     }
@@ -412,7 +546,11 @@ mod tests {
         let mut server = KvService::new();
         server.checkpoint(0).expect("checkpoint");
         for i in 0..3u64 {
-            let op = KvOp::Put { key: format!("key{i}").into_bytes(), value: vec![i as u8; 10] }.encode();
+            let op = KvOp::Put {
+                key: format!("key{i}").into_bytes(),
+                value: vec![i as u8; 10],
+            }
+            .encode();
             server.execute(&op, ClientId(1), &(i + 1).to_le_bytes(), false);
         }
         let root = server.checkpoint(8).expect("checkpoint");
@@ -433,7 +571,9 @@ mod tests {
                 match step {
                     TransferStep::Send(to, request) => {
                         if let Some(answer) = serve(&server, to, &request, &replies) {
-                            if let Some(f) = transfer.on_message(&fetcher, to, answer, tick, &mut out) {
+                            if let Some(f) =
+                                transfer.on_message(&fetcher, to, answer, tick, &mut out)
+                            {
                                 finished = Some(f);
                             }
                         }
@@ -455,7 +595,9 @@ mod tests {
         assert!(finished.objects.len() <= 4, "{}", finished.objects.len());
         assert_eq!(finished.object_count, fetcher.object_count());
         fetcher.put_objs(finished.objects).expect("install");
-        fetcher.set_object_count(finished.object_count).expect("count");
+        fetcher
+            .set_object_count(finished.object_count)
+            .expect("count");
         assert_eq!(fetcher.checkpoint(8).expect("checkpoint"), root);
         assert_eq!(fetcher.value(b"key2"), Some(&vec![2u8; 10]));
     }

@@ -22,8 +22,14 @@ impl Harness {
     fn with_fast_path(fast_path: bool) -> Self {
         let mut rng = Rng::new(42);
         let addresses = (0..4).map(|i| format!("test:{i}")).collect();
-        let protocol = ProtocolConfig { fast_path, ..sim_protocol() };
-        let keys = generate(1, addresses, &[ClientId(100)], protocol, &mut |b| rng.fill(b)).expect("keys");
+        let protocol = ProtocolConfig {
+            fast_path,
+            ..sim_protocol()
+        };
+        let keys = generate(1, addresses, &[ClientId(100)], protocol, &mut |b| {
+            rng.fill(b)
+        })
+        .expect("keys");
         let config = Arc::new(keys.config.clone());
         let replicas = keys
             .replicas
@@ -32,12 +38,23 @@ impl Harness {
             .collect();
         let mut auth = BTreeMap::new();
         for s in &keys.replicas {
-            auth.insert(Principal::Replica(s.id), Authenticator::for_replica(&config, s));
+            auth.insert(
+                Principal::Replica(s.id),
+                Authenticator::for_replica(&config, s),
+            );
         }
         for s in &keys.clients {
-            auth.insert(Principal::Client(s.id), Authenticator::for_client(&config, s));
+            auth.insert(
+                Principal::Client(s.id),
+                Authenticator::for_client(&config, s),
+            );
         }
-        let mut h = Harness { keys, config, replicas, auth };
+        let mut h = Harness {
+            keys,
+            config,
+            replicas,
+            auth,
+        };
         // Drain the initial snapshot of every replica.
         for r in 0..4 {
             h.tick(r, 1_000);
@@ -49,7 +66,9 @@ impl Harness {
     fn deliver(&mut self, from: Principal, to: usize, message: &Message) -> Vec<Action> {
         let receiver = Principal::Replica(ReplicaId(to as u32));
         let frame = self.auth[&from].seal(message, &[receiver]).expect("seal");
-        let opened = self.auth[&receiver].open(&frame[FRAME_HEADER_BYTES..]).expect("open");
+        let opened = self.auth[&receiver]
+            .open(&frame[FRAME_HEADER_BYTES..])
+            .expect("open");
         let mut actions = Vec::new();
         self.replicas[to].step(Event::Message(opened), &mut actions);
         actions
@@ -63,7 +82,12 @@ impl Harness {
 
     fn request(&self, timestamp: u64, op: KvOp) -> Signed<Request> {
         let signer = Signer::from_secret(&self.keys.clients[0].signing_key.0);
-        signer.sign(Request { client: ClientId(100), timestamp: Timestamp(timestamp), operation: op.encode(), read_only: false })
+        signer.sign(Request {
+            client: ClientId(100),
+            timestamp: Timestamp(timestamp),
+            operation: op.encode(),
+            read_only: false,
+        })
     }
 
     fn replica_signer(&self, r: usize) -> Signer {
@@ -74,7 +98,10 @@ impl Harness {
 const CLIENT: Principal = Principal::Client(ClientId(100));
 
 fn put(key: &str, value: &str) -> KvOp {
-    KvOp::Put { key: key.into(), value: value.into() }
+    KvOp::Put {
+        key: key.into(),
+        value: value.into(),
+    }
 }
 
 fn request_message(r: &Signed<Request>) -> Message {
@@ -87,12 +114,20 @@ fn primary_proposes_a_request_after_persisting_it() {
     let request = h.request(1, put("a", "1"));
     let actions = h.deliver(CLIENT, 0, &request_message(&request));
     assert_eq!(actions.len(), 2, "{actions:?}");
-    let Action::Persist(WalRecord::Accepted(proposal)) = &actions[0] else { panic!("{:?}", actions[0]) };
+    let Action::Persist(WalRecord::Accepted(proposal)) = &actions[0] else {
+        panic!("{:?}", actions[0])
+    };
     assert_eq!(proposal.pre_prepare.body.view, View(0));
     assert_eq!(proposal.pre_prepare.body.seq, SeqNo(1));
     assert_eq!(proposal.batch.requests, vec![request]);
-    assert_eq!(proposal.pre_prepare.body.nondet, 1_000u64.to_le_bytes().to_vec());
-    let Action::Broadcast { message: Message::Agreement(AgreementMessage::PrePrepare(sent)) } = &actions[1] else {
+    assert_eq!(
+        proposal.pre_prepare.body.nondet,
+        1_000u64.to_le_bytes().to_vec()
+    );
+    let Action::Broadcast {
+        message: Message::Agreement(AgreementMessage::PrePrepare(sent)),
+    } = &actions[1]
+    else {
         panic!("{:?}", actions[1])
     };
     assert_eq!(sent, &**proposal);
@@ -103,48 +138,105 @@ fn backup_prepares_then_commits_then_executes() {
     let mut h = Harness::new();
     let request = h.request(1, put("a", "1"));
     let primary_actions = h.deliver(CLIENT, 0, &request_message(&request));
-    let Action::Broadcast { message: pre_prepare } = &primary_actions[1] else { panic!() };
+    let Action::Broadcast {
+        message: pre_prepare,
+    } = &primary_actions[1]
+    else {
+        panic!()
+    };
 
     // Backup 1 accepts: persist, then prepare.
     let actions = h.deliver(Principal::Replica(ReplicaId(0)), 1, pre_prepare);
     assert_eq!(actions.len(), 2, "{actions:?}");
-    assert!(matches!(&actions[0], Action::Persist(WalRecord::Accepted(_))));
-    let Action::Broadcast { message: Message::Agreement(AgreementMessage::Prepare(p1)) } = &actions[1] else {
+    assert!(matches!(
+        &actions[0],
+        Action::Persist(WalRecord::Accepted(_))
+    ));
+    let Action::Broadcast {
+        message: Message::Agreement(AgreementMessage::Prepare(p1)),
+    } = &actions[1]
+    else {
         panic!("{:?}", actions[1])
     };
-    assert_eq!((p1.body.view, p1.body.seq, p1.body.replica), (View(0), SeqNo(1), ReplicaId(1)));
+    assert_eq!(
+        (p1.body.view, p1.body.seq, p1.body.replica),
+        (View(0), SeqNo(1), ReplicaId(1))
+    );
 
     // One more prepare (2f = 2 with its own): prepared — persist the certificate, then commit.
-    let p2 = h.replica_signer(2).sign(Prepare { replica: ReplicaId(2), ..p1.body.clone() });
-    let actions = h.deliver(Principal::Replica(ReplicaId(2)), 1, &Message::Agreement(AgreementMessage::Prepare(p2)));
+    let p2 = h.replica_signer(2).sign(Prepare {
+        replica: ReplicaId(2),
+        ..p1.body.clone()
+    });
+    let actions = h.deliver(
+        Principal::Replica(ReplicaId(2)),
+        1,
+        &Message::Agreement(AgreementMessage::Prepare(p2)),
+    );
     assert_eq!(actions.len(), 2, "{actions:?}");
-    let Action::Persist(WalRecord::Prepared(cert)) = &actions[0] else { panic!("{:?}", actions[0]) };
+    let Action::Persist(WalRecord::Prepared(cert)) = &actions[0] else {
+        panic!("{:?}", actions[0])
+    };
     assert_eq!(cert.prepares.len(), 2);
-    let Action::Broadcast { message: Message::Agreement(AgreementMessage::Commit(c1)) } = &actions[1] else {
+    let Action::Broadcast {
+        message: Message::Agreement(AgreementMessage::Commit(c1)),
+    } = &actions[1]
+    else {
         panic!("{:?}", actions[1])
     };
     assert_eq!(c1.body.replica, ReplicaId(1));
 
     // Two more commits (2f+1 = 3 with its own): execute, reply, notify.
-    let c0 = h.replica_signer(0).sign(Commit { replica: ReplicaId(0), ..c1.body.clone() });
-    let actions = h.deliver(Principal::Replica(ReplicaId(0)), 1, &Message::Agreement(AgreementMessage::Commit(c0)));
+    let c0 = h.replica_signer(0).sign(Commit {
+        replica: ReplicaId(0),
+        ..c1.body.clone()
+    });
+    let actions = h.deliver(
+        Principal::Replica(ReplicaId(0)),
+        1,
+        &Message::Agreement(AgreementMessage::Commit(c0)),
+    );
     assert!(actions.is_empty(), "{actions:?}");
-    let c2 = h.replica_signer(2).sign(Commit { replica: ReplicaId(2), ..c1.body.clone() });
-    let actions = h.deliver(Principal::Replica(ReplicaId(2)), 1, &Message::Agreement(AgreementMessage::Commit(c2)));
+    let c2 = h.replica_signer(2).sign(Commit {
+        replica: ReplicaId(2),
+        ..c1.body.clone()
+    });
+    let actions = h.deliver(
+        Principal::Replica(ReplicaId(2)),
+        1,
+        &Message::Agreement(AgreementMessage::Commit(c2)),
+    );
     assert_eq!(actions.len(), 2, "{actions:?}");
-    let Action::SendClient { to, message: Message::Client(ClientMessage::Reply(reply)) } = &actions[0] else {
+    let Action::SendClient {
+        to,
+        message: Message::Client(ClientMessage::Reply(reply)),
+    } = &actions[0]
+    else {
         panic!("{:?}", actions[0])
     };
     assert_eq!(*to, ClientId(100));
-    assert_eq!((reply.timestamp, reply.read_only, reply.replica), (Timestamp(1), false, ReplicaId(1)));
-    assert_eq!(reply.result, state_abstraction::kv::KvReply::Value(None).encode());
-    assert!(matches!(&actions[1], Action::Notify(Notification::Executed { seq: SeqNo(1), .. })));
+    assert_eq!(
+        (reply.timestamp, reply.read_only, reply.replica),
+        (Timestamp(1), false, ReplicaId(1))
+    );
+    assert_eq!(
+        reply.result,
+        state_abstraction::kv::KvReply::Value(None).encode()
+    );
+    assert!(matches!(
+        &actions[1],
+        Action::Notify(Notification::Executed { seq: SeqNo(1), .. })
+    ));
     assert_eq!(h.replicas[1].last_executed(), SeqNo(1));
 
     // The client retransmits the request: answered from the cache, not executed again.
     let actions = h.deliver(CLIENT, 1, &request_message(&request));
     assert_eq!(actions.len(), 1, "{actions:?}");
-    let Action::SendClient { message: Message::Client(ClientMessage::Reply(again)), .. } = &actions[0] else {
+    let Action::SendClient {
+        message: Message::Client(ClientMessage::Reply(again)),
+        ..
+    } = &actions[0]
+    else {
         panic!("{:?}", actions[0])
     };
     assert_eq!(again, reply);
@@ -156,29 +248,77 @@ fn equivocating_pre_prepare_is_refused() {
     let mut h = Harness::new();
     let first = h.request(1, put("a", "1"));
     let primary_actions = h.deliver(CLIENT, 0, &request_message(&first));
-    let Action::Broadcast { message: pre_prepare } = &primary_actions[1] else { panic!() };
+    let Action::Broadcast {
+        message: pre_prepare,
+    } = &primary_actions[1]
+    else {
+        panic!()
+    };
     h.deliver(Principal::Replica(ReplicaId(0)), 2, pre_prepare);
     // A second, validly signed proposal for the same view and sequence number.
     let other = h.request(2, put("a", "2"));
-    let batch = Batch { requests: vec![other] };
-    let body = PrePrepare { view: View(0), seq: SeqNo(1), batch_digest: batch.ordered_digest(&1_000u64.to_le_bytes()), nondet: 1_000u64.to_le_bytes().to_vec(), primary: ReplicaId(0), history: Digest::default() };
-    let proposal = Proposal { pre_prepare: h.replica_signer(0).sign(body), batch };
-    let actions = h.deliver(Principal::Replica(ReplicaId(0)), 2, &Message::Agreement(AgreementMessage::PrePrepare(proposal)));
+    let batch = Batch {
+        requests: vec![other],
+    };
+    let body = PrePrepare {
+        view: View(0),
+        seq: SeqNo(1),
+        batch_digest: batch.ordered_digest(&1_000u64.to_le_bytes()),
+        nondet: 1_000u64.to_le_bytes().to_vec(),
+        primary: ReplicaId(0),
+        history: Digest::default(),
+    };
+    let proposal = Proposal {
+        pre_prepare: h.replica_signer(0).sign(body),
+        batch,
+    };
+    let actions = h.deliver(
+        Principal::Replica(ReplicaId(0)),
+        2,
+        &Message::Agreement(AgreementMessage::PrePrepare(proposal)),
+    );
     assert_eq!(actions.len(), 1, "{actions:?}");
-    assert!(matches!(&actions[0], Action::Notify(Notification::Misbehaviour { what: "equivocating pre-prepare", .. })));
+    assert!(matches!(
+        &actions[0],
+        Action::Notify(Notification::Misbehaviour {
+            what: "equivocating pre-prepare",
+            ..
+        })
+    ));
     assert_eq!(h.replicas[2].metrics().misbehaviour, 1);
 }
 
 #[test]
 fn pre_prepare_with_a_time_far_ahead_is_refused() {
     let mut h = Harness::new();
-    let batch = Batch { requests: vec![h.request(1, put("a", "1"))] };
-    let far = (1_000 + state_abstraction::kv::MAX_CLOCK_SKEW_NS * 2).to_le_bytes().to_vec();
-    let body = PrePrepare { view: View(0), seq: SeqNo(1), batch_digest: batch.ordered_digest(&far), nondet: far.clone(), primary: ReplicaId(0), history: Digest::default() };
-    let proposal = Proposal { pre_prepare: h.replica_signer(0).sign(body), batch };
-    let actions = h.deliver(Principal::Replica(ReplicaId(0)), 1, &Message::Agreement(AgreementMessage::PrePrepare(proposal)));
+    let batch = Batch {
+        requests: vec![h.request(1, put("a", "1"))],
+    };
+    let far = (1_000 + state_abstraction::kv::MAX_CLOCK_SKEW_NS * 2)
+        .to_le_bytes()
+        .to_vec();
+    let body = PrePrepare {
+        view: View(0),
+        seq: SeqNo(1),
+        batch_digest: batch.ordered_digest(&far),
+        nondet: far.clone(),
+        primary: ReplicaId(0),
+        history: Digest::default(),
+    };
+    let proposal = Proposal {
+        pre_prepare: h.replica_signer(0).sign(body),
+        batch,
+    };
+    let actions = h.deliver(
+        Principal::Replica(ReplicaId(0)),
+        1,
+        &Message::Agreement(AgreementMessage::PrePrepare(proposal)),
+    );
     assert_eq!(actions.len(), 1, "{actions:?}");
-    assert!(matches!(&actions[0], Action::Notify(Notification::Misbehaviour { .. })));
+    assert!(matches!(
+        &actions[0],
+        Action::Notify(Notification::Misbehaviour { .. })
+    ));
 }
 
 #[test]
@@ -187,7 +327,13 @@ fn backup_relays_a_retransmitted_request_and_suspects_the_primary() {
     let request = h.request(1, put("a", "1"));
     let actions = h.deliver(CLIENT, 1, &request_message(&request));
     assert_eq!(actions.len(), 1, "{actions:?}");
-    assert!(matches!(&actions[0], Action::Send { to: ReplicaId(0), message: Message::Client(_) }));
+    assert!(matches!(
+        &actions[0],
+        Action::Send {
+            to: ReplicaId(0),
+            message: Message::Client(_)
+        }
+    ));
     // Nothing executes: after the view-change timeout, backup 1 asks for view 1 (persisting
     // first), and its timer for view 1 waits for 2f+1 view changes.
     let timeout = h.config.protocol.view_change_timeout_ticks;
@@ -197,9 +343,19 @@ fn backup_relays_a_retransmitted_request_and_suspects_the_primary() {
     }
     let position = all
         .iter()
-        .position(|a| matches!(a, Action::Broadcast { message: Message::ViewChange(ViewChangeMessage::ViewChange(_)) }))
+        .position(|a| {
+            matches!(
+                a,
+                Action::Broadcast {
+                    message: Message::ViewChange(ViewChangeMessage::ViewChange(_))
+                }
+            )
+        })
         .expect("a view change");
-    assert!(matches!(&all[position - 1], Action::Persist(WalRecord::EnteredView { view: View(1) })));
+    assert!(matches!(
+        &all[position - 1],
+        Action::Persist(WalRecord::EnteredView { view: View(1) })
+    ));
     assert_eq!(h.replicas[1].view(), View(1));
     assert!(!h.replicas[1].is_view_active());
 }
@@ -209,28 +365,74 @@ fn restart_restores_votes_and_view() {
     let mut h = Harness::new();
     let request = h.request(1, put("a", "1"));
     let primary_actions = h.deliver(CLIENT, 0, &request_message(&request));
-    let Action::Broadcast { message: pre_prepare } = &primary_actions[1] else { panic!() };
+    let Action::Broadcast {
+        message: pre_prepare,
+    } = &primary_actions[1]
+    else {
+        panic!()
+    };
     let actions = h.deliver(Principal::Replica(ReplicaId(0)), 1, pre_prepare);
     let wal: Vec<WalRecord> = actions
         .iter()
-        .filter_map(|a| if let Action::Persist(r) = a { Some(r.clone()) } else { None })
+        .filter_map(|a| {
+            if let Action::Persist(r) = a {
+                Some(r.clone())
+            } else {
+                None
+            }
+        })
         .collect();
-    let service = std::mem::replace(&mut h.replicas[1], Replica::new(h.config.clone(), &h.keys.replicas[1], KvService::new()).expect("r"))
-        .into_service();
-    let mut restarted = Replica::restore(h.config.clone(), &h.keys.replicas[1], service, wal).expect("restore");
+    let service = std::mem::replace(
+        &mut h.replicas[1],
+        Replica::new(h.config.clone(), &h.keys.replicas[1], KvService::new()).expect("r"),
+    )
+    .into_service();
+    let mut restarted =
+        Replica::restore(h.config.clone(), &h.keys.replicas[1], service, wal).expect("restore");
     // The same proposal again is a duplicate; a different one at (0, 1) is refused (rule 1).
     let mut actions = Vec::new();
-    let batch = Batch { requests: vec![h.request(2, put("b", "2"))] };
-    let body = PrePrepare { view: View(0), seq: SeqNo(1), batch_digest: batch.ordered_digest(&1_000u64.to_le_bytes()), nondet: 1_000u64.to_le_bytes().to_vec(), primary: ReplicaId(0), history: Digest::default() };
-    let proposal = Proposal { pre_prepare: h.replica_signer(0).sign(body), batch };
+    let batch = Batch {
+        requests: vec![h.request(2, put("b", "2"))],
+    };
+    let body = PrePrepare {
+        view: View(0),
+        seq: SeqNo(1),
+        batch_digest: batch.ordered_digest(&1_000u64.to_le_bytes()),
+        nondet: 1_000u64.to_le_bytes().to_vec(),
+        primary: ReplicaId(0),
+        history: Digest::default(),
+    };
+    let proposal = Proposal {
+        pre_prepare: h.replica_signer(0).sign(body),
+        batch,
+    };
     let frame = h.auth[&Principal::Replica(ReplicaId(0))]
-        .seal(&Message::Agreement(AgreementMessage::PrePrepare(proposal)), &[Principal::Replica(ReplicaId(1))])
+        .seal(
+            &Message::Agreement(AgreementMessage::PrePrepare(proposal)),
+            &[Principal::Replica(ReplicaId(1))],
+        )
         .expect("seal");
-    let opened = h.auth[&Principal::Replica(ReplicaId(1))].open(&frame[FRAME_HEADER_BYTES..]).expect("open");
+    let opened = h.auth[&Principal::Replica(ReplicaId(1))]
+        .open(&frame[FRAME_HEADER_BYTES..])
+        .expect("open");
     restarted.step(Event::Message(opened), &mut actions);
-    assert!(actions.iter().any(|a| matches!(a, Action::Notify(Notification::Misbehaviour { what: "equivocating pre-prepare", .. }))), "{actions:?}");
     assert!(
-        !actions.iter().any(|a| matches!(a, Action::Broadcast { message: Message::Agreement(AgreementMessage::Prepare(_)) })),
+        actions.iter().any(|a| matches!(
+            a,
+            Action::Notify(Notification::Misbehaviour {
+                what: "equivocating pre-prepare",
+                ..
+            })
+        )),
+        "{actions:?}"
+    );
+    assert!(
+        !actions.iter().any(|a| matches!(
+            a,
+            Action::Broadcast {
+                message: Message::Agreement(AgreementMessage::Prepare(_))
+            }
+        )),
         "{actions:?}"
     );
 }
@@ -239,7 +441,10 @@ fn restart_restores_votes_and_view() {
 // Fast path (speculative execution)
 
 fn append(key: &str, value: &str) -> KvOp {
-    KvOp::Append { key: key.into(), value: value.into() }
+    KvOp::Append {
+        key: key.into(),
+        value: value.into(),
+    }
 }
 
 fn value(bytes: &str) -> Vec<u8> {
@@ -250,7 +455,10 @@ fn spec_responses(actions: &[Action]) -> Vec<&SpecResponse> {
     actions
         .iter()
         .filter_map(|a| match a {
-            Action::SendClient { message: Message::Client(ClientMessage::SpecResponse(s)), .. } => Some(&**s),
+            Action::SendClient {
+                message: Message::Client(ClientMessage::SpecResponse(s)),
+                ..
+            } => Some(&**s),
             _ => None,
         })
         .collect()
@@ -260,7 +468,10 @@ fn committed_replies(actions: &[Action]) -> Vec<&Reply> {
     actions
         .iter()
         .filter_map(|a| match a {
-            Action::SendClient { message: Message::Client(ClientMessage::Reply(r)), .. } => Some(r),
+            Action::SendClient {
+                message: Message::Client(ClientMessage::Reply(r)),
+                ..
+            } => Some(r),
             _ => None,
         })
         .collect()
@@ -270,7 +481,12 @@ impl Harness {
     fn read_only(&mut self, timestamp: u64, key: &str, to: usize) -> Vec<Action> {
         let signer = Signer::from_secret(&self.keys.clients[0].signing_key.0);
         let op = KvOp::Get { key: key.into() }.encode();
-        let request = signer.sign(Request { client: ClientId(100), timestamp: Timestamp(timestamp), operation: op, read_only: true });
+        let request = signer.sign(Request {
+            client: ClientId(100),
+            timestamp: Timestamp(timestamp),
+            operation: op,
+            read_only: true,
+        });
         self.deliver(CLIENT, to, &request_message(&request))
     }
 
@@ -279,12 +495,30 @@ impl Harness {
         let b = &proposal.pre_prepare.body;
         let mut all = Vec::new();
         for r in [1usize, 2, 3].into_iter().filter(|r| *r != to) {
-            let p = self.replica_signer(r).sign(Prepare { view: b.view, seq: b.seq, batch_digest: b.batch_digest, replica: ReplicaId(r as u32) });
-            all.extend(self.deliver(Principal::Replica(ReplicaId(r as u32)), to, &Message::Agreement(AgreementMessage::Prepare(p))));
+            let p = self.replica_signer(r).sign(Prepare {
+                view: b.view,
+                seq: b.seq,
+                batch_digest: b.batch_digest,
+                replica: ReplicaId(r as u32),
+            });
+            all.extend(self.deliver(
+                Principal::Replica(ReplicaId(r as u32)),
+                to,
+                &Message::Agreement(AgreementMessage::Prepare(p)),
+            ));
         }
         for r in [0usize, 1, 2, 3].into_iter().filter(|r| *r != to) {
-            let c = self.replica_signer(r).sign(Commit { view: b.view, seq: b.seq, batch_digest: b.batch_digest, replica: ReplicaId(r as u32) });
-            all.extend(self.deliver(Principal::Replica(ReplicaId(r as u32)), to, &Message::Agreement(AgreementMessage::Commit(c))));
+            let c = self.replica_signer(r).sign(Commit {
+                view: b.view,
+                seq: b.seq,
+                batch_digest: b.batch_digest,
+                replica: ReplicaId(r as u32),
+            });
+            all.extend(self.deliver(
+                Principal::Replica(ReplicaId(r as u32)),
+                to,
+                &Message::Agreement(AgreementMessage::Commit(c)),
+            ));
         }
         all
     }
@@ -296,7 +530,10 @@ fn backup_runs_a_pre_prepare_speculatively_and_confirms_it_on_commit() {
     let request = h.request(1, append("a", "1"));
     let primary_actions = h.deliver(CLIENT, 0, &request_message(&request));
     // The primary persists, broadcasts and runs its own proposal at once.
-    let Action::Broadcast { message: Message::Agreement(AgreementMessage::PrePrepare(proposal)) } = &primary_actions[1] else {
+    let Action::Broadcast {
+        message: Message::Agreement(AgreementMessage::PrePrepare(proposal)),
+    } = &primary_actions[1]
+    else {
         panic!("{primary_actions:?}")
     };
     let proposal = proposal.clone();
@@ -305,15 +542,31 @@ fn backup_runs_a_pre_prepare_speculatively_and_confirms_it_on_commit() {
     // Backup: persist, prepare, then the speculative reply carrying the primary's order.
     let message = Message::Agreement(AgreementMessage::PrePrepare(proposal.clone()));
     let actions = h.deliver(Principal::Replica(ReplicaId(0)), 1, &message);
-    assert!(matches!(&actions[0], Action::Persist(WalRecord::Accepted(_))), "{actions:?}");
-    assert!(matches!(&actions[1], Action::Broadcast { message: Message::Agreement(AgreementMessage::Prepare(_)) }));
+    assert!(
+        matches!(&actions[0], Action::Persist(WalRecord::Accepted(_))),
+        "{actions:?}"
+    );
+    assert!(matches!(
+        &actions[1],
+        Action::Broadcast {
+            message: Message::Agreement(AgreementMessage::Prepare(_))
+        }
+    ));
     let specs = spec_responses(&actions);
     assert_eq!(specs.len(), 1, "{actions:?}");
     assert_eq!(specs[0].order, proposal.pre_prepare);
-    assert_eq!((specs[0].reply.timestamp, specs[0].reply.result.clone()), (Timestamp(1), value("1")));
+    assert_eq!(
+        (specs[0].reply.timestamp, specs[0].reply.result.clone()),
+        (Timestamp(1), value("1"))
+    );
     assert!(committed_replies(&actions).is_empty());
-    assert!(actions.iter().any(|a| matches!(a, Action::Notify(Notification::Speculated { seq: SeqNo(1), .. }))));
-    assert!(!actions.iter().any(|a| matches!(a, Action::Notify(Notification::Executed { .. }))));
+    assert!(actions.iter().any(|a| matches!(
+        a,
+        Action::Notify(Notification::Speculated { seq: SeqNo(1), .. })
+    )));
+    assert!(!actions
+        .iter()
+        .any(|a| matches!(a, Action::Notify(Notification::Executed { .. }))));
     assert_eq!(h.replicas[1].last_executed(), SeqNo(0));
 
     // Reads are not answered from speculative state.
@@ -326,19 +579,33 @@ fn backup_runs_a_pre_prepare_speculatively_and_confirms_it_on_commit() {
     // Commit: the committed reply carries the speculative result; nothing runs twice. (The
     // waiting read is answered too.)
     let actions = h.commit_at(1, &proposal);
-    let replies: Vec<_> = committed_replies(&actions).into_iter().filter(|r| !r.read_only).collect();
+    let replies: Vec<_> = committed_replies(&actions)
+        .into_iter()
+        .filter(|r| !r.read_only)
+        .collect();
     assert_eq!(replies.len(), 1, "{actions:?}");
     assert_eq!(replies[0].result, value("1"));
-    assert!(actions.iter().any(|a| matches!(a, Action::Notify(Notification::Executed { seq: SeqNo(1), .. }))));
+    assert!(actions.iter().any(|a| matches!(
+        a,
+        Action::Notify(Notification::Executed { seq: SeqNo(1), .. })
+    )));
     assert_eq!(h.replicas[1].last_executed(), SeqNo(1));
     let read = h.read_only(51, "a", 1);
-    assert_eq!(committed_replies(&read).iter().map(|r| r.result.clone()).collect::<Vec<_>>(), vec![value("1")]);
+    assert_eq!(
+        committed_replies(&read)
+            .iter()
+            .map(|r| r.result.clone())
+            .collect::<Vec<_>>(),
+        vec![value("1")]
+    );
 }
 
 #[test]
 fn pre_prepare_whose_history_does_not_chain_is_not_run_speculatively() {
     let mut h = Harness::with_fast_path(true);
-    let batch = Batch { requests: vec![h.request(1, append("a", "1"))] };
+    let batch = Batch {
+        requests: vec![h.request(1, append("a", "1"))],
+    };
     let body = PrePrepare {
         view: View(0),
         seq: SeqNo(1),
@@ -347,8 +614,15 @@ fn pre_prepare_whose_history_does_not_chain_is_not_run_speculatively() {
         primary: ReplicaId(0),
         history: Digest([9; 32]),
     };
-    let proposal = Proposal { pre_prepare: h.replica_signer(0).sign(body), batch };
-    let actions = h.deliver(Principal::Replica(ReplicaId(0)), 1, &Message::Agreement(AgreementMessage::PrePrepare(proposal.clone())));
+    let proposal = Proposal {
+        pre_prepare: h.replica_signer(0).sign(body),
+        batch,
+    };
+    let actions = h.deliver(
+        Principal::Replica(ReplicaId(0)),
+        1,
+        &Message::Agreement(AgreementMessage::PrePrepare(proposal.clone())),
+    );
     // Accepted and prepared (PBFT ignores histories), but not run.
     assert_eq!(actions.len(), 2, "{actions:?}");
     assert!(spec_responses(&actions).is_empty());
@@ -362,13 +636,17 @@ fn speculation_is_rolled_back_when_another_batch_commits_at_its_sequence_number(
     let mut h = Harness::with_fast_path(true);
     let mine = h.request(1, append("a", "mine"));
     let primary_actions = h.deliver(CLIENT, 0, &request_message(&mine));
-    let Action::Broadcast { message } = &primary_actions[1] else { panic!() };
+    let Action::Broadcast { message } = &primary_actions[1] else {
+        panic!()
+    };
     let actions = h.deliver(Principal::Replica(ReplicaId(0)), 1, message);
     assert_eq!(spec_responses(&actions).len(), 1);
 
     // The primary equivocated: the others committed another batch at (0, 1).
     let theirs = h.request(2, append("a", "theirs"));
-    let batch = Batch { requests: vec![theirs] };
+    let batch = Batch {
+        requests: vec![theirs],
+    };
     let anchor = history_anchor(&h.replicas[1].stable_checkpoint().clone());
     let nondet = 1_000u64.to_le_bytes().to_vec();
     let body = PrePrepare {
@@ -379,29 +657,61 @@ fn speculation_is_rolled_back_when_another_batch_commits_at_its_sequence_number(
         nondet,
         primary: ReplicaId(0),
     };
-    let other = Proposal { pre_prepare: h.replica_signer(0).sign(body), batch };
+    let other = Proposal {
+        pre_prepare: h.replica_signer(0).sign(body),
+        batch,
+    };
     let commits = [0u32, 2, 3]
         .iter()
         .map(|r| {
             let b = &other.pre_prepare.body;
-            h.replica_signer(*r as usize).sign(Commit { view: b.view, seq: b.seq, batch_digest: b.batch_digest, replica: ReplicaId(*r) })
+            h.replica_signer(*r as usize).sign(Commit {
+                view: b.view,
+                seq: b.seq,
+                batch_digest: b.batch_digest,
+                replica: ReplicaId(*r),
+            })
         })
         .collect();
-    let cert = CommitCertificate { proposal: other.clone(), commits };
-    let actions = h.deliver(Principal::Replica(ReplicaId(2)), 1, &Message::Agreement(AgreementMessage::Committed(Box::new(cert))));
-    let rolled = actions.iter().position(|a| matches!(a, Action::Notify(Notification::RolledBack { to: SeqNo(0), from: SeqNo(1) })));
+    let cert = CommitCertificate {
+        proposal: other.clone(),
+        commits,
+    };
+    let actions = h.deliver(
+        Principal::Replica(ReplicaId(2)),
+        1,
+        &Message::Agreement(AgreementMessage::Committed(Box::new(cert))),
+    );
+    let rolled = actions.iter().position(|a| {
+        matches!(
+            a,
+            Action::Notify(Notification::RolledBack {
+                to: SeqNo(0),
+                from: SeqNo(1)
+            })
+        )
+    });
     let executed = actions.iter().position(
         |a| matches!(a, Action::Notify(Notification::Executed { seq: SeqNo(1), batch_digest, .. }) if *batch_digest == other.pre_prepare.body.batch_digest),
     );
     assert!(rolled.is_some() && executed > rolled, "{actions:?}");
     // The committed reply is the re-executed one; the undone append left no trace.
     let replies = committed_replies(&actions);
-    assert_eq!(replies.iter().map(|r| (r.timestamp, r.result.clone())).collect::<Vec<_>>(), vec![(Timestamp(2), value("theirs"))]);
+    assert_eq!(
+        replies
+            .iter()
+            .map(|r| (r.timestamp, r.result.clone()))
+            .collect::<Vec<_>>(),
+        vec![(Timestamp(2), value("theirs"))]
+    );
     let read = h.read_only(50, "a", 1);
     assert_eq!(committed_replies(&read)[0].result, value("theirs"));
     // Exactly-once survives the rollback: the undone request is new again.
     let again = h.deliver(CLIENT, 1, &request_message(&mine));
-    assert!(spec_responses(&again).is_empty() && committed_replies(&again).is_empty(), "{again:?}");
+    assert!(
+        spec_responses(&again).is_empty() && committed_replies(&again).is_empty(),
+        "{again:?}"
+    );
     assert_eq!(h.replicas[1].metrics().rollbacks, 1);
 }
 
@@ -419,13 +729,38 @@ fn proof_of_misbehaviour_starts_a_view_change() {
         })
     };
     // Two identical orders prove nothing.
-    let same = Pom { first: make(&h, 1), second: make(&h, 1) };
-    let actions = h.deliver(CLIENT, 2, &Message::Client(ClientMessage::Pom(Box::new(same))));
-    assert!(matches!(&actions[..], [Action::Notify(Notification::Misbehaviour { .. })]), "{actions:?}");
+    let same = Pom {
+        first: make(&h, 1),
+        second: make(&h, 1),
+    };
+    let actions = h.deliver(
+        CLIENT,
+        2,
+        &Message::Client(ClientMessage::Pom(Box::new(same))),
+    );
+    assert!(
+        matches!(
+            &actions[..],
+            [Action::Notify(Notification::Misbehaviour { .. })]
+        ),
+        "{actions:?}"
+    );
     assert_eq!(h.replicas[2].view(), View(0));
-    let pom = Pom { first: make(&h, 1), second: make(&h, 2) };
-    let actions = h.deliver(CLIENT, 2, &Message::Client(ClientMessage::Pom(Box::new(pom))));
-    assert!(actions.iter().any(|a| matches!(a, Action::Persist(WalRecord::EnteredView { view: View(1) }))), "{actions:?}");
+    let pom = Pom {
+        first: make(&h, 1),
+        second: make(&h, 2),
+    };
+    let actions = h.deliver(
+        CLIENT,
+        2,
+        &Message::Client(ClientMessage::Pom(Box::new(pom))),
+    );
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::Persist(WalRecord::EnteredView { view: View(1) }))),
+        "{actions:?}"
+    );
     assert_eq!(h.replicas[2].view(), View(1));
     assert_eq!(h.replicas[2].metrics().poms, 1);
 }
@@ -439,24 +774,48 @@ fn hole_below_a_buffered_pre_prepare_is_filled_from_the_primary_then_anyone() {
         actions
             .iter()
             .find_map(|a| match a {
-                Action::Broadcast { message: Message::Agreement(AgreementMessage::PrePrepare(p)) } => Some(p.clone()),
+                Action::Broadcast {
+                    message: Message::Agreement(AgreementMessage::PrePrepare(p)),
+                } => Some(p.clone()),
                 _ => None,
             })
             .expect("a pre-prepare")
     };
     let (p1, p2) = (proposal(&first), proposal(&second));
-    assert_eq!((p1.pre_prepare.body.seq, p2.pre_prepare.body.seq), (SeqNo(1), SeqNo(2)));
+    assert_eq!(
+        (p1.pre_prepare.body.seq, p2.pre_prepare.body.seq),
+        (SeqNo(1), SeqNo(2))
+    );
 
     // Backup 1 gets only the second: accepted, but it cannot run before the first.
-    let actions = h.deliver(Principal::Replica(ReplicaId(0)), 1, &Message::Agreement(AgreementMessage::PrePrepare(p2.clone())));
+    let actions = h.deliver(
+        Principal::Replica(ReplicaId(0)),
+        1,
+        &Message::Agreement(AgreementMessage::PrePrepare(p2.clone())),
+    );
     assert!(spec_responses(&actions).is_empty(), "{actions:?}");
     let wait = h.config.protocol.retransmit_ticks;
     let fill_holes = |actions: &[Action]| -> Vec<Option<ReplicaId>> {
         actions
             .iter()
             .filter_map(|a| match a {
-                Action::Send { to, message: Message::Agreement(AgreementMessage::FillHole { from: SeqNo(1), to: SeqNo(1), .. }) } => Some(Some(*to)),
-                Action::Broadcast { message: Message::Agreement(AgreementMessage::FillHole { from: SeqNo(1), to: SeqNo(1), .. }) } => Some(None),
+                Action::Send {
+                    to,
+                    message:
+                        Message::Agreement(AgreementMessage::FillHole {
+                            from: SeqNo(1),
+                            to: SeqNo(1),
+                            ..
+                        }),
+                } => Some(Some(*to)),
+                Action::Broadcast {
+                    message:
+                        Message::Agreement(AgreementMessage::FillHole {
+                            from: SeqNo(1),
+                            to: SeqNo(1),
+                            ..
+                        }),
+                } => Some(None),
                 _ => None,
             })
             .collect()
@@ -470,14 +829,33 @@ fn hole_below_a_buffered_pre_prepare_is_filled_from_the_primary_then_anyone() {
     assert_eq!(asked.last(), Some(&None), "{asked:?}");
 
     // Replica 2 holds the first proposal and relays it (the primary's signature is what counts).
-    h.deliver(Principal::Replica(ReplicaId(0)), 2, &Message::Agreement(AgreementMessage::PrePrepare(p1.clone())));
-    let answer = h.deliver(Principal::Replica(ReplicaId(1)), 2, &Message::Agreement(AgreementMessage::FillHole { view: View(0), from: SeqNo(1), to: SeqNo(1) }));
-    let Some(Action::Send { to: ReplicaId(1), message: filled @ Message::Agreement(AgreementMessage::Filled(_)) }) = answer.first() else {
+    h.deliver(
+        Principal::Replica(ReplicaId(0)),
+        2,
+        &Message::Agreement(AgreementMessage::PrePrepare(p1.clone())),
+    );
+    let answer = h.deliver(
+        Principal::Replica(ReplicaId(1)),
+        2,
+        &Message::Agreement(AgreementMessage::FillHole {
+            view: View(0),
+            from: SeqNo(1),
+            to: SeqNo(1),
+        }),
+    );
+    let Some(Action::Send {
+        to: ReplicaId(1),
+        message: filled @ Message::Agreement(AgreementMessage::Filled(_)),
+    }) = answer.first()
+    else {
         panic!("{answer:?}")
     };
     let actions = h.deliver(Principal::Replica(ReplicaId(2)), 1, filled);
     // Both now run, in order.
-    let ran: Vec<SeqNo> = spec_responses(&actions).iter().map(|s| s.order.body.seq).collect();
+    let ran: Vec<SeqNo> = spec_responses(&actions)
+        .iter()
+        .map(|s| s.order.body.seq)
+        .collect();
     assert_eq!(ran, vec![SeqNo(1), SeqNo(2)], "{actions:?}");
     assert_eq!(spec_responses(&actions)[1].reply.result, value("12"));
 }
@@ -486,14 +864,29 @@ fn hole_below_a_buffered_pre_prepare_is_filled_from_the_primary_then_anyone() {
 fn read_during_speculation_is_answered_once_the_state_is_committed() {
     let mut h = Harness::with_fast_path(true);
     let first = h.deliver(CLIENT, 0, &request_message(&h.request(1, append("a", "1"))));
-    let Action::Broadcast { message: Message::Agreement(AgreementMessage::PrePrepare(p1)) } = &first[1] else { panic!() };
+    let Action::Broadcast {
+        message: Message::Agreement(AgreementMessage::PrePrepare(p1)),
+    } = &first[1]
+    else {
+        panic!()
+    };
     let p1 = p1.clone();
-    h.deliver(Principal::Replica(ReplicaId(0)), 1, &Message::Agreement(AgreementMessage::PrePrepare(p1.clone())));
+    h.deliver(
+        Principal::Replica(ReplicaId(0)),
+        1,
+        &Message::Agreement(AgreementMessage::PrePrepare(p1.clone())),
+    );
     // The read waits (no answer from speculative state)...
     assert!(h.read_only(50, "a", 1).is_empty());
     // ...and is answered, with the write, as soon as it commits.
     let actions = h.commit_at(1, &p1);
-    let read: Vec<_> = committed_replies(&actions).into_iter().filter(|r| r.read_only).collect();
+    let read: Vec<_> = committed_replies(&actions)
+        .into_iter()
+        .filter(|r| r.read_only)
+        .collect();
     assert_eq!(read.len(), 1, "{actions:?}");
-    assert_eq!((read[0].timestamp, read[0].result.clone()), (Timestamp(50), value("1")));
+    assert_eq!(
+        (read[0].timestamp, read[0].result.clone()),
+        (Timestamp(50), value("1"))
+    );
 }

@@ -58,8 +58,8 @@
 
 use crate::config::ClusterConfig;
 use crate::wire::{
-    Batch, CheckpointCertificate, Digest, Evidence, PrePrepare, PreparedCertificate, Proposal, ReplicaId, SeqNo, Signed,
-    View, ViewChange,
+    Batch, CheckpointCertificate, Digest, Evidence, PrePrepare, PreparedCertificate, Proposal,
+    ReplicaId, SeqNo, Signed, View, ViewChange,
 };
 use std::collections::BTreeSet;
 
@@ -76,9 +76,14 @@ pub struct Genesis {
     pub replies_digest: Digest,
 }
 
-pub fn valid_checkpoint_certificate(config: &ClusterConfig, genesis: &Genesis, cert: &CheckpointCertificate) -> bool {
+pub fn valid_checkpoint_certificate(
+    config: &ClusterConfig,
+    genesis: &Genesis,
+    cert: &CheckpointCertificate,
+) -> bool {
     if cert.seq == SeqNo(0) {
-        return cert.service_root == genesis.service_root && cert.replies_digest == genesis.replies_digest;
+        return cert.service_root == genesis.service_root
+            && cert.replies_digest == genesis.replies_digest;
     }
     if cert.seq.0 % config.protocol.checkpoint_interval != 0 {
         return false;
@@ -86,7 +91,10 @@ pub fn valid_checkpoint_certificate(config: &ClusterConfig, genesis: &Genesis, c
     let mut signers = BTreeSet::new();
     for c in &cert.checkpoints {
         let b = &c.body;
-        if b.seq != cert.seq || b.service_root != cert.service_root || b.replies_digest != cert.replies_digest {
+        if b.seq != cert.seq
+            || b.service_root != cert.service_root
+            || b.replies_digest != cert.replies_digest
+        {
             return false;
         }
         if b.replica.0 as usize >= config.n() || !signers.insert(b.replica) {
@@ -100,7 +108,8 @@ pub fn valid_checkpoint_certificate(config: &ClusterConfig, genesis: &Genesis, c
 /// and carrying the batch its pre-prepare names.
 pub fn valid_proposal(config: &ClusterConfig, proposal: &Proposal) -> bool {
     let pp = &proposal.pre_prepare.body;
-    pp.primary == pp.view.primary(config.n()) && proposal.batch.ordered_digest(&pp.nondet) == pp.batch_digest
+    pp.primary == pp.view.primary(config.n())
+        && proposal.batch.ordered_digest(&pp.nondet) == pp.batch_digest
 }
 
 pub fn valid_prepared_certificate(config: &ClusterConfig, cert: &PreparedCertificate) -> bool {
@@ -114,7 +123,10 @@ pub fn valid_prepared_certificate(config: &ClusterConfig, cert: &PreparedCertifi
         if b.view != pp.view || b.seq != pp.seq || b.batch_digest != pp.batch_digest {
             return false;
         }
-        if b.replica == pp.primary || b.replica.0 as usize >= config.n() || !signers.insert(b.replica) {
+        if b.replica == pp.primary
+            || b.replica.0 as usize >= config.n()
+            || !signers.insert(b.replica)
+        {
             return false;
         }
     }
@@ -126,7 +138,9 @@ pub fn valid_prepared_certificate(config: &ClusterConfig, cert: &PreparedCertifi
 /// at most two items per sequence number: a strong one first, then a fast one from a strictly
 /// higher view (see the module doc).
 pub fn valid_view_change(config: &ClusterConfig, genesis: &Genesis, vc: &ViewChange) -> bool {
-    if vc.replica.0 as usize >= config.n() || !valid_checkpoint_certificate(config, genesis, &vc.stable) {
+    if vc.replica.0 as usize >= config.n()
+        || !valid_checkpoint_certificate(config, genesis, &vc.stable)
+    {
         return false;
     }
     let low = vc.stable.seq;
@@ -138,7 +152,8 @@ pub fn valid_view_change(config: &ClusterConfig, genesis: &Genesis, vc: &ViewCha
             return false;
         }
         if let Some(p) = previous {
-            let second_of_slot = p.seq() == seq && p.is_strong() && !e.is_strong() && e.view() > p.view();
+            let second_of_slot =
+                p.seq() == seq && p.is_strong() && !e.is_strong() && e.view() > p.view();
             if p.seq() > seq || (p.seq() == seq && !second_of_slot) {
                 return false;
             }
@@ -168,17 +183,28 @@ impl NewViewPlan {
     /// The digest and nondet a slot's re-issued pre-prepare must carry.
     pub fn slot_content(proposal: &Option<Proposal>) -> (Digest, Vec<u8>) {
         match proposal {
-            Some(p) => (p.pre_prepare.body.batch_digest, p.pre_prepare.body.nondet.clone()),
+            Some(p) => (
+                p.pre_prepare.body.batch_digest,
+                p.pre_prepare.body.nondet.clone(),
+            ),
             None => (Batch::default().digest(), Vec::new()),
         }
     }
     pub fn batch(proposal: &Option<Proposal>) -> Batch {
-        proposal.as_ref().map(|p| p.batch.clone()).unwrap_or_default()
+        proposal
+            .as_ref()
+            .map(|p| p.batch.clone())
+            .unwrap_or_default()
     }
 }
 
 /// Checks that `view_changes` is a quorum of distinct, well-formed view changes for `view`.
-pub fn valid_quorum(config: &ClusterConfig, genesis: &Genesis, view: View, view_changes: &[Signed<ViewChange>]) -> bool {
+pub fn valid_quorum(
+    config: &ClusterConfig,
+    genesis: &Genesis,
+    view: View,
+    view_changes: &[Signed<ViewChange>],
+) -> bool {
     let mut senders: BTreeSet<ReplicaId> = BTreeSet::new();
     for vc in view_changes {
         if vc.body.new_view != view || !senders.insert(vc.body.replica) {
@@ -199,7 +225,12 @@ pub fn proposal_content(proposal: &Proposal) -> PrePrepare {
     // from its own starting checkpoint, so correct replicas that accepted one batch in two
     // views report two histories for it. What runs (batch and agreed value) is the content;
     // the history only matters for a client comparing speculative replies.
-    PrePrepare { view: View(0), primary: ReplicaId(0), history: Digest::default(), ..proposal.pre_prepare.body.clone() }
+    PrePrepare {
+        view: View(0),
+        primary: ReplicaId(0),
+        history: Digest::default(),
+        ..proposal.pre_prepare.body.clone()
+    }
 }
 
 /// How fast evidence is grouped. Only [`FastTally::Content`] is the protocol; the other is the
@@ -220,25 +251,42 @@ pub fn plan_new_view(config: &ClusterConfig, view_changes: &[Signed<ViewChange>]
 
 /// The highest stable checkpoint any of the view changes proves.
 fn chosen_stable(view_changes: &[Signed<ViewChange>]) -> CheckpointCertificate {
-    view_changes.iter().map(|vc| &vc.body.stable).max_by_key(|c| c.seq).cloned().unwrap_or(CheckpointCertificate {
-        seq: SeqNo(0),
-        service_root: Digest::default(),
-        replies_digest: Digest::default(),
-        checkpoints: Vec::new(),
-    })
+    view_changes
+        .iter()
+        .map(|vc| &vc.body.stable)
+        .max_by_key(|c| c.seq)
+        .cloned()
+        .unwrap_or(CheckpointCertificate {
+            seq: SeqNo(0),
+            service_root: Digest::default(),
+            replies_digest: Digest::default(),
+            checkpoints: Vec::new(),
+        })
 }
 
 /// Per view change, its evidence items for `seq`.
 fn reports_for(view_changes: &[Signed<ViewChange>], seq: SeqNo) -> Vec<Vec<&Evidence>> {
-    view_changes.iter().map(|vc| vc.body.evidence.iter().filter(|e| e.seq() == seq).collect()).collect()
+    view_changes
+        .iter()
+        .map(|vc| vc.body.evidence.iter().filter(|e| e.seq() == seq).collect())
+        .collect()
 }
 
 /// Highest sequence number with any evidence above `stable` (where a plan could end).
 fn highest_reported(view_changes: &[Signed<ViewChange>], stable: SeqNo) -> SeqNo {
-    view_changes.iter().flat_map(|vc| vc.body.evidence.iter().map(|e| e.seq())).max().unwrap_or(stable).max(stable)
+    view_changes
+        .iter()
+        .flat_map(|vc| vc.body.evidence.iter().map(|e| e.seq()))
+        .max()
+        .unwrap_or(stable)
+        .max(stable)
 }
 
-pub(crate) fn plan_with(f: usize, view_changes: &[Signed<ViewChange>], tally: FastTally) -> NewViewPlan {
+pub(crate) fn plan_with(
+    f: usize,
+    view_changes: &[Signed<ViewChange>],
+    tally: FastTally,
+) -> NewViewPlan {
     let stable = chosen_stable(view_changes);
     let mut slots = Vec::new();
     let mut end = 0;
@@ -258,7 +306,11 @@ pub(crate) fn plan_with(f: usize, view_changes: &[Signed<ViewChange>], tally: Fa
 }
 
 /// One slot's choice. `reports[i]` holds view change i's items for the slot (at most two).
-fn select_slot<'a>(f: usize, reports: &[Vec<&'a Evidence>], tally: FastTally) -> Option<&'a Proposal> {
+fn select_slot<'a>(
+    f: usize,
+    reports: &[Vec<&'a Evidence>],
+    tally: FastTally,
+) -> Option<&'a Proposal> {
     // (view, strong, proposal) per candidate.
     let mut candidates: Vec<(View, bool, &Proposal)> = Vec::new();
     for items in reports {
@@ -283,12 +335,19 @@ fn select_slot<'a>(f: usize, reports: &[Vec<&'a Evidence>], tally: FastTally) ->
             let index = match groups.iter().position(|g| g.key == key) {
                 Some(i) => i,
                 None => {
-                    groups.push(Group { key, by_reporter: Vec::new() });
+                    groups.push(Group {
+                        key,
+                        by_reporter: Vec::new(),
+                    });
                     groups.len() - 1
                 }
             };
             let group = &mut groups[index];
-            match group.by_reporter.iter_mut().find(|(r, _, _)| *r == reporter) {
+            match group
+                .by_reporter
+                .iter_mut()
+                .find(|(r, _, _)| *r == reporter)
+            {
                 Some(entry) if entry.1 < e.view() => *entry = (reporter, e.view(), e.proposal()),
                 Some(_) => {}
                 None => group.by_reporter.push((reporter, e.view(), e.proposal())),
@@ -300,7 +359,8 @@ fn select_slot<'a>(f: usize, reports: &[Vec<&'a Evidence>], tally: FastTally) ->
             // f or fewer reports: faulty replicas alone can make them.
             continue;
         }
-        g.by_reporter.sort_by_key(|entry| std::cmp::Reverse(entry.1));
+        g.by_reporter
+            .sort_by_key(|entry| std::cmp::Reverse(entry.1));
         // At least f+1 view changes report it at this view or above, so at least one correct
         // replica accepted it at this view or above.
         let view = g.by_reporter[f].1;
@@ -308,7 +368,10 @@ fn select_slot<'a>(f: usize, reports: &[Vec<&'a Evidence>], tally: FastTally) ->
         candidates.push((view, false, g.by_reporter[0].2));
     }
     let rank = |c: &(View, bool, &Proposal)| (c.0, c.1, std::cmp::Reverse(content_bytes(c.2)));
-    candidates.into_iter().max_by(|a, b| rank(a).cmp(&rank(b))).map(|c| c.2)
+    candidates
+        .into_iter()
+        .max_by(|a, b| rank(a).cmp(&rank(b)))
+        .map(|c| c.2)
 }
 
 /// A canonical byte string of a proposal's content, for the last tie-break.
@@ -325,12 +388,20 @@ fn content_bytes(proposal: &Proposal) -> Vec<u8> {
 /// view change's own items (strong, else fast, else null); a tie on the sequence number goes
 /// to the first view change in the quorum, as a naive implementation would do.
 #[cfg(test)]
-pub(crate) fn plan_new_view_published(config: &ClusterConfig, view_changes: &[Signed<ViewChange>]) -> NewViewPlan {
+pub(crate) fn plan_new_view_published(
+    config: &ClusterConfig,
+    view_changes: &[Signed<ViewChange>],
+) -> NewViewPlan {
     let f = config.f as usize;
     let stable = chosen_stable(view_changes);
     let mut best: Option<(SeqNo, usize)> = None;
     for (i, vc) in view_changes.iter().enumerate() {
-        for e in vc.body.evidence.iter().filter(|e| e.is_strong() && e.seq() > stable.seq) {
+        for e in vc
+            .body
+            .evidence
+            .iter()
+            .filter(|e| e.is_strong() && e.seq() > stable.seq)
+        {
             if !matches!(best, Some((s, _)) if e.seq() <= s) {
                 best = Some((e.seq(), i));
             }
@@ -343,8 +414,17 @@ pub(crate) fn plan_new_view_published(config: &ClusterConfig, view_changes: &[Si
     while seq <= highest {
         let chosen = match best {
             Some((cc_seq, i)) if seq <= cc_seq => {
-                let items: Vec<&Evidence> = view_changes[i].body.evidence.iter().filter(|e| e.seq() == seq).collect();
-                items.iter().find(|e| e.is_strong()).or(items.first()).map(|e| e.proposal())
+                let items: Vec<&Evidence> = view_changes[i]
+                    .body
+                    .evidence
+                    .iter()
+                    .filter(|e| e.seq() == seq)
+                    .collect();
+                items
+                    .iter()
+                    .find(|e| e.is_strong())
+                    .or(items.first())
+                    .map(|e| e.proposal())
             }
             _ => {
                 // Later requests that appear in at least f+1 messages, by content.
@@ -389,23 +469,39 @@ mod tests {
     use state_abstraction::ClientId;
 
     fn unsigned<T>(body: T) -> Signed<T> {
-        Signed { body, signature: Signature::from_bytes(&[0; 64]) }
+        Signed {
+            body,
+            signature: Signature::from_bytes(&[0; 64]),
+        }
     }
 
     fn config() -> ClusterConfig {
         let mut x = 1u8;
         let addresses = (0..4).map(|i| format!("a{i}")).collect();
-        generate(1, addresses, &[], ProtocolConfig { checkpoint_interval: 4, log_window: 8, ..Default::default() }, &mut |b| {
-            for byte in b.iter_mut() {
-                x = x.wrapping_add(7);
-                *byte = x;
-            }
-        })
+        generate(
+            1,
+            addresses,
+            &[],
+            ProtocolConfig {
+                checkpoint_interval: 4,
+                log_window: 8,
+                ..Default::default()
+            },
+            &mut |b| {
+                for byte in b.iter_mut() {
+                    x = x.wrapping_add(7);
+                    *byte = x;
+                }
+            },
+        )
         .expect("keys")
         .config
     }
 
-    const GENESIS: Genesis = Genesis { service_root: Digest([1; 32]), replies_digest: Digest([2; 32]) };
+    const GENESIS: Genesis = Genesis {
+        service_root: Digest([1; 32]),
+        replies_digest: Digest([2; 32]),
+    };
 
     fn genesis_cert() -> CheckpointCertificate {
         CheckpointCertificate {
@@ -419,24 +515,60 @@ mod tests {
     fn stable_cert(seq: u64) -> CheckpointCertificate {
         let root = Digest([seq as u8; 32]);
         let checkpoints = (0..3)
-            .map(|r| unsigned(Checkpoint { seq: SeqNo(seq), service_root: root, replies_digest: root, replica: ReplicaId(r) }))
+            .map(|r| {
+                unsigned(Checkpoint {
+                    seq: SeqNo(seq),
+                    service_root: root,
+                    replies_digest: root,
+                    replica: ReplicaId(r),
+                })
+            })
             .collect();
-        CheckpointCertificate { seq: SeqNo(seq), service_root: root, replies_digest: root, checkpoints }
+        CheckpointCertificate {
+            seq: SeqNo(seq),
+            service_root: root,
+            replies_digest: root,
+            checkpoints,
+        }
     }
 
     fn prepared(view: u64, seq: u64, tag: u8) -> Evidence {
-        let request = unsigned(Request { client: ClientId(1), timestamp: Timestamp(tag as u64), operation: vec![tag], read_only: false });
-        let batch = Batch { requests: vec![request] };
+        let request = unsigned(Request {
+            client: ClientId(1),
+            timestamp: Timestamp(tag as u64),
+            operation: vec![tag],
+            read_only: false,
+        });
+        let batch = Batch {
+            requests: vec![request],
+        };
         let digest = batch.digest();
         let primary = View(view).primary(4);
-        let pre_prepare = unsigned(PrePrepare { view: View(view), seq: SeqNo(seq), batch_digest: digest, nondet: vec![], primary, history: Digest::default() });
+        let pre_prepare = unsigned(PrePrepare {
+            view: View(view),
+            seq: SeqNo(seq),
+            batch_digest: digest,
+            nondet: vec![],
+            primary,
+            history: Digest::default(),
+        });
         let prepares = (0..4u32)
             .map(ReplicaId)
             .filter(|r| *r != primary)
             .take(2)
-            .map(|r| unsigned(Prepare { view: View(view), seq: SeqNo(seq), batch_digest: digest, replica: r }))
+            .map(|r| {
+                unsigned(Prepare {
+                    view: View(view),
+                    seq: SeqNo(seq),
+                    batch_digest: digest,
+                    replica: r,
+                })
+            })
             .collect();
-        Evidence::Prepared(PreparedCertificate { proposal: Proposal { pre_prepare, batch }, prepares })
+        Evidence::Prepared(PreparedCertificate {
+            proposal: Proposal { pre_prepare, batch },
+            prepares,
+        })
     }
 
     fn proposal(view: u64, seq: u64, tag: u8) -> Proposal {
@@ -449,15 +581,28 @@ mod tests {
     }
 
     fn chosen(plan: &NewViewPlan) -> Vec<(u64, Option<Digest>)> {
-        plan.slots.iter().map(|(s, p)| (s.0, p.as_ref().map(|p| p.pre_prepare.body.batch_digest))).collect()
+        plan.slots
+            .iter()
+            .map(|(s, p)| (s.0, p.as_ref().map(|p| p.pre_prepare.body.batch_digest)))
+            .collect()
     }
 
     fn tag_digest(tag: u8) -> Digest {
         proposal(0, 1, tag).pre_prepare.body.batch_digest
     }
 
-    fn vc(new_view: u64, replica: u32, stable: CheckpointCertificate, evidence: Vec<Evidence>) -> Signed<ViewChange> {
-        unsigned(ViewChange { new_view: View(new_view), replica: ReplicaId(replica), stable, evidence })
+    fn vc(
+        new_view: u64,
+        replica: u32,
+        stable: CheckpointCertificate,
+        evidence: Vec<Evidence>,
+    ) -> Signed<ViewChange> {
+        unsigned(ViewChange {
+            new_view: View(new_view),
+            replica: ReplicaId(replica),
+            stable,
+            evidence,
+        })
     }
 
     fn digest_of(e: &Evidence) -> Digest {
@@ -480,8 +625,14 @@ mod tests {
         assert!(valid_quorum(&config, &GENESIS, View(3), &vcs));
         let plan = plan_new_view(&config, &vcs);
         assert_eq!(plan.slots.len(), 2);
-        assert_eq!(NewViewPlan::slot_content(&plan.slots[0].1).0, digest_of(&new_b));
-        assert_eq!(NewViewPlan::slot_content(&plan.slots[1].1).0, digest_of(&old_a2));
+        assert_eq!(
+            NewViewPlan::slot_content(&plan.slots[0].1).0,
+            digest_of(&new_b)
+        );
+        assert_eq!(
+            NewViewPlan::slot_content(&plan.slots[1].1).0,
+            digest_of(&old_a2)
+        );
     }
 
     #[test]
@@ -496,37 +647,66 @@ mod tests {
         assert_eq!(plan.stable.seq, SeqNo(4));
         let seqs: Vec<u64> = plan.slots.iter().map(|(s, _)| s.0).collect();
         assert_eq!(seqs, vec![5, 6, 7]);
-        assert!(plan.slots[0].1.is_none() && plan.slots[1].1.is_none() && plan.slots[2].1.is_some());
-        assert_eq!(NewViewPlan::slot_content(&None).0, Batch::default().digest());
+        assert!(
+            plan.slots[0].1.is_none() && plan.slots[1].1.is_none() && plan.slots[2].1.is_some()
+        );
+        assert_eq!(
+            NewViewPlan::slot_content(&None).0,
+            Batch::default().digest()
+        );
     }
 
     #[test]
     fn malformed_view_changes_are_refused() {
         let config = config();
         // Evidence from the view being entered (or later).
-        assert!(!valid_view_change(&config, &GENESIS, &vc(1, 0, genesis_cert(), vec![prepared(1, 1, 1)]).body));
+        assert!(!valid_view_change(
+            &config,
+            &GENESIS,
+            &vc(1, 0, genesis_cert(), vec![prepared(1, 1, 1)]).body
+        ));
         // Out of order.
         assert!(!valid_view_change(
             &config,
             &GENESIS,
-            &vc(2, 0, genesis_cert(), vec![prepared(0, 2, 1), prepared(0, 1, 1)]).body
+            &vc(
+                2,
+                0,
+                genesis_cert(),
+                vec![prepared(0, 2, 1), prepared(0, 1, 1)]
+            )
+            .body
         ));
         // Beyond the window above the stable checkpoint.
-        assert!(!valid_view_change(&config, &GENESIS, &vc(2, 0, genesis_cert(), vec![prepared(0, 9, 1)]).body));
+        assert!(!valid_view_change(
+            &config,
+            &GENESIS,
+            &vc(2, 0, genesis_cert(), vec![prepared(0, 9, 1)]).body
+        ));
         // A genesis certificate with the wrong digest.
         let mut bad = genesis_cert();
         bad.service_root = Digest([9; 32]);
-        assert!(!valid_view_change(&config, &GENESIS, &vc(2, 0, bad, vec![]).body));
+        assert!(!valid_view_change(
+            &config,
+            &GENESIS,
+            &vc(2, 0, bad, vec![]).body
+        ));
         // A checkpoint certificate with a repeated signer.
         let mut short = stable_cert(4);
         short.checkpoints[2] = short.checkpoints[0].clone();
         assert!(!valid_checkpoint_certificate(&config, &GENESIS, &short));
         // A prepared certificate with the primary's prepare counted.
-        let Evidence::Prepared(mut cert) = prepared(0, 1, 1) else { unreachable!("prepared() makes a certificate") };
+        let Evidence::Prepared(mut cert) = prepared(0, 1, 1) else {
+            unreachable!("prepared() makes a certificate")
+        };
         cert.prepares[0].body.replica = ReplicaId(0);
         assert!(!valid_prepared_certificate(&config, &cert));
         // Two view changes from one replica do not make a quorum.
-        let vcs = vec![vc(1, 0, genesis_cert(), vec![]), vc(1, 0, genesis_cert(), vec![]), vc(1, 2, genesis_cert(), vec![])];
+        let vcs = vec![
+            vc(1, 0, genesis_cert(), vec![]),
+            vc(1, 0, genesis_cert(), vec![]),
+            vc(1, 2, genesis_cert(), vec![]),
+        ];
         assert!(!valid_quorum(&config, &GENESIS, View(1), &vcs));
     }
 
@@ -549,21 +729,35 @@ mod tests {
             vc(3, 1, genesis_cert(), vec![prepared(1, 1, 0xa)]),
             vc(3, 2, genesis_cert(), vec![]),
         ];
-        assert_eq!(chosen(&plan_new_view(&config, &with_cert)), vec![(1, Some(tag_digest(0xa)))]);
+        assert_eq!(
+            chosen(&plan_new_view(&config, &with_cert)),
+            vec![(1, Some(tag_digest(0xa)))]
+        );
         // A split: one report of b and one of c in view 2, neither reaches f+1 = 2.
         let split = vec![
             vc(3, 0, genesis_cert(), vec![accepted(2, 1, 0xb)]),
             vc(3, 1, genesis_cert(), vec![accepted(2, 1, 0xc)]),
             vc(3, 3, genesis_cert(), vec![prepared(1, 1, 0xa)]),
         ];
-        assert_eq!(chosen(&plan_new_view(&config, &split)), vec![(1, Some(tag_digest(0xa)))]);
+        assert_eq!(
+            chosen(&plan_new_view(&config, &split)),
+            vec![(1, Some(tag_digest(0xa)))]
+        );
         // Sub-threshold evidence at a higher slot does not stretch the plan either.
         let tail = vec![
-            vc(3, 0, genesis_cert(), vec![prepared(1, 1, 0xa), accepted(2, 2, 0xb)]),
+            vc(
+                3,
+                0,
+                genesis_cert(),
+                vec![prepared(1, 1, 0xa), accepted(2, 2, 0xb)],
+            ),
             vc(3, 1, genesis_cert(), vec![]),
             vc(3, 2, genesis_cert(), vec![]),
         ];
-        assert_eq!(chosen(&plan_new_view(&config, &tail)), vec![(1, Some(tag_digest(0xa)))]);
+        assert_eq!(
+            chosen(&plan_new_view(&config, &tail)),
+            vec![(1, Some(tag_digest(0xa)))]
+        );
     }
 
     #[test]
@@ -573,12 +767,20 @@ mod tests {
         // (at its view 1), and the view-2 certificate for a wins.
         let config = config();
         let vcs = vec![
-            vc(4, 0, genesis_cert(), vec![prepared(1, 1, 0xb), accepted(3, 1, 0xb)]),
+            vc(
+                4,
+                0,
+                genesis_cert(),
+                vec![prepared(1, 1, 0xb), accepted(3, 1, 0xb)],
+            ),
             vc(4, 1, genesis_cert(), vec![prepared(2, 1, 0xa)]),
             vc(4, 2, genesis_cert(), vec![]),
         ];
         assert!(valid_quorum(&config, &GENESIS, View(4), &vcs));
-        assert_eq!(chosen(&plan_new_view(&config, &vcs)), vec![(1, Some(tag_digest(0xa)))]);
+        assert_eq!(
+            chosen(&plan_new_view(&config, &vcs)),
+            vec![(1, Some(tag_digest(0xa)))]
+        );
     }
 
     #[test]
@@ -595,9 +797,15 @@ mod tests {
             vc(2, 3, genesis_cert(), vec![x.clone()]),
         ];
         assert!(valid_quorum(&config, &GENESIS, View(2), &vcs));
-        assert_eq!(chosen(&plan_new_view(&config, &vcs)), vec![(1, Some(tag_digest(0x1)))]);
+        assert_eq!(
+            chosen(&plan_new_view(&config, &vcs)),
+            vec![(1, Some(tag_digest(0x1)))]
+        );
         let reversed: Vec<_> = vcs.into_iter().rev().collect();
-        assert_eq!(chosen(&plan_new_view(&config, &reversed)), vec![(1, Some(tag_digest(0x1)))]);
+        assert_eq!(
+            chosen(&plan_new_view(&config, &reversed)),
+            vec![(1, Some(tag_digest(0x1)))]
+        );
     }
 
     #[test]
@@ -610,17 +818,31 @@ mod tests {
             vc(3, 0, genesis_cert(), vec![accepted(2, 1, 0xb)]),
         ];
         assert!(valid_quorum(&config, &GENESIS, View(3), &vcs));
-        assert_eq!(chosen(&plan_new_view(&config, &vcs)), vec![(1, Some(tag_digest(0xb)))]);
+        assert_eq!(
+            chosen(&plan_new_view(&config, &vcs)),
+            vec![(1, Some(tag_digest(0xb)))]
+        );
         // The published rule takes the certificate (the bug).
-        assert_eq!(chosen(&plan_new_view_published(&config, &vcs)), vec![(1, Some(tag_digest(0xa)))]);
+        assert_eq!(
+            chosen(&plan_new_view_published(&config, &vcs)),
+            vec![(1, Some(tag_digest(0xa)))]
+        );
         // And a view change may carry both: its view-1 certificate and its view-2 acceptance.
         let both = vec![
             vc(3, 1, genesis_cert(), vec![prepared(1, 1, 0xa)]),
-            vc(3, 2, genesis_cert(), vec![prepared(1, 1, 0xa), accepted(2, 1, 0xb)]),
+            vc(
+                3,
+                2,
+                genesis_cert(),
+                vec![prepared(1, 1, 0xa), accepted(2, 1, 0xb)],
+            ),
             vc(3, 0, genesis_cert(), vec![accepted(2, 1, 0xb)]),
         ];
         assert!(valid_quorum(&config, &GENESIS, View(3), &both));
-        assert_eq!(chosen(&plan_new_view(&config, &both)), vec![(1, Some(tag_digest(0xb)))]);
+        assert_eq!(
+            chosen(&plan_new_view(&config, &both)),
+            vec![(1, Some(tag_digest(0xb)))]
+        );
     }
 
     #[test]
@@ -629,12 +851,20 @@ mod tests {
         // Slot 1: view-0 certificate for a vs view-2 certificate for b. Slot 2: only a view-0
         // certificate, re-issued as it is.
         let vcs = vec![
-            vc(3, 0, genesis_cert(), vec![prepared(0, 1, 0xa), prepared(0, 2, 0xc)]),
+            vc(
+                3,
+                0,
+                genesis_cert(),
+                vec![prepared(0, 1, 0xa), prepared(0, 2, 0xc)],
+            ),
             vc(3, 1, genesis_cert(), vec![prepared(2, 1, 0xb)]),
             vc(3, 2, genesis_cert(), vec![]),
         ];
         assert!(valid_quorum(&config, &GENESIS, View(3), &vcs));
-        assert_eq!(chosen(&plan_new_view(&config, &vcs)), vec![(1, Some(tag_digest(0xb))), (2, Some(tag_digest(0xc)))]);
+        assert_eq!(
+            chosen(&plan_new_view(&config, &vcs)),
+            vec![(1, Some(tag_digest(0xb))), (2, Some(tag_digest(0xc)))]
+        );
         // An old certificate also loses to f+1 newer acceptances, even of a lower view than its
         // own reporter's view change.
         let vcs = vec![
@@ -642,7 +872,10 @@ mod tests {
             vc(5, 1, genesis_cert(), vec![accepted(3, 1, 0xb)]),
             vc(5, 2, genesis_cert(), vec![accepted(3, 1, 0xb)]),
         ];
-        assert_eq!(chosen(&plan_new_view(&config, &vcs)), vec![(1, Some(tag_digest(0xb)))]);
+        assert_eq!(
+            chosen(&plan_new_view(&config, &vcs)),
+            vec![(1, Some(tag_digest(0xb)))]
+        );
     }
 
     #[test]
@@ -658,7 +891,10 @@ mod tests {
             vc(3, 3, genesis_cert(), vec![accepted(1, 1, 0xb)]),
         ];
         assert!(valid_quorum(&config, &GENESIS, View(3), &vcs));
-        assert_eq!(chosen(&plan_new_view(&config, &vcs)), vec![(1, Some(tag_digest(0xb)))]);
+        assert_eq!(
+            chosen(&plan_new_view(&config, &vcs)),
+            vec![(1, Some(tag_digest(0xb)))]
+        );
         // The literal "f+1 identical pre-prepares" count splits b and loses it.
         let literal = plan_with(1, &vcs, FastTally::IdenticalPrePrepare);
         assert_eq!(chosen(&literal), vec![(1, Some(tag_digest(0xa)))]);
@@ -669,7 +905,10 @@ mod tests {
             vc(3, 1, genesis_cert(), vec![accepted(2, 1, 0xb)]),
             vc(3, 3, genesis_cert(), vec![accepted(1, 1, 0xb)]),
         ];
-        assert_eq!(chosen(&plan_new_view(&config, &vcs)), vec![(1, Some(tag_digest(0xc)))]);
+        assert_eq!(
+            chosen(&plan_new_view(&config, &vcs)),
+            vec![(1, Some(tag_digest(0xc)))]
+        );
         // ...and the re-issued copy is the one re-issued again.
         let vcs = vec![
             vc(4, 1, genesis_cert(), vec![accepted(2, 1, 0xb)]),
@@ -677,24 +916,40 @@ mod tests {
             vc(4, 0, genesis_cert(), vec![]),
         ];
         let plan = plan_new_view(&config, &vcs);
-        assert_eq!(plan.slots[0].1.as_ref().map(|p| p.pre_prepare.body.view), Some(View(2)));
+        assert_eq!(
+            plan.slots[0].1.as_ref().map(|p| p.pre_prepare.body.view),
+            Some(View(2))
+        );
     }
 
     #[test]
     fn evidence_layout_is_checked() {
         let config = config();
-        let ok =
-            |evidence: Vec<Evidence>| valid_view_change(&config, &GENESIS, &vc(4, 0, genesis_cert(), evidence).body);
+        let ok = |evidence: Vec<Evidence>| {
+            valid_view_change(&config, &GENESIS, &vc(4, 0, genesis_cert(), evidence).body)
+        };
         // Strong, then fast of a higher view, per slot; slots increasing.
-        assert!(ok(vec![prepared(1, 1, 1), accepted(2, 1, 2), accepted(3, 2, 3)]));
-        assert!(ok(vec![accepted(3, 1, 1), prepared(1, 2, 2), accepted(2, 2, 2)]));
+        assert!(ok(vec![
+            prepared(1, 1, 1),
+            accepted(2, 1, 2),
+            accepted(3, 2, 3)
+        ]));
+        assert!(ok(vec![
+            accepted(3, 1, 1),
+            prepared(1, 2, 2),
+            accepted(2, 2, 2)
+        ]));
         // Fast before strong, or not higher than it, or two of a kind, or three items.
         assert!(!ok(vec![accepted(2, 1, 2), prepared(1, 1, 1)]));
         assert!(!ok(vec![prepared(2, 1, 1), accepted(2, 1, 1)]));
         assert!(!ok(vec![prepared(2, 1, 1), accepted(1, 1, 2)]));
         assert!(!ok(vec![accepted(1, 1, 1), accepted(2, 1, 2)]));
         assert!(!ok(vec![prepared(1, 1, 1), prepared(2, 1, 2)]));
-        assert!(!ok(vec![prepared(1, 1, 1), accepted(2, 1, 2), accepted(3, 1, 2)]));
+        assert!(!ok(vec![
+            prepared(1, 1, 1),
+            accepted(2, 1, 2),
+            accepted(3, 1, 2)
+        ]));
         // Fast evidence from the new view or later, or beyond the window.
         assert!(!ok(vec![accepted(4, 1, 1)]));
         assert!(!ok(vec![accepted(1, 9, 1)]));

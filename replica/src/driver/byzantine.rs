@@ -17,8 +17,8 @@
 
 use crate::config::ReplicaSecrets;
 use crate::wire::{
-    AgreementMessage, Authenticator, Batch, Checkpoint, ClientMessage, Message, Principal, Proposal, ReplicaId, Signature,
-    Signed, Signer, ViewChangeMessage,
+    AgreementMessage, Authenticator, Batch, Checkpoint, ClientMessage, Message, Principal,
+    Proposal, ReplicaId, Signature, Signed, Signer, ViewChangeMessage,
 };
 use state_abstraction::digest::Hasher;
 use std::path::{Path, PathBuf};
@@ -62,10 +62,18 @@ impl std::str::FromStr for Mode {
         let number = |i: usize, default: u64, what: &str| -> Result<u64, String> {
             match params.get(i) {
                 None => Ok(default),
-                Some(p) => p.parse::<u64>().map_err(|_| format!("{what} in `{text}` must be a whole number, not `{p}`")),
+                Some(p) => p
+                    .parse::<u64>()
+                    .map_err(|_| format!("{what} in `{text}` must be a whole number, not `{p}`")),
             }
         };
-        let no_params = |mode: Mode| if params.is_empty() { Ok(mode) } else { Err(format!("`{name}` takes no parameter")) };
+        let no_params = |mode: Mode| {
+            if params.is_empty() {
+                Ok(mode)
+            } else {
+                Err(format!("`{name}` takes no parameter"))
+            }
+        };
         match name {
             "mute" => no_params(Mode::Mute),
             "slow" => {
@@ -82,18 +90,27 @@ impl std::str::FromStr for Mode {
                 if !(1..=100).contains(&percent) {
                     return Err("the percentage of `bad-auth` must be 1..=100".into());
                 }
-                Ok(Mode::BadAuth { percent: percent as u8 })
+                Ok(Mode::BadAuth {
+                    percent: percent as u8,
+                })
             }
             "wrong-checkpoint" => no_params(Mode::WrongCheckpoint),
             "corrupt-state" => {
                 let seconds = number(0, 3, "the period (seconds)")?;
                 let times = number(1, 3, "the number of corruptions")?;
                 if seconds == 0 || times == 0 || times > 1_000_000 {
-                    return Err("`corrupt-state` needs a period ≥ 1 s and 1..=1000000 corruptions".into());
+                    return Err(
+                        "`corrupt-state` needs a period ≥ 1 s and 1..=1000000 corruptions".into(),
+                    );
                 }
-                Ok(Mode::CorruptState { every_ms: seconds * 1000, times: times as u32 })
+                Ok(Mode::CorruptState {
+                    every_ms: seconds * 1000,
+                    times: times as u32,
+                })
             }
-            _ => Err(format!("unknown Byzantine mode `{name}`; modes: {MODES_HELP}")),
+            _ => Err(format!(
+                "unknown Byzantine mode `{name}`; modes: {MODES_HELP}"
+            )),
         }
     }
 }
@@ -107,7 +124,9 @@ impl std::fmt::Display for Mode {
             Mode::Equivocate => write!(f, "equivocate"),
             Mode::BadAuth { percent } => write!(f, "bad-auth:{percent}"),
             Mode::WrongCheckpoint => write!(f, "wrong-checkpoint"),
-            Mode::CorruptState { every_ms, times } => write!(f, "corrupt-state:{}:{times}", every_ms / 1000),
+            Mode::CorruptState { every_ms, times } => {
+                write!(f, "corrupt-state:{}:{times}", every_ms / 1000)
+            }
         }
     }
 }
@@ -182,9 +201,15 @@ impl Byzantine {
         match self.mode {
             Mode::Mute => self.count(),
             Mode::Slow { delay_ms } => {
-                let Some(frame) = seal(&message, &destinations, auth) else { return };
+                let Some(frame) = seal(&message, &destinations, auth) else {
+                    return;
+                };
                 let links = destinations.into_iter().map(|(_, l)| l).collect();
-                let item = Delayed { due: Instant::now() + Duration::from_millis(delay_ms), frame, links };
+                let item = Delayed {
+                    due: Instant::now() + Duration::from_millis(delay_ms),
+                    frame,
+                    links,
+                };
                 if let Some(line) = &self.delay_line {
                     // Full means the replica sends faster than the delay drains: drop.
                     let _ = line.try_send(item);
@@ -212,15 +237,29 @@ impl Byzantine {
                     let seq = p.body.seq.0;
                     let mut forked = p.body.clone();
                     forked.batch_digest = other_digest(&forked.batch_digest);
-                    let forked = Message::Agreement(AgreementMessage::Prepare(self.signer.sign(forked)));
-                    self.split(seq, Message::Agreement(AgreementMessage::Prepare(p)), forked, destinations, auth)
+                    let forked =
+                        Message::Agreement(AgreementMessage::Prepare(self.signer.sign(forked)));
+                    self.split(
+                        seq,
+                        Message::Agreement(AgreementMessage::Prepare(p)),
+                        forked,
+                        destinations,
+                        auth,
+                    )
                 }
                 Message::Agreement(AgreementMessage::Commit(c)) if c.body.replica == self.me => {
                     let seq = c.body.seq.0;
                     let mut forked = c.body.clone();
                     forked.batch_digest = other_digest(&forked.batch_digest);
-                    let forked = Message::Agreement(AgreementMessage::Commit(self.signer.sign(forked)));
-                    self.split(seq, Message::Agreement(AgreementMessage::Commit(c)), forked, destinations, auth)
+                    let forked =
+                        Message::Agreement(AgreementMessage::Commit(self.signer.sign(forked)));
+                    self.split(
+                        seq,
+                        Message::Agreement(AgreementMessage::Commit(c)),
+                        forked,
+                        destinations,
+                        auth,
+                    )
                 }
                 other => deliver(&other, &destinations, auth),
             },
@@ -235,7 +274,9 @@ impl Byzantine {
                 if self.rng.below(2) == 0 && break_a_signature(&mut message) {
                     return deliver(&message, &destinations, auth);
                 }
-                let Some(mut frame) = seal(&message, &destinations, auth) else { return };
+                let Some(mut frame) = seal(&message, &destinations, auth) else {
+                    return;
+                };
                 // The frame ends with the message bytes, which every tag covers.
                 if let Some(last) = frame.last_mut() {
                     *last ^= 0x5A;
@@ -244,9 +285,13 @@ impl Byzantine {
             }
             Mode::WrongCheckpoint => {
                 let message = match message {
-                    Message::Agreement(AgreementMessage::Checkpoint(cp)) if cp.body.replica == self.me => {
+                    Message::Agreement(AgreementMessage::Checkpoint(cp))
+                        if cp.body.replica == self.me =>
+                    {
                         self.count();
-                        Message::Agreement(AgreementMessage::Checkpoint(self.signer.sign(wrong_checkpoint(cp.body))))
+                        Message::Agreement(AgreementMessage::Checkpoint(
+                            self.signer.sign(wrong_checkpoint(cp.body)),
+                        ))
                     }
                     other => other,
                 };
@@ -258,7 +303,12 @@ impl Byzantine {
 
     /// Every other backup (alternating with the sequence number which half) gets a
     /// different batch under the same view and sequence number, signed with our key.
-    fn equivocate(&mut self, proposal: Proposal, destinations: Vec<Destination>, auth: &Authenticator) {
+    fn equivocate(
+        &mut self,
+        proposal: Proposal,
+        destinations: Vec<Destination>,
+        auth: &Authenticator,
+    ) {
         let seq = proposal.pre_prepare.body.seq.0;
         let mut batch = proposal.batch.clone();
         if batch.requests.len() >= 2 {
@@ -271,7 +321,10 @@ impl Byzantine {
         // comparison with what the others got exposes it. The history is left as it was: the
         // previous link is not known here, and a backup that finds it unchained still votes.
         body.batch_digest = batch.ordered_digest(&body.nondet);
-        let other = Proposal { pre_prepare: self.signer.sign(body), batch };
+        let other = Proposal {
+            pre_prepare: self.signer.sign(body),
+            batch,
+        };
         self.split(
             seq,
             Message::Agreement(AgreementMessage::PrePrepare(proposal)),
@@ -283,7 +336,14 @@ impl Byzantine {
 
     /// `honest` to every other destination, `forked` to the rest; which half gets which
     /// alternates with the sequence number, and a retransmission goes the same way.
-    fn split(&mut self, seq: u64, honest: Message, forked: Message, destinations: Vec<Destination>, auth: &Authenticator) {
+    fn split(
+        &mut self,
+        seq: u64,
+        honest: Message,
+        forked: Message,
+        destinations: Vec<Destination>,
+        auth: &Authenticator,
+    ) {
         let (mut to_honest, mut to_forked) = (Vec::new(), Vec::new());
         for (i, d) in destinations.into_iter().enumerate() {
             if (i as u64 + seq) % 2 == 1 {
@@ -383,17 +443,19 @@ fn break_a_signature(message: &mut Message) -> bool {
 /// delay, so they leave in the order they were sent.
 fn spawn_delay_line() -> std_mpsc::SyncSender<Delayed> {
     let (tx, rx) = std_mpsc::sync_channel::<Delayed>(DELAY_QUEUE);
-    let _ = std::thread::Builder::new().name("bftfs-slow".into()).spawn(move || {
-        while let Ok(item) = rx.recv() {
-            let now = Instant::now();
-            if item.due > now {
-                std::thread::sleep(item.due - now);
+    let _ = std::thread::Builder::new()
+        .name("bftfs-slow".into())
+        .spawn(move || {
+            while let Ok(item) = rx.recv() {
+                let now = Instant::now();
+                if item.due > now {
+                    std::thread::sleep(item.due - now);
+                }
+                for link in &item.links {
+                    let _ = link.try_send(item.frame.clone());
+                }
             }
-            for link in &item.links {
-                let _ = link.try_send(item.frame.clone());
-            }
-        }
-    });
+        });
     tx
 }
 
@@ -405,7 +467,9 @@ pub fn corrupt_one_file(tree_root: &Path, rng: &mut Rng) -> std::io::Result<Opti
     let mut files = Vec::new();
     let mut dirs = vec![tree_root.to_path_buf()];
     while let Some(dir) = dirs.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         for e in entries.flatten() {
             let Ok(kind) = e.file_type() else { continue };
             if kind.is_dir() {
@@ -424,7 +488,10 @@ pub fn corrupt_one_file(tree_root: &Path, rng: &mut Rng) -> std::io::Result<Opti
         return Ok(None);
     }
     let path = files.swap_remove(rng.below(files.len() as u64) as usize);
-    let file = std::fs::OpenOptions::new().read(true).write(true).open(&path)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)?;
     let len = file.metadata()?.len();
     let at = rng.below(len);
     let mut byte = [0u8; 1];
@@ -452,13 +519,34 @@ mod tests {
             ("bad-auth", Mode::BadAuth { percent: 100 }),
             ("bad-auth:30", Mode::BadAuth { percent: 30 }),
             ("wrong-checkpoint", Mode::WrongCheckpoint),
-            ("corrupt-state", Mode::CorruptState { every_ms: 3000, times: 3 }),
-            ("corrupt-state:5:1", Mode::CorruptState { every_ms: 5000, times: 1 }),
+            (
+                "corrupt-state",
+                Mode::CorruptState {
+                    every_ms: 3000,
+                    times: 3,
+                },
+            ),
+            (
+                "corrupt-state:5:1",
+                Mode::CorruptState {
+                    every_ms: 5000,
+                    times: 1,
+                },
+            ),
         ] {
             assert_eq!(text.parse::<Mode>(), Ok(mode), "{text}");
             assert_eq!(mode.to_string().parse::<Mode>(), Ok(mode));
         }
-        for bad in ["", "loud", "mute:1", "slow:0", "slow:x", "bad-auth:0", "bad-auth:101", "corrupt-state:0"] {
+        for bad in [
+            "",
+            "loud",
+            "mute:1",
+            "slow:0",
+            "slow:x",
+            "bad-auth:0",
+            "bad-auth:101",
+            "corrupt-state:0",
+        ] {
             assert!(bad.parse::<Mode>().is_err(), "{bad} parsed");
         }
     }
@@ -487,7 +575,9 @@ mod tests {
         let (config, secrets) = cluster();
         let sender = Authenticator::for_replica(&config, &secrets[0]);
         let mut byz = Byzantine::new(mode, &secrets[0]);
-        let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
         let _guard = runtime.enter();
         let mut receivers = Vec::new();
         let mut destinations = Vec::new();
@@ -502,7 +592,11 @@ mod tests {
             .flat_map(|(auth, mut rx)| {
                 let mut got = Vec::new();
                 while let Ok(frame) = rx.try_recv() {
-                    got.push(auth.open(&frame[4..]).map(|m| m.message().clone()).map_err(|e| e.kind()));
+                    got.push(
+                        auth.open(&frame[4..])
+                            .map(|m| m.message().clone())
+                            .map_err(|e| e.kind()),
+                    );
                 }
                 got
             })
@@ -526,10 +620,17 @@ mod tests {
         for _ in 0..4 {
             let got = outcome(Mode::BadAuth { percent: 100 }, prepare());
             assert_eq!(got.len(), 3);
-            assert!(got.iter().all(|r| matches!(r, Err("unauthenticated" | "bad_signature"))), "{got:?}");
+            assert!(
+                got.iter()
+                    .all(|r| matches!(r, Err("unauthenticated" | "bad_signature"))),
+                "{got:?}"
+            );
         }
         let got = outcome(Mode::Lie, prepare());
-        assert!(got.iter().all(|r| r.as_ref().ok() == Some(&prepare())), "lie leaves agreement alone");
+        assert!(
+            got.iter().all(|r| r.as_ref().ok() == Some(&prepare())),
+            "lie leaves agreement alone"
+        );
     }
 
     #[test]
@@ -542,7 +643,10 @@ mod tests {
             replies_digest: state_abstraction::Digest([2; 32]),
             replica: ReplicaId(0),
         };
-        let got = outcome(Mode::WrongCheckpoint, Message::Agreement(AgreementMessage::Checkpoint(signer.sign(body.clone()))));
+        let got = outcome(
+            Mode::WrongCheckpoint,
+            Message::Agreement(AgreementMessage::Checkpoint(signer.sign(body.clone()))),
+        );
         assert_eq!(got.len(), 3);
         for r in got {
             match r {

@@ -66,7 +66,12 @@ impl ClientHandle {
         let operation_bytes_max = config.protocol.operation_bytes_max;
         let observed = Arc::new(Mutex::new(ReplicaObservations::default()));
         runtime.spawn(client_task(config, secrets, submit_rx, observed.clone()));
-        Ok(ClientHandle { submit: submit_tx, runtime: Some(runtime), operation_bytes_max, observed })
+        Ok(ClientHandle {
+            submit: submit_tx,
+            runtime: Some(runtime),
+            operation_bytes_max,
+            observed,
+        })
     }
 
     /// What this client observed about the replicas so far.
@@ -76,12 +81,23 @@ impl ClientHandle {
 
     /// Invokes `operation` and waits for its result (f+1 matching committed replies, or 2f+1
     /// matching read-only ones).
-    pub fn call(&self, operation: Vec<u8>, read_only: bool, timeout: Duration) -> Result<Vec<u8>, CallError> {
+    pub fn call(
+        &self,
+        operation: Vec<u8>,
+        read_only: bool,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, CallError> {
         if operation.len() > self.operation_bytes_max {
             return Err(CallError::TooLarge(operation.len()));
         }
         let (done, wait) = std_mpsc::sync_channel(1);
-        self.submit.blocking_send(Submit { operation, read_only, done }).map_err(|_| CallError::Closed)?;
+        self.submit
+            .blocking_send(Submit {
+                operation,
+                read_only,
+                done,
+            })
+            .map_err(|_| CallError::Closed)?;
         match wait.recv_timeout(timeout) {
             Ok(r) => r,
             Err(std_mpsc::RecvTimeoutError::Timeout) => Err(CallError::Timeout(timeout)),
@@ -90,10 +106,24 @@ impl ClientHandle {
     }
 
     /// The async form of [`ClientHandle::call`], for callers already on a runtime.
-    pub async fn call_async(&self, operation: Vec<u8>, read_only: bool, timeout: Duration) -> Result<Vec<u8>, CallError> {
+    pub async fn call_async(
+        &self,
+        operation: Vec<u8>,
+        read_only: bool,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, CallError> {
         let (done, wait) = std_mpsc::sync_channel(1);
-        self.submit.send(Submit { operation, read_only, done }).await.map_err(|_| CallError::Closed)?;
-        let waited = tokio::task::spawn_blocking(move || wait.recv_timeout(timeout)).await.map_err(|_| CallError::Closed)?;
+        self.submit
+            .send(Submit {
+                operation,
+                read_only,
+                done,
+            })
+            .await
+            .map_err(|_| CallError::Closed)?;
+        let waited = tokio::task::spawn_blocking(move || wait.recv_timeout(timeout))
+            .await
+            .map_err(|_| CallError::Closed)?;
         match waited {
             Ok(r) => r,
             Err(std_mpsc::RecvTimeoutError::Timeout) => Err(CallError::Timeout(timeout)),
@@ -111,7 +141,10 @@ impl Drop for ClientHandle {
 }
 
 fn wall_clock_ns() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
 }
 
 async fn client_task(
@@ -127,8 +160,22 @@ async fn client_task(
         .replicas
         .iter()
         .map(|r| {
-            let hello = auth.seal(&Message::Client(ClientMessage::Hello), &[Principal::Replica(r.id)]).ok();
-            (r.id, net::spawn_link(r.address.clone(), LINK_QUEUE, Backoff::default(), hello, Some(inbound_tx.clone())))
+            let hello = auth
+                .seal(
+                    &Message::Client(ClientMessage::Hello),
+                    &[Principal::Replica(r.id)],
+                )
+                .ok();
+            (
+                r.id,
+                net::spawn_link(
+                    r.address.clone(),
+                    LINK_QUEUE,
+                    Backoff::default(),
+                    hello,
+                    Some(inbound_tx.clone()),
+                ),
+            )
         })
         .collect();
     drop(inbound_tx);
@@ -136,7 +183,8 @@ async fn client_task(
     let config = Arc::new(config);
     let mut client = Client::new(config.clone(), &secrets, wall_clock_ns());
     let mut waiting: VecDeque<Submit> = VecDeque::new();
-    let mut pending: BTreeMap<RequestId, std_mpsc::SyncSender<Result<Vec<u8>, CallError>>> = BTreeMap::new();
+    let mut pending: BTreeMap<RequestId, std_mpsc::SyncSender<Result<Vec<u8>, CallError>>> =
+        BTreeMap::new();
     let mut actions = Vec::new();
     let mut completed: Vec<Completion> = Vec::new();
     let mut audit = ReplyAudit::default();
@@ -209,7 +257,10 @@ async fn client_task(
         for action in actions.drain(..) {
             match action {
                 ClientAction::Send { to, message } => {
-                    if let (Some(link), Ok(frame)) = (links.get(&to), auth.seal(&message, &[Principal::Replica(to)])) {
+                    if let (Some(link), Ok(frame)) = (
+                        links.get(&to),
+                        auth.seal(&message, &[Principal::Replica(to)]),
+                    ) {
                         let _ = link.try_send(frame);
                     }
                 }

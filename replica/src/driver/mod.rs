@@ -1,9 +1,9 @@
 //! The tokio driver: runs the sans-IO replica core and client over TCP, a write-ahead log and
 //! the wall clock. See [`node`] for the replica side and [`client`] for the client side.
 
+pub mod audit;
 #[cfg(feature = "byzantine")]
 pub mod byzantine;
-pub mod audit;
 pub mod client;
 pub mod net;
 pub mod node;

@@ -16,15 +16,27 @@ use tokio::sync::mpsc;
 pub async fn read_frame<R: AsyncReadExt + Unpin>(r: &mut R) -> io::Result<Vec<u8>> {
     let mut header = [0u8; FRAME_HEADER_BYTES];
     r.read_exact(&mut header).await?;
-    let len = wire::frame_length(header).map_err(|e: WireError| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await?;
+    let len = wire::frame_length(header)
+        .map_err(|e: WireError| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+    // Grow the buffer as bytes arrive rather than trusting the announced length: a peer that
+    // announces a large frame and then stalls must not pin that much memory per connection.
+    let mut body = Vec::with_capacity(len.min(64 * 1024));
+    (&mut *r).take(len as u64).read_to_end(&mut body).await?;
+    if body.len() != len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "connection closed inside a frame",
+        ));
+    }
     Ok(body)
 }
 
 /// Writes frames from `rx` (each already length-prefixed) until the channel closes or the
 /// socket fails. Frames that are already queued go out in one write.
-pub async fn write_frames<W: AsyncWriteExt + Unpin>(w: &mut W, rx: &mut mpsc::Receiver<Vec<u8>>) -> io::Result<()> {
+pub async fn write_frames<W: AsyncWriteExt + Unpin>(
+    w: &mut W,
+    rx: &mut mpsc::Receiver<Vec<u8>>,
+) -> io::Result<()> {
     let mut buf = Vec::new();
     while let Some(frame) = rx.recv().await {
         buf.clear();
@@ -48,7 +60,10 @@ pub struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff { first: Duration::from_millis(20), max: Duration::from_secs(1) }
+        Backoff {
+            first: Duration::from_millis(20),
+            max: Duration::from_secs(1),
+        }
     }
 }
 

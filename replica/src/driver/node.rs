@@ -14,7 +14,11 @@ use super::status::{ReplicaStatus, STATUS_PROBE};
 use super::wal::Wal;
 use crate::config::{ClusterConfig, ReplicaSecrets};
 use crate::core::{Action, Event, Notification, Replica, WalRecord};
-use crate::wire::{self, Authenticated, Authenticator, ClientMessage, Message, Principal, ReplicaId, StateTransferMessage};
+use crate::wire::{
+    self, Authenticated, Authenticator, ClientMessage, Message, Principal, ReplicaId,
+    StateTransferMessage,
+};
+use state_abstraction::Digest;
 use state_abstraction::{ClientId, Service};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -22,7 +26,6 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
-use state_abstraction::Digest;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -35,12 +38,20 @@ const LINK_QUEUE: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
-    #[error("cannot listen on {address}: {source} (is another replica or program using this port?)")]
-    Listen { address: String, source: std::io::Error },
+    #[error(
+        "cannot listen on {address}: {source} (is another replica or program using this port?)"
+    )]
+    Listen {
+        address: String,
+        source: std::io::Error,
+    },
     #[error("replica {0} is not in the cluster config")]
     NotInConfig(u32),
     #[error("write-ahead log {path}: {source}")]
-    Wal { path: String, source: std::io::Error },
+    Wal {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("write-ahead log record {index} does not decode; the log is damaged")]
     WalRecord { index: usize },
     #[error("protocol core: {0}")]
@@ -89,23 +100,41 @@ pub fn restore_replica<S: Service>(
     service: S,
     wal_path: &Path,
 ) -> Result<(Replica<S>, Wal), NodeError> {
-    let (wal, records) = Wal::open(wal_path).map_err(|source| NodeError::Wal { path: wal_path.display().to_string(), source })?;
+    let (wal, records) = Wal::open(wal_path).map_err(|source| NodeError::Wal {
+        path: wal_path.display().to_string(),
+        source,
+    })?;
     let mut decoded = Vec::with_capacity(records.len());
     for (index, r) in records.iter().enumerate() {
         decoded.push(wire::decode::<WalRecord>(r).map_err(|_| NodeError::WalRecord { index })?);
     }
-    tracing::info!(records = decoded.len(), "restoring from the write-ahead log");
-    let replica = Replica::restore(config, secrets, service, decoded).map_err(|e| NodeError::Core(e.to_string()))?;
+    tracing::info!(
+        records = decoded.len(),
+        "restoring from the write-ahead log"
+    );
+    let replica = Replica::restore(config, secrets, service, decoded)
+        .map_err(|e| NodeError::Core(e.to_string()))?;
     Ok((replica, wal))
 }
 
 /// Binds the replica's listening socket (separately, so a port in use is reported before
 /// anything else starts).
 pub fn bind(config: &ClusterConfig, id: ReplicaId) -> Result<std::net::TcpListener, NodeError> {
-    let info = config.replicas.get(id.0 as usize).ok_or(NodeError::NotInConfig(id.0))?;
-    let listener = std::net::TcpListener::bind(&info.address)
-        .map_err(|source| NodeError::Listen { address: info.address.clone(), source })?;
-    listener.set_nonblocking(true).map_err(|source| NodeError::Listen { address: info.address.clone(), source })?;
+    let info = config
+        .replicas
+        .get(id.0 as usize)
+        .ok_or(NodeError::NotInConfig(id.0))?;
+    let listener =
+        std::net::TcpListener::bind(&info.address).map_err(|source| NodeError::Listen {
+            address: info.address.clone(),
+            source,
+        })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| NodeError::Listen {
+            address: info.address.clone(),
+            source,
+        })?;
     Ok(listener)
 }
 
@@ -119,7 +148,16 @@ pub fn run<S: Service + Send + 'static>(
     status: Arc<Mutex<ReplicaStatus>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<(), NodeError> {
-    run_with(config, secrets, replica, wal, listener, status, stop, RunOptions::default())
+    run_with(
+        config,
+        secrets,
+        replica,
+        wal,
+        listener,
+        status,
+        stop,
+        RunOptions::default(),
+    )
 }
 
 /// [`run`] with [`RunOptions`].
@@ -138,7 +176,9 @@ pub fn run_with<S: Service + Send + 'static>(
     let counters = Arc::new(DriverCounters::default());
     let watch = Arc::new(PeerWatch::new(secrets.id, config.n()));
     #[cfg(feature = "byzantine")]
-    let mut tamper: Tamper = options.byzantine.map(|mode| super::byzantine::Byzantine::new(mode, &secrets));
+    let mut tamper: Tamper = options
+        .byzantine
+        .map(|mode| super::byzantine::Byzantine::new(mode, &secrets));
     #[cfg(not(feature = "byzantine"))]
     let mut tamper: Tamper = {
         let RunOptions {} = options;
@@ -159,7 +199,18 @@ pub fn run_with<S: Service + Send + 'static>(
             .replicas
             .iter()
             .filter(|r| r.id != me)
-            .map(|r| (r.id, net::spawn_link(r.address.clone(), LINK_QUEUE, Backoff::default(), None, None)))
+            .map(|r| {
+                (
+                    r.id,
+                    net::spawn_link(
+                        r.address.clone(),
+                        LINK_QUEUE,
+                        Backoff::default(),
+                        None,
+                        None,
+                    ),
+                )
+            })
             .collect()
     });
 
@@ -200,8 +251,23 @@ pub fn run_with<S: Service + Send + 'static>(
         });
     }
 
-    let links = Links { auth: &auth, peers: &peers, clients: &clients, counters: &counters, watch: &watch };
-    let result = core_loop(&config, replica, wal, core_rx, &links, &mut tamper, &status, &stop);
+    let links = Links {
+        auth: &auth,
+        peers: &peers,
+        clients: &clients,
+        counters: &counters,
+        watch: &watch,
+    };
+    let result = core_loop(
+        &config,
+        replica,
+        wal,
+        core_rx,
+        &links,
+        &mut tamper,
+        &status,
+        &stop,
+    );
     runtime.shutdown_timeout(Duration::from_millis(200));
     result
 }
@@ -231,6 +297,9 @@ async fn serve_connection(
             Ok(b) => b,
             Err(e) => {
                 if e.kind() == std::io::ErrorKind::InvalidData {
+                    auth.counters
+                        .oversized
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(%peer, error = %e, "closing a connection that sent a bad frame");
                 }
                 break;
@@ -273,7 +342,9 @@ async fn serve_connection(
             }
         }
         if core_tx.try_send(Input::Message(message)).is_err() {
-            counters.dropped_core_queue_full.fetch_add(1, Ordering::Relaxed);
+            counters
+                .dropped_core_queue_full
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
     if let Some(c) = registered {
@@ -288,7 +359,10 @@ async fn serve_connection(
 }
 
 fn now_ns() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 /// Where the core's messages go, and what watches them.
@@ -315,7 +389,11 @@ fn core_loop<S: Service>(
     let tick = Duration::from_nanos(config.protocol.tick_ns.max(1_000_000));
     let mut next_tick = Instant::now() + tick;
     let mut actions = Vec::new();
-    let all_replicas: Vec<Principal> = config.replica_ids().filter(|r| *r != replica.id()).map(Principal::Replica).collect();
+    let all_replicas: Vec<Principal> = config
+        .replica_ids()
+        .filter(|r| *r != replica.id())
+        .map(Principal::Replica)
+        .collect();
     let mut last_status = Instant::now() - Duration::from_secs(1);
     loop {
         if stop.load(Ordering::Relaxed) {
@@ -369,8 +447,17 @@ fn perform(
     links: &Links<'_>,
     #[allow(unused_variables)] tamper: &mut Tamper,
 ) -> Result<(), NodeError> {
-    let Links { auth, peers, clients, counters, watch } = *links;
-    let wal_error = |source| NodeError::Wal { path: "log".into(), source };
+    let Links {
+        auth,
+        peers,
+        clients,
+        counters,
+        watch,
+    } = *links;
+    let wal_error = |source| NodeError::Wal {
+        path: "log".into(),
+        source,
+    };
     for action in actions.drain(..) {
         let (message, to) = match action {
             Action::Persist(record) => {
@@ -388,10 +475,14 @@ fn perform(
                 log_notification(&n);
                 match &n {
                     Notification::Misbehaviour { from, .. } => watch.on_misbehaviour(*from),
-                    Notification::CheckpointStable { seq, service_root, replies_digest } => {
-                        watch.on_stable(seq.0, *service_root, *replies_digest)
-                    }
-                    Notification::CheckpointTaken { seq, service_root, .. } => {
+                    Notification::CheckpointStable {
+                        seq,
+                        service_root,
+                        replies_digest,
+                    } => watch.on_stable(seq.0, *service_root, *replies_digest),
+                    Notification::CheckpointTaken {
+                        seq, service_root, ..
+                    } => {
                         if let Ok(mut last) = counters.last_checkpoint.lock() {
                             *last = Some((seq.0, *service_root));
                         }
@@ -412,19 +503,26 @@ fn perform(
         }
         // One seal per message: hashed once, one MAC per receiver, the same frame to each link.
         let (receivers, links): (Vec<Principal>, Vec<mpsc::Sender<Vec<u8>>>) = match to {
-            Target::Replica(r) => (vec![Principal::Replica(r)], peers.get(&r).cloned().into_iter().collect()),
+            Target::Replica(r) => (
+                vec![Principal::Replica(r)],
+                peers.get(&r).cloned().into_iter().collect(),
+            ),
             Target::AllReplicas => (all_replicas.to_vec(), peers.values().cloned().collect()),
             Target::Client(c) => {
                 let link = clients.lock().ok().and_then(|m| m.get(&c).cloned());
                 if link.is_none() {
                     // Not connected now; the client retransmits and gets the cached reply.
-                    counters.dropped_client_unknown.fetch_add(1, Ordering::Relaxed);
+                    counters
+                        .dropped_client_unknown
+                        .fetch_add(1, Ordering::Relaxed);
                 }
                 (vec![Principal::Client(c)], link.into_iter().collect())
             }
         };
         if let Message::StateTransfer(m) = &message {
-            counters.state_transfer_bytes_served.fetch_add(state_bytes(m), Ordering::Relaxed);
+            counters
+                .state_transfer_bytes_served
+                .fetch_add(state_bytes(m), Ordering::Relaxed);
         }
         // The one place where a Byzantine replica's tampering layer sees what goes out.
         #[cfg(feature = "byzantine")]
@@ -432,7 +530,9 @@ fn perform(
             byzantine.send(message, receivers.into_iter().zip(links).collect(), auth);
             continue;
         }
-        let Some((last, rest)) = links.split_last() else { continue };
+        let Some((last, rest)) = links.split_last() else {
+            continue;
+        };
         match auth.seal(&message, &receivers) {
             Ok(frame) => {
                 for link in rest {
@@ -470,17 +570,27 @@ enum Target {
 fn log_notification(n: &Notification) {
     match n {
         Notification::Executed { .. } | Notification::Speculated { .. } => {}
-        Notification::RolledBack { to, from } => tracing::info!(to = to.0, from = from.0, "speculation rolled back"),
-        Notification::CheckpointTaken { seq, service_root, .. } => {
+        Notification::RolledBack { to, from } => {
+            tracing::info!(to = to.0, from = from.0, "speculation rolled back")
+        }
+        Notification::CheckpointTaken {
+            seq, service_root, ..
+        } => {
             tracing::debug!(seq = seq.0, root = ?service_root, "checkpoint taken")
         }
-        Notification::CheckpointStable { seq, service_root, .. } => {
+        Notification::CheckpointStable {
+            seq, service_root, ..
+        } => {
             tracing::info!(seq = seq.0, root = ?service_root, "checkpoint stable")
         }
-        Notification::ViewEntered { view, active } => tracing::info!(view = view.0, active, "view change"),
+        Notification::ViewEntered { view, active } => {
+            tracing::info!(view = view.0, active, "view change")
+        }
         Notification::StateTransferred { seq, bytes } => {
             tracing::info!(seq = seq.0, bytes, "state transfer finished")
         }
-        Notification::Misbehaviour { from, what } => tracing::warn!(?from, what, "misbehaviour detected"),
+        Notification::Misbehaviour { from, what } => {
+            tracing::warn!(?from, what, "misbehaviour detected")
+        }
     }
 }

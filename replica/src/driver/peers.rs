@@ -17,7 +17,9 @@
 //! - how late its commits and checkpoints arrive after the first one for the same sequence
 //!   number (a moving average), and how long ago it last sent anything.
 
-use crate::wire::{AgreementMessage, Digest, Message, Principal, PrePrepare, ReplicaId, Signed, ViewChangeMessage};
+use crate::wire::{
+    AgreementMessage, Digest, Message, PrePrepare, Principal, ReplicaId, Signed, ViewChangeMessage,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -106,7 +108,9 @@ fn count_in_view(list: &mut Vec<(u64, u64)>, view: u64) {
 
 fn trim<K: Ord + Clone, V>(map: &mut BTreeMap<K, V>) {
     while map.len() > REMEMBERED {
-        let Some(first) = map.keys().next().cloned() else { break };
+        let Some(first) = map.keys().next().cloned() else {
+            break;
+        };
         map.remove(&first);
     }
 }
@@ -115,9 +119,21 @@ impl PeerWatch {
     pub fn new(me: ReplicaId, n: usize) -> PeerWatch {
         let mut inner = Inner::default();
         for id in (0..n as u32).filter(|i| *i != me.0) {
-            inner.peers.insert(id, Peer { report: PeerReport { id, ..Default::default() }, ..Default::default() });
+            inner.peers.insert(
+                id,
+                Peer {
+                    report: PeerReport {
+                        id,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+            );
         }
-        PeerWatch { me: me.0, inner: Mutex::new(inner) }
+        PeerWatch {
+            me: me.0,
+            inner: Mutex::new(inner),
+        }
     }
 
     fn with(&self, f: impl FnOnce(&mut Inner)) {
@@ -128,10 +144,14 @@ impl PeerWatch {
 
     /// A frame that authenticated.
     pub fn on_accepted(&self, sender: Principal, message: &Message) {
-        let Principal::Replica(from) = sender else { return };
+        let Principal::Replica(from) = sender else {
+            return;
+        };
         let now = Instant::now();
         self.with(|inner| {
-            let Some(peer) = inner.peers.get_mut(&from.0) else { return };
+            let Some(peer) = inner.peers.get_mut(&from.0) else {
+                return;
+            };
             peer.report.frames += 1;
             peer.last_message = Some(now);
             match message {
@@ -148,7 +168,10 @@ impl PeerWatch {
                             if digest != b.batch_digest {
                                 if let Some(p) = inner.peers.get_mut(&peer) {
                                     p.report.conflicting_votes += 1;
-                                    count_in_view(&mut p.report.conflicting_votes_by_view, b.view.0);
+                                    count_in_view(
+                                        &mut p.report.conflicting_votes_by_view,
+                                        b.view.0,
+                                    );
                                 }
                             }
                         }
@@ -156,13 +179,27 @@ impl PeerWatch {
                 }
                 Message::Agreement(AgreementMessage::Prepare(p)) => {
                     inner.highest_seq = inner.highest_seq.max(p.body.seq.0);
-                    note_vote(inner, from.0, 0, (p.body.view.0, p.body.seq.0), p.body.batch_digest);
+                    note_vote(
+                        inner,
+                        from.0,
+                        0,
+                        (p.body.view.0, p.body.seq.0),
+                        p.body.batch_digest,
+                    );
                 }
-                Message::Agreement(AgreementMessage::Committed(cert)) => note_proposal(inner, &cert.proposal.pre_prepare),
+                Message::Agreement(AgreementMessage::Committed(cert)) => {
+                    note_proposal(inner, &cert.proposal.pre_prepare)
+                }
                 Message::Agreement(AgreementMessage::Commit(c)) => {
                     inner.highest_seq = inner.highest_seq.max(c.body.seq.0);
                     note_arrival(inner, from.0, (c.body.seq.0, 0), now);
-                    note_vote(inner, from.0, 1, (c.body.view.0, c.body.seq.0), c.body.batch_digest);
+                    note_vote(
+                        inner,
+                        from.0,
+                        1,
+                        (c.body.view.0, c.body.seq.0),
+                        c.body.batch_digest,
+                    );
                 }
                 Message::Agreement(AgreementMessage::Checkpoint(c)) => {
                     let seq = c.body.seq.0;
@@ -178,7 +215,11 @@ impl PeerWatch {
                             }
                         }
                         None => {
-                            inner.checkpoints.entry(seq).or_default().insert(from.0, digests);
+                            inner
+                                .checkpoints
+                                .entry(seq)
+                                .or_default()
+                                .insert(from.0, digests);
                             trim(&mut inner.checkpoints);
                         }
                     }
@@ -202,7 +243,9 @@ impl PeerWatch {
 
     /// A frame that did not authenticate, with the sender it claims (if it decodes that far).
     pub fn on_rejected(&self, claimed: Option<Principal>) {
-        let Some(Principal::Replica(r)) = claimed else { return };
+        let Some(Principal::Replica(r)) = claimed else {
+            return;
+        };
         self.with(|inner| {
             if let Some(p) = inner.peers.get_mut(&r.0) {
                 p.report.auth_failures += 1;
@@ -246,13 +289,17 @@ impl PeerWatch {
 
     pub fn reports(&self) -> Vec<PeerReport> {
         let now = Instant::now();
-        let Ok(inner) = self.inner.lock() else { return Vec::new() };
+        let Ok(inner) = self.inner.lock() else {
+            return Vec::new();
+        };
         inner
             .peers
             .values()
             .map(|p| {
                 let mut r = p.report.clone();
-                r.last_message_ms_ago = p.last_message.map(|t| now.duration_since(t).as_millis() as u64);
+                r.last_message_ms_ago = p
+                    .last_message
+                    .map(|t| now.duration_since(t).as_millis() as u64);
                 r.lateness_ms = p.lateness_us.map(|us| us / 1000);
                 r
             })
@@ -297,7 +344,13 @@ fn note_vote(inner: &mut Inner, from: u32, kind: u8, slot: (u64, u64), digest: D
 fn note_proposal(inner: &mut Inner, pre_prepare: &Signed<PrePrepare>) {
     // Every signature inside an authenticated message was verified: the primary really signed
     // both, so two digests for one slot prove it equivocated.
-    let PrePrepare { view, seq, batch_digest, primary, .. } = &pre_prepare.body;
+    let PrePrepare {
+        view,
+        seq,
+        batch_digest,
+        primary,
+        ..
+    } = &pre_prepare.body;
     match inner.proposals.get(&(view.0, seq.0)) {
         Some((signer, digest)) if *signer == primary.0 && digest != batch_digest => {
             if let Some(p) = inner.peers.get_mut(&primary.0) {
@@ -310,11 +363,15 @@ fn note_proposal(inner: &mut Inner, pre_prepare: &Signed<PrePrepare>) {
                 }
             }
             // Count a slot once.
-            inner.proposals.insert((view.0, seq.0), (primary.0, *batch_digest));
+            inner
+                .proposals
+                .insert((view.0, seq.0), (primary.0, *batch_digest));
         }
         Some(_) => {}
         None => {
-            inner.proposals.insert((view.0, seq.0), (primary.0, *batch_digest));
+            inner
+                .proposals
+                .insert((view.0, seq.0), (primary.0, *batch_digest));
             trim(&mut inner.proposals);
         }
     }
@@ -323,15 +380,27 @@ fn note_proposal(inner: &mut Inner, pre_prepare: &Signed<PrePrepare>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::{Batch, Checkpoint, CommitCertificate, Prepare, Proposal, SeqNo, Signer, View};
+    use crate::wire::{
+        Batch, Checkpoint, CommitCertificate, Prepare, Proposal, SeqNo, Signer, View,
+    };
 
     fn signer(id: u8) -> Signer {
         Signer::from_secret(&[id + 1; 32])
     }
 
     fn proposal(batch_digest: Digest) -> Proposal {
-        let body = PrePrepare { view: View(0), seq: SeqNo(1), batch_digest, nondet: Vec::new(), primary: ReplicaId(0), history: Digest::default() };
-        Proposal { pre_prepare: signer(0).sign(body), batch: Batch::default() }
+        let body = PrePrepare {
+            view: View(0),
+            seq: SeqNo(1),
+            batch_digest,
+            nondet: Vec::new(),
+            primary: ReplicaId(0),
+            history: Digest::default(),
+        };
+        Proposal {
+            pre_prepare: signer(0).sign(body),
+            batch: Batch::default(),
+        }
     }
 
     fn report(w: &PeerWatch, id: u32) -> PeerReport {
@@ -343,27 +412,52 @@ mod tests {
         let w = PeerWatch::new(ReplicaId(1), 4);
         let (a, b) = (Digest([1; 32]), Digest([2; 32]));
         // The primary proposes A to us; replica 2 votes for B in the same slot.
-        w.on_accepted(Principal::Replica(ReplicaId(0)), &Message::Agreement(AgreementMessage::PrePrepare(proposal(a))));
-        let prepare = |digest| Prepare { view: View(0), seq: SeqNo(1), batch_digest: digest, replica: ReplicaId(2) };
-        w.on_accepted(Principal::Replica(ReplicaId(2)), &Message::Agreement(AgreementMessage::Prepare(signer(2).sign(prepare(b)))));
-        w.on_accepted(Principal::Replica(ReplicaId(3)), &Message::Agreement(AgreementMessage::Prepare(signer(3).sign(Prepare { replica: ReplicaId(3), ..prepare(a) }))));
+        w.on_accepted(
+            Principal::Replica(ReplicaId(0)),
+            &Message::Agreement(AgreementMessage::PrePrepare(proposal(a))),
+        );
+        let prepare = |digest| Prepare {
+            view: View(0),
+            seq: SeqNo(1),
+            batch_digest: digest,
+            replica: ReplicaId(2),
+        };
+        w.on_accepted(
+            Principal::Replica(ReplicaId(2)),
+            &Message::Agreement(AgreementMessage::Prepare(signer(2).sign(prepare(b)))),
+        );
+        w.on_accepted(
+            Principal::Replica(ReplicaId(3)),
+            &Message::Agreement(AgreementMessage::Prepare(signer(3).sign(Prepare {
+                replica: ReplicaId(3),
+                ..prepare(a)
+            }))),
+        );
         assert_eq!(report(&w, 2).conflicting_votes, 1);
         assert_eq!(report(&w, 3).conflicting_votes, 0);
         assert_eq!(report(&w, 0).equivocations, 0);
         // A commit certificate shows the primary signed B for the same slot: proof.
-        let cert = CommitCertificate { proposal: proposal(b), commits: Vec::new() };
-        w.on_accepted(Principal::Replica(ReplicaId(3)), &Message::Agreement(AgreementMessage::Committed(Box::new(cert))));
+        let cert = CommitCertificate {
+            proposal: proposal(b),
+            commits: Vec::new(),
+        };
+        w.on_accepted(
+            Principal::Replica(ReplicaId(3)),
+            &Message::Agreement(AgreementMessage::Committed(Box::new(cert))),
+        );
         assert_eq!(report(&w, 0).equivocations, 1);
         assert_eq!(report(&w, 0).equivocation_views, vec![0]);
         assert_eq!(report(&w, 3).equivocations, 0);
         // Checkpoints: replica 3 disagrees with the stable certificate, before and after it.
         let checkpoint = |replica: u32, root: Digest, seq: u64| {
-            Message::Agreement(AgreementMessage::Checkpoint(signer(replica as u8).sign(Checkpoint {
-                seq: SeqNo(seq),
-                service_root: root,
-                replies_digest: Digest([9; 32]),
-                replica: ReplicaId(replica),
-            })))
+            Message::Agreement(AgreementMessage::Checkpoint(signer(replica as u8).sign(
+                Checkpoint {
+                    seq: SeqNo(seq),
+                    service_root: root,
+                    replies_digest: Digest([9; 32]),
+                    replica: ReplicaId(replica),
+                },
+            )))
         };
         w.on_accepted(Principal::Replica(ReplicaId(0)), &checkpoint(0, a, 64));
         w.on_accepted(Principal::Replica(ReplicaId(3)), &checkpoint(3, b, 64));
@@ -372,7 +466,10 @@ mod tests {
         w.on_accepted(Principal::Replica(ReplicaId(3)), &checkpoint(3, b, 128));
         w.on_stable(128, a, Digest([9; 32]));
         assert_eq!(report(&w, 3).checkpoint_mismatches, 2);
-        assert_eq!(report(&w, 0).checkpoint_mismatches + report(&w, 2).checkpoint_mismatches, 0);
+        assert_eq!(
+            report(&w, 0).checkpoint_mismatches + report(&w, 2).checkpoint_mismatches,
+            0
+        );
         // Frames that fail authentication and invalid messages.
         w.on_rejected(Some(Principal::Replica(ReplicaId(2))));
         w.on_rejected(None);
@@ -381,6 +478,9 @@ mod tests {
         assert_eq!(report(&w, 3).invalid, 1);
         assert!(report(&w, 0).last_message_ms_ago.is_some());
         assert_eq!(w.highest_seq(), 128);
-        assert!(w.reports().iter().all(|r| r.id != 1), "no report about ourselves");
+        assert!(
+            w.reports().iter().all(|r| r.id != 1),
+            "no report about ourselves"
+        );
     }
 }

@@ -68,7 +68,11 @@ fn hex(d: &state_abstraction::Digest) -> String {
 
 impl ReplicaStatus {
     pub fn new(id: u32) -> Self {
-        ReplicaStatus { id, pid: std::process::id(), ..Default::default() }
+        ReplicaStatus {
+            id,
+            pid: std::process::id(),
+            ..Default::default()
+        }
     }
 
     pub fn update<S: Service>(
@@ -92,12 +96,15 @@ impl ReplicaStatus {
         self.misbehaviour_seen = m.misbehaviour;
         self.frames_accepted = auth.counters.accepted.load(Ordering::Relaxed);
         self.frames_rejected = auth.counters.rejected();
-        self.dropped_overload = counters.dropped_core_queue_full.load(Ordering::Relaxed) + m.requests_dropped;
+        self.dropped_overload =
+            counters.dropped_core_queue_full.load(Ordering::Relaxed) + m.requests_dropped;
         self.wal_syncs = counters.wal_syncs.load(Ordering::Relaxed);
         self.new_views = m.new_views_installed;
         let wire = &auth.counters;
-        self.auth_failures = wire.unauthenticated.load(Ordering::Relaxed) + wire.bad_signature.load(Ordering::Relaxed);
-        self.state_transfer_bytes_served = counters.state_transfer_bytes_served.load(Ordering::Relaxed);
+        self.auth_failures = wire.unauthenticated.load(Ordering::Relaxed)
+            + wire.bad_signature.load(Ordering::Relaxed);
+        self.state_transfer_bytes_served =
+            counters.state_transfer_bytes_served.load(Ordering::Relaxed);
         self.highest_seen = watch.highest_seq().max(self.last_executed);
         self.lag = self.highest_seen - self.last_executed;
         self.stable_root = hex(&replica.stable_checkpoint().service_root);
@@ -118,12 +125,16 @@ impl ReplicaStatus {
 pub async fn probe(address: &str, timeout: Duration) -> std::io::Result<ReplicaStatus> {
     let work = async {
         let mut stream = tokio::net::TcpStream::connect(address).await?;
-        let frame = crate::wire::frame(STATUS_PROBE).map_err(|e| std::io::Error::other(e.to_string()))?;
+        let frame =
+            crate::wire::frame(STATUS_PROBE).map_err(|e| std::io::Error::other(e.to_string()))?;
         stream.write_all(&frame).await?;
         let body = super::net::read_frame(&mut stream).await?;
-        serde_json::from_slice::<ReplicaStatus>(&body).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        serde_json::from_slice::<ReplicaStatus>(&body)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
     };
-    tokio::time::timeout(timeout, work).await.map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer"))?
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer"))?
 }
 
 /// What one client (a mount) observed about the replicas, written by the mount process into
@@ -156,10 +167,17 @@ pub const CLIENT_REPORT_PREFIX: &str = "observed-by-client-";
 
 impl ClientReport {
     pub fn from_observations(client: u64, o: &super::client::ReplicaObservations) -> ClientReport {
-        let mut ids: Vec<u32> = o.compared_replies.keys().chain(o.auth_failures.keys()).chain(o.disagreeing_replies.keys()).copied().collect();
+        let mut ids: Vec<u32> = o
+            .compared_replies
+            .keys()
+            .chain(o.auth_failures.keys())
+            .chain(o.disagreeing_replies.keys())
+            .copied()
+            .collect();
         ids.sort_unstable();
         ids.dedup();
-        let get = |m: &std::collections::BTreeMap<u32, u64>, id: u32| m.get(&id).copied().unwrap_or(0);
+        let get =
+            |m: &std::collections::BTreeMap<u32, u64>, id: u32| m.get(&id).copied().unwrap_or(0);
         ClientReport {
             client,
             pid: std::process::id(),
@@ -189,11 +207,15 @@ impl ClientReport {
 
     /// Every client report in `dir` (unreadable ones are skipped).
     pub fn read_all(dir: &std::path::Path) -> Vec<ClientReport> {
-        let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
         let mut out: Vec<ClientReport> = entries
             .flatten()
             .filter(|e| {
-                e.file_name().to_str().is_some_and(|n| n.starts_with(CLIENT_REPORT_PREFIX) && n.ends_with(".json"))
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.starts_with(CLIENT_REPORT_PREFIX) && n.ends_with(".json"))
             })
             .filter_map(|e| std::fs::read(e.path()).ok())
             .filter_map(|b| serde_json::from_slice(&b).ok())
@@ -217,36 +239,145 @@ impl ReplicaStatus {
             let _ = writeln!(out, "# HELP bftfs_{name} {help}\n# TYPE bftfs_{name} {kind}\nbftfs_{name}{{replica=\"{replica}\"}} {value}");
         };
         gauge("view", "Current view.", "gauge", self.view);
-        gauge("primary", "1 if this replica is the primary of its view.", "gauge", u64::from(self.primary));
-        gauge("last_executed", "Last executed sequence number.", "gauge", self.last_executed);
-        gauge("stable_checkpoint", "Sequence number of the stable checkpoint.", "gauge", self.stable_checkpoint);
-        gauge("lag", "Sequence numbers executed behind the highest seen from a peer.", "gauge", self.lag);
-        gauge("executed_requests_total", "Requests executed.", "counter", self.executed_requests);
-        gauge("view_changes_total", "View changes started.", "counter", self.view_changes);
-        gauge("new_views_total", "New views installed.", "counter", self.new_views);
-        gauge("state_transfers_total", "State transfers started.", "counter", self.state_transfers);
-        gauge("state_transfer_fetched_bytes_total", "Bytes of state fetched from peers.", "counter", self.state_transfer_bytes);
-        gauge("state_transfer_served_bytes_total", "Bytes of state sent to peers.", "counter", self.state_transfer_bytes_served);
-        gauge("auth_failures_total", "Frames whose MAC or signatures did not verify.", "counter", self.auth_failures);
-        gauge("frames_rejected_total", "Frames refused for any reason.", "counter", self.frames_rejected);
-        gauge("invalid_messages_total", "Messages refused as invalid by the protocol core.", "counter", self.invalid_messages);
-        gauge("wal_syncs_total", "Write-ahead log fsyncs.", "counter", self.wal_syncs);
+        gauge(
+            "primary",
+            "1 if this replica is the primary of its view.",
+            "gauge",
+            u64::from(self.primary),
+        );
+        gauge(
+            "last_executed",
+            "Last executed sequence number.",
+            "gauge",
+            self.last_executed,
+        );
+        gauge(
+            "stable_checkpoint",
+            "Sequence number of the stable checkpoint.",
+            "gauge",
+            self.stable_checkpoint,
+        );
+        gauge(
+            "lag",
+            "Sequence numbers executed behind the highest seen from a peer.",
+            "gauge",
+            self.lag,
+        );
+        gauge(
+            "executed_requests_total",
+            "Requests executed.",
+            "counter",
+            self.executed_requests,
+        );
+        gauge(
+            "view_changes_total",
+            "View changes started.",
+            "counter",
+            self.view_changes,
+        );
+        gauge(
+            "new_views_total",
+            "New views installed.",
+            "counter",
+            self.new_views,
+        );
+        gauge(
+            "state_transfers_total",
+            "State transfers started.",
+            "counter",
+            self.state_transfers,
+        );
+        gauge(
+            "state_transfer_fetched_bytes_total",
+            "Bytes of state fetched from peers.",
+            "counter",
+            self.state_transfer_bytes,
+        );
+        gauge(
+            "state_transfer_served_bytes_total",
+            "Bytes of state sent to peers.",
+            "counter",
+            self.state_transfer_bytes_served,
+        );
+        gauge(
+            "auth_failures_total",
+            "Frames whose MAC or signatures did not verify.",
+            "counter",
+            self.auth_failures,
+        );
+        gauge(
+            "frames_rejected_total",
+            "Frames refused for any reason.",
+            "counter",
+            self.frames_rejected,
+        );
+        gauge(
+            "invalid_messages_total",
+            "Messages refused as invalid by the protocol core.",
+            "counter",
+            self.invalid_messages,
+        );
+        gauge(
+            "wal_syncs_total",
+            "Write-ahead log fsyncs.",
+            "counter",
+            self.wal_syncs,
+        );
         type PeerFigure = (&'static str, &'static str, fn(&PeerReport) -> Option<u64>);
         let per_peer: [PeerFigure; 7] = [
-            ("peer_auth_failures_total", "Frames claiming to be from the peer that did not authenticate.", |p| Some(p.auth_failures)),
-            ("peer_invalid_messages_total", "Messages from the peer refused as invalid.", |p| Some(p.invalid)),
-            ("peer_checkpoint_mismatches_total", "Checkpoints of the peer that disagree with the stable certificate.", |p| Some(p.checkpoint_mismatches)),
-            ("peer_equivocations_total", "Proofs that the peer signed conflicting proposals.", |p| Some(p.equivocations)),
-            ("peer_conflicting_votes_total", "Votes of the peer for another batch than the primary proposed.", |p| Some(p.conflicting_votes)),
-            ("peer_last_message_age_ms", "Milliseconds since the peer's last authenticated frame.", |p| p.last_message_ms_ago),
-            ("peer_lateness_ms", "Average lateness of the peer's commits and checkpoints.", |p| p.lateness_ms),
+            (
+                "peer_auth_failures_total",
+                "Frames claiming to be from the peer that did not authenticate.",
+                |p| Some(p.auth_failures),
+            ),
+            (
+                "peer_invalid_messages_total",
+                "Messages from the peer refused as invalid.",
+                |p| Some(p.invalid),
+            ),
+            (
+                "peer_checkpoint_mismatches_total",
+                "Checkpoints of the peer that disagree with the stable certificate.",
+                |p| Some(p.checkpoint_mismatches),
+            ),
+            (
+                "peer_equivocations_total",
+                "Proofs that the peer signed conflicting proposals.",
+                |p| Some(p.equivocations),
+            ),
+            (
+                "peer_conflicting_votes_total",
+                "Votes of the peer for another batch than the primary proposed.",
+                |p| Some(p.conflicting_votes),
+            ),
+            (
+                "peer_last_message_age_ms",
+                "Milliseconds since the peer's last authenticated frame.",
+                |p| p.last_message_ms_ago,
+            ),
+            (
+                "peer_lateness_ms",
+                "Average lateness of the peer's commits and checkpoints.",
+                |p| p.lateness_ms,
+            ),
         ];
         for (name, help, get) in per_peer {
-            let kind = if name.ends_with("_total") { "counter" } else { "gauge" };
-            let _ = writeln!(out, "# HELP bftfs_{name} {help}\n# TYPE bftfs_{name} {kind}");
+            let kind = if name.ends_with("_total") {
+                "counter"
+            } else {
+                "gauge"
+            };
+            let _ = writeln!(
+                out,
+                "# HELP bftfs_{name} {help}\n# TYPE bftfs_{name} {kind}"
+            );
             for p in &self.peers {
                 if let Some(v) = get(p) {
-                    let _ = writeln!(out, "bftfs_{name}{{replica=\"{replica}\",peer=\"{}\"}} {v}", p.id);
+                    let _ = writeln!(
+                        out,
+                        "bftfs_{name}{{replica=\"{replica}\",peer=\"{}\"}} {v}",
+                        p.id
+                    );
                 }
             }
         }
@@ -263,14 +394,34 @@ mod tests {
         let mut s = ReplicaStatus::new(2);
         s.auth_failures = 5;
         s.peers = vec![
-            PeerReport { id: 0, auth_failures: 3, last_message_ms_ago: Some(12), ..Default::default() },
-            PeerReport { id: 1, ..Default::default() },
+            PeerReport {
+                id: 0,
+                auth_failures: 3,
+                last_message_ms_ago: Some(12),
+                ..Default::default()
+            },
+            PeerReport {
+                id: 1,
+                ..Default::default()
+            },
         ];
         let text = s.to_prometheus();
-        assert!(text.contains("bftfs_auth_failures_total{replica=\"2\"} 5"), "{text}");
-        assert!(text.contains("bftfs_peer_auth_failures_total{replica=\"2\",peer=\"0\"} 3"), "{text}");
-        assert!(text.contains("bftfs_peer_last_message_age_ms{replica=\"2\",peer=\"0\"} 12"), "{text}");
-        assert!(!text.contains("bftfs_peer_last_message_age_ms{replica=\"2\",peer=\"1\"}"), "{text}");
+        assert!(
+            text.contains("bftfs_auth_failures_total{replica=\"2\"} 5"),
+            "{text}"
+        );
+        assert!(
+            text.contains("bftfs_peer_auth_failures_total{replica=\"2\",peer=\"0\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("bftfs_peer_last_message_age_ms{replica=\"2\",peer=\"0\"} 12"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("bftfs_peer_last_message_age_ms{replica=\"2\",peer=\"1\"}"),
+            "{text}"
+        );
         // Every sample line is `name{labels} value`.
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (_, value) = line.rsplit_once(' ').expect("value");

@@ -31,7 +31,12 @@ fn checksum(bytes: &[u8]) -> u32 {
 impl Wal {
     /// Opens (or creates) the log at `path` and returns it with every intact record in order.
     pub fn open(path: &Path) -> io::Result<(Wal, Vec<Vec<u8>>)> {
-        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
         let mut all = Vec::new();
         file.read_to_end(&mut all)?;
         let mut records = Vec::new();
@@ -55,12 +60,22 @@ impl Wal {
             file.sync_all()?;
         }
         file.seek(SeekFrom::Start(at as u64))?;
-        Ok((Wal { path: path.to_path_buf(), out: BufWriter::new(file), pending: 0 }, records))
+        Ok((
+            Wal {
+                path: path.to_path_buf(),
+                out: BufWriter::new(file),
+                pending: 0,
+            },
+            records,
+        ))
     }
 
     pub fn append(&mut self, record: &[u8]) -> io::Result<()> {
         if record.len() > RECORD_BYTES_MAX {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "log record too large"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "log record too large",
+            ));
         }
         self.out.write_all(&(record.len() as u32).to_le_bytes())?;
         self.out.write_all(&checksum(record).to_le_bytes())?;

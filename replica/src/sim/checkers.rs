@@ -47,7 +47,12 @@ pub struct Checker {
 
 impl Checker {
     pub fn new(byzantine: Option<u32>) -> Self {
-        Checker { byzantine, executed: BTreeMap::new(), checkpoints: BTreeMap::new(), history: Vec::new() }
+        Checker {
+            byzantine,
+            executed: BTreeMap::new(),
+            checkpoints: BTreeMap::new(),
+            history: Vec::new(),
+        }
     }
 
     pub fn observe(&mut self, replica: u32, n: &Notification) -> Result<(), String> {
@@ -85,10 +90,21 @@ impl Checker {
         self.history.len() - 1
     }
 
-    pub fn complete(&mut self, h: usize, tick: u64, result: Vec<u8>, read_only: bool) -> Result<(), String> {
-        let Some(entry) = self.history.get_mut(h) else { return Err(format!("unknown history entry {h}")) };
+    pub fn complete(
+        &mut self,
+        h: usize,
+        tick: u64,
+        result: Vec<u8>,
+        read_only: bool,
+    ) -> Result<(), String> {
+        let Some(entry) = self.history.get_mut(h) else {
+            return Err(format!("unknown history entry {h}"));
+        };
         if entry.completed.is_some() {
-            return Err(format!("request {:?} of {:?} completed twice", entry.id, entry.client));
+            return Err(format!(
+                "request {:?} of {:?} completed twice",
+                entry.id, entry.client
+            ));
         }
         entry.completed = Some(tick);
         entry.result = Some(result);
@@ -99,16 +115,26 @@ impl Checker {
     /// Ordered completions that no correct replica has executed in committed order yet (a
     /// fast-path completion precedes its commit; the run goes on until it commits).
     pub fn completions_awaiting_commit(&self) -> usize {
-        let committed: std::collections::BTreeSet<(ClientId, Timestamp)> =
-            self.executed.values().flat_map(|(_, requests, _)| requests.iter().copied()).collect();
+        let committed: std::collections::BTreeSet<(ClientId, Timestamp)> = self
+            .executed
+            .values()
+            .flat_map(|(_, requests, _)| requests.iter().copied())
+            .collect();
         self.history
             .iter()
-            .filter(|e| e.completed.is_some() && !e.read_only_path && !committed.contains(&(e.client, Timestamp(e.id.0))))
+            .filter(|e| {
+                e.completed.is_some()
+                    && !e.read_only_path
+                    && !committed.contains(&(e.client, Timestamp(e.id.0)))
+            })
             .count()
     }
 
     pub fn completed(&self) -> u64 {
-        self.history.iter().filter(|e| e.completed.is_some()).count() as u64
+        self.history
+            .iter()
+            .filter(|e| e.completed.is_some())
+            .count() as u64
     }
 
     pub fn read_only_completed(&self) -> u64 {
@@ -122,7 +148,9 @@ impl Checker {
         let mut seen = std::collections::BTreeSet::new();
         for (seq, (_, requests, _)) in &self.executed {
             if *seq != expected_seq {
-                return Err(format!("agreement: no correct replica reported executing {expected_seq:?}"));
+                return Err(format!(
+                    "agreement: no correct replica reported executing {expected_seq:?}"
+                ));
             }
             expected_seq = seq.next();
             for key in requests {
@@ -131,8 +159,12 @@ impl Checker {
                 }
             }
         }
-        let by_request: BTreeMap<(ClientId, u64), usize> =
-            self.history.iter().enumerate().map(|(i, e)| ((e.client, e.id.0), i)).collect();
+        let by_request: BTreeMap<(ClientId, u64), usize> = self
+            .history
+            .iter()
+            .enumerate()
+            .map(|(i, e)| ((e.client, e.id.0), i))
+            .collect();
         // Replay on a model; remember each request's position and each key's value history.
         let mut model: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
         let mut position: BTreeMap<usize, usize> = BTreeMap::new();
@@ -140,13 +172,17 @@ impl Checker {
         let mut timeline: BTreeMap<Vec<u8>, Timeline> = BTreeMap::new();
         for (pos, (client, timestamp)) in order.iter().enumerate() {
             let Some(&h) = by_request.get(&(*client, timestamp.0)) else {
-                return Err(format!("executed request {client:?}/{timestamp:?} that no client sent"));
+                return Err(format!(
+                    "executed request {client:?}/{timestamp:?} that no client sent"
+                ));
             };
             let entry = &self.history[h];
             position.insert(h, pos);
             let key = entry.op.key().to_vec();
             let expected = match &entry.op {
-                KvOp::Put { key, value } => KvReply::Value(model.insert(key.clone(), value.clone())),
+                KvOp::Put { key, value } => {
+                    KvReply::Value(model.insert(key.clone(), value.clone()))
+                }
                 KvOp::Get { key } => KvReply::Value(model.get(key).cloned()),
                 KvOp::Append { key, value } => {
                     let v = model.entry(key.clone()).or_default();
@@ -155,7 +191,10 @@ impl Checker {
                 }
                 KvOp::Delete { key } => KvReply::Value(model.remove(key)),
             };
-            timeline.entry(key.clone()).or_default().push((pos + 1, model.get(&key).cloned()));
+            timeline
+                .entry(key.clone())
+                .or_default()
+                .push((pos + 1, model.get(&key).cloned()));
             if let (Some(result), false) = (&entry.result, entry.read_only_path) {
                 if *result != expected.encode() {
                     return Err(format!(
@@ -172,13 +211,18 @@ impl Checker {
         // Every ordered completion was executed by a correct replica.
         for (h, e) in self.history.iter().enumerate() {
             if e.completed.is_some() && !e.read_only_path && !position.contains_key(&h) {
-                return Err(format!("request {:?} of {:?} completed but no correct replica executed it", e.id, e.client));
+                return Err(format!(
+                    "request {:?} of {:?} completed but no correct replica executed it",
+                    e.id, e.client
+                ));
             }
         }
         // Real-time order among ordered operations.
         let ordered: Vec<(usize, usize)> = position.iter().map(|(h, p)| (*h, *p)).collect();
         for &(a, pa) in &ordered {
-            let Some(done) = self.history[a].completed else { continue };
+            let Some(done) = self.history[a].completed else {
+                continue;
+            };
             if self.history[a].read_only_path {
                 continue;
             }
@@ -196,10 +240,15 @@ impl Checker {
             if !e.read_only_path {
                 continue;
             }
-            let (Some(done), Some(result)) = (e.completed, &e.result) else { continue };
+            let (Some(done), Some(result)) = (e.completed, &e.result) else {
+                continue;
+            };
             let low = ordered
                 .iter()
-                .filter(|(a, _)| self.history[*a].completed.is_some_and(|c| c <= e.invoked) && !self.history[*a].read_only_path)
+                .filter(|(a, _)| {
+                    self.history[*a].completed.is_some_and(|c| c <= e.invoked)
+                        && !self.history[*a].read_only_path
+                })
                 .map(|(_, p)| p + 1)
                 .max()
                 .unwrap_or(0);
@@ -213,11 +262,22 @@ impl Checker {
             let changes = timeline.get(&key).cloned().unwrap_or_default();
             // The key's value after `state` operations of the agreed order.
             let value_at = |state: usize| -> Option<Vec<u8>> {
-                changes.iter().rev().find(|(p, _)| *p <= state).and_then(|(_, v)| v.clone())
+                changes
+                    .iter()
+                    .rev()
+                    .find(|(p, _)| *p <= state)
+                    .and_then(|(_, v)| v.clone())
             };
             let mut candidates: Vec<usize> = vec![low];
-            candidates.extend(changes.iter().map(|(p, _)| *p).filter(|p| *p >= low && *p <= high));
-            let ok = candidates.iter().any(|s| KvReply::Value(value_at(*s)).encode() == *result);
+            candidates.extend(
+                changes
+                    .iter()
+                    .map(|(p, _)| *p)
+                    .filter(|p| *p >= low && *p <= high),
+            );
+            let ok = candidates
+                .iter()
+                .any(|s| KvReply::Value(value_at(*s)).encode() == *result);
             if !ok {
                 return Err(format!(
                     "linearizability: read-only {:?}/{:?} ({:?}) returned {:?}, not a value of the key between states {low} and {high}",

@@ -40,9 +40,9 @@ use crate::client::{Client, ClientAction, Completion, RequestId};
 use crate::config::{generate, ClusterConfig, ClusterKeys, ProtocolConfig};
 use crate::core::{Action, Event, Notification, Replica, WalRecord};
 use crate::wire::{
-    AgreementMessage, Authenticator, Batch, Checkpoint, ClientMessage, Commit, Message, PrePrepare, Prepare,
-    Principal, Proposal, ReplicaId, SeqNo, Signer, StateTransferMessage, View, ViewChangeMessage,
-    FRAME_BYTES_MAX, FRAME_HEADER_BYTES,
+    AgreementMessage, Authenticator, Batch, Checkpoint, ClientMessage, Commit, Message, PrePrepare,
+    Prepare, Principal, Proposal, ReplicaId, SeqNo, Signer, StateTransferMessage, View,
+    ViewChangeMessage, FRAME_BYTES_MAX, FRAME_HEADER_BYTES,
 };
 use checkers::{Checker, HistoryEntry};
 use state_abstraction::kv::{KvOp, KvService};
@@ -225,9 +225,17 @@ impl Scenario {
         s.client_parallelism = rng.range(1, 4);
         s.read_only_per_mille = rng.below(300);
         s.fault_end_tick = rng.range(300, 1500);
-        s.delay_max_ticks = if rng.chance(200) { rng.range(12, 40) } else { rng.range(1, 12) };
+        s.delay_max_ticks = if rng.chance(200) {
+            rng.range(12, 40)
+        } else {
+            rng.range(1, 12)
+        };
         if rng.chance(700) {
-            s.loss_per_mille = if rng.chance(200) { rng.range(150, 350) } else { rng.below(150) };
+            s.loss_per_mille = if rng.chance(200) {
+                rng.range(150, 350)
+            } else {
+                rng.below(150)
+            };
         }
         if rng.chance(400) {
             s.duplicate_per_mille = rng.below(100);
@@ -235,7 +243,11 @@ impl Scenario {
         let byzantine = rng.chance(600);
         if byzantine {
             // The primary of view 0 is replica 0: make it the Byzantine one often.
-            let who = if rng.chance(500) { 0 } else { rng.below(4) as u32 };
+            let who = if rng.chance(500) {
+                0
+            } else {
+                rng.below(4) as u32
+            };
             let behaviour = BEHAVIOURS[rng.below(BEHAVIOURS.len() as u64) as usize];
             s.byzantine = Some((who, behaviour));
         }
@@ -251,7 +263,11 @@ impl Scenario {
             if restart >= s.fault_end_tick {
                 break;
             }
-            s.crashes.push(CrashPlan { replica, at: t, restart });
+            s.crashes.push(CrashPlan {
+                replica,
+                at: t,
+                restart,
+            });
             t = restart + rng.range(10, 200);
         }
         // Sometimes two replicas are down at once: more than f, so no progress, but safety
@@ -264,15 +280,27 @@ impl Scenario {
             }
             if second != first && !s.byzantine.is_some_and(|(b, _)| b == first || b == second) {
                 let at = rng.range(10, s.fault_end_tick / 2);
-                s.crashes.push(CrashPlan { replica: first, at, restart: at + rng.range(20, 300) });
-                s.crashes.push(CrashPlan { replica: second, at: at + rng.below(20), restart: at + rng.range(20, 300) });
+                s.crashes.push(CrashPlan {
+                    replica: first,
+                    at,
+                    restart: at + rng.range(20, 300),
+                });
+                s.crashes.push(CrashPlan {
+                    replica: second,
+                    at: at + rng.below(20),
+                    restart: at + rng.range(20, 300),
+                });
             }
         }
         for _ in 0..rng.below(3) {
             let replica = rng.below(4) as u32;
             let from = rng.below(s.fault_end_tick);
             let until = (from + rng.range(50, 600)).min(s.fault_end_tick);
-            s.partitions.push(PartitionPlan { replica, from, until });
+            s.partitions.push(PartitionPlan {
+                replica,
+                from,
+                until,
+            });
         }
         s.max_ticks = s.fault_end_tick + 6000;
         // One seed in five keeps the commit path alone (what `fast_path: false` deploys).
@@ -388,7 +416,13 @@ impl Sim {
         let clients: Vec<ClientId> = (0..scenario.clients).map(|i| ClientId(100 + i)).collect();
         let addresses = (0..4).map(|i| format!("sim:{i}")).collect();
         let mut key_rng = Rng::new(scenario.seed ^ 0x6B65_7973);
-        let keys = match generate(1, addresses, &clients, scenario.protocol.clone(), &mut |b| key_rng.fill(b)) {
+        let keys = match generate(
+            1,
+            addresses,
+            &clients,
+            scenario.protocol.clone(),
+            &mut |b| key_rng.fill(b),
+        ) {
             Ok(k) => k,
             Err(e) => panic!("simulator keygen: {e}"),
         };
@@ -399,7 +433,10 @@ impl Sim {
                 Ok(r) => r,
                 Err(e) => panic!("replica: {e}"),
             };
-            let byzantine = scenario.byzantine.filter(|(b, _)| *b == secrets.id.0).map(|(_, behaviour)| behaviour);
+            let byzantine = scenario
+                .byzantine
+                .filter(|(b, _)| *b == secrets.id.0)
+                .map(|(_, behaviour)| behaviour);
             replicas.push(ReplicaNode {
                 state: ReplicaState::Up(Box::new(replica)),
                 auth: Authenticator::for_replica(&config, secrets),
@@ -411,8 +448,9 @@ impl Sim {
                 crash_pending: false,
             });
         }
-        let byzantine_signer =
-            scenario.byzantine.map(|(b, _)| Signer::from_secret(&keys.replicas[b as usize].signing_key.0));
+        let byzantine_signer = scenario
+            .byzantine
+            .map(|(b, _)| Signer::from_secret(&keys.replicas[b as usize].signing_key.0));
         let mut client_nodes = Vec::new();
         for (i, secrets) in keys.clients.iter().enumerate() {
             let mut plan = Vec::new();
@@ -423,7 +461,10 @@ impl Sim {
                     0..=2 => (KvOp::Put { key, value }, false),
                     3..=5 => (KvOp::Append { key, value }, false),
                     6 => (KvOp::Delete { key }, false),
-                    _ => (KvOp::Get { key }, rng.chance(scenario.read_only_per_mille.saturating_mul(3).min(1000))),
+                    _ => (
+                        KvOp::Get { key },
+                        rng.chance(scenario.read_only_per_mille.saturating_mul(3).min(1000)),
+                    ),
                 };
                 plan.push(PlannedOp { op, read_only });
             }
@@ -461,7 +502,11 @@ impl Sim {
     }
 
     fn fail(&self, what: String) -> Failure {
-        Failure { seed: self.scenario.seed, tick: self.tick, what }
+        Failure {
+            seed: self.scenario.seed,
+            tick: self.tick,
+            what,
+        }
     }
 
     fn partitioned(&self, a: Principal, b: Principal) -> bool {
@@ -487,9 +532,17 @@ impl Sim {
         if faulty && self.rng.chance(self.scenario.loss_per_mille) {
             return;
         }
-        let copies = if faulty && self.rng.chance(self.scenario.duplicate_per_mille) { 2 } else { 1 };
+        let copies = if faulty && self.rng.chance(self.scenario.duplicate_per_mille) {
+            2
+        } else {
+            1
+        };
         for _ in 0..copies {
-            let delay_max = if faulty { self.scenario.delay_max_ticks } else { self.scenario.delay_max_ticks.min(3) };
+            let delay_max = if faulty {
+                self.scenario.delay_max_ticks
+            } else {
+                self.scenario.delay_max_ticks.min(3)
+            };
             let at = self.tick + self.rng.range(1, delay_max.max(1));
             self.counter += 1;
             self.queue.insert((at, self.counter), (to, body.clone()));
@@ -508,7 +561,10 @@ impl Sim {
     }
 
     fn other_replicas(&self, me: usize) -> Vec<Principal> {
-        (0..4).filter(|r| *r != me).map(|r| Principal::Replica(ReplicaId(r as u32))).collect()
+        (0..4)
+            .filter(|r| *r != me)
+            .map(|r| Principal::Replica(ReplicaId(r as u32)))
+            .collect()
     }
 
     /// Performs a correct replica's actions (up to `cut` of them, if it crashes mid-step).
@@ -533,7 +589,9 @@ impl Sim {
                     let to = self.other_replicas(r);
                     self.send_sealed(r, to, &message);
                 }
-                Action::SendClient { to, message } => self.send_sealed(r, vec![Principal::Client(to)], &message),
+                Action::SendClient { to, message } => {
+                    self.send_sealed(r, vec![Principal::Client(to)], &message)
+                }
                 Action::Notify(n) => {
                     if self.trace {
                         eprintln!("[{}] r{r}: {n:?}", self.tick);
@@ -541,9 +599,13 @@ impl Sim {
                     if let Notification::Misbehaviour { .. } = n {
                         self.misbehaviour_noticed += 1;
                     }
-                    self.checker.observe(r as u32, &n).map_err(|e| self.fail(e))?;
+                    self.checker
+                        .observe(r as u32, &n)
+                        .map_err(|e| self.fail(e))?;
                 }
-                Action::Halt { reason } => return Err(self.fail(format!("replica {r} halted: {reason}"))),
+                Action::Halt { reason } => {
+                    return Err(self.fail(format!("replica {r} halted: {reason}")))
+                }
             }
         }
         Ok(())
@@ -552,13 +614,23 @@ impl Sim {
     fn note_spoken(&mut self, r: usize, message: &Message) {
         let me = ReplicaId(r as u32);
         let view = match message {
-            Message::Agreement(AgreementMessage::PrePrepare(p)) if p.pre_prepare.body.primary == me => {
+            Message::Agreement(AgreementMessage::PrePrepare(p))
+                if p.pre_prepare.body.primary == me =>
+            {
                 Some(p.pre_prepare.body.view)
             }
-            Message::Agreement(AgreementMessage::Prepare(p)) if p.body.replica == me => Some(p.body.view),
-            Message::Agreement(AgreementMessage::Commit(c)) if c.body.replica == me => Some(c.body.view),
-            Message::ViewChange(ViewChangeMessage::ViewChange(v)) if v.body.replica == me => Some(v.body.new_view),
-            Message::ViewChange(ViewChangeMessage::NewView(v)) if v.body.primary == me => Some(v.body.view),
+            Message::Agreement(AgreementMessage::Prepare(p)) if p.body.replica == me => {
+                Some(p.body.view)
+            }
+            Message::Agreement(AgreementMessage::Commit(c)) if c.body.replica == me => {
+                Some(c.body.view)
+            }
+            Message::ViewChange(ViewChangeMessage::ViewChange(v)) if v.body.replica == me => {
+                Some(v.body.new_view)
+            }
+            Message::ViewChange(ViewChangeMessage::NewView(v)) if v.body.primary == me => {
+                Some(v.body.view)
+            }
             _ => None,
         };
         if let Some(v) = view {
@@ -569,7 +641,9 @@ impl Sim {
 
     /// Runs one event at replica `r`.
     fn step_replica(&mut self, r: usize, event: Event) -> Result<(), Failure> {
-        let ReplicaState::Up(replica) = &mut self.replicas[r].state else { return Ok(()) };
+        let ReplicaState::Up(replica) = &mut self.replicas[r].state else {
+            return Ok(());
+        };
         let mut actions = Vec::new();
         replica.step(event, &mut actions);
         let view = replica.view();
@@ -581,7 +655,10 @@ impl Sim {
             return self.perform_byzantine(r, actions);
         }
         if view < self.replicas[r].last_view {
-            return Err(self.fail(format!("replica {r}: view went back from {:?} to {view:?}", self.replicas[r].last_view)));
+            return Err(self.fail(format!(
+                "replica {r}: view went back from {:?} to {view:?}",
+                self.replicas[r].last_view
+            )));
         }
         self.replicas[r].last_view = view;
         self.perform(r, actions)
@@ -594,7 +671,9 @@ impl Sim {
             // What the replica executed in memory before dying still counts for agreement.
             for action in &actions[keep..] {
                 if let Action::Notify(n) = action {
-                    self.checker.observe(r as u32, n).map_err(|e| self.fail(e))?;
+                    self.checker
+                        .observe(r as u32, n)
+                        .map_err(|e| self.fail(e))?;
                 }
             }
             let prefix: Vec<Action> = actions.into_iter().take(keep).collect();
@@ -642,16 +721,23 @@ impl Sim {
                 if !matches!(self.replicas[r].state, ReplicaState::Up(_)) {
                     return Ok(());
                 }
-                let Ok(message) = self.replicas[r].auth.open(&body) else { return Ok(()) };
+                let Ok(message) = self.replicas[r].auth.open(&body) else {
+                    return Ok(());
+                };
                 self.step_replica(r, Event::Message(message))
             }
             Principal::Client(c) => {
                 let index = (c.0 - 100) as usize;
-                let Some(node) = self.clients.get_mut(index) else { return Ok(()) };
-                let Ok(message) = node.auth.open(&body) else { return Ok(()) };
+                let Some(node) = self.clients.get_mut(index) else {
+                    return Ok(());
+                };
+                let Ok(message) = node.auth.open(&body) else {
+                    return Ok(());
+                };
                 let mut actions = Vec::new();
                 let mut completed = Vec::new();
-                node.client.on_message(message, &mut actions, &mut completed);
+                node.client
+                    .on_message(message, &mut actions, &mut completed);
                 self.client_actions(index, actions);
                 for c in completed {
                     self.complete(index, c)?;
@@ -666,9 +752,10 @@ impl Sim {
         for action in actions {
             let (to, message) = match action {
                 ClientAction::Send { to, message } => (vec![Principal::Replica(to)], message),
-                ClientAction::Broadcast { message } => {
-                    ((0..4).map(|r| Principal::Replica(ReplicaId(r))).collect(), message)
-                }
+                ClientAction::Broadcast { message } => (
+                    (0..4).map(|r| Principal::Replica(ReplicaId(r))).collect(),
+                    message,
+                ),
             };
             let frame = match self.clients[index].auth.seal(&message, &to) {
                 Ok(f) => f,
@@ -683,9 +770,14 @@ impl Sim {
     fn complete(&mut self, index: usize, c: Completion) -> Result<(), Failure> {
         let node = &mut self.clients[index];
         let Some(h) = node.in_flight.remove(&c.id) else {
-            return Err(self.fail(format!("client {index} completed unknown request {:?}", c.id)));
+            return Err(self.fail(format!(
+                "client {index} completed unknown request {:?}",
+                c.id
+            )));
         };
-        self.checker.complete(h, self.tick, c.result, c.read_only).map_err(|e| self.fail(e))
+        self.checker
+            .complete(h, self.tick, c.result, c.read_only)
+            .map_err(|e| self.fail(e))
     }
 
     fn client_tick(&mut self, index: usize) {
@@ -699,7 +791,10 @@ impl Sim {
             && node.client.can_invoke()
         {
             let planned = &node.plan[node.next];
-            match node.client.invoke(planned.op.encode(), planned.read_only, &mut actions) {
+            match node
+                .client
+                .invoke(planned.op.encode(), planned.read_only, &mut actions)
+            {
                 Ok(id) => {
                     let h = self.checker.invoke(HistoryEntry {
                         client: node.client.id(),
@@ -721,7 +816,9 @@ impl Sim {
     }
 
     fn all_done(&self) -> bool {
-        self.clients.iter().all(|c| c.next == c.plan.len() && c.in_flight.is_empty())
+        self.clients
+            .iter()
+            .all(|c| c.next == c.plan.len() && c.in_flight.is_empty())
             && self.checker.completions_awaiting_commit() == 0
     }
 
@@ -738,7 +835,8 @@ impl Sim {
                     // (WAL records, sends) are lost.
                     self.replicas[r].crash_pending = true;
                 }
-                if (plan.restart == self.tick || (self.tick == self.scenario.fault_end_tick && plan.restart > self.tick))
+                if (plan.restart == self.tick
+                    || (self.tick == self.scenario.fault_end_tick && plan.restart > self.tick))
                     && matches!(self.replicas[r].state, ReplicaState::Down(_))
                 {
                     self.restart(r)?;
@@ -761,7 +859,12 @@ impl Sim {
 
             // Ticks.
             for r in 0..4 {
-                self.step_replica(r, Event::Tick { now_ns: self.tick * 1_000_000 })?;
+                self.step_replica(
+                    r,
+                    Event::Tick {
+                        now_ns: self.tick * 1_000_000,
+                    },
+                )?;
                 if self.replicas[r].byzantine.is_some() {
                     self.byzantine_extra(r);
                 }
@@ -784,7 +887,14 @@ impl Sim {
                 .iter()
                 .enumerate()
                 .filter(|(_, c)| c.next < c.plan.len() || !c.in_flight.is_empty())
-                .map(|(i, c)| format!("client {i}: {} of {} invoked, {} in flight", c.next, c.plan.len(), c.in_flight.len()))
+                .map(|(i, c)| {
+                    format!(
+                        "client {i}: {} of {} invoked, {} in flight",
+                        c.next,
+                        c.plan.len(),
+                        c.in_flight.len()
+                    )
+                })
                 .collect();
             let states: Vec<String> = self
                 .replicas
@@ -807,7 +917,10 @@ impl Sim {
     }
 
     fn report(&self) -> Result<Report, Failure> {
-        let mut report = Report { ticks: self.tick, ..Default::default() };
+        let mut report = Report {
+            ticks: self.tick,
+            ..Default::default()
+        };
         for (i, node) in self.replicas.iter().enumerate() {
             report.rejected_frames += node.auth.counters.rejected();
             if node.byzantine.is_some() {
@@ -849,13 +962,22 @@ impl Sim {
         }
     }
 
-    fn byzantine_send(&mut self, r: usize, to: Vec<Principal>, message: &Message, behaviour: Behaviour) {
+    fn byzantine_send(
+        &mut self,
+        r: usize,
+        to: Vec<Principal>,
+        message: &Message,
+        behaviour: Behaviour,
+    ) {
         let from = Principal::Replica(ReplicaId(r as u32));
-        let Ok(frame) = self.replicas[r].auth.seal(message, &to) else { return };
+        let Ok(frame) = self.replicas[r].auth.seal(message, &to) else {
+            return;
+        };
         for receiver in to {
             let mut frame = frame.clone();
             if behaviour == Behaviour::CorruptAuth && self.rng.chance(500) {
-                let i = FRAME_HEADER_BYTES + self.rng.below((frame.len() - FRAME_HEADER_BYTES) as u64) as usize;
+                let i = FRAME_HEADER_BYTES
+                    + self.rng.below((frame.len() - FRAME_HEADER_BYTES) as u64) as usize;
                 frame[i] ^= 1 << self.rng.below(8);
             }
             if self.replay_pool.len() < 512 {
@@ -869,7 +991,9 @@ impl Sim {
     }
 
     fn perform_byzantine(&mut self, r: usize, actions: Vec<Action>) -> Result<(), Failure> {
-        let Some(base) = self.replicas[r].byzantine else { return Ok(()) };
+        let Some(base) = self.replicas[r].byzantine else {
+            return Ok(());
+        };
         let me = ReplicaId(r as u32);
         for action in actions {
             let behaviour = self.pick(base);
@@ -889,7 +1013,9 @@ impl Sim {
             if behaviour == Behaviour::Silent {
                 continue;
             }
-            let Some(signer) = self.byzantine_signer.clone() else { continue };
+            let Some(signer) = self.byzantine_signer.clone() else {
+                continue;
+            };
             match (&message, behaviour) {
                 (Message::ViewChange(ViewChangeMessage::NewView(nv)), Behaviour::LyingNewView) => {
                     let mut body = nv.body.clone();
@@ -900,7 +1026,13 @@ impl Sim {
                             *last = signer.sign(pp);
                         }
                         None => {
-                            let seq = body.view_changes.iter().map(|v| v.body.stable.seq).max().unwrap_or_default().next();
+                            let seq = body
+                                .view_changes
+                                .iter()
+                                .map(|v| v.body.stable.seq)
+                                .max()
+                                .unwrap_or_default()
+                                .next();
                             body.pre_prepares.push(signer.sign(PrePrepare {
                                 view: body.view,
                                 seq,
@@ -914,7 +1046,9 @@ impl Sim {
                     let m = Message::ViewChange(ViewChangeMessage::NewView(signer.sign(body)));
                     self.byzantine_send(r, to, &m, behaviour);
                 }
-                (Message::Agreement(AgreementMessage::PrePrepare(p)), Behaviour::Equivocate) if to.len() > 1 => {
+                (Message::Agreement(AgreementMessage::PrePrepare(p)), Behaviour::Equivocate)
+                    if to.len() > 1 =>
+                {
                     // A different, validly signed batch for every other backup, each chained onto
                     // what that backup was sent before, so that it runs speculatively.
                     let b = &p.pre_prepare.body;
@@ -923,8 +1057,15 @@ impl Sim {
                         _ => None,
                     };
                     for (k, receiver) in to.iter().enumerate() {
-                        let Principal::Replica(rid) = receiver else { continue };
-                        let previous = self.forks.get(&(rid.0, b.view.0, b.seq.0 - 1)).copied().or(own_previous).unwrap_or_default();
+                        let Principal::Replica(rid) = receiver else {
+                            continue;
+                        };
+                        let previous = self
+                            .forks
+                            .get(&(rid.0, b.view.0, b.seq.0 - 1))
+                            .copied()
+                            .or(own_previous)
+                            .unwrap_or_default();
                         let mut proposal = p.clone();
                         if k > 0 {
                             proposal = self.alternative_proposal(&signer, p, k as u64, &previous);
@@ -932,7 +1073,10 @@ impl Sim {
                         if self.forks.len() > 4096 {
                             self.forks.clear();
                         }
-                        self.forks.insert((rid.0, b.view.0, b.seq.0), proposal.pre_prepare.body.history);
+                        self.forks.insert(
+                            (rid.0, b.view.0, b.seq.0),
+                            proposal.pre_prepare.body.history,
+                        );
                         let m = Message::Agreement(AgreementMessage::PrePrepare(proposal));
                         self.byzantine_send(r, vec![*receiver], &m, behaviour);
                     }
@@ -946,13 +1090,15 @@ impl Sim {
                     } else {
                         body.batch_digest.0[0] ^= 0xff;
                     }
-                    let m = Message::Agreement(AgreementMessage::Prepare(signer.sign::<Prepare>(body)));
+                    let m =
+                        Message::Agreement(AgreementMessage::Prepare(signer.sign::<Prepare>(body)));
                     self.byzantine_send(r, to, &m, behaviour);
                 }
                 (Message::Agreement(AgreementMessage::Commit(c)), Behaviour::ForgeSignatures) => {
                     let mut body = c.body.clone();
                     body.replica = ReplicaId((me.0 + 2) % 4);
-                    let m = Message::Agreement(AgreementMessage::Commit(signer.sign::<Commit>(body)));
+                    let m =
+                        Message::Agreement(AgreementMessage::Commit(signer.sign::<Commit>(body)));
                     self.byzantine_send(r, to, &m, behaviour);
                 }
                 (Message::Client(ClientMessage::Reply(reply)), Behaviour::WrongReplies) => {
@@ -973,25 +1119,48 @@ impl Sim {
                     let m = Message::Client(ClientMessage::SpecResponse(spec));
                     self.byzantine_send(r, to, &m, behaviour);
                 }
-                (Message::Agreement(AgreementMessage::PrePrepare(p)), Behaviour::ForkHistory) if to.len() > 1 => {
+                (Message::Agreement(AgreementMessage::PrePrepare(p)), Behaviour::ForkHistory)
+                    if to.len() > 1 =>
+                {
                     for (k, receiver) in to.iter().enumerate() {
                         let mut body = p.pre_prepare.body.clone();
                         body.history.0[1] ^= k as u8;
-                        let proposal = Proposal { pre_prepare: signer.sign(body), batch: p.batch.clone() };
+                        let proposal = Proposal {
+                            pre_prepare: signer.sign(body),
+                            batch: p.batch.clone(),
+                        };
                         let m = Message::Agreement(AgreementMessage::PrePrepare(proposal));
                         self.byzantine_send(r, vec![*receiver], &m, behaviour);
                     }
                 }
-                (Message::Agreement(AgreementMessage::Checkpoint(c)), Behaviour::WrongCheckpoints) => {
+                (
+                    Message::Agreement(AgreementMessage::Checkpoint(c)),
+                    Behaviour::WrongCheckpoints,
+                ) => {
                     let mut body = c.body.clone();
                     body.service_root.0[1] ^= 0x5a;
-                    let m = Message::Agreement(AgreementMessage::Checkpoint(signer.sign::<Checkpoint>(body)));
+                    let m = Message::Agreement(AgreementMessage::Checkpoint(
+                        signer.sign::<Checkpoint>(body),
+                    ));
                     self.byzantine_send(r, to, &m, behaviour);
                 }
-                (Message::StateTransfer(StateTransferMessage::Piece { seq, index, piece, bytes }), Behaviour::WrongCheckpoints) => {
+                (
+                    Message::StateTransfer(StateTransferMessage::Piece {
+                        seq,
+                        index,
+                        piece,
+                        bytes,
+                    }),
+                    Behaviour::WrongCheckpoints,
+                ) => {
                     let mut bytes = bytes.clone();
                     bytes.push(0);
-                    let m = Message::StateTransfer(StateTransferMessage::Piece { seq: *seq, index: *index, piece: *piece, bytes });
+                    let m = Message::StateTransfer(StateTransferMessage::Piece {
+                        seq: *seq,
+                        index: *index,
+                        piece: *piece,
+                        bytes,
+                    });
                     self.byzantine_send(r, to, &m, behaviour);
                 }
                 _ => self.byzantine_send(r, to, &message, behaviour),
@@ -1002,7 +1171,13 @@ impl Sim {
 
     /// A validly signed proposal for the same view and sequence number with a different batch
     /// (variant `k` differs from variants of other `k`).
-    fn alternative_proposal(&mut self, signer: &Signer, p: &Proposal, k: u64, previous: &crate::wire::Digest) -> Proposal {
+    fn alternative_proposal(
+        &mut self,
+        signer: &Signer,
+        p: &Proposal,
+        k: u64,
+        previous: &crate::wire::Digest,
+    ) -> Proposal {
         let mut batch: Batch = p.batch.clone();
         let mut nondet = p.pre_prepare.body.nondet.clone();
         if k % 2 == 0 && nondet.len() == 8 && self.rng.chance(500) {
@@ -1017,13 +1192,23 @@ impl Sim {
         let b = &p.pre_prepare.body;
         let digest = batch.ordered_digest(&nondet);
         let history = crate::wire::chain_history(previous, b.seq, &digest, &nondet);
-        let body = PrePrepare { batch_digest: digest, history, nondet, ..b.clone() };
-        Proposal { pre_prepare: signer.sign(body), batch }
+        let body = PrePrepare {
+            batch_digest: digest,
+            history,
+            nondet,
+            ..b.clone()
+        };
+        Proposal {
+            pre_prepare: signer.sign(body),
+            batch,
+        }
     }
 
     /// Unsolicited traffic from the Byzantine replica each tick.
     fn byzantine_extra(&mut self, r: usize) {
-        let Some(base) = self.replicas[r].byzantine else { return };
+        let Some(base) = self.replicas[r].byzantine else {
+            return;
+        };
         let behaviour = self.pick(base);
         let from = Principal::Replica(ReplicaId(r as u32));
         match behaviour {
@@ -1033,7 +1218,8 @@ impl Sim {
                 self.transmit(from, to, frame);
             }
             Behaviour::Flood if self.rng.chance(500) => {
-                let victim = Principal::Replica(ReplicaId(((r as u64 + 1 + self.rng.below(3)) % 4) as u32));
+                let victim =
+                    Principal::Replica(ReplicaId(((r as u64 + 1 + self.rng.below(3)) % 4) as u32));
                 match self.rng.below(5) {
                     0 => {
                         // Garbage bytes.
@@ -1048,26 +1234,41 @@ impl Sim {
                         // refused (the body is never read).
                         let mut frame = ((FRAME_BYTES_MAX as u32) + 1).to_be_bytes().to_vec();
                         frame.extend_from_slice(&[0u8; 16]);
-                        if crate::wire::frame_length([frame[0], frame[1], frame[2], frame[3]]).is_ok() {
+                        if crate::wire::frame_length([frame[0], frame[1], frame[2], frame[3]])
+                            .is_ok()
+                        {
                             panic!("oversized frame accepted");
                         }
-                        self.replicas[r].auth.counters.oversized.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        self.replicas[r]
+                            .auth
+                            .counters
+                            .oversized
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                     2 => {
-                        let m = Message::Agreement(AgreementMessage::FetchCommitted { from: SeqNo(0), to: SeqNo(u64::MAX) });
+                        let m = Message::Agreement(AgreementMessage::FetchCommitted {
+                            from: SeqNo(0),
+                            to: SeqNo(u64::MAX),
+                        });
                         if let Ok(frame) = self.replicas[r].auth.seal(&m, &[victim]) {
                             self.transmit(from, victim, frame);
                         }
                     }
                     3 => {
-                        let m = Message::StateTransfer(StateTransferMessage::GetNode { seq: SeqNo(0), level: 0, index: 0 });
+                        let m = Message::StateTransfer(StateTransferMessage::GetNode {
+                            seq: SeqNo(0),
+                            level: 0,
+                            index: 0,
+                        });
                         if let Ok(frame) = self.replicas[r].auth.seal(&m, &[victim]) {
                             self.transmit(from, victim, frame);
                         }
                     }
                     _ => {
                         // A view change for a far view: alone (not f+1) it must not move anyone.
-                        let m = Message::ViewChange(ViewChangeMessage::QueryNewView { view: View(u64::MAX) });
+                        let m = Message::ViewChange(ViewChangeMessage::QueryNewView {
+                            view: View(u64::MAX),
+                        });
                         if let Ok(frame) = self.replicas[r].auth.seal(&m, &[victim]) {
                             self.transmit(from, victim, frame);
                         }

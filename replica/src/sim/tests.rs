@@ -1,7 +1,9 @@
 //! Seeded simulation runs and named scenarios (see the module doc of [`super`]).
 
 use super::*;
-use crate::wire::{ClientMessage, SeqNo, StateTransferMessage, View, FRAME_BYTES_MAX, FRAME_HEADER_BYTES};
+use crate::wire::{
+    ClientMessage, SeqNo, StateTransferMessage, View, FRAME_BYTES_MAX, FRAME_HEADER_BYTES,
+};
 
 fn run_range(seeds: std::ops::Range<u64>) {
     let started = std::time::Instant::now();
@@ -14,7 +16,11 @@ fn run_range(seeds: std::ops::Range<u64>) {
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_default();
-            Err(Failure { seed, tick: 0, what: format!("panic: {what}") })
+            Err(Failure {
+                seed,
+                tick: 0,
+                what: format!("panic: {what}"),
+            })
         });
         match outcome {
             Ok(r) => {
@@ -47,7 +53,10 @@ fn run_range(seeds: std::ops::Range<u64>) {
         totals.rejected_frames,
         started.elapsed()
     );
-    assert!(failures.is_empty(), "failing seeds: {failures:?} (replay commands above)");
+    assert!(
+        failures.is_empty(),
+        "failing seeds: {failures:?} (replay commands above)"
+    );
 }
 
 #[test]
@@ -80,7 +89,10 @@ fn seeds_from_env() -> std::ops::Range<u64> {
         }
         panic!("SIM_SEEDS must look like 0..1000");
     }
-    let seed = std::env::var("SIM_SEED").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+    let seed = std::env::var("SIM_SEED")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
     seed..seed + 1
 }
 
@@ -123,7 +135,11 @@ fn equivocating_primary_forces_a_view_change_and_nothing_is_lost() {
     assert_eq!(report.completed, 3 * 8);
     for r in 1..4 {
         let replica = sim.replica(r).expect("up");
-        assert_ne!(replica.view().primary(4), ReplicaId(0), "replica {r} still follows the equivocator");
+        assert_ne!(
+            replica.view().primary(4),
+            ReplicaId(0),
+            "replica {r} still follows the equivocator"
+        );
     }
 }
 
@@ -146,15 +162,29 @@ fn restarted_replica_catches_up_by_state_transfer() {
     s.read_only_per_mille = 0;
     // Replica 3 is down while the others move several checkpoints ahead (the window is 8
     // batches), so fetching committed batches cannot bring it back: only state transfer can.
-    s.crashes = vec![CrashPlan { replica: 3, at: 5, restart: 700 }];
+    s.crashes = vec![CrashPlan {
+        replica: 3,
+        at: 5,
+        restart: 700,
+    }];
     s.fault_end_tick = 800;
     s.drain_ticks = 400;
     let (sim, report) = run_scenario(s);
     let r3 = sim.replica(3).expect("up");
     let r1 = sim.replica(1).expect("up");
     assert!(r3.metrics().state_transfers >= 1, "{}", r3.debug_summary());
-    assert!(r3.stable_checkpoint().seq >= SeqNo(8), "{}", r3.debug_summary());
-    assert_eq!(r3.last_executed(), r1.last_executed(), "{} / {}", r3.debug_summary(), r1.debug_summary());
+    assert!(
+        r3.stable_checkpoint().seq >= SeqNo(8),
+        "{}",
+        r3.debug_summary()
+    );
+    assert_eq!(
+        r3.last_executed(),
+        r1.last_executed(),
+        "{} / {}",
+        r3.debug_summary(),
+        r1.debug_summary()
+    );
     assert_eq!(report.completed, 3 * 16);
 }
 
@@ -199,16 +229,21 @@ fn oversized_garbled_and_unauthenticated_frames_are_dropped_and_counted() {
     // Garbled bytes.
     sim.inject(1, vec![0xff; 40]).expect("no failure");
     // A frame for another replica (no tag for replica 1).
-    let frame = replica2.seal(&query, &[Principal::Replica(ReplicaId(3))]).expect("seal");
-    sim.inject(1, frame[FRAME_HEADER_BYTES..].to_vec()).expect("no failure");
+    let frame = replica2
+        .seal(&query, &[Principal::Replica(ReplicaId(3))])
+        .expect("seal");
+    sim.inject(1, frame[FRAME_HEADER_BYTES..].to_vec())
+        .expect("no failure");
     // A flipped bit in the MAC.
     let mut frame = replica2.seal(&query, &to1).expect("seal");
     let at = frame.len() - 40;
     frame[at] ^= 1;
-    sim.inject(1, frame[FRAME_HEADER_BYTES..].to_vec()).expect("no failure");
+    sim.inject(1, frame[FRAME_HEADER_BYTES..].to_vec())
+        .expect("no failure");
     // A client may not send replica traffic.
     let frame = client.seal(&query, &to1).expect("seal");
-    sim.inject(1, frame[FRAME_HEADER_BYTES..].to_vec()).expect("no failure");
+    sim.inject(1, frame[FRAME_HEADER_BYTES..].to_vec())
+        .expect("no failure");
     // A request whose signature is broken.
     let signer = Signer::from_secret(&keys.clients[0].signing_key.0);
     let mut request = signer.sign(crate::wire::Request {
@@ -218,8 +253,11 @@ fn oversized_garbled_and_unauthenticated_frames_are_dropped_and_counted() {
         read_only: false,
     });
     request.body.timestamp = crate::wire::Timestamp(8);
-    let frame = client.seal(&Message::Client(ClientMessage::Request(request)), &to1).expect("seal");
-    sim.inject(1, frame[FRAME_HEADER_BYTES..].to_vec()).expect("no failure");
+    let frame = client
+        .seal(&Message::Client(ClientMessage::Request(request)), &to1)
+        .expect("seal");
+    sim.inject(1, frame[FRAME_HEADER_BYTES..].to_vec())
+        .expect("no failure");
 
     let c = sim.counters(1);
     assert_eq!(c.garbled.load(Relaxed), 1);
@@ -238,7 +276,11 @@ fn lying_new_primary_is_refused_and_replaced() {
     // Replica 1 is the primary of view 1 and lies in its new view; the primary of view 0
     // crashes so that view 1 is needed.
     s.byzantine = Some((1, Behaviour::LyingNewView));
-    s.crashes = vec![CrashPlan { replica: 0, at: 60, restart: 900 }];
+    s.crashes = vec![CrashPlan {
+        replica: 0,
+        at: 60,
+        restart: 900,
+    }];
     s.fault_end_tick = 1000;
     s.ops_per_client = 10;
     let (sim, report) = run_scenario(s);
@@ -247,7 +289,11 @@ fn lying_new_primary_is_refused_and_replaced() {
     assert_eq!(report.completed, 3 * 10);
     for r in [0, 2, 3] {
         let replica = sim.replica(r).expect("up");
-        assert_ne!(replica.view().primary(4), ReplicaId(1), "replica {r} follows the liar");
+        assert_ne!(
+            replica.view().primary(4),
+            ReplicaId(1),
+            "replica {r} follows the liar"
+        );
     }
 }
 
@@ -266,7 +312,11 @@ fn calm_run_completes_on_the_fast_path() {
     let (_, report) = run_scenario(ordered_only(3));
     assert_eq!(report.completed, 3 * 8);
     assert!(report.fast_completions * 2 > report.completed, "{report:?}");
-    assert_eq!((report.view_changes, report.rollbacks, report.poms_sent), (0, 0, 0), "{report:?}");
+    assert_eq!(
+        (report.view_changes, report.rollbacks, report.poms_sent),
+        (0, 0, 0),
+        "{report:?}"
+    );
 }
 
 #[test]
@@ -275,7 +325,11 @@ fn commit_path_alone_when_the_fast_path_is_off() {
     s.protocol.fast_path = false;
     let (_, report) = run_scenario(s);
     assert_eq!(report.completed, 3 * 8);
-    assert_eq!((report.fast_completions, report.speculated_batches), (0, 0), "{report:?}");
+    assert_eq!(
+        (report.fast_completions, report.speculated_batches),
+        (0, 0),
+        "{report:?}"
+    );
 }
 
 #[test]
@@ -287,7 +341,10 @@ fn primary_equivocating_on_the_fast_path_is_rolled_back_and_nothing_completed_is
     s.byzantine = Some((0, Behaviour::Equivocate));
     let (_, report) = run_scenario(s);
     assert_eq!(report.completed, 3 * 8);
-    assert!(report.rollbacks >= 1 && report.view_changes >= 1, "{report:?}");
+    assert!(
+        report.rollbacks >= 1 && report.view_changes >= 1,
+        "{report:?}"
+    );
 }
 
 #[test]
@@ -299,7 +356,11 @@ fn primary_sending_unchained_histories_gets_no_fast_completion() {
     s.byzantine = Some((0, Behaviour::ForkHistory));
     let (_, report) = run_scenario(s);
     assert_eq!(report.completed, 3 * 8);
-    assert_eq!((report.fast_completions, report.rollbacks), (0, 0), "{report:?}");
+    assert_eq!(
+        (report.fast_completions, report.rollbacks),
+        (0, 0),
+        "{report:?}"
+    );
 }
 
 #[test]
@@ -311,7 +372,10 @@ fn primary_signing_two_orders_for_one_slot_is_convicted_by_a_client_pom() {
     s.byzantine = Some((0, Behaviour::WrongReplies));
     let (sim, report) = run_scenario(s);
     assert_eq!(report.completed, 3 * 8);
-    assert!(report.poms_sent >= 1 && report.poms_received >= 1 && report.view_changes >= 1, "{report:?}");
+    assert!(
+        report.poms_sent >= 1 && report.poms_received >= 1 && report.view_changes >= 1,
+        "{report:?}"
+    );
     for r in 1..4 {
         assert_ne!(sim.replica(r).expect("up").view().primary(4), ReplicaId(0));
     }
@@ -346,6 +410,9 @@ fn reads_after_fast_writes_are_answered_on_the_read_only_path() {
     let mut s = Scenario::calm(21);
     s.read_only_per_mille = 1000;
     let (_, report) = run_scenario(s);
-    assert!(report.read_only_completed > 0 && report.fast_completions > 0, "{report:?}");
+    assert!(
+        report.read_only_completed > 0 && report.fast_completions > 0,
+        "{report:?}"
+    );
     assert_eq!(report.read_only_fallbacks, 0, "{report:?}");
 }

@@ -27,7 +27,9 @@ impl Proxy {
                 if c.load(Ordering::SeqCst) {
                     continue; // dropped: closed at once
                 }
-                let Ok(outbound) = TcpStream::connect(&target) else { continue };
+                let Ok(outbound) = TcpStream::connect(&target) else {
+                    continue;
+                };
                 let _ = inbound.set_nodelay(true);
                 let _ = outbound.set_nodelay(true);
                 {
@@ -39,9 +41,12 @@ impl Proxy {
                         }
                     }
                 }
-                for (mut from, mut to) in [(inbound.try_clone(), outbound.try_clone()), (outbound.try_clone(), inbound.try_clone())]
-                    .into_iter()
-                    .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+                for (mut from, mut to) in [
+                    (inbound.try_clone(), outbound.try_clone()),
+                    (outbound.try_clone(), inbound.try_clone()),
+                ]
+                .into_iter()
+                .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
                 {
                     std::thread::spawn(move || {
                         let _ = std::io::copy(&mut from, &mut to);
@@ -57,10 +62,14 @@ impl Proxy {
     pub fn set_cut(&self, cut: bool) {
         self.cut.store(cut, Ordering::SeqCst);
         if cut {
-            for s in self.open.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+            for s in self
+                .open
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .drain(..)
+            {
                 let _ = s.shutdown(Shutdown::Both);
             }
         }
     }
 }
-

@@ -69,7 +69,12 @@ pub fn openat(dir: RawFd, name: &[u8], flags: libc::c_int, mode: u32) -> io::Res
     retry(|| {
         // SAFETY: valid C string and flags; the fd returned is owned by the caller.
         let fd = check(unsafe {
-            libc::openat(dir, c.as_ptr(), flags | libc::O_CLOEXEC | libc::O_NOFOLLOW, mode as libc::c_uint)
+            libc::openat(
+                dir,
+                c.as_ptr(),
+                flags | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+                mode as libc::c_uint,
+            )
         })?;
         // SAFETY: `fd` was just returned by openat and is not owned elsewhere.
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -87,7 +92,12 @@ pub fn open_file_at(dir: RawFd, name: &[u8]) -> io::Result<OwnedFd> {
 /// Creates a new regular file (fails if the name exists) and returns it open for reading and
 /// writing.
 pub fn create_file_at(dir: RawFd, name: &[u8]) -> io::Result<OwnedFd> {
-    openat(dir, name, libc::O_RDWR | libc::O_CREAT | libc::O_EXCL, 0o600)
+    openat(
+        dir,
+        name,
+        libc::O_RDWR | libc::O_CREAT | libc::O_EXCL,
+        0o600,
+    )
 }
 
 pub fn mkdirat(dir: RawFd, name: &[u8]) -> io::Result<()> {
@@ -111,13 +121,30 @@ pub fn unlinkat(dir: RawFd, name: &[u8], is_dir: bool) -> io::Result<()> {
 }
 
 /// `renameat2`; `no_replace` makes an existing target an error (EEXIST) instead of replacing it.
-pub fn renameat(from_dir: RawFd, from: &[u8], to_dir: RawFd, to: &[u8], no_replace: bool) -> io::Result<()> {
+pub fn renameat(
+    from_dir: RawFd,
+    from: &[u8],
+    to_dir: RawFd,
+    to: &[u8],
+    no_replace: bool,
+) -> io::Result<()> {
     let f = cname(from)?;
     let t = cname(to)?;
-    let flags = if no_replace { libc::RENAME_NOREPLACE } else { 0 };
+    let flags = if no_replace {
+        libc::RENAME_NOREPLACE
+    } else {
+        0
+    };
     // SAFETY: valid C strings; renameat2 is a plain system call.
     check(unsafe {
-        libc::syscall(libc::SYS_renameat2, from_dir, f.as_ptr(), to_dir, t.as_ptr(), flags as libc::c_uint) as libc::c_int
+        libc::syscall(
+            libc::SYS_renameat2,
+            from_dir,
+            f.as_ptr(),
+            to_dir,
+            t.as_ptr(),
+            flags as libc::c_uint,
+        ) as libc::c_int
     })
     .map(drop)
 }
@@ -194,7 +221,12 @@ pub fn pwrite_full(fd: RawFd, buf: &[u8], offset: u64) -> io::Result<()> {
         let n = retry(|| {
             // SAFETY: the pointer and length describe the unwritten tail of `buf`.
             check_size(unsafe {
-                libc::pwrite(fd, buf[done..].as_ptr().cast(), buf.len() - done, (offset + done as u64) as libc::off_t)
+                libc::pwrite(
+                    fd,
+                    buf[done..].as_ptr().cast(),
+                    buf.len() - done,
+                    (offset + done as u64) as libc::off_t,
+                )
             })
         })?;
         if n == 0 {
@@ -237,7 +269,9 @@ pub fn list_dir(dir: RawFd) -> io::Result<Vec<Vec<u8>>> {
             break;
         }
         // SAFETY: readdir returned a valid entry whose d_name is NUL-terminated.
-        let name = unsafe { std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()) }.to_bytes().to_vec();
+        let name = unsafe { std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()) }
+            .to_bytes()
+            .to_vec();
         if name != b"." && name != b".." {
             names.push(name);
         }
@@ -332,7 +366,10 @@ pub fn btrfs_subvol_create(dst_dir: RawFd, name: &[u8]) -> io::Result<()> {
     if name.len() >= 4088 || name.contains(&0) || name.contains(&b'/') {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
-    let mut args = Box::new(BtrfsVolArgs { fd: 0, name: [0; 4088] });
+    let mut args = Box::new(BtrfsVolArgs {
+        fd: 0,
+        name: [0; 4088],
+    });
     args.name[..name.len()].copy_from_slice(name);
     let req = iow(14, std::mem::size_of::<BtrfsVolArgs>());
     // SAFETY: BTRFS_IOC_SUBVOL_CREATE reads a btrfs_ioctl_vol_args, which `args` is.
@@ -344,7 +381,10 @@ pub fn btrfs_subvol_delete(dir: RawFd, name: &[u8]) -> io::Result<()> {
     if name.len() >= 4088 || name.contains(&0) || name.contains(&b'/') {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
-    let mut args = Box::new(BtrfsVolArgs { fd: 0, name: [0; 4088] });
+    let mut args = Box::new(BtrfsVolArgs {
+        fd: 0,
+        name: [0; 4088],
+    });
     args.name[..name.len()].copy_from_slice(name);
     let req = iow(15, std::mem::size_of::<BtrfsVolArgs>());
     // SAFETY: BTRFS_IOC_SNAP_DESTROY reads a btrfs_ioctl_vol_args, which `args` is.

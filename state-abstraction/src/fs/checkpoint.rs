@@ -109,7 +109,12 @@ pub(super) fn remove_snapshots_in(dir: RawFd, name: &[u8]) {
 
 impl Checkpoints {
     pub fn new(snapshot_mode: bool) -> Self {
-        Checkpoints { snapshot_mode, records: Vec::new(), reflink: Cell::new(None), doomed: Vec::new() }
+        Checkpoints {
+            snapshot_mode,
+            records: Vec::new(),
+            reflink: Cell::new(None),
+            doomed: Vec::new(),
+        }
     }
 
     pub fn list(&self) -> Vec<(SeqNo, Digest)> {
@@ -132,22 +137,40 @@ impl Checkpoints {
     }
 
     pub fn save_header(&mut self, i: u64, header: Vec<u8>, pieces: Vec<Digest>, size: u64) {
-        let data = if size == 0 || self.snapshot_mode { SavedData::Nothing } else { SavedData::Chunks(BTreeSet::new()) };
+        let data = if size == 0 || self.snapshot_mode {
+            SavedData::Nothing
+        } else {
+            SavedData::Chunks(BTreeSet::new())
+        };
         if let Some(r) = self.records.last_mut() {
-            r.saved.insert(i, SavedObj { header, pieces, size, data });
+            r.saved.insert(
+                i,
+                SavedObj {
+                    header,
+                    pieces,
+                    size,
+                    data,
+                },
+            );
         }
     }
 
     /// Chunks of `i` in `start..end` that still need saving in the newest record.
     fn unsaved_chunks(&self, i: u64, start: u64, end: u64) -> Vec<u64> {
-        let Some(r) = self.records.last() else { return Vec::new() };
-        let Some(s) = r.saved.get(&i) else { return Vec::new() };
+        let Some(r) = self.records.last() else {
+            return Vec::new();
+        };
+        let Some(s) = r.saved.get(&i) else {
+            return Vec::new();
+        };
         let end = end.min(s.size);
         if end <= start {
             return Vec::new();
         }
         match &s.data {
-            SavedData::Chunks(have) => (start / CHUNK_SIZE..=(end - 1) / CHUNK_SIZE).filter(|c| !have.contains(c)).collect(),
+            SavedData::Chunks(have) => (start / CHUNK_SIZE..=(end - 1) / CHUNK_SIZE)
+                .filter(|c| !have.contains(c))
+                .collect(),
             _ => Vec::new(),
         }
     }
@@ -158,22 +181,38 @@ impl Checkpoints {
 
     /// Saves the chunks of file `i` (open as `fd`) covering `start..end` into the newest
     /// record's copy-on-write file.
-    pub fn save_data(&mut self, meta: &OwnedFd, i: u64, fd: RawFd, start: u64, end: u64) -> io::Result<()> {
+    pub fn save_data(
+        &mut self,
+        meta: &OwnedFd,
+        i: u64,
+        fd: RawFd,
+        start: u64,
+        end: u64,
+    ) -> io::Result<()> {
         let chunks = self.unsaved_chunks(i, start, end);
         if chunks.is_empty() {
             return Ok(());
         }
-        let Some(r) = self.records.last_mut() else { return Ok(()) };
+        let Some(r) = self.records.last_mut() else {
+            return Ok(());
+        };
         // The saved chunks are the undo data of a change that follows at once: they (and the
         // directories naming them) must be on disk before the change can be, see `journal_saved`.
         let cow = ensure_dir_durable(meta.as_raw_fd(), b"cow", true)?;
         let dir = ensure_dir_durable(cow.as_raw_fd(), &seq_name(r.seq), true)?;
-        let Some(s) = r.saved.get_mut(&i) else { return Ok(()) };
+        let Some(s) = r.saved.get_mut(&i) else {
+            return Ok(());
+        };
         let whole = matches!(&s.data, SavedData::Chunks(have) if have.is_empty());
         let name = seq_name(i);
         // The first save of an epoch truncates any leftover from a rolled-back future.
         let out = if whole {
-            backend::openat(dir.as_raw_fd(), &name, libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC, 0o600)?
+            backend::openat(
+                dir.as_raw_fd(),
+                &name,
+                libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC,
+                0o600,
+            )?
         } else {
             backend::openat(dir.as_raw_fd(), &name, libc::O_RDWR | libc::O_CREAT, 0o600)?
         };
@@ -195,7 +234,9 @@ impl Checkpoints {
             let len = CHUNK_SIZE.min(s.size - off) as usize;
             let n = backend::pread_full(fd, &mut buf[..len], off)?;
             if n != len {
-                return Err(io::Error::other(format!("object {i}: file shorter than at the checkpoint")));
+                return Err(io::Error::other(format!(
+                    "object {i}: file shorter than at the checkpoint"
+                )));
             }
             backend::pwrite_full(out.as_raw_fd(), &buf[..len], off)?;
             if let SavedData::Chunks(have) = &mut s.data {
@@ -225,7 +266,10 @@ impl Checkpoints {
     /// The first saved value of `i` in records from `seq` on: (record position, value).
     fn saved_from(&self, seq: SeqNo, i: u64) -> Option<(usize, &SavedObj)> {
         let pos = self.position(seq)?;
-        self.records[pos..].iter().enumerate().find_map(|(k, r)| r.saved.get(&i).map(|s| (pos + k, s)))
+        self.records[pos..]
+            .iter()
+            .enumerate()
+            .find_map(|(k, r)| r.saved.get(&i).map(|s| (pos + k, s)))
     }
 }
 
@@ -253,7 +297,11 @@ struct TableFileRef<'a> {
 /// covers a crash of the machine (power loss), not only of the process.
 #[derive(Serialize, Deserialize)]
 enum JournalEntry {
-    Saved { seq: SeqNo, index: u64, saved: SavedObj },
+    Saved {
+        seq: SeqNo,
+        index: u64,
+        saved: SavedObj,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -302,12 +350,22 @@ impl FileService {
                 last_time: r.last_time,
             })
             .collect();
-        let file = TableFileRef { version: TABLE_VERSION, last_time: self.last_time, slots, records };
+        let file = TableFileRef {
+            version: TABLE_VERSION,
+            last_time: self.last_time,
+            slots,
+            records,
+        };
         let bytes = bincode::serde::encode_to_vec(&file, table_config())
             .map_err(|e| storage(io::Error::other(format!("encoding the table: {e}"))))?;
         backend::syncfs(self.root_fd.as_raw_fd()).map_err(storage)?;
         let meta = self.meta_fd.as_raw_fd();
-        let tmp = backend::openat(meta, b"table.tmp", libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC, 0o600)?;
+        let tmp = backend::openat(
+            meta,
+            b"table.tmp",
+            libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC,
+            0o600,
+        )?;
         backend::pwrite_full(tmp.as_raw_fd(), &bytes, 0)?;
         backend::fsync(tmp.as_raw_fd())?;
         drop(tmp);
@@ -344,7 +402,8 @@ impl FileService {
                 backend::open_dir_at(self.tree_fd.as_raw_fd(), b"orphans")
                     .and_then(|d| backend::fstatat(d.as_raw_fd(), i.to_string().as_bytes()))
             } else {
-                self.location(i).and_then(|(dfd, name)| backend::fstatat(dfd, &name))
+                self.location(i)
+                    .and_then(|(dfd, name)| backend::fstatat(dfd, &name))
             };
             if let (Ok(st), Some(o)) = (st, self.slots[i as usize].live_mut()) {
                 o.ino = st.st_ino;
@@ -372,7 +431,8 @@ impl FileService {
         let bytes = std::fs::read(self.data_dir.join("table"))?;
         let bad = |why: String| storage(io::Error::other(format!("table: {why}")));
         let (file, _): (TableFile, usize) =
-            bincode::serde::decode_from_slice(&bytes, table_config()).map_err(|e| bad(e.to_string()))?;
+            bincode::serde::decode_from_slice(&bytes, table_config())
+                .map_err(|e| bad(e.to_string()))?;
         if file.version != TABLE_VERSION {
             return Err(bad(format!("version {} not supported", file.version)));
         }
@@ -383,12 +443,14 @@ impl FileService {
         self.encoded.clear();
         for (i, (hb, pieces, ino)) in file.slots.into_iter().enumerate() {
             let i = i as u64;
-            let header: Header = super::ops::decode(&hb).ok_or_else(|| bad(format!("object {i} does not decode")))?;
+            let header: Header = super::ops::decode(&hb)
+                .ok_or_else(|| bad(format!("object {i} does not decode")))?;
             match header {
                 Header::Free { generation, .. } => {
                     self.slots.push(Slot::Free { generation });
                     self.free.insert(i);
-                    self.tree.set(i, object_digest(i, &[piece_digest(i, 0, &hb)]));
+                    self.tree
+                        .set(i, object_digest(i, &[piece_digest(i, 0, &hb)]));
                 }
                 Header::Live(l) => {
                     let mut o = l.into_obj();
@@ -447,9 +509,17 @@ impl FileService {
 
     /// Appends the newest record's saved value of `i` to the journal.
     pub(super) fn journal_saved(&mut self, i: u64) -> Result<(), super::ops::FsError> {
-        let Some(r) = self.ckpt.records.last() else { return Ok(()) };
-        let Some(saved) = r.saved.get(&i) else { return Ok(()) };
-        let entry = JournalEntry::Saved { seq: r.seq, index: i, saved: saved.clone() };
+        let Some(r) = self.ckpt.records.last() else {
+            return Ok(());
+        };
+        let Some(saved) = r.saved.get(&i) else {
+            return Ok(());
+        };
+        let entry = JournalEntry::Saved {
+            seq: r.seq,
+            index: i,
+            saved: saved.clone(),
+        };
         let payload = bincode::serde::encode_to_vec(&entry, table_config())
             .map_err(|_| super::ops::FsError::Io)?;
         let mut buf = (payload.len() as u32).to_le_bytes().to_vec();
@@ -491,8 +561,11 @@ impl FileService {
         };
         let mut at = 0usize;
         while at + 4 <= bytes.len() {
-            let len = u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]) as usize;
-            let Some(payload) = bytes.get(at + 4..at + 4 + len) else { break };
+            let len = u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+                as usize;
+            let Some(payload) = bytes.get(at + 4..at + 4 + len) else {
+                break;
+            };
             at += 4 + len;
             let Ok((JournalEntry::Saved { seq, index, saved }, _)) =
                 bincode::serde::decode_from_slice::<JournalEntry, _>(payload, table_config())
@@ -517,7 +590,11 @@ impl FileService {
             .slots
             .iter()
             .enumerate()
-            .filter_map(|(i, s)| s.live().filter(|o| o.ino != 0 && i != 0).map(|o| (o.ino, i as u64)))
+            .filter_map(|(i, s)| {
+                s.live()
+                    .filter(|o| o.ino != 0 && i != 0)
+                    .map(|o| (o.ino, i as u64))
+            })
             .collect();
         for s in self.slots.iter_mut() {
             if let Some(o) = s.live_mut() {
@@ -526,19 +603,34 @@ impl FileService {
         }
         self.orphans.clear();
         let tree = self.tree_fd.as_raw_fd();
-        backend::mkdirat(tree, b"orphans").or_else(|e| if e.raw_os_error() == Some(libc::EEXIST) { Ok(()) } else { Err(e) })?;
+        backend::mkdirat(tree, b"orphans").or_else(|e| {
+            if e.raw_os_error() == Some(libc::EEXIST) {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })?;
         let orphans = backend::open_dir_at(tree, b"orphans")?;
         // Nodes in the work areas move to orphans/<index> (known) or go (unknown).
         for area in [&b"stage"[..], b"orphans"] {
-            let Ok(dir) = backend::open_dir_at(tree, area) else { continue };
+            let Ok(dir) = backend::open_dir_at(tree, area) else {
+                continue;
+            };
             for name in backend::list_dir(dir.as_raw_fd())? {
                 let st = backend::fstatat(dir.as_raw_fd(), &name)?;
                 match by_ino.get(&st.st_ino) {
                     Some(&j) if self.kind_matches(j, st.st_mode) && !self.orphans.contains(&j) => {
                         let target = j.to_string().into_bytes();
                         if area != b"orphans" || name != target {
-                            backend::remove_tree_at(orphans.as_raw_fd(), &target).map_err(storage)?;
-                            backend::renameat(dir.as_raw_fd(), &name, orphans.as_raw_fd(), &target, false)?;
+                            backend::remove_tree_at(orphans.as_raw_fd(), &target)
+                                .map_err(storage)?;
+                            backend::renameat(
+                                dir.as_raw_fd(),
+                                &name,
+                                orphans.as_raw_fd(),
+                                &target,
+                                false,
+                            )?;
                         }
                         self.orphans.insert(j);
                     }
@@ -560,8 +652,14 @@ impl FileService {
         };
         let mut queue: Vec<(Option<u64>, Path)> = vec![(Some(0), vec![b"root".to_vec()])];
         for &j in &self.orphans {
-            if self.slots[j as usize].live().is_some_and(|o| o.kind == FileType::Directory) {
-                queue.push((Some(j), vec![b"orphans".to_vec(), j.to_string().into_bytes()]));
+            if self.slots[j as usize]
+                .live()
+                .is_some_and(|o| o.kind == FileType::Directory)
+            {
+                queue.push((
+                    Some(j),
+                    vec![b"orphans".to_vec(), j.to_string().into_bytes()],
+                ));
             }
         }
         let mut strays: Vec<(Path, Vec<u8>)> = Vec::new();
@@ -570,7 +668,10 @@ impl FileService {
             for name in backend::list_dir(dfd.as_raw_fd())? {
                 let st = backend::fstatat(dfd.as_raw_fd(), &name)?;
                 let is_dir = backend::is_dir_mode(st.st_mode);
-                let known = by_ino.get(&st.st_ino).copied().filter(|&j| self.kind_matches(j, st.st_mode));
+                let known = by_ino
+                    .get(&st.st_ino)
+                    .copied()
+                    .filter(|&j| self.kind_matches(j, st.st_mode));
                 let mut child = path.clone();
                 child.push(name.clone());
                 match (known, d) {
@@ -584,11 +685,19 @@ impl FileService {
                     }
                     (Some(j), None)
                         if !self.orphans.contains(&j)
-                            && self.slots[j as usize].live().is_none_or(|o| o.links.is_empty()) =>
+                            && self.slots[j as usize]
+                                .live()
+                                .is_none_or(|o| o.links.is_empty()) =>
                     {
                         let target = j.to_string().into_bytes();
                         backend::remove_tree_at(orphans.as_raw_fd(), &target).map_err(storage)?;
-                        backend::renameat(dfd.as_raw_fd(), &name, orphans.as_raw_fd(), &target, false)?;
+                        backend::renameat(
+                            dfd.as_raw_fd(),
+                            &name,
+                            orphans.as_raw_fd(),
+                            &target,
+                            false,
+                        )?;
                         self.orphans.insert(j);
                         if is_dir {
                             queue.push((Some(j), vec![b"orphans".to_vec(), target]));
@@ -614,7 +723,10 @@ impl FileService {
         // Whatever changed since the checkpoint is rewritten in full by the rollback: its
         // recorded chunk digests may not describe what is on disk now.
         let pos = self.ckpt.records.len().saturating_sub(1);
-        let modified: BTreeSet<u64> = self.ckpt.records[pos..].iter().flat_map(|r| r.saved.keys().copied()).collect();
+        let modified: BTreeSet<u64> = self.ckpt.records[pos..]
+            .iter()
+            .flat_map(|r| r.saved.keys().copied())
+            .collect();
         for i in modified {
             if let Some(o) = self.slots.get_mut(i as usize).and_then(Slot::live_mut) {
                 o.dirty_chunks = (1..=o.chunks() as u32).collect();
@@ -626,7 +738,12 @@ impl FileService {
 
     fn kind_matches(&self, j: u64, mode: libc::mode_t) -> bool {
         let t = mode & libc::S_IFMT;
-        match self.slots.get(j as usize).and_then(Slot::live).map(|o| o.kind) {
+        match self
+            .slots
+            .get(j as usize)
+            .and_then(Slot::live)
+            .map(|o| o.kind)
+        {
             Some(FileType::Directory) => t == libc::S_IFDIR,
             Some(FileType::Symlink) => t == libc::S_IFLNK,
             Some(_) => t == libc::S_IFREG,
@@ -639,7 +756,9 @@ impl FileService {
     fn remove_strays(&mut self) -> Result<(), ServiceError> {
         for d in 0..self.slots.len() as u64 {
             self.fds.get_mut().trim();
-            let Some(o) = self.slots[d as usize].live() else { continue };
+            let Some(o) = self.slots[d as usize].live() else {
+                continue;
+            };
             if o.kind != FileType::Directory {
                 continue;
             }
@@ -653,7 +772,10 @@ impl FileService {
         }
         if let Ok(orphans) = backend::open_dir_at(self.tree_fd.as_raw_fd(), b"orphans") {
             for name in backend::list_dir(orphans.as_raw_fd()).map_err(storage)? {
-                let keep = std::str::from_utf8(&name).ok().and_then(|n| n.parse::<u64>().ok()).is_some_and(|j| self.orphans.contains(&j));
+                let keep = std::str::from_utf8(&name)
+                    .ok()
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .is_some_and(|j| self.orphans.contains(&j));
                 if !keep {
                     backend::remove_tree_at(orphans.as_raw_fd(), &name).map_err(storage)?;
                 }
@@ -690,10 +812,12 @@ impl FileService {
                 let seq = newest.seq;
                 // The table holds a later state plus, in the newest record, the values at the
                 // checkpoint of what changed since: put those back, then take the snapshot's tree.
-                let saved: Vec<(u64, SavedObj)> = newest.saved.iter().map(|(k, v)| (*k, v.clone())).collect();
+                let saved: Vec<(u64, SavedObj)> =
+                    newest.saved.iter().map(|(k, v)| (*k, v.clone())).collect();
                 let count = newest.count;
                 for (i, s) in saved {
-                    let h: Header = super::ops::decode(&s.header).ok_or_else(|| storage(io::Error::other("saved header")))?;
+                    let h: Header = super::ops::decode(&s.header)
+                        .ok_or_else(|| storage(io::Error::other("saved header")))?;
                     let slot = match h {
                         Header::Free { generation, .. } => Slot::Free { generation },
                         Header::Live(l) => {
@@ -707,11 +831,18 @@ impl FileService {
                 }
                 self.slots.truncate(count as usize);
                 self.encoded.truncate(count as usize);
-                self.free = (0..count).filter(|&i| self.slots[i as usize].live().is_none()).collect();
+                self.free = (0..count)
+                    .filter(|&i| self.slots[i as usize].live().is_none())
+                    .collect();
                 if let Some(r) = self.ckpt.records.last_mut() {
                     r.saved.clear();
                 }
-                self.tree = self.ckpt.records.last().map(|r| r.tree.clone()).unwrap_or_default();
+                self.tree = self
+                    .ckpt
+                    .records
+                    .last()
+                    .map(|r| r.tree.clone())
+                    .unwrap_or_default();
                 self.relink_all();
                 self.fds.get_mut().dirs.clear();
                 self.fds.get_mut().files.clear();
@@ -739,7 +870,12 @@ impl FileService {
         while let Some(d) = queue.pop() {
             self.fds.get_mut().trim();
             let dfd = self.dir_fd(d).map_err(storage)?;
-            let entries: Vec<(Vec<u8>, u64)> = self.live(d).entries.iter().map(|(k, v)| (k.clone(), *v)).collect();
+            let entries: Vec<(Vec<u8>, u64)> = self
+                .live(d)
+                .entries
+                .iter()
+                .map(|(k, v)| (k.clone(), *v))
+                .collect();
             let wanted: BTreeMap<Vec<u8>, u64> = entries.iter().cloned().collect();
             for name in backend::list_dir(dfd).map_err(storage)? {
                 let keep = match wanted.get(&name) {
@@ -785,7 +921,12 @@ impl FileService {
                             let b = backend::fstatat(dfd, &name).ok();
                             if b.map(|b| b.st_ino) != Some(a.st_ino) {
                                 let _ = backend::unlinkat(dfd, &name, false);
-                                backend::linkat(self.dir_fd(fd0).map_err(storage)?, &n0, dfd, &name)?;
+                                backend::linkat(
+                                    self.dir_fd(fd0).map_err(storage)?,
+                                    &n0,
+                                    dfd,
+                                    &name,
+                                )?;
                             }
                         } else {
                             if !exists {
@@ -844,19 +985,37 @@ impl FileService {
     }
 
     pub(super) fn discard(&mut self, seq: SeqNo) {
-        let keep_from = self.ckpt.records.iter().position(|r| r.seq >= seq).unwrap_or(self.ckpt.records.len());
-        let gone: Vec<SeqNo> = self.ckpt.records.drain(..keep_from).map(|r| r.seq).collect();
+        let keep_from = self
+            .ckpt
+            .records
+            .iter()
+            .position(|r| r.seq >= seq)
+            .unwrap_or(self.ckpt.records.len());
+        let gone: Vec<SeqNo> = self
+            .ckpt
+            .records
+            .drain(..keep_from)
+            .map(|r| r.seq)
+            .collect();
         self.ckpt.doomed.extend(gone);
     }
 
     pub(super) fn rollback(&mut self, seq: SeqNo) -> Result<(), ServiceError> {
-        let pos = self.ckpt.position(seq).ok_or(ServiceError::NoCheckpoint(seq))?;
+        let pos = self
+            .ckpt
+            .position(seq)
+            .ok_or(ServiceError::NoCheckpoint(seq))?;
         let count = self.ckpt.records[pos].count;
-        let modified = self.ckpt.modified_since(seq, self.slots.len() as u64).ok_or(ServiceError::NoCheckpoint(seq))?;
+        let modified = self
+            .ckpt
+            .modified_since(seq, self.slots.len() as u64)
+            .ok_or(ServiceError::NoCheckpoint(seq))?;
         let mut items = BTreeMap::new();
         for i in modified {
             if i < count {
-                let t = self.target_at(seq, i)?.ok_or(ServiceError::NoCheckpoint(seq))?;
+                let t = self
+                    .target_at(seq, i)?
+                    .ok_or(ServiceError::NoCheckpoint(seq))?;
                 items.insert(i, Some(t));
             } else if i < self.slots.len() as u64 {
                 items.insert(i, None);
@@ -887,7 +1046,10 @@ impl FileService {
 
     /// The header of object `i` at checkpoint `seq`.
     fn header_at(&self, seq: SeqNo, i: u64) -> Result<Option<Header>, ServiceError> {
-        let rec = self.ckpt.record(seq).ok_or(ServiceError::NoCheckpoint(seq))?;
+        let rec = self
+            .ckpt
+            .record(seq)
+            .ok_or(ServiceError::NoCheckpoint(seq))?;
         if i >= rec.count {
             return Ok(None);
         }
@@ -909,19 +1071,30 @@ impl FileService {
             return Some(s.pieces.clone());
         }
         match self.slots.get(i as usize)? {
-            Slot::Live(o) if o.dirty_chunks.is_empty() && !self.dirty.contains(&i) => Some(o.pieces.clone()),
+            Slot::Live(o) if o.dirty_chunks.is_empty() && !self.dirty.contains(&i) => {
+                Some(o.pieces.clone())
+            }
             Slot::Live(_) => None,
             Slot::Free { .. } => Some(vec![piece_digest(i, 0, &self.header_of(i).encode())]),
         }
     }
 
     /// One piece of object `i` at checkpoint `seq`.
-    pub(super) fn piece_at(&self, seq: SeqNo, i: u64, piece: u32) -> Result<Option<Vec<u8>>, ServiceError> {
-        let Some(header) = self.header_at(seq, i)? else { return Ok(None) };
+    pub(super) fn piece_at(
+        &self,
+        seq: SeqNo,
+        i: u64,
+        piece: u32,
+    ) -> Result<Option<Vec<u8>>, ServiceError> {
+        let Some(header) = self.header_at(seq, i)? else {
+            return Ok(None);
+        };
         if piece == 0 {
             return Ok(Some(header.encode()));
         }
-        let Header::Live(l) = &header else { return Ok(None) };
+        let Header::Live(l) = &header else {
+            return Ok(None);
+        };
         let chunk = piece as u64 - 1;
         if l.kind != FileType::Regular || chunk >= chunk_count(l.size) {
             return Ok(None);
@@ -936,18 +1109,28 @@ impl FileService {
         };
         let n = backend::pread_full(raw, &mut buf, start).map_err(storage)?;
         if n != len {
-            return Err(storage(io::Error::other(format!("object {i} chunk {chunk}: source too short"))));
+            return Err(storage(io::Error::other(format!(
+                "object {i} chunk {chunk}: source too short"
+            ))));
         }
         Ok(Some(buf))
     }
 
     /// Where chunk `chunk` of `i` as of `seq` lives: an opened saved copy, or `None` for the
     /// live file.
-    fn chunk_source(&self, seq: SeqNo, i: u64, chunk: u64) -> Result<Option<OwnedFd>, ServiceError> {
+    fn chunk_source(
+        &self,
+        seq: SeqNo,
+        i: u64,
+        chunk: u64,
+    ) -> Result<Option<OwnedFd>, ServiceError> {
         if self.ckpt.snapshot_mode {
             return self.snapshot_file(seq, i).map(Some);
         }
-        let pos = self.ckpt.position(seq).ok_or(ServiceError::NoCheckpoint(seq))?;
+        let pos = self
+            .ckpt
+            .position(seq)
+            .ok_or(ServiceError::NoCheckpoint(seq))?;
         for r in &self.ckpt.records[pos..] {
             if let Some(s) = r.saved.get(&i) {
                 let has = match &s.data {
@@ -956,9 +1139,14 @@ impl FileService {
                     SavedData::Nothing => false,
                 };
                 if has {
-                    let cow = backend::open_dir_at(self.meta_fd.as_raw_fd(), b"cow").map_err(storage)?;
-                    let dir = backend::open_dir_at(cow.as_raw_fd(), &seq_name(r.seq)).map_err(storage)?;
-                    return Ok(Some(backend::openat(dir.as_raw_fd(), &seq_name(i), libc::O_RDONLY, 0).map_err(storage)?));
+                    let cow =
+                        backend::open_dir_at(self.meta_fd.as_raw_fd(), b"cow").map_err(storage)?;
+                    let dir =
+                        backend::open_dir_at(cow.as_raw_fd(), &seq_name(r.seq)).map_err(storage)?;
+                    return Ok(Some(
+                        backend::openat(dir.as_raw_fd(), &seq_name(i), libc::O_RDONLY, 0)
+                            .map_err(storage)?,
+                    ));
                 }
             }
         }
@@ -968,20 +1156,34 @@ impl FileService {
     /// Opens file `i` inside the snapshot of checkpoint `seq`, following the names the
     /// directory headers had then.
     fn snapshot_file(&self, seq: SeqNo, i: u64) -> Result<OwnedFd, ServiceError> {
-        let broken = || storage(io::Error::other(format!("object {i} has no path at checkpoint {seq}")));
+        let broken = || {
+            storage(io::Error::other(format!(
+                "object {i} has no path at checkpoint {seq}"
+            )))
+        };
         let mut names = Vec::new();
         let mut cur = i;
         while cur != 0 {
-            let Some(Header::Live(h)) = self.header_at(seq, cur)? else { return Err(broken()) };
-            let Some(Header::Live(p)) = self.header_at(seq, h.parent)? else { return Err(broken()) };
-            let name = p.entries.iter().find(|(_, j)| *j == cur).map(|(n, _)| n.clone()).ok_or_else(broken)?;
+            let Some(Header::Live(h)) = self.header_at(seq, cur)? else {
+                return Err(broken());
+            };
+            let Some(Header::Live(p)) = self.header_at(seq, h.parent)? else {
+                return Err(broken());
+            };
+            let name = p
+                .entries
+                .iter()
+                .find(|(_, j)| *j == cur)
+                .map(|(n, _)| n.clone())
+                .ok_or_else(broken)?;
             names.push(name);
             cur = h.parent;
             if names.len() > self.slots.len() + 1 {
                 return Err(broken());
             }
         }
-        let snaps = backend::open_dir_at(self.meta_fd.as_raw_fd(), b"snapshots").map_err(storage)?;
+        let snaps =
+            backend::open_dir_at(self.meta_fd.as_raw_fd(), b"snapshots").map_err(storage)?;
         let snap = backend::open_dir_at(snaps.as_raw_fd(), &seq_name(seq)).map_err(storage)?;
         let mut fd = backend::open_dir_at(snap.as_raw_fd(), b"root").map_err(storage)?;
         let last = names.len().saturating_sub(1);
@@ -997,9 +1199,16 @@ impl FileService {
 
     /// The whole value of `i` at `seq`, decoded for installing.
     pub(super) fn target_at(&self, seq: SeqNo, i: u64) -> Result<Option<Target>, ServiceError> {
-        let Some(header) = self.header_at(seq, i)? else { return Ok(None) };
+        let Some(header) = self.header_at(seq, i)? else {
+            return Ok(None);
+        };
         let mut chunks = Vec::new();
-        if let Header::Live(LiveHeader { kind: FileType::Regular, size, .. }) = &header {
+        if let Header::Live(LiveHeader {
+            kind: FileType::Regular,
+            size,
+            ..
+        }) = &header
+        {
             for c in 0..chunk_count(*size) {
                 match self.piece_at(seq, i, c as u32 + 1)? {
                     Some(b) => chunks.push(b),
@@ -1010,8 +1219,14 @@ impl FileService {
         Ok(Some(Target { header, chunks }))
     }
 
-    pub(super) fn obj_at(&self, seq: SeqNo, i: u64) -> Result<Option<AbstractObject>, ServiceError> {
-        let Some(t) = self.target_at(seq, i)? else { return Ok(None) };
+    pub(super) fn obj_at(
+        &self,
+        seq: SeqNo,
+        i: u64,
+    ) -> Result<Option<AbstractObject>, ServiceError> {
+        let Some(t) = self.target_at(seq, i)? else {
+            return Ok(None);
+        };
         let mut pieces = vec![t.header.encode()];
         pieces.extend(t.chunks);
         Ok(Some(AbstractObject { pieces }))

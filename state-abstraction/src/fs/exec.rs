@@ -96,7 +96,9 @@ enum Ns {
 fn xattr_ns(name: &[u8]) -> Result<Ns, FsError> {
     if name.starts_with(b"user.") && name.len() > 5 {
         Ok(Ns::User)
-    } else if (name.starts_with(b"trusted.") && name.len() > 8) || (name.starts_with(b"security.") && name.len() > 9) {
+    } else if (name.starts_with(b"trusted.") && name.len() > 8)
+        || (name.starts_with(b"security.") && name.len() > 9)
+    {
         Ok(Ns::Privileged)
     } else {
         Err(FsError::NotSupp)
@@ -112,7 +114,10 @@ impl FileService {
             FsOp::Lookup { dir, name } => self.lookup(c, *dir, name),
             FsOp::Access { h, mask } => {
                 let o = self.obj(*h)?;
-                let granted = [R, W, X].into_iter().filter(|b| mask & b != 0 && may(o, c, *b)).fold(0, |a, b| a | b);
+                let granted = [R, W, X]
+                    .into_iter()
+                    .filter(|b| mask & b != 0 && may(o, c, *b))
+                    .fold(0, |a, b| a | b);
                 Ok(FsReply::Access { granted })
             }
             FsOp::ReadLink { h } => {
@@ -120,11 +125,18 @@ impl FileService {
                 if o.kind != FileType::Symlink {
                     return Err(FsError::Inval);
                 }
-                Ok(FsReply::ReadLink { target: o.target.clone() })
+                Ok(FsReply::ReadLink {
+                    target: o.target.clone(),
+                })
             }
             FsOp::Read { h, offset, count } => self.read(c, *h, *offset, *count),
             FsOp::Write { h, offset, data } => self.write(c, *h, *offset, data, now),
-            FsOp::Create { dir, name, mode, how } => self.create(c, *dir, name, *mode, *how, now),
+            FsOp::Create {
+                dir,
+                name,
+                mode,
+                how,
+            } => self.create(c, *dir, name, *mode, *how, now),
             FsOp::Mkdir { dir, name, mode } => {
                 let d = self.new_entry_checks(c, *dir, name)?;
                 if d.nlink >= LINK_MAX {
@@ -132,7 +144,17 @@ impl FileService {
                 }
                 let fd = self.dir_fd(dir.index).map_err(io_err)?;
                 backend::mkdirat(fd, name).map_err(io_err)?;
-                self.finish_create(c, *dir, name, FileType::Directory, mode & 0o1777, 0, Vec::new(), None, now)
+                self.finish_create(
+                    c,
+                    *dir,
+                    name,
+                    FileType::Directory,
+                    mode & 0o1777,
+                    0,
+                    Vec::new(),
+                    None,
+                    now,
+                )
             }
             FsOp::Symlink { dir, name, target } => {
                 self.new_entry_checks(c, *dir, name)?;
@@ -147,9 +169,24 @@ impl FileService {
                 }
                 let fd = self.dir_fd(dir.index).map_err(io_err)?;
                 backend::symlinkat(target, fd, name).map_err(io_err)?;
-                self.finish_create(c, *dir, name, FileType::Symlink, 0o777, 0, target.clone(), None, now)
+                self.finish_create(
+                    c,
+                    *dir,
+                    name,
+                    FileType::Symlink,
+                    0o777,
+                    0,
+                    target.clone(),
+                    None,
+                    now,
+                )
             }
-            FsOp::Mknod { dir, name, mode, kind } => {
+            FsOp::Mknod {
+                dir,
+                name,
+                mode,
+                kind,
+            } => {
                 self.new_entry_checks(c, *dir, name)?;
                 let (ft, rdev) = match kind {
                     NodeKind::Fifo => (FileType::Fifo, 0),
@@ -157,21 +194,44 @@ impl FileService {
                     NodeKind::CharDevice { rdev } => (FileType::CharDevice, *rdev),
                     NodeKind::BlockDevice { rdev } => (FileType::BlockDevice, *rdev),
                 };
-                if matches!(kind, NodeKind::CharDevice { .. } | NodeKind::BlockDevice { .. }) && c.uid != 0 {
+                if matches!(
+                    kind,
+                    NodeKind::CharDevice { .. } | NodeKind::BlockDevice { .. }
+                ) && c.uid != 0
+                {
                     return Err(FsError::Perm);
                 }
                 // Nodes are data in the abstract state; the mirror tree holds a placeholder.
                 let fd = self.dir_fd(dir.index).map_err(io_err)?;
                 drop(backend::create_file_at(fd, name).map_err(io_err)?);
-                self.finish_create(c, *dir, name, ft, mode & 0o7777, rdev, Vec::new(), None, now)
+                self.finish_create(
+                    c,
+                    *dir,
+                    name,
+                    ft,
+                    mode & 0o7777,
+                    rdev,
+                    Vec::new(),
+                    None,
+                    now,
+                )
             }
             FsOp::Remove { dir, name } => self.remove(c, *dir, name, false, now),
             FsOp::Rmdir { dir, name } => self.remove(c, *dir, name, true, now),
-            FsOp::Rename { from_dir, from_name, to_dir, to_name, no_replace } => {
-                self.rename(c, *from_dir, from_name, *to_dir, to_name, *no_replace, now)
-            }
+            FsOp::Rename {
+                from_dir,
+                from_name,
+                to_dir,
+                to_name,
+                no_replace,
+            } => self.rename(c, *from_dir, from_name, *to_dir, to_name, *no_replace, now),
             FsOp::Link { h, dir, name } => self.link(c, *h, *dir, name, now),
-            FsOp::ReadDir { dir, cookie, count, plus } => self.readdir(c, *dir, *cookie, *count, *plus),
+            FsOp::ReadDir {
+                dir,
+                cookie,
+                count,
+                plus,
+            } => self.readdir(c, *dir, *cookie, *count, *plus),
             FsOp::StatFs { h } => {
                 self.obj(*h)?;
                 Ok(FsReply::StatFs(self.statfs()))
@@ -179,8 +239,12 @@ impl FileService {
             FsOp::Commit { h } => {
                 let kind = self.obj(*h)?.kind;
                 match kind {
-                    FileType::Regular => backend::fsync(self.file_fd(h.index).map_err(io_err)?).map_err(io_err)?,
-                    FileType::Directory => backend::fsync(self.dir_fd(h.index).map_err(io_err)?).map_err(io_err)?,
+                    FileType::Regular => {
+                        backend::fsync(self.file_fd(h.index).map_err(io_err)?).map_err(io_err)?
+                    }
+                    FileType::Directory => {
+                        backend::fsync(self.dir_fd(h.index).map_err(io_err)?).map_err(io_err)?
+                    }
                     _ => {}
                 }
                 Ok(FsReply::Done)
@@ -203,7 +267,10 @@ impl FileService {
                         }
                     }
                 }
-                o.xattrs.get(name).map(|v| FsReply::Xattr { value: v.clone() }).ok_or(FsError::NoData)
+                o.xattrs
+                    .get(name)
+                    .map(|v| FsReply::Xattr { value: v.clone() })
+                    .ok_or(FsError::NoData)
             }
             FsOp::ListXattr { h } => {
                 let o = self.obj(*h)?;
@@ -215,7 +282,12 @@ impl FileService {
                     .collect();
                 Ok(FsReply::XattrList { names })
             }
-            FsOp::SetXattr { h, name, value, how } => self.set_xattr(c, *h, name, Some((value, *how)), now),
+            FsOp::SetXattr {
+                h,
+                name,
+                value,
+                how,
+            } => self.set_xattr(c, *h, name, Some((value, *how)), now),
             FsOp::RemoveXattr { h, name } => self.set_xattr(c, *h, name, None, now),
         }
     }
@@ -267,7 +339,10 @@ impl FileService {
         } else {
             *d.entries.get(name).ok_or(FsError::NoEnt)?
         };
-        Ok(FsReply::Entry { handle: self.handle_of(i), attr: self.live(i).attr(i) })
+        Ok(FsReply::Entry {
+            handle: self.handle_of(i),
+            attr: self.live(i).attr(i),
+        })
     }
 
     /// Checks for making a new entry `name` in `dir`: returns the directory.
@@ -309,7 +384,11 @@ impl FileService {
         let mut mode = mode;
         if kind == FileType::Directory && setgid_dir {
             mode |= S_ISGID;
-        } else if kind != FileType::Directory && mode & S_ISGID != 0 && c.uid != 0 && !in_group(c, gid) {
+        } else if kind != FileType::Directory
+            && mode & S_ISGID != 0
+            && c.uid != 0
+            && !in_group(c, gid)
+        {
             mode &= !S_ISGID;
         }
         let size = match kind {
@@ -349,10 +428,21 @@ impl FileService {
         if kind == FileType::Directory {
             d.nlink = d.nlink.saturating_add(1);
         }
-        Ok(FsReply::Entry { handle: self.handle_of(i), attr: self.live(i).attr(i) })
+        Ok(FsReply::Entry {
+            handle: self.handle_of(i),
+            attr: self.live(i).attr(i),
+        })
     }
 
-    fn create(&mut self, c: &Caller, dir: Handle, name: &[u8], mode: u32, how: CreateHow, now: Timespec) -> FsResult {
+    fn create(
+        &mut self,
+        c: &Caller,
+        dir: Handle,
+        name: &[u8],
+        mode: u32,
+        how: CreateHow,
+        now: Timespec,
+    ) -> FsResult {
         let d = self.dir_obj(dir)?;
         check_name(name)?;
         if !may(d, c, X) {
@@ -363,12 +453,17 @@ impl FileService {
             let ok = match how {
                 CreateHow::Guarded => false,
                 CreateHow::Unchecked => o.kind == FileType::Regular,
-                CreateHow::Exclusive { verifier } => o.kind == FileType::Regular && o.verifier == Some(verifier),
+                CreateHow::Exclusive { verifier } => {
+                    o.kind == FileType::Regular && o.verifier == Some(verifier)
+                }
             };
             if !ok {
                 return Err(FsError::Exist);
             }
-            return Ok(FsReply::Entry { handle: self.handle_of(i), attr: o.attr(i) });
+            return Ok(FsReply::Entry {
+                handle: self.handle_of(i),
+                attr: o.attr(i),
+            });
         }
         self.new_entry_checks(c, dir, name)?;
         let dfd = self.dir_fd(dir.index).map_err(io_err)?;
@@ -377,7 +472,17 @@ impl FileService {
             CreateHow::Exclusive { verifier } => Some(verifier),
             _ => None,
         };
-        let r = self.finish_create(c, dir, name, FileType::Regular, mode & 0o7777, 0, Vec::new(), verifier, now)?;
+        let r = self.finish_create(
+            c,
+            dir,
+            name,
+            FileType::Regular,
+            mode & 0o7777,
+            0,
+            Vec::new(),
+            verifier,
+            now,
+        )?;
         if let FsReply::Entry { handle, .. } = &r {
             self.cache_file_fd(handle.index, fd);
         }
@@ -502,7 +607,10 @@ impl FileService {
             return Err(FsError::Access);
         }
         if offset >= o.size {
-            return Ok(FsReply::Read { data: Vec::new(), eof: true });
+            return Ok(FsReply::Read {
+                data: Vec::new(),
+                eof: true,
+            });
         }
         let len = (count as u64).min(o.size - offset) as usize;
         let mut data = vec![0; len];
@@ -511,10 +619,20 @@ impl FileService {
         if n != len {
             return Err(FsError::Io);
         }
-        Ok(FsReply::Read { data, eof: offset + len as u64 >= o.size })
+        Ok(FsReply::Read {
+            data,
+            eof: offset + len as u64 >= o.size,
+        })
     }
 
-    fn write(&mut self, c: &Caller, h: Handle, offset: u64, data: &[u8], now: Timespec) -> FsResult {
+    fn write(
+        &mut self,
+        c: &Caller,
+        h: Handle,
+        offset: u64,
+        data: &[u8],
+        now: Timespec,
+    ) -> FsResult {
         let o = self.obj(h)?;
         match o.kind {
             FileType::Regular => {}
@@ -533,7 +651,10 @@ impl FileService {
         }
         let i = h.index;
         if data.is_empty() {
-            return Ok(FsReply::Write { count: 0, attr: o.attr(i) });
+            return Ok(FsReply::Write {
+                count: 0,
+                attr: o.attr(i),
+            });
         }
         let old_size = o.size;
         self.touch_data(i, offset, end)?;
@@ -551,11 +672,21 @@ impl FileService {
         if c.uid != 0 {
             o.mode = kill_suid(o.mode);
         }
-        Ok(FsReply::Write { count: data.len() as u32, attr: o.attr(i) })
+        Ok(FsReply::Write {
+            count: data.len() as u32,
+            attr: o.attr(i),
+        })
     }
 
     /// Remove (`rmdir == false`) or rmdir.
-    fn remove(&mut self, c: &Caller, dir: Handle, name: &[u8], rmdir: bool, now: Timespec) -> FsResult {
+    fn remove(
+        &mut self,
+        c: &Caller,
+        dir: Handle,
+        name: &[u8],
+        rmdir: bool,
+        now: Timespec,
+    ) -> FsResult {
         let d = self.dir_obj(dir)?;
         check_name(name)?;
         if !may(d, c, X) {
@@ -722,12 +853,18 @@ impl FileService {
             self.unlink_entry(to_dir.index, to_name, t, now)?;
         }
         self.live_mut(from_dir.index).entries.remove(from_name);
-        self.live_mut(to_dir.index).entries.insert(to_name.to_vec(), src);
+        self.live_mut(to_dir.index)
+            .entries
+            .insert(to_name.to_vec(), src);
         let s = self.live_mut(src);
         s.links.remove(&(from_dir.index, from_name.to_vec()));
         s.links.insert((to_dir.index, to_name.to_vec()));
         s.ctime = now;
-        s.parent = if src_is_dir { to_dir.index } else { s.links.iter().next().map(|l| l.0).unwrap_or(to_dir.index) };
+        s.parent = if src_is_dir {
+            to_dir.index
+        } else {
+            s.links.iter().next().map(|l| l.0).unwrap_or(to_dir.index)
+        };
         if src_is_dir {
             let (f, t) = (from_dir.index, to_dir.index);
             self.live_mut(f).nlink = self.live(f).nlink.saturating_sub(1);
@@ -766,7 +903,10 @@ impl FileService {
         o.nlink = o.nlink.saturating_add(1);
         o.ctime = now;
         o.parent = o.links.iter().next().map(|l| l.0).unwrap_or(dir.index);
-        Ok(FsReply::Entry { handle: h, attr: o.attr(h.index) })
+        Ok(FsReply::Entry {
+            handle: h,
+            attr: o.attr(h.index),
+        })
     }
 
     fn readdir(&self, c: &Caller, dir: Handle, cookie: u64, count: u32, plus: bool) -> FsResult {
@@ -833,7 +973,12 @@ impl FileService {
                     XattrSet::Replace if !exists => return Err(FsError::NoData),
                     _ => {}
                 }
-                let total: usize = o.xattrs.iter().filter(|(k, _)| k.as_slice() != name).map(|(k, v)| k.len() + v.len()).sum();
+                let total: usize = o
+                    .xattrs
+                    .iter()
+                    .filter(|(k, _)| k.as_slice() != name)
+                    .map(|(k, v)| k.len() + v.len())
+                    .sum();
                 if total + name.len() + v.len() > XATTR_TOTAL_MAX {
                     return Err(FsError::NoSpc);
                 }

@@ -58,13 +58,19 @@ fn index_name(i: u64) -> Vec<u8> {
 }
 
 impl FileService {
-    pub(super) fn put_objects(&mut self, objs: Vec<(u64, AbstractObject)>) -> Result<(), ServiceError> {
+    pub(super) fn put_objects(
+        &mut self,
+        objs: Vec<(u64, AbstractObject)>,
+    ) -> Result<(), ServiceError> {
         let mut items = BTreeMap::new();
         for (i, o) in objs {
             if i >= INDEX_MAX {
                 return Err(ServiceError::BadIndex(i));
             }
-            let bad = |why: &str| ServiceError::BadObject { index: i, why: why.to_string() };
+            let bad = |why: &str| ServiceError::BadObject {
+                index: i,
+                why: why.to_string(),
+            };
             let first = o.pieces.first().ok_or_else(|| bad("no header piece"))?;
             let header = Header::decode_canonical(first).map_err(|why| bad(&why))?;
             let chunks: Vec<Vec<u8>> = o.pieces[1..].to_vec();
@@ -111,7 +117,18 @@ impl FileService {
         let len = self.slots.len() as u64;
         if count > len {
             let items = (len..count)
-                .map(|i| (i, Some(Target { header: Header::Free { generation: 0, next_free: None }, chunks: Vec::new() })))
+                .map(|i| {
+                    (
+                        i,
+                        Some(Target {
+                            header: Header::Free {
+                                generation: 0,
+                                next_free: None,
+                            },
+                            chunks: Vec::new(),
+                        }),
+                    )
+                })
                 .collect();
             return self.install(items, true);
         }
@@ -133,19 +150,32 @@ impl FileService {
 
     /// Installs `items` (`None`: the slot is to disappear, only used by rollback before it
     /// truncates the table). With `cow`, old values are saved for the newest checkpoint first.
-    pub(super) fn install(&mut self, items: BTreeMap<u64, Option<Target>>, cow: bool) -> Result<(), ServiceError> {
+    pub(super) fn install(
+        &mut self,
+        items: BTreeMap<u64, Option<Target>>,
+        cow: bool,
+    ) -> Result<(), ServiceError> {
         if items.is_empty() {
             return Ok(());
         }
         self.fds.get_mut().trim();
         self.mark_unsaved().map_err(fs_err)?;
         let old_len = self.slots.len() as u64;
-        let new_len = items.iter().filter(|(_, t)| t.is_some()).map(|(i, _)| i + 1).max().unwrap_or(0).max(old_len);
+        let new_len = items
+            .iter()
+            .filter(|(_, t)| t.is_some())
+            .map(|(i, _)| i + 1)
+            .max()
+            .unwrap_or(0)
+            .max(old_len);
 
         let mut new_free = self.free.clone();
         for (&i, t) in &items {
             match t {
-                Some(Target { header: Header::Free { .. }, .. }) if i < new_len => {
+                Some(Target {
+                    header: Header::Free { .. },
+                    ..
+                }) if i < new_len => {
                     new_free.insert(i);
                 }
                 _ => {
@@ -177,7 +207,8 @@ impl FileService {
                 if i >= old_len {
                     continue;
                 }
-                let is_file = matches!(&self.slots[i as usize], Slot::Live(o) if o.kind == FileType::Regular);
+                let is_file =
+                    matches!(&self.slots[i as usize], Slot::Live(o) if o.kind == FileType::Regular);
                 if is_file {
                     self.touch_data(i, 0, u64::MAX).map_err(fs_err)?;
                 } else {
@@ -189,13 +220,20 @@ impl FileService {
         // The new objects, and every object's new names.
         let mut new_objs: BTreeMap<u64, Obj> = BTreeMap::new();
         for (&i, t) in &items {
-            if let Some(Target { header: Header::Live(l), .. }) = t {
+            if let Some(Target {
+                header: Header::Live(l),
+                ..
+            }) = t
+            {
                 new_objs.insert(i, l.clone().into_obj());
             }
         }
         let live_new = |j: u64, slots: &Vec<Slot>| -> bool {
             match items.get(&j) {
-                Some(Some(Target { header: Header::Live(_), .. })) => true,
+                Some(Some(Target {
+                    header: Header::Live(_),
+                    ..
+                })) => true,
                 Some(_) => false,
                 None => (j as usize) < slots.len() && slots[j as usize].live().is_some(),
             }
@@ -220,7 +258,11 @@ impl FileService {
             }
         }
         let old_links = |j: u64, slots: &Vec<Slot>| -> BTreeSet<(u64, Vec<u8>)> {
-            slots.get(j as usize).and_then(Slot::live).map(|o| o.links.clone()).unwrap_or_default()
+            slots
+                .get(j as usize)
+                .and_then(Slot::live)
+                .map(|o| o.links.clone())
+                .unwrap_or_default()
         };
 
         // Which nodes move to the stage, which only gain or lose names.
@@ -228,7 +270,9 @@ impl FileService {
         let mut staged: BTreeSet<u64> = BTreeSet::new();
         let mut relinked: BTreeSet<u64> = BTreeSet::new();
         for j in 1..old_len {
-            let Some(o) = self.slots[j as usize].live() else { continue };
+            let Some(o) = self.slots[j as usize].live() else {
+                continue;
+            };
             let has_node = !o.links.is_empty() || self.orphans.contains(&j);
             if !has_node {
                 continue;
@@ -252,7 +296,9 @@ impl FileService {
         let stage = backend::open_dir_at(meta, b"stage")?;
         let orphans = match backend::mkdirat(meta, b"orphans") {
             Ok(()) => backend::open_dir_at(meta, b"orphans")?,
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => backend::open_dir_at(meta, b"orphans")?,
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                backend::open_dir_at(meta, b"orphans")?
+            }
             Err(e) => return Err(storage(e)),
         };
         let sfd = stage.as_raw_fd();
@@ -261,13 +307,25 @@ impl FileService {
             let links = old_links(j, &self.slots);
             let mut it = links.iter();
             if let Some((d, name)) = it.next() {
-                backend::renameat(self.dir_fd(*d).map_err(storage)?, name, sfd, &index_name(j), false)?;
+                backend::renameat(
+                    self.dir_fd(*d).map_err(storage)?,
+                    name,
+                    sfd,
+                    &index_name(j),
+                    false,
+                )?;
                 for (d2, n2) in it {
                     backend::unlinkat(self.dir_fd(*d2).map_err(storage)?, n2, false)?;
                 }
                 self.staged.insert(j);
             } else if self.orphans.remove(&j) {
-                backend::renameat(orphans.as_raw_fd(), &index_name(j), sfd, &index_name(j), false)?;
+                backend::renameat(
+                    orphans.as_raw_fd(),
+                    &index_name(j),
+                    sfd,
+                    &index_name(j),
+                    false,
+                )?;
                 self.staged.insert(j);
             }
         }
@@ -300,9 +358,19 @@ impl FileService {
                     .pieces
                     .iter()
                     .enumerate()
-                    .map(|(p, d)| (p > 0 && p <= chunks && !o.dirty_chunks.contains(&(p as u32))).then_some(*d))
+                    .map(|(p, d)| {
+                        (p > 0 && p <= chunks && !o.dirty_chunks.contains(&(p as u32)))
+                            .then_some(*d)
+                    })
                     .collect();
-                old_nodes.insert(j, OldNode { class: class(o.kind), target: o.target.clone(), clean });
+                old_nodes.insert(
+                    j,
+                    OldNode {
+                        class: class(o.kind),
+                        target: o.target.clone(),
+                        clean,
+                    },
+                );
             }
             let fds = self.fds.get_mut();
             fds.files.remove(&j);
@@ -319,13 +387,27 @@ impl FileService {
             if i >= new_len {
                 continue;
             }
-            if !matches!(t, Some(Target { header: Header::Live(_), .. })) {
+            if !matches!(
+                t,
+                Some(Target {
+                    header: Header::Live(_),
+                    ..
+                })
+            ) {
                 self.fds.get_mut().forget(i);
             }
             self.slots[i as usize] = match t {
                 None => Slot::Free { generation: 0 },
-                Some(Target { header: Header::Free { generation, .. }, .. }) => Slot::Free { generation: *generation },
-                Some(Target { header: Header::Live(_), .. }) => match new_objs.remove(&i) {
+                Some(Target {
+                    header: Header::Free { generation, .. },
+                    ..
+                }) => Slot::Free {
+                    generation: *generation,
+                },
+                Some(Target {
+                    header: Header::Live(_),
+                    ..
+                }) => match new_objs.remove(&i) {
                     Some(o) => Slot::Live(Box::new(o)),
                     None => Slot::Free { generation: 0 },
                 },
@@ -341,14 +423,21 @@ impl FileService {
 
         // Create or rewrite the installed objects' nodes in the stage.
         for (&i, t) in &items {
-            let Some(Target { header: Header::Live(l), chunks }) = t else { continue };
+            let Some(Target {
+                header: Header::Live(l),
+                chunks,
+            }) = t
+            else {
+                continue;
+            };
             self.fds.get_mut().trim();
             let name = index_name(i);
             let old = old_nodes.get(&i);
             let reuse = i == 0
                 || (staged.contains(&i)
                     && old.is_some_and(|o| {
-                        o.class == class(l.kind) && (o.class != NodeClass::Symlink || o.target == l.target)
+                        o.class == class(l.kind)
+                            && (o.class != NodeClass::Symlink || o.target == l.target)
                     }));
             if i != 0 {
                 if !reuse {
@@ -362,14 +451,19 @@ impl FileService {
                 }
                 self.staged.insert(i);
             }
-            let ino = if i == 0 { backend::fstat(self.root_fd.as_raw_fd())?.st_ino } else { 0 };
+            let ino = if i == 0 {
+                backend::fstat(self.root_fd.as_raw_fd())?.st_ino
+            } else {
+                0
+            };
             let mut pieces = vec![Digest::default(); 1 + chunks.len()];
             if l.kind == FileType::Regular {
                 let f = backend::open_file_at(sfd, &name)?;
                 backend::ftruncate(f.as_raw_fd(), l.size)?;
                 for (k, c) in chunks.iter().enumerate() {
                     let d = piece_digest(i, k as u32 + 1, c);
-                    let same = reuse && old.and_then(|o| o.clean.get(k + 1).copied().flatten()) == Some(d);
+                    let same =
+                        reuse && old.and_then(|o| o.clean.get(k + 1).copied().flatten()) == Some(d);
                     if !same {
                         backend::pwrite_full(f.as_raw_fd(), c, k as u64 * CHUNK_SIZE)?;
                     }
@@ -384,12 +478,27 @@ impl FileService {
 
         // Put every staged or new node under its names (or among the orphans).
         let mut to_attach: BTreeSet<u64> = staged.clone();
-        to_attach.extend(items.iter().filter(|(_, t)| matches!(t, Some(Target { header: Header::Live(_), .. }))).map(|(i, _)| *i));
+        to_attach.extend(
+            items
+                .iter()
+                .filter(|(_, t)| {
+                    matches!(
+                        t,
+                        Some(Target {
+                            header: Header::Live(_),
+                            ..
+                        })
+                    )
+                })
+                .map(|(i, _)| *i),
+        );
         to_attach.remove(&0);
         let mut junk = 0u64;
         for &j in &to_attach {
             self.fds.get_mut().trim();
-            let Some(o) = self.slots.get(j as usize).and_then(Slot::live) else { continue };
+            let Some(o) = self.slots.get(j as usize).and_then(Slot::live) else {
+                continue;
+            };
             let is_dir = o.kind == FileType::Directory;
             let mut links: Vec<(u64, Vec<u8>)> = o.links.iter().cloned().collect();
             if is_dir && links.len() > 1 {
@@ -446,7 +555,12 @@ impl FileService {
         }
         backend::remove_tree_at(meta, b"stage").map_err(storage)?;
 
-        self.orphans.retain(|&j| (j as usize) < self.slots.len() && self.slots[j as usize].live().is_some_and(|o| o.links.is_empty()));
+        self.orphans.retain(|&j| {
+            (j as usize) < self.slots.len()
+                && self.slots[j as usize]
+                    .live()
+                    .is_some_and(|o| o.links.is_empty())
+        });
         for (j, s) in self.slots.iter().enumerate() {
             let Some(o) = s.live() else { continue };
             if j == 0 {

@@ -38,9 +38,9 @@ pub mod backend;
 mod checkpoint;
 mod exec;
 mod install;
-mod scrub;
 pub mod object;
 pub mod ops;
+mod scrub;
 
 pub use ops::*;
 
@@ -69,7 +69,11 @@ struct FdCache {
 
 impl Default for FdCache {
     fn default() -> Self {
-        FdCache { dirs: HashMap::new(), files: HashMap::new(), max: 64 }
+        FdCache {
+            dirs: HashMap::new(),
+            files: HashMap::new(),
+            max: 64,
+        }
     }
 }
 
@@ -153,7 +157,10 @@ pub struct FileService {
 
 impl std::fmt::Debug for FileService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FileService").field("data_dir", &self.data_dir).field("objects", &self.slots.len()).finish()
+        f.debug_struct("FileService")
+            .field("data_dir", &self.data_dir)
+            .field("objects", &self.slots.len())
+            .finish()
     }
 }
 
@@ -161,7 +168,12 @@ impl std::fmt::Debug for FileService {
 pub fn name_error(name: &[u8]) -> Option<FsError> {
     if name.len() > object::NAME_MAX {
         Some(FsError::NameTooLong)
-    } else if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
+    } else if name.is_empty()
+        || name == b"."
+        || name == b".."
+        || name.contains(&b'/')
+        || name.contains(&0)
+    {
         Some(FsError::Inval)
     } else {
         None
@@ -204,7 +216,10 @@ impl FileService {
             tree: PartitionTree::new(),
             dirty: BTreeSet::new(),
             last_time: 0,
-            fds: RefCell::new(FdCache { max: fd_cache_max, ..FdCache::default() }),
+            fds: RefCell::new(FdCache {
+                max: fd_cache_max,
+                ..FdCache::default()
+            }),
             ckpt: Checkpoints::new(snapshot_mode),
             unsaved: false,
             orphans: BTreeSet::new(),
@@ -246,7 +261,9 @@ impl FileService {
             links: Default::default(),
             pieces: vec![Digest::default()],
             dirty_chunks: Default::default(),
-            ino: backend::fstat(self.root_fd.as_raw_fd()).map(|st| st.st_ino).unwrap_or(0),
+            ino: backend::fstat(self.root_fd.as_raw_fd())
+                .map(|st| st.st_ino)
+                .unwrap_or(0),
         };
         self.slots = vec![Slot::Live(Box::new(root))];
         self.dirty.insert(0);
@@ -278,7 +295,11 @@ impl FileService {
         // The agreed value is only a proposal for the time: what a request sees is never
         // earlier than what earlier requests saw, computed the same way on every replica
         // because they execute the same sequence.
-        let now_ns = if ordered { now_ns.max(self.last_time) } else { now_ns };
+        let now_ns = if ordered {
+            now_ns.max(self.last_time)
+        } else {
+            now_ns
+        };
         if ordered {
             self.last_time = now_ns;
         }
@@ -330,7 +351,10 @@ impl FileService {
     }
 
     fn handle_of(&self, i: u64) -> Handle {
-        Handle { index: i, generation: self.slots[i as usize].generation() }
+        Handle {
+            index: i,
+            generation: self.slots[i as usize].generation(),
+        }
     }
 
     /// Called before object `i` changes: saves its checkpoint value once and marks its
@@ -370,7 +394,9 @@ impl FileService {
         self.touch(i)?;
         if self.ckpt.needs_data_save(i, start, end) {
             let fd = self.file_fd(i).map_err(|e| backend::fs_error(&e))?;
-            self.ckpt.save_data(&self.meta_fd, i, fd, start, end).map_err(|e| backend::fs_error(&e))?;
+            self.ckpt
+                .save_data(&self.meta_fd, i, fd, start, end)
+                .map_err(|e| backend::fs_error(&e))?;
             self.journal_saved(i)?;
         }
         Ok(())
@@ -381,7 +407,11 @@ impl FileService {
     fn header_and_pieces(&self, i: u64) -> (Vec<u8>, Vec<Digest>) {
         match &self.slots[i as usize] {
             Slot::Free { generation } => {
-                let bytes = Header::Free { generation: *generation, next_free: self.next_free(i) }.encode();
+                let bytes = Header::Free {
+                    generation: *generation,
+                    next_free: self.next_free(i),
+                }
+                .encode();
                 let d = piece_digest(i, 0, &bytes);
                 (bytes, vec![d])
             }
@@ -395,7 +425,10 @@ impl FileService {
 
     fn header_of(&self, i: u64) -> Header {
         match &self.slots[i as usize] {
-            Slot::Free { generation } => Header::Free { generation: *generation, next_free: self.next_free(i) },
+            Slot::Free { generation } => Header::Free {
+                generation: *generation,
+                next_free: self.next_free(i),
+            },
             Slot::Live(o) => o.header(),
         }
     }
@@ -466,7 +499,11 @@ impl FileService {
                 cache.dirs.insert(cur, fd);
                 break raw;
             }
-            let o = self.slots.get(cur as usize).and_then(Slot::live).ok_or_else(|| io::Error::other("dangling dir"))?;
+            let o = self
+                .slots
+                .get(cur as usize)
+                .and_then(Slot::live)
+                .ok_or_else(|| io::Error::other("dangling dir"))?;
             let Some((parent, name)) = o.links.iter().next() else {
                 if !self.orphans.contains(&cur) {
                     return Err(io::Error::other("unlinked dir"));
@@ -494,8 +531,16 @@ impl FileService {
 
     /// Where object `i` is named: its first link's directory descriptor and name.
     fn location(&self, i: u64) -> io::Result<(RawFd, Vec<u8>)> {
-        let o = self.slots.get(i as usize).and_then(Slot::live).ok_or_else(|| io::Error::other("dangling object"))?;
-        let (d, name) = o.links.iter().next().ok_or_else(|| io::Error::other("unlinked object"))?;
+        let o = self
+            .slots
+            .get(i as usize)
+            .and_then(Slot::live)
+            .ok_or_else(|| io::Error::other("dangling object"))?;
+        let (d, name) = o
+            .links
+            .iter()
+            .next()
+            .ok_or_else(|| io::Error::other("unlinked object"))?;
         Ok((self.dir_fd(*d)?, name.clone()))
     }
 
@@ -558,10 +603,15 @@ impl FileService {
                     let start = (p as u64 - 1) * CHUNK_SIZE;
                     let len = CHUNK_SIZE.min(size - start) as usize;
                     buf.resize(len, 0);
-                    match self.file_fd(i).and_then(|fd| backend::pread_full(fd, buf, start)) {
+                    match self
+                        .file_fd(i)
+                        .and_then(|fd| backend::pread_full(fd, buf, start))
+                    {
                         Ok(n) if n == len => pieces[p as usize] = piece_digest(i, p, buf),
                         Ok(_) => {
-                            result = Err(io::Error::other(format!("object {i}: backend file shorter than its size")));
+                            result = Err(io::Error::other(format!(
+                                "object {i}: backend file shorter than its size"
+                            )));
                             break;
                         }
                         Err(e) => {
@@ -600,7 +650,10 @@ impl FileService {
 
     /// The current abstract value of object `i`.
     fn current_obj(&self, i: u64) -> Result<AbstractObject, ServiceError> {
-        let slot = self.slots.get(i as usize).ok_or(ServiceError::BadIndex(i))?;
+        let slot = self
+            .slots
+            .get(i as usize)
+            .ok_or(ServiceError::BadIndex(i))?;
         let mut pieces = vec![self.header_of(i).encode()];
         if let Slot::Live(o) = slot {
             let n = o.chunks();
@@ -612,7 +665,9 @@ impl FileService {
                     let mut buf = vec![0; len];
                     let got = backend::pread_full(fd, &mut buf, start).map_err(storage)?;
                     if got != len {
-                        return Err(storage(io::Error::other(format!("object {i}: backend file shorter than its size"))));
+                        return Err(storage(io::Error::other(format!(
+                            "object {i}: backend file shorter than its size"
+                        ))));
                     }
                     pieces.push(buf);
                 }
@@ -657,7 +712,11 @@ impl Service for FileService {
             None => Err(FsError::BadRequest),
             Some(req) if read_only && !req.op.is_read_only() => Err(FsError::BadRequest),
             Some(req) => {
-                let now = if read_only && nondet.is_empty() { Some(self.last_time) } else { ops::decode::<u64>(nondet) };
+                let now = if read_only && nondet.is_empty() {
+                    Some(self.last_time)
+                } else {
+                    ops::decode::<u64>(nondet)
+                };
                 match now {
                     Some(now) => self.apply_inner(&req, now, !read_only),
                     None => Err(FsError::BadRequest),
@@ -720,7 +779,9 @@ impl Service for FileService {
     }
 
     fn modified_since(&self, seq: SeqNo) -> Result<Vec<u64>, ServiceError> {
-        self.ckpt.modified_since(seq, self.slots.len() as u64).ok_or(ServiceError::NoCheckpoint(seq))
+        self.ckpt
+            .modified_since(seq, self.slots.len() as u64)
+            .ok_or(ServiceError::NoCheckpoint(seq))
     }
 
     fn partition_node(&self, seq: SeqNo, level: u32, index: u64) -> Option<Vec<Digest>> {
@@ -764,15 +825,28 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("bftfs-unit-{}", std::process::id()));
         let mut svc = FileService::open(&dir).expect("open");
         let mkdir = |name: &str| {
-            let op = FsOp::Mkdir { dir: Handle::ROOT, name: name.as_bytes().to_vec(), mode: 0o755 };
-            encode(&FsRequest { caller: Caller::root(), op })
+            let op = FsOp::Mkdir {
+                dir: Handle::ROOT,
+                name: name.as_bytes().to_vec(),
+                mode: 0o755,
+            };
+            encode(&FsRequest {
+                caller: Caller::root(),
+                op,
+            })
         };
         let mtime = |reply: Vec<u8>| match decode::<FsResult>(&reply) {
             Some(Ok(FsReply::Entry { attr, .. })) => attr.mtime,
             other => panic!("{other:?}"),
         };
-        assert_eq!(mtime(svc.execute(&mkdir("a"), ClientId(0), &encode(&1_000u64), false)), Timespec::from_nanos(1_000));
-        let read = encode(&FsRequest { caller: Caller::root(), op: FsOp::GetAttr { h: Handle::ROOT } });
+        assert_eq!(
+            mtime(svc.execute(&mkdir("a"), ClientId(0), &encode(&1_000u64), false)),
+            Timespec::from_nanos(1_000)
+        );
+        let read = encode(&FsRequest {
+            caller: Caller::root(),
+            op: FsOp::GetAttr { h: Handle::ROOT },
+        });
         svc.execute(&read, ClientId(0), &encode(&5_000_000u64), true);
         assert_eq!(
             mtime(svc.execute(&mkdir("b"), ClientId(0), &encode(&2_000u64), false)),
@@ -780,7 +854,10 @@ mod tests {
             "a read-only request moved the agreed time"
         );
         // A proposal below the newest agreed time is clamped, identically everywhere.
-        assert_eq!(mtime(svc.execute(&mkdir("c"), ClientId(0), &encode(&1_500u64), false)), Timespec::from_nanos(2_000));
+        assert_eq!(
+            mtime(svc.execute(&mkdir("c"), ClientId(0), &encode(&1_500u64), false)),
+            Timespec::from_nanos(2_000)
+        );
         // Backups check only the skew against their own clock.
         assert!(svc.check_nondet(&encode(&1_000u64), 2_000));
         assert!(!svc.check_nondet(&encode(&(TIME_SKEW_MAX_NS + 3_000)), 2_000));

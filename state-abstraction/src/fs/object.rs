@@ -151,7 +151,11 @@ impl Obj {
             mtime: self.mtime,
             ctime: self.ctime,
             verifier: self.verifier,
-            xattrs: self.xattrs.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            xattrs: self
+                .xattrs
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             entries: self.entries.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             target: self.target.clone(),
         })
@@ -164,7 +168,10 @@ impl Obj {
 pub enum Header {
     /// A free slot, with the next free slot (the free list is kept in index order, so
     /// allocation always takes the lowest free slot).
-    Free { generation: u64, next_free: Option<u64> },
+    Free {
+        generation: u64,
+        next_free: Option<u64>,
+    },
     Live(LiveHeader),
 }
 

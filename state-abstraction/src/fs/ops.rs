@@ -16,7 +16,10 @@ pub struct Handle {
 
 impl Handle {
     /// The root directory: slot 0, generation 1.
-    pub const ROOT: Handle = Handle { index: 0, generation: 1 };
+    pub const ROOT: Handle = Handle {
+        index: 0,
+        generation: 1,
+    };
 }
 
 /// Who is asking. Permission checks are made by the service from these, never by the backend,
@@ -31,12 +34,18 @@ pub struct Caller {
 
 impl Caller {
     pub fn root() -> Self {
-        Caller { uid: 0, gid: 0, groups: Vec::new() }
+        Caller {
+            uid: 0,
+            gid: 0,
+            groups: Vec::new(),
+        }
     }
 }
 
 /// A time as seconds and nanoseconds since the Unix epoch.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Timespec {
     pub secs: i64,
     pub nsecs: u32,
@@ -44,7 +53,10 @@ pub struct Timespec {
 
 impl Timespec {
     pub fn from_nanos(ns: u64) -> Self {
-        Timespec { secs: (ns / 1_000_000_000) as i64, nsecs: (ns % 1_000_000_000) as u32 }
+        Timespec {
+            secs: (ns / 1_000_000_000) as i64,
+            nsecs: (ns % 1_000_000_000) as u32,
+        }
     }
 }
 
@@ -136,33 +148,110 @@ pub type Name = Vec<u8>;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FsOp {
-    GetAttr { h: Handle },
-    SetAttr { h: Handle, set: SetAttrs },
-    Lookup { dir: Handle, name: Name },
+    GetAttr {
+        h: Handle,
+    },
+    SetAttr {
+        h: Handle,
+        set: SetAttrs,
+    },
+    Lookup {
+        dir: Handle,
+        name: Name,
+    },
     /// Answers the subset of `mask` (ACCESS_* bits) the caller is granted.
-    Access { h: Handle, mask: u32 },
-    ReadLink { h: Handle },
-    Read { h: Handle, offset: u64, count: u32 },
-    Write { h: Handle, offset: u64, data: Vec<u8> },
-    Create { dir: Handle, name: Name, mode: u32, how: CreateHow },
-    Mkdir { dir: Handle, name: Name, mode: u32 },
-    Symlink { dir: Handle, name: Name, target: Vec<u8> },
-    Mknod { dir: Handle, name: Name, mode: u32, kind: NodeKind },
-    Remove { dir: Handle, name: Name },
-    Rmdir { dir: Handle, name: Name },
-    Rename { from_dir: Handle, from_name: Name, to_dir: Handle, to_name: Name, no_replace: bool },
-    Link { h: Handle, dir: Handle, name: Name },
+    Access {
+        h: Handle,
+        mask: u32,
+    },
+    ReadLink {
+        h: Handle,
+    },
+    Read {
+        h: Handle,
+        offset: u64,
+        count: u32,
+    },
+    Write {
+        h: Handle,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    Create {
+        dir: Handle,
+        name: Name,
+        mode: u32,
+        how: CreateHow,
+    },
+    Mkdir {
+        dir: Handle,
+        name: Name,
+        mode: u32,
+    },
+    Symlink {
+        dir: Handle,
+        name: Name,
+        target: Vec<u8>,
+    },
+    Mknod {
+        dir: Handle,
+        name: Name,
+        mode: u32,
+        kind: NodeKind,
+    },
+    Remove {
+        dir: Handle,
+        name: Name,
+    },
+    Rmdir {
+        dir: Handle,
+        name: Name,
+    },
+    Rename {
+        from_dir: Handle,
+        from_name: Name,
+        to_dir: Handle,
+        to_name: Name,
+        no_replace: bool,
+    },
+    Link {
+        h: Handle,
+        dir: Handle,
+        name: Name,
+    },
     /// Entries after position `cookie` (0 = from the start) in byte-wise name order, `.` and
     /// `..` excluded; at most `count` entries. `plus` adds attributes and handles.
-    ReadDir { dir: Handle, cookie: u64, count: u32, plus: bool },
-    StatFs { h: Handle },
+    ReadDir {
+        dir: Handle,
+        cookie: u64,
+        count: u32,
+        plus: bool,
+    },
+    StatFs {
+        h: Handle,
+    },
     /// fsync/commit: every reply is already durable in the replicated sense; this exists so
     /// the replica can make its own copy durable too.
-    Commit { h: Handle },
-    GetXattr { h: Handle, name: Name },
-    SetXattr { h: Handle, name: Name, value: Vec<u8>, how: XattrSet },
-    ListXattr { h: Handle },
-    RemoveXattr { h: Handle, name: Name },
+    Commit {
+        h: Handle,
+    },
+    GetXattr {
+        h: Handle,
+        name: Name,
+    },
+    SetXattr {
+        h: Handle,
+        name: Name,
+        value: Vec<u8>,
+        how: XattrSet,
+    },
+    ListXattr {
+        h: Handle,
+    },
+    RemoveXattr {
+        h: Handle,
+        name: Name,
+    },
 }
 
 impl FsOp {
@@ -216,17 +305,37 @@ pub struct StatFs {
 pub enum FsReply {
     Attr(Attr),
     /// Lookup, create, mkdir, symlink, mknod, link: the object's handle and attributes.
-    Entry { handle: Handle, attr: Attr },
-    Access { granted: u32 },
-    ReadLink { target: Vec<u8> },
-    Read { data: Vec<u8>, eof: bool },
-    Write { count: u32, attr: Attr },
+    Entry {
+        handle: Handle,
+        attr: Attr,
+    },
+    Access {
+        granted: u32,
+    },
+    ReadLink {
+        target: Vec<u8>,
+    },
+    Read {
+        data: Vec<u8>,
+        eof: bool,
+    },
+    Write {
+        count: u32,
+        attr: Attr,
+    },
     /// Remove, rmdir, rename, commit, setxattr, removexattr.
     Done,
-    ReadDir { entries: Vec<DirEntry>, eof: bool },
+    ReadDir {
+        entries: Vec<DirEntry>,
+        eof: bool,
+    },
     StatFs(StatFs),
-    Xattr { value: Vec<u8> },
-    XattrList { names: Vec<Name> },
+    Xattr {
+        value: Vec<u8>,
+    },
+    XattrList {
+        names: Vec<Name>,
+    },
 }
 
 /// The one canonical error table (NFS status style). Backend errnos are mapped into this in

@@ -74,7 +74,9 @@ impl FileService {
         let mut buf = Vec::new();
         for i in candidates {
             self.fds.get_mut().trim();
-            let Some(Slot::Live(o)) = self.slots.get(i as usize) else { continue };
+            let Some(Slot::Live(o)) = self.slots.get(i as usize) else {
+                continue;
+            };
             if o.kind != FileType::Regular {
                 continue;
             }
@@ -90,9 +92,13 @@ impl FileService {
                 let start = (p as u64 - 1) * CHUNK_SIZE;
                 let len = CHUNK_SIZE.min(size - start) as usize;
                 buf.resize(len, 0);
-                let read = self.file_fd(i).and_then(|fd| backend::pread_full(fd, &mut buf, start));
+                let read = self
+                    .file_fd(i)
+                    .and_then(|fd| backend::pread_full(fd, &mut buf, start));
                 // A short or failed read is damage too: the refresh then reports the error.
-                if !matches!(read, Ok(n) if n == len) || piece_digest(i, p, &buf) != o.pieces[p as usize] {
+                if !matches!(read, Ok(n) if n == len)
+                    || piece_digest(i, p, &buf) != o.pieces[p as usize]
+                {
                     stale.push(p);
                 }
             }
@@ -116,7 +122,9 @@ impl FileService {
     /// share those bytes, so their trees get the same leaves.
     pub(super) fn mark_damaged_in_checkpoints(&mut self, damaged: &BTreeSet<u64>) {
         for &i in damaged {
-            let Some(leaf) = self.tree.leaf(i) else { continue };
+            let Some(leaf) = self.tree.leaf(i) else {
+                continue;
+            };
             for rec in &mut self.ckpt.records {
                 if i < rec.count {
                     rec.tree.set(i, leaf);

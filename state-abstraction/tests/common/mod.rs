@@ -13,17 +13,28 @@ pub struct Fs {
 
 impl Fs {
     pub fn open(dir: &Path) -> Fs {
-        Fs { svc: FileService::open(dir).expect("open"), now: 1_700_000_000_000_000_000, caller: Caller::root() }
+        Fs {
+            svc: FileService::open(dir).expect("open"),
+            now: 1_700_000_000_000_000_000,
+            caller: Caller::root(),
+        }
     }
 
     pub fn run(&mut self, op: FsOp) -> FsResult {
         self.now += 1_000;
-        let req = FsRequest { caller: self.caller.clone(), op };
+        let req = FsRequest {
+            caller: self.caller.clone(),
+            op,
+        };
         self.svc.apply(&req, self.now)
     }
 
     pub fn as_user(&mut self, uid: u32, gid: u32, groups: &[u32]) -> &mut Self {
-        self.caller = Caller { uid, gid, groups: groups.to_vec() };
+        self.caller = Caller {
+            uid,
+            gid,
+            groups: groups.to_vec(),
+        };
         self
     }
 
@@ -35,15 +46,29 @@ impl Fs {
     }
 
     pub fn create(&mut self, dir: Handle, name: &str) -> Handle {
-        self.entry(FsOp::Create { dir, name: name.into(), mode: 0o644, how: CreateHow::Guarded }).0
+        self.entry(FsOp::Create {
+            dir,
+            name: name.into(),
+            mode: 0o644,
+            how: CreateHow::Guarded,
+        })
+        .0
     }
 
     pub fn mkdir(&mut self, dir: Handle, name: &str) -> Handle {
-        self.entry(FsOp::Mkdir { dir, name: name.into(), mode: 0o755 }).0
+        self.entry(FsOp::Mkdir {
+            dir,
+            name: name.into(),
+            mode: 0o755,
+        })
+        .0
     }
 
     pub fn lookup(&mut self, dir: Handle, name: &str) -> FsResult {
-        self.run(FsOp::Lookup { dir, name: name.into() })
+        self.run(FsOp::Lookup {
+            dir,
+            name: name.into(),
+        })
     }
 
     pub fn attr(&mut self, h: Handle) -> Attr {
@@ -54,7 +79,11 @@ impl Fs {
     }
 
     pub fn write(&mut self, h: Handle, offset: u64, data: &[u8]) {
-        match self.run(FsOp::Write { h, offset, data: data.to_vec() }) {
+        match self.run(FsOp::Write {
+            h,
+            offset,
+            data: data.to_vec(),
+        }) {
             Ok(FsReply::Write { count, .. }) => assert_eq!(count as usize, data.len()),
             other => panic!("write: {other:?}"),
         }
@@ -68,10 +97,18 @@ impl Fs {
     }
 
     pub fn names(&mut self, dir: Handle) -> Vec<String> {
-        match self.run(FsOp::ReadDir { dir, cookie: 0, count: u32::MAX, plus: false }) {
+        match self.run(FsOp::ReadDir {
+            dir,
+            cookie: 0,
+            count: u32::MAX,
+            plus: false,
+        }) {
             Ok(FsReply::ReadDir { entries, eof }) => {
                 assert!(eof);
-                entries.into_iter().map(|e| String::from_utf8_lossy(&e.name).into_owned()).collect()
+                entries
+                    .into_iter()
+                    .map(|e| String::from_utf8_lossy(&e.name).into_owned())
+                    .collect()
             }
             other => panic!("readdir: {other:?}"),
         }
@@ -84,9 +121,14 @@ impl Fs {
 
 /// A fresh directory on the root file system (under the target directory), removed on drop.
 pub fn temp_dir() -> tempfile::TempDir {
-    let base = std::env::var_os("CARGO_TARGET_TMPDIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let base = std::env::var_os("CARGO_TARGET_TMPDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
     std::fs::create_dir_all(&base).expect("tmp base");
-    tempfile::Builder::new().prefix("bftfs-fs-").tempdir_in(base).expect("tempdir")
+    tempfile::Builder::new()
+        .prefix("bftfs-fs-")
+        .tempdir_in(base)
+        .expect("tempdir")
 }
 
 /// A fresh directory on tmpfs (/dev/shm), if there is one.
@@ -95,7 +137,10 @@ pub fn shm_dir() -> Option<tempfile::TempDir> {
     if !p.is_dir() {
         return None;
     }
-    tempfile::Builder::new().prefix("bftfs-fs-").tempdir_in(p).ok()
+    tempfile::Builder::new()
+        .prefix("bftfs-fs-")
+        .tempdir_in(p)
+        .ok()
 }
 
 /// A btrfs file system on a loop device, mounted for the life of the value.
@@ -119,11 +164,17 @@ impl BtrfsMount {
 
 impl Drop for BtrfsMount {
     fn drop(&mut self) {
-        let ok = std::process::Command::new("umount").arg(&self.mnt).status().is_ok_and(|s| s.success());
+        let ok = std::process::Command::new("umount")
+            .arg(&self.mnt)
+            .status()
+            .is_ok_and(|s| s.success());
         if !ok {
             // Something still holds a descriptor (a test that simulates a crash leaks its
             // service on purpose): detach now, the kernel finishes when it is closed.
-            let _ = std::process::Command::new("umount").arg("-l").arg(&self.mnt).status();
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.mnt)
+                .status();
         }
         let _ = self.base.path();
     }
@@ -147,7 +198,10 @@ pub fn btrfs_mount() -> Option<BtrfsMount> {
 
 fn try_btrfs_mount() -> Result<BtrfsMount, String> {
     use std::process::Command;
-    let base = tempfile::Builder::new().prefix("bftfs-btrfs-").tempdir_in("/var/tmp").map_err(|e| e.to_string())?;
+    let base = tempfile::Builder::new()
+        .prefix("bftfs-btrfs-")
+        .tempdir_in("/var/tmp")
+        .map_err(|e| e.to_string())?;
     let img = base.path().join("img");
     let mnt = base.path().join("mnt");
     std::fs::create_dir(&mnt).map_err(|e| e.to_string())?;
@@ -156,11 +210,18 @@ fn try_btrfs_mount() -> Result<BtrfsMount, String> {
         if out.status.success() {
             Ok(())
         } else {
-            Err(format!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr).trim()))
+            Err(format!(
+                "{cmd:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
         }
     };
     run(Command::new("truncate").arg("-s").arg("512M").arg(&img))?;
     run(Command::new("mkfs.btrfs").arg("-q").arg(&img))?;
-    run(Command::new("mount").arg("-o").arg("loop").arg(&img).arg(&mnt))?;
+    run(Command::new("mount")
+        .arg("-o")
+        .arg("loop")
+        .arg(&img)
+        .arg(&mnt))?;
     Ok(BtrfsMount { base, mnt })
 }

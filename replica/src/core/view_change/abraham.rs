@@ -17,12 +17,15 @@
 use super::*;
 use crate::config::{generate, ClusterKeys, ProtocolConfig};
 use crate::wire::{
-    frame_length, Authenticator, Message, PrePrepare, Prepare, Principal, Request, Signer, Timestamp,
-    ViewChangeMessage, FRAME_HEADER_BYTES,
+    frame_length, Authenticator, Message, PrePrepare, Prepare, Principal, Request, Signer,
+    Timestamp, ViewChangeMessage, FRAME_HEADER_BYTES,
 };
 use state_abstraction::ClientId;
 
-const GENESIS: Genesis = Genesis { service_root: Digest([5; 32]), replies_digest: Digest([6; 32]) };
+const GENESIS: Genesis = Genesis {
+    service_root: Digest([5; 32]),
+    replies_digest: Digest([6; 32]),
+};
 
 fn genesis_stable() -> CheckpointCertificate {
     CheckpointCertificate {
@@ -49,15 +52,32 @@ impl Cluster {
         let mut x: u64 = 0x2f6b_1d3c;
         let mut random = |buf: &mut [u8]| {
             for b in buf.iter_mut() {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 *b = (x >> 33) as u8;
             }
         };
         let addresses = (0..4).map(|i| format!("127.0.0.1:{}", 7100 + i)).collect();
-        let keys = generate(1, addresses, &[ClientId(1)], ProtocolConfig::default(), &mut random).expect("keygen");
-        let signers = keys.replicas.iter().map(|s| Signer::from_secret(&s.signing_key.0)).collect();
+        let keys = generate(
+            1,
+            addresses,
+            &[ClientId(1)],
+            ProtocolConfig::default(),
+            &mut random,
+        )
+        .expect("keygen");
+        let signers = keys
+            .replicas
+            .iter()
+            .map(|s| Signer::from_secret(&s.signing_key.0))
+            .collect();
         let client = Signer::from_secret(&keys.clients[0].signing_key.0);
-        Cluster { keys, signers, client }
+        Cluster {
+            keys,
+            signers,
+            client,
+        }
     }
 
     fn signer(&self, r: ReplicaId) -> &Signer {
@@ -72,40 +92,80 @@ impl Cluster {
             operation: operation.to_vec(),
             read_only: false,
         });
-        let batch = Batch { requests: vec![request] };
+        let batch = Batch {
+            requests: vec![request],
+        };
         let primary = view.primary(self.keys.config.n());
         let nondet = timestamp.to_be_bytes().to_vec();
         // Slot 1 chains from the genesis checkpoint's anchor in every view.
         let batch_digest = batch.ordered_digest(&nondet);
-        let history = crate::wire::chain_history(&Digest::default(), SeqNo(1), &batch_digest, &nondet);
-        let pre_prepare = self.signer(primary).sign(PrePrepare { view, seq: SeqNo(1), batch_digest, nondet, primary, history });
+        let history =
+            crate::wire::chain_history(&Digest::default(), SeqNo(1), &batch_digest, &nondet);
+        let pre_prepare = self.signer(primary).sign(PrePrepare {
+            view,
+            seq: SeqNo(1),
+            batch_digest,
+            nondet,
+            primary,
+            history,
+        });
         Proposal { pre_prepare, batch }
     }
 
     fn prepare(&self, replica: ReplicaId, proposal: &Proposal) -> Signed<Prepare> {
         let pp = &proposal.pre_prepare.body;
-        self.signer(replica).sign(Prepare { view: pp.view, seq: pp.seq, batch_digest: pp.batch_digest, replica })
+        self.signer(replica).sign(Prepare {
+            view: pp.view,
+            seq: pp.seq,
+            batch_digest: pp.batch_digest,
+            replica,
+        })
     }
 
     /// `replica`'s signed view change, broadcast over a real sealed frame and opened (MAC and
     /// every signature checked) by every other replica.
-    fn view_change(&self, replica: ReplicaId, new_view: View, evidence: Vec<Evidence>) -> Signed<ViewChange> {
+    fn view_change(
+        &self,
+        replica: ReplicaId,
+        new_view: View,
+        evidence: Vec<Evidence>,
+    ) -> Signed<ViewChange> {
         let stable = genesis_stable();
-        let vc = self.signer(replica).sign(ViewChange { new_view, replica, stable, evidence });
-        let others: Vec<ReplicaId> = self.keys.config.replica_ids().filter(|r| *r != replica).collect();
+        let vc = self.signer(replica).sign(ViewChange {
+            new_view,
+            replica,
+            stable,
+            evidence,
+        });
+        let others: Vec<ReplicaId> = self
+            .keys
+            .config
+            .replica_ids()
+            .filter(|r| *r != replica)
+            .collect();
         let to: Vec<Principal> = others.iter().map(|r| Principal::Replica(*r)).collect();
-        let sender = Authenticator::for_replica(&self.keys.config, &self.keys.replicas[replica.0 as usize]);
+        let sender =
+            Authenticator::for_replica(&self.keys.config, &self.keys.replicas[replica.0 as usize]);
         let message = Message::ViewChange(ViewChangeMessage::ViewChange(vc.clone()));
         let sealed = sender.seal(&message, &to).expect("seal");
         let mut header = [0u8; FRAME_HEADER_BYTES];
         header.copy_from_slice(&sealed[..FRAME_HEADER_BYTES]);
-        assert_eq!(frame_length(header).expect("length"), sealed.len() - FRAME_HEADER_BYTES);
+        assert_eq!(
+            frame_length(header).expect("length"),
+            sealed.len() - FRAME_HEADER_BYTES
+        );
         for r in others {
-            let receiver = Authenticator::for_replica(&self.keys.config, &self.keys.replicas[r.0 as usize]);
-            let opened = receiver.open(&sealed[FRAME_HEADER_BYTES..]).expect("the verifier accepts the view change");
+            let receiver =
+                Authenticator::for_replica(&self.keys.config, &self.keys.replicas[r.0 as usize]);
+            let opened = receiver
+                .open(&sealed[FRAME_HEADER_BYTES..])
+                .expect("the verifier accepts the view change");
             assert_eq!(opened.message(), &message);
         }
-        assert!(valid_view_change(&self.keys.config, &GENESIS, &vc.body), "{replica} sends a well-formed view change");
+        assert!(
+            valid_view_change(&self.keys.config, &GENESIS, &vc.body),
+            "{replica} sends a well-formed view change"
+        );
         vc
     }
 }
@@ -132,9 +192,16 @@ fn abraham_counterexample_published_rule_loses_b_ours_keeps_it() {
     let accepted_a = [R1, R2, R3];
     let certificate_a = PreparedCertificate {
         proposal: a.clone(),
-        prepares: accepted_a.iter().filter(|r| **r != R1).map(|r| cluster.prepare(*r, &a)).collect(),
+        prepares: accepted_a
+            .iter()
+            .filter(|r| **r != R1)
+            .map(|r| cluster.prepare(*r, &a))
+            .collect(),
     };
-    assert!(valid_prepared_certificate(config, &certificate_a), "r1 holds a genuine view-1 certificate for a");
+    assert!(
+        valid_prepared_certificate(config, &certificate_a),
+        "r1 holds a genuine view-1 certificate for a"
+    );
 
     // View change to 2, quorum {r1, r2, r4}: r1 hides its certificate, r2 reports its
     // acceptance of a, r4 has nothing. One report of a is below f+1: both rules start view 2
@@ -169,11 +236,23 @@ fn abraham_counterexample_published_rule_loses_b_ours_keeps_it() {
 
     // Published VC3: the certificate with the highest sequence number is a's, so view 3
     // re-issues a at slot 1 and the completed b is lost.
-    assert_eq!(slot_one(&plan_new_view_published(config, &to_view_3)), Some(a_digest), "published rule picks a");
+    assert_eq!(
+        slot_one(&plan_new_view_published(config, &to_view_3)),
+        Some(a_digest),
+        "published rule picks a"
+    );
     // §2.9: b has f+1 = 2 reports at view 2, above the certificate's view 1.
     let plan = plan_new_view(config, &to_view_3);
-    assert_eq!(slot_one(&plan), Some(b_digest), "our rule keeps the completed b");
-    assert_eq!(plan.slots[0].1.as_ref(), Some(&b), "and re-issues b's own proposal");
+    assert_eq!(
+        slot_one(&plan),
+        Some(b_digest),
+        "our rule keeps the completed b"
+    );
+    assert_eq!(
+        plan.slots[0].1.as_ref(),
+        Some(&b),
+        "and re-issues b's own proposal"
+    );
 }
 
 /// The faulty replica cannot manufacture fast evidence: a pre-prepare it signs for a view it
@@ -188,7 +267,10 @@ fn forged_fast_evidence_is_refused() {
     let mut forged = genuine.clone();
     forged.pre_prepare = Signed {
         body: genuine.pre_prepare.body.clone(),
-        signature: cluster.signer(R1).sign(genuine.pre_prepare.body.clone()).signature,
+        signature: cluster
+            .signer(R1)
+            .sign(genuine.pre_prepare.body.clone())
+            .signature,
     };
     let vc = cluster.signer(R1).sign(ViewChange {
         new_view: View(3),
@@ -199,12 +281,20 @@ fn forged_fast_evidence_is_refused() {
     let sender = Authenticator::for_replica(config, &cluster.keys.replicas[R1.0 as usize]);
     let receiver = Authenticator::for_replica(config, &cluster.keys.replicas[R3.0 as usize]);
     let message = Message::ViewChange(ViewChangeMessage::ViewChange(vc));
-    let sealed = sender.seal(&message, &[Principal::Replica(R3)]).expect("seal");
-    assert!(matches!(receiver.open(&sealed[FRAME_HEADER_BYTES..]), Err(crate::wire::WireError::BadSignature(_))));
+    let sealed = sender
+        .seal(&message, &[Principal::Replica(R3)])
+        .expect("seal");
+    assert!(matches!(
+        receiver.open(&sealed[FRAME_HEADER_BYTES..]),
+        Err(crate::wire::WireError::BadSignature(_))
+    ));
     // r1 signs, as itself, a view-2 pre-prepare: its signature is genuine, but r1 is not the
     // primary of view 2.
     let mut own = genuine;
-    own.pre_prepare = cluster.signer(R1).sign(PrePrepare { primary: R1, ..own.pre_prepare.body.clone() });
+    own.pre_prepare = cluster.signer(R1).sign(PrePrepare {
+        primary: R1,
+        ..own.pre_prepare.body.clone()
+    });
     let vc = ViewChange {
         new_view: View(3),
         replica: R1,

@@ -66,7 +66,10 @@ const MAX_VIEWS: usize = 5;
 /// Sequence numbers the concrete messages cover (tracked slots plus one above them).
 const MAX_SLOTS: usize = 3;
 
-const GENESIS: Genesis = Genesis { service_root: Digest([3; 32]), replies_digest: Digest([4; 32]) };
+const GENESIS: Genesis = Genesis {
+    service_root: Digest([3; 32]),
+    replies_digest: Digest([4; 32]),
+};
 
 /// One evidence item, abstractly.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -175,7 +178,11 @@ fn value_name(value: u8) -> &'static str {
 pub(super) type Rule = fn(&ClusterConfig, &[Signed<ViewChange>]) -> NewViewPlan;
 
 fn literal_tally(config: &ClusterConfig, view_changes: &[Signed<ViewChange>]) -> NewViewPlan {
-    plan_with(config.f as usize, view_changes, FastTally::IdenticalPrePrepare)
+    plan_with(
+        config.f as usize,
+        view_changes,
+        FastTally::IdenticalPrePrepare,
+    )
 }
 
 /// Real keys and the signed statements the model's evidence stands for, made once.
@@ -195,14 +202,26 @@ impl Concrete {
         let mut x: u64 = 0x51ed_270b;
         let mut random = |buf: &mut [u8]| {
             for b in buf.iter_mut() {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 *b = (x >> 33) as u8;
             }
         };
         let addresses = (0..N).map(|i| format!("m{i}")).collect();
-        let keys =
-            generate(F as u32, addresses, &[ClientId(1)], ProtocolConfig::default(), &mut random).expect("keygen");
-        let signers: Vec<Signer> = keys.replicas.iter().map(|s| Signer::from_secret(&s.signing_key.0)).collect();
+        let keys = generate(
+            F as u32,
+            addresses,
+            &[ClientId(1)],
+            ProtocolConfig::default(),
+            &mut random,
+        )
+        .expect("keygen");
+        let signers: Vec<Signer> = keys
+            .replicas
+            .iter()
+            .map(|s| Signer::from_secret(&s.signing_key.0))
+            .collect();
         let client = Signer::from_secret(&keys.clients[0].signing_key.0);
         let batches: Vec<Batch> = (0..VALUES)
             .map(|value| match value {
@@ -224,7 +243,11 @@ impl Concrete {
             let primary = View(view as u64).primary(N);
             // Any 2f backups will do: who signed does not change the choice, and the model
             // decides separately whether a certificate can exist.
-            let backups: Vec<ReplicaId> = (0..N as u32).map(ReplicaId).filter(|r| *r != primary).take(2 * F).collect();
+            let backups: Vec<ReplicaId> = (0..N as u32)
+                .map(ReplicaId)
+                .filter(|r| *r != primary)
+                .take(2 * F)
+                .collect();
             for slot in 0..MAX_SLOTS as u8 {
                 for value in 0..VALUES {
                     let seq = SeqNo(slot as u64 + 1);
@@ -239,7 +262,10 @@ impl Concrete {
                         // from its own checkpoint): grouping by content must not depend on them.
                         history: Digest([view as u8; 32]),
                     });
-                    let proposal = Proposal { pre_prepare, batch: batches[value as usize].clone() };
+                    let proposal = Proposal {
+                        pre_prepare,
+                        batch: batches[value as usize].clone(),
+                    };
                     let prepares = backups
                         .iter()
                         .map(|r| {
@@ -251,18 +277,36 @@ impl Concrete {
                             })
                         })
                         .collect();
-                    certificates
-                        .insert((view, slot, value), PreparedCertificate { proposal: proposal.clone(), prepares });
+                    certificates.insert(
+                        (view, slot, value),
+                        PreparedCertificate {
+                            proposal: proposal.clone(),
+                            prepares,
+                        },
+                    );
                     proposals.insert((view, slot, value), proposal);
                 }
             }
         }
-        Concrete { config: keys.config, signers, proposals, certificates, digests, view_changes: HashMap::new() }
+        Concrete {
+            config: keys.config,
+            signers,
+            proposals,
+            certificates,
+            digests,
+            view_changes: HashMap::new(),
+        }
     }
 
     /// A real signed view change for `reports` (slot i is sequence number i + 1); with
     /// `higher_slot`, also a view-0 certificate for *a* just above them.
-    fn view_change(&mut self, replica: u8, new_view: u8, reports: &[Report], higher_slot: bool) -> Signed<ViewChange> {
+    fn view_change(
+        &mut self,
+        replica: u8,
+        new_view: u8,
+        reports: &[Report],
+        higher_slot: bool,
+    ) -> Signed<ViewChange> {
         let key = (replica, new_view, reports.to_vec(), higher_slot);
         if let Some(vc) = self.view_changes.get(&key) {
             return vc.clone();
@@ -270,14 +314,20 @@ impl Concrete {
         let mut evidence = Vec::new();
         for (slot, report) in reports.iter().enumerate() {
             if let Some(i) = report.strong {
-                evidence.push(Evidence::Prepared(self.certificates[&(i.view, slot as u8, i.value)].clone()));
+                evidence.push(Evidence::Prepared(
+                    self.certificates[&(i.view, slot as u8, i.value)].clone(),
+                ));
             }
             if let Some(i) = report.fast {
-                evidence.push(Evidence::Accepted(self.proposals[&(i.view, slot as u8, i.value)].clone()));
+                evidence.push(Evidence::Accepted(
+                    self.proposals[&(i.view, slot as u8, i.value)].clone(),
+                ));
             }
         }
         if higher_slot {
-            evidence.push(Evidence::Prepared(self.certificates[&(0, reports.len() as u8, A)].clone()));
+            evidence.push(Evidence::Prepared(
+                self.certificates[&(0, reports.len() as u8, A)].clone(),
+            ));
         }
         let stable = CheckpointCertificate {
             seq: SeqNo(0),
@@ -285,8 +335,16 @@ impl Concrete {
             replies_digest: GENESIS.replies_digest,
             checkpoints: Vec::new(),
         };
-        let vc = ViewChange { new_view: View(new_view as u64), replica: ReplicaId(replica as u32), stable, evidence };
-        assert!(valid_view_change(&self.config, &GENESIS, &vc), "the model built a malformed view change: {vc:?}");
+        let vc = ViewChange {
+            new_view: View(new_view as u64),
+            replica: ReplicaId(replica as u32),
+            stable,
+            evidence,
+        };
+        assert!(
+            valid_view_change(&self.config, &GENESIS, &vc),
+            "the model built a malformed view change: {vc:?}"
+        );
         let signed = self.signers[replica as usize].sign(vc);
         self.view_changes.insert(key, signed.clone());
         signed
@@ -301,18 +359,36 @@ impl Concrete {
             .members
             .iter()
             .enumerate()
-            .map(|(i, (r, reports))| self.view_change(*r, new_view, reports, quorum.higher_slot && i == 0))
+            .map(|(i, (r, reports))| {
+                self.view_change(*r, new_view, reports, quorum.higher_slot && i == 0)
+            })
             .collect();
-        assert!(valid_quorum(&self.config, &GENESIS, View(new_view as u64), &view_changes));
+        assert!(valid_quorum(
+            &self.config,
+            &GENESIS,
+            View(new_view as u64),
+            &view_changes
+        ));
         let plan = rule(&self.config, &view_changes);
         assert_eq!(plan.stable.seq, SeqNo(0));
         let reported = slots + usize::from(quorum.higher_slot);
-        assert!(plan.slots.len() <= reported, "a plan beyond the reported slots");
+        assert!(
+            plan.slots.len() <= reported,
+            "a plan beyond the reported slots"
+        );
         let mut out = vec![Planned::Free; slots];
         for (i, (seq, proposal)) in plan.slots.iter().enumerate() {
-            assert_eq!(seq.0, i as u64 + 1, "plans are contiguous from the checkpoint");
+            assert_eq!(
+                seq.0,
+                i as u64 + 1,
+                "plans are contiguous from the checkpoint"
+            );
             let digest = NewViewPlan::slot_content(proposal).0;
-            let value = self.digests.iter().position(|d| *d == digest).expect("a reported value") as u8;
+            let value = self
+                .digests
+                .iter()
+                .position(|d| *d == digest)
+                .expect("a reported value") as u8;
             match out.get_mut(i) {
                 Some(planned) => *planned = Planned::Value(value),
                 None => assert_eq!(value, A, "the higher slot's only candidate"),
@@ -426,7 +502,13 @@ impl Search {
             .map(|r| {
                 let kept = slot.reports[r];
                 let mut options = vec![(r, kept)];
-                for forgotten in [Report { strong: kept.strong, fast: None }, Report::default()] {
+                for forgotten in [
+                    Report {
+                        strong: kept.strong,
+                        fast: None,
+                    },
+                    Report::default(),
+                ] {
                     if !options.iter().any(|(_, o)| *o == forgotten) {
                         options.push((r, forgotten));
                     }
@@ -461,11 +543,12 @@ impl Search {
             let allowed: Vec<Option<u8>> = match planned {
                 Planned::Value(x) => vec![None, Some(x)],
                 Planned::Free => vec![None, Some(NULL), Some(A), Some(B)],
-                Planned::OneOf(mask) => {
-                    std::iter::once(None).chain((0..VALUES).filter(|x| mask & 1 << x != 0).map(Some)).collect()
-                }
+                Planned::OneOf(mask) => std::iter::once(None)
+                    .chain((0..VALUES).filter(|x| mask & 1 << x != 0).map(Some))
+                    .collect(),
             };
-            let per_replica: Vec<Vec<Option<u8>>> = self.correct().map(|_| allowed.clone()).collect();
+            let per_replica: Vec<Vec<Option<u8>>> =
+                self.correct().map(|_| allowed.clone()).collect();
             for choice in product(&per_replica) {
                 let mut a = [None; N];
                 for (r, v) in self.correct().zip(choice) {
@@ -496,7 +579,11 @@ impl Search {
         let mut out = Vec::new();
         for a in assignments {
             let mut next = base;
-            let acceptors = |x: u8| (0..N).filter(|r| a[*r] == Some(x)).fold(0u8, |m, r| m | 1 << r);
+            let acceptors = |x: u8| {
+                (0..N)
+                    .filter(|r| a[*r] == Some(x))
+                    .fold(0u8, |m, r| m | 1 << r)
+            };
             // Per value: who may be prepared (nobody unless a certificate can exist).
             let mut may_prepare: Vec<Vec<u8>> = Vec::new();
             for x in 0..VALUES {
@@ -520,7 +607,10 @@ impl Search {
                     for r in self.correct().filter(|r| a[*r] == Some(x)) {
                         let report = &mut s.reports[r];
                         if prepared[x as usize] & 1 << r != 0 {
-                            *report = Report { strong: Some(Item { view, value: x }), fast: None };
+                            *report = Report {
+                                strong: Some(Item { view, value: x }),
+                                fast: None,
+                            };
                         } else {
                             report.fast = Some(Item { view, value: x });
                         }
@@ -542,8 +632,11 @@ impl Search {
 
     /// Every way view `view` can go under `plan`, all tracked slots together.
     fn run_view(&self, world: &World, view: u8, plan: &Plan) -> Vec<(World, bool)> {
-        let per_slot: Vec<Vec<(Slot, bool)>> =
-            world.iter().zip(plan).map(|(slot, planned)| self.run_slot(slot, view, *planned)).collect();
+        let per_slot: Vec<Vec<(Slot, bool)>> = world
+            .iter()
+            .zip(plan)
+            .map(|(slot, planned)| self.run_slot(slot, view, *planned))
+            .collect();
         product(&per_slot)
             .into_iter()
             .map(|outcome| {
@@ -564,7 +657,10 @@ impl Search {
                 None => true,
             };
             for fast in items(slot.signed).filter(higher) {
-                out.push(Report { strong, fast: Some(fast) });
+                out.push(Report {
+                    strong,
+                    fast: Some(fast),
+                });
             }
         }
         out
@@ -572,9 +668,11 @@ impl Search {
 
     /// Every quorum (with every report of the faulty replica) for the next view change.
     fn quorums(&self, world: &World) -> Vec<Quorum> {
-        let per_slot: Vec<Vec<Report>> = world.iter().map(|slot| self.faulty_reports(slot)).collect();
+        let per_slot: Vec<Vec<Report>> =
+            world.iter().map(|slot| self.faulty_reports(slot)).collect();
         let faulty_options = product(&per_slot);
-        let correct_part = |r: usize| -> Vec<Report> { world.iter().map(|slot| slot.reports[r]).collect() };
+        let correct_part =
+            |r: usize| -> Vec<Report> { world.iter().map(|slot| slot.reports[r]).collect() };
         let mut members_options: Vec<Vec<(u8, Vec<Report>)>> = Vec::new();
         for left_out in 0..N {
             let members: Vec<usize> = (0..N).filter(|r| *r != left_out).collect();
@@ -583,18 +681,41 @@ impl Search {
                     members_options.push(
                         members
                             .iter()
-                            .map(|r| (*r as u8, if *r == self.faulty() { o.clone() } else { correct_part(*r) }))
+                            .map(|r| {
+                                (
+                                    *r as u8,
+                                    if *r == self.faulty() {
+                                        o.clone()
+                                    } else {
+                                        correct_part(*r)
+                                    },
+                                )
+                            })
                             .collect(),
                     );
                 }
             } else {
-                members_options.push(members.iter().map(|r| (*r as u8, correct_part(*r))).collect());
+                members_options.push(
+                    members
+                        .iter()
+                        .map(|r| (*r as u8, correct_part(*r)))
+                        .collect(),
+                );
             }
         }
-        let higher: &[bool] = if self.bounds.higher_slot { &[false, true] } else { &[false] };
+        let higher: &[bool] = if self.bounds.higher_slot {
+            &[false, true]
+        } else {
+            &[false]
+        };
         members_options
             .into_iter()
-            .flat_map(|members| higher.iter().map(move |h| Quorum { members: members.clone(), higher_slot: *h }))
+            .flat_map(|members| {
+                higher.iter().map(move |h| Quorum {
+                    members: members.clone(),
+                    higher_slot: *h,
+                })
+            })
             .collect()
     }
 
@@ -602,21 +723,35 @@ impl Search {
         if let Some(p) = self.memo.get(quorum) {
             return p.clone();
         }
-        let plan = self.concrete.plan(self.rule, new_view, self.bounds.slots, quorum);
+        let plan = self
+            .concrete
+            .plan(self.rule, new_view, self.bounds.slots, quorum);
         self.stats.plans_computed += 1;
         if quorum.higher_slot {
             // The reduction's premise (see `check`), checked on the rule: a candidate above
             // the tracked slots changes nothing but turning a free slot into a null batch.
-            let alone = self.plan(new_view, &Quorum { members: quorum.members.clone(), higher_slot: false });
+            let alone = self.plan(
+                new_view,
+                &Quorum {
+                    members: quorum.members.clone(),
+                    higher_slot: false,
+                },
+            );
             for (with, without) in plan.iter().zip(&alone) {
-                assert!(with == without || (*without == Planned::Free && *with == Planned::Value(NULL)));
+                assert!(
+                    with == without || (*without == Planned::Free && *with == Planned::Value(NULL))
+                );
             }
         }
         self.memo.insert(quorum.clone(), plan.clone());
         plan
     }
 
-    fn describe(&self, mut step: Option<usize>, last: Option<(u8, &World, &Quorum, &Plan)>) -> String {
+    fn describe(
+        &self,
+        mut step: Option<usize>,
+        last: Option<(u8, &World, &Quorum, &Plan)>,
+    ) -> String {
         let mut parts = Vec::new();
         let show = |view: u8, world: &World, quorum: &Quorum, plan: &Plan| {
             let mut text = format!("after view {view}:\n");
@@ -625,11 +760,18 @@ impl Search {
                     "  slot {}: completed {:?}; certificates {:?}; correct reports {:?}\n",
                     i + 1,
                     s.completed.map(value_name),
-                    items(s.certificates).map(|i| (i.view, value_name(i.value))).collect::<Vec<_>>(),
-                    self.correct().map(|r| (r, s.reports[r])).collect::<Vec<_>>()
+                    items(s.certificates)
+                        .map(|i| (i.view, value_name(i.value)))
+                        .collect::<Vec<_>>(),
+                    self.correct()
+                        .map(|r| (r, s.reports[r]))
+                        .collect::<Vec<_>>()
                 );
             }
-            text += &format!("  view change to {}: {quorum:?}\n  plan {plan:?}\n", view + 1);
+            text += &format!(
+                "  view change to {}: {quorum:?}\n  plan {plan:?}\n",
+                view + 1
+            );
             text
         };
         if let Some((view, world, quorum, plan)) = last {
@@ -641,12 +783,19 @@ impl Search {
             step = s.parent;
         }
         parts.reverse();
-        format!("faulty replica r{}; values: 0 = null, 1 = a, 2 = b\n{}", self.faulty(), parts.concat())
+        format!(
+            "faulty replica r{}; values: 0 = null, 1 = a, 2 = b\n{}",
+            self.faulty(),
+            parts.concat()
+        )
     }
 }
 
 fn violated(world: &World, plan: &Plan) -> bool {
-    world.iter().zip(plan).any(|(s, p)| s.completed.is_some_and(|x| *p != Planned::Value(x)))
+    world
+        .iter()
+        .zip(plan)
+        .any(|(s, p)| s.completed.is_some_and(|x| *p != Planned::Value(x)))
 }
 
 /// Explores every schedule within `bounds`, checking every plan `rule` makes. Stops at the
@@ -669,7 +818,13 @@ pub(super) fn check(rule: Rule, bounds: Bounds) -> Outcome {
     let views = bounds.views;
     // (world, plan) starting the view -> the step that led there.
     let mut frontier: HashMap<(World, Plan), Option<usize>> = HashMap::new();
-    frontier.insert((vec![Slot::default(); bounds.slots], vec![Planned::Free; bounds.slots]), None);
+    frontier.insert(
+        (
+            vec![Slot::default(); bounds.slots],
+            vec![Planned::Free; bounds.slots],
+        ),
+        None,
+    );
     for view in 0..views as u8 {
         search.stats.starts.push(frontier.len());
         // Run the view from every start; keep one history per resulting world.
@@ -683,14 +838,21 @@ pub(super) fn check(rule: Rule, bounds: Bounds) -> Outcome {
                     let text = search.describe(step, None);
                     return Outcome {
                         stats: search.stats,
-                        violation: Some(format!("two values completed at one slot in view {view}\n{text}")),
+                        violation: Some(format!(
+                            "two values completed at one slot in view {view}\n{text}"
+                        )),
                     };
                 }
                 worlds.entry(w).or_insert(step);
             }
         }
         search.stats.worlds.push(worlds.len());
-        search.stats.with_completion.push(worlds.keys().filter(|w| w.iter().any(|s| s.completed.is_some())).count());
+        search.stats.with_completion.push(
+            worlds
+                .keys()
+                .filter(|w| w.iter().any(|s| s.completed.is_some()))
+                .count(),
+        );
         let mut worlds: Vec<_> = worlds.into_iter().collect();
         worlds.sort_by(|a, b| a.0.cmp(&b.0));
         let mut next: HashMap<(World, Plan), Option<usize>> = HashMap::new();
@@ -704,11 +866,20 @@ pub(super) fn check(rule: Rule, bounds: Bounds) -> Outcome {
                     let text = search.describe(step, Some((view, &world, &quorum, &plan)));
                     return Outcome {
                         stats: search.stats,
-                        violation: Some(format!("the plan for view {} drops a completed value\n{text}", view + 1)),
+                        violation: Some(format!(
+                            "the plan for view {} drops a completed value\n{text}",
+                            view + 1
+                        )),
                     };
                 }
                 if view + 1 < views as u8 && seen.insert(plan.clone()) {
-                    search.steps.push(Step { parent: step, view, world: world.clone(), quorum, plan: plan.clone() });
+                    search.steps.push(Step {
+                        parent: step,
+                        view,
+                        world: world.clone(),
+                        quorum,
+                        plan: plan.clone(),
+                    });
                     seen_steps.push(search.steps.len() - 1);
                 }
             }
@@ -731,14 +902,22 @@ pub(super) fn check(rule: Rule, bounds: Bounds) -> Outcome {
         }
         frontier = next;
     }
-    Outcome { stats: search.stats, violation: None }
+    Outcome {
+        stats: search.stats,
+        violation: None,
+    }
 }
 
 /// Seeded random schedules through the same model, with `bounds.slots` slots tracked jointly
 /// (the shared quorum and the plan's extent exactly as they are), for more views than the
 /// exhaustive joint search reaches. A complement to [`check`], not a proof. Returns the first
 /// violation, with the seed and walk that found it.
-pub(super) fn random_schedules(rule: Rule, bounds: Bounds, walks: usize, seed: u64) -> Option<String> {
+pub(super) fn random_schedules(
+    rule: Rule,
+    bounds: Bounds,
+    walks: usize,
+    seed: u64,
+) -> Option<String> {
     let mut search = Search::new(rule, bounds);
     // xorshift64*: deterministic, no dependency.
     let mut state = seed.max(1);
@@ -784,7 +963,13 @@ pub(super) fn random_schedules(rule: Rule, bounds: Bounds, walks: usize, seed: u
                 plans.push(p);
             }
             plan = merge(&plans);
-            search.steps.push(Step { parent: step, view, world: world.clone(), quorum, plan: plan.clone() });
+            search.steps.push(Step {
+                parent: step,
+                view,
+                world: world.clone(),
+                quorum,
+                plan: plan.clone(),
+            });
             step = Some(search.steps.len() - 1);
         }
         // Only the current walk's history is needed for a report.
@@ -810,7 +995,10 @@ fn run(name: &str, rule: Rule, bounds: Bounds) -> Outcome {
 }
 
 fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 #[test]
@@ -818,9 +1006,18 @@ fn safe_rule_never_loses_a_completed_value() {
     // CI: 3 views; slot 1 of a log of any length (a candidate may sit above it); the faulty
     // replica at every position.
     for faulty in 0..N {
-        let bounds = Bounds { views: 3, slots: 1, faulty, higher_slot: true };
+        let bounds = Bounds {
+            views: 3,
+            slots: 1,
+            faulty,
+            higher_slot: true,
+        };
         let outcome = run("safe rule", plan_new_view, bounds);
-        assert!(outcome.violation.is_none(), "{}", outcome.violation.unwrap_or_default());
+        assert!(
+            outcome.violation.is_none(),
+            "{}",
+            outcome.violation.unwrap_or_default()
+        );
         // The property is not vacuous: completions happen in every view.
         assert!(outcome.stats.with_completion.iter().all(|c| *c > 0));
     }
@@ -832,16 +1029,32 @@ fn safe_rule_random_schedules_two_slots_jointly() {
     // exhaustive joint search is in `model_check_exhaustive`). VC_MODEL_WALKS for more.
     let walks = env_or("VC_MODEL_WALKS", 2_000);
     for faulty in 0..N {
-        let bounds = Bounds { views: 4, slots: 2, faulty, higher_slot: false };
+        let bounds = Bounds {
+            views: 4,
+            slots: 2,
+            faulty,
+            higher_slot: false,
+        };
         let started = std::time::Instant::now();
         let violation = random_schedules(plan_new_view, bounds, walks, 0x5eed + faulty as u64);
-        eprintln!("random schedules: {bounds:?}: {walks} walks, {:.1?}", started.elapsed());
+        eprintln!(
+            "random schedules: {bounds:?}: {walks} walks, {:.1?}",
+            started.elapsed()
+        );
         assert!(violation.is_none(), "{}", violation.unwrap_or_default());
     }
     // The same walks find the published rule's bug.
-    let bounds = Bounds { views: 4, slots: 2, faulty: 0, higher_slot: false };
+    let bounds = Bounds {
+        views: 4,
+        slots: 2,
+        faulty: 0,
+        higher_slot: false,
+    };
     let violation = random_schedules(plan_new_view_published, bounds, walks, 0x5eed);
-    assert!(violation.is_some(), "random schedules find the published rule's bug");
+    assert!(
+        violation.is_some(),
+        "random schedules find the published rule's bug"
+    );
 }
 
 #[test]
@@ -850,9 +1063,16 @@ fn published_rule_loses_a_completed_value() {
     // candidate here: under the published rule a certificate at a higher slot drags in its
     // reporter's whole prefix, so the reduction's premise does not hold for it.
     for faulty in [0, 1] {
-        let bounds = Bounds { views: 3, slots: 1, faulty, higher_slot: false };
+        let bounds = Bounds {
+            views: 3,
+            slots: 1,
+            faulty,
+            higher_slot: false,
+        };
         let outcome = run("published rule", plan_new_view_published, bounds);
-        let violation = outcome.violation.expect("the model check finds the published rule's bug");
+        let violation = outcome
+            .violation
+            .expect("the model check finds the published rule's bug");
         eprintln!("{violation}");
         assert!(violation.contains("drops a completed value"));
     }
@@ -863,7 +1083,12 @@ fn identical_pre_prepare_tally_loses_a_completed_value() {
     // Counting f+1 *identical* (view, seq) pre-prepares, the literal §2.8 reading, splits a
     // request that completed fast, was re-issued, and whose re-issued copy only some replicas
     // accepted (module doc of `view_change`).
-    let bounds = Bounds { views: 3, slots: 1, faulty: 0, higher_slot: true };
+    let bounds = Bounds {
+        views: 3,
+        slots: 1,
+        faulty: 0,
+        higher_slot: true,
+    };
     let outcome = run("identical pre-prepare tally", literal_tally, bounds);
     let violation = outcome.violation.expect("the model check finds the split");
     eprintln!("{violation}");
@@ -882,13 +1107,27 @@ fn model_check_exhaustive() {
     let views = env_or("VC_MODEL_VIEWS", 4);
     let joint_views = env_or("VC_MODEL_JOINT_VIEWS", 0);
     for faulty in 0..N {
-        let mut runs = vec![Bounds { views, slots: 1, faulty, higher_slot: true }];
+        let mut runs = vec![Bounds {
+            views,
+            slots: 1,
+            faulty,
+            higher_slot: true,
+        }];
         if joint_views > 0 {
-            runs.push(Bounds { views: joint_views, slots: 2, faulty, higher_slot: false });
+            runs.push(Bounds {
+                views: joint_views,
+                slots: 2,
+                faulty,
+                higher_slot: false,
+            });
         }
         for bounds in runs {
             let outcome = run("safe rule", plan_new_view, bounds);
-            assert!(outcome.violation.is_none(), "{}", outcome.violation.unwrap_or_default());
+            assert!(
+                outcome.violation.is_none(),
+                "{}",
+                outcome.violation.unwrap_or_default()
+            );
         }
     }
 }
