@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{call, call_as, create, entry, mkdir_within, Cluster, CALL_TIMEOUT};
+use common::{call, call_as, create, create_op, entry, mkdir_within, Cluster, CALL_TIMEOUT};
 use proptest::prelude::*;
 use replica::config::{
     generate, generate_with_os_random, ClientSecrets, ClusterKeys, KeyBytes, ProtocolConfig,
@@ -473,12 +473,7 @@ fn a_client_whose_key_is_not_in_the_config_is_refused() {
         };
         let outsider =
             ClientHandle::start(cluster.config.clone(), secrets).expect("outsider client");
-        let op = FsOp::Create {
-            dir,
-            name: name.as_bytes().to_vec(),
-            mode: 0o644,
-            how: CreateHow::Guarded,
-        };
+        let op = create_op(dir, name);
         let r = call_as(&outsider, Caller::root(), op, Duration::from_secs(4));
         assert!(
             r.is_err(),

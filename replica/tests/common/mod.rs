@@ -281,14 +281,19 @@ pub fn entry(result: FsResult, what: &str) -> Handle {
     }
 }
 
-/// Creates the file `name` (0644, guarded) in `dir`, waiting up to `timeout`.
-pub fn create_within(client: &ClientHandle, dir: Handle, name: &str, timeout: Duration) -> Handle {
-    let op = FsOp::Create {
+/// Creating the file `name` (0644, guarded) in `dir`.
+pub fn create_op(dir: Handle, name: &str) -> FsOp {
+    FsOp::Create {
         dir,
         name: name.as_bytes().to_vec(),
         mode: 0o644,
         how: CreateHow::Guarded,
-    };
+    }
+}
+
+/// Creates the file `name` (0644, guarded) in `dir`, waiting up to `timeout`.
+pub fn create_within(client: &ClientHandle, dir: Handle, name: &str, timeout: Duration) -> Handle {
+    let op = create_op(dir, name);
     entry(call_within(client, op, timeout), &format!("create {name}"))
 }
 
