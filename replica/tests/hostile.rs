@@ -6,14 +6,15 @@
 //! A counting allocator records the largest single allocation a thread asks for, so "refused
 //! without allocating" is checked, not assumed.
 
+mod common;
+
+use common::{call, call_as, create, create_op, entry, mkdir_within, Cluster, CALL_TIMEOUT};
 use proptest::prelude::*;
 use replica::config::{
-    generate, generate_with_os_random, ClientSecrets, ClusterConfig, ClusterKeys, KeyBytes,
-    ProtocolConfig,
+    generate, generate_with_os_random, ClientSecrets, ClusterKeys, KeyBytes, ProtocolConfig,
 };
 use replica::core::{Action, Event, Replica};
 use replica::driver::client::ClientHandle;
-use replica::driver::status;
 use replica::wire::{
     self, AgreementMessage, Authenticator, Checkpoint, ClientMessage, Commit, FrameReader, Message,
     PrePrepare, Prepare, Principal, Proposal, ReplicaId, Request, SeqNo, Signer,
@@ -30,7 +31,6 @@ use std::cell::Cell;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -334,148 +334,6 @@ proptest! {
 // ---------------------------------------------------------------------------------------------
 // Real processes
 
-struct Cluster {
-    dir: tempfile::TempDir,
-    config: ClusterConfig,
-    keys: ClusterKeys,
-    children: Vec<Child>,
-}
-
-impl Cluster {
-    fn start(name: &str) -> Cluster {
-        let dir = tempfile::Builder::new()
-            .prefix(name)
-            .disable_cleanup(std::env::var_os("KEEP").is_some())
-            .tempdir()
-            .expect("tempdir");
-        let addresses: Vec<String> = (0..4)
-            .map(|_| {
-                std::net::TcpListener::bind("127.0.0.1:0")
-                    .expect("bind")
-                    .local_addr()
-                    .expect("addr")
-                    .to_string()
-            })
-            .collect();
-        let keys = generate_with_os_random(1, addresses, &[ClientId(1)], ProtocolConfig::default())
-            .expect("keygen");
-        let d = dir.path();
-        std::fs::write(d.join("cluster.json"), keys.config.to_json().expect("json"))
-            .expect("write");
-        for r in &keys.replicas {
-            std::fs::write(
-                d.join(format!("replica-{}.json", r.id.0)),
-                r.to_json().expect("json"),
-            )
-            .expect("write");
-        }
-        let children = (0..4)
-            .map(|i| {
-                let log = std::fs::File::create(d.join(format!("replica-{i}.log"))).expect("log");
-                Command::new(env!("CARGO_BIN_EXE_bftfs-replica"))
-                    .arg("--config")
-                    .arg(d.join("cluster.json"))
-                    .arg("--secrets")
-                    .arg(d.join(format!("replica-{i}.json")))
-                    .arg("--data-dir")
-                    .arg(d.join(format!("data-{i}")))
-                    .env("RUST_LOG", "info")
-                    .stderr(log)
-                    .spawn()
-                    .expect("spawn bftfs-replica")
-            })
-            .collect();
-        Cluster {
-            config: keys.config.clone(),
-            keys,
-            dir,
-            children,
-        }
-    }
-
-    fn client(&self) -> ClientHandle {
-        ClientHandle::start(self.config.clone(), self.keys.clients[0].clone()).expect("client")
-    }
-
-    fn status(&self, i: usize) -> Option<status::ReplicaStatus> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .ok()?;
-        rt.block_on(status::probe(
-            &self.config.replicas[i].address,
-            Duration::from_secs(2),
-        ))
-        .ok()
-    }
-
-    fn log(&self, i: usize) -> String {
-        std::fs::read_to_string(self.dir.path().join(format!("replica-{i}.log")))
-            .unwrap_or_default()
-    }
-
-    fn alive(&mut self, i: usize) -> bool {
-        matches!(self.children[i].try_wait(), Ok(None))
-    }
-
-    /// Waits until every replica has executed the same (positive) sequence number.
-    fn wait_agreed(&self) -> Vec<status::ReplicaStatus> {
-        let start = Instant::now();
-        loop {
-            let all: Vec<Option<status::ReplicaStatus>> = (0..4).map(|i| self.status(i)).collect();
-            if all.iter().all(|s| {
-                s.as_ref().is_some_and(|s| {
-                    s.last_executed > 0
-                        && Some(s.last_executed) == all[0].as_ref().map(|a| a.last_executed)
-                })
-            }) {
-                return all.into_iter().flatten().collect();
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "replicas did not converge: {all:?}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn call_as(client: &ClientHandle, caller: Caller, op: FsOp, timeout: Duration) -> Option<FsResult> {
-    let read_only = op.is_read_only();
-    let bytes = client
-        .call(fsvc::encode(&FsRequest { caller, op }), read_only, timeout)
-        .ok()?;
-    fsvc::decode::<FsResult>(&bytes)
-}
-
-fn call(client: &ClientHandle, op: FsOp) -> FsResult {
-    call_as(client, Caller::root(), op, Duration::from_secs(30)).expect("the cluster answers")
-}
-
-fn create(client: &ClientHandle, dir: Handle, name: &str) -> Handle {
-    match call(
-        client,
-        FsOp::Create {
-            dir,
-            name: name.as_bytes().to_vec(),
-            mode: 0o644,
-            how: CreateHow::Guarded,
-        },
-    ) {
-        Ok(FsReply::Entry { handle, .. }) => handle,
-        other => panic!("create {name}: {other:?}"),
-    }
-}
-
 /// Whether the peer closed the connection within `limit` (reads until EOF or reset).
 fn closed_by_peer(stream: &mut TcpStream, limit: Duration) -> bool {
     stream.set_read_timeout(Some(limit)).expect("timeout");
@@ -587,17 +445,7 @@ fn oversized_garbled_and_unauthenticated_frames_are_dropped_and_the_replica_keep
 fn a_client_whose_key_is_not_in_the_config_is_refused() {
     let cluster = Cluster::start("bftfs-outsider");
     let client = cluster.client();
-    let dir = match call(
-        &client,
-        FsOp::Mkdir {
-            dir: Handle::ROOT,
-            name: b"d".to_vec(),
-            mode: 0o777,
-        },
-    ) {
-        Ok(FsReply::Entry { handle, .. }) => handle,
-        other => panic!("mkdir: {other:?}"),
-    };
+    let dir = mkdir_within(&client, "d", 0o777, CALL_TIMEOUT, String::new);
     // Two outsiders: a new client id, and one claiming the real client's id; both with keys
     // of their own making.
     let mut seed = 99u64;
@@ -625,15 +473,10 @@ fn a_client_whose_key_is_not_in_the_config_is_refused() {
         };
         let outsider =
             ClientHandle::start(cluster.config.clone(), secrets).expect("outsider client");
-        let op = FsOp::Create {
-            dir,
-            name: name.as_bytes().to_vec(),
-            mode: 0o644,
-            how: CreateHow::Guarded,
-        };
+        let op = create_op(dir, name);
         let r = call_as(&outsider, Caller::root(), op, Duration::from_secs(4));
         assert!(
-            r.is_none(),
+            r.is_err(),
             "{name}: an outsider's request was answered: {r:?}"
         );
         drop(outsider);
@@ -676,18 +519,18 @@ const USER: Caller = Caller {
 /// Root makes a 0644 file and a 0755 directory; uid 1000 then tries what it may not.
 fn forbidden_script(exec: &mut dyn FnMut(Caller, FsOp) -> FsResult) -> Vec<FsResult> {
     let mut out = Vec::new();
-    let file = match exec(
-        Caller::root(),
-        FsOp::Create {
-            dir: Handle::ROOT,
-            name: b"owned-by-root".to_vec(),
-            mode: 0o644,
-            how: CreateHow::Guarded,
-        },
-    ) {
-        Ok(FsReply::Entry { handle, .. }) => handle,
-        other => panic!("create: {other:?}"),
-    };
+    let file = entry(
+        exec(
+            Caller::root(),
+            FsOp::Create {
+                dir: Handle::ROOT,
+                name: b"owned-by-root".to_vec(),
+                mode: 0o644,
+                how: CreateHow::Guarded,
+            },
+        ),
+        "create",
+    );
     exec(
         Caller::root(),
         FsOp::Write {
@@ -697,17 +540,17 @@ fn forbidden_script(exec: &mut dyn FnMut(Caller, FsOp) -> FsResult) -> Vec<FsRes
         },
     )
     .expect("root writes");
-    let dir = match exec(
-        Caller::root(),
-        FsOp::Mkdir {
-            dir: Handle::ROOT,
-            name: b"root-dir".to_vec(),
-            mode: 0o755,
-        },
-    ) {
-        Ok(FsReply::Entry { handle, .. }) => handle,
-        other => panic!("mkdir: {other:?}"),
-    };
+    let dir = entry(
+        exec(
+            Caller::root(),
+            FsOp::Mkdir {
+                dir: Handle::ROOT,
+                name: b"root-dir".to_vec(),
+                mode: 0o755,
+            },
+        ),
+        "mkdir",
+    );
     let chmod = SetAttrs {
         mode: Some(0o777),
         ..SetAttrs::default()
@@ -912,29 +755,29 @@ fn hostile_names_never_reach_outside_the_data_directory() {
         )
     };
     let abs = outside.join("victim").to_string_lossy().into_owned();
-    let dir = match run(
-        &mut svc,
-        FsOp::Mkdir {
-            dir: Handle::ROOT,
-            name: b"d".to_vec(),
-            mode: 0o777,
-        },
-    ) {
-        Ok(FsReply::Entry { handle, .. }) => handle,
-        other => panic!("{other:?}"),
-    };
-    let file = match run(
-        &mut svc,
-        FsOp::Create {
-            dir,
-            name: b"f".to_vec(),
-            mode: 0o666,
-            how: CreateHow::Guarded,
-        },
-    ) {
-        Ok(FsReply::Entry { handle, .. }) => handle,
-        other => panic!("{other:?}"),
-    };
+    let dir = entry(
+        run(
+            &mut svc,
+            FsOp::Mkdir {
+                dir: Handle::ROOT,
+                name: b"d".to_vec(),
+                mode: 0o777,
+            },
+        ),
+        "mkdir d",
+    );
+    let file = entry(
+        run(
+            &mut svc,
+            FsOp::Create {
+                dir,
+                name: b"f".to_vec(),
+                mode: 0o666,
+                how: CreateHow::Guarded,
+            },
+        ),
+        "create f",
+    );
     let hostile: Vec<Vec<u8>> = vec![
         b"..".to_vec(),
         b".".to_vec(),
@@ -1080,17 +923,17 @@ fn hostile_names_never_reach_outside_the_data_directory() {
     }
     // A symlink pointing outside is stored, never followed: writing "through" its name opens
     // nothing outside.
-    let link = match run(
-        &mut svc,
-        FsOp::Symlink {
-            dir,
-            name: b"escape".to_vec(),
-            target: abs.clone().into_bytes(),
-        },
-    ) {
-        Ok(FsReply::Entry { handle, .. }) => handle,
-        other => panic!("{other:?}"),
-    };
+    let link = entry(
+        run(
+            &mut svc,
+            FsOp::Symlink {
+                dir,
+                name: b"escape".to_vec(),
+                target: abs.clone().into_bytes(),
+            },
+        ),
+        "symlink escape",
+    );
     let _ = run(
         &mut svc,
         FsOp::Create {

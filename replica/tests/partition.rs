@@ -7,22 +7,30 @@
 //! Addresses never enter the protocol, so each replica gets its own copy of the cluster config
 //! in which the other replicas' addresses are its proxies to them.
 
+mod common;
 mod proxy;
 
+use common::{
+    call_within, cluster_dir, create_within, free_addresses, log_tails, mkdir_within, probe,
+    read_dir_within, spawn_replica, write_json, Processes, N,
+};
 use proxy::Proxy;
 use replica::config::{generate_with_os_random, ClusterConfig, ProtocolConfig};
 use replica::driver::client::ClientHandle;
 use replica::driver::status;
-use state_abstraction::fs::{
-    decode, encode, Caller, CreateHow, FsOp, FsReply, FsRequest, FsResult, Handle,
-};
+use state_abstraction::fs::{FsOp, FsReply, FsResult, Handle};
 use state_abstraction::ClientId;
-use std::net::TcpListener;
-use std::process::{Child, Command};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+/// How long a call may wait for the cluster's answer (a reconnected replica may be busy with
+/// a state transfer).
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
 struct Cluster {
+    /// Kept for its `Drop`, which kills the replicas; first, so that this happens before the
+    /// directory is removed.
+    _children: Processes,
     dir: tempfile::TempDir,
     /// The real listening address of each replica (status probes go there directly).
     real: Vec<String>,
@@ -32,25 +40,12 @@ struct Cluster {
     client_links: Vec<Proxy>,
     client_config: ClusterConfig,
     client_secrets: replica::config::ClientSecrets,
-    children: Vec<Child>,
 }
 
 impl Cluster {
     fn start() -> Cluster {
-        let dir = tempfile::Builder::new()
-            .prefix("bftfs-partition")
-            .disable_cleanup(std::env::var_os("KEEP").is_some())
-            .tempdir()
-            .expect("tempdir");
-        let real: Vec<String> = (0..4)
-            .map(|_| {
-                TcpListener::bind("127.0.0.1:0")
-                    .expect("bind")
-                    .local_addr()
-                    .expect("addr")
-                    .to_string()
-            })
-            .collect();
+        let dir = cluster_dir("bftfs-partition");
+        let real = free_addresses(N);
         // Short checkpoint interval and log window, so a short cut already forces a state
         // transfer rather than a replay of the missed batches.
         let protocol = ProtocolConfig {
@@ -76,40 +71,18 @@ impl Cluster {
                     r.address = p.address.clone();
                 }
             }
-            std::fs::write(
-                d.join(format!("cluster-{i}.json")),
-                config.to_json().expect("json"),
-            )
-            .expect("write");
-            std::fs::write(
-                d.join(format!("replica-{i}.json")),
-                secrets.to_json().expect("json"),
-            )
-            .expect("write");
+            write_json(&d.join(format!("cluster-{i}.json")), config.to_json());
+            write_json(&d.join(format!("replica-{i}.json")), secrets.to_json());
         }
         let mut client_config = keys.config.clone();
         for (j, r) in client_config.replicas.iter_mut().enumerate() {
             r.address = client_links[j].address.clone();
         }
-        let children = (0..4)
-            .map(|i| {
-                let log = std::fs::File::create(d.join(format!("replica-{i}.log"))).expect("log");
-                Command::new(env!("CARGO_BIN_EXE_bftfs-replica"))
-                    .arg("--config")
-                    .arg(d.join(format!("cluster-{i}.json")))
-                    .arg("--secrets")
-                    .arg(d.join(format!("replica-{i}.json")))
-                    .arg("--data-dir")
-                    .arg(d.join(format!("data-{i}")))
-                    .env(
-                        "RUST_LOG",
-                        std::env::var("REPLICA_LOG").unwrap_or("info".into()),
-                    )
-                    .stderr(log)
-                    .spawn()
-                    .expect("spawn bftfs-replica")
-            })
-            .collect();
+        let _children = Processes(
+            (0..4)
+                .map(|i| Some(spawn_replica(d, &d.join(format!("cluster-{i}.json")), i)))
+                .collect(),
+        );
         Cluster {
             dir,
             real,
@@ -117,7 +90,7 @@ impl Cluster {
             client_links,
             client_config,
             client_secrets: keys.clients[0].clone(),
-            children,
+            _children,
         }
     }
 
@@ -141,12 +114,7 @@ impl Cluster {
     }
 
     fn status(&self, i: usize) -> Option<status::ReplicaStatus> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .ok()?;
-        rt.block_on(status::probe(&self.real[i], Duration::from_secs(2)))
-            .ok()
+        probe(&self.real[i])
     }
 
     fn statuses(&self) -> Vec<Option<status::ReplicaStatus>> {
@@ -154,58 +122,17 @@ impl Cluster {
     }
 
     fn logs(&self) -> String {
-        let mut out = String::new();
-        for i in 0..4 {
-            let text = std::fs::read_to_string(self.dir.path().join(format!("replica-{i}.log")))
-                .unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            out.push_str(&format!(
-                "--- replica {i} ---\n{}\n",
-                lines[lines.len().saturating_sub(12)..].join("\n")
-            ));
-        }
-        out
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        log_tails(self.dir.path(), 12)
     }
 }
 
 fn call(client: &ClientHandle, op: FsOp) -> FsResult {
-    let read_only = op.is_read_only();
-    let bytes = client
-        .call(
-            encode(&FsRequest {
-                caller: Caller::root(),
-                op,
-            }),
-            read_only,
-            Duration::from_secs(60),
-        )
-        .expect("the cluster answers");
-    decode::<FsResult>(&bytes).expect("reply decodes")
+    call_within(client, op, CALL_TIMEOUT)
 }
 
 fn write_files(client: &ClientHandle, dir: Handle, prefix: &str, n: usize) {
     for i in 0..n {
-        let h = match call(
-            client,
-            FsOp::Create {
-                dir,
-                name: format!("{prefix}{i}").into_bytes(),
-                mode: 0o644,
-                how: CreateHow::Guarded,
-            },
-        ) {
-            Ok(FsReply::Entry { handle, .. }) => handle,
-            other => panic!("create {prefix}{i}: {other:?}"),
-        };
+        let h = create_within(client, dir, &format!("{prefix}{i}"), CALL_TIMEOUT);
         let data = format!("{prefix} {i} ").repeat(i % 40 + 1).into_bytes();
         assert!(matches!(
             call(client, FsOp::Write { h, offset: 0, data }),
@@ -259,17 +186,7 @@ fn wait_converged(
 fn a_replica_cut_off_and_reconnected_catches_up_backup_then_primary() {
     let cluster = Cluster::start();
     let client = cluster.client();
-    let dir = match call(
-        &client,
-        FsOp::Mkdir {
-            dir: Handle::ROOT,
-            name: b"work".to_vec(),
-            mode: 0o755,
-        },
-    ) {
-        Ok(FsReply::Entry { handle, .. }) => handle,
-        other => panic!("mkdir: {other:?}\n{}", cluster.logs()),
-    };
+    let dir = mkdir_within(&client, "work", 0o755, CALL_TIMEOUT, || cluster.logs());
     write_files(&client, dir, "warm", 10);
     wait_converged(&cluster, &client, dir, Duration::from_secs(60));
 
@@ -316,15 +233,7 @@ fn a_replica_cut_off_and_reconnected_catches_up_backup_then_primary() {
         assert!(all[k].last_executed > others, "{all:?}");
     }
     // Every file is there, read through the cluster.
-    match call(
-        &client,
-        FsOp::ReadDir {
-            dir,
-            cookie: 0,
-            count: 1000,
-            plus: false,
-        },
-    ) {
+    match read_dir_within(&client, dir, CALL_TIMEOUT) {
         Ok(FsReply::ReadDir { entries, .. }) => {
             assert!(entries.len() >= 90, "{} entries", entries.len())
         }

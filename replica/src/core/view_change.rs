@@ -66,6 +66,8 @@ use std::collections::BTreeSet;
 #[cfg(test)]
 mod abraham;
 #[cfg(test)]
+mod fixtures;
+#[cfg(test)]
 mod model;
 
 /// The genesis checkpoint's digests: a certificate at sequence number 0 needs no signatures
@@ -288,19 +290,31 @@ pub(crate) fn plan_with(
     tally: FastTally,
 ) -> NewViewPlan {
     let stable = chosen_stable(view_changes);
+    plan_slots(view_changes, stable, |seq| {
+        select_slot(f, &reports_for(view_changes, seq), tally)
+    })
+}
+
+/// The plan from `stable`: `choose` picks each slot's proposal, from the one after the
+/// checkpoint to the highest reported; slots above the last one with a candidate are left to
+/// the new primary.
+fn plan_slots<'a>(
+    view_changes: &[Signed<ViewChange>],
+    stable: CheckpointCertificate,
+    mut choose: impl FnMut(SeqNo) -> Option<&'a Proposal>,
+) -> NewViewPlan {
     let mut slots = Vec::new();
     let mut end = 0;
     let highest = highest_reported(view_changes, stable.seq);
     let mut seq = stable.seq.next();
     while seq <= highest {
-        let chosen = select_slot(f, &reports_for(view_changes, seq), tally);
+        let chosen = choose(seq);
         slots.push((seq, chosen.cloned()));
         if chosen.is_some() {
             end = slots.len();
         }
         seq = seq.next();
     }
-    // Slots above the last one with a candidate are left to the new primary.
     slots.truncate(end);
     NewViewPlan { stable, slots }
 }
@@ -407,12 +421,8 @@ pub(crate) fn plan_new_view_published(
             }
         }
     }
-    let mut slots = Vec::new();
-    let mut end = 0;
-    let highest = highest_reported(view_changes, stable.seq);
-    let mut seq = stable.seq.next();
-    while seq <= highest {
-        let chosen = match best {
+    plan_slots(view_changes, stable, |seq| {
+        match best {
             Some((cc_seq, i)) if seq <= cc_seq => {
                 let items: Vec<&Evidence> = view_changes[i]
                     .body
@@ -450,15 +460,8 @@ pub(crate) fn plan_new_view_published(
                     .max_by_key(|(_, count, p)| (*count, std::cmp::Reverse(content_bytes(p))))
                     .map(|(_, _, p)| p)
             }
-        };
-        slots.push((seq, chosen.cloned()));
-        if chosen.is_some() {
-            end = slots.len();
         }
-        seq = seq.next();
-    }
-    slots.truncate(end);
-    NewViewPlan { stable, slots }
+    })
 }
 
 #[cfg(test)]
@@ -504,12 +507,7 @@ mod tests {
     };
 
     fn genesis_cert() -> CheckpointCertificate {
-        CheckpointCertificate {
-            seq: SeqNo(0),
-            service_root: GENESIS.service_root,
-            replies_digest: GENESIS.replies_digest,
-            checkpoints: vec![],
-        }
+        super::fixtures::genesis_certificate(&GENESIS)
     }
 
     fn stable_cert(seq: u64) -> CheckpointCertificate {
@@ -659,38 +657,24 @@ mod tests {
     #[test]
     fn malformed_view_changes_are_refused() {
         let config = config();
+        // Replica 0's view change to `new_view`.
+        let valid = |new_view, stable, evidence| {
+            valid_view_change(&config, &GENESIS, &vc(new_view, 0, stable, evidence).body)
+        };
         // Evidence from the view being entered (or later).
-        assert!(!valid_view_change(
-            &config,
-            &GENESIS,
-            &vc(1, 0, genesis_cert(), vec![prepared(1, 1, 1)]).body
-        ));
+        assert!(!valid(1, genesis_cert(), vec![prepared(1, 1, 1)]));
         // Out of order.
-        assert!(!valid_view_change(
-            &config,
-            &GENESIS,
-            &vc(
-                2,
-                0,
-                genesis_cert(),
-                vec![prepared(0, 2, 1), prepared(0, 1, 1)]
-            )
-            .body
+        assert!(!valid(
+            2,
+            genesis_cert(),
+            vec![prepared(0, 2, 1), prepared(0, 1, 1)]
         ));
         // Beyond the window above the stable checkpoint.
-        assert!(!valid_view_change(
-            &config,
-            &GENESIS,
-            &vc(2, 0, genesis_cert(), vec![prepared(0, 9, 1)]).body
-        ));
+        assert!(!valid(2, genesis_cert(), vec![prepared(0, 9, 1)]));
         // A genesis certificate with the wrong digest.
         let mut bad = genesis_cert();
         bad.service_root = Digest([9; 32]);
-        assert!(!valid_view_change(
-            &config,
-            &GENESIS,
-            &vc(2, 0, bad, vec![]).body
-        ));
+        assert!(!valid(2, bad, vec![]));
         // A checkpoint certificate with a repeated signer.
         let mut short = stable_cert(4);
         short.checkpoints[2] = short.checkpoints[0].clone();

@@ -15,7 +15,7 @@
 //! as in the paper.
 
 use super::*;
-use crate::config::{generate, ClusterKeys, ProtocolConfig};
+use crate::config::ClusterKeys;
 use crate::wire::{
     frame_length, Authenticator, Message, PrePrepare, Prepare, Principal, Request, Signer,
     Timestamp, ViewChangeMessage, FRAME_HEADER_BYTES,
@@ -28,12 +28,7 @@ const GENESIS: Genesis = Genesis {
 };
 
 fn genesis_stable() -> CheckpointCertificate {
-    CheckpointCertificate {
-        seq: SeqNo(0),
-        service_root: GENESIS.service_root,
-        replies_digest: GENESIS.replies_digest,
-        checkpoints: Vec::new(),
-    }
+    super::fixtures::genesis_certificate(&GENESIS)
 }
 
 const R1: ReplicaId = ReplicaId(1);
@@ -49,30 +44,9 @@ struct Cluster {
 
 impl Cluster {
     fn new() -> Self {
-        let mut x: u64 = 0x2f6b_1d3c;
-        let mut random = |buf: &mut [u8]| {
-            for b in buf.iter_mut() {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                *b = (x >> 33) as u8;
-            }
-        };
         let addresses = (0..4).map(|i| format!("127.0.0.1:{}", 7100 + i)).collect();
-        let keys = generate(
-            1,
-            addresses,
-            &[ClientId(1)],
-            ProtocolConfig::default(),
-            &mut random,
-        )
-        .expect("keygen");
-        let signers = keys
-            .replicas
-            .iter()
-            .map(|s| Signer::from_secret(&s.signing_key.0))
-            .collect();
-        let client = Signer::from_secret(&keys.clients[0].signing_key.0);
+        let keys = super::fixtures::seeded_keys(0x2f6b_1d3c, addresses);
+        let (signers, client) = super::fixtures::signers(&keys);
         Cluster {
             keys,
             signers,

@@ -49,7 +49,6 @@
 //! job and is exercised by the scenario test in `abraham`.
 
 use super::*;
-use crate::config::{generate, ProtocolConfig};
 use crate::wire::{Prepare, Request, Signer, Timestamp};
 use state_abstraction::ClientId;
 use std::collections::{HashMap, HashSet};
@@ -199,30 +198,10 @@ struct Concrete {
 
 impl Concrete {
     fn new() -> Self {
-        let mut x: u64 = 0x51ed_270b;
-        let mut random = |buf: &mut [u8]| {
-            for b in buf.iter_mut() {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                *b = (x >> 33) as u8;
-            }
-        };
         let addresses = (0..N).map(|i| format!("m{i}")).collect();
-        let keys = generate(
-            F as u32,
-            addresses,
-            &[ClientId(1)],
-            ProtocolConfig::default(),
-            &mut random,
-        )
-        .expect("keygen");
-        let signers: Vec<Signer> = keys
-            .replicas
-            .iter()
-            .map(|s| Signer::from_secret(&s.signing_key.0))
-            .collect();
-        let client = Signer::from_secret(&keys.clients[0].signing_key.0);
+        let keys = super::fixtures::seeded_keys(0x51ed_270b, addresses);
+        assert_eq!(keys.config.f as usize, F);
+        let (signers, client) = super::fixtures::signers(&keys);
         let batches: Vec<Batch> = (0..VALUES)
             .map(|value| match value {
                 NULL => Batch::default(),
@@ -329,12 +308,7 @@ impl Concrete {
                 self.certificates[&(0, reports.len() as u8, A)].clone(),
             ));
         }
-        let stable = CheckpointCertificate {
-            seq: SeqNo(0),
-            service_root: GENESIS.service_root,
-            replies_digest: GENESIS.replies_digest,
-            checkpoints: Vec::new(),
-        };
+        let stable = super::fixtures::genesis_certificate(&GENESIS);
         let vc = ViewChange {
             new_view: View(new_view as u64),
             replica: ReplicaId(replica as u32),
@@ -747,6 +721,41 @@ impl Search {
         plan
     }
 
+    /// Records that `quorum` and `plan` end `view` after `parent`; returns the new step.
+    fn record(
+        &mut self,
+        parent: Option<usize>,
+        view: u8,
+        world: &World,
+        quorum: Quorum,
+        plan: &Plan,
+    ) -> usize {
+        self.steps.push(Step {
+            parent,
+            view,
+            world: world.clone(),
+            quorum,
+            plan: plan.clone(),
+        });
+        self.steps.len() - 1
+    }
+
+    /// The report of a plan for view `view + 1` that drops a completed value.
+    fn dropped(
+        &self,
+        step: Option<usize>,
+        view: u8,
+        world: &World,
+        quorum: &Quorum,
+        plan: &Plan,
+    ) -> String {
+        let text = self.describe(step, Some((view, world, quorum, plan)));
+        format!(
+            "the plan for view {} drops a completed value\n{text}",
+            view + 1
+        )
+    }
+
     fn describe(
         &self,
         mut step: Option<usize>,
@@ -863,24 +872,14 @@ pub(super) fn check(rule: Rule, bounds: Bounds) -> Outcome {
                 search.stats.view_changes += 1;
                 let plan = search.plan(view + 1, &quorum);
                 if violated(&world, &plan) {
-                    let text = search.describe(step, Some((view, &world, &quorum, &plan)));
+                    let violation = search.dropped(step, view, &world, &quorum, &plan);
                     return Outcome {
                         stats: search.stats,
-                        violation: Some(format!(
-                            "the plan for view {} drops a completed value\n{text}",
-                            view + 1
-                        )),
+                        violation: Some(violation),
                     };
                 }
                 if view + 1 < views as u8 && seen.insert(plan.clone()) {
-                    search.steps.push(Step {
-                        parent: step,
-                        view,
-                        world: world.clone(),
-                        quorum,
-                        plan: plan.clone(),
-                    });
-                    seen_steps.push(search.steps.len() - 1);
+                    seen_steps.push(search.record(step, view, &world, quorum, &plan));
                 }
             }
             if (view as usize + 1) % N == bounds.faulty {
@@ -954,23 +953,15 @@ pub(super) fn random_schedules(
                 quorum = quorums[pick(quorums.len())].clone();
                 let p = search.plan(view + 1, &quorum);
                 if violated(&world, &p) {
-                    let text = search.describe(step, Some((view, &world, &quorum, &p)));
                     return Some(format!(
-                        "seed {seed} walk {walk}: the plan for view {} drops a completed value\n{text}",
-                        view + 1
+                        "seed {seed} walk {walk}: {}",
+                        search.dropped(step, view, &world, &quorum, &p)
                     ));
                 }
                 plans.push(p);
             }
             plan = merge(&plans);
-            search.steps.push(Step {
-                parent: step,
-                view,
-                world: world.clone(),
-                quorum,
-                plan: plan.clone(),
-            });
-            step = Some(search.steps.len() - 1);
+            step = Some(search.record(step, view, &world, quorum, &plan));
         }
         // Only the current walk's history is needed for a report.
         search.steps.clear();
@@ -994,6 +985,24 @@ fn run(name: &str, rule: Rule, bounds: Bounds) -> Outcome {
     outcome
 }
 
+/// [`run`] on a rule that must be safe: a violation fails the test, with the counterexample.
+fn run_safe(name: &str, rule: Rule, bounds: Bounds) -> Outcome {
+    let outcome = run(name, rule, bounds);
+    if let Some(violation) = &outcome.violation {
+        panic!("{violation}");
+    }
+    outcome
+}
+
+/// [`run`] on a rule known to be unsafe: the check must find a plan that drops a completed
+/// value (`expect` is the failure message if it finds nothing).
+fn run_unsafe(name: &str, rule: Rule, bounds: Bounds, expect: &str) {
+    let outcome = run(name, rule, bounds);
+    let violation = outcome.violation.expect(expect);
+    eprintln!("{violation}");
+    assert!(violation.contains("drops a completed value"));
+}
+
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
@@ -1012,12 +1021,7 @@ fn safe_rule_never_loses_a_completed_value() {
             faulty,
             higher_slot: true,
         };
-        let outcome = run("safe rule", plan_new_view, bounds);
-        assert!(
-            outcome.violation.is_none(),
-            "{}",
-            outcome.violation.unwrap_or_default()
-        );
+        let outcome = run_safe("safe rule", plan_new_view, bounds);
         // The property is not vacuous: completions happen in every view.
         assert!(outcome.stats.with_completion.iter().all(|c| *c > 0));
     }
@@ -1069,12 +1073,12 @@ fn published_rule_loses_a_completed_value() {
             faulty,
             higher_slot: false,
         };
-        let outcome = run("published rule", plan_new_view_published, bounds);
-        let violation = outcome
-            .violation
-            .expect("the model check finds the published rule's bug");
-        eprintln!("{violation}");
-        assert!(violation.contains("drops a completed value"));
+        run_unsafe(
+            "published rule",
+            plan_new_view_published,
+            bounds,
+            "the model check finds the published rule's bug",
+        );
     }
 }
 
@@ -1089,10 +1093,12 @@ fn identical_pre_prepare_tally_loses_a_completed_value() {
         faulty: 0,
         higher_slot: true,
     };
-    let outcome = run("identical pre-prepare tally", literal_tally, bounds);
-    let violation = outcome.violation.expect("the model check finds the split");
-    eprintln!("{violation}");
-    assert!(violation.contains("drops a completed value"));
+    run_unsafe(
+        "identical pre-prepare tally",
+        literal_tally,
+        bounds,
+        "the model check finds the split",
+    );
 }
 
 /// The bigger run, every faulty position: `VC_MODEL_VIEWS` views (default 4) with the
@@ -1122,12 +1128,7 @@ fn model_check_exhaustive() {
             });
         }
         for bounds in runs {
-            let outcome = run("safe rule", plan_new_view, bounds);
-            assert!(
-                outcome.violation.is_none(),
-                "{}",
-                outcome.violation.unwrap_or_default()
-            );
+            run_safe("safe rule", plan_new_view, bounds);
         }
     }
 }
