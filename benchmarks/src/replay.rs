@@ -524,88 +524,52 @@ fn stream_trace(
 // ---------------------------------------------------------------------------------------------
 // Procedures
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Proc {
-    Null,
-    Getattr,
-    Setattr,
-    Lookup,
-    Access,
-    Readlink,
-    Read,
-    Write,
-    Create,
-    Mkdir,
-    Symlink,
-    Mknod,
-    Remove,
-    Rmdir,
-    Rename,
-    Link,
-    Readdir,
-    Readdirplus,
-    Fsstat,
-    Fsinfo,
-    Pathconf,
-    Commit,
+/// Defines `Proc` from one list of the NFSv3 procedures in the order of their numbers, each
+/// with its label in the reports, so that number, variant and label cannot drift apart.
+macro_rules! procs {
+    ($($proc:ident => $label:literal,)*) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub enum Proc {
+            $($proc,)*
+        }
+
+        impl Proc {
+            pub fn from_number(n: u32) -> Option<Proc> {
+                const ALL: &[Proc] = &[$(Proc::$proc,)*];
+                ALL.get(n as usize).copied()
+            }
+            pub fn label(self) -> &'static str {
+                match self {
+                    $(Proc::$proc => $label,)*
+                }
+            }
+        }
+    };
 }
 
-impl Proc {
-    pub fn from_number(n: u32) -> Option<Proc> {
-        use Proc::*;
-        const ALL: [Proc; 22] = [
-            Null,
-            Getattr,
-            Setattr,
-            Lookup,
-            Access,
-            Readlink,
-            Read,
-            Write,
-            Create,
-            Mkdir,
-            Symlink,
-            Mknod,
-            Remove,
-            Rmdir,
-            Rename,
-            Link,
-            Readdir,
-            Readdirplus,
-            Fsstat,
-            Fsinfo,
-            Pathconf,
-            Commit,
-        ];
-        ALL.get(n as usize).copied()
-    }
-    pub fn label(self) -> &'static str {
-        use Proc::*;
-        match self {
-            Null => "null",
-            Getattr => "getattr",
-            Setattr => "setattr",
-            Lookup => "lookup",
-            Access => "access",
-            Readlink => "readlink",
-            Read => "read",
-            Write => "write",
-            Create => "create",
-            Mkdir => "mkdir",
-            Symlink => "symlink",
-            Mknod => "mknod",
-            Remove => "remove",
-            Rmdir => "rmdir",
-            Rename => "rename",
-            Link => "link",
-            Readdir => "readdir",
-            Readdirplus => "readdirp",
-            Fsstat => "fsstat",
-            Fsinfo => "fsinfo",
-            Pathconf => "pathconf",
-            Commit => "commit",
-        }
-    }
+procs! {
+    Null => "null",
+    Getattr => "getattr",
+    Setattr => "setattr",
+    Lookup => "lookup",
+    Access => "access",
+    Readlink => "readlink",
+    Read => "read",
+    Write => "write",
+    Create => "create",
+    Mkdir => "mkdir",
+    Symlink => "symlink",
+    Mknod => "mknod",
+    Remove => "remove",
+    Rmdir => "rmdir",
+    Rename => "rename",
+    Link => "link",
+    Readdir => "readdir",
+    Readdirplus => "readdirp",
+    Fsstat => "fsstat",
+    Fsinfo => "fsinfo",
+    Pathconf => "pathconf",
+    Commit => "commit",
 }
 
 // ---------------------------------------------------------------------------------------------

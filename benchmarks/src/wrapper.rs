@@ -64,12 +64,37 @@ fn name(prefix: &str, i: usize) -> Vec<u8> {
     format!("{prefix}{i:06}").into_bytes()
 }
 
+/// `f` on each of `items` in turn, up to the first error; what it returns is dropped.
+fn each<I: IntoIterator, T, E>(items: I, mut f: impl FnMut(I::Item) -> Result<T, E>) -> Result<()>
+where
+    anyhow::Error: From<E>,
+{
+    for item in items {
+        f(item)?;
+    }
+    Ok(())
+}
+
 /// Microseconds per operation of `f` over `n` operations.
 fn time_us(n: usize, f: impl FnOnce() -> Result<()>) -> Result<f64> {
     let t = Instant::now();
     f()?;
     Ok(t.elapsed().as_secs_f64() * 1e6 / n as f64)
 }
+
+/// The operations `round` measures, in its order, with the system calls of the raw side.
+const OPS: [(&str, &str); 10] = [
+    ("create", "openat(O_CREAT|O_EXCL)"),
+    ("lookup", "fstatat"),
+    ("getattr", "fstat"),
+    ("setattr (chmod)", "fchmod"),
+    ("write 4 KiB", "pwrite"),
+    ("read 4 KiB", "pread"),
+    ("rename", "renameat"),
+    ("remove", "unlinkat+close"),
+    ("mkdir", "mkdirat"),
+    ("readdir (100 names)", "lseek+getdents64 (3200 B)"),
+];
 
 struct Row {
     op: &'static str,
@@ -125,21 +150,20 @@ fn round(
         0,
         rows,
         &mut || {
-            for i in 0..n {
-                wfiles.push(w.handle(FsOp::Create {
+            each(0..n, |i| {
+                w.handle(FsOp::Create {
                     dir: wd,
                     name: name("f", i),
                     mode: 0o644,
                     how: CreateHow::Guarded,
-                })?);
-            }
-            Ok(())
+                })
+                .map(|h| wfiles.push(h))
+            })
         },
         &mut || {
-            for i in 0..n {
-                rfiles.push(sys::create_file_at(r, &name("f", i))?);
-            }
-            Ok(())
+            each(0..n, |i| {
+                sys::create_file_at(r, &name("f", i)).map(|f| rfiles.push(f))
+            })
         },
     )?;
     // lookup
@@ -147,62 +171,45 @@ fn round(
         1,
         rows,
         &mut || {
-            for i in 0..n {
+            each(0..n, |i| {
                 w.run(FsOp::Lookup {
                     dir: wd,
                     name: name("f", i),
-                })?;
-            }
-            Ok(())
+                })
+            })
         },
-        &mut || {
-            for i in 0..n {
-                sys::fstatat(r, &name("f", i))?;
-            }
-            Ok(())
-        },
+        &mut || each(0..n, |i| sys::fstatat(r, &name("f", i))),
     )?;
     // getattr
     measure(
         2,
         rows,
-        &mut || {
-            for h in &wfiles {
-                w.run(FsOp::GetAttr { h: *h })?;
-            }
-            Ok(())
-        },
-        &mut || {
-            for f in &rfiles {
-                sys::fstat(f.as_raw_fd())?;
-            }
-            Ok(())
-        },
+        &mut || each(&wfiles, |h| w.run(FsOp::GetAttr { h: *h })),
+        &mut || each(&rfiles, |f| sys::fstat(f.as_raw_fd())),
     )?;
     // setattr (chmod)
     measure(
         3,
         rows,
         &mut || {
-            for h in &wfiles {
+            each(&wfiles, |h| {
                 w.run(FsOp::SetAttr {
                     h: *h,
                     set: SetAttrs {
                         mode: Some(0o600),
                         ..Default::default()
                     },
-                })?;
-            }
-            Ok(())
+                })
+            })
         },
         &mut || {
-            for f in &rfiles {
+            each(&rfiles, |f| {
                 // SAFETY: plain system call on an fd we own.
                 if unsafe { libc::fchmod(f.as_raw_fd(), 0o600) } != 0 {
-                    return Err(std::io::Error::last_os_error().into());
+                    return Err(std::io::Error::last_os_error());
                 }
-            }
-            Ok(())
+                Ok(())
+            })
         },
     )?;
     // write 4 KiB
@@ -210,21 +217,19 @@ fn round(
         4,
         rows,
         &mut || {
-            for h in &wfiles {
+            each(&wfiles, |h| {
                 w.run(FsOp::Write {
                     h: *h,
                     offset: 0,
                     data: page.clone(),
-                })?;
-            }
-            Ok(())
+                })
+            })
         },
         &mut || {
-            for f in &rfiles {
+            each(&rfiles, |f| {
                 let data = page.clone();
-                sys::pwrite_full(f.as_raw_fd(), &data, 0)?;
-            }
-            Ok(())
+                sys::pwrite_full(f.as_raw_fd(), &data, 0)
+            })
         },
     )?;
     // read 4 KiB
@@ -232,21 +237,19 @@ fn round(
         5,
         rows,
         &mut || {
-            for h in &wfiles {
+            each(&wfiles, |h| {
                 w.run(FsOp::Read {
                     h: *h,
                     offset: 0,
                     count: 4096,
-                })?;
-            }
-            Ok(())
+                })
+            })
         },
         &mut || {
-            for f in &rfiles {
+            each(&rfiles, |f| {
                 let mut buf = vec![0u8; 4096];
-                sys::pread_full(f.as_raw_fd(), &mut buf, 0)?;
-            }
-            Ok(())
+                sys::pread_full(f.as_raw_fd(), &mut buf, 0)
+            })
         },
     )?;
     // rename
@@ -254,22 +257,20 @@ fn round(
         6,
         rows,
         &mut || {
-            for i in 0..n {
+            each(0..n, |i| {
                 w.run(FsOp::Rename {
                     from_dir: wd,
                     from_name: name("f", i),
                     to_dir: wd,
                     to_name: name("g", i),
                     no_replace: false,
-                })?;
-            }
-            Ok(())
+                })
+            })
         },
         &mut || {
-            for i in 0..n {
-                sys::renameat(r, &name("f", i), r, &name("g", i), false)?;
-            }
-            Ok(())
+            each(0..n, |i| {
+                sys::renameat(r, &name("f", i), r, &name("g", i), false)
+            })
         },
     )?;
     // remove
@@ -277,22 +278,21 @@ fn round(
         7,
         rows,
         &mut || {
-            for i in 0..n {
+            each(0..n, |i| {
                 w.run(FsOp::Remove {
                     dir: wd,
                     name: name("g", i),
-                })?;
-            }
-            Ok(())
+                })
+            })
         },
         &mut || {
             // The wrapper closes its cached descriptor of a removed file, which is when
             // the file is really freed; the raw side does the same.
-            for (i, f) in rfiles.drain(..).enumerate() {
+            each(rfiles.drain(..).enumerate(), |(i, f)| {
                 sys::unlinkat(r, &name("g", i), false)?;
                 drop(f);
-            }
-            Ok(())
+                Ok::<_, std::io::Error>(())
+            })
         },
     )?;
     // mkdir
@@ -300,53 +300,46 @@ fn round(
         8,
         rows,
         &mut || {
-            for i in 0..n {
+            each(0..n, |i| {
                 w.run(FsOp::Mkdir {
                     dir: wd,
                     name: name("d", i),
                     mode: 0o755,
-                })?;
-            }
-            Ok(())
+                })
+            })
         },
-        &mut || {
-            for i in 0..n {
-                sys::mkdirat(r, &name("d", i))?;
-            }
-            Ok(())
-        },
+        &mut || each(0..n, |i| sys::mkdirat(r, &name("d", i))),
     )?;
     // readdir: 100 entries per call
     measure(
         9,
         rows,
         &mut || {
-            for i in 0..n {
+            each(0..n, |i| {
                 w.run(FsOp::ReadDir {
                     dir: wd,
                     cookie: (i % 10) as u64 * 100,
                     count: 100,
                     plus: false,
-                })?;
-            }
-            Ok(())
+                })
+            })
         },
         &mut || {
             // A plain server seeks its open directory and reads one batch of entries: one
             // lseek and one getdents64 into a buffer that holds about 100 short names.
             let mut buf = vec![0u8; 3200];
-            for _ in 0..n {
+            each(0..n, |_| {
                 // SAFETY: plain system calls on a directory fd we own, into `buf`.
                 let got = unsafe {
                     libc::lseek(r, 0, libc::SEEK_SET);
                     libc::syscall(libc::SYS_getdents64, r, buf.as_mut_ptr(), buf.len())
                 };
                 if got < 0 {
-                    return Err(std::io::Error::last_os_error().into());
+                    return Err(std::io::Error::last_os_error());
                 }
                 std::hint::black_box(&buf);
-            }
-            Ok(())
+                Ok(())
+            })
         },
     )?;
     // Clean up untimed.
@@ -465,78 +458,19 @@ pub fn run(args: Args) -> Result<()> {
         };
         std::fs::create_dir(tmp.path().join("raw"))?;
         let raw_dir = sys::open_path(&tmp.path().join("raw"), libc::O_RDONLY | libc::O_DIRECTORY)?;
-        let mut rows = vec![
-            Row {
-                op: "create",
-                baseline: "openat(O_CREAT|O_EXCL)",
-                wrapper: vec![],
-                raw: vec![],
-            },
-            Row {
-                op: "lookup",
-                baseline: "fstatat",
-                wrapper: vec![],
-                raw: vec![],
-            },
-            Row {
-                op: "getattr",
-                baseline: "fstat",
-                wrapper: vec![],
-                raw: vec![],
-            },
-            Row {
-                op: "setattr (chmod)",
-                baseline: "fchmod",
-                wrapper: vec![],
-                raw: vec![],
-            },
-            Row {
-                op: "write 4 KiB",
-                baseline: "pwrite",
-                wrapper: vec![],
-                raw: vec![],
-            },
-            Row {
-                op: "read 4 KiB",
-                baseline: "pread",
-                wrapper: vec![],
-                raw: vec![],
-            },
-            Row {
-                op: "rename",
-                baseline: "renameat",
-                wrapper: vec![],
-                raw: vec![],
-            },
-            Row {
-                op: "remove",
-                baseline: "unlinkat+close",
-                wrapper: vec![],
-                raw: vec![],
-            },
-            Row {
-                op: "mkdir",
-                baseline: "mkdirat",
-                wrapper: vec![],
-                raw: vec![],
-            },
-            Row {
-                op: "readdir (100 names)",
-                baseline: "lseek+getdents64 (3200 B)",
-                wrapper: vec![],
-                raw: vec![],
-            },
-        ];
+        let new_rows = || -> Vec<Row> {
+            OPS.iter()
+                .map(|&(op, baseline)| Row {
+                    op,
+                    baseline,
+                    wrapper: vec![],
+                    raw: vec![],
+                })
+                .collect()
+        };
+        let mut rows = new_rows();
         // One warm-up round, not counted.
-        let mut warm: Vec<Row> = rows
-            .iter()
-            .map(|r| Row {
-                op: r.op,
-                baseline: r.baseline,
-                wrapper: vec![],
-                raw: vec![],
-            })
-            .collect();
+        let mut warm = new_rows();
         round(&mut w, &raw_dir, args.ops, 1000, &mut warm)?;
         for k in 0..args.rounds {
             round(&mut w, &raw_dir, args.ops, k, &mut rows)?;
@@ -575,14 +509,7 @@ pub fn run(args: Args) -> Result<()> {
                 without.push(a);
                 with.push(b);
             }
-            let (a, b) = (median(without), median(with));
-            println!(
-                "{:<34} {:>14.2} {:>14.2} {:>8.0}%",
-                label,
-                a,
-                b,
-                (b / a - 1.0) * 100.0
-            );
+            print_upkeep(label, median(without), median(with));
         }
         // The worst case: the root digest brought up to date after every single write.
         let mut per_write = Vec::new();
@@ -602,43 +529,45 @@ pub fn run(args: Args) -> Result<()> {
             w.svc.root_digest()?;
             let page = vec![3u8; 4096];
             let n = 1000;
-            plain.push(time_us(n, || {
-                for i in 0..n {
-                    w.run(FsOp::Write {
-                        h: f,
-                        offset: (i as u64 % 256) * 4096,
-                        data: page.clone(),
-                    })?;
-                }
-                Ok(())
-            })?);
+            // µs per write of `n` writes, with the root digest brought up to date after each
+            // write or not.
+            let writes = |w: &mut Wrapped, digest_each: bool| {
+                time_us(n, || {
+                    each(0..n, |i| {
+                        w.run(FsOp::Write {
+                            h: f,
+                            offset: (i as u64 % 256) * 4096,
+                            data: page.clone(),
+                        })?;
+                        if digest_each {
+                            w.svc.root_digest()?;
+                        }
+                        Ok::<_, anyhow::Error>(())
+                    })
+                })
+            };
+            plain.push(writes(&mut w, false)?);
             w.svc.root_digest()?;
-            per_write.push(time_us(n, || {
-                for i in 0..n {
-                    w.run(FsOp::Write {
-                        h: f,
-                        offset: (i as u64 % 256) * 4096,
-                        data: page.clone(),
-                    })?;
-                    w.svc.root_digest()?;
-                }
-                Ok(())
-            })?);
+            per_write.push(writes(&mut w, true)?);
             w.run(FsOp::Remove {
                 dir: ROOT,
                 name: format!("each{k}").into_bytes(),
             })?;
         }
-        let (a, b) = (median(plain), median(per_write));
-        println!(
-            "{:<34} {:>14.2} {:>14.2} {:>8.0}%",
-            "digest after every write",
-            a,
-            b,
-            (b / a - 1.0) * 100.0
-        );
+        print_upkeep("digest after every write", median(plain), median(per_write));
     }
     Ok(())
+}
+
+/// One row of the digest-upkeep table: µs per write without and with the digest work.
+fn print_upkeep(label: &str, without: f64, with: f64) {
+    println!(
+        "{:<34} {:>14.2} {:>14.2} {:>8.0}%",
+        label,
+        without,
+        with,
+        (with / without - 1.0) * 100.0
+    );
 }
 
 fn fs_type(p: &std::path::Path) -> String {

@@ -558,6 +558,35 @@ impl BftFs {
         }
     }
 
+    /// `run` (`entry_op` or `empty_op`) with the op made from the handle of node `ino`.
+    fn op_on<R: ErrorReply>(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        op: impl FnOnce(Handle) -> FsOp,
+        name: &'static str,
+        reply: R,
+        run: fn(&Self, &Request, FsOp, &'static str, R),
+    ) {
+        match self.handle(ino) {
+            Ok(h) => run(self, req, op(h), name, reply),
+            Err(f) => self.fail(name, reply, f),
+        }
+    }
+
+    /// The check at open(2) and opendir(3) of node `ino`: without default_permissions the
+    /// kernel checks nothing at open; the service does, so that open fails where POSIX says it
+    /// must rather than at the first read or write. Root passes read/write checks anyway,
+    /// which saves a round trip on every open.
+    fn check_open(&self, req: &Request, ino: INodeNo, mask: u32) -> Result<(), Failure> {
+        let h = self.handle(ino)?;
+        if req.uid() == 0 {
+            Ok(())
+        } else {
+            self.check_access(req, h, mask)
+        }
+    }
+
     /// Checks `mask` (ACCESS_* bits) for the caller; EACCES if not all granted.
     fn check_access(&self, req: &Request, h: Handle, mask: u32) -> Result<(), Failure> {
         match self.call(req, FsOp::Access { h, mask })? {
@@ -735,18 +764,16 @@ impl Filesystem for BftFs {
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let dir = match self.handle(parent) {
-            Ok(h) => h,
-            Err(f) => return self.fail("lookup", reply, f),
-        };
-        self.entry_op(
+        self.op_on(
             req,
-            FsOp::Lookup {
+            parent,
+            |dir| FsOp::Lookup {
                 dir,
                 name: name_bytes(name),
             },
             "lookup",
             reply,
+            Self::entry_op,
         )
     }
 
@@ -878,19 +905,17 @@ impl Filesystem for BftFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        let dir = match self.handle(parent) {
-            Ok(h) => h,
-            Err(f) => return self.fail("mkdir", reply, f),
-        };
-        self.entry_op(
+        self.op_on(
             req,
-            FsOp::Mkdir {
+            parent,
+            |dir| FsOp::Mkdir {
                 dir,
                 name: name_bytes(name),
                 mode: mode & 0o7777,
             },
             "mkdir",
             reply,
+            Self::entry_op,
         )
     }
 
@@ -915,18 +940,17 @@ impl Filesystem for BftFs {
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.handle(parent) {
-            Ok(dir) => self.empty_op(
-                req,
-                FsOp::Rmdir {
-                    dir,
-                    name: name_bytes(name),
-                },
-                "rmdir",
-                reply,
-            ),
-            Err(f) => self.fail("rmdir", reply, f),
-        }
+        self.op_on(
+            req,
+            parent,
+            |dir| FsOp::Rmdir {
+                dir,
+                name: name_bytes(name),
+            },
+            "rmdir",
+            reply,
+            Self::empty_op,
+        )
     }
 
     fn symlink(
@@ -937,16 +961,18 @@ impl Filesystem for BftFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let dir = match self.handle(parent) {
-            Ok(h) => h,
-            Err(f) => return self.fail("symlink", reply, f),
-        };
-        let op = FsOp::Symlink {
-            dir,
-            name: name_bytes(link_name),
-            target: target.as_os_str().as_bytes().to_vec(),
-        };
-        self.entry_op(req, op, "symlink", reply)
+        self.op_on(
+            req,
+            parent,
+            |dir| FsOp::Symlink {
+                dir,
+                name: name_bytes(link_name),
+                target: target.as_os_str().as_bytes().to_vec(),
+            },
+            "symlink",
+            reply,
+            Self::entry_op,
+        )
     }
 
     fn rename(
@@ -1046,17 +1072,7 @@ impl Filesystem for BftFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        // Without default_permissions the kernel checks nothing at open; the service does, so
-        // that open(2) fails where POSIX says it must rather than at the first read or write.
-        // Root passes read/write checks anyway, which saves a round trip on every open.
-        let r = self.handle(ino).and_then(|h| {
-            if req.uid() == 0 {
-                Ok(())
-            } else {
-                self.check_access(req, h, access_mask_of_open(flags))
-            }
-        });
-        match r {
+        match self.check_open(req, ino, access_mask_of_open(flags)) {
             // No FOPEN_KEEP_CACHE: the kernel drops cached pages at open, which gives
             // close-to-open consistency between clients, as NFS does.
             Ok(()) => {
@@ -1146,21 +1162,18 @@ impl Filesystem for BftFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.handle(ino) {
-            Ok(h) => self.empty_op(req, FsOp::Commit { h }, "fsync", reply),
-            Err(f) => self.fail("fsync", reply, f),
-        }
+        self.op_on(
+            req,
+            ino,
+            |h| FsOp::Commit { h },
+            "fsync",
+            reply,
+            Self::empty_op,
+        )
     }
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let r = self.handle(ino).and_then(|h| {
-            if req.uid() == 0 {
-                Ok(())
-            } else {
-                self.check_access(req, h, ACCESS_READ)
-            }
-        });
-        match r {
+        match self.check_open(req, ino, ACCESS_READ) {
             Ok(()) => {
                 let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
                 let stream = DirStream::default();
@@ -1288,10 +1301,14 @@ impl Filesystem for BftFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.handle(ino) {
-            Ok(h) => self.empty_op(req, FsOp::Commit { h }, "fsyncdir", reply),
-            Err(f) => self.fail("fsyncdir", reply, f),
-        }
+        self.op_on(
+            req,
+            ino,
+            |h| FsOp::Commit { h },
+            "fsyncdir",
+            reply,
+            Self::empty_op,
+        )
     }
 
     fn statfs(&self, req: &Request, ino: INodeNo, reply: ReplyStatfs) {
@@ -1338,18 +1355,19 @@ impl Filesystem for BftFs {
         if name.as_bytes() == CAPS_XATTR {
             self.set_caps_absent(ino.0, false);
         }
-        match self.handle(ino) {
-            Ok(h) => {
-                let op = FsOp::SetXattr {
-                    h,
-                    name: name_bytes(name),
-                    value: value.to_vec(),
-                    how,
-                };
-                self.empty_op(req, op, "setxattr", reply)
-            }
-            Err(f) => self.fail("setxattr", reply, f),
-        }
+        self.op_on(
+            req,
+            ino,
+            |h| FsOp::SetXattr {
+                h,
+                name: name_bytes(name),
+                value: value.to_vec(),
+                how,
+            },
+            "setxattr",
+            reply,
+            Self::empty_op,
+        )
     }
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -1401,18 +1419,17 @@ impl Filesystem for BftFs {
         if name.as_bytes() == CAPS_XATTR {
             self.set_caps_absent(ino.0, false);
         }
-        match self.handle(ino) {
-            Ok(h) => self.empty_op(
-                req,
-                FsOp::RemoveXattr {
-                    h,
-                    name: name_bytes(name),
-                },
-                "removexattr",
-                reply,
-            ),
-            Err(f) => self.fail("removexattr", reply, f),
-        }
+        self.op_on(
+            req,
+            ino,
+            |h| FsOp::RemoveXattr {
+                h,
+                name: name_bytes(name),
+            },
+            "removexattr",
+            reply,
+            Self::empty_op,
+        )
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {

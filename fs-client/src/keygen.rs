@@ -114,23 +114,22 @@ pub fn write_cluster(
         replicas: Vec::new(),
         clients: Vec::new(),
     };
+    // Each secret in a file of its own, readable by the owner only.
+    let write_secret = |kind: &str, id: u64, json: Result<String, _>| -> Result<PathBuf> {
+        let path = dir.join(format!("{kind}-{id}.json"));
+        let json = json.with_context(|| format!("cannot encode {kind} secrets"))?;
+        write_new(&path, &json, 0o600)?;
+        Ok(path)
+    };
     for s in &replicas {
-        let path = dir.join(format!("replica-{}.json", s.id.0));
-        write_new(
-            &path,
-            &s.to_json().context("cannot encode replica secrets")?,
-            0o600,
-        )?;
-        files.replicas.push(path);
+        files
+            .replicas
+            .push(write_secret("replica", s.id.0.into(), s.to_json())?);
     }
     for s in &client_secrets {
-        let path = dir.join(format!("client-{}.json", s.id.0));
-        write_new(
-            &path,
-            &s.to_json().context("cannot encode client secrets")?,
-            0o600,
-        )?;
-        files.clients.push((s.id, path));
+        files
+            .clients
+            .push((s.id, write_secret("client", s.id.0, s.to_json())?));
     }
     write_new(
         &config_path,

@@ -448,18 +448,7 @@ pub fn mount(
         if let Some(c) = client {
             cmd.arg("--client").arg(c);
         }
-        // SAFETY: setsid is async-signal-safe (see spawn_detached).
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::setsid() < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = cmd
-            .spawn()
-            .context("cannot start the background bftfs process")?;
+        let mut child = spawn_in_new_session(&mut cmd)?;
         let started = Instant::now();
         loop {
             if let Some(status) = child.try_wait()? {
@@ -673,6 +662,23 @@ fn log_tail(path: &Path, lines: usize) -> String {
     tail[tail.len().saturating_sub(lines)..].join("\n")
 }
 
+/// Starts the background bftfs process of `mount -d` or `up` in a session of its own: detached
+/// from our terminal and process group, so that a Ctrl-C meant for the shell does not stop
+/// the mount.
+fn spawn_in_new_session(cmd: &mut Command) -> Result<std::process::Child> {
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+        .context("cannot start the background bftfs process")
+}
+
 fn spawn_detached(mnt: &Path, data_dir: &Path, args: &UpArgs) -> Result<()> {
     let exe = std::env::current_exe().context("cannot find the bftfs executable")?;
     let log_path = data_dir.join(LOG_FILE);
@@ -699,19 +705,7 @@ fn spawn_detached(mnt: &Path, data_dir: &Path, args: &UpArgs) -> Result<()> {
     for (id, mode) in &args.byzantine {
         cmd.arg("--byzantine").arg(format!("{id}:{mode}"));
     }
-    // SAFETY: setsid is async-signal-safe; it detaches the child from our terminal and
-    // process group so that a Ctrl-C meant for the shell does not stop the mount.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd
-        .spawn()
-        .context("cannot start the background bftfs process")?;
+    let mut child = spawn_in_new_session(&mut cmd)?;
     let started = Instant::now();
     loop {
         if let Some(status) = child.try_wait()? {

@@ -11,6 +11,7 @@
 
 use crate::digest::{object_digest, piece_digest, Digest, Hasher, PartitionTree};
 use crate::service::{AbstractObject, ClientId, SeqNo, Service, ServiceError};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -47,14 +48,23 @@ fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<DECODE_LIMIT>()
 }
 
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // Encoding into a Vec cannot fail for these plain types.
+    bincode::serde::encode_to_vec(v, config()).unwrap_or_default()
+}
+
+/// Decodes `bytes` whole (trailing bytes refused).
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Option<T> {
+    let (v, used) = bincode::serde::decode_from_slice(bytes, config()).ok()?;
+    (used == bytes.len()).then_some(v)
+}
+
 impl KvOp {
     pub fn encode(&self) -> Vec<u8> {
-        // Encoding into a Vec cannot fail for these plain types.
-        bincode::serde::encode_to_vec(self, config()).unwrap_or_default()
+        encode(self)
     }
     pub fn decode(bytes: &[u8]) -> Option<KvOp> {
-        let (op, used) = bincode::serde::decode_from_slice(bytes, config()).ok()?;
-        (used == bytes.len()).then_some(op)
+        decode(bytes)
     }
     pub fn key(&self) -> &[u8] {
         match self {
@@ -68,11 +78,10 @@ impl KvOp {
 
 impl KvReply {
     pub fn encode(&self) -> Vec<u8> {
-        bincode::serde::encode_to_vec(self, config()).unwrap_or_default()
+        encode(self)
     }
     pub fn decode(bytes: &[u8]) -> Option<KvReply> {
-        let (reply, used) = bincode::serde::decode_from_slice(bytes, config()).ok()?;
-        (used == bytes.len()).then_some(reply)
+        decode(bytes)
     }
 }
 
@@ -176,7 +185,7 @@ impl KvService {
             };
         }
         let entries: Vec<(&Vec<u8>, &Vec<u8>)> = self.buckets[index as usize].iter().collect();
-        let bytes = bincode::serde::encode_to_vec(&entries, config()).unwrap_or_default();
+        let bytes = encode(&entries);
         AbstractObject {
             pieces: vec![bytes],
         }

@@ -47,14 +47,8 @@ fn populate(fs: &mut Fs, tag: u8) {
 }
 
 fn mutate(fs: &mut Fs) {
-    let d = match fs.lookup(ROOT, "dir1") {
-        Ok(FsReply::Entry { handle, .. }) => handle,
-        other => panic!("{other:?}"),
-    };
-    let f = match fs.lookup(d, "file") {
-        Ok(FsReply::Entry { handle, .. }) => handle,
-        other => panic!("{other:?}"),
-    };
+    let d = fs.handle_of(ROOT, "dir1");
+    let f = fs.handle_of(d, "file");
     fs.write(f, 70_000, b"changed in the middle");
     fs.run(FsOp::SetAttr {
         h: f,

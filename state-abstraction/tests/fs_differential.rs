@@ -164,7 +164,9 @@ impl Model {
         Out::Attr(n.kind, n.mode, n.nlink, n.uid, n.gid, size)
     }
 
-    fn lookup(&self, d: usize, name: &[u8], c: &Caller) -> R<usize> {
+    /// Directory `d`, once the checks before searching it for `name` pass: it is a directory,
+    /// the name is valid, and `c` may search it.
+    fn searchable(&self, d: usize, name: &[u8], c: &Caller) -> R<&MNode> {
         let dn = self.n(d);
         if dn.kind != FileType::Directory {
             return Err(FsError::NotDir);
@@ -175,6 +177,11 @@ impl Model {
         if !may(dn, c, 1) {
             return Err(FsError::Access);
         }
+        Ok(dn)
+    }
+
+    fn lookup(&self, d: usize, name: &[u8], c: &Caller) -> R<usize> {
+        let dn = self.searchable(d, name, c)?;
         dn.entries.get(name).copied().ok_or(FsError::NoEnt)
     }
 
@@ -187,16 +194,7 @@ impl Model {
     }
 
     fn new_entry(&self, d: usize, name: &[u8], c: &Caller) -> R<()> {
-        let dn = self.n(d);
-        if dn.kind != FileType::Directory {
-            return Err(FsError::NotDir);
-        }
-        if let Some(e) = name_err(name) {
-            return Err(e);
-        }
-        if !may(dn, c, 1) {
-            return Err(FsError::Access);
-        }
+        let dn = self.searchable(d, name, c)?;
         if dn.entries.contains_key(name) {
             return Err(FsError::Exist);
         }
@@ -633,16 +631,7 @@ impl Harness {
                 );
                 let md = &mut self.model;
                 let want = (|| -> R<Out> {
-                    let dn = md.n(d);
-                    if dn.kind != FileType::Directory {
-                        return Err(FsError::NotDir);
-                    }
-                    if let Some(e) = name_err(&name) {
-                        return Err(e);
-                    }
-                    if !may(dn, &c, 1) {
-                        return Err(FsError::Access);
-                    }
+                    let dn = md.searchable(d, &name, &c)?;
                     if let Some(&i) = dn.entries.get(&name) {
                         let o = md.n(i);
                         let ok = match how {

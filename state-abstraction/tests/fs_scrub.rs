@@ -22,15 +22,22 @@ fn flip_byte(path: &std::path::Path, at: u64) {
     f.write_all_at(&b, at).expect("write");
 }
 
-#[test]
-fn damaged_data_changes_the_next_checkpoint_and_the_kept_ones() {
-    let dir = temp_dir();
-    let mut fs = Fs::open(dir.path());
+/// What both services are given: directory `d` with a 200 000-byte file `big` in it, and a
+/// small file. Returns (d, big).
+fn populate(fs: &mut Fs) -> (Handle, Handle) {
     let d = fs.mkdir(ROOT, "d");
     let f = fs.create(d, "big");
     fs.write(f, 0, &vec![7u8; 200_000]);
     let g = fs.create(ROOT, "small");
     fs.write(g, 0, b"hello");
+    (d, f)
+}
+
+#[test]
+fn damaged_data_changes_the_next_checkpoint_and_the_kept_ones() {
+    let dir = temp_dir();
+    let mut fs = Fs::open(dir.path());
+    let (d, f) = populate(&mut fs);
     let root1 = fs.svc.checkpoint(1).expect("checkpoint 1");
     let node1 = fs.svc.partition_node(1, 0, 0);
     // Nothing changes: the next checkpoint has the same digest.
@@ -51,17 +58,10 @@ fn damaged_data_changes_the_next_checkpoint_and_the_kept_ones() {
         "kept checkpoint still claims the old digest"
     );
     // Only the damaged chunk differs in the piece digests.
-    let big = match fs.lookup(d, "big") {
-        Ok(FsReply::Entry { handle, .. }) => handle.index,
-        other => panic!("{other:?}"),
-    };
+    let big = fs.handle_of(d, "big").index;
     let fresh_dir = temp_dir();
     let mut fresh = Fs::open(fresh_dir.path());
-    let d2 = fresh.mkdir(ROOT, "d");
-    let f2 = fresh.create(d2, "big");
-    fresh.write(f2, 0, &vec![7u8; 200_000]);
-    let g2 = fresh.create(ROOT, "small");
-    fresh.write(g2, 0, b"hello");
+    populate(&mut fresh);
     assert_eq!(
         fresh.svc.checkpoint(3).expect("fresh checkpoint"),
         root1,

@@ -363,21 +363,18 @@ pub fn btrfs_snapshot(src: RawFd, dst_dir: RawFd, name: &[u8], read_only: bool) 
 
 /// Creates an empty subvolume `name` inside `dst_dir`.
 pub fn btrfs_subvol_create(dst_dir: RawFd, name: &[u8]) -> io::Result<()> {
-    if name.len() >= 4088 || name.contains(&0) || name.contains(&b'/') {
-        return Err(io::Error::from_raw_os_error(libc::EINVAL));
-    }
-    let mut args = Box::new(BtrfsVolArgs {
-        fd: 0,
-        name: [0; 4088],
-    });
-    args.name[..name.len()].copy_from_slice(name);
-    let req = iow(14, std::mem::size_of::<BtrfsVolArgs>());
-    // SAFETY: BTRFS_IOC_SUBVOL_CREATE reads a btrfs_ioctl_vol_args, which `args` is.
-    check(unsafe { libc::ioctl(dst_dir, req as _, &mut *args as *mut BtrfsVolArgs) }).map(drop)
+    // BTRFS_IOC_SUBVOL_CREATE
+    btrfs_vol_ioctl(dst_dir, 14, name)
 }
 
 /// Deletes subvolume `name` inside `dir` (it must be empty of nested subvolumes).
 pub fn btrfs_subvol_delete(dir: RawFd, name: &[u8]) -> io::Result<()> {
+    // BTRFS_IOC_SNAP_DESTROY
+    btrfs_vol_ioctl(dir, 15, name)
+}
+
+/// The btrfs ioctl number `nr` that takes a btrfs_ioctl_vol_args naming `name`, on `dir`.
+fn btrfs_vol_ioctl(dir: RawFd, nr: u64, name: &[u8]) -> io::Result<()> {
     if name.len() >= 4088 || name.contains(&0) || name.contains(&b'/') {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
@@ -386,8 +383,9 @@ pub fn btrfs_subvol_delete(dir: RawFd, name: &[u8]) -> io::Result<()> {
         name: [0; 4088],
     });
     args.name[..name.len()].copy_from_slice(name);
-    let req = iow(15, std::mem::size_of::<BtrfsVolArgs>());
-    // SAFETY: BTRFS_IOC_SNAP_DESTROY reads a btrfs_ioctl_vol_args, which `args` is.
+    let req = iow(nr, std::mem::size_of::<BtrfsVolArgs>());
+    // SAFETY: both callers' ioctls (BTRFS_IOC_SUBVOL_CREATE, BTRFS_IOC_SNAP_DESTROY) read a
+    // btrfs_ioctl_vol_args, which `args` is.
     check(unsafe { libc::ioctl(dir, req as _, &mut *args as *mut BtrfsVolArgs) }).map(drop)
 }
 

@@ -611,6 +611,12 @@ impl FileService {
             }
         })?;
         let orphans = backend::open_dir_at(tree, b"orphans")?;
+        // Moves node `name` of `dir` to orphans/`target`, in place of whatever stood there.
+        let set_aside = |dir: RawFd, name: &[u8], target: &[u8]| -> Result<(), ServiceError> {
+            backend::remove_tree_at(orphans.as_raw_fd(), target).map_err(storage)?;
+            backend::renameat(dir, name, orphans.as_raw_fd(), target, false)?;
+            Ok(())
+        };
         // Nodes in the work areas move to orphans/<index> (known) or go (unknown).
         for area in [&b"stage"[..], b"orphans"] {
             let Ok(dir) = backend::open_dir_at(tree, area) else {
@@ -622,15 +628,7 @@ impl FileService {
                     Some(&j) if self.kind_matches(j, st.st_mode) && !self.orphans.contains(&j) => {
                         let target = j.to_string().into_bytes();
                         if area != b"orphans" || name != target {
-                            backend::remove_tree_at(orphans.as_raw_fd(), &target)
-                                .map_err(storage)?;
-                            backend::renameat(
-                                dir.as_raw_fd(),
-                                &name,
-                                orphans.as_raw_fd(),
-                                &target,
-                                false,
-                            )?;
+                            set_aside(dir.as_raw_fd(), &name, &target)?;
                         }
                         self.orphans.insert(j);
                     }
@@ -690,14 +688,7 @@ impl FileService {
                                 .is_none_or(|o| o.links.is_empty()) =>
                     {
                         let target = j.to_string().into_bytes();
-                        backend::remove_tree_at(orphans.as_raw_fd(), &target).map_err(storage)?;
-                        backend::renameat(
-                            dfd.as_raw_fd(),
-                            &name,
-                            orphans.as_raw_fd(),
-                            &target,
-                            false,
-                        )?;
+                        set_aside(dfd.as_raw_fd(), &name, &target)?;
                         self.orphans.insert(j);
                         if is_dir {
                             queue.push((Some(j), vec![b"orphans".to_vec(), target]));

@@ -105,6 +105,35 @@ fn xattr_ns(name: &[u8]) -> Result<Ns, FsError> {
     }
 }
 
+/// Whether `c` may get (`want` = R) or set (W) the xattr `name` of `o`: a well-formed name, user
+/// xattrs only on files and directories (else `wrong_kind`) and by the permission bits,
+/// trusted and security ones by root only.
+fn xattr_access(
+    o: &Obj,
+    c: &Caller,
+    name: &[u8],
+    want: u32,
+    wrong_kind: FsError,
+) -> Result<(), FsError> {
+    xattr_name_check(name)?;
+    match xattr_ns(name)? {
+        Ns::User => {
+            if o.kind != FileType::Regular && o.kind != FileType::Directory {
+                return Err(wrong_kind);
+            }
+            if !may(o, c, want) {
+                return Err(FsError::Access);
+            }
+        }
+        Ns::Privileged => {
+            if c.uid != 0 {
+                return Err(FsError::Perm);
+            }
+        }
+    }
+    Ok(())
+}
+
 impl FileService {
     pub(super) fn exec(&mut self, req: &FsRequest, now: Timespec) -> FsResult {
         let c = &req.caller;
@@ -251,22 +280,7 @@ impl FileService {
             }
             FsOp::GetXattr { h, name } => {
                 let o = self.obj(*h)?;
-                xattr_name_check(name)?;
-                match xattr_ns(name)? {
-                    Ns::User => {
-                        if o.kind != FileType::Regular && o.kind != FileType::Directory {
-                            return Err(FsError::NoData);
-                        }
-                        if !may(o, c, R) {
-                            return Err(FsError::Access);
-                        }
-                    }
-                    Ns::Privileged => {
-                        if c.uid != 0 {
-                            return Err(FsError::Perm);
-                        }
-                    }
-                }
+                xattr_access(o, c, name, R, FsError::NoData)?;
                 o.xattrs
                     .get(name)
                     .map(|v| FsReply::Xattr { value: v.clone() })
@@ -323,6 +337,17 @@ impl FileService {
         Ok(d)
     }
 
+    /// Directory `dir`, once the checks before using its entry `name` pass: `name` is a valid
+    /// name and `c` may search the directory.
+    fn searchable_dir(&self, c: &Caller, dir: Handle, name: &[u8]) -> Result<&Obj, FsError> {
+        let d = self.dir_obj(dir)?;
+        check_name(name)?;
+        if !may(d, c, X) {
+            return Err(FsError::Access);
+        }
+        Ok(d)
+    }
+
     fn lookup(&self, c: &Caller, dir: Handle, name: &[u8]) -> FsResult {
         let d = self.dir_obj(dir)?;
         let special = name == b"." || name == b"..";
@@ -347,11 +372,7 @@ impl FileService {
 
     /// Checks for making a new entry `name` in `dir`: returns the directory.
     fn new_entry_checks(&self, c: &Caller, dir: Handle, name: &[u8]) -> Result<&Obj, FsError> {
-        let d = self.dir_obj(dir)?;
-        check_name(name)?;
-        if !may(d, c, X) {
-            return Err(FsError::Access);
-        }
+        let d = self.searchable_dir(c, dir, name)?;
         if d.entries.contains_key(name) {
             return Err(FsError::Exist);
         }
@@ -443,11 +464,7 @@ impl FileService {
         how: CreateHow,
         now: Timespec,
     ) -> FsResult {
-        let d = self.dir_obj(dir)?;
-        check_name(name)?;
-        if !may(d, c, X) {
-            return Err(FsError::Access);
-        }
+        let d = self.searchable_dir(c, dir, name)?;
         if let Some(&i) = d.entries.get(name) {
             let o = self.live(i);
             let ok = match how {
@@ -687,11 +704,7 @@ impl FileService {
         rmdir: bool,
         now: Timespec,
     ) -> FsResult {
-        let d = self.dir_obj(dir)?;
-        check_name(name)?;
-        if !may(d, c, X) {
-            return Err(FsError::Access);
-        }
+        let d = self.searchable_dir(c, dir, name)?;
         let i = *d.entries.get(name).ok_or(FsError::NoEnt)?;
         if !may(d, c, W) {
             return Err(FsError::Access);
@@ -946,22 +959,7 @@ impl FileService {
         now: Timespec,
     ) -> FsResult {
         let o = self.obj(h)?;
-        xattr_name_check(name)?;
-        match xattr_ns(name)? {
-            Ns::User => {
-                if o.kind != FileType::Regular && o.kind != FileType::Directory {
-                    return Err(FsError::Perm);
-                }
-                if !may(o, c, W) {
-                    return Err(FsError::Access);
-                }
-            }
-            Ns::Privileged => {
-                if c.uid != 0 {
-                    return Err(FsError::Perm);
-                }
-            }
-        }
+        xattr_access(o, c, name, W, FsError::Perm)?;
         let exists = o.xattrs.contains_key(name);
         match value {
             Some((v, how)) => {

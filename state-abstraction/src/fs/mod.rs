@@ -240,31 +240,10 @@ impl FileService {
     }
 
     fn init_root(&mut self) {
-        let t = Timespec::default();
-        let root = Obj {
-            generation: 1,
-            parent: 0,
-            kind: FileType::Directory,
-            mode: 0o755,
-            nlink: 2,
-            uid: 0,
-            gid: 0,
-            size: object::DIR_SIZE,
-            rdev: 0,
-            atime: t,
-            mtime: t,
-            ctime: t,
-            verifier: None,
-            xattrs: Default::default(),
-            entries: Default::default(),
-            target: Vec::new(),
-            links: Default::default(),
-            pieces: vec![Digest::default()],
-            dirty_chunks: Default::default(),
-            ino: backend::fstat(self.root_fd.as_raw_fd())
-                .map(|st| st.st_ino)
-                .unwrap_or(0),
-        };
+        let ino = backend::fstat(self.root_fd.as_raw_fd())
+            .map(|st| st.st_ino)
+            .unwrap_or(0);
+        let root = Obj::new_root(ino);
         self.slots = vec![Slot::Live(Box::new(root))];
         self.dirty.insert(0);
     }

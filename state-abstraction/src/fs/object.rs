@@ -104,6 +104,33 @@ pub fn blocks_for(size: u64) -> u64 {
 }
 
 impl Obj {
+    /// The root directory of a new file system (slot 0), with the concrete inode number `ino`.
+    pub fn new_root(ino: u64) -> Obj {
+        let t = Timespec::default();
+        Obj {
+            generation: 1,
+            parent: 0,
+            kind: FileType::Directory,
+            mode: 0o755,
+            nlink: 2,
+            uid: 0,
+            gid: 0,
+            size: DIR_SIZE,
+            rdev: 0,
+            atime: t,
+            mtime: t,
+            ctime: t,
+            verifier: None,
+            xattrs: Default::default(),
+            entries: Default::default(),
+            target: Vec::new(),
+            links: Default::default(),
+            pieces: vec![Digest::default()],
+            dirty_chunks: Default::default(),
+            ino,
+        }
+    }
+
     pub fn attr(&self, index: u64) -> Attr {
         Attr {
             kind: self.kind,
@@ -266,25 +293,12 @@ impl LiveHeader {
 mod tests {
     use super::*;
 
+    /// The root directory's header with `entries` as they are (unsorted or repeated too).
     fn live(entries: Vec<(Name, u64)>) -> Header {
-        Header::Live(LiveHeader {
-            generation: 1,
-            parent: 0,
-            kind: FileType::Directory,
-            mode: 0o755,
-            nlink: 2,
-            uid: 0,
-            gid: 0,
-            size: DIR_SIZE,
-            rdev: 0,
-            atime: Timespec::default(),
-            mtime: Timespec::default(),
-            ctime: Timespec::default(),
-            verifier: None,
-            xattrs: Vec::new(),
-            entries,
-            target: Vec::new(),
-        })
+        let Header::Live(root) = Obj::new_root(0).header() else {
+            unreachable!("a live object has a live header")
+        };
+        Header::Live(LiveHeader { entries, ..root })
     }
 
     #[test]

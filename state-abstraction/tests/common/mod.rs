@@ -71,6 +71,15 @@ impl Fs {
         })
     }
 
+    /// The handle `name` in `dir` names; panics if the lookup does not find it.
+    pub fn handle_of(&mut self, dir: Handle, name: &str) -> Handle {
+        self.entry(FsOp::Lookup {
+            dir,
+            name: name.into(),
+        })
+        .0
+    }
+
     pub fn attr(&mut self, h: Handle) -> Attr {
         match self.run(FsOp::GetAttr { h }) {
             Ok(FsReply::Attr(a)) => a,
