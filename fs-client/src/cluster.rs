@@ -301,6 +301,15 @@ fn wait_for_previous_replicas(data_dir: &Path, n: usize) -> Result<()> {
     Ok(())
 }
 
+/// What `bftfs up` adds to some replicas' command lines.
+#[derive(Clone, Debug, Default)]
+pub struct ReplicaExtras {
+    /// Replicas that misbehave on purpose: (id, mode as `bftfs-replica --byzantine` takes it).
+    pub byzantine: Vec<(u32, String)>,
+    /// Replica i serves Prometheus metrics on 127.0.0.1:(port+i).
+    pub metrics_port: Option<u16>,
+}
+
 struct Member {
     child: Option<Child>,
     restarts: u32,
@@ -311,8 +320,9 @@ struct Member {
 /// up from the others.
 pub struct LocalCluster {
     program: PathBuf,
-    /// Replicas started with `--byzantine MODE` (by id), restarts included.
-    byzantine: Arc<BTreeMap<usize, String>>,
+    /// Extra `bftfs-replica` arguments by replica id (`--byzantine`, `--metrics-addr`),
+    /// restarts included.
+    extra_args: Arc<BTreeMap<usize, Vec<String>>>,
     config_path: PathBuf,
     data_dir: PathBuf,
     members: Arc<Mutex<Vec<Member>>>,
@@ -322,28 +332,37 @@ pub struct LocalCluster {
 
 impl LocalCluster {
     pub fn start(data_dir: &Path, config_path: &Path) -> Result<LocalCluster> {
-        Self::start_with_byzantine(data_dir, config_path, &[])
+        Self::start_with(data_dir, config_path, &ReplicaExtras::default())
     }
 
-    /// [`LocalCluster::start`] with replicas that misbehave on purpose: (id, mode as
-    /// `bftfs-replica --byzantine` takes it), kept across restarts.
-    pub fn start_with_byzantine(
+    /// [`LocalCluster::start`] with per-replica extras, kept across restarts.
+    pub fn start_with(
         data_dir: &Path,
         config_path: &Path,
-        byzantine: &[(u32, String)],
+        extras: &ReplicaExtras,
     ) -> Result<LocalCluster> {
         let config = read_config(config_path)?;
         let program = replica_program()?;
-        for (id, mode) in byzantine {
+        let mut extra_args: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+        for (id, mode) in &extras.byzantine {
             warn!("replica {id} misbehaves on purpose: --byzantine {mode}");
+            extra_args
+                .entry(*id as usize)
+                .or_default()
+                .extend(["--byzantine".to_string(), mode.clone()]);
+        }
+        if let Some(port) = extras.metrics_port {
+            for i in 0..config.n() {
+                let address = format!("127.0.0.1:{}", usize::from(port) + i);
+                info!("replica {i} serves its metrics at http://{address}/");
+                extra_args
+                    .entry(i)
+                    .or_default()
+                    .extend(["--metrics-addr".to_string(), address]);
+            }
         }
         let mut cluster = LocalCluster {
-            byzantine: Arc::new(
-                byzantine
-                    .iter()
-                    .map(|(i, m)| (*i as usize, m.clone()))
-                    .collect(),
-            ),
+            extra_args: Arc::new(extra_args),
             program,
             config_path: config_path.to_path_buf(),
             data_dir: data_dir.to_path_buf(),
@@ -395,7 +414,10 @@ impl LocalCluster {
             &self.config_path,
             &self.data_dir,
             i,
-            self.byzantine.get(&i).map(String::as_str),
+            self.extra_args
+                .get(&i)
+                .map(Vec::as_slice)
+                .unwrap_or_default(),
         )
     }
 
@@ -407,7 +429,7 @@ impl LocalCluster {
             self.config_path.clone(),
             self.data_dir.clone(),
         );
-        let byzantine = self.byzantine.clone();
+        let extra_args = self.extra_args.clone();
         std::thread::spawn(move || {
             let mut dead_since: Vec<Option<Instant>> = Vec::new();
             while !stop.load(Ordering::Relaxed) {
@@ -439,7 +461,7 @@ impl LocalCluster {
                         &config_path,
                         &data_dir,
                         i,
-                        byzantine.get(&i).map(String::as_str),
+                        extra_args.get(&i).map(Vec::as_slice).unwrap_or_default(),
                     ) {
                         Ok(c) => {
                             m.child = Some(c);
@@ -502,7 +524,7 @@ fn spawn_replica(
     config_path: &Path,
     data_dir: &Path,
     i: usize,
-    byzantine: Option<&str>,
+    extra_args: &[String],
 ) -> Result<Child> {
     let secrets = config_path
         .parent()
@@ -542,10 +564,8 @@ fn spawn_replica(
             Ok(())
         });
     }
-    if let Some(mode) = byzantine {
-        cmd.arg("--byzantine").arg(mode);
-    }
-    cmd.arg("--config")
+    cmd.args(extra_args)
+        .arg("--config")
         .arg(config_path)
         .arg("--secrets")
         .arg(&secrets)

@@ -51,6 +51,10 @@ enum Cmd {
         /// corrupt-state[:SECONDS[:TIMES]]. Needs a build with `--features byzantine`.
         #[arg(long = "byzantine", value_name = "ID:MODE")]
         byzantine: Vec<String>,
+        /// Serve each replica's metrics in the Prometheus text format: replica i listens on
+        /// 127.0.0.1:(PORT+i) (`curl 127.0.0.1:PORT`). Off by default.
+        #[arg(long, value_name = "PORT")]
+        metrics_port: Option<u16>,
         /// Internal: the background process started by --detach.
         #[arg(long, hide = true)]
         foreground_child: bool,
@@ -139,8 +143,10 @@ fn run(cli: Cli) -> Result<()> {
             no_fast_path,
             options,
             byzantine,
+            metrics_port,
             foreground_child,
         } => up::up(UpArgs {
+            metrics_port: up::check_metrics_port(metrics_port, f)?,
             byzantine: up::parse_byzantine(&byzantine, f)?,
             mountpoint,
             f,

@@ -61,6 +61,8 @@ pub struct UpArgs {
     /// Replicas that misbehave on purpose: (replica id, mode as `bftfs-replica --byzantine`
     /// takes it).
     pub byzantine: Vec<(u32, String)>,
+    /// `--metrics-port`: replica i serves Prometheus metrics on 127.0.0.1:(port+i).
+    pub metrics_port: Option<u16>,
     /// Set on the re-executed background process of `--detach`.
     pub foreground_child: bool,
 }
@@ -94,6 +96,24 @@ pub fn parse_byzantine(raw: &[String], f: u32) -> Result<Vec<(u32, String)>> {
         );
     }
     Ok(out)
+}
+
+/// Checks that `--metrics-port` leaves room for the 3f+1 ports it names.
+pub fn check_metrics_port(port: Option<u16>, f: u32) -> Result<Option<u16>> {
+    let Some(port) = port else {
+        return Ok(None);
+    };
+    if f == 0 {
+        bail!("--metrics-port: --f 0 runs no replicas, so there are no replica metrics to serve");
+    }
+    let n = 3 * u64::from(f) + 1;
+    if port == 0 || u64::from(port) + n - 1 > u64::from(u16::MAX) {
+        bail!(
+            "--metrics-port {port}: the {n} replicas need ports {port}..{} within 1..=65535",
+            u64::from(port) + n - 1
+        );
+    }
+    Ok(Some(port))
 }
 
 /// `$XDG_DATA_HOME/bftfs`, else `~/.local/share/bftfs`.
@@ -380,8 +400,14 @@ fn serve_replicated(mnt: &Path, data_dir: &Path, args: &UpArgs) -> Result<()> {
     mounting::block_stop_signals();
     let _lock = lock_data_dir(data_dir)?;
     let config_path = cluster::prepare_local_cluster(data_dir, args.f, args.fast_path)?;
-    let mut replicas =
-        cluster::LocalCluster::start_with_byzantine(data_dir, &config_path, &args.byzantine)?;
+    let mut replicas = cluster::LocalCluster::start_with(
+        data_dir,
+        &config_path,
+        &cluster::ReplicaExtras {
+            byzantine: args.byzantine.clone(),
+            metrics_port: args.metrics_port,
+        },
+    )?;
     let result = (|| {
         let config = cluster::read_config(&config_path)?;
         let (secrets, _client_lock) = cluster::claim_client(&config_path, None)?;
@@ -704,6 +730,9 @@ fn spawn_detached(mnt: &Path, data_dir: &Path, args: &UpArgs) -> Result<()> {
         .stderr(log_err);
     for (id, mode) in &args.byzantine {
         cmd.arg("--byzantine").arg(format!("{id}:{mode}"));
+    }
+    if let Some(port) = args.metrics_port {
+        cmd.arg("--metrics-port").arg(port.to_string());
     }
     let mut child = spawn_in_new_session(&mut cmd)?;
     let started = Instant::now();

@@ -227,3 +227,82 @@ fn kill_9_of_a_replica_during_a_workload() {
     assert_eq!(listing.len(), files, "{listing:?}");
     m.down();
 }
+
+/// A base port with `n` consecutive free ports after it (bound and released, so a race with
+/// another process is possible but unlikely; the test then fails at `up`, saying so).
+fn free_port_run(n: u16) -> u16 {
+    for attempt in 0..200u32 {
+        let base = 20_000 + ((std::process::id() * 7 + attempt * 131) % 30_000) as u16;
+        let all: Vec<_> = (0..n)
+            .map(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)))
+            .collect();
+        if all.iter().all(|l| l.is_ok()) {
+            return base;
+        }
+    }
+    panic!("no run of {n} free ports");
+}
+
+fn http_get(port: u16) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))
+        .unwrap_or_else(|e| panic!("connect to the metrics port {port}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        .expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("response");
+    out
+}
+
+#[test]
+fn up_metrics_port_serves_each_replicas_metrics() {
+    if !fuse_available("up_metrics_port_serves_each_replicas_metrics") {
+        return;
+    }
+    if test_f() == "0" {
+        eprintln!("SKIPPED metrics port: BFTFS_TEST_F=0 has no replicas");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (mnt, xdg) = (tmp.path().join("mnt"), tmp.path().join("xdg"));
+    fs::create_dir(&mnt).expect("mkdir");
+    let base = free_port_run(4);
+    let port = base.to_string();
+    let m = Mounted::at(&mnt, &xdg, None, &["--metrics-port", &port]).expect("up");
+    fs::write(m.mnt.join("f"), b"counted").expect("write through the mount");
+    let start = Instant::now();
+    for i in 0..4u16 {
+        // The replicas' status snapshot trails execution by up to 200 ms.
+        loop {
+            let text = http_get(base + i);
+            assert!(text.starts_with("HTTP/1.0 200 OK"), "replica {i}: {text}");
+            let executed = text
+                .lines()
+                .find(|l| l.starts_with(&format!("bftfs_last_executed{{replica=\"{i}\"}}")))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("replica {i}: no last_executed line:\n{text}"));
+            if executed > 0 {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "replica {i} reports nothing executed after a write:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    // A port range that does not fit is refused before anything starts.
+    let out = bftfs(
+        &[
+            "up".as_ref(),
+            tmp.path().join("other").as_os_str(),
+            "--metrics-port".as_ref(),
+            "65534".as_ref(),
+        ],
+        &xdg,
+    );
+    assert!(!out.status.success(), "--metrics-port 65534 accepted");
+    assert!(text(&out).contains("within 1..=65535"), "{}", text(&out));
+}
