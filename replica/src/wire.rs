@@ -8,8 +8,12 @@
 //! - checked the sender's HMAC-SHA256 tag (pairwise keys; a broadcast carries one tag per
 //!   receiver, computed over one digest of the message),
 //! - checked every Ed25519 signature inside the message (requests, pre-prepares, prepares,
-//!   commits, checkpoints, view changes, new views and the certificates they carry) and that
-//!   each batch hashes to the digest its pre-prepare signs.
+//!   checkpoints, view changes, new views and the certificates they carry) and that each batch
+//!   hashes to the digest its pre-prepare signs,
+//! - with one exception: a commit received on its own is not signature-checked (its MAC
+//!   authenticates its sender, which is all a local "committed" decision needs); commits are
+//!   checked where they become transferable evidence, inside a relayed [`CommitCertificate`],
+//!   and those that fail are dropped from it ([`Authenticated::stripped_commits`]).
 //!
 //! What is signed: statements later forwarded as evidence ([`Statement`] types). What is only
 //! MAC'd: everything point-to-point (replies, fetches, state-transfer data). Digests are taken
@@ -313,10 +317,20 @@ pub struct Batch {
 impl Batch {
     /// Hashes every request body once; the pre-prepare signs this digest.
     pub fn digest(&self) -> Digest {
+        let requests: Vec<Digest> = self
+            .requests
+            .iter()
+            .map(|r| statement_digest(&r.body))
+            .collect();
+        Self::digest_of(&requests)
+    }
+    /// [`Batch::digest`] from the requests' [`statement_digest`]s, for a caller that needs
+    /// those anyway (the verifier checks each request's signature over its digest).
+    fn digest_of(request_digests: &[Digest]) -> Digest {
         let mut h = Hasher::new("bftfs.batch");
-        h.u64(self.requests.len() as u64);
-        for r in &self.requests {
-            h.digest(&statement_digest(&r.body));
+        h.u64(request_digests.len() as u64);
+        for d in request_digests {
+            h.digest(d);
         }
         h.finish()
     }
@@ -325,11 +339,14 @@ impl Batch {
     /// with different agreed values (different times) at different replicas. A null batch
     /// (no agreed value) keeps the plain batch digest.
     pub fn ordered_digest(&self, nondet: &[u8]) -> Digest {
+        Self::ordered_digest_of(self.digest(), nondet)
+    }
+    fn ordered_digest_of(batch_digest: Digest, nondet: &[u8]) -> Digest {
         if nondet.is_empty() {
-            return self.digest();
+            return batch_digest;
         }
         let mut h = Hasher::new("bftfs.ordered_batch");
-        h.digest(&self.digest());
+        h.digest(&batch_digest);
         h.bytes(nondet);
         h.finish()
     }
@@ -354,8 +371,13 @@ pub struct PreparedCertificate {
     pub prepares: Vec<Signed<Prepare>>,
 }
 
-/// A proposal and 2f+1 commits for it: proof that the batch committed at its sequence number,
-/// used to catch up a replica that missed it.
+/// A proposal and at least 2f+1 commits for it: proof that the batch committed at its sequence
+/// number, used to catch up a replica that missed it.
+///
+/// Commits are not signature-checked when they arrive on their own (see the module doc), so a
+/// correct replica may hold a commit with a broken signature from a faulty one. It therefore
+/// keeps every matching commit it has (up to n, and later ones as they arrive) so that the
+/// receiver, which verifies them and drops those that fail, still finds 2f+1 valid ones.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommitCertificate {
     pub proposal: Proposal,
@@ -704,6 +726,8 @@ pub fn claimed_sender(body: &[u8]) -> Option<Principal> {
 pub struct Authenticated<M> {
     sender: Principal,
     message: M,
+    /// See [`Authenticated::stripped_commits`].
+    stripped: Vec<ReplicaId>,
 }
 
 impl<M> Authenticated<M> {
@@ -712,6 +736,13 @@ impl<M> Authenticated<M> {
     }
     pub fn message(&self) -> &M {
         &self.message
+    }
+    /// The replicas named by commits that were dropped from a relayed commit certificate
+    /// because their signature did not verify (they are gone from [`Self::message`]). Either
+    /// that replica signed badly or the relayer tampered with the commit: like a bad MAC's
+    /// claimed sender, it is a hint for people, never proof.
+    pub fn stripped_commits(&self) -> &[ReplicaId] {
+        &self.stripped
     }
     pub fn into_parts(self) -> (Principal, M) {
         (self.sender, self.message)
@@ -745,6 +776,8 @@ pub struct WireCounters {
     pub oversized: AtomicU64,
     pub garbled: AtomicU64,
     pub unauthenticated: AtomicU64,
+    /// Frames refused for a bad signature, plus commits dropped from accepted commit
+    /// certificates for one ([`Authenticated::stripped_commits`]).
     pub bad_signature: AtomicU64,
     pub forbidden: AtomicU64,
     pub accepted: AtomicU64,
@@ -903,8 +936,13 @@ impl Authenticator {
     pub fn open(&self, body: &[u8]) -> Result<Authenticated<Message>, WireError> {
         let result = self.open_uncounted(body);
         match &result {
-            Ok(_) => {
+            Ok(m) => {
                 self.counters.accepted.fetch_add(1, Ordering::Relaxed);
+                if !m.stripped.is_empty() {
+                    self.counters
+                        .bad_signature
+                        .fetch_add(m.stripped.len() as u64, Ordering::Relaxed);
+                }
             }
             Err(e) => self.counters.count(e),
         }
@@ -935,17 +973,49 @@ impl Authenticator {
         {
             return Err(WireError::BadMac(frame.sender));
         }
-        let message: Message = decode(&frame.message)?;
+        let mut message: Message = decode(&frame.message)?;
         self.check_message(frame.sender, &message)?;
+        let stripped = self.strip_forged_commits(&mut message);
         Ok(Authenticated {
             sender: frame.sender,
             message,
+            stripped,
         })
+    }
+
+    /// Verifies the commits of a relayed commit certificate and drops those whose signature
+    /// fails; returns the replicas they name. The certificate itself is still delivered: the
+    /// core counts the distinct signers left and refuses it below 2f+1 (the one place where
+    /// that quorum is enforced). A correct relayer cannot tell a forged commit from a good one
+    /// (it never verified them), so a forged one is no reason to refuse its whole frame.
+    fn strip_forged_commits(&self, message: &mut Message) -> Vec<ReplicaId> {
+        let Message::Agreement(AgreementMessage::Committed(cert)) = message else {
+            return Vec::new();
+        };
+        let mut stripped = Vec::new();
+        cert.commits.retain(|c| {
+            let valid = self.verify(c, "commit").is_ok();
+            if !valid {
+                stripped.push(c.body.replica);
+            }
+            valid
+        });
+        stripped
     }
 
     fn verify<T: Statement>(
         &self,
         signed: &Signed<T>,
+        what: &'static str,
+    ) -> Result<(), WireError> {
+        self.verify_digest(signed, statement_digest(&signed.body), what)
+    }
+
+    /// [`Authenticator::verify`] with the statement's digest already computed by the caller.
+    fn verify_digest<T: Statement>(
+        &self,
+        signed: &Signed<T>,
+        digest: Digest,
         what: &'static str,
     ) -> Result<(), WireError> {
         use ed25519_dalek::Verifier as _;
@@ -956,7 +1026,6 @@ impl Authenticator {
             .ok_or(WireError::UnknownPrincipal(signer))?;
         // The digest covers the signer (every statement names it), so a cached pair can only
         // stand for the same signer's signature.
-        let digest = statement_digest(&signed.body);
         let bytes = signed.signature.to_bytes();
         let cache_key = (digest, bytes);
         if self
@@ -977,15 +1046,23 @@ impl Authenticator {
 
     fn verify_proposal(&self, proposal: &Proposal) -> Result<(), WireError> {
         self.verify(&proposal.pre_prepare, "pre_prepare")?;
-        if proposal
+        // Each request is encoded and hashed once, for the batch digest and for its signature
+        // (a request carries its whole operation: 4 KiB and more for writes).
+        let requests: Vec<Digest> = proposal
             .batch
-            .ordered_digest(&proposal.pre_prepare.body.nondet)
-            != proposal.pre_prepare.body.batch_digest
-        {
+            .requests
+            .iter()
+            .map(|r| statement_digest(&r.body))
+            .collect();
+        let ordered = Batch::ordered_digest_of(
+            Batch::digest_of(&requests),
+            &proposal.pre_prepare.body.nondet,
+        );
+        if ordered != proposal.pre_prepare.body.batch_digest {
             return Err(WireError::BadBatchDigest);
         }
-        for r in &proposal.batch.requests {
-            self.verify(r, "request")?;
+        for (r, digest) in proposal.batch.requests.iter().zip(requests) {
+            self.verify_digest(r, digest, "request")?;
         }
         Ok(())
     }
@@ -1069,7 +1146,14 @@ impl Authenticator {
                     if sender != c.body.signer() {
                         return forbid("commit");
                     }
-                    self.verify(c, "commit")
+                    // The signature is not checked here. The MAC already proved that the
+                    // commit comes from the replica it names, and a replica's local decision
+                    // that a batch committed needs only that 2f+1 replicas sent matching
+                    // commits (PBFT's normal case with MACs). The signature matters only once
+                    // the commit is shown to a third party, inside a commit certificate, and is
+                    // checked there (`strip_forged_commits`). Commits never enter view-change
+                    // evidence. This saves one Ed25519 verification per peer per batch.
+                    Ok(())
                 }
                 AgreementMessage::Checkpoint(c) => {
                     if sender != c.body.signer() {
@@ -1081,13 +1165,9 @@ impl Authenticator {
                     Ok(())
                 }
                 AgreementMessage::Filled(p) => self.verify_proposal(p),
-                AgreementMessage::Committed(cert) => {
-                    self.verify_proposal(&cert.proposal)?;
-                    for c in &cert.commits {
-                        self.verify(c, "commit")?;
-                    }
-                    Ok(())
-                }
+                // Its commits are verified one by one, and the forged ones dropped, by
+                // `strip_forged_commits`.
+                AgreementMessage::Committed(cert) => self.verify_proposal(&cert.proposal),
             },
             Message::ViewChange(m) => match m {
                 ViewChangeMessage::ViewChange(vc) => {
@@ -1198,6 +1278,103 @@ mod tests {
         ));
         assert_eq!(a1.counters.rejected(), 3);
         assert_eq!(a2.counters.rejected(), 1);
+    }
+
+    #[test]
+    fn commits_are_checked_in_certificates_not_on_receipt() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let keys = keys();
+        let auth: Vec<Authenticator> = (0..4)
+            .map(|i| Authenticator::for_replica(&keys.config, &keys.replicas[i]))
+            .collect();
+        let to1 = [Principal::Replica(ReplicaId(1))];
+        let client = Signer::from_secret(&keys.clients[0].signing_key.0);
+        let batch = Batch {
+            requests: vec![client.sign(Request {
+                client: ClientId(1),
+                timestamp: Timestamp(1),
+                operation: vec![1],
+                read_only: false,
+            })],
+        };
+        let pre_prepare = Signer::from_secret(&keys.replicas[0].signing_key.0).sign(PrePrepare {
+            view: View(0),
+            seq: SeqNo(1),
+            batch_digest: batch.digest(),
+            nondet: vec![],
+            primary: ReplicaId(0),
+            history: Digest::default(),
+        });
+        let commit = |i: usize| {
+            Signer::from_secret(&keys.replicas[i].signing_key.0).sign(Commit {
+                view: View(0),
+                seq: SeqNo(1),
+                batch_digest: pre_prepare.body.batch_digest,
+                replica: ReplicaId(i as u32),
+            })
+        };
+        let mut forged = commit(3);
+        forged.signature.1[7] ^= 4;
+
+        // A commit with a broken signature under a valid MAC is accepted as it is...
+        let m = Message::Agreement(AgreementMessage::Commit(forged.clone()));
+        let sealed = strip(auth[3].seal(&m, &to1).expect("seal"));
+        let opened = auth[1].open(&sealed).expect("commit with a valid MAC");
+        assert_eq!(opened.message(), &m);
+        assert!(opened.stripped_commits().is_empty());
+        // ... but not under a broken MAC, nor from another sender than the replica it names.
+        let mut bad_mac = sealed;
+        let last = bad_mac.len() - 1;
+        bad_mac[last] ^= 1;
+        assert!(matches!(auth[1].open(&bad_mac), Err(WireError::BadMac(_))));
+        let relayed = strip(auth[2].seal(&m, &to1).expect("seal"));
+        assert!(matches!(
+            auth[1].open(&relayed),
+            Err(WireError::ForbiddenSender(..))
+        ));
+        assert_eq!(auth[1].counters.bad_signature.load(Relaxed), 0);
+
+        let certificate = |commits: Vec<Signed<Commit>>| {
+            Message::Agreement(AgreementMessage::Committed(Box::new(CommitCertificate {
+                proposal: Proposal {
+                    pre_prepare: pre_prepare.clone(),
+                    batch: batch.clone(),
+                },
+                commits,
+            })))
+        };
+        let committed_commits = |m: &Message| match m {
+            Message::Agreement(AgreementMessage::Committed(c)) => c.commits.clone(),
+            other => panic!("{other:?}"),
+        };
+        // 2f+1 valid commits and a forged one: the forged one is dropped and counted.
+        let m = certificate(vec![commit(0), forged.clone(), commit(1), commit(2)]);
+        let opened = auth[1]
+            .open(&strip(auth[2].seal(&m, &to1).expect("seal")))
+            .expect("certificate");
+        assert_eq!(
+            committed_commits(opened.message()),
+            vec![commit(0), commit(1), commit(2)]
+        );
+        assert_eq!(opened.stripped_commits(), &[ReplicaId(3)]);
+        assert_eq!(auth[1].counters.bad_signature.load(Relaxed), 1);
+        // 2f valid and a forged one: 2f are left, which the core refuses (its quorum check,
+        // tested in core::tests).
+        let m = certificate(vec![commit(0), commit(1), forged]);
+        let opened = auth[1]
+            .open(&strip(auth[2].seal(&m, &to1).expect("seal")))
+            .expect("certificate");
+        assert_eq!(committed_commits(opened.message()).len(), 2);
+        assert_eq!(auth[1].counters.bad_signature.load(Relaxed), 2);
+        // The proposal inside a certificate is still checked strictly.
+        let mut m = certificate(vec![commit(0), commit(1), commit(2)]);
+        if let Message::Agreement(AgreementMessage::Committed(c)) = &mut m {
+            c.proposal.pre_prepare.signature.0[0] ^= 1;
+        }
+        assert!(matches!(
+            auth[1].open(&strip(auth[2].seal(&m, &to1).expect("seal"))),
+            Err(WireError::BadSignature("pre_prepare"))
+        ));
     }
 
     #[test]

@@ -1619,6 +1619,18 @@ impl<S: Service> Replica<S> {
             }
             _ => {}
         }
+        // A commit arriving after the slot committed still joins its certificate: commits are
+        // not signature-checked on receipt, so a certificate carries every matching one it can
+        // as spares for those a receiver finds forged (see `CommitCertificate`).
+        if let Some(cert) = slot.commit_certificate.as_mut() {
+            let p = &cert.proposal.pre_prepare.body;
+            if b.view == p.view
+                && b.batch_digest == p.batch_digest
+                && !cert.commits.iter().any(|c| c.body.replica == from)
+            {
+                cert.commits.push(commit.clone());
+            }
+        }
         slot.commits.insert(from, commit);
         self.try_committed(b.seq, actions);
     }
@@ -1685,11 +1697,13 @@ impl<S: Service> Replica<S> {
             return;
         }
         let b = &proposal.pre_prepare.body;
+        // Every matching commit (at most one per replica), not just a quorum: their
+        // signatures were never checked, and the spares let a certificate survive a receiver
+        // dropping the forged ones.
         let matching: Vec<Signed<Commit>> = slot
             .commits
             .values()
             .filter(|c| c.body.view == b.view && c.body.batch_digest == b.batch_digest)
-            .take(quorum)
             .cloned()
             .collect();
         if matching.len() >= quorum {
@@ -2222,12 +2236,20 @@ impl<S: Service> Replica<S> {
             }
             signers.insert(c.body.replica);
         }
-        if signers.len() < self.quorum() || signers.iter().any(|r| r.0 as usize >= self.n()) {
+        if signers.iter().any(|r| r.0 as usize >= self.n()) {
             return self.misbehaved(
                 Principal::Replica(from),
-                "commit certificate too small",
+                "commit certificate names an unknown replica",
                 actions,
             );
+        }
+        // The one place the quorum of a relayed certificate is enforced, after the verifier
+        // dropped the commits whose signature failed. Too few left is not held against the
+        // relayer: a correct replica never verifies the commits it collects, so a faulty
+        // replica's forged one can be what made the difference. The catch-up timer asks the
+        // next replica.
+        if signers.len() < self.quorum() {
+            return;
         }
         let slot = self.log.entry(b.seq).or_default();
         if slot.committed {

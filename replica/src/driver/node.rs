@@ -328,6 +328,11 @@ async fn serve_connection(
             }
         };
         watch.on_accepted(message.sender(), message.message());
+        // Commits with a broken signature found inside a relayed certificate count against
+        // the replica they name, as a bad MAC counts against the sender its frame claims.
+        for r in message.stripped_commits() {
+            watch.on_rejected(Some(Principal::Replica(*r)));
+        }
         if let Principal::Client(c) = message.sender() {
             // Every authenticated frame (re)claims the client's reply route, so a replayed
             // hello on another connection cannot keep the replies away from the client.

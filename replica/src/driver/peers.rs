@@ -8,7 +8,9 @@
 //!
 //! What is counted against a peer:
 //! - frames whose MAC or signature did not verify, by the sender the frame claims (a forger
-//!   can blame someone else, which is why `bftfs status` says how many peers saw it);
+//!   can blame someone else, which is why `bftfs status` says how many peers saw it), and
+//!   commits dropped from a relayed commit certificate for a bad signature, by the replica
+//!   they name;
 //! - messages the core refused as invalid (its `misbehaved` path);
 //! - checkpoints whose digest differs from the stable certificate for that sequence number
 //!   (a replica whose state is wrong, or that lies about it);

@@ -96,7 +96,8 @@ pub enum Behaviour {
     Equivocate,
     /// Flips bits in its frames (MACs, signatures, encodings break).
     CorruptAuth,
-    /// Sends prepares/commits claiming to be another replica, or signed with the wrong key.
+    /// Sends prepares/commits claiming to be another replica, or signed with the wrong key,
+    /// and commits whose signature is broken under a valid MAC.
     ForgeSignatures,
     /// Answers clients with wrong results (committed and speculative replies alike; as the
     /// primary it also re-signs the order inside its speculative replies with another history).
@@ -330,6 +331,9 @@ pub struct Report {
     pub poms_received: u64,
     /// Read-only requests the clients had to send again on the ordered path.
     pub read_only_fallbacks: u64,
+    /// Commits with a bad signature that correct replicas dropped from commit certificates
+    /// they were sent.
+    pub stripped_commits: u64,
 }
 
 /// A checker fired (or the run did not finish).
@@ -403,6 +407,8 @@ pub struct Sim {
     byzantine_signer: Option<Signer>,
     /// Reports of misbehaviour noticed by correct replicas.
     misbehaviour_noticed: u64,
+    /// See [`Report::stripped_commits`].
+    stripped_commits: u64,
     /// The history an equivocating primary sent each backup per (backup, view, seq), so its
     /// alternative proposals chain correctly and run speculatively there.
     forks: BTreeMap<(u32, u64, u64), crate::wire::Digest>,
@@ -492,6 +498,7 @@ impl Sim {
             replay_pool: Vec::new(),
             byzantine_signer,
             misbehaviour_noticed: 0,
+            stripped_commits: 0,
             forks: BTreeMap::new(),
             trace: std::env::var("SIM_TRACE").is_ok_and(|v| v == "1"),
         }
@@ -724,6 +731,9 @@ impl Sim {
                 let Ok(message) = self.replicas[r].auth.open(&body) else {
                     return Ok(());
                 };
+                if self.replicas[r].byzantine.is_none() {
+                    self.stripped_commits += message.stripped_commits().len() as u64;
+                }
                 self.step_replica(r, Event::Message(message))
             }
             Principal::Client(c) => {
@@ -948,6 +958,7 @@ impl Sim {
         report.completed = self.checker.completed();
         report.read_only_completed = self.checker.read_only_completed();
         report.misbehaviour_noticed = self.misbehaviour_noticed;
+        report.stripped_commits = self.stripped_commits;
         Ok(report)
     }
 
@@ -1095,10 +1106,24 @@ impl Sim {
                     self.byzantine_send(r, to, &m, behaviour);
                 }
                 (Message::Agreement(AgreementMessage::Commit(c)), Behaviour::ForgeSignatures) => {
-                    let mut body = c.body.clone();
-                    body.replica = ReplicaId((me.0 + 2) % 4);
-                    let m =
-                        Message::Agreement(AgreementMessage::Commit(signer.sign::<Commit>(body)));
+                    // Claim to be another replica (refused), or send our own commit with a
+                    // broken signature under a valid MAC: receivers count it without checking
+                    // the signature, so it ends up in their commit certificates, and a
+                    // replica catching up from one must drop it and still find 2f+1 valid.
+                    let commit = if self.rng.chance(500) {
+                        let mut body = c.body.clone();
+                        body.replica = ReplicaId((me.0 + 2) % 4);
+                        signer.sign::<Commit>(body)
+                    } else {
+                        let mut forged = c.clone();
+                        forged.signature = crate::wire::Signature::from_bytes(&{
+                            let mut bytes = forged.signature.to_bytes();
+                            bytes[self.rng.below(64) as usize] ^= 1 << self.rng.below(8);
+                            bytes
+                        });
+                        forged
+                    };
+                    let m = Message::Agreement(AgreementMessage::Commit(commit));
                     self.byzantine_send(r, to, &m, behaviour);
                 }
                 (Message::Client(ClientMessage::Reply(reply)), Behaviour::WrongReplies) => {
