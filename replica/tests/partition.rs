@@ -201,18 +201,28 @@ fn a_replica_cut_off_and_reconnected_catches_up_backup_then_primary() {
         // 60 ordered batches or more: past the log window of 32, so the reconnected replica
         // needs a state transfer.
         write_files(&client, dir, &format!("r{round}-"), 40);
-        let during = cluster.statuses();
-        let cut_off = during[k]
-            .as_ref()
-            .expect("the cut-off replica still answers its own status")
-            .last_executed;
-        let others = during
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != k)
-            .filter_map(|(_, s)| s.as_ref().map(|s| s.last_executed))
-            .max()
-            .unwrap_or(0);
+        // A replica's status snapshot is refreshed every 200 ms, so right after the writes it
+        // may not show them yet (they can take less than that): poll briefly. The cut-off
+        // replica cannot move while cut off, so waiting cannot hide a failure to cut it off.
+        let polled = Instant::now();
+        let (during, cut_off, others) = loop {
+            let during = cluster.statuses();
+            let cut_off = during[k]
+                .as_ref()
+                .expect("the cut-off replica still answers its own status")
+                .last_executed;
+            let others = during
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != k)
+                .filter_map(|(_, s)| s.as_ref().map(|s| s.last_executed))
+                .max()
+                .unwrap_or(0);
+            if cut_off + 32 < others || polled.elapsed() > Duration::from_secs(5) {
+                break (during, cut_off, others);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
         eprintln!("round {round}: replica {k} (primary: {pick_primary}) cut off for {:?}: it executed {before} -> {cut_off}, the others {others}", t.elapsed());
         assert!(
             cut_off + 32 < others,
