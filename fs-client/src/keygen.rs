@@ -7,6 +7,7 @@
 
 use anyhow::{bail, Context, Result};
 use replica::config::{generate_with_os_random, ClusterKeys, ProtocolConfig};
+use state_abstraction::fs::Squash;
 use state_abstraction::ClientId;
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -65,12 +66,14 @@ fn write_new(path: &Path, text: &str, mode: u32) -> Result<()> {
 }
 
 /// Generates keys for a cluster of 3f+1 replicas at `addresses` and `clients` client
-/// identities (each mount needs its own), and writes them into `dir`.
+/// identities (each mount needs its own, all with identity mapping `squash`), and writes them
+/// into `dir`.
 pub fn write_cluster(
     dir: &Path,
     f: u32,
     addresses: Vec<String>,
     clients: u32,
+    squash: Squash,
 ) -> Result<ClusterFiles> {
     let n = 3 * f as usize + 1;
     if addresses.len() != n {
@@ -98,11 +101,14 @@ pub fn write_cluster(
     }
     let client_ids: Vec<ClientId> = (1..=u64::from(clients)).map(ClientId).collect();
     let ClusterKeys {
-        config,
+        mut config,
         replicas,
         clients: client_secrets,
     } = generate_with_os_random(f, addresses, &client_ids, ProtocolConfig::default())
         .context("cannot generate keys")?;
+    for c in &mut config.clients {
+        c.squash = squash;
+    }
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -153,7 +159,7 @@ mod tests {
         let out = dir.path().join("keys");
         let addrs = default_addresses(1, "127.0.0.1", 7000).expect("addresses");
         assert_eq!(addrs[3], "127.0.0.1:7003");
-        let files = write_cluster(&out, 1, addrs.clone(), 2).expect("keygen");
+        let files = write_cluster(&out, 1, addrs.clone(), 2, Squash::Root).expect("keygen");
         assert_eq!(files.replicas.len(), 4);
         assert_eq!(files.clients.len(), 2);
         let config =
@@ -161,6 +167,7 @@ mod tests {
                 .expect("parse");
         assert_eq!(config.f, 1);
         assert_eq!(config.replicas[2].address, "127.0.0.1:7002");
+        assert!(config.clients.iter().all(|c| c.squash == Squash::Root));
         for p in files
             .replicas
             .iter()
@@ -169,19 +176,20 @@ mod tests {
             let mode = std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{}", p.display());
         }
-        let e = write_cluster(&out, 1, addrs, 1).expect_err("second run");
+        let e = write_cluster(&out, 1, addrs, 1, Squash::None).expect_err("second run");
         assert!(e.to_string().contains("never overwrites"), "{e}");
     }
 
     #[test]
     fn bad_addresses_are_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let e = write_cluster(dir.path(), 1, vec!["a:1".into()], 1).expect_err("count");
+        let e =
+            write_cluster(dir.path(), 1, vec!["a:1".into()], 1, Squash::None).expect_err("count");
         assert!(e.to_string().contains("4 replicas"), "{e}");
         let four = |x: &str| vec!["a:1".into(), "b:2".into(), "c:3".into(), x.to_string()];
-        assert!(write_cluster(dir.path(), 1, four("d"), 1).is_err());
-        assert!(write_cluster(dir.path(), 1, four("d:0"), 1).is_err());
-        let e = write_cluster(dir.path(), 1, four("a:1"), 1).expect_err("duplicate");
+        assert!(write_cluster(dir.path(), 1, four("d"), 1, Squash::None).is_err());
+        assert!(write_cluster(dir.path(), 1, four("d:0"), 1, Squash::None).is_err());
+        let e = write_cluster(dir.path(), 1, four("a:1"), 1, Squash::None).expect_err("duplicate");
         assert!(e.to_string().contains("twice"), "{e}");
         assert!(default_addresses(1, "h", 65534).is_err());
     }

@@ -123,6 +123,12 @@ enum Cmd {
         /// Number of client identities to make (each mounted client needs its own).
         #[arg(long, default_value_t = 1)]
         clients: u32,
+        /// Which uids and gids the clients state are believed, as NFS export options: `none`
+        /// (all), `root` (uid 0 becomes nobody, 65534: NFS root_squash) or `all` (everyone
+        /// becomes nobody). A client's key proves which client calls, not which user; edit a
+        /// client's "squash" in cluster.json to set it per client.
+        #[arg(long, default_value = "none", value_name = "MODE")]
+        squash: state_abstraction::fs::Squash,
     },
 }
 
@@ -193,13 +199,14 @@ fn run(cli: Cli) -> Result<()> {
             replicas,
             base_port,
             clients,
+            squash,
         } => {
             let addresses = if replicas.is_empty() {
                 keygen::default_addresses(f, "127.0.0.1", base_port)?
             } else {
                 replicas
             };
-            let files = keygen::write_cluster(&out, f, addresses, clients)?;
+            let files = keygen::write_cluster(&out, f, addresses, clients, squash)?;
             println!(
                 "bftfs: keys for a cluster of {} replicas (f={f}) in {}",
                 files.replicas.len(),

@@ -8,6 +8,7 @@
 
 use crate::wire::{Principal, ReplicaId};
 use serde::{Deserialize, Serialize};
+use state_abstraction::fs::Squash;
 use state_abstraction::ClientId;
 use std::collections::BTreeMap;
 
@@ -174,6 +175,10 @@ pub struct ReplicaInfo {
 pub struct ClientInfo {
     pub id: ClientId,
     pub public_key: KeyBytes,
+    /// Which of the uids and gids this client states are believed (NFS `root_squash` /
+    /// `all_squash`). Left out of the JSON when `none`, so older configs read the same.
+    #[serde(default, skip_serializing_if = "Squash::is_none")]
+    pub squash: Squash,
 }
 
 /// What every node of a cluster knows: no secrets.
@@ -346,6 +351,7 @@ pub fn generate(
             .map(|(id, k)| ClientInfo {
                 id: *id,
                 public_key: public(k),
+                squash: Squash::None,
             })
             .collect(),
         protocol,

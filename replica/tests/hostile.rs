@@ -1055,3 +1055,42 @@ fn a_slow_loris_does_not_stop_the_replica() {
     cluster.wait_agreed();
     drop(idle);
 }
+
+#[test]
+fn a_root_squashed_client_is_nobody_at_every_replica() {
+    // The identity a call states is the client's word (NFS AUTH_SYS); a client configured
+    // with root_squash cannot act as root however it fills the caller in.
+    let cluster = Cluster::start_configured("bftfs-squash", |config| {
+        config.clients[0].squash = state_abstraction::fs::Squash::Root;
+    });
+    let client = cluster.client();
+    let make = |name: &str| FsOp::Create {
+        dir: Handle::ROOT,
+        name: name.as_bytes().to_vec(),
+        mode: 0o644,
+        how: CreateHow::Guarded,
+    };
+    // The root directory is root's and 0755: nobody may not create in it.
+    assert_eq!(
+        call_as(&client, Caller::root(), make("as-root"), CALL_TIMEOUT).expect("answer"),
+        Err(FsError::Access)
+    );
+    // Every replica refused it: the file system holds nothing.
+    match call(
+        &client,
+        FsOp::ReadDir {
+            dir: Handle::ROOT,
+            cookie: 0,
+            count: 4096,
+            plus: false,
+        },
+    ) {
+        Ok(FsReply::ReadDir { entries, .. }) => assert!(entries.is_empty(), "{entries:?}"),
+        other => panic!("readdir: {other:?}"),
+    }
+    let log = cluster.log(0);
+    assert!(
+        log.contains("squashed"),
+        "the replica logs the mapping:\n{log}"
+    );
+}

@@ -1034,3 +1034,103 @@ fn checkpoint_rollback_and_transfer_on_btrfs() {
     other.svc.put_objs(objs).expect("put");
     assert_eq!(other.digest(), cp);
 }
+
+/// A call as the replica makes it: from a client, which may be squashed.
+fn exec_from(fs: &mut Fs, client: u64, caller: Caller, op: FsOp) -> FsResult {
+    fs.now += 1_000;
+    let out = fs.svc.execute(
+        &encode(&FsRequest { caller, op }),
+        state_abstraction::ClientId(client),
+        &encode(&fs.now),
+        false,
+    );
+    decode(&out).expect("a reply")
+}
+
+fn create_op(n: &str) -> FsOp {
+    FsOp::Create {
+        dir: ROOT,
+        name: name(n),
+        mode: 0o644,
+        how: CreateHow::Guarded,
+    }
+}
+
+fn owner(r: FsResult) -> (u32, u32) {
+    match r {
+        Ok(FsReply::Entry { attr, .. }) => (attr.uid, attr.gid),
+        other => panic!("create: {other:?}"),
+    }
+}
+
+#[test]
+fn squashed_clients_act_as_nobody() {
+    use state_abstraction::ClientId;
+    let dir = temp_dir();
+    let mut fs = Fs::open(dir.path());
+    fs.svc.set_squash(
+        [
+            (ClientId(7), Squash::Root),
+            (ClientId(8), Squash::All),
+            (ClientId(9), Squash::None),
+        ]
+        .into(),
+    );
+    let alice = Caller {
+        uid: 1000,
+        gid: 100,
+        groups: vec![],
+    };
+    // The root directory is root's, 0755: an unsquashed root may create in it, a squashed
+    // root may not (it is nobody).
+    assert_eq!(
+        owner(exec_from(&mut fs, 1, Caller::root(), create_op("trusted"))),
+        (0, 0)
+    );
+    assert_eq!(
+        owner(exec_from(&mut fs, 9, Caller::root(), create_op("also"))),
+        (0, 0)
+    );
+    assert_eq!(
+        exec_from(&mut fs, 7, Caller::root(), create_op("squashed")),
+        Err(FsError::Access)
+    );
+    assert_eq!(
+        exec_from(&mut fs, 8, Caller::root(), create_op("squashed")),
+        Err(FsError::Access)
+    );
+    // Nor may a squashed root take over root's file.
+    let trusted = fs.entry(FsOp::Lookup {
+        dir: ROOT,
+        name: name("trusted"),
+    });
+    assert_eq!(
+        exec_from(
+            &mut fs,
+            7,
+            Caller::root(),
+            FsOp::SetAttr {
+                h: trusted.0,
+                set: SetAttrs {
+                    mode: Some(0o666),
+                    ..Default::default()
+                }
+            }
+        ),
+        Err(FsError::Perm)
+    );
+    // In an open directory: root_squash believes other users, all_squash does not.
+    assert!(chmod(&mut fs, ROOT, 0o777).is_ok());
+    assert_eq!(
+        owner(exec_from(&mut fs, 7, Caller::root(), create_op("r7"))),
+        (NOBODY, NOBODY)
+    );
+    assert_eq!(
+        owner(exec_from(&mut fs, 7, alice.clone(), create_op("a7"))),
+        (1000, 100)
+    );
+    assert_eq!(
+        owner(exec_from(&mut fs, 8, alice, create_op("a8"))),
+        (NOBODY, NOBODY)
+    );
+}

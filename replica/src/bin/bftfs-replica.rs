@@ -99,12 +99,22 @@ fn run(args: Args) -> anyhow::Result<()> {
     let _lock = lock_data_dir(&args.data_dir)?;
     let listener = node::bind(&config, id)?;
 
-    let service = FileService::open(&args.data_dir.join("fs")).with_context(|| {
+    let mut service = FileService::open(&args.data_dir.join("fs")).with_context(|| {
         format!(
             "cannot open the file service in {}",
             args.data_dir.display()
         )
     })?;
+    let squash: std::collections::BTreeMap<_, _> = config
+        .clients
+        .iter()
+        .filter(|c| !c.squash.is_none())
+        .map(|c| (c.id, c.squash))
+        .collect();
+    for (client, mode) in &squash {
+        tracing::info!(client = client.0, ?mode, "client's stated uid/gid squashed");
+    }
+    service.set_squash(squash);
     let config = Arc::new(config);
     let (replica, wal) = node::restore_replica(
         config.clone(),

@@ -150,15 +150,21 @@ impl Cluster {
     /// `cluster.json`, `replica-{i}.json` and `client-1.json` in a new directory named
     /// `prefix…`.
     pub fn start(prefix: &str) -> Cluster {
+        Self::start_configured(prefix, |_| {})
+    }
+
+    /// [`Cluster::start`] with `adjust` applied to the cluster config before it is written.
+    pub fn start_configured(prefix: &str, adjust: impl FnOnce(&mut ClusterConfig)) -> Cluster {
         let dir = cluster_dir(prefix);
         eprintln!("cluster dir: {}", dir.path().display());
-        let keys = generate_with_os_random(
+        let mut keys = generate_with_os_random(
             1,
             free_addresses(N),
             &[ClientId(1)],
             ProtocolConfig::default(),
         )
         .expect("keygen");
+        adjust(&mut keys.config);
         let d = dir.path();
         write_json(&d.join("cluster.json"), keys.config.to_json());
         for r in &keys.replicas {

@@ -49,7 +49,7 @@ use crate::service::{AbstractObject, ClientId, SeqNo, Service, ServiceError};
 use checkpoint::Checkpoints;
 use object::{chunk_count, Header, Obj, Slot, CHUNK_SIZE};
 use std::cell::RefCell;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -153,6 +153,8 @@ pub struct FileService {
     /// Where the next checkpoint's scrub continues (see [`scrub`]).
     scrub_next: u64,
     corruptions_found: u64,
+    /// Identity mapping per client (absent: [`Squash::None`]); configuration, not state.
+    squash: BTreeMap<ClientId, Squash>,
 }
 
 impl std::fmt::Debug for FileService {
@@ -185,6 +187,14 @@ fn storage(e: io::Error) -> ServiceError {
 }
 
 impl FileService {
+    /// Sets how each client's stated identity is mapped (see [`Squash`]). Every replica of a
+    /// cluster must be given the same map (it comes from the shared cluster config), or they
+    /// would answer differently.
+    pub fn set_squash(&mut self, squash: BTreeMap<ClientId, Squash>) {
+        self.squash = squash;
+        self.squash.retain(|_, s| !s.is_none());
+    }
+
     /// Creates (if empty or missing) or reopens a replica's data directory.
     pub fn open(data_dir: &Path) -> Result<FileService, ServiceError> {
         let fd_cache_max = raise_fd_limit();
@@ -223,6 +233,7 @@ impl FileService {
             ckpt: Checkpoints::new(snapshot_mode),
             unsaved: false,
             orphans: BTreeSet::new(),
+            squash: BTreeMap::new(),
             inconsistent: false,
             journal: None,
             staged: BTreeSet::new(),
@@ -686,11 +697,14 @@ impl Drop for FileService {
 }
 
 impl Service for FileService {
-    fn execute(&mut self, op: &[u8], _client: ClientId, nondet: &[u8], read_only: bool) -> Vec<u8> {
+    fn execute(&mut self, op: &[u8], client: ClientId, nondet: &[u8], read_only: bool) -> Vec<u8> {
         let result = match ops::decode::<FsRequest>(op) {
             None => Err(FsError::BadRequest),
             Some(req) if read_only && !req.op.is_read_only() => Err(FsError::BadRequest),
-            Some(req) => {
+            Some(mut req) => {
+                if let Some(squash) = self.squash.get(&client) {
+                    req.caller = squash.apply(req.caller);
+                }
                 let now = if read_only && nondet.is_empty() {
                     Some(self.last_time)
                 } else {

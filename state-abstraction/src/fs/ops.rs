@@ -40,6 +40,64 @@ impl Caller {
             groups: Vec::new(),
         }
     }
+
+    /// The anonymous identity squashed callers become (NFS's `anonuid`/`anongid` default).
+    pub fn nobody() -> Self {
+        Caller {
+            uid: NOBODY,
+            gid: NOBODY,
+            groups: Vec::new(),
+        }
+    }
+}
+
+/// uid and gid of [`Caller::nobody`].
+pub const NOBODY: u32 = 65534;
+
+/// How much of the identity a client claims is believed, per client, as an NFS server's
+/// export options say. A client's calls carry the caller's uid and gids as the client states
+/// them (like NFS AUTH_SYS): its key proves which client sent a call, not which user. Every
+/// replica applies the same mapping from the shared cluster config, so all reach the same
+/// answer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Squash {
+    /// Trust the stated uid and gids (a client on a machine the cluster trusts).
+    #[default]
+    None,
+    /// Root (uid 0) becomes nobody; other users are believed (NFS `root_squash`).
+    Root,
+    /// Every caller becomes nobody (NFS `all_squash`).
+    All,
+}
+
+impl Squash {
+    pub fn is_none(&self) -> bool {
+        *self == Squash::None
+    }
+
+    /// The identity the service acts for when this client states `caller`.
+    pub fn apply(self, caller: Caller) -> Caller {
+        match self {
+            Squash::None => caller,
+            Squash::Root if caller.uid != 0 => caller,
+            Squash::Root | Squash::All => Caller::nobody(),
+        }
+    }
+}
+
+impl std::str::FromStr for Squash {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Squash, String> {
+        match s {
+            "none" => Ok(Squash::None),
+            "root" => Ok(Squash::Root),
+            "all" => Ok(Squash::All),
+            other => Err(format!(
+                "`{other}` is not a squash mode: none, root (uid 0 becomes nobody) or all"
+            )),
+        }
+    }
 }
 
 /// A time as seconds and nanoseconds since the Unix epoch.
@@ -428,5 +486,25 @@ pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Option<T> {
     match bincode::serde::decode_from_slice(bytes, config()) {
         Ok((v, used)) if used == bytes.len() => Some(v),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod squash_tests {
+    use super::*;
+
+    #[test]
+    fn squash_modes_map_the_stated_identity() {
+        let alice = Caller {
+            uid: 1000,
+            gid: 100,
+            groups: vec![0, 27],
+        };
+        assert_eq!(Squash::None.apply(Caller::root()), Caller::root());
+        assert_eq!(Squash::Root.apply(Caller::root()), Caller::nobody());
+        assert_eq!(Squash::Root.apply(alice.clone()), alice);
+        assert_eq!(Squash::All.apply(alice), Caller::nobody());
+        assert_eq!("root".parse::<Squash>(), Ok(Squash::Root));
+        assert!("roots".parse::<Squash>().is_err());
     }
 }
