@@ -363,6 +363,12 @@ fn run(
         fs::create_dir(&mnt).expect("mkdir mnt");
         match Mounted::at(&mnt, &xdg, None, &extra) {
             Ok(m) => break (m, tmp, mnt),
+            Err(e) if e.to_string().contains("built without Byzantine modes") => panic!(
+                "{test}: the bftfs-replica next to bftfs lacks the `byzantine` feature. \
+                 `cargo test --workspace` builds it with the feature; when running this test \
+                 binary alone, run `cargo build -p replica --features byzantine` first \
+                 (`cargo test -p replica` rebuilds it without). bftfs up said: {e}"
+            ),
             Err(e) if attempt < 3 => {
                 eprintln!("{test}: bftfs up failed (attempt {attempt}), retrying: {e}")
             }
