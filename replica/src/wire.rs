@@ -1166,8 +1166,17 @@ impl Authenticator {
                 }
                 AgreementMessage::Filled(p) => self.verify_proposal(p),
                 // Its commits are verified one by one, and the forged ones dropped, by
-                // `strip_forged_commits`.
-                AgreementMessage::Committed(cert) => self.verify_proposal(&cert.proposal),
+                // `strip_forged_commits`. At most one per replica (a correct relayer keeps one),
+                // so a relayer cannot make this replica verify more than n signatures.
+                AgreementMessage::Committed(cert) => {
+                    let mut signers = std::collections::BTreeSet::new();
+                    if !cert.commits.iter().all(|c| signers.insert(c.body.replica)) {
+                        return Err(WireError::Decode(
+                            "commit certificate names a replica twice".into(),
+                        ));
+                    }
+                    self.verify_proposal(&cert.proposal)
+                }
             },
             Message::ViewChange(m) => match m {
                 ViewChangeMessage::ViewChange(vc) => {
@@ -1366,6 +1375,12 @@ mod tests {
             .expect("certificate");
         assert_eq!(committed_commits(opened.message()).len(), 2);
         assert_eq!(auth[1].counters.bad_signature.load(Relaxed), 2);
+        // A certificate naming one replica twice is refused before any commit is verified.
+        let m = certificate(vec![commit(0), commit(1), commit(1), commit(2)]);
+        assert!(matches!(
+            auth[1].open(&strip(auth[2].seal(&m, &to1).expect("seal"))),
+            Err(WireError::Decode(_))
+        ));
         // The proposal inside a certificate is still checked strictly.
         let mut m = certificate(vec![commit(0), commit(1), commit(2)]);
         if let Message::Agreement(AgreementMessage::Committed(c)) = &mut m {
