@@ -19,7 +19,7 @@ mod proxy;
 mod workload;
 
 use anyhow::{bail, Context, Result};
-use proxy::Proxy;
+use proxy::Mesh;
 use replica::config::{generate_with_os_random, ProtocolConfig};
 use replica::driver::status::{ReplicaStatus, STATUS_PROBE};
 use serde::Serialize;
@@ -128,9 +128,7 @@ fn sibling(name: &str) -> Result<PathBuf> {
 struct Cluster {
     work: PathBuf,
     replica_bin: PathBuf,
-    real: Vec<String>,
-    links: Vec<Vec<Option<Proxy>>>,
-    client_links: Vec<Proxy>,
+    mesh: Mesh,
     children: Vec<Option<Child>>,
 }
 
@@ -145,40 +143,23 @@ impl Cluster {
             .collect::<Result<_>>()?;
         let keys =
             generate_with_os_random(1, real.clone(), &[ClientId(1)], ProtocolConfig::default())?;
-        let links: Vec<Vec<Option<Proxy>>> = (0..4)
-            .map(|i| {
-                (0..4)
-                    .map(|j| (i != j).then(|| Proxy::start(real[j].clone())))
-                    .collect()
-            })
-            .collect();
-        let client_links: Vec<Proxy> = (0..4).map(|j| Proxy::start(real[j].clone())).collect();
+        let mesh = Mesh::start(real);
         for (i, secrets) in keys.replicas.iter().enumerate() {
             // Addresses never enter the protocol: each replica reaches the others through its
             // own proxies to them.
-            let mut config = keys.config.clone();
-            for (j, r) in config.replicas.iter_mut().enumerate() {
-                if let Some(p) = &links[i][j] {
-                    r.address = p.address.clone();
-                }
-            }
+            let config = mesh.replica_config(&keys.config, i);
             std::fs::write(work.join(format!("cluster-{i}.json")), config.to_json()?)?;
             std::fs::write(work.join(format!("replica-{i}.json")), secrets.to_json()?)?;
         }
         let client_dir = work.join("client");
         std::fs::create_dir_all(&client_dir)?;
-        let mut config = keys.config.clone();
-        for (j, r) in config.replicas.iter_mut().enumerate() {
-            r.address = client_links[j].address.clone();
-        }
+        let config = mesh.client_config(&keys.config);
         std::fs::write(client_dir.join("cluster.json"), config.to_json()?)?;
         std::fs::write(client_dir.join("client-1.json"), keys.clients[0].to_json()?)?;
         let mut c = Cluster {
             work: work.to_path_buf(),
             replica_bin: sibling("bftfs-replica")?,
-            real,
-            links,
-            client_links,
+            mesh,
             children: Vec::new(),
         };
         for i in 0..4 {
@@ -218,20 +199,11 @@ impl Cluster {
     }
 
     fn isolate(&self, k: usize, cut: bool) {
-        for i in 0..4 {
-            for j in 0..4 {
-                if i == k || j == k {
-                    if let Some(p) = &self.links[i][j] {
-                        p.set_cut(cut);
-                    }
-                }
-            }
-        }
-        self.client_links[k].set_cut(cut);
+        self.mesh.isolate(k, cut);
     }
 
     fn statuses(&self) -> Vec<Option<ReplicaStatus>> {
-        self.real.iter().map(|a| probe(a)).collect()
+        self.mesh.real.iter().map(|a| probe(a)).collect()
     }
 }
 

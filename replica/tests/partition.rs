@@ -5,7 +5,7 @@
 //! transfer) and ends at the same executed sequence number and stable checkpoint.
 //!
 //! Addresses never enter the protocol, so each replica gets its own copy of the cluster config
-//! in which the other replicas' addresses are its proxies to them.
+//! in which the other replicas' addresses are its proxies to them ([`proxy::Mesh`]).
 
 mod common;
 mod proxy;
@@ -14,7 +14,7 @@ use common::{
     call_within, cluster_dir, create_within, free_addresses, log_tails, mkdir_within, probe,
     read_dir_within, spawn_replica, write_json, Processes, N,
 };
-use proxy::Proxy;
+use proxy::Mesh;
 use replica::config::{generate_with_os_random, ClusterConfig, ProtocolConfig};
 use replica::driver::client::ClientHandle;
 use replica::driver::status;
@@ -32,12 +32,7 @@ struct Cluster {
     /// directory is removed.
     _children: Processes,
     dir: tempfile::TempDir,
-    /// The real listening address of each replica (status probes go there directly).
-    real: Vec<String>,
-    /// links[i][j]: replica i's proxy to replica j (None for i == j).
-    links: Vec<Vec<Option<Proxy>>>,
-    /// The client's proxy to each replica.
-    client_links: Vec<Proxy>,
+    mesh: Mesh,
     client_config: ClusterConfig,
     client_secrets: replica::config::ClientSecrets,
 }
@@ -55,29 +50,14 @@ impl Cluster {
         };
         let keys =
             generate_with_os_random(1, real.clone(), &[ClientId(1)], protocol).expect("keygen");
-        let links: Vec<Vec<Option<Proxy>>> = (0..4)
-            .map(|i| {
-                (0..4)
-                    .map(|j| (i != j).then(|| Proxy::start(real[j].clone())))
-                    .collect()
-            })
-            .collect();
-        let client_links: Vec<Proxy> = (0..4).map(|j| Proxy::start(real[j].clone())).collect();
+        let mesh = Mesh::start(real);
         let d = dir.path();
         for (i, secrets) in keys.replicas.iter().enumerate() {
-            let mut config = keys.config.clone();
-            for (j, r) in config.replicas.iter_mut().enumerate() {
-                if let Some(p) = &links[i][j] {
-                    r.address = p.address.clone();
-                }
-            }
+            let config = mesh.replica_config(&keys.config, i);
             write_json(&d.join(format!("cluster-{i}.json")), config.to_json());
             write_json(&d.join(format!("replica-{i}.json")), secrets.to_json());
         }
-        let mut client_config = keys.config.clone();
-        for (j, r) in client_config.replicas.iter_mut().enumerate() {
-            r.address = client_links[j].address.clone();
-        }
+        let client_config = mesh.client_config(&keys.config);
         let _children = Processes(
             (0..4)
                 .map(|i| Some(spawn_replica(d, &d.join(format!("cluster-{i}.json")), i)))
@@ -85,27 +65,15 @@ impl Cluster {
         );
         Cluster {
             dir,
-            real,
-            links,
-            client_links,
+            mesh,
             client_config,
             client_secrets: keys.clients[0].clone(),
             _children,
         }
     }
 
-    /// Cuts replica `k` off from every other replica and from the client (or heals it).
     fn isolate(&self, k: usize, cut: bool) {
-        for i in 0..4 {
-            for j in 0..4 {
-                if i == k || j == k {
-                    if let Some(p) = &self.links[i][j] {
-                        p.set_cut(cut);
-                    }
-                }
-            }
-        }
-        self.client_links[k].set_cut(cut);
+        self.mesh.isolate(k, cut);
     }
 
     fn client(&self) -> ClientHandle {
@@ -114,7 +82,7 @@ impl Cluster {
     }
 
     fn status(&self, i: usize) -> Option<status::ReplicaStatus> {
-        probe(&self.real[i])
+        probe(&self.mesh.real[i])
     }
 
     fn statuses(&self) -> Vec<Option<status::ReplicaStatus>> {
