@@ -363,11 +363,17 @@ pub struct Proposal {
     pub batch: Batch,
 }
 
-/// PBFT's prepared certificate: a proposal and 2f prepares from distinct backups, all for the
-/// same view, sequence number and digest. Strong evidence (PROTOCOLS §2.8).
+/// PBFT's prepared certificate: a pre-prepare and 2f prepares from distinct backups, all for
+/// the same view, sequence number and digest. Strong evidence (PROTOCOLS §2.8).
+///
+/// It names its batch by digest only. Certificates travel inside view changes and new views,
+/// which carry one per slot of the log: with the batches inside, a log of large writes made
+/// those messages larger than any frame and a view change could never complete. A replica
+/// that needs the batch fetches it by digest (`FillHole`), and one correct replica of the
+/// 2f+1 that prepared it still holds it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PreparedCertificate {
-    pub proposal: Proposal,
+    pub pre_prepare: Signed<PrePrepare>,
     pub prepares: Vec<Signed<Prepare>>,
 }
 
@@ -402,18 +408,19 @@ pub struct CheckpointCertificate {
 pub enum Evidence {
     /// Strong: PBFT's prepared certificate (2f+1 replicas stand behind it).
     Prepared(PreparedCertificate),
-    /// Fast: a pre-prepare signed by that view's primary (with its batch) that the reporting
-    /// replica accepted inside an installed view. One report proves nothing (its sender may be
-    /// faulty); the new view counts it only when f+1 view changes report the same proposal.
-    Accepted(Proposal),
+    /// Fast: a pre-prepare signed by that view's primary that the reporting replica accepted
+    /// (with its batch) inside an installed view. One report proves nothing (its sender may be
+    /// faulty); the new view counts it only when f+1 view changes report the same content.
+    /// Like a certificate, it names the batch by digest only.
+    Accepted(Signed<PrePrepare>),
 }
 
 impl Evidence {
     pub fn view(&self) -> View {
-        self.proposal().pre_prepare.body.view
+        self.pre_prepare().body.view
     }
     pub fn seq(&self) -> SeqNo {
-        self.proposal().pre_prepare.body.seq
+        self.pre_prepare().body.seq
     }
     pub fn is_strong(&self) -> bool {
         match self {
@@ -421,9 +428,9 @@ impl Evidence {
             Evidence::Accepted(_) => false,
         }
     }
-    pub fn proposal(&self) -> &Proposal {
+    pub fn pre_prepare(&self) -> &Signed<PrePrepare> {
         match self {
-            Evidence::Prepared(c) => &c.proposal,
+            Evidence::Prepared(c) => &c.pre_prepare,
             Evidence::Accepted(p) => p,
         }
     }
@@ -1080,12 +1087,12 @@ impl Authenticator {
         for e in &vc.body.evidence {
             match e {
                 Evidence::Prepared(cert) => {
-                    self.verify_proposal(&cert.proposal)?;
+                    self.verify(&cert.pre_prepare, "pre_prepare")?;
                     for p in &cert.prepares {
                         self.verify(p, "prepare")?;
                     }
                 }
-                Evidence::Accepted(proposal) => self.verify_proposal(proposal)?,
+                Evidence::Accepted(pp) => self.verify(pp, "pre_prepare")?,
             }
         }
         Ok(())

@@ -72,6 +72,8 @@ use view_change::{Genesis, NewViewPlan};
 
 /// Batches whose commit certificates one `FetchCommitted` answer carries at most.
 const FETCH_BATCHES_MAX: u64 = 16;
+/// Operation bytes one `FillHole` answer sends at most (one batch, however large, always goes).
+const FETCH_BYTES_MAX: usize = 16 << 20;
 
 /// An input to the core.
 #[derive(Debug)]
@@ -164,7 +166,10 @@ pub struct DurableState {
     pub view_active: bool,
     pub stable: CheckpointCertificate,
     pub checkpoints: Vec<OwnCheckpoint>,
-    pub accepted: Vec<Proposal>,
+    /// The pre-prepares this replica accepted (its votes). Their batches are not in this
+    /// record, which must stay bounded whatever the requests' sizes: they follow it as
+    /// [`WalRecord::Accepted`] records (see [`WalRecord::Snapshot`]).
+    pub accepted: Vec<Signed<PrePrepare>>,
     pub prepared: Vec<PreparedCertificate>,
     /// The new-view message that installed `view`, kept so a restarted replica can still hand
     /// it to replicas that missed it.
@@ -175,7 +180,11 @@ pub struct DurableState {
 /// One WAL record. Encode with [`crate::wire::encode`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WalRecord {
-    /// Supersedes all earlier records.
+    /// Supersedes all earlier records. The core follows it, in the same step and with no
+    /// other action between, by one [`WalRecord::Accepted`] per batch the state refers to;
+    /// the driver must write the snapshot and those records as the new log atomically (every
+    /// `Persist` that immediately follows a snapshot belongs to it). A record's size is thus
+    /// bounded by one batch, not by the log.
     Snapshot(Box<DurableState>),
     /// About to send a view change for `view`.
     EnteredView { view: View },
@@ -219,6 +228,8 @@ pub struct Metrics {
     pub state_transfers: u64,
     pub state_transfer_bytes: u64,
     pub fetched_batches: u64,
+    /// Batches of re-issued pre-prepares fetched by digest after a new view.
+    pub fetched_bodies: u64,
     pub misbehaviour: u64,
     pub requests_dropped: u64,
     pub speculated_batches: u64,
@@ -239,6 +250,14 @@ struct Slot {
     committed: bool,
     /// The highest-view prepared certificate this replica holds (view-change evidence).
     certificate: Option<PreparedCertificate>,
+    /// The batch `certificate` names: evidence carries digests only, and `proposal` may since
+    /// have been replaced by a later view's, so the certified batch is kept here for a new
+    /// view that re-issues it.
+    certified_batch: Option<Batch>,
+    /// A pre-prepare of the installed view that this replica is bound to (a new view
+    /// re-issued it) but whose batch it does not hold yet: fetched by `FillHole` from the
+    /// replicas that do; it becomes `proposal` (and is prepared) when the batch arrives.
+    awaiting: Option<Signed<PrePrepare>>,
     /// When `proposal` was accepted (ticks): a proposal that does not commit within the
     /// view-change timeout makes the replica suspect the primary.
     accepted_tick: u64,
@@ -370,7 +389,10 @@ impl<S: Service> Replica<S> {
         let mut state: Option<DurableState> = None;
         let mut safety = SafetyRules::new(View(0), SeqNo(0));
         let mut entered: Vec<(View, bool)> = Vec::new();
-        let mut accepted: BTreeMap<SeqNo, Proposal> = BTreeMap::new();
+        // Per slot, the highest-view pre-prepare accepted; and every batch logged, by slot and
+        // digest (a certificate's batch may belong to an older view than the acceptance).
+        let mut accepted: BTreeMap<SeqNo, Signed<PrePrepare>> = BTreeMap::new();
+        let mut batches: BTreeMap<(SeqNo, Digest), Batch> = BTreeMap::new();
         let mut prepared: BTreeMap<SeqNo, PreparedCertificate> = BTreeMap::new();
         let mut checkpoints: BTreeMap<SeqNo, OwnCheckpoint> = BTreeMap::new();
         let mut stable: Option<CheckpointCertificate> = None;
@@ -383,12 +405,13 @@ impl<S: Service> Replica<S> {
                     accepted = s
                         .accepted
                         .iter()
-                        .map(|p| (p.pre_prepare.body.seq, p.clone()))
+                        .map(|p| (p.body.seq, p.clone()))
                         .collect();
+                    batches.clear();
                     prepared = s
                         .prepared
                         .iter()
-                        .map(|c| (c.proposal.pre_prepare.body.seq, c.clone()))
+                        .map(|c| (c.pre_prepare.body.seq, c.clone()))
                         .collect();
                     checkpoints = s.checkpoints.iter().map(|c| (c.seq, c.clone())).collect();
                     stable = Some(s.stable.clone());
@@ -406,20 +429,21 @@ impl<S: Service> Replica<S> {
                 WalRecord::EnteredView { view } => entered.push((*view, false)),
                 WalRecord::InstalledView { view } => entered.push((*view, true)),
                 WalRecord::Accepted(p) => {
-                    let seq = p.pre_prepare.body.seq;
+                    let b = &p.pre_prepare.body;
                     if accepted
-                        .get(&seq)
-                        .is_none_or(|old| old.pre_prepare.body.view <= p.pre_prepare.body.view)
+                        .get(&b.seq)
+                        .is_none_or(|old| old.body.view <= b.view)
                     {
-                        accepted.insert(seq, (**p).clone());
+                        accepted.insert(b.seq, p.pre_prepare.clone());
                     }
+                    batches.insert((b.seq, b.batch_digest), p.batch.clone());
                 }
                 WalRecord::Prepared(c) => {
-                    let seq = c.proposal.pre_prepare.body.seq;
-                    let view = c.proposal.pre_prepare.body.view;
+                    let seq = c.pre_prepare.body.seq;
+                    let view = c.pre_prepare.body.view;
                     if prepared
                         .get(&seq)
-                        .is_none_or(|old| old.proposal.pre_prepare.body.view <= view)
+                        .is_none_or(|old| old.pre_prepare.body.view <= view)
                     {
                         prepared.insert(seq, (**c).clone());
                     }
@@ -519,12 +543,40 @@ impl<S: Service> Replica<S> {
         let low = stable.seq;
         let mut log: BTreeMap<SeqNo, Slot> = BTreeMap::new();
         let mut highest_seen = resume.seq;
-        for (seq, proposal) in accepted.range(low.next()..) {
-            let b = &proposal.pre_prepare.body;
+        // The pre-prepares of the installed view's new-view message bind this replica even
+        // where it logged no acceptance: it had not received their batches yet.
+        if let Some(nv) = new_view_message
+            .as_ref()
+            .filter(|nv| nv.body.view == view && view_active)
+        {
+            for pp in &nv.body.pre_prepares {
+                let seq = pp.body.seq;
+                if seq > low && accepted.get(&seq).is_none_or(|a| a.body.view < view) {
+                    accepted.insert(seq, pp.clone());
+                }
+            }
+        }
+        for (seq, pre_prepare) in accepted.range(low.next()..) {
+            let b = &pre_prepare.body;
             // Re-record the vote (rule 1 survives the restart).
             let _ = safety.check_vote(b.view, *seq, b.batch_digest);
             highest_seen = highest_seen.max(*seq);
-            log.entry(*seq).or_default().proposal = Some(proposal.clone());
+            let slot = log.entry(*seq).or_default();
+            let batch = batches.get(&(*seq, b.batch_digest)).cloned().or_else(|| {
+                (Batch::default().ordered_digest(&b.nondet) == b.batch_digest)
+                    .then(Batch::default)
+            });
+            match batch {
+                Some(batch) => {
+                    slot.proposal = Some(Proposal {
+                        pre_prepare: pre_prepare.clone(),
+                        batch,
+                    })
+                }
+                // Only a vote: awaited if it is of the installed view, else just remembered.
+                None if b.view == view && view_active => slot.awaiting = Some(pre_prepare.clone()),
+                None => {}
+            }
         }
         // Our own prepares and commits are re-signed from what was persisted (the same
         // statements, so rule 3 still holds) so that retransmission can resend them.
@@ -546,10 +598,13 @@ impl<S: Service> Replica<S> {
         for (seq, cert) in prepared.range(low.next()..) {
             let slot = log.entry(*seq).or_default();
             let same_view = slot.proposal.as_ref().map(|p| p.pre_prepare.body.view)
-                == Some(cert.proposal.pre_prepare.body.view);
+                == Some(cert.pre_prepare.body.view);
             slot.sent_commit = same_view;
+            slot.certified_batch = batches
+                .get(&(*seq, cert.pre_prepare.body.batch_digest))
+                .cloned();
             if same_view {
-                let b = &cert.proposal.pre_prepare.body;
+                let b = &cert.pre_prepare.body;
                 let commit = signer.sign(Commit {
                     view: b.view,
                     seq: b.seq,
@@ -564,9 +619,10 @@ impl<S: Service> Replica<S> {
         let next_seq = log
             .iter()
             .filter(|(_, s)| {
-                s.proposal
-                    .as_ref()
-                    .is_some_and(|p| p.pre_prepare.body.view == view)
+                s.awaiting.is_some()
+                    || s.proposal
+                        .as_ref()
+                        .is_some_and(|p| p.pre_prepare.body.view == view)
             })
             .map(|(seq, _)| *seq)
             .max()
@@ -741,7 +797,7 @@ impl<S: Service> Replica<S> {
             accepted: self
                 .log
                 .values()
-                .filter_map(|s| s.proposal.clone())
+                .filter_map(|s| s.proposal.as_ref().map(|p| p.pre_prepare.clone()))
                 .collect(),
             prepared: self
                 .log
@@ -750,6 +806,55 @@ impl<S: Service> Replica<S> {
                 .collect(),
             new_view: self.new_view_message.clone(),
         }
+    }
+
+    /// Persists a snapshot of the durable state followed by the batches it refers to (the
+    /// accepted proposals' and the certified ones'), each in a record of its own.
+    fn persist_snapshot(&self, actions: &mut Vec<Action>) {
+        actions.push(Action::Persist(WalRecord::Snapshot(Box::new(
+            self.durable_state(),
+        ))));
+        for slot in self.log.values() {
+            if let (Some(c), Some(batch)) = (&slot.certificate, &slot.certified_batch) {
+                let same = slot
+                    .proposal
+                    .as_ref()
+                    .is_some_and(|p| p.pre_prepare == c.pre_prepare);
+                if !same {
+                    actions.push(Action::Persist(WalRecord::Accepted(Box::new(Proposal {
+                        pre_prepare: c.pre_prepare.clone(),
+                        batch: batch.clone(),
+                    }))));
+                }
+            }
+            if let Some(p) = &slot.proposal {
+                actions.push(Action::Persist(WalRecord::Accepted(Box::new(p.clone()))));
+            }
+        }
+    }
+
+    /// The batch a pre-prepare for `seq` with `digest` (an ordered digest) names, if this
+    /// replica holds it: a null batch, or the batch of the slot's proposal, certificate or
+    /// commit certificate.
+    fn batch_for(&self, seq: SeqNo, digest: &Digest, nondet: &[u8]) -> Option<Batch> {
+        if Batch::default().ordered_digest(nondet) == *digest {
+            return Some(Batch::default());
+        }
+        let slot = self.log.get(&seq)?;
+        if let Some(p) = slot.proposal.as_ref() {
+            if p.pre_prepare.body.batch_digest == *digest {
+                return Some(p.batch.clone());
+            }
+        }
+        if let (Some(c), Some(b)) = (&slot.certificate, &slot.certified_batch) {
+            if c.pre_prepare.body.batch_digest == *digest {
+                return Some(b.clone());
+            }
+        }
+        slot.commit_certificate
+            .as_ref()
+            .filter(|c| c.proposal.pre_prepare.body.batch_digest == *digest)
+            .map(|c| c.proposal.batch.clone())
     }
 
     /// One line about the protocol state, for failure reports.
@@ -840,9 +945,7 @@ impl<S: Service> Replica<S> {
         }
         if self.initial_snapshot {
             self.initial_snapshot = false;
-            actions.push(Action::Persist(WalRecord::Snapshot(Box::new(
-                self.durable_state(),
-            ))));
+            self.persist_snapshot(actions);
             // After a restart the others may be far ahead: ask where they are.
             actions.push(Action::Broadcast {
                 message: Message::StateTransfer(StateTransferMessage::QueryStable),
@@ -1239,8 +1342,13 @@ impl<S: Service> Replica<S> {
         } else {
             return None;
         }
-        let p = self.log.get(&seq)?.proposal.as_ref()?;
-        (p.pre_prepare.body.view == self.view).then_some(p.pre_prepare.body.history)
+        let slot = self.log.get(&seq)?;
+        let p = slot
+            .proposal
+            .as_ref()
+            .map(|p| &p.pre_prepare)
+            .or(slot.awaiting.as_ref())?;
+        (p.body.view == self.view).then_some(p.body.history)
     }
 
     /// The history of the state the service is in, if this view's chain reaches it: the
@@ -1276,12 +1384,12 @@ impl<S: Service> Replica<S> {
             match (&slot.certificate, &slot.proposal) {
                 (Some(c), Some(p)) => {
                     evidence.push(Evidence::Prepared(c.clone()));
-                    if fast && p.pre_prepare.body.view > c.proposal.pre_prepare.body.view {
-                        evidence.push(Evidence::Accepted(p.clone()));
+                    if fast && p.pre_prepare.body.view > c.pre_prepare.body.view {
+                        evidence.push(Evidence::Accepted(p.pre_prepare.clone()));
                     }
                 }
                 (Some(c), None) => evidence.push(Evidence::Prepared(c.clone())),
-                (None, Some(p)) if fast => evidence.push(Evidence::Accepted(p.clone())),
+                (None, Some(p)) if fast => evidence.push(Evidence::Accepted(p.pre_prepare.clone())),
                 (None, _) => {}
             }
         }
@@ -1334,7 +1442,18 @@ impl<S: Service> Replica<S> {
         if b.view > self.view {
             return self.note_view_ahead(from, b.view, actions);
         }
-        if b.view < self.view || !self.view_active || self.is_primary() {
+        if b.view < self.view || !self.view_active {
+            return;
+        }
+        let awaited = self
+            .log
+            .get(&b.seq)
+            .and_then(|s| s.awaiting.as_ref())
+            .is_some_and(|a| a.body == b);
+        if awaited {
+            return self.take_awaited_batch(from, proposal, actions);
+        }
+        if self.is_primary() {
             return;
         }
         if b.primary != self.primary() {
@@ -1396,6 +1515,47 @@ impl<S: Service> Replica<S> {
         self.try_prepared(b.seq, actions);
         self.speculate(actions);
         self.note_hole();
+    }
+
+    /// The batch of a pre-prepare the installed new view bound this replica to: its digest
+    /// was checked against the pre-prepare (and the primary's signature) by the verifier, and
+    /// the agreed value was checked when it was first proposed, so only the limits remain.
+    fn take_awaited_batch(&mut self, from: ReplicaId, proposal: Proposal, actions: &mut Vec<Action>) {
+        let p = &self.config.protocol;
+        if proposal.batch.requests.len() > p.batch_requests_max
+            || proposal.batch.operation_bytes() > p.batch_bytes_max
+        {
+            return self.misbehaved(Principal::Replica(from), "oversized batch", actions);
+        }
+        let seq = proposal.pre_prepare.body.seq;
+        self.metrics.fetched_bodies += 1;
+        self.accept_and_prepare(proposal, actions);
+        self.try_prepared(seq, actions);
+        self.execute_ready(actions);
+    }
+
+    /// Asks one peer (a different one each time) for the batches of the slots this replica
+    /// awaits (see `Slot::awaiting`); called when a new view leaves some missing and then
+    /// every retransmission interval until none is.
+    fn request_awaited_batches(&mut self, actions: &mut Vec<Action>) {
+        let mut awaited = self
+            .log
+            .iter()
+            .filter(|(_, s)| s.awaiting.is_some())
+            .map(|(seq, _)| *seq);
+        let Some(first) = awaited.next() else {
+            return;
+        };
+        let last = awaited.last().unwrap_or(first);
+        let to = self.next_peer();
+        actions.push(Action::Send {
+            to,
+            message: Message::Agreement(AgreementMessage::FillHole {
+                view: self.view,
+                from: first,
+                to: last,
+            }),
+        });
     }
 
     /// Fast path: a proposal of this view waits above a missing one. Start filling the hole
@@ -1483,9 +1643,16 @@ impl<S: Service> Replica<S> {
         if first > end {
             return;
         }
+        // A batch is up to `batch_bytes_max`: bound what one request makes us queue.
+        let mut budget = FETCH_BYTES_MAX;
         for (_, slot) in self.log.range(first..=end) {
             if let Some(p) = &slot.proposal {
                 if p.pre_prepare.body.view == view {
+                    let bytes = p.batch.operation_bytes().max(1);
+                    if bytes > budget && budget < FETCH_BYTES_MAX {
+                        break;
+                    }
+                    budget = budget.saturating_sub(bytes);
                     actions.push(Action::Send {
                         to: from,
                         message: Message::Agreement(AgreementMessage::Filled(Box::new(p.clone()))),
@@ -1496,7 +1663,11 @@ impl<S: Service> Replica<S> {
     }
 
     fn on_filled(&mut self, from: ReplicaId, proposal: Proposal, actions: &mut Vec<Action>) {
-        if !self.config.protocol.fast_path {
+        let awaited = self
+            .log
+            .get(&proposal.pre_prepare.body.seq)
+            .is_some_and(|s| s.awaiting.is_some());
+        if !self.config.protocol.fast_path && !awaited {
             return;
         }
         self.accept_pre_prepare(from, proposal, actions);
@@ -1535,6 +1706,7 @@ impl<S: Service> Replica<S> {
         let ticks = self.ticks;
         let slot = self.log.entry(b.seq).or_default();
         slot.proposal = Some(proposal);
+        slot.awaiting = None;
         slot.sent_commit = false;
         slot.accepted_tick = ticks;
         if b.primary != self.id {
@@ -1664,9 +1836,10 @@ impl<S: Service> Replica<S> {
         }
         // Rule 4: the commit goes out with a prepared certificate in hand, persisted first.
         let certificate = PreparedCertificate {
-            proposal: proposal.clone(),
+            pre_prepare: proposal.pre_prepare.clone(),
             prepares,
         };
+        let certified_batch = proposal.batch.clone();
         let commit = self.signer.sign(Commit {
             view: b.view,
             seq,
@@ -1680,6 +1853,7 @@ impl<S: Service> Replica<S> {
             message: Message::Agreement(AgreementMessage::Commit(commit.clone())),
         });
         slot.certificate = Some(certificate);
+        slot.certified_batch = Some(certified_batch);
         slot.sent_commit = true;
         slot.commits.insert(me, commit);
         self.try_committed(seq, actions);
@@ -1897,8 +2071,7 @@ impl<S: Service> Replica<S> {
             // content (see `evidence`), which may rank below a conflicting proposal a later
             // view saw: a fast completion must not rest on it, so this one waits for its commit.
             if slot.certificate.as_ref().is_some_and(|c| {
-                c.proposal.pre_prepare.body.view < b.view
-                    && same_content(&c.proposal.pre_prepare.body, b)
+                c.pre_prepare.body.view < b.view && same_content(&c.pre_prepare.body, b)
             }) {
                 return;
             }
@@ -2131,9 +2304,7 @@ impl<S: Service> Replica<S> {
         if self.next_seq <= seq {
             self.next_seq = seq.next();
         }
-        actions.push(Action::Persist(WalRecord::Snapshot(Box::new(
-            self.durable_state(),
-        ))));
+        self.persist_snapshot(actions);
     }
 
     /// Service checkpoints below `seq` go only at the start of the next step: by then the
@@ -2161,9 +2332,7 @@ impl<S: Service> Replica<S> {
             self.next_seq = seq.next();
         }
         self.metrics.checkpoints_stable += 1;
-        actions.push(Action::Persist(WalRecord::Snapshot(Box::new(
-            self.durable_state(),
-        ))));
+        self.persist_snapshot(actions);
         actions.push(Action::Notify(Notification::CheckpointStable {
             seq,
             service_root: self.stable.service_root,
@@ -2331,6 +2500,9 @@ impl<S: Service> Replica<S> {
         if self.view_active {
             self.note_hole();
             self.fill_hole_tick(actions);
+            if self.ticks % p.retransmit_ticks == 0 {
+                self.request_awaited_batches(actions);
+            }
         }
 
         // Catching up.
@@ -2667,16 +2839,12 @@ impl<S: Service> Replica<S> {
         self.view_anchor = Some((plan.stable.seq, history_anchor(&plan.stable)));
         let primary = view.primary(self.n()) == self.id;
         let mut max_seq = plan.stable.seq.max(self.stable.seq);
-        for ((seq, chosen), pre_prepare) in plan.slots.iter().zip(nv.body.pre_prepares.iter()) {
+        for ((seq, _), pre_prepare) in plan.slots.iter().zip(nv.body.pre_prepares.iter()) {
             max_seq = max_seq.max(*seq);
             if !self.in_window(*seq) {
                 continue;
             }
-            let proposal = Proposal {
-                pre_prepare: pre_prepare.clone(),
-                batch: NewViewPlan::batch(chosen),
-            };
-            let digest = proposal.pre_prepare.body.batch_digest;
+            let digest = pre_prepare.body.batch_digest;
             if let Some(slot) = self.log.get(seq) {
                 if slot.committed {
                     let old = slot
@@ -2694,7 +2862,7 @@ impl<S: Service> Replica<S> {
                             .map(|v| (
                                 v.body.replica.0,
                                 v.body.stable.seq.0,
-                                v.body.evidence.iter().map(|e| (e.seq().0, e.view().0, e.proposal().pre_prepare.body.batch_digest)).collect::<Vec<_>>()
+                                v.body.evidence.iter().map(|e| (e.seq().0, e.view().0, e.pre_prepare().body.batch_digest)).collect::<Vec<_>>()
                             ))
                             .collect::<Vec<_>>()
                     );
@@ -2704,7 +2872,25 @@ impl<S: Service> Replica<S> {
                 panic!("replica {}: {e}", self.id.0);
             }
             let committed = self.log.get(seq).is_some_and(|s| s.committed);
-            self.accept_and_prepare(proposal, actions);
+            match self.batch_for(*seq, &digest, &pre_prepare.body.nondet) {
+                Some(batch) => self.accept_and_prepare(
+                    Proposal {
+                        pre_prepare: pre_prepare.clone(),
+                        batch,
+                    },
+                    actions,
+                ),
+                None => {
+                    // Bound to it now (the vote above; the new-view record makes it durable),
+                    // prepared once its batch arrives.
+                    let ticks = self.ticks;
+                    let slot = self.log.entry(*seq).or_default();
+                    slot.proposal = None;
+                    slot.sent_commit = false;
+                    slot.awaiting = Some(pre_prepare.clone());
+                    slot.accepted_tick = ticks;
+                }
+            }
             if committed {
                 if let Some(slot) = self.log.get_mut(seq) {
                     slot.committed = true;
@@ -2715,9 +2901,11 @@ impl<S: Service> Replica<S> {
         for (_, slot) in self.log.range_mut(max_seq.next()..) {
             if !slot.committed {
                 slot.proposal = None;
+                slot.awaiting = None;
                 slot.sent_commit = false;
             }
         }
+        self.request_awaited_batches(actions);
         self.next_seq = max_seq.max(self.last_executed).next();
         // Give the new primary the requests clients were waiting on.
         let ticks = self.ticks;
@@ -3013,9 +3201,7 @@ impl<S: Service> Replica<S> {
             // We had jumped to it already: now that we hold its state, drop what is older.
             self.own_checkpoints = self.own_checkpoints.split_off(&target.seq);
             self.defer_discard(target.seq);
-            actions.push(Action::Persist(WalRecord::Snapshot(Box::new(
-                self.durable_state(),
-            ))));
+            self.persist_snapshot(actions);
         }
         self.make_stable(target.clone(), actions);
         if self

@@ -169,7 +169,7 @@ impl SafetyRules {
                     .insert(Said::Proposal(b.view, b.seq, b.batch_digest));
             }
             WalRecord::Prepared(c) => {
-                let b = &c.proposal.pre_prepare.body;
+                let b = &c.pre_prepare.body;
                 self.persisted
                     .insert(Said::Prepared(b.view, b.seq, b.batch_digest));
             }
@@ -188,7 +188,9 @@ impl SafetyRules {
                     self.persisted.insert(Said::InstalledView(state.view));
                 }
                 for p in &state.accepted {
-                    self.note_persisted(&WalRecord::Accepted(Box::new(p.clone())));
+                    let b = &p.body;
+                    self.persisted
+                        .insert(Said::Proposal(b.view, b.seq, b.batch_digest));
                 }
                 for c in &state.prepared {
                     self.note_persisted(&WalRecord::Prepared(Box::new(c.clone())));

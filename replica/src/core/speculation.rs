@@ -63,9 +63,9 @@ mod tests {
         let p = NewViewPlan {
             stable,
             slots: vec![
-                (SeqNo(1), Some(proposal(1, 7))),
+                (SeqNo(1), Some(proposal(1, 7).pre_prepare)),
                 (SeqNo(2), None),
-                (SeqNo(3), Some(proposal(3, 9))),
+                (SeqNo(3), Some(proposal(3, 9).pre_prepare)),
             ],
         };
         let issued = reissue(View(2), ReplicaId(2), &p);

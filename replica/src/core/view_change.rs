@@ -110,15 +110,26 @@ pub fn valid_checkpoint_certificate(
 /// and carrying the batch its pre-prepare names.
 pub fn valid_proposal(config: &ClusterConfig, proposal: &Proposal) -> bool {
     let pp = &proposal.pre_prepare.body;
-    pp.primary == pp.view.primary(config.n())
+    valid_order(config, &proposal.pre_prepare)
         && proposal.batch.ordered_digest(&pp.nondet) == pp.batch_digest
 }
 
+/// A pre-prepare reported as evidence: signed by its view's primary (the verifier checked
+/// the signature). Its batch travels apart (see [`PreparedCertificate`]), and its agreed value
+/// is bounded so that evidence stays small whatever the primary put there.
+pub fn valid_order(config: &ClusterConfig, pp: &Signed<PrePrepare>) -> bool {
+    let b = &pp.body;
+    b.primary == b.view.primary(config.n()) && b.nondet.len() <= NONDET_BYTES_MAX
+}
+
+/// An agreed value is a time (8 bytes) or empty; anything longer is refused in evidence.
+pub const NONDET_BYTES_MAX: usize = 64;
+
 pub fn valid_prepared_certificate(config: &ClusterConfig, cert: &PreparedCertificate) -> bool {
-    if !valid_proposal(config, &cert.proposal) {
+    if !valid_order(config, &cert.pre_prepare) {
         return false;
     }
-    let pp = &cert.proposal.pre_prepare.body;
+    let pp = &cert.pre_prepare.body;
     let mut signers = BTreeSet::new();
     for p in &cert.prepares {
         let b = &p.body;
@@ -163,7 +174,7 @@ pub fn valid_view_change(config: &ClusterConfig, genesis: &Genesis, vc: &ViewCha
         previous = Some(e);
         let ok = match e {
             Evidence::Prepared(cert) => valid_prepared_certificate(config, cert),
-            Evidence::Accepted(proposal) => valid_proposal(config, proposal),
+            Evidence::Accepted(pp) => valid_order(config, pp),
         };
         if !ok {
             return false;
@@ -176,27 +187,18 @@ pub fn valid_view_change(config: &ClusterConfig, genesis: &Genesis, vc: &ViewCha
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NewViewPlan {
     pub stable: CheckpointCertificate,
-    /// Every sequence number from `stable.seq + 1` to the highest chosen evidence, in order;
-    /// `None` is a null batch.
-    pub slots: Vec<(SeqNo, Option<Proposal>)>,
+    /// Every sequence number from `stable.seq + 1` to the highest chosen evidence, in order:
+    /// the reported pre-prepare whose content is re-issued, or `None` for a null batch.
+    pub slots: Vec<(SeqNo, Option<Signed<PrePrepare>>)>,
 }
 
 impl NewViewPlan {
     /// The digest and nondet a slot's re-issued pre-prepare must carry.
-    pub fn slot_content(proposal: &Option<Proposal>) -> (Digest, Vec<u8>) {
-        match proposal {
-            Some(p) => (
-                p.pre_prepare.body.batch_digest,
-                p.pre_prepare.body.nondet.clone(),
-            ),
+    pub fn slot_content(chosen: &Option<Signed<PrePrepare>>) -> (Digest, Vec<u8>) {
+        match chosen {
+            Some(p) => (p.body.batch_digest, p.body.nondet.clone()),
             None => (Batch::default().digest(), Vec::new()),
         }
-    }
-    pub fn batch(proposal: &Option<Proposal>) -> Batch {
-        proposal
-            .as_ref()
-            .map(|p| p.batch.clone())
-            .unwrap_or_default()
     }
 }
 
@@ -222,7 +224,7 @@ pub fn valid_quorum(
 /// What a proposal says, whoever proposed it in whichever view: its pre-prepare with view,
 /// primary and history cleared (sequence number, batch digest and agreed value remain). A
 /// re-issued proposal has the same content as the original.
-pub fn proposal_content(proposal: &Proposal) -> PrePrepare {
+pub fn proposal_content(pre_prepare: &Signed<PrePrepare>) -> PrePrepare {
     // The history digest is cleared too: a new view re-issues a batch with a history chained
     // from its own starting checkpoint, so correct replicas that accepted one batch in two
     // views report two histories for it. What runs (batch and agreed value) is the content;
@@ -231,7 +233,7 @@ pub fn proposal_content(proposal: &Proposal) -> PrePrepare {
         view: View(0),
         primary: ReplicaId(0),
         history: Digest::default(),
-        ..proposal.pre_prepare.body.clone()
+        ..pre_prepare.body.clone()
     }
 }
 
@@ -301,7 +303,7 @@ pub(crate) fn plan_with(
 fn plan_slots<'a>(
     view_changes: &[Signed<ViewChange>],
     stable: CheckpointCertificate,
-    mut choose: impl FnMut(SeqNo) -> Option<&'a Proposal>,
+    mut choose: impl FnMut(SeqNo) -> Option<&'a Signed<PrePrepare>>,
 ) -> NewViewPlan {
     let mut slots = Vec::new();
     let mut end = 0;
@@ -324,27 +326,27 @@ fn select_slot<'a>(
     f: usize,
     reports: &[Vec<&'a Evidence>],
     tally: FastTally,
-) -> Option<&'a Proposal> {
-    // (view, strong, proposal) per candidate.
-    let mut candidates: Vec<(View, bool, &Proposal)> = Vec::new();
+) -> Option<&'a Signed<PrePrepare>> {
+    // (view, strong, pre-prepare) per candidate.
+    let mut candidates: Vec<(View, bool, &Signed<PrePrepare>)> = Vec::new();
     for items in reports {
         for e in items.iter().filter(|e| e.is_strong()) {
-            candidates.push((e.view(), true, e.proposal()));
+            candidates.push((e.view(), true, e.pre_prepare()));
         }
     }
     // Fast groups: the content (or whole pre-prepare), and per view change the highest view
     // at which it reports it, with the proposal it reports there.
     struct Group<'a> {
         key: PrePrepare,
-        by_reporter: Vec<(usize, View, &'a Proposal)>,
+        by_reporter: Vec<(usize, View, &'a Signed<PrePrepare>)>,
     }
     let mut groups: Vec<Group<'a>> = Vec::new();
     for (reporter, items) in reports.iter().enumerate() {
         for e in items {
             let key = match tally {
-                FastTally::Content => proposal_content(e.proposal()),
+                FastTally::Content => proposal_content(e.pre_prepare()),
                 #[cfg(test)]
-                FastTally::IdenticalPrePrepare => e.proposal().pre_prepare.body.clone(),
+                FastTally::IdenticalPrePrepare => e.pre_prepare().body.clone(),
             };
             let index = match groups.iter().position(|g| g.key == key) {
                 Some(i) => i,
@@ -362,9 +364,11 @@ fn select_slot<'a>(
                 .iter_mut()
                 .find(|(r, _, _)| *r == reporter)
             {
-                Some(entry) if entry.1 < e.view() => *entry = (reporter, e.view(), e.proposal()),
+                Some(entry) if entry.1 < e.view() => {
+                    *entry = (reporter, e.view(), e.pre_prepare())
+                }
                 Some(_) => {}
-                None => group.by_reporter.push((reporter, e.view(), e.proposal())),
+                None => group.by_reporter.push((reporter, e.view(), e.pre_prepare())),
             }
         }
     }
@@ -381,7 +385,9 @@ fn select_slot<'a>(
         // Re-issue the highest-view copy; all copies have the same content.
         candidates.push((view, false, g.by_reporter[0].2));
     }
-    let rank = |c: &(View, bool, &Proposal)| (c.0, c.1, std::cmp::Reverse(content_bytes(c.2)));
+    let rank = |c: &(View, bool, &Signed<PrePrepare>)| {
+        (c.0, c.1, std::cmp::Reverse(content_bytes(c.2)))
+    };
     candidates
         .into_iter()
         .max_by(|a, b| rank(a).cmp(&rank(b)))
@@ -389,8 +395,8 @@ fn select_slot<'a>(
 }
 
 /// A canonical byte string of a proposal's content, for the last tie-break.
-fn content_bytes(proposal: &Proposal) -> Vec<u8> {
-    crate::wire::encode(&proposal_content(proposal)).unwrap_or_default()
+fn content_bytes(pre_prepare: &Signed<PrePrepare>) -> Vec<u8> {
+    crate::wire::encode(&proposal_content(pre_prepare)).unwrap_or_default()
 }
 
 /// Zyzzyva's published VC3 (TOCS'09, PROTOCOLS §2.5), for tests only: start from the
@@ -434,23 +440,23 @@ pub(crate) fn plan_new_view_published(
                     .iter()
                     .find(|e| e.is_strong())
                     .or(items.first())
-                    .map(|e| e.proposal())
+                    .map(|e| e.pre_prepare())
             }
             _ => {
                 // Later requests that appear in at least f+1 messages, by content.
                 let reports = reports_for(view_changes, seq);
-                let mut counted: Vec<(PrePrepare, usize, &Proposal)> = Vec::new();
+                let mut counted: Vec<(PrePrepare, usize, &Signed<PrePrepare>)> = Vec::new();
                 for items in &reports {
                     let mut seen: Vec<PrePrepare> = Vec::new();
                     for e in items {
-                        let key = proposal_content(e.proposal());
+                        let key = proposal_content(e.pre_prepare());
                         if seen.contains(&key) {
                             continue;
                         }
                         seen.push(key.clone());
                         match counted.iter_mut().find(|(k, _, _)| *k == key) {
                             Some(entry) => entry.1 += 1,
-                            None => counted.push((key, 1, e.proposal())),
+                            None => counted.push((key, 1, e.pre_prepare())),
                         }
                     }
                 }
@@ -564,29 +570,29 @@ mod tests {
             })
             .collect();
         Evidence::Prepared(PreparedCertificate {
-            proposal: Proposal { pre_prepare, batch },
+            pre_prepare,
             prepares,
         })
     }
 
-    fn proposal(view: u64, seq: u64, tag: u8) -> Proposal {
-        prepared(view, seq, tag).proposal().clone()
+    fn order(view: u64, seq: u64, tag: u8) -> Signed<PrePrepare> {
+        prepared(view, seq, tag).pre_prepare().clone()
     }
 
     /// Fast evidence: the proposal of `tag` at (view, seq), signed (nominally) by the primary.
     fn accepted(view: u64, seq: u64, tag: u8) -> Evidence {
-        Evidence::Accepted(proposal(view, seq, tag))
+        Evidence::Accepted(order(view, seq, tag))
     }
 
     fn chosen(plan: &NewViewPlan) -> Vec<(u64, Option<Digest>)> {
         plan.slots
             .iter()
-            .map(|(s, p)| (s.0, p.as_ref().map(|p| p.pre_prepare.body.batch_digest)))
+            .map(|(s, p)| (s.0, p.as_ref().map(|p| p.body.batch_digest)))
             .collect()
     }
 
     fn tag_digest(tag: u8) -> Digest {
-        proposal(0, 1, tag).pre_prepare.body.batch_digest
+        order(0, 1, tag).body.batch_digest
     }
 
     fn vc(
@@ -604,7 +610,7 @@ mod tests {
     }
 
     fn digest_of(e: &Evidence) -> Digest {
-        e.proposal().pre_prepare.body.batch_digest
+        e.pre_prepare().body.batch_digest
     }
 
     #[test]
@@ -901,7 +907,7 @@ mod tests {
         ];
         let plan = plan_new_view(&config, &vcs);
         assert_eq!(
-            plan.slots[0].1.as_ref().map(|p| p.pre_prepare.body.view),
+            plan.slots[0].1.as_ref().map(|p| p.body.view),
             Some(View(2))
         );
     }
@@ -937,12 +943,12 @@ mod tests {
         // Fast evidence from the new view or later, or beyond the window.
         assert!(!ok(vec![accepted(4, 1, 1)]));
         assert!(!ok(vec![accepted(1, 9, 1)]));
-        // Fast evidence not from that view's primary, or whose batch does not match.
-        let mut wrong_primary = proposal(1, 1, 1);
-        wrong_primary.pre_prepare.body.primary = ReplicaId(2);
+        // Fast evidence not from that view's primary, or with an oversized agreed value.
+        let mut wrong_primary = order(1, 1, 1);
+        wrong_primary.body.primary = ReplicaId(2);
         assert!(!ok(vec![Evidence::Accepted(wrong_primary)]));
-        let mut wrong_batch = proposal(1, 1, 1);
-        wrong_batch.batch = proposal(1, 1, 2).batch;
-        assert!(!ok(vec![Evidence::Accepted(wrong_batch)]));
+        let mut padded = order(1, 1, 1);
+        padded.body.nondet = vec![0; NONDET_BYTES_MAX + 1];
+        assert!(!ok(vec![Evidence::Accepted(padded)]));
     }
 }

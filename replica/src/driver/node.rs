@@ -463,13 +463,22 @@ fn perform(
         path: "log".into(),
         source,
     };
-    for action in actions.drain(..) {
+    let encode_record =
+        |record: &WalRecord| wire::encode(record).map_err(|e| NodeError::Core(e.to_string()));
+    let mut drained = actions.drain(..).peekable();
+    while let Some(action) = drained.next() {
         let (message, to) = match action {
             Action::Persist(record) => {
-                let bytes = wire::encode(&record).map_err(|e| NodeError::Core(e.to_string()))?;
+                let bytes = encode_record(&record)?;
                 if matches!(record, WalRecord::Snapshot(_)) {
-                    // A snapshot supersedes every earlier record: start the log afresh.
-                    wal.rewrite(&[bytes]).map_err(wal_error)?;
+                    // A snapshot supersedes every earlier record: start the log afresh, with
+                    // the batch records that follow it (they belong to it; see `WalRecord`).
+                    let mut group = vec![bytes];
+                    while let Some(Action::Persist(next)) = drained.peek() {
+                        group.push(encode_record(next)?);
+                        drained.next();
+                    }
+                    wal.rewrite(&group).map_err(wal_error)?;
                     counters.wal_syncs.fetch_add(1, Ordering::Relaxed);
                 } else {
                     wal.append(&bytes).map_err(wal_error)?;

@@ -228,13 +228,13 @@ impl PeerWatch {
                 }
                 Message::ViewChange(ViewChangeMessage::ViewChange(vc)) => {
                     for e in &vc.body.evidence {
-                        note_proposal(inner, &e.proposal().pre_prepare);
+                        note_proposal(inner, e.pre_prepare());
                     }
                 }
                 Message::ViewChange(ViewChangeMessage::NewView(nv)) => {
                     for vc in &nv.body.view_changes {
                         for e in &vc.body.evidence {
-                            note_proposal(inner, &e.proposal().pre_prepare);
+                            note_proposal(inner, e.pre_prepare());
                         }
                     }
                 }

@@ -104,6 +104,14 @@ impl Wal {
     pub fn rewrite(&mut self, records: &[Vec<u8>]) -> io::Result<()> {
         self.sync()?;
         let tmp = self.path.with_extension("rewrite");
+        // A record that `open` would take for a torn tail must never be written: the log
+        // would come back empty, a replica that forgot its votes.
+        if let Some(r) = records.iter().find(|r| r.len() > RECORD_BYTES_MAX) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("log record of {} bytes exceeds the limit", r.len()),
+            ));
+        }
         {
             let file = File::create(&tmp)?;
             let mut w = BufWriter::new(file);

@@ -319,6 +319,8 @@ pub struct Report {
     pub view_changes: u64,
     pub state_transfers: u64,
     pub fetched_batches: u64,
+    /// Batches of re-issued pre-prepares fetched by digest after a new view.
+    pub fetched_bodies: u64,
     pub rejected_frames: u64,
     pub misbehaviour_noticed: u64,
     pub highest_executed: u64,
@@ -674,7 +676,19 @@ impl Sim {
     fn crash(&mut self, r: usize, cut_actions: Option<Vec<Action>>) -> Result<(), Failure> {
         if let Some(actions) = cut_actions {
             // The step was interrupted: only a prefix of its actions happened.
-            let keep = self.rng.below(actions.len() as u64 + 1) as usize;
+            let mut keep = self.rng.below(actions.len() as u64 + 1) as usize;
+            // A snapshot and the records that follow it are one atomic rewrite of the log
+            // (see `WalRecord::Snapshot`): a cut inside the group undoes all of it.
+            if matches!(actions.get(keep), Some(Action::Persist(_))) {
+                let group_start = actions[..keep]
+                    .iter()
+                    .rposition(|a| !matches!(a, Action::Persist(r) if !matches!(r, WalRecord::Snapshot(_))));
+                if let Some(i) = group_start {
+                    if matches!(actions[i], Action::Persist(WalRecord::Snapshot(_))) {
+                        keep = i;
+                    }
+                }
+            }
             // What the replica executed in memory before dying still counts for agreement.
             for action in &actions[keep..] {
                 if let Action::Notify(n) = action {
@@ -941,6 +955,7 @@ impl Sim {
                 report.view_changes = report.view_changes.max(m.view_changes_started);
                 report.state_transfers += m.state_transfers;
                 report.fetched_batches += m.fetched_batches;
+                report.fetched_bodies += m.fetched_bodies;
                 report.highest_executed = report.highest_executed.max(r.last_executed().0);
                 report.speculated_batches += m.speculated_batches;
                 report.rollbacks += m.rollbacks;

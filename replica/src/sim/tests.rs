@@ -28,6 +28,7 @@ fn run_range(seeds: std::ops::Range<u64>) {
                 totals.view_changes += r.view_changes;
                 totals.state_transfers += r.state_transfers;
                 totals.fetched_batches += r.fetched_batches;
+                totals.fetched_bodies += r.fetched_bodies;
                 totals.rejected_frames += r.rejected_frames;
                 totals.fast_completions += r.fast_completions;
                 totals.rollbacks += r.rollbacks;
@@ -41,7 +42,7 @@ fn run_range(seeds: std::ops::Range<u64>) {
         }
     }
     eprintln!(
-        "seeds {:?}: {} failed; {} requests ({} on the fast path), {} rollbacks, {} POMs, {} view changes, {} state transfers, {} fetched batches ({} forged commits stripped), {} frames rejected, in {:?}",
+        "seeds {:?}: {} failed; {} requests ({} on the fast path), {} rollbacks, {} POMs, {} view changes, {} state transfers, {} fetched batches ({} forged commits stripped), {} batches fetched by digest after a new view, {} frames rejected, in {:?}",
         seeds,
         failures.len(),
         totals.completed,
@@ -52,6 +53,7 @@ fn run_range(seeds: std::ops::Range<u64>) {
         totals.state_transfers,
         totals.fetched_batches,
         totals.stripped_commits,
+        totals.fetched_bodies,
         totals.rejected_frames,
         started.elapsed()
     );

@@ -148,7 +148,7 @@ fn slot_one(plan: &NewViewPlan) -> Option<Digest> {
     assert!(plan.slots.len() <= 1);
     plan.slots.first().and_then(|(seq, p)| {
         assert_eq!(*seq, SeqNo(1));
-        p.as_ref().map(|p| p.pre_prepare.body.batch_digest)
+        p.as_ref().map(|p| p.body.batch_digest)
     })
 }
 
@@ -165,7 +165,7 @@ fn abraham_counterexample_published_rule_loses_b_ours_keeps_it() {
     let a = cluster.propose(View(1), b"a", 1);
     let accepted_a = [R1, R2, R3];
     let certificate_a = PreparedCertificate {
-        proposal: a.clone(),
+        pre_prepare: a.pre_prepare.clone(),
         prepares: accepted_a
             .iter()
             .filter(|r| **r != R1)
@@ -181,7 +181,7 @@ fn abraham_counterexample_published_rule_loses_b_ours_keeps_it() {
     // acceptance of a, r4 has nothing. One report of a is below f+1: both rules start view 2
     // with nothing at slot 1.
     let to_view_2 = vec![
-        cluster.view_change(R2, View(2), vec![Evidence::Accepted(a.clone())]),
+        cluster.view_change(R2, View(2), vec![Evidence::Accepted(a.pre_prepare.clone())]),
         cluster.view_change(R1, View(2), vec![]),
         cluster.view_change(R4, View(2), vec![]),
     ];
@@ -202,9 +202,9 @@ fn abraham_counterexample_published_rule_loses_b_ours_keeps_it() {
     // r4 have no certificate and report their highest-view acceptance, b in view 2 (r3's
     // acceptance of a is from a lower view and is not reported).
     let to_view_3 = vec![
-        cluster.view_change(R3, View(3), vec![Evidence::Accepted(b.clone())]),
+        cluster.view_change(R3, View(3), vec![Evidence::Accepted(b.pre_prepare.clone())]),
         cluster.view_change(R1, View(3), vec![Evidence::Prepared(certificate_a)]),
-        cluster.view_change(R4, View(3), vec![Evidence::Accepted(b.clone())]),
+        cluster.view_change(R4, View(3), vec![Evidence::Accepted(b.pre_prepare.clone())]),
     ];
     assert!(valid_quorum(config, &GENESIS, View(3), &to_view_3));
 
@@ -224,7 +224,7 @@ fn abraham_counterexample_published_rule_loses_b_ours_keeps_it() {
     );
     assert_eq!(
         plan.slots[0].1.as_ref(),
-        Some(&b),
+        Some(&b.pre_prepare),
         "and re-issues b's own proposal"
     );
 }
@@ -250,7 +250,7 @@ fn forged_fast_evidence_is_refused() {
         new_view: View(3),
         replica: R1,
         stable: genesis_stable(),
-        evidence: vec![Evidence::Accepted(forged)],
+        evidence: vec![Evidence::Accepted(forged.pre_prepare)],
     });
     let sender = Authenticator::for_replica(config, &cluster.keys.replicas[R1.0 as usize]);
     let receiver = Authenticator::for_replica(config, &cluster.keys.replicas[R3.0 as usize]);
@@ -273,7 +273,7 @@ fn forged_fast_evidence_is_refused() {
         new_view: View(3),
         replica: R1,
         stable: genesis_stable(),
-        evidence: vec![Evidence::Accepted(own)],
+        evidence: vec![Evidence::Accepted(own.pre_prepare)],
     };
     assert!(!valid_view_change(config, &GENESIS, &vc));
 }

@@ -188,7 +188,7 @@ fn literal_tally(config: &ClusterConfig, view_changes: &[Signed<ViewChange>]) ->
 struct Concrete {
     config: ClusterConfig,
     signers: Vec<Signer>,
-    proposals: HashMap<(u8, u8, u8), Proposal>,
+    proposals: HashMap<(u8, u8, u8), Signed<PrePrepare>>,
     certificates: HashMap<(u8, u8, u8), PreparedCertificate>,
     digests: Vec<Digest>,
     /// Signed and checked view changes by (replica, new view, reports, higher-slot item): a
@@ -241,10 +241,8 @@ impl Concrete {
                         // from its own checkpoint): grouping by content must not depend on them.
                         history: Digest([view as u8; 32]),
                     });
-                    let proposal = Proposal {
-                        pre_prepare,
-                        batch: batches[value as usize].clone(),
-                    };
+                    // Evidence names the batch by digest; the batch itself is not needed here.
+                    let proposal = pre_prepare;
                     let prepares = backups
                         .iter()
                         .map(|r| {
@@ -259,7 +257,7 @@ impl Concrete {
                     certificates.insert(
                         (view, slot, value),
                         PreparedCertificate {
-                            proposal: proposal.clone(),
+                            pre_prepare: proposal.clone(),
                             prepares,
                         },
                     );
