@@ -402,11 +402,7 @@ impl<S: Service> Replica<S> {
             match record {
                 WalRecord::Snapshot(s) => {
                     entered = vec![(s.view, s.view_active)];
-                    accepted = s
-                        .accepted
-                        .iter()
-                        .map(|p| (p.body.seq, p.clone()))
-                        .collect();
+                    accepted = s.accepted.iter().map(|p| (p.body.seq, p.clone())).collect();
                     batches.clear();
                     prepared = s
                         .prepared
@@ -563,8 +559,7 @@ impl<S: Service> Replica<S> {
             highest_seen = highest_seen.max(*seq);
             let slot = log.entry(*seq).or_default();
             let batch = batches.get(&(*seq, b.batch_digest)).cloned().or_else(|| {
-                (Batch::default().ordered_digest(&b.nondet) == b.batch_digest)
-                    .then(Batch::default)
+                (Batch::default().ordered_digest(&b.nondet) == b.batch_digest).then(Batch::default)
             });
             match batch {
                 Some(batch) => {
@@ -1229,6 +1224,25 @@ impl<S: Service> Replica<S> {
         }
     }
 
+    /// Drops the requests this replica watches the primary for that are no longer new: a
+    /// client may send request t to the backups only and t+1.. to the primary, which then
+    /// finds t stale once the later ones fill the reply cache's window; if the backups kept
+    /// waiting for t they would suspect every primary in turn.
+    /// With `speculative_cache`, a cached reply may still be undone by a rollback, so only
+    /// stale requests are dropped.
+    fn forget_answered_waiting(&mut self, speculative_cache: bool) {
+        let exec = &self.exec;
+        let before = self.waiting.len();
+        self.waiting.retain(
+            |(client, timestamp), _| match exec.lookup(*client, *timestamp) {
+                Lookup::New => true,
+                Lookup::Cached(_) => speculative_cache,
+                Lookup::Stale => false,
+            },
+        );
+        self.metrics.requests_dropped += (before - self.waiting.len()) as u64;
+    }
+
     fn skip_committed_seqs(&mut self) {
         if self.next_seq <= self.last_executed {
             self.next_seq = self.last_executed.next();
@@ -1520,7 +1534,12 @@ impl<S: Service> Replica<S> {
     /// The batch of a pre-prepare the installed new view bound this replica to: its digest
     /// was checked against the pre-prepare (and the primary's signature) by the verifier, and
     /// the agreed value was checked when it was first proposed, so only the limits remain.
-    fn take_awaited_batch(&mut self, from: ReplicaId, proposal: Proposal, actions: &mut Vec<Action>) {
+    fn take_awaited_batch(
+        &mut self,
+        from: ReplicaId,
+        proposal: Proposal,
+        actions: &mut Vec<Action>,
+    ) {
         let p = &self.config.protocol;
         if proposal.batch.requests.len() > p.batch_requests_max
             || proposal.batch.operation_bytes() > p.batch_bytes_max
@@ -1991,6 +2010,9 @@ impl<S: Service> Replica<S> {
                 self.spec_keys.remove(&key);
             }
         }
+        if !proposal.batch.requests.is_empty() {
+            self.forget_answered_waiting(self.spec_executed > self.last_executed);
+        }
         for r in results {
             actions.push(Action::SendClient {
                 to: r.client,
@@ -2425,6 +2447,7 @@ impl<S: Service> Replica<S> {
             return;
         }
         slot.proposal = Some(cert.proposal.clone());
+        slot.awaiting = None;
         slot.sent_commit = true;
         slot.committed = true;
         slot.commit_certificate = Some(Box::new(cert));
@@ -3169,6 +3192,8 @@ impl<S: Service> Replica<S> {
             return retry(self, &e.to_string(), actions);
         }
         self.exec.set_replies(replies);
+        // Requests the transferred state already executed will never run here.
+        self.forget_answered_waiting(false);
         let cp = match self.exec.checkpoint(target.seq.0) {
             Ok(cp) => cp,
             Err(e) => return self.halt(format!("checkpoint after state transfer: {e}"), actions),

@@ -1003,3 +1003,69 @@ fn forged_commit_is_counted_locally_and_stripped_from_a_relayed_certificate() {
     assert_eq!(h.auth[&r(2)].counters.bad_signature.load(Relaxed), 2);
     assert_eq!(h.auth[&r(3)].counters.bad_signature.load(Relaxed), 1);
 }
+
+/// Pre-prepares the primary broadcast among `actions`.
+fn proposals_in(actions: &[Action]) -> Vec<Proposal> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Broadcast {
+                message: Message::Agreement(AgreementMessage::PrePrepare(p)),
+            } => Some(p.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn starts_view_change(actions: &[Action]) -> bool {
+    actions.iter().any(|a| {
+        matches!(
+            a,
+            Action::Broadcast {
+                message: Message::ViewChange(ViewChangeMessage::ViewChange(_))
+            }
+        )
+    })
+}
+
+/// A faulty client sends request 1 to a backup only and requests 2..=1+window to the
+/// primary. Once those execute, request 1 is stale everywhere (the primary would drop it):
+/// the backup must stop watching the primary for it rather than suspect it forever.
+#[test]
+fn a_request_sent_only_to_a_backup_and_overtaken_does_not_force_a_view_change() {
+    let mut h = Harness::new();
+    let window = h.config.protocol.client_window;
+    let planted = h.request(1, put("a", "planted"));
+    h.deliver(CLIENT, 1, &request_message(&planted));
+    let mut queue: Vec<Proposal> = Vec::new();
+    for t in 2..=1 + window {
+        let r = h.request(t, put("a", &t.to_string()));
+        queue.extend(proposals_in(&h.deliver(CLIENT, 0, &request_message(&r))));
+    }
+    let mut executed = 0;
+    while let Some(p) = queue.pop() {
+        let from = Principal::Replica(ReplicaId(0));
+        h.deliver(
+            from,
+            1,
+            &Message::Agreement(AgreementMessage::PrePrepare(p.clone())),
+        );
+        h.commit_at(1, &p);
+        queue.extend(proposals_in(&h.commit_at(0, &p)));
+        executed += p.batch.requests.len();
+    }
+    assert_eq!(executed as u64, window, "every later request was ordered");
+    assert_eq!(
+        h.replicas[1].exec.lookup(ClientId(100), Timestamp(1)),
+        Lookup::Stale
+    );
+    let timeout = h.config.protocol.view_change_timeout_ticks;
+    for t in 0..=2 * timeout {
+        let actions = h.tick(1, 2_000 + t);
+        assert!(
+            !starts_view_change(&actions),
+            "backup suspected the primary at tick {t}"
+        );
+    }
+    assert!(h.replicas[1].is_view_active());
+}

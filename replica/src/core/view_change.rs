@@ -364,11 +364,11 @@ fn select_slot<'a>(
                 .iter_mut()
                 .find(|(r, _, _)| *r == reporter)
             {
-                Some(entry) if entry.1 < e.view() => {
-                    *entry = (reporter, e.view(), e.pre_prepare())
-                }
+                Some(entry) if entry.1 < e.view() => *entry = (reporter, e.view(), e.pre_prepare()),
                 Some(_) => {}
-                None => group.by_reporter.push((reporter, e.view(), e.pre_prepare())),
+                None => group
+                    .by_reporter
+                    .push((reporter, e.view(), e.pre_prepare())),
             }
         }
     }
@@ -385,9 +385,8 @@ fn select_slot<'a>(
         // Re-issue the highest-view copy; all copies have the same content.
         candidates.push((view, false, g.by_reporter[0].2));
     }
-    let rank = |c: &(View, bool, &Signed<PrePrepare>)| {
-        (c.0, c.1, std::cmp::Reverse(content_bytes(c.2)))
-    };
+    let rank =
+        |c: &(View, bool, &Signed<PrePrepare>)| (c.0, c.1, std::cmp::Reverse(content_bytes(c.2)));
     candidates
         .into_iter()
         .max_by(|a, b| rank(a).cmp(&rank(b)))
@@ -906,10 +905,7 @@ mod tests {
             vc(4, 0, genesis_cert(), vec![]),
         ];
         let plan = plan_new_view(&config, &vcs);
-        assert_eq!(
-            plan.slots[0].1.as_ref().map(|p| p.body.view),
-            Some(View(2))
-        );
+        assert_eq!(plan.slots[0].1.as_ref().map(|p| p.body.view), Some(View(2)));
     }
 
     #[test]

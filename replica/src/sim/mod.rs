@@ -680,9 +680,9 @@ impl Sim {
             // A snapshot and the records that follow it are one atomic rewrite of the log
             // (see `WalRecord::Snapshot`): a cut inside the group undoes all of it.
             if matches!(actions.get(keep), Some(Action::Persist(_))) {
-                let group_start = actions[..keep]
-                    .iter()
-                    .rposition(|a| !matches!(a, Action::Persist(r) if !matches!(r, WalRecord::Snapshot(_))));
+                let group_start = actions[..keep].iter().rposition(
+                    |a| !matches!(a, Action::Persist(r) if !matches!(r, WalRecord::Snapshot(_))),
+                );
                 if let Some(i) = group_start {
                     if matches!(actions[i], Action::Persist(WalRecord::Snapshot(_))) {
                         keep = i;
