@@ -340,6 +340,9 @@ pub struct Replica<S: Service> {
     last_fetch_tick: u64,
     last_view_query_tick: Option<u64>,
     fetch_rotation: u32,
+    /// Per sequence number above `last_executed`, which replicas relayed a commit certificate
+    /// with too few valid signatures, and for which ordered digest (see `on_committed`).
+    commit_vouches: BTreeMap<SeqNo, Vec<(ReplicaId, Digest)>>,
     /// Highest sequence number any replica was seen working on.
     highest_seen: SeqNo,
     /// Read-only requests are not answered before this batch is executed: the highest one
@@ -676,6 +679,7 @@ impl<S: Service> Replica<S> {
             last_fetch_tick: 0,
             last_view_query_tick: None,
             fetch_rotation: secrets.id.0,
+            commit_vouches: BTreeMap::new(),
             highest_seen,
             read_only_barrier: highest_seen,
             stable_ahead,
@@ -2344,6 +2348,7 @@ impl<S: Service> Replica<S> {
         self.stable = cert;
         self.log = self.log.split_off(&seq.next());
         self.checkpoint_votes = self.checkpoint_votes.split_off(&seq.next());
+        self.commit_vouches = self.commit_vouches.split_off(&seq.next());
         self.own_checkpoints = self.own_checkpoints.split_off(&seq);
         self.defer_discard(seq);
         self.safety.forget_before(seq);
@@ -2437,11 +2442,22 @@ impl<S: Service> Replica<S> {
         // The one place the quorum of a relayed certificate is enforced, after the verifier
         // dropped the commits whose signature failed. Too few left is not held against the
         // relayer: a correct replica never verifies the commits it collects, so a faulty
-        // replica's forged one can be what made the difference. The catch-up timer asks the
-        // next replica.
+        // replica's forged one can be what made the difference, and then no correct replica
+        // may hold 2f+1 valid signatures for that batch. So a relayer's answer also counts as
+        // its word that the batch committed there (its MAC proves who says so): f+1 relayers
+        // vouching for one proposal include a correct one, which committed it after 2f+1
+        // authenticated commits. The catch-up timer asks the next replica each time.
         if signers.len() < self.quorum() {
-            return;
+            let digest = b.batch_digest;
+            let vouches = self.commit_vouches.entry(b.seq).or_default();
+            vouches.retain(|(r, _)| *r != from);
+            vouches.push((from, digest));
+            let vouchers = vouches.iter().filter(|(_, d)| *d == digest).count();
+            if vouchers <= self.f() {
+                return;
+            }
         }
+        self.commit_vouches.remove(&b.seq);
         let slot = self.log.entry(b.seq).or_default();
         if slot.committed {
             return;

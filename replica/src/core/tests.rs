@@ -1069,3 +1069,63 @@ fn a_request_sent_only_to_a_backup_and_overtaken_does_not_force_a_view_change() 
     }
     assert!(h.replicas[1].is_view_active());
 }
+
+/// A batch committed with a faulty replica's forged commit in its only quorum: no correct
+/// replica holds 2f+1 valid commit signatures for it. A lagging replica still catches up
+/// without the faulty one, on the word of f+1 relayers.
+#[test]
+fn a_commit_certificate_short_of_valid_signatures_counts_once_f_plus_one_relayers_vouch() {
+    let mut h = Harness::new();
+    let request = h.request(1, put("a", "1"));
+    let proposal = proposals_in(&h.deliver(CLIENT, 0, &request_message(&request)))
+        .pop()
+        .expect("a proposal");
+    let b = proposal.pre_prepare.body.clone();
+    let commit = |h: &Harness, i: u32| {
+        h.replica_signer(i as usize).sign(Commit {
+            view: b.view,
+            seq: b.seq,
+            batch_digest: b.batch_digest,
+            replica: ReplicaId(i),
+        })
+    };
+    let mut forged = commit(&h, 3);
+    let mut bytes = forged.signature.to_bytes();
+    bytes[5] ^= 0x10;
+    forged.signature = crate::wire::Signature::from_bytes(&bytes);
+    let short = Message::Agreement(AgreementMessage::Committed(Box::new(CommitCertificate {
+        proposal: proposal.clone(),
+        commits: vec![commit(&h, 0), commit(&h, 1), forged],
+    })));
+    let r = |i: u32| Principal::Replica(ReplicaId(i));
+    // One relayer, even twice, is not enough: it may be the faulty one.
+    for _ in 0..2 {
+        h.deliver(r(1), 2, &short);
+        assert_eq!(h.replicas[2].last_executed(), SeqNo(0));
+    }
+    // A relayer vouching for another batch at that sequence number does not add up with it.
+    let other = h.request(2, put("b", "2"));
+    let mut wrong = proposals_in(&h.deliver(CLIENT, 0, &request_message(&other)))
+        .pop()
+        .expect("a second proposal");
+    wrong.pre_prepare = h.replica_signer(0).sign(PrePrepare {
+        seq: b.seq,
+        ..wrong.pre_prepare.body.clone()
+    });
+    let wrong = Message::Agreement(AgreementMessage::Committed(Box::new(CommitCertificate {
+        proposal: wrong,
+        commits: vec![commit(&h, 0)],
+    })));
+    h.deliver(r(3), 2, &wrong);
+    assert_eq!(h.replicas[2].last_executed(), SeqNo(0));
+    // A second relayer with the same proposal: f+1 = 2 vouch for it.
+    let actions = h.deliver(r(0), 2, &short);
+    assert!(
+        actions.iter().any(|a| matches!(
+            a,
+            Action::Notify(Notification::Executed { seq: SeqNo(1), .. })
+        )),
+        "{actions:?}"
+    );
+    assert_eq!(h.replicas[2].last_executed(), SeqNo(1));
+}
