@@ -24,6 +24,13 @@ pub enum ConfigError {
     BadPublicKey(Principal),
     #[error("protocol parameter {0} is invalid")]
     BadParameter(&'static str),
+    #[error("{what} could reach {bytes} bytes, over the {limit}-byte limit: lower {fix}")]
+    TooLarge {
+        what: &'static str,
+        bytes: usize,
+        limit: usize,
+        fix: &'static str,
+    },
     #[error("no random bytes: {0}")]
     Random(String),
     #[error("json: {0}")]
@@ -231,7 +238,8 @@ impl ClusterConfig {
             ed25519_dalek::VerifyingKey::from_bytes(&c.public_key.0)
                 .map_err(|_| ConfigError::BadPublicKey(Principal::Client(c.id)))?;
         }
-        self.protocol.validate()
+        self.protocol.validate()?;
+        crate::core::bounds::check(self)
     }
 
     pub fn to_json(&self) -> Result<String, ConfigError> {

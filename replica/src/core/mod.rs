@@ -45,6 +45,7 @@
 //! the newest checkpoint (always a committed sequence number), so a service must keep its
 //! checkpoints from the stable one on until told to discard them.
 
+pub mod bounds;
 pub mod execution;
 pub mod safety;
 pub mod speculation;
@@ -61,7 +62,7 @@ use crate::wire::{
     Request, SeqNo, Signed, Signer, SpecResponse, StateTransferMessage, Timestamp, View,
     ViewChange, ViewChangeMessage,
 };
-use execution::{ExecutedRequest, Executor, Lookup, ReplyTable};
+use execution::{ExecutedRequest, Executor, Lookup, ReplyLimits, ReplyTable};
 use safety::SafetyRules;
 use serde::{Deserialize, Serialize};
 use state_abstraction::{ClientId, Service, ServiceError};
@@ -359,8 +360,8 @@ pub struct Replica<S: Service> {
     metrics: Metrics,
 }
 
-fn empty_replies_digest(window: u64) -> (Vec<u8>, Digest) {
-    let bytes = ReplyTable::new(window).encode();
+fn empty_replies_digest(limits: ReplyLimits) -> (Vec<u8>, Digest) {
+    let bytes = ReplyTable::new(limits).encode();
     let digest = ReplyTable::digest_of_encoding(&bytes);
     (bytes, digest)
 }
@@ -384,9 +385,9 @@ impl<S: Service> Replica<S> {
         wal: Vec<WalRecord>,
     ) -> Result<Self, CoreError> {
         config.validate()?;
-        let window = config.protocol.client_window;
-        let mut exec = Executor::new(service, window);
-        let (empty_replies, empty_digest) = empty_replies_digest(window);
+        let limits = ReplyLimits::of(&config);
+        let mut exec = Executor::new(service, limits);
+        let (empty_replies, empty_digest) = empty_replies_digest(limits);
 
         // Replay the WAL into one durable state.
         let mut state: Option<DurableState> = None;
@@ -524,7 +525,7 @@ impl<S: Service> Replica<S> {
         if held.keys().next_back().copied() != Some(resume.seq.0) {
             exec.service_mut().rollback_to(resume.seq.0)?;
         }
-        let replies = ReplyTable::decode(&resume.replies, window)
+        let replies = ReplyTable::decode(&resume.replies, limits)
             .map_err(|e| CoreError::Inconsistent(format!("reply cache: {e}")))?;
         exec.set_replies(replies);
         checkpoints.retain(|seq, _| *seq <= resume.seq && *seq >= stable.seq.min(resume.seq));
@@ -807,12 +808,21 @@ impl<S: Service> Replica<S> {
         }
     }
 
-    /// Persists a snapshot of the durable state followed by the batches it refers to (the
-    /// accepted proposals' and the certified ones'), each in a record of its own.
+    /// Persists a snapshot of the durable state followed by its checkpoints and the batches
+    /// it refers to (the accepted proposals' and the certified ones'), each in a record of its
+    /// own, so that no record grows with the log or with the requests' sizes.
     fn persist_snapshot(&self, actions: &mut Vec<Action>) {
-        actions.push(Action::Persist(WalRecord::Snapshot(Box::new(
-            self.durable_state(),
-        ))));
+        // Each checkpoint carries a reply cache of up to `REPLIES_BYTES_TOTAL`: one record each.
+        let mut state = self.durable_state();
+        let checkpoints = std::mem::take(&mut state.checkpoints);
+        actions.push(Action::Persist(WalRecord::Snapshot(Box::new(state))));
+        for c in checkpoints {
+            actions.push(Action::Persist(WalRecord::CheckpointTaken {
+                seq: c.seq,
+                service_root: c.service_root,
+                replies: c.replies,
+            }));
+        }
         for slot in self.log.values() {
             if let (Some(c), Some(batch)) = (&slot.certificate, &slot.certified_batch) {
                 let same = slot
@@ -1146,7 +1156,7 @@ impl<S: Service> Replica<S> {
             return;
         }
         let key = (body.client, body.timestamp);
-        match self.exec.lookup(body.client, body.timestamp) {
+        match self.exec.lookup(&request) {
             Lookup::Cached(result) => {
                 let result = result.to_vec();
                 // A result that only ran speculatively goes out as such, with its order.
@@ -1180,9 +1190,15 @@ impl<S: Service> Replica<S> {
                 }
                 return;
             }
-            Lookup::Stale => {
+            Lookup::Stale | Lookup::Evicted => {
                 self.metrics.requests_dropped += 1;
                 return;
+            }
+            Lookup::Reused => {
+                self.metrics.requests_dropped += 1;
+                // The client's signature says who did it, whoever relayed it.
+                let client = Principal::Client(request.body.client);
+                return self.misbehaved(client, "timestamp reused for another request", actions);
             }
             Lookup::New => {}
         }
@@ -1237,13 +1253,12 @@ impl<S: Service> Replica<S> {
     fn forget_answered_waiting(&mut self, speculative_cache: bool) {
         let exec = &self.exec;
         let before = self.waiting.len();
-        self.waiting.retain(
-            |(client, timestamp), _| match exec.lookup(*client, *timestamp) {
+        self.waiting
+            .retain(|_, (request, _)| match exec.lookup(request) {
                 Lookup::New => true,
                 Lookup::Cached(_) => speculative_cache,
-                Lookup::Stale => false,
-            },
-        );
+                Lookup::Stale | Lookup::Evicted | Lookup::Reused => false,
+            });
         self.metrics.requests_dropped += (before - self.waiting.len()) as u64;
     }
 
@@ -1289,7 +1304,7 @@ impl<S: Service> Replica<S> {
                 };
                 let key = (request.body.client, request.body.timestamp);
                 self.pending_keys.remove(&key);
-                if self.exec.lookup(key.0, key.1) != Lookup::New || self.proposed.contains(&key) {
+                if self.exec.lookup(&request) != Lookup::New || self.proposed.contains(&key) {
                     continue;
                 }
                 bytes += size;
@@ -2150,7 +2165,7 @@ impl<S: Service> Replica<S> {
         else {
             return self.halt("no checkpoint to roll speculation back to".into(), actions);
         };
-        let replies = match ReplyTable::decode(&base.replies, self.config.protocol.client_window) {
+        let replies = match ReplyTable::decode(&base.replies, ReplyLimits::of(&self.config)) {
             Ok(r) => r,
             Err(e) => return self.halt(format!("own reply cache: {e}"), actions),
         };
@@ -3032,7 +3047,7 @@ impl<S: Service> Replica<S> {
                 actions,
             );
         };
-        let replies = match ReplyTable::decode(&base.replies, self.config.protocol.client_window) {
+        let replies = match ReplyTable::decode(&base.replies, ReplyLimits::of(&self.config)) {
             Ok(r) => r,
             Err(e) => return self.halt(format!("own reply cache: {e}"), actions),
         };
@@ -3177,7 +3192,7 @@ impl<S: Service> Replica<S> {
         finished: state_transfer::Finished,
         actions: &mut Vec<Action>,
     ) {
-        let window = self.config.protocol.client_window;
+        let limits = ReplyLimits::of(&self.config);
         let retry = |this: &mut Self, why: &str, actions: &mut Vec<Action>| {
             tracing::warn!(replica = this.id.0, why, "state transfer failed; retrying");
             let base_replies = this
@@ -3185,14 +3200,14 @@ impl<S: Service> Replica<S> {
                 .get(&base)
                 .map(|c| c.replies.clone())
                 .unwrap_or_default();
-            let replies = ReplyTable::decode(&base_replies, window)
-                .unwrap_or_else(|_| ReplyTable::new(window));
+            let replies = ReplyTable::decode(&base_replies, limits)
+                .unwrap_or_else(|_| ReplyTable::new(limits));
             if let Err(e) = this.exec.rollback_to(base.0, replies) {
                 this.halt(format!("rollback to {}: {e}", base.0), actions);
             }
             this.stable_ahead = Some(target.clone());
         };
-        let replies = match ReplyTable::decode(&finished.replies, window) {
+        let replies = match ReplyTable::decode(&finished.replies, limits) {
             Ok(r) => r,
             Err(_) => return retry(self, "reply cache does not decode", actions),
         };

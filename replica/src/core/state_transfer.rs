@@ -554,7 +554,11 @@ mod tests {
             server.execute(&op, ClientId(1), &(i + 1).to_le_bytes(), false);
         }
         let root = server.checkpoint(8).expect("checkpoint");
-        let replies = ReplyTable::new(4).encode();
+        let replies = ReplyTable::new(crate::core::execution::ReplyLimits {
+            window: 4,
+            bytes_per_client: 1 << 20,
+        })
+        .encode();
         let target = CheckpointCertificate {
             seq: SeqNo(8),
             service_root: root,
