@@ -292,19 +292,12 @@ fn compare(label: &str, got: &Tree, want: &Tree) {
 }
 
 fn status_json(m: &Mounted) -> serde_json::Value {
-    let out = bftfs(
-        &["status".as_ref(), m.mnt.as_os_str(), "--json".as_ref()],
-        &m.xdg,
-    );
-    assert!(out.status.success(), "status failed: {}", text(&out));
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("status --json: {e}: {}", text(&out)))
+    let (_, out) = status(m, true);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json: {e}: {out}"))
 }
 
 fn status_text(m: &Mounted) -> String {
-    let out = bftfs(&["status".as_ref(), m.mnt.as_os_str()], &m.xdg);
-    assert!(out.status.success(), "status failed: {}", text(&out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    status(m, false).1
 }
 
 /// The reasons `bftfs status --json` gives for suspecting replica `id`.

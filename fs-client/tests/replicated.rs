@@ -10,12 +10,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 fn status_json(m: &Mounted) -> String {
-    let out = bftfs(
-        &["status".as_ref(), m.mnt.as_os_str(), "--json".as_ref()],
-        &m.xdg,
-    );
-    assert!(out.status.success(), "status failed: {}", text(&out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    status(m, true).1
 }
 
 /// The per-replica objects of `bftfs status --json`, as (id, pid, last_executed, health).

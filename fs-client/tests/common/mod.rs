@@ -167,6 +167,24 @@ impl Drop for Mounted {
     }
 }
 
+/// `bftfs status MOUNTPOINT` (with `--json` if `json`): its exit status (0 ok, 1 degraded,
+/// 2 stuck) and stdout; panics if status could not find out (any other exit status).
+pub fn status(m: &Mounted, json: bool) -> (i32, String) {
+    let mut args: Vec<&std::ffi::OsStr> = vec!["status".as_ref(), m.mnt.as_os_str()];
+    if json {
+        args.push("--json".as_ref());
+    }
+    let out = bftfs(&args, &m.xdg);
+    let code = out.status.code().unwrap_or(-1);
+    assert!(
+        (0..=2).contains(&code),
+        "bftfs status failed ({}): {}",
+        out.status,
+        text(&out)
+    );
+    (code, String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// The f the tests mount with (see the module doc).
 pub fn test_f() -> String {
     std::env::var("BFTFS_TEST_F").unwrap_or_else(|_| "1".into())
