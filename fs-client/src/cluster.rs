@@ -910,7 +910,14 @@ pub fn suspects(
             .filter_map(|(_, p, others)| {
                 let liveliest = others.iter().filter_map(|o| o.last_message_ms_ago).min()?;
                 match p.last_message_ms_ago {
-                    None => Some(u64::MAX),
+                    // Only once the others have talked for a while: in a new or idle cluster
+                    // a correct backup may have had nothing to send yet, while after the
+                    // first batch it votes within milliseconds.
+                    None => {
+                        let talking_for =
+                            others.iter().filter_map(|o| o.first_message_ms_ago).max()?;
+                        (talking_for >= SILENCE_MS).then_some(u64::MAX)
+                    }
                     Some(age) if age >= liveliest + SILENCE_MS => Some(age),
                     _ => None,
                 }
@@ -1039,6 +1046,7 @@ mod suspect_tests {
                         let mut p = PeerReport {
                             id,
                             last_message_ms_ago: Some(10),
+                            first_message_ms_ago: Some(60_000),
                             lateness_ms: Some(2),
                             ..Default::default()
                         };
@@ -1102,6 +1110,19 @@ mod suspect_tests {
             s[0].id == 2 && s[0].why[0].contains("never heard from"),
             "{s:?}"
         );
+        // A new cluster whose other replicas began to talk a moment ago: not yet suspect.
+        let s = suspects(
+            &config,
+            &reports(|_, p| {
+                p.first_message_ms_ago = Some(500);
+                if p.id == 2 {
+                    p.last_message_ms_ago = None;
+                    p.first_message_ms_ago = None;
+                }
+            }),
+            &[],
+        );
+        assert!(s.is_empty(), "{s:?}");
 
         // Late according to one observer only: not enough witnesses (f+1 = 2).
         let s = suspects(

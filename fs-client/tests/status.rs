@@ -250,10 +250,15 @@ fn status_of_a_mount_follows_its_replicas_and_its_calls() {
     let (code, out) = status(&m, false);
     assert_eq!(code, 0, "healthy: {out}");
     assert!(out.contains("health:      ok"), "{out}");
-    let (code, out) = status(&m, true);
-    let v = json(&out);
-    assert_eq!((code, v["health"].as_str()), (0, Some("ok")), "{out}");
-    assert!(v["client"]["calls"]["completed"].as_u64().unwrap_or(0) > 0, "{out}");
+    // The mount rewrites its report of calls every half second: poll a little.
+    let mut v = serde_json::Value::Null;
+    let counted = wait_until(Duration::from_secs(5), || {
+        let (code, out) = status(&m, true);
+        v = json(&out);
+        assert_eq!((code, v["health"].as_str()), (0, Some("ok")), "{out}");
+        v["client"]["calls"]["completed"].as_u64().unwrap_or(0) > 0
+    });
+    assert!(counted, "the mount's completed calls are not in its status: {v}");
 
     // One backup stopped: degraded. Then a second: stuck, and a write that hangs makes the
     // mount's own calls say so too.
@@ -274,7 +279,12 @@ fn status_of_a_mount_follows_its_replicas_and_its_calls() {
     let v = json(&out);
     assert_eq!((code, v["health"].as_str()), (2, Some("stuck")), "{out}");
     let reasons = v["reasons"].to_string();
-    assert!(reasons.contains("no quorum"), "{out}");
+    // The two left either still sit in their view or, timing out the hanging call, have
+    // started a view change they cannot complete (the "changing view" forever).
+    assert!(
+        reasons.contains("no quorum") || reasons.contains("no replica has an active view"),
+        "{out}"
+    );
     assert!(reasons.contains("for an answer"), "the hanging call: {out}");
     assert!(v["client"]["calls"]["pending"].as_u64().unwrap_or(0) >= 1, "{out}");
 
