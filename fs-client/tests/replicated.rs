@@ -223,21 +223,6 @@ fn kill_9_of_a_replica_during_a_workload() {
     m.down();
 }
 
-/// A base port with `n` consecutive free ports after it (bound and released, so a race with
-/// another process is possible but unlikely; the test then fails at `up`, saying so).
-fn free_port_run(n: u16) -> u16 {
-    for attempt in 0..200u32 {
-        let base = 20_000 + ((std::process::id() * 7 + attempt * 131) % 30_000) as u16;
-        let all: Vec<_> = (0..n)
-            .map(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)))
-            .collect();
-        if all.iter().all(|l| l.is_ok()) {
-            return base;
-        }
-    }
-    panic!("no run of {n} free ports");
-}
-
 fn http_get(port: u16) -> String {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port))
         .unwrap_or_else(|e| panic!("connect to the metrics port {port}: {e}"));
@@ -262,7 +247,8 @@ fn up_metrics_port_serves_each_replicas_metrics() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (mnt, xdg) = (tmp.path().join("mnt"), tmp.path().join("xdg"));
     fs::create_dir(&mnt).expect("mkdir");
-    let base = free_port_run(4);
+    let base = replica::localhost::free_port_run(4, replica::localhost::fresh_seed())
+        .expect("four free ports");
     let port = base.to_string();
     let m = Mounted::at(&mnt, &xdg, None, &["--metrics-port", &port]).expect("up");
     fs::write(m.mnt.join("f"), b"counted").expect("write through the mount");
