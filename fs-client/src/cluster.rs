@@ -298,7 +298,8 @@ pub fn prepare_local_cluster(data_dir: &Path, f: u32, fast_path: bool) -> Result
     let config_path = dir.join(keygen::CONFIG_FILE);
     let seed = replica::localhost::seed_of(data_dir.as_os_str().as_encoded_bytes());
     let pick = |n: usize| {
-        replica::localhost::free_addresses(n, seed).context("cannot find free ports for the replicas")
+        replica::localhost::free_addresses(n, seed)
+            .context("cannot find free ports for the replicas")
     };
     if !config_path.exists() {
         // The local mount's caller is a user of this machine: believed as stated.
@@ -359,7 +360,10 @@ fn why_move_ports(config: &ClusterConfig) -> Option<String> {
                 r.address, r.id.0
             ));
         }
-        let port = r.address.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok());
+        let port = r
+            .address
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok());
         if port.is_some_and(|p| ephemeral.contains(&p)) {
             return Some(format!(
                 "port {} of replica {} lies in the kernel's ephemeral range {}-{}, where outgoing connections may take it",
@@ -503,7 +507,10 @@ impl LocalCluster {
         Ok(cluster)
     }
 
-    fn wait_until_serving(&self, config: &ClusterConfig) -> Result<(), replica::localhost::StartError> {
+    fn wait_until_serving(
+        &self,
+        config: &ClusterConfig,
+    ) -> Result<(), replica::localhost::StartError> {
         let addresses: Vec<String> = config.replicas.iter().map(|r| r.address.clone()).collect();
         let mut members = self.members.lock().unwrap_or_else(|p| p.into_inner());
         replica::localhost::wait_until_serving(

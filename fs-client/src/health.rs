@@ -294,7 +294,14 @@ mod tests {
     }
 
     fn judge(views: &[Option<(u64, bool)>], clients: &[&ClientReport]) -> Verdict {
-        verdict(Some(&config()), &reports(views), &[], clients, None, 100_000)
+        verdict(
+            Some(&config()),
+            &reports(views),
+            &[],
+            clients,
+            None,
+            100_000,
+        )
     }
 
     #[test]
@@ -308,16 +315,30 @@ mod tests {
 
         let two_down = judge(&[all, None, None, all], &[]);
         assert_eq!(two_down.health, Health::Stuck, "{two_down:?}");
-        assert!(two_down.reasons[0].1.starts_with("no quorum: 2 of 4"), "{two_down:?}");
+        assert!(
+            two_down.reasons[0].1.starts_with("no quorum: 2 of 4"),
+            "{two_down:?}"
+        );
 
         // The case: everyone changing view forever.
         let changing = Some((4, false));
         let v = judge(&[changing, changing, changing, changing], &[]);
         assert_eq!(v.health, Health::Stuck, "{v:?}");
-        assert!(v.reasons[0].1.starts_with("no replica has an active view"), "{v:?}");
+        assert!(
+            v.reasons[0].1.starts_with("no replica has an active view"),
+            "{v:?}"
+        );
 
         // Split across views: no view holds 2f+1.
-        let v = judge(&[Some((3, true)), Some((3, true)), Some((4, true)), Some((4, true))], &[]);
+        let v = judge(
+            &[
+                Some((3, true)),
+                Some((3, true)),
+                Some((4, true)),
+                Some((4, true)),
+            ],
+            &[],
+        );
         assert_eq!(v.health, Health::Stuck, "{v:?}");
 
         let v = judge(&[None, None, None, None], &[]);

@@ -192,9 +192,9 @@ fn status_of_a_hand_started_cluster_ok_then_degraded_then_stuck() {
     assert_eq!(v["health"], "stuck", "{v}");
     assert_eq!(v["exit_code"], 2, "{v}");
     assert!(
-        v["reasons"]
-            .as_array()
-            .is_some_and(|r| r.iter().any(|r| r.as_str().is_some_and(|r| r.contains("no quorum")))),
+        v["reasons"].as_array().is_some_and(|r| r
+            .iter()
+            .any(|r| r.as_str().is_some_and(|r| r.contains("no quorum")))),
         "{v}"
     );
     stopped.resume_all();
@@ -204,7 +204,11 @@ fn status_of_a_hand_started_cluster_ok_then_degraded_then_stuck() {
 fn status_exit_code_for_a_status_it_cannot_find_is_3() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (code, out, _) = status_with(
-        &["status".as_ref(), "--config".as_ref(), tmp.path().join("none.json").as_os_str()],
+        &[
+            "status".as_ref(),
+            "--config".as_ref(),
+            tmp.path().join("none.json").as_os_str(),
+        ],
         tmp.path(),
     );
     assert_eq!(code, 3, "{out}");
@@ -258,7 +262,10 @@ fn status_of_a_mount_follows_its_replicas_and_its_calls() {
         assert_eq!((code, v["health"].as_str()), (0, Some("ok")), "{out}");
         v["client"]["calls"]["completed"].as_u64().unwrap_or(0) > 0
     });
-    assert!(counted, "the mount's completed calls are not in its status: {v}");
+    assert!(
+        counted,
+        "the mount's completed calls are not in its status: {v}"
+    );
 
     // One backup stopped: degraded. Then a second: stuck, and a write that hangs makes the
     // mount's own calls say so too.
@@ -286,7 +293,10 @@ fn status_of_a_mount_follows_its_replicas_and_its_calls() {
         "{out}"
     );
     assert!(reasons.contains("for an answer"), "the hanging call: {out}");
-    assert!(v["client"]["calls"]["pending"].as_u64().unwrap_or(0) >= 1, "{out}");
+    assert!(
+        v["client"]["calls"]["pending"].as_u64().unwrap_or(0) >= 1,
+        "{out}"
+    );
 
     // Resumed: the write completes (or fails after the mount's timeout), the next ones
     // complete, and the verdict comes back to ok.

@@ -128,7 +128,13 @@ pub fn fresh_seed() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
-    seed_of(&[nanos.to_le_bytes(), u64::from(std::process::id()).to_le_bytes()].concat())
+    seed_of(
+        &[
+            nanos.to_le_bytes(),
+            u64::from(std::process::id()).to_le_bytes(),
+        ]
+        .concat(),
+    )
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -137,8 +137,13 @@ fn a_replica_that_cannot_start_is_reported_at_once() {
 
     let dir = cluster_dir("bftfs-taken");
     let addresses = free_addresses(N);
-    let keys = generate_with_os_random(1, addresses.clone(), &[ClientId(1)], ProtocolConfig::default())
-        .expect("keygen");
+    let keys = generate_with_os_random(
+        1,
+        addresses.clone(),
+        &[ClientId(1)],
+        ProtocolConfig::default(),
+    )
+    .expect("keygen");
     let d = dir.path();
     write_json(&d.join("cluster.json"), keys.config.to_json());
     for r in &keys.replicas {
@@ -161,9 +166,15 @@ fn a_replica_that_cannot_start_is_reported_at_once() {
     match result {
         Err(replica::localhost::StartError::Exited { id, tail, .. }) => {
             assert_eq!(id, 1, "{tail}");
-            assert!(tail.contains(&addresses[1]) && tail.contains("in use"), "{tail}");
+            assert!(
+                tail.contains(&addresses[1]) && tail.contains("in use"),
+                "{tail}"
+            );
         }
         other => panic!("a replica whose port is taken was not reported: {other:?}"),
     }
-    assert!(waited < Duration::from_secs(10), "noticed only after {waited:?}");
+    assert!(
+        waited < Duration::from_secs(10),
+        "noticed only after {waited:?}"
+    );
 }

@@ -191,7 +191,12 @@ impl Cluster {
             let child = c.spawn(i);
             c.children.0.push(Some(child));
         }
-        let addresses: Vec<String> = c.config.replicas.iter().map(|r| r.address.clone()).collect();
+        let addresses: Vec<String> = c
+            .config
+            .replicas
+            .iter()
+            .map(|r| r.address.clone())
+            .collect();
         c.children.wait_serving(c.dir.path(), &addresses);
         c
     }
