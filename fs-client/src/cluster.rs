@@ -1020,12 +1020,13 @@ pub fn clients_json(clients: &[ClientReport]) -> String {
 }
 
 #[cfg(test)]
-mod suspect_tests {
+pub(crate) mod suspect_tests {
     use super::*;
     use replica::driver::peers::PeerReport;
     use replica::driver::status::ClientView;
 
-    fn config() -> ClusterConfig {
+    /// Four replicas (f = 1) with made-up keys.
+    pub(crate) fn config() -> ClusterConfig {
         let mut seed = 3u8;
         replica::config::generate(
             1,

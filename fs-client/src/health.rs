@@ -246,25 +246,8 @@ pub fn print(v: &Verdict) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::suspect_tests::config;
     use replica::driver::status::CallReport;
-
-    fn config() -> ClusterConfig {
-        let mut seed = 5u8;
-        replica::config::generate(
-            1,
-            (0..4).map(|i| format!("127.0.0.1:{}", 9100 + i)).collect(),
-            &[],
-            replica::config::ProtocolConfig::default(),
-            &mut |buf: &mut [u8]| {
-                for b in buf.iter_mut() {
-                    seed = seed.wrapping_mul(37).wrapping_add(11);
-                    *b = seed;
-                }
-            },
-        )
-        .expect("config")
-        .config
-    }
 
     /// Replica i in `views[i]` (None: down; Some((view, active))).
     fn reports(views: &[Option<(u64, bool)>]) -> Vec<ReplicaReport> {

@@ -41,11 +41,7 @@ fn data_dir_of(m: &Mounted) -> PathBuf {
 
 #[test]
 fn two_mounts_of_one_cluster_see_each_others_changes() {
-    if !fuse_available("two_mounts_of_one_cluster_see_each_others_changes") {
-        return;
-    }
-    if test_f() == "0" {
-        eprintln!("SKIPPED two mounts: BFTFS_TEST_F=0 has no cluster to share");
+    if !replicated_mounts_available("two_mounts_of_one_cluster_see_each_others_changes") {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -132,11 +128,7 @@ fn content(i: usize, round: usize) -> Vec<u8> {
 
 #[test]
 fn kill_9_of_a_replica_during_a_workload() {
-    if !fuse_available("kill_9_of_a_replica_during_a_workload") {
-        return;
-    }
-    if test_f() == "0" {
-        eprintln!("SKIPPED kill -9 of a replica: BFTFS_TEST_F=0 has no replicas");
+    if !replicated_mounts_available("kill_9_of_a_replica_during_a_workload") {
         return;
     }
     let m = Mounted::new();
@@ -237,11 +229,7 @@ fn http_get(port: u16) -> String {
 
 #[test]
 fn up_metrics_port_serves_each_replicas_metrics() {
-    if !fuse_available("up_metrics_port_serves_each_replicas_metrics") {
-        return;
-    }
-    if test_f() == "0" {
-        eprintln!("SKIPPED metrics port: BFTFS_TEST_F=0 has no replicas");
+    if !replicated_mounts_available("up_metrics_port_serves_each_replicas_metrics") {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");

@@ -225,11 +225,7 @@ fn replica_pid(v: &serde_json::Value, id: usize) -> u32 {
 
 #[test]
 fn status_of_a_mount_follows_its_replicas_and_its_calls() {
-    if !fuse_available("status_of_a_mount_follows_its_replicas_and_its_calls") {
-        return;
-    }
-    if test_f() == "0" {
-        eprintln!("SKIPPED status of a mount: BFTFS_TEST_F=0 has no replicas");
+    if !replicated_mounts_available("status_of_a_mount_follows_its_replicas_and_its_calls") {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");

@@ -34,6 +34,18 @@ pub fn fuse_available(test: &str) -> bool {
     false
 }
 
+/// Whether a test that needs replicas (a real mount with f ≥ 1) can run here; says why not.
+pub fn replicated_mounts_available(test: &str) -> bool {
+    if !fuse_available(test) {
+        return false;
+    }
+    if test_f() == "0" {
+        eprintln!("SKIPPED {test}: BFTFS_TEST_F=0 runs no replicas");
+        return false;
+    }
+    true
+}
+
 pub fn bftfs(args: &[&std::ffi::OsStr], xdg: &Path) -> Output {
     Command::new(BFTFS)
         .args(args)
