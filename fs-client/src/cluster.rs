@@ -707,28 +707,39 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Asks every replica of `config` for its status, all at once: a stopped replica costs the
 /// probe timeout once, not once per replica.
 pub fn probe_cluster(config: &ClusterConfig) -> Vec<ReplicaReport> {
-    let statuses: Vec<Option<ReplicaStatus>> = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime.block_on(async {
-            let probes: Vec<_> = config
+    let answers: Vec<std::io::Result<ReplicaStatus>> =
+        match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime.block_on(async {
+                let probes: Vec<_> = config
+                    .replicas
+                    .iter()
+                    .map(|r| {
+                        let address = r.address.clone();
+                        tokio::spawn(async move { probe(&address, PROBE_TIMEOUT).await })
+                    })
+                    .collect();
+                let mut out = Vec::new();
+                for p in probes {
+                    out.push(p.await.unwrap_or_else(|e| Err(std::io::Error::other(e))));
+                }
+                out
+            }),
+            Err(e) => config
                 .replicas
                 .iter()
-                .map(|r| {
-                    let address = r.address.clone();
-                    tokio::spawn(async move { probe(&address, PROBE_TIMEOUT).await })
-                })
-                .collect();
-            let mut out = Vec::new();
-            for p in probes {
-                out.push(p.await.ok().and_then(Result::ok));
-            }
-            out
-        }),
-        // Without a runtime nothing can be asked: every replica counts as not answering.
-        Err(_) => vec![None; config.n()],
-    };
+                .map(|_| Err(std::io::Error::new(e.kind(), e.to_string())))
+                .collect(),
+        };
+    // A replica that accepts the connection and never answers (stopped, hung, overloaded) is
+    // not the same trouble as one that is gone.
+    let silent: Vec<bool> = answers
+        .iter()
+        .map(|a| matches!(a, Err(e) if e.kind() == std::io::ErrorKind::TimedOut))
+        .collect();
+    let statuses: Vec<Option<ReplicaStatus>> = answers.into_iter().map(Result::ok).collect();
     let best = statuses
         .iter()
         .flatten()
@@ -740,12 +751,13 @@ pub fn probe_cluster(config: &ClusterConfig) -> Vec<ReplicaReport> {
     config
         .replicas
         .iter()
-        .zip(statuses)
-        .map(|(r, status)| {
+        .zip(statuses.into_iter().zip(silent))
+        .map(|(r, (status, silent))| {
             let lag = status
                 .as_ref()
                 .map(|s| best.saturating_sub(s.last_executed));
             let health = match &status {
+                None if silent => "not answering",
                 None => "down",
                 Some(s) if s.transferring_state => "catching up (state transfer)",
                 Some(s) if !s.view_active => "changing view",

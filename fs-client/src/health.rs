@@ -167,8 +167,7 @@ fn replicas_verdict(
         Some((view, count)) if count < quorum => v.add(
             Health::Stuck,
             format!(
-                "no quorum: {count} of {n} replicas are in the largest active view (view {view}), a quorum needs {quorum}; {} answer at all",
-                answering.len()
+                "no quorum: {count} of {n} replicas share an active view (view {view}); a quorum needs {quorum}"
             ),
         ),
         Some(_) => {}

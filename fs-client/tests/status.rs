@@ -182,6 +182,8 @@ fn status_of_a_hand_started_cluster_ok_then_degraded_then_stuck() {
     assert_eq!(code, 2, "two of four gone: {out}");
     assert!(out.contains("health:      stuck"), "{out}");
     assert!(out.contains("no quorum: 2 of 4"), "{out}");
+    // Stopped, it still accepts connections: not the same as gone.
+    assert!(out.contains("replica 2: not answering"), "{out}");
     // The stopped replica accepts the connection and never answers: the probe waits its 2 s.
     // Asked one after another, the two silent replicas would cost 4 s.
     assert!(
