@@ -297,16 +297,13 @@ pub fn prepare_local_cluster(data_dir: &Path, f: u32, fast_path: bool) -> Result
     let dir = data_dir.join(CLUSTER_DIR);
     let config_path = dir.join(keygen::CONFIG_FILE);
     let seed = replica::localhost::seed_of(data_dir.as_os_str().as_encoded_bytes());
-    let pick = |n: usize| {
-        replica::localhost::free_addresses(n, seed)
-            .context("cannot find free ports for the replicas")
-    };
     if !config_path.exists() {
         // The local mount's caller is a user of this machine: believed as stated.
         keygen::write_cluster(
             &dir,
             f,
-            pick(3 * f as usize + 1)?,
+            replica::localhost::free_addresses(3 * f as usize + 1, seed)
+                .context("cannot find free ports for the replicas")?,
             LOCAL_CLIENTS,
             state_abstraction::fs::Squash::None,
         )?;
@@ -328,26 +325,68 @@ pub fn prepare_local_cluster(data_dir: &Path, f: u32, fast_path: bool) -> Result
     let mut changed = config.protocol.fast_path != fast_path;
     config.protocol.fast_path = fast_path;
     if let Some(why) = why_move_ports(&config) {
-        let addresses = pick(config.n())?;
-        warn!(
-            "{why}; moving the replicas to {}..{} (restart any other `bftfs mount` of {} so that it reads the new addresses)",
-            addresses[0],
-            addresses[addresses.len() - 1],
-            config_path.display()
-        );
-        for (r, address) in config.replicas.iter_mut().zip(addresses) {
-            r.address = address;
-        }
+        move_replicas(&mut config, &why, seed, &config_path)?;
         changed = true;
     }
     if changed {
-        let tmp = config_path.with_extension("tmp");
-        std::fs::write(&tmp, config.to_json()?)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        std::fs::rename(&tmp, &config_path)
-            .with_context(|| format!("cannot update {}", config_path.display()))?;
+        write_config(&config, &config_path)?;
     }
     Ok(config_path)
+}
+
+/// Moves a local cluster's replicas to other free ports than those stored (which a replica
+/// could not bind), saying why.
+pub fn move_local_ports(config_path: &Path, why: &str) -> Result<()> {
+    let mut config = read_config(config_path)?;
+    // Not the data directory's seed: its first choice may be the very ports that failed.
+    move_replicas(
+        &mut config,
+        why,
+        replica::localhost::fresh_seed(),
+        config_path,
+    )?;
+    write_config(&config, config_path)
+}
+
+fn move_replicas(
+    config: &mut ClusterConfig,
+    why: &str,
+    seed: u64,
+    config_path: &Path,
+) -> Result<()> {
+    let addresses = replica::localhost::free_addresses(config.n(), seed)
+        .context("cannot find free ports for the replicas")?;
+    warn!(
+        "{why}; moving the replicas to {}..{} (restart any other `bftfs mount` of {} so that it reads the new addresses)",
+        addresses[0],
+        addresses[addresses.len() - 1],
+        config_path.display()
+    );
+    for (r, address) in config.replicas.iter_mut().zip(addresses) {
+        r.address = address;
+    }
+    Ok(())
+}
+
+fn write_config(config: &ClusterConfig, config_path: &Path) -> Result<()> {
+    let tmp = config_path.with_extension("tmp");
+    std::fs::write(&tmp, config.to_json()?)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, config_path)
+        .with_context(|| format!("cannot update {}", config_path.display()))
+}
+
+/// If `LocalCluster::start` failed because a replica could not listen on its port, which
+/// replica and port (from the replica's own words in its log).
+pub fn lost_port_race(e: &anyhow::Error) -> Option<String> {
+    match e.downcast_ref::<replica::localhost::StartError>()? {
+        replica::localhost::StartError::Exited { id, tail, .. } => {
+            let line = tail.lines().find(|l| l.contains("cannot listen on"))?;
+            let said = &line[line.find("cannot listen on")?..];
+            Some(format!("replica {id} {said}"))
+        }
+        _ => None,
+    }
 }
 
 /// Why a local cluster's stored addresses cannot be used as they are, if they cannot.
@@ -1029,6 +1068,36 @@ pub fn clients_json(clients: &[ClientReport]) -> String {
             .collect::<Vec<_>>()
             .join(",")
     )
+}
+
+#[cfg(test)]
+mod port_tests {
+    use super::*;
+    use replica::localhost::StartError;
+
+    #[test]
+    fn a_replica_that_could_not_listen_is_told_apart() {
+        let listen = replica::driver::node::NodeError::Listen {
+            address: "127.0.0.1:21001".into(),
+            source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
+        };
+        let exited = |tail: String| {
+            anyhow::Error::from(StartError::Exited {
+                id: 1,
+                status: "exit status: 1".into(),
+                log: "replica-1.log".into(),
+                tail,
+            })
+        };
+        let why = lost_port_race(&exited(format!("starting\nError: {listen}")));
+        assert!(
+            why.as_deref()
+                .is_some_and(|w| w.starts_with("replica 1 cannot listen on 127.0.0.1:21001")),
+            "{why:?}"
+        );
+        assert_eq!(lost_port_race(&exited("bad keys".into())), None);
+        assert_eq!(lost_port_race(&anyhow::anyhow!("cannot listen on x")), None);
+    }
 }
 
 #[cfg(test)]

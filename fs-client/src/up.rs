@@ -406,14 +406,23 @@ fn serve_replicated(mnt: &Path, data_dir: &Path, args: &UpArgs) -> Result<()> {
     mounting::block_stop_signals();
     let _lock = lock_data_dir(data_dir)?;
     let config_path = cluster::prepare_local_cluster(data_dir, args.f, args.fast_path)?;
-    let mut replicas = cluster::LocalCluster::start_with(
-        data_dir,
-        &config_path,
-        &cluster::ReplicaExtras {
-            byzantine: args.byzantine.clone(),
-            metrics_port: args.metrics_port,
+    let extras = cluster::ReplicaExtras {
+        byzantine: args.byzantine.clone(),
+        metrics_port: args.metrics_port,
+    };
+    let mut replicas = match cluster::LocalCluster::start_with(data_dir, &config_path, &extras) {
+        // The ports were free when chosen, but another program (another `up` choosing at the
+        // same moment) bound one before the replica did. The addresses are local, so move
+        // them and try once more.
+        Err(e) => match cluster::lost_port_race(&e) {
+            Some(why) => {
+                cluster::move_local_ports(&config_path, &why)?;
+                cluster::LocalCluster::start_with(data_dir, &config_path, &extras)?
+            }
+            None => return Err(e),
         },
-    )?;
+        Ok(started) => started,
+    };
     let result = (|| {
         let config = cluster::read_config(&config_path)?;
         let (secrets, _client_lock) = cluster::claim_client(&config_path, None)?;
