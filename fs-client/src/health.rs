@@ -67,7 +67,7 @@ impl Verdict {
     }
 
     fn sorted(mut self) -> Verdict {
-        self.reasons.sort_by(|a, b| b.0.cmp(&a.0));
+        self.reasons.sort_by_key(|r| std::cmp::Reverse(r.0));
         self
     }
 }
