@@ -134,13 +134,7 @@ struct Cluster {
 
 impl Cluster {
     fn start(work: &Path) -> Result<Cluster> {
-        let real: Vec<String> = (0..4)
-            .map(|_| {
-                Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-                    .local_addr()?
-                    .to_string())
-            })
-            .collect::<Result<_>>()?;
+        let real = replica::localhost::free_addresses(4, replica::localhost::fresh_seed())?;
         let keys =
             generate_with_os_random(1, real.clone(), &[ClientId(1)], ProtocolConfig::default())?;
         let mesh = Mesh::start(real);
@@ -166,6 +160,12 @@ impl Cluster {
             let child = c.spawn(i)?;
             c.children.push(Some(child));
         }
+        replica::localhost::wait_until_serving(
+            c.children.iter_mut().map(Option::as_mut),
+            &c.mesh.real,
+            |i| work.join(format!("replica-{i}.log")),
+            Duration::from_secs(60),
+        )?;
         Ok(c)
     }
 

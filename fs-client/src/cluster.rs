@@ -11,7 +11,9 @@ use crate::transport::{FsTransport, TransportError};
 use anyhow::{bail, Context, Result};
 use replica::config::{ClientSecrets, ClusterConfig};
 use replica::driver::client::{CallError, ClientHandle};
-use replica::driver::status::{probe, ClientReport, ReplicaStatus};
+use replica::driver::status::{
+    probe, unix_ms, CallReport, ClientReport, ReplicaStatus, CLIENT_REPORT_HEARTBEAT,
+};
 use state_abstraction::fs::{decode, encode, FsRequest, FsResult};
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -35,6 +37,61 @@ pub struct ReplicatedTransport {
     timeout: Duration,
     /// Set after a timeout so that an outage is logged once, not once per request.
     failing: AtomicBool,
+    calls: CallTracker,
+}
+
+/// Counts a client's calls for its report ([`CallReport`]), including those still waiting.
+#[derive(Default)]
+struct CallTracker {
+    inner: Mutex<TrackedCalls>,
+}
+
+#[derive(Default)]
+struct TrackedCalls {
+    report: CallReport,
+    /// Calls waiting for an answer: number → when sent (Unix ms).
+    pending: BTreeMap<u64, u64>,
+    next: u64,
+}
+
+impl CallTracker {
+    fn begin(&self) -> u64 {
+        let mut t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        t.next += 1;
+        let id = t.next;
+        t.pending.insert(id, unix_ms());
+        id
+    }
+
+    fn end(&self, id: u64, failure: Option<String>) {
+        let now = unix_ms();
+        let mut t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        t.pending.remove(&id);
+        let r = &mut t.report;
+        match failure {
+            None => {
+                r.completed += 1;
+                r.failed_in_a_row = 0;
+                r.last_completed_unix_ms = now;
+            }
+            Some(why) => {
+                r.failed += 1;
+                r.failed_in_a_row += 1;
+                r.last_failed_unix_ms = now;
+                r.last_error = why;
+            }
+        }
+    }
+
+    fn report(&self) -> CallReport {
+        let t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        CallReport {
+            pending: t.pending.len() as u64,
+            // Numbers grow with sending time, so the first pending call is the oldest.
+            oldest_pending_unix_ms: t.pending.values().next().copied().unwrap_or(0),
+            ..t.report.clone()
+        }
+    }
 }
 
 impl ReplicatedTransport {
@@ -46,6 +103,7 @@ impl ReplicatedTransport {
             client_id,
             timeout,
             failing: AtomicBool::new(false),
+            calls: CallTracker::default(),
         })
     }
 }
@@ -70,8 +128,9 @@ const REPORT_EVERY: Duration = Duration::from_millis(500);
 
 impl ReplicatedTransport {
     /// Writes this client's observations of the replicas (replies that disagreed with the
-    /// accepted result, replies that did not authenticate) into `dir` every half second, for
-    /// `bftfs status`: only a client can see a replica that lies in its replies.
+    /// accepted result, replies that did not authenticate) and how its calls fare into `dir`
+    /// when they change and at least every [`CLIENT_REPORT_HEARTBEAT`], for `bftfs status`:
+    /// only a client can see a replica that lies in its replies, or calls that get no answer.
     pub fn report_observations(self: &Arc<Self>, dir: &Path) -> ObservationReporter {
         let stop = Arc::new(AtomicBool::new(false));
         let (me, stop2, dir) = (self.clone(), stop.clone(), dir.to_path_buf());
@@ -79,16 +138,26 @@ impl ReplicatedTransport {
         let thread = std::thread::Builder::new()
             .name("bftfs-observe".into())
             .spawn(move || {
-                let mut last = None;
+                let mut last: Option<ClientReport> = None;
                 while !stop2.load(Ordering::Relaxed) {
-                    let o = me.client.observations();
-                    if last.as_ref() != Some(&o) {
-                        if let Err(e) = ClientReport::from_observations(client, &o).write_to(&dir) {
+                    let mut report =
+                        ClientReport::from_observations(client, &me.client.observations());
+                    report.calls = me.calls.report();
+                    let due = last.as_ref().is_none_or(|l| {
+                        let same = ClientReport {
+                            updated_unix_ms: report.updated_unix_ms,
+                            ..l.clone()
+                        } == report;
+                        let age = report.updated_unix_ms.saturating_sub(l.updated_unix_ms);
+                        !same || age >= CLIENT_REPORT_HEARTBEAT.as_millis() as u64
+                    });
+                    if due {
+                        if let Err(e) = report.write_to(&dir) {
                             // A read-only cluster directory (another user's mount): status
                             // then lacks the client's view, nothing else.
                             tracing::debug!(error = %e, "cannot write the client's observations");
                         }
-                        last = Some(o);
+                        last = Some(report);
                     }
                     std::thread::sleep(REPORT_EVERY);
                 }
@@ -101,7 +170,11 @@ impl ReplicatedTransport {
 impl FsTransport for ReplicatedTransport {
     fn call(&self, req: FsRequest) -> Result<FsResult, TransportError> {
         let read_only = req.op.is_read_only();
-        match self.client.call(encode(&req), read_only, self.timeout) {
+        let tracked = self.calls.begin();
+        let result = self.client.call(encode(&req), read_only, self.timeout);
+        self.calls
+            .end(tracked, result.as_ref().err().map(|e| e.to_string()));
+        match result {
             Ok(bytes) => {
                 if self.failing.swap(false, Ordering::Relaxed) {
                     info!("the cluster answers again");
@@ -210,32 +283,27 @@ fn replica_program() -> Result<PathBuf> {
     bail!("cannot find the bftfs-replica program next to bftfs or on PATH; build it with `cargo build --release`")
 }
 
-fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")
-        .context("cannot find a free port on 127.0.0.1")?;
-    Ok(l.local_addr()?.port())
-}
-
-fn port_free(address: &str) -> bool {
-    std::net::TcpListener::bind(address).is_ok()
-}
-
-/// Makes the keys of a new local cluster, or reuses the existing ones; replica addresses whose
-/// port another program took since are moved to free ports, and the fast-path setting of this
-/// `up` is applied (the config is public and not signed, so only those change, never the keys).
+/// Makes the keys of a new local cluster, or reuses the existing ones, and applies the
+/// fast-path setting of this `up` (the config is public and not signed, so only addresses and
+/// protocol parameters change here, never the keys).
+///
+/// Ports come from [`replica::localhost`]: consecutive, outside the kernel's ephemeral range,
+/// the same for a data directory while they stay free. If a stored port is taken at a later
+/// `up` (or lies in the ephemeral range, as ports chosen before this rule did), every replica
+/// moves to a new run, with a warning naming the port: the addresses are on 127.0.0.1, so only
+/// this machine's processes use them, and all of them read `cluster.json` when they start.
 pub fn prepare_local_cluster(data_dir: &Path, f: u32, fast_path: bool) -> Result<PathBuf> {
     wait_for_previous_replicas(data_dir, 3 * f as usize + 1)?;
     let dir = data_dir.join(CLUSTER_DIR);
     let config_path = dir.join(keygen::CONFIG_FILE);
+    let seed = replica::localhost::seed_of(data_dir.as_os_str().as_encoded_bytes());
     if !config_path.exists() {
-        let addresses = (0..3 * f + 1)
-            .map(|_| free_port().map(|p| format!("127.0.0.1:{p}")))
-            .collect::<Result<Vec<_>>>()?;
         // The local mount's caller is a user of this machine: believed as stated.
         keygen::write_cluster(
             &dir,
             f,
-            addresses,
+            replica::localhost::free_addresses(3 * f as usize + 1, seed)
+                .context("cannot find free ports for the replicas")?,
             LOCAL_CLIENTS,
             state_abstraction::fs::Squash::None,
         )?;
@@ -256,25 +324,96 @@ pub fn prepare_local_cluster(data_dir: &Path, f: u32, fast_path: bool) -> Result
     // the client read them from this file at start.
     let mut changed = config.protocol.fast_path != fast_path;
     config.protocol.fast_path = fast_path;
-    for r in &mut config.replicas {
-        if !port_free(&r.address) {
-            let new = format!("127.0.0.1:{}", free_port()?);
-            info!(
-                "port of replica {} ({}) is in use; moving it to {new}",
-                r.id.0, r.address
-            );
-            r.address = new;
-            changed = true;
-        }
+    if let Some(why) = why_move_ports(&config) {
+        move_replicas(&mut config, &why, seed, &config_path)?;
+        changed = true;
     }
     if changed {
-        let tmp = config_path.with_extension("tmp");
-        std::fs::write(&tmp, config.to_json()?)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        std::fs::rename(&tmp, &config_path)
-            .with_context(|| format!("cannot update {}", config_path.display()))?;
+        write_config(&config, &config_path)?;
     }
     Ok(config_path)
+}
+
+/// Moves a local cluster's replicas to other free ports than those stored (which a replica
+/// could not bind), saying why.
+pub fn move_local_ports(config_path: &Path, why: &str) -> Result<()> {
+    let mut config = read_config(config_path)?;
+    // Not the data directory's seed: its first choice may be the very ports that failed.
+    move_replicas(
+        &mut config,
+        why,
+        replica::localhost::fresh_seed(),
+        config_path,
+    )?;
+    write_config(&config, config_path)
+}
+
+fn move_replicas(
+    config: &mut ClusterConfig,
+    why: &str,
+    seed: u64,
+    config_path: &Path,
+) -> Result<()> {
+    let addresses = replica::localhost::free_addresses(config.n(), seed)
+        .context("cannot find free ports for the replicas")?;
+    warn!(
+        "{why}; moving the replicas to {}..{} (restart any other `bftfs mount` of {} so that it reads the new addresses)",
+        addresses[0],
+        addresses[addresses.len() - 1],
+        config_path.display()
+    );
+    for (r, address) in config.replicas.iter_mut().zip(addresses) {
+        r.address = address;
+    }
+    Ok(())
+}
+
+fn write_config(config: &ClusterConfig, config_path: &Path) -> Result<()> {
+    let tmp = config_path.with_extension("tmp");
+    std::fs::write(&tmp, config.to_json()?)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, config_path)
+        .with_context(|| format!("cannot update {}", config_path.display()))
+}
+
+/// If `LocalCluster::start` failed because a replica could not listen on its port, which
+/// replica and port (from the replica's own words in its log).
+pub fn lost_port_race(e: &anyhow::Error) -> Option<String> {
+    match e.downcast_ref::<replica::localhost::StartError>()? {
+        replica::localhost::StartError::Exited { id, tail, .. } => {
+            let line = tail.lines().find(|l| l.contains("cannot listen on"))?;
+            let said = &line[line.find("cannot listen on")?..];
+            Some(format!("replica {id} {said}"))
+        }
+        _ => None,
+    }
+}
+
+/// Why a local cluster's stored addresses cannot be used as they are, if they cannot.
+fn why_move_ports(config: &ClusterConfig) -> Option<String> {
+    let ephemeral = replica::localhost::ephemeral_range();
+    for r in &config.replicas {
+        if !replica::localhost::port_free(&r.address) {
+            return Some(format!(
+                "port {} of replica {} is taken by another program",
+                r.address, r.id.0
+            ));
+        }
+        let port = r
+            .address
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok());
+        if port.is_some_and(|p| ephemeral.contains(&p)) {
+            return Some(format!(
+                "port {} of replica {} lies in the kernel's ephemeral range {}-{}, where outgoing connections may take it",
+                r.address,
+                r.id.0,
+                ephemeral.start(),
+                ephemeral.end()
+            ));
+        }
+    }
+    None
 }
 
 /// Replicas of a previous `up` whose `bftfs` was killed get SIGTERM when it dies, but may
@@ -316,6 +455,9 @@ pub struct ReplicaExtras {
     /// Replica i serves Prometheus metrics on 127.0.0.1:(port+i).
     pub metrics_port: Option<u16>,
 }
+
+/// How long `up` waits for every replica to serve before leaving a slow one to the supervisor.
+const START_WAIT: Duration = Duration::from_secs(20);
 
 struct Member {
     child: Option<Child>,
@@ -388,31 +530,34 @@ impl LocalCluster {
             .members
             .lock()
             .map_err(|_| anyhow::anyhow!("poisoned"))? = members;
-        // Fail fast on a replica that cannot start at all (bad keys, port in use).
-        std::thread::sleep(Duration::from_millis(300));
-        let mut failed = None;
-        if let Ok(mut members) = cluster.members.lock() {
-            for (i, m) in members.iter_mut().enumerate() {
-                if let Some(Ok(Some(status))) = m.child.as_mut().map(|c| c.try_wait()) {
-                    let log = data_dir.join(format!("replica-{i}.log"));
-                    let tail = std::fs::read_to_string(&log).unwrap_or_default();
-                    let last = tail
-                        .lines()
-                        .rev()
-                        .find(|l| !l.trim().is_empty())
-                        .unwrap_or("no output")
-                        .to_string();
-                    failed = Some(format!("replica {i} could not start ({status}): {last}"));
-                    break;
-                }
+        // Fail fast on a replica that cannot start at all (bad keys, port in use). One that is
+        // merely slow (a large state to restore) is left to the supervisor and the mount's
+        // first call.
+        let waited = cluster.wait_until_serving(&config);
+        match waited {
+            Ok(()) => {}
+            Err(e @ replica::localhost::StartError::NotServing { .. }) => warn!("{e}"),
+            Err(e) => {
+                cluster.stop();
+                return Err(e.into());
             }
-        }
-        if let Some(why) = failed {
-            cluster.stop();
-            bail!("{why}");
         }
         cluster.supervisor = Some(cluster.spawn_supervisor());
         Ok(cluster)
+    }
+
+    fn wait_until_serving(
+        &self,
+        config: &ClusterConfig,
+    ) -> Result<(), replica::localhost::StartError> {
+        let addresses: Vec<String> = config.replicas.iter().map(|r| r.address.clone()).collect();
+        let mut members = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        replica::localhost::wait_until_serving(
+            members.iter_mut().map(|m| m.child.as_mut()),
+            &addresses,
+            |i| self.data_dir.join(format!("replica-{i}.log")),
+            START_WAIT,
+        )
     }
 
     fn spawn(&self, i: usize) -> Result<Child> {
@@ -595,26 +740,45 @@ pub struct ReplicaReport {
     pub health: &'static str,
 }
 
-/// Asks every replica of `config` for its status.
+/// How long `bftfs status` waits for each replica's answer (all are asked at once).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Asks every replica of `config` for its status, all at once: a stopped replica costs the
+/// probe timeout once, not once per replica.
 pub fn probe_cluster(config: &ClusterConfig) -> Vec<ReplicaReport> {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(_) => return Vec::new(),
-    };
-    let statuses: Vec<Option<ReplicaStatus>> = runtime.block_on(async {
-        let probes = config
-            .replicas
-            .iter()
-            .map(|r| probe(&r.address, Duration::from_secs(2)));
-        let mut out = Vec::new();
-        for p in probes {
-            out.push(p.await.ok());
-        }
-        out
-    });
+    let answers: Vec<std::io::Result<ReplicaStatus>> =
+        match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime.block_on(async {
+                let probes: Vec<_> = config
+                    .replicas
+                    .iter()
+                    .map(|r| {
+                        let address = r.address.clone();
+                        tokio::spawn(async move { probe(&address, PROBE_TIMEOUT).await })
+                    })
+                    .collect();
+                let mut out = Vec::new();
+                for p in probes {
+                    out.push(p.await.unwrap_or_else(|e| Err(std::io::Error::other(e))));
+                }
+                out
+            }),
+            Err(e) => config
+                .replicas
+                .iter()
+                .map(|_| Err(std::io::Error::new(e.kind(), e.to_string())))
+                .collect(),
+        };
+    // A replica that accepts the connection and never answers (stopped, hung, overloaded) is
+    // not the same trouble as one that is gone.
+    let silent: Vec<bool> = answers
+        .iter()
+        .map(|a| matches!(a, Err(e) if e.kind() == std::io::ErrorKind::TimedOut))
+        .collect();
+    let statuses: Vec<Option<ReplicaStatus>> = answers.into_iter().map(Result::ok).collect();
     let best = statuses
         .iter()
         .flatten()
@@ -622,23 +786,17 @@ pub fn probe_cluster(config: &ClusterConfig) -> Vec<ReplicaReport> {
         .max()
         .unwrap_or(0);
     // The view most replicas are in: a replica in another view is changing views or lagging.
-    let mut views: Vec<u64> = statuses
-        .iter()
-        .flatten()
-        .filter(|s| s.view_active)
-        .map(|s| s.view)
-        .collect();
-    views.sort_unstable();
-    let common_view = views.get(views.len() / 2).copied();
+    let common_view = crate::health::largest_active_view(statuses.iter().flatten()).map(|(v, _)| v);
     config
         .replicas
         .iter()
-        .zip(statuses)
-        .map(|(r, status)| {
+        .zip(statuses.into_iter().zip(silent))
+        .map(|(r, (status, silent))| {
             let lag = status
                 .as_ref()
                 .map(|s| best.saturating_sub(s.last_executed));
             let health = match &status {
+                None if silent => "not answering",
                 None => "down",
                 Some(s) if s.transferring_state => "catching up (state transfer)",
                 Some(s) if !s.view_active => "changing view",
@@ -810,7 +968,14 @@ pub fn suspects(
             .filter_map(|(_, p, others)| {
                 let liveliest = others.iter().filter_map(|o| o.last_message_ms_ago).min()?;
                 match p.last_message_ms_ago {
-                    None => Some(u64::MAX),
+                    // Only once the others have talked for a while: in a new or idle cluster
+                    // a correct backup may have had nothing to send yet, while after the
+                    // first batch it votes within milliseconds.
+                    None => {
+                        let talking_for =
+                            others.iter().filter_map(|o| o.first_message_ms_ago).max()?;
+                        (talking_for >= SILENCE_MS).then_some(u64::MAX)
+                    }
                     Some(age) if age >= liveliest + SILENCE_MS => Some(age),
                     _ => None,
                 }
@@ -906,12 +1071,43 @@ pub fn clients_json(clients: &[ClientReport]) -> String {
 }
 
 #[cfg(test)]
-mod suspect_tests {
+mod port_tests {
+    use super::*;
+    use replica::localhost::StartError;
+
+    #[test]
+    fn a_replica_that_could_not_listen_is_told_apart() {
+        let listen = replica::driver::node::NodeError::Listen {
+            address: "127.0.0.1:21001".into(),
+            source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
+        };
+        let exited = |tail: String| {
+            anyhow::Error::from(StartError::Exited {
+                id: 1,
+                status: "exit status: 1".into(),
+                log: "replica-1.log".into(),
+                tail,
+            })
+        };
+        let why = lost_port_race(&exited(format!("starting\nError: {listen}")));
+        assert!(
+            why.as_deref()
+                .is_some_and(|w| w.starts_with("replica 1 cannot listen on 127.0.0.1:21001")),
+            "{why:?}"
+        );
+        assert_eq!(lost_port_race(&exited("bad keys".into())), None);
+        assert_eq!(lost_port_race(&anyhow::anyhow!("cannot listen on x")), None);
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod suspect_tests {
     use super::*;
     use replica::driver::peers::PeerReport;
     use replica::driver::status::ClientView;
 
-    fn config() -> ClusterConfig {
+    /// Four replicas (f = 1) with made-up keys.
+    pub(crate) fn config() -> ClusterConfig {
         let mut seed = 3u8;
         replica::config::generate(
             1,
@@ -939,6 +1135,7 @@ mod suspect_tests {
                         let mut p = PeerReport {
                             id,
                             last_message_ms_ago: Some(10),
+                            first_message_ms_ago: Some(60_000),
                             lateness_ms: Some(2),
                             ..Default::default()
                         };
@@ -1002,6 +1199,19 @@ mod suspect_tests {
             s[0].id == 2 && s[0].why[0].contains("never heard from"),
             "{s:?}"
         );
+        // A new cluster whose other replicas began to talk a moment ago: not yet suspect.
+        let s = suspects(
+            &config,
+            &reports(|_, p| {
+                p.first_message_ms_ago = Some(500);
+                if p.id == 2 {
+                    p.last_message_ms_ago = None;
+                    p.first_message_ms_ago = None;
+                }
+            }),
+            &[],
+        );
+        assert!(s.is_empty(), "{s:?}");
 
         // Late according to one observer only: not enough witnesses (f+1 = 2).
         let s = suspects(

@@ -1,6 +1,7 @@
 //! The `bftfs` client: a FUSE adapter over the file service, and the commands that mount it.
 //!
 //! - [`cluster`]: the replicated transport, the local cluster `up` starts, `status` probes;
+//! - [`health`]: the verdict of `bftfs status` (ok, degraded, stuck) and its reasons;
 //! - [`transport`]: the [`transport::FsTransport`] trait, how the adapter reaches the service;
 //! - [`adapter`]: the FUSE file system (fuser), node ids ⇄ handles, the errno mapping;
 //! - [`inodes`]: the node id table;
@@ -13,6 +14,7 @@
 
 pub mod adapter;
 pub mod cluster;
+pub mod health;
 pub mod inodes;
 pub mod keygen;
 pub mod local;

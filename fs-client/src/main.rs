@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use fs_client::options::{MountOptions, OPTIONS_HELP};
 use fs_client::up::UpArgs;
 use fs_client::{keygen, mounting, up};
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 /// bftfs: a Byzantine-fault-tolerant network file system.
@@ -88,8 +88,21 @@ enum Cmd {
         #[arg(long, short = 'l')]
         lazy: bool,
     },
-    /// Show the cluster behind MOUNTPOINT (or CONFIG): each replica's role, address, pid,
-    /// view, last executed sequence number, checkpoint, lag and health.
+    /// Show the cluster behind MOUNTPOINT (or CONFIG): a verdict (ok, degraded or stuck) with
+    /// its reasons, then each replica's role, address, pid, view, last executed sequence
+    /// number, checkpoint, lag and health, and the replicas others suspect.
+    ///
+    /// ok: every replica answers in one active view, none behind or suspected, and the
+    /// mount's calls complete. degraded: a quorum (2f+1 replicas in one active view) serves,
+    /// but a replica is down, lagging, changing view alone or suspected. stuck: no quorum in
+    /// an active view (e.g. every replica changing view), no replica answers, the mount's
+    /// process is gone, or the mount's calls fail (EIO) or have waited 10 s or more for an
+    /// answer (MOUNTPOINT: the mount's own calls; --config: every client that reported in the
+    /// last 10 s next to CONFIG). All replicas are asked at once, waiting up to 2 s.
+    ///
+    /// Exit status: 0 ok, 1 degraded, 2 stuck or unreachable, 3 the status could not be found
+    /// (no such mount, unreadable config, bad arguments). --json carries the same verdict in
+    /// "health", "exit_code" and "reasons".
     #[command(group(clap::ArgGroup::new("target").required(true).args(["mountpoint", "config"])))]
     Status {
         mountpoint: Option<PathBuf>,
@@ -131,6 +144,9 @@ enum Cmd {
         squash: state_abstraction::fs::Squash,
     },
 }
+
+/// `bftfs status`'s exit status when it cannot find out (see its help).
+const STATUS_UNKNOWN: i32 = 3;
 
 fn parse_options(raw: &[String]) -> Result<MountOptions> {
     match MountOptions::parse_all(raw) {
@@ -188,11 +204,23 @@ fn run(cli: Cli) -> Result<()> {
             mountpoint,
             config,
             json,
-        } => match (mountpoint, config) {
-            (Some(m), _) => up::status(&m, json),
-            (None, Some(c)) => up::status_of_config(&c, json),
-            (None, None) => bail!("give a mount point or --config CONFIG"),
-        },
+        } => {
+            let health = match (mountpoint, config) {
+                (Some(m), _) => up::status(&m, json),
+                (None, Some(c)) => up::status_of_config(&c, json),
+                (None, None) => bail!("give a mount point or --config CONFIG"),
+            };
+            match health {
+                Ok(h) => {
+                    let _ = std::io::stdout().flush();
+                    std::process::exit(h.exit_code())
+                }
+                Err(e) => {
+                    eprintln!("bftfs: {e:#}");
+                    std::process::exit(STATUS_UNKNOWN)
+                }
+            }
+        }
         Cmd::Keygen {
             out,
             f,
@@ -236,7 +264,16 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // `status`'s exit statuses 1 and 2 mean degraded and stuck; a script must not read a
+        // mistyped status command line (clap's usual 2) as a stuck cluster.
+        Err(e) if e.use_stderr() && std::env::args().nth(1).as_deref() == Some("status") => {
+            let _ = e.print();
+            std::process::exit(STATUS_UNKNOWN)
+        }
+        Err(e) => e.exit(),
+    };
     if let Err(e) = run(cli) {
         eprintln!("bftfs: {e:#}");
         std::process::exit(1);

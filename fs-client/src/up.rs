@@ -14,6 +14,7 @@
 //! - `up.log`: the log of a detached `up`.
 
 use crate::cluster;
+use crate::health::{self, Health};
 use crate::local::LocalTransport;
 use crate::mounting::{
     self, check_can_mount, check_mount_point, mount_path, mounted_fstype, FS_TYPE,
@@ -21,7 +22,7 @@ use crate::mounting::{
 use crate::options::MountOptions;
 use crate::transport::FsTransport;
 use anyhow::{anyhow, bail, Context, Result};
-use replica::driver::status::ClientReport;
+use replica::driver::status::{unix_ms, ClientReport};
 use sha2::{Digest, Sha256};
 use state_abstraction::fs::{Caller, FsOp, FsReply, FsRequest, Handle, SetAttrs};
 use std::fs::{File, OpenOptions};
@@ -383,8 +384,13 @@ pub fn up(args: UpArgs) -> Result<()> {
         .canonicalize()
         .with_context(|| format!("cannot resolve {}", data_dir.display()))?;
     if args.detach && !args.foreground_child {
-        // Tell the user now about a busy data directory rather than through the child's log.
-        drop(lock_data_dir(&data_dir)?);
+        // Tell the user now about a busy data directory, and about replica ports that move,
+        // rather than through the child's log.
+        let lock = lock_data_dir(&data_dir)?;
+        if args.f >= 1 {
+            cluster::prepare_local_cluster(&data_dir, args.f, args.fast_path)?;
+        }
+        drop(lock);
         return spawn_detached(&mnt, &data_dir, &args);
     }
     if args.f == 0 {
@@ -400,14 +406,23 @@ fn serve_replicated(mnt: &Path, data_dir: &Path, args: &UpArgs) -> Result<()> {
     mounting::block_stop_signals();
     let _lock = lock_data_dir(data_dir)?;
     let config_path = cluster::prepare_local_cluster(data_dir, args.f, args.fast_path)?;
-    let mut replicas = cluster::LocalCluster::start_with(
-        data_dir,
-        &config_path,
-        &cluster::ReplicaExtras {
-            byzantine: args.byzantine.clone(),
-            metrics_port: args.metrics_port,
+    let extras = cluster::ReplicaExtras {
+        byzantine: args.byzantine.clone(),
+        metrics_port: args.metrics_port,
+    };
+    let mut replicas = match cluster::LocalCluster::start_with(data_dir, &config_path, &extras) {
+        // The ports were free when chosen, but another program (another `up` choosing at the
+        // same moment) bound one before the replica did. The addresses are local, so move
+        // them and try once more.
+        Err(e) => match cluster::lost_port_race(&e) {
+            Some(why) => {
+                cluster::move_local_ports(&config_path, &why)?;
+                cluster::LocalCluster::start_with(data_dir, &config_path, &extras)?
+            }
+            None => return Err(e),
         },
-    )?;
+        Ok(started) => started,
+    };
     let result = (|| {
         let config = cluster::read_config(&config_path)?;
         let (secrets, _client_lock) = cluster::claim_client(&config_path, None)?;
@@ -531,17 +546,28 @@ pub fn mount(
     })
 }
 
-/// `bftfs status --config CONFIG`.
-pub fn status_of_config(config_path: &Path, json: bool) -> Result<()> {
+/// `bftfs status --config CONFIG`: the replicas, and every client report written recently
+/// next to CONFIG (clients of other machines write theirs elsewhere).
+pub fn status_of_config(config_path: &Path, json: bool) -> Result<Health> {
     let config = cluster::read_config(config_path)?;
     let reports = cluster::probe_cluster(&config);
     let clients = ClientReport::read_all(config_path.parent().unwrap_or(Path::new(".")));
     let suspects = cluster::suspects(&config, &reports, &clients);
+    let now = unix_ms();
+    let verdict = health::verdict(
+        Some(&config),
+        &reports,
+        &suspects,
+        &health::fresh_clients(&clients, now),
+        None,
+        now,
+    );
     if json {
         println!(
-            "{{\"config\":{},\"f\":{},\"replicas\":{},\"clients\":{},\"suspects\":{}}}",
+            "{{\"config\":{},\"f\":{},{},\"replicas\":{},\"clients\":{},\"suspects\":{}}}",
             json_string(&config_path.to_string_lossy()),
             config.f,
+            health::json_fields(&verdict),
             cluster::reports_json(&reports),
             cluster::clients_json(&clients),
             cluster::suspects_json(&suspects)
@@ -553,10 +579,11 @@ pub fn status_of_config(config_path: &Path, json: bool) -> Result<()> {
             config.f,
             config.n()
         );
+        health::print(&verdict);
         cluster::print_reports(&reports);
         cluster::print_suspects(&suspects);
     }
-    Ok(())
+    Ok(verdict.health)
 }
 
 /// What is serving the mount, for people.
@@ -681,13 +708,6 @@ fn print_started(mnt: &Path, data_dir: &Path, f: u32, detached: bool) {
     let _ = std::io::stdout().flush();
 }
 
-/// The last non-empty lines of a log file, for an error message.
-fn log_tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let tail: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    tail[tail.len().saturating_sub(lines)..].join("\n")
-}
-
 /// Starts the background bftfs process of `mount -d` or `up` in a session of its own: detached
 /// from our terminal and process group, so that a Ctrl-C meant for the shell does not stop
 /// the mount.
@@ -738,15 +758,8 @@ fn spawn_detached(mnt: &Path, data_dir: &Path, args: &UpArgs) -> Result<()> {
     let started = Instant::now();
     loop {
         if let Some(status) = child.try_wait()? {
-            let tail = log_tail(&log_path, 3);
-            bail!(
-                "bftfs up failed ({status}): {}",
-                if tail.is_empty() {
-                    "no output".into()
-                } else {
-                    tail
-                }
-            );
+            let tail = replica::localhost::log_tail(&log_path, 3);
+            bail!("bftfs up failed ({status}): {tail}");
         }
         let pid_ok = read_pid_info(mnt)?.is_some_and(|i| i.pid == child.id());
         if pid_ok
@@ -838,7 +851,9 @@ pub fn down(mountpoint: &Path) -> Result<()> {
     Ok(())
 }
 
-pub fn status(mountpoint: &Path, json: bool) -> Result<()> {
+/// `bftfs status MOUNTPOINT`: the mount's process, its own calls (from the report it keeps in
+/// the cluster directory) and the replicas.
+pub fn status(mountpoint: &Path, json: bool) -> Result<Health> {
     let mnt = mount_path(mountpoint)?;
     let info = read_pid_info(&mnt)?;
     let mounted = mounted_fstype(&mnt).as_deref() == Some(FS_TYPE);
@@ -852,31 +867,45 @@ pub fn status(mountpoint: &Path, json: bool) -> Result<()> {
         );
     };
     let running = alive(info.pid) && is_bftfs(info.pid);
-    let health = match (running, mounted) {
-        (true, true) => "ok",
-        (true, false) => "starting or stopping",
-        (false, true) => "dead (mount left behind; run `bftfs umount --lazy`)",
-        (false, false) => "stopped",
-    };
     let cluster_dir = info.data_dir.join(cluster::CLUSTER_DIR);
-    let (reports, suspects) = if info.f >= 1 {
+    let clients = ClientReport::read_all(&cluster_dir);
+    let now = unix_ms();
+    // This mount's own report: the one its process writes (another mount of the same cluster
+    // speaks for itself, in `status --config`).
+    let own: Vec<&ClientReport> = health::fresh_clients(&clients, now)
+        .into_iter()
+        .filter(|c| running && c.pid == info.pid)
+        .collect();
+    let (config, reports, suspects) = if info.f >= 1 {
         let config = cluster::read_config(&cluster_dir.join(crate::keygen::CONFIG_FILE))?;
         let reports = cluster::probe_cluster(&config);
-        let suspects = cluster::suspects(&config, &reports, &ClientReport::read_all(&cluster_dir));
-        (reports, suspects)
+        let suspects = cluster::suspects(&config, &reports, &clients);
+        (Some(config), reports, suspects)
     } else {
-        (Vec::new(), Vec::new())
+        (None, Vec::new(), Vec::new())
     };
+    let verdict = health::verdict(
+        config.as_ref(),
+        &reports,
+        &suspects,
+        &own,
+        Some(health::MountState { running, mounted }),
+        now,
+    );
     if json {
+        let calls = own
+            .first()
+            .and_then(|c| serde_json::to_string(&c.calls).ok())
+            .unwrap_or_else(|| "null".into());
         println!(
-            "{{\"mountpoint\":{},\"mounted\":{mounted},\"f\":{},\"data_dir\":{},\"client\":{{\"pid\":{},\"running\":{running}}},\"health\":{},\"replicas\":{},\"clients\":{},\"suspects\":{}}}",
+            "{{\"mountpoint\":{},\"mounted\":{mounted},\"f\":{},\"data_dir\":{},{},\"client\":{{\"pid\":{},\"running\":{running},\"calls\":{calls}}},\"replicas\":{},\"clients\":{},\"suspects\":{}}}",
             json_string(&info.mountpoint.to_string_lossy()),
             info.f,
             json_string(&info.data_dir.to_string_lossy()),
+            health::json_fields(&verdict),
             info.pid,
-            json_string(health),
             cluster::reports_json(&reports),
-            cluster::clients_json(&ClientReport::read_all(&cluster_dir)),
+            cluster::clients_json(&clients),
             cluster::suspects_json(&suspects),
         );
     } else {
@@ -885,20 +914,27 @@ pub fn status(mountpoint: &Path, json: bool) -> Result<()> {
             info.mountpoint.display(),
             if mounted { "mounted" } else { "not mounted" }
         );
+        health::print(&verdict);
         println!("cluster:     {}", describe(info.f));
         println!("data:        {}", info.data_dir.display());
+        let calls = own.first().map(|c| &c.calls);
         println!(
-            "client:      pid {} ({})",
+            "client:      pid {} ({}){}",
             info.pid,
-            if running { "running" } else { "not running" }
+            if running { "running" } else { "not running" },
+            calls
+                .map(|c| format!(
+                    "; calls: {} completed, {} failed, {} waiting",
+                    c.completed, c.failed, c.pending
+                ))
+                .unwrap_or_default()
         );
-        println!("health:      {health}");
         if !reports.is_empty() {
             cluster::print_reports(&reports);
             cluster::print_suspects(&suspects);
         }
     }
-    Ok(())
+    Ok(verdict.health)
 }
 
 /// A JSON string literal (the few fields we print need no JSON library).

@@ -292,19 +292,12 @@ fn compare(label: &str, got: &Tree, want: &Tree) {
 }
 
 fn status_json(m: &Mounted) -> serde_json::Value {
-    let out = bftfs(
-        &["status".as_ref(), m.mnt.as_os_str(), "--json".as_ref()],
-        &m.xdg,
-    );
-    assert!(out.status.success(), "status failed: {}", text(&out));
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("status --json: {e}: {}", text(&out)))
+    let (_, out) = status(m, true);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json: {e}: {out}"))
 }
 
 fn status_text(m: &Mounted) -> String {
-    let out = bftfs(&["status".as_ref(), m.mnt.as_os_str()], &m.xdg);
-    assert!(out.status.success(), "status failed: {}", text(&out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    status(m, false).1
 }
 
 /// The reasons `bftfs status --json` gives for suspecting replica `id`.
@@ -352,28 +345,18 @@ fn run(
     if let Some(b) = byzantine {
         extra.extend(["--byzantine", b]);
     }
-    // `up` picks free ports for its replicas before they bind them; with many clusters
-    // starting at once, another process can take one in between (an outgoing connection's
-    // ephemeral port). That is a failure to start, not what these tests are about: retry.
-    let mut attempt = 0;
-    let (m, tmp, mnt) = loop {
-        attempt += 1;
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let (mnt, xdg) = (tmp.path().join("mnt"), tmp.path().join("xdg"));
-        fs::create_dir(&mnt).expect("mkdir mnt");
-        match Mounted::at(&mnt, &xdg, None, &extra) {
-            Ok(m) => break (m, tmp, mnt),
-            Err(e) if e.to_string().contains("built without Byzantine modes") => panic!(
-                "{test}: the bftfs-replica next to bftfs lacks the `byzantine` feature. \
-                 `cargo test --workspace` builds it with the feature; when running this test \
-                 binary alone, run `cargo build -p replica --features byzantine` first \
-                 (`cargo test -p replica` rebuilds it without). bftfs up said: {e}"
-            ),
-            Err(e) if attempt < 3 => {
-                eprintln!("{test}: bftfs up failed (attempt {attempt}), retrying: {e}")
-            }
-            Err(e) => panic!("{test}: bftfs up: {e}"),
-        }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (mnt, xdg) = (tmp.path().join("mnt"), tmp.path().join("xdg"));
+    fs::create_dir(&mnt).expect("mkdir mnt");
+    let m = match Mounted::at(&mnt, &xdg, None, &extra) {
+        Ok(m) => m,
+        Err(e) if e.to_string().contains("built without Byzantine modes") => panic!(
+            "{test}: the bftfs-replica next to bftfs lacks the `byzantine` feature. \
+             `cargo test --workspace` builds it with the feature; when running this test \
+             binary alone, run `cargo build -p replica --features byzantine` first \
+             (`cargo test -p replica` rebuilds it without). bftfs up said: {e}"
+        ),
+        Err(e) => panic!("{test}: bftfs up: {e}"),
     };
     let started = Instant::now();
     let mut model = workload(&mnt);

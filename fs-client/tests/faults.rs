@@ -160,11 +160,7 @@ fn postmark_rounds(dir: PathBuf, stop: Arc<AtomicBool>) -> (u32, Vec<String>) {
 #[test]
 fn workload_and_postmark_survive_replicas_killed_every_few_seconds() {
     let name = "workload_and_postmark_survive_replicas_killed_every_few_seconds";
-    if !fuse_available(name) {
-        return;
-    }
-    if test_f() == "0" {
-        eprintln!("SKIPPED {name}: BFTFS_TEST_F=0 has no replicas");
+    if !replicated_mounts_available(name) {
         return;
     }
     let seconds: u64 = std::env::var("FAULTS_SECONDS")
@@ -348,12 +344,8 @@ fn walk(root: &Path) -> usize {
 #[test]
 fn total_power_loss_keeps_every_returned_write() {
     let name = "total_power_loss_keeps_every_returned_write";
-    if !fuse_available(name) {
-        return;
-    }
-    if test_f() == "0" {
-        // Without replicas a returned call is not yet durable (see README).
-        eprintln!("SKIPPED {name}: BFTFS_TEST_F=0 has no replicas");
+    // Without replicas a returned call is not yet durable (see README).
+    if !replicated_mounts_available(name) {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -464,11 +456,7 @@ fn sh_as_user(cmd: &str) -> (bool, String) {
 #[test]
 fn hostile_names_and_forbidden_calls_through_the_mount() {
     let name = "hostile_names_and_forbidden_calls_through_the_mount";
-    if !fuse_available(name) {
-        return;
-    }
-    if test_f() == "0" {
-        eprintln!("SKIPPED {name}: BFTFS_TEST_F=0 has no replicas");
+    if !replicated_mounts_available(name) {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");

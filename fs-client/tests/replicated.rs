@@ -10,12 +10,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 fn status_json(m: &Mounted) -> String {
-    let out = bftfs(
-        &["status".as_ref(), m.mnt.as_os_str(), "--json".as_ref()],
-        &m.xdg,
-    );
-    assert!(out.status.success(), "status failed: {}", text(&out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    status(m, true).1
 }
 
 /// The per-replica objects of `bftfs status --json`, as (id, pid, last_executed, health).
@@ -46,11 +41,7 @@ fn data_dir_of(m: &Mounted) -> PathBuf {
 
 #[test]
 fn two_mounts_of_one_cluster_see_each_others_changes() {
-    if !fuse_available("two_mounts_of_one_cluster_see_each_others_changes") {
-        return;
-    }
-    if test_f() == "0" {
-        eprintln!("SKIPPED two mounts: BFTFS_TEST_F=0 has no cluster to share");
+    if !replicated_mounts_available("two_mounts_of_one_cluster_see_each_others_changes") {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -137,11 +128,7 @@ fn content(i: usize, round: usize) -> Vec<u8> {
 
 #[test]
 fn kill_9_of_a_replica_during_a_workload() {
-    if !fuse_available("kill_9_of_a_replica_during_a_workload") {
-        return;
-    }
-    if test_f() == "0" {
-        eprintln!("SKIPPED kill -9 of a replica: BFTFS_TEST_F=0 has no replicas");
+    if !replicated_mounts_available("kill_9_of_a_replica_during_a_workload") {
         return;
     }
     let m = Mounted::new();
@@ -228,21 +215,6 @@ fn kill_9_of_a_replica_during_a_workload() {
     m.down();
 }
 
-/// A base port with `n` consecutive free ports after it (bound and released, so a race with
-/// another process is possible but unlikely; the test then fails at `up`, saying so).
-fn free_port_run(n: u16) -> u16 {
-    for attempt in 0..200u32 {
-        let base = 20_000 + ((std::process::id() * 7 + attempt * 131) % 30_000) as u16;
-        let all: Vec<_> = (0..n)
-            .map(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)))
-            .collect();
-        if all.iter().all(|l| l.is_ok()) {
-            return base;
-        }
-    }
-    panic!("no run of {n} free ports");
-}
-
 fn http_get(port: u16) -> String {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port))
         .unwrap_or_else(|e| panic!("connect to the metrics port {port}: {e}"));
@@ -257,17 +229,14 @@ fn http_get(port: u16) -> String {
 
 #[test]
 fn up_metrics_port_serves_each_replicas_metrics() {
-    if !fuse_available("up_metrics_port_serves_each_replicas_metrics") {
-        return;
-    }
-    if test_f() == "0" {
-        eprintln!("SKIPPED metrics port: BFTFS_TEST_F=0 has no replicas");
+    if !replicated_mounts_available("up_metrics_port_serves_each_replicas_metrics") {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
     let (mnt, xdg) = (tmp.path().join("mnt"), tmp.path().join("xdg"));
     fs::create_dir(&mnt).expect("mkdir");
-    let base = free_port_run(4);
+    let base = replica::localhost::free_port_run(4, replica::localhost::fresh_seed())
+        .expect("four free ports");
     let port = base.to_string();
     let m = Mounted::at(&mnt, &xdg, None, &["--metrics-port", &port]).expect("up");
     fs::write(m.mnt.join("f"), b"counted").expect("write through the mount");

@@ -8,12 +8,15 @@
 //! - [`client`]: the client half of the protocol, also sans-IO.
 //! - [`driver`]: the tokio driver: TCP links, write-ahead log, timers, status; runs the core
 //!   (the `bftfs-replica` daemon) and the client (`ClientHandle`).
+//! - [`localhost`]: replica processes on this machine: ports outside the ephemeral range,
+//!   waiting until started ones serve.
 //! - [`sim`]: the deterministic simulator (tests, or the `sim` feature).
 
 pub mod client;
 pub mod config;
 pub mod core;
 pub mod driver;
+pub mod localhost;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
 pub mod wire;

@@ -58,11 +58,12 @@ impl Cluster {
             write_json(&d.join(format!("replica-{i}.json")), secrets.to_json());
         }
         let client_config = mesh.client_config(&keys.config);
-        let _children = Processes(
+        let mut _children = Processes(
             (0..4)
                 .map(|i| Some(spawn_replica(d, &d.join(format!("cluster-{i}.json")), i)))
                 .collect(),
         );
+        _children.wait_serving(d, &mesh.real);
         Cluster {
             dir,
             mesh,

@@ -126,3 +126,55 @@ fn latency_probe() {
         eprintln!("getattr {:?} ok={} create {:?}", a, r.is_ok(), t.elapsed());
     }
 }
+
+/// A replica that cannot bind its port exits at once; the harness says so at once, with the
+/// replica's log, instead of waiting for a replica that is gone.
+#[test]
+fn a_replica_that_cannot_start_is_reported_at_once() {
+    use common::{cluster_dir, free_addresses, spawn_replica, write_json, Processes, N};
+    use replica::config::{generate_with_os_random, ProtocolConfig};
+    use state_abstraction::ClientId;
+
+    let dir = cluster_dir("bftfs-taken");
+    let addresses = free_addresses(N);
+    let keys = generate_with_os_random(
+        1,
+        addresses.clone(),
+        &[ClientId(1)],
+        ProtocolConfig::default(),
+    )
+    .expect("keygen");
+    let d = dir.path();
+    write_json(&d.join("cluster.json"), keys.config.to_json());
+    for r in &keys.replicas {
+        write_json(&d.join(format!("replica-{}.json", r.id.0)), r.to_json());
+    }
+    let _holder = std::net::TcpListener::bind(&addresses[1]).expect("take replica 1's port");
+    let mut children = Processes(
+        (0..N)
+            .map(|i| Some(spawn_replica(d, &d.join("cluster.json"), i)))
+            .collect(),
+    );
+    let started = Instant::now();
+    let result = replica::localhost::wait_until_serving(
+        children.0.iter_mut().map(Option::as_mut),
+        &addresses,
+        |i| d.join(format!("replica-{i}.log")),
+        Duration::from_secs(60),
+    );
+    let waited = started.elapsed();
+    match result {
+        Err(replica::localhost::StartError::Exited { id, tail, .. }) => {
+            assert_eq!(id, 1, "{tail}");
+            assert!(
+                tail.contains(&addresses[1]) && tail.contains("in use"),
+                "{tail}"
+            );
+        }
+        other => panic!("a replica whose port is taken was not reported: {other:?}"),
+    }
+    assert!(
+        waited < Duration::from_secs(10),
+        "noticed only after {waited:?}"
+    );
+}

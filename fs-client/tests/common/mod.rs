@@ -34,6 +34,18 @@ pub fn fuse_available(test: &str) -> bool {
     false
 }
 
+/// Whether a test that needs replicas (a real mount with f ≥ 1) can run here; says why not.
+pub fn replicated_mounts_available(test: &str) -> bool {
+    if !fuse_available(test) {
+        return false;
+    }
+    if test_f() == "0" {
+        eprintln!("SKIPPED {test}: BFTFS_TEST_F=0 runs no replicas");
+        return false;
+    }
+    true
+}
+
 pub fn bftfs(args: &[&std::ffi::OsStr], xdg: &Path) -> Output {
     Command::new(BFTFS)
         .args(args)
@@ -165,6 +177,24 @@ impl Drop for Mounted {
             }
         }
     }
+}
+
+/// `bftfs status MOUNTPOINT` (with `--json` if `json`): its exit status (0 ok, 1 degraded,
+/// 2 stuck) and stdout; panics if status could not find out (any other exit status).
+pub fn status(m: &Mounted, json: bool) -> (i32, String) {
+    let mut args: Vec<&std::ffi::OsStr> = vec!["status".as_ref(), m.mnt.as_os_str()];
+    if json {
+        args.push("--json".as_ref());
+    }
+    let out = bftfs(&args, &m.xdg);
+    let code = out.status.code().unwrap_or(-1);
+    assert!(
+        (0..=2).contains(&code),
+        "bftfs status failed ({}): {}",
+        out.status,
+        text(&out)
+    );
+    (code, String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The f the tests mount with (see the module doc).

@@ -55,6 +55,8 @@ pub struct PeerReport {
     pub equivocation_views: Vec<u64>,
     /// Milliseconds since its last authenticated frame; None if it never sent one.
     pub last_message_ms_ago: Option<u64>,
+    /// Milliseconds since its first authenticated frame; None if it never sent one.
+    pub first_message_ms_ago: Option<u64>,
     /// Moving average of how late its commits and checkpoints arrive after the first one for
     /// the same sequence number, in milliseconds.
     pub lateness_ms: Option<u64>,
@@ -64,6 +66,7 @@ pub struct PeerReport {
 struct Peer {
     report: PeerReport,
     last_message: Option<Instant>,
+    first_message: Option<Instant>,
     /// Moving average in microseconds, and whether any sample was taken.
     lateness_us: Option<u64>,
 }
@@ -156,6 +159,7 @@ impl PeerWatch {
             };
             peer.report.frames += 1;
             peer.last_message = Some(now);
+            peer.first_message.get_or_insert(now);
             match message {
                 Message::Agreement(AgreementMessage::PrePrepare(p)) => {
                     let b = &p.pre_prepare.body;
@@ -301,6 +305,9 @@ impl PeerWatch {
                 let mut r = p.report.clone();
                 r.last_message_ms_ago = p
                     .last_message
+                    .map(|t| now.duration_since(t).as_millis() as u64);
+                r.first_message_ms_ago = p
+                    .first_message
                     .map(|t| now.duration_since(t).as_millis() as u64);
                 r.lateness_ms = p.lateness_us.map(|us| us / 1000);
                 r

@@ -144,9 +144,44 @@ pub async fn probe(address: &str, timeout: Duration) -> std::io::Result<ReplicaS
 pub struct ClientReport {
     pub client: u64,
     pub pid: u32,
-    /// Wall-clock time of the report, in milliseconds since the Unix epoch.
+    /// Wall-clock time of the report, in milliseconds since the Unix epoch. A running client
+    /// rewrites its report at least every [`CLIENT_REPORT_HEARTBEAT`].
     pub updated_unix_ms: u64,
     pub replicas: Vec<ClientView>,
+    /// How the client's own calls fare: the replicas can all look alive while no call
+    /// completes, and only the client sees that.
+    pub calls: CallReport,
+}
+
+/// How often a running client rewrites its report even when nothing changed, so that a
+/// report much older than this belongs to a client that stopped (or cannot write it).
+pub const CLIENT_REPORT_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A client's calls to the cluster, as it counts them. Times are milliseconds since the Unix
+/// epoch (0: never), so that another process can tell how long ago they were.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct CallReport {
+    pub completed: u64,
+    /// Calls that got no answer in time (the mount returned EIO) or could not be sent.
+    pub failed: u64,
+    /// Calls that failed since the last one that completed.
+    pub failed_in_a_row: u64,
+    pub last_completed_unix_ms: u64,
+    pub last_failed_unix_ms: u64,
+    /// Why the last failed call failed.
+    pub last_error: String,
+    /// Calls sent and not answered yet, and when the oldest of them was sent.
+    pub pending: u64,
+    pub oldest_pending_unix_ms: u64,
+}
+
+/// Now, in milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// One replica as a client saw it.
@@ -181,10 +216,7 @@ impl ClientReport {
         ClientReport {
             client,
             pid: std::process::id(),
-            updated_unix_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
+            updated_unix_ms: unix_ms(),
             replicas: ids
                 .into_iter()
                 .map(|id| ClientView {
@@ -194,6 +226,7 @@ impl ClientReport {
                     auth_failures: get(&o.auth_failures, id),
                 })
                 .collect(),
+            calls: CallReport::default(),
         }
     }
 

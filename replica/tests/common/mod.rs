@@ -22,6 +22,9 @@ use std::time::{Duration, Instant};
 /// Replicas in every cluster these tests start (f = 1).
 pub const N: usize = 4;
 
+/// How long a started replica may take to answer its first status probe.
+pub const START_LIMIT: Duration = Duration::from_secs(60);
+
 /// How long [`call`] and [`create`] wait for the cluster's answer.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -37,17 +40,11 @@ pub fn cluster_dir(prefix: &str) -> tempfile::TempDir {
         .expect("tempdir")
 }
 
-/// `n` addresses on 127.0.0.1 that were free a moment ago.
+/// `n` consecutive addresses on 127.0.0.1, free now and outside the kernel's ephemeral range
+/// (so no outgoing connection takes one before the replica binds it).
 pub fn free_addresses(n: usize) -> Vec<String> {
-    (0..n)
-        .map(|_| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .expect("bind")
-                .local_addr()
-                .expect("addr")
-                .to_string()
-        })
-        .collect()
+    replica::localhost::free_addresses(n, replica::localhost::fresh_seed())
+        .unwrap_or_else(|e| panic!("no free ports: {e}"))
 }
 
 /// Writes a JSON document the test made (a config or a secrets file).
@@ -93,6 +90,19 @@ impl Processes {
         self.0[i]
             .as_mut()
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Waits until each replica answers a status probe at its address in `addresses` (its
+    /// log is `dir/replica-{i}.log`), panicking at once with the log's tail if one of the
+    /// processes exits meanwhile.
+    pub fn wait_serving(&mut self, dir: &Path, addresses: &[String]) {
+        let children = self.0.iter_mut().map(Option::as_mut);
+        let log_of = |i: usize| dir.join(format!("replica-{i}.log"));
+        if let Err(e) =
+            replica::localhost::wait_until_serving(children, addresses, log_of, START_LIMIT)
+        {
+            panic!("{e}");
+        }
     }
 }
 
@@ -181,6 +191,13 @@ impl Cluster {
             let child = c.spawn(i);
             c.children.0.push(Some(child));
         }
+        let addresses: Vec<String> = c
+            .config
+            .replicas
+            .iter()
+            .map(|r| r.address.clone())
+            .collect();
+        c.children.wait_serving(c.dir.path(), &addresses);
         c
     }
 
