@@ -606,9 +606,20 @@ impl BftFs {
         }
     }
 
-    fn send_entry(&self, reply: ReplyEntry, handle: Handle, attr: &Attr) -> u64 {
-        // Counted before the reply leaves, so a forget can never overtake it.
+    /// `entry`: the directory and name the kernel will cache this entry under.
+    fn send_entry(
+        &self,
+        reply: ReplyEntry,
+        handle: Handle,
+        attr: &Attr,
+        entry: Option<(Handle, Vec<u8>)>,
+    ) {
+        // Counted (and the name recorded) before the reply leaves, so a forget can never
+        // overtake it and an open never finds an entry the adapter does not know of.
         let nodeid = self.inodes.remember(handle);
+        if let Some((dir, name)) = entry {
+            self.kernel.named(dir, &name, nodeid);
+        }
         self.kernel.gave_attr(nodeid, attr);
         reply.entry_with_ttls(
             &self.opts.attr_timeout,
@@ -616,7 +627,6 @@ impl BftFs {
             &file_attr(nodeid, attr),
             Generation(handle.generation),
         );
-        nodeid
     }
 
     fn entry_op(&self, req: &Request, op: FsOp, name: &'static str, reply: ReplyEntry) {
@@ -630,12 +640,7 @@ impl BftFs {
         };
         let is_lookup = matches!(op, FsOp::Lookup { .. });
         match self.call(req, op).and_then(|r| Self::entry_of(r, name)) {
-            Ok((handle, attr)) => {
-                let nodeid = self.send_entry(reply, handle, &attr);
-                if let Some((dir, entry_name)) = entry {
-                    self.kernel.named(dir, &entry_name, nodeid);
-                }
-            }
+            Ok((handle, attr)) => self.send_entry(reply, handle, &attr, entry),
             Err(f) => {
                 if let (true, Some((dir, entry_name)), Failure::Service(FsError::NoEnt)) =
                     (is_lookup, &entry, &f)
@@ -1402,6 +1407,7 @@ impl Filesystem for BftFs {
                 self.inodes.forget(nodeid, 1);
                 break;
             }
+            // Recorded before `reply.ok()` sends the entries.
             self.kernel.named(h, &e.name, nodeid);
             self.kernel.gave_attr(nodeid, attr);
         }
