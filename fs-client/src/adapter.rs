@@ -22,7 +22,7 @@ use fuser::{
     Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags,
     ReplyAttr, ReplyBmap, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
     ReplyEntry, ReplyIoctl, ReplyLock, ReplyLseek, ReplyOpen, ReplyPoll, ReplyStatfs, ReplyWrite,
-    Notifier, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use state_abstraction::fs::{
     Attr, Caller, CreateHow, DirEntry, FileType, FsError, FsOp, FsReply, FsRequest, Handle,
@@ -189,7 +189,7 @@ pub struct BftFs {
     kernel: KernelCache,
     /// Set once the session exists (see [`BftFs::notifier_slot`]); until then, and without a
     /// session, nothing is invalidated.
-    notifier: Arc<OnceLock<Notifier>>,
+    notifier: Arc<OnceLock<fuser::Notifier>>,
 }
 
 /// The kernel asks for this attribute before every write(2) to a FUSE file (to know whether
@@ -386,7 +386,7 @@ impl BftFs {
 
     /// Where the session's notifier goes once the session exists: the adapter is moved into
     /// the session, so it cannot be handed the notifier directly.
-    pub fn notifier_slot(&self) -> Arc<OnceLock<Notifier>> {
+    pub fn notifier_slot(&self) -> Arc<OnceLock<fuser::Notifier>> {
         self.notifier.clone()
     }
 

@@ -205,11 +205,30 @@ fn close_to_open_between_two_mounts_whatever_the_cache_timeouts() {
     // marks the cached atime stale, and the next stat would then fetch everything afresh.)
     assert_eq!(
         list(&db),
-        ["gone", "grow", "old", "old2", "same-size", "shrink", "target"]
+        [
+            "gone",
+            "grow",
+            "old",
+            "old2",
+            "same-size",
+            "shrink",
+            "target"
+        ]
     );
-    for name in ["grow", "shrink", "same-size", "old", "old2", "gone", "target"] {
+    for name in [
+        "grow",
+        "shrink",
+        "same-size",
+        "old",
+        "old2",
+        "gone",
+        "target",
+    ] {
         let want = fs::metadata(da.join(name)).expect("stat through a").len();
-        assert_eq!(fs::metadata(db.join(name)).expect("stat through b").len(), want);
+        assert_eq!(
+            fs::metadata(db.join(name)).expect("stat through b").len(),
+            want
+        );
     }
 
     // Contents and sizes: the report was `cat` showing the first 4 bytes of 6.
@@ -233,17 +252,32 @@ fn close_to_open_between_two_mounts_whatever_the_cache_timeouts() {
 
     // Names: the old name of a renamed file is gone, opened before or after the new one.
     fs::rename(da.join("old"), da.join("new")).expect("rename");
-    assert_eq!(open_error(&db.join("old")), Some(std::io::ErrorKind::NotFound));
+    assert_eq!(
+        open_error(&db.join("old")),
+        Some(std::io::ErrorKind::NotFound)
+    );
     assert_eq!(fs::read(db.join("new")).expect("read new"), b"renamed");
     fs::rename(da.join("old2"), da.join("new2")).expect("rename");
-    assert_eq!(fs::read(db.join("new2")).expect("read new2"), b"renamed too");
-    assert_eq!(open_error(&db.join("old2")), Some(std::io::ErrorKind::NotFound));
+    assert_eq!(
+        fs::read(db.join("new2")).expect("read new2"),
+        b"renamed too"
+    );
+    assert_eq!(
+        open_error(&db.join("old2")),
+        Some(std::io::ErrorKind::NotFound)
+    );
     fs::remove_file(da.join("gone")).expect("remove");
-    assert_eq!(open_error(&db.join("gone")), Some(std::io::ErrorKind::NotFound));
+    assert_eq!(
+        open_error(&db.join("gone")),
+        Some(std::io::ErrorKind::NotFound)
+    );
     // Replaced by a rename over it (how editors save): the new file is opened.
     fs::write(da.join("target.tmp"), b"the new target").expect("write tmp");
     fs::rename(da.join("target.tmp"), da.join("target")).expect("rename over");
-    assert_eq!(fs::read(db.join("target")).expect("read"), b"the new target");
+    assert_eq!(
+        fs::read(db.join("target")).expect("read"),
+        b"the new target"
+    );
 
     // B's own changes keep working with the names it cached.
     fs::write(db.join("new"), b"from b").expect("write through b");

@@ -328,7 +328,11 @@ fn state_transfer_carries_the_agreed_time() {
         }
         other => panic!("mkdir: {other:?}"),
     }
-    assert_eq!(other.digest(), fs.digest(), "digests differ after state transfer");
+    assert_eq!(
+        other.digest(),
+        fs.digest(),
+        "digests differ after state transfer"
+    );
     assert_eq!(
         other.svc.checkpoint(5).expect("checkpoint"),
         fs.svc.checkpoint(5).expect("checkpoint")
