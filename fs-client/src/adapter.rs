@@ -13,6 +13,7 @@
 //! `security.capability` attribute (the kernel asks before every write).
 
 use crate::inodes::InodeTable;
+use crate::kernel_cache::KernelCache;
 use crate::open_files::{Hidden, OpenFiles};
 use crate::options::MountOptions;
 use crate::transport::{FsTransport, TransportError};
@@ -32,7 +33,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tracing::{debug, error, trace, warn};
 
@@ -184,6 +185,11 @@ pub struct BftFs {
     no_caps: Mutex<HashMap<u64, Instant>>,
     /// Files open in the kernel, kept alive when unlinked (see [`crate::open_files`]).
     open_files: OpenFiles,
+    /// Names and attributes the kernel may serve without asking (see [`crate::kernel_cache`]).
+    kernel: KernelCache,
+    /// Set once the session exists (see [`BftFs::notifier_slot`]); until then, and without a
+    /// session, nothing is invalidated.
+    notifier: Arc<OnceLock<fuser::Notifier>>,
 }
 
 /// The kernel asks for this attribute before every write(2) to a FUSE file (to know whether
@@ -373,7 +379,74 @@ impl BftFs {
             transport_log: TransportLog::default(),
             no_caps: Mutex::new(HashMap::new()),
             open_files: OpenFiles::default(),
+            kernel: KernelCache::default(),
+            notifier: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// Where the session's notifier goes once the session exists: the adapter is moved into
+    /// the session, so it cannot be handed the notifier directly.
+    pub fn notifier_slot(&self) -> Arc<OnceLock<fuser::Notifier>> {
+        self.notifier.clone()
+    }
+
+    /// Close-to-open consistency (NFS's rule, see [`crate::kernel_cache`]): an open must see
+    /// everything a client that closed the file earlier wrote, whatever the kernel cached.
+    /// One lookup per name the kernel may have used to reach `ino` (almost always one), as
+    /// the caller, which also gives fresh attributes. A name that no longer leads to this
+    /// node makes the open fail with ESTALE: the kernel then redoes the open once with every
+    /// name on the path looked up afresh (LOOKUP_REVAL). Changed attributes are invalidated,
+    /// so the size the kernel reads up to is the new one; cached pages go anyway at every
+    /// open (no FOPEN_KEEP_CACHE).
+    fn revalidate_at_open(&self, req: &Request, ino: INodeNo) -> Result<(), Failure> {
+        let h = self.handle(ino)?;
+        let caller = caller_of(req);
+        let names = self.kernel.names_of(ino.0);
+        let mut fresh = None;
+        let mut stale = Vec::new();
+        for (dir, name) in names {
+            let op = FsOp::Lookup {
+                dir,
+                name: name.clone(),
+            };
+            match self.call_as(caller.clone(), op) {
+                Ok(FsReply::Entry { handle, attr }) if handle == h => fresh = Some(attr),
+                Ok(FsReply::Entry { .. }) => stale.push((dir, name)),
+                Ok(_) => return Err(Failure::UnexpectedReply("lookup")),
+                // Whatever the service refuses now (gone, no longer a directory, no longer
+                // searchable), the kernel must not resolve it from its cache: the redone open
+                // looks it up and gets the error itself.
+                Err(Failure::Service(_)) => stale.push((dir, name)),
+                Err(f) => return Err(f),
+            }
+        }
+        if !stale.is_empty() {
+            for (dir, name) in stale {
+                self.kernel.unnamed(dir, &name);
+                // The redone open looks up only the name it uses; another stale one must go
+                // now, or a later open through it would be checked against the valid ones.
+                if let (Some(n), Some(parent)) = (self.notifier.get(), self.inodes.find(dir)) {
+                    if let Err(e) = n.inval_entry(INodeNo(parent), OsStr::from_bytes(&name)) {
+                        debug!("invalidating a stale entry: {e}");
+                    }
+                }
+            }
+            return Err(Failure::Service(FsError::Stale));
+        }
+        let fresh = match fresh {
+            Some(a) => a,
+            // No name known (not expected: every entry the kernel gets is recorded).
+            None => Self::attr_of(self.call_as(caller, FsOp::GetAttr { h })?, "getattr")?,
+        };
+        if self.kernel.attr_changed(ino.0, &fresh) {
+            if let Some(n) = self.notifier.get() {
+                // Offset -1: attributes only; the pages go anyway (no FOPEN_KEEP_CACHE).
+                if let Err(e) = n.inval_inode(ino, -1, 0) {
+                    debug!("invalidating attributes: {e}");
+                }
+            }
+        }
+        Ok(())
     }
 
     /// If `dir/name` is a file some descriptor still has open, and removing the name would
@@ -533,9 +606,21 @@ impl BftFs {
         }
     }
 
-    fn send_entry(&self, reply: ReplyEntry, handle: Handle, attr: &Attr) {
-        // Counted before the reply leaves, so a forget can never overtake it.
+    /// `entry`: the directory and name the kernel will cache this entry under.
+    fn send_entry(
+        &self,
+        reply: ReplyEntry,
+        handle: Handle,
+        attr: &Attr,
+        entry: Option<(Handle, Vec<u8>)>,
+    ) {
+        // Counted (and the name recorded) before the reply leaves, so a forget can never
+        // overtake it and an open never finds an entry the adapter does not know of.
         let nodeid = self.inodes.remember(handle);
+        if let Some((dir, name)) = entry {
+            self.kernel.named(dir, &name, nodeid);
+        }
+        self.kernel.gave_attr(nodeid, attr);
         reply.entry_with_ttls(
             &self.opts.attr_timeout,
             &self.opts.entry_timeout,
@@ -545,9 +630,25 @@ impl BftFs {
     }
 
     fn entry_op(&self, req: &Request, op: FsOp, name: &'static str, reply: ReplyEntry) {
+        let entry = match &op {
+            FsOp::Lookup { dir, name }
+            | FsOp::Mkdir { dir, name, .. }
+            | FsOp::Mknod { dir, name, .. }
+            | FsOp::Symlink { dir, name, .. }
+            | FsOp::Link { dir, name, .. } => Some((*dir, name.clone())),
+            _ => None,
+        };
+        let is_lookup = matches!(op, FsOp::Lookup { .. });
         match self.call(req, op).and_then(|r| Self::entry_of(r, name)) {
-            Ok((handle, attr)) => self.send_entry(reply, handle, &attr),
-            Err(f) => self.fail(name, reply, f),
+            Ok((handle, attr)) => self.send_entry(reply, handle, &attr, entry),
+            Err(f) => {
+                if let (true, Some((dir, entry_name)), Failure::Service(FsError::NoEnt)) =
+                    (is_lookup, &entry, &f)
+                {
+                    self.kernel.unnamed(*dir, entry_name);
+                }
+                self.fail(name, reply, f)
+            }
         }
     }
 
@@ -781,6 +882,7 @@ impl Filesystem for BftFs {
         self.inodes.forget(ino.0, nlookup);
         if self.inodes.handle(ino.0).is_none() {
             self.set_caps_absent(ino.0, false);
+            self.kernel.forgotten(ino.0);
         }
     }
 
@@ -790,7 +892,10 @@ impl Filesystem for BftFs {
             .and_then(|h| self.call(req, FsOp::GetAttr { h }))
             .and_then(|r| Self::attr_of(r, "getattr"));
         match r {
-            Ok(a) => reply.attr(&self.opts.attr_timeout, &file_attr(ino.0, &a)),
+            Ok(a) => {
+                self.kernel.gave_attr(ino.0, &a);
+                reply.attr(&self.opts.attr_timeout, &file_attr(ino.0, &a))
+            }
             Err(f) => self.fail("getattr", reply, f),
         }
     }
@@ -826,7 +931,10 @@ impl Filesystem for BftFs {
             .handle(ino)
             .and_then(|h| self.setattr_impl(req, h, set))
         {
-            Ok(a) => reply.attr(&self.opts.attr_timeout, &file_attr(ino.0, &a)),
+            Ok(a) => {
+                self.kernel.gave_attr(ino.0, &a);
+                reply.attr(&self.opts.attr_timeout, &file_attr(ino.0, &a))
+            }
             Err(f) => self.fail("setattr", reply, f),
         }
     }
@@ -927,11 +1035,23 @@ impl Filesystem for BftFs {
         let caller = caller_of(req);
         let name = name_bytes(name);
         match self.hide_if_open(&caller, dir, &name) {
-            Ok(Some(_)) => reply.ok(),
+            Ok(Some(_)) => {
+                self.kernel.unnamed(dir, &name);
+                reply.ok()
+            }
             Ok(None) => {
-                let r = self.call_as(caller, FsOp::Remove { dir, name });
+                let r = self.call_as(
+                    caller,
+                    FsOp::Remove {
+                        dir,
+                        name: name.clone(),
+                    },
+                );
                 match r.and_then(|r| Self::done_of(r, "unlink")) {
-                    Ok(()) => reply.ok(),
+                    Ok(()) => {
+                        self.kernel.unnamed(dir, &name);
+                        reply.ok()
+                    }
                     Err(f) => self.fail("unlink", reply, f),
                 }
             }
@@ -940,17 +1060,21 @@ impl Filesystem for BftFs {
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.op_on(
-            req,
-            parent,
-            |dir| FsOp::Rmdir {
+        let name = name_bytes(name);
+        let r = self.handle(parent).and_then(|dir| {
+            let op = FsOp::Rmdir {
                 dir,
-                name: name_bytes(name),
-            },
-            "rmdir",
-            reply,
-            Self::empty_op,
-        )
+                name: name.clone(),
+            };
+            Self::done_of(self.call(req, op)?, "rmdir").map(|()| dir)
+        });
+        match r {
+            Ok(dir) => {
+                self.kernel.unnamed(dir, &name);
+                reply.ok()
+            }
+            Err(f) => self.fail("rmdir", reply, f),
+        }
     }
 
     fn symlink(
@@ -1018,7 +1142,7 @@ impl Filesystem for BftFs {
         };
         let op = FsOp::Rename {
             from_dir,
-            from_name,
+            from_name: from_name.clone(),
             to_dir,
             to_name: to_name.clone(),
             no_replace,
@@ -1027,7 +1151,13 @@ impl Filesystem for BftFs {
             .call_as(caller.clone(), op)
             .and_then(|r| Self::done_of(r, "rename"))
         {
-            Ok(()) => reply.ok(),
+            Ok(()) => {
+                if !same {
+                    self.kernel
+                        .renamed((from_dir, from_name), (to_dir, to_name.clone()));
+                }
+                reply.ok()
+            }
             Err(f) => {
                 if let Some(hidden) = hidden {
                     // Put the target back where it was.
@@ -1072,9 +1202,12 @@ impl Filesystem for BftFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.check_open(req, ino, access_mask_of_open(flags)) {
-            // No FOPEN_KEEP_CACHE: the kernel drops cached pages at open, which gives
-            // close-to-open consistency between clients, as NFS does.
+        let checked = self
+            .check_open(req, ino, access_mask_of_open(flags))
+            .and_then(|()| self.revalidate_at_open(req, ino));
+        match checked {
+            // No FOPEN_KEEP_CACHE: the kernel drops cached pages at open; with the
+            // revalidation above that gives close-to-open consistency between clients.
             Ok(()) => {
                 self.open_files.opened(ino.0);
                 reply.opened(FileHandle(0), FopenFlags::empty())
@@ -1274,6 +1407,9 @@ impl Filesystem for BftFs {
                 self.inodes.forget(nodeid, 1);
                 break;
             }
+            // Recorded before `reply.ok()` sends the entries.
+            self.kernel.named(h, &e.name, nodeid);
+            self.kernel.gave_attr(nodeid, attr);
         }
         reply.ok()
     }
@@ -1610,6 +1746,8 @@ impl Filesystem for BftFs {
         match r {
             Ok((handle, attr)) => {
                 let nodeid = self.inodes.remember(handle);
+                self.kernel.named(dir, &name_bytes(name), nodeid);
+                self.kernel.gave_attr(nodeid, &attr);
                 self.open_files.opened(nodeid);
                 reply.created(
                     &self.opts.attr_timeout,

@@ -5,6 +5,7 @@
 //! - [`transport`]: the [`transport::FsTransport`] trait, how the adapter reaches the service;
 //! - [`adapter`]: the FUSE file system (fuser), node ids ⇄ handles, the errno mapping;
 //! - [`inodes`]: the node id table;
+//! - [`kernel_cache`]: what the kernel may serve from its caches (close-to-open consistency);
 //! - [`local`]: the unreplicated transport (one in-process file service, `up --f 0`);
 //! - [`options`]: `-o` mount options;
 //! - [`open_files`]: open files kept alive across unlink (hidden names, as NFS does);
@@ -16,6 +17,7 @@ pub mod adapter;
 pub mod cluster;
 pub mod health;
 pub mod inodes;
+pub mod kernel_cache;
 pub mod keygen;
 pub mod local;
 pub mod mounting;

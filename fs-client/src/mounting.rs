@@ -261,7 +261,10 @@ pub fn serve(
     config.clone_fd = true;
 
     let fs = BftFs::new(transport, opts.clone());
+    let notifier = fs.notifier_slot();
     let mut session = Session::new(fs, mnt, &config).map_err(|e| mount_error(mnt, e))?;
+    // Before `run`: no request can need the notifier earlier.
+    let _ = notifier.set(session.notifier());
     info!("mounted {} ({} FUSE threads)", mnt.display(), opts.threads);
 
     // Unmounting through the session's own handle keeps fuser from trying a second unmount

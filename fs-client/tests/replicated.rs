@@ -119,6 +119,167 @@ fn two_mounts_of_one_cluster_see_each_others_changes() {
     first.down();
 }
 
+/// Lists `dir` (readdirplus: the kernel caches every entry and its attributes).
+fn list(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .expect("readdir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+fn open_error(path: &std::path::Path) -> Option<std::io::ErrorKind> {
+    fs::File::open(path).err().map(|e| e.kind())
+}
+
+/// NFS's close-to-open rule between two clients: opening a file after another client closed
+/// it shows everything that client did (contents, size, names), even though the kernel of
+/// the opening client still holds the old attributes and entries (long cache timeouts here).
+#[test]
+fn close_to_open_between_two_mounts_whatever_the_cache_timeouts() {
+    if !fuse_available("close_to_open_between_two_mounts_whatever_the_cache_timeouts") {
+        return;
+    }
+    if test_f() == "0" {
+        eprintln!("SKIPPED close-to-open: BFTFS_TEST_F=0 has no cluster to share");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (a, b, xdg) = (
+        tmp.path().join("a"),
+        tmp.path().join("b"),
+        tmp.path().join("xdg"),
+    );
+    fs::create_dir(&a).expect("mkdir");
+    fs::create_dir(&b).expect("mkdir");
+    // Far longer than the test: whatever B sees fresh, its kernel did not time out.
+    let ttls = "attr_timeout=600,entry_timeout=600";
+    let first = Mounted::at(&a, &xdg, None, &["-o", ttls]).expect("up");
+    let config = data_dir_of(&first).join("cluster/cluster.json");
+    let out = bftfs(
+        &[
+            "mount".as_ref(),
+            config.as_os_str(),
+            b.as_os_str(),
+            "--detach".as_ref(),
+            "-o".as_ref(),
+            ttls.as_ref(),
+        ],
+        &xdg,
+    );
+    assert!(out.status.success(), "bftfs mount: {}", text(&out));
+    struct Unmount(PathBuf, PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = bftfs(
+                &["umount".as_ref(), self.0.as_os_str(), "--lazy".as_ref()],
+                &self.1,
+            );
+        }
+    }
+    let _second = Unmount(b.clone(), xdg.clone());
+    let (da, db) = (a.join("d"), b.join("d"));
+    fs::create_dir(&da).expect("mkdir d");
+    for (name, before) in [
+        ("grow", &b"1234"[..]),
+        ("shrink", b"0123456789"),
+        ("same-size", b"aaaa"),
+        ("old", b"renamed"),
+        ("old2", b"renamed too"),
+        ("gone", b"removed"),
+        ("target", b"replaced"),
+    ] {
+        fs::write(da.join(name), before).expect("write through a");
+    }
+    // B caches entries and attributes: a listing, and a stat of each file. (Not a read: that
+    // marks the cached atime stale, and the next stat would then fetch everything afresh.)
+    assert_eq!(
+        list(&db),
+        [
+            "gone",
+            "grow",
+            "old",
+            "old2",
+            "same-size",
+            "shrink",
+            "target"
+        ]
+    );
+    for name in [
+        "grow",
+        "shrink",
+        "same-size",
+        "old",
+        "old2",
+        "gone",
+        "target",
+    ] {
+        let want = fs::metadata(da.join(name)).expect("stat through a").len();
+        assert_eq!(
+            fs::metadata(db.join(name)).expect("stat through b").len(),
+            want
+        );
+    }
+
+    // Contents and sizes: the report was `cat` showing the first 4 bytes of 6.
+    fs::write(da.join("grow"), b"abcdef").expect("rewrite");
+    assert_eq!(sh(&format!("cat {}", db.join("grow").display())), "abcdef");
+    let f = fs::File::open(db.join("grow")).expect("open");
+    assert_eq!(f.metadata().expect("fstat").len(), 6, "fstat after open");
+    drop(f);
+    fs::write(da.join("shrink"), b"xy").expect("rewrite");
+    assert_eq!(fs::read(db.join("shrink")).expect("read"), b"xy");
+    fs::write(da.join("same-size"), b"bbbb").expect("rewrite");
+    assert_eq!(fs::read(db.join("same-size")).expect("read"), b"bbbb");
+    // A file grown in place by appending (no truncation, same inode).
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(da.join("grow"))
+        .expect("open for append");
+    f.write_all(b"ghij").expect("append");
+    drop(f);
+    assert_eq!(fs::read(db.join("grow")).expect("read"), b"abcdefghij");
+
+    // Names: the old name of a renamed file is gone, opened before or after the new one.
+    fs::rename(da.join("old"), da.join("new")).expect("rename");
+    assert_eq!(
+        open_error(&db.join("old")),
+        Some(std::io::ErrorKind::NotFound)
+    );
+    assert_eq!(fs::read(db.join("new")).expect("read new"), b"renamed");
+    fs::rename(da.join("old2"), da.join("new2")).expect("rename");
+    assert_eq!(
+        fs::read(db.join("new2")).expect("read new2"),
+        b"renamed too"
+    );
+    assert_eq!(
+        open_error(&db.join("old2")),
+        Some(std::io::ErrorKind::NotFound)
+    );
+    fs::remove_file(da.join("gone")).expect("remove");
+    assert_eq!(
+        open_error(&db.join("gone")),
+        Some(std::io::ErrorKind::NotFound)
+    );
+    // Replaced by a rename over it (how editors save): the new file is opened.
+    fs::write(da.join("target.tmp"), b"the new target").expect("write tmp");
+    fs::rename(da.join("target.tmp"), da.join("target")).expect("rename over");
+    assert_eq!(
+        fs::read(db.join("target")).expect("read"),
+        b"the new target"
+    );
+
+    // B's own changes keep working with the names it cached.
+    fs::write(db.join("new"), b"from b").expect("write through b");
+    assert_eq!(fs::read(da.join("new")).expect("read through a"), b"from b");
+    assert_eq!(fs::read(db.join("new")).expect("read through b"), b"from b");
+
+    let out = bftfs(&["umount".as_ref(), b.as_os_str()], &xdg);
+    assert!(out.status.success(), "umount: {}", text(&out));
+    first.down();
+}
+
 /// Content of file `i` after `round` overwrites.
 fn content(i: usize, round: usize) -> Vec<u8> {
     format!("file {i} round {round} ")

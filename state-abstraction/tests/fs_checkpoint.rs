@@ -285,3 +285,88 @@ fn put_objs_rejects_malformed_objects() {
     assert!(fs.svc.put_objs(vec![(2, file)]).is_err());
     assert_eq!(fs.digest(), d, "a rejected put_objs changes nothing");
 }
+
+/// The agreed-time clamp is replicated state: a replica that received a state by transfer must
+/// clamp a later proposal exactly as the replica it came from does. Otherwise a faulty
+/// primary's time inside the skew window (below the newest agreed time) gives the two
+/// different timestamps, replies and checkpoint digests.
+#[test]
+fn state_transfer_carries_the_agreed_time() {
+    let a = temp_dir();
+    let b = temp_dir();
+    let mut fs = Fs::open(a.path());
+    populate(&mut fs, 1);
+    // The newest agreed time, moved by an ordered request that changes no object.
+    let late = fs.now + 1_000_000_000;
+    let getattr = FsRequest {
+        caller: Caller::root(),
+        op: FsOp::GetAttr { h: ROOT },
+    };
+    fs.svc.apply(&getattr, late).expect("getattr");
+
+    let mut other = Fs::open(b.path());
+    other.svc.put_objs(all_objects(&fs.svc)).expect("put_objs");
+    assert_eq!(other.digest(), fs.digest());
+
+    // The same ordered request, with a proposal below the source's newest agreed time.
+    let op = encode(&FsRequest {
+        caller: Caller::root(),
+        op: FsOp::Mkdir {
+            dir: ROOT,
+            name: b"after-transfer".to_vec(),
+            mode: 0o755,
+        },
+    });
+    let early = encode(&(late - 500_000_000));
+    let client = state_abstraction::ClientId(1);
+    let want = fs.svc.execute(&op, client, &early, false);
+    let got = other.svc.execute(&op, client, &early, false);
+    assert_eq!(got, want, "replies differ after state transfer");
+    match decode::<FsResult>(&want) {
+        Some(Ok(FsReply::Entry { attr, .. })) => {
+            assert_eq!(attr.mtime, Timespec::from_nanos(late), "time not clamped")
+        }
+        other => panic!("mkdir: {other:?}"),
+    }
+    assert_eq!(
+        other.digest(),
+        fs.digest(),
+        "digests differ after state transfer"
+    );
+    assert_eq!(
+        other.svc.checkpoint(5).expect("checkpoint"),
+        fs.svc.checkpoint(5).expect("checkpoint")
+    );
+
+    // So the agreed time must show in the abstract state even when nothing else changes.
+    let before = fs.svc.get_obj(0).expect("root");
+    fs.svc.apply(&getattr, late + 1).expect("getattr");
+    assert_ne!(
+        fs.svc.get_obj(0).expect("root"),
+        before,
+        "the newest agreed time is not in the abstract state"
+    );
+}
+
+/// A rollback restores the agreed time with the rest of the checkpoint's state.
+#[test]
+fn rollback_restores_the_agreed_time() {
+    let a = temp_dir();
+    let mut fs = Fs::open(a.path());
+    populate(&mut fs, 1);
+    let at_checkpoint = fs.svc.checkpoint(1).expect("checkpoint");
+    let root = fs.svc.get_obj(0).expect("root");
+    fs.now += 10_000_000_000;
+    fs.mkdir(ROOT, "later");
+    fs.svc.rollback_to(1).expect("rollback");
+    assert_eq!(fs.svc.get_obj(0).expect("root"), root);
+    assert_eq!(fs.digest(), at_checkpoint);
+    // A proposal between the checkpoint's time and the abandoned future's is not clamped.
+    fs.now -= 5_000_000_000;
+    let (_, attr) = fs.entry(FsOp::Mkdir {
+        dir: ROOT,
+        name: b"again".to_vec(),
+        mode: 0o755,
+    });
+    assert_eq!(attr.mtime, Timespec::from_nanos(fs.now));
+}

@@ -51,9 +51,6 @@ pub(super) struct Record {
     pub count: u64,
     pub tree: PartitionTree,
     pub saved: BTreeMap<u64, SavedObj>,
-    /// The newest agreed time when the checkpoint was taken: restored by a rollback so that
-    /// every replica checks the next proposed time against the same value.
-    pub last_time: u64,
 }
 
 pub(super) struct Checkpoints {
@@ -276,7 +273,6 @@ impl Checkpoints {
 #[derive(Serialize, Deserialize)]
 struct TableFile {
     version: u32,
-    last_time: u64,
     /// Header, piece digests and concrete inode number of every slot.
     slots: Vec<(Vec<u8>, Vec<Digest>, u64)>,
     records: Vec<RecordFile>,
@@ -286,7 +282,6 @@ struct TableFile {
 #[derive(Serialize)]
 struct TableFileRef<'a> {
     version: u32,
-    last_time: u64,
     slots: Vec<(&'a [u8], &'a [Digest], u64)>,
     records: Vec<RecordFile>,
 }
@@ -311,10 +306,10 @@ struct RecordFile {
     count: u64,
     leaves: Vec<Digest>,
     saved: Vec<(u64, SavedObj)>,
-    last_time: u64,
 }
 
-const TABLE_VERSION: u32 = 2;
+/// 3: the newest agreed time moved from the table into the root's header.
+const TABLE_VERSION: u32 = 3;
 
 fn table_config() -> impl bincode::config::Config {
     // The table is our own local file, not peer input; it may be large.
@@ -347,12 +342,10 @@ impl FileService {
                 count: r.count,
                 leaves: r.tree.leaves().to_vec(),
                 saved: r.saved.iter().map(|(k, v)| (*k, v.clone())).collect(),
-                last_time: r.last_time,
             })
             .collect();
         let file = TableFileRef {
             version: TABLE_VERSION,
-            last_time: self.last_time,
             slots,
             records,
         };
@@ -436,7 +429,6 @@ impl FileService {
         if file.version != TABLE_VERSION {
             return Err(bad(format!("version {} not supported", file.version)));
         }
-        self.last_time = file.last_time;
         self.slots.clear();
         self.free.clear();
         self.tree = PartitionTree::new();
@@ -482,7 +474,6 @@ impl FileService {
                 count: r.count,
                 tree,
                 saved: r.saved.into_iter().collect(),
-                last_time: r.last_time,
             });
         }
         let crashed = self.data_dir.join("dirty").exists();
@@ -969,7 +960,6 @@ impl FileService {
             count: self.slots.len() as u64,
             tree: self.tree.clone(),
             saved: BTreeMap::new(),
-            last_time: self.last_time,
         });
         self.save_table()?;
         Ok(root)
@@ -1021,7 +1011,6 @@ impl FileService {
         let rec = &mut self.ckpt.records[pos];
         rec.saved.clear();
         self.tree = rec.tree.clone();
-        self.last_time = rec.last_time;
         for s in dropped.into_iter().chain([seq]) {
             if let Ok(cow) = backend::open_dir_at(self.meta_fd.as_raw_fd(), b"cow") {
                 backend::remove_tree_at(cow.as_raw_fd(), &seq_name(s)).map_err(storage)?;

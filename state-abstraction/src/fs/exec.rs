@@ -439,6 +439,7 @@ impl FileService {
             dirty_chunks: BTreeSet::new(),
             // Looked up when the table is next saved, off the request path.
             ino: 0,
+            agreed_time: 0,
         };
         self.touch(dir.index)?;
         let i = self.alloc(obj)?;

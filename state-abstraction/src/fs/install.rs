@@ -87,6 +87,9 @@ impl FileService {
                     if i == 0 && l.kind != FileType::Directory {
                         return Err(bad("the root must be a directory"));
                     }
+                    if i != 0 && l.agreed_time != 0 {
+                        return Err(bad("an agreed time outside the root"));
+                    }
                     if l.kind == FileType::Regular {
                         let n = chunk_count(l.size);
                         if chunks.len() as u64 != n {

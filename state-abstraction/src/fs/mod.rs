@@ -130,8 +130,6 @@ pub struct FileService {
     tree: PartitionTree,
     /// Objects whose digests must be recomputed before the root is next asked for.
     dirty: BTreeSet<u64>,
-    /// The newest agreed time (ns since the epoch).
-    last_time: u64,
     fds: RefCell<FdCache>,
     ckpt: Checkpoints,
     /// Whether the state changed since the table was last saved (then `data_dir/dirty` exists).
@@ -225,7 +223,6 @@ impl FileService {
             free: BTreeSet::new(),
             tree: PartitionTree::new(),
             dirty: BTreeSet::new(),
-            last_time: 0,
             fds: RefCell::new(FdCache {
                 max: fd_cache_max,
                 ..FdCache::default()
@@ -285,15 +282,27 @@ impl FileService {
         // The agreed value is only a proposal for the time: what a request sees is never
         // earlier than what earlier requests saw, computed the same way on every replica
         // because they execute the same sequence.
+        let last_time = self.last_time();
         let now_ns = if ordered {
-            now_ns.max(self.last_time)
+            now_ns.max(last_time)
         } else {
             now_ns
         };
-        if ordered {
-            self.last_time = now_ns;
+        if ordered && now_ns != last_time {
+            // Through `touch`, like any change to an object, so the checkpoint keeps the old value.
+            self.touch(0)?;
+            self.live_mut(0).agreed_time = now_ns;
         }
         self.exec(req, Timespec::from_nanos(now_ns))
+    }
+
+    /// The newest agreed time (ns since the epoch), kept in the root object (see
+    /// [`Obj::agreed_time`]).
+    fn last_time(&self) -> u64 {
+        self.slots
+            .first()
+            .and_then(Slot::live)
+            .map_or(0, |root| root.agreed_time)
     }
 
     /// The root digest of the current state (recomputes the digests of changed objects).
@@ -667,7 +676,7 @@ impl FileService {
     }
 
     fn propose(&self, now_ns: u64) -> u64 {
-        now_ns.max(self.last_time.saturating_add(1))
+        now_ns.max(self.last_time().saturating_add(1))
     }
 }
 
@@ -706,7 +715,7 @@ impl Service for FileService {
                     req.caller = squash.apply(req.caller);
                 }
                 let now = if read_only && nondet.is_empty() {
-                    Some(self.last_time)
+                    Some(self.last_time())
                 } else {
                     ops::decode::<u64>(nondet)
                 };

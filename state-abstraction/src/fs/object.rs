@@ -65,6 +65,10 @@ pub struct Obj {
     pub dirty_chunks: BTreeSet<u32>,
     /// Concrete inode number (not abstract): finds the node again after an unclean shutdown.
     pub ino: u64,
+    /// The root only (0 in every other object): the newest agreed time, ns since the epoch,
+    /// which clamps every later ordered time. It is replicated state like any other, so it
+    /// lives in an object: digests cover it, rollback restores it, state transfer carries it.
+    pub agreed_time: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -128,6 +132,7 @@ impl Obj {
             pieces: vec![Digest::default()],
             dirty_chunks: Default::default(),
             ino,
+            agreed_time: 0,
         }
     }
 
@@ -185,6 +190,7 @@ impl Obj {
                 .collect(),
             entries: self.entries.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             target: self.target.clone(),
+            agreed_time: self.agreed_time,
         })
     }
 }
@@ -220,6 +226,8 @@ pub struct LiveHeader {
     pub xattrs: Vec<(Name, Vec<u8>)>,
     pub entries: Vec<(Name, u64)>,
     pub target: Vec<u8>,
+    /// See [`Obj::agreed_time`].
+    pub agreed_time: u64,
 }
 
 impl Header {
@@ -285,6 +293,7 @@ impl LiveHeader {
             pieces: Vec::new(),
             dirty_chunks: BTreeSet::new(),
             ino: 0,
+            agreed_time: self.agreed_time,
         }
     }
 }
