@@ -2364,7 +2364,11 @@ impl<S: Service> Replica<S> {
         self.log = self.log.split_off(&seq.next());
         self.checkpoint_votes = self.checkpoint_votes.split_off(&seq.next());
         self.commit_vouches = self.commit_vouches.split_off(&seq.next());
-        self.own_checkpoints = self.own_checkpoints.split_off(&seq);
+        // A transfer in progress diffs against its base, and a retry or a newer target rolls
+        // back to it: that checkpoint stays until the transfer ends (the service keeps it too,
+        // see `step`).
+        let keep = self.transfer.as_ref().map_or(seq, |t| t.base.min(seq));
+        self.own_checkpoints = self.own_checkpoints.split_off(&keep);
         self.defer_discard(seq);
         self.safety.forget_before(seq);
         if self.stable_ahead.as_ref().is_some_and(|c| c.seq <= seq) {
@@ -3068,8 +3072,13 @@ impl<S: Service> Replica<S> {
             "state transfer"
         );
         self.metrics.state_transfers += 1;
+        let fetched = self
+            .transfer
+            .take()
+            .map(Transfer::into_fetched)
+            .unwrap_or_default();
         let mut steps = Vec::new();
-        let transfer = Transfer::start(
+        let mut transfer = Transfer::start(
             cert,
             base.seq,
             self.id,
@@ -3078,6 +3087,7 @@ impl<S: Service> Replica<S> {
             self.ticks,
             &mut steps,
         );
+        transfer.carry(fetched);
         self.transfer = Some(transfer);
         self.apply_transfer_steps(steps, actions);
     }

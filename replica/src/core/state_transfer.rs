@@ -65,6 +65,13 @@ pub struct Transfer {
     pub bytes_fetched: u64,
     pub rejected_answers: u64,
     rotation: usize,
+    /// Pieces an earlier transfer to an older target already fetched, by (object, piece):
+    /// used instead of fetching again wherever they match the new target's digests, so a
+    /// transfer that takes longer than a checkpoint interval under sustained writes still
+    /// converges (the target moves on, what was fetched stays useful).
+    carried: BTreeMap<(u64, u32), Vec<u8>>,
+    /// Bytes taken from `carried` instead of the network.
+    pub bytes_reused: u64,
 }
 
 /// What a transfer asks the core to do.
@@ -114,6 +121,8 @@ impl Transfer {
             bytes_fetched: 0,
             rejected_answers: 0,
             rotation: 0,
+            carried: BTreeMap::new(),
+            bytes_reused: 0,
         };
         t.ask_root(out);
         t.want(Want::Replies, Digest::default(), tick, out);
@@ -351,6 +360,14 @@ impl Transfer {
                         pieces[p] = service.get_piece_at(self.base.0, index, p as u32);
                     }
                     if pieces[p].is_none() {
+                        if let Some(bytes) = self.carried.remove(&(index, p as u32)) {
+                            if piece_digest(index, p as u32, &bytes) == *d {
+                                self.bytes_reused += bytes.len() as u64;
+                                pieces[p] = Some(bytes);
+                            }
+                        }
+                    }
+                    if pieces[p].is_none() {
                         self.want(
                             Want::Piece {
                                 index,
@@ -452,6 +469,30 @@ impl Transfer {
                 return;
             }
         }
+    }
+
+    /// Gives up this transfer for one to a newer target, handing over every piece fetched
+    /// so far (see `carried`).
+    pub fn into_fetched(self) -> BTreeMap<(u64, u32), Vec<u8>> {
+        let mut fetched = self.carried;
+        for (index, object) in self.ready {
+            for (p, bytes) in object.pieces.into_iter().enumerate() {
+                fetched.insert((index, p as u32), bytes);
+            }
+        }
+        for (index, (_, pieces)) in self.assembling {
+            for (p, bytes) in pieces.into_iter().enumerate() {
+                if let Some(bytes) = bytes {
+                    fetched.insert((index, p as u32), bytes);
+                }
+            }
+        }
+        fetched
+    }
+
+    /// Pieces to use instead of fetching them (from [`Transfer::into_fetched`]).
+    pub fn carry(&mut self, fetched: BTreeMap<(u64, u32), Vec<u8>>) {
+        self.carried = fetched;
     }
 
     fn try_assemble(&mut self, index: u64) {
@@ -604,5 +645,102 @@ mod tests {
             .expect("count");
         assert_eq!(fetcher.checkpoint(8).expect("checkpoint"), root);
         assert_eq!(fetcher.value(b"key2"), Some(&vec![2u8; 10]));
+    }
+
+    /// Runs `transfer` against `server` for at most `rounds` rounds of answers.
+    fn drive(
+        transfer: &mut Transfer,
+        fetcher: &KvService,
+        server: &KvService,
+        replies: &[u8],
+        out: &mut Vec<TransferStep>,
+        rounds: u64,
+    ) -> Option<Finished> {
+        for tick in 1..=rounds {
+            for step in std::mem::take(out) {
+                if let TransferStep::Send(to, request) = step {
+                    if let Some(answer) = serve(server, to, &request, replies) {
+                        if let Some(f) = transfer.on_message(fetcher, to, answer, tick, out) {
+                            return Some(f);
+                        }
+                    }
+                }
+            }
+            transfer.on_tick(tick, 5, out);
+        }
+        None
+    }
+
+    fn put(server: &mut KvService, key: u64, byte: u8, time: u64) {
+        let op = KvOp::Put {
+            key: format!("key{key}").into_bytes(),
+            value: vec![byte; 300_000],
+        }
+        .encode();
+        server.execute(&op, ClientId(1), &time.to_le_bytes(), false);
+    }
+
+    /// Under sustained writes the target moves on before a long transfer ends: the transfer
+    /// to the newer target reuses what the abandoned one fetched, and still checks it all.
+    #[test]
+    fn a_transfer_to_a_newer_target_reuses_what_the_older_one_fetched() {
+        let mut fetcher = KvService::new();
+        fetcher.checkpoint(0).expect("checkpoint");
+        let mut server = KvService::new();
+        server.checkpoint(0).expect("checkpoint");
+        for k in 0..8 {
+            put(&mut server, k, k as u8, k + 1);
+        }
+        let replies = ReplyTable::new(crate::core::execution::ReplyLimits {
+            window: 4,
+            bytes_per_client: 1 << 20,
+        })
+        .encode();
+        let cert = |seq: u64, root| CheckpointCertificate {
+            seq: SeqNo(seq),
+            service_root: root,
+            replies_digest: ReplyTable::digest_of_encoding(&replies),
+            checkpoints: vec![],
+        };
+        let first = cert(8, server.checkpoint(8).expect("checkpoint"));
+        let peers = vec![ReplicaId(1), ReplicaId(2)];
+        let mut out = Vec::new();
+        let mut old = Transfer::start(first, SeqNo(0), ReplicaId(0), peers.clone(), 2, 0, &mut out);
+        // Part of the way, then the group moves on: one key changes.
+        // Down to the piece requests, then half of the pieces arrive.
+        assert!(drive(&mut old, &fetcher, &server, &replies, &mut out, 5).is_none());
+        let pieces: Vec<TransferStep> = std::mem::take(&mut out);
+        let half = pieces.len() / 2;
+        for step in pieces.into_iter().take(half) {
+            if let TransferStep::Send(to, request) = step {
+                if let Some(answer) = serve(&server, to, &request, &replies) {
+                    assert!(old.on_message(&fetcher, to, answer, 6, &mut out).is_none());
+                }
+            }
+        }
+        assert!(old.bytes_fetched > 300_000, "{}", old.bytes_fetched);
+        put(&mut server, 3, 0xee, 100);
+        let root = server.checkpoint(16).expect("checkpoint");
+        let mut out = Vec::new();
+        let mut new = Transfer::start(
+            cert(16, root),
+            SeqNo(0),
+            ReplicaId(0),
+            peers,
+            2,
+            0,
+            &mut out,
+        );
+        new.carry(old.into_fetched());
+        let finished =
+            drive(&mut new, &fetcher, &server, &replies, &mut out, 200).expect("transfer finished");
+        assert!(new.bytes_reused > 0, "nothing reused");
+        fetcher.put_objs(finished.objects).expect("install");
+        fetcher
+            .set_object_count(finished.object_count)
+            .expect("count");
+        assert_eq!(fetcher.checkpoint(16).expect("checkpoint"), root);
+        assert_eq!(fetcher.value(b"key3"), Some(&vec![0xee; 300_000]));
+        assert_eq!(fetcher.value(b"key7"), Some(&vec![7; 300_000]));
     }
 }
