@@ -36,14 +36,18 @@ fn chunk(index: u64) -> Vec<u8> {
     out
 }
 
-/// (pid, view) of the replica that `bftfs status --json` names primary, if one does.
-fn primary(m: &Mounted) -> Option<(i32, u64)> {
+/// `bftfs status --json` (null when it printed nothing readable, e.g. while stuck).
+fn status_json(m: &Mounted) -> serde_json::Value {
     let out = bftfs(
         &["status".as_ref(), m.mnt.as_os_str(), "--json".as_ref()],
         &m.xdg,
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    v["replicas"].as_array()?.iter().find_map(|r| {
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
+}
+
+/// (pid, view) of the replica that `bftfs status --json` names primary, if one does.
+fn primary(m: &Mounted) -> Option<(i32, u64)> {
+    status_json(m)["replicas"].as_array()?.iter().find_map(|r| {
         let s = &r["status"];
         (s["primary"].as_bool() == Some(true) && s["view_active"].as_bool() != Some(false))
             .then(|| Some((s["pid"].as_u64()? as i32, s["view"].as_u64()?)))
@@ -53,12 +57,7 @@ fn primary(m: &Mounted) -> Option<(i32, u64)> {
 
 /// Views of the replicas that answer `bftfs status --json`.
 fn views(m: &Mounted) -> Vec<u64> {
-    let out = bftfs(
-        &["status".as_ref(), m.mnt.as_os_str(), "--json".as_ref()],
-        &m.xdg,
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    v["replicas"]
+    status_json(m)["replicas"]
         .as_array()
         .map(|a| {
             a.iter()
@@ -70,11 +69,7 @@ fn views(m: &Mounted) -> Vec<u64> {
 
 /// Replica log lines that say a message or record did not fit, for the failure message.
 fn oversize_complaints(m: &Mounted) -> Vec<String> {
-    let out = bftfs(
-        &["status".as_ref(), m.mnt.as_os_str(), "--json".as_ref()],
-        &m.xdg,
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let v = status_json(m);
     let data = std::path::PathBuf::from(v["data_dir"].as_str().unwrap_or("/nonexistent"));
     let mut found = Vec::new();
     for i in 0..16 {
@@ -170,7 +165,11 @@ fn a_large_file_written_while_the_primary_is_killed_twice_is_intact() {
         killed.len()
     );
     assert!(!killed.is_empty(), "the write ended before any kill");
-    assert!(oversize_complaints(&m).is_empty(), "{:?}", oversize_complaints(&m));
+    assert!(
+        oversize_complaints(&m).is_empty(),
+        "{:?}",
+        oversize_complaints(&m)
+    );
 
     // Every byte reads back, through a fresh open.
     let mut file = std::fs::File::open(&path).expect("open");
@@ -202,6 +201,10 @@ fn a_large_file_written_while_the_primary_is_killed_twice_is_intact() {
         let v = views(&m);
         v.len() == n && v.iter().all(|x| *x == v[0])
     });
-    assert!(converged, "replicas did not converge on one view: {:?}", views(&m));
+    assert!(
+        converged,
+        "replicas did not converge on one view: {:?}",
+        views(&m)
+    );
     m.down();
 }

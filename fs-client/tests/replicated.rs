@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 fn status_json(m: &Mounted) -> String {
@@ -39,6 +39,36 @@ fn data_dir_of(m: &Mounted) -> PathBuf {
     PathBuf::from(v["data_dir"].as_str().expect("data_dir in status"))
 }
 
+/// Unmounts a second mount when dropped, even if the test panicked.
+struct Unmount(PathBuf, PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = bftfs(
+            &["umount".as_ref(), self.0.as_os_str(), "--lazy".as_ref()],
+            &self.1,
+        );
+    }
+}
+
+/// `bftfs mount` of `first`'s cluster at `mnt` with mount options `options`.
+fn second_mount(first: &Mounted, mnt: &Path, xdg: &Path, options: &str) -> Unmount {
+    let config = data_dir_of(first).join("cluster/cluster.json");
+    let out = bftfs(
+        &[
+            "mount".as_ref(),
+            config.as_os_str(),
+            mnt.as_os_str(),
+            "--detach".as_ref(),
+            "-o".as_ref(),
+            options.as_ref(),
+        ],
+        xdg,
+    );
+    assert!(out.status.success(), "bftfs mount: {}", text(&out));
+    Unmount(mnt.to_path_buf(), xdg.to_path_buf())
+}
+
 #[test]
 fn two_mounts_of_one_cluster_see_each_others_changes() {
     if !replicated_mounts_available("two_mounts_of_one_cluster_see_each_others_changes") {
@@ -54,29 +84,7 @@ fn two_mounts_of_one_cluster_see_each_others_changes() {
     fs::create_dir(&mnt2).expect("mkdir");
     let first =
         Mounted::at(&mnt1, &xdg, None, &["-o", "attr_timeout=0,entry_timeout=0"]).expect("up");
-    let config = data_dir_of(&first).join("cluster/cluster.json");
-    let out = bftfs(
-        &[
-            "mount".as_ref(),
-            config.as_os_str(),
-            mnt2.as_os_str(),
-            "--detach".as_ref(),
-            "-o".as_ref(),
-            "attr_timeout=0,entry_timeout=0".as_ref(),
-        ],
-        &xdg,
-    );
-    assert!(out.status.success(), "bftfs mount: {}", text(&out));
-    struct Unmount(PathBuf, PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = bftfs(
-                &["umount".as_ref(), self.0.as_os_str(), "--lazy".as_ref()],
-                &self.1,
-            );
-        }
-    }
-    let _second = Unmount(mnt2.clone(), xdg.clone());
+    let _second = second_mount(&first, &mnt2, &xdg, "attr_timeout=0,entry_timeout=0");
 
     fs::write(
         mnt1.join("from-one.txt"),
@@ -156,29 +164,7 @@ fn close_to_open_between_two_mounts_whatever_the_cache_timeouts() {
     // Far longer than the test: whatever B sees fresh, its kernel did not time out.
     let ttls = "attr_timeout=600,entry_timeout=600";
     let first = Mounted::at(&a, &xdg, None, &["-o", ttls]).expect("up");
-    let config = data_dir_of(&first).join("cluster/cluster.json");
-    let out = bftfs(
-        &[
-            "mount".as_ref(),
-            config.as_os_str(),
-            b.as_os_str(),
-            "--detach".as_ref(),
-            "-o".as_ref(),
-            ttls.as_ref(),
-        ],
-        &xdg,
-    );
-    assert!(out.status.success(), "bftfs mount: {}", text(&out));
-    struct Unmount(PathBuf, PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = bftfs(
-                &["umount".as_ref(), self.0.as_os_str(), "--lazy".as_ref()],
-                &self.1,
-            );
-        }
-    }
-    let _second = Unmount(b.clone(), xdg.clone());
+    let _second = second_mount(&first, &b, &xdg, ttls);
     let (da, db) = (a.join("d"), b.join("d"));
     fs::create_dir(&da).expect("mkdir d");
     for (name, before) in [

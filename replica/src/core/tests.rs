@@ -771,14 +771,9 @@ fn hole_below_a_buffered_pre_prepare_is_filled_from_the_primary_then_anyone() {
     let first = h.deliver(CLIENT, 0, &request_message(&h.request(1, append("a", "1"))));
     let second = h.deliver(CLIENT, 0, &request_message(&h.request(2, append("a", "2"))));
     let proposal = |actions: &[Action]| {
-        actions
-            .iter()
-            .find_map(|a| match a {
-                Action::Broadcast {
-                    message: Message::Agreement(AgreementMessage::PrePrepare(p)),
-                } => Some(p.clone()),
-                _ => None,
-            })
+        proposals_in(actions)
+            .into_iter()
+            .next()
             .expect("a pre-prepare")
     };
     let (p1, p2) = (proposal(&first), proposal(&second));
