@@ -348,15 +348,23 @@ fn lock_data_dir(dir: &Path) -> Result<File> {
         .write(true)
         .open(&path)
         .with_context(|| format!("cannot open {}", path.display()))?;
-    // SAFETY: a valid open descriptor; flock has no memory effects.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        bail!(
-            "data directory {} is in use by another running bftfs process",
-            dir.display()
-        );
+    // A bftfs that was just killed may still be exiting (its files close only as it dies):
+    // give it a few seconds before calling the directory busy.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        // SAFETY: a valid open descriptor; flock has no memory effects.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(file);
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!(
+                "data directory {} is in use by another running bftfs process",
+                dir.display()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    Ok(file)
 }
 
 pub fn up(args: UpArgs) -> Result<()> {
