@@ -271,11 +271,11 @@ impl Checkpoints {
 }
 
 #[derive(Serialize, Deserialize)]
-struct TableFile {
-    version: u32,
+pub(super) struct TableFile {
+    pub version: u32,
     /// Header, piece digests and concrete inode number of every slot.
-    slots: Vec<(Vec<u8>, Vec<Digest>, u64)>,
-    records: Vec<RecordFile>,
+    pub slots: Vec<(Vec<u8>, Vec<Digest>, u64)>,
+    pub records: Vec<RecordFile>,
 }
 
 /// [`TableFile`] as written, borrowing the headers and digests (same encoding).
@@ -291,7 +291,7 @@ struct TableFileRef<'a> {
 /// Each entry is fsync'ed before the change it protects is made (see `journal_saved`), so it
 /// covers a crash of the machine (power loss), not only of the process.
 #[derive(Serialize, Deserialize)]
-enum JournalEntry {
+pub(super) enum JournalEntry {
     Saved {
         seq: SeqNo,
         index: u64,
@@ -300,18 +300,48 @@ enum JournalEntry {
 }
 
 #[derive(Serialize, Deserialize)]
-struct RecordFile {
-    seq: SeqNo,
-    root: Digest,
-    count: u64,
-    leaves: Vec<Digest>,
-    saved: Vec<(u64, SavedObj)>,
+pub(super) struct RecordFile {
+    pub seq: SeqNo,
+    pub root: Digest,
+    pub count: u64,
+    pub leaves: Vec<Digest>,
+    pub saved: Vec<(u64, SavedObj)>,
 }
 
-/// 3: the newest agreed time moved from the table into the root's header.
-const TABLE_VERSION: u32 = 3;
+/// 3: the newest agreed time moved from the table into the root's header. Version 2 is
+/// upgraded on open (see `upgrade_v2.rs`).
+pub(super) const TABLE_VERSION: u32 = 3;
 
-fn table_config() -> impl bincode::config::Config {
+/// The format version of a table file: its first field, which every version starts with.
+fn table_version(bytes: &[u8]) -> Option<u32> {
+    bincode::serde::decode_from_slice::<u32, _>(bytes, table_config())
+        .ok()
+        .map(|(v, _)| v)
+}
+
+/// The entries of a journal file, in order. A torn last entry (a crash while appending) and
+/// anything after it are ignored.
+pub(super) fn journal_entries(bytes: &[u8]) -> Vec<(SeqNo, u64, SavedObj)> {
+    let mut entries = Vec::new();
+    let mut at = 0usize;
+    while at + 4 <= bytes.len() {
+        let len =
+            u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]) as usize;
+        let Some(payload) = bytes.get(at + 4..at + 4 + len) else {
+            break;
+        };
+        at += 4 + len;
+        let Ok((JournalEntry::Saved { seq, index, saved }, _)) =
+            bincode::serde::decode_from_slice::<JournalEntry, _>(payload, table_config())
+        else {
+            break;
+        };
+        entries.push((seq, index, saved));
+    }
+    entries
+}
+
+pub(super) fn table_config() -> impl bincode::config::Config {
     // The table is our own local file, not peer input; it may be large.
     bincode::config::standard()
 }
@@ -352,18 +382,8 @@ impl FileService {
         let bytes = bincode::serde::encode_to_vec(&file, table_config())
             .map_err(|e| storage(io::Error::other(format!("encoding the table: {e}"))))?;
         backend::syncfs(self.root_fd.as_raw_fd()).map_err(storage)?;
+        self.replace_table(&bytes)?;
         let meta = self.meta_fd.as_raw_fd();
-        let tmp = backend::openat(
-            meta,
-            b"table.tmp",
-            libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC,
-            0o600,
-        )?;
-        backend::pwrite_full(tmp.as_raw_fd(), &bytes, 0)?;
-        backend::fsync(tmp.as_raw_fd())?;
-        drop(tmp);
-        backend::renameat(meta, b"table.tmp", meta, b"table", false)?;
-        backend::fsync(meta)?;
         self.journal = None;
         match backend::unlinkat(meta, b"journal", false) {
             Ok(()) => {}
@@ -379,6 +399,24 @@ impl FileService {
         for seq in std::mem::take(&mut self.ckpt.doomed) {
             self.remove_record_files(seq);
         }
+        Ok(())
+    }
+
+    /// Replaces the table file by `bytes` atomically and durably: written beside it, fsync'ed,
+    /// renamed over it, and the rename fsync'ed. A crash leaves the old table or the new one.
+    pub(super) fn replace_table(&self, bytes: &[u8]) -> Result<(), ServiceError> {
+        let meta = self.meta_fd.as_raw_fd();
+        let tmp = backend::openat(
+            meta,
+            b"table.tmp",
+            libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC,
+            0o600,
+        )?;
+        backend::pwrite_full(tmp.as_raw_fd(), bytes, 0)?;
+        backend::fsync(tmp.as_raw_fd())?;
+        drop(tmp);
+        backend::renameat(meta, b"table.tmp", meta, b"table", false)?;
+        backend::fsync(meta)?;
         Ok(())
     }
 
@@ -421,8 +459,16 @@ impl FileService {
     /// Loads the table written by [`Self::save_table`], repairs the tree after an unclean
     /// shutdown, and returns to the newest checkpoint if the saved state is later.
     pub(super) fn load(&mut self) -> Result<(), ServiceError> {
-        let bytes = std::fs::read(self.data_dir.join("table"))?;
+        let mut bytes = std::fs::read(self.data_dir.join("table"))?;
         let bad = |why: String| storage(io::Error::other(format!("table: {why}")));
+        let version = table_version(&bytes);
+        let upgraded = version == Some(2);
+        match version {
+            Some(2) => bytes = self.upgrade_from_v2(&bytes)?,
+            Some(TABLE_VERSION) => self.remove_v2_leftovers()?,
+            // Refused below, with the version named.
+            _ => {}
+        }
         let (file, _): (TableFile, usize) =
             bincode::serde::decode_from_slice(&bytes, table_config())
                 .map_err(|e| bad(e.to_string()))?;
@@ -490,7 +536,9 @@ impl FileService {
             if crashed && !self.ckpt.snapshot_mode {
                 self.remove_strays()?;
                 let now = self.tree.root();
-                if now != root {
+                // An upgraded record keeps its version-2 digest as its name (see `upgrade_v2`),
+                // which its version-3 tree does not hash to.
+                if now != root && !upgraded {
                     tracing::error!(%seq, "file service: state after crash recovery does not match checkpoint {seq}; state transfer must repair it");
                 }
             }
@@ -550,19 +598,7 @@ impl FileService {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(storage(e)),
         };
-        let mut at = 0usize;
-        while at + 4 <= bytes.len() {
-            let len = u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
-                as usize;
-            let Some(payload) = bytes.get(at + 4..at + 4 + len) else {
-                break;
-            };
-            at += 4 + len;
-            let Ok((JournalEntry::Saved { seq, index, saved }, _)) =
-                bincode::serde::decode_from_slice::<JournalEntry, _>(payload, table_config())
-            else {
-                break;
-            };
+        for (seq, index, saved) in journal_entries(&bytes) {
             if let Some(r) = self.ckpt.records.iter_mut().find(|r| r.seq == seq) {
                 r.saved.insert(index, saved);
             }

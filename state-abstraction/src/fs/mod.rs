@@ -13,13 +13,15 @@
 //! - `table`: the wrapper's table (every object's header and piece digests, and the kept
 //!   checkpoint records), replaced atomically at every checkpoint and on [`FileService::flush`].
 //! - `cow/<seq>/<index>`: copy-on-write saves of file data modified after checkpoint `seq`
-//!   (reflinked where the file system supports it); `snapshots/<seq>` and
-//!   `snapshots/<seq>.table` on btrfs instead.
+//!   (reflinked where the file system supports it); on btrfs, `snapshots/<seq>` instead (a
+//!   read-only snapshot of `tree/`; the headers as of `seq` are in the table's records).
 //!
 //! - `journal`: the copy-on-write saves made since the table was last written (an undo log;
 //!   each entry, and the saved chunks it names, is fsync'ed before the change it protects is
 //!   made, so it covers a power loss as well as a process crash); `dirty` exists while the
 //!   tree is ahead of the saved table (also made durable before the first change).
+//! - `journal.v2`: only while a data directory is upgraded from table version 2 (see
+//!   `upgrade_v2.rs`).
 //!
 //! After [`FileService::open`] on an existing directory:
 //! - if a checkpoint is kept, the state is exactly that of the newest one, whether the last
@@ -41,6 +43,7 @@ mod install;
 pub mod object;
 pub mod ops;
 mod scrub;
+mod upgrade_v2;
 
 pub use ops::*;
 
