@@ -4,9 +4,10 @@
 //! sendfile, posix_fadvise and copy_file_range on one file, every read checked against
 //! what fsx expects.
 //!
-//! - `fsx_short_run`: 20,000 operations, in CI.
-//! - `fsx_long_run` (ignored): 1,000,000 operations, or `BFTFS_FSX_OPS`:
-//!   `cargo test --release -p fs-client --test fsx fsx_long_run -- --ignored --nocapture`.
+//! - `fsx_short_run`: 20,000 operations (4 processes of 5,000), in CI.
+//! - `fsx_long_run` (ignored): 1,000,000 operations in 8 processes (`BFTFS_FSX_OPS`,
+//!   `BFTFS_FSX_JOBS`, `BFTFS_FSX_SEED` change that):
+//!   `cargo test -p fs-client --test fsx fsx_long_run -- --ignored --nocapture`.
 //!
 //! fsx is looked for as `BFTFS_FSX`, then on `PATH`; without it the tests skip with a message
 //! (a failure when `BFTFS_REQUIRE_FSX=1`, as in CI).
@@ -15,7 +16,7 @@ mod common;
 
 use common::{fuse_available, text, Mounted};
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Instant;
 
 /// Every operation this fsx has. The file spans 16 chunks of the abstract state (64 KiB each)
@@ -66,9 +67,12 @@ fn fsx_binary(test: &str) -> Option<PathBuf> {
     found
 }
 
-/// Runs fsx for `ops` operations with `seed` on a fresh mount; panics with fsx's report
-/// (and where it left its logs) if it finds a difference.
-fn run_fsx(test: &str, ops: u64, seed: u64) {
+/// Runs `jobs` fsx processes at once on a fresh mount, each on its own file with its own
+/// seed (`seed`, `seed + 1`, ...), for `ops` operations in all; panics with fsx's report (and
+/// where it left its logs) if one finds a difference. Several at once is how a long run
+/// fits in an hour: each operation waits for agreement, and the replicas order concurrent
+/// requests in batches.
+fn run_fsx(test: &str, ops: u64, seed: u64, jobs: u64) {
     if !fuse_available(test) {
         return;
     }
@@ -80,35 +84,56 @@ fn run_fsx(test: &str, ops: u64, seed: u64) {
     let config = work.path().join("fsx.toml");
     std::fs::write(&config, CONFIG).expect("write fsx.toml");
     let started = Instant::now();
-    let out = Command::new(&fsx)
-        .arg("-f")
-        .arg(&config)
-        .arg("-N")
-        .arg(ops.to_string())
-        .arg("-S")
-        .arg(seed.to_string())
-        .arg("-P")
-        .arg(work.path())
-        .arg(m.path("fsx.file"))
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run fsx");
-    let report = text(&out);
-    if !out.status.success() || !report.contains("All operations completed A-OK!") {
-        // Keep fsx's log and expected file for whoever reads the failure.
+    let children: Vec<_> = (0..jobs)
+        .map(|k| {
+            let artifacts = work.path().join(format!("job{k}"));
+            std::fs::create_dir(&artifacts).expect("mkdir artifacts");
+            let n = ops / jobs + u64::from(k < ops % jobs);
+            let child = Command::new(&fsx)
+                .arg("-f")
+                .arg(&config)
+                .arg("-N")
+                .arg(n.to_string())
+                .arg("-S")
+                .arg((seed + k).to_string())
+                .arg("-P")
+                .arg(&artifacts)
+                .arg(m.path(&format!("fsx.{k}")))
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("start fsx");
+            (k, n, child)
+        })
+        .collect();
+    let mut failures = Vec::new();
+    for (k, n, child) in children {
+        let out = child.wait_with_output().expect("wait for fsx");
+        let report = text(&out);
+        if !out.status.success() || !report.contains("All operations completed A-OK!") {
+            failures.push(format!(
+                "fsx job {k} failed (replay: {} -f {} -N {n} -S {} FILE):\n{}",
+                fsx.display(),
+                config.display(),
+                seed + k,
+                tail(&report, 60)
+            ));
+        }
+    }
+    if !failures.is_empty() {
+        // Keep fsx's logs and expected files for whoever reads the failure.
         let kept = work.keep();
         panic!(
-            "fsx failed after {:?} (replay: {} -f {} -N {ops} -S {seed} FILE; logs in {}):\n{}",
+            "after {:?}, logs in {}:\n{}",
             started.elapsed(),
-            fsx.display(),
-            config.display(),
             kept.display(),
-            tail(&report, 80)
+            failures.join("\n")
         );
     }
-    let size = std::fs::metadata(m.path("fsx.file")).map(|md| md.len());
     eprintln!(
-        "fsx: {ops} operations with seed {seed} in {:?}, A-OK (file size at the end {size:?})",
+        "fsx: {ops} operations ({jobs} processes, seeds {seed}..{}) in {:?}, all A-OK",
+        seed + jobs - 1,
         started.elapsed()
     );
     m.down();
@@ -121,7 +146,7 @@ fn tail(s: &str, lines: usize) -> String {
 
 #[test]
 fn fsx_short_run() {
-    run_fsx("fsx_short_run", 20_000, 1);
+    run_fsx("fsx_short_run", 20_000, 1, 4);
 }
 
 #[test]
@@ -135,5 +160,10 @@ fn fsx_long_run() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(7);
-    run_fsx("fsx_long_run", ops, seed);
+    let jobs = std::env::var("BFTFS_FSX_JOBS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&j| j > 0)
+        .unwrap_or(8);
+    run_fsx("fsx_long_run", ops, seed, jobs);
 }
