@@ -305,8 +305,9 @@ enum TOp {
     ListXattr(P),
     /// fallocate: offset, length, mode (index into `ALLOC_MODES`).
     Fallocate(P, u64, u64, u8),
-    /// copy_file_range: source, its offset, destination, its offset, length.
-    CopyRange(P, u64, P, u64, u64),
+    /// copy_file_range: source, its offset, destination (`None`: the source), its offset,
+    /// length.
+    CopyRange(P, u64, Option<P>, u64, u64),
     /// An operation on a handle from earlier in the run (often stale).
     Old(usize),
     Checkpoint,
@@ -373,7 +374,7 @@ fn top() -> impl Strategy<Value = TOp> {
         1 => fpath().prop_map(TOp::ListXattr),
         4 => (fpath(), offset(), prop_oneof![Just(0u64), 1u64..10, 4090u64..4100, 65_536u64..65_540, 130_000u64..140_000], 0u8..5)
             .prop_map(|(p, o, l, m)| TOp::Fallocate(p, o, l, m)),
-        4 => (fpath(), offset(), fpath(), offset(), prop_oneof![0u64..10, 4096u64..4097, 70_000u64..70_001, Just(1u64 << 20)])
+        6 => (fpath(), offset(), prop::option::of(fpath()), offset(), prop_oneof![0u64..10, 4096u64..4097, 70_000u64..70_001, Just(1u64 << 20)])
             .prop_map(|(a, x, b, y, l)| TOp::CopyRange(a, x, b, y, l)),
         2 => any::<usize>().prop_map(TOp::Old),
         1 => Just(TOp::Checkpoint),
@@ -1332,7 +1333,7 @@ impl Harness {
             }
             TOp::CopyRange(sp, soff, dp, doff, len) => {
                 let (hs, s) = resolve!(sp);
-                let (hd, d) = resolve!(dp);
+                let (hd, d) = resolve!(dp.as_ref().unwrap_or(sp));
                 let got = self.run(
                     &c,
                     FsOp::CopyRange {
