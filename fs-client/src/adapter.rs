@@ -25,8 +25,9 @@ use fuser::{
     ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use state_abstraction::fs::{
-    Attr, Caller, CreateHow, DirEntry, FileType, FsError, FsOp, FsReply, FsRequest, Handle,
-    NodeKind, SetAttrs, SetTime, Timespec, XattrSet, ACCESS_EXECUTE, ACCESS_READ, ACCESS_WRITE,
+    AllocMode, Attr, Caller, CreateHow, DirEntry, FileType, FsError, FsOp, FsReply, FsRequest,
+    Handle, NodeKind, SetAttrs, SetTime, Timespec, XattrSet, ACCESS_EXECUTE, ACCESS_READ,
+    ACCESS_WRITE,
 };
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -69,7 +70,7 @@ pub enum Failure {
     BufferTooSmall,
     /// An operation the kernel does locally or generically when the file system says it
     /// lacks it (ENOSYS, which the kernel remembers): byte-range locks, lseek of holes,
-    /// fallocate, copy_file_range, ioctl, poll, bmap.
+    /// ioctl, poll, bmap.
     LeftToKernel,
 }
 
@@ -249,6 +250,8 @@ fn op_name(op: &FsOp) -> &'static str {
         FsOp::SetXattr { .. } => "setxattr",
         FsOp::ListXattr { .. } => "listxattr",
         FsOp::RemoveXattr { .. } => "removexattr",
+        FsOp::Fallocate { .. } => "fallocate",
+        FsOp::CopyRange { .. } => "copy_file_range",
     }
 }
 
@@ -525,6 +528,17 @@ impl BftFs {
         }
     }
 
+    /// The attributes the kernel is given for node `nodeid`. A file unlinked while open
+    /// lives on under a hidden name that is not its own: POSIX says fstat then shows one link
+    /// fewer (none, unless it has other names).
+    fn kernel_attr(&self, nodeid: u64, a: &Attr) -> FileAttr {
+        let mut attr = file_attr(nodeid, a);
+        if self.open_files.is_hidden(nodeid) {
+            attr.nlink = attr.nlink.saturating_sub(1);
+        }
+        attr
+    }
+
     fn caps_known_absent(&self, nodeid: u64) -> bool {
         let cache = self.no_caps.lock().unwrap_or_else(|p| p.into_inner());
         cache
@@ -624,7 +638,7 @@ impl BftFs {
         reply.entry_with_ttls(
             &self.opts.attr_timeout,
             &self.opts.entry_timeout,
-            &file_attr(nodeid, attr),
+            &self.kernel_attr(nodeid, attr),
             Generation(handle.generation),
         );
     }
@@ -894,7 +908,7 @@ impl Filesystem for BftFs {
         match r {
             Ok(a) => {
                 self.kernel.gave_attr(ino.0, &a);
-                reply.attr(&self.opts.attr_timeout, &file_attr(ino.0, &a))
+                reply.attr(&self.opts.attr_timeout, &self.kernel_attr(ino.0, &a))
             }
             Err(f) => self.fail("getattr", reply, f),
         }
@@ -933,7 +947,7 @@ impl Filesystem for BftFs {
         {
             Ok(a) => {
                 self.kernel.gave_attr(ino.0, &a);
-                reply.attr(&self.opts.attr_timeout, &file_attr(ino.0, &a))
+                reply.attr(&self.opts.attr_timeout, &self.kernel_attr(ino.0, &a))
             }
             Err(f) => self.fail("setattr", reply, f),
         }
@@ -1400,7 +1414,7 @@ impl Filesystem for BftFs {
                 offset_of_cookie(e.cookie),
                 OsStr::from_bytes(&e.name),
                 &ttl,
-                &file_attr(nodeid, attr),
+                &self.kernel_attr(nodeid, attr),
                 Generation(e.handle.generation),
             );
             if full {
@@ -1597,7 +1611,7 @@ impl Filesystem for BftFs {
 
     // The operations below are answered ENOSYS on purpose, and without fuser's "not
     // implemented" warning: the kernel then does them itself for good (locks are kept
-    // locally, lseek and copy_file_range use the generic code, posix_fallocate writes zeros).
+    // locally, lseek uses the generic code).
 
     fn getlk(
         &self,
@@ -1663,15 +1677,35 @@ impl Filesystem for BftFs {
 
     fn fallocate(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         _fh: FileHandle,
-        _offset: u64,
-        _length: u64,
-        _mode: i32,
+        offset: u64,
+        length: u64,
+        mode: i32,
         reply: ReplyEmpty,
     ) {
-        self.fail("fallocate", reply, Failure::LeftToKernel)
+        let Some(mode) = AllocMode::from_linux(mode) else {
+            return self.fail("fallocate", reply, Failure::Unsupported("fallocate mode"));
+        };
+        let r = self
+            .handle(ino)
+            .and_then(|h| {
+                self.call(
+                    req,
+                    FsOp::Fallocate {
+                        h,
+                        offset,
+                        length,
+                        mode,
+                    },
+                )
+            })
+            .and_then(|r| Self::attr_of(r, "fallocate"));
+        match r {
+            Ok(_) => reply.ok(),
+            Err(f) => self.fail("fallocate", reply, f),
+        }
     }
 
     fn lseek(
@@ -1688,18 +1722,45 @@ impl Filesystem for BftFs {
 
     fn copy_file_range(
         &self,
-        _req: &Request,
-        _ino_in: INodeNo,
+        req: &Request,
+        ino_in: INodeNo,
         _fh_in: FileHandle,
-        _offset_in: u64,
-        _ino_out: INodeNo,
+        offset_in: u64,
+        ino_out: INodeNo,
         _fh_out: FileHandle,
-        _offset_out: u64,
-        _len: u64,
-        _flags: CopyFileRangeFlags,
+        offset_out: u64,
+        len: u64,
+        flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        self.fail("copy_file_range", reply, Failure::LeftToKernel)
+        if !flags.is_empty() {
+            return self.fail(
+                "copy_file_range",
+                reply,
+                Failure::Invalid("copy_file_range flags"),
+            );
+        }
+        let (src, dst) = match (self.handle(ino_in), self.handle(ino_out)) {
+            (Ok(a), Ok(b)) => (a, b),
+            (Err(f), _) | (_, Err(f)) => return self.fail("copy_file_range", reply, f),
+        };
+        let op = FsOp::CopyRange {
+            src,
+            src_offset: offset_in,
+            dst,
+            dst_offset: offset_out,
+            length: len,
+        };
+        match self.call(req, op) {
+            // The service copies at most COPY_MAX (well under u32) and never more than asked.
+            Ok(FsReply::Write { count, .. }) if u64::from(count) <= len => reply.written(count),
+            Ok(_) => self.fail(
+                "copy_file_range",
+                reply,
+                Failure::UnexpectedReply("copy_file_range"),
+            ),
+            Err(f) => self.fail("copy_file_range", reply, f),
+        }
     }
 
     fn create(
@@ -1751,7 +1812,7 @@ impl Filesystem for BftFs {
                 self.open_files.opened(nodeid);
                 reply.created(
                     &self.opts.attr_timeout,
-                    &file_attr(nodeid, &attr),
+                    &self.kernel_attr(nodeid, &attr),
                     Generation(handle.generation),
                     FileHandle(0),
                     FopenFlags::empty(),

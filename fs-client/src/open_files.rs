@@ -65,6 +65,11 @@ impl OpenFiles {
         self.lock().get(&nodeid).is_some_and(|e| e.count > 0)
     }
 
+    /// Whether `nodeid` is an open file whose name was removed (it lives under a hidden one).
+    pub fn is_hidden(&self, nodeid: u64) -> bool {
+        self.lock().get(&nodeid).is_some_and(|e| e.hidden.is_some())
+    }
+
     /// Records that the open file `nodeid` now lives under `hidden`. Returns false if it was
     /// closed meanwhile (then the caller removes the hidden name itself).
     pub fn hide(&self, nodeid: u64, hidden: Hidden) -> bool {
@@ -105,10 +110,13 @@ mod tests {
         o.opened(7);
         o.opened(7);
         assert!(o.is_open(7));
+        assert!(!o.is_hidden(7));
         assert!(o.hide(7, hidden("h")));
+        assert!(o.is_hidden(7));
         assert_eq!(o.released(7), None);
         assert_eq!(o.released(7), Some(hidden("h")));
         assert!(!o.is_open(7));
+        assert!(!o.is_hidden(7));
         assert!(o.none_open());
     }
 

@@ -927,3 +927,277 @@ fn bad_input_one_sentence_each() {
     assert!(is_mounted(&m.mnt));
     m.down();
 }
+
+/// fallocate(2) on `f`: Ok or the errno.
+fn fallocate(f: &fs::File, mode: i32, offset: i64, len: i64) -> i32 {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain system call on an open descriptor.
+    last_errno(unsafe { libc::fallocate(f.as_raw_fd(), mode, offset, len) })
+}
+
+/// copy_file_range(2) with explicit offsets: the count or the errno (negated).
+fn copy_range(src: &fs::File, at: i64, dst: &fs::File, to: i64, len: usize) -> isize {
+    use std::os::fd::AsRawFd;
+    let (mut at, mut to) = (at, to);
+    // SAFETY: both offsets point at live i64s the call may advance.
+    let n = unsafe {
+        libc::copy_file_range(src.as_raw_fd(), &mut at, dst.as_raw_fd(), &mut to, len, 0)
+    };
+    if n < 0 {
+        -(std::io::Error::last_os_error().raw_os_error().unwrap_or(1) as isize)
+    } else {
+        n
+    }
+}
+
+#[test]
+fn fallocate_and_copy_file_range() {
+    if !fuse_available("fallocate_and_copy_file_range") {
+        return;
+    }
+    let m = Mounted::new();
+    let p = |r: &str| m.path(r);
+    let mut rng = Rng(0x5eed);
+    let data = rng.bytes(200_000);
+    fs::write(p("f"), &data).expect("write");
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p("f"))
+        .expect("open");
+    let (keep, punch, zero) = (
+        libc::FALLOC_FL_KEEP_SIZE,
+        libc::FALLOC_FL_PUNCH_HOLE,
+        libc::FALLOC_FL_ZERO_RANGE,
+    );
+
+    // A hole across a chunk boundary, unaligned at both ends.
+    assert_eq!(fallocate(&f, punch | keep, 60_001, 10_000), 0);
+    let mut want = data.clone();
+    want[60_001..70_001].fill(0);
+    assert_eq!(fs::read(p("f")).expect("read"), want);
+    // A zero range past the end grows the file; with KEEP_SIZE it does not.
+    assert_eq!(fallocate(&f, zero, 190_000, 50_000), 0);
+    want[190_000..].fill(0);
+    want.resize(240_000, 0);
+    assert_eq!(fs::read(p("f")).expect("read"), want);
+    assert_eq!(fallocate(&f, zero | keep, 239_990, 1 << 20), 0);
+    want[239_990..].fill(0);
+    assert_eq!(fs::read(p("f")).expect("read"), want);
+    // A reservation past the end with KEEP_SIZE leaves size and blocks as they were.
+    let before = f.metadata().expect("fstat");
+    assert_eq!(fallocate(&f, keep, 0, 4 << 20), 0);
+    let after = f.metadata().expect("fstat");
+    assert_eq!(
+        (after.len(), after.blocks()),
+        (before.len(), before.blocks())
+    );
+    // posix_fallocate grows the file with zeros.
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain call on an open descriptor.
+    assert_eq!(
+        unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, 300_000) },
+        0
+    );
+    want.resize(300_000, 0);
+    assert_eq!(fs::read(p("f")).expect("read"), want);
+    // Modes the file system lacks, and bad arguments.
+    assert_eq!(
+        fallocate(&f, libc::FALLOC_FL_COLLAPSE_RANGE, 0, 4096),
+        libc::EOPNOTSUPP
+    );
+    assert_eq!(fallocate(&f, punch, 0, 10), libc::EOPNOTSUPP);
+    assert_eq!(fallocate(&f, 0, 0, 0), libc::EINVAL);
+    let ro = fs::File::open(p("f")).expect("open read-only");
+    assert_eq!(fallocate(&ro, punch | keep, 0, 10), libc::EBADF);
+    assert_eq!(fs::read(p("f")).expect("read"), want);
+
+    // copy_file_range between files: counted, short at the end of the source.
+    let g = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(p("g"))
+        .expect("create");
+    assert_eq!(copy_range(&f, 1_000, &g, 5_000, 100_000), 100_000);
+    assert_eq!(copy_range(&f, 299_000, &g, 200_000, 50_000), 1_000);
+    assert_eq!(copy_range(&f, 300_000, &g, 0, 10), 0);
+    let mut gwant = vec![0; 5_000];
+    gwant.extend_from_slice(&want[1_000..101_000]);
+    gwant.resize(200_000, 0);
+    gwant.extend_from_slice(&want[299_000..300_000]);
+    assert_eq!(fs::read(p("g")).expect("read"), gwant);
+    // Within one file: apart is fine, overlapping is EINVAL.
+    assert_eq!(copy_range(&g, 0, &g, 150_000, 10_000), 10_000);
+    gwant.copy_within(0..10_000, 150_000);
+    assert_eq!(
+        copy_range(&g, 0, &g, 5_000, 10_000),
+        -(libc::EINVAL as isize)
+    );
+    assert_eq!(fs::read(p("g")).expect("read"), gwant);
+    // Into a file opened read-only: EBADF; from a directory: EISDIR.
+    assert_eq!(copy_range(&f, 0, &ro, 0, 10), -(libc::EBADF as isize));
+    let dir = fs::File::open(m.path("")).expect("open the root");
+    assert_eq!(copy_range(&dir, 0, &g, 0, 10), -(libc::EISDIR as isize));
+
+    // A large copy is done by the replicas in pieces of at most 8 MiB (not by the kernel's
+    // fallback through the client, which would copy it whole): the first call is short.
+    let big = rng.bytes(10 << 20);
+    fs::write(p("big"), &big).expect("write big");
+    let src = fs::File::open(p("big")).expect("open big");
+    let dst = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(p("big2"))
+        .expect("create big2");
+    let first = copy_range(&src, 0, &dst, 0, big.len());
+    assert_eq!(first, 8 << 20, "one replicated copy of COPY_MAX bytes");
+    let mut done = first as usize;
+    while done < big.len() {
+        let n = copy_range(&src, done as i64, &dst, done as i64, big.len() - done);
+        assert!(n > 0, "copy_file_range: {n}");
+        done += n as usize;
+    }
+    assert!(
+        fs::read(p("big2")).expect("read big2") == big,
+        "big copy differs"
+    );
+    drop((f, g, ro, dir, src, dst));
+    m.down();
+}
+
+#[test]
+fn unlinked_open_file_has_no_links() {
+    if !fuse_available("unlinked_open_file_has_no_links") {
+        return;
+    }
+    let m = Mounted::new();
+    let p = |r: &str| m.path(r);
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(p("f"))
+        .expect("create");
+    f.write_all(b"still here").expect("write");
+    assert_eq!(f.metadata().expect("fstat").nlink(), 1);
+    fs::remove_file(p("f")).expect("unlink");
+    assert_eq!(
+        f.metadata().expect("fstat").nlink(),
+        0,
+        "fstat after unlink"
+    );
+    // Still usable, and still without links after a change of its attributes.
+    f.write_all(b", and more").expect("write after unlink");
+    f.set_permissions(fs::Permissions::from_mode(0o600))
+        .expect("fchmod after unlink");
+    let meta = f.metadata().expect("fstat");
+    assert_eq!((meta.nlink(), meta.len()), (0, 20));
+    let mut back = String::new();
+    f.seek(SeekFrom::Start(0)).expect("seek");
+    f.read_to_string(&mut back).expect("read after unlink");
+    assert_eq!(back, "still here, and more");
+    // Replaced by a rename: the same.
+    fs::write(p("g"), b"old").expect("write");
+    let g = fs::File::open(p("g")).expect("open");
+    fs::write(p("g.new"), b"new").expect("write");
+    fs::rename(p("g.new"), p("g")).expect("rename over an open file");
+    assert_eq!(g.metadata().expect("fstat").nlink(), 0);
+    assert_eq!(fs::metadata(p("g")).expect("stat").nlink(), 1);
+    // A file with another name keeps that link.
+    fs::write(p("h"), b"h").expect("write");
+    fs::hard_link(p("h"), p("h2")).expect("link");
+    let h = fs::File::open(p("h")).expect("open");
+    fs::remove_file(p("h")).expect("unlink one name");
+    assert_eq!(h.metadata().expect("fstat").nlink(), 1);
+    drop((f, g, h));
+    // The hidden names go with the last close.
+    assert!(common::wait_until(
+        std::time::Duration::from_secs(10),
+        || {
+            let mut names: Vec<String> = fs::read_dir(m.path(""))
+                .expect("readdir")
+                .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names == ["g", "h2"]
+        }
+    ));
+    m.down();
+}
+
+#[test]
+fn statfs_names_and_link_max() {
+    if !fuse_available("statfs_names_and_link_max") {
+        return;
+    }
+    // 130,000 links and directories: unreplicated and on tmpfs where there is one, so that
+    // this takes seconds. The limit is the service's, and the errno the adapter's; neither
+    // depends on replication.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let shm = tempfile::tempdir_in("/dev/shm").ok();
+    let data = shm.as_ref().map_or(tmp.path(), |d| d.path()).join("data");
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir(&mnt).expect("mkdir mnt");
+    let m = Mounted::at(&mnt, &tmp.path().join("xdg"), Some(&data), &["--f", "0"])
+        .expect("bftfs up --f 0");
+    let p = |r: &str| m.path(r);
+    // SAFETY: `s` is plain data that statvfs fills in.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid path and out pointer.
+    assert_eq!(
+        last_errno(unsafe { libc::statvfs(c(&m.mnt).as_ptr(), &mut s) }),
+        0
+    );
+    assert_eq!(s.f_namemax, 255, "NAME_MAX as ext4");
+    assert!(s.f_bsize > 0 && s.f_blocks > 0 && s.f_files > 0);
+    // SAFETY: valid path.
+    let name_max = unsafe { libc::pathconf(c(&m.mnt).as_ptr(), libc::_PC_NAME_MAX) };
+    assert_eq!(name_max, 255);
+    // LINK_MAX (65000, as ext4): the link that would make 65001 names fails with EMLINK,
+    // as does a subdirectory that would give its parent 65001 links.
+    fs::write(p("f"), b"").expect("create");
+    fs::create_dir(p("links")).expect("mkdir");
+    fs::create_dir(p("dirs")).expect("mkdir");
+    let started = Instant::now();
+    let threads = 4;
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let p = &p;
+            s.spawn(move || {
+                for i in (t..64_999).step_by(threads) {
+                    fs::hard_link(p("f"), p(&format!("links/{i}"))).expect("link");
+                }
+                // 64998 subdirectories give "dirs" 65000 links.
+                for i in (t..64_998).step_by(threads) {
+                    fs::create_dir(p(&format!("dirs/{i}"))).expect("mkdir");
+                }
+            });
+        }
+    });
+    eprintln!("129997 links and directories in {:?}", started.elapsed());
+    assert_eq!(fs::metadata(p("f")).expect("stat").nlink(), 65_000);
+    assert_eq!(
+        errno_of(fs::hard_link(p("f"), p("one-too-many"))),
+        libc::EMLINK
+    );
+    assert_eq!(fs::metadata(p("dirs")).expect("stat").nlink(), 65_000);
+    assert_eq!(
+        errno_of(fs::create_dir(p("dirs/one-too-many"))),
+        libc::EMLINK
+    );
+    // Moving a directory into it is refused the same way; within it, it is not.
+    fs::create_dir(p("outside")).expect("mkdir");
+    assert_eq!(
+        errno_of(fs::rename(p("outside"), p("dirs/outside"))),
+        libc::EMLINK
+    );
+    fs::rename(p("dirs/0"), p("dirs/renamed")).expect("rename within");
+    // One name fewer makes room again.
+    fs::remove_file(p("links/0")).expect("unlink");
+    fs::hard_link(p("f"), p("links/again")).expect("link after unlink");
+    m.down();
+}

@@ -23,6 +23,13 @@ const CALLERS: [(u32, u32, &[u32]); 3] =
 const UIDS: [u32; 3] = [0, 1000, 1001];
 const GIDS: [u32; 4] = [0, 1000, 1001, 1002];
 const MAX_IO: u64 = 1 << 20;
+const ALLOC_MODES: [AllocMode; 5] = [
+    AllocMode::Allocate { keep_size: false },
+    AllocMode::Allocate { keep_size: true },
+    AllocMode::PunchHole,
+    AllocMode::ZeroRange { keep_size: false },
+    AllocMode::ZeroRange { keep_size: true },
+];
 
 fn bad_name(k: u8) -> Vec<u8> {
     match k % 5 {
@@ -296,6 +303,11 @@ enum TOp {
     GetXattr(P, u8),
     RemoveXattr(P, u8),
     ListXattr(P),
+    /// fallocate: offset, length, mode (index into `ALLOC_MODES`).
+    Fallocate(P, u64, u64, u8),
+    /// copy_file_range: source, its offset, destination (`None`: the source), its offset,
+    /// length.
+    CopyRange(P, u64, Option<P>, u64, u64),
     /// An operation on a handle from earlier in the run (often stale).
     Old(usize),
     Checkpoint,
@@ -360,11 +372,26 @@ fn top() -> impl Strategy<Value = TOp> {
         1 => (fpath(), 0u8..5).prop_map(|(p, k)| TOp::GetXattr(p, k)),
         1 => (fpath(), 0u8..5).prop_map(|(p, k)| TOp::RemoveXattr(p, k)),
         1 => fpath().prop_map(TOp::ListXattr),
+        4 => (fpath(), offset(), prop_oneof![Just(0u64), 1u64..10, 4090u64..4100, 65_536u64..65_540, 130_000u64..140_000], 0u8..5)
+            .prop_map(|(p, o, l, m)| TOp::Fallocate(p, o, l, m)),
+        6 => (fpath(), offset(), prop::option::of(fpath()), offset(), prop_oneof![0u64..10, 4096u64..4097, 70_000u64..70_001, Just(1u64 << 20)])
+            .prop_map(|(a, x, b, y, l)| TOp::CopyRange(a, x, b, y, l)),
         2 => any::<usize>().prop_map(TOp::Old),
         1 => Just(TOp::Checkpoint),
         1 => Just(TOp::Rollback),
         1 => Just(TOp::Transfer),
         1 => Just(TOp::Crash),
+    ]
+}
+
+/// File offsets around block and chunk boundaries and past the sizes writes reach.
+fn offset() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        0u64..10,
+        4090u64..4100,
+        65_530u64..65_540,
+        130_000u64..140_000,
+        300_000u64..300_001
     ]
 }
 
@@ -1259,6 +1286,97 @@ impl Harness {
                     Out::Err(FsError::NotSupp)
                 };
                 (got, want)
+            }
+            TOp::Fallocate(p, off, len, m) => {
+                let (h, f) = resolve!(p);
+                let mode = ALLOC_MODES[*m as usize];
+                let got = self.run(
+                    &c,
+                    FsOp::Fallocate {
+                        h,
+                        offset: *off,
+                        length: *len,
+                        mode,
+                    },
+                );
+                let md = &mut self.model;
+                let want = (|| -> R<Out> {
+                    let n = md.n(f);
+                    match n.kind {
+                        FileType::Regular => {}
+                        FileType::Directory => return Err(FsError::IsDir),
+                        _ => return Err(FsError::Inval),
+                    }
+                    if *len == 0 {
+                        return Err(FsError::Inval);
+                    }
+                    if !(c.uid == n.uid || may(n, &c, 2)) {
+                        return Err(FsError::Access);
+                    }
+                    let n = md.nodes.get_mut(&f).expect("node");
+                    let (start, end) = (*off as usize, (*off + *len) as usize);
+                    let size = n.data.len();
+                    if matches!(mode, AllocMode::PunchHole | AllocMode::ZeroRange { .. })
+                        && start < size
+                    {
+                        n.data[start..end.min(size)].fill(0);
+                    }
+                    if !mode.keeps_size() && end > size {
+                        n.data.resize(end, 0);
+                    }
+                    if c.uid != 0 {
+                        n.mode = kill_suid(n.mode);
+                    }
+                    Ok(md.attr(f))
+                })();
+                (got, want.unwrap_or_else(Out::Err))
+            }
+            TOp::CopyRange(sp, soff, dp, doff, len) => {
+                let (hs, s) = resolve!(sp);
+                let (hd, d) = resolve!(dp.as_ref().unwrap_or(sp));
+                let got = self.run(
+                    &c,
+                    FsOp::CopyRange {
+                        src: hs,
+                        src_offset: *soff,
+                        dst: hd,
+                        dst_offset: *doff,
+                        length: *len,
+                    },
+                );
+                let md = &mut self.model;
+                let want = (|| -> R<Out> {
+                    let (sn, dn) = (md.n(s), md.n(d));
+                    if sn.kind == FileType::Directory || dn.kind == FileType::Directory {
+                        return Err(FsError::IsDir);
+                    }
+                    if sn.kind != FileType::Regular || dn.kind != FileType::Regular {
+                        return Err(FsError::Inval);
+                    }
+                    if !(c.uid == sn.uid || may(sn, &c, 4)) || !(c.uid == dn.uid || may(dn, &c, 2))
+                    {
+                        return Err(FsError::Access);
+                    }
+                    let (soff, doff) = (*soff as usize, *doff as usize);
+                    let count = (*len as usize).min(sn.data.len().saturating_sub(soff));
+                    if s == d && doff < soff + count && soff < doff + count {
+                        return Err(FsError::Inval);
+                    }
+                    if count == 0 {
+                        return Ok(Out::Count(0));
+                    }
+                    let bytes = sn.data[soff..soff + count].to_vec();
+                    let n = md.nodes.get_mut(&d).expect("node");
+                    if n.data.len() < doff + count {
+                        n.data.resize(doff + count, 0);
+                    }
+                    n.data[doff..doff + count].copy_from_slice(&bytes);
+                    if c.uid != 0 {
+                        n.mode = kill_suid(n.mode);
+                    }
+                    Ok(Out::Count(count as u32))
+                })();
+                (got, want.unwrap_or_else(Out::Err))
             }
             TOp::ListXattr(p) => {
                 let (h, f) = resolve!(p);

@@ -95,20 +95,25 @@ impl Mounted {
         data_dir: Option<&Path>,
         extra: &[&str],
     ) -> Result<Mounted, String> {
-        let f = test_f();
-        let mut args: Vec<&std::ffi::OsStr> = vec![
-            "up".as_ref(),
-            mnt.as_os_str(),
-            "--f".as_ref(),
-            f.as_ref(),
-            "--detach".as_ref(),
-        ];
+        // A test that names its own f in `extra` gets that one.
+        let f = if extra.contains(&"--f") {
+            String::new()
+        } else {
+            test_f()
+        };
+        let mut args: Vec<&std::ffi::OsStr> = vec!["up".as_ref(), mnt.as_os_str()];
+        if !f.is_empty() {
+            args.push("--f".as_ref());
+            args.push(f.as_ref());
+        }
+        args.push("--detach".as_ref());
         if let Some(d) = data_dir {
             args.push("--data-dir".as_ref());
             args.push(d.as_os_str());
         }
         // BFTFS_TEST_FAST_PATH=0 runs every real-mount test on the commit path only.
-        if std::env::var("BFTFS_TEST_FAST_PATH").as_deref() == Ok("0") && f != "0" {
+        if std::env::var("BFTFS_TEST_FAST_PATH").as_deref() == Ok("0") && !f.is_empty() && f != "0"
+        {
             args.push("--no-fast-path".as_ref());
         }
         args.extend(extra.iter().map(|s| std::ffi::OsStr::new(*s)));

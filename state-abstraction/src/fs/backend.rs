@@ -237,6 +237,110 @@ pub fn pwrite_full(fd: RawFd, buf: &[u8], offset: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Bytes `start..end` of a file read as zeros afterwards; its size does not change (the range
+/// ends at or before the end of the file). A hole is punched where the file system can;
+/// where it cannot, zeros are written.
+pub fn zero_range(fd: RawFd, start: u64, end: u64) -> io::Result<()> {
+    if end <= start {
+        return Ok(());
+    }
+    let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    match fallocate(fd, punch, start, end - start) {
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+        r => return r,
+    }
+    let zeros = vec![0u8; (end - start).min(1 << 20) as usize];
+    let mut at = start;
+    while at < end {
+        let n = (end - at).min(zeros.len() as u64) as usize;
+        pwrite_full(fd, &zeros[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// Reserves space for bytes `start..end` of a file; the size grows to `end` unless
+/// `keep_size`. Where the file system cannot reserve space, only the size is set.
+pub fn allocate(fd: RawFd, start: u64, end: u64, keep_size: bool) -> io::Result<()> {
+    if end <= start {
+        return Ok(());
+    }
+    let mode = if keep_size {
+        libc::FALLOC_FL_KEEP_SIZE
+    } else {
+        0
+    };
+    match fallocate(fd, mode, start, end - start) {
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+        r => return r,
+    }
+    if !keep_size && fstat(fd)?.st_size < end as i64 {
+        ftruncate(fd, end)?;
+    }
+    Ok(())
+}
+
+fn fallocate(fd: RawFd, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    retry(|| {
+        // SAFETY: plain system call.
+        check(unsafe { libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t) })
+            .map(drop)
+    })
+}
+
+/// Copies `count` bytes of `src` at `src_at` to `dst` at `dst_at` (the two may be one file if
+/// the ranges do not overlap). The source must hold them all: running out is an error.
+pub fn copy_range(src: RawFd, src_at: u64, dst: RawFd, dst_at: u64, count: u64) -> io::Result<()> {
+    let mut done = 0u64;
+    while done < count {
+        let mut from = (src_at + done) as libc::loff_t;
+        let mut to = (dst_at + done) as libc::loff_t;
+        let want = (count - done).min(1 << 30) as usize;
+        let r = retry(|| {
+            // SAFETY: both offsets are valid pointers to loff_t that the call advances.
+            check_size(unsafe {
+                libc::copy_file_range(src, &mut from, dst, &mut to, want, 0) as isize
+            })
+        });
+        match r {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+            Ok(n) => done += n as u64,
+            // Kernels and file systems without an in-kernel copy for these two files: copy
+            // through a buffer instead.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOSYS | libc::EXDEV | libc::EOPNOTSUPP | libc::EINVAL)
+                ) =>
+            {
+                return copy_through_buffer(src, src_at + done, dst, dst_at + done, count - done);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn copy_through_buffer(
+    src: RawFd,
+    src_at: u64,
+    dst: RawFd,
+    dst_at: u64,
+    count: u64,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; count.min(1 << 20) as usize];
+    let mut done = 0u64;
+    while done < count {
+        let n = (count - done).min(buf.len() as u64) as usize;
+        if pread_full(src, &mut buf[..n], src_at + done)? != n {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+        }
+        pwrite_full(dst, &buf[..n], dst_at + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
 /// `FICLONE`: makes `dst` share `src`'s extents (btrfs, xfs). Fails with EOPNOTSUPP/EXDEV/EINVAL
 /// where the file system cannot.
 pub fn reflink(src: RawFd, dst: RawFd) -> io::Result<()> {

@@ -303,6 +303,19 @@ impl FileService {
                 how,
             } => self.set_xattr(c, *h, name, Some((value, *how)), now),
             FsOp::RemoveXattr { h, name } => self.set_xattr(c, *h, name, None, now),
+            FsOp::Fallocate {
+                h,
+                offset,
+                length,
+                mode,
+            } => self.fallocate(c, *h, *offset, *length, *mode, now),
+            FsOp::CopyRange {
+                src,
+                src_offset,
+                dst,
+                dst_offset,
+                length,
+            } => self.copy_range(c, *src, *src_offset, *dst, *dst_offset, *length, now),
         }
     }
 
@@ -692,6 +705,176 @@ impl FileService {
         }
         Ok(FsReply::Write {
             count: data.len() as u32,
+            attr: o.attr(i),
+        })
+    }
+
+    /// fallocate(2). What the abstract state sees is only sizes and bytes: a reservation never
+    /// shows (block counts derive from the size), a punched or zeroed range reads as zeros,
+    /// and the size changes as Linux says. The backend is asked for the real thing (so space
+    /// is reserved where it can be) and the same bytes are reached by other means where it
+    /// cannot: tmpfs has no ZERO_RANGE, for one.
+    fn fallocate(
+        &mut self,
+        c: &Caller,
+        h: Handle,
+        offset: u64,
+        length: u64,
+        mode: AllocMode,
+        now: Timespec,
+    ) -> FsResult {
+        let o = self.obj(h)?;
+        match o.kind {
+            FileType::Regular => {}
+            FileType::Directory => return Err(FsError::IsDir),
+            // Linux says ENODEV; the kernel never sends this for a device or fifo, whose
+            // opens do not reach the file system.
+            _ => return Err(FsError::Inval),
+        }
+        if length == 0 {
+            return Err(FsError::Inval);
+        }
+        let end = offset.checked_add(length).ok_or(FsError::FBig)?;
+        if !may_data(o, c, W) {
+            return Err(FsError::Access);
+        }
+        let old_size = o.size;
+        let new_size = if mode.keeps_size() {
+            old_size
+        } else {
+            old_size.max(end)
+        };
+        if new_size > MAX_FILE_SIZE {
+            return Err(FsError::FBig);
+        }
+        // Past the largest file nothing can ever be read or written, so a range that keeps
+        // the size is cut there rather than refused, and the backend never reserves more.
+        let end = end.min(MAX_FILE_SIZE);
+        let zero_end = match mode {
+            AllocMode::Allocate { .. } => offset,
+            AllocMode::PunchHole | AllocMode::ZeroRange { .. } => end.min(old_size),
+        };
+        let i = h.index;
+        if offset < zero_end {
+            self.touch_data(i, offset, zero_end)?;
+        } else {
+            self.touch(i)?;
+        }
+        let fd = self.file_fd(i).map_err(io_err)?;
+        let done = (|| {
+            if offset < zero_end {
+                backend::zero_range(fd, offset, zero_end)?;
+            }
+            match mode {
+                AllocMode::Allocate { keep_size } | AllocMode::ZeroRange { keep_size }
+                    if offset < end =>
+                {
+                    backend::allocate(fd, offset, end, keep_size)
+                }
+                _ => Ok(()),
+            }
+        })();
+        if let Err(e) = done {
+            // A reservation that failed part way (ENOSPC) may have grown the backend file:
+            // the table still says the old size, so the file must too.
+            if new_size != old_size {
+                let _ = backend::ftruncate(fd, old_size);
+            }
+            return Err(io_err(e));
+        }
+        if new_size > old_size {
+            // As with an extending truncate: the old last chunk grows, new chunks of zeros.
+            self.dirty_range(i, old_size.saturating_sub(1), new_size);
+        }
+        self.dirty_range(i, offset, zero_end);
+        let o = self.live_mut(i);
+        o.size = new_size;
+        // Linux's file_modified(): every successful fallocate updates both times and drops
+        // set-user-id as a write does.
+        o.mtime = now;
+        o.ctime = now;
+        if c.uid != 0 {
+            o.mode = kill_suid(o.mode);
+        }
+        Ok(FsReply::Attr(o.attr(i)))
+    }
+
+    /// copy_file_range(2), with Linux's checks in Linux's order
+    /// (`generic_copy_file_checks`): types, offsets that wrap, the count cut at the end of the
+    /// source and at the largest file, then overlap within one file; then our own cap.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_range(
+        &mut self,
+        c: &Caller,
+        src: Handle,
+        src_offset: u64,
+        dst: Handle,
+        dst_offset: u64,
+        length: u64,
+        now: Timespec,
+    ) -> FsResult {
+        let s = self.obj(src)?;
+        let d = self.obj(dst)?;
+        if s.kind == FileType::Directory || d.kind == FileType::Directory {
+            return Err(FsError::IsDir);
+        }
+        if s.kind != FileType::Regular || d.kind != FileType::Regular {
+            return Err(FsError::Inval);
+        }
+        // Offsets are signed (loff_t) in Linux, which answers EOVERFLOW here; the kernel checks
+        // this before the request is sent, so only a hand-made request sees our EINVAL.
+        let wraps = |at: u64| at.checked_add(length).is_none_or(|e| e > i64::MAX as u64);
+        if wraps(src_offset) || wraps(dst_offset) {
+            return Err(FsError::Inval);
+        }
+        if !may_data(s, c, R) || !may_data(d, c, W) {
+            return Err(FsError::Access);
+        }
+        let mut count = length.min(s.size.saturating_sub(src_offset));
+        if count > 0 && dst_offset >= MAX_FILE_SIZE {
+            return Err(FsError::FBig);
+        }
+        count = count.min(MAX_FILE_SIZE.saturating_sub(dst_offset));
+        if src.index == dst.index
+            && dst_offset < src_offset + count
+            && src_offset < dst_offset + count
+        {
+            return Err(FsError::Inval);
+        }
+        let i = dst.index;
+        if count == 0 {
+            return Ok(FsReply::Write {
+                count: 0,
+                attr: d.attr(i),
+            });
+        }
+        let count = count.min(COPY_MAX);
+        let end = dst_offset + count;
+        let old_size = d.size;
+        self.touch_data(i, dst_offset, end)?;
+        let sfd = self.file_fd(src.index).map_err(io_err)?;
+        let dfd = self.file_fd(i).map_err(io_err)?;
+        if let Err(e) = backend::copy_range(sfd, src_offset, dfd, dst_offset, count) {
+            // Like a failed write, the destination range may be partly copied; its size must
+            // still match the table.
+            if end > old_size {
+                let _ = backend::ftruncate(dfd, old_size);
+            }
+            return Err(io_err(e));
+        }
+        if dst_offset > old_size {
+            self.dirty_range(i, old_size.saturating_sub(1), dst_offset);
+        }
+        self.dirty_range(i, dst_offset, end);
+        let o = self.live_mut(i);
+        o.size = o.size.max(end);
+        o.mtime = now;
+        o.ctime = now;
+        if c.uid != 0 {
+            o.mode = kill_suid(o.mode);
+        }
+        Ok(FsReply::Write {
+            count: count as u32,
             attr: o.attr(i),
         })
     }

@@ -19,6 +19,10 @@ pub const DIR_SIZE: u64 = 4096;
 pub const MAX_FILE_SIZE: u64 = 8 << 30;
 /// Largest read count and write size.
 pub const MAX_IO: u64 = 1 << 20;
+/// Most bytes one copy_file_range request copies (a shorter count is a valid answer, and
+/// callers loop): bounds the work one request makes every replica do, as `MAX_IO` does for
+/// writes, while saving the round trips of moving the data through the client.
+pub const COPY_MAX: u64 = 8 << 20;
 pub const NAME_MAX: usize = 255;
 /// Longest symlink target (PATH_MAX without the NUL).
 pub const TARGET_MAX: usize = 4095;

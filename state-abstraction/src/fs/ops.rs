@@ -200,6 +200,43 @@ pub const ACCESS_READ: u32 = 4;
 pub const ACCESS_WRITE: u32 = 2;
 pub const ACCESS_EXECUTE: u32 = 1;
 
+/// What [`FsOp::Fallocate`] does to its range (Linux `fallocate(2)` modes; the others are
+/// refused with `EOPNOTSUPP` by [`AllocMode::from_linux`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AllocMode {
+    /// Mode 0 (`posix_fallocate`): reserve space; the size grows to cover the range unless
+    /// `keep_size` (`FALLOC_FL_KEEP_SIZE`). Data is unchanged.
+    Allocate { keep_size: bool },
+    /// `FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`: the range inside the file reads as zeros
+    /// afterwards; the size never changes.
+    PunchHole,
+    /// `FALLOC_FL_ZERO_RANGE`: the range reads as zeros; the size grows to cover it unless
+    /// `keep_size`.
+    ZeroRange { keep_size: bool },
+}
+
+impl AllocMode {
+    /// The mode `fallocate(2)` was called with, if it is one the service has. Linux refuses
+    /// a hole punch without KEEP_SIZE, and punch together with zero range, with EOPNOTSUPP
+    /// too; collapse, insert and unshare are not offered.
+    pub fn from_linux(mode: i32) -> Option<AllocMode> {
+        let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        match mode & !libc::FALLOC_FL_KEEP_SIZE {
+            0 => Some(AllocMode::Allocate { keep_size }),
+            libc::FALLOC_FL_PUNCH_HOLE if keep_size => Some(AllocMode::PunchHole),
+            libc::FALLOC_FL_ZERO_RANGE => Some(AllocMode::ZeroRange { keep_size }),
+            _ => None,
+        }
+    }
+
+    pub fn keeps_size(self) -> bool {
+        match self {
+            AllocMode::Allocate { keep_size } | AllocMode::ZeroRange { keep_size } => keep_size,
+            AllocMode::PunchHole => true,
+        }
+    }
+}
+
 /// Names are raw bytes: a name is validated by the service (no `/`, no NUL, not `.` or `..`,
 /// 1..=255 bytes), never by the client.
 pub type Name = Vec<u8>;
@@ -309,6 +346,25 @@ pub enum FsOp {
     RemoveXattr {
         h: Handle,
         name: Name,
+    },
+    /// fallocate(2) on a regular file: `length` bytes from `offset` (`length` > 0).
+    /// Answers the file's attributes.
+    Fallocate {
+        h: Handle,
+        offset: u64,
+        length: u64,
+        mode: AllocMode,
+    },
+    /// copy_file_range(2): up to `length` bytes of `src` from `src_offset` to `dst` at
+    /// `dst_offset`, inside the replicas (the data never travels). Stops at the end of `src`
+    /// and after [`object::COPY_MAX`](super::object::COPY_MAX) bytes; answers
+    /// [`FsReply::Write`] with the count copied and `dst`'s attributes.
+    CopyRange {
+        src: Handle,
+        src_offset: u64,
+        dst: Handle,
+        dst_offset: u64,
+        length: u64,
     },
 }
 
@@ -486,6 +542,48 @@ pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Option<T> {
     match bincode::serde::decode_from_slice(bytes, config()) {
         Ok((v, used)) if used == bytes.len() => Some(v),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod alloc_mode_tests {
+    use super::*;
+
+    #[test]
+    fn linux_modes_map_or_are_refused() {
+        let keep = libc::FALLOC_FL_KEEP_SIZE;
+        let punch = libc::FALLOC_FL_PUNCH_HOLE;
+        let zero = libc::FALLOC_FL_ZERO_RANGE;
+        assert_eq!(
+            AllocMode::from_linux(0),
+            Some(AllocMode::Allocate { keep_size: false })
+        );
+        assert_eq!(
+            AllocMode::from_linux(keep),
+            Some(AllocMode::Allocate { keep_size: true })
+        );
+        assert_eq!(
+            AllocMode::from_linux(punch | keep),
+            Some(AllocMode::PunchHole)
+        );
+        assert_eq!(
+            AllocMode::from_linux(zero),
+            Some(AllocMode::ZeroRange { keep_size: false })
+        );
+        assert_eq!(
+            AllocMode::from_linux(zero | keep),
+            Some(AllocMode::ZeroRange { keep_size: true })
+        );
+        for refused in [
+            punch,
+            punch | zero | keep,
+            libc::FALLOC_FL_COLLAPSE_RANGE,
+            libc::FALLOC_FL_INSERT_RANGE,
+            libc::FALLOC_FL_UNSHARE_RANGE,
+            -1,
+        ] {
+            assert_eq!(AllocMode::from_linux(refused), None, "{refused:#x}");
+        }
     }
 }
 
