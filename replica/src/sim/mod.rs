@@ -221,8 +221,8 @@ pub struct Scenario {
     pub read_only_per_mille: u64,
     /// Keys the workload spreads over.
     pub keys: u64,
-    /// Values of writes are this many bytes (inclusive range) instead of a few; writes are
-    /// then puts only, so no result grows beyond one value.
+    /// Values of writes are this many bytes (inclusive range) instead of a few; every
+    /// operation is then a put to a fresh key (small replies, large requests and batches).
     pub value_bytes: Option<(u64, u64)>,
     pub loss_per_mille: u64,
     pub duplicate_per_mille: u64,
@@ -632,15 +632,15 @@ pub struct Sim {
     keys: ClusterKeys,
     config: Arc<ClusterConfig>,
     tick: u64,
-    /// (delivery tick, sequence) → (receiver, frame body).
-    queue: BTreeMap<(u64, u64), (Principal, Vec<u8>)>,
+    /// (delivery tick, sequence) → (receiver, whole frame: header and body).
+    queue: BTreeMap<(u64, u64), (Principal, Arc<Vec<u8>>)>,
     counter: u64,
     replicas: Vec<ReplicaNode>,
     clients: Vec<ClientNode>,
     faulty_clients: Vec<FaultyClientNode>,
     checker: Checker,
     /// Frames the Byzantine replicas sent, for replays.
-    replay_pool: Vec<(Principal, Vec<u8>)>,
+    replay_pool: Vec<(Principal, Arc<Vec<u8>>)>,
     /// Reports of misbehaviour noticed by correct replicas.
     misbehaviour_noticed: u64,
     /// See [`Report::stripped_commits`].
@@ -715,15 +715,14 @@ impl Sim {
                 let key = format!("k{}", rng.below(scenario.keys)).into_bytes();
                 let (op, read_only) = match scenario.value_bytes {
                     Some((low, high)) => {
-                        // Large values: puts (the result is one old value) and some reads.
-                        if rng.below(10) < 8 {
-                            let mut value = vec![0u8; rng.range(low, high) as usize];
-                            let tag = format!("c{i}.{k};");
-                            value[..tag.len()].copy_from_slice(tag.as_bytes());
-                            (KvOp::Put { key, value }, false)
-                        } else {
-                            (KvOp::Get { key }, false)
-                        }
+                        // Large values: puts, each to a key of its own, so that replies stay
+                        // small (a put returns the old value) and the simulation spends its
+                        // time on what is large in the protocol: requests, batches, logs.
+                        let mut value = vec![0u8; rng.range(low, high) as usize];
+                        let tag = format!("c{i}.{k};");
+                        value[..tag.len()].copy_from_slice(tag.as_bytes());
+                        let key = [key, tag.into_bytes()].concat();
+                        (KvOp::Put { key, value }, false)
                     }
                     None => {
                         let value = format!("c{i}.{k};").into_bytes();
@@ -820,11 +819,13 @@ impl Sim {
     }
 
     /// Puts a frame on the network (with loss, duplication and delay in the faulty phase).
-    fn transmit(&mut self, from: Principal, to: Principal, frame: Vec<u8>) {
-        if frame.len() < FRAME_HEADER_BYTES {
+    /// Frames are shared, not copied, between the receivers and copies of one send (they
+    /// are megabytes in the large-operation scenarios).
+    fn transmit(&mut self, from: Principal, to: Principal, frame: impl Into<Arc<Vec<u8>>>) {
+        let body: Arc<Vec<u8>> = frame.into();
+        if body.len() < FRAME_HEADER_BYTES {
             return;
         }
-        let body = frame[FRAME_HEADER_BYTES..].to_vec();
         if self.partitioned(from, to) {
             return;
         }
@@ -864,17 +865,19 @@ impl Sim {
         Ok(())
     }
 
-    fn sealed(&mut self, sealed: Result<Vec<u8>, String>) -> Result<Vec<u8>, Failure> {
+    fn sealed(&mut self, sealed: Result<Vec<u8>, String>) -> Result<Arc<Vec<u8>>, Failure> {
         let frame = sealed.map_err(|e| self.fail(e))?;
         self.frame_bytes_max = self.frame_bytes_max.max(frame.len() as u64);
-        Ok(frame)
+        Ok(Arc::new(frame))
     }
 
     /// A WAL record the driver could not write (over [`RECORD_BYTES_MAX`], or refused by the
-    /// encoder) is a checker failure: the replica would stop at that point.
+    /// encoder) or could not read back is a checker failure: the replica would stop there, or
+    /// fail to restart. Reading back is `wire::decode` (see `driver::node`), which refuses
+    /// anything over [`FRAME_BYTES_MAX`], a lower limit than the log's own.
     fn check_record(&mut self, r: usize, record: &WalRecord) -> Result<(), Failure> {
-        let len = match crate::wire::encode(record) {
-            Ok(bytes) => bytes.len(),
+        let len = match encoded_len(record) {
+            Ok(len) => len,
             Err(e) => {
                 return Err(self.fail(format!(
                     "wal record size: replica {r} cannot encode a {} record: {e}",
@@ -886,6 +889,12 @@ impl Sim {
         if len > RECORD_BYTES_MAX {
             return Err(self.fail(format!(
                 "wal record size: replica {r} wrote a {} record of {len} bytes, over {RECORD_BYTES_MAX}",
+                record_kind(record)
+            )));
+        }
+        if len > FRAME_BYTES_MAX {
+            return Err(self.fail(format!(
+                "wal record size: replica {r} wrote a {} record of {len} bytes, which a restart cannot decode (over {FRAME_BYTES_MAX})",
                 record_kind(record)
             )));
         }
@@ -1059,14 +1068,14 @@ impl Sim {
         Ok(())
     }
 
-    fn deliver(&mut self, to: Principal, body: Vec<u8>) -> Result<(), Failure> {
+    fn deliver(&mut self, to: Principal, body: &[u8]) -> Result<(), Failure> {
         match to {
             Principal::Replica(r) => {
                 let r = r.0 as usize;
                 if !matches!(self.replicas[r].state, ReplicaState::Up(_)) {
                     return Ok(());
                 }
-                let Ok(message) = self.replicas[r].auth.open(&body) else {
+                let Ok(message) = self.replicas[r].auth.open(body) else {
                     return Ok(());
                 };
                 if self.replicas[r].byzantine.is_none() {
@@ -1083,7 +1092,7 @@ impl Sim {
                 let Some(node) = self.clients.get_mut(index) else {
                     return Ok(());
                 };
-                let Ok(message) = node.auth.open(&body) else {
+                let Ok(message) = node.auth.open(body) else {
                     return Ok(());
                 };
                 let mut actions = Vec::new();
@@ -1262,8 +1271,8 @@ impl Sim {
                 if entry.key().0 > self.tick {
                     break;
                 }
-                let (to, body) = entry.remove();
-                self.deliver(to, body)?;
+                let (to, frame) = entry.remove();
+                self.deliver(to, &frame[FRAME_HEADER_BYTES..])?;
             }
 
             // Ticks.
@@ -1414,11 +1423,11 @@ impl Sim {
             if behaviour == Behaviour::CorruptAuth && self.rng.chance(500) {
                 let i = FRAME_HEADER_BYTES
                     + self.rng.below((frame.len() - FRAME_HEADER_BYTES) as u64) as usize;
-                frame[i] ^= 1 << self.rng.below(8);
+                Arc::make_mut(&mut frame)[i] ^= 1 << self.rng.below(8);
             }
             // Large frames are left out of the pool: replaying them adds nothing and would
             // pin megabytes per entry.
-            if frame.len() <= 1 << 16 {
+            if frame.len() <= 1 << 20 {
                 if self.replay_pool.len() < 512 {
                     self.replay_pool.push((receiver, frame.clone()));
                 } else {
@@ -1441,9 +1450,16 @@ impl Sim {
             let (to, message) = match action {
                 Action::Persist(record) => {
                     self.check_record(r, &record)?;
-                    if let WalRecord::Stable(cert) = &record {
+                    let stable = match &record {
+                        WalRecord::Stable(cert) => Some(&**cert),
+                        WalRecord::Snapshot(state) => Some(&state.stable),
+                        _ => None,
+                    };
+                    if let Some(cert) = stable {
                         let history = &mut self.replicas[r].stable_history;
-                        history.push((**cert).clone());
+                        if history.last().is_none_or(|last| last.seq < cert.seq) {
+                            history.push(cert.clone());
+                        }
                         if history.len() > 4 {
                             history.remove(0);
                         }
@@ -1476,6 +1492,17 @@ impl Sim {
                     Behaviour::StaleViewChange,
                 ) if vc.body.replica == me => {
                     let body = self.stale_view_change(r, &vc.body);
+                    if self.trace {
+                        eprintln!(
+                            "[{}] r{r} lies in its view change for {:?}: stable {:?} -> {:?}, {} -> {} evidence items",
+                            self.tick,
+                            vc.body.new_view,
+                            vc.body.stable.seq,
+                            body.stable.seq,
+                            vc.body.evidence.len(),
+                            body.evidence.len()
+                        );
+                    }
                     self.stale_view_changes += u64::from(body != vc.body);
                     let m = Message::ViewChange(ViewChangeMessage::ViewChange(signer.sign(body)));
                     self.byzantine_send(r, to, &m, behaviour)?;
@@ -2000,6 +2027,22 @@ fn seal_frame(
     Ok(frame)
 }
 
+/// The length of [`crate::wire::encode`]'s output, counted rather than built (the same
+/// bincode configuration; its size limit only applies to decoding).
+fn encoded_len<T: serde::Serialize>(value: &T) -> Result<usize, String> {
+    struct Counter(usize);
+    impl bincode::enc::write::Writer for Counter {
+        fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
+            self.0 += bytes.len();
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    bincode::serde::encode_into_writer(value, &mut counter, bincode::config::standard())
+        .map_err(|e| e.to_string())?;
+    Ok(counter.0)
+}
+
 fn record_kind(record: &WalRecord) -> &'static str {
     match record {
         WalRecord::Snapshot(_) => "snapshot",
@@ -2021,7 +2064,7 @@ pub fn run_seed(seed: u64) -> Result<Report, Failure> {
 impl Sim {
     /// Delivers a raw frame body to a replica, as if it came off the network.
     pub fn inject(&mut self, replica: u32, body: Vec<u8>) -> Result<(), Failure> {
-        self.deliver(Principal::Replica(ReplicaId(replica)), body)
+        self.deliver(Principal::Replica(ReplicaId(replica)), &body)
     }
 
     /// The frame counters of a replica's authenticator.
