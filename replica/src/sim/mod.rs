@@ -238,6 +238,9 @@ pub struct Scenario {
     /// Values of writes are this many bytes (inclusive range) instead of a few; every
     /// operation is then a put to a fresh key (small replies, large requests and batches).
     pub value_bytes: Option<(u64, u64)>,
+    /// With `value_bytes`: puts go to the shared keys instead, so each returns the previous
+    /// large value (large replies, and a reply cache holding megabytes per client).
+    pub large_results: bool,
     pub loss_per_mille: u64,
     pub duplicate_per_mille: u64,
     pub delay_max_ticks: u64,
@@ -314,6 +317,7 @@ impl Scenario {
             read_only_per_mille: 150,
             keys: 3,
             value_bytes: None,
+            large_results: false,
             loss_per_mille: 0,
             duplicate_per_mille: 0,
             delay_max_ticks: 3,
@@ -571,6 +575,7 @@ pub const NAMED_SCENARIOS: &[(&str, fn(u64) -> Scenario)] = &[
     ("large_ops_primary_crash", scenarios::large_ops_primary_crash),
     ("large_ops_primary_crash_f2", scenarios::large_ops_primary_crash_f2),
     ("large_log_repeated_restarts", scenarios::large_log_repeated_restarts),
+    ("large_results_across_a_checkpoint", scenarios::large_results_across_a_checkpoint),
     ("all_crash_after_fast_completion", scenarios::all_crash_after_fast_completion),
     ("stale_view_changes", scenarios::stale_view_changes),
     ("stale_view_changes_f2", scenarios::stale_view_changes_f2),
@@ -745,7 +750,11 @@ impl Sim {
                         let mut value = vec![0u8; rng.range(low, high) as usize];
                         let tag = format!("c{i}.{k};");
                         value[..tag.len()].copy_from_slice(tag.as_bytes());
-                        let key = [key, tag.into_bytes()].concat();
+                        let key = if scenario.large_results {
+                            key
+                        } else {
+                            [key, tag.into_bytes()].concat()
+                        };
                         (KvOp::Put { key, value }, false)
                     }
                     None => {

@@ -182,6 +182,24 @@ pub fn large_ops_primary_crash_f2(seed: u64) -> Scenario {
     s
 }
 
+/// Large results: puts of 3–4 MiB to one key, each returning the previous value, with a
+/// checkpoint every 16 batches. A checkpoint records the reply cache (the last replies of
+/// every client, up to `client_window` each): megabytes per client, which must still fit a
+/// WAL record and a state-transfer message.
+pub fn large_results_across_a_checkpoint(seed: u64) -> Scenario {
+    let mut s = Scenario::calm(seed);
+    s.protocol = deployed_protocol();
+    s.protocol.checkpoint_interval = 16;
+    s.clients = 2;
+    s.ops_per_client = 10;
+    s.client_parallelism = 2;
+    s.read_only_per_mille = 0;
+    s.keys = 1;
+    s.value_bytes = Some((3 * MIB, 4 * MIB - 4096));
+    s.large_results = true;
+    s
+}
+
 /// Large requests and a log that is never truncated (no checkpoint in the run), while every
 /// replica, the primary last, crashes and restarts from its WAL in turn: each restart
 /// replays tens of megabytes of accepted batches, and the crash may cut a step anywhere.

@@ -615,3 +615,14 @@ fn client_flooding_reads_cannot_force_view_changes() {
     assert!(report.faulty_client_requests > 100);
     assert_eq!(report.max_view, 0, "{report:?}");
 }
+
+#[test]
+#[ignore = "fails: a checkpoint's reply cache (up to client_window results per client, each \
+            up to a whole value) is one WAL record and one state-transfer message with no \
+            byte bound; here 55 MiB, which a restart cannot decode (see the report to the lead)"]
+fn large_results_fit_a_checkpoint_record_and_a_state_transfer() {
+    let (_, report) = run_scenario("large_results_across_a_checkpoint", 1);
+    eprintln!("{report:?}");
+    assert_eq!(report.completed, 20);
+    assert!(report.highest_executed >= 16, "a checkpoint was taken: {report:?}");
+}
