@@ -32,7 +32,7 @@
 //!
 //! # Running seeds
 //!
-//! `cargo test -p replica` runs 1,000 random seeds (four tests of 250, f drawn per seed), 100
+//! `cargo test -p replica` runs 1,000 random seeds (four tests of 250, f drawn per seed), 200
 //! seeds with f = 2, and the named scenarios of [`NAMED_SCENARIOS`]. Any number of seeds of
 //! any named scenario, and the replay of one:
 //!

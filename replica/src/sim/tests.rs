@@ -104,9 +104,15 @@ fn seeds_750_to_1000() {
     run_range("random", 750..1000);
 }
 
+// Seven replicas: about three times the cost of a seed of four.
 #[test]
 fn seeds_f2_0_to_100() {
     run_range("random_f2", 0..100);
+}
+
+#[test]
+fn seeds_f2_100_to_200() {
+    run_range("random_f2", 100..200);
 }
 
 /// Parses `SIM_SEED=N` or `SIM_SEEDS=A..B` (default: seed 0).
