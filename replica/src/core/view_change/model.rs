@@ -1011,7 +1011,7 @@ fn env_or(name: &str, default: usize) -> usize {
 /// CI: 4 views (which includes every 3-view schedule: the search goes view by view); slot 1
 /// of a log of any length (a candidate may sit above it); one test per position of the faulty
 /// replica, so that they run in parallel. Cost in a test build, CPU time: 7 s with the faulty
-/// replica as the first primary, 10, 14 and 22 s at the other positions (54 s in all; 117k
+/// replica as the first primary, 9, 17 and 21 s at the other positions (54 s in all; 117k
 /// to 295k worlds in the last view). A fifth view would need wider masks ([`MAX_VIEWS`]) and,
 /// at about 8 times the worlds per added view, several minutes: not for CI.
 fn safe_rule_over_four_views(faulty: usize) {
