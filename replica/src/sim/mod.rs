@@ -20,29 +20,46 @@
 //! state the key had within the read's real-time window); checkpoint digests are identical at
 //! correct replicas; views never go back; after the faults stop, every request completes.
 //!
+//! A scenario has n = 3f+1 replicas ([`Scenario::f`]); random scenarios run f = 2 (seven
+//! replicas, up to two Byzantine) for about one seed in four. Besides the seed's faults a
+//! scenario may carry large operations ([`Scenario::value_bytes`], with deployment limits:
+//! [`deployed_protocol`]), crashes set off by events ([`TriggeredCrash`]: the primary after k
+//! completions, every replica right after a fast-path completion) and faulty clients
+//! ([`ClientFault`]). Every frame sealed must fit [`FRAME_BYTES_MAX`] and every WAL record
+//! must fit what the driver can write and read back ([`RECORD_BYTES_MAX`], and
+//! [`FRAME_BYTES_MAX`] for decoding): a message or record that cannot exist on a real network
+//! or disk is a checker failure, not a panic.
+//!
 //! # Running seeds
 //!
-//! `cargo test -p replica` runs 1,000 seeds (four tests of 250). Any number of seeds, and the
-//! replay of one:
+//! `cargo test -p replica` runs 1,000 random seeds (four tests of 250, f drawn per seed), 200
+//! seeds with f = 2, and the named scenarios of [`NAMED_SCENARIOS`]. Any number of seeds of
+//! any named scenario, and the replay of one:
 //!
 //! ```text
 //! SIM_SEEDS=0..20000 cargo test -p replica --lib sim::tests::replay -- --ignored --nocapture
-//! SIM_SEED=1234      cargo test -p replica --lib sim::tests::replay -- --ignored --nocapture
+//! SIM_SCENARIO=random_f2 SIM_SEEDS=0..500 cargo test -p replica --lib sim::tests::replay -- --ignored --nocapture
+//! SIM_SCENARIO=large_ops_primary_crash SIM_SEED=1 cargo test -p replica --lib sim::tests::replay -- --ignored --nocapture
 //! ```
 //!
-//! A failing seed prints the second command with its number; the run is byte-for-byte the same.
+//! `SIM_SCENARIO` defaults to `random`. A failure prints the command that replays it (its
+//! scenario's name and seed); the run is byte-for-byte the same. `SIM_TRACE=1` prints what
+//! the replicas do.
 
 pub mod checkers;
+pub mod scenarios;
 #[cfg(test)]
 mod tests;
 
 use crate::client::{Client, ClientAction, Completion, RequestId};
 use crate::config::{generate, ClusterConfig, ClusterKeys, ProtocolConfig};
 use crate::core::{Action, Event, Notification, Replica, WalRecord};
+use crate::driver::wal::RECORD_BYTES_MAX;
 use crate::wire::{
-    AgreementMessage, Authenticator, Batch, Checkpoint, ClientMessage, Commit, Message, PrePrepare,
-    Prepare, Principal, Proposal, ReplicaId, SeqNo, Signer, StateTransferMessage, View,
-    ViewChangeMessage, FRAME_BYTES_MAX, FRAME_HEADER_BYTES,
+    AgreementMessage, Authenticator, Batch, Checkpoint, CheckpointCertificate, ClientMessage,
+    Commit, Evidence, Message, NewView, PrePrepare, Prepare, Principal, Proposal, ReplicaId,
+    SeqNo, Signed, Signer, StateTransferMessage, View, ViewChange, ViewChangeMessage,
+    FRAME_BYTES_MAX, FRAME_HEADER_BYTES,
 };
 use checkers::{Checker, HistoryEntry};
 use state_abstraction::kv::{KvOp, KvService};
@@ -87,7 +104,7 @@ impl Rng {
     }
 }
 
-/// What the Byzantine replica does.
+/// What a Byzantine replica does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Behaviour {
     /// Sends nothing at all.
@@ -114,11 +131,20 @@ pub enum Behaviour {
     /// As a new primary, sends new views whose pre-prepares differ from what its view
     /// changes determine (a slot dropped, replaced or invented).
     LyingNewView,
+    /// Its view changes lie while staying well formed: an older stable checkpoint than it
+    /// holds, evidence withheld, prepared certificates downgraded to bare pre-prepares. The
+    /// selection must not lose anything a correct quorum member reports.
+    StaleViewChange,
+    /// As a new primary, sends each backup a valid new view built from a different 2f+1
+    /// subset of the view changes it holds (it waits to hold more than 2f+1 so that the
+    /// subsets differ). Each plan alone is safe; together they must not split agreement.
+    SplitNewView,
     /// A little of everything, chosen per message.
     Mixed,
 }
 
-const BEHAVIOURS: [Behaviour; 11] = [
+/// Random scenarios draw from these; `Mixed` must stay last (it picks from the others).
+const BEHAVIOURS: [Behaviour; 13] = [
     Behaviour::ForkHistory,
     Behaviour::LyingNewView,
     Behaviour::Silent,
@@ -129,6 +155,8 @@ const BEHAVIOURS: [Behaviour; 11] = [
     Behaviour::WrongCheckpoints,
     Behaviour::Replay,
     Behaviour::Flood,
+    Behaviour::StaleViewChange,
+    Behaviour::SplitNewView,
     Behaviour::Mixed,
 ];
 
@@ -148,27 +176,90 @@ pub struct PartitionPlan {
     pub until: u64,
 }
 
-/// Everything a run does, derived from the seed by [`Scenario::random`] (or set by a test).
+/// What sets off a [`TriggeredCrash`]: something that happens at a client, not a tick, so
+/// the crash lands where the scenario means it to whatever the core's timing becomes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trigger {
+    /// Once this many requests (of correct clients) have completed.
+    Completions(u64),
+    /// Right after the first request that completes on 3f+1 speculative replies.
+    FastCompletion,
+}
+
+/// Who a [`TriggeredCrash`] takes down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Victims {
+    /// The primary of the highest view any correct replica is in.
+    Primary,
+    /// Every replica at once (they crash inside their next step, then all restart together).
+    All,
+}
+
+/// A crash set off by an event, once; the victims restart `down_ticks` later.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TriggeredCrash {
+    pub when: Trigger,
+    pub victims: Victims,
+    pub down_ticks: u64,
+}
+
+/// A faulty client (beside the correct ones, outside the linearizability history: it
+/// touches only its own key, so what it does cannot change what correct clients read).
+/// It misbehaves during the faulty phase and falls silent in the liveness phase.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientFault {
+    /// Sends request t only to the backups and t+1..=t+window only to the primary: the
+    /// primary runs the later ones, which pushes t out of the reply cache's window (stale),
+    /// while the backups wait for t and would suspect a primary that did nothing wrong.
+    SplitStale,
+    /// Sends one operation to the primary and another under the same (client, timestamp)
+    /// to every replica.
+    ReuseTimestamp,
+    /// Floods every replica with read-only requests.
+    FloodReads,
+}
+
+/// Everything a run does, derived from the seed by [`Scenario::random`] or by a named
+/// scenario of [`NAMED_SCENARIOS`] (which is what a failure's replay command names).
 #[derive(Clone, Debug)]
 pub struct Scenario {
+    /// The constructor in [`NAMED_SCENARIOS`] that built this scenario from `seed`.
+    pub name: &'static str,
     pub seed: u64,
+    /// n = 3f+1 replicas.
+    pub f: u32,
     pub clients: u64,
     pub ops_per_client: u64,
     /// Requests each client keeps in flight at most.
     pub client_parallelism: u64,
     pub read_only_per_mille: u64,
+    /// Keys the workload spreads over.
+    pub keys: u64,
+    /// Values of writes are this many bytes (inclusive range) instead of a few; every
+    /// operation is then a put to a fresh key (small replies, large requests and batches).
+    pub value_bytes: Option<(u64, u64)>,
+    /// With `value_bytes`: puts go to the shared keys instead, so each returns the previous
+    /// large value (large replies, and a reply cache holding megabytes per client).
+    pub large_results: bool,
     pub loss_per_mille: u64,
     pub duplicate_per_mille: u64,
     pub delay_max_ticks: u64,
-    pub byzantine: Option<(u32, Behaviour)>,
+    /// Byzantine replicas (at most f of them for the liveness phase to be owed).
+    pub byzantine: Vec<(u32, Behaviour)>,
     pub crashes: Vec<CrashPlan>,
+    pub triggered_crashes: Vec<TriggeredCrash>,
     pub partitions: Vec<PartitionPlan>,
+    pub faulty_clients: Vec<ClientFault>,
     /// When faults stop (the liveness phase starts).
     pub fault_end_tick: u64,
     /// Every request must have completed by then.
     pub max_ticks: u64,
     /// Ticks to keep running after every request completed (to let laggards catch up).
     pub drain_ticks: u64,
+    /// At most this many views may pass after the faults stop (none: no bound). Faults that
+    /// outlive their phase (a Byzantine replica, stale protocol state a faulty client left
+    /// behind) must not keep the cluster changing views.
+    pub views_after_faults_max: Option<u64>,
     pub protocol: ProtocolConfig,
 }
 
@@ -195,32 +286,85 @@ pub fn sim_protocol() -> ProtocolConfig {
     }
 }
 
+/// Deployment limits (the default [`ProtocolConfig`]: 4 MiB batches and operations, a log
+/// window of 256 batches, a checkpoint every 64) with the simulator's timers, for scenarios
+/// whose messages must be as large as real ones.
+pub fn deployed_protocol() -> ProtocolConfig {
+    let timers = sim_protocol();
+    ProtocolConfig {
+        view_change_timeout_ticks: timers.view_change_timeout_ticks,
+        view_change_timeout_ticks_max: timers.view_change_timeout_ticks_max,
+        retransmit_ticks: timers.retransmit_ticks,
+        catch_up_ticks: timers.catch_up_ticks,
+        client_retransmit_ticks: timers.client_retransmit_ticks,
+        client_retransmit_ticks_max: timers.client_retransmit_ticks_max,
+        tick_ns: timers.tick_ns,
+        fast_path: true,
+        ..ProtocolConfig::default()
+    }
+}
+
 impl Scenario {
     /// A quiet run: no faults.
     pub fn calm(seed: u64) -> Self {
         Scenario {
+            name: "calm",
             seed,
+            f: 1,
             clients: 3,
             ops_per_client: 8,
             client_parallelism: 2,
             read_only_per_mille: 150,
+            keys: 3,
+            value_bytes: None,
+            large_results: false,
             loss_per_mille: 0,
             duplicate_per_mille: 0,
             delay_max_ticks: 3,
-            byzantine: None,
+            byzantine: Vec::new(),
             crashes: Vec::new(),
+            triggered_crashes: Vec::new(),
             partitions: Vec::new(),
+            faulty_clients: Vec::new(),
             fault_end_tick: 0,
             max_ticks: 6000,
             drain_ticks: 0,
+            views_after_faults_max: None,
             protocol: sim_protocol(),
         }
     }
 
-    /// Faults chosen by the seed.
+    pub fn n(&self) -> u32 {
+        3 * self.f + 1
+    }
+
+    pub fn is_byzantine(&self, replica: u32) -> bool {
+        self.byzantine.iter().any(|(b, _)| *b == replica)
+    }
+
+    /// Faults chosen by the seed; one seed in four runs seven replicas (f = 2).
     pub fn random(seed: u64) -> Self {
+        // A stream of its own, so that the choice of f does not shift the other draws.
+        let f = if Rng::new(seed ^ 0xF_C0DE).below(4) == 0 {
+            2
+        } else {
+            1
+        };
+        Scenario {
+            name: "random",
+            ..Scenario::random_with_f(seed, f)
+        }
+    }
+
+    /// Faults chosen by the seed, with n = 3f+1 replicas: up to f Byzantine ones, crashes of
+    /// up to f correct ones at a time (and sometimes f+1: no progress then, but safety must
+    /// hold and all must come back from their durable state), partitions.
+    pub fn random_with_f(seed: u64, f: u32) -> Self {
         let mut rng = Rng::new(seed ^ 0x5EED_5CE7_A710);
         let mut s = Scenario::calm(seed);
+        s.name = if f == 1 { "random_f1" } else { "random_f2" };
+        s.f = f;
+        let n = s.n() as u64;
         s.clients = rng.range(2, 4);
         s.ops_per_client = rng.range(4, 10);
         s.client_parallelism = rng.range(1, 4);
@@ -241,25 +385,38 @@ impl Scenario {
         if rng.chance(400) {
             s.duplicate_per_mille = rng.below(100);
         }
-        let byzantine = rng.chance(600);
-        if byzantine {
-            // The primary of view 0 is replica 0: make it the Byzantine one often.
-            let who = if rng.chance(500) {
-                0
-            } else {
-                rng.below(4) as u32
-            };
-            let behaviour = BEHAVIOURS[rng.below(BEHAVIOURS.len() as u64) as usize];
-            s.byzantine = Some((who, behaviour));
+        if rng.chance(600) {
+            // The primary of view 0 is replica 0 (and of view 1 replica 1): make them the
+            // Byzantine ones often.
+            let mut count = 1;
+            if f >= 2 && rng.chance(500) {
+                count = f;
+            }
+            for k in 0..count {
+                let mut who = if rng.chance(500) {
+                    k
+                } else {
+                    rng.below(n) as u32
+                };
+                while s.is_byzantine(who) {
+                    who = (who + 1) % n as u32;
+                }
+                let behaviour = BEHAVIOURS[rng.below(BEHAVIOURS.len() as u64) as usize];
+                s.byzantine.push((who, behaviour));
+            }
         }
-        // Crashes of correct replicas (one at a time), with restarts.
+        let correct = |s: &Scenario, mut replica: u32| {
+            while s.is_byzantine(replica) {
+                replica = (replica + 1) % n as u32;
+            }
+            replica
+        };
+        // Crashes of correct replicas, one at a time, with restarts (with f Byzantine ones
+        // that is more than f faulty for a while: progress may stop until the restart).
         let crashes = rng.below(3);
         let mut t = rng.range(20, 200);
         for _ in 0..crashes {
-            let mut replica = rng.below(4) as u32;
-            if s.byzantine.is_some_and(|(b, _)| b == replica) {
-                replica = (replica + 1) % 4;
-            }
+            let replica = correct(&s, rng.below(n) as u32);
             let restart = t + rng.range(30, 500);
             if restart >= s.fault_end_tick {
                 break;
@@ -271,30 +428,29 @@ impl Scenario {
             });
             t = restart + rng.range(10, 200);
         }
-        // Sometimes two replicas are down at once: more than f, so no progress, but safety
-        // must hold and both must come back from their durable state.
+        // Sometimes f+1 correct replicas are down at once: no progress, but safety must hold
+        // and all must come back from their durable state.
         if rng.chance(250) {
-            let first = rng.below(4) as u32;
-            let mut second = (first + 1 + rng.below(3) as u32) % 4;
-            if s.byzantine.is_some_and(|(b, _)| b == second) {
-                second = (second + 1) % 4;
+            let at = rng.range(10, s.fault_end_tick / 2);
+            let mut down: Vec<u32> = Vec::new();
+            let mut next = rng.below(n) as u32;
+            while down.len() < (f + 1) as usize && down.len() + s.byzantine.len() < n as usize {
+                next = correct(&s, next);
+                if !down.contains(&next) {
+                    down.push(next);
+                }
+                next = (next + 1 + rng.below(n - 1) as u32) % n as u32;
             }
-            if second != first && !s.byzantine.is_some_and(|(b, _)| b == first || b == second) {
-                let at = rng.range(10, s.fault_end_tick / 2);
+            for (k, replica) in down.into_iter().enumerate() {
                 s.crashes.push(CrashPlan {
-                    replica: first,
-                    at,
-                    restart: at + rng.range(20, 300),
-                });
-                s.crashes.push(CrashPlan {
-                    replica: second,
-                    at: at + rng.below(20),
+                    replica,
+                    at: at + if k == 0 { 0 } else { rng.below(20) },
                     restart: at + rng.range(20, 300),
                 });
             }
         }
         for _ in 0..rng.below(3) {
-            let replica = rng.below(4) as u32;
+            let replica = rng.below(n) as u32;
             let from = rng.below(s.fault_end_tick);
             let until = (from + rng.range(50, 600)).min(s.fault_end_tick);
             s.partitions.push(PartitionPlan {
@@ -306,6 +462,16 @@ impl Scenario {
         s.max_ticks = s.fault_end_tick + 6000;
         // One seed in five keeps the commit path alone (what `fast_path: false` deploys).
         s.protocol.fast_path = seed % 5 != 4;
+        // Drawn last, so that adding them left every other draw as it was. `SplitStale` is
+        // left out until the core forgets requests the reply cache calls stale (see the
+        // ignored scenario test); until then it forces view changes for as long as it runs.
+        if rng.chance(100) {
+            s.faulty_clients.push(if rng.chance(500) {
+                ClientFault::ReuseTimestamp
+            } else {
+                ClientFault::FloodReads
+            });
+        }
         s
     }
 }
@@ -336,24 +502,99 @@ pub struct Report {
     /// Commits with a bad signature that correct replicas dropped from commit certificates
     /// they were sent.
     pub stripped_commits: u64,
+    /// Views that passed after the faults stopped (highest view of a correct replica at the
+    /// end minus the highest at the end of the faulty phase).
+    pub views_after_faults: u64,
+    /// Largest frame sealed and largest WAL record encoded (bytes), to show how close a run
+    /// came to [`FRAME_BYTES_MAX`] and [`RECORD_BYTES_MAX`].
+    pub frame_bytes_max: u64,
+    pub record_bytes_max: u64,
+    /// Requests the faulty clients sent.
+    pub faulty_client_requests: u64,
+    /// Lying view changes sent ([`Behaviour::StaleViewChange`]).
+    pub stale_view_changes: u64,
+    /// New views split over different quorums ([`Behaviour::SplitNewView`]).
+    pub split_new_views: u64,
 }
 
 /// A checker fired (or the run did not finish).
 #[derive(Clone, Debug)]
 pub struct Failure {
+    /// The [`NAMED_SCENARIOS`] entry that replays the run with `seed`.
+    pub scenario: &'static str,
     pub seed: u64,
     pub tick: u64,
     pub what: String,
+}
+
+impl Failure {
+    /// The command that runs this scenario again, byte for byte.
+    pub fn replay_command(&self) -> String {
+        format!(
+            "SIM_SCENARIO={} SIM_SEED={} cargo test -p replica --lib sim::tests::replay -- --ignored --nocapture",
+            self.scenario, self.seed
+        )
+    }
 }
 
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "seed {} failed at tick {}: {}\n  replay: SIM_SEED={} cargo test -p replica --lib sim::tests::replay -- --ignored --nocapture",
-            self.seed, self.tick, self.what, self.seed
+            "scenario {} seed {} failed at tick {}: {}\n  replay: {}",
+            self.scenario,
+            self.seed,
+            self.tick,
+            self.what,
+            self.replay_command()
         )
     }
+}
+
+/// Every scenario a failure can name, by the name it prints; `SIM_SCENARIO` picks one for
+/// [`tests`]' `replay` (default `random`). Named scenario tests build their scenario here
+/// too, so that the replay is the same run.
+pub const NAMED_SCENARIOS: &[(&str, fn(u64) -> Scenario)] = &[
+    ("random", Scenario::random),
+    ("random_f1", |seed| Scenario::random_with_f(seed, 1)),
+    ("random_f2", |seed| Scenario::random_with_f(seed, 2)),
+    ("calm", Scenario::calm),
+    ("equivocating_primary", scenarios::equivocating_primary),
+    ("silent_primary", scenarios::silent_primary),
+    ("restarted_replica_catches_up", scenarios::restarted_replica_catches_up),
+    ("lossy_network", scenarios::lossy_network),
+    ("forged_commits", scenarios::forged_commits),
+    ("lying_new_primary", scenarios::lying_new_primary),
+    ("ordered_only", scenarios::ordered_only),
+    ("commit_path_only", scenarios::commit_path_only),
+    ("primary_forks_history", scenarios::primary_forks_history),
+    ("primary_wrong_replies", scenarios::primary_wrong_replies),
+    ("backup_wrong_replies", scenarios::backup_wrong_replies),
+    ("reads_only", scenarios::reads_only),
+    ("regression_3786", scenarios::regression_3786),
+    ("large_ops_primary_crash", scenarios::large_ops_primary_crash),
+    ("large_ops_primary_crash_f2", scenarios::large_ops_primary_crash_f2),
+    ("large_log_repeated_restarts", scenarios::large_log_repeated_restarts),
+    ("large_results_across_a_checkpoint", scenarios::large_results_across_a_checkpoint),
+    ("all_crash_after_fast_completion", scenarios::all_crash_after_fast_completion),
+    ("stale_view_changes", scenarios::stale_view_changes),
+    ("stale_view_changes_f2", scenarios::stale_view_changes_f2),
+    ("split_new_views", scenarios::split_new_views),
+    ("split_new_views_f2", scenarios::split_new_views_f2),
+    ("faulty_client_split_stale", scenarios::faulty_client_split_stale),
+    ("faulty_client_reused_timestamps", scenarios::faulty_client_reused_timestamps),
+    ("faulty_client_read_flood", scenarios::faulty_client_read_flood),
+];
+
+/// The scenario `name` (see [`NAMED_SCENARIOS`]) for `seed`.
+pub fn named_scenario(name: &str, seed: u64) -> Option<Scenario> {
+    NAMED_SCENARIOS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(name, build)| Scenario {
+            name,
+            ..build(seed)
+        })
 }
 
 enum ReplicaState {
@@ -368,6 +609,17 @@ struct ReplicaNode {
     /// The durable WAL: records persisted by completed actions.
     wal: Vec<WalRecord>,
     byzantine: Option<Behaviour>,
+    /// A Byzantine replica's own signing key (it signs whatever it likes).
+    signer: Option<Signer>,
+    /// A Byzantine replica's stable checkpoints, oldest first (what a stale view change
+    /// reports instead of the newest).
+    stable_history: Vec<CheckpointCertificate>,
+    /// View changes a Byzantine replica received or sent, by view and sender (a split new
+    /// view is built from subsets of them).
+    view_changes_held: BTreeMap<View, BTreeMap<ReplicaId, Signed<ViewChange>>>,
+    /// A new view its core wants sent, held back until more than a quorum of view changes
+    /// arrived (or the deadline passed), then split: (message, receivers, deadline tick).
+    held_new_view: Option<(Signed<NewView>, Vec<Principal>, u64)>,
     /// Highest view this replica ever signed something for (must survive restarts).
     max_view_spoken: View,
     last_view: View,
@@ -391,6 +643,17 @@ struct ClientNode {
     next_invoke_tick: u64,
 }
 
+/// A faulty client: it signs and sends requests itself (no [`Client`]).
+struct FaultyClientNode {
+    fault: ClientFault,
+    id: ClientId,
+    signer: Signer,
+    auth: Authenticator,
+    next_timestamp: u64,
+    next_tick: u64,
+    sent: u64,
+}
+
 /// One simulation run.
 pub struct Sim {
     scenario: Scenario,
@@ -398,15 +661,15 @@ pub struct Sim {
     keys: ClusterKeys,
     config: Arc<ClusterConfig>,
     tick: u64,
-    /// (delivery tick, sequence) → (receiver, frame body).
-    queue: BTreeMap<(u64, u64), (Principal, Vec<u8>)>,
+    /// (delivery tick, sequence) → (receiver, whole frame: header and body).
+    queue: BTreeMap<(u64, u64), (Principal, Arc<Vec<u8>>)>,
     counter: u64,
     replicas: Vec<ReplicaNode>,
     clients: Vec<ClientNode>,
+    faulty_clients: Vec<FaultyClientNode>,
     checker: Checker,
-    /// Frames the Byzantine replica sent, for replays.
-    replay_pool: Vec<(Principal, Vec<u8>)>,
-    byzantine_signer: Option<Signer>,
+    /// Frames the Byzantine replicas sent, for replays.
+    replay_pool: Vec<(Principal, Arc<Vec<u8>>)>,
     /// Reports of misbehaviour noticed by correct replicas.
     misbehaviour_noticed: u64,
     /// See [`Report::stripped_commits`].
@@ -414,20 +677,33 @@ pub struct Sim {
     /// The history an equivocating primary sent each backup per (backup, view, seq), so its
     /// alternative proposals chain correctly and run speculatively there.
     forks: BTreeMap<(u32, u64, u64), crate::wire::Digest>,
+    /// Triggered crashes that have fired (by index in the scenario).
+    fired: Vec<bool>,
+    /// Highest view of a correct replica when the faults stopped.
+    view_at_fault_end: Option<u64>,
+    frame_bytes_max: u64,
+    record_bytes_max: u64,
+    stale_view_changes: u64,
+    split_new_views: u64,
     /// `SIM_TRACE=1`: print every notification.
     trace: bool,
 }
 
 impl Sim {
     pub fn new(scenario: Scenario) -> Self {
+        let n = scenario.n();
         let mut rng = Rng::new(scenario.seed);
         let clients: Vec<ClientId> = (0..scenario.clients).map(|i| ClientId(100 + i)).collect();
-        let addresses = (0..4).map(|i| format!("sim:{i}")).collect();
+        let faulty_ids: Vec<ClientId> = (0..scenario.faulty_clients.len() as u64)
+            .map(|i| ClientId(100 + scenario.clients + i))
+            .collect();
+        let all_clients: Vec<ClientId> = clients.iter().chain(&faulty_ids).copied().collect();
+        let addresses = (0..n).map(|i| format!("sim:{i}")).collect();
         let mut key_rng = Rng::new(scenario.seed ^ 0x6B65_7973);
         let keys = match generate(
-            1,
+            scenario.f,
             addresses,
-            &clients,
+            &all_clients,
             scenario.protocol.clone(),
             &mut |b| key_rng.fill(b),
         ) {
@@ -443,36 +719,58 @@ impl Sim {
             };
             let byzantine = scenario
                 .byzantine
-                .filter(|(b, _)| *b == secrets.id.0)
-                .map(|(_, behaviour)| behaviour);
+                .iter()
+                .find(|(b, _)| *b == secrets.id.0)
+                .map(|(_, behaviour)| *behaviour);
             replicas.push(ReplicaNode {
                 state: ReplicaState::Up(Box::new(replica)),
                 auth: Authenticator::for_replica(&config, secrets),
                 wal: Vec::new(),
                 byzantine,
+                signer: byzantine.map(|_| Signer::from_secret(&secrets.signing_key.0)),
+                stable_history: Vec::new(),
+                view_changes_held: BTreeMap::new(),
+                held_new_view: None,
                 max_view_spoken: View(0),
                 last_view: View(0),
                 restarts: 0,
                 crash_pending: false,
             });
         }
-        let byzantine_signer = scenario
-            .byzantine
-            .map(|(b, _)| Signer::from_secret(&keys.replicas[b as usize].signing_key.0));
         let mut client_nodes = Vec::new();
-        for (i, secrets) in keys.clients.iter().enumerate() {
+        for (i, secrets) in keys.clients.iter().take(clients.len()).enumerate() {
             let mut plan = Vec::new();
             for k in 0..scenario.ops_per_client {
-                let key = format!("k{}", rng.below(3)).into_bytes();
-                let value = format!("c{i}.{k};").into_bytes();
-                let (op, read_only) = match rng.below(10) {
-                    0..=2 => (KvOp::Put { key, value }, false),
-                    3..=5 => (KvOp::Append { key, value }, false),
-                    6 => (KvOp::Delete { key }, false),
-                    _ => (
-                        KvOp::Get { key },
-                        rng.chance(scenario.read_only_per_mille.saturating_mul(3).min(1000)),
-                    ),
+                let key = format!("k{}", rng.below(scenario.keys)).into_bytes();
+                let (op, read_only) = match scenario.value_bytes {
+                    Some((low, high)) => {
+                        // Large values: puts, each to a key of its own, so that replies stay
+                        // small (a put returns the old value) and the simulation spends its
+                        // time on what is large in the protocol: requests, batches, logs.
+                        let mut value = vec![0u8; rng.range(low, high) as usize];
+                        let tag = format!("c{i}.{k};");
+                        value[..tag.len()].copy_from_slice(tag.as_bytes());
+                        let key = if scenario.large_results {
+                            key
+                        } else {
+                            [key, tag.into_bytes()].concat()
+                        };
+                        (KvOp::Put { key, value }, false)
+                    }
+                    None => {
+                        let value = format!("c{i}.{k};").into_bytes();
+                        match rng.below(10) {
+                            0..=2 => (KvOp::Put { key, value }, false),
+                            3..=5 => (KvOp::Append { key, value }, false),
+                            6 => (KvOp::Delete { key }, false),
+                            _ => (
+                                KvOp::Get { key },
+                                rng.chance(
+                                    scenario.read_only_per_mille.saturating_mul(3).min(1000),
+                                ),
+                            ),
+                        }
+                    }
                 };
                 plan.push(PlannedOp { op, read_only });
             }
@@ -485,9 +783,24 @@ impl Sim {
                 next_invoke_tick: rng.below(20),
             });
         }
-        let byzantine = scenario.byzantine.map(|(b, _)| b);
+        let faulty_clients = scenario
+            .faulty_clients
+            .iter()
+            .zip(keys.clients.iter().skip(clients.len()))
+            .map(|(fault, secrets)| FaultyClientNode {
+                fault: *fault,
+                id: secrets.id,
+                signer: Signer::from_secret(&secrets.signing_key.0),
+                auth: Authenticator::for_client(&config, secrets),
+                next_timestamp: 1,
+                next_tick: 30,
+                sent: 0,
+            })
+            .collect();
+        let byzantine = scenario.byzantine.iter().map(|(b, _)| *b).collect();
         Sim {
-            checker: Checker::new(byzantine),
+            checker: Checker::new(byzantine, faulty_ids),
+            fired: vec![false; scenario.triggered_crashes.len()],
             scenario,
             rng,
             keys,
@@ -497,13 +810,22 @@ impl Sim {
             counter: 0,
             replicas,
             clients: client_nodes,
+            faulty_clients,
             replay_pool: Vec::new(),
-            byzantine_signer,
             misbehaviour_noticed: 0,
             stripped_commits: 0,
             forks: BTreeMap::new(),
+            view_at_fault_end: None,
+            frame_bytes_max: 0,
+            record_bytes_max: 0,
+            stale_view_changes: 0,
+            split_new_views: 0,
             trace: std::env::var("SIM_TRACE").is_ok_and(|v| v == "1"),
         }
+    }
+
+    fn n(&self) -> usize {
+        self.replicas.len()
     }
 
     fn faulty_phase(&self) -> bool {
@@ -512,6 +834,7 @@ impl Sim {
 
     fn fail(&self, what: String) -> Failure {
         Failure {
+            scenario: self.scenario.name,
             seed: self.scenario.seed,
             tick: self.tick,
             what,
@@ -529,11 +852,13 @@ impl Sim {
     }
 
     /// Puts a frame on the network (with loss, duplication and delay in the faulty phase).
-    fn transmit(&mut self, from: Principal, to: Principal, frame: Vec<u8>) {
-        if frame.len() < FRAME_HEADER_BYTES {
+    /// Frames are shared, not copied, between the receivers and copies of one send (they
+    /// are megabytes in the large-operation scenarios).
+    fn transmit(&mut self, from: Principal, to: Principal, frame: impl Into<Arc<Vec<u8>>>) {
+        let body: Arc<Vec<u8>> = frame.into();
+        if body.len() < FRAME_HEADER_BYTES {
             return;
         }
-        let body = frame[FRAME_HEADER_BYTES..].to_vec();
         if self.partitioned(from, to) {
             return;
         }
@@ -558,19 +883,59 @@ impl Sim {
         }
     }
 
-    fn send_sealed(&mut self, from_replica: usize, to: Vec<Principal>, message: &Message) {
+    fn send_sealed(
+        &mut self,
+        from_replica: usize,
+        to: Vec<Principal>,
+        message: &Message,
+    ) -> Result<(), Failure> {
         let from = Principal::Replica(ReplicaId(from_replica as u32));
-        let frame = match self.replicas[from_replica].auth.seal(message, &to) {
-            Ok(f) => f,
-            Err(e) => panic!("seal: {e}"),
-        };
+        let sealed = seal_frame(&self.replicas[from_replica].auth, from, &to, message);
+        let frame = self.sealed(sealed)?;
         for receiver in to {
             self.transmit(from, receiver, frame.clone());
         }
+        Ok(())
+    }
+
+    fn sealed(&mut self, sealed: Result<Vec<u8>, String>) -> Result<Arc<Vec<u8>>, Failure> {
+        let frame = sealed.map_err(|e| self.fail(e))?;
+        self.frame_bytes_max = self.frame_bytes_max.max(frame.len() as u64);
+        Ok(Arc::new(frame))
+    }
+
+    /// A WAL record the driver could not write (over [`RECORD_BYTES_MAX`], or refused by the
+    /// encoder) or could not read back is a checker failure: the replica would stop there, or
+    /// fail to restart. Reading back is `wire::decode` (see `driver::node`), which refuses
+    /// anything over [`FRAME_BYTES_MAX`], a lower limit than the log's own.
+    fn check_record(&mut self, r: usize, record: &WalRecord) -> Result<(), Failure> {
+        let len = match encoded_len(record) {
+            Ok(len) => len,
+            Err(e) => {
+                return Err(self.fail(format!(
+                    "wal record size: replica {r} cannot encode a {} record: {e}",
+                    record_kind(record)
+                )))
+            }
+        };
+        self.record_bytes_max = self.record_bytes_max.max(len as u64);
+        if len > RECORD_BYTES_MAX {
+            return Err(self.fail(format!(
+                "wal record size: replica {r} wrote a {} record of {len} bytes, over {RECORD_BYTES_MAX}",
+                record_kind(record)
+            )));
+        }
+        if len > FRAME_BYTES_MAX {
+            return Err(self.fail(format!(
+                "wal record size: replica {r} wrote a {} record of {len} bytes, which a restart cannot decode (over {FRAME_BYTES_MAX})",
+                record_kind(record)
+            )));
+        }
+        Ok(())
     }
 
     fn other_replicas(&self, me: usize) -> Vec<Principal> {
-        (0..4)
+        (0..self.n())
             .filter(|r| *r != me)
             .map(|r| Principal::Replica(ReplicaId(r as u32)))
             .collect()
@@ -581,6 +946,7 @@ impl Sim {
         for action in actions {
             match action {
                 Action::Persist(record) => {
+                    self.check_record(r, &record)?;
                     if matches!(record, WalRecord::Snapshot(_)) {
                         self.replicas[r].wal.clear();
                     }
@@ -591,15 +957,15 @@ impl Sim {
                         eprintln!("[{}] r{r} -> r{}: {}", self.tick, to.0, message.kind());
                     }
                     self.note_spoken(r, &message);
-                    self.send_sealed(r, vec![Principal::Replica(to)], &message);
+                    self.send_sealed(r, vec![Principal::Replica(to)], &message)?;
                 }
                 Action::Broadcast { message } => {
                     self.note_spoken(r, &message);
                     let to = self.other_replicas(r);
-                    self.send_sealed(r, to, &message);
+                    self.send_sealed(r, to, &message)?;
                 }
                 Action::SendClient { to, message } => {
-                    self.send_sealed(r, vec![Principal::Client(to)], &message)
+                    self.send_sealed(r, vec![Principal::Client(to)], &message)?
                 }
                 Action::Notify(n) => {
                     if self.trace {
@@ -735,18 +1101,22 @@ impl Sim {
         Ok(())
     }
 
-    fn deliver(&mut self, to: Principal, body: Vec<u8>) -> Result<(), Failure> {
+    fn deliver(&mut self, to: Principal, body: &[u8]) -> Result<(), Failure> {
         match to {
             Principal::Replica(r) => {
                 let r = r.0 as usize;
                 if !matches!(self.replicas[r].state, ReplicaState::Up(_)) {
                     return Ok(());
                 }
-                let Ok(message) = self.replicas[r].auth.open(&body) else {
+                let Ok(message) = self.replicas[r].auth.open(body) else {
                     return Ok(());
                 };
                 if self.replicas[r].byzantine.is_none() {
                     self.stripped_commits += message.stripped_commits().len() as u64;
+                } else if let Message::ViewChange(ViewChangeMessage::ViewChange(vc)) =
+                    message.message()
+                {
+                    self.hold_view_change(r, vc.clone());
                 }
                 self.step_replica(r, Event::Message(message))
             }
@@ -755,40 +1125,96 @@ impl Sim {
                 let Some(node) = self.clients.get_mut(index) else {
                     return Ok(());
                 };
-                let Ok(message) = node.auth.open(&body) else {
+                let Ok(message) = node.auth.open(body) else {
                     return Ok(());
                 };
                 let mut actions = Vec::new();
                 let mut completed = Vec::new();
+                let fast_before = node.client.fast_completions;
                 node.client
                     .on_message(message, &mut actions, &mut completed);
-                self.client_actions(index, actions);
+                let fast = node.client.fast_completions > fast_before;
+                self.client_actions(index, actions)?;
                 for c in completed {
                     self.complete(index, c)?;
                 }
-                Ok(())
+                self.fire_triggers(fast)
             }
         }
     }
 
-    fn client_actions(&mut self, index: usize, actions: Vec<ClientAction>) {
+    fn all_replicas(&self) -> Vec<Principal> {
+        (0..self.n())
+            .map(|r| Principal::Replica(ReplicaId(r as u32)))
+            .collect()
+    }
+
+    fn client_actions(&mut self, index: usize, actions: Vec<ClientAction>) -> Result<(), Failure> {
         let from = Principal::Client(self.clients[index].client.id());
         for action in actions {
             let (to, message) = match action {
                 ClientAction::Send { to, message } => (vec![Principal::Replica(to)], message),
-                ClientAction::Broadcast { message } => (
-                    (0..4).map(|r| Principal::Replica(ReplicaId(r))).collect(),
-                    message,
-                ),
+                ClientAction::Broadcast { message } => (self.all_replicas(), message),
             };
-            let frame = match self.clients[index].auth.seal(&message, &to) {
-                Ok(f) => f,
-                Err(e) => panic!("seal: {e}"),
-            };
+            let sealed = seal_frame(&self.clients[index].auth, from, &to, &message);
+            let frame = self.sealed(sealed)?;
             for receiver in to {
                 self.transmit(from, receiver, frame.clone());
             }
         }
+        Ok(())
+    }
+
+    /// The highest view any correct replica that is up is in.
+    fn highest_correct_view(&self) -> View {
+        self.replicas
+            .iter()
+            .filter(|n| n.byzantine.is_none())
+            .filter_map(|n| match &n.state {
+                ReplicaState::Up(r) => Some(r.view()),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(View(0))
+    }
+
+    /// Fires the triggered crashes whose event just happened (`fast`: a request completed
+    /// on the fast path in this delivery).
+    fn fire_triggers(&mut self, fast: bool) -> Result<(), Failure> {
+        for i in 0..self.scenario.triggered_crashes.len() {
+            let t = self.scenario.triggered_crashes[i];
+            let due = match t.when {
+                Trigger::Completions(k) => self.checker.completed() >= k,
+                Trigger::FastCompletion => fast,
+            };
+            if self.fired[i] || !due || !self.faulty_phase() {
+                continue;
+            }
+            self.fired[i] = true;
+            let victims: Vec<usize> = match t.victims {
+                Victims::Primary => {
+                    vec![self.highest_correct_view().primary(self.n()).0 as usize]
+                }
+                Victims::All => (0..self.n()).collect(),
+            };
+            let restart = (self.tick + t.down_ticks).min(self.scenario.fault_end_tick);
+            for r in victims {
+                if !matches!(self.replicas[r].state, ReplicaState::Up(_)) {
+                    continue;
+                }
+                if self.trace {
+                    eprintln!("[{}] r{r} crashes ({:?})", self.tick, t.when);
+                }
+                // Inside its next step (a tick at the latest), like a scheduled crash.
+                self.replicas[r].crash_pending = true;
+                self.scenario.crashes.push(CrashPlan {
+                    replica: r as u32,
+                    at: self.tick,
+                    restart,
+                });
+            }
+        }
+        Ok(())
     }
 
     fn complete(&mut self, index: usize, c: Completion) -> Result<(), Failure> {
@@ -804,7 +1230,7 @@ impl Sim {
             .map_err(|e| self.fail(e))
     }
 
-    fn client_tick(&mut self, index: usize) {
+    fn client_tick(&mut self, index: usize) -> Result<(), Failure> {
         let tick = self.tick;
         let mut actions = Vec::new();
         let node = &mut self.clients[index];
@@ -836,7 +1262,7 @@ impl Sim {
                 Err(e) => panic!("client {index}: {e}"),
             }
         }
-        self.client_actions(index, actions);
+        self.client_actions(index, actions)
     }
 
     fn all_done(&self) -> bool {
@@ -867,9 +1293,10 @@ impl Sim {
                 }
             }
             if self.tick == self.scenario.fault_end_tick {
-                for r in 0..4 {
+                for r in 0..self.n() {
                     self.restart(r)?;
                 }
+                self.view_at_fault_end = Some(self.highest_correct_view().0);
             }
 
             // Deliveries due now.
@@ -877,12 +1304,12 @@ impl Sim {
                 if entry.key().0 > self.tick {
                     break;
                 }
-                let (to, body) = entry.remove();
-                self.deliver(to, body)?;
+                let (to, frame) = entry.remove();
+                self.deliver(to, &frame[FRAME_HEADER_BYTES..])?;
             }
 
             // Ticks.
-            for r in 0..4 {
+            for r in 0..self.n() {
                 self.step_replica(
                     r,
                     Event::Tick {
@@ -890,11 +1317,26 @@ impl Sim {
                     },
                 )?;
                 if self.replicas[r].byzantine.is_some() {
-                    self.byzantine_extra(r);
+                    self.byzantine_extra(r)?;
                 }
             }
             for c in 0..self.clients.len() {
-                self.client_tick(c);
+                self.client_tick(c)?;
+            }
+            if self.faulty_phase() {
+                for c in 0..self.faulty_clients.len() {
+                    self.faulty_client_tick(c)?;
+                }
+            }
+            if let (Some(bound), Some(at_end)) =
+                (self.scenario.views_after_faults_max, self.view_at_fault_end)
+            {
+                let passed = self.highest_correct_view().0.saturating_sub(at_end);
+                if passed > bound {
+                    return Err(self.fail(format!(
+                        "liveness: {passed} views passed after the faults stopped (at most {bound} allowed): the cluster keeps changing views with no fault left to cause it"
+                    )));
+                }
             }
 
             if self.tick >= self.scenario.fault_end_tick && self.all_done() {
@@ -945,6 +1387,15 @@ impl Sim {
             ticks: self.tick,
             ..Default::default()
         };
+        report.views_after_faults = self
+            .highest_correct_view()
+            .0
+            .saturating_sub(self.view_at_fault_end.unwrap_or(0));
+        report.frame_bytes_max = self.frame_bytes_max;
+        report.record_bytes_max = self.record_bytes_max;
+        report.faulty_client_requests = self.faulty_clients.iter().map(|c| c.sent).sum();
+        report.stale_view_changes = self.stale_view_changes;
+        report.split_new_views = self.split_new_views;
         for (i, node) in self.replicas.iter().enumerate() {
             report.rejected_frames += node.auth.counters.rejected();
             if node.byzantine.is_some() {
@@ -988,32 +1439,38 @@ impl Sim {
         }
     }
 
+    /// Sends as a Byzantine replica. Its messages come from the real core (at most slightly
+    /// altered), so one too large to seal is the core's fault and fails the run too.
     fn byzantine_send(
         &mut self,
         r: usize,
         to: Vec<Principal>,
         message: &Message,
         behaviour: Behaviour,
-    ) {
+    ) -> Result<(), Failure> {
         let from = Principal::Replica(ReplicaId(r as u32));
-        let Ok(frame) = self.replicas[r].auth.seal(message, &to) else {
-            return;
-        };
+        let sealed = seal_frame(&self.replicas[r].auth, from, &to, message);
+        let frame = self.sealed(sealed)?;
         for receiver in to {
             let mut frame = frame.clone();
             if behaviour == Behaviour::CorruptAuth && self.rng.chance(500) {
                 let i = FRAME_HEADER_BYTES
                     + self.rng.below((frame.len() - FRAME_HEADER_BYTES) as u64) as usize;
-                frame[i] ^= 1 << self.rng.below(8);
+                Arc::make_mut(&mut frame)[i] ^= 1 << self.rng.below(8);
             }
-            if self.replay_pool.len() < 512 {
-                self.replay_pool.push((receiver, frame.clone()));
-            } else {
-                let i = self.rng.below(512) as usize;
-                self.replay_pool[i] = (receiver, frame.clone());
+            // Large frames are left out of the pool: replaying them adds nothing and would
+            // pin megabytes per entry.
+            if frame.len() <= 1 << 20 {
+                if self.replay_pool.len() < 512 {
+                    self.replay_pool.push((receiver, frame.clone()));
+                } else {
+                    let i = self.rng.below(512) as usize;
+                    self.replay_pool[i] = (receiver, frame.clone());
+                }
             }
             self.transmit(from, receiver, frame);
         }
+        Ok(())
     }
 
     fn perform_byzantine(&mut self, r: usize, actions: Vec<Action>) -> Result<(), Failure> {
@@ -1025,6 +1482,21 @@ impl Sim {
             let behaviour = self.pick(base);
             let (to, message) = match action {
                 Action::Persist(record) => {
+                    self.check_record(r, &record)?;
+                    let stable = match &record {
+                        WalRecord::Stable(cert) => Some(&**cert),
+                        WalRecord::Snapshot(state) => Some(&state.stable),
+                        _ => None,
+                    };
+                    if let Some(cert) = stable {
+                        let history = &mut self.replicas[r].stable_history;
+                        if history.last().is_none_or(|last| last.seq < cert.seq) {
+                            history.push(cert.clone());
+                        }
+                        if history.len() > 4 {
+                            history.remove(0);
+                        }
+                    }
                     if matches!(record, WalRecord::Snapshot(_)) {
                         self.replicas[r].wal.clear();
                     }
@@ -1039,10 +1511,48 @@ impl Sim {
             if behaviour == Behaviour::Silent {
                 continue;
             }
-            let Some(signer) = self.byzantine_signer.clone() else {
+            let Some(signer) = self.replicas[r].signer.clone() else {
                 continue;
             };
+            if let Message::ViewChange(ViewChangeMessage::ViewChange(vc)) = &message {
+                if vc.body.replica == me {
+                    self.hold_view_change(r, vc.clone());
+                }
+            }
             match (&message, behaviour) {
+                (
+                    Message::ViewChange(ViewChangeMessage::ViewChange(vc)),
+                    Behaviour::StaleViewChange,
+                ) if vc.body.replica == me => {
+                    let body = self.stale_view_change(r, &vc.body);
+                    if self.trace {
+                        eprintln!(
+                            "[{}] r{r} lies in its view change for {:?}: stable {:?} -> {:?}, {} -> {} evidence items",
+                            self.tick,
+                            vc.body.new_view,
+                            vc.body.stable.seq,
+                            body.stable.seq,
+                            vc.body.evidence.len(),
+                            body.evidence.len()
+                        );
+                    }
+                    self.stale_view_changes += u64::from(body != vc.body);
+                    let m = Message::ViewChange(ViewChangeMessage::ViewChange(signer.sign(body)));
+                    self.byzantine_send(r, to, &m, behaviour)?;
+                }
+                (Message::ViewChange(ViewChangeMessage::NewView(nv)), Behaviour::SplitNewView)
+                    if nv.body.primary == me =>
+                {
+                    let held = self.view_changes_for(r, nv.body.view).len();
+                    if to.len() > 1 && held <= self.config.quorum() && held < self.n() {
+                        // Wait for more view changes than a quorum, so that the subsets
+                        // differ; the deadline keeps a view with only a quorum alive.
+                        let deadline = self.tick + 2 * self.scenario.protocol.retransmit_ticks;
+                        self.replicas[r].held_new_view = Some((nv.clone(), to, deadline));
+                    } else {
+                        self.send_split_new_view(r, nv, to)?;
+                    }
+                }
                 (Message::ViewChange(ViewChangeMessage::NewView(nv)), Behaviour::LyingNewView) => {
                     let mut body = nv.body.clone();
                     match body.pre_prepares.last_mut() {
@@ -1070,7 +1580,7 @@ impl Sim {
                         }
                     }
                     let m = Message::ViewChange(ViewChangeMessage::NewView(signer.sign(body)));
-                    self.byzantine_send(r, to, &m, behaviour);
+                    self.byzantine_send(r, to, &m, behaviour)?;
                 }
                 (Message::Agreement(AgreementMessage::PrePrepare(p)), Behaviour::Equivocate)
                     if to.len() > 1 =>
@@ -1104,7 +1614,7 @@ impl Sim {
                             proposal.pre_prepare.body.history,
                         );
                         let m = Message::Agreement(AgreementMessage::PrePrepare(proposal));
-                        self.byzantine_send(r, vec![*receiver], &m, behaviour);
+                        self.byzantine_send(r, vec![*receiver], &m, behaviour)?;
                     }
                 }
                 (Message::Agreement(AgreementMessage::Prepare(p)), Behaviour::ForgeSignatures) => {
@@ -1112,13 +1622,13 @@ impl Sim {
                     // a digest nobody proposed.
                     let mut body = p.body.clone();
                     if self.rng.chance(500) {
-                        body.replica = ReplicaId((me.0 + 1) % 4);
+                        body.replica = ReplicaId((me.0 + 1) % self.n() as u32);
                     } else {
                         body.batch_digest.0[0] ^= 0xff;
                     }
                     let m =
                         Message::Agreement(AgreementMessage::Prepare(signer.sign::<Prepare>(body)));
-                    self.byzantine_send(r, to, &m, behaviour);
+                    self.byzantine_send(r, to, &m, behaviour)?;
                 }
                 (Message::Agreement(AgreementMessage::Commit(c)), Behaviour::ForgeSignatures) => {
                     // Claim to be another replica (refused), or send our own commit with a
@@ -1127,7 +1637,7 @@ impl Sim {
                     // replica catching up from one must drop it and still find 2f+1 valid.
                     let commit = if self.rng.chance(500) {
                         let mut body = c.body.clone();
-                        body.replica = ReplicaId((me.0 + 2) % 4);
+                        body.replica = ReplicaId((me.0 + 2) % self.n() as u32);
                         signer.sign::<Commit>(body)
                     } else {
                         let mut forged = c.clone();
@@ -1139,13 +1649,13 @@ impl Sim {
                         forged
                     };
                     let m = Message::Agreement(AgreementMessage::Commit(commit));
-                    self.byzantine_send(r, to, &m, behaviour);
+                    self.byzantine_send(r, to, &m, behaviour)?;
                 }
                 (Message::Client(ClientMessage::Reply(reply)), Behaviour::WrongReplies) => {
                     let mut reply = reply.clone();
                     reply.result = b"wrong".to_vec();
                     let m = Message::Client(ClientMessage::Reply(reply));
-                    self.byzantine_send(r, to, &m, behaviour);
+                    self.byzantine_send(r, to, &m, behaviour)?;
                 }
                 (Message::Client(ClientMessage::SpecResponse(spec)), Behaviour::WrongReplies) => {
                     let mut spec = spec.clone();
@@ -1157,7 +1667,7 @@ impl Sim {
                         spec.reply.result = b"wrong".to_vec();
                     }
                     let m = Message::Client(ClientMessage::SpecResponse(spec));
-                    self.byzantine_send(r, to, &m, behaviour);
+                    self.byzantine_send(r, to, &m, behaviour)?;
                 }
                 (Message::Agreement(AgreementMessage::PrePrepare(p)), Behaviour::ForkHistory)
                     if to.len() > 1 =>
@@ -1170,7 +1680,7 @@ impl Sim {
                             batch: p.batch.clone(),
                         };
                         let m = Message::Agreement(AgreementMessage::PrePrepare(proposal));
-                        self.byzantine_send(r, vec![*receiver], &m, behaviour);
+                        self.byzantine_send(r, vec![*receiver], &m, behaviour)?;
                     }
                 }
                 (
@@ -1182,7 +1692,7 @@ impl Sim {
                     let m = Message::Agreement(AgreementMessage::Checkpoint(
                         signer.sign::<Checkpoint>(body),
                     ));
-                    self.byzantine_send(r, to, &m, behaviour);
+                    self.byzantine_send(r, to, &m, behaviour)?;
                 }
                 (
                     Message::StateTransfer(StateTransferMessage::Piece {
@@ -1201,9 +1711,9 @@ impl Sim {
                         piece: *piece,
                         bytes,
                     });
-                    self.byzantine_send(r, to, &m, behaviour);
+                    self.byzantine_send(r, to, &m, behaviour)?;
                 }
-                _ => self.byzantine_send(r, to, &message, behaviour),
+                _ => self.byzantine_send(r, to, &message, behaviour)?,
             }
         }
         Ok(())
@@ -1245,10 +1755,19 @@ impl Sim {
     }
 
     /// Unsolicited traffic from the Byzantine replica each tick.
-    fn byzantine_extra(&mut self, r: usize) {
+    fn byzantine_extra(&mut self, r: usize) -> Result<(), Failure> {
         let Some(base) = self.replicas[r].byzantine else {
-            return;
+            return Ok(());
         };
+        if let Some((nv, _, deadline)) = &self.replicas[r].held_new_view {
+            let held = self.view_changes_for(r, nv.body.view).len();
+            if self.tick >= *deadline || held > self.config.quorum() {
+                if let Some((nv, to, _)) = self.replicas[r].held_new_view.take() {
+                    self.send_split_new_view(r, &nv, to)?;
+                }
+            }
+        }
+        let n = self.n() as u64;
         let behaviour = self.pick(base);
         let from = Principal::Replica(ReplicaId(r as u32));
         match behaviour {
@@ -1259,7 +1778,7 @@ impl Sim {
             }
             Behaviour::Flood if self.rng.chance(500) => {
                 let victim =
-                    Principal::Replica(ReplicaId(((r as u64 + 1 + self.rng.below(3)) % 4) as u32));
+                    Principal::Replica(ReplicaId(((r as u64 + 1 + self.rng.below(n - 1)) % n) as u32));
                 match self.rng.below(5) {
                     0 => {
                         // Garbage bytes.
@@ -1317,6 +1836,195 @@ impl Sim {
             }
             _ => {}
         }
+        Ok(())
+    }
+
+    /// Remembers a view change a Byzantine replica holds (a few views' worth).
+    fn hold_view_change(&mut self, r: usize, vc: Signed<ViewChange>) {
+        let held = &mut self.replicas[r].view_changes_held;
+        held.entry(vc.body.new_view)
+            .or_default()
+            .insert(vc.body.replica, vc);
+        while held.len() > 4 {
+            held.pop_first();
+        }
+    }
+
+    fn view_changes_for(&self, r: usize, view: View) -> Vec<Signed<ViewChange>> {
+        self.replicas[r]
+            .view_changes_held
+            .get(&view)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// A lying but well-formed view change (see [`Behaviour::StaleViewChange`]): one lie per
+    /// message, chosen at random.
+    fn stale_view_change(&mut self, r: usize, honest: &ViewChange) -> ViewChange {
+        let mut body = honest.clone();
+        let older = self.replicas[r]
+            .stable_history
+            .iter()
+            .find(|c| c.seq < honest.stable.seq)
+            .cloned();
+        match self.rng.below(3) {
+            0 if older.is_some() => {
+                // An older stable checkpoint: evidence must then lie within the window
+                // above it, so what is beyond is withheld too.
+                if let Some(old) = older {
+                    let high = old.seq.0 + self.scenario.protocol.log_window;
+                    body.evidence.retain(|e| e.seq().0 <= high);
+                    body.stable = old;
+                }
+            }
+            1 => {
+                // Every certificate withheld: strong evidence goes, a lone certificate
+                // becomes the bare pre-prepare it certifies (still "accepted").
+                let mut evidence: Vec<Evidence> = Vec::new();
+                for e in &honest.evidence {
+                    match e {
+                        Evidence::Prepared(cert) => {
+                            let followed = honest
+                                .evidence
+                                .iter()
+                                .any(|x| x.seq() == e.seq() && !x.is_strong());
+                            if !followed {
+                                evidence.push(Evidence::Accepted(cert.pre_prepare.clone()));
+                            }
+                        }
+                        Evidence::Accepted(_) => evidence.push(e.clone()),
+                    }
+                }
+                body.evidence = evidence;
+            }
+            _ => body.evidence.clear(),
+        }
+        body
+    }
+
+    /// Sends each receiver a new view for `nv`'s view built from its own 2f+1 subset of the
+    /// view changes this (Byzantine) primary holds, re-signed, each valid on its own.
+    fn send_split_new_view(
+        &mut self,
+        r: usize,
+        nv: &Signed<NewView>,
+        to: Vec<Principal>,
+    ) -> Result<(), Failure> {
+        let Some(signer) = self.replicas[r].signer.clone() else {
+            return Ok(());
+        };
+        let view = nv.body.view;
+        let held = self.view_changes_for(r, view);
+        let quorum = self.config.quorum();
+        if held.len() <= quorum {
+            return self.byzantine_send(
+                r,
+                to,
+                &Message::ViewChange(ViewChangeMessage::NewView(nv.clone())),
+                Behaviour::SplitNewView,
+            );
+        }
+        self.split_new_views += 1;
+        for (k, receiver) in to.into_iter().enumerate() {
+            // Receiver k gets the quorum starting at offset k (wrapping): neighbours differ.
+            let subset: Vec<Signed<ViewChange>> = (0..quorum)
+                .map(|i| held[(k + i) % held.len()].clone())
+                .collect();
+            let plan = crate::core::view_change::plan_new_view(&self.config, &subset);
+            let me = ReplicaId(r as u32);
+            let pre_prepares = crate::core::speculation::reissue(view, me, &plan)
+                .into_iter()
+                .map(|pp| signer.sign(pp))
+                .collect();
+            let split = signer.sign(NewView {
+                view,
+                primary: me,
+                view_changes: subset,
+                pre_prepares,
+            });
+            let m = Message::ViewChange(ViewChangeMessage::NewView(split));
+            self.byzantine_send(r, vec![receiver], &m, Behaviour::SplitNewView)?;
+        }
+        Ok(())
+    }
+
+    /// One tick of faulty client `c` (faulty phase only; see [`ClientFault`]).
+    fn faulty_client_tick(&mut self, c: usize) -> Result<(), Failure> {
+        if self.tick < self.faulty_clients[c].next_tick {
+            return Ok(());
+        }
+        let n = self.n();
+        let primary = self.highest_correct_view().primary(n);
+        let backups: Vec<Principal> = (0..n as u32)
+            .map(ReplicaId)
+            .filter(|r| *r != primary)
+            .map(Principal::Replica)
+            .collect();
+        let everyone = self.all_replicas();
+        let window = self.scenario.protocol.client_window;
+        let node = &self.faulty_clients[c];
+        let own_key = format!("faulty{}", node.id.0).into_bytes();
+        let put = |value: String| KvOp::Put {
+            key: own_key.clone(),
+            value: value.into_bytes(),
+        };
+        let t = node.next_timestamp;
+        // (receivers, timestamp, operation, read-only)
+        let mut sends: Vec<(Vec<Principal>, u64, KvOp, bool)> = Vec::new();
+        let (advance, pause) = match node.fault {
+            ClientFault::SplitStale => {
+                sends.push((backups, t, put(format!("stale {t}")), false));
+                for later in t + 1..=t + window {
+                    sends.push((
+                        vec![Principal::Replica(primary)],
+                        later,
+                        put(format!("later {later}")),
+                        false,
+                    ));
+                }
+                (window + 1, 150)
+            }
+            ClientFault::ReuseTimestamp => {
+                sends.push((
+                    vec![Principal::Replica(primary)],
+                    t,
+                    put(format!("first {t}")),
+                    false,
+                ));
+                sends.push((everyone, t, put(format!("second {t}")), false));
+                (1, 40)
+            }
+            ClientFault::FloodReads => {
+                // Every replica verifies every request's signature: this rate is already
+                // several times what the correct clients send.
+                for k in 0..2 {
+                    let key = format!("k{}", (t + k) % self.scenario.keys.max(1)).into_bytes();
+                    sends.push((everyone.clone(), t + k, KvOp::Get { key }, true));
+                }
+                (2, 3)
+            }
+        };
+        let from = Principal::Client(node.id);
+        for (to, timestamp, op, read_only) in sends {
+            let node = &self.faulty_clients[c];
+            let request = node.signer.sign(crate::wire::Request {
+                client: node.id,
+                timestamp: crate::wire::Timestamp(timestamp),
+                operation: op.encode(),
+                read_only,
+            });
+            let message = Message::Client(ClientMessage::Request(request));
+            let sealed = seal_frame(&node.auth, from, &to, &message);
+            let frame = self.sealed(sealed)?;
+            for receiver in to {
+                self.transmit(from, receiver, frame.clone());
+            }
+            self.faulty_clients[c].sent += 1;
+        }
+        let node = &mut self.faulty_clients[c];
+        node.next_timestamp += advance;
+        node.next_tick = self.tick + pause;
+        Ok(())
     }
 
     /// For tests: the replicas' metrics.
@@ -1328,6 +2036,61 @@ impl Sim {
     }
 }
 
+/// Seals a message as the real driver would. A message the driver could not send (over
+/// [`FRAME_BYTES_MAX`] once framed) is a checker failure, not a panic: on a real network it
+/// never arrives, and if every peer needs it (a view change) the cluster stops for good.
+fn seal_frame(
+    auth: &Authenticator,
+    from: Principal,
+    to: &[Principal],
+    message: &Message,
+) -> Result<Vec<u8>, String> {
+    let frame = auth.seal(message, to).map_err(|e| {
+        format!(
+            "frame size: {from:?} cannot send a {} to {} receiver(s): {e} (limit {FRAME_BYTES_MAX} bytes)",
+            message.kind(),
+            to.len()
+        )
+    })?;
+    if frame.len() > FRAME_BYTES_MAX + FRAME_HEADER_BYTES {
+        return Err(format!(
+            "frame size: {from:?} sealed a {} frame of {} bytes, over {FRAME_BYTES_MAX}",
+            message.kind(),
+            frame.len()
+        ));
+    }
+    Ok(frame)
+}
+
+/// The length of [`crate::wire::encode`]'s output, counted rather than built (the same
+/// bincode configuration; its size limit only applies to decoding).
+fn encoded_len<T: serde::Serialize>(value: &T) -> Result<usize, String> {
+    struct Counter(usize);
+    impl bincode::enc::write::Writer for Counter {
+        fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
+            self.0 += bytes.len();
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    bincode::serde::encode_into_writer(value, &mut counter, bincode::config::standard())
+        .map_err(|e| e.to_string())?;
+    Ok(counter.0)
+}
+
+fn record_kind(record: &WalRecord) -> &'static str {
+    match record {
+        WalRecord::Snapshot(_) => "snapshot",
+        WalRecord::EnteredView { .. } => "entered-view",
+        WalRecord::InstalledView { .. } => "installed-view",
+        WalRecord::NewViewMessage(_) => "new-view",
+        WalRecord::Accepted(_) => "accepted",
+        WalRecord::Prepared(_) => "prepared",
+        WalRecord::CheckpointTaken { .. } => "checkpoint",
+        WalRecord::Stable(_) => "stable",
+    }
+}
+
 /// Runs one seed's random scenario.
 pub fn run_seed(seed: u64) -> Result<Report, Failure> {
     Sim::new(Scenario::random(seed)).run()
@@ -1336,7 +2099,7 @@ pub fn run_seed(seed: u64) -> Result<Report, Failure> {
 impl Sim {
     /// Delivers a raw frame body to a replica, as if it came off the network.
     pub fn inject(&mut self, replica: u32, body: Vec<u8>) -> Result<(), Failure> {
-        self.deliver(Principal::Replica(ReplicaId(replica)), body)
+        self.deliver(Principal::Replica(ReplicaId(replica)), &body)
     }
 
     /// The frame counters of a replica's authenticator.
@@ -1347,6 +2110,11 @@ impl Sim {
     /// The cluster's keys (to craft frames in tests).
     pub fn keys(&self) -> &ClusterKeys {
         &self.keys
+    }
+
+    /// How often replica `r` restarted.
+    pub fn restarts(&self, r: usize) -> u64 {
+        self.replicas[r].restarts
     }
 
     pub fn client_retransmissions(&self) -> u64 {

@@ -5,24 +5,38 @@ use crate::wire::{
     ClientMessage, SeqNo, StateTransferMessage, View, FRAME_BYTES_MAX, FRAME_HEADER_BYTES,
 };
 
-fn run_range(seeds: std::ops::Range<u64>) {
+/// Runs `scenario` (a [`NAMED_SCENARIOS`] name) for every seed; prints a summary and the
+/// replay command of each failure.
+fn run_range(scenario: &'static str, seeds: std::ops::Range<u64>) {
     let started = std::time::Instant::now();
     let mut failures = Vec::new();
     let mut totals = Report::default();
+    let mut f2_seeds = 0;
+    let mut views_after_faults_max = 0;
     for seed in seeds.clone() {
-        let outcome = std::panic::catch_unwind(|| run_seed(seed)).unwrap_or_else(|panic| {
+        let outcome = std::panic::catch_unwind(|| {
+            let s = named_scenario(scenario, seed).expect("a named scenario");
+            let f2 = s.f == 2;
+            (f2, Sim::new(s).run())
+        })
+        .unwrap_or_else(|panic| {
             let what = panic
                 .downcast_ref::<String>()
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_default();
-            Err(Failure {
-                seed,
-                tick: 0,
-                what: format!("panic: {what}"),
-            })
+            (
+                false,
+                Err(Failure {
+                    scenario,
+                    seed,
+                    tick: 0,
+                    what: format!("panic: {what}"),
+                }),
+            )
         });
-        match outcome {
+        f2_seeds += u64::from(outcome.0);
+        match outcome.1 {
             Ok(r) => {
                 totals.completed += r.completed;
                 totals.view_changes += r.view_changes;
@@ -34,6 +48,10 @@ fn run_range(seeds: std::ops::Range<u64>) {
                 totals.rollbacks += r.rollbacks;
                 totals.poms_sent += r.poms_sent;
                 totals.stripped_commits += r.stripped_commits;
+                totals.stale_view_changes += r.stale_view_changes;
+                totals.split_new_views += r.split_new_views;
+                totals.faulty_client_requests += r.faulty_client_requests;
+                views_after_faults_max = views_after_faults_max.max(r.views_after_faults);
             }
             Err(f) => {
                 eprintln!("{f}");
@@ -42,7 +60,7 @@ fn run_range(seeds: std::ops::Range<u64>) {
         }
     }
     eprintln!(
-        "seeds {:?}: {} failed; {} requests ({} on the fast path), {} rollbacks, {} POMs, {} view changes, {} state transfers, {} fetched batches ({} forged commits stripped), {} batches fetched by digest after a new view, {} frames rejected, in {:?}",
+        "{scenario} seeds {:?} ({f2_seeds} with f=2): {} failed; {} requests ({} on the fast path), {} rollbacks, {} POMs, {} view changes (at most {views_after_faults_max} views after the faults), {} state transfers, {} fetched batches ({} forged commits stripped), {} batches fetched by digest after a new view, {} lying view changes, {} split new views, {} faulty-client requests, {} frames rejected, in {:?}",
         seeds,
         failures.len(),
         totals.completed,
@@ -54,33 +72,47 @@ fn run_range(seeds: std::ops::Range<u64>) {
         totals.fetched_batches,
         totals.stripped_commits,
         totals.fetched_bodies,
+        totals.stale_view_changes,
+        totals.split_new_views,
+        totals.faulty_client_requests,
         totals.rejected_frames,
         started.elapsed()
     );
     assert!(
         failures.is_empty(),
-        "failing seeds: {failures:?} (replay commands above)"
+        "{scenario}: failing seeds: {failures:?} (replay commands above)"
     );
 }
 
 #[test]
 fn seeds_0_to_250() {
-    run_range(0..250);
+    run_range("random", 0..250);
 }
 
 #[test]
 fn seeds_250_to_500() {
-    run_range(250..500);
+    run_range("random", 250..500);
 }
 
 #[test]
 fn seeds_500_to_750() {
-    run_range(500..750);
+    run_range("random", 500..750);
 }
 
 #[test]
 fn seeds_750_to_1000() {
-    run_range(750..1000);
+    run_range("random", 750..1000);
+}
+
+// Seven replicas: about three times the cost of a seed of four.
+#[test]
+fn seeds_f2_0_to_100() {
+    run_range("random_f2", 0..100);
+}
+
+#[test]
+fn seeds_f2_100_to_200() {
+    run_range("random_f2", 100..200);
 }
 
 /// Parses `SIM_SEED=N` or `SIM_SEEDS=A..B` (default: seed 0).
@@ -100,27 +132,55 @@ fn seeds_from_env() -> std::ops::Range<u64> {
     seed..seed + 1
 }
 
-/// `SIM_SEED=N` or `SIM_SEEDS=A..B`; see the module doc.
+/// `SIM_SEED=N` or `SIM_SEEDS=A..B`, with `SIM_SCENARIO=name` (default `random`; any name
+/// of [`NAMED_SCENARIOS`]); see the module doc.
 #[test]
 #[ignore]
 fn replay() {
     let seeds = seeds_from_env();
+    let name = std::env::var("SIM_SCENARIO").unwrap_or_else(|_| "random".into());
+    let Some((name, _)) = NAMED_SCENARIOS.iter().find(|(n, _)| *n == name) else {
+        let names: Vec<&str> = NAMED_SCENARIOS.iter().map(|(n, _)| *n).collect();
+        panic!("SIM_SCENARIO={name} is not one of {names:?}");
+    };
     if seeds.end - seeds.start == 1 {
-        let scenario = Scenario::random(seeds.start);
+        let scenario = named_scenario(name, seeds.start).expect("listed");
         eprintln!("{scenario:?}");
         match Sim::new(scenario).run() {
             Ok(report) => eprintln!("ok: {report:?}"),
             Err(f) => panic!("{f}"),
         }
     } else {
-        run_range(seeds);
+        run_range(name, seeds);
     }
+}
+
+#[test]
+fn every_named_scenario_replays_under_its_own_name() {
+    for (name, _) in NAMED_SCENARIOS {
+        let s = named_scenario(name, 7).expect("listed");
+        assert_eq!(s.name, *name);
+        let failure = Failure {
+            scenario: s.name,
+            seed: 7,
+            tick: 0,
+            what: String::new(),
+        };
+        assert!(failure
+            .to_string()
+            .contains(&format!("SIM_SCENARIO={name} SIM_SEED=7 cargo test")));
+    }
+    // Random seeds choose f from the seed: one in four (about) runs seven replicas.
+    let f2 = (0..400).filter(|seed| Scenario::random(*seed).f == 2).count();
+    assert!((60..140).contains(&f2), "{f2}");
 }
 
 // ---------------------------------------------------------------------------------------------
 // Named scenarios (STYLE.md, layer 2)
 
-fn run_scenario(scenario: Scenario) -> (Sim, Report) {
+/// Runs a named scenario (so that its failure prints the command that replays it).
+fn run_scenario(name: &str, seed: u64) -> (Sim, Report) {
+    let scenario = named_scenario(name, seed).unwrap_or_else(|| panic!("no scenario {name}"));
     let mut sim = Sim::new(scenario);
     match sim.run() {
         Ok(report) => (sim, report),
@@ -130,10 +190,7 @@ fn run_scenario(scenario: Scenario) -> (Sim, Report) {
 
 #[test]
 fn equivocating_primary_forces_a_view_change_and_nothing_is_lost() {
-    let mut s = Scenario::calm(11);
-    s.byzantine = Some((0, Behaviour::Equivocate));
-    s.read_only_per_mille = 0;
-    let (sim, report) = run_scenario(s);
+    let (sim, report) = run_scenario("equivocating_primary", 11);
     assert!(report.view_changes >= 1, "{report:?}");
     assert!(report.max_view >= 1);
     assert_eq!(report.completed, 3 * 8);
@@ -149,9 +206,7 @@ fn equivocating_primary_forces_a_view_change_and_nothing_is_lost() {
 
 #[test]
 fn silent_primary_is_replaced_by_a_view_change() {
-    let mut s = Scenario::calm(12);
-    s.byzantine = Some((0, Behaviour::Silent));
-    let (sim, report) = run_scenario(s);
+    let (sim, report) = run_scenario("silent_primary", 12);
     assert!(report.view_changes >= 1, "{report:?}");
     assert_eq!(report.completed, 3 * 8);
     let views: Vec<View> = (1..4).map(|r| sim.replica(r).expect("up").view()).collect();
@@ -160,20 +215,7 @@ fn silent_primary_is_replaced_by_a_view_change() {
 
 #[test]
 fn restarted_replica_catches_up_by_state_transfer() {
-    let mut s = Scenario::calm(13);
-    s.ops_per_client = 16;
-    s.clients = 3;
-    s.read_only_per_mille = 0;
-    // Replica 3 is down while the others move several checkpoints ahead (the window is 8
-    // batches), so fetching committed batches cannot bring it back: only state transfer can.
-    s.crashes = vec![CrashPlan {
-        replica: 3,
-        at: 5,
-        restart: 700,
-    }];
-    s.fault_end_tick = 800;
-    s.drain_ticks = 400;
-    let (sim, report) = run_scenario(s);
+    let (sim, report) = run_scenario("restarted_replica_catches_up", 13);
     let r3 = sim.replica(3).expect("up");
     let r1 = sim.replica(1).expect("up");
     assert!(r3.metrics().state_transfers >= 1, "{}", r3.debug_summary());
@@ -194,14 +236,7 @@ fn restarted_replica_catches_up_by_state_transfer() {
 
 #[test]
 fn retransmitted_requests_are_answered_but_not_executed_twice() {
-    let mut s = Scenario::calm(14);
-    s.loss_per_mille = 300;
-    s.duplicate_per_mille = 300;
-    s.delay_max_ticks = 20;
-    s.fault_end_tick = 1500;
-    s.ops_per_client = 10;
-    s.read_only_per_mille = 0;
-    let (sim, report) = run_scenario(s);
+    let (sim, report) = run_scenario("lossy_network", 14);
     // Lost replies made clients retransmit; the linearizability checker (appends return the
     // whole value) would fail if any retransmission had run again.
     assert!(sim.client_retransmissions() > 0);
@@ -282,12 +317,7 @@ fn forged_commits_are_stripped_from_the_certificates_lagging_replicas_fetch() {
     // behind and catch up from those certificates, dropping the forged commits.
     let (mut stripped, mut fetched) = (0, 0);
     for seed in 30..36 {
-        let mut s = Scenario::calm(seed);
-        s.byzantine = Some((3, Behaviour::ForgeSignatures));
-        s.loss_per_mille = 200;
-        s.fault_end_tick = 1500;
-        s.ops_per_client = 12;
-        let (_, report) = run_scenario(s);
+        let (_, report) = run_scenario("forged_commits", seed);
         assert_eq!(report.completed, 3 * 12, "{report:?}");
         stripped += report.stripped_commits;
         fetched += report.fetched_batches;
@@ -298,18 +328,7 @@ fn forged_commits_are_stripped_from_the_certificates_lagging_replicas_fetch() {
 
 #[test]
 fn lying_new_primary_is_refused_and_replaced() {
-    let mut s = Scenario::calm(16);
-    // Replica 1 is the primary of view 1 and lies in its new view; the primary of view 0
-    // crashes so that view 1 is needed.
-    s.byzantine = Some((1, Behaviour::LyingNewView));
-    s.crashes = vec![CrashPlan {
-        replica: 0,
-        at: 60,
-        restart: 900,
-    }];
-    s.fault_end_tick = 1000;
-    s.ops_per_client = 10;
-    let (sim, report) = run_scenario(s);
+    let (sim, report) = run_scenario("lying_new_primary", 16);
     assert!(report.misbehaviour_noticed > 0, "{report:?}");
     assert!(report.max_view >= 2, "{report:?}");
     assert_eq!(report.completed, 3 * 10);
@@ -326,16 +345,9 @@ fn lying_new_primary_is_refused_and_replaced() {
 // ---------------------------------------------------------------------------------------------
 // Fast path
 
-fn ordered_only(seed: u64) -> Scenario {
-    let mut s = Scenario::calm(seed);
-    s.read_only_per_mille = 0;
-    assert!(s.protocol.fast_path);
-    s
-}
-
 #[test]
 fn calm_run_completes_on_the_fast_path() {
-    let (_, report) = run_scenario(ordered_only(3));
+    let (_, report) = run_scenario("ordered_only", 3);
     assert_eq!(report.completed, 3 * 8);
     assert!(report.fast_completions * 2 > report.completed, "{report:?}");
     assert_eq!(
@@ -347,9 +359,7 @@ fn calm_run_completes_on_the_fast_path() {
 
 #[test]
 fn commit_path_alone_when_the_fast_path_is_off() {
-    let mut s = ordered_only(3);
-    s.protocol.fast_path = false;
-    let (_, report) = run_scenario(s);
+    let (_, report) = run_scenario("commit_path_only", 3);
     assert_eq!(report.completed, 3 * 8);
     assert_eq!(
         (report.fast_completions, report.speculated_batches),
@@ -363,9 +373,7 @@ fn primary_equivocating_on_the_fast_path_is_rolled_back_and_nothing_completed_is
     // Different batches to different backups: they run them speculatively, the commit or the
     // next view decides, and what ran against it is undone. The checkers replay every
     // completion against the final committed order.
-    let mut s = ordered_only(11);
-    s.byzantine = Some((0, Behaviour::Equivocate));
-    let (_, report) = run_scenario(s);
+    let (_, report) = run_scenario("equivocating_primary", 11);
     assert_eq!(report.completed, 3 * 8);
     assert!(
         report.rollbacks >= 1 && report.view_changes >= 1,
@@ -378,9 +386,7 @@ fn primary_sending_unchained_histories_gets_no_fast_completion() {
     // Same batch, a history that does not chain at all but one backup: those backups accept
     // (PBFT ignores histories) but do not run it speculatively, so nothing completes fast and
     // everything completes once committed.
-    let mut s = ordered_only(5);
-    s.byzantine = Some((0, Behaviour::ForkHistory));
-    let (_, report) = run_scenario(s);
+    let (_, report) = run_scenario("primary_forks_history", 5);
     assert_eq!(report.completed, 3 * 8);
     assert_eq!(
         (report.fast_completions, report.rollbacks),
@@ -394,9 +400,7 @@ fn primary_signing_two_orders_for_one_slot_is_convicted_by_a_client_pom() {
     // The primary's speculative replies carry orders re-signed with another history: the
     // client holds two validly signed orders for one (view, seq), sends both to every replica,
     // and the replicas leave the primary's view.
-    let mut s = ordered_only(5);
-    s.byzantine = Some((0, Behaviour::WrongReplies));
-    let (sim, report) = run_scenario(s);
+    let (sim, report) = run_scenario("primary_wrong_replies", 5);
     assert_eq!(report.completed, 3 * 8);
     assert!(
         report.poms_sent >= 1 && report.poms_received >= 1 && report.view_changes >= 1,
@@ -411,9 +415,7 @@ fn primary_signing_two_orders_for_one_slot_is_convicted_by_a_client_pom() {
 fn wrong_speculative_replies_never_complete_a_request() {
     // One backup lies in every reply: 3f+1 matching speculative replies never form, so every
     // request completes on 2f+1 committed replies instead.
-    let mut s = ordered_only(7);
-    s.byzantine = Some((3, Behaviour::WrongReplies));
-    let (_, report) = run_scenario(s);
+    let (_, report) = run_scenario("backup_wrong_replies", 7);
     assert_eq!(report.completed, 3 * 8);
     assert_eq!(report.fast_completions, 0, "{report:?}");
     assert!(report.speculated_batches > 0, "{report:?}");
@@ -424,21 +426,209 @@ fn committed_batch_survives_when_its_only_preparer_in_the_quorum_accepted_a_re_i
     // Seed 3786 once lost a committed batch: the one replica of the deciding quorum holding its
     // prepared certificate had accepted the next view's re-issue of the same batch and
     // reported only that (a lone fast report, not counted). It must report the certificate.
-    if let Err(f) = run_seed(3786) {
-        panic!("{f}");
-    }
+    run_scenario("regression_3786", 3786);
 }
 
 #[test]
 fn reads_after_fast_writes_are_answered_on_the_read_only_path() {
     // Replicas hold reads while their state is speculative and answer them once it commits,
     // so in a calm run no read has to wait out a client timeout and go through ordering.
-    let mut s = Scenario::calm(21);
-    s.read_only_per_mille = 1000;
-    let (_, report) = run_scenario(s);
+    let (_, report) = run_scenario("reads_only", 21);
     assert!(
         report.read_only_completed > 0 && report.fast_completions > 0,
         "{report:?}"
     );
     assert_eq!(report.read_only_fallbacks, 0, "{report:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Large operations (issue #11): every frame and WAL record must fit its limit
+
+#[test]
+fn oversized_frames_and_wal_records_are_checker_failures() {
+    // The checks themselves: a proposal carrying a batch of nine 4 MiB requests (what a view
+    // change carrying batch bodies amounted to) cannot be sealed or logged, and the run
+    // fails with the checker's name instead of panicking.
+    let mut sim = Sim::new(named_scenario("large_ops_primary_crash", 1).expect("listed"));
+    let keys = sim.keys().clone();
+    let signer = Signer::from_secret(&keys.clients[0].signing_key.0);
+    let batch = crate::wire::Batch {
+        requests: (0..9)
+            .map(|t| {
+                signer.sign(crate::wire::Request {
+                    client: keys.clients[0].id,
+                    timestamp: crate::wire::Timestamp(t + 1),
+                    operation: vec![7; 4 << 20],
+                    read_only: false,
+                })
+            })
+            .collect(),
+    };
+    let replica0 = Signer::from_secret(&keys.replicas[0].signing_key.0);
+    let proposal = Proposal {
+        pre_prepare: replica0.sign(PrePrepare {
+            view: View(0),
+            seq: SeqNo(1),
+            batch_digest: batch.ordered_digest(&[]),
+            nondet: Vec::new(),
+            primary: ReplicaId(0),
+            history: Default::default(),
+        }),
+        batch,
+    };
+    let message = Message::Agreement(AgreementMessage::PrePrepare(proposal.clone()));
+    let failure = sim
+        .send_sealed(0, vec![Principal::Replica(ReplicaId(1))], &message)
+        .expect_err("a 36 MiB frame");
+    assert!(failure.what.starts_with("frame size"), "{failure}");
+    assert!(failure.to_string().contains("SIM_SCENARIO=large_ops_primary_crash SIM_SEED=1"));
+    let small = WalRecord::InstalledView { view: View(3) };
+    assert_eq!(
+        encoded_len(&small),
+        Ok(crate::wire::encode(&small).expect("encodes").len())
+    );
+    let record = WalRecord::Accepted(Box::new(proposal));
+    let failure = sim.check_record(0, &record).expect_err("a 36 MiB record");
+    assert!(failure.what.starts_with("wal record size"), "{failure}");
+}
+
+#[test]
+fn large_operations_and_a_primary_crash_mid_run_fit_every_frame_and_record() {
+    // 16 requests of 3–4 MiB, none truncated from the log (a checkpoint every 64 batches);
+    // the primary crashes after 10 completions (over 30 MiB in the log), and the view change
+    // must still fit in a frame: evidence names batches by digest, and replicas fetch the
+    // bodies they lack after the new view.
+    let (sim, report) = run_scenario("large_ops_primary_crash", 1);
+    eprintln!("{report:?}");
+    assert_eq!(report.completed, 16);
+    assert!(report.view_changes >= 1 && report.max_view >= 1, "{report:?}");
+    assert_ne!(
+        sim.replica(1).expect("up").view().primary(4),
+        ReplicaId(0),
+        "the crash forced a new primary"
+    );
+    assert!(
+        report.highest_executed >= 10 && report.highest_executed < 64,
+        "a log full of large batches, never truncated: {report:?}"
+    );
+    // Frames and records were large (the checks saw real sizes), and within the limits.
+    assert!(report.frame_bytes_max > 1 << 20, "{report:?}");
+    assert!(report.frame_bytes_max <= (FRAME_BYTES_MAX + FRAME_HEADER_BYTES) as u64);
+    assert!(report.record_bytes_max > 1 << 20, "{report:?}");
+}
+
+#[test]
+fn large_operations_and_a_primary_crash_with_seven_replicas() {
+    let (_, report) = run_scenario("large_ops_primary_crash_f2", 2);
+    eprintln!("{report:?}");
+    assert_eq!(report.completed, 16);
+    assert!(report.view_changes >= 1 && report.max_view >= 1, "{report:?}");
+    assert!(report.frame_bytes_max > 1 << 20, "{report:?}");
+}
+
+#[test]
+fn repeated_restarts_replay_a_large_log() {
+    let (sim, report) = run_scenario("large_log_repeated_restarts", 3);
+    eprintln!("{report:?}");
+    assert_eq!(report.completed, 16);
+    let restarts: Vec<u64> = (0..4).map(|r| sim.restarts(r)).collect();
+    assert_eq!(restarts, vec![1, 2, 1, 2], "every planned crash restarted");
+    assert!(report.record_bytes_max > 1 << 20, "{report:?}");
+}
+
+#[test]
+fn all_replicas_crash_right_after_a_fast_completion_and_the_request_survives() {
+    // The request completed on 3f+1 speculative replies, and nothing of it committed before
+    // every replica crashed: the checkers require it in the committed order at the end.
+    let (sim, report) = run_scenario("all_crash_after_fast_completion", 4);
+    assert_eq!(report.completed, 3 * 8);
+    assert!(report.fast_completions >= 1, "{report:?}");
+    let restarts: Vec<u64> = (0..4).map(|r| sim.restarts(r)).collect();
+    assert_eq!(restarts, vec![1; 4], "all crashed and restarted once");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Byzantine view changes
+
+#[test]
+fn lying_view_changes_lose_nothing() {
+    let (_, report) = run_scenario("stale_view_changes", 5);
+    eprintln!("{report:?}");
+    assert_eq!(report.completed, 3 * 12);
+    assert!(
+        report.stale_view_changes >= 1 && report.view_changes >= 1,
+        "{report:?}"
+    );
+}
+
+#[test]
+fn two_lying_view_changes_of_seven_lose_nothing() {
+    let (_, report) = run_scenario("stale_view_changes_f2", 5);
+    eprintln!("{report:?}");
+    assert_eq!(report.completed, 3 * 12);
+    assert!(
+        report.stale_view_changes >= 2 && report.view_changes >= 1,
+        "{report:?}"
+    );
+}
+
+#[test]
+fn new_views_split_over_different_quorums_do_not_split_agreement() {
+    let (_, report) = run_scenario("split_new_views", 6);
+    eprintln!("{report:?}");
+    assert_eq!(report.completed, 3 * 12);
+    assert!(report.split_new_views >= 1, "{report:?}");
+}
+
+#[test]
+fn new_views_split_over_six_quorums_of_seven_replicas() {
+    let (_, report) = run_scenario("split_new_views_f2", 6);
+    eprintln!("{report:?}");
+    assert_eq!(report.completed, 3 * 12);
+    assert!(report.split_new_views >= 1, "{report:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Faulty clients: correct clients complete, and no endless view changes follow
+
+// The only fault in these runs is the client, so any view change is one it caused.
+
+#[test]
+#[ignore = "fails on this branch's core (3 view changes); passes with 37f669b (main: a backup \
+            forgets requests the reply cache calls stale): drop this ignore when merging"]
+fn client_splitting_stale_requests_cannot_force_view_changes() {
+    let (_, report) = run_scenario("faulty_client_split_stale", 8);
+    eprintln!("{report:?}");
+    assert_eq!(report.completed, 3 * 12);
+    assert!(report.faulty_client_requests > 0);
+    assert_eq!(report.max_view, 0, "{report:?}");
+}
+
+#[test]
+fn client_reusing_timestamps_cannot_force_view_changes() {
+    let (_, report) = run_scenario("faulty_client_reused_timestamps", 9);
+    eprintln!("{report:?}");
+    assert_eq!(report.completed, 3 * 12);
+    assert!(report.faulty_client_requests > 0);
+    assert_eq!(report.max_view, 0, "{report:?}");
+}
+
+#[test]
+fn client_flooding_reads_cannot_force_view_changes() {
+    let (_, report) = run_scenario("faulty_client_read_flood", 10);
+    eprintln!("{report:?}");
+    assert_eq!(report.completed, 3 * 12);
+    assert!(report.faulty_client_requests > 100);
+    assert_eq!(report.max_view, 0, "{report:?}");
+}
+
+#[test]
+#[ignore = "fails: a checkpoint's reply cache (up to client_window results per client, each \
+            up to a whole value) is one WAL record and one state-transfer message with no \
+            byte bound; here 55 MiB, which a restart cannot decode (see the report to the lead)"]
+fn large_results_fit_a_checkpoint_record_and_a_state_transfer() {
+    let (_, report) = run_scenario("large_results_across_a_checkpoint", 1);
+    eprintln!("{report:?}");
+    assert_eq!(report.completed, 20);
+    assert!(report.highest_executed >= 16, "a checkpoint was taken: {report:?}");
 }

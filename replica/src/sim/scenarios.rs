@@ -1,0 +1,335 @@
+//! Named scenarios (STYLE.md, layer 2): each builds a [`Scenario`] from a seed, is listed in
+//! [`super::NAMED_SCENARIOS`] under the name a failure prints, and has a test in `tests.rs`
+//! that asserts what the scenario is about (not only that the checkers stay quiet).
+
+use super::*;
+
+const MIB: u64 = 1 << 20;
+
+fn with_byzantine(seed: u64, replica: u32, behaviour: Behaviour) -> Scenario {
+    let mut s = Scenario::calm(seed);
+    s.byzantine = vec![(replica, behaviour)];
+    s
+}
+
+pub fn equivocating_primary(seed: u64) -> Scenario {
+    let mut s = with_byzantine(seed, 0, Behaviour::Equivocate);
+    s.read_only_per_mille = 0;
+    s
+}
+
+pub fn silent_primary(seed: u64) -> Scenario {
+    with_byzantine(seed, 0, Behaviour::Silent)
+}
+
+pub fn restarted_replica_catches_up(seed: u64) -> Scenario {
+    let mut s = Scenario::calm(seed);
+    s.ops_per_client = 16;
+    s.clients = 3;
+    s.read_only_per_mille = 0;
+    // Replica 3 is down while the others move several checkpoints ahead (the window is 8
+    // batches), so fetching committed batches cannot bring it back: only state transfer can.
+    s.crashes = vec![CrashPlan {
+        replica: 3,
+        at: 5,
+        restart: 700,
+    }];
+    s.fault_end_tick = 800;
+    s.drain_ticks = 400;
+    s
+}
+
+pub fn lossy_network(seed: u64) -> Scenario {
+    let mut s = Scenario::calm(seed);
+    s.loss_per_mille = 300;
+    s.duplicate_per_mille = 300;
+    s.delay_max_ticks = 20;
+    s.fault_end_tick = 1500;
+    s.ops_per_client = 10;
+    s.read_only_per_mille = 0;
+    s
+}
+
+pub fn forged_commits(seed: u64) -> Scenario {
+    let mut s = with_byzantine(seed, 3, Behaviour::ForgeSignatures);
+    s.loss_per_mille = 200;
+    s.fault_end_tick = 1500;
+    s.ops_per_client = 12;
+    s
+}
+
+pub fn lying_new_primary(seed: u64) -> Scenario {
+    // Replica 1 is the primary of view 1 and lies in its new view; the primary of view 0
+    // crashes so that view 1 is needed.
+    let mut s = with_byzantine(seed, 1, Behaviour::LyingNewView);
+    s.crashes = vec![CrashPlan {
+        replica: 0,
+        at: 60,
+        restart: 900,
+    }];
+    s.fault_end_tick = 1000;
+    s.ops_per_client = 10;
+    s
+}
+
+pub fn ordered_only(seed: u64) -> Scenario {
+    let mut s = Scenario::calm(seed);
+    s.read_only_per_mille = 0;
+    s
+}
+
+pub fn commit_path_only(seed: u64) -> Scenario {
+    let mut s = ordered_only(seed);
+    s.protocol.fast_path = false;
+    s
+}
+
+pub fn primary_forks_history(seed: u64) -> Scenario {
+    let mut s = ordered_only(seed);
+    s.byzantine = vec![(0, Behaviour::ForkHistory)];
+    s
+}
+
+pub fn primary_wrong_replies(seed: u64) -> Scenario {
+    let mut s = ordered_only(seed);
+    s.byzantine = vec![(0, Behaviour::WrongReplies)];
+    s
+}
+
+pub fn backup_wrong_replies(seed: u64) -> Scenario {
+    let mut s = ordered_only(seed);
+    s.byzantine = vec![(3, Behaviour::WrongReplies)];
+    s
+}
+
+pub fn reads_only(seed: u64) -> Scenario {
+    let mut s = Scenario::calm(seed);
+    s.read_only_per_mille = 1000;
+    s
+}
+
+/// `Scenario::random(3786)` as it was drawn before f became a parameter: it once lost a
+/// committed batch (see the test), so it stays, whatever the random draws become.
+pub fn regression_3786(seed: u64) -> Scenario {
+    let mut s = Scenario::calm(seed);
+    s.clients = 3;
+    s.ops_per_client = 6;
+    s.client_parallelism = 3;
+    s.read_only_per_mille = 51;
+    s.fault_end_tick = 624;
+    s.delay_max_ticks = 37;
+    s.loss_per_mille = 111;
+    s.duplicate_per_mille = 91;
+    s.byzantine = vec![(2, Behaviour::LyingNewView)];
+    s.crashes = vec![
+        CrashPlan {
+            replica: 3,
+            at: 94,
+            restart: 292,
+        },
+        CrashPlan {
+            replica: 3,
+            at: 357,
+            restart: 602,
+        },
+    ];
+    s.partitions = vec![
+        PartitionPlan {
+            replica: 1,
+            from: 618,
+            until: 624,
+        },
+        PartitionPlan {
+            replica: 0,
+            from: 177,
+            until: 624,
+        },
+    ];
+    s.max_ticks = 6624;
+    s
+}
+
+/// Requests of 3–4 MiB with deployment limits (4 MiB batches, a 256-batch log window, a
+/// checkpoint every 64 batches): the log holds every batch of the run, over 40 MiB, when the
+/// primary crashes after 10 of 16 requests and a view change must account for what the log
+/// holds. Issue #11: with evidence carrying batch bodies the view change could not be sent
+/// at all. (Few requests: the wire encodes byte strings one byte at a time, so every
+/// megabyte costs about a second of simulation in a test build.)
+pub fn large_ops_primary_crash(seed: u64) -> Scenario {
+    let mut s = Scenario::calm(seed);
+    s.protocol = deployed_protocol();
+    s.clients = 2;
+    s.ops_per_client = 8;
+    s.client_parallelism = 2;
+    s.read_only_per_mille = 0;
+    s.keys = 4;
+    // A put's encoding adds the key and a few bytes of framing to the value.
+    s.value_bytes = Some((3 * MIB, 4 * MIB - 4096));
+    s.triggered_crashes = vec![TriggeredCrash {
+        when: Trigger::Completions(10),
+        victims: Victims::Primary,
+        down_ticks: 400,
+    }];
+    s.fault_end_tick = 1500;
+    s.max_ticks = s.fault_end_tick + 6000;
+    s
+}
+
+/// The same with seven replicas (fewer, smaller requests: each is stored seven times).
+pub fn large_ops_primary_crash_f2(seed: u64) -> Scenario {
+    let mut s = large_ops_primary_crash(seed);
+    s.f = 2;
+    s
+}
+
+/// Large results: puts of 3–4 MiB to one key, each returning the previous value, with a
+/// checkpoint every 16 batches. A checkpoint records the reply cache (the last replies of
+/// every client, up to `client_window` each): megabytes per client, which must still fit a
+/// WAL record and a state-transfer message.
+pub fn large_results_across_a_checkpoint(seed: u64) -> Scenario {
+    let mut s = Scenario::calm(seed);
+    s.protocol = deployed_protocol();
+    s.protocol.checkpoint_interval = 16;
+    s.clients = 2;
+    s.ops_per_client = 10;
+    s.client_parallelism = 2;
+    s.read_only_per_mille = 0;
+    s.keys = 1;
+    s.value_bytes = Some((3 * MIB, 4 * MIB - 4096));
+    s.large_results = true;
+    s
+}
+
+/// Large requests and a log that is never truncated (no checkpoint in the run), while every
+/// replica, the primary last, crashes and restarts from its WAL in turn: each restart
+/// replays tens of megabytes of accepted batches, and the crash may cut a step anywhere.
+pub fn large_log_repeated_restarts(seed: u64) -> Scenario {
+    let mut s = Scenario::calm(seed);
+    s.protocol = deployed_protocol();
+    s.clients = 2;
+    s.ops_per_client = 8;
+    s.client_parallelism = 2;
+    s.read_only_per_mille = 0;
+    s.keys = 4;
+    s.value_bytes = Some((MIB, 2 * MIB));
+    s.crashes = [3u32, 1, 2, 3, 0, 1]
+        .iter()
+        .enumerate()
+        .map(|(k, &replica)| {
+            let at = 40 + 90 * k as u64;
+            CrashPlan {
+                replica,
+                at,
+                restart: at + 70,
+            }
+        })
+        .collect();
+    s.fault_end_tick = 900;
+    s.max_ticks = s.fault_end_tick + 6000;
+    s
+}
+
+/// Every replica crashes (inside its next step) right after the first request completes on
+/// 3f+1 speculative replies, and all restart together: the completed request ran only
+/// speculatively, so what makes it survive is the WAL alone.
+pub fn all_crash_after_fast_completion(seed: u64) -> Scenario {
+    let mut s = ordered_only(seed);
+    assert!(s.protocol.fast_path);
+    s.triggered_crashes = vec![TriggeredCrash {
+        when: Trigger::FastCompletion,
+        victims: Victims::All,
+        down_ticks: 60,
+    }];
+    s.fault_end_tick = 400;
+    s
+}
+
+/// The primary of view 0 crashes halfway; replica 2, in the quorum the next primary picks,
+/// lies in its view changes (older stable checkpoint, withheld or downgraded evidence).
+pub fn stale_view_changes(seed: u64) -> Scenario {
+    let mut s = Scenario::calm(seed);
+    s.ops_per_client = 12;
+    s.read_only_per_mille = 0;
+    s.byzantine = vec![(2, Behaviour::StaleViewChange)];
+    s.triggered_crashes = vec![TriggeredCrash {
+        when: Trigger::Completions(14),
+        victims: Victims::Primary,
+        down_ticks: 300,
+    }];
+    s.loss_per_mille = 30;
+    s.fault_end_tick = 1200;
+    s
+}
+
+/// Seven replicas, two of them lying in their view changes, the primary crashing halfway.
+pub fn stale_view_changes_f2(seed: u64) -> Scenario {
+    let mut s = stale_view_changes(seed);
+    s.f = 2;
+    s.byzantine = vec![
+        (2, Behaviour::StaleViewChange),
+        (3, Behaviour::StaleViewChange),
+    ];
+    s
+}
+
+/// Replica 1 (primary of view 1) sends each backup a new view from its own quorum. With
+/// four replicas it needs all four view changes to have two quorums to choose from, so the
+/// primary of view 0 is cut off (not crashed) for a while: it rejoins the view change.
+pub fn split_new_views(seed: u64) -> Scenario {
+    let mut s = Scenario::calm(seed);
+    s.ops_per_client = 12;
+    s.read_only_per_mille = 0;
+    s.byzantine = vec![(1, Behaviour::SplitNewView)];
+    s.partitions = vec![PartitionPlan {
+        replica: 0,
+        from: 60,
+        until: 200,
+    }];
+    s.loss_per_mille = 30;
+    s.fault_end_tick = 1200;
+    s
+}
+
+/// Seven replicas: the primary of view 0 crashes and the six others send view changes, so
+/// the Byzantine primary of view 1 has six quorums of five to split over.
+pub fn split_new_views_f2(seed: u64) -> Scenario {
+    let mut s = Scenario::calm(seed);
+    s.f = 2;
+    s.ops_per_client = 12;
+    s.read_only_per_mille = 0;
+    s.byzantine = vec![(1, Behaviour::SplitNewView)];
+    s.triggered_crashes = vec![TriggeredCrash {
+        when: Trigger::Completions(12),
+        victims: Victims::Primary,
+        down_ticks: 300,
+    }];
+    s.loss_per_mille = 30;
+    s.fault_end_tick = 1200;
+    s
+}
+
+fn faulty_client(seed: u64, fault: ClientFault) -> Scenario {
+    let mut s = Scenario::calm(seed);
+    s.faulty_clients = vec![fault];
+    s.ops_per_client = 12;
+    s.fault_end_tick = 800;
+    // Keep running well after the correct clients are done: a cluster the faulty client
+    // left in a bad state keeps changing views, and that must show.
+    s.drain_ticks = 1500;
+    s.views_after_faults_max = Some(2);
+    s
+}
+
+pub fn faulty_client_split_stale(seed: u64) -> Scenario {
+    faulty_client(seed, ClientFault::SplitStale)
+}
+
+pub fn faulty_client_reused_timestamps(seed: u64) -> Scenario {
+    faulty_client(seed, ClientFault::ReuseTimestamp)
+}
+
+pub fn faulty_client_read_flood(seed: u64) -> Scenario {
+    let mut s = faulty_client(seed, ClientFault::FloodReads);
+    s.read_only_per_mille = 300;
+    s
+}
