@@ -57,9 +57,9 @@ use crate::core::{Action, Event, Notification, Replica, WalRecord};
 use crate::driver::wal::RECORD_BYTES_MAX;
 use crate::wire::{
     AgreementMessage, Authenticator, Batch, Checkpoint, CheckpointCertificate, ClientMessage,
-    Commit, Evidence, Message, NewView, PrePrepare, Prepare, Principal, Proposal, ReplicaId,
-    SeqNo, Signed, Signer, StateTransferMessage, View, ViewChange, ViewChangeMessage,
-    FRAME_BYTES_MAX, FRAME_HEADER_BYTES,
+    Commit, Evidence, Message, NewView, PrePrepare, Prepare, Principal, Proposal, ReplicaId, SeqNo,
+    Signed, Signer, StateTransferMessage, View, ViewChange, ViewChangeMessage, FRAME_BYTES_MAX,
+    FRAME_HEADER_BYTES,
 };
 use checkers::{Checker, HistoryEntry};
 use state_abstraction::kv::{KvOp, KvService};
@@ -462,14 +462,12 @@ impl Scenario {
         s.max_ticks = s.fault_end_tick + 6000;
         // One seed in five keeps the commit path alone (what `fast_path: false` deploys).
         s.protocol.fast_path = seed % 5 != 4;
-        // Drawn last, so that adding them left every other draw as it was. `SplitStale` is
-        // left out until the core forgets requests the reply cache calls stale (see the
-        // ignored scenario test); until then it forces view changes for as long as it runs.
+        // Drawn last, so that adding them left every other draw as it was.
         if rng.chance(100) {
-            s.faulty_clients.push(if rng.chance(500) {
-                ClientFault::ReuseTimestamp
-            } else {
-                ClientFault::FloodReads
+            s.faulty_clients.push(match rng.below(3) {
+                0 => ClientFault::ReuseTimestamp,
+                1 => ClientFault::FloodReads,
+                _ => ClientFault::SplitStale,
             });
         }
         s
@@ -561,7 +559,10 @@ pub const NAMED_SCENARIOS: &[(&str, fn(u64) -> Scenario)] = &[
     ("calm", Scenario::calm),
     ("equivocating_primary", scenarios::equivocating_primary),
     ("silent_primary", scenarios::silent_primary),
-    ("restarted_replica_catches_up", scenarios::restarted_replica_catches_up),
+    (
+        "restarted_replica_catches_up",
+        scenarios::restarted_replica_catches_up,
+    ),
     ("lossy_network", scenarios::lossy_network),
     ("forged_commits", scenarios::forged_commits),
     ("lying_new_primary", scenarios::lying_new_primary),
@@ -572,18 +573,42 @@ pub const NAMED_SCENARIOS: &[(&str, fn(u64) -> Scenario)] = &[
     ("backup_wrong_replies", scenarios::backup_wrong_replies),
     ("reads_only", scenarios::reads_only),
     ("regression_3786", scenarios::regression_3786),
-    ("large_ops_primary_crash", scenarios::large_ops_primary_crash),
-    ("large_ops_primary_crash_f2", scenarios::large_ops_primary_crash_f2),
-    ("large_log_repeated_restarts", scenarios::large_log_repeated_restarts),
-    ("large_results_across_a_checkpoint", scenarios::large_results_across_a_checkpoint),
-    ("all_crash_after_fast_completion", scenarios::all_crash_after_fast_completion),
+    (
+        "large_ops_primary_crash",
+        scenarios::large_ops_primary_crash,
+    ),
+    (
+        "large_ops_primary_crash_f2",
+        scenarios::large_ops_primary_crash_f2,
+    ),
+    (
+        "large_log_repeated_restarts",
+        scenarios::large_log_repeated_restarts,
+    ),
+    (
+        "large_results_across_a_checkpoint",
+        scenarios::large_results_across_a_checkpoint,
+    ),
+    (
+        "all_crash_after_fast_completion",
+        scenarios::all_crash_after_fast_completion,
+    ),
     ("stale_view_changes", scenarios::stale_view_changes),
     ("stale_view_changes_f2", scenarios::stale_view_changes_f2),
     ("split_new_views", scenarios::split_new_views),
     ("split_new_views_f2", scenarios::split_new_views_f2),
-    ("faulty_client_split_stale", scenarios::faulty_client_split_stale),
-    ("faulty_client_reused_timestamps", scenarios::faulty_client_reused_timestamps),
-    ("faulty_client_read_flood", scenarios::faulty_client_read_flood),
+    (
+        "faulty_client_split_stale",
+        scenarios::faulty_client_split_stale,
+    ),
+    (
+        "faulty_client_reused_timestamps",
+        scenarios::faulty_client_reused_timestamps,
+    ),
+    (
+        "faulty_client_read_flood",
+        scenarios::faulty_client_read_flood,
+    ),
 ];
 
 /// The scenario `name` (see [`NAMED_SCENARIOS`]) for `seed`.
@@ -1777,8 +1802,9 @@ impl Sim {
                 self.transmit(from, to, frame);
             }
             Behaviour::Flood if self.rng.chance(500) => {
-                let victim =
-                    Principal::Replica(ReplicaId(((r as u64 + 1 + self.rng.below(n - 1)) % n) as u32));
+                let victim = Principal::Replica(ReplicaId(
+                    ((r as u64 + 1 + self.rng.below(n - 1)) % n) as u32,
+                ));
                 match self.rng.below(5) {
                     0 => {
                         // Garbage bytes.

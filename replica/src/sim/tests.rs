@@ -171,7 +171,9 @@ fn every_named_scenario_replays_under_its_own_name() {
             .contains(&format!("SIM_SCENARIO={name} SIM_SEED=7 cargo test")));
     }
     // Random seeds choose f from the seed: one in four (about) runs seven replicas.
-    let f2 = (0..400).filter(|seed| Scenario::random(*seed).f == 2).count();
+    let f2 = (0..400)
+        .filter(|seed| Scenario::random(*seed).f == 2)
+        .count();
     assert!((60..140).contains(&f2), "{f2}");
 }
 
@@ -481,7 +483,9 @@ fn oversized_frames_and_wal_records_are_checker_failures() {
         .send_sealed(0, vec![Principal::Replica(ReplicaId(1))], &message)
         .expect_err("a 36 MiB frame");
     assert!(failure.what.starts_with("frame size"), "{failure}");
-    assert!(failure.to_string().contains("SIM_SCENARIO=large_ops_primary_crash SIM_SEED=1"));
+    assert!(failure
+        .to_string()
+        .contains("SIM_SCENARIO=large_ops_primary_crash SIM_SEED=1"));
     let small = WalRecord::InstalledView { view: View(3) };
     assert_eq!(
         encoded_len(&small),
@@ -501,7 +505,10 @@ fn large_operations_and_a_primary_crash_mid_run_fit_every_frame_and_record() {
     let (sim, report) = run_scenario("large_ops_primary_crash", 1);
     eprintln!("{report:?}");
     assert_eq!(report.completed, 16);
-    assert!(report.view_changes >= 1 && report.max_view >= 1, "{report:?}");
+    assert!(
+        report.view_changes >= 1 && report.max_view >= 1,
+        "{report:?}"
+    );
     assert_ne!(
         sim.replica(1).expect("up").view().primary(4),
         ReplicaId(0),
@@ -522,7 +529,10 @@ fn large_operations_and_a_primary_crash_with_seven_replicas() {
     let (_, report) = run_scenario("large_ops_primary_crash_f2", 2);
     eprintln!("{report:?}");
     assert_eq!(report.completed, 16);
-    assert!(report.view_changes >= 1 && report.max_view >= 1, "{report:?}");
+    assert!(
+        report.view_changes >= 1 && report.max_view >= 1,
+        "{report:?}"
+    );
     assert!(report.frame_bytes_max > 1 << 20, "{report:?}");
 }
 
@@ -594,8 +604,6 @@ fn new_views_split_over_six_quorums_of_seven_replicas() {
 // The only fault in these runs is the client, so any view change is one it caused.
 
 #[test]
-#[ignore = "fails on this branch's core (3 view changes); passes with 37f669b (main: a backup \
-            forgets requests the reply cache calls stale): drop this ignore when merging"]
 fn client_splitting_stale_requests_cannot_force_view_changes() {
     let (_, report) = run_scenario("faulty_client_split_stale", 8);
     eprintln!("{report:?}");
@@ -623,12 +631,12 @@ fn client_flooding_reads_cannot_force_view_changes() {
 }
 
 #[test]
-#[ignore = "fails: a checkpoint's reply cache (up to client_window results per client, each \
-            up to a whole value) is one WAL record and one state-transfer message with no \
-            byte bound; here 55 MiB, which a restart cannot decode (see the report to the lead)"]
 fn large_results_fit_a_checkpoint_record_and_a_state_transfer() {
     let (_, report) = run_scenario("large_results_across_a_checkpoint", 1);
     eprintln!("{report:?}");
     assert_eq!(report.completed, 20);
-    assert!(report.highest_executed >= 16, "a checkpoint was taken: {report:?}");
+    assert!(
+        report.highest_executed >= 16,
+        "a checkpoint was taken: {report:?}"
+    );
 }
