@@ -691,6 +691,20 @@ impl FileService {
         self.touch_data(i, offset, end)?;
         let fd = self.file_fd(i).map_err(io_err)?;
         backend::pwrite_full(fd, data, offset).map_err(io_err)?;
+        Ok(self.wrote(c, i, old_size, offset, end, now))
+    }
+
+    /// The bookkeeping after bytes landed at `[offset, end)` of object `i` (a write or the
+    /// destination of a copy): dirty chunks, size, times, setuid dropped as Linux does.
+    fn wrote(
+        &mut self,
+        c: &Caller,
+        i: u64,
+        old_size: u64,
+        offset: u64,
+        end: u64,
+        now: Timespec,
+    ) -> FsReply {
         if offset > old_size {
             // The gap reads as zeros and the old last chunk grows.
             self.dirty_range(i, old_size.saturating_sub(1), offset);
@@ -703,10 +717,10 @@ impl FileService {
         if c.uid != 0 {
             o.mode = kill_suid(o.mode);
         }
-        Ok(FsReply::Write {
-            count: data.len() as u32,
+        FsReply::Write {
+            count: (end - offset) as u32,
             attr: o.attr(i),
-        })
+        }
     }
 
     /// fallocate(2). What the abstract state sees is only sizes and bytes: a reservation never
@@ -862,21 +876,7 @@ impl FileService {
             }
             return Err(io_err(e));
         }
-        if dst_offset > old_size {
-            self.dirty_range(i, old_size.saturating_sub(1), dst_offset);
-        }
-        self.dirty_range(i, dst_offset, end);
-        let o = self.live_mut(i);
-        o.size = o.size.max(end);
-        o.mtime = now;
-        o.ctime = now;
-        if c.uid != 0 {
-            o.mode = kill_suid(o.mode);
-        }
-        Ok(FsReply::Write {
-            count: count as u32,
-            attr: o.attr(i),
-        })
+        Ok(self.wrote(c, i, old_size, dst_offset, end, now))
     }
 
     /// Remove (`rmdir == false`) or rmdir.
