@@ -93,6 +93,24 @@ impl Harness {
     fn replica_signer(&self, r: usize) -> Signer {
         Signer::from_secret(&self.keys.replicas[r].signing_key.0)
     }
+
+    /// Replica `i`'s signed commit for the pre-prepare `b`.
+    fn commit_of(&self, i: u32, b: &PrePrepare) -> Signed<Commit> {
+        self.replica_signer(i as usize).sign(Commit {
+            view: b.view,
+            seq: b.seq,
+            batch_digest: b.batch_digest,
+            replica: ReplicaId(i),
+        })
+    }
+}
+
+/// `c` with a broken signature (its MAC, added when sealed, stays valid).
+fn forged(mut c: Signed<Commit>) -> Signed<Commit> {
+    let mut bytes = c.signature.to_bytes();
+    bytes[5] ^= 0x10;
+    c.signature = crate::wire::Signature::from_bytes(&bytes);
+    c
 }
 
 const CLIENT: Principal = Principal::Client(ClientId(100));
@@ -916,19 +934,9 @@ fn forged_commit_is_counted_locally_and_stripped_from_a_relayed_certificate() {
         replica: ReplicaId(2),
     });
     h.deliver(r(2), 1, &Message::Agreement(AgreementMessage::Prepare(p2)));
-    let commit = |h: &Harness, i: u32| {
-        h.replica_signer(i as usize).sign(Commit {
-            view: b.view,
-            seq: b.seq,
-            batch_digest: b.batch_digest,
-            replica: ReplicaId(i),
-        })
-    };
+    let commit = |h: &Harness, i: u32| h.commit_of(i, &b);
     let (c0, c1, c2) = (commit(&h, 0), commit(&h, 1), commit(&h, 2));
-    let mut c3_forged = commit(&h, 3);
-    let mut bytes = c3_forged.signature.to_bytes();
-    bytes[5] ^= 0x10;
-    c3_forged.signature = crate::wire::Signature::from_bytes(&bytes);
+    let c3_forged = forged(commit(&h, 3));
 
     // Replica 1 commits on its own commit, replica 0's and replica 3's forged one.
     h.deliver(
@@ -1073,18 +1081,8 @@ fn a_commit_certificate_short_of_valid_signatures_counts_once_f_plus_one_relayer
         .pop()
         .expect("a proposal");
     let b = proposal.pre_prepare.body.clone();
-    let commit = |h: &Harness, i: u32| {
-        h.replica_signer(i as usize).sign(Commit {
-            view: b.view,
-            seq: b.seq,
-            batch_digest: b.batch_digest,
-            replica: ReplicaId(i),
-        })
-    };
-    let mut forged = commit(&h, 3);
-    let mut bytes = forged.signature.to_bytes();
-    bytes[5] ^= 0x10;
-    forged.signature = crate::wire::Signature::from_bytes(&bytes);
+    let commit = |h: &Harness, i: u32| h.commit_of(i, &b);
+    let forged = forged(commit(&h, 3));
     let short = Message::Agreement(AgreementMessage::Committed(Box::new(CommitCertificate {
         proposal: proposal.clone(),
         commits: vec![commit(&h, 0), commit(&h, 1), forged],

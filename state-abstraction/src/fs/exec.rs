@@ -626,11 +626,7 @@ impl FileService {
 
     fn read(&self, c: &Caller, h: Handle, offset: u64, count: u32) -> FsResult {
         let o = self.obj(h)?;
-        match o.kind {
-            FileType::Regular => {}
-            FileType::Directory => return Err(FsError::IsDir),
-            _ => return Err(FsError::Inval),
-        }
+        regular_file(o.kind)?;
         if count as u64 > MAX_IO {
             return Err(FsError::Inval);
         }
@@ -665,11 +661,7 @@ impl FileService {
         now: Timespec,
     ) -> FsResult {
         let o = self.obj(h)?;
-        match o.kind {
-            FileType::Regular => {}
-            FileType::Directory => return Err(FsError::IsDir),
-            _ => return Err(FsError::Inval),
-        }
+        regular_file(o.kind)?;
         if data.len() as u64 > MAX_IO {
             return Err(FsError::Inval);
         }
@@ -738,13 +730,7 @@ impl FileService {
         now: Timespec,
     ) -> FsResult {
         let o = self.obj(h)?;
-        match o.kind {
-            FileType::Regular => {}
-            FileType::Directory => return Err(FsError::IsDir),
-            // Linux says ENODEV; the kernel never sends this for a device or fifo, whose
-            // opens do not reach the file system.
-            _ => return Err(FsError::Inval),
-        }
+        regular_file(o.kind)?;
         if length == 0 {
             return Err(FsError::Inval);
         }
@@ -1180,5 +1166,16 @@ impl FileService {
             }
         }
         Ok(FsReply::Done)
+    }
+}
+
+/// Data calls (write, fallocate, copy) take a regular file: EISDIR for a directory, and
+/// EINVAL otherwise (Linux says ENODEV for fallocate; the kernel never sends these for a
+/// device or fifo, whose opens do not reach the file system).
+fn regular_file(kind: FileType) -> Result<(), FsError> {
+    match kind {
+        FileType::Regular => Ok(()),
+        FileType::Directory => Err(FsError::IsDir),
+        _ => Err(FsError::Inval),
     }
 }
