@@ -640,3 +640,77 @@ fn large_results_fit_a_checkpoint_record_and_a_state_transfer() {
         "a checkpoint was taken: {report:?}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// The file service (issue #11)
+
+#[test]
+fn file_service_run_agrees_with_a_reference_file_service() {
+    let (sim, report) = run_scenario("fs_calm", 1);
+    eprintln!("{report:?}");
+    assert_eq!(report.completed, sim.planned_requests());
+    assert!(report.read_only_completed > 0, "{report:?}");
+    assert!(
+        report.highest_executed >= 8,
+        "checkpoints were taken and compared: {report:?}"
+    );
+}
+
+#[test]
+fn file_results_that_differ_from_the_reference_are_caught() {
+    // The checker itself: a run that passes, then one ordered result and one read-only result
+    // changed in the history, each of which the reference must refuse.
+    let (mut sim, _) = run_scenario("fs_calm", 1);
+    sim.checker.check_history().expect("the run passed");
+    let history = sim.checker.history_mut().clone();
+    let pick = |read_only: bool| {
+        history.iter().position(|e| {
+            e.read_only_path == read_only
+                && e.result.is_some()
+                && matches!(&e.op, checkers::Operation::Fs(r) if matches!(r.op, state_abstraction::fs::FsOp::GetAttr { .. } | state_abstraction::fs::FsOp::Mkdir { .. } | state_abstraction::fs::FsOp::Create { .. } | state_abstraction::fs::FsOp::ReadDir { .. }))
+        })
+    };
+    let wrong = state_abstraction::fs::encode(&state_abstraction::fs::FsResult::Err(
+        state_abstraction::fs::FsError::Io,
+    ));
+    for read_only in [false, true] {
+        let h = pick(read_only).expect("such a request");
+        let saved = sim.checker.history_mut()[h].result.replace(wrong.clone());
+        let failure = sim.checker.check_history().expect_err("a wrong result");
+        assert!(failure.starts_with("file results"), "{failure}");
+        sim.checker.history_mut()[h].result = saved;
+    }
+    sim.checker.check_history().expect("restored");
+}
+
+#[test]
+fn file_service_large_writes_and_a_primary_crash_fit_every_frame_and_record() {
+    // Writes of 1-4 MiB in parts of 1 MiB, reads of up to 1 MiB, the primary crashing after
+    // 12 completions: every frame and WAL record within its limit, every checkpoint digest
+    // the same at every correct replica, every result the reference's.
+    let (sim, report) = run_scenario("fs_large_writes_primary_crash", 1);
+    eprintln!("{report:?}");
+    assert_eq!(report.completed, sim.planned_requests());
+    assert!(report.large_write_bytes >= 2 << 20, "{report:?}");
+    assert!(
+        report.view_changes >= 1 && report.max_view >= 1,
+        "{report:?}"
+    );
+    assert!(report.frame_bytes_max > 1 << 20, "{report:?}");
+    assert!(report.frame_bytes_max <= (FRAME_BYTES_MAX + FRAME_HEADER_BYTES) as u64);
+    assert!(report.record_bytes_max > 1 << 20, "{report:?}");
+    assert!(report.highest_executed >= 8, "{report:?}");
+}
+
+#[test]
+fn file_service_large_writes_and_a_primary_crash_with_seven_replicas() {
+    let (sim, report) = run_scenario("fs_large_writes_primary_crash_f2", 2);
+    eprintln!("{report:?}");
+    assert_eq!(report.completed, sim.planned_requests());
+    assert!(report.large_write_bytes >= 1 << 20, "{report:?}");
+    assert!(
+        report.view_changes >= 1 && report.max_view >= 1,
+        "{report:?}"
+    );
+    assert!(report.frame_bytes_max > 1 << 20, "{report:?}");
+}
