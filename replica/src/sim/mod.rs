@@ -47,6 +47,7 @@
 //! SIM_SEEDS=0..20000 cargo test -p replica --lib sim::tests::replay -- --ignored --nocapture
 //! SIM_SCENARIO=random_f2 SIM_SEEDS=0..500 cargo test -p replica --lib sim::tests::replay -- --ignored --nocapture
 //! SIM_SCENARIO=large_ops_primary_crash SIM_SEED=1 cargo test -p replica --lib sim::tests::replay -- --ignored --nocapture
+//! SIM_SCENARIO=fs_time_skew_after_state_transfer SIM_SEED=1 cargo test -p replica --lib sim::tests::replay -- --ignored --nocapture
 //! ```
 //!
 //! `SIM_SCENARIO` defaults to `random`. A failure prints the command that replays it (its
@@ -151,11 +152,19 @@ pub enum Behaviour {
     /// subset of the view changes it holds (it waits to hold more than 2f+1 so that the
     /// subsets differ). Each plan alone is safe; together they must not split agreement.
     SplitNewView,
+    /// As primary, proposes agreed times anywhere inside the window the backups accept,
+    /// ahead of every clock and back below times already agreed, and otherwise behaves
+    /// correctly (see [`service::SimService`]). Only the clamp at execution keeps times
+    /// monotone, so the clamp must be replicated state: a replica that caught up by state
+    /// transfer and clamped against a time of its own would diverge.
+    SkewedTime,
     /// A little of everything, chosen per message.
     Mixed,
 }
 
 /// Random scenarios draw from these; `Mixed` must stay last (it picks from the others).
+/// [`Behaviour::SkewedTime`] is not among them, so that key-value seeds draw what they drew
+/// before it existed.
 const BEHAVIOURS: [Behaviour; 13] = [
     Behaviour::ForkHistory,
     Behaviour::LyingNewView,
@@ -528,9 +537,19 @@ pub struct Report {
     pub stale_view_changes: u64,
     /// New views split over different quorums ([`Behaviour::SplitNewView`]).
     pub split_new_views: u64,
+    /// Times a skewed primary proposed below its own newest agreed time
+    /// ([`Behaviour::SkewedTime`]).
+    pub backward_proposals: u64,
+    /// Ordered requests that correct replicas ran, after catching up by state transfer,
+    /// with a proposed time below their newest agreed time: the clamp, carried over by the
+    /// transfer, decided their time (file service).
+    pub clamped_after_transfer: u64,
     /// Bytes that large writes (parts of at least half a MiB) wrote, as their clients saw
     /// them succeed (file service).
     pub large_write_bytes: u64,
+    /// Checkpoints that correct replicas took after a state transfer, beyond the checkpoint
+    /// they installed: each was compared with the others' (the divergence check).
+    pub checkpoints_after_transfer: u64,
 }
 
 /// A checker fired (or the run did not finish).
@@ -636,6 +655,10 @@ pub const NAMED_SCENARIOS: &[(&str, fn(u64) -> Scenario)] = &[
         "fs_large_writes_primary_crash_f2",
         scenarios::fs_large_writes_primary_crash_f2,
     ),
+    (
+        "fs_time_skew_after_state_transfer",
+        scenarios::fs_time_skew_after_state_transfer,
+    ),
 ];
 
 /// The scenario `name` (see [`NAMED_SCENARIOS`]) for `seed`.
@@ -678,6 +701,9 @@ struct ReplicaNode {
     restarts: u64,
     /// Crash during the next step.
     crash_pending: bool,
+    /// When this replica last finished a state transfer: the checkpoint it installed and the
+    /// service's count of clamped times then (see [`Report::clamped_after_transfer`]).
+    transferred: Option<(SeqNo, u64)>,
 }
 
 /// A step of a client's plan: a key-value operation as it will be sent, or a file-service
@@ -746,6 +772,7 @@ pub struct Sim {
     record_bytes_max: u64,
     stale_view_changes: u64,
     split_new_views: u64,
+    checkpoints_after_transfer: u64,
     /// `SIM_TRACE=1`: print every notification.
     trace: bool,
     /// What kept the run from being set up (a data directory the file service could not
@@ -798,7 +825,13 @@ impl Sim {
                     SimService::fs(&dir.replica(secrets.id.0 as usize))
                 }
                 (ServiceKind::Fs(_), None) => Err("no data directory for the file service".into()),
-            };
+            }
+            .map(|service| match byzantine {
+                Some(Behaviour::SkewedTime) => {
+                    service.skewed(scenario.seed ^ (u64::from(secrets.id.0) << 48))
+                }
+                _ => service,
+            });
             let state = match service {
                 Ok(service) => match Replica::new(config.clone(), secrets, service) {
                     Ok(r) => ReplicaState::Up(Box::new(r)),
@@ -822,6 +855,7 @@ impl Sim {
                 last_view: View(0),
                 restarts: 0,
                 crash_pending: false,
+                transferred: None,
             });
         }
         let mut client_nodes = Vec::new();
@@ -943,6 +977,7 @@ impl Sim {
             record_bytes_max: 0,
             stale_view_changes: 0,
             split_new_views: 0,
+            checkpoints_after_transfer: 0,
             trace: std::env::var("SIM_TRACE").is_ok_and(|v| v == "1"),
             setup_error,
             _run_dir: run_dir,
@@ -1103,6 +1138,18 @@ impl Sim {
                     }
                     if let Notification::Misbehaviour { .. } = n {
                         self.misbehaviour_noticed += 1;
+                    }
+                    match (&n, &self.replicas[r].state) {
+                        (Notification::StateTransferred { seq, .. }, ReplicaState::Up(replica)) => {
+                            self.replicas[r].transferred =
+                                Some((*seq, replica.service().clamped()));
+                        }
+                        (Notification::CheckpointTaken { seq, .. }, _)
+                            if self.replicas[r].transferred.is_some_and(|(t, _)| *seq > t) =>
+                        {
+                            self.checkpoints_after_transfer += 1;
+                        }
+                        _ => {}
                     }
                     self.checker
                         .observe(r as u32, &n)
@@ -1541,12 +1588,20 @@ impl Sim {
         report.faulty_client_requests = self.faulty_clients.iter().map(|c| c.sent).sum();
         report.stale_view_changes = self.stale_view_changes;
         report.split_new_views = self.split_new_views;
+        report.checkpoints_after_transfer = self.checkpoints_after_transfer;
         for (i, node) in self.replicas.iter().enumerate() {
             report.rejected_frames += node.auth.counters.rejected();
             if node.byzantine.is_some() {
+                if let ReplicaState::Up(r) = &node.state {
+                    report.backward_proposals += r.service().backward_proposals();
+                }
                 continue;
             }
             if let ReplicaState::Up(r) = &node.state {
+                if let Some((_, at_transfer)) = node.transferred {
+                    report.clamped_after_transfer +=
+                        r.service().clamped().saturating_sub(at_transfer);
+                }
                 let m = r.metrics();
                 report.view_changes = report.view_changes.max(m.view_changes_started);
                 report.state_transfers += m.state_transfers;

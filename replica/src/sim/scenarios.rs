@@ -390,3 +390,38 @@ pub fn fs_large_writes_primary_crash_f2(seed: u64) -> Scenario {
     s.triggered_crashes[0].when = Trigger::Completions(9);
     s
 }
+
+/// Issue #11, item 4. The primary (replica 0) proposes times anywhere inside the skew window
+/// the backups accept ([`Behaviour::SkewedTime`]): ahead of every clock, then back below
+/// times already agreed, which execution clamps to the newest agreed time. Replica 3 is down
+/// while the others move past its log window, so only state transfer brings it back, and it
+/// then runs the rest of the workload with them. If the newest agreed time were not part of
+/// the transferred state, replica 3 would clamp the primary's backward times against its own
+/// older time: its timestamps, replies and checkpoint digests would differ from the others'
+/// (the checkers catch that).
+///
+/// Down rather than cut off: a replica cut off alone moves on to a view of its own, which
+/// the others never join, so afterwards it only catches up (by fetching batches and state
+/// transfers) and never takes a checkpoint of its own to compare.
+///
+/// A checkpoint every 16 batches (a log window of 32): a transfer walks the partition tree
+/// in several round trips and starts over when a newer checkpoint becomes stable, so with
+/// the simulator's usual 4 it would only finish once the load stopped, and nothing would run
+/// after it.
+pub fn fs_time_skew_after_state_transfer(seed: u64) -> Scenario {
+    let mut s = fs_calm(seed);
+    s.byzantine = vec![(0, Behaviour::SkewedTime)];
+    s.protocol.checkpoint_interval = 16;
+    s.protocol.log_window = 32;
+    s.clients = 3;
+    s.ops_per_client = 30;
+    s.read_only_per_mille = 50;
+    s.crashes = vec![CrashPlan {
+        replica: 3,
+        at: 5,
+        restart: 220,
+    }];
+    s.fault_end_tick = 400;
+    s.drain_ticks = 400;
+    s
+}

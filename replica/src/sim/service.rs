@@ -6,13 +6,18 @@
 //! generic over the service: a test, a replay or a named scenario picks it at run time from
 //! the scenario, so one type that holds either keeps `Sim` a single type.
 //!
-//! Beyond BASE's upcalls the simulator needs one thing of a service: what a restart finds
-//! after a crash ([`SimService::after_crash`]).
+//! Beyond BASE's upcalls the simulator needs two things of a service: what a restart finds
+//! after a crash ([`SimService::after_crash`]), and the times a faulty primary proposes
+//! ([`super::Behaviour::SkewedTime`]: inside what backups accept, not what a correct primary
+//! would propose).
 
+use super::Rng;
 use state_abstraction::digest::Digest;
-use state_abstraction::fs::FileService;
-use state_abstraction::kv::KvService;
+use state_abstraction::fs::object::Header;
+use state_abstraction::fs::{FileService, TIME_SKEW_MAX_NS};
+use state_abstraction::kv::{KvService, MAX_CLOCK_SKEW_NS};
 use state_abstraction::{AbstractObject, ClientId, SeqNo, Service, ServiceError};
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
 
 /// Which service the replicas of a scenario run.
@@ -45,6 +50,15 @@ enum Inner {
 /// A simulated replica's service. See the module doc.
 pub struct SimService {
     inner: Inner,
+    /// A faulty primary's clock (see [`super::Behaviour::SkewedTime`]): proposals are drawn
+    /// from this seed and the primary's clock.
+    skew: Option<u64>,
+    /// Proposals (made while skewed) below this replica's own newest agreed time: the ones
+    /// that only the clamp at execution keeps from moving time backwards.
+    backward_proposals: Cell<u64>,
+    /// Ordered requests this replica ran whose proposed time was below its newest agreed
+    /// time, so that the time they got was the clamp's (file service only).
+    clamped: u64,
 }
 
 impl SimService {
@@ -62,14 +76,39 @@ impl SimService {
     }
 
     fn new(inner: Inner) -> Self {
-        SimService { inner }
+        SimService {
+            inner,
+            skew: None,
+            backward_proposals: Cell::new(0),
+            clamped: 0,
+        }
+    }
+
+    /// Makes this service's proposals those of a faulty primary (see the module doc).
+    pub fn skewed(mut self, seed: u64) -> Self {
+        self.skew = Some(seed);
+        self
+    }
+
+    pub fn backward_proposals(&self) -> u64 {
+        self.backward_proposals.get()
+    }
+
+    pub fn clamped(&self) -> u64 {
+        self.clamped
     }
 
     /// The service as a restart finds it: the key-value service rolls back to its newest
     /// checkpoint (its "disk"); the file service is dropped without saving anything, as a
     /// killed process would be, and opened again over its data directory.
     pub fn after_crash(self) -> Result<Self, String> {
-        let inner = match self.inner {
+        let SimService {
+            inner,
+            skew,
+            backward_proposals,
+            clamped,
+        } = self;
+        let inner = match inner {
             Inner::Kv(mut kv) => {
                 kv.reopen();
                 Inner::Kv(kv)
@@ -82,7 +121,36 @@ impl SimService {
                 Inner::Fs(Box::new(reopened))
             }
         };
-        Ok(SimService { inner })
+        Ok(SimService {
+            inner,
+            skew,
+            backward_proposals,
+            clamped,
+        })
+    }
+
+    /// The newest agreed time this replica executed with (what the clamp holds).
+    fn agreed_time(&self) -> u64 {
+        match &self.inner {
+            Inner::Kv(kv) => kv.last_time(),
+            Inner::Fs(fs) => fs_agreed_time(fs),
+        }
+    }
+
+    /// A faulty primary's time: anywhere inside what a correct backup accepts at `now_ns`,
+    /// drawn afresh for each proposal, so it jumps ahead of the clocks and back below times
+    /// already agreed. For the file service that is within half the skew bound either way
+    /// (messages take a few ticks, and backups check against their own clocks); the
+    /// key-value service refuses times below its newest one, so there it only runs ahead.
+    fn skewed_time(&self, seed: u64, now_ns: u64) -> u64 {
+        let mut rng = Rng::new(seed ^ now_ns.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        match &self.inner {
+            Inner::Fs(_) => {
+                let half = TIME_SKEW_MAX_NS / 2;
+                now_ns.saturating_sub(half) + rng.below(2 * half)
+            }
+            Inner::Kv(kv) => kv.last_time().max(now_ns) + rng.below(MAX_CLOCK_SKEW_NS / 2),
+        }
     }
 }
 
@@ -90,7 +158,15 @@ impl Service for SimService {
     fn execute(&mut self, op: &[u8], client: ClientId, nondet: &[u8], read_only: bool) -> Vec<u8> {
         match &mut self.inner {
             Inner::Kv(kv) => kv.execute(op, client, nondet, read_only),
-            Inner::Fs(fs) => fs.execute(op, client, nondet, read_only),
+            Inner::Fs(fs) => {
+                if !read_only {
+                    let proposed = state_abstraction::fs::decode::<u64>(nondet);
+                    if proposed.is_some_and(|t| t < fs_agreed_time(fs)) {
+                        self.clamped += 1;
+                    }
+                }
+                fs.execute(op, client, nondet, read_only)
+            }
         }
     }
 
@@ -102,6 +178,17 @@ impl Service for SimService {
     }
 
     fn propose_nondet(&self, now_ns: u64) -> Vec<u8> {
+        if let Some(seed) = self.skew {
+            let time = self.skewed_time(seed, now_ns);
+            if time < self.agreed_time() {
+                self.backward_proposals
+                    .set(self.backward_proposals.get() + 1);
+            }
+            return match &self.inner {
+                Inner::Kv(_) => time.to_le_bytes().to_vec(),
+                Inner::Fs(_) => state_abstraction::fs::encode(&time),
+            };
+        }
         match &self.inner {
             Inner::Kv(kv) => kv.propose_nondet(now_ns),
             Inner::Fs(fs) => fs.propose_nondet(now_ns),
@@ -205,6 +292,18 @@ impl Service for SimService {
             Inner::Fs(fs) => fs.get_piece_at(seq, index, piece),
         }
     }
+}
+
+/// The file service's newest agreed time, from its root's header (table format 3).
+fn fs_agreed_time(fs: &FileService) -> u64 {
+    fs.get_obj(0)
+        .ok()
+        .and_then(|root| root.pieces.into_iter().next())
+        .and_then(|bytes| Header::decode_canonical(&bytes).ok())
+        .map_or(0, |header| match header {
+            Header::Live(live) => live.agreed_time,
+            Header::Free { .. } => 0,
+        })
 }
 
 /// The directory holding one run's replica data directories (and the checker's reference

@@ -714,3 +714,20 @@ fn file_service_large_writes_and_a_primary_crash_with_seven_replicas() {
     );
     assert!(report.frame_bytes_max > 1 << 20, "{report:?}");
 }
+
+#[test]
+fn skewed_primary_times_are_clamped_alike_after_a_state_transfer() {
+    // Issue #11, item 4: the replica that caught up by state transfer must clamp the
+    // primary's backward times against the same newest agreed time as the others, or its
+    // replies and checkpoint digests differ (see the scenario's doc for how this was seen
+    // to fail with the agreed time kept outside the replicated state).
+    for seed in 0..10 {
+        let (sim, report) = run_scenario("fs_time_skew_after_state_transfer", seed);
+        eprintln!("{report:?}");
+        assert_eq!(report.completed, sim.planned_requests());
+        assert!(report.state_transfers >= 1, "{report:?}");
+        assert!(report.backward_proposals > 0, "{report:?}");
+        assert!(report.clamped_after_transfer > 0, "{report:?}");
+        assert!(report.checkpoints_after_transfer >= 2, "{report:?}");
+    }
+}
