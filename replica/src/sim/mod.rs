@@ -40,12 +40,14 @@
 //! # Running seeds
 //!
 //! `cargo test -p replica` runs 1,000 random seeds (four tests of 250, f drawn per seed), 200
-//! seeds with f = 2, and the named scenarios of [`NAMED_SCENARIOS`]. Any number of seeds of
-//! any named scenario, and the replay of one:
+//! seeds with f = 2, 450 random seeds over the file service (`random_fs`), and the named
+//! scenarios of [`NAMED_SCENARIOS`]. Any number of seeds of any named scenario, and the replay
+//! of one:
 //!
 //! ```text
 //! SIM_SEEDS=0..20000 cargo test -p replica --lib sim::tests::replay -- --ignored --nocapture
 //! SIM_SCENARIO=random_f2 SIM_SEEDS=0..500 cargo test -p replica --lib sim::tests::replay -- --ignored --nocapture
+//! SIM_SCENARIO=random_fs SIM_SEEDS=0..5000 cargo test -p replica --lib sim::tests::replay -- --ignored --nocapture
 //! SIM_SCENARIO=large_ops_primary_crash SIM_SEED=1 cargo test -p replica --lib sim::tests::replay -- --ignored --nocapture
 //! SIM_SCENARIO=fs_time_skew_after_state_transfer SIM_SEED=1 cargo test -p replica --lib sim::tests::replay -- --ignored --nocapture
 //! ```
@@ -164,7 +166,7 @@ pub enum Behaviour {
 
 /// Random scenarios draw from these; `Mixed` must stay last (it picks from the others).
 /// [`Behaviour::SkewedTime`] is not among them, so that key-value seeds draw what they drew
-/// before it existed.
+/// before it existed; [`Scenario::random_fs`] draws it (the file service is what it is for).
 const BEHAVIOURS: [Behaviour; 13] = [
     Behaviour::ForkHistory,
     Behaviour::LyingNewView,
@@ -496,6 +498,23 @@ impl Scenario {
         }
         s
     }
+
+    /// [`Scenario::random`]'s faults over the file service (small files, no large writes),
+    /// with one Byzantine replica in three skewing its time ([`Behaviour::SkewedTime`])
+    /// instead of what it drew.
+    pub fn random_fs(seed: u64) -> Self {
+        let mut s = Scenario::random(seed);
+        s.name = "random_fs";
+        s.service = ServiceKind::Fs(FsWorkload::default());
+        // A stream of its own: the faults stay those of `random` for the same seed.
+        let mut rng = Rng::new(seed ^ 0xF11E_5EED);
+        if let Some(first) = s.byzantine.first_mut() {
+            if rng.chance(333) {
+                first.1 = Behaviour::SkewedTime;
+            }
+        }
+        s
+    }
 }
 
 /// What a successful run reports.
@@ -594,6 +613,7 @@ pub const NAMED_SCENARIOS: &[(&str, fn(u64) -> Scenario)] = &[
     ("random_f1", |seed| Scenario::random_with_f(seed, 1)),
     ("random_f2", |seed| Scenario::random_with_f(seed, 2)),
     ("calm", Scenario::calm),
+    ("random_fs", Scenario::random_fs),
     ("equivocating_primary", scenarios::equivocating_primary),
     ("silent_primary", scenarios::silent_primary),
     (

@@ -115,6 +115,39 @@ fn seeds_f2_100_to_200() {
     run_range("random_f2", 100..200);
 }
 
+// The file service (each replica over a directory of its own; see `service::RunDir` for
+// where): some 50 ms of CPU per seed.
+#[test]
+fn seeds_fs_0_to_150() {
+    run_range("random_fs", 0..150);
+}
+
+#[test]
+fn seeds_fs_150_to_300() {
+    run_range("random_fs", 150..300);
+}
+
+#[test]
+fn seeds_fs_300_to_450() {
+    run_range("random_fs", 300..450);
+}
+
+/// The long file-service sweep: `SIM_FS_SEEDS` seeds (default 2,000) of `random_fs` after
+/// the ones CI runs, and a tenth as many of the skewed-time scenario and of the large
+/// writes (f = 1):
+/// `SIM_FS_SEEDS=5000 cargo test -p replica --lib sim::tests::seeds_fs_long -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn seeds_fs_long() {
+    let count: u64 = std::env::var("SIM_FS_SEEDS")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(2000);
+    run_range("random_fs", 450..450 + count);
+    run_range("fs_time_skew_after_state_transfer", 0..count / 10);
+    run_range("fs_large_writes_primary_crash", 0..count / 10);
+}
+
 /// Parses `SIM_SEED=N` or `SIM_SEEDS=A..B` (default: seed 0).
 fn seeds_from_env() -> std::ops::Range<u64> {
     if let Ok(text) = std::env::var("SIM_SEEDS") {
