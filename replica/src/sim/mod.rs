@@ -501,7 +501,8 @@ impl Scenario {
 
     /// [`Scenario::random`]'s faults over the file service (small files, no large writes),
     /// with one Byzantine replica in three skewing its time ([`Behaviour::SkewedTime`])
-    /// instead of what it drew.
+    /// instead of what it drew. Faulty clients still send key-value operations, which the
+    /// file service answers as malformed: what they test is the protocol, not the service.
     pub fn random_fs(seed: u64) -> Self {
         let mut s = Scenario::random(seed);
         s.name = "random_fs";
