@@ -15,10 +15,17 @@
 //! A run has a safety phase with faults, then a liveness phase in which the network heals,
 //! crashed replicas restart, and every client request must complete. Checkers
 //! ([`checkers`]): correct replicas never execute different batches at one sequence number;
-//! client results are linearizable over the key-value service (ordered results equal a
-//! sequential replay of the agreed order, which respects real time; read-only results are a
-//! state the key had within the read's real-time window); checkpoint digests are identical at
-//! correct replicas; views never go back; after the faults stop, every request completes.
+//! client results are linearizable (ordered results equal a sequential replay of the agreed
+//! order, which respects real time; read-only results are those of a state within the read's
+//! real-time window); correct replicas answer each ordered request alike; checkpoint digests
+//! are identical at correct replicas; views never go back; after the faults stop, every
+//! request completes.
+//!
+//! The replicas run the key-value service ([`ServiceKind::Kv`], the default: small, in
+//! memory), or the file service over a real directory each ([`ServiceKind::Fs`]; see
+//! [`service`] and, for the workload and the reference service results are checked against,
+//! [`fs_workload`]). The data directories go under `SIM_FS_DIR`, or `/dev/shm`, or the
+//! system's temporary directory, and are removed after the run.
 //!
 //! A scenario has n = 3f+1 replicas ([`Scenario::f`]); random scenarios run f = 2 (seven
 //! replicas, up to two Byzantine) for about one seed in four. Besides the seed's faults a
@@ -33,13 +40,16 @@
 //! # Running seeds
 //!
 //! `cargo test -p replica` runs 1,000 random seeds (four tests of 250, f drawn per seed), 200
-//! seeds with f = 2, and the named scenarios of [`NAMED_SCENARIOS`]. Any number of seeds of
-//! any named scenario, and the replay of one:
+//! seeds with f = 2, 450 random seeds over the file service (`random_fs`), and the named
+//! scenarios of [`NAMED_SCENARIOS`]. Any number of seeds of any named scenario, and the replay
+//! of one:
 //!
 //! ```text
 //! SIM_SEEDS=0..20000 cargo test -p replica --lib sim::tests::replay -- --ignored --nocapture
 //! SIM_SCENARIO=random_f2 SIM_SEEDS=0..500 cargo test -p replica --lib sim::tests::replay -- --ignored --nocapture
+//! SIM_SCENARIO=random_fs SIM_SEEDS=0..5000 cargo test -p replica --lib sim::tests::replay -- --ignored --nocapture
 //! SIM_SCENARIO=large_ops_primary_crash SIM_SEED=1 cargo test -p replica --lib sim::tests::replay -- --ignored --nocapture
+//! SIM_SCENARIO=fs_time_skew_after_state_transfer SIM_SEED=1 cargo test -p replica --lib sim::tests::replay -- --ignored --nocapture
 //! ```
 //!
 //! `SIM_SCENARIO` defaults to `random`. A failure prints the command that replays it (its
@@ -47,7 +57,9 @@
 //! the replicas do.
 
 pub mod checkers;
+pub mod fs_workload;
 pub mod scenarios;
+pub mod service;
 #[cfg(test)]
 mod tests;
 
@@ -61,8 +73,11 @@ use crate::wire::{
     Signed, Signer, StateTransferMessage, View, ViewChange, ViewChangeMessage, FRAME_BYTES_MAX,
     FRAME_HEADER_BYTES,
 };
-use checkers::{Checker, HistoryEntry};
-use state_abstraction::kv::{KvOp, KvService};
+use checkers::{Checker, HistoryEntry, Operation};
+use fs_workload::{FsClient, FsStep};
+pub use service::{FsWorkload, ServiceKind};
+use service::{RunDir, SimService};
+use state_abstraction::kv::KvOp;
 use state_abstraction::ClientId;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -139,11 +154,19 @@ pub enum Behaviour {
     /// subset of the view changes it holds (it waits to hold more than 2f+1 so that the
     /// subsets differ). Each plan alone is safe; together they must not split agreement.
     SplitNewView,
+    /// As primary, proposes agreed times anywhere inside the window the backups accept,
+    /// ahead of every clock and back below times already agreed, and otherwise behaves
+    /// correctly (see [`service::SimService`]). Only the clamp at execution keeps times
+    /// monotone, so the clamp must be replicated state: a replica that caught up by state
+    /// transfer and clamped against a time of its own would diverge.
+    SkewedTime,
     /// A little of everything, chosen per message.
     Mixed,
 }
 
 /// Random scenarios draw from these; `Mixed` must stay last (it picks from the others).
+/// [`Behaviour::SkewedTime`] is not among them, so that key-value seeds draw what they drew
+/// before it existed; [`Scenario::random_fs`] draws it (the file service is what it is for).
 const BEHAVIOURS: [Behaviour; 13] = [
     Behaviour::ForkHistory,
     Behaviour::LyingNewView,
@@ -261,6 +284,8 @@ pub struct Scenario {
     /// behind) must not keep the cluster changing views.
     pub views_after_faults_max: Option<u64>,
     pub protocol: ProtocolConfig,
+    /// The service the replicas run (key-value unless a scenario says otherwise).
+    pub service: ServiceKind,
 }
 
 /// The protocol parameters of simulated clusters: tiny windows so that checkpoints, the
@@ -331,6 +356,7 @@ impl Scenario {
             drain_ticks: 0,
             views_after_faults_max: None,
             protocol: sim_protocol(),
+            service: ServiceKind::Kv,
         }
     }
 
@@ -472,6 +498,24 @@ impl Scenario {
         }
         s
     }
+
+    /// [`Scenario::random`]'s faults over the file service (small files, no large writes),
+    /// with one Byzantine replica in three skewing its time ([`Behaviour::SkewedTime`])
+    /// instead of what it drew. Faulty clients still send key-value operations, which the
+    /// file service answers as malformed: what they test is the protocol, not the service.
+    pub fn random_fs(seed: u64) -> Self {
+        let mut s = Scenario::random(seed);
+        s.name = "random_fs";
+        s.service = ServiceKind::Fs(FsWorkload::default());
+        // A stream of its own: the faults stay those of `random` for the same seed.
+        let mut rng = Rng::new(seed ^ 0xF11E_5EED);
+        if let Some(first) = s.byzantine.first_mut() {
+            if rng.chance(333) {
+                first.1 = Behaviour::SkewedTime;
+            }
+        }
+        s
+    }
 }
 
 /// What a successful run reports.
@@ -513,6 +557,19 @@ pub struct Report {
     pub stale_view_changes: u64,
     /// New views split over different quorums ([`Behaviour::SplitNewView`]).
     pub split_new_views: u64,
+    /// Times a skewed primary proposed below its own newest agreed time
+    /// ([`Behaviour::SkewedTime`]).
+    pub backward_proposals: u64,
+    /// Ordered requests that correct replicas ran, after catching up by state transfer,
+    /// with a proposed time below their newest agreed time: the clamp, carried over by the
+    /// transfer, decided their time (file service).
+    pub clamped_after_transfer: u64,
+    /// Bytes that large writes (parts of at least half a MiB) wrote, as their clients saw
+    /// them succeed (file service).
+    pub large_write_bytes: u64,
+    /// Checkpoints that correct replicas took after a state transfer, beyond the checkpoint
+    /// they installed: each was compared with the others' (the divergence check).
+    pub checkpoints_after_transfer: u64,
 }
 
 /// A checker fired (or the run did not finish).
@@ -557,6 +614,7 @@ pub const NAMED_SCENARIOS: &[(&str, fn(u64) -> Scenario)] = &[
     ("random_f1", |seed| Scenario::random_with_f(seed, 1)),
     ("random_f2", |seed| Scenario::random_with_f(seed, 2)),
     ("calm", Scenario::calm),
+    ("random_fs", Scenario::random_fs),
     ("equivocating_primary", scenarios::equivocating_primary),
     ("silent_primary", scenarios::silent_primary),
     (
@@ -609,6 +667,19 @@ pub const NAMED_SCENARIOS: &[(&str, fn(u64) -> Scenario)] = &[
         "faulty_client_read_flood",
         scenarios::faulty_client_read_flood,
     ),
+    ("fs_calm", scenarios::fs_calm),
+    (
+        "fs_large_writes_primary_crash",
+        scenarios::fs_large_writes_primary_crash,
+    ),
+    (
+        "fs_large_writes_primary_crash_f2",
+        scenarios::fs_large_writes_primary_crash_f2,
+    ),
+    (
+        "fs_time_skew_after_state_transfer",
+        scenarios::fs_time_skew_after_state_transfer,
+    ),
 ];
 
 /// The scenario `name` (see [`NAMED_SCENARIOS`]) for `seed`.
@@ -623,8 +694,8 @@ pub fn named_scenario(name: &str, seed: u64) -> Option<Scenario> {
 }
 
 enum ReplicaState {
-    Up(Box<Replica<KvService>>),
-    Down(Box<KvService>),
+    Up(Box<Replica<SimService>>),
+    Down(Box<SimService>),
     Gone,
 }
 
@@ -651,16 +722,28 @@ struct ReplicaNode {
     restarts: u64,
     /// Crash during the next step.
     crash_pending: bool,
+    /// When this replica last finished a state transfer: the checkpoint it installed and the
+    /// service's count of clamped times then (see [`Report::clamped_after_transfer`]).
+    transferred: Option<(SeqNo, u64)>,
+}
+
+/// A step of a client's plan: a key-value operation as it will be sent, or a file-service
+/// step that the client makes a request of when it gets to it (see [`fs_workload`]).
+enum Step {
+    Kv(KvOp),
+    Fs(FsStep),
 }
 
 struct PlannedOp {
-    op: KvOp,
+    op: Step,
     read_only: bool,
 }
 
 struct ClientNode {
     client: Client,
     auth: Authenticator,
+    /// File-service runs: what the client learnt from its results.
+    fs: Option<FsClient>,
     plan: Vec<PlannedOp>,
     next: usize,
     /// Request id → history index.
@@ -710,8 +793,15 @@ pub struct Sim {
     record_bytes_max: u64,
     stale_view_changes: u64,
     split_new_views: u64,
+    checkpoints_after_transfer: u64,
     /// `SIM_TRACE=1`: print every notification.
     trace: bool,
+    /// What kept the run from being set up (a data directory the file service could not
+    /// open): `run` reports it as its failure.
+    setup_error: Option<String>,
+    /// File-service runs: the directory of the replicas' data directories. Last, so that it
+    /// is removed after the replicas' services are dropped (they save their tables then).
+    _run_dir: Option<RunDir>,
 }
 
 impl Sim {
@@ -736,19 +826,45 @@ impl Sim {
             Err(e) => panic!("simulator keygen: {e}"),
         };
         let config = Arc::new(keys.config.clone());
+        let mut setup_error = None;
+        let run_dir = match &scenario.service {
+            ServiceKind::Kv => None,
+            ServiceKind::Fs(_) => RunDir::new(scenario.name, scenario.seed)
+                .map_err(|e| setup_error = Some(e))
+                .ok(),
+        };
         let mut replicas = Vec::new();
         for secrets in &keys.replicas {
-            let replica = match Replica::new(config.clone(), secrets, KvService::new()) {
-                Ok(r) => r,
-                Err(e) => panic!("replica: {e}"),
-            };
             let byzantine = scenario
                 .byzantine
                 .iter()
                 .find(|(b, _)| *b == secrets.id.0)
                 .map(|(_, behaviour)| *behaviour);
+            let service = match (&scenario.service, &run_dir) {
+                (ServiceKind::Kv, _) => Ok(SimService::kv()),
+                (ServiceKind::Fs(_), Some(dir)) => {
+                    SimService::fs(&dir.replica(secrets.id.0 as usize))
+                }
+                (ServiceKind::Fs(_), None) => Err("no data directory for the file service".into()),
+            }
+            .map(|service| match byzantine {
+                Some(Behaviour::SkewedTime) => {
+                    service.skewed(scenario.seed ^ (u64::from(secrets.id.0) << 48))
+                }
+                _ => service,
+            });
+            let state = match service {
+                Ok(service) => match Replica::new(config.clone(), secrets, service) {
+                    Ok(r) => ReplicaState::Up(Box::new(r)),
+                    Err(e) => panic!("replica: {e}"),
+                },
+                Err(e) => {
+                    setup_error.get_or_insert(e);
+                    ReplicaState::Gone
+                }
+            };
             replicas.push(ReplicaNode {
-                state: ReplicaState::Up(Box::new(replica)),
+                state,
                 auth: Authenticator::for_replica(&config, secrets),
                 wal: Vec::new(),
                 byzantine,
@@ -760,12 +876,41 @@ impl Sim {
                 last_view: View(0),
                 restarts: 0,
                 crash_pending: false,
+                transferred: None,
             });
         }
         let mut client_nodes = Vec::new();
         for (i, secrets) in keys.clients.iter().take(clients.len()).enumerate() {
             let mut plan = Vec::new();
-            for k in 0..scenario.ops_per_client {
+            let mut fs = None;
+            if let ServiceKind::Fs(workload) = &scenario.service {
+                // A stream per client, apart from the run's: the key-value draws below and
+                // every later draw of the run stay what they are without a file workload.
+                let mut fs_rng = Rng::new(scenario.seed ^ 0xF5_C11E_0000 ^ ((i as u64) << 40));
+                // Reads are about a third of the steps, as gets are of key-value operations.
+                let read_only = scenario.read_only_per_mille.saturating_mul(3).min(1000);
+                for (step, read_only) in
+                    fs_workload::plan(&mut fs_rng, workload, scenario.ops_per_client, read_only)
+                {
+                    plan.push(PlannedOp {
+                        op: Step::Fs(step),
+                        read_only,
+                    });
+                }
+                fs = Some(FsClient::new(
+                    i,
+                    fs_rng,
+                    scenario.protocol.operation_bytes_max,
+                    workload.large_writes > 0,
+                ));
+            }
+            // Key-value operations, unless the plan is a file workload's.
+            let kv_ops = if fs.is_some() {
+                0
+            } else {
+                scenario.ops_per_client
+            };
+            for k in 0..kv_ops {
                 let key = format!("k{}", rng.below(scenario.keys)).into_bytes();
                 let (op, read_only) = match scenario.value_bytes {
                     Some((low, high)) => {
@@ -797,11 +942,15 @@ impl Sim {
                         }
                     }
                 };
-                plan.push(PlannedOp { op, read_only });
+                plan.push(PlannedOp {
+                    op: Step::Kv(op),
+                    read_only,
+                });
             }
             client_nodes.push(ClientNode {
                 client: Client::new(config.clone(), secrets, 1),
                 auth: Authenticator::for_client(&config, secrets),
+                fs,
                 plan,
                 next: 0,
                 in_flight: BTreeMap::new(),
@@ -823,8 +972,12 @@ impl Sim {
             })
             .collect();
         let byzantine = scenario.byzantine.iter().map(|(b, _)| *b).collect();
+        let mut checker = Checker::new(byzantine, faulty_ids);
+        if let Some(dir) = &run_dir {
+            checker = checker.with_fs_reference(dir.path().join("reference"));
+        }
         Sim {
-            checker: Checker::new(byzantine, faulty_ids),
+            checker,
             fired: vec![false; scenario.triggered_crashes.len()],
             scenario,
             rng,
@@ -845,7 +998,10 @@ impl Sim {
             record_bytes_max: 0,
             stale_view_changes: 0,
             split_new_views: 0,
+            checkpoints_after_transfer: 0,
             trace: std::env::var("SIM_TRACE").is_ok_and(|v| v == "1"),
+            setup_error,
+            _run_dir: run_dir,
         }
     }
 
@@ -990,6 +1146,11 @@ impl Sim {
                     self.send_sealed(r, to, &message)?;
                 }
                 Action::SendClient { to, message } => {
+                    if let Message::Client(ClientMessage::Reply(reply)) = &message {
+                        self.checker
+                            .observe_reply(r as u32, reply)
+                            .map_err(|e| self.fail(e))?;
+                    }
                     self.send_sealed(r, vec![Principal::Client(to)], &message)?
                 }
                 Action::Notify(n) => {
@@ -998,6 +1159,18 @@ impl Sim {
                     }
                     if let Notification::Misbehaviour { .. } = n {
                         self.misbehaviour_noticed += 1;
+                    }
+                    match (&n, &self.replicas[r].state) {
+                        (Notification::StateTransferred { seq, .. }, ReplicaState::Up(replica)) => {
+                            self.replicas[r].transferred =
+                                Some((*seq, replica.service().clamped()));
+                        }
+                        (Notification::CheckpointTaken { seq, .. }, _)
+                            if self.replicas[r].transferred.is_some_and(|(t, _)| *seq > t) =>
+                        {
+                            self.checkpoints_after_transfer += 1;
+                        }
+                        _ => {}
                     }
                     self.checker
                         .observe(r as u32, &n)
@@ -1093,11 +1266,10 @@ impl Sim {
         }
         let state = std::mem::replace(&mut self.replicas[r].state, ReplicaState::Gone);
         self.replicas[r].state = match state {
-            ReplicaState::Up(replica) => {
-                let mut service = replica.into_service();
-                service.reopen();
-                ReplicaState::Down(Box::new(service))
-            }
+            ReplicaState::Up(replica) => match replica.into_service().after_crash() {
+                Ok(service) => ReplicaState::Down(Box::new(service)),
+                Err(e) => return Err(self.fail(format!("replica {r} cannot restart: {e}"))),
+            },
             other => other,
         };
         Ok(())
@@ -1250,6 +1422,10 @@ impl Sim {
                 c.id
             )));
         };
+        if let (Some(fs), Some(Operation::Fs(request))) = (&mut node.fs, self.checker.operation(h))
+        {
+            fs.completed(request, &c.result);
+        }
         self.checker
             .complete(h, self.tick, c.result, c.read_only)
             .map_err(|e| self.fail(e))
@@ -1266,15 +1442,24 @@ impl Sim {
             && node.client.can_invoke()
         {
             let planned = &node.plan[node.next];
+            let op = match (&planned.op, &mut node.fs) {
+                (Step::Kv(op), _) => Operation::Kv(op.clone()),
+                (Step::Fs(step), Some(fs)) => Operation::Fs(Box::new(fs.request(*step))),
+                (Step::Fs(_), None) => {
+                    return Err(
+                        self.fail(format!("client {index}: a file step without a file client"))
+                    )
+                }
+            };
             match node
                 .client
-                .invoke(planned.op.encode(), planned.read_only, &mut actions)
+                .invoke(op.encode(), planned.read_only, &mut actions)
             {
                 Ok(id) => {
                     let h = self.checker.invoke(HistoryEntry {
                         client: node.client.id(),
                         id,
-                        op: planned.op.clone(),
+                        op,
                         invoked: tick,
                         completed: None,
                         result: None,
@@ -1299,6 +1484,9 @@ impl Sim {
 
     /// Runs the scenario to the end and checks everything.
     pub fn run(&mut self) -> Result<Report, Failure> {
+        if let Some(e) = &self.setup_error {
+            return Err(self.fail(format!("setup: {e}")));
+        }
         let mut drained = 0;
         while self.tick < self.scenario.max_ticks {
             // Faults scheduled for this tick.
@@ -1421,12 +1609,20 @@ impl Sim {
         report.faulty_client_requests = self.faulty_clients.iter().map(|c| c.sent).sum();
         report.stale_view_changes = self.stale_view_changes;
         report.split_new_views = self.split_new_views;
+        report.checkpoints_after_transfer = self.checkpoints_after_transfer;
         for (i, node) in self.replicas.iter().enumerate() {
             report.rejected_frames += node.auth.counters.rejected();
             if node.byzantine.is_some() {
+                if let ReplicaState::Up(r) = &node.state {
+                    report.backward_proposals += r.service().backward_proposals();
+                }
                 continue;
             }
             if let ReplicaState::Up(r) = &node.state {
+                if let Some((_, at_transfer)) = node.transferred {
+                    report.clamped_after_transfer +=
+                        r.service().clamped().saturating_sub(at_transfer);
+                }
                 let m = r.metrics();
                 report.view_changes = report.view_changes.max(m.view_changes_started);
                 report.state_transfers += m.state_transfers;
@@ -1441,6 +1637,7 @@ impl Sim {
             }
         }
         for c in &self.clients {
+            report.large_write_bytes += c.fs.as_ref().map_or(0, |fs| fs.large_write_bytes);
             report.rejected_frames += c.auth.counters.rejected();
             report.fast_completions += c.client.fast_completions;
             report.read_only_fallbacks += c.client.read_only_fallbacks;
@@ -2054,7 +2251,7 @@ impl Sim {
     }
 
     /// For tests: the replicas' metrics.
-    pub fn replica(&self, r: usize) -> Option<&Replica<KvService>> {
+    pub fn replica(&self, r: usize) -> Option<&Replica<SimService>> {
         match &self.replicas[r].state {
             ReplicaState::Up(replica) => Some(replica),
             _ => None,
@@ -2141,6 +2338,11 @@ impl Sim {
     /// How often replica `r` restarted.
     pub fn restarts(&self, r: usize) -> u64 {
         self.replicas[r].restarts
+    }
+
+    /// Requests the correct clients' plans hold (what a run must complete).
+    pub fn planned_requests(&self) -> u64 {
+        self.clients.iter().map(|c| c.plan.len() as u64).sum()
     }
 
     pub fn client_retransmissions(&self) -> u64 {

@@ -333,3 +333,95 @@ pub fn faulty_client_read_flood(seed: u64) -> Scenario {
     s.read_only_per_mille = 300;
     s
 }
+
+// ---------------------------------------------------------------------------------------------
+// The file service (issue #11: the simulator must run it, not only the key-value service)
+
+fn over_fs(mut s: Scenario, workload: FsWorkload) -> Scenario {
+    s.service = ServiceKind::Fs(workload);
+    s
+}
+
+/// A quiet run over the file service: files and directories made, written, truncated,
+/// renamed, removed, their modes and times set, and read on both paths.
+pub fn fs_calm(seed: u64) -> Scenario {
+    over_fs(Scenario::calm(seed), FsWorkload::default())
+}
+
+/// Writes of 1–4 MiB over the file service with deployment limits (4 MiB operations and
+/// batches), each sent as writes of at most 1 MiB (the service's largest, as the FUSE client
+/// sends them) with several in flight, so batches come near 4 MiB; reads of up to 1 MiB put
+/// large replies in the reply cache. The primary crashes halfway, while the large writes are
+/// under way. A checkpoint every 4 batches (not 64) so that checkpoint digests are compared
+/// and a checkpoint holds large replies. (Few large writes: see `large_ops_primary_crash` on
+/// what a megabyte costs the simulator.)
+pub fn fs_large_writes_primary_crash(seed: u64) -> Scenario {
+    let mut s = over_fs(
+        Scenario::calm(seed),
+        FsWorkload {
+            large_writes: 2,
+            large_write_bytes: (MIB, 4 * MIB),
+        },
+    );
+    s.protocol = deployed_protocol();
+    s.protocol.checkpoint_interval = 4;
+    s.clients = 2;
+    s.ops_per_client = 8;
+    s.client_parallelism = 4;
+    s.read_only_per_mille = 100;
+    s.triggered_crashes = vec![TriggeredCrash {
+        when: Trigger::Completions(12),
+        victims: Victims::Primary,
+        down_ticks: 400,
+    }];
+    s.fault_end_tick = 1500;
+    s.max_ticks = s.fault_end_tick + 6000;
+    s
+}
+
+/// The same with seven replicas (one large write per client: each is stored seven times).
+pub fn fs_large_writes_primary_crash_f2(seed: u64) -> Scenario {
+    let mut s = fs_large_writes_primary_crash(seed);
+    s.f = 2;
+    s.service = ServiceKind::Fs(FsWorkload {
+        large_writes: 1,
+        large_write_bytes: (MIB, 4 * MIB),
+    });
+    s.triggered_crashes[0].when = Trigger::Completions(9);
+    s
+}
+
+/// Issue #11, item 4. The primary (replica 0) proposes times anywhere inside the skew window
+/// the backups accept ([`Behaviour::SkewedTime`]): ahead of every clock, then back below
+/// times already agreed, which execution clamps to the newest agreed time. Replica 3 is down
+/// while the others move past its log window, so only state transfer brings it back, and it
+/// then runs the rest of the workload with them. If the newest agreed time were not part of
+/// the transferred state, replica 3 would clamp the primary's backward times against its own
+/// older time: its timestamps, replies and checkpoint digests would differ from the others'
+/// (the checkers catch that).
+///
+/// Down rather than cut off: a replica cut off alone moves on to a view of its own, which
+/// the others never join, so afterwards it only catches up (by fetching batches and state
+/// transfers) and never takes a checkpoint of its own to compare.
+///
+/// A checkpoint every 16 batches (a log window of 32): a transfer walks the partition tree
+/// in several round trips and starts over when a newer checkpoint becomes stable, so with
+/// the simulator's usual 4 it would only finish once the load stopped, and nothing would run
+/// after it.
+pub fn fs_time_skew_after_state_transfer(seed: u64) -> Scenario {
+    let mut s = fs_calm(seed);
+    s.byzantine = vec![(0, Behaviour::SkewedTime)];
+    s.protocol.checkpoint_interval = 16;
+    s.protocol.log_window = 32;
+    s.clients = 3;
+    s.ops_per_client = 30;
+    s.read_only_per_mille = 50;
+    s.crashes = vec![CrashPlan {
+        replica: 3,
+        at: 5,
+        restart: 220,
+    }];
+    s.fault_end_tick = 400;
+    s.drain_ticks = 400;
+    s
+}
