@@ -4,6 +4,7 @@
 //! certificate for a state this replica does not hold starts a catch-up (`stable_ahead`) or,
 //! if its own checkpoint differs, a repair by state transfer.
 
+use super::invariants::invariant;
 use super::{Action, Notification, OwnCheckpoint, Replica, WalRecord};
 use crate::wire::{
     AgreementMessage, Checkpoint, CheckpointCertificate, Digest, Message, Principal, ReplicaId,
@@ -14,6 +15,14 @@ use std::collections::BTreeMap;
 
 impl<S: Service> Replica<S> {
     pub(super) fn take_checkpoint(&mut self, seq: SeqNo, actions: &mut Vec<Action>) {
+        // Only committed state is checkpointed (PROTOCOLS §2.4 [D]).
+        invariant!(
+            seq == self.last_executed && seq == self.spec_executed,
+            "replica {}: checkpoint {seq:?} with the service at {:?} (committed {:?})",
+            self.id.0,
+            self.spec_executed,
+            self.last_executed
+        );
         let cp = match self.exec.checkpoint(seq.0) {
             Ok(cp) => cp,
             Err(e) => return self.halt(format!("checkpoint {}: {e}", seq.0), actions),
@@ -159,6 +168,12 @@ impl<S: Service> Replica<S> {
             self.next_seq = seq.next();
         }
         self.persist_snapshot(actions);
+        // Execution waits for the transfer to this checkpoint.
+        invariant!(
+            self.stable.seq == seq && self.last_executed < seq && self.stable_ahead.is_some(),
+            "replica {}: jumped to {seq:?} without a catch-up pending",
+            self.id.0
+        );
     }
 
     /// Service checkpoints below `seq` go only at the start of the next step: by then the
@@ -173,6 +188,14 @@ impl<S: Service> Replica<S> {
         if seq <= self.stable.seq {
             return;
         }
+        // Only a state this replica holds becomes its stable checkpoint.
+        invariant!(
+            self.own_checkpoints.get(&seq).is_some_and(|own| {
+                own.service_root == cert.service_root && own.replies_digest == cert.replies_digest
+            }),
+            "replica {}: making {seq:?} stable without holding that state",
+            self.id.0
+        );
         self.stable = cert;
         self.log = self.log.split_off(&seq.next());
         self.checkpoint_votes = self.checkpoint_votes.split_off(&seq.next());
@@ -197,6 +220,15 @@ impl<S: Service> Replica<S> {
             service_root: self.stable.service_root,
             replies_digest: self.stable.replies_digest,
         }));
+        invariant!(
+            self.log
+                .keys()
+                .chain(self.checkpoint_votes.keys())
+                .all(|s| *s > seq)
+                && self.next_seq > seq,
+            "replica {}: state at or below the new stable checkpoint {seq:?} kept",
+            self.id.0
+        );
         self.try_propose(actions);
     }
 }

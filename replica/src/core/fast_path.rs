@@ -7,6 +7,7 @@
 //! pre-prepares a new view re-issues ([`reissue`], a pure rule every replica recomputes).
 
 use super::execution::{ReplyLimits, ReplyTable};
+use super::invariants::invariant;
 use super::view_change::NewViewPlan;
 use super::{same_content, Action, Notification, Replica, Speculation};
 use crate::wire::{
@@ -144,6 +145,11 @@ impl<S: Service> Replica<S> {
     /// newest checkpoint at or below `last_executed` (always committed state), and the committed
     /// batches after it run again.
     pub(super) fn roll_back_speculation(&mut self, actions: &mut Vec<Action>) {
+        invariant!(
+            self.spec_executed > self.last_executed,
+            "replica {}: rolling back with nothing speculative",
+            self.id.0
+        );
         let Some(base) = self
             .own_checkpoints
             .range(..=self.last_executed)

@@ -1,4 +1,5 @@
-//! Invariants of the core, checked after every step.
+//! Invariants of the core, checked after every step, and the pre- and postconditions of its
+//! handlers ([`invariant!`]).
 //!
 //! A failed check is a bug in this replica, never a peer's doing (a faulty peer's messages are
 //! logged, counted and ignored by the handlers), so it crashes the replica. The safety rules
@@ -9,8 +10,19 @@
 use super::{Action, Replica};
 use state_abstraction::Service;
 
-/// Whether the full invariants are checked.
+/// Whether the full invariants and the handlers' pre- and postconditions are checked.
 pub(crate) const CHECKED: bool = cfg!(any(test, debug_assertions, feature = "sim"));
+
+/// Asserts a pre- or postcondition of a handler where [`CHECKED`] is on. Only for what the
+/// core's own logic guarantees: a failure is a bug, never a peer's doing.
+macro_rules! invariant {
+    ($condition:expr, $($message:tt)+) => {
+        if $crate::core::invariants::CHECKED {
+            assert!($condition, $($message)+);
+        }
+    };
+}
+pub(crate) use invariant;
 
 impl<S: Service> Replica<S> {
     /// Checked after every step (see [`Replica::step`]): the safety rules over the step's
@@ -50,6 +62,9 @@ impl<S: Service> Replica<S> {
             {
                 return Err("request queues over their bound".into());
             }
+            if self.pending.len() != self.pending_keys.len() {
+                return Err("pending requests and their keys disagree".into());
+            }
             if self.view_active && self.is_primary() && self.next_seq <= self.stable.seq {
                 return Err("primary's next sequence number is below the stable checkpoint".into());
             }
@@ -84,6 +99,18 @@ impl<S: Service> Replica<S> {
             }
             if self.spec_executed > self.last_executed && !self.config.protocol.fast_path {
                 return Err("speculation with the fast path off".into());
+            }
+            if let Some(t) = &self.transfer {
+                // A retry, or a transfer to a newer target, rolls back to the base again.
+                if !self.own_checkpoints.contains_key(&t.base) {
+                    return Err(format!("the state transfer's base {:?} is gone", t.base));
+                }
+                if self.last_executed != t.base || t.target.seq <= t.base {
+                    return Err(format!(
+                        "transferring {:?} over base {:?} with the service at {:?}",
+                        t.target.seq, t.base, self.last_executed
+                    ));
+                }
             }
         }
         Ok(())

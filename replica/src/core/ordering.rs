@@ -8,6 +8,7 @@
 //! the replies. Execution itself goes through [`super::execution::Executor`].
 
 use super::execution::{ExecutedRequest, Lookup};
+use super::invariants::invariant;
 use super::{same_content, Action, Notification, Replica, WalRecord};
 use crate::wire::{
     chain_history, AgreementMessage, Batch, ClientMessage, Commit, CommitCertificate, Digest,
@@ -70,6 +71,12 @@ impl<S: Service> Replica<S> {
                 continue;
             }
             let seq = self.next_seq;
+            invariant!(
+                self.in_window(seq) && seq > self.last_executed,
+                "replica {}: proposing {seq:?}, outside the window above {:?} or executed",
+                self.id.0,
+                self.stable.seq
+            );
             let nondet = self.exec.propose_nondet(self.now_ns);
             let batch_digest = batch.ordered_digest(&nondet);
             // Without our own chain below `seq` (a restart, or a committed slot skipped) the
@@ -260,6 +267,14 @@ impl<S: Service> Replica<S> {
     /// Backup: records an accepted proposal durably, then sends its prepare (rule 3).
     pub(super) fn accept_and_prepare(&mut self, proposal: Proposal, actions: &mut Vec<Action>) {
         let b = proposal.pre_prepare.body.clone();
+        // Every caller took the vote first (rule 1), within the window.
+        invariant!(
+            self.safety.voted(b.view, b.seq) == Some(b.batch_digest) && self.in_window(b.seq),
+            "replica {}: accepting {:?} at {:?} without its vote or outside the window",
+            self.id.0,
+            b.view,
+            b.seq
+        );
         actions.push(Action::Persist(WalRecord::Accepted(Box::new(
             proposal.clone(),
         ))));
@@ -505,6 +520,12 @@ impl<S: Service> Replica<S> {
         results: Vec<ExecutedRequest>,
         actions: &mut Vec<Action>,
     ) {
+        invariant!(
+            self.spec_executed >= seq,
+            "replica {}: {seq:?} committed before it ran (the service is at {:?})",
+            self.id.0,
+            self.spec_executed
+        );
         if let Err(e) = self.safety.check_execute(seq) {
             panic!("replica {}: {e}", self.id.0);
         }

@@ -34,7 +34,8 @@ impl<S: Service> Replica<S> {
     }
 
     /// A replica restarted from its durable state: the service reopened over its data, and
-    /// every durable WAL record in order (see the module doc).
+    /// every durable WAL record in order (see the driver contract in the module doc of
+    /// [`super`]).
     pub fn restore(
         config: Arc<ClusterConfig>,
         secrets: &ReplicaSecrets,

@@ -17,6 +17,7 @@ mod tests;
 pub use fetch::{Finished, Transfer, TransferStep};
 
 use super::execution::{ReplyLimits, ReplyTable};
+use super::invariants::invariant;
 use super::view_change;
 use super::{Action, Notification, OwnCheckpoint, Replica, WalRecord};
 use crate::wire::{
@@ -102,6 +103,12 @@ impl<S: Service> Replica<S> {
         transfer.carry(fetched);
         self.transfer = Some(transfer);
         self.apply_transfer_steps(steps, actions);
+        invariant!(
+            self.last_executed == base.seq && self.own_checkpoints.contains_key(&base.seq),
+            "replica {}: transfer started off its base {:?}",
+            self.id.0,
+            base.seq
+        );
     }
 
     fn apply_transfer_steps(&mut self, steps: Vec<TransferStep>, actions: &mut Vec<Action>) {
@@ -283,6 +290,14 @@ impl<S: Service> Replica<S> {
         {
             self.stable_ahead = None;
         }
+        invariant!(
+            self.last_executed >= target.seq && self.stable.seq >= target.seq,
+            "replica {}: transfer to {:?} finished at {:?} with stable {:?}",
+            self.id.0,
+            target.seq,
+            self.last_executed,
+            self.stable.seq
+        );
         actions.push(Action::Notify(Notification::StateTransferred {
             seq: target.seq,
             bytes,

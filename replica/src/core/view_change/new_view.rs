@@ -5,6 +5,7 @@
 //! every re-issued proposal, fetching the batches it lacks (*awaited* slots, `catch_up.rs`).
 
 use super::super::fast_path;
+use super::super::invariants::invariant;
 use super::super::{Action, Notification, Replica, WalRecord};
 use super::{plan_new_view, valid_quorum, NewViewPlan};
 use crate::wire::{
@@ -220,6 +221,20 @@ impl<S: Service> Replica<S> {
                 slot.sent_commit = false;
             }
         }
+        // Bound to every re-issued proposal in the window: accepted, or awaiting its batch.
+        invariant!(
+            plan.slots
+                .iter()
+                .filter(|(seq, _)| self.in_window(*seq))
+                .all(|(seq, _)| self.log.get(seq).is_some_and(|s| {
+                    s.proposal
+                        .as_ref()
+                        .is_some_and(|p| p.pre_prepare.body.view == view)
+                        || s.awaiting.as_ref().is_some_and(|a| a.body.view == view)
+                })),
+            "replica {}: new view {view:?} installed without binding every re-issued slot",
+            self.id.0
+        );
         self.request_awaited_batches(actions);
         self.next_seq = max_seq.max(self.last_executed).next();
         // Give the new primary the requests clients were waiting on.
@@ -263,6 +278,14 @@ impl<S: Service> Replica<S> {
         }
         self.execute_ready(actions);
         self.try_propose(actions);
+        invariant!(
+            self.halted
+                || (self.view_active
+                    && self.view == view
+                    && self.new_view_message.as_ref().map(|nv| nv.body.view) == Some(view)),
+            "replica {}: new view {view:?} not installed",
+            self.id.0
+        );
     }
 
     pub(in crate::core) fn on_query_new_view(

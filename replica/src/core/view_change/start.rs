@@ -4,6 +4,7 @@
 //! view changes for higher views make it join the smallest of them; 2f+1 for its view arm the
 //! timer that bounds the wait for the new view.
 
+use super::super::invariants::invariant;
 use super::super::{Action, Notification, Replica, WalRecord};
 use super::valid_view_change;
 use crate::wire::{
@@ -51,6 +52,13 @@ impl<S: Service> Replica<S> {
             view: new_view,
             active: false,
         }));
+        invariant!(
+            !self.view_active
+                && self.view == new_view
+                && self.view_changes.get(&self.id).map(|vc| vc.body.new_view) == Some(new_view),
+            "replica {}: entered {new_view:?} without its view change",
+            self.id.0
+        );
         self.maybe_send_new_view(actions);
     }
 
