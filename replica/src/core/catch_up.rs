@@ -20,6 +20,9 @@ const FETCH_BATCHES_MAX: u64 = 16;
 const FETCH_BYTES_MAX: usize = 16 << 20;
 
 impl<S: Service> Replica<S> {
+    /// A peer asks for the commit certificates of `first..=last`: it gets those of the slots
+    /// we executed, up to [`FETCH_BATCHES_MAX`], and our stable certificate too if it asks
+    /// below our window.
     pub(super) fn on_fetch_committed(
         &mut self,
         from: ReplicaId,
@@ -52,6 +55,8 @@ impl<S: Service> Replica<S> {
         }
     }
 
+    /// A relayed commit certificate for a batch we have not executed: adopted when 2f+1 of its
+    /// commits carry valid signatures, or when f+1 relayers vouch for the same proposal.
     pub(super) fn on_committed(
         &mut self,
         from: ReplicaId,
@@ -120,6 +125,8 @@ impl<S: Service> Replica<S> {
         self.execute_ready(actions);
     }
 
+    /// A peer asks for the proposals of `view` at `first..=last`: sent, each as we accepted it
+    /// (the primary's signature is what counts), up to [`FETCH_BYTES_MAX`] of operations.
     pub(super) fn on_fill_hole(
         &mut self,
         from: ReplicaId,
@@ -154,6 +161,8 @@ impl<S: Service> Replica<S> {
         }
     }
 
+    /// A proposal sent to fill a hole (fast path) or an awaited slot: handled as a pre-prepare
+    /// relayed by anyone.
     pub(super) fn on_filled(
         &mut self,
         from: ReplicaId,
@@ -244,6 +253,7 @@ impl<S: Service> Replica<S> {
         }
     }
 
+    /// The next replica to ask, in turn (never this one).
     pub(super) fn next_peer(&mut self) -> ReplicaId {
         let n = self.n() as u32;
         self.fetch_rotation = (self.fetch_rotation + 1) % n;

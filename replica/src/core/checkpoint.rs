@@ -14,6 +14,7 @@ use state_abstraction::Service;
 use std::collections::BTreeMap;
 
 impl<S: Service> Replica<S> {
+    /// Checkpoints the service at `seq` (just executed), persists it, and votes for it.
     pub(super) fn take_checkpoint(&mut self, seq: SeqNo, actions: &mut Vec<Action>) {
         // Only committed state is checkpointed (PROTOCOLS §2.4 [D]).
         invariant!(
@@ -62,6 +63,7 @@ impl<S: Service> Replica<S> {
         self.try_stable(seq, actions);
     }
 
+    /// A peer's checkpoint vote: counted towards a stable certificate.
     pub(super) fn on_checkpoint(
         &mut self,
         from: ReplicaId,
@@ -92,6 +94,7 @@ impl<S: Service> Replica<S> {
         self.try_stable(seq, actions);
     }
 
+    /// 2f+1 matching votes for `seq` make a stable certificate.
     fn try_stable(&mut self, seq: SeqNo, actions: &mut Vec<Action>) {
         let quorum = self.quorum();
         let Some(votes) = self.checkpoint_votes.get(&seq) else {
@@ -183,6 +186,8 @@ impl<S: Service> Replica<S> {
         self.discard_pending = Some(self.discard_pending.map_or(seq, |s| s.max(seq)));
     }
 
+    /// Our own checkpoint `cert.seq` is certified: it becomes the window's base, and the log,
+    /// votes and older checkpoints below it go (the transfer's base stays while one runs).
     pub(super) fn make_stable(&mut self, cert: CheckpointCertificate, actions: &mut Vec<Action>) {
         let seq = cert.seq;
         if seq <= self.stable.seq {

@@ -21,7 +21,7 @@ pub struct OwnCheckpoint {
     pub replies_digest: Digest,
 }
 
-/// Everything a replica must remember across a crash (see [`safety`] rule 3).
+/// Everything a replica must remember across a crash (see [`super::safety`] rule 3).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DurableState {
     pub genesis: Genesis,
@@ -70,6 +70,7 @@ pub enum WalRecord {
 }
 
 impl<S: Service> Replica<S> {
+    /// What a snapshot records (see [`DurableState`]).
     pub fn durable_state(&self) -> DurableState {
         DurableState {
             genesis: self.genesis,

@@ -11,22 +11,37 @@
 //! its handler. Each protocol has a file of its own, named after it; handlers are named after
 //! what they handle (`on_pre_prepare`, `on_checkpoint`, `on_view_change_timeout`, ...).
 //!
-//! | file | what it holds |
-//! |---|---|
-//! | `requests.rs` | client requests: the read-only path, answers from the reply cache, relaying a request to the primary and watching it |
-//! | `ordering.rs` | the normal case (PROTOCOLS §2.3): the primary proposes; pre-prepare, prepare, commit; committed batches executed in order |
-//! | `fast_path.rs` | Zyzzyva's speculative execution and its rollback (§6), holes below a buffered proposal, proofs of misbehaviour, the histories a new view re-issues |
-//! | `checkpoint.rs` | checkpoints taken, checkpoint votes, stable checkpoints and the log window (§2.4) |
-//! | `catch_up.rs` | fetching what the log lacks from peers: committed batches (`FetchCommitted`), batches by digest (`FillHole`) |
-//! | `view_change/` | the view change (§2.8–2.9): `start.rs` leaves a view (timeouts, VIEW-CHANGE, the evidence reported), `new_view.rs` enters one (NEW-VIEW built, checked, installed); the pure rules in `evidence.rs` (what a view change may carry) and `plan.rs` (what a new view re-issues); their tests and model check |
-//! | `state_transfer/` | state transfer (§4.3): `mod.rs` the replica's side (start, chase a newer target, retry, install), `fetch.rs` the verified walk of the partition tree, `serve.rs` the answers to peers |
-//! | `timers.rs` | the tick: which timers are due, each with its named handler (`on_state_transfer_timeout`, `on_view_change_timeout`, `on_retransmit_timeout`, `on_fill_hole_timeout`, `on_catch_up_timeout`) |
-//! | `restore.rs` | recovery: a replica rebuilt from its WAL and its reopened service after a restart |
-//! | `durable.rs` | what survives a crash: [`DurableState`], [`WalRecord`], snapshots |
-//! | `invariants.rs` | the checks run after every step (in tests, debug builds and the simulator: all of them) |
-//! | `safety.rs` | the safety rules, numbered: one proposal per slot, views only grow, persist before send, ... |
-//! | `execution.rs` | the one interface to the service, and the reply cache |
-//! | `bounds.rs` | upper bounds of every message and record, checked against the frame and record limits |
+//! - `requests.rs`: client requests: the read-only path, answers from the reply cache,
+//!   relaying a request to the primary and watching it.
+//! - `ordering.rs`: the normal case (PROTOCOLS §2.3): the primary proposes; pre-prepare,
+//!   prepare, commit; committed batches executed in order.
+//! - `fast_path.rs`: Zyzzyva's speculative execution and its rollback (§6), holes below a
+//!   buffered proposal, proofs of misbehaviour, the histories a new view re-issues.
+//! - `checkpoint.rs`: checkpoints taken, checkpoint votes, stable checkpoints and the log
+//!   window (§2.4).
+//! - `catch_up.rs`: fetching what the log lacks from peers: committed batches
+//!   (`FetchCommitted`), batches by sequence number and view (`FillHole`).
+//! - `view_change/` (§2.8–2.9): `start.rs` leaves a view (timeouts, the view change, the
+//!   evidence reported), `new_view.rs` enters one (the new view built, checked, installed); the
+//!   pure rules in `evidence.rs` (what a view change may carry) and `plan.rs` (what a new view
+//!   re-issues); their tests and the model check.
+//! - `state_transfer/` (§4.3): `mod.rs` is the replica's side (start, chase a newer target,
+//!   retry, install), `fetch.rs` the verified walk of the partition tree, `serve.rs` the answers
+//!   to peers.
+//! - `timers.rs`: the tick: which timers are due, each with its named handler
+//!   (`on_state_transfer_timeout`, `on_view_change_timeout`, `on_retransmit_timeout`,
+//!   `on_fill_hole_timeout`, `on_catch_up_timeout`).
+//! - `restore.rs`: recovery, a replica rebuilt from its WAL and its reopened service after a
+//!   restart.
+//! - `durable.rs`: what survives a crash: [`DurableState`], [`WalRecord`], snapshots.
+//! - `invariants.rs`: the checks run after every step, and the handlers' pre- and
+//!   postconditions (all of them in tests, debug builds and the simulator).
+//! - `safety.rs`: the safety rules, numbered: one proposal per slot, views only grow, persist
+//!   before send, commit only what prepared, execute in order once, new views recomputed.
+//! - `execution.rs`: the one interface to the service, and the reply cache.
+//! - `bounds.rs`: upper bounds of every message and record, checked against the frame and
+//!   record limits.
+//! - `tests/`: unit tests of the core, one file per protocol.
 //!
 //! The handlers are private to the core. The only way in is [`Replica::step`], with a tick or
 //! an [`Authenticated`] message, which only the verifier
@@ -273,7 +288,7 @@ pub struct Replica<S: Service> {
     /// (fast path). Never past an uncommitted checkpoint boundary, so checkpoints are always
     /// taken on committed state (PROTOCOLS §2.4 [D]).
     spec_executed: SeqNo,
-    /// The current view's history anchor: its starting checkpoint and [`history_anchor`] of it
+    /// The current view's history anchor: its starting checkpoint and [`crate::wire::history_anchor`] of it
     /// (unknown after a restart into a view whose new-view message was not kept).
     view_anchor: Option<(SeqNo, Digest)>,
     /// Requests whose cached reply comes from a speculative execution, with its slot: a
@@ -483,6 +498,8 @@ impl<S: Service> Replica<S> {
         }
     }
 
+    /// Dispatches a message to its handler. Client messages may come relayed by anyone (the
+    /// client's signature is what counts); anything else only from another configured replica.
     fn on_message(&mut self, sender: Principal, message: Message, actions: &mut Vec<Action>) {
         let from = match (sender, &message) {
             (_, Message::Client(ClientMessage::Request(r))) => {

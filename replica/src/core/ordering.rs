@@ -18,6 +18,7 @@ use crate::wire::{
 use state_abstraction::Service;
 
 impl<S: Service> Replica<S> {
+    /// Moves the primary's next sequence number past executed and committed slots.
     fn skip_committed_seqs(&mut self) {
         if self.next_seq <= self.last_executed {
             self.next_seq = self.last_executed.next();
@@ -146,6 +147,8 @@ impl<S: Service> Replica<S> {
         (p.body.view == self.view).then_some(p.body.history)
     }
 
+    /// Traffic from a view we never entered: we missed its new view (e.g. while down), so ask
+    /// the sender for it, at most once per retransmission interval.
     fn note_view_ahead(&mut self, from: ReplicaId, view: View, actions: &mut Vec<Action>) {
         // Traffic from a view we never entered: we missed its new view (e.g. while down).
         let due = self
@@ -160,6 +163,7 @@ impl<S: Service> Replica<S> {
         }
     }
 
+    /// A pre-prepare from the primary (a backup's is misbehaviour).
     pub(super) fn on_pre_prepare(
         &mut self,
         from: ReplicaId,
@@ -298,6 +302,7 @@ impl<S: Service> Replica<S> {
         }
     }
 
+    /// A backup's prepare: counted towards a prepared certificate (the latest per replica).
     pub(super) fn on_prepare(
         &mut self,
         from: ReplicaId,
@@ -331,6 +336,7 @@ impl<S: Service> Replica<S> {
         self.try_prepared(b.seq, actions);
     }
 
+    /// A commit: counted towards committing the slot, and kept as a spare in its certificate.
     pub(super) fn on_commit(
         &mut self,
         from: ReplicaId,
@@ -382,6 +388,8 @@ impl<S: Service> Replica<S> {
         self.try_committed(b.seq, actions);
     }
 
+    /// The proposal at `seq` and 2f matching prepares of this view: persist the prepared
+    /// certificate, then send our commit (rule 4).
     pub(super) fn try_prepared(&mut self, seq: SeqNo, actions: &mut Vec<Action>) {
         let needed = 2 * self.f();
         let (view, active, me) = (self.view, self.view_active, self.id);
@@ -434,6 +442,7 @@ impl<S: Service> Replica<S> {
         self.try_committed(seq, actions);
     }
 
+    /// 2f+1 matching commits: the slot committed; run what is ready.
     fn try_committed(&mut self, seq: SeqNo, actions: &mut Vec<Action>) {
         let quorum = self.quorum();
         let Some(slot) = self.log.get_mut(&seq) else {

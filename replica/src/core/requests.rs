@@ -11,6 +11,7 @@ use crate::wire::{
 use state_abstraction::Service;
 
 impl<S: Service> Replica<S> {
+    /// A committed (or read-only) reply to `request`.
     fn reply(&self, request: &Request, result: Vec<u8>, read_only: bool) -> Action {
         Action::SendClient {
             to: request.client,
@@ -25,6 +26,9 @@ impl<S: Service> Replica<S> {
         }
     }
 
+    /// A client's request, from the client or relayed by a replica: a read-only one is
+    /// answered from committed state or held; an ordered one is answered from the reply cache,
+    /// queued by the primary, or relayed to the primary and watched by a backup.
     pub(super) fn on_request(
         &mut self,
         sender: Principal,
@@ -186,6 +190,7 @@ impl<S: Service> Replica<S> {
         self.last_executed < self.read_only_barrier || self.spec_executed > self.last_executed
     }
 
+    /// Answers the held read-only requests once the state is fully committed.
     pub(super) fn answer_deferred_reads(&mut self, actions: &mut Vec<Action>) {
         if self.deferred_reads.is_empty()
             || self.reads_behind()

@@ -27,6 +27,7 @@ use crate::wire::{
 use state_abstraction::Service;
 
 impl<S: Service> Replica<S> {
+    /// Starts a state transfer to `cert` unless our state already reached it.
     pub(super) fn begin_transfer(
         &mut self,
         cert: CheckpointCertificate,
@@ -111,6 +112,7 @@ impl<S: Service> Replica<S> {
         );
     }
 
+    /// Performs what the fetcher asked: requests to send, bad answers to count.
     fn apply_transfer_steps(&mut self, steps: Vec<TransferStep>, actions: &mut Vec<Action>) {
         for step in steps {
             match step {
@@ -208,6 +210,8 @@ impl<S: Service> Replica<S> {
         }
     }
 
+    /// Installs a finished transfer and checks it against the certificate (else rolls back to
+    /// the base and retries), then makes it our stable checkpoint and catches up from there.
     fn finish_transfer(
         &mut self,
         target: CheckpointCertificate,

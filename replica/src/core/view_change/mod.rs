@@ -10,11 +10,13 @@
 //!
 //! For every sequence number above its stable checkpoint (and within the log window), in
 //! increasing sequence order, at most two items:
-//! 1. its **highest-view strong evidence** ([`Evidence::Prepared`]), if it has any;
+//! 1. its **highest-view strong evidence** ([`crate::wire::Evidence::Prepared`]), if it has
+//!    any;
 //! 2. then, only if it accepted a proposal in a **strictly higher view** than that (or has no
-//!    strong evidence), the **highest-view proposal it accepted** ([`Evidence::Accepted`]):
-//!    the pre-prepare signed by that view's primary, with its batch, accepted inside an
-//!    installed view (re-issued proposals of a new view count as accepted in that view).
+//!    strong evidence), the **highest-view proposal it accepted**
+//!    ([`crate::wire::Evidence::Accepted`]): the pre-prepare signed by that view's primary,
+//!    with its batch, accepted inside an installed view (re-issued proposals of a new view
+//!    count as accepted in that view).
 //!
 //! Both are needed: a replica whose only certificate is from view 1 but which accepted (and
 //! speculatively executed) something in view 2 must say so, or a request completed on the

@@ -15,6 +15,8 @@ use crate::wire::{
 use state_abstraction::Service;
 
 impl<S: Service> Replica<S> {
+    /// The new primary, with 2f+1 view changes for its view (its own first): builds, installs
+    /// and broadcasts the new view.
     pub(in crate::core) fn maybe_send_new_view(&mut self, actions: &mut Vec<Action>) {
         if self.view_active || self.primary() != self.id {
             return;
@@ -53,6 +55,8 @@ impl<S: Service> Replica<S> {
         });
     }
 
+    /// A new view: installed if its primary is right, its view changes are a valid quorum, and
+    /// its pre-prepares are the ones we recompute from them (rule 6).
     pub(in crate::core) fn on_new_view(
         &mut self,
         from: ReplicaId,
@@ -99,6 +103,7 @@ impl<S: Service> Replica<S> {
         self.install_new_view(nv, plan, actions);
     }
 
+    /// Installs a checked new view (see the module doc).
     fn install_new_view(
         &mut self,
         nv: Signed<NewView>,
@@ -288,6 +293,7 @@ impl<S: Service> Replica<S> {
         );
     }
 
+    /// A peer missed the new view of `view` or later: sent ours if it is that recent.
     pub(in crate::core) fn on_query_new_view(
         &mut self,
         from: ReplicaId,

@@ -19,6 +19,7 @@ impl<S: Service> Replica<S> {
         self.start_view_change(next, actions);
     }
 
+    /// Enters `new_view` (rule 2), persists that, and broadcasts our view change.
     fn start_view_change(&mut self, new_view: View, actions: &mut Vec<Action>) {
         if self.safety.check_enter_view(new_view, false).is_err() {
             return;
@@ -62,6 +63,8 @@ impl<S: Service> Replica<S> {
         self.maybe_send_new_view(actions);
     }
 
+    /// A peer's view change: answered with our new view if it is behind; otherwise kept, and
+    /// f+1 for higher views make us join the smallest of them.
     pub(in crate::core) fn on_view_change(
         &mut self,
         from: ReplicaId,
@@ -106,6 +109,7 @@ impl<S: Service> Replica<S> {
         self.maybe_send_new_view(actions);
     }
 
+    /// Arms the deadline for the new view once 2f+1 replicas want this view or a later one.
     fn arm_view_change_timer(&mut self) {
         if self.view_active || self.view_change_deadline.is_some() {
             return;
