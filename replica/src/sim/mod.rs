@@ -2155,7 +2155,7 @@ impl Sim {
                 .collect();
             let plan = crate::core::view_change::plan_new_view(&self.config, &subset);
             let me = ReplicaId(r as u32);
-            let pre_prepares = crate::core::speculation::reissue(view, me, &plan)
+            let pre_prepares = crate::core::fast_path::reissue(view, me, &plan)
                 .into_iter()
                 .map(|pp| signer.sign(pp))
                 .collect();

@@ -17,8 +17,9 @@
 use super::*;
 use crate::config::ClusterKeys;
 use crate::wire::{
-    frame_length, Authenticator, Message, PrePrepare, Prepare, Principal, Request, Signer,
-    Timestamp, ViewChangeMessage, FRAME_HEADER_BYTES,
+    frame_length, Authenticator, Batch, CheckpointCertificate, Digest, Evidence, Message,
+    PrePrepare, Prepare, PreparedCertificate, Principal, Proposal, ReplicaId, Request, SeqNo,
+    Signed, Signer, Timestamp, View, ViewChange, ViewChangeMessage, FRAME_HEADER_BYTES,
 };
 use state_abstraction::ClientId;
 

@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::config::{generate, ClusterKeys, ProtocolConfig};
-use crate::wire::Signer;
+use crate::wire::{CheckpointCertificate, SeqNo, Signer};
 use state_abstraction::ClientId;
 
 /// Keys for four replicas (f = 1) at `addresses` and one client, `ClientId(1)`, with the

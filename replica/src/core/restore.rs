@@ -1,0 +1,409 @@
+//! Recovery: a replica rebuilt after a restart from every durable WAL record and its reopened
+//! service (see the driver contract in the module doc of [`super`]). The WAL is replayed into
+//! one durable state; the service goes back to the newest checkpoint both hold; votes are
+//! re-recorded for the safety rules; the replica's own prepares and commits are re-signed so
+//! retransmission can finish what was in flight.
+
+use super::execution::{Executor, ReplyLimits, ReplyTable};
+use super::safety::SafetyRules;
+use super::view_change::{self, Genesis};
+use super::{CoreError, DurableState, Metrics, OwnCheckpoint, Replica, Slot, WalRecord};
+use crate::config::{ClusterConfig, ReplicaSecrets};
+use crate::wire::{
+    history_anchor, Batch, CheckpointCertificate, Commit, Digest, NewView, PrePrepare, Prepare,
+    PreparedCertificate, Proposal, SeqNo, Signed, Signer, View, ViewChange,
+};
+use state_abstraction::Service;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+
+fn empty_replies_digest(limits: ReplyLimits) -> (Vec<u8>, Digest) {
+    let bytes = ReplyTable::new(limits).encode();
+    let digest = ReplyTable::digest_of_encoding(&bytes);
+    (bytes, digest)
+}
+
+impl<S: Service> Replica<S> {
+    /// A replica with an empty WAL over a fresh service.
+    pub fn new(
+        config: Arc<ClusterConfig>,
+        secrets: &ReplicaSecrets,
+        service: S,
+    ) -> Result<Self, CoreError> {
+        Self::restore(config, secrets, service, Vec::new())
+    }
+
+    /// A replica restarted from its durable state: the service reopened over its data, and
+    /// every durable WAL record in order (see the driver contract in the module doc of
+    /// [`super`]).
+    pub fn restore(
+        config: Arc<ClusterConfig>,
+        secrets: &ReplicaSecrets,
+        service: S,
+        wal: Vec<WalRecord>,
+    ) -> Result<Self, CoreError> {
+        config.validate()?;
+        let limits = ReplyLimits::of(&config);
+        let mut exec = Executor::new(service, limits);
+        let (empty_replies, empty_digest) = empty_replies_digest(limits);
+
+        // Replay the WAL into one durable state.
+        let mut state: Option<DurableState> = None;
+        let mut safety = SafetyRules::new(View(0), SeqNo(0));
+        let mut entered: Vec<(View, bool)> = Vec::new();
+        // Per slot, the highest-view pre-prepare accepted; and every batch logged, by slot and
+        // digest (a certificate's batch may belong to an older view than the acceptance).
+        let mut accepted: BTreeMap<SeqNo, Signed<PrePrepare>> = BTreeMap::new();
+        let mut batches: BTreeMap<(SeqNo, Digest), Batch> = BTreeMap::new();
+        let mut prepared: BTreeMap<SeqNo, PreparedCertificate> = BTreeMap::new();
+        let mut checkpoints: BTreeMap<SeqNo, OwnCheckpoint> = BTreeMap::new();
+        let mut stable: Option<CheckpointCertificate> = None;
+        let mut new_view_message: Option<Signed<NewView>> = None;
+        for record in &wal {
+            safety.note_persisted(record);
+            match record {
+                WalRecord::Snapshot(s) => {
+                    entered = vec![(s.view, s.view_active)];
+                    accepted = s.accepted.iter().map(|p| (p.body.seq, p.clone())).collect();
+                    batches.clear();
+                    prepared = s
+                        .prepared
+                        .iter()
+                        .map(|c| (c.pre_prepare.body.seq, c.clone()))
+                        .collect();
+                    checkpoints = s.checkpoints.iter().map(|c| (c.seq, c.clone())).collect();
+                    stable = Some(s.stable.clone());
+                    new_view_message = s.new_view.clone();
+                    state = Some((**s).clone());
+                }
+                WalRecord::NewViewMessage(nv) => {
+                    if new_view_message
+                        .as_ref()
+                        .is_none_or(|old| old.body.view <= nv.body.view)
+                    {
+                        new_view_message = Some((**nv).clone());
+                    }
+                }
+                WalRecord::EnteredView { view } => entered.push((*view, false)),
+                WalRecord::InstalledView { view } => entered.push((*view, true)),
+                WalRecord::Accepted(p) => {
+                    let b = &p.pre_prepare.body;
+                    if accepted
+                        .get(&b.seq)
+                        .is_none_or(|old| old.body.view <= b.view)
+                    {
+                        accepted.insert(b.seq, p.pre_prepare.clone());
+                    }
+                    batches.insert((b.seq, b.batch_digest), p.batch.clone());
+                }
+                WalRecord::Prepared(c) => {
+                    let seq = c.pre_prepare.body.seq;
+                    let view = c.pre_prepare.body.view;
+                    if prepared
+                        .get(&seq)
+                        .is_none_or(|old| old.pre_prepare.body.view <= view)
+                    {
+                        prepared.insert(seq, (**c).clone());
+                    }
+                }
+                WalRecord::CheckpointTaken {
+                    seq,
+                    service_root,
+                    replies,
+                } => {
+                    checkpoints.insert(
+                        *seq,
+                        OwnCheckpoint {
+                            seq: *seq,
+                            service_root: *service_root,
+                            replies: replies.clone(),
+                            replies_digest: ReplyTable::digest_of_encoding(replies),
+                        },
+                    );
+                }
+                WalRecord::Stable(c) => {
+                    if stable.as_ref().is_none_or(|s| s.seq < c.seq) {
+                        stable = Some((**c).clone());
+                    }
+                }
+            }
+        }
+
+        // The genesis checkpoint.
+        let genesis = match &state {
+            Some(s) => s.genesis,
+            None => {
+                let held = exec.service().checkpoints();
+                let root = match held.first() {
+                    Some((0, root)) => {
+                        if held.len() > 1 {
+                            exec.service_mut().rollback_to(0)?;
+                        }
+                        *root
+                    }
+                    Some((seq, _)) => {
+                        return Err(CoreError::Inconsistent(format!(
+                            "the service holds checkpoint {seq} but the WAL is empty"
+                        )))
+                    }
+                    None => exec.service_mut().checkpoint(0)?,
+                };
+                checkpoints.insert(
+                    SeqNo(0),
+                    OwnCheckpoint {
+                        seq: SeqNo(0),
+                        service_root: root,
+                        replies: empty_replies.clone(),
+                        replies_digest: empty_digest,
+                    },
+                );
+                Genesis {
+                    service_root: root,
+                    replies_digest: empty_digest,
+                }
+            }
+        };
+        let stable = stable.unwrap_or(CheckpointCertificate {
+            seq: SeqNo(0),
+            service_root: genesis.service_root,
+            replies_digest: genesis.replies_digest,
+            checkpoints: Vec::new(),
+        });
+
+        // The newest checkpoint both the service and the WAL hold is where execution resumes.
+        let held: BTreeMap<u64, Digest> = exec.service().checkpoints().into_iter().collect();
+        let resume = checkpoints
+            .values()
+            .rev()
+            .find(|c| held.get(&c.seq.0) == Some(&c.service_root))
+            .cloned()
+            .ok_or_else(|| {
+                CoreError::Inconsistent("no checkpoint held by both the service and the WAL".into())
+            })?;
+        if held.keys().next_back().copied() != Some(resume.seq.0) {
+            exec.service_mut().rollback_to(resume.seq.0)?;
+        }
+        let replies = ReplyTable::decode(&resume.replies, limits)
+            .map_err(|e| CoreError::Inconsistent(format!("reply cache: {e}")))?;
+        exec.set_replies(replies);
+        checkpoints.retain(|seq, _| *seq <= resume.seq && *seq >= stable.seq.min(resume.seq));
+
+        let (view, view_active) = entered
+            .iter()
+            .copied()
+            .max_by_key(|(v, active)| (*v, *active))
+            .unwrap_or((View(0), true));
+        safety
+            .check_enter_view(view, true)
+            .map_err(|e| CoreError::Inconsistent(e.to_string()))?;
+        safety.reset_executed(resume.seq);
+
+        let low = stable.seq;
+        let mut log: BTreeMap<SeqNo, Slot> = BTreeMap::new();
+        let mut highest_seen = resume.seq;
+        // The pre-prepares of the installed view's new-view message bind this replica even
+        // where it logged no acceptance: it had not received their batches yet.
+        if let Some(nv) = new_view_message
+            .as_ref()
+            .filter(|nv| nv.body.view == view && view_active)
+        {
+            for pp in &nv.body.pre_prepares {
+                let seq = pp.body.seq;
+                if seq > low && accepted.get(&seq).is_none_or(|a| a.body.view < view) {
+                    accepted.insert(seq, pp.clone());
+                }
+            }
+        }
+        for (seq, pre_prepare) in accepted.range(low.next()..) {
+            let b = &pre_prepare.body;
+            // Re-record the vote (rule 1 survives the restart).
+            let _ = safety.check_vote(b.view, *seq, b.batch_digest);
+            highest_seen = highest_seen.max(*seq);
+            let slot = log.entry(*seq).or_default();
+            let batch = batches.get(&(*seq, b.batch_digest)).cloned().or_else(|| {
+                (Batch::default().ordered_digest(&b.nondet) == b.batch_digest).then(Batch::default)
+            });
+            match batch {
+                Some(batch) => {
+                    slot.proposal = Some(Proposal {
+                        pre_prepare: pre_prepare.clone(),
+                        batch,
+                    })
+                }
+                // Only a vote: awaited if it is of the installed view, else just remembered.
+                None if b.view == view && view_active => slot.awaiting = Some(pre_prepare.clone()),
+                None => {}
+            }
+        }
+        // Our own prepares and commits are re-signed from what was persisted (the same
+        // statements, so rule 3 still holds) so that retransmission can resend them.
+        let signer = Signer::from_secret(&secrets.signing_key.0);
+        for (_, slot) in log.iter_mut() {
+            if let Some(p) = &slot.proposal {
+                let b = &p.pre_prepare.body;
+                if b.primary != secrets.id {
+                    let prepare = signer.sign(Prepare {
+                        view: b.view,
+                        seq: b.seq,
+                        batch_digest: b.batch_digest,
+                        replica: secrets.id,
+                    });
+                    slot.prepares.insert(secrets.id, prepare);
+                }
+            }
+        }
+        for (seq, cert) in prepared.range(low.next()..) {
+            let slot = log.entry(*seq).or_default();
+            let same_view = slot.proposal.as_ref().map(|p| p.pre_prepare.body.view)
+                == Some(cert.pre_prepare.body.view);
+            slot.sent_commit = same_view;
+            slot.certified_batch = batches
+                .get(&(*seq, cert.pre_prepare.body.batch_digest))
+                .cloned();
+            if same_view {
+                let b = &cert.pre_prepare.body;
+                let commit = signer.sign(Commit {
+                    view: b.view,
+                    seq: b.seq,
+                    batch_digest: b.batch_digest,
+                    replica: secrets.id,
+                });
+                slot.commits.insert(secrets.id, commit);
+            }
+            slot.certificate = Some(cert.clone());
+        }
+        let n = config.n();
+        let next_seq = log
+            .iter()
+            .filter(|(_, s)| {
+                s.awaiting.is_some()
+                    || s.proposal
+                        .as_ref()
+                        .is_some_and(|p| p.pre_prepare.body.view == view)
+            })
+            .map(|(seq, _)| *seq)
+            .max()
+            .unwrap_or(low.max(resume.seq))
+            .next();
+        let stable_ahead = (stable.seq > resume.seq).then(|| stable.clone());
+        let vc_timeout = config.protocol.view_change_timeout_ticks;
+        let new_view_message = new_view_message.filter(|nv| nv.body.view == view && view_active);
+        let view_anchor = match &new_view_message {
+            _ if view == View(0) => {
+                let genesis_cert = CheckpointCertificate {
+                    seq: SeqNo(0),
+                    service_root: genesis.service_root,
+                    replies_digest: genesis.replies_digest,
+                    checkpoints: Vec::new(),
+                };
+                Some((SeqNo(0), history_anchor(&genesis_cert)))
+            }
+            Some(nv) => {
+                let plan = view_change::plan_new_view(&config, &nv.body.view_changes);
+                Some((plan.stable.seq, history_anchor(&plan.stable)))
+            }
+            None => None,
+        };
+        let replica = Replica {
+            id: secrets.id,
+            signer: Signer::from_secret(&secrets.signing_key.0),
+            exec,
+            safety,
+            genesis,
+            view,
+            view_active,
+            new_view_message,
+            log,
+            stable,
+            last_executed: resume.seq,
+            spec_executed: resume.seq,
+            view_anchor,
+            spec_keys: BTreeMap::new(),
+            fill_hole: None,
+            deferred_reads: VecDeque::new(),
+            next_seq,
+            own_checkpoints: checkpoints,
+            checkpoint_votes: BTreeMap::new(),
+            pending: VecDeque::new(),
+            pending_keys: BTreeSet::new(),
+            proposed: BTreeSet::new(),
+            waiting: BTreeMap::new(),
+            view_changes: BTreeMap::new(),
+            view_change_timeout_ticks: vc_timeout,
+            view_change_deadline: (!view_active).then_some(vc_timeout),
+            caught_up_tick: 0,
+            ticks: 0,
+            now_ns: 0,
+            last_progress_tick: 0,
+            last_fetch_tick: 0,
+            last_view_query_tick: None,
+            fetch_rotation: secrets.id.0,
+            commit_vouches: BTreeMap::new(),
+            highest_seen,
+            read_only_barrier: highest_seen,
+            stable_ahead,
+            transfer: None,
+            initial_snapshot: true,
+            discard_pending: None,
+            halted: false,
+            metrics: Metrics::default(),
+            config,
+        };
+        let mut replica = replica;
+        // Votes are not logged, only what they vouch for. Re-sign this replica's own prepares
+        // and commits for the slots it restored (Ed25519 is deterministic, so these are the
+        // very statements it made before), so that retransmission can finish batches that
+        // were in flight when every replica went down at once; otherwise nobody holds the
+        // commits for them any more and they would wait for a view change that never comes.
+        if replica.view_active {
+            let (me, view) = (replica.id, replica.view);
+            for (seq, slot) in replica.log.iter_mut() {
+                let Some(p) = &slot.proposal else { continue };
+                let b = &p.pre_prepare.body;
+                if b.view != view {
+                    continue;
+                }
+                if b.primary != me {
+                    let prepare = replica.signer.sign(Prepare {
+                        view,
+                        seq: *seq,
+                        batch_digest: b.batch_digest,
+                        replica: me,
+                    });
+                    slot.prepares.insert(me, prepare);
+                }
+                if slot.sent_commit {
+                    if let Some(cert) = &slot.certificate {
+                        for pr in &cert.prepares {
+                            slot.prepares
+                                .entry(pr.body.replica)
+                                .or_insert_with(|| pr.clone());
+                        }
+                    }
+                    let commit = replica.signer.sign(Commit {
+                        view,
+                        seq: *seq,
+                        batch_digest: b.batch_digest,
+                        replica: me,
+                    });
+                    slot.commits.insert(me, commit);
+                }
+            }
+        }
+        if !replica.view_active {
+            // Restarted during a view change: speak again for the view we had entered (the
+            // same statement, so no new record is needed) and wait for 2f+1 to arm the timer.
+            replica.view_change_deadline = None;
+            let evidence = replica.evidence();
+            let vc = replica.signer.sign(ViewChange {
+                new_view: replica.view,
+                replica: replica.id,
+                stable: replica.stable.clone(),
+                evidence,
+            });
+            replica.view_changes.insert(replica.id, vc);
+        }
+        debug_assert!(replica.id.0 < n as u32);
+        Ok(replica)
+    }
+}

@@ -1,0 +1,321 @@
+//! State transfer (PROTOCOLS §4.3): a replica whose state is behind a stable checkpoint it
+//! cannot reach by committed batches (or whose own checkpoint turned out corrupt) fetches the
+//! certified state from its peers.
+//!
+//! - This file: the replica's side. It rolls the service back to its newest checkpoint below
+//!   the target (the *base*, kept until the transfer ends), starts a [`fetch::Transfer`],
+//!   chases a newer target (keeping what was fetched), retries a transfer whose result does not
+//!   match the certificate, and installs the result as its own checkpoint.
+//! - [`fetch`]: the verified walk of the partition tree, with no I/O.
+//! - [`serve`]: the answers to peers' requests.
+
+pub mod fetch;
+pub mod serve;
+#[cfg(test)]
+mod tests;
+
+pub use fetch::{Finished, Transfer, TransferStep};
+
+use super::execution::{ReplyLimits, ReplyTable};
+use super::invariants::invariant;
+use super::view_change;
+use super::{Action, Notification, OwnCheckpoint, Replica, WalRecord};
+use crate::wire::{
+    AgreementMessage, CheckpointCertificate, Message, Principal, ReplicaId, SeqNo,
+    StateTransferMessage,
+};
+use state_abstraction::Service;
+
+impl<S: Service> Replica<S> {
+    /// Starts a state transfer to `cert` unless our state already reached it.
+    pub(super) fn begin_transfer(
+        &mut self,
+        cert: CheckpointCertificate,
+        actions: &mut Vec<Action>,
+    ) {
+        if cert.seq <= self.last_executed && self.last_executed >= self.stable.seq {
+            return;
+        }
+        self.start_transfer(cert, actions)
+    }
+
+    /// Starts a state transfer to `cert` whatever we executed (also when our own state at
+    /// `cert` turned out corrupt).
+    pub(super) fn start_transfer(
+        &mut self,
+        cert: CheckpointCertificate,
+        actions: &mut Vec<Action>,
+    ) {
+        if self
+            .transfer
+            .as_ref()
+            .is_some_and(|t| t.target.seq >= cert.seq)
+        {
+            return;
+        }
+        // Diff against our newest checkpoint below the target: roll the service back to it.
+        let Some(base) = self
+            .own_checkpoints
+            .range(..cert.seq)
+            .next_back()
+            .map(|(_, c)| c.clone())
+        else {
+            return self.halt(
+                "no own checkpoint to transfer state against".into(),
+                actions,
+            );
+        };
+        let replies = match ReplyTable::decode(&base.replies, ReplyLimits::of(&self.config)) {
+            Ok(r) => r,
+            Err(e) => return self.halt(format!("own reply cache: {e}"), actions),
+        };
+        if let Err(e) = self.exec.rollback_to(base.seq.0, replies) {
+            return self.halt(format!("rollback to {}: {e}", base.seq.0), actions);
+        }
+        self.set_service_position(base.seq);
+        let mut peers: Vec<ReplicaId> = cert.checkpoints.iter().map(|c| c.body.replica).collect();
+        for r in self.config.replica_ids() {
+            if !peers.contains(&r) {
+                peers.push(r);
+            }
+        }
+        tracing::info!(
+            replica = self.id.0,
+            target = cert.seq.0,
+            base = base.seq.0,
+            "state transfer"
+        );
+        self.metrics.state_transfers += 1;
+        let fetched = self
+            .transfer
+            .take()
+            .map(Transfer::into_fetched)
+            .unwrap_or_default();
+        let mut steps = Vec::new();
+        let mut transfer = Transfer::start(
+            cert,
+            base.seq,
+            self.id,
+            peers,
+            self.config.weak_quorum(),
+            self.ticks,
+            &mut steps,
+        );
+        transfer.carry(fetched);
+        self.transfer = Some(transfer);
+        self.apply_transfer_steps(steps, actions);
+        invariant!(
+            self.last_executed == base.seq && self.own_checkpoints.contains_key(&base.seq),
+            "replica {}: transfer started off its base {:?}",
+            self.id.0,
+            base.seq
+        );
+    }
+
+    /// Performs what the fetcher asked: requests to send, bad answers to count.
+    fn apply_transfer_steps(&mut self, steps: Vec<TransferStep>, actions: &mut Vec<Action>) {
+        for step in steps {
+            match step {
+                TransferStep::Send(to, m) => actions.push(Action::Send {
+                    to,
+                    message: Message::StateTransfer(m),
+                }),
+                TransferStep::Misbehaved(from, what) => {
+                    self.misbehaved(Principal::Replica(from), what, actions)
+                }
+            }
+        }
+    }
+
+    /// Every tick of a state transfer: requests unanswered for `retransmit_ticks` go to the
+    /// next peer; a newer stable checkpoint replaces the target (peers discard checkpoints
+    /// once newer ones are stable: chase the newest); now and then, ask where the others are.
+    pub(super) fn on_state_transfer_timeout(&mut self, actions: &mut Vec<Action>) {
+        let retransmit_ticks = self.config.protocol.retransmit_ticks;
+        let Some(transfer) = self.transfer.as_mut() else {
+            return;
+        };
+        let mut steps = Vec::new();
+        transfer.on_tick(self.ticks, retransmit_ticks, &mut steps);
+        let target = transfer.target.seq;
+        self.apply_transfer_steps(steps, actions);
+        if let Some(newer) = self.stable_ahead.clone().filter(|c| c.seq > target) {
+            self.begin_transfer(newer, actions);
+        } else if self.ticks % (4 * retransmit_ticks) == 0 {
+            actions.push(Action::Broadcast {
+                message: Message::StateTransfer(StateTransferMessage::QueryStable),
+            });
+        }
+    }
+
+    /// A state-transfer message: a request is answered from our checkpoints (see
+    /// [`serve`]); a stable certificate may start a transfer; an answer goes to the transfer
+    /// in progress (see [`fetch`]).
+    pub(super) fn on_state_transfer(
+        &mut self,
+        from: ReplicaId,
+        message: StateTransferMessage,
+        actions: &mut Vec<Action>,
+    ) {
+        use StateTransferMessage as M;
+        let reply = serve::answer(
+            self.exec.service(),
+            &self.stable,
+            |seq| self.own_checkpoints.get(&seq).map(|c| c.replies.clone()),
+            &message,
+        );
+        if let Some(reply) = reply {
+            return actions.push(Action::Send {
+                to: from,
+                message: Message::StateTransfer(reply),
+            });
+        }
+        match message {
+            M::ReplyStable(cert) => {
+                if !view_change::valid_checkpoint_certificate(&self.config, &self.genesis, &cert) {
+                    return self.misbehaved(
+                        Principal::Replica(from),
+                        "invalid stable certificate",
+                        actions,
+                    );
+                }
+                if cert.seq > self.last_executed {
+                    self.stable_ahead = Some(cert.clone());
+                    self.begin_transfer(cert, actions);
+                } else {
+                    self.adopt_stable(cert, actions);
+                }
+            }
+            M::Node { .. } | M::PieceDigests { .. } | M::Piece { .. } | M::Replies { .. } => {
+                let Some(mut transfer) = self.transfer.take() else {
+                    return;
+                };
+                let mut steps = Vec::new();
+                let finished =
+                    transfer.on_message(self.exec.service(), from, message, self.ticks, &mut steps);
+                self.metrics.state_transfer_bytes = self
+                    .metrics
+                    .state_transfer_bytes
+                    .max(transfer.bytes_fetched);
+                let target = transfer.target.clone();
+                let base = transfer.base;
+                self.transfer = Some(transfer);
+                self.apply_transfer_steps(steps, actions);
+                if let Some(finished) = finished {
+                    self.transfer = None;
+                    self.finish_transfer(target, base, finished, actions);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Installs a finished transfer and checks it against the certificate (else rolls back to
+    /// the base and retries), then makes it our stable checkpoint and catches up from there.
+    fn finish_transfer(
+        &mut self,
+        target: CheckpointCertificate,
+        base: SeqNo,
+        finished: Finished,
+        actions: &mut Vec<Action>,
+    ) {
+        let limits = ReplyLimits::of(&self.config);
+        let retry = |this: &mut Self, why: &str, actions: &mut Vec<Action>| {
+            tracing::warn!(replica = this.id.0, why, "state transfer failed; retrying");
+            let base_replies = this
+                .own_checkpoints
+                .get(&base)
+                .map(|c| c.replies.clone())
+                .unwrap_or_default();
+            let replies = ReplyTable::decode(&base_replies, limits)
+                .unwrap_or_else(|_| ReplyTable::new(limits));
+            if let Err(e) = this.exec.rollback_to(base.0, replies) {
+                this.halt(format!("rollback to {}: {e}", base.0), actions);
+            }
+            this.stable_ahead = Some(target.clone());
+        };
+        let replies = match ReplyTable::decode(&finished.replies, limits) {
+            Ok(r) => r,
+            Err(_) => return retry(self, "reply cache does not decode", actions),
+        };
+        if let Err(e) = self.exec.service_mut().put_objs(finished.objects) {
+            return retry(self, &e.to_string(), actions);
+        }
+        // The certified state may have fewer object slots than ours.
+        if let Err(e) = self
+            .exec
+            .service_mut()
+            .set_object_count(finished.object_count)
+        {
+            return retry(self, &e.to_string(), actions);
+        }
+        self.exec.set_replies(replies);
+        // Requests the transferred state already executed will never run here.
+        self.forget_answered_waiting(false);
+        let cp = match self.exec.checkpoint(target.seq.0) {
+            Ok(cp) => cp,
+            Err(e) => return self.halt(format!("checkpoint after state transfer: {e}"), actions),
+        };
+        if cp.service_root != target.service_root || cp.replies_digest != target.replies_digest {
+            return retry(
+                self,
+                "installed state does not match the certified digest",
+                actions,
+            );
+        }
+        actions.push(Action::Persist(WalRecord::CheckpointTaken {
+            seq: target.seq,
+            service_root: cp.service_root,
+            replies: cp.replies.clone(),
+        }));
+        self.own_checkpoints.insert(
+            target.seq,
+            OwnCheckpoint {
+                seq: target.seq,
+                service_root: cp.service_root,
+                replies: cp.replies,
+                replies_digest: cp.replies_digest,
+            },
+        );
+        self.set_service_position(target.seq);
+        self.last_progress_tick = self.ticks;
+        let bytes = self.metrics.state_transfer_bytes;
+        if target.seq == self.stable.seq {
+            // We had jumped to it already: now that we hold its state, drop what is older.
+            self.own_checkpoints = self.own_checkpoints.split_off(&target.seq);
+            self.defer_discard(target.seq);
+            self.persist_snapshot(actions);
+        }
+        self.make_stable(target.clone(), actions);
+        if self
+            .stable_ahead
+            .as_ref()
+            .is_some_and(|c| c.seq <= target.seq)
+        {
+            self.stable_ahead = None;
+        }
+        invariant!(
+            self.last_executed >= target.seq && self.stable.seq >= target.seq,
+            "replica {}: transfer to {:?} finished at {:?} with stable {:?}",
+            self.id.0,
+            target.seq,
+            self.last_executed,
+            self.stable.seq
+        );
+        actions.push(Action::Notify(Notification::StateTransferred {
+            seq: target.seq,
+            bytes,
+        }));
+        // Batches committed after that checkpoint: ask one peer once (later traffic tells us
+        // about the rest).
+        let to = self.next_peer();
+        actions.push(Action::Send {
+            to,
+            message: Message::Agreement(AgreementMessage::FetchCommitted {
+                from: target.seq.next(),
+                to: SeqNo(target.seq.0 + self.config.protocol.log_window),
+            }),
+        });
+        self.execute_ready(actions);
+    }
+}
