@@ -22,9 +22,11 @@ use crate::mounting::{
 use crate::options::MountOptions;
 use crate::transport::FsTransport;
 use anyhow::{anyhow, bail, Context, Result};
-use replica::driver::status::{unix_ms, ClientReport};
+use replica::driver::status::{unix_ms, CallReport, ClientReport};
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 use state_abstraction::fs::{Caller, FsOp, FsReply, FsRequest, Handle, SetAttrs};
+use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -571,15 +573,14 @@ pub fn status_of_config(config_path: &Path, json: bool) -> Result<Health> {
         now,
     );
     if json {
-        println!(
-            "{{\"config\":{},\"f\":{},{},\"replicas\":{},\"clients\":{},\"suspects\":{}}}",
-            json_string(&config_path.to_string_lossy()),
-            config.f,
-            health::json_fields(&verdict),
-            cluster::reports_json(&reports),
-            cluster::clients_json(&clients),
-            cluster::suspects_json(&suspects)
-        );
+        print_json(&ConfigStatusJson {
+            config: config_path.to_string_lossy(),
+            f: config.f,
+            verdict: (&verdict).into(),
+            replicas: &reports,
+            clients: &clients,
+            suspects: &suspects,
+        })?;
     } else {
         println!(
             "cluster:     {} (f={}, {} replicas)",
@@ -901,21 +902,21 @@ pub fn status(mountpoint: &Path, json: bool) -> Result<Health> {
         now,
     );
     if json {
-        let calls = own
-            .first()
-            .and_then(|c| serde_json::to_string(&c.calls).ok())
-            .unwrap_or_else(|| "null".into());
-        println!(
-            "{{\"mountpoint\":{},\"mounted\":{mounted},\"f\":{},\"data_dir\":{},{},\"client\":{{\"pid\":{},\"running\":{running},\"calls\":{calls}}},\"replicas\":{},\"clients\":{},\"suspects\":{}}}",
-            json_string(&info.mountpoint.to_string_lossy()),
-            info.f,
-            json_string(&info.data_dir.to_string_lossy()),
-            health::json_fields(&verdict),
-            info.pid,
-            cluster::reports_json(&reports),
-            cluster::clients_json(&clients),
-            cluster::suspects_json(&suspects),
-        );
+        print_json(&MountStatusJson {
+            mountpoint: info.mountpoint.to_string_lossy(),
+            mounted,
+            f: info.f,
+            data_dir: info.data_dir.to_string_lossy(),
+            verdict: (&verdict).into(),
+            client: ClientJson {
+                pid: info.pid,
+                running,
+                calls: own.first().map(|c| &c.calls),
+            },
+            replicas: &reports,
+            clients: &clients,
+            suspects: &suspects,
+        })?;
     } else {
         println!(
             "mount point: {} ({})",
@@ -945,20 +946,45 @@ pub fn status(mountpoint: &Path, json: bool) -> Result<Health> {
     Ok(verdict.health)
 }
 
-/// A JSON string literal (the few fields we print need no JSON library).
-pub(crate) fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+/// `bftfs status MOUNTPOINT --json`: one object on one line, fields in this order.
+#[derive(Serialize)]
+struct MountStatusJson<'a> {
+    mountpoint: Cow<'a, str>,
+    mounted: bool,
+    f: u32,
+    data_dir: Cow<'a, str>,
+    #[serde(flatten)]
+    verdict: health::VerdictJson<'a>,
+    client: ClientJson<'a>,
+    replicas: &'a [cluster::ReplicaReport],
+    clients: &'a [ClientReport],
+    suspects: &'a [cluster::Suspect],
+}
+
+/// The mount's own process in [`MountStatusJson`]; `calls` is null when it wrote no report.
+#[derive(Serialize)]
+struct ClientJson<'a> {
+    pid: u32,
+    running: bool,
+    calls: Option<&'a CallReport>,
+}
+
+/// `bftfs status --config CONFIG --json`.
+#[derive(Serialize)]
+struct ConfigStatusJson<'a> {
+    config: Cow<'a, str>,
+    f: u32,
+    #[serde(flatten)]
+    verdict: health::VerdictJson<'a>,
+    replicas: &'a [cluster::ReplicaReport],
+    clients: &'a [ClientReport],
+    suspects: &'a [cluster::Suspect],
+}
+
+fn print_json(value: &impl Serialize) -> Result<()> {
+    let text = serde_json::to_string(value).context("cannot write the status as JSON")?;
+    println!("{text}");
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1017,7 +1043,40 @@ mod tests {
     }
 
     #[test]
-    fn json_strings() {
-        assert_eq!(json_string("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000a\"");
+    fn status_json_escapes_and_flattens() {
+        let verdict = health::Verdict {
+            health: Health::Degraded,
+            reasons: vec![(Health::Degraded, "a \"quoted\"\nreason".into())],
+        };
+        let reports = vec![cluster::ReplicaReport {
+            id: 3,
+            address: "host\"with:quote".into(),
+            health: "down",
+            lag: None,
+            status: None,
+        }];
+        let suspects = vec![cluster::Suspect {
+            id: 3,
+            why: vec!["silent\\".into()],
+        }];
+        let text = serde_json::to_string(&ConfigStatusJson {
+            config: "/c/\"x\".json".into(),
+            f: 1,
+            verdict: (&verdict).into(),
+            replicas: &reports,
+            clients: &[],
+            suspects: &suspects,
+        })
+        .expect("serialises");
+        assert!(
+            text.starts_with("{\"config\":\"/c/\\\"x\\\".json\",\"f\":1,\"health\":\"degraded\",\"exit_code\":1,"),
+            "{text}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&text).expect("parses");
+        assert_eq!(v["reasons"][0], "a \"quoted\"\nreason");
+        assert_eq!(v["replicas"][0]["address"], "host\"with:quote");
+        assert_eq!(v["replicas"][0]["lag"], serde_json::Value::Null);
+        assert_eq!(v["suspects"][0]["why"][0], "silent\\");
+        assert_eq!(v["clients"], serde_json::json!([]));
     }
 }

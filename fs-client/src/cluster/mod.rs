@@ -24,10 +24,10 @@ pub mod transport;
 pub use identity::claim_client;
 pub use local::{LocalCluster, ReplicaExtras};
 pub use prepare::{lost_port_race, move_local_ports, prepare_local_cluster};
-pub use status::{clients_json, print_reports, probe_cluster, reports_json, ReplicaReport};
+pub use status::{print_reports, probe_cluster, ReplicaReport};
 #[cfg(test)]
 pub(crate) use suspects::tests as suspect_tests;
-pub use suspects::{print_suspects, suspects, suspects_json, Suspect};
+pub use suspects::{print_suspects, suspects, Suspect};
 pub use transport::{ObservationReporter, ReplicatedTransport};
 
 use anyhow::{Context, Result};

@@ -1,18 +1,20 @@
 //! The per-replica status report of `bftfs status`: every replica probed at once, its health
-//! and lag, printed as a table or as JSON.
+//! and lag, printed as a table or as JSON (serialised with the status object of `up.rs`).
 
 use replica::config::ClusterConfig;
-use replica::driver::status::{probe, ClientReport, ReplicaStatus};
+use replica::driver::status::{probe, ReplicaStatus};
+use serde::Serialize;
 use std::time::Duration;
 
-/// One replica as `bftfs status` shows it.
-#[derive(Clone, Debug)]
+/// One replica as `bftfs status` shows it; as JSON, one of the `replicas` objects of
+/// `bftfs status --json` (fields in this order).
+#[derive(Clone, Debug, Serialize)]
 pub struct ReplicaReport {
     pub id: u32,
     pub address: String,
-    pub status: Option<ReplicaStatus>,
-    pub lag: Option<u64>,
     pub health: &'static str,
+    pub lag: Option<u64>,
+    pub status: Option<ReplicaStatus>,
 }
 
 /// How long `bftfs status` waits for each replica's answer (all are asked at once).
@@ -127,39 +129,4 @@ pub fn print_reports(reports: &[ReplicaReport]) {
             ),
         }
     }
-}
-
-pub fn reports_json(reports: &[ReplicaReport]) -> String {
-    let items: Vec<String> = reports
-        .iter()
-        .map(|r| {
-            let status = r
-                .status
-                .as_ref()
-                .map(|s| s.to_json())
-                .unwrap_or_else(|| "null".into());
-            format!(
-                "{{\"id\":{},\"address\":\"{}\",\"health\":\"{}\",\"lag\":{},\"status\":{}}}",
-                r.id,
-                r.address.replace('"', ""),
-                r.health,
-                r.lag
-                    .map(|l| l.to_string())
-                    .unwrap_or_else(|| "null".into()),
-                status
-            )
-        })
-        .collect();
-    format!("[{}]", items.join(","))
-}
-
-pub fn clients_json(clients: &[ClientReport]) -> String {
-    format!(
-        "[{}]",
-        clients
-            .iter()
-            .map(|c| c.to_json())
-            .collect::<Vec<_>>()
-            .join(",")
-    )
 }

@@ -4,9 +4,11 @@
 use super::ReplicaReport;
 use replica::config::ClusterConfig;
 use replica::driver::status::ClientReport;
+use serde::Serialize;
 
-/// A replica that others report as misbehaving or silent, with why.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A replica that others report as misbehaving or silent, with why; as JSON, one of the
+/// `suspects` objects of `bftfs status --json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Suspect {
     pub id: u32,
     pub why: Vec<String>,
@@ -173,17 +175,6 @@ pub fn print_suspects(suspects: &[Suspect]) {
         let label = if i == 0 { "suspects:" } else { "" };
         println!("{label:<12} replica {}: {}", s.id, s.why.join("; "));
     }
-}
-
-pub fn suspects_json(suspects: &[Suspect]) -> String {
-    let items: Vec<String> = suspects
-        .iter()
-        .map(|s| {
-            let why: Vec<String> = s.why.iter().map(|w| crate::up::json_string(w)).collect();
-            format!("{{\"id\":{},\"why\":[{}]}}", s.id, why.join(","))
-        })
-        .collect();
-    format!("[{}]", items.join(","))
 }
 
 #[cfg(test)]
