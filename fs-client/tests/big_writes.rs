@@ -84,8 +84,7 @@ fn oversize_complaints(m: &Mounted) -> Vec<String> {
 }
 
 fn kill9(pid: i32) {
-    // SAFETY: plain kill of a process of the cluster this test started.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
+    send_signal(pid, Signal::SIGKILL);
 }
 
 #[test]

@@ -110,8 +110,7 @@ fn healthy(reps: &[Rep]) -> bool {
 }
 
 fn kill9(pid: i32) {
-    // SAFETY: plain kill of a process of the cluster this test started.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
+    send_signal(pid, Signal::SIGKILL);
 }
 
 /// PostMark in `dir` until `stop`; returns (rounds completed, failures).
@@ -300,10 +299,9 @@ fn power_loss(m: Mounted) {
     }
     kill9(server);
     let gone = wait_until(Duration::from_secs(20), || {
-        // SAFETY: signal 0 only checks existence.
         pids.iter()
             .chain([&server])
-            .all(|&p| unsafe { libc::kill(p, 0) } != 0 || is_zombie(p))
+            .all(|&p| !send_signal(p, None) || is_zombie(p))
     });
     assert!(gone, "processes survived SIGKILL");
     let out = bftfs(

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{bftfs, fuse_available, is_mounted, sh, text, Mounted};
+use common::{bftfs, fuse_available, is_mounted, send_signal, sh, text, Mounted, Signal};
 use sha2::{Digest, Sha256};
 use std::ffi::CString;
 use std::fs;
@@ -717,9 +717,8 @@ fn foreground_up_stops_cleanly_on_ctrl_c() {
         panic!("bftfs up did not mount");
     }
     fs::write(mnt.join("f"), b"x").expect("write");
-    let pid = libc::pid_t::try_from(child.id()).expect("pid");
-    // SAFETY: plain kill of our own child.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    let pid = i32::try_from(child.id()).expect("pid");
+    assert!(send_signal(pid, Signal::SIGINT));
     let out = child.wait_with_output().expect("wait");
     assert!(
         out.status.success(),
@@ -749,8 +748,7 @@ fn recovers_from_a_killed_client() {
     };
     let kill_server = |m: &Mounted| {
         let pid = m.server_pid().expect("pid file");
-        // SAFETY: plain kill of the server this test started.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        assert!(send_signal(pid, Signal::SIGKILL));
         assert!(common::wait_until(
             std::time::Duration::from_secs(10),
             || { errno_of(fs::metadata(&m.mnt)) == libc::ENOTCONN }
@@ -868,8 +866,7 @@ fn bad_input_one_sentence_each() {
         "{msg}"
     );
     let (ok, msg) = run(&["umount", &format!("{root}/mnt")]);
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
+    if nix::unistd::geteuid().is_root() {
         assert!(!ok && msg.contains("not a mount point"), "{msg}");
     } else {
         assert!(!ok, "{msg}");

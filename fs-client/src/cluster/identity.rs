@@ -1,15 +1,18 @@
 //! The choice of a client identity: one `client-<id>.json` no other mount holds.
 
 use anyhow::{bail, Context, Result};
+use nix::fcntl::{Flock, FlockArg};
 use replica::config::ClientSecrets;
 use std::fs::{File, OpenOptions};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 /// Claims an unused client identity among the `client-<id>.json` files next to `config_path`
 /// (or the one given), holding a lock on it for as long as the returned file lives: two mounts
 /// sharing one identity would confuse the replicas' per-client reply caches.
-pub fn claim_client(config_path: &Path, explicit: Option<&Path>) -> Result<(ClientSecrets, File)> {
+pub fn claim_client(
+    config_path: &Path,
+    explicit: Option<&Path>,
+) -> Result<(ClientSecrets, Flock<File>)> {
     let candidates: Vec<PathBuf> = match explicit {
         Some(p) => vec![p.to_path_buf()],
         None => {
@@ -41,10 +44,9 @@ pub fn claim_client(config_path: &Path, explicit: Option<&Path>) -> Result<(Clie
             .write(true)
             .open(&lock_path)
             .with_context(|| format!("cannot open {}", lock_path.display()))?;
-        // SAFETY: a valid descriptor; flock has no memory effects.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let Ok(lock) = Flock::lock(lock, FlockArg::LockExclusiveNonblock) else {
             continue;
-        }
+        };
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
         let secrets = ClientSecrets::from_json(&text)

@@ -2,6 +2,9 @@
 
 use super::read_config;
 use anyhow::{bail, Context, Result};
+use nix::sys::prctl::set_pdeathsig;
+use nix::sys::signal::{kill, pthread_sigmask, SigSet, SigmaskHow, Signal};
+use nix::unistd::Pid;
 use replica::config::ClusterConfig;
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
@@ -244,8 +247,9 @@ impl LocalCluster {
         };
         for m in members.iter_mut() {
             if let Some(c) = &m.child {
-                // SAFETY: kill has no memory effects.
-                unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+                if let Ok(pid) = i32::try_from(c.id()) {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+                }
             }
         }
         let started = Instant::now();
@@ -287,29 +291,19 @@ fn spawn_replica(
         .with_context(|| format!("cannot open {}", log_path.display()))?;
     let log_err = log.try_clone()?;
     let mut cmd = Command::new(program);
-    // SAFETY: prctl is async-signal-safe. A replica must not outlive the `bftfs` that started
-    // it (e.g. killed with SIGKILL): an orphan would keep its port and its data directory, and
-    // the next `up` would find both taken.
+    // SAFETY: the closure runs in the child between fork and exec, where only
+    // async-signal-safe calls are allowed: pthread_sigmask and prctl are (the empty set is built
+    // on the stack, nothing allocates).
     unsafe {
         use std::os::unix::process::CommandExt;
         cmd.pre_exec(|| {
             // The serving process blocks SIGINT/SIGTERM to handle them on one thread; a blocked
             // mask is inherited across exec, and a replica must hear SIGTERM.
-            let mut empty: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut empty);
-            if libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGTERM as libc::c_ulong,
-                0,
-                0,
-                0,
-            ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
+            pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
+            // A replica must not outlive the `bftfs` that started it (e.g. killed with
+            // SIGKILL): an orphan would keep its port and its data directory, and the next `up`
+            // would find both taken.
+            set_pdeathsig(Signal::SIGTERM)?;
             Ok(())
         });
     }

@@ -4,9 +4,9 @@
 use super::{read_config, CLUSTER_DIR};
 use crate::keygen;
 use anyhow::{bail, Context, Result};
+use nix::fcntl::{Flock, FlockArg};
 use replica::config::ClusterConfig;
 use std::fs::OpenOptions;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tracing::warn;
@@ -155,15 +155,14 @@ fn wait_for_previous_replicas(data_dir: &Path, n: usize) -> Result<()> {
     let started = Instant::now();
     for i in 0..n {
         let path = data_dir.join(format!("replica-{i}")).join("lock");
-        let Ok(file) = OpenOptions::new().read(true).write(true).open(&path) else {
+        let Ok(mut file) = OpenOptions::new().read(true).write(true).open(&path) else {
             continue;
         };
         loop {
-            // SAFETY: a valid descriptor; flock has no memory effects.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-                // SAFETY: as above; the lock is released at once, the replica takes it.
-                unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
-                break;
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                // Released at once (on drop): the replica takes it.
+                Ok(_free) => break,
+                Err((unlocked, _)) => file = unlocked,
             }
             if started.elapsed() > Duration::from_secs(15) {
                 let holder = std::fs::read_to_string(&path).unwrap_or_default();
