@@ -5,6 +5,7 @@
 mod common;
 
 use common::{bftfs, fuse_available, is_mounted, send_signal, sh, text, Mounted, Signal};
+use replica::rng::Rng;
 use sha2::{Digest, Sha256};
 use std::ffi::CString;
 use std::fs;
@@ -31,25 +32,6 @@ fn last_errno(rc: libc::c_int) -> i32 {
         0
     } else {
         std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
-    }
-}
-
-/// A deterministic pseudo-random stream (xorshift), so file contents vary without a dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        let mut v = Vec::with_capacity(n + 8);
-        while v.len() < n {
-            v.extend_from_slice(&self.next().to_le_bytes());
-        }
-        v.truncate(n);
-        v
     }
 }
 
@@ -107,7 +89,7 @@ fn tarball_of_thousands_of_files() {
         .or_else(|_| tempfile::tempdir())
         .expect("tempdir");
     let src = work.path().join("src");
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
     let sizes = [
         0usize, 1, 17, 511, 4095, 4096, 4097, 20_000, 65_536, 65_537, 200_000,
     ];
@@ -116,7 +98,7 @@ fn tarball_of_thousands_of_files() {
         let dir = src.join(format!("pkg{d:02}/sub{}", d % 4));
         fs::create_dir_all(&dir).expect("mkdir");
         for f in 0..100 {
-            let size = sizes[(rng.next() % sizes.len() as u64) as usize];
+            let size = sizes[(rng.below(sizes.len() as u64)) as usize];
             fs::write(dir.join(format!("file{f:03}.dat")), rng.bytes(size)).expect("write");
             n += 1;
         }
@@ -483,7 +465,7 @@ fn build_like_directory_work() {
     assert_eq!(got, "hi");
 
     // Large I/O across the 1 MiB request limit, at odd offsets.
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
     let big = rng.bytes(3 * 1024 * 1024 + 777);
     fs::write(p("big"), &big).expect("write big");
     let mut f = fs::File::open(p("big")).expect("open");
@@ -954,7 +936,7 @@ fn fallocate_and_copy_file_range() {
     }
     let m = Mounted::new();
     let p = |r: &str| m.path(r);
-    let mut rng = Rng(0x5eed);
+    let mut rng = Rng::new(0x5eed);
     let data = rng.bytes(200_000);
     fs::write(p("f"), &data).expect("write");
     let f = fs::OpenOptions::new()

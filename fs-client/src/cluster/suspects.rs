@@ -185,18 +185,13 @@ pub(crate) mod tests {
 
     /// Four replicas (f = 1) with made-up keys.
     pub(crate) fn config() -> ClusterConfig {
-        let mut seed = 3u8;
+        let mut rng = replica::rng::Rng::new(3);
         replica::config::generate(
             1,
             (0..4).map(|i| format!("127.0.0.1:{}", 9100 + i)).collect(),
             &[],
             replica::config::ProtocolConfig::default(),
-            &mut |buf: &mut [u8]| {
-                for b in buf.iter_mut() {
-                    seed = seed.wrapping_mul(37).wrapping_add(11);
-                    *b = seed;
-                }
-            },
+            &mut |buf: &mut [u8]| rng.fill(buf),
         )
         .expect("config")
         .config

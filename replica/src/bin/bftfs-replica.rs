@@ -212,7 +212,8 @@ fn run_options(byzantine: Option<&str>) -> anyhow::Result<node::RunOptions> {
 /// service's back (the service and the protocol core know nothing of it).
 #[cfg(feature = "byzantine")]
 fn corrupt_state(tree_root: PathBuf, id: u32, every_ms: u64, times: u32, stop: Arc<AtomicBool>) {
-    use replica::driver::byzantine::{corrupt_one_file, Rng};
+    use replica::driver::byzantine::corrupt_one_file;
+    use replica::rng::Rng;
     std::thread::spawn(move || {
         let mut rng = Rng::new(0xC0_22 ^ u64::from(id));
         let mut done = 0;
