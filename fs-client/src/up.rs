@@ -1,11 +1,12 @@
-//! `bftfs up` / `down` / `status` for a cluster started on this machine.
+//! `bftfs up` / `down` / `status` for a cluster started on this machine, and `bftfs mount` of
+//! a cluster that runs elsewhere.
 //!
 //! `up` checks its inputs (mount point, data directory), then serves the mount: with `--f 0`
-//! from one in-process file service (no replication), with `--f N ≥ 1` from 3N+1 local replica
-//! processes ([`up_replicated`], not built yet). With `--detach` it re-executes itself in the
-//! background with the hidden `--foreground-child` flag and returns once the mount answers.
-//! The serving process records itself in a pid file named after the mount point, which is how
-//! `down` and `status` find it.
+//! from one in-process file service (no replication, `serve_unreplicated`), with
+//! `--f N ≥ 1` from 3N+1 local replica processes (`serve_replicated`). With `--detach` it
+//! re-executes itself in the background with the hidden `--foreground-child` flag and returns
+//! once the mount answers. The serving process records itself in a pid file named after the
+//! mount point, which is how `down` and `status` find it.
 //!
 //! Data directory layout (per mount point unless `--data-dir` is given):
 //! - `BFTFS_CLUSTER`: which cluster this directory belongs to (id and f);

@@ -12,7 +12,7 @@
 //! - [`prepare`]: a local cluster's keys, config and ports before its replicas start;
 //! - [`local`]: [`LocalCluster`], the replica processes, restarted if they die;
 //! - [`status`]: [`probe_cluster`] and the per-replica report of `bftfs status`;
-//! - [`suspects`]: [`suspects`](suspects()), the replicas others report as misbehaving.
+//! - [`suspects`](mod@suspects): [`suspects()`], the replicas others report as misbehaving.
 
 pub mod identity;
 pub mod local;
