@@ -30,7 +30,7 @@
 //!   checkpoint, view change, new view) and the history chain;
 //! - [`compound`]: batches, proposals, certificates, evidence, replies;
 //! - [`messages`]: one enum per protocol, and [`Message`];
-//! - [`error`]: [`WireError`];
+//! - [`error`]: [`WireError`], why a frame was refused;
 //! - [`frame`](mod@frame): length-prefixed frames ([`frame()`], [`FrameReader`]);
 //! - [`auth`]: MACs and signature checks ([`Authenticator`], [`Authenticated`]).
 //!
