@@ -981,37 +981,17 @@ fn sleep_until(t: Instant) {
 /// CPU seconds (user + system) of every live thread of this process, by thread id, with the
 /// thread's name.
 fn thread_cpu() -> BTreeMap<u64, (String, f64)> {
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let ticks = procfs::ticks_per_second().max(1) as f64;
     let mut out = BTreeMap::new();
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+    let Ok(tasks) = procfs::process::Process::myself().and_then(|p| p.tasks()) else {
         return out;
     };
     for task in tasks.flatten() {
-        let Some(tid) = task
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u64>().ok())
-        else {
+        let (Ok(tid), Ok(stat)) = (u64::try_from(task.tid), task.stat()) else {
             continue;
         };
-        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
-            continue;
-        };
-        // "tid (comm) state ppid ... utime stime": comm may hold spaces, so split at the last ')'.
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let name = &stat[open + 1..close];
-        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-        // After the comm, field 0 is the state; utime and stime are fields 11 and 12.
-        let (Some(user), Some(system)) = (
-            fields.get(11).and_then(|v| v.parse::<f64>().ok()),
-            fields.get(12).and_then(|v| v.parse::<f64>().ok()),
-        ) else {
-            continue;
-        };
-        out.insert(tid, (name.to_string(), (user + system) / ticks));
+        let cpu = (stat.utime + stat.stime) as f64 / ticks;
+        out.insert(tid, (stat.comm, cpu));
     }
     out
 }

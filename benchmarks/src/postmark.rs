@@ -16,6 +16,8 @@
 
 use crate::report::{self, median_min_max, Bar};
 use anyhow::{bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::{geteuid, Pid};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -176,7 +178,7 @@ impl Drop for Target {
                         .ok()
                         .and_then(|s| s.trim().parse::<i32>().ok());
                     if let Some(pid) = pid.filter(|p| *p > 0) {
-                        unsafe { libc::kill(pid, libc::SIGTERM) };
+                        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
                     }
                     Ok(pid.is_some())
                 }
@@ -255,7 +257,7 @@ fn scratch(work_dir: &Path, tag: &str) -> Result<PathBuf> {
 }
 
 fn set_up(name: &str, args: &Args) -> Result<Setup> {
-    let is_root = unsafe { libc::geteuid() } == 0;
+    let is_root = geteuid().is_root();
     match name {
         "bftfs" | "bftfs-commit" | "bftfs-n1" => {
             let bftfs = match find_bftfs() {

@@ -386,17 +386,10 @@ fn digest_upkeep(
     }
     w.svc.root_digest()?;
     let pages = file_bytes / 4096;
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ round_no as u64;
+    let mut rng = replica::rng::Rng::new(round_no as u64);
     let mut offsets = Vec::with_capacity(writes);
     for i in 0..writes as u64 {
-        let page = if random {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % pages
-        } else {
-            i % pages
-        };
+        let page = if random { rng.below(pages) } else { i % pages };
         offsets.push(page * 4096);
     }
     let page = vec![5u8; 4096];

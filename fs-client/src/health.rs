@@ -12,6 +12,7 @@
 use crate::cluster::{ReplicaReport, Suspect};
 use replica::config::ClusterConfig;
 use replica::driver::status::{ClientReport, ReplicaStatus, CLIENT_REPORT_HEARTBEAT};
+use serde::Serialize;
 
 /// Worst first in the ordering, so the verdict is the maximum of its parts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -219,19 +220,23 @@ fn calls_verdict(v: &mut Verdict, c: &ClientReport, now_ms: u64) {
     }
 }
 
-/// The verdict as a JSON object's fields: `"health":"…","reasons":[…]` (no braces).
-pub fn json_fields(v: &Verdict) -> String {
-    let reasons: Vec<String> = v
-        .reasons
-        .iter()
-        .map(|(_, why)| crate::up::json_string(why))
-        .collect();
-    format!(
-        "\"health\":{},\"exit_code\":{},\"reasons\":[{}]",
-        crate::up::json_string(v.health.as_str()),
-        v.health.exit_code(),
-        reasons.join(",")
-    )
+/// The verdict as `bftfs status --json` shows it, flattened into the status object:
+/// `"health":"…","exit_code":N,"reasons":[…]`.
+#[derive(Serialize)]
+pub struct VerdictJson<'a> {
+    pub health: &'static str,
+    pub exit_code: i32,
+    pub reasons: Vec<&'a str>,
+}
+
+impl<'a> From<&'a Verdict> for VerdictJson<'a> {
+    fn from(v: &'a Verdict) -> Self {
+        VerdictJson {
+            health: v.health.as_str(),
+            exit_code: v.health.exit_code(),
+            reasons: v.reasons.iter().map(|(_, why)| why.as_str()).collect(),
+        }
+    }
 }
 
 /// `health:      stuck` and one indented line per reason.

@@ -9,7 +9,10 @@ use crate::options::MountOptions;
 use crate::transport::FsTransport;
 use anyhow::{anyhow, bail, Context, Result};
 use fuser::{Config, MountOption, Session, SessionACL};
-use std::ffi::CString;
+use nix::errno::Errno;
+use nix::mount::{umount2, MntFlags};
+use nix::sys::signal::{SigSet, Signal};
+use nix::unistd::{access, geteuid, AccessFlags};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 use std::process::Command;
@@ -21,8 +24,7 @@ pub const FS_SUBTYPE: &str = "bftfs";
 pub const FS_TYPE: &str = "fuse.bftfs";
 
 pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
+    geteuid().is_root()
 }
 
 /// Finds an executable in PATH.
@@ -168,24 +170,28 @@ pub fn check_can_mount() -> Result<()> {
 /// `fusermount3 -u [-z]`.
 pub fn unmount(mnt: &Path, lazy: bool) -> Result<()> {
     if is_root() {
-        let c = CString::new(mnt.as_os_str().as_bytes())
-            .map_err(|_| anyhow!("mount point path contains a NUL byte"))?;
-        let flags = if lazy { libc::MNT_DETACH } else { 0 };
-        // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
-        let rc = unsafe { libc::umount2(c.as_ptr(), flags) };
-        if rc == 0 {
-            return Ok(());
+        if mnt.as_os_str().as_bytes().contains(&0) {
+            bail!("mount point path contains a NUL byte");
         }
-        let e = std::io::Error::last_os_error();
-        return Err(match e.raw_os_error() {
-            Some(libc::EINVAL) => anyhow!("{} is not a mount point", mnt.display()),
-            Some(libc::EBUSY) => anyhow!(
+        let flags = if lazy {
+            MntFlags::MNT_DETACH
+        } else {
+            MntFlags::empty()
+        };
+        return match umount2(mnt, flags) {
+            Ok(()) => Ok(()),
+            Err(Errno::EINVAL) => Err(anyhow!("{} is not a mount point", mnt.display())),
+            Err(Errno::EBUSY) => Err(anyhow!(
                 "{} is busy (a process has a file or its working directory there); close it or use --lazy",
                 mnt.display()
-            ),
-            Some(libc::ENOENT) => anyhow!("{} does not exist", mnt.display()),
-            _ => anyhow!("cannot unmount {}: {e}", mnt.display()),
-        });
+            )),
+            Err(Errno::ENOENT) => Err(anyhow!("{} does not exist", mnt.display())),
+            Err(e) => Err(anyhow!(
+                "cannot unmount {}: {}",
+                mnt.display(),
+                std::io::Error::from(e)
+            )),
+        };
     }
     let Some(fusermount) = which("fusermount3").or_else(|| which("fusermount")) else {
         bail!("not running as root and fusermount3 is not installed: install the fuse3 package, or run `umount` as root");
@@ -213,18 +219,14 @@ pub fn unmount(mnt: &Path, lazy: bool) -> Result<()> {
 
 /// Blocks SIGINT/SIGTERM/SIGHUP in this thread (and so in every thread started after), so that
 /// only the thread that waits for them sees them.
-pub fn block_stop_signals() -> libc::sigset_t {
-    // SAFETY: the set is initialised by sigemptyset before use; pthread_sigmask only changes
-    // this thread's mask.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGHUP);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
+pub fn block_stop_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        set.add(signal);
     }
+    // Cannot fail: SIG_BLOCK with a valid set.
+    let _ = set.thread_block();
+    set
 }
 
 /// Mounts an adapter over `transport` at `mnt` and serves it until it is unmounted.
@@ -274,13 +276,10 @@ pub fn serve(
     std::thread::Builder::new()
         .name("bftfs-signals".into())
         .spawn(move || {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: `signals` is a valid set and `sig` a valid out-pointer.
-            let rc = unsafe { libc::sigwait(&signals, &mut sig) };
-            if rc != 0 {
+            let Ok(sig) = signals.wait() else {
                 return;
-            }
-            info!("signal {sig}: unmounting {}", stop_path.display());
+            };
+            info!("signal {}: unmounting {}", sig as i32, stop_path.display());
             match unmounter.unmount() {
                 Ok(()) => info!("unmounted {}", stop_path.display()),
                 Err(e) => {
@@ -306,11 +305,7 @@ pub fn serve(
 }
 
 fn mount_error(mnt: &Path, e: std::io::Error) -> anyhow::Error {
-    let dev_fuse_usable = {
-        let c = CString::new("/dev/fuse").unwrap_or_default();
-        // SAFETY: a valid C string; access(2) only reads it.
-        unsafe { libc::access(c.as_ptr(), libc::R_OK | libc::W_OK) == 0 }
-    };
+    let dev_fuse_usable = access("/dev/fuse", AccessFlags::R_OK | AccessFlags::W_OK).is_ok();
     match e.raw_os_error() {
         // fuser opens /dev/fuse itself before it would fall back to fusermount3.
         Some(libc::EPERM) | Some(libc::EACCES) if !dev_fuse_usable => anyhow!(

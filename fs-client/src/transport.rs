@@ -6,7 +6,8 @@
 //! retry (the replicated one) knows better when a retry is safe.
 //!
 //! Two implementations: [`crate::local::LocalTransport`] (one in-process file service, no
-//! replication: `bftfs up --f 0`) and, later, the replicated transport over `replica::client`.
+//! replication: `bftfs up --f 0`) and [`crate::cluster::ReplicatedTransport`] (the BFT client
+//! protocol through `replica::driver::client::ClientHandle`: `up --f N`, `mount`).
 
 use state_abstraction::fs::{FsRequest, FsResult};
 use std::time::Duration;

@@ -1,11 +1,12 @@
-//! `bftfs up` / `down` / `status` for a cluster started on this machine.
+//! `bftfs up` / `down` / `status` for a cluster started on this machine, and `bftfs mount` of
+//! a cluster that runs elsewhere.
 //!
 //! `up` checks its inputs (mount point, data directory), then serves the mount: with `--f 0`
-//! from one in-process file service (no replication), with `--f N ≥ 1` from 3N+1 local replica
-//! processes ([`up_replicated`], not built yet). With `--detach` it re-executes itself in the
-//! background with the hidden `--foreground-child` flag and returns once the mount answers.
-//! The serving process records itself in a pid file named after the mount point, which is how
-//! `down` and `status` find it.
+//! from one in-process file service (no replication, `serve_unreplicated`), with
+//! `--f N ≥ 1` from 3N+1 local replica processes (`serve_replicated`). With `--detach` it
+//! re-executes itself in the background with the hidden `--foreground-child` flag and returns
+//! once the mount answers. The serving process records itself in a pid file named after the
+//! mount point, which is how `down` and `status` find it.
 //!
 //! Data directory layout (per mount point unless `--data-dir` is given):
 //! - `BFTFS_CLUSTER`: which cluster this directory belongs to (id and f);
@@ -22,13 +23,17 @@ use crate::mounting::{
 use crate::options::MountOptions;
 use crate::transport::FsTransport;
 use anyhow::{anyhow, bail, Context, Result};
-use replica::driver::status::{unix_ms, ClientReport};
+use nix::fcntl::{Flock, FlockArg};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::{getegid, geteuid, setsid, Pid};
+use replica::driver::status::{unix_ms, CallReport, ClientReport};
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 use state_abstraction::fs::{Caller, FsOp, FsReply, FsRequest, Handle, SetAttrs};
+use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::io::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -132,7 +137,7 @@ pub fn base_dir() -> Result<PathBuf> {
 /// whole path (for uniqueness).
 fn mount_key(mnt: &Path) -> String {
     let digest = Sha256::digest(mnt.as_os_str().as_bytes());
-    let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let hex = hex::encode(&digest[..8]);
     let name: String = mnt
         .file_name()
         .map(|n| {
@@ -227,43 +232,40 @@ fn remove_pid_info(mnt: &Path, pid: u32) {
     }
 }
 
+/// `/proc/<pid>`, if `pid` names a process.
+fn process(pid: u32) -> Option<procfs::process::Process> {
+    procfs::process::Process::new(i32::try_from(pid).ok()?).ok()
+}
+
 /// Whether `pid` is a running (not zombie) process.
 fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised command name, which may itself hold spaces.
-        Ok(stat) => match stat
-            .rfind(')')
-            .and_then(|i| stat[i + 1..].split_whitespace().next())
-        {
-            Some(state) => state != "Z" && state != "X",
-            None => false,
-        },
-        Err(_) => false,
-    }
+    use procfs::process::ProcState;
+    process(pid)
+        .and_then(|p| p.stat().ok()?.state().ok())
+        .is_some_and(|state| !matches!(state, ProcState::Zombie | ProcState::Dead))
 }
 
 /// Whether `pid` is a bftfs process (so a recycled pid is never signalled).
 fn is_bftfs(pid: u32) -> bool {
-    let exe_is_bftfs = std::fs::read_link(format!("/proc/{pid}/exe"))
+    let Some(p) = process(pid) else {
+        return false;
+    };
+    let exe_is_bftfs = p.exe().ok().is_some_and(|exe| {
+        exe.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("bftfs"))
+    });
+    let argv0_is_bftfs = p
+        .cmdline()
         .ok()
-        .and_then(|p| {
-            p.file_name()
-                .map(|n| n.to_string_lossy().starts_with("bftfs"))
-        })
-        .unwrap_or(false);
-    let argv0_is_bftfs = std::fs::read(format!("/proc/{pid}/cmdline"))
-        .ok()
-        .and_then(|c| c.split(|&b| b == 0).next().map(|a| a.ends_with(b"bftfs")))
-        .unwrap_or(false);
+        .and_then(|argv| argv.into_iter().next())
+        .is_some_and(|a| a.ends_with("bftfs"));
     exe_is_bftfs || argv0_is_bftfs
 }
 
 fn random_id() -> Result<String> {
     let mut bytes = [0u8; 16];
-    File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .context("cannot read /dev/urandom")?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    getrandom::getrandom(&mut bytes).map_err(|e| anyhow!("no random bytes: {e}"))?;
+    Ok(hex::encode(bytes))
 }
 
 /// The identity written in a data directory's marker file.
@@ -339,7 +341,7 @@ fn claim_data_dir(dir: &Path, f: u32) -> Result<Marker> {
 }
 
 /// Takes the data directory's lock for the life of the returned file.
-fn lock_data_dir(dir: &Path) -> Result<File> {
+fn lock_data_dir(dir: &Path) -> Result<Flock<File>> {
     let path = dir.join(LOCK_FILE);
     let file = OpenOptions::new()
         .create(true)
@@ -351,11 +353,11 @@ fn lock_data_dir(dir: &Path) -> Result<File> {
     // A bftfs that was just killed may still be exiting (its files close only as it dies):
     // give it a few seconds before calling the directory busy.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut file = file;
     loop {
-        // SAFETY: a valid open descriptor; flock has no memory effects.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc == 0 {
-            return Ok(file);
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(locked) => return Ok(locked),
+            Err((unlocked, _)) => file = unlocked,
         }
         if std::time::Instant::now() >= deadline {
             bail!(
@@ -571,15 +573,14 @@ pub fn status_of_config(config_path: &Path, json: bool) -> Result<Health> {
         now,
     );
     if json {
-        println!(
-            "{{\"config\":{},\"f\":{},{},\"replicas\":{},\"clients\":{},\"suspects\":{}}}",
-            json_string(&config_path.to_string_lossy()),
-            config.f,
-            health::json_fields(&verdict),
-            cluster::reports_json(&reports),
-            cluster::clients_json(&clients),
-            cluster::suspects_json(&suspects)
-        );
+        print_json(&ConfigStatusJson {
+            config: config_path.to_string_lossy(),
+            f: config.f,
+            verdict: (&verdict).into(),
+            replicas: &reports,
+            clients: &clients,
+            suspects: &suspects,
+        })?;
     } else {
         println!(
             "cluster:     {} (f={}, {} replicas)",
@@ -663,8 +664,7 @@ fn serve_cluster(
 /// would give them a mount they cannot write to; so while the root directory is still empty
 /// and root's, it is handed to the user who mounts it.
 fn give_new_root_to_caller(local: &dyn FsTransport) -> Result<()> {
-    // SAFETY: geteuid/getegid have no preconditions and cannot fail.
-    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    let (uid, gid) = (geteuid().as_raw(), getegid().as_raw());
     if uid == 0 {
         return Ok(());
     }
@@ -720,12 +720,11 @@ fn print_started(mnt: &Path, data_dir: &Path, f: u32, detached: bool) {
 /// from our terminal and process group, so that a Ctrl-C meant for the shell does not stop
 /// the mount.
 fn spawn_in_new_session(cmd: &mut Command) -> Result<std::process::Child> {
-    // SAFETY: setsid is async-signal-safe.
+    // SAFETY: the closure runs in the child between fork and exec, where only
+    // async-signal-safe calls are allowed; setsid is one.
     unsafe {
         cmd.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            setsid()?;
             Ok(())
         });
     }
@@ -791,12 +790,11 @@ fn spawn_detached(mnt: &Path, data_dir: &Path, args: &UpArgs) -> Result<()> {
     }
 }
 
-fn signal(pid: u32, sig: libc::c_int) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
+fn signal(pid: u32, sig: Signal) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
         return false;
     };
-    // SAFETY: kill has no memory effects.
-    unsafe { libc::kill(pid, sig) == 0 }
+    kill(Pid::from_raw(pid), sig).is_ok()
 }
 
 fn wait_gone(pid: u32, limit: Duration) -> bool {
@@ -818,13 +816,13 @@ pub fn down(mountpoint: &Path) -> Result<()> {
         Some(i) if alive(i.pid) && is_bftfs(i.pid) => {
             // The serving process unmounts itself on SIGTERM and exits when the kernel ends
             // the session.
-            signal(i.pid, libc::SIGTERM);
+            signal(i.pid, Signal::SIGTERM);
             if !wait_gone(i.pid, STOP_WAIT) {
                 warn!(
                     "bftfs (pid {}) did not stop within {STOP_WAIT:?}; killing it",
                     i.pid
                 );
-                signal(i.pid, libc::SIGKILL);
+                signal(i.pid, Signal::SIGKILL);
                 wait_gone(i.pid, Duration::from_secs(5));
             }
         }
@@ -901,21 +899,21 @@ pub fn status(mountpoint: &Path, json: bool) -> Result<Health> {
         now,
     );
     if json {
-        let calls = own
-            .first()
-            .and_then(|c| serde_json::to_string(&c.calls).ok())
-            .unwrap_or_else(|| "null".into());
-        println!(
-            "{{\"mountpoint\":{},\"mounted\":{mounted},\"f\":{},\"data_dir\":{},{},\"client\":{{\"pid\":{},\"running\":{running},\"calls\":{calls}}},\"replicas\":{},\"clients\":{},\"suspects\":{}}}",
-            json_string(&info.mountpoint.to_string_lossy()),
-            info.f,
-            json_string(&info.data_dir.to_string_lossy()),
-            health::json_fields(&verdict),
-            info.pid,
-            cluster::reports_json(&reports),
-            cluster::clients_json(&clients),
-            cluster::suspects_json(&suspects),
-        );
+        print_json(&MountStatusJson {
+            mountpoint: info.mountpoint.to_string_lossy(),
+            mounted,
+            f: info.f,
+            data_dir: info.data_dir.to_string_lossy(),
+            verdict: (&verdict).into(),
+            client: ClientJson {
+                pid: info.pid,
+                running,
+                calls: own.first().map(|c| &c.calls),
+            },
+            replicas: &reports,
+            clients: &clients,
+            suspects: &suspects,
+        })?;
     } else {
         println!(
             "mount point: {} ({})",
@@ -945,20 +943,45 @@ pub fn status(mountpoint: &Path, json: bool) -> Result<Health> {
     Ok(verdict.health)
 }
 
-/// A JSON string literal (the few fields we print need no JSON library).
-pub(crate) fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+/// `bftfs status MOUNTPOINT --json`: one object on one line, fields in this order.
+#[derive(Serialize)]
+struct MountStatusJson<'a> {
+    mountpoint: Cow<'a, str>,
+    mounted: bool,
+    f: u32,
+    data_dir: Cow<'a, str>,
+    #[serde(flatten)]
+    verdict: health::VerdictJson<'a>,
+    client: ClientJson<'a>,
+    replicas: &'a [cluster::ReplicaReport],
+    clients: &'a [ClientReport],
+    suspects: &'a [cluster::Suspect],
+}
+
+/// The mount's own process in [`MountStatusJson`]; `calls` is null when it wrote no report.
+#[derive(Serialize)]
+struct ClientJson<'a> {
+    pid: u32,
+    running: bool,
+    calls: Option<&'a CallReport>,
+}
+
+/// `bftfs status --config CONFIG --json`.
+#[derive(Serialize)]
+struct ConfigStatusJson<'a> {
+    config: Cow<'a, str>,
+    f: u32,
+    #[serde(flatten)]
+    verdict: health::VerdictJson<'a>,
+    replicas: &'a [cluster::ReplicaReport],
+    clients: &'a [ClientReport],
+    suspects: &'a [cluster::Suspect],
+}
+
+fn print_json(value: &impl Serialize) -> Result<()> {
+    let text = serde_json::to_string(value).context("cannot write the status as JSON")?;
+    println!("{text}");
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1017,7 +1040,40 @@ mod tests {
     }
 
     #[test]
-    fn json_strings() {
-        assert_eq!(json_string("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000a\"");
+    fn status_json_escapes_and_flattens() {
+        let verdict = health::Verdict {
+            health: Health::Degraded,
+            reasons: vec![(Health::Degraded, "a \"quoted\"\nreason".into())],
+        };
+        let reports = vec![cluster::ReplicaReport {
+            id: 3,
+            address: "host\"with:quote".into(),
+            health: "down",
+            lag: None,
+            status: None,
+        }];
+        let suspects = vec![cluster::Suspect {
+            id: 3,
+            why: vec!["silent\\".into()],
+        }];
+        let text = serde_json::to_string(&ConfigStatusJson {
+            config: "/c/\"x\".json".into(),
+            f: 1,
+            verdict: (&verdict).into(),
+            replicas: &reports,
+            clients: &[],
+            suspects: &suspects,
+        })
+        .expect("serialises");
+        assert!(
+            text.starts_with("{\"config\":\"/c/\\\"x\\\".json\",\"f\":1,\"health\":\"degraded\",\"exit_code\":1,"),
+            "{text}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&text).expect("parses");
+        assert_eq!(v["reasons"][0], "a \"quoted\"\nreason");
+        assert_eq!(v["replicas"][0]["address"], "host\"with:quote");
+        assert_eq!(v["replicas"][0]["lag"], serde_json::Value::Null);
+        assert_eq!(v["suspects"][0]["why"][0], "silent\\");
+        assert_eq!(v["clients"], serde_json::json!([]));
     }
 }

@@ -25,15 +25,7 @@ const MIB: usize = 1 << 20;
 /// The content of MiB `index` of the file: distinct per MiB and per position, so that a
 /// lost, repeated or misplaced write shows.
 fn chunk(index: u64) -> Vec<u8> {
-    let mut x = index.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut out = Vec::with_capacity(MIB);
-    while out.len() < MIB {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out
+    replica::rng::Rng::new(index).bytes(MIB)
 }
 
 /// `bftfs status --json` (null when it printed nothing readable, e.g. while stuck).
@@ -84,8 +76,7 @@ fn oversize_complaints(m: &Mounted) -> Vec<String> {
 }
 
 fn kill9(pid: i32) {
-    // SAFETY: plain kill of a process of the cluster this test started.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
+    send_signal(pid, Signal::SIGKILL);
 }
 
 #[test]

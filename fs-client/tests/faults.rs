@@ -110,8 +110,7 @@ fn healthy(reps: &[Rep]) -> bool {
 }
 
 fn kill9(pid: i32) {
-    // SAFETY: plain kill of a process of the cluster this test started.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
+    send_signal(pid, Signal::SIGKILL);
 }
 
 /// PostMark in `dir` until `stop`; returns (rounds completed, failures).
@@ -300,10 +299,9 @@ fn power_loss(m: Mounted) {
     }
     kill9(server);
     let gone = wait_until(Duration::from_secs(20), || {
-        // SAFETY: signal 0 only checks existence.
         pids.iter()
             .chain([&server])
-            .all(|&p| unsafe { libc::kill(p, 0) } != 0 || is_zombie(p))
+            .all(|&p| !send_signal(p, None) || is_zombie(p))
     });
     assert!(gone, "processes survived SIGKILL");
     let out = bftfs(
@@ -368,8 +366,9 @@ fn total_power_loss_keeps_every_returned_write() {
     f.write_all(b"fsynced before everything").expect("write");
     f.sync_all().expect("fsync");
     drop(f);
-    let mut seed = 0xfeed_u64;
+    let mut seeds = replica::rng::Rng::new(0xfeed);
     for round in 0..3 {
+        let seed = seeds.next_u64();
         let stop = Arc::new(AtomicBool::new(false));
         let worker = {
             let (stop, dir) = (stop.clone(), dir.clone());
@@ -435,7 +434,6 @@ fn total_power_loss_keeps_every_returned_write() {
             w.step()
                 .unwrap_or_else(|e| panic!("after the restart: {e}"));
         }
-        seed = seed.wrapping_mul(31).wrapping_add(7);
     }
     m.down();
 }

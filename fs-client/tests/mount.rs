@@ -4,7 +4,8 @@
 
 mod common;
 
-use common::{bftfs, fuse_available, is_mounted, sh, text, Mounted};
+use common::{bftfs, fuse_available, is_mounted, send_signal, sh, text, Mounted, Signal};
+use replica::rng::Rng;
 use sha2::{Digest, Sha256};
 use std::ffi::CString;
 use std::fs;
@@ -31,25 +32,6 @@ fn last_errno(rc: libc::c_int) -> i32 {
         0
     } else {
         std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
-    }
-}
-
-/// A deterministic pseudo-random stream (xorshift), so file contents vary without a dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        let mut v = Vec::with_capacity(n + 8);
-        while v.len() < n {
-            v.extend_from_slice(&self.next().to_le_bytes());
-        }
-        v.truncate(n);
-        v
     }
 }
 
@@ -107,7 +89,7 @@ fn tarball_of_thousands_of_files() {
         .or_else(|_| tempfile::tempdir())
         .expect("tempdir");
     let src = work.path().join("src");
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
     let sizes = [
         0usize, 1, 17, 511, 4095, 4096, 4097, 20_000, 65_536, 65_537, 200_000,
     ];
@@ -116,7 +98,7 @@ fn tarball_of_thousands_of_files() {
         let dir = src.join(format!("pkg{d:02}/sub{}", d % 4));
         fs::create_dir_all(&dir).expect("mkdir");
         for f in 0..100 {
-            let size = sizes[(rng.next() % sizes.len() as u64) as usize];
+            let size = sizes[(rng.below(sizes.len() as u64)) as usize];
             fs::write(dir.join(format!("file{f:03}.dat")), rng.bytes(size)).expect("write");
             n += 1;
         }
@@ -483,7 +465,7 @@ fn build_like_directory_work() {
     assert_eq!(got, "hi");
 
     // Large I/O across the 1 MiB request limit, at odd offsets.
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
     let big = rng.bytes(3 * 1024 * 1024 + 777);
     fs::write(p("big"), &big).expect("write big");
     let mut f = fs::File::open(p("big")).expect("open");
@@ -717,9 +699,8 @@ fn foreground_up_stops_cleanly_on_ctrl_c() {
         panic!("bftfs up did not mount");
     }
     fs::write(mnt.join("f"), b"x").expect("write");
-    let pid = libc::pid_t::try_from(child.id()).expect("pid");
-    // SAFETY: plain kill of our own child.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    let pid = i32::try_from(child.id()).expect("pid");
+    assert!(send_signal(pid, Signal::SIGINT));
     let out = child.wait_with_output().expect("wait");
     assert!(
         out.status.success(),
@@ -749,8 +730,7 @@ fn recovers_from_a_killed_client() {
     };
     let kill_server = |m: &Mounted| {
         let pid = m.server_pid().expect("pid file");
-        // SAFETY: plain kill of the server this test started.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        assert!(send_signal(pid, Signal::SIGKILL));
         assert!(common::wait_until(
             std::time::Duration::from_secs(10),
             || { errno_of(fs::metadata(&m.mnt)) == libc::ENOTCONN }
@@ -868,8 +848,7 @@ fn bad_input_one_sentence_each() {
         "{msg}"
     );
     let (ok, msg) = run(&["umount", &format!("{root}/mnt")]);
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
+    if nix::unistd::geteuid().is_root() {
         assert!(!ok && msg.contains("not a mount point"), "{msg}");
     } else {
         assert!(!ok, "{msg}");
@@ -957,7 +936,7 @@ fn fallocate_and_copy_file_range() {
     }
     let m = Mounted::new();
     let p = |r: &str| m.path(r);
-    let mut rng = Rng(0x5eed);
+    let mut rng = Rng::new(0x5eed);
     let data = rng.bytes(200_000);
     fs::write(p("f"), &data).expect("write");
     let f = fs::OpenOptions::new()

@@ -296,8 +296,7 @@ fn kill_9_of_a_replica_during_a_workload() {
                 .find(|r| r.0 == victim)
                 .and_then(|r| r.1)
                 .expect("victim pid");
-            // SAFETY: plain kill of a child of the bftfs process.
-            assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+            assert!(send_signal(pid as i32, Signal::SIGKILL));
             victims.push((victim, pid));
         }
         for (i, slot) in model.iter_mut().enumerate() {

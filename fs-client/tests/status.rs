@@ -32,9 +32,8 @@ fn json(out: &str) -> serde_json::Value {
 }
 
 /// Sends `sig` to `pid` (a process this test started, directly or through `bftfs up`).
-fn signal(pid: u32, sig: libc::c_int) {
-    // SAFETY: kill has no memory effects.
-    unsafe { libc::kill(pid as libc::pid_t, sig) };
+fn signal(pid: u32, sig: Signal) {
+    send_signal(pid as i32, sig);
 }
 
 /// Resumes the processes it names when dropped, so that a failing test does not leave
@@ -43,13 +42,13 @@ struct Stopped(Vec<u32>);
 
 impl Stopped {
     fn stop(&mut self, pid: u32) {
-        signal(pid, libc::SIGSTOP);
+        signal(pid, Signal::SIGSTOP);
         self.0.push(pid);
     }
 
     fn resume_all(&mut self) {
         for pid in self.0.drain(..) {
-            signal(pid, libc::SIGCONT);
+            signal(pid, Signal::SIGCONT);
         }
     }
 }

@@ -404,19 +404,14 @@ mod tests {
     }
 
     fn setup() -> Setup {
-        let mut x = 3u8;
+        let mut rng = crate::rng::Rng::new(3);
         let addresses = (0..4).map(|i| format!("t:{i}")).collect();
         let keys = generate(
             1,
             addresses,
             &[ClientId(7)],
             ProtocolConfig::default(),
-            &mut |b| {
-                for byte in b.iter_mut() {
-                    x = x.wrapping_mul(31).wrapping_add(11);
-                    *byte = x;
-                }
-            },
+            &mut |b| rng.fill(b),
         )
         .expect("keys");
         let config = Arc::new(keys.config.clone());

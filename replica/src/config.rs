@@ -150,21 +150,16 @@ mod hex32 {
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(bytes: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
-        let text: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        s.serialize_str(&text)
+        s.serialize_str(&hex::encode(bytes))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
         let text = String::deserialize(d)?;
-        let bytes = text.as_bytes();
-        if bytes.len() != 64 {
+        if text.len() != 64 {
             return Err(serde::de::Error::custom("expected 64 hex digits"));
         }
         let mut out = [0u8; 32];
-        for (i, pair) in bytes.chunks(2).enumerate() {
-            let hex = std::str::from_utf8(pair).map_err(serde::de::Error::custom)?;
-            out[i] = u8::from_str_radix(hex, 16).map_err(serde::de::Error::custom)?;
-        }
+        hex::decode_to_slice(&text, &mut out).map_err(serde::de::Error::custom)?;
         Ok(out)
     }
 }
@@ -433,6 +428,26 @@ pub fn generate_with_os_random(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_bytes_are_64_hex_digits() {
+        let key = KeyBytes([0xAB; 32]);
+        let json = serde_json::to_string(&key).expect("json");
+        assert_eq!(json, format!("\"{}\"", "ab".repeat(32)));
+        assert_eq!(serde_json::from_str::<KeyBytes>(&json).expect("parse"), key);
+        let upper = format!("\"{}\"", "AB".repeat(32));
+        assert_eq!(
+            serde_json::from_str::<KeyBytes>(&upper).expect("parse"),
+            key
+        );
+        for bad in [
+            "ab".repeat(31),
+            "ab".repeat(33),
+            format!("{}zz", "ab".repeat(31)),
+        ] {
+            assert!(serde_json::from_str::<KeyBytes>(&format!("\"{bad}\"")).is_err());
+        }
+    }
 
     #[test]
     fn keys_round_trip_through_json_and_pair_up() {

@@ -11,12 +11,14 @@
 //! - [`localhost`]: replica processes on this machine: ports outside the ephemeral range,
 //!   waiting until started ones serve.
 //! - [`sim`]: the deterministic simulator (tests, or the `sim` feature).
+//! - [`rng`]: the seeded PRNG of the tools and tests (the simulator's generator).
 
 pub mod client;
 pub mod config;
 pub mod core;
 pub mod driver;
 pub mod localhost;
+pub mod rng;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
 pub mod wire;

@@ -76,15 +76,8 @@ fn largest_allocation<T>(f: impl FnOnce() -> T) -> (T, usize) {
 // Keys and messages
 
 fn test_keys() -> ClusterKeys {
-    let mut x = 11u64;
-    let mut random = |buf: &mut [u8]| {
-        for b in buf.iter_mut() {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            *b = (x >> 33) as u8;
-        }
-    };
+    let mut rng = replica::rng::Rng::new(11);
+    let mut random = |buf: &mut [u8]| rng.fill(buf);
     let addresses = (0..4).map(|i| format!("127.0.0.1:{}", 7100 + i)).collect();
     generate(
         1,
@@ -448,13 +441,10 @@ fn a_client_whose_key_is_not_in_the_config_is_refused() {
     let dir = mkdir_within(&client, "d", 0o777, CALL_TIMEOUT, String::new);
     // Two outsiders: a new client id, and one claiming the real client's id; both with keys
     // of their own making.
-    let mut seed = 99u64;
+    let mut rng = replica::rng::Rng::new(99);
     let mut key = || {
         let mut k = [0u8; 32];
-        for b in &mut k {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-            *b = (seed >> 33) as u8;
-        }
+        rng.fill(&mut k);
         KeyBytes(k)
     };
     for (id, name) in [

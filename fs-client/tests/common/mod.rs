@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub use nix::sys::signal::Signal;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -15,8 +16,7 @@ pub const BFTFS: &str = env!("CARGO_BIN_EXE_bftfs");
 /// Whether real FUSE mounts can run here. Without them a test prints why and returns early;
 /// with BFTFS_REQUIRE_FUSE=1 (CI) that is a failure instead.
 pub fn fuse_available(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
+    let root = nix::unistd::geteuid().is_root();
     let dev = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -173,15 +173,18 @@ impl Drop for Mounted {
                 "cleanup: bftfs down failed ({}); unmounting lazily",
                 text(&out).trim()
             );
-            let c = std::ffi::CString::new(self.mnt.to_string_lossy().as_bytes()).expect("path");
-            // SAFETY: valid C string.
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            let _ = nix::mount::umount2(&self.mnt, nix::mount::MntFlags::MNT_DETACH);
             if let Some(pid) = pid {
-                // SAFETY: plain kill.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+                send_signal(pid, Signal::SIGKILL);
             }
         }
     }
+}
+
+/// Sends `signal` to `pid` (`None`: only asks whether it exists); whether that succeeded.
+/// Only for processes the test started, directly or through `bftfs up`.
+pub fn send_signal(pid: i32, signal: impl Into<Option<Signal>>) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).is_ok()
 }
 
 /// `bftfs status MOUNTPOINT` (with `--json` if `json`): its exit status (0 ok, 1 degraded,

@@ -20,6 +20,7 @@
 
 #![allow(dead_code)]
 
+use replica::rng::Rng;
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Read;
@@ -103,7 +104,7 @@ pub fn is_torn_write(found: &[u8], before: &[u8], offset: usize, data: &[u8]) ->
 pub struct Workload {
     dir: PathBuf,
     files: usize,
-    rng: u64,
+    rng: Rng,
     /// name → content of every file in `dir`.
     pub model: BTreeMap<String, Vec<u8>>,
     /// What the call in progress changes (None: removes the name).
@@ -123,7 +124,7 @@ impl Workload {
         let mut w = Workload {
             dir: dir.to_path_buf(),
             files,
-            rng: seed | 1,
+            rng: Rng::new(seed),
             model: BTreeMap::new(),
             pending: Vec::new(),
             pending_write: None,
@@ -134,29 +135,12 @@ impl Workload {
         Ok(w)
     }
 
-    fn next(&mut self) -> u64 {
-        // xorshift64*: enough to vary sizes and contents without a dependency.
-        self.rng ^= self.rng >> 12;
-        self.rng ^= self.rng << 25;
-        self.rng ^= self.rng >> 27;
-        self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
     fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next() % n
-        }
+        self.rng.below(n)
     }
 
     fn bytes(&mut self, n: usize) -> Vec<u8> {
-        let mut out = Vec::with_capacity(n + 8);
-        while out.len() < n {
-            out.extend_from_slice(&self.next().to_le_bytes());
-        }
-        out.truncate(n);
-        out
+        self.rng.bytes(n)
     }
 
     fn name(&self, i: usize) -> String {

@@ -6,6 +6,8 @@
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use nix::fcntl::{Flock, FlockArg};
+use nix::sys::signal::{SigSet, Signal};
 use replica::config::{ClusterConfig, ReplicaSecrets};
 use replica::driver::{node, status::ReplicaStatus};
 use state_abstraction::fs::FileService;
@@ -134,18 +136,13 @@ fn run(args: Args) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     // A parent that blocked these signals passes the mask on through exec; unblock them, or
     // SIGTERM (from `bftfs down`, or when the parent dies) would never arrive.
-    // SAFETY: plain signal-mask calls on a zeroed, initialised set.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
-    }
-    for signal in [libc::SIGINT, libc::SIGTERM] {
-        let stop = stop.clone();
+    let mut stop_signals = SigSet::empty();
+    stop_signals.add(Signal::SIGINT);
+    stop_signals.add(Signal::SIGTERM);
+    let _ = stop_signals.thread_unblock();
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         // A plain flag set from the handler; the core loop checks it between steps.
-        let _ = signal_flag(signal, stop);
+        let _ = signal_hook::flag::register(signal, stop.clone());
     }
     let mut initial = ReplicaStatus::new(id.0);
     initial.declared_byzantine = args.byzantine.clone();
@@ -215,7 +212,8 @@ fn run_options(byzantine: Option<&str>) -> anyhow::Result<node::RunOptions> {
 /// service's back (the service and the protocol core know nothing of it).
 #[cfg(feature = "byzantine")]
 fn corrupt_state(tree_root: PathBuf, id: u32, every_ms: u64, times: u32, stop: Arc<AtomicBool>) {
-    use replica::driver::byzantine::{corrupt_one_file, Rng};
+    use replica::driver::byzantine::corrupt_one_file;
+    use replica::rng::Rng;
     std::thread::spawn(move || {
         let mut rng = Rng::new(0xC0_22 ^ u64::from(id));
         let mut done = 0;
@@ -234,49 +232,32 @@ fn corrupt_state(tree_root: PathBuf, id: u32, every_ms: u64, times: u32, stop: A
 }
 
 /// Two replicas over one data directory would corrupt it: the second one refuses to start.
-fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
+fn lock_data_dir(dir: &Path) -> anyhow::Result<Flock<std::fs::File>> {
     use std::io::{Read, Seek, Write};
-    use std::os::unix::io::AsRawFd;
     let path = dir.join("lock");
-    let mut file = std::fs::OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .open(&path)
         .with_context(|| format!("cannot open {}", path.display()))?;
-    // SAFETY: a valid descriptor; flock has no memory effects.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let mut holder = String::new();
-        let _ = file.read_to_string(&mut holder);
-        bail!(
-            "the data directory {} is in use by another running replica (pid {})",
-            dir.display(),
-            holder.trim()
-        );
-    }
+    let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(locked) => locked,
+        Err((mut file, _)) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            bail!(
+                "the data directory {} is in use by another running replica (pid {})",
+                dir.display(),
+                holder.trim()
+            );
+        }
+    };
     file.set_len(0)?;
     file.rewind()?;
     write!(file, "{}", std::process::id())?;
     Ok(file)
-}
-
-static STOP_FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
-
-extern "C" fn on_signal(_: libc::c_int) {
-    if let Some(f) = STOP_FLAG.get() {
-        f.store(true, Ordering::Relaxed);
-    }
-}
-
-fn signal_flag(signal: libc::c_int, stop: Arc<AtomicBool>) -> std::io::Result<()> {
-    let _ = STOP_FLAG.set(stop);
-    // SAFETY: the handler only performs an atomic store, which is async-signal-safe.
-    let previous = unsafe { libc::signal(signal, on_signal as *const () as libc::sighandler_t) };
-    if previous == libc::SIG_ERR {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// `--metrics-addr`: answers every connection with the status in the Prometheus text format

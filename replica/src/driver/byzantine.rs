@@ -16,6 +16,7 @@
 //! same thing on every run given the same traffic.
 
 use crate::config::ReplicaSecrets;
+use crate::rng::Rng;
 use crate::wire::{
     AgreementMessage, Authenticator, Batch, Checkpoint, ClientMessage, Message, Principal,
     Proposal, ReplicaId, Signature, Signed, Signer, ViewChangeMessage,
@@ -133,25 +134,6 @@ impl std::fmt::Display for Mode {
 
 /// A receiver of a message and the link that reaches it.
 pub type Destination = (Principal, mpsc::Sender<Vec<u8>>);
-
-/// xorshift64*: enough to choose which frames to break; not for anything secret.
-#[derive(Clone, Debug)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n.max(1)
-    }
-}
 
 struct Delayed {
     due: Instant,
@@ -552,18 +534,13 @@ mod tests {
     }
 
     fn cluster() -> (ClusterConfig, Vec<ReplicaSecrets>) {
-        let mut seed = 7u8;
+        let mut rng = Rng::new(7);
         let keys = crate::config::generate(
             1,
             (0..4).map(|i| format!("127.0.0.1:{}", 9000 + i)).collect(),
             &[state_abstraction::ClientId(1)],
             crate::config::ProtocolConfig::default(),
-            &mut |buf: &mut [u8]| {
-                for b in buf.iter_mut() {
-                    seed = seed.wrapping_mul(31).wrapping_add(17);
-                    *b = seed;
-                }
-            },
+            &mut |buf: &mut [u8]| rng.fill(buf),
         )
         .expect("config");
         (keys.config, keys.replicas)

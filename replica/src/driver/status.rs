@@ -62,10 +62,6 @@ pub struct ReplicaStatus {
     pub declared_byzantine: Option<String>,
 }
 
-fn hex(d: &state_abstraction::Digest) -> String {
-    d.0.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 impl ReplicaStatus {
     pub fn new(id: u32) -> Self {
         ReplicaStatus {
@@ -107,10 +103,10 @@ impl ReplicaStatus {
             counters.state_transfer_bytes_served.load(Ordering::Relaxed);
         self.highest_seen = watch.highest_seq().max(self.last_executed);
         self.lag = self.highest_seen - self.last_executed;
-        self.stable_root = hex(&replica.stable_checkpoint().service_root);
+        self.stable_root = hex::encode(replica.stable_checkpoint().service_root.0);
         if let Ok(Some((seq, root))) = counters.last_checkpoint.lock().map(|c| *c) {
             self.last_checkpoint = seq;
-            self.last_checkpoint_root = hex(&root);
+            self.last_checkpoint_root = hex::encode(root.0);
         }
         self.peers = watch.reports();
         self.invalid_messages = self.peers.iter().map(|p| p.invalid).sum();

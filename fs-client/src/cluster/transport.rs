@@ -1,0 +1,179 @@
+//! [`ReplicatedTransport`]: the FUSE adapter's [`FsTransport`] over the BFT client protocol,
+//! counting its calls, and the thread that keeps the client's observations on disk for
+//! `bftfs status`.
+
+use crate::transport::{FsTransport, TransportError};
+use anyhow::{Context, Result};
+use replica::config::{ClientSecrets, ClusterConfig};
+use replica::driver::client::{CallError, ClientHandle};
+use replica::driver::status::{unix_ms, CallReport, ClientReport, CLIENT_REPORT_HEARTBEAT};
+use state_abstraction::fs::{decode, encode, FsRequest, FsResult};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// [`FsTransport`] over the BFT client protocol.
+pub struct ReplicatedTransport {
+    client: ClientHandle,
+    client_id: u64,
+    timeout: Duration,
+    /// Set after a timeout so that an outage is logged once, not once per request.
+    failing: AtomicBool,
+    calls: CallTracker,
+}
+
+/// Counts a client's calls for its report ([`CallReport`]), including those still waiting.
+#[derive(Default)]
+struct CallTracker {
+    inner: Mutex<TrackedCalls>,
+}
+
+#[derive(Default)]
+struct TrackedCalls {
+    report: CallReport,
+    /// Calls waiting for an answer: number → when sent (Unix ms).
+    pending: BTreeMap<u64, u64>,
+    next: u64,
+}
+
+impl CallTracker {
+    fn begin(&self) -> u64 {
+        let mut t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        t.next += 1;
+        let id = t.next;
+        t.pending.insert(id, unix_ms());
+        id
+    }
+
+    fn end(&self, id: u64, failure: Option<String>) {
+        let now = unix_ms();
+        let mut t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        t.pending.remove(&id);
+        let r = &mut t.report;
+        match failure {
+            None => {
+                r.completed += 1;
+                r.failed_in_a_row = 0;
+                r.last_completed_unix_ms = now;
+            }
+            Some(why) => {
+                r.failed += 1;
+                r.failed_in_a_row += 1;
+                r.last_failed_unix_ms = now;
+                r.last_error = why;
+            }
+        }
+    }
+
+    fn report(&self) -> CallReport {
+        let t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        CallReport {
+            pending: t.pending.len() as u64,
+            // Numbers grow with sending time, so the first pending call is the oldest.
+            oldest_pending_unix_ms: t.pending.values().next().copied().unwrap_or(0),
+            ..t.report.clone()
+        }
+    }
+}
+
+impl ReplicatedTransport {
+    pub fn start(config: ClusterConfig, secrets: ClientSecrets, timeout: Duration) -> Result<Self> {
+        let client_id = secrets.id.0;
+        let client = ClientHandle::start(config, secrets).context("cannot start the BFT client")?;
+        Ok(ReplicatedTransport {
+            client,
+            client_id,
+            timeout,
+            failing: AtomicBool::new(false),
+            calls: CallTracker::default(),
+        })
+    }
+}
+
+/// The thread that keeps a client's observations of the replicas on disk; stops on drop.
+pub struct ObservationReporter {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for ObservationReporter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// How often a mount rewrites what it observed about the replicas.
+const REPORT_EVERY: Duration = Duration::from_millis(500);
+
+impl ReplicatedTransport {
+    /// Writes this client's observations of the replicas (replies that disagreed with the
+    /// accepted result, replies that did not authenticate) and how its calls fare into `dir`
+    /// when they change and at least every [`CLIENT_REPORT_HEARTBEAT`], for `bftfs status`:
+    /// only a client can see a replica that lies in its replies, or calls that get no answer.
+    pub fn report_observations(self: &Arc<Self>, dir: &Path) -> ObservationReporter {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (me, stop2, dir) = (self.clone(), stop.clone(), dir.to_path_buf());
+        let client = self.client_id;
+        let thread = std::thread::Builder::new()
+            .name("bftfs-observe".into())
+            .spawn(move || {
+                let mut last: Option<ClientReport> = None;
+                while !stop2.load(Ordering::Relaxed) {
+                    let mut report =
+                        ClientReport::from_observations(client, &me.client.observations());
+                    report.calls = me.calls.report();
+                    let due = last.as_ref().is_none_or(|l| {
+                        let same = ClientReport {
+                            updated_unix_ms: report.updated_unix_ms,
+                            ..l.clone()
+                        } == report;
+                        let age = report.updated_unix_ms.saturating_sub(l.updated_unix_ms);
+                        !same || age >= CLIENT_REPORT_HEARTBEAT.as_millis() as u64
+                    });
+                    if due {
+                        if let Err(e) = report.write_to(&dir) {
+                            // A read-only cluster directory (another user's mount): status
+                            // then lacks the client's view, nothing else.
+                            tracing::debug!(error = %e, "cannot write the client's observations");
+                        }
+                        last = Some(report);
+                    }
+                    std::thread::sleep(REPORT_EVERY);
+                }
+            })
+            .ok();
+        ObservationReporter { stop, thread }
+    }
+}
+
+impl FsTransport for ReplicatedTransport {
+    fn call(&self, req: FsRequest) -> Result<FsResult, TransportError> {
+        let read_only = req.op.is_read_only();
+        let tracked = self.calls.begin();
+        let result = self.client.call(encode(&req), read_only, self.timeout);
+        self.calls
+            .end(tracked, result.as_ref().err().map(|e| e.to_string()));
+        match result {
+            Ok(bytes) => {
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    info!("the cluster answers again");
+                }
+                decode::<FsResult>(&bytes)
+                    .ok_or_else(|| TransportError::Malformed(format!("{} bytes", bytes.len())))
+            }
+            Err(CallError::Timeout(t)) => {
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    warn!("the cluster did not answer within {t:?}; operations fail with EIO until it does");
+                }
+                Err(TransportError::Timeout(t))
+            }
+            Err(e) => Err(TransportError::Unreachable(e.to_string())),
+        }
+    }
+}
