@@ -1,13 +1,17 @@
 //! Recovery: a replica rebuilt after a restart from every durable WAL record and its reopened
-//! service (see the driver contract in the module doc of [`super`]). The WAL is replayed into
-//! one durable state; the service goes back to the newest checkpoint both hold; votes are
-//! re-recorded for the safety rules; the replica's own prepares and commits are re-signed so
-//! retransmission can finish what was in flight.
+//! service (see the driver contract in the module doc of [`super`]), in three steps:
+//! 1. [`Replayed::from_wal`]: the durable state replayed from the WAL, a pure function of the
+//!    records (no service, no signing);
+//! 2. the service goes back to the newest checkpoint both it and the WAL hold, and the log,
+//!    view and window are rebuilt from the replayed state (still no signing);
+//! 3. [`Replica::resign_own_statements`], the one re-signing step: the replica's own prepares
+//!    and commits (and, mid view change, its view change), so that retransmission can finish
+//!    what was in flight.
 
 use super::execution::{Executor, ReplyLimits, ReplyTable};
 use super::safety::SafetyRules;
 use super::view_change::{self, Genesis};
-use super::{CoreError, DurableState, Metrics, OwnCheckpoint, Replica, Slot, WalRecord};
+use super::{CoreError, Metrics, OwnCheckpoint, Replica, Slot, WalRecord};
 use crate::config::{ClusterConfig, ReplicaSecrets};
 use crate::wire::{
     history_anchor, Batch, CheckpointCertificate, Commit, Digest, NewView, PrePrepare, Prepare,
@@ -47,91 +51,23 @@ impl<S: Service> Replica<S> {
         let mut exec = Executor::new(service, limits);
         let (empty_replies, empty_digest) = empty_replies_digest(limits);
 
-        // Replay the WAL into one durable state.
-        let mut state: Option<DurableState> = None;
-        let mut safety = SafetyRules::new(View(0), SeqNo(0));
-        let mut entered: Vec<(View, bool)> = Vec::new();
-        // Per slot, the highest-view pre-prepare accepted; and every batch logged, by slot and
-        // digest (a certificate's batch may belong to an older view than the acceptance).
-        let mut accepted: BTreeMap<SeqNo, Signed<PrePrepare>> = BTreeMap::new();
-        let mut batches: BTreeMap<(SeqNo, Digest), Batch> = BTreeMap::new();
-        let mut prepared: BTreeMap<SeqNo, PreparedCertificate> = BTreeMap::new();
-        let mut checkpoints: BTreeMap<SeqNo, OwnCheckpoint> = BTreeMap::new();
-        let mut stable: Option<CheckpointCertificate> = None;
-        let mut new_view_message: Option<Signed<NewView>> = None;
-        for record in &wal {
-            safety.note_persisted(record);
-            match record {
-                WalRecord::Snapshot(s) => {
-                    entered = vec![(s.view, s.view_active)];
-                    accepted = s.accepted.iter().map(|p| (p.body.seq, p.clone())).collect();
-                    batches.clear();
-                    prepared = s
-                        .prepared
-                        .iter()
-                        .map(|c| (c.pre_prepare.body.seq, c.clone()))
-                        .collect();
-                    checkpoints = s.checkpoints.iter().map(|c| (c.seq, c.clone())).collect();
-                    stable = Some(s.stable.clone());
-                    new_view_message = s.new_view.clone();
-                    state = Some((**s).clone());
-                }
-                WalRecord::NewViewMessage(nv) => {
-                    if new_view_message
-                        .as_ref()
-                        .is_none_or(|old| old.body.view <= nv.body.view)
-                    {
-                        new_view_message = Some((**nv).clone());
-                    }
-                }
-                WalRecord::EnteredView { view } => entered.push((*view, false)),
-                WalRecord::InstalledView { view } => entered.push((*view, true)),
-                WalRecord::Accepted(p) => {
-                    let b = &p.pre_prepare.body;
-                    if accepted
-                        .get(&b.seq)
-                        .is_none_or(|old| old.body.view <= b.view)
-                    {
-                        accepted.insert(b.seq, p.pre_prepare.clone());
-                    }
-                    batches.insert((b.seq, b.batch_digest), p.batch.clone());
-                }
-                WalRecord::Prepared(c) => {
-                    let seq = c.pre_prepare.body.seq;
-                    let view = c.pre_prepare.body.view;
-                    if prepared
-                        .get(&seq)
-                        .is_none_or(|old| old.pre_prepare.body.view <= view)
-                    {
-                        prepared.insert(seq, (**c).clone());
-                    }
-                }
-                WalRecord::CheckpointTaken {
-                    seq,
-                    service_root,
-                    replies,
-                } => {
-                    checkpoints.insert(
-                        *seq,
-                        OwnCheckpoint {
-                            seq: *seq,
-                            service_root: *service_root,
-                            replies: replies.clone(),
-                            replies_digest: ReplyTable::digest_of_encoding(replies),
-                        },
-                    );
-                }
-                WalRecord::Stable(c) => {
-                    if stable.as_ref().is_none_or(|s| s.seq < c.seq) {
-                        stable = Some((**c).clone());
-                    }
-                }
-            }
-        }
+        // 1. The durable state, replayed from the WAL (pure: no service, no signing).
+        let Replayed {
+            snapshot_genesis,
+            mut safety,
+            entered,
+            mut accepted,
+            batches,
+            prepared,
+            mut checkpoints,
+            stable,
+            new_view_message,
+        } = Replayed::from_wal(&wal);
 
+        // 2. The service: back to the newest checkpoint both it and the WAL hold.
         // The genesis checkpoint.
-        let genesis = match &state {
-            Some(s) => s.genesis,
+        let genesis = match snapshot_genesis {
+            Some(genesis) => genesis,
             None => {
                 let held = exec.service().checkpoints();
                 let root = match held.first() {
@@ -235,23 +171,6 @@ impl<S: Service> Replica<S> {
                 None => {}
             }
         }
-        // Our own prepares and commits are re-signed from what was persisted (the same
-        // statements, so rule 3 still holds) so that retransmission can resend them.
-        let signer = Signer::from_secret(&secrets.signing_key.0);
-        for (_, slot) in log.iter_mut() {
-            if let Some(p) = &slot.proposal {
-                let b = &p.pre_prepare.body;
-                if b.primary != secrets.id {
-                    let prepare = signer.sign(Prepare {
-                        view: b.view,
-                        seq: b.seq,
-                        batch_digest: b.batch_digest,
-                        replica: secrets.id,
-                    });
-                    slot.prepares.insert(secrets.id, prepare);
-                }
-            }
-        }
         for (seq, cert) in prepared.range(low.next()..) {
             let slot = log.entry(*seq).or_default();
             let same_view = slot.proposal.as_ref().map(|p| p.pre_prepare.body.view)
@@ -260,16 +179,6 @@ impl<S: Service> Replica<S> {
             slot.certified_batch = batches
                 .get(&(*seq, cert.pre_prepare.body.batch_digest))
                 .cloned();
-            if same_view {
-                let b = &cert.pre_prepare.body;
-                let commit = signer.sign(Commit {
-                    view: b.view,
-                    seq: b.seq,
-                    batch_digest: b.batch_digest,
-                    replica: secrets.id,
-                });
-                slot.commits.insert(secrets.id, commit);
-            }
             slot.certificate = Some(cert.clone());
         }
         let n = config.n();
@@ -350,60 +259,179 @@ impl<S: Service> Replica<S> {
             config,
         };
         let mut replica = replica;
-        // Votes are not logged, only what they vouch for. Re-sign this replica's own prepares
-        // and commits for the slots it restored (Ed25519 is deterministic, so these are the
-        // very statements it made before), so that retransmission can finish batches that
-        // were in flight when every replica went down at once; otherwise nobody holds the
-        // commits for them any more and they would wait for a view change that never comes.
-        if replica.view_active {
-            let (me, view) = (replica.id, replica.view);
-            for (seq, slot) in replica.log.iter_mut() {
-                let Some(p) = &slot.proposal else { continue };
+        // 3. One re-signing step.
+        replica.resign_own_statements();
+        debug_assert!(replica.id.0 < n as u32);
+        Ok(replica)
+    }
+
+    /// The one re-signing step of a restart. Votes are not logged, only what they vouch for:
+    /// this replica's own prepares (every restored proposal it did not make) and commits (every
+    /// slot it had prepared in its proposal's view) are signed again from what was persisted.
+    /// Ed25519 is deterministic, so these are the very statements it made before (rule 3
+    /// still holds), and retransmission can finish batches that were in flight when every
+    /// replica went down at once; otherwise nobody holds the commits for them any more and
+    /// they would wait for a view change that never comes. In the installed view, a prepared
+    /// slot also gets back the certificate's prepares. Restarted during a view change, it
+    /// speaks again for the view it had entered (the same statement, so no new record).
+    fn resign_own_statements(&mut self) {
+        let (me, view, active) = (self.id, self.view, self.view_active);
+        for (seq, slot) in self.log.iter_mut() {
+            let Some(p) = &slot.proposal else { continue };
+            let b = &p.pre_prepare.body;
+            if b.primary != me {
+                let prepare = self.signer.sign(Prepare {
+                    view: b.view,
+                    seq: *seq,
+                    batch_digest: b.batch_digest,
+                    replica: me,
+                });
+                slot.prepares.insert(me, prepare);
+            }
+            if !slot.sent_commit {
+                continue;
+            }
+            let Some(cert) = &slot.certificate else { continue };
+            if active && b.view == view {
+                for pr in &cert.prepares {
+                    slot.prepares
+                        .entry(pr.body.replica)
+                        .or_insert_with(|| pr.clone());
+                }
+            }
+            // `sent_commit`: the certificate is of the proposal's view, so of the same batch
+            // (rule 1).
+            let c = &cert.pre_prepare.body;
+            let commit = self.signer.sign(Commit {
+                view: c.view,
+                seq: c.seq,
+                batch_digest: c.batch_digest,
+                replica: me,
+            });
+            slot.commits.insert(me, commit);
+        }
+        if !active {
+            self.view_change_deadline = None;
+            let evidence = self.evidence();
+            let vc = self.signer.sign(ViewChange {
+                new_view: view,
+                replica: me,
+                stable: self.stable.clone(),
+                evidence,
+            });
+            self.view_changes.insert(me, vc);
+        }
+    }
+}
+
+/// The durable state rebuilt from the WAL records, oldest first: pure, no service, no signing.
+struct Replayed {
+    /// The genesis checkpoint, if a snapshot recorded it (else the service's checkpoint 0).
+    snapshot_genesis: Option<Genesis>,
+    /// The safety rules' record of what was persisted.
+    safety: SafetyRules,
+    /// Views entered (`false`) and installed (`true`) since the newest snapshot.
+    entered: Vec<(View, bool)>,
+    /// Per slot, the highest-view pre-prepare accepted.
+    accepted: BTreeMap<SeqNo, Signed<PrePrepare>>,
+    /// Every batch logged, by slot and digest (a certificate's batch may belong to an older
+    /// view than the acceptance).
+    batches: BTreeMap<(SeqNo, Digest), Batch>,
+    prepared: BTreeMap<SeqNo, PreparedCertificate>,
+    checkpoints: BTreeMap<SeqNo, OwnCheckpoint>,
+    stable: Option<CheckpointCertificate>,
+    new_view_message: Option<Signed<NewView>>,
+}
+
+impl Replayed {
+    fn from_wal(wal: &[WalRecord]) -> Self {
+        let mut r = Replayed {
+            snapshot_genesis: None,
+            safety: SafetyRules::new(View(0), SeqNo(0)),
+            entered: Vec::new(),
+            accepted: BTreeMap::new(),
+            batches: BTreeMap::new(),
+            prepared: BTreeMap::new(),
+            checkpoints: BTreeMap::new(),
+            stable: None,
+            new_view_message: None,
+        };
+        for record in wal {
+            r.safety.note_persisted(record);
+            r.apply(record);
+        }
+        r
+    }
+
+    fn apply(&mut self, record: &WalRecord) {
+        match record {
+            WalRecord::Snapshot(s) => {
+                self.entered = vec![(s.view, s.view_active)];
+                self.accepted = s.accepted.iter().map(|p| (p.body.seq, p.clone())).collect();
+                self.batches.clear();
+                self.prepared = s
+                    .prepared
+                    .iter()
+                    .map(|c| (c.pre_prepare.body.seq, c.clone()))
+                    .collect();
+                self.checkpoints = s.checkpoints.iter().map(|c| (c.seq, c.clone())).collect();
+                self.stable = Some(s.stable.clone());
+                self.new_view_message = s.new_view.clone();
+                self.snapshot_genesis = Some(s.genesis);
+            }
+            WalRecord::NewViewMessage(nv) => {
+                if self
+                    .new_view_message
+                    .as_ref()
+                    .is_none_or(|old| old.body.view <= nv.body.view)
+                {
+                    self.new_view_message = Some((**nv).clone());
+                }
+            }
+            WalRecord::EnteredView { view } => self.entered.push((*view, false)),
+            WalRecord::InstalledView { view } => self.entered.push((*view, true)),
+            WalRecord::Accepted(p) => {
                 let b = &p.pre_prepare.body;
-                if b.view != view {
-                    continue;
+                if self
+                    .accepted
+                    .get(&b.seq)
+                    .is_none_or(|old| old.body.view <= b.view)
+                {
+                    self.accepted.insert(b.seq, p.pre_prepare.clone());
                 }
-                if b.primary != me {
-                    let prepare = replica.signer.sign(Prepare {
-                        view,
-                        seq: *seq,
-                        batch_digest: b.batch_digest,
-                        replica: me,
-                    });
-                    slot.prepares.insert(me, prepare);
+                self.batches.insert((b.seq, b.batch_digest), p.batch.clone());
+            }
+            WalRecord::Prepared(c) => {
+                let seq = c.pre_prepare.body.seq;
+                let view = c.pre_prepare.body.view;
+                if self
+                    .prepared
+                    .get(&seq)
+                    .is_none_or(|old| old.pre_prepare.body.view <= view)
+                {
+                    self.prepared.insert(seq, (**c).clone());
                 }
-                if slot.sent_commit {
-                    if let Some(cert) = &slot.certificate {
-                        for pr in &cert.prepares {
-                            slot.prepares
-                                .entry(pr.body.replica)
-                                .or_insert_with(|| pr.clone());
-                        }
-                    }
-                    let commit = replica.signer.sign(Commit {
-                        view,
+            }
+            WalRecord::CheckpointTaken {
+                seq,
+                service_root,
+                replies,
+            } => {
+                self.checkpoints.insert(
+                    *seq,
+                    OwnCheckpoint {
                         seq: *seq,
-                        batch_digest: b.batch_digest,
-                        replica: me,
-                    });
-                    slot.commits.insert(me, commit);
+                        service_root: *service_root,
+                        replies: replies.clone(),
+                        replies_digest: ReplyTable::digest_of_encoding(replies),
+                    },
+                );
+            }
+            WalRecord::Stable(c) => {
+                if self.stable.as_ref().is_none_or(|s| s.seq < c.seq) {
+                    self.stable = Some((**c).clone());
                 }
             }
         }
-        if !replica.view_active {
-            // Restarted during a view change: speak again for the view we had entered (the
-            // same statement, so no new record is needed) and wait for 2f+1 to arm the timer.
-            replica.view_change_deadline = None;
-            let evidence = replica.evidence();
-            let vc = replica.signer.sign(ViewChange {
-                new_view: replica.view,
-                replica: replica.id,
-                stable: replica.stable.clone(),
-                evidence,
-            });
-            replica.view_changes.insert(replica.id, vc);
-        }
-        debug_assert!(replica.id.0 < n as u32);
-        Ok(replica)
     }
 }

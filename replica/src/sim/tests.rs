@@ -764,3 +764,37 @@ fn skewed_primary_times_are_clamped_alike_after_a_state_transfer() {
         assert!(report.checkpoints_after_transfer >= 2, "{report:?}");
     }
 }
+
+/// Prints one line per run, `name seed report-or-failure | each replica's summary`, for
+/// `SIM_SEEDS` (default `0..12`) of every named scenario: hash the output before and after a
+/// refactoring that must not change behaviour, and compare.
+#[test]
+#[ignore]
+fn fingerprint() {
+    let seeds = std::env::var("SIM_SEEDS")
+        .ok()
+        .and_then(|s| {
+            let (a, b) = s.split_once("..")?;
+            Some(a.trim().parse().ok()?..b.trim().parse().ok()?)
+        })
+        .unwrap_or(0..12u64);
+    let only = std::env::var("SIM_SCENARIO").ok();
+    for (name, _) in NAMED_SCENARIOS {
+        if only.as_deref().is_some_and(|o| o != *name) {
+            continue;
+        }
+        for seed in seeds.clone() {
+            let scenario = named_scenario(name, seed).expect("listed");
+            let n = scenario.n();
+            let mut sim = Sim::new(scenario);
+            let outcome = match sim.run() {
+                Ok(report) => format!("ok {report:?}"),
+                Err(f) => format!("failed {f}"),
+            };
+            let summaries: Vec<String> = (0..n as usize)
+                .map(|r| sim.replica(r).map(|r| r.debug_summary()).unwrap_or_default())
+                .collect();
+            println!("{name} {seed} {outcome} | {}", summaries.join(" | "));
+        }
+    }
+}

@@ -73,6 +73,10 @@ impl<S: Service> Replica<S> {
             return self.halt(format!("rollback to {}: {e}", base.seq.0), actions);
         }
         self.set_service_position(base.seq);
+        // The service dropped its later checkpoints with the rollback: so do we, or one of
+        // them could become stable while we no longer hold its state (and a transfer below it
+        // would then leave us behind our stable checkpoint with nothing pending).
+        self.own_checkpoints.split_off(&base.seq.next());
         let mut peers: Vec<ReplicaId> = cert.checkpoints.iter().map(|c| c.body.replica).collect();
         for r in self.config.replica_ids() {
             if !peers.contains(&r) {

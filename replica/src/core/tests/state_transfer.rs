@@ -4,7 +4,7 @@ use super::*;
 use crate::wire::{Checkpoint, SeqNo, StateTransferMessage};
 /// Issue #11, item 6. A replica finds its own checkpoint 4 differs from a certified one and
 /// repairs itself: it rolls back to its checkpoint 0 and fetches the state at 4, diffing
-/// against 0 (the transfer's base). Meanwhile its own checkpoint 8, above the base, becomes
+/// against 0 (the transfer's base). Meanwhile the others' checkpoint 8, above the base, becomes
 /// stable. The base must survive that: the next transfer (here, chasing the stable checkpoint
 /// 8) diffs against it again, and without it the replica halted with "no own checkpoint to
 /// transfer state against".
@@ -67,8 +67,9 @@ fn a_checkpoint_above_the_transfer_base_becoming_stable_keeps_the_base() {
     assert_eq!(r3.last_executed(), SeqNo(0));
     assert!(!r3.own_checkpoints.contains_key(&SeqNo(4)));
 
-    // The held votes for 8 arrive: replica 3's own checkpoint 8 matches them and becomes
-    // stable during the transfer. The transfer's base stays.
+    // The held votes for 8 arrive during the transfer. Replica 3 no longer holds that state
+    // (the rollback to the base dropped it): 8 becomes a checkpoint to catch up to, and the
+    // transfer's base stays.
     for (from, to, message) in held {
         let Message::Agreement(AgreementMessage::Checkpoint(c)) = &message else {
             unreachable!()
@@ -78,7 +79,8 @@ fn a_checkpoint_above_the_transfer_base_becoming_stable_keeps_the_base() {
         }
     }
     let r3 = &h.replicas[lagging];
-    assert_eq!(r3.stable_checkpoint().seq, SeqNo(8));
+    assert_eq!(r3.stable_checkpoint().seq, SeqNo(0));
+    assert_eq!(r3.stable_ahead.as_ref().map(|c| c.seq), Some(SeqNo(8)));
     assert!(r3.is_transferring_state());
     assert!(
         r3.own_checkpoints.contains_key(&SeqNo(0)),
@@ -114,5 +116,79 @@ fn a_checkpoint_above_the_transfer_base_becoming_stable_keeps_the_base() {
     assert_eq!(r3.last_executed(), SeqNo(8));
     let actions = h.deliver(CLIENT, 0, &request_message(&h.request(100, put("b", "1"))));
     h.exchange(0, actions, |_| false);
+    assert_eq!(h.replicas[lagging].last_executed(), SeqNo(9));
+}
+
+/// A repair transfer rolls the service back to its base, and the service drops every later
+/// checkpoint with it. The core must forget them too: otherwise one of them can become stable
+/// while the older transfer runs, the transfer then completes below it, and the replica is
+/// left behind its stable checkpoint with no transfer or catch-up pending (it never runs again).
+#[test]
+fn a_checkpoint_dropped_by_a_repair_rollback_never_becomes_stable() {
+    let mut h = Harness::new();
+    assert_eq!(h.config.protocol.checkpoint_interval, 4);
+    let lagging = 3;
+    let is_vote = |m: &Message, seq: u64| {
+        matches!(m, Message::Agreement(AgreementMessage::Checkpoint(c)) if c.body.seq == SeqNo(seq))
+    };
+    // Eight batches. Nobody sees checkpoint 8 become stable (its votes are held); replica 3
+    // does not see checkpoint 4 become stable either. The others keep the state at 4 (stable).
+    let mut held = Vec::new();
+    for t in 1..=8 {
+        let actions = h.deliver(
+            CLIENT,
+            0,
+            &request_message(&h.request(t, put("a", &t.to_string()))),
+        );
+        held.extend(h.exchange(0, actions, |(_, to, m)| {
+            is_vote(m, 8) || (*to == lagging && is_vote(m, 4))
+        }));
+    }
+    assert_eq!(h.replicas[0].stable_checkpoint().seq, SeqNo(4));
+    let r3 = &h.replicas[lagging];
+    assert_eq!((r3.last_executed(), r3.stable_checkpoint().seq), (SeqNo(8), SeqNo(0)));
+
+    // Replica 3's record of its checkpoint 4 is corrupt: the certificate for 4 makes it repair
+    // itself from its checkpoint 0. Its requests for the state are held for now.
+    h.replicas[lagging]
+        .own_checkpoints
+        .get_mut(&SeqNo(4))
+        .expect("own checkpoint 4")
+        .service_root
+        .0[0] ^= 1;
+    let mut transfer_actions = Vec::new();
+    for (from, to, message) in held.iter().filter(|(_, to, m)| *to == lagging && is_vote(m, 4)) {
+        transfer_actions.extend(h.deliver(Principal::Replica(ReplicaId(*from as u32)), *to, message));
+    }
+    let r3 = &h.replicas[lagging];
+    let transfer = r3.transfer.as_ref().expect("a repair transfer");
+    assert_eq!((transfer.target.seq, transfer.base), (SeqNo(4), SeqNo(0)));
+    assert_eq!(
+        r3.own_checkpoints.keys().copied().collect::<Vec<_>>(),
+        vec![SeqNo(0)],
+        "checkpoints the rollback dropped are still listed"
+    );
+
+    // The votes for 8 reach replica 3: it no longer holds that state, so 8 is a checkpoint to
+    // catch up to, not its stable one.
+    for (from, to, message) in held.iter().filter(|(_, to, m)| *to == lagging && is_vote(m, 8)) {
+        h.deliver(Principal::Replica(ReplicaId(*from as u32)), *to, message);
+    }
+    let r3 = &h.replicas[lagging];
+    assert_eq!(r3.stable_checkpoint().seq, SeqNo(0));
+    assert_eq!(r3.stable_ahead.as_ref().map(|c| c.seq), Some(SeqNo(8)));
+
+    // The transfer to 4 completes, and replica 3 catches up from there to 8 and beyond.
+    h.exchange(lagging, transfer_actions, |(_, _, m)| is_vote(m, 8));
+    let r3 = &h.replicas[lagging];
+    assert!(!r3.is_transferring_state());
+    assert!(
+        r3.last_executed() >= r3.stable_checkpoint().seq,
+        "behind its stable checkpoint: {}",
+        r3.debug_summary()
+    );
+    assert_eq!(r3.last_executed(), SeqNo(8));
+    let actions = h.deliver(CLIENT, 0, &request_message(&h.request(100, put("b", "1"))));
+    h.exchange(0, actions, |(_, _, m)| is_vote(m, 8));
     assert_eq!(h.replicas[lagging].last_executed(), SeqNo(9));
 }
