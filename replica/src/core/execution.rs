@@ -231,6 +231,48 @@ impl ReplyTable {
     }
 }
 
+/// What state transfer reads of the checkpoints the service keeps: serving a peer
+/// ([`super::state_transfer::serve`]) and comparing fetched state with our own
+/// ([`super::state_transfer::fetch`]). Read-only, and about checkpoints only (never the live
+/// state), so the execution stage can answer it. The replica passes its [`Executor`]; tests may
+/// pass a service directly.
+pub trait CheckpointReader {
+    fn object_count(&self) -> u64;
+    fn partition_node(&self, seq: u64, level: u32, index: u64) -> Option<Vec<Digest>>;
+    fn piece_digests_at(&self, seq: u64, index: u64) -> Option<Vec<Digest>>;
+    fn get_piece_at(&self, seq: u64, index: u64, piece: u32) -> Option<Vec<u8>>;
+}
+
+impl<S: Service> CheckpointReader for S {
+    fn object_count(&self) -> u64 {
+        Service::object_count(self)
+    }
+    fn partition_node(&self, seq: u64, level: u32, index: u64) -> Option<Vec<Digest>> {
+        Service::partition_node(self, seq, level, index)
+    }
+    fn piece_digests_at(&self, seq: u64, index: u64) -> Option<Vec<Digest>> {
+        Service::piece_digests_at(self, seq, index)
+    }
+    fn get_piece_at(&self, seq: u64, index: u64, piece: u32) -> Option<Vec<u8>> {
+        Service::get_piece_at(self, seq, index, piece)
+    }
+}
+
+impl<S: Service> CheckpointReader for Executor<S> {
+    fn object_count(&self) -> u64 {
+        self.service.object_count()
+    }
+    fn partition_node(&self, seq: u64, level: u32, index: u64) -> Option<Vec<Digest>> {
+        self.service.partition_node(seq, level, index)
+    }
+    fn piece_digests_at(&self, seq: u64, index: u64) -> Option<Vec<Digest>> {
+        self.service.piece_digests_at(seq, index)
+    }
+    fn get_piece_at(&self, seq: u64, index: u64, piece: u32) -> Option<Vec<u8>> {
+        self.service.get_piece_at(seq, index, piece)
+    }
+}
+
 /// Runs operations against the service; see the module doc. Holds no replicated state of its
 /// own beyond the service (the reply cache is the core's).
 pub struct Executor<S> {

@@ -163,7 +163,7 @@ impl<S: Service> Replica<S> {
     ) {
         use StateTransferMessage as M;
         let reply = serve::answer(
-            self.exec.service(),
+            &self.exec,
             &self.stable,
             |seq| self.own_checkpoints.get(&seq).map(|c| c.replies.clone()),
             &message,
@@ -196,7 +196,7 @@ impl<S: Service> Replica<S> {
                 };
                 let mut steps = Vec::new();
                 let finished =
-                    transfer.on_message(self.exec.service(), from, message, self.ticks, &mut steps);
+                    transfer.on_message(&self.exec, from, message, self.ticks, &mut steps);
                 self.metrics.state_transfer_bytes = self
                     .metrics
                     .state_transfer_bytes
