@@ -24,7 +24,7 @@ impl<S: Service> Replica<S> {
             self.spec_executed,
             self.last_executed
         );
-        let cp = match self.exec.checkpoint(seq.0) {
+        let cp = match self.checkpoint_state(seq) {
             Ok(cp) => cp,
             Err(e) => return self.halt(format!("checkpoint {}: {e}", seq.0), actions),
         };

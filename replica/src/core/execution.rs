@@ -6,9 +6,10 @@
 //! Everything the ordering core asks of the service goes through [`Executor`], so that in the
 //! ZZ profile the executor can live in another process (the core would then send it
 //! `ExecBatch` messages and receive replies and checkpoint digests back) without the ordering
-//! code changing. The executor also owns the reply cache (exactly-once semantics), which is
-//! part of the replicated state: its digest enters every checkpoint and it is transferred
-//! with the service state.
+//! code changing. The reply cache ([`ReplyTable`], exactly-once semantics) is part of the
+//! replicated state (its digest enters every checkpoint and it is transferred with the service
+//! state); the core owns it and reads it synchronously to deduplicate, and
+//! [`ReplyTable::run_batch`] asks the executor to run only the requests that are new.
 
 use crate::wire::{
     decode, encode, Batch, Digest, Request, Signature, Signed, Timestamp, WireError,
@@ -181,7 +182,8 @@ pub struct ExecutedRequest {
     pub result: Vec<u8>,
 }
 
-/// A checkpoint as the executor reports it.
+/// A checkpoint of the replicated state: the service's root digest, and the reply cache's
+/// canonical encoding and its digest.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExecutorCheckpoint {
     pub service_root: Digest,
@@ -189,18 +191,97 @@ pub struct ExecutorCheckpoint {
     pub replies_digest: Digest,
 }
 
-/// Runs committed batches against the service; see the module doc.
+impl ReplyTable {
+    /// Runs a committed batch: a request already executed is not executed again; its cached
+    /// reply is returned instead (exactly-once). Stale, evicted and reused ones produce
+    /// nothing. `execute` runs one new request's operation on the service and returns its
+    /// reply; it is called in batch order, and each reply is recorded before the next
+    /// request is looked up (a later request of the batch may find the earlier one cached,
+    /// or fall out of its client's window because of it).
+    ///
+    /// Which requests run does not depend on the replies (only whether a duplicate is
+    /// answered from the cache or was evicted, by its size, does).
+    pub fn run_batch(
+        &mut self,
+        batch: &Batch,
+        mut execute: impl FnMut(&Signed<Request>) -> Vec<u8>,
+    ) -> Vec<ExecutedRequest> {
+        let mut out = Vec::with_capacity(batch.requests.len());
+        for request in &batch.requests {
+            let (client, timestamp) = (request.body.client, request.body.timestamp);
+            match self.lookup(request) {
+                Lookup::Cached(reply) => out.push(ExecutedRequest {
+                    client,
+                    timestamp,
+                    result: reply.to_vec(),
+                }),
+                Lookup::Stale | Lookup::Evicted | Lookup::Reused => {}
+                Lookup::New => {
+                    let result = execute(request);
+                    self.record(request, result.clone());
+                    out.push(ExecutedRequest {
+                        client,
+                        timestamp,
+                        result,
+                    });
+                }
+            }
+        }
+        out
+    }
+}
+
+/// What state transfer reads of the checkpoints the service keeps: serving a peer
+/// ([`super::state_transfer::serve`]) and comparing fetched state with our own
+/// ([`super::state_transfer::fetch`]). Read-only, and about checkpoints only (never the live
+/// state), so the execution stage can answer it. The replica passes its [`Executor`]; tests may
+/// pass a service directly.
+pub trait CheckpointReader {
+    fn object_count(&self) -> u64;
+    fn partition_node(&self, seq: u64, level: u32, index: u64) -> Option<Vec<Digest>>;
+    fn piece_digests_at(&self, seq: u64, index: u64) -> Option<Vec<Digest>>;
+    fn get_piece_at(&self, seq: u64, index: u64, piece: u32) -> Option<Vec<u8>>;
+}
+
+impl<S: Service> CheckpointReader for S {
+    fn object_count(&self) -> u64 {
+        Service::object_count(self)
+    }
+    fn partition_node(&self, seq: u64, level: u32, index: u64) -> Option<Vec<Digest>> {
+        Service::partition_node(self, seq, level, index)
+    }
+    fn piece_digests_at(&self, seq: u64, index: u64) -> Option<Vec<Digest>> {
+        Service::piece_digests_at(self, seq, index)
+    }
+    fn get_piece_at(&self, seq: u64, index: u64, piece: u32) -> Option<Vec<u8>> {
+        Service::get_piece_at(self, seq, index, piece)
+    }
+}
+
+impl<S: Service> CheckpointReader for Executor<S> {
+    fn object_count(&self) -> u64 {
+        self.service.object_count()
+    }
+    fn partition_node(&self, seq: u64, level: u32, index: u64) -> Option<Vec<Digest>> {
+        self.service.partition_node(seq, level, index)
+    }
+    fn piece_digests_at(&self, seq: u64, index: u64) -> Option<Vec<Digest>> {
+        self.service.piece_digests_at(seq, index)
+    }
+    fn get_piece_at(&self, seq: u64, index: u64, piece: u32) -> Option<Vec<u8>> {
+        self.service.get_piece_at(seq, index, piece)
+    }
+}
+
+/// Runs operations against the service; see the module doc. Holds no replicated state of its
+/// own beyond the service (the reply cache is the core's).
 pub struct Executor<S> {
     service: S,
-    replies: ReplyTable,
 }
 
 impl<S: Service> Executor<S> {
-    pub fn new(service: S, limits: ReplyLimits) -> Self {
-        Executor {
-            service,
-            replies: ReplyTable::new(limits),
-        }
+    pub fn new(service: S) -> Self {
+        Executor { service }
     }
 
     pub fn service(&self) -> &S {
@@ -215,10 +296,6 @@ impl<S: Service> Executor<S> {
         &mut self.service
     }
 
-    pub fn lookup(&self, request: &Signed<Request>) -> Lookup<'_> {
-        self.replies.lookup(request)
-    }
-
     pub fn is_read_only(&self, operation: &[u8]) -> bool {
         self.service.is_read_only(operation)
     }
@@ -231,36 +308,11 @@ impl<S: Service> Executor<S> {
         self.service.check_nondet(nondet, now_ns)
     }
 
-    /// Executes a committed batch. A request already executed is not executed again; its
-    /// cached reply is returned instead (exactly-once). Stale requests produce nothing.
-    pub fn execute_batch(&mut self, batch: &Batch, nondet: &[u8]) -> Vec<ExecutedRequest> {
-        let mut out = Vec::with_capacity(batch.requests.len());
-        for request in &batch.requests {
-            let Request {
-                client,
-                timestamp,
-                operation,
-                ..
-            } = &request.body;
-            match self.replies.lookup(request) {
-                Lookup::Cached(reply) => out.push(ExecutedRequest {
-                    client: *client,
-                    timestamp: *timestamp,
-                    result: reply.to_vec(),
-                }),
-                Lookup::Stale | Lookup::Evicted | Lookup::Reused => {}
-                Lookup::New => {
-                    let result = self.service.execute(operation, *client, nondet, false);
-                    self.replies.record(request, result.clone());
-                    out.push(ExecutedRequest {
-                        client: *client,
-                        timestamp: *timestamp,
-                        result,
-                    });
-                }
-            }
-        }
-        out
+    /// Executes one ordered request (the reply cache decided it is new; see
+    /// [`ReplyTable::run_batch`]).
+    pub fn execute(&mut self, request: &Signed<Request>, nondet: &[u8]) -> Vec<u8> {
+        self.service
+            .execute(&request.body.operation, request.body.client, nondet, false)
     }
 
     /// Executes a read-only request against the current state (no ordering, no caching).
@@ -269,25 +321,15 @@ impl<S: Service> Executor<S> {
             .execute(&request.body.operation, request.body.client, &[], true)
     }
 
-    pub fn checkpoint(&mut self, seq: u64) -> Result<ExecutorCheckpoint, ServiceError> {
-        let service_root = self.service.checkpoint(seq)?;
-        let replies = self.replies.encode();
-        let replies_digest = ReplyTable::digest_of_encoding(&replies);
-        Ok(ExecutorCheckpoint {
-            service_root,
-            replies,
-            replies_digest,
-        })
+    /// Checkpoints the service at `seq`; returns its root digest.
+    pub fn checkpoint(&mut self, seq: u64) -> Result<Digest, ServiceError> {
+        self.service.checkpoint(seq)
     }
 
-    pub fn rollback_to(&mut self, seq: u64, replies: ReplyTable) -> Result<(), ServiceError> {
-        self.service.rollback_to(seq)?;
-        self.replies = replies;
-        Ok(())
-    }
-
-    pub fn set_replies(&mut self, replies: ReplyTable) {
-        self.replies = replies;
+    /// Rolls the service back to its checkpoint `seq` (the caller restores the reply cache
+    /// of that checkpoint).
+    pub fn rollback_to(&mut self, seq: u64) -> Result<(), ServiceError> {
+        self.service.rollback_to(seq)
     }
 
     pub fn discard_before(&mut self, seq: u64) {

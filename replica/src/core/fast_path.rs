@@ -104,7 +104,7 @@ impl<S: Service> Replica<S> {
             }) {
                 return;
             }
-            let results = self.exec.execute_batch(&proposal.batch, &b.nondet);
+            let results = self.execute_batch(&proposal.batch, &b.nondet);
             self.spec_executed = seq;
             self.read_only_barrier = self.read_only_barrier.max(seq);
             for r in &results {
@@ -162,7 +162,7 @@ impl<S: Service> Replica<S> {
             Ok(r) => r,
             Err(e) => return self.halt(format!("own reply cache: {e}"), actions),
         };
-        if let Err(e) = self.exec.rollback_to(base.seq.0, replies) {
+        if let Err(e) = self.roll_back_state(base.seq, replies) {
             return self.halt(format!("rollback to {}: {e}", base.seq.0), actions);
         }
         tracing::info!(

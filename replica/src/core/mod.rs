@@ -38,7 +38,9 @@
 //!   postconditions (all of them in tests, debug builds and the simulator).
 //! - `safety.rs`: the safety rules, numbered: one proposal per slot, views only grow, persist
 //!   before send, commit only what prepared, execute in order once, new views recomputed.
-//! - `execution.rs`: the one interface to the service, and the reply cache.
+//! - `execution.rs`: the one interface to the service ([`execution::Executor`]), and the
+//!   reply cache ([`execution::ReplyTable`]; the replica holds it, the executor only runs what
+//!   it says is new).
 //! - `bounds.rs`: upper bounds of every message and record, checked against the frame and
 //!   record limits.
 //! - `tests/`: unit tests of the core, one file per protocol.
@@ -113,7 +115,7 @@ use crate::wire::{
     Principal, Proposal, ReplicaId, Request, SeqNo, Signed, Signer, StateTransferMessage,
     Timestamp, View, ViewChange, ViewChangeMessage,
 };
-use execution::{ExecutedRequest, Executor};
+use execution::{ExecutedRequest, Executor, ExecutorCheckpoint, ReplyTable};
 use safety::SafetyRules;
 use state_abstraction::{ClientId, Service, ServiceError};
 use state_transfer::Transfer;
@@ -273,6 +275,8 @@ pub struct Replica<S: Service> {
     id: ReplicaId,
     signer: Signer,
     exec: Executor<S>,
+    /// The reply cache: replicated state, in every checkpoint (see [`execution`]).
+    replies: ReplyTable,
     safety: SafetyRules,
     genesis: Genesis,
 
@@ -462,6 +466,44 @@ impl<S: Service> Replica<S> {
         tracing::error!(replica = self.id.0, %reason, "halting");
         self.halted = true;
         actions.push(Action::Halt { reason });
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Execution: the reply cache is ours, the service is the executor's
+
+    /// Runs a batch (committed, or speculatively accepted): the reply cache picks the new
+    /// requests, the executor runs them, in batch order.
+    pub(super) fn execute_batch(&mut self, batch: &Batch, nondet: &[u8]) -> Vec<ExecutedRequest> {
+        let exec = &mut self.exec;
+        self.replies
+            .run_batch(batch, |request| exec.execute(request, nondet))
+    }
+
+    /// The service checkpointed at `seq`, with the reply cache as it stands.
+    pub(super) fn checkpoint_state(
+        &mut self,
+        seq: SeqNo,
+    ) -> Result<ExecutorCheckpoint, ServiceError> {
+        let service_root = self.exec.checkpoint(seq.0)?;
+        let replies = self.replies.encode();
+        let replies_digest = ReplyTable::digest_of_encoding(&replies);
+        Ok(ExecutorCheckpoint {
+            service_root,
+            replies,
+            replies_digest,
+        })
+    }
+
+    /// The service rolled back to its checkpoint `seq`, and the reply cache replaced by that
+    /// checkpoint's (only if the rollback succeeded).
+    pub(super) fn roll_back_state(
+        &mut self,
+        seq: SeqNo,
+        replies: ReplyTable,
+    ) -> Result<(), ServiceError> {
+        self.exec.rollback_to(seq.0)?;
+        self.replies = replies;
+        Ok(())
     }
 
     // -----------------------------------------------------------------------------------------

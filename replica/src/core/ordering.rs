@@ -61,7 +61,7 @@ impl<S: Service> Replica<S> {
                 };
                 let key = (request.body.client, request.body.timestamp);
                 self.pending_keys.remove(&key);
-                if self.exec.lookup(&request) != Lookup::New || self.proposed.contains(&key) {
+                if self.replies.lookup(&request) != Lookup::New || self.proposed.contains(&key) {
                     continue;
                 }
                 bytes += size;
@@ -508,9 +508,8 @@ impl<S: Service> Replica<S> {
                     }
                 }
             } else {
-                let results = self
-                    .exec
-                    .execute_batch(&proposal.batch, &proposal.pre_prepare.body.nondet);
+                let results =
+                    self.execute_batch(&proposal.batch, &proposal.pre_prepare.body.nondet);
                 self.spec_executed = seq;
                 results
             };

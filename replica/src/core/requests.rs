@@ -79,7 +79,7 @@ impl<S: Service> Replica<S> {
             return;
         }
         let key = (body.client, body.timestamp);
-        match self.exec.lookup(&request) {
+        match self.replies.lookup(&request) {
             Lookup::Cached(result) => {
                 let result = result.to_vec();
                 // A result that only ran speculatively goes out as such, with its order.
@@ -174,10 +174,10 @@ impl<S: Service> Replica<S> {
     /// With `speculative_cache`, a cached reply may still be undone by a rollback, so only
     /// stale requests are dropped.
     pub(super) fn forget_answered_waiting(&mut self, speculative_cache: bool) {
-        let exec = &self.exec;
+        let replies = &self.replies;
         let before = self.waiting.len();
         self.waiting
-            .retain(|_, (request, _)| match exec.lookup(request) {
+            .retain(|_, (request, _)| match replies.lookup(request) {
                 Lookup::New => true,
                 Lookup::Cached(_) => speculative_cache,
                 Lookup::Stale | Lookup::Evicted | Lookup::Reused => false,

@@ -48,7 +48,7 @@ impl<S: Service> Replica<S> {
     ) -> Result<Self, CoreError> {
         config.validate()?;
         let limits = ReplyLimits::of(&config);
-        let mut exec = Executor::new(service, limits);
+        let mut exec = Executor::new(service);
         let (empty_replies, empty_digest) = empty_replies_digest(limits);
 
         // 1. The durable state, replayed from the WAL (pure: no service, no signing).
@@ -121,7 +121,6 @@ impl<S: Service> Replica<S> {
         }
         let replies = ReplyTable::decode(&resume.replies, limits)
             .map_err(|e| CoreError::Inconsistent(format!("reply cache: {e}")))?;
-        exec.set_replies(replies);
         checkpoints.retain(|seq, _| *seq <= resume.seq && *seq >= stable.seq.min(resume.seq));
 
         let (view, view_active) = entered
@@ -217,6 +216,7 @@ impl<S: Service> Replica<S> {
             id: secrets.id,
             signer: Signer::from_secret(&secrets.signing_key.0),
             exec,
+            replies,
             safety,
             genesis,
             view,
@@ -291,7 +291,9 @@ impl<S: Service> Replica<S> {
             if !slot.sent_commit {
                 continue;
             }
-            let Some(cert) = &slot.certificate else { continue };
+            let Some(cert) = &slot.certificate else {
+                continue;
+            };
             if active && b.view == view {
                 for pr in &cert.prepares {
                     slot.prepares
@@ -399,7 +401,8 @@ impl Replayed {
                 {
                     self.accepted.insert(b.seq, p.pre_prepare.clone());
                 }
-                self.batches.insert((b.seq, b.batch_digest), p.batch.clone());
+                self.batches
+                    .insert((b.seq, b.batch_digest), p.batch.clone());
             }
             WalRecord::Prepared(c) => {
                 let seq = c.pre_prepare.body.seq;

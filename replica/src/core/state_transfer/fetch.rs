@@ -15,10 +15,10 @@
 
 use crate::wire::{CheckpointCertificate, Digest, ReplicaId, SeqNo, StateTransferMessage};
 use state_abstraction::digest::{object_digest, piece_digest, PartitionTree, LEVELS};
-use state_abstraction::{AbstractObject, Service};
+use state_abstraction::AbstractObject;
 use std::collections::BTreeMap;
 
-use crate::core::execution::ReplyTable;
+use crate::core::execution::{CheckpointReader, ReplyTable};
 
 /// One thing the fetcher is waiting for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -228,9 +228,9 @@ impl Transfer {
     }
 
     /// Children of `(level, index)` whose digests differ from the base state's.
-    fn descend<S: Service>(
+    fn descend<R: CheckpointReader + ?Sized>(
         &mut self,
-        service: &S,
+        service: &R,
         level: u32,
         index: u64,
         children: &[Digest],
@@ -263,9 +263,9 @@ impl Transfer {
     }
 
     /// Handles an answer from `from`. Returns the finished transfer when everything is in.
-    pub fn on_message<S: Service>(
+    pub fn on_message<R: CheckpointReader + ?Sized>(
         &mut self,
-        service: &S,
+        service: &R,
         from: ReplicaId,
         message: StateTransferMessage,
         tick: u64,
@@ -429,9 +429,9 @@ impl Transfer {
     /// Walks the rightmost path below `(level, index)`, whose verified children are given,
     /// as far as possible: through our own base tree where it has the same digest, else it
     /// stops and waits for the node to arrive (it differs, so `descend` asked for it).
-    fn follow_count_path<S: Service>(
+    fn follow_count_path<R: CheckpointReader + ?Sized>(
         &mut self,
-        service: &S,
+        service: &R,
         mut level: u32,
         mut index: u64,
         children: &[Digest],

@@ -69,7 +69,7 @@ impl<S: Service> Replica<S> {
             Ok(r) => r,
             Err(e) => return self.halt(format!("own reply cache: {e}"), actions),
         };
-        if let Err(e) = self.exec.rollback_to(base.seq.0, replies) {
+        if let Err(e) = self.roll_back_state(base.seq, replies) {
             return self.halt(format!("rollback to {}: {e}", base.seq.0), actions);
         }
         self.set_service_position(base.seq);
@@ -163,7 +163,7 @@ impl<S: Service> Replica<S> {
     ) {
         use StateTransferMessage as M;
         let reply = serve::answer(
-            self.exec.service(),
+            &self.exec,
             &self.stable,
             |seq| self.own_checkpoints.get(&seq).map(|c| c.replies.clone()),
             &message,
@@ -196,7 +196,7 @@ impl<S: Service> Replica<S> {
                 };
                 let mut steps = Vec::new();
                 let finished =
-                    transfer.on_message(self.exec.service(), from, message, self.ticks, &mut steps);
+                    transfer.on_message(&self.exec, from, message, self.ticks, &mut steps);
                 self.metrics.state_transfer_bytes = self
                     .metrics
                     .state_transfer_bytes
@@ -233,7 +233,7 @@ impl<S: Service> Replica<S> {
                 .unwrap_or_default();
             let replies = ReplyTable::decode(&base_replies, limits)
                 .unwrap_or_else(|_| ReplyTable::new(limits));
-            if let Err(e) = this.exec.rollback_to(base.0, replies) {
+            if let Err(e) = this.roll_back_state(base, replies) {
                 this.halt(format!("rollback to {}: {e}", base.0), actions);
             }
             this.stable_ahead = Some(target.clone());
@@ -253,10 +253,10 @@ impl<S: Service> Replica<S> {
         {
             return retry(self, &e.to_string(), actions);
         }
-        self.exec.set_replies(replies);
+        self.replies = replies;
         // Requests the transferred state already executed will never run here.
         self.forget_answered_waiting(false);
-        let cp = match self.exec.checkpoint(target.seq.0) {
+        let cp = match self.checkpoint_state(target.seq) {
             Ok(cp) => cp,
             Err(e) => return self.halt(format!("checkpoint after state transfer: {e}"), actions),
         };

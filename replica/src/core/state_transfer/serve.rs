@@ -6,14 +6,14 @@
 //! fetcher then asks another replica. Answers are not checked here; the fetcher checks each
 //! against the digests it already trusts (see [`super::fetch`]).
 
+use crate::core::execution::CheckpointReader;
 use crate::wire::{CheckpointCertificate, SeqNo, StateTransferMessage};
-use state_abstraction::Service;
 
 /// The answer to `request`, or `None` if it is not a request or asks for state not held.
 /// `stable` answers `QueryStable`; `replies_at(seq)` is the encoded reply cache of this
 /// replica's checkpoint `seq`, if it has one.
-pub fn answer<S: Service>(
-    service: &S,
+pub fn answer<R: CheckpointReader + ?Sized>(
+    service: &R,
     stable: &CheckpointCertificate,
     replies_at: impl FnOnce(SeqNo) -> Option<Vec<u8>>,
     request: &StateTransferMessage,

@@ -70,7 +70,7 @@ fn a_request_sent_only_to_a_backup_and_overtaken_does_not_force_a_view_change() 
         executed += p.batch.requests.len();
     }
     assert_eq!(executed as u64, window, "every later request was ordered");
-    assert_eq!(h.replicas[1].exec.lookup(&planted), Lookup::Stale);
+    assert_eq!(h.replicas[1].replies.lookup(&planted), Lookup::Stale);
     let timeout = h.config.protocol.view_change_timeout_ticks;
     for t in 0..=2 * timeout {
         let actions = h.tick(1, 2_000 + t);
