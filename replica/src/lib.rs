@@ -17,6 +17,7 @@ pub mod client;
 pub mod config;
 pub mod core;
 pub mod driver;
+pub mod execution;
 pub mod localhost;
 pub mod rng;
 #[cfg(any(test, feature = "sim"))]

@@ -10,10 +10,11 @@
 //! the previous checkpoint (copy-on-write at bucket granularity) and its own partition tree.
 
 use crate::digest::{object_digest, piece_digest, Digest, Hasher, PartitionTree};
-use crate::service::{AbstractObject, ClientId, SeqNo, Service, ServiceError};
+use crate::service::{AbstractObject, ClientId, RequestPolicy, SeqNo, Service, ServiceError};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 /// Number of bucket objects.
 pub const BUCKETS: u64 = 64;
@@ -243,6 +244,29 @@ impl KvService {
     }
 }
 
+/// The key-value service's [`RequestPolicy`]: `Get` is read-only; the agreed time is the
+/// primary's clock, accepted within [`MAX_CLOCK_SKEW_NS`] of a backup's (execution keeps it
+/// monotone).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KvPolicy;
+
+impl RequestPolicy for KvPolicy {
+    fn is_read_only(&self, op: &[u8]) -> bool {
+        matches!(KvOp::decode(op), Some(KvOp::Get { .. }))
+    }
+
+    fn propose_nondet(&self, now_ns: u64) -> Vec<u8> {
+        now_ns.to_le_bytes().to_vec()
+    }
+
+    fn check_nondet(&self, nondet: &[u8], now_ns: u64) -> bool {
+        match <[u8; 8]>::try_from(nondet) {
+            Ok(bytes) => u64::from_le_bytes(bytes).abs_diff(now_ns) <= MAX_CLOCK_SKEW_NS,
+            Err(_) => false,
+        }
+    }
+}
+
 impl Service for KvService {
     fn execute(&mut self, op: &[u8], _client: ClientId, nondet: &[u8], read_only: bool) -> Vec<u8> {
         let Some(op) = KvOp::decode(op) else {
@@ -284,22 +308,8 @@ impl Service for KvService {
         reply.encode()
     }
 
-    fn is_read_only(&self, op: &[u8]) -> bool {
-        matches!(KvOp::decode(op), Some(KvOp::Get { .. }))
-    }
-
-    fn propose_nondet(&self, now_ns: u64) -> Vec<u8> {
-        now_ns.max(self.last_time).to_le_bytes().to_vec()
-    }
-
-    fn check_nondet(&self, nondet: &[u8], now_ns: u64) -> bool {
-        match <[u8; 8]>::try_from(nondet) {
-            Ok(bytes) => {
-                let time = u64::from_le_bytes(bytes);
-                time >= self.last_time && time <= now_ns.saturating_add(MAX_CLOCK_SKEW_NS)
-            }
-            Err(_) => false,
-        }
+    fn policy(&self) -> Arc<dyn RequestPolicy> {
+        Arc::new(KvPolicy)
     }
 
     fn object_count(&self) -> u64 {
@@ -495,10 +505,14 @@ mod tests {
         let mut s = KvService::new();
         put(&mut s, "a", "1", 100);
         assert!(s.check_nondet(&100u64.to_le_bytes(), 0));
-        assert!(!s.check_nondet(&99u64.to_le_bytes(), 1000));
+        // An older value is acceptable (batches are proposed before earlier ones run) but
+        // does not move the agreed time back.
+        assert!(s.check_nondet(&99u64.to_le_bytes(), 1000));
+        put(&mut s, "b", "2", 99);
+        assert_eq!(s.last_time(), 100);
         assert!(!s.check_nondet(&(MAX_CLOCK_SKEW_NS + 2000).to_le_bytes(), 1000));
         assert!(!s.check_nondet(&[1, 2], 1000));
-        assert_eq!(s.propose_nondet(50), 100u64.to_le_bytes().to_vec());
+        assert_eq!(s.propose_nondet(50), 50u64.to_le_bytes().to_vec());
     }
 
     #[test]

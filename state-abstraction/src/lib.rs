@@ -16,4 +16,4 @@ pub mod kv;
 pub mod service;
 
 pub use digest::Digest;
-pub use service::{AbstractObject, ClientId, SeqNo, Service, ServiceError};
+pub use service::{AbstractObject, ClientId, RequestPolicy, SeqNo, Service, ServiceError};

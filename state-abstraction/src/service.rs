@@ -6,6 +6,7 @@
 
 use crate::digest::Digest;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// Sequence number of an ordered batch; checkpoints are named by the sequence number they follow.
 pub type SeqNo = u64;
@@ -38,13 +39,14 @@ pub enum ServiceError {
     Storage(#[from] std::io::Error),
 }
 
-/// BASE's upcalls. The replica calls these in the agreed order only.
-pub trait Service {
-    /// Runs one operation. `nondet` is the value the primary proposed and the backups checked
-    /// (for the file service: the agreed time). `client` is the authenticated caller.
-    /// `read_only` requests run without ordering and must not change the state.
-    fn execute(&mut self, op: &[u8], client: ClientId, nondet: &[u8], read_only: bool) -> Vec<u8>;
-
+/// What ordering needs to know of a service's requests, without its state: which may take the
+/// read-only path, and the nondeterministic value (for both services here: the agreed time) a
+/// primary proposes and a backup accepts.
+///
+/// Stateless on purpose: the ordering core runs it while the state is elsewhere (an execution
+/// stage, possibly another process, maybe behind). So a check cannot be "not before the last
+/// agreed value"; execution makes the value monotone instead (each service clamps it).
+pub trait RequestPolicy: Send + Sync {
     /// Whether `op` may be answered on the unordered read-only path.
     fn is_read_only(&self, op: &[u8]) -> bool;
 
@@ -52,9 +54,32 @@ pub trait Service {
     /// primary's clock, passed in because the core has none.
     fn propose_nondet(&self, now_ns: u64) -> Vec<u8>;
 
-    /// On a backup: whether a proposed value is acceptable (for time: not before the last
-    /// agreed value, and within a skew bound of `now_ns`).
+    /// On a backup: whether a proposed value is acceptable (for time: within a skew bound of
+    /// `now_ns`).
     fn check_nondet(&self, nondet: &[u8], now_ns: u64) -> bool;
+}
+
+/// BASE's upcalls. The replica calls these in the agreed order only.
+pub trait Service {
+    /// Runs one operation. `nondet` is the value the primary proposed and the backups checked
+    /// (for the file service: the agreed time). `client` is the authenticated caller.
+    /// `read_only` requests run without ordering and must not change the state.
+    fn execute(&mut self, op: &[u8], client: ClientId, nondet: &[u8], read_only: bool) -> Vec<u8>;
+
+    /// The service's rules for requests and their non-determinism (see [`RequestPolicy`]),
+    /// as an object of their own: the ordering core keeps it and never touches the state.
+    fn policy(&self) -> Arc<dyn RequestPolicy>;
+
+    /// Shorthands for [`RequestPolicy`]'s methods (tools and tests).
+    fn is_read_only(&self, op: &[u8]) -> bool {
+        self.policy().is_read_only(op)
+    }
+    fn propose_nondet(&self, now_ns: u64) -> Vec<u8> {
+        self.policy().propose_nondet(now_ns)
+    }
+    fn check_nondet(&self, nondet: &[u8], now_ns: u64) -> bool {
+        self.policy().check_nondet(nondet, now_ns)
+    }
 
     /// Number of abstract object slots (free ones included).
     fn object_count(&self) -> u64;

@@ -6,12 +6,11 @@
 //!   fast path's holes (see `fast_path.rs`) and the batches a new view bound this replica to
 //!   without it holding them (*awaited* slots, see `view_change/new_view.rs`).
 
-use super::{Action, Replica};
+use super::{Action, Core};
 use crate::wire::{
     AgreementMessage, CommitCertificate, Message, Principal, Proposal, ReplicaId, SeqNo,
     StateTransferMessage, View,
 };
-use state_abstraction::Service;
 use std::collections::BTreeSet;
 
 /// Batches whose commit certificates one `FetchCommitted` answer carries at most.
@@ -19,7 +18,7 @@ const FETCH_BATCHES_MAX: u64 = 16;
 /// Operation bytes one `FillHole` answer sends at most (one batch, however large, always goes).
 const FETCH_BYTES_MAX: usize = 16 << 20;
 
-impl<S: Service> Replica<S> {
+impl Core {
     /// A peer asks for the commit certificates of `first..=last`: it gets those of the slots
     /// we executed, up to [`FETCH_BATCHES_MAX`], and our stable certificate too if it asks
     /// below our window.

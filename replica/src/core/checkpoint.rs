@@ -4,17 +4,17 @@
 //! certificate for a state this replica does not hold starts a catch-up (`stable_ahead`) or,
 //! if its own checkpoint differs, a repair by state transfer.
 
+use super::execution::ExecutorCheckpoint;
 use super::invariants::invariant;
-use super::{Action, Notification, OwnCheckpoint, Replica, WalRecord};
+use super::{Action, Notification, OwnCheckpoint, Core, WalRecord};
 use crate::wire::{
     AgreementMessage, Checkpoint, CheckpointCertificate, Digest, Message, Principal, ReplicaId,
     SeqNo, Signed,
 };
-use state_abstraction::Service;
 use std::collections::BTreeMap;
 
-impl<S: Service> Replica<S> {
-    /// Checkpoints the service at `seq` (just executed), persists it, and votes for it.
+impl Core {
+    /// Asks for a checkpoint of the state at `seq` (just executed); the vote follows the answer.
     pub(super) fn take_checkpoint(&mut self, seq: SeqNo, actions: &mut Vec<Action>) {
         // Only committed state is checkpointed (PROTOCOLS §2.4 [D]).
         invariant!(
@@ -24,10 +24,16 @@ impl<S: Service> Replica<S> {
             self.spec_executed,
             self.last_executed
         );
-        let cp = match self.checkpoint_state(seq) {
-            Ok(cp) => cp,
-            Err(e) => return self.halt(format!("checkpoint {}: {e}", seq.0), actions),
-        };
+        self.ask_checkpoint(seq, actions);
+    }
+
+    /// The stage took our checkpoint at `seq`: persist it and vote for it.
+    pub(super) fn vote_checkpoint(
+        &mut self,
+        seq: SeqNo,
+        cp: ExecutorCheckpoint,
+        actions: &mut Vec<Action>,
+    ) {
         actions.push(Action::Persist(WalRecord::CheckpointTaken {
             seq,
             service_root: cp.service_root,

@@ -3,13 +3,12 @@
 //! ([`OwnCheckpoint`]). `restore.rs` reads them back after a restart.
 
 use super::view_change::Genesis;
-use super::{Action, Replica};
+use super::{Action, Core};
 use crate::wire::{
     CheckpointCertificate, Digest, NewView, PrePrepare, PreparedCertificate, Proposal, SeqNo,
     Signed, View,
 };
 use serde::{Deserialize, Serialize};
-use state_abstraction::Service;
 
 /// A checkpoint this replica took, with its reply cache (needed to roll back to it, to serve
 /// it, and to restart from it).
@@ -69,7 +68,7 @@ pub enum WalRecord {
     Stable(Box<CheckpointCertificate>),
 }
 
-impl<S: Service> Replica<S> {
+impl Core {
     /// What a snapshot records (see [`DurableState`]).
     pub fn durable_state(&self) -> DurableState {
         DurableState {

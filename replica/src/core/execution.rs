@@ -1,21 +1,23 @@
-//! Execution: the one narrow interface between ordering and the service.
+//! Execution: what passes between the ordering core and the execution stage.
 //!
-//! In: committed batches in sequence order (with the agreed nondeterministic value), read-only
-//! requests, checkpoint/rollback/discard commands. Out: replies, checkpoint digests.
+//! The core asks for execution with actions ([`super::Action::Execute`],
+//! [`super::Action::TakeCheckpoint`], [`super::Action::Rollback`], ...) and learns the results
+//! from events ([`super::Event::Executed`], [`super::Event::CheckpointTaken`], ...); it holds no
+//! service. The stage ([`crate::execution::Stage`]) runs them in the order asked: in-process
+//! in profile A, in another process later (ZZ).
 //!
-//! Everything the ordering core asks of the service goes through [`Executor`], so that in the
-//! ZZ profile the executor can live in another process (the core would then send it
-//! `ExecBatch` messages and receive replies and checkpoint digests back) without the ordering
-//! code changing. The reply cache ([`ReplyTable`], exactly-once semantics) is part of the
-//! replicated state (its digest enters every checkpoint and it is transferred with the service
-//! state); the core owns it and reads it synchronously to deduplicate, and
-//! [`ReplyTable::run_batch`] asks the executor to run only the requests that are new.
+//! The reply cache ([`ReplyTable`], exactly-once semantics) is part of the replicated state
+//! (its digest enters every checkpoint and it is transferred with the service state). The
+//! stage holds the table it checkpoints, and decides with it which requests of a batch are new
+//! ([`ReplyTable::run_batch`]); the core keeps a copy, updated from the results
+//! ([`ReplyTable::record_results`]), to answer retransmissions and to keep executed requests
+//! out of new batches.
 
 use crate::wire::{
     decode, encode, Batch, Digest, Request, Signature, Signed, Timestamp, WireError,
 };
 use state_abstraction::digest::Hasher;
-use state_abstraction::{ClientId, Service, ServiceError};
+use state_abstraction::{ClientId, Service};
 use std::collections::BTreeMap;
 
 /// What the reply cache knows about a request.
@@ -180,6 +182,8 @@ pub struct ExecutedRequest {
     pub client: ClientId,
     pub timestamp: Timestamp,
     pub result: Vec<u8>,
+    /// Run now (as opposed to answered from the cache): a copy of the reply cache records it.
+    pub fresh: bool,
 }
 
 /// A checkpoint of the replicated state: the service's root digest, and the reply cache's
@@ -214,6 +218,7 @@ impl ReplyTable {
                     client,
                     timestamp,
                     result: reply.to_vec(),
+                    fresh: false,
                 }),
                 Lookup::Stale | Lookup::Evicted | Lookup::Reused => {}
                 Lookup::New => {
@@ -223,18 +228,34 @@ impl ReplyTable {
                         client,
                         timestamp,
                         result,
+                        fresh: true,
                     });
                 }
             }
         }
         out
     }
+
+    /// Brings a copy of the table up to date with a batch the execution stage ran (see
+    /// [`ReplyTable::run_batch`]): the same replies recorded in the same order, so the copy
+    /// equals the stage's table.
+    pub fn record_results(&mut self, batch: &Batch, results: &[ExecutedRequest]) {
+        let mut requests = batch.requests.iter();
+        for r in results.iter().filter(|r| r.fresh) {
+            let found = requests
+                .by_ref()
+                .find(|q| q.body.client == r.client && q.body.timestamp == r.timestamp);
+            if let Some(request) = found {
+                self.record(request, r.result.clone());
+            }
+        }
+    }
 }
 
 /// What state transfer reads of the checkpoints the service keeps: serving a peer
 /// ([`super::state_transfer::serve`]) and comparing fetched state with our own
 /// ([`super::state_transfer::fetch`]). Read-only, and about checkpoints only (never the live
-/// state), so the execution stage can answer it. The replica passes its [`Executor`]; tests may
+/// state), so the execution stage can answer it. The replica passes its execution stage; tests may
 /// pass a service directly.
 pub trait CheckpointReader {
     fn object_count(&self) -> u64;
@@ -255,85 +276,6 @@ impl<S: Service> CheckpointReader for S {
     }
     fn get_piece_at(&self, seq: u64, index: u64, piece: u32) -> Option<Vec<u8>> {
         Service::get_piece_at(self, seq, index, piece)
-    }
-}
-
-impl<S: Service> CheckpointReader for Executor<S> {
-    fn object_count(&self) -> u64 {
-        self.service.object_count()
-    }
-    fn partition_node(&self, seq: u64, level: u32, index: u64) -> Option<Vec<Digest>> {
-        self.service.partition_node(seq, level, index)
-    }
-    fn piece_digests_at(&self, seq: u64, index: u64) -> Option<Vec<Digest>> {
-        self.service.piece_digests_at(seq, index)
-    }
-    fn get_piece_at(&self, seq: u64, index: u64, piece: u32) -> Option<Vec<u8>> {
-        self.service.get_piece_at(seq, index, piece)
-    }
-}
-
-/// Runs operations against the service; see the module doc. Holds no replicated state of its
-/// own beyond the service (the reply cache is the core's).
-pub struct Executor<S> {
-    service: S,
-}
-
-impl<S: Service> Executor<S> {
-    pub fn new(service: S) -> Self {
-        Executor { service }
-    }
-
-    pub fn service(&self) -> &S {
-        &self.service
-    }
-
-    pub fn into_service(self) -> S {
-        self.service
-    }
-
-    pub fn service_mut(&mut self) -> &mut S {
-        &mut self.service
-    }
-
-    pub fn is_read_only(&self, operation: &[u8]) -> bool {
-        self.service.is_read_only(operation)
-    }
-
-    pub fn propose_nondet(&self, now_ns: u64) -> Vec<u8> {
-        self.service.propose_nondet(now_ns)
-    }
-
-    pub fn check_nondet(&self, nondet: &[u8], now_ns: u64) -> bool {
-        self.service.check_nondet(nondet, now_ns)
-    }
-
-    /// Executes one ordered request (the reply cache decided it is new; see
-    /// [`ReplyTable::run_batch`]).
-    pub fn execute(&mut self, request: &Signed<Request>, nondet: &[u8]) -> Vec<u8> {
-        self.service
-            .execute(&request.body.operation, request.body.client, nondet, false)
-    }
-
-    /// Executes a read-only request against the current state (no ordering, no caching).
-    pub fn execute_read_only(&mut self, request: &Signed<Request>) -> Vec<u8> {
-        self.service
-            .execute(&request.body.operation, request.body.client, &[], true)
-    }
-
-    /// Checkpoints the service at `seq`; returns its root digest.
-    pub fn checkpoint(&mut self, seq: u64) -> Result<Digest, ServiceError> {
-        self.service.checkpoint(seq)
-    }
-
-    /// Rolls the service back to its checkpoint `seq` (the caller restores the reply cache
-    /// of that checkpoint).
-    pub fn rollback_to(&mut self, seq: u64) -> Result<(), ServiceError> {
-        self.service.rollback_to(seq)
-    }
-
-    pub fn discard_before(&mut self, seq: u64) {
-        self.service.discard_before(seq);
     }
 }
 

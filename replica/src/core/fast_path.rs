@@ -9,12 +9,11 @@
 use super::execution::{ReplyLimits, ReplyTable};
 use super::invariants::invariant;
 use super::view_change::NewViewPlan;
-use super::{same_content, Action, Notification, Replica, Speculation};
+use super::{same_content, Action, Notification, Core, Speculation};
 use crate::wire::{
-    chain_history, history_anchor, AgreementMessage, ClientMessage, Digest, Message, Pom,
-    PrePrepare, Principal, ReplicaId, Reply, SeqNo, SpecResponse, View,
+    chain_history, history_anchor, AgreementMessage, Digest, Message, Pom,
+    PrePrepare, Principal, ReplicaId, SeqNo, View,
 };
-use state_abstraction::Service;
 
 /// The pre-prepares a new view re-issues for its plan, with the history recomputed from the
 /// plan's stable checkpoint (PROTOCOLS §2.9: the primary re-issues G with new history digests).
@@ -37,7 +36,7 @@ pub fn reissue(view: View, primary: ReplicaId, plan: &NewViewPlan) -> Vec<PrePre
         .collect()
 }
 
-impl<S: Service> Replica<S> {
+impl Core {
     /// The history of the state the service is in, if this view's chain reaches it: the
     /// proposal of this view at `spec_executed`, provided what ran there is that proposal's
     /// content (committed content is the same everywhere, so its history may be adopted).
@@ -104,28 +103,9 @@ impl<S: Service> Replica<S> {
             }) {
                 return;
             }
-            let results = self.execute_batch(&proposal.batch, &b.nondet);
+            self.ask_execute(seq, &proposal, true, actions);
             self.spec_executed = seq;
             self.read_only_barrier = self.read_only_barrier.max(seq);
-            for r in &results {
-                self.spec_keys.insert((r.client, r.timestamp), seq);
-                let reply = Reply {
-                    view: self.view,
-                    client: r.client,
-                    timestamp: r.timestamp,
-                    replica: self.id,
-                    read_only: false,
-                    result: r.result.clone(),
-                };
-                let message = SpecResponse {
-                    reply,
-                    order: proposal.pre_prepare.clone(),
-                };
-                actions.push(Action::SendClient {
-                    to: r.client,
-                    message: Message::Client(ClientMessage::SpecResponse(Box::new(message))),
-                });
-            }
             self.metrics.speculated_batches += 1;
             tracing::debug!(replica = self.id.0, seq = seq.0, "speculated");
             actions.push(Action::Notify(Notification::Speculated {
@@ -135,7 +115,7 @@ impl<S: Service> Replica<S> {
             if let Some(slot) = self.log.get_mut(&seq) {
                 slot.executed = Some(Speculation {
                     order: proposal.pre_prepare.clone(),
-                    results,
+                    results: None,
                 });
             }
         }
@@ -162,9 +142,7 @@ impl<S: Service> Replica<S> {
             Ok(r) => r,
             Err(e) => return self.halt(format!("own reply cache: {e}"), actions),
         };
-        if let Err(e) = self.roll_back_state(base.seq, replies) {
-            return self.halt(format!("rollback to {}: {e}", base.seq.0), actions);
-        }
+        self.ask_rollback(base.seq, base.replies.clone(), replies, actions);
         tracing::info!(
             replica = self.id.0,
             to = base.seq.0,

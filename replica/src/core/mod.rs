@@ -93,12 +93,13 @@ pub mod bounds;
 mod catch_up;
 mod checkpoint;
 mod durable;
+mod executed;
 pub mod execution;
 pub mod fast_path;
 mod invariants;
 mod ordering;
 mod requests;
-mod restore;
+pub mod restore;
 pub mod safety;
 pub mod state_transfer;
 #[cfg(test)]
@@ -106,6 +107,7 @@ mod tests;
 mod timers;
 pub mod view_change;
 
+pub use crate::execution::Replica;
 pub use durable::{DurableState, OwnCheckpoint, WalRecord};
 
 use crate::config::ClusterConfig;
@@ -115,9 +117,9 @@ use crate::wire::{
     Principal, Proposal, ReplicaId, Request, SeqNo, Signed, Signer, StateTransferMessage,
     Timestamp, View, ViewChange, ViewChangeMessage,
 };
-use execution::{ExecutedRequest, Executor, ExecutorCheckpoint, ReplyTable};
+use execution::{CheckpointReader, ExecutedRequest, ExecutorCheckpoint, ReplyTable};
 use safety::SafetyRules;
-use state_abstraction::{ClientId, Service, ServiceError};
+use state_abstraction::{AbstractObject, ClientId, RequestPolicy, ServiceError};
 use state_transfer::Transfer;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
@@ -127,7 +129,44 @@ use view_change::Genesis;
 #[derive(Debug)]
 pub enum Event {
     Message(Authenticated<Message>),
-    Tick { now_ns: u64 },
+    Tick {
+        now_ns: u64,
+    },
+    /// The results of an [`Action::Execute`]: one entry per request of the batch that was
+    /// answered (new ones run, duplicates answered from the reply cache), in batch order.
+    Executed {
+        seq: SeqNo,
+        results: Vec<ExecutedRequest>,
+    },
+    /// The result of an [`Action::TakeCheckpoint`].
+    CheckpointTaken {
+        seq: SeqNo,
+        checkpoint: ExecutorCheckpoint,
+    },
+    /// The result of an [`Action::ExecuteReadOnly`].
+    ReadOnlyExecuted {
+        client: ClientId,
+        timestamp: Timestamp,
+        result: Vec<u8>,
+    },
+    /// The result of an [`Action::InstallState`]: the checkpoint taken over the installed
+    /// state, or why the objects were refused.
+    StateInstalled {
+        seq: SeqNo,
+        result: Result<ExecutorCheckpoint, String>,
+    },
+    /// The execution stage failed (storage error): the replica halts.
+    ExecutionFailed {
+        reason: String,
+    },
+}
+
+impl Event {
+    /// Events from outside (the network, the clock), as opposed to the execution stage's
+    /// answers to the core's own actions.
+    fn is_external(&self) -> bool {
+        matches!(self, Event::Message(_) | Event::Tick { .. })
+    }
 }
 
 /// An output of the core; see the module doc for the order and durability rules.
@@ -150,6 +189,59 @@ pub enum Action {
     Halt {
         reason: String,
     },
+    /// Execution stage: run the batch's new requests in order (the reply cache answers
+    /// duplicates) on the state as it stands after every earlier execution action, then
+    /// answer with [`Event::Executed`]. `speculative` batches may later be undone by
+    /// [`Action::Rollback`].
+    Execute {
+        seq: SeqNo,
+        batch: Batch,
+        nondet: Vec<u8>,
+        speculative: bool,
+    },
+    /// Execution stage: checkpoint the state (service and reply cache) at `seq`, answer with
+    /// [`Event::CheckpointTaken`].
+    TakeCheckpoint {
+        seq: SeqNo,
+    },
+    /// Execution stage: go back to checkpoint `to`, with the reply cache of that checkpoint
+    /// (its canonical encoding). No answer unless it fails ([`Event::ExecutionFailed`]).
+    Rollback {
+        to: SeqNo,
+        replies: Vec<u8>,
+    },
+    /// Execution stage: checkpoints below `seq` are no longer needed.
+    DiscardBefore {
+        seq: SeqNo,
+    },
+    /// Execution stage: run a read-only request on the current state (nothing ordered is in
+    /// flight when the core asks), answer with [`Event::ReadOnlyExecuted`].
+    ExecuteReadOnly {
+        request: Signed<Request>,
+    },
+    /// Execution stage: install the objects and the reply cache a state transfer fetched
+    /// (over the rolled-back base), checkpoint at `seq`, answer with [`Event::StateInstalled`].
+    InstallState {
+        seq: SeqNo,
+        objects: Vec<(u64, AbstractObject)>,
+        object_count: u64,
+        replies: Vec<u8>,
+    },
+}
+
+impl Action {
+    /// Whether the execution stage performs this action (the driver performs the others).
+    pub fn is_execution(&self) -> bool {
+        matches!(
+            self,
+            Action::Execute { .. }
+                | Action::TakeCheckpoint { .. }
+                | Action::Rollback { .. }
+                | Action::DiscardBefore { .. }
+                | Action::ExecuteReadOnly { .. }
+                | Action::InstallState { .. }
+        )
+    }
 }
 
 /// Things worth logging or checking; the driver need not act on them.
@@ -262,21 +354,58 @@ struct Slot {
 #[derive(Clone, Debug)]
 struct Speculation {
     order: Signed<PrePrepare>,
-    results: Vec<ExecutedRequest>,
+    /// Known once the execution stage answered.
+    results: Option<Vec<ExecutedRequest>>,
+}
+
+/// An execution action whose answer has not come back yet, in the order they were asked
+/// (the stage answers in that order).
+#[derive(Clone, Debug)]
+struct InFlight {
+    what: InFlightKind,
+    /// A rollback was asked after it: its answer is about undone state and is dropped.
+    undone: bool,
+}
+
+#[derive(Clone, Debug)]
+enum InFlightKind {
+    Batch {
+        seq: SeqNo,
+        speculative: bool,
+        /// The view its replies are sent in (the one it ran in).
+        view: View,
+        /// A speculative batch that committed before its results came back: send them as
+        /// committed replies too.
+        committed: bool,
+        asked: Box<executed::AskedBatch>,
+    },
+    Checkpoint {
+        seq: SeqNo,
+    },
+    ReadOnly,
+    Install {
+        target: CheckpointCertificate,
+        base: SeqNo,
+    },
 }
 
 fn same_content(a: &PrePrepare, b: &PrePrepare) -> bool {
     a.batch_digest == b.batch_digest && a.nondet == b.nondet
 }
 
-/// A PBFT replica over service `S`. See the module doc for how to drive it.
-pub struct Replica<S: Service> {
+/// The protocol core of a PBFT replica. See the module doc for how to drive it;
+/// [`crate::execution::Replica`] drives it with an in-process execution stage.
+pub struct Core {
     config: Arc<ClusterConfig>,
     id: ReplicaId,
     signer: Signer,
-    exec: Executor<S>,
-    /// The reply cache: replicated state, in every checkpoint (see [`execution`]).
+    /// The service's request rules (read-only path, nondeterminism); no state.
+    policy: Arc<dyn RequestPolicy>,
+    /// The core's copy of the reply cache, as of the execution answers received so far (the
+    /// execution stage holds the one checkpoints are taken of; see [`execution`]).
     replies: ReplyTable,
+    /// Execution actions not answered yet, oldest first.
+    in_flight: VecDeque<InFlight>,
     safety: SafetyRules,
     genesis: Genesis,
 
@@ -351,7 +480,7 @@ pub struct Replica<S: Service> {
     metrics: Metrics,
 }
 
-impl<S: Service> Replica<S> {
+impl Core {
     // -----------------------------------------------------------------------------------------
     // Accessors
 
@@ -383,12 +512,9 @@ impl<S: Service> Replica<S> {
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
-    pub fn service(&self) -> &S {
-        self.exec.service()
-    }
-    /// Gives the service back (the simulator reopens it to model a crash).
-    pub fn into_service(self) -> S {
-        self.exec.into_service()
+    /// The core's copy of the reply cache (see [`execution`]).
+    pub fn reply_cache(&self) -> &ReplyTable {
+        &self.replies
     }
 
     /// One line about the protocol state, for failure reports.
@@ -469,71 +595,54 @@ impl<S: Service> Replica<S> {
     }
 
     // -----------------------------------------------------------------------------------------
-    // Execution: the reply cache is ours, the service is the executor's
-
-    /// Runs a batch (committed, or speculatively accepted): the reply cache picks the new
-    /// requests, the executor runs them, in batch order.
-    pub(super) fn execute_batch(&mut self, batch: &Batch, nondet: &[u8]) -> Vec<ExecutedRequest> {
-        let exec = &mut self.exec;
-        self.replies
-            .run_batch(batch, |request| exec.execute(request, nondet))
-    }
-
-    /// The service checkpointed at `seq`, with the reply cache as it stands.
-    pub(super) fn checkpoint_state(
-        &mut self,
-        seq: SeqNo,
-    ) -> Result<ExecutorCheckpoint, ServiceError> {
-        let service_root = self.exec.checkpoint(seq.0)?;
-        let replies = self.replies.encode();
-        let replies_digest = ReplyTable::digest_of_encoding(&replies);
-        Ok(ExecutorCheckpoint {
-            service_root,
-            replies,
-            replies_digest,
-        })
-    }
-
-    /// The service rolled back to its checkpoint `seq`, and the reply cache replaced by that
-    /// checkpoint's (only if the rollback succeeded).
-    pub(super) fn roll_back_state(
-        &mut self,
-        seq: SeqNo,
-        replies: ReplyTable,
-    ) -> Result<(), ServiceError> {
-        self.exec.rollback_to(seq.0)?;
-        self.replies = replies;
-        Ok(())
-    }
-
-    // -----------------------------------------------------------------------------------------
     // The step function and dispatch
 
-    /// Handles one event, appending the resulting actions (see the module doc).
-    pub fn step(&mut self, event: Event, actions: &mut Vec<Action>) {
+    /// Handles one event, appending the resulting actions (see the module doc). `reader`
+    /// answers state transfer's reads of the checkpoints the execution stage keeps.
+    pub fn step(
+        &mut self,
+        event: Event,
+        reader: &dyn CheckpointReader,
+        actions: &mut Vec<Action>,
+    ) {
         if self.halted {
             return;
         }
         let start = actions.len();
-        if let Some(seq) = self.discard_pending.take() {
-            // Never below what a state transfer in progress diffs against.
-            let keep = self.transfer.as_ref().map_or(seq, |t| t.base.min(seq));
-            self.exec.discard_before(keep.0);
-        }
-        if self.initial_snapshot {
-            self.initial_snapshot = false;
-            self.persist_snapshot(actions);
-            // After a restart the others may be far ahead: ask where they are.
-            actions.push(Action::Broadcast {
-                message: Message::StateTransfer(StateTransferMessage::QueryStable),
-            });
+        if event.is_external() {
+            // Only between the driver's steps: the WAL records of earlier steps are durable
+            // then, which is what makes the older checkpoints unnecessary.
+            if let Some(seq) = self.discard_pending.take() {
+                // Never below what a state transfer in progress diffs against.
+                let keep = self.transfer.as_ref().map_or(seq, |t| t.base.min(seq));
+                actions.push(Action::DiscardBefore { seq: keep });
+            }
+            if self.initial_snapshot {
+                self.initial_snapshot = false;
+                self.persist_snapshot(actions);
+                // After a restart the others may be far ahead: ask where they are.
+                actions.push(Action::Broadcast {
+                    message: Message::StateTransfer(StateTransferMessage::QueryStable),
+                });
+            }
         }
         match event {
             Event::Tick { now_ns } => self.on_tick(now_ns, actions),
             Event::Message(m) => {
                 let (sender, message) = m.into_parts();
-                self.on_message(sender, message, actions);
+                self.on_message(sender, message, reader, actions);
             }
+            Event::Executed { seq, results } => self.on_executed(seq, results, actions),
+            Event::CheckpointTaken { seq, checkpoint } => {
+                self.on_checkpoint_taken(seq, checkpoint, actions)
+            }
+            Event::ReadOnlyExecuted {
+                client,
+                timestamp,
+                result,
+            } => self.on_read_only_executed(client, timestamp, result, actions),
+            Event::StateInstalled { seq, result } => self.on_state_installed(seq, result, actions),
+            Event::ExecutionFailed { reason } => self.halt(reason, actions),
         }
         if let Err(problem) = self.check_invariants(&actions[start..]) {
             panic!("replica {} broke an invariant: {problem}", self.id.0);
@@ -542,7 +651,13 @@ impl<S: Service> Replica<S> {
 
     /// Dispatches a message to its handler. Client messages may come relayed by anyone (the
     /// client's signature is what counts); anything else only from another configured replica.
-    fn on_message(&mut self, sender: Principal, message: Message, actions: &mut Vec<Action>) {
+    fn on_message(
+        &mut self,
+        sender: Principal,
+        message: Message,
+        reader: &dyn CheckpointReader,
+        actions: &mut Vec<Action>,
+    ) {
         let from = match (sender, &message) {
             (_, Message::Client(ClientMessage::Request(r))) => {
                 let r = r.clone();
@@ -580,7 +695,7 @@ impl<S: Service> Replica<S> {
                     self.on_query_new_view(from, view, actions)
                 }
             },
-            Message::StateTransfer(m) => self.on_state_transfer(from, m, actions),
+            Message::StateTransfer(m) => self.on_state_transfer(from, m, reader, actions),
             Message::Client(_) => {}
         }
     }

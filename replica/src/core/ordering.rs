@@ -9,15 +9,14 @@
 
 use super::execution::{ExecutedRequest, Lookup};
 use super::invariants::invariant;
-use super::{same_content, Action, Notification, Replica, WalRecord};
+use super::{same_content, Action, Core, Notification, WalRecord};
 use crate::wire::{
-    chain_history, AgreementMessage, Batch, ClientMessage, Commit, CommitCertificate, Digest,
-    Message, PrePrepare, Prepare, PreparedCertificate, Principal, Proposal, ReplicaId, Reply,
-    SeqNo, Signed, View, ViewChangeMessage,
+    chain_history, AgreementMessage, Batch, Commit, CommitCertificate, Digest, Message,
+    PrePrepare, Prepare, PreparedCertificate, Principal, Proposal, ReplicaId, SeqNo, Signed, View,
+    ViewChangeMessage,
 };
-use state_abstraction::Service;
 
-impl<S: Service> Replica<S> {
+impl Core {
     /// Moves the primary's next sequence number past executed and committed slots.
     fn skip_committed_seqs(&mut self) {
         if self.next_seq <= self.last_executed {
@@ -78,7 +77,7 @@ impl<S: Service> Replica<S> {
                 self.id.0,
                 self.stable.seq
             );
-            let nondet = self.exec.propose_nondet(self.now_ns);
+            let nondet = self.policy.propose_nondet(self.now_ns);
             let batch_digest = batch.ordered_digest(&nondet);
             // Without our own chain below `seq` (a restart, or a committed slot skipped) the
             // history is a placeholder no backup accepts speculatively: those batches take
@@ -239,7 +238,7 @@ impl<S: Service> Replica<S> {
                 return;
             }
         }
-        if !proposal.batch.requests.is_empty() && !self.exec.check_nondet(&b.nondet, self.now_ns) {
+        if !proposal.batch.requests.is_empty() && !self.policy.check_nondet(&b.nondet, self.now_ns) {
             return self.misbehaved(
                 Principal::Replica(from),
                 "unacceptable nondeterministic value",
@@ -500,6 +499,9 @@ impl<S: Service> Replica<S> {
                 // It already ran speculatively: keep that run if it ran this very content.
                 match slot.executed.take() {
                     Some(spec) if same_content(&spec.order.body, &proposal.pre_prepare.body) => {
+                        if spec.results.is_none() {
+                            self.commit_when_executed(seq);
+                        }
                         spec.results
                     }
                     _ => {
@@ -508,10 +510,9 @@ impl<S: Service> Replica<S> {
                     }
                 }
             } else {
-                let results =
-                    self.execute_batch(&proposal.batch, &proposal.pre_prepare.body.nondet);
+                self.ask_execute(seq, &proposal, false, actions);
                 self.spec_executed = seq;
-                results
+                None
             };
             self.commit_executed(seq, &proposal, results, actions);
         }
@@ -520,12 +521,13 @@ impl<S: Service> Replica<S> {
         self.try_propose(actions);
     }
 
-    /// The slot after `last_executed` committed and has run: reply, notify, checkpoint.
+    /// The slot after `last_executed` committed and has run (or was asked to): notify,
+    /// checkpoint, and reply if its results are known (else they are sent when they come).
     fn commit_executed(
         &mut self,
         seq: SeqNo,
         proposal: &Proposal,
-        results: Vec<ExecutedRequest>,
+        results: Option<Vec<ExecutedRequest>>,
         actions: &mut Vec<Action>,
     ) {
         invariant!(
@@ -554,21 +556,8 @@ impl<S: Service> Replica<S> {
                 self.spec_keys.remove(&key);
             }
         }
-        if !proposal.batch.requests.is_empty() {
-            self.forget_answered_waiting(self.spec_executed > self.last_executed);
-        }
-        for r in results {
-            actions.push(Action::SendClient {
-                to: r.client,
-                message: Message::Client(ClientMessage::Reply(Reply {
-                    view: self.view,
-                    client: r.client,
-                    timestamp: r.timestamp,
-                    replica: self.id,
-                    read_only: false,
-                    result: r.result,
-                })),
-            });
+        if let Some(results) = results {
+            self.send_committed_replies(self.view, &proposal.batch, results, actions);
         }
         self.metrics.executed_batches += 1;
         self.metrics.executed_requests += proposal.batch.requests.len() as u64;

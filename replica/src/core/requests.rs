@@ -4,13 +4,12 @@
 //! (see `view_change_timer_expired` in `timers.rs`).
 
 use super::execution::Lookup;
-use super::{Action, Replica};
+use super::{Action, Core};
 use crate::wire::{
     ClientMessage, Message, Principal, Reply, Request, Signed, SpecResponse, Timestamp,
 };
-use state_abstraction::Service;
 
-impl<S: Service> Replica<S> {
+impl Core {
     /// A committed (or read-only) reply to `request`.
     fn reply(&self, request: &Request, result: Vec<u8>, read_only: bool) -> Action {
         Action::SendClient {
@@ -50,7 +49,7 @@ impl<S: Service> Replica<S> {
             // answers reads only from a fully committed state, never one a view change may undo,
             // and never from a state behind a write it already reported (a write completed on
             // 3f+1 speculative replies is thus seen by every correct replica that answers).
-            if !self.exec.is_read_only(&body.operation)
+            if !self.policy.is_read_only(&body.operation)
                 || self.transfer.is_some()
                 || self.stable_ahead.is_some()
             {
@@ -73,10 +72,7 @@ impl<S: Service> Replica<S> {
                 self.deferred_reads.push_back(request);
                 return;
             }
-            self.metrics.read_only_requests += 1;
-            let result = self.exec.execute_read_only(&request);
-            actions.push(self.reply(body, result, true));
-            return;
+            return self.ask_read_only(request, actions);
         }
         let key = (body.client, body.timestamp);
         match self.replies.lookup(&request) {
@@ -206,9 +202,7 @@ impl<S: Service> Replica<S> {
             "held reads answered"
         );
         while let Some(request) = self.deferred_reads.pop_front() {
-            self.metrics.read_only_requests += 1;
-            let result = self.exec.execute_read_only(&request);
-            actions.push(self.reply(&request.body, result, true));
+            self.ask_read_only(request, actions);
         }
     }
 }

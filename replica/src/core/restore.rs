@@ -2,22 +2,23 @@
 //! service (see the driver contract in the module doc of [`super`]), in three steps:
 //! 1. [`Replayed::from_wal`]: the durable state replayed from the WAL, a pure function of the
 //!    records (no service, no signing);
-//! 2. the service goes back to the newest checkpoint both it and the WAL hold, and the log,
-//!    view and window are rebuilt from the replayed state (still no signing);
-//! 3. [`Replica::resign_own_statements`], the one re-signing step: the replica's own prepares
+//! 2. the newest checkpoint both the service and the WAL hold is chosen (the execution stage
+//!    rolls the service back to it), and the log, view and window are rebuilt from the
+//!    replayed state (still no signing);
+//! 3. [`Core::resign_own_statements`], the one re-signing step: the replica's own prepares
 //!    and commits (and, mid view change, its view change), so that retransmission can finish
 //!    what was in flight.
 
-use super::execution::{Executor, ReplyLimits, ReplyTable};
+use super::execution::{ReplyLimits, ReplyTable};
 use super::safety::SafetyRules;
 use super::view_change::{self, Genesis};
-use super::{CoreError, Metrics, OwnCheckpoint, Replica, Slot, WalRecord};
+use super::{Core, CoreError, Metrics, OwnCheckpoint, Slot, WalRecord};
 use crate::config::{ClusterConfig, ReplicaSecrets};
 use crate::wire::{
     history_anchor, Batch, CheckpointCertificate, Commit, Digest, NewView, PrePrepare, Prepare,
     PreparedCertificate, Proposal, SeqNo, Signed, Signer, View, ViewChange,
 };
-use state_abstraction::Service;
+use state_abstraction::RequestPolicy;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
@@ -27,29 +28,30 @@ fn empty_replies_digest(limits: ReplyLimits) -> (Vec<u8>, Digest) {
     (bytes, digest)
 }
 
-impl<S: Service> Replica<S> {
-    /// A replica with an empty WAL over a fresh service.
-    pub fn new(
-        config: Arc<ClusterConfig>,
-        secrets: &ReplicaSecrets,
-        service: S,
-    ) -> Result<Self, CoreError> {
-        Self::restore(config, secrets, service, Vec::new())
-    }
+/// Whether the WAL records the genesis checkpoint (a snapshot does). If not, the genesis is
+/// the service's checkpoint 0: the execution stage takes it before [`Core::restore`] if the
+/// service holds no checkpoint at all.
+pub fn wal_records_genesis(wal: &[WalRecord]) -> bool {
+    wal.iter().any(|r| matches!(r, WalRecord::Snapshot(_)))
+}
 
-    /// A replica restarted from its durable state: the service reopened over its data, and
-    /// every durable WAL record in order (see the driver contract in the module doc of
-    /// [`super`]).
+impl Core {
+    /// A core restarted from its durable state: every durable WAL record in order, and the
+    /// checkpoints the reopened service holds (see the driver contract in the module doc of
+    /// [`super`]). Returns the core and the checkpoint the execution stage must roll the
+    /// service back to before anything else, if any.
     pub fn restore(
         config: Arc<ClusterConfig>,
         secrets: &ReplicaSecrets,
-        service: S,
+        policy: Arc<dyn RequestPolicy>,
         wal: Vec<WalRecord>,
-    ) -> Result<Self, CoreError> {
+        held: Vec<(u64, Digest)>,
+    ) -> Result<(Self, Option<SeqNo>), CoreError> {
         config.validate()?;
         let limits = ReplyLimits::of(&config);
-        let mut exec = Executor::new(service);
         let (empty_replies, empty_digest) = empty_replies_digest(limits);
+        let mut held: BTreeMap<SeqNo, Digest> = held.into_iter().map(|(s, d)| (SeqNo(s), d)).collect();
+        let mut rollback = false;
 
         // 1. The durable state, replayed from the WAL (pure: no service, no signing).
         let Replayed {
@@ -69,21 +71,24 @@ impl<S: Service> Replica<S> {
         let genesis = match snapshot_genesis {
             Some(genesis) => genesis,
             None => {
-                let held = exec.service().checkpoints();
-                let root = match held.first() {
-                    Some((0, root)) => {
-                        if held.len() > 1 {
-                            exec.service_mut().rollback_to(0)?;
-                        }
-                        *root
-                    }
+                let root = match held.first_key_value() {
+                    Some((SeqNo(0), root)) => *root,
                     Some((seq, _)) => {
                         return Err(CoreError::Inconsistent(format!(
-                            "the service holds checkpoint {seq} but the WAL is empty"
+                            "the service holds checkpoint {} but the WAL is empty",
+                            seq.0
                         )))
                     }
-                    None => exec.service_mut().checkpoint(0)?,
+                    None => {
+                        return Err(CoreError::Inconsistent(
+                            "the service holds no genesis checkpoint".into(),
+                        ))
+                    }
                 };
+                if held.len() > 1 {
+                    held.split_off(&SeqNo(1));
+                    rollback = true;
+                }
                 checkpoints.insert(
                     SeqNo(0),
                     OwnCheckpoint {
@@ -107,17 +112,16 @@ impl<S: Service> Replica<S> {
         });
 
         // The newest checkpoint both the service and the WAL hold is where execution resumes.
-        let held: BTreeMap<u64, Digest> = exec.service().checkpoints().into_iter().collect();
         let resume = checkpoints
             .values()
             .rev()
-            .find(|c| held.get(&c.seq.0) == Some(&c.service_root))
+            .find(|c| held.get(&c.seq) == Some(&c.service_root))
             .cloned()
             .ok_or_else(|| {
                 CoreError::Inconsistent("no checkpoint held by both the service and the WAL".into())
             })?;
-        if held.keys().next_back().copied() != Some(resume.seq.0) {
-            exec.service_mut().rollback_to(resume.seq.0)?;
+        if rollback || held.keys().next_back().copied() != Some(resume.seq) {
+            rollback = true;
         }
         let replies = ReplyTable::decode(&resume.replies, limits)
             .map_err(|e| CoreError::Inconsistent(format!("reply cache: {e}")))?;
@@ -212,11 +216,12 @@ impl<S: Service> Replica<S> {
             }
             None => None,
         };
-        let replica = Replica {
+        let replica = Core {
             id: secrets.id,
             signer: Signer::from_secret(&secrets.signing_key.0),
-            exec,
+            policy,
             replies,
+            in_flight: VecDeque::new(),
             safety,
             genesis,
             view,
@@ -262,7 +267,7 @@ impl<S: Service> Replica<S> {
         // 3. One re-signing step.
         replica.resign_own_statements();
         debug_assert!(replica.id.0 < n as u32);
-        Ok(replica)
+        Ok((replica, rollback.then_some(resume.seq)))
     }
 
     /// The one re-signing step of a restart. Votes are not logged, only what they vouch for:

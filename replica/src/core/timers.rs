@@ -8,11 +8,10 @@
 //! - `on_fill_hole_timeout` (`fast_path.rs`) and the awaited batches (`catch_up.rs`);
 //! - `on_catch_up_timeout` (`catch_up.rs`): fetch committed batches, or start a transfer.
 
-use super::{Action, Replica};
+use super::{Action, Core};
 use crate::wire::{AgreementMessage, Message, ViewChangeMessage};
-use state_abstraction::Service;
 
-impl<S: Service> Replica<S> {
+impl Core {
     /// One tick of the driver's clock: runs every timer that is due, each by its named
     /// handler, always in this order.
     pub(super) fn on_tick(&mut self, now_ns: u64, actions: &mut Vec<Action>) {

@@ -485,6 +485,13 @@ fn perform(
                 }
                 continue;
             }
+            // The replica's execution stage performed these already.
+            Action::Execute { .. }
+            | Action::TakeCheckpoint { .. }
+            | Action::Rollback { .. }
+            | Action::DiscardBefore { .. }
+            | Action::ExecuteReadOnly { .. }
+            | Action::InstallState { .. } => continue,
             Action::Notify(n) => {
                 log_notification(&n);
                 match &n {

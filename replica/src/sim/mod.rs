@@ -1142,6 +1142,13 @@ impl Sim {
                         .observe(r as u32, &n)
                         .map_err(|e| self.fail(e))?;
                 }
+                // The replica's execution stage performed these already.
+                Action::Execute { .. }
+                | Action::TakeCheckpoint { .. }
+                | Action::Rollback { .. }
+                | Action::DiscardBefore { .. }
+                | Action::ExecuteReadOnly { .. }
+                | Action::InstallState { .. } => {}
                 Action::Halt { reason } => {
                     return Err(self.fail(format!("replica {r} halted: {reason}")))
                 }
@@ -1185,6 +1192,11 @@ impl Sim {
         };
         let mut actions = Vec::new();
         replica.step(event, &mut actions);
+        if !replica.is_halted() && !replica.reply_caches_agree() {
+            return Err(self.fail(format!(
+                "replica {r}: the core's copy of the reply cache differs from the stage's"
+            )));
+        }
         let view = replica.view();
         if self.replicas[r].crash_pending {
             self.replicas[r].crash_pending = false;
@@ -1695,6 +1707,13 @@ impl Sim {
                 Action::Broadcast { message } => (self.other_replicas(r), message),
                 Action::SendClient { to, message } => (vec![Principal::Client(to)], message),
                 Action::Notify(_) | Action::Halt { .. } => continue,
+                // The replica's execution stage performed these already.
+                Action::Execute { .. }
+                | Action::TakeCheckpoint { .. }
+                | Action::Rollback { .. }
+                | Action::DiscardBefore { .. }
+                | Action::ExecuteReadOnly { .. }
+                | Action::InstallState { .. } => continue,
             };
             if behaviour == Behaviour::Silent {
                 continue;

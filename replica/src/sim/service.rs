@@ -17,7 +17,8 @@ use state_abstraction::fs::object::Header;
 use state_abstraction::fs::{FileService, TIME_SKEW_MAX_NS};
 use state_abstraction::kv::{KvService, MAX_CLOCK_SKEW_NS};
 use state_abstraction::{AbstractObject, ClientId, SeqNo, Service, ServiceError};
-use std::cell::Cell;
+use state_abstraction::RequestPolicy;
+use std::sync::Arc;
 use std::path::{Path, PathBuf};
 
 /// Which service the replicas of a scenario run.
@@ -53,9 +54,9 @@ pub struct SimService {
     /// A faulty primary's clock (see [`super::Behaviour::SkewedTime`]): proposals are drawn
     /// from this seed and the primary's clock.
     skew: Option<u64>,
-    /// Proposals (made while skewed) below this replica's own newest agreed time: the ones
-    /// that only the clamp at execution keeps from moving time backwards.
-    backward_proposals: Cell<u64>,
+    /// Ordered requests run with a proposed time below this replica's newest agreed time: the
+    /// ones that only the clamp at execution keeps from moving time backwards.
+    backward_proposals: u64,
     /// Ordered requests this replica ran whose proposed time was below its newest agreed
     /// time, so that the time they got was the clamp's (file service only).
     clamped: u64,
@@ -79,7 +80,7 @@ impl SimService {
         SimService {
             inner,
             skew: None,
-            backward_proposals: Cell::new(0),
+            backward_proposals: 0,
             clamped: 0,
         }
     }
@@ -91,7 +92,7 @@ impl SimService {
     }
 
     pub fn backward_proposals(&self) -> u64 {
-        self.backward_proposals.get()
+        self.backward_proposals
     }
 
     pub fn clamped(&self) -> u64 {
@@ -128,41 +129,69 @@ impl SimService {
             clamped,
         })
     }
+}
 
-    /// The newest agreed time this replica executed with (what the clamp holds).
-    fn agreed_time(&self) -> u64 {
-        match &self.inner {
-            Inner::Kv(kv) => kv.last_time(),
-            Inner::Fs(fs) => fs_agreed_time(fs),
+/// The simulated service's [`RequestPolicy`]: the real service's, or with
+/// [`SimService::skewed`] a faulty primary's proposals.
+struct SimPolicy {
+    inner: Arc<dyn RequestPolicy>,
+    /// The seed, and the largest distance from the clock a correct backup accepts.
+    skew: Option<(u64, u64)>,
+    fs: bool,
+}
+
+impl SimPolicy {
+    /// A faulty primary's time: anywhere within half of what a correct backup accepts at
+    /// `now_ns`, either way (messages take a few ticks, and backups check against their own
+    /// clocks), drawn afresh for each proposal, so it jumps ahead of the clocks and back below
+    /// times already agreed.
+    fn skewed_time(seed: u64, bound: u64, now_ns: u64) -> u64 {
+        let mut rng = Rng::new(seed ^ now_ns.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let half = bound / 2;
+        now_ns.saturating_sub(half) + rng.below(2 * half)
+    }
+}
+
+impl RequestPolicy for SimPolicy {
+    fn is_read_only(&self, op: &[u8]) -> bool {
+        self.inner.is_read_only(op)
+    }
+
+    fn propose_nondet(&self, now_ns: u64) -> Vec<u8> {
+        match self.skew {
+            Some((seed, bound)) => {
+                let time = Self::skewed_time(seed, bound, now_ns);
+                if self.fs {
+                    state_abstraction::fs::encode(&time)
+                } else {
+                    time.to_le_bytes().to_vec()
+                }
+            }
+            None => self.inner.propose_nondet(now_ns),
         }
     }
 
-    /// A faulty primary's time: anywhere inside what a correct backup accepts at `now_ns`,
-    /// drawn afresh for each proposal, so it jumps ahead of the clocks and back below times
-    /// already agreed. For the file service that is within half the skew bound either way
-    /// (messages take a few ticks, and backups check against their own clocks); the
-    /// key-value service refuses times below its newest one, so there it only runs ahead.
-    fn skewed_time(&self, seed: u64, now_ns: u64) -> u64 {
-        let mut rng = Rng::new(seed ^ now_ns.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        match &self.inner {
-            Inner::Fs(_) => {
-                let half = TIME_SKEW_MAX_NS / 2;
-                now_ns.saturating_sub(half) + rng.below(2 * half)
-            }
-            Inner::Kv(kv) => kv.last_time().max(now_ns) + rng.below(MAX_CLOCK_SKEW_NS / 2),
-        }
+    fn check_nondet(&self, nondet: &[u8], now_ns: u64) -> bool {
+        self.inner.check_nondet(nondet, now_ns)
     }
 }
 
 impl Service for SimService {
     fn execute(&mut self, op: &[u8], client: ClientId, nondet: &[u8], read_only: bool) -> Vec<u8> {
         match &mut self.inner {
-            Inner::Kv(kv) => kv.execute(op, client, nondet, read_only),
+            Inner::Kv(kv) => {
+                let proposed = <[u8; 8]>::try_from(nondet).map(u64::from_le_bytes);
+                if !read_only && proposed.is_ok_and(|t| t < kv.last_time()) {
+                    self.backward_proposals += 1;
+                }
+                kv.execute(op, client, nondet, read_only)
+            }
             Inner::Fs(fs) => {
                 if !read_only {
                     let proposed = state_abstraction::fs::decode::<u64>(nondet);
                     if proposed.is_some_and(|t| t < fs_agreed_time(fs)) {
                         self.clamped += 1;
+                        self.backward_proposals += 1;
                     }
                 }
                 fs.execute(op, client, nondet, read_only)
@@ -170,36 +199,16 @@ impl Service for SimService {
         }
     }
 
-    fn is_read_only(&self, op: &[u8]) -> bool {
-        match &self.inner {
-            Inner::Kv(kv) => kv.is_read_only(op),
-            Inner::Fs(fs) => fs.is_read_only(op),
-        }
-    }
-
-    fn propose_nondet(&self, now_ns: u64) -> Vec<u8> {
-        if let Some(seed) = self.skew {
-            let time = self.skewed_time(seed, now_ns);
-            if time < self.agreed_time() {
-                self.backward_proposals
-                    .set(self.backward_proposals.get() + 1);
-            }
-            return match &self.inner {
-                Inner::Kv(_) => time.to_le_bytes().to_vec(),
-                Inner::Fs(_) => state_abstraction::fs::encode(&time),
-            };
-        }
-        match &self.inner {
-            Inner::Kv(kv) => kv.propose_nondet(now_ns),
-            Inner::Fs(fs) => fs.propose_nondet(now_ns),
-        }
-    }
-
-    fn check_nondet(&self, nondet: &[u8], now_ns: u64) -> bool {
-        match &self.inner {
-            Inner::Kv(kv) => kv.check_nondet(nondet, now_ns),
-            Inner::Fs(fs) => fs.check_nondet(nondet, now_ns),
-        }
+    fn policy(&self) -> Arc<dyn RequestPolicy> {
+        let (inner, bound, fs) = match &self.inner {
+            Inner::Kv(kv) => (kv.policy(), MAX_CLOCK_SKEW_NS, false),
+            Inner::Fs(fs) => (fs.policy(), TIME_SKEW_MAX_NS, true),
+        };
+        Arc::new(SimPolicy {
+            inner,
+            skew: self.skew.map(|seed| (seed, bound)),
+            fs,
+        })
     }
 
     fn object_count(&self) -> u64 {

@@ -48,7 +48,7 @@ mod upgrade_v2;
 pub use ops::*;
 
 use crate::digest::{object_digest, piece_digest, Digest, PartitionTree};
-use crate::service::{AbstractObject, ClientId, SeqNo, Service, ServiceError};
+use crate::service::{AbstractObject, ClientId, RequestPolicy, SeqNo, Service, ServiceError};
 use checkpoint::Checkpoints;
 use object::{chunk_count, Header, Obj, Slot, CHUNK_SIZE};
 use std::cell::RefCell;
@@ -56,6 +56,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Largest clock skew a backup accepts between the primary's proposed time and its own clock.
 pub const TIME_SKEW_MAX_NS: u64 = 5 * 60 * 1_000_000_000;
@@ -678,9 +679,6 @@ impl FileService {
         Ok(AbstractObject { pieces })
     }
 
-    fn propose(&self, now_ns: u64) -> u64 {
-        now_ns.max(self.last_time().saturating_add(1))
-    }
 }
 
 /// Removes a directory tree, or a btrfs subvolume and the snapshots inside it, under the data
@@ -708,6 +706,33 @@ impl Drop for FileService {
     }
 }
 
+/// The file service's [`RequestPolicy`]: lookups, reads and attribute queries are read-only;
+/// the agreed time is the primary's clock, accepted within [`TIME_SKEW_MAX_NS`] of a backup's.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FsPolicy;
+
+impl RequestPolicy for FsPolicy {
+    fn is_read_only(&self, op: &[u8]) -> bool {
+        ops::decode::<FsRequest>(op).is_some_and(|r| r.op.is_read_only())
+    }
+
+    fn propose_nondet(&self, now_ns: u64) -> Vec<u8> {
+        ops::encode(&now_ns)
+    }
+
+    fn check_nondet(&self, nondet: &[u8], now_ns: u64) -> bool {
+        match ops::decode::<u64>(nondet) {
+            // Only the skew is checked, not monotonicity against an executed state: batches
+            // are proposed before earlier ones execute (pipelining, a new primary after a view
+            // change, or execution in another process), so a value below the last agreed time
+            // is normal here, and execution clamps it (`apply_inner`). A strict check made
+            // backups refuse pipelined batches and change views under load.
+            Some(t) => t.abs_diff(now_ns) <= TIME_SKEW_MAX_NS,
+            None => false,
+        }
+    }
+}
+
 impl Service for FileService {
     fn execute(&mut self, op: &[u8], client: ClientId, nondet: &[u8], read_only: bool) -> Vec<u8> {
         let result = match ops::decode::<FsRequest>(op) {
@@ -731,24 +756,8 @@ impl Service for FileService {
         ops::encode(&result)
     }
 
-    fn is_read_only(&self, op: &[u8]) -> bool {
-        ops::decode::<FsRequest>(op).is_some_and(|r| r.op.is_read_only())
-    }
-
-    fn propose_nondet(&self, now_ns: u64) -> Vec<u8> {
-        ops::encode(&self.propose(now_ns))
-    }
-
-    fn check_nondet(&self, nondet: &[u8], now_ns: u64) -> bool {
-        match ops::decode::<u64>(nondet) {
-            // Only the skew is checked, not monotonicity against this replica's executed
-            // state: batches are proposed before earlier ones execute (pipelining, or a new
-            // primary after a view change), so a value below `last_time` is normal here, and
-            // execution clamps it (`apply_inner`). A strict check made backups refuse
-            // pipelined batches and change views under load.
-            Some(t) => t.abs_diff(now_ns) <= TIME_SKEW_MAX_NS,
-            None => false,
-        }
+    fn policy(&self) -> Arc<dyn RequestPolicy> {
+        Arc::new(FsPolicy)
     }
 
     fn object_count(&self) -> u64 {

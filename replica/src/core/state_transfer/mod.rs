@@ -16,17 +16,16 @@ mod tests;
 
 pub use fetch::{Finished, Transfer, TransferStep};
 
-use super::execution::{ReplyLimits, ReplyTable};
+use super::execution::{CheckpointReader, ExecutorCheckpoint, ReplyLimits, ReplyTable};
 use super::invariants::invariant;
 use super::view_change;
-use super::{Action, Notification, OwnCheckpoint, Replica, WalRecord};
+use super::{Action, Core, InFlight, InFlightKind, Notification, OwnCheckpoint, WalRecord};
 use crate::wire::{
     AgreementMessage, CheckpointCertificate, Message, Principal, ReplicaId, SeqNo,
     StateTransferMessage,
 };
-use state_abstraction::Service;
 
-impl<S: Service> Replica<S> {
+impl Core {
     /// Starts a state transfer to `cert` unless our state already reached it.
     pub(super) fn begin_transfer(
         &mut self,
@@ -69,9 +68,7 @@ impl<S: Service> Replica<S> {
             Ok(r) => r,
             Err(e) => return self.halt(format!("own reply cache: {e}"), actions),
         };
-        if let Err(e) = self.roll_back_state(base.seq, replies) {
-            return self.halt(format!("rollback to {}: {e}", base.seq.0), actions);
-        }
+        self.ask_rollback(base.seq, base.replies.clone(), replies, actions);
         self.set_service_position(base.seq);
         // The service dropped its later checkpoints with the rollback: so do we, or one of
         // them could become stable while we no longer hold its state (and a transfer below it
@@ -159,11 +156,12 @@ impl<S: Service> Replica<S> {
         &mut self,
         from: ReplicaId,
         message: StateTransferMessage,
+        reader: &dyn CheckpointReader,
         actions: &mut Vec<Action>,
     ) {
         use StateTransferMessage as M;
         let reply = serve::answer(
-            &self.exec,
+            reader,
             &self.stable,
             |seq| self.own_checkpoints.get(&seq).map(|c| c.replies.clone()),
             &message,
@@ -196,7 +194,7 @@ impl<S: Service> Replica<S> {
                 };
                 let mut steps = Vec::new();
                 let finished =
-                    transfer.on_message(&self.exec, from, message, self.ticks, &mut steps);
+                    transfer.on_message(reader, from, message, self.ticks, &mut steps);
                 self.metrics.state_transfer_bytes = self
                     .metrics
                     .state_transfer_bytes
@@ -214,8 +212,8 @@ impl<S: Service> Replica<S> {
         }
     }
 
-    /// Installs a finished transfer and checks it against the certificate (else rolls back to
-    /// the base and retries), then makes it our stable checkpoint and catches up from there.
+    /// Asks the stage to install a finished transfer; [`Core::check_installed`] checks the
+    /// result against the certificate.
     fn finish_transfer(
         &mut self,
         target: CheckpointCertificate,
@@ -223,50 +221,70 @@ impl<S: Service> Replica<S> {
         finished: Finished,
         actions: &mut Vec<Action>,
     ) {
+        if ReplyTable::decode(&finished.replies, ReplyLimits::of(&self.config)).is_err() {
+            return self.retry_transfer(target, base, "reply cache does not decode", actions);
+        }
+        actions.push(Action::InstallState {
+            seq: target.seq,
+            objects: finished.objects,
+            object_count: finished.object_count,
+            replies: finished.replies,
+        });
+        self.in_flight.push_back(InFlight {
+            what: InFlightKind::Install { target, base },
+            undone: false,
+        });
+    }
+
+    /// The transferred state did not install or does not match the certificate: back to the
+    /// base, and fetch again.
+    fn retry_transfer(
+        &mut self,
+        target: CheckpointCertificate,
+        base: SeqNo,
+        why: &str,
+        actions: &mut Vec<Action>,
+    ) {
         let limits = ReplyLimits::of(&self.config);
-        let retry = |this: &mut Self, why: &str, actions: &mut Vec<Action>| {
-            tracing::warn!(replica = this.id.0, why, "state transfer failed; retrying");
-            let base_replies = this
-                .own_checkpoints
-                .get(&base)
-                .map(|c| c.replies.clone())
-                .unwrap_or_default();
-            let replies = ReplyTable::decode(&base_replies, limits)
-                .unwrap_or_else(|_| ReplyTable::new(limits));
-            if let Err(e) = this.roll_back_state(base, replies) {
-                this.halt(format!("rollback to {}: {e}", base.0), actions);
-            }
-            this.stable_ahead = Some(target.clone());
-        };
-        let replies = match ReplyTable::decode(&finished.replies, limits) {
-            Ok(r) => r,
-            Err(_) => return retry(self, "reply cache does not decode", actions),
-        };
-        if let Err(e) = self.exec.service_mut().put_objs(finished.objects) {
-            return retry(self, &e.to_string(), actions);
-        }
-        // The certified state may have fewer object slots than ours.
-        if let Err(e) = self
-            .exec
-            .service_mut()
-            .set_object_count(finished.object_count)
-        {
-            return retry(self, &e.to_string(), actions);
-        }
-        self.replies = replies;
-        // Requests the transferred state already executed will never run here.
-        self.forget_answered_waiting(false);
-        let cp = match self.checkpoint_state(target.seq) {
+        tracing::warn!(replica = self.id.0, why, "state transfer failed; retrying");
+        let base_replies = self
+            .own_checkpoints
+            .get(&base)
+            .map(|c| c.replies.clone())
+            .unwrap_or_default();
+        let replies =
+            ReplyTable::decode(&base_replies, limits).unwrap_or_else(|_| ReplyTable::new(limits));
+        self.ask_rollback(base, base_replies, replies, actions);
+        self.stable_ahead = Some(target);
+    }
+
+    /// The stage installed the transferred state and checkpointed it: if it matches the
+    /// certificate it becomes our stable checkpoint and we catch up from there.
+    pub(super) fn check_installed(
+        &mut self,
+        target: CheckpointCertificate,
+        base: SeqNo,
+        result: Result<ExecutorCheckpoint, String>,
+        actions: &mut Vec<Action>,
+    ) {
+        let cp = match result {
             Ok(cp) => cp,
-            Err(e) => return self.halt(format!("checkpoint after state transfer: {e}"), actions),
+            Err(why) => return self.retry_transfer(target, base, &why, actions),
         };
         if cp.service_root != target.service_root || cp.replies_digest != target.replies_digest {
-            return retry(
-                self,
+            return self.retry_transfer(
+                target,
+                base,
                 "installed state does not match the certified digest",
                 actions,
             );
         }
+        self.replies = match ReplyTable::decode(&cp.replies, ReplyLimits::of(&self.config)) {
+            Ok(r) => r,
+            Err(e) => return self.halt(format!("installed reply cache: {e}"), actions),
+        };
+        // Requests the transferred state already executed will never run here.
+        self.forget_answered_waiting(false);
         actions.push(Action::Persist(WalRecord::CheckpointTaken {
             seq: target.seq,
             service_root: cp.service_root,

@@ -6,15 +6,14 @@
 
 use super::super::fast_path;
 use super::super::invariants::invariant;
-use super::super::{Action, Notification, Replica, WalRecord};
+use super::super::{Action, Notification, Core, WalRecord};
 use super::{plan_new_view, valid_quorum, NewViewPlan};
 use crate::wire::{
     history_anchor, Batch, ClientMessage, Digest, Message, NewView, PrePrepare, Principal,
     Proposal, ReplicaId, Request, SeqNo, Signed, View, ViewChange, ViewChangeMessage,
 };
-use state_abstraction::Service;
 
-impl<S: Service> Replica<S> {
+impl Core {
     /// The new primary, with 2f+1 view changes for its view (its own first): builds, installs
     /// and broadcasts the new view.
     pub(in crate::core) fn maybe_send_new_view(&mut self, actions: &mut Vec<Action>) {

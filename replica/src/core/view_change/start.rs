@@ -5,14 +5,13 @@
 //! timer that bounds the wait for the new view.
 
 use super::super::invariants::invariant;
-use super::super::{Action, Notification, Replica, WalRecord};
+use super::super::{Action, Notification, Core, WalRecord};
 use super::valid_view_change;
 use crate::wire::{
     Evidence, Message, Principal, ReplicaId, Signed, View, ViewChange, ViewChangeMessage,
 };
-use state_abstraction::Service;
 
-impl<S: Service> Replica<S> {
+impl Core {
     /// The primary of the current view (or the view change to it) took too long.
     pub(in crate::core) fn on_view_change_timeout(&mut self, actions: &mut Vec<Action>) {
         let next = self.view.next();

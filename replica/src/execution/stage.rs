@@ -1,0 +1,149 @@
+//! The execution stage: the service and the reply cache it checkpoints with, driven by the
+//! core's execution actions, answering with events. Actions are performed in the order given;
+//! that order is what makes the answers mean what the core expects (a checkpoint after the
+//! batches before it, a read on the state every earlier batch left).
+
+use crate::config::ClusterConfig;
+use crate::core::execution::{ExecutorCheckpoint, ReplyLimits, ReplyTable};
+use crate::core::{Action, Event};
+use crate::wire::SeqNo;
+use state_abstraction::Service;
+
+pub struct Stage<S> {
+    service: S,
+    /// The reply cache: replicated state, in every checkpoint with the service's root.
+    replies: ReplyTable,
+    limits: ReplyLimits,
+}
+
+impl<S: Service> Stage<S> {
+    /// A stage over a service whose state is that of a checkpoint with an empty reply cache,
+    /// or that the core's first actions bring to one (a restart rolls back and the core's
+    /// restored cache comes with it: see [`Stage::perform`] for `Rollback`).
+    pub fn new(service: S, config: &ClusterConfig) -> Self {
+        let limits = ReplyLimits::of(config);
+        Stage {
+            service,
+            replies: ReplyTable::new(limits),
+            limits,
+        }
+    }
+
+    pub fn service(&self) -> &S {
+        &self.service
+    }
+
+    pub fn into_service(self) -> S {
+        self.service
+    }
+
+    pub fn replies(&self) -> &ReplyTable {
+        &self.replies
+    }
+
+    /// Replaces the reply cache (a restart: the one of the checkpoint the service resumes at).
+    pub fn set_replies(&mut self, replies: ReplyTable) {
+        self.replies = replies;
+    }
+
+    /// Performs one execution action; the answer for the core, if the action has one.
+    pub fn perform(&mut self, action: Action) -> Option<Event> {
+        match action {
+            Action::Execute {
+                seq,
+                batch,
+                nondet,
+                speculative: _,
+            } => {
+                let service = &mut self.service;
+                let results = self.replies.run_batch(&batch, |request| {
+                    service.execute(&request.body.operation, request.body.client, &nondet, false)
+                });
+                Some(Event::Executed { seq, results })
+            }
+            Action::TakeCheckpoint { seq } => Some(match self.checkpoint(seq) {
+                Ok(checkpoint) => Event::CheckpointTaken { seq, checkpoint },
+                Err(reason) => Event::ExecutionFailed { reason },
+            }),
+            Action::Rollback { to, replies } => {
+                let table = match ReplyTable::decode(&replies, self.limits) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        return Some(Event::ExecutionFailed {
+                            reason: format!("reply cache of checkpoint {}: {e}", to.0),
+                        })
+                    }
+                };
+                if let Err(e) = self.service.rollback_to(to.0) {
+                    return Some(Event::ExecutionFailed {
+                        reason: format!("rollback to {}: {e}", to.0),
+                    });
+                }
+                self.replies = table;
+                None
+            }
+            Action::DiscardBefore { seq } => {
+                self.service.discard_before(seq.0);
+                None
+            }
+            Action::ExecuteReadOnly { request } => {
+                let result =
+                    self.service
+                        .execute(&request.body.operation, request.body.client, &[], true);
+                Some(Event::ReadOnlyExecuted {
+                    client: request.body.client,
+                    timestamp: request.body.timestamp,
+                    result,
+                })
+            }
+            Action::InstallState {
+                seq,
+                objects,
+                object_count,
+                replies,
+            } => {
+                let installed = ReplyTable::decode(&replies, self.limits)
+                    .map_err(|e| format!("reply cache: {e}"))
+                    .and_then(|table| {
+                        self.service.put_objs(objects).map_err(|e| e.to_string())?;
+                        // The certified state may have fewer object slots than ours.
+                        self.service
+                            .set_object_count(object_count)
+                            .map_err(|e| e.to_string())?;
+                        self.replies = table;
+                        Ok(())
+                    });
+                Some(match installed {
+                    Err(why) => Event::StateInstalled {
+                        seq,
+                        result: Err(why),
+                    },
+                    Ok(()) => match self.checkpoint(seq) {
+                        Ok(checkpoint) => Event::StateInstalled {
+                            seq,
+                            result: Ok(checkpoint),
+                        },
+                        Err(reason) => Event::ExecutionFailed {
+                            reason: format!("checkpoint after state transfer: {reason}"),
+                        },
+                    },
+                })
+            }
+            _ => None,
+        }
+    }
+
+    fn checkpoint(&mut self, seq: SeqNo) -> Result<ExecutorCheckpoint, String> {
+        let service_root = self
+            .service
+            .checkpoint(seq.0)
+            .map_err(|e| format!("checkpoint {}: {e}", seq.0))?;
+        let replies = self.replies.encode();
+        let replies_digest = ReplyTable::digest_of_encoding(&replies);
+        Ok(ExecutorCheckpoint {
+            service_root,
+            replies,
+            replies_digest,
+        })
+    }
+}
