@@ -9,7 +9,7 @@
 
 use super::execution::{ExecutedRequest, ExecutorCheckpoint, ReplyTable};
 use super::invariants::invariant;
-use super::{Action, Core, InFlight, InFlightKind};
+use super::{Action, Core, InFlight, InFlightKind, StageAction};
 use crate::wire::{
     Batch, ClientMessage, Message, PrePrepare, Proposal, Reply, SeqNo, Signed, SpecResponse,
     Timestamp, View,
@@ -32,12 +32,12 @@ impl Core {
         speculative: bool,
         actions: &mut Vec<Action>,
     ) {
-        actions.push(Action::Execute {
+        actions.push(Action::Stage(StageAction::Execute {
             seq,
             batch: proposal.batch.clone(),
             nondet: proposal.pre_prepare.body.nondet.clone(),
             speculative,
-        });
+        }));
         self.in_flight.push_back(InFlight {
             what: InFlightKind::Batch {
                 seq,
@@ -76,7 +76,7 @@ impl Core {
 
     /// Asks the stage to checkpoint at `seq`.
     pub(super) fn ask_checkpoint(&mut self, seq: SeqNo, actions: &mut Vec<Action>) {
-        actions.push(Action::TakeCheckpoint { seq });
+        actions.push(Action::Stage(StageAction::TakeCheckpoint { seq }));
         self.in_flight.push_back(InFlight {
             what: InFlightKind::Checkpoint { seq },
             undone: false,
@@ -93,25 +93,34 @@ impl Core {
         actions: &mut Vec<Action>,
     ) {
         for f in self.in_flight.iter_mut() {
-            if !matches!(f.what, InFlightKind::ReadOnly) {
+            // Reads of the live state asked before the rollback, and answers about
+            // checkpoints, are not affected by it.
+            if !matches!(f.what, InFlightKind::ReadOnly | InFlightKind::Serve) {
                 f.undone = true;
             }
         }
         self.replies = table;
-        actions.push(Action::Rollback { to, replies });
+        actions.push(Action::Stage(StageAction::Rollback { to, replies }));
     }
 
     /// Asks the stage to run a read-only request on the state as it stands.
     pub(super) fn ask_read_only(&mut self, request: Signed<crate::wire::Request>, actions: &mut Vec<Action>) {
         self.metrics.read_only_requests += 1;
-        actions.push(Action::ExecuteReadOnly { request });
+        actions.push(Action::Stage(StageAction::ExecuteReadOnly { request }));
         self.in_flight.push_back(InFlight {
             what: InFlightKind::ReadOnly,
             undone: false,
         });
     }
 
-    fn answered(&mut self, what: &str) -> InFlight {
+    pub(super) fn push_in_flight(&mut self, what: InFlightKind) {
+        self.in_flight.push_back(InFlight {
+            what,
+            undone: false,
+        });
+    }
+
+    pub(super) fn answered(&mut self, what: &str) -> InFlight {
         match self.in_flight.pop_front() {
             Some(f) => f,
             None => panic!(

@@ -1,7 +1,7 @@
 //! Execution: what passes between the ordering core and the execution stage.
 //!
-//! The core asks for execution with actions ([`super::Action::Execute`],
-//! [`super::Action::TakeCheckpoint`], [`super::Action::Rollback`], ...) and learns the results
+//! The core asks for execution with actions ([`super::StageAction::Execute`],
+//! [`super::StageAction::TakeCheckpoint`], [`super::StageAction::Rollback`], ...) and learns the results
 //! from events ([`super::Event::Executed`], [`super::Event::CheckpointTaken`], ...); it holds no
 //! service. The stage ([`crate::execution::Stage`]) runs them in the order asked: in-process
 //! in profile A, in another process later (ZZ).
@@ -17,7 +17,7 @@ use crate::wire::{
     decode, encode, Batch, Digest, Request, Signature, Signed, Timestamp, WireError,
 };
 use state_abstraction::digest::Hasher;
-use state_abstraction::{ClientId, Service};
+use state_abstraction::ClientId;
 use std::collections::BTreeMap;
 
 /// What the reply cache knows about a request.
@@ -249,33 +249,6 @@ impl ReplyTable {
                 self.record(request, r.result.clone());
             }
         }
-    }
-}
-
-/// What state transfer reads of the checkpoints the service keeps: serving a peer
-/// ([`super::state_transfer::serve`]) and comparing fetched state with our own
-/// ([`super::state_transfer::fetch`]). Read-only, and about checkpoints only (never the live
-/// state), so the execution stage can answer it. The replica passes its execution stage; tests may
-/// pass a service directly.
-pub trait CheckpointReader {
-    fn object_count(&self) -> u64;
-    fn partition_node(&self, seq: u64, level: u32, index: u64) -> Option<Vec<Digest>>;
-    fn piece_digests_at(&self, seq: u64, index: u64) -> Option<Vec<Digest>>;
-    fn get_piece_at(&self, seq: u64, index: u64, piece: u32) -> Option<Vec<u8>>;
-}
-
-impl<S: Service> CheckpointReader for S {
-    fn object_count(&self) -> u64 {
-        Service::object_count(self)
-    }
-    fn partition_node(&self, seq: u64, level: u32, index: u64) -> Option<Vec<Digest>> {
-        Service::partition_node(self, seq, level, index)
-    }
-    fn piece_digests_at(&self, seq: u64, index: u64) -> Option<Vec<Digest>> {
-        Service::piece_digests_at(self, seq, index)
-    }
-    fn get_piece_at(&self, seq: u64, index: u64, piece: u32) -> Option<Vec<u8>> {
-        Service::get_piece_at(self, seq, index, piece)
     }
 }
 

@@ -25,22 +25,27 @@
 //!   evidence reported), `new_view.rs` enters one (the new view built, checked, installed); the
 //!   pure rules in `evidence.rs` (what a view change may carry) and `plan.rs` (what a new view
 //!   re-issues); their tests and the model check.
-//! - `state_transfer/` (§4.3): `mod.rs` is the replica's side (start, chase a newer target,
-//!   retry, install), `fetch.rs` the verified walk of the partition tree, `serve.rs` the answers
-//!   to peers.
+//! - `state_transfer/` (§4.3): the core's side (start, chase a newer target, retry, install);
+//!   the verified walk of the partition tree and the answers to peers run in the execution
+//!   stage ([`crate::execution::transfer`]).
 //! - `timers.rs`: the tick: which timers are due, each with its named handler
 //!   (`on_state_transfer_timeout`, `on_view_change_timeout`, `on_retransmit_timeout`,
 //!   `on_fill_hole_timeout`, `on_catch_up_timeout`).
-//! - `restore.rs`: recovery, a replica rebuilt from its WAL and its reopened service after a
-//!   restart.
+//! - `restore.rs`: recovery, a core rebuilt from its WAL and the checkpoints its reopened
+//!   service holds after a restart.
 //! - `durable.rs`: what survives a crash: [`DurableState`], [`WalRecord`], snapshots.
 //! - `invariants.rs`: the checks run after every step, and the handlers' pre- and
 //!   postconditions (all of them in tests, debug builds and the simulator).
 //! - `safety.rs`: the safety rules, numbered: one proposal per slot, views only grow, persist
 //!   before send, commit only what prepared, execute in order once, new views recomputed.
-//! - `execution.rs`: the one interface to the service ([`execution::Executor`]), and the
-//!   reply cache ([`execution::ReplyTable`]; the replica holds it, the executor only runs what
-//!   it says is new).
+//! - `execution.rs`: what passes between the core and the execution stage: the reply cache
+//!   ([`execution::ReplyTable`]; the stage checkpoints it, the core keeps a copy), executed
+//!   requests, checkpoints.
+//! - `executed.rs`: execution as actions: the core asks ([`StageAction::Execute`],
+//!   [`StageAction::TakeCheckpoint`], [`StageAction::Rollback`], ...), and handles the
+//!   stage's answers ([`Event::Executed`], [`Event::CheckpointTaken`], ...), matched first in,
+//!   first out. The core makes no service, file-system, clock or network call: the stage
+//!   ([`crate::execution::Stage`]) does.
 //! - `bounds.rs`: upper bounds of every message and record, checked against the frame and
 //!   record limits.
 //! - `tests/`: unit tests of the core, one file per protocol.
@@ -51,19 +56,25 @@
 //!
 //! # Driver contract
 //!
-//! **Construction.** [`Replica::new`] for a replica with an empty write-ahead log (WAL);
-//! [`Replica::restore`] after a restart, with every WAL record that was durable, in order.
-//! The service must be reopened over its data directory first: its state is then that of the
-//! newest checkpoint it reports ([`state_abstraction::Service::checkpoints`]); the core rolls it
-//! back further if its WAL lacks that checkpoint's record, and catches up from peers (missing
-//! committed batches, or state transfer) from there.
+//! The core holds no service: [`crate::execution::Replica`] pairs it with an in-process
+//! execution stage and is what the driver and the simulator run (profile A). What follows is
+//! the contract between the core and whoever drives it.
 //!
-//! **Events.** Call [`Replica::step`] with
+//! **Construction.** [`Core::restore`] with every WAL record that was durable, in order (none
+//! for a new replica), the service's request policy and the checkpoints the reopened service
+//! holds; it returns the checkpoint the stage must roll the service back to first, if any
+//! (the service's state is that of its newest checkpoint; the core goes back further if its
+//! WAL lacks that checkpoint's record, and catches up from peers from there).
+//!
+//! **Events.** Call [`Core::step`] with
 //! - [`Event::Message`]: a frame that [`crate::wire::Authenticator::open`] accepted (from a
 //!   replica or a client). Frames that fail are never given to the core; count and drop them.
 //! - [`Event::Tick`]: once per [`crate::config::ProtocolConfig::tick_ns`] of real time, with the
 //!   driver's wall clock in `now_ns` (used only for the agreed time a primary proposes and
 //!   backups check). All timeouts in the core count ticks.
+//! - the execution stage's answers ([`Event::Executed`], [`Event::CheckpointTaken`],
+//!   [`Event::ReadOnlyExecuted`], [`Event::StateInstalled`], [`Event::ExecutionFailed`]), one
+//!   per execution action that has one, in the order the actions were asked.
 //!
 //! **Actions**, appended to the caller's vector, must be performed **in order**:
 //! - [`Action::Persist`]: append the record to the WAL. It must be durable (fsync'ed) before
@@ -71,23 +82,23 @@
 //!   consecutive records into one write and one fsync, but must not send anything that follows
 //!   a record before that fsync returns. A [`WalRecord::Snapshot`] supersedes every earlier
 //!   record: once it is durable the driver may delete the records before it.
-//!   **Before calling `step` again, every record of the earlier steps must be durable**: at
-//!   the start of a step the core may discard service checkpoints that only those records
-//!   make unnecessary for a restart.
+//!   **Before calling `step` with a message or a tick again, every record of the earlier steps
+//!   must be durable**: at the start of such a step the core may ask the stage to discard
+//!   checkpoints that only those records make unnecessary for a restart.
 //! - [`Action::Send`] / [`Action::Broadcast`] (to every other replica) /
 //!   [`Action::SendClient`]: seal with [`crate::wire::Authenticator::seal`] and send. Best
 //!   effort: the core retransmits what matters, so a full queue may drop a message.
 //! - [`Action::Notify`]: information for logs, metrics and tests; no effect needed.
 //! - [`Action::Halt`]: the service failed (storage error). Stop the replica; it behaves as a
 //!   crashed replica and may be restarted from durable state.
-//!
-//! **Execution.** Batches run synchronously inside `step` through [`execution::Executor`], the
-//! single interface to the service (so that execution can move to another process for the ZZ
-//! profile without the ordering code changing): committed ones, and with
-//! [`crate::config::ProtocolConfig::fast_path`] the accepted ones of the installed view before
-//! they commit. Speculative runs are undone with [`state_abstraction::Service::rollback_to`] to
-//! the newest checkpoint (always a committed sequence number), so a service must keep its
-//! checkpoints from the stable one on until told to discard them.
+//! - [`Action::Stage`]: for the execution stage, which performs
+//!   them in the order asked. The core changes its own state when it asks (which batches ran,
+//!   where the service stands: that never depends on results) and does what depends on the
+//!   results (replies, checkpoint votes, the check of a transferred state) when the answer
+//!   comes. Batches run when they commit, and with [`crate::config::ProtocolConfig::fast_path`]
+//!   the accepted ones of the installed view before they commit; speculative runs are undone
+//!   by [`StageAction::Rollback`] to the newest checkpoint (always a committed sequence number), so
+//!   the stage keeps its checkpoints from the stable one on until told to discard them.
 
 pub mod bounds;
 mod catch_up;
@@ -117,10 +128,10 @@ use crate::wire::{
     Principal, Proposal, ReplicaId, Request, SeqNo, Signed, Signer, StateTransferMessage,
     Timestamp, View, ViewChange, ViewChangeMessage,
 };
-use execution::{CheckpointReader, ExecutedRequest, ExecutorCheckpoint, ReplyTable};
+use execution::{ExecutedRequest, ExecutorCheckpoint, ReplyTable};
 use safety::SafetyRules;
 use state_abstraction::{AbstractObject, ClientId, RequestPolicy, ServiceError};
-use state_transfer::Transfer;
+use state_transfer::{Finished, TransferJob, TransferStep};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use view_change::Genesis;
@@ -132,28 +143,40 @@ pub enum Event {
     Tick {
         now_ns: u64,
     },
-    /// The results of an [`Action::Execute`]: one entry per request of the batch that was
+    /// The results of an [`StageAction::Execute`]: one entry per request of the batch that was
     /// answered (new ones run, duplicates answered from the reply cache), in batch order.
     Executed {
         seq: SeqNo,
         results: Vec<ExecutedRequest>,
     },
-    /// The result of an [`Action::TakeCheckpoint`].
+    /// The result of an [`StageAction::TakeCheckpoint`].
     CheckpointTaken {
         seq: SeqNo,
         checkpoint: ExecutorCheckpoint,
     },
-    /// The result of an [`Action::ExecuteReadOnly`].
+    /// The result of an [`StageAction::ExecuteReadOnly`].
     ReadOnlyExecuted {
         client: ClientId,
         timestamp: Timestamp,
         result: Vec<u8>,
     },
-    /// The result of an [`Action::InstallState`]: the checkpoint taken over the installed
+    /// The result of an [`StageAction::InstallState`]: the checkpoint taken over the installed
     /// state, or why the objects were refused.
     StateInstalled {
         seq: SeqNo,
         result: Result<ExecutorCheckpoint, String>,
+    },
+    /// The answer to an [`StageAction::Serve`] (none if the state asked for is not held).
+    Served {
+        to: ReplicaId,
+        answer: Option<StateTransferMessage>,
+    },
+    /// The answer to a transfer action: requests to send, bad answers noticed, and the
+    /// fetched state once complete.
+    TransferProgress {
+        steps: Vec<TransferStep>,
+        bytes_fetched: u64,
+        finished: Option<Box<Finished>>,
     },
     /// The execution stage failed (storage error): the replica halts.
     ExecutionFailed {
@@ -189,37 +212,69 @@ pub enum Action {
     Halt {
         reason: String,
     },
-    /// Execution stage: run the batch's new requests in order (the reply cache answers
-    /// duplicates) on the state as it stands after every earlier execution action, then
-    /// answer with [`Event::Executed`]. `speculative` batches may later be undone by
-    /// [`Action::Rollback`].
+    /// For the execution stage, which performs them in the order asked.
+    Stage(StageAction),
+}
+
+/// What the core asks of the execution stage (see [`Action::Stage`]).
+#[derive(Clone, Debug)]
+pub enum StageAction {
+    /// Run the batch's new requests in order (the reply cache answers
+    /// Duplicates) on the state as it stands after every earlier execution action, then
+    /// Answer with [`Event::Executed`]. `speculative` batches may later be undone by
+    /// [`StageAction::Rollback`].
     Execute {
         seq: SeqNo,
         batch: Batch,
         nondet: Vec<u8>,
         speculative: bool,
     },
-    /// Execution stage: checkpoint the state (service and reply cache) at `seq`, answer with
+    /// Checkpoint the state (service and reply cache) at `seq`, answer with
     /// [`Event::CheckpointTaken`].
     TakeCheckpoint {
         seq: SeqNo,
     },
-    /// Execution stage: go back to checkpoint `to`, with the reply cache of that checkpoint
+    /// Go back to checkpoint `to`, with the reply cache of that checkpoint
     /// (its canonical encoding). No answer unless it fails ([`Event::ExecutionFailed`]).
     Rollback {
         to: SeqNo,
         replies: Vec<u8>,
     },
-    /// Execution stage: checkpoints below `seq` are no longer needed.
+    /// Checkpoints below `seq` are no longer needed.
     DiscardBefore {
         seq: SeqNo,
     },
-    /// Execution stage: run a read-only request on the current state (nothing ordered is in
-    /// flight when the core asks), answer with [`Event::ReadOnlyExecuted`].
+    /// Run a read-only request on the current state (nothing ordered is in
+    /// Flight when the core asks), answer with [`Event::ReadOnlyExecuted`].
     ExecuteReadOnly {
         request: Signed<Request>,
     },
-    /// Execution stage: install the objects and the reply cache a state transfer fetched
+    /// Answer a peer's request for state held in our checkpoints
+    /// (`GetNode`, `GetPieceDigests`, `GetPiece`), answer with [`Event::Served`].
+    Serve {
+        to: ReplicaId,
+        request: StateTransferMessage,
+    },
+    /// Start fetching the certified state `target`, diffing against our
+    /// Checkpoint `base` (the state the stage was rolled back to); keeps what an earlier
+    /// Transfer fetched. Answer with [`Event::TransferProgress`].
+    TransferStart {
+        target: CheckpointCertificate,
+        base: SeqNo,
+        peers: Vec<ReplicaId>,
+        tick: u64,
+    },
+    /// An answer from a peer for the transfer in progress.
+    TransferMessage {
+        from: ReplicaId,
+        message: StateTransferMessage,
+        tick: u64,
+    },
+    /// The transfer's retransmission timer.
+    TransferTick {
+        tick: u64,
+    },
+    /// Install the objects and the reply cache a state transfer fetched
     /// (over the rolled-back base), checkpoint at `seq`, answer with [`Event::StateInstalled`].
     InstallState {
         seq: SeqNo,
@@ -229,20 +284,6 @@ pub enum Action {
     },
 }
 
-impl Action {
-    /// Whether the execution stage performs this action (the driver performs the others).
-    pub fn is_execution(&self) -> bool {
-        matches!(
-            self,
-            Action::Execute { .. }
-                | Action::TakeCheckpoint { .. }
-                | Action::Rollback { .. }
-                | Action::DiscardBefore { .. }
-                | Action::ExecuteReadOnly { .. }
-                | Action::InstallState { .. }
-        )
-    }
-}
 
 /// Things worth logging or checking; the driver need not act on them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -387,6 +428,8 @@ enum InFlightKind {
         target: CheckpointCertificate,
         base: SeqNo,
     },
+    Serve,
+    Transfer,
 }
 
 fn same_content(a: &PrePrepare, b: &PrePrepare) -> bool {
@@ -471,7 +514,8 @@ pub struct Core {
     read_only_barrier: SeqNo,
     /// A stable certificate above our execution point (we must catch up to it).
     stable_ahead: Option<CheckpointCertificate>,
-    transfer: Option<Transfer>,
+    /// The state transfer in progress (the stage runs its fetcher).
+    transfer: Option<TransferJob>,
 
     initial_snapshot: bool,
     /// See [`Replica::defer_discard`].
@@ -597,14 +641,8 @@ impl Core {
     // -----------------------------------------------------------------------------------------
     // The step function and dispatch
 
-    /// Handles one event, appending the resulting actions (see the module doc). `reader`
-    /// answers state transfer's reads of the checkpoints the execution stage keeps.
-    pub fn step(
-        &mut self,
-        event: Event,
-        reader: &dyn CheckpointReader,
-        actions: &mut Vec<Action>,
-    ) {
+    /// Handles one event, appending the resulting actions (see the module doc).
+    pub fn step(&mut self, event: Event, actions: &mut Vec<Action>) {
         if self.halted {
             return;
         }
@@ -615,7 +653,7 @@ impl Core {
             if let Some(seq) = self.discard_pending.take() {
                 // Never below what a state transfer in progress diffs against.
                 let keep = self.transfer.as_ref().map_or(seq, |t| t.base.min(seq));
-                actions.push(Action::DiscardBefore { seq: keep });
+                actions.push(Action::Stage(StageAction::DiscardBefore { seq: keep }));
             }
             if self.initial_snapshot {
                 self.initial_snapshot = false;
@@ -630,7 +668,7 @@ impl Core {
             Event::Tick { now_ns } => self.on_tick(now_ns, actions),
             Event::Message(m) => {
                 let (sender, message) = m.into_parts();
-                self.on_message(sender, message, reader, actions);
+                self.on_message(sender, message, actions);
             }
             Event::Executed { seq, results } => self.on_executed(seq, results, actions),
             Event::CheckpointTaken { seq, checkpoint } => {
@@ -642,6 +680,12 @@ impl Core {
                 result,
             } => self.on_read_only_executed(client, timestamp, result, actions),
             Event::StateInstalled { seq, result } => self.on_state_installed(seq, result, actions),
+            Event::Served { to, answer } => self.on_served(to, answer, actions),
+            Event::TransferProgress {
+                steps,
+                bytes_fetched,
+                finished,
+            } => self.on_transfer_progress(steps, bytes_fetched, finished, actions),
             Event::ExecutionFailed { reason } => self.halt(reason, actions),
         }
         if let Err(problem) = self.check_invariants(&actions[start..]) {
@@ -655,7 +699,6 @@ impl Core {
         &mut self,
         sender: Principal,
         message: Message,
-        reader: &dyn CheckpointReader,
         actions: &mut Vec<Action>,
     ) {
         let from = match (sender, &message) {
@@ -695,7 +738,7 @@ impl Core {
                     self.on_query_new_view(from, view, actions)
                 }
             },
-            Message::StateTransfer(m) => self.on_state_transfer(from, m, reader, actions),
+            Message::StateTransfer(m) => self.on_state_transfer(from, m, actions),
             Message::Client(_) => {}
         }
     }

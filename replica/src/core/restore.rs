@@ -1,11 +1,11 @@
 //! Recovery: a replica rebuilt after a restart from every durable WAL record and its reopened
 //! service (see the driver contract in the module doc of [`super`]), in three steps:
-//! 1. [`Replayed::from_wal`]: the durable state replayed from the WAL, a pure function of the
+//! 1. `Replayed::from_wal`: the durable state replayed from the WAL, a pure function of the
 //!    records (no service, no signing);
 //! 2. the newest checkpoint both the service and the WAL hold is chosen (the execution stage
 //!    rolls the service back to it), and the log, view and window are rebuilt from the
 //!    replayed state (still no signing);
-//! 3. [`Core::resign_own_statements`], the one re-signing step: the replica's own prepares
+//! 3. `Core::resign_own_statements`, the one re-signing step: the replica's own prepares
 //!    and commits (and, mid view change, its view change), so that retransmission can finish
 //!    what was in flight.
 

@@ -486,12 +486,7 @@ fn perform(
                 continue;
             }
             // The replica's execution stage performed these already.
-            Action::Execute { .. }
-            | Action::TakeCheckpoint { .. }
-            | Action::Rollback { .. }
-            | Action::DiscardBefore { .. }
-            | Action::ExecuteReadOnly { .. }
-            | Action::InstallState { .. } => continue,
+            Action::Stage(_) => continue,
             Action::Notify(n) => {
                 log_notification(&n);
                 match &n {

@@ -9,11 +9,11 @@
 //! place. The driver and the simulator see one list of actions to perform in order, as before.
 
 mod stage;
+pub mod transfer;
 
 pub use stage::Stage;
 
 use crate::config::{ClusterConfig, ReplicaSecrets};
-use crate::core::execution::CheckpointReader;
 use crate::core::{restore, Action, Core, CoreError, Event, WalRecord};
 use state_abstraction::Service;
 use std::collections::VecDeque;
@@ -69,7 +69,7 @@ impl<S: Service> Replica<S> {
         if let Some(seq) = rollback {
             service.rollback_to(seq.0)?;
         }
-        let mut stage = Stage::new(service, &config);
+        let mut stage = Stage::new(service, &config, secrets.id);
         stage.set_replies(core.reply_cache().clone());
         Ok(Replica { core, stage })
     }
@@ -82,21 +82,21 @@ impl<S: Service> Replica<S> {
     /// queue is dropped (it assumed the failed action succeeded).
     pub fn step(&mut self, event: Event, actions: &mut Vec<Action>) {
         let mut first = Vec::new();
-        self.core.step(event, &self.stage, &mut first);
+        self.core.step(event, &mut first);
         let mut queue: VecDeque<Action> = first.into();
         while let Some(action) = queue.pop_front() {
-            if !action.is_execution() {
+            let Action::Stage(action) = action else {
                 actions.push(action);
                 continue;
-            }
+            };
             let Some(answer) = self.stage.perform(action) else {
                 continue;
             };
             let failed = matches!(answer, Event::ExecutionFailed { .. });
             let mut more = Vec::new();
-            self.core.step(answer, &self.stage, &mut more);
+            self.core.step(answer, &mut more);
             if failed {
-                actions.extend(more.into_iter().filter(|a| !a.is_execution()));
+                actions.extend(more.into_iter().filter(|a| !matches!(a, Action::Stage(_))));
                 return;
             }
             queue.extend(more);
@@ -119,25 +119,5 @@ impl<S: Service> Replica<S> {
     /// The stage's reply cache equals the core's copy (checked by the simulator).
     pub fn reply_caches_agree(&self) -> bool {
         self.stage.replies() == self.core.reply_cache()
-    }
-}
-
-impl<S: Service> CheckpointReader for Stage<S> {
-    fn object_count(&self) -> u64 {
-        self.service().object_count()
-    }
-    fn partition_node(
-        &self,
-        seq: u64,
-        level: u32,
-        index: u64,
-    ) -> Option<Vec<crate::wire::Digest>> {
-        self.service().partition_node(seq, level, index)
-    }
-    fn piece_digests_at(&self, seq: u64, index: u64) -> Option<Vec<crate::wire::Digest>> {
-        self.service().piece_digests_at(seq, index)
-    }
-    fn get_piece_at(&self, seq: u64, index: u64, piece: u32) -> Option<Vec<u8>> {
-        self.service().get_piece_at(seq, index, piece)
     }
 }

@@ -5,27 +5,45 @@
 
 use crate::config::ClusterConfig;
 use crate::core::execution::{ExecutorCheckpoint, ReplyLimits, ReplyTable};
-use crate::core::{Action, Event};
-use crate::wire::SeqNo;
+use super::transfer::{serve, Transfer};
+use crate::core::{Event, StageAction as Action};
+use crate::wire::{CheckpointCertificate, Digest, ReplicaId, SeqNo};
 use state_abstraction::Service;
+
+/// What `serve::answer` answers `QueryStable` with: never used, the core answers those.
+const NO_STABLE: CheckpointCertificate = CheckpointCertificate {
+    seq: SeqNo(0),
+    service_root: Digest([0; 32]),
+    replies_digest: Digest([0; 32]),
+    checkpoints: Vec::new(),
+};
 
 pub struct Stage<S> {
     service: S,
     /// The reply cache: replicated state, in every checkpoint with the service's root.
     replies: ReplyTable,
     limits: ReplyLimits,
+    /// State transfer's fetcher, while one runs.
+    transfer: Option<Transfer>,
+    me: ReplicaId,
+    weak_quorum: usize,
+    retransmit_ticks: u64,
 }
 
 impl<S: Service> Stage<S> {
     /// A stage over a service whose state is that of a checkpoint with an empty reply cache,
     /// or that the core's first actions bring to one (a restart rolls back and the core's
     /// restored cache comes with it: see [`Stage::perform`] for `Rollback`).
-    pub fn new(service: S, config: &ClusterConfig) -> Self {
+    pub fn new(service: S, config: &ClusterConfig, me: ReplicaId) -> Self {
         let limits = ReplyLimits::of(config);
         Stage {
             service,
             replies: ReplyTable::new(limits),
             limits,
+            transfer: None,
+            me,
+            weak_quorum: config.weak_quorum(),
+            retransmit_ticks: config.protocol.retransmit_ticks,
         }
     }
 
@@ -129,7 +147,77 @@ impl<S: Service> Stage<S> {
                     },
                 })
             }
-            _ => None,
+            Action::Serve { to, request } => {
+                // `QueryStable` and `GetReplies` are the core's to answer: no stable
+                // certificate or reply cache is needed here.
+                let answer = serve::answer(&self.service, &NO_STABLE, |_| None, &request);
+                Some(Event::Served { to, answer })
+            }
+            Action::TransferStart {
+                target,
+                base,
+                peers,
+                tick,
+            } => {
+                let fetched = self
+                    .transfer
+                    .take()
+                    .map(Transfer::into_fetched)
+                    .unwrap_or_default();
+                let mut steps = Vec::new();
+                let mut transfer = Transfer::start(
+                    target,
+                    base,
+                    self.me,
+                    peers,
+                    self.weak_quorum,
+                    tick,
+                    &mut steps,
+                );
+                transfer.carry(fetched);
+                let bytes_fetched = transfer.bytes_fetched;
+                self.transfer = Some(transfer);
+                Some(Event::TransferProgress {
+                    steps,
+                    bytes_fetched,
+                    finished: None,
+                })
+            }
+            Action::TransferMessage {
+                from,
+                message,
+                tick,
+            } => {
+                let mut steps = Vec::new();
+                let (finished, bytes_fetched) = match self.transfer.as_mut() {
+                    Some(t) => {
+                        let finished = t.on_message(&self.service, from, message, tick, &mut steps);
+                        (finished, t.bytes_fetched)
+                    }
+                    None => (None, 0),
+                };
+                if finished.is_some() {
+                    self.transfer = None;
+                }
+                Some(Event::TransferProgress {
+                    steps,
+                    bytes_fetched,
+                    finished: finished.map(Box::new),
+                })
+            }
+            Action::TransferTick { tick } => {
+                let mut steps = Vec::new();
+                let mut bytes_fetched = 0;
+                if let Some(t) = self.transfer.as_mut() {
+                    t.on_tick(tick, self.retransmit_ticks, &mut steps);
+                    bytes_fetched = t.bytes_fetched;
+                }
+                Some(Event::TransferProgress {
+                    steps,
+                    bytes_fetched,
+                    finished: None,
+                })
+            }
         }
     }
 

@@ -1143,12 +1143,7 @@ impl Sim {
                         .map_err(|e| self.fail(e))?;
                 }
                 // The replica's execution stage performed these already.
-                Action::Execute { .. }
-                | Action::TakeCheckpoint { .. }
-                | Action::Rollback { .. }
-                | Action::DiscardBefore { .. }
-                | Action::ExecuteReadOnly { .. }
-                | Action::InstallState { .. } => {}
+                Action::Stage(_) => {}
                 Action::Halt { reason } => {
                     return Err(self.fail(format!("replica {r} halted: {reason}")))
                 }
@@ -1708,12 +1703,7 @@ impl Sim {
                 Action::SendClient { to, message } => (vec![Principal::Client(to)], message),
                 Action::Notify(_) | Action::Halt { .. } => continue,
                 // The replica's execution stage performed these already.
-                Action::Execute { .. }
-                | Action::TakeCheckpoint { .. }
-                | Action::Rollback { .. }
-                | Action::DiscardBefore { .. }
-                | Action::ExecuteReadOnly { .. }
-                | Action::InstallState { .. } => continue,
+                Action::Stage(_) => continue,
             };
             if behaviour == Behaviour::Silent {
                 continue;

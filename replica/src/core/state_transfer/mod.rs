@@ -2,24 +2,47 @@
 //! cannot reach by committed batches (or whose own checkpoint turned out corrupt) fetches the
 //! certified state from its peers.
 //!
-//! - This file: the replica's side. It rolls the service back to its newest checkpoint below
-//!   the target (the *base*, kept until the transfer ends), starts a [`fetch::Transfer`],
+//! - This file: the core's side. It rolls the state back to its newest checkpoint below the
+//!   target (the *base*, kept until the transfer ends), has the execution stage run a
+//!   [`crate::execution::transfer::Transfer`] (which reads the stage's own checkpoints to fetch only what differs),
 //!   chases a newer target (keeping what was fetched), retries a transfer whose result does not
 //!   match the certificate, and installs the result as its own checkpoint.
-//! - [`fetch`]: the verified walk of the partition tree, with no I/O.
-//! - [`serve`]: the answers to peers' requests.
+//! - [`crate::execution::transfer`]: the verified walk of the partition tree and the answers
+//!   to peers' requests for state, run by the execution stage.
 
-pub mod fetch;
-pub mod serve;
-#[cfg(test)]
-mod tests;
+use state_abstraction::AbstractObject;
 
-pub use fetch::{Finished, Transfer, TransferStep};
+/// What the fetcher asks the core to do.
+#[derive(Debug)]
+pub enum TransferStep {
+    Send(ReplicaId, StateTransferMessage),
+    /// A peer answered with something that failed verification.
+    Misbehaved(ReplicaId, &'static str),
+}
 
-use super::execution::{CheckpointReader, ExecutorCheckpoint, ReplyLimits, ReplyTable};
+/// A finished transfer: install these objects, then the reply cache.
+#[derive(Debug)]
+pub struct Finished {
+    pub objects: Vec<(u64, AbstractObject)>,
+    /// The encoded reply cache (its digest matches the certificate).
+    pub replies: Vec<u8>,
+    /// The number of objects of the certified state.
+    pub object_count: u64,
+}
+
+/// The state transfer in progress, as the core sees it (the execution stage runs the
+/// fetcher).
+#[derive(Clone, Debug)]
+pub struct TransferJob {
+    pub target: CheckpointCertificate,
+    /// Our checkpoint the transfer diffs against (the stage's state was rolled back to it).
+    pub base: SeqNo,
+}
+
+use super::execution::{ExecutorCheckpoint, ReplyLimits, ReplyTable};
 use super::invariants::invariant;
 use super::view_change;
-use super::{Action, Core, InFlight, InFlightKind, Notification, OwnCheckpoint, WalRecord};
+use super::{Action, Core, InFlightKind, Notification, OwnCheckpoint, StageAction, WalRecord};
 use crate::wire::{
     AgreementMessage, CheckpointCertificate, Message, Principal, ReplicaId, SeqNo,
     StateTransferMessage,
@@ -87,24 +110,23 @@ impl Core {
             "state transfer"
         );
         self.metrics.state_transfers += 1;
-        let fetched = self
-            .transfer
-            .take()
-            .map(Transfer::into_fetched)
-            .unwrap_or_default();
-        let mut steps = Vec::new();
-        let mut transfer = Transfer::start(
-            cert,
-            base.seq,
-            self.id,
+        // Answers still in flight belong to the transfer this one replaces.
+        for f in self.in_flight.iter_mut() {
+            if matches!(f.what, InFlightKind::Transfer) {
+                f.undone = true;
+            }
+        }
+        self.transfer = Some(TransferJob {
+            target: cert.clone(),
+            base: base.seq,
+        });
+        actions.push(Action::Stage(StageAction::TransferStart {
+            target: cert,
+            base: base.seq,
             peers,
-            self.config.weak_quorum(),
-            self.ticks,
-            &mut steps,
-        );
-        transfer.carry(fetched);
-        self.transfer = Some(transfer);
-        self.apply_transfer_steps(steps, actions);
+            tick: self.ticks,
+        }));
+        self.push_in_flight(InFlightKind::Transfer);
         invariant!(
             self.last_executed == base.seq && self.own_checkpoints.contains_key(&base.seq),
             "replica {}: transfer started off its base {:?}",
@@ -128,18 +150,66 @@ impl Core {
         }
     }
 
+    /// The fetcher's answer to a transfer action: its steps, and the state once complete.
+    pub(super) fn on_transfer_progress(
+        &mut self,
+        steps: Vec<TransferStep>,
+        bytes_fetched: u64,
+        finished: Option<Box<Finished>>,
+        actions: &mut Vec<Action>,
+    ) {
+        let f = self.answered("transfer");
+        assert!(
+            matches!(f.what, InFlightKind::Transfer),
+            "replica {}: transfer progress answers another action",
+            self.id.0
+        );
+        if f.undone {
+            return;
+        }
+        let Some(job) = self.transfer.clone() else {
+            return;
+        };
+        self.metrics.state_transfer_bytes = self.metrics.state_transfer_bytes.max(bytes_fetched);
+        self.apply_transfer_steps(steps, actions);
+        if let Some(finished) = finished {
+            self.transfer = None;
+            self.finish_transfer(job.target, job.base, *finished, actions);
+        }
+    }
+
+    /// The stage's answer to a peer's request for state.
+    pub(super) fn on_served(
+        &mut self,
+        to: ReplicaId,
+        answer: Option<StateTransferMessage>,
+        actions: &mut Vec<Action>,
+    ) {
+        let f = self.answered("serve");
+        assert!(
+            matches!(f.what, InFlightKind::Serve),
+            "replica {}: a served answer answers another action",
+            self.id.0
+        );
+        if let Some(message) = answer {
+            actions.push(Action::Send {
+                to,
+                message: Message::StateTransfer(message),
+            });
+        }
+    }
+
     /// Every tick of a state transfer: requests unanswered for `retransmit_ticks` go to the
     /// next peer; a newer stable checkpoint replaces the target (peers discard checkpoints
     /// once newer ones are stable: chase the newest); now and then, ask where the others are.
     pub(super) fn on_state_transfer_timeout(&mut self, actions: &mut Vec<Action>) {
         let retransmit_ticks = self.config.protocol.retransmit_ticks;
-        let Some(transfer) = self.transfer.as_mut() else {
+        let Some(job) = &self.transfer else {
             return;
         };
-        let mut steps = Vec::new();
-        transfer.on_tick(self.ticks, retransmit_ticks, &mut steps);
-        let target = transfer.target.seq;
-        self.apply_transfer_steps(steps, actions);
+        let target = job.target.seq;
+        actions.push(Action::Stage(StageAction::TransferTick { tick: self.ticks }));
+        self.push_in_flight(InFlightKind::Transfer);
         if let Some(newer) = self.stable_ahead.clone().filter(|c| c.seq > target) {
             self.begin_transfer(newer, actions);
         } else if self.ticks % (4 * retransmit_ticks) == 0 {
@@ -156,21 +226,36 @@ impl Core {
         &mut self,
         from: ReplicaId,
         message: StateTransferMessage,
-        reader: &dyn CheckpointReader,
         actions: &mut Vec<Action>,
     ) {
         use StateTransferMessage as M;
-        let reply = serve::answer(
-            reader,
-            &self.stable,
-            |seq| self.own_checkpoints.get(&seq).map(|c| c.replies.clone()),
-            &message,
-        );
-        if let Some(reply) = reply {
-            return actions.push(Action::Send {
-                to: from,
-                message: Message::StateTransfer(reply),
-            });
+        match &message {
+            M::QueryStable => {
+                return actions.push(Action::Send {
+                    to: from,
+                    message: Message::StateTransfer(M::ReplyStable(self.stable.clone())),
+                })
+            }
+            M::GetReplies { seq } => {
+                if let Some(c) = self.own_checkpoints.get(seq) {
+                    actions.push(Action::Send {
+                        to: from,
+                        message: Message::StateTransfer(M::Replies {
+                            seq: *seq,
+                            table: c.replies.clone(),
+                        }),
+                    });
+                }
+                return;
+            }
+            M::GetNode { .. } | M::GetPieceDigests { .. } | M::GetPiece { .. } => {
+                actions.push(Action::Stage(StageAction::Serve {
+                    to: from,
+                    request: message,
+                }));
+                return self.push_in_flight(InFlightKind::Serve);
+            }
+            _ => {}
         }
         match message {
             M::ReplyStable(cert) => {
@@ -189,24 +274,15 @@ impl Core {
                 }
             }
             M::Node { .. } | M::PieceDigests { .. } | M::Piece { .. } | M::Replies { .. } => {
-                let Some(mut transfer) = self.transfer.take() else {
+                if self.transfer.is_none() {
                     return;
-                };
-                let mut steps = Vec::new();
-                let finished =
-                    transfer.on_message(reader, from, message, self.ticks, &mut steps);
-                self.metrics.state_transfer_bytes = self
-                    .metrics
-                    .state_transfer_bytes
-                    .max(transfer.bytes_fetched);
-                let target = transfer.target.clone();
-                let base = transfer.base;
-                self.transfer = Some(transfer);
-                self.apply_transfer_steps(steps, actions);
-                if let Some(finished) = finished {
-                    self.transfer = None;
-                    self.finish_transfer(target, base, finished, actions);
                 }
+                actions.push(Action::Stage(StageAction::TransferMessage {
+                    from,
+                    message,
+                    tick: self.ticks,
+                }));
+                self.push_in_flight(InFlightKind::Transfer);
             }
             _ => {}
         }
@@ -224,16 +300,13 @@ impl Core {
         if ReplyTable::decode(&finished.replies, ReplyLimits::of(&self.config)).is_err() {
             return self.retry_transfer(target, base, "reply cache does not decode", actions);
         }
-        actions.push(Action::InstallState {
+        actions.push(Action::Stage(StageAction::InstallState {
             seq: target.seq,
             objects: finished.objects,
             object_count: finished.object_count,
             replies: finished.replies,
-        });
-        self.in_flight.push_back(InFlight {
-            what: InFlightKind::Install { target, base },
-            undone: false,
-        });
+        }));
+        self.push_in_flight(InFlightKind::Install { target, base });
     }
 
     /// The transferred state did not install or does not match the certificate: back to the

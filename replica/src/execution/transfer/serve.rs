@@ -6,7 +6,7 @@
 //! fetcher then asks another replica. Answers are not checked here; the fetcher checks each
 //! against the digests it already trusts (see [`super::fetch`]).
 
-use crate::core::execution::CheckpointReader;
+use super::CheckpointReader;
 use crate::wire::{CheckpointCertificate, SeqNo, StateTransferMessage};
 
 /// The answer to `request`, or `None` if it is not a request or asks for state not held.

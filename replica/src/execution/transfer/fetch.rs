@@ -18,7 +18,9 @@ use state_abstraction::digest::{object_digest, piece_digest, PartitionTree, LEVE
 use state_abstraction::AbstractObject;
 use std::collections::BTreeMap;
 
-use crate::core::execution::{CheckpointReader, ReplyTable};
+use super::CheckpointReader;
+use crate::core::execution::ReplyTable;
+use crate::core::state_transfer::{Finished, TransferStep};
 
 /// One thing the fetcher is waiting for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -72,24 +74,6 @@ pub struct Transfer {
     carried: BTreeMap<(u64, u32), Vec<u8>>,
     /// Bytes taken from `carried` instead of the network.
     pub bytes_reused: u64,
-}
-
-/// What a transfer asks the core to do.
-#[derive(Debug)]
-pub enum TransferStep {
-    Send(ReplicaId, StateTransferMessage),
-    /// A peer answered with something that failed verification.
-    Misbehaved(ReplicaId, &'static str),
-}
-
-/// A finished transfer: install these objects, then the reply cache.
-#[derive(Debug)]
-pub struct Finished {
-    pub objects: Vec<(u64, AbstractObject)>,
-    /// The encoded reply cache (its digest matches the certificate).
-    pub replies: Vec<u8>,
-    /// The number of objects of the certified state.
-    pub object_count: u64,
 }
 
 impl Transfer {

@@ -1,6 +1,7 @@
 //! Tests of the fetching side against the serving side, with a lying peer.
 
-use super::fetch::{Finished, Transfer, TransferStep};
+use super::fetch::Transfer;
+use crate::core::state_transfer::{Finished, TransferStep};
 use super::serve;
 use crate::core::execution::{ReplyLimits, ReplyTable};
 use crate::wire::{CheckpointCertificate, Digest, ReplicaId, SeqNo, StateTransferMessage};
