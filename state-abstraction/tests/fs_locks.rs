@@ -624,6 +624,32 @@ fn overlapping_locks_revoke_the_older_one_and_wait() {
     t.checkpoint(5);
     assert_eq!(t.state(l_out), None);
     assert_eq!(t.state(l_in), Some(LockState::Active { activated_seq: 4 }));
+    // Two clients asking in the same interval: the first activates and keeps its first
+    // interval; the second revokes it at the next checkpoint.
+    let p = t.mkdir(ROOT, "p");
+    let q = t.mkdir(p, "q");
+    let lp = t.lock(ClientId(5), p, LockUnit::Subtree);
+    let lq = t.lock(ClientId(6), q, LockUnit::Subtree);
+    t.checkpoint(6);
+    assert_eq!(t.state(lp), Some(LockState::Active { activated_seq: 6 }));
+    assert_eq!(t.state(lq), Some(LockState::Pending));
+    t.checkpoint(7);
+    assert!(matches!(
+        t.state(lp),
+        Some(LockState::Frozen {
+            cause: FreezeCause::Conflict(ClientId(6)),
+            ..
+        })
+    ));
+    t.checkpoint(8);
+    assert_eq!(t.state(lp), None);
+    assert_eq!(t.state(lq), Some(LockState::Active { activated_seq: 8 }));
+    assert!(t
+        .svc
+        .locks()
+        .recent
+        .iter()
+        .any(|r| r.0 == p.index && r.1 == ClientId(5)));
 }
 
 #[test]

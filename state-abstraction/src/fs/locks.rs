@@ -481,31 +481,7 @@ impl FileService {
                 cause: FreezeCause::Conflict(client),
             };
         }
-        let until = now_ns.saturating_add(RECENT_NS);
-        let key = (e.root.index, e.holder);
-        match t.recent.binary_search_by_key(&key, |r| (r.0, r.1)) {
-            Ok(k) => t.recent[k].2 = until,
-            Err(k) => {
-                if t.recent.len() >= RECENT_MAX {
-                    // Full: the row that would end first goes (ties: the lowest key).
-                    let (drop_at, _) = t
-                        .recent
-                        .iter()
-                        .enumerate()
-                        .min_by_key(|(_, r)| r.2)
-                        .map(|(k, r)| (k, r.2))
-                        .unwrap_or((0, 0));
-                    t.recent.remove(drop_at);
-                    let k = t
-                        .recent
-                        .binary_search_by_key(&key, |r| (r.0, r.1))
-                        .unwrap_or_else(|k| k);
-                    t.recent.insert(k, (key.0, key.1, until));
-                } else {
-                    t.recent.insert(k, (key.0, key.1, until));
-                }
-            }
-        }
+        note_recent(&mut t.recent, e.root.index, e.holder, now_ns);
         Ok(())
     }
 
@@ -563,18 +539,23 @@ impl FileService {
             }
             kept.push(e);
         }
-        for e in &mut kept {
-            if let (Some(&by), LockState::Active { .. }) = (revoke.get(&e.id), e.state) {
-                e.state = LockState::Frozen {
-                    since_ns: now,
-                    cause: FreezeCause::Conflict(by),
-                };
-            }
-        }
         let mut banned = table.banned.clone();
         let mut recent = table.recent.clone();
         banned.retain(|b| b.1 > now);
         recent.retain(|r| r.2 > now);
+        for e in &mut kept {
+            // A lock activated by this very checkpoint is left its first interval: two
+            // requests in one interval would otherwise revoke each other as they activate.
+            if let (Some(&by), LockState::Active { activated_seq }) = (revoke.get(&e.id), e.state) {
+                if activated_seq < seq {
+                    e.state = LockState::Frozen {
+                        since_ns: now,
+                        cause: FreezeCause::Conflict(by),
+                    };
+                    note_recent(&mut recent, e.root.index, e.holder, now);
+                }
+            }
+        }
         if kept != table.locks || banned != table.banned || recent != table.recent {
             let t = self.lock_table_mut().map_err(fs)?;
             t.locks = kept;
@@ -832,6 +813,28 @@ impl FileService {
             assert!(!self.free.contains(i), "masked slot {i} in the free list");
         }
     }
+}
+
+/// Records that `holder`'s lock on `root` was revoked by conflict at `now_ns`: the same
+/// holder may not lock that root again for [`RECENT_NS`], which bounds thrashing whatever the
+/// client's policy.
+fn note_recent(recent: &mut Vec<(u64, ClientId, u64)>, root: u64, holder: ClientId, now_ns: u64) {
+    let until = now_ns.saturating_add(RECENT_NS);
+    let key = (root, holder);
+    if let Ok(k) = recent.binary_search_by_key(&key, |r| (r.0, r.1)) {
+        recent[k].2 = until;
+        return;
+    }
+    if recent.len() >= RECENT_MAX {
+        // Full: the row that ends first goes (ties: the lowest key).
+        if let Some(k) = (0..recent.len()).min_by_key(|&k| recent[k].2) {
+            recent.remove(k);
+        }
+    }
+    let k = recent
+        .binary_search_by_key(&key, |r| (r.0, r.1))
+        .unwrap_or_else(|k| k);
+    recent.insert(k, (root, holder, until));
 }
 
 enum Activation {

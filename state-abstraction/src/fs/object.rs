@@ -414,6 +414,38 @@ mod tests {
         assert!(Header::decode_canonical(&[]).is_err());
     }
 
+    /// Headers written before locks existed keep their bytes, so their digests do not
+    /// change; the two-variant view reads a root with a lock table as live.
+    #[test]
+    fn the_full_header_encodes_the_old_variants_unchanged() {
+        let ObjectHeader::Live(root) = Obj::new_root(7).header() else {
+            unreachable!("a live object has a live header")
+        };
+        let free = (
+            Header::Free {
+                generation: 3,
+                next_free: Some(9),
+            },
+            ObjectHeader::Free {
+                generation: 3,
+                next_free: Some(9),
+            },
+        );
+        assert_eq!(free.0.encode(), free.1.encode());
+        assert_eq!(
+            Header::Live(root.clone()).encode(),
+            ObjectHeader::Live(root.clone()).encode()
+        );
+        let with_table = ObjectHeader::LiveRoot(root.clone(), LockTable::default()).encode();
+        assert_eq!(
+            Header::decode_canonical(&with_table),
+            Ok(Header::Live(root))
+        );
+        let placeholder = ObjectHeader::Locked { lock: LockId(4) }.encode();
+        assert!(ObjectHeader::decode_canonical(&placeholder).is_ok());
+        assert!(Header::decode_canonical(&placeholder).is_err());
+    }
+
     #[test]
     fn sizes_to_chunks_and_blocks() {
         assert_eq!(chunk_count(0), 0);
