@@ -724,7 +724,48 @@ fn two_services_give_identical_digests() {
 #[test]
 fn rollback_to_before_activation_and_across_a_merge() {
     let dir = temp_dir();
-    let mut t = T::open(dir.path());
+    rollback_on(dir.path());
+}
+
+/// On btrfs, checkpoints are snapshots and old data is read from them.
+#[test]
+fn rollback_and_restart_on_btrfs() {
+    let Some(m) = common::btrfs_mount() else {
+        return;
+    };
+    rollback_on(&m.dir("rollback"));
+    restart_on(&m.dir("restart"));
+    serve_through_a_masked_directory_on(&m.dir("serve"));
+}
+
+#[test]
+fn serving_a_file_below_a_masked_directory() {
+    let dir = temp_dir();
+    serve_through_a_masked_directory_on(dir.path());
+}
+
+/// A directory lock masks the directory, not its files: a checkpoint's file below it is
+/// still served (on btrfs its data is found in the snapshot by real names).
+fn serve_through_a_masked_directory_on(dir: &Path) {
+    let mut t = T::open(dir);
+    let (home, a, f, _) = populate(&mut t);
+    let lock = t.lock(HOLDER, a, LockUnit::Directory);
+    t.checkpoint(1);
+    assert_eq!(t.svc.masked_by(a.index), Some(lock));
+    assert_eq!(t.svc.masked_by(f.index), None);
+    let want = t.svc.get_obj(f.index).expect("f");
+    t.run(FsOp::Write {
+        h: f,
+        offset: 0,
+        data: vec![1; 1000],
+    })
+    .expect("write below a locked directory");
+    assert_eq!(t.svc.get_obj_at(1, f.index), Some(want));
+    let _ = home;
+}
+
+fn rollback_on(dir: &Path) {
+    let mut t = T::open(dir);
     let (home, _, f, _) = populate(&mut t);
     let d1 = t.checkpoint(1);
     let objs1 = all_objects(&t.svc);
@@ -775,20 +816,24 @@ fn rollback_to_before_activation_and_across_a_merge() {
 #[test]
 fn masks_survive_a_restart_and_a_crash() {
     let dir = temp_dir();
+    restart_on(dir.path());
+}
+
+fn restart_on(dir: &Path) {
     let (d2, lock, f, now) = {
-        let mut t = T::open(dir.path());
+        let mut t = T::open(dir);
         let (home, _, f, _) = populate(&mut t);
         t.checkpoint(1);
         let lock = t.lock(HOLDER, home, LockUnit::Subtree);
         let d2 = t.checkpoint(2);
         assert_eq!(
-            std::fs::read(dir.path().join("table")).expect("table")[0],
+            std::fs::read(dir.join("table")).expect("table")[0],
             4,
             "masked slots need table version 4"
         );
         (d2, lock, f, t.now)
     };
-    let mut t = T::open(dir.path());
+    let mut t = T::open(dir);
     t.now = now;
     t.svc.check_lock_invariants();
     assert_eq!(t.digest(), d2);
@@ -797,7 +842,7 @@ fn masks_survive_a_restart_and_a_crash() {
     t.create(ROOT, "late", b"late");
     assert_eq!(t.read(f), Err(FsError::Locked));
     t.svc.simulate_crash();
-    let mut t = T::open(dir.path());
+    let mut t = T::open(dir);
     t.now = now;
     t.svc.check_lock_invariants();
     assert_eq!(t.digest(), d2);
@@ -806,12 +851,9 @@ fn masks_survive_a_restart_and_a_crash() {
     t.run_as(HOLDER, FsOp::Release { lock, cert: None })
         .expect("release");
     t.checkpoint(3);
-    assert_eq!(
-        std::fs::read(dir.path().join("table")).expect("table")[0],
-        3
-    );
+    assert_eq!(std::fs::read(dir.join("table")).expect("table")[0], 3);
     drop(t);
-    let mut t = T::open(dir.path());
+    let mut t = T::open(dir);
     assert!(t.read(f).is_ok());
 }
 

@@ -1171,6 +1171,21 @@ impl FileService {
         Ok(None)
     }
 
+    /// The header of object `i` at checkpoint `seq` for finding names in a snapshot: the
+    /// real header where the ordered one is a placeholder (a file outside a lock can sit in
+    /// a masked directory, and the snapshot holds real names).
+    fn path_header_at(&self, seq: SeqNo, i: u64) -> Result<Option<ObjectHeader>, ServiceError> {
+        match self.header_at(seq, i)? {
+            Some(ObjectHeader::Locked { .. }) => {
+                if let Some(t) = self.real_value_after(seq, i)? {
+                    return Ok(Some(t.header));
+                }
+                Ok(self.masked.contains_key(&i).then(|| self.real_header_of(i)))
+            }
+            other => Ok(other),
+        }
+    }
+
     /// The header of object `i` at checkpoint `seq`.
     fn header_at(&self, seq: SeqNo, i: u64) -> Result<Option<ObjectHeader>, ServiceError> {
         let rec = self
@@ -1295,13 +1310,13 @@ impl FileService {
         let mut names = Vec::new();
         let mut cur = i;
         while cur != 0 {
-            let Some(hh) = self.header_at(seq, cur)? else {
+            let Some(hh) = self.path_header_at(seq, cur)? else {
                 return Err(broken());
             };
             let Some(h) = hh.live() else {
                 return Err(broken());
             };
-            let Some(ph) = self.header_at(seq, h.parent)? else {
+            let Some(ph) = self.path_header_at(seq, h.parent)? else {
                 return Err(broken());
             };
             let Some(p) = ph.live() else {
