@@ -163,6 +163,7 @@ fn a_lock_activates_at_the_next_checkpoint_and_masks_its_subtree() {
         "the lock table lives in the root once a lock was asked for"
     );
     assert_eq!(t.state(lock), Some(LockState::Pending));
+    assert!(t.svc.lock_transition_pending());
     // Pending masks nothing.
     assert!(t.read(f).is_ok());
     t.checkpoint(1);
@@ -177,6 +178,7 @@ fn a_lock_activates_at_the_next_checkpoint_and_masks_its_subtree() {
         e.pool
     );
     assert_ne!(e.base, Digest::default());
+    assert!(!t.svc.lock_transition_pending());
     for h in [home, a, f] {
         assert_eq!(t.svc.masked_by(h.index), Some(lock));
         assert_eq!(

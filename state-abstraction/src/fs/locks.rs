@@ -297,6 +297,19 @@ impl FileService {
         self.lock_table().cloned().unwrap_or_default()
     }
 
+    /// Whether the next checkpoint has lock work: a lock to activate or merge, or one past
+    /// its life. The execution stage will report this so the primary pads to the next
+    /// checkpoint with null batches (docs/zzyzx-plan.md §4.3); not wired yet.
+    pub fn lock_transition_pending(&self) -> bool {
+        let now = self.last_time();
+        self.lock_table().is_some_and(|t| {
+            t.locks.iter().any(|e| match e.state {
+                LockState::Pending | LockState::Frozen { .. } => true,
+                LockState::Active { .. } => e.expires_ns <= now,
+            })
+        })
+    }
+
     /// The lock operations (ordered except `ListLocks`).
     pub(super) fn exec_lock(&mut self, c: &Caller, op: &super::ops::FsOp) -> FsResult {
         use super::ops::FsOp;
