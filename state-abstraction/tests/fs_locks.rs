@@ -157,6 +157,7 @@ fn a_lock_activates_at_the_next_checkpoint_and_masks_its_subtree() {
         name: b"g-outside".to_vec(),
     });
     assert!(matches!(header(&t.svc, 0), ObjectHeader::Live(_)));
+    let df = t.run(FsOp::StatFs { h: ROOT });
     let lock = t.lock(HOLDER, home, LockUnit::Subtree);
     assert!(
         matches!(header(&t.svc, 0), ObjectHeader::LiveRoot(..)),
@@ -179,6 +180,12 @@ fn a_lock_activates_at_the_next_checkpoint_and_masks_its_subtree() {
     );
     assert_ne!(e.base, Digest::default());
     assert!(!t.svc.lock_transition_pending());
+    assert_eq!(
+        e.frozen_counts,
+        (4, 100_000u64.div_ceil(4096)),
+        "home, a, f, b"
+    );
+    assert_eq!(t.run(FsOp::StatFs { h: f }), df, "statfs counts as before");
     for h in [home, a, f] {
         assert_eq!(t.svc.masked_by(h.index), Some(lock));
         assert_eq!(
@@ -456,11 +463,13 @@ fn every_operation_on_a_masked_object_is_refused_without_effect() {
         "refused operations changed objects"
     );
     assert!(matches!(t.state(lock), Some(LockState::Frozen { .. })));
-    // statfs never revokes. (Another holder: the first was revoked a moment ago.)
+    // statfs never revokes, and counts masked objects as at activation. (Another holder:
+    // the first was revoked a moment ago.)
     t.checkpoint(2);
+    let df = t.run(FsOp::StatFs { h: ROOT });
     let lock = t.lock(ClientId(3), home, LockUnit::Directory);
     t.checkpoint(3);
-    assert!(t.run(FsOp::StatFs { h: home }).is_ok());
+    assert_eq!(t.run(FsOp::StatFs { h: home }), df);
     assert!(matches!(t.state(lock), Some(LockState::Active { .. })));
     // A directory lock masks the directory, not its children.
     assert_eq!(t.svc.masked_by(a.index), None);

@@ -329,7 +329,18 @@ impl FileService {
 
     pub(super) fn statfs(&self) -> StatFs {
         let (mut used, mut live) = (0u64, 0u64);
-        for s in &self.slots {
+        // Masked objects count as they were at their lock's activation: their real values are
+        // the lock's, which ordered answers must not depend on.
+        if let Some(t) = self.lock_table() {
+            for e in &t.locks {
+                live += e.frozen_counts.0;
+                used += e.frozen_counts.1;
+            }
+        }
+        for (i, s) in self.slots.iter().enumerate() {
+            if self.masked_by(i as u64).is_some() {
+                continue;
+            }
             if let Some(o) = s.live() {
                 live += 1;
                 if o.kind == FileType::Regular {

@@ -106,6 +106,9 @@ pub struct LockEntry {
     /// D_L(0): the members' real object digests at activation (see
     /// [`FileService::lock_base`]); what a later lock state transfer is verified against.
     pub base: Digest,
+    /// (live objects, used blocks) among the members at activation: what statfs counts for
+    /// them while masked, so that `df` reads no lock-timeline state.
+    pub frozen_counts: (u64, u64),
     /// 0: the home group (M5).
     pub group: u32,
 }
@@ -206,8 +209,16 @@ impl LockTable {
                 return Err("lock membership out of bounds".into());
             }
             let activated = !matches!(e.state, LockState::Pending);
-            if !activated && (e.members != 0 || !e.pool.is_empty() || e.base != Digest::default()) {
+            if !activated
+                && (e.members != 0
+                    || !e.pool.is_empty()
+                    || e.base != Digest::default()
+                    || e.frozen_counts != (0, 0))
+            {
                 return Err("a pending lock with members".into());
+            }
+            if e.frozen_counts.0 > e.members as u64 {
+                return Err("more live objects than members".into());
             }
             if activated && e.members == 0 {
                 return Err("an active lock without members".into());
@@ -468,6 +479,7 @@ impl FileService {
             members: 0,
             pool: Vec::new(),
             base: Digest::default(),
+            frozen_counts: (0, 0),
             group: 0,
         });
         Ok(FsReply::LockPending { lock: id })
@@ -622,6 +634,15 @@ impl FileService {
         if walk.members.len() as u64 + pool_len as u64 > LOCK_OBJECTS_MAX {
             return Ok(Activation::Refused);
         }
+        e.frozen_counts = walk.members.iter().fold((0, 0), |(n, b), &i| {
+            let o = self.live(i);
+            let blocks = if o.kind == FileType::Regular {
+                o.size.div_ceil(super::object::BLOCK_SIZE)
+            } else {
+                0
+            };
+            (n + 1, b + blocks)
+        });
         let pool = self.reserve_pool(pool_len)?;
         let mut all = walk.members;
         for &(start, len) in &pool {
