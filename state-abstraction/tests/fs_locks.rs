@@ -899,13 +899,25 @@ fn state_transfer_of_a_state_with_locks() {
     assert_eq!(all_objects(&a.svc), all_objects(&b.svc));
     // A replica with nothing gets the same ordered state (the locked content itself comes
     // by lock state transfer, M2).
-    let lock2 = a.lock(ClientId(3), home, LockUnit::Directory);
+    let lock2 = a.lock(ClientId(3), home, LockUnit::Subtree);
     let d4 = a.checkpoint(4);
     let mut c = T::open(dc.path());
     c.svc.put_objs(all_objects(&a.svc)).expect("put_objs");
     c.svc.set_object_count(a.svc.object_count()).expect("count");
     assert_eq!(c.digest(), d4);
     assert_eq!(c.svc.masked_by(home.index), Some(lock2));
+    // The rest of its state is usable, and stays in step. (Not so under a directory lock:
+    // the directory's files are ordered objects named only inside it, and stay unplaced
+    // until lock state transfer brings the directory, M2.)
+    c.now = a.now;
+    for t in [&mut a, &mut c] {
+        t.create(ROOT, "after-transfer", b"data");
+        assert_eq!(t.read(f), Err(FsError::Locked));
+    }
+    assert_eq!(c.digest(), a.digest());
+    // But it cannot merge content it does not have: the checkpoint is refused.
+    assert!(a.svc.checkpoint(5).is_ok());
+    assert!(c.svc.checkpoint(5).is_err());
 }
 
 #[test]

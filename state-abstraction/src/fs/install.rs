@@ -285,6 +285,13 @@ impl FileService {
                 },
             };
             for (name, &j) in entries {
+                if locked.contains_key(&j) && !live_new(j, &self.slots) {
+                    // A masked object this replica never had: the ordered state names only
+                    // its placeholder, which no ordered request reads, so the rest of the
+                    // state is usable; its content must come by lock state transfer (M2)
+                    // before the lock can merge (the merge checks it against `base`).
+                    continue;
+                }
                 if j == 0 || j >= new_len || !live_new(j, &self.slots) {
                     inconsistent = true;
                     continue;
