@@ -245,6 +245,8 @@ struct Walk {
     members: BTreeSet<u64>,
     /// Other locks whose masked objects the walk reached.
     overlaps: BTreeSet<LockId>,
+    /// The walk stopped past [`LOCK_OBJECTS_MAX`] objects.
+    too_large: bool,
 }
 
 /// Who runs the current request, for the guarded accessors (docs/zzyzx-plan.md §2.3).
@@ -614,6 +616,10 @@ impl FileService {
             return Ok(Activation::Refused);
         }
         let walk = self.walk(e.unit, e.root.index);
+        if walk.too_large {
+            // Refused before it could revoke anything on the way.
+            return Ok(Activation::Refused);
+        }
         let holder_of = |l: LockId| table.entry(l).map(|x| x.holder);
         if !walk.overlaps.is_empty() {
             if walk
@@ -669,6 +675,7 @@ impl FileService {
         let mut w = Walk {
             members: BTreeSet::new(),
             overlaps: BTreeSet::new(),
+            too_large: false,
         };
         if let Some(&l) = self.masked.get(&root) {
             w.overlaps.insert(l);
@@ -678,33 +685,37 @@ impl FileService {
         if unit != LockUnit::Subtree {
             return w;
         }
+        let live = |i: u64| self.slots.get(i as usize).and_then(Slot::live);
         let mut dirs = vec![root];
         let mut others = BTreeSet::new();
         while let Some(d) = dirs.pop() {
-            for &j in self.live(d).entries.values() {
+            let Some(dir) = live(d) else { continue };
+            for &j in dir.entries.values() {
                 if let Some(&l) = self.masked.get(&j) {
                     w.overlaps.insert(l);
                     continue;
                 }
-                if self.live(j).kind == FileType::Directory {
-                    w.members.insert(j);
-                    dirs.push(j);
-                } else {
-                    others.insert(j);
+                // Entries name live objects in a consistent table; anything else is no member.
+                match live(j) {
+                    // Inserted once: a cycle cannot occur in a consistent table, and is
+                    // never walked twice if it did.
+                    Some(o) if o.kind == FileType::Directory && w.members.insert(j) => {
+                        dirs.push(j);
+                    }
+                    Some(o) if o.kind != FileType::Directory => {
+                        others.insert(j);
+                    }
+                    _ => {}
                 }
             }
-            if w.members.len() as u64 > LOCK_OBJECTS_MAX {
-                // Too large anyway; the caller refuses it.
+            if (w.members.len() + others.len()) as u64 > LOCK_OBJECTS_MAX {
+                // The walk stops here: the lock would be refused anyway.
+                w.too_large = true;
                 return w;
             }
         }
         for j in others {
-            if self
-                .live(j)
-                .links
-                .iter()
-                .all(|(d, _)| w.members.contains(d))
-            {
+            if live(j).is_some_and(|o| o.links.iter().all(|(d, _)| w.members.contains(d))) {
                 w.members.insert(j);
             }
         }
