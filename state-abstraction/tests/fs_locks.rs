@@ -1093,6 +1093,9 @@ mod sequences {
         Release(u8, u8),
         Touch(u8, u8),
         Checkpoint,
+        /// Speculation undone: back to the newest checkpoint and the same requests again
+        /// (on one of the two services only).
+        Rollback,
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -1101,10 +1104,47 @@ mod sequences {
             (0..4u8, 1..3u8).prop_map(|(l, c)| Step::Release(l, c)),
             (0..6u8, 1..3u8).prop_map(|(o, c)| Step::Touch(o, c)),
             Just(Step::Checkpoint),
+            Just(Step::Rollback),
         ]
     }
 
-    fn run(t: &mut T, steps: &[Step]) -> Vec<Digest> {
+    /// One request of a step (no checkpoint, no rollback).
+    fn request(t: &mut T, s: &Step, dirs: &[Handle], files: &[Handle]) {
+        let _ = match *s {
+            Step::Lock(d, subtree, c) => {
+                let unit = if subtree {
+                    LockUnit::Subtree
+                } else {
+                    LockUnit::Directory
+                };
+                t.run_as(
+                    ClientId(c as u64),
+                    FsOp::Lock {
+                        h: dirs[d as usize],
+                        unit,
+                    },
+                )
+            }
+            Step::Release(l, c) => t.run_as(
+                ClientId(c as u64),
+                FsOp::Release {
+                    lock: LockId(l as u64),
+                    cert: None,
+                },
+            ),
+            Step::Touch(o, c) => t.run_as(
+                ClientId(c as u64),
+                FsOp::Write {
+                    h: files[o as usize],
+                    offset: 0,
+                    data: vec![o; 3],
+                },
+            ),
+            Step::Checkpoint | Step::Rollback => unreachable!("not a request"),
+        };
+    }
+
+    fn run(t: &mut T, steps: &[Step], roll_back: bool) -> Vec<Digest> {
         let d0 = t.mkdir(ROOT, "d0");
         let d1 = t.mkdir(d0, "d1");
         let d2 = t.mkdir(ROOT, "d2");
@@ -1120,44 +1160,29 @@ mod sequences {
         ];
         let mut seq = 0;
         let mut digests = Vec::new();
+        let mut since: Vec<Step> = Vec::new();
+        let mut now_at_checkpoint = t.now;
         for s in steps {
-            match *s {
-                Step::Lock(d, subtree, c) => {
-                    let unit = if subtree {
-                        LockUnit::Subtree
-                    } else {
-                        LockUnit::Directory
-                    };
-                    let _ = t.run_as(
-                        ClientId(c as u64),
-                        FsOp::Lock {
-                            h: dirs[d as usize],
-                            unit,
-                        },
-                    );
-                }
-                Step::Release(l, c) => {
-                    let _ = t.run_as(
-                        ClientId(c as u64),
-                        FsOp::Release {
-                            lock: LockId(l as u64),
-                            cert: None,
-                        },
-                    );
-                }
-                Step::Touch(o, c) => {
-                    let _ = t.run_as(
-                        ClientId(c as u64),
-                        FsOp::Write {
-                            h: files[o as usize],
-                            offset: 0,
-                            data: vec![o; 3],
-                        },
-                    );
-                }
+            match s {
                 Step::Checkpoint => {
                     seq += 1;
                     digests.push(t.checkpoint(seq));
+                    since.clear();
+                    now_at_checkpoint = t.now;
+                }
+                Step::Rollback => {
+                    if roll_back && seq > 0 {
+                        t.svc.rollback_to(seq).expect("rollback");
+                        t.svc.check_lock_invariants();
+                        t.now = now_at_checkpoint;
+                        for r in &since {
+                            request(t, r, &dirs, &files);
+                        }
+                    }
+                }
+                r => {
+                    request(t, r, &dirs, &files);
+                    since.push(r.clone());
                 }
             }
         }
@@ -1167,18 +1192,19 @@ mod sequences {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(8))]
+        #![proptest_config(ProptestConfig::with_cases(64))]
         /// Any sequence of lock requests, releases, conflicting writes and checkpoints gives
-        /// the same digests on two services, and keeps `masked` consistent with the table
-        /// (checked at every checkpoint).
+        /// the same digests on two services, one of which also rolls back to its newest
+        /// checkpoint and re-executes now and then; `masked` stays consistent with the table
+        /// (checked at every checkpoint and rollback).
         #[test]
         fn lock_sequences_are_deterministic(steps in proptest::collection::vec(step(), 1..20)) {
             let da = common::shm_dir().unwrap_or_else(temp_dir);
             let db = common::shm_dir().unwrap_or_else(temp_dir);
             let mut a = T::open(da.path());
             let mut b = T::open(db.path());
-            let x = run(&mut a, &steps);
-            let y = run(&mut b, &steps);
+            let x = run(&mut a, &steps, true);
+            let y = run(&mut b, &steps, false);
             prop_assert_eq!(&x, &y);
             prop_assert_eq!(all_objects(&a.svc), all_objects(&b.svc));
         }
