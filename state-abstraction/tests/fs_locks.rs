@@ -115,6 +115,20 @@ impl T {
     fn digest(&mut self) -> Digest {
         self.svc.root_digest().expect("digest")
     }
+
+    /// Stops the service (cleanly, or as a crash would) and opens its directory again.
+    fn reopen(&mut self, crash: bool) {
+        let dir = self.svc.data_dir().to_path_buf();
+        let scratch = temp_dir();
+        let stand_in = FileService::open(scratch.path()).expect("open a stand-in");
+        let old = std::mem::replace(&mut self.svc, stand_in);
+        if crash {
+            old.simulate_crash();
+        } else {
+            drop(old);
+        }
+        self.svc = FileService::open(&dir).expect("reopen");
+    }
 }
 
 fn all_objects(svc: &FileService) -> Vec<(u64, AbstractObject)> {
@@ -1096,6 +1110,9 @@ mod sequences {
         /// Speculation undone: back to the newest checkpoint and the same requests again
         /// (on one of the two services only).
         Rollback,
+        /// A restart (or crash) and the requests since the newest checkpoint again, as the
+        /// replica replays its log (one service only).
+        Reopen(bool),
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -1105,6 +1122,7 @@ mod sequences {
             (0..6u8, 1..3u8).prop_map(|(o, c)| Step::Touch(o, c)),
             Just(Step::Checkpoint),
             Just(Step::Rollback),
+            any::<bool>().prop_map(Step::Reopen),
         ]
     }
 
@@ -1140,7 +1158,9 @@ mod sequences {
                     data: vec![o; 3],
                 },
             ),
-            Step::Checkpoint | Step::Rollback => unreachable!("not a request"),
+            Step::Checkpoint | Step::Rollback | Step::Reopen(_) => {
+                unreachable!("not a request")
+            }
         };
     }
 
@@ -1170,9 +1190,12 @@ mod sequences {
                     since.clear();
                     now_at_checkpoint = t.now;
                 }
-                Step::Rollback => {
+                Step::Rollback | Step::Reopen(_) => {
                     if roll_back && seq > 0 {
-                        t.svc.rollback_to(seq).expect("rollback");
+                        match s {
+                            Step::Reopen(crash) => t.reopen(*crash),
+                            _ => t.svc.rollback_to(seq).expect("rollback"),
+                        }
                         t.svc.check_lock_invariants();
                         t.now = now_at_checkpoint;
                         for r in &since {
@@ -1195,8 +1218,8 @@ mod sequences {
         #![proptest_config(ProptestConfig::with_cases(64))]
         /// Any sequence of lock requests, releases, conflicting writes and checkpoints gives
         /// the same digests on two services, one of which also rolls back to its newest
-        /// checkpoint and re-executes now and then; `masked` stays consistent with the table
-        /// (checked at every checkpoint and rollback).
+        /// checkpoint, or restarts or crashes, and re-executes now and then; `masked` stays
+        /// consistent with the table (checked at every checkpoint, rollback and restart).
         #[test]
         fn lock_sequences_are_deterministic(steps in proptest::collection::vec(step(), 1..20)) {
             let da = common::shm_dir().unwrap_or_else(temp_dir);
