@@ -5,8 +5,8 @@
 //! ordered state:
 //!
 //! - the lock table, in the root's header ([`ObjectHeader::LiveRoot`]), changed only by
-//!   ordered operations ([`FsOp::Lock`], [`FsOp::Release`], [`FsOp::Renew`]) and by
-//!   [`FileService`]'s checkpoint;
+//!   ordered operations ([`super::FsOp::Lock`], [`super::FsOp::Release`],
+//!   [`super::FsOp::Renew`]) and by [`FileService`]'s checkpoint;
 //! - the *masked* objects: while a lock is active, every object of its membership M_L (and
 //!   its pool of reserved slots) reads in the ordered state as the placeholder
 //!   `Locked{lock}`, whatever the lock's own timeline does to it. So ordered checkpoint
@@ -103,8 +103,9 @@ pub struct LockEntry {
     pub members: u32,
     /// Reserved slot ranges (start, length), in index order.
     pub pool: Vec<(u64, u32)>,
-    /// D_L(0): the members' real object digests at activation (see
-    /// [`FileService::lock_base`]); what a later lock state transfer is verified against.
+    /// D_L(0): the members' real object digests at activation, by index, under the lock's id
+    /// and epoch; what a later lock state transfer is verified against, and what the merge
+    /// checks.
     pub base: Digest,
     /// (live objects, used blocks) among the members at activation: what statfs counts for
     /// them while masked, so that `df` reads no lock-timeline state.
