@@ -179,6 +179,7 @@ fn a_lock_activates_at_the_next_checkpoint_and_masks_its_subtree() {
     );
     assert_eq!(t.state(lock), Some(LockState::Pending));
     assert!(t.svc.lock_transition_pending());
+    assert!(Service::checkpoint_work_pending(&t.svc));
     // Pending masks nothing.
     assert!(t.read(f).is_ok());
     t.checkpoint(1);

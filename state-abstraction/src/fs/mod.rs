@@ -894,6 +894,10 @@ impl Service for FileService {
     fn get_piece_at(&self, seq: SeqNo, index: u64, piece: u32) -> Option<Vec<u8>> {
         self.piece_at(seq, index, piece).ok().flatten()
     }
+
+    fn checkpoint_work_pending(&self) -> bool {
+        self.lock_transition_pending()
+    }
 }
 
 /// Number of chunks a file of `size` bytes has (re-exported for tests and benchmarks).
