@@ -1048,12 +1048,14 @@ impl FileService {
                 ))));
             }
         }
-        // Lock transitions happen here and only here (see `locks.rs`), on fresh digests.
-        self.refresh_digests()?;
-        self.lock_transitions(seq)?;
+        // The scrub first: it re-hashes the objects modified since the last checkpoint, which
+        // the refresh forgets, and its damage marks record leaves with real digests.
         let damaged = self.scrub();
         self.refresh_digests()?;
         self.mark_damaged_in_checkpoints(&damaged);
+        // Lock transitions happen here and only here (see `locks.rs`), on fresh digests.
+        self.lock_transitions(seq)?;
+        self.refresh_digests()?;
         let root = self.tree.root();
         if self.ckpt.snapshot_mode {
             let snaps = ensure_dir(self.meta_fd.as_raw_fd(), b"snapshots")?;
