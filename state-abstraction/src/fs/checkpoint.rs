@@ -565,6 +565,8 @@ impl FileService {
             return Err(bad(format!("masked object {i} out of range")));
         }
         for (&i, &lock) in &self.masked {
+            // A lock the root's table lacks is possible here (a restart in the middle of a
+            // state transfer, before the root arrived); the transfer completes it.
             self.tree.set(i, super::locks::placeholder_digest(i, lock));
         }
         self.relink_all();
