@@ -252,6 +252,10 @@ fn op_name(op: &FsOp) -> &'static str {
         FsOp::RemoveXattr { .. } => "removexattr",
         FsOp::Fallocate { .. } => "fallocate",
         FsOp::CopyRange { .. } => "copy_file_range",
+        FsOp::Lock { .. } => "lock",
+        FsOp::Release { .. } => "release",
+        FsOp::Renew { .. } => "renew",
+        FsOp::ListLocks => "listlocks",
     }
 }
 

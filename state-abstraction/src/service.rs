@@ -135,4 +135,12 @@ pub trait Service {
 
     /// State transfer, serving side: one piece of object `index` at checkpoint `seq`.
     fn get_piece_at(&self, seq: SeqNo, index: u64, piece: u32) -> Option<Vec<u8>>;
+
+    /// Whether the next checkpoint has work beyond the digest (for the file service: a lock
+    /// to activate, merge or expire, which happens only inside `checkpoint`). The primary
+    /// may then pad with null batches to reach it sooner (docs/zzyzx-plan.md §4.3). Services
+    /// without such work keep this default.
+    fn checkpoint_work_pending(&self) -> bool {
+        false
+    }
 }

@@ -14,7 +14,8 @@
 
 use super::backend;
 use super::install::Target;
-use super::object::{chunk_count, Header, LiveHeader, Slot, CHUNK_SIZE};
+use super::locks::LockId;
+use super::object::{chunk_count, LiveHeader, ObjectHeader, Slot, CHUNK_SIZE};
 use super::ops::FileType;
 use super::{storage, FileService};
 use crate::digest::{object_digest, piece_digest, Digest, PartitionTree};
@@ -286,6 +287,26 @@ struct TableFileRef<'a> {
     records: Vec<RecordFile>,
 }
 
+/// Version 4: version 3 and the masked slots. `slots` then holds the real values of masked
+/// slots, whose ordered value (the placeholder) follows from `masked`. Written only while
+/// some slot is masked, so a data directory that never had an active lock stays readable by
+/// version-3 binaries.
+#[derive(Serialize, Deserialize)]
+struct TableFileV4 {
+    version: u32,
+    slots: Vec<(Vec<u8>, Vec<Digest>, u64)>,
+    records: Vec<RecordFile>,
+    masked: Vec<(u64, LockId)>,
+}
+
+#[derive(Serialize)]
+struct TableFileV4Ref<'a> {
+    version: u32,
+    slots: Vec<(&'a [u8], &'a [Digest], u64)>,
+    records: Vec<RecordFile>,
+    masked: Vec<(u64, LockId)>,
+}
+
 /// The journal: what the newest checkpoint record gained since the table was saved, appended
 /// before the change it protects, so that a crashed replica can still roll back exactly.
 /// Each entry is fsync'ed before the change it protects is made (see `journal_saved`), so it
@@ -311,6 +332,8 @@ pub(super) struct RecordFile {
 /// 3: the newest agreed time moved from the table into the root's header. Version 2 is
 /// upgraded on open (see `upgrade_v2.rs`).
 pub(super) const TABLE_VERSION: u32 = 3;
+/// See [`TableFileV4`].
+const TABLE_VERSION_LOCKS: u32 = 4;
 
 /// The format version of a table file: its first field, which every version starts with.
 fn table_version(bytes: &[u8]) -> Option<u32> {
@@ -374,13 +397,23 @@ impl FileService {
                 saved: r.saved.iter().map(|(k, v)| (*k, v.clone())).collect(),
             })
             .collect();
-        let file = TableFileRef {
-            version: TABLE_VERSION,
-            slots,
-            records,
-        };
-        let bytes = bincode::serde::encode_to_vec(&file, table_config())
-            .map_err(|e| storage(io::Error::other(format!("encoding the table: {e}"))))?;
+        let bytes = if self.masked.is_empty() {
+            let file = TableFileRef {
+                version: TABLE_VERSION,
+                slots,
+                records,
+            };
+            bincode::serde::encode_to_vec(&file, table_config())
+        } else {
+            let file = TableFileV4Ref {
+                version: TABLE_VERSION_LOCKS,
+                slots,
+                records,
+                masked: self.masked.iter().map(|(i, l)| (*i, *l)).collect(),
+            };
+            bincode::serde::encode_to_vec(&file, table_config())
+        }
+        .map_err(|e| storage(io::Error::other(format!("encoding the table: {e}"))))?;
         backend::syncfs(self.root_fd.as_raw_fd()).map_err(storage)?;
         self.replace_table(&bytes)?;
         let meta = self.meta_fd.as_raw_fd();
@@ -465,13 +498,26 @@ impl FileService {
         let upgraded = version == Some(2);
         match version {
             Some(2) => bytes = self.upgrade_from_v2(&bytes)?,
-            Some(TABLE_VERSION) => self.remove_v2_leftovers()?,
+            Some(TABLE_VERSION | TABLE_VERSION_LOCKS) => self.remove_v2_leftovers()?,
             // Refused below, with the version named.
             _ => {}
         }
-        let (file, _): (TableFile, usize) =
-            bincode::serde::decode_from_slice(&bytes, table_config())
-                .map_err(|e| bad(e.to_string()))?;
+        let (file, masked) = if version == Some(TABLE_VERSION_LOCKS) {
+            let (f, _): (TableFileV4, usize) =
+                bincode::serde::decode_from_slice(&bytes, table_config())
+                    .map_err(|e| bad(e.to_string()))?;
+            let file = TableFile {
+                version: TABLE_VERSION,
+                slots: f.slots,
+                records: f.records,
+            };
+            (file, f.masked)
+        } else {
+            let (file, _): (TableFile, usize) =
+                bincode::serde::decode_from_slice(&bytes, table_config())
+                    .map_err(|e| bad(e.to_string()))?;
+            (file, Vec::new())
+        };
         if file.version != TABLE_VERSION {
             return Err(bad(format!("version {} not supported", file.version)));
         }
@@ -479,19 +525,27 @@ impl FileService {
         self.free.clear();
         self.tree = PartitionTree::new();
         self.encoded.clear();
+        self.masked = masked.into_iter().collect();
         for (i, (hb, pieces, ino)) in file.slots.into_iter().enumerate() {
             let i = i as u64;
-            let header: Header = super::ops::decode(&hb)
+            let header: ObjectHeader = super::ops::decode(&hb)
                 .ok_or_else(|| bad(format!("object {i} does not decode")))?;
             match header {
-                Header::Free { generation, .. } => {
+                ObjectHeader::Free { generation, .. } => {
                     self.slots.push(Slot::Free { generation });
-                    self.free.insert(i);
+                    if !self.masked.contains_key(&i) {
+                        self.free.insert(i);
+                    }
                     self.tree
                         .set(i, object_digest(i, &[piece_digest(i, 0, &hb)]));
                 }
-                Header::Live(l) => {
-                    let mut o = l.into_obj();
+                ObjectHeader::Locked { .. } => {
+                    return Err(bad(format!("object {i}: a placeholder for a real value")));
+                }
+                header @ (ObjectHeader::Live(_) | ObjectHeader::LiveRoot(..)) => {
+                    let Some(mut o) = header.into_obj() else {
+                        unreachable!("a live header makes an object")
+                    };
                     if pieces.len() != 1 + o.chunks() as usize {
                         return Err(bad(format!("object {i} has the wrong number of pieces")));
                     }
@@ -506,6 +560,14 @@ impl FileService {
                 }
             }
             self.encoded.push(hb);
+        }
+        if let Some((&i, _)) = self.masked.range(self.slots.len() as u64..).next() {
+            return Err(bad(format!("masked object {i} out of range")));
+        }
+        for (&i, &lock) in &self.masked {
+            // A lock the root's table lacks is possible here (a restart in the middle of a
+            // state transfer, before the root arrived); the transfer completes it.
+            self.tree.set(i, super::locks::placeholder_digest(i, lock));
         }
         self.relink_all();
         for r in file.records {
@@ -834,23 +896,35 @@ impl FileService {
                     newest.saved.iter().map(|(k, v)| (*k, v.clone())).collect();
                 let count = newest.count;
                 for (i, s) in saved {
-                    let h: Header = super::ops::decode(&s.header)
+                    let h: ObjectHeader = super::ops::decode(&s.header)
                         .ok_or_else(|| storage(io::Error::other("saved header")))?;
                     let slot = match h {
-                        Header::Free { generation, .. } => Slot::Free { generation },
-                        Header::Live(l) => {
-                            let mut o = l.into_obj();
+                        ObjectHeader::Locked { lock } => {
+                            // Masked at the checkpoint: the real value stays as the table has
+                            // it (lock-timeline state), and the slot is masked again.
+                            self.masked.insert(i, lock);
+                            continue;
+                        }
+                        ObjectHeader::Free { generation, .. } => Slot::Free { generation },
+                        h => {
+                            let Some(mut o) = h.into_obj() else {
+                                unreachable!("a live header makes an object")
+                            };
                             o.pieces = s.pieces.clone();
                             Slot::Live(Box::new(o))
                         }
                     };
+                    self.masked.remove(&i);
                     self.slots[i as usize] = slot;
                     self.encoded[i as usize] = s.header.clone();
                 }
                 self.slots.truncate(count as usize);
                 self.encoded.truncate(count as usize);
+                self.masked.retain(|&i, _| i < count);
                 self.free = (0..count)
-                    .filter(|&i| self.slots[i as usize].live().is_none())
+                    .filter(|&i| {
+                        self.slots[i as usize].live().is_none() && !self.masked.contains_key(&i)
+                    })
                     .collect();
                 if let Some(r) = self.ckpt.records.last_mut() {
                     r.saved.clear();
@@ -976,9 +1050,14 @@ impl FileService {
                 ))));
             }
         }
+        // The scrub first: it re-hashes the objects modified since the last checkpoint, which
+        // the refresh forgets, and its damage marks record leaves with real digests.
         let damaged = self.scrub();
         self.refresh_digests()?;
         self.mark_damaged_in_checkpoints(&damaged);
+        // Lock transitions happen here and only here (see `locks.rs`), on fresh digests.
+        self.lock_transitions(seq)?;
+        self.refresh_digests()?;
         let root = self.tree.root();
         if self.ckpt.snapshot_mode {
             let snaps = ensure_dir(self.meta_fd.as_raw_fd(), b"snapshots")?;
@@ -1028,19 +1107,36 @@ impl FileService {
             .modified_since(seq, self.slots.len() as u64)
             .ok_or(ServiceError::NoCheckpoint(seq))?;
         let mut items = BTreeMap::new();
+        let mut remask = BTreeMap::new();
         for i in modified {
             if i < count {
                 let t = self
                     .target_at(seq, i)?
                     .ok_or(ServiceError::NoCheckpoint(seq))?;
+                if let ObjectHeader::Locked { lock } = t.header {
+                    // Masked at `seq`: the ordered value is the placeholder, and the real
+                    // value to put back is the lock's content, which (no lock log in M1) is
+                    // what the slot held when the lock merged.
+                    remask.insert(i, lock);
+                    if let Some(real) = self.real_value_after(seq, i)? {
+                        items.insert(i, Some(real));
+                    }
+                    continue;
+                }
                 items.insert(i, Some(t));
             } else if i < self.slots.len() as u64 {
                 items.insert(i, None);
             }
         }
         self.install(items, false)?;
+        for (i, lock) in remask {
+            self.masked.insert(i, lock);
+            self.free.remove(&i);
+            self.dirty.insert(i);
+        }
         self.slots.truncate(count as usize);
         self.encoded.truncate(count as usize);
+        self.masked.retain(|&i, _| i < count);
         self.free.retain(|&i| i < count);
         self.dirty.retain(|&i| i < count);
         let dropped: Vec<SeqNo> = self.ckpt.records.drain(pos + 1..).map(|r| r.seq).collect();
@@ -1060,8 +1156,42 @@ impl FileService {
         self.save_table()
     }
 
+    /// The real value of slot `i`, masked at checkpoint `seq` and unmasked since: its first
+    /// unmasked value at a later checkpoint (the merge's), or `None` if it has been masked
+    /// ever since (its current real value is then the one). A masked slot's real value
+    /// does not change while masked (M1), and a merge happens only at a checkpoint, so the
+    /// first later unmasked value is the value it had while masked.
+    fn real_value_after(&self, seq: SeqNo, i: u64) -> Result<Option<Target>, ServiceError> {
+        let Some((p, _)) = self.ckpt.saved_from(seq, i) else {
+            return Ok(None);
+        };
+        let later: Vec<SeqNo> = self.ckpt.records[p + 1..].iter().map(|r| r.seq).collect();
+        for r in later {
+            match self.target_at(r, i)? {
+                Some(t) if !matches!(t.header, ObjectHeader::Locked { .. }) => return Ok(Some(t)),
+                _ => {}
+            }
+        }
+        Ok(None)
+    }
+
+    /// The header of object `i` at checkpoint `seq` for finding names in a snapshot: the
+    /// real header where the ordered one is a placeholder (a file outside a lock can sit in
+    /// a masked directory, and the snapshot holds real names).
+    fn path_header_at(&self, seq: SeqNo, i: u64) -> Result<Option<ObjectHeader>, ServiceError> {
+        match self.header_at(seq, i)? {
+            Some(ObjectHeader::Locked { .. }) => {
+                if let Some(t) = self.real_value_after(seq, i)? {
+                    return Ok(Some(t.header));
+                }
+                Ok(self.masked.contains_key(&i).then(|| self.real_header_of(i)))
+            }
+            other => Ok(other),
+        }
+    }
+
     /// The header of object `i` at checkpoint `seq`.
-    fn header_at(&self, seq: SeqNo, i: u64) -> Result<Option<Header>, ServiceError> {
+    fn header_at(&self, seq: SeqNo, i: u64) -> Result<Option<ObjectHeader>, ServiceError> {
         let rec = self
             .ckpt
             .record(seq)
@@ -1086,6 +1216,10 @@ impl FileService {
         if let Some((_, s)) = self.ckpt.saved_from(seq, i) {
             return Some(s.pieces.clone());
         }
+        if let Some(&lock) = self.masked.get(&i) {
+            let bytes = ObjectHeader::Locked { lock }.encode();
+            return Some(vec![piece_digest(i, 0, &bytes)]);
+        }
         match self.slots.get(i as usize)? {
             Slot::Live(o) if o.dirty_chunks.is_empty() && !self.dirty.contains(&i) => {
                 Some(o.pieces.clone())
@@ -1108,7 +1242,7 @@ impl FileService {
         if piece == 0 {
             return Ok(Some(header.encode()));
         }
-        let Header::Live(l) = &header else {
+        let Some(l) = header.live() else {
             return Ok(None);
         };
         let chunk = piece as u64 - 1;
@@ -1180,10 +1314,16 @@ impl FileService {
         let mut names = Vec::new();
         let mut cur = i;
         while cur != 0 {
-            let Some(Header::Live(h)) = self.header_at(seq, cur)? else {
+            let Some(hh) = self.path_header_at(seq, cur)? else {
                 return Err(broken());
             };
-            let Some(Header::Live(p)) = self.header_at(seq, h.parent)? else {
+            let Some(h) = hh.live() else {
+                return Err(broken());
+            };
+            let Some(ph) = self.path_header_at(seq, h.parent)? else {
+                return Err(broken());
+            };
+            let Some(p) = ph.live() else {
                 return Err(broken());
             };
             let name = p
@@ -1219,11 +1359,11 @@ impl FileService {
             return Ok(None);
         };
         let mut chunks = Vec::new();
-        if let Header::Live(LiveHeader {
+        if let Some(LiveHeader {
             kind: FileType::Regular,
             size,
             ..
-        }) = &header
+        }) = header.live()
         {
             for c in 0..chunk_count(*size) {
                 match self.piece_at(seq, i, c as u32 + 1)? {

@@ -22,8 +22,8 @@ const S_ISUID: u32 = 0o4000;
 const S_ISGID: u32 = 0o2000;
 const S_ISVTX: u32 = 0o1000;
 const R: u32 = 4;
-const W: u32 = 2;
-const X: u32 = 1;
+pub(super) const W: u32 = 2;
+pub(super) const X: u32 = 1;
 
 fn io_err(e: io::Error) -> FsError {
     tracing::warn!(error = %e, "file service: backend failure");
@@ -262,7 +262,12 @@ impl FileService {
                 plus,
             } => self.readdir(c, *dir, *cookie, *count, *plus),
             FsOp::StatFs { h } => {
-                self.obj(*h)?;
+                // Asked on a locked object (the mount's root may be one), statfs answers
+                // without the generation check, which would read lock-timeline state, so
+                // `df` never revokes a lock.
+                if self.masked_by(h.index).is_none() {
+                    self.obj(*h)?;
+                }
                 Ok(FsReply::StatFs(self.statfs()))
             }
             FsOp::Commit { h } => {
@@ -316,12 +321,26 @@ impl FileService {
                 dst_offset,
                 length,
             } => self.copy_range(c, *src, *src_offset, *dst, *dst_offset, *length, now),
+            FsOp::Lock { .. } | FsOp::Release { .. } | FsOp::Renew { .. } | FsOp::ListLocks => {
+                self.exec_lock(c, &req.op)
+            }
         }
     }
 
     pub(super) fn statfs(&self) -> StatFs {
         let (mut used, mut live) = (0u64, 0u64);
-        for s in &self.slots {
+        // Masked objects count as they were at their lock's activation: their real values are
+        // the lock's, which ordered answers must not depend on.
+        if let Some(t) = self.lock_table() {
+            for e in &t.locks {
+                live += e.frozen_counts.0;
+                used += e.frozen_counts.1;
+            }
+        }
+        for (i, s) in self.slots.iter().enumerate() {
+            if self.masked_by(i as u64).is_some() {
+                continue;
+            }
             if let Some(o) = s.live() {
                 live += 1;
                 if o.kind == FileType::Regular {
@@ -377,6 +396,7 @@ impl FileService {
         } else {
             *d.entries.get(name).ok_or(FsError::NoEnt)?
         };
+        self.guard(i)?;
         Ok(FsReply::Entry {
             handle: self.handle_of(i),
             attr: self.live(i).attr(i),
@@ -453,6 +473,7 @@ impl FileService {
             // Looked up when the table is next saved, off the request path.
             ino: 0,
             agreed_time: 0,
+            locks: None,
         };
         self.touch(dir.index)?;
         let i = self.alloc(obj)?;
@@ -480,6 +501,7 @@ impl FileService {
     ) -> FsResult {
         let d = self.searchable_dir(c, dir, name)?;
         if let Some(&i) = d.entries.get(name) {
+            self.guard(i)?;
             let o = self.live(i);
             let ok = match how {
                 CreateHow::Guarded => false,
@@ -879,6 +901,7 @@ impl FileService {
         if !may(d, c, W) {
             return Err(FsError::Access);
         }
+        self.guard(i)?;
         let o = self.live(i);
         if !sticky_ok(d, o, c) {
             return Err(FsError::Perm);
@@ -953,6 +976,10 @@ impl FileService {
         if no_replace && target.is_some() {
             return Err(FsError::Exist);
         }
+        self.guard(src)?;
+        if let Some(t) = target {
+            self.guard(t)?;
+        }
         let s = self.live(src);
         let src_is_dir = s.kind == FileType::Directory;
         if src_is_dir {
@@ -966,6 +993,7 @@ impl FileService {
                 if cur == 0 {
                     break;
                 }
+                self.guard(cur)?;
                 cur = self.live(cur).parent;
                 steps += 1;
                 if steps > self.slots.len() {
@@ -1099,6 +1127,9 @@ impl FileService {
         }
         let total = d.entries.len() as u64;
         let skip = cookie.min(total);
+        for &i in d.entries.values().skip(skip as usize).take(count as usize) {
+            self.guard(i)?;
+        }
         let entries: Vec<DirEntry> = d
             .entries
             .iter()

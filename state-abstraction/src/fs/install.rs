@@ -13,7 +13,8 @@
 //! their names; delete what is left in `stage/`.
 
 use super::backend;
-use super::object::{chunk_count, Header, Obj, Slot, CHUNK_SIZE};
+use super::locks::LockId;
+use super::object::{chunk_count, Obj, ObjectHeader, Slot, CHUNK_SIZE};
 use super::ops::{FileType, FsError};
 use super::{storage, FileService};
 use crate::digest::{piece_digest, Digest};
@@ -24,7 +25,7 @@ use std::os::fd::AsRawFd;
 
 /// A decoded abstract value to install.
 pub(super) struct Target {
-    pub header: Header,
+    pub header: ObjectHeader,
     pub chunks: Vec<Vec<u8>>,
 }
 
@@ -72,10 +73,21 @@ impl FileService {
                 why: why.to_string(),
             };
             let first = o.pieces.first().ok_or_else(|| bad("no header piece"))?;
-            let header = Header::decode_canonical(first).map_err(|why| bad(&why))?;
+            let header = ObjectHeader::decode_canonical(first).map_err(|why| bad(&why))?;
             let chunks: Vec<Vec<u8>> = o.pieces[1..].to_vec();
             match &header {
-                Header::Free { .. } => {
+                ObjectHeader::LiveRoot(..) if i != 0 => {
+                    return Err(bad("a lock table outside the root"));
+                }
+                ObjectHeader::Locked { .. } => {
+                    if i == 0 {
+                        return Err(bad("the root cannot be locked"));
+                    }
+                    if !chunks.is_empty() {
+                        return Err(bad("data on a lock placeholder"));
+                    }
+                }
+                ObjectHeader::Free { .. } => {
                     if i == 0 {
                         return Err(bad("the root cannot be free"));
                     }
@@ -83,7 +95,7 @@ impl FileService {
                         return Err(bad("data on a free slot"));
                     }
                 }
-                Header::Live(l) => {
+                ObjectHeader::Live(l) | ObjectHeader::LiveRoot(l, _) => {
                     if i == 0 && l.kind != FileType::Directory {
                         return Err(bad("the root must be a directory"));
                     }
@@ -124,7 +136,7 @@ impl FileService {
                     (
                         i,
                         Some(Target {
-                            header: Header::Free {
+                            header: ObjectHeader::Free {
                                 generation: 0,
                                 next_free: None,
                             },
@@ -140,6 +152,7 @@ impl FileService {
             self.slots.truncate(count as usize);
             self.encoded.truncate(count as usize);
             self.free.retain(|&i| i < count);
+            self.masked.retain(|&i, _| i < count);
             self.dirty.retain(|&i| i < count);
             self.orphans.retain(|&i| i < count);
             self.tree.truncate(count);
@@ -153,13 +166,31 @@ impl FileService {
 
     /// Installs `items` (`None`: the slot is to disappear, only used by rollback before it
     /// truncates the table). With `cow`, old values are saved for the newest checkpoint first.
+    ///
+    /// A lock placeholder (`Locked`) masks its slot and leaves the slot's real value and node
+    /// alone: that is lock-timeline state, which the ordered state does not describe (the
+    /// rollback of a merge re-masks the same content; for a state transfer, content this
+    /// replica never had must come from lock state transfer, M2). Any other value unmasks.
     pub(super) fn install(
         &mut self,
-        items: BTreeMap<u64, Option<Target>>,
+        mut items: BTreeMap<u64, Option<Target>>,
         cow: bool,
     ) -> Result<(), ServiceError> {
         if items.is_empty() {
             return Ok(());
+        }
+        let locked: BTreeMap<u64, LockId> = items
+            .iter()
+            .filter_map(|(&i, t)| match t {
+                Some(Target {
+                    header: ObjectHeader::Locked { lock },
+                    ..
+                }) => Some((i, *lock)),
+                _ => None,
+            })
+            .collect();
+        for i in locked.keys() {
+            items.remove(i);
         }
         self.fds.get_mut().trim();
         self.mark_unsaved().map_err(fs_err)?;
@@ -170,13 +201,14 @@ impl FileService {
             .map(|(i, _)| i + 1)
             .max()
             .unwrap_or(0)
-            .max(old_len);
+            .max(old_len)
+            .max(locked.keys().next_back().map_or(0, |i| i + 1));
 
         let mut new_free = self.free.clone();
         for (&i, t) in &items {
             match t {
                 Some(Target {
-                    header: Header::Free { .. },
+                    header: ObjectHeader::Free { .. },
                     ..
                 }) if i < new_len => {
                     new_free.insert(i);
@@ -190,6 +222,9 @@ impl FileService {
             if !items.contains_key(&i) {
                 new_free.insert(i);
             }
+        }
+        for i in locked.keys() {
+            new_free.remove(i);
         }
 
         if cow {
@@ -206,12 +241,12 @@ impl FileService {
             for i in neighbours {
                 self.touch(i).map_err(fs_err)?;
             }
-            for &i in items.keys() {
+            for &i in items.keys().chain(locked.keys()) {
                 if i >= old_len {
                     continue;
                 }
-                let is_file =
-                    matches!(&self.slots[i as usize], Slot::Live(o) if o.kind == FileType::Regular);
+                let is_file = !self.masked.contains_key(&i)
+                    && matches!(&self.slots[i as usize], Slot::Live(o) if o.kind == FileType::Regular);
                 if is_file {
                     self.touch_data(i, 0, u64::MAX).map_err(fs_err)?;
                 } else {
@@ -219,25 +254,22 @@ impl FileService {
                 }
             }
         }
+        // Old values are saved: what is installed now is the object itself.
+        for i in items.keys() {
+            self.masked.remove(i);
+        }
 
         // The new objects, and every object's new names.
         let mut new_objs: BTreeMap<u64, Obj> = BTreeMap::new();
         for (&i, t) in &items {
-            if let Some(Target {
-                header: Header::Live(l),
-                ..
-            }) = t
-            {
-                new_objs.insert(i, l.clone().into_obj());
+            if let Some(o) = t.as_ref().and_then(|t| t.header.clone().into_obj()) {
+                new_objs.insert(i, o);
             }
         }
         let live_new = |j: u64, slots: &Vec<Slot>| -> bool {
             match items.get(&j) {
-                Some(Some(Target {
-                    header: Header::Live(_),
-                    ..
-                })) => true,
-                Some(_) => false,
+                Some(Some(t)) => t.header.live().is_some(),
+                Some(None) => false,
                 None => (j as usize) < slots.len() && slots[j as usize].live().is_some(),
             }
         };
@@ -253,6 +285,13 @@ impl FileService {
                 },
             };
             for (name, &j) in entries {
+                if locked.contains_key(&j) && !live_new(j, &self.slots) {
+                    // A masked object this replica never had: the ordered state names only
+                    // its placeholder, which no ordered request reads, so the rest of the
+                    // state is usable; its content must come by lock state transfer (M2)
+                    // before the lock can merge (the merge checks it against `base`).
+                    continue;
+                }
                 if j == 0 || j >= new_len || !live_new(j, &self.slots) {
                     inconsistent = true;
                     continue;
@@ -390,30 +429,28 @@ impl FileService {
             if i >= new_len {
                 continue;
             }
-            if !matches!(
-                t,
-                Some(Target {
-                    header: Header::Live(_),
-                    ..
-                })
-            ) {
+            if t.as_ref().is_none_or(|t| t.header.live().is_none()) {
                 self.fds.get_mut().forget(i);
             }
             self.slots[i as usize] = match t {
                 None => Slot::Free { generation: 0 },
                 Some(Target {
-                    header: Header::Free { generation, .. },
+                    header: ObjectHeader::Free { generation, .. },
                     ..
                 }) => Slot::Free {
                     generation: *generation,
                 },
                 Some(Target {
-                    header: Header::Live(_),
+                    header: ObjectHeader::Live(_) | ObjectHeader::LiveRoot(..),
                     ..
                 }) => match new_objs.remove(&i) {
                     Some(o) => Slot::Live(Box::new(o)),
                     None => Slot::Free { generation: 0 },
                 },
+                Some(Target {
+                    header: ObjectHeader::Locked { .. },
+                    ..
+                }) => unreachable!("placeholders were taken out of the items"),
             };
             self.dirty.insert(i);
         }
@@ -426,10 +463,9 @@ impl FileService {
 
         // Create or rewrite the installed objects' nodes in the stage.
         for (&i, t) in &items {
-            let Some(Target {
-                header: Header::Live(l),
-                chunks,
-            }) = t
+            let Some((l, chunks)) = t
+                .as_ref()
+                .and_then(|t| t.header.live().map(|l| (l, &t.chunks)))
             else {
                 continue;
             };
@@ -484,15 +520,7 @@ impl FileService {
         to_attach.extend(
             items
                 .iter()
-                .filter(|(_, t)| {
-                    matches!(
-                        t,
-                        Some(Target {
-                            header: Header::Live(_),
-                            ..
-                        })
-                    )
-                })
+                .filter(|(_, t)| t.as_ref().is_some_and(|t| t.header.live().is_some()))
                 .map(|(i, _)| *i),
         );
         to_attach.remove(&0);
@@ -558,6 +586,12 @@ impl FileService {
         }
         backend::remove_tree_at(meta, b"stage").map_err(storage)?;
 
+        // Masked last: the slots exist now (a state transfer may have grown the table).
+        for (&i, &lock) in &locked {
+            self.masked.insert(i, lock);
+            self.free.remove(&i);
+            self.dirty.insert(i);
+        }
         self.orphans.retain(|&j| {
             (j as usize) < self.slots.len()
                 && self.slots[j as usize]

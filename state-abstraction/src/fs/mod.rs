@@ -40,6 +40,7 @@ pub mod backend;
 mod checkpoint;
 mod exec;
 mod install;
+pub mod locks;
 pub mod object;
 pub mod ops;
 mod scrub;
@@ -50,8 +51,9 @@ pub use ops::*;
 use crate::digest::{object_digest, piece_digest, Digest, PartitionTree};
 use crate::service::{AbstractObject, ClientId, RequestPolicy, SeqNo, Service, ServiceError};
 use checkpoint::Checkpoints;
-use object::{chunk_count, Header, Obj, Slot, CHUNK_SIZE};
-use std::cell::RefCell;
+use locks::{LockId, Scope};
+use object::{chunk_count, Obj, ObjectHeader, Slot, CHUNK_SIZE};
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -157,6 +159,15 @@ pub struct FileService {
     corruptions_found: u64,
     /// Identity mapping per client (absent: [`Squash::None`]); configuration, not state.
     squash: BTreeMap<ClientId, Squash>,
+    /// Slots masked by an active (or frozen, not yet merged) lock: their ordered value is
+    /// the placeholder `Locked{lock}`, while `slots` keeps their real value. Derived from
+    /// the ordered state (the placeholders), so rollback, state transfer and reloads rebuild
+    /// it from headers; see `locks.rs`.
+    masked: BTreeMap<u64, LockId>,
+    /// Who runs the current request (guarded accessors).
+    scope: Scope,
+    /// The first lock a guard refused during the current request.
+    lock_hit: Cell<Option<LockId>>,
 }
 
 impl std::fmt::Debug for FileService {
@@ -241,6 +252,9 @@ impl FileService {
             encoded: Vec::new(),
             scrub_next: 0,
             corruptions_found: 0,
+            masked: BTreeMap::new(),
+            scope: Scope::Outside,
+            lock_hit: Cell::new(None),
         };
         if fresh {
             svc.init_root();
@@ -272,12 +286,31 @@ impl FileService {
     /// Runs one request with the agreed time `now_ns`: the direct, unreplicated entry point.
     /// Same semantics as [`Service::execute`] with `ops::encode(req)` and `encode(&now_ns)`.
     pub fn apply(&mut self, req: &FsRequest, now_ns: u64) -> FsResult {
-        self.apply_inner(req, now_ns, true)
+        self.apply_inner(req, ClientId(0), now_ns, true)
+    }
+
+    /// [`Self::apply`] on behalf of `client` (lock holders are clients, not users).
+    pub fn apply_as(&mut self, client: ClientId, req: &FsRequest, now_ns: u64) -> FsResult {
+        self.apply_inner(req, client, now_ns, true)
+    }
+
+    /// A read-only request on the unordered path, as [`Service::execute`] runs it.
+    pub fn apply_read_only(&mut self, req: &FsRequest, now_ns: u64) -> FsResult {
+        if !req.op.is_read_only() {
+            return Err(FsError::BadRequest);
+        }
+        self.apply_inner(req, ClientId(0), now_ns, false)
     }
 
     /// `ordered`: the time is an agreed value and becomes the newest agreed time. Read-only
     /// requests run unordered with each replica's own notion of time, so they must not move it.
-    fn apply_inner(&mut self, req: &FsRequest, now_ns: u64, ordered: bool) -> FsResult {
+    fn apply_inner(
+        &mut self,
+        req: &FsRequest,
+        client: ClientId,
+        now_ns: u64,
+        ordered: bool,
+    ) -> FsResult {
         if self.inconsistent {
             // Only reachable in the middle of a state transfer.
             return Err(FsError::Io);
@@ -297,7 +330,28 @@ impl FileService {
             self.touch(0)?;
             self.live_mut(0).agreed_time = now_ns;
         }
-        self.exec(req, Timespec::from_nanos(now_ns))
+        self.scope = if ordered {
+            Scope::Ordered { client, now_ns }
+        } else {
+            Scope::ReadOnly
+        };
+        self.lock_hit.set(None);
+        let result = self.exec(req, Timespec::from_nanos(now_ns));
+        self.scope = Scope::Outside;
+        if let Some(lock) = self.lock_hit.take() {
+            // A guard's refusal must reach the reply: an operation that went on after one
+            // could have acted on what it did not read.
+            assert_eq!(
+                result,
+                Err(FsError::Locked),
+                "{:?} passed a refused guard",
+                req.op
+            );
+            if ordered {
+                self.freeze_on_conflict(lock, client, now_ns)?;
+            }
+        }
+        result
     }
 
     /// The newest agreed time (ns since the epoch), kept in the root object (see
@@ -330,8 +384,10 @@ impl FileService {
 
     // ----- table helpers -----
 
-    /// The live object a handle names, or `Stale`.
+    /// The live object a handle names, or `Stale` (`Locked` if it is masked: its generation
+    /// is lock-timeline state).
     fn obj(&self, h: Handle) -> Result<&Obj, FsError> {
+        self.guard(h.index)?;
         match self.slots.get(h.index as usize) {
             Some(Slot::Live(o)) if o.generation == h.generation => Ok(o),
             _ => Err(FsError::Stale),
@@ -340,6 +396,7 @@ impl FileService {
 
     /// A live object by index. Only called on indices the table itself references.
     fn live(&self, i: u64) -> &Obj {
+        self.assert_unmasked(i);
         match self.slots.get(i as usize) {
             Some(Slot::Live(o)) => o,
             _ => panic!("table invariant broken: object {i} referenced but not live"),
@@ -354,6 +411,7 @@ impl FileService {
     }
 
     fn handle_of(&self, i: u64) -> Handle {
+        self.assert_unmasked(i);
         Handle {
             index: i,
             generation: self.slots[i as usize].generation(),
@@ -363,10 +421,13 @@ impl FileService {
     /// Called before object `i` changes: saves its checkpoint value once and marks its
     /// digest stale.
     fn touch(&mut self, i: u64) -> Result<(), FsError> {
+        self.assert_unmasked(i);
         self.mark_unsaved()?;
         if self.ckpt.needs_save(i) {
             let (header, pieces) = self.header_and_pieces(i);
             let size = match &self.slots[i as usize] {
+                // A placeholder has no data to save.
+                _ if self.masked.contains_key(&i) => 0,
                 Slot::Live(o) if o.kind == FileType::Regular => o.size,
                 _ => 0,
             };
@@ -408,9 +469,14 @@ impl FileService {
     /// The encoded header and the (clean, since the object is unchanged since the checkpoint)
     /// piece digests of object `i`.
     fn header_and_pieces(&self, i: u64) -> (Vec<u8>, Vec<Digest>) {
+        if let Some(&lock) = self.masked.get(&i) {
+            let bytes = ObjectHeader::Locked { lock }.encode();
+            let d = piece_digest(i, 0, &bytes);
+            return (bytes, vec![d]);
+        }
         match &self.slots[i as usize] {
             Slot::Free { generation } => {
-                let bytes = Header::Free {
+                let bytes = ObjectHeader::Free {
                     generation: *generation,
                     next_free: self.next_free(i),
                 }
@@ -426,11 +492,25 @@ impl FileService {
         self.free.range(i + 1..).next().copied()
     }
 
-    fn header_of(&self, i: u64) -> Header {
+    /// Object `i`'s header as the ordered state sees it (a placeholder if masked).
+    fn header_of(&self, i: u64) -> ObjectHeader {
+        match self.masked.get(&i) {
+            Some(&lock) => ObjectHeader::Locked { lock },
+            None => self.real_header_of(i),
+        }
+    }
+
+    /// Object `i`'s own header, masked or not. A masked free slot (a lock's pool slot) is
+    /// outside the ordered free list, so it has no successor.
+    fn real_header_of(&self, i: u64) -> ObjectHeader {
         match &self.slots[i as usize] {
-            Slot::Free { generation } => Header::Free {
+            Slot::Free { generation } => ObjectHeader::Free {
                 generation: *generation,
-                next_free: self.next_free(i),
+                next_free: if self.masked.contains_key(&i) {
+                    None
+                } else {
+                    self.next_free(i)
+                },
             },
             Slot::Live(o) => o.header(),
         }
@@ -583,8 +663,11 @@ impl FileService {
         Ok(())
     }
 
+    /// Recomputes object `i`'s real piece digests; the ordered tree gets the real object
+    /// digest, or the placeholder's if the slot is masked. `encoded` holds real headers (the
+    /// saved table is the concrete state).
     fn refresh_object(&mut self, i: u64, buf: &mut Vec<u8>) -> io::Result<()> {
-        let header = self.header_of(i).encode();
+        let header = self.real_header_of(i).encode();
         let h0 = piece_digest(i, 0, &header);
         let d = match &self.slots[i as usize] {
             Slot::Free { .. } => object_digest(i, &[h0]),
@@ -633,6 +716,10 @@ impl FileService {
                 d
             }
         };
+        let d = match self.masked.get(&i) {
+            Some(&lock) => locks::placeholder_digest(i, lock),
+            None => d,
+        };
         self.tree.set(i, d);
         self.encoded[i as usize] = header;
         Ok(())
@@ -658,6 +745,9 @@ impl FileService {
             .get(i as usize)
             .ok_or(ServiceError::BadIndex(i))?;
         let mut pieces = vec![self.header_of(i).encode()];
+        if self.masked.contains_key(&i) {
+            return Ok(AbstractObject { pieces });
+        }
         if let Slot::Live(o) = slot {
             let n = o.chunks();
             if n > 0 {
@@ -748,7 +838,7 @@ impl Service for FileService {
                     ops::decode::<u64>(nondet)
                 };
                 match now {
-                    Some(now) => self.apply_inner(&req, now, !read_only),
+                    Some(now) => self.apply_inner(&req, client, now, !read_only),
                     None => Err(FsError::BadRequest),
                 }
             }
@@ -812,6 +902,10 @@ impl Service for FileService {
 
     fn get_piece_at(&self, seq: SeqNo, index: u64, piece: u32) -> Option<Vec<u8>> {
         self.piece_at(seq, index, piece).ok().flatten()
+    }
+
+    fn checkpoint_work_pending(&self) -> bool {
+        self.lock_transition_pending()
     }
 }
 

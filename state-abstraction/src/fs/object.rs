@@ -1,6 +1,7 @@
 //! Abstract objects of the file service: the in-memory table entry for each slot and its
 //! canonical encoding (piece 0 of the abstract object).
 
+use super::locks::{LockId, LockTable};
 use super::ops::{Attr, FileType, Name, Timespec};
 use crate::digest::Digest;
 use serde::{Deserialize, Serialize};
@@ -73,6 +74,9 @@ pub struct Obj {
     /// which clamps every later ordered time. It is replicated state like any other, so it
     /// lives in an object: digests cover it, rollback restores it, state transfer carries it.
     pub agreed_time: u64,
+    /// The root only, from the first lock ever requested on: the lock table (see
+    /// [`super::locks`]). Replicated state in the root for the reason `agreed_time` is.
+    pub locks: Option<Box<LockTable>>,
 }
 
 #[derive(Clone, Debug)]
@@ -137,6 +141,7 @@ impl Obj {
             dirty_chunks: Default::default(),
             ino,
             agreed_time: 0,
+            locks: None,
         }
     }
 
@@ -172,8 +177,8 @@ impl Obj {
         }
     }
 
-    pub fn header(&self) -> Header {
-        Header::Live(LiveHeader {
+    pub fn header(&self) -> ObjectHeader {
+        let live = LiveHeader {
             generation: self.generation,
             parent: self.parent,
             kind: self.kind,
@@ -195,14 +200,22 @@ impl Obj {
             entries: self.entries.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             target: self.target.clone(),
             agreed_time: self.agreed_time,
-        })
+        };
+        match &self.locks {
+            // Until a lock is first asked for, the root keeps the plain `Live` header, so
+            // digests of states that never used locks are those of earlier versions.
+            None => ObjectHeader::Live(live),
+            Some(t) => ObjectHeader::LiveRoot(live, t.as_ref().clone()),
+        }
     }
 }
 
 /// Piece 0 of every abstract object. Maps are flattened into sorted vectors so the encoding is
 /// canonical; a decoded header is accepted only if it re-encodes to the same bytes.
+///
+/// Variants are only ever appended: `Free` and `Live` encode as they always did.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Header {
+pub enum ObjectHeader {
     /// A free slot, with the next free slot (the free list is kept in index order, so
     /// allocation always takes the lowest free slot).
     Free {
@@ -210,28 +223,26 @@ pub enum Header {
         next_free: Option<u64>,
     },
     Live(LiveHeader),
+    /// The root (index 0 only) once a lock has ever been asked for: its header and the lock
+    /// table.
+    LiveRoot(LiveHeader, LockTable),
+    /// An object of an active lock as the ordered state sees it: a placeholder that does not
+    /// depend on what the holder did under the lock (see `locks.rs`).
+    Locked {
+        lock: LockId,
+    },
 }
 
+/// The two-variant view of a header that code written before locks matches on (the
+/// replica's simulator among it). `LiveRoot` reads as `Live`; a placeholder does not decode.
+/// Encodes exactly as the same [`ObjectHeader`] variant.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LiveHeader {
-    pub generation: u64,
-    pub parent: u64,
-    pub kind: FileType,
-    pub mode: u32,
-    pub nlink: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub size: u64,
-    pub rdev: u64,
-    pub atime: Timespec,
-    pub mtime: Timespec,
-    pub ctime: Timespec,
-    pub verifier: Option<u64>,
-    pub xattrs: Vec<(Name, Vec<u8>)>,
-    pub entries: Vec<(Name, u64)>,
-    pub target: Vec<u8>,
-    /// See [`Obj::agreed_time`].
-    pub agreed_time: u64,
+pub enum Header {
+    Free {
+        generation: u64,
+        next_free: Option<u64>,
+    },
+    Live(LiveHeader),
 }
 
 impl Header {
@@ -239,13 +250,49 @@ impl Header {
         super::ops::encode(self)
     }
 
-    /// Decodes and checks a header received from elsewhere (state transfer, rollback).
+    /// Decodes and checks a header received from elsewhere; see
+    /// [`ObjectHeader::decode_canonical`].
     pub fn decode_canonical(bytes: &[u8]) -> Result<Header, String> {
-        let h: Header = super::ops::decode(bytes).ok_or("header does not decode")?;
+        match ObjectHeader::decode_canonical(bytes)? {
+            ObjectHeader::Free {
+                generation,
+                next_free,
+            } => Ok(Header::Free {
+                generation,
+                next_free,
+            }),
+            ObjectHeader::Live(l) | ObjectHeader::LiveRoot(l, _) => Ok(Header::Live(l)),
+            ObjectHeader::Locked { .. } => Err("a lock placeholder".into()),
+        }
+    }
+}
+
+impl ObjectHeader {
+    pub fn encode(&self) -> Vec<u8> {
+        super::ops::encode(self)
+    }
+
+    /// The live header, for `Live` and `LiveRoot`.
+    pub fn live(&self) -> Option<&LiveHeader> {
+        match self {
+            ObjectHeader::Live(l) | ObjectHeader::LiveRoot(l, _) => Some(l),
+            _ => None,
+        }
+    }
+
+    /// Decodes and checks a header received from elsewhere (state transfer, rollback).
+    pub fn decode_canonical(bytes: &[u8]) -> Result<ObjectHeader, String> {
+        let h: ObjectHeader = super::ops::decode(bytes).ok_or("header does not decode")?;
         if h.encode() != bytes {
             return Err("header is not canonically encoded".into());
         }
-        if let Header::Live(l) = &h {
+        if let ObjectHeader::LiveRoot(l, table) = &h {
+            if l.kind != FileType::Directory {
+                return Err("a lock table outside a directory".into());
+            }
+            table.check()?;
+        }
+        if let Some(l) = h.live() {
             if l.entries.windows(2).any(|w| w[0].0 >= w[1].0) {
                 return Err("directory entries not in strict name order".into());
             }
@@ -272,6 +319,41 @@ impl Header {
         }
         Ok(h)
     }
+
+    /// The table object for a decoded live header (the root's lock table included).
+    pub fn into_obj(self) -> Option<Obj> {
+        match self {
+            ObjectHeader::Live(l) => Some(l.into_obj()),
+            ObjectHeader::LiveRoot(l, t) => {
+                let mut o = l.into_obj();
+                o.locks = Some(Box::new(t));
+                Some(o)
+            }
+            ObjectHeader::Free { .. } | ObjectHeader::Locked { .. } => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveHeader {
+    pub generation: u64,
+    pub parent: u64,
+    pub kind: FileType,
+    pub mode: u32,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub rdev: u64,
+    pub atime: Timespec,
+    pub mtime: Timespec,
+    pub ctime: Timespec,
+    pub verifier: Option<u64>,
+    pub xattrs: Vec<(Name, Vec<u8>)>,
+    pub entries: Vec<(Name, u64)>,
+    pub target: Vec<u8>,
+    /// See [`Obj::agreed_time`].
+    pub agreed_time: u64,
 }
 
 impl LiveHeader {
@@ -298,6 +380,7 @@ impl LiveHeader {
             dirty_chunks: BTreeSet::new(),
             ino: 0,
             agreed_time: self.agreed_time,
+            locks: None,
         }
     }
 }
@@ -308,7 +391,7 @@ mod tests {
 
     /// The root directory's header with `entries` as they are (unsorted or repeated too).
     fn live(entries: Vec<(Name, u64)>) -> Header {
-        let Header::Live(root) = Obj::new_root(0).header() else {
+        let ObjectHeader::Live(root) = Obj::new_root(0).header() else {
             unreachable!("a live object has a live header")
         };
         Header::Live(LiveHeader { entries, ..root })
@@ -329,6 +412,38 @@ mod tests {
         trailing.push(0);
         assert!(Header::decode_canonical(&trailing).is_err());
         assert!(Header::decode_canonical(&[]).is_err());
+    }
+
+    /// Headers written before locks existed keep their bytes, so their digests do not
+    /// change; the two-variant view reads a root with a lock table as live.
+    #[test]
+    fn the_full_header_encodes_the_old_variants_unchanged() {
+        let ObjectHeader::Live(root) = Obj::new_root(7).header() else {
+            unreachable!("a live object has a live header")
+        };
+        let free = (
+            Header::Free {
+                generation: 3,
+                next_free: Some(9),
+            },
+            ObjectHeader::Free {
+                generation: 3,
+                next_free: Some(9),
+            },
+        );
+        assert_eq!(free.0.encode(), free.1.encode());
+        assert_eq!(
+            Header::Live(root.clone()).encode(),
+            ObjectHeader::Live(root.clone()).encode()
+        );
+        let with_table = ObjectHeader::LiveRoot(root.clone(), LockTable::default()).encode();
+        assert_eq!(
+            Header::decode_canonical(&with_table),
+            Ok(Header::Live(root))
+        );
+        let placeholder = ObjectHeader::Locked { lock: LockId(4) }.encode();
+        assert!(ObjectHeader::decode_canonical(&placeholder).is_ok());
+        assert!(Header::decode_canonical(&placeholder).is_err());
     }
 
     #[test]

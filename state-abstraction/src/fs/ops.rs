@@ -4,6 +4,7 @@
 //!
 //! Everything here is canonical: no maps, no floats, no backend-specific numbers.
 
+use super::locks::{LockEntry, LockId, LockRefusal, LockUnit};
 use serde::{Deserialize, Serialize};
 
 /// Abstract file handle: the object's slot in the abstract array and the slot's generation.
@@ -366,6 +367,26 @@ pub enum FsOp {
         dst_offset: u64,
         length: u64,
     },
+    /// Asks for a lock on `h` (see `locks.rs`): granted `Pending`, active from the next
+    /// checkpoint. Answers [`FsReply::LockPending`] or [`FsReply::LockRefused`].
+    Lock {
+        h: Handle,
+        unit: LockUnit,
+    },
+    /// The holder gives the lock back: it freezes and merges at the next checkpoint.
+    /// `cert` (an encoded lock-checkpoint certificate) comes with the log protocol (M2);
+    /// until then only `None` is accepted.
+    Release {
+        lock: LockId,
+        cert: Option<Vec<u8>>,
+    },
+    /// The holder extends the lock's life (10 minutes from now, at most 1 hour from the
+    /// request).
+    Renew {
+        lock: LockId,
+    },
+    /// The lock table, without the pools.
+    ListLocks,
 }
 
 impl FsOp {
@@ -382,6 +403,7 @@ impl FsOp {
                 | FsOp::StatFs { .. }
                 | FsOp::GetXattr { .. }
                 | FsOp::ListXattr { .. }
+                | FsOp::ListLocks
         )
     }
 }
@@ -450,6 +472,16 @@ pub enum FsReply {
     XattrList {
         names: Vec<Name>,
     },
+    LockPending {
+        lock: LockId,
+    },
+    LockRefused {
+        why: LockRefusal,
+    },
+    Locks {
+        next_lock: u64,
+        locks: Vec<LockEntry>,
+    },
 }
 
 /// The one canonical error table (NFS status style). Backend errnos are mapped into this in
@@ -496,6 +528,11 @@ pub enum FsError {
     Loop,
     #[error("malformed request")]
     BadRequest,
+    /// The object is inside another client's lock (or the caller's own, reached through
+    /// the ordered path): nothing was done, and an ordered request froze the lock, so the
+    /// same request succeeds once the lock has merged back.
+    #[error("object locked")]
+    Locked,
 }
 
 impl FsError {
@@ -522,6 +559,8 @@ impl FsError {
             FsError::Range => libc::ERANGE,
             FsError::Loop => libc::ELOOP,
             FsError::BadRequest => libc::EINVAL,
+            // The transport retries; an application sees this only if retries time out.
+            FsError::Locked => libc::EIO,
         }
     }
 }

@@ -29,7 +29,10 @@ impl FileService {
     /// module doc). Returns the objects found damaged; their stale chunks are marked dirty.
     pub(super) fn scrub(&mut self) -> BTreeSet<u64> {
         let count = self.slots.len() as u64;
+        // Masked objects are left out: the ordered digest covers their placeholder, not
+        // their bytes (lock checkpoints will cover those, M2).
         let regular_size = |svc: &FileService, i: u64| match svc.slots.get(i as usize) {
+            _ if svc.masked.contains_key(&i) => None,
             Some(Slot::Live(o)) if o.kind == FileType::Regular => Some(o.size),
             _ => None,
         };
