@@ -185,9 +185,9 @@ impl Core {
         );
     }
 
-    /// Service checkpoints below `seq` go only at the start of the next step: by then the
-    /// driver has made this step's records (the snapshot naming the newer checkpoint) durable,
-    /// so a crash never leaves the service without a checkpoint the WAL knows.
+    /// Service checkpoints below `seq` go only once the driver reports this step's records
+    /// (the snapshot naming the newer checkpoint) durable ([`super::Event::Persisted`]), so a
+    /// crash never leaves the service without a checkpoint the WAL knows.
     pub(super) fn defer_discard(&mut self, seq: SeqNo) {
         self.discard_pending = Some(self.discard_pending.map_or(seq, |s| s.max(seq)));
     }

@@ -72,6 +72,7 @@
 //! - [`Event::Tick`]: once per [`crate::config::ProtocolConfig::tick_ns`] of real time, with the
 //!   driver's wall clock in `now_ns` (used only for the agreed time a primary proposes and
 //!   backups check). All timeouts in the core count ticks.
+//! - [`Event::Persisted`]: WAL records made durable (see `Action::Persist` below).
 //! - the execution stage's answers ([`Event::Executed`], [`Event::CheckpointTaken`],
 //!   [`Event::ReadOnlyExecuted`], [`Event::StateInstalled`], [`Event::ExecutionFailed`]), one
 //!   per execution action that has one, in the order the actions were asked.
@@ -82,9 +83,9 @@
 //!   consecutive records into one write and one fsync, but must not send anything that follows
 //!   a record before that fsync returns. A [`WalRecord::Snapshot`] supersedes every earlier
 //!   record: once it is durable the driver may delete the records before it.
-//!   **Before calling `step` with a message or a tick again, every record of the earlier steps
-//!   must be durable**: at the start of such a step the core may ask the stage to discard
-//!   checkpoints that only those records make unnecessary for a restart.
+//!   Once records are durable, tell the core with [`Event::Persisted`] (`upto` counts the
+//!   `Persist` actions performed since the core was built): service checkpoints that only
+//!   those records make unnecessary for a restart are discarded then, not before.
 //! - [`Action::Send`] / [`Action::Broadcast`] (to every other replica) /
 //!   [`Action::SendClient`]: seal with [`crate::wire::Authenticator::seal`] and send. Best
 //!   effort: the core retransmits what matters, so a full queue may drop a message.
@@ -143,6 +144,11 @@ pub enum Event {
     Tick {
         now_ns: u64,
     },
+    /// The driver made every WAL record up to the `upto`-th one this core asked for (counted
+    /// from 1 since it was built) durable.
+    Persisted {
+        upto: u64,
+    },
     /// The results of an [`StageAction::Execute`]: one entry per request of the batch that was
     /// answered (new ones run, duplicates answered from the reply cache), in batch order.
     Executed {
@@ -188,7 +194,10 @@ impl Event {
     /// Events from outside (the network, the clock), as opposed to the execution stage's
     /// answers to the core's own actions.
     fn is_external(&self) -> bool {
-        matches!(self, Event::Message(_) | Event::Tick { .. })
+        matches!(
+            self,
+            Event::Message(_) | Event::Tick { .. } | Event::Persisted { .. }
+        )
     }
 }
 
@@ -518,8 +527,12 @@ pub struct Core {
     transfer: Option<TransferJob>,
 
     initial_snapshot: bool,
-    /// See [`Replica::defer_discard`].
+    /// See [`Core::defer_discard`]: asked for in this step.
     discard_pending: Option<SeqNo>,
+    /// Checkpoints below this go once the WAL is durable up to this record.
+    discard_after: Option<(SeqNo, u64)>,
+    /// WAL records asked for since this core was built (see [`Event::Persisted`]).
+    records_asked: u64,
     halted: bool,
     metrics: Metrics,
 }
@@ -647,25 +660,17 @@ impl Core {
             return;
         }
         let start = actions.len();
-        if event.is_external() {
-            // Only between the driver's steps: the WAL records of earlier steps are durable
-            // then, which is what makes the older checkpoints unnecessary.
-            if let Some(seq) = self.discard_pending.take() {
-                // Never below what a state transfer in progress diffs against.
-                let keep = self.transfer.as_ref().map_or(seq, |t| t.base.min(seq));
-                actions.push(Action::Stage(StageAction::DiscardBefore { seq: keep }));
-            }
-            if self.initial_snapshot {
-                self.initial_snapshot = false;
-                self.persist_snapshot(actions);
-                // After a restart the others may be far ahead: ask where they are.
-                actions.push(Action::Broadcast {
-                    message: Message::StateTransfer(StateTransferMessage::QueryStable),
-                });
-            }
+        if event.is_external() && self.initial_snapshot {
+            self.initial_snapshot = false;
+            self.persist_snapshot(actions);
+            // After a restart the others may be far ahead: ask where they are.
+            actions.push(Action::Broadcast {
+                message: Message::StateTransfer(StateTransferMessage::QueryStable),
+            });
         }
         match event {
             Event::Tick { now_ns } => self.on_tick(now_ns, actions),
+            Event::Persisted { upto } => self.on_persisted(upto, actions),
             Event::Message(m) => {
                 let (sender, message) = m.into_parts();
                 self.on_message(sender, message, actions);
@@ -688,9 +693,33 @@ impl Core {
             } => self.on_transfer_progress(steps, bytes_fetched, finished, actions),
             Event::ExecutionFailed { reason } => self.halt(reason, actions),
         }
+        self.records_asked += actions[start..]
+            .iter()
+            .filter(|a| matches!(a, Action::Persist(_)))
+            .count() as u64;
+        if let Some(seq) = self.discard_pending.take() {
+            // Once this step's records (the snapshot naming the newer checkpoint) are durable.
+            let seq = self.discard_after.map_or(seq, |(s, _)| s.max(seq));
+            self.discard_after = Some((seq, self.records_asked));
+        }
         if let Err(problem) = self.check_invariants(&actions[start..]) {
             panic!("replica {} broke an invariant: {problem}", self.id.0);
         }
+    }
+
+    /// WAL records are durable up to `upto`: checkpoints that only they make unnecessary for a
+    /// restart may go.
+    fn on_persisted(&mut self, upto: u64, actions: &mut Vec<Action>) {
+        let Some((seq, needed)) = self.discard_after else {
+            return;
+        };
+        if upto < needed {
+            return;
+        }
+        self.discard_after = None;
+        // Never below what a state transfer in progress diffs against.
+        let keep = self.transfer.as_ref().map_or(seq, |t| t.base.min(seq));
+        actions.push(Action::Stage(StageAction::DiscardBefore { seq: keep }));
     }
 
     /// Dispatches a message to its handler. Client messages may come relayed by anyone (the

@@ -259,6 +259,8 @@ impl Core {
             transfer: None,
             initial_snapshot: true,
             discard_pending: None,
+            discard_after: None,
+            records_asked: 0,
             halted: false,
             metrics: Metrics::default(),
             config,

@@ -400,6 +400,8 @@ fn core_loop<S: Service>(
         .map(Principal::Replica)
         .collect();
     let mut last_status = Instant::now() - Duration::from_secs(1);
+    // WAL records made durable, and how many of them the core was told about.
+    let (mut persisted, mut reported) = (0u64, 0u64);
     loop {
         if stop.load(Ordering::Relaxed) {
             return Ok(());
@@ -410,13 +412,13 @@ fn core_loop<S: Service>(
             Err(std_mpsc::RecvTimeoutError::Timeout) => {}
             Err(std_mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
         }
-        // Take what else is already queued, so that its sends go out together. The core
-        // requires every record of a step to be durable before the next step (it may discard
-        // service checkpoints that only those records make unnecessary), so a step that
-        // produced a record is performed, fsync included, before the next one.
+        // Take what else is already queued, so that its sends go out together. A step's
+        // records are performed, fsync included, before the next step: the core's later
+        // decisions assume them durable (rule 3).
         for _ in 0..256 {
             if actions.iter().any(|a| matches!(a, Action::Persist(_))) {
-                perform(&mut actions, &mut wal, &all_replicas, links, tamper)?;
+                persisted += perform(&mut actions, &mut wal, &all_replicas, links, tamper)?;
+                tell_persisted(&mut replica, persisted, &mut reported, &mut actions);
             }
             match core_rx.try_recv() {
                 Ok(Input::Message(m)) => replica.step(Event::Message(m), &mut actions),
@@ -424,7 +426,8 @@ fn core_loop<S: Service>(
             }
         }
         if actions.iter().any(|a| matches!(a, Action::Persist(_))) {
-            perform(&mut actions, &mut wal, &all_replicas, links, tamper)?;
+            persisted += perform(&mut actions, &mut wal, &all_replicas, links, tamper)?;
+            tell_persisted(&mut replica, persisted, &mut reported, &mut actions);
         }
         let now = Instant::now();
         if now >= next_tick {
@@ -435,7 +438,8 @@ fn core_loop<S: Service>(
                 next_tick = now + tick;
             }
         }
-        perform(&mut actions, &mut wal, &all_replicas, links, tamper)?;
+        persisted += perform(&mut actions, &mut wal, &all_replicas, links, tamper)?;
+        tell_persisted(&mut replica, persisted, &mut reported, &mut actions);
         if now.duration_since(last_status) >= Duration::from_millis(200) {
             last_status = now;
             if let Ok(mut s) = status.lock() {
@@ -445,13 +449,28 @@ fn core_loop<S: Service>(
     }
 }
 
+/// Tells the core which WAL records are durable, if it does not know yet.
+fn tell_persisted<S: Service>(
+    replica: &mut Replica<S>,
+    persisted: u64,
+    reported: &mut u64,
+    actions: &mut Vec<Action>,
+) {
+    if persisted > *reported {
+        *reported = persisted;
+        replica.step(Event::Persisted { upto: persisted }, actions);
+    }
+}
+
+/// Performs the actions in order; returns how many WAL records it made durable.
 fn perform(
     actions: &mut Vec<Action>,
     wal: &mut Wal,
     all_replicas: &[Principal],
     links: &Links<'_>,
     #[allow(unused_variables)] tamper: &mut Tamper,
-) -> Result<(), NodeError> {
+) -> Result<u64, NodeError> {
+    let mut records = 0u64;
     let Links {
         auth,
         peers,
@@ -480,8 +499,10 @@ fn perform(
                     }
                     wal.rewrite(&group).map_err(wal_error)?;
                     counters.wal_syncs.fetch_add(1, Ordering::Relaxed);
+                    records += group.len() as u64;
                 } else {
                     wal.append(&bytes).map_err(wal_error)?;
+                    records += 1;
                 }
                 continue;
             }
@@ -563,7 +584,7 @@ fn perform(
         wal.sync().map_err(wal_error)?;
         counters.wal_syncs.fetch_add(1, Ordering::Relaxed);
     }
-    Ok(())
+    Ok(records)
 }
 
 /// Bytes of state a state-transfer answer carries.

@@ -670,6 +670,8 @@ struct ReplicaNode {
     auth: Authenticator,
     /// The durable WAL: records persisted by completed actions.
     wal: Vec<WalRecord>,
+    /// Records persisted since the replica's core was built (what `Event::Persisted` counts).
+    persisted: u64,
     byzantine: Option<Behaviour>,
     /// A Byzantine replica's own signing key (it signs whatever it likes).
     signer: Option<Signer>,
@@ -833,6 +835,7 @@ impl Sim {
                 state,
                 auth: Authenticator::for_replica(&config, secrets),
                 wal: Vec::new(),
+                persisted: 0,
                 byzantine,
                 signer: byzantine.map(|_| Signer::from_secret(&secrets.signing_key.0)),
                 stable_history: Vec::new(),
@@ -1098,6 +1101,7 @@ impl Sim {
                         self.replicas[r].wal.clear();
                     }
                     self.replicas[r].wal.push(record);
+                    self.replicas[r].persisted += 1;
                 }
                 Action::Send { to, message } => {
                     if self.trace {
@@ -1198,7 +1202,8 @@ impl Sim {
             return self.crash(r, Some(actions));
         }
         if self.replicas[r].byzantine.is_some() {
-            return self.perform_byzantine(r, actions);
+            self.perform_byzantine(r, actions)?;
+            return self.tell_persisted(r);
         }
         if view < self.replicas[r].last_view {
             return Err(self.fail(format!(
@@ -1207,6 +1212,22 @@ impl Sim {
             )));
         }
         self.replicas[r].last_view = view;
+        self.perform(r, actions)?;
+        self.tell_persisted(r)
+    }
+
+    /// Tells replica `r` that the records it asked for are durable (the simulator's WAL is
+    /// durable as soon as a record is performed).
+    fn tell_persisted(&mut self, r: usize) -> Result<(), Failure> {
+        let upto = self.replicas[r].persisted;
+        let ReplicaState::Up(replica) = &mut self.replicas[r].state else {
+            return Ok(());
+        };
+        let mut actions = Vec::new();
+        replica.step(Event::Persisted { upto }, &mut actions);
+        if self.replicas[r].byzantine.is_some() {
+            return self.perform_byzantine(r, actions);
+        }
         self.perform(r, actions)
     }
 
@@ -1267,6 +1288,7 @@ impl Sim {
         let node = &mut self.replicas[r];
         node.last_view = replica.view();
         node.restarts += 1;
+        node.persisted = 0;
         node.state = ReplicaState::Up(Box::new(replica));
         Ok(())
     }
@@ -1696,6 +1718,7 @@ impl Sim {
                         self.replicas[r].wal.clear();
                     }
                     self.replicas[r].wal.push(record);
+                    self.replicas[r].persisted += 1;
                     continue;
                 }
                 Action::Send { to, message } => (vec![Principal::Replica(to)], message),

@@ -2,6 +2,7 @@
 //! per protocol, as in the core; this one holds the harness they share.
 
 mod catch_up;
+mod checkpoint;
 mod fast_path;
 mod ordering;
 mod requests;
