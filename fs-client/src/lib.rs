@@ -11,10 +11,12 @@
 //! - [`open_files`]: open files kept alive across unlink (hidden names, as NFS does);
 //! - [`mounting`]: mount checks, serving a mount until it is unmounted, unmounting;
 //! - [`keygen`]: `bftfs keygen`, a cluster config and secrets files;
+//! - [`config_check`]: `bftfs config check`, what is wrong with a config or secrets file;
 //! - [`up`]: `bftfs up`/`down`/`status` for a cluster started on this machine.
 
 pub mod adapter;
 pub mod cluster;
+pub mod config_check;
 pub mod health;
 pub mod inodes;
 pub mod kernel_cache;

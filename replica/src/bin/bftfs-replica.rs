@@ -83,15 +83,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         );
     };
     // The public key in the config must be ours, or every message we sign would be refused.
-    let public = ed25519_dalek::SigningKey::from_bytes(&secrets.signing_key.0)
-        .verifying_key()
-        .to_bytes();
-    if public != me.public_key.0 {
-        bail!(
-            "the secrets file does not match replica {} in the cluster config (different keys)",
-            id.0
-        );
-    }
+    secrets.check_against(&config).with_context(|| {
+        format!(
+            "{} does not belong to the cluster in {}",
+            args.secrets.display(),
+            args.config.display()
+        )
+    })?;
     std::fs::create_dir_all(&args.data_dir).with_context(|| {
         format!(
             "cannot create the data directory {}",
