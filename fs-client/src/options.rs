@@ -20,7 +20,9 @@ pub const DEFAULT_THREADS: usize = 8;
 pub const OPTIONS_HELP: &str = "Mount options, comma-separated: attr_timeout=SECONDS (default 1), \
 entry_timeout=SECONDS (default 1), timeout=SECONDS (a request the cluster does not answer in \
 time fails with EIO; default 30), threads=N (FUSE worker threads, default 8), \
-allow_other (let other users in; default when run as root), ro";
+allow_other (let other users in; default when run as root), ro, auto_unmount (a helper \
+process, fusermount3, unmounts the file system if bftfs dies, so the mount point is never left \
+\"not connected\"; needs allow_other)";
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct MountOptions {
@@ -35,6 +37,8 @@ pub struct MountOptions {
     /// `None`: decide by who we are (allow_other when root).
     pub allow_other: Option<bool>,
     pub read_only: bool,
+    /// fusermount3 stays behind and unmounts if this process dies (FUSE's `auto_unmount`).
+    pub auto_unmount: bool,
 }
 
 impl Default for MountOptions {
@@ -46,6 +50,7 @@ impl Default for MountOptions {
             threads: DEFAULT_THREADS,
             allow_other: None,
             read_only: false,
+            auto_unmount: false,
         }
     }
 }
@@ -83,10 +88,11 @@ impl MountOptions {
                 ("allow_other", None) => self.allow_other = Some(true),
                 ("ro", None) => self.read_only = true,
                 ("rw", None) => self.read_only = false,
+                ("auto_unmount", None) => self.auto_unmount = true,
                 _ => {
                     return Err(format!(
                         "unknown mount option `{item}` (known: attr_timeout=S, entry_timeout=S, \
-                         timeout=S, threads=N, allow_other, ro, rw)"
+                         timeout=S, threads=N, allow_other, ro, rw, auto_unmount)"
                     ))
                 }
             }
@@ -115,6 +121,9 @@ impl MountOptions {
         }
         if self.read_only {
             parts.push("ro".into());
+        }
+        if self.auto_unmount {
+            parts.push("auto_unmount".into());
         }
         parts.join(",")
     }
@@ -145,7 +154,7 @@ mod tests {
     #[test]
     fn round_trip_through_arg() {
         let mut o = MountOptions::default();
-        o.apply("attr_timeout=0.25,timeout=7.5,threads=2,allow_other")
+        o.apply("attr_timeout=0.25,timeout=7.5,threads=2,allow_other,auto_unmount")
             .expect("valid");
         let back = MountOptions::parse_all(&[o.to_arg()]).expect("valid");
         assert_eq!(back, o);
