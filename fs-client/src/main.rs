@@ -72,13 +72,33 @@ enum Cmd {
         /// Run in the background; return once the mount answers.
         #[arg(long)]
         detach: bool,
-        /// This client's secrets file [default: the first client-<id>.json next to CONFIG
-        /// that no other mount is using].
+        /// This client's secrets file (also `-o client=FILE`) [default: the first
+        /// client-<id>.json next to CONFIG that no other mount is using].
         #[arg(long, value_name = "FILE")]
         client: Option<PathBuf>,
         /// Internal: the background process started by --detach.
         #[arg(long, hide = true)]
         foreground_child: bool,
+    },
+    /// Make `mount -t bftfs` and fstab work: link /sbin/mount.bftfs to this program.
+    ///
+    /// mount(8) then runs it as `mount.bftfs CLUSTER.json MOUNTPOINT -o OPTIONS`, and it
+    /// returns once the file system is mounted, served by a background bftfs process
+    /// (`umount MOUNTPOINT` stops it). The same by hand: `ln -s $(command -v bftfs)
+    /// /sbin/mount.bftfs`. For example:
+    ///
+    ///   mount -t bftfs /etc/bftfs/cluster.json /mnt/x -o client=/etc/bftfs/client-2.json
+    ///
+    /// or in /etc/fstab:
+    ///
+    ///   /etc/bftfs/cluster.json  /mnt/x  bftfs  _netdev,nofail,client=/etc/bftfs/client-2.json  0 0
+    InstallHelper {
+        /// Where to put the link (mount(8) looks in /sbin).
+        #[arg(long, value_name = "DIR", default_value = fs_client::mount_helper::HELPER_DIR)]
+        dir: PathBuf,
+        /// Remove the link instead (only if it points to a bftfs).
+        #[arg(long)]
+        remove: bool,
     },
     /// Unmount MOUNTPOINT (as root with umount2; otherwise with fusermount3 -u).
     Umount {
@@ -194,6 +214,13 @@ fn run(cli: Cli) -> Result<()> {
             metrics_port,
             foreground_child,
         } => up::up(UpArgs {
+            options: {
+                let o = parse_options(&options)?;
+                if o.client.is_some() {
+                    bail!("-o client=FILE is for `bftfs mount`; `bftfs up` makes and picks its own client identities");
+                }
+                o
+            },
             metrics_port: up::check_metrics_port(metrics_port, f)?,
             byzantine: up::parse_byzantine(&byzantine, f)?,
             mountpoint,
@@ -201,7 +228,6 @@ fn run(cli: Cli) -> Result<()> {
             data_dir,
             detach,
             fast_path: !no_fast_path,
-            options: parse_options(&options)?,
             foreground_child,
         }),
         Cmd::Down { mountpoint } => up::down(&mountpoint),
@@ -212,14 +238,39 @@ fn run(cli: Cli) -> Result<()> {
             detach,
             client,
             foreground_child,
-        } => up::mount(
-            &config,
-            &mountpoint,
-            parse_options(&options)?,
-            client.as_deref(),
-            detach,
-            foreground_child,
-        ),
+        } => {
+            let options = parse_options(&options)?;
+            let client = client.or_else(|| options.client.clone());
+            up::mount(
+                &config,
+                &mountpoint,
+                options,
+                client.as_deref(),
+                detach,
+                foreground_child,
+                false,
+            )
+        }
+        Cmd::InstallHelper { dir, remove } => {
+            use fs_client::mount_helper;
+            if remove {
+                match mount_helper::uninstall(&dir)? {
+                    Some(link) => println!("bftfs: removed {}", link.display()),
+                    None => println!(
+                        "bftfs: there was no {}",
+                        dir.join(mount_helper::HELPER_NAME).display()
+                    ),
+                }
+            } else {
+                let link = mount_helper::install(&dir)?;
+                println!(
+                    "bftfs: {} -> {}; `mount -t bftfs CLUSTER.json DIR -o client=FILE` and fstab lines of type bftfs now work",
+                    link.display(),
+                    std::fs::read_link(&link)?.display()
+                );
+            }
+            Ok(())
+        }
         Cmd::Umount { mountpoint, lazy } => {
             let mnt = mounting::mount_path(&mountpoint)?;
             mounting::unmount(&mnt, lazy)?;
@@ -299,6 +350,10 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    let mut argv = std::env::args_os();
+    if fs_client::mount_helper::invoked_as_helper(argv.next().as_deref()) {
+        std::process::exit(fs_client::mount_helper::main(argv.collect()));
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         // `status`'s exit statuses 1 and 2 mean degraded and stuck; a script must not read a

@@ -276,6 +276,14 @@ pub fn serve(
     if opts.read_only {
         config.mount_options.push(MountOption::RO);
     }
+    if opts.no_exec {
+        config.mount_options.push(MountOption::NoExec);
+    }
+    // The service changes atime only when asked to (utimes), never on reads, so this only
+    // tells the kernel and /proc/mounts what is so anyway.
+    if opts.no_atime {
+        config.mount_options.push(MountOption::NoAtime);
+    }
     // The service checks permissions for every caller, so other users may come in; that needs
     // root (or user_allow_other in /etc/fuse.conf), hence the default only for root.
     config.acl = if opts.allow_other.unwrap_or_else(is_root) {

@@ -479,6 +479,7 @@ pub fn mount(
     client: Option<&Path>,
     detach: bool,
     foreground_child: bool,
+    quiet: bool,
 ) -> Result<()> {
     let mnt = mount_path(mountpoint)?;
     check_can_mount()?;
@@ -510,6 +511,9 @@ pub fn mount(
                 bail!("bftfs mount failed ({status}): {}", err.trim());
             }
             if mounted_fstype(&mnt).as_deref() == Some(FS_TYPE) && std::fs::metadata(&mnt).is_ok() {
+                if quiet {
+                    return Ok(());
+                }
                 println!(
                     "bftfs: {} is mounted (cluster {}, pid {})",
                     mnt.display(),
@@ -542,7 +546,17 @@ pub fn mount(
         transport.as_ref(),
         config_path.parent().unwrap_or(Path::new(".")),
     )?;
-    mounting::serve(&mnt, transport, &options, "bftfs", || {
+    // The source column of the mount table names the cluster config, as fstab does: `mount -a`
+    // recognises an fstab line as already mounted by its source and target, and `findmnt`
+    // shows which cluster a mount serves. A path the option string cannot carry (a comma)
+    // falls back to the plain name.
+    let source = config_path
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.to_str().map(str::to_string))
+        .filter(|p| !p.contains([',', ' ', '\t', '\n']))
+        .unwrap_or_else(|| "bftfs".to_string());
+    mounting::serve(&mnt, transport, &options, &source, || {
         if !foreground_child {
             println!(
                 "bftfs: {} is mounted (cluster {})",
