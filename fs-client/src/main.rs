@@ -12,12 +12,23 @@ use std::path::PathBuf;
 ///
 /// `bftfs up DIR` mounts a file system at DIR, served by a cluster started on this machine;
 /// `bftfs down DIR` stops it. State persists across down/up of the same mount point.
-/// Logs go to stderr; choose their level with RUST_LOG (e.g. RUST_LOG=debug).
+/// Logs go to stderr (or --log-file); choose their level with -v/-q or RUST_LOG (e.g.
+/// RUST_LOG=debug).
 #[derive(Parser, Debug)]
 #[command(name = "bftfs", version, about, long_about)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
+    /// More log detail (-v debug, -vv trace); overrides RUST_LOG.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    verbose: u8,
+    /// Less log detail (-q warnings and errors only, -qq errors only); overrides RUST_LOG.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    quiet: u8,
+    /// Append the log to FILE (plain text, no colours) instead of writing it to stderr; a
+    /// background process of --detach logs there too.
+    #[arg(long, global = true, value_name = "FILE")]
+    log_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -110,11 +121,16 @@ enum Cmd {
     },
     /// Show the cluster behind MOUNTPOINT (or CONFIG): a verdict (ok, degraded or stuck) with
     /// its reasons, then each replica's role, address, pid, view, last executed sequence
-    /// number, checkpoint, lag and health, and the replicas others suspect.
+    /// number, checkpoint, lag, agreement and health, and the replicas others suspect.
+    ///
+    /// agree: "yes" when the replica's checkpoint state digests equal the other replicas' at
+    /// the same checkpoints, "NO" when more replicas (or as many) hold another state there
+    /// (its health then says at which checkpoint), "-" when there is nothing to compare.
     ///
     /// ok: every replica answers in one active view, none behind or suspected, and the
     /// mount's calls complete. degraded: a quorum (2f+1 replicas in one active view) serves,
-    /// but a replica is down, lagging, changing view alone or suspected. stuck: no quorum in
+    /// but a replica is down, lagging, changing view alone, suspected or holding a state that
+    /// differs from the others'. stuck: no quorum in
     /// an active view (e.g. every replica changing view), no replica answers, the mount's
     /// process is gone, or the mount's calls fail (EIO) or have waited 10 s or more for an
     /// answer (MOUNTPOINT: the mount's own calls; --config: every client that reported in the
@@ -128,9 +144,22 @@ enum Cmd {
         mountpoint: Option<PathBuf>,
         #[arg(long, value_name = "CONFIG")]
         config: Option<PathBuf>,
-        /// Machine-readable output.
+        /// Machine-readable output (with --watch, one JSON object per line).
         #[arg(long)]
         json: bool,
+        /// Report again every SECONDS (default 2; write --watch=5) until interrupted, like
+        /// watch(1); on a terminal each report replaces the last.
+        #[arg(
+            long,
+            value_name = "SECONDS",
+            num_args = 0..=1,
+            require_equals = true,
+            default_missing_value = "2"
+        )]
+        watch: Option<f64>,
+        /// With --watch: stop after N reports, exiting with the last one's status.
+        #[arg(long, value_name = "N", requires = "watch")]
+        count: Option<u64>,
     },
     /// Generate keys and a cluster config for replicas on other machines.
     ///
@@ -193,6 +222,22 @@ enum ConfigCmd {
 
 /// `bftfs status`'s exit status when it cannot find out (see its help).
 const STATUS_UNKNOWN: i32 = 3;
+
+/// The time of day in UTC, `HH:MM:SS UTC`, heading each report of `status --watch` (the
+/// date would only repeat itself from one report to the next).
+fn now_utc() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        % 86_400;
+    format!(
+        "{:02}:{:02}:{:02} UTC",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
 
 fn parse_options(raw: &[String]) -> Result<MountOptions> {
     match MountOptions::parse_all(raw) {
@@ -281,21 +326,57 @@ fn run(cli: Cli) -> Result<()> {
             mountpoint,
             config,
             json,
+            watch,
+            count,
         } => {
-            let health = match (mountpoint, config) {
-                (Some(m), _) => up::status(&m, json),
-                (None, Some(c)) => up::status_of_config(&c, json),
+            let once = || match (&mountpoint, &config) {
+                (Some(m), _) => up::status(m, json),
+                (None, Some(c)) => up::status_of_config(c, json),
                 (None, None) => bail!("give a mount point or --config CONFIG"),
             };
-            match health {
-                Ok(h) => {
-                    let _ = std::io::stdout().flush();
-                    std::process::exit(h.exit_code())
+            let Some(every) = watch else {
+                match once() {
+                    Ok(h) => {
+                        let _ = std::io::stdout().flush();
+                        std::process::exit(h.exit_code())
+                    }
+                    Err(e) => {
+                        eprintln!("bftfs: {e:#}");
+                        std::process::exit(STATUS_UNKNOWN)
+                    }
                 }
-                Err(e) => {
-                    eprintln!("bftfs: {e:#}");
-                    std::process::exit(STATUS_UNKNOWN)
+            };
+            if !every.is_finite() || !(0.1..=86_400.0).contains(&every) {
+                eprintln!("bftfs: --watch {every}: give a number of seconds from 0.1 to 86400");
+                std::process::exit(STATUS_UNKNOWN);
+            }
+            let redraw = !json && std::io::stdout().is_terminal();
+            let mut round = 0u64;
+            loop {
+                round += 1;
+                if redraw {
+                    // Home and clear: each report replaces the last, as watch(1) does.
+                    print!("\x1b[H\x1b[2J");
                 }
+                if !json {
+                    println!("{}", now_utc());
+                }
+                let last = match once() {
+                    Ok(h) => h.exit_code(),
+                    Err(e) => {
+                        // Keep watching: a mount that is restarting comes back.
+                        eprintln!("bftfs: {e:#}");
+                        STATUS_UNKNOWN
+                    }
+                };
+                if !json && !redraw {
+                    println!();
+                }
+                let _ = std::io::stdout().flush();
+                if count.is_some_and(|n| round >= n) {
+                    std::process::exit(last);
+                }
+                std::thread::sleep(std::time::Duration::from_secs_f64(every));
             }
         }
         Cmd::Config(ConfigCmd::Check {
@@ -342,28 +423,52 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fuser=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
     let mut argv = std::env::args_os();
     if fs_client::mount_helper::invoked_as_helper(argv.next().as_deref()) {
-        std::process::exit(fs_client::mount_helper::main(argv.collect()));
+        let args: Vec<std::ffi::OsString> = argv.collect();
+        let _ = replica::logging::init(0, None, &["fuser"]);
+        std::process::exit(fs_client::mount_helper::main(args));
     }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         // `status`'s exit statuses 1 and 2 mean degraded and stuck; a script must not read a
         // mistyped status command line (clap's usual 2) as a stuck cluster.
-        Err(e) if e.use_stderr() && std::env::args().nth(1).as_deref() == Some("status") => {
+        Err(e)
+            if e.use_stderr()
+                && std::env::args()
+                    .skip(1)
+                    .find(|a| !a.starts_with('-'))
+                    .as_deref()
+                    == Some("status") =>
+        {
             let _ = e.print();
             std::process::exit(STATUS_UNKNOWN)
         }
         Err(e) => e.exit(),
     };
+    let verbosity = i8::try_from(i16::from(cli.verbose) - i16::from(cli.quiet)).unwrap_or(0);
+    if let Err(e) = replica::logging::init(verbosity, cli.log_file.as_deref(), &["fuser"]) {
+        eprintln!("bftfs: {e}");
+        std::process::exit(if matches!(cli.command, Cmd::Status { .. }) {
+            STATUS_UNKNOWN
+        } else {
+            1
+        });
+    }
+    // A background process started for --detach logs the same way.
+    let mut forward = Vec::new();
+    forward.extend((0..cli.verbose).map(|_| "-v".to_string()));
+    forward.extend((0..cli.quiet).map(|_| "-q".to_string()));
+    if let Some(f) = &cli.log_file {
+        match std::path::absolute(f) {
+            Ok(abs) => forward.extend(["--log-file".to_string(), abs.to_string_lossy().into()]),
+            Err(e) => {
+                eprintln!("bftfs: --log-file {}: {e}", f.display());
+                std::process::exit(1);
+            }
+        }
+    }
+    fs_client::up::set_forwarded_log_args(forward);
     if let Err(e) = run(cli) {
         eprintln!("bftfs: {e:#}");
         std::process::exit(1);

@@ -54,6 +54,21 @@ const FLUSH_EVERY: Duration = Duration::from_secs(5);
 /// How long `down` waits for the serving process to stop after SIGTERM.
 const STOP_WAIT: Duration = Duration::from_secs(20);
 
+/// The logging flags (`-v`, `-q`, `--log-file ABS`) a background process of `--detach` gets,
+/// so that it logs where and as much as the command that started it.
+static FORWARDED_LOG_ARGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
+pub fn set_forwarded_log_args(args: Vec<String>) {
+    let _ = FORWARDED_LOG_ARGS.set(args);
+}
+
+fn forwarded_log_args() -> &'static [String] {
+    FORWARDED_LOG_ARGS
+        .get()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+}
+
 /// What `bftfs up` was asked to do.
 #[derive(Clone, Debug)]
 pub struct UpArgs {
@@ -419,6 +434,12 @@ fn serve_replicated(mnt: &Path, data_dir: &Path, args: &UpArgs) -> Result<()> {
     let extras = cluster::ReplicaExtras {
         byzantine: args.byzantine.clone(),
         metrics_port: args.metrics_port,
+        // Their logs stay in replica-<i>.log; only the level follows this command's.
+        log_flags: forwarded_log_args()
+            .iter()
+            .filter(|a| *a == "-v" || *a == "-q")
+            .cloned()
+            .collect(),
     };
     let mut replicas = match cluster::LocalCluster::start_with(data_dir, &config_path, &extras) {
         // The ports were free when chosen, but another program (another `up` choosing at the
@@ -494,6 +515,7 @@ pub fn mount(
             .arg("-o")
             .arg(options.to_arg())
             .arg("--foreground-child")
+            .args(forwarded_log_args())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -765,6 +787,7 @@ fn spawn_detached(mnt: &Path, data_dir: &Path, args: &UpArgs) -> Result<()> {
         .arg("-o")
         .arg(args.options.to_arg())
         .arg("--foreground-child")
+        .args(forwarded_log_args())
         .args((!args.fast_path).then_some("--no-fast-path"))
         .stdin(Stdio::null())
         .stdout(log)
@@ -1062,8 +1085,9 @@ mod tests {
         let reports = vec![cluster::ReplicaReport {
             id: 3,
             address: "host\"with:quote".into(),
-            health: "down",
+            health: "down".into(),
             lag: None,
+            agree: None,
             status: None,
         }];
         let suspects = vec![cluster::Suspect {

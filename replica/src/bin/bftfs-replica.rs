@@ -43,6 +43,15 @@ struct Args {
     /// Serve the replica's metrics in the Prometheus text format at HOST:PORT (plain HTTP).
     #[arg(long, value_name = "HOST:PORT")]
     metrics_addr: Option<String>,
+    /// More log detail (-v debug, -vv trace); overrides RUST_LOG.
+    #[arg(short, long, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    verbose: u8,
+    /// Less log detail (-q warnings and errors only, -qq errors only); overrides RUST_LOG.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    quiet: u8,
+    /// Append the log to FILE (plain text) instead of writing it to stderr.
+    #[arg(long, value_name = "FILE")]
+    log_file: Option<PathBuf>,
 }
 
 fn read_text(path: &Path, what: &str) -> anyhow::Result<String> {
@@ -51,13 +60,13 @@ fn read_text(path: &Path, what: &str) -> anyhow::Result<String> {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    if let Err(e) = run(Args::parse()) {
+    let args = Args::parse();
+    let verbosity = i8::try_from(i16::from(args.verbose) - i16::from(args.quiet)).unwrap_or(0);
+    if let Err(e) = replica::logging::init(verbosity, args.log_file.as_deref(), &[]) {
+        eprintln!("bftfs-replica: {e}");
+        std::process::exit(1);
+    }
+    if let Err(e) = run(args) {
         eprintln!("bftfs-replica: {e:#}");
         std::process::exit(1);
     }
@@ -75,6 +84,14 @@ fn run(args: Args) -> anyhow::Result<()> {
             )
         })?;
     let id = secrets.id;
+    tracing::debug!(
+        config = %args.config.display(),
+        secrets = %args.secrets.display(),
+        f = config.f,
+        replicas = config.n(),
+        clients = config.clients.len(),
+        "configuration read"
+    );
     let Some(me) = config.replicas.get(id.0 as usize).cloned() else {
         bail!(
             "the secrets file is for replica {}, but the cluster config has only {} replicas",
