@@ -100,9 +100,17 @@ fn hand_started() -> HandStarted {
 /// [`hand_started`], replica i with the extra arguments `extra(i, dir)` (`dir`: the test's
 /// temporary directory).
 fn hand_started_with(extra: impl Fn(usize, &Path) -> Vec<std::ffi::OsString>) -> HandStarted {
-    let dir = tempfile::tempdir().expect("tempdir");
     let addresses =
         replica::localhost::free_addresses(4, replica::localhost::fresh_seed()).expect("ports");
+    hand_started_at(addresses, extra)
+}
+
+/// [`hand_started_with`] at the given (advertised) addresses.
+fn hand_started_at(
+    addresses: Vec<String>,
+    extra: impl Fn(usize, &Path) -> Vec<std::ffi::OsString>,
+) -> HandStarted {
+    let dir = tempfile::tempdir().expect("tempdir");
     let mut args: Vec<std::ffi::OsString> = vec!["keygen".into(), "--out".into()];
     args.push(dir.path().join("keys").into());
     for a in &addresses {
@@ -448,4 +456,81 @@ fn status_watch_agree_and_plain_logs() {
     ] {
         assert!(!read(name).contains('\x1b'), "{name} has escape codes");
     }
+}
+
+/// Forwards every connection to `from` on to `to`, as a NAT port mapping does, for as long as
+/// the test process lives.
+fn forward_port(from: &str, to: &str) {
+    let listener = std::net::TcpListener::bind(from).expect("bind the forwarded port");
+    let to = to.to_string();
+    std::thread::spawn(move || {
+        for inbound in listener.incoming().flatten() {
+            let Ok(outbound) = std::net::TcpStream::connect(&to) else {
+                continue;
+            };
+            let pipe = |mut a: std::net::TcpStream, mut b: std::net::TcpStream| {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut a, &mut b);
+                    let _ = b.shutdown(std::net::Shutdown::Write);
+                });
+            };
+            let (Ok(in2), Ok(out2)) = (inbound.try_clone(), outbound.try_clone()) else {
+                continue;
+            };
+            pipe(inbound, out2);
+            pipe(outbound, in2);
+        }
+    });
+}
+
+/// `bftfs-replica --listen`: replica 0 is advertised at one address and listens at another,
+/// reached through a port mapping (as behind NAT or in a container); the cluster is healthy
+/// and agrees, which it could not be if replica 0 were unreachable.
+#[test]
+fn a_replica_listens_apart_from_its_advertised_address() {
+    let mut ports =
+        replica::localhost::free_addresses(5, replica::localhost::fresh_seed()).expect("ports");
+    let listen = ports.pop().expect("fifth port");
+    forward_port(&ports[0], &listen);
+    let listen_arg = listen.clone();
+    let cluster = hand_started_at(ports, move |i, _| {
+        if i == 0 {
+            vec!["--listen".into(), listen_arg.clone().into()]
+        } else {
+            Vec::new()
+        }
+    });
+    let dir = cluster.dir.path();
+    let config = dir.join("keys/cluster.json");
+    let args: Vec<&std::ffi::OsStr> = vec![
+        "status".as_ref(),
+        "--config".as_ref(),
+        config.as_os_str(),
+        "--json".as_ref(),
+    ];
+    assert!(
+        wait_until(Duration::from_secs(60), || status_with(&args, dir).0 == 0),
+        "healthy with replica 0 behind the mapping: {}",
+        status_with(&args, dir).1
+    );
+    let (_, out, _) = status_with(&args, dir);
+    let v = json(&out);
+    assert_eq!(v["replicas"][0]["health"], "ok", "{out}");
+    let log = std::fs::read_to_string(dir.join("replica-0.log")).expect("log");
+    assert!(log.contains(&format!("listen={listen}")), "{log}");
+    // A --listen address that cannot be bound is one clear sentence.
+    let out = Command::new(Path::new(BFTFS).with_file_name("bftfs-replica"))
+        .args(["--listen", "203.0.113.1:1", "--config"])
+        .arg(&config)
+        .arg("--secrets")
+        .arg(dir.join("keys/replica-1.json"))
+        .arg("--data-dir")
+        .arg(dir.join("other"))
+        .output()
+        .expect("run bftfs-replica");
+    let said = text(&out);
+    assert!(
+        !out.status.success() && said.contains("cannot listen on 203.0.113.1:1"),
+        "{said}"
+    );
 }

@@ -40,6 +40,12 @@ struct Args {
     /// with the cargo feature `byzantine`.
     #[arg(long, value_name = "MODE")]
     byzantine: Option<String>,
+    /// Listen for replicas and clients on HOST:PORT instead of the address the cluster
+    /// config gives for this replica, e.g. 0.0.0.0:7000 behind NAT, port forwarding or in a
+    /// container, where the advertised address (what the others connect to) is not one this
+    /// host has. [default: the advertised address]
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: Option<String>,
     /// Serve the replica's metrics in the Prometheus text format at HOST:PORT (plain HTTP).
     #[arg(long, value_name = "HOST:PORT")]
     metrics_addr: Option<String>,
@@ -114,7 +120,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         )
     })?;
     let _lock = lock_data_dir(&args.data_dir)?;
-    let listener = node::bind(&config, id)?;
+    let listener = match &args.listen {
+        Some(address) => node::bind_at(address)?,
+        None => node::bind(&config, id)?,
+    };
 
     let mut service = FileService::open(&args.data_dir.join("fs")).with_context(|| {
         format!(
@@ -142,6 +151,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!(
         replica = id.0,
         address = %me.address,
+        listen = %args.listen.as_deref().unwrap_or(&me.address),
         last_executed = replica.last_executed().0,
         view = replica.view().0,
         data_dir = %args.data_dir.display(),
