@@ -5,49 +5,12 @@
 
 mod common;
 
-use common::{bftfs, is_mounted, replicated_mounts_available, text, Mounted};
+use common::{is_mounted, replicated_mounts_available, text, Helper, Mounted};
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-
-const HELPER: &str = "/sbin/mount.bftfs";
-
-/// Installs the helper with `bftfs install-helper` and puts back what was there before when
-/// dropped (a link to another bftfs build, or nothing).
-struct Helper {
-    before: Option<PathBuf>,
-    xdg: PathBuf,
-}
-
-impl Helper {
-    fn install(xdg: &Path) -> Helper {
-        let before = fs::read_link(HELPER).ok();
-        let out = bftfs(&["install-helper".as_ref()], xdg);
-        assert!(out.status.success(), "install-helper: {}", text(&out));
-        assert_eq!(
-            fs::read_link(HELPER)
-                .expect("a link")
-                .canonicalize()
-                .expect("target"),
-            Path::new(common::BFTFS).canonicalize().expect("bftfs"),
-        );
-        Helper {
-            before,
-            xdg: xdg.to_path_buf(),
-        }
-    }
-}
-
-impl Drop for Helper {
-    fn drop(&mut self) {
-        let _ = bftfs(&["install-helper".as_ref(), "--remove".as_ref()], &self.xdg);
-        if let Some(target) = &self.before {
-            let _ = std::os::unix::fs::symlink(target, HELPER);
-        }
-    }
-}
 
 /// Unmounts lazily when dropped, even if the test panicked.
 struct Unmount(PathBuf);
@@ -86,11 +49,7 @@ fn mount_t_bftfs_and_an_fstab_line() {
     if !replicated_mounts_available("mount_t_bftfs_and_an_fstab_line") {
         return;
     }
-    if Command::new("mount").arg("--version").output().is_err() {
-        if std::env::var("BFTFS_REQUIRE_FUSE").as_deref() == Ok("1") {
-            panic!("mount_t_bftfs_and_an_fstab_line: mount(8) is required but missing");
-        }
-        eprintln!("SKIPPED mount_t_bftfs_and_an_fstab_line: no mount(8) (util-linux)");
+    if !common::mount_8_available("mount_t_bftfs_and_an_fstab_line") {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
