@@ -103,6 +103,9 @@ enum Cmd {
     /// or in /etc/fstab:
     ///
     ///   /etc/bftfs/cluster.json  /mnt/x  bftfs  _netdev,nofail,client=/etc/bftfs/client-2.json  0 0
+    ///
+    /// Besides the options of `bftfs mount -o`, mount.bftfs takes log=FILE: where the
+    /// background process logs once mount(8) has returned.
     InstallHelper {
         /// Where to put the link (mount(8) looks in /sbin).
         #[arg(long, value_name = "DIR", default_value = fs_client::mount_helper::HELPER_DIR)]

@@ -5,7 +5,8 @@
 //! empty environment (no PATH, no HOME) and expects it to return once the file system is
 //! mounted. SOURCE is the cluster config; `-o` carries bftfs's own options (`client=FILE`
 //! among them) mixed with the generic ones mount(8) adds, which [`MountOptions`] accepts.
-//! The mount itself is `bftfs mount --detach`: a background process serves it.
+//! The mount itself is `bftfs mount --detach`: a background process serves it, logging to
+//! the file named by the `log=FILE` option (else nowhere once mount(8) has returned).
 
 use crate::options::MountOptions;
 use anyhow::{bail, Context, Result};
@@ -104,11 +105,21 @@ fn parse_args(args: &[OsString]) -> Result<HelperArgs> {
     })
 }
 
-/// Mount options from the helper's `-o` lists; with `sloppy`, unknown ones are dropped with a
-/// warning instead of refused.
-fn parse_options(raw: &[String], sloppy: bool) -> Result<MountOptions> {
+/// Mount options from the helper's `-o` lists, and the `log=FILE` option; with `sloppy`,
+/// unknown options are dropped with a warning instead of refused.
+fn parse_options(raw: &[String], sloppy: bool) -> Result<(MountOptions, Option<PathBuf>)> {
     let mut o = MountOptions::default();
+    let mut log = None;
     for item in raw.iter().flat_map(|a| a.split(',')) {
+        // Where the background process logs: mount(8) returns once mounted, and with it goes
+        // the stderr the process had, so fstab needs a place to name a log file.
+        if let Some(path) = item.strip_prefix("log=") {
+            if path.is_empty() {
+                bail!("option log= needs a file name");
+            }
+            log = Some(PathBuf::from(path));
+            continue;
+        }
         if let Err(e) = o.apply(item) {
             if sloppy && e.starts_with("unknown mount option") {
                 warn!("ignoring mount option `{item}` (-s)");
@@ -117,7 +128,7 @@ fn parse_options(raw: &[String], sloppy: bool) -> Result<MountOptions> {
             }
         }
     }
-    Ok(o)
+    Ok((o, log))
 }
 
 /// Runs as mount(8)'s helper; returns the exit status.
@@ -140,7 +151,17 @@ pub fn main(args: Vec<OsString>) -> i32 {
             return EXIT_USAGE;
         }
     };
-    let (args, options) = parsed;
+    let (args, (options, log)) = parsed;
+    if let Some(log) = log {
+        let Ok(abs) = std::path::absolute(&log) else {
+            eprintln!("mount.bftfs: log={}: not a usable path", log.display());
+            return EXIT_USAGE;
+        };
+        crate::up::set_forwarded_log_args(vec![
+            "--log-file".into(),
+            abs.to_string_lossy().into_owned(),
+        ]);
+    }
     let result = (|| {
         if args.fake {
             // Everything mount(8) would have us check, without mounting.
@@ -284,8 +305,12 @@ mod tests {
     fn sloppy_drops_unknown_options_only() {
         let raw = vec!["noexec,frobnicate".to_string()];
         assert!(parse_options(&raw, false).is_err());
-        let o = parse_options(&raw, true).expect("sloppy");
-        assert!(o.no_exec);
+        let (o, log) = parse_options(&raw, true).expect("sloppy");
+        assert!(o.no_exec && log.is_none());
+        let (_, log) =
+            parse_options(&["ro,log=/var/log/bftfs.log".to_string()], false).expect("log=");
+        assert_eq!(log.as_deref(), Some(Path::new("/var/log/bftfs.log")));
+        assert!(parse_options(&["log=".to_string()], false).is_err());
         // A known option with a bad value is wrong even when sloppy.
         assert!(parse_options(&["threads=0".to_string()], true).is_err());
     }

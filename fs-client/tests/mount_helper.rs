@@ -5,12 +5,13 @@
 
 mod common;
 
-use common::{is_mounted, replicated_mounts_available, text, Helper, Mounted};
+use common::{is_mounted, replicated_mounts_available, text, wait_until, Helper, Mounted};
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 /// Unmounts lazily when dropped, even if the test panicked.
 struct Unmount(PathBuf);
@@ -23,12 +24,12 @@ impl Drop for Unmount {
     }
 }
 
-/// Runs mount(8) or umount(8) as a user would, with the empty environment mount(8) gives its
-/// helpers anyway.
+/// Runs mount(8) or umount(8) as a user would (without the tests' RUST_LOG, which mount(8)
+/// would pass on to the helper).
 fn run(program: &str, args: &[&OsStr]) -> Output {
     Command::new(program)
         .args(args)
-        .env("RUST_LOG", "warn")
+        .env_remove("RUST_LOG")
         .output()
         .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
 }
@@ -68,9 +69,11 @@ fn mount_t_bftfs_and_an_fstab_line() {
     let _cleanup = Unmount(other.clone());
 
     // mount -t bftfs CLUSTER.json DIR -o client=...,<what fstab users write>
+    let log = tmp.path().join("mount.log");
     let opts = format!(
-        "client={},noatime,noexec,nodev,_netdev,nofail",
-        client.display()
+        "client={},noatime,noexec,nodev,_netdev,nofail,log={}",
+        client.display(),
+        log.display()
     );
     let out = run(
         "mount",
@@ -108,6 +111,16 @@ fn mount_t_bftfs_and_an_fstab_line() {
     let out = run("umount", &[other.as_os_str()]);
     assert!(out.status.success(), "umount: {}", text(&out));
     assert!(!is_mounted(&other), "umount(8) unmounts");
+    // The background process logged to log=FILE, and kept logging after mount(8) returned.
+    let logged = fs::read_to_string(&log).expect("log=FILE is written");
+    assert!(logged.contains("FUSE threads)"), "{logged}");
+    assert!(
+        wait_until(Duration::from_secs(30), || fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("is unmounted; stopping")),
+        "{}",
+        fs::read_to_string(&log).unwrap_or_default()
+    );
 
     // An fstab line, read only: what mount(8) passes along (defaults, _netdev, nofail) is
     // accepted, ro is enforced, and `mount -a` sees the line as mounted already.
