@@ -122,7 +122,7 @@ pub fn verdict(
     match mount {
         Some(MountState { running: false, mounted: true }) => v.add(
             Health::Stuck,
-            "the bftfs process serving the mount is not running (run `bftfs umount --lazy`, then `bftfs up` again)".into(),
+            "the bftfs process serving the mount is not running (`bftfs up` again detaches the dead mount and mounts)".into(),
         ),
         Some(MountState { running: false, mounted: false }) => {
             v.add(Health::Stuck, "stopped: nothing serves the mount point".into())
@@ -272,7 +272,9 @@ mod tests {
                         None => "down",
                         Some((_, false)) => "changing view",
                         Some(_) => "ok",
-                    },
+                    }
+                    .into(),
+                    agree: None,
                     lag: status.as_ref().map(|_| 0),
                     status,
                 }

@@ -9,17 +9,21 @@
 //! - [`local`]: the unreplicated transport (one in-process file service, `up --f 0`);
 //! - [`options`]: `-o` mount options;
 //! - [`open_files`]: open files kept alive across unlink (hidden names, as NFS does);
+//! - [`mount_helper`]: `mount.bftfs` (mount(8) and fstab) and `bftfs install-helper`;
 //! - [`mounting`]: mount checks, serving a mount until it is unmounted, unmounting;
 //! - [`keygen`]: `bftfs keygen`, a cluster config and secrets files;
+//! - [`config_check`]: `bftfs config check`, what is wrong with a config or secrets file;
 //! - [`up`]: `bftfs up`/`down`/`status` for a cluster started on this machine.
 
 pub mod adapter;
 pub mod cluster;
+pub mod config_check;
 pub mod health;
 pub mod inodes;
 pub mod kernel_cache;
 pub mod keygen;
 pub mod local;
+pub mod mount_helper;
 pub mod mounting;
 pub mod open_files;
 pub mod options;

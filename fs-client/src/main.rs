@@ -12,12 +12,23 @@ use std::path::PathBuf;
 ///
 /// `bftfs up DIR` mounts a file system at DIR, served by a cluster started on this machine;
 /// `bftfs down DIR` stops it. State persists across down/up of the same mount point.
-/// Logs go to stderr; choose their level with RUST_LOG (e.g. RUST_LOG=debug).
+/// Logs go to stderr (or --log-file); choose their level with -v/-q or RUST_LOG (e.g.
+/// RUST_LOG=debug).
 #[derive(Parser, Debug)]
 #[command(name = "bftfs", version, about, long_about)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
+    /// More log detail (-v debug, -vv trace); overrides RUST_LOG.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    verbose: u8,
+    /// Less log detail (-q warnings and errors only, -qq errors only); overrides RUST_LOG.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    quiet: u8,
+    /// Append the log to FILE (plain text, no colours) instead of writing it to stderr; a
+    /// background process of --detach logs there too.
+    #[arg(long, global = true, value_name = "FILE")]
+    log_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -72,13 +83,36 @@ enum Cmd {
         /// Run in the background; return once the mount answers.
         #[arg(long)]
         detach: bool,
-        /// This client's secrets file [default: the first client-<id>.json next to CONFIG
-        /// that no other mount is using].
+        /// This client's secrets file (also `-o client=FILE`) [default: the first
+        /// client-<id>.json next to CONFIG that no other mount is using].
         #[arg(long, value_name = "FILE")]
         client: Option<PathBuf>,
         /// Internal: the background process started by --detach.
         #[arg(long, hide = true)]
         foreground_child: bool,
+    },
+    /// Make `mount -t bftfs` and fstab work: link /sbin/mount.bftfs to this program.
+    ///
+    /// mount(8) then runs it as `mount.bftfs CLUSTER.json MOUNTPOINT -o OPTIONS`, and it
+    /// returns once the file system is mounted, served by a background bftfs process
+    /// (`umount MOUNTPOINT` stops it). The same by hand: `ln -s $(command -v bftfs)
+    /// /sbin/mount.bftfs`. For example:
+    ///
+    ///   mount -t bftfs /etc/bftfs/cluster.json /mnt/x -o client=/etc/bftfs/client-2.json
+    ///
+    /// or in /etc/fstab:
+    ///
+    ///   /etc/bftfs/cluster.json  /mnt/x  bftfs  _netdev,nofail,client=/etc/bftfs/client-2.json  0 0
+    ///
+    /// Besides the options of `bftfs mount -o`, mount.bftfs takes log=FILE: where the
+    /// background process logs once mount(8) has returned.
+    InstallHelper {
+        /// Where to put the link (mount(8) looks in /sbin).
+        #[arg(long, value_name = "DIR", default_value = fs_client::mount_helper::HELPER_DIR)]
+        dir: PathBuf,
+        /// Remove the link instead (only if it points to a bftfs).
+        #[arg(long)]
+        remove: bool,
     },
     /// Unmount MOUNTPOINT (as root with umount2; otherwise with fusermount3 -u).
     Umount {
@@ -90,11 +124,16 @@ enum Cmd {
     },
     /// Show the cluster behind MOUNTPOINT (or CONFIG): a verdict (ok, degraded or stuck) with
     /// its reasons, then each replica's role, address, pid, view, last executed sequence
-    /// number, checkpoint, lag and health, and the replicas others suspect.
+    /// number, checkpoint, lag, agreement and health, and the replicas others suspect.
+    ///
+    /// agree: "yes" when the replica's checkpoint state digests equal the other replicas' at
+    /// the same checkpoints, "NO" when more replicas (or as many) hold another state there
+    /// (its health then says at which checkpoint), "-" when there is nothing to compare.
     ///
     /// ok: every replica answers in one active view, none behind or suspected, and the
     /// mount's calls complete. degraded: a quorum (2f+1 replicas in one active view) serves,
-    /// but a replica is down, lagging, changing view alone or suspected. stuck: no quorum in
+    /// but a replica is down, lagging, changing view alone, suspected or holding a state that
+    /// differs from the others'. stuck: no quorum in
     /// an active view (e.g. every replica changing view), no replica answers, the mount's
     /// process is gone, or the mount's calls fail (EIO) or have waited 10 s or more for an
     /// answer (MOUNTPOINT: the mount's own calls; --config: every client that reported in the
@@ -108,9 +147,22 @@ enum Cmd {
         mountpoint: Option<PathBuf>,
         #[arg(long, value_name = "CONFIG")]
         config: Option<PathBuf>,
-        /// Machine-readable output.
+        /// Machine-readable output (with --watch, one JSON object per line).
         #[arg(long)]
         json: bool,
+        /// Report again every SECONDS (default 2; write --watch=5) until interrupted, like
+        /// watch(1); on a terminal each report replaces the last.
+        #[arg(
+            long,
+            value_name = "SECONDS",
+            num_args = 0..=1,
+            require_equals = true,
+            default_missing_value = "2"
+        )]
+        watch: Option<f64>,
+        /// With --watch: stop after N reports, exiting with the last one's status.
+        #[arg(long, value_name = "N", requires = "watch")]
+        count: Option<u64>,
     },
     /// Generate keys and a cluster config for replicas on other machines.
     ///
@@ -143,10 +195,52 @@ enum Cmd {
         #[arg(long, default_value = "none", value_name = "MODE")]
         squash: state_abstraction::fs::Squash,
     },
+    /// Check configuration files.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCmd {
+    /// Check a cluster config (cluster.json) or a secrets file (replica-<i>.json,
+    /// client-<id>.json): every field known, spelt right and valid, and a secrets file
+    /// made for the cluster config next to it (or --cluster).
+    ///
+    /// Prints what the file holds and exits 0 when it is usable; otherwise says what is wrong,
+    /// at which line (with a guess at a misspelt field name), and exits 1. Every bftfs program
+    /// refuses such a file in the same way when it starts. Times in the "protocol" section
+    /// are durations such as "2s" or "500ms" (files with the older `..._ticks` numbers and
+    /// `tick_ns` still load).
+    Check {
+        file: PathBuf,
+        /// What FILE is [default: guessed from its content].
+        #[arg(long, value_enum)]
+        kind: Option<fs_client::config_check::Kind>,
+        /// The cluster config a secrets file must match [default: cluster.json next to FILE,
+        /// if there is one].
+        #[arg(long, value_name = "CONFIG")]
+        cluster: Option<PathBuf>,
+    },
 }
 
 /// `bftfs status`'s exit status when it cannot find out (see its help).
 const STATUS_UNKNOWN: i32 = 3;
+
+/// The time of day in UTC, `HH:MM:SS UTC`, heading each report of `status --watch` (the
+/// date would only repeat itself from one report to the next).
+fn now_utc() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        % 86_400;
+    format!(
+        "{:02}:{:02}:{:02} UTC",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
 
 fn parse_options(raw: &[String]) -> Result<MountOptions> {
     match MountOptions::parse_all(raw) {
@@ -168,6 +262,13 @@ fn run(cli: Cli) -> Result<()> {
             metrics_port,
             foreground_child,
         } => up::up(UpArgs {
+            options: {
+                let o = parse_options(&options)?;
+                if o.client.is_some() {
+                    bail!("-o client=FILE is for `bftfs mount`; `bftfs up` makes and picks its own client identities");
+                }
+                o
+            },
             metrics_port: up::check_metrics_port(metrics_port, f)?,
             byzantine: up::parse_byzantine(&byzantine, f)?,
             mountpoint,
@@ -175,7 +276,6 @@ fn run(cli: Cli) -> Result<()> {
             data_dir,
             detach,
             fast_path: !no_fast_path,
-            options: parse_options(&options)?,
             foreground_child,
         }),
         Cmd::Down { mountpoint } => up::down(&mountpoint),
@@ -186,14 +286,39 @@ fn run(cli: Cli) -> Result<()> {
             detach,
             client,
             foreground_child,
-        } => up::mount(
-            &config,
-            &mountpoint,
-            parse_options(&options)?,
-            client.as_deref(),
-            detach,
-            foreground_child,
-        ),
+        } => {
+            let options = parse_options(&options)?;
+            let client = client.or_else(|| options.client.clone());
+            up::mount(
+                &config,
+                &mountpoint,
+                options,
+                client.as_deref(),
+                detach,
+                foreground_child,
+                false,
+            )
+        }
+        Cmd::InstallHelper { dir, remove } => {
+            use fs_client::mount_helper;
+            if remove {
+                match mount_helper::uninstall(&dir)? {
+                    Some(link) => println!("bftfs: removed {}", link.display()),
+                    None => println!(
+                        "bftfs: there was no {}",
+                        dir.join(mount_helper::HELPER_NAME).display()
+                    ),
+                }
+            } else {
+                let link = mount_helper::install(&dir)?;
+                println!(
+                    "bftfs: {} -> {}; `mount -t bftfs CLUSTER.json DIR -o client=FILE` and fstab lines of type bftfs now work",
+                    link.display(),
+                    std::fs::read_link(&link)?.display()
+                );
+            }
+            Ok(())
+        }
         Cmd::Umount { mountpoint, lazy } => {
             let mnt = mounting::mount_path(&mountpoint)?;
             mounting::unmount(&mnt, lazy)?;
@@ -204,22 +329,67 @@ fn run(cli: Cli) -> Result<()> {
             mountpoint,
             config,
             json,
+            watch,
+            count,
         } => {
-            let health = match (mountpoint, config) {
-                (Some(m), _) => up::status(&m, json),
-                (None, Some(c)) => up::status_of_config(&c, json),
+            let once = || match (&mountpoint, &config) {
+                (Some(m), _) => up::status(m, json),
+                (None, Some(c)) => up::status_of_config(c, json),
                 (None, None) => bail!("give a mount point or --config CONFIG"),
             };
-            match health {
-                Ok(h) => {
-                    let _ = std::io::stdout().flush();
-                    std::process::exit(h.exit_code())
+            let Some(every) = watch else {
+                match once() {
+                    Ok(h) => {
+                        let _ = std::io::stdout().flush();
+                        std::process::exit(h.exit_code())
+                    }
+                    Err(e) => {
+                        eprintln!("bftfs: {e:#}");
+                        std::process::exit(STATUS_UNKNOWN)
+                    }
                 }
-                Err(e) => {
-                    eprintln!("bftfs: {e:#}");
-                    std::process::exit(STATUS_UNKNOWN)
-                }
+            };
+            if !every.is_finite() || !(0.1..=86_400.0).contains(&every) {
+                eprintln!("bftfs: --watch {every}: give a number of seconds from 0.1 to 86400");
+                std::process::exit(STATUS_UNKNOWN);
             }
+            let redraw = !json && std::io::stdout().is_terminal();
+            let mut round = 0u64;
+            loop {
+                round += 1;
+                if redraw {
+                    // Home and clear: each report replaces the last, as watch(1) does.
+                    print!("\x1b[H\x1b[2J");
+                }
+                if !json {
+                    println!("{}", now_utc());
+                }
+                let last = match once() {
+                    Ok(h) => h.exit_code(),
+                    Err(e) => {
+                        // Keep watching: a mount that is restarting comes back.
+                        eprintln!("bftfs: {e:#}");
+                        STATUS_UNKNOWN
+                    }
+                };
+                if !json && !redraw {
+                    println!();
+                }
+                let _ = std::io::stdout().flush();
+                if count.is_some_and(|n| round >= n) {
+                    std::process::exit(last);
+                }
+                std::thread::sleep(std::time::Duration::from_secs_f64(every));
+            }
+        }
+        Cmd::Config(ConfigCmd::Check {
+            file,
+            kind,
+            cluster,
+        }) => {
+            let what = fs_client::config_check::check(&file, kind, cluster.as_deref())?;
+            println!("{}: ok: {what}", file.display());
+            Ok(())
         }
         Cmd::Keygen {
             out,
@@ -256,24 +426,52 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fuser=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let mut argv = std::env::args_os();
+    if fs_client::mount_helper::invoked_as_helper(argv.next().as_deref()) {
+        let args: Vec<std::ffi::OsString> = argv.collect();
+        let _ = replica::logging::init(0, None, &["fuser"]);
+        std::process::exit(fs_client::mount_helper::main(args));
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         // `status`'s exit statuses 1 and 2 mean degraded and stuck; a script must not read a
         // mistyped status command line (clap's usual 2) as a stuck cluster.
-        Err(e) if e.use_stderr() && std::env::args().nth(1).as_deref() == Some("status") => {
+        Err(e)
+            if e.use_stderr()
+                && std::env::args()
+                    .skip(1)
+                    .find(|a| !a.starts_with('-'))
+                    .as_deref()
+                    == Some("status") =>
+        {
             let _ = e.print();
             std::process::exit(STATUS_UNKNOWN)
         }
         Err(e) => e.exit(),
     };
+    let verbosity = i8::try_from(i16::from(cli.verbose) - i16::from(cli.quiet)).unwrap_or(0);
+    if let Err(e) = replica::logging::init(verbosity, cli.log_file.as_deref(), &["fuser"]) {
+        eprintln!("bftfs: {e}");
+        std::process::exit(if matches!(cli.command, Cmd::Status { .. }) {
+            STATUS_UNKNOWN
+        } else {
+            1
+        });
+    }
+    // A background process started for --detach logs the same way.
+    let mut forward = Vec::new();
+    forward.extend((0..cli.verbose).map(|_| "-v".to_string()));
+    forward.extend((0..cli.quiet).map(|_| "-q".to_string()));
+    if let Some(f) = &cli.log_file {
+        match std::path::absolute(f) {
+            Ok(abs) => forward.extend(["--log-file".to_string(), abs.to_string_lossy().into()]),
+            Err(e) => {
+                eprintln!("bftfs: --log-file {}: {e}", f.display());
+                std::process::exit(1);
+            }
+        }
+    }
+    fs_client::up::set_forwarded_log_args(forward);
     if let Err(e) = run(cli) {
         eprintln!("bftfs: {e:#}");
         std::process::exit(1);

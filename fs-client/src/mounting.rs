@@ -117,16 +117,35 @@ pub fn mounted_fstype(path: &Path) -> Option<String> {
 }
 
 /// Checks a mount point before mounting: an existing, empty directory with nothing mounted.
+/// A bftfs mount whose process died ("transport endpoint is not connected") is detached
+/// first, with a warning: it can serve nothing, and only its own process could have
+/// unmounted it.
 pub fn check_mount_point(mnt: &Path) -> Result<()> {
-    if let Some(fstype) = mounted_fstype(mnt) {
-        if fstype == FS_TYPE {
+    // Each round detaches one dead mount; several can be stacked when earlier runs died.
+    for _ in 0..16 {
+        let Some(fstype) = mounted_fstype(mnt) else {
+            break;
+        };
+        if fstype != FS_TYPE {
+            bail!(
+                "{} is already a mount point ({fstype}); choose an empty directory",
+                mnt.display()
+            );
+        }
+        if !is_dead_mount(mnt) {
             bail!(
                 "{} is already mounted (bftfs); run `bftfs down {0}` or `bftfs umount {0}` first",
                 mnt.display()
             );
         }
-        bail!(
-            "{} is already a mount point ({fstype}); choose an empty directory",
+        unmount(mnt, true).with_context(|| {
+            format!(
+                "{} is a dead bftfs mount (its process is gone) and detaching it failed",
+                mnt.display()
+            )
+        })?;
+        warn!(
+            "{} was still mounted by a bftfs process that is gone (transport endpoint is not connected); detached that mount",
             mnt.display()
         );
     }
@@ -153,6 +172,12 @@ pub fn check_mount_point(mnt: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Whether the FUSE mount at `mnt` lost its server: the kernel answers ENOTCONN once the
+/// process holding /dev/fuse for it has closed it (died), without asking anyone.
+pub fn is_dead_mount(mnt: &Path) -> bool {
+    matches!(std::fs::metadata(mnt), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN))
 }
 
 /// Checks that this process can mount at all, with one sentence on what is missing.
@@ -251,6 +276,14 @@ pub fn serve(
     if opts.read_only {
         config.mount_options.push(MountOption::RO);
     }
+    if opts.no_exec {
+        config.mount_options.push(MountOption::NoExec);
+    }
+    // The service changes atime only when asked to (utimes), never on reads, so this only
+    // tells the kernel and /proc/mounts what is so anyway.
+    if opts.no_atime {
+        config.mount_options.push(MountOption::NoAtime);
+    }
     // The service checks permissions for every caller, so other users may come in; that needs
     // root (or user_allow_other in /etc/fuse.conf), hence the default only for root.
     config.acl = if opts.allow_other.unwrap_or_else(is_root) {
@@ -258,6 +291,16 @@ pub fn serve(
     } else {
         SessionACL::Owner
     };
+    if opts.auto_unmount {
+        // fusermount3 refuses auto_unmount for a mount only its owner may enter.
+        if config.acl == SessionACL::Owner {
+            bail!("-o auto_unmount needs allow_other too (as an ordinary user, that needs user_allow_other in /etc/fuse.conf)");
+        }
+        if which("fusermount3").is_none() && which("fusermount").is_none() {
+            bail!("-o auto_unmount needs fusermount3 (Debian package fuse3), which stays behind to unmount if bftfs dies");
+        }
+        config.mount_options.push(MountOption::AutoUnmount);
+    }
     config.n_threads = Some(opts.threads);
     // One /dev/fuse descriptor per thread: no contention on a single queue.
     config.clone_fd = true;

@@ -20,7 +20,66 @@ pub const DEFAULT_THREADS: usize = 8;
 pub const OPTIONS_HELP: &str = "Mount options, comma-separated: attr_timeout=SECONDS (default 1), \
 entry_timeout=SECONDS (default 1), timeout=SECONDS (a request the cluster does not answer in \
 time fails with EIO; default 30), threads=N (FUSE worker threads, default 8), \
-allow_other (let other users in; default when run as root), ro";
+allow_other (let other users in; default when run as root), ro, noexec, noatime, \
+auto_unmount (a helper process, fusermount3, unmounts the file system if bftfs dies, so the \
+mount point is never left \"not connected\"; needs allow_other), client=FILE (bftfs mount: \
+this client's secrets, as --client). A bftfs mount is always nodev and nosuid (any client of \
+the cluster could plant a device or set-user-id file); the options mount(8) and fstab add \
+(rw, dev, suid, exec, atime, relatime, defaults, auto, noauto, user, nouser, _netdev, \
+nofail, async, x-..., ...) are accepted and change nothing";
+
+/// Options mount(8), fstab entries and mount.fuse3 pass along that mean nothing for a bftfs
+/// mount: accepted, so that an fstab line written for any file system works, and ignored.
+/// `dev` and `suid` are here too: a bftfs mount stays nodev,nosuid whatever is asked, since
+/// a client's key vouches for the client, not for the uid it states.
+const NO_EFFECT: &[&str] = &[
+    "defaults",
+    "auto",
+    "noauto",
+    "user",
+    "nouser",
+    "users",
+    "owner",
+    "group",
+    "_netdev",
+    "nofail",
+    "dev",
+    "nodev",
+    "suid",
+    "nosuid",
+    "exec",
+    "atime",
+    "relatime",
+    "norelatime",
+    "strictatime",
+    "nostrictatime",
+    "lazytime",
+    "nolazytime",
+    "diratime",
+    "nodiratime",
+    "async",
+    "sync",
+    "dirsync",
+    "silent",
+    "loud",
+    "nonempty",
+    "default_permissions",
+];
+
+/// Prefixes of `name=value` options of the same kind: userspace-only fstab annotations
+/// (`x-systemd.automount`, `comment=`), names mount(8) or mount.fuse3 add, SELinux labels.
+const NO_EFFECT_PREFIXES: &[&str] = &[
+    "x-",
+    "comment=",
+    "fsname=",
+    "subtype=",
+    "helper=",
+    "uhelper=",
+    "context=",
+    "fscontext=",
+    "defcontext=",
+    "rootcontext=",
+];
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct MountOptions {
@@ -35,6 +94,14 @@ pub struct MountOptions {
     /// `None`: decide by who we are (allow_other when root).
     pub allow_other: Option<bool>,
     pub read_only: bool,
+    /// fusermount3 stays behind and unmounts if this process dies (FUSE's `auto_unmount`).
+    pub auto_unmount: bool,
+    /// Kernel flags: no execution of files on the mount; no access-time updates.
+    pub no_exec: bool,
+    pub no_atime: bool,
+    /// `client=FILE`: this client's secrets file (for `bftfs mount` and mount.bftfs, where
+    /// fstab has no other place for it).
+    pub client: Option<std::path::PathBuf>,
 }
 
 impl Default for MountOptions {
@@ -46,6 +113,10 @@ impl Default for MountOptions {
             threads: DEFAULT_THREADS,
             allow_other: None,
             read_only: false,
+            auto_unmount: false,
+            no_exec: false,
+            no_atime: false,
+            client: None,
         }
     }
 }
@@ -83,10 +154,19 @@ impl MountOptions {
                 ("allow_other", None) => self.allow_other = Some(true),
                 ("ro", None) => self.read_only = true,
                 ("rw", None) => self.read_only = false,
+                ("auto_unmount", None) => self.auto_unmount = true,
+                ("noexec", None) => self.no_exec = true,
+                ("exec", None) => self.no_exec = false,
+                ("noatime", None) => self.no_atime = true,
+                ("atime", None) => self.no_atime = false,
+                ("client", Some(v)) if !v.is_empty() => self.client = Some(v.into()),
+                (n, None) if NO_EFFECT.contains(&n) => {}
+                _ if NO_EFFECT_PREFIXES.iter().any(|p| item.starts_with(p)) => {}
                 _ => {
                     return Err(format!(
                         "unknown mount option `{item}` (known: attr_timeout=S, entry_timeout=S, \
-                         timeout=S, threads=N, allow_other, ro, rw)"
+                         timeout=S, threads=N, allow_other, ro, rw, noexec, noatime, \
+                         auto_unmount, client=FILE, and the generic ones mount(8) passes)"
                     ))
                 }
             }
@@ -116,6 +196,16 @@ impl MountOptions {
         if self.read_only {
             parts.push("ro".into());
         }
+        if self.auto_unmount {
+            parts.push("auto_unmount".into());
+        }
+        if self.no_exec {
+            parts.push("noexec".into());
+        }
+        if self.no_atime {
+            parts.push("noatime".into());
+        }
+        // `client` is left out: a path may hold a comma. Callers pass it as --client.
         parts.join(",")
     }
 }
@@ -145,10 +235,37 @@ mod tests {
     #[test]
     fn round_trip_through_arg() {
         let mut o = MountOptions::default();
-        o.apply("attr_timeout=0.25,timeout=7.5,threads=2,allow_other")
+        o.apply("attr_timeout=0.25,timeout=7.5,threads=2,allow_other,auto_unmount")
             .expect("valid");
         let back = MountOptions::parse_all(&[o.to_arg()]).expect("valid");
         assert_eq!(back, o);
+    }
+
+    #[test]
+    fn what_mount_8_and_fstab_pass_is_accepted() {
+        let o = MountOptions::parse_all(&[
+            "rw,nosuid,nodev,noexec,noatime,_netdev,nofail,defaults,relatime,x-systemd.automount"
+                .to_string(),
+            "auto,user,async,dev,suid,comment=foo,client=/etc/bftfs/client-2.json".to_string(),
+        ])
+        .expect("tolerated");
+        assert!(o.no_exec && o.no_atime && !o.read_only);
+        assert_eq!(
+            o.client.as_deref(),
+            Some(std::path::Path::new("/etc/bftfs/client-2.json"))
+        );
+        let o = MountOptions::parse_all(&["ro,exec".to_string()]).expect("valid");
+        assert!(o.read_only && !o.no_exec);
+        let mut back = o.clone();
+        back.apply("noexec,noatime").expect("valid");
+        assert_eq!(
+            MountOptions::parse_all(&[back.to_arg()]).expect("valid"),
+            back
+        );
+        for bad in ["client=", "_netdev=1", "x", "nodevice"] {
+            let e = MountOptions::parse_all(&[bad.to_string()]).expect_err(bad);
+            assert!(e.contains("unknown mount option"), "{e}");
+        }
     }
 
     #[test]

@@ -54,6 +54,21 @@ const FLUSH_EVERY: Duration = Duration::from_secs(5);
 /// How long `down` waits for the serving process to stop after SIGTERM.
 const STOP_WAIT: Duration = Duration::from_secs(20);
 
+/// The logging flags (`-v`, `-q`, `--log-file ABS`) a background process of `--detach` gets,
+/// so that it logs where and as much as the command that started it.
+static FORWARDED_LOG_ARGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
+pub fn set_forwarded_log_args(args: Vec<String>) {
+    let _ = FORWARDED_LOG_ARGS.set(args);
+}
+
+fn forwarded_log_args() -> &'static [String] {
+    FORWARDED_LOG_ARGS
+        .get()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+}
+
 /// What `bftfs up` was asked to do.
 #[derive(Clone, Debug)]
 pub struct UpArgs {
@@ -419,6 +434,12 @@ fn serve_replicated(mnt: &Path, data_dir: &Path, args: &UpArgs) -> Result<()> {
     let extras = cluster::ReplicaExtras {
         byzantine: args.byzantine.clone(),
         metrics_port: args.metrics_port,
+        // Their logs stay in replica-<i>.log; only the level follows this command's.
+        log_flags: forwarded_log_args()
+            .iter()
+            .filter(|a| *a == "-v" || *a == "-q")
+            .cloned()
+            .collect(),
     };
     let mut replicas = match cluster::LocalCluster::start_with(data_dir, &config_path, &extras) {
         // The ports were free when chosen, but another program (another `up` choosing at the
@@ -479,6 +500,7 @@ pub fn mount(
     client: Option<&Path>,
     detach: bool,
     foreground_child: bool,
+    quiet: bool,
 ) -> Result<()> {
     let mnt = mount_path(mountpoint)?;
     check_can_mount()?;
@@ -493,6 +515,7 @@ pub fn mount(
             .arg("-o")
             .arg(options.to_arg())
             .arg("--foreground-child")
+            .args(forwarded_log_args())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -510,6 +533,9 @@ pub fn mount(
                 bail!("bftfs mount failed ({status}): {}", err.trim());
             }
             if mounted_fstype(&mnt).as_deref() == Some(FS_TYPE) && std::fs::metadata(&mnt).is_ok() {
+                if quiet {
+                    return Ok(());
+                }
                 println!(
                     "bftfs: {} is mounted (cluster {}, pid {})",
                     mnt.display(),
@@ -542,7 +568,17 @@ pub fn mount(
         transport.as_ref(),
         config_path.parent().unwrap_or(Path::new(".")),
     )?;
-    mounting::serve(&mnt, transport, &options, "bftfs", || {
+    // The source column of the mount table names the cluster config, as fstab does: `mount -a`
+    // recognises an fstab line as already mounted by its source and target, and `findmnt`
+    // shows which cluster a mount serves. A path the option string cannot carry (a comma)
+    // falls back to the plain name.
+    let source = config_path
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.to_str().map(str::to_string))
+        .filter(|p| !p.contains([',', ' ', '\t', '\n']))
+        .unwrap_or_else(|| "bftfs".to_string());
+    mounting::serve(&mnt, transport, &options, &source, || {
         if !foreground_child {
             println!(
                 "bftfs: {} is mounted (cluster {})",
@@ -751,6 +787,7 @@ fn spawn_detached(mnt: &Path, data_dir: &Path, args: &UpArgs) -> Result<()> {
         .arg("-o")
         .arg(args.options.to_arg())
         .arg("--foreground-child")
+        .args(forwarded_log_args())
         .args((!args.fast_path).then_some("--no-fast-path"))
         .stdin(Stdio::null())
         .stdout(log)
@@ -1048,8 +1085,9 @@ mod tests {
         let reports = vec![cluster::ReplicaReport {
             id: 3,
             address: "host\"with:quote".into(),
-            health: "down",
+            health: "down".into(),
             lag: None,
+            agree: None,
             status: None,
         }];
         let suspects = vec![cluster::Suspect {

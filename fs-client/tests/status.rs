@@ -4,6 +4,9 @@
 //! keeps its replicas' ports outside the kernel's ephemeral range, moving them when a stored
 //! port is taken.
 //!
+//! Also the operator's side: `--watch`, the "agree" column, and plain log files with
+//! `-v`/`-q`/`--log-file`.
+//!
 //! The killed-replica case uses replicas started by hand (`bftfs up` would restart a killed
 //! replica within a second) and `bftfs status --config`.
 
@@ -91,9 +94,23 @@ impl Drop for HandStarted {
 /// Four replicas started here (not by `bftfs up`, which would restart a killed one), with
 /// keys from `bftfs keygen` and ports from the shared picker.
 fn hand_started() -> HandStarted {
-    let dir = tempfile::tempdir().expect("tempdir");
+    hand_started_with(|_, _| Vec::new())
+}
+
+/// [`hand_started`], replica i with the extra arguments `extra(i, dir)` (`dir`: the test's
+/// temporary directory).
+fn hand_started_with(extra: impl Fn(usize, &Path) -> Vec<std::ffi::OsString>) -> HandStarted {
     let addresses =
         replica::localhost::free_addresses(4, replica::localhost::fresh_seed()).expect("ports");
+    hand_started_at(addresses, extra)
+}
+
+/// [`hand_started_with`] at the given (advertised) addresses.
+fn hand_started_at(
+    addresses: Vec<String>,
+    extra: impl Fn(usize, &Path) -> Vec<std::ffi::OsString>,
+) -> HandStarted {
+    let dir = tempfile::tempdir().expect("tempdir");
     let mut args: Vec<std::ffi::OsString> = vec!["keygen".into(), "--out".into()];
     args.push(dir.path().join("keys").into());
     for a in &addresses {
@@ -109,6 +126,7 @@ fn hand_started() -> HandStarted {
     for i in 0..4 {
         let log = std::fs::File::create(dir.path().join(format!("replica-{i}.log"))).expect("log");
         let child = Command::new(&program)
+            .args(extra(i, dir.path()))
             .arg("--config")
             .arg(keys.join("cluster.json"))
             .arg("--secrets")
@@ -337,4 +355,182 @@ fn status_of_a_mount_follows_its_replicas_and_its_calls() {
     let (code, out) = status(&again, false);
     assert_eq!(code, 0, "after moving: {out}");
     again.down();
+}
+
+/// `status --watch` reports again and again (JSON Lines with --json), every replica agrees
+/// on the checkpoint state, and the replicas' logs are plain text, as much of it as -v/-q
+/// ask for and where --log-file says. No FUSE needed.
+#[test]
+fn status_watch_agree_and_plain_logs() {
+    let cluster = hand_started_with(|i, dir| match i {
+        0 => vec![
+            "-v".into(),
+            "--log-file".into(),
+            dir.join("r0-file.log").into(),
+        ],
+        1 => vec!["-q".into()],
+        _ => Vec::new(),
+    });
+    let dir = cluster.dir.path();
+    let config = dir.join("keys/cluster.json");
+    let tmp = dir.join("xdg");
+    // Replicas answer probes before their first status update (view not yet active).
+    let plain: Vec<&std::ffi::OsStr> =
+        vec!["status".as_ref(), "--config".as_ref(), config.as_os_str()];
+    assert!(
+        wait_until(Duration::from_secs(60), || status_with(&plain, &tmp).0 == 0),
+        "the cluster becomes healthy: {}",
+        status_with(&plain, &tmp).1
+    );
+
+    let (code, out, _) = status_with(
+        &[
+            "status".as_ref(),
+            "--config".as_ref(),
+            config.as_os_str(),
+            "--json".as_ref(),
+            "--watch=0.2".as_ref(),
+            "--count".as_ref(),
+            "3".as_ref(),
+        ],
+        &tmp,
+    );
+    assert_eq!(code, 0, "{out}");
+    let reports: Vec<&str> = out.lines().filter(|l| l.starts_with('{')).collect();
+    assert_eq!(reports.len(), 3, "one JSON object per report: {out}");
+    for line in reports {
+        let v: serde_json::Value = serde_json::from_str(line).expect("json");
+        assert_eq!(v["health"], "ok", "{line}");
+        for r in v["replicas"].as_array().expect("replicas") {
+            assert_eq!(r["agree"], true, "{line}");
+        }
+    }
+    let (code, out, _) = status_with(
+        &[
+            "status".as_ref(),
+            "--config".as_ref(),
+            config.as_os_str(),
+            "--watch=0.2".as_ref(),
+            "--count".as_ref(),
+            "2".as_ref(),
+        ],
+        &tmp,
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out.matches("health:      ok").count(), 2, "{out}");
+    assert!(out.lines().any(|l| l.contains(" agree ")), "{out}");
+    assert!(
+        !out.contains('\x1b'),
+        "not a terminal: no escape codes: {out}"
+    );
+    // --watch needs a sensible period, and --count needs --watch.
+    for bad in [&["--watch=0"][..], &["--count", "2"]] {
+        let mut args: Vec<&std::ffi::OsStr> =
+            vec!["status".as_ref(), "--config".as_ref(), config.as_os_str()];
+        args.extend(bad.iter().map(|a| std::ffi::OsStr::new(*a)));
+        let (code, out, _) = status_with(&args, &tmp);
+        assert_eq!(code, 3, "{bad:?}: {out}");
+    }
+
+    // Logs: plain text everywhere; -v/--log-file to the file, -q keeps info out.
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+    let started = |log: &str| log.contains("replica started");
+    assert!(
+        wait_until(Duration::from_secs(30), || started(&read("r0-file.log"))),
+        "replica 0 logs to its --log-file"
+    );
+    let file = read("r0-file.log");
+    assert!(file.contains("DEBUG"), "-v: debug lines: {file}");
+    assert!(!started(&read("replica-0.log")), "not to stderr as well");
+    assert!(started(&read("replica-2.log")), "{}", read("replica-2.log"));
+    assert!(
+        !started(&read("replica-1.log")),
+        "-q: {}",
+        read("replica-1.log")
+    );
+    for name in [
+        "r0-file.log",
+        "replica-1.log",
+        "replica-2.log",
+        "replica-3.log",
+    ] {
+        assert!(!read(name).contains('\x1b'), "{name} has escape codes");
+    }
+}
+
+/// Forwards every connection to `from` on to `to`, as a NAT port mapping does, for as long as
+/// the test process lives.
+fn forward_port(from: &str, to: &str) {
+    let listener = std::net::TcpListener::bind(from).expect("bind the forwarded port");
+    let to = to.to_string();
+    std::thread::spawn(move || {
+        for inbound in listener.incoming().flatten() {
+            let Ok(outbound) = std::net::TcpStream::connect(&to) else {
+                continue;
+            };
+            let pipe = |mut a: std::net::TcpStream, mut b: std::net::TcpStream| {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut a, &mut b);
+                    let _ = b.shutdown(std::net::Shutdown::Write);
+                });
+            };
+            let (Ok(in2), Ok(out2)) = (inbound.try_clone(), outbound.try_clone()) else {
+                continue;
+            };
+            pipe(inbound, out2);
+            pipe(outbound, in2);
+        }
+    });
+}
+
+/// `bftfs-replica --listen`: replica 0 is advertised at one address and listens at another,
+/// reached through a port mapping (as behind NAT or in a container); the cluster is healthy
+/// and agrees, which it could not be if replica 0 were unreachable.
+#[test]
+fn a_replica_listens_apart_from_its_advertised_address() {
+    let mut ports =
+        replica::localhost::free_addresses(5, replica::localhost::fresh_seed()).expect("ports");
+    let listen = ports.pop().expect("fifth port");
+    forward_port(&ports[0], &listen);
+    let listen_arg = listen.clone();
+    let cluster = hand_started_at(ports, move |i, _| {
+        if i == 0 {
+            vec!["--listen".into(), listen_arg.clone().into()]
+        } else {
+            Vec::new()
+        }
+    });
+    let dir = cluster.dir.path();
+    let config = dir.join("keys/cluster.json");
+    let args: Vec<&std::ffi::OsStr> = vec![
+        "status".as_ref(),
+        "--config".as_ref(),
+        config.as_os_str(),
+        "--json".as_ref(),
+    ];
+    assert!(
+        wait_until(Duration::from_secs(60), || status_with(&args, dir).0 == 0),
+        "healthy with replica 0 behind the mapping: {}",
+        status_with(&args, dir).1
+    );
+    let (_, out, _) = status_with(&args, dir);
+    let v = json(&out);
+    assert_eq!(v["replicas"][0]["health"], "ok", "{out}");
+    let log = std::fs::read_to_string(dir.join("replica-0.log")).expect("log");
+    assert!(log.contains(&format!("listen={listen}")), "{log}");
+    // A --listen address that cannot be bound is one clear sentence.
+    let out = Command::new(Path::new(BFTFS).with_file_name("bftfs-replica"))
+        .args(["--listen", "203.0.113.1:1", "--config"])
+        .arg(&config)
+        .arg("--secrets")
+        .arg(dir.join("keys/replica-1.json"))
+        .arg("--data-dir")
+        .arg(dir.join("other"))
+        .output()
+        .expect("run bftfs-replica");
+    let said = text(&out);
+    assert!(
+        !out.status.success() && said.contains("cannot listen on 203.0.113.1:1"),
+        "{said}"
+    );
 }

@@ -10,6 +10,8 @@
 //!   (the `bftfs-replica` daemon) and the client (`ClientHandle`).
 //! - [`localhost`]: replica processes on this machine: ports outside the ephemeral range,
 //!   waiting until started ones serve.
+//! - [`logging`]: where the programs' logs go (stderr or `--log-file`), `-v`/`-q`, colour
+//!   only on a terminal.
 //! - [`sim`]: the deterministic simulator (tests, or the `sim` feature).
 //! - [`rng`]: the seeded PRNG of the tools and tests (the simulator's generator).
 
@@ -19,6 +21,7 @@ pub mod core;
 pub mod driver;
 pub mod execution;
 pub mod localhost;
+pub mod logging;
 pub mod rng;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;

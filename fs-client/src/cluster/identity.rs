@@ -44,8 +44,17 @@ pub fn claim_client(
             .write(true)
             .open(&lock_path)
             .with_context(|| format!("cannot open {}", lock_path.display()))?;
-        let Ok(lock) = Flock::lock(lock, FlockArg::LockExclusiveNonblock) else {
-            continue;
+        let lock = match Flock::lock(lock, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => lock,
+            // The identity asked for by name may belong to a mount that was just unmounted
+            // (`umount` returns before its process has exited): give that a few seconds.
+            Err((lock, _)) if explicit.is_some() => wait_for_lock(lock).with_context(|| {
+                format!(
+                    "the client identity {} is in use by another mount; give each mount its own client file",
+                    path.display()
+                )
+            })?,
+            Err(_) => continue,
         };
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
@@ -57,4 +66,21 @@ pub fn claim_client(
         "every client identity next to {} is in use by another mount; make more with `bftfs keygen --clients N`",
         config_path.display()
     )
+}
+
+/// Takes `file`'s lock, waiting up to five seconds for its holder to let go.
+fn wait_for_lock(file: File) -> Result<Flock<File>> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut file = file;
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(locked) => return Ok(locked),
+            Err((unlocked, errno)) if std::time::Instant::now() >= deadline => {
+                drop(unlocked);
+                bail!("still locked after 5 s ({errno})");
+            }
+            Err((unlocked, _)) => file = unlocked,
+        }
+    }
 }

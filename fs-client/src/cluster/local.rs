@@ -54,6 +54,9 @@ pub struct ReplicaExtras {
     pub byzantine: Vec<(u32, String)>,
     /// Replica i serves Prometheus metrics on 127.0.0.1:(port+i).
     pub metrics_port: Option<u16>,
+    /// `-v`/`-q` flags for every replica (so `bftfs -v up` makes the replicas' logs as
+    /// detailed as its own).
+    pub log_flags: Vec<String>,
 }
 
 /// How long `up` waits for every replica to serve before leaving a slow one to the supervisor.
@@ -93,6 +96,11 @@ impl LocalCluster {
         let config = read_config(config_path)?;
         let program = replica_program()?;
         let mut extra_args: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+        if !extras.log_flags.is_empty() {
+            for i in 0..config.n() {
+                extra_args.insert(i, extras.log_flags.clone());
+            }
+        }
         for (id, mode) in &extras.byzantine {
             warn!("replica {id} misbehaves on purpose: --byzantine {mode}");
             extra_args

@@ -12,9 +12,65 @@ use std::time::Duration;
 pub struct ReplicaReport {
     pub id: u32,
     pub address: String,
-    pub health: &'static str,
+    pub health: String,
     pub lag: Option<u64>,
+    /// Whether this replica's checkpoint state digests match the other replicas' at the same
+    /// sequence numbers (`None`: it did not answer, or no other replica reported a checkpoint
+    /// it could be compared with).
+    pub agree: Option<bool>,
     pub status: Option<ReplicaStatus>,
+}
+
+/// For each replica, whether its checkpoint roots agree with the others', and if not, at
+/// which checkpoint they differ.
+///
+/// Correct replicas that took a checkpoint at the same sequence number hold the same state
+/// digest there, so any difference is a fault. A replica disagrees where more replicas (or
+/// as many: then it cannot be told which side is right) report another root at that
+/// checkpoint than report its own.
+fn agreement(statuses: &[Option<ReplicaStatus>]) -> Vec<(Option<bool>, Option<u64>)> {
+    use std::collections::{BTreeMap, BTreeSet};
+    let pairs = |s: &ReplicaStatus| -> Vec<(u64, String)> {
+        [
+            (s.stable_checkpoint, s.stable_root.clone()),
+            (s.last_checkpoint, s.last_checkpoint_root.clone()),
+        ]
+        .into_iter()
+        .filter(|(_, root)| !root.is_empty())
+        .collect()
+    };
+    let mut at: BTreeMap<u64, BTreeMap<String, BTreeSet<usize>>> = BTreeMap::new();
+    for (i, s) in statuses.iter().enumerate() {
+        for (seq, root) in s.as_ref().map(pairs).unwrap_or_default() {
+            at.entry(seq)
+                .or_default()
+                .entry(root)
+                .or_default()
+                .insert(i);
+        }
+    }
+    statuses
+        .iter()
+        .map(|s| {
+            let Some(s) = s else { return (None, None) };
+            let mut compared = false;
+            for (seq, root) in pairs(s) {
+                let roots = &at[&seq];
+                let own = roots.get(&root).map_or(0, BTreeSet::len);
+                let other = roots
+                    .iter()
+                    .filter(|(r, _)| **r != root)
+                    .map(|(_, who)| who.len())
+                    .max()
+                    .unwrap_or(0);
+                if other > 0 && other >= own {
+                    return (Some(false), Some(seq));
+                }
+                compared |= own > 1 || other > 0;
+            }
+            (compared.then_some(true), None)
+        })
+        .collect()
 }
 
 /// How long `bftfs status` waits for each replica's answer (all are asked at once).
@@ -56,6 +112,7 @@ pub fn probe_cluster(config: &ClusterConfig) -> Vec<ReplicaReport> {
         .map(|a| matches!(a, Err(e) if e.kind() == std::io::ErrorKind::TimedOut))
         .collect();
     let statuses: Vec<Option<ReplicaStatus>> = answers.into_iter().map(Result::ok).collect();
+    let agreement = agreement(&statuses);
     let best = statuses
         .iter()
         .flatten()
@@ -68,25 +125,31 @@ pub fn probe_cluster(config: &ClusterConfig) -> Vec<ReplicaReport> {
         .replicas
         .iter()
         .zip(statuses.into_iter().zip(silent))
-        .map(|(r, (status, silent))| {
+        .zip(agreement)
+        .map(|((r, (status, silent)), (agree, differs_at))| {
             let lag = status
                 .as_ref()
                 .map(|s| best.saturating_sub(s.last_executed));
             let health = match &status {
-                None if silent => "not answering",
-                None => "down",
-                Some(s) if s.transferring_state => "catching up (state transfer)",
-                Some(s) if !s.view_active => "changing view",
-                Some(s) if common_view.is_some_and(|v| v != s.view) => "in another view",
+                None if silent => "not answering".into(),
+                None => "down".into(),
+                Some(_) if agree == Some(false) => format!(
+                    "state differs from the others' at checkpoint {}",
+                    differs_at.unwrap_or(0)
+                ),
+                Some(s) if s.transferring_state => "catching up (state transfer)".into(),
+                Some(s) if !s.view_active => "changing view".into(),
+                Some(s) if common_view.is_some_and(|v| v != s.view) => "in another view".into(),
                 // A few batches behind is normal in flight; more is lag.
-                Some(_) if lag.unwrap_or(0) > 64 => "lagging",
-                Some(_) => "ok",
+                Some(_) if lag.unwrap_or(0) > 64 => "lagging".into(),
+                Some(_) => "ok".into(),
             };
             ReplicaReport {
                 id: r.id.0,
                 address: r.address.clone(),
                 status,
                 lag,
+                agree,
                 health,
             }
         })
@@ -95,7 +158,7 @@ pub fn probe_cluster(config: &ClusterConfig) -> Vec<ReplicaReport> {
 
 pub fn print_reports(reports: &[ReplicaReport]) {
     println!(
-        "{:<8} {:<22} {:>8} {:<8} {:>6} {:>10} {:>10} {:>6} {:>9} {:>6}  health",
+        "{:<8} {:<22} {:>8} {:<8} {:>6} {:>10} {:>10} {:>6} {:>5} {:>9} {:>6}  health",
         "replica",
         "address",
         "pid",
@@ -104,13 +167,14 @@ pub fn print_reports(reports: &[ReplicaReport]) {
         "executed",
         "stable cp",
         "lag",
+        "agree",
         "rejected",
         "xfers"
     );
     for r in reports {
         match &r.status {
             Some(s) => println!(
-                "{:<8} {:<22} {:>8} {:<8} {:>6} {:>10} {:>10} {:>6} {:>9} {:>6}  {}",
+                "{:<8} {:<22} {:>8} {:<8} {:>6} {:>10} {:>10} {:>6} {:>5} {:>9} {:>6}  {}",
                 r.id,
                 r.address,
                 s.pid,
@@ -119,14 +183,73 @@ pub fn print_reports(reports: &[ReplicaReport]) {
                 s.last_executed,
                 s.stable_checkpoint,
                 r.lag.unwrap_or(0),
+                match r.agree {
+                    Some(true) => "yes",
+                    Some(false) => "NO",
+                    None => "-",
+                },
                 s.frames_rejected,
                 s.state_transfers,
                 r.health
             ),
             None => println!(
-                "{:<8} {:<22} {:>8} {:<8} {:>6} {:>10} {:>10} {:>6} {:>9} {:>6}  {}",
-                r.id, r.address, "-", "-", "-", "-", "-", "-", "-", "-", r.health
+                "{:<8} {:<22} {:>8} {:<8} {:>6} {:>10} {:>10} {:>6} {:>5} {:>9} {:>6}  {}",
+                r.id, r.address, "-", "-", "-", "-", "-", "-", "-", "-", "-", r.health
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(stable: (u64, &str), last: (u64, &str)) -> Option<ReplicaStatus> {
+        Some(ReplicaStatus {
+            stable_checkpoint: stable.0,
+            stable_root: stable.1.into(),
+            last_checkpoint: last.0,
+            last_checkpoint_root: last.1.into(),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn checkpoint_roots_agree_or_not() {
+        // All alike; one down.
+        let same = vec![
+            at((64, "a"), (128, "b")),
+            at((64, "a"), (128, "b")),
+            None,
+            at((64, "a"), (64, "a")),
+        ];
+        assert_eq!(
+            agreement(&same),
+            vec![
+                (Some(true), None),
+                (Some(true), None),
+                (None, None),
+                (Some(true), None)
+            ]
+        );
+        // Replica 2 holds another state at 128 than the two others there.
+        let one_off = vec![
+            at((64, "a"), (128, "b")),
+            at((64, "a"), (128, "b")),
+            at((64, "a"), (128, "X")),
+            at((64, "a"), (64, "a")),
+        ];
+        let got = agreement(&one_off);
+        assert_eq!(got[2], (Some(false), Some(128)));
+        assert_eq!(got[0], (Some(true), None));
+        // A replica with nothing in common with any other cannot be judged.
+        let alone = vec![at((0, ""), (0, "")), at((64, "a"), (64, "a"))];
+        assert_eq!(agreement(&alone), vec![(None, None), (None, None)]);
+        // A tie: neither side can be believed.
+        let tie = vec![at((64, "a"), (64, "a")), at((64, "b"), (64, "b"))];
+        assert_eq!(
+            agreement(&tie),
+            vec![(Some(false), Some(64)), (Some(false), Some(64))]
+        );
     }
 }

@@ -225,7 +225,8 @@ pub(crate) mod tests {
                     address: String::new(),
                     status: Some(status),
                     lag: Some(0),
-                    health: "ok",
+                    agree: None,
+                    health: "ok".into(),
                 }
             })
             .collect()

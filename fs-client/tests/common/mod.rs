@@ -239,3 +239,54 @@ pub fn sh(cmd: &str) -> String {
     assert!(out.status.success(), "`{cmd}` failed: {}", text(&out));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Where `bftfs install-helper` puts mount.bftfs (mount(8) looks there).
+pub const HELPER: &str = "/sbin/mount.bftfs";
+
+/// Installs the mount(8) helper with `bftfs install-helper` and puts back what was there
+/// before when dropped (a link to another bftfs build, or nothing).
+pub struct Helper {
+    before: Option<PathBuf>,
+    xdg: PathBuf,
+}
+
+impl Helper {
+    pub fn install(xdg: &Path) -> Helper {
+        let before = std::fs::read_link(HELPER).ok();
+        let out = bftfs(&["install-helper".as_ref()], xdg);
+        assert!(out.status.success(), "install-helper: {}", text(&out));
+        assert_eq!(
+            std::fs::read_link(HELPER)
+                .expect("a link")
+                .canonicalize()
+                .expect("target"),
+            Path::new(BFTFS).canonicalize().expect("bftfs"),
+        );
+        Helper {
+            before,
+            xdg: xdg.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = bftfs(&["install-helper".as_ref(), "--remove".as_ref()], &self.xdg);
+        if let Some(target) = &self.before {
+            let _ = std::os::unix::fs::symlink(target, HELPER);
+        }
+    }
+}
+
+/// Whether mount(8) is here; says why not (a failure when BFTFS_REQUIRE_FUSE=1, as FUSE
+/// tests are).
+pub fn mount_8_available(test: &str) -> bool {
+    if Command::new("mount").arg("--version").output().is_ok() {
+        return true;
+    }
+    if std::env::var("BFTFS_REQUIRE_FUSE").as_deref() == Ok("1") {
+        panic!("{test}: mount(8) is required (BFTFS_REQUIRE_FUSE=1) but missing");
+    }
+    eprintln!("SKIPPED {test}: no mount(8) (util-linux)");
+    false
+}

@@ -40,9 +40,24 @@ struct Args {
     /// with the cargo feature `byzantine`.
     #[arg(long, value_name = "MODE")]
     byzantine: Option<String>,
+    /// Listen for replicas and clients on HOST:PORT instead of the address the cluster
+    /// config gives for this replica, e.g. 0.0.0.0:7000 behind NAT, port forwarding or in a
+    /// container, where the advertised address (what the others connect to) is not one this
+    /// host has. [default: the advertised address]
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: Option<String>,
     /// Serve the replica's metrics in the Prometheus text format at HOST:PORT (plain HTTP).
     #[arg(long, value_name = "HOST:PORT")]
     metrics_addr: Option<String>,
+    /// More log detail (-v debug, -vv trace); overrides RUST_LOG.
+    #[arg(short, long, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    verbose: u8,
+    /// Less log detail (-q warnings and errors only, -qq errors only); overrides RUST_LOG.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    quiet: u8,
+    /// Append the log to FILE (plain text) instead of writing it to stderr.
+    #[arg(long, value_name = "FILE")]
+    log_file: Option<PathBuf>,
 }
 
 fn read_text(path: &Path, what: &str) -> anyhow::Result<String> {
@@ -51,13 +66,13 @@ fn read_text(path: &Path, what: &str) -> anyhow::Result<String> {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    if let Err(e) = run(Args::parse()) {
+    let args = Args::parse();
+    let verbosity = i8::try_from(i16::from(args.verbose) - i16::from(args.quiet)).unwrap_or(0);
+    if let Err(e) = replica::logging::init(verbosity, args.log_file.as_deref(), &[]) {
+        eprintln!("bftfs-replica: {e}");
+        std::process::exit(1);
+    }
+    if let Err(e) = run(args) {
         eprintln!("bftfs-replica: {e:#}");
         std::process::exit(1);
     }
@@ -75,6 +90,14 @@ fn run(args: Args) -> anyhow::Result<()> {
             )
         })?;
     let id = secrets.id;
+    tracing::debug!(
+        config = %args.config.display(),
+        secrets = %args.secrets.display(),
+        f = config.f,
+        replicas = config.n(),
+        clients = config.clients.len(),
+        "configuration read"
+    );
     let Some(me) = config.replicas.get(id.0 as usize).cloned() else {
         bail!(
             "the secrets file is for replica {}, but the cluster config has only {} replicas",
@@ -83,15 +106,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         );
     };
     // The public key in the config must be ours, or every message we sign would be refused.
-    let public = ed25519_dalek::SigningKey::from_bytes(&secrets.signing_key.0)
-        .verifying_key()
-        .to_bytes();
-    if public != me.public_key.0 {
-        bail!(
-            "the secrets file does not match replica {} in the cluster config (different keys)",
-            id.0
-        );
-    }
+    secrets.check_against(&config).with_context(|| {
+        format!(
+            "{} does not belong to the cluster in {}",
+            args.secrets.display(),
+            args.config.display()
+        )
+    })?;
     std::fs::create_dir_all(&args.data_dir).with_context(|| {
         format!(
             "cannot create the data directory {}",
@@ -99,7 +120,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         )
     })?;
     let _lock = lock_data_dir(&args.data_dir)?;
-    let listener = node::bind(&config, id)?;
+    let listener = match &args.listen {
+        Some(address) => node::bind_at(address)?,
+        None => node::bind(&config, id)?,
+    };
 
     let mut service = FileService::open(&args.data_dir.join("fs")).with_context(|| {
         format!(
@@ -127,6 +151,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!(
         replica = id.0,
         address = %me.address,
+        listen = %args.listen.as_deref().unwrap_or(&me.address),
         last_executed = replica.last_executed().0,
         view = replica.view().0,
         data_dir = %args.data_dir.display(),

@@ -124,17 +124,19 @@ pub fn bind(config: &ClusterConfig, id: ReplicaId) -> Result<std::net::TcpListen
         .replicas
         .get(id.0 as usize)
         .ok_or(NodeError::NotInConfig(id.0))?;
-    let listener =
-        std::net::TcpListener::bind(&info.address).map_err(|source| NodeError::Listen {
-            address: info.address.clone(),
-            source,
-        })?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|source| NodeError::Listen {
-            address: info.address.clone(),
-            source,
-        })?;
+    bind_at(&info.address)
+}
+
+/// Binds the replica's listening socket at `address` rather than the address the config
+/// advertises: behind NAT, port forwarding or in a container, the address others reach is
+/// not one this host has (`bftfs-replica --listen`).
+pub fn bind_at(address: &str) -> Result<std::net::TcpListener, NodeError> {
+    let listen_error = |source| NodeError::Listen {
+        address: address.to_string(),
+        source,
+    };
+    let listener = std::net::TcpListener::bind(address).map_err(listen_error)?;
+    listener.set_nonblocking(true).map_err(listen_error)?;
     Ok(listener)
 }
 
