@@ -19,6 +19,8 @@ pub mod core;
 pub mod driver;
 pub mod localhost;
 pub mod rng;
+#[cfg(any(test, feature = "sim", feature = "byzantine"))]
+pub mod tamper;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
 pub mod wire;
