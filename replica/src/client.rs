@@ -394,7 +394,7 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{generate, ClusterKeys, ProtocolConfig};
+    use crate::config::{generate_seeded, ClusterKeys, ProtocolConfig};
     use crate::wire::{Authenticator, Digest, Reply, FRAME_HEADER_BYTES};
 
     struct Setup {
@@ -404,16 +404,9 @@ mod tests {
     }
 
     fn setup() -> Setup {
-        let mut rng = crate::rng::Rng::new(3);
         let addresses = (0..4).map(|i| format!("t:{i}")).collect();
-        let keys = generate(
-            1,
-            addresses,
-            &[ClientId(7)],
-            ProtocolConfig::default(),
-            &mut |b| rng.fill(b),
-        )
-        .expect("keys");
+        let keys = generate_seeded(1, addresses, &[ClientId(7)], ProtocolConfig::default(), 3)
+            .expect("keys");
         let config = Arc::new(keys.config.clone());
         let client = Client::new(config.clone(), &keys.clients[0], 1);
         let auth = Authenticator::for_client(&config, &keys.clients[0]);

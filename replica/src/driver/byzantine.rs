@@ -487,13 +487,12 @@ mod tests {
     }
 
     fn cluster() -> (ClusterConfig, Vec<ReplicaSecrets>) {
-        let mut rng = Rng::new(7);
-        let keys = crate::config::generate(
+        let keys = crate::config::generate_seeded(
             1,
             (0..4).map(|i| format!("127.0.0.1:{}", 9000 + i)).collect(),
             &[state_abstraction::ClientId(1)],
             crate::config::ProtocolConfig::default(),
-            &mut |buf: &mut [u8]| rng.fill(buf),
+            7,
         )
         .expect("config");
         (keys.config, keys.replicas)

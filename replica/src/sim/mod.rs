@@ -80,7 +80,7 @@ mod setup;
 mod tests;
 
 use crate::client::{Client, ClientAction, Completion, RequestId};
-use crate::config::{generate, ClusterConfig, ClusterKeys, ProtocolConfig};
+use crate::config::{generate_seeded, ClusterConfig, ClusterKeys, ProtocolConfig};
 use crate::core::{Action, Event, Notification, Replica, WalRecord};
 use crate::driver::wal::RECORD_BYTES_MAX;
 use crate::wire::{

@@ -13,14 +13,9 @@ impl Sim {
             .collect();
         let all_clients: Vec<ClientId> = clients.iter().chain(&faulty_ids).copied().collect();
         let addresses = (0..n).map(|i| format!("sim:{i}")).collect();
-        let mut key_rng = Rng::new(scenario.seed ^ 0x6B65_7973);
-        let keys = match generate(
-            scenario.f,
-            addresses,
-            &all_clients,
-            scenario.protocol.clone(),
-            &mut |b| key_rng.fill(b),
-        ) {
+        let key_seed = scenario.seed ^ 0x6B65_7973;
+        let protocol = scenario.protocol.clone();
+        let keys = match generate_seeded(scenario.f, addresses, &all_clients, protocol, key_seed) {
             Ok(k) => k,
             Err(e) => panic!("simulator keygen: {e}"),
         };
