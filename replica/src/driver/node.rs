@@ -138,29 +138,8 @@ pub fn bind(config: &ClusterConfig, id: ReplicaId) -> Result<std::net::TcpListen
     Ok(listener)
 }
 
-/// Runs the replica until it halts or `stop` is set. Blocks the calling thread.
-pub fn run<S: Service + Send + 'static>(
-    config: Arc<ClusterConfig>,
-    secrets: ReplicaSecrets,
-    replica: Replica<S>,
-    wal: Wal,
-    listener: std::net::TcpListener,
-    status: Arc<Mutex<ReplicaStatus>>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-) -> Result<(), NodeError> {
-    run_with(
-        config,
-        secrets,
-        replica,
-        wal,
-        listener,
-        status,
-        stop,
-        RunOptions::default(),
-    )
-}
-
-/// [`run`] with [`RunOptions`].
+/// Runs the replica until it halts or `stop` is set (with `RunOptions::default()` unless the
+/// replica is Byzantine on purpose). Blocks the calling thread.
 #[allow(clippy::too_many_arguments)]
 pub fn run_with<S: Service + Send + 'static>(
     config: Arc<ClusterConfig>,
