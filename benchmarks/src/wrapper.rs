@@ -7,6 +7,7 @@
 //! own work: handle and permission checks, the table, copy-on-write bookkeeping.
 
 use anyhow::{Context, Result};
+use nix::sys::stat::{fchmod, Mode};
 use state_abstraction::fs::backend as sys;
 use state_abstraction::fs::*;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -202,15 +203,7 @@ fn round(
                 })
             })
         },
-        &mut || {
-            each(&rfiles, |f| {
-                // SAFETY: plain system call on an fd we own.
-                if unsafe { libc::fchmod(f.as_raw_fd(), 0o600) } != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            })
-        },
+        &mut || each(&rfiles, |f| fchmod(f, Mode::from_bits_retain(0o600))),
     )?;
     // write 4 KiB
     measure(
@@ -329,11 +322,11 @@ fn round(
             // lseek and one getdents64 into a buffer that holds about 100 short names.
             let mut buf = vec![0u8; 3200];
             each(0..n, |_| {
-                // SAFETY: plain system calls on a directory fd we own, into `buf`.
-                let got = unsafe {
-                    libc::lseek(r, 0, libc::SEEK_SET);
-                    libc::syscall(libc::SYS_getdents64, r, buf.as_mut_ptr(), buf.len())
-                };
+                let _ = nix::unistd::lseek(&rdir, 0, nix::unistd::Whence::SeekSet);
+                // nix has no getdents64 (its `Dir` is libc's buffered readdir, not one call).
+                // SAFETY: a plain system call on a directory fd we own, into `buf`.
+                let got =
+                    unsafe { libc::syscall(libc::SYS_getdents64, r, buf.as_mut_ptr(), buf.len()) };
                 if got < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
