@@ -413,6 +413,15 @@ mod tests {
         Setup { keys, client, auth }
     }
 
+    /// A client with one ordered request (id 1, timestamp 1) invoked.
+    fn invoked() -> Setup {
+        let mut s = setup();
+        s.client
+            .invoke(b"op".to_vec(), false, &mut Vec::new())
+            .expect("invoke");
+        s
+    }
+
     impl Setup {
         fn order(&self, history: u8) -> Signed<PrePrepare> {
             Signer::from_secret(&self.keys.replicas[0].signing_key.0).sign(PrePrepare {
@@ -471,10 +480,7 @@ mod tests {
 
     #[test]
     fn completes_on_all_3f_plus_1_matching_speculative_replies() {
-        let mut s = setup();
-        s.client
-            .invoke(b"op".to_vec(), false, &mut Vec::new())
-            .expect("invoke");
+        let mut s = invoked();
         for r in 0..3 {
             assert!(
                 s.spec(r, 1, b"ok").1.is_empty(),
@@ -495,10 +501,7 @@ mod tests {
 
     #[test]
     fn mismatched_speculation_waits_for_2f_plus_1_committed_replies() {
-        let mut s = setup();
-        s.client
-            .invoke(b"op".to_vec(), false, &mut Vec::new())
-            .expect("invoke");
+        let mut s = invoked();
         for r in 0..3 {
             assert!(s.spec(r, 1, b"ok").1.is_empty());
         }
@@ -515,10 +518,7 @@ mod tests {
 
     #[test]
     fn two_orders_for_one_slot_are_sent_to_every_replica_once() {
-        let mut s = setup();
-        s.client
-            .invoke(b"op".to_vec(), false, &mut Vec::new())
-            .expect("invoke");
+        let mut s = invoked();
         assert!(s.spec(1, 1, b"ok").0.is_empty());
         let (actions, done) = s.spec(2, 2, b"ok");
         assert!(done.is_empty());
