@@ -1010,10 +1010,9 @@ impl Harness {
                         return Err(FsError::Exist);
                     }
                     let s_dir = md.n(s).kind == FileType::Directory;
-                    if s_dir {
-                        if md.is_ancestor(s, db) {
-                            return Err(FsError::Inval);
-                        }
+                    // A directory cannot move into itself or below itself.
+                    if s_dir && md.is_ancestor(s, db) {
+                        return Err(FsError::Inval);
                     }
                     if t == Some(s) {
                         return Ok(Out::Done);
