@@ -21,7 +21,7 @@ mod workload;
 use anyhow::{bail, Context, Result};
 use proxy::Mesh;
 use replica::config::{generate_with_os_random, ProtocolConfig};
-use replica::driver::status::{ReplicaStatus, STATUS_PROBE};
+use replica::driver::status::{highest_executed, ReplicaStatus, STATUS_PROBE};
 use serde::Serialize;
 use state_abstraction::ClientId;
 use std::io::{Read, Write};
@@ -218,12 +218,7 @@ impl Drop for Cluster {
 /// Four replicas answer, exactly one primary in an active view, no one more than a few
 /// batches behind.
 fn whole(all: &[Option<ReplicaStatus>]) -> bool {
-    let best = all
-        .iter()
-        .flatten()
-        .map(|s| s.last_executed)
-        .max()
-        .unwrap_or(0);
+    let best = highest_executed(all);
     all.iter().all(|s| {
         s.as_ref()
             .is_some_and(|s| s.last_executed + 16 >= best && !s.transferring_state)
@@ -251,47 +246,50 @@ fn bftfs(bin: &Path, xdg: &Path, args: &[&std::ffi::OsStr]) -> Result<String> {
     Ok(text)
 }
 
+/// One PostMark run in `dir` (300 files, 1500 transactions, 4 subdirectories, `seed`): its
+/// exit status and what it printed, or why it could not be waited for; Err if it could not
+/// be started.
+fn postmark(dir: &Path, seed: u32) -> Result<std::io::Result<(bool, String)>, String> {
+    let mut child = Command::new("postmark")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start postmark: {e}"))?;
+    let script = format!(
+        "set location {}\nset number 300\nset transactions 1500\nset subdirectories 4\nset seed {seed}\nrun\nquit\n",
+        dir.display(),
+    );
+    if let Some(mut s) = child.stdin.take() {
+        let _ = s.write_all(script.as_bytes());
+    }
+    Ok(child.wait_with_output().map(|out| {
+        let report = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), report)
+    }))
+}
+
 fn postmark_rounds(dir: PathBuf, stop: Arc<AtomicBool>) -> (u32, Vec<String>) {
     let (mut rounds, mut failures) = (0u32, Vec::new());
     while !stop.load(Ordering::Relaxed) {
         let _ = std::fs::create_dir_all(&dir);
-        let child = Command::new("postmark")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn();
-        let mut child = match child {
-            Ok(c) => c,
-            Err(e) => {
-                failures.push(format!("cannot start postmark: {e}"));
+        match postmark(&dir, 1 + rounds) {
+            Err(cannot_start) => {
+                failures.push(cannot_start);
                 break;
             }
-        };
-        let script = format!(
-            "set location {}\nset number 300\nset transactions 1500\nset subdirectories 4\nset seed {}\nrun\nquit\n",
-            dir.display(),
-            1 + rounds
-        );
-        if let Some(mut s) = child.stdin.take() {
-            let _ = s.write_all(script.as_bytes());
-        }
-        match child.wait_with_output() {
-            Ok(out) => {
-                let report = String::from_utf8_lossy(&out.stdout).into_owned()
-                    + &String::from_utf8_lossy(&out.stderr);
-                if out.status.success() && report.contains("Deleting files...Done") {
-                    rounds += 1;
-                } else {
-                    failures.push(format!(
-                        "round {}: {}",
-                        rounds + 1,
-                        report.lines().rev().take(4).collect::<Vec<_>>().join(" | ")
-                    ));
-                    // Start the next round from an empty directory.
-                    let _ = std::fs::remove_dir_all(&dir);
-                }
+            Ok(Ok((true, report))) if report.contains("Deleting files...Done") => rounds += 1,
+            Ok(Ok((_, report))) => {
+                failures.push(format!(
+                    "round {}: {}",
+                    rounds + 1,
+                    report.lines().rev().take(4).collect::<Vec<_>>().join(" | ")
+                ));
+                // Start the next round from an empty directory.
+                let _ = std::fs::remove_dir_all(&dir);
             }
-            Err(e) => failures.push(format!("postmark: {e}")),
+            Ok(Err(e)) => failures.push(format!("postmark: {e}")),
         }
     }
     (rounds, failures)

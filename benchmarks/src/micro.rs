@@ -26,7 +26,7 @@
 //! the log's fsyncs to the baseline.
 //!
 //! Every round starts fresh: new keys, new ports on 127.0.0.1, a new temporary data directory
-//! (one write-ahead log per replica), replicas on threads in this process (`node::run`),
+//! (one write-ahead log per replica), replicas on threads in this process (`node::run_with`),
 //! `--clients` [`ClientHandle`]s each called by `--callers` threads, so that many requests are
 //! in flight and the primary batches. Once every client has had one answer, the callers run
 //! `--warmup` seconds unmeasured, then `--seconds` measured; only calls that complete inside
@@ -670,7 +670,12 @@ fn spawn_replica<S: Service + Send + 'static>(
     let id = secrets.id.0;
     Ok(std::thread::Builder::new()
         .name(format!("replica-core-{id}"))
-        .spawn(move || node::run(config, secrets, replica, wal, listener, status, stop))?)
+        .spawn(move || {
+            let options = node::RunOptions::default();
+            node::run_with(
+                config, secrets, replica, wal, listener, status, stop, options,
+            )
+        })?)
 }
 
 impl Cluster {

@@ -31,8 +31,11 @@
 
 use anyhow::{bail, Context, Result};
 use hdrhistogram::Histogram;
+use nix::fcntl::{AtFlags, AT_FDCWD};
+use nix::sys::stat::{self, Mode, SFlag};
+use nix::sys::time::TimeSpec;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::ffi::{CString, OsStr};
+use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -892,31 +895,23 @@ fn status_text(code: u32) -> String {
     }
 }
 
-fn cpath(path: &Path) -> std::io::Result<CString> {
-    CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
-}
-
-fn check(rc: libc::c_int) -> std::io::Result<()> {
-    if rc < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(())
+/// EINVAL for a path the kernel cannot be given (a NUL byte inside), as nix's calls answer.
+fn no_nul(path: &Path) -> std::io::Result<()> {
+    if path.as_os_str().as_bytes().contains(&0) {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
     }
+    Ok(())
 }
 
-fn utime_of(value: &str) -> Result<libc::timespec, String> {
+fn utime_of(value: &str) -> Result<TimeSpec, String> {
     if value == "SERVER" {
-        return Ok(libc::timespec {
-            tv_sec: 0,
-            tv_nsec: libc::UTIME_NOW,
-        });
+        return Ok(TimeSpec::UTIME_NOW);
     }
     let us = parse_time_us(value)?;
-    Ok(libc::timespec {
-        tv_sec: (us / 1_000_000) as libc::time_t,
-        tv_nsec: ((us % 1_000_000) * 1000) as _,
-    })
+    Ok(TimeSpec::new(
+        (us / 1_000_000) as libc::time_t,
+        ((us % 1_000_000) * 1000) as _,
+    ))
 }
 
 /// One directory being replayed into.
@@ -1135,7 +1130,7 @@ fn create_object(
             OsStr::from_bytes(target.unwrap_or(b"replay-placeholder-target")),
             path,
         ),
-        Kind::Fifo => check(unsafe { libc::mkfifo(cpath(path)?.as_ptr(), 0o644) }),
+        Kind::Fifo => Ok(nix::unistd::mkfifo(path, Mode::from_bits_retain(0o644))?),
         Kind::File | Kind::Other => {
             let mut file = OpenOptions::new().write(true).create_new(true).open(path)?;
             let mut left = size;
@@ -1427,13 +1422,11 @@ impl<'p> Replay<'p> {
                     Some(4) => libc::S_IFCHR,
                     _ => return Err(Unmappable("mknod of an unsupported type")),
                 };
-                let major = call.hex("rdev").map_err(bad)?.unwrap_or(0) as libc::c_uint;
-                let minor = call.hex("rdev2").map_err(bad)?.unwrap_or(0) as libc::c_uint;
-                cpath(&path).and_then(|p| {
-                    check(unsafe {
-                        libc::mknod(p.as_ptr(), kind | mode, libc::makedev(major, minor))
-                    })
-                })
+                let major = call.hex("rdev").map_err(bad)?.unwrap_or(0) as u32;
+                let minor = call.hex("rdev2").map_err(bad)?.unwrap_or(0) as u32;
+                let dev = stat::makedev(major.into(), minor.into());
+                let (kind, mode) = (SFlag::from_bits_retain(kind), Mode::from_bits_retain(mode));
+                stat::mknod(&path, kind, mode, dev).map_err(std::io::Error::from)
             }
             Remove => {
                 let (dir, name, path) = self.named(call, "fh", "name")?;
@@ -1477,10 +1470,8 @@ impl<'p> Replay<'p> {
             }
             Fsstat | Fsinfo | Pathconf => {
                 let (_, path) = self.path(call, "fh")?;
-                cpath(&path).and_then(|p| {
-                    let mut buf: libc::statvfs = unsafe { std::mem::zeroed() };
-                    check(unsafe { libc::statvfs(p.as_ptr(), &mut buf) })
-                })
+                let statvfs = nix::sys::statvfs::statvfs(&path);
+                statvfs.map(drop).map_err(std::io::Error::from)
             }
         })
     }
@@ -1507,32 +1498,28 @@ impl<'p> Replay<'p> {
             .transpose()
             .map_err(|_| Unmappable("bad time"))?;
         let run = || -> std::io::Result<()> {
-            let c = cpath(path)?;
+            // Refused up front even when there is nothing to set.
+            no_nul(path)?;
             if let Some(size) = size {
-                check(unsafe { libc::truncate(c.as_ptr(), size as libc::off_t) })?;
+                nix::unistd::truncate(path, size as libc::off_t)?;
             }
             if let Some(mode) = mode {
-                check(unsafe { libc::chmod(c.as_ptr(), (mode & 0o7777) as libc::mode_t) })?;
+                let mode = Mode::from_bits_retain((mode & 0o7777) as libc::mode_t);
+                stat::fchmodat(AT_FDCWD, path, mode, stat::FchmodatFlags::FollowSymlink)?;
             }
             if uid.is_some() || gid.is_some() {
-                let u = uid.map_or(u32::MAX, |v| v as u32);
-                let g = gid.map_or(u32::MAX, |v| v as u32);
-                check(unsafe { libc::lchown(c.as_ptr(), u, g) })?;
+                // lchown: the link itself, not what it names.
+                let u = uid.map(|v| nix::unistd::Uid::from_raw(v as u32));
+                let g = gid.map(|v| nix::unistd::Gid::from_raw(v as u32));
+                nix::unistd::fchownat(AT_FDCWD, path, u, g, AtFlags::AT_SYMLINK_NOFOLLOW)?;
             }
             if atime.is_some() || mtime.is_some() {
-                let omit = libc::timespec {
-                    tv_sec: 0,
-                    tv_nsec: libc::UTIME_OMIT,
-                };
-                let times = [atime.unwrap_or(omit), mtime.unwrap_or(omit)];
-                check(unsafe {
-                    libc::utimensat(
-                        libc::AT_FDCWD,
-                        c.as_ptr(),
-                        times.as_ptr(),
-                        libc::AT_SYMLINK_NOFOLLOW,
-                    )
-                })?;
+                let (a, m) = (
+                    atime.unwrap_or(TimeSpec::UTIME_OMIT),
+                    mtime.unwrap_or(TimeSpec::UTIME_OMIT),
+                );
+                let flag = stat::UtimensatFlags::NoFollowSymlink;
+                stat::utimensat(AT_FDCWD, path, &a, &m, flag)?;
             }
             Ok(())
         };
@@ -1906,8 +1893,7 @@ mod tests {
     fn calls_and_error_replies_parse() {
         let call = "1795240535.455787 7f000001.02d1 7f000001.0801 T C3 56f5a826 e rename fh aa name \"incoming.tmp\" fh2 bb name2 \"asset%2001.raw\" euid 0 egid 0 con = 156 len = 156";
         let c = parse_line(call).unwrap();
-        assert_eq!(c.direction, Direction::Call);
-        assert_eq!(c.procedure, 14);
+        assert_eq!((c.direction, c.procedure), (Direction::Call, 14));
         assert_eq!(Proc::from_number(c.procedure), Some(Proc::Rename));
         assert_eq!(c.quoted("name2").unwrap().unwrap(), b"asset 01.raw");
         assert_eq!(c.status, None);

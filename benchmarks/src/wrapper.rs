@@ -7,6 +7,7 @@
 //! own work: handle and permission checks, the table, copy-on-write bookkeeping.
 
 use anyhow::{Context, Result};
+use nix::sys::stat::{fchmod, Mode};
 use state_abstraction::fs::backend as sys;
 use state_abstraction::fs::*;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -53,6 +54,82 @@ impl Wrapped {
             FsReply::Entry { handle, .. } => Ok(handle),
             other => anyhow::bail!("unexpected reply {other:?}"),
         }
+    }
+
+    // One method per operation `round` measures, so that each measurement reads as one line
+    // per side.
+
+    fn create(&mut self, dir: Handle, name: Vec<u8>) -> Result<Handle> {
+        let how = CreateHow::Guarded;
+        self.handle(FsOp::Create {
+            dir,
+            name,
+            mode: 0o644,
+            how,
+        })
+    }
+
+    fn lookup(&mut self, dir: Handle, name: Vec<u8>) -> Result<FsReply> {
+        self.run(FsOp::Lookup { dir, name })
+    }
+
+    fn chmod(&mut self, h: Handle, mode: u32) -> Result<FsReply> {
+        let set = SetAttrs {
+            mode: Some(mode),
+            ..Default::default()
+        };
+        self.run(FsOp::SetAttr { h, set })
+    }
+
+    fn write(&mut self, h: Handle, data: Vec<u8>) -> Result<FsReply> {
+        self.run(FsOp::Write { h, offset: 0, data })
+    }
+
+    fn read(&mut self, h: Handle, count: u32) -> Result<FsReply> {
+        self.run(FsOp::Read {
+            h,
+            offset: 0,
+            count,
+        })
+    }
+
+    /// A rename within `dir` that may replace its target.
+    fn rename(&mut self, dir: Handle, from_name: Vec<u8>, to_name: Vec<u8>) -> Result<FsReply> {
+        let (from_dir, to_dir, no_replace) = (dir, dir, false);
+        self.run(FsOp::Rename {
+            from_dir,
+            from_name,
+            to_dir,
+            to_name,
+            no_replace,
+        })
+    }
+
+    fn remove(&mut self, dir: Handle, name: Vec<u8>) -> Result<FsReply> {
+        self.run(FsOp::Remove { dir, name })
+    }
+
+    fn mkdir(&mut self, dir: Handle, name: Vec<u8>) -> Result<FsReply> {
+        self.run(FsOp::Mkdir {
+            dir,
+            name,
+            mode: 0o755,
+        })
+    }
+
+    fn rmdir(&mut self, dir: Handle, name: Vec<u8>) -> Result<FsReply> {
+        self.run(FsOp::Rmdir { dir, name })
+    }
+
+    /// One page of up to 100 names, from `cookie`.
+    fn readdir(&mut self, dir: Handle, cookie: u64) -> Result<FsReply> {
+        let (count, plus) = (100, false);
+        self.run(FsOp::ReadDir {
+            dir,
+            cookie,
+            count,
+            plus,
+        })
     }
 }
 
@@ -149,17 +226,7 @@ fn round(
     measure(
         0,
         rows,
-        &mut || {
-            each(0..n, |i| {
-                w.handle(FsOp::Create {
-                    dir: wd,
-                    name: name("f", i),
-                    mode: 0o644,
-                    how: CreateHow::Guarded,
-                })
-                .map(|h| wfiles.push(h))
-            })
-        },
+        &mut || each(0..n, |i| w.create(wd, name("f", i)).map(|h| wfiles.push(h))),
         &mut || {
             each(0..n, |i| {
                 sys::create_file_at(r, &name("f", i)).map(|f| rfiles.push(f))
@@ -170,14 +237,7 @@ fn round(
     measure(
         1,
         rows,
-        &mut || {
-            each(0..n, |i| {
-                w.run(FsOp::Lookup {
-                    dir: wd,
-                    name: name("f", i),
-                })
-            })
-        },
+        &mut || each(0..n, |i| w.lookup(wd, name("f", i))),
         &mut || each(0..n, |i| sys::fstatat(r, &name("f", i))),
     )?;
     // getattr
@@ -191,40 +251,14 @@ fn round(
     measure(
         3,
         rows,
-        &mut || {
-            each(&wfiles, |h| {
-                w.run(FsOp::SetAttr {
-                    h: *h,
-                    set: SetAttrs {
-                        mode: Some(0o600),
-                        ..Default::default()
-                    },
-                })
-            })
-        },
-        &mut || {
-            each(&rfiles, |f| {
-                // SAFETY: plain system call on an fd we own.
-                if unsafe { libc::fchmod(f.as_raw_fd(), 0o600) } != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            })
-        },
+        &mut || each(&wfiles, |h| w.chmod(*h, 0o600)),
+        &mut || each(&rfiles, |f| fchmod(f, Mode::from_bits_retain(0o600))),
     )?;
     // write 4 KiB
     measure(
         4,
         rows,
-        &mut || {
-            each(&wfiles, |h| {
-                w.run(FsOp::Write {
-                    h: *h,
-                    offset: 0,
-                    data: page.clone(),
-                })
-            })
-        },
+        &mut || each(&wfiles, |h| w.write(*h, page.clone())),
         &mut || {
             each(&rfiles, |f| {
                 let data = page.clone();
@@ -236,15 +270,7 @@ fn round(
     measure(
         5,
         rows,
-        &mut || {
-            each(&wfiles, |h| {
-                w.run(FsOp::Read {
-                    h: *h,
-                    offset: 0,
-                    count: 4096,
-                })
-            })
-        },
+        &mut || each(&wfiles, |h| w.read(*h, 4096)),
         &mut || {
             each(&rfiles, |f| {
                 let mut buf = vec![0u8; 4096];
@@ -256,17 +282,7 @@ fn round(
     measure(
         6,
         rows,
-        &mut || {
-            each(0..n, |i| {
-                w.run(FsOp::Rename {
-                    from_dir: wd,
-                    from_name: name("f", i),
-                    to_dir: wd,
-                    to_name: name("g", i),
-                    no_replace: false,
-                })
-            })
-        },
+        &mut || each(0..n, |i| w.rename(wd, name("f", i), name("g", i))),
         &mut || {
             each(0..n, |i| {
                 sys::renameat(r, &name("f", i), r, &name("g", i), false)
@@ -277,14 +293,7 @@ fn round(
     measure(
         7,
         rows,
-        &mut || {
-            each(0..n, |i| {
-                w.run(FsOp::Remove {
-                    dir: wd,
-                    name: name("g", i),
-                })
-            })
-        },
+        &mut || each(0..n, |i| w.remove(wd, name("g", i))),
         &mut || {
             // The wrapper closes its cached descriptor of a removed file, which is when
             // the file is really freed; the raw side does the same.
@@ -299,41 +308,24 @@ fn round(
     measure(
         8,
         rows,
-        &mut || {
-            each(0..n, |i| {
-                w.run(FsOp::Mkdir {
-                    dir: wd,
-                    name: name("d", i),
-                    mode: 0o755,
-                })
-            })
-        },
+        &mut || each(0..n, |i| w.mkdir(wd, name("d", i))),
         &mut || each(0..n, |i| sys::mkdirat(r, &name("d", i))),
     )?;
     // readdir: 100 entries per call
     measure(
         9,
         rows,
-        &mut || {
-            each(0..n, |i| {
-                w.run(FsOp::ReadDir {
-                    dir: wd,
-                    cookie: (i % 10) as u64 * 100,
-                    count: 100,
-                    plus: false,
-                })
-            })
-        },
+        &mut || each(0..n, |i| w.readdir(wd, (i % 10) as u64 * 100)),
         &mut || {
             // A plain server seeks its open directory and reads one batch of entries: one
             // lseek and one getdents64 into a buffer that holds about 100 short names.
             let mut buf = vec![0u8; 3200];
             each(0..n, |_| {
-                // SAFETY: plain system calls on a directory fd we own, into `buf`.
-                let got = unsafe {
-                    libc::lseek(r, 0, libc::SEEK_SET);
-                    libc::syscall(libc::SYS_getdents64, r, buf.as_mut_ptr(), buf.len())
-                };
+                let _ = nix::unistd::lseek(&rdir, 0, nix::unistd::Whence::SeekSet);
+                // nix has no getdents64 (its `Dir` is libc's buffered readdir, not one call).
+                // SAFETY: a plain system call on a directory fd we own, into `buf`.
+                let got =
+                    unsafe { libc::syscall(libc::SYS_getdents64, r, buf.as_mut_ptr(), buf.len()) };
                 if got < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -344,16 +336,10 @@ fn round(
     )?;
     // Clean up untimed.
     for i in 0..n {
-        w.run(FsOp::Rmdir {
-            dir: wd,
-            name: name("d", i),
-        })?;
+        w.rmdir(wd, name("d", i))?;
         sys::unlinkat(r, &name("d", i), true)?;
     }
-    w.run(FsOp::Rmdir {
-        dir: ROOT,
-        name: sub.clone().into_bytes(),
-    })?;
+    w.rmdir(ROOT, sub.clone().into_bytes())?;
     drop(rdir);
     sys::unlinkat(rd, sub.as_bytes(), true)?;
     Ok(())

@@ -84,10 +84,7 @@ fn a_large_file_written_while_the_primary_is_killed_twice_is_intact() {
     if !fuse_available("a_large_file_written_while_the_primary_is_killed_twice_is_intact") {
         return;
     }
-    let mib: u64 = std::env::var("BIG_WRITE_MIB")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(96);
+    let mib: u64 = env_or("BIG_WRITE_MIB", 96);
     let m = Mounted::new();
     let path = m.path("big");
     let written = Arc::new(AtomicU64::new(0));

@@ -36,10 +36,7 @@ enum Node {
 type Tree = BTreeMap<String, Node>;
 
 fn rounds() -> usize {
-    std::env::var("BFTFS_BYZ_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(3)
+    env_or("BFTFS_BYZ_ROUNDS", 3)
 }
 
 /// Deterministic bytes for file `i` of worker `w` in round `r`.
@@ -345,8 +342,7 @@ fn run(
     if let Some(b) = byzantine {
         extra.extend(["--byzantine", b]);
     }
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let (mnt, xdg) = (tmp.path().join("mnt"), tmp.path().join("xdg"));
+    let (tmp, [mnt, xdg]) = scratch(["mnt", "xdg"]);
     fs::create_dir(&mnt).expect("mkdir mnt");
     let m = match Mounted::at(&mnt, &xdg, None, &extra) {
         Ok(m) => m,
@@ -396,6 +392,31 @@ fn run(
     Some((m, tmp))
 }
 
+/// Tests that run one Byzantine mode and check only that status names the faulty replica
+/// (see [`run`]): `name: --byzantine argument, checkpoints to push, (replica, words of the
+/// suspicion)`. The test's name is what `run` prints.
+macro_rules! named_in_status {
+    ($($name:ident: $mode:literal, $push:literal, ($who:literal, $why:literal);)*) => {$(
+        #[test]
+        fn $name() {
+            if let Some((m, _tmp)) = run(stringify!($name), Some($mode), $push, Some(($who, $why))) {
+                m.down();
+            }
+        }
+    )*};
+}
+
+named_in_status! {
+    mute_backup: "2:mute", 0, (2, "never heard from");
+    slow_backup: "2:slow:400", 0, (2, "after the others'");
+    slow_primary: "0:slow:200", 0, (0, "after the others'");
+    lying_backup: "2:lie", 0, (2, "disagreed with the agreed result");
+    equivocating_backup: "2:equivocate", 0, (2, "votes for another batch");
+    bad_auth_backup: "2:bad-auth", 0, (2, "bad authenticators");
+    bad_auth_primary: "0:bad-auth", 0, (0, "bad authenticators");
+    wrong_checkpoint_backup: "2:wrong-checkpoint", 140, (2, "checkpoints disagreeing with the stable certificate");
+}
+
 #[test]
 fn fault_free_run_matches_the_model() {
     let Some((m, _tmp)) = run("fault_free_run_matches_the_model", None, 70, None) else {
@@ -406,19 +427,6 @@ fn fault_free_run_matches_the_model() {
         status["suspects"].as_array().is_some_and(|s| s.is_empty()),
         "a fault-free cluster has suspects: {status:#}"
     );
-    m.down();
-}
-
-#[test]
-fn mute_backup() {
-    let Some((m, _tmp)) = run(
-        "mute_backup",
-        Some("2:mute"),
-        0,
-        Some((2, "never heard from")),
-    ) else {
-        return;
-    };
     m.down();
 }
 
@@ -441,65 +449,9 @@ fn mute_primary() {
 }
 
 #[test]
-fn slow_backup() {
-    let Some((m, _tmp)) = run(
-        "slow_backup",
-        Some("2:slow:400"),
-        0,
-        Some((2, "after the others'")),
-    ) else {
-        return;
-    };
-    m.down();
-}
-
-#[test]
-fn slow_primary() {
-    let Some((m, _tmp)) = run(
-        "slow_primary",
-        Some("0:slow:200"),
-        0,
-        Some((0, "after the others'")),
-    ) else {
-        return;
-    };
-    m.down();
-}
-
-#[test]
-fn lying_backup() {
-    let Some((m, _tmp)) = run(
-        "lying_backup",
-        Some("2:lie"),
-        0,
-        Some((2, "disagreed with the agreed result")),
-    ) else {
-        return;
-    };
-    m.down();
-}
-
-#[test]
-fn equivocating_backup() {
-    let Some((m, _tmp)) = run(
-        "equivocating_backup",
-        Some("2:equivocate"),
-        0,
-        Some((2, "votes for another batch")),
-    ) else {
-        return;
-    };
-    m.down();
-}
-
-#[test]
 fn equivocating_primary() {
-    let Some((m, _tmp)) = run(
-        "equivocating_primary",
-        Some("0:equivocate"),
-        0,
-        Some((0, "proofs of equivocation")),
-    ) else {
+    let suspect = Some((0, "proofs of equivocation"));
+    let Some((m, _tmp)) = run("equivocating_primary", Some("0:equivocate"), 0, suspect) else {
         return;
     };
     // The backups that voted for what the primary sent them are not blamed for it.
@@ -511,45 +463,6 @@ fn equivocating_primary() {
             "backup {backup} blamed: {blamed:?}"
         );
     }
-    m.down();
-}
-
-#[test]
-fn bad_auth_backup() {
-    let Some((m, _tmp)) = run(
-        "bad_auth_backup",
-        Some("2:bad-auth"),
-        0,
-        Some((2, "bad authenticators")),
-    ) else {
-        return;
-    };
-    m.down();
-}
-
-#[test]
-fn bad_auth_primary() {
-    let Some((m, _tmp)) = run(
-        "bad_auth_primary",
-        Some("0:bad-auth"),
-        0,
-        Some((0, "bad authenticators")),
-    ) else {
-        return;
-    };
-    m.down();
-}
-
-#[test]
-fn wrong_checkpoint_backup() {
-    let Some((m, _tmp)) = run(
-        "wrong_checkpoint_backup",
-        Some("2:wrong-checkpoint"),
-        140,
-        Some((2, "checkpoints disagreeing with the stable certificate")),
-    ) else {
-        return;
-    };
     m.down();
 }
 

@@ -162,10 +162,7 @@ fn workload_and_postmark_survive_replicas_killed_every_few_seconds() {
     if !replicated_mounts_available(name) {
         return;
     }
-    let seconds: u64 = std::env::var("FAULTS_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(60);
+    let seconds: u64 = env_or("FAULTS_SECONDS", 60);
     let m = Mounted::new();
     let stop = Arc::new(AtomicBool::new(false));
     let dir = m.path("verify");
@@ -346,12 +343,7 @@ fn total_power_loss_keeps_every_returned_write() {
     if !replicated_mounts_available(name) {
         return;
     }
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let (mnt, xdg, data) = (
-        tmp.path().join("mnt"),
-        tmp.path().join("xdg"),
-        tmp.path().join("data"),
-    );
+    let (tmp, [mnt, xdg, data]) = scratch(["mnt", "xdg", "data"]);
     eprintln!("power-loss test directory: {}", tmp.path().display());
     if std::env::var("BFTFS_KEEP").is_ok() {
         std::mem::forget(tmp);

@@ -14,7 +14,7 @@
 
 mod common;
 
-use common::{fuse_available, text, Mounted};
+use common::{env_or, fuse_available, text, Mounted};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -152,18 +152,11 @@ fn fsx_short_run() {
 #[test]
 #[ignore = "about an hour: run by hand, see the module docs"]
 fn fsx_long_run() {
-    let ops = std::env::var("BFTFS_FSX_OPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
-    let seed = std::env::var("BFTFS_FSX_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(7);
-    let jobs = std::env::var("BFTFS_FSX_JOBS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&j| j > 0)
-        .unwrap_or(8);
+    let ops = env_or("BFTFS_FSX_OPS", 1_000_000);
+    let seed = env_or("BFTFS_FSX_SEED", 7);
+    let jobs = match env_or("BFTFS_FSX_JOBS", 8) {
+        0 => 8,
+        j => j,
+    };
     run_fsx("fsx_long_run", ops, seed, jobs);
 }

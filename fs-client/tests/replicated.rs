@@ -74,12 +74,7 @@ fn two_mounts_of_one_cluster_see_each_others_changes() {
     if !replicated_mounts_available("two_mounts_of_one_cluster_see_each_others_changes") {
         return;
     }
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let (mnt1, mnt2, xdg) = (
-        tmp.path().join("one"),
-        tmp.path().join("two"),
-        tmp.path().join("xdg"),
-    );
+    let (_tmp, [mnt1, mnt2, xdg]) = scratch(["one", "two", "xdg"]);
     fs::create_dir(&mnt1).expect("mkdir");
     fs::create_dir(&mnt2).expect("mkdir");
     let first =
@@ -153,12 +148,7 @@ fn close_to_open_between_two_mounts_whatever_the_cache_timeouts() {
         eprintln!("SKIPPED close-to-open: BFTFS_TEST_F=0 has no cluster to share");
         return;
     }
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let (a, b, xdg) = (
-        tmp.path().join("a"),
-        tmp.path().join("b"),
-        tmp.path().join("xdg"),
-    );
+    let (_tmp, [a, b, xdg]) = scratch(["a", "b", "xdg"]);
     fs::create_dir(&a).expect("mkdir");
     fs::create_dir(&b).expect("mkdir");
     // Far longer than the test: whatever B sees fresh, its kernel did not time out.
@@ -378,8 +368,7 @@ fn up_metrics_port_serves_each_replicas_metrics() {
     if !replicated_mounts_available("up_metrics_port_serves_each_replicas_metrics") {
         return;
     }
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let (mnt, xdg) = (tmp.path().join("mnt"), tmp.path().join("xdg"));
+    let (tmp, [mnt, xdg]) = scratch(["mnt", "xdg"]);
     fs::create_dir(&mnt).expect("mkdir");
     let base = replica::localhost::free_port_run(4, replica::localhost::fresh_seed())
         .expect("four free ports");

@@ -245,12 +245,7 @@ fn status_of_a_mount_follows_its_replicas_and_its_calls() {
     if !replicated_mounts_available("status_of_a_mount_follows_its_replicas_and_its_calls") {
         return;
     }
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let (mnt, xdg, data) = (
-        tmp.path().join("mnt"),
-        tmp.path().join("xdg"),
-        tmp.path().join("data"),
-    );
+    let (_tmp, [mnt, xdg, data]) = scratch(["mnt", "xdg", "data"]);
     std::fs::create_dir(&mnt).expect("mkdir");
     let m = Mounted::at(&mnt, &xdg, Some(&data), &[]).expect("up");
     std::fs::write(m.path("f"), b"first").expect("write through the mount");

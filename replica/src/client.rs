@@ -394,7 +394,7 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{generate, ClusterKeys, ProtocolConfig};
+    use crate::config::{generate_seeded, ClusterKeys, ProtocolConfig};
     use crate::wire::{Authenticator, Digest, Reply, FRAME_HEADER_BYTES};
 
     struct Setup {
@@ -404,20 +404,22 @@ mod tests {
     }
 
     fn setup() -> Setup {
-        let mut rng = crate::rng::Rng::new(3);
         let addresses = (0..4).map(|i| format!("t:{i}")).collect();
-        let keys = generate(
-            1,
-            addresses,
-            &[ClientId(7)],
-            ProtocolConfig::default(),
-            &mut |b| rng.fill(b),
-        )
-        .expect("keys");
+        let keys = generate_seeded(1, addresses, &[ClientId(7)], ProtocolConfig::default(), 3)
+            .expect("keys");
         let config = Arc::new(keys.config.clone());
         let client = Client::new(config.clone(), &keys.clients[0], 1);
         let auth = Authenticator::for_client(&config, &keys.clients[0]);
         Setup { keys, client, auth }
+    }
+
+    /// A client with one ordered request (id 1, timestamp 1) invoked.
+    fn invoked() -> Setup {
+        let mut s = setup();
+        s.client
+            .invoke(b"op".to_vec(), false, &mut Vec::new())
+            .expect("invoke");
+        s
     }
 
     impl Setup {
@@ -478,10 +480,7 @@ mod tests {
 
     #[test]
     fn completes_on_all_3f_plus_1_matching_speculative_replies() {
-        let mut s = setup();
-        s.client
-            .invoke(b"op".to_vec(), false, &mut Vec::new())
-            .expect("invoke");
+        let mut s = invoked();
         for r in 0..3 {
             assert!(
                 s.spec(r, 1, b"ok").1.is_empty(),
@@ -502,10 +501,7 @@ mod tests {
 
     #[test]
     fn mismatched_speculation_waits_for_2f_plus_1_committed_replies() {
-        let mut s = setup();
-        s.client
-            .invoke(b"op".to_vec(), false, &mut Vec::new())
-            .expect("invoke");
+        let mut s = invoked();
         for r in 0..3 {
             assert!(s.spec(r, 1, b"ok").1.is_empty());
         }
@@ -522,10 +518,7 @@ mod tests {
 
     #[test]
     fn two_orders_for_one_slot_are_sent_to_every_replica_once() {
-        let mut s = setup();
-        s.client
-            .invoke(b"op".to_vec(), false, &mut Vec::new())
-            .expect("invoke");
+        let mut s = invoked();
         assert!(s.spec(1, 1, b"ok").0.is_empty());
         let (actions, done) = s.spec(2, 2, b"ok");
         assert!(done.is_empty());

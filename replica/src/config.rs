@@ -733,6 +733,20 @@ pub fn generate(
     })
 }
 
+/// [`generate`] with the project's seeded generator ([`crate::rng::Rng`]): the same keys for
+/// the same seed on every run, for tests and the simulator. A real cluster's keys come from
+/// [`generate_with_os_random`].
+pub fn generate_seeded(
+    f: u32,
+    addresses: Vec<String>,
+    clients: &[ClientId],
+    protocol: ProtocolConfig,
+    seed: u64,
+) -> Result<ClusterKeys, ConfigError> {
+    let mut rng = crate::rng::Rng::new(seed);
+    generate(f, addresses, clients, protocol, &mut |b| rng.fill(b))
+}
+
 /// [`generate`] with the operating system's random generator.
 pub fn generate_with_os_random(
     f: u32,
@@ -779,22 +793,10 @@ mod tests {
 
     #[test]
     fn keys_round_trip_through_json_and_pair_up() {
-        let mut counter = 0u8;
-        let mut random = |buf: &mut [u8]| {
-            for b in buf.iter_mut() {
-                counter = counter.wrapping_add(1);
-                *b = counter;
-            }
-        };
         let addresses = (0..4).map(|i| format!("127.0.0.1:{}", 7000 + i)).collect();
-        let keys = generate(
-            1,
-            addresses,
-            &[ClientId(7), ClientId(9)],
-            ProtocolConfig::default(),
-            &mut random,
-        )
-        .expect("keygen");
+        let clients = [ClientId(7), ClientId(9)];
+        let keys =
+            generate_seeded(1, addresses, &clients, ProtocolConfig::default(), 1).expect("keygen");
         let json = keys.config.to_json().expect("json");
         assert_eq!(ClusterConfig::from_json(&json).expect("parse"), keys.config);
         let secrets =

@@ -11,7 +11,7 @@ mod common;
 use common::{call, call_as, create, create_op, entry, mkdir_within, Cluster, CALL_TIMEOUT};
 use proptest::prelude::*;
 use replica::config::{
-    generate, generate_with_os_random, ClientSecrets, ClusterKeys, KeyBytes, ProtocolConfig,
+    generate_seeded, generate_with_os_random, ClientSecrets, ClusterKeys, KeyBytes, ProtocolConfig,
 };
 use replica::core::{Action, Event, Replica};
 use replica::driver::client::ClientHandle;
@@ -76,17 +76,8 @@ fn largest_allocation<T>(f: impl FnOnce() -> T) -> (T, usize) {
 // Keys and messages
 
 fn test_keys() -> ClusterKeys {
-    let mut rng = replica::rng::Rng::new(11);
-    let mut random = |buf: &mut [u8]| rng.fill(buf);
     let addresses = (0..4).map(|i| format!("127.0.0.1:{}", 7100 + i)).collect();
-    generate(
-        1,
-        addresses,
-        &[ClientId(1)],
-        ProtocolConfig::default(),
-        &mut random,
-    )
-    .expect("keygen")
+    generate_seeded(1, addresses, &[ClientId(1)], ProtocolConfig::default(), 11).expect("keygen")
 }
 
 /// A sample of valid messages from replica 1 (and client 1), to mutate.

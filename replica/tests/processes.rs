@@ -56,12 +56,7 @@ fn wait_caught_up(cluster: &Cluster, i: usize, deadline: Duration) {
     let start = Instant::now();
     loop {
         let statuses = cluster.statuses();
-        let best = statuses
-            .iter()
-            .flatten()
-            .map(|s| s.last_executed)
-            .max()
-            .unwrap_or(0);
+        let best = replica::driver::status::highest_executed(&statuses);
         if let Some(s) = &statuses[i] {
             if s.last_executed >= best && best > 0 {
                 return;

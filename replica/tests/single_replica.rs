@@ -2,7 +2,7 @@
 //! unreplicated baseline of the benchmarks runs the same core.
 
 use replica::client::{Client, ClientAction};
-use replica::config::{generate, ProtocolConfig};
+use replica::config::{generate_seeded, ProtocolConfig};
 use replica::core::{Action, Event, Replica};
 use replica::wire::{Authenticator, Principal, FRAME_HEADER_BYTES};
 use state_abstraction::kv::{KvOp, KvReply, KvService};
@@ -11,21 +11,9 @@ use std::sync::Arc;
 
 #[test]
 fn one_replica_commits_and_replies() {
-    let mut counter = 0u8;
-    let mut random = |buf: &mut [u8]| {
-        for b in buf.iter_mut() {
-            counter = counter.wrapping_add(7);
-            *b = counter;
-        }
-    };
-    let keys = generate(
-        0,
-        vec!["127.0.0.1:1".into()],
-        &[ClientId(1)],
-        ProtocolConfig::default(),
-        &mut random,
-    )
-    .expect("keygen");
+    let address = vec!["127.0.0.1:1".into()];
+    let keys =
+        generate_seeded(0, address, &[ClientId(1)], ProtocolConfig::default(), 7).expect("keygen");
     let config = Arc::new(keys.config.clone());
     let mut replica =
         Replica::new(config.clone(), &keys.replicas[0], KvService::new()).expect("replica");

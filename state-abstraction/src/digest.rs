@@ -77,6 +77,14 @@ pub fn object_digest(index: u64, pieces: &[Digest]) -> Digest {
     h.finish()
 }
 
+/// The digests of an object's pieces (given as their bytes), in order.
+pub fn piece_digests(index: u64, pieces: &[Vec<u8>]) -> Vec<Digest> {
+    (0u32..)
+        .zip(pieces)
+        .map(|(p, bytes)| piece_digest(index, p, bytes))
+        .collect()
+}
+
 pub const FANOUT: u64 = 256;
 /// Interior levels: level 0 is the root, level `LEVELS - 1` holds object digests as children.
 /// 4 levels of fan-out 256 address 2^32 objects.

@@ -9,7 +9,7 @@
 //! later replies. Checkpoints live in memory: each keeps copies of the buckets modified since
 //! the previous checkpoint (copy-on-write at bucket granularity) and its own partition tree.
 
-use crate::digest::{object_digest, piece_digest, Digest, Hasher, PartitionTree};
+use crate::digest::{object_digest, piece_digests, Digest, Hasher, PartitionTree};
 use crate::service::{AbstractObject, ClientId, RequestPolicy, SeqNo, Service, ServiceError};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -129,13 +129,7 @@ impl Default for KvService {
 }
 
 fn digest_of(index: u64, obj: &AbstractObject) -> Digest {
-    let pieces: Vec<Digest> = obj
-        .pieces
-        .iter()
-        .enumerate()
-        .map(|(p, bytes)| piece_digest(index, p as u32, bytes))
-        .collect();
-    object_digest(index, &pieces)
+    object_digest(index, &piece_digests(index, &obj.pieces))
 }
 
 impl KvService {
@@ -434,13 +428,7 @@ impl Service for KvService {
 
     fn piece_digests_at(&self, seq: SeqNo, index: u64) -> Option<Vec<Digest>> {
         let obj = self.object_at(seq, index)?;
-        Some(
-            obj.pieces
-                .iter()
-                .enumerate()
-                .map(|(p, bytes)| piece_digest(index, p as u32, bytes))
-                .collect(),
-        )
+        Some(piece_digests(index, &obj.pieces))
     }
 
     fn get_piece_at(&self, seq: SeqNo, index: u64, piece: u32) -> Option<Vec<u8>> {

@@ -8,8 +8,7 @@ const ROOT: Handle = Handle::ROOT;
 
 #[test]
 fn create_write_read_lookup_remove() {
-    let dir = temp_dir();
-    let mut fs = Fs::open(dir.path());
+    let (dir, mut fs) = fresh_fs();
     let f = fs.create(ROOT, "a.txt");
     assert_eq!(
         f,
@@ -37,13 +36,7 @@ fn create_write_read_lookup_remove() {
         std::fs::read(dir.path().join("tree/root/a.txt")).expect("concrete"),
         b"hello world"
     );
-    assert_eq!(
-        fs.run(FsOp::Remove {
-            dir: ROOT,
-            name: b"a.txt".to_vec()
-        }),
-        Ok(FsReply::Done)
-    );
+    assert_eq!(fs.remove(ROOT, b"a.txt"), Ok(FsReply::Done));
     assert_eq!(fs.run(FsOp::GetAttr { h: f }), Err(FsError::Stale));
     // The slot is reused with a new generation; the old handle stays stale.
     let g = fs.create(ROOT, "b");
@@ -60,58 +53,26 @@ fn create_write_read_lookup_remove() {
 
 #[test]
 fn directories_rename_and_nlink() {
-    let dir = temp_dir();
-    let mut fs = Fs::open(dir.path());
-    let a = fs.mkdir(ROOT, "a");
-    let b = fs.mkdir(ROOT, "b");
+    let (dir, mut fs) = fresh_fs();
+    let [a, b] = ["a", "b"].map(|name| fs.mkdir(ROOT, name));
     let c = fs.mkdir(a, "c");
     assert_eq!(fs.attr(ROOT).nlink, 4);
     assert_eq!(fs.attr(a).nlink, 3);
-    let r = fs.run(FsOp::Rename {
-        from_dir: a,
-        from_name: b"c".to_vec(),
-        to_dir: b,
-        to_name: b"d".to_vec(),
-        no_replace: false,
-    });
+    let r = fs.rename(a, b"c", b, b"d");
     assert_eq!(r, Ok(FsReply::Done));
     assert_eq!(fs.attr(a).nlink, 2);
     assert_eq!(fs.attr(b).nlink, 3);
     assert_eq!(fs.names(b), vec!["d"]);
     assert!(dir.path().join("tree/root/b/d").is_dir());
     // Into its own subtree.
-    let r = fs.run(FsOp::Rename {
-        from_dir: ROOT,
-        from_name: b"b".to_vec(),
-        to_dir: c,
-        to_name: b"x".to_vec(),
-        no_replace: false,
-    });
+    let r = fs.rename(ROOT, b"b", c, b"x");
     assert_eq!(r, Err(FsError::Inval));
-    assert_eq!(
-        fs.run(FsOp::Rmdir {
-            dir: ROOT,
-            name: b"b".to_vec()
-        }),
-        Err(FsError::NotEmpty)
-    );
-    assert_eq!(
-        fs.run(FsOp::Rmdir {
-            dir: b,
-            name: b"d".to_vec()
-        }),
-        Ok(FsReply::Done)
-    );
+    assert_eq!(fs.rmdir(ROOT, b"b"), Err(FsError::NotEmpty));
+    assert_eq!(fs.rmdir(b, b"d"), Ok(FsReply::Done));
     assert_eq!(fs.attr(b).nlink, 2);
     assert_eq!(fs.attr(ROOT).nlink, 4);
     // Rename a directory over an empty directory.
-    let r = fs.run(FsOp::Rename {
-        from_dir: ROOT,
-        from_name: b"a".to_vec(),
-        to_dir: ROOT,
-        to_name: b"b".to_vec(),
-        no_replace: false,
-    });
+    let r = fs.rename(ROOT, b"a", ROOT, b"b");
     assert_eq!(r, Ok(FsReply::Done));
     assert_eq!(fs.attr(ROOT).nlink, 3);
     assert_eq!(fs.run(FsOp::GetAttr { h: b }), Err(FsError::Stale));
@@ -120,8 +81,7 @@ fn directories_rename_and_nlink() {
 
 #[test]
 fn symlinks_links_and_readdir_pages() {
-    let dir = temp_dir();
-    let mut fs = Fs::open(dir.path());
+    let (dir, mut fs) = fresh_fs();
     let (s, sa) = fs.entry(FsOp::Symlink {
         dir: ROOT,
         name: b"l".to_vec(),
@@ -142,14 +102,7 @@ fn symlinks_links_and_readdir_pages() {
     });
     assert_eq!((h, attr.nlink), (f, 2));
     let d = fs.mkdir(ROOT, "zz");
-    assert_eq!(
-        fs.run(FsOp::Link {
-            h: d,
-            dir: ROOT,
-            name: b"d2".to_vec()
-        }),
-        Err(FsError::Perm)
-    );
+    assert_eq!(fs.link(d, ROOT, b"d2"), Err(FsError::Perm));
     for n in ["m3", "m1", "m2"] {
         fs.create(ROOT, n);
     }
@@ -177,19 +130,14 @@ fn symlinks_links_and_readdir_pages() {
         }
     }
     assert_eq!(seen, vec!["f", "g", "l", "m1", "m2", "m3", "zz"]);
-    fs.run(FsOp::Remove {
-        dir: ROOT,
-        name: b"f".to_vec(),
-    })
-    .expect("remove");
+    fs.remove(ROOT, b"f").expect("remove");
     assert_eq!(fs.attr(f).nlink, 1);
     assert!(dir.path().join("tree/root/g").exists());
 }
 
 #[test]
 fn setattr_truncate_extend_and_statfs() {
-    let dir = temp_dir();
-    let mut fs = Fs::open(dir.path());
+    let (_dir, mut fs) = fresh_fs();
     let f = fs.create(ROOT, "f");
     fs.write(f, 100_000, b"xyz");
     assert_eq!(fs.attr(f).size, 100_003);

@@ -50,48 +50,15 @@ fn mutate(fs: &mut Fs) {
     let d = fs.handle_of(ROOT, "dir1");
     let f = fs.handle_of(d, "file");
     fs.write(f, 70_000, b"changed in the middle");
-    fs.run(FsOp::SetAttr {
-        h: f,
-        set: SetAttrs {
-            size: Some(1000),
-            ..Default::default()
-        },
-    })
-    .expect("truncate");
-    fs.run(FsOp::Remove {
-        dir: ROOT,
-        name: b"g1".to_vec(),
-    })
-    .expect("remove");
-    fs.run(FsOp::Rename {
-        from_dir: d,
-        from_name: b"sym".to_vec(),
-        to_dir: ROOT,
-        to_name: b"moved".to_vec(),
-        no_replace: false,
-    })
-    .expect("rename");
+    fs.truncate(f, 1000).expect("truncate");
+    fs.remove(ROOT, b"g1").expect("remove");
+    fs.rename(d, b"sym", ROOT, b"moved").expect("rename");
     let n = fs.mkdir(d, "new");
     let x = fs.create(n, "x");
     fs.write(x, 0, b"x");
-    fs.run(FsOp::Rmdir {
-        dir: ROOT,
-        name: b"dir2".to_vec(),
-    })
-    .expect_err("not empty");
-    fs.run(FsOp::Remove {
-        dir: d,
-        name: b"hard".to_vec(),
-    })
-    .expect("remove hard link");
-    fs.run(FsOp::Rename {
-        from_dir: ROOT,
-        from_name: b"dir2".to_vec(),
-        to_dir: n,
-        to_name: b"d2".to_vec(),
-        no_replace: false,
-    })
-    .expect("move dir");
+    fs.rmdir(ROOT, b"dir2").expect_err("not empty");
+    fs.remove(d, b"hard").expect("remove hard link");
+    fs.rename(ROOT, b"dir2", n, b"d2").expect("move dir");
 }
 
 fn all_objects(svc: &FileService) -> Vec<(u64, state_abstraction::AbstractObject)> {
@@ -157,14 +124,19 @@ fn checkpoint_and_rollback_tmpfs() {
     checkpoint_rollback_on(dir.path());
 }
 
-#[test]
-fn put_objs_into_fresh_service_reproduces_state() {
-    let a = temp_dir();
-    let b = temp_dir();
-    let mut fs = Fs::open(a.path());
+/// A service that went through [`populate`] twice and [`mutate`], and its directory.
+fn changed_service() -> (tempfile::TempDir, Fs) {
+    let (dir, mut fs) = fresh_fs();
     populate(&mut fs, 1);
     populate(&mut fs, 2);
     mutate(&mut fs);
+    (dir, fs)
+}
+
+#[test]
+fn put_objs_into_fresh_service_reproduces_state() {
+    let (_a, mut fs) = changed_service();
+    let b = temp_dir();
     let want = fs.digest();
     let mut objs = all_objects(&fs.svc);
     objs.reverse();
@@ -188,12 +160,8 @@ fn put_objs_into_fresh_service_reproduces_state() {
 
 #[test]
 fn put_objs_over_existing_state() {
-    let a = temp_dir();
+    let (_a, mut fs) = changed_service();
     let b = temp_dir();
-    let mut fs = Fs::open(a.path());
-    populate(&mut fs, 1);
-    populate(&mut fs, 2);
-    mutate(&mut fs);
     let mut other = Fs::open(b.path());
     populate(&mut other, 2);
     populate(&mut other, 5);
@@ -226,12 +194,8 @@ fn table_survives_reopen() {
 
 #[test]
 fn put_objs_in_batches_and_serving_side() {
-    let a = temp_dir();
+    let (_a, mut fs) = changed_service();
     let b = temp_dir();
-    let mut fs = Fs::open(a.path());
-    populate(&mut fs, 1);
-    populate(&mut fs, 2);
-    mutate(&mut fs);
     let cp = fs.svc.checkpoint(3).expect("checkpoint");
     // Serving side: the tree nodes verify against the checkpoint digest.
     let count = fs.svc.object_count();
@@ -267,8 +231,7 @@ fn put_objs_in_batches_and_serving_side() {
 
 #[test]
 fn put_objs_rejects_malformed_objects() {
-    let a = temp_dir();
-    let mut fs = Fs::open(a.path());
+    let (_a, mut fs) = fresh_fs();
     populate(&mut fs, 1);
     let d = fs.digest();
     let mut obj = fs.svc.get_obj(2).expect("get");
@@ -292,9 +255,8 @@ fn put_objs_rejects_malformed_objects() {
 /// different timestamps, replies and checkpoint digests.
 #[test]
 fn state_transfer_carries_the_agreed_time() {
-    let a = temp_dir();
+    let (_a, mut fs) = fresh_fs();
     let b = temp_dir();
-    let mut fs = Fs::open(a.path());
     populate(&mut fs, 1);
     // The newest agreed time, moved by an ordered request that changes no object.
     let late = fs.now + 1_000_000_000;
@@ -351,8 +313,7 @@ fn state_transfer_carries_the_agreed_time() {
 /// A rollback restores the agreed time with the rest of the checkpoint's state.
 #[test]
 fn rollback_restores_the_agreed_time() {
-    let a = temp_dir();
-    let mut fs = Fs::open(a.path());
+    let (_a, mut fs) = fresh_fs();
     populate(&mut fs, 1);
     let at_checkpoint = fs.svc.checkpoint(1).expect("checkpoint");
     let root = fs.svc.get_obj(0).expect("root");

@@ -164,6 +164,22 @@ impl Model {
         &self.nodes[&i]
     }
 
+    /// Node `i` if it is a regular file; what Linux answers for data calls on anything else.
+    fn regular(&self, i: usize) -> R<&MNode> {
+        let n = self.n(i);
+        match n.kind {
+            FileType::Regular => Ok(n),
+            FileType::Directory => Err(FsError::IsDir),
+            _ => Err(FsError::Inval),
+        }
+    }
+
+    /// Whether `dir` is `node` or lies below it (walking up the parents to the root, 0).
+    fn is_ancestor(&self, node: usize, dir: usize) -> bool {
+        std::iter::successors(Some(dir), |&cur| (cur != 0).then(|| self.n(cur).parent))
+            .any(|cur| cur == node)
+    }
+
     fn attr(&self, i: usize) -> Out {
         let n = self.n(i);
         let size = match n.kind {
@@ -664,15 +680,16 @@ impl Harness {
                 let want = (|| -> R<Out> {
                     let dn = md.searchable(d, &name, &c)?;
                     if let Some(&i) = dn.entries.get(&name) {
+                        // An existing regular file is reused unless the create is guarded,
+                        // and for an exclusive one only if it carries the same verifier.
                         let o = md.n(i);
-                        let ok = match how {
-                            CreateHow::Guarded => false,
-                            CreateHow::Unchecked => o.kind == FileType::Regular,
-                            CreateHow::Exclusive { verifier } => {
-                                o.kind == FileType::Regular && o.verifier == Some(verifier)
-                            }
-                        };
-                        return if ok {
+                        let reused = o.kind == FileType::Regular
+                            && match how {
+                                CreateHow::Guarded => false,
+                                CreateHow::Unchecked => true,
+                                CreateHow::Exclusive { verifier } => o.verifier == Some(verifier),
+                            };
+                        return if reused {
                             Ok(md.attr(i))
                         } else {
                             Err(FsError::Exist)
@@ -777,12 +794,7 @@ impl Harness {
                 );
                 let md = &mut self.model;
                 let want = (|| -> R<Out> {
-                    let n = md.n(f);
-                    match n.kind {
-                        FileType::Regular => {}
-                        FileType::Directory => return Err(FsError::IsDir),
-                        _ => return Err(FsError::Inval),
-                    }
+                    let n = md.regular(f)?;
                     if !(c.uid == n.uid || may(n, &c, 2)) {
                         return Err(FsError::Access);
                     }
@@ -804,23 +816,17 @@ impl Harness {
             }
             TOp::Read(p, off, count) => {
                 let (h, f) = resolve!(p);
-                let got = self.run(
-                    &c,
-                    FsOp::Read {
-                        h,
-                        offset: *off,
-                        count: *count,
-                    },
-                );
+                let (offset, count) = (*off, *count);
+                let got = self.run(&c, FsOp::Read { h, offset, count });
                 let n = self.model.n(f);
                 let want = match n.kind {
-                    FileType::Regular if *count as u64 > MAX_IO => Out::Err(FsError::Inval),
+                    FileType::Regular if count as u64 > MAX_IO => Out::Err(FsError::Inval),
                     FileType::Regular if !(c.uid == n.uid || may(n, &c, 4)) => {
                         Out::Err(FsError::Access)
                     }
                     FileType::Regular => {
                         let s = (*off as usize).min(n.data.len());
-                        let e = (s + *count as usize).min(n.data.len());
+                        let e = (s + count as usize).min(n.data.len());
                         Out::Data(n.data[s..e].to_vec())
                     }
                     FileType::Directory => Out::Err(FsError::IsDir),
@@ -1008,17 +1014,9 @@ impl Harness {
                         return Err(FsError::Exist);
                     }
                     let s_dir = md.n(s).kind == FileType::Directory;
-                    if s_dir {
-                        let mut cur = db;
-                        loop {
-                            if cur == s {
-                                return Err(FsError::Inval);
-                            }
-                            if cur == 0 {
-                                break;
-                            }
-                            cur = md.n(cur).parent;
-                        }
+                    // A directory cannot move into itself or below itself.
+                    if s_dir && md.is_ancestor(s, db) {
+                        return Err(FsError::Inval);
                     }
                     if t == Some(s) {
                         return Ok(Out::Done);
@@ -1264,6 +1262,11 @@ impl Harness {
                     },
                 );
                 let n = self.model.n(f);
+                // What the attribute holds, where the caller may read it.
+                let stored = n
+                    .xattrs
+                    .get(&name)
+                    .map_or(Out::Err(FsError::NoData), |v| Out::Bytes(v.clone()));
                 let want = if name.len() > 255 {
                     Out::Err(FsError::Range)
                 } else if name.starts_with(b"user.") {
@@ -1272,19 +1275,13 @@ impl Harness {
                     } else if !may(n, &c, 4) {
                         Out::Err(FsError::Access)
                     } else {
-                        n.xattrs
-                            .get(&name)
-                            .map(|v| Out::Bytes(v.clone()))
-                            .unwrap_or(Out::Err(FsError::NoData))
+                        stored
                     }
                 } else if name.starts_with(b"trusted.") {
                     if c.uid != 0 {
                         Out::Err(FsError::Perm)
                     } else {
-                        n.xattrs
-                            .get(&name)
-                            .map(|v| Out::Bytes(v.clone()))
-                            .unwrap_or(Out::Err(FsError::NoData))
+                        stored
                     }
                 } else {
                     Out::Err(FsError::NotSupp)
@@ -1305,12 +1302,7 @@ impl Harness {
                 );
                 let md = &mut self.model;
                 let want = (|| -> R<Out> {
-                    let n = md.n(f);
-                    match n.kind {
-                        FileType::Regular => {}
-                        FileType::Directory => return Err(FsError::IsDir),
-                        _ => return Err(FsError::Inval),
-                    }
+                    let n = md.regular(f)?;
                     if *len == 0 {
                         return Err(FsError::Inval);
                     }

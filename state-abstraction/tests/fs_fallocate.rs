@@ -66,6 +66,13 @@ impl Backends {
 
     /// A file named `name` holding `len` bytes of a pattern that differs at every offset
     /// that matters here (so a misplaced byte shows).
+    /// Backends holding one file, "f", of `len` bytes of [`pattern`].
+    fn with_file(len: usize) -> (Backends, Handle) {
+        let mut b = Backends::new();
+        let f = b.file("f", len);
+        (b, f)
+    }
+
     fn file(&mut self, name: &str, len: usize) -> Handle {
         let h = match self.run(FsOp::Create {
             dir: ROOT,
@@ -170,8 +177,7 @@ fn copied(r: FsResult) -> u32 {
 
 #[test]
 fn punch_hole_unaligned_within_one_chunk() {
-    let mut b = Backends::new();
-    let f = b.file("f", 100_000);
+    let (mut b, f) = Backends::with_file(100_000);
     let a = attr_of(b.fallocate(f, 1_001, 2_999, PUNCH));
     assert_eq!(a.size, 100_000, "a punched hole never changes the size");
     assert_eq!(b.contents(f), zeroed(pattern(0, 100_000), 1_001, 4_000));
@@ -180,8 +186,7 @@ fn punch_hole_unaligned_within_one_chunk() {
 
 #[test]
 fn punch_hole_across_chunk_boundaries() {
-    let mut b = Backends::new();
-    let f = b.file("f", 300_000);
+    let (mut b, f) = Backends::with_file(300_000);
     let (start, end) = (CHUNK_SIZE - 7, 3 * CHUNK_SIZE + 5);
     attr_of(b.fallocate(f, start, end - start, PUNCH));
     assert_eq!(
@@ -193,8 +198,7 @@ fn punch_hole_across_chunk_boundaries() {
 
 #[test]
 fn punch_hole_beyond_eof_changes_nothing_past_it() {
-    let mut b = Backends::new();
-    let f = b.file("f", 70_000);
+    let (mut b, f) = Backends::with_file(70_000);
     let before = b.check_digests();
     // Entirely past the end: nothing changes but the times.
     let a = attr_of(b.fallocate(f, 80_000, 1 << 20, PUNCH));
@@ -209,8 +213,7 @@ fn punch_hole_beyond_eof_changes_nothing_past_it() {
 
 #[test]
 fn zero_range_extends_the_size_unless_told_to_keep_it() {
-    let mut b = Backends::new();
-    let f = b.file("f", 1_000);
+    let (mut b, f) = Backends::with_file(1_000);
     let a = attr_of(b.fallocate(f, 500, 69_500, ZERO));
     assert_eq!(a.size, 70_000);
     // Blocks follow the size, never what a backend happened to allocate.
@@ -231,8 +234,7 @@ fn zero_range_extends_the_size_unless_told_to_keep_it() {
 
 #[test]
 fn allocate_grows_the_size_only_without_keep_size() {
-    let mut b = Backends::new();
-    let f = b.file("f", 5_000);
+    let (mut b, f) = Backends::with_file(5_000);
     let a = attr_of(b.fallocate(f, 0, 4_000, GROW));
     assert_eq!(
         a.size, 5_000,
@@ -270,8 +272,7 @@ fn allocate_grows_the_size_only_without_keep_size() {
 
 #[test]
 fn fallocate_errors_are_linuxs() {
-    let mut b = Backends::new();
-    let f = b.file("f", 10);
+    let (mut b, f) = Backends::with_file(10);
     assert_eq!(b.fallocate(f, 0, 0, GROW), Err(FsError::Inval));
     assert_eq!(b.fallocate(ROOT, 0, 10, GROW), Err(FsError::IsDir));
     assert_eq!(b.fallocate(f, MAX_FILE_SIZE, 1, GROW), Err(FsError::FBig));
@@ -291,8 +292,7 @@ fn fallocate_errors_are_linuxs() {
 
 #[test]
 fn fallocate_updates_times_and_drops_setuid() {
-    let mut b = Backends::new();
-    let f = b.file("f", 10);
+    let (mut b, f) = Backends::with_file(10);
     let a = attr_of(b.run(FsOp::SetAttr {
         h: f,
         set: SetAttrs {
@@ -327,8 +327,7 @@ fn copy_across_chunks() {
 
 #[test]
 fn copy_within_one_file() {
-    let mut b = Backends::new();
-    let f = b.file("f", 200_000);
+    let (mut b, f) = Backends::with_file(200_000);
     // Non-overlapping, forwards and backwards.
     assert_eq!(copied(b.copy(f, 0, f, 100_000, 100_000)), 100_000);
     assert_eq!(copied(b.copy(f, 150_000, f, 10, 1_000)), 1_000);
@@ -413,8 +412,7 @@ fn copy_is_capped_and_errors_are_linuxs() {
 
 #[test]
 fn rollback_undoes_punches_and_copies() {
-    let mut b = Backends::new();
-    let f = b.file("f", 250_000);
+    let (mut b, f) = Backends::with_file(250_000);
     let g = b.file("g", 1_000);
     let mut seq = 0;
     let mut digests = Vec::new();

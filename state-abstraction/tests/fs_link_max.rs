@@ -19,8 +19,7 @@ fn scratch() -> tempfile::TempDir {
 fn link_max_is_ext4s() {
     assert_eq!(LINK_MAX, 65_000);
     let statfs_namemax = {
-        let dir = temp_dir();
-        let mut fs = Fs::open(dir.path());
+        let (_dir, mut fs) = fresh_fs();
         match fs.run(FsOp::StatFs { h: ROOT }) {
             Ok(FsReply::StatFs(s)) => s.namemax,
             other => panic!("{other:?}"),
@@ -36,11 +35,7 @@ fn hard_links_stop_at_link_max() {
     let f = fs.create(ROOT, "f");
     let links = fs.mkdir(ROOT, "links");
     for i in 1..LINK_MAX {
-        let r = fs.run(FsOp::Link {
-            h: f,
-            dir: links,
-            name: i.to_string().into_bytes(),
-        });
+        let r = fs.link(f, links, i.to_string().into_bytes());
         assert!(r.is_ok(), "link {i}: {r:?}");
     }
     assert_eq!(fs.attr(f).nlink, LINK_MAX);
@@ -51,19 +46,8 @@ fn hard_links_stop_at_link_max() {
     };
     assert_eq!(fs.run(one_more.clone()), Err(FsError::MLink));
     // An existing name is still EEXIST, which Linux checks first.
-    assert_eq!(
-        fs.run(FsOp::Link {
-            h: f,
-            dir: links,
-            name: b"1".to_vec(),
-        }),
-        Err(FsError::Exist)
-    );
-    fs.run(FsOp::Remove {
-        dir: links,
-        name: b"1".to_vec(),
-    })
-    .expect("unlink");
+    assert_eq!(fs.link(f, links, b"1"), Err(FsError::Exist));
+    fs.remove(links, b"1").expect("unlink");
     assert!(fs.run(one_more).is_ok(), "room again after an unlink");
 }
 
@@ -94,19 +78,8 @@ fn subdirectories_stop_at_link_max() {
         no_replace: false,
     };
     assert_eq!(fs.run(into.clone()), Err(FsError::MLink));
-    fs.run(FsOp::Rename {
-        from_dir: d,
-        from_name: b"0".to_vec(),
-        to_dir: d,
-        to_name: b"zero".to_vec(),
-        no_replace: false,
-    })
-    .expect("rename within");
-    fs.run(FsOp::Rmdir {
-        dir: d,
-        name: b"zero".to_vec(),
-    })
-    .expect("rmdir");
+    fs.rename(d, b"0", d, b"zero").expect("rename within");
+    fs.rmdir(d, b"zero").expect("rmdir");
     assert!(fs.run(into).is_ok(), "room again after an rmdir");
     assert_eq!(fs.run(mkdir), Err(FsError::MLink));
 }

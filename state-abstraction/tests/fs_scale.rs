@@ -53,11 +53,7 @@ fn twenty_thousand_objects() {
             no_replace: false,
         })
         .expect("rename");
-        fs.run(FsOp::Rmdir {
-            dir: h,
-            name: b"s0".to_vec(),
-        })
-        .expect("rmdir");
+        fs.rmdir(h, b"s0").expect("rmdir");
     }
     let fresh = scratch();
     let mut other = Fs::open(fresh.path());

@@ -35,8 +35,7 @@ fn populate(fs: &mut Fs) -> (Handle, Handle) {
 
 #[test]
 fn damaged_data_changes_the_next_checkpoint_and_the_kept_ones() {
-    let dir = temp_dir();
-    let mut fs = Fs::open(dir.path());
+    let (dir, mut fs) = fresh_fs();
     let (_, f) = populate(&mut fs);
     let root1 = fs.svc.checkpoint(1).expect("checkpoint 1");
     let node1 = fs.svc.partition_node(1, 0, 0);

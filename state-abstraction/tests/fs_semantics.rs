@@ -35,25 +35,12 @@ fn chown(fs: &mut Fs, h: Handle, uid: Option<u32>, gid: Option<u32>) -> FsResult
 
 #[test]
 fn permission_denials_are_exact() {
-    let dir = temp_dir();
-    let mut fs = Fs::open(dir.path());
+    let (_dir, mut fs) = fresh_fs();
     // Root's directory is 0755: others may look but not create.
     fs.as_user(1000, 1000, &[]);
-    let r = fs.run(FsOp::Create {
-        dir: ROOT,
-        name: name("x"),
-        mode: 0o644,
-        how: CreateHow::Guarded,
-    });
+    let r = fs.try_create(ROOT, b"x", CreateHow::Guarded);
     assert_eq!(r, Err(FsError::Access));
-    assert_eq!(
-        fs.run(FsOp::Mkdir {
-            dir: ROOT,
-            name: name("x"),
-            mode: 0o755
-        }),
-        Err(FsError::Access)
-    );
+    assert_eq!(fs.try_mkdir(ROOT, b"x"), Err(FsError::Access));
     fs.as_user(0, 0, &[]);
     let home = fs.mkdir(ROOT, "home");
     chown(&mut fs, home, Some(1000), Some(1000)).expect("chown by root");
@@ -77,43 +64,17 @@ fn permission_denials_are_exact() {
     chmod(&mut fs, f, 0o600).expect("owner chmod");
     chmod(&mut fs, home, 0o755).expect("owner chmod dir");
     fs.as_user(1001, 1001, &[]);
-    assert_eq!(
-        fs.run(FsOp::Read {
-            h: f,
-            offset: 0,
-            count: 10
-        }),
-        Err(FsError::Access)
-    );
-    assert_eq!(
-        fs.run(FsOp::Write {
-            h: f,
-            offset: 0,
-            data: b"x".to_vec()
-        }),
-        Err(FsError::Access)
-    );
+    assert_eq!(fs.try_read(f, 0, 10), Err(FsError::Access));
+    assert_eq!(fs.try_write(f, 0, b"x"), Err(FsError::Access));
     assert_eq!(chmod(&mut fs, f, 0o666), Err(FsError::Perm));
     assert_eq!(chown(&mut fs, f, Some(1001), None), Err(FsError::Perm));
-    assert_eq!(
-        fs.run(FsOp::Remove {
-            dir: home,
-            name: name("f")
-        }),
-        Err(FsError::Access)
-    );
-    assert_eq!(
-        fs.run(FsOp::Access { h: f, mask: 7 }),
-        Ok(FsReply::Access { granted: 0 })
-    );
+    assert_eq!(fs.remove(home, b"f"), Err(FsError::Access));
+    assert_eq!(fs.access(f, 7), Ok(FsReply::Access { granted: 0 }));
     // The owner keeps access to its data even at mode 0 (an open descriptor outlives chmod).
     fs.as_user(1000, 1000, &[2000]);
     chmod(&mut fs, f, 0o000).expect("chmod 0");
     assert_eq!(fs.read(f, 0, 10), b"secret");
-    assert_eq!(
-        fs.run(FsOp::Access { h: f, mask: 7 }),
-        Ok(FsReply::Access { granted: 0 })
-    );
+    assert_eq!(fs.access(f, 7), Ok(FsReply::Access { granted: 0 }));
     // chown: only root gives away; the owner may change the group to one it is in.
     assert_eq!(chown(&mut fs, f, Some(1001), None), Err(FsError::Perm));
     assert!(
@@ -127,34 +88,21 @@ fn permission_denials_are_exact() {
     }
     // Root bypasses permission bits, but executing needs some x bit.
     fs.as_user(0, 0, &[]);
-    assert_eq!(
-        fs.run(FsOp::Access { h: f, mask: 7 }),
-        Ok(FsReply::Access { granted: 6 })
-    );
+    assert_eq!(fs.access(f, 7), Ok(FsReply::Access { granted: 6 }));
     chmod(&mut fs, f, 0o010).expect("chmod");
-    assert_eq!(
-        fs.run(FsOp::Access { h: f, mask: 7 }),
-        Ok(FsReply::Access { granted: 7 })
-    );
+    assert_eq!(fs.access(f, 7), Ok(FsReply::Access { granted: 7 }));
     // Group bits apply to supplementary groups; owner bits win over group bits.
     chmod(&mut fs, f, 0o040).expect("chmod");
     fs.as_user(1002, 1002, &[2000]);
-    assert_eq!(
-        fs.run(FsOp::Access { h: f, mask: 4 }),
-        Ok(FsReply::Access { granted: 4 })
-    );
+    assert_eq!(fs.access(f, 4), Ok(FsReply::Access { granted: 4 }));
     chown(&mut fs, f, None, None).expect("empty setattr needs nothing");
     fs.as_user(1000, 1000, &[2000]);
-    assert_eq!(
-        fs.run(FsOp::Access { h: f, mask: 4 }),
-        Ok(FsReply::Access { granted: 0 })
-    );
+    assert_eq!(fs.access(f, 4), Ok(FsReply::Access { granted: 0 }));
 }
 
 #[test]
 fn setuid_is_cleared_by_unprivileged_writes_and_chown() {
-    let dir = temp_dir();
-    let mut fs = Fs::open(dir.path());
+    let (_dir, mut fs) = fresh_fs();
     let f = fs.create(ROOT, "prog");
     chown(&mut fs, f, Some(1000), Some(1000)).expect("chown");
     chmod(&mut fs, f, 0o6755).expect("chmod");
@@ -181,80 +129,37 @@ fn setuid_is_cleared_by_unprivileged_writes_and_chown() {
 
 #[test]
 fn sticky_directories() {
-    let dir = temp_dir();
-    let mut fs = Fs::open(dir.path());
+    let (_dir, mut fs) = fresh_fs();
     let tmp = fs.mkdir(ROOT, "tmp");
     chmod(&mut fs, tmp, 0o1777).expect("chmod");
     fs.as_user(1000, 1000, &[]);
     let mine = fs.create(tmp, "mine");
     fs.as_user(1001, 1001, &[]);
     fs.create(tmp, "theirs");
-    assert_eq!(
-        fs.run(FsOp::Remove {
-            dir: tmp,
-            name: name("mine")
-        }),
-        Err(FsError::Perm)
-    );
-    let r = fs.run(FsOp::Rename {
-        from_dir: tmp,
-        from_name: name("mine"),
-        to_dir: tmp,
-        to_name: name("x"),
-        no_replace: false,
-    });
+    assert_eq!(fs.remove(tmp, b"mine"), Err(FsError::Perm));
+    let r = fs.rename(tmp, b"mine", tmp, b"x");
     assert_eq!(r, Err(FsError::Perm));
     // Replacing someone else's file by rename is refused too.
-    let r = fs.run(FsOp::Rename {
-        from_dir: tmp,
-        from_name: name("theirs"),
-        to_dir: tmp,
-        to_name: name("mine"),
-        no_replace: false,
-    });
+    let r = fs.rename(tmp, b"theirs", tmp, b"mine");
     assert_eq!(r, Err(FsError::Perm));
     // Own files may go.
-    let r = fs.run(FsOp::Rename {
-        from_dir: tmp,
-        from_name: name("theirs"),
-        to_dir: tmp,
-        to_name: name("t2"),
-        no_replace: false,
-    });
+    let r = fs.rename(tmp, b"theirs", tmp, b"t2");
     assert_eq!(r, Ok(FsReply::Done));
-    assert_eq!(
-        fs.run(FsOp::Remove {
-            dir: tmp,
-            name: name("t2")
-        }),
-        Ok(FsReply::Done)
-    );
+    assert_eq!(fs.remove(tmp, b"t2"), Ok(FsReply::Done));
     // The directory's owner (root here) may remove anything.
     fs.as_user(0, 0, &[]);
-    assert_eq!(
-        fs.run(FsOp::Remove {
-            dir: tmp,
-            name: name("mine")
-        }),
-        Ok(FsReply::Done)
-    );
+    assert_eq!(fs.remove(tmp, b"mine"), Ok(FsReply::Done));
     assert_eq!(fs.run(FsOp::GetAttr { h: mine }), Err(FsError::Stale));
 }
 
 #[test]
 fn setgid_directories_pass_on_their_group() {
-    let dir = temp_dir();
-    let mut fs = Fs::open(dir.path());
+    let (_dir, mut fs) = fresh_fs();
     let proj = fs.mkdir(ROOT, "proj");
     chown(&mut fs, proj, None, Some(500)).expect("chgrp");
     chmod(&mut fs, proj, 0o2777).expect("chmod");
     fs.as_user(1000, 1000, &[]);
-    let (_, fa) = fs.entry(FsOp::Create {
-        dir: proj,
-        name: name("f"),
-        mode: 0o2644,
-        how: CreateHow::Guarded,
-    });
+    let (_, fa) = fs.create_as(proj, b"f", 0o2644, CreateHow::Guarded);
     assert_eq!(fa.gid, 500);
     assert_eq!(
         fa.mode, 0o644,
@@ -266,83 +171,36 @@ fn setgid_directories_pass_on_their_group() {
         mode: 0o755,
     });
     assert_eq!((da.gid, da.mode), (500, 0o2755));
-    let (_, ga) = fs.entry(FsOp::Create {
-        dir: sub,
-        name: name("g"),
-        mode: 0o644,
-        how: CreateHow::Guarded,
-    });
+    let (_, ga) = fs.create_as(sub, b"g", 0o644, CreateHow::Guarded);
     assert_eq!(ga.gid, 500);
     // Without setgid the creator's group is used.
-    let (_, ha) = fs.entry(FsOp::Create {
-        dir: proj,
-        name: name("h"),
-        mode: 0o644,
-        how: CreateHow::Guarded,
-    });
+    let (_, ha) = fs.create_as(proj, b"h", 0o644, CreateHow::Guarded);
     assert_eq!(ha.gid, 500);
     fs.as_user(0, 0, &[]);
     chmod(&mut fs, proj, 0o777).expect("chmod");
     fs.as_user(1000, 1000, &[]);
-    let (_, ia) = fs.entry(FsOp::Create {
-        dir: proj,
-        name: name("i"),
-        mode: 0o644,
-        how: CreateHow::Guarded,
-    });
+    let (_, ia) = fs.create_as(proj, b"i", 0o644, CreateHow::Guarded);
     assert_eq!(ia.gid, 1000);
 }
 
 #[test]
 fn stale_handles() {
-    let dir = temp_dir();
-    let mut fs = Fs::open(dir.path());
+    let (_dir, mut fs) = fresh_fs();
     let d = fs.mkdir(ROOT, "d");
     let f = fs.create(d, "f");
-    fs.run(FsOp::Remove {
-        dir: d,
-        name: name("f"),
-    })
-    .expect("remove");
-    assert_eq!(
-        fs.run(FsOp::Read {
-            h: f,
-            offset: 0,
-            count: 1
-        }),
-        Err(FsError::Stale)
-    );
+    fs.remove(d, b"f").expect("remove");
+    assert_eq!(fs.try_read(f, 0, 1), Err(FsError::Stale));
     let g = fs.create(d, "g");
     assert_eq!(
         (g.index, g.generation),
         (f.index, f.generation + 1),
         "lowest free slot, next generation"
     );
+    assert_eq!(fs.try_write(f, 0, b"x"), Err(FsError::Stale));
+    fs.remove(d, b"g").expect("remove");
+    fs.rmdir(ROOT, b"d").expect("rmdir");
     assert_eq!(
-        fs.run(FsOp::Write {
-            h: f,
-            offset: 0,
-            data: b"x".to_vec()
-        }),
-        Err(FsError::Stale)
-    );
-    fs.run(FsOp::Remove {
-        dir: d,
-        name: name("g"),
-    })
-    .expect("remove");
-    fs.run(FsOp::Rmdir {
-        dir: ROOT,
-        name: name("d"),
-    })
-    .expect("rmdir");
-    assert_eq!(
-        fs.run(FsOp::Create {
-            dir: d,
-            name: name("x"),
-            mode: 0o644,
-            how: CreateHow::Guarded
-        }),
+        fs.try_create(d, b"x", CreateHow::Guarded),
         Err(FsError::Stale)
     );
     assert_eq!(
@@ -367,8 +225,7 @@ fn stale_handles() {
 
 #[test]
 fn bad_names_get_canonical_errors() {
-    let dir = temp_dir();
-    let mut fs = Fs::open(dir.path());
+    let (_dir, mut fs) = fresh_fs();
     let cases: Vec<(Vec<u8>, FsError)> = vec![
         (Vec::new(), FsError::Inval),
         (name("."), FsError::Inval),
@@ -378,48 +235,17 @@ fn bad_names_get_canonical_errors() {
         (vec![b'x'; 256], FsError::NameTooLong),
     ];
     for (n, e) in &cases {
-        let r = fs.run(FsOp::Create {
-            dir: ROOT,
-            name: n.clone(),
-            mode: 0o644,
-            how: CreateHow::Guarded,
-        });
+        let r = fs.try_create(ROOT, n.clone(), CreateHow::Guarded);
         assert_eq!(r, Err(*e), "create {n:?}");
-        assert_eq!(
-            fs.run(FsOp::Mkdir {
-                dir: ROOT,
-                name: n.clone(),
-                mode: 0o755
-            }),
-            Err(*e),
-            "mkdir {n:?}"
-        );
-        assert_eq!(
-            fs.run(FsOp::Remove {
-                dir: ROOT,
-                name: n.clone()
-            }),
-            Err(*e),
-            "remove {n:?}"
-        );
-        let r = fs.run(FsOp::Rename {
-            from_dir: ROOT,
-            from_name: name("nope"),
-            to_dir: ROOT,
-            to_name: n.clone(),
-            no_replace: false,
-        });
+        assert_eq!(fs.try_mkdir(ROOT, n.clone()), Err(*e), "mkdir {n:?}");
+        assert_eq!(fs.remove(ROOT, n.clone()), Err(*e), "remove {n:?}");
+        let r = fs.rename(ROOT, b"nope", ROOT, n.clone());
         assert_eq!(r, Err(*e), "rename to {n:?}");
     }
     // The longest name and arbitrary bytes are fine, and nothing escapes the tree.
     fs.create(ROOT, &"y".repeat(255));
     let odd = vec![0xff, 0xfe, b'\n', b' '];
-    fs.entry(FsOp::Create {
-        dir: ROOT,
-        name: odd.clone(),
-        mode: 0o644,
-        how: CreateHow::Guarded,
-    });
+    fs.create_as(ROOT, odd.clone(), 0o644, CreateHow::Guarded);
     assert_eq!(fs.names(ROOT).len(), 2);
     // "." and ".." are answered by lookup, never created.
     let d = fs.mkdir(ROOT, "d");
@@ -442,131 +268,51 @@ fn symlinks_are_never_followed() {
         name: name("evil"),
         target,
     });
-    let r = fs.run(FsOp::Create {
-        dir: ROOT,
-        name: name("evil"),
-        mode: 0o644,
-        how: CreateHow::Unchecked,
-    });
+    let r = fs.try_create(ROOT, b"evil", CreateHow::Unchecked);
     assert_eq!(r, Err(FsError::Exist));
     let (l, _) = fs.entry(FsOp::Lookup {
         dir: ROOT,
         name: name("evil"),
     });
+    assert_eq!(fs.try_write(l, 0, b"x"), Err(FsError::Inval));
     assert_eq!(
-        fs.run(FsOp::Write {
-            h: l,
-            offset: 0,
-            data: b"x".to_vec()
-        }),
-        Err(FsError::Inval)
-    );
-    assert_eq!(
-        fs.run(FsOp::Create {
-            dir: l,
-            name: name("x"),
-            mode: 0o644,
-            how: CreateHow::Guarded
-        }),
+        fs.try_create(l, b"x", CreateHow::Guarded),
         Err(FsError::NotDir)
     );
     assert!(!outside.path().join("victim").exists());
     // Symlink target limits.
+    assert_eq!(fs.symlink(ROOT, b"e", Vec::new()), Err(FsError::NoEnt));
     assert_eq!(
-        fs.run(FsOp::Symlink {
-            dir: ROOT,
-            name: name("e"),
-            target: Vec::new()
-        }),
-        Err(FsError::NoEnt)
-    );
-    assert_eq!(
-        fs.run(FsOp::Symlink {
-            dir: ROOT,
-            name: name("e"),
-            target: vec![b'a'; 4096]
-        }),
+        fs.symlink(ROOT, b"e", vec![b'a'; 4096]),
         Err(FsError::NameTooLong)
     );
 }
 
 #[test]
 fn limits() {
-    let dir = temp_dir();
-    let mut fs = Fs::open(dir.path());
+    let (_dir, mut fs) = fresh_fs();
     let f = fs.create(ROOT, "f");
     let mib = 1 << 20;
+    assert_eq!(fs.try_read(f, 0, mib + 1), Err(FsError::Inval));
     assert_eq!(
-        fs.run(FsOp::Read {
-            h: f,
-            offset: 0,
-            count: mib + 1
-        }),
-        Err(FsError::Inval)
-    );
-    assert_eq!(
-        fs.run(FsOp::Write {
-            h: f,
-            offset: 0,
-            data: vec![0; mib as usize + 1]
-        }),
+        fs.try_write(f, 0, &vec![0; mib as usize + 1]),
         Err(FsError::Inval)
     );
     fs.write(f, 0, &vec![1; mib as usize]);
     let max = 8u64 << 30;
-    assert_eq!(
-        fs.run(FsOp::Write {
-            h: f,
-            offset: max,
-            data: b"x".to_vec()
-        }),
-        Err(FsError::FBig)
-    );
-    assert_eq!(
-        fs.run(FsOp::Write {
-            h: f,
-            offset: u64::MAX,
-            data: b"x".to_vec()
-        }),
-        Err(FsError::FBig)
-    );
+    assert_eq!(fs.try_write(f, max, b"x"), Err(FsError::FBig));
+    assert_eq!(fs.try_write(f, u64::MAX, b"x"), Err(FsError::FBig));
     let set = SetAttrs {
         size: Some(max + 1),
         ..Default::default()
     };
     assert_eq!(fs.run(FsOp::SetAttr { h: f, set }), Err(FsError::FBig));
     let d = fs.mkdir(ROOT, "d");
-    assert_eq!(
-        fs.run(FsOp::Write {
-            h: d,
-            offset: 0,
-            data: b"x".to_vec()
-        }),
-        Err(FsError::IsDir)
-    );
-    assert_eq!(
-        fs.run(FsOp::Read {
-            h: d,
-            offset: 0,
-            count: 1
-        }),
-        Err(FsError::IsDir)
-    );
+    assert_eq!(fs.try_write(d, 0, b"x"), Err(FsError::IsDir));
+    assert_eq!(fs.try_read(d, 0, 1), Err(FsError::IsDir));
     assert_eq!(fs.run(FsOp::ReadLink { h: f }), Err(FsError::Inval));
-    assert_eq!(
-        fs.run(FsOp::Remove {
-            dir: ROOT,
-            name: name("d")
-        }),
-        Err(FsError::IsDir)
-    );
-    assert_eq!(
-        fs.run(FsOp::Rmdir {
-            dir: ROOT,
-            name: name("f")
-        }),
-        Err(FsError::NotDir)
-    );
+    assert_eq!(fs.remove(ROOT, b"d"), Err(FsError::IsDir));
+    assert_eq!(fs.rmdir(ROOT, b"f"), Err(FsError::NotDir));
     assert_eq!(
         fs.run(FsOp::Lookup {
             dir: f,
@@ -575,19 +321,11 @@ fn limits() {
         Err(FsError::NotDir)
     );
     // Reading at and past the end.
-    match fs.run(FsOp::Read {
-        h: f,
-        offset: mib as u64 - 2,
-        count: 10,
-    }) {
+    match fs.try_read(f, mib as u64 - 2, 10) {
         Ok(FsReply::Read { data, eof }) => assert_eq!((data.len(), eof), (2, true)),
         other => panic!("{other:?}"),
     }
-    match fs.run(FsOp::Read {
-        h: f,
-        offset: 1 << 40,
-        count: 10,
-    }) {
+    match fs.try_read(f, 1 << 40, 10) {
         Ok(FsReply::Read { data, eof }) => assert_eq!((data.len(), eof), (0, true)),
         other => panic!("{other:?}"),
     }
@@ -595,47 +333,18 @@ fn limits() {
 
 #[test]
 fn create_modes_and_rename_rules() {
-    let dir = temp_dir();
-    let mut fs = Fs::open(dir.path());
+    let (_dir, mut fs) = fresh_fs();
     let how = |v| CreateHow::Exclusive { verifier: v };
-    let (f, _) = fs.entry(FsOp::Create {
-        dir: ROOT,
-        name: name("f"),
-        mode: 0o644,
-        how: how(42),
-    });
+    let (f, _) = fs.create_as(ROOT, b"f", 0o644, how(42));
     // A retransmitted exclusive create succeeds; another verifier does not.
-    let (g, _) = fs.entry(FsOp::Create {
-        dir: ROOT,
-        name: name("f"),
-        mode: 0o644,
-        how: how(42),
-    });
+    let (g, _) = fs.create_as(ROOT, b"f", 0o644, how(42));
     assert_eq!(f, g);
+    assert_eq!(fs.try_create(ROOT, b"f", how(43)), Err(FsError::Exist));
     assert_eq!(
-        fs.run(FsOp::Create {
-            dir: ROOT,
-            name: name("f"),
-            mode: 0o644,
-            how: how(43)
-        }),
+        fs.try_create(ROOT, b"f", CreateHow::Guarded),
         Err(FsError::Exist)
     );
-    assert_eq!(
-        fs.run(FsOp::Create {
-            dir: ROOT,
-            name: name("f"),
-            mode: 0o644,
-            how: CreateHow::Guarded
-        }),
-        Err(FsError::Exist)
-    );
-    let (u, _) = fs.entry(FsOp::Create {
-        dir: ROOT,
-        name: name("f"),
-        mode: 0o600,
-        how: CreateHow::Unchecked,
-    });
+    let (u, _) = fs.create_as(ROOT, b"f", 0o600, CreateHow::Unchecked);
     assert_eq!(u, f);
     fs.mkdir(ROOT, "d");
     let e = fs.mkdir(ROOT, "e");
@@ -672,59 +381,33 @@ fn create_modes_and_rename_rules() {
 
 #[test]
 fn xattrs() {
-    let dir = temp_dir();
-    let mut fs = Fs::open(dir.path());
+    let (_dir, mut fs) = fresh_fs();
     let f = fs.create(ROOT, "f");
-    let set = |fs: &mut Fs, n: &str, v: &[u8], how| {
-        fs.run(FsOp::SetXattr {
-            h: f,
-            name: name(n),
-            value: v.to_vec(),
-            how,
-        })
-    };
+    let long_name = "u".repeat(256);
+    let (big, too_big) = (vec![7; 65536], vec![7; 65537]);
+    // In order: each step sees what the ones before it set.
+    let steps: [(&str, &[u8], XattrSet, FsResult); 10] = [
+        ("user.a", b"1", XattrSet::Replace, Err(FsError::NoData)),
+        ("user.a", b"1", XattrSet::Create, Ok(FsReply::Done)),
+        ("user.a", b"2", XattrSet::Create, Err(FsError::Exist)),
+        ("user.a", b"3", XattrSet::Replace, Ok(FsReply::Done)),
+        ("user.b", &big, XattrSet::Either, Ok(FsReply::Done)),
+        ("user.c", &too_big, XattrSet::Either, Err(FsError::Range)),
+        (&long_name, b"", XattrSet::Either, Err(FsError::Range)),
+        ("", b"", XattrSet::Either, Err(FsError::Inval)),
+        (
+            "system.posix_acl_access",
+            b"",
+            XattrSet::Either,
+            Err(FsError::NotSupp),
+        ),
+        ("trusted.t", b"t", XattrSet::Either, Ok(FsReply::Done)),
+    ];
+    for (n, v, how, want) in steps {
+        assert_eq!(fs.set_xattr(f, n, v, how), want, "set {n:?} {how:?}");
+    }
     assert_eq!(
-        set(&mut fs, "user.a", b"1", XattrSet::Replace),
-        Err(FsError::NoData)
-    );
-    assert_eq!(
-        set(&mut fs, "user.a", b"1", XattrSet::Create),
-        Ok(FsReply::Done)
-    );
-    assert_eq!(
-        set(&mut fs, "user.a", b"2", XattrSet::Create),
-        Err(FsError::Exist)
-    );
-    assert_eq!(
-        set(&mut fs, "user.a", b"3", XattrSet::Replace),
-        Ok(FsReply::Done)
-    );
-    assert_eq!(
-        set(&mut fs, "user.b", &[7; 65536], XattrSet::Either),
-        Ok(FsReply::Done)
-    );
-    assert_eq!(
-        set(&mut fs, "user.c", &[7; 65537], XattrSet::Either),
-        Err(FsError::Range)
-    );
-    assert_eq!(
-        set(&mut fs, &"u".repeat(256), b"", XattrSet::Either),
-        Err(FsError::Range)
-    );
-    assert_eq!(set(&mut fs, "", b"", XattrSet::Either), Err(FsError::Inval));
-    assert_eq!(
-        set(&mut fs, "system.posix_acl_access", b"", XattrSet::Either),
-        Err(FsError::NotSupp)
-    );
-    assert_eq!(
-        set(&mut fs, "trusted.t", b"t", XattrSet::Either),
-        Ok(FsReply::Done)
-    );
-    assert_eq!(
-        fs.run(FsOp::GetXattr {
-            h: f,
-            name: name("user.a")
-        }),
+        fs.get_xattr(f, b"user.a"),
         Ok(FsReply::Xattr {
             value: b"3".to_vec()
         })
@@ -744,45 +427,20 @@ fn xattrs() {
             names: vec![name("user.a"), name("user.b")]
         })
     );
+    assert_eq!(fs.get_xattr(f, b"trusted.t"), Err(FsError::Perm));
     assert_eq!(
-        fs.run(FsOp::GetXattr {
-            h: f,
-            name: name("trusted.t")
-        }),
-        Err(FsError::Perm)
-    );
-    assert_eq!(
-        set(&mut fs, "user.a", b"x", XattrSet::Either),
+        fs.set_xattr(f, "user.a", b"x", XattrSet::Either),
         Err(FsError::Access)
     );
     fs.as_user(0, 0, &[]);
-    assert_eq!(
-        fs.run(FsOp::RemoveXattr {
-            h: f,
-            name: name("user.a")
-        }),
-        Ok(FsReply::Done)
-    );
-    assert_eq!(
-        fs.run(FsOp::RemoveXattr {
-            h: f,
-            name: name("user.a")
-        }),
-        Err(FsError::NoData)
-    );
-    assert_eq!(
-        fs.run(FsOp::GetXattr {
-            h: f,
-            name: name("user.a")
-        }),
-        Err(FsError::NoData)
-    );
+    assert_eq!(fs.remove_xattr(f, b"user.a"), Ok(FsReply::Done));
+    assert_eq!(fs.remove_xattr(f, b"user.a"), Err(FsError::NoData));
+    assert_eq!(fs.get_xattr(f, b"user.a"), Err(FsError::NoData));
 }
 
 #[test]
 fn timestamps_are_the_agreed_time() {
-    let dir = temp_dir();
-    let mut fs = Fs::open(dir.path());
+    let (_dir, mut fs) = fresh_fs();
     fs.now = 10_000_000_000;
     let f = fs.create(ROOT, "f");
     let created = fs.attr(f);
@@ -843,14 +501,7 @@ fn crash_then_reopen(dir: &std::path::Path, data_changes: bool) {
     fs.mkdir(d, "sub");
     if data_changes {
         fs.write(f, 70_000, b"overwritten");
-        fs.run(FsOp::Rename {
-            from_dir: d,
-            from_name: name("f"),
-            to_dir: ROOT,
-            to_name: name("moved"),
-            no_replace: false,
-        })
-        .expect("rename");
+        fs.rename(d, b"f", ROOT, b"moved").expect("rename");
     }
     // A crash: nothing is saved on the way down.
     fs.svc.simulate_crash();
@@ -873,8 +524,7 @@ fn unclean_shutdown_returns_to_the_checkpoint_tmpfs() {
 
 #[test]
 fn unclean_shutdown_after_a_flush_and_many_changes() {
-    let dir = temp_dir();
-    let mut fs = Fs::open(dir.path());
+    let (dir, mut fs) = fresh_fs();
     let d = fs.mkdir(ROOT, "d");
     let e = fs.mkdir(d, "e");
     let f = fs.create(e, "f");
@@ -897,54 +547,19 @@ fn unclean_shutdown_after_a_flush_and_many_changes() {
         .collect();
     // Changes before a flush (saved in the table)...
     fs.write(f, 100_000, b"before the flush");
-    fs.run(FsOp::Rename {
-        from_dir: ROOT,
-        from_name: name("d"),
-        to_dir: ROOT,
-        to_name: name("d2"),
-        no_replace: false,
-    })
-    .expect("rename");
+    fs.rename(ROOT, b"d", ROOT, b"d2").expect("rename");
     let h = fs.create(ROOT, "h");
     fs.write(h, 0, b"made after the checkpoint");
     fs.svc.flush().expect("flush");
     // ...and after it (only in the journal), then a crash.
     fs.write(f, 200_000, b"after the flush");
-    fs.run(FsOp::SetAttr {
-        h: f,
-        set: SetAttrs {
-            size: Some(5),
-            ..Default::default()
-        },
-    })
-    .expect("truncate");
-    fs.run(FsOp::Rename {
-        from_dir: e,
-        from_name: name("f"),
-        to_dir: ROOT,
-        to_name: name("f-moved"),
-        no_replace: false,
-    })
-    .expect("move");
-    fs.run(FsOp::Remove {
-        dir: ROOT,
-        name: name("g"),
-    })
-    .expect("remove");
-    fs.run(FsOp::Remove {
-        dir: e,
-        name: name("g2"),
-    })
-    .expect("remove last link");
+    fs.truncate(f, 5).expect("truncate");
+    fs.rename(e, b"f", ROOT, b"f-moved").expect("move");
+    fs.remove(ROOT, b"g").expect("remove");
+    fs.remove(e, b"g2").expect("remove last link");
     let x = fs.mkdir(ROOT, "x");
-    fs.run(FsOp::Rename {
-        from_dir: ROOT,
-        from_name: name("d2"),
-        to_dir: x,
-        to_name: name("inside"),
-        no_replace: false,
-    })
-    .expect("move dir into a new dir");
+    fs.rename(ROOT, b"d2", x, b"inside")
+        .expect("move dir into a new dir");
     fs.create(ROOT, "reuses-a-slot");
     fs.svc.simulate_crash();
     let mut fs = Fs::open(dir.path());
@@ -994,27 +609,9 @@ fn checkpoint_rollback_and_transfer_on_btrfs() {
         .map(|i| fs.svc.get_obj(i).expect("get"))
         .collect();
     fs.write(f, 100_000, b"later");
-    fs.run(FsOp::SetAttr {
-        h: f,
-        set: SetAttrs {
-            size: Some(10),
-            ..Default::default()
-        },
-    })
-    .expect("truncate");
-    fs.run(FsOp::Rename {
-        from_dir: d,
-        from_name: name("f"),
-        to_dir: ROOT,
-        to_name: name("g"),
-        no_replace: false,
-    })
-    .expect("mv");
-    fs.run(FsOp::Rmdir {
-        dir: ROOT,
-        name: name("d"),
-    })
-    .expect("rmdir");
+    fs.truncate(f, 10).expect("truncate");
+    fs.rename(d, b"f", ROOT, b"g").expect("mv");
+    fs.rmdir(ROOT, b"d").expect("rmdir");
     for (i, o) in before.iter().enumerate() {
         assert_eq!(
             fs.svc.get_obj_at(7, i as u64).as_ref(),
@@ -1067,8 +664,7 @@ fn owner(r: FsResult) -> (u32, u32) {
 #[test]
 fn squashed_clients_act_as_nobody() {
     use state_abstraction::ClientId;
-    let dir = temp_dir();
-    let mut fs = Fs::open(dir.path());
+    let (_dir, mut fs) = fresh_fs();
     fs.svc.set_squash(
         [
             (ClientId(7), Squash::Root),

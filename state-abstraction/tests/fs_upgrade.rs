@@ -9,7 +9,9 @@ mod common;
 
 use common::*;
 use serde::Serialize;
-use state_abstraction::digest::{object_digest, piece_digest, Digest, PartitionTree, LEVELS};
+use state_abstraction::digest::{
+    object_digest, piece_digest, piece_digests, Digest, PartitionTree, LEVELS,
+};
 use state_abstraction::fs::object::{Header, CHUNK_SIZE, DIR_SIZE};
 use state_abstraction::fs::*;
 use state_abstraction::{SeqNo, Service};
@@ -226,13 +228,7 @@ fn object_digests(svc: &FileService, count: u64) -> Vec<Digest> {
     (0..count)
         .map(|i| {
             let obj = svc.get_obj(i).expect("object");
-            let p: Vec<Digest> = obj
-                .pieces
-                .iter()
-                .enumerate()
-                .map(|(k, b)| piece_digest(i, k as u32, b))
-                .collect();
-            object_digest(i, &p)
+            object_digest(i, &piece_digests(i, &obj.pieces))
         })
         .collect()
 }

@@ -13,6 +13,21 @@ use std::time::{Duration, Instant};
 
 pub const BFTFS: &str = env!("CARGO_BIN_EXE_bftfs");
 
+/// A fresh temporary directory and the paths `names` inside it (not created), in order.
+pub fn scratch<const N: usize>(names: [&str; N]) -> (tempfile::TempDir, [PathBuf; N]) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let paths = names.map(|n| tmp.path().join(n));
+    (tmp, paths)
+}
+
+/// The value of the environment variable `name`, else (unset or unparsable) `default`.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Whether real FUSE mounts can run here. Without them a test prints why and returns early;
 /// with BFTFS_REQUIRE_FUSE=1 (CI) that is a failure instead.
 pub fn fuse_available(test: &str) -> bool {

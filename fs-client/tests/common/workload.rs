@@ -178,13 +178,15 @@ impl Workload {
                 }
                 Ok(v)
             }
-            Err(e) => {
-                self.counts.errors += 1;
-                let msg = format!("{what}: {e}");
-                self.problem(msg.clone());
-                Err(msg)
-            }
+            Err(e) => self.failed(format!("{what}: {e}")),
         }
+    }
+
+    /// Counts a failed call and records it as a problem.
+    fn failed<T>(&mut self, msg: String) -> Result<T, String> {
+        self.counts.errors += 1;
+        self.problem(msg.clone());
+        Err(msg)
     }
 
     /// `write(2)` of `data` at `offset` to `name` through `file`. The model takes exactly the
@@ -234,12 +236,7 @@ impl Workload {
                 }
                 Ok(n)
             }
-            Err(e) => {
-                self.counts.errors += 1;
-                let msg = format!("write {name} at {offset}: {e}");
-                self.problem(msg.clone());
-                Err(msg)
-            }
+            Err(e) => self.failed(format!("write {name} at {offset}: {e}")),
         }
     }
 

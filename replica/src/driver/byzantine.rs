@@ -5,8 +5,9 @@
 //! driver's single seal-and-send path: in goes every message the correct core wants to send
 //! (with its receivers and their links), out goes what the mode makes of it. The layer holds
 //! the replica's own signing key, so what it alters still carries a valid signature unless the
-//! mode is to break authentication. The core never knows; nothing here reaches the
-//! simulator, which has Byzantine behaviours of its own.
+//! mode is to break authentication. The core never knows. What a mode does to a message is
+//! [`crate::tamper`]'s, which the simulator's Byzantine behaviours use too; this layer
+//! decides which messages, and to whom.
 //!
 //! `corrupt-state` is the one mode that does not touch messages: [`corrupt_one_file`] flips
 //! a byte of a stored file behind the file service's back (a bad disk), and the replica must
@@ -17,11 +18,11 @@
 
 use crate::config::ReplicaSecrets;
 use crate::rng::Rng;
+use crate::tamper;
 use crate::wire::{
-    AgreementMessage, Authenticator, Batch, Checkpoint, ClientMessage, Message, Principal,
-    Proposal, ReplicaId, Signature, Signed, Signer, ViewChangeMessage,
+    AgreementMessage, Authenticator, Batch, ClientMessage, Message, Principal, Proposal, ReplicaId,
+    SeqNo, Signed, Signer, FRAME_HEADER_BYTES,
 };
-use state_abstraction::digest::Hasher;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
@@ -201,7 +202,7 @@ impl Byzantine {
             Mode::Lie => {
                 let message = match message {
                     Message::Client(ClientMessage::Reply(mut reply)) => {
-                        lie_about(&mut reply.result);
+                        tamper::plausible_lie(&mut reply.result);
                         self.count();
                         Message::Client(ClientMessage::Reply(reply))
                     }
@@ -216,32 +217,14 @@ impl Byzantine {
                     self.equivocate(proposal, destinations, auth)
                 }
                 Message::Agreement(AgreementMessage::Prepare(p)) if p.body.replica == self.me => {
-                    let seq = p.body.seq.0;
-                    let mut forked = p.body.clone();
-                    forked.batch_digest = other_digest(&forked.batch_digest);
-                    let forked =
-                        Message::Agreement(AgreementMessage::Prepare(self.signer.sign(forked)));
-                    self.split(
-                        seq,
-                        Message::Agreement(AgreementMessage::Prepare(p)),
-                        forked,
-                        destinations,
-                        auth,
-                    )
+                    let seq = p.body.seq;
+                    let prepare = |p| Message::Agreement(AgreementMessage::Prepare(p));
+                    self.equivocate_vote(seq, p, prepare, destinations, auth)
                 }
                 Message::Agreement(AgreementMessage::Commit(c)) if c.body.replica == self.me => {
-                    let seq = c.body.seq.0;
-                    let mut forked = c.body.clone();
-                    forked.batch_digest = other_digest(&forked.batch_digest);
-                    let forked =
-                        Message::Agreement(AgreementMessage::Commit(self.signer.sign(forked)));
-                    self.split(
-                        seq,
-                        Message::Agreement(AgreementMessage::Commit(c)),
-                        forked,
-                        destinations,
-                        auth,
-                    )
+                    let seq = c.body.seq;
+                    let commit = |c| Message::Agreement(AgreementMessage::Commit(c));
+                    self.equivocate_vote(seq, c, commit, destinations, auth)
                 }
                 other => deliver(&other, &destinations, auth),
             },
@@ -253,15 +236,15 @@ impl Byzantine {
                 // Alternate: a broken signature inside a correctly MAC'd frame (the receiver
                 // knows who sent it), or a broken MAC (it knows only who the frame claims).
                 let mut message = message;
-                if self.rng.below(2) == 0 && break_a_signature(&mut message) {
+                if self.rng.below(2) == 0 && tamper::break_message_signature(&mut message, 7, 0x80)
+                {
                     return deliver(&message, &destinations, auth);
                 }
                 let Some(mut frame) = seal(&message, &destinations, auth) else {
                     return;
                 };
-                // The frame ends with the message bytes, which every tag covers.
-                if let Some(last) = frame.last_mut() {
-                    *last ^= 0x5A;
+                if let Some(last) = (frame.len() - FRAME_HEADER_BYTES).checked_sub(1) {
+                    tamper::corrupt_frame(&mut frame, last, 0x5A);
                 }
                 send_frame(frame, &destinations);
             }
@@ -271,8 +254,12 @@ impl Byzantine {
                         if cp.body.replica == self.me =>
                     {
                         self.count();
+                        let wrong = tamper::derived_digest(
+                            "bftfs.byzantine.wrong_checkpoint",
+                            &cp.body.service_root,
+                        );
                         Message::Agreement(AgreementMessage::Checkpoint(
-                            self.signer.sign(wrong_checkpoint(cp.body)),
+                            tamper::checkpoint_with_root(&self.signer, &cp.body, wrong),
                         ))
                     }
                     other => other,
@@ -298,15 +285,11 @@ impl Byzantine {
         } else {
             batch = Batch::default();
         }
-        let mut body = proposal.pre_prepare.body.clone();
         // Validly signed and well formed (the digest binds the agreed value), so only the
         // comparison with what the others got exposes it. The history is left as it was: the
         // previous link is not known here, and a backup that finds it unchained still votes.
-        body.batch_digest = batch.ordered_digest(&body.nondet);
-        let other = Proposal {
-            pre_prepare: self.signer.sign(body),
-            batch,
-        };
+        let nondet = proposal.pre_prepare.body.nondet.clone();
+        let other = tamper::repropose(&self.signer, &proposal, batch, nondet, None);
         self.split(
             seq,
             Message::Agreement(AgreementMessage::PrePrepare(proposal)),
@@ -314,6 +297,22 @@ impl Byzantine {
             destinations,
             auth,
         );
+    }
+
+    /// Our own vote to half the destinations and the same vote for another batch to the
+    /// others (see [`Self::split`]), both validly signed.
+    fn equivocate_vote<V: tamper::Vote>(
+        &mut self,
+        seq: SeqNo,
+        vote: Signed<V>,
+        message: fn(Signed<V>) -> Message,
+        destinations: Vec<Destination>,
+        auth: &Authenticator,
+    ) {
+        let other =
+            tamper::derived_digest("bftfs.byzantine.other_batch", &vote.body.batch_digest());
+        let forked = message(tamper::vote_for(&self.signer, &vote.body, other));
+        self.split(seq.0, message(vote), forked, destinations, auth)
     }
 
     /// `honest` to every other destination, `forked` to the rest; which half gets which
@@ -373,52 +372,6 @@ fn deliver(message: &Message, destinations: &[Destination], auth: &Authenticator
     if let Some(frame) = seal(message, destinations, auth) {
         send_frame(frame, destinations);
     }
-}
-
-/// A different result of the same length: the last byte changed, so a careless client that
-/// trusted one reply would get a plausible wrong answer (a size, a byte of data).
-fn lie_about(result: &mut Vec<u8>) {
-    match result.last_mut() {
-        Some(b) => *b ^= 0x01,
-        None => result.push(1),
-    }
-}
-
-fn other_digest(d: &state_abstraction::Digest) -> state_abstraction::Digest {
-    let mut h = Hasher::new("bftfs.byzantine.other_batch");
-    h.digest(d);
-    h.finish()
-}
-
-fn wrong_checkpoint(mut body: Checkpoint) -> Checkpoint {
-    let mut h = Hasher::new("bftfs.byzantine.wrong_checkpoint");
-    h.digest(&body.service_root);
-    body.service_root = h.finish();
-    body
-}
-
-fn flip_signature(signature: &mut Signature) {
-    let mut bytes = signature.to_bytes();
-    bytes[7] ^= 0x80;
-    *signature = Signature::from_bytes(&bytes);
-}
-
-fn flip<T>(signed: &mut Signed<T>) {
-    flip_signature(&mut signed.signature);
-}
-
-/// Breaks the sender's own signature in `message`, if it carries one; false if it does not.
-fn break_a_signature(message: &mut Message) -> bool {
-    match message {
-        Message::Agreement(AgreementMessage::PrePrepare(p)) => flip(&mut p.pre_prepare),
-        Message::Agreement(AgreementMessage::Prepare(p)) => flip(p),
-        Message::Agreement(AgreementMessage::Commit(c)) => flip(c),
-        Message::Agreement(AgreementMessage::Checkpoint(c)) => flip(c),
-        Message::ViewChange(ViewChangeMessage::ViewChange(v)) => flip(v),
-        Message::ViewChange(ViewChangeMessage::NewView(v)) => flip(v),
-        _ => return false,
-    }
-    true
 }
 
 /// The thread behind `slow`: holds each frame until it is due. Every frame waits the same
@@ -488,7 +441,7 @@ pub fn corrupt_one_file(tree_root: &Path, rng: &mut Rng) -> std::io::Result<Opti
 mod tests {
     use super::*;
     use crate::config::ClusterConfig;
-    use crate::wire::{Prepare, SeqNo, View};
+    use crate::wire::{Checkpoint, Prepare, SeqNo, View};
 
     #[test]
     fn modes_parse_and_print() {
@@ -534,13 +487,12 @@ mod tests {
     }
 
     fn cluster() -> (ClusterConfig, Vec<ReplicaSecrets>) {
-        let mut rng = Rng::new(7);
-        let keys = crate::config::generate(
+        let keys = crate::config::generate_seeded(
             1,
             (0..4).map(|i| format!("127.0.0.1:{}", 9000 + i)).collect(),
             &[state_abstraction::ClientId(1)],
             crate::config::ProtocolConfig::default(),
-            &mut |buf: &mut [u8]| rng.fill(buf),
+            7,
         )
         .expect("config");
         (keys.config, keys.replicas)

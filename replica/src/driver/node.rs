@@ -140,29 +140,8 @@ pub fn bind_at(address: &str) -> Result<std::net::TcpListener, NodeError> {
     Ok(listener)
 }
 
-/// Runs the replica until it halts or `stop` is set. Blocks the calling thread.
-pub fn run<S: Service + Send + 'static>(
-    config: Arc<ClusterConfig>,
-    secrets: ReplicaSecrets,
-    replica: Replica<S>,
-    wal: Wal,
-    listener: std::net::TcpListener,
-    status: Arc<Mutex<ReplicaStatus>>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-) -> Result<(), NodeError> {
-    run_with(
-        config,
-        secrets,
-        replica,
-        wal,
-        listener,
-        status,
-        stop,
-        RunOptions::default(),
-    )
-}
-
-/// [`run`] with [`RunOptions`].
+/// Runs the replica until it halts or `stop` is set (with `RunOptions::default()` unless the
+/// replica is Byzantine on purpose). Blocks the calling thread.
 #[allow(clippy::too_many_arguments)]
 pub fn run_with<S: Service + Send + 'static>(
     config: Arc<ClusterConfig>,

@@ -185,13 +185,8 @@ impl PeerWatch {
                 }
                 Message::Agreement(AgreementMessage::Prepare(p)) => {
                     inner.highest_seq = inner.highest_seq.max(p.body.seq.0);
-                    note_vote(
-                        inner,
-                        from.0,
-                        0,
-                        (p.body.view.0, p.body.seq.0),
-                        p.body.batch_digest,
-                    );
+                    let b = &p.body;
+                    note_vote(inner, from.0, 0, (b.view.0, b.seq.0), b.batch_digest);
                 }
                 Message::Agreement(AgreementMessage::Committed(cert)) => {
                     note_proposal(inner, &cert.proposal.pre_prepare)
@@ -199,13 +194,8 @@ impl PeerWatch {
                 Message::Agreement(AgreementMessage::Commit(c)) => {
                     inner.highest_seq = inner.highest_seq.max(c.body.seq.0);
                     note_arrival(inner, from.0, (c.body.seq.0, 0), now);
-                    note_vote(
-                        inner,
-                        from.0,
-                        1,
-                        (c.body.view.0, c.body.seq.0),
-                        c.body.batch_digest,
-                    );
+                    let b = &c.body;
+                    note_vote(inner, from.0, 1, (b.view.0, b.seq.0), b.batch_digest);
                 }
                 Message::Agreement(AgreementMessage::Checkpoint(c)) => {
                     let seq = c.body.seq.0;

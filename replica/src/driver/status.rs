@@ -62,6 +62,15 @@ pub struct ReplicaStatus {
     pub declared_byzantine: Option<String>,
 }
 
+/// The highest `last_executed` among the replicas that answered (0 if none did): how far the
+/// cluster has got, what a lagging replica is measured against.
+pub fn highest_executed(statuses: &[Option<ReplicaStatus>]) -> u64 {
+    statuses
+        .iter()
+        .flatten()
+        .fold(0, |best, s| best.max(s.last_executed))
+}
+
 impl ReplicaStatus {
     pub fn new(id: u32) -> Self {
         ReplicaStatus {

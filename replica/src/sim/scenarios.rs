@@ -1,10 +1,302 @@
-//! Named scenarios (STYLE.md, layer 2): each builds a [`Scenario`] from a seed, is listed in
-//! [`super::NAMED_SCENARIOS`] under the name a failure prints, and has a test in `tests.rs`
-//! that asserts what the scenario is about (not only that the checkers stay quiet).
+//! Scenarios: the calm one and the seed's random faults ([`Scenario::random`]), the protocol
+//! parameters they run, and the named scenarios (STYLE.md, layer 2). Each named one builds a
+//! [`Scenario`] from a seed, is listed in [`NAMED_SCENARIOS`] under the name a failure prints,
+//! and has a test in `tests.rs` that asserts what the scenario is about (not only that the
+//! checkers stay quiet).
 
 use super::*;
 
 const MIB: u64 = 1 << 20;
+
+/// The table of [`NAMED_SCENARIOS`]: entries with a name of their own, then constructors of
+/// this module listed by name, which is the name a failure prints.
+macro_rules! scenario_table {
+    ($(($name:literal, $build:expr),)* ; $($f:ident,)*) => {
+        &[$(($name, $build),)* $((stringify!($f), $f),)*]
+    };
+}
+
+/// The protocol parameters of simulated clusters: tiny windows so that checkpoints, the
+/// high-water mark and log truncation are exercised in short runs.
+pub fn sim_protocol() -> ProtocolConfig {
+    ProtocolConfig {
+        checkpoint_interval: 4,
+        log_window: 8,
+        batch_requests_max: 4,
+        pipeline_batches_max: 2,
+        batch_bytes_max: 1 << 16,
+        operation_bytes_max: 1 << 12,
+        pending_requests_max: 64,
+        client_window: 4,
+        view_change_timeout_ticks: 80,
+        view_change_timeout_ticks_max: 1280,
+        retransmit_ticks: 25,
+        catch_up_ticks: 50,
+        client_retransmit_ticks: 60,
+        client_retransmit_ticks_max: 480,
+        tick_ns: 1_000_000,
+        fast_path: true,
+    }
+}
+
+/// Deployment limits (the default [`ProtocolConfig`]: 4 MiB batches and operations, a log
+/// window of 256 batches, a checkpoint every 64) with the simulator's timers, for scenarios
+/// whose messages must be as large as real ones.
+pub fn deployed_protocol() -> ProtocolConfig {
+    let timers = sim_protocol();
+    ProtocolConfig {
+        view_change_timeout_ticks: timers.view_change_timeout_ticks,
+        view_change_timeout_ticks_max: timers.view_change_timeout_ticks_max,
+        retransmit_ticks: timers.retransmit_ticks,
+        catch_up_ticks: timers.catch_up_ticks,
+        client_retransmit_ticks: timers.client_retransmit_ticks,
+        client_retransmit_ticks_max: timers.client_retransmit_ticks_max,
+        tick_ns: timers.tick_ns,
+        fast_path: true,
+        ..ProtocolConfig::default()
+    }
+}
+
+impl Scenario {
+    /// A quiet run: no faults.
+    pub fn calm(seed: u64) -> Self {
+        Scenario {
+            name: "calm",
+            seed,
+            f: 1,
+            clients: 3,
+            ops_per_client: 8,
+            client_parallelism: 2,
+            read_only_per_mille: 150,
+            keys: 3,
+            value_bytes: None,
+            large_results: false,
+            loss_per_mille: 0,
+            duplicate_per_mille: 0,
+            delay_max_ticks: 3,
+            byzantine: Vec::new(),
+            crashes: Vec::new(),
+            triggered_crashes: Vec::new(),
+            partitions: Vec::new(),
+            faulty_clients: Vec::new(),
+            fault_end_tick: 0,
+            max_ticks: 6000,
+            drain_ticks: 0,
+            views_after_faults_max: None,
+            protocol: sim_protocol(),
+            service: ServiceKind::Kv,
+        }
+    }
+
+    pub fn n(&self) -> u32 {
+        3 * self.f + 1
+    }
+
+    pub fn is_byzantine(&self, replica: u32) -> bool {
+        self.byzantine.iter().any(|(b, _)| *b == replica)
+    }
+
+    /// Faults chosen by the seed; one seed in four runs seven replicas (f = 2).
+    pub fn random(seed: u64) -> Self {
+        // A stream of its own, so that the choice of f does not shift the other draws.
+        let f = if Rng::new(seed ^ 0xF_C0DE).below(4) == 0 {
+            2
+        } else {
+            1
+        };
+        Scenario {
+            name: "random",
+            ..Scenario::random_with_f(seed, f)
+        }
+    }
+
+    /// Faults chosen by the seed, with n = 3f+1 replicas: up to f Byzantine ones, crashes of
+    /// up to f correct ones at a time (and sometimes f+1: no progress then, but safety must
+    /// hold and all must come back from their durable state), partitions.
+    pub fn random_with_f(seed: u64, f: u32) -> Self {
+        let mut rng = Rng::new(seed ^ 0x5EED_5CE7_A710);
+        let mut s = Scenario::calm(seed);
+        s.name = if f == 1 { "random_f1" } else { "random_f2" };
+        s.f = f;
+        let n = s.n() as u64;
+        s.clients = rng.range(2, 4);
+        s.ops_per_client = rng.range(4, 10);
+        s.client_parallelism = rng.range(1, 4);
+        s.read_only_per_mille = rng.below(300);
+        s.fault_end_tick = rng.range(300, 1500);
+        s.delay_max_ticks = if rng.chance(200) {
+            rng.range(12, 40)
+        } else {
+            rng.range(1, 12)
+        };
+        if rng.chance(700) {
+            s.loss_per_mille = if rng.chance(200) {
+                rng.range(150, 350)
+            } else {
+                rng.below(150)
+            };
+        }
+        if rng.chance(400) {
+            s.duplicate_per_mille = rng.below(100);
+        }
+        if rng.chance(600) {
+            // The primary of view 0 is replica 0 (and of view 1 replica 1): make them the
+            // Byzantine ones often.
+            let mut count = 1;
+            if f >= 2 && rng.chance(500) {
+                count = f;
+            }
+            for k in 0..count {
+                let mut who = if rng.chance(500) {
+                    k
+                } else {
+                    rng.below(n) as u32
+                };
+                while s.is_byzantine(who) {
+                    who = (who + 1) % n as u32;
+                }
+                let behaviour = BEHAVIOURS[rng.below(BEHAVIOURS.len() as u64) as usize];
+                s.byzantine.push((who, behaviour));
+            }
+        }
+        let correct = |s: &Scenario, mut replica: u32| {
+            while s.is_byzantine(replica) {
+                replica = (replica + 1) % n as u32;
+            }
+            replica
+        };
+        // Crashes of correct replicas, one at a time, with restarts (with f Byzantine ones
+        // that is more than f faulty for a while: progress may stop until the restart).
+        let crashes = rng.below(3);
+        let mut t = rng.range(20, 200);
+        for _ in 0..crashes {
+            let replica = correct(&s, rng.below(n) as u32);
+            let restart = t + rng.range(30, 500);
+            if restart >= s.fault_end_tick {
+                break;
+            }
+            s.crashes.push(CrashPlan {
+                replica,
+                at: t,
+                restart,
+            });
+            t = restart + rng.range(10, 200);
+        }
+        // Sometimes f+1 correct replicas are down at once: no progress, but safety must hold
+        // and all must come back from their durable state.
+        if rng.chance(250) {
+            let at = rng.range(10, s.fault_end_tick / 2);
+            let mut down: Vec<u32> = Vec::new();
+            let mut next = rng.below(n) as u32;
+            while down.len() < (f + 1) as usize && down.len() + s.byzantine.len() < n as usize {
+                next = correct(&s, next);
+                if !down.contains(&next) {
+                    down.push(next);
+                }
+                next = (next + 1 + rng.below(n - 1) as u32) % n as u32;
+            }
+            for (k, replica) in down.into_iter().enumerate() {
+                s.crashes.push(CrashPlan {
+                    replica,
+                    at: at + if k == 0 { 0 } else { rng.below(20) },
+                    restart: at + rng.range(20, 300),
+                });
+            }
+        }
+        for _ in 0..rng.below(3) {
+            let replica = rng.below(n) as u32;
+            let from = rng.below(s.fault_end_tick);
+            let until = (from + rng.range(50, 600)).min(s.fault_end_tick);
+            s.partitions.push(PartitionPlan {
+                replica,
+                from,
+                until,
+            });
+        }
+        s.max_ticks = s.fault_end_tick + 6000;
+        // One seed in five keeps the commit path alone (what `fast_path: false` deploys).
+        s.protocol.fast_path = seed % 5 != 4;
+        // Drawn last, so that adding them left every other draw as it was.
+        if rng.chance(100) {
+            s.faulty_clients.push(match rng.below(3) {
+                0 => ClientFault::ReuseTimestamp,
+                1 => ClientFault::FloodReads,
+                _ => ClientFault::SplitStale,
+            });
+        }
+        s
+    }
+
+    /// [`Scenario::random`]'s faults over the file service (small files, no large writes),
+    /// with one Byzantine replica in three skewing its time ([`Behaviour::SkewedTime`])
+    /// instead of what it drew. Faulty clients still send key-value operations, which the
+    /// file service answers as malformed: what they test is the protocol, not the service.
+    pub fn random_fs(seed: u64) -> Self {
+        let mut s = Scenario::random(seed);
+        s.name = "random_fs";
+        s.service = ServiceKind::Fs(FsWorkload::default());
+        // A stream of its own: the faults stay those of `random` for the same seed.
+        let mut rng = Rng::new(seed ^ 0xF11E_5EED);
+        if let Some(first) = s.byzantine.first_mut() {
+            if rng.chance(333) {
+                first.1 = Behaviour::SkewedTime;
+            }
+        }
+        s
+    }
+}
+
+/// Every scenario a failure can name, by the name it prints; `SIM_SCENARIO` picks one for
+/// [`tests`]' `replay` (default `random`). Named scenario tests build their scenario here
+/// too, so that the replay is the same run.
+pub const NAMED_SCENARIOS: &[(&str, fn(u64) -> Scenario)] = scenario_table![
+    ("random", Scenario::random),
+    ("random_f1", |seed| Scenario::random_with_f(seed, 1)),
+    ("random_f2", |seed| Scenario::random_with_f(seed, 2)),
+    ("calm", Scenario::calm),
+    ("random_fs", Scenario::random_fs),
+        ;
+    equivocating_primary,
+    silent_primary,
+    restarted_replica_catches_up,
+    lossy_network,
+    forged_commits,
+    lying_new_primary,
+    ordered_only,
+    commit_path_only,
+    primary_forks_history,
+    primary_wrong_replies,
+    backup_wrong_replies,
+    reads_only,
+    regression_3786,
+    large_ops_primary_crash,
+    large_ops_primary_crash_f2,
+    large_log_repeated_restarts,
+    large_results_across_a_checkpoint,
+    all_crash_after_fast_completion,
+    stale_view_changes,
+    stale_view_changes_f2,
+    split_new_views,
+    split_new_views_f2,
+    faulty_client_split_stale,
+    faulty_client_reused_timestamps,
+    faulty_client_read_flood,
+    fs_calm,
+    fs_large_writes_primary_crash,
+    fs_large_writes_primary_crash_f2,
+    fs_time_skew_after_state_transfer,
+];
+
+/// The scenario `name` (see [`NAMED_SCENARIOS`]) for `seed`.
+pub fn named_scenario(name: &str, seed: u64) -> Option<Scenario> {
+    NAMED_SCENARIOS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(name, build)| Scenario {
+            name,
+            ..build(seed)
+        })
+}
 
 fn with_byzantine(seed: u64, replica: u32, behaviour: Behaviour) -> Scenario {
     let mut s = Scenario::calm(seed);

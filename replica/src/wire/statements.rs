@@ -114,45 +114,25 @@ pub struct NewView {
     pub pre_prepares: Vec<Signed<PrePrepare>>,
 }
 
-impl Statement for Request {
-    const DOMAIN: &'static str = "bftfs.request";
-    fn signer(&self) -> Principal {
-        Principal::Client(self.client)
-    }
+/// `statement!(Type, "domain", Principal::Kind(field))`: the [`Statement`] impl of a message
+/// kind, its signer being `field` of the statement.
+macro_rules! statement {
+    ($($t:ty, $domain:literal, $kind:ident($field:ident);)*) => {$(
+        impl Statement for $t {
+            const DOMAIN: &'static str = $domain;
+            fn signer(&self) -> Principal {
+                Principal::$kind(self.$field)
+            }
+        }
+    )*};
 }
-impl Statement for PrePrepare {
-    const DOMAIN: &'static str = "bftfs.pre_prepare";
-    fn signer(&self) -> Principal {
-        Principal::Replica(self.primary)
-    }
-}
-impl Statement for Prepare {
-    const DOMAIN: &'static str = "bftfs.prepare";
-    fn signer(&self) -> Principal {
-        Principal::Replica(self.replica)
-    }
-}
-impl Statement for Commit {
-    const DOMAIN: &'static str = "bftfs.commit";
-    fn signer(&self) -> Principal {
-        Principal::Replica(self.replica)
-    }
-}
-impl Statement for Checkpoint {
-    const DOMAIN: &'static str = "bftfs.checkpoint";
-    fn signer(&self) -> Principal {
-        Principal::Replica(self.replica)
-    }
-}
-impl Statement for ViewChange {
-    const DOMAIN: &'static str = "bftfs.view_change";
-    fn signer(&self) -> Principal {
-        Principal::Replica(self.replica)
-    }
-}
-impl Statement for NewView {
-    const DOMAIN: &'static str = "bftfs.new_view";
-    fn signer(&self) -> Principal {
-        Principal::Replica(self.primary)
-    }
+
+statement! {
+    Request, "bftfs.request", Client(client);
+    PrePrepare, "bftfs.pre_prepare", Replica(primary);
+    Prepare, "bftfs.prepare", Replica(replica);
+    Commit, "bftfs.commit", Replica(replica);
+    Checkpoint, "bftfs.checkpoint", Replica(replica);
+    ViewChange, "bftfs.view_change", Replica(replica);
+    NewView, "bftfs.new_view", Replica(primary);
 }

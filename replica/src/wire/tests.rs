@@ -1,5 +1,5 @@
 use super::*;
-use crate::config::{generate, ClusterKeys, ProtocolConfig};
+use crate::config::{generate_seeded, ClusterKeys, ProtocolConfig};
 use serde::Serialize;
 
 #[test]
@@ -33,24 +33,8 @@ fn byte_strings_encode_as_sequences_of_bytes_did() {
 }
 
 pub(crate) fn keys() -> ClusterKeys {
-    let mut x = 7u64;
-    let mut random = |buf: &mut [u8]| {
-        for b in buf.iter_mut() {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            *b = (x >> 33) as u8;
-        }
-    };
     let addresses = (0..4).map(|i| format!("127.0.0.1:{}", 7000 + i)).collect();
-    generate(
-        1,
-        addresses,
-        &[ClientId(1)],
-        ProtocolConfig::default(),
-        &mut random,
-    )
-    .expect("keygen")
+    generate_seeded(1, addresses, &[ClientId(1)], ProtocolConfig::default(), 7).expect("keygen")
 }
 
 fn strip(frame: Vec<u8>) -> Vec<u8> {

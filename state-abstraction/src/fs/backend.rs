@@ -5,9 +5,12 @@
 //! that the wrapper already holds, so no name can reach outside the data directory.
 
 use super::ops::FsError;
+use nix::fcntl::{FallocateFlags, OFlag, RenameFlags};
+use nix::sys::stat::{FileStat, Mode};
+use nix::unistd::UnlinkatFlags;
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 /// The one place where a backend error becomes a canonical error.
 ///
@@ -35,12 +38,11 @@ fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-fn check_size(ret: isize) -> io::Result<usize> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret as usize)
-    }
+/// The descriptor `raw` names, for nix's calls. This module's functions take raw descriptors
+/// (their callers hold the owning `OwnedFd`s); each borrows one for the length of a call.
+fn fd<'a>(raw: RawFd) -> BorrowedFd<'a> {
+    // SAFETY: every caller passes a descriptor it keeps open for the whole call.
+    unsafe { BorrowedFd::borrow_raw(raw) }
 }
 
 /// Retries a call interrupted by a signal.
@@ -54,31 +56,20 @@ fn retry<T>(mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
 }
 
 pub fn open_path(path: &std::path::Path, flags: libc::c_int) -> io::Result<OwnedFd> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = cname(path.as_os_str().as_bytes())?;
+    let flags = OFlag::from_bits_retain(flags) | OFlag::O_CLOEXEC;
     retry(|| {
-        // SAFETY: `c` is a valid NUL-terminated string; the returned fd is owned by us.
-        let fd = check(unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC, 0o600) })?;
-        // SAFETY: `fd` was just returned by open and is not owned elsewhere.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        Ok(nix::fcntl::open(
+            path,
+            flags,
+            Mode::from_bits_retain(0o600),
+        )?)
     })
 }
 
 pub fn openat(dir: RawFd, name: &[u8], flags: libc::c_int, mode: u32) -> io::Result<OwnedFd> {
-    let c = cname(name)?;
-    retry(|| {
-        // SAFETY: valid C string and flags; the fd returned is owned by the caller.
-        let fd = check(unsafe {
-            libc::openat(
-                dir,
-                c.as_ptr(),
-                flags | libc::O_CLOEXEC | libc::O_NOFOLLOW,
-                mode as libc::c_uint,
-            )
-        })?;
-        // SAFETY: `fd` was just returned by openat and is not owned elsewhere.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-    })
+    let flags = OFlag::from_bits_retain(flags) | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
+    let mode = Mode::from_bits_retain(mode as libc::mode_t);
+    retry(|| Ok(nix::fcntl::openat(fd(dir), name, flags, mode)?))
 }
 
 pub fn open_dir_at(dir: RawFd, name: &[u8]) -> io::Result<OwnedFd> {
@@ -101,23 +92,24 @@ pub fn create_file_at(dir: RawFd, name: &[u8]) -> io::Result<OwnedFd> {
 }
 
 pub fn mkdirat(dir: RawFd, name: &[u8]) -> io::Result<()> {
-    let c = cname(name)?;
-    // SAFETY: valid C string.
-    check(unsafe { libc::mkdirat(dir, c.as_ptr(), 0o700) }).map(drop)
+    Ok(nix::sys::stat::mkdirat(
+        fd(dir),
+        name,
+        Mode::from_bits_retain(0o700),
+    )?)
 }
 
 pub fn symlinkat(target: &[u8], dir: RawFd, name: &[u8]) -> io::Result<()> {
-    let t = cname(target)?;
-    let c = cname(name)?;
-    // SAFETY: valid C strings.
-    check(unsafe { libc::symlinkat(t.as_ptr(), dir, c.as_ptr()) }).map(drop)
+    Ok(nix::unistd::symlinkat(target, fd(dir), name)?)
 }
 
 pub fn unlinkat(dir: RawFd, name: &[u8], is_dir: bool) -> io::Result<()> {
-    let c = cname(name)?;
-    let flags = if is_dir { libc::AT_REMOVEDIR } else { 0 };
-    // SAFETY: valid C string.
-    check(unsafe { libc::unlinkat(dir, c.as_ptr(), flags) }).map(drop)
+    let flags = if is_dir {
+        UnlinkatFlags::RemoveDir
+    } else {
+        UnlinkatFlags::NoRemoveDir
+    };
+    Ok(nix::unistd::unlinkat(fd(dir), name, flags)?)
 }
 
 /// `renameat2`; `no_replace` makes an existing target an error (EEXIST) instead of replacing it.
@@ -128,85 +120,49 @@ pub fn renameat(
     to: &[u8],
     no_replace: bool,
 ) -> io::Result<()> {
-    let f = cname(from)?;
-    let t = cname(to)?;
     let flags = if no_replace {
-        libc::RENAME_NOREPLACE
+        RenameFlags::RENAME_NOREPLACE
     } else {
-        0
+        RenameFlags::empty()
     };
-    // SAFETY: valid C strings; renameat2 is a plain system call.
-    check(unsafe {
-        libc::syscall(
-            libc::SYS_renameat2,
-            from_dir,
-            f.as_ptr(),
-            to_dir,
-            t.as_ptr(),
-            flags as libc::c_uint,
-        ) as libc::c_int
-    })
-    .map(drop)
+    let (from_dir, to_dir) = (fd(from_dir), fd(to_dir));
+    Ok(nix::fcntl::renameat2(from_dir, from, to_dir, to, flags)?)
 }
 
 pub fn linkat(from_dir: RawFd, from: &[u8], to_dir: RawFd, to: &[u8]) -> io::Result<()> {
-    let f = cname(from)?;
-    let t = cname(to)?;
-    // SAFETY: valid C strings; flags 0 means a symlink is linked, not followed.
-    check(unsafe { libc::linkat(from_dir, f.as_ptr(), to_dir, t.as_ptr(), 0) }).map(drop)
+    // No flags: a symlink is linked, not followed.
+    let no_follow = nix::fcntl::AtFlags::empty();
+    let (from_dir, to_dir) = (fd(from_dir), fd(to_dir));
+    Ok(nix::unistd::linkat(from_dir, from, to_dir, to, no_follow)?)
 }
 
-pub fn fstatat(dir: RawFd, name: &[u8]) -> io::Result<libc::stat> {
-    let c = cname(name)?;
-    // SAFETY: `st` is plain data that fstatat fills in.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: valid C string and a valid out pointer.
-    check(unsafe { libc::fstatat(dir, c.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) })?;
-    Ok(st)
+pub fn fstatat(dir: RawFd, name: &[u8]) -> io::Result<FileStat> {
+    let flags = nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW;
+    Ok(nix::sys::stat::fstatat(fd(dir), name, flags)?)
 }
 
-pub fn fstat(fd: RawFd) -> io::Result<libc::stat> {
-    // SAFETY: `st` is plain data that fstat fills in.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: valid out pointer.
-    check(unsafe { libc::fstat(fd, &mut st) })?;
-    Ok(st)
+pub fn fstat(raw: RawFd) -> io::Result<FileStat> {
+    Ok(nix::sys::stat::fstat(fd(raw))?)
 }
 
-pub fn ftruncate(fd: RawFd, size: u64) -> io::Result<()> {
-    retry(|| {
-        // SAFETY: plain system call.
-        check(unsafe { libc::ftruncate(fd, size as libc::off_t) }).map(drop)
-    })
+pub fn ftruncate(raw: RawFd, size: u64) -> io::Result<()> {
+    retry(|| Ok(nix::unistd::ftruncate(fd(raw), size as libc::off_t)?))
 }
 
-pub fn fsync(fd: RawFd) -> io::Result<()> {
-    retry(|| {
-        // SAFETY: plain system call.
-        check(unsafe { libc::fsync(fd) }).map(drop)
-    })
+pub fn fsync(raw: RawFd) -> io::Result<()> {
+    retry(|| Ok(nix::unistd::fsync(fd(raw))?))
 }
 
-pub fn syncfs(fd: RawFd) -> io::Result<()> {
-    // SAFETY: plain system call.
-    check(unsafe { libc::syncfs(fd) }).map(drop)
+pub fn syncfs(raw: RawFd) -> io::Result<()> {
+    Ok(nix::unistd::syncfs(fd(raw))?)
 }
 
 /// Reads up to `buf.len()` bytes at `offset`, stopping early only at end of file.
-pub fn pread_full(fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+pub fn pread_full(raw: RawFd, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
-        let n = retry(|| {
-            // SAFETY: the pointer and length describe the unfilled tail of `buf`.
-            check_size(unsafe {
-                libc::pread(
-                    fd,
-                    buf[done..].as_mut_ptr().cast(),
-                    buf.len() - done,
-                    (offset + done as u64) as libc::off_t,
-                )
-            })
-        })?;
+        let at = (offset + done as u64) as libc::off_t;
+        let n = retry(|| Ok(nix::sys::uio::pread(fd(raw), &mut buf[done..], at)?))?;
         if n == 0 {
             break;
         }
@@ -215,20 +171,11 @@ pub fn pread_full(fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     Ok(done)
 }
 
-pub fn pwrite_full(fd: RawFd, buf: &[u8], offset: u64) -> io::Result<()> {
+pub fn pwrite_full(raw: RawFd, buf: &[u8], offset: u64) -> io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
-        let n = retry(|| {
-            // SAFETY: the pointer and length describe the unwritten tail of `buf`.
-            check_size(unsafe {
-                libc::pwrite(
-                    fd,
-                    buf[done..].as_ptr().cast(),
-                    buf.len() - done,
-                    (offset + done as u64) as libc::off_t,
-                )
-            })
-        })?;
+        let at = (offset + done as u64) as libc::off_t;
+        let n = retry(|| Ok(nix::sys::uio::pwrite(fd(raw), &buf[done..], at)?))?;
         if n == 0 {
             return Err(io::Error::from(io::ErrorKind::WriteZero));
         }
@@ -280,12 +227,10 @@ pub fn allocate(fd: RawFd, start: u64, end: u64, keep_size: bool) -> io::Result<
     Ok(())
 }
 
-fn fallocate(fd: RawFd, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
-    retry(|| {
-        // SAFETY: plain system call.
-        check(unsafe { libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t) })
-            .map(drop)
-    })
+fn fallocate(raw: RawFd, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    let mode = FallocateFlags::from_bits_retain(mode);
+    let (offset, len) = (offset as libc::off_t, len as libc::off_t);
+    retry(|| Ok(nix::fcntl::fallocate(fd(raw), mode, offset, len)?))
 }
 
 /// Copies `count` bytes of `src` at `src_at` to `dst` at `dst_at` (the two may be one file if
@@ -297,10 +242,14 @@ pub fn copy_range(src: RawFd, src_at: u64, dst: RawFd, dst_at: u64, count: u64) 
         let mut to = (dst_at + done) as libc::loff_t;
         let want = (count - done).min(1 << 30) as usize;
         let r = retry(|| {
-            // SAFETY: both offsets are valid pointers to loff_t that the call advances.
-            check_size(unsafe {
-                libc::copy_file_range(src, &mut from, dst, &mut to, want, 0) as isize
-            })
+            let (from, to) = (Some(&mut from), Some(&mut to));
+            Ok(nix::fcntl::copy_file_range(
+                fd(src),
+                from,
+                fd(dst),
+                to,
+                want,
+            )?)
         });
         match r {
             Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
@@ -352,36 +301,18 @@ pub fn reflink(src: RawFd, dst: RawFd) -> io::Result<()> {
 /// Names in a directory (without `.` and `..`), in the backend's order. Used only for repair
 /// and cleanup, never to answer a request.
 pub fn list_dir(dir: RawFd) -> io::Result<Vec<Vec<u8>>> {
-    // fdopendir takes ownership of the fd it is given, so give it a duplicate.
-    // SAFETY: plain system call.
-    let dup = check(unsafe { libc::fcntl(dir, libc::F_DUPFD_CLOEXEC, 0) })?;
-    // SAFETY: `dup` is a directory fd we own; on success the DIR owns it.
-    let d = unsafe { libc::fdopendir(dup) };
-    if d.is_null() {
-        let e = io::Error::last_os_error();
-        // SAFETY: fdopendir failed, so we still own `dup`.
-        unsafe { libc::close(dup) };
-        return Err(e);
-    }
-    // SAFETY: rewind so listing starts at the beginning even if the fd was read before.
-    unsafe { libc::rewinddir(d) };
+    // The directory stream takes ownership of the fd it is given, so give it a duplicate; the
+    // duplicate shares the position, so rewind it in case the fd was read before.
+    let dup = fd(dir).try_clone_to_owned()?;
+    nix::unistd::lseek(&dup, 0, nix::unistd::Whence::SeekSet)?;
+    let mut stream = nix::dir::Dir::from_fd(dup)?;
     let mut names = Vec::new();
-    loop {
-        // SAFETY: `d` is a valid DIR stream.
-        let ent = unsafe { libc::readdir64(d) };
-        if ent.is_null() {
-            break;
-        }
-        // SAFETY: readdir returned a valid entry whose d_name is NUL-terminated.
-        let name = unsafe { std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()) }
-            .to_bytes()
-            .to_vec();
+    for entry in stream.iter() {
+        let name = entry?.file_name().to_bytes().to_vec();
         if name != b"." && name != b".." {
             names.push(name);
         }
     }
-    // SAFETY: `d` is valid and closed once.
-    unsafe { libc::closedir(d) };
     Ok(names)
 }
 
@@ -409,18 +340,13 @@ pub fn is_dir_mode(mode: libc::mode_t) -> bool {
 
 /// Whether a file descriptor's directory is the root of a btrfs subvolume (inode 256 on a
 /// file system with btrfs's magic number).
-pub fn is_btrfs_subvolume(fd: RawFd) -> bool {
-    const BTRFS_SUPER_MAGIC: i64 = 0x9123_683E;
-    // SAFETY: `sfs` is plain data that fstatfs fills in.
-    let mut sfs: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid out pointer.
-    if unsafe { libc::fstatfs(fd, &mut sfs) } != 0 {
-        return false;
+pub fn is_btrfs_subvolume(raw: RawFd) -> bool {
+    use nix::sys::statfs::{fstatfs, BTRFS_SUPER_MAGIC};
+    match fstatfs(fd(raw)) {
+        Ok(sfs) if sfs.filesystem_type() == BTRFS_SUPER_MAGIC => {}
+        _ => return false,
     }
-    if sfs.f_type as i64 != BTRFS_SUPER_MAGIC {
-        return false;
-    }
-    matches!(fstat(fd), Ok(st) if st.st_ino == 256)
+    matches!(fstat(raw), Ok(st) if st.st_ino == 256)
 }
 
 const BTRFS_IOCTL_MAGIC: u64 = 0x94;

@@ -46,38 +46,141 @@ impl Fs {
     }
 
     pub fn create(&mut self, dir: Handle, name: &str) -> Handle {
+        match self.try_create(dir, name, CreateHow::Guarded) {
+            Ok(FsReply::Entry { handle, .. }) => handle,
+            other => panic!("create {name}: {other:?}"),
+        }
+    }
+
+    /// A create of mode 0o644.
+    pub fn try_create(&mut self, dir: Handle, name: impl AsRef<[u8]>, how: CreateHow) -> FsResult {
+        let name = name.as_ref().to_vec();
+        let mode = 0o644;
+        self.run(FsOp::Create {
+            dir,
+            name,
+            mode,
+            how,
+        })
+    }
+
+    /// The entry a create with `mode` and `how` makes; panics if it fails.
+    pub fn create_as(
+        &mut self,
+        dir: Handle,
+        name: impl AsRef<[u8]>,
+        mode: u32,
+        how: CreateHow,
+    ) -> (Handle, Attr) {
+        let name = name.as_ref().to_vec();
         self.entry(FsOp::Create {
             dir,
-            name: name.into(),
-            mode: 0o644,
-            how: CreateHow::Guarded,
+            name,
+            mode,
+            how,
         })
-        .0
     }
 
     pub fn mkdir(&mut self, dir: Handle, name: &str) -> Handle {
-        self.entry(FsOp::Mkdir {
-            dir,
-            name: name.into(),
-            mode: 0o755,
-        })
-        .0
+        match self.try_mkdir(dir, name) {
+            Ok(FsReply::Entry { handle, .. }) => handle,
+            other => panic!("mkdir {name}: {other:?}"),
+        }
+    }
+
+    /// A mkdir of mode 0o755.
+    pub fn try_mkdir(&mut self, dir: Handle, name: impl AsRef<[u8]>) -> FsResult {
+        let (name, mode) = (name.as_ref().to_vec(), 0o755);
+        self.run(FsOp::Mkdir { dir, name, mode })
     }
 
     pub fn lookup(&mut self, dir: Handle, name: &str) -> FsResult {
-        self.run(FsOp::Lookup {
-            dir,
-            name: name.into(),
-        })
+        let name = name.into();
+        self.run(FsOp::Lookup { dir, name })
     }
 
     /// The handle `name` in `dir` names; panics if the lookup does not find it.
     pub fn handle_of(&mut self, dir: Handle, name: &str) -> Handle {
-        self.entry(FsOp::Lookup {
-            dir,
-            name: name.into(),
+        match self.lookup(dir, name) {
+            Ok(FsReply::Entry { handle, .. }) => handle,
+            other => panic!("lookup {name}: {other:?}"),
+        }
+    }
+
+    pub fn remove(&mut self, dir: Handle, name: impl AsRef<[u8]>) -> FsResult {
+        let name = name.as_ref().to_vec();
+        self.run(FsOp::Remove { dir, name })
+    }
+
+    /// A rename that may replace its target (`no_replace: false`).
+    pub fn rename(
+        &mut self,
+        from_dir: Handle,
+        from_name: impl AsRef<[u8]>,
+        to_dir: Handle,
+        to_name: impl AsRef<[u8]>,
+    ) -> FsResult {
+        self.run(FsOp::Rename {
+            from_dir,
+            from_name: from_name.as_ref().to_vec(),
+            to_dir,
+            to_name: to_name.as_ref().to_vec(),
+            no_replace: false,
         })
-        .0
+    }
+
+    pub fn rmdir(&mut self, dir: Handle, name: impl AsRef<[u8]>) -> FsResult {
+        let name = name.as_ref().to_vec();
+        self.run(FsOp::Rmdir { dir, name })
+    }
+
+    pub fn link(&mut self, h: Handle, dir: Handle, name: impl AsRef<[u8]>) -> FsResult {
+        let name = name.as_ref().to_vec();
+        self.run(FsOp::Link { h, dir, name })
+    }
+
+    pub fn symlink(
+        &mut self,
+        dir: Handle,
+        name: impl AsRef<[u8]>,
+        to: impl AsRef<[u8]>,
+    ) -> FsResult {
+        let (name, target) = (name.as_ref().to_vec(), to.as_ref().to_vec());
+        self.run(FsOp::Symlink { dir, name, target })
+    }
+
+    pub fn access(&mut self, h: Handle, mask: u32) -> FsResult {
+        self.run(FsOp::Access { h, mask })
+    }
+
+    pub fn get_xattr(&mut self, h: Handle, name: impl AsRef<[u8]>) -> FsResult {
+        let name = name.as_ref().to_vec();
+        self.run(FsOp::GetXattr { h, name })
+    }
+
+    pub fn set_xattr(&mut self, h: Handle, name: &str, value: &[u8], how: XattrSet) -> FsResult {
+        let (name, value) = (name.into(), value.to_vec());
+        self.run(FsOp::SetXattr {
+            h,
+            name,
+            value,
+            how,
+        })
+    }
+
+    /// Sets the size alone (truncate or extend).
+    pub fn truncate(&mut self, h: Handle, size: u64) -> FsResult {
+        let size = Some(size);
+        let set = SetAttrs {
+            size,
+            ..Default::default()
+        };
+        self.run(FsOp::SetAttr { h, set })
+    }
+
+    pub fn remove_xattr(&mut self, h: Handle, name: impl AsRef<[u8]>) -> FsResult {
+        let name = name.as_ref().to_vec();
+        self.run(FsOp::RemoveXattr { h, name })
     }
 
     pub fn attr(&mut self, h: Handle) -> Attr {
@@ -88,21 +191,26 @@ impl Fs {
     }
 
     pub fn write(&mut self, h: Handle, offset: u64, data: &[u8]) {
-        match self.run(FsOp::Write {
-            h,
-            offset,
-            data: data.to_vec(),
-        }) {
+        match self.try_write(h, offset, data) {
             Ok(FsReply::Write { count, .. }) => assert_eq!(count as usize, data.len()),
             other => panic!("write: {other:?}"),
         }
     }
 
+    pub fn try_write(&mut self, h: Handle, offset: u64, data: &[u8]) -> FsResult {
+        let data = data.to_vec();
+        self.run(FsOp::Write { h, offset, data })
+    }
+
     pub fn read(&mut self, h: Handle, offset: u64, count: u32) -> Vec<u8> {
-        match self.run(FsOp::Read { h, offset, count }) {
+        match self.try_read(h, offset, count) {
             Ok(FsReply::Read { data, .. }) => data,
             other => panic!("read: {other:?}"),
         }
+    }
+
+    pub fn try_read(&mut self, h: Handle, offset: u64, count: u32) -> FsResult {
+        self.run(FsOp::Read { h, offset, count })
     }
 
     pub fn names(&mut self, dir: Handle) -> Vec<String> {
@@ -138,6 +246,14 @@ pub fn temp_dir() -> tempfile::TempDir {
         .prefix("bftfs-fs-")
         .tempdir_in(base)
         .expect("tempdir")
+}
+
+/// A service over a fresh [`temp_dir`], and the directory (keep it alive as long as the
+/// service).
+pub fn fresh_fs() -> (tempfile::TempDir, Fs) {
+    let dir = temp_dir();
+    let fs = Fs::open(dir.path());
+    (dir, fs)
 }
 
 /// A fresh directory on tmpfs (/dev/shm), if there is one.
