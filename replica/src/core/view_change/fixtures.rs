@@ -2,31 +2,16 @@
 //! deterministic keys and the genesis checkpoint certificate.
 
 use super::*;
-use crate::config::{generate, ClusterKeys, ProtocolConfig};
+use crate::config::{generate_seeded, ClusterKeys, ProtocolConfig};
 use crate::wire::{CheckpointCertificate, SeqNo, Signer};
 use state_abstraction::ClientId;
 
 /// Keys for four replicas (f = 1) at `addresses` and one client, `ClientId(1)`, with the
-/// default protocol config, drawn from a linear congruential generator started at `seed`:
+/// default protocol config, drawn from the project's seeded generator started at `seed`:
 /// the same keys on every run.
 pub(super) fn seeded_keys(seed: u64, addresses: Vec<String>) -> ClusterKeys {
-    let mut x = seed;
-    let mut random = |buf: &mut [u8]| {
-        for b in buf.iter_mut() {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            *b = (x >> 33) as u8;
-        }
-    };
-    generate(
-        1,
-        addresses,
-        &[ClientId(1)],
-        ProtocolConfig::default(),
-        &mut random,
-    )
-    .expect("keygen")
+    generate_seeded(1, addresses, &[ClientId(1)], ProtocolConfig::default(), seed)
+        .expect("keygen")
 }
 
 /// Every replica's signer, indexed by replica id, and the client's.

@@ -375,14 +375,8 @@ pub(super) fn random_schedules(
     seed: u64,
 ) -> Option<String> {
     let mut search = Search::new(rule, bounds);
-    // xorshift64*: deterministic, no dependency.
-    let mut state = seed.max(1);
-    let mut pick = |len: usize| -> usize {
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        (state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % len
-    };
+    let mut rng = crate::rng::Rng::new(seed);
+    let mut pick = |len: usize| -> usize { rng.below(len as u64) as usize };
     for walk in 0..walks {
         let mut world = vec![Slot::default(); bounds.slots];
         let mut plan = vec![Planned::Free; bounds.slots];
