@@ -8,22 +8,12 @@ mod common;
 
 use common::{
     bftfs, is_mounted, replicated_mounts_available, send_signal, text, wait_until, Mounted, Signal,
+    Unmount,
 };
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-/// Unmounts lazily when dropped, even if the test panicked.
-struct Unmount(PathBuf, PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = bftfs(
-            &["umount".as_ref(), self.0.as_os_str(), "--lazy".as_ref()],
-            &self.1,
-        );
-    }
-}
 
 /// `bftfs mount CONFIG MNT --detach [-o OPTIONS]`: its output and the serving process's pid
 /// (which it prints).

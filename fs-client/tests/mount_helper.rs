@@ -26,6 +26,21 @@ impl Drop for Unmount {
 
 /// Runs mount(8) or umount(8) as a user would (without the tests' RUST_LOG, which mount(8)
 /// would pass on to the helper).
+/// `mount -t bftfs CONFIG MNT -o OPTIONS`.
+fn mount_t(config: &Path, mnt: &Path, options: &str) -> Output {
+    run(
+        "mount",
+        &[
+            "-t".as_ref(),
+            "bftfs".as_ref(),
+            config.as_os_str(),
+            mnt.as_os_str(),
+            "-o".as_ref(),
+            options.as_ref(),
+        ],
+    )
+}
+
 fn run(program: &str, args: &[&OsStr]) -> Output {
     Command::new(program)
         .args(args)
@@ -75,17 +90,7 @@ fn mount_t_bftfs_and_an_fstab_line() {
         client.display(),
         log.display()
     );
-    let out = run(
-        "mount",
-        &[
-            "-t".as_ref(),
-            "bftfs".as_ref(),
-            config.as_os_str(),
-            other.as_os_str(),
-            "-o".as_ref(),
-            opts.as_ref(),
-        ],
-    );
+    let out = mount_t(&config, &other, &opts);
     assert!(out.status.success(), "mount -t bftfs: {}", text(&out));
     assert!(is_mounted(&other), "mount(8) returns once mounted");
     let flags = options_of(&other);
@@ -154,17 +159,7 @@ fn mount_t_bftfs_and_an_fstab_line() {
     assert!(!is_mounted(&other), "umount(8) unmounts");
 
     // Mistakes are refused with mount(8)'s exit statuses and one sentence.
-    let out = run(
-        "mount",
-        &[
-            "-t".as_ref(),
-            "bftfs".as_ref(),
-            config.as_os_str(),
-            other.as_os_str(),
-            "-o".as_ref(),
-            "frobnicate".as_ref(),
-        ],
-    );
+    let out = mount_t(&config, &other, "frobnicate");
     assert!(
         !out.status.success() && text(&out).contains("unknown mount option `frobnicate`"),
         "{}",

@@ -39,17 +39,6 @@ fn data_dir_of(m: &Mounted) -> PathBuf {
     PathBuf::from(v["data_dir"].as_str().expect("data_dir in status"))
 }
 
-/// Unmounts a second mount when dropped, even if the test panicked.
-struct Unmount(PathBuf, PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = bftfs(
-            &["umount".as_ref(), self.0.as_os_str(), "--lazy".as_ref()],
-            &self.1,
-        );
-    }
-}
 
 /// `bftfs mount` of `first`'s cluster at `mnt` with mount options `options`.
 fn second_mount(first: &Mounted, mnt: &Path, xdg: &Path, options: &str) -> Unmount {

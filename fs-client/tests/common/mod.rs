@@ -305,3 +305,16 @@ pub fn mount_8_available(test: &str) -> bool {
     eprintln!("SKIPPED {test}: no mount(8) (util-linux)");
     false
 }
+
+/// `bftfs umount MNT --lazy` (with the mount's XDG directory) when dropped, even if the test
+/// panicked: a second mount a test made must not outlive it.
+pub struct Unmount(pub PathBuf, pub PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = bftfs(
+            &["umount".as_ref(), self.0.as_os_str(), "--lazy".as_ref()],
+            &self.1,
+        );
+    }
+}

@@ -120,6 +120,18 @@ impl Core {
         });
     }
 
+    /// The answer to an action that carries nothing back but its kind: checks that kind and
+    /// says whether a rollback undid it.
+    pub(super) fn answered_plain(&mut self, what: &str, kind: fn(&InFlightKind) -> bool) -> bool {
+        let f = self.answered(what);
+        assert!(
+            kind(&f.what),
+            "replica {}: a {what} answer answers another action",
+            self.id.0
+        );
+        f.undone
+    }
+
     pub(super) fn answered(&mut self, what: &str) -> InFlight {
         match self.in_flight.pop_front() {
             Some(f) => f,
@@ -254,12 +266,7 @@ impl Core {
         result: Vec<u8>,
         actions: &mut Vec<Action>,
     ) {
-        let f = self.answered("read-only");
-        assert!(
-            matches!(f.what, InFlightKind::ReadOnly),
-            "replica {}: a read-only result answers another action",
-            self.id.0
-        );
+        self.answered_plain("read-only", |k| matches!(k, InFlightKind::ReadOnly));
         let mut reply = self.reply_in(self.view, client, timestamp, result);
         reply.read_only = true;
         actions.push(Action::SendClient {

@@ -158,13 +158,7 @@ impl Core {
         finished: Option<Box<Finished>>,
         actions: &mut Vec<Action>,
     ) {
-        let f = self.answered("transfer");
-        assert!(
-            matches!(f.what, InFlightKind::Transfer),
-            "replica {}: transfer progress answers another action",
-            self.id.0
-        );
-        if f.undone {
+        if self.answered_plain("transfer", |k| matches!(k, InFlightKind::Transfer)) {
             return;
         }
         let Some(job) = self.transfer.clone() else {
@@ -185,12 +179,7 @@ impl Core {
         answer: Option<StateTransferMessage>,
         actions: &mut Vec<Action>,
     ) {
-        let f = self.answered("serve");
-        assert!(
-            matches!(f.what, InFlightKind::Serve),
-            "replica {}: a served answer answers another action",
-            self.id.0
-        );
+        self.answered_plain("serve", |k| matches!(k, InFlightKind::Serve));
         if let Some(message) = answer {
             actions.push(Action::Send {
                 to,

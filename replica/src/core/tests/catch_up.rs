@@ -10,15 +10,7 @@ use crate::wire::{CommitCertificate, SeqNo};
 #[test]
 fn forged_commit_is_counted_locally_and_stripped_from_a_relayed_certificate() {
     let mut h = Harness::new();
-    let request = h.request(1, put("a", "1"));
-    let primary_actions = h.deliver(CLIENT, 0, &request_message(&request));
-    let Action::Broadcast {
-        message: Message::Agreement(AgreementMessage::PrePrepare(proposal)),
-    } = &primary_actions[1]
-    else {
-        panic!("{:?}", primary_actions[1])
-    };
-    let proposal = proposal.clone();
+    let (_, proposal, _) = h.propose(1, put("a", "1"));
     let b = proposal.pre_prepare.body.clone();
     let r = |i: u32| Principal::Replica(ReplicaId(i));
     h.deliver(

@@ -8,16 +8,9 @@ use crate::wire::{
 #[test]
 fn backup_runs_a_pre_prepare_speculatively_and_confirms_it_on_commit() {
     let mut h = Harness::with_fast_path(true);
-    let request = h.request(1, append("a", "1"));
-    let primary_actions = h.deliver(CLIENT, 0, &request_message(&request));
     // The primary persists, broadcasts and runs its own proposal at once.
-    let Action::Broadcast {
-        message: Message::Agreement(AgreementMessage::PrePrepare(proposal)),
-    } = &primary_actions[1]
-    else {
-        panic!("{primary_actions:?}")
-    };
-    let proposal = proposal.clone();
+    let (primary_actions, proposal, _) = h.propose(1, append("a", "1"));
+    let request = proposal.batch.requests[0].clone();
     assert_eq!(spec_responses(&primary_actions).len(), 1);
 
     // Backup: persist, prepare, then the speculative reply carrying the primary's order.
@@ -115,12 +108,9 @@ fn pre_prepare_whose_history_does_not_chain_is_not_run_speculatively() {
 #[test]
 fn speculation_is_rolled_back_when_another_batch_commits_at_its_sequence_number() {
     let mut h = Harness::with_fast_path(true);
-    let mine = h.request(1, append("a", "mine"));
-    let primary_actions = h.deliver(CLIENT, 0, &request_message(&mine));
-    let Action::Broadcast { message } = &primary_actions[1] else {
-        panic!()
-    };
-    let actions = h.deliver(Principal::Replica(ReplicaId(0)), 1, message);
+    let (_, mine, message) = h.propose(1, append("a", "mine"));
+    let mine = mine.batch.requests[0].clone();
+    let actions = h.deliver(Principal::Replica(ReplicaId(0)), 1, &message);
     assert_eq!(spec_responses(&actions).len(), 1);
 
     // The primary equivocated: the others committed another batch at (0, 1).

@@ -106,6 +106,19 @@ impl Harness {
         })
     }
 
+    /// The primary (replica 0) receives a request from the client and proposes it: its
+    /// actions, and the proposal it broadcast (as a message, ready to deliver).
+    fn propose(&mut self, timestamp: u64, op: KvOp) -> (Vec<Action>, Proposal, Message) {
+        let request = self.request(timestamp, op);
+        let actions = self.deliver(CLIENT, 0, &request_message(&request));
+        let proposal = proposals_in(&actions)
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| panic!("no proposal in {actions:?}"));
+        let message = Message::Agreement(AgreementMessage::PrePrepare(proposal.clone()));
+        (actions, proposal, message)
+    }
+
     fn replica_signer(&self, r: usize) -> Signer {
         Signer::from_secret(&self.keys.replicas[r].signing_key.0)
     }

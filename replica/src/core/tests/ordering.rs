@@ -31,14 +31,8 @@ fn primary_proposes_a_request_after_persisting_it() {
 #[test]
 fn backup_prepares_then_commits_then_executes() {
     let mut h = Harness::new();
-    let request = h.request(1, put("a", "1"));
-    let primary_actions = h.deliver(CLIENT, 0, &request_message(&request));
-    let Action::Broadcast {
-        message: pre_prepare,
-    } = &primary_actions[1]
-    else {
-        panic!()
-    };
+    let (_, proposal, pre_prepare) = h.propose(1, put("a", "1"));
+    let (request, pre_prepare) = (proposal.batch.requests[0].clone(), &pre_prepare);
 
     // Backup 1 accepts: persist, then prepare.
     let actions = h.deliver(Principal::Replica(ReplicaId(0)), 1, pre_prepare);
@@ -149,15 +143,8 @@ fn backup_prepares_then_commits_then_executes() {
 #[test]
 fn equivocating_pre_prepare_is_refused() {
     let mut h = Harness::new();
-    let first = h.request(1, put("a", "1"));
-    let primary_actions = h.deliver(CLIENT, 0, &request_message(&first));
-    let Action::Broadcast {
-        message: pre_prepare,
-    } = &primary_actions[1]
-    else {
-        panic!()
-    };
-    h.deliver(Principal::Replica(ReplicaId(0)), 2, pre_prepare);
+    let (_, _, pre_prepare) = h.propose(1, put("a", "1"));
+    h.deliver(Principal::Replica(ReplicaId(0)), 2, &pre_prepare);
     // A second, validly signed proposal for the same view and sequence number.
     let other = h.request(2, put("a", "2"));
     let batch = Batch {

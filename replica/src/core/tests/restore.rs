@@ -6,15 +6,8 @@ use crate::wire::{Batch, Digest, SeqNo, View};
 #[test]
 fn restart_restores_votes_and_view() {
     let mut h = Harness::new();
-    let request = h.request(1, put("a", "1"));
-    let primary_actions = h.deliver(CLIENT, 0, &request_message(&request));
-    let Action::Broadcast {
-        message: pre_prepare,
-    } = &primary_actions[1]
-    else {
-        panic!()
-    };
-    let actions = h.deliver(Principal::Replica(ReplicaId(0)), 1, pre_prepare);
+    let (_, _, pre_prepare) = h.propose(1, put("a", "1"));
+    let actions = h.deliver(Principal::Replica(ReplicaId(0)), 1, &pre_prepare);
     let wal: Vec<WalRecord> = actions
         .iter()
         .filter_map(|a| {
