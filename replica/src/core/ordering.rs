@@ -5,7 +5,7 @@
 //! `checkpoint_interval`.
 //!
 //! In: pre-prepares, prepares and commits (authenticated). Out: the WAL records, the messages,
-//! the replies. Execution itself goes through [`super::execution::Executor`].
+//! the replies. Execution itself is the execution stage's (see `executed.rs`).
 
 use super::execution::{ExecutedRequest, Lookup};
 use super::invariants::invariant;
