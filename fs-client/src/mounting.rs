@@ -340,6 +340,18 @@ pub fn serve(
         drop(session);
         return Err(e);
     }
+    // For a `Type=notify` unit running `bftfs mount` in the foreground: units ordered after
+    // this one may use the mount from now on. Nothing is sent where NOTIFY_SOCKET is unset.
+    let status = format!("mounted at {}", mnt.display());
+    if let Err(e) = sd_notify::notify(
+        false,
+        &[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&status),
+        ],
+    ) {
+        warn!("cannot notify systemd (NOTIFY_SOCKET): {e}");
+    }
     session
         .run()
         .with_context(|| format!("FUSE session at {} failed", mnt.display()))?;

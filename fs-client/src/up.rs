@@ -764,6 +764,9 @@ fn spawn_in_new_session(cmd: &mut Command) -> Result<std::process::Child> {
             Ok(())
         });
     }
+    // A background process of --detach outlives the one systemd started: it must not report
+    // readiness in that one's name (run `bftfs mount` in the foreground under systemd).
+    cmd.env_remove("NOTIFY_SOCKET");
     cmd.spawn()
         .context("cannot start the background bftfs process")
 }

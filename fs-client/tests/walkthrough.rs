@@ -22,9 +22,9 @@ struct Hosts {
 }
 
 impl Hosts {
-    /// What the README's unit runs on host `i`: `bftfs-replica --config /etc/bftfs/cluster.json
-    /// --secrets /etc/bftfs/replica-<i>.json --data-dir /var/lib/bftfs`, logging to its
-    /// journal (here a file).
+    /// What the README's unit (`bftfs-replica@<i>`) runs on host `i`: `bftfs-replica --config
+    /// /etc/bftfs/cluster.json --secrets /etc/bftfs/replica-<i>.json --data-dir
+    /// /var/lib/bftfs/replica-<i>`, logging to its journal (here a file).
     fn start(&mut self, i: usize) {
         let host = &self.dirs[i];
         let journal = fs::OpenOptions::new()
@@ -38,7 +38,7 @@ impl Hosts {
             .arg("--secrets")
             .arg(host.join(format!("etc/replica-{i}.json")))
             .arg("--data-dir")
-            .arg(host.join("var/lib/bftfs"))
+            .arg(host.join(format!("var/lib/bftfs/replica-{i}")))
             .stderr(journal)
             .spawn()
             .expect("start bftfs-replica");

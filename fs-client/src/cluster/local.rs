@@ -299,6 +299,9 @@ fn spawn_replica(
         .with_context(|| format!("cannot open {}", log_path.display()))?;
     let log_err = log.try_clone()?;
     let mut cmd = Command::new(program);
+    // Readiness is the serving bftfs process's to report: a replica it starts would otherwise
+    // answer to the same NOTIFY_SOCKET, which systemd refuses from a PID not the unit's main one.
+    cmd.env_remove("NOTIFY_SOCKET");
     // SAFETY: the closure runs in the child between fork and exec, where only
     // async-signal-safe calls are allowed: pthread_sigmask and prctl are (the empty set is built
     // on the stack, nothing allocates).

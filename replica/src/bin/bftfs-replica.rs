@@ -10,6 +10,7 @@ use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{SigSet, Signal};
 use replica::config::{ClusterConfig, ReplicaSecrets};
 use replica::driver::{node, status::ReplicaStatus};
+use sd_notify::NotifyState;
 use state_abstraction::fs::FileService;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -192,22 +193,77 @@ fn run(args: Args) -> anyhow::Result<()> {
         let status = status.clone();
         let stop = stop.clone();
         std::thread::spawn(move || {
+            let mut systemd = SystemdNotifier::default();
             while !stop.load(Ordering::Relaxed) {
                 if let Ok(s) = status.lock() {
                     let tmp = status_file.with_extension("tmp");
                     if std::fs::write(&tmp, s.to_json()).is_ok() {
                         let _ = std::fs::rename(&tmp, &status_file);
                     }
+                    systemd.on_status(&s);
                 }
                 std::thread::sleep(Duration::from_millis(500));
             }
         });
     }
-    node::run_with(
+    let result = node::run_with(
         config, secrets, replica, wal, listener, status, stop, options,
-    )?;
+    );
+    // Tells systemd the stop is ours, so it does not take the exit for a crash while waiting.
+    let _ = notify_systemd(&[NotifyState::Stopping]);
+    result?;
     tracing::info!(replica = id.0, "replica stopped");
     Ok(())
+}
+
+/// `STATUS=` no more often than this: systemd logs nothing for it, but each one is a message
+/// to PID 1, and a replica's figures change many times a second under load.
+const SYSTEMD_STATUS_EVERY: Duration = Duration::from_secs(2);
+
+/// Readiness and status for a `Type=notify` unit (nothing is sent where NOTIFY_SOCKET is unset).
+#[derive(Default)]
+struct SystemdNotifier {
+    ready: bool,
+    last: Option<(std::time::Instant, String)>,
+    /// A socket that refused once is not tried again: one warning, not one every 2 s.
+    failed: bool,
+}
+
+impl SystemdNotifier {
+    fn on_status(&mut self, status: &ReplicaStatus) {
+        // The listening socket is bound before the core starts, and the core fills in the
+        // status from its loop: once it has, the replica answers peers and clients.
+        if status.updates == 0 || self.failed {
+            return;
+        }
+        let line = status.systemd_status();
+        let due = match &self.last {
+            None => true,
+            Some((at, sent)) => *sent != line && at.elapsed() >= SYSTEMD_STATUS_EVERY,
+        };
+        if !due {
+            return;
+        }
+        let sent = if self.ready {
+            notify_systemd(&[NotifyState::Status(&line)])
+        } else {
+            notify_systemd(&[NotifyState::Ready, NotifyState::Status(&line)])
+        };
+        self.failed = !sent;
+        self.ready = true;
+        self.last = Some((std::time::Instant::now(), line));
+    }
+}
+
+fn notify_systemd(state: &[NotifyState]) -> bool {
+    // The environment stays set (unset_env false): status lines follow the readiness message.
+    match sd_notify::notify(false, state) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot notify systemd (NOTIFY_SOCKET)");
+            false
+        }
+    }
 }
 
 #[cfg(feature = "byzantine")]

@@ -60,6 +60,10 @@ pub struct ReplicaStatus {
     /// Byzantine replica would not, which is why `bftfs status` names suspects from what the
     /// others observe).
     pub declared_byzantine: Option<String>,
+    /// How often the core has filled this in: 0 until the core loop runs, which is what
+    /// systemd readiness waits for. Local to the process, so not part of the probe answer.
+    #[serde(skip)]
+    pub updates: u64,
 }
 
 /// The highest `last_executed` among the replicas that answered (0 if none did): how far the
@@ -119,6 +123,23 @@ impl ReplicaStatus {
         }
         self.peers = watch.reports();
         self.invalid_messages = self.peers.iter().map(|p| p.invalid).sum();
+        self.updates += 1;
+    }
+
+    /// One line for systemd's `STATUS=` (shown by `systemctl status`): what an operator
+    /// checks first, view and progress, and whether this replica is behind or in a view change.
+    pub fn systemd_status(&self) -> String {
+        let mut line = format!(
+            "view {}, executed {}, stable {}, lag {}",
+            self.view, self.last_executed, self.stable_checkpoint, self.lag
+        );
+        if !self.view_active {
+            line.push_str(", changing view");
+        }
+        if self.transferring_state {
+            line.push_str(", fetching state");
+        }
+        line
     }
 
     pub fn to_json(&self) -> String {
@@ -426,6 +447,26 @@ impl ReplicaStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn systemd_status_says_view_progress_and_trouble() {
+        let mut s = ReplicaStatus::new(0);
+        s.view = 3;
+        s.view_active = true;
+        s.last_executed = 1234;
+        s.stable_checkpoint = 1200;
+        s.lag = 7;
+        assert_eq!(
+            s.systemd_status(),
+            "view 3, executed 1234, stable 1200, lag 7"
+        );
+        s.view_active = false;
+        s.transferring_state = true;
+        assert_eq!(
+            s.systemd_status(),
+            "view 3, executed 1234, stable 1200, lag 7, changing view, fetching state"
+        );
+    }
 
     #[test]
     fn prometheus_text_has_every_peer() {
