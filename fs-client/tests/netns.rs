@@ -2,7 +2,7 @@
 //! network namespace of its own, joined to a bridge by a veth pair, as the README's "Four
 //! hosts" walkthrough sets them up (keys with `bftfs keygen --replica` four times, one secret
 //! per host, `bftfs-replica` per host, `bftfs mount` on the client). The client is the fifth
-//! host: the root namespace, on the bridge's own address, because the FUSE mount has to be
+//! host: the root namespace, on its own cable to the switch, because the FUSE mount has to be
 //! visible to the test (a mount made inside `ip netns exec` would be too, but the test's
 //! own file calls would then cross no link at all — here every request crosses the bridge).
 //! A workload runs through the mount; then one replica host's link is cut (`ip link set
@@ -45,15 +45,20 @@ fn ip_ok(args: &[&str]) {
     }
 }
 
-/// The network the test makes: four namespaces (`bftfs-t<pid>-r0..3`), a bridge in the root
-/// namespace, and a veth pair per namespace (`bt<pid>v<i>` on the bridge, `eth0` inside:
-/// interface names are limited to 15 characters, so the pid-unique part is kept short).
+/// The network the test makes: four replica hosts (namespaces `bftfs-t<pid>-r0..3`, each
+/// with `eth0` and `lo`), a switch (namespace `bftfs-t<pid>-sw` holding bridge `br0`, with
+/// one port `v<i>` per replica host and `vc` for the client), and the client host: the root
+/// namespace, on `bt<pid>c`. The bridge is in a namespace of its own, not the root one,
+/// so that the host's firewall (br_netfilter with a FORWARD policy of DROP, as Docker hosts
+/// have) never sees the replicas' traffic to each other; a fresh namespace filters nothing.
 /// Everything is removed when dropped, even after a panic; names carry the pid so that
-/// concurrent runs, and leftovers of a killed run, never clash.
+/// concurrent runs, and leftovers of a killed run, never clash (interface names are limited
+/// to 15 characters, hence the short root-side one).
 struct Net {
-    namespaces: Vec<String>,
-    links: Vec<String>,
-    bridge: String,
+    /// The replica hosts' namespaces, replica 0's first.
+    hosts: Vec<String>,
+    switch: String,
+    client_link: String,
     /// First three octets of the private /24 the hosts live in.
     subnet: String,
 }
@@ -65,49 +70,54 @@ impl Net {
         // container runtimes and cloud networks like to use.
         let subnet = format!("10.{}.{}", 200 + (pid / 256) % 50, pid % 256);
         let mut net = Net {
-            namespaces: Vec::new(),
-            links: Vec::new(),
-            bridge: format!("bt{pid}br"),
+            hosts: Vec::new(),
+            switch: format!("bftfs-t{pid}-sw"),
+            client_link: format!("bt{pid}c"),
             subnet,
         };
-        ip(&["link", "add", &net.bridge, "type", "bridge"])?;
-        ip(&[
-            "addr",
-            "add",
-            &format!("{}/24", net.client_ip()),
-            "dev",
-            &net.bridge,
-        ])?;
-        ip(&["link", "set", &net.bridge, "up"])?;
+        ip(&["netns", "add", &net.switch])?;
+        let sw = |args: &[&str]| {
+            let mut all = vec!["-n", net.switch.as_str()];
+            all.extend_from_slice(args);
+            ip(&all)
+        };
+        sw(&["link", "add", "br0", "type", "bridge"])?;
+        sw(&["link", "set", "br0", "up"])?;
+        // A cable from namespace `ns` (None: the test's own) to the switch: a veth pair made
+        // in the switch, one end on the bridge as `port`, the other moved to `ns` and named
+        // `name` there. It is made under a temporary name: every host's end is `eth0`, and
+        // two of them cannot share that name while both are still in the switch.
+        let cable = |ns: Option<&str>, name: &str, port: &str, addr: &str| -> Result<(), String> {
+            let tmp = format!("{port}x");
+            sw(&["link", "add", port, "type", "veth", "peer", "name", &tmp])?;
+            sw(&["link", "set", port, "master", "br0"])?;
+            sw(&["link", "set", port, "up"])?;
+            let to = ns.map_or_else(|| std::process::id().to_string(), str::to_string);
+            sw(&["link", "set", &tmp, "netns", &to])?;
+            let at = |args: &[&str]| match ns {
+                Some(ns) => {
+                    let mut all = vec!["-n", ns];
+                    all.extend_from_slice(args);
+                    ip(&all)
+                }
+                None => ip(args),
+            };
+            at(&["link", "set", &tmp, "name", name])?;
+            at(&["addr", "add", &format!("{addr}/24"), "dev", name])?;
+            at(&["link", "set", name, "up"])?;
+            // The replica talks to itself over its own address too; lo must be up for that.
+            if ns.is_some() {
+                at(&["link", "set", "lo", "up"])?;
+            }
+            Ok(())
+        };
+        let client_link = net.client_link.clone();
+        cable(None, &client_link, "vc", &net.client_ip())?;
         for i in 0..hosts {
             let ns = format!("bftfs-t{pid}-r{i}");
             ip(&["netns", "add", &ns])?;
-            net.namespaces.push(ns.clone());
-            let outer = format!("bt{pid}v{i}");
-            let inner = format!("bt{pid}p{i}");
-            ip(&[
-                "link", "add", &outer, "type", "veth", "peer", "name", &inner,
-            ])?;
-            net.links.push(outer.clone());
-            ip(&["link", "set", &outer, "master", &net.bridge])?;
-            ip(&["link", "set", &outer, "up"])?;
-            ip(&["link", "set", &inner, "netns", &ns])?;
-            let inside = |args: &[&str]| {
-                let mut all = vec!["-n", ns.as_str()];
-                all.extend_from_slice(args);
-                ip(&all)
-            };
-            inside(&["link", "set", &inner, "name", "eth0"])?;
-            inside(&[
-                "addr",
-                "add",
-                &format!("{}/24", net.host_ip(i)),
-                "dev",
-                "eth0",
-            ])?;
-            inside(&["link", "set", "eth0", "up"])?;
-            // The replica talks to itself over its own address too; lo must be up for that.
-            inside(&["link", "set", "lo", "up"])?;
+            net.hosts.push(ns.clone());
+            cable(Some(&ns), "eth0", &format!("v{i}"), &net.host_ip(i))?;
         }
         Ok(net)
     }
@@ -120,13 +130,15 @@ impl Net {
         format!("{}.254", self.subnet)
     }
 
-    /// Pulls (false) or plugs back (true) replica host `i`'s cable: its veth end on the
-    /// bridge goes down, so nothing reaches it or leaves it, and its processes see no error.
+    /// Pulls (false) or plugs back (true) replica host `i`'s cable: its port on the switch
+    /// goes down, so nothing reaches the host or leaves it, and its processes see no error.
     fn set_link(&self, i: usize, up: bool) {
         ip_ok(&[
+            "-n",
+            &self.switch,
             "link",
             "set",
-            &self.links[i],
+            &format!("v{i}"),
             if up { "up" } else { "down" },
         ]);
     }
@@ -134,15 +146,12 @@ impl Net {
 
 impl Drop for Net {
     fn drop(&mut self) {
-        // Deleting a namespace deletes its veth end, and with it the pair; the explicit
-        // deletes cover a run that failed half-way through making them.
-        for ns in &self.namespaces {
+        // Deleting a namespace deletes its veth ends, and with them their peers; the
+        // explicit delete covers a run that failed half-way through making them.
+        for ns in self.hosts.iter().chain([&self.switch]) {
             let _ = ip(&["netns", "del", ns]);
         }
-        for l in &self.links {
-            let _ = ip(&["link", "del", l]);
-        }
-        let _ = ip(&["link", "del", &self.bridge]);
+        let _ = ip(&["link", "del", &self.client_link]);
     }
 }
 
@@ -247,7 +256,7 @@ fn four_replica_hosts_in_network_namespaces_survive_a_cut_link() {
         }
         let journal = fs::File::create(host.join("journal.log")).expect("journal");
         let child = Command::new("ip")
-            .args(["netns", "exec", &net.namespaces[i]])
+            .args(["netns", "exec", &net.hosts[i]])
             .arg(&replica_bin)
             .arg("--config")
             .arg(host.join("etc/cluster.json"))
