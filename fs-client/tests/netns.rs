@@ -325,6 +325,9 @@ fn four_replica_hosts_in_network_namespaces_survive_a_cut_link() {
     work(&mut w, 100, "with every host up");
 
     // Host 3's cable is pulled: three replicas are a quorum, so writes and reads complete.
+    let before_cut = status_json(&xdg, &config)["replicas"][3]["status"]["last_executed"]
+        .as_u64()
+        .expect("host 3's executed sequence before the cut");
     net.set_link(3, false);
     fs::write(mnt.join("while-3-is-cut-off"), b"still served").expect("write with 3 cut off");
     assert_eq!(
@@ -351,6 +354,7 @@ fn four_replica_hosts_in_network_namespaces_survive_a_cut_link() {
         .filter_map(|i| executed(&v, i))
         .max()
         .unwrap_or_else(|| panic!("the others' executed sequence: {v}"));
+    assert!(mark > before_cut, "the others went on without host 3: {v}");
     let mut round = 0;
     let mut last = serde_json::Value::Null;
     let caught_up = wait_until(Duration::from_secs(60), || {
