@@ -23,8 +23,8 @@ pub mod execution;
 pub mod localhost;
 pub mod logging;
 pub mod rng;
-#[cfg(any(test, feature = "sim", feature = "byzantine"))]
-pub mod tamper;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
+#[cfg(any(test, feature = "sim", feature = "byzantine"))]
+pub mod tamper;
 pub mod wire;

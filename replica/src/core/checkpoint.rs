@@ -6,7 +6,7 @@
 
 use super::execution::ExecutorCheckpoint;
 use super::invariants::invariant;
-use super::{Action, Notification, OwnCheckpoint, Core, WalRecord};
+use super::{Action, Core, Notification, OwnCheckpoint, WalRecord};
 use crate::wire::{
     AgreementMessage, Checkpoint, CheckpointCertificate, Digest, Message, Principal, ReplicaId,
     SeqNo, Signed,

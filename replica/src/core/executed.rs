@@ -56,15 +56,19 @@ impl Core {
     /// A speculative batch whose results have not come back committed: they go out as
     /// committed replies too when they do.
     pub(super) fn commit_when_executed(&mut self, seq: SeqNo) {
-        let found = self.in_flight.iter_mut().rev().find_map(|f| match &mut f.what {
-            InFlightKind::Batch {
-                seq: s,
-                speculative: true,
-                committed,
-                ..
-            } if *s == seq && !f.undone => Some(committed),
-            _ => None,
-        });
+        let found = self
+            .in_flight
+            .iter_mut()
+            .rev()
+            .find_map(|f| match &mut f.what {
+                InFlightKind::Batch {
+                    seq: s,
+                    speculative: true,
+                    committed,
+                    ..
+                } if *s == seq && !f.undone => Some(committed),
+                _ => None,
+            });
         match found {
             Some(committed) => *committed = true,
             None => panic!(
@@ -104,7 +108,11 @@ impl Core {
     }
 
     /// Asks the stage to run a read-only request on the state as it stands.
-    pub(super) fn ask_read_only(&mut self, request: Signed<crate::wire::Request>, actions: &mut Vec<Action>) {
+    pub(super) fn ask_read_only(
+        &mut self,
+        request: Signed<crate::wire::Request>,
+        actions: &mut Vec<Action>,
+    ) {
         self.metrics.read_only_requests += 1;
         actions.push(Action::Stage(StageAction::ExecuteReadOnly { request }));
         self.in_flight.push_back(InFlight {
@@ -158,7 +166,10 @@ impl Core {
             asked,
         } = f.what
         else {
-            panic!("replica {}: results of {seq:?} answer another action", self.id.0);
+            panic!(
+                "replica {}: results of {seq:?} answer another action",
+                self.id.0
+            );
         };
         assert_eq!(
             asked_seq,
@@ -219,7 +230,13 @@ impl Core {
         }
     }
 
-    fn reply_in(&self, view: View, client: ClientId, timestamp: Timestamp, result: Vec<u8>) -> Reply {
+    fn reply_in(
+        &self,
+        view: View,
+        client: ClientId,
+        timestamp: Timestamp,
+        result: Vec<u8>,
+    ) -> Reply {
         Reply {
             view,
             client,
@@ -239,9 +256,16 @@ impl Core {
     ) {
         let f = self.answered("checkpoint");
         let InFlightKind::Checkpoint { seq: asked } = f.what else {
-            panic!("replica {}: checkpoint {seq:?} answers another action", self.id.0);
+            panic!(
+                "replica {}: checkpoint {seq:?} answers another action",
+                self.id.0
+            );
         };
-        assert_eq!(asked, seq, "replica {}: checkpoints out of order", self.id.0);
+        assert_eq!(
+            asked, seq,
+            "replica {}: checkpoints out of order",
+            self.id.0
+        );
         if f.undone {
             return;
         }
@@ -284,9 +308,16 @@ impl Core {
     ) {
         let f = self.answered("install");
         let InFlightKind::Install { target, base } = f.what else {
-            panic!("replica {}: install of {seq:?} answers another action", self.id.0);
+            panic!(
+                "replica {}: install of {seq:?} answers another action",
+                self.id.0
+            );
         };
-        assert_eq!(target.seq, seq, "replica {}: installs out of order", self.id.0);
+        assert_eq!(
+            target.seq, seq,
+            "replica {}: installs out of order",
+            self.id.0
+        );
         if f.undone {
             return;
         }

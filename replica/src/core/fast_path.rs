@@ -9,10 +9,10 @@
 use super::execution::{ReplyLimits, ReplyTable};
 use super::invariants::invariant;
 use super::view_change::NewViewPlan;
-use super::{same_content, Action, Notification, Core, Speculation};
+use super::{same_content, Action, Core, Notification, Speculation};
 use crate::wire::{
-    chain_history, history_anchor, AgreementMessage, Digest, Message, Pom,
-    PrePrepare, Principal, ReplicaId, SeqNo, View,
+    chain_history, history_anchor, AgreementMessage, Digest, Message, Pom, PrePrepare, Principal,
+    ReplicaId, SeqNo, View,
 };
 
 /// The pre-prepares a new view re-issues for its plan, with the history recomputed from the

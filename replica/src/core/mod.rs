@@ -240,24 +240,15 @@ pub enum StageAction {
     },
     /// Checkpoint the state (service and reply cache) at `seq`, answer with
     /// [`Event::CheckpointTaken`].
-    TakeCheckpoint {
-        seq: SeqNo,
-    },
+    TakeCheckpoint { seq: SeqNo },
     /// Go back to checkpoint `to`, with the reply cache of that checkpoint
     /// (its canonical encoding). No answer unless it fails ([`Event::ExecutionFailed`]).
-    Rollback {
-        to: SeqNo,
-        replies: Vec<u8>,
-    },
+    Rollback { to: SeqNo, replies: Vec<u8> },
     /// Checkpoints below `seq` are no longer needed.
-    DiscardBefore {
-        seq: SeqNo,
-    },
+    DiscardBefore { seq: SeqNo },
     /// Run a read-only request on the current state (nothing ordered is in
     /// Flight when the core asks), answer with [`Event::ReadOnlyExecuted`].
-    ExecuteReadOnly {
-        request: Signed<Request>,
-    },
+    ExecuteReadOnly { request: Signed<Request> },
     /// Answer a peer's request for state held in our checkpoints
     /// (`GetNode`, `GetPieceDigests`, `GetPiece`), answer with [`Event::Served`].
     Serve {
@@ -280,9 +271,7 @@ pub enum StageAction {
         tick: u64,
     },
     /// The transfer's retransmission timer.
-    TransferTick {
-        tick: u64,
-    },
+    TransferTick { tick: u64 },
     /// Install the objects and the reply cache a state transfer fetched
     /// (over the rolled-back base), checkpoint at `seq`, answer with [`Event::StateInstalled`].
     InstallState {
@@ -292,7 +281,6 @@ pub enum StageAction {
         replies: Vec<u8>,
     },
 }
-
 
 /// Things worth logging or checking; the driver need not act on them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -724,12 +712,7 @@ impl Core {
 
     /// Dispatches a message to its handler. Client messages may come relayed by anyone (the
     /// client's signature is what counts); anything else only from another configured replica.
-    fn on_message(
-        &mut self,
-        sender: Principal,
-        message: Message,
-        actions: &mut Vec<Action>,
-    ) {
+    fn on_message(&mut self, sender: Principal, message: Message, actions: &mut Vec<Action>) {
         let from = match (sender, &message) {
             (_, Message::Client(ClientMessage::Request(r))) => {
                 let r = r.clone();

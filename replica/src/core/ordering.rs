@@ -11,8 +11,8 @@ use super::execution::{ExecutedRequest, Lookup};
 use super::invariants::invariant;
 use super::{same_content, Action, Core, Notification, WalRecord};
 use crate::wire::{
-    chain_history, AgreementMessage, Batch, Commit, CommitCertificate, Digest, Message,
-    PrePrepare, Prepare, PreparedCertificate, Principal, Proposal, ReplicaId, SeqNo, Signed, View,
+    chain_history, AgreementMessage, Batch, Commit, CommitCertificate, Digest, Message, PrePrepare,
+    Prepare, PreparedCertificate, Principal, Proposal, ReplicaId, SeqNo, Signed, View,
     ViewChangeMessage,
 };
 
@@ -238,7 +238,8 @@ impl Core {
                 return;
             }
         }
-        if !proposal.batch.requests.is_empty() && !self.policy.check_nondet(&b.nondet, self.now_ns) {
+        if !proposal.batch.requests.is_empty() && !self.policy.check_nondet(&b.nondet, self.now_ns)
+        {
             return self.misbehaved(
                 Principal::Replica(from),
                 "unacceptable nondeterministic value",

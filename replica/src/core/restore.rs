@@ -50,7 +50,8 @@ impl Core {
         config.validate()?;
         let limits = ReplyLimits::of(&config);
         let (empty_replies, empty_digest) = empty_replies_digest(limits);
-        let mut held: BTreeMap<SeqNo, Digest> = held.into_iter().map(|(s, d)| (SeqNo(s), d)).collect();
+        let mut held: BTreeMap<SeqNo, Digest> =
+            held.into_iter().map(|(s, d)| (SeqNo(s), d)).collect();
         let mut rollback = false;
 
         // 1. The durable state, replayed from the WAL (pure: no service, no signing).

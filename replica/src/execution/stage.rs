@@ -3,20 +3,12 @@
 //! that order is what makes the answers mean what the core expects (a checkpoint after the
 //! batches before it, a read on the state every earlier batch left).
 
+use super::transfer::{serve, Transfer};
 use crate::config::ClusterConfig;
 use crate::core::execution::{ExecutorCheckpoint, ReplyLimits, ReplyTable};
-use super::transfer::{serve, Transfer};
 use crate::core::{Event, StageAction as Action};
-use crate::wire::{CheckpointCertificate, Digest, ReplicaId, SeqNo};
+use crate::wire::{ReplicaId, SeqNo};
 use state_abstraction::Service;
-
-/// What `serve::answer` answers `QueryStable` with: never used, the core answers those.
-const NO_STABLE: CheckpointCertificate = CheckpointCertificate {
-    seq: SeqNo(0),
-    service_root: Digest([0; 32]),
-    replies_digest: Digest([0; 32]),
-    checkpoints: Vec::new(),
-};
 
 pub struct Stage<S> {
     service: S,
@@ -148,9 +140,7 @@ impl<S: Service> Stage<S> {
                 })
             }
             Action::Serve { to, request } => {
-                // `QueryStable` and `GetReplies` are the core's to answer: no stable
-                // certificate or reply cache is needed here.
-                let answer = serve::answer(&self.service, &NO_STABLE, |_| None, &request);
+                let answer = serve::answer(&self.service, &request);
                 Some(Event::Served { to, answer })
             }
             Action::TransferStart {

@@ -84,10 +84,9 @@ use crate::config::{generate_seeded, ClusterConfig, ClusterKeys, ProtocolConfig}
 use crate::core::{Action, Event, Notification, Replica, WalRecord};
 use crate::driver::wal::RECORD_BYTES_MAX;
 use crate::wire::{
-    AgreementMessage, Authenticator, Batch, CheckpointCertificate, ClientMessage, Message,
-    NewView, PrePrepare, Principal, Proposal, ReplicaId, SeqNo,
-    Signed, Signer, StateTransferMessage, View, ViewChange, ViewChangeMessage, FRAME_BYTES_MAX,
-    FRAME_HEADER_BYTES,
+    AgreementMessage, Authenticator, Batch, CheckpointCertificate, ClientMessage, Message, NewView,
+    PrePrepare, Principal, Proposal, ReplicaId, SeqNo, Signed, Signer, StateTransferMessage, View,
+    ViewChange, ViewChangeMessage, FRAME_BYTES_MAX, FRAME_HEADER_BYTES,
 };
 use checkers::{Checker, HistoryEntry, Operation};
 use fs_workload::{FsClient, FsStep};

@@ -16,10 +16,10 @@ use state_abstraction::digest::Digest;
 use state_abstraction::fs::object::Header;
 use state_abstraction::fs::{FileService, TIME_SKEW_MAX_NS};
 use state_abstraction::kv::{KvService, MAX_CLOCK_SKEW_NS};
-use state_abstraction::{AbstractObject, ClientId, SeqNo, Service, ServiceError};
 use state_abstraction::RequestPolicy;
-use std::sync::Arc;
+use state_abstraction::{AbstractObject, ClientId, SeqNo, Service, ServiceError};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Which service the replicas of a scenario run.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -792,7 +792,11 @@ fn fingerprint() {
                 Err(f) => format!("failed {f}"),
             };
             let summaries: Vec<String> = (0..n as usize)
-                .map(|r| sim.replica(r).map(|r| r.debug_summary()).unwrap_or_default())
+                .map(|r| {
+                    sim.replica(r)
+                        .map(|r| r.debug_summary())
+                        .unwrap_or_default()
+                })
                 .collect();
             println!("{name} {seed} {outcome} | {}", summaries.join(" | "));
         }

@@ -197,7 +197,9 @@ impl Core {
             return;
         };
         let target = job.target.seq;
-        actions.push(Action::Stage(StageAction::TransferTick { tick: self.ticks }));
+        actions.push(Action::Stage(StageAction::TransferTick {
+            tick: self.ticks,
+        }));
         self.push_in_flight(InFlightKind::Transfer);
         if let Some(newer) = self.stable_ahead.clone().filter(|c| c.seq > target) {
             self.begin_transfer(newer, actions);

@@ -29,7 +29,11 @@ fn older_checkpoints_go_only_once_the_snapshot_is_durable() {
             .collect()
     };
     for r in 0..4 {
-        assert_eq!(h.replicas[r].stable_checkpoint().seq, SeqNo(interval), "replica {r}");
+        assert_eq!(
+            h.replicas[r].stable_checkpoint().seq,
+            SeqNo(interval),
+            "replica {r}"
+        );
         // Stable at `interval`, but nothing was reported durable yet.
         assert_eq!(held(&h, r), vec![0, interval], "replica {r}");
     }

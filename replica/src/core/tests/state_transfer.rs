@@ -128,9 +128,7 @@ fn a_checkpoint_dropped_by_a_repair_rollback_never_becomes_stable() {
     let mut h = Harness::new();
     assert_eq!(h.config.protocol.checkpoint_interval, 4);
     let lagging = 3;
-    let is_vote = |m: &Message, seq: u64| {
-        matches!(m, Message::Agreement(AgreementMessage::Checkpoint(c)) if c.body.seq == SeqNo(seq))
-    };
+    let is_vote = |m: &Message, seq: u64| matches!(m, Message::Agreement(AgreementMessage::Checkpoint(c)) if c.body.seq == SeqNo(seq));
     // Eight batches. Nobody sees checkpoint 8 become stable (its votes are held); replica 3
     // does not see checkpoint 4 become stable either. The others keep the state at 4 (stable).
     let mut held = Vec::new();
@@ -146,7 +144,10 @@ fn a_checkpoint_dropped_by_a_repair_rollback_never_becomes_stable() {
     }
     assert_eq!(h.replicas[0].stable_checkpoint().seq, SeqNo(4));
     let r3 = &h.replicas[lagging];
-    assert_eq!((r3.last_executed(), r3.stable_checkpoint().seq), (SeqNo(8), SeqNo(0)));
+    assert_eq!(
+        (r3.last_executed(), r3.stable_checkpoint().seq),
+        (SeqNo(8), SeqNo(0))
+    );
 
     // Replica 3's record of its checkpoint 4 is corrupt: the certificate for 4 makes it repair
     // itself from its checkpoint 0. Its requests for the state are held for now.
@@ -157,8 +158,15 @@ fn a_checkpoint_dropped_by_a_repair_rollback_never_becomes_stable() {
         .service_root
         .0[0] ^= 1;
     let mut transfer_actions = Vec::new();
-    for (from, to, message) in held.iter().filter(|(_, to, m)| *to == lagging && is_vote(m, 4)) {
-        transfer_actions.extend(h.deliver(Principal::Replica(ReplicaId(*from as u32)), *to, message));
+    for (from, to, message) in held
+        .iter()
+        .filter(|(_, to, m)| *to == lagging && is_vote(m, 4))
+    {
+        transfer_actions.extend(h.deliver(
+            Principal::Replica(ReplicaId(*from as u32)),
+            *to,
+            message,
+        ));
     }
     let r3 = &h.replicas[lagging];
     let transfer = r3.transfer.as_ref().expect("a repair transfer");
@@ -171,7 +179,10 @@ fn a_checkpoint_dropped_by_a_repair_rollback_never_becomes_stable() {
 
     // The votes for 8 reach replica 3: it no longer holds that state, so 8 is a checkpoint to
     // catch up to, not its stable one.
-    for (from, to, message) in held.iter().filter(|(_, to, m)| *to == lagging && is_vote(m, 8)) {
+    for (from, to, message) in held
+        .iter()
+        .filter(|(_, to, m)| *to == lagging && is_vote(m, 8))
+    {
         h.deliver(Principal::Replica(ReplicaId(*from as u32)), *to, message);
     }
     let r3 = &h.replicas[lagging];

@@ -10,8 +10,14 @@ use state_abstraction::ClientId;
 /// default protocol config, drawn from the project's seeded generator started at `seed`:
 /// the same keys on every run.
 pub(super) fn seeded_keys(seed: u64, addresses: Vec<String>) -> ClusterKeys {
-    generate_seeded(1, addresses, &[ClientId(1)], ProtocolConfig::default(), seed)
-        .expect("keygen")
+    generate_seeded(
+        1,
+        addresses,
+        &[ClientId(1)],
+        ProtocolConfig::default(),
+        seed,
+    )
+    .expect("keygen")
 }
 
 /// Every replica's signer, indexed by replica id, and the client's.

@@ -6,7 +6,7 @@
 
 use super::super::fast_path;
 use super::super::invariants::invariant;
-use super::super::{Action, Notification, Core, WalRecord};
+use super::super::{Action, Core, Notification, WalRecord};
 use super::{plan_new_view, valid_quorum, NewViewPlan};
 use crate::wire::{
     history_anchor, Batch, ClientMessage, Digest, Message, NewView, PrePrepare, Principal,

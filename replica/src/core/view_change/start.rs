@@ -5,7 +5,7 @@
 //! timer that bounds the wait for the new view.
 
 use super::super::invariants::invariant;
-use super::super::{Action, Notification, Core, WalRecord};
+use super::super::{Action, Core, Notification, WalRecord};
 use super::valid_view_change;
 use crate::wire::{
     Evidence, Message, Principal, ReplicaId, Signed, View, ViewChange, ViewChangeMessage,

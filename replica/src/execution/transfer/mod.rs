@@ -37,4 +37,3 @@ impl<S: Service> CheckpointReader for S {
         Service::get_piece_at(self, seq, index, piece)
     }
 }
-

@@ -1,26 +1,24 @@
-//! State transfer, serving side (PROTOCOLS §4.3): the answer to a peer's request, read from
-//! the checkpoints the service keeps and the reply caches of this replica's own checkpoints.
+//! State transfer, serving side (PROTOCOLS §4.3): the answer to a peer's request for state,
+//! read from the checkpoints the service keeps (run by the execution stage).
 //!
-//! In: a request (`QueryStable`, `GetNode`, `GetPieceDigests`, `GetPiece`, `GetReplies`). Out:
+//! In: a request (`GetNode`, `GetPieceDigests`, `GetPiece`). Out:
 //! its answer, or nothing when the state asked for is no longer (or not yet) held here: the
 //! fetcher then asks another replica. Answers are not checked here; the fetcher checks each
 //! against the digests it already trusts (see [`super::fetch`]).
 
 use super::CheckpointReader;
-use crate::wire::{CheckpointCertificate, SeqNo, StateTransferMessage};
+use crate::wire::StateTransferMessage;
 
-/// The answer to `request`, or `None` if it is not a request or asks for state not held.
-/// `stable` answers `QueryStable`; `replies_at(seq)` is the encoded reply cache of this
-/// replica's checkpoint `seq`, if it has one.
+/// The answer to `request`, or `None` if it is not a request for checkpointed state
+/// (`GetNode`, `GetPieceDigests`, `GetPiece`) or asks for state not held. `QueryStable` and
+/// `GetReplies` are the core's to answer: it holds the stable certificate and the reply caches
+/// of its checkpoints.
 pub fn answer<R: CheckpointReader + ?Sized>(
     service: &R,
-    stable: &CheckpointCertificate,
-    replies_at: impl FnOnce(SeqNo) -> Option<Vec<u8>>,
     request: &StateTransferMessage,
 ) -> Option<StateTransferMessage> {
     use StateTransferMessage as M;
     match request {
-        M::QueryStable => Some(M::ReplyStable(stable.clone())),
         M::GetNode { seq, level, index } => {
             service
                 .partition_node(seq.0, *level, *index)
@@ -51,7 +49,6 @@ pub fn answer<R: CheckpointReader + ?Sized>(
                     bytes,
                 })
         }
-        M::GetReplies { seq } => replies_at(*seq).map(|table| M::Replies { seq: *seq, table }),
         _ => None,
     }
 }

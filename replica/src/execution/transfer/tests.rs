@@ -1,14 +1,15 @@
 //! Tests of the fetching side against the serving side, with a lying peer.
 
 use super::fetch::Transfer;
-use crate::core::state_transfer::{Finished, TransferStep};
 use super::serve;
 use crate::core::execution::{ReplyLimits, ReplyTable};
-use crate::wire::{CheckpointCertificate, Digest, ReplicaId, SeqNo, StateTransferMessage};
+use crate::core::state_transfer::{Finished, TransferStep};
+use crate::wire::{CheckpointCertificate, ReplicaId, SeqNo, StateTransferMessage};
 use state_abstraction::kv::{KvOp, KvService};
 use state_abstraction::{ClientId, Service};
 
-/// The serving side ([`serve::answer`], as the core answers), except that every answer claims
+/// The serving side ([`serve::answer`], and the reply cache as the core answers it), except
+/// that every answer claims
 /// an object count of 999 (the fetcher must read the count off the verified tree, never take
 /// a replier's word), and replica 3 lies about everything.
 fn serve(
@@ -18,14 +19,14 @@ fn serve(
     replies: &[u8],
 ) -> Option<StateTransferMessage> {
     use StateTransferMessage as M;
-    let stable = CheckpointCertificate {
-        seq: SeqNo(0),
-        service_root: Digest::default(),
-        replies_digest: Digest::default(),
-        checkpoints: vec![],
-    };
     let liar = to == ReplicaId(3);
-    let mut answer = serve::answer(server, &stable, |_| Some(replies.to_vec()), message)?;
+    let mut answer = match message {
+        M::GetReplies { seq } => M::Replies {
+            seq: *seq,
+            table: replies.to_vec(),
+        },
+        _ => serve::answer(server, message)?,
+    };
     match &mut answer {
         M::Node {
             object_count,
