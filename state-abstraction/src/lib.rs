@@ -6,6 +6,7 @@
 //!
 //! - [`service`]: the upcalls the replica makes (BASE's `execute`, `get_obj`, `put_objs`, ...).
 //! - [`digest`]: domain-separated hashing and the partition tree over abstract objects.
+//! - [`locking`]: what the service shares with the replica's Zzyzx log servers.
 //! - [`kv`]: a tiny key-value service, used by the replica's simulator.
 //! - [`fs`]: the file service: `FsOp`/`FsReply`, the abstract file state and the conformance
 //!   wrapper over a real local directory.
@@ -13,7 +14,9 @@
 pub mod digest;
 pub mod fs;
 pub mod kv;
+pub mod locking;
 pub mod service;
 
 pub use digest::Digest;
+pub use locking::{LockEvent, LockId, LockPoint, LockedResult};
 pub use service::{AbstractObject, ClientId, RequestPolicy, SeqNo, Service, ServiceError};

@@ -5,6 +5,7 @@
 //! be deterministic: the same calls in the same order give the same bytes on every replica.
 
 use crate::digest::Digest;
+use crate::locking::{LockCertChecker, LockEvent, LockId, LockedResult};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -143,4 +144,47 @@ pub trait Service {
     fn checkpoint_work_pending(&self) -> bool {
         false
     }
+
+    // Zzyzx locks (docs/zzyzx-plan.md, M2). Services without locks keep the defaults: no
+    // lock is ever activated, so the replica never calls the others.
+
+    /// The lock events produced since the last call, in the order they happened: `Frozen`
+    /// by `execute` (ordered, never read-only), `Activated`/`Merged` by `checkpoint`. The
+    /// execution stage drains them after each of those calls.
+    fn take_lock_events(&mut self) -> Vec<LockEvent> {
+        Vec::new()
+    }
+
+    /// Runs one entry of an active lock's log on the lock's objects, on behalf of `client`
+    /// (the holder, already authenticated by the log server) at `time_ns` (the entry's time,
+    /// which the log server made monotone per lock). Must not touch anything outside the
+    /// lock (then: [`LockedResult::NeedsAgreement`] with no effect), never the ordered
+    /// state, and must be deterministic given the lock's objects, `op` and `time_ns`.
+    fn execute_locked(
+        &mut self,
+        _lock: LockId,
+        _op: &[u8],
+        _client: ClientId,
+        _time_ns: u64,
+    ) -> LockedResult {
+        LockedResult::NeedsAgreement
+    }
+
+    /// The digest of the lock's objects as they are now (D_L): equal at two replicas iff
+    /// they executed the same entries since activation. `None` if the lock is not active
+    /// here (or its content is missing).
+    fn lock_state_digest(&self, _lock: LockId) -> Option<Digest> {
+        None
+    }
+
+    /// Restores the lock's objects to what they were at activation, so that the log
+    /// server can replay the log from entry 1 (after a restart: the service reopens at an
+    /// ordered checkpoint, and its lock content may be anywhere past activation). The
+    /// ordered state is untouched.
+    fn lock_restart(&mut self, _lock: LockId) -> Result<(), ServiceError> {
+        Ok(())
+    }
+
+    /// Gives the service the checker for certificates inside ordered operations.
+    fn set_lock_cert_checker(&mut self, _checker: Arc<dyn LockCertChecker>) {}
 }

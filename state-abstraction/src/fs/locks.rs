@@ -29,9 +29,7 @@ use crate::service::{ClientId, SeqNo, ServiceError};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
-/// A lock's number: a counter in the table, never reused.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct LockId(pub u64);
+pub use crate::locking::LockId;
 
 /// Most entries in the table: bounds the root's header.
 pub const LOCKS_MAX: usize = 256;

@@ -1,0 +1,76 @@
+//! What a service shares with the replica about Zzyzx locks (docs/zzyzx-plan.md, milestone
+//! M2): the lock's identity, the events that start and end a lock's log, a point of that log,
+//! and the result of one locked entry.
+//!
+//! The replica's log servers run the protocol (signatures, the hash chain, completion); the
+//! service only executes entries against the lock's objects and digests them. Both sides
+//! agree on a lock's life through [`LockEvent`]s, which the service produces only from
+//! ordered execution and checkpoints, so every correct replica sees the same events at the
+//! same sequence numbers.
+
+use crate::digest::Digest;
+use crate::service::ClientId;
+use serde::{Deserialize, Serialize};
+
+/// A lock's number: a counter in the service's lock table, never reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct LockId(pub u64);
+
+/// A point of a lock's log, as a lock checkpoint statement signs it: after entry `k` the
+/// chain hash is `chain` and the lock's objects digest to `state` (the service's
+/// [`crate::Service::lock_state_digest`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockPoint {
+    pub lock: LockId,
+    pub epoch: u32,
+    pub k: u64,
+    pub chain: Digest,
+    pub state: Digest,
+}
+
+/// A change of a lock's life, produced by ordered execution (`Frozen`) or inside
+/// `checkpoint(seq)` (`Activated`, `Merged`); drained by
+/// [`crate::Service::take_lock_events`] after each `execute` and `checkpoint`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LockEvent {
+    /// The lock's objects are masked from the ordered state as of this checkpoint: from now
+    /// on its holder's log entries may be appended and executed. `base` is the lock's state
+    /// digest at activation (what `lock_state_digest` gives before any entry).
+    Activated { lock: LockId, epoch: u32, holder: ClientId, base: Digest },
+    /// No entry may be appended any more (release, conflicting ordered access, expiry).
+    /// `end` is the certified point a release named: the log must reach it before the merge.
+    /// `None` (conflict, expiry, release without a certificate): the log stops where it is.
+    Frozen { lock: LockId, epoch: u32, end: Option<LockPoint> },
+    /// Merged back into the ordered state (or dropped) by this checkpoint: the log and the
+    /// lock's records can go once the checkpoint is durable.
+    Merged { lock: LockId, epoch: u32 },
+}
+
+impl LockEvent {
+    pub fn lock(&self) -> LockId {
+        match self {
+            LockEvent::Activated { lock, .. }
+            | LockEvent::Frozen { lock, .. }
+            | LockEvent::Merged { lock, .. } => *lock,
+        }
+    }
+}
+
+/// What one locked entry did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LockedResult {
+    /// Executed on the lock's objects; the service's reply bytes.
+    Done(Vec<u8>),
+    /// The operation reaches outside the lock (or the lock is not active here): no effect;
+    /// the client sends it on the ordered path.
+    NeedsAgreement,
+}
+
+/// Checks a lock certificate carried inside an ordered operation (a release's): 2f+1
+/// replica signatures over one [`LockPoint`]. The replica builds it from the cluster's keys
+/// and gives it to the service, which stays free of keys and signatures. Deterministic: every
+/// replica holds the same keys.
+pub trait LockCertChecker: Send + Sync {
+    /// The point the certificate proves, or `None` if it does not verify.
+    fn check(&self, cert: &[u8]) -> Option<LockPoint>;
+}
