@@ -10,6 +10,7 @@
 //! the previous checkpoint (copy-on-write at bucket granularity) and its own partition tree.
 
 use crate::digest::{object_digest, piece_digests, Digest, Hasher, PartitionTree};
+use crate::locking::{LockCertChecker, LockEvent, LockId, LockPoint, LockedResult};
 use crate::service::{AbstractObject, ClientId, RequestPolicy, SeqNo, Service, ServiceError};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -36,6 +37,12 @@ pub enum KvOp {
     Append { key: Vec<u8>, value: Vec<u8> },
     /// Removes `key`; replies with the previous value.
     Delete { key: Vec<u8> },
+    /// Asks for a Zzyzx lock on the bucket of `key` (active from the next checkpoint);
+    /// replies [`KvReply::Lock`] or [`KvReply::Refused`].
+    Lock { key: Vec<u8> },
+    /// The holder gives a lock back; `cert` is an encoded lock certificate naming where its
+    /// log ends (checked with the service's [`LockCertChecker`]).
+    Release { lock: LockId, cert: Option<Vec<u8>> },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +50,13 @@ pub enum KvReply {
     Value(Option<Vec<u8>>),
     /// The operation bytes did not decode.
     Malformed,
+    Lock(LockId),
+    /// A lock operation refused (bucket already locked, not the holder, bad certificate).
+    Refused,
+    /// The key is in a locked bucket: nothing done, and the lock is frozen so that it merges
+    /// soon; the client tries again.
+    Locked,
+    Done,
 }
 
 fn config() -> impl bincode::config::Config {
@@ -72,7 +86,9 @@ impl KvOp {
             KvOp::Put { key, .. }
             | KvOp::Get { key }
             | KvOp::Append { key, .. }
-            | KvOp::Delete { key } => key,
+            | KvOp::Delete { key }
+            | KvOp::Lock { key } => key,
+            KvOp::Release { .. } => &[],
         }
     }
 }
@@ -120,6 +136,46 @@ pub struct KvService {
     checkpoints: BTreeMap<SeqNo, Checkpoint>,
     /// Partition tree of the current state, kept up to date at checkpoints.
     tree: PartitionTree,
+    /// Zzyzx bucket locks, in the meta object (ordered state).
+    locks: KvLocks,
+    /// The lock timeline: each active lock's bucket (live, and as at activation). Not
+    /// ordered state: rollback leaves it alone.
+    lock_content: BTreeMap<LockId, (Bucket, Bucket)>,
+    lock_events: Vec<LockEvent>,
+    cert_checker: Option<Arc<dyn LockCertChecker>>,
+}
+
+/// A grace after a freeze without a certificate, for the holder's `Release` with one.
+pub const RELEASE_GRACE_NS: u64 = 5_000_000_000;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct KvLocks {
+    next: u64,
+    /// By id.
+    locks: Vec<KvLock>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct KvLock {
+    id: LockId,
+    bucket: u64,
+    holder: ClientId,
+    state: KvLockState,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+enum KvLockState {
+    Pending,
+    Active,
+    Frozen { since: u64, end: Option<LockPoint> },
+}
+
+fn bucket_digest(lock: LockId, bucket: &Bucket) -> Digest {
+    let mut h = Hasher::new("bftfs.kv.lockstate");
+    h.u64(lock.0);
+    let entries: Vec<(&Vec<u8>, &Vec<u8>)> = bucket.iter().collect();
+    h.bytes(&encode(&entries));
+    h.finish()
 }
 
 impl Default for KvService {
@@ -142,6 +198,10 @@ impl KvService {
             base: BTreeMap::new(),
             checkpoints: BTreeMap::new(),
             tree: PartitionTree::new(),
+            locks: KvLocks::default(),
+            lock_content: BTreeMap::new(),
+            lock_events: Vec::new(),
+            cert_checker: None,
         };
         for i in 0..=META_OBJECT {
             let obj = s.abstract_of(i);
@@ -160,8 +220,157 @@ impl KvService {
                 // rollback_to cannot fail for a checkpoint we hold.
                 let _ = self.rollback_to(seq);
             }
-            None => *self = KvService::new(),
+            None => {
+                let checker = self.cert_checker.take();
+                *self = KvService::new();
+                self.cert_checker = checker;
+            }
         }
+    }
+
+    /// The lock (not merged) on `bucket`, if any.
+    fn lock_on(&self, bucket: u64) -> Option<&KvLock> {
+        self.locks.locks.iter().find(|l| l.bucket == bucket)
+    }
+
+    fn lock_mut(&mut self, id: LockId) -> Option<&mut KvLock> {
+        self.locks.locks.iter_mut().find(|l| l.id == id)
+    }
+
+    /// The value of `key` as the lock's holder sees it (tests, checkers).
+    pub fn locked_value(&self, key: &[u8]) -> Option<&Vec<u8>> {
+        let lock = self.lock_on(bucket_of(key))?;
+        self.lock_content.get(&lock.id)?.0.get(key)
+    }
+
+    fn execute_lock_op(&mut self, op: KvOp, client: ClientId) -> KvReply {
+        let now = self.last_time;
+        match op {
+            KvOp::Lock { key } => {
+                let bucket = bucket_of(&key);
+                if self.lock_on(bucket).is_some() || self.locks.locks.len() >= BUCKETS as usize {
+                    return KvReply::Refused;
+                }
+                let id = LockId(self.locks.next);
+                self.locks.next += 1;
+                self.locks.locks.push(KvLock {
+                    id,
+                    bucket,
+                    holder: client,
+                    state: KvLockState::Pending,
+                });
+                self.dirty.insert(META_OBJECT);
+                KvReply::Lock(id)
+            }
+            KvOp::Release { lock, cert } => {
+                let point = match &cert {
+                    None => None,
+                    Some(bytes) => {
+                        let p = self.cert_checker.as_ref().and_then(|c| c.check(bytes));
+                        match p {
+                            Some(p) if p.lock == lock && p.epoch == 1 => Some(p),
+                            _ => return KvReply::Refused,
+                        }
+                    }
+                };
+                let Some(l) = self.lock_mut(lock) else {
+                    return KvReply::Refused;
+                };
+                if l.holder != client {
+                    return KvReply::Refused;
+                }
+                match l.state {
+                    // Never active: it simply goes.
+                    KvLockState::Pending => {
+                        self.locks.locks.retain(|l| l.id != lock);
+                    }
+                    KvLockState::Active => {
+                        l.state = KvLockState::Frozen {
+                            since: now,
+                            end: point,
+                        };
+                        self.lock_events.push(LockEvent::Frozen {
+                            lock,
+                            epoch: 1,
+                            end: point,
+                        });
+                    }
+                    KvLockState::Frozen { since, end: None } if point.is_some() => {
+                        l.state = KvLockState::Frozen { since, end: point };
+                        self.lock_events.push(LockEvent::Frozen {
+                            lock,
+                            epoch: 1,
+                            end: point,
+                        });
+                    }
+                    KvLockState::Frozen { .. } => {}
+                }
+                self.dirty.insert(META_OBJECT);
+                KvReply::Done
+            }
+            _ => KvReply::Malformed,
+        }
+    }
+
+    /// Lock transitions, inside `checkpoint` only (committed state; see the plan §4.3):
+    /// merge frozen locks whose end is known (or whose grace ran out), then activate pending
+    /// ones.
+    fn lock_transitions(&mut self) {
+        let now = self.last_time;
+        let mut merged = Vec::new();
+        for l in &self.locks.locks {
+            if let KvLockState::Frozen { since, end } = l.state {
+                if end.is_some() || now >= since.saturating_add(RELEASE_GRACE_NS) {
+                    merged.push((l.id, l.bucket, end));
+                }
+            }
+        }
+        for (id, bucket, end) in merged {
+            match self.lock_content.remove(&id) {
+                Some((live, _)) => {
+                    if let Some(p) = end {
+                        if bucket_digest(id, &live) != p.state {
+                            tracing::warn!(
+                                lock = id.0,
+                                "merging a lock whose log here differs from its certified end;                                  the checkpoint will disagree and state transfer repairs it"
+                            );
+                        }
+                    }
+                    self.buckets[bucket as usize] = live;
+                }
+                None => tracing::warn!(lock = id.0, "merging a lock whose content is missing"),
+            }
+            self.locks.locks.retain(|l| l.id != id);
+            self.dirty.insert(bucket);
+            self.dirty.insert(META_OBJECT);
+            self.lock_events.push(LockEvent::Merged { lock: id, epoch: 1 });
+        }
+        let ids: Vec<LockId> = self
+            .locks
+            .locks
+            .iter()
+            .filter(|l| l.state == KvLockState::Pending)
+            .map(|l| l.id)
+            .collect();
+        for id in ids {
+            let Some(l) = self.lock_mut(id) else { continue };
+            l.state = KvLockState::Active;
+            let (bucket, holder) = (l.bucket, l.holder);
+            let content = std::mem::take(&mut self.buckets[bucket as usize]);
+            let base = bucket_digest(id, &content);
+            self.lock_content.insert(id, (content.clone(), content));
+            self.dirty.insert(bucket);
+            self.dirty.insert(META_OBJECT);
+            self.lock_events.push(LockEvent::Activated {
+                lock: id,
+                epoch: 1,
+                holder,
+                base,
+            });
+        }
+        // Content of locks the table no longer has (a rollback below their activation).
+        let live: BTreeSet<LockId> = self.locks.locks.iter().map(|l| l.id).collect();
+        self.lock_content.retain(|id, _| live.contains(id));
     }
 
     /// The current value of `key` (for tests and checkers).
@@ -175,9 +384,12 @@ impl KvService {
 
     fn abstract_of(&self, index: u64) -> AbstractObject {
         if index == META_OBJECT {
-            return AbstractObject {
-                pieces: vec![self.last_time.to_le_bytes().to_vec()],
-            };
+            let mut pieces = vec![self.last_time.to_le_bytes().to_vec()];
+            // Only once a lock was asked for, so states without locks digest as before.
+            if self.locks.next > 0 {
+                pieces.push(encode(&self.locks));
+            }
+            return AbstractObject { pieces };
         }
         let entries: Vec<(&Vec<u8>, &Vec<u8>)> = self.buckets[index as usize].iter().collect();
         let bytes = encode(&entries);
@@ -191,8 +403,9 @@ impl KvService {
             index,
             why: why.to_string(),
         };
-        if obj.pieces.len() != 1 {
-            return Err(bad("expected one piece"));
+        let meta_pieces = if index == META_OBJECT { 2 } else { 1 };
+        if obj.pieces.is_empty() || obj.pieces.len() > meta_pieces {
+            return Err(bad("wrong number of pieces"));
         }
         let piece = &obj.pieces[0];
         if index == META_OBJECT {
@@ -200,7 +413,18 @@ impl KvService {
                 .as_slice()
                 .try_into()
                 .map_err(|_| bad("meta object is not 8 bytes"))?;
+            let locks = match obj.pieces.get(1) {
+                None => KvLocks::default(),
+                Some(p) => {
+                    let locks: KvLocks = decode(p).ok_or_else(|| bad("lock table"))?;
+                    if locks.next == 0 || locks.locks.iter().any(|l| l.id.0 >= locks.next) {
+                        return Err(bad("lock table"));
+                    }
+                    locks
+                }
+            };
             self.last_time = u64::from_le_bytes(bytes);
+            self.locks = locks;
         } else if index < BUCKETS {
             let (entries, used): (Vec<(Vec<u8>, Vec<u8>)>, usize) =
                 bincode::serde::decode_from_slice(piece, config())
@@ -280,7 +504,36 @@ impl Service for KvService {
                 }
             }
         }
+        if matches!(op, KvOp::Lock { .. } | KvOp::Release { .. }) {
+            if read_only {
+                return KvReply::Malformed.encode();
+            }
+            return self.execute_lock_op(op, _client).encode();
+        }
         let bucket = bucket_of(op.key());
+        if let Some(l) = self.lock_on(bucket) {
+            if l.state != KvLockState::Pending {
+                // A conflicting ordered access: freeze the lock so it merges (M2: with the
+                // grace for the holder's certified release).
+                if !read_only && l.state == KvLockState::Active {
+                    let id = l.id;
+                    let now = self.last_time;
+                    if let Some(l) = self.lock_mut(id) {
+                        l.state = KvLockState::Frozen {
+                            since: now,
+                            end: None,
+                        };
+                    }
+                    self.dirty.insert(META_OBJECT);
+                    self.lock_events.push(LockEvent::Frozen {
+                        lock: id,
+                        epoch: 1,
+                        end: None,
+                    });
+                }
+                return KvReply::Locked.encode();
+            }
+        }
         let map = &mut self.buckets[bucket as usize];
         let reply = match op {
             KvOp::Get { key } => KvReply::Value(map.get(&key).cloned()),
@@ -298,8 +551,67 @@ impl Service for KvService {
                 self.dirty.insert(bucket);
                 KvReply::Value(map.remove(&key))
             }
+            KvOp::Lock { .. } | KvOp::Release { .. } => KvReply::Malformed,
         };
         reply.encode()
+    }
+
+    fn take_lock_events(&mut self) -> Vec<LockEvent> {
+        std::mem::take(&mut self.lock_events)
+    }
+
+    fn execute_locked(
+        &mut self,
+        lock: LockId,
+        op: &[u8],
+        client: ClientId,
+        _time_ns: u64,
+    ) -> LockedResult {
+        let Some(op) = KvOp::decode(op) else {
+            return LockedResult::Done(KvReply::Malformed.encode());
+        };
+        let Some(l) = self.locks.locks.iter().find(|l| l.id == lock) else {
+            return LockedResult::NeedsAgreement;
+        };
+        if l.holder != client
+            || l.state == KvLockState::Pending
+            || matches!(op, KvOp::Lock { .. } | KvOp::Release { .. })
+            || bucket_of(op.key()) != l.bucket
+        {
+            return LockedResult::NeedsAgreement;
+        }
+        let Some((map, _)) = self.lock_content.get_mut(&lock) else {
+            return LockedResult::NeedsAgreement;
+        };
+        let reply = match op {
+            KvOp::Get { key } => KvReply::Value(map.get(&key).cloned()),
+            KvOp::Put { key, value } => KvReply::Value(map.insert(key, value)),
+            KvOp::Append { key, value } => {
+                let entry = map.entry(key).or_default();
+                entry.extend_from_slice(&value);
+                KvReply::Value(Some(entry.clone()))
+            }
+            KvOp::Delete { key } => KvReply::Value(map.remove(&key)),
+            KvOp::Lock { .. } | KvOp::Release { .. } => KvReply::Malformed,
+        };
+        LockedResult::Done(reply.encode())
+    }
+
+    fn lock_state_digest(&self, lock: LockId) -> Option<Digest> {
+        self.locks.locks.iter().find(|l| l.id == lock)?;
+        let (live, _) = self.lock_content.get(&lock)?;
+        Some(bucket_digest(lock, live))
+    }
+
+    fn lock_restart(&mut self, lock: LockId) -> Result<(), ServiceError> {
+        if let Some((live, base)) = self.lock_content.get_mut(&lock) {
+            *live = base.clone();
+        }
+        Ok(())
+    }
+
+    fn set_lock_cert_checker(&mut self, checker: Arc<dyn LockCertChecker>) {
+        self.cert_checker = Some(checker);
     }
 
     fn policy(&self) -> Arc<dyn RequestPolicy> {
@@ -330,6 +642,7 @@ impl Service for KvService {
     }
 
     fn checkpoint(&mut self, seq: SeqNo) -> Result<Digest, ServiceError> {
+        self.lock_transitions();
         let mut objects = BTreeMap::new();
         for index in std::mem::take(&mut self.dirty) {
             let obj = self.abstract_of(index);

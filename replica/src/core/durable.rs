@@ -66,6 +66,9 @@ pub enum WalRecord {
     },
     /// A checkpoint became stable.
     Stable(Box<CheckpointCertificate>),
+    /// Zzyzx's log servers: a lock's activation, entries, seal, freeze and merge. A snapshot
+    /// is followed by the records of every live log.
+    Lock(super::lock::LockRecord),
 }
 
 impl Core {
@@ -122,6 +125,9 @@ impl Core {
             if let Some(p) = &slot.proposal {
                 actions.push(Action::Persist(WalRecord::Accepted(Box::new(p.clone()))));
             }
+        }
+        for r in self.locks.snapshot_records() {
+            actions.push(Action::Persist(WalRecord::Lock(r)));
         }
     }
 }

@@ -99,7 +99,14 @@ impl Core {
         for f in self.in_flight.iter_mut() {
             // Reads of the live state asked before the rollback, and answers about
             // checkpoints, are not affected by it.
-            if !matches!(f.what, InFlightKind::ReadOnly | InFlightKind::Serve) {
+            // Nor are locked entries: the lock's objects are not the ordered state's.
+            if !matches!(
+                f.what,
+                InFlightKind::ReadOnly
+                    | InFlightKind::Serve
+                    | InFlightKind::Locked { .. }
+                    | InFlightKind::LockDigest { .. }
+            ) {
                 f.undone = true;
             }
         }
@@ -155,6 +162,7 @@ impl Core {
         &mut self,
         seq: SeqNo,
         results: Vec<ExecutedRequest>,
+        lock_events: Vec<state_abstraction::LockEvent>,
         actions: &mut Vec<Action>,
     ) {
         let f = self.answered("executed");
@@ -182,8 +190,12 @@ impl Core {
                 .collect::<Vec<_>>()
         );
         if f.undone {
+            // Its lock events come again when the batch is run again.
             return;
         }
+        // A freeze from a speculative run stays even if the run is undone (L3): a lock
+        // stopped early only costs its holder a release.
+        self.on_lock_events(lock_events, actions);
         self.replies.record_results(&asked.batch, &results);
         if speculative {
             for r in &results {
@@ -252,6 +264,7 @@ impl Core {
         &mut self,
         seq: SeqNo,
         checkpoint: ExecutorCheckpoint,
+        lock_events: Vec<state_abstraction::LockEvent>,
         actions: &mut Vec<Action>,
     ) {
         let f = self.answered("checkpoint");
@@ -269,6 +282,9 @@ impl Core {
         if f.undone {
             return;
         }
+        // Checkpoints are taken on committed state, so these events are final: a lock
+        // activated here is activated at every correct replica at this checkpoint.
+        self.on_lock_events(lock_events, actions);
         if seq < self.stable.seq {
             // A newer checkpoint became stable meanwhile: this one is of no use any more.
             return;

@@ -109,6 +109,7 @@ mod executed;
 pub mod execution;
 pub mod fast_path;
 mod invariants;
+pub mod lock;
 mod ordering;
 mod requests;
 pub mod restore;
@@ -131,7 +132,9 @@ use crate::wire::{
 };
 use execution::{ExecutedRequest, ExecutorCheckpoint, ReplyTable};
 use safety::SafetyRules;
-use state_abstraction::{AbstractObject, ClientId, RequestPolicy, ServiceError};
+use state_abstraction::{
+    AbstractObject, ClientId, LockEvent, LockId, LockedResult, RequestPolicy, ServiceError,
+};
 use state_transfer::{Finished, TransferJob, TransferStep};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
@@ -154,11 +157,26 @@ pub enum Event {
     Executed {
         seq: SeqNo,
         results: Vec<ExecutedRequest>,
+        /// Locks the batch froze (see [`state_abstraction::LockEvent`]).
+        lock_events: Vec<LockEvent>,
     },
     /// The result of an [`StageAction::TakeCheckpoint`].
     CheckpointTaken {
         seq: SeqNo,
         checkpoint: ExecutorCheckpoint,
+        /// Locks the checkpoint activated, froze (expiry) or merged.
+        lock_events: Vec<LockEvent>,
+    },
+    /// The result of an [`StageAction::ExecuteLocked`].
+    LockedExecuted {
+        lock: LockId,
+        k: u64,
+        result: LockedResult,
+    },
+    /// The answer to an [`StageAction::LockDigest`].
+    LockDigest {
+        lock: LockId,
+        digest: Option<Digest>,
     },
     /// The result of an [`StageAction::ExecuteReadOnly`].
     ReadOnlyExecuted {
@@ -280,6 +298,21 @@ pub enum StageAction {
         object_count: u64,
         replies: Vec<u8>,
     },
+    /// Run entry `k` of a lock's log on the lock's objects (never undone by a rollback: the
+    /// ordered state's rollback leaves the lock's objects alone), answer with
+    /// [`Event::LockedExecuted`].
+    ExecuteLocked {
+        lock: LockId,
+        k: u64,
+        op: Vec<u8>,
+        client: ClientId,
+        time_ns: u64,
+    },
+    /// The digest of a lock's objects now, answer with [`Event::LockDigest`].
+    LockDigest { lock: LockId },
+    /// Bring a lock's objects back to their activation (the log is replayed after). No
+    /// answer unless it fails.
+    LockRestart { lock: LockId },
 }
 
 /// Things worth logging or checking; the driver need not act on them.
@@ -427,6 +460,15 @@ enum InFlightKind {
     },
     Serve,
     Transfer,
+    Locked {
+        lock: LockId,
+        k: u64,
+        /// Send the result to the holder (not for a replay after a restart).
+        reply: bool,
+    },
+    LockDigest {
+        lock: LockId,
+    },
 }
 
 fn same_content(a: &PrePrepare, b: &PrePrepare) -> bool {
@@ -521,6 +563,8 @@ pub struct Core {
     discard_after: Option<(SeqNo, u64)>,
     /// WAL records asked for since this core was built (see [`Event::Persisted`]).
     records_asked: u64,
+    /// Zzyzx's log servers: one log per active lock.
+    locks: lock::LockLogs,
     halted: bool,
     metrics: Metrics,
 }
@@ -655,6 +699,7 @@ impl Core {
             actions.push(Action::Broadcast {
                 message: Message::StateTransfer(StateTransferMessage::QueryStable),
             });
+            self.replay_locks(actions);
         }
         match event {
             Event::Tick { now_ns } => self.on_tick(now_ns, actions),
@@ -663,10 +708,20 @@ impl Core {
                 let (sender, message) = m.into_parts();
                 self.on_message(sender, message, actions);
             }
-            Event::Executed { seq, results } => self.on_executed(seq, results, actions),
-            Event::CheckpointTaken { seq, checkpoint } => {
-                self.on_checkpoint_taken(seq, checkpoint, actions)
+            Event::Executed {
+                seq,
+                results,
+                lock_events,
+            } => self.on_executed(seq, results, lock_events, actions),
+            Event::CheckpointTaken {
+                seq,
+                checkpoint,
+                lock_events,
+            } => self.on_checkpoint_taken(seq, checkpoint, lock_events, actions),
+            Event::LockedExecuted { lock, k, result } => {
+                self.on_locked_executed(lock, k, result, actions)
             }
+            Event::LockDigest { lock, digest } => self.on_lock_digest(lock, digest, actions),
             Event::ReadOnlyExecuted {
                 client,
                 timestamp,
@@ -723,6 +778,10 @@ impl Core {
                 return self.on_pom(sender, pom, actions);
             }
             (_, Message::Client(_)) => return,
+            (Principal::Client(_), Message::Lock(m)) => {
+                let m = m.clone();
+                return self.on_lock_message(sender, m, actions);
+            }
             (Principal::Replica(r), _) if r != self.id && (r.0 as usize) < self.n() => r,
             _ => return,
         };
@@ -751,6 +810,7 @@ impl Core {
                 }
             },
             Message::StateTransfer(m) => self.on_state_transfer(from, m, actions),
+            Message::Lock(m) => self.on_lock_message(Principal::Replica(from), m, actions),
             Message::Client(_) => {}
         }
     }

@@ -262,6 +262,7 @@ impl Core {
             discard_pending: None,
             discard_after: None,
             records_asked: 0,
+            locks: super::lock::LockLogs::from_wal(&wal),
             halted: false,
             metrics: Metrics::default(),
             config,
@@ -438,6 +439,8 @@ impl Replayed {
                     },
                 );
             }
+            // The log servers' records: see `LockLogs::from_wal`.
+            WalRecord::Lock(_) => {}
             WalRecord::Stable(c) => {
                 if self.stable.as_ref().is_none_or(|s| s.seq < c.seq) {
                     self.stable = Some((**c).clone());

@@ -199,7 +199,7 @@ impl SafetyRules {
                     self.persisted.insert(Said::Checkpoint(c.seq));
                 }
             }
-            WalRecord::Stable(_) | WalRecord::NewViewMessage(_) => {}
+            WalRecord::Stable(_) | WalRecord::NewViewMessage(_) | WalRecord::Lock(_) => {}
         }
     }
 

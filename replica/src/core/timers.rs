@@ -26,6 +26,7 @@ impl Core {
         }
         if self.ticks % retransmit_ticks == 0 {
             self.on_retransmit_timeout(actions);
+            self.on_lock_timeout(actions);
         }
         if self.view_active {
             self.on_fill_hole_timeout(actions);

@@ -69,12 +69,41 @@ impl<S: Service> Stage<S> {
                 let results = self.replies.run_batch(&batch, |request| {
                     service.execute(&request.body.operation, request.body.client, &nondet, false)
                 });
-                Some(Event::Executed { seq, results })
+                let lock_events = self.service.take_lock_events();
+                Some(Event::Executed {
+                    seq,
+                    results,
+                    lock_events,
+                })
             }
             Action::TakeCheckpoint { seq } => Some(match self.checkpoint(seq) {
-                Ok(checkpoint) => Event::CheckpointTaken { seq, checkpoint },
+                Ok(checkpoint) => Event::CheckpointTaken {
+                    seq,
+                    checkpoint,
+                    lock_events: self.service.take_lock_events(),
+                },
                 Err(reason) => Event::ExecutionFailed { reason },
             }),
+            Action::ExecuteLocked {
+                lock,
+                k,
+                op,
+                client,
+                time_ns,
+            } => {
+                let result = self.service.execute_locked(lock, &op, client, time_ns);
+                Some(Event::LockedExecuted { lock, k, result })
+            }
+            Action::LockDigest { lock } => Some(Event::LockDigest {
+                lock,
+                digest: self.service.lock_state_digest(lock),
+            }),
+            Action::LockRestart { lock } => match self.service.lock_restart(lock) {
+                Ok(()) => None,
+                Err(e) => Some(Event::ExecutionFailed {
+                    reason: format!("lock {} back to its activation: {e}", lock.0),
+                }),
+            },
             Action::Rollback { to, replies } => {
                 let table = match ReplyTable::decode(&replies, self.limits) {
                     Ok(t) => t,
@@ -128,7 +157,12 @@ impl<S: Service> Stage<S> {
                         seq,
                         result: Err(why),
                     },
-                    Ok(()) => match self.checkpoint(seq) {
+                    Ok(()) => match self.checkpoint(seq).inspect(|_| {
+                        // A transferred state carries the lock table but not the content
+                        // of locks this replica never ran (M2: it serves no entries for
+                        // them; they merge through the ordered state).
+                        self.service.take_lock_events();
+                    }) {
                         Ok(checkpoint) => Event::StateInstalled {
                             seq,
                             result: Ok(checkpoint),

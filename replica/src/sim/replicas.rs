@@ -266,5 +266,6 @@ pub(super) fn record_kind(record: &WalRecord) -> &'static str {
         WalRecord::Prepared(_) => "prepared",
         WalRecord::CheckpointTaken { .. } => "checkpoint",
         WalRecord::Stable(_) => "stable",
+        WalRecord::Lock(_) => "lock",
     }
 }

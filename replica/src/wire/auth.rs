@@ -401,6 +401,7 @@ impl Authenticator {
                 self.verify(&pom.first, "pre_prepare")?;
                 self.verify(&pom.second, "pre_prepare")
             }
+            Message::Lock(m) => self.check_lock_message(sender, m),
             _ if !from_replica => forbid(message.kind()),
             Message::Agreement(m) => match m {
                 AgreementMessage::PrePrepare(p) => {
@@ -475,6 +476,67 @@ impl Authenticator {
                 self.verify_checkpoint_certificate(cert)
             }
             Message::StateTransfer(_) => Ok(()),
+        }
+    }
+
+    fn check_lock_message(
+        &self,
+        sender: Principal,
+        message: &super::LockMessage,
+    ) -> Result<(), WireError> {
+        use super::LockMessage as L;
+        let forbid = |what| Err(WireError::ForbiddenSender(sender, what));
+        let from_replica = matches!(sender, Principal::Replica(_));
+        match message {
+            L::Entry(e) => {
+                // Relayed entries travel in `Entries`; an `Entry` comes from its holder.
+                if sender != e.entry.body.signer() {
+                    return forbid("lock_entry");
+                }
+                self.verify(&e.entry, "lock_entry")
+            }
+            L::Ping { .. } | L::Seal { .. } => {
+                if from_replica {
+                    return forbid(message.kind());
+                }
+                Ok(())
+            }
+            L::Reply(r) => {
+                if sender != Principal::Replica(r.replica) {
+                    return forbid("lock_reply");
+                }
+                Ok(())
+            }
+            L::Status { replica, .. } => {
+                if sender != Principal::Replica(*replica) {
+                    return forbid("lock_status");
+                }
+                Ok(())
+            }
+            L::Sealed(s) => {
+                if sender != s.body.signer() {
+                    return forbid("lock_sealed");
+                }
+                self.verify(s, "lock_seal")
+            }
+            L::Fetch { .. } => {
+                if !from_replica {
+                    return forbid("lock_fetch");
+                }
+                Ok(())
+            }
+            L::Entries { entries, .. } => {
+                if !from_replica {
+                    return forbid("lock_entries");
+                }
+                if entries.len() > super::lock::LOCK_ENTRIES_PER_MESSAGE {
+                    return Err(WireError::Decode("too many lock entries".into()));
+                }
+                for e in entries {
+                    self.verify(&e.entry, "lock_entry")?;
+                }
+                Ok(())
+            }
         }
     }
 }

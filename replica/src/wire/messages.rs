@@ -114,6 +114,8 @@ pub enum Message {
     Agreement(AgreementMessage),
     ViewChange(ViewChangeMessage),
     StateTransfer(StateTransferMessage),
+    /// Zzyzx's log protocol (holder ↔ log servers, and between servers).
+    Lock(super::LockMessage),
 }
 
 impl Message {
@@ -137,6 +139,7 @@ impl Message {
             Message::ViewChange(ViewChangeMessage::NewView(_)) => "new_view",
             Message::ViewChange(ViewChangeMessage::QueryNewView { .. }) => "query_new_view",
             Message::StateTransfer(_) => "state_transfer",
+            Message::Lock(m) => m.kind(),
         }
     }
 }

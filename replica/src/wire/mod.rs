@@ -29,6 +29,7 @@
 //! - [`statements`]: the signed statements (request, pre-prepare, prepare, commit,
 //!   checkpoint, view change, new view) and the history chain;
 //! - [`compound`]: batches, proposals, certificates, evidence, replies;
+//! - [`lock`]: Zzyzx's log protocol (entries, replies, seals, certificates);
 //! - [`messages`]: one enum per protocol, and [`Message`];
 //! - [`error`]: [`WireError`], why a frame was refused;
 //! - [`frame`](mod@frame): length-prefixed frames ([`frame()`], [`FrameReader`]);
@@ -42,6 +43,7 @@ pub mod compound;
 pub mod error;
 pub mod frame;
 pub mod ids;
+pub mod lock;
 pub mod messages;
 pub mod signed;
 pub mod statements;
@@ -56,6 +58,10 @@ pub use compound::{
 };
 pub use error::WireError;
 pub use frame::{claimed_sender, frame, frame_length, FrameReader};
+pub use lock::{
+    lock_anchor, lock_chain_next, lock_op_digest, LockCertVerifier, LockCertificate, LockEntry,
+    LockMessage, LockReply, LockSeal, LockServerState, LoggedEntry,
+};
 pub use ids::{Principal, ReplicaId, SeqNo, Timestamp, View};
 pub use messages::{
     AgreementMessage, ClientMessage, Message, StateTransferMessage, ViewChangeMessage,

@@ -1,0 +1,826 @@
+//! Zzyzx's log server (docs/zzyzx-plan.md §5, milestone M2): a lock's holder sends each
+//! operation as a signed, hash-chained entry to every replica; each appends it after the
+//! checks of §5.3, executes it on the lock's objects (through the execution stage) and
+//! replies; the holder completes on 2f+1 matching replies. To release, the holder has the
+//! servers seal the log at its last entry, and sends the 2f+1 signed seals in an ordered
+//! `Release`; the service merges the lock back at the next checkpoint.
+//!
+//! A lock's life comes from the service, through ordered execution only: `Activated` (inside
+//! a checkpoint, on committed state), `Frozen` (an ordered release, conflict or expiry),
+//! `Merged`. So every correct replica starts and stops a log at the same point of the order;
+//! entries never interleave with ordered batches in a way that matters, because the ordered
+//! state holds only placeholders for the lock's objects.
+//!
+//! Safety rules (numbered after plan §5.4):
+//! - L1: never two different entries at one (lock, k): an entry is appended only at
+//!   k = last+1 with prev = h_last, and a different entry at a logged k is ignored.
+//! - L2: an entry is persisted before its reply leaves (Persist precedes SendClient).
+//! - L3: a freeze is persisted and sticky; after it nothing is appended.
+//! - L4: at most one seal per lock, persisted before it is sent, and nothing is appended after
+//!   it.
+//! - L5: entries are accepted only after the activation event.
+//!
+//! What M2 leaves out (M3): log reports and the chain choice after a revocation; a lock frozen
+//! without a certificate merges with what each replica has (see DESIGN-CHANGES.md).
+
+use super::{Action, Core, InFlightKind, StageAction};
+use crate::wire::{
+    lock_anchor, lock_chain_next, lock_op_digest, ClientId, Digest, LockMessage, LockReply,
+    LockSeal, LockServerState, LoggedEntry, Message, Principal, ReplicaId, Signed,
+};
+use serde::{Deserialize, Serialize};
+use state_abstraction::{LockEvent, LockId, LockPoint, LockedResult};
+use std::collections::BTreeMap;
+
+/// Entries buffered past a hole, per lock.
+pub const LOCK_BUFFERED_MAX: usize = 64;
+/// Entries buffered for locks not activated here yet (all locks together).
+pub const LOCK_EARLY_MAX: usize = 64;
+/// Most entries in one lock's log: the log is kept whole until the merge (M2), so it is
+/// bounded; a holder releases and locks again before reaching it.
+pub const LOCK_LOG_ENTRIES_MAX: u64 = 1 << 16;
+/// Most operation bytes in one lock's log.
+pub const LOCK_LOG_BYTES_MAX: u64 = 1 << 30;
+/// Replies kept per lock for retransmitted entries.
+const RESULTS_KEPT: usize = 64;
+
+/// What a lock's log is doing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockLogState {
+    pub lock: LockId,
+    pub epoch: u32,
+    pub holder: ClientId,
+    pub anchor: Digest,
+    pub k: u64,
+    pub chain: Digest,
+    pub state: LockServerState,
+}
+
+#[derive(Debug)]
+pub(super) struct LockLog {
+    epoch: u32,
+    holder: ClientId,
+    anchor: Digest,
+    /// entries[k-1] is entry k.
+    entries: Vec<LoggedEntry>,
+    /// chains[k] = h_k; chains[0] = anchor.
+    chains: Vec<Digest>,
+    bytes: u64,
+    last_time: u64,
+    /// Results of recent entries (k → result), to answer a retransmission.
+    results: BTreeMap<u64, LockedResult>,
+    buffered: BTreeMap<u64, LoggedEntry>,
+    /// The one seal this replica signed (L4), and a seal asked for above our log's end.
+    seal: Option<Signed<LockSeal>>,
+    seal_wanted: Option<(u64, Digest)>,
+    seal_digest_asked: bool,
+    /// Frozen by ordering (sticky, L3), with the certified end if the release named one.
+    frozen: Option<Option<LockPoint>>,
+    last_fetch_tick: u64,
+}
+
+impl LockLog {
+    fn new(epoch: u32, holder: ClientId, anchor: Digest) -> Self {
+        LockLog {
+            epoch,
+            holder,
+            anchor,
+            entries: Vec::new(),
+            chains: vec![anchor],
+            bytes: 0,
+            last_time: 0,
+            results: BTreeMap::new(),
+            buffered: BTreeMap::new(),
+            seal: None,
+            seal_wanted: None,
+            seal_digest_asked: false,
+            frozen: None,
+            last_fetch_tick: 0,
+        }
+    }
+    fn last(&self) -> u64 {
+        self.entries.len() as u64
+    }
+    fn chain(&self) -> Digest {
+        self.chains[self.entries.len()]
+    }
+    fn closed(&self) -> bool {
+        self.frozen.is_some() || self.seal.is_some()
+    }
+    fn server_state(&self) -> LockServerState {
+        if self.frozen.is_some() {
+            LockServerState::Frozen
+        } else if self.seal.is_some() {
+            LockServerState::Sealed
+        } else {
+            LockServerState::Active
+        }
+    }
+    /// The entry the log must reach (a hole below buffered entries, a seal asked above our
+    /// end, a certified end), if beyond what it holds.
+    fn wanted(&self) -> Option<u64> {
+        let mut want = self.buffered.keys().next().map(|k| k - 1);
+        if let Some((k, _)) = self.seal_wanted {
+            want = want.max(Some(k));
+        }
+        if let Some(Some(p)) = self.frozen {
+            want = want.max(Some(p.k));
+        }
+        want.filter(|k| *k > self.last())
+    }
+}
+
+/// WAL records of the log servers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LockRecord {
+    Activated {
+        lock: LockId,
+        epoch: u32,
+        holder: ClientId,
+        anchor: Digest,
+    },
+    Entry {
+        lock: LockId,
+        entry: Box<LoggedEntry>,
+    },
+    Sealed {
+        lock: LockId,
+        seal: Box<Signed<LockSeal>>,
+    },
+    Frozen {
+        lock: LockId,
+        end: Option<LockPoint>,
+    },
+    Merged {
+        lock: LockId,
+    },
+}
+
+/// The log servers' state in the core.
+#[derive(Debug, Default)]
+pub(super) struct LockLogs {
+    logs: BTreeMap<LockId, LockLog>,
+    /// Entries for locks not activated here yet, oldest first.
+    early: Vec<LoggedEntry>,
+    /// Locks restored from the WAL whose entries must be executed again before serving.
+    replay_pending: bool,
+    /// Locks merged (or dropped) here: their late messages are ignored. Bounded by the lock
+    /// ids ever used, which grow by one per `Lock`; kept as the highest merged id plus a set.
+    merged: std::collections::BTreeSet<LockId>,
+}
+
+impl LockLogs {
+    /// The logs as the WAL leaves them (records after the newest snapshot; a snapshot is
+    /// followed by the records of every live log).
+    pub(super) fn from_wal(wal: &[super::WalRecord]) -> Self {
+        let mut logs = LockLogs::default();
+        for record in wal {
+            match record {
+                super::WalRecord::Snapshot(_) => logs.logs.clear(),
+                super::WalRecord::Lock(r) => logs.apply(r),
+                _ => {}
+            }
+        }
+        logs.replay_pending = !logs.logs.is_empty();
+        logs
+    }
+
+    fn apply(&mut self, record: &LockRecord) {
+        match record {
+            LockRecord::Activated {
+                lock,
+                epoch,
+                holder,
+                anchor,
+            } => {
+                self.logs
+                    .entry(*lock)
+                    .or_insert_with(|| LockLog::new(*epoch, *holder, *anchor));
+            }
+            LockRecord::Entry { lock, entry } => {
+                if let Some(log) = self.logs.get_mut(lock) {
+                    if entry.entry.body.k == log.last() + 1 {
+                        let next = lock_chain_next(&log.chain(), &entry.entry.body);
+                        log.last_time = log.last_time.max(entry.entry.body.time_ns);
+                        log.bytes += entry.op.len() as u64;
+                        log.entries.push((**entry).clone());
+                        log.chains.push(next);
+                    }
+                }
+            }
+            LockRecord::Sealed { lock, seal } => {
+                if let Some(log) = self.logs.get_mut(lock) {
+                    log.seal = Some((**seal).clone());
+                }
+            }
+            LockRecord::Frozen { lock, end } => {
+                if let Some(log) = self.logs.get_mut(lock) {
+                    if log.frozen.as_ref().is_none_or(|e| e.is_none()) {
+                        log.frozen = Some(*end);
+                    }
+                }
+            }
+            LockRecord::Merged { lock } => {
+                self.logs.remove(lock);
+                self.merged.insert(*lock);
+            }
+        }
+    }
+
+    /// The records that re-create every live log after a snapshot.
+    pub(super) fn snapshot_records(&self) -> Vec<LockRecord> {
+        let mut out = Vec::new();
+        for (lock, log) in &self.logs {
+            out.push(LockRecord::Activated {
+                lock: *lock,
+                epoch: log.epoch,
+                holder: log.holder,
+                anchor: log.anchor,
+            });
+            for e in &log.entries {
+                out.push(LockRecord::Entry {
+                    lock: *lock,
+                    entry: Box::new(e.clone()),
+                });
+            }
+            if let Some(seal) = &log.seal {
+                out.push(LockRecord::Sealed {
+                    lock: *lock,
+                    seal: Box::new(seal.clone()),
+                });
+            }
+            if let Some(end) = log.frozen {
+                out.push(LockRecord::Frozen { lock: *lock, end });
+            }
+        }
+        out
+    }
+
+    pub(super) fn states(&self) -> Vec<LockLogState> {
+        self.logs
+            .iter()
+            .map(|(lock, log)| LockLogState {
+                lock: *lock,
+                epoch: log.epoch,
+                holder: log.holder,
+                anchor: log.anchor,
+                k: log.last(),
+                chain: log.chain(),
+                state: log.server_state(),
+            })
+            .collect()
+    }
+}
+
+impl Core {
+    /// The log servers' view of each live lock (status, tests).
+    pub fn lock_logs(&self) -> Vec<LockLogState> {
+        self.locks.states()
+    }
+
+    fn persist_lock(&mut self, record: LockRecord, actions: &mut Vec<Action>) {
+        actions.push(Action::Persist(super::WalRecord::Lock(record)));
+    }
+
+    /// After a restart: the service's lock content is wherever the crash left it; bring each
+    /// live lock back to its activation and run its logged entries again (no replies: the
+    /// holder retransmits what it still waits for, and the cached results answer it).
+    pub(super) fn replay_locks(&mut self, actions: &mut Vec<Action>) {
+        if !std::mem::take(&mut self.locks.replay_pending) {
+            return;
+        }
+        let locks: Vec<LockId> = self.locks.logs.keys().copied().collect();
+        for lock in locks {
+            self.restart_lock(lock, actions);
+        }
+    }
+
+    fn restart_lock(&mut self, lock: LockId, actions: &mut Vec<Action>) {
+        let Some(log) = self.locks.logs.get_mut(&lock) else {
+            return;
+        };
+        log.results.clear();
+        actions.push(Action::Stage(StageAction::LockRestart { lock }));
+        let mut time = 0;
+        let runs: Vec<_> = log
+            .entries
+            .iter()
+            .map(|e| {
+                time = time.max(e.entry.body.time_ns);
+                (e.entry.body.k, e.op.clone(), time)
+            })
+            .collect();
+        let holder = log.holder;
+        for (k, op, time_ns) in runs {
+            self.ask_execute_locked(lock, k, op, holder, time_ns, false, actions);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn ask_execute_locked(
+        &mut self,
+        lock: LockId,
+        k: u64,
+        op: Vec<u8>,
+        client: ClientId,
+        time_ns: u64,
+        reply: bool,
+        actions: &mut Vec<Action>,
+    ) {
+        actions.push(Action::Stage(StageAction::ExecuteLocked {
+            lock,
+            k,
+            op,
+            client,
+            time_ns,
+        }));
+        self.push_in_flight(InFlightKind::Locked { lock, k, reply });
+    }
+
+    /// Lock events from ordered execution and checkpoints (in the order they happened).
+    pub(super) fn on_lock_events(&mut self, events: Vec<LockEvent>, actions: &mut Vec<Action>) {
+        for event in events {
+            match event {
+                LockEvent::Activated {
+                    lock,
+                    epoch,
+                    holder,
+                    base,
+                } => self.on_lock_activated(lock, epoch, holder, base, actions),
+                LockEvent::Frozen { lock, end, .. } => self.on_lock_frozen(lock, end, actions),
+                LockEvent::Merged { lock, .. } => {
+                    if self.locks.logs.remove(&lock).is_some() {
+                        tracing::info!(replica = self.id.0, lock = lock.0, "lock merged");
+                    }
+                    self.locks.merged.insert(lock);
+                    self.persist_lock(LockRecord::Merged { lock }, actions);
+                }
+            }
+        }
+    }
+
+    fn on_lock_activated(
+        &mut self,
+        lock: LockId,
+        epoch: u32,
+        holder: ClientId,
+        base: Digest,
+        actions: &mut Vec<Action>,
+    ) {
+        let anchor = lock_anchor(lock, epoch, &base);
+        if let Some(log) = self.locks.logs.get(&lock) {
+            if log.anchor == anchor {
+                // Activated again: the service went back below the activation (a restart
+                // that rolled it back further than its newest checkpoint) and re-ran it; its
+                // lock content is at the activation again, so run the log once more.
+                self.restart_lock(lock, actions);
+                return;
+            }
+        }
+        tracing::info!(replica = self.id.0, lock = lock.0, holder = holder.0, "lock active");
+        self.locks
+            .logs
+            .insert(lock, LockLog::new(epoch, holder, anchor));
+        self.persist_lock(
+            LockRecord::Activated {
+                lock,
+                epoch,
+                holder,
+                anchor,
+            },
+            actions,
+        );
+        let early: Vec<LoggedEntry> = {
+            let (mine, rest) = std::mem::take(&mut self.locks.early)
+                .into_iter()
+                .partition(|e| e.entry.body.lock == lock);
+            self.locks.early = rest;
+            mine
+        };
+        for e in early {
+            self.on_lock_entry(e, true, actions);
+        }
+    }
+
+    fn on_lock_frozen(&mut self, lock: LockId, end: Option<LockPoint>, actions: &mut Vec<Action>) {
+        let Some(log) = self.locks.logs.get_mut(&lock) else {
+            return;
+        };
+        // Sticky (L3): a later event only adds the certified end.
+        match log.frozen {
+            Some(Some(_)) => return,
+            Some(None) if end.is_none() => return,
+            _ => {}
+        }
+        log.frozen = Some(end);
+        tracing::info!(replica = self.id.0, lock = lock.0, end = ?end.map(|p| p.k), "lock frozen");
+        self.persist_lock(LockRecord::Frozen { lock, end }, actions);
+        self.fetch_lock_entries(lock, actions);
+    }
+
+    /// A lock protocol message (client or replica).
+    pub(super) fn on_lock_message(
+        &mut self,
+        sender: Principal,
+        message: LockMessage,
+        actions: &mut Vec<Action>,
+    ) {
+        match (sender, message) {
+            (Principal::Client(_), LockMessage::Entry(e)) => self.on_lock_entry(*e, true, actions),
+            (Principal::Client(c), LockMessage::Ping { lock }) => {
+                self.send_lock_status(c, lock, actions)
+            }
+            (
+                Principal::Client(c),
+                LockMessage::Seal {
+                    lock,
+                    epoch,
+                    k,
+                    chain,
+                },
+            ) => self.on_lock_seal(c, lock, epoch, k, chain, actions),
+            (
+                Principal::Replica(r),
+                LockMessage::Fetch {
+                    lock,
+                    epoch,
+                    from,
+                    to,
+                },
+            ) => self.on_lock_fetch(r, lock, epoch, from, to, actions),
+            (Principal::Replica(_), LockMessage::Entries { lock, entries, .. }) => {
+                for e in entries {
+                    if e.entry.body.lock == lock {
+                        self.on_lock_entry(e, true, actions);
+                    }
+                }
+            }
+            // Replies, statuses and seals are for clients.
+            _ => {}
+        }
+    }
+
+    fn send_lock_status(&mut self, to: ClientId, lock: LockId, actions: &mut Vec<Action>) {
+        let message = match self.locks.logs.get(&lock) {
+            Some(log) => LockMessage::Status {
+                replica: self.id,
+                lock,
+                epoch: log.epoch,
+                state: log.server_state(),
+                anchor: log.anchor,
+                k: log.last(),
+                chain: log.chain(),
+            },
+            None => LockMessage::Status {
+                replica: self.id,
+                lock,
+                epoch: 0,
+                state: LockServerState::Unknown,
+                anchor: Digest::default(),
+                k: 0,
+                chain: Digest::default(),
+            },
+        };
+        actions.push(Action::SendClient {
+            to,
+            message: Message::Lock(message),
+        });
+    }
+
+    /// An entry, from its holder or relayed by a peer (its signature was checked by the wire;
+    /// the signer is `entry.holder`).
+    fn on_lock_entry(&mut self, e: LoggedEntry, reply: bool, actions: &mut Vec<Action>) {
+        let lock = e.entry.body.lock;
+        let Some(log) = self.locks.logs.get_mut(&lock) else {
+            if !self.locks.merged.contains(&lock) && self.locks.early.len() < LOCK_EARLY_MAX {
+                // Not activated here yet (L5): the holder saw 2f+1 others activate first.
+                self.locks.early.push(e);
+            }
+            return;
+        };
+        let b = &e.entry.body;
+        if b.holder != log.holder || b.epoch != log.epoch {
+            let from = Principal::Client(b.holder);
+            return self.misbehaved(from, "lock entry from another client", actions);
+        }
+        let k = b.k;
+        if k == 0 {
+            return;
+        }
+        if k <= log.last() {
+            // A retransmission (or a relayed entry we have): answer from the cache if it is
+            // the same entry; a different one at a logged k is the holder equivocating (L1).
+            let same = log.entries[(k - 1) as usize].entry == e.entry;
+            if !same {
+                let from = Principal::Client(b.holder);
+                return self.misbehaved(from, "two lock entries at one position", actions);
+            }
+            if let Some(result) = log.results.get(&k).cloned() {
+                let chain = log.chains[k as usize];
+                let holder = log.holder;
+                self.send_lock_reply(holder, lock, k, chain, result, actions);
+            }
+            return;
+        }
+        if log.closed() {
+            // Nothing is appended after a freeze (L3) or a seal (L4), except what a certified
+            // end says the log must hold.
+            let allowed = matches!(log.frozen, Some(Some(p)) if k <= p.k);
+            if !allowed {
+                let holder = log.holder;
+                return self.send_lock_status(holder, lock, actions);
+            }
+        }
+        if k > log.last() + 1 {
+            if log.buffered.len() < LOCK_BUFFERED_MAX || log.buffered.contains_key(&k) {
+                log.buffered.insert(k, e);
+            }
+            return self.fetch_lock_entries(lock, actions);
+        }
+        if b.prev != log.chain()
+            || b.op_digest != lock_op_digest(&e.op)
+            || e.op.len() > self.config.protocol.operation_bytes_max
+        {
+            let from = Principal::Client(b.holder);
+            return self.misbehaved(from, "lock entry off the chain", actions);
+        }
+        if log.last() >= LOCK_LOG_ENTRIES_MAX || log.bytes + e.op.len() as u64 > LOCK_LOG_BYTES_MAX
+        {
+            tracing::warn!(replica = self.id.0, lock = lock.0, "lock log full; entry refused");
+            return;
+        }
+        // Append (L1, L2: the record precedes the reply in the action list).
+        let next = lock_chain_next(&log.chain(), b);
+        log.last_time = log.last_time.max(b.time_ns);
+        let time_ns = log.last_time;
+        log.bytes += e.op.len() as u64;
+        log.chains.push(next);
+        log.entries.push(e.clone());
+        let holder = log.holder;
+        let op = e.op.clone();
+        self.persist_lock(
+            LockRecord::Entry {
+                lock,
+                entry: Box::new(e),
+            },
+            actions,
+        );
+        self.ask_execute_locked(lock, k, op, holder, time_ns, reply, actions);
+        // Entries buffered behind this one.
+        let next_buffered = self
+            .locks
+            .logs
+            .get_mut(&lock)
+            .and_then(|log| log.buffered.remove(&(k + 1)));
+        if let Some(next) = next_buffered {
+            self.on_lock_entry(next, reply, actions);
+        }
+        self.maybe_seal(lock, actions);
+    }
+
+    fn send_lock_reply(
+        &mut self,
+        to: ClientId,
+        lock: LockId,
+        k: u64,
+        chain: Digest,
+        result: LockedResult,
+        actions: &mut Vec<Action>,
+    ) {
+        let epoch = self.locks.logs.get(&lock).map_or(0, |l| l.epoch);
+        actions.push(Action::SendClient {
+            to,
+            message: Message::Lock(LockMessage::Reply(Box::new(LockReply {
+                replica: self.id,
+                lock,
+                epoch,
+                k,
+                chain,
+                result,
+            }))),
+        });
+    }
+
+    /// The stage ran entry k.
+    pub(super) fn on_locked_executed(
+        &mut self,
+        lock: LockId,
+        k: u64,
+        result: LockedResult,
+        actions: &mut Vec<Action>,
+    ) {
+        let f = self.answered("locked");
+        let InFlightKind::Locked {
+            lock: asked,
+            k: asked_k,
+            reply,
+        } = f.what
+        else {
+            panic!("replica {}: a locked result answers another action", self.id.0);
+        };
+        assert!(
+            asked == lock && asked_k == k,
+            "replica {}: locked results out of order",
+            self.id.0
+        );
+        let Some(log) = self.locks.logs.get_mut(&lock) else {
+            return;
+        };
+        log.results.insert(k, result.clone());
+        while log.results.len() > RESULTS_KEPT {
+            log.results.pop_first();
+        }
+        if reply {
+            let (holder, chain) = (log.holder, log.chains[k as usize]);
+            self.send_lock_reply(holder, lock, k, chain, result, actions);
+        }
+    }
+
+    /// The holder asks for a seal at (k, chain): the end of its log, to release the lock.
+    fn on_lock_seal(
+        &mut self,
+        client: ClientId,
+        lock: LockId,
+        epoch: u32,
+        k: u64,
+        chain: Digest,
+        actions: &mut Vec<Action>,
+    ) {
+        let Some(log) = self.locks.logs.get_mut(&lock) else {
+            return self.send_lock_status(client, lock, actions);
+        };
+        if client != log.holder || epoch != log.epoch {
+            return;
+        }
+        if let Some(seal) = &log.seal {
+            // L4: one seal only; a retransmission gets the same one.
+            if seal.body.point.k == k && seal.body.point.chain == chain {
+                let message = Message::Lock(LockMessage::Sealed(Box::new(seal.clone())));
+                actions.push(Action::SendClient {
+                    to: client,
+                    message,
+                });
+            }
+            return;
+        }
+        if log.frozen.is_some() || k < log.last() {
+            return self.send_lock_status(client, lock, actions);
+        }
+        log.seal_wanted = Some((k, chain));
+        self.maybe_seal(lock, actions);
+        self.fetch_lock_entries(lock, actions);
+    }
+
+    /// Seals once the log reached the point asked for: the digest of the lock's objects
+    /// comes from the stage, after every entry asked before it.
+    fn maybe_seal(&mut self, lock: LockId, actions: &mut Vec<Action>) {
+        let Some(log) = self.locks.logs.get_mut(&lock) else {
+            return;
+        };
+        let Some((k, chain)) = log.seal_wanted else {
+            return;
+        };
+        if log.last() != k || log.seal_digest_asked || log.seal.is_some() {
+            return;
+        }
+        if log.chain() != chain {
+            // The holder's chain is not ours at k: it forked its log. Refuse to seal.
+            log.seal_wanted = None;
+            let from = Principal::Client(log.holder);
+            return self.misbehaved(from, "seal asked on another chain", actions);
+        }
+        log.seal_digest_asked = true;
+        actions.push(Action::Stage(StageAction::LockDigest { lock }));
+        self.push_in_flight(InFlightKind::LockDigest { lock });
+    }
+
+    /// The stage's digest of a lock's objects, asked for a seal.
+    pub(super) fn on_lock_digest(
+        &mut self,
+        lock: LockId,
+        digest: Option<Digest>,
+        actions: &mut Vec<Action>,
+    ) {
+        let f = self.answered("lock digest");
+        assert!(
+            matches!(f.what, InFlightKind::LockDigest { lock: l } if l == lock),
+            "replica {}: a lock digest answers another action",
+            self.id.0
+        );
+        let me = self.id;
+        let Some(log) = self.locks.logs.get_mut(&lock) else {
+            return;
+        };
+        log.seal_digest_asked = false;
+        let Some((k, chain)) = log.seal_wanted.take() else {
+            return;
+        };
+        let Some(state) = digest else {
+            tracing::warn!(replica = me.0, lock = lock.0, "lock content missing here; no seal");
+            return;
+        };
+        if log.last() != k || log.seal.is_some() || log.frozen.is_some() {
+            return;
+        }
+        let point = LockPoint {
+            lock,
+            epoch: log.epoch,
+            k,
+            chain,
+            state,
+        };
+        let seal = self.signer.sign(LockSeal { replica: me, point });
+        let holder = log.holder;
+        log.seal = Some(seal.clone());
+        self.persist_lock(
+            LockRecord::Sealed {
+                lock,
+                seal: Box::new(seal.clone()),
+            },
+            actions,
+        );
+        actions.push(Action::SendClient {
+            to: holder,
+            message: Message::Lock(LockMessage::Sealed(Box::new(seal))),
+        });
+    }
+
+    /// Asks the peers for the entries this log lacks (at most once per retransmission
+    /// period per lock).
+    fn fetch_lock_entries(&mut self, lock: LockId, actions: &mut Vec<Action>) {
+        let ticks = self.ticks;
+        let period = self.config.protocol.retransmit_ticks;
+        let Some(log) = self.locks.logs.get_mut(&lock) else {
+            return;
+        };
+        let Some(to) = log.wanted() else {
+            return;
+        };
+        if log.last_fetch_tick != 0 && ticks < log.last_fetch_tick + period {
+            return;
+        }
+        log.last_fetch_tick = ticks.max(1);
+        actions.push(Action::Broadcast {
+            message: Message::Lock(LockMessage::Fetch {
+                lock,
+                epoch: log.epoch,
+                from: log.last() + 1,
+                to,
+            }),
+        });
+    }
+
+    fn on_lock_fetch(
+        &mut self,
+        to: ReplicaId,
+        lock: LockId,
+        epoch: u32,
+        from: u64,
+        last: u64,
+        actions: &mut Vec<Action>,
+    ) {
+        let Some(log) = self.locks.logs.get(&lock) else {
+            return;
+        };
+        if epoch != log.epoch || from == 0 || from > log.last() {
+            return;
+        }
+        let end = last
+            .min(log.last())
+            .min(from + crate::wire::lock::LOCK_ENTRIES_PER_MESSAGE as u64 - 1);
+        // Bound the answer by bytes too: a frame holds a few large entries at most.
+        let mut entries = Vec::new();
+        let mut bytes = 0usize;
+        for k in from..=end {
+            let e = &log.entries[(k - 1) as usize];
+            if !entries.is_empty() && bytes + e.op.len() > self.config.protocol.operation_bytes_max
+            {
+                break;
+            }
+            bytes += e.op.len();
+            entries.push(e.clone());
+        }
+        actions.push(Action::Send {
+            to,
+            message: Message::Lock(LockMessage::Entries {
+                lock,
+                epoch,
+                entries,
+            }),
+        });
+    }
+
+    /// Retransmission timer: fetch what is still missing.
+    pub(super) fn on_lock_timeout(&mut self, actions: &mut Vec<Action>) {
+        let locks: Vec<LockId> = self
+            .locks
+            .logs
+            .iter()
+            .filter(|(_, l)| l.wanted().is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        for lock in locks {
+            self.fetch_lock_entries(lock, actions);
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! Zzyzx's log protocol on the wire (docs/zzyzx-plan.md §5, milestone M2): the entries a lock
+//! holder signs and chains, the replies and lock checkpoint statements of the log servers,
+//! and the certificate that lets the holder release the lock through ordering.
+//!
+//! What is signed is what gets forwarded: entries (a server hands a peer the entries it
+//! missed; a certificate's end is checked against them) and lock checkpoint statements
+//! (2f+1 of them are the certificate inside the ordered `Release`). Replies, pings and
+//! fetches are only MAC'd.
+
+use super::codec::byte_string;
+use super::{ClientId, Digest, Principal, ReplicaId, Signed, Statement};
+use serde::{Deserialize, Serialize};
+use state_abstraction::digest::Hasher;
+use state_abstraction::{LockId, LockPoint, LockedResult};
+
+/// Entry k of a lock's log, ⟨op, lock, epoch, k, h_{k-1}⟩ signed by the holder. The operation
+/// travels beside it; `op_digest` binds it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockEntry {
+    pub holder: ClientId,
+    pub lock: LockId,
+    pub epoch: u32,
+    pub k: u64,
+    /// h_{k-1}: the chain after the previous entry (the anchor for k = 1).
+    pub prev: Digest,
+    /// The holder's clock; the log server makes it monotone per lock.
+    pub time_ns: u64,
+    pub op_digest: Digest,
+}
+
+impl Statement for LockEntry {
+    const DOMAIN: &'static str = "bftfs.lock.entry";
+    fn signer(&self) -> Principal {
+        Principal::Client(self.holder)
+    }
+}
+
+/// A replica's statement that its copy of a lock's log ends at `point` (entry `k`, chain
+/// `chain`, the lock's objects digesting to `state`); it never signs another one at this k,
+/// and appends nothing after it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockSeal {
+    pub replica: ReplicaId,
+    pub point: LockPoint,
+}
+
+impl Statement for LockSeal {
+    const DOMAIN: &'static str = "bftfs.lock.seal";
+    fn signer(&self) -> Principal {
+        Principal::Replica(self.replica)
+    }
+}
+
+/// 2f+1 seals from distinct replicas over one point: the holder's proof, in its ordered
+/// `Release`, of where the log ends. At least f+1 correct replicas hold every entry up to it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockCertificate {
+    pub seals: Vec<Signed<LockSeal>>,
+}
+
+/// An entry with its operation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoggedEntry {
+    pub entry: Signed<LockEntry>,
+    #[serde(with = "byte_string")]
+    pub op: Vec<u8>,
+}
+
+/// How a log server sees a lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LockServerState {
+    /// Not active here (yet): no activation seen, or its content is missing.
+    Unknown,
+    Active,
+    /// Sealed at a point (the holder is releasing): only that point's seal is answered.
+    Sealed,
+    /// Frozen by ordering: nothing more is appended.
+    Frozen,
+}
+
+/// A log server's answer to an entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockReply {
+    pub replica: ReplicaId,
+    pub lock: LockId,
+    pub epoch: u32,
+    pub k: u64,
+    /// h_k after the entry.
+    pub chain: Digest,
+    pub result: LockedResult,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LockMessage {
+    /// Holder → every server of the lock: append and execute this entry.
+    Entry(Box<LoggedEntry>),
+    /// Server → holder.
+    Reply(Box<LockReply>),
+    /// Holder → servers: how do you see this lock? Answered with `Status`.
+    Ping { lock: LockId },
+    /// Server → holder. `anchor` is h_0 (from the activation), `k`/`chain` the log's end.
+    Status {
+        replica: ReplicaId,
+        lock: LockId,
+        epoch: u32,
+        state: LockServerState,
+        anchor: Digest,
+        k: u64,
+        chain: Digest,
+    },
+    /// Holder → servers: seal the log at entry `k` with chain `chain` (the holder releases).
+    Seal {
+        lock: LockId,
+        epoch: u32,
+        k: u64,
+        chain: Digest,
+    },
+    /// Server → holder: the signed seal.
+    Sealed(Box<Signed<LockSeal>>),
+    /// Server → server: entries `from..=to` of the lock's log, which the sender lacks.
+    Fetch {
+        lock: LockId,
+        epoch: u32,
+        from: u64,
+        to: u64,
+    },
+    /// Answer to `Fetch`: consecutive entries from `Fetch`'s `from` (each checked by the
+    /// receiver: signature by the wire, chain and op digest by the core).
+    Entries {
+        lock: LockId,
+        epoch: u32,
+        entries: Vec<LoggedEntry>,
+    },
+}
+
+impl LockMessage {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LockMessage::Entry(_) => "lock_entry",
+            LockMessage::Reply(_) => "lock_reply",
+            LockMessage::Ping { .. } => "lock_ping",
+            LockMessage::Status { .. } => "lock_status",
+            LockMessage::Seal { .. } => "lock_seal",
+            LockMessage::Sealed(_) => "lock_sealed",
+            LockMessage::Fetch { .. } => "lock_fetch",
+            LockMessage::Entries { .. } => "lock_entries",
+        }
+    }
+}
+
+/// h_0 of a lock's chain: fixed at activation by the lock's identity and the digest of its
+/// objects then, so a log can never be replayed onto another lock or another activation.
+pub fn lock_anchor(lock: LockId, epoch: u32, base: &Digest) -> Digest {
+    let mut h = Hasher::new("bftfs.lock.anchor");
+    h.u64(lock.0);
+    h.u64(epoch as u64);
+    h.digest(base);
+    h.finish()
+}
+
+/// h_k from h_{k-1} and entry k. The entry's own `prev` is what the server compares with its
+/// log's end; the chain covers what executes (k, time, operation), so equal chains at k mean
+/// equal logs up to k.
+pub fn lock_chain_next(prev: &Digest, entry: &LockEntry) -> Digest {
+    let mut h = Hasher::new("bftfs.lock.chain");
+    h.digest(prev);
+    h.u64(entry.k);
+    h.u64(entry.time_ns);
+    h.digest(&entry.op_digest);
+    h.finish()
+}
+
+/// The digest an entry's `op_digest` must equal.
+pub fn lock_op_digest(op: &[u8]) -> Digest {
+    let mut h = Hasher::new("bftfs.lock.op");
+    h.bytes(op);
+    h.finish()
+}
+
+/// Most entries in one `Entries` answer (each is signature-checked on arrival).
+pub const LOCK_ENTRIES_PER_MESSAGE: usize = 64;
+
+/// Checks lock certificates with the replicas' public keys: the [`state_abstraction::locking::LockCertChecker`]
+/// the file service uses for an ordered `Release`.
+pub struct LockCertVerifier {
+    keys: std::collections::BTreeMap<ReplicaId, ed25519_dalek::VerifyingKey>,
+    quorum: usize,
+}
+
+impl LockCertVerifier {
+    pub fn new(config: &crate::config::ClusterConfig) -> Self {
+        let keys = config
+            .replicas
+            .iter()
+            .filter_map(|r| {
+                ed25519_dalek::VerifyingKey::from_bytes(&r.public_key.0)
+                    .ok()
+                    .map(|k| (r.id, k))
+            })
+            .collect();
+        LockCertVerifier {
+            keys,
+            quorum: config.quorum(),
+        }
+    }
+
+    /// The point 2f+1 distinct replicas sealed, if the certificate proves one.
+    pub fn verify(&self, cert: &LockCertificate) -> Option<LockPoint> {
+        use ed25519_dalek::Verifier as _;
+        let first = cert.seals.first()?.body.point;
+        let mut signers = std::collections::BTreeSet::new();
+        for s in &cert.seals {
+            if s.body.point != first || !signers.insert(s.body.replica) {
+                return None;
+            }
+            let key = self.keys.get(&s.body.replica)?;
+            let digest = super::statement_digest(&s.body);
+            let signature = ed25519_dalek::Signature::from_bytes(&s.signature.to_bytes());
+            key.verify(&digest.0, &signature).ok()?;
+        }
+        (signers.len() >= self.quorum).then_some(first)
+    }
+}
+
+impl state_abstraction::locking::LockCertChecker for LockCertVerifier {
+    fn check(&self, cert: &[u8]) -> Option<LockPoint> {
+        // A certificate names at most n replicas: bound the decode before trusting a length.
+        if cert.len() > 64 << 10 {
+            return None;
+        }
+        self.verify(&super::decode(cert).ok()?)
+    }
+}
