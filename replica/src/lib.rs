@@ -21,6 +21,7 @@ pub mod core;
 pub mod driver;
 pub mod execution;
 pub mod localhost;
+pub mod lock_client;
 pub mod logging;
 pub mod rng;
 #[cfg(any(test, feature = "sim"))]

@@ -614,6 +614,17 @@ impl Service for KvService {
         self.cert_checker = Some(checker);
     }
 
+    fn checkpoint_work_pending(&self) -> bool {
+        let now = self.last_time;
+        self.locks.locks.iter().any(|l| match l.state {
+            KvLockState::Pending | KvLockState::Frozen { end: Some(_), .. } => true,
+            KvLockState::Frozen { since, end: None } => {
+                now >= since.saturating_add(RELEASE_GRACE_NS)
+            }
+            KvLockState::Active => false,
+        })
+    }
+
     fn policy(&self) -> Arc<dyn RequestPolicy> {
         Arc::new(KvPolicy)
     }

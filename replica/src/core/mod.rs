@@ -159,6 +159,9 @@ pub enum Event {
         results: Vec<ExecutedRequest>,
         /// Locks the batch froze (see [`state_abstraction::LockEvent`]).
         lock_events: Vec<LockEvent>,
+        /// The next checkpoint has work beyond the digest (a lock to activate or merge):
+        /// a primary pads to it with null batches (`Service::checkpoint_work_pending`).
+        checkpoint_work: bool,
     },
     /// The result of an [`StageAction::TakeCheckpoint`].
     CheckpointTaken {
@@ -565,6 +568,8 @@ pub struct Core {
     records_asked: u64,
     /// Zzyzx's log servers: one log per active lock.
     locks: lock::LockLogs,
+    /// Primary: propose null batches up to the next checkpoint, where lock work waits.
+    pad_to_checkpoint: bool,
     halted: bool,
     metrics: Metrics,
 }
@@ -712,7 +717,11 @@ impl Core {
                 seq,
                 results,
                 lock_events,
-            } => self.on_executed(seq, results, lock_events, actions),
+                checkpoint_work,
+            } => {
+                self.pad_to_checkpoint |= checkpoint_work;
+                self.on_executed(seq, results, lock_events, actions)
+            }
             Event::CheckpointTaken {
                 seq,
                 checkpoint,

@@ -32,6 +32,7 @@ impl Core {
         if !self.view_active || !self.is_primary() || self.transfer.is_some() {
             return;
         }
+        let interval = self.config.protocol.checkpoint_interval;
         let p = &self.config.protocol;
         let (batch_max, bytes_max, pipeline) = (
             p.batch_requests_max,
@@ -42,7 +43,12 @@ impl Core {
         // certificate) are never proposed again; that happens to a primary of a view the
         // others already left.
         self.skip_committed_seqs();
-        while !self.pending.is_empty()
+        let padding = |core: &Self| {
+            // Null batches up to the checkpoint boundary, when the state has lock work
+            // waiting there (activations and merges happen only inside checkpoints).
+            core.pad_to_checkpoint && core.pending.is_empty() && (core.next_seq.0 - 1) % interval != 0
+        };
+        while (!self.pending.is_empty() || padding(self))
             && self.next_seq <= self.high_water()
             && self.next_seq.0.saturating_sub(self.last_executed.0) <= pipeline
         {
@@ -67,7 +73,7 @@ impl Core {
                 self.proposed.insert(key);
                 batch.requests.push(request);
             }
-            if batch.requests.is_empty() {
+            if batch.requests.is_empty() && !padding(self) {
                 continue;
             }
             let seq = self.next_seq;
@@ -121,6 +127,9 @@ impl Core {
             // With f=0 (one replica) no prepare will ever arrive to trigger this, and 0
             // prepares already make a prepared certificate; with f>0 it returns at once.
             self.try_prepared(seq, actions);
+        }
+        if self.pad_to_checkpoint && (self.next_seq.0 - 1) % interval == 0 {
+            self.pad_to_checkpoint = false;
         }
         self.speculate(actions);
     }

@@ -263,6 +263,7 @@ impl Core {
             discard_after: None,
             records_asked: 0,
             locks: super::lock::LockLogs::from_wal(&wal),
+            pad_to_checkpoint: false,
             halted: false,
             metrics: Metrics::default(),
             config,

@@ -74,6 +74,7 @@ impl<S: Service> Stage<S> {
                     seq,
                     results,
                     lock_events,
+                    checkpoint_work: self.service.checkpoint_work_pending(),
                 })
             }
             Action::TakeCheckpoint { seq } => Some(match self.checkpoint(seq) {
