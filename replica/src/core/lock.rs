@@ -663,7 +663,9 @@ impl Core {
             }
             return;
         }
-        if log.frozen.is_some() || k < log.last() {
+        // A log frozen without a certified end (a conflict) appends nothing more, so the
+        // holder may still have what completed certified, to release with it.
+        if matches!(log.frozen, Some(Some(_))) || k < log.last() {
             return self.send_lock_status(client, lock, actions);
         }
         log.seal_wanted = Some((k, chain));
@@ -719,7 +721,7 @@ impl Core {
             tracing::warn!(replica = me.0, lock = lock.0, "lock content missing here; no seal");
             return;
         };
-        if log.last() != k || log.seal.is_some() || log.frozen.is_some() {
+        if log.last() != k || log.seal.is_some() || matches!(log.frozen, Some(Some(_))) {
             return;
         }
         let point = LockPoint {

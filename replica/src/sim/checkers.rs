@@ -364,6 +364,9 @@ impl Checker {
                     KvReply::Value(Some(v.clone()))
                 }
                 KvOp::Delete { key } => KvReply::Value(model.remove(key)),
+                KvOp::Lock { .. } | KvOp::Release { .. } => {
+                    return Err(format!("the simulator's clients take no locks: {op:?}"))
+                }
             };
             timeline
                 .entry(key.clone())

@@ -4,6 +4,7 @@
 mod catch_up;
 mod checkpoint;
 mod fast_path;
+mod lock;
 mod ordering;
 mod requests;
 mod restore;
