@@ -337,6 +337,10 @@ impl Core {
         if f.undone {
             return;
         }
+        let installed = result.is_ok();
         self.check_installed(target, base, result, actions);
+        if installed {
+            self.check_locks_after_transfer(actions);
+        }
     }
 }

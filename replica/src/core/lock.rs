@@ -693,7 +693,18 @@ impl Core {
         }
         log.seal_digest_asked = true;
         actions.push(Action::Stage(StageAction::LockDigest { lock }));
-        self.push_in_flight(InFlightKind::LockDigest { lock });
+        self.push_in_flight(InFlightKind::LockDigest { lock, check: false });
+    }
+
+    /// After a state transfer the service may have merged a lock this replica still logs
+    /// (the merge happened in the checkpoints it skipped), or lack its content: a lock with
+    /// no digest any more is forgotten here.
+    pub(super) fn check_locks_after_transfer(&mut self, actions: &mut Vec<Action>) {
+        let locks: Vec<LockId> = self.locks.logs.keys().copied().collect();
+        for lock in locks {
+            actions.push(Action::Stage(StageAction::LockDigest { lock }));
+            self.push_in_flight(InFlightKind::LockDigest { lock, check: true });
+        }
     }
 
     /// The stage's digest of a lock's objects, asked for a seal.
@@ -704,11 +715,21 @@ impl Core {
         actions: &mut Vec<Action>,
     ) {
         let f = self.answered("lock digest");
-        assert!(
-            matches!(f.what, InFlightKind::LockDigest { lock: l } if l == lock),
-            "replica {}: a lock digest answers another action",
-            self.id.0
-        );
+        let InFlightKind::LockDigest { lock: asked, check } = f.what else {
+            panic!("replica {}: a lock digest answers another action", self.id.0);
+        };
+        assert_eq!(asked, lock, "replica {}: lock digests out of order", self.id.0);
+        if check {
+            if digest.is_none() && self.locks.logs.remove(&lock).is_some() {
+                tracing::info!(
+                    replica = self.id.0,
+                    lock = lock.0,
+                    "lock merged or without content after state transfer; log dropped"
+                );
+                self.persist_lock(LockRecord::Merged { lock }, actions);
+            }
+            return;
+        }
         let me = self.id;
         let Some(log) = self.locks.logs.get_mut(&lock) else {
             return;

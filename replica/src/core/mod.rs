@@ -471,6 +471,8 @@ enum InFlightKind {
     },
     LockDigest {
         lock: LockId,
+        /// Asked after a state transfer, to learn whether the lock is still live here.
+        check: bool,
     },
 }
 

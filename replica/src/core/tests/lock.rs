@@ -558,3 +558,48 @@ fn f2_needs_five_matching_replies_and_merges() {
         .all(|v| v.as_deref() == Some(expected.as_bytes())));
     net.converge();
 }
+
+/// Many seeds: messages lost and duplicated at random, a lying server, a server restarted at
+/// a random point; every completed locked operation's result is the model's, and every
+/// replica ends with the model's value once the lock merged.
+#[test]
+fn random_loss_lies_and_restarts_over_seeds() {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    for seed in 0..24u64 {
+        let f = if seed % 4 == 3 { 2 } else { 1 };
+        let mut net = Net::new(f);
+        let n = net.n();
+        let rng = Rc::new(RefCell::new(Rng::new(seed)));
+        net.call(OTHER, KvOp::Put { key: "a".into(), value: "start".into() });
+        let lock = net.lock("a");
+        let liar = rng.borrow_mut().below(n as u64) as usize;
+        net.liar = Some(liar);
+        let loss = {
+            let rng = rng.clone();
+            move |_: Principal, _: Principal, _: &Message| rng.borrow_mut().below(1000) < 80
+        };
+        net.drop = Box::new(loss);
+        let restart_at = rng.borrow_mut().below(10);
+        let restarted = (liar + 1 + rng.borrow_mut().below(n as u64 - 1) as usize) % n;
+        let mut expected = String::from("start");
+        for i in 0..10 {
+            if i == restart_at {
+                net.crash_and_restart(restarted);
+            }
+            let v = format!("-{i}");
+            expected.push_str(&v);
+            assert_eq!(net.locked(append("a", &v)), value(&expected), "seed {seed}");
+        }
+        net.release(lock);
+        net.drop = Box::new(|_, _, _| false);
+        net.converge();
+        assert!(
+            net.values("a")
+                .iter()
+                .all(|v| v.as_deref() == Some(expected.as_bytes())),
+            "seed {seed}: {:?}",
+            net.values("a")
+        );
+    }
+}
