@@ -154,10 +154,48 @@ pub fn reply_cache_bytes(config: &ClusterConfig) -> usize {
     clients * (limits.bytes_per_client + limits.window as usize * per_entry + 64) + 1024
 }
 
+/// The largest message or WAL record of Zzyzx's log protocol: an `Entries` answer (entries
+/// up to `operation_bytes_max` of operations together, the first one whole however large,
+/// at most [`crate::wire::lock::LOCK_ENTRIES_PER_MESSAGE`]); an `Entry` message or record
+/// carries one of them.
+pub fn lock_message_bytes(config: &ClusterConfig) -> usize {
+    use crate::wire::{LockEntry, LockMessage, LoggedEntry};
+    use state_abstraction::LockId;
+    let entry = |op: usize| LoggedEntry {
+        entry: signed(LockEntry {
+            holder: ClientId(BIG),
+            lock: LockId(BIG),
+            epoch: u32::MAX,
+            k: BIG,
+            prev: Digest([0xff; 32]),
+            time_ns: BIG,
+            op_digest: Digest([0xff; 32]),
+        }),
+        op: vec![0xff; op],
+    };
+    let max = crate::wire::lock::LOCK_ENTRIES_PER_MESSAGE;
+    let op = config.protocol.operation_bytes_max;
+    // One whole operation plus up to `op` bytes of further ones (`on_lock_fetch`).
+    let mut entries = vec![entry(op), entry(op)];
+    entries.extend((2..max).map(|_| entry(0)));
+    let m = Message::Lock(LockMessage::Entries {
+        lock: LockId(BIG),
+        epoch: u32::MAX,
+        entries,
+    });
+    encoded(&m) + frame_overhead(config.n())
+}
+
 /// Refuses a config under which some message or WAL record could outgrow its limit.
 pub fn check(config: &ClusterConfig) -> Result<(), ConfigError> {
     let frame = FRAME_BYTES_MAX;
-    let checks: [(&'static str, usize, usize, &'static str); 4] = [
+    let checks: [(&'static str, usize, usize, &'static str); 5] = [
+        (
+            "a lock log message or WAL record",
+            lock_message_bytes(config),
+            frame.min(RECORD_BYTES_MAX),
+            "operation_bytes_max",
+        ),
         (
             "a new-view message",
             new_view_bytes(config),
@@ -236,6 +274,7 @@ mod tests {
             assert!(nv < FRAME_BYTES_MAX / 4, "f={f}: new view of {nv} bytes");
             assert!(batch_message_bytes(&c) < FRAME_BYTES_MAX);
             assert!(reply_cache_bytes(&c) < FRAME_BYTES_MAX);
+            assert!(lock_message_bytes(&c) < FRAME_BYTES_MAX / 2);
             eprintln!(
                 "f={f}: new view <= {nv} B, batch message <= {} B, reply cache <= {} B",
                 batch_message_bytes(&c),

@@ -39,6 +39,9 @@ struct Net {
     drop: Filter,
     /// Replica whose lock replies and seals are rewritten on the way (a lying log server).
     liar: Option<usize>,
+    /// The largest frame seen per message kind, and the largest WAL record.
+    largest: BTreeMap<&'static str, usize>,
+    largest_record: usize,
 }
 
 fn service(config: &ClusterConfig) -> KvService {
@@ -87,6 +90,8 @@ impl Net {
             now: 1_000_000_000,
             drop: Box::new(|_, _, _| false),
             liar: None,
+            largest: BTreeMap::new(),
+            largest_record: 0,
         }
     }
 
@@ -103,6 +108,9 @@ impl Net {
         for a in actions {
             match a {
                 Action::Persist(record) => {
+                    let bytes = crate::wire::encode(&record).expect("encode").len();
+                    assert!(bytes <= crate::driver::wal::RECORD_BYTES_MAX, "record of {bytes} B");
+                    self.largest_record = self.largest_record.max(bytes);
                     if matches!(record, WalRecord::Snapshot(_)) {
                         self.wal[r].clear();
                     }
@@ -163,6 +171,9 @@ impl Net {
             }
             let message = self.lie(from, message);
             let frame = self.auth[&from].seal(&message, &[to]).expect("seal");
+            assert!(frame.len() <= crate::wire::FRAME_BYTES_MAX + FRAME_HEADER_BYTES);
+            let largest = self.largest.entry(message.kind()).or_default();
+            *largest = (*largest).max(frame.len());
             let opened = self.auth[&to]
                 .open(&frame[FRAME_HEADER_BYTES..])
                 .expect("open");
@@ -602,4 +613,36 @@ fn random_loss_lies_and_restarts_over_seeds() {
             net.values("a")
         );
     }
+}
+
+/// Entries as large as an operation may be, some of them fetched by a server that missed
+/// them: every frame and record fits the bound the config check computes.
+#[test]
+fn the_largest_entries_fit_their_limits() {
+    let mut net = Net::new(1);
+    let lock = net.lock("a");
+    net.drop = Box::new(|from, to, m| {
+        from == Principal::Client(HOLDER)
+            && to == Principal::Replica(ReplicaId(3))
+            && matches!(m, Message::Lock(LockMessage::Entry(e)) if (2..=6).contains(&e.entry.body.k))
+    });
+    let big = net.config.protocol.operation_bytes_max - 64;
+    for i in 0..8u8 {
+        let op = KvOp::Put { key: "a".into(), value: vec![i; big] };
+        assert!(op.encode().len() <= net.config.protocol.operation_bytes_max);
+        net.locked(op);
+    }
+    net.run_until(500, "replica 3 catches up", |net| {
+        net.replica(3).lock_logs().first().map(|l| l.k) == Some(8)
+    });
+    net.drop = Box::new(|_, _, _| false);
+    net.release(lock);
+    let bound = crate::core::bounds::lock_message_bytes(&net.config);
+    let entries = net.largest["lock_entries"];
+    // One large entry per answer: a second would pass `operation_bytes_max` of operations.
+    assert!(entries > big && entries < 2 * big, "{entries} B");
+    assert!(entries <= bound, "{entries} B over the bound {bound}");
+    assert!(net.largest["lock_entry"] <= bound);
+    assert!(net.largest_record <= bound.max(crate::core::bounds::batch_message_bytes(&net.config)));
+    assert!(net.values("a").iter().all(|v| v.as_deref() == Some(&vec![7u8; big][..])));
 }
