@@ -129,6 +129,10 @@ impl LockSession {
     pub fn busy(&self) -> bool {
         self.pending.is_some()
     }
+    /// A seal was asked for (the session takes no more entries).
+    pub fn is_sealing(&self) -> bool {
+        self.sealing.is_some()
+    }
 
     /// Asks every server how it sees the lock.
     pub fn ping(&mut self, actions: &mut Vec<ClientAction>) {

@@ -3,12 +3,18 @@
 //!
 //! Requests beyond the protocol's in-flight window wait in a bounded queue; a call that gets
 //! no completed result within its timeout fails with [`CallError::Timeout`] instead of hanging.
+//!
+//! The same task runs the client's Zzyzx lock sessions ([`crate::lock_client::LockSession`]):
+//! [`ClientHandle::lock_start`], [`ClientHandle::locked_call`] (one entry in flight per lock,
+//! the others queued), [`ClientHandle::lock_seal`] and [`ClientHandle::lock_end`].
 
 use super::audit::ReplyAudit;
 use super::net::{self, Backoff};
 use crate::client::{Client, ClientAction, Completion, RequestId};
 use crate::config::{ClientSecrets, ClusterConfig};
-use crate::wire::{Authenticator, ClientMessage, Message, Principal, ReplicaId};
+use crate::lock_client::{LockOutput, LockSession};
+use crate::wire::{Authenticator, ClientMessage, LockMessage, Message, Principal, ReplicaId};
+use state_abstraction::{LockId, LockedResult};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
@@ -26,12 +32,117 @@ pub enum CallError {
     Closed,
     #[error("the request is too large ({0} bytes)")]
     TooLarge(usize),
+    /// The lock is frozen (revoked) or its session was ended: use the ordered path.
+    #[error("the lock is no longer served")]
+    LockGone,
 }
 
-struct Submit {
-    operation: Vec<u8>,
-    read_only: bool,
-    done: std_mpsc::SyncSender<Result<Vec<u8>, CallError>>,
+type Done<T> = std_mpsc::SyncSender<Result<T, CallError>>;
+
+enum Submit {
+    Call {
+        operation: Vec<u8>,
+        read_only: bool,
+        done: Done<Vec<u8>>,
+    },
+    /// Start a session for a granted lock; answered once it is ready (with the log's end).
+    LockStart { lock: LockId, done: Done<u64> },
+    Locked {
+        lock: LockId,
+        operation: Vec<u8>,
+        done: Done<LockedResult>,
+    },
+    /// Seal the log at its last completed entry; answered with the certificate.
+    LockSeal { lock: LockId, done: Done<Vec<u8>> },
+    LockEnd { lock: LockId },
+}
+
+/// One lock session in the client task, with the callers waiting on it.
+struct LockTask {
+    session: LockSession,
+    ready: Vec<Done<u64>>,
+    queue: VecDeque<(Vec<u8>, Done<LockedResult>)>,
+    in_flight: Option<Done<LockedResult>>,
+    sealing: Option<Done<Vec<u8>>>,
+}
+
+impl LockTask {
+    /// Fails everything waiting: the lock is no longer served.
+    fn fail_all(&mut self) {
+        for d in self.ready.drain(..) {
+            let _ = d.try_send(Err(CallError::LockGone));
+        }
+        for (_, d) in self.queue.drain(..) {
+            let _ = d.try_send(Err(CallError::LockGone));
+        }
+        if let Some(d) = self.in_flight.take() {
+            let _ = d.try_send(Err(CallError::LockGone));
+        }
+        if let Some(d) = self.sealing.take() {
+            let _ = d.try_send(Err(CallError::LockGone));
+        }
+    }
+
+    fn on_output(&mut self, out: LockOutput) {
+        match out {
+            LockOutput::Ready { k } => {
+                for d in self.ready.drain(..) {
+                    let _ = d.try_send(Ok(k));
+                }
+            }
+            LockOutput::Completed { result, .. } => {
+                if let Some(d) = self.in_flight.take() {
+                    let _ = d.try_send(Ok(result));
+                }
+            }
+            LockOutput::Certificate(cert) => {
+                if let Some(d) = self.sealing.take() {
+                    let _ = d.try_send(Ok(cert));
+                }
+            }
+            LockOutput::Revoked => {
+                tracing::info!(lock = self.session.lock().0, "lock frozen by the servers");
+                // A seal may still be asked for (and answered) on a frozen log: only the
+                // operations fail.
+                for d in self.ready.drain(..) {
+                    let _ = d.try_send(Err(CallError::LockGone));
+                }
+                for (_, d) in self.queue.drain(..) {
+                    let _ = d.try_send(Err(CallError::LockGone));
+                }
+                if let Some(d) = self.in_flight.take() {
+                    let _ = d.try_send(Err(CallError::LockGone));
+                }
+            }
+        }
+    }
+
+    /// Sends the next queued operation when none is in flight.
+    fn pump(&mut self, now_ns: u64, actions: &mut Vec<ClientAction>) {
+        if self.in_flight.is_some() || !self.session.is_ready() || self.sealing.is_some() {
+            return;
+        }
+        let Some((op, done)) = self.queue.pop_front() else {
+            return;
+        };
+        match self.session.submit(op, now_ns, actions) {
+            Ok(_) => self.in_flight = Some(done),
+            Err(e) => {
+                tracing::warn!(error = %e, "locked operation refused by the session");
+                let _ = done.try_send(Err(CallError::LockGone));
+            }
+        }
+    }
+}
+
+/// The lock a lock message is about.
+fn lock_of(message: &Message) -> Option<LockId> {
+    match message {
+        Message::Lock(LockMessage::Reply(r)) => Some(r.lock),
+        Message::Lock(LockMessage::Status { lock, .. }) => Some(*lock),
+        Message::Lock(LockMessage::Sealed(s)) => Some(s.body.point.lock),
+        _ => None,
+    }
 }
 
 /// A connection to a cluster as one client principal. Cheap to share (`Arc`) between threads.
@@ -90,19 +201,67 @@ impl ClientHandle {
         if operation.len() > self.operation_bytes_max {
             return Err(CallError::TooLarge(operation.len()));
         }
-        let (done, wait) = std_mpsc::sync_channel(1);
-        self.submit
-            .blocking_send(Submit {
+        self.submit_and_wait(
+            |done| Submit::Call {
                 operation,
                 read_only,
                 done,
-            })
+            },
+            timeout,
+        )
+    }
+
+    fn submit_and_wait<T>(
+        &self,
+        make: impl FnOnce(Done<T>) -> Submit,
+        timeout: Duration,
+    ) -> Result<T, CallError> {
+        let (done, wait) = std_mpsc::sync_channel(1);
+        self.submit
+            .blocking_send(make(done))
             .map_err(|_| CallError::Closed)?;
         match wait.recv_timeout(timeout) {
             Ok(r) => r,
             Err(std_mpsc::RecvTimeoutError::Timeout) => Err(CallError::Timeout(timeout)),
             Err(std_mpsc::RecvTimeoutError::Disconnected) => Err(CallError::Closed),
         }
+    }
+
+    /// Starts serving a lock this client was granted (an ordered `Lock` answered it) and
+    /// waits until f+1 servers report it active: the log's last entry is returned.
+    pub fn lock_start(&self, lock: LockId, timeout: Duration) -> Result<u64, CallError> {
+        self.submit_and_wait(|done| Submit::LockStart { lock, done }, timeout)
+    }
+
+    /// Runs `operation` as the next entry of the lock's log (2f+1 matching replies).
+    pub fn locked_call(
+        &self,
+        lock: LockId,
+        operation: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<LockedResult, CallError> {
+        if operation.len() > self.operation_bytes_max {
+            return Err(CallError::TooLarge(operation.len()));
+        }
+        self.submit_and_wait(
+            |done| Submit::Locked {
+                lock,
+                operation,
+                done,
+            },
+            timeout,
+        )
+    }
+
+    /// Seals the lock's log at its last completed entry (after the operations queued
+    /// before it): the certificate for the ordered `Release`.
+    pub fn lock_seal(&self, lock: LockId, timeout: Duration) -> Result<Vec<u8>, CallError> {
+        self.submit_and_wait(|done| Submit::LockSeal { lock, done }, timeout)
+    }
+
+    /// Forgets the lock's session (after its release).
+    pub fn lock_end(&self, lock: LockId) {
+        let _ = self.submit.blocking_send(Submit::LockEnd { lock });
     }
 
     /// The async form of [`ClientHandle::call`], for callers already on a runtime.
@@ -114,7 +273,7 @@ impl ClientHandle {
     ) -> Result<Vec<u8>, CallError> {
         let (done, wait) = std_mpsc::sync_channel(1);
         self.submit
-            .send(Submit {
+            .send(Submit::Call {
                 operation,
                 read_only,
                 done,
@@ -182,7 +341,8 @@ async fn client_task(
     let all: Vec<Principal> = config.replica_ids().map(Principal::Replica).collect();
     let config = Arc::new(config);
     let mut client = Client::new(config.clone(), &secrets, wall_clock_ns());
-    let mut waiting: VecDeque<Submit> = VecDeque::new();
+    let mut locks: BTreeMap<LockId, LockTask> = BTreeMap::new();
+    let mut waiting: VecDeque<(Vec<u8>, bool, Done<Vec<u8>>)> = VecDeque::new();
     let mut pending: BTreeMap<RequestId, std_mpsc::SyncSender<Result<Vec<u8>, CallError>>> =
         BTreeMap::new();
     let mut actions = Vec::new();
@@ -195,7 +355,41 @@ async fn client_task(
         let mut audited = false;
         tokio::select! {
             s = submit_rx.recv(), if waiting.len() < SUBMIT_QUEUE => match s {
-                Some(s) => waiting.push_back(s),
+                Some(Submit::Call { operation, read_only, done }) => {
+                    waiting.push_back((operation, read_only, done))
+                }
+                Some(Submit::LockStart { lock, done }) => {
+                    let task = locks.entry(lock).or_insert_with(|| LockTask {
+                        session: LockSession::new(config.clone(), &secrets, lock),
+                        ready: Vec::new(),
+                        queue: VecDeque::new(),
+                        in_flight: None,
+                        sealing: None,
+                    });
+                    if task.session.is_ready() {
+                        let _ = done.try_send(Ok(task.session.last_k()));
+                    } else {
+                        task.ready.push(done);
+                        task.session.ping(&mut actions);
+                    }
+                }
+                Some(Submit::Locked { lock, operation, done }) => match locks.get_mut(&lock) {
+                    Some(t) if !t.session.is_revoked() => t.queue.push_back((operation, done)),
+                    _ => {
+                        let _ = done.try_send(Err(CallError::LockGone));
+                    }
+                },
+                Some(Submit::LockSeal { lock, done }) => match locks.get_mut(&lock) {
+                    Some(t) => t.sealing = Some(done),
+                    None => {
+                        let _ = done.try_send(Err(CallError::LockGone));
+                    }
+                },
+                Some(Submit::LockEnd { lock }) => {
+                    if let Some(mut t) = locks.remove(&lock) {
+                        t.fail_all();
+                    }
+                }
                 None => return,
             },
             Some(frame) = inbound_rx.recv() => {
@@ -207,7 +401,15 @@ async fn client_task(
                                 audited = true;
                             }
                         }
-                        client.on_message(m, &mut actions, &mut completed)
+                        if let Some(lock) = lock_of(m.message()) {
+                            if let Some(t) = locks.get_mut(&lock) {
+                                if let Some(out) = t.session.on_message(m) {
+                                    t.on_output(out);
+                                }
+                            }
+                        } else {
+                            client.on_message(m, &mut actions, &mut completed)
+                        }
                     }
                     Err(e) => {
                         rejected += 1;
@@ -224,18 +426,43 @@ async fn client_task(
                     }
                 }
             }
-            _ = ticker.tick() => client.on_tick(&mut actions),
+            _ = ticker.tick() => {
+                client.on_tick(&mut actions);
+                for t in locks.values_mut() {
+                    t.session.on_tick(&mut actions);
+                }
+            }
+        }
+        let now = wall_clock_ns();
+        for t in locks.values_mut() {
+            t.pump(now, &mut actions);
+            // A seal waits for the entries queued before it.
+            if t.sealing.is_some()
+                && t.queue.is_empty()
+                && t.in_flight.is_none()
+                && !t.session.busy()
+                && !t.session.is_sealing()
+            {
+                if let Err(e) = t.session.seal(&mut actions) {
+                    tracing::warn!(error = %e, "seal refused by the session");
+                    if let Some(d) = t.sealing.take() {
+                        let _ = d.try_send(Err(CallError::LockGone));
+                    }
+                }
+            }
         }
         // Callers that gave up (timed out) are dropped from the queue before they are sent.
         while client.can_invoke() {
-            let Some(s) = waiting.pop_front() else { break };
-            match client.invoke(s.operation, s.read_only, &mut actions) {
+            let Some((operation, read_only, done)) = waiting.pop_front() else {
+                break;
+            };
+            match client.invoke(operation, read_only, &mut actions) {
                 Ok(id) => {
-                    pending.insert(id, s.done);
+                    pending.insert(id, done);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "request refused by the client core");
-                    let _ = s.done.try_send(Err(CallError::TooLarge(0)));
+                    let _ = done.try_send(Err(CallError::TooLarge(0)));
                 }
             }
         }

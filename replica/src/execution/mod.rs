@@ -59,6 +59,9 @@ impl<S: Service> Replica<S> {
         mut service: S,
         wal: Vec<WalRecord>,
     ) -> Result<Self, CoreError> {
+        // Certificates inside ordered operations (a lock's release) are checked with the
+        // replicas' keys, which the service does not hold.
+        service.set_lock_cert_checker(Arc::new(crate::wire::LockCertVerifier::new(&config)));
         // With no snapshot in the WAL the genesis is the service's checkpoint 0.
         if !restore::wal_records_genesis(&wal) && service.checkpoints().is_empty() {
             service.checkpoint(0)?;

@@ -10,7 +10,7 @@ use crate::config::{generate, ClusterConfig, ClusterKeys, ProtocolConfig};
 use crate::lock_client::{LockOutput, LockSession};
 use crate::sim::{sim_protocol, Rng};
 use crate::wire::{
-    Authenticator, LockCertVerifier, LockMessage, Message, Principal, ReplicaId,
+    Authenticator, LockMessage, Message, Principal, ReplicaId,
     FRAME_HEADER_BYTES,
 };
 use state_abstraction::kv::{KvOp, KvReply, KvService};
@@ -44,10 +44,9 @@ struct Net {
     largest_record: usize,
 }
 
-fn service(config: &ClusterConfig) -> KvService {
-    let mut s = KvService::new();
-    s.set_lock_cert_checker(Arc::new(LockCertVerifier::new(config)));
-    s
+/// The replica gives its service the certificate checker itself (`Replica::restore`).
+fn service(_config: &ClusterConfig) -> KvService {
+    KvService::new()
 }
 
 impl Net {
