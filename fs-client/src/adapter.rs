@@ -259,6 +259,11 @@ fn op_name(op: &FsOp) -> &'static str {
     }
 }
 
+/// `bftfs lock PATH` sets this attribute and `bftfs unlock PATH` removes it: the mount
+/// takes or gives back a Zzyzx lock on the subtree (the kernel resolves PATH; nothing is
+/// stored).
+pub const LOCK_XATTR: &[u8] = b"user.bftfs.lock";
+
 fn caller_of(req: &Request) -> Caller {
     Caller {
         uid: req.uid(),
@@ -670,6 +675,23 @@ impl BftFs {
         }
     }
 
+    /// Takes (`take`) or gives back the mount's lock on the subtree at `ino`.
+    fn lock_control(&self, req: &Request, ino: INodeNo, take: bool, reply: ReplyEmpty) {
+        let h = match self.handle(ino) {
+            Ok(h) => h,
+            Err(f) => return self.fail("lock", reply, f),
+        };
+        let result = if take {
+            self.transport.lock(caller_of(req), h)
+        } else {
+            self.transport.unlock(caller_of(req), h)
+        };
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(Errno::from_i32(e)),
+        }
+    }
+
     fn empty_op(&self, req: &Request, op: FsOp, name: &'static str, reply: ReplyEmpty) {
         match self.call(req, op).and_then(|r| Self::done_of(r, name)) {
             Ok(()) => reply.ok(),
@@ -861,6 +883,11 @@ fn first_after(entries: &[DirEntry], offset: u64) -> usize {
 }
 
 impl Filesystem for BftFs {
+    fn destroy(&mut self) {
+        // Locks go back at unmount, so what this mount did under them merges at once.
+        self.transport.release_all();
+    }
+
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         if let Err(nearest) = config.set_max_write(IO_MAX) {
             let _ = config.set_max_write(nearest);
@@ -1506,6 +1533,9 @@ impl Filesystem for BftFs {
                 )
             }
         };
+        if name.as_bytes() == LOCK_XATTR {
+            return self.lock_control(req, ino, true, reply);
+        }
         if name.as_bytes() == CAPS_XATTR {
             self.set_caps_absent(ino.0, false);
         }
@@ -1570,6 +1600,9 @@ impl Filesystem for BftFs {
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if name.as_bytes() == LOCK_XATTR {
+            return self.lock_control(req, ino, false, reply);
+        }
         if name.as_bytes() == CAPS_XATTR {
             self.set_caps_absent(ino.0, false);
         }

@@ -29,3 +29,27 @@ pub mod open_files;
 pub mod options;
 pub mod transport;
 pub mod up;
+
+/// `bftfs lock PATH` / `bftfs unlock PATH`: sets or removes the attribute the mount
+/// intercepts ([`adapter::LOCK_XATTR`]); the kernel resolves PATH to the mount and the node.
+pub fn lock_control(path: &std::path::Path, take: bool) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let mut name = adapter::LOCK_XATTR.to_vec();
+    name.push(0);
+    // SAFETY: both strings are NUL-terminated and live across the call; the value is an
+    // empty buffer of the length given. nix has no xattr calls.
+    let rc = unsafe {
+        if take {
+            libc::setxattr(c_path.as_ptr(), name.as_ptr().cast(), b"subtree".as_ptr().cast(), 7, 0)
+        } else {
+            libc::removexattr(c_path.as_ptr(), name.as_ptr().cast())
+        }
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}

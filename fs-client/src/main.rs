@@ -1,6 +1,6 @@
 //! The `bftfs` command.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use fs_client::options::{MountOptions, OPTIONS_HELP};
 use fs_client::up::UpArgs;
@@ -114,6 +114,21 @@ enum Cmd {
         #[arg(long)]
         remove: bool,
     },
+    /// Lock the directory PATH (and everything below it) for this mount (Zzyzx).
+    ///
+    /// While the lock is held, the mount's calls inside PATH are served by the replicas
+    /// through the lock's log, one round trip each, with no agreement among the replicas.
+    /// Another mount that touches the subtree revokes the lock: this mount then gives it back
+    /// (everything it completed stays), and both go on through ordinary agreement. The lock
+    /// is given back by `bftfs unlock PATH` and at unmount. Errors: EBUSY (already locked,
+    /// locked a moment ago by a conflict, or too many locks), EPERM (no write permission on
+    /// PATH), EOPNOTSUPP (a mount without replication).
+    Lock {
+        /// A directory inside a bftfs mount.
+        path: PathBuf,
+    },
+    /// Give back the lock `bftfs lock PATH` took.
+    Unlock { path: PathBuf },
     /// Unmount MOUNTPOINT (as root with umount2; otherwise with fusermount3 -u).
     Umount {
         mountpoint: PathBuf,
@@ -317,6 +332,18 @@ fn run(cli: Cli) -> Result<()> {
                     std::fs::read_link(&link)?.display()
                 );
             }
+            Ok(())
+        }
+        Cmd::Lock { path } => {
+            fs_client::lock_control(&path, true)
+                .with_context(|| format!("cannot lock {}", path.display()))?;
+            println!("bftfs: locked {}", path.display());
+            Ok(())
+        }
+        Cmd::Unlock { path } => {
+            fs_client::lock_control(&path, false)
+                .with_context(|| format!("cannot unlock {}", path.display()))?;
+            println!("bftfs: unlocked {}", path.display());
             Ok(())
         }
         Cmd::Umount { mountpoint, lazy } => {

@@ -9,7 +9,7 @@
 //! replication: `bftfs up --f 0`) and [`crate::cluster::ReplicatedTransport`] (the BFT client
 //! protocol through `replica::driver::client::ClientHandle`: `up --f N`, `mount`).
 
-use state_abstraction::fs::{FsRequest, FsResult};
+use state_abstraction::fs::{Caller, FsRequest, FsResult, Handle};
 use std::time::Duration;
 
 /// Why a request got no answer from the file service.
@@ -32,10 +32,34 @@ pub enum TransportError {
 /// in flight (or serialise them itself, as the local one does).
 pub trait FsTransport: Send + Sync {
     fn call(&self, req: FsRequest) -> Result<FsResult, TransportError>;
+
+    /// Takes a Zzyzx lock on the subtree at `h` for this mount (docs/zzyzx-plan.md §7.5)
+    /// and waits until it is served. Errors are errnos for the caller of `setxattr`.
+    /// Transports without locks refuse with EOPNOTSUPP.
+    fn lock(&self, _caller: Caller, _h: Handle) -> Result<(), i32> {
+        Err(libc::EOPNOTSUPP)
+    }
+
+    /// Gives back this mount's lock whose root is `h` (ENOENT: none).
+    fn unlock(&self, _caller: Caller, _h: Handle) -> Result<(), i32> {
+        Err(libc::EOPNOTSUPP)
+    }
+
+    /// Gives back every lock this mount holds (unmount).
+    fn release_all(&self) {}
 }
 
 impl<T: FsTransport + ?Sized> FsTransport for std::sync::Arc<T> {
     fn call(&self, req: FsRequest) -> Result<FsResult, TransportError> {
         (**self).call(req)
+    }
+    fn lock(&self, caller: Caller, h: Handle) -> Result<(), i32> {
+        (**self).lock(caller, h)
+    }
+    fn unlock(&self, caller: Caller, h: Handle) -> Result<(), i32> {
+        (**self).unlock(caller, h)
+    }
+    fn release_all(&self) {
+        (**self).release_all()
     }
 }

@@ -7,7 +7,8 @@ use anyhow::{Context, Result};
 use replica::config::{ClientSecrets, ClusterConfig};
 use replica::driver::client::{CallError, ClientHandle};
 use replica::driver::status::{unix_ms, CallReport, ClientReport, CLIENT_REPORT_HEARTBEAT};
-use state_abstraction::fs::{decode, encode, FsRequest, FsResult};
+use super::locks::HeldLocks;
+use state_abstraction::fs::{decode, encode, Caller, FsError, FsRequest, FsResult, Handle};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +24,8 @@ pub struct ReplicatedTransport {
     /// Set after a timeout so that an outage is logged once, not once per request.
     failing: AtomicBool,
     calls: CallTracker,
+    /// The Zzyzx locks this mount holds.
+    locks: HeldLocks,
 }
 
 /// Counts a client's calls for its report ([`CallReport`]), including those still waiting.
@@ -89,6 +92,7 @@ impl ReplicatedTransport {
             timeout,
             failing: AtomicBool::new(false),
             calls: CallTracker::default(),
+            locks: HeldLocks::default(),
         })
     }
 }
@@ -154,9 +158,54 @@ impl ReplicatedTransport {
 
 impl FsTransport for ReplicatedTransport {
     fn call(&self, req: FsRequest) -> Result<FsResult, TransportError> {
+        if let Some(result) = self.locks.try_locked(self, &req) {
+            return result;
+        }
+        let deadline = std::time::Instant::now() + self.timeout;
+        let mut pause = Duration::from_millis(2);
+        loop {
+            let result = self.ordered(&req)?;
+            // Inside another client's lock (or our own, reached from outside it): the
+            // access froze the lock, and a retry succeeds once it merged. Never shown to an
+            // application unless the lock outlives the call's timeout.
+            if result != Err(FsError::Locked) || std::time::Instant::now() >= deadline {
+                return Ok(result);
+            }
+            if self.locks.holds_any() {
+                self.locks.release_all(self);
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(64));
+        }
+    }
+
+    fn lock(&self, caller: Caller, h: Handle) -> Result<(), i32> {
+        self.locks.lock(self, caller, h)
+    }
+
+    fn unlock(&self, _caller: Caller, h: Handle) -> Result<(), i32> {
+        self.locks.unlock(self, h)
+    }
+
+    fn release_all(&self) {
+        self.locks.release_all(self)
+    }
+}
+
+impl ReplicatedTransport {
+    pub(super) fn client(&self) -> &ClientHandle {
+        &self.client
+    }
+
+    pub(super) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// One ordered call (no retry).
+    pub(super) fn ordered(&self, req: &FsRequest) -> Result<FsResult, TransportError> {
         let read_only = req.op.is_read_only();
         let tracked = self.calls.begin();
-        let result = self.client.call(encode(&req), read_only, self.timeout);
+        let result = self.client.call(encode(req), read_only, self.timeout);
         self.calls
             .end(tracked, result.as_ref().err().map(|e| e.to_string()));
         match result {

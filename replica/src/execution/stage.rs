@@ -74,7 +74,10 @@ impl<S: Service> Stage<S> {
                     seq,
                     results,
                     lock_events,
-                    checkpoint_work: self.service.checkpoint_work_pending(),
+                    // Not after a null batch: padding must not feed itself (a lock frozen
+                    // in its grace period keeps the work pending until agreed time passes).
+                    checkpoint_work: !batch.requests.is_empty()
+                        && self.service.checkpoint_work_pending(),
                 })
             }
             Action::TakeCheckpoint { seq } => Some(match self.checkpoint(seq) {
