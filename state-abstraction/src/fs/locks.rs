@@ -639,12 +639,18 @@ impl FileService {
         let now = self.last_time();
         let mut locks: Vec<LockEntry> = Vec::new();
         let mut blind_merge = false;
+        let mut revoked: Vec<(u64, ClientId)> = Vec::new();
         for mut e in table.locks.iter().cloned() {
             match e.state {
-                LockState::Frozen { since_ns, end, .. }
-                    if end.is_some() || now >= since_ns.saturating_add(RELEASE_GRACE_NS) =>
-                {
+                LockState::Frozen {
+                    since_ns,
+                    end,
+                    cause,
+                } if end.is_some() || now >= since_ns.saturating_add(RELEASE_GRACE_NS) => {
                     blind_merge |= self.merge_lock(&e, end).map_err(fs)?;
+                    if let FreezeCause::Conflict(_) = cause {
+                        revoked.push((e.root.index, e.holder));
+                    }
                     continue;
                 }
                 LockState::Active { .. } if e.expires_ns <= now => {
@@ -708,6 +714,11 @@ impl FileService {
         let mut recent = table.recent.clone();
         banned.retain(|b| b.1 > now);
         recent.retain(|r| r.2 > now);
+        // The holder of a lock revoked by conflict may not lock its root again for a while
+        // from the merge on (from the freeze, the window would end with the grace).
+        for (root, holder) in revoked {
+            note_recent(&mut recent, root, holder, now);
+        }
         for e in &mut kept {
             // A lock activated by this very checkpoint is left its first interval: two
             // requests in one interval would otherwise revoke each other as they activate.
