@@ -116,6 +116,13 @@ impl T {
         self.svc.root_digest().expect("digest")
     }
 
+    /// Lets the agreed time pass a frozen lock's grace (an ordered request at a later
+    /// time), so that the next checkpoint merges it.
+    fn pass_grace(&mut self) {
+        self.now += RELEASE_GRACE_NS;
+        self.run(FsOp::GetAttr { h: ROOT }).expect("getattr");
+    }
+
     /// Stops the service (cleanly, or as a crash would) and opens its directory again.
     fn reopen(&mut self, crash: bool) {
         let dir = self.svc.data_dir().to_path_buf();
@@ -261,7 +268,11 @@ fn an_ordered_access_by_another_client_freezes_and_the_merge_gives_the_objects_b
         }),
         Err(FsError::Locked)
     );
+    // Frozen without a certified end: merged only after the grace.
     t.checkpoint(2);
+    assert!(matches!(t.state(lock), Some(LockState::Frozen { .. })));
+    t.pass_grace();
+    t.checkpoint(3);
     assert_eq!(t.svc.locks().locks, Vec::new(), "merged and deleted");
     assert_eq!(t.svc.masked_by(f.index), None);
     // The same requests now succeed, on unchanged content.
@@ -480,6 +491,7 @@ fn every_operation_on_a_masked_object_is_refused_without_effect() {
     assert!(matches!(t.state(lock), Some(LockState::Frozen { .. })));
     // statfs never revokes, and counts masked objects as at activation. (Another holder:
     // the first was revoked a moment ago.)
+    t.pass_grace();
     t.checkpoint(2);
     let df = t.run(FsOp::StatFs { h: ROOT });
     let lock = t.lock(ClientId(3), home, LockUnit::Directory);
@@ -541,7 +553,8 @@ fn grant_checks_and_the_holder_operations() {
                 cert: Some(vec![1])
             }
         ),
-        Err(FsError::NotSupp)
+        Err(FsError::Inval),
+        "no certificate checker: a certificate cannot be accepted"
     );
     assert_eq!(
         t.run_as(HOLDER, FsOp::Renew { lock: LockId(99) }),
@@ -580,9 +593,11 @@ fn grant_checks_and_the_holder_operations() {
         t.state(lock),
         Some(LockState::Frozen {
             cause: FreezeCause::Release,
+            end: None,
             ..
         })
     ));
+    t.pass_grace();
     t.checkpoint(2);
     assert_eq!(t.state(lock), None);
     assert!(t.read(f).is_ok());
@@ -634,6 +649,7 @@ fn overlapping_locks_revoke_the_older_one_and_wait() {
     ));
     assert_eq!(t.state(second), Some(LockState::Pending));
     // The merge comes first at a checkpoint, so the waiting lock activates in the same one.
+    t.pass_grace();
     t.checkpoint(3);
     assert_eq!(t.state(first), None, "merged");
     assert_eq!(
@@ -667,6 +683,7 @@ fn overlapping_locks_revoke_the_older_one_and_wait() {
             ..
         })
     ));
+    t.pass_grace();
     t.checkpoint(8);
     assert_eq!(t.state(lp), None);
     assert_eq!(t.state(lq), Some(LockState::Active { activated_seq: 8 }));
@@ -695,6 +712,7 @@ fn locks_expire_and_merge() {
             ..
         })
     ));
+    t.pass_grace();
     t.checkpoint(3);
     assert_eq!(t.state(lock), None);
     assert!(t.read(f).is_ok());
@@ -802,6 +820,7 @@ fn rollback_on(dir: &Path) {
     let t2 = t.now;
     assert_eq!(t.read(f), Err(FsError::Locked));
     t.create(ROOT, "z", b"z");
+    t.pass_grace();
     let d3 = t.checkpoint(3); // merged
     assert_eq!(t.svc.masked_by(f.index), None);
     t.create(ROOT, "w", b"w");
@@ -824,6 +843,7 @@ fn rollback_on(dir: &Path) {
     t.now = t2;
     assert_eq!(t.read(f), Err(FsError::Locked));
     t.create(ROOT, "z", b"z");
+    t.pass_grace();
     assert_eq!(t.checkpoint(3), d3);
     assert_eq!(t.read(f).map(|_| ()), Ok(()));
 
@@ -854,8 +874,8 @@ fn restart_on(dir: &Path) {
         let d2 = t.checkpoint(2);
         assert_eq!(
             std::fs::read(dir.join("table")).expect("table")[0],
-            4,
-            "masked slots need table version 4"
+            5,
+            "masked slots and lock records need table version 5"
         );
         (d2, lock, f, t.now)
     };
@@ -876,6 +896,7 @@ fn restart_on(dir: &Path) {
     // Merge, and the table goes back to version 3 (nothing masked), readable as before.
     t.run_as(HOLDER, FsOp::Release { lock, cert: None })
         .expect("release");
+    t.pass_grace();
     t.checkpoint(3);
     assert_eq!(std::fs::read(dir.join("table")).expect("table")[0], 3);
     drop(t);
@@ -907,6 +928,7 @@ fn state_transfer_of_a_state_with_locks() {
     // Both go on identically, through the merge.
     for t in [&mut a, &mut b] {
         assert_eq!(t.read(f), Err(FsError::Locked));
+        t.pass_grace();
         t.checkpoint(3);
         assert!(t.read(f).is_ok());
     }
@@ -930,9 +952,21 @@ fn state_transfer_of_a_state_with_locks() {
         assert_eq!(t.read(f), Err(FsError::Locked));
     }
     assert_eq!(c.digest(), a.digest());
-    // But it cannot merge content it does not have: the checkpoint is refused.
-    assert!(a.svc.checkpoint(5).is_ok());
-    assert!(c.svc.checkpoint(5).is_err());
+    // Content it does not have merges all the same (frozen by the reads above, after the
+    // grace): its digest differs from the others', its requests answer `Io` rather than
+    // act on objects it lacks, and a state transfer of the merged state repairs it.
+    for t in [&mut a, &mut c] {
+        assert_eq!(t.svc.lock_state_digest(lock2).is_some(), t.svc.data_dir() == da.path());
+        t.pass_grace();
+    }
+    let d5 = a.checkpoint(5);
+    assert_ne!(c.svc.checkpoint(5).expect("the merge is not refused"), d5);
+    assert_eq!(c.svc.locks().entry(lock2), None, "merged");
+    assert_eq!(c.run(FsOp::GetAttr { h: ROOT }), Err(FsError::Io));
+    c.svc.put_objs(all_objects(&a.svc)).expect("put_objs");
+    assert_eq!(c.digest(), d5);
+    assert!(all_objects(&a.svc) == all_objects(&c.svc));
+    assert!(c.read(f).is_ok());
 }
 
 #[test]
@@ -1107,6 +1141,8 @@ mod sequences {
         Lock(u8, bool, u8),
         Release(u8, u8),
         Touch(u8, u8),
+        /// The agreed time moves past a frozen lock's grace.
+        Wait,
         Checkpoint,
         /// Speculation undone: back to the newest checkpoint and the same requests again
         /// (on one of the two services only).
@@ -1121,6 +1157,7 @@ mod sequences {
             (0..4u8, any::<bool>(), 1..3u8).prop_map(|(d, s, c)| Step::Lock(d, s, c)),
             (0..4u8, 1..3u8).prop_map(|(l, c)| Step::Release(l, c)),
             (0..6u8, 1..3u8).prop_map(|(o, c)| Step::Touch(o, c)),
+            Just(Step::Wait),
             Just(Step::Checkpoint),
             Just(Step::Rollback),
             any::<bool>().prop_map(Step::Reopen),
@@ -1159,6 +1196,10 @@ mod sequences {
                     data: vec![o; 3],
                 },
             ),
+            Step::Wait => {
+                t.now += RELEASE_GRACE_NS;
+                t.run(FsOp::GetAttr { h: ROOT })
+            }
             Step::Checkpoint | Step::Rollback | Step::Reopen(_) => {
                 unreachable!("not a request")
             }

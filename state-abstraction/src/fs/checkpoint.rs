@@ -59,12 +59,12 @@ pub(super) struct Checkpoints {
     /// Oldest first.
     pub records: Vec<Record>,
     /// Whether FICLONE works here (unknown until tried).
-    reflink: Cell<Option<bool>>,
+    pub reflink: Cell<Option<bool>>,
     /// Records discarded in memory whose files go once the table no longer lists them.
     pub doomed: Vec<SeqNo>,
 }
 
-fn seq_name(seq: SeqNo) -> Vec<u8> {
+pub(super) fn seq_name(seq: SeqNo) -> Vec<u8> {
     seq.to_string().into_bytes()
 }
 
@@ -74,7 +74,7 @@ fn ensure_dir(dir: RawFd, name: &[u8]) -> io::Result<OwnedFd> {
 
 /// Like [`ensure_dir`]; with `durable`, a directory it had to make is fsync'ed into its
 /// parent, so that what is later written inside it (and fsync'ed) survives a power loss.
-fn ensure_dir_durable(dir: RawFd, name: &[u8], durable: bool) -> io::Result<OwnedFd> {
+pub(super) fn ensure_dir_durable(dir: RawFd, name: &[u8], durable: bool) -> io::Result<OwnedFd> {
     let made = match backend::mkdirat(dir, name) {
         Ok(()) => true,
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => false,
@@ -103,6 +103,74 @@ pub(super) fn remove_snapshots_in(dir: RawFd, name: &[u8]) {
             }
         }
     }
+}
+
+/// Chunks of a saved file in `start..end` (cut at its saved size) not saved yet.
+pub(super) fn unsaved_chunks_of(s: &SavedObj, start: u64, end: u64) -> Vec<u64> {
+    let end = end.min(s.size);
+    if end <= start {
+        return Vec::new();
+    }
+    match &s.data {
+        SavedData::Chunks(have) => (start / CHUNK_SIZE..=(end - 1) / CHUNK_SIZE)
+            .filter(|c| !have.contains(c))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Copies `chunks` of file `i` (open as `fd`, still holding the saved value there) into
+/// `dir/<i>`, durably, and notes them in `s`. The first save of an object truncates any
+/// leftover file and, where the file system can reflink, saves the whole file at once.
+pub(super) fn save_chunks(
+    reflink: &Cell<Option<bool>>,
+    dir: RawFd,
+    i: u64,
+    s: &mut SavedObj,
+    fd: RawFd,
+    chunks: Vec<u64>,
+) -> io::Result<()> {
+    let whole = matches!(&s.data, SavedData::Chunks(have) if have.is_empty());
+    let name = seq_name(i);
+    // The first save of an epoch truncates any leftover from a rolled-back future.
+    let out = if whole {
+        backend::openat(dir, &name, libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC, 0o600)?
+    } else {
+        backend::openat(dir, &name, libc::O_RDWR | libc::O_CREAT, 0o600)?
+    };
+    if whole && reflink.get() != Some(false) {
+        match backend::reflink(fd, out.as_raw_fd()) {
+            Ok(()) => {
+                reflink.set(Some(true));
+                s.data = SavedData::Whole;
+                backend::fsync(out.as_raw_fd())?;
+                backend::fsync(dir)?;
+                return Ok(());
+            }
+            Err(_) => reflink.set(Some(false)),
+        }
+    }
+    let mut buf = vec![0u8; CHUNK_SIZE as usize];
+    for c in chunks {
+        let off = c * CHUNK_SIZE;
+        let len = CHUNK_SIZE.min(s.size - off) as usize;
+        let n = backend::pread_full(fd, &mut buf[..len], off)?;
+        if n != len {
+            return Err(io::Error::other(format!(
+                "object {i}: file shorter than its saved size"
+            )));
+        }
+        backend::pwrite_full(out.as_raw_fd(), &buf[..len], off)?;
+        if let SavedData::Chunks(have) = &mut s.data {
+            have.insert(c);
+        }
+    }
+    backend::fsync(out.as_raw_fd())?;
+    if whole {
+        // The file was just created (or truncated): its name must be durable too.
+        backend::fsync(dir)?;
+    }
+    Ok(())
 }
 
 impl Checkpoints {
@@ -155,22 +223,10 @@ impl Checkpoints {
 
     /// Chunks of `i` in `start..end` that still need saving in the newest record.
     fn unsaved_chunks(&self, i: u64, start: u64, end: u64) -> Vec<u64> {
-        let Some(r) = self.records.last() else {
-            return Vec::new();
-        };
-        let Some(s) = r.saved.get(&i) else {
-            return Vec::new();
-        };
-        let end = end.min(s.size);
-        if end <= start {
-            return Vec::new();
-        }
-        match &s.data {
-            SavedData::Chunks(have) => (start / CHUNK_SIZE..=(end - 1) / CHUNK_SIZE)
-                .filter(|c| !have.contains(c))
-                .collect(),
-            _ => Vec::new(),
-        }
+        self.records
+            .last()
+            .and_then(|r| r.saved.get(&i))
+            .map_or_else(Vec::new, |s| unsaved_chunks_of(s, start, end))
     }
 
     pub fn needs_data_save(&self, i: u64, start: u64, end: u64) -> bool {
@@ -201,52 +257,7 @@ impl Checkpoints {
         let Some(s) = r.saved.get_mut(&i) else {
             return Ok(());
         };
-        let whole = matches!(&s.data, SavedData::Chunks(have) if have.is_empty());
-        let name = seq_name(i);
-        // The first save of an epoch truncates any leftover from a rolled-back future.
-        let out = if whole {
-            backend::openat(
-                dir.as_raw_fd(),
-                &name,
-                libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC,
-                0o600,
-            )?
-        } else {
-            backend::openat(dir.as_raw_fd(), &name, libc::O_RDWR | libc::O_CREAT, 0o600)?
-        };
-        if whole && self.reflink.get() != Some(false) {
-            match backend::reflink(fd, out.as_raw_fd()) {
-                Ok(()) => {
-                    self.reflink.set(Some(true));
-                    s.data = SavedData::Whole;
-                    backend::fsync(out.as_raw_fd())?;
-                    backend::fsync(dir.as_raw_fd())?;
-                    return Ok(());
-                }
-                Err(_) => self.reflink.set(Some(false)),
-            }
-        }
-        let mut buf = vec![0u8; CHUNK_SIZE as usize];
-        for c in chunks {
-            let off = c * CHUNK_SIZE;
-            let len = CHUNK_SIZE.min(s.size - off) as usize;
-            let n = backend::pread_full(fd, &mut buf[..len], off)?;
-            if n != len {
-                return Err(io::Error::other(format!(
-                    "object {i}: file shorter than at the checkpoint"
-                )));
-            }
-            backend::pwrite_full(out.as_raw_fd(), &buf[..len], off)?;
-            if let SavedData::Chunks(have) = &mut s.data {
-                have.insert(c);
-            }
-        }
-        backend::fsync(out.as_raw_fd())?;
-        if whole {
-            // The file was just created (or truncated): its name must be durable too.
-            backend::fsync(dir.as_raw_fd())?;
-        }
-        Ok(())
+        save_chunks(&self.reflink, dir.as_raw_fd(), i, s, fd, chunks)
     }
 
     pub fn modified_since(&self, seq: SeqNo, current_count: u64) -> Option<Vec<u64>> {
@@ -299,12 +310,32 @@ struct TableFileV4 {
     masked: Vec<(u64, LockId)>,
 }
 
+/// Version 5: version 4 and the lock records (each active lock's saved activation values,
+/// see `lock_timeline.rs`). Written while some slot is masked (or a lock record is kept);
+/// version 4 is still read, with empty records.
+#[derive(Serialize, Deserialize)]
+struct TableFileV5 {
+    version: u32,
+    slots: Vec<(Vec<u8>, Vec<Digest>, u64)>,
+    records: Vec<RecordFile>,
+    masked: Vec<(u64, LockId)>,
+    lock_records: Vec<LockRecordFile>,
+}
+
 #[derive(Serialize)]
-struct TableFileV4Ref<'a> {
+struct TableFileV5Ref<'a> {
     version: u32,
     slots: Vec<(&'a [u8], &'a [Digest], u64)>,
     records: Vec<RecordFile>,
     masked: Vec<(u64, LockId)>,
+    lock_records: Vec<LockRecordFile>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub(super) struct LockRecordFile {
+    pub lock: LockId,
+    pub activated_seq: SeqNo,
+    pub saved: Vec<(u64, SavedObj)>,
 }
 
 /// The journal: what the newest checkpoint record gained since the table was saved, appended
@@ -315,6 +346,13 @@ struct TableFileV4Ref<'a> {
 pub(super) enum JournalEntry {
     Saved {
         seq: SeqNo,
+        index: u64,
+        saved: SavedObj,
+    },
+    /// A lock record gained the activation value of `index` (or more of its chunks): the
+    /// undo data of a locked entry, so that `lock_restart` after a crash still finds it.
+    LockSaved {
+        lock: LockId,
         index: u64,
         saved: SavedObj,
     },
@@ -333,7 +371,9 @@ pub(super) struct RecordFile {
 /// upgraded on open (see `upgrade_v2.rs`).
 pub(super) const TABLE_VERSION: u32 = 3;
 /// See [`TableFileV4`].
-const TABLE_VERSION_LOCKS: u32 = 4;
+const TABLE_VERSION_LOCKS_V4: u32 = 4;
+/// See [`TableFileV5`].
+const TABLE_VERSION_LOCKS: u32 = 5;
 
 /// The format version of a table file: its first field, which every version starts with.
 fn table_version(bytes: &[u8]) -> Option<u32> {
@@ -344,7 +384,7 @@ fn table_version(bytes: &[u8]) -> Option<u32> {
 
 /// The entries of a journal file, in order. A torn last entry (a crash while appending) and
 /// anything after it are ignored.
-pub(super) fn journal_entries(bytes: &[u8]) -> Vec<(SeqNo, u64, SavedObj)> {
+pub(super) fn journal_all(bytes: &[u8]) -> Vec<JournalEntry> {
     let mut entries = Vec::new();
     let mut at = 0usize;
     while at + 4 <= bytes.len() {
@@ -354,14 +394,25 @@ pub(super) fn journal_entries(bytes: &[u8]) -> Vec<(SeqNo, u64, SavedObj)> {
             break;
         };
         at += 4 + len;
-        let Ok((JournalEntry::Saved { seq, index, saved }, _)) =
+        let Ok((entry, _)) =
             bincode::serde::decode_from_slice::<JournalEntry, _>(payload, table_config())
         else {
             break;
         };
-        entries.push((seq, index, saved));
+        entries.push(entry);
     }
     entries
+}
+
+/// The checkpoint saves of a journal file, in order (see [`journal_all`]).
+pub(super) fn journal_entries(bytes: &[u8]) -> Vec<(SeqNo, u64, SavedObj)> {
+    journal_all(bytes)
+        .into_iter()
+        .filter_map(|e| match e {
+            JournalEntry::Saved { seq, index, saved } => Some((seq, index, saved)),
+            JournalEntry::LockSaved { .. } => None,
+        })
+        .collect()
 }
 
 pub(super) fn table_config() -> impl bincode::config::Config {
@@ -397,7 +448,7 @@ impl FileService {
                 saved: r.saved.iter().map(|(k, v)| (*k, v.clone())).collect(),
             })
             .collect();
-        let bytes = if self.masked.is_empty() {
+        let bytes = if self.masked.is_empty() && self.lock_records.is_empty() {
             let file = TableFileRef {
                 version: TABLE_VERSION,
                 slots,
@@ -405,11 +456,20 @@ impl FileService {
             };
             bincode::serde::encode_to_vec(&file, table_config())
         } else {
-            let file = TableFileV4Ref {
+            let file = TableFileV5Ref {
                 version: TABLE_VERSION_LOCKS,
                 slots,
                 records,
                 masked: self.masked.iter().map(|(i, l)| (*i, *l)).collect(),
+                lock_records: self
+                    .lock_records
+                    .iter()
+                    .map(|(l, r)| LockRecordFile {
+                        lock: *l,
+                        activated_seq: r.activated_seq,
+                        saved: r.saved.iter().map(|(k, v)| (*k, v.clone())).collect(),
+                    })
+                    .collect(),
             };
             bincode::serde::encode_to_vec(&file, table_config())
         }
@@ -432,6 +492,8 @@ impl FileService {
         for seq in std::mem::take(&mut self.ckpt.doomed) {
             self.remove_record_files(seq);
         }
+        // Lock records the durable table no longer lists (merged or undone locks).
+        self.remove_doomed_lock_records();
         Ok(())
     }
 
@@ -498,26 +560,52 @@ impl FileService {
         let upgraded = version == Some(2);
         match version {
             Some(2) => bytes = self.upgrade_from_v2(&bytes)?,
-            Some(TABLE_VERSION | TABLE_VERSION_LOCKS) => self.remove_v2_leftovers()?,
+            Some(TABLE_VERSION | TABLE_VERSION_LOCKS_V4 | TABLE_VERSION_LOCKS) => {
+                self.remove_v2_leftovers()?
+            }
             // Refused below, with the version named.
             _ => {}
         }
-        let (file, masked) = if version == Some(TABLE_VERSION_LOCKS) {
-            let (f, _): (TableFileV4, usize) =
-                bincode::serde::decode_from_slice(&bytes, table_config())
-                    .map_err(|e| bad(e.to_string()))?;
-            let file = TableFile {
-                version: TABLE_VERSION,
-                slots: f.slots,
-                records: f.records,
-            };
-            (file, f.masked)
-        } else {
-            let (file, _): (TableFile, usize) =
-                bincode::serde::decode_from_slice(&bytes, table_config())
-                    .map_err(|e| bad(e.to_string()))?;
-            (file, Vec::new())
+        let (file, masked, lock_records) = match version {
+            Some(TABLE_VERSION_LOCKS) => {
+                let (f, _): (TableFileV5, usize) =
+                    bincode::serde::decode_from_slice(&bytes, table_config())
+                        .map_err(|e| bad(e.to_string()))?;
+                let file = TableFile {
+                    version: TABLE_VERSION,
+                    slots: f.slots,
+                    records: f.records,
+                };
+                (file, f.masked, f.lock_records)
+            }
+            Some(TABLE_VERSION_LOCKS_V4) => {
+                let (f, _): (TableFileV4, usize) =
+                    bincode::serde::decode_from_slice(&bytes, table_config())
+                        .map_err(|e| bad(e.to_string()))?;
+                let file = TableFile {
+                    version: TABLE_VERSION,
+                    slots: f.slots,
+                    records: f.records,
+                };
+                (file, f.masked, Vec::new())
+            }
+            _ => {
+                let (file, _): (TableFile, usize) =
+                    bincode::serde::decode_from_slice(&bytes, table_config())
+                        .map_err(|e| bad(e.to_string()))?;
+                (file, Vec::new(), Vec::new())
+            }
         };
+        self.lock_records = lock_records
+            .into_iter()
+            .map(|r| {
+                let rec = super::lock_timeline::LockRecord {
+                    activated_seq: r.activated_seq,
+                    saved: r.saved.into_iter().collect(),
+                };
+                (r.lock, rec)
+            })
+            .collect();
         if file.version != TABLE_VERSION {
             return Err(bad(format!("version {} not supported", file.version)));
         }
@@ -585,17 +673,18 @@ impl FileService {
             });
         }
         let crashed = self.data_dir.join("dirty").exists();
+        let mut by_inode = false;
         if crashed {
             self.unsaved = true;
             self.replay_journal()?;
-            self.recover_after_crash()?;
+            by_inode = self.recover_after_crash()?;
         }
         if let Some(newest) = self.ckpt.records.last() {
             let (seq, root) = (newest.seq, newest.root);
             if !newest.saved.is_empty() || newest.count != self.slots.len() as u64 || crashed {
                 self.rollback(seq)?;
             }
-            if crashed && !self.ckpt.snapshot_mode {
+            if by_inode {
                 self.remove_strays()?;
                 let now = self.tree.root();
                 // An upgraded record keeps its version-2 digest as its name (see `upgrade_v2`),
@@ -605,6 +694,10 @@ impl FileService {
                 }
             }
         }
+        self.remove_stray_lock_records();
+        // A state saved right after a merge of content this replica lacked names objects
+        // it does not have: requests answer `Io` until state transfer repairs it.
+        self.check_consistency();
         Ok(())
     }
 
@@ -621,7 +714,15 @@ impl FileService {
             index: i,
             saved: saved.clone(),
         };
-        let payload = bincode::serde::encode_to_vec(&entry, table_config())
+        self.journal_append(&entry)
+    }
+
+    /// Appends `entry` to the journal, durably, before the change it protects is made.
+    pub(super) fn journal_append(
+        &mut self,
+        entry: &JournalEntry,
+    ) -> Result<(), super::ops::FsError> {
+        let payload = bincode::serde::encode_to_vec(entry, table_config())
             .map_err(|_| super::ops::FsError::Io)?;
         let mut buf = (payload.len() as u32).to_le_bytes().to_vec();
         buf.extend_from_slice(&payload);
@@ -660,9 +761,16 @@ impl FileService {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(storage(e)),
         };
-        for (seq, index, saved) in journal_entries(&bytes) {
-            if let Some(r) = self.ckpt.records.iter_mut().find(|r| r.seq == seq) {
-                r.saved.insert(index, saved);
+        for entry in journal_all(&bytes) {
+            match entry {
+                JournalEntry::Saved { seq, index, saved } => {
+                    if let Some(r) = self.ckpt.records.iter_mut().find(|r| r.seq == seq) {
+                        r.saved.insert(index, saved);
+                    }
+                }
+                JournalEntry::LockSaved { lock, index, saved } => {
+                    self.replay_lock_saved(lock, index, saved);
+                }
             }
         }
         Ok(())
@@ -884,10 +992,18 @@ impl FileService {
     /// After an unclean shutdown the tree is ahead of the table. On btrfs the tree is replaced
     /// by the newest snapshot (exact). Otherwise, with a checkpoint, nodes are found by inode
     /// number and the rollback in `load` restores the checkpoint (exact); without one, the
-    /// tree is reconciled with the table by name and file data rehashed.
-    fn recover_after_crash(&mut self) -> Result<(), ServiceError> {
+    /// tree is reconciled with the table by name and file data rehashed. Returns whether
+    /// nodes were found by inode number (then `load` removes strays after its rollback).
+    ///
+    /// On btrfs too, nodes are found by inode number once a lock's entries changed its
+    /// members: the snapshot holds them as the lock timeline had them at the checkpoint,
+    /// which no record describes (lock records hold activation values, and the table may
+    /// have been saved later), while found by inode they are where the table's links say
+    /// and `lock_restart` rewrites every changed one from its record.
+    fn recover_after_crash(&mut self) -> Result<bool, ServiceError> {
         let meta = self.meta_fd.as_raw_fd();
-        if self.ckpt.snapshot_mode {
+        let lock_changed = self.lock_records.values().any(|r| !r.saved.is_empty());
+        if self.ckpt.snapshot_mode && !lock_changed {
             if let Some(newest) = self.ckpt.records.last() {
                 let seq = newest.seq;
                 // The table holds a later state plus, in the newest record, the values at the
@@ -944,13 +1060,15 @@ impl FileService {
                 backend::btrfs_snapshot(snap.as_raw_fd(), meta, b"tree", false)?;
                 self.tree_fd = backend::open_dir_at(meta, b"tree")?;
                 self.root_fd = backend::open_dir_at(self.tree_fd.as_raw_fd(), b"root")?;
-                return Ok(());
+                return Ok(false);
             }
         }
         if !self.ckpt.records.is_empty() {
-            return self.locate_by_inode();
+            self.locate_by_inode()?;
+            return Ok(true);
         }
-        self.reconcile_tree()
+        self.reconcile_tree()?;
+        Ok(false)
     }
 
     /// Makes the concrete tree match the table by name and type, then marks all data stale.
@@ -1097,6 +1215,22 @@ impl FileService {
     }
 
     pub(super) fn rollback(&mut self, seq: SeqNo) -> Result<(), ServiceError> {
+        self.ckpt
+            .position(seq)
+            .ok_or(ServiceError::NoCheckpoint(seq))?;
+        // Locks activated after `seq` are undone here. Their members go back to their
+        // activation content first: the ordered records from before the activation saved
+        // only their headers (data comes from the live files), and that content is what
+        // those records describe.
+        let undone: Vec<LockId> = self
+            .lock_records
+            .iter()
+            .filter(|(_, r)| r.activated_seq > seq)
+            .map(|(l, _)| *l)
+            .collect();
+        for &l in &undone {
+            self.restart_lock(l)?;
+        }
         let pos = self
             .ckpt
             .position(seq)
@@ -1150,6 +1284,9 @@ impl FileService {
             if s != seq {
                 self.ckpt.doomed.push(s);
             }
+        }
+        for l in undone {
+            self.drop_lock_record(l);
         }
         // Persist at once: the saved table and the journal describe the abandoned future
         // (saves whose copy-on-write files are now gone), which a crash must not bring back.

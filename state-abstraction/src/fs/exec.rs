@@ -171,6 +171,7 @@ impl FileService {
                 if d.nlink >= LINK_MAX {
                     return Err(FsError::MLink);
                 }
+                self.pool_check()?;
                 let fd = self.dir_fd(dir.index).map_err(io_err)?;
                 backend::mkdirat(fd, name).map_err(io_err)?;
                 self.finish_create(
@@ -196,6 +197,7 @@ impl FileService {
                 if target.contains(&0) {
                     return Err(FsError::Inval);
                 }
+                self.pool_check()?;
                 let fd = self.dir_fd(dir.index).map_err(io_err)?;
                 backend::symlinkat(target, fd, name).map_err(io_err)?;
                 self.finish_create(
@@ -230,6 +232,7 @@ impl FileService {
                 {
                     return Err(FsError::Perm);
                 }
+                self.pool_check()?;
                 // Nodes are data in the abstract state; the mirror tree holds a placeholder.
                 let fd = self.dir_fd(dir.index).map_err(io_err)?;
                 drop(backend::create_file_at(fd, name).map_err(io_err)?);
@@ -519,6 +522,7 @@ impl FileService {
             });
         }
         self.new_entry_checks(c, dir, name)?;
+        self.pool_check()?;
         let dfd = self.dir_fd(dir.index).map_err(io_err)?;
         let fd = backend::create_file_at(dfd, name).map_err(io_err)?;
         let verifier = match how {
@@ -983,14 +987,16 @@ impl FileService {
         let s = self.live(src);
         let src_is_dir = s.kind == FileType::Directory;
         if src_is_dir {
-            // Moving a directory under itself would cut it off from the root.
+            // Moving a directory under itself would cut it off from the root. Under a lock
+            // the walk ends at the lock's root: every member's parents reach it inside the
+            // lock, and `src`, a member, is below it.
             let mut cur = to_dir.index;
             let mut steps = 0;
             loop {
                 if cur == src {
                     return Err(FsError::Inval);
                 }
-                if cur == 0 {
+                if cur == 0 || Some(cur) == self.scope_lock_root() {
                     break;
                 }
                 self.guard(cur)?;

@@ -120,7 +120,10 @@ impl FileService {
             }
             items.insert(i, Some(Target { header, chunks }));
         }
-        self.install(items, true)
+        self.install(items, true)?;
+        // A lock whose placeholders are all gone merged at the state fetched.
+        self.prune_lock_records();
+        Ok(())
     }
 
     /// Makes the object count `count`: higher slots go (their nodes are removed), missing
@@ -160,6 +163,7 @@ impl FileService {
             if let Some(&last) = self.free.iter().next_back() {
                 self.dirty.insert(last);
             }
+            self.prune_lock_records();
         }
         Ok(())
     }

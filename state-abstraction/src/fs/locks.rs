@@ -18,13 +18,17 @@
 //!   no transition is ever undone, and no committed batch is re-executed across one.
 //!
 //! An ordered operation that reads a masked slot answers [`FsError::Locked`] with no effect
-//! and freezes the lock; a frozen lock merges back at the next checkpoint. In M1 there is no
-//! lock log yet, so a lock's content never changes while masked and the merge only unmasks.
+//! and freezes the lock. A frozen lock merges back at a later checkpoint: the first one if
+//! the freeze named the log's certified end (a `Release` with a certificate), else the first
+//! one [`RELEASE_GRACE_NS`] of agreed time after the freeze. Meanwhile the holder's log
+//! entries change the real content of the members (M2, `lock_timeline.rs`), and the merge
+//! gives the ordered state that content.
 
 use super::object::{ObjectHeader, Slot};
 use super::ops::{Caller, FileType, FsError, FsReply, FsResult, Handle};
 use super::FileService;
 use crate::digest::{object_digest, piece_digest, Digest, Hasher};
+use crate::locking::{LockEvent, LockPoint};
 use crate::service::{ClientId, SeqNo, ServiceError};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -53,6 +57,13 @@ pub const LOCK_LIFETIME_MAX_NS: u64 = 60 * 60 * 1_000_000_000;
 pub const PENDING_MAX_NS: u64 = 30 * 1_000_000_000;
 /// How long a root revoked by conflict may not be locked again by the same holder.
 pub const RECENT_NS: u64 = 5 * 1_000_000_000;
+/// A lock frozen without a certified end (a conflict, expiry, or a release without a
+/// certificate) merges at the first checkpoint at least this much agreed time after the
+/// freeze: time for a holder told of the conflict to drain its log and send `Release` with
+/// a certificate, which fixes the end every replica merges at.
+pub const RELEASE_GRACE_NS: u64 = 5 * 1_000_000_000;
+/// Most undrained lock events kept (one checkpoint makes at most about three per lock).
+const LOCK_EVENTS_MAX: usize = 16 * LOCKS_MAX;
 
 /// What a lock covers, from its root object.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,8 +91,14 @@ pub enum LockState {
     Pending,
     /// Masked since checkpoint `activated_seq`.
     Active { activated_seq: SeqNo },
-    /// No longer served; merges back into the ordered state at the next checkpoint.
-    Frozen { since_ns: u64, cause: FreezeCause },
+    /// No longer served. Merges back into the ordered state at the next checkpoint if `end`
+    /// is known (the certified point a release named), else at the first checkpoint
+    /// [`RELEASE_GRACE_NS`] after `since_ns`.
+    Frozen {
+        since_ns: u64,
+        cause: FreezeCause,
+        end: Option<LockPoint>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -228,6 +245,11 @@ impl LockTable {
             if e.expires_ns < e.requested_ns {
                 return Err("a lock that expires before it was asked for".into());
             }
+            if let LockState::Frozen { end: Some(p), .. } = e.state {
+                if p.lock != e.id || p.epoch != e.epoch {
+                    return Err("a lock's end point names another lock".into());
+                }
+            }
         }
         Ok(())
     }
@@ -258,34 +280,71 @@ pub(super) enum Scope {
     Ordered { client: ClientId, now_ns: u64 },
     /// An unordered read-only request.
     ReadOnly,
+    /// An entry of `lock`'s log (whose root object is `root`): it may read and change that
+    /// lock's members only.
+    Lock { lock: LockId, root: u64 },
 }
 
 impl FileService {
     /// The guard every read of a table slot by a request passes (`obj` calls it; so does
-    /// every read of a child or parent found through a directory): a masked slot answers
-    /// `Locked`, and the lock is remembered so that an ordered request freezes it.
+    /// every read of a child or parent found through a directory). On the ordered and
+    /// read-only paths a masked slot answers `Locked`, and the lock is remembered so that an
+    /// ordered request freezes it. Under a lock, any slot that is not one of its members
+    /// answers `Locked` too, and is remembered as outside: the entry then needs agreement.
     pub(super) fn guard(&self, i: u64) -> Result<(), FsError> {
-        if self.scope == Scope::Outside {
-            return Ok(());
-        }
-        match self.masked.get(&i) {
-            None => Ok(()),
-            Some(&lock) => {
-                if self.lock_hit.get().is_none() {
-                    self.lock_hit.set(Some(lock));
+        match self.scope {
+            Scope::Outside => Ok(()),
+            Scope::Lock { lock, .. } => {
+                if self.masked.get(&i) == Some(&lock) {
+                    Ok(())
+                } else {
+                    self.needs_agreement.set(true);
+                    Err(FsError::Locked)
                 }
-                Err(FsError::Locked)
             }
+            Scope::Ordered { .. } | Scope::ReadOnly => match self.masked.get(&i) {
+                None => Ok(()),
+                Some(&lock) => {
+                    if self.lock_hit.get().is_none() {
+                        self.lock_hit.set(Some(lock));
+                    }
+                    Err(FsError::Locked)
+                }
+            },
         }
     }
 
-    /// Asserts that a request does not read slot `i` past the guards: that would make its
-    /// result depend on lock-timeline state. A bug, never input.
-    pub(super) fn assert_unmasked(&self, i: u64) {
+    /// Asserts that a request does not read slot `i` past the guards: that would make an
+    /// ordered result depend on lock-timeline state, or a locked one on ordered state. A
+    /// bug, never input.
+    pub(super) fn assert_in_scope(&self, i: u64) {
+        let ok = match self.scope {
+            Scope::Outside => true,
+            Scope::Lock { lock, .. } => self.masked.get(&i) == Some(&lock),
+            Scope::Ordered { .. } | Scope::ReadOnly => !self.masked.contains_key(&i),
+        };
         assert!(
-            self.scope == Scope::Outside || !self.masked.contains_key(&i),
-            "a request reached masked object {i} without passing a guard"
+            ok,
+            "a request reached object {i} outside its scope without passing a guard"
         );
+    }
+
+    /// The root of the lock whose entry runs now, if one does: the rename ancestor walk stops
+    /// there, since every member's chain of parents reaches it inside the lock.
+    pub(super) fn scope_lock_root(&self) -> Option<u64> {
+        match self.scope {
+            Scope::Lock { root, .. } => Some(root),
+            _ => None,
+        }
+    }
+
+    /// Queues a lock event for [`crate::Service::take_lock_events`]. A caller that never
+    /// drains them (the unreplicated mode) keeps only the newest, so the queue stays bounded.
+    pub(super) fn emit(&mut self, event: LockEvent) {
+        if self.lock_events.len() >= LOCK_EVENTS_MAX {
+            self.lock_events.remove(0);
+        }
+        self.lock_events.push(event);
     }
 
     pub(super) fn lock_table(&self) -> Option<&LockTable> {
@@ -316,7 +375,10 @@ impl FileService {
         let now = self.last_time();
         self.lock_table().is_some_and(|t| {
             t.locks.iter().any(|e| match e.state {
-                LockState::Pending | LockState::Frozen { .. } => true,
+                LockState::Pending => true,
+                LockState::Frozen { since_ns, end, .. } => {
+                    end.is_some() || now >= since_ns.saturating_add(RELEASE_GRACE_NS)
+                }
                 LockState::Active { .. } => e.expires_ns <= now,
             })
         })
@@ -327,7 +389,7 @@ impl FileService {
         use super::ops::FsOp;
         let (client, now_ns) = match self.scope {
             Scope::Ordered { client, now_ns } => (client, now_ns),
-            Scope::ReadOnly | Scope::Outside => match op {
+            Scope::ReadOnly | Scope::Outside | Scope::Lock { .. } => match op {
                 FsOp::ListLocks => (ClientId(u64::MAX), 0),
                 // Unreachable through `Service::execute`, which refuses mutating operations
                 // on the read-only path; a direct caller gets the same answer.
@@ -337,25 +399,42 @@ impl FileService {
         match op {
             FsOp::Lock { h, unit } => self.lock(c, client, *h, *unit, now_ns),
             FsOp::Release { lock, cert } => {
-                if cert.is_some() {
-                    // Lock certificates come with the log protocol (M2).
-                    return Err(FsError::NotSupp);
-                }
                 let e = self.holder_entry(*lock, client)?;
+                let end = match cert {
+                    None => None,
+                    Some(bytes) => Some(self.check_release_cert(&e, bytes)?),
+                };
                 match e.state {
-                    LockState::Frozen { .. } => return Ok(FsReply::Done),
                     LockState::Pending => {
-                        // Never activated: nothing to merge.
+                        // Never activated: nothing to merge, and no log server knew it.
                         let t = self.lock_table_mut()?;
                         t.locks.retain(|e| e.id != *lock);
                     }
                     LockState::Active { .. } => {
-                        let t = self.lock_table_mut()?;
-                        if let Some(e) = t.entry_mut(*lock) {
-                            e.state = LockState::Frozen {
-                                since_ns: now_ns,
-                                cause: FreezeCause::Release,
-                            };
+                        self.set_frozen(&e, now_ns, FreezeCause::Release, end)?;
+                    }
+                    LockState::Frozen {
+                        since_ns,
+                        cause,
+                        end: old,
+                    } => {
+                        // Frozen by a conflict or expiry, or released without a certificate,
+                        // and not merged yet: a certified end now fixes where every replica
+                        // merges. A later point on the chain replaces an earlier one.
+                        if let Some(p) = end.filter(|p| old.is_none_or(|o| p.k > o.k)) {
+                            let t = self.lock_table_mut()?;
+                            if let Some(x) = t.entry_mut(*lock) {
+                                x.state = LockState::Frozen {
+                                    since_ns,
+                                    cause,
+                                    end: Some(p),
+                                };
+                            }
+                            self.emit(LockEvent::Frozen {
+                                lock: e.id,
+                                epoch: e.epoch,
+                                end: Some(p),
+                            });
                         }
                     }
                 }
@@ -503,20 +582,55 @@ impl FileService {
         if !matches!(e.state, LockState::Active { .. }) {
             return Ok(());
         }
+        self.set_frozen(&e, now_ns, FreezeCause::Conflict(client), None)?;
         let t = self.lock_table_mut()?;
-        if let Some(entry) = t.entry_mut(lock) {
-            entry.state = LockState::Frozen {
-                since_ns: now_ns,
-                cause: FreezeCause::Conflict(client),
-            };
-        }
         note_recent(&mut t.recent, e.root.index, e.holder, now_ns);
         Ok(())
     }
 
+    /// Freezes active lock `e` (an ordered change) and reports it to the log servers.
+    fn set_frozen(
+        &mut self,
+        e: &LockEntry,
+        now_ns: u64,
+        cause: FreezeCause,
+        end: Option<LockPoint>,
+    ) -> Result<(), FsError> {
+        let t = self.lock_table_mut()?;
+        if let Some(entry) = t.entry_mut(e.id) {
+            entry.state = LockState::Frozen {
+                since_ns: now_ns,
+                cause,
+                end,
+            };
+        }
+        self.emit(LockEvent::Frozen {
+            lock: e.id,
+            epoch: e.epoch,
+            end,
+        });
+        Ok(())
+    }
+
+    /// The point a release certificate proves, if it verifies and names this lock. Refused
+    /// with `Inval` otherwise (no checker given, a bad certificate, another lock or epoch):
+    /// the request is malformed, as with any other bad argument, and changes nothing.
+    fn check_release_cert(&self, e: &LockEntry, cert: &[u8]) -> Result<LockPoint, FsError> {
+        let p = self
+            .cert_checker
+            .as_ref()
+            .and_then(|c| c.check(cert))
+            .ok_or(FsError::Inval)?;
+        if p.lock != e.id || p.epoch != e.epoch {
+            return Err(FsError::Inval);
+        }
+        Ok(p)
+    }
+
     /// The lock transitions of checkpoint `seq`, in lock-id order, before its digest: merge
-    /// what was frozen, freeze what expired, activate what is pending, forget old rows.
-    /// Digests must be fresh (the base digest of an activation reads them).
+    /// what is frozen and due, freeze what expired, activate what is pending, forget old
+    /// rows. Digests must be fresh (the base digest of an activation reads them, and so does
+    /// the merge's comparison with the certified end).
     pub(super) fn lock_transitions(&mut self, seq: SeqNo) -> Result<(), ServiceError> {
         let Some(table) = self.lock_table().cloned() else {
             return Ok(());
@@ -524,23 +638,32 @@ impl FileService {
         let fs = |e: FsError| ServiceError::Storage(std::io::Error::other(e.to_string()));
         let now = self.last_time();
         let mut locks: Vec<LockEntry> = Vec::new();
+        let mut blind_merge = false;
+        let mut revoked: Vec<(u64, ClientId)> = Vec::new();
         for mut e in table.locks.iter().cloned() {
             match e.state {
-                LockState::Frozen { .. } => {
-                    // No lock log in M1: the content is as it was at activation, and the
-                    // merge only gives the objects back to the ordered state. Content that
-                    // is not (a replica that got the placeholders by state transfer without
-                    // the content) must not enter the ordered state: refused, the replica
-                    // stops rather than diverge (lock state transfer repairs it, M2).
-                    self.check_lock_content(&e)?;
-                    self.unmask_lock(e.id).map_err(fs)?;
+                LockState::Frozen {
+                    since_ns,
+                    end,
+                    cause,
+                } if end.is_some() || now >= since_ns.saturating_add(RELEASE_GRACE_NS) => {
+                    blind_merge |= self.merge_lock(&e, end).map_err(fs)?;
+                    if let FreezeCause::Conflict(_) = cause {
+                        revoked.push((e.root.index, e.holder));
+                    }
                     continue;
                 }
                 LockState::Active { .. } if e.expires_ns <= now => {
                     e.state = LockState::Frozen {
                         since_ns: now,
                         cause: FreezeCause::Expired,
+                        end: None,
                     };
+                    self.emit(LockEvent::Frozen {
+                        lock: e.id,
+                        epoch: e.epoch,
+                        end: None,
+                    });
                 }
                 _ => {}
             }
@@ -551,19 +674,38 @@ impl FileService {
         let mut kept = Vec::with_capacity(locks.len());
         for mut e in std::mem::take(&mut locks) {
             if e.state == LockState::Pending {
-                match self.activate(&mut e, seq, &table).map_err(fs)? {
-                    Activation::Done => {}
+                let dropped = match self.activate(&mut e, seq, &table).map_err(fs)? {
+                    Activation::Done => {
+                        self.lock_records.insert(
+                            e.id,
+                            super::lock_timeline::LockRecord::new(seq),
+                        );
+                        self.emit(LockEvent::Activated {
+                            lock: e.id,
+                            epoch: e.epoch,
+                            holder: e.holder,
+                            base: e.base,
+                        });
+                        false
+                    }
                     Activation::Wait(others) => {
                         // Other clients' locks stand in the way: they are revoked (frozen
-                        // now, merged at the next checkpoint) and this one waits, a while.
+                        // now, merged after the grace) and this one waits, a while.
                         for o in others {
                             revoke.entry(o).or_insert(e.holder);
                         }
-                        if now.saturating_sub(e.requested_ns) > PENDING_MAX_NS {
-                            continue;
-                        }
+                        now.saturating_sub(e.requested_ns) > PENDING_MAX_NS
                     }
-                    Activation::Refused => continue,
+                    Activation::Refused => true,
+                };
+                if dropped {
+                    // Dropped without ever being served; said all the same, so that a
+                    // log server that heard of the request can forget it.
+                    self.emit(LockEvent::Merged {
+                        lock: e.id,
+                        epoch: e.epoch,
+                    });
+                    continue;
                 }
             }
             kept.push(e);
@@ -572,6 +714,11 @@ impl FileService {
         let mut recent = table.recent.clone();
         banned.retain(|b| b.1 > now);
         recent.retain(|r| r.2 > now);
+        // The holder of a lock revoked by conflict may not lock its root again for a while
+        // from the merge on (from the freeze, the window would end with the grace).
+        for (root, holder) in revoked {
+            note_recent(&mut recent, root, holder, now);
+        }
         for e in &mut kept {
             // A lock activated by this very checkpoint is left its first interval: two
             // requests in one interval would otherwise revoke each other as they activate.
@@ -580,7 +727,13 @@ impl FileService {
                     e.state = LockState::Frozen {
                         since_ns: now,
                         cause: FreezeCause::Conflict(by),
+                        end: None,
                     };
+                    self.emit(LockEvent::Frozen {
+                        lock: e.id,
+                        epoch: e.epoch,
+                        end: None,
+                    });
                     note_recent(&mut recent, e.root.index, e.holder, now);
                 }
             }
@@ -591,7 +744,42 @@ impl FileService {
             t.banned = banned;
             t.recent = recent;
         }
+        self.prune_lock_records();
+        if blind_merge {
+            self.check_consistency();
+        }
         Ok(())
+    }
+
+    /// Merges frozen lock `e` into the ordered state with the content this replica has: its
+    /// members are unmasked (the ordered tree then covers their real values), free pool
+    /// slots rejoin the free list, and the lock's record goes. Returns whether the content
+    /// was missing here (placeholders from a state transfer, without the content): the
+    /// merge goes on all the same, and the checkpoint digest then differs from the correct
+    /// replicas', which repair this one by ordinary state transfer of the merged objects.
+    fn merge_lock(&mut self, e: &LockEntry, end: Option<LockPoint>) -> Result<bool, FsError> {
+        let now = self.lock_state_digest_of(e.id);
+        match (now, end) {
+            (None, _) => tracing::error!(
+                lock = e.id.0,
+                "file service: merging a lock whose content this replica lacks; its \
+                 checkpoint digest will differ and state transfer must repair it"
+            ),
+            (Some(d), Some(p)) if d != p.state => tracing::warn!(
+                lock = e.id.0,
+                k = p.k,
+                "file service: merging a lock whose log did not reach its certified end here; \
+                 its checkpoint digest will differ and state transfer must repair it"
+            ),
+            _ => {}
+        }
+        self.unmask_lock(e.id)?;
+        self.drop_lock_record(e.id);
+        self.emit(LockEvent::Merged {
+            lock: e.id,
+            epoch: e.epoch,
+        });
+        Ok(now.is_none())
     }
 
     /// Activates pending lock `e` if nothing stands in the way: walks its membership,
@@ -666,7 +854,10 @@ impl FileService {
         e.members = all.len() as u32;
         e.pool = pool;
         e.state = LockState::Active { activated_seq: seq };
-        e.base = self.lock_base(e.id, e.epoch, &all);
+        let all: Vec<u64> = all.into_iter().collect();
+        e.base = self
+            .lock_digest(e.id, e.epoch, &all)
+            .map_err(|e| super::backend::fs_error(&e))?;
         Ok(Activation::Done)
     }
 
@@ -795,45 +986,22 @@ impl FileService {
         Ok(())
     }
 
-    /// Checks that lock `e`'s masked slots hold the content its base digest certifies.
-    fn check_lock_content(&self, e: &LockEntry) -> Result<(), ServiceError> {
-        let members: BTreeSet<u64> = self
-            .masked
-            .iter()
-            .filter(|(_, l)| **l == e.id)
-            .map(|(i, _)| *i)
-            .collect();
-        if members.len() as u64 != e.members as u64
-            || self.lock_base(e.id, e.epoch, &members) != e.base
-        {
-            return Err(ServiceError::Storage(std::io::Error::other(format!(
-                "lock {}: the content of its objects does not match its base digest",
-                e.id.0
-            ))));
-        }
-        Ok(())
-    }
-
-    /// D_L at activation: the members' real object digests, by index, under the lock's id
-    /// and epoch.
-    pub(super) fn lock_base(&self, lock: LockId, epoch: u32, members: &BTreeSet<u64>) -> Digest {
-        let mut h = Hasher::new("bftfs.lock.base");
+    /// D_L: the real object digests of `members` (a lock's, in index order, pool slots
+    /// included as they are), under the lock's id and epoch. At activation it is the lock's
+    /// `base`; later it changes with every locked entry that changes a member, so two
+    /// replicas agree on it iff their logs brought the members to the same content.
+    pub(super) fn lock_digest(
+        &self,
+        lock: LockId,
+        epoch: u32,
+        members: &[u64],
+    ) -> std::io::Result<Digest> {
+        let mut h = Hasher::new("bftfs.lockstate");
         h.u64(lock.0).u64(epoch as u64).u64(members.len() as u64);
         for &i in members {
-            h.u64(i).digest(&self.real_digest(i));
+            h.u64(i).digest(&self.real_digest_now(i)?);
         }
-        h.finish()
-    }
-
-    /// The object digest of slot `i`'s real value (digests must be fresh).
-    fn real_digest(&self, i: u64) -> Digest {
-        match &self.slots[i as usize] {
-            Slot::Live(o) => object_digest(i, &o.pieces),
-            Slot::Free { .. } => {
-                let bytes = self.real_header_of(i).encode();
-                object_digest(i, &[piece_digest(i, 0, &bytes)])
-            }
-        }
+        Ok(h.finish())
     }
 
     /// Rebuilds nothing: checks that `masked` agrees with the lock table (every masked slot

@@ -16,6 +16,9 @@
 //!   (reflinked where the file system supports it); on btrfs, `snapshots/<seq>` instead (a
 //!   read-only snapshot of `tree/`; the headers as of `seq` are in the table's records).
 //!
+//! - `locks/<lock>/<index>`: the file data a lock's entries changed, as it was when the lock
+//!   activated (copy-on-write saves of the lock timeline, on btrfs too; see
+//!   `lock_timeline.rs`), until the lock merges.
 //! - `journal`: the copy-on-write saves made since the table was last written (an undo log;
 //!   each entry, and the saved chunks it names, is fsync'ed before the change it protects is
 //!   made, so it covers a power loss as well as a process crash); `dirty` exists while the
@@ -40,6 +43,7 @@ pub mod backend;
 mod checkpoint;
 mod exec;
 mod install;
+mod lock_timeline;
 pub mod locks;
 pub mod object;
 pub mod ops;
@@ -49,6 +53,7 @@ mod upgrade_v2;
 pub use ops::*;
 
 use crate::digest::{object_digest, piece_digest, Digest, PartitionTree};
+use crate::locking::{LockCertChecker, LockEvent, LockedResult};
 use crate::service::{AbstractObject, ClientId, RequestPolicy, SeqNo, Service, ServiceError};
 use checkpoint::Checkpoints;
 use locks::{LockId, Scope};
@@ -168,6 +173,17 @@ pub struct FileService {
     scope: Scope,
     /// The first lock a guard refused during the current request.
     lock_hit: Cell<Option<LockId>>,
+    /// Set when a guard refused a locked entry (a slot outside its lock, or no pool slot).
+    needs_agreement: Cell<bool>,
+    /// Each active lock's record of activation values (see `lock_timeline.rs`); lock-timeline
+    /// state, persisted with the table.
+    lock_records: BTreeMap<LockId, lock_timeline::LockRecord>,
+    /// Records dropped since the table was last saved, whose saved data goes at the next save.
+    doomed_lock_records: Vec<LockId>,
+    /// Lock events not yet taken by `take_lock_events`.
+    lock_events: Vec<LockEvent>,
+    /// Checks release certificates (configuration from the replica, not state).
+    cert_checker: Option<Arc<dyn LockCertChecker>>,
 }
 
 impl std::fmt::Debug for FileService {
@@ -216,7 +232,7 @@ impl FileService {
         let fresh = !data_dir.join("table").exists();
         if fresh {
             // A leftover tree from a run that never saved its table is discarded.
-            for d in [&b"tree"[..], b"cow", b"snapshots"] {
+            for d in [&b"tree"[..], b"cow", b"snapshots", b"locks"] {
                 remove_any_at(meta_fd.as_raw_fd(), d)?;
             }
             // On btrfs the tree is a subvolume, so checkpoints can be snapshots.
@@ -255,6 +271,11 @@ impl FileService {
             masked: BTreeMap::new(),
             scope: Scope::Outside,
             lock_hit: Cell::new(None),
+            needs_agreement: Cell::new(false),
+            lock_records: BTreeMap::new(),
+            doomed_lock_records: Vec::new(),
+            lock_events: Vec::new(),
+            cert_checker: None,
         };
         if fresh {
             svc.init_root();
@@ -396,7 +417,7 @@ impl FileService {
 
     /// A live object by index. Only called on indices the table itself references.
     fn live(&self, i: u64) -> &Obj {
-        self.assert_unmasked(i);
+        self.assert_in_scope(i);
         match self.slots.get(i as usize) {
             Some(Slot::Live(o)) => o,
             _ => panic!("table invariant broken: object {i} referenced but not live"),
@@ -411,7 +432,7 @@ impl FileService {
     }
 
     fn handle_of(&self, i: u64) -> Handle {
-        self.assert_unmasked(i);
+        self.assert_in_scope(i);
         Handle {
             index: i,
             generation: self.slots[i as usize].generation(),
@@ -421,7 +442,10 @@ impl FileService {
     /// Called before object `i` changes: saves its checkpoint value once and marks its
     /// digest stale.
     fn touch(&mut self, i: u64) -> Result<(), FsError> {
-        self.assert_unmasked(i);
+        self.assert_in_scope(i);
+        if let Scope::Lock { lock, .. } = self.scope {
+            return self.lock_touch(lock, i);
+        }
         self.mark_unsaved()?;
         if self.ckpt.needs_save(i) {
             let (header, pieces) = self.header_and_pieces(i);
@@ -455,6 +479,10 @@ impl FileService {
 
     /// Saves the data of file `i` in `range` (as of the newest checkpoint) before it changes.
     fn touch_data(&mut self, i: u64, start: u64, end: u64) -> Result<(), FsError> {
+        if let Scope::Lock { lock, .. } = self.scope {
+            self.assert_in_scope(i);
+            return self.lock_touch_data(lock, i, start, end);
+        }
         self.touch(i)?;
         if self.ckpt.needs_data_save(i, start, end) {
             let fd = self.file_fd(i).map_err(|e| backend::fs_error(&e))?;
@@ -518,6 +546,9 @@ impl FileService {
 
     /// Takes the lowest free slot (or a new one) for `obj`.
     fn alloc(&mut self, mut obj: Obj) -> Result<u64, FsError> {
+        if let Scope::Lock { lock, .. } = self.scope {
+            return self.lock_alloc(lock, obj);
+        }
         let i = match self.free.iter().next().copied() {
             Some(i) => {
                 self.touch(i)?;
@@ -542,6 +573,9 @@ impl FileService {
 
     /// Returns slot `i` to the free list (its concrete node is already gone).
     fn release(&mut self, i: u64) -> Result<(), FsError> {
+        if let Scope::Lock { .. } = self.scope {
+            return self.lock_release(i);
+        }
         self.touch(i)?;
         if let Some(&pred) = self.free.range(..i).next_back() {
             self.touch(pred)?;
@@ -906,6 +940,32 @@ impl Service for FileService {
 
     fn checkpoint_work_pending(&self) -> bool {
         self.lock_transition_pending()
+    }
+
+    fn take_lock_events(&mut self) -> Vec<LockEvent> {
+        std::mem::take(&mut self.lock_events)
+    }
+
+    fn execute_locked(
+        &mut self,
+        lock: LockId,
+        op: &[u8],
+        client: ClientId,
+        time_ns: u64,
+    ) -> LockedResult {
+        self.run_locked(lock, op, client, time_ns)
+    }
+
+    fn lock_state_digest(&self, lock: LockId) -> Option<Digest> {
+        self.lock_state_digest_of(lock)
+    }
+
+    fn lock_restart(&mut self, lock: LockId) -> Result<(), ServiceError> {
+        self.restart_lock(lock)
+    }
+
+    fn set_lock_cert_checker(&mut self, checker: Arc<dyn LockCertChecker>) {
+        self.cert_checker = Some(checker);
     }
 }
 
