@@ -198,6 +198,37 @@ pub fn print_reports(reports: &[ReplicaReport]) {
             ),
         }
     }
+    print_locks(reports);
+}
+
+/// The Zzyzx locks the replicas serve: one line per lock, with how many replicas serve it
+/// and the longest log among them.
+fn print_locks(reports: &[ReplicaReport]) {
+    let mut locks: std::collections::BTreeMap<u64, (u64, u64, usize, Vec<String>)> =
+        Default::default();
+    for s in reports.iter().filter_map(|r| r.status.as_ref()) {
+        for l in &s.locks {
+            let e = locks
+                .entry(l.lock)
+                .or_insert((l.holder, 0, 0, Vec::new()));
+            e.1 = e.1.max(l.entries);
+            e.2 += 1;
+            if !e.3.contains(&l.state) {
+                e.3.push(l.state.clone());
+            }
+        }
+    }
+    if locks.is_empty() {
+        return;
+    }
+    println!();
+    println!("{:<6} {:>8} {:>9} {:>9}  state", "lock", "holder", "entries", "replicas");
+    for (lock, (holder, entries, replicas, states)) in locks {
+        println!(
+            "{lock:<6} {holder:>8} {entries:>9} {replicas:>9}  {}",
+            states.join(",")
+        );
+    }
 }
 
 #[cfg(test)]

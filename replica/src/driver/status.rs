@@ -60,10 +60,25 @@ pub struct ReplicaStatus {
     /// Byzantine replica would not, which is why `bftfs status` names suspects from what the
     /// others observe).
     pub declared_byzantine: Option<String>,
+    /// The Zzyzx locks this replica serves a log for.
+    #[serde(default)]
+    pub locks: Vec<LockReport>,
     /// How often the core has filled this in: 0 until the core loop runs, which is what
     /// systemd readiness waits for. Local to the process, so not part of the probe answer.
     #[serde(skip)]
     pub updates: u64,
+}
+
+/// A lock whose log a replica serves (`bftfs status`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockReport {
+    pub lock: u64,
+    /// The client that holds it.
+    pub holder: u64,
+    /// Entries in its log.
+    pub entries: u64,
+    /// active, sealed or frozen.
+    pub state: String,
 }
 
 /// The highest `last_executed` among the replicas that answered (0 if none did): how far the
@@ -122,6 +137,16 @@ impl ReplicaStatus {
             self.last_checkpoint_root = hex::encode(root.0);
         }
         self.peers = watch.reports();
+        self.locks = replica
+            .lock_logs()
+            .into_iter()
+            .map(|l| LockReport {
+                lock: l.lock.0,
+                holder: l.holder.0,
+                entries: l.k,
+                state: format!("{:?}", l.state).to_lowercase(),
+            })
+            .collect();
         self.invalid_messages = self.peers.iter().map(|p| p.invalid).sum();
         self.updates += 1;
     }

@@ -1,0 +1,203 @@
+//! Zzyzx locks on real mounts (f=1, four `bftfs-replica` processes): `bftfs lock` of a work
+//! directory, work in it served by the lock's log (a real build included), `bftfs unlock`,
+//! and a second mount that sees everything; a second mount that touches the locked subtree
+//! while it is held (the lock is revoked, and nothing the holder completed is lost).
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn data_dir_of(m: &Mounted) -> PathBuf {
+    let (_, json) = status(m, true);
+    let v: serde_json::Value = serde_json::from_str(&json).expect("status --json");
+    PathBuf::from(v["data_dir"].as_str().expect("data_dir in status"))
+}
+
+fn second_mount(first: &Mounted, mnt: &Path, xdg: &Path) -> Unmount {
+    let config = data_dir_of(first).join("cluster/cluster.json");
+    let out = bftfs(
+        &[
+            "mount".as_ref(),
+            config.as_os_str(),
+            mnt.as_os_str(),
+            "--detach".as_ref(),
+            "-o".as_ref(),
+            "attr_timeout=0,entry_timeout=0".as_ref(),
+        ],
+        xdg,
+    );
+    assert!(out.status.success(), "bftfs mount: {}", text(&out));
+    Unmount(mnt.to_path_buf(), xdg.to_path_buf())
+}
+
+fn lock(path: &Path, xdg: &Path, take: bool) {
+    let cmd = if take { "lock" } else { "unlock" };
+    let out = bftfs(&[cmd.as_ref(), path.as_os_str()], xdg);
+    assert!(out.status.success(), "bftfs {cmd}: {}", text(&out));
+}
+
+/// Every file under `dir` with its bytes (symlinks as their targets), sorted.
+fn tree(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let mut entries: Vec<_> = fs::read_dir(&d)
+            .unwrap_or_else(|e| panic!("readdir {}: {e}", d.display()))
+            .map(|e| e.expect("entry").path())
+            .collect();
+        entries.sort();
+        for p in entries {
+            let rel = p.strip_prefix(dir).expect("prefix").display().to_string();
+            let meta = fs::symlink_metadata(&p).expect("lstat");
+            if meta.file_type().is_symlink() {
+                let target = fs::read_link(&p).expect("readlink");
+                out.push((rel, target.display().to_string().into_bytes()));
+            } else if meta.is_dir() {
+                out.push((rel + "/", Vec::new()));
+                stack.push(p);
+            } else {
+                out.push((rel, fs::read(&p).expect("read")));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A little of everything a user does in a work directory.
+fn work(dir: &Path, tag: &str) {
+    fs::create_dir_all(dir.join("src/deep")).expect("mkdir");
+    for i in 0..40 {
+        fs::write(dir.join(format!("src/f{i}.txt")), format!("{tag} file {i}\n").repeat(i + 1))
+            .expect("write");
+    }
+    let big: Vec<u8> = (0..(1 << 20) + 333).map(|i| (i % 251) as u8).collect();
+    fs::write(dir.join("src/deep/big.bin"), &big).expect("write 1 MiB");
+    fs::rename(dir.join("src/f3.txt"), dir.join("src/deep/three.txt")).expect("rename");
+    fs::remove_file(dir.join("src/f4.txt")).expect("unlink");
+    std::os::unix::fs::symlink("deep/three.txt", dir.join("src/link")).expect("symlink");
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(dir.join("src/f5.txt"))
+        .expect("open");
+    f.write_all(b"appended\n").expect("append");
+    drop(f);
+    assert_eq!(fs::read(dir.join("src/deep/big.bin")).expect("read back"), big);
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// A small C project built and run in the mount (when a compiler and make are installed).
+fn build(dir: &Path) -> bool {
+    if !have("cc") || !have("make") {
+        eprintln!("no cc or make: the build step is skipped");
+        return false;
+    }
+    fs::create_dir_all(dir.join("hello")).expect("mkdir");
+    fs::write(dir.join("hello/greet.h"), "const char *greeting(void);\n").expect("write");
+    fs::write(
+        dir.join("hello/greet.c"),
+        "#include \"greet.h\"\nconst char *greeting(void) { return \"hello from the lock\"; }\n",
+    )
+    .expect("write");
+    fs::write(
+        dir.join("hello/main.c"),
+        "#include <stdio.h>\n#include \"greet.h\"\nint main(void) { puts(greeting()); return 0; }\n",
+    )
+    .expect("write");
+    fs::write(
+        dir.join("hello/Makefile"),
+        "hello: main.o greet.o\n\tcc -o $@ main.o greet.o\n%.o: %.c greet.h\n\tcc -c -o $@ $<\n",
+    )
+    .expect("write");
+    let out = Command::new("make")
+        .arg("-C")
+        .arg(dir.join("hello"))
+        .output()
+        .expect("make");
+    assert!(out.status.success(), "make: {}", String::from_utf8_lossy(&out.stderr));
+    let run = Command::new(dir.join("hello/hello")).output().expect("run");
+    assert_eq!(String::from_utf8_lossy(&run.stdout), "hello from the lock\n");
+    true
+}
+
+#[test]
+fn a_locked_work_directory_merges_and_a_second_mount_sees_it_all() {
+    if !replicated_mounts_available("a_locked_work_directory_merges_and_a_second_mount_sees_it_all")
+    {
+        return;
+    }
+    let (_tmp, [mnt1, mnt2, xdg]) = scratch(["one", "two", "xdg"]);
+    fs::create_dir(&mnt1).expect("mkdir");
+    fs::create_dir(&mnt2).expect("mkdir");
+    let first =
+        Mounted::at(&mnt1, &xdg, None, &["-o", "attr_timeout=0,entry_timeout=0"]).expect("up");
+    let _second = second_mount(&first, &mnt2, &xdg);
+    let work_dir = mnt1.join("work");
+    fs::create_dir(&work_dir).expect("mkdir work");
+    fs::write(work_dir.join("before.txt"), b"written before the lock").expect("write");
+
+    lock(&work_dir, &xdg, true);
+    // Locking it twice: refused (already covered).
+    let again = bftfs(&["lock".as_ref(), work_dir.as_os_str()], &xdg);
+    assert!(!again.status.success(), "a second lock of the same tree");
+    work(&work_dir, "locked");
+    let built = build(&work_dir);
+    let seen_by_holder = tree(&work_dir);
+    lock(&work_dir, &xdg, false);
+
+    let seen_by_other = tree(&mnt2.join("work"));
+    assert_eq!(seen_by_other, seen_by_holder);
+    assert!(seen_by_other.iter().any(|(p, _)| p == "src/deep/big.bin"));
+    if built {
+        assert!(seen_by_other.iter().any(|(p, _)| p == "hello/hello"));
+    }
+    // After the merge both mounts go on through ordinary agreement.
+    fs::write(mnt2.join("work/after.txt"), b"from the other mount").expect("write");
+    assert_eq!(
+        fs::read(work_dir.join("after.txt")).expect("read"),
+        b"from the other mount"
+    );
+    first.down();
+}
+
+#[test]
+fn a_second_mount_touching_a_locked_tree_revokes_it_and_loses_nothing() {
+    if !replicated_mounts_available(
+        "a_second_mount_touching_a_locked_tree_revokes_it_and_loses_nothing",
+    ) {
+        return;
+    }
+    let (_tmp, [mnt1, mnt2, xdg]) = scratch(["one", "two", "xdg"]);
+    fs::create_dir(&mnt1).expect("mkdir");
+    fs::create_dir(&mnt2).expect("mkdir");
+    let first =
+        Mounted::at(&mnt1, &xdg, None, &["-o", "attr_timeout=0,entry_timeout=0"]).expect("up");
+    let _second = second_mount(&first, &mnt2, &xdg);
+    let work_dir = mnt1.join("work");
+    fs::create_dir(&work_dir).expect("mkdir work");
+    lock(&work_dir, &xdg, true);
+    work(&work_dir, "before revocation");
+    let seen_by_holder = tree(&work_dir);
+
+    // The other mount reads and writes inside the locked tree: its calls wait until the
+    // lock merged, then see everything the holder completed.
+    let seen_by_other = tree(&mnt2.join("work"));
+    assert_eq!(seen_by_other, seen_by_holder);
+    fs::write(mnt2.join("work/src/from-two.txt"), b"two").expect("write");
+    // The holder goes on, through agreement now; unlock finds no lock to give back.
+    fs::write(work_dir.join("src/from-one.txt"), b"one").expect("write");
+    assert_eq!(fs::read(mnt2.join("work/src/from-one.txt")).expect("read"), b"one");
+    assert_eq!(fs::read(work_dir.join("src/from-two.txt")).expect("read"), b"two");
+    first.down();
+}
