@@ -40,6 +40,8 @@ pub enum LockOutput {
     /// f+1 servers say the lock is frozen (or gone): the session is over; what completed
     /// stays, what did not complete may not have happened.
     Revoked,
+    /// f+1 servers no longer know the lock (it merged): not even a seal can be had.
+    Gone,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -86,6 +88,7 @@ pub struct LockSession {
     pending: Option<Pending>,
     sealing: Option<Sealing>,
     revoked: bool,
+    gone: bool,
     ticks: u64,
     ping_tick: u64,
     /// The holder's clock for entries, made monotone here.
@@ -106,6 +109,7 @@ impl LockSession {
             pending: None,
             sealing: None,
             revoked: false,
+            gone: false,
             ticks: 0,
             ping_tick: 0,
             last_time: 0,
@@ -315,17 +319,27 @@ impl LockSession {
     ) -> Option<LockOutput> {
         self.statuses.insert(from, (state, key));
         let weak = self.config.weak_quorum();
-        let frozen = self
-            .statuses
-            .values()
-            .filter(|(s, _)| matches!(s, LockServerState::Frozen))
-            .count();
-        if frozen >= weak && !self.revoked {
+        let count = |f: fn(&LockServerState) -> bool| {
+            self.statuses.values().filter(|(s, _)| f(s)).count()
+        };
+        if self.end.is_some() {
+            // Once served, a lock that f+1 servers no longer know has merged.
+            let unknown = count(|s| matches!(s, LockServerState::Unknown));
+            if unknown >= weak && !self.gone {
+                self.gone = true;
+                self.revoked = true;
+                return Some(LockOutput::Gone);
+            }
+            let closed = count(|s| matches!(s, LockServerState::Frozen | LockServerState::Unknown));
+            if closed >= weak && !self.revoked {
+                self.revoked = true;
+                return Some(LockOutput::Revoked);
+            }
+            return None;
+        }
+        if count(|s| matches!(s, LockServerState::Frozen)) >= weak && !self.revoked {
             self.revoked = true;
             return Some(LockOutput::Revoked);
-        }
-        if self.end.is_some() {
-            return None;
         }
         let mut counts: BTreeMap<StatusKey, usize> = BTreeMap::new();
         for (s, key) in self.statuses.values() {

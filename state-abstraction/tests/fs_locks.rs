@@ -253,11 +253,19 @@ fn an_ordered_access_by_another_client_freezes_and_the_merge_gives_the_objects_b
         other => panic!("{other:?}"),
     }
     assert_ne!(t.digest(), d, "the freeze is ordered state");
-    // Still masked until the merge; more conflicts change nothing more.
-    assert_eq!(
+    // Still masked until the merge; more conflicts change nothing more. The root itself
+    // is seen from outside with its attributes at activation.
+    assert!(matches!(
         t.run(FsOp::Lookup {
             dir: ROOT,
             name: b"home".to_vec()
+        }),
+        Ok(FsReply::Entry { handle, .. }) if handle == home
+    ));
+    assert_eq!(
+        t.run(FsOp::Lookup {
+            dir: home,
+            name: b"a".to_vec()
         }),
         Err(FsError::Locked)
     );
@@ -330,10 +338,6 @@ fn every_operation_on_a_masked_object_is_refused_without_effect() {
         FsOp::Lookup {
             dir: a,
             name: n("f"),
-        },
-        FsOp::Lookup {
-            dir: ROOT,
-            name: n("home"),
         },
         FsOp::Access { h: f, mask: 7 },
         FsOp::ReadLink { h: f },
@@ -425,12 +429,6 @@ fn every_operation_on_a_masked_object_is_refused_without_effect() {
             name: n("l"),
         },
         FsOp::ReadDir {
-            dir: ROOT,
-            cookie: 0,
-            count: 100,
-            plus: false,
-        },
-        FsOp::ReadDir {
             dir: a,
             cookie: 0,
             count: 100,
@@ -501,7 +499,23 @@ fn every_operation_on_a_masked_object_is_refused_without_effect() {
     // A directory lock masks the directory, not its children.
     assert_eq!(t.svc.masked_by(a.index), None);
     assert!(t.read(f).is_ok());
-    assert_eq!(t.run(FsOp::GetAttr { h: home }), Err(FsError::Locked));
+    // The lock root seen from outside answers its attributes as they were at activation,
+    // without revoking (plan §2.4); looking inside revokes.
+    let Ok(FsReply::Attr(frozen)) = t.run(FsOp::GetAttr { h: home }) else {
+        panic!("getattr of the lock root");
+    };
+    assert_eq!(frozen.fileid, home.index);
+    assert!(matches!(t.state(lock), Some(LockState::Active { .. })));
+    assert_eq!(
+        t.run(FsOp::ReadDir {
+            dir: home,
+            cookie: 0,
+            count: 10,
+            plus: false
+        }),
+        Err(FsError::Locked)
+    );
+    assert!(matches!(t.state(lock), Some(LockState::Frozen { .. })));
 }
 
 #[test]
@@ -1274,4 +1288,43 @@ mod sequences {
             prop_assert_eq!(all_objects(&a.svc), all_objects(&b.svc));
         }
     }
+}
+
+#[test]
+fn the_lock_root_seen_from_its_parent_does_not_revoke() {
+    let dir = temp_dir();
+    let mut t = T::open(dir.path());
+    let (home, _a, _f, _other) = populate(&mut t);
+    let Ok(FsReply::Attr(before)) = t.run(FsOp::GetAttr { h: home }) else {
+        panic!("getattr");
+    };
+    let lock = t.lock(HOLDER, home, LockUnit::Subtree);
+    t.checkpoint(1);
+    // (Slot 0 holds the agreed time, which every ordered request moves.)
+    let objects: Vec<_> = all_objects(&t.svc).into_iter().skip(1).collect();
+    // What `ls -l /` and a path walk through the root do: lookup, readdirplus, getattr.
+    assert_eq!(
+        t.run(FsOp::Lookup {
+            dir: ROOT,
+            name: b"home".to_vec()
+        }),
+        Ok(FsReply::Entry {
+            handle: home,
+            attr: before.clone()
+        })
+    );
+    assert_eq!(t.run(FsOp::GetAttr { h: home }), Ok(FsReply::Attr(before.clone())));
+    let Ok(FsReply::ReadDir { entries, .. }) = t.run(FsOp::ReadDir {
+        dir: ROOT,
+        cookie: 0,
+        count: 100,
+        plus: true,
+    }) else {
+        panic!("readdir");
+    };
+    let e = entries.iter().find(|e| e.name == b"home").expect("home listed");
+    assert_eq!((e.handle, e.attr.clone()), (home, Some(before)));
+    assert_eq!(t.state(lock), Some(LockState::Active { activated_seq: 1 }));
+    let after: Vec<_> = all_objects(&t.svc).into_iter().skip(1).collect();
+    assert!(after == objects, "reads changed objects");
 }

@@ -163,8 +163,15 @@ impl FsTransport for ReplicatedTransport {
         }
         let deadline = std::time::Instant::now() + self.timeout;
         let mut pause = Duration::from_millis(2);
+        let mut read_only = req.op.is_read_only();
         loop {
-            let result = self.ordered(&req)?;
+            let result = self.send(&req, read_only)?;
+            if result == Err(FsError::Locked) && read_only {
+                // The read-only path refuses a locked object without revoking the lock
+                // (it is unordered): the ordered path revokes it.
+                read_only = false;
+                continue;
+            }
             // Inside another client's lock (or our own, reached from outside it): the
             // access froze the lock, and a retry succeeds once it merged. Never shown to an
             // application unless the lock outlives the call's timeout.
@@ -203,7 +210,11 @@ impl ReplicatedTransport {
 
     /// One ordered call (no retry).
     pub(super) fn ordered(&self, req: &FsRequest) -> Result<FsResult, TransportError> {
-        let read_only = req.op.is_read_only();
+        self.send(req, false)
+    }
+
+    /// One call, on the read-only path or the ordered one (no retry).
+    fn send(&self, req: &FsRequest, read_only: bool) -> Result<FsResult, TransportError> {
         let tracked = self.calls.begin();
         let result = self.client.call(encode(req), read_only, self.timeout);
         self.calls

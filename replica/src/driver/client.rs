@@ -100,6 +100,10 @@ impl LockTask {
                     let _ = d.try_send(Ok(cert));
                 }
             }
+            LockOutput::Gone => {
+                tracing::info!(lock = self.session.lock().0, "lock merged at the servers");
+                self.fail_all();
+            }
             LockOutput::Revoked => {
                 tracing::info!(lock = self.session.lock().0, "lock frozen by the servers");
                 // A seal may still be asked for (and answered) on a frozen log: only the

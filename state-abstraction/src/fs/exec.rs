@@ -138,7 +138,10 @@ impl FileService {
     pub(super) fn exec(&mut self, req: &FsRequest, now: Timespec) -> FsResult {
         let c = &req.caller;
         match &req.op {
-            FsOp::GetAttr { h } => Ok(FsReply::Attr(self.obj(*h)?.attr(h.index))),
+            FsOp::GetAttr { h } => match self.frozen_root(h.index) {
+                Some((root, attr)) if root == *h => Ok(FsReply::Attr(attr)),
+                _ => Ok(FsReply::Attr(self.obj(*h)?.attr(h.index))),
+            },
             FsOp::SetAttr { h, set } => self.setattr(c, *h, set, now),
             FsOp::Lookup { dir, name } => self.lookup(c, *dir, name),
             FsOp::Access { h, mask } => {
@@ -399,6 +402,11 @@ impl FileService {
         } else {
             *d.entries.get(name).ok_or(FsError::NoEnt)?
         };
+        if !special {
+            if let Some((handle, attr)) = self.frozen_root(i) {
+                return Ok(FsReply::Entry { handle, attr });
+            }
+        }
         self.guard(i)?;
         Ok(FsReply::Entry {
             handle: self.handle_of(i),
@@ -1134,7 +1142,9 @@ impl FileService {
         let total = d.entries.len() as u64;
         let skip = cookie.min(total);
         for &i in d.entries.values().skip(skip as usize).take(count as usize) {
-            self.guard(i)?;
+            if self.frozen_root(i).is_none() {
+                self.guard(i)?;
+            }
         }
         let entries: Vec<DirEntry> = d
             .entries
@@ -1143,6 +1153,15 @@ impl FileService {
             .take(count as usize)
             .enumerate()
             .map(|(k, (name, &i))| {
+                if let Some((handle, attr)) = self.frozen_root(i) {
+                    return DirEntry {
+                        name: name.clone(),
+                        cookie: skip + k as u64 + 1,
+                        handle,
+                        kind: attr.kind,
+                        attr: plus.then_some(attr),
+                    };
+                }
                 let o = self.live(i);
                 DirEntry {
                     name: name.clone(),

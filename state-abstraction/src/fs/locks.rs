@@ -127,6 +127,11 @@ pub struct LockEntry {
     pub frozen_counts: (u64, u64),
     /// 0: the home group (M5).
     pub group: u32,
+    /// The lock root's attributes at activation: what an ordered `Lookup`, `GetAttr` or
+    /// `ReadDir` from outside the lock answers for the root, without revoking it (plan
+    /// §2.4), so that `ls -l` of the parent, or a path walk through it, leaves the lock
+    /// alone. Looking inside revokes. `None` while pending.
+    pub frozen_attr: Option<super::ops::Attr>,
 }
 
 /// The lock table, in the root's header.
@@ -229,7 +234,8 @@ impl LockTable {
                 && (e.members != 0
                     || !e.pool.is_empty()
                     || e.base != Digest::default()
-                    || e.frozen_counts != (0, 0))
+                    || e.frozen_counts != (0, 0)
+                    || e.frozen_attr.is_some())
             {
                 return Err("a pending lock with members".into());
             }
@@ -312,6 +318,20 @@ impl FileService {
                 }
             },
         }
+    }
+
+    /// For slot `i` seen from outside a lock (ordered and read-only scopes): if it is the
+    /// root of an active or frozen lock, its handle and the attributes frozen at activation.
+    /// The caller answers with them instead of passing the guard, which would revoke.
+    pub(super) fn frozen_root(&self, i: u64) -> Option<(Handle, super::ops::Attr)> {
+        if !matches!(self.scope, Scope::Ordered { .. } | Scope::ReadOnly) {
+            return None;
+        }
+        let lock = *self.masked.get(&i)?;
+        let e = self.lock_table()?.entry(lock)?;
+        (e.root.index == i)
+            .then(|| e.frozen_attr.clone().map(|a| (e.root, a)))
+            .flatten()
     }
 
     /// Asserts that a request does not read slot `i` past the guards: that would make an
@@ -561,6 +581,7 @@ impl FileService {
             base: Digest::default(),
             frozen_counts: (0, 0),
             group: 0,
+            frozen_attr: None,
         });
         Ok(FsReply::LockPending { lock: id })
     }
@@ -839,6 +860,7 @@ impl FileService {
             };
             (n + 1, b + blocks)
         });
+        e.frozen_attr = Some(self.live(e.root.index).attr(e.root.index));
         let pool = self.reserve_pool(pool_len)?;
         let mut all = walk.members;
         for &(start, len) in &pool {
