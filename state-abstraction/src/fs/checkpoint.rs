@@ -682,7 +682,7 @@ impl FileService {
         if let Some(newest) = self.ckpt.records.last() {
             let (seq, root) = (newest.seq, newest.root);
             if !newest.saved.is_empty() || newest.count != self.slots.len() as u64 || crashed {
-                self.rollback(seq)?;
+                self.rollback_with(seq, crashed)?;
             }
             if by_inode {
                 self.remove_strays()?;
@@ -1215,6 +1215,19 @@ impl FileService {
     }
 
     pub(super) fn rollback(&mut self, seq: SeqNo) -> Result<(), ServiceError> {
+        self.rollback_with(seq, false)
+    }
+
+    /// [`Self::rollback`]; with `restart_locks` (crash recovery), the members that active
+    /// locks' entries changed go back to their activation content in the same install as
+    /// the ordered objects: after a crash their table values and nodes may not agree (the
+    /// entries ran after the table was saved), and one install places both kinds of node,
+    /// whichever names the other.
+    pub(super) fn rollback_with(
+        &mut self,
+        seq: SeqNo,
+        restart_locks: bool,
+    ) -> Result<(), ServiceError> {
         self.ckpt
             .position(seq)
             .ok_or(ServiceError::NoCheckpoint(seq))?;
@@ -1262,11 +1275,33 @@ impl FileService {
                 items.insert(i, None);
             }
         }
+        let mut restarted: Vec<(LockId, Vec<u64>)> = Vec::new();
+        if restart_locks {
+            let active: Vec<LockId> = self
+                .lock_records
+                .iter()
+                .filter(|(_, r)| r.activated_seq <= seq && !r.saved.is_empty())
+                .map(|(l, _)| *l)
+                .collect();
+            for l in active {
+                let mut slots = Vec::new();
+                for (i, t) in self.restart_items(l)? {
+                    if let std::collections::btree_map::Entry::Vacant(v) = items.entry(i) {
+                        v.insert(t);
+                        slots.push(i);
+                    }
+                }
+                restarted.push((l, slots));
+            }
+        }
         self.install(items, false)?;
         for (i, lock) in remask {
             self.masked.insert(i, lock);
             self.free.remove(&i);
             self.dirty.insert(i);
+        }
+        for (l, slots) in restarted {
+            self.remask(l, &slots);
         }
         self.slots.truncate(count as usize);
         self.encoded.truncate(count as usize);
