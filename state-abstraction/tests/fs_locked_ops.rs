@@ -62,7 +62,9 @@ impl R {
     /// An ordered request by `client`, one agreed microsecond after the previous one.
     fn ordered_as(&mut self, client: ClientId, op: FsOp) -> FsResult {
         self.now += 1_000;
-        let reply = self.svc.execute(&req(op), client, &encode(&self.now), false);
+        let reply = self
+            .svc
+            .execute(&req(op), client, &encode(&self.now), false);
         decode(&reply).expect("a reply decodes")
     }
 
@@ -567,11 +569,13 @@ fn locked_operations_answer_as_ordered_ones_and_stay_out_of_ordered_digests() {
         };
         count += 1;
         let locked = l.locked_ok(lock, &e);
-        let reply = u.svc.execute(&req(op.clone()), HOLDER, &encode(&e.time_ns), false);
+        let reply = u
+            .svc
+            .execute(&req(op.clone()), HOLDER, &encode(&e.time_ns), false);
         let ordered: FsResult = decode(&reply).expect("reply");
         assert_eq!(locked, ordered, "{op:?}");
         assert_eq!(l.events(), Vec::new(), "an entry makes no lock event");
-        if count % 7 == 0 {
+        if count.is_multiple_of(7) {
             let w = FsOp::Write {
                 h: p.other,
                 offset: count,
@@ -587,7 +591,11 @@ fn locked_operations_answer_as_ordered_ones_and_stay_out_of_ordered_digests() {
     };
     holder_work(&mut run, &p);
     assert_eq!(ordered_digests.0, ordered_digests.1);
-    assert_ne!(l.lock_digest(lock), base, "the entries changed the lock's content");
+    assert_ne!(
+        l.lock_digest(lock),
+        base,
+        "the entries changed the lock's content"
+    );
     // Statfs never reads the lock's content.
     assert_eq!(l.ordered(FsOp::StatFs { h: ROOT }), df);
     assert_eq!(o.ordered(FsOp::StatFs { h: ROOT }), df);
@@ -795,8 +803,16 @@ fn an_entry_that_reaches_outside_the_lock_needs_agreement_and_does_nothing() {
         LockedResult::Done(encode(&FsResult::Err(FsError::BadRequest)))
     );
     let after = (all_objects(&r.svc), r.digest());
-    assert_eq!(after, (before.0, before.1), "the ordered state did not move");
-    assert_ne!(r.lock_digest(lock), before.2, "only the link changed the lock");
+    assert_eq!(
+        after,
+        (before.0, before.1),
+        "the ordered state did not move"
+    );
+    assert_ne!(
+        r.lock_digest(lock),
+        before.2,
+        "only the link changed the lock"
+    );
     assert_eq!(r.events(), Vec::new());
     // A frozen lock runs nothing more.
     assert_eq!(r.ordered(FsOp::GetAttr { h: p.main }), Err(FsError::Locked));
@@ -833,7 +849,9 @@ fn an_empty_pool_needs_agreement_until_a_remove_frees_a_slot() {
                 how: CreateHow::Guarded,
             }),
         ));
-        assert!(pool.iter().any(|&(s, l)| (s..s + l as u64).contains(&h.index)));
+        assert!(pool
+            .iter()
+            .any(|&(s, l)| (s..s + l as u64).contains(&h.index)));
     }
     let before = r.lock_digest(lock);
     let creates = [
@@ -868,7 +886,11 @@ fn an_empty_pool_needs_agreement_until_a_remove_frees_a_slot() {
         );
     }
     assert_eq!(r.lock_digest(lock), before, "no effect");
-    assert_eq!(r.svc.object_count(), count, "the slot array never grows under a lock");
+    assert_eq!(
+        r.svc.object_count(),
+        count,
+        "the slot array never grows under a lock"
+    );
     // A create that fails for another reason first still answers.
     assert_eq!(
         r.locked_ok(
@@ -965,7 +987,10 @@ fn two_replicas_interleaving_entries_differently_agree() {
     assert!(
         matches!(
             events.as_slice(),
-            [LockEvent::Frozen { end: Some(_), .. }, LockEvent::Merged { .. }]
+            [
+                LockEvent::Frozen { end: Some(_), .. },
+                LockEvent::Merged { .. }
+            ]
         ),
         "{events:?}"
     );
@@ -1059,7 +1084,9 @@ fn restart_on(dir: &Path) {
     let end = reference.lock_digest(lock);
     let (cert, checker) = certificate(lock, entries.len() as u64, end);
     reference.svc.set_lock_cert_checker(checker.clone());
-    reference.release(lock, Some(cert.clone())).expect("release");
+    reference
+        .release(lock, Some(cert.clone()))
+        .expect("release");
     let merged = reference.checkpoint();
 
     for (k, crash) in [(0, false), (1, true)] {
@@ -1109,7 +1136,7 @@ fn release_certificates_and_the_grace() {
     // Another lock's certificate, checked by a checker that vouches for it.
     r.svc.set_lock_cert_checker(wrong.1);
     assert_eq!(
-        r.release(lock, Some(format!("cert of lock 7 at 0").into_bytes())),
+        r.release(lock, Some(b"cert of lock 7 at 0".to_vec())),
         Err(FsError::Inval)
     );
     assert_eq!(
@@ -1239,7 +1266,10 @@ fn release_certificates_and_the_grace() {
     let l4 = r.lock(p.proj, LockUnit::Subtree);
     r.checkpoint();
     r.events();
-    assert_eq!(r.read_only(FsOp::GetAttr { h: p.main }), Err(FsError::Locked));
+    assert_eq!(
+        r.read_only(FsOp::GetAttr { h: p.main }),
+        Err(FsError::Locked)
+    );
     assert_eq!(r.events(), Vec::new());
     assert!(matches!(r.state(l4), Some(LockState::Active { .. })));
 }
@@ -1268,7 +1298,10 @@ fn a_replica_that_missed_the_last_entry_merges_anyway_and_state_transfer_repairs
     let d = a.checkpoint();
     assert_ne!(b.checkpoint(), d, "the lagging replica's digest differs");
     assert_eq!(b.state(lock), None, "merged all the same");
-    assert_eq!(b.events().last(), Some(&LockEvent::Merged { lock, epoch: 0 }));
+    assert_eq!(
+        b.events().last(),
+        Some(&LockEvent::Merged { lock, epoch: 0 })
+    );
     // The repair: an ordinary state transfer of the objects that differ.
     let differ: Vec<(u64, AbstractObject)> = all_objects(&a.svc)
         .into_iter()

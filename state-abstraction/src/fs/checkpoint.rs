@@ -134,7 +134,12 @@ pub(super) fn save_chunks(
     let name = seq_name(i);
     // The first save of an epoch truncates any leftover from a rolled-back future.
     let out = if whole {
-        backend::openat(dir, &name, libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC, 0o600)?
+        backend::openat(
+            dir,
+            &name,
+            libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC,
+            0o600,
+        )?
     } else {
         backend::openat(dir, &name, libc::O_RDWR | libc::O_CREAT, 0o600)?
     };
@@ -1261,9 +1266,11 @@ impl FileService {
                     .target_at(seq, i)?
                     .ok_or(ServiceError::NoCheckpoint(seq))?;
                 if let ObjectHeader::Locked { lock } = t.header {
-                    // Masked at `seq`: the ordered value is the placeholder, and the real
-                    // value to put back is the lock's content, which (no lock log in M1) is
-                    // what the slot held when the lock merged.
+                    // Masked at `seq`: the ordered value is the placeholder. A slot unmasked
+                    // since gets the content its lock merged with (the lock's record went
+                    // with the merge, so its timeline is not rolled back further); one still
+                    // masked keeps its lock-timeline content, which no ordered rollback
+                    // touches.
                     remask.insert(i, lock);
                     if let Some(real) = self.real_value_after(seq, i)? {
                         items.insert(i, Some(real));
@@ -1330,9 +1337,8 @@ impl FileService {
 
     /// The real value of slot `i`, masked at checkpoint `seq` and unmasked since: its first
     /// unmasked value at a later checkpoint (the merge's), or `None` if it has been masked
-    /// ever since (its current real value is then the one). A masked slot's real value
-    /// does not change while masked (M1), and a merge happens only at a checkpoint, so the
-    /// first later unmasked value is the value it had while masked.
+    /// ever since (its current real value is then the one). A merge happens only at a
+    /// checkpoint, so the first later unmasked value is the content the lock merged with.
     fn real_value_after(&self, seq: SeqNo, i: u64) -> Result<Option<Target>, ServiceError> {
         let Some((p, _)) = self.ckpt.saved_from(seq, i) else {
             return Ok(None);

@@ -22,8 +22,7 @@
 //! change, so a record only grows, until the merge drops it.
 
 use super::checkpoint::{
-    ensure_dir_durable, save_chunks, seq_name, unsaved_chunks_of, JournalEntry, SavedData,
-    SavedObj,
+    ensure_dir_durable, save_chunks, seq_name, unsaved_chunks_of, JournalEntry, SavedData, SavedObj,
 };
 use super::install::Target;
 use super::locks::{LockEntry, LockId, LockState, Scope};
@@ -279,7 +278,10 @@ impl FileService {
     /// `alloc` under a lock: the lowest free member, with the next generation.
     pub(super) fn lock_alloc(&mut self, lock: LockId, mut obj: Obj) -> Result<u64, FsError> {
         let Some(i) = self.lock_free_slot(lock) else {
-            panic!("a create under lock {} passed its pool check and found no slot", lock.0)
+            panic!(
+                "a create under lock {} passed its pool check and found no slot",
+                lock.0
+            )
         };
         self.touch(i)?;
         obj.generation = self.slots[i as usize].generation() + 1;
@@ -574,7 +576,11 @@ impl FileService {
     /// A journaled lock save, found again after a crash. A later entry for one object
     /// replaces an earlier one (it names more saved chunks).
     pub(super) fn replay_lock_saved(&mut self, lock: LockId, index: u64, saved: SavedObj) {
-        let activated_seq = match self.lock_table().and_then(|t| t.entry(lock)).map(|e| e.state) {
+        let activated_seq = match self
+            .lock_table()
+            .and_then(|t| t.entry(lock))
+            .map(|e| e.state)
+        {
             Some(LockState::Active { activated_seq }) => activated_seq,
             _ => 0,
         };

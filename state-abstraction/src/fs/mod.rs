@@ -802,7 +802,6 @@ impl FileService {
         }
         Ok(AbstractObject { pieces })
     }
-
 }
 
 /// Removes a directory tree, or a btrfs subvolume and the snapshots inside it, under the data
