@@ -175,6 +175,7 @@ fn all_objects(svc: &FileService) -> Vec<(u64, AbstractObject)> {
 struct Proj {
     proj: Handle,
     src: Handle,
+    docs: Handle,
     main: Handle,
     other: Handle,
 }
@@ -202,7 +203,7 @@ fn populate(r: &mut R) -> Proj {
         data: vec![b'm'; 200_000],
     })
     .expect("write");
-    r.entry(FsOp::Mkdir {
+    let docs = r.entry(FsOp::Mkdir {
         dir: proj,
         name: n("docs"),
         mode: 0o755,
@@ -222,6 +223,7 @@ fn populate(r: &mut R) -> Proj {
     Proj {
         proj,
         src,
+        docs,
         main,
         other,
     }
@@ -1319,4 +1321,233 @@ fn lock_timeline_on_btrfs() {
     };
     rollback_on(&m.dir("rollback"));
     restart_on(&m.dir("restart"));
+}
+
+mod sequences {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    /// One step of a replica's life under a lock. Directories and names are small numbers
+    /// (directory 0..3: `/proj`, `/proj/src`, `/proj/docs`; names `n0`..`n3`), so that
+    /// entries meet each other's objects.
+    #[derive(Clone, Debug)]
+    enum Step {
+        Create(u8, u8),
+        Write(u8, u8, u16),
+        Rename(u8, u8, u8),
+        Remove(u8, u8),
+        Mkdir(u8, u8),
+        /// Another client's ordered requests outside the lock.
+        Ordered(u8),
+        Checkpoint,
+        /// Speculation undone (one replica only): back to the newest checkpoint, and the
+        /// ordered requests since run again; the entries stay.
+        Rollback,
+        /// A restart, clean or a crash (one replica only): the ordered requests since the
+        /// newest checkpoint run again, and the lock's log restarts and replays from its
+        /// first entry.
+        Reopen(bool),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            (0..3u8, 0..4u8).prop_map(|(d, f)| Step::Create(d, f)),
+            (0..3u8, 0..4u8, 1..200u16).prop_map(|(d, f, k)| Step::Write(d, f, k)),
+            (0..3u8, 0..3u8, 0..4u8).prop_map(|(a, b, f)| Step::Rename(a, b, f)),
+            (0..3u8, 0..4u8).prop_map(|(d, f)| Step::Remove(d, f)),
+            (0..3u8, 0..4u8).prop_map(|(d, f)| Step::Mkdir(d, f)),
+            (0..4u8).prop_map(Step::Ordered),
+            Just(Step::Checkpoint),
+            Just(Step::Rollback),
+            any::<bool>().prop_map(Step::Reopen),
+        ]
+    }
+
+    fn name(f: u8) -> Vec<u8> {
+        format!("n{f}").into_bytes()
+    }
+
+    fn ordered(r: &mut R, p: &Proj, k: u8) {
+        r.ordered(FsOp::Write {
+            h: p.other,
+            offset: k as u64 * 7,
+            data: vec![k; 7],
+        })
+        .expect("write");
+        let name = format!("o{k}").into_bytes();
+        r.ordered(FsOp::Create {
+            dir: ROOT,
+            name,
+            mode: 0o644,
+            how: CreateHow::Unchecked,
+        })
+        .expect("create");
+    }
+
+    /// The straight run: every step's entry built from what the entries before it
+    /// answered (handles of created files), executed, and recorded; the checkpoint digests.
+    fn reference(
+        r: &mut R,
+        lock: LockId,
+        p: &Proj,
+        steps: &[Step],
+    ) -> (Vec<Option<Entry>>, Vec<Digest>) {
+        let dirs = [p.proj, p.src, p.docs];
+        let mut files: BTreeMap<(u8, u8), Handle> = BTreeMap::new();
+        let mut entries = Vec::new();
+        let mut digests = Vec::new();
+        for (k, s) in steps.iter().enumerate() {
+            let op = match *s {
+                Step::Create(d, f) => Some(FsOp::Create {
+                    dir: dirs[d as usize],
+                    name: name(f),
+                    mode: 0o644,
+                    how: CreateHow::Unchecked,
+                }),
+                Step::Write(d, f, len) => Some(FsOp::Write {
+                    // A file not there now: the old one in its place (a handle from
+                    // outside would need agreement).
+                    h: files.get(&(d, f)).copied().unwrap_or(p.main),
+                    offset: len as u64 * 997,
+                    data: vec![len as u8; len as usize * 401],
+                }),
+                Step::Rename(a, b, f) => Some(FsOp::Rename {
+                    from_dir: dirs[a as usize],
+                    from_name: name(f),
+                    to_dir: dirs[b as usize],
+                    to_name: name(f),
+                    no_replace: false,
+                }),
+                Step::Remove(d, f) => Some(FsOp::Remove {
+                    dir: dirs[d as usize],
+                    name: name(f),
+                }),
+                Step::Mkdir(d, f) => Some(FsOp::Mkdir {
+                    dir: dirs[d as usize],
+                    name: name(f),
+                    mode: 0o755,
+                }),
+                Step::Ordered(o) => {
+                    ordered(r, p, o);
+                    None
+                }
+                Step::Checkpoint => {
+                    digests.push(r.checkpoint());
+                    None
+                }
+                Step::Rollback | Step::Reopen(_) => None,
+            };
+            let Some(op) = op else {
+                entries.push(None);
+                continue;
+            };
+            let e = Entry {
+                op,
+                time_ns: ENTRY_NS + 1_000 * k as u64,
+            };
+            let result = r.locked_ok(lock, &e);
+            match (s, result) {
+                (Step::Create(d, f), Ok(FsReply::Entry { handle, .. })) => {
+                    files.insert((*d, *f), handle);
+                }
+                (Step::Remove(d, f), Ok(_)) => {
+                    files.remove(&(*d, *f));
+                }
+                (Step::Rename(a, b, f), Ok(_)) if a != b => {
+                    let moved = files.remove(&(*a, *f));
+                    files.remove(&(*b, *f));
+                    if let Some(h) = moved {
+                        files.insert((*b, *f), h);
+                    }
+                }
+                _ => {}
+            }
+            entries.push(Some(e));
+        }
+        (entries, digests)
+    }
+
+    /// The same steps with the rollbacks and restarts.
+    fn perturbed(
+        r: &mut R,
+        lock: LockId,
+        p: &Proj,
+        steps: &[Step],
+        entries: &[Option<Entry>],
+    ) -> Vec<Digest> {
+        let mut digests = Vec::new();
+        let mut log: Vec<Entry> = Vec::new();
+        let mut since: Vec<u8> = Vec::new();
+        let mut now_at_checkpoint = r.now;
+        for (s, e) in steps.iter().zip(entries) {
+            if let Some(e) = e {
+                let _ = r.locked_ok(lock, e);
+                log.push(e.clone());
+                continue;
+            }
+            match *s {
+                Step::Ordered(o) => {
+                    ordered(r, p, o);
+                    since.push(o);
+                }
+                Step::Checkpoint => {
+                    digests.push(r.checkpoint());
+                    since.clear();
+                    now_at_checkpoint = r.now;
+                }
+                Step::Rollback | Step::Reopen(_) => {
+                    let before = r.lock_digest(lock);
+                    match *s {
+                        Step::Reopen(crash) => {
+                            r.reopen(crash);
+                            r.svc.lock_restart(lock).expect("lock restart");
+                            assert_eq!(r.lock_digest(lock), r.base(lock));
+                            r.replay(lock, &log);
+                        }
+                        _ => r.svc.rollback_to(r.seq).expect("rollback"),
+                    }
+                    r.svc.check_lock_invariants();
+                    assert_eq!(r.lock_digest(lock), before);
+                    r.now = now_at_checkpoint;
+                    for &o in &since {
+                        ordered(r, p, o);
+                    }
+                }
+                _ => unreachable!("entries are handled above"),
+            }
+        }
+        digests
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        /// Any sequence of entries, ordered requests and checkpoints gives the same ordered
+        /// checkpoint digests and lock state on a replica that also rolls back, restarts
+        /// and crashes (restarting and replaying the lock's log each time) as on one that
+        /// does not; after the release both merge into the same state.
+        #[test]
+        fn entries_rollbacks_and_restarts_agree(steps in proptest::collection::vec(step(), 1..24)) {
+            let (da, db) = (
+                common::shm_dir().unwrap_or_else(temp_dir),
+                common::shm_dir().unwrap_or_else(temp_dir),
+            );
+            let mut a = R::open(da.path());
+            let mut b = R::open(db.path());
+            let (lock, p) = locked_project(&mut b);
+            prop_assert_eq!(locked_project(&mut a), (lock, p));
+            let (entries, want) = reference(&mut b, lock, &p, &steps);
+            let got = perturbed(&mut a, lock, &p, &steps, &entries);
+            prop_assert_eq!(got, want);
+            let end = b.lock_digest(lock);
+            prop_assert_eq!(a.lock_digest(lock), end);
+            let (cert, checker) = certificate(lock, entries.len() as u64, end);
+            for r in [&mut a, &mut b] {
+                r.svc.set_lock_cert_checker(checker.clone());
+                r.release(lock, Some(cert.clone())).expect("release");
+            }
+            prop_assert_eq!(a.checkpoint(), b.checkpoint());
+            prop_assert!(all_objects(&a.svc) == all_objects(&b.svc));
+        }
+    }
 }

@@ -547,7 +547,12 @@ impl FileService {
             return;
         }
         if let Ok(dir) = backend::open_dir_at(self.meta_fd.as_raw_fd(), LOCKS_DIR) {
-            for l in doomed {
+            // A lock activated again since (after a rollback undid it) has a new record,
+            // whose files these now are.
+            for l in doomed
+                .into_iter()
+                .filter(|l| !self.lock_records.contains_key(l))
+            {
                 let _ = backend::remove_tree_at(dir.as_raw_fd(), &seq_name(l.0));
             }
         }
