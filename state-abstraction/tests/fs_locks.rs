@@ -970,7 +970,10 @@ fn state_transfer_of_a_state_with_locks() {
     // grace): its digest differs from the others', its requests answer `Io` rather than
     // act on objects it lacks, and a state transfer of the merged state repairs it.
     for t in [&mut a, &mut c] {
-        assert_eq!(t.svc.lock_state_digest(lock2).is_some(), t.svc.data_dir() == da.path());
+        assert_eq!(
+            t.svc.lock_state_digest(lock2).is_some(),
+            t.svc.data_dir() == da.path()
+        );
         t.pass_grace();
     }
     let d5 = a.checkpoint(5);

@@ -134,7 +134,12 @@ pub(super) fn save_chunks(
     let name = seq_name(i);
     // The first save of an epoch truncates any leftover from a rolled-back future.
     let out = if whole {
-        backend::openat(dir, &name, libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC, 0o600)?
+        backend::openat(
+            dir,
+            &name,
+            libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC,
+            0o600,
+        )?
     } else {
         backend::openat(dir, &name, libc::O_RDWR | libc::O_CREAT, 0o600)?
     };
@@ -682,7 +687,7 @@ impl FileService {
         if let Some(newest) = self.ckpt.records.last() {
             let (seq, root) = (newest.seq, newest.root);
             if !newest.saved.is_empty() || newest.count != self.slots.len() as u64 || crashed {
-                self.rollback(seq)?;
+                self.rollback_with(seq, crashed)?;
             }
             if by_inode {
                 self.remove_strays()?;
@@ -1215,6 +1220,19 @@ impl FileService {
     }
 
     pub(super) fn rollback(&mut self, seq: SeqNo) -> Result<(), ServiceError> {
+        self.rollback_with(seq, false)
+    }
+
+    /// [`Self::rollback`]; with `restart_locks` (crash recovery), the members that active
+    /// locks' entries changed go back to their activation content in the same install as
+    /// the ordered objects: after a crash their table values and nodes may not agree (the
+    /// entries ran after the table was saved), and one install places both kinds of node,
+    /// whichever names the other.
+    pub(super) fn rollback_with(
+        &mut self,
+        seq: SeqNo,
+        restart_locks: bool,
+    ) -> Result<(), ServiceError> {
         self.ckpt
             .position(seq)
             .ok_or(ServiceError::NoCheckpoint(seq))?;
@@ -1248,9 +1266,11 @@ impl FileService {
                     .target_at(seq, i)?
                     .ok_or(ServiceError::NoCheckpoint(seq))?;
                 if let ObjectHeader::Locked { lock } = t.header {
-                    // Masked at `seq`: the ordered value is the placeholder, and the real
-                    // value to put back is the lock's content, which (no lock log in M1) is
-                    // what the slot held when the lock merged.
+                    // Masked at `seq`: the ordered value is the placeholder. A slot unmasked
+                    // since gets the content its lock merged with (the lock's record went
+                    // with the merge, so its timeline is not rolled back further); one still
+                    // masked keeps its lock-timeline content, which no ordered rollback
+                    // touches.
                     remask.insert(i, lock);
                     if let Some(real) = self.real_value_after(seq, i)? {
                         items.insert(i, Some(real));
@@ -1262,11 +1282,33 @@ impl FileService {
                 items.insert(i, None);
             }
         }
+        let mut restarted: Vec<(LockId, Vec<u64>)> = Vec::new();
+        if restart_locks {
+            let active: Vec<LockId> = self
+                .lock_records
+                .iter()
+                .filter(|(_, r)| r.activated_seq <= seq && !r.saved.is_empty())
+                .map(|(l, _)| *l)
+                .collect();
+            for l in active {
+                let mut slots = Vec::new();
+                for (i, t) in self.restart_items(l)? {
+                    if let std::collections::btree_map::Entry::Vacant(v) = items.entry(i) {
+                        v.insert(t);
+                        slots.push(i);
+                    }
+                }
+                restarted.push((l, slots));
+            }
+        }
         self.install(items, false)?;
         for (i, lock) in remask {
             self.masked.insert(i, lock);
             self.free.remove(&i);
             self.dirty.insert(i);
+        }
+        for (l, slots) in restarted {
+            self.remask(l, &slots);
         }
         self.slots.truncate(count as usize);
         self.encoded.truncate(count as usize);
@@ -1295,9 +1337,8 @@ impl FileService {
 
     /// The real value of slot `i`, masked at checkpoint `seq` and unmasked since: its first
     /// unmasked value at a later checkpoint (the merge's), or `None` if it has been masked
-    /// ever since (its current real value is then the one). A masked slot's real value
-    /// does not change while masked (M1), and a merge happens only at a checkpoint, so the
-    /// first later unmasked value is the value it had while masked.
+    /// ever since (its current real value is then the one). A merge happens only at a
+    /// checkpoint, so the first later unmasked value is the content the lock merged with.
     fn real_value_after(&self, seq: SeqNo, i: u64) -> Result<Option<Target>, ServiceError> {
         let Some((p, _)) = self.ckpt.saved_from(seq, i) else {
             return Ok(None);

@@ -173,8 +173,9 @@ impl FileService {
     ///
     /// A lock placeholder (`Locked`) masks its slot and leaves the slot's real value and node
     /// alone: that is lock-timeline state, which the ordered state does not describe (the
-    /// rollback of a merge re-masks the same content; for a state transfer, content this
-    /// replica never had must come from lock state transfer, M2). Any other value unmasks.
+    /// rollback of a merge re-masks the content the lock merged with; for a state transfer,
+    /// content this replica never had is missing, see `lock_timeline.rs`). Any other value
+    /// unmasks.
     pub(super) fn install(
         &mut self,
         mut items: BTreeMap<u64, Option<Target>>,
@@ -292,8 +293,9 @@ impl FileService {
                 if locked.contains_key(&j) && !live_new(j, &self.slots) {
                     // A masked object this replica never had: the ordered state names only
                     // its placeholder, which no ordered request reads, so the rest of the
-                    // state is usable; its content must come by lock state transfer (M2)
-                    // before the lock can merge (the merge checks it against `base`).
+                    // state is usable. The lock's content is missing here (its state digest
+                    // answers `None`); the merge then leaves this replica's digest wrong,
+                    // and a state transfer of the merged objects repairs it.
                     continue;
                 }
                 if j == 0 || j >= new_len || !live_new(j, &self.slots) {

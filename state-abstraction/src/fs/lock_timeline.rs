@@ -22,8 +22,7 @@
 //! change, so a record only grows, until the merge drops it.
 
 use super::checkpoint::{
-    ensure_dir_durable, save_chunks, seq_name, unsaved_chunks_of, JournalEntry, SavedData,
-    SavedObj,
+    ensure_dir_durable, save_chunks, seq_name, unsaved_chunks_of, JournalEntry, SavedData, SavedObj,
 };
 use super::install::Target;
 use super::locks::{LockEntry, LockId, LockState, Scope};
@@ -94,7 +93,10 @@ impl FileService {
         let Some(e) = self.lock_table().and_then(|t| t.entry(lock)).cloned() else {
             return LockedResult::NeedsAgreement;
         };
-        if !matches!(e.state, LockState::Active { .. })
+        // A frozen lock still runs entries: the log server appends nothing new after a
+        // freeze, but replays its log after a restart and fetches what a certified end says
+        // it lacks, and those entries must run until the merge.
+        if matches!(e.state, LockState::Pending)
             || e.holder != client
             || self.inconsistent
             || !self.content_ready(&e)
@@ -279,7 +281,10 @@ impl FileService {
     /// `alloc` under a lock: the lowest free member, with the next generation.
     pub(super) fn lock_alloc(&mut self, lock: LockId, mut obj: Obj) -> Result<u64, FsError> {
         let Some(i) = self.lock_free_slot(lock) else {
-            panic!("a create under lock {} passed its pool check and found no slot", lock.0)
+            panic!(
+                "a create under lock {} passed its pool check and found no slot",
+                lock.0
+            )
         };
         self.touch(i)?;
         obj.generation = self.slots[i as usize].generation() + 1;
@@ -306,7 +311,7 @@ impl FileService {
     /// `lock_state_digest` says `None`, and only the merge followed by a state transfer
     /// repairs it).
     pub(super) fn restart_lock(&mut self, lock: LockId) -> Result<(), ServiceError> {
-        let Some(rec) = self.lock_records.get(&lock) else {
+        if !self.lock_records.contains_key(&lock) {
             if self.lock_table().and_then(|t| t.entry(lock)).is_some()
                 && self.lock_state_digest_of(lock).is_none()
             {
@@ -316,18 +321,36 @@ impl FileService {
                 );
             }
             return Ok(());
-        };
-        // Only slots still masked by this lock: after a state transfer that merged it
-        // elsewhere, the others are ordered objects again.
-        let saved: Vec<(u64, SavedObj)> = rec
-            .saved
-            .iter()
-            .filter(|(i, _)| self.masked.get(i) == Some(&lock))
-            .map(|(i, s)| (*i, s.clone()))
-            .collect();
-        if saved.is_empty() {
+        }
+        let items = self.restart_items(lock)?;
+        if items.is_empty() {
             return Ok(());
         }
+        let slots: Vec<u64> = items.keys().copied().collect();
+        self.install(items, false)?;
+        self.remask(lock, &slots);
+        self.refresh_lock_members(lock);
+        Ok(())
+    }
+
+    /// What `restart_lock` installs: the activation value of every member the lock's
+    /// entries changed (only slots it still masks: after a state transfer that merged it
+    /// elsewhere, the others are ordered objects again). Their nodes' data is marked stale:
+    /// after a crash it may differ from the chunk digests the table holds, so every chunk
+    /// is written again, not only those whose digests differ.
+    pub(super) fn restart_items(
+        &mut self,
+        lock: LockId,
+    ) -> Result<BTreeMap<u64, Option<Target>>, ServiceError> {
+        let saved: Vec<(u64, SavedObj)> = match self.lock_records.get(&lock) {
+            Some(rec) => rec
+                .saved
+                .iter()
+                .filter(|(i, _)| self.masked.get(i) == Some(&lock))
+                .map(|(i, s)| (*i, s.clone()))
+                .collect(),
+            None => Vec::new(),
+        };
         let mut items = BTreeMap::new();
         for (i, s) in &saved {
             let header: ObjectHeader =
@@ -338,21 +361,35 @@ impl FileService {
             let chunks = self.activation_chunks(lock, *i, &header, s)?;
             items.insert(*i, Some(Target { header, chunks }));
         }
-        // After a crash the nodes' data may differ from the chunk digests the table holds:
-        // every chunk is written again, not only those whose digests differ.
         for (i, _) in &saved {
             if let Some(o) = self.slots[*i as usize].live_mut() {
                 o.dirty_chunks = (1..=o.chunks() as u32).collect();
             }
         }
-        self.install(items, false)?;
-        for (i, _) in &saved {
-            self.masked.insert(*i, lock);
-            self.free.remove(i);
-            self.dirty.insert(*i);
+        Ok(items)
+    }
+
+    /// After installing `slots` of `lock`'s restart: they are its members again (an install
+    /// unmasks what it installs).
+    pub(super) fn remask(&mut self, lock: LockId, slots: &[u64]) {
+        for &i in slots {
+            self.masked.insert(i, lock);
+            self.free.remove(&i);
+            self.dirty.insert(i);
         }
-        self.refresh_lock_members(lock);
-        Ok(())
+    }
+
+    /// The node of live object `i` opened for reading, wherever it is: under its first
+    /// name, or among the orphans, where crash recovery puts a known node it found inside
+    /// a directory the table does not know.
+    fn open_live_node(&self, i: u64) -> io::Result<std::os::fd::OwnedFd> {
+        let name = seq_name(i);
+        if self.orphans.contains(&i) {
+            let orphans = backend::open_dir_at(self.tree_fd.as_raw_fd(), b"orphans")?;
+            return backend::openat(orphans.as_raw_fd(), &name, libc::O_RDONLY, 0);
+        }
+        let (dfd, name) = self.location(i)?;
+        backend::openat(dfd, &name, libc::O_RDONLY, 0)
     }
 
     /// The data chunks of member `i`'s activation value `s` (header `header`): saved ones
@@ -382,6 +419,7 @@ impl FileService {
                 )?)
             }
         };
+        let mut live = None;
         let mut chunks = Vec::new();
         for c in 0..chunk_count(size) {
             let saved = match &s.data {
@@ -391,7 +429,12 @@ impl FileService {
             };
             let fd = match (&saved_file, saved) {
                 (Some(f), true) => f.as_raw_fd(),
-                _ => self.file_fd(i).map_err(storage)?,
+                _ => {
+                    if live.is_none() {
+                        live = Some(self.open_live_node(i)?);
+                    }
+                    live.as_ref().map_or(-1, |f| f.as_raw_fd())
+                }
             };
             let start = c * CHUNK_SIZE;
             let len = CHUNK_SIZE.min(size - start) as usize;
@@ -507,7 +550,12 @@ impl FileService {
             return;
         }
         if let Ok(dir) = backend::open_dir_at(self.meta_fd.as_raw_fd(), LOCKS_DIR) {
-            for l in doomed {
+            // A lock activated again since (after a rollback undid it) has a new record,
+            // whose files these now are.
+            for l in doomed
+                .into_iter()
+                .filter(|l| !self.lock_records.contains_key(l))
+            {
                 let _ = backend::remove_tree_at(dir.as_raw_fd(), &seq_name(l.0));
             }
         }
@@ -536,7 +584,11 @@ impl FileService {
     /// A journaled lock save, found again after a crash. A later entry for one object
     /// replaces an earlier one (it names more saved chunks).
     pub(super) fn replay_lock_saved(&mut self, lock: LockId, index: u64, saved: SavedObj) {
-        let activated_seq = match self.lock_table().and_then(|t| t.entry(lock)).map(|e| e.state) {
+        let activated_seq = match self
+            .lock_table()
+            .and_then(|t| t.entry(lock))
+            .map(|e| e.state)
+        {
             Some(LockState::Active { activated_seq }) => activated_seq,
             _ => 0,
         };

@@ -1,8 +1,9 @@
-//! Zzyzx locks in the replicated file state (issue #13, milestone M1; docs/zzyzx-plan.md §1–§3).
+//! Zzyzx locks in the replicated file state (issue #13, milestones M1–M2; docs/zzyzx-plan.md
+//! §1–§4).
 //!
-//! A client may lock a subtree, a directory or a file so that, later (M2), it can work on it
-//! through a log protocol without agreement. This module holds the part that lives in the
-//! ordered state:
+//! A client may lock a subtree, a directory or a file so that it can work on it through a
+//! log protocol without agreement (the log's entries run in `lock_timeline.rs`). This module
+//! holds the part that lives in the ordered state:
 //!
 //! - the lock table, in the root's header ([`ObjectHeader::LiveRoot`]), changed only by
 //!   ordered operations ([`super::FsOp::Lock`], [`super::FsOp::Release`],
@@ -118,9 +119,9 @@ pub struct LockEntry {
     pub members: u32,
     /// Reserved slot ranges (start, length), in index order.
     pub pool: Vec<(u64, u32)>,
-    /// D_L(0): the members' real object digests at activation, by index, under the lock's id
-    /// and epoch; what a later lock state transfer is verified against, and what the merge
-    /// checks.
+    /// D_L(0), the lock's state digest at activation (see `FileService::lock_digest`): what
+    /// its log starts from, what a replica without a record checks its content against,
+    /// and what a later lock state transfer is verified against.
     pub base: Digest,
     /// (live objects, used blocks) among the members at activation: what statfs counts for
     /// them while masked, so that `df` reads no lock-timeline state.
@@ -388,8 +389,9 @@ impl FileService {
         self.lock_table().cloned().unwrap_or_default()
     }
 
-    /// Whether the next checkpoint has lock work: a lock to activate or merge, or one past
-    /// its life. The execution stage will report this so the primary pads to the next
+    /// Whether the next checkpoint has lock work: a lock to activate, one past its life, or
+    /// one frozen and due to merge (its end certified, or its grace over by the newest
+    /// agreed time). The execution stage will report this so the primary pads to the next
     /// checkpoint with null batches (docs/zzyzx-plan.md §4.3); not wired yet.
     pub fn lock_transition_pending(&self) -> bool {
         let now = self.last_time();
@@ -697,10 +699,8 @@ impl FileService {
             if e.state == LockState::Pending {
                 let dropped = match self.activate(&mut e, seq, &table).map_err(fs)? {
                     Activation::Done => {
-                        self.lock_records.insert(
-                            e.id,
-                            super::lock_timeline::LockRecord::new(seq),
-                        );
+                        self.lock_records
+                            .insert(e.id, super::lock_timeline::LockRecord::new(seq));
                         self.emit(LockEvent::Activated {
                             lock: e.id,
                             epoch: e.epoch,

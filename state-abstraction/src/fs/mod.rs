@@ -440,7 +440,8 @@ impl FileService {
     }
 
     /// Called before object `i` changes: saves its checkpoint value once and marks its
-    /// digest stale.
+    /// digest stale. Under a lock the value saved is the member's activation value, into the
+    /// lock's record: the ordered checkpoint records never see a locked change.
     fn touch(&mut self, i: u64) -> Result<(), FsError> {
         self.assert_in_scope(i);
         if let Scope::Lock { lock, .. } = self.scope {
@@ -802,7 +803,6 @@ impl FileService {
         }
         Ok(AbstractObject { pieces })
     }
-
 }
 
 /// Removes a directory tree, or a btrfs subvolume and the snapshots inside it, under the data

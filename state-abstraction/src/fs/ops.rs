@@ -373,9 +373,12 @@ pub enum FsOp {
         h: Handle,
         unit: LockUnit,
     },
-    /// The holder gives the lock back: it freezes and merges at the next checkpoint.
-    /// `cert` (an encoded lock-checkpoint certificate) comes with the log protocol (M2);
-    /// until then only `None` is accepted.
+    /// The holder gives the lock back: it freezes. With `cert` (an encoded lock-checkpoint
+    /// certificate, checked by the replica's `LockCertChecker`) the certified point is the
+    /// log's end and the lock merges at the next checkpoint; a certificate that does not
+    /// verify, or names another lock or epoch, is refused `Inval` with no effect. Without
+    /// one it merges after the release grace (`locks::RELEASE_GRACE_NS`). On a lock already
+    /// frozen (by a conflict, expiry or an earlier release) a certificate sets the end.
     Release {
         lock: LockId,
         cert: Option<Vec<u8>>,

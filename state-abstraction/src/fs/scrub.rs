@@ -30,7 +30,7 @@ impl FileService {
     pub(super) fn scrub(&mut self) -> BTreeSet<u64> {
         let count = self.slots.len() as u64;
         // Masked objects are left out: the ordered digest covers their placeholder, not
-        // their bytes (lock checkpoints will cover those, M2).
+        // their bytes (the lock's state digest covers those).
         let regular_size = |svc: &FileService, i: u64| match svc.slots.get(i as usize) {
             _ if svc.masked.contains_key(&i) => None,
             Some(Slot::Live(o)) if o.kind == FileType::Regular => Some(o.size),
