@@ -126,6 +126,10 @@ impl LockSession {
     pub fn is_revoked(&self) -> bool {
         self.revoked
     }
+    /// The servers no longer know the lock: nothing, not even a seal, can be had.
+    pub fn is_gone(&self) -> bool {
+        self.gone
+    }
     /// The last completed entry.
     pub fn last_k(&self) -> u64 {
         self.end.map_or(0, |(k, _)| k)

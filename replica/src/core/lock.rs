@@ -492,7 +492,12 @@ impl Core {
     fn on_lock_entry(&mut self, e: LoggedEntry, reply: bool, actions: &mut Vec<Action>) {
         let lock = e.entry.body.lock;
         let Some(log) = self.locks.logs.get_mut(&lock) else {
-            if !self.locks.merged.contains(&lock) && self.locks.early.len() < LOCK_EARLY_MAX {
+            if self.locks.merged.contains(&lock) {
+                // Gone: tell the holder, whose session then falls back to ordering.
+                let holder = e.entry.body.holder;
+                return self.send_lock_status(holder, lock, actions);
+            }
+            if self.locks.early.len() < LOCK_EARLY_MAX {
                 // Not activated here yet (L5): the holder saw 2f+1 others activate first.
                 self.locks.early.push(e);
             }

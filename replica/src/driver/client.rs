@@ -384,8 +384,8 @@ async fn client_task(
                     }
                 },
                 Some(Submit::LockSeal { lock, done }) => match locks.get_mut(&lock) {
-                    Some(t) => t.sealing = Some(done),
-                    None => {
+                    Some(t) if !t.session.is_gone() => t.sealing = Some(done),
+                    _ => {
                         let _ = done.try_send(Err(CallError::LockGone));
                     }
                 },
