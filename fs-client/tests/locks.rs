@@ -10,6 +10,7 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 fn data_dir_of(m: &Mounted) -> PathBuf {
     let (_, json) = status(m, true);
@@ -200,4 +201,83 @@ fn a_second_mount_touching_a_locked_tree_revokes_it_and_loses_nothing() {
     assert_eq!(fs::read(mnt2.join("work/src/from-one.txt")).expect("read"), b"one");
     assert_eq!(fs::read(work_dir.join("src/from-two.txt")).expect("read"), b"two");
     first.down();
+}
+
+/// The pid of replica `id` from `bftfs status --json`.
+fn replica_pid(m: &Mounted, id: u64) -> Option<i32> {
+    let (_, json) = status(m, true);
+    let v: serde_json::Value = serde_json::from_str(&json).ok()?;
+    v["replicas"]
+        .as_array()?
+        .iter()
+        .find(|r| r["id"].as_u64() == Some(id))
+        .and_then(|r| r["status"]["pid"].as_u64())
+        .map(|p| p as i32)
+}
+
+/// Rounds of locked work, checked against what was written, with `between` run after the
+/// first round; then unlock, and the same tree through ordinary agreement.
+fn locked_rounds(m: &Mounted, between: impl FnOnce()) {
+    let work_dir = m.path("work");
+    fs::create_dir(&work_dir).expect("mkdir work");
+    lock(&work_dir, &m.xdg, true);
+    let mut between = Some(between);
+    for round in 0..4 {
+        for i in 0..25 {
+            fs::write(work_dir.join(format!("f{i}")), format!("round {round} file {i}\n"))
+                .expect("write");
+        }
+        if let Some(b) = between.take() {
+            b();
+        }
+        for i in 0..25 {
+            assert_eq!(
+                fs::read_to_string(work_dir.join(format!("f{i}"))).expect("read"),
+                format!("round {round} file {i}\n")
+            );
+        }
+    }
+    let seen = tree(&work_dir);
+    lock(&work_dir, &m.xdg, false);
+    assert_eq!(tree(&work_dir), seen);
+}
+
+#[test]
+fn a_lying_log_server_changes_nothing_under_a_lock() {
+    if !replicated_mounts_available("a_lying_log_server_changes_nothing_under_a_lock") {
+        return;
+    }
+    if test_f() != "1" {
+        eprintln!("SKIPPED a_lying_log_server_changes_nothing_under_a_lock: needs f=1");
+        return;
+    }
+    let (_tmp, [mnt, xdg]) = scratch(["mnt", "xdg"]);
+    fs::create_dir(&mnt).expect("mkdir");
+    let m = match Mounted::at(&mnt, &xdg, None, &["--byzantine", "2:lie"]) {
+        Ok(m) => m,
+        Err(e) => panic!(
+            "bftfs up --byzantine: {e} (the bftfs-replica next to bftfs needs the `byzantine` \
+             feature: `cargo test --workspace` builds it)"
+        ),
+    };
+    locked_rounds(&m, || {});
+    m.down();
+}
+
+#[test]
+fn a_log_server_killed_during_locked_work_loses_nothing() {
+    if !replicated_mounts_available("a_log_server_killed_during_locked_work_loses_nothing") {
+        return;
+    }
+    let m = Mounted::new();
+    locked_rounds(&m, || {
+        // SIGKILL one replica; `bftfs up` restarts it, and it replays the lock's log from
+        // its write-ahead log while the others go on.
+        let pid = replica_pid(&m, 1).expect("replica 1 pid");
+        assert!(send_signal(pid, nix::sys::signal::Signal::SIGKILL));
+        assert!(wait_until(Duration::from_secs(30), || {
+            replica_pid(&m, 1).is_some_and(|p| p != pid)
+        }));
+    });
+    m.down();
 }

@@ -206,6 +206,14 @@ impl Byzantine {
                         self.count();
                         Message::Client(ClientMessage::Reply(reply))
                     }
+                    // A log server's answer to a lock holder's entry (Zzyzx).
+                    Message::Lock(crate::wire::LockMessage::Reply(mut reply)) => {
+                        if let state_abstraction::LockedResult::Done(result) = &mut reply.result {
+                            tamper::plausible_lie(result);
+                        }
+                        self.count();
+                        Message::Lock(crate::wire::LockMessage::Reply(reply))
+                    }
                     other => other,
                 };
                 deliver(&message, &destinations, auth);
