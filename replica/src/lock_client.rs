@@ -42,6 +42,11 @@ pub enum LockOutput {
     Revoked,
     /// f+1 servers no longer know the lock (it merged): not even a seal can be had.
     Gone,
+    /// The entry in flight was refused by 2f+1 servers (the lock is frozen or gone there):
+    /// it took effect nowhere that counts, so it may be sent on the ordered path. Until
+    /// this or a completion, an entry in flight at a revocation stays in flight: it may
+    /// have been appended by some servers.
+    EntryRefused { k: u64 },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -62,6 +67,9 @@ struct Pending {
     k: u64,
     chain: Digest,
     replies: BTreeMap<ReplicaId, LockedResult>,
+    /// Servers that answered this entry with a status instead of a reply: they did not
+    /// append it (the lock is frozen, sealed or gone there).
+    refused: std::collections::BTreeSet<ReplicaId>,
     sent_tick: u64,
 }
 
@@ -192,6 +200,7 @@ impl LockSession {
             k: k + 1,
             chain: next,
             replies: BTreeMap::new(),
+            refused: Default::default(),
             sent_tick: self.ticks,
         });
         Ok(k + 1)
@@ -323,6 +332,17 @@ impl LockSession {
     ) -> Option<LockOutput> {
         self.statuses.insert(from, (state, key));
         let weak = self.config.weak_quorum();
+        if let Some(p) = self.pending.as_mut() {
+            if state != LockServerState::Active {
+                p.refused.insert(from);
+                if p.refused.len() >= self.config.quorum() {
+                    let k = p.k;
+                    self.pending = None;
+                    self.revoked = true;
+                    return Some(LockOutput::EntryRefused { k });
+                }
+            }
+        }
         let count = |f: fn(&LockServerState) -> bool| {
             self.statuses.values().filter(|(s, _)| f(s)).count()
         };

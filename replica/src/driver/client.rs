@@ -102,7 +102,15 @@ impl LockTask {
             }
             LockOutput::Gone => {
                 tracing::info!(lock = self.session.lock().0, "lock merged at the servers");
+                // The entry in flight waits for its refusals or its replies (see below).
+                let in_flight = self.in_flight.take();
                 self.fail_all();
+                self.in_flight = in_flight;
+            }
+            LockOutput::EntryRefused { .. } => {
+                if let Some(d) = self.in_flight.take() {
+                    let _ = d.try_send(Err(CallError::LockGone));
+                }
             }
             LockOutput::Revoked => {
                 tracing::info!(lock = self.session.lock().0, "lock frozen by the servers");
@@ -114,9 +122,10 @@ impl LockTask {
                 for (_, d) in self.queue.drain(..) {
                     let _ = d.try_send(Err(CallError::LockGone));
                 }
-                if let Some(d) = self.in_flight.take() {
-                    let _ = d.try_send(Err(CallError::LockGone));
-                }
+                // Not the entry in flight: some servers may have appended it before they
+                // froze, so it is not safe to send again on the ordered path. It completes
+                // (2f+1 replies), is refused by 2f+1 (`EntryRefused`), or times out (EIO:
+                // may or may not have happened, as for any call).
             }
         }
     }
