@@ -40,7 +40,7 @@ pub enum LockOutput {
     /// f+1 servers say the lock is frozen (or gone): the session is over; what completed
     /// stays, what did not complete may not have happened.
     Revoked,
-    /// f+1 servers no longer know the lock (it merged): not even a seal can be had.
+    /// f+1 servers say the lock merged: not even a seal can be had.
     Gone,
     /// The entry in flight was refused by 2f+1 servers (the lock is frozen or gone there):
     /// it took effect nowhere that counts, so it may be sent on the ordered path. Until
@@ -333,7 +333,9 @@ impl LockSession {
         self.statuses.insert(from, (state, key));
         let weak = self.config.weak_quorum();
         if let Some(p) = self.pending.as_mut() {
-            if state != LockServerState::Active {
+            // Only a server that says the lock is closed there did not append the entry (one
+            // that has not seen the activation yet keeps it for later, and says nothing).
+            if matches!(state, LockServerState::Frozen | LockServerState::Merged) {
                 p.refused.insert(from);
                 if p.refused.len() >= self.config.quorum() {
                     let k = p.k;
@@ -347,14 +349,15 @@ impl LockSession {
             self.statuses.values().filter(|(s, _)| f(s)).count()
         };
         if self.end.is_some() {
-            // Once served, a lock that f+1 servers no longer know has merged.
-            let unknown = count(|s| matches!(s, LockServerState::Unknown));
-            if unknown >= weak && !self.gone {
+            // Once served, a lock that f+1 servers say merged (one of them is correct) is
+            // over. Not knowing it is not enough: a lagging server has not activated it yet.
+            let merged = count(|s| matches!(s, LockServerState::Merged));
+            if merged >= weak && !self.gone {
                 self.gone = true;
                 self.revoked = true;
                 return Some(LockOutput::Gone);
             }
-            let closed = count(|s| matches!(s, LockServerState::Frozen | LockServerState::Unknown));
+            let closed = count(|s| matches!(s, LockServerState::Frozen | LockServerState::Merged));
             if closed >= weak && !self.revoked {
                 self.revoked = true;
                 return Some(LockOutput::Revoked);

@@ -143,6 +143,9 @@ pub struct KvService {
     lock_content: BTreeMap<LockId, (Bucket, Bucket)>,
     lock_events: Vec<LockEvent>,
     cert_checker: Option<Arc<dyn LockCertChecker>>,
+    /// A lock merged here with content its certified end does not vouch for (see
+    /// `Service::state_suspect`); cleared by `put_objs`.
+    suspect: bool,
 }
 
 /// A grace after a freeze without a certificate, for the holder's `Release` with one.
@@ -202,6 +205,7 @@ impl KvService {
             lock_content: BTreeMap::new(),
             lock_events: Vec::new(),
             cert_checker: None,
+            suspect: false,
         };
         for i in 0..=META_OBJECT {
             let obj = s.abstract_of(i);
@@ -330,6 +334,7 @@ impl KvService {
                 Some((live, _)) => {
                     if let Some(p) = end {
                         if bucket_digest(id, &live) != p.state {
+                            self.suspect = true;
                             tracing::warn!(
                                 lock = id.0,
                                 "merging a lock whose log here differs from its certified end;                                  the checkpoint will disagree and state transfer repairs it"
@@ -338,7 +343,10 @@ impl KvService {
                     }
                     self.buckets[bucket as usize] = live;
                 }
-                None => tracing::warn!(lock = id.0, "merging a lock whose content is missing"),
+                None => {
+                    self.suspect = true;
+                    tracing::warn!(lock = id.0, "merging a lock whose content is missing")
+                }
             }
             self.locks.locks.retain(|l| l.id != id);
             self.dirty.insert(bucket);
@@ -614,6 +622,10 @@ impl Service for KvService {
         self.cert_checker = Some(checker);
     }
 
+    fn state_suspect(&self) -> bool {
+        self.suspect
+    }
+
     fn checkpoint_work_pending(&self) -> bool {
         let now = self.last_time;
         self.locks.locks.iter().any(|l| match l.state {
@@ -649,6 +661,7 @@ impl Service for KvService {
         for (index, obj) in &objs {
             self.install(*index, obj)?;
         }
+        self.suspect = false;
         Ok(())
     }
 

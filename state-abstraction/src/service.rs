@@ -187,4 +187,13 @@ pub trait Service {
 
     /// Gives the service the checker for certificates inside ordered operations.
     fn set_lock_cert_checker(&mut self, _checker: Arc<dyn LockCertChecker>) {}
+
+    /// Whether the state may differ from the correct replicas' through no fault of this
+    /// replica: a lock merged here with content that is not what its certified end says
+    /// (entries missed, or content never received). The replica then votes none of its
+    /// checkpoints and repairs itself by state transfer from the next stable one. Cleared
+    /// by `put_objs`.
+    fn state_suspect(&self) -> bool {
+        false
+    }
 }

@@ -39,6 +39,26 @@ impl Core {
             service_root: cp.service_root,
             replies: cp.replies.clone(),
         }));
+        if cp.suspect {
+            self.suspect = true;
+            // Kept (it is where the state is, a base for rollback), but not voted: when the
+            // others' certificate for it arrives and differs, `adopt_stable` repairs us.
+            tracing::warn!(
+                replica = self.id.0,
+                seq = seq.0,
+                "the service's state may differ from the others' (a lock merged with content                  its certified end does not vouch for); checkpoint not voted"
+            );
+            self.own_checkpoints.insert(
+                seq,
+                OwnCheckpoint {
+                    seq,
+                    service_root: cp.service_root,
+                    replies: cp.replies,
+                    replies_digest: cp.replies_digest,
+                },
+            );
+            return;
+        }
         let signed = self.signer.sign(Checkpoint {
             seq,
             service_root: cp.service_root,

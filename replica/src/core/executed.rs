@@ -338,6 +338,9 @@ impl Core {
             return;
         }
         let installed = result.is_ok();
+        if installed {
+            self.suspect = false;
+        }
         self.check_installed(target, base, result, actions);
         if installed {
             self.check_locks_after_transfer(actions);

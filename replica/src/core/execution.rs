@@ -193,6 +193,9 @@ pub struct ExecutorCheckpoint {
     pub service_root: Digest,
     pub replies: Vec<u8>,
     pub replies_digest: Digest,
+    /// The service says its state may differ from the correct replicas'
+    /// (`Service::state_suspect`): not voted, repaired from the next stable checkpoint.
+    pub suspect: bool,
 }
 
 impl ReplyTable {

@@ -475,7 +475,11 @@ impl Core {
                 replica: self.id,
                 lock,
                 epoch: 0,
-                state: LockServerState::Unknown,
+                state: if self.locks.merged.contains(&lock) {
+                    LockServerState::Merged
+                } else {
+                    LockServerState::Unknown
+                },
                 anchor: Digest::default(),
                 k: 0,
                 chain: Digest::default(),
@@ -726,6 +730,7 @@ impl Core {
         assert_eq!(asked, lock, "replica {}: lock digests out of order", self.id.0);
         if check {
             if digest.is_none() && self.locks.logs.remove(&lock).is_some() {
+                self.locks.merged.insert(lock);
                 tracing::info!(
                     replica = self.id.0,
                     lock = lock.0,

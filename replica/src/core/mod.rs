@@ -572,6 +572,12 @@ pub struct Core {
     locks: lock::LockLogs,
     /// Primary: propose null batches up to the next checkpoint, where lock work waits.
     pad_to_checkpoint: bool,
+    /// A new view is being installed: its re-issued slots are not all bound yet.
+    installing_view: bool,
+    /// The service's state may differ from the correct replicas' (a lock merged here with
+    /// content its certified end does not vouch for): no checkpoint votes and no replies to
+    /// clients until a state transfer repairs it.
+    suspect: bool,
     halted: bool,
     metrics: Metrics,
 }
@@ -746,6 +752,27 @@ impl Core {
                 finished,
             } => self.on_transfer_progress(steps, bytes_fetched, finished, actions),
             Event::ExecutionFailed { reason } => self.halt(reason, actions),
+        }
+        if self.suspect {
+            // Answers computed on a state that may be wrong would only be noise: f+1
+            // matching correct replies never need this replica's.
+            let mut i = start;
+            while i < actions.len() {
+                let client_answer = matches!(
+                    &actions[i],
+                    Action::SendClient {
+                        message: Message::Client(
+                            ClientMessage::Reply(_) | ClientMessage::SpecResponse(_)
+                        ),
+                        ..
+                    }
+                );
+                if client_answer {
+                    actions.remove(i);
+                } else {
+                    i += 1;
+                }
+            }
         }
         self.records_asked += actions[start..]
             .iter()

@@ -17,19 +17,33 @@ use crate::wire::{
 };
 
 impl Core {
-    /// Moves the primary's next sequence number past executed and committed slots.
+    /// Moves the primary's next sequence number past executed and committed slots, and
+    /// past slots already bound in this view (while a new view is being installed, its
+    /// re-issued slots are bound before `next_seq` moves past them, and a proposal made in
+    /// between, such as a null batch of the checkpoint padding, would equivocate).
     fn skip_committed_seqs(&mut self) {
         if self.next_seq <= self.last_executed {
             self.next_seq = self.last_executed.next();
         }
-        while self.log.get(&self.next_seq).is_some_and(|s| s.committed) {
+        let view = self.view;
+        while self.log.get(&self.next_seq).is_some_and(|s| {
+            s.committed
+                || s.proposal
+                    .as_ref()
+                    .is_some_and(|p| p.pre_prepare.body.view == view)
+                || s.awaiting.as_ref().is_some_and(|a| a.body.view == view)
+        }) {
             self.next_seq = self.next_seq.next();
         }
     }
 
     /// Primary: cuts batches from the queue while the window and the pipeline allow.
     pub(super) fn try_propose(&mut self, actions: &mut Vec<Action>) {
-        if !self.view_active || !self.is_primary() || self.transfer.is_some() {
+        if !self.view_active
+            || self.installing_view
+            || !self.is_primary()
+            || self.transfer.is_some()
+        {
             return;
         }
         let interval = self.config.protocol.checkpoint_interval;

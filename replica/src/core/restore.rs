@@ -264,6 +264,8 @@ impl Core {
             records_asked: 0,
             locks: super::lock::LockLogs::from_wal(&wal),
             pad_to_checkpoint: false,
+            installing_view: false,
+            suspect: false,
             halted: false,
             metrics: Metrics::default(),
             config,

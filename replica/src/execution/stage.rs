@@ -260,6 +260,7 @@ impl<S: Service> Stage<S> {
             service_root,
             replies,
             replies_digest,
+            suspect: self.service.state_suspect(),
         })
     }
 }

@@ -80,6 +80,9 @@ impl Sim {
     }
 
     pub(super) fn client_tick(&mut self, index: usize) -> Result<(), Failure> {
+        if self.clients[index].holder.is_some() {
+            return self.holder_tick(index);
+        }
         let tick = self.tick;
         let mut actions = Vec::new();
         let node = &mut self.clients[index];

@@ -69,6 +69,7 @@
 mod byzantine;
 pub mod checkers;
 mod clients;
+mod holder;
 pub mod fs_workload;
 mod network;
 mod replicas;
@@ -271,6 +272,8 @@ pub struct Scenario {
     pub protocol: ProtocolConfig,
     /// The service the replicas run (key-value unless a scenario says otherwise).
     pub service: ServiceKind,
+    /// Client 0 takes a Zzyzx lock and works under it instead of its plan (key-value only).
+    pub lock_holder: bool,
 }
 
 enum ReplicaState {
@@ -331,6 +334,8 @@ struct ClientNode {
     /// Request id → history index.
     in_flight: BTreeMap<RequestId, usize>,
     next_invoke_tick: u64,
+    /// This client is the run's Zzyzx lock holder instead (see `holder.rs`).
+    holder: Option<Box<holder::Holder>>,
 }
 
 /// A faulty client: it signs and sends requests itself (no [`Client`]).
@@ -418,10 +423,11 @@ impl Sim {
     }
 
     fn all_done(&self) -> bool {
-        self.clients
-            .iter()
-            .all(|c| c.next == c.plan.len() && c.in_flight.is_empty())
-            && self.checker.completions_awaiting_commit() == 0
+        self.clients.iter().all(|c| {
+            c.next == c.plan.len()
+                && c.in_flight.is_empty()
+                && c.holder.as_ref().is_none_or(|h| h.is_done())
+        }) && self.checker.completions_awaiting_commit() == 0
     }
 
     /// Runs the scenario to the end and checks everything.
@@ -507,14 +513,19 @@ impl Sim {
                 .clients
                 .iter()
                 .enumerate()
-                .filter(|(_, c)| c.next < c.plan.len() || !c.in_flight.is_empty())
-                .map(|(i, c)| {
-                    format!(
+                .filter(|(_, c)| {
+                    c.next < c.plan.len()
+                        || !c.in_flight.is_empty()
+                        || c.holder.as_ref().is_some_and(|h| !h.is_done())
+                })
+                .map(|(i, c)| match &c.holder {
+                    Some(h) => format!("client {i}: {}", h.describe()),
+                    None => format!(
                         "client {i}: {} of {} invoked, {} in flight",
                         c.next,
                         c.plan.len(),
                         c.in_flight.len()
-                    )
+                    ),
                 })
                 .collect();
             let states: Vec<String> = self

@@ -109,6 +109,20 @@ impl Sim {
                 let Ok(message) = node.auth.open(body) else {
                     return Ok(());
                 };
+                if node.holder.is_some() {
+                    if matches!(message.message(), Message::Lock(_)) {
+                        return self.holder_message(index, message);
+                    }
+                    let mut actions = Vec::new();
+                    let mut completed = Vec::new();
+                    node.client
+                        .on_message(message, &mut actions, &mut completed);
+                    self.client_actions(index, actions)?;
+                    for c in completed {
+                        self.holder_complete(index, c)?;
+                    }
+                    return Ok(());
+                }
                 let mut actions = Vec::new();
                 let mut completed = Vec::new();
                 let fast_before = node.client.fast_completions;

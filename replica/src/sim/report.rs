@@ -6,6 +6,8 @@ use super::*;
 #[derive(Clone, Debug, Default)]
 pub struct Report {
     pub ticks: u64,
+    /// Entries the lock holder completed under its lock (`holder.rs`).
+    pub lock_entries: u64,
     pub completed: u64,
     pub read_only_completed: u64,
     pub view_changes: u64,
@@ -106,6 +108,12 @@ impl Sim {
         report.stale_view_changes = self.stale_view_changes;
         report.split_new_views = self.split_new_views;
         report.checkpoints_after_transfer = self.checkpoints_after_transfer;
+        report.lock_entries = self
+            .clients
+            .iter()
+            .filter_map(|c| c.holder.as_ref())
+            .map(|h| h.entries_completed)
+            .sum();
         for (i, node) in self.replicas.iter().enumerate() {
             report.rejected_frames += node.auth.counters.rejected();
             if node.byzantine.is_some() {

@@ -85,6 +85,7 @@ impl Scenario {
             views_after_faults_max: None,
             protocol: sim_protocol(),
             service: ServiceKind::Kv,
+            lock_holder: false,
         }
     }
 
@@ -255,6 +256,16 @@ pub const NAMED_SCENARIOS: &[(&str, fn(u64) -> Scenario)] = scenario_table![
     ("random_f2", |seed| Scenario::random_with_f(seed, 2)),
     ("calm", Scenario::calm),
     ("random_fs", Scenario::random_fs),
+    ("locks", |seed| Scenario {
+        name: "locks",
+        lock_holder: true,
+        ..Scenario::random(seed)
+    }),
+    ("locks_f2", |seed| Scenario {
+        name: "locks_f2",
+        lock_holder: true,
+        ..Scenario::random_with_f(seed, 2)
+    }),
         ;
     equivocating_primary,
     silent_primary,

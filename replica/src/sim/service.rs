@@ -301,6 +301,64 @@ impl Service for SimService {
             Inner::Fs(fs) => fs.get_piece_at(seq, index, piece),
         }
     }
+
+    fn checkpoint_work_pending(&self) -> bool {
+        match &self.inner {
+            Inner::Kv(kv) => kv.checkpoint_work_pending(),
+            Inner::Fs(fs) => fs.checkpoint_work_pending(),
+        }
+    }
+
+    fn state_suspect(&self) -> bool {
+        match &self.inner {
+            Inner::Kv(kv) => kv.state_suspect(),
+            Inner::Fs(fs) => fs.state_suspect(),
+        }
+    }
+
+    fn take_lock_events(&mut self) -> Vec<state_abstraction::LockEvent> {
+        match &mut self.inner {
+            Inner::Kv(kv) => kv.take_lock_events(),
+            Inner::Fs(fs) => fs.take_lock_events(),
+        }
+    }
+
+    fn execute_locked(
+        &mut self,
+        lock: state_abstraction::LockId,
+        op: &[u8],
+        client: ClientId,
+        time_ns: u64,
+    ) -> state_abstraction::LockedResult {
+        match &mut self.inner {
+            Inner::Kv(kv) => kv.execute_locked(lock, op, client, time_ns),
+            Inner::Fs(fs) => fs.execute_locked(lock, op, client, time_ns),
+        }
+    }
+
+    fn lock_state_digest(&self, lock: state_abstraction::LockId) -> Option<Digest> {
+        match &self.inner {
+            Inner::Kv(kv) => kv.lock_state_digest(lock),
+            Inner::Fs(fs) => fs.lock_state_digest(lock),
+        }
+    }
+
+    fn lock_restart(&mut self, lock: state_abstraction::LockId) -> Result<(), ServiceError> {
+        match &mut self.inner {
+            Inner::Kv(kv) => kv.lock_restart(lock),
+            Inner::Fs(fs) => fs.lock_restart(lock),
+        }
+    }
+
+    fn set_lock_cert_checker(
+        &mut self,
+        checker: Arc<dyn state_abstraction::locking::LockCertChecker>,
+    ) {
+        match &mut self.inner {
+            Inner::Kv(kv) => kv.set_lock_cert_checker(checker),
+            Inner::Fs(fs) => fs.set_lock_cert_checker(checker),
+        }
+    }
 }
 
 /// The file service's newest agreed time, from its root's header (table format 3).

@@ -142,6 +142,12 @@ impl Sim {
                     read_only,
                 });
             }
+            // The plan is drawn either way, so that the others' plans do not move.
+            let holder = (i == 0 && scenario.lock_holder && fs.is_none())
+                .then(|| Box::new(holder::Holder::new(secrets.clone(), &scenario)));
+            if holder.is_some() {
+                plan.clear();
+            }
             client_nodes.push(ClientNode {
                 client: Client::new(config.clone(), secrets, 1),
                 auth: Authenticator::for_client(&config, secrets),
@@ -150,6 +156,7 @@ impl Sim {
                 next: 0,
                 in_flight: BTreeMap::new(),
                 next_invoke_tick: rng.below(20),
+                holder,
             });
         }
         let faulty_clients = scenario
@@ -168,6 +175,9 @@ impl Sim {
             .collect();
         let byzantine = scenario.byzantine.iter().map(|(b, _)| *b).collect();
         let mut checker = Checker::new(byzantine, faulty_ids);
+        if scenario.lock_holder && matches!(scenario.service, ServiceKind::Kv) {
+            checker = checker.with_untracked(vec![ClientId(100)]);
+        }
         if let Some(dir) = &run_dir {
             checker = checker.with_fs_reference(dir.path().join("reference"));
         }

@@ -104,6 +104,30 @@ fn seeds_750_to_1000() {
     run_range("random", 750..1000);
 }
 
+// A Zzyzx lock holder beside the random workload and faults (see `holder.rs`).
+#[test]
+fn seeds_locks_0_to_150() {
+    run_range("locks", 0..150);
+}
+
+#[test]
+fn seeds_locks_f2_0_to_40() {
+    run_range("locks_f2", 0..40);
+}
+
+/// The lock scenario is about locked work: it happens, under faults, in most seeds.
+#[test]
+fn locks_scenario_runs_locked_entries() {
+    let mut entries = 0;
+    for seed in 0..10 {
+        let scenario = named_scenario("locks", seed).expect("named");
+        let mut sim = Sim::new(scenario);
+        let report = sim.run().unwrap_or_else(|f| panic!("{f}"));
+        entries += report.lock_entries;
+    }
+    assert!(entries >= 10 * 12, "{entries} locked entries in 10 seeds");
+}
+
 // Seven replicas: about three times the cost of a seed of four.
 #[test]
 fn seeds_f2_0_to_100() {

@@ -76,6 +76,8 @@ pub enum LockServerState {
     Sealed,
     /// Frozen by ordering: nothing more is appended.
     Frozen,
+    /// Merged back into the ordered state here: the lock is over.
+    Merged,
 }
 
 /// A log server's answer to an entry.

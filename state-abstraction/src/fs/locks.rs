@@ -780,6 +780,9 @@ impl FileService {
     /// replicas', which repair this one by ordinary state transfer of the merged objects.
     fn merge_lock(&mut self, e: &LockEntry, end: Option<LockPoint>) -> Result<bool, FsError> {
         let now = self.lock_state_digest_of(e.id);
+        if now.is_none() || end.is_some_and(|p| now != Some(p.state)) {
+            self.merge_suspect = true;
+        }
         match (now, end) {
             (None, _) => tracing::error!(
                 lock = e.id.0,

@@ -151,6 +151,9 @@ pub struct FileService {
     /// Set while a partial `put_objs` left directory entries and objects out of step;
     /// requests are refused until it is cleared.
     inconsistent: bool,
+    /// A lock merged here with content its certified end does not vouch for (see
+    /// `Service::state_suspect`); cleared by `put_objs`.
+    merge_suspect: bool,
     /// `data_dir/journal`, open for appending while the newest checkpoint record has entries
     /// the saved table does not.
     journal: Option<OwnedFd>,
@@ -263,6 +266,7 @@ impl FileService {
             orphans: BTreeSet::new(),
             squash: BTreeMap::new(),
             inconsistent: false,
+            merge_suspect: false,
             journal: None,
             staged: BTreeSet::new(),
             encoded: Vec::new(),
@@ -893,7 +897,13 @@ impl Service for FileService {
     }
 
     fn put_objs(&mut self, objs: Vec<(u64, AbstractObject)>) -> Result<(), ServiceError> {
-        self.put_objects(objs)
+        self.put_objects(objs)?;
+        self.merge_suspect = false;
+        Ok(())
+    }
+
+    fn state_suspect(&self) -> bool {
+        self.merge_suspect || self.inconsistent
     }
 
     fn set_object_count(&mut self, count: u64) -> Result<(), ServiceError> {

@@ -112,6 +112,8 @@ impl Core {
         let view = nv.body.view;
         self.view = view;
         self.view_active = true;
+        // No proposal until the re-issued slots are bound and `next_seq` is past them.
+        self.installing_view = true;
         self.view_change_deadline = None;
         self.view_changes.retain(|_, v| v.body.new_view > view);
         self.proposed.clear();
@@ -241,6 +243,7 @@ impl Core {
         );
         self.request_awaited_batches(actions);
         self.next_seq = max_seq.max(self.last_executed).next();
+        self.installing_view = false;
         // Give the new primary the requests clients were waiting on.
         let ticks = self.ticks;
         let waiting: Vec<Signed<Request>> = self

@@ -1,0 +1,244 @@
+//! A Zzyzx lock holder in the simulator: one correct client (client 0 of a scenario with
+//! `lock_holder`) takes a lock on a bucket of its own, runs appends through the lock's log,
+//! seals and releases it, then reads the key through ordering. Checked: every locked result
+//! is the model's (the appends so far), and the merged value read through ordering is the
+//! model's whole. Everything else of the run (Byzantine replicas, loss, crashes, view
+//! changes, the other clients and every checker) goes on around it.
+
+use super::*;
+use crate::wire::Authenticated;
+use crate::lock_client::{LockOutput, LockSession};
+use state_abstraction::kv::{bucket_of, KvReply};
+use state_abstraction::{LockId, LockedResult};
+
+/// Locked appends per run.
+const ENTRIES: u64 = 12;
+/// Ticks between attempts of an ordered read answered `Locked` (before the merge).
+const RETRY_TICKS: u64 = 20;
+
+#[derive(Debug)]
+enum Phase {
+    Start,
+    Locking(RequestId),
+    Working,
+    Sealing,
+    Releasing(RequestId),
+    Checking(RequestId),
+    CheckLater(u64),
+    Done,
+}
+
+pub(super) struct Holder {
+    key: Vec<u8>,
+    secrets: crate::config::ClientSecrets,
+    phase: Phase,
+    lock: Option<LockId>,
+    session: Option<LockSession>,
+    model: Vec<u8>,
+    done: u64,
+    /// The value of the entry in flight.
+    sent: Option<Vec<u8>>,
+    pub(super) entries_completed: u64,
+}
+
+impl Holder {
+    /// A holder whose key's bucket no other key of the run uses.
+    pub(super) fn new(secrets: crate::config::ClientSecrets, scenario: &Scenario) -> Holder {
+        let mut used: std::collections::BTreeSet<u64> = (0..scenario.keys)
+            .map(|k| bucket_of(format!("k{k}").as_bytes()))
+            .collect();
+        for i in 0..(scenario.faulty_clients.len() as u64 + scenario.clients + 1) {
+            used.insert(bucket_of(format!("faulty{}", 100 + i).as_bytes()));
+        }
+        let key = (0..)
+            .map(|j| format!("lock{j}").into_bytes())
+            .find(|k| !used.contains(&bucket_of(k)))
+            .unwrap_or_default();
+        Holder {
+            key,
+            secrets,
+            phase: Phase::Start,
+            lock: None,
+            session: None,
+            model: Vec::new(),
+            done: 0,
+            sent: None,
+            entries_completed: 0,
+        }
+    }
+
+    pub(super) fn is_done(&self) -> bool {
+        matches!(self.phase, Phase::Done)
+    }
+
+    pub(super) fn describe(&self) -> String {
+        format!(
+            "lock holder: {:?}, {} of {ENTRIES} entries, lock {:?}",
+            self.phase, self.done, self.lock
+        )
+    }
+}
+
+impl Sim {
+    fn holder_invoke(&mut self, index: usize, op: KvOp) -> Result<RequestId, Failure> {
+        let mut actions = Vec::new();
+        let id = self.clients[index]
+            .client
+            .invoke(op.encode(), false, &mut actions)
+            .map_err(|e| self.fail(format!("lock holder: invoke: {e}")))?;
+        self.client_actions(index, actions)?;
+        Ok(id)
+    }
+
+    /// One tick of the holder (client `index`).
+    pub(super) fn holder_tick(&mut self, index: usize) -> Result<(), Failure> {
+        let mut actions = Vec::new();
+        self.clients[index].client.on_tick(&mut actions);
+        let tick = self.tick;
+        let Some(h) = self.clients[index].holder.as_mut() else {
+            return Ok(());
+        };
+        if let Some(s) = h.session.as_mut() {
+            s.on_tick(&mut actions);
+        }
+        let mut next_op = None;
+        match h.phase {
+            Phase::Start if tick >= 10 => next_op = Some(KvOp::Lock { key: h.key.clone() }),
+            Phase::Working => {
+                let s = h.session.as_mut().expect("session while working");
+                if s.is_ready() && !s.busy() && h.sent.is_none() {
+                    if h.done < ENTRIES {
+                        let value = format!("h{};", h.done).into_bytes();
+                        let op = KvOp::Append {
+                            key: h.key.clone(),
+                            value: value.clone(),
+                        };
+                        if s.submit(op.encode(), tick * 1_000_000, &mut actions).is_ok() {
+                            h.sent = Some(value);
+                        }
+                    } else if s.seal(&mut actions).is_ok() {
+                        h.phase = Phase::Sealing;
+                    }
+                }
+            }
+            Phase::CheckLater(at) if tick >= at => {
+                next_op = Some(KvOp::Get { key: h.key.clone() })
+            }
+            _ => {}
+        }
+        self.client_actions(index, actions)?;
+        if let Some(op) = next_op {
+            let get = matches!(op, KvOp::Get { .. });
+            let id = self.holder_invoke(index, op)?;
+            let h = self.clients[index].holder.as_mut().expect("holder");
+            h.phase = if get {
+                Phase::Checking(id)
+            } else {
+                Phase::Locking(id)
+            };
+        }
+        Ok(())
+    }
+
+    /// An ordered request of the holder completed.
+    pub(super) fn holder_complete(&mut self, index: usize, c: Completion) -> Result<(), Failure> {
+        let reply = KvReply::decode(&c.result);
+        let tick = self.tick;
+        let config = self.config.clone();
+        let h = self.clients[index].holder.as_mut().expect("holder");
+        let mut release = None;
+        let result: Result<(), String> = match (&h.phase, reply) {
+            (Phase::Locking(id), Some(KvReply::Lock(lock))) if *id == c.id => {
+                h.lock = Some(lock);
+                let mut s = LockSession::new(config, &h.secrets, lock);
+                let mut actions = Vec::new();
+                s.ping(&mut actions);
+                h.session = Some(s);
+                h.phase = Phase::Working;
+                release = Some(actions);
+                Ok(())
+            }
+            (Phase::Releasing(id), Some(KvReply::Done)) if *id == c.id => {
+                h.session = None;
+                h.phase = Phase::CheckLater(tick + 1);
+                Ok(())
+            }
+            (Phase::Checking(id), Some(KvReply::Locked)) if *id == c.id => {
+                // Not merged yet (the merge waits for the next checkpoint).
+                h.phase = Phase::CheckLater(tick + RETRY_TICKS);
+                Ok(())
+            }
+            (Phase::Checking(id), Some(KvReply::Value(v))) if *id == c.id => {
+                if v.as_deref() == Some(&h.model[..]) {
+                    h.phase = Phase::Done;
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "lock holder: after the merge the key reads {:?}, the locked appends give {:?}",
+                        v.map(|v| String::from_utf8_lossy(&v).into_owned()),
+                        String::from_utf8_lossy(&h.model)
+                    ))
+                }
+            }
+            (phase, reply) => Err(format!(
+                "lock holder: unexpected answer {reply:?} to {:?} in {phase:?}",
+                c.id
+            )),
+        };
+        result.map_err(|e| self.fail(e))?;
+        if let Some(actions) = release {
+            self.client_actions(index, actions)?;
+        }
+        Ok(())
+    }
+
+    /// A lock message for the holder.
+    pub(super) fn holder_message(
+        &mut self,
+        index: usize,
+        message: Authenticated<Message>,
+    ) -> Result<(), Failure> {
+        let h = self.clients[index].holder.as_mut().expect("holder");
+        let Some(out) = h.session.as_mut().and_then(|s| s.on_message(message)) else {
+            return Ok(());
+        };
+        let mut invoke = None;
+        let result: Result<(), String> = match out {
+            LockOutput::Ready { .. } => Ok(()),
+            LockOutput::Completed { k, result } => {
+                let value = h.sent.take().unwrap_or_default();
+                let mut expected = h.model.clone();
+                expected.extend_from_slice(&value);
+                let want = LockedResult::Done(KvReply::Value(Some(expected.clone())).encode());
+                if result == want {
+                    h.model = expected;
+                    h.done += 1;
+                    h.entries_completed += 1;
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "lock holder: entry {k} completed with {result:?}, the model gives {:?}",
+                        String::from_utf8_lossy(&expected)
+                    ))
+                }
+            }
+            LockOutput::Certificate(cert) => {
+                let lock = h.lock.unwrap_or(LockId(0));
+                invoke = Some(KvOp::Release {
+                    lock,
+                    cert: Some(cert),
+                });
+                Ok(())
+            }
+            other => Err(format!(
+                "lock holder: the lock was revoked ({other:?}) though no one else touched it"
+            )),
+        };
+        result.map_err(|e| self.fail(e))?;
+        if let Some(op) = invoke {
+            let id = self.holder_invoke(index, op)?;
+            self.clients[index].holder.as_mut().expect("holder").phase = Phase::Releasing(id);
+        }
+        Ok(())
+    }
+}
