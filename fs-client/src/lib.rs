@@ -42,7 +42,13 @@ pub fn lock_control(path: &std::path::Path, take: bool) -> std::io::Result<()> {
     // empty buffer of the length given. nix has no xattr calls.
     let rc = unsafe {
         if take {
-            libc::setxattr(c_path.as_ptr(), name.as_ptr().cast(), b"subtree".as_ptr().cast(), 7, 0)
+            libc::setxattr(
+                c_path.as_ptr(),
+                name.as_ptr().cast(),
+                b"subtree".as_ptr().cast(),
+                7,
+                0,
+            )
         } else {
             libc::removexattr(c_path.as_ptr(), name.as_ptr().cast())
         }

@@ -495,14 +495,6 @@ fn byzantine_flag_is_checked() {
     }
 }
 
-fn data_dir_of(m: &Mounted) -> PathBuf {
-    PathBuf::from(
-        status_json(m)["data_dir"]
-            .as_str()
-            .expect("data_dir in status"),
-    )
-}
-
 fn count_in_log(m: &Mounted, replica: u32, needle: &str) -> usize {
     let log = fs::read_to_string(data_dir_of(m).join(format!("replica-{replica}.log")))
         .unwrap_or_default();

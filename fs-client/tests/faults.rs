@@ -90,15 +90,6 @@ fn view_history(m: &Mounted) -> String {
     out
 }
 
-fn data_dir_of(m: &Mounted) -> PathBuf {
-    let out = bftfs(
-        &["status".as_ref(), m.mnt.as_os_str(), "--json".as_ref()],
-        &m.xdg,
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json");
-    PathBuf::from(v["data_dir"].as_str().expect("data_dir in status"))
-}
-
 /// Whether all four replicas answer, in one active view, with no one far behind.
 fn healthy(reps: &[Rep]) -> bool {
     let best = reps.iter().filter_map(|r| r.executed).max().unwrap_or(0);

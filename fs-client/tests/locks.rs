@@ -8,32 +8,12 @@ mod common;
 use common::*;
 use std::fs;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-fn data_dir_of(m: &Mounted) -> PathBuf {
-    let (_, json) = status(m, true);
-    let v: serde_json::Value = serde_json::from_str(&json).expect("status --json");
-    PathBuf::from(v["data_dir"].as_str().expect("data_dir in status"))
-}
-
-fn second_mount(first: &Mounted, mnt: &Path, xdg: &Path) -> Unmount {
-    let config = data_dir_of(first).join("cluster/cluster.json");
-    let out = bftfs(
-        &[
-            "mount".as_ref(),
-            config.as_os_str(),
-            mnt.as_os_str(),
-            "--detach".as_ref(),
-            "-o".as_ref(),
-            "attr_timeout=0,entry_timeout=0".as_ref(),
-        ],
-        xdg,
-    );
-    assert!(out.status.success(), "bftfs mount: {}", text(&out));
-    Unmount(mnt.to_path_buf(), xdg.to_path_buf())
-}
+/// Kernel attribute and entry caches off, so each mount asks the replicas every time.
+const NO_CACHE: &str = "attr_timeout=0,entry_timeout=0";
 
 fn lock(path: &Path, xdg: &Path, take: bool) {
     let cmd = if take { "lock" } else { "unlock" };
@@ -73,8 +53,11 @@ fn tree(dir: &Path) -> Vec<(String, Vec<u8>)> {
 fn work(dir: &Path, tag: &str) {
     fs::create_dir_all(dir.join("src/deep")).expect("mkdir");
     for i in 0..40 {
-        fs::write(dir.join(format!("src/f{i}.txt")), format!("{tag} file {i}\n").repeat(i + 1))
-            .expect("write");
+        fs::write(
+            dir.join(format!("src/f{i}.txt")),
+            format!("{tag} file {i}\n").repeat(i + 1),
+        )
+        .expect("write");
     }
     let big: Vec<u8> = (0..(1 << 20) + 333).map(|i| (i % 251) as u8).collect();
     fs::write(dir.join("src/deep/big.bin"), &big).expect("write 1 MiB");
@@ -87,7 +70,10 @@ fn work(dir: &Path, tag: &str) {
         .expect("open");
     f.write_all(b"appended\n").expect("append");
     drop(f);
-    assert_eq!(fs::read(dir.join("src/deep/big.bin")).expect("read back"), big);
+    assert_eq!(
+        fs::read(dir.join("src/deep/big.bin")).expect("read back"),
+        big
+    );
 }
 
 fn have(tool: &str) -> bool {
@@ -126,10 +112,42 @@ fn build(dir: &Path) -> bool {
         .arg(dir.join("hello"))
         .output()
         .expect("make");
-    assert!(out.status.success(), "make: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "make: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let run = Command::new(dir.join("hello/hello")).output().expect("run");
-    assert_eq!(String::from_utf8_lossy(&run.stdout), "hello from the lock\n");
+    assert_eq!(
+        String::from_utf8_lossy(&run.stdout),
+        "hello from the lock\n"
+    );
     true
+}
+
+/// A cluster mounted twice (two clients), kernel caches off. Fields drop in this order:
+/// the mounts before their temporary directory.
+struct Two {
+    first: Mounted,
+    _second: Unmount,
+    mnt2: std::path::PathBuf,
+    xdg: std::path::PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+fn two_mounts() -> Two {
+    let (tmp, [mnt1, mnt2, xdg]) = scratch(["one", "two", "xdg"]);
+    fs::create_dir(&mnt1).expect("mkdir");
+    fs::create_dir(&mnt2).expect("mkdir");
+    let first = Mounted::at(&mnt1, &xdg, None, &["-o", NO_CACHE]).expect("up");
+    let second = second_mount(&first, &mnt2, &xdg, NO_CACHE);
+    Two {
+        first,
+        _second: second,
+        mnt2,
+        xdg,
+        _tmp: tmp,
+    }
 }
 
 #[test]
@@ -138,12 +156,8 @@ fn a_locked_work_directory_merges_and_a_second_mount_sees_it_all() {
     {
         return;
     }
-    let (_tmp, [mnt1, mnt2, xdg]) = scratch(["one", "two", "xdg"]);
-    fs::create_dir(&mnt1).expect("mkdir");
-    fs::create_dir(&mnt2).expect("mkdir");
-    let first =
-        Mounted::at(&mnt1, &xdg, None, &["-o", "attr_timeout=0,entry_timeout=0"]).expect("up");
-    let _second = second_mount(&first, &mnt2, &xdg);
+    let t = two_mounts();
+    let (mnt1, mnt2, xdg) = (t.first.mnt.clone(), t.mnt2.clone(), t.xdg.clone());
     let work_dir = mnt1.join("work");
     fs::create_dir(&work_dir).expect("mkdir work");
     fs::write(work_dir.join("before.txt"), b"written before the lock").expect("write");
@@ -169,7 +183,7 @@ fn a_locked_work_directory_merges_and_a_second_mount_sees_it_all() {
         fs::read(work_dir.join("after.txt")).expect("read"),
         b"from the other mount"
     );
-    first.down();
+    t.first.down();
 }
 
 #[test]
@@ -179,12 +193,8 @@ fn a_second_mount_touching_a_locked_tree_revokes_it_and_loses_nothing() {
     ) {
         return;
     }
-    let (_tmp, [mnt1, mnt2, xdg]) = scratch(["one", "two", "xdg"]);
-    fs::create_dir(&mnt1).expect("mkdir");
-    fs::create_dir(&mnt2).expect("mkdir");
-    let first =
-        Mounted::at(&mnt1, &xdg, None, &["-o", "attr_timeout=0,entry_timeout=0"]).expect("up");
-    let _second = second_mount(&first, &mnt2, &xdg);
+    let t = two_mounts();
+    let (mnt1, mnt2, xdg) = (t.first.mnt.clone(), t.mnt2.clone(), t.xdg.clone());
     let work_dir = mnt1.join("work");
     fs::create_dir(&work_dir).expect("mkdir work");
     lock(&work_dir, &xdg, true);
@@ -198,9 +208,15 @@ fn a_second_mount_touching_a_locked_tree_revokes_it_and_loses_nothing() {
     fs::write(mnt2.join("work/src/from-two.txt"), b"two").expect("write");
     // The holder goes on, through agreement now; unlock finds no lock to give back.
     fs::write(work_dir.join("src/from-one.txt"), b"one").expect("write");
-    assert_eq!(fs::read(mnt2.join("work/src/from-one.txt")).expect("read"), b"one");
-    assert_eq!(fs::read(work_dir.join("src/from-two.txt")).expect("read"), b"two");
-    first.down();
+    assert_eq!(
+        fs::read(mnt2.join("work/src/from-one.txt")).expect("read"),
+        b"one"
+    );
+    assert_eq!(
+        fs::read(work_dir.join("src/from-two.txt")).expect("read"),
+        b"two"
+    );
+    t.first.down();
 }
 
 /// The pid of replica `id` from `bftfs status --json`.
@@ -224,8 +240,11 @@ fn locked_rounds(m: &Mounted, between: impl FnOnce()) {
     let mut between = Some(between);
     for round in 0..4 {
         for i in 0..25 {
-            fs::write(work_dir.join(format!("f{i}")), format!("round {round} file {i}\n"))
-                .expect("write");
+            fs::write(
+                work_dir.join(format!("f{i}")),
+                format!("round {round} file {i}\n"),
+            )
+            .expect("write");
         }
         if let Some(b) = between.take() {
             b();

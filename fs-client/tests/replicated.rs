@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 fn status_json(m: &Mounted) -> String {
@@ -32,30 +32,6 @@ fn replicas(json: &str) -> Vec<(u32, Option<u32>, Option<u64>, String)> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-fn data_dir_of(m: &Mounted) -> PathBuf {
-    let v: serde_json::Value = serde_json::from_str(&status_json(m)).expect("status --json");
-    PathBuf::from(v["data_dir"].as_str().expect("data_dir in status"))
-}
-
-
-/// `bftfs mount` of `first`'s cluster at `mnt` with mount options `options`.
-fn second_mount(first: &Mounted, mnt: &Path, xdg: &Path, options: &str) -> Unmount {
-    let config = data_dir_of(first).join("cluster/cluster.json");
-    let out = bftfs(
-        &[
-            "mount".as_ref(),
-            config.as_os_str(),
-            mnt.as_os_str(),
-            "--detach".as_ref(),
-            "-o".as_ref(),
-            options.as_ref(),
-        ],
-        xdg,
-    );
-    assert!(out.status.success(), "bftfs mount: {}", text(&out));
-    Unmount(mnt.to_path_buf(), xdg.to_path_buf())
 }
 
 #[test]

@@ -21,8 +21,8 @@ use crate::client::ClientAction;
 use crate::config::{ClientSecrets, ClusterConfig};
 use crate::wire::{
     encode, lock_chain_next, lock_op_digest, Authenticated, ClientId, Digest, LockCertificate,
-    LockEntry, LockMessage, LockServerState, LoggedEntry, Message, Principal, ReplicaId,
-    Signed, Signer,
+    LockEntry, LockMessage, LockServerState, LoggedEntry, Message, Principal, ReplicaId, Signed,
+    Signer,
 };
 use state_abstraction::{LockId, LockedResult};
 use std::collections::BTreeMap;
@@ -345,9 +345,8 @@ impl LockSession {
                 }
             }
         }
-        let count = |f: fn(&LockServerState) -> bool| {
-            self.statuses.values().filter(|(s, _)| f(s)).count()
-        };
+        let count =
+            |f: fn(&LockServerState) -> bool| self.statuses.values().filter(|(s, _)| f(s)).count();
         if self.end.is_some() {
             // Once served, a lock that f+1 servers say merged (one of them is correct) is
             // over. Not knowing it is not enough: a lagging server has not activated it yet.

@@ -337,7 +337,8 @@ impl KvService {
                             self.suspect = true;
                             tracing::warn!(
                                 lock = id.0,
-                                "merging a lock whose log here differs from its certified end;                                  the checkpoint will disagree and state transfer repairs it"
+                                "merging a lock whose log here differs from its certified end; \
+                                 the checkpoint will disagree and state transfer repairs it"
                             );
                         }
                     }
@@ -351,7 +352,8 @@ impl KvService {
             self.locks.locks.retain(|l| l.id != id);
             self.dirty.insert(bucket);
             self.dirty.insert(META_OBJECT);
-            self.lock_events.push(LockEvent::Merged { lock: id, epoch: 1 });
+            self.lock_events
+                .push(LockEvent::Merged { lock: id, epoch: 1 });
         }
         let ids: Vec<LockId> = self
             .locks

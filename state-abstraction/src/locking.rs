@@ -36,11 +36,20 @@ pub enum LockEvent {
     /// The lock's objects are masked from the ordered state as of this checkpoint: from now
     /// on its holder's log entries may be appended and executed. `base` is the lock's state
     /// digest at activation (what `lock_state_digest` gives before any entry).
-    Activated { lock: LockId, epoch: u32, holder: ClientId, base: Digest },
+    Activated {
+        lock: LockId,
+        epoch: u32,
+        holder: ClientId,
+        base: Digest,
+    },
     /// No entry may be appended any more (release, conflicting ordered access, expiry).
     /// `end` is the certified point a release named: the log must reach it before the merge.
     /// `None` (conflict, expiry, release without a certificate): the log stops where it is.
-    Frozen { lock: LockId, epoch: u32, end: Option<LockPoint> },
+    Frozen {
+        lock: LockId,
+        epoch: u32,
+        end: Option<LockPoint>,
+    },
     /// Merged back into the ordered state (or dropped) by this checkpoint: the log and the
     /// lock's records can go once the checkpoint is durable.
     Merged { lock: LockId, epoch: u32 },

@@ -1316,7 +1316,10 @@ fn the_lock_root_seen_from_its_parent_does_not_revoke() {
             attr: before.clone()
         })
     );
-    assert_eq!(t.run(FsOp::GetAttr { h: home }), Ok(FsReply::Attr(before.clone())));
+    assert_eq!(
+        t.run(FsOp::GetAttr { h: home }),
+        Ok(FsReply::Attr(before.clone()))
+    );
     let Ok(FsReply::ReadDir { entries, .. }) = t.run(FsOp::ReadDir {
         dir: ROOT,
         cookie: 0,
@@ -1325,7 +1328,10 @@ fn the_lock_root_seen_from_its_parent_does_not_revoke() {
     }) else {
         panic!("readdir");
     };
-    let e = entries.iter().find(|e| e.name == b"home").expect("home listed");
+    let e = entries
+        .iter()
+        .find(|e| e.name == b"home")
+        .expect("home listed");
     assert_eq!((e.handle, e.attr.clone()), (home, Some(before)));
     assert_eq!(t.state(lock), Some(LockState::Active { activated_seq: 1 }));
     let after: Vec<_> = all_objects(&t.svc).into_iter().skip(1).collect();

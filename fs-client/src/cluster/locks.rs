@@ -127,7 +127,12 @@ impl HeldLocks {
         };
         match t.client().lock_start(id, t.timeout()) {
             Ok(k) => {
-                info!(lock = id.0, index = h.index, k, "lock active; calls go through its log");
+                info!(
+                    lock = id.0,
+                    index = h.index,
+                    k,
+                    "lock active; calls go through its log"
+                );
                 let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
                 held.push(Held {
                     id,

@@ -208,9 +208,7 @@ fn print_locks(reports: &[ReplicaReport]) {
         Default::default();
     for s in reports.iter().filter_map(|r| r.status.as_ref()) {
         for l in &s.locks {
-            let e = locks
-                .entry(l.lock)
-                .or_insert((l.holder, 0, 0, Vec::new()));
+            let e = locks.entry(l.lock).or_insert((l.holder, 0, 0, Vec::new()));
             e.1 = e.1.max(l.entries);
             e.2 += 1;
             if !e.3.contains(&l.state) {
@@ -222,7 +220,10 @@ fn print_locks(reports: &[ReplicaReport]) {
         return;
     }
     println!();
-    println!("{:<6} {:>8} {:>9} {:>9}  state", "lock", "holder", "entries", "replicas");
+    println!(
+        "{:<6} {:>8} {:>9} {:>9}  state",
+        "lock", "holder", "entries", "replicas"
+    );
     for (lock, (holder, entries, replicas, states)) in locks {
         println!(
             "{lock:<6} {holder:>8} {entries:>9} {replicas:>9}  {}",

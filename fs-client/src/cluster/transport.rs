@@ -2,12 +2,12 @@
 //! counting its calls, and the thread that keeps the client's observations on disk for
 //! `bftfs status`.
 
+use super::locks::HeldLocks;
 use crate::transport::{FsTransport, TransportError};
 use anyhow::{Context, Result};
 use replica::config::{ClientSecrets, ClusterConfig};
 use replica::driver::client::{CallError, ClientHandle};
 use replica::driver::status::{unix_ms, CallReport, ClientReport, CLIENT_REPORT_HEARTBEAT};
-use super::locks::HeldLocks;
 use state_abstraction::fs::{decode, encode, Caller, FsError, FsRequest, FsResult, Handle};
 use std::collections::BTreeMap;
 use std::path::Path;

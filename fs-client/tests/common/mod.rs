@@ -220,6 +220,32 @@ pub fn status(m: &Mounted, json: bool) -> (i32, String) {
     (code, String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Where `m`'s cluster keeps its state (from `bftfs status --json`).
+pub fn data_dir_of(m: &Mounted) -> PathBuf {
+    let (_, json) = status(m, true);
+    let v: serde_json::Value = serde_json::from_str(&json).expect("status --json");
+    PathBuf::from(v["data_dir"].as_str().expect("data_dir in status"))
+}
+
+/// `bftfs mount` of `first`'s cluster at `mnt` with mount options `options` (a second
+/// client of the same cluster); unmounted when the guard goes.
+pub fn second_mount(first: &Mounted, mnt: &Path, xdg: &Path, options: &str) -> Unmount {
+    let config = data_dir_of(first).join("cluster/cluster.json");
+    let out = bftfs(
+        &[
+            "mount".as_ref(),
+            config.as_os_str(),
+            mnt.as_os_str(),
+            "--detach".as_ref(),
+            "-o".as_ref(),
+            options.as_ref(),
+        ],
+        xdg,
+    );
+    assert!(out.status.success(), "bftfs mount: {}", text(&out));
+    Unmount(mnt.to_path_buf(), xdg.to_path_buf())
+}
+
 /// The f the tests mount with (see the module doc).
 pub fn test_f() -> String {
     std::env::var("BFTFS_TEST_F").unwrap_or_else(|_| "1".into())

@@ -39,30 +39,33 @@ impl Core {
             service_root: cp.service_root,
             replies: cp.replies.clone(),
         }));
+        let (service_root, replies_digest) = (cp.service_root, cp.replies_digest);
+        // Kept even when suspect: it is where the state is, a base for rollback.
+        self.own_checkpoints.insert(
+            seq,
+            OwnCheckpoint {
+                seq,
+                service_root,
+                replies: cp.replies,
+                replies_digest,
+            },
+        );
         if cp.suspect {
+            // Not voted: when the others' certificate for it arrives and differs,
+            // `adopt_stable` repairs us by state transfer.
             self.suspect = true;
-            // Kept (it is where the state is, a base for rollback), but not voted: when the
-            // others' certificate for it arrives and differs, `adopt_stable` repairs us.
             tracing::warn!(
                 replica = self.id.0,
                 seq = seq.0,
-                "the service's state may differ from the others' (a lock merged with content                  its certified end does not vouch for); checkpoint not voted"
-            );
-            self.own_checkpoints.insert(
-                seq,
-                OwnCheckpoint {
-                    seq,
-                    service_root: cp.service_root,
-                    replies: cp.replies,
-                    replies_digest: cp.replies_digest,
-                },
+                "checkpoint not voted: the service's state may differ from the others' (a \
+                 lock merged with content its certified end does not vouch for)"
             );
             return;
         }
         let signed = self.signer.sign(Checkpoint {
             seq,
-            service_root: cp.service_root,
-            replies_digest: cp.replies_digest,
+            service_root,
+            replies_digest,
             replica: self.id,
         });
         actions.push(Action::Broadcast {
@@ -70,18 +73,9 @@ impl Core {
         });
         actions.push(Action::Notify(Notification::CheckpointTaken {
             seq,
-            service_root: cp.service_root,
-            replies_digest: cp.replies_digest,
+            service_root,
+            replies_digest,
         }));
-        self.own_checkpoints.insert(
-            seq,
-            OwnCheckpoint {
-                seq,
-                service_root: cp.service_root,
-                replies: cp.replies,
-                replies_digest: cp.replies_digest,
-            },
-        );
         self.checkpoint_votes
             .entry(seq)
             .or_default()

@@ -377,7 +377,12 @@ impl Core {
                 return;
             }
         }
-        tracing::info!(replica = self.id.0, lock = lock.0, holder = holder.0, "lock active");
+        tracing::info!(
+            replica = self.id.0,
+            lock = lock.0,
+            holder = holder.0,
+            "lock active"
+        );
         self.locks
             .logs
             .insert(lock, LockLog::new(epoch, holder, anchor));
@@ -555,7 +560,11 @@ impl Core {
         }
         if log.last() >= LOCK_LOG_ENTRIES_MAX || log.bytes + e.op.len() as u64 > LOCK_LOG_BYTES_MAX
         {
-            tracing::warn!(replica = self.id.0, lock = lock.0, "lock log full; entry refused");
+            tracing::warn!(
+                replica = self.id.0,
+                lock = lock.0,
+                "lock log full; entry refused"
+            );
             return;
         }
         // Append (L1, L2: the record precedes the reply in the action list).
@@ -625,7 +634,10 @@ impl Core {
             reply,
         } = f.what
         else {
-            panic!("replica {}: a locked result answers another action", self.id.0);
+            panic!(
+                "replica {}: a locked result answers another action",
+                self.id.0
+            );
         };
         assert!(
             asked == lock && asked_k == k,
@@ -725,9 +737,16 @@ impl Core {
     ) {
         let f = self.answered("lock digest");
         let InFlightKind::LockDigest { lock: asked, check } = f.what else {
-            panic!("replica {}: a lock digest answers another action", self.id.0);
+            panic!(
+                "replica {}: a lock digest answers another action",
+                self.id.0
+            );
         };
-        assert_eq!(asked, lock, "replica {}: lock digests out of order", self.id.0);
+        assert_eq!(
+            asked, lock,
+            "replica {}: lock digests out of order",
+            self.id.0
+        );
         if check {
             if digest.is_none() && self.locks.logs.remove(&lock).is_some() {
                 self.locks.merged.insert(lock);
@@ -749,7 +768,11 @@ impl Core {
             return;
         };
         let Some(state) = digest else {
-            tracing::warn!(replica = me.0, lock = lock.0, "lock content missing here; no seal");
+            tracing::warn!(
+                replica = me.0,
+                lock = lock.0,
+                "lock content missing here; no seal"
+            );
             return;
         };
         if log.last() != k || log.seal.is_some() || matches!(log.frozen, Some(Some(_))) {

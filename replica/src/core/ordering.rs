@@ -60,7 +60,9 @@ impl Core {
         let padding = |core: &Self| {
             // Null batches up to the checkpoint boundary, when the state has lock work
             // waiting there (activations and merges happen only inside checkpoints).
-            core.pad_to_checkpoint && core.pending.is_empty() && (core.next_seq.0 - 1) % interval != 0
+            core.pad_to_checkpoint
+                && core.pending.is_empty()
+                && (core.next_seq.0 - 1) % interval != 0
         };
         while (!self.pending.is_empty() || padding(self))
             && self.next_seq <= self.high_water()

@@ -46,15 +46,23 @@ enum Submit {
         done: Done<Vec<u8>>,
     },
     /// Start a session for a granted lock; answered once it is ready (with the log's end).
-    LockStart { lock: LockId, done: Done<u64> },
+    LockStart {
+        lock: LockId,
+        done: Done<u64>,
+    },
     Locked {
         lock: LockId,
         operation: Vec<u8>,
         done: Done<LockedResult>,
     },
     /// Seal the log at its last completed entry; answered with the certificate.
-    LockSeal { lock: LockId, done: Done<Vec<u8>> },
-    LockEnd { lock: LockId },
+    LockSeal {
+        lock: LockId,
+        done: Done<Vec<u8>>,
+    },
+    LockEnd {
+        lock: LockId,
+    },
 }
 
 /// One lock session in the client task, with the callers waiting on it.

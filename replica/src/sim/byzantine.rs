@@ -209,7 +209,10 @@ impl Sim {
                     let m = Message::Agreement(AgreementMessage::Commit(commit));
                     self.byzantine_send(r, to, &m, behaviour)?;
                 }
-                (Message::Lock(crate::wire::LockMessage::Reply(reply)), Behaviour::WrongReplies) => {
+                (
+                    Message::Lock(crate::wire::LockMessage::Reply(reply)),
+                    Behaviour::WrongReplies,
+                ) => {
                     let mut reply = reply.clone();
                     reply.result = state_abstraction::LockedResult::Done(b"wrong".to_vec());
                     let m = Message::Lock(crate::wire::LockMessage::Reply(reply));

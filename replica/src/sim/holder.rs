@@ -6,8 +6,8 @@
 //! changes, the other clients and every checker) goes on around it.
 
 use super::*;
-use crate::wire::Authenticated;
 use crate::lock_client::{LockOutput, LockSession};
+use crate::wire::Authenticated;
 use state_abstraction::kv::{bucket_of, KvReply};
 use state_abstraction::{LockId, LockedResult};
 
@@ -113,7 +113,9 @@ impl Sim {
                             key: h.key.clone(),
                             value: value.clone(),
                         };
-                        if s.submit(op.encode(), tick * 1_000_000, &mut actions).is_ok() {
+                        if s.submit(op.encode(), tick * 1_000_000, &mut actions)
+                            .is_ok()
+                        {
                             h.sent = Some(value);
                         }
                     } else if s.seal(&mut actions).is_ok() {
@@ -121,9 +123,7 @@ impl Sim {
                     }
                 }
             }
-            Phase::CheckLater(at) if tick >= at => {
-                next_op = Some(KvOp::Get { key: h.key.clone() })
-            }
+            Phase::CheckLater(at) if tick >= at => next_op = Some(KvOp::Get { key: h.key.clone() }),
             _ => {}
         }
         self.client_actions(index, actions)?;

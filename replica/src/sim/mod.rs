@@ -69,8 +69,8 @@
 mod byzantine;
 pub mod checkers;
 mod clients;
-mod holder;
 pub mod fs_workload;
+mod holder;
 mod network;
 mod replicas;
 mod report;

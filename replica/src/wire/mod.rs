@@ -58,11 +58,11 @@ pub use compound::{
 };
 pub use error::WireError;
 pub use frame::{claimed_sender, frame, frame_length, FrameReader};
+pub use ids::{Principal, ReplicaId, SeqNo, Timestamp, View};
 pub use lock::{
     lock_anchor, lock_chain_next, lock_op_digest, LockCertVerifier, LockCertificate, LockEntry,
     LockMessage, LockReply, LockSeal, LockServerState, LoggedEntry,
 };
-pub use ids::{Principal, ReplicaId, SeqNo, Timestamp, View};
 pub use messages::{
     AgreementMessage, ClientMessage, Message, StateTransferMessage, ViewChangeMessage,
 };

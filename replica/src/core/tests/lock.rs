@@ -9,10 +9,7 @@ use crate::client::{Client, ClientAction, Completion};
 use crate::config::{generate, ClusterConfig, ClusterKeys, ProtocolConfig};
 use crate::lock_client::{LockOutput, LockSession};
 use crate::sim::{sim_protocol, Rng};
-use crate::wire::{
-    Authenticator, LockMessage, Message, Principal, ReplicaId,
-    FRAME_HEADER_BYTES,
-};
+use crate::wire::{Authenticator, LockMessage, Message, Principal, ReplicaId, FRAME_HEADER_BYTES};
 use state_abstraction::kv::{KvOp, KvReply, KvService};
 use state_abstraction::{ClientId, LockId, LockedResult, Service};
 use std::collections::{BTreeMap, VecDeque};
@@ -58,8 +55,10 @@ impl Net {
             fast_path: true,
             ..sim_protocol()
         };
-        let keys =
-            generate(f, addresses, &[HOLDER, OTHER], protocol, &mut |b| rng.fill(b)).expect("keys");
+        let keys = generate(f, addresses, &[HOLDER, OTHER], protocol, &mut |b| {
+            rng.fill(b)
+        })
+        .expect("keys");
         let config = Arc::new(keys.config.clone());
         let replicas = keys
             .replicas
@@ -68,11 +67,17 @@ impl Net {
             .collect();
         let mut auth = BTreeMap::new();
         for s in &keys.replicas {
-            auth.insert(Principal::Replica(s.id), Authenticator::for_replica(&config, s));
+            auth.insert(
+                Principal::Replica(s.id),
+                Authenticator::for_replica(&config, s),
+            );
         }
         let mut clients = BTreeMap::new();
         for s in &keys.clients {
-            auth.insert(Principal::Client(s.id), Authenticator::for_client(&config, s));
+            auth.insert(
+                Principal::Client(s.id),
+                Authenticator::for_client(&config, s),
+            );
             clients.insert(s.id, Client::new(config.clone(), s, 1));
         }
         Net {
@@ -108,7 +113,10 @@ impl Net {
             match a {
                 Action::Persist(record) => {
                     let bytes = crate::wire::encode(&record).expect("encode").len();
-                    assert!(bytes <= crate::driver::wal::RECORD_BYTES_MAX, "record of {bytes} B");
+                    assert!(
+                        bytes <= crate::driver::wal::RECORD_BYTES_MAX,
+                        "record of {bytes} B"
+                    );
                     self.largest_record = self.largest_record.max(bytes);
                     if matches!(record, WalRecord::Snapshot(_)) {
                         self.wal[r].clear();
@@ -116,7 +124,8 @@ impl Net {
                     self.wal[r].push(record);
                 }
                 Action::Send { to, message } => {
-                    self.queue.push_back((from, Principal::Replica(to), message))
+                    self.queue
+                        .push_back((from, Principal::Replica(to), message))
                 }
                 Action::Broadcast { message } => {
                     for to in (0..self.n()).filter(|t| *t != r) {
@@ -138,7 +147,8 @@ impl Net {
         for a in actions {
             match a {
                 ClientAction::Send { to, message } => {
-                    self.queue.push_back((from, Principal::Replica(to), message))
+                    self.queue
+                        .push_back((from, Principal::Replica(to), message))
                 }
                 ClientAction::Broadcast { message } => {
                     for to in 0..self.n() {
@@ -218,7 +228,10 @@ impl Net {
         let ids: Vec<ClientId> = self.clients.keys().copied().collect();
         for c in ids {
             let mut actions = Vec::new();
-            self.clients.get_mut(&c).expect("client").on_tick(&mut actions);
+            self.clients
+                .get_mut(&c)
+                .expect("client")
+                .on_tick(&mut actions);
             self.client_actions(c, actions);
         }
         if let Some(s) = self.session.as_mut() {
@@ -287,7 +300,9 @@ impl Net {
         self.session = Some(session);
         self.client_actions(HOLDER, actions);
         self.run_until(2_000, "session ready", |net| {
-            net.outputs.iter().any(|o| matches!(o, LockOutput::Ready { .. }))
+            net.outputs
+                .iter()
+                .any(|o| matches!(o, LockOutput::Ready { .. }))
         });
         self.outputs.clear();
         lock
@@ -368,6 +383,31 @@ impl Net {
             Some(Replica::restore(self.config.clone(), &secrets, service, wal).expect("restore"));
     }
 
+    /// A cluster of 3f+1 where "a" holds "start", locked by the holder (bucket of "a").
+    fn started(f: u32) -> (Net, LockId) {
+        let mut net = Net::new(f);
+        net.call(
+            OTHER,
+            KvOp::Put {
+                key: "a".into(),
+                value: "start".into(),
+            },
+        );
+        let lock = net.lock("a");
+        (net, lock)
+    }
+
+    /// Every live replica holds `expected` at `key` in the ordered state.
+    fn assert_value(&self, key: &str, expected: &str) {
+        let values = self.values(key);
+        assert!(
+            values
+                .iter()
+                .all(|v| v.as_deref() == Some(expected.as_bytes())),
+            "{values:?}"
+        );
+    }
+
     /// Every live replica's value of `key` in the ordered state.
     fn values(&self, key: &str) -> Vec<Option<Vec<u8>>> {
         self.replicas
@@ -381,10 +421,13 @@ impl Net {
     /// with the same digest (a diverged replica repairs itself by state transfer meanwhile).
     fn converge(&mut self) {
         for i in 0..12 {
-            self.call(OTHER, KvOp::Put {
-                key: format!("filler{i}").into_bytes(),
-                value: b"x".to_vec(),
-            });
+            self.call(
+                OTHER,
+                KvOp::Put {
+                    key: format!("filler{i}").into_bytes(),
+                    value: b"x".to_vec(),
+                },
+            );
         }
         self.run_until(3_000, "same checkpoints", |net| {
             let newest: Vec<_> = net
@@ -424,9 +467,7 @@ fn workload(net: &mut Net) -> String {
 
 #[test]
 fn a_server_that_heard_no_entry_catches_up_at_the_seal() {
-    let mut net = Net::new(1);
-    net.call(OTHER, KvOp::Put { key: "a".into(), value: "start".into() });
-    let lock = net.lock("a");
+    let (mut net, lock) = Net::started(1);
     net.drop = Box::new(|from, to, m| {
         from == Principal::Client(HOLDER)
             && to == Principal::Replica(ReplicaId(0))
@@ -436,50 +477,38 @@ fn a_server_that_heard_no_entry_catches_up_at_the_seal() {
     assert_eq!(net.replica(0).lock_logs().first().map(|l| l.k), Some(0));
     net.drop = Box::new(|_, _, _| false);
     net.release(lock);
-    assert!(net
-        .values("a")
-        .iter()
-        .all(|v| v.as_deref() == Some(expected.as_bytes())));
+    net.assert_value("a", &expected);
     net.converge();
 }
 
 #[test]
 fn locked_operations_complete_and_merge_identically_everywhere() {
-    let mut net = Net::new(1);
-    net.call(OTHER, KvOp::Put { key: "a".into(), value: "start".into() });
-    let lock = net.lock("a");
+    let (mut net, lock) = Net::started(1);
     let expected = workload(&mut net);
     // The ordered state holds the placeholder meanwhile: "a" is not there.
     assert!(net.values("a").iter().all(|v| v.is_none()));
     net.release(lock);
-    assert!(net
-        .values("a")
-        .iter()
-        .all(|v| v.as_deref() == Some(expected.as_bytes())));
+    net.assert_value("a", &expected);
     net.converge();
     // And the merged value is what the ordered path reads.
-    assert_eq!(net.call(OTHER, KvOp::Get { key: "a".into() }), value(&expected));
+    assert_eq!(
+        net.call(OTHER, KvOp::Get { key: "a".into() }),
+        value(&expected)
+    );
 }
 
 #[test]
 fn a_lying_log_server_cannot_change_a_result() {
-    let mut net = Net::new(1);
-    net.call(OTHER, KvOp::Put { key: "a".into(), value: "start".into() });
-    let lock = net.lock("a");
+    let (mut net, lock) = Net::started(1);
     net.liar = Some(2);
     let expected = workload(&mut net);
     net.release(lock);
-    assert!(net
-        .values("a")
-        .iter()
-        .all(|v| v.as_deref() == Some(expected.as_bytes())));
+    net.assert_value("a", &expected);
 }
 
 #[test]
 fn a_server_that_missed_entries_fetches_them_from_its_peers() {
-    let mut net = Net::new(1);
-    net.call(OTHER, KvOp::Put { key: "a".into(), value: "start".into() });
-    let lock = net.lock("a");
+    let (mut net, lock) = Net::started(1);
     // Replica 3 misses entries 3 to 8: entry 9 shows it the hole, which it fills from its
     // peers.
     net.drop = Box::new(|from, to, m| {
@@ -493,17 +522,12 @@ fn a_server_that_missed_entries_fetches_them_from_its_peers() {
     });
     net.drop = Box::new(|_, _, _| false);
     net.release(lock);
-    assert!(net
-        .values("a")
-        .iter()
-        .all(|v| v.as_deref() == Some(expected.as_bytes())));
+    net.assert_value("a", &expected);
 }
 
 #[test]
 fn a_server_restarted_mid_lock_replays_its_log() {
-    let mut net = Net::new(1);
-    net.call(OTHER, KvOp::Put { key: "a".into(), value: "start".into() });
-    let lock = net.lock("a");
+    let (mut net, lock) = Net::started(1);
     let mut expected = String::from("start");
     for i in 0..6 {
         let v = format!("-{i}");
@@ -519,21 +543,19 @@ fn a_server_restarted_mid_lock_replays_its_log() {
         assert_eq!(net.locked(append("a", &v)), value(&expected));
     }
     net.release(lock);
-    assert!(net
-        .values("a")
-        .iter()
-        .all(|v| v.as_deref() == Some(expected.as_bytes())));
+    net.assert_value("a", &expected);
     net.converge();
 }
 
 #[test]
 fn an_ordered_access_by_another_client_freezes_the_lock_and_the_holder_releases() {
-    let mut net = Net::new(1);
-    net.call(OTHER, KvOp::Put { key: "a".into(), value: "start".into() });
-    let lock = net.lock("a");
+    let (mut net, lock) = Net::started(1);
     assert_eq!(net.locked(append("a", "-mine")), value("start-mine"));
     // Another client touches the locked bucket: refused, and the lock freezes.
-    assert_eq!(net.call(OTHER, KvOp::Get { key: "a".into() }), KvReply::Locked);
+    assert_eq!(
+        net.call(OTHER, KvOp::Get { key: "a".into() }),
+        KvReply::Locked
+    );
     net.run_until(500, "frozen everywhere", |net| {
         net.replicas.iter().flatten().all(|r| {
             r.lock_logs()
@@ -543,14 +565,15 @@ fn an_ordered_access_by_another_client_freezes_the_lock_and_the_holder_releases(
     });
     // Nothing more is appended; the holder seals what completed and releases.
     net.release(lock);
-    assert_eq!(net.call(OTHER, KvOp::Get { key: "a".into() }), value("start-mine"));
+    assert_eq!(
+        net.call(OTHER, KvOp::Get { key: "a".into() }),
+        value("start-mine")
+    );
 }
 
 #[test]
 fn f2_needs_five_matching_replies_and_merges() {
-    let mut net = Net::new(2);
-    net.call(OTHER, KvOp::Put { key: "a".into(), value: "start".into() });
-    let lock = net.lock("a");
+    let (mut net, lock) = Net::started(2);
     net.liar = Some(6);
     // One server hears nothing from the holder and one lies: 5 of 7 give the right
     // reply, exactly 2f+1.
@@ -562,10 +585,7 @@ fn f2_needs_five_matching_replies_and_merges() {
     let expected = workload(&mut net);
     net.drop = Box::new(|_, _, _| false);
     net.release(lock);
-    assert!(net
-        .values("a")
-        .iter()
-        .all(|v| v.as_deref() == Some(expected.as_bytes())));
+    net.assert_value("a", &expected);
     net.converge();
 }
 
@@ -581,7 +601,13 @@ fn random_loss_lies_and_restarts_over_seeds() {
         let mut net = Net::new(f);
         let n = net.n();
         let rng = Rc::new(RefCell::new(Rng::new(seed)));
-        net.call(OTHER, KvOp::Put { key: "a".into(), value: "start".into() });
+        net.call(
+            OTHER,
+            KvOp::Put {
+                key: "a".into(),
+                value: "start".into(),
+            },
+        );
         let lock = net.lock("a");
         let liar = rng.borrow_mut().below(n as u64) as usize;
         net.liar = Some(liar);
@@ -627,7 +653,10 @@ fn the_largest_entries_fit_their_limits() {
     });
     let big = net.config.protocol.operation_bytes_max - 64;
     for i in 0..8u8 {
-        let op = KvOp::Put { key: "a".into(), value: vec![i; big] };
+        let op = KvOp::Put {
+            key: "a".into(),
+            value: vec![i; big],
+        };
         assert!(op.encode().len() <= net.config.protocol.operation_bytes_max);
         net.locked(op);
     }
@@ -643,5 +672,8 @@ fn the_largest_entries_fit_their_limits() {
     assert!(entries <= bound, "{entries} B over the bound {bound}");
     assert!(net.largest["lock_entry"] <= bound);
     assert!(net.largest_record <= bound.max(crate::core::bounds::batch_message_bytes(&net.config)));
-    assert!(net.values("a").iter().all(|v| v.as_deref() == Some(&vec![7u8; big][..])));
+    assert!(net
+        .values("a")
+        .iter()
+        .all(|v| v.as_deref() == Some(&vec![7u8; big][..])));
 }
