@@ -533,7 +533,14 @@ impl Sim {
                 .iter()
                 .enumerate()
                 .map(|(i, n)| match &n.state {
-                    ReplicaState::Up(r) => format!("r{i}: {}", r.debug_summary()),
+                    ReplicaState::Up(r) => format!(
+                        "r{i}: {} locks {:?}",
+                        r.debug_summary(),
+                        r.lock_logs()
+                            .iter()
+                            .map(|l| (l.lock.0, l.k, l.state))
+                            .collect::<Vec<_>>()
+                    ),
                     _ => format!("r{i}: down"),
                 })
                 .collect();
