@@ -10,7 +10,7 @@
 //! the previous checkpoint (copy-on-write at bucket granularity) and its own partition tree.
 
 use crate::digest::{object_digest, piece_digests, Digest, Hasher, PartitionTree};
-use crate::locking::{LockCertChecker, LockEvent, LockId, LockPoint, LockedResult};
+use crate::locking::{LockCertChecker, LockEvent, LockId, LockInfo, LockPoint, LockedResult};
 use crate::service::{AbstractObject, ClientId, RequestPolicy, SeqNo, Service, ServiceError};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -164,6 +164,8 @@ struct KvLock {
     bucket: u64,
     holder: ClientId,
     state: KvLockState,
+    /// The bucket's digest at activation (what fetched content is checked against).
+    base: Digest,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -262,6 +264,7 @@ impl KvService {
                     bucket,
                     holder: client,
                     state: KvLockState::Pending,
+                    base: Digest::default(),
                 });
                 self.dirty.insert(META_OBJECT);
                 KvReply::Lock(id)
@@ -368,6 +371,9 @@ impl KvService {
             let (bucket, holder) = (l.bucket, l.holder);
             let content = std::mem::take(&mut self.buckets[bucket as usize]);
             let base = bucket_digest(id, &content);
+            if let Some(l) = self.lock_mut(id) {
+                l.base = base;
+            }
             self.lock_content.insert(id, (content.clone(), content));
             self.dirty.insert(bucket);
             self.dirty.insert(META_OBJECT);
@@ -626,6 +632,67 @@ impl Service for KvService {
 
     fn state_suspect(&self) -> bool {
         self.suspect
+    }
+
+    fn lock_infos(&self) -> Vec<LockInfo> {
+        self.locks
+            .locks
+            .iter()
+            .filter(|l| l.state != KvLockState::Pending)
+            .map(|l| LockInfo {
+                lock: l.id,
+                epoch: 1,
+                holder: l.holder,
+                base: l.base,
+                frozen: match l.state {
+                    KvLockState::Frozen { end, .. } => Some(end),
+                    _ => None,
+                },
+            })
+            .collect()
+    }
+
+    fn lock_base_objects(&self, lock: LockId) -> Option<Vec<(u64, AbstractObject)>> {
+        let l = self.locks.locks.iter().find(|l| l.id == lock)?;
+        let (_, base) = self.lock_content.get(&lock)?;
+        let entries: Vec<(&Vec<u8>, &Vec<u8>)> = base.iter().collect();
+        Some(vec![(
+            l.bucket,
+            AbstractObject {
+                pieces: vec![encode(&entries)],
+            },
+        )])
+    }
+
+    fn lock_install_base(
+        &mut self,
+        lock: LockId,
+        objects: Vec<(u64, AbstractObject)>,
+    ) -> Result<(), ServiceError> {
+        let bad = |why: &str| ServiceError::BadObject {
+            index: 0,
+            why: format!("lock {}: {why}", lock.0),
+        };
+        let l = self
+            .locks
+            .locks
+            .iter()
+            .find(|l| l.id == lock && l.state != KvLockState::Pending)
+            .ok_or_else(|| bad("not active here"))?;
+        let [(index, obj)] = objects.as_slice() else {
+            return Err(bad("one bucket expected"));
+        };
+        if *index != l.bucket || obj.pieces.len() != 1 {
+            return Err(bad("not the lock's bucket"));
+        }
+        let entries: Vec<(Vec<u8>, Vec<u8>)> =
+            decode(&obj.pieces[0]).ok_or_else(|| bad("undecodable bucket"))?;
+        let content: Bucket = entries.into_iter().collect();
+        if bucket_digest(lock, &content) != l.base {
+            return Err(bad("content does not hash to the base digest"));
+        }
+        self.lock_content.insert(lock, (content.clone(), content));
+        Ok(())
     }
 
     fn checkpoint_work_pending(&self) -> bool {

@@ -65,6 +65,19 @@ impl LockEvent {
     }
 }
 
+/// An active (or frozen, not yet merged) lock as the ordered state records it: what a
+/// replica that got the ordered state by transfer needs to fetch the lock's content.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockInfo {
+    pub lock: LockId,
+    pub epoch: u32,
+    pub holder: ClientId,
+    /// The lock's state digest at activation.
+    pub base: Digest,
+    /// Frozen by ordering (with the certified end, if its release named one).
+    pub frozen: Option<Option<LockPoint>>,
+}
+
 /// What one locked entry did.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LockedResult {

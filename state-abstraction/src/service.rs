@@ -5,7 +5,7 @@
 //! be deterministic: the same calls in the same order give the same bytes on every replica.
 
 use crate::digest::Digest;
-use crate::locking::{LockCertChecker, LockEvent, LockId, LockedResult};
+use crate::locking::{LockCertChecker, LockEvent, LockId, LockInfo, LockedResult};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -187,6 +187,31 @@ pub trait Service {
 
     /// Gives the service the checker for certificates inside ordered operations.
     fn set_lock_cert_checker(&mut self, _checker: Arc<dyn LockCertChecker>) {}
+
+    /// The locks the ordered state holds as active or frozen (not merged).
+    fn lock_infos(&self) -> Vec<LockInfo> {
+        Vec::new()
+    }
+
+    /// A lock's objects as they were at activation (index, abstract value), to serve a
+    /// replica that lacks them; `None` if this replica does not hold them.
+    fn lock_base_objects(&self, _lock: LockId) -> Option<Vec<(u64, AbstractObject)>> {
+        None
+    }
+
+    /// Installs a lock's objects at activation, fetched from a peer: refused unless they
+    /// hash to the lock's base digest. Afterwards the log is replayed on them (entries from
+    /// 1), as after `lock_restart`.
+    fn lock_install_base(
+        &mut self,
+        lock: LockId,
+        _objects: Vec<(u64, AbstractObject)>,
+    ) -> Result<(), ServiceError> {
+        Err(ServiceError::BadObject {
+            index: 0,
+            why: format!("lock {} content cannot be installed by this service", lock.0),
+        })
+    }
 
     /// Whether the state may differ from the correct replicas' through no fault of this
     /// replica: a lock merged here with content that is not what its certified end says

@@ -106,6 +106,9 @@ impl Core {
                     | InFlightKind::Serve
                     | InFlightKind::Locked { .. }
                     | InFlightKind::LockDigest { .. }
+                    | InFlightKind::LockInfos
+                    | InFlightKind::ServeLockBase
+                    | InFlightKind::InstallLockBase
             ) {
                 f.undone = true;
             }

@@ -77,6 +77,9 @@ pub(super) struct LockLog {
     /// Frozen by ordering (sticky, L3), with the certified end if the release named one.
     frozen: Option<Option<LockPoint>>,
     last_fetch_tick: u64,
+    /// Fetching the whole log from peers (after the lock's content came by transfer): the
+    /// log's end at the previous fetch; stops when a fetch brought nothing.
+    catch_up: Option<u64>,
 }
 
 impl LockLog {
@@ -96,6 +99,7 @@ impl LockLog {
             seal_digest_asked: false,
             frozen: None,
             last_fetch_tick: 0,
+            catch_up: None,
         }
     }
     fn last(&self) -> u64 {
@@ -125,6 +129,11 @@ impl LockLog {
         }
         if let Some(Some(p)) = self.frozen {
             want = want.max(Some(p.k));
+        }
+        if self.catch_up.is_some() {
+            want = want.max(Some(
+                self.last() + crate::wire::lock::LOCK_ENTRIES_PER_MESSAGE as u64,
+            ));
         }
         want.filter(|k| *k > self.last())
     }
@@ -167,6 +176,9 @@ pub(super) struct LockLogs {
     /// Locks merged (or dropped) here: their late messages are ignored. Bounded by the lock
     /// ids ever used, which grow by one per `Lock`; kept as the highest merged id plus a set.
     merged: std::collections::BTreeSet<LockId>,
+    /// Locks the ordered state holds whose content this replica lacks (it got the state by
+    /// transfer), fetched from peers: (what the ordered state says, an install in flight).
+    fetching_base: BTreeMap<LockId, (state_abstraction::locking::LockInfo, bool)>,
 }
 
 impl LockLogs {
@@ -453,6 +465,12 @@ impl Core {
                     to,
                 },
             ) => self.on_lock_fetch(r, lock, epoch, from, to, actions),
+            (Principal::Replica(r), LockMessage::FetchBase { lock }) => {
+                self.on_lock_fetch_base(r, lock, actions)
+            }
+            (Principal::Replica(_), LockMessage::Base { lock, objects }) => {
+                self.on_lock_base(lock, objects, actions)
+            }
             (Principal::Replica(_), LockMessage::Entries { lock, entries, .. }) => {
                 for e in entries {
                     if e.entry.body.lock == lock {
@@ -719,13 +737,113 @@ impl Core {
 
     /// After a state transfer the service may have merged a lock this replica still logs
     /// (the merge happened in the checkpoints it skipped), or lack its content: a lock with
-    /// no digest any more is forgotten here.
+    /// no digest any more is forgotten here. Then the locks the transferred state holds are
+    /// listed, and the content of those this replica lacks is fetched from peers.
     pub(super) fn check_locks_after_transfer(&mut self, actions: &mut Vec<Action>) {
         let locks: Vec<LockId> = self.locks.logs.keys().copied().collect();
         for lock in locks {
             actions.push(Action::Stage(StageAction::LockDigest { lock }));
             self.push_in_flight(InFlightKind::LockDigest { lock, check: true });
         }
+        actions.push(Action::Stage(StageAction::LockInfos));
+        self.push_in_flight(InFlightKind::LockInfos);
+    }
+
+    /// The locks the ordered state holds: fetch the content of those not served here.
+    pub(super) fn on_lock_infos(
+        &mut self,
+        infos: Vec<state_abstraction::locking::LockInfo>,
+        actions: &mut Vec<Action>,
+    ) {
+        self.answered_plain("lock infos", |k| matches!(k, InFlightKind::LockInfos));
+        self.locks.fetching_base.clear();
+        for info in infos {
+            if self.locks.logs.contains_key(&info.lock) {
+                continue;
+            }
+            tracing::info!(
+                replica = self.id.0,
+                lock = info.lock.0,
+                "lock content missing after state transfer; fetching it from peers"
+            );
+            actions.push(Action::Broadcast {
+                message: Message::Lock(LockMessage::FetchBase { lock: info.lock }),
+            });
+            self.locks.fetching_base.insert(info.lock, (info, false));
+        }
+    }
+
+    /// A peer lacks a lock's content: send ours, if we serve that lock.
+    fn on_lock_fetch_base(&mut self, to: ReplicaId, lock: LockId, actions: &mut Vec<Action>) {
+        if self.locks.logs.contains_key(&lock) {
+            actions.push(Action::Stage(StageAction::ServeLockBase { to, lock }));
+            self.push_in_flight(InFlightKind::ServeLockBase);
+        }
+    }
+
+    pub(super) fn on_lock_base_served(
+        &mut self,
+        to: ReplicaId,
+        lock: LockId,
+        objects: Option<Vec<(u64, state_abstraction::AbstractObject)>>,
+        actions: &mut Vec<Action>,
+    ) {
+        self.answered_plain("lock base", |k| matches!(k, InFlightKind::ServeLockBase));
+        if let Some(objects) = objects {
+            actions.push(Action::Send {
+                to,
+                message: Message::Lock(LockMessage::Base { lock, objects }),
+            });
+        }
+    }
+
+    fn on_lock_base(
+        &mut self,
+        lock: LockId,
+        objects: Vec<(u64, state_abstraction::AbstractObject)>,
+        actions: &mut Vec<Action>,
+    ) {
+        let Some((_, installing)) = self.locks.fetching_base.get_mut(&lock) else {
+            return;
+        };
+        if *installing {
+            return;
+        }
+        *installing = true;
+        actions.push(Action::Stage(StageAction::InstallLockBase { lock, objects }));
+        self.push_in_flight(InFlightKind::InstallLockBase);
+    }
+
+    /// The fetched content is in (checked against the base digest): the lock is served
+    /// here from now on, and its whole log is fetched from the peers.
+    pub(super) fn on_lock_base_installed(
+        &mut self,
+        lock: LockId,
+        ok: bool,
+        actions: &mut Vec<Action>,
+    ) {
+        self.answered_plain("lock base install", |k| {
+            matches!(k, InFlightKind::InstallLockBase)
+        });
+        let Some((info, installing)) = self.locks.fetching_base.get_mut(&lock) else {
+            return;
+        };
+        if !ok {
+            // A peer sent the wrong content: wait for another's.
+            *installing = false;
+            return;
+        }
+        let info = info.clone();
+        self.locks.fetching_base.remove(&lock);
+        self.on_lock_activated(lock, info.epoch, info.holder, info.base, actions);
+        if let Some(end) = info.frozen {
+            self.on_lock_frozen(lock, end, actions);
+        }
+        if let Some(log) = self.locks.logs.get_mut(&lock) {
+            log.catch_up = Some(0);
+            log.last_fetch_tick = 0;
+        }
+        self.fetch_lock_entries(lock, actions);
     }
 
     /// The stage's digest of a lock's objects, asked for a seal.
@@ -815,6 +933,17 @@ impl Core {
         if log.last_fetch_tick != 0 && ticks < log.last_fetch_tick + period {
             return;
         }
+        if let Some(previous) = log.catch_up {
+            if log.last_fetch_tick != 0 && previous == log.last() {
+                // A whole period brought nothing new: the peers have no more.
+                log.catch_up = None;
+                if log.wanted().is_none() {
+                    return;
+                }
+            } else {
+                log.catch_up = Some(log.last());
+            }
+        }
         log.last_fetch_tick = ticks.max(1);
         actions.push(Action::Broadcast {
             message: Message::Lock(LockMessage::Fetch {
@@ -868,6 +997,13 @@ impl Core {
 
     /// Retransmission timer: fetch what is still missing.
     pub(super) fn on_lock_timeout(&mut self, actions: &mut Vec<Action>) {
+        for (lock, (_, installing)) in &self.locks.fetching_base {
+            if !installing {
+                actions.push(Action::Broadcast {
+                    message: Message::Lock(LockMessage::FetchBase { lock: *lock }),
+                });
+            }
+        }
         let locks: Vec<LockId> = self
             .locks
             .logs

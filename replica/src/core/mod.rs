@@ -181,6 +181,16 @@ pub enum Event {
         lock: LockId,
         digest: Option<Digest>,
     },
+    /// The answer to [`StageAction::LockInfos`].
+    LockInfos { locks: Vec<state_abstraction::locking::LockInfo> },
+    /// The answer to [`StageAction::ServeLockBase`] (`None`: not held here).
+    LockBaseServed {
+        to: ReplicaId,
+        lock: LockId,
+        objects: Option<Vec<(u64, AbstractObject)>>,
+    },
+    /// The answer to [`StageAction::InstallLockBase`].
+    LockBaseInstalled { lock: LockId, ok: bool },
     /// The result of an [`StageAction::ExecuteReadOnly`].
     ReadOnlyExecuted {
         client: ClientId,
@@ -316,6 +326,17 @@ pub enum StageAction {
     /// Bring a lock's objects back to their activation (the log is replayed after). No
     /// answer unless it fails.
     LockRestart { lock: LockId },
+    /// The locks the ordered state holds (after a state transfer), answer with
+    /// [`Event::LockInfos`].
+    LockInfos,
+    /// A lock's objects at activation for a peer, answer with [`Event::LockBaseServed`].
+    ServeLockBase { to: ReplicaId, lock: LockId },
+    /// Install a lock's objects at activation fetched from a peer (checked against its
+    /// base digest), answer with [`Event::LockBaseInstalled`].
+    InstallLockBase {
+        lock: LockId,
+        objects: Vec<(u64, AbstractObject)>,
+    },
 }
 
 /// Things worth logging or checking; the driver need not act on them.
@@ -474,6 +495,9 @@ enum InFlightKind {
         /// Asked after a state transfer, to learn whether the lock is still live here.
         check: bool,
     },
+    LockInfos,
+    ServeLockBase,
+    InstallLockBase,
 }
 
 fn same_content(a: &PrePrepare, b: &PrePrepare) -> bool {
@@ -739,6 +763,11 @@ impl Core {
                 self.on_locked_executed(lock, k, result, actions)
             }
             Event::LockDigest { lock, digest } => self.on_lock_digest(lock, digest, actions),
+            Event::LockInfos { locks } => self.on_lock_infos(locks, actions),
+            Event::LockBaseServed { to, lock, objects } => {
+                self.on_lock_base_served(to, lock, objects, actions)
+            }
+            Event::LockBaseInstalled { lock, ok } => self.on_lock_base_installed(lock, ok, actions),
             Event::ReadOnlyExecuted {
                 client,
                 timestamp,

@@ -102,6 +102,24 @@ impl<S: Service> Stage<S> {
                 lock,
                 digest: self.service.lock_state_digest(lock),
             }),
+            Action::LockInfos => Some(Event::LockInfos {
+                locks: self.service.lock_infos(),
+            }),
+            Action::ServeLockBase { to, lock } => Some(Event::LockBaseServed {
+                to,
+                lock,
+                objects: self.service.lock_base_objects(lock),
+            }),
+            Action::InstallLockBase { lock, objects } => {
+                let ok = match self.service.lock_install_base(lock, objects) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(lock = lock.0, error = %e, "lock content from a peer refused");
+                        false
+                    }
+                };
+                Some(Event::LockBaseInstalled { lock, ok })
+            }
             Action::LockRestart { lock } => match self.service.lock_restart(lock) {
                 Ok(()) => None,
                 Err(e) => Some(Event::ExecutionFailed {

@@ -519,9 +519,9 @@ impl Authenticator {
                 }
                 self.verify(s, "lock_seal")
             }
-            L::Fetch { .. } => {
+            L::Fetch { .. } | L::FetchBase { .. } | L::Base { .. } => {
                 if !from_replica {
-                    return forbid("lock_fetch");
+                    return forbid(message.kind());
                 }
                 Ok(())
             }

@@ -133,6 +133,15 @@ pub enum LockMessage {
         epoch: u32,
         entries: Vec<LoggedEntry>,
     },
+    /// Server → server: the lock's objects at activation, which the sender lacks (it got
+    /// the ordered state by transfer, with placeholders only).
+    FetchBase { lock: LockId },
+    /// Answer to `FetchBase`; the receiver's service checks it against the lock's base
+    /// digest in the ordered state before using it.
+    Base {
+        lock: LockId,
+        objects: Vec<(u64, state_abstraction::AbstractObject)>,
+    },
 }
 
 impl LockMessage {
@@ -146,6 +155,8 @@ impl LockMessage {
             LockMessage::Sealed(_) => "lock_sealed",
             LockMessage::Fetch { .. } => "lock_fetch",
             LockMessage::Entries { .. } => "lock_entries",
+            LockMessage::FetchBase { .. } => "lock_fetch_base",
+            LockMessage::Base { .. } => "lock_base",
         }
     }
 }
