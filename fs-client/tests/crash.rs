@@ -14,7 +14,6 @@ use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
-
 /// `bftfs mount CONFIG MNT --detach [-o OPTIONS]`: its output and the serving process's pid
 /// (which it prints).
 fn mount_detached(config: &Path, mnt: &Path, xdg: &Path, options: &[&str]) -> (String, i32) {

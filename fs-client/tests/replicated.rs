@@ -39,7 +39,6 @@ fn data_dir_of(m: &Mounted) -> PathBuf {
     PathBuf::from(v["data_dir"].as_str().expect("data_dir in status"))
 }
 
-
 /// `bftfs mount` of `first`'s cluster at `mnt` with mount options `options`.
 fn second_mount(first: &Mounted, mnt: &Path, xdg: &Path, options: &str) -> Unmount {
     let config = data_dir_of(first).join("cluster/cluster.json");
