@@ -560,10 +560,7 @@ impl WriteBack {
             _ => return,
         };
         self.shared.changed.notify_all();
-        loop {
-            let Some(node) = state.nodes.get_mut(&nodeid) else {
-                break;
-            };
+        while let Some(node) = state.nodes.get_mut(&nodeid) {
             if node.drained_upto(upto) {
                 break;
             }
@@ -742,9 +739,7 @@ mod tests {
                 let byte = (step % 251) as u8;
                 let data = vec![byte; len];
                 buffered += insert(&mut extents, offset, &data, &who, u64::from(step), chunk);
-                for i in offset as usize..offset as usize + len {
-                    model[i] = Some((byte, who.uid));
-                }
+                model[offset as usize..offset as usize + len].fill(Some((byte, who.uid)));
                 let mut last_end = 0;
                 let mut total = 0;
                 for (&o, e) in &extents {
