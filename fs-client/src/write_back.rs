@@ -356,7 +356,7 @@ impl Shared {
             }
         }
         if let Some(job) = &chosen {
-            state.buffered -= job.extent.data.len();
+            state.buffered = state.buffered.saturating_sub(job.extent.data.len());
         }
         (chosen, due_in)
     }
@@ -541,7 +541,7 @@ impl WriteBack {
         let epoch = node.epoch;
         node.epoch += 1;
         let delta = insert(&mut node.extents, offset, data, caller, epoch, limits.chunk);
-        let buffered = state.buffered - dropped;
+        let buffered = state.buffered.saturating_sub(dropped);
         state.buffered = buffered.checked_add_signed(delta).unwrap_or(0);
         drop(state);
         self.shared.changed.notify_all();
@@ -571,7 +571,7 @@ impl WriteBack {
                     offset,
                     extent,
                 };
-                state.buffered -= job.extent.data.len();
+                state.buffered = state.buffered.saturating_sub(job.extent.data.len());
                 drop(state);
                 self.shared.changed.notify_all();
                 self.shared.send(job);
@@ -634,7 +634,7 @@ impl WriteBack {
         let dropped: usize = node.extents.values().map(|e| e.data.len()).sum();
         node.extents.clear();
         node.since = None;
-        state.buffered -= dropped;
+        state.buffered = state.buffered.saturating_sub(dropped);
         drop(state);
         self.shared.changed.notify_all();
     }
@@ -868,6 +868,17 @@ mod tests {
             }
             model[offset..offset + len].copy_from_slice(&data);
             assert!(wb.pending_end(7).unwrap_or(0) <= model.len() as u64);
+            {
+                // The budget counts exactly the bytes buffered and not being sent.
+                let state = wb.shared.lock();
+                let held: usize = state
+                    .nodes
+                    .values()
+                    .flat_map(|n| n.extents.values())
+                    .map(|e| e.data.len())
+                    .sum();
+                assert_eq!(state.buffered, held);
+            }
             if step % 500 == 499 {
                 wb.drain(7);
                 assert!(!wb.pending(7));
