@@ -1,6 +1,6 @@
-//! `bftfs-bench seqwrite`: a large file written sequentially in 1 MiB writes and fsync'ed at
-//! the end (`dd if=/dev/zero of=FILE bs=1M count=N conv=fsync`), on several targets in one
-//! session, rounds interleaved.
+//! `bftfs-bench seqwrite`: a large file written sequentially in 1 MiB writes (or `--block-kib`)
+//! and fsync'ed at the end (`dd if=/dev/zero of=FILE bs=1M count=N conv=fsync`), on several
+//! targets in one session, rounds interleaved.
 //!
 //! In: the targets (set up as `bftfs-bench postmark` sets them up, so `bftfs` is the default
 //! write mode and `bftfs-sync` is `-o sync`), the size, the number of rounds. Out: per target
@@ -23,6 +23,9 @@ pub struct Args {
     /// MiB written per run.
     #[arg(long, default_value_t = 200)]
     pub mib: u64,
+    /// Size of each write(2), in KiB (dd's bs); must divide the file size.
+    #[arg(long, default_value_t = 1024)]
+    pub block_kib: u64,
     /// Rounds; each writes the file once on every target.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
@@ -75,6 +78,14 @@ pub fn run(args: Args) -> Result<()> {
         bail!("no target could be set up");
     }
     let bytes = args.mib * (1 << 20);
+    if args.block_kib == 0 || bytes % (args.block_kib * 1024) != 0 {
+        bail!(
+            "--block-kib {} does not divide {} MiB",
+            args.block_kib,
+            args.mib
+        );
+    }
+    let count = bytes / (args.block_kib * 1024);
     let mut measurements = Vec::new();
     for round in 0..args.runs {
         for k in 0..targets.len() {
@@ -84,7 +95,9 @@ pub fn run(args: Args) -> Result<()> {
             let out = Command::new("dd")
                 .arg("if=/dev/zero")
                 .arg(format!("of={}", file.display()))
-                .args(["bs=1M", &format!("count={}", args.mib), "conv=fsync"])
+                .arg(format!("bs={}K", args.block_kib))
+                .arg(format!("count={count}"))
+                .arg("conv=fsync")
                 .output()
                 .context("running dd")?;
             let seconds = started.elapsed().as_secs_f64();
@@ -129,8 +142,8 @@ pub fn run(args: Args) -> Result<()> {
     };
     let base = median_min_max(&rates(&baseline)).map_or(f64::NAN, |r| r.0);
     println!(
-        "dd bs=1M count={} conv=fsync ({} MiB), {} round(s), medians with [min–max]",
-        args.mib, args.mib, args.runs
+        "dd bs={}K count={count} conv=fsync ({} MiB), {} round(s), medians with [min–max]",
+        args.block_kib, args.mib, args.runs
     );
     println!();
     println!("| target | MB/s | vs {baseline} |");
@@ -154,13 +167,16 @@ pub fn run(args: Args) -> Result<()> {
     let json = serde_json::json!({
         "when": utc_now(),
         "mib": args.mib,
+        "block_kib": args.block_kib,
         "runs": args.runs,
         "baseline": baseline,
         "summary": summary,
         "measurements": measurements,
         "skipped": skipped,
     });
-    let path = args.out.join(format!("seqwrite-{}mib.json", args.mib));
+    let path = args
+        .out
+        .join(format!("seqwrite-{}mib-{}k.json", args.mib, args.block_kib));
     std::fs::write(&path, serde_json::to_string_pretty(&json)?)
         .with_context(|| format!("writing {}", path.display()))?;
     eprintln!("wrote {}", path.display());
