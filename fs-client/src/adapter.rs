@@ -2073,18 +2073,27 @@ impl Filesystem for BftFs {
                 // The kernel calls create only for a name it believes absent; if another client
                 // made it meanwhile, Unchecked opened the existing file, and O_TRUNC still applies.
                 if flags & libc::O_TRUNC != 0 && attr.size > 0 {
+                    // Known here already (another name of it): its buffered bytes go first,
+                    // as before any truncate.
+                    if let Some(n) = self.inodes.find(h) {
+                        self.settle(n);
+                    }
                     let set = SetAttrs {
                         size: Some(0),
                         ..Default::default()
                     };
-                    Ok((h, self.setattr_impl(req, h, set)?))
+                    Ok((h, self.setattr_impl(req, h, set)?, true))
                 } else {
-                    Ok((h, attr))
+                    Ok((h, attr, false))
                 }
             });
         match r {
-            Ok((handle, attr)) => {
+            Ok((handle, attr, truncated)) => {
                 let nodeid = self.inodes.remember(handle);
+                if truncated {
+                    self.kernel.modified(nodeid);
+                    self.kernel.resized(nodeid, &attr);
+                }
                 self.kernel.named(dir, &name_bytes(name), nodeid);
                 let attr = self.give(nodeid, &attr);
                 let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
