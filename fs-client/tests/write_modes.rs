@@ -485,6 +485,9 @@ fn sizes_on_the_writing_mount_follow_buffered_writes() {
         let pair = Pair::new(mode);
         let path = pair.b.join("growing");
         let mut f = fs::File::create(&path).expect("create");
+        let created = f.metadata().expect("fstat").modified().expect("mtime");
+        // The agreed clock ticks in nanoseconds, but a write in the same tick would not move it.
+        std::thread::sleep(Duration::from_millis(20));
         let mut want = Vec::new();
         for k in 0..3u8 {
             let piece = pattern(100_000, k);
@@ -530,6 +533,20 @@ fn sizes_on_the_writing_mount_follow_buffered_writes() {
             &want,
             &format!("{mode}: other mount"),
         );
+        // mtime moved with the writes, and both mounts show the replicas' one.
+        let here = fs::metadata(&path)
+            .expect("stat")
+            .modified()
+            .expect("mtime");
+        let there = fs::metadata(pair.a.join("growing"))
+            .expect("stat")
+            .modified()
+            .expect("mtime");
+        assert!(
+            here > created,
+            "{mode}: mtime {here:?} not after creation {created:?}"
+        );
+        assert_eq!(here, there, "{mode}: mtime differs between the mounts");
         pair.down();
     }
 }
