@@ -446,6 +446,11 @@ impl Shared {
     fn run(self: Arc<Self>) {
         let mut state = self.lock();
         loop {
+            // Stopping comes after a drain that gave up (a cluster gone for good): what is
+            // left would only wait out one timeout per piece.
+            if state.stopping {
+                return;
+            }
             let (job, due_in) = self.pick(&mut state);
             if let Some(job) = job {
                 drop(state);
@@ -454,9 +459,6 @@ impl Shared {
                 self.send(job);
                 state = self.lock();
                 continue;
-            }
-            if state.stopping {
-                return;
             }
             state = match due_in {
                 Some(d) => self.wait_for(state, d.max(Duration::from_millis(1))),
