@@ -8,6 +8,7 @@ mod micro;
 mod postmark;
 mod replay;
 mod report;
+mod seqwrite;
 mod wrapper;
 
 #[derive(Parser)]
@@ -35,6 +36,9 @@ enum Command {
     /// bindfs and GlusterFS in one session, rounds interleaved: transactions/s, files
     /// created/s, total time, ratios to a baseline; CSV, JSON and a PNG chart in --out.
     Postmark(postmark::Args),
+    /// A large file written in 1 MiB writes with a final fsync (dd conv=fsync) on bftfs in
+    /// both write modes and baselines in one session, rounds interleaved: MB/s and ratios.
+    Seqwrite(seqwrite::Args),
     /// Fault run: a verifying workload and PostMark on a mounted f=1 cluster while replicas
     /// (the primary too) are killed and cut off in turn; figures in --out.
     Chaos(chaos::Args),
@@ -46,6 +50,7 @@ fn main() -> anyhow::Result<()> {
         Command::Micro(args) => micro::run(args),
         Command::Replay(args) => replay::run(args),
         Command::Postmark(args) => postmark::run(args),
+        Command::Seqwrite(args) => seqwrite::run(args),
         Command::Chaos(args) => chaos::run(args),
     }
 }

@@ -23,7 +23,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const ALL_TARGETS: &str = "bftfs,bftfs-commit,bftfs-n1,tmpfs,localdir,bindfs,glusterfs";
+pub(crate) const ALL_TARGETS: &str =
+    "bftfs,bftfs-sync,bftfs-commit,bftfs-n1,tmpfs,localdir,bindfs,glusterfs";
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
@@ -31,8 +32,8 @@ pub struct Args {
     /// file of PostMark `set` commands (its `set location`, `run` and `quit` are ignored).
     #[arg(long, default_value = "std")]
     pub config: String,
-    /// Comma-separated targets: bftfs, bftfs-commit (f=1 without the fast path), bftfs-n1,
-    /// tmpfs, localdir, bindfs, glusterfs.
+    /// Comma-separated targets: bftfs (f=1, default write mode), bftfs-sync (f=1, -o sync),
+    /// bftfs-commit (f=1 without the fast path), bftfs-n1, tmpfs, localdir, bindfs, glusterfs.
     #[arg(long, default_value = ALL_TARGETS)]
     pub targets: String,
     /// Rounds; each runs PostMark once on every target.
@@ -124,12 +125,12 @@ fn config_of(name: &str) -> Result<Config> {
 // Targets
 
 /// A file system to measure, set up for the session; torn down on drop.
-struct Target {
-    name: String,
+pub(crate) struct Target {
+    pub(crate) name: String,
     /// Directory PostMark works in (each round in a fresh subdirectory).
-    dir: PathBuf,
+    pub(crate) dir: PathBuf,
     teardown: Vec<Teardown>,
-    description: String,
+    pub(crate) description: String,
 }
 
 enum Teardown {
@@ -194,7 +195,7 @@ impl Drop for Target {
     }
 }
 
-enum Setup {
+pub(crate) enum Setup {
     Ready(Target),
     Skipped(String),
 }
@@ -256,10 +257,24 @@ fn scratch(work_dir: &Path, tag: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// Sets up target `name`; `work_dir` as [`Args::work_dir`].
+pub(crate) fn set_up_in(name: &str, work_dir: &Path) -> Result<Setup> {
+    let args = Args {
+        config: "std".into(),
+        targets: name.into(),
+        runs: 1,
+        out: PathBuf::new(),
+        baseline: None,
+        work_dir: work_dir.to_path_buf(),
+        replot: None,
+    };
+    set_up(name, &args)
+}
+
 fn set_up(name: &str, args: &Args) -> Result<Setup> {
     let is_root = geteuid().is_root();
     match name {
-        "bftfs" | "bftfs-commit" | "bftfs-n1" => {
+        "bftfs" | "bftfs-sync" | "bftfs-commit" | "bftfs-n1" => {
             let bftfs = match find_bftfs() {
                 Ok(b) => b,
                 Err(e) => return Ok(Setup::Skipped(format!("{e:#}"))),
@@ -286,6 +301,9 @@ fn set_up(name: &str, args: &Args) -> Result<Setup> {
             if name == "bftfs-commit" {
                 up.arg("--no-fast-path");
             }
+            if name == "bftfs-sync" {
+                up.args(["-o", "sync"]);
+            }
             run_checked(&mut up, &format!("bftfs up --f {f}"))?;
             target.teardown.push(Teardown::BftfsDown {
                 bftfs: bftfs.clone(),
@@ -293,7 +311,8 @@ fn set_up(name: &str, args: &Args) -> Result<Setup> {
             });
             wait_mounted(&target.dir)?;
             target.description = match name {
-                "bftfs" => "bftfs, f=1: 4 bftfs-replica processes on 127.0.0.1 (data on the root fs), fast path".into(),
+                "bftfs" => "bftfs, f=1: 4 bftfs-replica processes on 127.0.0.1 (data on the root fs), fast path, default write mode (write-back)".into(),
+                "bftfs-sync" => "bftfs -o sync, f=1: the same, every write replicated before it returns".into(),
                 "bftfs-commit" => "bftfs --no-fast-path, f=1: the same, commit path only".into(),
                 _ => "bftfs --f 0: one in-process file service, no replication".into(),
             };

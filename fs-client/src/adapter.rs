@@ -6,17 +6,23 @@
 //! `default_permissions`. Node ids are mapped to handles by [`InodeTable`]; every error reaches
 //! the kernel through [`errno`], the one place errors become errno values.
 //!
-//! Reads and writes go straight to the service (no write-back); the kernel caches attributes
+//! Writes are buffered and sent in the background ([`crate::write_back`], the default) or sent
+//! before `write(2)` returns (`-o sync`); either way the kernel runs FUSE in write-through
+//! mode and takes every size from the adapter. Reads go to the service, or come from the
+//! kernel's page cache when an open finds the file unchanged. The kernel caches attributes
 //! and entries for the TTLs given in [`MountOptions`]. The adapter's own state is small: the
-//! node id table, a snapshot per open directory, the open-file counts that keep unlinked open
-//! files alive ([`crate::open_files`]), and a short-lived cache of files known to have no
-//! `security.capability` attribute (the kernel asks before every write).
+//! node id table, a snapshot per open directory, the open files (who opened them, for
+//! writes the kernel sends later from its page cache, and which write errors they were told
+//! of), the open-file counts that keep unlinked open files alive ([`crate::open_files`]), and
+//! a short-lived cache of files known to have no `security.capability` attribute (the kernel
+//! asks before every write).
 
 use crate::inodes::InodeTable;
 use crate::kernel_cache::KernelCache;
 use crate::open_files::{Hidden, OpenFiles};
 use crate::options::MountOptions;
 use crate::transport::{FsTransport, TransportError};
+use crate::write_back::{Limits, Observer, WriteBack, WriteError};
 use fuser::{
     AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, Filesystem, FopenFlags,
     Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags,
@@ -24,6 +30,7 @@ use fuser::{
     ReplyEntry, ReplyIoctl, ReplyLock, ReplyLseek, ReplyOpen, ReplyPoll, ReplyStatfs, ReplyWrite,
     ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
+use state_abstraction::fs::object::MAX_FILE_SIZE;
 use state_abstraction::fs::{
     AllocMode, Attr, Caller, CreateHow, DirEntry, FileType, FsError, FsOp, FsReply, FsRequest,
     Handle, NodeKind, SetAttrs, SetTime, Timespec, XattrSet, ACCESS_EXECUTE, ACCESS_READ,
@@ -72,6 +79,16 @@ pub enum Failure {
     /// lacks it (ENOSYS, which the kernel remembers): byte-range locks, lseek of holes,
     /// ioctl, poll, bmap.
     LeftToKernel,
+}
+
+impl From<WriteError> for Failure {
+    fn from(e: WriteError) -> Failure {
+        match e {
+            WriteError::Service(e) => Failure::Service(e),
+            WriteError::Transport(e) => Failure::Transport(e),
+            WriteError::Unexpected(what) => Failure::UnexpectedReply(what),
+        }
+    }
 }
 
 /// The one mapping from failures to errno.
@@ -174,6 +191,39 @@ fn offset_of_cookie(cookie: u64) -> u64 {
     cookie.saturating_add(DOTDOT_OFFSET)
 }
 
+/// A file the kernel opened (FUSE file handle → this).
+struct OpenFile {
+    /// Opened for writing: its close waits for the node's buffered writes.
+    writable: bool,
+    /// Who opened it. Writes the kernel sends from its page cache (a shared mapping) come
+    /// from whichever thread writes pages back; they are made with the opener's rights, as
+    /// NFS clients do.
+    caller: Caller,
+    /// The node's write-error count this descriptor was last told of.
+    seen_error: u64,
+}
+
+/// What the background write threads report, handed to the kernel caches.
+struct Feedback {
+    kernel: Arc<KernelCache>,
+    /// Nodes whose cached pages and size must be dropped (a buffered write was refused),
+    /// for the thread that tells the kernel: telling it can wait on page locks, which a
+    /// read waiting for this node's writes may hold.
+    refused: std::sync::mpsc::SyncSender<u64>,
+}
+
+impl Observer for Feedback {
+    fn written(&self, nodeid: u64, attr: &Attr) {
+        self.kernel.wrote(nodeid, attr);
+    }
+
+    fn failed(&self, nodeid: u64) {
+        if self.refused.try_send(nodeid).is_err() {
+            debug!("invalidation queue full; node {nodeid} is dropped at its next open");
+        }
+    }
+}
+
 /// The bftfs FUSE file system.
 pub struct BftFs {
     transport: Arc<dyn FsTransport>,
@@ -187,7 +237,11 @@ pub struct BftFs {
     /// Files open in the kernel, kept alive when unlinked (see [`crate::open_files`]).
     open_files: OpenFiles,
     /// Names and attributes the kernel may serve without asking (see [`crate::kernel_cache`]).
-    kernel: KernelCache,
+    kernel: Arc<KernelCache>,
+    /// Buffered writes (`None` with `-o sync`).
+    write_back: Option<WriteBack>,
+    /// Open files by FUSE file handle.
+    files: Mutex<HashMap<u64, OpenFile>>,
     /// Set once the session exists (see [`BftFs::notifier_slot`]); until then, and without a
     /// session, nothing is invalidated.
     notifier: Arc<OnceLock<fuser::Notifier>>,
@@ -381,8 +435,34 @@ fn access_mask_of_open(flags: OpenFlags) -> u32 {
 }
 
 impl BftFs {
-    pub fn new(transport: Arc<dyn FsTransport>, opts: MountOptions) -> Self {
-        BftFs {
+    /// Fails only if the write-back threads cannot be started.
+    pub fn new(transport: Arc<dyn FsTransport>, opts: MountOptions) -> std::io::Result<Self> {
+        let kernel = Arc::new(KernelCache::default());
+        let notifier: Arc<OnceLock<fuser::Notifier>> = Arc::new(OnceLock::new());
+        let write_back = if opts.sync {
+            None
+        } else {
+            let (refused, queue) = std::sync::mpsc::sync_channel::<u64>(4096);
+            let slot = notifier.clone();
+            // Ends when the write-back (the only sender) is dropped.
+            std::thread::Builder::new()
+                .name("bftfs-invalidate".into())
+                .spawn(move || {
+                    for nodeid in queue {
+                        invalidate(&slot, nodeid);
+                    }
+                })?;
+            let feedback = Arc::new(Feedback {
+                kernel: kernel.clone(),
+                refused,
+            });
+            Some(WriteBack::new(
+                transport.clone(),
+                feedback,
+                Limits::default(),
+            )?)
+        };
+        Ok(BftFs {
             transport,
             inodes: InodeTable::new(),
             opts,
@@ -391,9 +471,92 @@ impl BftFs {
             transport_log: TransportLog::default(),
             no_caps: Mutex::new(HashMap::new()),
             open_files: OpenFiles::default(),
-            kernel: KernelCache::default(),
-            notifier: Arc::new(OnceLock::new()),
+            kernel,
+            write_back,
+            files: Mutex::new(HashMap::new()),
+            notifier,
+        })
+    }
+
+    /// Waits until `nodeid`'s buffered writes are on the service, so that what follows (a
+    /// read, a stat, a truncate, a copy) sees them and comes after them.
+    fn settle(&self, nodeid: u64) {
+        if let Some(wb) = &self.write_back {
+            wb.drain(nodeid);
         }
+    }
+
+    /// Drains `nodeid` for descriptor `fh` and reports the first write of the node that the
+    /// service refused since the descriptor was last told. `writers_only`: a descriptor
+    /// opened read-only neither waits nor is told (close of a reader).
+    fn settle_for(&self, nodeid: u64, fh: u64, writers_only: bool) -> Result<(), Failure> {
+        let Some(wb) = &self.write_back else {
+            return Ok(());
+        };
+        let seen = {
+            let files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+            match files.get(&fh) {
+                Some(f) if writers_only && !f.writable => return Ok(()),
+                Some(f) => f.seen_error,
+                // Not one of ours (not expected): wait, but report nothing it was not open for.
+                None => wb.error_seq(nodeid),
+            }
+        };
+        wb.drain(nodeid);
+        let (seq, error) = wb.error_since(nodeid, seen);
+        if let Some(f) = self
+            .files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&fh)
+        {
+            f.seen_error = f.seen_error.max(seq);
+        }
+        match error {
+            Some(e) => {
+                // The kernel's pages and size still show the refused bytes; make it ask now,
+                // before the caller looks again.
+                invalidate(&self.notifier, nodeid);
+                Err(e.into())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Records an open file and returns its FUSE file handle.
+    fn file_opened(&self, nodeid: u64, writable: bool, caller: Caller) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let seen_error = self
+            .write_back
+            .as_ref()
+            .map_or(0, |wb| wb.error_seq(nodeid));
+        self.files.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            fh,
+            OpenFile {
+                writable,
+                caller,
+                seen_error,
+            },
+        );
+        fh
+    }
+
+    /// The attributes the kernel is to hold for `nodeid`, given the service's `a`: the newest
+    /// of them and this client's own changes, and no smaller than its buffered writes reach.
+    fn as_kernel_sees(&self, nodeid: u64, a: &Attr) -> Attr {
+        let mut a = self.kernel.newest(nodeid, a);
+        if let Some(end) = self.write_back.as_ref().and_then(|w| w.pending_end(nodeid)) {
+            a.size = a.size.max(end);
+        }
+        a
+    }
+
+    /// Hands attributes to the kernel: adjusted ([`BftFs::as_kernel_sees`]), recorded for the
+    /// check at open, converted.
+    fn give(&self, nodeid: u64, a: &Attr) -> FileAttr {
+        let a = self.as_kernel_sees(nodeid, a);
+        self.kernel.gave_attr(nodeid, &a);
+        self.kernel_attr(nodeid, &a)
     }
 
     /// Where the session's notifier goes once the session exists: the adapter is moved into
@@ -408,9 +571,9 @@ impl BftFs {
     /// the caller, which also gives fresh attributes. A name that no longer leads to this
     /// node makes the open fail with ESTALE: the kernel then redoes the open once with every
     /// name on the path looked up afresh (LOOKUP_REVAL). Changed attributes are invalidated,
-    /// so the size the kernel reads up to is the new one; cached pages go anyway at every
-    /// open (no FOPEN_KEEP_CACHE).
-    fn revalidate_at_open(&self, req: &Request, ino: INodeNo) -> Result<(), Failure> {
+    /// so the size the kernel reads up to is the new one. Returns whether the attributes are
+    /// those the kernel already had (then its cached pages may be kept).
+    fn revalidate_at_open(&self, req: &Request, ino: INodeNo) -> Result<bool, Failure> {
         let h = self.handle(ino)?;
         let caller = caller_of(req);
         let names = self.kernel.names_of(ino.0);
@@ -450,15 +613,17 @@ impl BftFs {
             // No name known (not expected: every entry the kernel gets is recorded).
             None => Self::attr_of(self.call_as(caller, FsOp::GetAttr { h })?, "getattr")?,
         };
+        let fresh = self.as_kernel_sees(ino.0, &fresh);
         if self.kernel.attr_changed(ino.0, &fresh) {
             if let Some(n) = self.notifier.get() {
-                // Offset -1: attributes only; the pages go anyway (no FOPEN_KEEP_CACHE).
+                // Offset -1: attributes only; the pages go at open (no FOPEN_KEEP_CACHE).
                 if let Err(e) = n.inval_inode(ino, -1, 0) {
                     debug!("invalidating attributes: {e}");
                 }
             }
+            return Ok(false);
         }
-        Ok(())
+        Ok(true)
     }
 
     /// If `dir/name` is a file some descriptor still has open, and removing the name would
@@ -643,11 +808,11 @@ impl BftFs {
         if let Some((dir, name)) = entry {
             self.kernel.named(dir, &name, nodeid);
         }
-        self.kernel.gave_attr(nodeid, attr);
+        let attr = self.give(nodeid, attr);
         reply.entry_with_ttls(
             &self.opts.attr_timeout,
             &self.opts.entry_timeout,
-            &self.kernel_attr(nodeid, attr),
+            &attr,
             Generation(handle.generation),
         );
     }
@@ -775,14 +940,15 @@ impl BftFs {
         Ok(out)
     }
 
+    /// Sends a write and waits for it (`-o sync`).
     fn write_impl(
         &self,
-        req: &Request,
+        caller: Caller,
+        nodeid: u64,
         h: Handle,
         offset: u64,
         data: &[u8],
     ) -> Result<u32, Failure> {
-        let caller = caller_of(req);
         let mut done = 0usize;
         while done < data.len() {
             let end = (done + IO_MAX as usize).min(data.len());
@@ -793,7 +959,8 @@ impl BftFs {
                 data: data[done..end].to_vec(),
             };
             match self.call_as(caller.clone(), op)? {
-                FsReply::Write { count, .. } => {
+                FsReply::Write { count, attr } => {
+                    self.kernel.wrote(nodeid, &attr);
                     if count == 0 || count as usize > end - done {
                         // No progress (or nonsense): stop rather than loop forever.
                         if done == 0 {
@@ -883,11 +1050,6 @@ fn first_after(entries: &[DirEntry], offset: u64) -> usize {
 }
 
 impl Filesystem for BftFs {
-    fn destroy(&mut self) {
-        // Locks go back at unmount, so what this mount did under them merges at once.
-        self.transport.release_all();
-    }
-
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         if let Err(nearest) = config.set_max_write(IO_MAX) {
             let _ = config.set_max_write(nearest);
@@ -900,6 +1062,10 @@ impl Filesystem for BftFs {
             // Symlink targets never change (a new target is a new object), so the kernel may
             // keep them.
             InitFlags::FUSE_CACHE_SYMLINKS,
+            // Cached pages go whenever the kernel is given a different mtime, not only a
+            // different size: what an open keeps (FOPEN_KEEP_CACHE) then always matches the
+            // attributes last given, which the check at open compares.
+            InitFlags::FUSE_AUTO_INVAL_DATA,
         ] {
             if config.add_capabilities(cap).is_err() {
                 debug!("kernel lacks {cap:?}");
@@ -907,6 +1073,20 @@ impl Filesystem for BftFs {
         }
         debug!("FUSE session initialised");
         Ok(())
+    }
+
+    fn destroy(&mut self) {
+        // Every file is closed by now, so nothing is expected here; bytes of a shared mapping
+        // still being written back are the exception.
+        if let Some(wb) = &self.write_back {
+            let left = wb.drain_all(self.opts.request_timeout);
+            if left > 0 {
+                error!("{left} files still had buffered writes at unmount; they are lost");
+            }
+        }
+        // Locks go back at unmount (after the buffered writes, which may go through them),
+        // so what this mount did under them merges at once.
+        self.transport.release_all();
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
@@ -928,19 +1108,21 @@ impl Filesystem for BftFs {
         if self.inodes.handle(ino.0).is_none() {
             self.set_caps_absent(ino.0, false);
             self.kernel.forgotten(ino.0);
+            if let Some(wb) = &self.write_back {
+                wb.forget(ino.0);
+            }
         }
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        // A stat shows the size and mtime of the data written so far.
+        self.settle(ino.0);
         let r = self
             .handle(ino)
             .and_then(|h| self.call(req, FsOp::GetAttr { h }))
             .and_then(|r| Self::attr_of(r, "getattr"));
         match r {
-            Ok(a) => {
-                self.kernel.gave_attr(ino.0, &a);
-                reply.attr(&self.opts.attr_timeout, &self.kernel_attr(ino.0, &a))
-            }
+            Ok(a) => reply.attr(&self.opts.attr_timeout, &self.give(ino.0, &a)),
             Err(f) => self.fail("getattr", reply, f),
         }
     }
@@ -972,13 +1154,22 @@ impl Filesystem for BftFs {
             atime: atime.map(set_time),
             mtime: mtime.map(set_time),
         };
+        // After the writes made before it, as with -o sync: a truncate must not be undone by
+        // an older buffered write, nor a chmod refuse bytes written while it was allowed.
+        self.settle(ino.0);
+        let resizes = set.size.is_some();
+        if resizes {
+            self.kernel.modified(ino.0);
+        }
         match self
             .handle(ino)
             .and_then(|h| self.setattr_impl(req, h, set))
         {
             Ok(a) => {
-                self.kernel.gave_attr(ino.0, &a);
-                reply.attr(&self.opts.attr_timeout, &self.kernel_attr(ino.0, &a))
+                if resizes {
+                    self.kernel.resized(ino.0, &a);
+                }
+                reply.attr(&self.opts.attr_timeout, &self.give(ino.0, &a))
             }
             Err(f) => self.fail("setattr", reply, f),
         }
@@ -1249,13 +1440,29 @@ impl Filesystem for BftFs {
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let checked = self
             .check_open(req, ino, access_mask_of_open(flags))
-            .and_then(|()| self.revalidate_at_open(req, ino));
+            .and_then(|()| {
+                // This client's own buffered bytes first, so that what the service answers
+                // differs from what the kernel holds only by other clients' changes.
+                self.settle(ino.0);
+                self.revalidate_at_open(req, ino)
+            });
         match checked {
-            // No FOPEN_KEEP_CACHE: the kernel drops cached pages at open; with the
-            // revalidation above that gives close-to-open consistency between clients.
-            Ok(()) => {
+            Ok(unchanged) => {
+                // Cached pages are kept only if nothing changed them since the kernel was
+                // given these attributes: not another client (the revalidation), not this
+                // one (whose writes the kernel may have cached around attributes it then
+                // ignored). Otherwise the kernel drops them here: close-to-open consistency.
+                let modified_here = self.kernel.take_modified(ino.0);
+                let keep = unchanged && !modified_here;
+                let writable = flags.acc_mode() != OpenAccMode::O_RDONLY;
+                let fh = self.file_opened(ino.0, writable, caller_of(req));
                 self.open_files.opened(ino.0);
-                reply.opened(FileHandle(0), FopenFlags::empty())
+                let how = if keep {
+                    FopenFlags::FOPEN_KEEP_CACHE
+                } else {
+                    FopenFlags::empty()
+                };
+                reply.opened(FileHandle(fh), how)
             }
             Err(f) => self.fail("open", reply, f),
         }
@@ -1272,6 +1479,7 @@ impl Filesystem for BftFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.settle(ino.0);
         match self
             .handle(ino)
             .and_then(|h| self.read_impl(req, h, offset, size))
@@ -1285,47 +1493,93 @@ impl Filesystem for BftFs {
         &self,
         req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self
-            .handle(ino)
-            .and_then(|h| self.write_impl(req, h, offset, data))
-        {
-            Ok(n) => reply.written(n),
-            Err(f) => self.fail("write", reply, f),
+        let h = match self.handle(ino) {
+            Ok(h) => h,
+            Err(f) => return self.fail("write", reply, f),
+        };
+        let opener = if write_flags.contains(WriteFlags::FUSE_WRITE_CACHE) {
+            self.files
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&fh.0)
+                .map(|f| f.caller.clone())
+        } else {
+            None
+        };
+        let caller = opener.unwrap_or_else(|| caller_of(req));
+        self.kernel.modified(ino.0);
+        let Some(wb) = &self.write_back else {
+            return match self.write_impl(caller, ino.0, h, offset, data) {
+                Ok(n) => reply.written(n),
+                Err(f) => self.fail("write", reply, f),
+            };
+        };
+        // What the service would refuse whatever happens meanwhile is refused now rather
+        // than at close. (Permission was checked at open; a later change of it is reported
+        // at close, as NFS does.)
+        let fits = offset
+            .checked_add(data.len() as u64)
+            .is_some_and(|end| end <= MAX_FILE_SIZE);
+        let Ok(count) = u32::try_from(data.len()) else {
+            return self.fail("write", reply, Failure::Invalid("write larger than 4 GiB"));
+        };
+        if !fits {
+            return self.fail("write", reply, Failure::Service(FsError::FBig));
         }
+        wb.write(ino.0, h, offset, data, &caller);
+        reply.written(count)
     }
 
     fn flush(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
+        ino: INodeNo,
+        fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // Writes are sent synchronously: nothing is buffered here.
-        reply.ok();
+        // close(2): a writer's close returns once the file's data is on the replicas
+        // (close-to-open), and reports a buffered write they refused.
+        match self.settle_for(ino.0, fh.0, true) {
+            Ok(()) => reply.ok(),
+            Err(f) => self.fail("flush", reply, f),
+        }
     }
 
     fn release(
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        // Errors of release reach no one (close(2) has returned already): answer at once.
         let hidden = self.open_files.released(ino.0);
+        if let Some(wb) = &self.write_back {
+            if hidden.is_some() {
+                // Its last name is going: nothing will read these bytes.
+                wb.discard(ino.0);
+            } else if let Err(f) = self.settle_for(ino.0, fh.0, true) {
+                // Writes through a shared mapping unmapped after close(2) are sent only
+                // now, and no one is left to tell.
+                warn!("a write to a file just closed was not accepted: {f:?}");
+            }
+        }
+        self.files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&fh.0);
+        // Errors of release reach no one (close(2) has returned already).
         reply.ok();
         if let Some(h) = hidden {
             self.remove_hidden(h);
@@ -1336,10 +1590,13 @@ impl Filesystem for BftFs {
         &self,
         req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        if let Err(f) = self.settle_for(ino.0, fh.0, false) {
+            return self.fail("fsync", reply, f);
+        }
         self.op_on(
             req,
             ino,
@@ -1440,12 +1697,14 @@ impl Filesystem for BftFs {
             };
             // Count the lookup first; give it back if the entry does not fit after all.
             let nodeid = self.inodes.remember(e.handle);
+            // The snapshot may predate this client's latest writes: adjusted here.
+            let attr = self.as_kernel_sees(nodeid, attr);
             let full = reply.add(
                 INodeNo(nodeid),
                 offset_of_cookie(e.cookie),
                 OsStr::from_bytes(&e.name),
                 &ttl,
-                &self.kernel_attr(nodeid, attr),
+                &self.kernel_attr(nodeid, &attr),
                 Generation(e.handle.generation),
             );
             if full {
@@ -1454,7 +1713,7 @@ impl Filesystem for BftFs {
             }
             // Recorded before `reply.ok()` sends the entries.
             self.kernel.named(h, &e.name, nodeid);
-            self.kernel.gave_attr(nodeid, attr);
+            self.kernel.gave_attr(nodeid, &attr);
         }
         reply.ok()
     }
@@ -1725,6 +1984,9 @@ impl Filesystem for BftFs {
         let Some(mode) = AllocMode::from_linux(mode) else {
             return self.fail("fallocate", reply, Failure::Unsupported("fallocate mode"));
         };
+        // A hole punched after buffered bytes must not be filled by them later.
+        self.settle(ino.0);
+        self.kernel.modified(ino.0);
         let r = self
             .handle(ino)
             .and_then(|h| {
@@ -1740,7 +2002,10 @@ impl Filesystem for BftFs {
             })
             .and_then(|r| Self::attr_of(r, "fallocate"));
         match r {
-            Ok(_) => reply.ok(),
+            Ok(a) => {
+                self.kernel.wrote(ino.0, &a);
+                reply.ok()
+            }
             Err(f) => self.fail("fallocate", reply, f),
         }
     }
@@ -1781,6 +2046,10 @@ impl Filesystem for BftFs {
             (Ok(a), Ok(b)) => (a, b),
             (Err(f), _) | (_, Err(f)) => return self.fail("copy_file_range", reply, f),
         };
+        // The copy reads the source's written bytes and lands after the destination's.
+        self.settle(ino_in.0);
+        self.settle(ino_out.0);
+        self.kernel.modified(ino_out.0);
         let op = FsOp::CopyRange {
             src,
             src_offset: offset_in,
@@ -1790,7 +2059,10 @@ impl Filesystem for BftFs {
         };
         match self.call(req, op) {
             // The service copies at most COPY_MAX (well under u32) and never more than asked.
-            Ok(FsReply::Write { count, .. }) if u64::from(count) <= len => reply.written(count),
+            Ok(FsReply::Write { count, attr }) if u64::from(count) <= len => {
+                self.kernel.wrote(ino_out.0, &attr);
+                reply.written(count)
+            }
             Ok(_) => self.fail(
                 "copy_file_range",
                 reply,
@@ -1832,30 +2104,51 @@ impl Filesystem for BftFs {
                 // The kernel calls create only for a name it believes absent; if another client
                 // made it meanwhile, Unchecked opened the existing file, and O_TRUNC still applies.
                 if flags & libc::O_TRUNC != 0 && attr.size > 0 {
+                    // Known here already (another name of it): its buffered bytes go first,
+                    // as before any truncate.
+                    if let Some(n) = self.inodes.find(h) {
+                        self.settle(n);
+                    }
                     let set = SetAttrs {
                         size: Some(0),
                         ..Default::default()
                     };
-                    Ok((h, self.setattr_impl(req, h, set)?))
+                    Ok((h, self.setattr_impl(req, h, set)?, true))
                 } else {
-                    Ok((h, attr))
+                    Ok((h, attr, false))
                 }
             });
         match r {
-            Ok((handle, attr)) => {
+            Ok((handle, attr, truncated)) => {
                 let nodeid = self.inodes.remember(handle);
+                if truncated {
+                    self.kernel.modified(nodeid);
+                    self.kernel.resized(nodeid, &attr);
+                }
                 self.kernel.named(dir, &name_bytes(name), nodeid);
-                self.kernel.gave_attr(nodeid, &attr);
+                let attr = self.give(nodeid, &attr);
+                let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+                let fh = self.file_opened(nodeid, writable, caller_of(req));
                 self.open_files.opened(nodeid);
                 reply.created(
                     &self.opts.attr_timeout,
-                    &self.kernel_attr(nodeid, &attr),
+                    &attr,
                     Generation(handle.generation),
-                    FileHandle(0),
+                    FileHandle(fh),
                     FopenFlags::empty(),
                 )
             }
             Err(f) => self.fail("create", reply, f),
+        }
+    }
+}
+
+/// Makes the kernel drop `nodeid`'s cached pages and attributes (it asks again for both).
+fn invalidate(notifier: &OnceLock<fuser::Notifier>, nodeid: u64) {
+    if let Some(n) = notifier.get() {
+        if let Err(e) = n.inval_inode(INodeNo(nodeid), 0, 0) {
+            // ENOENT: the kernel holds nothing for it.
+            debug!("invalidating node {nodeid}: {e}");
         }
     }
 }

@@ -13,6 +13,15 @@
 //! finds nothing, forget). Out: the names of a node to check at open, and whether a fresh
 //! attribute differs from the one the kernel may hold.
 //!
+//! Two more records keep what the kernel is given consistent with this client's own writes.
+//! Attributes can be older than a write this client made (a directory snapshot taken before
+//! it, a lookup answered while it was on its way): [`KernelCache::newest`] replaces them with
+//! the newest attributes the service returned for this client's own changes, so the kernel is
+//! never told a size below bytes it has written. And a node whose data this client changed
+//! is never opened with its cached pages kept ([`KernelCache::take_modified`]): the kernel
+//! may have ignored attributes that would have dropped them (FUSE discards attributes that
+//! were sampled before a write it made completed), so only a fresh start is safe.
+//!
 //! The names kept for a node are a superset of the kernel's live entries for it: a name is
 //! added whenever an entry leaves the adapter and dropped only when the kernel is known to
 //! have dropped or replaced it. A superset costs an extra lookup at open; a subset would let
@@ -20,7 +29,7 @@
 //! kernel forgets the node.
 
 use state_abstraction::fs::{Attr, Handle, Timespec};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 
 /// A directory entry as the kernel knows it: the directory's handle and the name.
@@ -35,6 +44,11 @@ struct Inner {
     /// Node id → the attributes the kernel was last given (atime cleared: reads move it, and
     /// a changed atime alone is no reason to make the kernel ask again).
     attrs: HashMap<u64, Attr>,
+    /// Node id → the newest attributes the service returned for this client's own data
+    /// writes or size changes.
+    own: HashMap<u64, Attr>,
+    /// Nodes whose data or size this client changed since an open last dropped their pages.
+    modified: HashSet<u64>,
 }
 
 #[derive(Default)]
@@ -99,6 +113,50 @@ impl KernelCache {
             }
         }
         inner.attrs.remove(&nodeid);
+        inner.own.remove(&nodeid);
+        inner.modified.remove(&nodeid);
+    }
+
+    /// This client is changing the data or size of `nodeid` (a write, truncate, fallocate,
+    /// copy into it): the next open starts with no cached pages.
+    pub fn modified(&self, nodeid: u64) {
+        self.lock().modified.insert(nodeid);
+    }
+
+    /// Whether `nodeid` was changed here since the last call; the caller drops its pages.
+    pub fn take_modified(&self, nodeid: u64) -> bool {
+        self.lock().modified.remove(&nodeid)
+    }
+
+    /// The service accepted a write (or fallocate, or copy) of this client into `nodeid` and
+    /// returned `attr`. Such changes only grow a file, so among several that the agreed time
+    /// does not order (one batch, one time) the largest is the latest.
+    pub fn wrote(&self, nodeid: u64, attr: &Attr) {
+        let mut inner = self.lock();
+        let newer = inner
+            .own
+            .get(&nodeid)
+            .is_none_or(|old| (attr.ctime, attr.size) >= (old.ctime, old.size));
+        if newer {
+            inner.own.insert(nodeid, attr.clone());
+        }
+    }
+
+    /// This client set the size of `nodeid` (truncate); `attr` is the service's answer. It
+    /// comes after every earlier write of this client (the adapter sends a truncate only once
+    /// the node's writes are answered), so it replaces what they left.
+    pub fn resized(&self, nodeid: u64, attr: &Attr) {
+        self.lock().own.insert(nodeid, attr.clone());
+    }
+
+    /// `attr` (from any answer of the service), or the attributes of this client's latest own
+    /// change if those are newer. Agreed times order changes; at an equal time (one batch)
+    /// the larger size wins, so the kernel never shrinks a file under bytes it wrote.
+    pub fn newest(&self, nodeid: u64, attr: &Attr) -> Attr {
+        match self.lock().own.get(&nodeid) {
+            Some(own) if (own.ctime, own.size) > (attr.ctime, attr.size) => own.clone(),
+            _ => attr.clone(),
+        }
     }
 
     /// Every name the kernel may resolve to `nodeid` without asking.
@@ -206,5 +264,41 @@ mod tests {
         assert!(c.attr_changed(5, &attr(6, 0)));
         // The kernel's copy is invalidated after a change: unknown until it is given one.
         assert!(c.attr_changed(5, &attr(4, 0)));
+    }
+
+    fn at(size: u64, ctime: u64) -> Attr {
+        Attr {
+            ctime: Timespec::from_nanos(ctime),
+            ..attr(size, 0)
+        }
+    }
+
+    #[test]
+    fn own_writes_outrank_older_answers_and_truncates_replace_them() {
+        let c = KernelCache::default();
+        assert_eq!(c.newest(5, &at(3, 10)), at(3, 10));
+        c.wrote(5, &at(100, 20));
+        // A snapshot from before the write does not shrink the file.
+        assert_eq!(c.newest(5, &at(3, 10)), at(100, 20));
+        // Replies of one batch arriving out of order: the larger size stands.
+        c.wrote(5, &at(50, 20));
+        assert_eq!(c.newest(5, &at(3, 10)), at(100, 20));
+        // Anything later from the service wins, another client's truncation included.
+        assert_eq!(c.newest(5, &at(1, 30)), at(1, 30));
+        // This client's own truncation replaces its writes, even at an equal time.
+        c.resized(5, &at(10, 20));
+        assert_eq!(c.newest(5, &at(3, 10)), at(10, 20));
+        c.forgotten(5);
+        assert_eq!(c.newest(5, &at(3, 10)), at(3, 10));
+    }
+
+    #[test]
+    fn modified_is_taken_once() {
+        let c = KernelCache::default();
+        assert!(!c.take_modified(4));
+        c.modified(4);
+        c.modified(4);
+        assert!(c.take_modified(4));
+        assert!(!c.take_modified(4));
     }
 }

@@ -9,6 +9,7 @@
 //! - [`local`]: the unreplicated transport (one in-process file service, `up --f 0`);
 //! - [`options`]: `-o` mount options;
 //! - [`open_files`]: open files kept alive across unlink (hidden names, as NFS does);
+//! - [`write_back`]: buffered writes sent in the background, drained at close and fsync;
 //! - [`mount_helper`]: `mount.bftfs` (mount(8) and fstab) and `bftfs install-helper`;
 //! - [`mounting`]: mount checks, serving a mount until it is unmounted, unmounting;
 //! - [`keygen`]: `bftfs keygen`, a cluster config and secrets files;
@@ -29,6 +30,7 @@ pub mod open_files;
 pub mod options;
 pub mod transport;
 pub mod up;
+pub mod write_back;
 
 /// `bftfs lock PATH` / `bftfs unlock PATH`: sets or removes the attribute the mount
 /// intercepts ([`adapter::LOCK_XATTR`]); the kernel resolves PATH to the mount and the node.

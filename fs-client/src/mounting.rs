@@ -305,7 +305,7 @@ pub fn serve(
     // One /dev/fuse descriptor per thread: no contention on a single queue.
     config.clone_fd = true;
 
-    let fs = BftFs::new(transport, opts.clone());
+    let fs = BftFs::new(transport, opts.clone()).context("cannot start the write-back threads")?;
     let notifier = fs.notifier_slot();
     let mut session = Session::new(fs, mnt, &config).map_err(|e| mount_error(mnt, e))?;
     // Before `run`: no request can need the notifier earlier.

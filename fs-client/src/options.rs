@@ -17,7 +17,12 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_THREADS: usize = 8;
 
 /// Help text for `-o`, shown by `--help`.
-pub const OPTIONS_HELP: &str = "Mount options, comma-separated: attr_timeout=SECONDS (default 1), \
+pub const OPTIONS_HELP: &str = "Mount options, comma-separated: sync (every write(2) returns \
+only once the replicas hold the data) or async (the default: write(2) returns at once, the data \
+reaches the replicas in the background within about 5 seconds and at the latest when close(2) or \
+fsync(2) returns, which then report any write the replicas refused; a crash of this client may \
+lose data written but not yet closed or fsync'ed; creating, renaming, removing files and \
+changing attributes are synchronous in both modes), attr_timeout=SECONDS (default 1), \
 entry_timeout=SECONDS (default 1), timeout=SECONDS (a request the cluster does not answer in \
 time fails with EIO; default 30), threads=N (FUSE worker threads, default 8), \
 allow_other (let other users in; default when run as root), ro, noexec, noatime, \
@@ -25,8 +30,8 @@ auto_unmount (a helper process, fusermount3, unmounts the file system if bftfs d
 mount point is never left \"not connected\"; needs allow_other), client=FILE (bftfs mount: \
 this client's secrets, as --client). A bftfs mount is always nodev and nosuid (any client of \
 the cluster could plant a device or set-user-id file); the options mount(8) and fstab add \
-(rw, dev, suid, exec, atime, relatime, defaults, auto, noauto, user, nouser, _netdev, \
-nofail, async, x-..., ...) are accepted and change nothing";
+(rw, dev, suid, exec, atime, relatime, dirsync, defaults, auto, noauto, user, nouser, \
+_netdev, nofail, x-..., ...) are accepted and change nothing";
 
 /// Options mount(8), fstab entries and mount.fuse3 pass along that mean nothing for a bftfs
 /// mount: accepted, so that an fstab line written for any file system works, and ignored.
@@ -57,8 +62,7 @@ const NO_EFFECT: &[&str] = &[
     "nolazytime",
     "diratime",
     "nodiratime",
-    "async",
-    "sync",
+    // Directory changes are always synchronous.
     "dirsync",
     "silent",
     "loud",
@@ -99,6 +103,10 @@ pub struct MountOptions {
     /// Kernel flags: no execution of files on the mount; no access-time updates.
     pub no_exec: bool,
     pub no_atime: bool,
+    /// `sync`: every write goes to the replicas before `write(2)` returns. Otherwise (`async`,
+    /// the default) writes are buffered in this process and sent in the background, at the
+    /// latest at close and fsync ([`crate::write_back`]).
+    pub sync: bool,
     /// `client=FILE`: this client's secrets file (for `bftfs mount` and mount.bftfs, where
     /// fstab has no other place for it).
     pub client: Option<std::path::PathBuf>,
@@ -116,6 +124,7 @@ impl Default for MountOptions {
             auto_unmount: false,
             no_exec: false,
             no_atime: false,
+            sync: false,
             client: None,
         }
     }
@@ -159,14 +168,16 @@ impl MountOptions {
                 ("exec", None) => self.no_exec = false,
                 ("noatime", None) => self.no_atime = true,
                 ("atime", None) => self.no_atime = false,
+                ("sync", None) => self.sync = true,
+                ("async", None) => self.sync = false,
                 ("client", Some(v)) if !v.is_empty() => self.client = Some(v.into()),
                 (n, None) if NO_EFFECT.contains(&n) => {}
                 _ if NO_EFFECT_PREFIXES.iter().any(|p| item.starts_with(p)) => {}
                 _ => {
                     return Err(format!(
                         "unknown mount option `{item}` (known: attr_timeout=S, entry_timeout=S, \
-                         timeout=S, threads=N, allow_other, ro, rw, noexec, noatime, \
-                         auto_unmount, client=FILE, and the generic ones mount(8) passes)"
+                         timeout=S, threads=N, sync, async, allow_other, ro, rw, noexec, \
+                         noatime, auto_unmount, client=FILE, and the generic ones mount(8) passes)"
                     ))
                 }
             }
@@ -205,6 +216,9 @@ impl MountOptions {
         if self.no_atime {
             parts.push("noatime".into());
         }
+        if self.sync {
+            parts.push("sync".into());
+        }
         // `client` is left out: a path may hold a comma. Callers pass it as --client.
         parts.join(",")
     }
@@ -235,10 +249,25 @@ mod tests {
     #[test]
     fn round_trip_through_arg() {
         let mut o = MountOptions::default();
-        o.apply("attr_timeout=0.25,timeout=7.5,threads=2,allow_other,auto_unmount")
+        o.apply("attr_timeout=0.25,timeout=7.5,threads=2,allow_other,auto_unmount,sync")
             .expect("valid");
+        assert!(o.sync);
         let back = MountOptions::parse_all(&[o.to_arg()]).expect("valid");
         assert_eq!(back, o);
+    }
+
+    #[test]
+    fn sync_and_async_choose_the_write_mode_last_one_wins() {
+        assert!(!MountOptions::default().sync, "write-back is the default");
+        assert!(
+            MountOptions::parse_all(&["sync".to_string()])
+                .expect("valid")
+                .sync
+        );
+        let o =
+            MountOptions::parse_all(&["sync,ro".to_string(), "async".to_string()]).expect("valid");
+        assert!(!o.sync && o.read_only);
+        assert!(!MountOptions::parse_all(&[o.to_arg()]).expect("valid").sync);
     }
 
     #[test]

@@ -579,6 +579,9 @@ pub fn mount(
         .filter(|p| !p.contains([',', ' ', '\t', '\n']))
         .unwrap_or_else(|| "bftfs".to_string());
     mounting::serve(&mnt, transport, &options, &source, || {
+        if foreground_child {
+            release_stderr();
+        }
         if !foreground_child {
             println!(
                 "bftfs: {} is mounted (cluster {})",
@@ -590,6 +593,23 @@ pub fn mount(
         }
         Ok(())
     })
+}
+
+/// A detached mount's stderr is a pipe to the `bftfs mount` that started it, which exits
+/// once the mount answers. A later log line would then fail with EPIPE, and the logger's own
+/// report of that failure (to stderr) would panic and take the mount down with it: a
+/// refused buffered write, logged as a warning, did. Without `--log-file` such lines go
+/// nowhere from then on, as with mount(8) without `log=`.
+fn release_stderr() {
+    use std::os::fd::AsRawFd;
+    let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") else {
+        return;
+    };
+    // SAFETY: dup2 onto descriptor 2 replaces the pipe atomically; `null` stays owned here
+    // and is closed on return, leaving the duplicate.
+    if unsafe { libc::dup2(null.as_raw_fd(), libc::STDERR_FILENO) } < 0 {
+        tracing::debug!("cannot point stderr at /dev/null");
+    }
 }
 
 /// `bftfs status --config CONFIG`: the replicas, and every client report written recently

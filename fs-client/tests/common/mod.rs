@@ -2,7 +2,9 @@
 //! `bftfs up --detach` and always cleans up (down, then lazy unmount and kill).
 //!
 //! Mounts are replicated (f=1: four `bftfs-replica` processes) unless `BFTFS_TEST_F` says
-//! otherwise (`BFTFS_TEST_F=0` runs the same tests over the unreplicated service).
+//! otherwise (`BFTFS_TEST_F=0` runs the same tests over the unreplicated service). They use
+//! the default write mode (write-back) unless `BFTFS_TEST_SYNC=1`, which mounts every
+//! `Mounted` with `-o sync`.
 
 #![allow(dead_code)]
 
@@ -131,6 +133,10 @@ impl Mounted {
         {
             args.push("--no-fast-path".as_ref());
         }
+        if test_sync() {
+            args.push("-o".as_ref());
+            args.push("sync".as_ref());
+        }
         args.extend(extra.iter().map(|s| std::ffi::OsStr::new(*s)));
         let started = Instant::now();
         let out = bftfs(&args, xdg);
@@ -244,6 +250,11 @@ pub fn second_mount(first: &Mounted, mnt: &Path, xdg: &Path, options: &str) -> U
     );
     assert!(out.status.success(), "bftfs mount: {}", text(&out));
     Unmount(mnt.to_path_buf(), xdg.to_path_buf())
+}
+
+/// Whether the tests mount with `-o sync` (see the module doc).
+pub fn test_sync() -> bool {
+    std::env::var("BFTFS_TEST_SYNC").as_deref() == Ok("1")
 }
 
 /// The f the tests mount with (see the module doc).
