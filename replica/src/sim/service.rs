@@ -309,6 +309,34 @@ impl Service for SimService {
         }
     }
 
+    fn lock_infos(&self) -> Vec<state_abstraction::locking::LockInfo> {
+        match &self.inner {
+            Inner::Kv(kv) => kv.lock_infos(),
+            Inner::Fs(fs) => fs.lock_infos(),
+        }
+    }
+
+    fn lock_base_objects(
+        &self,
+        lock: state_abstraction::LockId,
+    ) -> Option<Vec<(u64, AbstractObject)>> {
+        match &self.inner {
+            Inner::Kv(kv) => kv.lock_base_objects(lock),
+            Inner::Fs(fs) => fs.lock_base_objects(lock),
+        }
+    }
+
+    fn lock_install_base(
+        &mut self,
+        lock: state_abstraction::LockId,
+        objects: Vec<(u64, AbstractObject)>,
+    ) -> Result<(), ServiceError> {
+        match &mut self.inner {
+            Inner::Kv(kv) => kv.lock_install_base(lock, objects),
+            Inner::Fs(fs) => fs.lock_install_base(lock, objects),
+        }
+    }
+
     fn state_suspect(&self) -> bool {
         match &self.inner {
             Inner::Kv(kv) => kv.state_suspect(),
