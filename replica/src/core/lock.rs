@@ -298,6 +298,10 @@ impl Core {
     /// live lock back to its activation and run its logged entries again (no replies: the
     /// holder retransmits what it still waits for, and the cached results answer it).
     pub(super) fn replay_locks(&mut self, actions: &mut Vec<Action>) {
+        // Locks the reopened state holds but this replica never logged (it got them by a
+        // state transfer before the restart, and their content had not come yet).
+        actions.push(Action::Stage(StageAction::LockInfos));
+        self.push_in_flight(InFlightKind::LockInfos);
         if !std::mem::take(&mut self.locks.replay_pending) {
             return;
         }
@@ -874,6 +878,11 @@ impl Core {
                     "lock merged or without content after state transfer; log dropped"
                 );
                 self.persist_lock(LockRecord::Merged { lock }, actions);
+            } else if digest.is_some() {
+                // Still here: run the log again on the installed state, so that the lock's
+                // objects and the cached results follow from the base (a replay before the
+                // transfer may have run on a state without the lock).
+                self.restart_lock(lock, actions);
             }
             return;
         }
