@@ -24,7 +24,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub(crate) const ALL_TARGETS: &str =
-    "bftfs,bftfs-sync,bftfs-commit,bftfs-n1,tmpfs,localdir,bindfs,glusterfs";
+    "bftfs,bftfs-locked,bftfs-sync,bftfs-commit,bftfs-n1,tmpfs,localdir,bindfs,glusterfs";
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
@@ -32,7 +32,8 @@ pub struct Args {
     /// file of PostMark `set` commands (its `set location`, `run` and `quit` are ignored).
     #[arg(long, default_value = "std")]
     pub config: String,
-    /// Comma-separated targets: bftfs (f=1, default write mode), bftfs-sync (f=1, -o sync),
+    /// Comma-separated targets: bftfs (f=1, default write mode), bftfs-locked (the same,
+    /// PostMark's directory under `bftfs lock`), bftfs-sync (f=1, -o sync),
     /// bftfs-commit (f=1 without the fast path), bftfs-n1, tmpfs, localdir, bindfs, glusterfs.
     #[arg(long, default_value = ALL_TARGETS)]
     pub targets: String,
@@ -274,7 +275,7 @@ pub(crate) fn set_up_in(name: &str, work_dir: &Path) -> Result<Setup> {
 fn set_up(name: &str, args: &Args) -> Result<Setup> {
     let is_root = geteuid().is_root();
     match name {
-        "bftfs" | "bftfs-sync" | "bftfs-commit" | "bftfs-n1" => {
+        "bftfs" | "bftfs-locked" | "bftfs-sync" | "bftfs-commit" | "bftfs-n1" => {
             let bftfs = match find_bftfs() {
                 Ok(b) => b,
                 Err(e) => return Ok(Setup::Skipped(format!("{e:#}"))),
@@ -310,8 +311,19 @@ fn set_up(name: &str, args: &Args) -> Result<Setup> {
                 mountpoint: target.dir.clone(),
             });
             wait_mounted(&target.dir)?;
+            if name == "bftfs-locked" {
+                // PostMark works in a directory this mount holds a Zzyzx lock on.
+                let work = target.dir.join("work");
+                std::fs::create_dir(&work)?;
+                run_checked(
+                    Command::new(&bftfs).arg("lock").arg(&work),
+                    "bftfs lock",
+                )?;
+                target.dir = work;
+            }
             target.description = match name {
                 "bftfs" => "bftfs, f=1: 4 bftfs-replica processes on 127.0.0.1 (data on the root fs), fast path, default write mode (write-back)".into(),
+                "bftfs-locked" => "bftfs, f=1, as `bftfs`, with PostMark's directory under a Zzyzx lock (`bftfs lock`): its calls go through the lock's log, one round trip, no agreement".into(),
                 "bftfs-sync" => "bftfs -o sync, f=1: the same, every write replicated before it returns".into(),
                 "bftfs-commit" => "bftfs --no-fast-path, f=1: the same, commit path only".into(),
                 _ => "bftfs --f 0: one in-process file service, no replication".into(),
