@@ -315,10 +315,7 @@ fn set_up(name: &str, args: &Args) -> Result<Setup> {
                 // PostMark works in a directory this mount holds a Zzyzx lock on.
                 let work = target.dir.join("work");
                 std::fs::create_dir(&work)?;
-                run_checked(
-                    Command::new(&bftfs).arg("lock").arg(&work),
-                    "bftfs lock",
-                )?;
+                run_checked(Command::new(&bftfs).arg("lock").arg(&work), "bftfs lock")?;
                 target.dir = work;
             }
             target.description = match name {

@@ -7,37 +7,11 @@
 mod common;
 
 use common::{
-    bftfs, is_mounted, replicated_mounts_available, send_signal, text, wait_until, Mounted, Signal,
-    Unmount,
+    is_mounted, mount_detached, replicated_mounts_available, send_signal, wait_until, Mounted,
+    Signal, Unmount,
 };
 use std::fs;
-use std::path::Path;
 use std::time::Duration;
-
-/// `bftfs mount CONFIG MNT --detach [-o OPTIONS]`: its output and the serving process's pid
-/// (which it prints).
-fn mount_detached(config: &Path, mnt: &Path, xdg: &Path, options: &[&str]) -> (String, i32) {
-    let mut args: Vec<&std::ffi::OsStr> = vec![
-        "mount".as_ref(),
-        config.as_os_str(),
-        mnt.as_os_str(),
-        "--detach".as_ref(),
-    ];
-    for o in options {
-        args.push("-o".as_ref());
-        args.push(std::ffi::OsStr::new(*o));
-    }
-    let out = bftfs(&args, xdg);
-    let said = text(&out);
-    assert!(out.status.success(), "bftfs mount: {said}");
-    let pid = said
-        .split("pid ")
-        .nth(1)
-        .and_then(|rest| rest.split(')').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in: {said}"));
-    (said, pid)
-}
 
 fn errno_of(r: std::io::Result<fs::Metadata>) -> i32 {
     r.err().and_then(|e| e.raw_os_error()).unwrap_or(0)

@@ -93,25 +93,7 @@ fn mount_second_said(
     xdg: &Path,
     options: &str,
 ) -> (Unmount, i32, String) {
-    let out = bftfs(
-        &[
-            "mount".as_ref(),
-            config.as_os_str(),
-            mnt.as_os_str(),
-            "--detach".as_ref(),
-            "-o".as_ref(),
-            options.as_ref(),
-        ],
-        xdg,
-    );
-    let said = text(&out);
-    assert!(out.status.success(), "bftfs mount: {said}");
-    let pid = said
-        .split("pid ")
-        .nth(1)
-        .and_then(|rest| rest.split(')').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in: {said}"));
+    let (said, pid) = mount_detached(config, mnt, xdg, &[options]);
     (Unmount(mnt.to_path_buf(), xdg.to_path_buf()), pid, said)
 }
 

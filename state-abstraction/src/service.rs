@@ -209,7 +209,10 @@ pub trait Service {
     ) -> Result<(), ServiceError> {
         Err(ServiceError::BadObject {
             index: 0,
-            why: format!("lock {} content cannot be installed by this service", lock.0),
+            why: format!(
+                "lock {} content cannot be installed by this service",
+                lock.0
+            ),
         })
     }
 

@@ -233,22 +233,36 @@ pub fn data_dir_of(m: &Mounted) -> PathBuf {
     PathBuf::from(v["data_dir"].as_str().expect("data_dir in status"))
 }
 
+/// `bftfs mount CONFIG MNT --detach [-o OPTIONS]`: its output and the serving process's pid
+/// (which it prints).
+pub fn mount_detached(config: &Path, mnt: &Path, xdg: &Path, options: &[&str]) -> (String, i32) {
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        "mount".as_ref(),
+        config.as_os_str(),
+        mnt.as_os_str(),
+        "--detach".as_ref(),
+    ];
+    for o in options {
+        args.push("-o".as_ref());
+        args.push(std::ffi::OsStr::new(*o));
+    }
+    let out = bftfs(&args, xdg);
+    let said = text(&out);
+    assert!(out.status.success(), "bftfs mount: {said}");
+    let pid = said
+        .split("pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in: {said}"));
+    (said, pid)
+}
+
 /// `bftfs mount` of `first`'s cluster at `mnt` with mount options `options` (a second
 /// client of the same cluster); unmounted when the guard goes.
 pub fn second_mount(first: &Mounted, mnt: &Path, xdg: &Path, options: &str) -> Unmount {
     let config = data_dir_of(first).join("cluster/cluster.json");
-    let out = bftfs(
-        &[
-            "mount".as_ref(),
-            config.as_os_str(),
-            mnt.as_os_str(),
-            "--detach".as_ref(),
-            "-o".as_ref(),
-            options.as_ref(),
-        ],
-        xdg,
-    );
-    assert!(out.status.success(), "bftfs mount: {}", text(&out));
+    mount_detached(&config, mnt, xdg, &[options]);
     Unmount(mnt.to_path_buf(), xdg.to_path_buf())
 }
 

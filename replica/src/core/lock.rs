@@ -814,7 +814,10 @@ impl Core {
             return;
         }
         *installing = true;
-        actions.push(Action::Stage(StageAction::InstallLockBase { lock, objects }));
+        actions.push(Action::Stage(StageAction::InstallLockBase {
+            lock,
+            objects,
+        }));
         self.push_in_flight(InFlightKind::InstallLockBase);
     }
 

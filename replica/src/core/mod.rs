@@ -182,7 +182,9 @@ pub enum Event {
         digest: Option<Digest>,
     },
     /// The answer to [`StageAction::LockInfos`].
-    LockInfos { locks: Vec<state_abstraction::locking::LockInfo> },
+    LockInfos {
+        locks: Vec<state_abstraction::locking::LockInfo>,
+    },
     /// The answer to [`StageAction::ServeLockBase`] (`None`: not held here).
     LockBaseServed {
         to: ReplicaId,
@@ -190,7 +192,10 @@ pub enum Event {
         objects: Option<Vec<(u64, AbstractObject)>>,
     },
     /// The answer to [`StageAction::InstallLockBase`].
-    LockBaseInstalled { lock: LockId, ok: bool },
+    LockBaseInstalled {
+        lock: LockId,
+        ok: bool,
+    },
     /// The result of an [`StageAction::ExecuteReadOnly`].
     ReadOnlyExecuted {
         client: ClientId,
