@@ -11,8 +11,10 @@
 //! M2 sends reads as log entries too, one at a time per lock: correct, not yet fast (the
 //! client cache and pipelining are M4).
 
+use super::lock_cache::{self, LockCache};
 use super::transport::ReplicatedTransport;
 use crate::transport::TransportError;
+use replica::core::lock::{LOCK_LOG_BYTES_MAX, LOCK_LOG_ENTRIES_MAX};
 use replica::driver::client::CallError;
 use state_abstraction::fs::locks::{LockRefusal, LockUnit};
 use state_abstraction::fs::{decode, encode, Caller, FsOp, FsReply, FsRequest, FsResult, Handle};
@@ -29,11 +31,29 @@ struct Held {
     root: Handle,
     caller: Caller,
     renewed: Instant,
+    /// What the lock's log holds (entries and operation bytes), counted from the entries
+    /// this mount sent: the servers keep a log whole until its merge and refuse entries past
+    /// their caps, so the mount gives the lock back and takes it again before it gets there.
+    entries: u64,
+    bytes: u64,
 }
+
+/// Entries and bytes at which a lock is rotated (released and taken again): below the log
+/// servers' caps by more than the FUSE threads can add meanwhile.
+const ROTATE_ENTRIES: u64 = LOCK_LOG_ENTRIES_MAX - 4096;
+const ROTATE_BYTES: u64 = LOCK_LOG_BYTES_MAX - (256 << 20);
+
+/// Names of the lock's root read at activation, for the cache.
+const ROOT_NAMES_READ: u32 = 1024;
+
+/// How long a rotation waits for the old lock to merge before the new one is granted.
+const ROTATE_WAIT: Duration = Duration::from_secs(20);
 
 #[derive(Default)]
 pub struct HeldLocks {
     held: Mutex<Vec<Held>>,
+    /// Answers to reads made under the locks (lock_cache.rs); cleared with each release.
+    cache: Mutex<LockCache>,
 }
 
 fn refusal_errno(why: LockRefusal) -> i32 {
@@ -45,14 +65,21 @@ fn refusal_errno(why: LockRefusal) -> i32 {
 }
 
 impl HeldLocks {
-    fn first(&self) -> Option<(LockId, bool)> {
-        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        held.first()
-            .map(|h| (h.id, h.renewed.elapsed() >= RENEW_AFTER))
+    /// The lock calls go through, whether it is due for renewal, and whether its log is
+    /// due for rotation; counts `bytes` of operation into its log.
+    fn first(&self, bytes: usize) -> Option<(LockId, bool, bool)> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.first_mut().map(|h| {
+            h.entries += 1;
+            h.bytes += bytes as u64;
+            let full = h.entries >= ROTATE_ENTRIES || h.bytes >= ROTATE_BYTES;
+            (h.id, h.renewed.elapsed() >= RENEW_AFTER, full)
+        })
     }
 
     pub fn holds_any(&self) -> bool {
-        self.first().is_some()
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        !held.is_empty()
     }
 
     /// Runs `req` as the next entry of the held lock's log; `None`: it needs the ordered path.
@@ -61,23 +88,110 @@ impl HeldLocks {
         t: &ReplicatedTransport,
         req: &FsRequest,
     ) -> Option<Result<FsResult, TransportError>> {
-        let (id, renew) = self.first()?;
+        if !self.holds_any() {
+            return None;
+        }
+        let key = lock_cache::key(req);
+        let generation = {
+            let mut cache = self.cache();
+            if let Some(hit) = key.as_ref().and_then(|k| cache.get(req, k, Instant::now())) {
+                return Some(Ok(hit));
+            }
+            cache.generation()
+        };
+        let op = encode(req);
+        let (id, renew, full) = self.first(op.len())?;
+        *self
+            .cache()
+            .sent
+            .entry(lock_cache::op_kind(&req.op))
+            .or_default() += 1;
+        if full {
+            self.rotate(t, id);
+            return None;
+        }
         if renew {
             self.renew(t, id);
         }
-        match t.client().locked_call(id, encode(req), t.timeout()) {
-            Ok(LockedResult::Done(bytes)) => Some(
-                decode::<FsResult>(&bytes)
-                    .ok_or_else(|| TransportError::Malformed(format!("{} bytes", bytes.len()))),
-            ),
-            Ok(LockedResult::NeedsAgreement) => None,
+        let sent = Instant::now();
+        let outcome = match t.client().locked_call(id, op, t.timeout()) {
+            Ok(LockedResult::Done(bytes)) => {
+                let result = decode::<FsResult>(&bytes)
+                    .ok_or_else(|| TransportError::Malformed(format!("{} bytes", bytes.len())));
+                if let Ok(result) = &result {
+                    let mut cache = self.cache();
+                    cache.renew(sent);
+                    match key {
+                        Some(key) => cache.store(key, req, result, generation),
+                        None => cache.mutated_locked(req, result),
+                    }
+                }
+                return Some(result);
+            }
+            Ok(LockedResult::NeedsAgreement) => {
+                // The ordered path runs it and tells the cache (`after_ordered`).
+                self.cache().renew(sent);
+                return None;
+            }
             Err(CallError::LockGone) => {
                 info!(lock = id.0, "the replicas froze the lock; releasing it");
                 self.release(t, id);
-                None
+                return None;
             }
-            Err(CallError::Timeout(d)) => Some(Err(TransportError::Timeout(d))),
-            Err(e) => Some(Err(TransportError::Unreachable(e.to_string()))),
+            Err(CallError::Timeout(d)) => Err(TransportError::Timeout(d)),
+            Err(e) => Err(TransportError::Unreachable(e.to_string())),
+        };
+        // A mutation that failed on the way may have run.
+        if !req.op.is_read_only() {
+            self.cache().mutated(&req.op, None);
+        }
+        Some(outcome)
+    }
+
+    /// A call this mount sent on the ordered path has completed (`None`: it failed on the
+    /// way): its changes drop what the lock cache holds about them.
+    pub fn after_ordered(&self, req: &FsRequest, result: Option<&FsResult>) {
+        if !req.op.is_read_only() && self.holds_any() {
+            self.cache().mutated(&req.op, result);
+        }
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, LockCache> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+
+
+    /// Gives the lock back with its log sealed and takes the same root again, so that the
+    /// new lock starts with an empty log (and a fresh pool). The call that found the log full
+    /// goes ordered; calls meanwhile do too, and those that meet the old lock before it
+    /// merges are retried by the transport.
+    fn rotate(&self, t: &ReplicatedTransport, id: LockId) {
+        let Some((root, caller)) = ({
+            let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            held.iter()
+                .find(|h| h.id == id)
+                .map(|h| (h.root, h.caller.clone()))
+        }) else {
+            return;
+        };
+        info!(lock = id.0, "the lock's log is nearly full; giving it back and locking again");
+        if !self.release(t, id) {
+            return;
+        }
+        let started = Instant::now();
+        loop {
+            match self.lock(t, caller.clone(), root) {
+                Ok(()) => return,
+                // The old lock has not merged yet.
+                Err(e) if e == libc::EBUSY && started.elapsed() < ROTATE_WAIT => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => {
+                    warn!(errno = e, "locking again after a rotation failed; calls stay ordered");
+                    return;
+                }
+            }
         }
     }
 
@@ -133,13 +247,30 @@ impl HeldLocks {
                     k,
                     "lock active; calls go through its log"
                 );
-                let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-                held.push(Held {
-                    id,
-                    root: h,
+                {
+                    let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+                    held.push(Held {
+                        id,
+                        root: h,
+                        caller: caller.clone(),
+                        renewed: Instant::now(),
+                        entries: k,
+                        bytes: 0,
+                    });
+                }
+                // The root's names, read whole while the directory is small: from then on a
+                // lookup of a name it does not hold (every create asks one first) is
+                // answered by the cache.
+                let names = FsRequest {
                     caller,
-                    renewed: Instant::now(),
-                });
+                    op: FsOp::ReadDir {
+                        dir: h,
+                        cookie: 0,
+                        count: ROOT_NAMES_READ,
+                        plus: false,
+                    },
+                };
+                let _ = self.try_locked(t, &names);
                 Ok(())
             }
             Err(e) => {
@@ -187,6 +318,17 @@ impl HeldLocks {
             };
             held.remove(i)
         };
+        {
+            let mut cache = self.cache();
+            info!(
+                lock = id.0,
+                cache_hits = cache.hits,
+                cache_misses = cache.misses,
+                sent = ?cache.sent,
+                "giving the lock back"
+            );
+            cache.clear();
+        }
         let cert = match t.client().lock_seal(id, t.timeout()) {
             Ok(cert) => Some(cert),
             Err(e) => {

@@ -16,6 +16,7 @@
 
 pub mod identity;
 pub mod local;
+mod lock_cache;
 mod locks;
 pub mod prepare;
 pub mod status;

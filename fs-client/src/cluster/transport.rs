@@ -161,11 +161,33 @@ impl FsTransport for ReplicatedTransport {
         if let Some(result) = self.locks.try_locked(self, &req) {
             return result;
         }
+        let result = self.call_ordered(&req);
+        self.locks.after_ordered(&req, result.as_ref().ok());
+        result
+    }
+
+    fn lock(&self, caller: Caller, h: Handle) -> Result<(), i32> {
+        self.locks.lock(self, caller, h)
+    }
+
+    fn unlock(&self, _caller: Caller, h: Handle) -> Result<(), i32> {
+        self.locks.unlock(self, h)
+    }
+
+    fn release_all(&self) {
+        self.locks.release_all(self)
+    }
+}
+
+impl ReplicatedTransport {
+    /// A call on the ordered path (the read-only path first for reads), retried while it
+    /// meets a lock that has not merged yet.
+    fn call_ordered(&self, req: &FsRequest) -> Result<FsResult, TransportError> {
         let deadline = std::time::Instant::now() + self.timeout;
         let mut pause = Duration::from_millis(2);
         let mut read_only = req.op.is_read_only();
         loop {
-            let result = self.send(&req, read_only)?;
+            let result = self.send(req, read_only)?;
             if result == Err(FsError::Locked) && read_only {
                 // The read-only path refuses a locked object without revoking the lock
                 // (it is unordered): the ordered path revokes it.
@@ -186,20 +208,6 @@ impl FsTransport for ReplicatedTransport {
         }
     }
 
-    fn lock(&self, caller: Caller, h: Handle) -> Result<(), i32> {
-        self.locks.lock(self, caller, h)
-    }
-
-    fn unlock(&self, _caller: Caller, h: Handle) -> Result<(), i32> {
-        self.locks.unlock(self, h)
-    }
-
-    fn release_all(&self) {
-        self.locks.release_all(self)
-    }
-}
-
-impl ReplicatedTransport {
     pub(super) fn client(&self) -> &ClientHandle {
         &self.client
     }

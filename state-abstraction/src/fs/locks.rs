@@ -43,8 +43,11 @@ pub const LOCKS_PER_CLIENT_MAX: usize = 8;
 /// Most objects in one lock, pool included: bounds the walk and the merge inside one
 /// checkpoint.
 pub const LOCK_OBJECTS_MAX: u64 = 1 << 17;
-/// Slots reserved for new objects when a subtree or directory lock activates.
-pub const POOL_INITIAL: u32 = 1024;
+/// Slots reserved for new objects when a subtree or directory lock activates. No refill is
+/// built (docs/zzyzx-plan.md §3), so the pool is sized for a working directory that creates
+/// thousands of files (PostMark `std` keeps 2,000 and more alive); a slot costs a masked
+/// entry and a free header, and slots freed under the lock are reused.
+pub const POOL_INITIAL: u32 = 16384;
 /// Most ranges a pool is made of (runs of free slots, then one run at the end of the array):
 /// a lock's entry stays small however fragmented the free list is.
 pub const POOL_RANGES_MAX: usize = 16;
