@@ -32,6 +32,7 @@ const LEASE: &str = "lock_lease=2";
 
 /// A cluster mounted (by `up`) at `<tmp>/a` and a second client at `<tmp>/b`.
 struct Pair {
+    xdg: PathBuf,
     second: Option<Unmount>,
     second_pid: i32,
     first: Option<Mounted>,
@@ -49,6 +50,7 @@ impl Pair {
         let config = data.join("cluster/cluster.json");
         let (_, second_pid) = mount_detached(&config, &b, &xdg, &[LEASE]);
         Pair {
+            xdg: xdg.clone(),
             second: Some(Unmount(b.clone(), xdg)),
             second_pid,
             first: Some(first),
@@ -364,4 +366,35 @@ fn a_dead_mounts_locks_go_when_its_lease_runs_out() {
     assert!(took < Duration::from_secs(10), "took {took:?}");
     // The dead mount's guard unmounts it lazily.
     drop(pair.second.take());
+}
+
+/// The mount holding a Zzyzx lock (`bftfs lock DIR`) takes fcntl locks inside it without
+/// waiting on or giving back its own lock; another mount's fcntl locks there see them (its
+/// open of the file revokes the Zzyzx lock, as any access does).
+#[test]
+fn range_locks_inside_a_zzyzx_lock() {
+    if !replicated_mounts_available("range_locks_inside_a_zzyzx_lock") {
+        return;
+    }
+    let pair = Pair::new();
+    fs::create_dir(pair.a.join("work")).expect("mkdir");
+    let (on_a, on_b) = pair.file("work/f");
+    let out = bftfs(&["lock".as_ref(), pair.a.join("work").as_os_str()], &pair.xdg);
+    assert!(out.status.success(), "bftfs lock: {}", text(&out));
+    let mut a = Helper::start(&on_a);
+    let started = Instant::now();
+    assert_eq!(a.ask("set w 0 10"), "ok");
+    assert_eq!(a.ask("get w 0 10"), "none");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "fcntl under the mount's own Zzyzx lock took {:?}",
+        started.elapsed()
+    );
+    let mut b = Helper::start(&on_b);
+    let eagain = format!("err {}", libc::EAGAIN);
+    assert_eq!(b.ask("set w 5 1"), eagain);
+    assert_eq!(b.ask("get r 5 1"), "lock w 0 10 0");
+    assert_eq!(a.ask("set u 0 10"), "ok");
+    assert_eq!(b.ask("set w 5 1"), "ok");
+    assert_eq!(a.ask("set r 5 1"), eagain);
 }
