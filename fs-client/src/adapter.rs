@@ -1136,7 +1136,9 @@ impl Filesystem for BftFs {
             // locks) here instead of keeping them itself.
             for cap in [InitFlags::FUSE_POSIX_LOCKS, InitFlags::FUSE_FLOCK_LOCKS] {
                 if config.add_capabilities(cap).is_err() {
-                    warn!("the kernel cannot forward {cap:?}: those locks stay local to this machine");
+                    warn!(
+                        "the kernel cannot forward {cap:?}: those locks stay local to this machine"
+                    );
                 }
             }
         }

@@ -136,7 +136,11 @@ impl RangeLockClient {
     }
 
     /// F_GETLK: the lock of another owner in the way, if any.
-    pub fn test(&self, r: &LockRequest, kind: RangeLockKind) -> Result<Option<RangeLockInfo>, Failure> {
+    pub fn test(
+        &self,
+        r: &LockRequest,
+        kind: RangeLockKind,
+    ) -> Result<Option<RangeLockInfo>, Failure> {
         let op = FsOp::TestRangeLock {
             h: r.h,
             owner: r.owner,
@@ -284,7 +288,9 @@ impl RangeLockClient {
         match self.call(caller, FsOp::DropRangeLocks { h, owners }) {
             Ok(_) => {}
             // The lease ends them anyway.
-            Err(f) => warn!("could not give back locks at close: {f:?}; they go when the lease runs out"),
+            Err(f) => {
+                warn!("could not give back locks at close: {f:?}; they go when the lease runs out")
+            }
         }
         self.unlocked();
     }
@@ -387,8 +393,18 @@ mod tests {
         assert!(!deliverable(&status(z, z, z, z)));
         // SIGALRM (14, bit 13) as `flock -w` sends it.
         assert!(deliverable(&status(z, "0000000000002000", z, z)));
-        assert!(!deliverable(&status(z, "0000000000002000", "0000000000002000", z)));
-        assert!(!deliverable(&status("0000000000002000", z, z, "0000000000002000")));
+        assert!(!deliverable(&status(
+            z,
+            "0000000000002000",
+            "0000000000002000",
+            z
+        )));
+        assert!(!deliverable(&status(
+            "0000000000002000",
+            z,
+            z,
+            "0000000000002000"
+        )));
         // SIGKILL (bit 8) cannot be blocked.
         assert!(deliverable(&status("0000000000000100", z, z, z)));
         assert!(!signal_pending(0));

@@ -111,7 +111,10 @@ fn flock_commands_exclude_each_other_across_mounts() {
         "the first mount never got the lock"
     );
     let (got, _) = flock(&["-n"], &on_b);
-    assert!(!got, "flock -n on the second mount got a lock the first one holds");
+    assert!(
+        !got,
+        "flock -n on the second mount got a lock the first one holds"
+    );
     let (got, took) = flock(&["-w", "1"], &on_b);
     assert!(!got, "flock -w 1 got a lock the first mount holds");
     assert!(
@@ -264,7 +267,10 @@ fn fcntl_lock(f: &fs::File, cmd: &str, kind: &str, start: &str, len: &str) -> St
     // SAFETY: a valid descriptor and a valid struct flock for these commands.
     let rc = unsafe { libc::fcntl(f.as_raw_fd(), cmd, &mut lock) };
     if rc != 0 {
-        return format!("err {}", std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+        return format!(
+            "err {}",
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+        );
     }
     if cmd != libc::F_GETLK && cmd != libc::F_OFD_GETLK {
         return "ok".into();
@@ -294,7 +300,11 @@ fn fcntl_range_locks_work_across_mounts() {
     assert_eq!(a.ask("set w 0 100"), "ok");
     assert_eq!(b.ask("set w 100 100"), "ok", "non-overlapping ranges");
     assert_eq!(b.ask("set w 50 100"), eagain, "overlapping write locks");
-    assert_eq!(b.ask("set r 99 1"), eagain, "a read lock under a write lock");
+    assert_eq!(
+        b.ask("set r 99 1"),
+        eagain,
+        "a read lock under a write lock"
+    );
     // F_GETLK on the other mount: type and range, and no pid from another machine.
     assert_eq!(b.ask("get w 50 100"), "lock w 0 100 0");
     assert_eq!(a.ask("get r 150 1"), "lock w 100 100 0");
@@ -330,7 +340,11 @@ fn fcntl_range_locks_work_across_mounts() {
     assert_eq!(b.ask("ofdset w 300 100"), "ok");
     assert_eq!(a.ask("set w 350 1"), eagain);
     assert_eq!(a.ask("get r 350 1"), "lock w 300 100 0");
-    assert_eq!(b.ask("ofdset w 0 1"), eagain, "POSIX locks of the other mount");
+    assert_eq!(
+        b.ask("ofdset w 0 1"),
+        eagain,
+        "POSIX locks of the other mount"
+    );
     assert_eq!(b.ask("close"), "ok");
     assert!(
         wait_until(Duration::from_secs(10), || a.ask("set w 350 1") == "ok"),
@@ -357,7 +371,11 @@ fn a_dead_mounts_locks_go_when_its_lease_runs_out() {
     let killed = Instant::now();
     // The helper on the dead mount goes too (its descriptor is useless now).
     drop(b);
-    assert_eq!(a.ask("set w 5 1"), eagain, "the lock went before the lease ran out");
+    assert_eq!(
+        a.ask("set w 5 1"),
+        eagain,
+        "the lock went before the lease ran out"
+    );
     assert!(
         wait_until(Duration::from_secs(15), || a.ask("set w 5 1") == "ok"),
         "the dead mount's lock never went"
@@ -379,7 +397,10 @@ fn range_locks_inside_a_zzyzx_lock() {
     let pair = Pair::new();
     fs::create_dir(pair.a.join("work")).expect("mkdir");
     let (on_a, on_b) = pair.file("work/f");
-    let out = bftfs(&["lock".as_ref(), pair.a.join("work").as_os_str()], &pair.xdg);
+    let out = bftfs(
+        &["lock".as_ref(), pair.a.join("work").as_os_str()],
+        &pair.xdg,
+    );
     assert!(out.status.success(), "bftfs lock: {}", text(&out));
     let mut a = Helper::start(&on_a);
     let started = Instant::now();

@@ -218,7 +218,10 @@ fn a_faulty_client_can_only_drop_its_own_locks_and_is_bounded() {
         Ok(FsReply::Done)
     );
     assert_eq!(t.set(B, f, 1, 0, 9, None, 30_000), GRANTED);
-    assert!(t.test(B, f, 2, 0, 0, Read).is_some(), "A's lock is still there");
+    assert!(
+        t.test(B, f, 2, 0, 0, Read).is_some(),
+        "A's lock is still there"
+    );
     // Absurd input is refused without effect, and never panics.
     for (start, end) in [(5, 4), (0, u64::MAX), (u64::MAX, u64::MAX)] {
         assert_eq!(
@@ -389,7 +392,7 @@ fn range_locks_leave_zzyzx_locks_alone() {
     assert_eq!(t.set(B, f, 1, 0, 0, Some(Write), 30_000), GRANTED);
     assert_eq!(t.set(A, f, 1, 1, 1, Some(Write), 30_000), GRANTED);
     assert!(refused(&t.set(A, f, 1, 0, 0, Some(Write), 30_000)));
-    let state = t.svc.locks().entry(lock).map(|e| e.state.clone());
+    let state = t.svc.locks().entry(lock).map(|e| e.state);
     assert!(
         matches!(state, Some(LockState::Active { .. })),
         "the Zzyzx lock was revoked: {state:?}"

@@ -266,8 +266,7 @@ impl RangeLockTable {
         let mine = merge_adjacent(mine);
         let held = self.held_by(client) - span.len() + mine.len();
         let total = self.locks.len() - span.len() + mine.len();
-        if mine.len() > span.len()
-            && (held > RANGE_LOCKS_PER_CLIENT_MAX || total > RANGE_LOCKS_MAX)
+        if mine.len() > span.len() && (held > RANGE_LOCKS_PER_CLIENT_MAX || total > RANGE_LOCKS_MAX)
         {
             return Err(RangeRefusal::TooMany);
         }
@@ -456,9 +455,7 @@ impl FileService {
                 let before = table.lease_of(client).cloned();
                 let held = table.renew(client, now_ns, lease_ns(*lease_ms));
                 changed |= table.lease_of(client) != before.as_ref();
-                Ok(FsReply::RangeLeases {
-                    held: held as u32,
-                })
+                Ok(FsReply::RangeLeases { held: held as u32 })
             }
             _ => Err(FsError::BadRequest),
         };
@@ -524,42 +521,44 @@ mod tests {
     #[test]
     fn one_owner_splits_and_merges() {
         let mut t = RangeLockTable::default();
-        set(&mut t, 1, 1, 0, 99, Some(Read)).unwrap();
-        set(&mut t, 1, 1, 40, 59, Some(Write)).unwrap();
+        set(&mut t, 1, 1, 0, 99, Some(Read)).expect("granted");
+        set(&mut t, 1, 1, 40, 59, Some(Write)).expect("granted");
         assert_eq!(
             ranges(&t),
             vec![(1, 0, 39, Read), (1, 40, 59, Write), (1, 60, 99, Read)]
         );
-        set(&mut t, 1, 1, 40, 59, Some(Read)).unwrap();
+        set(&mut t, 1, 1, 40, 59, Some(Read)).expect("granted");
         assert_eq!(ranges(&t), vec![(1, 0, 99, Read)]);
-        set(&mut t, 1, 1, 10, 19, None).unwrap();
+        set(&mut t, 1, 1, 10, 19, None).expect("granted");
         assert_eq!(ranges(&t), vec![(1, 0, 9, Read), (1, 20, 99, Read)]);
-        set(&mut t, 1, 1, 0, OFFSET_MAX, None).unwrap();
+        set(&mut t, 1, 1, 0, OFFSET_MAX, None).expect("granted");
         assert!(t.is_empty(), "no locks, no lease: {t:?}");
-        t.check().unwrap();
+        t.check().expect("canonical");
     }
 
     #[test]
     fn owners_conflict_on_overlap_with_a_write() {
         let mut t = RangeLockTable::default();
-        set(&mut t, 1, 1, 0, 9, Some(Read)).unwrap();
-        set(&mut t, 2, 1, 5, 14, Some(Read)).unwrap();
+        set(&mut t, 1, 1, 0, 9, Some(Read)).expect("granted");
+        set(&mut t, 2, 1, 5, 14, Some(Read)).expect("granted");
         set(&mut t, 1, 2, 10, 19, Some(Write)).expect_err("overlaps client 2's read lock");
-        set(&mut t, 1, 2, 15, 19, Some(Write)).unwrap();
+        set(&mut t, 1, 2, 15, 19, Some(Write)).expect("granted");
         assert!(matches!(
             set(&mut t, 2, 1, 0, 0, Some(Write)),
             Err(RangeRefusal::Conflict(RangeLock { client: 1, .. }))
         ));
         assert_eq!(t.conflict(F, 2, 1, 0, 4, Read), None);
-        let c = t.conflict(F, 2, 9, 16, 16, Read).unwrap();
+        let c = t.conflict(F, 2, 9, 16, 16, Read).expect("granted");
         assert_eq!((c.client, c.owner, c.start, c.end), (1, 2, 15, 19));
     }
 
     #[test]
     fn leases_expire_with_agreed_time_and_bounds_hold() {
         let mut t = RangeLockTable::default();
-        t.set(F, 1, 1, 0, 0, Some(Write), 0, 0, 10 * SEC).unwrap();
-        t.set(F, 2, 1, 5, 5, Some(Write), 0, 0, 20 * SEC).unwrap();
+        t.set(F, 1, 1, 0, 0, Some(Write), 0, 0, 10 * SEC)
+            .expect("granted");
+        t.set(F, 2, 1, 5, 5, Some(Write), 0, 0, 20 * SEC)
+            .expect("granted");
         assert!(!t.expire(10 * SEC - 1));
         assert_eq!(t.renew(1, 5 * SEC, 10 * SEC), 1);
         assert!(!t.expire(14 * SEC));
@@ -568,14 +567,14 @@ mod tests {
         assert_eq!(t.held_by(2), 1);
         for k in 0..RANGE_LOCKS_PER_CLIENT_MAX as u64 - 1 {
             t.set(F, 2, 1, 10 + 2 * k, 10 + 2 * k, Some(Read), 0, 0, SEC)
-                .unwrap();
+                .expect("granted");
         }
         assert_eq!(
             t.set(F, 2, 1, 100_000, 100_000, Some(Read), 0, 0, SEC),
             Err(RangeRefusal::TooMany)
         );
         // An unlock that splits nothing is never refused for the bound.
-        t.set(F, 2, 1, 10, 10, None, 0, 0, SEC).unwrap();
+        t.set(F, 2, 1, 10, 10, None, 0, 0, SEC).expect("granted");
         assert_eq!(
             t.set(F, 2, 1, 3, 1, Some(Read), 0, 0, SEC),
             Err(RangeRefusal::Invalid)
@@ -584,15 +583,15 @@ mod tests {
             t.set(F, 2, 1, 0, u64::MAX, Some(Read), 0, 0, SEC),
             Err(RangeRefusal::Invalid)
         );
-        t.check().unwrap();
+        t.check().expect("canonical");
     }
 
     #[test]
     fn check_refuses_non_canonical_tables() {
         let mut t = RangeLockTable::default();
-        set(&mut t, 1, 1, 0, 9, Some(Read)).unwrap();
-        set(&mut t, 1, 1, 20, 29, Some(Read)).unwrap();
-        t.check().unwrap();
+        set(&mut t, 1, 1, 0, 9, Some(Read)).expect("granted");
+        set(&mut t, 1, 1, 20, 29, Some(Read)).expect("granted");
+        t.check().expect("canonical");
         let mut adjacent = t.clone();
         adjacent.locks[1].start = 10;
         assert!(adjacent.check().is_err());
