@@ -10,7 +10,7 @@ use proptest::prelude::*;
 use state_abstraction::fs::locks::{LockState, LockUnit};
 use state_abstraction::fs::range_locks::*;
 use state_abstraction::fs::*;
-use state_abstraction::{AbstractObject, ClientId, Digest, Service};
+use state_abstraction::{AbstractObject, ClientId, Service};
 use std::path::Path;
 
 const ROOT: Handle = Handle::ROOT;
@@ -21,29 +21,28 @@ use RangeLockKind::{Read, Write};
 
 /// A file service driven through `Service::execute`, as a replica runs it: the client is the
 /// authenticated one, the time the agreed one.
-struct T {
-    svc: FileService,
-    now: u64,
+struct T(common::Fs);
+
+impl std::ops::Deref for T {
+    type Target = common::Fs;
+    fn deref(&self) -> &common::Fs {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for T {
+    fn deref_mut(&mut self) -> &mut common::Fs {
+        &mut self.0
+    }
 }
 
 impl T {
     fn open(dir: &Path) -> T {
-        T {
-            svc: FileService::open(dir).expect("open"),
-            now: 1_700_000_000 * SEC,
-        }
+        T(common::Fs::open(dir))
     }
 
     fn call(&mut self, client: ClientId, op: FsOp, read_only: bool) -> FsResult {
-        self.now += 1_000;
-        let req = encode(&FsRequest {
-            caller: Caller::root(),
-            op,
-        });
-        let reply = self
-            .svc
-            .execute(&req, client, &encode(&self.now), read_only);
-        decode(&reply).expect("a reply decodes")
+        self.execute_as(client, op, read_only)
     }
 
     fn run(&mut self, client: ClientId, op: FsOp) -> FsResult {
@@ -51,18 +50,7 @@ impl T {
     }
 
     fn file(&mut self, name: &str) -> Handle {
-        match self.run(
-            A,
-            FsOp::Create {
-                dir: ROOT,
-                name: name.into(),
-                mode: 0o644,
-                how: CreateHow::Guarded,
-            },
-        ) {
-            Ok(FsReply::Entry { handle, .. }) => handle,
-            other => panic!("create {name}: {other:?}"),
-        }
+        self.create(ROOT, name)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -112,10 +100,6 @@ impl T {
             Ok(FsReply::RangeLock { conflict }) => conflict,
             other => panic!("test: {other:?}"),
         }
-    }
-
-    fn digest(&mut self) -> Digest {
-        self.svc.root_digest().expect("digest")
     }
 }
 
@@ -402,8 +386,9 @@ fn range_locks_leave_zzyzx_locks_alone() {
         caller: Caller::root(),
         op: FsOp::RenewRangeLocks { lease_ms: 1_000 },
     });
+    let at = t.now + 1;
     assert!(matches!(
-        t.svc.execute_locked(lock, &op, A, t.now + 1),
+        t.svc.execute_locked(lock, &op, A, at),
         state_abstraction::LockedResult::NeedsAgreement
     ));
 }
