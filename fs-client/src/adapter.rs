@@ -15,7 +15,8 @@
 //! writes the kernel sends later from its page cache, and which write errors they were told
 //! of), the open-file counts that keep unlinked open files alive ([`crate::open_files`]), and
 //! a short-lived cache of files known to have no `security.capability` attribute (the kernel
-//! asks before every write).
+//! asks before every write). fcntl and flock locks go to the replicas through
+//! [`crate::range_locks`], which also remembers which owners to drop at close.
 
 use crate::inodes::InodeTable;
 use crate::kernel_cache::KernelCache;
