@@ -15,12 +15,14 @@
 //! writes the kernel sends later from its page cache, and which write errors they were told
 //! of), the open-file counts that keep unlinked open files alive ([`crate::open_files`]), and
 //! a short-lived cache of files known to have no `security.capability` attribute (the kernel
-//! asks before every write).
+//! asks before every write). fcntl and flock locks go to the replicas through
+//! [`crate::range_locks`], which also remembers which owners to drop at close.
 
 use crate::inodes::InodeTable;
 use crate::kernel_cache::KernelCache;
 use crate::open_files::{Hidden, OpenFiles};
 use crate::options::MountOptions;
+use crate::range_locks::{self, LockRequest, RangeLockClient, WaitEnd};
 use crate::transport::{FsTransport, TransportError};
 use crate::write_back::{Limits, Observer, WriteBack, WriteError};
 use fuser::{
@@ -76,9 +78,13 @@ pub enum Failure {
     /// The caller's buffer is too small (xattr protocol).
     BufferTooSmall,
     /// An operation the kernel does locally or generically when the file system says it
-    /// lacks it (ENOSYS, which the kernel remembers): byte-range locks, lseek of holes,
-    /// ioctl, poll, bmap.
+    /// lacks it (ENOSYS, which the kernel remembers): byte-range locks with `local_locks`,
+    /// lseek of holes, ioctl, poll, bmap.
     LeftToKernel,
+    /// Another owner holds a conflicting lock (F_SETLK, flock with LOCK_NB).
+    WouldBlock,
+    /// A lock wait ended by a signal for the waiting thread.
+    Interrupted,
 }
 
 impl From<WriteError> for Failure {
@@ -102,6 +108,8 @@ pub fn errno(f: &Failure) -> Errno {
         Failure::Unsupported(_) => Errno::EOPNOTSUPP,
         Failure::BufferTooSmall => Errno::ERANGE,
         Failure::LeftToKernel => Errno::ENOSYS,
+        Failure::WouldBlock => Errno::EAGAIN,
+        Failure::Interrupted => Errno::EINTR,
     }
 }
 
@@ -245,6 +253,9 @@ pub struct BftFs {
     /// Set once the session exists (see [`BftFs::notifier_slot`]); until then, and without a
     /// session, nothing is invalidated.
     notifier: Arc<OnceLock<fuser::Notifier>>,
+    /// fcntl/flock locks shared across mounts (`None` with `-o local_locks`: the kernel
+    /// keeps them for this machine only).
+    range_locks: Option<Arc<RangeLockClient>>,
 }
 
 /// The kernel asks for this attribute before every write(2) to a FUSE file (to know whether
@@ -310,6 +321,10 @@ fn op_name(op: &FsOp) -> &'static str {
         FsOp::Release { .. } => "release",
         FsOp::Renew { .. } => "renew",
         FsOp::ListLocks => "listlocks",
+        FsOp::SetRangeLock { .. } => "setlk",
+        FsOp::TestRangeLock { .. } => "getlk",
+        FsOp::DropRangeLocks { .. } => "unlock_owners",
+        FsOp::RenewRangeLocks { .. } => "renew_leases",
     }
 }
 
@@ -462,7 +477,13 @@ impl BftFs {
                 Limits::default(),
             )?)
         };
+        let range_locks = if opts.local_locks {
+            None
+        } else {
+            Some(RangeLockClient::start(transport.clone(), opts.lock_lease)?)
+        };
         Ok(BftFs {
+            range_locks,
             transport,
             inodes: InodeTable::new(),
             opts,
@@ -985,6 +1006,46 @@ impl BftFs {
         Self::attr_of(self.call(req, op)?, "setattr")
     }
 
+    /// A lock request from the kernel, checked: the kernel's ranges end at OFFSET_MAX.
+    #[allow(clippy::too_many_arguments)]
+    fn lock_request(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+    ) -> Result<LockRequest, Failure> {
+        Ok(LockRequest {
+            caller: caller_of(req),
+            nodeid: ino.0,
+            h: self.handle(ino)?,
+            fh: fh.0,
+            owner: lock_owner.0,
+            start,
+            end,
+            kind: range_locks::kind_of(typ)?,
+            pid,
+            tid: req.pid(),
+        })
+    }
+
+    /// The last close of open file (or directory) `fh`: its OFD and flock locks go.
+    fn release_range_locks(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        flock_owner: Option<LockOwner>,
+    ) {
+        if let (Some(locks), Ok(h)) = (&self.range_locks, self.handle(ino)) {
+            locks.released(caller_of(req), ino.0, h, fh.0, flock_owner.map(|o| o.0));
+        }
+    }
+
     fn dir_stream(&self, fh: FileHandle) -> Arc<Mutex<DirStream>> {
         let mut dirs = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
         dirs.entry(fh.0)
@@ -1071,11 +1132,25 @@ impl Filesystem for BftFs {
                 debug!("kernel lacks {cap:?}");
             }
         }
+        if self.range_locks.is_some() {
+            // The kernel then sends fcntl locks (POSIX and OFD) and flock (as whole-file
+            // locks) here instead of keeping them itself.
+            for cap in [InitFlags::FUSE_POSIX_LOCKS, InitFlags::FUSE_FLOCK_LOCKS] {
+                if config.add_capabilities(cap).is_err() {
+                    warn!(
+                        "the kernel cannot forward {cap:?}: those locks stay local to this machine"
+                    );
+                }
+            }
+        }
         debug!("FUSE session initialised");
         Ok(())
     }
 
     fn destroy(&mut self) {
+        if let Some(locks) = &self.range_locks {
+            locks.stop();
+        }
         // Every file is closed by now, so nothing is expected here; bytes of a shared mapping
         // still being written back are the exception.
         if let Some(wb) = &self.write_back {
@@ -1540,15 +1615,20 @@ impl Filesystem for BftFs {
 
     fn flush(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
-        _lock_owner: LockOwner,
+        lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
         // close(2): a writer's close returns once the file's data is on the replicas
         // (close-to-open), and reports a buffered write they refused.
-        match self.settle_for(ino.0, fh.0, true) {
+        let settled = self.settle_for(ino.0, fh.0, true);
+        // And the closing process's POSIX locks on the file go, whatever the data did.
+        if let (Some(locks), Ok(h)) = (&self.range_locks, self.handle(ino)) {
+            locks.closed(caller_of(req), ino.0, h, lock_owner.0);
+        }
+        match settled {
             Ok(()) => reply.ok(),
             Err(f) => self.fail("flush", reply, f),
         }
@@ -1556,14 +1636,15 @@ impl Filesystem for BftFs {
 
     fn release(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
+        lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.release_range_locks(req, ino, fh, lock_owner);
         let hidden = self.open_files.released(ino.0);
         if let Some(wb) = &self.write_back {
             if hidden.is_some() {
@@ -1720,12 +1801,15 @@ impl Filesystem for BftFs {
 
     fn releasedir(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        // fuser does not pass RELEASEDIR's flock owner; the owners that locked through this
+        // directory handle are remembered anyway.
+        self.release_range_locks(req, ino, fh, None);
         self.dirs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -1905,40 +1989,94 @@ impl Filesystem for BftFs {
         }
     }
 
-    // The operations below are answered ENOSYS on purpose, and without fuser's "not
-    // implemented" warning: the kernel then does them itself for good (locks are kept
-    // locally, lseek uses the generic code).
-
     fn getlk(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _lock_owner: LockOwner,
-        _start: u64,
-        _end: u64,
-        _typ: i32,
-        _pid: u32,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
         reply: ReplyLock,
     ) {
-        self.fail("getlk", reply, Failure::LeftToKernel)
+        let Some(locks) = &self.range_locks else {
+            return self.fail("getlk", reply, Failure::LeftToKernel);
+        };
+        let asked = self
+            .lock_request(req, ino, fh, lock_owner, start, end, typ, pid)
+            .and_then(|r| match r.kind {
+                Some(kind) => locks.test(&r, kind),
+                None => Err(Failure::Invalid("F_GETLK of F_UNLCK")),
+            });
+        match asked {
+            // The holder's pid only if it is this mount's (0 otherwise, which the kernel
+            // reports as such: a pid of another machine names nothing here).
+            Ok(Some(c)) => reply.locked(c.start, c.end, range_locks::typ_of(c.kind), c.pid),
+            Ok(None) => reply.locked(start, end, libc::F_UNLCK, 0),
+            Err(f) => self.fail("getlk", reply, f),
+        }
     }
 
     fn setlk(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _lock_owner: LockOwner,
-        _start: u64,
-        _end: u64,
-        _typ: i32,
-        _pid: u32,
-        _sleep: bool,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
         reply: ReplyEmpty,
     ) {
-        self.fail("setlk", reply, Failure::LeftToKernel)
+        let Some(locks) = &self.range_locks else {
+            return self.fail("setlk", reply, Failure::LeftToKernel);
+        };
+        let r = match self.lock_request(req, ino, fh, lock_owner, start, end, typ, pid) {
+            Ok(r) => r,
+            Err(f) => return self.fail("setlk", reply, f),
+        };
+        match locks.try_set(&r) {
+            Ok(true) => return reply.ok(),
+            Ok(false) if !sleep => return self.fail("setlk", reply, Failure::WouldBlock),
+            Ok(false) => {}
+            Err(f) => return self.fail("setlk", reply, f),
+        }
+        // F_SETLKW (or flock without LOCK_NB) and the lock is taken: wait, on a thread of
+        // its own when one is free, so that this FUSE thread goes on serving.
+        let finish = move |result: Result<(), WaitEnd>, reply: ReplyEmpty| match result {
+            Ok(()) => reply.ok(),
+            Err(WaitEnd::Interrupted) => reply.error(errno(&Failure::Interrupted)),
+            Err(WaitEnd::Failed(f)) => {
+                debug!("setlkw: {f:?}");
+                reply.error(errno(&f))
+            }
+        };
+        if locks.waiter_slot() {
+            let waiter = locks.clone();
+            let spawned = std::thread::Builder::new()
+                .name("bftfs-lock-wait".into())
+                .spawn(move || {
+                    let result = waiter.wait(&r);
+                    waiter.waiter_done();
+                    finish(result, reply);
+                });
+            if let Err(e) = spawned {
+                // The reply went with the closure, and fuser answers a dropped reply EIO.
+                error!("cannot start a lock-wait thread: {e}; answering EIO");
+                locks.waiter_done();
+            }
+        } else {
+            finish(locks.wait(&r), reply);
+        }
     }
+
+    // The operations below are answered ENOSYS on purpose, and without fuser's "not
+    // implemented" warning: the kernel then does them itself for good (lseek uses the
+    // generic code).
 
     fn bmap(&self, _req: &Request, _ino: INodeNo, _blocksize: u32, _idx: u64, reply: ReplyBmap) {
         self.fail("bmap", reply, Failure::LeftToKernel)

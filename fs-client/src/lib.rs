@@ -10,6 +10,7 @@
 //! - [`options`]: `-o` mount options;
 //! - [`open_files`]: open files kept alive across unlink (hidden names, as NFS does);
 //! - [`write_back`]: buffered writes sent in the background, drained at close and fsync;
+//! - [`range_locks`]: fcntl and flock locks shared by every mount (waits, leases, closes);
 //! - [`mount_helper`]: `mount.bftfs` (mount(8) and fstab) and `bftfs install-helper`;
 //! - [`mounting`]: mount checks, serving a mount until it is unmounted, unmounting;
 //! - [`keygen`]: `bftfs keygen`, a cluster config and secrets files;
@@ -28,6 +29,7 @@ pub mod mount_helper;
 pub mod mounting;
 pub mod open_files;
 pub mod options;
+pub mod range_locks;
 pub mod transport;
 pub mod up;
 pub mod write_back;

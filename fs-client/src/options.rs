@@ -16,6 +16,10 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// transport a request waits a network round trip, so more threads than cores pay off.
 pub const DEFAULT_THREADS: usize = 8;
 
+/// How long a mount's fcntl/flock locks outlive its last renewal: a mount that dies (or is
+/// cut off) holds its locks this long at most. The mount renews every third of it.
+pub const DEFAULT_LOCK_LEASE: Duration = Duration::from_secs(30);
+
 /// Help text for `-o`, shown by `--help`.
 pub const OPTIONS_HELP: &str = "Mount options, comma-separated: sync (every write(2) returns \
 only once the replicas hold the data) or async (the default: write(2) returns at once, the data \
@@ -27,7 +31,10 @@ entry_timeout=SECONDS (default 1), timeout=SECONDS (a request the cluster does n
 time fails with EIO; default 30), threads=N (FUSE worker threads, default 8), \
 allow_other (let other users in; default when run as root), ro, noexec, noatime, \
 auto_unmount (a helper process, fusermount3, unmounts the file system if bftfs dies, so the \
-mount point is never left \"not connected\"; needs allow_other), client=FILE (bftfs mount: \
+mount point is never left \"not connected\"; needs allow_other), lock_lease=SECONDS (fcntl \
+and flock locks are shared by every mount of the cluster; a mount that dies loses its locks \
+this long after its last renewal; 1 to 600, default 30), local_locks (fcntl and flock locks are \
+kept by this machine's kernel only, as before), client=FILE (bftfs mount: \
 this client's secrets, as --client). A bftfs mount is always nodev and nosuid (any client of \
 the cluster could plant a device or set-user-id file); the options mount(8) and fstab add \
 (rw, dev, suid, exec, atime, relatime, dirsync, defaults, auto, noauto, user, nouser, \
@@ -110,6 +117,10 @@ pub struct MountOptions {
     /// `client=FILE`: this client's secrets file (for `bftfs mount` and mount.bftfs, where
     /// fstab has no other place for it).
     pub client: Option<std::path::PathBuf>,
+    /// Lease of this mount's fcntl/flock locks on the replicas (`lock_lease=S`).
+    pub lock_lease: Duration,
+    /// `local_locks`: leave fcntl/flock locks to this machine's kernel (not shared).
+    pub local_locks: bool,
 }
 
 impl Default for MountOptions {
@@ -126,6 +137,8 @@ impl Default for MountOptions {
             no_atime: false,
             sync: false,
             client: None,
+            lock_lease: DEFAULT_LOCK_LEASE,
+            local_locks: false,
         }
     }
 }
@@ -171,13 +184,20 @@ impl MountOptions {
                 ("sync", None) => self.sync = true,
                 ("async", None) => self.sync = false,
                 ("client", Some(v)) if !v.is_empty() => self.client = Some(v.into()),
+                ("lock_lease", Some(v)) => {
+                    self.lock_lease = parse_seconds(name, v)?;
+                    if !(1.0..=600.0).contains(&self.lock_lease.as_secs_f64()) {
+                        return Err(format!("option lock_lease={v}: expected 1 to 600 seconds"));
+                    }
+                }
+                ("local_locks", None) => self.local_locks = true,
                 (n, None) if NO_EFFECT.contains(&n) => {}
                 _ if NO_EFFECT_PREFIXES.iter().any(|p| item.starts_with(p)) => {}
                 _ => {
                     return Err(format!(
                         "unknown mount option `{item}` (known: attr_timeout=S, entry_timeout=S, \
                          timeout=S, threads=N, sync, async, allow_other, ro, rw, noexec, \
-                         noatime, auto_unmount, client=FILE, and the generic ones mount(8) passes)"
+                         noatime, auto_unmount, lock_lease=S, local_locks, client=FILE, and the generic ones mount(8) passes)"
                     ))
                 }
             }
@@ -200,7 +220,11 @@ impl MountOptions {
             format!("entry_timeout={}", self.entry_timeout.as_secs_f64()),
             format!("timeout={}", self.request_timeout.as_secs_f64()),
             format!("threads={}", self.threads),
+            format!("lock_lease={}", self.lock_lease.as_secs_f64()),
         ];
+        if self.local_locks {
+            parts.push("local_locks".into());
+        }
         if self.allow_other == Some(true) {
             parts.push("allow_other".into());
         }
@@ -251,6 +275,9 @@ mod tests {
         let mut o = MountOptions::default();
         o.apply("attr_timeout=0.25,timeout=7.5,threads=2,allow_other,auto_unmount,sync")
             .expect("valid");
+        o.apply("lock_lease=2.5,local_locks").expect("valid");
+        assert_eq!(o.lock_lease, Duration::from_millis(2500));
+        assert!(MountOptions::parse_all(&["lock_lease=0.5".to_string()]).is_err());
         assert!(o.sync);
         let back = MountOptions::parse_all(&[o.to_arg()]).expect("valid");
         assert_eq!(back, o);

@@ -94,7 +94,13 @@ fn summarize(r: &FsResult) -> Out {
         Ok(FsReply::Xattr { value }) => Out::Bytes(value.clone()),
         Ok(FsReply::XattrList { names }) => Out::Names(names.clone()),
         // The model sends no lock operations.
-        Ok(FsReply::LockPending { .. } | FsReply::LockRefused { .. } | FsReply::Locks { .. }) => {
+        Ok(
+            FsReply::LockPending { .. }
+            | FsReply::LockRefused { .. }
+            | FsReply::Locks { .. }
+            | FsReply::RangeLock { .. }
+            | FsReply::RangeLeases { .. },
+        ) => {
             unreachable!("no lock operations in the differential test")
         }
     }

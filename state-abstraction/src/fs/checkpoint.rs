@@ -635,7 +635,9 @@ impl FileService {
                 ObjectHeader::Locked { .. } => {
                     return Err(bad(format!("object {i}: a placeholder for a real value")));
                 }
-                header @ (ObjectHeader::Live(_) | ObjectHeader::LiveRoot(..)) => {
+                header @ (ObjectHeader::Live(_)
+                | ObjectHeader::LiveRoot(..)
+                | ObjectHeader::LiveRootRanges(..)) => {
                     let Some(mut o) = header.into_obj() else {
                         unreachable!("a live header makes an object")
                     };

@@ -330,6 +330,10 @@ impl FileService {
             FsOp::Lock { .. } | FsOp::Release { .. } | FsOp::Renew { .. } | FsOp::ListLocks => {
                 self.exec_lock(c, &req.op)
             }
+            FsOp::SetRangeLock { .. }
+            | FsOp::TestRangeLock { .. }
+            | FsOp::DropRangeLocks { .. }
+            | FsOp::RenewRangeLocks { .. } => self.exec_range_lock(&req.op),
         }
     }
 
@@ -485,6 +489,7 @@ impl FileService {
             ino: 0,
             agreed_time: 0,
             locks: None,
+            range_locks: Default::default(),
         };
         self.touch(dir.index)?;
         let i = self.alloc(obj)?;

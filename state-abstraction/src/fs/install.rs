@@ -76,7 +76,7 @@ impl FileService {
             let header = ObjectHeader::decode_canonical(first).map_err(|why| bad(&why))?;
             let chunks: Vec<Vec<u8>> = o.pieces[1..].to_vec();
             match &header {
-                ObjectHeader::LiveRoot(..) if i != 0 => {
+                ObjectHeader::LiveRoot(..) | ObjectHeader::LiveRootRanges(..) if i != 0 => {
                     return Err(bad("a lock table outside the root"));
                 }
                 ObjectHeader::Locked { .. } => {
@@ -95,7 +95,9 @@ impl FileService {
                         return Err(bad("data on a free slot"));
                     }
                 }
-                ObjectHeader::Live(l) | ObjectHeader::LiveRoot(l, _) => {
+                ObjectHeader::Live(l)
+                | ObjectHeader::LiveRoot(l, _)
+                | ObjectHeader::LiveRootRanges(l, ..) => {
                     if i == 0 && l.kind != FileType::Directory {
                         return Err(bad("the root must be a directory"));
                     }
@@ -447,7 +449,10 @@ impl FileService {
                     generation: *generation,
                 },
                 Some(Target {
-                    header: ObjectHeader::Live(_) | ObjectHeader::LiveRoot(..),
+                    header:
+                        ObjectHeader::Live(_)
+                        | ObjectHeader::LiveRoot(..)
+                        | ObjectHeader::LiveRootRanges(..),
                     ..
                 }) => match new_objs.remove(&i) {
                     Some(o) => Slot::Live(Box::new(o)),

@@ -87,7 +87,8 @@ impl FileService {
                 | FsOp::Renew { .. }
                 | FsOp::ListLocks
                 | FsOp::StatFs { .. }
-        ) {
+        ) || req.op.is_range_lock()
+        {
             return LockedResult::NeedsAgreement;
         }
         let Some(e) = self.lock_table().and_then(|t| t.entry(lock)).cloned() else {

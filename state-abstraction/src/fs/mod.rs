@@ -47,6 +47,7 @@ mod lock_timeline;
 pub mod locks;
 pub mod object;
 pub mod ops;
+pub mod range_locks;
 mod scrub;
 mod upgrade_v2;
 

@@ -3,6 +3,7 @@
 
 use super::locks::{LockId, LockTable};
 use super::ops::{Attr, FileType, Name, Timespec};
+use super::range_locks::RangeLockTable;
 use crate::digest::Digest;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -77,6 +78,9 @@ pub struct Obj {
     /// The root only, from the first lock ever requested on: the lock table (see
     /// [`super::locks`]). Replicated state in the root for the reason `agreed_time` is.
     pub locks: Option<Box<LockTable>>,
+    /// The root only: the fcntl/flock range locks of every client (see
+    /// [`super::range_locks`]); empty elsewhere and while no client holds one.
+    pub range_locks: RangeLockTable,
 }
 
 #[derive(Clone, Debug)]
@@ -142,6 +146,7 @@ impl Obj {
             ino,
             agreed_time: 0,
             locks: None,
+            range_locks: RangeLockTable::default(),
         }
     }
 
@@ -201,6 +206,15 @@ impl Obj {
             target: self.target.clone(),
             agreed_time: self.agreed_time,
         };
+        if !self.range_locks.is_empty() {
+            // Only while some client holds a range lock: a state without any encodes as it
+            // did before range locks existed.
+            return ObjectHeader::LiveRootRanges(
+                live,
+                self.locks.as_deref().cloned(),
+                self.range_locks.clone(),
+            );
+        }
         match &self.locks {
             // Until a lock is first asked for, the root keeps the plain `Live` header, so
             // digests of states that never used locks are those of earlier versions.
@@ -231,6 +245,9 @@ pub enum ObjectHeader {
     Locked {
         lock: LockId,
     },
+    /// The root (index 0 only) while some client holds a range lock: its header, the Zzyzx
+    /// lock table if one was ever asked for, and the range locks (never empty here).
+    LiveRootRanges(LiveHeader, Option<LockTable>, RangeLockTable),
 }
 
 /// The two-variant view of a header that code written before locks matches on (the
@@ -261,7 +278,9 @@ impl Header {
                 generation,
                 next_free,
             }),
-            ObjectHeader::Live(l) | ObjectHeader::LiveRoot(l, _) => Ok(Header::Live(l)),
+            ObjectHeader::Live(l)
+            | ObjectHeader::LiveRoot(l, _)
+            | ObjectHeader::LiveRootRanges(l, ..) => Ok(Header::Live(l)),
             ObjectHeader::Locked { .. } => Err("a lock placeholder".into()),
         }
     }
@@ -272,10 +291,12 @@ impl ObjectHeader {
         super::ops::encode(self)
     }
 
-    /// The live header, for `Live` and `LiveRoot`.
+    /// The live header, for `Live` and the root's variants.
     pub fn live(&self) -> Option<&LiveHeader> {
         match self {
-            ObjectHeader::Live(l) | ObjectHeader::LiveRoot(l, _) => Some(l),
+            ObjectHeader::Live(l)
+            | ObjectHeader::LiveRoot(l, _)
+            | ObjectHeader::LiveRootRanges(l, ..) => Some(l),
             _ => None,
         }
     }
@@ -291,6 +312,18 @@ impl ObjectHeader {
                 return Err("a lock table outside a directory".into());
             }
             table.check()?;
+        }
+        if let ObjectHeader::LiveRootRanges(l, zzyzx, ranges) = &h {
+            if l.kind != FileType::Directory {
+                return Err("range locks outside a directory".into());
+            }
+            if ranges.is_empty() {
+                return Err("an empty range-lock table (not canonical)".into());
+            }
+            ranges.check()?;
+            if let Some(t) = zzyzx {
+                t.check()?;
+            }
         }
         if let Some(l) = h.live() {
             if l.entries.windows(2).any(|w| w[0].0 >= w[1].0) {
@@ -327,6 +360,12 @@ impl ObjectHeader {
             ObjectHeader::LiveRoot(l, t) => {
                 let mut o = l.into_obj();
                 o.locks = Some(Box::new(t));
+                Some(o)
+            }
+            ObjectHeader::LiveRootRanges(l, t, ranges) => {
+                let mut o = l.into_obj();
+                o.locks = t.map(Box::new);
+                o.range_locks = ranges;
                 Some(o)
             }
             ObjectHeader::Free { .. } | ObjectHeader::Locked { .. } => None,
@@ -381,6 +420,7 @@ impl LiveHeader {
             ino: 0,
             agreed_time: self.agreed_time,
             locks: None,
+            range_locks: RangeLockTable::default(),
         }
     }
 }

@@ -5,6 +5,7 @@
 //! Everything here is canonical: no maps, no floats, no backend-specific numbers.
 
 use super::locks::{LockEntry, LockId, LockRefusal, LockUnit};
+use super::range_locks::{RangeLockInfo, RangeLockKind};
 use serde::{Deserialize, Serialize};
 
 /// Abstract file handle: the object's slot in the abstract array and the slot's generation.
@@ -390,6 +391,40 @@ pub enum FsOp {
     },
     /// The lock table, without the pools.
     ListLocks,
+    /// F_SETLK/F_SETLKW/`flock` (see `range_locks.rs`): sets (`kind` Some) or removes (None)
+    /// the lock of owner `(client, owner)` over bytes `start..=end` of `h`. A granted lock
+    /// extends the client's lease to `lease_ms` from now. Answers [`FsReply::RangeLock`]
+    /// (with the lock in the way if refused), `NoLocks` past the bounds.
+    SetRangeLock {
+        h: Handle,
+        owner: u64,
+        start: u64,
+        end: u64,
+        kind: Option<RangeLockKind>,
+        /// The caller's pid, reported by F_GETLK to the same client only.
+        pid: u32,
+        lease_ms: u32,
+    },
+    /// F_GETLK: the first lock of another owner that would conflict. Ordered, so that
+    /// expired leases are judged by agreed time.
+    TestRangeLock {
+        h: Handle,
+        owner: u64,
+        start: u64,
+        end: u64,
+        kind: RangeLockKind,
+    },
+    /// close(2) of a POSIX owner's descriptor, or the last close of an open file: drops every
+    /// lock of the calling client's `owners` on `h`.
+    DropRangeLocks {
+        h: Handle,
+        owners: Vec<u64>,
+    },
+    /// Extends the calling client's lease over all of its range locks; answers
+    /// [`FsReply::RangeLeases`] with how many it holds (0 after its lease ran out).
+    RenewRangeLocks {
+        lease_ms: u32,
+    },
 }
 
 impl FsOp {
@@ -407,6 +442,17 @@ impl FsOp {
                 | FsOp::GetXattr { .. }
                 | FsOp::ListXattr { .. }
                 | FsOp::ListLocks
+        )
+    }
+
+    /// The range-lock operations: ordered, never entries of a Zzyzx lock's log.
+    pub fn is_range_lock(&self) -> bool {
+        matches!(
+            self,
+            FsOp::SetRangeLock { .. }
+                | FsOp::TestRangeLock { .. }
+                | FsOp::DropRangeLocks { .. }
+                | FsOp::RenewRangeLocks { .. }
         )
     }
 }
@@ -485,6 +531,14 @@ pub enum FsReply {
         next_lock: u64,
         locks: Vec<LockEntry>,
     },
+    /// SetRangeLock and TestRangeLock: `None` granted (or, for a test, nothing in the way);
+    /// otherwise the conflicting lock.
+    RangeLock {
+        conflict: Option<RangeLockInfo>,
+    },
+    RangeLeases {
+        held: u32,
+    },
 }
 
 /// The one canonical error table (NFS status style). Backend errnos are mapped into this in
@@ -536,6 +590,9 @@ pub enum FsError {
     /// same request succeeds once the lock has merged back.
     #[error("object locked")]
     Locked,
+    /// A range lock past the bounds of `range_locks.rs`.
+    #[error("no locks available")]
+    NoLocks,
 }
 
 impl FsError {
@@ -564,6 +621,7 @@ impl FsError {
             FsError::BadRequest => libc::EINVAL,
             // The transport retries; an application sees this only if retries time out.
             FsError::Locked => libc::EIO,
+            FsError::NoLocks => libc::ENOLCK,
         }
     }
 }

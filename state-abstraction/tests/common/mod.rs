@@ -234,6 +234,26 @@ impl Fs {
     pub fn digest(&mut self) -> state_abstraction::Digest {
         self.svc.root_digest().expect("digest")
     }
+
+    /// `op` as a replica runs it (`Service::execute`): from authenticated `client`, with
+    /// the next agreed time, on the read-only path if `read_only`.
+    pub fn execute_as(
+        &mut self,
+        client: state_abstraction::ClientId,
+        op: FsOp,
+        read_only: bool,
+    ) -> FsResult {
+        use state_abstraction::Service;
+        self.now += 1_000;
+        let req = encode(&FsRequest {
+            caller: self.caller.clone(),
+            op,
+        });
+        let reply = self
+            .svc
+            .execute(&req, client, &encode(&self.now), read_only);
+        decode(&reply).expect("a reply decodes")
+    }
 }
 
 /// A fresh directory on the root file system (under the target directory), removed on drop.
