@@ -117,6 +117,10 @@ pub fn op_kind(op: &FsOp) -> &'static str {
         FsOp::Release { .. } => "release",
         FsOp::Renew { .. } => "renew",
         FsOp::ListLocks => "listlocks",
+        FsOp::SetRangeLock { .. } => "setlk",
+        FsOp::TestRangeLock { .. } => "getlk",
+        FsOp::DropRangeLocks { .. } => "unlock_ranges",
+        FsOp::RenewRangeLocks { .. } => "renew_ranges",
     }
 }
 
@@ -431,8 +435,13 @@ impl LockCache {
                     return Effect::Everything;
                 }
             }
-            // Changes nothing a read answers.
-            FsOp::Commit { .. } | FsOp::Renew { .. } => {}
+            // Changes nothing a read answers (fcntl locks are no attribute of the file).
+            FsOp::Commit { .. }
+            | FsOp::Renew { .. }
+            | FsOp::SetRangeLock { .. }
+            | FsOp::TestRangeLock { .. }
+            | FsOp::DropRangeLocks { .. }
+            | FsOp::RenewRangeLocks { .. } => {}
             op if op.is_read_only() => {}
             // Lock and release, and whatever is added later.
             _ => return Effect::Everything,
