@@ -28,7 +28,8 @@ time fails with EIO; default 30), threads=N (FUSE worker threads, default 8), \
 allow_other (let other users in; default when run as root), ro, noexec, noatime, \
 auto_unmount (a helper process, fusermount3, unmounts the file system if bftfs dies, so the \
 mount point is never left \"not connected\"; needs allow_other), client=FILE (bftfs mount: \
-this client's secrets, as --client). A bftfs mount is always nodev and nosuid (any client of \
+this client's secrets, as --client), metrics=HOST:PORT (serve this mount's metrics at \
+http://HOST:PORT/metrics, as --metrics). A bftfs mount is always nodev and nosuid (any client of \
 the cluster could plant a device or set-user-id file); the options mount(8) and fstab add \
 (rw, dev, suid, exec, atime, relatime, dirsync, defaults, auto, noauto, user, nouser, \
 _netdev, nofail, x-..., ...) are accepted and change nothing";
@@ -110,6 +111,8 @@ pub struct MountOptions {
     /// `client=FILE`: this client's secrets file (for `bftfs mount` and mount.bftfs, where
     /// fstab has no other place for it).
     pub client: Option<std::path::PathBuf>,
+    /// `metrics=HOST:PORT`: serve this mount's metrics at http://HOST:PORT/metrics.
+    pub metrics: Option<String>,
 }
 
 impl Default for MountOptions {
@@ -126,6 +129,7 @@ impl Default for MountOptions {
             no_atime: false,
             sync: false,
             client: None,
+            metrics: None,
         }
     }
 }
@@ -171,13 +175,15 @@ impl MountOptions {
                 ("sync", None) => self.sync = true,
                 ("async", None) => self.sync = false,
                 ("client", Some(v)) if !v.is_empty() => self.client = Some(v.into()),
+                ("metrics", Some(v)) if !v.is_empty() => self.metrics = Some(v.to_string()),
                 (n, None) if NO_EFFECT.contains(&n) => {}
                 _ if NO_EFFECT_PREFIXES.iter().any(|p| item.starts_with(p)) => {}
                 _ => {
                     return Err(format!(
                         "unknown mount option `{item}` (known: attr_timeout=S, entry_timeout=S, \
                          timeout=S, threads=N, sync, async, allow_other, ro, rw, noexec, \
-                         noatime, auto_unmount, client=FILE, and the generic ones mount(8) passes)"
+                         noatime, auto_unmount, client=FILE, metrics=HOST:PORT, and the generic ones \
+                         mount(8) passes)"
                     ))
                 }
             }
@@ -218,6 +224,10 @@ impl MountOptions {
         }
         if self.sync {
             parts.push("sync".into());
+        }
+        if let Some(address) = &self.metrics {
+            // HOST:PORT holds no comma (an IPv6 address is written [::1]:9400).
+            parts.push(format!("metrics={address}"));
         }
         // `client` is left out: a path may hold a comma. Callers pass it as --client.
         parts.join(",")

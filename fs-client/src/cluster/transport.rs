@@ -6,12 +6,12 @@ use super::locks::HeldLocks;
 use crate::transport::{FsTransport, TransportError};
 use anyhow::{Context, Result};
 use replica::config::{ClientSecrets, ClusterConfig};
-use replica::driver::client::{CallError, ClientHandle};
+use replica::driver::client::{CallError, ClientHandle, ReplicaObservations};
 use replica::driver::status::{unix_ms, CallReport, ClientReport, CLIENT_REPORT_HEARTBEAT};
 use state_abstraction::fs::{decode, encode, Caller, FsError, FsRequest, FsResult, Handle};
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tracing::{info, warn};
@@ -26,6 +26,15 @@ pub struct ReplicatedTransport {
     calls: CallTracker,
     /// The Zzyzx locks this mount holds.
     locks: HeldLocks,
+    /// Calls served through a lock's log (for metrics).
+    locked_calls: AtomicU64,
+}
+
+/// What a mount's metrics export about its client ([`ReplicatedTransport::figures`]).
+pub struct ClientFigures {
+    pub observations: ReplicaObservations,
+    pub calls: CallReport,
+    pub locked_calls: u64,
 }
 
 /// Counts a client's calls for its report ([`CallReport`]), including those still waiting.
@@ -93,7 +102,17 @@ impl ReplicatedTransport {
             failing: AtomicBool::new(false),
             calls: CallTracker::default(),
             locks: HeldLocks::default(),
+            locked_calls: AtomicU64::new(0),
         })
+    }
+
+    /// The client's figures now: how its calls completed and what it saw of each replica.
+    pub fn figures(&self) -> ClientFigures {
+        ClientFigures {
+            observations: self.client.observations(),
+            calls: self.calls.report(),
+            locked_calls: self.locked_calls.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -159,6 +178,9 @@ impl ReplicatedTransport {
 impl FsTransport for ReplicatedTransport {
     fn call(&self, req: FsRequest) -> Result<FsResult, TransportError> {
         if let Some(result) = self.locks.try_locked(self, &req) {
+            if result.is_ok() {
+                self.locked_calls.fetch_add(1, Ordering::Relaxed);
+            }
             return result;
         }
         let deadline = std::time::Instant::now() + self.timeout;
