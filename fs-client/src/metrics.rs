@@ -87,7 +87,7 @@ impl Collector for ReplicatedCollector {
             "client_completions",
             "Calls completed, by path: fast (3f+1 matching speculative replies), committed \
              (2f+1 after the commit), read_only (2f+1 matching, unordered), locked (through \
-             a Zzyzx lock's log).",
+             a Zzyzx lock's log)",
             None,
             MetricType::Counter,
         )?;
@@ -102,17 +102,17 @@ impl Collector for ReplicatedCollector {
         let totals: [(&str, &str, u64); 3] = [
             (
                 "client_calls_failed",
-                "Calls that got no answer in time or could not be sent (EIO).",
+                "Calls that got no answer in time or could not be sent (EIO)",
                 figures.calls.failed,
             ),
             (
                 "client_retransmissions",
-                "Requests sent again for want of an answer.",
+                "Requests sent again for want of an answer",
                 o.retransmissions,
             ),
             (
                 "client_read_only_fallbacks",
-                "Read-only requests sent again on the ordered path (replies did not match).",
+                "Read-only requests sent again on the ordered path (replies did not match)",
                 o.read_only_fallbacks,
             ),
         ];
@@ -123,12 +123,12 @@ impl Collector for ReplicatedCollector {
         let gauges: [(&str, &str, u64); 2] = [
             (
                 "client_pending_calls",
-                "Calls sent and not answered yet.",
+                "Calls sent and not answered yet",
                 figures.calls.pending,
             ),
             (
                 "client_failed_in_a_row",
-                "Calls failed since the last one that completed.",
+                "Calls failed since the last one that completed",
                 figures.calls.failed_in_a_row,
             ),
         ];
@@ -139,25 +139,28 @@ impl Collector for ReplicatedCollector {
         let per_replica: [(&str, &str, &std::collections::BTreeMap<u32, u64>); 3] = [
             (
                 "client_replica_disagreeing_replies",
-                "Ordered replies of the replica that disagreed with the accepted result.",
+                "Ordered replies of the replica that disagreed with the accepted result",
                 &o.disagreeing_replies,
             ),
             (
                 "client_replica_compared_replies",
-                "Ordered replies of the replica compared with an accepted result.",
+                "Ordered replies of the replica compared with an accepted result",
                 &o.compared_replies,
             ),
             (
                 "client_replica_auth_failures",
-                "Frames claiming to come from the replica that did not authenticate.",
+                "Frames claiming to come from the replica that did not authenticate",
                 &o.auth_failures,
             ),
         ];
         for (name, help, map) in per_replica {
             let mut family = e.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for (replica, n) in map {
+            // Every replica, 0 until something is seen: a series that appears only with the
+            // first fault would escape `increase()` and alerts on it.
+            for replica in 0..figures.replicas {
+                let n = map.get(&replica).copied().unwrap_or(0);
                 let labels = [("replica", replica.to_string())];
-                ConstCounter::new(*n).encode(family.encode_family(&labels)?)?;
+                ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
             }
         }
         Ok(())
@@ -181,13 +184,13 @@ pub fn serve(
     });
     registry.register_with_unit(
         "client_request_duration",
-        "Time a call to the file service took, by operation kind (retries included).",
+        "Time a call to the file service took, by operation kind (retries included)",
         Unit::Seconds,
         timings.duration.clone(),
     );
     registry.register(
         "client_request_failures",
-        "Calls to the file service that failed (EIO), by operation kind.",
+        "Calls to the file service that failed (EIO), by operation kind",
         timings.failures.clone(),
     );
     if let Some(transport) = replicated {

@@ -51,7 +51,7 @@ pub fn register_build_info(registry: &mut Registry, component: &'static str) {
     ];
     registry.register(
         "build",
-        "Version and build of this bftfs program (always 1).",
+        "Version and build of this bftfs program (always 1)",
         Info::new(labels),
     );
 }

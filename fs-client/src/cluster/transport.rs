@@ -28,6 +28,7 @@ pub struct ReplicatedTransport {
     locks: HeldLocks,
     /// Calls served through a lock's log (for metrics).
     locked_calls: AtomicU64,
+    replicas: u32,
 }
 
 /// What a mount's metrics export about its client ([`ReplicatedTransport::figures`]).
@@ -35,6 +36,8 @@ pub struct ClientFigures {
     pub observations: ReplicaObservations,
     pub calls: CallReport,
     pub locked_calls: u64,
+    /// Replicas in the cluster (ids 0..replicas).
+    pub replicas: u32,
 }
 
 /// Counts a client's calls for its report ([`CallReport`]), including those still waiting.
@@ -94,6 +97,7 @@ impl CallTracker {
 impl ReplicatedTransport {
     pub fn start(config: ClusterConfig, secrets: ClientSecrets, timeout: Duration) -> Result<Self> {
         let client_id = secrets.id.0;
+        let replicas = config.n() as u32;
         let client = ClientHandle::start(config, secrets).context("cannot start the BFT client")?;
         Ok(ReplicatedTransport {
             client,
@@ -103,6 +107,7 @@ impl ReplicatedTransport {
             calls: CallTracker::default(),
             locks: HeldLocks::default(),
             locked_calls: AtomicU64::new(0),
+            replicas,
         })
     }
 
@@ -112,6 +117,7 @@ impl ReplicatedTransport {
             observations: self.client.observations(),
             calls: self.calls.report(),
             locked_calls: self.locked_calls.load(Ordering::Relaxed),
+            replicas: self.replicas,
         }
     }
 }

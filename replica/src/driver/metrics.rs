@@ -73,43 +73,51 @@ impl ReplicaTimings {
         };
         registry.register_with_unit(
             "request_duration",
-            "Time from a client request's arrival at this replica to each phase (pre_prepared, executed, replied).",
+            "Time from a client request's arrival at this replica to each phase (pre_prepared, executed, replied)",
             Unit::Seconds,
             t.request.clone(),
         );
         registry.register_with_unit(
             "batch_duration",
-            "Time from a batch's pre-prepare to each phase at this replica (prepared, speculated, executed).",
+            "Time from a batch's pre-prepare to each phase at this replica (prepared, speculated, executed)",
             Unit::Seconds,
             t.batch.clone(),
         );
         for (name, help, histogram) in [
             (
                 "view_change_duration",
-                "Time from leaving an active view to entering the next one.",
+                "Time from leaving an active view to entering the next one",
                 &t.view_change,
             ),
             (
                 "checkpoint_stable_duration",
-                "Time from taking a checkpoint to its becoming stable.",
+                "Time from taking a checkpoint to its becoming stable",
                 &t.checkpoint_stable,
             ),
             (
                 "state_transfer_duration",
-                "Duration of a state transfer from the other replicas.",
+                "Duration of a state transfer from the other replicas",
                 &t.state_transfer,
             ),
             (
                 "wal_sync_duration",
-                "Duration of one write-ahead log fsync.",
+                "Duration of one write-ahead log fsync",
                 &t.wal_sync,
             ),
         ] {
             registry.register_with_unit(name, help, Unit::Seconds, histogram.clone());
         }
+        // Every phase from the start, at 0: a series that appears with its first sample
+        // escapes `rate()` over the scrape before it.
+        for name in ["pre_prepared", "executed", "replied"] {
+            drop(t.request.get_or_create(&phase(name)));
+        }
+        for name in ["prepared", "speculated", "executed"] {
+            drop(t.batch.get_or_create(&phase(name)));
+        }
         registry.register(
             "batch_requests",
-            "Requests per executed batch.",
+            "Requests per executed batch",
             t.batch_requests.clone(),
         );
         Arc::new(t)
@@ -399,43 +407,43 @@ type PeerFigure = (
 const PER_PEER: [PeerFigure; 7] = [
     (
         "peer_auth_failures",
-        "Frames claiming to be from the peer that did not authenticate.",
+        "Frames claiming to be from the peer that did not authenticate",
         true,
         |p| Some(p.auth_failures as f64),
     ),
     (
         "peer_invalid_messages",
-        "Messages from the peer refused as invalid.",
+        "Messages from the peer refused as invalid",
         true,
         |p| Some(p.invalid as f64),
     ),
     (
         "peer_checkpoint_mismatches",
-        "Checkpoints of the peer that disagree with the stable certificate.",
+        "Checkpoints of the peer that disagree with the stable certificate",
         true,
         |p| Some(p.checkpoint_mismatches as f64),
     ),
     (
         "peer_equivocations",
-        "Proofs that the peer signed conflicting proposals.",
+        "Proofs that the peer signed conflicting proposals",
         true,
         |p| Some(p.equivocations as f64),
     ),
     (
         "peer_conflicting_votes",
-        "Votes of the peer for another batch than the primary proposed.",
+        "Votes of the peer for another batch than the primary proposed",
         true,
         |p| Some(p.conflicting_votes as f64),
     ),
     (
         "peer_last_message_age",
-        "Seconds since the peer's last authenticated frame.",
+        "Seconds since the peer's last authenticated frame",
         false,
         |p| p.last_message_ms_ago.map(|ms| ms as f64 / 1000.0),
     ),
     (
         "peer_lateness",
-        "Average lateness of the peer's commits and checkpoints, in seconds.",
+        "Average lateness of the peer's commits and checkpoints, in seconds",
         false,
         |p| p.lateness_ms.map(|ms| ms as f64 / 1000.0),
     ),
@@ -447,106 +455,106 @@ impl Collector for StatusCollector {
             return Ok(());
         };
         let e = &mut e;
-        gauge(e, "view", "Current view.", None, s.view)?;
+        gauge(e, "view", "Current view", None, s.view)?;
         gauge(
             e,
             "view_active",
-            "1 while this replica is in an active view, 0 during a view change.",
+            "1 while this replica is in an active view, 0 during a view change",
             None,
             u64::from(s.view_active),
         )?;
         gauge(
             e,
             "primary",
-            "1 if this replica is the primary of its view.",
+            "1 if this replica is the primary of its view",
             None,
             u64::from(s.primary),
         )?;
         gauge(
             e,
             "last_executed",
-            "Last executed sequence number.",
+            "Last executed sequence number",
             None,
             s.last_executed,
         )?;
         gauge(
             e,
             "stable_checkpoint",
-            "Sequence number of the stable checkpoint.",
+            "Sequence number of the stable checkpoint",
             None,
             s.stable_checkpoint,
         )?;
         gauge(
             e,
             "last_checkpoint",
-            "Sequence number of the newest checkpoint this replica took.",
+            "Sequence number of the newest checkpoint this replica took",
             None,
             s.last_checkpoint,
         )?;
         gauge(
             e,
             "highest_seen",
-            "Highest sequence number seen from any peer.",
+            "Highest sequence number seen from any peer",
             None,
             s.highest_seen,
         )?;
         gauge(
             e,
             "lag",
-            "Sequence numbers executed behind the highest seen from a peer.",
+            "Sequence numbers executed behind the highest seen from a peer",
             None,
             s.lag,
         )?;
         gauge(
             e,
             "transferring_state",
-            "1 while this replica fetches state from the others.",
+            "1 while this replica fetches state from the others",
             None,
             u64::from(s.transferring_state),
         )?;
         gauge(
             e,
             "lock_logs",
-            "Zzyzx locks whose log this replica serves.",
+            "Zzyzx locks whose log this replica serves",
             None,
             s.locks.len() as u64,
         )?;
         let counters: [(&str, &str, u64); 13] = [
-            ("executed_requests", "Requests executed.", s.executed_requests),
-            ("view_changes", "View changes started.", s.view_changes),
-            ("new_views", "New views installed.", s.new_views),
-            ("state_transfers", "State transfers started.", s.state_transfers),
+            ("executed_requests", "Requests executed", s.executed_requests),
+            ("view_changes", "View changes started", s.view_changes),
+            ("new_views", "New views installed", s.new_views),
+            ("state_transfers", "State transfers started", s.state_transfers),
             (
                 "auth_failures",
-                "Frames whose MAC or signatures did not verify.",
+                "Frames whose MAC or signatures did not verify",
                 s.auth_failures,
             ),
-            ("frames_accepted", "Frames that authenticated.", s.frames_accepted),
-            ("frames_rejected", "Frames refused for any reason.", s.frames_rejected),
+            ("frames_accepted", "Frames that authenticated", s.frames_accepted),
+            ("frames_rejected", "Frames refused for any reason", s.frames_rejected),
             (
                 "invalid_messages",
-                "Messages refused as invalid by the protocol core.",
+                "Messages refused as invalid by the protocol core",
                 s.invalid_messages,
             ),
             (
                 "misbehaviour_detected",
-                "Misbehaviour the protocol core detected in peers or clients.",
+                "Misbehaviour the protocol core detected in peers or clients",
                 s.misbehaviour_seen,
             ),
             (
                 "requests_dropped",
-                "Requests dropped because the core's queues were full.",
+                "Requests dropped because the core's queues were full",
                 s.dropped_overload,
             ),
-            ("wal_syncs", "Write-ahead log fsyncs.", s.wal_syncs),
+            ("wal_syncs", "Write-ahead log fsyncs", s.wal_syncs),
             (
                 "state_transfer_fetched_bytes",
-                "Bytes of state fetched from peers.",
+                "Bytes of state fetched from peers",
                 s.state_transfer_bytes,
             ),
             (
                 "state_transfer_served_bytes",
-                "Bytes of state sent to peers.",
+                "Bytes of state sent to peers",
                 s.state_transfer_bytes_served,
             ),
         ];
@@ -666,8 +674,7 @@ mod tests {
             })],
             later,
         );
-        assert_eq!(timings.view_change.count(), 1);
-        assert!((timings.view_change.sum() - 0.030).abs() < 1e-9);
+
         clock.on_actions(
             &[Action::Notify(Notification::CheckpointTaken {
                 seq: SeqNo(128),
@@ -684,11 +691,19 @@ mod tests {
             })],
             later,
         );
-        assert_eq!(timings.checkpoint_stable.count(), 1);
+
         clock.on_transfer_state(true, t0);
         clock.on_transfer_state(true, later);
         clock.on_transfer_state(false, later);
-        assert_eq!(timings.state_transfer.count(), 1);
+        let text = scrape(&registry);
+        for want in [
+            "view_change_duration_seconds_sum 0.03\n",
+            "view_change_duration_seconds_count 1\n",
+            "checkpoint_stable_duration_seconds_count 1\n",
+            "state_transfer_duration_seconds_count 1\n",
+        ] {
+            assert!(text.contains(want), "no {want:?} in:\n{text}");
+        }
         // Without timings nothing is followed.
         let mut off = PhaseClock::new(None);
         off.on_transfer_state(true, t0);
