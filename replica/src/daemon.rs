@@ -203,7 +203,15 @@ pub fn run(args: ReplicaArgs) -> anyhow::Result<()> {
         let status = status.clone();
         let stop = stop.clone();
         std::thread::spawn(move || {
-            let mut systemd = SystemdNotifier::default();
+            let mut systemd = SystemdNotifier {
+                watchdog: watchdog_interval().map(Watchdog::new),
+                ..Default::default()
+            };
+            // Often enough to keep a short watchdog interval fed (at half of it, see Watchdog).
+            let pause = systemd
+                .watchdog
+                .as_ref()
+                .map_or(STATUS_FILE_EVERY, |w| (w.interval / 4).min(STATUS_FILE_EVERY));
             while !stop.load(Ordering::Relaxed) {
                 if let Ok(s) = status.lock() {
                     let tmp = status_file.with_extension("tmp");
@@ -212,7 +220,7 @@ pub fn run(args: ReplicaArgs) -> anyhow::Result<()> {
                     }
                     systemd.on_status(&s);
                 }
-                std::thread::sleep(Duration::from_millis(500));
+                std::thread::sleep(pause);
             }
         });
     }
@@ -230,6 +238,9 @@ pub fn run(args: ReplicaArgs) -> anyhow::Result<()> {
 /// to PID 1, and a replica's figures change many times a second under load.
 const SYSTEMD_STATUS_EVERY: Duration = Duration::from_secs(2);
 
+/// How often the status file is rewritten (and systemd told what changed).
+const STATUS_FILE_EVERY: Duration = Duration::from_millis(500);
+
 /// Readiness and status for a `Type=notify` unit (nothing is sent where NOTIFY_SOCKET is unset).
 #[derive(Default)]
 struct SystemdNotifier {
@@ -237,6 +248,56 @@ struct SystemdNotifier {
     last: Option<(std::time::Instant, String)>,
     /// A socket that refused once is not tried again: one warning, not one every 2 s.
     failed: bool,
+    /// `WatchdogSec=` of the unit, when it set one.
+    watchdog: Option<Watchdog>,
+}
+
+/// The unit's watchdog interval, as systemd passes it (`sd_watchdog_enabled(3)`):
+/// `WATCHDOG_USEC`, for this process unless `WATCHDOG_PID` names another one (a program this
+/// process started that inherited the variables).
+fn watchdog_interval() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.parse::<u32>().ok() != Some(std::process::id()) {
+            return None;
+        }
+    }
+    (usec > 0).then(|| Duration::from_micros(usec))
+}
+
+/// Decides when to say `WATCHDOG=1`: at half the interval (systemd's advice, so that one late
+/// message is not fatal), and only if the core loop has refreshed the status since the last
+/// one. A core stuck in a step (a hung disk, a deadlock) stops refreshing it, the pings stop,
+/// and systemd restarts the replica, which then recovers from its log like after a crash.
+struct Watchdog {
+    interval: Duration,
+    last_ping: Option<std::time::Instant>,
+    /// `ReplicaStatus::updates` at the last ping.
+    updates_seen: u64,
+}
+
+impl Watchdog {
+    fn new(interval: Duration) -> Watchdog {
+        Watchdog {
+            interval,
+            last_ping: None,
+            updates_seen: 0,
+        }
+    }
+
+    /// Whether to ping now, given how often the core has refreshed the status so far.
+    fn due(&mut self, updates: u64, now: std::time::Instant) -> bool {
+        let alive = updates > self.updates_seen;
+        let time = self
+            .last_ping
+            .is_none_or(|at| now.saturating_duration_since(at) >= self.interval / 2);
+        if alive && time {
+            self.updates_seen = updates;
+            self.last_ping = Some(now);
+            return true;
+        }
+        false
+    }
 }
 
 impl SystemdNotifier {
@@ -246,6 +307,19 @@ impl SystemdNotifier {
         if status.updates == 0 || self.failed {
             return;
         }
+        self.send_status(status);
+        if !self.ready {
+            return;
+        }
+        if let Some(watchdog) = &mut self.watchdog {
+            if watchdog.due(status.updates, std::time::Instant::now()) {
+                self.failed = !notify_systemd(&[NotifyState::Watchdog]);
+            }
+        }
+    }
+
+    /// READY=1 with the first status line, then a `STATUS=` line when the figures change.
+    fn send_status(&mut self, status: &ReplicaStatus) {
         let line = status.systemd_status();
         let due = match &self.last {
             None => true,
@@ -352,4 +426,25 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<Flock<std::fs::File>> {
     file.rewind()?;
     write!(file, "{}", std::process::id())?;
     Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn watchdog_pings_at_half_the_interval_while_the_core_refreshes_its_status() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut w = Watchdog::new(Duration::from_secs(2));
+        assert!(w.due(1, at(0)), "the first refresh pings");
+        assert!(!w.due(5, at(500)), "pinged before half the interval");
+        assert!(w.due(6, at(1000)));
+        // The core stopped refreshing: no ping, however long it has been.
+        assert!(!w.due(6, at(2000)));
+        assert!(!w.due(6, at(9000)));
+        // It runs again: a ping at once.
+        assert!(w.due(7, at(9100)));
+    }
 }

@@ -311,6 +311,9 @@ fn spawn_replica(
     // Readiness is the serving bftfs process's to report: a replica it starts would otherwise
     // answer to the same NOTIFY_SOCKET, which systemd refuses from a PID not the unit's main one.
     cmd.env_remove("NOTIFY_SOCKET");
+    // Nor is the unit's watchdog theirs to feed.
+    cmd.env_remove("WATCHDOG_USEC");
+    cmd.env_remove("WATCHDOG_PID");
     // SAFETY: the closure runs in the child between fork and exec, where only
     // async-signal-safe calls are allowed: pthread_sigmask and prctl are (the empty set is built
     // on the stack, nothing allocates).
