@@ -471,11 +471,7 @@ fn run(cli: Cli) -> Result<()> {
                         &[replica::daemon::Cli::command()],
                         &dir,
                     )?;
-                    println!(
-                        "bftfs: {} manual pages in {}",
-                        written.len(),
-                        dir.display()
-                    );
+                    println!("bftfs: {} manual pages in {}", written.len(), dir.display());
                 }
             }
             Ok(())

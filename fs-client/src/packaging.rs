@@ -10,7 +10,11 @@ use clap::Command;
 use std::path::{Path, PathBuf};
 
 /// Writes the completion script for `shell` to `out`.
-pub fn completions(shell: clap_complete::Shell, mut command: Command, out: &mut dyn std::io::Write) {
+pub fn completions(
+    shell: clap_complete::Shell,
+    mut command: Command,
+    out: &mut dyn std::io::Write,
+) {
     let name = command.get_name().to_string();
     clap_complete::generate(shell, &mut command, name, out);
 }

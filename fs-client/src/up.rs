@@ -157,7 +157,10 @@ fn with_metrics(
     options: &MountOptions,
     transport: Arc<dyn FsTransport>,
     replicated: Option<Arc<cluster::ReplicatedTransport>>,
-) -> Result<(Arc<dyn FsTransport>, Option<replica::metrics::MetricsServer>)> {
+) -> Result<(
+    Arc<dyn FsTransport>,
+    Option<replica::metrics::MetricsServer>,
+)> {
     match &options.metrics {
         None => Ok((transport, None)),
         Some(address) => {
@@ -717,9 +720,10 @@ fn serve_unreplicated(mnt: &Path, data_dir: &Path, args: &UpArgs) -> Result<()> 
             })
             .context("cannot start the flush thread")?
     };
-    let result = with_metrics(&args.options, local.clone(), None).and_then(|(transport, _metrics)| {
-        serve_cluster(mnt, data_dir, args, transport, "bftfs-local")
-    });
+    let result =
+        with_metrics(&args.options, local.clone(), None).and_then(|(transport, _metrics)| {
+            serve_cluster(mnt, data_dir, args, transport, "bftfs-local")
+        });
     drop(stop_flusher);
     let _ = flusher.join();
     let flushed = local.flush().context("cannot save the file service state");

@@ -33,7 +33,10 @@ fn http_get(port: u16, path: &str) -> (String, String) {
 /// it, and parses it.
 fn scrape(port: u16) -> Scrape {
     let (status, response) = http_get(port, "/metrics");
-    assert!(status.contains(" 200 "), "port {port}: {status}\n{response}");
+    assert!(
+        status.contains(" 200 "),
+        "port {port}: {status}\n{response}"
+    );
     let (head, body) = response
         .split_once("\r\n\r\n")
         .unwrap_or_else(|| panic!("port {port}: no body in {response}"));
@@ -46,14 +49,20 @@ fn scrape(port: u16) -> Scrape {
         Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).expect("Prometheus text format");
     // Every sample belongs to a family declared with # HELP (and # TYPE) before it, and every
     // value is a number: what the parser leaves to us.
-    for line in body.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+    for line in body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
         let name = line
             .split(['{', ' '])
             .next()
             .unwrap_or_else(|| panic!("port {port}: empty sample line"));
         let family = ["_bucket", "_sum", "_count"]
             .iter()
-            .find_map(|s| name.strip_suffix(s).filter(|f| parsed.docs.contains_key(*f)))
+            .find_map(|s| {
+                name.strip_suffix(s)
+                    .filter(|f| parsed.docs.contains_key(*f))
+            })
             .unwrap_or(name);
         assert!(
             parsed.docs.contains_key(family),
@@ -221,11 +230,20 @@ fn replicas_and_mount_serve_prometheus_metrics() {
     let base = replica::localhost::free_port_run(5, replica::localhost::fresh_seed())
         .expect("five free ports");
     let port = base.to_string();
-    let m = Mounted::at_with(&program, &mnt, &xdg, None, &["--f", "1", "--metrics-port", &port])
-        .expect("up");
+    let m = Mounted::at_with(
+        &program,
+        &mnt,
+        &xdg,
+        None,
+        &["--f", "1", "--metrics-port", &port],
+    )
+    .expect("up");
     let mount_port = base + 4;
     // The replicas are `bftfs replica` processes of the lone program.
-    let status = bftfs(&["status".as_ref(), mnt.as_os_str(), "--json".as_ref()], &xdg);
+    let status = bftfs(
+        &["status".as_ref(), mnt.as_os_str(), "--json".as_ref()],
+        &xdg,
+    );
     let json: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status json");
     let pids: Vec<u64> = json["replicas"]
         .as_array()
@@ -317,7 +335,13 @@ fn replicas_and_mount_serve_prometheus_metrics() {
     let replied: f64 = after
         .iter()
         .take(4)
-        .filter_map(|s| sample(s, "bftfs_request_duration_seconds_count", &[("phase", "replied")]))
+        .filter_map(|s| {
+            sample(
+                s,
+                "bftfs_request_duration_seconds_count",
+                &[("phase", "replied")],
+            )
+        })
         .sum();
     assert!(replied >= 20.0, "requests timed to the reply: {replied}");
 

@@ -45,7 +45,10 @@ fn completions_name_every_command() {
             );
         }
         // Options of a command are completed too.
-        assert!(script.contains("metrics-port"), "{shell}: no --metrics-port");
+        assert!(
+            script.contains("metrics-port"),
+            "{shell}: no --metrics-port"
+        );
     }
     let (ok, _, err) = run(&["completions", "tcsh"]);
     assert!(!ok, "an unknown shell was accepted");
@@ -58,9 +61,15 @@ fn man_pages_for_bftfs_each_command_and_bftfs_replica() {
     assert!(ok, "{err}");
     // roff writes a hyphen as `\-`.
     let page = page.replace("\\-", "-");
-    assert!(page.starts_with(".ie") || page.contains(".TH bftfs 1"), "{page}");
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH bftfs 1"),
+        "{page}"
+    );
     for command in COMMANDS {
-        assert!(page.contains(command), "bftfs(1) does not mention {command}");
+        assert!(
+            page.contains(command),
+            "bftfs(1) does not mention {command}"
+        );
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let (ok, said, err) = run(&["man", "--dir", &dir.path().to_string_lossy()]);
@@ -75,14 +84,17 @@ fn man_pages_for_bftfs_each_command_and_bftfs_replica() {
         "bftfs-replica",
     ] {
         let path = dir.path().join(format!("{name}.1"));
-        let page = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let page =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         assert!(page.contains(&format!(".TH {name} 1")), "{name}: {page}");
     }
     // bftfs-replica(1) is the program's page: its logging options are its own.
     let replica = std::fs::read_to_string(dir.path().join("bftfs-replica.1")).expect("read");
     for option in ["data\\-dir", "metrics\\-addr", "log\\-file"] {
-        assert!(replica.contains(option), "bftfs-replica(1) lacks --{option}");
+        assert!(
+            replica.contains(option),
+            "bftfs-replica(1) lacks --{option}"
+        );
     }
     // No page for the hidden internals or clap's help.
     assert!(!dir.path().join("bftfs-help.1").exists());
@@ -92,7 +104,13 @@ fn man_pages_for_bftfs_each_command_and_bftfs_replica() {
 fn bftfs_replica_runs_the_daemon() {
     let (ok, help, err) = run(&["replica", "--help"]);
     assert!(ok, "{err}");
-    for option in ["--config", "--secrets", "--data-dir", "--listen", "--metrics-addr"] {
+    for option in [
+        "--config",
+        "--secrets",
+        "--data-dir",
+        "--listen",
+        "--metrics-addr",
+    ] {
         assert!(help.contains(option), "bftfs replica --help lacks {option}");
     }
     // It is the daemon, not a stub: a missing config is reported as the daemon reports it.

@@ -208,10 +208,9 @@ pub fn run(args: ReplicaArgs) -> anyhow::Result<()> {
                 ..Default::default()
             };
             // Often enough to keep a short watchdog interval fed (at half of it, see Watchdog).
-            let pause = systemd
-                .watchdog
-                .as_ref()
-                .map_or(STATUS_FILE_EVERY, |w| (w.interval / 4).min(STATUS_FILE_EVERY));
+            let pause = systemd.watchdog.as_ref().map_or(STATUS_FILE_EVERY, |w| {
+                (w.interval / 4).min(STATUS_FILE_EVERY)
+            });
             while !stop.load(Ordering::Relaxed) {
                 if let Ok(s) = status.lock() {
                     let tmp = status_file.with_extension("tmp");

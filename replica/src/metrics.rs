@@ -131,7 +131,10 @@ fn respond(
         };
     }
     let response = Response::from_string(render(registry));
-    match Header::from_bytes(&b"Content-Type"[..], prometheus_text::CONTENT_TYPE.as_bytes()) {
+    match Header::from_bytes(
+        &b"Content-Type"[..],
+        prometheus_text::CONTENT_TYPE.as_bytes(),
+    ) {
         Ok(h) => response.with_header(h),
         Err(()) => response,
     }
@@ -157,10 +160,7 @@ mod tests {
         let mut registry = Registry::with_prefix("bftfs");
         register_build_info(&mut registry, "test");
         let server = MetricsServer::start("127.0.0.1:0", Arc::new(registry)).expect("listen");
-        let ok = get(
-            server.address(),
-            "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n",
-        );
+        let ok = get(server.address(), "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
         assert!(ok.starts_with("HTTP/1.0 200"), "{ok}");
         assert!(ok.contains("text/plain; version=0.0.4"), "{ok}");
         let version = env!("CARGO_PKG_VERSION");

@@ -206,7 +206,12 @@ fn replica_feeds_the_watchdog_systemd_set_for_it() {
     // which sd_watchdog_enabled(3) takes as "this process").
     let n = Notified::start("bftfs-watchdog", &[("WATCHDOG_USEC", "600000")]);
     let log = || n.log();
-    wait_for(&n.socket, "READY=1", |m| m.lines().any(|l| l == "READY=1"), log);
+    wait_for(
+        &n.socket,
+        "READY=1",
+        |m| m.lines().any(|l| l == "READY=1"),
+        log,
+    );
     let start = Instant::now();
     for i in 0..4 {
         wait_for(
@@ -231,7 +236,12 @@ fn replica_leaves_a_watchdog_meant_for_another_process_alone() {
         &[("WATCHDOG_USEC", "400000"), ("WATCHDOG_PID", "1")],
     );
     let log = || n.log();
-    wait_for(&n.socket, "READY=1", |m| m.lines().any(|l| l == "READY=1"), log);
+    wait_for(
+        &n.socket,
+        "READY=1",
+        |m| m.lines().any(|l| l == "READY=1"),
+        log,
+    );
     let start = Instant::now();
     let mut buf = vec![0u8; 4096];
     while start.elapsed() < Duration::from_secs(2) {

@@ -122,7 +122,6 @@ impl ReplicaTimings {
         );
         Arc::new(t)
     }
-
 }
 
 /// Requests and batches followed at once; beyond these the oldest are forgotten. A primary
@@ -520,17 +519,33 @@ impl Collector for StatusCollector {
             s.locks.len() as u64,
         )?;
         let counters: [(&str, &str, u64); 13] = [
-            ("executed_requests", "Requests executed", s.executed_requests),
+            (
+                "executed_requests",
+                "Requests executed",
+                s.executed_requests,
+            ),
             ("view_changes", "View changes started", s.view_changes),
             ("new_views", "New views installed", s.new_views),
-            ("state_transfers", "State transfers started", s.state_transfers),
+            (
+                "state_transfers",
+                "State transfers started",
+                s.state_transfers,
+            ),
             (
                 "auth_failures",
                 "Frames whose MAC or signatures did not verify",
                 s.auth_failures,
             ),
-            ("frames_accepted", "Frames that authenticated", s.frames_accepted),
-            ("frames_rejected", "Frames refused for any reason", s.frames_rejected),
+            (
+                "frames_accepted",
+                "Frames that authenticated",
+                s.frames_accepted,
+            ),
+            (
+                "frames_rejected",
+                "Frames refused for any reason",
+                s.frames_rejected,
+            ),
             (
                 "invalid_messages",
                 "Messages refused as invalid by the protocol core",

@@ -405,7 +405,14 @@ fn core_loop<S: Service>(
         // decisions assume them durable (rule 3).
         for _ in 0..256 {
             if actions.iter().any(|a| matches!(a, Action::Persist(_))) {
-                persisted += perform(&mut actions, &mut wal, &all_replicas, links, tamper, &mut clock)?;
+                persisted += perform(
+                    &mut actions,
+                    &mut wal,
+                    &all_replicas,
+                    links,
+                    tamper,
+                    &mut clock,
+                )?;
                 tell_persisted(&mut replica, persisted, &mut reported, &mut actions);
             }
             match core_rx.try_recv() {
@@ -417,7 +424,14 @@ fn core_loop<S: Service>(
             }
         }
         if actions.iter().any(|a| matches!(a, Action::Persist(_))) {
-            persisted += perform(&mut actions, &mut wal, &all_replicas, links, tamper, &mut clock)?;
+            persisted += perform(
+                &mut actions,
+                &mut wal,
+                &all_replicas,
+                links,
+                tamper,
+                &mut clock,
+            )?;
             tell_persisted(&mut replica, persisted, &mut reported, &mut actions);
         }
         let now = Instant::now();
@@ -429,7 +443,14 @@ fn core_loop<S: Service>(
                 next_tick = now + tick;
             }
         }
-        persisted += perform(&mut actions, &mut wal, &all_replicas, links, tamper, &mut clock)?;
+        persisted += perform(
+            &mut actions,
+            &mut wal,
+            &all_replicas,
+            links,
+            tamper,
+            &mut clock,
+        )?;
         tell_persisted(&mut replica, persisted, &mut reported, &mut actions);
         clock.on_transfer_state(replica.is_transferring_state(), Instant::now());
         if now.duration_since(last_status) >= Duration::from_millis(200) {

@@ -421,11 +421,11 @@ impl FsOp {
             FsOp::ListXattr { .. } => "listxattr",
             FsOp::RemoveXattr { .. } => "removexattr",
             FsOp::Fallocate { .. } => "fallocate",
-            FsOp::CopyRange { .. } => "copy_range",
+            FsOp::CopyRange { .. } => "copy_file_range",
             FsOp::Lock { .. } => "lock",
             FsOp::Release { .. } => "release",
             FsOp::Renew { .. } => "renew",
-            FsOp::ListLocks => "list_locks",
+            FsOp::ListLocks => "listlocks",
         }
     }
 
