@@ -290,44 +290,6 @@ fn parse_groups(status: &str) -> Vec<u32> {
         .unwrap_or_default()
 }
 
-/// The operation's name, for logs (the operation itself may carry a megabyte of data).
-fn op_name(op: &FsOp) -> &'static str {
-    match op {
-        FsOp::GetAttr { .. } => "getattr",
-        FsOp::SetAttr { .. } => "setattr",
-        FsOp::Lookup { .. } => "lookup",
-        FsOp::Access { .. } => "access",
-        FsOp::ReadLink { .. } => "readlink",
-        FsOp::Read { .. } => "read",
-        FsOp::Write { .. } => "write",
-        FsOp::Create { .. } => "create",
-        FsOp::Mkdir { .. } => "mkdir",
-        FsOp::Symlink { .. } => "symlink",
-        FsOp::Mknod { .. } => "mknod",
-        FsOp::Remove { .. } => "remove",
-        FsOp::Rmdir { .. } => "rmdir",
-        FsOp::Rename { .. } => "rename",
-        FsOp::Link { .. } => "link",
-        FsOp::ReadDir { .. } => "readdir",
-        FsOp::StatFs { .. } => "statfs",
-        FsOp::Commit { .. } => "commit",
-        FsOp::GetXattr { .. } => "getxattr",
-        FsOp::SetXattr { .. } => "setxattr",
-        FsOp::ListXattr { .. } => "listxattr",
-        FsOp::RemoveXattr { .. } => "removexattr",
-        FsOp::Fallocate { .. } => "fallocate",
-        FsOp::CopyRange { .. } => "copy_file_range",
-        FsOp::Lock { .. } => "lock",
-        FsOp::Release { .. } => "release",
-        FsOp::Renew { .. } => "renew",
-        FsOp::ListLocks => "listlocks",
-        FsOp::SetRangeLock { .. } => "setlk",
-        FsOp::TestRangeLock { .. } => "getlk",
-        FsOp::DropRangeLocks { .. } => "unlock_owners",
-        FsOp::RenewRangeLocks { .. } => "renew_leases",
-    }
-}
-
 /// `bftfs lock PATH` sets this attribute and `bftfs unlock PATH` removes it: the mount
 /// takes or gives back a Zzyzx lock on the subtree (the kernel resolves PATH; nothing is
 /// stored).
@@ -762,7 +724,7 @@ impl BftFs {
     fn call_as(&self, caller: Caller, op: FsOp) -> Result<FsReply, Failure> {
         // One span per service request, so the transport's own logs (retransmissions, view
         // changes) show which operation they belong to.
-        let span = tracing::debug_span!("request", op = op_name(&op), uid = caller.uid);
+        let span = tracing::debug_span!("request", op = op.kind(), uid = caller.uid);
         let _entered = span.enter();
         let started = Instant::now();
         let result = self.transport.call(FsRequest { caller, op });

@@ -62,8 +62,9 @@ enum Cmd {
         /// corrupt-state[:SECONDS[:TIMES]]. Needs a build with `--features byzantine`.
         #[arg(long = "byzantine", value_name = "ID:MODE")]
         byzantine: Vec<String>,
-        /// Serve each replica's metrics in the Prometheus text format: replica i listens on
-        /// 127.0.0.1:(PORT+i) (`curl 127.0.0.1:PORT`). Off by default.
+        /// Serve metrics in the Prometheus text format: replica i at
+        /// http://127.0.0.1:(PORT+i)/metrics, the mount on the next port after the replicas'
+        /// (PORT+3f+1; PORT with --f 0). Off by default.
         #[arg(long, value_name = "PORT")]
         metrics_port: Option<u16>,
         /// Internal: the background process started by --detach.
@@ -87,6 +88,11 @@ enum Cmd {
         /// client-<id>.json next to CONFIG that no other mount is using].
         #[arg(long, value_name = "FILE")]
         client: Option<PathBuf>,
+        /// Serve this mount's metrics in the Prometheus text format at
+        /// http://HOST:PORT/metrics (also `-o metrics=HOST:PORT`): call times by operation
+        /// kind, how calls completed, what this client saw of each replica.
+        #[arg(long, value_name = "HOST:PORT")]
+        metrics: Option<String>,
         /// Internal: the background process started by --detach.
         #[arg(long, hide = true)]
         foreground_child: bool,
@@ -213,6 +219,30 @@ enum Cmd {
     /// Check configuration files.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Run one replica of a cluster: the daemon `bftfs-replica` runs, with the same options.
+    ///
+    /// It orders file operations with the other replicas (PBFT), executes them on the file
+    /// service kept in --data-dir, and answers clients, until SIGINT or SIGTERM. Keys and the
+    /// cluster config come from `bftfs keygen`. `bftfs up` starts its replicas this way when
+    /// no bftfs-replica program is beside bftfs, so one installed `bftfs` is enough.
+    Replica(replica::daemon::ReplicaArgs),
+    /// Print a completion script for SHELL (bash, zsh, fish, elvish, powershell).
+    ///
+    /// For example: `bftfs completions bash > /etc/bash_completion.d/bftfs`,
+    /// `bftfs completions zsh > /usr/local/share/zsh/site-functions/_bftfs`,
+    /// `bftfs completions fish > ~/.config/fish/completions/bftfs.fish`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages: bftfs(1), one bftfs-COMMAND(1) per command and
+    /// bftfs-replica(1), into DIR; without --dir, print bftfs(1).
+    ///
+    /// For example: `bftfs man --dir /usr/local/share/man/man1 && mandb -q`.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -300,9 +330,13 @@ fn run(cli: Cli) -> Result<()> {
             options,
             detach,
             client,
+            metrics,
             foreground_child,
         } => {
-            let options = parse_options(&options)?;
+            let mut options = parse_options(&options)?;
+            if metrics.is_some() {
+                options.metrics = metrics;
+            }
             let client = client.or_else(|| options.client.clone());
             up::mount(
                 &config,
@@ -416,6 +450,30 @@ fn run(cli: Cli) -> Result<()> {
         }) => {
             let what = fs_client::config_check::check(&file, kind, cluster.as_deref())?;
             println!("{}: ok: {what}", file.display());
+            Ok(())
+        }
+        Cmd::Replica(args) => replica::daemon::run(args),
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            fs_client::packaging::completions(shell, Cli::command(), &mut std::io::stdout());
+            Ok(())
+        }
+        Cmd::Man { dir } => {
+            use clap::CommandFactory;
+            match dir {
+                None => {
+                    let page = fs_client::packaging::main_page(Cli::command())?;
+                    std::io::stdout().write_all(&page)?;
+                }
+                Some(dir) => {
+                    let written = fs_client::packaging::write_man_pages(
+                        Cli::command(),
+                        &[replica::daemon::Cli::command()],
+                        &dir,
+                    )?;
+                    println!("bftfs: {} manual pages in {}", written.len(), dir.display());
+                }
+            }
             Ok(())
         }
         Cmd::Keygen {

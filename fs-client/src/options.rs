@@ -35,7 +35,8 @@ mount point is never left \"not connected\"; needs allow_other), lock_lease=SECO
 and flock locks are shared by every mount of the cluster; a mount that dies loses its locks \
 this long after its last renewal; 1 to 600, default 30), local_locks (fcntl and flock locks are \
 kept by this machine's kernel only, as before), client=FILE (bftfs mount: \
-this client's secrets, as --client). A bftfs mount is always nodev and nosuid (any client of \
+this client's secrets, as --client), metrics=HOST:PORT (serve this mount's metrics at \
+http://HOST:PORT/metrics, as --metrics). A bftfs mount is always nodev and nosuid (any client of \
 the cluster could plant a device or set-user-id file); the options mount(8) and fstab add \
 (rw, dev, suid, exec, atime, relatime, dirsync, defaults, auto, noauto, user, nouser, \
 _netdev, nofail, x-..., ...) are accepted and change nothing";
@@ -121,6 +122,8 @@ pub struct MountOptions {
     pub lock_lease: Duration,
     /// `local_locks`: leave fcntl/flock locks to this machine's kernel (not shared).
     pub local_locks: bool,
+    /// `metrics=HOST:PORT`: serve this mount's metrics at http://HOST:PORT/metrics.
+    pub metrics: Option<String>,
 }
 
 impl Default for MountOptions {
@@ -139,6 +142,7 @@ impl Default for MountOptions {
             client: None,
             lock_lease: DEFAULT_LOCK_LEASE,
             local_locks: false,
+            metrics: None,
         }
     }
 }
@@ -191,13 +195,15 @@ impl MountOptions {
                     }
                 }
                 ("local_locks", None) => self.local_locks = true,
+                ("metrics", Some(v)) if !v.is_empty() => self.metrics = Some(v.to_string()),
                 (n, None) if NO_EFFECT.contains(&n) => {}
                 _ if NO_EFFECT_PREFIXES.iter().any(|p| item.starts_with(p)) => {}
                 _ => {
                     return Err(format!(
                         "unknown mount option `{item}` (known: attr_timeout=S, entry_timeout=S, \
                          timeout=S, threads=N, sync, async, allow_other, ro, rw, noexec, \
-                         noatime, auto_unmount, lock_lease=S, local_locks, client=FILE, and the generic ones mount(8) passes)"
+                         noatime, auto_unmount, lock_lease=S, local_locks, client=FILE, \
+                         metrics=HOST:PORT, and the generic ones mount(8) passes)"
                     ))
                 }
             }
@@ -242,6 +248,10 @@ impl MountOptions {
         }
         if self.sync {
             parts.push("sync".into());
+        }
+        if let Some(address) = &self.metrics {
+            // HOST:PORT holds no comma (an IPv6 address is written [::1]:9400).
+            parts.push(format!("metrics={address}"));
         }
         // `client` is left out: a path may hold a comma. Callers pass it as --client.
         parts.join(",")

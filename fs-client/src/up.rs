@@ -82,7 +82,8 @@ pub struct UpArgs {
     /// Replicas that misbehave on purpose: (replica id, mode as `bftfs-replica --byzantine`
     /// takes it).
     pub byzantine: Vec<(u32, String)>,
-    /// `--metrics-port`: replica i serves Prometheus metrics on 127.0.0.1:(port+i).
+    /// `--metrics-port`: replica i serves Prometheus metrics on 127.0.0.1:(port+i), the mount
+    /// on the port after the replicas' (its `metrics=` option, unless given).
     pub metrics_port: Option<u16>,
     /// Set on the re-executed background process of `--detach`.
     pub foreground_child: bool,
@@ -119,22 +120,54 @@ pub fn parse_byzantine(raw: &[String], f: u32) -> Result<Vec<(u32, String)>> {
     Ok(out)
 }
 
-/// Checks that `--metrics-port` leaves room for the 3f+1 ports it names.
+/// Checks that `--metrics-port` leaves room for the ports it names: the 3f+1 replicas' and,
+/// after them, the mount's.
 pub fn check_metrics_port(port: Option<u16>, f: u32) -> Result<Option<u16>> {
     let Some(port) = port else {
         return Ok(None);
     };
-    if f == 0 {
-        bail!("--metrics-port: --f 0 runs no replicas, so there are no replica metrics to serve");
-    }
-    let n = 3 * u64::from(f) + 1;
-    if port == 0 || u64::from(port) + n - 1 > u64::from(u16::MAX) {
+    let n = replicas_of(f);
+    if port == 0 || u64::from(port) + n > u64::from(u16::MAX) {
         bail!(
-            "--metrics-port {port}: the {n} replicas need ports {port}..{} within 1..=65535",
-            u64::from(port) + n - 1
+            "--metrics-port {port}: the {n} replicas and the mount need ports {port}..{} within 1..=65535",
+            u64::from(port) + n
         );
     }
     Ok(Some(port))
+}
+
+/// Replicas of a local cluster tolerating f faults (none with f = 0: one in-process service).
+fn replicas_of(f: u32) -> u64 {
+    if f == 0 {
+        0
+    } else {
+        3 * u64::from(f) + 1
+    }
+}
+
+/// Where `up --metrics-port PORT` has the mount serve its metrics: the port after the
+/// replicas'.
+pub fn mount_metrics_address(port: u16, f: u32) -> String {
+    format!("127.0.0.1:{}", u64::from(port) + replicas_of(f))
+}
+
+/// Serves the mount's metrics where its options say (`metrics=HOST:PORT`), over `transport`
+/// timed for them; nothing when they say nowhere. The listener stops with the handle.
+fn with_metrics(
+    options: &MountOptions,
+    transport: Arc<dyn FsTransport>,
+    replicated: Option<Arc<cluster::ReplicatedTransport>>,
+) -> Result<(
+    Arc<dyn FsTransport>,
+    Option<replica::metrics::MetricsServer>,
+)> {
+    match &options.metrics {
+        None => Ok((transport, None)),
+        Some(address) => {
+            let (metered, server) = crate::metrics::serve(address, transport, replicated)?;
+            Ok((metered, Some(server)))
+        }
+    }
 }
 
 /// `$XDG_DATA_HOME/bftfs`, else `~/.local/share/bftfs`.
@@ -384,8 +417,11 @@ fn lock_data_dir(dir: &Path) -> Result<Flock<File>> {
     }
 }
 
-pub fn up(args: UpArgs) -> Result<()> {
+pub fn up(mut args: UpArgs) -> Result<()> {
     let mnt = mount_path(&args.mountpoint)?;
+    if let (Some(port), None) = (args.metrics_port, &args.options.metrics) {
+        args.options.metrics = Some(mount_metrics_address(port, args.f));
+    }
     if mnt.as_os_str().as_bytes().contains(&b'\n') {
         bail!("mount point paths with a newline are not supported");
     }
@@ -457,13 +493,15 @@ fn serve_replicated(mnt: &Path, data_dir: &Path, args: &UpArgs) -> Result<()> {
     let result = (|| {
         let config = cluster::read_config(&config_path)?;
         let (secrets, _client_lock) = cluster::claim_client(&config_path, None)?;
-        let transport = Arc::new(cluster::ReplicatedTransport::start(
+        let replicated = Arc::new(cluster::ReplicatedTransport::start(
             config,
             secrets,
             args.options.request_timeout,
         )?);
         let _reporter =
-            transport.report_observations(config_path.parent().unwrap_or(Path::new(".")));
+            replicated.report_observations(config_path.parent().unwrap_or(Path::new(".")));
+        let (transport, _metrics) =
+            with_metrics(&args.options, replicated.clone(), Some(replicated))?;
         wait_until_answering(transport.as_ref(), data_dir)?;
         serve_cluster(mnt, data_dir, args, transport, "bftfs")
     })();
@@ -558,12 +596,13 @@ pub fn mount(
     }
     mounting::block_stop_signals();
     let (secrets, _client_lock) = cluster::claim_client(config_path, client)?;
-    let transport = Arc::new(cluster::ReplicatedTransport::start(
+    let replicated = Arc::new(cluster::ReplicatedTransport::start(
         config,
         secrets,
         options.request_timeout,
     )?);
-    let _reporter = transport.report_observations(config_path.parent().unwrap_or(Path::new(".")));
+    let _reporter = replicated.report_observations(config_path.parent().unwrap_or(Path::new(".")));
+    let (transport, _metrics) = with_metrics(&options, replicated.clone(), Some(replicated))?;
     wait_until_answering(
         transport.as_ref(),
         config_path.parent().unwrap_or(Path::new(".")),
@@ -681,7 +720,10 @@ fn serve_unreplicated(mnt: &Path, data_dir: &Path, args: &UpArgs) -> Result<()> 
             })
             .context("cannot start the flush thread")?
     };
-    let result = serve_cluster(mnt, data_dir, args, local.clone(), "bftfs-local");
+    let result =
+        with_metrics(&args.options, local.clone(), None).and_then(|(transport, _metrics)| {
+            serve_cluster(mnt, data_dir, args, transport, "bftfs-local")
+        });
     drop(stop_flusher);
     let _ = flusher.join();
     let flushed = local.flush().context("cannot save the file service state");

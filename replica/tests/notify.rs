@@ -67,44 +67,77 @@ fn executed(line: &str) -> Option<u64> {
         .and_then(|n| n.parse().ok())
 }
 
+/// One replica (f = 0: readiness, status and the watchdog are per process) started with
+/// NOTIFY_SOCKET at a socket the test reads, plus `env`.
+struct Notified {
+    dir: tempfile::TempDir,
+    socket: UnixDatagram,
+    address: Vec<String>,
+    keys: replica::config::ClusterKeys,
+    replica: Killed,
+}
+
+impl Notified {
+    fn start(name: &str, env: &[(&str, &str)]) -> Notified {
+        let dir = cluster_dir(name);
+        let d = dir.path();
+        let address = free_addresses(1);
+        let keys = generate_with_os_random(
+            0,
+            address.clone(),
+            &[ClientId(1)],
+            ProtocolConfig::default(),
+        )
+        .expect("keygen");
+        write_json(&d.join("cluster.json"), keys.config.to_json());
+        write_json(&d.join("replica-0.json"), keys.replicas[0].to_json());
+
+        let socket_path = d.join("notify.sock");
+        let socket = UnixDatagram::bind(&socket_path).expect("bind the notify socket");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+
+        let log_file = std::fs::File::create(d.join("replica-0.log")).expect("log");
+        let replica = Killed(
+            Command::new(env!("CARGO_BIN_EXE_bftfs-replica"))
+                .arg("--config")
+                .arg(d.join("cluster.json"))
+                .arg("--secrets")
+                .arg(d.join("replica-0.json"))
+                .arg("--data-dir")
+                .arg(d.join("data-0"))
+                .env("NOTIFY_SOCKET", &socket_path)
+                .env("RUST_LOG", "info")
+                .envs(env.iter().copied())
+                .stderr(log_file)
+                .spawn()
+                .expect("spawn bftfs-replica"),
+        );
+        Notified {
+            dir,
+            socket,
+            address,
+            keys,
+            replica,
+        }
+    }
+
+    fn log(&self) -> String {
+        read_log(self.dir.path(), 0)
+    }
+}
+
 #[test]
 fn replica_tells_systemd_when_it_serves_and_how_it_is_doing() {
-    let dir = cluster_dir("bftfs-notify");
-    let d = dir.path();
-    // One replica (f = 0) is enough: readiness and status are per process.
-    let address = free_addresses(1);
-    let keys = generate_with_os_random(
-        0,
-        address.clone(),
-        &[ClientId(1)],
-        ProtocolConfig::default(),
-    )
-    .expect("keygen");
-    write_json(&d.join("cluster.json"), keys.config.to_json());
-    write_json(&d.join("replica-0.json"), keys.replicas[0].to_json());
-
-    let socket_path = d.join("notify.sock");
-    let socket = UnixDatagram::bind(&socket_path).expect("bind the notify socket");
-    socket
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .expect("timeout");
-
-    let log_file = std::fs::File::create(d.join("replica-0.log")).expect("log");
-    let mut replica = Killed(
-        Command::new(env!("CARGO_BIN_EXE_bftfs-replica"))
-            .arg("--config")
-            .arg(d.join("cluster.json"))
-            .arg("--secrets")
-            .arg(d.join("replica-0.json"))
-            .arg("--data-dir")
-            .arg(d.join("data-0"))
-            .env("NOTIFY_SOCKET", &socket_path)
-            .env("RUST_LOG", "info")
-            .stderr(log_file)
-            .spawn()
-            .expect("spawn bftfs-replica"),
-    );
-    let log = || read_log(d, 0);
+    let Notified {
+        dir,
+        socket,
+        address,
+        keys,
+        mut replica,
+    } = Notified::start("bftfs-notify", &[]);
+    let log = || read_log(dir.path(), 0);
 
     let ready = wait_for(
         &socket,
@@ -165,4 +198,59 @@ fn replica_tells_systemd_when_it_serves_and_how_it_is_doing() {
         std::thread::sleep(Duration::from_millis(50));
     }
     panic!("the replica did not exit after SIGTERM\n{}", log());
+}
+
+#[test]
+fn replica_feeds_the_watchdog_systemd_set_for_it() {
+    // WatchdogSec=0.6s: systemd passes WATCHDOG_USEC (and WATCHDOG_PID, here left unset,
+    // which sd_watchdog_enabled(3) takes as "this process").
+    let n = Notified::start("bftfs-watchdog", &[("WATCHDOG_USEC", "600000")]);
+    let log = || n.log();
+    wait_for(
+        &n.socket,
+        "READY=1",
+        |m| m.lines().any(|l| l == "READY=1"),
+        log,
+    );
+    let start = Instant::now();
+    for i in 0..4 {
+        wait_for(
+            &n.socket,
+            &format!("WATCHDOG=1 number {}", i + 1),
+            |m| m.lines().any(|l| l == "WATCHDOG=1"),
+            log,
+        );
+    }
+    // At half the interval: four pings take about 0.9 s or more after the first, and far
+    // less than the 2.4 s in which systemd would have restarted it.
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(10), "{took:?}");
+}
+
+#[test]
+fn replica_leaves_a_watchdog_meant_for_another_process_alone() {
+    // A replica started by a supervised process inherits its variables: WATCHDOG_PID names
+    // the parent, not the replica.
+    let n = Notified::start(
+        "bftfs-watchdog-other",
+        &[("WATCHDOG_USEC", "400000"), ("WATCHDOG_PID", "1")],
+    );
+    let log = || n.log();
+    wait_for(
+        &n.socket,
+        "READY=1",
+        |m| m.lines().any(|l| l == "READY=1"),
+        log,
+    );
+    let start = Instant::now();
+    let mut buf = vec![0u8; 4096];
+    while start.elapsed() < Duration::from_secs(2) {
+        if let Ok(len) = n.socket.recv(&mut buf) {
+            let text = String::from_utf8_lossy(&buf[..len]).to_string();
+            assert!(
+                !text.lines().any(|l| l == "WATCHDOG=1"),
+                "pinged a watchdog that is not its own: {text:?}"
+            );
+        }
+    }
 }

@@ -1,7 +1,7 @@
 //! [`LocalCluster`]: the 3f+1 `bftfs-replica` processes of `bftfs up`, restarted if they die.
 
 use super::read_config;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use nix::sys::prctl::set_pdeathsig;
 use nix::sys::signal::{kill, pthread_sigmask, SigSet, SigmaskHow, Signal};
 use nix::unistd::Pid;
@@ -15,36 +15,44 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
-/// Where the `bftfs-replica` program is: next to this `bftfs`, else on PATH.
-fn replica_program() -> Result<PathBuf> {
+/// How `up` starts a replica: a program and the arguments before the replica's options.
+#[derive(Clone, Debug)]
+struct ReplicaProgram {
+    program: PathBuf,
+    prefix: Vec<String>,
+}
+
+/// The replica daemon to run: `$BFTFS_REPLICA_BIN`, else the `bftfs-replica` beside this
+/// `bftfs` (as `cargo build` leaves them), else this very program as `bftfs replica`, which
+/// runs the same daemon. PATH is not searched: a `bftfs-replica` found there may be of
+/// another version than this `bftfs`, and this program always matches itself.
+fn replica_program() -> Result<ReplicaProgram> {
+    let plain = |program: PathBuf| ReplicaProgram {
+        program,
+        prefix: Vec::new(),
+    };
     if let Some(p) = std::env::var_os("BFTFS_REPLICA_BIN") {
-        return Ok(PathBuf::from(p));
+        return Ok(plain(PathBuf::from(p)));
     }
-    if let Ok(exe) = std::env::current_exe() {
-        if let Some(dir) = exe.parent() {
-            let p = dir.join("bftfs-replica");
-            if p.is_file() {
-                return Ok(p);
-            }
-            // `cargo test` runs bftfs from target/<profile>/, the replica binary sits there too.
-            if let Some(p) = dir
-                .parent()
-                .map(|d| d.join("bftfs-replica"))
-                .filter(|p| p.is_file())
-            {
-                return Ok(p);
-            }
+    let exe = std::env::current_exe().context("cannot find the bftfs executable")?;
+    if let Some(dir) = exe.parent() {
+        let p = dir.join("bftfs-replica");
+        if p.is_file() {
+            return Ok(plain(p));
+        }
+        // `cargo test` runs bftfs from target/<profile>/, the replica binary sits there too.
+        if let Some(p) = dir
+            .parent()
+            .map(|d| d.join("bftfs-replica"))
+            .filter(|p| p.is_file())
+        {
+            return Ok(plain(p));
         }
     }
-    if let Some(path) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&path) {
-            let p = dir.join("bftfs-replica");
-            if p.is_file() {
-                return Ok(p);
-            }
-        }
-    }
-    bail!("cannot find the bftfs-replica program next to bftfs or on PATH; build it with `cargo build --release`")
+    Ok(ReplicaProgram {
+        program: exe,
+        prefix: vec!["replica".to_string()],
+    })
 }
 
 /// What `bftfs up` adds to some replicas' command lines.
@@ -71,7 +79,7 @@ struct Member {
 /// pause) until the cluster is stopped; it recovers from its own checkpoint and log and catches
 /// up from the others.
 pub struct LocalCluster {
-    program: PathBuf,
+    program: ReplicaProgram,
     /// Extra `bftfs-replica` arguments by replica id (`--byzantine`, `--metrics-addr`),
     /// restarts included.
     extra_args: Arc<BTreeMap<usize, Vec<String>>>,
@@ -111,7 +119,7 @@ impl LocalCluster {
         if let Some(port) = extras.metrics_port {
             for i in 0..config.n() {
                 let address = format!("127.0.0.1:{}", usize::from(port) + i);
-                info!("replica {i} serves its metrics at http://{address}/");
+                info!("replica {i} serves its metrics at http://{address}/metrics");
                 extra_args
                     .entry(i)
                     .or_default()
@@ -281,7 +289,7 @@ impl Drop for LocalCluster {
 }
 
 fn spawn_replica(
-    program: &Path,
+    program: &ReplicaProgram,
     config_path: &Path,
     data_dir: &Path,
     i: usize,
@@ -298,10 +306,14 @@ fn spawn_replica(
         .open(&log_path)
         .with_context(|| format!("cannot open {}", log_path.display()))?;
     let log_err = log.try_clone()?;
-    let mut cmd = Command::new(program);
+    let mut cmd = Command::new(&program.program);
+    cmd.args(&program.prefix);
     // Readiness is the serving bftfs process's to report: a replica it starts would otherwise
     // answer to the same NOTIFY_SOCKET, which systemd refuses from a PID not the unit's main one.
     cmd.env_remove("NOTIFY_SOCKET");
+    // Nor is the unit's watchdog theirs to feed.
+    cmd.env_remove("WATCHDOG_USEC");
+    cmd.env_remove("WATCHDOG_PID");
     // SAFETY: the closure runs in the child between fork and exec, where only
     // async-signal-safe calls are allowed: pthread_sigmask and prctl are (the empty set is built
     // on the stack, nothing allocates).
@@ -329,5 +341,5 @@ fn spawn_replica(
         .stdout(log)
         .stderr(log_err)
         .spawn()
-        .with_context(|| format!("cannot start {}", program.display()))
+        .with_context(|| format!("cannot start {}", program.program.display()))
 }

@@ -86,44 +86,6 @@ pub struct LockCache {
     pub sent: std::collections::BTreeMap<&'static str, u64>,
 }
 
-/// A short name for an operation, for counts and logs.
-pub fn op_kind(op: &FsOp) -> &'static str {
-    match op {
-        FsOp::GetAttr { .. } => "getattr",
-        FsOp::SetAttr { .. } => "setattr",
-        FsOp::Lookup { .. } => "lookup",
-        FsOp::Access { .. } => "access",
-        FsOp::ReadLink { .. } => "readlink",
-        FsOp::Read { .. } => "read",
-        FsOp::Write { .. } => "write",
-        FsOp::Create { .. } => "create",
-        FsOp::Mkdir { .. } => "mkdir",
-        FsOp::Symlink { .. } => "symlink",
-        FsOp::Mknod { .. } => "mknod",
-        FsOp::Remove { .. } => "remove",
-        FsOp::Rmdir { .. } => "rmdir",
-        FsOp::Rename { .. } => "rename",
-        FsOp::Link { .. } => "link",
-        FsOp::ReadDir { .. } => "readdir",
-        FsOp::StatFs { .. } => "statfs",
-        FsOp::Commit { .. } => "commit",
-        FsOp::GetXattr { .. } => "getxattr",
-        FsOp::SetXattr { .. } => "setxattr",
-        FsOp::ListXattr { .. } => "listxattr",
-        FsOp::RemoveXattr { .. } => "removexattr",
-        FsOp::Fallocate { .. } => "fallocate",
-        FsOp::CopyRange { .. } => "copy_file_range",
-        FsOp::Lock { .. } => "lock",
-        FsOp::Release { .. } => "release",
-        FsOp::Renew { .. } => "renew",
-        FsOp::ListLocks => "listlocks",
-        FsOp::SetRangeLock { .. } => "setlk",
-        FsOp::TestRangeLock { .. } => "getlk",
-        FsOp::DropRangeLocks { .. } => "unlock_ranges",
-        FsOp::RenewRangeLocks { .. } => "renew_ranges",
-    }
-}
-
 /// The question whose answer says the caller may search `dir`.
 fn search(dir: Handle) -> FsOp {
     FsOp::Access {

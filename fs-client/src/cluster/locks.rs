@@ -104,7 +104,7 @@ impl HeldLocks {
         *self
             .cache()
             .sent
-            .entry(lock_cache::op_kind(&req.op))
+            .entry(req.op.kind())
             .or_default() += 1;
         if full {
             self.rotate(t, id);

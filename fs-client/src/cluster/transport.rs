@@ -6,12 +6,12 @@ use super::locks::HeldLocks;
 use crate::transport::{FsTransport, TransportError};
 use anyhow::{Context, Result};
 use replica::config::{ClientSecrets, ClusterConfig};
-use replica::driver::client::{CallError, ClientHandle};
+use replica::driver::client::{CallError, ClientHandle, ReplicaObservations};
 use replica::driver::status::{unix_ms, CallReport, ClientReport, CLIENT_REPORT_HEARTBEAT};
 use state_abstraction::fs::{decode, encode, Caller, FsError, FsRequest, FsResult, Handle};
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tracing::{info, warn};
@@ -26,6 +26,18 @@ pub struct ReplicatedTransport {
     calls: CallTracker,
     /// The Zzyzx locks this mount holds.
     locks: HeldLocks,
+    /// Calls served through a lock's log (for metrics).
+    locked_calls: AtomicU64,
+    replicas: u32,
+}
+
+/// What a mount's metrics export about its client ([`ReplicatedTransport::figures`]).
+pub struct ClientFigures {
+    pub observations: ReplicaObservations,
+    pub calls: CallReport,
+    pub locked_calls: u64,
+    /// Replicas in the cluster (ids 0..replicas).
+    pub replicas: u32,
 }
 
 /// Counts a client's calls for its report ([`CallReport`]), including those still waiting.
@@ -85,6 +97,7 @@ impl CallTracker {
 impl ReplicatedTransport {
     pub fn start(config: ClusterConfig, secrets: ClientSecrets, timeout: Duration) -> Result<Self> {
         let client_id = secrets.id.0;
+        let replicas = config.n() as u32;
         let client = ClientHandle::start(config, secrets).context("cannot start the BFT client")?;
         Ok(ReplicatedTransport {
             client,
@@ -93,7 +106,19 @@ impl ReplicatedTransport {
             failing: AtomicBool::new(false),
             calls: CallTracker::default(),
             locks: HeldLocks::default(),
+            locked_calls: AtomicU64::new(0),
+            replicas,
         })
+    }
+
+    /// The client's figures now: how its calls completed and what it saw of each replica.
+    pub fn figures(&self) -> ClientFigures {
+        ClientFigures {
+            observations: self.client.observations(),
+            calls: self.calls.report(),
+            locked_calls: self.locked_calls.load(Ordering::Relaxed),
+            replicas: self.replicas,
+        }
     }
 }
 
@@ -162,6 +187,9 @@ impl FsTransport for ReplicatedTransport {
         // replicas would answer NeedsAgreement): straight to the ordered path.
         if !req.op.is_range_lock() {
             if let Some(result) = self.locks.try_locked(self, &req) {
+                if result.is_ok() {
+                    self.locked_calls.fetch_add(1, Ordering::Relaxed);
+                }
                 return result;
             }
         }

@@ -64,7 +64,12 @@ pub fn replicated_mounts_available(test: &str) -> bool {
 }
 
 pub fn bftfs(args: &[&std::ffi::OsStr], xdg: &Path) -> Output {
-    Command::new(BFTFS)
+    bftfs_program(Path::new(BFTFS), args, xdg)
+}
+
+/// [`bftfs`] with another `bftfs` executable (e.g. one with no `bftfs-replica` beside it).
+pub fn bftfs_program(program: &Path, args: &[&std::ffi::OsStr], xdg: &Path) -> Output {
+    Command::new(program)
         .args(args)
         .env("XDG_DATA_HOME", xdg)
         .env(
@@ -112,6 +117,17 @@ impl Mounted {
         data_dir: Option<&Path>,
         extra: &[&str],
     ) -> Result<Mounted, String> {
+        Mounted::at_with(Path::new(BFTFS), mnt, xdg, data_dir, extra)
+    }
+
+    /// [`Mounted::at`] with another `bftfs` executable.
+    pub fn at_with(
+        program: &Path,
+        mnt: &Path,
+        xdg: &Path,
+        data_dir: Option<&Path>,
+        extra: &[&str],
+    ) -> Result<Mounted, String> {
         // A test that names its own f in `extra` gets that one.
         let f = if extra.contains(&"--f") {
             String::new()
@@ -139,7 +155,7 @@ impl Mounted {
         }
         args.extend(extra.iter().map(|s| std::ffi::OsStr::new(*s)));
         let started = Instant::now();
-        let out = bftfs(&args, xdg);
+        let out = bftfs_program(program, &args, xdg);
         let up_output = text(&out);
         if !out.status.success() {
             return Err(up_output);

@@ -183,6 +183,14 @@ pub struct ReplicaObservations {
     pub compared_replies: BTreeMap<u32, u64>,
     /// Frames that did not authenticate, per replica they claim to come from.
     pub auth_failures: BTreeMap<u32, u64>,
+    /// Calls completed, by how: on 3f+1 matching speculative replies (Zyzzyva's fast path),
+    /// on 2f+1 replies after the commit, or on the read-only path (2f+1 matching).
+    pub completed_fast: u64,
+    pub completed_committed: u64,
+    pub completed_read_only: u64,
+    /// Requests sent again for want of an answer, and read-only requests sent again ordered.
+    pub retransmissions: u64,
+    pub read_only_fallbacks: u64,
 }
 
 impl ClientHandle {
@@ -370,6 +378,8 @@ async fn client_task(
     let mut completed: Vec<Completion> = Vec::new();
     let mut audit = ReplyAudit::default();
     let mut rejected = 0u64;
+    // Calls completed since the start, for the observations.
+    let (mut ordered_completed, mut read_only_completed) = (0u64, 0u64);
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -487,8 +497,12 @@ async fn client_task(
                 }
             }
         }
+        let any_completed = !completed.is_empty();
         for c in completed.drain(..) {
-            if !c.read_only {
+            if c.read_only {
+                read_only_completed += 1;
+            } else {
+                ordered_completed += 1;
                 audit.on_complete(c.id.0, &c.result);
                 audited = true;
             }
@@ -496,10 +510,19 @@ async fn client_task(
                 let _ = done.try_send(Ok(c.result));
             }
         }
-        if audited {
+        if audited || any_completed {
             if let Ok(mut o) = observed.lock() {
-                o.disagreeing_replies.clone_from(audit.disagreed());
-                o.compared_replies.clone_from(audit.compared());
+                if audited {
+                    o.disagreeing_replies.clone_from(audit.disagreed());
+                    o.compared_replies.clone_from(audit.compared());
+                }
+                // The client core counts its fast completions; the other ordered ones
+                // completed after the commit.
+                o.completed_read_only = read_only_completed;
+                o.completed_fast = client.fast_completions;
+                o.completed_committed = ordered_completed.saturating_sub(client.fast_completions);
+                o.retransmissions = client.retransmissions;
+                o.read_only_fallbacks = client.read_only_fallbacks;
             }
         }
         for action in actions.drain(..) {

@@ -5,6 +5,7 @@ pub mod audit;
 #[cfg(feature = "byzantine")]
 pub mod byzantine;
 pub mod client;
+pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod peers;

@@ -8,6 +8,7 @@
 //! that sends anything, so no message that depends on a record leaves before the record is
 //! durable.
 
+use super::metrics::{PhaseClock, ReplicaTimings};
 use super::net::{self, Backoff};
 use super::peers::PeerWatch;
 use super::status::{ReplicaStatus, STATUS_PROBE};
@@ -75,6 +76,8 @@ pub struct DriverCounters {
 /// Extras of [`run_with`] beyond what every replica needs.
 #[derive(Clone, Debug, Default)]
 pub struct RunOptions {
+    /// Latency histograms to fill (the replica serves metrics); none: nothing is timed.
+    pub timings: Option<Arc<ReplicaTimings>>,
     /// Misbehave on purpose (fault tests; see [`super::byzantine`]).
     #[cfg(feature = "byzantine")]
     pub byzantine: Option<super::byzantine::Mode>,
@@ -161,9 +164,8 @@ pub fn run_with<S: Service + Send + 'static>(
         .byzantine
         .map(|mode| super::byzantine::Byzantine::new(mode, &secrets));
     #[cfg(not(feature = "byzantine"))]
-    let mut tamper: Tamper = {
-        let RunOptions {} = options;
-    };
+    let mut tamper: Tamper = ();
+    let clock = PhaseClock::new(options.timings.clone());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -246,6 +248,7 @@ pub fn run_with<S: Service + Send + 'static>(
         core_rx,
         &links,
         &mut tamper,
+        clock,
         &status,
         &stop,
     );
@@ -369,6 +372,7 @@ fn core_loop<S: Service>(
     core_rx: std_mpsc::Receiver<Input>,
     links: &Links<'_>,
     tamper: &mut Tamper,
+    mut clock: PhaseClock,
     status: &Mutex<ReplicaStatus>,
     stop: &std::sync::atomic::AtomicBool,
 ) -> Result<(), NodeError> {
@@ -389,7 +393,10 @@ fn core_loop<S: Service>(
         }
         let wait = next_tick.saturating_duration_since(Instant::now());
         match core_rx.recv_timeout(wait) {
-            Ok(Input::Message(m)) => replica.step(Event::Message(m), &mut actions),
+            Ok(Input::Message(m)) => {
+                clock.on_input(m.message(), Instant::now());
+                replica.step(Event::Message(m), &mut actions)
+            }
             Err(std_mpsc::RecvTimeoutError::Timeout) => {}
             Err(std_mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
         }
@@ -398,16 +405,33 @@ fn core_loop<S: Service>(
         // decisions assume them durable (rule 3).
         for _ in 0..256 {
             if actions.iter().any(|a| matches!(a, Action::Persist(_))) {
-                persisted += perform(&mut actions, &mut wal, &all_replicas, links, tamper)?;
+                persisted += perform(
+                    &mut actions,
+                    &mut wal,
+                    &all_replicas,
+                    links,
+                    tamper,
+                    &mut clock,
+                )?;
                 tell_persisted(&mut replica, persisted, &mut reported, &mut actions);
             }
             match core_rx.try_recv() {
-                Ok(Input::Message(m)) => replica.step(Event::Message(m), &mut actions),
+                Ok(Input::Message(m)) => {
+                    clock.on_input(m.message(), Instant::now());
+                    replica.step(Event::Message(m), &mut actions)
+                }
                 Err(_) => break,
             }
         }
         if actions.iter().any(|a| matches!(a, Action::Persist(_))) {
-            persisted += perform(&mut actions, &mut wal, &all_replicas, links, tamper)?;
+            persisted += perform(
+                &mut actions,
+                &mut wal,
+                &all_replicas,
+                links,
+                tamper,
+                &mut clock,
+            )?;
             tell_persisted(&mut replica, persisted, &mut reported, &mut actions);
         }
         let now = Instant::now();
@@ -419,8 +443,16 @@ fn core_loop<S: Service>(
                 next_tick = now + tick;
             }
         }
-        persisted += perform(&mut actions, &mut wal, &all_replicas, links, tamper)?;
+        persisted += perform(
+            &mut actions,
+            &mut wal,
+            &all_replicas,
+            links,
+            tamper,
+            &mut clock,
+        )?;
         tell_persisted(&mut replica, persisted, &mut reported, &mut actions);
+        clock.on_transfer_state(replica.is_transferring_state(), Instant::now());
         if now.duration_since(last_status) >= Duration::from_millis(200) {
             last_status = now;
             if let Ok(mut s) = status.lock() {
@@ -450,8 +482,10 @@ fn perform(
     all_replicas: &[Principal],
     links: &Links<'_>,
     #[allow(unused_variables)] tamper: &mut Tamper,
+    clock: &mut PhaseClock,
 ) -> Result<u64, NodeError> {
     let mut records = 0u64;
+    clock.on_actions(actions, Instant::now());
     let Links {
         auth,
         peers,
@@ -478,8 +512,10 @@ fn perform(
                         group.push(encode_record(next)?);
                         drained.next();
                     }
+                    let started = Instant::now();
                     wal.rewrite(&group).map_err(wal_error)?;
                     counters.wal_syncs.fetch_add(1, Ordering::Relaxed);
+                    clock.on_wal_sync(started.elapsed());
                     records += group.len() as u64;
                 } else {
                     wal.append(&bytes).map_err(wal_error)?;
@@ -516,8 +552,7 @@ fn perform(
         };
         // What is sent may depend on records appended before it: make them durable first.
         if wal.has_pending() {
-            wal.sync().map_err(wal_error)?;
-            counters.wal_syncs.fetch_add(1, Ordering::Relaxed);
+            sync_wal(wal, counters, clock).map_err(wal_error)?;
         }
         // One seal per message: hashed once, one MAC per receiver, the same frame to each link.
         let (receivers, links): (Vec<Principal>, Vec<mpsc::Sender<Vec<u8>>>) = match to {
@@ -562,10 +597,18 @@ fn perform(
         }
     }
     if wal.has_pending() {
-        wal.sync().map_err(wal_error)?;
-        counters.wal_syncs.fetch_add(1, Ordering::Relaxed);
+        sync_wal(wal, counters, clock).map_err(wal_error)?;
     }
     Ok(records)
+}
+
+/// Makes the appended WAL records durable, counted and timed.
+fn sync_wal(wal: &mut Wal, counters: &DriverCounters, clock: &PhaseClock) -> std::io::Result<()> {
+    let started = Instant::now();
+    wal.sync()?;
+    counters.wal_syncs.fetch_add(1, Ordering::Relaxed);
+    clock.on_wal_sync(started.elapsed());
+    Ok(())
 }
 
 /// Bytes of state a state-transfer answer carries.

@@ -429,6 +429,45 @@ pub enum FsOp {
 
 impl FsOp {
     /// Operations that never change the state and may use the read-only path.
+    /// The operation's name, lower case as NFS and FUSE name theirs (`getattr`, `write`,
+    /// ...): a label for metrics and logs that says what was asked, never with whom or what.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            FsOp::GetAttr { .. } => "getattr",
+            FsOp::SetAttr { .. } => "setattr",
+            FsOp::Lookup { .. } => "lookup",
+            FsOp::Access { .. } => "access",
+            FsOp::ReadLink { .. } => "readlink",
+            FsOp::Read { .. } => "read",
+            FsOp::Write { .. } => "write",
+            FsOp::Create { .. } => "create",
+            FsOp::Mkdir { .. } => "mkdir",
+            FsOp::Symlink { .. } => "symlink",
+            FsOp::Mknod { .. } => "mknod",
+            FsOp::Remove { .. } => "remove",
+            FsOp::Rmdir { .. } => "rmdir",
+            FsOp::Rename { .. } => "rename",
+            FsOp::Link { .. } => "link",
+            FsOp::ReadDir { .. } => "readdir",
+            FsOp::StatFs { .. } => "statfs",
+            FsOp::Commit { .. } => "commit",
+            FsOp::GetXattr { .. } => "getxattr",
+            FsOp::SetXattr { .. } => "setxattr",
+            FsOp::ListXattr { .. } => "listxattr",
+            FsOp::RemoveXattr { .. } => "removexattr",
+            FsOp::Fallocate { .. } => "fallocate",
+            FsOp::CopyRange { .. } => "copy_file_range",
+            FsOp::Lock { .. } => "lock",
+            FsOp::Release { .. } => "release",
+            FsOp::Renew { .. } => "renew",
+            FsOp::ListLocks => "listlocks",
+            FsOp::SetRangeLock { .. } => "setlk",
+            FsOp::TestRangeLock { .. } => "getlk",
+            FsOp::DropRangeLocks { .. } => "unlock_owners",
+            FsOp::RenewRangeLocks { .. } => "renew_leases",
+        }
+    }
+
     pub fn is_read_only(&self) -> bool {
         matches!(
             self,
