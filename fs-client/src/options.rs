@@ -34,7 +34,9 @@ auto_unmount (a helper process, fusermount3, unmounts the file system if bftfs d
 mount point is never left \"not connected\"; needs allow_other), lock_lease=SECONDS (fcntl \
 and flock locks are shared by every mount of the cluster; a mount that dies loses its locks \
 this long after its last renewal; 1 to 600, default 30), local_locks (fcntl and flock locks are \
-kept by this machine's kernel only, as before), client=FILE (bftfs mount: \
+kept by this machine's kernel only, as before), lock_cache=off (under a `bftfs lock`, send \
+every read to the replicas instead of answering it from this mount's cache; see the README), \
+client=FILE (bftfs mount: \
 this client's secrets, as --client), metrics=HOST:PORT (serve this mount's metrics at \
 http://HOST:PORT/metrics, as --metrics). A bftfs mount is always nodev and nosuid (any client of \
 the cluster could plant a device or set-user-id file); the options mount(8) and fstab add \
@@ -122,6 +124,9 @@ pub struct MountOptions {
     pub lock_lease: Duration,
     /// `local_locks`: leave fcntl/flock locks to this machine's kernel (not shared).
     pub local_locks: bool,
+    /// `lock_cache=on|off`: answer reads under a Zzyzx lock from the mount's cache (on, the
+    /// default) or send each to the lock's log servers.
+    pub lock_cache: bool,
     /// `metrics=HOST:PORT`: serve this mount's metrics at http://HOST:PORT/metrics.
     pub metrics: Option<String>,
 }
@@ -142,6 +147,7 @@ impl Default for MountOptions {
             client: None,
             lock_lease: DEFAULT_LOCK_LEASE,
             local_locks: false,
+            lock_cache: true,
             metrics: None,
         }
     }
@@ -195,6 +201,11 @@ impl MountOptions {
                     }
                 }
                 ("local_locks", None) => self.local_locks = true,
+                ("lock_cache", Some("on")) => self.lock_cache = true,
+                ("lock_cache", Some("off")) => self.lock_cache = false,
+                ("lock_cache", Some(v)) => {
+                    return Err(format!("option lock_cache={v}: expected on or off"));
+                }
                 ("metrics", Some(v)) if !v.is_empty() => self.metrics = Some(v.to_string()),
                 (n, None) if NO_EFFECT.contains(&n) => {}
                 _ if NO_EFFECT_PREFIXES.iter().any(|p| item.starts_with(p)) => {}
@@ -202,7 +213,7 @@ impl MountOptions {
                     return Err(format!(
                         "unknown mount option `{item}` (known: attr_timeout=S, entry_timeout=S, \
                          timeout=S, threads=N, sync, async, allow_other, ro, rw, noexec, \
-                         noatime, auto_unmount, lock_lease=S, local_locks, client=FILE, \
+                         noatime, auto_unmount, lock_lease=S, local_locks, lock_cache=on|off, client=FILE, \
                          metrics=HOST:PORT, and the generic ones mount(8) passes)"
                     ))
                 }
@@ -230,6 +241,9 @@ impl MountOptions {
         ];
         if self.local_locks {
             parts.push("local_locks".into());
+        }
+        if !self.lock_cache {
+            parts.push("lock_cache=off".into());
         }
         if self.allow_other == Some(true) {
             parts.push("allow_other".into());
@@ -285,7 +299,10 @@ mod tests {
         let mut o = MountOptions::default();
         o.apply("attr_timeout=0.25,timeout=7.5,threads=2,allow_other,auto_unmount,sync")
             .expect("valid");
-        o.apply("lock_lease=2.5,local_locks").expect("valid");
+        o.apply("lock_lease=2.5,local_locks,lock_cache=off").expect("valid");
+        assert!(!o.lock_cache);
+        assert!(o.to_arg().contains("lock_cache=off"));
+        assert!(o.clone().apply("lock_cache=maybe").is_err());
         assert_eq!(o.lock_lease, Duration::from_millis(2500));
         assert!(MountOptions::parse_all(&["lock_lease=0.5".to_string()]).is_err());
         assert!(o.sync);

@@ -324,12 +324,21 @@ impl RangeLockClient {
                 continue;
             }
             drop(book);
+            let sent = Instant::now();
+            tracing::debug!("renewing the lease of this mount's fcntl/flock locks");
             let renewed = self.call(
                 Caller::root(),
                 FsOp::RenewRangeLocks {
                     lease_ms: self.lease_ms(),
                 },
             );
+            if sent.elapsed() > every {
+                warn!(
+                    "renewing the lease of this mount's fcntl/flock locks took {:?} (lease {:?})",
+                    sent.elapsed(),
+                    self.lease
+                );
+            }
             book = self.book();
             match renewed {
                 Ok(FsReply::RangeLeases { held: 0 }) if !book.owners.is_empty() => {

@@ -493,11 +493,10 @@ fn serve_replicated(mnt: &Path, data_dir: &Path, args: &UpArgs) -> Result<()> {
     let result = (|| {
         let config = cluster::read_config(&config_path)?;
         let (secrets, _client_lock) = cluster::claim_client(&config_path, None)?;
-        let replicated = Arc::new(cluster::ReplicatedTransport::start(
-            config,
-            secrets,
-            args.options.request_timeout,
-        )?);
+        let replicated = Arc::new(
+            cluster::ReplicatedTransport::start(config, secrets, args.options.request_timeout)?
+                .with_lock_cache(args.options.lock_cache),
+        );
         let _reporter =
             replicated.report_observations(config_path.parent().unwrap_or(Path::new(".")));
         let (transport, _metrics) =
@@ -596,11 +595,10 @@ pub fn mount(
     }
     mounting::block_stop_signals();
     let (secrets, _client_lock) = cluster::claim_client(config_path, client)?;
-    let replicated = Arc::new(cluster::ReplicatedTransport::start(
-        config,
-        secrets,
-        options.request_timeout,
-    )?);
+    let replicated = Arc::new(
+        cluster::ReplicatedTransport::start(config, secrets, options.request_timeout)?
+            .with_lock_cache(options.lock_cache),
+    );
     let _reporter = replicated.report_observations(config_path.parent().unwrap_or(Path::new(".")));
     let (transport, _metrics) = with_metrics(&options, replicated.clone(), Some(replicated))?;
     wait_until_answering(

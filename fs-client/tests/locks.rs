@@ -216,6 +216,17 @@ fn a_second_mount_touching_a_locked_tree_revokes_it_and_loses_nothing() {
         fs::read(work_dir.join("src/from-two.txt")).expect("read"),
         b"two"
     );
+    // The holder read src/f3.txt under the lock (its attributes were in the lock's cache):
+    // a change by the other mount shows at once, in size and in bytes.
+    fs::write(mnt2.join("work/src/f3.txt"), b"changed by two").expect("write");
+    assert_eq!(
+        fs::metadata(work_dir.join("src/f3.txt")).expect("stat").len(),
+        14
+    );
+    assert_eq!(
+        fs::read(work_dir.join("src/f3.txt")).expect("read"),
+        b"changed by two"
+    );
     t.first.down();
 }
 

@@ -54,6 +54,8 @@ pub struct HeldLocks {
     held: Mutex<Vec<Held>>,
     /// Answers to reads made under the locks (lock_cache.rs); cleared with each release.
     cache: Mutex<LockCache>,
+    /// `-o lock_cache=off`: every read goes to the log servers.
+    no_cache: bool,
 }
 
 fn refusal_errno(why: LockRefusal) -> i32 {
@@ -65,6 +67,10 @@ fn refusal_errno(why: LockRefusal) -> i32 {
 }
 
 impl HeldLocks {
+    pub fn set_cache(&mut self, on: bool) {
+        self.no_cache = !on;
+    }
+
     /// The lock calls go through, whether it is due for renewal, and whether its log is
     /// due for rotation; counts `bytes` of operation into its log.
     fn first(&self, bytes: usize) -> Option<(LockId, bool, bool)> {
@@ -91,7 +97,7 @@ impl HeldLocks {
         if !self.holds_any() {
             return None;
         }
-        let key = lock_cache::key(req);
+        let key = lock_cache::key(req).filter(|_| !self.no_cache);
         let generation = {
             let mut cache = self.cache();
             if let Some(hit) = key.as_ref().and_then(|k| cache.get(req, k, Instant::now())) {
@@ -123,7 +129,8 @@ impl HeldLocks {
                     cache.renew(sent);
                     match key {
                         Some(key) => cache.store(key, req, result, generation),
-                        None => cache.mutated_locked(req, result),
+                        None if !req.op.is_read_only() => cache.mutated_locked(req, result),
+                        None => {}
                     }
                 }
                 return Some(result);

@@ -111,6 +111,12 @@ impl ReplicatedTransport {
         })
     }
 
+    /// Whether reads under a Zzyzx lock may be answered from the mount's cache.
+    pub fn with_lock_cache(mut self, on: bool) -> Self {
+        self.locks.set_cache(on);
+        self
+    }
+
     /// The client's figures now: how its calls completed and what it saw of each replica.
     pub fn figures(&self) -> ClientFigures {
         ClientFigures {

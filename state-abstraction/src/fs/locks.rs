@@ -47,7 +47,7 @@ pub const LOCK_OBJECTS_MAX: u64 = 1 << 17;
 /// built (docs/zzyzx-plan.md §3), so the pool is sized for a working directory that creates
 /// thousands of files (PostMark `std` keeps 2,000 and more alive); a slot costs a masked
 /// entry and a free header, and slots freed under the lock are reused.
-pub const POOL_INITIAL: u32 = 16384;
+pub const POOL_INITIAL: u32 = 4096;
 /// Most ranges a pool is made of (runs of free slots, then one run at the end of the array):
 /// a lock's entry stays small however fragmented the free list is.
 pub const POOL_RANGES_MAX: usize = 16;
