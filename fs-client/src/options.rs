@@ -36,7 +36,9 @@ and flock locks are shared by every mount of the cluster; a mount that dies lose
 this long after its last renewal; 1 to 600, default 30), local_locks (fcntl and flock locks are \
 kept by this machine's kernel only, as before), lock_cache=off (under a `bftfs lock`, send \
 every read to the replicas instead of answering it from this mount's cache; see the README), \
-client=FILE (bftfs mount: \
+locks=off|manual|auto (Zzyzx locks: manual, the default, takes them only on `bftfs lock`; \
+auto also takes one on a directory where this mount made 16 changes within 2 seconds, and \
+gives it back when another mount needs it; off refuses them), client=FILE (bftfs mount: \
 this client's secrets, as --client), metrics=HOST:PORT (serve this mount's metrics at \
 http://HOST:PORT/metrics, as --metrics). A bftfs mount is always nodev and nosuid (any client of \
 the cluster could plant a device or set-user-id file); the options mount(8) and fstab add \
@@ -95,6 +97,17 @@ const NO_EFFECT_PREFIXES: &[&str] = &[
     "rootcontext=",
 ];
 
+/// Who takes Zzyzx locks for a mount (`-o locks=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockPolicy {
+    /// None: `bftfs lock` is refused.
+    Off,
+    /// Only on `bftfs lock`.
+    Manual,
+    /// Also on a directory this mount changes often without contention.
+    Auto,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct MountOptions {
     /// TTL of attributes the kernel caches (stat results).
@@ -127,6 +140,8 @@ pub struct MountOptions {
     /// `lock_cache=on|off`: answer reads under a Zzyzx lock from the mount's cache (on, the
     /// default) or send each to the lock's log servers.
     pub lock_cache: bool,
+    /// `locks=off|manual|auto`: whether the mount takes Zzyzx locks, and who decides.
+    pub locks: LockPolicy,
     /// `metrics=HOST:PORT`: serve this mount's metrics at http://HOST:PORT/metrics.
     pub metrics: Option<String>,
 }
@@ -148,6 +163,7 @@ impl Default for MountOptions {
             lock_lease: DEFAULT_LOCK_LEASE,
             local_locks: false,
             lock_cache: true,
+            locks: LockPolicy::Manual,
             metrics: None,
         }
     }
@@ -206,6 +222,16 @@ impl MountOptions {
                 ("lock_cache", Some(v)) => {
                     return Err(format!("option lock_cache={v}: expected on or off"));
                 }
+                ("locks", Some(v)) => {
+                    self.locks = match v {
+                        "off" => LockPolicy::Off,
+                        "manual" => LockPolicy::Manual,
+                        "auto" => LockPolicy::Auto,
+                        _ => {
+                            return Err(format!("option locks={v}: expected off, manual or auto"))
+                        }
+                    }
+                }
                 ("metrics", Some(v)) if !v.is_empty() => self.metrics = Some(v.to_string()),
                 (n, None) if NO_EFFECT.contains(&n) => {}
                 _ if NO_EFFECT_PREFIXES.iter().any(|p| item.starts_with(p)) => {}
@@ -213,7 +239,8 @@ impl MountOptions {
                     return Err(format!(
                         "unknown mount option `{item}` (known: attr_timeout=S, entry_timeout=S, \
                          timeout=S, threads=N, sync, async, allow_other, ro, rw, noexec, \
-                         noatime, auto_unmount, lock_lease=S, local_locks, lock_cache=on|off, client=FILE, \
+                         noatime, auto_unmount, lock_lease=S, local_locks, lock_cache=on|off, \
+                         locks=off|manual|auto, client=FILE, \
                          metrics=HOST:PORT, and the generic ones mount(8) passes)"
                     ))
                 }
@@ -244,6 +271,11 @@ impl MountOptions {
         }
         if !self.lock_cache {
             parts.push("lock_cache=off".into());
+        }
+        match self.locks {
+            LockPolicy::Manual => {}
+            LockPolicy::Off => parts.push("locks=off".into()),
+            LockPolicy::Auto => parts.push("locks=auto".into()),
         }
         if self.allow_other == Some(true) {
             parts.push("allow_other".into());
@@ -303,6 +335,10 @@ mod tests {
         assert!(!o.lock_cache);
         assert!(o.to_arg().contains("lock_cache=off"));
         assert!(o.clone().apply("lock_cache=maybe").is_err());
+        o.apply("locks=auto").expect("valid");
+        assert_eq!(o.locks, LockPolicy::Auto);
+        assert!(o.to_arg().contains("locks=auto"));
+        assert!(o.clone().apply("locks=sometimes").is_err());
         assert_eq!(o.lock_lease, Duration::from_millis(2500));
         assert!(MountOptions::parse_all(&["lock_lease=0.5".to_string()]).is_err());
         assert!(o.sync);

@@ -495,7 +495,8 @@ fn serve_replicated(mnt: &Path, data_dir: &Path, args: &UpArgs) -> Result<()> {
         let (secrets, _client_lock) = cluster::claim_client(&config_path, None)?;
         let replicated = Arc::new(
             cluster::ReplicatedTransport::start(config, secrets, args.options.request_timeout)?
-                .with_lock_cache(args.options.lock_cache),
+                .with_lock_cache(args.options.lock_cache)
+                .with_lock_policy(args.options.locks),
         );
         let _reporter =
             replicated.report_observations(config_path.parent().unwrap_or(Path::new(".")));
@@ -597,7 +598,8 @@ pub fn mount(
     let (secrets, _client_lock) = cluster::claim_client(config_path, client)?;
     let replicated = Arc::new(
         cluster::ReplicatedTransport::start(config, secrets, options.request_timeout)?
-            .with_lock_cache(options.lock_cache),
+            .with_lock_cache(options.lock_cache)
+            .with_lock_policy(options.locks),
     );
     let _reporter = replicated.report_observations(config_path.parent().unwrap_or(Path::new(".")));
     let (transport, _metrics) = with_metrics(&options, replicated.clone(), Some(replicated))?;

@@ -311,3 +311,62 @@ fn a_log_server_killed_during_locked_work_loses_nothing() {
     });
     m.down();
 }
+
+/// Whether some replica reports an active Zzyzx lock (`bftfs status --json`).
+fn lock_active(m: &Mounted) -> bool {
+    let (_, json) = status(m, true);
+    json.contains("\"state\":\"active\"")
+}
+
+#[test]
+fn locks_auto_takes_a_busy_directory_and_backs_off_after_a_revocation() {
+    if !replicated_mounts_available(
+        "locks_auto_takes_a_busy_directory_and_backs_off_after_a_revocation",
+    ) {
+        return;
+    }
+    let (_tmp, [mnt1, mnt2, xdg]) = scratch(["one", "two", "xdg"]);
+    fs::create_dir(&mnt1).expect("mkdir");
+    fs::create_dir(&mnt2).expect("mkdir");
+    let options = format!("{NO_CACHE},locks=auto");
+    let first = Mounted::at(&mnt1, &xdg, None, &["-o", &options]).expect("up");
+    let _second = second_mount(&first, &mnt2, &xdg, NO_CACHE);
+    let work_dir = mnt1.join("work");
+    fs::create_dir(&work_dir).expect("mkdir work");
+    // A few changes are not enough.
+    for i in 0..4 {
+        fs::write(work_dir.join(format!("few{i}")), b"few").expect("write");
+    }
+    assert!(!lock_active(&first), "locked after 4 changes");
+    // A burst of changes in one directory takes a lock on it.
+    for i in 0..40 {
+        fs::write(work_dir.join(format!("a{i}")), format!("first {i}")).expect("write");
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || lock_active(&first)),
+        "no lock after 40 creates in one directory with locks=auto"
+    );
+    // The other mount needs it: the lock is revoked, and everything is there.
+    let mut names: Vec<String> = fs::read_dir(mnt2.join("work"))
+        .expect("readdir on the other mount")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 44, "{names:?}");
+    assert_eq!(
+        fs::read(mnt2.join("work/a39")).expect("read"),
+        b"first 39"
+    );
+    // Another burst right after: the directory is in back-off, so it stays unlocked and
+    // both mounts go on through agreement.
+    for i in 0..40 {
+        fs::write(work_dir.join(format!("b{i}")), format!("second {i}")).expect("write");
+    }
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(!lock_active(&first), "locked again within the back-off");
+    assert_eq!(
+        fs::read(mnt2.join("work/b39")).expect("read"),
+        b"second 39"
+    );
+    first.down();
+}

@@ -17,11 +17,15 @@ use crate::transport::TransportError;
 use replica::core::lock::{LOCK_LOG_BYTES_MAX, LOCK_LOG_ENTRIES_MAX};
 use replica::driver::client::CallError;
 use state_abstraction::fs::locks::{LockRefusal, LockUnit};
-use state_abstraction::fs::{decode, encode, Caller, FsOp, FsReply, FsRequest, FsResult, Handle};
+use crate::options::LockPolicy;
+use state_abstraction::fs::{
+    decode, encode, Caller, FsError, FsOp, FsReply, FsRequest, FsResult, Handle,
+};
+use std::collections::{HashMap, VecDeque};
 use state_abstraction::{LockId, LockedResult};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// A lock is renewed when it is older than this (its life is extended 10 minutes at a time).
 const RENEW_AFTER: Duration = Duration::from_secs(5 * 60);
@@ -56,6 +60,74 @@ pub struct HeldLocks {
     cache: Mutex<LockCache>,
     /// `-o lock_cache=off`: every read goes to the log servers.
     no_cache: bool,
+    /// `-o locks=`: `None` is manual.
+    policy: Option<LockPolicy>,
+    auto: Mutex<Auto>,
+}
+
+/// Automatic locking (docs/zzyzx-plan.md §7.5): a directory where this mount made
+/// [`AUTO_CHANGES`] ordered changes within [`AUTO_WINDOW`], none of them refused as locked,
+/// is locked as a subtree; a lock revoked by another mount keeps its root from being locked
+/// again for a while that doubles with each revocation.
+#[derive(Default)]
+struct Auto {
+    /// Recent ordered changes: when, and the directory they changed.
+    recent: VecDeque<(Instant, u64)>,
+    /// Roots not to lock before the instant, and the back-off that put them there.
+    backoff: HashMap<u64, (Instant, Duration)>,
+}
+
+pub const AUTO_CHANGES: usize = 16;
+pub const AUTO_WINDOW: Duration = Duration::from_secs(2);
+const BACKOFF_FIRST: Duration = Duration::from_secs(30);
+const BACKOFF_MAX: Duration = Duration::from_secs(600);
+const AUTO_RECENT_MAX: usize = 256;
+
+impl Auto {
+    /// Records a change in `dir`; whether the directory is now due for a lock.
+    fn changed(&mut self, dir: u64, now: Instant) -> bool {
+        while self
+            .recent
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > AUTO_WINDOW)
+            || self.recent.len() >= AUTO_RECENT_MAX
+        {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((now, dir));
+        if self.backoff.get(&dir).is_some_and(|(until, _)| now < *until) {
+            return false;
+        }
+        self.recent.iter().filter(|(_, d)| *d == dir).count() >= AUTO_CHANGES
+    }
+
+    /// Another mount wanted `root` (or this one could not lock it): keep off it a while.
+    fn back_off(&mut self, root: u64, now: Instant) {
+        let next = match self.backoff.get(&root) {
+            Some((_, d)) => (*d * 2).min(BACKOFF_MAX),
+            None => BACKOFF_FIRST,
+        };
+        self.backoff.insert(root, (now + next, next));
+        self.recent.retain(|(_, d)| *d != root);
+    }
+}
+
+/// The directory an ordered change is made in, if it names one (writes and attribute
+/// changes name only their object, whose directory the mount does not know).
+fn changed_dir(op: &FsOp) -> Option<Handle> {
+    match op {
+        FsOp::Create { dir, .. }
+        | FsOp::Mkdir { dir, .. }
+        | FsOp::Symlink { dir, .. }
+        | FsOp::Mknod { dir, .. }
+        | FsOp::Remove { dir, .. }
+        | FsOp::Rmdir { dir, .. }
+        | FsOp::Link { dir, .. } => Some(*dir),
+        FsOp::Rename {
+            from_dir, to_dir, ..
+        } if from_dir == to_dir => Some(*from_dir),
+        _ => None,
+    }
 }
 
 fn refusal_errno(why: LockRefusal) -> i32 {
@@ -69,6 +141,51 @@ fn refusal_errno(why: LockRefusal) -> i32 {
 impl HeldLocks {
     pub fn set_cache(&mut self, on: bool) {
         self.no_cache = !on;
+    }
+
+    pub fn set_policy(&mut self, policy: LockPolicy) {
+        self.policy = Some(policy);
+    }
+
+    /// An ordered call completed with `result`: with `-o locks=auto`, a directory changed
+    /// often enough by this mount alone is locked.
+    pub fn note_ordered(&self, t: &ReplicatedTransport, req: &FsRequest, result: &FsResult) {
+        if self.policy != Some(LockPolicy::Auto) {
+            return;
+        }
+        let Some(dir) = changed_dir(&req.op) else {
+            return;
+        };
+        let now = Instant::now();
+        let due = {
+            let mut auto = self.auto.lock().unwrap_or_else(|p| p.into_inner());
+            if *result == Err(FsError::Locked) {
+                // Someone else's lock is in the way there.
+                auto.back_off(dir.index, now);
+                return;
+            }
+            result.is_ok() && auto.changed(dir.index, now)
+        };
+        if !due || dir == Handle::ROOT || self.holds_any() {
+            return;
+        }
+        match self.lock(t, req.caller.clone(), dir) {
+            Ok(()) => info!(index = dir.index, "locked a busy directory (locks=auto)"),
+            Err(errno) => {
+                debug!(index = dir.index, errno, "automatic lock not taken; backing off");
+                let mut auto = self.auto.lock().unwrap_or_else(|p| p.into_inner());
+                auto.back_off(dir.index, now);
+            }
+        }
+    }
+
+    /// The lock on `root` was revoked by the replicas (another mount's access, or this
+    /// mount's from outside the lock): an automatic lock keeps off it a while.
+    fn revoked(&self, root: Option<Handle>) {
+        if let Some(root) = root {
+            let mut auto = self.auto.lock().unwrap_or_else(|p| p.into_inner());
+            auto.back_off(root.index, Instant::now());
+        }
     }
 
     /// The lock calls go through, whether it is due for renewal, and whether its log is
@@ -142,6 +259,7 @@ impl HeldLocks {
             }
             Err(CallError::LockGone) => {
                 info!(lock = id.0, "the replicas froze the lock; releasing it");
+                self.revoked(self.root_of(id));
                 self.release(t, id);
                 return None;
             }
@@ -221,8 +339,16 @@ impl HeldLocks {
         }
     }
 
+    fn root_of(&self, id: LockId) -> Option<Handle> {
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.iter().find(|h| h.id == id).map(|h| h.root)
+    }
+
     /// Takes a subtree lock on `h` and waits until the replicas serve it.
     pub fn lock(&self, t: &ReplicatedTransport, caller: Caller, h: Handle) -> Result<(), i32> {
+        if self.policy == Some(LockPolicy::Off) {
+            return Err(libc::EOPNOTSUPP);
+        }
         let req = FsRequest {
             caller: caller.clone(),
             op: FsOp::Lock {

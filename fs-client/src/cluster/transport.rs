@@ -117,6 +117,12 @@ impl ReplicatedTransport {
         self
     }
 
+    /// Who takes Zzyzx locks (`-o locks=`).
+    pub fn with_lock_policy(mut self, policy: crate::options::LockPolicy) -> Self {
+        self.locks.set_policy(policy);
+        self
+    }
+
     /// The client's figures now: how its calls completed and what it saw of each replica.
     pub fn figures(&self) -> ClientFigures {
         ClientFigures {
@@ -201,6 +207,9 @@ impl FsTransport for ReplicatedTransport {
         }
         let result = self.call_ordered(&req);
         self.locks.after_ordered(&req, result.as_ref().ok());
+        if let Ok(r) = &result {
+            self.locks.note_ordered(self, &req, r);
+        }
         result
     }
 
