@@ -195,7 +195,7 @@ fn remove_name(names: &mut HashMap<u64, BTreeSet<EntryName>>, nodeid: u64, key: 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use state_abstraction::fs::FileType;
 
@@ -206,7 +206,8 @@ mod tests {
         }
     }
 
-    fn attr(size: u64, atime: u64) -> Attr {
+    /// A regular file's attributes for tests (other test modules use it too).
+    pub(crate) fn attr(size: u64, atime: u64) -> Attr {
         Attr {
             kind: FileType::Regular,
             mode: 0o644,

@@ -525,7 +525,7 @@ fn op_handles(op: &FsOp) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use state_abstraction::fs::{Attr, CreateHow, DirEntry, FileType, SetAttrs, Timespec};
+    use state_abstraction::fs::{Attr, CreateHow, DirEntry, FileType, SetAttrs};
 
     fn h(i: u64) -> Handle {
         Handle {
@@ -542,23 +542,7 @@ mod tests {
     }
 
     fn attr(size: u64) -> Attr {
-        let t = Timespec::default();
-        Attr {
-            kind: FileType::Regular,
-            mode: 0o644,
-            nlink: 1,
-            uid: 0,
-            gid: 0,
-            size,
-            blocks: 0,
-            rdev: 0,
-            fsid: 0,
-            fileid: 0,
-            generation: 1,
-            atime: t,
-            mtime: t,
-            ctime: t,
-        }
+        crate::kernel_cache::tests::attr(size, 0)
     }
 
     fn lookup(dir: u64, name: &str) -> FsRequest {
@@ -573,6 +557,22 @@ mod tests {
         c.renew(Instant::now());
         let g = c.generation();
         c.store(key(r).unwrap(), r, &result, g);
+    }
+
+    /// Removing `name` from `dir` drops the cached attributes of `object` (what the name
+    /// is known to be bound to) and keeps `kept`.
+    fn removing_drops(c: &mut LockCache, (dir, name): (u64, &str), object: u64, kept: &FsRequest) {
+        let getattr = req(FsOp::GetAttr { h: h(object) });
+        fill(c, &getattr, Ok(FsReply::Attr(attr(1))));
+        c.mutated(
+            &FsOp::Remove {
+                dir: h(dir),
+                name: name.into(),
+            },
+            Some(&Ok(FsReply::Done)),
+        );
+        assert_eq!(cached(c, &getattr), None);
+        assert!(cached(c, kept).is_some());
     }
 
     fn cached(c: &mut LockCache, r: &FsRequest) -> Option<FsResult> {
@@ -645,16 +645,7 @@ mod tests {
         assert_eq!(cached(&mut c, &dir_attr), None);
         assert!(cached(&mut c, &other).is_some());
         // The new name is known, so removing it drops only what depends on it.
-        fill(&mut c, &req(FsOp::GetAttr { h: h(9) }), Ok(FsReply::Attr(attr(0))));
-        c.mutated(
-            &FsOp::Remove {
-                dir: h(1),
-                name: "new".into(),
-            },
-            Some(&Ok(FsReply::Done)),
-        );
-        assert_eq!(cached(&mut c, &req(FsOp::GetAttr { h: h(9) })), None);
-        assert!(cached(&mut c, &other).is_some());
+        removing_drops(&mut c, (1, "new"), 9, &other);
     }
 
     #[test]
@@ -750,16 +741,7 @@ mod tests {
         assert_eq!(cached(&mut c, &ga6), None);
         assert!(cached(&mut c, &keep).is_some());
         // The binding moved with it: removing "b" now names h(5).
-        fill(&mut c, &req(FsOp::GetAttr { h: h(5) }), Ok(FsReply::Attr(attr(1))));
-        c.mutated(
-            &FsOp::Remove {
-                dir: h(2),
-                name: "b".into(),
-            },
-            Some(&Ok(FsReply::Done)),
-        );
-        assert_eq!(cached(&mut c, &req(FsOp::GetAttr { h: h(5) })), None);
-        assert!(cached(&mut c, &keep).is_some());
+        removing_drops(&mut c, (2, "b"), 5, &keep);
     }
 
     #[test]

@@ -387,6 +387,21 @@ fn core_loop<S: Service>(
     let mut last_status = Instant::now() - Duration::from_secs(1);
     // WAL records made durable, and how many of them the core was told about.
     let (mut persisted, mut reported) = (0u64, 0u64);
+    // Performs the actions the core asked for and tells it which records are now durable
+    // (a macro: the core is stepped between uses, so a closure could not hold it).
+    macro_rules! perform_and_report {
+        () => {
+            persisted += perform(
+                &mut actions,
+                &mut wal,
+                &all_replicas,
+                links,
+                tamper,
+                &mut clock,
+            )?;
+            tell_persisted(&mut replica, persisted, &mut reported, &mut actions);
+        };
+    }
     loop {
         if stop.load(Ordering::Relaxed) {
             return Ok(());
@@ -405,15 +420,7 @@ fn core_loop<S: Service>(
         // decisions assume them durable (rule 3).
         for _ in 0..256 {
             if actions.iter().any(|a| matches!(a, Action::Persist(_))) {
-                persisted += perform(
-                    &mut actions,
-                    &mut wal,
-                    &all_replicas,
-                    links,
-                    tamper,
-                    &mut clock,
-                )?;
-                tell_persisted(&mut replica, persisted, &mut reported, &mut actions);
+                perform_and_report!();
             }
             match core_rx.try_recv() {
                 Ok(Input::Message(m)) => {
@@ -424,15 +431,7 @@ fn core_loop<S: Service>(
             }
         }
         if actions.iter().any(|a| matches!(a, Action::Persist(_))) {
-            persisted += perform(
-                &mut actions,
-                &mut wal,
-                &all_replicas,
-                links,
-                tamper,
-                &mut clock,
-            )?;
-            tell_persisted(&mut replica, persisted, &mut reported, &mut actions);
+            perform_and_report!();
         }
         let now = Instant::now();
         if now >= next_tick {
@@ -443,15 +442,7 @@ fn core_loop<S: Service>(
                 next_tick = now + tick;
             }
         }
-        persisted += perform(
-            &mut actions,
-            &mut wal,
-            &all_replicas,
-            links,
-            tamper,
-            &mut clock,
-        )?;
-        tell_persisted(&mut replica, persisted, &mut reported, &mut actions);
+        perform_and_report!();
         clock.on_transfer_state(replica.is_transferring_state(), Instant::now());
         if now.duration_since(last_status) >= Duration::from_millis(200) {
             last_status = now;
