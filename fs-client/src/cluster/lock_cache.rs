@@ -26,8 +26,12 @@
 
 use state_abstraction::fs::locks::RELEASE_GRACE_NS;
 use state_abstraction::fs::{
-    name_error, Caller, FsError, FsOp, FsReply, FsRequest, FsResult, Handle, Name, ACCESS_EXECUTE,
+    name_error, Caller, CreateHow, FsError, FsOp, FsReply, FsRequest, FsResult, Handle, Name,
+    ACCESS_EXECUTE,
 };
+
+/// The attribute the kernel reads before every write to a file.
+const CAPABILITY_XATTR: &[u8] = b"security.capability";
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
@@ -245,6 +249,27 @@ impl LockCache {
     /// setattr answers are what a getattr would; a create answers what a lookup of the new
     /// name would).
     pub fn mutated_locked(&mut self, req: &FsRequest, result: &FsResult) {
+        // A create that made a new object (the name was known free, or the call fails when
+        // it is not): the object has no extended attributes yet.
+        let fresh = match &req.op {
+            FsOp::Create {
+                dir,
+                name,
+                how: CreateHow::Unchecked,
+                ..
+            } => match self.bound(dir, name) {
+                Some(bound) => bound.is_none(),
+                None => self.complete.contains(&dir.index),
+            },
+            FsOp::Create {
+                how: CreateHow::Guarded,
+                ..
+            }
+            | FsOp::Mkdir { .. }
+            | FsOp::Symlink { .. }
+            | FsOp::Mknod { .. } => true,
+            _ => false,
+        };
         self.mutated(&req.op, Some(result));
         let generation = self.generation;
         let caller = req.caller.clone();
@@ -279,6 +304,19 @@ impl LockCache {
                 keep(self, as_request(lookup), result.clone());
                 let getattr = FsOp::GetAttr { h: *handle };
                 keep(self, as_request(getattr), Ok(FsReply::Attr(attr.clone())));
+                if fresh {
+                    let list = FsOp::ListXattr { h: *handle };
+                    keep(self, as_request(list), Ok(FsReply::XattrList { names: Vec::new() }));
+                    if req.caller.uid == 0 {
+                        // What the kernel asks before the first write; root may read the
+                        // security namespace, and there is nothing in it.
+                        let caps = FsOp::GetXattr {
+                            h: *handle,
+                            name: CAPABILITY_XATTR.to_vec(),
+                        };
+                        keep(self, as_request(caps), Err(FsError::NoData));
+                    }
+                }
             }
             _ => {}
         }
@@ -525,7 +563,7 @@ fn op_handles(op: &FsOp) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use state_abstraction::fs::{Attr, CreateHow, DirEntry, FileType, SetAttrs};
+    use state_abstraction::fs::{Attr, DirEntry, FileType, SetAttrs};
 
     fn h(i: u64) -> Handle {
         Handle {
@@ -845,6 +883,7 @@ mod tests {
             ReadDir(usize),
             GetXattr(usize),
             ListXattr(usize),
+            SetCaps(usize),
             /// In whatever object `.0` is (a directory made during the run, or not one).
             CreateIn(usize, usize),
             LookupIn(usize, usize),
@@ -869,6 +908,7 @@ mod tests {
                 1 => (o.clone(), prop_oneof![Just(0o755u32), Just(0o700), Just(0o644), Just(0)])
                     .prop_map(|(o, m)| Step::Chmod(o, m)),
                 1 => o.clone().prop_map(Step::SetXattr),
+                1 => o.clone().prop_map(Step::SetCaps),
                 1 => o.clone().prop_map(Step::RemoveXattr),
                 6 => o.clone().prop_map(Step::GetAttr),
                 6 => (d.clone(), n.clone()).prop_map(|(d, n)| Step::Lookup(d, n)),
@@ -939,10 +979,16 @@ mod tests {
                         Step::Lookup(d, n) => FsOp::Lookup { dir: dirs[d], name: name(n) },
                         Step::Access(o) => FsOp::Access { h: obj(o), mask: 7 },
                         Step::ReadDir(d) => FsOp::ReadDir { dir: dirs[d], cookie: 0, count: 64, plus: true },
-                        Step::GetXattr(o) => FsOp::GetXattr { h: obj(o), name: b"user.x".to_vec() },
+                        Step::GetXattr(o) => FsOp::GetXattr {
+                            h: obj(o),
+                            name: if o % 2 == 0 { b"user.x".to_vec() } else { CAPABILITY_XATTR.to_vec() },
+                        },
+                        Step::SetCaps(o) => FsOp::SetXattr {
+                            h: obj(o), name: CAPABILITY_XATTR.to_vec(), value: vec![1], how: XattrSet::Either,
+                        },
                         Step::ListXattr(o) => FsOp::ListXattr { h: obj(o) },
                         Step::CreateIn(o, n) => FsOp::Create {
-                            dir: obj(o), name: name(n), mode: 0o644, how: CreateHow::Guarded,
+                            dir: obj(o), name: name(n), mode: 0o644, how: CreateHow::Unchecked,
                         },
                         Step::LookupIn(o, n) => FsOp::Lookup { dir: obj(o), name: name(n) },
                     };
