@@ -294,22 +294,33 @@ fn a_lying_log_server_changes_nothing_under_a_lock() {
     m.down();
 }
 
-#[test]
-fn a_log_server_killed_during_locked_work_loses_nothing() {
-    if !replicated_mounts_available("a_log_server_killed_during_locked_work_loses_nothing") {
+/// Locked rounds with replica `id` SIGKILLed after the first: `bftfs up` restarts it, and
+/// it replays the lock's log from its write-ahead log while the others go on.
+fn killed_during_locked_work(name: &str, id: u64) {
+    if !replicated_mounts_available(name) {
         return;
     }
     let m = Mounted::new();
     locked_rounds(&m, || {
-        // SIGKILL one replica; `bftfs up` restarts it, and it replays the lock's log from
-        // its write-ahead log while the others go on.
-        let pid = replica_pid(&m, 1).expect("replica 1 pid");
+        let pid = replica_pid(&m, id).unwrap_or_else(|| panic!("replica {id} pid"));
         assert!(send_signal(pid, nix::sys::signal::Signal::SIGKILL));
         assert!(wait_until(Duration::from_secs(30), || {
-            replica_pid(&m, 1).is_some_and(|p| p != pid)
+            replica_pid(&m, id).is_some_and(|p| p != pid)
         }));
     });
     m.down();
+}
+
+#[test]
+fn a_log_server_killed_during_locked_work_loses_nothing() {
+    killed_during_locked_work("a_log_server_killed_during_locked_work_loses_nothing", 1);
+}
+
+/// The primary of view 0: the log needs no primary, but the unlock is ordered and waits for
+/// the view change its death causes.
+#[test]
+fn the_primary_killed_during_locked_work_loses_nothing() {
+    killed_during_locked_work("the_primary_killed_during_locked_work_loses_nothing", 0);
 }
 
 /// Whether some replica reports an active Zzyzx lock (`bftfs status --json`).
