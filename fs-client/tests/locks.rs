@@ -381,3 +381,50 @@ fn locks_auto_takes_a_busy_directory_and_backs_off_after_a_revocation() {
     );
     first.down();
 }
+
+/// A faulty holder: the mount holding the lock is SIGKILLed in the middle of its work. What
+/// its calls completed was in the lock's log at 2f+1 replicas, so another mount that opens
+/// the tree (revoking the lock; it merges after the release grace) sees all of it.
+#[test]
+fn a_holder_killed_mid_work_loses_nothing_it_completed() {
+    if !replicated_mounts_available("a_holder_killed_mid_work_loses_nothing_it_completed") {
+        return;
+    }
+    let (_tmp, [mnt1, mnt2, xdg]) = scratch(["one", "two", "xdg"]);
+    fs::create_dir(&mnt1).expect("mkdir");
+    fs::create_dir(&mnt2).expect("mkdir");
+    let first = Mounted::at(&mnt1, &xdg, None, &["-o", NO_CACHE]).expect("up");
+    let config = data_dir_of(&first).join("cluster/cluster.json");
+    // The holder is a mount of its own, so that killing it leaves the cluster running.
+    let (_, holder_pid) = mount_detached(&config, &mnt2, &xdg, &[NO_CACHE, "sync"]);
+    let _holder = Unmount(mnt2.clone(), xdg.clone());
+    let work_dir = mnt2.join("work");
+    fs::create_dir(&work_dir).expect("mkdir work");
+    lock(&work_dir, &xdg, true);
+    work(&work_dir, "holder");
+    let completed = tree(&work_dir);
+    // More work in flight when it dies: none of it is promised.
+    let writer = {
+        let work_dir = work_dir.clone();
+        std::thread::spawn(move || {
+            for i in 0..1000 {
+                if fs::write(work_dir.join(format!("late{i}")), b"late").is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(send_signal(holder_pid, nix::sys::signal::Signal::SIGKILL));
+    let _ = writer.join();
+
+    let seen: Vec<(String, Vec<u8>)> = tree(&mnt1.join("work"))
+        .into_iter()
+        .filter(|(p, _)| !p.starts_with("late"))
+        .collect();
+    assert_eq!(seen, completed);
+    // The tree is the ordered state's again: the first mount changes it.
+    fs::write(mnt1.join("work/after.txt"), b"after").expect("write after the merge");
+    assert_eq!(fs::read(mnt1.join("work/after.txt")).expect("read"), b"after");
+    first.down();
+}
