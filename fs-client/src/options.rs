@@ -38,7 +38,8 @@ kept by this machine's kernel only, as before), lock_cache=off (under a `bftfs l
 every read to the replicas instead of answering it from this mount's cache; see the README), \
 locks=off|manual|auto (Zzyzx locks: manual, the default, takes them only on `bftfs lock`; \
 auto also takes one on a directory where this mount made 16 changes within 2 seconds, and \
-gives it back when another mount needs it; off refuses them), client=FILE (bftfs mount: \
+gives it back when another mount needs it or after lock_idle=SECONDS without use, default \
+30; off refuses them), client=FILE (bftfs mount: \
 this client's secrets, as --client), metrics=HOST:PORT (serve this mount's metrics at \
 http://HOST:PORT/metrics, as --metrics). A bftfs mount is always nodev and nosuid (any client of \
 the cluster could plant a device or set-user-id file); the options mount(8) and fstab add \
@@ -97,6 +98,9 @@ const NO_EFFECT_PREFIXES: &[&str] = &[
     "rootcontext=",
 ];
 
+/// An automatic Zzyzx lock unused this long is given back (`-o lock_idle=`).
+pub const DEFAULT_LOCK_IDLE: Duration = Duration::from_secs(30);
+
 /// Who takes Zzyzx locks for a mount (`-o locks=`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LockPolicy {
@@ -142,6 +146,8 @@ pub struct MountOptions {
     pub lock_cache: bool,
     /// `locks=off|manual|auto`: whether the mount takes Zzyzx locks, and who decides.
     pub locks: LockPolicy,
+    /// `lock_idle=S`: an automatic lock no call used this long is given back.
+    pub lock_idle: Duration,
     /// `metrics=HOST:PORT`: serve this mount's metrics at http://HOST:PORT/metrics.
     pub metrics: Option<String>,
 }
@@ -164,6 +170,7 @@ impl Default for MountOptions {
             local_locks: false,
             lock_cache: true,
             locks: LockPolicy::Manual,
+            lock_idle: DEFAULT_LOCK_IDLE,
             metrics: None,
         }
     }
@@ -222,6 +229,12 @@ impl MountOptions {
                 ("lock_cache", Some(v)) => {
                     return Err(format!("option lock_cache={v}: expected on or off"));
                 }
+                ("lock_idle", Some(v)) => {
+                    self.lock_idle = parse_seconds(name, v)?;
+                    if !(0.5..=3600.0).contains(&self.lock_idle.as_secs_f64()) {
+                        return Err(format!("option lock_idle={v}: expected 0.5 to 3600 seconds"));
+                    }
+                }
                 ("locks", Some(v)) => {
                     self.locks = match v {
                         "off" => LockPolicy::Off,
@@ -240,7 +253,7 @@ impl MountOptions {
                         "unknown mount option `{item}` (known: attr_timeout=S, entry_timeout=S, \
                          timeout=S, threads=N, sync, async, allow_other, ro, rw, noexec, \
                          noatime, auto_unmount, lock_lease=S, local_locks, lock_cache=on|off, \
-                         locks=off|manual|auto, client=FILE, \
+                         locks=off|manual|auto, lock_idle=S, client=FILE, \
                          metrics=HOST:PORT, and the generic ones mount(8) passes)"
                     ))
                 }
@@ -271,6 +284,9 @@ impl MountOptions {
         }
         if !self.lock_cache {
             parts.push("lock_cache=off".into());
+        }
+        if self.lock_idle != DEFAULT_LOCK_IDLE {
+            parts.push(format!("lock_idle={}", self.lock_idle.as_secs_f64()));
         }
         match self.locks {
             LockPolicy::Manual => {}
@@ -335,7 +351,10 @@ mod tests {
         assert!(!o.lock_cache);
         assert!(o.to_arg().contains("lock_cache=off"));
         assert!(o.clone().apply("lock_cache=maybe").is_err());
-        o.apply("locks=auto").expect("valid");
+        o.apply("locks=auto,lock_idle=2").expect("valid");
+        assert_eq!(o.lock_idle, Duration::from_secs(2));
+        assert!(o.to_arg().contains("lock_idle=2"));
+        assert!(o.clone().apply("lock_idle=0").is_err());
         assert_eq!(o.locks, LockPolicy::Auto);
         assert!(o.to_arg().contains("locks=auto"));
         assert!(o.clone().apply("locks=sometimes").is_err());

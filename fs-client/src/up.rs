@@ -496,8 +496,9 @@ fn serve_replicated(mnt: &Path, data_dir: &Path, args: &UpArgs) -> Result<()> {
         let replicated = Arc::new(
             cluster::ReplicatedTransport::start(config, secrets, args.options.request_timeout)?
                 .with_lock_cache(args.options.lock_cache)
-                .with_lock_policy(args.options.locks),
+                .with_lock_policy(args.options.locks, args.options.lock_idle),
         );
+        replicated.start_lock_keeper();
         let _reporter =
             replicated.report_observations(config_path.parent().unwrap_or(Path::new(".")));
         let (transport, _metrics) =
@@ -599,8 +600,9 @@ pub fn mount(
     let replicated = Arc::new(
         cluster::ReplicatedTransport::start(config, secrets, options.request_timeout)?
             .with_lock_cache(options.lock_cache)
-            .with_lock_policy(options.locks),
+            .with_lock_policy(options.locks, options.lock_idle),
     );
+    replicated.start_lock_keeper();
     let _reporter = replicated.report_observations(config_path.parent().unwrap_or(Path::new(".")));
     let (transport, _metrics) = with_metrics(&options, replicated.clone(), Some(replicated))?;
     wait_until_answering(

@@ -339,7 +339,7 @@ fn locks_auto_takes_a_busy_directory_and_backs_off_after_a_revocation() {
     let (_tmp, [mnt1, mnt2, xdg]) = scratch(["one", "two", "xdg"]);
     fs::create_dir(&mnt1).expect("mkdir");
     fs::create_dir(&mnt2).expect("mkdir");
-    let options = format!("{NO_CACHE},locks=auto");
+    let options = format!("{NO_CACHE},locks=auto,lock_idle=2");
     let first = Mounted::at(&mnt1, &xdg, None, &["-o", &options]).expect("up");
     let _second = second_mount(&first, &mnt2, &xdg, NO_CACHE);
     let work_dir = mnt1.join("work");
@@ -379,6 +379,21 @@ fn locks_auto_takes_a_busy_directory_and_backs_off_after_a_revocation() {
         fs::read(mnt2.join("work/b39")).expect("read"),
         b"second 39"
     );
+    // Another directory: locked by a burst, given back once idle for lock_idle.
+    let other = mnt1.join("other");
+    fs::create_dir(&other).expect("mkdir other");
+    for i in 0..20 {
+        fs::write(other.join(format!("c{i}")), b"c").expect("write");
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || lock_active(&first)),
+        "no lock on the second busy directory"
+    );
+    assert!(
+        wait_until(Duration::from_secs(15), || !lock_active(&first)),
+        "an idle automatic lock was not given back"
+    );
+    assert_eq!(fs::read(mnt2.join("other/c19")).expect("read"), b"c");
     first.down();
 }
 

@@ -40,6 +40,8 @@ struct Held {
     /// their caps, so the mount gives the lock back and takes it again before it gets there.
     entries: u64,
     bytes: u64,
+    /// Taken by `-o locks=auto` (given back when idle), not by `bftfs lock`.
+    auto: bool,
 }
 
 /// Entries and bytes at which a lock is rotated (released and taken again): below the log
@@ -63,6 +65,10 @@ pub struct HeldLocks {
     /// `-o locks=`: `None` is manual.
     policy: Option<LockPolicy>,
     auto: Mutex<Auto>,
+    /// When a call last went through a lock (its log or its cache).
+    last_use: Mutex<Option<Instant>>,
+    /// `-o lock_idle=`: an automatic lock unused this long is given back.
+    idle_after: Option<Duration>,
 }
 
 /// Automatic locking (docs/zzyzx-plan.md §7.5): a directory where this mount made
@@ -143,8 +149,33 @@ impl HeldLocks {
         self.no_cache = !on;
     }
 
-    pub fn set_policy(&mut self, policy: LockPolicy) {
+    pub fn set_policy(&mut self, policy: LockPolicy, idle_after: Duration) {
         self.policy = Some(policy);
+        self.idle_after = Some(idle_after);
+    }
+
+    /// Gives back the automatic locks no call used for `-o lock_idle` (another mount then
+    /// gets at the tree without waiting for a revocation). Run every second by the
+    /// transport's lock keeper.
+    pub fn release_idle(&self, t: &ReplicatedTransport) {
+        let Some(idle_after) = self.idle_after else {
+            return;
+        };
+        let idle = {
+            let last = self.last_use.lock().unwrap_or_else(|p| p.into_inner());
+            last.is_none_or(|l| l.elapsed() >= idle_after)
+        };
+        if !idle {
+            return;
+        }
+        let ids: Vec<LockId> = {
+            let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            held.iter().filter(|h| h.auto).map(|h| h.id).collect()
+        };
+        for id in ids {
+            info!(lock = id.0, "giving back an idle automatic lock");
+            self.release(t, id);
+        }
     }
 
     /// An ordered call completed with `result`: with `-o locks=auto`, a directory changed
@@ -169,7 +200,7 @@ impl HeldLocks {
         if !due || dir == Handle::ROOT || self.holds_any() {
             return;
         }
-        match self.lock(t, req.caller.clone(), dir) {
+        match self.lock_as(t, req.caller.clone(), dir, true) {
             Ok(()) => info!(index = dir.index, "locked a busy directory (locks=auto)"),
             Err(errno) => {
                 debug!(index = dir.index, errno, "automatic lock not taken; backing off");
@@ -214,6 +245,7 @@ impl HeldLocks {
         if !self.holds_any() {
             return None;
         }
+        *self.last_use.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         let key = lock_cache::key(req).filter(|_| !self.no_cache);
         let generation = {
             let mut cache = self.cache();
@@ -292,11 +324,11 @@ impl HeldLocks {
     /// goes ordered; calls meanwhile do too, and those that meet the old lock before it
     /// merges are retried by the transport.
     fn rotate(&self, t: &ReplicatedTransport, id: LockId) {
-        let Some((root, caller)) = ({
+        let Some((root, caller, auto)) = ({
             let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
             held.iter()
                 .find(|h| h.id == id)
-                .map(|h| (h.root, h.caller.clone()))
+                .map(|h| (h.root, h.caller.clone(), h.auto))
         }) else {
             return;
         };
@@ -306,7 +338,7 @@ impl HeldLocks {
         }
         let started = Instant::now();
         loop {
-            match self.lock(t, caller.clone(), root) {
+            match self.lock_as(t, caller.clone(), root, auto) {
                 Ok(()) => return,
                 // The old lock has not merged yet.
                 Err(e) if e == libc::EBUSY && started.elapsed() < ROTATE_WAIT => {
@@ -344,8 +376,18 @@ impl HeldLocks {
         held.iter().find(|h| h.id == id).map(|h| h.root)
     }
 
-    /// Takes a subtree lock on `h` and waits until the replicas serve it.
+    /// Takes a subtree lock on `h` for `bftfs lock` and waits until the replicas serve it.
     pub fn lock(&self, t: &ReplicatedTransport, caller: Caller, h: Handle) -> Result<(), i32> {
+        self.lock_as(t, caller, h, false)
+    }
+
+    fn lock_as(
+        &self,
+        t: &ReplicatedTransport,
+        caller: Caller,
+        h: Handle,
+        auto: bool,
+    ) -> Result<(), i32> {
         if self.policy == Some(LockPolicy::Off) {
             return Err(libc::EOPNOTSUPP);
         }
@@ -389,7 +431,9 @@ impl HeldLocks {
                         renewed: Instant::now(),
                         entries: k,
                         bytes: 0,
+                        auto,
                     });
+                    *self.last_use.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
                 }
                 // The root's names, read whole while the directory is small: from then on a
                 // lookup of a name it does not hold (every create asks one first) is

@@ -117,10 +117,29 @@ impl ReplicatedTransport {
         self
     }
 
-    /// Who takes Zzyzx locks (`-o locks=`).
-    pub fn with_lock_policy(mut self, policy: crate::options::LockPolicy) -> Self {
-        self.locks.set_policy(policy);
+    /// Who takes Zzyzx locks (`-o locks=`), and when an automatic one is idle.
+    pub fn with_lock_policy(
+        mut self,
+        policy: crate::options::LockPolicy,
+        idle_after: Duration,
+    ) -> Self {
+        self.locks.set_policy(policy, idle_after);
         self
+    }
+
+    /// A thread that gives back idle automatic locks, every second until the transport goes.
+    pub fn start_lock_keeper(self: &std::sync::Arc<Self>) {
+        let weak = std::sync::Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("bftfs-lock-keeper".into())
+            .spawn(move || loop {
+                std::thread::sleep(Duration::from_secs(1));
+                let Some(t) = weak.upgrade() else { return };
+                t.locks.release_idle(&t);
+            });
+        if let Err(e) = spawned {
+            warn!("cannot start the thread that gives back idle locks: {e}");
+        }
     }
 
     /// The client's figures now: how its calls completed and what it saw of each replica.
