@@ -69,6 +69,20 @@ pub struct HeldLocks {
     last_use: Mutex<Option<Instant>>,
     /// `-o lock_idle=`: an automatic lock unused this long is given back.
     idle_after: Option<Duration>,
+    /// The thread rotating the lock (see `rotate`); other calls wait for it rather than
+    /// go ordered, since one landing after the new lock is active would revoke it.
+    rotating: Mutex<Option<std::thread::ThreadId>>,
+    rotated: std::sync::Condvar,
+}
+
+/// Ends a rotation when the rotating thread leaves `rotate`, whichever way.
+struct RotationDone<'a>(&'a HeldLocks);
+
+impl Drop for RotationDone<'_> {
+    fn drop(&mut self) {
+        *self.0.rotating.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.0.rotated.notify_all();
+    }
 }
 
 /// Automatic locking (docs/zzyzx-plan.md §7.5): a directory where this mount made
@@ -242,6 +256,7 @@ impl HeldLocks {
         t: &ReplicatedTransport,
         req: &FsRequest,
     ) -> Option<Result<FsResult, TransportError>> {
+        self.wait_rotation();
         if !self.holds_any() {
             return None;
         }
@@ -263,7 +278,8 @@ impl HeldLocks {
             .or_default() += 1;
         if full {
             self.rotate(t, id);
-            return None;
+            // Through the new lock if there is one (its log starts empty), else ordered.
+            return self.try_locked(t, req);
         }
         if renew {
             self.renew(t, id);
@@ -324,6 +340,16 @@ impl HeldLocks {
     /// goes ordered; calls meanwhile do too, and those that meet the old lock before it
     /// merges are retried by the transport.
     fn rotate(&self, t: &ReplicatedTransport, id: LockId) {
+        {
+            let mut rotating = self.rotating.lock().unwrap_or_else(|p| p.into_inner());
+            if rotating.is_some() {
+                drop(rotating);
+                self.wait_rotation();
+                return;
+            }
+            *rotating = Some(std::thread::current().id());
+        }
+        let _done = RotationDone(self);
         let Some((root, caller, auto)) = ({
             let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
             held.iter()
@@ -349,6 +375,21 @@ impl HeldLocks {
                     return;
                 }
             }
+        }
+    }
+
+    /// Waits while another thread rotates the lock (bounded: a rotation gives up after
+    /// `ROTATE_WAIT`).
+    fn wait_rotation(&self) {
+        let me = std::thread::current().id();
+        let deadline = Instant::now() + ROTATE_WAIT + Duration::from_secs(30);
+        let mut rotating = self.rotating.lock().unwrap_or_else(|p| p.into_inner());
+        while rotating.is_some_and(|t| t != me) && Instant::now() < deadline {
+            rotating = self
+                .rotated
+                .wait_timeout(rotating, Duration::from_secs(1))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 
