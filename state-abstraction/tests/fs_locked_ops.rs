@@ -1552,3 +1552,139 @@ mod sequences {
         }
     }
 }
+
+/// PostMark's pattern under a lock (files created, written, removed, their slots reused),
+/// with ordered checkpoints in between as a busy replica takes them, then a crash: the
+/// restart must bring the lock back to its activation and the replay to the same end.
+#[test]
+fn a_crash_after_creates_and_removes_with_checkpoints_between_restarts_the_lock() {
+    for crash_after in [5usize, 17, 40, 77] {
+        let dir = temp_dir();
+        let mut r = R::open(dir.path());
+        let (lock, p) = locked_project(&mut r);
+        let base = r.base(lock);
+        let mut entries = Vec::new();
+        let mut live: Vec<Vec<u8>> = Vec::new();
+        for i in 0..crash_after {
+            r.now += 1_000;
+            let op = if i % 3 == 2 && !live.is_empty() {
+                let name = live.remove((i * 7) % live.len());
+                FsOp::Remove { dir: p.docs, name }
+            } else {
+                let name = n(&format!("f{i}"));
+                live.push(name.clone());
+                FsOp::Create {
+                    dir: p.docs,
+                    name,
+                    mode: 0o644,
+                    how: CreateHow::Unchecked,
+                }
+            };
+            let e = Entry {
+                op,
+                time_ns: r.now,
+            };
+            let res = r.locked_ok(lock, &e);
+            entries.push(e);
+            if let Ok(FsReply::Entry { handle, .. }) = res {
+                r.now += 1_000;
+                let w = Entry {
+                    op: FsOp::Write {
+                        h: handle,
+                        offset: 0,
+                        data: vec![b'x'; 5000 + i * 10],
+                    },
+                    time_ns: r.now,
+                };
+                r.locked_ok(lock, &w).expect("write");
+                entries.push(w);
+            }
+            if i % 10 == 9 {
+                // Ordered work and a checkpoint while the lock is active.
+                r.ordered(FsOp::GetAttr { h: ROOT }).expect("getattr");
+                r.checkpoint();
+            }
+        }
+        let end = r.lock_digest(lock);
+        r.reopen(true);
+        if let Err(e) = r.svc.lock_restart(lock) {
+            panic!("lock restart after a crash at {crash_after}: {e}");
+        }
+        assert_eq!(r.lock_digest(lock), base, "crash at {crash_after}");
+        r.replay(lock, &entries);
+        assert_eq!(r.lock_digest(lock), end, "crash at {crash_after}");
+    }
+}
+
+/// Files made by ordered calls just before the lock (as `-o locks=auto` does: the lock
+/// follows a burst of creates), then written and removed under it, then a crash.
+#[test]
+fn a_crash_after_removing_files_made_before_the_lock_restarts_the_lock() {
+    for (checkpoint_between, crash_after) in [(true, 8usize), (false, 8), (true, 30), (false, 30)] {
+        let dir = temp_dir();
+        let mut r = R::open(dir.path());
+        let p = populate(&mut r);
+        let mut before = Vec::new();
+        for i in 0..16 {
+            let h = r.entry(FsOp::Create {
+                dir: p.docs,
+                name: n(&format!("b{i}")),
+                mode: 0o644,
+                how: CreateHow::Unchecked,
+            });
+            r.ordered(FsOp::Write {
+                h,
+                offset: 0,
+                data: vec![b'b'; 3000 + i],
+            })
+            .expect("write");
+            before.push(h);
+        }
+        if checkpoint_between {
+            r.checkpoint();
+        }
+        let lock = r.lock(p.proj, LockUnit::Subtree);
+        r.checkpoint();
+        assert!(matches!(r.state(lock), Some(LockState::Active { .. })));
+        let base = r.base(lock);
+        let mut entries = Vec::new();
+        for i in 0..crash_after {
+            r.now += 1_000;
+            let op = match i % 3 {
+                0 => FsOp::Write {
+                    h: before[i % 16],
+                    offset: 100,
+                    data: vec![b'a'; 700],
+                },
+                1 => FsOp::Remove {
+                    dir: p.docs,
+                    name: n(&format!("b{}", i % 16)),
+                },
+                _ => FsOp::Create {
+                    dir: p.docs,
+                    name: n(&format!("new{i}")),
+                    mode: 0o644,
+                    how: CreateHow::Unchecked,
+                },
+            };
+            let e = Entry {
+                op,
+                time_ns: r.now,
+            };
+            let _ = r.locked_ok(lock, &e);
+            entries.push(e);
+            if i % 10 == 9 {
+                r.ordered(FsOp::GetAttr { h: ROOT }).expect("getattr");
+                r.checkpoint();
+            }
+        }
+        let end = r.lock_digest(lock);
+        r.reopen(true);
+        if let Err(e) = r.svc.lock_restart(lock) {
+            panic!("lock restart after a crash ({checkpoint_between}, {crash_after}): {e}");
+        }
+        assert_eq!(r.lock_digest(lock), base);
+        r.replay(lock, &entries);
+        assert_eq!(r.lock_digest(lock), end);
+    }
+}

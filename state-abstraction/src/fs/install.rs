@@ -352,20 +352,38 @@ impl FileService {
             Err(e) => return Err(storage(e)),
         };
         let sfd = stage.as_raw_fd();
+        let mut missing = Vec::new();
         for &j in &staged {
             self.fds.get_mut().trim();
             let links = old_links(j, &self.slots);
             let mut it = links.iter();
             if let Some((d, name)) = it.next() {
-                backend::renameat(
+                match backend::renameat(
                     self.dir_fd(*d).map_err(storage)?,
                     name,
                     sfd,
                     &index_name(j),
                     false,
-                )?;
+                ) {
+                    Ok(()) => {}
+                    // After a crash under a lock, the table (saved before later entries ran)
+                    // can name a node an entry removed. An item whose whole content is
+                    // given is made afresh instead.
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) && whole_target(&items, j) => {
+                        tracing::warn!(
+                            object = j,
+                            "file service: a node the table names is gone; made again from its content"
+                        );
+                        missing.push(j);
+                        continue;
+                    }
+                    Err(e) => return Err(storage(e)),
+                }
                 for (d2, n2) in it {
-                    backend::unlinkat(self.dir_fd(*d2).map_err(storage)?, n2, false)?;
+                    match backend::unlinkat(self.dir_fd(*d2).map_err(storage)?, n2, false) {
+                        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                        other => other?,
+                    }
                 }
                 self.staged.insert(j);
             } else if self.orphans.remove(&j) {
@@ -378,6 +396,9 @@ impl FileService {
                 )?;
                 self.staged.insert(j);
             }
+        }
+        for j in missing {
+            staged.remove(&j);
         }
         // For files that keep some names: drop the lost ones now, add the new ones at the end
         // from a kept one.
@@ -625,5 +646,20 @@ impl FileService {
         }
         self.inconsistent = inconsistent;
         Ok(())
+    }
+}
+
+/// Whether `items` gives object `j` whole: a directory, a symlink or a file with every
+/// chunk of its size (so no old node is needed to make it).
+fn whole_target(items: &BTreeMap<u64, Option<Target>>, j: u64) -> bool {
+    match items.get(&j) {
+        Some(Some(t)) => match t.header.live() {
+            Some(l) if l.kind == FileType::Regular => {
+                t.chunks.len() as u64 == chunk_count(l.size)
+            }
+            Some(_) => true,
+            None => false,
+        },
+        _ => false,
     }
 }

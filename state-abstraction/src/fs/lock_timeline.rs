@@ -408,7 +408,10 @@ impl FileService {
             _ => return Ok(Vec::new()),
         };
         let saved_file = match &s.data {
+            // Touched (its header) but no chunk saved yet: no file was made for it, and
+            // every chunk is still in the live file.
             SavedData::Nothing => None,
+            SavedData::Chunks(have) if have.is_empty() => None,
             _ => {
                 let locks = backend::open_dir_at(self.meta_fd.as_raw_fd(), LOCKS_DIR)?;
                 let dir = backend::open_dir_at(locks.as_raw_fd(), &seq_name(lock.0))?;
