@@ -232,7 +232,9 @@ impl MountOptions {
                 ("lock_idle", Some(v)) => {
                     self.lock_idle = parse_seconds(name, v)?;
                     if !(0.5..=3600.0).contains(&self.lock_idle.as_secs_f64()) {
-                        return Err(format!("option lock_idle={v}: expected 0.5 to 3600 seconds"));
+                        return Err(format!(
+                            "option lock_idle={v}: expected 0.5 to 3600 seconds"
+                        ));
                     }
                 }
                 ("locks", Some(v)) => {
@@ -240,9 +242,7 @@ impl MountOptions {
                         "off" => LockPolicy::Off,
                         "manual" => LockPolicy::Manual,
                         "auto" => LockPolicy::Auto,
-                        _ => {
-                            return Err(format!("option locks={v}: expected off, manual or auto"))
-                        }
+                        _ => return Err(format!("option locks={v}: expected off, manual or auto")),
                     }
                 }
                 ("metrics", Some(v)) if !v.is_empty() => self.metrics = Some(v.to_string()),
@@ -347,7 +347,8 @@ mod tests {
         let mut o = MountOptions::default();
         o.apply("attr_timeout=0.25,timeout=7.5,threads=2,allow_other,auto_unmount,sync")
             .expect("valid");
-        o.apply("lock_lease=2.5,local_locks,lock_cache=off").expect("valid");
+        o.apply("lock_lease=2.5,local_locks,lock_cache=off")
+            .expect("valid");
         assert!(!o.lock_cache);
         assert!(o.to_arg().contains("lock_cache=off"));
         assert!(o.clone().apply("lock_cache=maybe").is_err());

@@ -220,7 +220,9 @@ fn a_second_mount_touching_a_locked_tree_revokes_it_and_loses_nothing() {
     // a change by the other mount shows at once, in size and in bytes.
     fs::write(mnt2.join("work/src/f3.txt"), b"changed by two").expect("write");
     assert_eq!(
-        fs::metadata(work_dir.join("src/f3.txt")).expect("stat").len(),
+        fs::metadata(work_dir.join("src/f3.txt"))
+            .expect("stat")
+            .len(),
         14
     );
     assert_eq!(
@@ -364,10 +366,7 @@ fn locks_auto_takes_a_busy_directory_and_backs_off_after_a_revocation() {
         .collect();
     names.sort();
     assert_eq!(names.len(), 44, "{names:?}");
-    assert_eq!(
-        fs::read(mnt2.join("work/a39")).expect("read"),
-        b"first 39"
-    );
+    assert_eq!(fs::read(mnt2.join("work/a39")).expect("read"), b"first 39");
     // Another burst right after: the directory is in back-off, so it stays unlocked and
     // both mounts go on through agreement.
     for i in 0..40 {
@@ -375,10 +374,7 @@ fn locks_auto_takes_a_busy_directory_and_backs_off_after_a_revocation() {
     }
     std::thread::sleep(Duration::from_millis(600));
     assert!(!lock_active(&first), "locked again within the back-off");
-    assert_eq!(
-        fs::read(mnt2.join("work/b39")).expect("read"),
-        b"second 39"
-    );
+    assert_eq!(fs::read(mnt2.join("work/b39")).expect("read"), b"second 39");
     // Another directory: locked by a burst, given back once idle for lock_idle.
     let other = mnt1.join("other");
     fs::create_dir(&other).expect("mkdir other");
@@ -440,7 +436,10 @@ fn a_holder_killed_mid_work_loses_nothing_it_completed() {
     assert_eq!(seen, completed);
     // The tree is the ordered state's again: the first mount changes it.
     fs::write(mnt1.join("work/after.txt"), b"after").expect("write after the merge");
-    assert_eq!(fs::read(mnt1.join("work/after.txt")).expect("read"), b"after");
+    assert_eq!(
+        fs::read(mnt1.join("work/after.txt")).expect("read"),
+        b"after"
+    );
     first.down();
 }
 
@@ -451,8 +450,9 @@ fn a_holder_killed_mid_work_loses_nothing_it_completed() {
 /// test did not reproduce that exact interleaving, and guards the path around it.)
 #[test]
 fn a_replica_killed_after_removing_files_older_than_the_lock_restarts() {
-    if !replicated_mounts_available("a_replica_killed_after_removing_files_older_than_the_lock_restarts")
-    {
+    if !replicated_mounts_available(
+        "a_replica_killed_after_removing_files_older_than_the_lock_restarts",
+    ) {
         return;
     }
     let m = Mounted::new();
@@ -497,7 +497,11 @@ fn a_replica_killed_after_removing_files_older_than_the_lock_restarts() {
     }));
     // A replica that halts at restart is restarted again at once, with another pid.
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(replica_pid(&m, 2), restarted, "replica 2 keeps failing to restart");
+    assert_eq!(
+        replica_pid(&m, 2),
+        restarted,
+        "replica 2 keeps failing to restart"
+    );
     lock(&work_dir, &m.xdg, false);
     assert_eq!(tree(&work_dir), seen);
     m.down();

@@ -1580,10 +1580,7 @@ fn a_crash_after_creates_and_removes_with_checkpoints_between_restarts_the_lock(
                     how: CreateHow::Unchecked,
                 }
             };
-            let e = Entry {
-                op,
-                time_ns: r.now,
-            };
+            let e = Entry { op, time_ns: r.now };
             let res = r.locked_ok(lock, &e);
             entries.push(e);
             if let Ok(FsReply::Entry { handle, .. }) = res {
@@ -1599,21 +1596,38 @@ fn a_crash_after_creates_and_removes_with_checkpoints_between_restarts_the_lock(
                 r.locked_ok(lock, &w).expect("write");
                 entries.push(w);
             }
-            if i % 10 == 9 {
-                // Ordered work and a checkpoint while the lock is active.
-                r.ordered(FsOp::GetAttr { h: ROOT }).expect("getattr");
-                r.checkpoint();
-            }
+            checkpoint_now_and_then(&mut r, i);
         }
-        let end = r.lock_digest(lock);
-        r.reopen(true);
-        if let Err(e) = r.svc.lock_restart(lock) {
-            panic!("lock restart after a crash at {crash_after}: {e}");
-        }
-        assert_eq!(r.lock_digest(lock), base, "crash at {crash_after}");
-        r.replay(lock, &entries);
-        assert_eq!(r.lock_digest(lock), end, "crash at {crash_after}");
+        crash_restart_and_replay(
+            &mut r,
+            lock,
+            base,
+            &entries,
+            &format!("crash at {crash_after}"),
+        );
     }
+}
+
+/// Every tenth step, ordered work and a checkpoint while the lock is active (a busy
+/// replica saves its table meanwhile).
+fn checkpoint_now_and_then(r: &mut R, step: usize) {
+    if step % 10 == 9 {
+        r.ordered(FsOp::GetAttr { h: ROOT }).expect("getattr");
+        r.checkpoint();
+    }
+}
+
+/// A crash, then the restart brings the lock back to `base` and the replay of `entries`
+/// to where it was.
+fn crash_restart_and_replay(r: &mut R, lock: LockId, base: Digest, entries: &[Entry], what: &str) {
+    let end = r.lock_digest(lock);
+    r.reopen(true);
+    if let Err(e) = r.svc.lock_restart(lock) {
+        panic!("lock restart after a crash ({what}): {e}");
+    }
+    assert_eq!(r.lock_digest(lock), base, "{what}");
+    r.replay(lock, entries);
+    assert_eq!(r.lock_digest(lock), end, "{what}");
 }
 
 /// Files made by ordered calls just before the lock (as `-o locks=auto` does: the lock
@@ -1667,24 +1681,13 @@ fn a_crash_after_removing_files_made_before_the_lock_restarts_the_lock() {
                     how: CreateHow::Unchecked,
                 },
             };
-            let e = Entry {
-                op,
-                time_ns: r.now,
-            };
+            let e = Entry { op, time_ns: r.now };
             let _ = r.locked_ok(lock, &e);
             entries.push(e);
-            if i % 10 == 9 {
-                r.ordered(FsOp::GetAttr { h: ROOT }).expect("getattr");
-                r.checkpoint();
-            }
+            checkpoint_now_and_then(&mut r, i);
         }
-        let end = r.lock_digest(lock);
-        r.reopen(true);
-        if let Err(e) = r.svc.lock_restart(lock) {
-            panic!("lock restart after a crash ({checkpoint_between}, {crash_after}): {e}");
-        }
-        assert_eq!(r.lock_digest(lock), base);
-        r.replay(lock, &entries);
-        assert_eq!(r.lock_digest(lock), end);
+        let what =
+            format!("checkpoint before the lock {checkpoint_between}, crash at {crash_after}");
+        crash_restart_and_replay(&mut r, lock, base, &entries, &what);
     }
 }

@@ -222,7 +222,12 @@ impl LockCache {
                 op: FsOp::GetAttr { h: *handle },
             };
             let attr = Ok(FsReply::Attr(attr.clone()));
-            self.store(state_abstraction::fs::encode(&getattr), &getattr, &attr, generation);
+            self.store(
+                state_abstraction::fs::encode(&getattr),
+                &getattr,
+                &attr,
+                generation,
+            );
         }
         if matches!(req.op, FsOp::Lookup { .. }) {
             // Kept as what it taught: the binding, the search permission, the attributes.
@@ -233,7 +238,10 @@ impl LockCache {
         }
         let deps = read_deps(&req.op, result);
         for d in &deps {
-            self.by_dep.entry(d.clone()).or_default().insert(key.clone());
+            self.by_dep
+                .entry(d.clone())
+                .or_default()
+                .insert(key.clone());
         }
         self.entries.insert(
             key,
@@ -288,7 +296,11 @@ impl LockCache {
                 Ok(FsReply::Write { attr, .. }),
             )
             | (FsOp::SetAttr { h, .. } | FsOp::Fallocate { h, .. }, Ok(FsReply::Attr(attr))) => {
-                keep(self, as_request(FsOp::GetAttr { h: *h }), Ok(FsReply::Attr(attr.clone())));
+                keep(
+                    self,
+                    as_request(FsOp::GetAttr { h: *h }),
+                    Ok(FsReply::Attr(attr.clone())),
+                );
             }
             (
                 FsOp::Create { dir, name, .. }
@@ -306,7 +318,11 @@ impl LockCache {
                 keep(self, as_request(getattr), Ok(FsReply::Attr(attr.clone())));
                 if fresh {
                     let list = FsOp::ListXattr { h: *handle };
-                    keep(self, as_request(list), Ok(FsReply::XattrList { names: Vec::new() }));
+                    keep(
+                        self,
+                        as_request(list),
+                        Ok(FsReply::XattrList { names: Vec::new() }),
+                    );
                     if req.caller.uid == 0 {
                         // What the kernel asks before the first write; root may read the
                         // security namespace, and there is nothing in it.
@@ -409,11 +425,7 @@ impl LockCache {
                 deps.extend([Obj(dir.index), Bound(dir.index, name.clone())]);
             }
             FsOp::Link { h, dir, name } => {
-                deps.extend([
-                    Obj(h.index),
-                    Obj(dir.index),
-                    Bound(dir.index, name.clone()),
-                ]);
+                deps.extend([Obj(h.index), Obj(dir.index), Bound(dir.index, name.clone())]);
             }
             FsOp::Remove { dir, name } | FsOp::Rmdir { dir, name } => {
                 deps.push(Obj(dir.index));
@@ -816,7 +828,11 @@ mod tests {
     fn a_read_sent_before_a_mutation_is_not_kept() {
         let mut c = LockCache::default();
         c.renew(Instant::now());
-        fill(&mut c, &req(FsOp::GetAttr { h: h(3) }), Ok(FsReply::Attr(attr(0))));
+        fill(
+            &mut c,
+            &req(FsOp::GetAttr { h: h(3) }),
+            Ok(FsReply::Attr(attr(0))),
+        );
         let r = req(FsOp::GetAttr { h: h(5) });
         let g = c.generation();
         c.mutated(

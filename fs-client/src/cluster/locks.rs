@@ -13,16 +13,16 @@
 
 use super::lock_cache::{self, LockCache};
 use super::transport::ReplicatedTransport;
+use crate::options::LockPolicy;
 use crate::transport::TransportError;
 use replica::core::lock::{LOCK_LOG_BYTES_MAX, LOCK_LOG_ENTRIES_MAX};
 use replica::driver::client::CallError;
 use state_abstraction::fs::locks::{LockRefusal, LockUnit};
-use crate::options::LockPolicy;
 use state_abstraction::fs::{
     decode, encode, Caller, FsError, FsOp, FsReply, FsRequest, FsResult, Handle,
 };
-use std::collections::{HashMap, VecDeque};
 use state_abstraction::{LockId, LockedResult};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
@@ -115,7 +115,11 @@ impl Auto {
             self.recent.pop_front();
         }
         self.recent.push_back((now, dir));
-        if self.backoff.get(&dir).is_some_and(|(until, _)| now < *until) {
+        if self
+            .backoff
+            .get(&dir)
+            .is_some_and(|(until, _)| now < *until)
+        {
             return false;
         }
         self.recent.iter().filter(|(_, d)| *d == dir).count() >= AUTO_CHANGES
@@ -217,7 +221,10 @@ impl HeldLocks {
         match self.lock_as(t, req.caller.clone(), dir, true) {
             Ok(()) => info!(index = dir.index, "locked a busy directory (locks=auto)"),
             Err(errno) => {
-                debug!(index = dir.index, errno, "automatic lock not taken; backing off");
+                debug!(
+                    index = dir.index,
+                    errno, "automatic lock not taken; backing off"
+                );
                 let mut auto = self.auto.lock().unwrap_or_else(|p| p.into_inner());
                 auto.back_off(dir.index, now);
             }
@@ -271,11 +278,7 @@ impl HeldLocks {
         };
         let op = encode(req);
         let (id, renew, full) = self.first(op.len())?;
-        *self
-            .cache()
-            .sent
-            .entry(req.op.kind())
-            .or_default() += 1;
+        *self.cache().sent.entry(req.op.kind()).or_default() += 1;
         if full {
             self.rotate(t, id);
             // Through the new lock if there is one (its log starts empty), else ordered.
@@ -333,8 +336,6 @@ impl HeldLocks {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-
-
     /// Gives the lock back with its log sealed and takes the same root again, so that the
     /// new lock starts with an empty log (and a fresh pool). The call that found the log full
     /// goes ordered; calls meanwhile do too, and those that meet the old lock before it
@@ -358,7 +359,10 @@ impl HeldLocks {
         }) else {
             return;
         };
-        info!(lock = id.0, "the lock's log is nearly full; giving it back and locking again");
+        info!(
+            lock = id.0,
+            "the lock's log is nearly full; giving it back and locking again"
+        );
         if !self.release(t, id) {
             return;
         }
@@ -371,7 +375,10 @@ impl HeldLocks {
                     std::thread::sleep(Duration::from_millis(100));
                 }
                 Err(e) => {
-                    warn!(errno = e, "locking again after a rotation failed; calls stay ordered");
+                    warn!(
+                        errno = e,
+                        "locking again after a rotation failed; calls stay ordered"
+                    );
                     return;
                 }
             }

@@ -654,9 +654,7 @@ impl FileService {
 fn whole_target(items: &BTreeMap<u64, Option<Target>>, j: u64) -> bool {
     match items.get(&j) {
         Some(Some(t)) => match t.header.live() {
-            Some(l) if l.kind == FileType::Regular => {
-                t.chunks.len() as u64 == chunk_count(l.size)
-            }
+            Some(l) if l.kind == FileType::Regular => t.chunks.len() as u64 == chunk_count(l.size),
             Some(_) => true,
             None => false,
         },
