@@ -556,3 +556,11 @@ fn hostile_names_and_forbidden_calls_through_the_mount() {
     );
     m.down();
 }
+
+#[test]
+fn the_workload_knows_the_mounts_hidden_names() {
+    assert_eq!(
+        workload::HIDDEN_PREFIX,
+        fs_client::open_files::HIDDEN_PREFIX
+    );
+}
