@@ -55,8 +55,6 @@ enum Dep {
     Perm(u64),
     /// The object's extended attributes.
     Xattr(u64),
-    /// What a name in a directory is bound to.
-    Bound(u64, Name),
 }
 
 /// What a mutation changes.
@@ -397,9 +395,9 @@ impl LockCache {
     fn effect(&self, op: &FsOp) -> Effect {
         use Dep::*;
         let mut deps = Vec::new();
-        // The object a name is bound to also changes (its link count, its ctime).
+        // The object a name is bound to also changes (its link count, its ctime). Name
+        // bindings themselves are kept apart (`names`) and follow in `bind_names`.
         let target = |deps: &mut Vec<Dep>, dir: &Handle, name: &Name| -> bool {
-            deps.push(Bound(dir.index, name.clone()));
             match self.bound(dir, name) {
                 Some(Some(h)) => {
                     // It may be gone (a stale handle now), so nothing about it holds.
@@ -418,15 +416,11 @@ impl LockCache {
             }
             FsOp::Write { h, .. } | FsOp::Fallocate { h, .. } => deps.push(Obj(h.index)),
             FsOp::CopyRange { dst, .. } => deps.push(Obj(dst.index)),
-            FsOp::Create { dir, name, .. }
-            | FsOp::Mkdir { dir, name, .. }
-            | FsOp::Symlink { dir, name, .. }
-            | FsOp::Mknod { dir, name, .. } => {
-                deps.extend([Obj(dir.index), Bound(dir.index, name.clone())]);
-            }
-            FsOp::Link { h, dir, name } => {
-                deps.extend([Obj(h.index), Obj(dir.index), Bound(dir.index, name.clone())]);
-            }
+            FsOp::Create { dir, .. }
+            | FsOp::Mkdir { dir, .. }
+            | FsOp::Symlink { dir, .. }
+            | FsOp::Mknod { dir, .. } => deps.push(Obj(dir.index)),
+            FsOp::Link { h, dir, .. } => deps.extend([Obj(h.index), Obj(dir.index)]),
             FsOp::Remove { dir, name } | FsOp::Rmdir { dir, name } => {
                 deps.push(Obj(dir.index));
                 if !target(&mut deps, dir, name) {
@@ -550,9 +544,6 @@ fn read_deps(op: &FsOp, result: &FsResult) -> Vec<Dep> {
         FsOp::Access { h, .. } => vec![Perm(h.index)],
         FsOp::GetAttr { h } | FsOp::ReadLink { h } => vec![Obj(h.index)],
         FsOp::GetXattr { h, .. } | FsOp::ListXattr { h } => vec![Perm(h.index), Xattr(h.index)],
-        // The search permission on the directory and the binding; the attributes in the
-        // answer come from the cached getattr when it is served (`get`).
-        FsOp::Lookup { dir, name } => vec![Perm(dir.index), Bound(dir.index, name.clone())],
         FsOp::ReadDir { dir, .. } => {
             let mut deps = vec![Obj(dir.index), Perm(dir.index)];
             if let Ok(FsReply::ReadDir { entries, .. }) = result {
@@ -560,14 +551,7 @@ fn read_deps(op: &FsOp, result: &FsResult) -> Vec<Dep> {
             }
             deps
         }
-        // Not kept (see `key`); a dependency on the object covers it all the same.
-        _ => op_handles(op).into_iter().map(Obj).collect(),
-    }
-}
-
-fn op_handles(op: &FsOp) -> Vec<u64> {
-    match op {
-        FsOp::Read { h, .. } | FsOp::StatFs { h } => vec![h.index],
+        // Lookups are kept as what they taught (`store`); other reads are not kept (`key`).
         _ => Vec::new(),
     }
 }
