@@ -28,6 +28,16 @@ pub struct LockPoint {
     pub state: Digest,
 }
 
+impl LockPoint {
+    /// The `state` of a point no replica certified (a `Resolve`'s choice): the merge does
+    /// not compare the lock's content with it.
+    pub const UNCERTIFIED: Digest = Digest([0; 32]);
+
+    pub fn state_certified(&self) -> bool {
+        self.state != Self::UNCERTIFIED
+    }
+}
+
 /// A change of a lock's life, produced by ordered execution (`Frozen`) or inside
 /// `checkpoint(seq)` (`Activated`, `Merged`); drained by
 /// [`crate::Service::take_lock_events`] after each `execute` and `checkpoint`.
@@ -95,6 +105,26 @@ pub enum LockedResult {
 pub trait LockCertChecker: Send + Sync {
     /// The point the certificate proves, or `None` if it does not verify.
     fn check(&self, cert: &[u8]) -> Option<LockPoint>;
+
+    /// Where the log of a lock frozen without a certified end ends, chosen from `evidence`
+    /// (an ordered `Resolve`'s: 2f+1 replicas' signed reports of their frozen logs, each
+    /// ending in an entry the holder signed): deterministic, so every replica picks the same
+    /// point. `None` if the evidence does not hold 2f+1 valid reports for this lock. The
+    /// point's `state` is [`LockPoint::UNCERTIFIED`]: no replica vouched for the content.
+    fn resolve(&self, evidence: &[u8], lock: &ResolveSubject) -> Option<LockPoint> {
+        let _ = (evidence, lock);
+        None
+    }
+}
+
+/// The lock a `Resolve` is about, as the ordered state records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResolveSubject {
+    pub lock: LockId,
+    pub epoch: u32,
+    pub holder: ClientId,
+    /// The lock's state digest at activation (the chain's anchor derives from it).
+    pub base: Digest,
 }
 
 impl std::fmt::Debug for dyn LockCertChecker {

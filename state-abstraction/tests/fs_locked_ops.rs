@@ -11,7 +11,9 @@ use common::temp_dir;
 use state_abstraction::fs::locks::*;
 use state_abstraction::fs::object::ObjectHeader;
 use state_abstraction::fs::*;
-use state_abstraction::locking::{LockCertChecker, LockEvent, LockPoint, LockedResult};
+use state_abstraction::locking::{
+    LockCertChecker, LockEvent, LockPoint, LockedResult, ResolveSubject,
+};
 use state_abstraction::{AbstractObject, ClientId, Digest, Service};
 use std::path::Path;
 use std::sync::Arc;
@@ -144,7 +146,7 @@ impl R {
 
     /// Lets the agreed time pass the release grace (an ordered request at a later time).
     fn pass_grace(&mut self) {
-        self.now += RELEASE_GRACE_NS;
+        self.now += UNRESOLVED_MERGE_NS;
         self.ordered(FsOp::GetAttr { h: ROOT }).expect("getattr");
     }
 
@@ -1119,6 +1121,116 @@ fn restart_on(dir: &Path) {
         assert_eq!(r.checkpoint(), merged, "crash {crash}");
         assert!(all_objects(&r.svc) == all_objects(&reference.svc));
     }
+}
+
+/// A checker whose `resolve` accepts one byte string as the evidence for one point of one
+/// lock (the subject the service passes must be that lock's, as the table records it).
+struct Resolver {
+    evidence: Vec<u8>,
+    subject: ResolveSubject,
+    point: LockPoint,
+    cert: Option<(Vec<u8>, LockPoint)>,
+}
+
+impl LockCertChecker for Resolver {
+    fn check(&self, cert: &[u8]) -> Option<LockPoint> {
+        let (c, p) = self.cert.as_ref()?;
+        (cert == c.as_slice()).then_some(*p)
+    }
+    fn resolve(&self, evidence: &[u8], subject: &ResolveSubject) -> Option<LockPoint> {
+        (evidence == self.evidence.as_slice() && *subject == self.subject).then_some(self.point)
+    }
+}
+
+#[test]
+fn resolve_fixes_where_a_silent_holders_log_ends() {
+    let dir = temp_dir();
+    let mut r = R::open(dir.path());
+    let (lock, p) = locked_project(&mut r);
+    r.events();
+    let e = Entry {
+        op: FsOp::Write {
+            h: p.main,
+            offset: 0,
+            data: n("under the lock"),
+        },
+        time_ns: ENTRY_NS,
+    };
+    r.locked_ok(lock, &e).expect("write");
+    let resolve = |evidence: &[u8]| FsOp::Resolve {
+        lock,
+        evidence: evidence.to_vec(),
+    };
+    // An active lock has nothing to resolve.
+    assert_eq!(r.ordered(resolve(b"reports")), Err(FsError::Inval));
+    assert_eq!(r.ordered(FsOp::GetAttr { h: p.main }), Err(FsError::Locked));
+    r.events();
+    // Within the grace the holder's own release has priority: retry later.
+    assert_eq!(r.ordered(resolve(b"reports")), Err(FsError::Locked));
+    r.now += RELEASE_GRACE_NS;
+    // Without a checker, or with evidence that does not verify: refused, no effect.
+    assert_eq!(r.ordered(resolve(b"reports")), Err(FsError::Inval));
+    let point = LockPoint {
+        lock,
+        epoch: 0,
+        k: 1,
+        chain: Digest([1; 32]),
+        state: LockPoint::UNCERTIFIED,
+    };
+    let held = LockPoint {
+        k: 0,
+        state: r.base(lock),
+        ..point
+    };
+    r.svc.set_lock_cert_checker(Arc::new(Resolver {
+        evidence: b"reports".to_vec(),
+        subject: ResolveSubject {
+            lock,
+            epoch: 0,
+            holder: HOLDER,
+            base: r.base(lock),
+        },
+        point,
+        cert: Some((b"cert at 0".to_vec(), held)),
+    }));
+    assert_eq!(r.ordered(resolve(b"forged")), Err(FsError::Inval));
+    assert_eq!(r.events(), Vec::new());
+    assert!(!r.svc.lock_transition_pending());
+    assert_eq!(r.ordered(resolve(b"reports")), Ok(FsReply::Done));
+    assert_eq!(
+        r.events(),
+        vec![LockEvent::Frozen {
+            lock,
+            epoch: 0,
+            end: Some(point)
+        }]
+    );
+    // Resolved once: later ones change nothing.
+    assert_eq!(r.ordered(resolve(b"reports")), Ok(FsReply::Done));
+    // The holder comes back with a certificate for less than was resolved: the entry it
+    // saw refused is in the lock's result, and it is told so.
+    assert_eq!(
+        r.release(lock, Some(b"cert at 0".to_vec())),
+        Err(FsError::Stale)
+    );
+    assert_eq!(r.events(), Vec::new());
+    assert!(r.svc.lock_transition_pending());
+    r.checkpoint();
+    assert_eq!(r.events(), vec![LockEvent::Merged { lock, epoch: 0 }]);
+    // Merged with the entry, and the replica is not suspect: the resolved point certifies
+    // no content, so nothing was compared.
+    assert_eq!(
+        r.ordered(FsOp::Read {
+            h: p.main,
+            offset: 0,
+            count: 14
+        }),
+        Ok(FsReply::Read {
+            data: n("under the lock"),
+            eof: false
+        })
+    );
+    assert_eq!(r.ordered(resolve(b"reports")), Ok(FsReply::Done));
 }
 
 #[test]

@@ -119,7 +119,7 @@ impl T {
     /// Lets the agreed time pass a frozen lock's grace (an ordered request at a later
     /// time), so that the next checkpoint merges it.
     fn pass_grace(&mut self) {
-        self.now += RELEASE_GRACE_NS;
+        self.now += UNRESOLVED_MERGE_NS;
         self.run(FsOp::GetAttr { h: ROOT }).expect("getattr");
     }
 
@@ -1214,7 +1214,7 @@ mod sequences {
                 },
             ),
             Step::Wait => {
-                t.now += RELEASE_GRACE_NS;
+                t.now += UNRESOLVED_MERGE_NS;
                 t.run(FsOp::GetAttr { h: ROOT })
             }
             Step::Checkpoint | Step::Rollback | Step::Reopen(_) => {

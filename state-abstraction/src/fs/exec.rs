@@ -327,9 +327,11 @@ impl FileService {
                 dst_offset,
                 length,
             } => self.copy_range(c, *src, *src_offset, *dst, *dst_offset, *length, now),
-            FsOp::Lock { .. } | FsOp::Release { .. } | FsOp::Renew { .. } | FsOp::ListLocks => {
-                self.exec_lock(c, &req.op)
-            }
+            FsOp::Lock { .. }
+            | FsOp::Release { .. }
+            | FsOp::Renew { .. }
+            | FsOp::ListLocks
+            | FsOp::Resolve { .. } => self.exec_lock(c, &req.op),
             FsOp::SetRangeLock { .. }
             | FsOp::TestRangeLock { .. }
             | FsOp::DropRangeLocks { .. }

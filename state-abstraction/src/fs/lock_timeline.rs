@@ -84,6 +84,7 @@ impl FileService {
             // The lock table is ordered state; statfs counts every object.
             FsOp::Lock { .. }
                 | FsOp::Release { .. }
+                | FsOp::Resolve { .. }
                 | FsOp::Renew { .. }
                 | FsOp::ListLocks
                 | FsOp::StatFs { .. }

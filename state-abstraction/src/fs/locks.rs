@@ -19,11 +19,14 @@
 //!   no transition is ever undone, and no committed batch is re-executed across one.
 //!
 //! An ordered operation that reads a masked slot answers [`FsError::Locked`] with no effect
-//! and freezes the lock. A frozen lock merges back at a later checkpoint: the first one if
-//! the freeze named the log's certified end (a `Release` with a certificate), else the first
-//! one [`RELEASE_GRACE_NS`] of agreed time after the freeze. Meanwhile the holder's log
-//! entries change the real content of the members (M2, `lock_timeline.rs`), and the merge
-//! gives the ordered state that content.
+//! and freezes the lock. A frozen lock merges back at the first checkpoint after its log's
+//! end is fixed: by the holder's `Release` with a certificate (2f+1 replicas sealed that
+//! point), or, when the holder stays silent for [`RELEASE_GRACE_NS`] of agreed time after
+//! the freeze, by any client's `Resolve` with 2f+1 replicas' reports of their frozen logs
+//! (the checker picks the longest chain the holder signed, so every correct replica merges
+//! the same entries). A lock nobody resolves merges with each replica's own log after
+//! [`UNRESOLVED_MERGE_NS`]. Meanwhile the holder's log entries change the real content of
+//! the members (M2, `lock_timeline.rs`), and the merge gives the ordered state that content.
 
 use super::object::{ObjectHeader, Slot};
 use super::ops::{Caller, FileType, FsError, FsReply, FsResult, Handle};
@@ -62,10 +65,16 @@ pub const PENDING_MAX_NS: u64 = 30 * 1_000_000_000;
 /// How long a root revoked by conflict may not be locked again by the same holder.
 pub const RECENT_NS: u64 = 5 * 1_000_000_000;
 /// A lock frozen without a certified end (a conflict, expiry, or a release without a
-/// certificate) merges at the first checkpoint at least this much agreed time after the
-/// freeze: time for a holder told of the conflict to drain its log and send `Release` with
-/// a certificate, which fixes the end every replica merges at.
+/// certificate) takes no `Resolve` for this much agreed time after the freeze: time for a
+/// holder told of the conflict to drain its log and send `Release` with a certificate. It
+/// also bounds how soon after a freeze the merge can come, which the holder's cache relies
+/// on (fs-client's `lock_cache.rs`).
 pub const RELEASE_GRACE_NS: u64 = 5 * 1_000_000_000;
+/// A lock frozen without an end that no client resolved merges with each replica's own
+/// log after this much agreed time: nobody touched its objects (a `Resolve` comes from the
+/// first client that does), so the masks are lifted rather than kept for good. Replicas
+/// whose logs differ then differ in the checkpoint, and state transfer repairs the minority.
+pub const UNRESOLVED_MERGE_NS: u64 = 60 * 1_000_000_000;
 /// Most undrained lock events kept (one checkpoint makes at most about three per lock).
 const LOCK_EVENTS_MAX: usize = 16 * LOCKS_MAX;
 
@@ -401,9 +410,7 @@ impl FileService {
         self.lock_table().is_some_and(|t| {
             t.locks.iter().any(|e| match e.state {
                 LockState::Pending => true,
-                LockState::Frozen { since_ns, end, .. } => {
-                    end.is_some() || now >= since_ns.saturating_add(RELEASE_GRACE_NS)
-                }
+                LockState::Frozen { since_ns, end, .. } => merge_due(since_ns, end, now),
                 LockState::Active { .. } => e.expires_ns <= now,
             })
         })
@@ -446,6 +453,14 @@ impl FileService {
                         // Frozen by a conflict or expiry, or released without a certificate,
                         // and not merged yet: a certified end now fixes where every replica
                         // merges. A later point on the chain replaces an earlier one.
+                        if let (Some(p), Some(o)) = (end, old) {
+                            if o.k > p.k {
+                                // A `Resolve` chose a longer chain than the holder's
+                                // certificate: an entry it saw refused by 2f+1 replicas
+                                // was logged by others and is part of the lock's result.
+                                return Err(FsError::Stale);
+                            }
+                        }
                         if let Some(p) = end.filter(|p| old.is_none_or(|o| p.k > o.k)) {
                             let t = self.lock_table_mut()?;
                             if let Some(x) = t.entry_mut(*lock) {
@@ -463,6 +478,53 @@ impl FileService {
                         }
                     }
                 }
+                Ok(FsReply::Done)
+            }
+            FsOp::Resolve { lock, evidence } => {
+                let Some(e) = self.lock_table().and_then(|t| t.entry(*lock)).cloned() else {
+                    // Merged already (or never granted): nothing is left to resolve.
+                    return Ok(FsReply::Done);
+                };
+                let LockState::Frozen {
+                    since_ns,
+                    cause,
+                    end,
+                } = e.state
+                else {
+                    return Err(FsError::Inval);
+                };
+                if end.is_some() {
+                    return Ok(FsReply::Done);
+                }
+                if now_ns < since_ns.saturating_add(RELEASE_GRACE_NS) {
+                    return Err(FsError::Locked);
+                }
+                let subject = crate::locking::ResolveSubject {
+                    lock: e.id,
+                    epoch: e.epoch,
+                    holder: e.holder,
+                    base: e.base,
+                };
+                let p = self
+                    .cert_checker
+                    .as_ref()
+                    .and_then(|c| c.resolve(evidence, &subject))
+                    .filter(|p| p.lock == e.id && p.epoch == e.epoch)
+                    .ok_or(FsError::Inval)?;
+                let t = self.lock_table_mut()?;
+                if let Some(x) = t.entry_mut(*lock) {
+                    x.state = LockState::Frozen {
+                        since_ns,
+                        cause,
+                        end: Some(p),
+                    };
+                }
+                tracing::info!(lock = e.id.0, k = p.k, "file service: lock's log end resolved");
+                self.emit(LockEvent::Frozen {
+                    lock: e.id,
+                    epoch: e.epoch,
+                    end: Some(p),
+                });
                 Ok(FsReply::Done)
             }
             FsOp::Renew { lock } => {
@@ -672,7 +734,14 @@ impl FileService {
                     since_ns,
                     end,
                     cause,
-                } if end.is_some() || now >= since_ns.saturating_add(RELEASE_GRACE_NS) => {
+                } if merge_due(since_ns, end, now) => {
+                    if end.is_none() {
+                        tracing::warn!(
+                            lock = e.id.0,
+                            "file service: merging a lock frozen without an end that no \
+                             client resolved; replicas whose logs differ will differ here"
+                        );
+                    }
                     blind_merge |= self.merge_lock(&e, end).map_err(fs)?;
                     if let FreezeCause::Conflict(_) = cause {
                         revoked.push((e.root.index, e.holder));
@@ -783,6 +852,7 @@ impl FileService {
     /// replicas', which repair this one by ordinary state transfer of the merged objects.
     fn merge_lock(&mut self, e: &LockEntry, end: Option<LockPoint>) -> Result<bool, FsError> {
         let now = self.lock_state_digest_of(e.id);
+        let end = end.filter(LockPoint::state_certified);
         if now.is_none() || end.is_some_and(|p| now != Some(p.state)) {
             self.merge_suspect = true;
         }
@@ -1085,4 +1155,10 @@ enum Activation {
     /// These other locks overlap.
     Wait(BTreeSet<LockId>),
     Refused,
+}
+
+/// Whether a frozen lock merges at a checkpoint with agreed time `now`: once its end is
+/// fixed (a certificate or a `Resolve`), or when nobody fixed it for [`UNRESOLVED_MERGE_NS`].
+fn merge_due(since_ns: u64, end: Option<LockPoint>, now: u64) -> bool {
+    end.is_some() || now >= since_ns.saturating_add(UNRESOLVED_MERGE_NS)
 }

@@ -378,7 +378,7 @@ pub enum FsOp {
     /// certificate, checked by the replica's `LockCertChecker`) the certified point is the
     /// log's end and the lock merges at the next checkpoint; a certificate that does not
     /// verify, or names another lock or epoch, is refused `Inval` with no effect. Without
-    /// one it merges after the release grace (`locks::RELEASE_GRACE_NS`). On a lock already
+    /// one it waits for a `Resolve` (or, unresolved, `locks::UNRESOLVED_MERGE_NS`). On a lock already
     /// frozen (by a conflict, expiry or an earlier release) a certificate sets the end.
     Release {
         lock: LockId,
@@ -425,6 +425,16 @@ pub enum FsOp {
     RenewRangeLocks {
         lease_ms: u32,
     },
+    /// Any client fixes where the log of a lock frozen without a certified end stops
+    /// (its holder died or went silent): `evidence` holds 2f+1 replicas' signed reports of
+    /// their frozen logs, from which the replica's `LockCertChecker` deterministically picks
+    /// the longest chain the holder signed. Refused `Locked` within the release grace after
+    /// the freeze (the holder's own certified release has priority), `Inval` if the evidence
+    /// does not verify or the lock is not frozen; `Done` once the lock has an end or is gone.
+    Resolve {
+        lock: LockId,
+        evidence: Vec<u8>,
+    },
 }
 
 impl FsOp {
@@ -465,6 +475,7 @@ impl FsOp {
             FsOp::TestRangeLock { .. } => "getlk",
             FsOp::DropRangeLocks { .. } => "unlock_owners",
             FsOp::RenewRangeLocks { .. } => "renew_leases",
+            FsOp::Resolve { .. } => "resolve",
         }
     }
 
