@@ -43,6 +43,10 @@ pub enum KvOp {
     /// The holder gives a lock back; `cert` is an encoded lock certificate naming where its
     /// log ends (checked with the service's [`LockCertChecker`]).
     Release { lock: LockId, cert: Option<Vec<u8>> },
+    /// Any client fixes where a frozen lock's log ends with 2f+1 replicas' reports (see the
+    /// file service's `FsOp::Resolve`): `Locked` within the grace, `Refused` if the evidence
+    /// does not verify or the lock is not frozen.
+    Resolve { lock: LockId, evidence: Vec<u8> },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,7 +92,7 @@ impl KvOp {
             | KvOp::Append { key, .. }
             | KvOp::Delete { key }
             | KvOp::Lock { key } => key,
-            KvOp::Release { .. } => &[],
+            KvOp::Release { .. } | KvOp::Resolve { .. } => &[],
         }
     }
 }
@@ -148,8 +152,11 @@ pub struct KvService {
     suspect: bool,
 }
 
-/// A grace after a freeze without a certificate, for the holder's `Release` with one.
+/// A grace after a freeze without a certificate, for the holder's `Release` with one; a
+/// `Resolve` is taken only after it.
 pub const RELEASE_GRACE_NS: u64 = 5_000_000_000;
+/// A frozen lock nobody resolved merges with each replica's own log after this.
+pub const UNRESOLVED_MERGE_NS: u64 = crate::fs::locks::UNRESOLVED_MERGE_NS;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct KvLocks {
@@ -302,6 +309,13 @@ impl KvService {
                             end: point,
                         });
                     }
+                    KvLockState::Frozen {
+                        end: Some(resolved),
+                        ..
+                    } if point.is_some_and(|p| p.k < resolved.k) => {
+                        // A `Resolve` took a longer chain than the holder certified.
+                        return KvReply::Refused;
+                    }
                     KvLockState::Frozen { since, end: None } if point.is_some() => {
                         l.state = KvLockState::Frozen { since, end: point };
                         self.lock_events.push(LockEvent::Frozen {
@@ -312,6 +326,47 @@ impl KvService {
                     }
                     KvLockState::Frozen { .. } => {}
                 }
+                self.dirty.insert(META_OBJECT);
+                KvReply::Done
+            }
+            KvOp::Resolve { lock, evidence } => {
+                let Some(l) = self.lock_mut(lock) else {
+                    return KvReply::Done;
+                };
+                let KvLockState::Frozen { since, end } = l.state else {
+                    return KvReply::Refused;
+                };
+                if end.is_some() {
+                    return KvReply::Done;
+                }
+                if now < since.saturating_add(RELEASE_GRACE_NS) {
+                    return KvReply::Locked;
+                }
+                let subject = crate::locking::ResolveSubject {
+                    lock,
+                    epoch: 1,
+                    holder: l.holder,
+                    base: l.base,
+                };
+                let Some(p) = self
+                    .cert_checker
+                    .as_ref()
+                    .and_then(|c| c.resolve(&evidence, &subject))
+                    .filter(|p| p.lock == lock && p.epoch == 1)
+                else {
+                    return KvReply::Refused;
+                };
+                if let Some(l) = self.lock_mut(lock) {
+                    l.state = KvLockState::Frozen {
+                        since,
+                        end: Some(p),
+                    };
+                }
+                self.lock_events.push(LockEvent::Frozen {
+                    lock,
+                    epoch: 1,
+                    end: Some(p),
+                });
                 self.dirty.insert(META_OBJECT);
                 KvReply::Done
             }
@@ -327,8 +382,8 @@ impl KvService {
         let mut merged = Vec::new();
         for l in &self.locks.locks {
             if let KvLockState::Frozen { since, end } = l.state {
-                if end.is_some() || now >= since.saturating_add(RELEASE_GRACE_NS) {
-                    merged.push((l.id, l.bucket, end));
+                if end.is_some() || now >= since.saturating_add(UNRESOLVED_MERGE_NS) {
+                    merged.push((l.id, l.bucket, end.filter(LockPoint::state_certified)));
                 }
             }
         }
@@ -520,7 +575,10 @@ impl Service for KvService {
                 }
             }
         }
-        if matches!(op, KvOp::Lock { .. } | KvOp::Release { .. }) {
+        if matches!(
+            op,
+            KvOp::Lock { .. } | KvOp::Release { .. } | KvOp::Resolve { .. }
+        ) {
             if read_only {
                 return KvReply::Malformed.encode();
             }
@@ -567,7 +625,7 @@ impl Service for KvService {
                 self.dirty.insert(bucket);
                 KvReply::Value(map.remove(&key))
             }
-            KvOp::Lock { .. } | KvOp::Release { .. } => KvReply::Malformed,
+            KvOp::Lock { .. } | KvOp::Release { .. } | KvOp::Resolve { .. } => KvReply::Malformed,
         };
         reply.encode()
     }
@@ -591,7 +649,10 @@ impl Service for KvService {
         };
         if l.holder != client
             || l.state == KvLockState::Pending
-            || matches!(op, KvOp::Lock { .. } | KvOp::Release { .. })
+            || matches!(
+                op,
+                KvOp::Lock { .. } | KvOp::Release { .. } | KvOp::Resolve { .. }
+            )
             || bucket_of(op.key()) != l.bucket
         {
             return LockedResult::NeedsAgreement;
@@ -608,7 +669,7 @@ impl Service for KvService {
                 KvReply::Value(Some(entry.clone()))
             }
             KvOp::Delete { key } => KvReply::Value(map.remove(&key)),
-            KvOp::Lock { .. } | KvOp::Release { .. } => KvReply::Malformed,
+            KvOp::Lock { .. } | KvOp::Release { .. } | KvOp::Resolve { .. } => KvReply::Malformed,
         };
         LockedResult::Done(reply.encode())
     }
@@ -700,7 +761,7 @@ impl Service for KvService {
         self.locks.locks.iter().any(|l| match l.state {
             KvLockState::Pending | KvLockState::Frozen { end: Some(_), .. } => true,
             KvLockState::Frozen { since, end: None } => {
-                now >= since.saturating_add(RELEASE_GRACE_NS)
+                now >= since.saturating_add(UNRESOLVED_MERGE_NS)
             }
             KvLockState::Active => false,
         })

@@ -20,13 +20,17 @@
 //!   it.
 //! - L5: entries are accepted only after the activation event.
 //!
-//! What M2 leaves out (M3): log reports and the chain choice after a revocation; a lock frozen
-//! without a certificate merges with what each replica has (see DESIGN-CHANGES.md).
+//! A lock frozen without a certified end (its holder died or went silent) gets one from any
+//! client: it asks every server for a signed `Report` of where its frozen log ends, and sends
+//! 2f+1 of them in an ordered `Resolve`; the service's checker picks the longest chain the
+//! holder signed, and a log longer than the end it fixes (or on another chain) is cut back
+//! (`Truncated`) and its content rebuilt from the activation. What is left of M3: lock
+//! checkpoints bounding the reports, and the draining of §6.1.
 
 use super::{Action, Core, InFlightKind, StageAction};
 use crate::wire::{
     lock_anchor, lock_chain_next, lock_op_digest, ClientId, Digest, LockMessage, LockReply,
-    LockSeal, LockServerState, LoggedEntry, Message, Principal, ReplicaId, Signed,
+    LockReport, LockSeal, LockServerState, LoggedEntry, Message, Principal, ReplicaId, Signed,
 };
 use serde::{Deserialize, Serialize};
 use state_abstraction::{LockEvent, LockId, LockPoint, LockedResult};
@@ -80,6 +84,9 @@ pub(super) struct LockLog {
     /// Fetching the whole log from peers (after the lock's content came by transfer): the
     /// log's end at the previous fetch; stops when a fetch brought nothing.
     catch_up: Option<u64>,
+    /// This replica's signed report of a log frozen without an end (it no longer changes,
+    /// so it is signed once however often clients ask).
+    report: Option<Signed<LockReport>>,
 }
 
 impl LockLog {
@@ -100,7 +107,23 @@ impl LockLog {
             frozen: None,
             last_fetch_tick: 0,
             catch_up: None,
+            report: None,
         }
+    }
+    /// Drops the entries after `k` (a certified or resolved end below this log's).
+    fn truncate(&mut self, k: u64) {
+        self.entries.truncate(k as usize);
+        self.chains.truncate(k as usize + 1);
+        self.bytes = self.entries.iter().map(|e| e.op.len() as u64).sum();
+        self.last_time = self
+            .entries
+            .iter()
+            .map(|e| e.entry.body.time_ns)
+            .max()
+            .unwrap_or(0);
+        self.buffered.clear();
+        self.results.clear();
+        self.report = None;
     }
     fn last(&self) -> u64 {
         self.entries.len() as u64
@@ -162,6 +185,13 @@ pub enum LockRecord {
     },
     Merged {
         lock: LockId,
+    },
+    /// The log keeps its first `k` entries: the end the ordered state fixed is below the
+    /// entries this replica appended (an entry in flight at the freeze reached it and not
+    /// 2f+1 others), or on another chain (a holder that forked its log; `k` = 0).
+    Truncated {
+        lock: LockId,
+        k: u64,
     },
 }
 
@@ -235,6 +265,11 @@ impl LockLogs {
             LockRecord::Merged { lock } => {
                 self.logs.remove(lock);
                 self.merged.insert(*lock);
+            }
+            LockRecord::Truncated { lock, k } => {
+                if let Some(log) = self.logs.get_mut(lock) {
+                    log.truncate(*k);
+                }
             }
         }
     }
@@ -435,8 +470,70 @@ impl Core {
         }
         log.frozen = Some(end);
         tracing::info!(replica = self.id.0, lock = lock.0, end = ?end.map(|p| p.k), "lock frozen");
+        // An end below what this log holds, or on another chain: the merge must see exactly
+        // the entries up to it, so the log goes back to that point and the lock's content is
+        // rebuilt from its activation.
+        let cut = end.and_then(|p| {
+            let on_chain = log.chains.get(p.k as usize) == Some(&p.chain);
+            if on_chain && log.last() == p.k {
+                None
+            } else if on_chain {
+                Some(p.k)
+            } else if p.k < log.last() || log.chains.get(p.k as usize).is_some() {
+                Some(0)
+            } else {
+                // Behind the end: the fetch below brings the rest (a fork below our end shows
+                // when the fetched entries do not chain; the merge then differs and state
+                // transfer repairs this replica).
+                None
+            }
+        });
+        let last = log.last();
         self.persist_lock(LockRecord::Frozen { lock, end }, actions);
+        if let Some(k) = cut {
+            tracing::warn!(
+                replica = self.id.0,
+                lock = lock.0,
+                from = last,
+                to = k,
+                "lock log cut back to its fixed end; lock content rebuilt"
+            );
+            if let Some(log) = self.locks.logs.get_mut(&lock) {
+                log.truncate(k);
+            }
+            self.persist_lock(LockRecord::Truncated { lock, k }, actions);
+            self.restart_lock(lock, actions);
+        }
         self.fetch_lock_entries(lock, actions);
+    }
+
+    /// A client asks where this replica's copy of a frozen log ends, to resolve the lock.
+    fn on_report_ask(&mut self, client: ClientId, lock: LockId, actions: &mut Vec<Action>) {
+        let me = self.id;
+        let Some(log) = self.locks.logs.get_mut(&lock) else {
+            return self.send_lock_status(client, lock, actions);
+        };
+        if log.frozen != Some(None) {
+            // Active here (the client saw the freeze before us), or its end is fixed already.
+            return self.send_lock_status(client, lock, actions);
+        }
+        if log.report.is_none() {
+            let report = LockReport {
+                replica: me,
+                lock,
+                epoch: log.epoch,
+                k: log.last(),
+                chain: log.chain(),
+                top: log.entries.last().map(|e| e.entry.clone()),
+            };
+            log.report = Some(self.signer.sign(report));
+        }
+        if let Some(report) = &log.report {
+            actions.push(Action::SendClient {
+                to: client,
+                message: Message::Lock(LockMessage::Report(Box::new(report.clone()))),
+            });
+        }
     }
 
     /// A lock protocol message (client or replica).
@@ -450,6 +547,9 @@ impl Core {
             (Principal::Client(_), LockMessage::Entry(e)) => self.on_lock_entry(*e, true, actions),
             (Principal::Client(c), LockMessage::Ping { lock }) => {
                 self.send_lock_status(c, lock, actions)
+            }
+            (Principal::Client(c), LockMessage::ReportAsk { lock }) => {
+                self.on_report_ask(c, lock, actions)
             }
             (
                 Principal::Client(c),

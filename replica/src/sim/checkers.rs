@@ -374,7 +374,7 @@ impl Checker {
                     KvReply::Value(Some(v.clone()))
                 }
                 KvOp::Delete { key } => KvReply::Value(model.remove(key)),
-                KvOp::Lock { .. } | KvOp::Release { .. } => {
+                KvOp::Lock { .. } | KvOp::Release { .. } | KvOp::Resolve { .. } => {
                     return Err(format!("the simulator's clients take no locks: {op:?}"))
                 }
             };

@@ -495,7 +495,16 @@ impl Authenticator {
                 }
                 self.verify(&e.entry, "lock_entry")
             }
-            L::Ping { .. } | L::Seal { .. } => {
+            L::Report(r) => {
+                if sender != r.body.signer() {
+                    return forbid("lock_report");
+                }
+                if let Some(top) = &r.body.top {
+                    self.verify(top, "lock_entry")?;
+                }
+                self.verify(r, "lock_report")
+            }
+            L::Ping { .. } | L::Seal { .. } | L::ReportAsk { .. } => {
                 if from_replica {
                     return forbid(message.kind());
                 }

@@ -58,6 +58,34 @@ pub struct LockCertificate {
     pub seals: Vec<Signed<LockSeal>>,
 }
 
+/// A replica's statement of where its copy of a lock's log ends after the lock froze
+/// without a certified end: entry `k` with chain `chain`, and entry k as the holder signed
+/// it (`None` for an empty log, whose chain is the anchor). The holder's signature makes
+/// the report checkable: a replica can report only entries the holder really sent. 2f+1 of
+/// them are the evidence of an ordered `Resolve`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockReport {
+    pub replica: ReplicaId,
+    pub lock: LockId,
+    pub epoch: u32,
+    pub k: u64,
+    pub chain: Digest,
+    pub top: Option<Signed<LockEntry>>,
+}
+
+impl Statement for LockReport {
+    const DOMAIN: &'static str = "bftfs.lock.report";
+    fn signer(&self) -> Principal {
+        Principal::Replica(self.replica)
+    }
+}
+
+/// What an ordered `Resolve` carries: reports from distinct replicas.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockResolution {
+    pub reports: Vec<Signed<LockReport>>,
+}
+
 /// An entry with its operation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoggedEntry {
@@ -142,6 +170,11 @@ pub enum LockMessage {
         lock: LockId,
         objects: Vec<(u64, state_abstraction::AbstractObject)>,
     },
+    /// Any client → servers: report where your copy of this frozen log ends (the client
+    /// then resolves the lock through ordering).
+    ReportAsk { lock: LockId },
+    /// Server → client: the signed report (only for a log frozen without an end).
+    Report(Box<Signed<LockReport>>),
 }
 
 impl LockMessage {
@@ -157,6 +190,8 @@ impl LockMessage {
             LockMessage::Entries { .. } => "lock_entries",
             LockMessage::FetchBase { .. } => "lock_fetch_base",
             LockMessage::Base { .. } => "lock_base",
+            LockMessage::ReportAsk { .. } => "lock_report_ask",
+            LockMessage::Report(_) => "lock_report",
         }
     }
 }
@@ -197,7 +232,22 @@ pub const LOCK_ENTRIES_PER_MESSAGE: usize = 64;
 /// the file service uses for an ordered `Release`.
 pub struct LockCertVerifier {
     keys: std::collections::BTreeMap<ReplicaId, ed25519_dalek::VerifyingKey>,
+    /// The clients' keys, for the holder's signature on a report's entry.
+    clients: std::collections::BTreeMap<ClientId, ed25519_dalek::VerifyingKey>,
     quorum: usize,
+}
+
+/// Most bytes of a `Resolve`'s evidence (n reports, each with one entry header).
+pub const LOCK_RESOLUTION_BYTES_MAX: usize = 64 << 10;
+
+fn verify_statement<T: Statement + Serialize>(
+    key: &ed25519_dalek::VerifyingKey,
+    s: &Signed<T>,
+) -> bool {
+    use ed25519_dalek::Verifier as _;
+    let digest = super::statement_digest(&s.body);
+    let signature = ed25519_dalek::Signature::from_bytes(&s.signature.to_bytes());
+    key.verify(&digest.0, &signature).is_ok()
 }
 
 impl LockCertVerifier {
@@ -211,15 +261,24 @@ impl LockCertVerifier {
                     .map(|k| (r.id, k))
             })
             .collect();
+        let clients = config
+            .clients
+            .iter()
+            .filter_map(|c| {
+                ed25519_dalek::VerifyingKey::from_bytes(&c.public_key.0)
+                    .ok()
+                    .map(|k| (c.id, k))
+            })
+            .collect();
         LockCertVerifier {
             keys,
+            clients,
             quorum: config.quorum(),
         }
     }
 
     /// The point 2f+1 distinct replicas sealed, if the certificate proves one.
     pub fn verify(&self, cert: &LockCertificate) -> Option<LockPoint> {
-        use ed25519_dalek::Verifier as _;
         let first = cert.seals.first()?.body.point;
         let mut signers = std::collections::BTreeSet::new();
         for s in &cert.seals {
@@ -227,11 +286,80 @@ impl LockCertVerifier {
                 return None;
             }
             let key = self.keys.get(&s.body.replica)?;
-            let digest = super::statement_digest(&s.body);
-            let signature = ed25519_dalek::Signature::from_bytes(&s.signature.to_bytes());
-            key.verify(&digest.0, &signature).ok()?;
+            if !verify_statement(key, s) {
+                return None;
+            }
         }
         (signers.len() >= self.quorum).then_some(first)
+    }
+
+    /// Whether one report is a replica's signed statement about this lock whose end the
+    /// holder's signature backs.
+    pub fn report_valid(
+        &self,
+        r: &Signed<LockReport>,
+        subject: &state_abstraction::ResolveSubject,
+    ) -> bool {
+        let b = &r.body;
+        if b.lock != subject.lock || b.epoch != subject.epoch {
+            return false;
+        }
+        let Some(key) = self.keys.get(&b.replica) else {
+            return false;
+        };
+        let backed = match &b.top {
+            None => b.k == 0 && b.chain == lock_anchor(subject.lock, subject.epoch, &subject.base),
+            Some(t) => {
+                let e = &t.body;
+                e.k == b.k
+                    && e.k > 0
+                    && e.lock == b.lock
+                    && e.epoch == b.epoch
+                    && e.holder == subject.holder
+                    && lock_chain_next(&e.prev, e) == b.chain
+                    && self
+                        .clients
+                        .get(&subject.holder)
+                        .is_some_and(|k| verify_statement(k, t))
+            }
+        };
+        backed && verify_statement(key, r)
+    }
+
+    /// The end of a frozen log that 2f+1 reports show (docs/zzyzx-plan.md §6.3, without
+    /// lock checkpoints): the longest chain any valid report ends in. Every entry the holder
+    /// completed was logged by 2f+1 replicas, so at least one correct replica among any 2f+1
+    /// reporters holds it, and a correct holder signs one chain only, so the longest report
+    /// includes every completed entry. Between different chains at one k (a holder that
+    /// forked its log) the one more replicas report wins, then the smaller chain digest.
+    pub fn choose(
+        &self,
+        resolution: &LockResolution,
+        subject: &state_abstraction::ResolveSubject,
+    ) -> Option<LockPoint> {
+        let mut ends: std::collections::BTreeMap<ReplicaId, (u64, Digest)> = Default::default();
+        for r in &resolution.reports {
+            if !ends.contains_key(&r.body.replica) && self.report_valid(r, subject) {
+                ends.insert(r.body.replica, (r.body.k, r.body.chain));
+            }
+        }
+        if ends.len() < self.quorum {
+            return None;
+        }
+        let mut counts: std::collections::BTreeMap<(u64, Digest), usize> = Default::default();
+        for end in ends.values() {
+            *counts.entry(*end).or_default() += 1;
+        }
+        let ((k, chain), _) = counts.into_iter().max_by(|(a, na), (b, nb)| {
+            a.0.cmp(&b.0).then(na.cmp(nb)).then(b.1.cmp(&a.1))
+        })?;
+        Some(LockPoint {
+            lock: subject.lock,
+            epoch: subject.epoch,
+            k,
+            chain,
+            state: LockPoint::UNCERTIFIED,
+        })
     }
 }
 
@@ -242,5 +370,16 @@ impl state_abstraction::locking::LockCertChecker for LockCertVerifier {
             return None;
         }
         self.verify(&super::decode(cert).ok()?)
+    }
+
+    fn resolve(
+        &self,
+        evidence: &[u8],
+        subject: &state_abstraction::ResolveSubject,
+    ) -> Option<LockPoint> {
+        if evidence.len() > LOCK_RESOLUTION_BYTES_MAX {
+            return None;
+        }
+        self.choose(&super::decode(evidence).ok()?, subject)
     }
 }

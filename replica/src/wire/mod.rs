@@ -61,6 +61,7 @@ pub use frame::{claimed_sender, frame, frame_length, FrameReader};
 pub use ids::{Principal, ReplicaId, SeqNo, Timestamp, View};
 pub use lock::{
     lock_anchor, lock_chain_next, lock_op_digest, LockCertVerifier, LockCertificate, LockEntry,
+    LockReport, LockResolution, LOCK_RESOLUTION_BYTES_MAX,
     LockMessage, LockReply, LockSeal, LockServerState, LoggedEntry,
 };
 pub use messages::{

@@ -39,6 +39,8 @@ struct Net {
     /// The largest frame seen per message kind, and the largest WAL record.
     largest: BTreeMap<&'static str, usize>,
     largest_record: usize,
+    /// Lock reports sent to any client (for a `Resolve`).
+    reports: Vec<crate::wire::Signed<crate::wire::LockReport>>,
 }
 
 /// The replica gives its service the certificate checker itself (`Replica::restore`).
@@ -96,6 +98,7 @@ impl Net {
             liar: None,
             largest: BTreeMap::new(),
             largest_record: 0,
+            reports: Vec::new(),
         }
     }
 
@@ -197,6 +200,10 @@ impl Net {
                     self.replica_actions(r, actions);
                 }
                 Principal::Client(c) => {
+                    if let Message::Lock(LockMessage::Report(r)) = &message {
+                        self.reports.push((**r).clone());
+                        continue;
+                    }
                     if matches!(message, Message::Lock(_)) {
                         if let Some(s) = self.session.as_mut().filter(|_| c == HOLDER) {
                             if let Some(out) = s.on_message(opened) {
@@ -676,4 +683,116 @@ fn the_largest_entries_fit_their_limits() {
         .values("a")
         .iter()
         .all(|v| v.as_deref() == Some(&vec![7u8; big][..])));
+}
+
+/// The holder sends one more entry, which reaches replica 0 only, and dies. Another client's
+/// access freezes the lock; after the grace it asks the replicas for reports and resolves the
+/// lock. With replica 0's report among them the longest chain (with that entry) is chosen
+/// and the others fetch it; without it the end is the completed entries, and replica 0 cuts
+/// its log back and rebuilds the lock's content. Either way every replica merges the same.
+fn silent_holder_resolved(with_the_longer_log: bool) {
+    let (mut net, lock) = Net::started(1);
+    assert_eq!(net.locked(append("a", "-0")), value("start-0"));
+    assert_eq!(net.locked(append("a", "-1")), value("start-0-1"));
+    net.drop = Box::new(|_, to, m| {
+        matches!(m, Message::Lock(LockMessage::Entry(_))) && to != Principal::Replica(ReplicaId(0))
+    });
+    let mut actions = Vec::new();
+    let now = net.now;
+    net.session
+        .as_mut()
+        .expect("session")
+        .submit(append("a", "-x").encode(), now, &mut actions)
+        .expect("submit");
+    net.client_actions(HOLDER, actions);
+    net.deliver_all();
+    let ends: Vec<u64> = (0..4)
+        .map(|r| net.replica(r).lock_logs().first().map_or(0, |l| l.k))
+        .collect();
+    assert_eq!(ends, vec![3, 2, 2, 2]);
+    // The holder is gone.
+    net.session = None;
+    net.drop = Box::new(|_, _, _| false);
+    assert_eq!(
+        net.call(OTHER, KvOp::Get { key: "a".into() }),
+        KvReply::Locked
+    );
+    let ask = |net: &mut Net, from: &[usize]| {
+        net.reports.clear();
+        let actions = from
+            .iter()
+            .map(|r| crate::client::ClientAction::Send {
+                to: ReplicaId(*r as u32),
+                message: Message::Lock(LockMessage::ReportAsk { lock }),
+            })
+            .collect();
+        net.client_actions(OTHER, actions);
+        net.deliver_all();
+        crate::wire::encode(&crate::wire::LockResolution {
+            reports: net.reports.clone(),
+        })
+        .expect("encode")
+    };
+    let from: &[usize] = if with_the_longer_log {
+        &[0, 1, 2]
+    } else {
+        &[1, 2, 3]
+    };
+    let evidence = ask(&mut net, from);
+    assert_eq!(net.reports.len(), 3, "one report per frozen log asked");
+    let resolve = |evidence: &Vec<u8>| KvOp::Resolve {
+        lock,
+        evidence: evidence.clone(),
+    };
+    // Within the grace: the holder's own release has priority.
+    assert_eq!(net.call(OTHER, resolve(&evidence)), KvReply::Locked);
+    let grace_ticks = state_abstraction::kv::RELEASE_GRACE_NS / net.config.protocol.tick_ns + 1;
+    for _ in 0..grace_ticks {
+        net.tick();
+    }
+    // Two reports are not 2f+1; a forged report does not count.
+    let short = crate::wire::encode(&crate::wire::LockResolution {
+        reports: net.reports[..2].to_vec(),
+    })
+    .expect("encode");
+    assert_eq!(net.call(OTHER, resolve(&short)), KvReply::Refused);
+    let mut forged = net.reports.clone();
+    forged[2].body.k += 1;
+    let forged = crate::wire::encode(&crate::wire::LockResolution { reports: forged })
+        .expect("encode");
+    assert_eq!(net.call(OTHER, resolve(&forged)), KvReply::Refused);
+    assert_eq!(net.call(OTHER, resolve(&evidence)), KvReply::Done);
+    net.run_until(3_000, "merge everywhere", |net| {
+        net.replicas
+            .iter()
+            .flatten()
+            .all(|r| r.lock_logs().is_empty())
+    });
+    // Every replica merged the chosen entries itself: none needed a state transfer.
+    let transfers: Vec<u64> = (0..4)
+        .map(|r| net.replica(r).metrics().state_transfers)
+        .collect();
+    assert_eq!(transfers, vec![0; 4]);
+    let expected = if with_the_longer_log {
+        "start-0-1-x"
+    } else {
+        "start-0-1"
+    };
+    net.assert_value("a", expected);
+    net.converge();
+    net.assert_value("a", expected);
+    assert_eq!(
+        net.call(OTHER, KvOp::Get { key: "a".into() }),
+        value(expected)
+    );
+}
+
+#[test]
+fn a_silent_holders_lock_resolves_to_the_longest_reported_chain() {
+    silent_holder_resolved(true);
+}
+
+#[test]
+fn a_log_longer_than_the_resolved_end_is_cut_back() {
+    silent_holder_resolved(false);
 }
