@@ -17,11 +17,11 @@ use crate::options::LockPolicy;
 use crate::transport::TransportError;
 use replica::core::lock::{LOCK_LOG_BYTES_MAX, LOCK_LOG_ENTRIES_MAX};
 use replica::driver::client::CallError;
-use state_abstraction::fs::locks::{LockRefusal, LockUnit};
+use state_abstraction::fs::locks::{LockRefusal, LockState, LockUnit};
 use state_abstraction::fs::{
     decode, encode, Caller, FsError, FsOp, FsReply, FsRequest, FsResult, Handle,
 };
-use state_abstraction::{LockId, LockedResult};
+use state_abstraction::{LockId, LockedResult, ResolveSubject};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -55,8 +55,25 @@ const ROOT_NAMES_READ: u32 = 1024;
 /// How long a rotation waits for the old lock to merge before the new one is granted.
 const ROTATE_WAIT: Duration = Duration::from_secs(20);
 
+/// How often a mount whose calls wait on a frozen lock tries to resolve it.
+const RESOLVE_EVERY: Duration = Duration::from_secs(1);
+/// How long a mount waits for the replicas' reports of a frozen lock.
+const REPORTS_WAIT: Duration = Duration::from_secs(5);
+
+/// How a release went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Released {
+    Done,
+    /// Released, but a `Resolve` by another client had fixed the log's end beyond this
+    /// mount's certificate (its entry in flight at the freeze is part of the lock's result).
+    BeyondCertificate,
+    Failed,
+}
+
 #[derive(Default)]
 pub struct HeldLocks {
+    /// When this mount last tried to resolve frozen locks (`resolve_frozen`).
+    resolving: Mutex<Option<Instant>>,
     held: Mutex<Vec<Held>>,
     /// Answers to reads made under the locks (lock_cache.rs); cleared with each release.
     cache: Mutex<LockCache>,
@@ -314,6 +331,25 @@ impl HeldLocks {
                 self.release(t, id);
                 return None;
             }
+            Err(CallError::EntryRefused) => {
+                info!(
+                    lock = id.0,
+                    "the replicas froze the lock with a call in flight; releasing it"
+                );
+                self.revoked(self.root_of(id));
+                if self.release_as(t, id) == Released::BeyondCertificate {
+                    // Another client resolved the lock before this mount could release it,
+                    // and the end it fixed includes the refused entry: the call took effect
+                    // under the lock, but its result is lost. Not sent again.
+                    warn!(
+                        lock = id.0,
+                        op = req.op.kind(),
+                        "a call refused at the lock's freeze was kept by its resolution; EIO"
+                    );
+                    return Some(Ok(Err(FsError::Io)));
+                }
+                return None;
+            }
             Err(CallError::Timeout(d)) => Err(TransportError::Timeout(d)),
             Err(e) => Err(TransportError::Unreachable(e.to_string())),
         };
@@ -536,10 +572,76 @@ impl HeldLocks {
     /// ordering. Without a certificate (the replicas are unreachable) the release still
     /// freezes it; what completed is then at 2f+1 servers and merges after the grace.
     fn release(&self, t: &ReplicatedTransport, id: LockId) -> bool {
+        self.release_as(t, id) != Released::Failed
+    }
+
+    /// Frozen locks of other clients (or of this mount's past) that nobody gave an end:
+    /// after the release grace, any client may resolve one with the replicas' reports, so
+    /// that a call waiting on a dead holder's lock goes on. At most one thread of the mount
+    /// does it at a time, and not more often than every `RESOLVE_EVERY`.
+    pub fn resolve_frozen(&self, t: &ReplicatedTransport) {
+        let Ok(mut last) = self.resolving.try_lock() else {
+            return;
+        };
+        if last.is_some_and(|l| l.elapsed() < RESOLVE_EVERY) {
+            return;
+        }
+        *last = Some(Instant::now());
+        let list = FsRequest {
+            caller: Caller::root(),
+            op: FsOp::ListLocks,
+        };
+        let Ok(Ok(FsReply::Locks { locks, .. })) = t.ordered(&list) else {
+            return;
+        };
+        let mine: Vec<LockId> = {
+            let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            held.iter().map(|h| h.id).collect()
+        };
+        for e in locks {
+            let LockState::Frozen { end: None, .. } = e.state else {
+                continue;
+            };
+            if mine.contains(&e.id) {
+                continue;
+            }
+            let subject = ResolveSubject {
+                lock: e.id,
+                epoch: e.epoch,
+                holder: e.holder,
+                base: e.base,
+            };
+            let evidence = match t.client().lock_reports(subject, REPORTS_WAIT) {
+                Ok(evidence) => evidence,
+                Err(error) => {
+                    debug!(lock = e.id.0, %error, "no reports for a frozen lock yet");
+                    continue;
+                }
+            };
+            let req = FsRequest {
+                caller: Caller::root(),
+                op: FsOp::Resolve {
+                    lock: e.id,
+                    evidence,
+                },
+            };
+            match t.ordered(&req) {
+                Ok(Ok(_)) => info!(
+                    lock = e.id.0,
+                    holder = e.holder.0,
+                    "resolved a frozen lock whose holder did not release it"
+                ),
+                Ok(Err(FsError::Locked)) => debug!(lock = e.id.0, "frozen lock still in its grace"),
+                other => warn!(lock = e.id.0, result = ?other, "resolving a frozen lock failed"),
+            }
+        }
+    }
+
+    fn release_as(&self, t: &ReplicatedTransport, id: LockId) -> Released {
         let held = {
             let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
             let Some(i) = held.iter().position(|x| x.id == id) else {
-                return true;
+                return Released::Done;
             };
             held.remove(i)
         };
@@ -569,11 +671,15 @@ impl HeldLocks {
         match t.ordered(&req) {
             Ok(Ok(_)) => {
                 info!(lock = id.0, "lock released");
-                true
+                Released::Done
+            }
+            Ok(Err(FsError::Stale)) => {
+                info!(lock = id.0, "lock released; another client had resolved it further");
+                Released::BeyondCertificate
             }
             other => {
                 warn!(lock = id.0, result = ?other, "releasing the lock failed");
-                false
+                Released::Failed
             }
         }
     }

@@ -252,6 +252,7 @@ impl ReplicatedTransport {
         let deadline = std::time::Instant::now() + self.timeout;
         let mut pause = Duration::from_millis(2);
         let mut read_only = req.op.is_read_only();
+        let mut first_locked: Option<std::time::Instant> = None;
         loop {
             let result = self.send(req, read_only)?;
             if result == Err(FsError::Locked) && read_only {
@@ -268,6 +269,12 @@ impl ReplicatedTransport {
             }
             if self.locks.holds_any() {
                 self.locks.release_all(self);
+            }
+            // A lock whose holder died stays frozen until a client resolves it.
+            if first_locked.get_or_insert_with(std::time::Instant::now).elapsed()
+                >= Duration::from_secs(1)
+            {
+                self.locks.resolve_frozen(self);
             }
             std::thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_millis(64));

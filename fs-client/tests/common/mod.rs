@@ -391,3 +391,26 @@ impl Drop for Unmount {
         );
     }
 }
+
+/// The lines of the cluster's replica logs that show replicas ending up with different
+/// states: a checkpoint that differs from the certified one (repaired by state transfer,
+/// but a sign that they did not execute the same), or a lock merged without an agreed end.
+pub fn divergence_in_replica_logs(data_dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir(data_dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with("replica-") && name.ends_with(".log")) {
+            continue;
+        }
+        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+        found.extend(
+            text.lines()
+                .filter(|l| {
+                    l.contains("differs from the certified one")
+                        || l.contains("that no client resolved")
+                })
+                .map(|l| format!("{name}: {l}")),
+        );
+    }
+    found
+}

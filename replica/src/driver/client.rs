@@ -13,8 +13,11 @@ use super::net::{self, Backoff};
 use crate::client::{Client, ClientAction, Completion, RequestId};
 use crate::config::{ClientSecrets, ClusterConfig};
 use crate::lock_client::{LockOutput, LockSession};
-use crate::wire::{Authenticator, ClientMessage, LockMessage, Message, Principal, ReplicaId};
-use state_abstraction::{LockId, LockedResult};
+use crate::wire::{
+    encode, Authenticator, ClientMessage, LockCertVerifier, LockMessage, LockReport,
+    LockResolution, Message, Principal, ReplicaId, Signed,
+};
+use state_abstraction::{LockId, LockedResult, ResolveSubject};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
@@ -35,6 +38,10 @@ pub enum CallError {
     /// The lock is frozen (revoked) or its session was ended: use the ordered path.
     #[error("the lock is no longer served")]
     LockGone,
+    /// The entry was sent and 2f+1 servers refused it (the lock froze meanwhile): it took
+    /// effect only if the lock's end, fixed later, includes it.
+    #[error("the lock froze with this entry in flight")]
+    EntryRefused,
 }
 
 type Done<T> = std_mpsc::SyncSender<Result<T, CallError>>;
@@ -63,7 +70,28 @@ enum Submit {
     LockEnd {
         lock: LockId,
     },
+    /// Collect the replicas' reports of a frozen lock's log; answered with the encoded
+    /// evidence for an ordered `Resolve`.
+    LockReports {
+        subject: ResolveSubject,
+        done: Done<Vec<u8>>,
+    },
 }
+
+/// Reports of one frozen lock being collected.
+struct Reporting {
+    subject: ResolveSubject,
+    reports: BTreeMap<ReplicaId, Signed<LockReport>>,
+    waiting: Vec<Done<Vec<u8>>>,
+    asked_tick: u64,
+    created_tick: u64,
+    /// When 2f+1 valid reports were in: the rest get a couple of ticks more (a longer log
+    /// among them wins), then the evidence goes with what came.
+    quorum_tick: Option<u64>,
+}
+
+/// Ticks to wait for more reports once 2f+1 are in.
+const REPORTS_EXTRA_TICKS: u64 = 3;
 
 /// One lock session in the client task, with the callers waiting on it.
 struct LockTask {
@@ -117,7 +145,7 @@ impl LockTask {
             }
             LockOutput::EntryRefused { .. } => {
                 if let Some(d) = self.in_flight.take() {
-                    let _ = d.try_send(Err(CallError::LockGone));
+                    let _ = d.try_send(Err(CallError::EntryRefused));
                 }
             }
             LockOutput::Revoked => {
@@ -293,6 +321,16 @@ impl ClientHandle {
         let _ = self.submit.blocking_send(Submit::LockEnd { lock });
     }
 
+    /// Asks every replica where its copy of a frozen lock's log ends and returns the
+    /// encoded evidence (2f+1 valid reports or more) for an ordered `Resolve`.
+    pub fn lock_reports(
+        &self,
+        subject: ResolveSubject,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, CallError> {
+        self.submit_and_wait(|done| Submit::LockReports { subject, done }, timeout)
+    }
+
     /// The async form of [`ClientHandle::call`], for callers already on a runtime.
     pub async fn call_async(
         &self,
@@ -371,6 +409,10 @@ async fn client_task(
     let config = Arc::new(config);
     let mut client = Client::new(config.clone(), &secrets, wall_clock_ns());
     let mut locks: BTreeMap<LockId, LockTask> = BTreeMap::new();
+    let mut reporting: BTreeMap<LockId, Reporting> = BTreeMap::new();
+    let verifier = LockCertVerifier::new(&config);
+    let mut ticks = 0u64;
+    let reports_expire_ticks = 60_000_000_000 / config.protocol.tick_ns.max(1);
     let mut waiting: VecDeque<(Vec<u8>, bool, Done<Vec<u8>>)> = VecDeque::new();
     let mut pending: BTreeMap<RequestId, std_mpsc::SyncSender<Result<Vec<u8>, CallError>>> =
         BTreeMap::new();
@@ -421,6 +463,20 @@ async fn client_task(
                         t.fail_all();
                     }
                 }
+                Some(Submit::LockReports { subject, done }) => {
+                    let r = reporting.entry(subject.lock).or_insert_with(|| Reporting {
+                        subject,
+                        reports: BTreeMap::new(),
+                        waiting: Vec::new(),
+                        asked_tick: ticks,
+                        created_tick: ticks,
+                        quorum_tick: None,
+                    });
+                    r.waiting.push(done);
+                    actions.push(ClientAction::Broadcast {
+                        message: Message::Lock(LockMessage::ReportAsk { lock: subject.lock }),
+                    });
+                }
                 None => return,
             },
             Some(frame) = inbound_rx.recv() => {
@@ -432,7 +488,19 @@ async fn client_task(
                                 audited = true;
                             }
                         }
-                        if let Some(lock) = lock_of(m.message()) {
+                        if let Message::Lock(LockMessage::Report(report)) = m.message() {
+                            let lock = report.body.lock;
+                            if let Some(r) = reporting.get_mut(&lock) {
+                                if Principal::Replica(report.body.replica) == m.sender()
+                                    && verifier.report_valid(report, &r.subject)
+                                {
+                                    r.reports.insert(report.body.replica, (**report).clone());
+                                    if r.reports.len() >= config.quorum() {
+                                        r.quorum_tick.get_or_insert(ticks);
+                                    }
+                                }
+                            }
+                        } else if let Some(lock) = lock_of(m.message()) {
                             if let Some(t) = locks.get_mut(&lock) {
                                 if let Some(out) = t.session.on_message(m) {
                                     t.on_output(out);
@@ -458,12 +526,41 @@ async fn client_task(
                 }
             }
             _ = ticker.tick() => {
+                ticks += 1;
+                let period = config.protocol.retransmit_ticks.max(1);
+                for (lock, r) in reporting.iter_mut() {
+                    if r.quorum_tick.is_none() && ticks >= r.asked_tick + period {
+                        r.asked_tick = ticks;
+                        actions.push(ClientAction::Broadcast {
+                            message: Message::Lock(LockMessage::ReportAsk { lock: *lock }),
+                        });
+                    }
+                }
                 client.on_tick(&mut actions);
                 for t in locks.values_mut() {
                     t.session.on_tick(&mut actions);
                 }
             }
         }
+        // Evidence is ready once every replica reported, or a few ticks after 2f+1 did.
+        let n = config.n();
+        reporting.retain(|_, r| {
+            let ready = r.reports.len() >= n
+                || r.quorum_tick.is_some_and(|q| ticks >= q + REPORTS_EXTRA_TICKS);
+            if !ready {
+                // Callers time out on their own; a collection nobody can finish goes after a
+                // minute.
+                return ticks < r.created_tick + reports_expire_ticks;
+            }
+            let evidence = encode(&LockResolution {
+                reports: r.reports.values().cloned().collect(),
+            })
+            .map_err(|_| CallError::TooLarge(0));
+            for d in r.waiting.drain(..) {
+                let _ = d.try_send(evidence.clone());
+            }
+            false
+        });
         let now = wall_clock_ns();
         for t in locks.values_mut() {
             t.pump(now, &mut actions);
