@@ -7,7 +7,8 @@
 
 use super::*;
 use crate::lock_client::{LockOutput, LockSession};
-use crate::wire::Authenticated;
+use crate::client::ClientAction;
+use crate::wire::{Authenticated, LockMessage};
 use state_abstraction::kv::{bucket_of, KvReply};
 use state_abstraction::{LockId, LockedResult};
 
@@ -25,6 +26,15 @@ enum Phase {
     Releasing(RequestId),
     Checking(RequestId),
     CheckLater(u64),
+    /// Died (`holder_dies`) at this tick with an entry in flight; comes back as a client.
+    Dead(u64),
+    /// Its ordered read of the key, which meets (and freezes) the lock.
+    Probing(RequestId),
+    /// Waits out the release grace before it may resolve.
+    Grace(u64),
+    /// Collecting the replicas' reports since this tick.
+    Reporting(u64),
+    Resolving(RequestId),
     Done,
 }
 
@@ -39,7 +49,16 @@ pub(super) struct Holder {
     /// The value of the entry in flight.
     sent: Option<Vec<u8>>,
     pub(super) entries_completed: u64,
+    dies: bool,
+    /// Its `Resolve` was taken (`holder_dies`).
+    pub(super) resolved: bool,
+    /// The entry in flight when it died: the resolved end may or may not hold it.
+    lost: Option<Vec<u8>>,
+    reports: std::collections::BTreeMap<ReplicaId, crate::wire::Signed<crate::wire::LockReport>>,
 }
+
+/// Ticks past the release grace (5 s of agreed time at 1 ms a tick) before a resolve.
+const GRACE_TICKS: u64 = state_abstraction::kv::RELEASE_GRACE_NS / 1_000_000 + 100;
 
 impl Holder {
     /// A holder whose key's bucket no other key of the run uses.
@@ -64,6 +83,10 @@ impl Holder {
             done: 0,
             sent: None,
             entries_completed: 0,
+            dies: scenario.holder_dies,
+            resolved: false,
+            lost: None,
+            reports: Default::default(),
         }
     }
 
@@ -102,12 +125,29 @@ impl Sim {
             s.on_tick(&mut actions);
         }
         let mut next_op = None;
+        let quorum = self.config.quorum();
+        let n = self.config.n();
+        let period = self.config.protocol.retransmit_ticks.max(1);
         match h.phase {
             Phase::Start if tick >= 10 => next_op = Some(KvOp::Lock { key: h.key.clone() }),
             Phase::Working => {
                 let s = h.session.as_mut().expect("session while working");
                 if s.is_ready() && !s.busy() && h.sent.is_none() {
-                    if h.done < ENTRIES {
+                    if h.dies && h.done == ENTRIES / 2 {
+                        // One more entry goes out, and the holder dies with it in flight.
+                        let value = format!("h{};", h.done).into_bytes();
+                        let op = KvOp::Append {
+                            key: h.key.clone(),
+                            value: value.clone(),
+                        };
+                        if s.submit(op.encode(), tick * 1_000_000, &mut actions)
+                            .is_ok()
+                        {
+                            h.lost = Some(value);
+                            h.session = None;
+                            h.phase = Phase::Dead(tick);
+                        }
+                    } else if h.done < ENTRIES {
                         let value = format!("h{};", h.done).into_bytes();
                         let op = KvOp::Append {
                             key: h.key.clone(),
@@ -124,14 +164,46 @@ impl Sim {
                 }
             }
             Phase::CheckLater(at) if tick >= at => next_op = Some(KvOp::Get { key: h.key.clone() }),
+            Phase::Dead(at) if tick >= at + 50 => next_op = Some(KvOp::Get { key: h.key.clone() }),
+            Phase::Grace(until) if tick >= until => {
+                h.reports.clear();
+                h.phase = Phase::Reporting(tick);
+                actions.push(ClientAction::Broadcast {
+                    message: Message::Lock(LockMessage::ReportAsk {
+                        lock: h.lock.unwrap_or(LockId(0)),
+                    }),
+                });
+            }
+            Phase::Reporting(since) => {
+                // Every replica, or 2f+1 and a few ticks for the rest (a longer log wins).
+                if h.reports.len() >= n || (h.reports.len() >= quorum && tick >= since + 5) {
+                    let evidence = crate::wire::encode(&crate::wire::LockResolution {
+                        reports: h.reports.values().cloned().collect(),
+                    })
+                    .unwrap_or_default();
+                    next_op = Some(KvOp::Resolve {
+                        lock: h.lock.unwrap_or(LockId(0)),
+                        evidence,
+                    });
+                } else if tick >= since + period {
+                    h.phase = Phase::Grace(tick);
+                }
+            }
             _ => {}
         }
         self.client_actions(index, actions)?;
         if let Some(op) = next_op {
+            let h = self.clients[index].holder.as_ref().expect("holder");
+            let probing = matches!(h.phase, Phase::Dead(_));
             let get = matches!(op, KvOp::Get { .. });
+            let resolve = matches!(op, KvOp::Resolve { .. });
             let id = self.holder_invoke(index, op)?;
             let h = self.clients[index].holder.as_mut().expect("holder");
-            h.phase = if get {
+            h.phase = if probing {
+                Phase::Probing(id)
+            } else if resolve {
+                Phase::Resolving(id)
+            } else if get {
                 Phase::Checking(id)
             } else {
                 Phase::Locking(id)
@@ -168,8 +240,32 @@ impl Sim {
                 h.phase = Phase::CheckLater(tick + RETRY_TICKS);
                 Ok(())
             }
-            (Phase::Checking(id), Some(KvReply::Value(v))) if *id == c.id => {
-                if v.as_deref() == Some(&h.model[..]) {
+            (Phase::Probing(id), Some(KvReply::Locked)) if *id == c.id => {
+                h.phase = Phase::Grace(tick + GRACE_TICKS);
+                Ok(())
+            }
+            (Phase::Resolving(id), Some(KvReply::Done)) if *id == c.id => {
+                h.resolved = true;
+                h.phase = Phase::CheckLater(tick + 1);
+                Ok(())
+            }
+            (Phase::Resolving(id), Some(KvReply::Locked | KvReply::Refused)) if *id == c.id => {
+                // Still in the grace by agreed time, or too few valid reports: again.
+                h.phase = Phase::Grace(tick + RETRY_TICKS);
+                Ok(())
+            }
+            (Phase::Checking(id) | Phase::Probing(id), Some(KvReply::Value(v)))
+                if *id == c.id =>
+            {
+                // What completed is there; the entry in flight at the death may be too.
+                let with_lost = h.lost.as_ref().map(|l| {
+                    let mut m = h.model.clone();
+                    m.extend_from_slice(l);
+                    m
+                });
+                if v.as_deref() == Some(&h.model[..])
+                    || (v.is_some() && v == with_lost)
+                {
                     h.phase = Phase::Done;
                     Ok(())
                 } else {
@@ -199,6 +295,15 @@ impl Sim {
         message: Authenticated<Message>,
     ) -> Result<(), Failure> {
         let h = self.clients[index].holder.as_mut().expect("holder");
+        if let Message::Lock(LockMessage::Report(r)) = message.message() {
+            // Signatures were checked by the authenticator; the service checks the rest.
+            if matches!(h.phase, Phase::Reporting(_))
+                && Principal::Replica(r.body.replica) == message.sender()
+            {
+                h.reports.insert(r.body.replica, (**r).clone());
+            }
+            return Ok(());
+        }
         let Some(out) = h.session.as_mut().and_then(|s| s.on_message(message)) else {
             return Ok(());
         };

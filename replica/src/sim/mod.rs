@@ -274,6 +274,10 @@ pub struct Scenario {
     pub service: ServiceKind,
     /// Client 0 takes a Zzyzx lock and works under it instead of its plan (key-value only).
     pub lock_holder: bool,
+    /// The holder dies half-way with an entry in flight; the same principal then comes back
+    /// as an ordinary client, meets the frozen lock, and resolves it with the replicas'
+    /// reports.
+    pub holder_dies: bool,
 }
 
 enum ReplicaState {

@@ -8,6 +8,8 @@ pub struct Report {
     pub ticks: u64,
     /// Entries the lock holder completed under its lock (`holder.rs`).
     pub lock_entries: u64,
+    /// Frozen locks the dead holder resolved when it came back (`holder_dies`).
+    pub locks_resolved: u64,
     pub completed: u64,
     pub read_only_completed: u64,
     pub view_changes: u64,
@@ -114,6 +116,12 @@ impl Sim {
             .filter_map(|c| c.holder.as_ref())
             .map(|h| h.entries_completed)
             .sum();
+        report.locks_resolved = self
+            .clients
+            .iter()
+            .filter_map(|c| c.holder.as_ref())
+            .filter(|h| h.resolved)
+            .count() as u64;
         for (i, node) in self.replicas.iter().enumerate() {
             report.rejected_frames += node.auth.counters.rejected();
             if node.byzantine.is_some() {

@@ -86,6 +86,7 @@ impl Scenario {
             protocol: sim_protocol(),
             service: ServiceKind::Kv,
             lock_holder: false,
+            holder_dies: false,
         }
     }
 
@@ -264,6 +265,21 @@ pub const NAMED_SCENARIOS: &[(&str, fn(u64) -> Scenario)] = scenario_table![
     ("locks_f2", |seed| Scenario {
         name: "locks_f2",
         lock_holder: true,
+        ..Scenario::random_with_f(seed, 2)
+    }),
+    // The release grace is 5 s of agreed time (5,000 ticks): the run is longer.
+    ("locks_holder_dies", |seed| Scenario {
+        name: "locks_holder_dies",
+        lock_holder: true,
+        holder_dies: true,
+        max_ticks: 16_000,
+        ..Scenario::random(seed)
+    }),
+    ("locks_holder_dies_f2", |seed| Scenario {
+        name: "locks_holder_dies_f2",
+        lock_holder: true,
+        holder_dies: true,
+        max_ticks: 16_000,
         ..Scenario::random_with_f(seed, 2)
     }),
         ;
