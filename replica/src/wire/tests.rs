@@ -249,3 +249,122 @@ fn batch_digest_is_checked() {
         Err(WireError::BadBatchDigest)
     ));
 }
+
+/// The chain choice of a `Resolve` (`LockCertVerifier::choose`): the longest end the holder
+/// signed among 2f+1 valid reports; a report the holder's signature does not back, a forged
+/// replica signature and a duplicate reporter count for nothing; between two chains at one
+/// k (a forking holder) more reporters win, then the smaller digest.
+#[test]
+fn resolve_chooses_the_longest_chain_the_holder_signed() {
+    let keys = keys();
+    let verifier = LockCertVerifier::new(&keys.config);
+    let holder = Signer::from_secret(&keys.clients[0].signing_key.0);
+    let lock = state_abstraction::LockId(3);
+    let base = Digest([5; 32]);
+    let subject = state_abstraction::ResolveSubject {
+        lock,
+        epoch: 1,
+        holder: ClientId(1),
+        base,
+    };
+    let anchor = lock_anchor(lock, 1, &base);
+    // Two chains from the anchor: entries 1..=3 on one, a different entry 2 on the other.
+    let entry = |k: u64, prev: Digest, op: &[u8]| LockEntry {
+        holder: ClientId(1),
+        lock,
+        epoch: 1,
+        k,
+        prev,
+        time_ns: k,
+        op_digest: lock_op_digest(op),
+    };
+    let mut main = vec![anchor];
+    let mut entries = Vec::new();
+    for k in 1..=3 {
+        let e = entry(k, main[k as usize - 1], b"main");
+        main.push(lock_chain_next(&main[k as usize - 1], &e));
+        entries.push(holder.sign(e));
+    }
+    let fork = entry(2, main[1], b"fork");
+    let fork_chain = lock_chain_next(&main[1], &fork);
+    let fork = holder.sign(fork);
+    let report = |r: u32, k: u64, chain: Digest, top: Option<Signed<LockEntry>>| {
+        Signer::from_secret(&keys.replicas[r as usize].signing_key.0).sign(LockReport {
+            replica: ReplicaId(r),
+            lock,
+            epoch: 1,
+            k,
+            chain,
+            top,
+        })
+    };
+    let choose = |reports: Vec<Signed<LockReport>>| {
+        verifier
+            .choose(&LockResolution { reports }, &subject)
+            .map(|p| (p.k, p.chain))
+    };
+    let at = |r: u32, k: usize| report(r, k as u64, main[k], Some(entries[k - 1].clone()));
+    // The longest valid report wins, even when only one replica has it.
+    assert_eq!(
+        choose(vec![at(0, 1), at(1, 1), at(2, 3)]),
+        Some((3, main[3]))
+    );
+    // An empty log reports the anchor and no entry.
+    assert_eq!(
+        choose(vec![report(0, 0, anchor, None), report(1, 0, anchor, None), at(2, 1)]),
+        Some((1, main[1]))
+    );
+    // Fewer than 2f+1, or the same replica twice: nothing.
+    assert_eq!(choose(vec![at(0, 2), at(1, 2)]), None);
+    assert_eq!(choose(vec![at(0, 2), at(1, 2), at(1, 3)]), None);
+    // A replica claiming a longer log than the holder signed is not believed: no entry, an
+    // entry at another k, or a chain the entry does not give.
+    let claims = [
+        report(3, 9, Digest([9; 32]), None),
+        report(3, 9, main[3], Some(entries[2].clone())),
+        report(3, 3, Digest([9; 32]), Some(entries[2].clone())),
+    ];
+    for claim in claims {
+        assert_eq!(
+            choose(vec![at(0, 2), at(1, 2), at(2, 2), claim]),
+            Some((2, main[2]))
+        );
+        // And without a third valid report, nothing.
+        assert_eq!(
+            choose(vec![at(0, 2), at(1, 2), report(3, 9, main[3], None)]),
+            None
+        );
+    }
+    // A forged replica signature counts for nothing.
+    let mut forged = at(2, 3);
+    forged.body.replica = ReplicaId(3);
+    assert_eq!(choose(vec![at(0, 1), at(1, 1), forged]), None);
+    // An entry not signed by the holder counts for nothing.
+    let other = Signer::from_secret(&keys.replicas[0].signing_key.0);
+    let unsigned = report(
+        2,
+        2,
+        main[2],
+        Some(other.sign(entry(2, main[1], b"main"))),
+    );
+    assert_eq!(
+        choose(vec![at(0, 1), at(1, 1), at(3, 1), unsigned]),
+        Some((1, main[1]))
+    );
+    // A forking holder: two chains at k = 2; more reporters win, then the smaller digest.
+    let forked = |r: u32| report(r, 2, fork_chain, Some(fork.clone()));
+    assert_eq!(
+        choose(vec![forked(0), forked(1), at(2, 2)]),
+        Some((2, fork_chain))
+    );
+    assert_eq!(choose(vec![forked(0), at(1, 2), at(2, 2)]), Some((2, main[2])));
+    let smaller = fork_chain.min(main[2]);
+    assert_eq!(
+        choose(vec![forked(0), at(1, 2), at(2, 1), at(3, 1)]),
+        Some((2, smaller))
+    );
+    // Reports about another lock or epoch do not count.
+    let mut elsewhere = at(2, 3);
+    elsewhere.body.lock = state_abstraction::LockId(4);
+    assert_eq!(choose(vec![at(0, 1), at(1, 1), elsewhere]), None);
+}
