@@ -138,6 +138,12 @@ impl LockSession {
     pub fn is_gone(&self) -> bool {
         self.gone
     }
+    /// The log's end as this session knows it, (k, h_k), and the lock's epoch (the
+    /// simulator's forking holder signs its own entries from them).
+    pub fn end(&self) -> Option<(u64, Digest, u32)> {
+        self.end.map(|(k, h)| (k, h, self.epoch))
+    }
+
     /// The last completed entry.
     pub fn last_k(&self) -> u64 {
         self.end.map_or(0, |(k, _)| k)

@@ -356,9 +356,11 @@ impl KvService {
                 else {
                     return KvReply::Refused;
                 };
+                let _ = since;
                 if let Some(l) = self.lock_mut(lock) {
+                    // As the file service: `since` becomes the time the end was fixed.
                     l.state = KvLockState::Frozen {
-                        since,
+                        since: now,
                         end: Some(p),
                     };
                 }
@@ -382,7 +384,7 @@ impl KvService {
         let mut merged = Vec::new();
         for l in &self.locks.locks {
             if let KvLockState::Frozen { since, end } = l.state {
-                if end.is_some() || now >= since.saturating_add(UNRESOLVED_MERGE_NS) {
+                if crate::fs::locks::merge_due(since, end, now) {
                     merged.push((l.id, l.bucket, end.filter(LockPoint::state_certified)));
                 }
             }
@@ -759,10 +761,8 @@ impl Service for KvService {
     fn checkpoint_work_pending(&self) -> bool {
         let now = self.last_time;
         self.locks.locks.iter().any(|l| match l.state {
-            KvLockState::Pending | KvLockState::Frozen { end: Some(_), .. } => true,
-            KvLockState::Frozen { since, end: None } => {
-                now >= since.saturating_add(UNRESOLVED_MERGE_NS)
-            }
+            KvLockState::Pending => true,
+            KvLockState::Frozen { since, end } => crate::fs::locks::merge_due(since, end, now),
             KvLockState::Active => false,
         })
     }

@@ -1214,6 +1214,13 @@ fn resolve_fixes_where_a_silent_holders_log_ends() {
         Err(FsError::Stale)
     );
     assert_eq!(r.events(), Vec::new());
+    // The merge waits a settling second after the resolution (replicas off the chosen end
+    // catch up meanwhile).
+    assert!(!r.svc.lock_transition_pending());
+    r.checkpoint();
+    assert_eq!(r.events(), Vec::new());
+    r.now += RESOLVED_SETTLE_NS;
+    assert_eq!(r.ordered(FsOp::GetAttr { h: p.main }), Err(FsError::Locked));
     assert!(r.svc.lock_transition_pending());
     r.checkpoint();
     assert_eq!(r.events(), vec![LockEvent::Merged { lock, epoch: 0 }]);

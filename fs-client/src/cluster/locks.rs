@@ -70,10 +70,62 @@ enum Released {
     Failed,
 }
 
+/// Most objects remembered as outside the held lock.
+const OUTSIDE_MAX: usize = 1 << 16;
+/// An automatic lock no call used for this long gives way to another busy directory.
+const AUTO_SWITCH_AFTER: Duration = Duration::from_secs(2);
+
+/// The objects an operation names by handle (none for the operations on the lock table).
+fn named_objects(op: &FsOp) -> Vec<Handle> {
+    match op {
+        FsOp::GetAttr { h }
+        | FsOp::SetAttr { h, .. }
+        | FsOp::Access { h, .. }
+        | FsOp::ReadLink { h }
+        | FsOp::Read { h, .. }
+        | FsOp::Write { h, .. }
+        | FsOp::StatFs { h }
+        | FsOp::Commit { h, .. }
+        | FsOp::GetXattr { h, .. }
+        | FsOp::SetXattr { h, .. }
+        | FsOp::ListXattr { h, .. }
+        | FsOp::RemoveXattr { h, .. }
+        | FsOp::Fallocate { h, .. }
+        | FsOp::SetRangeLock { h, .. }
+        | FsOp::TestRangeLock { h, .. }
+        | FsOp::DropRangeLocks { h, .. }
+        | FsOp::Lock { h, .. } => vec![*h],
+        FsOp::Lookup { dir, .. }
+        | FsOp::Create { dir, .. }
+        | FsOp::Mkdir { dir, .. }
+        | FsOp::Symlink { dir, .. }
+        | FsOp::Mknod { dir, .. }
+        | FsOp::Remove { dir, .. }
+        | FsOp::Rmdir { dir, .. }
+        | FsOp::ReadDir { dir, .. } => vec![*dir],
+        FsOp::Rename {
+            from_dir, to_dir, ..
+        } => vec![*from_dir, *to_dir],
+        FsOp::Link { h, dir, .. } => vec![*h, *dir],
+        FsOp::CopyRange { src, dst, .. } => vec![*src, *dst],
+        FsOp::Release { .. }
+        | FsOp::Renew { .. }
+        | FsOp::ListLocks
+        | FsOp::RenewRangeLocks { .. }
+        | FsOp::Resolve { .. } => Vec::new(),
+    }
+}
+
 #[derive(Default)]
 pub struct HeldLocks {
     /// When this mount last tried to resolve frozen locks (`resolve_frozen`).
     resolving: Mutex<Option<Instant>>,
+    /// Objects the held lock's log servers said are not the lock's (an operation naming
+    /// only them needed agreement): later calls naming only them skip the log's round
+    /// trip. Membership is fixed while a lock lives (renames across its boundary revoke
+    /// it), so the set is cleared only when the held locks change. A wrong entry costs no
+    /// correctness: the ordered call then meets the mount's own lock, which is released.
+    outside: Mutex<std::collections::HashSet<Handle>>,
     held: Mutex<Vec<Held>>,
     /// Answers to reads made under the locks (lock_cache.rs); cleared with each release.
     cache: Mutex<LockCache>,
@@ -232,8 +284,27 @@ impl HeldLocks {
             }
             result.is_ok() && auto.changed(dir.index, now)
         };
-        if !due || dir == Handle::ROOT || self.holds_any() {
+        if !due || dir == Handle::ROOT {
             return;
+        }
+        if self.holds_any() {
+            // The work moved on (an unpack going from directory to directory): an automatic
+            // lock no call used lately gives way; a lock the user took never does.
+            let idle = {
+                let last = self.last_use.lock().unwrap_or_else(|p| p.into_inner());
+                last.is_none_or(|l| l.elapsed() >= AUTO_SWITCH_AFTER)
+            };
+            let held: Vec<(LockId, bool)> = {
+                let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+                held.iter().map(|h| (h.id, h.auto)).collect()
+            };
+            if !idle || held.iter().any(|(_, auto)| !auto) {
+                return;
+            }
+            for (id, _) in held {
+                info!(lock = id.0, "giving back an automatic lock for a busier directory");
+                self.release(t, id);
+            }
         }
         match self.lock_as(t, req.caller.clone(), dir, true) {
             Ok(()) => info!(index = dir.index, "locked a busy directory (locks=auto)"),
@@ -284,15 +355,22 @@ impl HeldLocks {
         if !self.holds_any() {
             return None;
         }
-        *self.last_use.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         let key = lock_cache::key(req).filter(|_| !self.no_cache);
         let generation = {
             let mut cache = self.cache();
             if let Some(hit) = key.as_ref().and_then(|k| cache.get(req, k, Instant::now())) {
+                self.used();
                 return Some(Ok(hit));
             }
             cache.generation()
         };
+        let named = named_objects(&req.op);
+        if self.single_lock() {
+            let outside = self.outside.lock().unwrap_or_else(|p| p.into_inner());
+            if !named.is_empty() && named.iter().all(|h| outside.contains(h)) {
+                return None;
+            }
+        }
         let op = encode(req);
         let (id, renew, full) = self.first(op.len())?;
         *self.cache().sent.entry(req.op.kind()).or_default() += 1;
@@ -307,6 +385,7 @@ impl HeldLocks {
         let sent = Instant::now();
         let outcome = match t.client().locked_call(id, op, t.timeout()) {
             Ok(LockedResult::Done(bytes)) => {
+                self.used();
                 let result = decode::<FsResult>(&bytes)
                     .ok_or_else(|| TransportError::Malformed(format!("{} bytes", bytes.len())));
                 if let Ok(result) = &result {
@@ -323,6 +402,15 @@ impl HeldLocks {
             Ok(LockedResult::NeedsAgreement) => {
                 // The ordered path runs it and tells the cache (`after_ordered`).
                 self.cache().renew(sent);
+                if let [h] = named.as_slice() {
+                    if self.single_lock() {
+                        let mut outside = self.outside.lock().unwrap_or_else(|p| p.into_inner());
+                        if outside.len() >= OUTSIDE_MAX {
+                            outside.clear();
+                        }
+                        outside.insert(*h);
+                    }
+                }
                 return None;
             }
             Err(CallError::LockGone) => {
@@ -358,6 +446,62 @@ impl HeldLocks {
             self.cache().mutated(&req.op, None);
         }
         Some(outcome)
+    }
+
+    /// A call went through a lock (its log or its cache).
+    fn used(&self) {
+        *self.last_use.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
+    /// Exactly one lock held: what its log servers say about membership is the whole story.
+    fn single_lock(&self) -> bool {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).len() == 1
+    }
+
+    fn forget_outside(&self) {
+        self.outside.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    /// An ordered answer names a held lock's root (a lookup or `readdirplus` from its
+    /// parent, outside the lock): the replicas answer the root's attributes as they were at
+    /// activation (plan §2.4), which is right for other mounts' path walks but not for the
+    /// holder, which may have changed them (a `chmod` of the root under the lock). The
+    /// holder's own view comes from the lock.
+    pub fn holder_view_of_roots(&self, t: &ReplicatedTransport, req: &FsRequest, reply: &mut FsReply) {
+        let roots: Vec<Handle> = {
+            let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            held.iter().map(|h| h.root).collect()
+        };
+        if roots.is_empty() {
+            return;
+        }
+        let fresh = |root: Handle| -> Option<state_abstraction::fs::Attr> {
+            let get = FsRequest {
+                caller: req.caller.clone(),
+                op: FsOp::GetAttr { h: root },
+            };
+            match self.try_locked(t, &get) {
+                Some(Ok(Ok(FsReply::Attr(a)))) => Some(a),
+                _ => None,
+            }
+        };
+        match reply {
+            FsReply::Entry { handle, attr } if roots.contains(handle) => {
+                if let Some(a) = fresh(*handle) {
+                    *attr = a;
+                }
+            }
+            FsReply::ReadDir { entries, .. } => {
+                for e in entries.iter_mut() {
+                    if e.attr.is_some() && roots.contains(&e.handle) {
+                        if let Some(a) = fresh(e.handle) {
+                            e.attr = Some(a);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
     }
 
     /// A call this mount sent on the ordered path has completed (`None`: it failed on the
@@ -462,6 +606,17 @@ impl HeldLocks {
 
     /// Takes a subtree lock on `h` for `bftfs lock` and waits until the replicas serve it.
     pub fn lock(&self, t: &ReplicatedTransport, caller: Caller, h: Handle) -> Result<(), i32> {
+        {
+            // Already held here, taken by `-o locks=auto`: the lock becomes the user's,
+            // kept until `bftfs unlock` rather than given back idle. (A second `bftfs lock`
+            // of a tree the user locked is refused by the replicas, as covered already.)
+            let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(x) = held.iter_mut().find(|x| x.root == h && x.auto) {
+                info!(lock = x.id.0, "bftfs lock of a directory locked automatically");
+                x.auto = false;
+                return Ok(());
+            }
+        }
         self.lock_as(t, caller, h, false)
     }
 
@@ -519,6 +674,7 @@ impl HeldLocks {
                     });
                     *self.last_use.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
                 }
+                self.forget_outside();
                 // The root's names, read whole while the directory is small: from then on a
                 // lookup of a name it does not hold (every create asks one first) is
                 // answered by the cache.
@@ -645,6 +801,7 @@ impl HeldLocks {
             };
             held.remove(i)
         };
+        self.forget_outside();
         {
             let mut cache = self.cache();
             info!(

@@ -224,7 +224,10 @@ impl FsTransport for ReplicatedTransport {
                 return result;
             }
         }
-        let result = self.call_ordered(&req);
+        let mut result = self.call_ordered(&req);
+        if let Ok(Ok(reply)) = &mut result {
+            self.locks.holder_view_of_roots(self, &req, reply);
+        }
         self.locks.after_ordered(&req, result.as_ref().ok());
         if let Ok(r) = &result {
             self.locks.note_ordered(self, &req, r);

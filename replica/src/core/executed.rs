@@ -288,6 +288,10 @@ impl Core {
         // Checkpoints are taken on committed state, so these events are final: a lock
         // activated here is activated at every correct replica at this checkpoint.
         self.on_lock_events(lock_events, actions);
+        let mut checkpoint = checkpoint;
+        if std::mem::take(&mut self.locks.merged_short) {
+            checkpoint.suspect = true;
+        }
         if seq < self.stable.seq {
             // A newer checkpoint became stable meanwhile: this one is of no use any more.
             return;

@@ -87,7 +87,14 @@ pub(super) struct LockLog {
     /// This replica's signed report of a log frozen without an end (it no longer changes,
     /// so it is signed once however often clients ask).
     report: Option<Signed<LockReport>>,
+    /// Times this log was cut back to follow its fixed end's chain (bounded: faulty peers
+    /// relaying a forking holder's other chain must not make it go back and forth forever).
+    cuts: u32,
 }
+
+/// Most cut-backs of one log after its end was fixed; past them the replica merges what it
+/// has and state transfer repairs it.
+const LOCK_CUTS_MAX: u32 = 4;
 
 impl LockLog {
     fn new(epoch: u32, holder: ClientId, anchor: Digest) -> Self {
@@ -108,6 +115,7 @@ impl LockLog {
             last_fetch_tick: 0,
             catch_up: None,
             report: None,
+            cuts: 0,
         }
     }
     /// Drops the entries after `k` (a certified or resolved end below this log's).
@@ -209,6 +217,9 @@ pub(super) struct LockLogs {
     /// Locks the ordered state holds whose content this replica lacks (it got the state by
     /// transfer), fetched from peers: (what the ordered state says, an install in flight).
     fetching_base: BTreeMap<LockId, (state_abstraction::locking::LockInfo, bool)>,
+    /// A lock merged here before its log reached the end ordering fixed: the checkpoint
+    /// taking the merge is not voted (repaired by state transfer).
+    pub(super) merged_short: bool,
 }
 
 impl LockLogs {
@@ -400,6 +411,22 @@ impl Core {
                 } => self.on_lock_activated(lock, epoch, holder, base, actions),
                 LockEvent::Frozen { lock, end, .. } => self.on_lock_frozen(lock, end, actions),
                 LockEvent::Merged { lock, .. } => {
+                    if let Some(log) = self.locks.logs.get(&lock) {
+                        if let Some(Some(p)) = log.frozen {
+                            if log.last() != p.k || log.chain() != p.chain {
+                                // Merged short of the fixed end, or on another chain: this
+                                // checkpoint is not the others' (see `on_checkpoint_taken`).
+                                tracing::warn!(
+                                    replica = self.id.0,
+                                    lock = lock.0,
+                                    at = log.last(),
+                                    end = p.k,
+                                    "lock merged before its log reached the fixed end"
+                                );
+                                self.locks.merged_short = true;
+                            }
+                        }
+                    }
                     if self.locks.logs.remove(&lock).is_some() {
                         tracing::info!(replica = self.id.0, lock = lock.0, "lock merged");
                     }
@@ -567,8 +594,9 @@ impl Core {
                     epoch,
                     from,
                     to,
+                    want,
                 },
-            ) => self.on_lock_fetch(r, lock, epoch, from, to, actions),
+            ) => self.on_lock_fetch(r, lock, epoch, (from, to), want, actions),
             (Principal::Replica(r), LockMessage::FetchBase { lock }) => {
                 self.on_lock_fetch_base(r, lock, actions)
             }
@@ -643,6 +671,48 @@ impl Core {
         if k == 0 {
             return;
         }
+        let end = match log.frozen {
+            Some(Some(p)) => Some(p),
+            _ => None,
+        };
+        // With a fixed end, an entry that contradicts our log (another entry at a logged k,
+        // or the next one on another chain) comes from the chain the end names: peers answer
+        // a fetch only from that chain. Our log forked from it (a forking holder): cut it back
+        // to where they agree and follow the end's chain.
+        if let Some(p) = end.filter(|p| k <= p.k) {
+            let fork_at = if k <= log.last() && log.entries[(k - 1) as usize].entry != e.entry {
+                Some(if log.chains[(k - 1) as usize] == b.prev {
+                    k - 1
+                } else {
+                    0
+                })
+            } else if k == log.last() + 1 && b.prev != log.chain() {
+                Some(0)
+            } else {
+                None
+            };
+            if let Some(cut) = fork_at {
+                if log.cuts < LOCK_CUTS_MAX {
+                    log.cuts += 1;
+                    log.truncate(cut);
+                    tracing::warn!(
+                        replica = self.id.0,
+                        lock = lock.0,
+                        k,
+                        cut,
+                        end = p.k,
+                        "lock log on another chain than its fixed end; cut back"
+                    );
+                    self.persist_lock(LockRecord::Truncated { lock, k: cut }, actions);
+                    self.restart_lock(lock, actions);
+                    return self.on_lock_entry(e, reply, actions);
+                }
+                return;
+            }
+        }
+        let Some(log) = self.locks.logs.get_mut(&lock) else {
+            return;
+        };
         if k <= log.last() {
             // A retransmission (or a relayed entry we have): answer from the cache if it is
             // the same entry; a different one at a logged k is the holder equivocating (L1).
@@ -863,6 +933,11 @@ impl Core {
         self.locks.fetching_base.clear();
         for info in infos {
             if self.locks.logs.contains_key(&info.lock) {
+                // Served here already; a state transfer may have brought a freeze or a fixed
+                // end this replica executed no event for.
+                if let Some(end) = info.frozen {
+                    self.on_lock_frozen(info.lock, end, actions);
+                }
                 continue;
             }
             tracing::info!(
@@ -1057,12 +1132,17 @@ impl Core {
             }
         }
         log.last_fetch_tick = ticks.max(1);
+        let want = match log.frozen {
+            Some(Some(p)) => Some((p.k, p.chain)),
+            _ => None,
+        };
         actions.push(Action::Broadcast {
             message: Message::Lock(LockMessage::Fetch {
                 lock,
                 epoch: log.epoch,
                 from: log.last() + 1,
                 to,
+                want,
             }),
         });
     }
@@ -1072,14 +1152,18 @@ impl Core {
         to: ReplicaId,
         lock: LockId,
         epoch: u32,
-        from: u64,
-        last: u64,
+        (from, last): (u64, u64),
+        want: Option<(u64, Digest)>,
         actions: &mut Vec<Action>,
     ) {
         let Some(log) = self.locks.logs.get(&lock) else {
             return;
         };
         if epoch != log.epoch || from == 0 || from > log.last() {
+            return;
+        }
+        if want.is_some_and(|(k, h)| log.chains.get(k as usize) != Some(&h)) {
+            // Our log is not on the chain the asker must follow.
             return;
         }
         let end = last

@@ -50,10 +50,12 @@ pub(super) struct Holder {
     sent: Option<Vec<u8>>,
     pub(super) entries_completed: u64,
     dies: bool,
+    forks: bool,
     /// Its `Resolve` was taken (`holder_dies`).
     pub(super) resolved: bool,
-    /// The entry in flight when it died: the resolved end may or may not hold it.
-    lost: Option<Vec<u8>>,
+    /// The entries in flight when it died (two if it forked): the resolved end may hold
+    /// one of them, or none.
+    lost: Vec<Vec<u8>>,
     reports: std::collections::BTreeMap<ReplicaId, crate::wire::Signed<crate::wire::LockReport>>,
 }
 
@@ -84,8 +86,9 @@ impl Holder {
             sent: None,
             entries_completed: 0,
             dies: scenario.holder_dies,
+            forks: scenario.holder_forks,
             resolved: false,
-            lost: None,
+            lost: Vec::new(),
             reports: Default::default(),
         }
     }
@@ -133,7 +136,46 @@ impl Sim {
             Phase::Working => {
                 let s = h.session.as_mut().expect("session while working");
                 if s.is_ready() && !s.busy() && h.sent.is_none() {
-                    if h.dies && h.done == ENTRIES / 2 {
+                    if h.dies && h.done == ENTRIES / 2 && h.forks {
+                        // Two different entries at the next k, each to half the replicas,
+                        // signed by the holder: a fork only a resolution can settle.
+                        if let Some((k, chain, epoch)) = s.end() {
+                            let signer = crate::wire::Signer::from_secret(&h.secrets.signing_key.0);
+                            let n = self.config.n();
+                            for (half, tag) in [(0..n / 2, "A"), (n / 2..n, "B")] {
+                                let value = format!("h{}{tag};", h.done).into_bytes();
+                                let op = KvOp::Append {
+                                    key: h.key.clone(),
+                                    value: value.clone(),
+                                }
+                                .encode();
+                                let entry = crate::wire::LockEntry {
+                                    holder: h.secrets.id,
+                                    lock: s.lock(),
+                                    epoch,
+                                    k: k + 1,
+                                    prev: chain,
+                                    time_ns: tick * 1_000_000,
+                                    op_digest: crate::wire::lock_op_digest(&op),
+                                };
+                                let message = Message::Lock(LockMessage::Entry(Box::new(
+                                    crate::wire::LoggedEntry {
+                                        entry: signer.sign(entry),
+                                        op,
+                                    },
+                                )));
+                                for r in half {
+                                    actions.push(ClientAction::Send {
+                                        to: ReplicaId(r as u32),
+                                        message: message.clone(),
+                                    });
+                                }
+                                h.lost.push(value);
+                            }
+                            h.session = None;
+                            h.phase = Phase::Dead(tick);
+                        }
+                    } else if h.dies && h.done == ENTRIES / 2 {
                         // One more entry goes out, and the holder dies with it in flight.
                         let value = format!("h{};", h.done).into_bytes();
                         let op = KvOp::Append {
@@ -143,7 +185,7 @@ impl Sim {
                         if s.submit(op.encode(), tick * 1_000_000, &mut actions)
                             .is_ok()
                         {
-                            h.lost = Some(value);
+                            h.lost.push(value);
                             h.session = None;
                             h.phase = Phase::Dead(tick);
                         }
@@ -258,13 +300,13 @@ impl Sim {
                 if *id == c.id =>
             {
                 // What completed is there; the entry in flight at the death may be too.
-                let with_lost = h.lost.as_ref().map(|l| {
+                let with_lost = |l: &Vec<u8>| {
                     let mut m = h.model.clone();
                     m.extend_from_slice(l);
                     m
-                });
+                };
                 if v.as_deref() == Some(&h.model[..])
-                    || (v.is_some() && v == with_lost)
+                    || h.lost.iter().any(|l| v.as_ref() == Some(&with_lost(l)))
                 {
                     h.phase = Phase::Done;
                     Ok(())

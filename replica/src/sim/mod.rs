@@ -278,6 +278,9 @@ pub struct Scenario {
     /// as an ordinary client, meets the frozen lock, and resolves it with the replicas'
     /// reports.
     pub holder_dies: bool,
+    /// Dying, the holder forks its log: two different entries at one k, each to half the
+    /// replicas (a Byzantine holder).
+    pub holder_forks: bool,
 }
 
 enum ReplicaState {

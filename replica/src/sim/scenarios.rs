@@ -87,6 +87,7 @@ impl Scenario {
             service: ServiceKind::Kv,
             lock_holder: false,
             holder_dies: false,
+            holder_forks: false,
         }
     }
 
@@ -274,6 +275,22 @@ pub const NAMED_SCENARIOS: &[(&str, fn(u64) -> Scenario)] = scenario_table![
         holder_dies: true,
         max_ticks: 16_000,
         ..Scenario::random(seed)
+    }),
+    ("locks_holder_forks", |seed| Scenario {
+        name: "locks_holder_forks",
+        lock_holder: true,
+        holder_dies: true,
+        holder_forks: true,
+        max_ticks: 16_000,
+        ..Scenario::random(seed)
+    }),
+    ("locks_holder_forks_f2", |seed| Scenario {
+        name: "locks_holder_forks_f2",
+        lock_holder: true,
+        holder_dies: true,
+        holder_forks: true,
+        max_ticks: 16_000,
+        ..Scenario::random_with_f(seed, 2)
     }),
     ("locks_holder_dies_f2", |seed| Scenario {
         name: "locks_holder_dies_f2",

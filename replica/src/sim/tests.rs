@@ -127,6 +127,18 @@ fn seeds_locks_holder_dies_f2_0_to_8() {
     run_range("locks_holder_dies_f2", 0..8);
 }
 
+// The holder forks its log as it dies (two entries at one k, each to half the replicas):
+// the resolution picks one chain and every replica merges that one.
+#[test]
+fn seeds_locks_holder_forks_0_to_30() {
+    run_range("locks_holder_forks", 0..30);
+}
+
+#[test]
+fn seeds_locks_holder_forks_f2_0_to_8() {
+    run_range("locks_holder_forks_f2", 0..8);
+}
+
 /// The dying holder's scenario is about the resolution: it happens in most seeds (a seed
 /// where the lock froze before the holder's death has nothing to resolve by reports).
 #[test]
@@ -227,6 +239,14 @@ fn replay() {
         panic!("SIM_SCENARIO={name} is not one of {names:?}");
     };
     if seeds.end - seeds.start == 1 {
+        // RUST_LOG=... shows the replicas' logs of the one run (all of them: the simulator
+        // runs every replica in this thread).
+        if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
+        }
         let scenario = named_scenario(name, seeds.start).expect("listed");
         eprintln!("{scenario:?}");
         match Sim::new(scenario).run() {

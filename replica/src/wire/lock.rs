@@ -153,6 +153,9 @@ pub enum LockMessage {
         epoch: u32,
         from: u64,
         to: u64,
+        /// The fixed end (k, h_k) the asker's log must reach: only a server whose log has
+        /// h_k at k answers, so a log on another chain (a forking holder's) is not copied.
+        want: Option<(u64, Digest)>,
     },
     /// Answer to `Fetch`: consecutive entries from `Fetch`'s `from` (each checked by the
     /// receiver: signature by the wire, chain and op digest by the core).

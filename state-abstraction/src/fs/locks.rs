@@ -75,6 +75,10 @@ pub const RELEASE_GRACE_NS: u64 = 5 * 1_000_000_000;
 /// first client that does), so the masks are lifted rather than kept for good. Replicas
 /// whose logs differ then differ in the checkpoint, and state transfer repairs the minority.
 pub const UNRESOLVED_MERGE_NS: u64 = 60 * 1_000_000_000;
+/// Agreed time between a `Resolve` and the merge: the replicas whose logs do not end at the
+/// chosen point fetch or cut back meanwhile (a replica still off it at the merge votes no
+/// checkpoint and is repaired by state transfer).
+pub const RESOLVED_SETTLE_NS: u64 = 1_000_000_000;
 /// Most undrained lock events kept (one checkpoint makes at most about three per lock).
 const LOCK_EVENTS_MAX: usize = 16 * LOCKS_MAX;
 
@@ -513,8 +517,11 @@ impl FileService {
                     .ok_or(FsError::Inval)?;
                 let t = self.lock_table_mut()?;
                 if let Some(x) = t.entry_mut(*lock) {
+                    // `since_ns` becomes the time the end was fixed: the merge waits
+                    // `RESOLVED_SETTLE_NS` after it (see `merge_due`). The grace is over.
+                    let _ = since_ns;
                     x.state = LockState::Frozen {
-                        since_ns,
+                        since_ns: now_ns,
                         cause,
                         end: Some(p),
                     };
@@ -1157,8 +1164,15 @@ enum Activation {
     Refused,
 }
 
-/// Whether a frozen lock merges at a checkpoint with agreed time `now`: once its end is
-/// fixed (a certificate or a `Resolve`), or when nobody fixed it for [`UNRESOLVED_MERGE_NS`].
-fn merge_due(since_ns: u64, end: Option<LockPoint>, now: u64) -> bool {
-    end.is_some() || now >= since_ns.saturating_add(UNRESOLVED_MERGE_NS)
+/// Whether a frozen lock merges at a checkpoint with agreed time `now`: at once when a
+/// certificate fixed its end (2f+1 replicas sealed it, so they hold the entries);
+/// [`RESOLVED_SETTLE_NS`] after a `Resolve` fixed it (`since_ns` is then that time), so that
+/// replicas whose logs are short of it or on another chain fetch the chosen entries first;
+/// when nobody fixed it, after [`UNRESOLVED_MERGE_NS`].
+pub fn merge_due(since_ns: u64, end: Option<LockPoint>, now: u64) -> bool {
+    match end {
+        Some(p) if p.state_certified() => true,
+        Some(_) => now >= since_ns.saturating_add(RESOLVED_SETTLE_NS),
+        None => now >= since_ns.saturating_add(UNRESOLVED_MERGE_NS),
+    }
 }

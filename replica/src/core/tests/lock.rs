@@ -762,6 +762,14 @@ fn silent_holder_resolved(with_the_longer_log: bool) {
         .expect("encode");
     assert_eq!(net.call(OTHER, resolve(&forged)), KvReply::Refused);
     assert_eq!(net.call(OTHER, resolve(&evidence)), KvReply::Done);
+    // The merge waits a settling second of agreed time (the replicas off the chosen end
+    // catch up meanwhile); the waiting client's retries keep the batches coming.
+    let settle_ticks =
+        state_abstraction::fs::locks::RESOLVED_SETTLE_NS / net.config.protocol.tick_ns + 1;
+    for _ in 0..settle_ticks {
+        net.tick();
+    }
+    let _ = net.call(OTHER, KvOp::Get { key: "a".into() });
     net.run_until(3_000, "merge everywhere", |net| {
         net.replicas
             .iter()
