@@ -24,7 +24,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub(crate) const ALL_TARGETS: &str =
-    "bftfs,bftfs-locked,bftfs-sync,bftfs-commit,bftfs-n1,tmpfs,localdir,bindfs,glusterfs";
+    "bftfs,bftfs-locked,bftfs-auto,bftfs-sync,bftfs-commit,bftfs-n1,tmpfs,localdir,bindfs,glusterfs";
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
@@ -32,8 +32,9 @@ pub struct Args {
     /// file of PostMark `set` commands (its `set location`, `run` and `quit` are ignored).
     #[arg(long, default_value = "std")]
     pub config: String,
-    /// Comma-separated targets: bftfs (f=1, default write mode), bftfs-locked (the same,
-    /// PostMark's directory under `bftfs lock`), bftfs-sync (f=1, -o sync),
+    /// Comma-separated targets: bftfs (f=1, default write mode, no Zzyzx locks), bftfs-locked
+    /// (the same, PostMark's directory under `bftfs lock`), bftfs-auto (the mount's default
+    /// automatic locks), bftfs-sync (f=1, -o sync),
     /// bftfs-commit (f=1 without the fast path), bftfs-n1, tmpfs, localdir, bindfs, glusterfs.
     #[arg(long, default_value = ALL_TARGETS)]
     pub targets: String,
@@ -275,7 +276,7 @@ pub(crate) fn set_up_in(name: &str, work_dir: &Path) -> Result<Setup> {
 fn set_up(name: &str, args: &Args) -> Result<Setup> {
     let is_root = geteuid().is_root();
     match name {
-        "bftfs" | "bftfs-locked" | "bftfs-sync" | "bftfs-commit" | "bftfs-n1" => {
+        "bftfs" | "bftfs-locked" | "bftfs-auto" | "bftfs-sync" | "bftfs-commit" | "bftfs-n1" => {
             let bftfs = match find_bftfs() {
                 Ok(b) => b,
                 Err(e) => return Ok(Setup::Skipped(format!("{e:#}"))),
@@ -305,6 +306,15 @@ fn set_up(name: &str, args: &Args) -> Result<Setup> {
             if name == "bftfs-sync" {
                 up.args(["-o", "sync"]);
             }
+            // Every call ordered (the baseline of the ordered path) unless the target is
+            // about locks: `bftfs-locked` takes one by hand, `bftfs-auto` leaves the mount
+            // its default automatic locks.
+            if name != "bftfs-auto" && name != "bftfs-locked" {
+                up.args(["-o", "locks=off"]);
+            }
+            if name == "bftfs-locked" {
+                up.args(["-o", "locks=manual"]);
+            }
             run_checked(&mut up, &format!("bftfs up --f {f}"))?;
             target.teardown.push(Teardown::BftfsDown {
                 bftfs: bftfs.clone(),
@@ -319,8 +329,9 @@ fn set_up(name: &str, args: &Args) -> Result<Setup> {
                 target.dir = work;
             }
             target.description = match name {
-                "bftfs" => "bftfs, f=1: 4 bftfs-replica processes on 127.0.0.1 (data on the root fs), fast path, default write mode (write-back)".into(),
+                "bftfs" => "bftfs -o locks=off, f=1: 4 bftfs-replica processes on 127.0.0.1 (data on the root fs), fast path, default write mode (write-back), every call ordered".into(),
                 "bftfs-locked" => "bftfs, f=1, as `bftfs`, with PostMark's directory under a Zzyzx lock (`bftfs lock`): its calls go through the lock's log, one round trip, no agreement".into(),
+                "bftfs-auto" => "bftfs, f=1, as `bftfs` but with the mount's default automatic Zzyzx locks (`-o locks=auto`)".into(),
                 "bftfs-sync" => "bftfs -o sync, f=1: the same, every write replicated before it returns".into(),
                 "bftfs-commit" => "bftfs --no-fast-path, f=1: the same, commit path only".into(),
                 _ => "bftfs --f 0: one in-process file service, no replication".into(),

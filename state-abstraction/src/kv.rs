@@ -348,10 +348,12 @@ impl KvService {
                     holder: l.holder,
                     base: l.base,
                 };
+                // (The key-value service keeps no ban list: equivocation is not acted on.)
                 let Some(p) = self
                     .cert_checker
                     .as_ref()
                     .and_then(|c| c.resolve(&evidence, &subject))
+                    .map(|r| r.point)
                     .filter(|p| p.lock == lock && p.epoch == 1)
                 else {
                     return KvReply::Refused;

@@ -18,5 +18,5 @@ pub mod locking;
 pub mod service;
 
 pub use digest::Digest;
-pub use locking::{LockEvent, LockId, LockPoint, LockedResult, ResolveSubject};
+pub use locking::{LockEvent, LockId, LockPoint, LockedResult, Resolution, ResolveSubject};
 pub use service::{AbstractObject, ClientId, RequestPolicy, SeqNo, Service, ServiceError};

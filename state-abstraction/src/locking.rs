@@ -111,10 +111,20 @@ pub trait LockCertChecker: Send + Sync {
     /// ending in an entry the holder signed): deterministic, so every replica picks the same
     /// point. `None` if the evidence does not hold 2f+1 valid reports for this lock. The
     /// point's `state` is [`LockPoint::UNCERTIFIED`]: no replica vouched for the content.
-    fn resolve(&self, evidence: &[u8], lock: &ResolveSubject) -> Option<LockPoint> {
+    fn resolve(&self, evidence: &[u8], lock: &ResolveSubject) -> Option<Resolution> {
         let _ = (evidence, lock);
         None
     }
+}
+
+/// What a `Resolve`'s evidence settles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resolution {
+    /// Where the lock's log ends.
+    pub point: LockPoint,
+    /// Two valid reports end in different entries the holder signed at one position: the
+    /// holder forked its log (PROTOCOLS §3.5), and is refused further locks.
+    pub equivocation: bool,
 }
 
 /// The lock a `Resolve` is about, as the ordered state records it.

@@ -12,7 +12,7 @@ use state_abstraction::fs::locks::*;
 use state_abstraction::fs::object::ObjectHeader;
 use state_abstraction::fs::*;
 use state_abstraction::locking::{
-    LockCertChecker, LockEvent, LockPoint, LockedResult, ResolveSubject,
+    LockCertChecker, LockEvent, LockPoint, LockedResult, Resolution, ResolveSubject,
 };
 use state_abstraction::{AbstractObject, ClientId, Digest, Service};
 use std::path::Path;
@@ -1130,6 +1130,7 @@ struct Resolver {
     subject: ResolveSubject,
     point: LockPoint,
     cert: Option<(Vec<u8>, LockPoint)>,
+    equivocation: bool,
 }
 
 impl LockCertChecker for Resolver {
@@ -1137,8 +1138,11 @@ impl LockCertChecker for Resolver {
         let (c, p) = self.cert.as_ref()?;
         (cert == c.as_slice()).then_some(*p)
     }
-    fn resolve(&self, evidence: &[u8], subject: &ResolveSubject) -> Option<LockPoint> {
-        (evidence == self.evidence.as_slice() && *subject == self.subject).then_some(self.point)
+    fn resolve(&self, evidence: &[u8], subject: &ResolveSubject) -> Option<Resolution> {
+        (evidence == self.evidence.as_slice() && *subject == self.subject).then_some(Resolution {
+            point: self.point,
+            equivocation: self.equivocation,
+        })
     }
 }
 
@@ -1192,6 +1196,7 @@ fn resolve_fixes_where_a_silent_holders_log_ends() {
         },
         point,
         cert: Some((b"cert at 0".to_vec(), held)),
+        equivocation: false,
     }));
     assert_eq!(r.ordered(resolve(b"forged")), Err(FsError::Inval));
     assert_eq!(r.events(), Vec::new());
@@ -1238,6 +1243,79 @@ fn resolve_fixes_where_a_silent_holders_log_ends() {
         })
     );
     assert_eq!(r.ordered(resolve(b"reports")), Ok(FsReply::Done));
+    // The holder was not caught forking: it may lock again.
+    assert!(matches!(
+        r.ordered_as(
+            HOLDER,
+            FsOp::Lock {
+                h: p.src,
+                unit: LockUnit::Subtree
+            }
+        ),
+        Ok(FsReply::LockPending { .. })
+    ));
+}
+
+/// Evidence that the holder signed two entries at one position bans it from locks.
+#[test]
+fn a_resolution_showing_equivocation_bans_the_holder() {
+    let dir = temp_dir();
+    let mut r = R::open(dir.path());
+    let (lock, p) = locked_project(&mut r);
+    assert_eq!(r.ordered(FsOp::GetAttr { h: p.main }), Err(FsError::Locked));
+    r.now += RELEASE_GRACE_NS;
+    let point = LockPoint {
+        lock,
+        epoch: 0,
+        k: 0,
+        chain: Digest([0; 32]),
+        state: LockPoint::UNCERTIFIED,
+    };
+    r.svc.set_lock_cert_checker(Arc::new(Resolver {
+        evidence: b"forked".to_vec(),
+        subject: ResolveSubject {
+            lock,
+            epoch: 0,
+            holder: HOLDER,
+            base: r.base(lock),
+        },
+        point,
+        cert: None,
+        equivocation: true,
+    }));
+    assert_eq!(
+        r.ordered(FsOp::Resolve {
+            lock,
+            evidence: b"forked".to_vec()
+        }),
+        Ok(FsReply::Done)
+    );
+    // Merged after the settling second.
+    r.now += RESOLVED_SETTLE_NS;
+    assert_eq!(r.ordered(FsOp::GetAttr { h: p.main }), Err(FsError::Locked));
+    r.checkpoint();
+    assert!(r.state(lock).is_none());
+    assert_eq!(
+        r.ordered_as(
+            HOLDER,
+            FsOp::Lock {
+                h: p.src,
+                unit: LockUnit::Subtree
+            }
+        ),
+        Ok(FsReply::LockRefused {
+            why: LockRefusal::Banned
+        })
+    );
+    // Others still may.
+    let other = r.ordered_as(
+        OTHER,
+        FsOp::Lock {
+            h: p.src,
+            unit: LockUnit::Subtree,
+        },
+    );
+    assert!(matches!(other, Ok(FsReply::LockPending { .. })), "{other:?}");
 }
 
 #[test]

@@ -158,8 +158,13 @@ impl PeerWatch {
                 return;
             };
             peer.report.frames += 1;
-            peer.last_message = Some(now);
-            peer.first_message.get_or_insert(now);
+            // Silence is judged on the ordering protocol, which every correct replica takes
+            // part in: lock fetches go between some replicas only, when they lack entries, so
+            // one replica's fetch would make the others look silent.
+            if !matches!(message, Message::Lock(_)) {
+                peer.last_message = Some(now);
+                peer.first_message.get_or_insert(now);
+            }
             match message {
                 Message::Agreement(AgreementMessage::PrePrepare(p)) => {
                     let b = &p.pre_prepare.body;
@@ -404,6 +409,29 @@ mod tests {
 
     fn report(w: &PeerWatch, id: u32) -> PeerReport {
         w.reports().into_iter().find(|r| r.id == id).expect("peer")
+    }
+
+    /// Lock traffic between replicas (fetching entries one lacks) says nothing about who
+    /// takes part in ordering: it does not make a replica the "liveliest" one that others
+    /// are judged silent against.
+    #[test]
+    fn lock_fetches_do_not_count_as_talking() {
+        let w = PeerWatch::new(ReplicaId(1), 4);
+        let fetch = Message::Lock(crate::wire::LockMessage::Fetch {
+            lock: state_abstraction::LockId(0),
+            epoch: 1,
+            from: 1,
+            to: 2,
+            want: None,
+        });
+        w.on_accepted(Principal::Replica(ReplicaId(2)), &fetch);
+        assert_eq!(report(&w, 2).last_message_ms_ago, None);
+        assert_eq!(report(&w, 2).frames, 1);
+        w.on_accepted(
+            Principal::Replica(ReplicaId(2)),
+            &Message::Agreement(AgreementMessage::PrePrepare(proposal(Digest([1; 32])))),
+        );
+        assert!(report(&w, 2).last_message_ms_ago.is_some());
     }
 
     #[test]

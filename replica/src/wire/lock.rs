@@ -339,7 +339,7 @@ impl LockCertVerifier {
         &self,
         resolution: &LockResolution,
         subject: &state_abstraction::ResolveSubject,
-    ) -> Option<LockPoint> {
+    ) -> Option<state_abstraction::Resolution> {
         let mut ends: std::collections::BTreeMap<ReplicaId, (u64, Digest)> = Default::default();
         for r in &resolution.reports {
             if !ends.contains_key(&r.body.replica) && self.report_valid(r, subject) {
@@ -353,15 +353,23 @@ impl LockCertVerifier {
         for end in ends.values() {
             *counts.entry(*end).or_default() += 1;
         }
+        // Two valid ends at one k with different chains: the holder signed both entries.
+        let equivocation = counts
+            .keys()
+            .zip(counts.keys().skip(1))
+            .any(|(a, b)| a.0 == b.0 && a.1 != b.1);
         let ((k, chain), _) = counts.into_iter().max_by(|(a, na), (b, nb)| {
             a.0.cmp(&b.0).then(na.cmp(nb)).then(b.1.cmp(&a.1))
         })?;
-        Some(LockPoint {
-            lock: subject.lock,
-            epoch: subject.epoch,
-            k,
-            chain,
-            state: LockPoint::UNCERTIFIED,
+        Some(state_abstraction::Resolution {
+            point: LockPoint {
+                lock: subject.lock,
+                epoch: subject.epoch,
+                k,
+                chain,
+                state: LockPoint::UNCERTIFIED,
+            },
+            equivocation,
         })
     }
 }
@@ -379,7 +387,7 @@ impl state_abstraction::locking::LockCertChecker for LockCertVerifier {
         &self,
         evidence: &[u8],
         subject: &state_abstraction::ResolveSubject,
-    ) -> Option<LockPoint> {
+    ) -> Option<state_abstraction::Resolution> {
         if evidence.len() > LOCK_RESOLUTION_BYTES_MAX {
             return None;
         }

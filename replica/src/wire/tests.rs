@@ -298,10 +298,12 @@ fn resolve_chooses_the_longest_chain_the_holder_signed() {
             top,
         })
     };
+    let resolve = |reports: Vec<Signed<LockReport>>| {
+        verifier.choose(&LockResolution { reports }, &subject)
+    };
     let choose = |reports: Vec<Signed<LockReport>>| {
-        verifier
-            .choose(&LockResolution { reports }, &subject)
-            .map(|p| (p.k, p.chain))
+        let r = resolve(reports)?;
+        Some((r.point.k, r.point.chain))
     };
     let at = |r: u32, k: usize| report(r, k as u64, main[k], Some(entries[k - 1].clone()));
     // The longest valid report wins, even when only one replica has it.
@@ -358,6 +360,9 @@ fn resolve_chooses_the_longest_chain_the_holder_signed() {
         Some((2, fork_chain))
     );
     assert_eq!(choose(vec![forked(0), at(1, 2), at(2, 2)]), Some((2, main[2])));
+    // Both forks reported: the holder equivocated; one chain only: nothing to show.
+    assert!(resolve(vec![forked(0), at(1, 2), at(2, 2)]).is_some_and(|r| r.equivocation));
+    assert!(resolve(vec![at(0, 2), at(1, 2), at(2, 3)]).is_some_and(|r| !r.equivocation));
     let smaller = fork_chain.min(main[2]);
     assert_eq!(
         choose(vec![forked(0), at(1, 2), at(2, 1), at(3, 1)]),

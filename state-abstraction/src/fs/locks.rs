@@ -55,6 +55,8 @@ pub const POOL_INITIAL: u32 = 4096;
 /// a lock's entry stays small however fragmented the free list is.
 pub const POOL_RANGES_MAX: usize = 16;
 pub const BANNED_MAX: usize = 256;
+/// How long a holder caught forking its log is refused locks.
+pub const BAN_NS: u64 = 24 * 60 * 60 * 1_000_000_000;
 pub const RECENT_MAX: usize = 64;
 /// A lock's life from one renewal: 10 minutes of agreed time.
 pub const LOCK_RENEW_NS: u64 = 10 * 60 * 1_000_000_000;
@@ -509,13 +511,36 @@ impl FileService {
                     holder: e.holder,
                     base: e.base,
                 };
-                let p = self
+                let resolution = self
                     .cert_checker
                     .as_ref()
                     .and_then(|c| c.resolve(evidence, &subject))
-                    .filter(|p| p.lock == e.id && p.epoch == e.epoch)
+                    .filter(|r| r.point.lock == e.id && r.point.epoch == e.epoch)
                     .ok_or(FsError::Inval)?;
+                let p = resolution.point;
                 let t = self.lock_table_mut()?;
+                if resolution.equivocation {
+                    // The holder signed two entries at one position: no more locks for it
+                    // for a day (the ordered path stays open to it, under access control).
+                    tracing::warn!(
+                        lock = e.id.0,
+                        holder = e.holder.0,
+                        "file service: the lock's holder forked its log; refused locks for a day"
+                    );
+                    let until = now_ns.saturating_add(BAN_NS);
+                    match t.banned.binary_search_by_key(&e.holder, |b| b.0) {
+                        Ok(i) => t.banned[i].1 = t.banned[i].1.max(until),
+                        Err(i) => {
+                            t.banned.insert(i, (e.holder, until));
+                            if t.banned.len() > BANNED_MAX {
+                                // The ban that ends first goes.
+                                if let Some(j) = (0..t.banned.len()).min_by_key(|&j| t.banned[j].1) {
+                                    t.banned.remove(j);
+                                }
+                            }
+                        }
+                    }
+                }
                 if let Some(x) = t.entry_mut(*lock) {
                     // `since_ns` becomes the time the end was fixed: the merge waits
                     // `RESOLVED_SETTLE_NS` after it (see `merge_due`). The grace is over.
