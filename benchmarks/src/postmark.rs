@@ -321,17 +321,20 @@ fn set_up(name: &str, args: &Args) -> Result<Setup> {
                 mountpoint: target.dir.clone(),
             });
             wait_mounted(&target.dir)?;
-            if name == "bftfs-locked" {
-                // PostMark works in a directory this mount holds a Zzyzx lock on.
+            if name == "bftfs-locked" || name == "bftfs-auto" {
+                // PostMark works in a directory below the mount's root (automatic locks never
+                // take the root); `bftfs-locked` locks it by hand first.
                 let work = target.dir.join("work");
                 std::fs::create_dir(&work)?;
-                run_checked(Command::new(&bftfs).arg("lock").arg(&work), "bftfs lock")?;
+                if name == "bftfs-locked" {
+                    run_checked(Command::new(&bftfs).arg("lock").arg(&work), "bftfs lock")?;
+                }
                 target.dir = work;
             }
             target.description = match name {
                 "bftfs" => "bftfs -o locks=off, f=1: 4 bftfs-replica processes on 127.0.0.1 (data on the root fs), fast path, default write mode (write-back), every call ordered".into(),
                 "bftfs-locked" => "bftfs, f=1, as `bftfs`, with PostMark's directory under a Zzyzx lock (`bftfs lock`): its calls go through the lock's log, one round trip, no agreement".into(),
-                "bftfs-auto" => "bftfs, f=1, as `bftfs` but with the mount's default automatic Zzyzx locks (`-o locks=auto`)".into(),
+                "bftfs-auto" => "bftfs, f=1, as `bftfs` but with the mount's default automatic Zzyzx locks (`-o locks=auto`), PostMark in a directory below the root".into(),
                 "bftfs-sync" => "bftfs -o sync, f=1: the same, every write replicated before it returns".into(),
                 "bftfs-commit" => "bftfs --no-fast-path, f=1: the same, commit path only".into(),
                 _ => "bftfs --f 0: one in-process file service, no replication".into(),

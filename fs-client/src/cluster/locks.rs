@@ -159,9 +159,12 @@ impl Drop for RotationDone<'_> {
 #[derive(Default)]
 struct Auto {
     /// Recent ordered changes: when, and the directory they changed.
-    recent: VecDeque<(Instant, u64)>,
+    recent: VecDeque<(Instant, Handle)>,
     /// Roots not to lock before the instant, and the back-off that put them there.
     backoff: HashMap<u64, (Instant, Duration)>,
+    /// The parent of each directory this mount made or looked up through ordering, so that
+    /// changes spread over sibling directories count for their common parent.
+    parents: HashMap<u64, Handle>,
 }
 
 pub const AUTO_CHANGES: usize = 16;
@@ -169,10 +172,43 @@ pub const AUTO_WINDOW: Duration = Duration::from_secs(2);
 const BACKOFF_FIRST: Duration = Duration::from_secs(30);
 const BACKOFF_MAX: Duration = Duration::from_secs(600);
 const AUTO_RECENT_MAX: usize = 256;
+const AUTO_PARENTS_MAX: usize = 1 << 16;
+/// How far up from a changed directory a lock may be taken.
+const AUTO_LEVELS: usize = 3;
 
 impl Auto {
-    /// Records a change in `dir`; whether the directory is now due for a lock.
-    fn changed(&mut self, dir: u64, now: Instant) -> bool {
+    /// Learns parents from an ordered answer that names a directory by name.
+    fn learn(&mut self, op: &FsOp, result: &FsResult) {
+        let (FsOp::Mkdir { dir, .. } | FsOp::Lookup { dir, .. }) = op else {
+            return;
+        };
+        if let Ok(FsReply::Entry { handle, attr }) = result {
+            if attr.kind == state_abstraction::fs::FileType::Directory {
+                if self.parents.len() >= AUTO_PARENTS_MAX {
+                    self.parents.clear();
+                }
+                self.parents.insert(handle.index, *dir);
+            }
+        }
+    }
+
+    /// `dir` and its known ancestors below the root, nearest first.
+    fn ancestry(&self, dir: Handle) -> Vec<Handle> {
+        let mut up = vec![dir];
+        while up.len() <= AUTO_LEVELS {
+            match self.parents.get(&up[up.len() - 1].index) {
+                Some(p) if *p != Handle::ROOT && !up.contains(p) => up.push(*p),
+                _ => break,
+            }
+        }
+        up
+    }
+
+    /// Records a change in `dir`; the directory to lock now, if one is due: the highest of
+    /// `dir` and its ancestors (below the root, not backed off) with [`AUTO_CHANGES`] recent
+    /// changes in its subtree, an ancestor only if they were spread over more than one
+    /// directory (PostMark's ten subdirectories, a build's objects and sources).
+    fn changed(&mut self, dir: Handle, now: Instant) -> Option<Handle> {
         while self
             .recent
             .front()
@@ -182,14 +218,29 @@ impl Auto {
             self.recent.pop_front();
         }
         self.recent.push_back((now, dir));
-        if self
-            .backoff
-            .get(&dir)
-            .is_some_and(|(until, _)| now < *until)
-        {
-            return false;
+        let ancestry: Vec<Vec<Handle>> =
+            self.recent.iter().map(|(_, d)| self.ancestry(*d)).collect();
+        let mut due = None;
+        for (level, a) in self.ancestry(dir).into_iter().enumerate() {
+            if a == Handle::ROOT
+                || self
+                    .backoff
+                    .get(&a.index)
+                    .is_some_and(|(until, _)| now < *until)
+            {
+                continue;
+            }
+            let within: Vec<Handle> = ancestry
+                .iter()
+                .filter(|up| up.contains(&a))
+                .map(|up| up[0])
+                .collect();
+            let spread = within.iter().any(|d| *d != within[0]);
+            if within.len() >= AUTO_CHANGES && (level == 0 || spread) {
+                due = Some(a);
+            }
         }
-        self.recent.iter().filter(|(_, d)| *d == dir).count() >= AUTO_CHANGES
+        due
     }
 
     /// Another mount wanted `root` (or this one could not lock it): keep off it a while.
@@ -199,7 +250,7 @@ impl Auto {
             None => BACKOFF_FIRST,
         };
         self.backoff.insert(root, (now + next, next));
-        self.recent.retain(|(_, d)| *d != root);
+        self.recent.retain(|(_, d)| d.index != root);
     }
 }
 
@@ -269,6 +320,10 @@ impl HeldLocks {
         if self.policy != Some(LockPolicy::Auto) {
             return;
         }
+        self.auto
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .learn(&req.op, result);
         let Some(dir) = changed_dir(&req.op) else {
             return;
         };
@@ -280,11 +335,14 @@ impl HeldLocks {
                 auto.back_off(dir.index, now);
                 return;
             }
-            result.is_ok() && auto.changed(dir.index, now)
+            if result.is_err() {
+                return;
+            }
+            auto.changed(dir, now)
         };
-        if !due || dir == Handle::ROOT {
+        let Some(dir) = due else {
             return;
-        }
+        };
         if self.holds_any() {
             // One lock at a time; it goes back when idle (`release_idle`). Giving it up
             // for each new busy directory was measured slower: an unpack of 30 directories
@@ -876,5 +934,94 @@ impl HeldLocks {
         for id in ids {
             self.release(t, id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use state_abstraction::fs::{Attr, FileType};
+
+    fn h(index: u64) -> Handle {
+        Handle {
+            index,
+            generation: 1,
+        }
+    }
+
+    fn dir_entry(handle: Handle) -> FsResult {
+        let t = state_abstraction::fs::Timespec { secs: 0, nsecs: 0 };
+        let attr = Attr {
+            kind: FileType::Directory,
+            mode: 0o755,
+            nlink: 2,
+            uid: 0,
+            gid: 0,
+            size: 0,
+            blocks: 0,
+            rdev: 0,
+            fsid: 0,
+            fileid: handle.index,
+            generation: handle.generation,
+            atime: t,
+            mtime: t,
+            ctime: t,
+        };
+        Ok(FsReply::Entry { handle, attr })
+    }
+
+    fn mkdir(auto: &mut Auto, parent: Handle, child: Handle) {
+        let op = FsOp::Mkdir {
+            dir: parent,
+            name: b"d".to_vec(),
+            mode: 0o755,
+        };
+        auto.learn(&op, &dir_entry(child));
+    }
+
+    #[test]
+    fn one_busy_directory_is_locked_itself() {
+        let mut auto = Auto::default();
+        let (work, sub) = (h(5), h(6));
+        mkdir(&mut auto, Handle::ROOT, work);
+        mkdir(&mut auto, work, sub);
+        let now = Instant::now();
+        let due: Vec<Option<Handle>> = (0..AUTO_CHANGES).map(|_| auto.changed(sub, now)).collect();
+        assert!(due[..AUTO_CHANGES - 1].iter().all(Option::is_none));
+        // Not its parent: all the changes were in one directory.
+        assert_eq!(due[AUTO_CHANGES - 1], Some(sub));
+    }
+
+    #[test]
+    fn changes_spread_over_siblings_lock_their_parent_never_the_root() {
+        let mut auto = Auto::default();
+        let work = h(5);
+        mkdir(&mut auto, Handle::ROOT, work);
+        let subs: Vec<Handle> = (0..10).map(|i| h(10 + i)).collect();
+        for s in &subs {
+            mkdir(&mut auto, work, *s);
+        }
+        let now = Instant::now();
+        let mut due = None;
+        for i in 0..AUTO_CHANGES {
+            due = auto.changed(subs[i % subs.len()], now);
+        }
+        assert_eq!(due, Some(work));
+        // Siblings right below the root: the root is never locked, so nothing is due.
+        let mut top = Auto::default();
+        for s in &subs {
+            mkdir(&mut top, Handle::ROOT, *s);
+        }
+        let mut due = None;
+        for i in 0..AUTO_CHANGES {
+            due = top.changed(subs[i % subs.len()], now);
+        }
+        assert_eq!(due, None);
+        // A parent backed off (another mount wanted it) is skipped.
+        auto.back_off(work.index, now);
+        for i in 0..4 * AUTO_CHANGES {
+            due = auto.changed(subs[i % subs.len()], now);
+        }
+        assert_ne!(due, Some(work));
     }
 }
