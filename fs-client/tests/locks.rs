@@ -511,3 +511,33 @@ fn a_replica_killed_after_removing_files_older_than_the_lock_restarts() {
     assert_eq!(tree(&work_dir), seen);
     m.down();
 }
+
+/// The holder changes its lock root's mode under the lock: it sees the new mode wherever it
+/// looks, also through the parent (a lookup or a listing from outside the lock, which the
+/// replicas answer with the root's attributes as at activation). Seen as a wrong directory
+/// mode after `tar x` with automatic locks.
+#[test]
+fn the_holder_sees_its_own_changes_to_the_lock_root() {
+    if !replicated_mounts_available("the_holder_sees_its_own_changes_to_the_lock_root") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let (_tmp, [mnt, xdg]) = scratch(["mnt", "xdg"]);
+    fs::create_dir(&mnt).expect("mkdir");
+    let m = Mounted::at(&mnt, &xdg, None, &["-o", NO_CACHE]).expect("up");
+    let work = mnt.join("work");
+    fs::create_dir(&work).expect("mkdir work");
+    fs::set_permissions(&work, fs::Permissions::from_mode(0o700)).expect("chmod 700");
+    lock(&work, &xdg, true);
+    fs::write(work.join("inside"), b"x").expect("write inside");
+    fs::set_permissions(&work, fs::Permissions::from_mode(0o755)).expect("chmod 755");
+    let mode = |p: &Path| fs::metadata(p).expect("stat").permissions().mode() & 0o7777;
+    assert_eq!(mode(&work), 0o755, "stat of the lock root");
+    let listed = sh(&format!("ls -ld {}", work.display()));
+    assert!(listed.starts_with("drwxr-xr-x"), "ls -ld: {listed}");
+    let from_parent = sh(&format!("ls -l {} | grep ' work$'", mnt.display()));
+    assert!(from_parent.starts_with("drwxr-xr-x"), "ls -l of the parent: {from_parent}");
+    lock(&work, &xdg, false);
+    assert_eq!(mode(&work), 0o755, "after the merge");
+    m.down();
+}

@@ -340,14 +340,21 @@ impl FileService {
     }
 
     /// For slot `i` seen from outside a lock (ordered and read-only scopes): if it is the
-    /// root of an active or frozen lock, its handle and the attributes frozen at activation.
-    /// The caller answers with them instead of passing the guard, which would revoke.
+    /// root of an active lock, its handle and the attributes frozen at activation. The
+    /// caller answers with them instead of passing the guard, which would revoke. Not for a
+    /// frozen lock: it merges soon, and its holder may have changed the root's attributes
+    /// (a `chmod` under the lock); the caller then waits for the merge like any other
+    /// access to the lock's objects, so that nobody, the holder included, reads the old
+    /// attributes after the holder gave the lock back.
     pub(super) fn frozen_root(&self, i: u64) -> Option<(Handle, super::ops::Attr)> {
         if !matches!(self.scope, Scope::Ordered { .. } | Scope::ReadOnly) {
             return None;
         }
         let lock = *self.masked.get(&i)?;
         let e = self.lock_table()?.entry(lock)?;
+        if !matches!(e.state, LockState::Active { .. }) {
+            return None;
+        }
         (e.root.index == i)
             .then(|| e.frozen_attr.clone().map(|a| (e.root, a)))
             .flatten()
