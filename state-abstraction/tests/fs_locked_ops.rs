@@ -1123,6 +1123,45 @@ fn restart_on(dir: &Path) {
     }
 }
 
+/// The file the lock tests write "under the lock" into reads that, on the ordered path.
+fn assert_reads_under_the_lock(r: &mut R, h: Handle) {
+    assert_eq!(
+        r.ordered(FsOp::Read {
+            h,
+            offset: 0,
+            count: 14
+        }),
+        Ok(FsReply::Read {
+            data: n("under the lock"),
+            eof: false
+        })
+    );
+}
+
+/// Entry: "under the lock" written at the start of `h`.
+fn write_under_the_lock(r: &mut R, lock: LockId, h: Handle) {
+    let e = Entry {
+        op: FsOp::Write {
+            h,
+            offset: 0,
+            data: n("under the lock"),
+        },
+        time_ns: ENTRY_NS,
+    };
+    r.locked_ok(lock, &e).expect("write");
+}
+
+/// `client`'s ordered request for a subtree lock on `h`.
+fn lock_subtree(r: &mut R, client: ClientId, h: Handle) -> FsResult {
+    r.ordered_as(
+        client,
+        FsOp::Lock {
+            h,
+            unit: LockUnit::Subtree,
+        },
+    )
+}
+
 /// A checker whose `resolve` accepts one byte string as the evidence for one point of one
 /// lock (the subject the service passes must be that lock's, as the table records it).
 struct Resolver {
@@ -1131,6 +1170,24 @@ struct Resolver {
     point: LockPoint,
     cert: Option<(Vec<u8>, LockPoint)>,
     equivocation: bool,
+}
+
+impl Resolver {
+    /// Accepts `evidence` about the holder's `lock` as `point`; no certificate, no fork.
+    fn of(r: &R, lock: LockId, evidence: &[u8], point: LockPoint) -> Resolver {
+        Resolver {
+            evidence: evidence.to_vec(),
+            subject: ResolveSubject {
+                lock,
+                epoch: 0,
+                holder: HOLDER,
+                base: r.base(lock),
+            },
+            point,
+            cert: None,
+            equivocation: false,
+        }
+    }
 }
 
 impl LockCertChecker for Resolver {
@@ -1152,15 +1209,7 @@ fn resolve_fixes_where_a_silent_holders_log_ends() {
     let mut r = R::open(dir.path());
     let (lock, p) = locked_project(&mut r);
     r.events();
-    let e = Entry {
-        op: FsOp::Write {
-            h: p.main,
-            offset: 0,
-            data: n("under the lock"),
-        },
-        time_ns: ENTRY_NS,
-    };
-    r.locked_ok(lock, &e).expect("write");
+    write_under_the_lock(&mut r, lock, p.main);
     let resolve = |evidence: &[u8]| FsOp::Resolve {
         lock,
         evidence: evidence.to_vec(),
@@ -1187,16 +1236,8 @@ fn resolve_fixes_where_a_silent_holders_log_ends() {
         ..point
     };
     r.svc.set_lock_cert_checker(Arc::new(Resolver {
-        evidence: b"reports".to_vec(),
-        subject: ResolveSubject {
-            lock,
-            epoch: 0,
-            holder: HOLDER,
-            base: r.base(lock),
-        },
-        point,
         cert: Some((b"cert at 0".to_vec(), held)),
-        equivocation: false,
+        ..Resolver::of(&r, lock, b"reports", point)
     }));
     assert_eq!(r.ordered(resolve(b"forged")), Err(FsError::Inval));
     assert_eq!(r.events(), Vec::new());
@@ -1231,27 +1272,11 @@ fn resolve_fixes_where_a_silent_holders_log_ends() {
     assert_eq!(r.events(), vec![LockEvent::Merged { lock, epoch: 0 }]);
     // Merged with the entry, and the replica is not suspect: the resolved point certifies
     // no content, so nothing was compared.
-    assert_eq!(
-        r.ordered(FsOp::Read {
-            h: p.main,
-            offset: 0,
-            count: 14
-        }),
-        Ok(FsReply::Read {
-            data: n("under the lock"),
-            eof: false
-        })
-    );
+    assert_reads_under_the_lock(&mut r, p.main);
     assert_eq!(r.ordered(resolve(b"reports")), Ok(FsReply::Done));
     // The holder was not caught forking: it may lock again.
     assert!(matches!(
-        r.ordered_as(
-            HOLDER,
-            FsOp::Lock {
-                h: p.src,
-                unit: LockUnit::Subtree
-            }
-        ),
+        lock_subtree(&mut r, HOLDER, p.src),
         Ok(FsReply::LockPending { .. })
     ));
 }
@@ -1272,16 +1297,8 @@ fn a_resolution_showing_equivocation_bans_the_holder() {
         state: LockPoint::UNCERTIFIED,
     };
     r.svc.set_lock_cert_checker(Arc::new(Resolver {
-        evidence: b"forked".to_vec(),
-        subject: ResolveSubject {
-            lock,
-            epoch: 0,
-            holder: HOLDER,
-            base: r.base(lock),
-        },
-        point,
-        cert: None,
         equivocation: true,
+        ..Resolver::of(&r, lock, b"forked", point)
     }));
     assert_eq!(
         r.ordered(FsOp::Resolve {
@@ -1296,25 +1313,13 @@ fn a_resolution_showing_equivocation_bans_the_holder() {
     r.checkpoint();
     assert!(r.state(lock).is_none());
     assert_eq!(
-        r.ordered_as(
-            HOLDER,
-            FsOp::Lock {
-                h: p.src,
-                unit: LockUnit::Subtree
-            }
-        ),
+        lock_subtree(&mut r, HOLDER, p.src),
         Ok(FsReply::LockRefused {
             why: LockRefusal::Banned
         })
     );
     // Others still may.
-    let other = r.ordered_as(
-        OTHER,
-        FsOp::Lock {
-            h: p.src,
-            unit: LockUnit::Subtree,
-        },
-    );
+    let other = lock_subtree(&mut r, OTHER, p.src);
     assert!(matches!(other, Ok(FsReply::LockPending { .. })), "{other:?}");
 }
 
@@ -1400,15 +1405,7 @@ fn release_certificates_and_the_grace() {
     let l3 = r.lock(p.src, LockUnit::Subtree);
     r.checkpoint();
     r.events();
-    let e = Entry {
-        op: FsOp::Write {
-            h: p.main,
-            offset: 0,
-            data: n("under the lock"),
-        },
-        time_ns: ENTRY_NS,
-    };
-    r.locked_ok(l3, &e).expect("write");
+    write_under_the_lock(&mut r, l3, p.main);
     assert_eq!(r.ordered(FsOp::GetAttr { h: p.main }), Err(FsError::Locked));
     assert_eq!(
         r.events(),
@@ -1438,27 +1435,11 @@ fn release_certificates_and_the_grace() {
     assert_eq!(r.events(), Vec::new());
     r.checkpoint();
     assert_eq!(r.events(), vec![LockEvent::Merged { lock: l3, epoch: 0 }]);
-    assert_eq!(
-        r.ordered(FsOp::Read {
-            h: p.main,
-            offset: 0,
-            count: 14
-        }),
-        Ok(FsReply::Read {
-            data: n("under the lock"),
-            eof: false
-        })
-    );
+    assert_reads_under_the_lock(&mut r, p.main);
     // Read-only requests never make events, even when they meet a lock. (Not `/proj/src`:
     // its holder lost it to a conflict a moment ago.)
     assert_eq!(
-        r.ordered_as(
-            HOLDER,
-            FsOp::Lock {
-                h: p.src,
-                unit: LockUnit::Subtree
-            }
-        ),
+        lock_subtree(&mut r, HOLDER, p.src),
         Ok(FsReply::LockRefused {
             why: LockRefusal::Recent
         })

@@ -175,20 +175,6 @@ impl Sim {
                             h.session = None;
                             h.phase = Phase::Dead(tick);
                         }
-                    } else if h.dies && h.done == ENTRIES / 2 {
-                        // One more entry goes out, and the holder dies with it in flight.
-                        let value = format!("h{};", h.done).into_bytes();
-                        let op = KvOp::Append {
-                            key: h.key.clone(),
-                            value: value.clone(),
-                        };
-                        if s.submit(op.encode(), tick * 1_000_000, &mut actions)
-                            .is_ok()
-                        {
-                            h.lost.push(value);
-                            h.session = None;
-                            h.phase = Phase::Dead(tick);
-                        }
                     } else if h.done < ENTRIES {
                         let value = format!("h{};", h.done).into_bytes();
                         let op = KvOp::Append {
@@ -198,7 +184,14 @@ impl Sim {
                         if s.submit(op.encode(), tick * 1_000_000, &mut actions)
                             .is_ok()
                         {
-                            h.sent = Some(value);
+                            if h.dies && h.done == ENTRIES / 2 {
+                                // The holder dies with this entry in flight.
+                                h.lost.push(value);
+                                h.session = None;
+                                h.phase = Phase::Dead(tick);
+                            } else {
+                                h.sent = Some(value);
+                            }
                         }
                     } else if s.seal(&mut actions).is_ok() {
                         h.phase = Phase::Sealing;
