@@ -33,8 +33,8 @@ pub struct Args {
     #[arg(long, default_value = "std")]
     pub config: String,
     /// Comma-separated targets: bftfs (f=1, default write mode, no Zzyzx locks), bftfs-locked
-    /// (the same, PostMark's directory under `bftfs lock`), bftfs-auto (the mount's default
-    /// automatic locks), bftfs-sync (f=1, -o sync),
+    /// (the same, PostMark's directory under `bftfs lock`), bftfs-auto (`-o locks=auto`),
+    /// bftfs-sync (f=1, -o sync),
     /// bftfs-commit (f=1 without the fast path), bftfs-n1, tmpfs, localdir, bindfs, glusterfs.
     #[arg(long, default_value = ALL_TARGETS)]
     pub targets: String,
@@ -307,14 +307,13 @@ fn set_up(name: &str, args: &Args) -> Result<Setup> {
                 up.args(["-o", "sync"]);
             }
             // Every call ordered (the baseline of the ordered path) unless the target is
-            // about locks: `bftfs-locked` takes one by hand, `bftfs-auto` leaves the mount
-            // its default automatic locks.
-            if name != "bftfs-auto" && name != "bftfs-locked" {
-                up.args(["-o", "locks=off"]);
-            }
-            if name == "bftfs-locked" {
-                up.args(["-o", "locks=manual"]);
-            }
+            // about locks: `bftfs-locked` takes one by hand, `bftfs-auto` lets the mount
+            // take them (`-o locks=auto`).
+            match name {
+                "bftfs-locked" => up.args(["-o", "locks=manual"]),
+                "bftfs-auto" => up.args(["-o", "locks=auto"]),
+                _ => up.args(["-o", "locks=off"]),
+            };
             run_checked(&mut up, &format!("bftfs up --f {f}"))?;
             target.teardown.push(Teardown::BftfsDown {
                 bftfs: bftfs.clone(),
@@ -334,7 +333,7 @@ fn set_up(name: &str, args: &Args) -> Result<Setup> {
             target.description = match name {
                 "bftfs" => "bftfs -o locks=off, f=1: 4 bftfs-replica processes on 127.0.0.1 (data on the root fs), fast path, default write mode (write-back), every call ordered".into(),
                 "bftfs-locked" => "bftfs, f=1, as `bftfs`, with PostMark's directory under a Zzyzx lock (`bftfs lock`): its calls go through the lock's log, one round trip, no agreement".into(),
-                "bftfs-auto" => "bftfs, f=1, as `bftfs` but with the mount's default automatic Zzyzx locks (`-o locks=auto`), PostMark in a directory below the root".into(),
+                "bftfs-auto" => "bftfs -o locks=auto, f=1: as `bftfs` but the mount takes Zzyzx locks itself, PostMark in a directory below the root".into(),
                 "bftfs-sync" => "bftfs -o sync, f=1: the same, every write replicated before it returns".into(),
                 "bftfs-commit" => "bftfs --no-fast-path, f=1: the same, commit path only".into(),
                 _ => "bftfs --f 0: one in-process file service, no replication".into(),
