@@ -201,22 +201,13 @@ pub fn print_reports(reports: &[ReplicaReport]) {
     print_locks(reports);
 }
 
-/// The Zzyzx locks the replicas serve: one line per lock, with how many replicas serve it
-/// and the longest log among them.
+/// The Zzyzx locks the replicas serve: one line per lock, with how many replicas serve it,
+/// the longest log among them, and the answering replicas that do not serve it (a replica
+/// that caught up by state transfer while the lock was active lacks its content until the
+/// lock merges, and takes no part in it meanwhile).
 fn print_locks(reports: &[ReplicaReport]) {
-    let mut locks: std::collections::BTreeMap<u64, (u64, u64, usize, Vec<String>)> =
-        Default::default();
-    for s in reports.iter().filter_map(|r| r.status.as_ref()) {
-        for l in &s.locks {
-            let e = locks.entry(l.lock).or_insert((l.holder, 0, 0, Vec::new()));
-            e.1 = e.1.max(l.entries);
-            e.2 += 1;
-            if !e.3.contains(&l.state) {
-                e.3.push(l.state.clone());
-            }
-        }
-    }
-    if locks.is_empty() {
+    let lines = lock_lines(reports);
+    if lines.is_empty() {
         return;
     }
     println!();
@@ -224,17 +215,94 @@ fn print_locks(reports: &[ReplicaReport]) {
         "{:<6} {:>8} {:>9} {:>9}  state",
         "lock", "holder", "entries", "replicas"
     );
-    for (lock, (holder, entries, replicas, states)) in locks {
-        println!(
-            "{lock:<6} {holder:>8} {entries:>9} {replicas:>9}  {}",
-            states.join(",")
-        );
+    for line in lines {
+        println!("{line}");
     }
+}
+
+fn lock_lines(reports: &[ReplicaReport]) -> Vec<String> {
+    let mut locks: std::collections::BTreeMap<u64, (u64, u64, Vec<u32>, Vec<String>)> =
+        Default::default();
+    let answering: Vec<u32> = reports
+        .iter()
+        .filter(|r| r.status.is_some())
+        .map(|r| r.id)
+        .collect();
+    for r in reports {
+        let Some(s) = r.status.as_ref() else {
+            continue;
+        };
+        for l in &s.locks {
+            let e = locks.entry(l.lock).or_insert((l.holder, 0, Vec::new(), Vec::new()));
+            e.1 = e.1.max(l.entries);
+            e.2.push(r.id);
+            if !e.3.contains(&l.state) {
+                e.3.push(l.state.clone());
+            }
+        }
+    }
+    locks
+        .into_iter()
+        .map(|(lock, (holder, entries, serving, states))| {
+            let missing: Vec<String> = answering
+                .iter()
+                .filter(|id| !serving.contains(id))
+                .map(|id| id.to_string())
+                .collect();
+            let without = if missing.is_empty() {
+                String::new()
+            } else {
+                format!(" (not served by replica {})", missing.join(", "))
+            };
+            format!(
+                "{lock:<6} {holder:>8} {entries:>9} {:>9}  {}{without}",
+                serving.len(),
+                states.join(",")
+            )
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A lock one answering replica does not serve is named with it; a replica that did
+    /// not answer is not blamed.
+    #[test]
+    fn lock_lines_name_the_replicas_that_do_not_serve_a_lock() {
+        let lock = |entries: u64| replica::driver::status::LockReport {
+            lock: 2,
+            holder: 1,
+            entries,
+            state: "active".into(),
+        };
+        let report = |id: u32, locks: Option<Vec<replica::driver::status::LockReport>>| {
+            ReplicaReport {
+                id,
+                address: String::new(),
+                health: "ok".into(),
+                lag: None,
+                agree: None,
+                status: locks.map(|locks| ReplicaStatus {
+                    locks,
+                    ..Default::default()
+                }),
+            }
+        };
+        let reports = vec![
+            report(0, Some(vec![lock(10)])),
+            report(1, Some(vec![lock(12)])),
+            report(2, None),
+            report(3, Some(Vec::new())),
+        ];
+        let lines = lock_lines(&reports);
+        assert_eq!(lines.len(), 1);
+        assert!(lines[0].starts_with("2             1        12         2  active"), "{}", lines[0]);
+        assert!(lines[0].ends_with("(not served by replica 3)"), "{}", lines[0]);
+        let all = vec![report(0, Some(vec![lock(1)])), report(1, Some(vec![lock(1)]))];
+        assert!(!lock_lines(&all)[0].contains("not served"));
+    }
 
     fn at(stable: (u64, &str), last: (u64, &str)) -> Option<ReplicaStatus> {
         Some(ReplicaStatus {
