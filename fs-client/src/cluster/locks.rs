@@ -158,8 +158,9 @@ impl Drop for RotationDone<'_> {
 /// again for a while that doubles with each revocation.
 #[derive(Default)]
 struct Auto {
-    /// Recent ordered changes: when, and the directory they changed.
-    recent: VecDeque<(Instant, Handle)>,
+    /// Recent ordered changes: when, and the directory they changed with its known
+    /// ancestors (nearest first), found once when the change is recorded.
+    recent: VecDeque<(Instant, Vec<Handle>)>,
     /// Roots not to lock before the instant, and the back-off that put them there.
     backoff: HashMap<u64, (Instant, Duration)>,
     /// The parent of each directory this mount made or looked up through ordering, so that
@@ -217,11 +218,10 @@ impl Auto {
         {
             self.recent.pop_front();
         }
-        self.recent.push_back((now, dir));
-        let ancestry: Vec<Vec<Handle>> =
-            self.recent.iter().map(|(_, d)| self.ancestry(*d)).collect();
+        let up = self.ancestry(dir);
+        self.recent.push_back((now, up.clone()));
         let mut due = None;
-        for (level, a) in self.ancestry(dir).into_iter().enumerate() {
+        for (level, a) in up.into_iter().enumerate() {
             if a == Handle::ROOT
                 || self
                     .backoff
@@ -230,10 +230,11 @@ impl Auto {
             {
                 continue;
             }
-            let within: Vec<Handle> = ancestry
+            let within: Vec<Handle> = self
+                .recent
                 .iter()
-                .filter(|up| up.contains(&a))
-                .map(|up| up[0])
+                .filter(|(_, up)| up.contains(&a))
+                .map(|(_, up)| up[0])
                 .collect();
             let spread = within.iter().any(|d| *d != within[0]);
             if within.len() >= AUTO_CHANGES && (level == 0 || spread) {
@@ -250,7 +251,7 @@ impl Auto {
             None => BACKOFF_FIRST,
         };
         self.backoff.insert(root, (now + next, next));
-        self.recent.retain(|(_, d)| d.index != root);
+        self.recent.retain(|(_, up)| up[0].index != root);
     }
 }
 
@@ -566,6 +567,17 @@ impl HeldLocks {
     /// objects come from its pool, through its log), and the children of a directory
     /// outside a subtree are outside it, but for the lock's root itself.
     fn learn_outside(&self, req: &FsRequest, reply: &FsReply) {
+        if !matches!(
+            req.op,
+            FsOp::Create { .. }
+                | FsOp::Mkdir { .. }
+                | FsOp::Symlink { .. }
+                | FsOp::Mknod { .. }
+                | FsOp::Lookup { .. }
+                | FsOp::ReadDir { .. }
+        ) {
+            return;
+        }
         let roots: Vec<Handle> = {
             let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
             held.iter().map(|h| h.root).collect()

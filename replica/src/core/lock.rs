@@ -506,7 +506,7 @@ impl Core {
                 None
             } else if on_chain {
                 Some(p.k)
-            } else if p.k < log.last() || log.chains.get(p.k as usize).is_some() {
+            } else if p.k <= log.last() {
                 Some(0)
             } else {
                 // Behind the end: the fetch below brings the rest (a fork below our end shows
