@@ -536,7 +536,10 @@ fn the_holder_sees_its_own_changes_to_the_lock_root() {
     let listed = sh(&format!("ls -ld {}", work.display()));
     assert!(listed.starts_with("drwxr-xr-x"), "ls -ld: {listed}");
     let from_parent = sh(&format!("ls -l {} | grep ' work$'", mnt.display()));
-    assert!(from_parent.starts_with("drwxr-xr-x"), "ls -l of the parent: {from_parent}");
+    assert!(
+        from_parent.starts_with("drwxr-xr-x"),
+        "ls -l of the parent: {from_parent}"
+    );
     lock(&work, &xdg, false);
     assert_eq!(mode(&work), 0o755, "after the merge");
     m.down();

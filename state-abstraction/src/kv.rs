@@ -10,7 +10,9 @@
 //! the previous checkpoint (copy-on-write at bucket granularity) and its own partition tree.
 
 use crate::digest::{object_digest, piece_digests, Digest, Hasher, PartitionTree};
-use crate::locking::{LockCertChecker, LockEvent, LockId, LockInfo, LockPoint, LockedResult};
+use crate::locking::{
+    BaseCursor, BasePage, LockCertChecker, LockEvent, LockId, LockInfo, LockPoint, LockedResult,
+};
 use crate::service::{AbstractObject, ClientId, RequestPolicy, SeqNo, Service, ServiceError};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -713,20 +715,22 @@ impl Service for KvService {
                     KvLockState::Frozen { end, .. } => Some(end),
                     _ => None,
                 },
+                members: 1,
             })
             .collect()
     }
 
-    fn lock_base_objects(&self, lock: LockId) -> Option<Vec<(u64, AbstractObject)>> {
+    fn lock_base_page(&self, lock: LockId, from: BaseCursor, budget: usize) -> Option<BasePage> {
         let l = self.locks.locks.iter().find(|l| l.id == lock)?;
         let (_, base) = self.lock_content.get(&lock)?;
         let entries: Vec<(&Vec<u8>, &Vec<u8>)> = base.iter().collect();
-        Some(vec![(
+        let objects = [(
             l.bucket,
             AbstractObject {
                 pieces: vec![encode(&entries)],
             },
-        )])
+        )];
+        Some(BasePage::of_objects(&objects, from, budget))
     }
 
     fn lock_install_base(

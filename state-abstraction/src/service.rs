@@ -5,7 +5,9 @@
 //! be deterministic: the same calls in the same order give the same bytes on every replica.
 
 use crate::digest::Digest;
-use crate::locking::{LockCertChecker, LockEvent, LockId, LockInfo, LockedResult};
+use crate::locking::{
+    BaseCursor, BasePage, LockCertChecker, LockEvent, LockId, LockInfo, LockedResult,
+};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -193,9 +195,11 @@ pub trait Service {
         Vec::new()
     }
 
-    /// A lock's objects as they were at activation (index, abstract value), to serve a
-    /// replica that lacks them; `None` if this replica does not hold them.
-    fn lock_base_objects(&self, _lock: LockId) -> Option<Vec<(u64, AbstractObject)>> {
+    /// A page of a lock's objects as they were at activation, from `from` on: at least one
+    /// piece, more while the page stays within `budget` bytes, in (index, piece) order. To
+    /// serve a replica that lacks them, page by page, so that a lock over large files never
+    /// needs one large message. `None` if this replica does not hold them.
+    fn lock_base_page(&self, _lock: LockId, _from: BaseCursor, _budget: usize) -> Option<BasePage> {
         None
     }
 

@@ -12,7 +12,8 @@ use state_abstraction::fs::locks::*;
 use state_abstraction::fs::object::ObjectHeader;
 use state_abstraction::fs::*;
 use state_abstraction::locking::{
-    LockCertChecker, LockEvent, LockPoint, LockedResult, Resolution, ResolveSubject,
+    BaseAssembly, BaseCursor, LockCertChecker, LockEvent, LockPoint, LockedResult, Resolution,
+    ResolveSubject,
 };
 use state_abstraction::{AbstractObject, ClientId, Digest, Service};
 use std::path::Path;
@@ -1320,7 +1321,10 @@ fn a_resolution_showing_equivocation_bans_the_holder() {
     );
     // Others still may.
     let other = lock_subtree(&mut r, OTHER, p.src);
-    assert!(matches!(other, Ok(FsReply::LockPending { .. })), "{other:?}");
+    assert!(
+        matches!(other, Ok(FsReply::LockPending { .. })),
+        "{other:?}"
+    );
 }
 
 #[test]
@@ -1453,6 +1457,119 @@ fn release_certificates_and_the_grace() {
     );
     assert_eq!(r.events(), Vec::new());
     assert!(matches!(r.state(l4), Some(LockState::Active { .. })));
+}
+
+/// Pages of `lock`'s content at activation from `from` on, fetched from `r` with `budget`
+/// bytes a page, appended to `into`; how many pages it took.
+fn fetch_base(
+    r: &R,
+    lock: LockId,
+    into: &mut BaseAssembly,
+    budget: usize,
+    pages_max: usize,
+) -> usize {
+    let mut pages = 0;
+    while pages < pages_max {
+        let from = into.cursor();
+        let page = r
+            .svc
+            .lock_base_page(lock, from, budget)
+            .expect("content served");
+        let bytes: usize = page.pieces.iter().map(|p| p.bytes.len()).sum();
+        assert!(
+            bytes <= budget || page.pieces.len() == 1,
+            "a page of {bytes} bytes for a budget of {budget}"
+        );
+        pages += 1;
+        if into.append(page, 1 << 20).expect("pages continue") {
+            break;
+        }
+    }
+    pages
+}
+
+/// Lock state transfer: a replica that got the ordered state by transfer while a lock was
+/// active (placeholders only) fetches the members as at activation in pages, from a peer
+/// whose entries changed them meanwhile; wrong content is refused; the installed content
+/// survives a crash, the log replays on it, and the lock merges the same everywhere.
+#[test]
+fn a_replica_without_a_locks_content_fetches_it_in_pages_and_serves_the_lock() {
+    let (da, db) = (temp_dir(), temp_dir());
+    let mut a = R::open(da.path());
+    let (lock, p) = locked_project(&mut a);
+    let base = a.base(lock);
+    // The first page before the holder's work, the rest after: activation values stay put
+    // while entries change the members (copy-on-write into the lock's record).
+    let budget = 100_000;
+    let mut fetched = BaseAssembly::default();
+    assert_eq!(fetch_base(&a, lock, &mut fetched, budget, 1), 1);
+    let entries = work_under_lock(&mut a, lock, &p);
+    assert_ne!(a.lock_digest(lock), base);
+    let pages = 1 + fetch_base(&a, lock, &mut fetched, budget, usize::MAX);
+    assert!(pages > 2, "{pages} pages: main.c alone is 200 kB");
+    a.checkpoint();
+
+    // `b` takes a's ordered state (placeholders for the lock's members), as a state transfer
+    // does, and lacks the content.
+    let mut b = R::open(db.path());
+    b.svc.put_objs(all_objects(&a.svc)).expect("put_objs");
+    b.svc
+        .set_object_count(a.svc.object_count())
+        .expect("object count");
+    assert_eq!(b.digest(), a.digest());
+    b.checkpoint();
+    assert_eq!(b.svc.lock_state_digest(lock), None);
+    assert!(b
+        .svc
+        .lock_base_page(lock, BaseCursor::START, budget)
+        .is_none());
+    let infos = b.svc.lock_infos();
+    assert!(
+        matches!(infos.as_slice(), [i] if i.lock == lock && i.base == base && i.frozen.is_none()),
+        "{infos:?}"
+    );
+
+    // Wrong content is refused with nothing changed: a flipped data byte, a missing member.
+    let mut tampered = fetched.objects.clone();
+    let file = tampered
+        .iter_mut()
+        .find(|(_, o)| o.pieces.len() > 2)
+        .expect("a member with data");
+    file.1.pieces[2][7] ^= 1;
+    assert!(b.svc.lock_install_base(lock, tampered).is_err());
+    let mut short = fetched.objects.clone();
+    short.pop();
+    assert!(b.svc.lock_install_base(lock, short).is_err());
+    assert_eq!(b.svc.lock_state_digest(lock), None);
+
+    b.svc
+        .lock_install_base(lock, fetched.objects.clone())
+        .expect("install");
+    assert_eq!(b.lock_digest(lock), base);
+    // Durable at once: a crash before the next checkpoint keeps it.
+    b.reopen(true);
+    assert_eq!(b.svc.lock_state_digest(lock), Some(base));
+    b.replay(lock, &entries);
+    let end = a.lock_digest(lock);
+    assert_eq!(b.lock_digest(lock), end);
+    // b serves the lock's content to others in turn.
+    let mut again = BaseAssembly::default();
+    fetch_base(&b, lock, &mut again, budget, usize::MAX);
+    assert!(
+        again.objects == fetched.objects,
+        "the same activation values"
+    );
+
+    let (cert, checker) = certificate(lock, entries.len() as u64, end);
+    // The same agreed times and checkpoint numbers from here on, as ordering gives them.
+    (b.now, b.seq) = (a.now, a.seq);
+    for r in [&mut a, &mut b] {
+        r.svc.set_lock_cert_checker(checker.clone());
+        assert_eq!(r.release(lock, Some(cert.clone())), Ok(FsReply::Done));
+    }
+    assert_eq!(a.checkpoint(), b.checkpoint());
+    assert!(all_objects(&a.svc) == all_objects(&b.svc), "same objects");
+    assert!(!b.svc.state_suspect());
 }
 
 #[test]

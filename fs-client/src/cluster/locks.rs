@@ -504,7 +504,10 @@ impl HeldLocks {
     }
 
     fn forget_outside(&self) {
-        self.outside.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.outside
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     /// An ordered answer names a held lock's root (a lookup or `readdirplus` from its
@@ -512,7 +515,12 @@ impl HeldLocks {
     /// activation (plan §2.4), which is right for other mounts' path walks but not for the
     /// holder, which may have changed them (a `chmod` of the root under the lock). The
     /// holder's own view comes from the lock.
-    pub fn holder_view_of_roots(&self, t: &ReplicatedTransport, req: &FsRequest, reply: &mut FsReply) {
+    pub fn holder_view_of_roots(
+        &self,
+        t: &ReplicatedTransport,
+        req: &FsRequest,
+        reply: &mut FsReply,
+    ) {
         let roots: Vec<Handle> = {
             let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
             held.iter().map(|h| h.root).collect()
@@ -588,7 +596,10 @@ impl HeldLocks {
         }
         match (&req.op, reply) {
             (
-                FsOp::Create { .. } | FsOp::Mkdir { .. } | FsOp::Symlink { .. } | FsOp::Mknod { .. },
+                FsOp::Create { .. }
+                | FsOp::Mkdir { .. }
+                | FsOp::Symlink { .. }
+                | FsOp::Mknod { .. },
                 FsReply::Entry { handle, .. },
             ) => {
                 outside.insert(*handle);
@@ -598,7 +609,9 @@ impl HeldLocks {
             {
                 outside.insert(*handle);
             }
-            (FsOp::ReadDir { dir, .. }, FsReply::ReadDir { entries, .. }) if outside.contains(dir) => {
+            (FsOp::ReadDir { dir, .. }, FsReply::ReadDir { entries, .. })
+                if outside.contains(dir) =>
+            {
                 for e in entries {
                     if !roots.contains(&e.handle) {
                         outside.insert(e.handle);
@@ -709,7 +722,10 @@ impl HeldLocks {
             // of a tree the user locked is refused by the replicas, as covered already.)
             let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(x) = held.iter_mut().find(|x| x.root == h && x.auto) {
-                info!(lock = x.id.0, "bftfs lock of a directory locked automatically");
+                info!(
+                    lock = x.id.0,
+                    "bftfs lock of a directory locked automatically"
+                );
                 x.auto = false;
                 return Ok(());
             }
@@ -928,7 +944,10 @@ impl HeldLocks {
                 Released::Done
             }
             Ok(Err(FsError::Stale)) => {
-                info!(lock = id.0, "lock released; another client had resolved it further");
+                info!(
+                    lock = id.0,
+                    "lock released; another client had resolved it further"
+                );
                 Released::BeyondCertificate
             }
             other => {

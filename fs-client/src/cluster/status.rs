@@ -233,7 +233,9 @@ fn lock_lines(reports: &[ReplicaReport]) -> Vec<String> {
             continue;
         };
         for l in &s.locks {
-            let e = locks.entry(l.lock).or_insert((l.holder, 0, Vec::new(), Vec::new()));
+            let e = locks
+                .entry(l.lock)
+                .or_insert((l.holder, 0, Vec::new(), Vec::new()));
             e.1 = e.1.max(l.entries);
             e.2.push(r.id);
             if !e.3.contains(&l.state) {
@@ -277,8 +279,8 @@ mod tests {
             entries,
             state: "active".into(),
         };
-        let report = |id: u32, locks: Option<Vec<replica::driver::status::LockReport>>| {
-            ReplicaReport {
+        let report =
+            |id: u32, locks: Option<Vec<replica::driver::status::LockReport>>| ReplicaReport {
                 id,
                 address: String::new(),
                 health: "ok".into(),
@@ -288,8 +290,7 @@ mod tests {
                     locks,
                     ..Default::default()
                 }),
-            }
-        };
+            };
         let reports = vec![
             report(0, Some(vec![lock(10)])),
             report(1, Some(vec![lock(12)])),
@@ -298,9 +299,20 @@ mod tests {
         ];
         let lines = lock_lines(&reports);
         assert_eq!(lines.len(), 1);
-        assert!(lines[0].starts_with("2             1        12         2  active"), "{}", lines[0]);
-        assert!(lines[0].ends_with("(not served by replica 3)"), "{}", lines[0]);
-        let all = vec![report(0, Some(vec![lock(1)])), report(1, Some(vec![lock(1)]))];
+        assert!(
+            lines[0].starts_with("2             1        12         2  active"),
+            "{}",
+            lines[0]
+        );
+        assert!(
+            lines[0].ends_with("(not served by replica 3)"),
+            "{}",
+            lines[0]
+        );
+        let all = vec![
+            report(0, Some(vec![lock(1)])),
+            report(1, Some(vec![lock(1)])),
+        ];
         assert!(!lock_lines(&all)[0].contains("not served"));
     }
 

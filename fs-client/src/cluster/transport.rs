@@ -274,7 +274,9 @@ impl ReplicatedTransport {
                 self.locks.release_all(self);
             }
             // A lock whose holder died stays frozen until a client resolves it.
-            if first_locked.get_or_insert_with(std::time::Instant::now).elapsed()
+            if first_locked
+                .get_or_insert_with(std::time::Instant::now)
+                .elapsed()
                 >= Duration::from_secs(1)
             {
                 self.locks.resolve_frozen(self);

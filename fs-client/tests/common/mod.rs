@@ -154,7 +154,9 @@ impl Mounted {
             args.push("sync".as_ref());
         }
         // BFTFS_TEST_LOCKS=auto runs every real-mount test with automatic Zzyzx locks.
-        let locks = std::env::var("BFTFS_TEST_LOCKS").ok().map(|p| format!("locks={p}"));
+        let locks = std::env::var("BFTFS_TEST_LOCKS")
+            .ok()
+            .map(|p| format!("locks={p}"));
         if let Some(l) = &locks {
             args.push("-o".as_ref());
             args.push(l.as_ref());

@@ -33,6 +33,7 @@ use crate::wire::{
     LockReport, LockSeal, LockServerState, LoggedEntry, Message, Principal, ReplicaId, Signed,
 };
 use serde::{Deserialize, Serialize};
+use state_abstraction::locking::{BaseCursor, BasePage};
 use state_abstraction::{LockEvent, LockId, LockPoint, LockedResult};
 use std::collections::BTreeMap;
 
@@ -203,6 +204,22 @@ pub enum LockRecord {
     },
 }
 
+/// A lock's content at activation being fetched from peers (lock state transfer): one peer
+/// at a time, page by page from where the assembly stands; another peer when one stays
+/// silent for a retransmission period, sends a page that does not continue the assembly, or
+/// the whole turns out not to hash to the lock's base digest.
+#[derive(Debug)]
+struct FetchingBase {
+    info: state_abstraction::locking::LockInfo,
+    assembly: state_abstraction::locking::BaseAssembly,
+    /// The peer asked now.
+    peer: ReplicaId,
+    /// A page arrived since the last retransmission timeout.
+    progressed: bool,
+    /// The assembled content is with the service.
+    installing: bool,
+}
+
 /// The log servers' state in the core.
 #[derive(Debug, Default)]
 pub(super) struct LockLogs {
@@ -215,8 +232,8 @@ pub(super) struct LockLogs {
     /// ids ever used, which grow by one per `Lock`; kept as the highest merged id plus a set.
     merged: std::collections::BTreeSet<LockId>,
     /// Locks the ordered state holds whose content this replica lacks (it got the state by
-    /// transfer), fetched from peers: (what the ordered state says, an install in flight).
-    fetching_base: BTreeMap<LockId, (state_abstraction::locking::LockInfo, bool)>,
+    /// transfer), fetched from peers page by page.
+    fetching_base: BTreeMap<LockId, FetchingBase>,
     /// A lock merged here before its log reached the end ordering fixed: the checkpoint
     /// taking the merge is not voted (repaired by state transfer).
     pub(super) merged_short: bool,
@@ -597,11 +614,11 @@ impl Core {
                     want,
                 },
             ) => self.on_lock_fetch(r, lock, epoch, (from, to), want, actions),
-            (Principal::Replica(r), LockMessage::FetchBase { lock }) => {
-                self.on_lock_fetch_base(r, lock, actions)
+            (Principal::Replica(r), LockMessage::FetchBase { lock, from }) => {
+                self.on_lock_fetch_base(r, lock, from, actions)
             }
-            (Principal::Replica(_), LockMessage::Base { lock, objects }) => {
-                self.on_lock_base(lock, objects, actions)
+            (Principal::Replica(r), LockMessage::Base { lock, from, page }) => {
+                self.on_lock_base(r, lock, from, page, actions)
             }
             (Principal::Replica(_), LockMessage::Entries { lock, entries, .. }) => {
                 for e in entries {
@@ -930,7 +947,7 @@ impl Core {
         actions: &mut Vec<Action>,
     ) {
         self.answered_plain("lock infos", |k| matches!(k, InFlightKind::LockInfos));
-        self.locks.fetching_base.clear();
+        let mut fetching = std::mem::take(&mut self.locks.fetching_base);
         for info in infos {
             if self.locks.logs.contains_key(&info.lock) {
                 // Served here already; a state transfer may have brought a freeze or a fixed
@@ -940,22 +957,67 @@ impl Core {
                 }
                 continue;
             }
+            // A fetch under way for the same lock goes on from where it stands.
+            if let Some(f) = fetching.remove(&info.lock) {
+                if f.info.base == info.base && f.info.epoch == info.epoch {
+                    self.locks
+                        .fetching_base
+                        .insert(info.lock, FetchingBase { info, ..f });
+                    continue;
+                }
+            }
             tracing::info!(
                 replica = self.id.0,
                 lock = info.lock.0,
                 "lock content missing after state transfer; fetching it from peers"
             );
-            actions.push(Action::Broadcast {
-                message: Message::Lock(LockMessage::FetchBase { lock: info.lock }),
-            });
-            self.locks.fetching_base.insert(info.lock, (info, false));
+            let peer = self.next_peer();
+            let lock = info.lock;
+            self.locks.fetching_base.insert(
+                lock,
+                FetchingBase {
+                    info,
+                    assembly: Default::default(),
+                    peer,
+                    progressed: false,
+                    installing: false,
+                },
+            );
+            self.ask_lock_base(lock, actions);
         }
     }
 
-    /// A peer lacks a lock's content: send ours, if we serve that lock.
-    fn on_lock_fetch_base(&mut self, to: ReplicaId, lock: LockId, actions: &mut Vec<Action>) {
+    /// The next peer in turn, unless that is `than` (then the one after).
+    fn peer_other_than(&mut self, than: ReplicaId) -> ReplicaId {
+        match self.next_peer() {
+            p if p == than => self.next_peer(),
+            p => p,
+        }
+    }
+
+    /// Asks the current peer for the next page of `lock`'s content.
+    fn ask_lock_base(&mut self, lock: LockId, actions: &mut Vec<Action>) {
+        if let Some(f) = self.locks.fetching_base.get(&lock) {
+            actions.push(Action::Send {
+                to: f.peer,
+                message: Message::Lock(LockMessage::FetchBase {
+                    lock,
+                    from: f.assembly.cursor(),
+                }),
+            });
+        }
+    }
+
+    /// A peer lacks a lock's content: send a page of ours, if we serve that lock.
+    fn on_lock_fetch_base(
+        &mut self,
+        to: ReplicaId,
+        lock: LockId,
+        from: BaseCursor,
+        actions: &mut Vec<Action>,
+    ) {
         if self.locks.logs.contains_key(&lock) {
-            actions.push(Action::Stage(StageAction::ServeLockBase { to, lock }));
+            actions.push(Action::Stage(StageAction::ServeLockBase { to, lock, from }));
             self.push_in_flight(InFlightKind::ServeLockBase);
         }
     }
@@ -964,36 +1026,75 @@ impl Core {
         &mut self,
         to: ReplicaId,
         lock: LockId,
-        objects: Option<Vec<(u64, state_abstraction::AbstractObject)>>,
+        from: BaseCursor,
+        page: Option<BasePage>,
         actions: &mut Vec<Action>,
     ) {
         self.answered_plain("lock base", |k| matches!(k, InFlightKind::ServeLockBase));
-        if let Some(objects) = objects {
+        if let Some(page) = page {
             actions.push(Action::Send {
                 to,
-                message: Message::Lock(LockMessage::Base { lock, objects }),
+                message: Message::Lock(LockMessage::Base { lock, from, page }),
             });
         }
     }
 
     fn on_lock_base(
         &mut self,
+        peer: ReplicaId,
         lock: LockId,
-        objects: Vec<(u64, state_abstraction::AbstractObject)>,
+        from: BaseCursor,
+        page: BasePage,
         actions: &mut Vec<Action>,
     ) {
-        let Some((_, installing)) = self.locks.fetching_base.get_mut(&lock) else {
+        let next = self.peer_other_than(peer);
+        let Some(f) = self.locks.fetching_base.get_mut(&lock) else {
             return;
         };
-        if *installing {
+        if f.installing || peer != f.peer || from != f.assembly.cursor() {
+            // A late or repeated answer, or one nobody asked for: only the peer asked now
+            // adds pages, so a faulty one cannot spoil every attempt.
             return;
         }
-        *installing = true;
-        actions.push(Action::Stage(StageAction::InstallLockBase {
-            lock,
-            objects,
-        }));
-        self.push_in_flight(InFlightKind::InstallLockBase);
+        match f.assembly.append(page, f.info.members as usize) {
+            Err(why) => {
+                tracing::warn!(
+                    replica = self.id.0,
+                    peer = peer.0,
+                    lock = lock.0,
+                    why,
+                    "a peer's page of lock content does not fit; asking another"
+                );
+                f.peer = next;
+                self.ask_lock_base(lock, actions);
+                self.misbehaved(
+                    Principal::Replica(peer),
+                    "lock base page out of order",
+                    actions,
+                );
+            }
+            Ok(false) => {
+                f.progressed = true;
+                f.peer = peer;
+                self.ask_lock_base(lock, actions);
+            }
+            Ok(true) => {
+                f.installing = true;
+                let objects = std::mem::take(&mut f.assembly.objects);
+                tracing::info!(
+                    replica = self.id.0,
+                    lock = lock.0,
+                    objects = objects.len(),
+                    bytes = f.assembly.bytes,
+                    "lock content fetched; installing it"
+                );
+                actions.push(Action::Stage(StageAction::InstallLockBase {
+                    lock,
+                    objects,
+                }));
+                self.push_in_flight(InFlightKind::InstallLockBase);
+            }
+        }
     }
 
     /// The fetched content is in (checked against the base digest): the lock is served
@@ -1007,16 +1108,30 @@ impl Core {
         self.answered_plain("lock base install", |k| {
             matches!(k, InFlightKind::InstallLockBase)
         });
-        let Some((info, installing)) = self.locks.fetching_base.get_mut(&lock) else {
+        let asked = self.locks.fetching_base.get(&lock).map(|f| f.peer);
+        let next = match asked {
+            Some(p) => self.peer_other_than(p),
+            None => self.next_peer(),
+        };
+        let Some(f) = self.locks.fetching_base.get_mut(&lock) else {
             return;
         };
         if !ok {
-            // A peer sent the wrong content: wait for another's.
-            *installing = false;
-            return;
+            // Some peer sent the wrong content (which one cannot be told: pages may have
+            // come from several): start again from the next peer.
+            tracing::warn!(
+                replica = self.id.0,
+                lock = lock.0,
+                "fetched lock content refused by the service; fetching it again"
+            );
+            f.installing = false;
+            f.assembly = Default::default();
+            f.peer = next;
+            return self.ask_lock_base(lock, actions);
         }
-        let info = info.clone();
+        let info = f.info.clone();
         self.locks.fetching_base.remove(&lock);
+        self.metrics.lock_contents_fetched += 1;
         self.on_lock_activated(lock, info.epoch, info.holder, info.base, actions);
         if let Some(end) = info.frozen {
             self.on_lock_frozen(lock, end, actions);
@@ -1193,12 +1308,22 @@ impl Core {
 
     /// Retransmission timer: fetch what is still missing.
     pub(super) fn on_lock_timeout(&mut self, actions: &mut Vec<Action>) {
-        for (lock, (_, installing)) in &self.locks.fetching_base {
-            if !installing {
-                actions.push(Action::Broadcast {
-                    message: Message::Lock(LockMessage::FetchBase { lock: *lock }),
-                });
+        let silent: Vec<LockId> = self
+            .locks
+            .fetching_base
+            .iter()
+            .filter(|(_, f)| !f.installing && !f.progressed)
+            .map(|(lock, _)| *lock)
+            .collect();
+        for f in self.locks.fetching_base.values_mut() {
+            f.progressed = false;
+        }
+        for lock in silent {
+            let next = self.peer_other_than(self.locks.fetching_base[&lock].peer);
+            if let Some(f) = self.locks.fetching_base.get_mut(&lock) {
+                f.peer = next;
             }
+            self.ask_lock_base(lock, actions);
         }
         let locks: Vec<LockId> = self
             .locks

@@ -189,7 +189,8 @@ pub enum Event {
     LockBaseServed {
         to: ReplicaId,
         lock: LockId,
-        objects: Option<Vec<(u64, AbstractObject)>>,
+        from: state_abstraction::locking::BaseCursor,
+        page: Option<state_abstraction::locking::BasePage>,
     },
     /// The answer to [`StageAction::InstallLockBase`].
     LockBaseInstalled {
@@ -334,8 +335,13 @@ pub enum StageAction {
     /// The locks the ordered state holds (after a state transfer), answer with
     /// [`Event::LockInfos`].
     LockInfos,
-    /// A lock's objects at activation for a peer, answer with [`Event::LockBaseServed`].
-    ServeLockBase { to: ReplicaId, lock: LockId },
+    /// A page of a lock's objects at activation for a peer, answer with
+    /// [`Event::LockBaseServed`].
+    ServeLockBase {
+        to: ReplicaId,
+        lock: LockId,
+        from: state_abstraction::locking::BaseCursor,
+    },
     /// Install a lock's objects at activation fetched from a peer (checked against its
     /// base digest), answer with [`Event::LockBaseInstalled`].
     InstallLockBase {
@@ -418,6 +424,9 @@ pub struct Metrics {
     pub rollbacks: u64,
     pub poms: u64,
     pub fill_holes: u64,
+    /// Locks whose content (as at activation) this replica fetched from peers and installed
+    /// after a state transfer (lock state transfer).
+    pub lock_contents_fetched: u64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -769,9 +778,12 @@ impl Core {
             }
             Event::LockDigest { lock, digest } => self.on_lock_digest(lock, digest, actions),
             Event::LockInfos { locks } => self.on_lock_infos(locks, actions),
-            Event::LockBaseServed { to, lock, objects } => {
-                self.on_lock_base_served(to, lock, objects, actions)
-            }
+            Event::LockBaseServed {
+                to,
+                lock,
+                from,
+                page,
+            } => self.on_lock_base_served(to, lock, from, page, actions),
             Event::LockBaseInstalled { lock, ok } => self.on_lock_base_installed(lock, ok, actions),
             Event::ReadOnlyExecuted {
                 client,

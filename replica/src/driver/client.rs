@@ -546,7 +546,8 @@ async fn client_task(
         let n = config.n();
         reporting.retain(|_, r| {
             let ready = r.reports.len() >= n
-                || r.quorum_tick.is_some_and(|q| ticks >= q + REPORTS_EXTRA_TICKS);
+                || r.quorum_tick
+                    .is_some_and(|q| ticks >= q + REPORTS_EXTRA_TICKS);
             if !ready {
                 // Callers time out on their own; a collection nobody can finish goes after a
                 // minute.

@@ -518,7 +518,7 @@ impl Collector for StatusCollector {
             None,
             s.locks.len() as u64,
         )?;
-        let counters: [(&str, &str, u64); 13] = [
+        let counters: [(&str, &str, u64); 14] = [
             (
                 "executed_requests",
                 "Requests executed",
@@ -571,6 +571,11 @@ impl Collector for StatusCollector {
                 "state_transfer_served_bytes",
                 "Bytes of state sent to peers",
                 s.state_transfer_bytes_served,
+            ),
+            (
+                "lock_contents_fetched",
+                "Locks whose content was fetched from peers after a state transfer",
+                s.lock_contents_fetched,
             ),
         ];
         for (name, help, value) in counters {

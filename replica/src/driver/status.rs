@@ -31,6 +31,9 @@ pub struct ReplicaStatus {
     pub view_changes: u64,
     pub state_transfers: u64,
     pub state_transfer_bytes: u64,
+    /// Locks whose content this replica fetched from peers after a state transfer.
+    #[serde(default)]
+    pub lock_contents_fetched: u64,
     pub misbehaviour_seen: u64,
     pub frames_accepted: u64,
     pub frames_rejected: u64,
@@ -117,6 +120,7 @@ impl ReplicaStatus {
         self.view_changes = m.view_changes_started;
         self.state_transfers = m.state_transfers;
         self.state_transfer_bytes = m.state_transfer_bytes;
+        self.lock_contents_fetched = m.lock_contents_fetched;
         self.misbehaviour_seen = m.misbehaviour;
         self.frames_accepted = auth.counters.accepted.load(Ordering::Relaxed);
         self.frames_rejected = auth.counters.rejected();

@@ -105,10 +105,15 @@ impl<S: Service> Stage<S> {
             Action::LockInfos => Some(Event::LockInfos {
                 locks: self.service.lock_infos(),
             }),
-            Action::ServeLockBase { to, lock } => Some(Event::LockBaseServed {
+            Action::ServeLockBase { to, lock, from } => Some(Event::LockBaseServed {
                 to,
                 lock,
-                objects: self.service.lock_base_objects(lock),
+                from,
+                page: self.service.lock_base_page(
+                    lock,
+                    from,
+                    crate::wire::lock::LOCK_BASE_PAGE_BYTES,
+                ),
             }),
             Action::InstallLockBase { lock, objects } => {
                 let ok = match self.service.lock_install_base(lock, objects) {

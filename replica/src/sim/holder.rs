@@ -6,8 +6,8 @@
 //! changes, the other clients and every checker) goes on around it.
 
 use super::*;
-use crate::lock_client::{LockOutput, LockSession};
 use crate::client::ClientAction;
+use crate::lock_client::{LockOutput, LockSession};
 use crate::wire::{Authenticated, LockMessage};
 use state_abstraction::kv::{bucket_of, KvReply};
 use state_abstraction::{LockId, LockedResult};
@@ -51,6 +51,9 @@ pub(super) struct Holder {
     pub(super) entries_completed: u64,
     dies: bool,
     forks: bool,
+    /// Ticks between an entry's completion and the next entry.
+    pace: u64,
+    last_completed: u64,
     /// Its `Resolve` was taken (`holder_dies`).
     pub(super) resolved: bool,
     /// The entries in flight when it died (two if it forked): the resolved end may hold
@@ -87,6 +90,8 @@ impl Holder {
             entries_completed: 0,
             dies: scenario.holder_dies,
             forks: scenario.holder_forks,
+            pace: scenario.holder_pace_ticks,
+            last_completed: 0,
             resolved: false,
             lost: Vec::new(),
             reports: Default::default(),
@@ -175,6 +180,8 @@ impl Sim {
                             h.session = None;
                             h.phase = Phase::Dead(tick);
                         }
+                    } else if h.done < ENTRIES && tick < h.last_completed + h.pace {
+                        // Pacing: the next entry waits.
                     } else if h.done < ENTRIES {
                         let value = format!("h{};", h.done).into_bytes();
                         let op = KvOp::Append {
@@ -289,9 +296,7 @@ impl Sim {
                 h.phase = Phase::Grace(tick + RETRY_TICKS);
                 Ok(())
             }
-            (Phase::Checking(id) | Phase::Probing(id), Some(KvReply::Value(v)))
-                if *id == c.id =>
-            {
+            (Phase::Checking(id) | Phase::Probing(id), Some(KvReply::Value(v))) if *id == c.id => {
                 // What completed is there; the entry in flight at the death may be too.
                 let with_lost = |l: &Vec<u8>| {
                     let mut m = h.model.clone();
@@ -329,6 +334,7 @@ impl Sim {
         index: usize,
         message: Authenticated<Message>,
     ) -> Result<(), Failure> {
+        let tick = self.tick;
         let h = self.clients[index].holder.as_mut().expect("holder");
         if let Message::Lock(LockMessage::Report(r)) = message.message() {
             // Signatures were checked by the authenticator; the service checks the rest.
@@ -353,6 +359,7 @@ impl Sim {
                 if result == want {
                     h.model = expected;
                     h.done += 1;
+                    h.last_completed = tick;
                     h.entries_completed += 1;
                     Ok(())
                 } else {

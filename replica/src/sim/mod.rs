@@ -281,6 +281,9 @@ pub struct Scenario {
     /// Dying, the holder forks its log: two different entries at one k, each to half the
     /// replicas (a Byzantine holder).
     pub holder_forks: bool,
+    /// Ticks the holder waits after an entry completes before it sends the next (0: at
+    /// once), so that the lock lives long enough for a lagging replica to come back to it.
+    pub holder_pace_ticks: u64,
 }
 
 enum ReplicaState {

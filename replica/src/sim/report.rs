@@ -14,6 +14,8 @@ pub struct Report {
     pub read_only_completed: u64,
     pub view_changes: u64,
     pub state_transfers: u64,
+    /// Lock contents fetched from peers after a state transfer (lock state transfer).
+    pub lock_contents_fetched: u64,
     pub fetched_batches: u64,
     /// Batches of re-issued pre-prepares fetched by digest after a new view.
     pub fetched_bodies: u64,
@@ -138,6 +140,7 @@ impl Sim {
                 let m = r.metrics();
                 report.view_changes = report.view_changes.max(m.view_changes_started);
                 report.state_transfers += m.state_transfers;
+                report.lock_contents_fetched += m.lock_contents_fetched;
                 report.fetched_batches += m.fetched_batches;
                 report.fetched_bodies += m.fetched_bodies;
                 report.highest_executed = report.highest_executed.max(r.last_executed().0);

@@ -88,6 +88,7 @@ impl Scenario {
             lock_holder: false,
             holder_dies: false,
             holder_forks: false,
+            holder_pace_ticks: 0,
         }
     }
 
@@ -230,6 +231,34 @@ impl Scenario {
         s
     }
 
+    /// `random_with_f`'s faults with a lock holder that works slowly (an entry every 40
+    /// ticks), and one correct replica cut off from tick 5, before the lock activates, until
+    /// tick 300, when the lock is half-way through its log.
+    pub fn locks_lagging(seed: u64, f: u32) -> Self {
+        let mut s = Scenario::random_with_f(seed, f);
+        s.name = if f == 1 {
+            "locks_lagging"
+        } else {
+            "locks_lagging_f2"
+        };
+        s.lock_holder = true;
+        s.holder_pace_ticks = 40;
+        let n = 3 * f + 1;
+        let lagging = (0..n)
+            .rev()
+            .find(|r| s.byzantine.iter().all(|(b, _)| b != r))
+            .unwrap_or(n - 1);
+        s.partitions.retain(|p| p.replica != lagging);
+        s.crashes.retain(|c| c.replica != lagging);
+        s.partitions.push(PartitionPlan {
+            replica: lagging,
+            from: 5,
+            until: 300,
+        });
+        s.fault_end_tick = s.fault_end_tick.max(300);
+        s
+    }
+
     /// [`Scenario::random`]'s faults over the file service (small files, no large writes),
     /// with one Byzantine replica in three skewing its time ([`Behaviour::SkewedTime`])
     /// instead of what it drew. Faulty clients still send key-value operations, which the
@@ -292,6 +321,11 @@ pub const NAMED_SCENARIOS: &[(&str, fn(u64) -> Scenario)] = scenario_table![
         max_ticks: 16_000,
         ..Scenario::random_with_f(seed, 2)
     }),
+    // A correct replica cut off from before the lock's activation until well into its
+    // work: it comes back by state transfer to a state with the lock active, and fetches the
+    // lock's content from its peers (lock state transfer) to serve the rest of the log.
+    ("locks_lagging", |seed| Scenario::locks_lagging(seed, 1)),
+    ("locks_lagging_f2", |seed| Scenario::locks_lagging(seed, 2)),
     ("locks_holder_dies_f2", |seed| Scenario {
         name: "locks_holder_dies_f2",
         lock_holder: true,

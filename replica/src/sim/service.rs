@@ -316,13 +316,15 @@ impl Service for SimService {
         }
     }
 
-    fn lock_base_objects(
+    fn lock_base_page(
         &self,
         lock: state_abstraction::LockId,
-    ) -> Option<Vec<(u64, AbstractObject)>> {
+        from: state_abstraction::locking::BaseCursor,
+        budget: usize,
+    ) -> Option<state_abstraction::locking::BasePage> {
         match &self.inner {
-            Inner::Kv(kv) => kv.lock_base_objects(lock),
-            Inner::Fs(fs) => fs.lock_base_objects(lock),
+            Inner::Kv(kv) => kv.lock_base_page(lock, from, budget),
+            Inner::Fs(fs) => fs.lock_base_page(lock, from, budget),
         }
     }
 

@@ -528,9 +528,19 @@ impl Authenticator {
                 }
                 self.verify(s, "lock_seal")
             }
-            L::Fetch { .. } | L::FetchBase { .. } | L::Base { .. } => {
+            L::Fetch { .. } | L::FetchBase { .. } => {
                 if !from_replica {
                     return forbid(message.kind());
+                }
+                Ok(())
+            }
+            L::Base { page, .. } => {
+                if !from_replica {
+                    return forbid("lock_base");
+                }
+                let bytes: usize = page.pieces.iter().map(|p| p.bytes.len()).sum();
+                if page.pieces.len() > 1 && bytes > super::lock::LOCK_BASE_PAGE_BYTES {
+                    return Err(WireError::Decode("lock base page too large".into()));
                 }
                 Ok(())
             }

@@ -11,6 +11,7 @@ use super::codec::byte_string;
 use super::{ClientId, Digest, Principal, ReplicaId, Signed, Statement};
 use serde::{Deserialize, Serialize};
 use state_abstraction::digest::Hasher;
+use state_abstraction::locking::{BaseCursor, BasePage};
 use state_abstraction::{LockId, LockPoint, LockedResult};
 
 /// Entry k of a lock's log, ⟨op, lock, epoch, k, h_{k-1}⟩ signed by the holder. The operation
@@ -164,14 +165,16 @@ pub enum LockMessage {
         epoch: u32,
         entries: Vec<LoggedEntry>,
     },
-    /// Server → server: the lock's objects at activation, which the sender lacks (it got
-    /// the ordered state by transfer, with placeholders only).
-    FetchBase { lock: LockId },
-    /// Answer to `FetchBase`; the receiver's service checks it against the lock's base
-    /// digest in the ordered state before using it.
+    /// Server → server: the lock's objects at activation from `from` on, which the sender
+    /// lacks (it got the ordered state by transfer, with placeholders only).
+    FetchBase { lock: LockId, from: BaseCursor },
+    /// Answer to `FetchBase`: a page of at most [`LOCK_BASE_PAGE_BYTES`] (or one piece).
+    /// The receiver's service checks the whole content against the lock's base digest in
+    /// the ordered state before using it.
     Base {
         lock: LockId,
-        objects: Vec<(u64, state_abstraction::AbstractObject)>,
+        from: BaseCursor,
+        page: BasePage,
     },
     /// Any client → servers: report where your copy of this frozen log ends (the client
     /// then resolves the lock through ordering).
@@ -242,6 +245,10 @@ pub struct LockCertVerifier {
 
 /// Most bytes of a `Resolve`'s evidence (n reports, each with one entry header).
 pub const LOCK_RESOLUTION_BYTES_MAX: usize = 64 << 10;
+
+/// What a server puts in one page of a lock's content (a piece larger than this, which the
+/// file service's 64 KiB chunks never are, goes alone).
+pub const LOCK_BASE_PAGE_BYTES: usize = 1 << 20;
 
 fn verify_statement<T: Statement + Serialize>(
     key: &ed25519_dalek::VerifyingKey,
@@ -358,9 +365,9 @@ impl LockCertVerifier {
             .keys()
             .zip(counts.keys().skip(1))
             .any(|(a, b)| a.0 == b.0 && a.1 != b.1);
-        let ((k, chain), _) = counts.into_iter().max_by(|(a, na), (b, nb)| {
-            a.0.cmp(&b.0).then(na.cmp(nb)).then(b.1.cmp(&a.1))
-        })?;
+        let ((k, chain), _) = counts
+            .into_iter()
+            .max_by(|(a, na), (b, nb)| a.0.cmp(&b.0).then(na.cmp(nb)).then(b.1.cmp(&a.1)))?;
         Some(state_abstraction::Resolution {
             point: LockPoint {
                 lock: subject.lock,

@@ -61,8 +61,8 @@ pub use frame::{claimed_sender, frame, frame_length, FrameReader};
 pub use ids::{Principal, ReplicaId, SeqNo, Timestamp, View};
 pub use lock::{
     lock_anchor, lock_chain_next, lock_op_digest, LockCertVerifier, LockCertificate, LockEntry,
-    LockReport, LockResolution, LOCK_RESOLUTION_BYTES_MAX,
-    LockMessage, LockReply, LockSeal, LockServerState, LoggedEntry,
+    LockMessage, LockReply, LockReport, LockResolution, LockSeal, LockServerState, LoggedEntry,
+    LOCK_RESOLUTION_BYTES_MAX,
 };
 pub use messages::{
     AgreementMessage, ClientMessage, Message, StateTransferMessage, ViewChangeMessage,

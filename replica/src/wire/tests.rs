@@ -298,9 +298,8 @@ fn resolve_chooses_the_longest_chain_the_holder_signed() {
             top,
         })
     };
-    let resolve = |reports: Vec<Signed<LockReport>>| {
-        verifier.choose(&LockResolution { reports }, &subject)
-    };
+    let resolve =
+        |reports: Vec<Signed<LockReport>>| verifier.choose(&LockResolution { reports }, &subject);
     let choose = |reports: Vec<Signed<LockReport>>| {
         let r = resolve(reports)?;
         Some((r.point.k, r.point.chain))
@@ -313,7 +312,11 @@ fn resolve_chooses_the_longest_chain_the_holder_signed() {
     );
     // An empty log reports the anchor and no entry.
     assert_eq!(
-        choose(vec![report(0, 0, anchor, None), report(1, 0, anchor, None), at(2, 1)]),
+        choose(vec![
+            report(0, 0, anchor, None),
+            report(1, 0, anchor, None),
+            at(2, 1)
+        ]),
         Some((1, main[1]))
     );
     // Fewer than 2f+1, or the same replica twice: nothing.
@@ -343,12 +346,7 @@ fn resolve_chooses_the_longest_chain_the_holder_signed() {
     assert_eq!(choose(vec![at(0, 1), at(1, 1), forged]), None);
     // An entry not signed by the holder counts for nothing.
     let other = Signer::from_secret(&keys.replicas[0].signing_key.0);
-    let unsigned = report(
-        2,
-        2,
-        main[2],
-        Some(other.sign(entry(2, main[1], b"main"))),
-    );
+    let unsigned = report(2, 2, main[2], Some(other.sign(entry(2, main[1], b"main"))));
     assert_eq!(
         choose(vec![at(0, 1), at(1, 1), at(3, 1), unsigned]),
         Some((1, main[1]))
@@ -359,7 +357,10 @@ fn resolve_chooses_the_longest_chain_the_holder_signed() {
         choose(vec![forked(0), forked(1), at(2, 2)]),
         Some((2, fork_chain))
     );
-    assert_eq!(choose(vec![forked(0), at(1, 2), at(2, 2)]), Some((2, main[2])));
+    assert_eq!(
+        choose(vec![forked(0), at(1, 2), at(2, 2)]),
+        Some((2, main[2]))
+    );
     // Both forks reported: the holder equivocated; one chain only: nothing to show.
     assert!(resolve(vec![forked(0), at(1, 2), at(2, 2)]).is_some_and(|r| r.equivocation));
     assert!(resolve(vec![at(0, 2), at(1, 2), at(2, 3)]).is_some_and(|r| !r.equivocation));

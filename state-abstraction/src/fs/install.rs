@@ -29,6 +29,70 @@ pub(super) struct Target {
     pub chunks: Vec<Vec<u8>>,
 }
 
+impl Target {
+    /// Decodes and checks one abstract value from a peer (state transfer, lock content):
+    /// a canonical header, and data that matches it.
+    pub(super) fn parse(i: u64, o: AbstractObject) -> Result<Target, ServiceError> {
+        if i >= INDEX_MAX {
+            return Err(ServiceError::BadIndex(i));
+        }
+        let bad = |why: &str| ServiceError::BadObject {
+            index: i,
+            why: why.to_string(),
+        };
+        let mut pieces = o.pieces;
+        let first = pieces.first().ok_or_else(|| bad("no header piece"))?;
+        let header = ObjectHeader::decode_canonical(first).map_err(|why| bad(&why))?;
+        let chunks: Vec<Vec<u8>> = pieces.split_off(1);
+        match &header {
+            ObjectHeader::LiveRoot(..) | ObjectHeader::LiveRootRanges(..) if i != 0 => {
+                return Err(bad("a lock table outside the root"));
+            }
+            ObjectHeader::Locked { .. } => {
+                if i == 0 {
+                    return Err(bad("the root cannot be locked"));
+                }
+                if !chunks.is_empty() {
+                    return Err(bad("data on a lock placeholder"));
+                }
+            }
+            ObjectHeader::Free { .. } => {
+                if i == 0 {
+                    return Err(bad("the root cannot be free"));
+                }
+                if !chunks.is_empty() {
+                    return Err(bad("data on a free slot"));
+                }
+            }
+            ObjectHeader::Live(l)
+            | ObjectHeader::LiveRoot(l, _)
+            | ObjectHeader::LiveRootRanges(l, ..) => {
+                if i == 0 && l.kind != FileType::Directory {
+                    return Err(bad("the root must be a directory"));
+                }
+                if i != 0 && l.agreed_time != 0 {
+                    return Err(bad("an agreed time outside the root"));
+                }
+                if l.kind == FileType::Regular {
+                    let n = chunk_count(l.size);
+                    if chunks.len() as u64 != n {
+                        return Err(bad("wrong number of chunks"));
+                    }
+                    for (k, c) in chunks.iter().enumerate() {
+                        let want = CHUNK_SIZE.min(l.size - k as u64 * CHUNK_SIZE);
+                        if c.len() as u64 != want {
+                            return Err(bad("wrong chunk length"));
+                        }
+                    }
+                } else if !chunks.is_empty() {
+                    return Err(bad("data on a non-file"));
+                }
+            }
+        }
+        Ok(Target { header, chunks })
+    }
+}
+
 /// A concrete name: (directory index, name).
 type Link = (u64, Vec<u8>);
 
@@ -65,62 +129,7 @@ impl FileService {
     ) -> Result<(), ServiceError> {
         let mut items = BTreeMap::new();
         for (i, o) in objs {
-            if i >= INDEX_MAX {
-                return Err(ServiceError::BadIndex(i));
-            }
-            let bad = |why: &str| ServiceError::BadObject {
-                index: i,
-                why: why.to_string(),
-            };
-            let first = o.pieces.first().ok_or_else(|| bad("no header piece"))?;
-            let header = ObjectHeader::decode_canonical(first).map_err(|why| bad(&why))?;
-            let chunks: Vec<Vec<u8>> = o.pieces[1..].to_vec();
-            match &header {
-                ObjectHeader::LiveRoot(..) | ObjectHeader::LiveRootRanges(..) if i != 0 => {
-                    return Err(bad("a lock table outside the root"));
-                }
-                ObjectHeader::Locked { .. } => {
-                    if i == 0 {
-                        return Err(bad("the root cannot be locked"));
-                    }
-                    if !chunks.is_empty() {
-                        return Err(bad("data on a lock placeholder"));
-                    }
-                }
-                ObjectHeader::Free { .. } => {
-                    if i == 0 {
-                        return Err(bad("the root cannot be free"));
-                    }
-                    if !chunks.is_empty() {
-                        return Err(bad("data on a free slot"));
-                    }
-                }
-                ObjectHeader::Live(l)
-                | ObjectHeader::LiveRoot(l, _)
-                | ObjectHeader::LiveRootRanges(l, ..) => {
-                    if i == 0 && l.kind != FileType::Directory {
-                        return Err(bad("the root must be a directory"));
-                    }
-                    if i != 0 && l.agreed_time != 0 {
-                        return Err(bad("an agreed time outside the root"));
-                    }
-                    if l.kind == FileType::Regular {
-                        let n = chunk_count(l.size);
-                        if chunks.len() as u64 != n {
-                            return Err(bad("wrong number of chunks"));
-                        }
-                        for (k, c) in chunks.iter().enumerate() {
-                            let want = CHUNK_SIZE.min(l.size - k as u64 * CHUNK_SIZE);
-                            if c.len() as u64 != want {
-                                return Err(bad("wrong chunk length"));
-                            }
-                        }
-                    } else if !chunks.is_empty() {
-                        return Err(bad("data on a non-file"));
-                    }
-                }
-            }
-            items.insert(i, Some(Target { header, chunks }));
+            items.insert(i, Some(Target::parse(i, o)?));
         }
         self.install(items, true)?;
         // A lock whose placeholders are all gone merged at the state fetched.

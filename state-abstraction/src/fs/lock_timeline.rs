@@ -173,7 +173,7 @@ impl FileService {
     }
 
     /// The slots masked by `lock`, in index order.
-    fn lock_members(&self, lock: LockId) -> Vec<u64> {
+    pub(super) fn lock_members(&self, lock: LockId) -> Vec<u64> {
         self.masked
             .iter()
             .filter(|(_, l)| **l == lock)
@@ -408,12 +408,26 @@ impl FileService {
             Some(l) if l.kind == FileType::Regular => l.size,
             _ => return Ok(Vec::new()),
         };
-        let saved_file = match &s.data {
+        self.activation_chunk_range(lock, i, size, Some(&s.data), 0..chunk_count(size))
+    }
+
+    /// Chunks `range` of member `i`'s activation value, a file of `size` bytes. `data` says
+    /// which chunks the lock's record saved; `None`: the lock never changed the member, and
+    /// the live file is its activation value.
+    pub(super) fn activation_chunk_range(
+        &self,
+        lock: LockId,
+        i: u64,
+        size: u64,
+        data: Option<&SavedData>,
+        range: std::ops::Range<u64>,
+    ) -> Result<Vec<Vec<u8>>, ServiceError> {
+        let saved_file = match data {
             // Touched (its header) but no chunk saved yet: no file was made for it, and
             // every chunk is still in the live file.
-            SavedData::Nothing => None,
-            SavedData::Chunks(have) if have.is_empty() => None,
-            _ => {
+            None | Some(SavedData::Nothing) => None,
+            Some(SavedData::Chunks(have)) if have.is_empty() => None,
+            Some(_) => {
                 let locks = backend::open_dir_at(self.meta_fd.as_raw_fd(), LOCKS_DIR)?;
                 let dir = backend::open_dir_at(locks.as_raw_fd(), &seq_name(lock.0))?;
                 Some(backend::openat(
@@ -426,11 +440,11 @@ impl FileService {
         };
         let mut live = None;
         let mut chunks = Vec::new();
-        for c in 0..chunk_count(size) {
-            let saved = match &s.data {
-                SavedData::Whole => true,
-                SavedData::Chunks(have) => have.contains(&c),
-                SavedData::Nothing => false,
+        for c in range {
+            let saved = match data {
+                Some(SavedData::Whole) => true,
+                Some(SavedData::Chunks(have)) => have.contains(&c),
+                Some(SavedData::Nothing) | None => false,
             };
             let fd = match (&saved_file, saved) {
                 (Some(f), true) => f.as_raw_fd(),
@@ -457,7 +471,7 @@ impl FileService {
 
     /// Recomputes the digests of `lock`'s changed members, so that its state digest is
     /// cheap to ask for. A failure leaves them stale (D_L then reads the data itself).
-    fn refresh_lock_members(&mut self, lock: LockId) {
+    pub(super) fn refresh_lock_members(&mut self, lock: LockId) {
         let stale: Vec<u64> = self
             .dirty
             .iter()

@@ -541,7 +541,8 @@ impl FileService {
                             t.banned.insert(i, (e.holder, until));
                             if t.banned.len() > BANNED_MAX {
                                 // The ban that ends first goes.
-                                if let Some(j) = (0..t.banned.len()).min_by_key(|&j| t.banned[j].1) {
+                                if let Some(j) = (0..t.banned.len()).min_by_key(|&j| t.banned[j].1)
+                                {
                                     t.banned.remove(j);
                                 }
                             }
@@ -558,7 +559,11 @@ impl FileService {
                         end: Some(p),
                     };
                 }
-                tracing::info!(lock = e.id.0, k = p.k, "file service: lock's log end resolved");
+                tracing::info!(
+                    lock = e.id.0,
+                    k = p.k,
+                    "file service: lock's log end resolved"
+                );
                 self.emit(LockEvent::Frozen {
                     lock: e.id,
                     epoch: e.epoch,

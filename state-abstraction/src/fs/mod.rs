@@ -44,6 +44,7 @@ mod checkpoint;
 mod exec;
 mod install;
 mod lock_timeline;
+mod lock_transfer;
 pub mod locks;
 pub mod object;
 pub mod ops;
@@ -973,6 +974,27 @@ impl Service for FileService {
 
     fn lock_restart(&mut self, lock: LockId) -> Result<(), ServiceError> {
         self.restart_lock(lock)
+    }
+
+    fn lock_infos(&self) -> Vec<crate::locking::LockInfo> {
+        self.lock_infos_of()
+    }
+
+    fn lock_base_page(
+        &self,
+        lock: LockId,
+        from: crate::locking::BaseCursor,
+        budget: usize,
+    ) -> Option<crate::locking::BasePage> {
+        self.lock_base_page_of(lock, from, budget)
+    }
+
+    fn lock_install_base(
+        &mut self,
+        lock: LockId,
+        objects: Vec<(u64, AbstractObject)>,
+    ) -> Result<(), ServiceError> {
+        self.install_lock_base(lock, objects)
     }
 
     fn set_lock_cert_checker(&mut self, checker: Arc<dyn LockCertChecker>) {

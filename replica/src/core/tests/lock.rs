@@ -758,8 +758,8 @@ fn silent_holder_resolved(with_the_longer_log: bool) {
     assert_eq!(net.call(OTHER, resolve(&short)), KvReply::Refused);
     let mut forged = net.reports.clone();
     forged[2].body.k += 1;
-    let forged = crate::wire::encode(&crate::wire::LockResolution { reports: forged })
-        .expect("encode");
+    let forged =
+        crate::wire::encode(&crate::wire::LockResolution { reports: forged }).expect("encode");
     assert_eq!(net.call(OTHER, resolve(&forged)), KvReply::Refused);
     assert_eq!(net.call(OTHER, resolve(&evidence)), KvReply::Done);
     // The merge waits a settling second of agreed time (the replicas off the chosen end
