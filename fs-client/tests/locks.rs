@@ -544,3 +544,131 @@ fn the_holder_sees_its_own_changes_to_the_lock_root() {
     assert_eq!(mode(&work), 0o755, "after the merge");
     m.down();
 }
+
+/// Replica `id`'s view in `bftfs status --json`: the locks whose log it serves, and how many
+/// lock contents it fetched from peers.
+fn replica_locks(m: &Mounted, id: u64) -> (Vec<u64>, u64) {
+    let (_, json) = status(m, true);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
+    let Some(r) = v["replicas"]
+        .as_array()
+        .and_then(|a| a.iter().find(|r| r["id"].as_u64() == Some(id)))
+    else {
+        return (Vec::new(), 0);
+    };
+    let locks = r["status"]["locks"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|l| l["lock"].as_u64()).collect())
+        .unwrap_or_default();
+    (
+        locks,
+        r["status"]["lock_contents_fetched"].as_u64().unwrap_or(0),
+    )
+}
+
+/// Lock state transfer on real processes: a replica stopped before a lock's activation
+/// misses it, and is killed after ordered work elsewhere moved the cluster past its log
+/// window, so when it runs again it catches up by state transfer to a state where the lock
+/// is active, with placeholders only. It fetches the lock's content (a 3 MiB file among it: several pages)
+/// from its peers and serves the lock's log: with f other replicas stopped next, the locked
+/// work still completes, which needs it among the 2f+1.
+#[test]
+fn a_replica_that_missed_a_locks_activation_fetches_its_content_and_serves_the_lock() {
+    let name = "a_replica_that_missed_a_locks_activation_fetches_its_content_and_serves_the_lock";
+    if !replicated_mounts_available(name) {
+        return;
+    }
+    let f: u64 = test_f().parse().expect("BFTFS_TEST_F");
+    let n = 3 * f + 1;
+    let m = Mounted::new();
+    let work_dir = m.path("work");
+    fs::create_dir(&work_dir).expect("mkdir work");
+    let big: Vec<u8> = (0..3 << 20).map(|i| (i % 239) as u8).collect();
+    fs::write(work_dir.join("big.bin"), &big).expect("write 3 MiB");
+    for i in 0..30 {
+        fs::write(work_dir.join(format!("f{i}")), format!("before {i}\n")).expect("write");
+    }
+    let lagging = n - 1;
+    let pid = |id: u64| replica_pid(&m, id).unwrap_or_else(|| panic!("replica {id} pid")) as u32;
+    let mut stopped = Stopped(Vec::new());
+    let old = pid(lagging);
+    stopped.stop(old);
+    // Ordered work first, enough to overflow what its peers queue for the stopped replica
+    // (4,096 frames each): it will not see the lock's activation, and must catch up by
+    // state transfer rather than from the messages queued for it.
+    let outside = m.path("outside");
+    fs::create_dir(&outside).expect("mkdir outside");
+    let ordered_work = |from: usize, to: usize| {
+        for i in from..to {
+            fs::write(outside.join(format!("o{i}")), b"o").expect("write outside");
+        }
+    };
+    ordered_work(0, 1000);
+
+    lock(&work_dir, &m.xdg, true);
+    let mut lock_id = None;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            lock_id = replica_locks(&m, 0).0.first().copied();
+            lock_id.is_some()
+        }),
+        "replica 0 serves no lock"
+    );
+    let lock_id = lock_id.expect("a lock");
+    for i in 0..30 {
+        fs::write(work_dir.join(format!("f{i}")), format!("locked {i}\n")).expect("write");
+    }
+    // A few checkpoints past the activation, for the state transfer to reach.
+    ordered_work(1000, 1200);
+    // Killed while stopped: what its peers had sent it (socket buffers hold thousands of
+    // frames) is lost, so the restarted process, after its own log, is below its peers'
+    // stable checkpoint and catches up by state transfer. `bftfs up` restarts it.
+    assert!(send_signal(old as i32, Signal::SIGKILL));
+    stopped.0.clear();
+    assert!(wait_until(Duration::from_secs(30), || {
+        replica_pid(&m, lagging).is_some_and(|p| p as u32 != old)
+    }));
+    assert!(
+        wait_until(Duration::from_secs(90), || {
+            let (locks, fetched) = replica_locks(&m, lagging);
+            locks.contains(&lock_id) && fetched >= 1
+        }),
+        "replica {lagging} never served lock {lock_id}: {:?}\n{}",
+        replica_locks(&m, lagging),
+        status(&m, false).1
+    );
+
+    // f others stopped: the lock's log goes on only with the returned replica's replies.
+    for id in 1..=f {
+        stopped.stop(pid(id));
+    }
+    for i in 0..30 {
+        fs::write(
+            work_dir.join(format!("g{i}")),
+            format!("with {lagging} {i}\n"),
+        )
+        .expect("write");
+    }
+    let mut part = fs::OpenOptions::new()
+        .write(true)
+        .open(work_dir.join("big.bin"))
+        .expect("open big");
+    use std::io::{Seek, SeekFrom};
+    part.seek(SeekFrom::Start(1 << 20)).expect("seek");
+    part.write_all(&[7u8; 4096]).expect("overwrite");
+    drop(part);
+    stopped.resume_all();
+    let mut want = big.clone();
+    want[1 << 20..(1 << 20) + 4096].fill(7);
+    let seen = tree(&work_dir);
+    lock(&work_dir, &m.xdg, false);
+    assert_eq!(tree(&work_dir), seen);
+    assert_eq!(fs::read(work_dir.join("big.bin")).expect("read big"), want);
+    assert_eq!(
+        fs::read_to_string(work_dir.join("g29")).expect("read g29"),
+        format!("with {lagging} 29\n")
+    );
+    let diverged = divergence_in_replica_logs(&data_dir_of(&m));
+    assert!(diverged.is_empty(), "{diverged:?}");
+    m.down();
+}

@@ -39,29 +39,6 @@ fn signal(pid: u32, sig: Signal) {
     send_signal(pid as i32, sig);
 }
 
-/// Resumes the processes it names when dropped, so that a failing test does not leave
-/// stopped replicas behind (a stopped process ignores SIGTERM until it runs again).
-struct Stopped(Vec<u32>);
-
-impl Stopped {
-    fn stop(&mut self, pid: u32) {
-        signal(pid, Signal::SIGSTOP);
-        self.0.push(pid);
-    }
-
-    fn resume_all(&mut self) {
-        for pid in self.0.drain(..) {
-            signal(pid, Signal::SIGCONT);
-        }
-    }
-}
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        self.resume_all();
-    }
-}
-
 fn ports(config: &Path) -> Vec<u16> {
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(config).expect("read cluster.json"))

@@ -232,6 +232,29 @@ pub fn send_signal(pid: i32, signal: impl Into<Option<Signal>>) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).is_ok()
 }
 
+/// Resumes the processes it names when dropped, so that a failing test does not leave
+/// stopped replicas behind (a stopped process ignores SIGTERM until it runs again).
+pub struct Stopped(pub Vec<u32>);
+
+impl Stopped {
+    pub fn stop(&mut self, pid: u32) {
+        send_signal(pid as i32, Signal::SIGSTOP);
+        self.0.push(pid);
+    }
+
+    pub fn resume_all(&mut self) {
+        for pid in self.0.drain(..) {
+            send_signal(pid as i32, Signal::SIGCONT);
+        }
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        self.resume_all();
+    }
+}
+
 /// `bftfs status MOUNTPOINT` (with `--json` if `json`): its exit status (0 ok, 1 degraded,
 /// 2 stuck) and stdout; panics if status could not find out (any other exit status).
 pub fn status(m: &Mounted, json: bool) -> (i32, String) {
