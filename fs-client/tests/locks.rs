@@ -580,7 +580,11 @@ fn a_replica_that_missed_a_locks_activation_fetches_its_content_and_serves_the_l
     }
     let f: u64 = test_f().parse().expect("BFTFS_TEST_F");
     let n = 3 * f + 1;
-    let m = Mounted::new();
+    // Manual locks whatever BFTFS_TEST_LOCKS says: an automatic lock on `work` taken
+    // before the replica stops would leave it nothing to fetch.
+    let (_tmp, [mnt, xdg]) = scratch(["mnt", "xdg"]);
+    fs::create_dir(&mnt).expect("mkdir");
+    let m = Mounted::at(&mnt, &xdg, None, &["-o", "locks=manual"]).expect("bftfs up");
     let work_dir = m.path("work");
     fs::create_dir(&work_dir).expect("mkdir work");
     let big: Vec<u8> = (0..3 << 20).map(|i| (i % 239) as u8).collect();

@@ -229,6 +229,11 @@ impl Core {
     /// while others work on later batches asks the next peer for committed ones.
     pub(super) fn on_catch_up_timeout(&mut self, actions: &mut Vec<Action>) {
         let catch_up_ticks = self.config.protocol.catch_up_ticks;
+        if self.stable_answers.is_some() && self.ticks % catch_up_ticks.max(1) == 0 {
+            actions.push(Action::Broadcast {
+                message: Message::StateTransfer(StateTransferMessage::QueryStable),
+            });
+        }
         let stalled = self.ticks >= self.last_progress_tick + catch_up_ticks;
         if let Some(cert) = self.stable_ahead.clone() {
             if cert.seq > self.last_executed && (stalled || self.last_executed < self.stable.seq) {

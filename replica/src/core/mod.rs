@@ -585,6 +585,11 @@ pub struct Core {
     last_progress_tick: u64,
     last_fetch_tick: u64,
     last_view_query_tick: Option<u64>,
+    /// After a start, the peers that answered `QueryStable` with a valid certificate: the
+    /// query is sent again every catch-up period until f+1 did. Sent once, it was lost when
+    /// the links were not up yet, and a replica restarted into an idle cluster (or one busy
+    /// only with lock logs) then never learnt how far behind it was.
+    stable_answers: Option<std::collections::BTreeSet<ReplicaId>>,
     fetch_rotation: u32,
     /// Per sequence number above `last_executed`, which replicas relayed a commit certificate
     /// with too few valid signatures, and for which ordered digest (see `on_committed`).
@@ -750,6 +755,7 @@ impl Core {
             actions.push(Action::Broadcast {
                 message: Message::StateTransfer(StateTransferMessage::QueryStable),
             });
+            self.stable_answers = Some(Default::default());
             self.replay_locks(actions);
         }
         match event {

@@ -252,6 +252,7 @@ impl Core {
             last_progress_tick: 0,
             last_fetch_tick: 0,
             last_view_query_tick: None,
+            stable_answers: None,
             fetch_rotation: secrets.id.0,
             commit_vouches: BTreeMap::new(),
             highest_seen,

@@ -337,6 +337,7 @@ pub const NAMED_SCENARIOS: &[(&str, fn(u64) -> Scenario)] = scenario_table![
     equivocating_primary,
     silent_primary,
     restarted_replica_catches_up,
+    restarted_into_an_idle_cluster,
     lossy_network,
     forged_commits,
     lying_new_primary,
@@ -406,6 +407,27 @@ pub fn restarted_replica_catches_up(seed: u64) -> Scenario {
     }];
     s.fault_end_tick = 800;
     s.drain_ticks = 400;
+    s
+}
+
+/// Replica 3 restarts after every client is done, and its first messages are lost (cut off
+/// for 30 ticks): nothing new is ordered that would show it the others are ahead, so only
+/// its repeated `QueryStable` brings it back (a real-process test found a replica that
+/// restarted into a cluster busy only with a lock's log staying behind for good).
+pub fn restarted_into_an_idle_cluster(seed: u64) -> Scenario {
+    let mut s = restarted_replica_catches_up(seed);
+    s.crashes = vec![CrashPlan {
+        replica: 3,
+        at: 5,
+        restart: 900,
+    }];
+    s.partitions = vec![PartitionPlan {
+        replica: 3,
+        from: 890,
+        until: 930,
+    }];
+    s.fault_end_tick = 930;
+    s.drain_ticks = 900;
     s
 }
 

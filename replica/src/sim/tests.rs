@@ -370,6 +370,22 @@ fn restarted_replica_catches_up_by_state_transfer() {
 }
 
 #[test]
+fn a_replica_restarted_into_an_idle_cluster_catches_up() {
+    let (sim, report) = run_scenario("restarted_into_an_idle_cluster", 13);
+    let r3 = sim.replica(3).expect("up");
+    let r1 = sim.replica(1).expect("up");
+    assert!(r3.metrics().state_transfers >= 1, "{}", r3.debug_summary());
+    assert_eq!(
+        r3.last_executed(),
+        r1.last_executed(),
+        "{} / {}",
+        r3.debug_summary(),
+        r1.debug_summary()
+    );
+    assert_eq!(report.completed, 3 * 16);
+}
+
+#[test]
 fn retransmitted_requests_are_answered_but_not_executed_twice() {
     let (sim, report) = run_scenario("lossy_network", 14);
     // Lost replies made clients retransmit; the linearizability checker (appends return the

@@ -733,6 +733,38 @@ impl FileService {
             .map_err(|_| super::ops::FsError::Io)?;
         let mut buf = (payload.len() as u32).to_le_bytes().to_vec();
         buf.extend_from_slice(&payload);
+        if let Some(batch) = self.journal_batch.as_mut() {
+            batch.extend_from_slice(&buf);
+            return Ok(());
+        }
+        self.journal_write(&buf)
+    }
+
+    /// Runs `f` with its journal entries gathered and written, with one fsync, when it
+    /// ends. Only for work that changes nothing on disk before it ends (masking and
+    /// unmasking a lock's slots at a checkpoint: table changes only, saved with the table),
+    /// where the fsync per entry buys nothing: it made a merge of a 16,384-slot lock take
+    /// 2 s of ordering time.
+    pub(super) fn with_batched_journal<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, super::ops::FsError>,
+    ) -> Result<T, super::ops::FsError> {
+        let outer = self.journal_batch.is_none();
+        if outer {
+            self.journal_batch = Some(Vec::new());
+        }
+        let result = f(self);
+        if outer {
+            let batch = self.journal_batch.take().unwrap_or_default();
+            if !batch.is_empty() {
+                self.journal_write(&batch)?;
+            }
+        }
+        result
+    }
+
+    /// Appends framed journal entries and makes them durable.
+    fn journal_write(&mut self, buf: &[u8]) -> Result<(), super::ops::FsError> {
         let io = |e: io::Error| backend::fs_error(&e);
         if self.journal.is_none() {
             let fd = backend::openat(
@@ -748,7 +780,7 @@ impl FileService {
         }
         if let Some(fd) = &self.journal {
             // With O_APPEND the offset is ignored: one write appends the whole entry.
-            backend::pwrite_full(fd.as_raw_fd(), &buf, 0).map_err(io)?;
+            backend::pwrite_full(fd.as_raw_fd(), buf, 0).map_err(io)?;
             // Why an fsync per entry: the change this entry undoes is made next, and the
             // kernel may write that change back to disk at any moment, before the journal's
             // page. Without the entry on disk, a power loss could leave a tree that no longer

@@ -50,7 +50,7 @@ pub const LOCK_OBJECTS_MAX: u64 = 1 << 17;
 /// built (docs/zzyzx-plan.md §3), so the pool is sized for a working directory that creates
 /// thousands of files (PostMark `std` keeps 2,000 and more alive); a slot costs a masked
 /// entry and a free header, and slots freed under the lock are reused.
-pub const POOL_INITIAL: u32 = 4096;
+pub const POOL_INITIAL: u32 = 16384;
 /// Most ranges a pool is made of (runs of free slots, then one run at the end of the array):
 /// a lock's entry stays small however fragmented the free list is.
 pub const POOL_RANGES_MAX: usize = 16;
@@ -914,7 +914,7 @@ impl FileService {
             ),
             _ => {}
         }
-        self.unmask_lock(e.id)?;
+        self.with_batched_journal(|s| s.unmask_lock(e.id))?;
         self.drop_lock_record(e.id);
         self.emit(LockEvent::Merged {
             lock: e.id,
@@ -981,15 +981,18 @@ impl FileService {
             (n + 1, b + blocks)
         });
         e.frozen_attr = Some(self.live(e.root.index).attr(e.root.index));
-        let pool = self.reserve_pool(pool_len)?;
         let mut all = walk.members;
-        for &(start, len) in &pool {
-            all.extend(start..start + len as u64);
-        }
-        for &i in &all {
-            // The ordered value before masking goes into the newest checkpoint record.
-            self.touch(i)?;
-        }
+        let pool = self.with_batched_journal(|s| {
+            let pool = s.reserve_pool(pool_len)?;
+            for &(start, len) in &pool {
+                all.extend(start..start + len as u64);
+            }
+            for &i in &all {
+                // The ordered value before masking goes into the newest checkpoint record.
+                s.touch(i)?;
+            }
+            Ok(pool)
+        })?;
         for &i in &all {
             self.masked.insert(i, e.id);
         }
@@ -1074,9 +1077,11 @@ impl FileService {
             left -= len;
         }
         let taken: BTreeSet<u64> = ranges.iter().flat_map(|&(s, l)| s..s + l as u64).collect();
-        // Free slots whose successor in the free list changes are ordered changes too.
-        for &i in &taken {
-            if let Some(&pred) = self.free.range(..i).rev().find(|p| !taken.contains(p)) {
+        // Free slots whose successor in the free list changes are ordered changes too: the
+        // one before each taken run (every slot inside a run has the run's predecessor, so
+        // asking per slot would walk the run again for each, quadratic in the pool).
+        for &(start, _) in &ranges {
+            if let Some(&pred) = self.free.range(..start).rev().find(|p| !taken.contains(p)) {
                 self.touch(pred)?;
             }
         }

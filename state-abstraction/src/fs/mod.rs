@@ -159,6 +159,9 @@ pub struct FileService {
     /// `data_dir/journal`, open for appending while the newest checkpoint record has entries
     /// the saved table does not.
     journal: Option<OwnedFd>,
+    /// Journal entries gathered by [`FileService::with_batched_journal`], written with one
+    /// fsync when it ends.
+    journal_batch: Option<Vec<u8>>,
     /// Objects whose nodes sit in `tree/stage/<index>` (only during `put_objs`).
     staged: BTreeSet<u64>,
     /// Each slot's encoded header as of its last digest refresh (valid for slots not in
@@ -270,6 +273,7 @@ impl FileService {
             inconsistent: false,
             merge_suspect: false,
             journal: None,
+            journal_batch: None,
             staged: BTreeSet::new(),
             encoded: Vec::new(),
             scrub_next: 0,

@@ -257,6 +257,12 @@ impl Core {
                         actions,
                     );
                 }
+                if let Some(answers) = self.stable_answers.as_mut() {
+                    answers.insert(from);
+                    if answers.len() > self.f() {
+                        self.stable_answers = None;
+                    }
+                }
                 if cert.seq > self.last_executed {
                     self.stable_ahead = Some(cert.clone());
                     self.begin_transfer(cert, actions);
