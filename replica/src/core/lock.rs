@@ -447,6 +447,14 @@ impl Core {
                     if self.locks.logs.remove(&lock).is_some() {
                         tracing::info!(replica = self.id.0, lock = lock.0, "lock merged");
                     }
+                    // A fetch of its content still under way is moot: nobody serves it now.
+                    if self.locks.fetching_base.remove(&lock).is_some() {
+                        tracing::warn!(
+                            replica = self.id.0,
+                            lock = lock.0,
+                            "lock merged before its content arrived here"
+                        );
+                    }
                     self.locks.merged.insert(lock);
                     self.persist_lock(LockRecord::Merged { lock }, actions);
                 }

@@ -166,9 +166,11 @@ impl LockTask {
         }
     }
 
-    /// Sends the next queued operation when none is in flight.
+    /// Sends the next queued operation when none is in flight. Also while a seal is asked
+    /// for: the seal waits for the queue to drain, so holding the queue back too left both
+    /// waiting until the call timed out (a release racing another thread's call).
     fn pump(&mut self, now_ns: u64, actions: &mut Vec<ClientAction>) {
-        if self.in_flight.is_some() || !self.session.is_ready() || self.sealing.is_some() {
+        if self.in_flight.is_some() || !self.session.is_ready() || self.session.is_sealing() {
             return;
         }
         let Some((op, done)) = self.queue.pop_front() else {
