@@ -140,6 +140,10 @@ pub struct HeldLocks {
     /// go ordered, since one landing after the new lock is active would revoke it.
     rotating: Mutex<Option<std::thread::ThreadId>>,
     rotated: std::sync::Condvar,
+    /// A thread is taking an automatic lock (an ordered `Lock` and the wait for its
+    /// activation, about a second): others do not take one meanwhile, so that concurrent
+    /// callers in several busy directories do not each lock one.
+    taking_auto: std::sync::atomic::AtomicBool,
 }
 
 /// Ends a rotation when the rotating thread leaves `rotate`, whichever way.
@@ -351,7 +355,17 @@ impl HeldLocks {
             // a checkpoint) for less than that saved under each lock.
             return;
         }
-        match self.lock_as(t, req.caller.clone(), dir, true) {
+        use std::sync::atomic::Ordering;
+        if self
+            .taking_auto
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return;
+        }
+        let taken = self.lock_as(t, req.caller.clone(), dir, true);
+        self.taking_auto.store(false, Ordering::Release);
+        match taken {
             Ok(()) => info!(index = dir.index, "locked a busy directory (locks=auto)"),
             Err(errno) => {
                 debug!(
