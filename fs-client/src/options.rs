@@ -36,10 +36,10 @@ and flock locks are shared by every mount of the cluster; a mount that dies lose
 this long after its last renewal; 1 to 600, default 30), local_locks (fcntl and flock locks are \
 kept by this machine's kernel only, as before), lock_cache=off (under a `bftfs lock`, send \
 every read to the replicas instead of answering it from this mount's cache; see the README), \
-locks=off|manual|auto (Zzyzx locks: manual, the default, takes them only on `bftfs lock`; \
-auto also takes one on a directory (not the mount's root) where this mount made 16 changes \
-within 2 seconds, and gives it back when another mount needs it or after lock_idle=SECONDS \
-without use, default 30; off refuses them), client=FILE (bftfs mount: \
+locks=off|manual|auto (Zzyzx locks: auto, the default, takes one on a directory (not the \
+mount's root) where this mount made 16 changes within 2 seconds, and gives it back when \
+another mount needs it or after lock_idle=SECONDS without use, default 30; manual takes them \
+only on `bftfs lock`; off refuses them and sends every call through agreement), client=FILE (bftfs mount: \
 this client's secrets, as --client), metrics=HOST:PORT (serve this mount's metrics at \
 http://HOST:PORT/metrics, as --metrics). A bftfs mount is always nodev and nosuid (any client of \
 the cluster could plant a device or set-user-id file); the options mount(8) and fstab add \
@@ -169,7 +169,7 @@ impl Default for MountOptions {
             lock_lease: DEFAULT_LOCK_LEASE,
             local_locks: false,
             lock_cache: true,
-            locks: LockPolicy::Manual,
+            locks: LockPolicy::Auto,
             lock_idle: DEFAULT_LOCK_IDLE,
             metrics: None,
         }
@@ -289,9 +289,9 @@ impl MountOptions {
             parts.push(format!("lock_idle={}", self.lock_idle.as_secs_f64()));
         }
         match self.locks {
-            LockPolicy::Manual => {}
+            LockPolicy::Auto => {}
             LockPolicy::Off => parts.push("locks=off".into()),
-            LockPolicy::Auto => parts.push("locks=auto".into()),
+            LockPolicy::Manual => parts.push("locks=manual".into()),
         }
         if self.allow_other == Some(true) {
             parts.push("allow_other".into());
@@ -352,15 +352,15 @@ mod tests {
         assert!(!o.lock_cache);
         assert!(o.to_arg().contains("lock_cache=off"));
         assert!(o.clone().apply("lock_cache=maybe").is_err());
-        // Manual locks are the default: only another choice is written out.
-        assert_eq!(o.locks, LockPolicy::Manual);
+        // Automatic locks are the default: only another choice is written out.
+        assert_eq!(o.locks, LockPolicy::Auto);
         assert!(!o.to_arg().contains("locks="));
-        o.apply("locks=auto,lock_idle=2").expect("valid");
+        o.apply("locks=manual,lock_idle=2").expect("valid");
         assert_eq!(o.lock_idle, Duration::from_secs(2));
         assert!(o.to_arg().contains("lock_idle=2"));
         assert!(o.clone().apply("lock_idle=0").is_err());
-        assert_eq!(o.locks, LockPolicy::Auto);
-        assert!(o.to_arg().contains("locks=auto"));
+        assert_eq!(o.locks, LockPolicy::Manual);
+        assert!(o.to_arg().contains("locks=manual"));
         assert!(o.clone().apply("locks=sometimes").is_err());
         assert_eq!(o.lock_lease, Duration::from_millis(2500));
         assert!(MountOptions::parse_all(&["lock_lease=0.5".to_string()]).is_err());
