@@ -34,11 +34,6 @@ fn json(out: &str) -> serde_json::Value {
     serde_json::from_str(line).unwrap_or_else(|e| panic!("status --json: {e}: {out}"))
 }
 
-/// Sends `sig` to `pid` (a process this test started, directly or through `bftfs up`).
-fn signal(pid: u32, sig: Signal) {
-    send_signal(pid as i32, sig);
-}
-
 fn ports(config: &Path) -> Vec<u16> {
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(config).expect("read cluster.json"))
@@ -431,9 +426,9 @@ fn status_watch_agree_and_plain_logs() {
 }
 
 /// Forwards every connection to `from` on to `to`, as a NAT port mapping does, for as long as
-/// the test process lives.
-fn forward_port(from: &str, to: &str) {
-    let listener = std::net::TcpListener::bind(from).expect("bind the forwarded port");
+/// the test process lives; `Err` if `from` cannot be bound.
+fn forward_port(from: &str, to: &str) -> std::io::Result<()> {
+    let listener = std::net::TcpListener::bind(from)?;
     let to = to.to_string();
     std::thread::spawn(move || {
         for inbound in listener.incoming().flatten() {
@@ -453,6 +448,7 @@ fn forward_port(from: &str, to: &str) {
             pipe(outbound, in2);
         }
     });
+    Ok(())
 }
 
 /// `bftfs-replica --listen`: replica 0 is advertised at one address and listens at another,
@@ -460,10 +456,16 @@ fn forward_port(from: &str, to: &str) {
 /// and agrees, which it could not be if replica 0 were unreachable.
 #[test]
 fn a_replica_listens_apart_from_its_advertised_address() {
-    let mut ports =
-        replica::localhost::free_addresses(5, replica::localhost::fresh_seed()).expect("ports");
-    let listen = ports.pop().expect("fifth port");
-    forward_port(&ports[0], &listen);
+    // Ports found free can be taken by a parallel test before they are bound: draw again.
+    let (ports, listen) = (0..10)
+        .find_map(|_| {
+            let mut ports =
+                replica::localhost::free_addresses(5, replica::localhost::fresh_seed()).ok()?;
+            let listen = ports.pop()?;
+            forward_port(&ports[0], &listen).ok()?;
+            Some((ports, listen))
+        })
+        .expect("five free ports and the mapping bound");
     let listen_arg = listen.clone();
     let cluster = hand_started_at(ports, move |i, _| {
         if i == 0 {

@@ -738,10 +738,7 @@ impl Service for KvService {
         lock: LockId,
         objects: Vec<(u64, AbstractObject)>,
     ) -> Result<(), ServiceError> {
-        let bad = |why: &str| ServiceError::BadObject {
-            index: 0,
-            why: format!("lock {}: {why}", lock.0),
-        };
+        let bad = |why: &str| ServiceError::bad_lock_content(lock, why);
         let l = self
             .locks
             .locks

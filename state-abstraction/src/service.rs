@@ -28,6 +28,16 @@ pub struct AbstractObject {
     pub pieces: Vec<Vec<u8>>,
 }
 
+impl ServiceError {
+    /// Lock content from a peer that cannot be used (`lock_install_base`).
+    pub fn bad_lock_content(lock: LockId, why: &str) -> ServiceError {
+        ServiceError::BadObject {
+            index: 0,
+            why: format!("lock {}: {why}", lock.0),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
     #[error("no checkpoint at sequence number {0}")]

@@ -145,13 +145,7 @@ fn seeds_locks_holder_forks_f2_0_to_8() {
 /// where the lock froze before the holder's death has nothing to resolve by reports).
 #[test]
 fn locks_holder_dies_scenario_resolves() {
-    let mut resolved = 0;
-    for seed in 0..8 {
-        let scenario = named_scenario("locks_holder_dies", seed).expect("named");
-        let mut sim = Sim::new(scenario);
-        let report = sim.run().unwrap_or_else(|f| panic!("{f}"));
-        resolved += report.locks_resolved;
-    }
+    let resolved = sum_over_seeds("locks_holder_dies", 0..8, |r| r.locks_resolved);
     assert!(
         resolved >= 6,
         "{resolved} of 8 seeds resolved the dead holder's lock"
@@ -173,14 +167,19 @@ fn seeds_locks_lagging_f2_0_to_8() {
 /// or the replica caught up from its peers' logs without a state transfer).
 #[test]
 fn locks_lagging_scenario_fetches_lock_content() {
-    let mut fetched = 0;
-    for seed in 0..8 {
-        let scenario = named_scenario("locks_lagging", seed).expect("named");
-        let mut sim = Sim::new(scenario);
-        let report = sim.run().unwrap_or_else(|f| panic!("{f}"));
-        fetched += report.lock_contents_fetched;
-    }
+    let fetched = sum_over_seeds("locks_lagging", 0..8, |r| r.lock_contents_fetched);
     assert!(fetched >= 4, "lock content fetched in {fetched} of 8 seeds");
+}
+
+/// Runs the named scenario over `seeds` (each must pass) and sums one figure of the reports.
+fn sum_over_seeds(name: &str, seeds: std::ops::Range<u64>, figure: impl Fn(&Report) -> u64) -> u64 {
+    seeds
+        .map(|seed| {
+            let scenario = named_scenario(name, seed).expect("named");
+            let report = Sim::new(scenario).run().unwrap_or_else(|f| panic!("{f}"));
+            figure(&report)
+        })
+        .sum()
 }
 
 /// The lock scenario is about locked work: it happens, under faults, in most seeds.

@@ -159,10 +159,7 @@ impl FileService {
         lock: LockId,
         objects: Vec<(u64, AbstractObject)>,
     ) -> Result<(), ServiceError> {
-        let bad = |why: &str| ServiceError::BadObject {
-            index: 0,
-            why: format!("lock {}: {why}", lock.0),
-        };
+        let bad = |why: &str| ServiceError::bad_lock_content(lock, why);
         let e = self
             .lock_table()
             .and_then(|t| t.entry(lock))
