@@ -69,7 +69,7 @@ fn status_text(m: &Mounted) -> String {
 fn view_history(m: &Mounted) -> String {
     let data = data_dir_of(m);
     let mut out = String::new();
-    for i in 0..4 {
+    for i in 0..replica_count() {
         let log =
             std::fs::read_to_string(data.join(format!("replica-{i}.log"))).unwrap_or_default();
         let lines: Vec<&str> = log
@@ -93,7 +93,7 @@ fn view_history(m: &Mounted) -> String {
 /// Whether all four replicas answer, in one active view, with no one far behind.
 fn healthy(reps: &[Rep]) -> bool {
     let best = reps.iter().filter_map(|r| r.executed).max().unwrap_or(0);
-    reps.len() == 4
+    reps.len() == replica_count()
         && reps
             .iter()
             .all(|r| r.pid.is_some() && r.executed.is_some_and(|e| e + 16 >= best))
@@ -241,7 +241,7 @@ fn workload_and_postmark_survive_replicas_killed_every_few_seconds() {
     let mut last = Vec::new();
     let same = wait_until(Duration::from_secs(90), || {
         last = replicas(&m);
-        let agree = last.len() == 4
+        let agree = last.len() == replica_count()
             && last.iter().all(|r| {
                 r.executed.is_some()
                     && r.executed == last[0].executed
@@ -274,10 +274,9 @@ fn power_loss(m: Mounted) {
     let reps = replicas(&m);
     let pids: Vec<i32> = reps.iter().filter_map(|r| r.pid).collect();
     // 3f+1 of them, f as the tests run (BFTFS_TEST_F).
-    let f: usize = test_f().parse().unwrap_or(1);
     assert_eq!(
         pids.len(),
-        3 * f + 1,
+        replica_count(),
         "every replica running before the power loss: {reps:?}"
     );
     let server = m.server_pid().expect("server pid");
@@ -522,13 +521,13 @@ fn hostile_names_and_forbidden_calls_through_the_mount() {
     let mut reps = Vec::new();
     let same = wait_until(Duration::from_secs(60), || {
         reps = replicas(&m);
-        reps.len() == 4
+        reps.len() == replica_count()
             && reps
                 .iter()
                 .all(|r| r.executed.is_some() && r.executed == reps[0].executed)
     });
     assert!(same, "replicas disagree: {reps:?}");
-    for i in 0..4 {
+    for i in 0..replica_count() {
         let root = data.join(format!("replica-{i}/fs/tree/root"));
         assert_eq!(
             std::fs::read(root.join("root-file")).expect("replica copy"),

@@ -323,6 +323,11 @@ pub fn test_f() -> String {
     std::env::var("BFTFS_TEST_F").unwrap_or_else(|_| "1".into())
 }
 
+/// How many replicas the tests' clusters have: 3f+1 for the f they mount with.
+pub fn replica_count() -> usize {
+    3 * test_f().parse::<usize>().unwrap_or(1) + 1
+}
+
 pub fn is_mounted(mnt: &Path) -> bool {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let want = mnt.canonicalize().unwrap_or_else(|_| mnt.to_path_buf());
