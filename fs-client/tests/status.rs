@@ -247,18 +247,21 @@ fn status_of_a_mount_follows_its_replicas_and_its_calls() {
         "the mount's completed calls are not in its status: {v}"
     );
 
-    // One backup stopped: degraded. Then a second: stuck, and a write that hangs makes the
-    // mount's own calls say so too.
-    let primary = (0..4)
+    // One backup stopped: degraded. Then f more (f+1 in all): stuck, and a write that hangs
+    // makes the mount's own calls say so too.
+    let n = replica_count();
+    let primary = (0..n)
         .find(|&i| v["replicas"][i]["status"]["primary"] == true)
         .unwrap_or_else(|| panic!("no primary: {v}"));
-    let backups: Vec<usize> = (0..4).filter(|&i| i != primary).collect();
+    let backups: Vec<usize> = (0..n).filter(|&i| i != primary).collect();
     let mut stopped = Stopped(Vec::new());
     stopped.stop(replica_pid(&v, backups[0]));
     let (code, out) = status(&m, false);
     assert_eq!(code, 1, "one replica stopped: {out}");
     assert!(out.contains("health:      degraded"), "{out}");
-    stopped.stop(replica_pid(&v, backups[1]));
+    for &b in &backups[1..(n - 1) / 3 + 1] {
+        stopped.stop(replica_pid(&v, b));
+    }
     let path = m.path("hangs");
     let writer = std::thread::spawn(move || std::fs::write(path, b"waits for a quorum"));
     std::thread::sleep(Duration::from_millis(10_500));

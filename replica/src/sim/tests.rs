@@ -350,20 +350,11 @@ fn silent_primary_is_replaced_by_a_view_change() {
 #[test]
 fn restarted_replica_catches_up_by_state_transfer() {
     let (sim, report) = run_scenario("restarted_replica_catches_up", 13);
-    let r3 = sim.replica(3).expect("up");
-    let r1 = sim.replica(1).expect("up");
-    assert!(r3.metrics().state_transfers >= 1, "{}", r3.debug_summary());
+    let r3 = assert_caught_up_by_state_transfer(&sim, 3);
     assert!(
         r3.stable_checkpoint().seq >= SeqNo(8),
         "{}",
         r3.debug_summary()
-    );
-    assert_eq!(
-        r3.last_executed(),
-        r1.last_executed(),
-        "{} / {}",
-        r3.debug_summary(),
-        r1.debug_summary()
     );
     assert_eq!(report.completed, 3 * 16);
 }
@@ -371,17 +362,27 @@ fn restarted_replica_catches_up_by_state_transfer() {
 #[test]
 fn a_replica_restarted_into_an_idle_cluster_catches_up() {
     let (sim, report) = run_scenario("restarted_into_an_idle_cluster", 13);
-    let r3 = sim.replica(3).expect("up");
+    assert_caught_up_by_state_transfer(&sim, 3);
+    assert_eq!(report.completed, 3 * 16);
+}
+
+/// Replica `r` made a state transfer and executed as far as replica 1.
+fn assert_caught_up_by_state_transfer(sim: &Sim, r: usize) -> &Replica<SimService> {
+    let lagging = sim.replica(r).expect("up");
     let r1 = sim.replica(1).expect("up");
-    assert!(r3.metrics().state_transfers >= 1, "{}", r3.debug_summary());
+    assert!(
+        lagging.metrics().state_transfers >= 1,
+        "{}",
+        lagging.debug_summary()
+    );
     assert_eq!(
-        r3.last_executed(),
+        lagging.last_executed(),
         r1.last_executed(),
         "{} / {}",
-        r3.debug_summary(),
+        lagging.debug_summary(),
         r1.debug_summary()
     );
-    assert_eq!(report.completed, 3 * 16);
+    lagging
 }
 
 #[test]
