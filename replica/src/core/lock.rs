@@ -1003,6 +1003,20 @@ impl Core {
         }
     }
 
+    /// Moves `lock`'s content fetch to another peer and asks it from where the assembly
+    /// stands (the one asked was silent, sent a page that did not fit, or the content it
+    /// helped assemble was refused).
+    fn ask_another_for_lock_base(&mut self, lock: LockId, actions: &mut Vec<Action>) {
+        let Some(current) = self.locks.fetching_base.get(&lock).map(|f| f.peer) else {
+            return;
+        };
+        let next = self.peer_other_than(current);
+        if let Some(f) = self.locks.fetching_base.get_mut(&lock) {
+            f.peer = next;
+        }
+        self.ask_lock_base(lock, actions);
+    }
+
     /// Asks the current peer for the next page of `lock`'s content.
     fn ask_lock_base(&mut self, lock: LockId, actions: &mut Vec<Action>) {
         if let Some(f) = self.locks.fetching_base.get(&lock) {
@@ -1055,7 +1069,6 @@ impl Core {
         page: BasePage,
         actions: &mut Vec<Action>,
     ) {
-        let next = self.peer_other_than(peer);
         let Some(f) = self.locks.fetching_base.get_mut(&lock) else {
             return;
         };
@@ -1073,8 +1086,7 @@ impl Core {
                     why,
                     "a peer's page of lock content does not fit; asking another"
                 );
-                f.peer = next;
-                self.ask_lock_base(lock, actions);
+                self.ask_another_for_lock_base(lock, actions);
                 self.misbehaved(
                     Principal::Replica(peer),
                     "lock base page out of order",
@@ -1083,7 +1095,6 @@ impl Core {
             }
             Ok(false) => {
                 f.progressed = true;
-                f.peer = peer;
                 self.ask_lock_base(lock, actions);
             }
             Ok(true) => {
@@ -1116,11 +1127,6 @@ impl Core {
         self.answered_plain("lock base install", |k| {
             matches!(k, InFlightKind::InstallLockBase)
         });
-        let asked = self.locks.fetching_base.get(&lock).map(|f| f.peer);
-        let next = match asked {
-            Some(p) => self.peer_other_than(p),
-            None => self.next_peer(),
-        };
         let Some(f) = self.locks.fetching_base.get_mut(&lock) else {
             return;
         };
@@ -1134,8 +1140,7 @@ impl Core {
             );
             f.installing = false;
             f.assembly = Default::default();
-            f.peer = next;
-            return self.ask_lock_base(lock, actions);
+            return self.ask_another_for_lock_base(lock, actions);
         }
         let info = f.info.clone();
         self.locks.fetching_base.remove(&lock);
@@ -1327,11 +1332,7 @@ impl Core {
             f.progressed = false;
         }
         for lock in silent {
-            let next = self.peer_other_than(self.locks.fetching_base[&lock].peer);
-            if let Some(f) = self.locks.fetching_base.get_mut(&lock) {
-                f.peer = next;
-            }
-            self.ask_lock_base(lock, actions);
+            self.ask_another_for_lock_base(lock, actions);
         }
         let locks: Vec<LockId> = self
             .locks

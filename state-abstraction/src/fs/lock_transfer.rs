@@ -19,7 +19,7 @@ use super::install::Target;
 use super::lock_timeline::LockRecord;
 use super::locks::{LockId, LockState};
 use super::object::{chunk_count, ObjectHeader, Slot, CHUNK_SIZE};
-use super::ops::{self, FileType};
+use super::ops::FileType;
 use super::FileService;
 use crate::digest::{object_digest, piece_digest, Hasher};
 use crate::locking::{BaseCursor, BasePage, BasePiece, LockInfo};
@@ -63,7 +63,11 @@ impl FileService {
         from: BaseCursor,
         budget: usize,
     ) -> Option<BasePage> {
-        self.lock_state_digest_of(lock)?;
+        // A record means the content is here (activated here, or found equal to its base);
+        // only without one does it take digesting every member, once per page.
+        if !self.lock_records.contains_key(&lock) {
+            self.lock_state_digest_of(lock)?;
+        }
         match self.read_base_page(lock, from, budget) {
             Ok(page) => Some(page),
             Err(e) => {
@@ -86,28 +90,19 @@ impl FileService {
             if i < from.index {
                 continue;
             }
-            let saved = record.and_then(|r| r.saved.get(&i));
-            let (header, data) = match saved {
-                Some(s) => (s.header.clone(), Some(&s.data)),
-                None => (self.real_header_of(i).encode(), None),
-            };
-            let size = match saved {
-                Some(_) => {
-                    let h: ObjectHeader =
-                        ops::decode(&header).ok_or_else(|| ServiceError::BadObject {
-                            index: i,
-                            why: "a lock record's header does not decode".into(),
-                        })?;
-                    h.live()
-                        .filter(|l| l.kind == FileType::Regular)
-                        .map_or(0, |l| l.size)
+            // The record keeps a changed member's activation size beside its header.
+            let (header, size, data) = match record.and_then(|r| r.saved.get(&i)) {
+                Some(s) => (s.header.clone(), s.size, Some(&s.data)),
+                None => {
+                    let size = match &self.slots[i as usize] {
+                        Slot::Live(o) if o.kind == FileType::Regular => o.size,
+                        _ => 0,
+                    };
+                    (self.real_header_of(i).encode(), size, None)
                 }
-                None => match &self.slots[i as usize] {
-                    Slot::Live(o) if o.kind == FileType::Regular => o.size,
-                    _ => 0,
-                },
             };
-            let of = 1 + chunk_count(size) as u32;
+            let chunks = chunk_count(size);
+            let of = 1 + chunks as u32;
             let first = if i == from.index { from.piece } else { 0 };
             if first == 0 {
                 if !page.pieces.is_empty() && bytes + header.len() > budget {
@@ -122,27 +117,28 @@ impl FileService {
                 });
             }
             // As many whole chunks as the budget leaves room for (at least one on an empty
-            // page), read in one pass.
-            let mut end = first.max(1) as u64;
-            while end < of as u64 {
-                let len = CHUNK_SIZE.min(size - (end - 1) * CHUNK_SIZE) as usize;
-                if !(page.pieces.is_empty() && end == first.max(1) as u64) && bytes + len > budget {
+            // page), read in one pass. Chunk c is piece c + 1.
+            let start = u64::from(first.saturating_sub(1));
+            let mut end = start;
+            while end < chunks {
+                let len = CHUNK_SIZE.min(size - end * CHUNK_SIZE) as usize;
+                let nothing_yet = page.pieces.is_empty() && end == start;
+                if !nothing_yet && bytes + len > budget {
                     break;
                 }
                 bytes += len;
                 end += 1;
             }
-            let chunks =
-                self.activation_chunk_range(lock, i, size, data, first.max(1) as u64 - 1..end - 1)?;
-            for (k, c) in chunks.into_iter().enumerate() {
+            let read = self.activation_chunk_range(lock, i, size, data, start..end)?;
+            for (c, chunk) in (start..end).zip(read) {
                 page.pieces.push(BasePiece {
                     index: i,
-                    piece: first.max(1) + k as u32,
+                    piece: c as u32 + 1,
                     of,
-                    bytes: c,
+                    bytes: chunk,
                 });
             }
-            if end < of as u64 {
+            if end < chunks {
                 return Ok(page);
             }
         }
