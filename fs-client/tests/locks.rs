@@ -6,6 +6,7 @@
 mod common;
 
 use common::*;
+use state_abstraction::fs::locks::RELEASE_GRACE_NS;
 use std::fs;
 use std::io::Write;
 use std::path::Path;
@@ -202,7 +203,20 @@ fn a_second_mount_touching_a_locked_tree_revokes_it_and_loses_nothing() {
     let seen_by_holder = tree(&work_dir);
 
     // The other mount reads and writes inside the locked tree: its calls wait until the
-    // lock merged, then see everything the holder completed.
+    // lock merged, then see everything the holder completed. The holder, told of the
+    // freeze by the replicas, releases at once with a certificate, so the first call
+    // does not wait out the release grace (after which another client could resolve
+    // the lock without the holder; before, it waited 6 s).
+    let asked = std::time::Instant::now();
+    let size = fs::metadata(mnt2.join("work/src/f5.txt"))
+        .expect("stat on the other mount")
+        .len();
+    let waited = asked.elapsed();
+    assert!(size > 0);
+    assert!(
+        waited < Duration::from_nanos(RELEASE_GRACE_NS) - Duration::from_secs(1),
+        "the other mount waited {waited:?} for the lock: the holder did not give it back"
+    );
     let seen_by_other = tree(&mnt2.join("work"));
     assert_eq!(seen_by_other, seen_by_holder);
     fs::write(mnt2.join("work/src/from-two.txt"), b"two").expect("write");

@@ -22,7 +22,7 @@ use state_abstraction::fs::{
     decode, encode, Caller, FsError, FsOp, FsReply, FsRequest, FsResult, Handle,
 };
 use state_abstraction::{LockId, LockedResult, ResolveSubject};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
@@ -144,7 +144,15 @@ pub struct HeldLocks {
     /// activation, about a second): others do not take one meanwhile, so that concurrent
     /// callers in several busy directories do not each lock one.
     taking_auto: std::sync::atomic::AtomicBool,
+    /// Releases under way (`None`) or done (how they went), by lock: a second thread that
+    /// wants a lock given back (the keeper told of a revocation, and a call whose entry
+    /// was refused) waits for the first one's outcome instead of taking its own guess.
+    releases: Mutex<BTreeMap<LockId, Option<Released>>>,
+    released: std::sync::Condvar,
 }
+
+/// Release outcomes remembered.
+const RELEASES_KEPT: usize = 64;
 
 /// Ends a rotation when the rotating thread leaves `rotate`, whichever way.
 struct RotationDone<'a>(&'a HeldLocks);
@@ -315,6 +323,28 @@ impl HeldLocks {
         };
         for id in ids {
             info!(lock = id.0, "giving back an idle automatic lock");
+            self.release(t, id);
+        }
+    }
+
+    /// Gives back the held locks among `revoked` (their servers froze them: another
+    /// client's access, or expiry). Sealed at what completed and released with the
+    /// certificate, the lock merges at the next checkpoint, and the other client goes on
+    /// without waiting for the release grace.
+    pub fn release_revoked(&self, t: &ReplicatedTransport, revoked: &[LockId]) {
+        let ids: Vec<LockId> = {
+            let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            held.iter()
+                .filter(|h| revoked.contains(&h.id))
+                .map(|h| h.id)
+                .collect()
+        };
+        for id in ids {
+            info!(
+                lock = id.0,
+                "the replicas froze the lock (another client needs it); giving it back"
+            );
+            self.revoked(self.root_of(id));
             self.release(t, id);
         }
     }
@@ -924,10 +954,42 @@ impl HeldLocks {
         let held = {
             let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
             let Some(i) = held.iter().position(|x| x.id == id) else {
-                return Released::Done;
+                drop(held);
+                return self.release_outcome(id, t.timeout());
             };
+            let mut releases = self.releases.lock().unwrap_or_else(|p| p.into_inner());
+            while releases.len() >= RELEASES_KEPT {
+                let Some((&old, _)) = releases.iter().find(|(_, o)| o.is_some()) else {
+                    break;
+                };
+                releases.remove(&old);
+            }
+            releases.insert(id, None);
             held.remove(i)
         };
+        let outcome = self.give_back(t, id, held);
+        let mut releases = self.releases.lock().unwrap_or_else(|p| p.into_inner());
+        releases.insert(id, Some(outcome));
+        self.released.notify_all();
+        outcome
+    }
+
+    /// How another thread's release of `id` went, once it is over (`Done` for a lock this
+    /// mount does not remember releasing).
+    fn release_outcome(&self, id: LockId, timeout: Duration) -> Released {
+        let releases = self.releases.lock().unwrap_or_else(|p| p.into_inner());
+        let (releases, _) = self
+            .released
+            .wait_timeout_while(releases, timeout, |r| matches!(r.get(&id), Some(None)))
+            .unwrap_or_else(|p| p.into_inner());
+        match releases.get(&id) {
+            Some(Some(outcome)) => *outcome,
+            Some(None) => Released::Failed,
+            None => Released::Done,
+        }
+    }
+
+    fn give_back(&self, t: &ReplicatedTransport, id: LockId, held: Held) -> Released {
         self.forget_outside();
         {
             let mut cache = self.cache();

@@ -127,18 +127,28 @@ impl ReplicatedTransport {
         self
     }
 
-    /// A thread that gives back idle automatic locks, every second until the transport goes.
+    /// A thread that gives back, until the transport goes, the locks the servers froze (at
+    /// once: another client waits for them) and idle automatic locks (every second).
     pub fn start_lock_keeper(self: &std::sync::Arc<Self>) {
         let weak = std::sync::Arc::downgrade(self);
+        let revocations = self.client.lock_revocations();
         let spawned = std::thread::Builder::new()
             .name("bftfs-lock-keeper".into())
-            .spawn(move || loop {
-                std::thread::sleep(Duration::from_secs(1));
-                let Some(t) = weak.upgrade() else { return };
-                t.locks.release_idle(&t);
+            .spawn(move || {
+                let mut idle_checked = std::time::Instant::now();
+                loop {
+                    // Waits without holding the transport, so that it can go meanwhile.
+                    let revoked = revocations.wait(Duration::from_secs(1));
+                    let Some(t) = weak.upgrade() else { return };
+                    t.locks.release_revoked(&t, &revoked);
+                    if idle_checked.elapsed() >= Duration::from_secs(1) {
+                        idle_checked = std::time::Instant::now();
+                        t.locks.release_idle(&t);
+                    }
+                }
             });
         if let Err(e) = spawned {
-            warn!("cannot start the thread that gives back idle locks: {e}");
+            warn!("cannot start the thread that gives back locks: {e}");
         }
     }
 

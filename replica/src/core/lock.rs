@@ -541,7 +541,15 @@ impl Core {
             }
         });
         let last = log.last();
+        let holder = log.holder;
         self.persist_lock(LockRecord::Frozen { lock, end }, actions);
+        if end.is_none() {
+            // Revoked (another client's access, or expiry): told at once, the holder drains,
+            // seals what completed and releases with the certificate, so the merge comes at
+            // the next checkpoint instead of after the release grace. A holder that does not
+            // answer is resolved by reports after the grace, as before.
+            self.send_lock_status(holder, lock, actions);
+        }
         if let Some(k) = cut {
             tracing::warn!(
                 replica = self.id.0,

@@ -186,6 +186,34 @@ impl LockTask {
     }
 }
 
+/// Locks whose servers said they are frozen or merged, for the holder's side to give back
+/// at once (an idle holder learns of a revocation only from these, not from a failed call).
+#[derive(Default)]
+pub struct LockRevocations {
+    ids: Mutex<Vec<LockId>>,
+    changed: std::sync::Condvar,
+}
+
+impl LockRevocations {
+    fn push(&self, lock: LockId) {
+        let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        if !ids.contains(&lock) {
+            ids.push(lock);
+        }
+        self.changed.notify_all();
+    }
+
+    /// The locks revoked since the last call, waiting up to `timeout` for one.
+    pub fn wait(&self, timeout: Duration) -> Vec<LockId> {
+        let ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut ids, _) = self
+            .changed
+            .wait_timeout_while(ids, timeout, |ids| ids.is_empty())
+            .unwrap_or_else(|p| p.into_inner());
+        std::mem::take(&mut *ids)
+    }
+}
+
 /// The lock a lock message is about.
 fn lock_of(message: &Message) -> Option<LockId> {
     match message {
@@ -202,6 +230,7 @@ pub struct ClientHandle {
     runtime: Option<tokio::runtime::Runtime>,
     operation_bytes_max: usize,
     observed: Arc<Mutex<ReplicaObservations>>,
+    revocations: Arc<LockRevocations>,
 }
 
 /// What this client observed about each replica (for `bftfs status`).
@@ -235,13 +264,26 @@ impl ClientHandle {
         let (submit_tx, submit_rx) = mpsc::channel(SUBMIT_QUEUE);
         let operation_bytes_max = config.protocol.operation_bytes_max;
         let observed = Arc::new(Mutex::new(ReplicaObservations::default()));
-        runtime.spawn(client_task(config, secrets, submit_rx, observed.clone()));
+        let revocations = Arc::new(LockRevocations::default());
+        runtime.spawn(client_task(
+            config,
+            secrets,
+            submit_rx,
+            observed.clone(),
+            revocations.clone(),
+        ));
         Ok(ClientHandle {
             submit: submit_tx,
             runtime: Some(runtime),
             operation_bytes_max,
             observed,
+            revocations,
         })
+    }
+
+    /// Where the client posts the locks its servers froze or merged.
+    pub fn lock_revocations(&self) -> Arc<LockRevocations> {
+        self.revocations.clone()
     }
 
     /// What this client observed about the replicas so far.
@@ -380,6 +422,7 @@ async fn client_task(
     secrets: ClientSecrets,
     mut submit_rx: mpsc::Receiver<Submit>,
     observed: Arc<Mutex<ReplicaObservations>>,
+    revocations: Arc<LockRevocations>,
 ) {
     let auth = Authenticator::for_client(&config, &secrets);
     let tick = Duration::from_nanos(config.protocol.tick_ns.max(1_000_000));
@@ -505,6 +548,9 @@ async fn client_task(
                         } else if let Some(lock) = lock_of(m.message()) {
                             if let Some(t) = locks.get_mut(&lock) {
                                 if let Some(out) = t.session.on_message(m) {
+                                    if matches!(out, LockOutput::Revoked | LockOutput::Gone) {
+                                        revocations.push(lock);
+                                    }
                                     t.on_output(out);
                                 }
                             }
