@@ -154,6 +154,23 @@ impl Core {
             {
                 self.make_stable(cert, actions)
             }
+            Some(_)
+                if self
+                    .transfer
+                    .as_ref()
+                    .is_some_and(|t| t.target.seq >= cert.seq) =>
+            {
+                // A transfer already under way to a later checkpoint (from this one as its
+                // base, perhaps) replaces the state: it fetches every object that differs
+                // from its target, whatever the base held. Dropping the base here left the
+                // transfer without it (seen when a certificate for a checkpoint a lock's
+                // merge had spoilt arrived after the one for the next).
+                tracing::warn!(
+                    replica = self.id.0,
+                    seq = cert.seq.0,
+                    "own checkpoint differs from the certified one; the transfer under way replaces it"
+                );
+            }
             Some(_) => {
                 // 2f+1 replicas (so at least f+1 correct) agree on a state we did not reach:
                 // our state is corrupt. Replace it.

@@ -60,7 +60,30 @@ pub(super) struct Holder {
     /// one of them, or none.
     lost: Vec<Vec<u8>>,
     reports: std::collections::BTreeMap<ReplicaId, crate::wire::Signed<crate::wire::LockReport>>,
+    /// `holder_revoked`: its ordered read that freezes the lock, the tick the session said
+    /// the lock is frozen, and a certificate waiting for that read to finish (the holder
+    /// has one ordered request at a time).
+    revokes: bool,
+    probe: Probe,
+    revoked_at: Option<u64>,
+    cert_waiting: Option<Vec<u8>>,
+    /// Entries refused by 2f+1 servers at the freeze.
+    refused: Vec<Vec<u8>>,
+    /// It gave its frozen lock back with a certificate (`holder_revoked`).
+    pub(super) given_back: bool,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    NotYet,
+    Asked(RequestId),
+    Answered,
+}
+
+/// Ticks a revoked holder may take to give its lock back with a certificate before it
+/// resolves it by reports instead (an entry in flight at the freeze that neither 2f+1
+/// servers ran nor 2f+1 refused blocks the seal).
+const GIVE_BACK_TICKS: u64 = 1_000;
 
 /// Ticks past the release grace (5 s of agreed time at 1 ms a tick) before a resolve.
 const GRACE_TICKS: u64 = state_abstraction::kv::RELEASE_GRACE_NS / 1_000_000 + 100;
@@ -95,6 +118,12 @@ impl Holder {
             resolved: false,
             lost: Vec::new(),
             reports: Default::default(),
+            revokes: scenario.holder_revoked,
+            probe: Probe::NotYet,
+            revoked_at: None,
+            cert_waiting: None,
+            refused: Vec::new(),
+            given_back: false,
         }
     }
 
@@ -133,13 +162,37 @@ impl Sim {
             s.on_tick(&mut actions);
         }
         let mut next_op = None;
+        let mut probe = false;
         let quorum = self.config.quorum();
         let n = self.config.n();
         let period = self.config.protocol.retransmit_ticks.max(1);
+        if let (Some(at), Phase::Working | Phase::Sealing) = (h.revoked_at, &h.phase) {
+            if tick >= at + GIVE_BACK_TICKS && h.cert_waiting.is_none() {
+                // No certificate to be had: resolve by reports, like any other client, once
+                // the grace is over. The entry in flight may or may not be in the end.
+                h.lost.extend(h.sent.take());
+                h.lost.append(&mut h.refused);
+                h.session = None;
+                h.phase = Phase::Grace(at + GRACE_TICKS);
+            }
+        }
         match h.phase {
             Phase::Start if tick >= 10 => next_op = Some(KvOp::Lock { key: h.key.clone() }),
+            Phase::Working if h.revoked_at.is_some() => {
+                // Frozen: once the entry in flight completed or was refused, seal what
+                // completed.
+                let s = h.session.as_mut().expect("session while working");
+                if !s.busy() && h.sent.is_none() && s.seal(&mut actions).is_ok() {
+                    h.phase = Phase::Sealing;
+                }
+            }
             Phase::Working => {
                 let s = h.session.as_mut().expect("session while working");
+                if h.revokes && h.probe == Probe::NotYet && h.done >= ENTRIES / 2 {
+                    // Its ordered read of the key meets the active lock and freezes it,
+                    // with (usually) the next entry in flight beside it.
+                    probe = true;
+                }
                 if s.is_ready() && !s.busy() && h.sent.is_none() {
                     if h.dies && h.done == ENTRIES / 2 && h.forks {
                         // Two different entries at the next k, each to half the replicas,
@@ -207,7 +260,7 @@ impl Sim {
             }
             Phase::CheckLater(at) if tick >= at => next_op = Some(KvOp::Get { key: h.key.clone() }),
             Phase::Dead(at) if tick >= at + 50 => next_op = Some(KvOp::Get { key: h.key.clone() }),
-            Phase::Grace(until) if tick >= until => {
+            Phase::Grace(until) if tick >= until && !matches!(h.probe, Probe::Asked(_)) => {
                 h.reports.clear();
                 h.phase = Phase::Reporting(tick);
                 actions.push(ClientAction::Broadcast {
@@ -234,6 +287,20 @@ impl Sim {
             _ => {}
         }
         self.client_actions(index, actions)?;
+        if probe {
+            let id = self.holder_invoke(
+                index,
+                KvOp::Get {
+                    key: self.clients[index]
+                        .holder
+                        .as_ref()
+                        .expect("holder")
+                        .key
+                        .clone(),
+                },
+            )?;
+            self.clients[index].holder.as_mut().expect("holder").probe = Probe::Asked(id);
+        }
         if let Some(op) = next_op {
             let h = self.clients[index].holder.as_ref().expect("holder");
             let probing = matches!(h.phase, Phase::Dead(_));
@@ -261,6 +328,28 @@ impl Sim {
         let config = self.config.clone();
         let h = self.clients[index].holder.as_mut().expect("holder");
         let mut release = None;
+        if h.probe == Probe::Asked(c.id) {
+            // The read under the active lock: refused, and the lock frozen by it.
+            if reply != Some(KvReply::Locked) {
+                let e =
+                    format!("lock holder: its ordered read under the active lock got {reply:?}");
+                return Err(self.fail(e));
+            }
+            h.probe = Probe::Answered;
+            if let Some(cert) = h.cert_waiting.take() {
+                let lock = h.lock.unwrap_or(LockId(0));
+                let id = self.holder_invoke(
+                    index,
+                    KvOp::Release {
+                        lock,
+                        cert: Some(cert),
+                    },
+                )?;
+                let h = self.clients[index].holder.as_mut().expect("holder");
+                h.phase = Phase::Releasing(id);
+            }
+            return Ok(());
+        }
         let result: Result<(), String> = match (&h.phase, reply) {
             (Phase::Locking(id), Some(KvReply::Lock(lock))) if *id == c.id => {
                 h.lock = Some(lock);
@@ -273,6 +362,7 @@ impl Sim {
                 Ok(())
             }
             (Phase::Releasing(id), Some(KvReply::Done)) if *id == c.id => {
+                h.given_back = h.revoked_at.is_some();
                 h.session = None;
                 h.phase = Phase::CheckLater(tick + 1);
                 Ok(())
@@ -369,12 +459,28 @@ impl Sim {
                     ))
                 }
             }
+            LockOutput::Certificate(cert) if matches!(h.probe, Probe::Asked(_)) => {
+                h.cert_waiting = Some(cert);
+                Ok(())
+            }
             LockOutput::Certificate(cert) => {
                 let lock = h.lock.unwrap_or(LockId(0));
                 invoke = Some(KvOp::Release {
                     lock,
                     cert: Some(cert),
                 });
+                Ok(())
+            }
+            LockOutput::Revoked if h.probe != Probe::NotYet && h.revoked_at.is_none() => {
+                h.revoked_at = Some(tick);
+                Ok(())
+            }
+            LockOutput::EntryRefused { .. } if h.probe != Probe::NotYet => {
+                // Refused by 2f+1 (the session's sign of the freeze when an entry was in
+                // flight): in no certified end. A resolution by reports may still take it
+                // (up to f servers appended it before they froze), as the fallback allows.
+                h.revoked_at.get_or_insert(tick);
+                h.refused.extend(h.sent.take());
                 Ok(())
             }
             other => Err(format!(

@@ -284,6 +284,11 @@ pub struct Scenario {
     /// Ticks the holder waits after an entry completes before it sends the next (0: at
     /// once), so that the lock lives long enough for a lagging replica to come back to it.
     pub holder_pace_ticks: u64,
+    /// Half-way through its work the holder's own ordered read of its key freezes the lock
+    /// (as another client's access would); told by the replicas, the holder finishes what
+    /// is in flight, seals what completed and releases with the certificate, falling back
+    /// to resolving by reports when that cannot complete.
+    pub holder_revoked: bool,
 }
 
 enum ReplicaState {

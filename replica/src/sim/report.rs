@@ -10,6 +10,9 @@ pub struct Report {
     pub lock_entries: u64,
     /// Frozen locks the dead holder resolved when it came back (`holder_dies`).
     pub locks_resolved: u64,
+    /// Locks frozen while their holder worked that it gave back itself, with a certificate
+    /// (`holder_revoked`).
+    pub locks_given_back: u64,
     pub completed: u64,
     pub read_only_completed: u64,
     pub view_changes: u64,
@@ -123,6 +126,12 @@ impl Sim {
             .iter()
             .filter_map(|c| c.holder.as_ref())
             .filter(|h| h.resolved)
+            .count() as u64;
+        report.locks_given_back = self
+            .clients
+            .iter()
+            .filter_map(|c| c.holder.as_ref())
+            .filter(|h| h.given_back)
             .count() as u64;
         for (i, node) in self.replicas.iter().enumerate() {
             report.rejected_frames += node.auth.counters.rejected();

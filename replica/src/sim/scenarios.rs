@@ -89,6 +89,7 @@ impl Scenario {
             holder_dies: false,
             holder_forks: false,
             holder_pace_ticks: 0,
+            holder_revoked: false,
         }
     }
 
@@ -326,6 +327,23 @@ pub const NAMED_SCENARIOS: &[(&str, fn(u64) -> Scenario)] = scenario_table![
     // lock's content from its peers (lock state transfer) to serve the rest of the log.
     ("locks_lagging", |seed| Scenario::locks_lagging(seed, 1)),
     ("locks_lagging_f2", |seed| Scenario::locks_lagging(seed, 2)),
+    // An ordered access freezes the lock while the holder works (entries in flight): the
+    // holder, told of the freeze, seals what completed and releases with the certificate.
+    // Runs long enough for the fallback (resolving by reports after the grace).
+    ("locks_revoked", |seed| Scenario {
+        name: "locks_revoked",
+        lock_holder: true,
+        holder_revoked: true,
+        max_ticks: 16_000,
+        ..Scenario::random(seed)
+    }),
+    ("locks_revoked_f2", |seed| Scenario {
+        name: "locks_revoked_f2",
+        lock_holder: true,
+        holder_revoked: true,
+        max_ticks: 16_000,
+        ..Scenario::random_with_f(seed, 2)
+    }),
     ("locks_holder_dies_f2", |seed| Scenario {
         name: "locks_holder_dies_f2",
         lock_holder: true,

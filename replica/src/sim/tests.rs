@@ -42,6 +42,8 @@ fn run_range(scenario: &'static str, seeds: std::ops::Range<u64>) {
                 totals.view_changes += r.view_changes;
                 totals.state_transfers += r.state_transfers;
                 totals.lock_contents_fetched += r.lock_contents_fetched;
+                totals.locks_given_back += r.locks_given_back;
+                totals.locks_resolved += r.locks_resolved;
                 totals.fetched_batches += r.fetched_batches;
                 totals.fetched_bodies += r.fetched_bodies;
                 totals.rejected_frames += r.rejected_frames;
@@ -61,7 +63,7 @@ fn run_range(scenario: &'static str, seeds: std::ops::Range<u64>) {
         }
     }
     eprintln!(
-        "{scenario} seeds {:?} ({f2_seeds} with f=2): {} failed; {} requests ({} on the fast path), {} rollbacks, {} POMs, {} view changes (at most {views_after_faults_max} views after the faults), {} state transfers ({} lock contents fetched), {} fetched batches ({} forged commits stripped), {} batches fetched by digest after a new view, {} lying view changes, {} split new views, {} faulty-client requests, {} frames rejected, in {:?}",
+        "{scenario} seeds {:?} ({f2_seeds} with f=2): {} failed; {} requests ({} on the fast path), {} rollbacks, {} POMs, {} view changes (at most {views_after_faults_max} views after the faults), {} state transfers ({} lock contents fetched), {} frozen locks given back by their holders, {} resolved by reports, {} fetched batches ({} forged commits stripped), {} batches fetched by digest after a new view, {} lying view changes, {} split new views, {} faulty-client requests, {} frames rejected, in {:?}",
         seeds,
         failures.len(),
         totals.completed,
@@ -71,6 +73,8 @@ fn run_range(scenario: &'static str, seeds: std::ops::Range<u64>) {
         totals.view_changes,
         totals.state_transfers,
         totals.lock_contents_fetched,
+        totals.locks_given_back,
+        totals.locks_resolved,
         totals.fetched_batches,
         totals.stripped_commits,
         totals.fetched_bodies,
@@ -115,6 +119,27 @@ fn seeds_locks_0_to_150() {
 #[test]
 fn seeds_locks_f2_0_to_40() {
     run_range("locks_f2", 0..40);
+}
+
+// An ordered read freezes the lock while its holder works; the holder gives it back with a
+// certificate (or, when an entry in flight blocks the seal, resolves it by reports).
+#[test]
+fn seeds_locks_revoked_0_to_40() {
+    run_range("locks_revoked", 0..40);
+}
+
+#[test]
+fn seeds_locks_revoked_f2_0_to_10() {
+    run_range("locks_revoked_f2", 0..10);
+}
+
+#[test]
+fn locks_revoked_scenario_gives_locks_back_with_certificates() {
+    let given_back = sum_over_seeds("locks_revoked", 0..8, |r| r.locks_given_back);
+    assert!(
+        given_back >= 4,
+        "holders gave back {given_back} of 8 frozen locks with a certificate"
+    );
 }
 
 // The holder dies with an entry in flight; it comes back as a client and resolves the
