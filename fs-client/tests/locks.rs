@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use state_abstraction::fs::locks::RELEASE_GRACE_NS;
+use state_abstraction::fs::locks::{POOL_INITIAL, RELEASE_GRACE_NS};
 use std::fs;
 use std::io::Write;
 use std::path::Path;
@@ -738,5 +738,48 @@ fn concurrent_writers_under_automatic_locks_lose_nothing_and_never_stall() {
     }
     let (_, said) = status(&m, false);
     assert!(said.contains(" 0 failed"), "{said}");
+    m.down();
+}
+
+/// Big inputs under an automatic lock: a directory filled with more files than a lock's
+/// pool holds. The create that finds the pool used up answers `PoolEmpty` (no effect); the
+/// mount gives the lock back and takes the directory again, with a fresh pool, and goes on
+/// under the new lock (before, it went ordered and met its own lock). Every file is there.
+#[test]
+fn a_directory_larger_than_a_locks_pool_fills_under_a_retaken_lock() {
+    if !replicated_mounts_available(
+        "a_directory_larger_than_a_locks_pool_fills_under_a_retaken_lock",
+    ) {
+        return;
+    }
+    let (_tmp, [mnt, xdg]) = scratch(["mnt", "xdg"]);
+    fs::create_dir(&mnt).expect("mkdir");
+    let m = Mounted::at(&mnt, &xdg, None, &["-o", "locks=auto"]).expect("up");
+    let dir = mnt.join("many");
+    fs::create_dir(&dir).expect("mkdir many");
+    let files = POOL_INITIAL as usize + 600;
+    for i in 0..files {
+        fs::File::create(dir.join(format!("f{i:05}"))).expect("create");
+    }
+    // Still under a lock, and not the first one: the directory was taken again.
+    let (locks, _) = replica_locks(&m, 0);
+    assert!(
+        locks.iter().any(|&l| l >= 1),
+        "after {files} creates the replicas list locks {locks:?}: not taken again"
+    );
+    // Taken again by the rotation, not after the mount's own ordered call froze it.
+    let log = fs::read_to_string(data_dir_of(&m).join("up.log")).unwrap_or_default();
+    assert!(
+        log.contains("pool of new objects is used up"),
+        "no rotation for an empty pool in the mount's log"
+    );
+    assert!(
+        !log.contains("froze the lock"),
+        "the lock was frozen on the way"
+    );
+    let names = fs::read_dir(&dir).expect("readdir").count();
+    assert_eq!(names, files);
+    fs::write(dir.join("f00007"), b"seven").expect("write");
+    assert_eq!(fs::read(dir.join("f00007")).expect("read"), b"seven");
     m.down();
 }

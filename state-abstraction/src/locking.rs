@@ -257,6 +257,10 @@ pub enum LockedResult {
     /// The operation reaches outside the lock (or the lock is not active here): no effect;
     /// the client sends it on the ordered path.
     NeedsAgreement,
+    /// The operation creates an object and the lock's pool has no free slot left: no
+    /// effect. The holder gives the lock back and takes it again (a fresh pool), then sends
+    /// the operation anew; sent ordered instead, it would only meet its own lock.
+    PoolEmpty,
 }
 
 /// Checks a lock certificate carried inside an ordered operation (a release's): 2f+1

@@ -96,7 +96,7 @@ impl R {
     fn locked_ok(&mut self, lock: LockId, e: &Entry) -> FsResult {
         match self.locked(lock, e) {
             LockedResult::Done(bytes) => decode(&bytes).expect("a reply decodes"),
-            LockedResult::NeedsAgreement => panic!("{:?} needs agreement", e.op),
+            other => panic!("{:?} answered {other:?}", e.op),
         }
     }
 
@@ -830,7 +830,7 @@ fn an_entry_that_reaches_outside_the_lock_needs_agreement_and_does_nothing() {
 }
 
 #[test]
-fn an_empty_pool_needs_agreement_until_a_remove_frees_a_slot() {
+fn an_empty_pool_answers_pool_empty_until_a_remove_frees_a_slot() {
     let dir = common::shm_dir().unwrap_or_else(temp_dir);
     let mut r = R::open(dir.path());
     let p = populate(&mut r);
@@ -887,7 +887,7 @@ fn an_empty_pool_needs_agreement_until_a_remove_frees_a_slot() {
     for op in &creates {
         assert_eq!(
             r.locked(lock, &e(op.clone())),
-            LockedResult::NeedsAgreement,
+            LockedResult::PoolEmpty,
             "{op:?}"
         );
     }

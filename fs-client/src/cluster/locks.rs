@@ -17,11 +17,11 @@ use crate::options::LockPolicy;
 use crate::transport::TransportError;
 use replica::core::lock::{LOCK_LOG_BYTES_MAX, LOCK_LOG_ENTRIES_MAX};
 use replica::driver::client::CallError;
-use state_abstraction::fs::locks::{LockRefusal, LockState, LockUnit};
+use state_abstraction::fs::locks::{FreezeCause, LockRefusal, LockState, LockUnit};
 use state_abstraction::fs::{
     decode, encode, Caller, FsError, FsOp, FsReply, FsRequest, FsResult, Handle,
 };
-use state_abstraction::{LockId, LockedResult, ResolveSubject};
+use state_abstraction::{ClientId, LockId, LockedResult, ResolveSubject};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -340,13 +340,42 @@ impl HeldLocks {
                 .collect()
         };
         for id in ids {
+            // Frozen by another client's access: an automatic lock keeps off the tree a while.
+            // Not when this mount's own call from outside the lock froze it (the ordered path
+            // then gives it back too), nor at expiry.
+            let by = self.frozen_by(t, id);
             info!(
                 lock = id.0,
-                "the replicas froze the lock (another client needs it); giving it back"
+                by = ?by.map(|c| c.0),
+                "the replicas froze the lock; giving it back"
             );
-            self.revoked(self.root_of(id));
+            if by.is_some_and(|c| c.0 != t.client_id()) {
+                self.revoked(self.root_of(id));
+            }
             self.release(t, id);
         }
+    }
+
+    /// The client whose ordered access froze lock `id`, from the lock table (`None`: not
+    /// frozen by an access, or the table could not be read).
+    fn frozen_by(&self, t: &ReplicatedTransport, id: LockId) -> Option<ClientId> {
+        let list = FsRequest {
+            caller: Caller::root(),
+            op: FsOp::ListLocks,
+        };
+        let Ok(Ok(FsReply::Locks { locks, .. })) = t.ordered(&list) else {
+            return None;
+        };
+        locks
+            .iter()
+            .find(|e| e.id == id)
+            .and_then(|e| match e.state {
+                LockState::Frozen {
+                    cause: FreezeCause::Conflict(c),
+                    ..
+                } => Some(c),
+                _ => None,
+            })
     }
 
     /// An ordered call completed with `result`: with `-o locks=auto`, a directory changed
@@ -440,6 +469,17 @@ impl HeldLocks {
         t: &ReplicatedTransport,
         req: &FsRequest,
     ) -> Option<Result<FsResult, TransportError>> {
+        self.try_locked_after(t, req, false)
+    }
+
+    /// `try_locked`, once the lock was rotated for this call (`rotated`): a second rotation
+    /// for one call is not tried (the call goes ordered).
+    fn try_locked_after(
+        &self,
+        t: &ReplicatedTransport,
+        req: &FsRequest,
+        rotated: bool,
+    ) -> Option<Result<FsResult, TransportError>> {
         self.wait_rotation();
         if !self.holds_any() {
             return None;
@@ -463,10 +503,10 @@ impl HeldLocks {
         let op = encode(req);
         let (id, renew, full) = self.first(op.len())?;
         *self.cache().sent.entry(req.op.kind()).or_default() += 1;
-        if full {
-            self.rotate(t, id);
+        if full && !rotated {
+            self.rotate(t, id, "the lock's log is nearly full");
             // Through the new lock if there is one (its log starts empty), else ordered.
-            return self.try_locked(t, req);
+            return self.try_locked_after(t, req, true);
         }
         if renew {
             self.renew(t, id);
@@ -488,6 +528,14 @@ impl HeldLocks {
                 }
                 return Some(result);
             }
+            Ok(LockedResult::PoolEmpty) if !rotated => {
+                // No effect anywhere: the same call goes through the next lock, whose pool
+                // is fresh.
+                self.cache().renew(sent);
+                self.rotate(t, id, "the lock's pool of new objects is used up");
+                return self.try_locked_after(t, req, true);
+            }
+            Ok(LockedResult::PoolEmpty) => return None,
             Ok(LockedResult::NeedsAgreement) => {
                 // The ordered path runs it and tells the cache (`after_ordered`).
                 self.cache().renew(sent);
@@ -671,10 +719,9 @@ impl HeldLocks {
     }
 
     /// Gives the lock back with its log sealed and takes the same root again, so that the
-    /// new lock starts with an empty log (and a fresh pool). The call that found the log full
-    /// goes ordered; calls meanwhile do too, and those that meet the old lock before it
-    /// merges are retried by the transport.
-    fn rotate(&self, t: &ReplicatedTransport, id: LockId) {
+    /// new lock starts with an empty log and a fresh pool. Other calls wait for it
+    /// (`wait_rotation`).
+    fn rotate(&self, t: &ReplicatedTransport, id: LockId, why: &str) {
         {
             let mut rotating = self.rotating.lock().unwrap_or_else(|p| p.into_inner());
             if rotating.is_some() {
@@ -693,10 +740,7 @@ impl HeldLocks {
         }) else {
             return;
         };
-        info!(
-            lock = id.0,
-            "the lock's log is nearly full; giving it back and locking again"
-        );
+        info!(lock = id.0, "{why}; giving the lock back and locking again");
         if !self.release(t, id) {
             return;
         }

@@ -300,6 +300,11 @@ impl ReplicatedTransport {
         &self.client
     }
 
+    /// This mount's client identity at the replicas.
+    pub(super) fn client_id(&self) -> u64 {
+        self.client_id
+    }
+
     pub(super) fn timeout(&self) -> Duration {
         self.timeout
     }

@@ -114,6 +114,7 @@ impl FileService {
             root: e.root.index,
         };
         self.needs_agreement.set(false);
+        self.pool_empty.set(false);
         let result = self.exec(&req, Timespec::from_nanos(time_ns));
         self.scope = Scope::Outside;
         if self.needs_agreement.take() {
@@ -125,9 +126,15 @@ impl FileService {
                 "{:?} went on past a refused guard under a lock",
                 req.op
             );
+            if self.pool_empty.take() {
+                return LockedResult::PoolEmpty;
+            }
             return LockedResult::NeedsAgreement;
         }
-        self.refresh_lock_members(lock);
+        // The changed members' digests are left stale (in `dirty`): the lock's digest reads
+        // stale ones from the data when a seal or a merge asks, and the next checkpoint
+        // refreshes them. Refreshing after every entry re-encoded a directory's whole header
+        // per create in it: quadratic in a directory of thousands of entries.
         LockedResult::Done(ops::encode(&result))
     }
 
@@ -190,12 +197,13 @@ impl FileService {
     }
 
     /// The check an operation that creates an object makes before its first side effect:
-    /// under a lock, a free pool slot must be there for it (else it needs agreement, and
-    /// the client asks for a bigger pool or goes ordered).
+    /// under a lock, a free pool slot must be there for it (else the entry has no effect and
+    /// answers `PoolEmpty`: the holder takes the lock again, with a fresh pool).
     pub(super) fn pool_check(&self) -> Result<(), FsError> {
         if let Scope::Lock { lock, .. } = self.scope {
             if self.lock_free_slot(lock).is_none() {
                 self.needs_agreement.set(true);
+                self.pool_empty.set(true);
                 return Err(FsError::Locked);
             }
         }

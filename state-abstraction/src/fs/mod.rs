@@ -183,6 +183,8 @@ pub struct FileService {
     lock_hit: Cell<Option<LockId>>,
     /// Set when a guard refused a locked entry (a slot outside its lock, or no pool slot).
     needs_agreement: Cell<bool>,
+    /// Set with `needs_agreement` when the refusal was the lock's pool running out.
+    pool_empty: Cell<bool>,
     /// Each active lock's record of activation values (see `lock_timeline.rs`); lock-timeline
     /// state, persisted with the table.
     lock_records: BTreeMap<LockId, lock_timeline::LockRecord>,
@@ -282,6 +284,7 @@ impl FileService {
             scope: Scope::Outside,
             lock_hit: Cell::new(None),
             needs_agreement: Cell::new(false),
+            pool_empty: Cell::new(false),
             lock_records: BTreeMap::new(),
             doomed_lock_records: Vec::new(),
             lock_events: Vec::new(),
