@@ -754,7 +754,8 @@ fn a_directory_larger_than_a_locks_pool_fills_under_a_retaken_lock() {
     }
     let (_tmp, [mnt, xdg]) = scratch(["mnt", "xdg"]);
     fs::create_dir(&mnt).expect("mkdir");
-    let m = Mounted::at(&mnt, &xdg, None, &["-o", "locks=auto"]).expect("up");
+    // -v: the log says how the lock went (debug lines too; the test reads info ones).
+    let m = Mounted::at(&mnt, &xdg, None, &["-o", "locks=auto", "-v"]).expect("up");
     let dir = mnt.join("many");
     fs::create_dir(&dir).expect("mkdir many");
     let files = POOL_INITIAL as usize + 600;
@@ -769,6 +770,7 @@ fn a_directory_larger_than_a_locks_pool_fills_under_a_retaken_lock() {
     );
     // Taken again by the rotation, not after the mount's own ordered call froze it.
     let log = fs::read_to_string(data_dir_of(&m).join("up.log")).unwrap_or_default();
+    eprintln!("the mount's log: {} bytes", log.len());
     assert!(
         log.contains("pool of new objects is used up"),
         "no rotation for an empty pool in the mount's log"
