@@ -28,6 +28,9 @@ use state_abstraction::{LockId, LockedResult};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+/// How often an idle served session asks the servers how they see its lock.
+const IDLE_PING_NS: u64 = 1_000_000_000;
+
 /// What a session tells its caller.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LockOutput {
@@ -184,6 +187,8 @@ impl LockSession {
             return Err(LockSessionError::TooLarge(op.len()));
         }
         self.last_time = self.last_time.max(now_ns);
+        // Entries show the lock's state as they complete: no idle ping until a pause.
+        self.ping_tick = self.ticks;
         let entry = LockEntry {
             holder: self.holder,
             lock: self.lock,
@@ -242,6 +247,18 @@ impl LockSession {
         self.ticks += 1;
         let period = self.config.protocol.retransmit_ticks.max(1);
         if self.end.is_none() && !self.revoked && self.ticks >= self.ping_tick + period {
+            self.ping(actions);
+        }
+        // Served and idle: ask how the servers see the lock now and then. They tell the
+        // holder of a freeze as it happens, but that message can be lost (a link coming back
+        // up), and an idle holder sends nothing else that would show it.
+        let idle_period = (IDLE_PING_NS / self.config.protocol.tick_ns.max(1)).max(period);
+        if self.end.is_some()
+            && !self.revoked
+            && self.pending.is_none()
+            && self.sealing.is_none()
+            && self.ticks >= self.ping_tick + idle_period
+        {
             self.ping(actions);
         }
         if let Some(p) = &mut self.pending {

@@ -578,6 +578,44 @@ fn an_ordered_access_by_another_client_freezes_the_lock_and_the_holder_releases(
     );
 }
 
+/// A freeze is told to the holder by every server as it happens, so an idle holder can
+/// release at once; when those messages are lost, its idle ping finds the freeze within
+/// about a second.
+#[test]
+fn an_idle_holder_learns_of_a_freeze_as_it_happens_or_by_its_idle_ping() {
+    for lose_pushes in [false, true] {
+        let (mut net, _lock) = Net::started(1);
+        assert_eq!(net.locked(append("a", "-mine")), value("start-mine"));
+        net.outputs.clear();
+        if lose_pushes {
+            net.drop = Box::new(|_, to, m| {
+                to == Principal::Client(HOLDER)
+                    && matches!(m, Message::Lock(LockMessage::Status { .. }))
+            });
+        }
+        assert_eq!(
+            net.call(OTHER, KvOp::Get { key: "a".into() }),
+            KvReply::Locked
+        );
+        net.run_until(500, "frozen everywhere", |net| {
+            net.replicas.iter().flatten().all(|r| {
+                r.lock_logs()
+                    .iter()
+                    .all(|l| l.state == crate::wire::LockServerState::Frozen)
+            })
+        });
+        let revoked = |net: &Net| net.outputs.contains(&LockOutput::Revoked);
+        if !lose_pushes {
+            assert!(revoked(&net), "the holder was not told of the freeze");
+            continue;
+        }
+        assert!(!revoked(&net), "told though every status was lost");
+        net.drop = Box::new(|_, _, _| false);
+        let second = 1_000_000_000 / net.config.protocol.tick_ns;
+        net.run_until(second + 100, "the idle ping finds the freeze", revoked);
+    }
+}
+
 #[test]
 fn f2_needs_five_matching_replies_and_merges() {
     let (mut net, lock) = Net::started(2);
