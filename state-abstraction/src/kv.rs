@@ -25,6 +25,8 @@ pub const BUCKETS: u64 = 64;
 pub const META_OBJECT: u64 = BUCKETS;
 /// How far ahead of a backup's own clock a proposed time may be.
 pub const MAX_CLOCK_SKEW_NS: u64 = 5_000_000_000;
+/// A locked bucket's content, at most (far above what the simulator's values reach).
+const KV_LOCK_BYTES_MAX: u64 = 64 << 20;
 
 /// Decoding limit for operations and abstract objects: a peer or client controls these bytes.
 const DECODE_LIMIT: usize = 16 << 20;
@@ -716,6 +718,7 @@ impl Service for KvService {
                     _ => None,
                 },
                 members: 1,
+                bytes_max: KV_LOCK_BYTES_MAX,
             })
             .collect()
     }

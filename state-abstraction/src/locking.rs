@@ -88,6 +88,11 @@ pub struct LockInfo {
     pub frozen: Option<Option<LockPoint>>,
     /// How many objects the lock's content has (what a fetch of it may assemble).
     pub members: u32,
+    /// The most bytes its content can hold, from what ordering recorded at activation: a
+    /// fetch that assembles more is being fed by a faulty peer (pages cannot be checked
+    /// one by one, only the whole against `base`), and goes to another before memory runs
+    /// out.
+    pub bytes_max: u64,
 }
 
 /// Where a lock content transfer goes on: the first piece not yet sent, by (object index,

@@ -1085,6 +1085,23 @@ impl Core {
             // adds pages, so a faulty one cannot spoil every attempt.
             return;
         }
+        let page_bytes: u64 = page.pieces.iter().map(|p| p.bytes.len() as u64).sum();
+        if f.assembly.bytes.saturating_add(page_bytes) > f.info.bytes_max {
+            // More than the lock's content can hold: garbage from this peer (or from an
+            // earlier one, which the whole would show). Start again elsewhere, before the
+            // assembly takes all memory.
+            tracing::warn!(
+                replica = self.id.0,
+                peer = peer.0,
+                lock = lock.0,
+                bytes = f.assembly.bytes + page_bytes,
+                max = f.info.bytes_max,
+                "a peer's lock content outgrows the lock; fetching it again from another"
+            );
+            f.assembly = Default::default();
+            self.ask_another_for_lock_base(lock, actions);
+            return self.misbehaved(Principal::Replica(peer), "lock content too large", actions);
+        }
         match f.assembly.append(page, f.info.members as usize) {
             Err(why) => {
                 tracing::warn!(

@@ -218,6 +218,32 @@ impl Sim {
                     let m = Message::Lock(crate::wire::LockMessage::Reply(reply));
                     self.byzantine_send(r, to, &m, behaviour)?;
                 }
+                (
+                    Message::Lock(crate::wire::LockMessage::Base { lock, from, .. }),
+                    Behaviour::WrongReplies,
+                ) => {
+                    // Lock content that never ends: an object of u32::MAX pieces, each page
+                    // well formed and continuing the last, so that only a bound on the
+                    // assembly stops a fetcher from taking it all.
+                    let first = from.piece;
+                    let pieces = (0..15u32)
+                        .map(|k| state_abstraction::locking::BasePiece {
+                            index: from.index,
+                            piece: first + k,
+                            of: u32::MAX,
+                            bytes: vec![0xA5; 64 * 1024],
+                        })
+                        .collect();
+                    let m = Message::Lock(crate::wire::LockMessage::Base {
+                        lock: *lock,
+                        from: *from,
+                        page: state_abstraction::locking::BasePage {
+                            pieces,
+                            done: false,
+                        },
+                    });
+                    self.byzantine_send(r, to, &m, behaviour)?;
+                }
                 (Message::Client(ClientMessage::Reply(reply)), Behaviour::WrongReplies) => {
                     let mut reply = reply.clone();
                     reply.result = b"wrong".to_vec();

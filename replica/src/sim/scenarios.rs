@@ -326,6 +326,16 @@ pub const NAMED_SCENARIOS: &[(&str, fn(u64) -> Scenario)] = scenario_table![
     // work: it comes back by state transfer to a state with the lock active, and fetches the
     // lock's content from its peers (lock state transfer) to serve the rest of the log.
     ("locks_lagging", |seed| Scenario::locks_lagging(seed, 1)),
+    // The same, with replica 0 serving lock content that never ends (well formed pages of
+    // an object of u32::MAX pieces): the fetcher must give it up at the lock's size bound
+    // and get the content from another peer.
+    ("locks_lagging_lying", |seed| {
+        let mut s = Scenario::locks_lagging(seed, 1);
+        s.name = "locks_lagging_lying";
+        s.byzantine = vec![(0, Behaviour::WrongReplies)];
+        s.crashes.retain(|c| c.replica != 0);
+        s
+    }),
     ("locks_lagging_f2", |seed| Scenario::locks_lagging(seed, 2)),
     // An ordered access freezes the lock while the holder works (entries in flight): the
     // holder, told of the freeze, seals what completed and releases with the certificate.

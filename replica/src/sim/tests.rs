@@ -191,6 +191,12 @@ fn seeds_locks_lagging_f2_0_to_8() {
 /// an active lock and fetches its content in most seeds (in others the lock merged first,
 /// or the replica caught up from its peers' logs without a state transfer).
 #[test]
+fn locks_lagging_lying_scenario_fetches_lock_content_past_endless_pages() {
+    let fetched = sum_over_seeds("locks_lagging_lying", 0..8, |r| r.lock_contents_fetched);
+    assert!(fetched >= 4, "lock content fetched in {fetched} of 8 seeds");
+}
+
+#[test]
 fn locks_lagging_scenario_fetches_lock_content() {
     let fetched = sum_over_seeds("locks_lagging", 0..8, |r| r.lock_contents_fetched);
     assert!(fetched >= 4, "lock content fetched in {fetched} of 8 seeds");

@@ -17,14 +17,34 @@
 
 use super::install::Target;
 use super::lock_timeline::LockRecord;
-use super::locks::{LockId, LockState};
-use super::object::{chunk_count, ObjectHeader, Slot, CHUNK_SIZE};
+use super::locks::{LockEntry, LockId, LockState};
+use super::object::{
+    chunk_count, ObjectHeader, Slot, BLOCK_SIZE, CHUNK_SIZE, DIR_ENTRIES_MAX, NAME_MAX,
+};
 use super::ops::FileType;
 use super::FileService;
 use crate::digest::{object_digest, piece_digest, Hasher};
 use crate::locking::{BaseCursor, BasePage, BasePiece, LockInfo};
 use crate::service::{AbstractObject, ServiceError};
 use std::collections::BTreeMap;
+
+/// Header bytes allowed per member in [`content_bytes_max`]: a member's header is its
+/// attributes, extended attributes (at most `XATTR_TOTAL_MAX`), a symbolic link's target and
+/// a directory's entries; entries are about one per member, and one directory as large as a
+/// directory may be is allowed on top.
+const HEADER_BYTES_PER_MEMBER: u64 = 1 << 20;
+const ONE_FULL_DIRECTORY: u64 = DIR_ENTRIES_MAX as u64 * (NAME_MAX as u64 + 64);
+
+/// The most bytes lock `e`'s content (its members as at activation) can take in pages:
+/// the file data ordering counted at activation (`frozen_counts`, in blocks) and an
+/// allowance for the headers. A bound against faulty peers, not an estimate.
+fn content_bytes_max(e: &LockEntry) -> u64 {
+    e.frozen_counts
+        .1
+        .saturating_mul(BLOCK_SIZE)
+        .saturating_add((e.members as u64).saturating_mul(HEADER_BYTES_PER_MEMBER))
+        .saturating_add(ONE_FULL_DIRECTORY)
+}
 
 impl FileService {
     /// The locks the ordered state holds as active or frozen (not merged), for a replica
@@ -49,6 +69,7 @@ impl FileService {
                     base: e.base,
                     frozen,
                     members: e.members,
+                    bytes_max: content_bytes_max(e),
                 })
             })
             .collect()
