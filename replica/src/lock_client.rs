@@ -388,6 +388,20 @@ impl LockSession {
         }
         if count(|s| matches!(s, LockServerState::Frozen)) >= weak && !self.revoked {
             self.revoked = true;
+            // Frozen before it was ever served: this holder sent no entry, so the log is
+            // empty, and f+1 servers saying so with one anchor (one of them correct) let
+            // the session seal it there: the release then carries a certificate and the
+            // lock merges at once instead of after the release grace.
+            let mut empty: BTreeMap<StatusKey, usize> = BTreeMap::new();
+            for (s, key) in self.statuses.values() {
+                if *s == LockServerState::Frozen && key.2 == 0 && key.1 == key.3 {
+                    *empty.entry(*key).or_default() += 1;
+                }
+            }
+            if let Some(((epoch, anchor, _, _), _)) = empty.into_iter().find(|(_, n)| *n >= weak) {
+                self.epoch = epoch;
+                self.end = Some((0, anchor));
+            }
             return Some(LockOutput::Revoked);
         }
         let mut counts: BTreeMap<StatusKey, usize> = BTreeMap::new();

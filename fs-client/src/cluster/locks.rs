@@ -892,16 +892,24 @@ impl HeldLocks {
                 Ok(())
             }
             Err(e) => {
-                warn!(lock = id.0, error = %e, "the lock did not become active; giving it back");
+                // Revoked before it was served (another mount's access came first): nothing
+                // was sent under it, so the servers seal it empty and it merges at once.
+                let cert = match e {
+                    CallError::LockGone => t.client().lock_seal(id, t.timeout()).ok(),
+                    _ => None,
+                };
+                warn!(
+                    lock = id.0,
+                    error = %e,
+                    sealed = cert.is_some(),
+                    "the lock did not become active; giving it back"
+                );
+                t.client().lock_end(id);
                 let req = FsRequest {
                     caller,
-                    op: FsOp::Release {
-                        lock: id,
-                        cert: None,
-                    },
+                    op: FsOp::Release { lock: id, cert },
                 };
                 let _ = t.ordered(&req);
-                t.client().lock_end(id);
                 Err(libc::EBUSY)
             }
         }
