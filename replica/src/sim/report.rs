@@ -121,18 +121,15 @@ impl Sim {
             .filter_map(|c| c.holder.as_ref())
             .map(|h| h.entries_completed)
             .sum();
-        report.locks_resolved = self
-            .clients
-            .iter()
-            .filter_map(|c| c.holder.as_ref())
-            .filter(|h| h.resolved)
-            .count() as u64;
-        report.locks_given_back = self
-            .clients
-            .iter()
-            .filter_map(|c| c.holder.as_ref())
-            .filter(|h| h.given_back)
-            .count() as u64;
+        let holders = |which: fn(&holder::Holder) -> bool| {
+            self.clients
+                .iter()
+                .filter_map(|c| c.holder.as_deref())
+                .filter(|h| which(h))
+                .count() as u64
+        };
+        report.locks_resolved = holders(|h| h.resolved);
+        report.locks_given_back = holders(|h| h.given_back);
         for (i, node) in self.replicas.iter().enumerate() {
             report.rejected_frames += node.auth.counters.rejected();
             if node.byzantine.is_some() {

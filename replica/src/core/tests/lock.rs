@@ -261,6 +261,22 @@ impl Net {
         panic!("{what}: not within {limit} ticks");
     }
 
+    /// Another client's ordered read of the locked key "a": refused, and the lock frozen at
+    /// every replica.
+    fn freeze_by_another_client(&mut self) {
+        assert_eq!(
+            self.call(OTHER, KvOp::Get { key: "a".into() }),
+            KvReply::Locked
+        );
+        self.run_until(500, "frozen everywhere", |net| {
+            net.replicas.iter().flatten().all(|r| {
+                r.lock_logs()
+                    .iter()
+                    .all(|l| l.state == crate::wire::LockServerState::Frozen)
+            })
+        });
+    }
+
     /// An ordered operation of client `c`, run to completion.
     fn call(&mut self, c: ClientId, op: KvOp) -> KvReply {
         let mut actions = Vec::new();
@@ -559,17 +575,7 @@ fn an_ordered_access_by_another_client_freezes_the_lock_and_the_holder_releases(
     let (mut net, lock) = Net::started(1);
     assert_eq!(net.locked(append("a", "-mine")), value("start-mine"));
     // Another client touches the locked bucket: refused, and the lock freezes.
-    assert_eq!(
-        net.call(OTHER, KvOp::Get { key: "a".into() }),
-        KvReply::Locked
-    );
-    net.run_until(500, "frozen everywhere", |net| {
-        net.replicas.iter().flatten().all(|r| {
-            r.lock_logs()
-                .iter()
-                .all(|l| l.state == crate::wire::LockServerState::Frozen)
-        })
-    });
+    net.freeze_by_another_client();
     // Nothing more is appended; the holder seals what completed and releases.
     net.release(lock);
     assert_eq!(
@@ -593,17 +599,7 @@ fn an_idle_holder_learns_of_a_freeze_as_it_happens_or_by_its_idle_ping() {
                     && matches!(m, Message::Lock(LockMessage::Status { .. }))
             });
         }
-        assert_eq!(
-            net.call(OTHER, KvOp::Get { key: "a".into() }),
-            KvReply::Locked
-        );
-        net.run_until(500, "frozen everywhere", |net| {
-            net.replicas.iter().flatten().all(|r| {
-                r.lock_logs()
-                    .iter()
-                    .all(|l| l.state == crate::wire::LockServerState::Frozen)
-            })
-        });
+        net.freeze_by_another_client();
         let revoked = |net: &Net| net.outputs.contains(&LockOutput::Revoked);
         if !lose_pushes {
             assert!(revoked(&net), "the holder was not told of the freeze");
