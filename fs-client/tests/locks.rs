@@ -795,7 +795,23 @@ fn a_directory_larger_than_a_locks_pool_fills_under_a_retaken_lock() {
 /// without a certificate); a stall past the call timeout is an EIO.
 #[test]
 fn two_mounts_sharing_a_directory_under_automatic_locks_see_each_others_closed_files() {
-    let name = "two_mounts_sharing_a_directory_under_automatic_locks_see_each_others_closed_files";
+    two_mounts_share_a_directory(
+        "two_mounts_sharing_a_directory_under_automatic_locks_see_each_others_closed_files",
+        None,
+    );
+}
+
+/// The same with a replica SIGKILLed a moment into the work (`bftfs up` restarts it): locks
+/// are taken, revoked, sealed and merged while it is down and while it catches up.
+#[test]
+fn two_mounts_sharing_a_directory_lose_nothing_when_a_replica_is_killed_midway() {
+    two_mounts_share_a_directory(
+        "two_mounts_sharing_a_directory_lose_nothing_when_a_replica_is_killed_midway",
+        Some(0),
+    );
+}
+
+fn two_mounts_share_a_directory(name: &str, kill: Option<u64>) {
     if !replicated_mounts_available(name) {
         return;
     }
@@ -847,6 +863,11 @@ fn two_mounts_sharing_a_directory_under_automatic_locks_see_each_others_closed_f
     std::thread::scope(|s| {
         s.spawn(side(mnt1.clone(), mnt2.clone(), "one", to_two, from_two));
         s.spawn(side(mnt2.clone(), mnt1.clone(), "two", to_one, from_one));
+        if let Some(id) = kill {
+            std::thread::sleep(Duration::from_millis(700));
+            let pid = replica_pid(&first, id).unwrap_or_else(|| panic!("replica {id} pid"));
+            assert!(send_signal(pid, nix::sys::signal::Signal::SIGKILL));
+        }
     });
     let took = started.elapsed();
     // Generous (a loaded 2-core machine): a single stall at the call timeout is 30 s.
@@ -871,5 +892,7 @@ fn two_mounts_sharing_a_directory_under_automatic_locks_see_each_others_closed_f
         !log.contains("resolved a frozen lock"),
         "a lock was resolved after the grace"
     );
+    let diverged = divergence_in_replica_logs(&data_dir_of(&first));
+    assert!(diverged.is_empty(), "{diverged:?}");
     first.down();
 }
