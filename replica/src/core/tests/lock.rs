@@ -301,6 +301,20 @@ impl Net {
 
     /// Locks the bucket of `key` and waits until the holder's session is ready.
     fn lock(&mut self, key: &str) -> LockId {
+        let lock = self.lock_activated(key);
+        self.start_session(lock);
+        self.run_until(2_000, "session ready", |net| {
+            net.outputs
+                .iter()
+                .any(|o| matches!(o, LockOutput::Ready { .. }))
+        });
+        self.outputs.clear();
+        lock
+    }
+
+    /// Locks the bucket of `key` and waits until a quorum of replicas activated the lock
+    /// (the holder's session is not started).
+    fn lock_activated(&mut self, key: &str) -> LockId {
         let KvReply::Lock(lock) = self.call(HOLDER, KvOp::Lock { key: key.into() }) else {
             panic!("lock refused");
         };
@@ -315,6 +329,11 @@ impl Net {
                 .count()
                 >= quorum
         });
+        lock
+    }
+
+    /// The holder's session for `lock`, asking the servers how they see it.
+    fn start_session(&mut self, lock: LockId) {
         let holder = self.keys.clients[0].clone();
         assert_eq!(holder.id, HOLDER);
         let mut session = LockSession::new(self.config.clone(), &holder, lock);
@@ -322,13 +341,6 @@ impl Net {
         session.ping(&mut actions);
         self.session = Some(session);
         self.client_actions(HOLDER, actions);
-        self.run_until(2_000, "session ready", |net| {
-            net.outputs
-                .iter()
-                .any(|o| matches!(o, LockOutput::Ready { .. }))
-        });
-        self.outputs.clear();
-        lock
     }
 
     /// One locked operation, run to completion.
@@ -610,6 +622,33 @@ fn an_idle_holder_learns_of_a_freeze_as_it_happens_or_by_its_idle_ping() {
         let second = 1_000_000_000 / net.config.protocol.tick_ns;
         net.run_until(second + 100, "the idle ping finds the freeze", revoked);
     }
+}
+
+/// A lock frozen before its holder's session was ever ready (another client's access came
+/// between the grant and the activation the holder waits for): its log is empty, the
+/// session seals it there, and the release with that certificate merges it at once,
+/// without the release grace a `Resolve` would wait out.
+#[test]
+fn a_lock_frozen_before_it_was_served_is_sealed_empty_and_merges_at_once() {
+    let mut net = Net::new(1);
+    net.call(
+        OTHER,
+        KvOp::Put {
+            key: "a".into(),
+            value: "start".into(),
+        },
+    );
+    let lock = net.lock_activated("a");
+    net.freeze_by_another_client();
+    net.start_session(lock);
+    net.run_until(500, "the session sees the freeze", |net| {
+        net.outputs.contains(&LockOutput::Revoked)
+    });
+    net.release(lock);
+    assert_eq!(
+        net.call(OTHER, KvOp::Get { key: "a".into() }),
+        value("start")
+    );
 }
 
 #[test]
