@@ -886,12 +886,16 @@ fn two_mounts_share_a_directory(name: &str, kill: Option<u64>) {
     let (_, said) = status(&first, false);
     assert!(said.contains(" 0 failed"), "{said}");
     // No lock waited out the release grace to be resolved without its holder: each was
-    // given back sealed, those revoked before they were served too (sealed empty).
-    let log = fs::read_to_string(data_dir_of(&first).join("up.log")).unwrap_or_default();
-    assert!(
-        !log.contains("resolved a frozen lock"),
-        "a lock was resolved after the grace"
-    );
+    // given back sealed, those revoked before they were served too (sealed empty). With a
+    // replica killed that is the fallback's to decide: a seal needs 2f+1 replicas, and one
+    // is down or catching up.
+    if kill.is_none() {
+        let log = fs::read_to_string(data_dir_of(&first).join("up.log")).unwrap_or_default();
+        assert!(
+            !log.contains("resolved a frozen lock"),
+            "a lock was resolved after the grace"
+        );
+    }
     let diverged = divergence_in_replica_logs(&data_dir_of(&first));
     assert!(diverged.is_empty(), "{diverged:?}");
     first.down();

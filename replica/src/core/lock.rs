@@ -498,6 +498,9 @@ impl Core {
             },
             actions,
         );
+        // The holder waits for f+1 of these to start: told now, it need not wait for its
+        // next ping (half a second: taking a lock took that long).
+        self.send_lock_status(holder, lock, actions);
         let early: Vec<LoggedEntry> = {
             let (mine, rest) = std::mem::take(&mut self.locks.early)
                 .into_iter()
