@@ -64,19 +64,9 @@ impl Core {
                 && core.pending.is_empty()
                 && (core.next_seq.0 - 1) % interval != 0
         };
-        // Padding alone may run ahead of execution up to the boundary: the null batches
-        // carry nothing, and a lock's activation or merge (another client waiting on a
-        // revoked lock) waited on them four at a time, about 120 ms for a whole interval.
-        let in_flight_max = |core: &Self| {
-            if core.pending.is_empty() {
-                pipeline.max(interval)
-            } else {
-                pipeline
-            }
-        };
         while (!self.pending.is_empty() || padding(self))
             && self.next_seq <= self.high_water()
-            && self.next_seq.0.saturating_sub(self.last_executed.0) <= in_flight_max(self)
+            && self.next_seq.0.saturating_sub(self.last_executed.0) <= pipeline
         {
             let mut batch = Batch::default();
             let mut bytes = 0usize;
