@@ -135,10 +135,12 @@ fn seeds_locks_revoked_f2_0_to_10() {
 
 #[test]
 fn locks_revoked_scenario_gives_locks_back_with_certificates() {
-    let given_back = sum_over_seeds("locks_revoked", 0..8, |r| r.locks_given_back);
+    // Over 40 seeds (8 were too few: which ending a seed takes moves with any change to
+    // the timing of the protocol): 24 given back and 16 resolved at a82ef30.
+    let given_back = sum_over_seeds("locks_revoked", 0..40, |r| r.locks_given_back);
     assert!(
-        given_back >= 4,
-        "holders gave back {given_back} of 8 frozen locks with a certificate"
+        given_back >= 12,
+        "holders gave back {given_back} of 40 frozen locks with a certificate"
     );
 }
 
