@@ -285,6 +285,18 @@ fn changed_dir(op: &FsOp) -> Option<Handle> {
     }
 }
 
+/// The replicas' lock table, through ordering (`None` when the call fails).
+fn list_locks(t: &ReplicatedTransport) -> Option<Vec<state_abstraction::fs::locks::LockEntry>> {
+    let list = FsRequest {
+        caller: Caller::root(),
+        op: FsOp::ListLocks,
+    };
+    match t.ordered(&list) {
+        Ok(Ok(FsReply::Locks { locks, .. })) => Some(locks),
+        _ => None,
+    }
+}
+
 fn refusal_errno(why: LockRefusal) -> i32 {
     match why {
         LockRefusal::Banned => libc::EPERM,
@@ -359,14 +371,7 @@ impl HeldLocks {
     /// The client whose ordered access froze lock `id`, from the lock table (`None`: not
     /// frozen by an access, or the table could not be read).
     fn frozen_by(&self, t: &ReplicatedTransport, id: LockId) -> Option<ClientId> {
-        let list = FsRequest {
-            caller: Caller::root(),
-            op: FsOp::ListLocks,
-        };
-        let Ok(Ok(FsReply::Locks { locks, .. })) = t.ordered(&list) else {
-            return None;
-        };
-        locks
+        list_locks(t)?
             .iter()
             .find(|e| e.id == id)
             .and_then(|e| match e.state {
@@ -952,11 +957,7 @@ impl HeldLocks {
             return;
         }
         *last = Some(Instant::now());
-        let list = FsRequest {
-            caller: Caller::root(),
-            op: FsOp::ListLocks,
-        };
-        let Ok(Ok(FsReply::Locks { locks, .. })) = t.ordered(&list) else {
+        let Some(locks) = list_locks(t) else {
             return;
         };
         let mine: Vec<LockId> = {
